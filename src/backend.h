@@ -1,0 +1,104 @@
+/* The op interface the RWKV-7 block is written against. One vtable per
+ * backend: src/cpu (BLAS + OpenMP, fp32, the reference twin) and cuda/
+ * (cuBLAS + kernels). Pointers passed to ops are backend memory; the caller
+ * owns every buffer (ops allocate nothing). Shapes in comments use
+ * R = rows (tokens of all sequences in the call, ragged: see rp_batch),
+ * C = channels, H heads of N = 64. */
+#ifndef RP_BACKEND_H
+#define RP_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+
+/* A ragged batch: sequence s owns rows [row_begin[s], row_begin[s] + seq_len[s])
+ * of every [R, ...] activation, in order, and its recurrent state lives in
+ * state slot slot[s]. Step mode is the case seq_len[s] == 1 for all s. */
+typedef struct {
+    int n_seq;
+    int n_rows;              /* sum of seq_len */
+    const int *seq_len;      /* [n_seq], each >= 1 */
+    const int *row_begin;    /* [n_seq] prefix sums of seq_len */
+    const int *slot;         /* [n_seq] state slot of each sequence */
+} rp_batch;
+
+typedef enum { RP_ACT_NONE = 0, RP_ACT_TANH, RP_ACT_SIGMOID, RP_ACT_RELU_SQUARED } rp_activation;
+
+typedef struct rp_backend rp_backend;
+
+struct rp_backend {
+    const char *name;
+    void *impl;  /* backend-private context (thread count, handles, streams) */
+
+    /* ---- memory ---- */
+    void *(*alloc)(rp_backend *be, size_t bytes);       /* zeroed; NULL on failure */
+    void (*free)(rp_backend *be, void *ptr);
+    void (*copy_to_device)(rp_backend *be, void *dst, const void *host_src, size_t bytes);
+    void (*copy_to_host)(rp_backend *be, void *host_dst, const void *src, size_t bytes);
+    void (*copy)(rp_backend *be, void *dst, const void *src, size_t bytes);
+    void (*fill_zero)(rp_backend *be, void *dst, size_t bytes);
+    void (*synchronize)(rp_backend *be);
+
+    /* ---- dense ---- */
+    /* y [M,N] = x [M,K] . W^T + beta * y, W [N,K] (nn.Linear weight, row-major).
+     * beta is 0 (overwrite) or 1 (accumulate: residual adds). */
+    void (*matmul_linear)(rp_backend *be, float *y, const float *x, const float *w,
+                          int M, int N, int K, float beta);
+    /* y [M,N] = x [M,K] . W + beta * y, W [K,N] (LoRA factor, row-major). */
+    void (*matmul_lora)(rp_backend *be, float *y, const float *x, const float *w,
+                        int M, int N, int K, float beta);
+
+    /* ---- position-wise ---- */
+    /* x [R,C] = emb[tokens[r]] ; tokens are host memory, range-checked by the caller. */
+    void (*embedding)(rp_backend *be, float *x, const float *emb, const int32_t *tokens,
+                      int R, int C);
+    /* y [R,C] = LayerNorm(x) * weight + bias, eps; mean/rstd [R] saved when non-NULL. */
+    void (*layernorm)(rp_backend *be, float *y, float *mean, float *rstd, const float *x,
+                      const float *weight, const float *bias, int R, int C, float eps);
+    /* Token shift: prev [R,C] row r = x row r-1 inside a sequence, and for the
+     * first row of sequence s the state vector state_base + slot[s]*state_stride.
+     * Then that state vector becomes the last row of the sequence. */
+    void (*token_shift)(rp_backend *be, float *prev, const float *x, float *state_base,
+                        size_t state_stride, const rp_batch *batch, int C);
+    /* y [R,C] = x + (prev - x) * mu, mu [C] (v6/v7 lerp: mu = 0 keeps x). */
+    void (*lerp)(rp_backend *be, float *y, const float *x, const float *prev,
+                 const float *mu, int R, int C);
+    /* y [R,C] = act(y + bias); bias [C] may be NULL. */
+    void (*bias_act)(rp_backend *be, float *y, const float *bias, int R, int C,
+                     rp_activation act);
+    /* v [R,C] = v + (v_first - v) * nu. */
+    void (*value_residual)(rp_backend *be, float *v, const float *v_first, const float *nu,
+                           int R, int C);
+    /* kk [R,C] = L2normalize_per_head(k * k_k) (eps 1e-12 on the norm), then
+     * k = k * (1 + (a - 1) * k_a) in place. */
+    void (*key_prepare)(rp_backend *be, float *kk, float *k, const float *a,
+                        const float *k_k, const float *k_a, int R, int C);
+    /* y [R,C] = GroupNorm(x; H groups of N, eps) * weight + bias; mean/rstd [R,H]
+     * saved when non-NULL. */
+    void (*groupnorm)(rp_backend *be, float *y, float *mean, float *rstd, const float *x,
+                      const float *weight, const float *bias, int R, int C, int N, float eps);
+    /* out [R,C] = (out + (sum_j r_j k_j r_k[h,j]) * v_h) * g, per head h. */
+    void (*bonus_gate)(rp_backend *be, float *out, const float *r, const float *k,
+                       const float *v, const float *r_k, const float *g, int R, int C,
+                       int N);
+
+    /* ---- recurrence ---- */
+    /* WKV7 over a ragged batch. Inputs [R,C]: r, w_raw (decay pre-activation:
+     * d = exp(-e^-0.5 * sigmoid(w_raw))), k (k_a-modified), v, kk (normalised
+     * removal key), a (in-context rate). Kernel a = -kk, b = kk * a.
+     * State of sequence s: state_base + slot[s]*state_stride, [H,N,N], row i =
+     * value channel, column j = key channel, updated in place.
+     * y [R,C] = S_t r_t with S_t the state after token t. */
+    void (*wkv7)(rp_backend *be, float *y, const float *r, const float *w_raw,
+                 const float *k, const float *v, const float *kk, const float *a,
+                 float *state_base, size_t state_stride, const rp_batch *batch, int C,
+                 int N);
+};
+
+/* The CPU backend (src/cpu). n_threads <= 0 means OpenMP's default.
+ * Returns NULL with err set on failure. */
+rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err);
+void rp_cpu_backend_destroy(rp_backend *be);
+
+#endif
