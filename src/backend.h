@@ -30,6 +30,7 @@ typedef struct rp_backend rp_backend;
 struct rp_backend {
     const char *name;
     void *impl;  /* backend-private context (thread count, handles, streams) */
+    int is_host_memory;  /* 1 when backend pointers are plain host pointers (CPU) */
 
     /* ---- memory ---- */
     void *(*alloc)(rp_backend *be, size_t bytes);       /* zeroed; NULL on failure */

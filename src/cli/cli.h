@@ -1,0 +1,60 @@
+/* Shared pieces of the rwkvpipe subcommands: fatal errors (the only place
+ * that prints and exits; under MPI it ends every rank), strict number
+ * parsing, and getting a model from a file or a built-in config. */
+#ifndef RP_CLI_CLI_H
+#define RP_CLI_CLI_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "backend.h"
+#include "core/error.h"
+#include "model/model.h"
+
+typedef struct {
+    const char *command;  /* "generate", ... for messages */
+    int mpi_rank, mpi_size;
+    int mpi_initialized;
+} rp_cli;
+
+/* Prints "rwkvpipe COMMAND: error: MESSAGE" and ends the process (all ranks). */
+void cli_fatal(const rp_cli *cli, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+/* Same with an rp_error. */
+void cli_fatal_error(const rp_cli *cli, const rp_error *err) __attribute__((noreturn));
+/* Progress/info on stderr (rank 0 only), prefixed with the command. */
+void cli_info(const rp_cli *cli, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Strict parsers: the whole string must be a number in [min, max]; otherwise
+ * fatal with "OPTION: 'TEXT' is not ...". */
+long long cli_parse_int(const rp_cli *cli, const char *option, const char *text, long long min,
+                        long long max);
+double cli_parse_double(const rp_cli *cli, const char *option, const char *text, double min,
+                        double max);
+uint64_t cli_parse_u64(const rp_cli *cli, const char *option, const char *text);
+
+/* Parses "1,2,3" / "1 2 3" (commas, spaces, newlines) into a malloc'ed array. */
+int32_t *cli_parse_ids(const rp_cli *cli, const char *what, const char *text, size_t *n_ids);
+/* Reads a whole file (or "-" = stdin) into a malloc'ed NUL-terminated buffer. */
+char *cli_read_file(const rp_cli *cli, const char *path, size_t *n_bytes);
+
+/* Model from --model FILE or --model-config NAME (official init with seed). */
+typedef struct {
+    const char *model_path;    /* NULL: use config_name */
+    const char *config_name;   /* built-in name */
+    int vocab_override;        /* for built-ins, 0 = the config's */
+    uint64_t init_seed;
+    int threads;               /* CPU threads, 0 = default */
+} cli_model_options;
+
+void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend **be,
+                    rp_model *model);
+
+/* Subcommands. argv[0] is the subcommand name. */
+int cmd_encode(rp_cli *cli, int argc, char **argv);
+int cmd_decode(rp_cli *cli, int argc, char **argv);
+int cmd_generate(rp_cli *cli, int argc, char **argv);
+int cmd_logits(rp_cli *cli, int argc, char **argv);
+int cmd_info(rp_cli *cli, int argc, char **argv);
+int cmd_init(rp_cli *cli, int argc, char **argv);
+
+#endif

@@ -1,0 +1,151 @@
+/* rwkvpipe logits: exact logits [T, V] and the final recurrent state for a
+ * token sequence, written as safetensors under the golden-file names
+ * (tokens, logits, state.att_x_prev [L,C], state.ffn_x_prev [L,C],
+ * state.wkv [L,H,N,N]) so any reference can be compared with it. */
+#include <getopt.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+static void logits_usage(FILE *out) {
+    fprintf(out,
+            "usage: rwkvpipe logits --model M.safetensors (--tokens 1,2,3 | --tokens-file F)\n"
+            "                       -o OUT.safetensors [options]\n"
+            "Runs the tokens from a zero state and writes `tokens` (I32 [T]), `logits`\n"
+            "(F32 [T,V]: row t predicts token t+1) and the final state per layer:\n"
+            "`state.att_x_prev`, `state.ffn_x_prev` [L,C] and `state.wkv` [L,H,64,64]\n"
+            "(row = value channel, column = key channel, as the official reference).\n"
+            "  --model FILE        safetensors weights (official or HF/fla names)\n"
+            "  --tokens LIST       comma- or space-separated token ids\n"
+            "  --tokens-file FILE  the same, read from a file ('-' = stdin)\n"
+            "  -o, --output FILE   where to write (atomically)\n"
+            "  --mode MODE         sequence (default: T tokens per call, in chunks) or\n"
+            "                      step (one token per call); both give the same numbers\n"
+            "  --chunk N           tokens per sequence-mode call (default 512)\n"
+            "  --threads N         CPU threads (default: all)\n"
+            "  -h, --help          this text\n");
+}
+
+int cmd_logits(rp_cli *cli, int argc, char **argv) {
+    static const struct option longopts[] = {{"model", required_argument, 0, 'm'},
+                                             {"tokens", required_argument, 0, 't'},
+                                             {"tokens-file", required_argument, 0, 'f'},
+                                             {"output", required_argument, 0, 'o'},
+                                             {"mode", required_argument, 0, 'M'},
+                                             {"chunk", required_argument, 0, 'k'},
+                                             {"threads", required_argument, 0, 'j'},
+                                             {"help", no_argument, 0, 'h'},
+                                             {0, 0, 0, 0}};
+    cli_model_options mo = {0};
+    const char *tokens_text = NULL, *tokens_file = NULL, *out = NULL;
+    int step_mode = 0, chunk = 512;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "ho:", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'm': mo.model_path = optarg; break;
+        case 't': tokens_text = optarg; break;
+        case 'f': tokens_file = optarg; break;
+        case 'o': out = optarg; break;
+        case 'M':
+            if (strcmp(optarg, "sequence") == 0) step_mode = 0;
+            else if (strcmp(optarg, "step") == 0) step_mode = 1;
+            else cli_fatal(cli, "--mode: '%s' is not 'sequence' or 'step'", optarg);
+            break;
+        case 'k': chunk = (int)cli_parse_int(cli, "--chunk", optarg, 1, 1 << 20); break;
+        case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
+        case 'h': logits_usage(stdout); return 0;
+        default: logits_usage(stderr); return 2;
+        }
+    }
+    if (optind < argc) cli_fatal(cli, "unexpected argument '%s'", argv[optind]);
+    if (!mo.model_path) cli_fatal(cli, "--model is required");
+    if (!out) cli_fatal(cli, "-o OUT.safetensors is required");
+    if (!tokens_text == !tokens_file) cli_fatal(cli, "give exactly one of --tokens and --tokens-file");
+    if (cli->mpi_size > 1)
+        cli_fatal(cli, "logits runs in one process for now (got %d ranks); run it with -np 1",
+                  cli->mpi_size);
+
+    char *file_text = tokens_file ? cli_read_file(cli, tokens_file, NULL) : NULL;
+    size_t T;
+    int32_t *tokens = cli_parse_ids(cli, tokens_file ? tokens_file : "--tokens",
+                                    tokens_file ? file_text : tokens_text, &T);
+    free(file_text);
+    if (T == 0) cli_fatal(cli, "no tokens given");
+
+    rp_backend *be;
+    rp_model model;
+    cli_load_model(cli, &mo, &be, &model);
+    const rp_config *cfg = &model.cfg;
+    const int V = cfg->vocab_size, C = cfg->n_embd, L = cfg->n_layer, H = cfg->n_head;
+    for (size_t i = 0; i < T; i++)
+        if (tokens[i] >= V)
+            cli_fatal(cli, "token %d at position %zu is outside the model's vocabulary [0, %d)",
+                      tokens[i], i, V);
+
+    rp_error err;
+    int rows = step_mode ? 1 : (int)(T < (size_t)chunk ? T : (size_t)chunk);
+    rp_workspace ws;
+    rp_state state;
+    if (rp_workspace_alloc(&ws, cfg, rows, be, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_state_geometry(&state, cfg, 0, L, 1);
+    state.data = be->alloc(be, state.floats_per_slot * sizeof(float));
+    float *logits_dev = be->alloc(be, (size_t)rows * V * sizeof(float));
+    float *logits = malloc(T * (size_t)V * sizeof(float));
+    if (!state.data || !logits_dev || !logits)
+        cli_fatal(cli, "cannot allocate logits for %zu tokens x %d vocabulary", T, V);
+
+    int slot = 0, row_begin = 0;
+    for (size_t pos = 0; pos < T; pos += rows) {
+        int len = (int)(T - pos < (size_t)rows ? T - pos : (size_t)rows);
+        rp_batch batch;
+        rp_batch_init(&batch, 1, &len, &slot, &row_begin);
+        if (rp_model_forward(&model, &ws, tokens + pos, &batch, &state, RP_LOGITS_ALL,
+                             logits_dev, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        be->copy_to_host(be, logits + pos * V, logits_dev, (size_t)len * V * sizeof(float));
+    }
+
+    /* Golden layout: [L, ...] per state tensor. */
+    float *host_state = malloc(state.floats_per_slot * sizeof(float));
+    be->copy_to_host(be, host_state, state.data, state.floats_per_slot * sizeof(float));
+    const size_t HNN = (size_t)H * 64 * 64;
+    float *att = malloc((size_t)L * C * sizeof(float)), *ffn = malloc((size_t)L * C * sizeof(float));
+    float *wkv = malloc((size_t)L * HNN * sizeof(float));
+    rp_state host_view = state;
+    host_view.data = host_state;
+    for (int l = 0; l < L; l++) {
+        memcpy(att + (size_t)l * C, rp_state_att_x_prev(&host_view, 0, l), C * sizeof(float));
+        memcpy(ffn + (size_t)l * C, rp_state_ffn_x_prev(&host_view, 0, l), C * sizeof(float));
+        memcpy(wkv + (size_t)l * HNN, rp_state_wkv(&host_view, 0, l), HNN * sizeof(float));
+    }
+    rp_st_writer w;
+    rp_st_writer_init(&w);
+    int64_t shape_t[1] = {(int64_t)T}, shape_tv[2] = {(int64_t)T, V}, shape_lc[2] = {L, C};
+    int64_t shape_wkv[4] = {L, H, 64, 64};
+    if (rp_st_writer_add(&w, "tokens", RP_DTYPE_I32, RP_DTYPE_I32, 1, shape_t, tokens, &err) ||
+        rp_st_writer_add(&w, "logits", RP_DTYPE_F32, RP_DTYPE_F32, 2, shape_tv, logits, &err) ||
+        rp_st_writer_add(&w, "state.att_x_prev", RP_DTYPE_F32, RP_DTYPE_F32, 2, shape_lc, att, &err) ||
+        rp_st_writer_add(&w, "state.ffn_x_prev", RP_DTYPE_F32, RP_DTYPE_F32, 2, shape_lc, ffn, &err) ||
+        rp_st_writer_add(&w, "state.wkv", RP_DTYPE_F32, RP_DTYPE_F32, 4, shape_wkv, wkv, &err) ||
+        rp_st_writer_add_meta(&w, "model", mo.model_path, &err) ||
+        rp_st_writer_add_meta(&w, "mode", step_mode ? "step" : "sequence", &err) ||
+        rp_st_writer_write(&w, out, &err))
+        cli_fatal_error(cli, &err);
+    cli_info(cli, "wrote %s: logits [%zu, %d] and the state of %d layers (%s mode)", out, T, V,
+             L, step_mode ? "step" : "sequence");
+    rp_st_writer_free(&w);
+    free(att);
+    free(ffn);
+    free(wkv);
+    free(host_state);
+    free(logits);
+    free(tokens);
+    be->free(be, logits_dev);
+    be->free(be, state.data);
+    rp_workspace_free(&ws, be);
+    rp_model_free(&model);
+    rp_cpu_backend_destroy(be);
+    return 0;
+}

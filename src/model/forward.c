@@ -1,0 +1,216 @@
+/* The RWKV-7 forward pass, written once against the backend op interface:
+ * embedding (+ln0), the block (time mix + channel mix) and the head, over a
+ * ragged batch of sequences (sequence mode and step mode are the same code).
+ * Spec: shared docs/rwkv7-spec.md 1.3. */
+#include <string.h>
+
+#include "model/model.h"
+
+#define RP_LN_EPS 1e-5f
+#define RP_GN_EPS 64e-5f  /* GroupNorm eps of ln_x: 1e-5 * 8^2, not 1e-5 */
+
+rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_rows,
+                             rp_backend *be, rp_error *err) {
+    memset(ws, 0, sizeof *ws);
+    if (max_rows < 1)
+        return rp_error_set(err, RP_ERR_ARG, "workspace rows %d must be >= 1", max_rows);
+    size_t R = (size_t)max_rows, C = (size_t)cfg->n_embd;
+    size_t lora = (size_t)cfg->d_decay;
+    if ((size_t)cfg->d_iclr > lora) lora = cfg->d_iclr;
+    if ((size_t)cfg->d_value > lora) lora = cfg->d_value;
+    if ((size_t)cfg->d_gate > lora) lora = cfg->d_gate;
+    /* 21 [R,C] buffers + LoRA hidden [R,D] + FFN hidden [R,F] + head input [R,C]. */
+    size_t floats = R * C * 22 + R * lora + R * (size_t)cfg->dim_ffn;
+    ws->base = be->alloc(be, floats * sizeof(float));
+    if (!ws->base)
+        return rp_error_set(err, RP_ERR_NOMEM,
+                            "cannot allocate %zu MiB of activations for %d rows (%s backend); "
+                            "use fewer rows per call", floats * sizeof(float) >> 20, max_rows,
+                            be->name);
+    ws->max_rows = max_rows;
+    ws->bytes = floats * sizeof(float);
+    float *p = ws->base;
+    float **rc[] = {&ws->x,  &ws->v_first, &ws->xa, &ws->prev, &ws->xr, &ws->xw, &ws->xk,
+                    &ws->xv, &ws->xa_mix,  &ws->xg, &ws->r,    &ws->k,  &ws->v,  &ws->w_raw,
+                    &ws->a,  &ws->g,       &ws->nu, &ws->kk,   &ws->y,  &ws->o,  &ws->head_in};
+    for (size_t i = 0; i < sizeof rc / sizeof rc[0]; i++) {
+        *rc[i] = p;
+        p += R * C;
+    }
+    ws->lora = p;
+    p += R * lora;
+    ws->ffn_hidden = p;
+    return RP_OK;
+}
+
+void rp_workspace_free(rp_workspace *ws, rp_backend *be) {
+    if (ws->base) be->free(be, ws->base);
+    memset(ws, 0, sizeof *ws);
+}
+
+void rp_batch_init(rp_batch *b, int n_seq, const int *seq_len, const int *slot,
+                   int *row_begin) {
+    int rows = 0;
+    for (int s = 0; s < n_seq; s++) {
+        row_begin[s] = rows;
+        rows += seq_len[s];
+    }
+    b->n_seq = n_seq;
+    b->n_rows = rows;
+    b->seq_len = seq_len;
+    b->row_begin = row_begin;
+    b->slot = slot;
+}
+
+rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tokens,
+                         const rp_batch *batch, rp_error *err) {
+    rp_backend *be = m->be;
+    const int R = batch->n_rows, C = m->cfg.n_embd;
+    if (!m->has_embed)
+        return rp_error_set(err, RP_ERR_INTERNAL, "embed called on a stage without the embedding");
+    for (int i = 0; i < R; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
+            return rp_error_set(err, RP_ERR_ARG,
+                                "token id %d at position %d is outside the vocabulary [0, %d)",
+                                tokens[i], i, m->cfg.vocab_size);
+    be->embedding(be, ws->prev, m->global.emb, tokens, R, C);
+    be->layernorm(be, ws->x, NULL, NULL, ws->prev, m->global.ln0_weight, m->global.ln0_bias, R,
+                  C, RP_LN_EPS);
+    return RP_OK;
+}
+
+/* y [R,C] = act_inner(x . w1) . w2 + bias, through the LoRA hidden buffer. */
+static void lora_forward(rp_backend *be, float *y, const float *x, const float *w1,
+                         const float *w2, int D, rp_activation inner, float *hidden, int R,
+                         int C) {
+    be->matmul_lora(be, hidden, x, w1, R, D, C, 0.0f);
+    if (inner != RP_ACT_NONE) be->bias_act(be, hidden, NULL, R, D, inner);
+    be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
+}
+
+static void time_mix_forward(const rp_model *m, rp_workspace *ws, int layer, rp_state *state,
+                             const rp_batch *batch) {
+    rp_backend *be = m->be;
+    const rp_config *c = &m->cfg;
+    const rp_layer_weights *w = &m->layers[layer - m->layer_begin];
+    const int R = batch->n_rows, C = c->n_embd, N = c->head_size;
+
+    be->layernorm(be, ws->xa, NULL, NULL, ws->x, w->ln1_weight, w->ln1_bias, R, C, RP_LN_EPS);
+    be->token_shift(be, ws->prev, ws->xa, rp_state_att_x_prev(state, 0, layer),
+                    state->floats_per_slot, batch, C);
+    be->lerp(be, ws->xr, ws->xa, ws->prev, w->x_r, R, C);
+    be->lerp(be, ws->xw, ws->xa, ws->prev, w->x_w, R, C);
+    be->lerp(be, ws->xk, ws->xa, ws->prev, w->x_k, R, C);
+    be->lerp(be, ws->xv, ws->xa, ws->prev, w->x_v, R, C);
+    be->lerp(be, ws->xa_mix, ws->xa, ws->prev, w->x_a, R, C);
+    be->lerp(be, ws->xg, ws->xa, ws->prev, w->x_g, R, C);
+
+    be->matmul_linear(be, ws->r, ws->xr, w->receptance, R, C, C, 0.0f);
+    be->matmul_linear(be, ws->k, ws->xk, w->key, R, C, C, 0.0f);
+    be->matmul_linear(be, ws->v, ws->xv, w->value, R, C, C, 0.0f);
+
+    /* w_raw = w0 + tanh(xw w1) w2; the decay exp(-e^-0.5 sigmoid(w_raw)) is
+     * formed inside wkv7, in fp32, as the official kernels do. */
+    lora_forward(be, ws->w_raw, ws->xw, w->w1, w->w2, c->d_decay, RP_ACT_TANH, ws->lora, R, C);
+    be->bias_act(be, ws->w_raw, w->w0, R, C, RP_ACT_NONE);
+    /* a = sigmoid(a0 + xa a1 a2) */
+    lora_forward(be, ws->a, ws->xa_mix, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, ws->lora, R, C);
+    be->bias_act(be, ws->a, w->a0, R, C, RP_ACT_SIGMOID);
+    /* g = sigmoid(xg g1) g2, no activation after g2 */
+    lora_forward(be, ws->g, ws->xg, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, ws->lora, R, C);
+
+    /* Value residual: layer 0's v is v_first for every later layer. */
+    if (layer == 0) {
+        be->copy(be, ws->v_first, ws->v, (size_t)R * C * sizeof(float));
+    } else {
+        lora_forward(be, ws->nu, ws->xv, w->v1, w->v2, c->d_value, RP_ACT_NONE, ws->lora, R, C);
+        be->bias_act(be, ws->nu, w->v0, R, C, RP_ACT_SIGMOID);
+        be->value_residual(be, ws->v, ws->v_first, ws->nu, R, C);
+    }
+
+    /* kk is normalised before k is modified by k_a. */
+    be->key_prepare(be, ws->kk, ws->k, ws->a, w->k_k, w->k_a, R, C);
+    be->wkv7(be, ws->y, ws->r, ws->w_raw, ws->k, ws->v, ws->kk, ws->a,
+             rp_state_wkv(state, 0, layer), state->floats_per_slot, batch, C, N);
+    be->groupnorm(be, ws->o, NULL, NULL, ws->y, w->ln_x_weight, w->ln_x_bias, R, C, N,
+                  RP_GN_EPS);
+    be->bonus_gate(be, ws->o, ws->r, ws->k, ws->v, w->r_k, ws->g, R, C, N);
+    /* residual: x += o Wo^T */
+    be->matmul_linear(be, ws->x, ws->o, w->output, R, C, C, 1.0f);
+}
+
+static void channel_mix_forward(const rp_model *m, rp_workspace *ws, int layer,
+                                rp_state *state, const rp_batch *batch) {
+    rp_backend *be = m->be;
+    const rp_config *c = &m->cfg;
+    const rp_layer_weights *w = &m->layers[layer - m->layer_begin];
+    const int R = batch->n_rows, C = c->n_embd, F = c->dim_ffn;
+
+    be->layernorm(be, ws->xa, NULL, NULL, ws->x, w->ln2_weight, w->ln2_bias, R, C, RP_LN_EPS);
+    be->token_shift(be, ws->prev, ws->xa, rp_state_ffn_x_prev(state, 0, layer),
+                    state->floats_per_slot, batch, C);
+    be->lerp(be, ws->xk, ws->xa, ws->prev, w->ffn_x_k, R, C);
+    be->matmul_linear(be, ws->ffn_hidden, ws->xk, w->ffn_key, R, F, C, 0.0f);
+    be->bias_act(be, ws->ffn_hidden, NULL, R, F, RP_ACT_RELU_SQUARED);
+    be->matmul_linear(be, ws->x, ws->ffn_hidden, w->ffn_value, R, C, F, 1.0f);
+}
+
+void rp_model_block_forward(const rp_model *m, rp_workspace *ws, int layer, rp_state *state,
+                            const rp_batch *batch) {
+    time_mix_forward(m, ws, layer, state, batch);
+    channel_mix_forward(m, ws, layer, state, batch);
+}
+
+void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
+                   rp_logits_mode mode, float *logits) {
+    rp_backend *be = m->be;
+    const int C = m->cfg.n_embd, V = m->cfg.vocab_size;
+    const float *rows = ws->x;
+    int n_rows = batch->n_rows;
+    if (mode == RP_LOGITS_NONE) return;
+    if (mode == RP_LOGITS_LAST) {
+        /* Gather each sequence's last row so the V x C head runs once per sequence. */
+        for (int s = 0; s < batch->n_seq; s++) {
+            int last = batch->row_begin[s] + batch->seq_len[s] - 1;
+            be->copy(be, ws->prev + (size_t)s * C, ws->x + (size_t)last * C, C * sizeof(float));
+        }
+        rows = ws->prev;
+        n_rows = batch->n_seq;
+    }
+    be->layernorm(be, ws->head_in, NULL, NULL, rows, m->global.ln_out_weight,
+                  m->global.ln_out_bias, n_rows, C, RP_LN_EPS);
+    be->matmul_linear(be, logits, ws->head_in, m->global.head, n_rows, V, C, 0.0f);
+}
+
+rp_status rp_model_forward(const rp_model *m, rp_workspace *ws, const int32_t *tokens,
+                           const rp_batch *batch, rp_state *state, rp_logits_mode mode,
+                           float *logits, rp_error *err) {
+    if (!m->has_embed || !m->has_head || m->layer_begin != 0 ||
+        m->layer_end != m->cfg.n_layer)
+        return rp_error_set(err, RP_ERR_INTERNAL,
+                            "rp_model_forward needs the whole model; this one owns layers "
+                            "[%d, %d) of %d", m->layer_begin, m->layer_end, m->cfg.n_layer);
+    if (batch->n_rows > ws->max_rows)
+        return rp_error_set(err, RP_ERR_ARG, "batch has %d rows but the workspace holds %d",
+                            batch->n_rows, ws->max_rows);
+    if (state->layer_begin != m->layer_begin || state->layer_end != m->layer_end ||
+        state->n_embd != m->cfg.n_embd)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "state covers layers [%d, %d) with C=%d; the model needs [%d, %d) "
+                            "with C=%d", state->layer_begin, state->layer_end, state->n_embd,
+                            m->layer_begin, m->layer_end, m->cfg.n_embd);
+    for (int s = 0; s < batch->n_seq; s++) {
+        if (batch->seq_len[s] < 1)
+            return rp_error_set(err, RP_ERR_ARG, "sequence %d has length %d; must be >= 1", s,
+                                batch->seq_len[s]);
+        if (batch->slot[s] < 0 || batch->slot[s] >= state->n_slots)
+            return rp_error_set(err, RP_ERR_ARG, "sequence %d uses state slot %d of %d", s,
+                                batch->slot[s], state->n_slots);
+    }
+    rp_status st = rp_model_embed(m, ws, tokens, batch, err);
+    if (st != RP_OK) return st;
+    for (int l = m->layer_begin; l < m->layer_end; l++)
+        rp_model_block_forward(m, ws, l, state, batch);
+    rp_model_head(m, ws, batch, mode, logits);
+    return RP_OK;
+}

@@ -1,0 +1,458 @@
+/* Model allocation, official init, loading (official and HF/fla names) and
+ * saving of the weights a process owns (model.h). Loading converts each tensor
+ * straight from the mmapped file into its place in the flat buffer: one copy. */
+#include "model/model.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/version.h"
+#include "model/init.h"
+
+rp_status rp_model_alloc(rp_model *m, const rp_config *cfg, int layer_begin, int layer_end,
+                         int has_embed, int has_head, rp_backend *be, rp_error *err) {
+    memset(m, 0, sizeof *m);
+    rp_status st = rp_config_validate(cfg, err);
+    if (st != RP_OK) return st;
+    if (layer_begin < 0 || layer_end > cfg->n_layer || layer_begin > layer_end)
+        return rp_error_set(err, RP_ERR_ARG, "layer range [%d, %d) is not inside [0, %d)",
+                            layer_begin, layer_end, cfg->n_layer);
+    m->cfg = *cfg;
+    m->layer_begin = layer_begin;
+    m->layer_end = layer_end;
+    m->has_embed = has_embed;
+    m->has_head = has_head;
+    m->be = be;
+    rp_tensor_info table[RP_LAYER_N_TENSORS];
+    m->layer_floats = rp_layer_layout(cfg, table);
+    rp_tensor_info gtable[RP_GLOBAL_N_TENSORS];
+    rp_global_layout(cfg, gtable, &m->embed_floats, &m->head_floats);
+
+    int n = layer_end - layer_begin;
+    m->layer_flat = rp_calloc((size_t)n + 1, sizeof(float *), "layer pointers", err);
+    m->layers = rp_calloc((size_t)n + 1, sizeof(rp_layer_weights), "layer weights", err);
+    if (!m->layer_flat || !m->layers) goto nomem;
+    for (int i = 0; i < n; i++) {
+        m->layer_flat[i] = be->alloc(be, m->layer_floats * sizeof(float));
+        if (!m->layer_flat[i]) goto nomem;
+        rp_layer_bind(&m->layers[i], m->layer_flat[i], cfg);
+    }
+    if (has_embed && !(m->embed_flat = be->alloc(be, m->embed_floats * sizeof(float))))
+        goto nomem;
+    if (has_head && !(m->head_flat = be->alloc(be, m->head_floats * sizeof(float)))) goto nomem;
+    rp_global_bind(&m->global, m->embed_flat, m->head_flat, cfg);
+    return RP_OK;
+nomem:
+    rp_model_free(m);
+    return rp_error_set(err, RP_ERR_NOMEM,
+                        "cannot allocate weights for layers [%d, %d) of a C=%d model (%s backend)",
+                        layer_begin, layer_end, cfg->n_embd, be->name);
+}
+
+void rp_model_free(rp_model *m) {
+    if (!m->be) return;
+    int n = m->layer_end - m->layer_begin;
+    if (m->layer_flat)
+        for (int i = 0; i < n; i++) m->be->free(m->be, m->layer_flat[i]);
+    m->be->free(m->be, m->embed_flat);
+    m->be->free(m->be, m->head_flat);
+    free(m->layer_flat);
+    free(m->layers);
+    memset(m, 0, sizeof *m);
+}
+
+rp_status rp_model_init_official(rp_model *m, uint64_t seed, rp_error *err) {
+    rp_backend *be = m->be;
+    size_t staging_floats = m->layer_floats;
+    if (m->embed_floats > staging_floats) staging_floats = m->embed_floats;
+    if (m->head_floats > staging_floats) staging_floats = m->head_floats;
+    float *host = rp_calloc(staging_floats, sizeof(float), "init staging buffer", err);
+    if (!host) return RP_ERR_NOMEM;
+    rp_status st = RP_OK;
+    for (int l = m->layer_begin; l < m->layer_end && st == RP_OK; l++) {
+        memset(host, 0, m->layer_floats * sizeof(float));
+        st = rp_init_layer(host, &m->cfg, l, seed, err);
+        if (st == RP_OK)
+            be->copy_to_device(be, m->layer_flat[l - m->layer_begin], host,
+                               m->layer_floats * sizeof(float));
+    }
+    if (st == RP_OK && m->has_embed) {
+        memset(host, 0, m->embed_floats * sizeof(float));
+        st = rp_init_global(host, NULL, &m->cfg, seed, err);
+        if (st == RP_OK)
+            be->copy_to_device(be, m->embed_flat, host, m->embed_floats * sizeof(float));
+    }
+    if (st == RP_OK && m->has_head) {
+        memset(host, 0, m->head_floats * sizeof(float));
+        st = rp_init_global(NULL, host, &m->cfg, seed, err);
+        if (st == RP_OK)
+            be->copy_to_device(be, m->head_flat, host, m->head_floats * sizeof(float));
+    }
+    free(host);
+    return st;
+}
+
+/* ---- naming ---- */
+
+/* How a file tensor maps onto an official one. */
+typedef enum { MAP_SAME = 0, MAP_RESHAPE, MAP_TRANSPOSE } map_kind;
+
+/* HF/fla name of an official layer tensor (spec 4.2). Returns the mapping kind,
+ * or -1 when the tensor has no HF counterpart (layer 0's unused v-LoRA). */
+static int hf_layer_name(char *out, size_t size, const char *suffix, int layer) {
+    static const struct {
+        const char *official, *hf;
+        map_kind kind;
+    } map[] = {
+        {"ln1.weight", "attn_norm.weight", MAP_SAME}, {"ln1.bias", "attn_norm.bias", MAP_SAME},
+        {"ln2.weight", "ffn_norm.weight", MAP_SAME},  {"ln2.bias", "ffn_norm.bias", MAP_SAME},
+        {"att.x_r", "attn.x_r", MAP_RESHAPE},         {"att.x_w", "attn.x_w", MAP_RESHAPE},
+        {"att.x_k", "attn.x_k", MAP_RESHAPE},         {"att.x_v", "attn.x_v", MAP_RESHAPE},
+        {"att.x_a", "attn.x_a", MAP_RESHAPE},         {"att.x_g", "attn.x_g", MAP_RESHAPE},
+        {"att.w0", "attn.w_lora.lora.2.bias", MAP_RESHAPE},
+        {"att.w1", "attn.w_lora.lora.0.weight", MAP_TRANSPOSE},
+        {"att.w2", "attn.w_lora.lora.2.weight", MAP_TRANSPOSE},
+        {"att.a0", "attn.a_lora.lora.2.bias", MAP_RESHAPE},
+        {"att.a1", "attn.a_lora.lora.0.weight", MAP_TRANSPOSE},
+        {"att.a2", "attn.a_lora.lora.2.weight", MAP_TRANSPOSE},
+        {"att.v0", "attn.v_lora.lora.2.bias", MAP_RESHAPE},
+        {"att.v1", "attn.v_lora.lora.0.weight", MAP_TRANSPOSE},
+        {"att.v2", "attn.v_lora.lora.2.weight", MAP_TRANSPOSE},
+        {"att.g1", "attn.g_lora.lora.0.weight", MAP_TRANSPOSE},
+        {"att.g2", "attn.g_lora.lora.2.weight", MAP_TRANSPOSE},
+        {"att.k_k", "attn.k_k", MAP_RESHAPE},         {"att.k_a", "attn.k_a", MAP_RESHAPE},
+        {"att.r_k", "attn.r_k", MAP_RESHAPE},
+        {"att.receptance.weight", "attn.r_proj.weight", MAP_SAME},
+        {"att.key.weight", "attn.k_proj.weight", MAP_SAME},
+        {"att.value.weight", "attn.v_proj.weight", MAP_SAME},
+        {"att.output.weight", "attn.o_proj.weight", MAP_SAME},
+        {"att.ln_x.weight", "attn.g_norm.weight", MAP_SAME},
+        {"att.ln_x.bias", "attn.g_norm.bias", MAP_SAME},
+        {"ffn.x_k", "ffn.x_k", MAP_RESHAPE},
+        {"ffn.key.weight", "ffn.key.weight", MAP_SAME},
+        {"ffn.value.weight", "ffn.value.weight", MAP_SAME},
+    };
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++) {
+        if (strcmp(map[i].official, suffix) != 0) continue;
+        if (layer == 0 && strncmp(suffix, "att.v", 5) == 0) return -1;
+        snprintf(out, size, "model.layers.%d.%s", layer, map[i].hf);
+        return (int)map[i].kind;
+    }
+    return -1;
+}
+
+static int hf_global_name(char *out, size_t size, const char *official) {
+    static const struct {
+        const char *official, *hf;
+    } map[] = {
+        {"emb.weight", "model.embeddings.weight"},
+        {"blocks.0.ln0.weight", "model.layers.0.pre_norm.weight"},
+        {"blocks.0.ln0.bias", "model.layers.0.pre_norm.bias"},
+        {"ln_out.weight", "model.norm.weight"},
+        {"ln_out.bias", "model.norm.bias"},
+        {"head.weight", "lm_head.weight"},
+    };
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
+        if (strcmp(map[i].official, official) == 0) {
+            snprintf(out, size, "%s", map[i].hf);
+            return MAP_SAME;
+        }
+    return -1;
+}
+
+/* Finds the file tensor for an official tensor; *kind says how to map it.
+ * Returns NULL when absent. */
+static const rp_st_tensor *find_tensor(const rp_st_file *f, rp_naming naming,
+                                       const rp_tensor_info *info, int layer, map_kind *kind,
+                                       char *name, size_t name_size) {
+    rp_tensor_name(name, name_size, info, layer);
+    *kind = MAP_SAME;
+    if (naming == RP_NAMING_OFFICIAL) return rp_st_find(f, name);
+    int k = info->part == RP_PART_LAYER ? hf_layer_name(name, name_size, info->suffix, layer)
+                                        : hf_global_name(name, name_size, info->suffix);
+    if (k < 0) return NULL;
+    *kind = (map_kind)k;
+    return rp_st_find(f, name);
+}
+
+/* ---- config from shapes ---- */
+
+static rp_status need_2d(const rp_st_file *f, const char *name, const rp_st_tensor *t,
+                         rp_error *err) {
+    if (!t) return rp_error_set(err, RP_ERR_SHAPE, "%s: missing tensor '%s'", f->path, name);
+    if (t->ndim != 2)
+        return rp_error_set(err, RP_ERR_SHAPE, "%s: tensor '%s' has %d dimensions, expected 2",
+                            f->path, name, t->ndim);
+    return RP_OK;
+}
+
+rp_status rp_config_from_safetensors(const rp_st_file *f, rp_config *cfg, rp_naming *naming_out,
+                                     rp_error *err) {
+    memset(cfg, 0, sizeof *cfg);
+    rp_naming naming;
+    if (rp_st_find(f, "emb.weight")) naming = RP_NAMING_OFFICIAL;
+    else if (rp_st_find(f, "model.embeddings.weight")) naming = RP_NAMING_HF;
+    else
+        return rp_error_set(err, RP_ERR_SHAPE,
+                            "%s: not an RWKV-7 model: neither 'emb.weight' (official names) nor "
+                            "'model.embeddings.weight' (HF/fla names) is present", f->path);
+    int hf = naming == RP_NAMING_HF;
+    char name[256];
+    const rp_st_tensor *emb = rp_st_find(f, hf ? "model.embeddings.weight" : "emb.weight");
+    rp_status st = need_2d(f, hf ? "model.embeddings.weight" : "emb.weight", emb, err);
+    if (st) return st;
+    cfg->vocab_size = (int)emb->shape[0];
+    cfg->n_embd = (int)emb->shape[1];
+
+    /* Layers: count consecutive blocks.{l}.ln1.weight; any ln1 beyond the count
+     * means a gap (inconsistent layer count). */
+    int n_layer = 0;
+    for (;;) {
+        snprintf(name, sizeof name, hf ? "model.layers.%d.attn_norm.weight" : "blocks.%d.ln1.weight",
+                 n_layer);
+        if (!rp_st_find(f, name)) break;
+        n_layer++;
+    }
+    if (n_layer == 0)
+        return rp_error_set(err, RP_ERR_SHAPE, "%s: no layers found (missing '%s')", f->path,
+                            hf ? "model.layers.0.attn_norm.weight" : "blocks.0.ln1.weight");
+    const char *prefix = hf ? "model.layers." : "blocks.";
+    for (int i = 0; i < f->n_tensors; i++) {
+        const char *tn = f->tensors[i].name;
+        if (strncmp(tn, prefix, strlen(prefix)) != 0) continue;
+        long l = strtol(tn + strlen(prefix), NULL, 10);
+        if (l >= n_layer)
+            return rp_error_set(err, RP_ERR_SHAPE,
+                                "%s: inconsistent layer count: tensor '%s' belongs to layer %ld "
+                                "but layer %d has no %s", f->path, tn, l, n_layer,
+                                hf ? "attn_norm.weight" : "ln1.weight");
+    }
+    cfg->n_layer = n_layer;
+
+    snprintf(name, sizeof name, hf ? "model.layers.0.attn.r_k" : "blocks.0.att.r_k");
+    const rp_st_tensor *rk = rp_st_find(f, name);
+    if ((st = need_2d(f, name, rk, err))) return st;
+    cfg->n_head = (int)rk->shape[0];
+    cfg->head_size = (int)rk->shape[1];
+
+    snprintf(name, sizeof name, hf ? "model.layers.0.ffn.key.weight" : "blocks.0.ffn.key.weight");
+    const rp_st_tensor *fk = rp_st_find(f, name);
+    if ((st = need_2d(f, name, fk, err))) return st;
+    cfg->dim_ffn = (int)fk->shape[0];
+
+    /* LoRA ranks: official w1 is [C, D]; HF lora.0.weight is [D, C]. The value
+     * LoRA is read from layer 1 (layer 0 may not have one). */
+    const char *lora[4] = {"w", "a", "v", "g"};
+    int *ranks[4] = {&cfg->d_decay, &cfg->d_iclr, &cfg->d_value, &cfg->d_gate};
+    for (int i = 0; i < 4; i++) {
+        int layer = (i == 2 && n_layer > 1) ? 1 : 0;
+        if (hf) snprintf(name, sizeof name, "model.layers.%d.attn.%s_lora.lora.0.weight", layer, lora[i]);
+        else snprintf(name, sizeof name, "blocks.%d.att.%s1", layer, lora[i]);
+        const rp_st_tensor *t = rp_st_find(f, name);
+        if (!t && i == 2 && n_layer == 1) {
+            *ranks[i] = 32; /* a one-layer model never uses the value LoRA */
+            continue;
+        }
+        if ((st = need_2d(f, name, t, err))) return st;
+        *ranks[i] = (int)(hf ? t->shape[0] : t->shape[1]);
+    }
+    if ((st = rp_config_validate(cfg, err)) != RP_OK) return rp_error_prefix(err, "%s", f->path);
+    if (naming_out) *naming_out = naming;
+    return RP_OK;
+}
+
+/* ---- load ---- */
+
+static rp_status check_shape(const rp_st_file *f, const char *file_name,
+                             const rp_st_tensor *t, const rp_tensor_info *info, map_kind kind,
+                             rp_error *err) {
+    char want[96], got[96];
+    int n = 0;
+    for (int d = 0; d < info->ndim; d++)
+        n += snprintf(want + n, sizeof want - n, "%s%lld", d ? "," : "", (long long)info->shape[d]);
+    n = 0;
+    got[0] = '\0';
+    for (int d = 0; d < t->ndim; d++)
+        n += snprintf(got + n, sizeof got - n, "%s%lld", d ? "," : "", (long long)t->shape[d]);
+    int ok;
+    if (kind == MAP_TRANSPOSE)
+        ok = t->ndim == 2 && t->shape[0] == info->shape[1] && t->shape[1] == info->shape[0];
+    else if (kind == MAP_RESHAPE)
+        ok = t->numel == info->numel;
+    else {
+        ok = t->ndim == info->ndim;
+        for (int d = 0; ok && d < t->ndim; d++) ok = t->shape[d] == info->shape[d];
+    }
+    if (!ok)
+        return rp_error_set(err, RP_ERR_SHAPE, "%s: tensor '%s' has shape [%s], expected [%s]%s",
+                            f->path, file_name, got, want,
+                            kind == MAP_TRANSPOSE ? " transposed (HF LoRA layout)" : "");
+    if (!rp_dtype_is_float(t->dtype))
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: tensor '%s' has dtype %s, expected F32, F16 or BF16", f->path,
+                            file_name, rp_dtype_name(t->dtype));
+    return RP_OK;
+}
+
+/* Reads one tensor into dst (host memory) applying the naming map. */
+static rp_status read_tensor(const rp_st_file *f, const rp_st_tensor *t, const char *file_name,
+                             const rp_tensor_info *info, map_kind kind, float *dst,
+                             rp_error *err) {
+    rp_status st = check_shape(f, file_name, t, info, kind, err);
+    if (st != RP_OK) return st;
+    if (kind != MAP_TRANSPOSE) return rp_st_read_f32(f, t, dst, info->numel, err);
+    float *tmp = rp_malloc((size_t)info->numel * sizeof(float), "transpose buffer", err);
+    if (!tmp) return RP_ERR_NOMEM;
+    st = rp_st_read_f32(f, t, tmp, info->numel, err);
+    if (st == RP_OK) {
+        int64_t rows = t->shape[0], cols = t->shape[1];
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t j = 0; j < cols; j++) dst[j * rows + i] = tmp[i * cols + j];
+    }
+    free(tmp);
+    return st;
+}
+
+/* Fills one flat buffer (a layer, the embed part or the head part) from the
+ * file. Tensors the file may lack (layer 0's unused v-LoRA) keep the values
+ * already in host_flat. */
+static rp_status load_part(const rp_st_file *f, rp_naming naming, const rp_tensor_info *table,
+                           int n_tensors, int layer, rp_param_part part, float *host_flat,
+                           rp_error *err) {
+    char name[256];
+    for (int i = 0; i < n_tensors; i++) {
+        const rp_tensor_info *info = &table[i];
+        if (info->part != part) continue;
+        map_kind kind;
+        const rp_st_tensor *t = find_tensor(f, naming, info, layer, &kind, name, sizeof name);
+        if (!t) {
+            int optional = layer == 0 && strncmp(info->suffix, "att.v", 5) == 0;
+            if (optional) continue;
+            if (naming == RP_NAMING_HF && name[0] == '\0') rp_tensor_name(name, sizeof name, info, layer);
+            return rp_error_set(err, RP_ERR_SHAPE, "%s: missing tensor '%s'", f->path, name);
+        }
+        rp_status st = read_tensor(f, t, name, info, kind, host_flat + info->flat_offset, err);
+        if (st != RP_OK) return st;
+    }
+    return RP_OK;
+}
+
+rp_status rp_model_load(rp_model *m, const char *path, int layer_begin, int layer_end,
+                        rp_backend *be, rp_error *err) {
+    rp_st_file f;
+    rp_status st = rp_st_open(&f, path, err);
+    if (st != RP_OK) return st;
+    rp_config cfg;
+    rp_naming naming;
+    st = rp_config_from_safetensors(&f, &cfg, &naming, err);
+    if (st != RP_OK) goto done;
+    if (layer_end < 0) layer_end = cfg.n_layer;
+    st = rp_model_alloc(m, &cfg, layer_begin, layer_end, layer_begin == 0,
+                        layer_end == cfg.n_layer, be, err);
+    if (st != RP_OK) goto done;
+
+    rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
+    rp_layer_layout(&cfg, table);
+    rp_global_layout(&cfg, gtable, NULL, NULL);
+    /* Backends whose memory is host memory are filled in place; others through
+     * one staging buffer. */
+    size_t staging_floats = 0;
+    if (!be->is_host_memory) {
+        staging_floats = m->layer_floats;
+        if (m->embed_floats > staging_floats) staging_floats = m->embed_floats;
+        if (m->head_floats > staging_floats) staging_floats = m->head_floats;
+    }
+    float *staging = staging_floats ? rp_calloc(staging_floats, sizeof(float), "staging", err) : NULL;
+    if (staging_floats && !staging) {
+        st = RP_ERR_NOMEM;
+        goto fail;
+    }
+    for (int l = layer_begin; l < layer_end && st == RP_OK; l++) {
+        float *dst = staging ? staging : m->layer_flat[l - layer_begin];
+        if (staging) memset(staging, 0, m->layer_floats * sizeof(float));
+        st = load_part(&f, naming, table, RP_LAYER_N_TENSORS, l, RP_PART_LAYER, dst, err);
+        if (st == RP_OK && staging)
+            be->copy_to_device(be, m->layer_flat[l - layer_begin], staging,
+                               m->layer_floats * sizeof(float));
+    }
+    for (int part = RP_PART_EMBED; part <= RP_PART_HEAD && st == RP_OK; part++) {
+        float *flat = part == RP_PART_EMBED ? m->embed_flat : m->head_flat;
+        size_t floats = part == RP_PART_EMBED ? m->embed_floats : m->head_floats;
+        if (!flat) continue;
+        float *dst = staging ? staging : flat;
+        st = load_part(&f, naming, gtable, RP_GLOBAL_N_TENSORS, 0, (rp_param_part)part, dst, err);
+        if (st == RP_OK && staging) be->copy_to_device(be, flat, staging, floats * sizeof(float));
+    }
+    free(staging);
+fail:
+    if (st != RP_OK) rp_model_free(m);
+done:
+    rp_st_close(&f);
+    return st;
+}
+
+/* ---- save ---- */
+
+rp_status rp_model_save(const rp_model *m, const char *path, rp_dtype dtype, rp_error *err) {
+    if (dtype != RP_DTYPE_F32 && dtype != RP_DTYPE_F16 && dtype != RP_DTYPE_BF16)
+        return rp_error_set(err, RP_ERR_ARG, "cannot save weights as %s: use F32, F16 or BF16",
+                            rp_dtype_name(dtype));
+    rp_backend *be = m->be;
+    int n = m->layer_end - m->layer_begin;
+    /* Host copies of the owned buffers (the writer reads them at write time). */
+    size_t total = (size_t)n * m->layer_floats + (m->embed_flat ? m->embed_floats : 0) +
+                   (m->head_flat ? m->head_floats : 0);
+    float *host = rp_malloc(total * sizeof(float), "save buffer", err);
+    if (!host) return RP_ERR_NOMEM;
+    rp_st_writer w;
+    rp_st_writer_init(&w);
+    rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
+    rp_layer_layout(&m->cfg, table);
+    rp_global_layout(&m->cfg, gtable, NULL, NULL);
+    char name[256];
+    rp_status st = RP_OK;
+    float *cursor = host;
+    float *embed_host = NULL, *head_host = NULL;
+    if (m->embed_flat) {
+        embed_host = cursor;
+        be->copy_to_host(be, embed_host, m->embed_flat, m->embed_floats * sizeof(float));
+        cursor += m->embed_floats;
+    }
+    if (m->head_flat) {
+        head_host = cursor;
+        be->copy_to_host(be, head_host, m->head_flat, m->head_floats * sizeof(float));
+        cursor += m->head_floats;
+    }
+    /* Official order: emb, blocks (ln0 first in block 0), ln_out, head. */
+    for (int i = 0; i < RP_GLOBAL_N_TENSORS && st == RP_OK; i++) {
+        if (gtable[i].part != RP_PART_EMBED || !embed_host) continue;
+        st = rp_st_writer_add(&w, gtable[i].suffix, dtype, RP_DTYPE_F32, gtable[i].ndim,
+                              gtable[i].shape, embed_host + gtable[i].flat_offset, err);
+    }
+    for (int l = m->layer_begin; l < m->layer_end && st == RP_OK; l++) {
+        float *layer_host = cursor;
+        be->copy_to_host(be, layer_host, m->layer_flat[l - m->layer_begin],
+                         m->layer_floats * sizeof(float));
+        cursor += m->layer_floats;
+        for (int i = 0; i < RP_LAYER_N_TENSORS && st == RP_OK; i++) {
+            rp_tensor_name(name, sizeof name, &table[i], l);
+            st = rp_st_writer_add(&w, name, dtype, RP_DTYPE_F32, table[i].ndim, table[i].shape,
+                                  layer_host + table[i].flat_offset, err);
+        }
+    }
+    for (int i = 0; i < RP_GLOBAL_N_TENSORS && st == RP_OK; i++) {
+        if (gtable[i].part != RP_PART_HEAD || !head_host) continue;
+        st = rp_st_writer_add(&w, gtable[i].suffix, dtype, RP_DTYPE_F32, gtable[i].ndim,
+                              gtable[i].shape, head_host + gtable[i].flat_offset, err);
+    }
+    if (st == RP_OK) st = rp_st_writer_add_meta(&w, "format", "pt", err);
+    if (st == RP_OK) st = rp_st_writer_add_meta(&w, "arch", "rwkv7 x070", err);
+    char created_by[64];
+    snprintf(created_by, sizeof created_by, "rwkvpipe %s", rp_version());
+    if (st == RP_OK) st = rp_st_writer_add_meta(&w, "created_by", created_by, err);
+    if (st == RP_OK) st = rp_st_writer_write(&w, path, err);
+    rp_st_writer_free(&w);
+    free(host);
+    return st;
+}

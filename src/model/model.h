@@ -1,0 +1,104 @@
+/* An RWKV-7 model (or the slice of it one pipeline stage owns): config, the
+ * owned layers' flat weight buffers in backend memory, and the forward pass
+ * written once against the backend op interface (backend.h).
+ * Callers: src/cli (logits, generate, info), src/infer, tests, bench. */
+#ifndef RP_MODEL_MODEL_H
+#define RP_MODEL_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "model/config.h"
+#include "model/params.h"
+#include "model/state.h"
+
+typedef struct {
+    rp_config cfg;
+    int layer_begin, layer_end;     /* owned layers [begin, end) */
+    int has_embed, has_head;        /* owns emb + ln0 / ln_out + head */
+    rp_backend *be;
+    size_t layer_floats, embed_floats, head_floats;
+    float *embed_flat, *head_flat;  /* backend memory, NULL if not owned */
+    float **layer_flat;             /* [n owned layers] */
+    rp_global_weights global;
+    rp_layer_weights *layers;       /* [n owned layers], index layer - layer_begin */
+} rp_model;
+
+/* Allocates zeroed weights for layers [layer_begin, layer_end) (+ embed/head). */
+rp_status rp_model_alloc(rp_model *m, const rp_config *cfg, int layer_begin, int layer_end,
+                         int has_embed, int has_head, rp_backend *be, rp_error *err);
+void rp_model_free(rp_model *m);
+
+/* Official x070 initialisation (spec 3.1) from a seed; identical on every rank
+ * for the tensors it owns. */
+rp_status rp_model_init_official(rp_model *m, uint64_t seed, rp_error *err);
+
+/* Which naming a weights file uses. */
+typedef enum { RP_NAMING_OFFICIAL = 0, RP_NAMING_HF = 1 } rp_naming;
+
+/* Reads the hyper-parameters from tensor shapes (official or HF/fla names) and
+ * checks that every layer is complete and consistent. */
+rp_status rp_config_from_safetensors(const rp_st_file *f, rp_config *cfg, rp_naming *naming,
+                                     rp_error *err);
+
+/* Opens path, derives the config, allocates the owned part (layer_end < 0
+ * means all layers; embed/head owned when the range starts at 0 / ends at L)
+ * and reads the tensors straight from the mmapped file (F32/F16/BF16). */
+rp_status rp_model_load(rp_model *m, const char *path, int layer_begin, int layer_end,
+                        rp_backend *be, rp_error *err);
+
+/* Writes every owned tensor under its official name (dtype F32, F16 or BF16),
+ * atomically (temp name, fsync, rename). */
+rp_status rp_model_save(const rp_model *m, const char *path, rp_dtype dtype, rp_error *err);
+
+/* ---- forward ---- */
+
+/* Activation buffers for up to max_rows rows (tokens of all sequences in one
+ * call). Backend memory, owned by the caller through this struct. */
+typedef struct {
+    int max_rows;
+    size_t bytes;
+    float *base;
+    float *x, *v_first, *xa, *prev, *xr, *xw, *xk, *xv, *xa_mix, *xg;
+    float *r, *k, *v, *w_raw, *a, *g, *nu, *kk, *y, *o, *lora, *ffn_hidden;
+    float *head_in;
+} rp_workspace;
+
+rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_rows,
+                             rp_backend *be, rp_error *err);
+void rp_workspace_free(rp_workspace *ws, rp_backend *be);
+
+/* Fills row_begin (caller storage, n_seq ints) and n_rows of a ragged batch. */
+void rp_batch_init(rp_batch *b, int n_seq, const int *seq_len, const int *slot,
+                   int *row_begin);
+
+/* ws->x [R,C] = ln0(emb[tokens]). tokens (host) must be < vocab_size. */
+rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tokens,
+                         const rp_batch *batch, rp_error *err);
+/* One block on ws->x (and ws->v_first, set by layer 0), updating the state of
+ * every sequence for that layer. */
+void rp_model_block_forward(const rp_model *m, rp_workspace *ws, int layer,
+                            rp_state *state, const rp_batch *batch);
+
+typedef enum {
+    RP_LOGITS_NONE = 0,  /* no head */
+    RP_LOGITS_ALL,       /* logits [R, V] for every row */
+    RP_LOGITS_LAST       /* logits [n_seq, V] for the last row of each sequence */
+} rp_logits_mode;
+
+/* logits (backend memory) = head(ln_out(rows of ws->x)). */
+void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
+                   rp_logits_mode mode, float *logits);
+
+/* Whole forward for a model that owns every layer: embed, blocks, head.
+ * Sequence mode (seq_len > 1) and step mode (all seq_len == 1) are the same
+ * call; batch->n_rows must be <= ws->max_rows. */
+rp_status rp_model_forward(const rp_model *m, rp_workspace *ws, const int32_t *tokens,
+                           const rp_batch *batch, rp_state *state, rp_logits_mode mode,
+                           float *logits, rp_error *err);
+
+#endif
