@@ -19,14 +19,23 @@ rp_status rp_error_set(rp_error *err, rp_status code, const char *fmt, ...) {
 
 rp_status rp_error_prefix(rp_error *err, const char *fmt, ...) {
     if (!err) return RP_ERR_INTERNAL;
-    char prefix[RP_ERROR_MSG_LEN];
+    char prefix[RP_ERROR_MSG_LEN / 2];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
-    char old[RP_ERROR_MSG_LEN];
-    memcpy(old, err->msg, sizeof old);
-    snprintf(err->msg, sizeof err->msg, "%s: %s", prefix, old);
+    /* Build "prefix: old" in a scratch buffer; the old message is cut, not
+     * the prefix, when the two do not fit. */
+    char joined[RP_ERROR_MSG_LEN];
+    size_t n = strlen(prefix);
+    memcpy(joined, prefix, n);
+    joined[n++] = ':';
+    joined[n++] = ' ';
+    size_t old_len = strlen(err->msg);
+    if (old_len > sizeof joined - 1 - n) old_len = sizeof joined - 1 - n;
+    memcpy(joined + n, err->msg, old_len);
+    joined[n + old_len] = '\0';
+    memcpy(err->msg, joined, sizeof joined);
     return err->code;
 }
 

@@ -24,7 +24,11 @@ rp_status rp_sampler_validate(const rp_sampler_params *p, rp_error *err);
 
 /* Returns the sampled id in [0, n_vocab). scratch must hold 2 * n_vocab floats
  * plus n_vocab ints (see rp_sampler_scratch_bytes). banned (may be NULL) lists
- * n_banned ids that get probability 0. step picks the random number. */
+ * n_banned ids that get probability 0 (ids outside [0, n_vocab) are ignored);
+ * NaN logits are treated as banned. step picks the random number: the draw is
+ * u = rp_rng_uniform_f64(rp_rng_key(seed, "sampler"), step), inverse CDF over
+ * ids in increasing order. Returns -1 if p fails rp_sampler_validate, n_vocab
+ * <= 0, or every id is banned. */
 size_t rp_sampler_scratch_bytes(int n_vocab);
 int rp_sample(const float *logits, int n_vocab, const rp_sampler_params *p, uint64_t step,
               const int32_t *banned, int n_banned, void *scratch);

@@ -26,7 +26,9 @@ int rp_tokenizer_n_ids(const rp_tokenizer *tok);
 /* The id that ends a document (0 for both kinds). */
 int rp_tokenizer_eot_id(const rp_tokenizer *tok);
 
-/* Encodes n bytes; *ids is malloc'ed (free() it), *n_ids its length. */
+/* Encodes n bytes; *ids is malloc'ed (free() it), *n_ids its length. Fails
+ * (RP_ERR_ARG, naming the byte and offset) only if a vocab lacks a single-byte
+ * token that the input needs; the World vocab has all 256. */
 rp_status rp_tokenizer_encode(const rp_tokenizer *tok, const uint8_t *bytes, size_t n,
                               int32_t **ids, size_t *n_ids, rp_error *err);
 /* Bytes of one token; NULL (and *len 0) for an id it cannot decode. */
