@@ -1,11 +1,16 @@
 /* rwkvpipe: one binary, one subcommand per job. Initialises MPI (every
  * command works as one process or under mpirun/srun) and dispatches. */
+#include "config.h"
+
 #include <mpi.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "cli/cli.h"
 #include "core/version.h"
+#ifdef RP_HAVE_CUDA
+#include "cuda_device.h"
+#endif
 
 typedef struct {
     const char *name;
@@ -49,6 +54,15 @@ int main(int argc, char **argv) {
     }
     if (strcmp(argv[1], "-V") == 0 || strcmp(argv[1], "--version") == 0) {
         printf("%s\n", rp_build_description());
+#ifdef RP_HAVE_CUDA
+        int n_devices = rp_cuda_device_count();
+        printf("CUDA devices visible: %d\n", n_devices);
+        for (int i = 0; i < n_devices; i++) {
+            char desc[256];
+            rp_cuda_device_describe(i, desc, sizeof desc);
+            printf("  %d: %s\n", i, desc);
+        }
+#endif
         return 0;
     }
     const subcommand *cmd = NULL;
