@@ -95,6 +95,13 @@ rp_status rp_model_init_official(rp_model *m, uint64_t seed, rp_error *err) {
 
 /* ---- naming ---- */
 
+/* blocks.0.att.v0/v1/v2: the official trainer creates them but layer 0 never
+ * reads them (it sets v_first = v), so files may lack them. */
+static int is_unused_layer0_tensor(const char *suffix, int layer) {
+    return layer == 0 && (strcmp(suffix, "att.v0") == 0 || strcmp(suffix, "att.v1") == 0 ||
+                          strcmp(suffix, "att.v2") == 0);
+}
+
 /* How a file tensor maps onto an official one. */
 typedef enum { MAP_SAME = 0, MAP_RESHAPE, MAP_TRANSPOSE } map_kind;
 
@@ -122,7 +129,7 @@ static int hf_layer_name(char *out, size_t size, const char *suffix, int layer) 
         {"att.g1", "attn.g_lora.lora.0.weight", MAP_TRANSPOSE},
         {"att.g2", "attn.g_lora.lora.2.weight", MAP_TRANSPOSE},
         {"att.k_k", "attn.k_k", MAP_RESHAPE},         {"att.k_a", "attn.k_a", MAP_RESHAPE},
-        {"att.r_k", "attn.r_k", MAP_RESHAPE},
+        {"att.r_k", "attn.r_k", MAP_SAME},
         {"att.receptance.weight", "attn.r_proj.weight", MAP_SAME},
         {"att.key.weight", "attn.k_proj.weight", MAP_SAME},
         {"att.value.weight", "attn.v_proj.weight", MAP_SAME},
@@ -135,7 +142,7 @@ static int hf_layer_name(char *out, size_t size, const char *suffix, int layer) 
     };
     for (size_t i = 0; i < sizeof map / sizeof map[0]; i++) {
         if (strcmp(map[i].official, suffix) != 0) continue;
-        if (layer == 0 && strncmp(suffix, "att.v", 5) == 0) return -1;
+        if (is_unused_layer0_tensor(suffix, layer)) return -1;
         snprintf(out, size, "model.layers.%d.%s", layer, map[i].hf);
         return (int)map[i].kind;
     }
@@ -264,6 +271,17 @@ rp_status rp_config_from_safetensors(const rp_st_file *f, rp_config *cfg, rp_nam
 
 /* ---- load ---- */
 
+/* [C] vs [1,1,C]: equal once size-1 dimensions are dropped. */
+static int same_dims_ignoring_ones(const int64_t *a, int na, const int64_t *b, int nb) {
+    int i = 0, j = 0;
+    for (;;) {
+        while (i < na && a[i] == 1) i++;
+        while (j < nb && b[j] == 1) j++;
+        if (i == na || j == nb) return i == na && j == nb;
+        if (a[i++] != b[j++]) return 0;
+    }
+}
+
 static rp_status check_shape(const rp_st_file *f, const char *file_name,
                              const rp_st_tensor *t, const rp_tensor_info *info, map_kind kind,
                              rp_error *err) {
@@ -279,7 +297,7 @@ static rp_status check_shape(const rp_st_file *f, const char *file_name,
     if (kind == MAP_TRANSPOSE)
         ok = t->ndim == 2 && t->shape[0] == info->shape[1] && t->shape[1] == info->shape[0];
     else if (kind == MAP_RESHAPE)
-        ok = t->numel == info->numel;
+        ok = same_dims_ignoring_ones(t->shape, t->ndim, info->shape, info->ndim);
     else {
         ok = t->ndim == info->ndim;
         for (int d = 0; ok && d < t->ndim; d++) ok = t->shape[d] == info->shape[d];
@@ -327,8 +345,7 @@ static rp_status load_part(const rp_st_file *f, rp_naming naming, const rp_tenso
         map_kind kind;
         const rp_st_tensor *t = find_tensor(f, naming, info, layer, &kind, name, sizeof name);
         if (!t) {
-            int optional = layer == 0 && strncmp(info->suffix, "att.v", 5) == 0;
-            if (optional) continue;
+            if (is_unused_layer0_tensor(info->suffix, layer)) continue;
             if (naming == RP_NAMING_HF && name[0] == '\0') rp_tensor_name(name, sizeof name, info, layer);
             return rp_error_set(err, RP_ERR_SHAPE, "%s: missing tensor '%s'", f->path, name);
         }

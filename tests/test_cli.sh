@@ -1,0 +1,297 @@
+#!/bin/bash
+# The rwkvpipe command line end to end: help and version texts, `logits`
+# against the official reference (sequence and step mode, token file),
+# reproducible `init` and `generate` (also under mpirun -np 1), --stop,
+# encode/decode round trips, and bad input that must fail with a message
+# (never a crash, never a partial output file).
+# Run by `make check` (env: top_srcdir, top_builddir, MPIRUN, RP_TEST_DATA,
+# RP_SHARED_DIR, PYTHON3). Prints each check; exits 1 at the first failure.
+
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
+set -u
+
+: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
+: "${top_builddir:=.}"
+: "${PYTHON3:=python3}"
+: "${RP_TEST_DATA:=$top_srcdir/tests/data}"
+: "${RP_SHARED_DIR:=$top_srcdir/../shared}"
+: "${MPIRUN:=}"
+
+BIN="$top_builddir/rwkvpipe"
+WEIGHTS="$RP_TEST_DATA/tiny_L2_C128_V256_s1.weights.safetensors"
+GOLDEN="$RP_TEST_DATA/tiny_L2_C128_V256_s1.golden.safetensors"
+CHECK_LOGITS="$top_srcdir/tests/check_logits.py"
+for f in "$BIN" "$WEIGHTS" "$GOLDEN" "$CHECK_LOGITS"; do
+    [ -e "$f" ] || { echo "FAIL: missing $f"; exit 1; }
+done
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/test_cli.XXXXXX") || exit 99
+trap 'rm -rf "$T"' EXIT
+
+check() { echo "check: $*"; }
+ok() { echo "  ok${1:+: $1}"; }
+fail() {
+    echo "FAIL: $*"
+    if [ -s "$T/stderr" ]; then sed 's/^/  stderr: /' "$T/stderr" | head -n 20; fi
+    exit 1
+}
+
+# run CMD...: stdout -> $T/stdout, stderr -> $T/stderr, exit status -> $rc.
+run() {
+    "$@" >"$T/stdout" 2>"$T/stderr"
+    rc=$?
+}
+
+# A sanitizer report is a failure even when the exit status looks right.
+no_sanitizer_report() {
+    if grep -q -E 'runtime error:|Sanitizer|LeakSanitizer' "$T/stderr"; then
+        fail "$1: sanitizer report"
+    fi
+}
+
+# expect_ok LABEL CMD...: exit 0.
+expect_ok() {
+    local label=$1
+    shift
+    run "$@"
+    [ $rc -eq 0 ] || fail "$label: exit $rc, expected 0"
+    no_sanitizer_report "$label"
+}
+
+# expect_fail LABEL PATTERN CMD...: exits non-zero without a crash (no
+# signal, no sanitizer report) and prints an error line (one saying "error",
+# "unknown" or "unrecognized") that contains PATTERN, a fixed string.
+expect_fail() {
+    local label=$1 pattern=$2 line
+    shift 2
+    run "$@"
+    [ $rc -ne 0 ] || fail "$label: exit 0, expected an error"
+    [ $rc -lt 126 ] || fail "$label: exit $rc (crash or signal), expected an error message"
+    no_sanitizer_report "$label"
+    line=$(grep -F -- "$pattern" "$T/stderr" | grep -E 'error|unknown|unrecognized' | head -n 1)
+    [ -n "$line" ] || fail "$label: no error message on stderr mentions '$pattern'"
+    ok "exit $rc: $line"
+}
+
+COMMANDS="generate logits info init encode decode"
+
+# ---------------------------------------------------------------- help, version
+check "rwkvpipe --help exits 0 and lists every command"
+expect_ok "--help" "$BIN" --help
+grep -q '^usage: rwkvpipe COMMAND' "$T/stdout" || fail "--help: no usage line on stdout"
+for c in $COMMANDS; do
+    grep -q "^  $c " "$T/stdout" || fail "--help does not list '$c'"
+done
+ok
+
+for c in $COMMANDS; do
+    check "rwkvpipe $c --help exits 0 and prints its usage"
+    expect_ok "$c --help" "$BIN" "$c" --help
+    grep -q "^usage: rwkvpipe $c" "$T/stdout" || fail "$c --help: no 'usage: rwkvpipe $c' on stdout"
+    ok
+done
+
+check "rwkvpipe --version exits 0 and names the version"
+expect_ok "--version" "$BIN" --version
+grep -q -E '^rwkvpipe [0-9]+\.[0-9]+' "$T/stdout" || fail "--version: printed '$(head -n 1 "$T/stdout")'"
+ok "$(head -n 1 "$T/stdout")"
+
+check "no command, an unknown command and unknown options exit non-zero"
+run "$BIN"
+[ $rc -ne 0 ] && [ $rc -lt 126 ] || fail "no command: exit $rc"
+grep -q 'usage:' "$T/stderr" || fail "no command: no usage on stderr"
+expect_fail "unknown command" "unknown command 'frobnicate'" "$BIN" frobnicate
+for c in $COMMANDS; do
+    expect_fail "$c --no-such-option" "no-such-option" "$BIN" "$c" --no-such-option
+done
+
+# ---------------------------------------------------------------- logits
+TOKENS=$("$PYTHON3" "$CHECK_LOGITS" --tokens "$GOLDEN") || fail "cannot read the golden tokens"
+[ -n "$TOKENS" ] || fail "no golden tokens"
+
+check "logits (sequence mode) of the golden tokens match the reference logits and state"
+expect_ok "logits" "$BIN" logits --model "$WEIGHTS" --tokens "$TOKENS" -o "$T/seq.safetensors"
+"$PYTHON3" "$CHECK_LOGITS" "$T/seq.safetensors" "$GOLDEN" >"$T/cmp" 2>&1 ||
+    { cat "$T/cmp"; fail "logits (sequence mode) differ from the reference"; }
+sed 's/^/  /' "$T/cmp"
+
+check "logits --mode step matches the reference too"
+expect_ok "logits --mode step" "$BIN" logits --model "$WEIGHTS" --tokens "$TOKENS" --mode step \
+    -o "$T/step.safetensors"
+"$PYTHON3" "$CHECK_LOGITS" "$T/step.safetensors" "$GOLDEN" >"$T/cmp" 2>&1 ||
+    { cat "$T/cmp"; fail "logits (step mode) differ from the reference"; }
+sed 's/^/  /' "$T/cmp"
+
+check "logits --tokens-file (space and newline separated) matches the reference"
+echo "$TOKENS" | awk -F, '{ for (i = 1; i <= NF; i++) printf "%s%s", $i, (i % 4 ? " " : "\n") }' \
+    >"$T/tokens.txt"
+expect_ok "logits --tokens-file" "$BIN" logits --model "$WEIGHTS" --tokens-file "$T/tokens.txt" \
+    -o "$T/file.safetensors"
+"$PYTHON3" "$CHECK_LOGITS" "$T/file.safetensors" "$GOLDEN" >"$T/cmp" 2>&1 ||
+    { cat "$T/cmp"; fail "logits (--tokens-file) differ from the reference"; }
+ok
+
+check "logits with a token outside the vocabulary fails and leaves no output file"
+mkdir "$T/oov"
+expect_fail "out-of-vocab token" "vocabulary" "$BIN" logits --model "$WEIGHTS" --tokens 1,2,256 \
+    -o "$T/oov/out.safetensors"
+[ -z "$(ls -A "$T/oov")" ] || fail "out-of-vocab token: left $(ls -A "$T/oov") behind"
+
+# ---------------------------------------------------------------- init, info
+check "init --seed 7 twice gives byte-identical files; --seed 8 differs"
+expect_ok "init seed 7" "$BIN" init --model-config tiny --seed 7 -o "$T/a.safetensors"
+expect_ok "init seed 7 again" "$BIN" init --model-config tiny --seed 7 -o "$T/b.safetensors"
+expect_ok "init seed 8" "$BIN" init --model-config tiny --seed 8 -o "$T/c.safetensors"
+cmp -s "$T/a.safetensors" "$T/b.safetensors" || fail "init: same seed, different files"
+if cmp -s "$T/a.safetensors" "$T/c.safetensors"; then fail "init: seeds 7 and 8 give the same file"; fi
+ok
+
+check "info on the init'ed file prints n_layer 2"
+expect_ok "info" "$BIN" info "$T/a.safetensors"
+grep -q -E '^n_layer *: *2$' "$T/stdout" || { cat "$T/stdout"; fail "info: no 'n_layer : 2' line"; }
+ok "$(grep -E '^n_layer' "$T/stdout")"
+
+# ---------------------------------------------------------------- generate
+GEN=("$BIN" generate --model-config tiny --prompt hi --max-tokens 20 -q)
+
+check "generate with the same --seed twice prints the same text"
+expect_ok "generate seed 5" "${GEN[@]}" --seed 5
+cp "$T/stdout" "$T/gen5a"
+expect_ok "generate seed 5 again" "${GEN[@]}" --seed 5
+cmp -s "$T/gen5a" "$T/stdout" || fail "generate: same seed, different text"
+n=$(wc -c <"$T/gen5a")
+[ "$n" -le 21 ] || fail "generate: $n bytes for 20 byte-level tokens (+ newline)"
+ok "$n bytes"
+
+check "generate --temperature 0 is deterministic and ignores --seed"
+expect_ok "greedy seed 1" "${GEN[@]}" --temperature 0 --seed 1
+cp "$T/stdout" "$T/greedy1"
+expect_ok "greedy seed 2" "${GEN[@]}" --temperature 0 --seed 2
+cmp -s "$T/greedy1" "$T/stdout" || fail "generate --temperature 0: output depends on the seed"
+ok
+
+check "generate under \$MPIRUN -np 1 prints the same text as without mpirun"
+if [ -z "$MPIRUN" ] || ! command -v "$MPIRUN" >/dev/null 2>&1; then
+    echo "  skip: no MPIRUN"
+else
+    expect_ok "mpirun -np 1 generate" $MPIRUN -np 1 "${GEN[@]}" --seed 5
+    cmp -s "$T/gen5a" "$T/stdout" || fail "generate under mpirun -np 1 differs from a plain run"
+    ok
+fi
+
+check "generate --stop prints exactly the text before the first occurrence of the stop string"
+expect_ok "greedy 60 tokens" "$BIN" generate --model-config tiny --prompt hi --max-tokens 60 \
+    --temperature 0 --ban-eot -q
+cp "$T/stdout" "$T/greedy60"
+# Pick 3 bytes from the middle (no newline or NUL, so they survive argv) that
+# first occur after the start; write the stop string and the expected output.
+"$PYTHON3" - "$T/greedy60" "$T/stop.bin" "$T/expected.bin" <<'EOF' || fail "no usable stop string in the greedy output"
+import sys
+data = open(sys.argv[1], "rb").read()
+assert data.endswith(b"\n"), "generate output must end with a newline"
+text = data[:-1]
+mid = len(text) // 2
+for delta in range(len(text)):
+    for start in (mid + delta, mid - delta):
+        stop = text[start:start + 3]
+        if len(stop) == 3 and b"\n" not in stop and b"\0" not in stop and text.find(stop) > 0:
+            open(sys.argv[2], "wb").write(stop)
+            open(sys.argv[3], "wb").write(text[:text.find(stop)] + b"\n")
+            print("  stop string %r first at byte %d of %d" % (stop, text.find(stop), len(text)))
+            sys.exit(0)
+sys.exit(1)
+EOF
+stop=$(cat "$T/stop.bin")
+expect_ok "generate --stop" "$BIN" generate --model-config tiny --prompt hi --max-tokens 60 \
+    --temperature 0 --ban-eot -q --stop "$stop"
+cmp -s "$T/expected.bin" "$T/stdout" ||
+    fail "generate --stop: got $(od -c "$T/stdout" | head -n 3), expected $(od -c "$T/expected.bin" | head -n 3)"
+ok
+
+# ---------------------------------------------------------------- encode, decode
+check "encode/decode --vocab bytes round trip UTF-8 text with a newline"
+printf 'h\xc3\xa9llo w\xc3\xb6rld \xe2\x9c\x93 \xe6\x97\xa5\xe6\x9c\xac\nsecond line' >"$T/text.txt"
+expected_ids=$("$PYTHON3" -c 'import sys; print(",".join(str(b) for b in open(sys.argv[1], "rb").read()))' "$T/text.txt")
+expect_ok "encode (argument)" "$BIN" encode --vocab bytes "$(cat "$T/text.txt")"
+ids=$(cat "$T/stdout")
+[ "$ids" = "$expected_ids" ] || fail "encode --vocab bytes: '$ids', expected the byte values '$expected_ids'"
+expect_ok "encode (stdin)" "$BIN" encode --vocab bytes <"$T/text.txt"
+[ "$(cat "$T/stdout")" = "$expected_ids" ] || fail "encode from stdin differs from encode of the argument"
+expect_ok "decode" "$BIN" decode --vocab bytes "$ids"
+cmp -s "$T/stdout" "$T/text.txt" || fail "decode(encode(text)) != text"
+ok "$(wc -c <"$T/text.txt") bytes"
+
+WORLD_VOCAB="$RP_SHARED_DIR/vocab/rwkv_vocab_v20230424.txt"
+WORLD_CASES="$RP_SHARED_DIR/vocab/world_tokenizer_cases.jsonl"
+if [ -f "$WORLD_VOCAB" ]; then
+    for text in "Hello world" "Hello, world!"; do
+        check "encode --vocab World of '$text'"
+        expect_ok "encode World" "$BIN" encode --vocab "$WORLD_VOCAB" "$text"
+        ids=$(cat "$T/stdout")
+        want=""
+        if [ -f "$WORLD_CASES" ]; then
+            want=$("$PYTHON3" - "$WORLD_CASES" "$text" <<'EOF'
+import json, sys
+for line in open(sys.argv[1], encoding="utf-8"):
+    case = json.loads(line)
+    if case["text"] == sys.argv[2]:
+        print(",".join(str(i) for i in case["ids"]))
+        break
+EOF
+)
+        fi
+        if [ -n "$want" ]; then
+            [ "$ids" = "$want" ] || fail "encode World '$text': $ids, expected $want (world_tokenizer_cases.jsonl)"
+            ok "ids $ids as in world_tokenizer_cases.jsonl"
+        else
+            ok "ids $ids (no reference case; round trip only)"
+        fi
+        expect_ok "decode World" "$BIN" decode --vocab "$WORLD_VOCAB" "$ids"
+        [ "$(cat "$T/stdout")" = "$text" ] || fail "World decode(encode('$text')) = '$(cat "$T/stdout")'"
+        ok "round trip"
+    done
+else
+    echo "check: World vocabulary: skip (no $WORLD_VOCAB)"
+fi
+
+# ---------------------------------------------------------------- bad input
+check "bad generate options fail with a message naming the option"
+expect_fail "--max-tokens -1" "--max-tokens" "${GEN[@]}" --max-tokens -1
+expect_fail "--temperature abc" "--temperature: 'abc'" "${GEN[@]}" --temperature abc
+expect_fail "--top-p 2" "--top-p" "${GEN[@]}" --top-p 2
+expect_fail "no model" "--model" "$BIN" generate --prompt hi -q
+expect_fail "logits without --model" "--model" "$BIN" logits --tokens 1,2 -o "$T/x.safetensors"
+
+check "a nonexistent or truncated model file fails with a message naming it"
+expect_fail "generate nonexistent model" "$T/no_such_model.safetensors" \
+    "$BIN" generate --model "$T/no_such_model.safetensors" --prompt hi -q
+expect_fail "logits nonexistent model" "$T/no_such_model.safetensors" \
+    "$BIN" logits --model "$T/no_such_model.safetensors" --tokens 1 -o "$T/x.safetensors"
+head -c 1000 "$WEIGHTS" >"$T/truncated.safetensors"
+expect_fail "generate truncated model" "$T/truncated.safetensors" \
+    "$BIN" generate --model "$T/truncated.safetensors" --prompt hi -q
+expect_fail "info truncated model" "$T/truncated.safetensors" "$BIN" info "$T/truncated.safetensors"
+expect_fail "logits truncated model" "$T/truncated.safetensors" \
+    "$BIN" logits --model "$T/truncated.safetensors" --tokens 1 -o "$T/x.safetensors"
+[ ! -e "$T/x.safetensors" ] || fail "a failed logits run left $T/x.safetensors"
+
+# ---------------------------------------------------------------- HF/fla names
+# Last, so that a loader bug here does not hide the checks above.
+MAKE_HF="$top_srcdir/tests/make_hf_names.py"
+check "logits of an HF/fla-named copy of the weights match the reference"
+if [ -f "$MAKE_HF" ]; then
+    "$PYTHON3" "$MAKE_HF" "$WEIGHTS" "$T/hf.safetensors" >"$T/stderr" 2>&1 ||
+        fail "make_hf_names.py could not write the HF-named copy"
+    expect_ok "info HF copy" "$BIN" info "$T/hf.safetensors"
+    grep -q 'HF/fla names' "$T/stdout" || fail "info does not report HF/fla names"
+    expect_ok "logits HF copy" "$BIN" logits --model "$T/hf.safetensors" --tokens "$TOKENS" \
+        -o "$T/hf_logits.safetensors"
+    "$PYTHON3" "$CHECK_LOGITS" "$T/hf_logits.safetensors" "$GOLDEN" >"$T/cmp" 2>&1 ||
+        { cat "$T/cmp"; fail "logits of the HF-named copy differ from the reference"; }
+    sed 's/^/  /' "$T/cmp"
+else
+    echo "  skip: no $MAKE_HF"
+fi
+
+echo "PASS: all rwkvpipe CLI checks"
+exit 0
