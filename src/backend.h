@@ -40,6 +40,8 @@ struct rp_backend {
     void (*copy)(rp_backend *be, void *dst, const void *src, size_t bytes);
     void (*fill_zero)(rp_backend *be, void *dst, size_t bytes);
     void (*synchronize)(rp_backend *be);
+    /* y [n] += x [n] (gradient accumulation). */
+    void (*add)(rp_backend *be, float *y, const float *x, size_t n);
 
     /* ---- dense ---- */
     /* y [M,N] = x [M,K] . W^T + beta * y, W [N,K] (nn.Linear weight, row-major).
@@ -95,7 +97,103 @@ struct rp_backend {
                  const float *k, const float *v, const float *kk, const float *a,
                  float *state_base, size_t state_stride, const rp_batch *batch, int C,
                  int N);
+
+    /* ---- backward (training) ----
+     * Same argument order as the forward op, then gradients. Unless a comment
+     * says "overwrite", gradient outputs ACCUMULATE (+=): an activation that
+     * feeds several ops sums their gradients, and parameter gradients add up
+     * over micro-batches. Parameter-gradient reductions over rows run in a
+     * fixed order (results do not depend on the thread count). Any gradient
+     * pointer documented as optional may be NULL. */
+
+    /* y = x W^T, W [N,K]: dx [M,K] += dy . W (dx optional); dw [N,K] += dy^T . x */
+    void (*matmul_linear_backward)(rp_backend *be, float *dx, float *dw, const float *dy,
+                                   const float *x, const float *w, int M, int N, int K);
+    /* y = x W, W [K,N]: dx [M,K] += dy . W^T (dx optional); dw [K,N] += x^T . dy */
+    void (*matmul_lora_backward)(rp_backend *be, float *dx, float *dw, const float *dy,
+                                 const float *x, const float *w, int M, int N, int K);
+    /* demb [V,C]: row tokens[r] += dx row r, rows applied in order. */
+    void (*embedding_backward)(rp_backend *be, float *demb, const float *dx,
+                               const int32_t *tokens, int R, int C);
+    /* y = LN(x) * weight + bias with mean/rstd saved by the forward:
+     * dx += ..., dweight += sum_r dy * xhat, dbias += sum_r dy. */
+    void (*layernorm_backward)(rp_backend *be, float *dx, float *dweight, float *dbias,
+                               const float *dy, const float *x, const float *mean,
+                               const float *rstd, const float *weight, int R, int C);
+    /* Token shift: dx [R,C] += dprev of the next row inside each sequence. The
+     * slot vector dstate_base + slot[s]*stride holds on entry the gradient
+     * w.r.t. the state after the call (added to dx of the sequence's last row)
+     * and on return the gradient w.r.t. the state before it (dprev of the
+     * first row) - so chunks chain backwards. */
+    void (*token_shift_backward)(rp_backend *be, float *dx, float *dstate_base,
+                                 size_t state_stride, const float *dprev,
+                                 const rp_batch *batch, int C);
+    /* y = x + (prev - x) * mu: dx += dy (1 - mu), dprev += dy mu,
+     * dmu [C] += sum_r dy (prev - x). */
+    void (*lerp_backward)(rp_backend *be, float *dx, float *dprev, float *dmu, const float *dy,
+                          const float *x, const float *prev, const float *mu, int R, int C);
+    /* y = act(pre + bias) (y is the forward output): dy is turned in place into
+     * d(pre) = dy * act'(.) computed from y; dbias [C] += sum_r d(pre) (optional). */
+    void (*bias_act_backward)(rp_backend *be, float *dy, float *dbias, const float *y, int R,
+                              int C, rp_activation act);
+    /* v_out = v + (v_first - v) * nu, v = the input before the residual:
+     * dv (in: d v_out, out: d v, in place), dv_first += dv_out nu,
+     * dnu = dv_out (v_first - v) (overwrite). */
+    void (*value_residual_backward)(rp_backend *be, float *dv, float *dv_first, float *dnu,
+                                    const float *v, const float *v_first, const float *nu,
+                                    int R, int C);
+    /* kk = normalize_per_head(k * k_k), k_out = k * (1 + (a - 1) * k_a), k = the
+     * input before key_prepare: dk (in: d k_out, out: d k including the path
+     * through kk, in place), da += ..., dk_k [C] += ..., dk_a [C] += ... */
+    void (*key_prepare_backward)(rp_backend *be, float *dk, float *da, float *dk_k,
+                                 float *dk_a, const float *dkk, const float *k, const float *a,
+                                 const float *k_k, const float *k_a, int R, int C);
+    /* GroupNorm with mean/rstd [R,H] saved: dx (overwrite), dweight +=, dbias +=. */
+    void (*groupnorm_backward)(rp_backend *be, float *dx, float *dweight, float *dbias,
+                               const float *dy, const float *x, const float *mean,
+                               const float *rstd, const float *weight, int R, int C, int N);
+    /* out = (o + (sum_j r_j k_j r_k[h,j]) v_h) * g, o = the input (groupnorm
+     * output): d_o (overwrite), dr +=, dk +=, dv +=, dr_k [H,N] +=, dg (overwrite). */
+    void (*bonus_gate_backward)(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,
+                                float *dr_k, float *dg, const float *dout, const float *o,
+                                const float *r, const float *k, const float *v,
+                                const float *r_k, const float *g, int R, int C, int N);
+    /* WKV7 forward that also saves, per sequence, the state before every
+     * RP_WKV_CHUNK-th token into checkpoints: sequence s uses
+     * ceil(seq_len[s] / RP_WKV_CHUNK) blocks of [H,N,N] starting at block
+     * rp_wkv_checkpoint_offset(batch, s). Otherwise identical to wkv7. */
+    void (*wkv7_forward_train)(rp_backend *be, float *y, const float *r, const float *w_raw,
+                               const float *k, const float *v, const float *kk,
+                               const float *a, float *state_base, size_t state_stride,
+                               float *checkpoints, const rp_batch *batch, int C, int N);
+    /* Backward of wkv7_forward_train (recomputes each chunk from its
+     * checkpoint): dr, dw_raw, dk, dv, dkk, da (all overwrite) and the state
+     * gradient: dstate_base slots hold on entry d(final state) and on return
+     * d(initial state), like token_shift_backward. */
+    void (*wkv7_backward)(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
+                          float *dkk, float *da, float *dstate_base, size_t state_stride,
+                          const float *dy, const float *r, const float *w_raw, const float *k,
+                          const float *v, const float *kk, const float *a,
+                          const float *checkpoints, const rp_batch *batch, int C, int N);
+    /* Cross-entropy over rows with target ids (host memory; target < 0 = row
+     * ignored): losses [R] = -log softmax(logits)[target] (overwrite); when
+     * dlogits is non-NULL it gets (softmax - onehot) * scale (overwrite; may
+     * alias logits). Softmax in fp32 with max subtraction. */
+    void (*cross_entropy)(rp_backend *be, float *losses, float *dlogits, const float *logits,
+                          const int32_t *targets, int R, int V, float scale);
 };
+
+/* Tokens per WKV7 state checkpoint (the official training kernel's CHUNK_LEN). */
+#define RP_WKV_CHUNK 16
+
+/* First checkpoint block of sequence s: sum over earlier sequences of
+ * ceil(seq_len / RP_WKV_CHUNK); with s = n_seq, the total block count. */
+static inline size_t rp_wkv_checkpoint_offset(const rp_batch *batch, int s) {
+    size_t blocks = 0;
+    for (int i = 0; i < s; i++)
+        blocks += (size_t)(batch->seq_len[i] + RP_WKV_CHUNK - 1) / RP_WKV_CHUNK;
+    return blocks;
+}
 
 /* The CPU backend (src/cpu). n_threads <= 0 means OpenMP's default.
  * Returns NULL with err set on failure. */
