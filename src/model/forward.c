@@ -19,8 +19,8 @@ rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_row
     if ((size_t)cfg->d_iclr > lora) lora = cfg->d_iclr;
     if ((size_t)cfg->d_value > lora) lora = cfg->d_value;
     if ((size_t)cfg->d_gate > lora) lora = cfg->d_gate;
-    /* 21 [R,C] buffers + LoRA hidden [R,D] + FFN hidden [R,F] + head input [R,C]. */
-    size_t floats = R * C * 22 + R * lora + R * (size_t)cfg->dim_ffn;
+    /* 20 [R,C] buffers + one LoRA hidden [R,D] + FFN hidden [R,F]. */
+    size_t floats = R * C * 20 + R * lora + R * (size_t)cfg->dim_ffn;
     ws->base = be->alloc(be, floats * sizeof(float));
     if (!ws->base)
         return rp_error_set(err, RP_ERR_NOMEM,
@@ -30,16 +30,19 @@ rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_row
     ws->max_rows = max_rows;
     ws->bytes = floats * sizeof(float);
     float *p = ws->base;
-    float **rc[] = {&ws->x,  &ws->v_first, &ws->xa, &ws->prev, &ws->xr, &ws->xw, &ws->xk,
-                    &ws->xv, &ws->xa_mix,  &ws->xg, &ws->r,    &ws->k,  &ws->v,  &ws->w_raw,
-                    &ws->a,  &ws->g,       &ws->nu, &ws->kk,   &ws->y,  &ws->o,  &ws->head_in};
+    rp_layer_activations *s = &ws->acts;
+    float **rc[] = {&ws->x,    &ws->v_first, &ws->xc,   &ws->head_rows, &ws->head_in,
+                    &s->xa,    &s->prev_att, &s->r,     &s->k,         &s->v,
+                    &s->w_raw, &s->a,        &s->g,     &s->nu,        &s->kk,
+                    &s->y,     &s->o_gn,     &s->xf,    &s->prev_ffn,  &s->kf};
     for (size_t i = 0; i < sizeof rc / sizeof rc[0]; i++) {
         *rc[i] = p;
         p += R * C;
     }
-    ws->lora = p;
+    /* The four LoRAs run one after the other: one hidden buffer serves all. */
+    s->w_hidden = s->a_hidden = s->g_hidden = s->nu_hidden = p;
     p += R * lora;
-    ws->ffn_hidden = p;
+    s->ffn_hidden = p;
     return RP_OK;
 }
 
@@ -73,92 +76,99 @@ rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tok
             return rp_error_set(err, RP_ERR_ARG,
                                 "token id %d at position %d is outside the vocabulary [0, %d)",
                                 tokens[i], i, m->cfg.vocab_size);
-    be->embedding(be, ws->prev, m->global.emb, tokens, R, C);
-    be->layernorm(be, ws->x, NULL, NULL, ws->prev, m->global.ln0_weight, m->global.ln0_bias, R,
-                  C, RP_LN_EPS);
+    be->embedding(be, ws->head_rows, m->global.emb, tokens, R, C);
+    be->layernorm(be, ws->x, NULL, NULL, ws->head_rows, m->global.ln0_weight,
+                  m->global.ln0_bias, R, C, RP_LN_EPS);
     return RP_OK;
 }
 
-/* y [R,C] = act_inner(x . w1) . w2 + bias, through the LoRA hidden buffer. */
-static void lora_forward(rp_backend *be, float *y, const float *x, const float *w1,
-                         const float *w2, int D, rp_activation inner, float *hidden, int R,
+/* y [R,C] = act_inner(x . w1) . w2, keeping act_inner(x . w1) in hidden [R,D]. */
+static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x,
+                         const float *w1, const float *w2, int D, rp_activation inner, int R,
                          int C) {
     be->matmul_lora(be, hidden, x, w1, R, D, C, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act(be, hidden, NULL, R, D, inner);
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
 }
 
-static void time_mix_forward(const rp_model *m, rp_workspace *ws, int layer, rp_state *state,
-                             const rp_batch *batch) {
+void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, float *v_first,
+                      float *xc, int layer, rp_state *state, const rp_batch *batch) {
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
     const rp_layer_weights *w = &m->layers[layer - m->layer_begin];
-    const int R = batch->n_rows, C = c->n_embd, N = c->head_size;
+    const int R = batch->n_rows, C = c->n_embd, N = c->head_size, F = c->dim_ffn;
+    const size_t rc_bytes = (size_t)R * C * sizeof(float);
 
-    be->layernorm(be, ws->xa, NULL, NULL, ws->x, w->ln1_weight, w->ln1_bias, R, C, RP_LN_EPS);
-    be->token_shift(be, ws->prev, ws->xa, rp_state_att_x_prev(state, 0, layer),
+    /* ---- time mix ---- */
+    if (s->x_in) be->copy(be, s->x_in, x, rc_bytes);
+    be->layernorm(be, s->xa, s->ln1_mean, s->ln1_rstd, x, w->ln1_weight, w->ln1_bias, R, C,
+                  RP_LN_EPS);
+    be->token_shift(be, s->prev_att, s->xa, rp_state_att_x_prev(state, 0, layer),
                     state->floats_per_slot, batch, C);
-    be->lerp(be, ws->xr, ws->xa, ws->prev, w->x_r, R, C);
-    be->lerp(be, ws->xw, ws->xa, ws->prev, w->x_w, R, C);
-    be->lerp(be, ws->xk, ws->xa, ws->prev, w->x_k, R, C);
-    be->lerp(be, ws->xv, ws->xa, ws->prev, w->x_v, R, C);
-    be->lerp(be, ws->xa_mix, ws->xa, ws->prev, w->x_a, R, C);
-    be->lerp(be, ws->xg, ws->xa, ws->prev, w->x_g, R, C);
-
-    be->matmul_linear(be, ws->r, ws->xr, w->receptance, R, C, C, 0.0f);
-    be->matmul_linear(be, ws->k, ws->xk, w->key, R, C, C, 0.0f);
-    be->matmul_linear(be, ws->v, ws->xv, w->value, R, C, C, 0.0f);
-
+    /* Each mix x_c = xa + (prev - xa) mu_c is formed just before its consumer
+     * (one buffer; the backward recomputes them). */
+    float *k_out = s->k_pre ? s->k_pre : s->k;
+    float *v_out = s->v_pre ? s->v_pre : s->v;
+    be->lerp(be, xc, s->xa, s->prev_att, w->x_r, R, C);
+    be->matmul_linear(be, s->r, xc, w->receptance, R, C, C, 0.0f);
+    be->lerp(be, xc, s->xa, s->prev_att, w->x_k, R, C);
+    be->matmul_linear(be, k_out, xc, w->key, R, C, C, 0.0f);
+    be->lerp(be, xc, s->xa, s->prev_att, w->x_v, R, C);
+    be->matmul_linear(be, v_out, xc, w->value, R, C, C, 0.0f);
     /* w_raw = w0 + tanh(xw w1) w2; the decay exp(-e^-0.5 sigmoid(w_raw)) is
      * formed inside wkv7, in fp32, as the official kernels do. */
-    lora_forward(be, ws->w_raw, ws->xw, w->w1, w->w2, c->d_decay, RP_ACT_TANH, ws->lora, R, C);
-    be->bias_act(be, ws->w_raw, w->w0, R, C, RP_ACT_NONE);
+    be->lerp(be, xc, s->xa, s->prev_att, w->x_w, R, C);
+    lora_forward(be, s->w_raw, s->w_hidden, xc, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
+    be->bias_act(be, s->w_raw, w->w0, R, C, RP_ACT_NONE);
     /* a = sigmoid(a0 + xa a1 a2) */
-    lora_forward(be, ws->a, ws->xa_mix, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, ws->lora, R, C);
-    be->bias_act(be, ws->a, w->a0, R, C, RP_ACT_SIGMOID);
+    be->lerp(be, xc, s->xa, s->prev_att, w->x_a, R, C);
+    lora_forward(be, s->a, s->a_hidden, xc, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C);
+    be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
     /* g = sigmoid(xg g1) g2, no activation after g2 */
-    lora_forward(be, ws->g, ws->xg, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, ws->lora, R, C);
-
+    be->lerp(be, xc, s->xa, s->prev_att, w->x_g, R, C);
+    lora_forward(be, s->g, s->g_hidden, xc, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
     /* Value residual: layer 0's v is v_first for every later layer. */
+    if (s->v_pre) be->copy(be, s->v, s->v_pre, rc_bytes);
     if (layer == 0) {
-        be->copy(be, ws->v_first, ws->v, (size_t)R * C * sizeof(float));
+        be->copy(be, v_first, s->v, rc_bytes);
     } else {
-        lora_forward(be, ws->nu, ws->xv, w->v1, w->v2, c->d_value, RP_ACT_NONE, ws->lora, R, C);
-        be->bias_act(be, ws->nu, w->v0, R, C, RP_ACT_SIGMOID);
-        be->value_residual(be, ws->v, ws->v_first, ws->nu, R, C);
+        be->lerp(be, xc, s->xa, s->prev_att, w->x_v, R, C);
+        lora_forward(be, s->nu, s->nu_hidden, xc, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
+        be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
+        be->value_residual(be, s->v, v_first, s->nu, R, C);
     }
-
     /* kk is normalised before k is modified by k_a. */
-    be->key_prepare(be, ws->kk, ws->k, ws->a, w->k_k, w->k_a, R, C);
-    be->wkv7(be, ws->y, ws->r, ws->w_raw, ws->k, ws->v, ws->kk, ws->a,
-             rp_state_wkv(state, 0, layer), state->floats_per_slot, batch, C, N);
-    be->groupnorm(be, ws->o, NULL, NULL, ws->y, w->ln_x_weight, w->ln_x_bias, R, C, N,
-                  RP_GN_EPS);
-    be->bonus_gate(be, ws->o, ws->r, ws->k, ws->v, w->r_k, ws->g, R, C, N);
-    /* residual: x += o Wo^T */
-    be->matmul_linear(be, ws->x, ws->o, w->output, R, C, C, 1.0f);
-}
+    if (s->k_pre) be->copy(be, s->k, s->k_pre, rc_bytes);
+    be->key_prepare(be, s->kk, s->k, s->a, w->k_k, w->k_a, R, C);
+    if (s->wkv_checkpoints)
+        be->wkv7_forward_train(be, s->y, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
+                               rp_state_wkv(state, 0, layer), state->floats_per_slot,
+                               s->wkv_checkpoints, batch, C, N);
+    else
+        be->wkv7(be, s->y, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
+                 rp_state_wkv(state, 0, layer), state->floats_per_slot, batch, C, N);
+    be->groupnorm(be, s->o_gn, s->gn_mean, s->gn_rstd, s->y, w->ln_x_weight, w->ln_x_bias, R, C,
+                  N, RP_GN_EPS);
+    float *og = s->og ? s->og : s->o_gn;
+    if (s->og) be->copy(be, og, s->o_gn, rc_bytes);
+    be->bonus_gate(be, og, s->r, s->k, s->v, w->r_k, s->g, R, C, N);
+    be->matmul_linear(be, x, og, w->output, R, C, C, 1.0f);  /* x += og Wo^T */
 
-static void channel_mix_forward(const rp_model *m, rp_workspace *ws, int layer,
-                                rp_state *state, const rp_batch *batch) {
-    rp_backend *be = m->be;
-    const rp_config *c = &m->cfg;
-    const rp_layer_weights *w = &m->layers[layer - m->layer_begin];
-    const int R = batch->n_rows, C = c->n_embd, F = c->dim_ffn;
-
-    be->layernorm(be, ws->xa, NULL, NULL, ws->x, w->ln2_weight, w->ln2_bias, R, C, RP_LN_EPS);
-    be->token_shift(be, ws->prev, ws->xa, rp_state_ffn_x_prev(state, 0, layer),
+    /* ---- channel mix ---- */
+    if (s->x_mid) be->copy(be, s->x_mid, x, rc_bytes);
+    be->layernorm(be, s->xf, s->ln2_mean, s->ln2_rstd, x, w->ln2_weight, w->ln2_bias, R, C,
+                  RP_LN_EPS);
+    be->token_shift(be, s->prev_ffn, s->xf, rp_state_ffn_x_prev(state, 0, layer),
                     state->floats_per_slot, batch, C);
-    be->lerp(be, ws->xk, ws->xa, ws->prev, w->ffn_x_k, R, C);
-    be->matmul_linear(be, ws->ffn_hidden, ws->xk, w->ffn_key, R, F, C, 0.0f);
-    be->bias_act(be, ws->ffn_hidden, NULL, R, F, RP_ACT_RELU_SQUARED);
-    be->matmul_linear(be, ws->x, ws->ffn_hidden, w->ffn_value, R, C, F, 1.0f);
+    be->lerp(be, s->kf, s->xf, s->prev_ffn, w->ffn_x_k, R, C);
+    be->matmul_linear(be, s->ffn_hidden, s->kf, w->ffn_key, R, F, C, 0.0f);
+    be->bias_act(be, s->ffn_hidden, NULL, R, F, RP_ACT_RELU_SQUARED);
+    be->matmul_linear(be, x, s->ffn_hidden, w->ffn_value, R, C, F, 1.0f);
 }
 
 void rp_model_block_forward(const rp_model *m, rp_workspace *ws, int layer, rp_state *state,
                             const rp_batch *batch) {
-    time_mix_forward(m, ws, layer, state, batch);
-    channel_mix_forward(m, ws, layer, state, batch);
+    rp_block_forward(m, &ws->acts, ws->x, ws->v_first, ws->xc, layer, state, batch);
 }
 
 void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
@@ -172,9 +182,10 @@ void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
         /* Gather each sequence's last row so the V x C head runs once per sequence. */
         for (int s = 0; s < batch->n_seq; s++) {
             int last = batch->row_begin[s] + batch->seq_len[s] - 1;
-            be->copy(be, ws->prev + (size_t)s * C, ws->x + (size_t)last * C, C * sizeof(float));
+            be->copy(be, ws->head_rows + (size_t)s * C, ws->x + (size_t)last * C,
+                     C * sizeof(float));
         }
-        rows = ws->prev;
+        rows = ws->head_rows;
         n_rows = batch->n_seq;
     }
     be->layernorm(be, ws->head_in, NULL, NULL, rows, m->global.ln_out_weight,

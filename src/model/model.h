@@ -57,15 +57,40 @@ rp_status rp_model_save(const rp_model *m, const char *path, rp_dtype dtype, rp_
 
 /* ---- forward ---- */
 
-/* Activation buffers for up to max_rows rows (tokens of all sequences in one
+/* What a block keeps for its backward pass (src/model/train.c), [R, ...]
+ * buffers. The inference workspace binds the same struct to scratch memory
+ * and leaves the buffers marked "train" NULL: the block then runs in place and
+ * saves nothing. The LoRA hidden buffers may share memory in inference. */
+typedef struct {
+    float *x_in;                    /* train: residual stream entering the block */
+    float *xa, *ln1_mean, *ln1_rstd; /* ln1 output; mean/rstd [R]: train */
+    float *prev_att;                /* token-shifted xa */
+    float *r;
+    float *k_pre, *v_pre;           /* train: k and v before key_prepare / value residual */
+    float *k, *v;                   /* k after k_a, v after the value residual */
+    float *w_raw, *w_hidden;        /* decay pre-activation; tanh(xw w1) [R,Dw] */
+    float *a, *a_hidden;            /* in-context rate (sigmoid output); xa a1 [R,Da] */
+    float *g, *g_hidden;            /* gate; sigmoid(xg g1) [R,Dg] */
+    float *nu, *nu_hidden;          /* value-residual gate (sigmoid output); xv v1 [R,Dv] */
+    float *kk, *y;                  /* normalised removal key; wkv output */
+    float *gn_mean, *gn_rstd;       /* train: [R,H] */
+    float *o_gn, *og;               /* groupnorm output; og (train) = after bonus and gate */
+    float *x_mid;                   /* train: residual stream after the time mix */
+    float *xf, *ln2_mean, *ln2_rstd; /* ln2 output; mean/rstd: train */
+    float *prev_ffn, *kf, *ffn_hidden;
+    float *wkv_checkpoints;         /* train: state every RP_WKV_CHUNK tokens */
+} rp_layer_activations;
+
+/* Inference buffers for up to max_rows rows (tokens of all sequences in one
  * call). Backend memory, owned by the caller through this struct. */
 typedef struct {
     int max_rows;
     size_t bytes;
     float *base;
-    float *x, *v_first, *xa, *prev, *xr, *xw, *xk, *xv, *xa_mix, *xg;
-    float *r, *k, *v, *w_raw, *a, *g, *nu, *kk, *y, *o, *lora, *ffn_hidden;
-    float *head_in;
+    float *x, *v_first;   /* residual stream; layer 0's value, used by every layer */
+    float *xc;            /* one token-shift mix at a time */
+    rp_layer_activations acts;
+    float *head_rows, *head_in;
 } rp_workspace;
 
 rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_rows,
@@ -83,6 +108,12 @@ rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tok
  * every sequence for that layer. */
 void rp_model_block_forward(const rp_model *m, rp_workspace *ws, int layer,
                             rp_state *state, const rp_batch *batch);
+/* The block itself, written once for inference and training: x and v_first
+ * [R,C] in/out, xc [R,C] scratch; s receives what the backward needs (its
+ * train-only buffers may be NULL). With s->wkv_checkpoints set it keeps the
+ * WKV checkpoints too. */
+void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, float *v_first,
+                      float *xc, int layer, rp_state *state, const rp_batch *batch);
 
 typedef enum {
     RP_LOGITS_NONE = 0,  /* no head */
