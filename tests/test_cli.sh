@@ -73,7 +73,7 @@ expect_fail() {
     ok "exit $rc: $line"
 }
 
-COMMANDS="generate logits info init encode decode"
+COMMANDS="generate logits info init tokenize encode decode"
 
 # ---------------------------------------------------------------- help, version
 check "rwkvpipe --help exits 0 and lists every command"
@@ -274,6 +274,27 @@ expect_fail "info truncated model" "$T/truncated.safetensors" "$BIN" info "$T/tr
 expect_fail "logits truncated model" "$T/truncated.safetensors" \
     "$BIN" logits --model "$T/truncated.safetensors" --tokens 1 -o "$T/x.safetensors"
 [ ! -e "$T/x.safetensors" ] || fail "a failed logits run left $T/x.safetensors"
+
+# ---------------------------------------------------------------- tokenize
+check "tokenize writes a shard whose tokens are the bytes of the text plus token 0"
+printf 'hello\nworld\n' >"$T/corpus.txt"
+expect_ok "tokenize" "$BIN" tokenize --vocab bytes "$T/corpus.txt" -o "$T/shard" -q
+[ -f "$T/shard-00000.tok" ] || fail "tokenize did not write $T/shard-00000.tok"
+"$PYTHON3" - "$T/shard-00000.tok" <<'PY' || fail "shard content is wrong"
+import struct, sys
+data = open(sys.argv[1], "rb").read()
+assert data[:8] == b"RWKVTOK1", data[:8]
+version, kind, n_ids, dtype, n_tokens, n_docs = struct.unpack_from("<IIIIQQ", data, 8)
+assert (version, kind, n_ids, dtype, n_docs) == (1, 0, 256, 0, 1), (version, kind, n_ids, dtype, n_docs)
+tokens = list(struct.unpack_from("<%dH" % n_tokens, data, 64))
+assert tokens == list(b"hello\nworld\n") + [0], tokens
+assert len(data) == 64 + 2 * n_tokens
+PY
+ok
+expect_fail "tokenize existing output" "exist" \
+    "$BIN" tokenize --vocab bytes "$T/corpus.txt" -o "$T/shard" -q
+expect_fail "tokenize missing input" "no_such_file" \
+    "$BIN" tokenize --vocab bytes "$T/no_such_file.txt" -o "$T/shard2" -q
 
 # ---------------------------------------------------------------- HF/fla names
 # Last, so that a loader bug here does not hide the checks above.

@@ -1,0 +1,437 @@
+/* Token shard writer (buffered, temp name + fsync + rename) and reader (mmap,
+ * full validation on open). The format is described in shards.h. */
+#include "train/shards.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define WRITER_BUFFER_BYTES (1u << 20)
+
+int rp_shard_tokenizer_code(const char *kind_name) {
+    if (strcmp(kind_name, "bytes") == 0) return RP_SHARD_TOKENIZER_BYTES;
+    if (strcmp(kind_name, "world") == 0) return RP_SHARD_TOKENIZER_WORLD;
+    return -1;
+}
+
+const char *rp_shard_tokenizer_name(uint32_t code) {
+    switch (code) {
+    case RP_SHARD_TOKENIZER_BYTES: return "bytes";
+    case RP_SHARD_TOKENIZER_WORLD: return "world";
+    default: return "unknown";
+    }
+}
+
+static void put_u32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static void put_u64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint32_t get_u32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t get_u64(const uint8_t *p) {
+    return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
+}
+
+/* ------------------------------------------------------------------ writer */
+
+typedef enum { WRITER_OPEN, WRITER_SEALED, WRITER_COMMITTED } writer_stage;
+
+struct rp_shard_writer {
+    char *path, *tmp_path;
+    int fd;
+    writer_stage stage;
+    uint32_t tokenizer_kind, n_ids, dtype, bytes_per_token;
+    uint64_t n_tokens, n_documents;
+    uint8_t *buf;
+    size_t buf_used;
+};
+
+const char *rp_shard_writer_path(const rp_shard_writer *w) { return w->path; }
+uint64_t rp_shard_writer_n_tokens(const rp_shard_writer *w) { return w->n_tokens; }
+
+static rp_status write_all(int fd, const uint8_t *p, size_t n, off_t offset, int positioned) {
+    while (n > 0) {
+        ssize_t k = positioned ? pwrite(fd, p, n, offset) : write(fd, p, n);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return RP_ERR_IO;
+        }
+        p += k;
+        n -= (size_t)k;
+        offset += k;
+    }
+    return RP_OK;
+}
+
+rp_status rp_shard_writer_open(rp_shard_writer **out, const char *path, uint32_t tokenizer_kind,
+                               uint32_t n_ids, rp_error *err) {
+    *out = NULL;
+    if (!path || !*path) return rp_error_set(err, RP_ERR_ARG, "token shard: empty output path");
+    if (tokenizer_kind > RP_SHARD_TOKENIZER_WORLD)
+        return rp_error_set(err, RP_ERR_ARG, "%s: tokenizer kind %u is not 0 (bytes) or 1 (world)",
+                            path, tokenizer_kind);
+    if (n_ids == 0 || n_ids > (uint32_t)INT32_MAX)
+        return rp_error_set(err, RP_ERR_ARG, "%s: vocabulary size %u is not in [1, 2^31)", path,
+                            n_ids);
+    rp_shard_writer *w = rp_calloc(1, sizeof *w, "shard writer", err);
+    if (!w) return RP_ERR_NOMEM;
+    w->fd = -1;
+    size_t tmp_cap = strlen(path) + 32;
+    w->path = strdup(path);
+    w->tmp_path = malloc(tmp_cap);
+    w->buf = malloc(WRITER_BUFFER_BYTES);
+    if (!w->path || !w->tmp_path || !w->buf) {
+        free(w->path);
+        free(w->tmp_path);
+        free(w->buf);
+        free(w);
+        return rp_error_set(err, RP_ERR_NOMEM, "%s: out of memory for the shard writer", path);
+    }
+    snprintf(w->tmp_path, tmp_cap, "%s.tmp.%ld", path, (long)getpid());
+    w->tokenizer_kind = tokenizer_kind;
+    w->n_ids = n_ids;
+    w->dtype = n_ids <= 65536u ? RP_SHARD_DTYPE_U16 : RP_SHARD_DTYPE_U32;
+    w->bytes_per_token = w->dtype == RP_SHARD_DTYPE_U16 ? 2 : 4;
+    w->fd = open(w->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (w->fd < 0) {
+        rp_status st = rp_error_set(err, RP_ERR_IO, "%s: cannot create temporary file '%s': %s",
+                                    path, w->tmp_path, strerror(errno));
+        free(w->path);
+        free(w->tmp_path);
+        free(w->buf);
+        free(w);
+        return st;
+    }
+    /* A zero header until sealing: an unfinished file never passes as a shard. */
+    uint8_t zeros[RP_SHARD_HEADER_BYTES] = {0};
+    if (write_all(w->fd, zeros, sizeof zeros, 0, 0) != RP_OK) {
+        rp_status st = rp_error_set(err, RP_ERR_IO, "%s: cannot write temporary file '%s': %s",
+                                    path, w->tmp_path, strerror(errno));
+        rp_shard_writer_abort(w);
+        return st;
+    }
+    *out = w;
+    return RP_OK;
+}
+
+static rp_status writer_flush(rp_shard_writer *w, rp_error *err) {
+    if (w->buf_used == 0) return RP_OK;
+    if (write_all(w->fd, w->buf, w->buf_used, 0, 0) != RP_OK)
+        return rp_error_set(err, RP_ERR_IO, "%s: cannot write temporary file '%s': %s", w->path,
+                            w->tmp_path, strerror(errno));
+    w->buf_used = 0;
+    return RP_OK;
+}
+
+static rp_status writer_check_open(const rp_shard_writer *w, rp_error *err) {
+    if (w->stage != WRITER_OPEN)
+        return rp_error_set(err, RP_ERR_INTERNAL, "%s: shard writer used after sealing", w->path);
+    return RP_OK;
+}
+
+rp_status rp_shard_writer_append(rp_shard_writer *w, const int32_t *tokens, size_t n,
+                                 rp_error *err) {
+    rp_status st = writer_check_open(w, err);
+    if (st != RP_OK) return st;
+    for (size_t i = 0; i < n; i++) {
+        int32_t t = tokens[i];
+        if (t < 0 || (uint32_t)t >= w->n_ids)
+            return rp_error_set(err, RP_ERR_ARG,
+                                "%s: token %d at input position %zu is outside the vocabulary "
+                                "[0, %u)",
+                                w->path, t, i, w->n_ids);
+        if (w->buf_used + 4 > WRITER_BUFFER_BYTES && (st = writer_flush(w, err)) != RP_OK)
+            return st;
+        uint8_t *p = w->buf + w->buf_used;
+        p[0] = (uint8_t)t;
+        p[1] = (uint8_t)(t >> 8);
+        if (w->bytes_per_token == 4) {
+            p[2] = (uint8_t)(t >> 16);
+            p[3] = (uint8_t)(t >> 24);
+        }
+        w->buf_used += w->bytes_per_token;
+    }
+    w->n_tokens += n;
+    return RP_OK;
+}
+
+rp_status rp_shard_writer_end_document(rp_shard_writer *w, rp_error *err) {
+    static const int32_t eot = 0;
+    rp_status st = rp_shard_writer_append(w, &eot, 1, err);
+    if (st == RP_OK) w->n_documents++;
+    return st;
+}
+
+rp_status rp_shard_writer_seal(rp_shard_writer *w, rp_error *err) {
+    rp_status st = writer_check_open(w, err);
+    if (st != RP_OK) return st;
+    if ((st = writer_flush(w, err)) != RP_OK) return st;
+    uint8_t h[RP_SHARD_HEADER_BYTES] = {0};
+    memcpy(h, RP_SHARD_MAGIC, 8);
+    put_u32(h + 8, RP_SHARD_VERSION);
+    put_u32(h + 12, w->tokenizer_kind);
+    put_u32(h + 16, w->n_ids);
+    put_u32(h + 20, w->dtype);
+    put_u64(h + 24, w->n_tokens);
+    put_u64(h + 32, w->n_documents);
+    const char *step = "write the header of";
+    if (write_all(w->fd, h, sizeof h, 0, 1) != RP_OK) goto fail;
+    step = "fsync";
+    if (fsync(w->fd) != 0) goto fail;
+    step = "close";
+    int rc = close(w->fd);
+    w->fd = -1;
+    if (rc != 0) goto fail;
+    w->stage = WRITER_SEALED;
+    return RP_OK;
+fail:
+    return rp_error_set(err, RP_ERR_IO, "%s: cannot %s temporary file '%s': %s", w->path, step,
+                        w->tmp_path, strerror(errno));
+}
+
+/* fsyncs the directory holding path, so the rename itself is durable. */
+static int fsync_parent_dir(const char *path) {
+    const char *slash = strrchr(path, '/');
+    char *dir = !slash ? strdup(".") : slash == path ? strdup("/")
+                                                      : strndup(path, (size_t)(slash - path));
+    if (!dir) return ENOMEM;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    free(dir);
+    if (fd < 0) return errno;
+    int rc = fsync(fd) == 0 ? 0 : errno;
+    close(fd);
+    /* Some filesystems cannot fsync a directory; the rename is done anyway. */
+    if (rc == EINVAL || rc == ENOTSUP) rc = 0;
+    return rc;
+}
+
+rp_status rp_shard_writer_commit(rp_shard_writer *w, rp_error *err) {
+    if (w->stage != WRITER_SEALED)
+        return rp_error_set(err, RP_ERR_INTERNAL, "%s: shard writer committed before sealing",
+                            w->path);
+    if (rename(w->tmp_path, w->path) != 0)
+        return rp_error_set(err, RP_ERR_IO, "%s: cannot rename temporary file '%s' to it: %s",
+                            w->path, w->tmp_path, strerror(errno));
+    w->stage = WRITER_COMMITTED;
+    int dir_errno = fsync_parent_dir(w->path);
+    if (dir_errno != 0)
+        return rp_error_set(err, RP_ERR_IO,
+                            "%s: written, but fsync of its directory failed: %s (the file may "
+                            "not survive a crash)",
+                            w->path, strerror(dir_errno));
+    return RP_OK;
+}
+
+rp_status rp_shard_writer_finish(rp_shard_writer *w, rp_error *err) {
+    rp_status st = rp_shard_writer_seal(w, err);
+    if (st == RP_OK) st = rp_shard_writer_commit(w, err);
+    rp_shard_writer_abort(w);
+    return st;
+}
+
+void rp_shard_writer_abort(rp_shard_writer *w) {
+    if (!w) return;
+    if (w->fd >= 0) close(w->fd);
+    if (w->stage != WRITER_COMMITTED) unlink(w->tmp_path);
+    free(w->path);
+    free(w->tmp_path);
+    free(w->buf);
+    free(w);
+}
+
+void rp_shard_writer_free(rp_shard_writer *w) { rp_shard_writer_abort(w); }
+
+/* ------------------------------------------------------------------ reader */
+
+void rp_shard_close(rp_shard *shard) {
+    if (!shard) return;
+    if (shard->map) munmap(shard->map, shard->map_bytes);
+    free(shard->path);
+    memset(shard, 0, sizeof *shard);
+}
+
+/* The header fields, checked in the order a reader needs them. */
+static rp_status check_header(rp_shard *s, const char *path, const uint8_t *h,
+                              unsigned long long file_bytes, rp_error *err) {
+    if (memcmp(h, RP_SHARD_MAGIC, 8) != 0) {
+        char shown[8 * 4 + 1];
+        size_t k = 0;
+        for (int i = 0; i < 8; i++) {
+            if (h[i] >= 0x20 && h[i] < 0x7f) shown[k++] = (char)h[i];
+            else k += (size_t)snprintf(shown + k, sizeof shown - k, "\\x%02x", h[i]);
+        }
+        shown[k] = '\0';
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: not a token shard (magic is \"%s\", expected \"%s\"); shards "
+                            "are made by `rwkvpipe tokenize`",
+                            path, shown, RP_SHARD_MAGIC);
+    }
+    s->version = get_u32(h + 8);
+    s->tokenizer_kind = get_u32(h + 12);
+    s->n_ids = get_u32(h + 16);
+    s->dtype = get_u32(h + 20);
+    s->n_tokens = get_u64(h + 24);
+    s->n_documents = get_u64(h + 32);
+    if (s->version != RP_SHARD_VERSION)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: token shard version %u is not supported (this build reads "
+                            "version %u); re-tokenize the corpus with this rwkvpipe",
+                            path, s->version, RP_SHARD_VERSION);
+    if (s->tokenizer_kind > RP_SHARD_TOKENIZER_WORLD)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: tokenizer kind %u in the header is not 0 (bytes) or 1 (world)",
+                            path, s->tokenizer_kind);
+    if (s->dtype > RP_SHARD_DTYPE_U32)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: token dtype %u in the header is not 0 (u16) or 1 (u32)", path,
+                            s->dtype);
+    s->bytes_per_token = s->dtype == RP_SHARD_DTYPE_U16 ? 2 : 4;
+    if (s->n_ids == 0)
+        return rp_error_set(err, RP_ERR_FORMAT, "%s: vocabulary size 0 in the header", path);
+    if (s->n_ids > (uint32_t)INT32_MAX)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: vocabulary size %u in the header exceeds the largest token id "
+                            "rwkvpipe handles (2^31 - 1)",
+                            path, s->n_ids);
+    if (s->dtype == RP_SHARD_DTYPE_U16 && s->n_ids > 65536u)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: vocabulary of %u ids cannot be stored as u16 tokens (dtype 0); "
+                            "the header is corrupt",
+                            path, s->n_ids);
+    for (int i = 40; i < 64; i++)
+        if (h[i] != 0)
+            return rp_error_set(err, RP_ERR_FORMAT,
+                                "%s: reserved header byte %d is 0x%02x, expected 0 (a newer "
+                                "format version?)",
+                                path, i, h[i]);
+    unsigned long long max_tokens = (~0ull - RP_SHARD_HEADER_BYTES) / s->bytes_per_token;
+    if (s->n_tokens > max_tokens)
+        return rp_error_set(err, RP_ERR_FORMAT, "%s: token count %llu in the header is impossible",
+                            path, (unsigned long long)s->n_tokens);
+    unsigned long long expected = RP_SHARD_HEADER_BYTES + s->n_tokens * s->bytes_per_token;
+    if (file_bytes < expected)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: truncated: the header says %llu tokens of %u bytes (%llu bytes "
+                            "in all) but the file has %llu bytes, %llu missing",
+                            path, (unsigned long long)s->n_tokens, s->bytes_per_token, expected,
+                            file_bytes, expected - file_bytes);
+    if (file_bytes > expected)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: size mismatch: the header says %llu tokens of %u bytes (%llu "
+                            "bytes in all) but the file has %llu bytes, %llu too many",
+                            path, (unsigned long long)s->n_tokens, s->bytes_per_token, expected,
+                            file_bytes, file_bytes - expected);
+    if (s->n_documents > s->n_tokens)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: header counts %llu documents in %llu tokens (each document "
+                            "ends with a token)",
+                            path, (unsigned long long)s->n_documents,
+                            (unsigned long long)s->n_tokens);
+    return RP_OK;
+}
+
+rp_status rp_shard_open(rp_shard *shard, const char *path, rp_error *err) {
+    memset(shard, 0, sizeof *shard);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return rp_error_set(err, RP_ERR_IO, "%s: cannot open token shard: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        rp_status st = rp_error_set(err, RP_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+        close(fd);
+        return st;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        close(fd);
+        return rp_error_set(err, RP_ERR_IO, "%s: not a regular file", path);
+    }
+    unsigned long long file_bytes = (unsigned long long)sb.st_size;
+    if (file_bytes < RP_SHARD_HEADER_BYTES) {
+        close(fd);
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: truncated: %llu bytes, shorter than the %u-byte token shard "
+                            "header",
+                            path, file_bytes, RP_SHARD_HEADER_BYTES);
+    }
+    if (file_bytes > (unsigned long long)SIZE_MAX) {
+        close(fd);
+        return rp_error_set(err, RP_ERR_IO, "%s: %llu bytes do not fit the address space", path,
+                            file_bytes);
+    }
+    void *map = mmap(NULL, (size_t)file_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
+    int map_errno = errno;
+    close(fd);
+    if (map == MAP_FAILED)
+        return rp_error_set(err, RP_ERR_IO, "%s: cannot mmap %llu bytes: %s", path, file_bytes,
+                            strerror(map_errno));
+    shard->map = map;
+    shard->map_bytes = (size_t)file_bytes;
+    shard->path = strdup(path);
+    if (!shard->path) {
+        rp_shard_close(shard);
+        return rp_error_set(err, RP_ERR_NOMEM, "%s: out of memory", path);
+    }
+    const uint8_t *h = map;
+    rp_status st = check_header(shard, path, h, file_bytes, err);
+    if (st != RP_OK) {
+        rp_shard_close(shard);
+        return st;
+    }
+    shard->tokens = h + RP_SHARD_HEADER_BYTES;
+
+    /* One linear pass: a corrupt token is reported here, not as a wrong
+     * embedding row (or an out-of-bounds read) somewhere in training. */
+    madvise(map, shard->map_bytes, MADV_SEQUENTIAL);
+    const uint32_t n_ids = shard->n_ids;
+    uint64_t bad = UINT64_MAX;
+    if (shard->dtype == RP_SHARD_DTYPE_U16) {
+        const uint8_t *p = shard->tokens;
+        uint32_t max = 0;
+        for (uint64_t i = 0; i < shard->n_tokens; i++) {
+            uint32_t t = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8;
+            max = t > max ? t : max;
+        }
+        if (max >= n_ids)
+            for (uint64_t i = 0; i < shard->n_tokens && bad == UINT64_MAX; i++)
+                if (rp_shard_token(shard, i) >= n_ids) bad = i;
+    } else {
+        for (uint64_t i = 0; i < shard->n_tokens; i++)
+            if (rp_shard_token(shard, i) >= n_ids) {
+                bad = i;
+                break;
+            }
+    }
+    if (bad != UINT64_MAX) {
+        st = rp_error_set(err, RP_ERR_FORMAT,
+                          "%s: token %u at position %llu (byte offset %llu) is outside the "
+                          "vocabulary [0, %u) of the header; the file is corrupt",
+                          path, rp_shard_token(shard, bad), (unsigned long long)bad,
+                          (unsigned long long)(RP_SHARD_HEADER_BYTES + bad * shard->bytes_per_token),
+                          n_ids);
+        rp_shard_close(shard);
+        return st;
+    }
+    madvise(map, shard->map_bytes, MADV_RANDOM);
+    return RP_OK;
+}
+
+rp_status rp_shard_read(const rp_shard *s, uint64_t start, size_t n, int32_t *out, rp_error *err) {
+    if (start > s->n_tokens || n > s->n_tokens - start)
+        return rp_error_set(err, RP_ERR_ARG, "%s: tokens [%llu, %llu) are outside the shard's %llu",
+                            s->path, (unsigned long long)start, (unsigned long long)(start + n),
+                            (unsigned long long)s->n_tokens);
+    if (s->dtype == RP_SHARD_DTYPE_U16) {
+        const uint8_t *p = s->tokens + start * 2;
+        for (size_t i = 0; i < n; i++) out[i] = (int32_t)((uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8);
+    } else {
+        for (size_t i = 0; i < n; i++) out[i] = (int32_t)rp_shard_token(s, start + i);
+    }
+    return RP_OK;
+}
