@@ -1,0 +1,367 @@
+/* Training forward (keeping activations) and backward of RWKV-7 (train.h).
+ * Forward and backward of each part sit side by side; the math is spec 1.3,
+ * the backward follows it in reverse. Buffers named d* hold gradients. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/train.h"
+
+#define RP_LN_EPS 1e-5f
+#define RP_GN_EPS 64e-5f
+
+static int max_lora_rank(const rp_config *c) {
+    int d = c->d_decay;
+    if (c->d_iclr > d) d = c->d_iclr;
+    if (c->d_value > d) d = c->d_value;
+    if (c->d_gate > d) d = c->d_gate;
+    return d;
+}
+
+/* Carves n floats off *cursor. */
+static float *carve(float **cursor, size_t n) {
+    float *p = *cursor;
+    *cursor += (n + 15) & ~(size_t)15;
+    return p;
+}
+
+static size_t layer_activation_floats(const rp_config *c, size_t R, size_t blocks) {
+    size_t C = c->n_embd, H = c->n_head, pad = 16;
+    return 20 * (R * C + pad) + 4 * (R + pad) + 2 * (R * H + pad) +
+           R * (size_t)(c->d_decay + c->d_iclr + c->d_gate + c->d_value) + 4 * pad +
+           R * (size_t)c->dim_ffn + pad + blocks * H * 64 * 64 + pad;
+}
+
+static void bind_layer_activations(rp_layer_activations *a, float *base, const rp_config *c,
+                                   size_t R, size_t blocks) {
+    size_t C = c->n_embd, H = c->n_head;
+    float *p = base;
+    float **rc[] = {&a->x_in, &a->xa,   &a->prev_att, &a->r,     &a->k_pre, &a->k,  &a->v_pre,
+                    &a->v,    &a->w_raw, &a->a,       &a->g,     &a->nu,    &a->kk, &a->y,
+                    &a->o_gn, &a->og,   &a->x_mid,    &a->xf,    &a->prev_ffn, &a->kf};
+    for (size_t i = 0; i < sizeof rc / sizeof rc[0]; i++) *rc[i] = carve(&p, R * C);
+    a->ln1_mean = carve(&p, R);
+    a->ln1_rstd = carve(&p, R);
+    a->ln2_mean = carve(&p, R);
+    a->ln2_rstd = carve(&p, R);
+    a->gn_mean = carve(&p, R * H);
+    a->gn_rstd = carve(&p, R * H);
+    a->w_hidden = carve(&p, R * c->d_decay);
+    a->a_hidden = carve(&p, R * c->d_iclr);
+    a->g_hidden = carve(&p, R * c->d_gate);
+    a->nu_hidden = carve(&p, R * c->d_value);
+    a->ffn_hidden = carve(&p, R * c->dim_ffn);
+    a->wkv_checkpoints = carve(&p, blocks * H * 64 * 64);
+}
+
+rp_status rp_train_workspace_alloc(rp_train_workspace *tw, const rp_model *m, int max_rows,
+                                   int max_seqs, rp_error *err) {
+    memset(tw, 0, sizeof *tw);
+    rp_backend *be = m->be;
+    const rp_config *c = &m->cfg;
+    if (max_rows < 1 || max_seqs < 1 || max_seqs > max_rows)
+        return rp_error_set(err, RP_ERR_ARG, "training workspace for %d rows in %d sequences: "
+                            "need 1 <= sequences <= rows", max_rows, max_seqs);
+    size_t R = (size_t)max_rows, C = c->n_embd, V = c->vocab_size, pad = 16;
+    size_t blocks = R / RP_WKV_CHUNK + (size_t)max_seqs;
+    int n_layers = m->layer_end - m->layer_begin;
+    tw->max_rows = max_rows;
+    tw->max_seqs = max_seqs;
+    tw->layer_begin = m->layer_begin;
+    tw->layer_end = m->layer_end;
+    tw->layers = rp_calloc((size_t)n_layers + 1, sizeof *tw->layers, "activations", err);
+    tw->layer_blocks = rp_calloc((size_t)n_layers + 1, sizeof(float *), "activations", err);
+    if (!tw->layers || !tw->layer_blocks) goto nomem;
+    size_t per_layer = layer_activation_floats(c, R, blocks);
+    for (int i = 0; i < n_layers; i++) {
+        tw->layer_blocks[i] = be->alloc(be, per_layer * sizeof(float));
+        if (!tw->layer_blocks[i]) goto nomem;
+        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], c, R, blocks);
+    }
+    /* Shared buffers: stream, embed/head activations, backward scratch. */
+    size_t n_rc = 2 + 22 + (m->has_embed ? 1 : 0) + (m->has_head ? 2 : 0);
+    size_t floats = n_rc * (R * C + pad) + 6 * (R + pad) + R * (size_t)max_lora_rank(c) + pad +
+                    R * (size_t)c->dim_ffn + pad + (m->has_head ? R * V + pad : 0);
+    tw->scratch_base = be->alloc(be, floats * sizeof(float));
+    if (!tw->scratch_base) goto nomem;
+    float *p = tw->scratch_base;
+    float **rc[] = {&tw->x,   &tw->v_first, &tw->dx,   &tw->dv_first, &tw->dprev, &tw->dxa,
+                    &tw->dxc, &tw->xc,      &tw->dr,   &tw->dk,       &tw->dv,    &tw->dkk,
+                    &tw->da,  &tw->dw_raw,  &tw->dg,   &tw->dnu,      &tw->d_og,  &tw->d_gn,
+                    &tw->dy,  &tw->tmp_r,   &tw->tmp_k, &tw->tmp_v};
+    for (size_t i = 0; i < sizeof rc / sizeof rc[0]; i++) *rc[i] = carve(&p, R * C);
+    tw->d_lora = carve(&p, R * max_lora_rank(c));
+    tw->d_ffn = carve(&p, R * c->dim_ffn);
+    if (m->has_embed) {
+        tw->emb_rows = carve(&p, R * C);
+        tw->ln0_mean = carve(&p, R);
+        tw->ln0_rstd = carve(&p, R);
+    }
+    if (m->has_head) {
+        tw->x_final = carve(&p, R * C);
+        tw->head_in = carve(&p, R * C);
+        tw->lnout_mean = carve(&p, R);
+        tw->lnout_rstd = carve(&p, R);
+        tw->losses = carve(&p, R);
+        tw->logits = carve(&p, R * V);
+        tw->dlogits = tw->logits;  /* cross_entropy writes the gradient in place */
+    }
+    return RP_OK;
+nomem:
+    rp_train_workspace_free(tw, be);
+    return rp_error_set(err, RP_ERR_NOMEM,
+                        "cannot allocate training activations for %d rows x %d layers (C=%d)",
+                        max_rows, n_layers, c->n_embd);
+}
+
+void rp_train_workspace_free(rp_train_workspace *tw, rp_backend *be) {
+    if (tw->layer_blocks)
+        for (int i = 0; i < tw->layer_end - tw->layer_begin; i++)
+            if (tw->layer_blocks[i]) be->free(be, tw->layer_blocks[i]);
+    if (tw->scratch_base) be->free(be, tw->scratch_base);
+    free(tw->layer_blocks);
+    free(tw->layers);
+    memset(tw, 0, sizeof *tw);
+}
+
+void rp_model_zero(rp_model *g) {
+    rp_backend *be = g->be;
+    for (int i = 0; i < g->layer_end - g->layer_begin; i++)
+        be->fill_zero(be, g->layer_flat[i], g->layer_floats * sizeof(float));
+    if (g->embed_flat) be->fill_zero(be, g->embed_flat, g->embed_floats * sizeof(float));
+    if (g->head_flat) be->fill_zero(be, g->head_flat, g->head_floats * sizeof(float));
+}
+
+/* ---- embedding ---- */
+
+rp_status rp_train_embed_forward(const rp_model *m, rp_train_workspace *tw,
+                                 const int32_t *tokens, const rp_batch *batch, rp_error *err) {
+    rp_backend *be = m->be;
+    const int R = batch->n_rows, C = m->cfg.n_embd;
+    if (!m->has_embed) return rp_error_set(err, RP_ERR_INTERNAL, "stage has no embedding");
+    for (int i = 0; i < R; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
+            return rp_error_set(err, RP_ERR_ARG,
+                                "token id %d at position %d is outside the vocabulary [0, %d)",
+                                tokens[i], i, m->cfg.vocab_size);
+    be->embedding(be, tw->emb_rows, m->global.emb, tokens, R, C);
+    be->layernorm(be, tw->x, tw->ln0_mean, tw->ln0_rstd, tw->emb_rows, m->global.ln0_weight,
+                  m->global.ln0_bias, R, C, RP_LN_EPS);
+    return RP_OK;
+}
+
+void rp_train_embed_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+                             const int32_t *tokens, const rp_batch *batch) {
+    rp_backend *be = m->be;
+    const int R = batch->n_rows, C = m->cfg.n_embd;
+    be->fill_zero(be, tw->dxa, (size_t)R * C * sizeof(float));
+    be->layernorm_backward(be, tw->dxa, grads->global.ln0_weight, grads->global.ln0_bias,
+                           tw->dx, tw->emb_rows, tw->ln0_mean, tw->ln0_rstd,
+                           m->global.ln0_weight, R, C);
+    be->embedding_backward(be, grads->global.emb, tw->dxa, tokens, R, C);
+}
+
+/* ---- LoRA: y = act(x w1) w2 ---- */
+
+/* dy [R,C] (d of the LoRA output) -> dw1, dw2 += ..., dx [R,C] overwritten. */
+static void lora_backward(rp_backend *be, float *dx, float *dw1, float *dw2, float *d_hidden,
+                          const float *dy, const float *x, const float *hidden,
+                          const float *w1, const float *w2, int D, rp_activation inner, int R,
+                          int C) {
+    be->fill_zero(be, d_hidden, (size_t)R * D * sizeof(float));
+    be->matmul_lora_backward(be, d_hidden, dw2, dy, hidden, w2, R, C, D);
+    if (inner != RP_ACT_NONE) be->bias_act_backward(be, d_hidden, NULL, hidden, R, D, inner);
+    be->fill_zero(be, dx, (size_t)R * C * sizeof(float));
+    be->matmul_lora_backward(be, dx, dw1, d_hidden, x, w1, R, D, C);
+}
+
+/* ---- block ---- */
+
+void rp_train_block_forward(const rp_model *m, rp_train_workspace *tw, int layer,
+                            rp_state *state, const rp_batch *batch) {
+    rp_block_forward(m, &tw->layers[layer - m->layer_begin], tw->x, tw->v_first, tw->xc, layer,
+                     state, batch);
+}
+
+/* One of the six token-shift mixes of the time mix: recompute x_c into tw->xc
+ * (for the weight gradient), run its consumer's backward into tw->dxc, then
+ * fold d(x_c) into dxa / dprev / dmu. */
+static void mix_backward(rp_backend *be, rp_train_workspace *tw, const rp_layer_activations *s,
+                         const float *mu, float *dmu, int R, int C) {
+    be->lerp_backward(be, tw->dxa, tw->dprev, dmu, tw->dxc, s->xa, s->prev_att, mu, R, C);
+}
+
+void rp_train_block_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+                             int layer, rp_state *dstate, const rp_batch *batch) {
+    rp_backend *be = m->be;
+    const rp_config *c = &m->cfg;
+    const int li = layer - m->layer_begin;
+    const rp_layer_weights *w = &m->layers[li];
+    rp_layer_weights *gw = &grads->layers[li];
+    const rp_layer_activations *s = &tw->layers[li];
+    const int R = batch->n_rows, C = c->n_embd, N = c->head_size, F = c->dim_ffn;
+    const size_t rc_bytes = (size_t)R * C * sizeof(float);
+    float *datt = rp_state_att_x_prev(dstate, 0, layer);
+    float *dwkv = rp_state_wkv(dstate, 0, layer);
+    float *dffn = rp_state_ffn_x_prev(dstate, 0, layer);
+    const size_t dstride = dstate->floats_per_slot;
+
+    /* ---- channel mix: x_out = x_mid + Wv relu(Wk kf)^2; tw->dx = d x_out ---- */
+    be->fill_zero(be, tw->d_ffn, (size_t)R * F * sizeof(float));
+    be->matmul_linear_backward(be, tw->d_ffn, gw->ffn_value, tw->dx, s->ffn_hidden, w->ffn_value,
+                               R, C, F);
+    be->bias_act_backward(be, tw->d_ffn, NULL, s->ffn_hidden, R, F, RP_ACT_RELU_SQUARED);
+    be->fill_zero(be, tw->dxc, rc_bytes);
+    be->matmul_linear_backward(be, tw->dxc, gw->ffn_key, tw->d_ffn, s->kf, w->ffn_key, R, F, C);
+    be->fill_zero(be, tw->dxa, rc_bytes);
+    be->fill_zero(be, tw->dprev, rc_bytes);
+    be->lerp_backward(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf, s->prev_ffn,
+                      w->ffn_x_k, R, C);
+    be->token_shift_backward(be, tw->dxa, dffn, dstride, tw->dprev, batch, C);
+    be->layernorm_backward(be, tw->dx, gw->ln2_weight, gw->ln2_bias, tw->dxa, s->x_mid,
+                           s->ln2_mean, s->ln2_rstd, w->ln2_weight, R, C);
+
+    /* ---- time mix: x_mid = x_in + Wo og; tw->dx = d x_mid ---- */
+    be->fill_zero(be, tw->d_og, rc_bytes);
+    be->matmul_linear_backward(be, tw->d_og, gw->output, tw->dx, s->og, w->output, R, C, C);
+    be->fill_zero(be, tw->dr, rc_bytes);
+    be->fill_zero(be, tw->dk, rc_bytes);
+    be->fill_zero(be, tw->dv, rc_bytes);
+    be->bonus_gate_backward(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og,
+                            s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N);
+    be->groupnorm_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->d_gn, s->y,
+                           s->gn_mean, s->gn_rstd, w->ln_x_weight, R, C, N);
+    be->wkv7_backward(be, tw->tmp_r, tw->dw_raw, tw->tmp_k, tw->tmp_v, tw->dkk, tw->da, dwkv,
+                      dstride, tw->dy, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
+                      s->wkv_checkpoints, batch, C, N);
+    be->add(be, tw->dr, tw->tmp_r, (size_t)R * C);
+    be->add(be, tw->dk, tw->tmp_k, (size_t)R * C);
+    be->add(be, tw->dv, tw->tmp_v, (size_t)R * C);
+    /* k_out = k_pre (1 + (a - 1) k_a), kk = normalize(k_pre k_k) */
+    be->key_prepare_backward(be, tw->dk, tw->da, gw->k_k, gw->k_a, tw->dkk, s->k_pre, s->a,
+                             w->k_k, w->k_a, R, C);
+
+    be->fill_zero(be, tw->dxa, rc_bytes);
+    be->fill_zero(be, tw->dprev, rc_bytes);
+    /* gate: g = sigmoid(xg g1) g2 */
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_g, R, C);
+    lora_backward(be, tw->dxc, gw->g1, gw->g2, tw->d_lora, tw->dg, tw->xc, s->g_hidden, w->g1,
+                  w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
+    mix_backward(be, tw, s, w->x_g, gw->x_g, R, C);
+    /* a = sigmoid(a0 + xa a1 a2) */
+    be->bias_act_backward(be, tw->da, gw->a0, s->a, R, C, RP_ACT_SIGMOID);
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_a, R, C);
+    lora_backward(be, tw->dxc, gw->a1, gw->a2, tw->d_lora, tw->da, tw->xc, s->a_hidden, w->a1,
+                  w->a2, c->d_iclr, RP_ACT_NONE, R, C);
+    mix_backward(be, tw, s, w->x_a, gw->x_a, R, C);
+    /* w_raw = w0 + tanh(xw w1) w2 */
+    be->bias_act_backward(be, tw->dw_raw, gw->w0, s->w_raw, R, C, RP_ACT_NONE);
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_w, R, C);
+    lora_backward(be, tw->dxc, gw->w1, gw->w2, tw->d_lora, tw->dw_raw, tw->xc, s->w_hidden,
+                  w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
+    mix_backward(be, tw, s, w->x_w, gw->x_w, R, C);
+    /* value residual: v = v_pre + (v_first - v_pre) nu (layer > 0); layer 0's
+     * v is v_first, which collected gradient from every later layer. */
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_v, R, C);
+    if (layer == 0) {
+        be->add(be, tw->dv, tw->dv_first, (size_t)R * C);
+    } else {
+        be->value_residual_backward(be, tw->dv, tw->dv_first, tw->dnu, s->v_pre, tw->v_first,
+                                    s->nu, R, C);
+        be->bias_act_backward(be, tw->dnu, gw->v0, s->nu, R, C, RP_ACT_SIGMOID);
+        lora_backward(be, tw->dxc, gw->v1, gw->v2, tw->d_lora, tw->dnu, tw->xc, s->nu_hidden,
+                      w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
+        mix_backward(be, tw, s, w->x_v, gw->x_v, R, C);
+    }
+    /* r, k, v projections */
+    be->fill_zero(be, tw->dxc, rc_bytes);
+    be->matmul_linear_backward(be, tw->dxc, gw->value, tw->dv, tw->xc, w->value, R, C, C);
+    mix_backward(be, tw, s, w->x_v, gw->x_v, R, C);
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
+    be->fill_zero(be, tw->dxc, rc_bytes);
+    be->matmul_linear_backward(be, tw->dxc, gw->key, tw->dk, tw->xc, w->key, R, C, C);
+    mix_backward(be, tw, s, w->x_k, gw->x_k, R, C);
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
+    be->fill_zero(be, tw->dxc, rc_bytes);
+    be->matmul_linear_backward(be, tw->dxc, gw->receptance, tw->dr, tw->xc, w->receptance, R, C,
+                               C);
+    mix_backward(be, tw, s, w->x_r, gw->x_r, R, C);
+    /* token shift and ln1 */
+    be->token_shift_backward(be, tw->dxa, datt, dstride, tw->dprev, batch, C);
+    be->layernorm_backward(be, tw->dx, gw->ln1_weight, gw->ln1_bias, tw->dxa, s->x_in,
+                           s->ln1_mean, s->ln1_rstd, w->ln1_weight, R, C);
+}
+
+/* ---- head + loss ---- */
+
+double rp_train_head_forward(const rp_model *m, rp_train_workspace *tw,
+                             const int32_t *targets, const rp_batch *batch, float loss_scale) {
+    rp_backend *be = m->be;
+    const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
+    be->copy(be, tw->x_final, tw->x, (size_t)R * C * sizeof(float));
+    be->layernorm(be, tw->head_in, tw->lnout_mean, tw->lnout_rstd, tw->x,
+                  m->global.ln_out_weight, m->global.ln_out_bias, R, C, RP_LN_EPS);
+    be->matmul_linear(be, tw->logits, tw->head_in, m->global.head, R, V, C, 0.0f);
+    be->cross_entropy(be, tw->losses, tw->dlogits, tw->logits, targets, R, V, loss_scale);
+    float *losses = malloc((size_t)R * sizeof(float));
+    be->copy_to_host(be, losses, tw->losses, (size_t)R * sizeof(float));
+    double sum = 0;
+    for (int i = 0; i < R; i++)
+        if (targets[i] >= 0) sum += losses[i];
+    free(losses);
+    return sum;
+}
+
+void rp_train_head_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+                            const rp_batch *batch) {
+    rp_backend *be = m->be;
+    const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
+    const size_t rc_bytes = (size_t)R * C * sizeof(float);
+    be->fill_zero(be, tw->dxa, rc_bytes);
+    be->matmul_linear_backward(be, tw->dxa, grads->global.head, tw->dlogits, tw->head_in,
+                               m->global.head, R, V, C);
+    be->fill_zero(be, tw->dx, rc_bytes);
+    be->layernorm_backward(be, tw->dx, grads->global.ln_out_weight, grads->global.ln_out_bias,
+                           tw->dxa, tw->x_final, tw->lnout_mean, tw->lnout_rstd,
+                           m->global.ln_out_weight, R, C);
+    be->fill_zero(be, tw->dv_first, rc_bytes);
+}
+
+rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+                              const int32_t *inputs, const int32_t *targets,
+                              const rp_batch *batch, rp_state *state, rp_state *dstate,
+                              float loss_scale, double *loss_sum, int *n_targets,
+                              rp_error *err) {
+    if (!m->has_embed || !m->has_head || m->layer_begin != 0 || m->layer_end != m->cfg.n_layer)
+        return rp_error_set(err, RP_ERR_INTERNAL, "rp_model_train_step needs the whole model");
+    if (batch->n_rows > tw->max_rows || batch->n_seq > tw->max_seqs)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "batch of %d rows in %d sequences exceeds the training workspace "
+                            "(%d rows, %d sequences)", batch->n_rows, batch->n_seq, tw->max_rows,
+                            tw->max_seqs);
+    rp_state local_dstate = {0};
+    if (!dstate) {
+        /* The sequences end here: d(final state) = 0, d(initial) is dropped. */
+        rp_state_geometry(&local_dstate, &m->cfg, m->layer_begin, m->layer_end, state->n_slots);
+        local_dstate.data = m->be->alloc(m->be, local_dstate.floats_per_slot *
+                                                    (size_t)state->n_slots * sizeof(float));
+        if (!local_dstate.data)
+            return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the state gradient");
+        dstate = &local_dstate;
+    }
+    rp_status st = rp_train_embed_forward(m, tw, inputs, batch, err);
+    if (st == RP_OK) {
+        for (int l = m->layer_begin; l < m->layer_end; l++)
+            rp_train_block_forward(m, tw, l, state, batch);
+        int n = 0;
+        for (int i = 0; i < batch->n_rows; i++) n += targets[i] >= 0;
+        double sum = rp_train_head_forward(m, tw, targets, batch, loss_scale);
+        if (loss_sum) *loss_sum = sum;
+        if (n_targets) *n_targets = n;
+        rp_train_head_backward(m, grads, tw, batch);
+        for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
+            rp_train_block_backward(m, grads, tw, l, dstate, batch);
+        rp_train_embed_backward(m, grads, tw, inputs, batch);
+    }
+    if (local_dstate.data) m->be->free(m->be, local_dstate.data);
+    return st;
+}

@@ -1,0 +1,70 @@
+/* Training passes of the RWKV-7 model: a forward that keeps what the backward
+ * needs, and the backward that accumulates parameter gradients (and the
+ * gradient w.r.t. the initial state). Per-part functions (embed, one block,
+ * head + loss) so a pipeline stage runs only its layers; rp_model_train_step
+ * chains them for a process that owns the whole model.
+ * Gradients live in an rp_model allocated with the same config and layer
+ * range as the weights (rp_model_alloc): the same named pointers, so the
+ * optimizer and the all-reduce walk one table. */
+#ifndef RP_MODEL_TRAIN_H
+#define RP_MODEL_TRAIN_H
+
+#include "model/model.h"
+
+typedef struct {
+    int max_rows, max_seqs;
+    int layer_begin, layer_end;
+    rp_layer_activations *layers;   /* [owned layers] */
+    float **layer_blocks;
+    /* embed / head activations */
+    float *emb_rows, *ln0_mean, *ln0_rstd;
+    float *x_final, *lnout_mean, *lnout_rstd, *head_in, *logits, *losses;
+    /* the residual stream and v_first, as in rp_workspace */
+    float *x, *v_first;
+    /* backward scratch */
+    float *dx, *dv_first, *dprev, *dxa, *dxc, *xc, *dr, *dk, *dv, *dkk, *da, *dw_raw,
+        *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn, *dlogits;
+    float *scratch_base;
+} rp_train_workspace;
+
+/* Room for batches of up to max_rows rows in up to max_seqs sequences. */
+rp_status rp_train_workspace_alloc(rp_train_workspace *tw, const rp_model *m, int max_rows,
+                                   int max_seqs, rp_error *err);
+void rp_train_workspace_free(rp_train_workspace *tw, rp_backend *be);
+
+/* Zeroes every owned gradient buffer of grads (an rp_model used as storage). */
+void rp_model_zero(rp_model *grads);
+
+/* ---- forward (saving activations) ---- */
+rp_status rp_train_embed_forward(const rp_model *m, rp_train_workspace *tw,
+                                 const int32_t *tokens, const rp_batch *batch, rp_error *err);
+void rp_train_block_forward(const rp_model *m, rp_train_workspace *tw, int layer,
+                            rp_state *state, const rp_batch *batch);
+/* Head and cross-entropy: returns the sum of the per-row losses over rows
+ * whose target is >= 0 (host targets), and keeps d(loss)/d(logits) scaled by
+ * loss_scale (e.g. 1 / number of targets of the global batch). */
+double rp_train_head_forward(const rp_model *m, rp_train_workspace *tw,
+                             const int32_t *targets, const rp_batch *batch, float loss_scale);
+
+/* ---- backward: tw->dx holds d(residual) between parts ---- */
+void rp_train_head_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+                            const rp_batch *batch);
+/* dstate (optional): per slot, on entry d(state after the call), on return
+ * d(state before it), same layout as the state. */
+void rp_train_block_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+                             int layer, rp_state *dstate, const rp_batch *batch);
+void rp_train_embed_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+                             const int32_t *tokens, const rp_batch *batch);
+
+/* Whole model: forward from `state` (updated to the final state), then the
+ * gradient of loss_scale * (sum of the cross-entropies of rows whose target
+ * is >= 0) accumulated into grads (and into dstate when non-NULL: in d final
+ * state, out d initial state). *loss_sum = the unscaled sum, *n_targets =
+ * the rows with a target. */
+rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+                              const int32_t *inputs, const int32_t *targets,
+                              const rp_batch *batch, rp_state *state, rp_state *dstate,
+                              float loss_scale, double *loss_sum, int *n_targets,
+                              rp_error *err);
+
+#endif

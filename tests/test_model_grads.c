@@ -1,0 +1,197 @@
+/* Whole-model gradients against the official reference (float64 autograd of
+ * RWKV-LM's rwkv_v7_demo.py / _rnn.py): mean next-token cross-entropy from a
+ * zero state, and from a given mid-sequence state including the gradient
+ * w.r.t. that initial state. Per tensor: ||g - ref|| / ||ref|| <= 1e-4 and
+ * max |g - ref| <= 1e-4 max |ref| (+ a 1e-8 floor for tensors that are 0). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include "golden_util.h"
+#include "model/train.h"
+
+#define GRAD_TOL 1e-4
+
+typedef struct {
+    char weights[1024], golden[1024], grads[1024], grads_mid[1024];
+    int available;
+} paths;
+
+static int find_paths(paths *p, const char *name, int shared_only) {
+    char w[256], g[256], d[256], dm[256];
+    snprintf(w, sizeof w, "%s.weights.safetensors", name);
+    snprintf(g, sizeof g, "%s.golden.safetensors", name);
+    snprintf(d, sizeof d, "%s.grads.safetensors", name);
+    snprintf(dm, sizeof dm, "%s.grads_midstate.safetensors", name);
+    if (shared_only)
+        return golden_shared_path(p->weights, sizeof p->weights, w) &&
+               golden_shared_path(p->golden, sizeof p->golden, g) &&
+               golden_shared_path(p->grads, sizeof p->grads, d) &&
+               golden_shared_path(p->grads_mid, sizeof p->grads_mid, dm);
+    golden_data_path(p->weights, sizeof p->weights, w);
+    golden_data_path(p->golden, sizeof p->golden, g);
+    golden_data_path(p->grads, sizeof p->grads, d);
+    golden_data_path(p->grads_mid, sizeof p->grads_mid, dm);
+    return 1;
+}
+
+/* Norm-wise and max-wise relative errors of one tensor. */
+static void compare_tensor(const char *name, const float *got, const float *ref, size_t n) {
+    double diff2 = 0, ref2 = 0, max_diff = 0, max_ref = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)got[i] - (double)ref[i];
+        diff2 += d * d;
+        ref2 += (double)ref[i] * ref[i];
+        if (!(fabs(d) <= max_diff)) max_diff = fabs(d);
+        if (fabs(ref[i]) > max_ref) max_ref = fabs(ref[i]);
+    }
+    double norm_err = ref2 > 0 ? sqrt(diff2 / ref2) : sqrt(diff2);
+    int ok = max_diff <= GRAD_TOL * max_ref + 1e-8 && (ref2 == 0 || norm_err <= GRAD_TOL);
+    if (!ok)
+        fail_msg("gradient of %s: norm-wise relative error %.3g, max |diff| %.3g (max |ref| %.3g)",
+                 name, norm_err, max_diff, max_ref);
+}
+
+/* Runs the training step on tokens[first .. T-1] -> targets tokens[first+1 .. T]
+ * from `state` and compares every parameter gradient with `grads_path`. */
+static void check_gradients(const paths *p, int from_mid_state) {
+    rp_error err;
+    rp_backend *be = rp_cpu_backend_create(0, &err);
+    assert_non_null(be);
+    rp_model model, grads;
+    if (rp_model_load(&model, p->weights, 0, -1, be, &err) != RP_OK) fail_msg("%s", err.msg);
+    const rp_config *cfg = &model.cfg;
+    assert_int_equal(rp_model_alloc(&grads, cfg, 0, cfg->n_layer, 1, 1, be, &err), RP_OK);
+    rp_model_zero(&grads);
+
+    rp_st_file gold, ref;
+    assert_int_equal(rp_st_open(&gold, p->golden, &err), RP_OK);
+    assert_int_equal(rp_st_open(&ref, from_mid_state ? p->grads_mid : p->grads, &err), RP_OK);
+    const rp_st_tensor *tok = rp_st_find(&gold, "tokens");
+    assert_non_null(tok);
+    const int T = (int)tok->numel;
+    const int32_t *tokens = tok->data;
+    const int first = from_mid_state ? T / 2 : 0;
+    const int n = T - 1 - first;
+    int32_t *inputs = malloc((size_t)n * sizeof *inputs), *targets = malloc((size_t)n * sizeof *targets);
+    memcpy(inputs, tokens + first, (size_t)n * sizeof *inputs);
+    memcpy(targets, tokens + first + 1, (size_t)n * sizeof *targets);
+
+    const int L = cfg->n_layer, C = cfg->n_embd, HNN = cfg->n_head * 64 * 64;
+    rp_state state, dstate;
+    assert_int_equal(rp_state_alloc_host(&state, cfg, 0, L, 1, &err), RP_OK);
+    assert_int_equal(rp_state_alloc_host(&dstate, cfg, 0, L, 1, &err), RP_OK);
+    if (from_mid_state) {
+        float *att = golden_read(&ref, "init_state.att_x_prev", NULL);
+        float *ffn = golden_read(&ref, "init_state.ffn_x_prev", NULL);
+        float *wkv = golden_read(&ref, "init_state.wkv", NULL);
+        for (int l = 0; l < L; l++) {
+            memcpy(rp_state_att_x_prev(&state, 0, l), att + (size_t)l * C, C * sizeof(float));
+            memcpy(rp_state_ffn_x_prev(&state, 0, l), ffn + (size_t)l * C, C * sizeof(float));
+            memcpy(rp_state_wkv(&state, 0, l), wkv + (size_t)l * HNN, HNN * sizeof(float));
+        }
+        free(att);
+        free(ffn);
+        free(wkv);
+    }
+
+    rp_train_workspace tw;
+    assert_int_equal(rp_train_workspace_alloc(&tw, &model, n, 1, &err), RP_OK);
+    int len = n, slot = 0, row_begin;
+    rp_batch batch;
+    rp_batch_init(&batch, 1, &len, &slot, &row_begin);
+    double loss_sum;
+    int n_targets;
+    if (rp_model_train_step(&model, &grads, &tw, inputs, targets, &batch, &state, &dstate,
+                            1.0f / n, &loss_sum, &n_targets, &err) != RP_OK)
+        fail_msg("%s", err.msg);
+    assert_int_equal(n_targets, n);
+    float *ref_loss = golden_read(&ref, "loss", NULL);
+    double loss = loss_sum / n;
+    if (fabs(loss - ref_loss[0]) > 1e-5 * fabs(ref_loss[0]))
+        fail_msg("loss %.8f, reference %.8f", loss, ref_loss[0]);
+    free(ref_loss);
+
+    /* Every parameter, by official name. */
+    rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
+    rp_layer_layout(cfg, table);
+    rp_global_layout(cfg, gtable, NULL, NULL);
+    char name[256];
+    for (int i = 0; i < RP_GLOBAL_N_TENSORS; i++) {
+        float *got = *rp_tensor_field(&grads.global, &gtable[i]);
+        float *want = golden_read(&ref, gtable[i].suffix, NULL);
+        compare_tensor(gtable[i].suffix, got, want, (size_t)gtable[i].numel);
+        free(want);
+    }
+    for (int l = 0; l < L; l++)
+        for (int i = 0; i < RP_LAYER_N_TENSORS; i++) {
+            rp_tensor_name(name, sizeof name, &table[i], l);
+            float *got = *rp_tensor_field(&grads.layers[l], &table[i]);
+            float *want = golden_read(&ref, name, NULL);
+            compare_tensor(name, got, want, (size_t)table[i].numel);
+            free(want);
+        }
+    if (from_mid_state) {
+        float *att = golden_read(&ref, "grad_init_state.att_x_prev", NULL);
+        float *ffn = golden_read(&ref, "grad_init_state.ffn_x_prev", NULL);
+        float *wkv = golden_read(&ref, "grad_init_state.wkv", NULL);
+        for (int l = 0; l < L; l++) {
+            snprintf(name, sizeof name, "grad_init_state.att_x_prev[%d]", l);
+            compare_tensor(name, rp_state_att_x_prev(&dstate, 0, l), att + (size_t)l * C, C);
+            snprintf(name, sizeof name, "grad_init_state.ffn_x_prev[%d]", l);
+            compare_tensor(name, rp_state_ffn_x_prev(&dstate, 0, l), ffn + (size_t)l * C, C);
+            snprintf(name, sizeof name, "grad_init_state.wkv[%d]", l);
+            compare_tensor(name, rp_state_wkv(&dstate, 0, l), wkv + (size_t)l * HNN, HNN);
+        }
+        free(att);
+        free(ffn);
+        free(wkv);
+    }
+    rp_train_workspace_free(&tw, be);
+    rp_state_free_host(&state);
+    rp_state_free_host(&dstate);
+    free(inputs);
+    free(targets);
+    rp_st_close(&gold);
+    rp_st_close(&ref);
+    rp_model_free(&grads);
+    rp_model_free(&model);
+    rp_cpu_backend_destroy(be);
+}
+
+static void test_tiny_gradients_match_reference(void **s) {
+    paths p;
+    find_paths(&p, "tiny_L2_C128_V256_s1", 0);
+    check_gradients(&p, 0);
+}
+
+static void test_tiny_gradients_from_mid_state_match_reference(void **s) {
+    paths p;
+    find_paths(&p, "tiny_L2_C128_V256_s1", 0);
+    check_gradients(&p, 1);
+}
+
+static void test_small_gradients_match_reference(void **s) {
+    paths p;
+    if (!find_paths(&p, "small_L4_C256_V1024_s2", 1)) skip();
+    check_gradients(&p, 0);
+}
+
+static void test_small_gradients_from_mid_state_match_reference(void **s) {
+    paths p;
+    if (!find_paths(&p, "small_L4_C256_V1024_s2", 1)) skip();
+    check_gradients(&p, 1);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tiny_gradients_match_reference),
+        cmocka_unit_test(test_tiny_gradients_from_mid_state_match_reference),
+        cmocka_unit_test(test_small_gradients_match_reference),
+        cmocka_unit_test(test_small_gradients_from_mid_state_match_reference),
+    };
+    return cmocka_run_group_tests_name("model_grads", tests, NULL, NULL);
+}
