@@ -181,6 +181,27 @@ struct rp_backend {
      * alias logits). Softmax in fp32 with max subtraction. */
     void (*cross_entropy)(rp_backend *be, float *losses, float *dlogits, const float *logits,
                           const int32_t *targets, int R, int V, float scale);
+    /* L2Wrap (official RWKV trainer): for every row with target >= 0, add
+     * factor * max(logits row) to dlogits at the row's (first) arg-max.
+     * logits_max/argmax [R] come from rp_backend.row_max, taken before
+     * cross_entropy overwrote the logits. */
+    void (*l2wrap)(rp_backend *be, float *dlogits, const float *row_max, const int32_t *argmax,
+                   const int32_t *targets, int R, int V, float factor);
+    /* row_max [R] and argmax [R] (first index on ties) of x [R,V]. Host outputs. */
+    void (*row_max)(rp_backend *be, float *row_max, int32_t *argmax, const float *x, int R,
+                    int V);
+
+    /* ---- optimizer ---- */
+    /* Sum of squares of x [n], accumulated in double in a fixed order (the
+     * same result for any thread count). */
+    double (*sum_squares)(rp_backend *be, const float *x, size_t n);
+    /* AdamW (DeepSpeed FusedAdam, adam_w_mode) on n floats, with g = grad *
+     * grad_scale: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+     * p -= lr * ((m / bc1) / (sqrt(v / bc2) + eps) + wd * p), with the bias
+     * corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t given by the caller. */
+    void (*adamw)(rp_backend *be, float *param, const float *grad, float *m, float *v, size_t n,
+                  float lr, float beta1, float beta2, float eps, float weight_decay,
+                  float grad_scale, float bias_correction1, float bias_correction2);
 };
 
 /* Tokens per WKV7 state checkpoint (the official training kernel's CHUNK_LEN). */

@@ -106,7 +106,7 @@ static void check_gradients(const paths *p, int from_mid_state) {
     double loss_sum;
     int n_targets;
     if (rp_model_train_step(&model, &grads, &tw, inputs, targets, &batch, &state, &dstate,
-                            1.0f / n, &loss_sum, &n_targets, &err) != RP_OK)
+                            1.0f / n, 0.0f, &loss_sum, &n_targets, &err) != RP_OK)
         fail_msg("%s", err.msg);
     assert_int_equal(n_targets, n);
     float *ref_loss = golden_read(&ref, "loss", NULL);

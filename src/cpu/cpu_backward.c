@@ -514,7 +514,66 @@ static void cpu_cross_entropy(rp_backend *be, float *losses, float *dlogits, con
     }
 }
 
+static void cpu_row_max(rp_backend *be, float *row_max, int32_t *argmax, const float *x, int R,
+                        int V) {
+    int nt = team(be, (size_t)R * V);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int r = 0; r < R; r++) {
+        const float *z = x + (size_t)r * V;
+        int best = 0;
+        for (int i = 1; i < V; i++)
+            if (z[i] > z[best]) best = i;
+        row_max[r] = z[best];
+        argmax[r] = best;
+    }
+}
+
+static void cpu_l2wrap(rp_backend *be, float *dlogits, const float *row_max, const int32_t *argmax,
+                       const int32_t *targets, int R, int V, float factor) {
+    for (int r = 0; r < R; r++)
+        if (targets[r] >= 0) dlogits[(size_t)r * V + argmax[r]] += factor * row_max[r];
+}
+
+/* Fixed blocks summed in block order: the same bits for any thread count. */
+static double cpu_sum_squares(rp_backend *be, const float *x, size_t n) {
+    const size_t block = 4096, n_blocks = (n + block - 1) / block;
+    double *partial = malloc((n_blocks ? n_blocks : 1) * sizeof(double));
+    int nt = team(be, n);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (size_t b = 0; b < n_blocks; b++) {
+        double s = 0.0;
+        const size_t end = (b + 1) * block < n ? (b + 1) * block : n;
+        for (size_t i = b * block; i < end; i++) s += (double)x[i] * x[i];
+        partial[b] = s;
+    }
+    double total = 0.0;
+    for (size_t b = 0; b < n_blocks; b++) total += partial[b];
+    free(partial);
+    return total;
+}
+
+static void cpu_adamw(rp_backend *be, float *param, const float *grad, float *m, float *v,
+                      size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
+                      float grad_scale, float bias_correction1, float bias_correction2) {
+    const float inv_bc1 = 1.0f / bias_correction1, inv_bc2 = 1.0f / bias_correction2;
+    int nt = team(be, n);
+#pragma omp parallel for simd num_threads(nt) if (nt > 1) schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        const float g = grad[i] * grad_scale;
+        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        const float update = (mi * inv_bc1) / (sqrtf(vi * inv_bc2) + eps) + weight_decay * param[i];
+        param[i] -= lr * update;
+    }
+}
+
 void cpu_backward_install(rp_backend *be) {
+    be->row_max = cpu_row_max;
+    be->l2wrap = cpu_l2wrap;
+    be->sum_squares = cpu_sum_squares;
+    be->adamw = cpu_adamw;
     be->matmul_linear_backward = cpu_matmul_linear_backward;
     be->matmul_lora_backward = cpu_matmul_lora_backward;
     be->embedding_backward = cpu_embedding_backward;

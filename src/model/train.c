@@ -294,14 +294,28 @@ void rp_train_block_backward(const rp_model *m, rp_model *grads, rp_train_worksp
 /* ---- head + loss ---- */
 
 double rp_train_head_forward(const rp_model *m, rp_train_workspace *tw,
-                             const int32_t *targets, const rp_batch *batch, float loss_scale) {
+                             const int32_t *targets, const rp_batch *batch, float loss_scale,
+                             float l2wrap_factor) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
     be->copy(be, tw->x_final, tw->x, (size_t)R * C * sizeof(float));
     be->layernorm(be, tw->head_in, tw->lnout_mean, tw->lnout_rstd, tw->x,
                   m->global.ln_out_weight, m->global.ln_out_bias, R, C, RP_LN_EPS);
     be->matmul_linear(be, tw->logits, tw->head_in, m->global.head, R, V, C, 0.0f);
+    float *row_max = NULL;
+    int32_t *argmax = NULL;
+    if (l2wrap_factor > 0) {
+        /* The maxima are taken before cross_entropy turns logits into dlogits. */
+        row_max = malloc((size_t)R * sizeof(float));
+        argmax = malloc((size_t)R * sizeof(int32_t));
+        be->row_max(be, row_max, argmax, tw->logits, R, V);
+    }
     be->cross_entropy(be, tw->losses, tw->dlogits, tw->logits, targets, R, V, loss_scale);
+    if (l2wrap_factor > 0) {
+        be->l2wrap(be, tw->dlogits, row_max, argmax, targets, R, V, l2wrap_factor);
+        free(row_max);
+        free(argmax);
+    }
     float *losses = malloc((size_t)R * sizeof(float));
     be->copy_to_host(be, losses, tw->losses, (size_t)R * sizeof(float));
     double sum = 0;
@@ -329,8 +343,8 @@ void rp_train_head_backward(const rp_model *m, rp_model *grads, rp_train_workspa
 rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
                               const int32_t *inputs, const int32_t *targets,
                               const rp_batch *batch, rp_state *state, rp_state *dstate,
-                              float loss_scale, double *loss_sum, int *n_targets,
-                              rp_error *err) {
+                              float loss_scale, float l2wrap_factor, double *loss_sum,
+                              int *n_targets, rp_error *err) {
     if (!m->has_embed || !m->has_head || m->layer_begin != 0 || m->layer_end != m->cfg.n_layer)
         return rp_error_set(err, RP_ERR_INTERNAL, "rp_model_train_step needs the whole model");
     if (batch->n_rows > tw->max_rows || batch->n_seq > tw->max_seqs)
@@ -354,7 +368,7 @@ rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_train_works
             rp_train_block_forward(m, tw, l, state, batch);
         int n = 0;
         for (int i = 0; i < batch->n_rows; i++) n += targets[i] >= 0;
-        double sum = rp_train_head_forward(m, tw, targets, batch, loss_scale);
+        double sum = rp_train_head_forward(m, tw, targets, batch, loss_scale, l2wrap_factor);
         if (loss_sum) *loss_sum = sum;
         if (n_targets) *n_targets = n;
         rp_train_head_backward(m, grads, tw, batch);

@@ -42,9 +42,13 @@ void rp_train_block_forward(const rp_model *m, rp_train_workspace *tw, int layer
                             rp_state *state, const rp_batch *batch);
 /* Head and cross-entropy: returns the sum of the per-row losses over rows
  * whose target is >= 0 (host targets), and keeps d(loss)/d(logits) scaled by
- * loss_scale (e.g. 1 / number of targets of the global batch). */
+ * loss_scale (e.g. 1 / number of targets of the global batch). l2wrap_factor
+ * > 0 adds the official L2Wrap term: l2wrap_factor * max(logits) on the
+ * arg-max logit's gradient of every row with a target (the trainer passes
+ * 1e-4 * loss_scale; the forward loss is unchanged). */
 double rp_train_head_forward(const rp_model *m, rp_train_workspace *tw,
-                             const int32_t *targets, const rp_batch *batch, float loss_scale);
+                             const int32_t *targets, const rp_batch *batch, float loss_scale,
+                             float l2wrap_factor);
 
 /* ---- backward: tw->dx holds d(residual) between parts ---- */
 void rp_train_head_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
@@ -64,7 +68,7 @@ void rp_train_embed_backward(const rp_model *m, rp_model *grads, rp_train_worksp
 rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
                               const int32_t *inputs, const int32_t *targets,
                               const rp_batch *batch, rp_state *state, rp_state *dstate,
-                              float loss_scale, double *loss_sum, int *n_targets,
-                              rp_error *err);
+                              float loss_scale, float l2wrap_factor, double *loss_sum,
+                              int *n_targets, rp_error *err);
 
 #endif

@@ -1,0 +1,160 @@
+/* rwkvpipe train: train an RWKV-7 model on token shards or an embedded
+ * synthetic task, with the official optimizer recipe. One process for now;
+ * the pipeline-parallel engine will run the same steps across ranks. */
+#include <getopt.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "train/trainer.h"
+
+static void train_usage(FILE *out) {
+    fprintf(out,
+            "usage: rwkvpipe train [--model-config NAME | --init-from M.safetensors]\n"
+            "                      [--data mqar|copy|SHARDS...] [options]\n"
+            "Trains an RWKV-7 model and writes its weights. Defaults: the built-in 'tiny'\n"
+            "model on the embedded multi-query associative recall task (no download).\n"
+            "Model:\n"
+            "  --model-config NAME  built-in shape for a new model (%s; default tiny)\n"
+            "  --vocab-size V       its vocabulary size (default: the shape's, 256 for tiny)\n"
+            "  --init-from FILE     start from these weights instead (safetensors)\n"
+            "  --init-seed S        seed of the official init of a new model (default 1)\n"
+            "Data:\n"
+            "  --data SRC           'mqar' (default), 'copy', or token shard files /\n"
+            "                       directories made by 'rwkvpipe tokenize' (repeatable)\n"
+            "  --ctx-len T          tokens per sample (default 64)\n"
+            "  --mqar-pairs N       key-value pairs per MQAR sample (default: ctx/4)\n"
+            "  --loss-on WHAT       synthetic tasks: 'answers' (default) or 'all' tokens\n"
+            "  --seed S             data order and synthetic samples (default 1)\n"
+            "Optimisation (official RWKV-7 recipe):\n"
+            "  --steps N            optimizer steps (default 200)\n"
+            "  --batch B            sequences per step (default 16)\n"
+            "  --micro-batch M      sequences per forward/backward, B %% M == 0 (default B)\n"
+            "  --lr X / --lr-final X  (default 6e-4 / 6e-5)\n"
+            "  --warmup N           warmup steps (default 10)\n"
+            "  --schedule S         cosine (default), linear or constant\n"
+            "  --weight-decay X     on 2-D .weight matrices only (default 0)\n"
+            "  --grad-clip X        global norm, 0 = off (default 1.0)\n"
+            "  --no-l2wrap          switch off the L2Wrap logit penalty\n"
+            "Output:\n"
+            "  -o, --output FILE    write the trained weights here (safetensors)\n"
+            "  --metrics FILE       JSON lines: step, loss, lr, grad norm, tokens/s, eval\n"
+            "  --eval-interval N    evaluate every N steps (default 50; always at the end)\n"
+            "  --eval-batches N     micro-batches per evaluation (default 4)\n"
+            "  --log-interval N     progress line every N steps (default 10)\n"
+            "  --threads N          CPU threads (default: all)\n"
+            "  -q, --quiet          no progress lines\n"
+            "  -h, --help           this text\n",
+            rp_config_builtin_names());
+}
+
+int cmd_train(rp_cli *cli, int argc, char **argv) {
+    static const struct option longopts[] = {
+        {"model-config", required_argument, 0, 'c'}, {"vocab-size", required_argument, 0, 'V'},
+        {"init-from", required_argument, 0, 'i'},    {"init-seed", required_argument, 0, 'I'},
+        {"data", required_argument, 0, 'd'},         {"ctx-len", required_argument, 0, 'T'},
+        {"mqar-pairs", required_argument, 0, 'p'},   {"loss-on", required_argument, 0, 'L'},
+        {"seed", required_argument, 0, 's'},         {"steps", required_argument, 0, 'n'},
+        {"batch", required_argument, 0, 'b'},        {"micro-batch", required_argument, 0, 'm'},
+        {"lr", required_argument, 0, 'r'},           {"lr-final", required_argument, 0, 'R'},
+        {"warmup", required_argument, 0, 'w'},       {"schedule", required_argument, 0, 'S'},
+        {"weight-decay", required_argument, 0, 'D'}, {"grad-clip", required_argument, 0, 'G'},
+        {"no-l2wrap", no_argument, 0, 'W'},          {"output", required_argument, 0, 'o'},
+        {"metrics", required_argument, 0, 'M'},      {"eval-interval", required_argument, 0, 'e'},
+        {"eval-batches", required_argument, 0, 'E'}, {"log-interval", required_argument, 0, 'l'},
+        {"threads", required_argument, 0, 'j'},      {"quiet", no_argument, 0, 'q'},
+        {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
+    rp_train_options o;
+    rp_train_options_defaults(&o);
+    o.progress = stderr;
+    cli_model_options mo = {.config_name = "tiny", .init_seed = 1};
+    const char **paths = calloc((size_t)argc + 1, sizeof *paths);
+    int n_paths = 0, micro_batch = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "ho:q", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'c': mo.config_name = optarg; break;
+        case 'V': mo.vocab_override = (int)cli_parse_int(cli, "--vocab-size", optarg, 4, 1 << 24); break;
+        case 'i': mo.model_path = optarg; break;
+        case 'I': mo.init_seed = cli_parse_u64(cli, "--init-seed", optarg); break;
+        case 'd':
+            if (strcmp(optarg, "mqar") == 0 || strcmp(optarg, "copy") == 0) {
+                o.synthetic = 1;
+                o.synth.task = (rp_synth_task)rp_synth_task_from_name(optarg);
+            } else {
+                o.synthetic = 0;
+                paths[n_paths++] = optarg;
+            }
+            break;
+        case 'T': o.ctx_len = (int)cli_parse_int(cli, "--ctx-len", optarg, 2, 1 << 20); break;
+        case 'p': o.synth.n_pairs = (int)cli_parse_int(cli, "--mqar-pairs", optarg, 1, 1 << 20); break;
+        case 'L':
+            if (strcmp(optarg, "answers") == 0) o.loss_on_answers_only = 1;
+            else if (strcmp(optarg, "all") == 0) o.loss_on_answers_only = 0;
+            else cli_fatal(cli, "--loss-on: '%s' is not 'answers' or 'all'", optarg);
+            break;
+        case 's': o.seed = cli_parse_u64(cli, "--seed", optarg); break;
+        case 'n': o.steps = (long)cli_parse_int(cli, "--steps", optarg, 1, 1LL << 40); break;
+        case 'b': o.batch_size = (int)cli_parse_int(cli, "--batch", optarg, 1, 1 << 20); break;
+        case 'm': micro_batch = (int)cli_parse_int(cli, "--micro-batch", optarg, 1, 1 << 20); break;
+        case 'r': o.optim.lr_init = (float)cli_parse_double(cli, "--lr", optarg, 1e-12, 10); break;
+        case 'R': o.optim.lr_final = (float)cli_parse_double(cli, "--lr-final", optarg, 0, 10); break;
+        case 'w': o.optim.warmup_steps = (long)cli_parse_int(cli, "--warmup", optarg, 0, 1LL << 40); break;
+        case 'S': {
+            int s = rp_lr_schedule_from_name(optarg);
+            if (s < 0) cli_fatal(cli, "--schedule: '%s' is not cosine, linear or constant", optarg);
+            o.optim.schedule = (rp_lr_schedule)s;
+            break;
+        }
+        case 'D': o.optim.weight_decay = (float)cli_parse_double(cli, "--weight-decay", optarg, 0, 10); break;
+        case 'G': o.optim.grad_clip = (float)cli_parse_double(cli, "--grad-clip", optarg, 0, 1e9); break;
+        case 'W': o.l2wrap = 0; break;
+        case 'o': o.save_path = optarg; break;
+        case 'M': o.metrics_path = optarg; break;
+        case 'e': o.eval_interval = (long)cli_parse_int(cli, "--eval-interval", optarg, 0, 1LL << 40); break;
+        case 'E': o.eval_batches = (int)cli_parse_int(cli, "--eval-batches", optarg, 1, 1 << 20); break;
+        case 'l': o.log_interval = (long)cli_parse_int(cli, "--log-interval", optarg, 0, 1LL << 40); break;
+        case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
+        case 'q': o.progress = NULL; break;
+        case 'h': train_usage(stdout); free(paths); return 0;
+        default: train_usage(stderr); free(paths); return 2;
+        }
+    }
+    if (optind < argc) cli_fatal(cli, "unexpected argument '%s'", argv[optind]);
+    if (cli->mpi_size > 1)
+        cli_fatal(cli, "pipeline-parallel training over %d ranks is not available yet; run with "
+                  "-np 1", cli->mpi_size);
+    o.micro_batch = micro_batch ? micro_batch : o.batch_size;
+    if (o.batch_size % o.micro_batch != 0)
+        cli_fatal(cli, "--batch %d must be a multiple of --micro-batch %d", o.batch_size,
+                  o.micro_batch);
+    o.data_paths = paths;
+    o.n_data_paths = n_paths;
+    rp_cli quiet = *cli;
+    if (!o.progress) quiet.mpi_rank = -1;
+
+    rp_backend *be;
+    rp_model model;
+    if (mo.model_path) mo.config_name = NULL;
+    cli_load_model(&quiet, &mo, &be, &model);
+    const rp_config *cfg = &model.cfg;
+    cli_info(&quiet, "model: %d layers, C=%d, V=%d, %.2f M parameters; data: %s; %ld steps of "
+             "%d x %d tokens (micro-batch %d); lr %g -> %g (%s, warmup %ld)",
+             cfg->n_layer, cfg->n_embd, cfg->vocab_size, rp_config_param_count(cfg) / 1e6,
+             o.synthetic ? rp_synth_task_name(o.synth.task) : "token shards", o.steps,
+             o.batch_size, o.ctx_len, o.micro_batch, o.optim.lr_init, o.optim.lr_final,
+             rp_lr_schedule_name(o.optim.schedule), o.optim.warmup_steps);
+    rp_train_result res;
+    rp_error err;
+    if (rp_train_run(&model, &o, &res, &err) != RP_OK) cli_fatal_error(cli, &err);
+    cli_info(&quiet, "done: %ld steps in %.1f s; final loss %.4f, eval loss %.4f, eval accuracy "
+             "%.2f%%%s%s", res.steps_done, res.seconds, res.last_loss, res.eval_loss,
+             100 * res.eval_accuracy, o.save_path ? "; weights: " : "",
+             o.save_path ? o.save_path : "");
+    rp_model_free(&model);
+    rp_cpu_backend_destroy(be);
+    free(paths);
+    return 0;
+}

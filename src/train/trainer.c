@@ -1,0 +1,374 @@
+/* Single-process training loop (trainer.h). */
+#include "train/trainer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "model/train.h"
+#include "train/loader.h"
+
+void rp_train_options_defaults(rp_train_options *o) {
+    memset(o, 0, sizeof *o);
+    o->synthetic = 1;
+    o->synth.task = RP_SYNTH_MQAR;
+    o->ctx_len = 64;
+    o->batch_size = 16;
+    o->micro_batch = 16;
+    o->loss_on_answers_only = 1;
+    o->l2wrap = 1;
+    rp_optim_defaults(&o->optim);
+    o->steps = 200;
+    o->eval_interval = 50;
+    o->eval_batches = 4;
+    o->log_interval = 10;
+    o->seed = 1;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ---- data ---- */
+
+typedef struct {
+    const rp_train_options *o;
+    rp_synth_config synth;   /* resolved */
+    rp_loader *loader;
+    uint64_t synth_cursor;
+} data_source;
+
+static rp_status data_open(data_source *d, const rp_train_options *o, int vocab_size,
+                           rp_error *err) {
+    memset(d, 0, sizeof *d);
+    d->o = o;
+    if (o->synthetic) {
+        d->synth = o->synth;
+        d->synth.vocab_size = vocab_size;
+        d->synth.ctx_len = o->ctx_len;
+        return rp_synth_resolve(&d->synth, err);
+    }
+    rp_status st = rp_loader_open(&d->loader, o->data_paths, (size_t)o->n_data_paths, o->ctx_len,
+                                  o->seed, RP_LOADER_DEFAULT_EVAL_FRACTION, err);
+    if (st != RP_OK) return st;
+    if ((int)rp_loader_n_ids(d->loader) > vocab_size) {
+        rp_error_set(err, RP_ERR_ARG,
+                     "the shards use %u token ids but the model's vocabulary has %d; create the "
+                     "model with --vocab-size %u or more", rp_loader_n_ids(d->loader), vocab_size,
+                     rp_loader_n_ids(d->loader));
+        rp_loader_free(d->loader);
+        d->loader = NULL;
+        return RP_ERR_ARG;
+    }
+    if (rp_loader_n_train(d->loader) == 0 || rp_loader_n_eval(d->loader) == 0) {
+        rp_error_set(err, RP_ERR_ARG,
+                     "the shards hold %llu windows of %d tokens: too few for a train and an "
+                     "eval split; use more data or a shorter --ctx-len",
+                     (unsigned long long)rp_loader_n_windows(d->loader), o->ctx_len);
+        rp_loader_free(d->loader);
+        d->loader = NULL;
+        return RP_ERR_ARG;
+    }
+    return RP_OK;
+}
+
+static void data_close(data_source *d) {
+    if (d->loader) rp_loader_free(d->loader);
+    d->loader = NULL;
+}
+
+/* n samples: tokens [n][T+1], mask [n][T] (all 1 for text). */
+static rp_status data_train_batch(data_source *d, int n, int32_t *tokens, uint8_t *mask,
+                                  rp_error *err) {
+    const int T = d->o->ctx_len;
+    if (d->loader) {
+        memset(mask, 1, (size_t)n * T);
+        return rp_loader_next_batch(d->loader, n, tokens, NULL, 0, 1, err);
+    }
+    return rp_synth_next_batch(&d->synth, d->o->seed, RP_SYNTH_TRAIN, &d->synth_cursor, n, 0, 1,
+                               tokens, mask, err);
+}
+
+static rp_status data_eval_batch(const data_source *d, int index, int n, int32_t *tokens,
+                                 uint8_t *mask, rp_error *err) {
+    const int T = d->o->ctx_len;
+    if (d->loader) {
+        memset(mask, 1, (size_t)n * T);
+        uint64_t n_eval = rp_loader_n_eval(d->loader);
+        for (int i = 0; i < n; i++) {
+            rp_status st = rp_loader_eval_window(d->loader, ((uint64_t)index * n + i) % n_eval,
+                                                 tokens + (size_t)i * (T + 1), NULL, err);
+            if (st != RP_OK) return st;
+        }
+        return RP_OK;
+    }
+    uint64_t cursor = (uint64_t)index * n;
+    return rp_synth_next_batch(&d->synth, d->o->seed, RP_SYNTH_EVAL, &cursor, n, 0, 1, tokens,
+                               mask, err);
+}
+
+/* inputs/targets [n*T] from samples; targets -1 where no loss is taken. */
+static int split_samples(const rp_train_options *o, int n, const int32_t *tokens,
+                         const uint8_t *mask, int32_t *inputs, int32_t *targets) {
+    const int T = o->ctx_len;
+    int count = 0;
+    for (int b = 0; b < n; b++)
+        for (int t = 0; t < T; t++) {
+            const int32_t *row = tokens + (size_t)b * (T + 1);
+            int keep = !(o->synthetic && o->loss_on_answers_only) || mask[(size_t)b * T + t];
+            inputs[(size_t)b * T + t] = row[t];
+            targets[(size_t)b * T + t] = keep ? row[t + 1] : -1;
+            count += keep;
+        }
+    return count;
+}
+
+/* ---- evaluation ---- */
+
+rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, int n_batches,
+                            double *loss, double *accuracy, rp_error *err) {
+    rp_backend *be = model->be;
+    const int T = o->ctx_len, n = o->micro_batch, V = model->cfg.vocab_size;
+    data_source d;
+    rp_status st = data_open(&d, o, V, err);
+    if (st != RP_OK) return st;
+    rp_workspace ws;
+    rp_state state = {0};
+    int32_t *tokens = malloc((size_t)n * (T + 1) * sizeof(int32_t));
+    uint8_t *mask = malloc((size_t)n * T);
+    int32_t *inputs = malloc((size_t)n * T * sizeof(int32_t));
+    int32_t *targets = malloc((size_t)n * T * sizeof(int32_t));
+    float *logits = malloc((size_t)n * T * V * sizeof(float));
+    float *logits_dev = be->alloc(be, (size_t)n * T * V * sizeof(float));
+    int *seq_len = malloc((size_t)n * sizeof(int)), *slot = malloc((size_t)n * sizeof(int));
+    int *row_begin = malloc((size_t)n * sizeof(int));
+    st = rp_workspace_alloc(&ws, &model->cfg, n * T, be, err);
+    if (st == RP_OK) {
+        rp_state_geometry(&state, &model->cfg, 0, model->cfg.n_layer, n);
+        state.data = be->alloc(be, state.floats_per_slot * (size_t)n * sizeof(float));
+    }
+    if (st == RP_OK && (!state.data || !logits_dev || !logits))
+        st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate evaluation buffers");
+    for (int i = 0; i < n; i++) {
+        seq_len[i] = T;
+        slot[i] = i;
+    }
+    rp_batch batch;
+    rp_batch_init(&batch, n, seq_len, slot, row_begin);
+    double loss_sum = 0;
+    long correct = 0, count = 0;
+    for (int bi = 0; bi < n_batches && st == RP_OK; bi++) {
+        st = data_eval_batch(&d, bi, n, tokens, mask, err);
+        if (st != RP_OK) break;
+        split_samples(o, n, tokens, mask, inputs, targets);
+        be->fill_zero(be, state.data, state.floats_per_slot * (size_t)n * sizeof(float));
+        st = rp_model_forward(model, &ws, inputs, &batch, &state, RP_LOGITS_ALL, logits_dev, err);
+        if (st != RP_OK) break;
+        be->copy_to_host(be, logits, logits_dev, (size_t)n * T * V * sizeof(float));
+        for (int r = 0; r < n * T; r++) {
+            if (targets[r] < 0) continue;
+            const float *z = logits + (size_t)r * V;
+            int best = 0;
+            for (int i = 1; i < V; i++)
+                if (z[i] > z[best]) best = i;
+            double sum = 0;
+            for (int i = 0; i < V; i++) sum += exp((double)z[i] - z[best]);
+            loss_sum += log(sum) + z[best] - z[targets[r]];
+            correct += best == targets[r];
+            count++;
+        }
+    }
+    if (st == RP_OK) {
+        *loss = count ? loss_sum / count : 0.0;
+        *accuracy = count ? (double)correct / count : 0.0;
+    }
+    if (state.data) be->free(be, state.data);
+    if (logits_dev) be->free(be, logits_dev);
+    rp_workspace_free(&ws, be);
+    free(tokens);
+    free(mask);
+    free(inputs);
+    free(targets);
+    free(logits);
+    free(seq_len);
+    free(slot);
+    free(row_begin);
+    data_close(&d);
+    return st;
+}
+
+/* ---- training ---- */
+
+static void format_duration(char *out, size_t size, double seconds) {
+    long s = (long)(seconds + 0.5);
+    if (s >= 3600) snprintf(out, size, "%ldh%02ldm", s / 3600, (s / 60) % 60);
+    else if (s >= 60) snprintf(out, size, "%ldm%02lds", s / 60, s % 60);
+    else snprintf(out, size, "%lds", s);
+}
+
+rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_result *result,
+                       rp_error *err) {
+    rp_backend *be = model->be;
+    const rp_config *cfg = &model->cfg;
+    const int T = o->ctx_len, B = o->batch_size, MB = o->micro_batch;
+    rp_train_result local = {0};
+    if (!result) result = &local;
+    memset(result, 0, sizeof *result);
+    if (T < 1 || B < 1 || MB < 1 || B % MB != 0)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "batch %d must be a positive multiple of the micro-batch %d (ctx %d)",
+                            B, MB, T);
+    if (o->steps < 1) return rp_error_set(err, RP_ERR_ARG, "steps %ld must be >= 1", o->steps);
+    rp_optim_config optim = o->optim;
+    optim.total_steps = o->steps;
+    rp_status st = rp_optim_validate(&optim, err);
+    if (st != RP_OK) return st;
+
+    data_source d;
+    if ((st = data_open(&d, o, cfg->vocab_size, err)) != RP_OK) return st;
+    rp_model grads, adam_m, adam_v;
+    memset(&grads, 0, sizeof grads);
+    memset(&adam_m, 0, sizeof adam_m);
+    memset(&adam_v, 0, sizeof adam_v);
+    rp_train_workspace tw;
+    memset(&tw, 0, sizeof tw);
+    rp_state state = {0};
+    FILE *metrics = NULL;
+    int32_t *tokens = malloc((size_t)B * (T + 1) * sizeof(int32_t));
+    uint8_t *mask = malloc((size_t)B * T);
+    int32_t *inputs = malloc((size_t)MB * T * sizeof(int32_t));
+    int32_t *targets = malloc((size_t)MB * T * sizeof(int32_t));
+    int *seq_len = malloc((size_t)MB * sizeof(int)), *slot = malloc((size_t)MB * sizeof(int));
+    int *row_begin = malloc((size_t)MB * sizeof(int));
+    if ((st = rp_model_alloc(&grads, cfg, model->layer_begin, model->layer_end, model->has_embed,
+                             model->has_head, be, err)) != RP_OK ||
+        (st = rp_model_alloc(&adam_m, cfg, model->layer_begin, model->layer_end,
+                             model->has_embed, model->has_head, be, err)) != RP_OK ||
+        (st = rp_model_alloc(&adam_v, cfg, model->layer_begin, model->layer_end,
+                             model->has_embed, model->has_head, be, err)) != RP_OK ||
+        (st = rp_train_workspace_alloc(&tw, model, MB * T, MB, err)) != RP_OK)
+        goto done;
+    rp_state_geometry(&state, cfg, 0, cfg->n_layer, MB);
+    state.data = be->alloc(be, state.floats_per_slot * (size_t)MB * sizeof(float));
+    if (!state.data) {
+        st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the recurrent state");
+        goto done;
+    }
+    if (o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
+        st = rp_error_set(err, RP_ERR_IO, "cannot open the metrics log %s", o->metrics_path);
+        goto done;
+    }
+    for (int i = 0; i < MB; i++) {
+        seq_len[i] = T;
+        slot[i] = i;
+    }
+    rp_batch batch;
+    rp_batch_init(&batch, MB, seq_len, slot, row_begin);
+
+    const double t_start = now_seconds();
+    double t_window = t_start;
+    long tokens_window = 0;
+    for (long step = 0; step < o->steps; step++) {
+        rp_model_zero(&grads);
+        if ((st = data_train_batch(&d, B, tokens, mask, err)) != RP_OK) goto done;
+        /* The loss is the mean over every target of the whole batch. */
+        int n_targets_total = 0;
+        for (int mb = 0; mb < B / MB; mb++)
+            n_targets_total += split_samples(o, MB, tokens + (size_t)mb * MB * (T + 1),
+                                             mask + (size_t)mb * MB * T, inputs, targets);
+        if (n_targets_total == 0) {
+            st = rp_error_set(err, RP_ERR_ARG, "step %ld has no target to learn", step);
+            goto done;
+        }
+        const float loss_scale = 1.0f / n_targets_total;
+        double loss_sum = 0;
+        for (int mb = 0; mb < B / MB; mb++) {
+            split_samples(o, MB, tokens + (size_t)mb * MB * (T + 1), mask + (size_t)mb * MB * T,
+                          inputs, targets);
+            be->fill_zero(be, state.data, state.floats_per_slot * (size_t)MB * sizeof(float));
+            double part;
+            int n_part;
+            st = rp_model_train_step(model, &grads, &tw, inputs, targets, &batch, &state, NULL,
+                                     loss_scale, o->l2wrap ? 1e-4f * loss_scale : 0.0f, &part,
+                                     &n_part, err);
+            if (st != RP_OK) goto done;
+            loss_sum += part;
+        }
+        const double grad_norm = sqrt(rp_grad_sum_squares(&grads));
+        if (!isfinite(grad_norm)) {
+            st = rp_error_set(err, RP_ERR_INTERNAL,
+                              "step %ld: the gradient norm is %g (loss %g): training diverged; "
+                              "lower --lr", step, grad_norm, loss_sum * loss_scale);
+            goto done;
+        }
+        rp_optim_step(model, &grads, &adam_m, &adam_v, &optim, step,
+                      rp_clip_scale(grad_norm, optim.grad_clip));
+        const double loss = loss_sum / n_targets_total;
+        result->last_loss = loss;
+        result->steps_done = step + 1;
+        tokens_window += (long)B * T;
+
+        const int last = step + 1 == o->steps;
+        const int do_eval = last || (o->eval_interval > 0 && (step + 1) % o->eval_interval == 0);
+        const int do_log = last || (o->log_interval > 0 && (step + 1) % o->log_interval == 0);
+        double eval_loss = NAN, eval_acc = NAN;
+        if (do_eval) {
+            if ((st = rp_train_evaluate(model, o, o->eval_batches, &eval_loss, &eval_acc, err)) !=
+                RP_OK)
+                goto done;
+            result->eval_loss = eval_loss;
+            result->eval_accuracy = eval_acc;
+        }
+        const double now = now_seconds(), elapsed = now - t_start;
+        const double tok_s = tokens_window / (now - t_window > 1e-9 ? now - t_window : 1e-9);
+        if (do_log) {
+            result->tokens_per_second = tok_s;
+            if (o->progress) {
+                char eta[32];
+                format_duration(eta, sizeof eta, elapsed / (step + 1) * (o->steps - step - 1));
+                fprintf(o->progress,
+                        "step %ld/%ld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | ETA %s",
+                        step + 1, o->steps, loss, rp_lr_at(&optim, step), grad_norm, tok_s, eta);
+                if (do_eval)
+                    fprintf(o->progress, " | eval loss %.4f, accuracy %.2f%%", eval_loss,
+                            100 * eval_acc);
+                fprintf(o->progress, "\n");
+                fflush(o->progress);
+            }
+            t_window = now;
+            tokens_window = 0;
+        }
+        if (metrics) {
+            fprintf(metrics,
+                    "{\"step\": %ld, \"loss\": %.6f, \"lr\": %.6e, \"grad_norm\": %.6f, "
+                    "\"tokens_per_s\": %.1f, \"elapsed_s\": %.3f",
+                    step + 1, loss, rp_lr_at(&optim, step), grad_norm, tok_s, elapsed);
+            if (do_eval)
+                fprintf(metrics, ", \"eval_loss\": %.6f, \"eval_accuracy\": %.6f", eval_loss,
+                        eval_acc);
+            fprintf(metrics, "}\n");
+            fflush(metrics);
+        }
+    }
+    result->seconds = now_seconds() - t_start;
+    if (o->save_path) st = rp_model_save(model, o->save_path, RP_DTYPE_F32, err);
+done:
+    if (metrics) fclose(metrics);
+    if (state.data) be->free(be, state.data);
+    rp_train_workspace_free(&tw, be);
+    rp_model_free(&grads);
+    rp_model_free(&adam_m);
+    rp_model_free(&adam_v);
+    free(tokens);
+    free(mask);
+    free(inputs);
+    free(targets);
+    free(seq_len);
+    free(slot);
+    free(row_begin);
+    data_close(&d);
+    return st;
+}

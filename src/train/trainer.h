@@ -1,0 +1,57 @@
+/* The training loop of one process that owns the whole model (the pipeline
+ * engine will split exactly these steps across stages): data (token shards or
+ * an embedded synthetic task), micro-batches with gradient accumulation, the
+ * official AdamW recipe with clipping and L2Wrap, periodic evaluation, metrics
+ * (JSON lines) and progress reports. Called by `rwkvpipe train`. */
+#ifndef RP_TRAIN_TRAINER_H
+#define RP_TRAIN_TRAINER_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "model/model.h"
+#include "train/optim.h"
+#include "train/synthetic.h"
+
+typedef struct {
+    /* data: synthetic task name ("mqar", "copy") or shard paths */
+    const char *const *data_paths;
+    int n_data_paths;
+    int synthetic;              /* 1: use synth below instead of shards */
+    rp_synth_config synth;
+    int ctx_len;
+    int batch_size;             /* sequences per optimizer step */
+    int micro_batch;            /* sequences per forward/backward */
+    int loss_on_answers_only;   /* synthetic tasks: loss only where the mask is set */
+    int l2wrap;                 /* official L2Wrap term (default on) */
+    rp_optim_config optim;      /* optim.total_steps = steps */
+    long steps;
+    long eval_interval;         /* 0: only at the end */
+    int eval_batches;
+    long log_interval;
+    uint64_t seed;              /* data order and synthetic samples */
+    const char *metrics_path;   /* JSON lines, NULL = none */
+    const char *save_path;      /* final weights (safetensors), NULL = none */
+    FILE *progress;             /* progress lines, NULL = quiet */
+} rp_train_options;
+
+typedef struct {
+    long steps_done;
+    double last_loss;           /* mean loss of the last step */
+    double eval_loss, eval_accuracy;
+    double tokens_per_second;
+    double seconds;
+} rp_train_result;
+
+void rp_train_options_defaults(rp_train_options *o);
+
+/* Trains `model` in place (allocates gradients and moments alongside). */
+rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_result *result,
+                       rp_error *err);
+
+/* Mean loss and accuracy (arg-max == target) over the positions with a
+ * target of n_batches eval batches (held-out split / eval stream). */
+rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, int n_batches,
+                            double *loss, double *accuracy, rp_error *err);
+
+#endif
