@@ -57,6 +57,9 @@ def main(argv):
         i = args.index("--tol")
         tol = float(args[i + 1])
         del args[i:i + 2]
+    grads_mode = "--grads" in args
+    if grads_mode:
+        args.remove("--grads")
     if len(args) == 2 and args[0] == "--tokens":
         print(",".join(str(t) for t in read_safetensors(args[1])["tokens"][2]))
         return 0
@@ -66,7 +69,12 @@ def main(argv):
     out_path, ref_path = args
     out, ref = read_safetensors(out_path), read_safetensors(ref_path)
 
-    for name in ("tokens",) + FLOAT_TENSORS:
+    # --grads: REF is a golden gradient file; compare `loss` and every
+    # parameter gradient it holds (tensors that are 0 there must be 0 here).
+    names = ("tokens",) + FLOAT_TENSORS
+    if grads_mode:
+        names = tuple(n for n in ref if n not in ("input_tokens", "target_tokens", "__metadata__"))
+    for name in names:
         if name not in out:
             print(f"FAIL: {out_path} has no tensor '{name}'")
             return 1
@@ -84,6 +92,8 @@ def main(argv):
             print(f"ok: tokens equal ({len(ovals)})")
             continue
         max_ref = max((abs(v) for v in rvals), default=0.0) or 1e-30
+        if grads_mode:
+            max_ref = max(max_ref, 1e-4)  # an all-zero reference gradient: absolute floor
         max_diff = 0.0
         for a, b in zip(ovals, rvals):
             d = abs(a - b)

@@ -275,6 +275,17 @@ expect_fail "logits truncated model" "$T/truncated.safetensors" \
     "$BIN" logits --model "$T/truncated.safetensors" --tokens 1 -o "$T/x.safetensors"
 [ ! -e "$T/x.safetensors" ] || fail "a failed logits run left $T/x.safetensors"
 
+# ---------------------------------------------------------------- logits --grads
+check "logits --grads writes the loss and every parameter gradient of the reference"
+expect_ok "logits --grads" "$BIN" logits --model "$WEIGHTS" --tokens "$TOKENS" --grads \
+    -o "$T/grads.safetensors"
+"$PYTHON3" "$CHECK_LOGITS" --grads "$T/grads.safetensors" \
+    "$RP_TEST_DATA/tiny_L2_C128_V256_s1.grads.safetensors" >"$T/cmp" 2>&1 ||
+    { cat "$T/cmp"; fail "logits --grads differs from the reference gradients"; }
+ok "$(grep -c '^ok' "$T/cmp") tensors within 1e-4"
+expect_fail "logits --grads one token" "at least 2 tokens" \
+    "$BIN" logits --model "$WEIGHTS" --tokens 5 --grads -o "$T/g1.safetensors"
+
 # ---------------------------------------------------------------- tokenize
 check "tokenize writes a shard whose tokens are the bytes of the text plus token 0"
 printf 'hello\nworld\n' >"$T/corpus.txt"

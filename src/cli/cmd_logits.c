@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "model/train.h"
 
 static void logits_usage(FILE *out) {
     fprintf(out,
@@ -23,6 +24,10 @@ static void logits_usage(FILE *out) {
             "  --mode MODE         sequence (default: T tokens per call, in chunks) or\n"
             "                      step (one token per call); both give the same numbers\n"
             "  --chunk N           tokens per sequence-mode call (default 512)\n"
+            "  --grads             also write `loss` and the gradient of every parameter\n"
+            "                      (official names) of the mean next-token cross-entropy:\n"
+            "                      inputs tokens[0:T-1], targets tokens[1:T], zero state,\n"
+            "                      no L2Wrap (the definition of the golden gradient files)\n"
             "  --threads N         CPU threads (default: all)\n"
             "  -h, --help          this text\n");
 }
@@ -35,11 +40,12 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
                                              {"mode", required_argument, 0, 'M'},
                                              {"chunk", required_argument, 0, 'k'},
                                              {"threads", required_argument, 0, 'j'},
+                                             {"grads", no_argument, 0, 'g'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
     cli_model_options mo = {0};
     const char *tokens_text = NULL, *tokens_file = NULL, *out = NULL;
-    int step_mode = 0, chunk = 512;
+    int step_mode = 0, chunk = 512, want_grads = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "ho:", longopts, NULL)) != -1) {
@@ -55,6 +61,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
             break;
         case 'k': chunk = (int)cli_parse_int(cli, "--chunk", optarg, 1, 1 << 20); break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
+        case 'g': want_grads = 1; break;
         case 'h': logits_usage(stdout); return 0;
         default: logits_usage(stderr); return 2;
         }
@@ -73,6 +80,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
                                     tokens_file ? file_text : tokens_text, &T);
     free(file_text);
     if (T == 0) cli_fatal(cli, "no tokens given");
+    if (want_grads && T < 2) cli_fatal(cli, "--grads needs at least 2 tokens (inputs and targets)");
 
     rp_backend *be;
     rp_model model;
@@ -120,6 +128,32 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         memcpy(ffn + (size_t)l * C, rp_state_ffn_x_prev(&host_view, 0, l), C * sizeof(float));
         memcpy(wkv + (size_t)l * HNN, rp_state_wkv(&host_view, 0, l), HNN * sizeof(float));
     }
+    rp_model grads;
+    memset(&grads, 0, sizeof grads);
+    float loss = 0.0f;
+    if (want_grads) {
+        /* Mean next-token cross-entropy from a zero state, without L2Wrap. */
+        const int n = (int)T - 1;
+        rp_train_workspace tw;
+        rp_state st0;
+        if (rp_model_alloc(&grads, cfg, 0, L, 1, 1, be, &err) != RP_OK ||
+            rp_train_workspace_alloc(&tw, &model, n, 1, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        rp_state_geometry(&st0, cfg, 0, L, 1);
+        st0.data = be->alloc(be, st0.floats_per_slot * sizeof(float));
+        int len = n, slot0 = 0, rb = 0;
+        rp_batch gb;
+        rp_batch_init(&gb, 1, &len, &slot0, &rb);
+        double loss_sum;
+        int n_targets;
+        if (!st0.data) cli_fatal(cli, "cannot allocate the state for --grads");
+        if (rp_model_train_step(&model, &grads, &tw, tokens, tokens + 1, &gb, &st0, NULL,
+                                1.0f / n, 0.0f, &loss_sum, &n_targets, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        loss = (float)(loss_sum / n);
+        be->free(be, st0.data);
+        rp_train_workspace_free(&tw, be);
+    }
     rp_st_writer w;
     rp_st_writer_init(&w);
     int64_t shape_t[1] = {(int64_t)T}, shape_tv[2] = {(int64_t)T, V}, shape_lc[2] = {L, C};
@@ -130,9 +164,44 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         rp_st_writer_add(&w, "state.ffn_x_prev", RP_DTYPE_F32, RP_DTYPE_F32, 2, shape_lc, ffn, &err) ||
         rp_st_writer_add(&w, "state.wkv", RP_DTYPE_F32, RP_DTYPE_F32, 4, shape_wkv, wkv, &err) ||
         rp_st_writer_add_meta(&w, "model", mo.model_path, &err) ||
-        rp_st_writer_add_meta(&w, "mode", step_mode ? "step" : "sequence", &err) ||
-        rp_st_writer_write(&w, out, &err))
+        rp_st_writer_add_meta(&w, "mode", step_mode ? "step" : "sequence", &err))
         cli_fatal_error(cli, &err);
+    /* Host views of the gradients, in official order (CPU memory is host). */
+    float *grad_host = NULL;
+    if (want_grads) {
+        int64_t one = 1;
+        if (rp_st_writer_add(&w, "loss", RP_DTYPE_F32, RP_DTYPE_F32, 1, &one, &loss, &err))
+            cli_fatal_error(cli, &err);
+        size_t total = (size_t)L * grads.layer_floats + grads.embed_floats + grads.head_floats;
+        grad_host = malloc(total * sizeof(float));
+        float *embed_h = grad_host, *head_h = embed_h + grads.embed_floats;
+        float *layers_h = head_h + grads.head_floats;
+        be->copy_to_host(be, embed_h, grads.embed_flat, grads.embed_floats * sizeof(float));
+        be->copy_to_host(be, head_h, grads.head_flat, grads.head_floats * sizeof(float));
+        rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
+        rp_layer_layout(cfg, table);
+        rp_global_layout(cfg, gtable, NULL, NULL);
+        char name[256];
+        for (int i = 0; i < RP_GLOBAL_N_TENSORS; i++) {
+            const float *base = gtable[i].part == RP_PART_EMBED ? embed_h : head_h;
+            if (rp_st_writer_add(&w, gtable[i].suffix, RP_DTYPE_F32, RP_DTYPE_F32, gtable[i].ndim,
+                                 gtable[i].shape, base + gtable[i].flat_offset, &err))
+                cli_fatal_error(cli, &err);
+        }
+        for (int l = 0; l < L; l++) {
+            float *lh = layers_h + (size_t)l * grads.layer_floats;
+            be->copy_to_host(be, lh, grads.layer_flat[l], grads.layer_floats * sizeof(float));
+            for (int i = 0; i < RP_LAYER_N_TENSORS; i++) {
+                rp_tensor_name(name, sizeof name, &table[i], l);
+                if (rp_st_writer_add(&w, name, RP_DTYPE_F32, RP_DTYPE_F32, table[i].ndim,
+                                     table[i].shape, lh + table[i].flat_offset, &err))
+                    cli_fatal_error(cli, &err);
+            }
+        }
+    }
+    if (rp_st_writer_write(&w, out, &err)) cli_fatal_error(cli, &err);
+    free(grad_host);
+    rp_model_free(&grads);
     cli_info(cli, "wrote %s: logits [%zu, %d] and the state of %d layers (%s mode)", out, T, V,
              L, step_mode ? "step" : "sequence");
     rp_st_writer_free(&w);
