@@ -286,6 +286,29 @@ ok "$(grep -c '^ok' "$T/cmp") tensors within 1e-4"
 expect_fail "logits --grads one token" "at least 2 tokens" \
     "$BIN" logits --model "$WEIGHTS" --tokens 5 --grads -o "$T/g1.safetensors"
 
+# ---------------------------------------------------------------- train, checkpoints, resume
+check "train on token shards: stop + resume from the checkpoint equals one run (byte-identical weights)"
+seq 1 600 >"$T/numbers.txt"
+expect_ok "tokenize numbers" "$BIN" tokenize --vocab bytes "$T/numbers.txt" -o "$T/num" -q
+TRAIN_ARGS="--model-config tiny --data $T/num-00000.tok --ctx-len 16 --batch 4 --steps 6 --warmup 2 -q"
+expect_ok "train straight" "$BIN" train $TRAIN_ARGS -o "$T/straight.safetensors"
+expect_ok "train first half" "$BIN" train $TRAIN_ARGS --stop-after 3 --checkpoint-dir "$T/ckpt" \
+    -o "$T/half.safetensors"
+[ -f "$T/ckpt/latest" ] && [ -f "$T/ckpt/step-00000003/manifest.pb" ] ||
+    fail "no checkpoint step-00000003 with a manifest"
+expect_ok "train resumed" "$BIN" train $TRAIN_ARGS --resume "$T/ckpt" -o "$T/resumed.safetensors"
+cmp -s "$T/straight.safetensors" "$T/resumed.safetensors" ||
+    fail "resumed weights differ from the uninterrupted run"
+cmp -s "$T/straight.safetensors" "$T/half.safetensors" && fail "the half run did not stop early"
+ok
+check "info CHECKPOINT --verify; a corrupted checkpoint file is named"
+expect_ok "info ckpt" "$BIN" info "$T/ckpt" --verify
+grep -q "step         6" "$T/stdout" || fail "info does not show step 6 of the resumed run"
+f="$T/ckpt/step-00000006/adam_v.safetensors"
+printf 'X' | dd of="$f" bs=1 seek=200 conv=notrunc 2>/dev/null
+expect_fail "info corrupted ckpt" "adam_v.safetensors" "$BIN" info "$T/ckpt" --verify
+expect_fail "resume corrupted ckpt" "adam_v.safetensors" "$BIN" train $TRAIN_ARGS --steps 8 --resume "$T/ckpt"
+
 # ---------------------------------------------------------------- tokenize
 check "tokenize writes a shard whose tokens are the bytes of the text plus token 0"
 printf 'hello\nworld\n' >"$T/corpus.txt"

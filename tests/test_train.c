@@ -126,6 +126,48 @@ static void test_loss_falls_on_the_copy_task(void **state) {
     rp_cpu_backend_destroy(be);
 }
 
+/* Train 8 steps at once, or 4 steps + checkpoint + resume + 4 steps: the
+ * same weights bit for bit (moments, step, LR position and data cursor all
+ * come back). Both data kinds: synthetic here, shards in test_cli.sh. */
+static void test_resume_from_checkpoint_is_bit_exact(void **state) {
+    rp_backend *be = backend();
+    rp_model straight, resumed;
+    new_model(&straight, be);
+    new_model(&resumed, be);
+    rp_train_options o;
+    small_options(&o, RP_SYNTH_MQAR);
+    o.steps = 8;
+    o.optim.warmup_steps = 2;
+    rp_error err;
+    assert_int_equal(rp_train_run(&straight, &o, NULL, &err), RP_OK);
+
+    char dir[] = "/tmp/test_train_ckpt.XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    o.ckpt_dir = dir;
+    o.stop_after = 4;
+    rp_train_result res;
+    if (rp_train_run(&resumed, &o, &res, &err) != RP_OK) fail_msg("%s", err.msg);
+    assert_int_equal(res.steps_done, 4);
+    /* A fresh model: everything must come from the checkpoint. */
+    rp_model_free(&resumed);
+    new_model(&resumed, be);
+    o.stop_after = 0;
+    o.resume_path = dir;
+    if (rp_train_run(&resumed, &o, &res, &err) != RP_OK) fail_msg("%s", err.msg);
+    assert_int_equal(res.steps_done, 8);
+    assert_memory_equal(straight.layer_flat[0], resumed.layer_flat[0],
+                        straight.layer_floats * sizeof(float));
+    assert_memory_equal(straight.embed_flat, resumed.embed_flat,
+                        straight.embed_floats * sizeof(float));
+    assert_memory_equal(straight.head_flat, resumed.head_flat, straight.head_floats * sizeof(float));
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    rp_model_free(&straight);
+    rp_model_free(&resumed);
+    rp_cpu_backend_destroy(be);
+}
+
 static void test_batch_must_be_a_multiple_of_micro_batch(void **state) {
     rp_backend *be = backend();
     rp_model m;
@@ -145,6 +187,7 @@ int main(void) {
         cmocka_unit_test(test_same_seed_gives_identical_weights),
         cmocka_unit_test(test_micro_batches_equal_one_batch),
         cmocka_unit_test(test_loss_falls_on_the_copy_task),
+        cmocka_unit_test(test_resume_from_checkpoint_is_bit_exact),
         cmocka_unit_test(test_batch_must_be_a_multiple_of_micro_batch),
     };
     return cmocka_run_group_tests_name("train", tests, NULL, NULL);

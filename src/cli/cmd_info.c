@@ -3,16 +3,21 @@
 #include <getopt.h>
 #include <string.h>
 
+#include <sys/stat.h>
+
 #include "cli/cli.h"
+#include "train/checkpoint.h"
 
 static void info_usage(FILE *out) {
     fprintf(out,
             "usage: rwkvpipe info MODEL.safetensors\n"
+            "       rwkvpipe info CHECKPOINT_DIR [--verify]\n"
             "       rwkvpipe info --model-config NAME [--vocab-size V]\n"
             "Prints the RWKV-7 hyper-parameters (derived from tensor shapes), the\n"
             "parameter count and the recurrent state size per sequence.\n"
             "  --model-config NAME  a built-in shape: %s\n"
             "  --vocab-size V       override the built-in's vocabulary size\n"
+            "  --verify             for a checkpoint: also check every file's SHA-256\n"
             "  -h, --help           this text\n",
             rp_config_builtin_names());
 }
@@ -39,16 +44,18 @@ static void print_config(const rp_config *c) {
 int cmd_info(rp_cli *cli, int argc, char **argv) {
     static const struct option longopts[] = {{"model-config", required_argument, 0, 'c'},
                                              {"vocab-size", required_argument, 0, 'v'},
+                                             {"verify", no_argument, 0, 'y'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
     const char *config_name = NULL;
-    int vocab = 0;
+    int vocab = 0, verify = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         switch (c) {
         case 'c': config_name = optarg; break;
         case 'v': vocab = (int)cli_parse_int(cli, "--vocab-size", optarg, 2, 1 << 24); break;
+        case 'y': verify = 1; break;
         case 'h': info_usage(stdout); return 0;
         default: info_usage(stderr); return 2;
         }
@@ -65,6 +72,15 @@ int cmd_info(rp_cli *cli, int argc, char **argv) {
     if (optind != argc - 1) {
         info_usage(stderr);
         return 2;
+    }
+    struct stat sb;
+    if (stat(argv[optind], &sb) == 0 && S_ISDIR(sb.st_mode)) {
+        if (rp_ckpt_describe(argv[optind], stdout, &err) != RP_OK) cli_fatal_error(cli, &err);
+        if (verify) {
+            if (rp_ckpt_verify(argv[optind], &err) != RP_OK) cli_fatal_error(cli, &err);
+            printf("verified     : every file's size and SHA-256 match the manifest\n");
+        }
+        return 0;
     }
     rp_st_file f;
     if (rp_st_open(&f, argv[optind], &err) != RP_OK) cli_fatal_error(cli, &err);

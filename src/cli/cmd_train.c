@@ -2,11 +2,13 @@
  * synthetic task, with the official optimizer recipe. One process for now;
  * the pipeline-parallel engine will run the same steps across ranks. */
 #include <getopt.h>
+#include <libgen.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "train/checkpoint.h"
 #include "train/trainer.h"
 
 static void train_usage(FILE *out) {
@@ -28,7 +30,8 @@ static void train_usage(FILE *out) {
             "  --loss-on WHAT       synthetic tasks: 'answers' (default) or 'all' tokens\n"
             "  --seed S             data order and synthetic samples (default 1)\n"
             "Optimisation (official RWKV-7 recipe):\n"
-            "  --steps N            optimizer steps (default 200)\n"
+            "  --steps N            optimizer steps of the run (default 200)\n"
+            "  --stop-after N       stop after step N with a checkpoint (resume later)\n"
             "  --batch B            sequences per step (default 16)\n"
             "  --micro-batch M      sequences per forward/backward, B %% M == 0 (default B)\n"
             "  --lr X / --lr-final X  (default 6e-4 / 6e-5)\n"
@@ -39,6 +42,14 @@ static void train_usage(FILE *out) {
             "  --no-l2wrap          switch off the L2Wrap logit penalty\n"
             "Output:\n"
             "  -o, --output FILE    write the trained weights here (safetensors)\n"
+            "  --checkpoint-dir DIR checkpoints (weights, Adam moments, progress; see\n"
+            "                       docs/checkpoints.md), DIR/latest and DIR/best\n"
+            "  --checkpoint-interval N  save every N steps (default: only at the end)\n"
+            "  --keep-last K        keep the newest K checkpoints (default 3; 0 = all)\n"
+            "  --resume CKPT        continue a run from a checkpoint (directory or step\n"
+            "                       directory): same model, data and --seed; --steps is the\n"
+            "                       total, so the result equals one uninterrupted run;\n"
+            "                       checkpoints continue in the same directory\n"
             "  --metrics FILE       JSON lines: step, loss, lr, grad norm, tokens/s, eval\n"
             "  --eval-interval N    evaluate every N steps (default 50; always at the end)\n"
             "  --eval-batches N     micro-batches per evaluation (default 4)\n"
@@ -64,9 +75,14 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"metrics", required_argument, 0, 'M'},      {"eval-interval", required_argument, 0, 'e'},
         {"eval-batches", required_argument, 0, 'E'}, {"log-interval", required_argument, 0, 'l'},
         {"threads", required_argument, 0, 'j'},      {"quiet", no_argument, 0, 'q'},
+        {"checkpoint-dir", required_argument, 0, 'C'},
+        {"checkpoint-interval", required_argument, 0, 'K'},
+        {"keep-last", required_argument, 0, 'k'},    {"resume", required_argument, 0, 'U'},
+        {"stop-after", required_argument, 0, 'X'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
     rp_train_options_defaults(&o);
+    o.keep_last = 3;
     o.progress = stderr;
     cli_model_options mo = {.config_name = "tiny", .init_seed = 1};
     const char **paths = calloc((size_t)argc + 1, sizeof *paths);
@@ -118,6 +134,11 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'l': o.log_interval = (long)cli_parse_int(cli, "--log-interval", optarg, 0, 1LL << 40); break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
         case 'q': o.progress = NULL; break;
+        case 'C': o.ckpt_dir = optarg; break;
+        case 'K': o.ckpt_interval = (long)cli_parse_int(cli, "--checkpoint-interval", optarg, 0, 1LL << 40); break;
+        case 'k': o.keep_last = (int)cli_parse_int(cli, "--keep-last", optarg, 0, 1 << 20); break;
+        case 'U': o.resume_path = optarg; break;
+        case 'X': o.stop_after = (long)cli_parse_int(cli, "--stop-after", optarg, 1, 1LL << 40); break;
         case 'h': train_usage(stdout); free(paths); return 0;
         default: train_usage(stderr); free(paths); return 2;
         }
@@ -137,8 +158,28 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
 
     rp_backend *be;
     rp_model model;
-    if (mo.model_path) mo.config_name = NULL;
-    cli_load_model(&quiet, &mo, &be, &model);
+    rp_error err;
+    if (o.resume_path) {
+        /* The checkpoint names the model; its weights are loaded by the trainer. */
+        if (mo.model_path) cli_fatal(cli, "give either --resume or --init-from, not both");
+        rp_ckpt_info info;
+        if (rp_ckpt_read_info(o.resume_path, &info, &err) != RP_OK) cli_fatal_error(cli, &err);
+        if (!info.has_moments)
+            cli_fatal(cli, "%s holds weights only (no Adam moments): it cannot resume training; "
+                      "start a new run with --init-from on its weights", info.step_dir);
+        /* Keep checkpointing where the run was checkpointing. */
+        static char resume_dir[RP_CKPT_PATH_MAX];
+        if (!o.ckpt_dir) {
+            snprintf(resume_dir, sizeof resume_dir, "%s", info.step_dir);
+            o.ckpt_dir = dirname(resume_dir);
+        }
+        if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
+        if (rp_model_alloc(&model, &info.cfg, 0, info.cfg.n_layer, 1, 1, be, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+    } else {
+        if (mo.model_path) mo.config_name = NULL;
+        cli_load_model(&quiet, &mo, &be, &model);
+    }
     const rp_config *cfg = &model.cfg;
     cli_info(&quiet, "model: %d layers, C=%d, V=%d, %.2f M parameters; data: %s; %ld steps of "
              "%d x %d tokens (micro-batch %d); lr %g -> %g (%s, warmup %ld)",
@@ -147,7 +188,6 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
              o.batch_size, o.ctx_len, o.micro_batch, o.optim.lr_init, o.optim.lr_final,
              rp_lr_schedule_name(o.optim.schedule), o.optim.warmup_steps);
     rp_train_result res;
-    rp_error err;
     if (rp_train_run(&model, &o, &res, &err) != RP_OK) cli_fatal_error(cli, &err);
     cli_info(&quiet, "done: %ld steps in %.1f s; final loss %.4f, eval loss %.4f, eval accuracy "
              "%.2f%%%s%s", res.steps_done, res.seconds, res.last_loss, res.eval_loss,

@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "model/train.h"
+#include "train/checkpoint.h"
 #include "train/loader.h"
 
 void rp_train_options_defaults(rp_train_options *o) {
@@ -73,6 +74,32 @@ static rp_status data_open(data_source *d, const rp_train_options *o, int vocab_
         return RP_ERR_ARG;
     }
     return RP_OK;
+}
+
+static void data_get_position(const data_source *d, rp_train_progress *p) {
+    if (d->loader) {
+        rp_loader_position pos;
+        rp_loader_get_position(d->loader, &pos);
+        p->data_epoch = pos.epoch;
+        p->data_index = pos.index;
+        p->data_samples = pos.samples;
+        p->data_n_windows = pos.n_windows;
+    } else {
+        p->data_epoch = 0;
+        p->data_index = d->synth_cursor;
+        p->data_samples = d->synth_cursor;
+        p->data_n_windows = 0;
+    }
+}
+
+static rp_status data_set_position(data_source *d, const rp_train_progress *p, rp_error *err) {
+    if (!d->loader) {
+        d->synth_cursor = p->data_samples;
+        return RP_OK;
+    }
+    rp_loader_position pos = {.epoch = p->data_epoch, .index = p->data_index,
+                              .samples = p->data_samples, .n_windows = p->data_n_windows};
+    return rp_loader_set_position(d->loader, &pos, err);
 }
 
 static void data_close(data_source *d) {
@@ -268,10 +295,31 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     rp_batch batch;
     rp_batch_init(&batch, MB, seq_len, slot, row_begin);
 
+    long first_step = 0;
+    rp_train_progress progress = {.seed = o->seed};
+    if (o->resume_path) {
+        if ((st = rp_ckpt_load(o->resume_path, model, &adam_m, &adam_v, &progress, err)) != RP_OK)
+            goto done;
+        if (progress.seed != o->seed) {
+            st = rp_error_set(err, RP_ERR_ARG,
+                              "%s was trained with --seed %llu, not %llu: resume with the same "
+                              "seed so the data order continues", o->resume_path,
+                              (unsigned long long)progress.seed, (unsigned long long)o->seed);
+            goto done;
+        }
+        if ((st = data_set_position(&d, &progress, err)) != RP_OK) goto done;
+        first_step = (long)progress.step;
+        if (o->progress)
+            fprintf(o->progress, "resumed from %s at step %ld (%llu tokens seen)\n",
+                    o->resume_path, first_step, (unsigned long long)progress.tokens_seen);
+    }
+    double best_eval = INFINITY;
+
     const double t_start = now_seconds();
     double t_window = t_start;
     long tokens_window = 0;
-    for (long step = 0; step < o->steps; step++) {
+    const long end_step = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
+    for (long step = first_step; step < end_step; step++) {
         rp_model_zero(&grads);
         if ((st = data_train_batch(&d, B, tokens, mask, err)) != RP_OK) goto done;
         /* The loss is the mean over every target of the whole batch. */
@@ -310,9 +358,16 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         result->last_loss = loss;
         result->steps_done = step + 1;
         tokens_window += (long)B * T;
+        progress.step = (uint64_t)step + 1;
+        progress.lr_step = progress.step;
+        progress.tokens_seen += (uint64_t)B * T;
 
-        const int last = step + 1 == o->steps;
-        const int do_eval = last || (o->eval_interval > 0 && (step + 1) % o->eval_interval == 0);
+        const int last = step + 1 == end_step;
+        const int do_ckpt = o->ckpt_dir && (last || (o->ckpt_interval > 0 &&
+                                                     (step + 1) % o->ckpt_interval == 0));
+        /* Every checkpoint gets an evaluation, so `best` can be chosen. */
+        const int do_eval = last || do_ckpt ||
+                            (o->eval_interval > 0 && (step + 1) % o->eval_interval == 0);
         const int do_log = last || (o->log_interval > 0 && (step + 1) % o->log_interval == 0);
         double eval_loss = NAN, eval_acc = NAN;
         if (do_eval) {
@@ -340,6 +395,22 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             }
             t_window = now;
             tokens_window = 0;
+        }
+        if (do_ckpt) {
+            data_get_position(&d, &progress);
+            rp_ckpt_contents c = {.weights = model, .adam_m = &adam_m, .adam_v = &adam_v,
+                                  .progress = progress, .optim = &optim,
+                                  .keep_last = o->keep_last};
+            if ((st = rp_ckpt_save(o->ckpt_dir, &c, err)) != RP_OK) goto done;
+            char name[64];
+            rp_ckpt_step_name(name, sizeof name, progress.step);
+            if (eval_loss < best_eval) {
+                best_eval = eval_loss;
+                if ((st = rp_ckpt_mark_best(o->ckpt_dir, name, err)) != RP_OK) goto done;
+            }
+            if (o->progress)
+                fprintf(o->progress, "checkpoint %s/%s%s\n", o->ckpt_dir, name,
+                        best_eval == eval_loss ? " (best eval loss so far)" : "");
         }
         if (metrics) {
             fprintf(metrics,

@@ -25,13 +25,18 @@ typedef struct {
     int loss_on_answers_only;   /* synthetic tasks: loss only where the mask is set */
     int l2wrap;                 /* official L2Wrap term (default on) */
     rp_optim_config optim;      /* optim.total_steps = steps */
-    long steps;
+    long steps;                 /* length of the run (and of the LR schedule) */
+    long stop_after;            /* stop (with a checkpoint) after this step; 0 = at `steps` */
     long eval_interval;         /* 0: only at the end */
     int eval_batches;
     long log_interval;
     uint64_t seed;              /* data order and synthetic samples */
     const char *metrics_path;   /* JSON lines, NULL = none */
     const char *save_path;      /* final weights (safetensors), NULL = none */
+    const char *ckpt_dir;       /* checkpoint directory (docs/checkpoints.md), NULL = none */
+    long ckpt_interval;         /* save every N steps (and at the end); 0 = only at the end */
+    int keep_last;              /* keep the newest K checkpoints; 0 = all */
+    const char *resume_path;    /* checkpoint to continue from (weights, moments, progress) */
     FILE *progress;             /* progress lines, NULL = quiet */
 } rp_train_options;
 
@@ -45,7 +50,11 @@ typedef struct {
 
 void rp_train_options_defaults(rp_train_options *o);
 
-/* Trains `model` in place (allocates gradients and moments alongside). */
+/* Trains `model` in place (allocates gradients and moments alongside). With
+ * resume_path the weights, moments, step, LR position and data cursor come
+ * from that checkpoint (model must be allocated with its config), and the run
+ * continues exactly where it stopped: training N steps, saving, resuming and
+ * training to 2N gives the same weights bit for bit as 2N steps at once. */
 rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_result *result,
                        rp_error *err);
 
