@@ -73,7 +73,7 @@ expect_fail() {
     ok "exit $rc: $line"
 }
 
-COMMANDS="generate logits info init tokenize encode decode"
+COMMANDS="generate logits info init tokenize train eval encode decode"
 
 # ---------------------------------------------------------------- help, version
 check "rwkvpipe --help exits 0 and lists every command"
@@ -308,6 +308,22 @@ f="$T/ckpt/step-00000006/adam_v.safetensors"
 printf 'X' | dd of="$f" bs=1 seek=200 conv=notrunc 2>/dev/null
 expect_fail "info corrupted ckpt" "adam_v.safetensors" "$BIN" info "$T/ckpt" --verify
 expect_fail "resume corrupted ckpt" "adam_v.safetensors" "$BIN" train $TRAIN_ARGS --steps 8 --resume "$T/ckpt"
+
+check "eval scores every window of the shards: loss, perplexity = exp(loss), accuracy"
+expect_ok "eval shards" "$BIN" eval --model "$T/straight.safetensors" --data "$T/num-00000.tok" --ctx-len 16
+"$PYTHON3" - "$T/stdout" "$T/num-00000.tok" <<'PY' || fail "eval output is wrong"
+import math, re, struct, sys
+out = open(sys.argv[1]).read()
+n_tokens = struct.unpack_from("<Q", open(sys.argv[2], "rb").read(), 24)[0]
+scored = int(re.search(r"scored\s+: (\d+) tokens", out).group(1))
+assert scored == (n_tokens - 1) // 16 * 16, (scored, n_tokens)
+loss = float(re.search(r"loss\s+: ([0-9.]+)", out).group(1))
+ppl = float(re.search(r"perplexity\s+: ([0-9.]+)", out).group(1))
+assert abs(ppl - math.exp(loss)) <= 1e-3 * ppl, (loss, ppl)
+assert 0 < loss < 10, loss
+PY
+ok
+expect_fail "eval without data" "--data" "$BIN" eval --model "$T/straight.safetensors"
 
 # ---------------------------------------------------------------- tokenize
 check "tokenize writes a shard whose tokens are the bytes of the text plus token 0"

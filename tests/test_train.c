@@ -116,10 +116,10 @@ static void test_loss_falls_on_the_copy_task(void **state) {
     o.batch_size = o.micro_batch = 8;
     rp_error err;
     double loss0, acc0, loss1, acc1;
-    assert_int_equal(rp_train_evaluate(&m, &o, 2, &loss0, &acc0, &err), RP_OK);
+    assert_int_equal(rp_train_evaluate(&m, &o, 2, &loss0, &acc0, NULL, &err), RP_OK);
     rp_train_result res;
     assert_int_equal(rp_train_run(&m, &o, &res, &err), RP_OK);
-    assert_int_equal(rp_train_evaluate(&m, &o, 2, &loss1, &acc1, &err), RP_OK);
+    assert_int_equal(rp_train_evaluate(&m, &o, 2, &loss1, &acc1, NULL, &err), RP_OK);
     if (!(loss1 < loss0 - 0.5)) fail_msg("eval loss %.4f -> %.4f: did not fall", loss0, loss1);
     assert_true(isfinite(res.last_loss));
     rp_model_free(&m);

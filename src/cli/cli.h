@@ -58,5 +58,6 @@ int cmd_info(rp_cli *cli, int argc, char **argv);
 int cmd_init(rp_cli *cli, int argc, char **argv);
 int cmd_tokenize(rp_cli *cli, int argc, char **argv);
 int cmd_train(rp_cli *cli, int argc, char **argv);
+int cmd_eval(rp_cli *cli, int argc, char **argv);
 
 #endif

@@ -21,6 +21,7 @@ typedef struct {
 
 static const subcommand commands[] = {
     {"train", cmd_train, 1, "train a model (official RWKV-7 recipe) on shards or a synthetic task"},
+    {"eval", cmd_eval, 1, "loss, perplexity and accuracy on token shards or a synthetic task"},
     {"generate", cmd_generate, 1, "generate text from a prompt (streams to stdout)"},
     {"logits", cmd_logits, 1, "exact logits and final state for a token sequence"},
     {"info", cmd_info, 0, "print a model's config, parameter count and state size"},

@@ -156,7 +156,7 @@ static int split_samples(const rp_train_options *o, int n, const int32_t *tokens
 /* ---- evaluation ---- */
 
 rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, int n_batches,
-                            double *loss, double *accuracy, rp_error *err) {
+                            double *loss, double *accuracy, long *n_targets, rp_error *err) {
     rp_backend *be = model->be;
     const int T = o->ctx_len, n = o->micro_batch, V = model->cfg.vocab_size;
     data_source d;
@@ -187,10 +187,26 @@ rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, in
     rp_batch_init(&batch, n, seq_len, slot, row_begin);
     double loss_sum = 0;
     long correct = 0, count = 0;
+    const uint64_t n_windows = d.loader ? rp_loader_n_windows(d.loader) : 0;
+    const int all = o->eval_all_windows && d.loader;
+    if (all) n_batches = (int)((n_windows + (uint64_t)n - 1) / (uint64_t)n);
     for (int bi = 0; bi < n_batches && st == RP_OK; bi++) {
-        st = data_eval_batch(&d, bi, n, tokens, mask, err);
+        if (all) {
+            /* Every window in order; the last batch's spare rows score nothing. */
+            for (int i = 0; i < n && st == RP_OK; i++) {
+                uint64_t w = (uint64_t)bi * n + i;
+                st = rp_loader_window(d.loader, w < n_windows ? w : 0,
+                                      tokens + (size_t)i * (T + 1), err);
+            }
+            memset(mask, 1, (size_t)n * T);
+        } else {
+            st = data_eval_batch(&d, bi, n, tokens, mask, err);
+        }
         if (st != RP_OK) break;
         split_samples(o, n, tokens, mask, inputs, targets);
+        for (int i = 0; all && i < n; i++)
+            if ((uint64_t)bi * n + i >= n_windows)
+                for (int t = 0; t < T; t++) targets[(size_t)i * T + t] = -1;
         be->fill_zero(be, state.data, state.floats_per_slot * (size_t)n * sizeof(float));
         st = rp_model_forward(model, &ws, inputs, &batch, &state, RP_LOGITS_ALL, logits_dev, err);
         if (st != RP_OK) break;
@@ -211,6 +227,7 @@ rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, in
     if (st == RP_OK) {
         *loss = count ? loss_sum / count : 0.0;
         *accuracy = count ? (double)correct / count : 0.0;
+        if (n_targets) *n_targets = count;
     }
     if (state.data) be->free(be, state.data);
     if (logits_dev) be->free(be, logits_dev);
@@ -371,7 +388,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         const int do_log = last || (o->log_interval > 0 && (step + 1) % o->log_interval == 0);
         double eval_loss = NAN, eval_acc = NAN;
         if (do_eval) {
-            if ((st = rp_train_evaluate(model, o, o->eval_batches, &eval_loss, &eval_acc, err)) !=
+            if ((st = rp_train_evaluate(model, o, o->eval_batches, &eval_loss, &eval_acc, NULL, err)) !=
                 RP_OK)
                 goto done;
             result->eval_loss = eval_loss;

@@ -29,6 +29,7 @@ typedef struct {
     long stop_after;            /* stop (with a checkpoint) after this step; 0 = at `steps` */
     long eval_interval;         /* 0: only at the end */
     int eval_batches;
+    int eval_all_windows;       /* rp_train_evaluate on shards: every window, not the split */
     long log_interval;
     uint64_t seed;              /* data order and synthetic samples */
     const char *metrics_path;   /* JSON lines, NULL = none */
@@ -59,8 +60,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                        rp_error *err);
 
 /* Mean loss and accuracy (arg-max == target) over the positions with a
- * target of n_batches eval batches (held-out split / eval stream). */
+ * target of n_batches eval batches (held-out split / eval stream); with
+ * eval_all_windows on shards, over every window (n_batches is ignored).
+ * *n_targets (may be NULL) receives the number of positions scored. */
 rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, int n_batches,
-                            double *loss, double *accuracy, rp_error *err);
+                            double *loss, double *accuracy, long *n_targets, rp_error *err);
 
 #endif
