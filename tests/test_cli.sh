@@ -301,6 +301,13 @@ cmp -s "$T/straight.safetensors" "$T/resumed.safetensors" ||
     fail "resumed weights differ from the uninterrupted run"
 cmp -s "$T/straight.safetensors" "$T/half.safetensors" && fail "the half run did not stop early"
 ok
+check "train --data on a plain text file tokenizes it first and leaves no temporary files"
+mkdir -p "$T/tmp"
+expect_ok "train on text" env TMPDIR="$T/tmp" "$BIN" train --data "$T/numbers.txt" --ctx-len 16 \
+    --batch 4 --steps 2 -q -o "$T/from_text.safetensors"
+[ -f "$T/from_text.safetensors" ] || fail "no weights written"
+[ -z "$(ls -A "$T/tmp")" ] || fail "temporary files left in \$TMPDIR: $(ls "$T/tmp")"
+ok
 check "info CHECKPOINT --verify; a corrupted checkpoint file is named"
 expect_ok "info ckpt" "$BIN" info "$T/ckpt" --verify
 grep -q "step         6" "$T/stdout" || fail "info does not show step 6 of the resumed run"

@@ -3,13 +3,80 @@
  * the pipeline-parallel engine will run the same steps across ranks. */
 #include <getopt.h>
 #include <libgen.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "infer/tokenizer.h"
 #include "train/checkpoint.h"
+#include "train/tokenize.h"
 #include "train/trainer.h"
+
+/* Text and JSON-lines inputs given to --data are tokenized first, into a
+ * temporary directory (removed at the end), so `train --data corpus.txt`
+ * works without a separate `rwkvpipe tokenize` run. Returns the number of
+ * shard files written; the text entries of paths[] (NULL-terminated) are
+ * replaced by one entry naming the shards' directory. */
+static int tokenize_text_inputs(const rp_cli *cli, const char **paths, int n_paths,
+                                const char *vocab, char *tmp_dir, size_t tmp_size,
+                                char *prefix, size_t prefix_size) {
+    int n_text = 0;
+    for (int i = 0; i < n_paths; i++) {
+        size_t n = strlen(paths[i]);
+        if (n < 4 || strcmp(paths[i] + n - 4, ".tok") != 0) {
+            struct stat sb;
+            if (stat(paths[i], &sb) == 0 && S_ISREG(sb.st_mode)) n_text++;
+        }
+    }
+    if (n_text == 0) return 0;
+    const char *base = getenv("TMPDIR");
+    snprintf(tmp_dir, tmp_size, "%s/rwkvpipe-train.XXXXXX", base && *base ? base : "/tmp");
+    if (!mkdtemp(tmp_dir)) cli_fatal(cli, "cannot create a temporary directory %s", tmp_dir);
+    snprintf(prefix, prefix_size, "%s/text", tmp_dir);
+    rp_tokenizer *tok;
+    rp_error err;
+    if (rp_tokenizer_open(&tok, vocab, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_tokenize_run *run;
+    if (rp_tokenize_begin(&run, prefix, tok, NULL, &err) != RP_OK) cli_fatal_error(cli, &err);
+    for (int i = 0; i < n_paths; i++) {
+        size_t n = strlen(paths[i]);
+        struct stat sb;
+        if ((n >= 4 && strcmp(paths[i] + n - 4, ".tok") == 0) || stat(paths[i], &sb) != 0 ||
+            !S_ISREG(sb.st_mode))
+            continue;
+        cli_info(cli, "tokenizing %s (vocab %s)", paths[i], vocab);
+        if (rp_tokenize_add_file(run, paths[i], RP_INPUT_AUTO, &err) != RP_OK) {
+            rp_tokenize_abort(run);
+            cli_fatal_error(cli, &err);
+        }
+        paths[i] = NULL;
+    }
+    rp_tokenize_stats stats;
+    if (rp_tokenize_finish(run, &stats, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_tokenizer_free(tok);
+    /* Text inputs are replaced, in place of the first one, by the directory. */
+    int j = 0, placed = 0;
+    for (int i = 0; i < n_paths; i++) {
+        if (paths[i]) paths[j++] = paths[i];
+        else if (!placed) {
+            paths[j++] = tmp_dir;
+            placed = 1;
+        }
+    }
+    for (int k = j; k < n_paths; k++) paths[k] = NULL;
+    cli_info(cli, "tokenized %llu bytes into %llu tokens (%u shard%s)",
+             (unsigned long long)stats.bytes, (unsigned long long)stats.tokens, stats.shards,
+             stats.shards == 1 ? "" : "s");
+    return (int)stats.shards;
+}
+
+static void remove_tokenized(const char *tmp_dir, const char *prefix, int n_shards) {
+    char path[RP_CKPT_PATH_MAX];
+    for (int i = 0; i < n_shards; i++) unlink(rp_tokenize_shard_path(path, sizeof path, prefix, (uint32_t)i));
+    rmdir(tmp_dir);
+}
 
 static void train_usage(FILE *out) {
     fprintf(out,
@@ -23,8 +90,11 @@ static void train_usage(FILE *out) {
             "  --init-from FILE     start from these weights instead (safetensors)\n"
             "  --init-seed S        seed of the official init of a new model (default 1)\n"
             "Data:\n"
-            "  --data SRC           'mqar' (default), 'copy', or token shard files /\n"
-            "                       directories made by 'rwkvpipe tokenize' (repeatable)\n"
+            "  --data SRC           'mqar' (default), 'copy', token shard files /\n"
+            "                       directories made by 'rwkvpipe tokenize', or text /\n"
+            "                       .jsonl files (tokenized first); repeatable\n"
+            "  --vocab V            tokenizer for text --data: 'bytes' (default) or a\n"
+            "                       World vocabulary file\n"
             "  --ctx-len T          tokens per sample (default 64)\n"
             "  --mqar-pairs N       key-value pairs per MQAR sample (default: ctx/4)\n"
             "  --loss-on WHAT       synthetic tasks: 'answers' (default) or 'all' tokens\n"
@@ -78,7 +148,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"checkpoint-dir", required_argument, 0, 'C'},
         {"checkpoint-interval", required_argument, 0, 'K'},
         {"keep-last", required_argument, 0, 'k'},    {"resume", required_argument, 0, 'U'},
-        {"stop-after", required_argument, 0, 'X'},
+        {"stop-after", required_argument, 0, 'X'},  {"vocab", required_argument, 0, 'Y'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
     rp_train_options_defaults(&o);
@@ -86,6 +156,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     o.progress = stderr;
     cli_model_options mo = {.config_name = "tiny", .init_seed = 1};
     const char **paths = calloc((size_t)argc + 1, sizeof *paths);
+    const char *vocab = "bytes";
     int n_paths = 0, micro_batch = 0;
     int c;
     optind = 1;
@@ -138,6 +209,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'K': o.ckpt_interval = (long)cli_parse_int(cli, "--checkpoint-interval", optarg, 0, 1LL << 40); break;
         case 'k': o.keep_last = (int)cli_parse_int(cli, "--keep-last", optarg, 0, 1 << 20); break;
         case 'U': o.resume_path = optarg; break;
+        case 'Y': vocab = optarg; break;
         case 'X': o.stop_after = (long)cli_parse_int(cli, "--stop-after", optarg, 1, 1LL << 40); break;
         case 'h': train_usage(stdout); free(paths); return 0;
         default: train_usage(stderr); free(paths); return 2;
@@ -151,10 +223,15 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (o.batch_size % o.micro_batch != 0)
         cli_fatal(cli, "--batch %d must be a multiple of --micro-batch %d", o.batch_size,
                   o.micro_batch);
-    o.data_paths = paths;
-    o.n_data_paths = n_paths;
     rp_cli quiet = *cli;
     if (!o.progress) quiet.mpi_rank = -1;
+    char tmp_dir[RP_CKPT_PATH_MAX] = "", tmp_prefix[RP_CKPT_PATH_MAX] = "";
+    int n_tmp_shards = tokenize_text_inputs(&quiet, paths, n_paths, vocab, tmp_dir,
+                                            sizeof tmp_dir, tmp_prefix, sizeof tmp_prefix);
+    n_paths = 0;
+    while (paths[n_paths]) n_paths++;
+    o.data_paths = paths;
+    o.n_data_paths = n_paths;
 
     rp_backend *be;
     rp_model model;
@@ -188,7 +265,9 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
              o.batch_size, o.ctx_len, o.micro_batch, o.optim.lr_init, o.optim.lr_final,
              rp_lr_schedule_name(o.optim.schedule), o.optim.warmup_steps);
     rp_train_result res;
-    if (rp_train_run(&model, &o, &res, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_status st = rp_train_run(&model, &o, &res, &err);
+    if (n_tmp_shards) remove_tokenized(tmp_dir, tmp_prefix, n_tmp_shards);
+    if (st != RP_OK) cli_fatal_error(cli, &err);
     cli_info(&quiet, "done: %ld steps in %.1f s; final loss %.4f, eval loss %.4f, eval accuracy "
              "%.2f%%%s%s", res.steps_done, res.seconds, res.last_loss, res.eval_loss,
              100 * res.eval_accuracy, o.save_path ? "; weights: " : "",
