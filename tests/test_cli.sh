@@ -301,6 +301,13 @@ cmp -s "$T/straight.safetensors" "$T/resumed.safetensors" ||
     fail "resumed weights differ from the uninterrupted run"
 cmp -s "$T/straight.safetensors" "$T/half.safetensors" && fail "the half run did not stop early"
 ok
+check "explicit model dimensions: --model-config L3-C128-V512-F256"
+expect_ok "info explicit dims" "$BIN" info --model-config L3-C128-V512-F256
+grep -q "n_layer      : 3" "$T/stdout" && grep -q "vocab_size   : 512" "$T/stdout" &&
+    grep -q "dim_ffn      : 256" "$T/stdout" || fail "explicit dimensions not applied"
+ok
+expect_fail "bad explicit dims" "multiple of 64" "$BIN" info --model-config L2-C100
+
 check "train --data on a plain text file tokenizes it first and leaves no temporary files"
 mkdir -p "$T/tmp"
 expect_ok "train on text" env TMPDIR="$T/tmp" "$BIN" train --data "$T/numbers.txt" --ctx-len 16 \

@@ -2,6 +2,7 @@
 #include "model/config.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 rp_status rp_config_validate(const rp_config *c, rp_error *err) {
@@ -60,7 +61,35 @@ static const builtin_shape builtins[] = {
     {"1.5b", 24, 2048, 65536, 96, 96, 64, 256},
 };
 
-const char *rp_config_builtin_names(void) { return "tiny, small, 0.1b, 0.4b, 1.5b"; }
+const char *rp_config_builtin_names(void) {
+    return "tiny, small, 0.1b, 0.4b, 1.5b, or explicit dims L<layers>-C<n_embd>[-V<vocab>][-F<ffn>]";
+}
+
+/* "L6-C384", "L6-C384-V65536-F1536": explicit dimensions, LoRA ranks from the
+ * official suggestion formula. Returns 1 when name has this form. */
+static int parse_explicit_shape(const char *name, rp_config *c) {
+    int L = 0, C = 0, V = 256, F = 0, used = 0;
+    if (sscanf(name, "L%d-C%d%n", &L, &C, &used) != 2) return 0;
+    const char *p = name + used;
+    while (*p) {
+        int v = 0, n = 0;
+        char key;
+        if (sscanf(p, "-%c%d%n", &key, &v, &n) != 2) return 0;
+        if (key == 'V') V = v;
+        else if (key == 'F') F = v;
+        else return 0;
+        p += n;
+    }
+    memset(c, 0, sizeof *c);
+    c->n_layer = L;
+    c->n_embd = C;
+    c->head_size = RP_HEAD_SIZE;
+    c->n_head = C / RP_HEAD_SIZE;
+    c->vocab_size = V;
+    c->dim_ffn = F > 0 ? F : 4 * C;
+    rp_config_default_ranks(c);
+    return 1;
+}
 
 rp_status rp_config_builtin(rp_config *c, const char *name, int vocab_override, rp_error *err) {
     for (size_t i = 0; i < sizeof builtins / sizeof builtins[0]; i++) {
@@ -82,6 +111,11 @@ rp_status rp_config_builtin(rp_config *c, const char *name, int vocab_override, 
             rp_config_default_ranks(c);
         }
         return rp_config_validate(c, err);
+    }
+    if (parse_explicit_shape(name, c)) {
+        if (vocab_override > 0) c->vocab_size = vocab_override;
+        rp_status st = rp_config_validate(c, err);
+        return st == RP_OK ? st : rp_error_prefix(err, "model config '%s'", name);
     }
     return rp_error_set(err, RP_ERR_ARG, "unknown model config '%s' (built-ins: %s)", name,
                         rp_config_builtin_names());
