@@ -46,13 +46,7 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
         case 'm': mo.model_path = optarg; break;
         case 'd':
             have_data = 1;
-            if (strcmp(optarg, "mqar") == 0 || strcmp(optarg, "copy") == 0) {
-                o.synthetic = 1;
-                o.synth.task = (rp_synth_task)rp_synth_task_from_name(optarg);
-            } else {
-                o.synthetic = 0;
-                paths[n_paths++] = optarg;
-            }
+            rp_train_options_add_data(&o, paths, &n_paths, optarg);
             break;
         case 'T': o.ctx_len = (int)cli_parse_int(cli, "--ctx-len", optarg, 2, 1 << 20); break;
         case 'b': o.micro_batch = o.batch_size = (int)cli_parse_int(cli, "--batch", optarg, 1, 1 << 16); break;

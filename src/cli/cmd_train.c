@@ -167,13 +167,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'i': mo.model_path = optarg; break;
         case 'I': mo.init_seed = cli_parse_u64(cli, "--init-seed", optarg); break;
         case 'd':
-            if (strcmp(optarg, "mqar") == 0 || strcmp(optarg, "copy") == 0) {
-                o.synthetic = 1;
-                o.synth.task = (rp_synth_task)rp_synth_task_from_name(optarg);
-            } else {
-                o.synthetic = 0;
-                paths[n_paths++] = optarg;
-            }
+            rp_train_options_add_data(&o, paths, &n_paths, optarg);
             break;
         case 'T': o.ctx_len = (int)cli_parse_int(cli, "--ctx-len", optarg, 2, 1 << 20); break;
         case 'p': o.synth.n_pairs = (int)cli_parse_int(cli, "--mqar-pairs", optarg, 1, 1 << 20); break;

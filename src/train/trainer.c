@@ -27,6 +27,18 @@ void rp_train_options_defaults(rp_train_options *o) {
     o->seed = 1;
 }
 
+void rp_train_options_add_data(rp_train_options *o, const char **paths, int *n_paths,
+                               const char *arg) {
+    int task = rp_synth_task_from_name(arg);
+    if (task >= 0) {
+        o->synthetic = 1;
+        o->synth.task = (rp_synth_task)task;
+    } else {
+        o->synthetic = 0;
+        paths[(*n_paths)++] = arg;
+    }
+}
+
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

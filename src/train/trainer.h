@@ -51,6 +51,11 @@ typedef struct {
 
 void rp_train_options_defaults(rp_train_options *o);
 
+/* One --data argument: "mqar" / "copy" select a synthetic task, anything
+ * else is appended to paths (caller storage, *n_paths entries so far). */
+void rp_train_options_add_data(rp_train_options *o, const char **paths, int *n_paths,
+                               const char *arg);
+
 /* Trains `model` in place (allocates gradients and moments alongside). With
  * resume_path the weights, moments, step, LR position and data cursor come
  * from that checkpoint (model must be allocated with its config), and the run
