@@ -1,9 +1,9 @@
 /* Backward (training) ops of the CPU backend, installed into the vtable by
- * cpu_backward_install; semantics in backend.h. Each op's forward lives in
- * cpu_backend.c, cpu_matmul.c or cpu_recurrence.c. Parameter gradients reduce
- * over rows in row order inside one thread per channel range (or through
- * BLAS calls that never split the reduction), so they do not depend on the
- * thread count. */
+ * cpu_backward_install (semantics in backend.h); the forward of each op is in
+ * cpu_backend.c or cpu_matmul.c, written out in a comment above its backward
+ * here; WKV7 training is in cpu_backward_wkv.c. Parameter gradients have one
+ * summation order whatever the thread count: GEMMs in tiles fixed by the
+ * shape, vector gradients summed over rows in row order per channel. */
 #include "config.h"
 
 #include <cblas.h>
@@ -13,8 +13,17 @@
 
 #include "cpu/cpu_backend.h"
 
-#define WKV_SCALE 0.6065306597126334f /* e^-0.5: d = exp(-e^-0.5 sigmoid(w_raw)) */
-#define KK_EPS 1e-12f
+#define KK_EPS 1e-12f    /* key_prepare: torch F.normalize's eps on the norm */
+#define KEY_HEAD_SIZE 64 /* key_prepare normalises heads of 64, as its forward */
+
+/* GEMM tiles of the backward: big enough to run at full sgemm speed
+ * (measured 128 x 128: same GFLOP/s as one call), small enough to share a
+ * [768, 768] weight gradient between 36 threads. */
+#define GEMM_TILE 128
+
+/* Channels summed at a time by one thread in column_sums loops: the
+ * accumulators stay in L1 while the rows stream by. */
+#define COLUMN_BLOCK 256
 
 static int team(rp_backend *be, size_t work) {
     return work < RP_CPU_PARALLEL_MIN_WORK ? 1 : cpu_threads(be);
@@ -29,54 +38,81 @@ static void slice16(int total, int part, int parts, int *begin, int *end) {
     *end = e < total ? (int)e : total;
 }
 
+/* out [C] += sum over rows of TERM, an expression of `row`, `col` and
+ * i = row * C + col, with `nt` threads (a variable of that name in scope).
+ * Each thread owns whole channel slices and adds a block of channels row by
+ * row into accumulators: every channel sums its rows in row order, so the
+ * result does not depend on the thread count. */
+#define COLUMN_SUMS(out, R, C, TERM)                                                       \
+    _Pragma("omp parallel num_threads(nt) if (nt > 1)") {                                  \
+        int b_, e_;                                                                        \
+        slice16((C), omp_get_thread_num(), omp_get_num_threads(), &b_, &e_);               \
+        float acc_[COLUMN_BLOCK];                                                          \
+        for (int c0_ = b_; c0_ < e_; c0_ += COLUMN_BLOCK) {                                \
+            const int c1_ = c0_ + COLUMN_BLOCK < e_ ? c0_ + COLUMN_BLOCK : e_;             \
+            for (int col = c0_; col < c1_; col++) acc_[col - c0_] = 0.0f;                  \
+            for (int row = 0; row < (R); row++) {                                          \
+                _Pragma("omp simd") for (int col = c0_; col < c1_; col++) {                \
+                    const size_t i = (size_t)row * (C) + col;                              \
+                    acc_[col - c0_] += (TERM);                                             \
+                }                                                                          \
+            }                                                                              \
+            for (int col = c0_; col < c1_; col++) (out)[col] += acc_[col - c0_];           \
+        }                                                                                  \
+    }
+
 /* ---- dense ---- */
 
-/* y = x W^T, W [N,K]: dx [M,K] += dy W; dw [N,K] += dy^T x. Threads split
- * dx's columns and dw's rows; the M reduction stays inside one sgemm. */
-static void cpu_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,
-                                       const float *x, const float *w, int M, int N, int K) {
-    if (M <= 0 || N <= 0 || K <= 0) return;
-    int nt = team(be, (size_t)M * N * K);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int parts = omp_get_num_threads(), part = omp_get_thread_num(), b, e;
-        if (dx) {
-            slice16(K, part, parts, &b, &e);
-            if (e > b)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, e - b, N, 1.0f, dy, N,
-                            w + b, K, 1.0f, dx + b, K);
-        }
-        slice16(N, part, parts, &b, &e);
-        if (e > b)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, e - b, K, M, 1.0f, dy + b, N, x,
-                        K, 1.0f, dw + (size_t)b * K, K);
+/* Cm [rows, cols] += op(A) [rows, depth] . op(B) [depth, cols] (row-major),
+ * one sgemm per GEMM_TILE x GEMM_TILE tile of Cm, tiles dealt to threads.
+ * The tiles depend on the shape only: OpenBLAS kernels (Haswell's, for one)
+ * give an element different bits depending on the size of the block it is
+ * computed in, so slicing by thread count would make gradients depend on
+ * it. The depth (the reduction) is never split. */
+static void gemm_accumulate_tiled(rp_backend *be, CBLAS_TRANSPOSE trans_a,
+                                  CBLAS_TRANSPOSE trans_b, int rows, int cols, int depth,
+                                  const float *A, int lda, const float *B, int ldb, float *Cm,
+                                  int ldc) {
+    const int tiles_r = (rows + GEMM_TILE - 1) / GEMM_TILE;
+    const int tiles_c = (cols + GEMM_TILE - 1) / GEMM_TILE;
+    const long tiles = (long)tiles_r * tiles_c;
+    int nt = team(be, (size_t)rows * cols * depth);
+    if (nt > tiles) nt = (int)tiles;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
+    for (long t = 0; t < tiles; t++) {
+        const int r0 = (int)(t / tiles_c) * GEMM_TILE, c0 = (int)(t % tiles_c) * GEMM_TILE;
+        const int nr = rows - r0 < GEMM_TILE ? rows - r0 : GEMM_TILE;
+        const int nc = cols - c0 < GEMM_TILE ? cols - c0 : GEMM_TILE;
+        const float *a_tile = trans_a == CblasNoTrans ? A + (size_t)r0 * lda : A + r0;
+        const float *b_tile = trans_b == CblasNoTrans ? B + c0 : B + (size_t)c0 * ldb;
+        cblas_sgemm(CblasRowMajor, trans_a, trans_b, nr, nc, depth, 1.0f, a_tile, lda, b_tile,
+                    ldb, 1.0f, Cm + (size_t)r0 * ldc + c0, ldc);
     }
 }
 
-/* y = x W, W [K,N]: dx [M,K] += dy W^T; dw [K,N] += x^T dy. */
+/* forward: y [M,N] = x [M,K] . W^T, W [N,K]
+ * backward: dx [M,K] += dy . W (dx optional); dw [N,K] += dy^T . x */
+static void cpu_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,
+                                       const float *x, const float *w, int M, int N, int K) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    if (dx) gemm_accumulate_tiled(be, CblasNoTrans, CblasNoTrans, M, K, N, dy, N, w, K, dx, K);
+    gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, N, K, M, dy, N, x, K, dw, K);
+}
+
+/* forward: y [M,N] = x [M,K] . W, W [K,N] (LoRA factor)
+ * backward: dx [M,K] += dy . W^T (dx optional); dw [K,N] += x^T . dy */
 static void cpu_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const float *dy,
                                      const float *x, const float *w, int M, int N, int K) {
     if (M <= 0 || N <= 0 || K <= 0) return;
-    int nt = team(be, (size_t)M * N * K);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int parts = omp_get_num_threads(), part = omp_get_thread_num(), b, e;
-        if (dx) {
-            slice16(K, part, parts, &b, &e);
-            if (e > b)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, e - b, N, 1.0f, dy, N,
-                            w + (size_t)b * N, N, 1.0f, dx + b, K);
-        }
-        slice16(K, part, parts, &b, &e);
-        if (e > b)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, e - b, N, M, 1.0f, x + b, K, dy,
-                        N, 1.0f, dw + (size_t)b * N, N);
-    }
+    if (dx) gemm_accumulate_tiled(be, CblasNoTrans, CblasTrans, M, K, N, dy, N, w, N, dx, K);
+    gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, K, N, M, x, K, dy, N, dw, N);
 }
 
 /* ---- position-wise ---- */
 
-/* demb [V,C]: row tokens[r] += dx row r, rows in order (threads own channels). */
+/* forward: x [R,C] = emb[tokens[r]]
+ * backward: demb [V,C] row tokens[r] += dx row r, rows in order (threads own
+ * channel slices, so repeated tokens add up in row order). */
 static void cpu_embedding_backward(rp_backend *be, float *demb, const float *dx,
                                    const int32_t *tokens, int R, int C) {
     int nt = team(be, (size_t)R * C);
@@ -85,33 +121,19 @@ static void cpu_embedding_backward(rp_backend *be, float *demb, const float *dx,
         int b, e;
         slice16(C, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
         for (int r = 0; r < R; r++) {
-            float *dst = demb + (size_t)tokens[r] * C;
-            const float *src = dx + (size_t)r * C;
+            float *restrict dst = demb + (size_t)tokens[r] * C;
+            const float *restrict src = dx + (size_t)r * C;
+#pragma omp simd
             for (int c = b; c < e; c++) dst[c] += src[c];
         }
     }
 }
 
-/* Sum over rows of a [R,C] product into out [C] (+=), in row order. */
-static void column_sums(rp_backend *be, float *out, const float *a, const float *b_or_null,
-                        int R, int C) {
-    int nt = team(be, (size_t)R * C);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int b, e;
-        slice16(C, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-        for (int c = b; c < e; c++) {
-            float s = 0.0f;
-            for (int r = 0; r < R; r++)
-                s += a[(size_t)r * C + c] * (b_or_null ? b_or_null[(size_t)r * C + c] : 1.0f);
-            out[c] += s;
-        }
-    }
-}
-
-/* Normalisation backward over groups of G channels (LayerNorm: G = C;
- * GroupNorm: G = N) with mean/rstd per (row, group). dx (+)= ..., the affine
- * gradients += ... ; xhat is rebuilt from x, mean, rstd. */
+/* forward: y = (x - mean) rstd weight + bias over groups of G channels
+ * (LayerNorm: G = C; GroupNorm: G = N), mean/rstd [R, C/G] saved.
+ * backward, with xhat = (x - mean) rstd and d = dy weight, per group:
+ *   dx = rstd (d - mean(d) - xhat mean(d xhat))   (+= or =, see accumulate)
+ *   dweight += sum_r dy xhat,  dbias += sum_r dy. */
 static void norm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
                           const float *dy, const float *x, const float *mean, const float *rstd,
                           const float *weight, int R, int C, int G, int accumulate) {
@@ -121,120 +143,136 @@ static void norm_backward(rp_backend *be, float *dx, float *dweight, float *dbia
     for (int r = 0; r < R; r++) {
         for (int g = 0; g < groups; g++) {
             const size_t o = (size_t)r * C + (size_t)g * G;
+            const float *restrict dyg = dy + o, *restrict xg = x + o, *restrict wg = weight + g * G;
+            float *restrict dxg = dx + o;
             const float mu = mean[(size_t)r * groups + g], rs = rstd[(size_t)r * groups + g];
-            float sum_d = 0.0f, sum_dx = 0.0f;
-            for (int i = 0; i < G; i++) {
-                float d = dy[o + i] * weight[g * G + i];
-                float xh = (x[o + i] - mu) * rs;
+            float sum_d = 0.0f, sum_dxh = 0.0f;
+#pragma omp simd reduction(+ : sum_d, sum_dxh)
+            for (int j = 0; j < G; j++) {
+                const float d = dyg[j] * wg[j];
                 sum_d += d;
-                sum_dx += d * xh;
+                sum_dxh += d * ((xg[j] - mu) * rs);
             }
-            const float mean_d = sum_d / G, mean_dx = sum_dx / G;
-            for (int i = 0; i < G; i++) {
-                float d = dy[o + i] * weight[g * G + i];
-                float xh = (x[o + i] - mu) * rs;
-                float v = rs * (d - mean_d - xh * mean_dx);
-                dx[o + i] = accumulate ? dx[o + i] + v : v;
+            const float mean_d = sum_d / G, mean_dxh = sum_dxh / G;
+            if (accumulate) {
+#pragma omp simd
+                for (int j = 0; j < G; j++)
+                    dxg[j] += rs * (dyg[j] * wg[j] - mean_d - (xg[j] - mu) * rs * mean_dxh);
+            } else {
+#pragma omp simd
+                for (int j = 0; j < G; j++)
+                    dxg[j] = rs * (dyg[j] * wg[j] - mean_d - (xg[j] - mu) * rs * mean_dxh);
             }
         }
     }
-    /* Affine gradients: dweight += sum_r dy xhat, dbias += sum_r dy. */
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int b, e;
-        slice16(C, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-        for (int c = b; c < e; c++) {
-            const int g = c / G;
-            float sw = 0.0f, sb = 0.0f;
-            for (int r = 0; r < R; r++) {
-                const size_t o = (size_t)r * C + c;
-                float xh = (x[o] - mean[(size_t)r * groups + g]) * rstd[(size_t)r * groups + g];
-                sw += dy[o] * xh;
-                sb += dy[o];
-            }
-            dweight[c] += sw;
-            dbias[c] += sb;
-        }
-    }
+    COLUMN_SUMS(dweight, R, C,
+                dy[i] * ((x[i] - mean[(size_t)row * groups + col / G]) *
+                         rstd[(size_t)row * groups + col / G]))
+    COLUMN_SUMS(dbias, R, C, dy[i])
 }
 
+/* forward: y [R,C] = LayerNorm(x) weight + bias (eps 1e-5); dx += */
 static void cpu_layernorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
                                    const float *dy, const float *x, const float *mean,
                                    const float *rstd, const float *weight, int R, int C) {
     norm_backward(be, dx, dweight, dbias, dy, x, mean, rstd, weight, R, C, C, 1);
 }
 
+/* forward: y [R,C] = GroupNorm(x; heads of N) weight + bias; dx overwritten */
 static void cpu_groupnorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
                                    const float *dy, const float *x, const float *mean,
                                    const float *rstd, const float *weight, int R, int C, int N) {
     norm_backward(be, dx, dweight, dbias, dy, x, mean, rstd, weight, R, C, N, 0);
 }
 
+/* forward: prev row t = x row t-1 inside a sequence, the slot's state for
+ * t = 0; then the state = the last row.
+ * backward: dx row t += dprev row t+1, the last row += d(state after) (the
+ * slot on entry); then the slot = dprev of the first row (d(state before)).
+ * All slots are read before any is written, as the forward. */
 static void cpu_token_shift_backward(rp_backend *be, float *dx, float *dstate_base,
                                      size_t state_stride, const float *dprev,
                                      const rp_batch *batch, int C) {
-    for (int s = 0; s < batch->n_seq; s++) {
-        const int first = batch->row_begin[s], len = batch->seq_len[s];
-        float *dstate = dstate_base + (size_t)batch->slot[s] * state_stride;
-        float *dx_last = dx + (size_t)(first + len - 1) * C;
-        for (int c = 0; c < C; c++) dx_last[c] += dstate[c];  /* the state after = last row */
-        for (int r = first + 1; r < first + len; r++)
-            for (int c = 0; c < C; c++) dx[(size_t)(r - 1) * C + c] += dprev[(size_t)r * C + c];
-        for (int c = 0; c < C; c++) dstate[c] = dprev[(size_t)first * C + c];
+    int nt = team(be, (size_t)batch->n_rows * C);
+    if (nt > batch->n_seq) nt = batch->n_seq > 0 ? batch->n_seq : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int s = 0; s < batch->n_seq; s++) {
+            const size_t first = (size_t)batch->row_begin[s], len = (size_t)batch->seq_len[s];
+            const float *restrict dstate = dstate_base + (size_t)batch->slot[s] * state_stride;
+            for (size_t r = first; r < first + len; r++) {
+                float *restrict dxr = dx + r * C;
+                const float *restrict src = r + 1 < first + len ? dprev + (r + 1) * C : dstate;
+#pragma omp simd
+                for (int c = 0; c < C; c++) dxr[c] += src[c];
+            }
+        }
+#pragma omp for schedule(static)
+        for (int s = 0; s < batch->n_seq; s++) {
+            float *restrict dstate = dstate_base + (size_t)batch->slot[s] * state_stride;
+            const float *restrict src = dprev + (size_t)batch->row_begin[s] * C;
+            for (int c = 0; c < C; c++) dstate[c] = src[c];
+        }
     }
 }
 
+/* forward: y [R,C] = x + (prev - x) mu, mu [C]
+ * backward: dx += dy (1 - mu), dprev += dy mu, dmu += sum_r dy (prev - x) */
 static void cpu_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dmu,
                               const float *dy, const float *x, const float *prev,
                               const float *mu, int R, int C) {
     int nt = team(be, (size_t)R * C);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < R; r++) {
+        const size_t o = (size_t)r * C;
+        const float *restrict dyr = dy + o;
+        float *restrict dxr = dx + o, *restrict dpr = dprev + o;
+#pragma omp simd
         for (int c = 0; c < C; c++) {
-            const size_t i = (size_t)r * C + c;
-            dx[i] += dy[i] * (1.0f - mu[c]);
-            dprev[i] += dy[i] * mu[c];
-        }
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int b, e;
-        slice16(C, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-        for (int c = b; c < e; c++) {
-            float s = 0.0f;
-            for (int r = 0; r < R; r++) {
-                const size_t i = (size_t)r * C + c;
-                s += dy[i] * (prev[i] - x[i]);
-            }
-            dmu[c] += s;
+            dxr[c] += dyr[c] * (1.0f - mu[c]);
+            dpr[c] += dyr[c] * mu[c];
         }
     }
+    COLUMN_SUMS(dmu, R, C, dy[i] * (prev[i] - x[i]))
 }
+
+/* forward: y [R,C] = act(pre + bias)
+ * backward, act' from the output y: tanh 1 - y^2, sigmoid y (1 - y),
+ * relu^2 2 sqrt(y) (= 2 relu(t)), none 1: dy *= act' in place (= d pre);
+ * dbias += sum_r d pre (optional). One loop per activation, to vectorise. */
+#define BIAS_ACT_BACKWARD_LOOP(DERIV)                                                     \
+    _Pragma("omp parallel for simd num_threads(nt) if (nt > 1) schedule(static)")          \
+    for (size_t i = 0; i < n; i++) {                                                      \
+        const float yi = y[i];                                                             \
+        dy[i] *= (DERIV);                                                                  \
+    }
 
 static void cpu_bias_act_backward(rp_backend *be, float *dy, float *dbias, const float *y, int R,
                                   int C, rp_activation act) {
-    int nt = team(be, (size_t)R * C);
-    if (act != RP_ACT_NONE) {
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-        for (size_t i = 0; i < (size_t)R * C; i++) {
-            float yi = y[i], d;
-            switch (act) {
-            case RP_ACT_TANH: d = 1.0f - yi * yi; break;
-            case RP_ACT_SIGMOID: d = yi * (1.0f - yi); break;
-            case RP_ACT_RELU_SQUARED: d = 2.0f * sqrtf(yi); break;  /* y = relu(p)^2 */
-            default: d = 1.0f; break;
-            }
-            dy[i] *= d;
-        }
+    const size_t n = (size_t)R * C;
+    int nt = team(be, n);
+    switch (act) {
+    case RP_ACT_NONE: break;
+    case RP_ACT_TANH: BIAS_ACT_BACKWARD_LOOP(1.0f - yi * yi) break;
+    case RP_ACT_SIGMOID: BIAS_ACT_BACKWARD_LOOP(yi * (1.0f - yi)) break;
+    case RP_ACT_RELU_SQUARED: BIAS_ACT_BACKWARD_LOOP(2.0f * sqrtf(yi)) break;
     }
-    if (dbias) column_sums(be, dbias, dy, NULL, R, C);
+    if (dbias) {
+        COLUMN_SUMS(dbias, R, C, dy[i])
+    }
 }
 
+/* forward: v_out [R,C] = v + (v_first - v) nu
+ * backward: dv = dv_out (1 - nu) in place, dv_first += dv_out nu,
+ * dnu = dv_out (v_first - v) (overwrite) */
 static void cpu_value_residual_backward(rp_backend *be, float *dv, float *dv_first, float *dnu,
                                         const float *v, const float *v_first, const float *nu,
                                         int R, int C) {
-    int nt = team(be, (size_t)R * C);
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (size_t i = 0; i < (size_t)R * C; i++) {
+    const size_t n = (size_t)R * C;
+    int nt = team(be, n);
+#pragma omp parallel for simd num_threads(nt) if (nt > 1) schedule(static)
+    for (size_t i = 0; i < n; i++) {
         const float d_out = dv[i];
         dv_first[i] += d_out * nu[i];
         dnu[i] = d_out * (v_first[i] - v[i]);
@@ -242,273 +280,138 @@ static void cpu_value_residual_backward(rp_backend *be, float *dv, float *dv_fir
     }
 }
 
-/* kk = u / max(|u|, eps) per head with u = k k_k (torch F.normalize);
- * k_out = k (1 + (a - 1) k_a). Heads of 64, as the forward. */
+/* forward: u = k k_k per head of 64, kk = u / max(|u|, 1e-12) (torch
+ * F.normalize), k_out = k (1 + (a - 1) k_a).
+ * backward, with inv = 1 / max(|u|, eps): where |u| > eps, d kk / d u =
+ * (I - kk kk^T) inv, so du = (dkk - u proj) inv with proj = (u . dkk) inv^2;
+ * where the norm is clamped kk = u / eps is linear: du = dkk inv (proj = 0).
+ *   dk = dk_out (1 + (a - 1) k_a) + du k_k (in place), da += dk_out k k_a,
+ *   dk_k += sum_r du k,  dk_a += sum_r dk_out k (a - 1). */
 static void cpu_key_prepare_backward(rp_backend *be, float *dk, float *da, float *dk_k,
                                      float *dk_a, const float *dkk, const float *k,
                                      const float *a, const float *k_k, const float *k_a, int R,
                                      int C) {
-    const int N = 64, H = C / N;
-    /* Per-row terms of the two parameter gradients, summed over rows below. */
-    float *du = malloc((size_t)R * C * sizeof(float));
-    float *g_ka = malloc((size_t)R * C * sizeof(float));
+    const int N = KEY_HEAD_SIZE, H = C / N;
+    float *inv = malloc(2 * ((size_t)R * H + 1) * sizeof(float)); /* [R,H] twice */
+    if (!inv) abort();
+    float *proj = inv + (size_t)R * H + 1;
     int nt = team(be, (size_t)R * C);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int r = 0; r < R; r++)
         for (int h = 0; h < H; h++) {
             const size_t o = (size_t)r * C + (size_t)h * N;
-            const float *kkw = k_k + h * N;
-            float n2 = 0.0f;
+            const float *restrict kh = k + o, *restrict dkkh = dkk + o, *restrict kkw = k_k + h * N;
+            float n2 = 0.0f, dot = 0.0f;
+#pragma omp simd reduction(+ : n2, dot)
             for (int j = 0; j < N; j++) {
-                float u = k[o + j] * kkw[j];
+                const float u = kh[j] * kkw[j];
                 n2 += u * u;
+                dot += u * dkkh[j];
             }
             const float norm = sqrtf(n2);
-            if (norm > KK_EPS) {
-                /* d(u/|u|) = (dkk - kk (kk . dkk)) / |u| */
-                float dot = 0.0f;
-                for (int j = 0; j < N; j++) dot += dkk[o + j] * k[o + j] * kkw[j];
-                dot /= norm;
-                for (int j = 0; j < N; j++) {
-                    float kkj = k[o + j] * kkw[j] / norm;
-                    du[o + j] = (dkk[o + j] - kkj * dot) / norm;
-                }
-            } else {
-                for (int j = 0; j < N; j++) du[o + j] = dkk[o + j] / KK_EPS;
-            }
+            const float iv = 1.0f / (norm > KK_EPS ? norm : KK_EPS);
+            inv[(size_t)r * H + h] = iv;
+            proj[(size_t)r * H + h] = norm > KK_EPS ? dot * iv * iv : 0.0f;
+        }
+    /* parameter gradients first: they read dk_out, which dk replaces below */
+    COLUMN_SUMS(dk_k, R, C,
+                (dkk[i] - k[i] * k_k[col] * proj[(size_t)row * H + col / N]) *
+                    inv[(size_t)row * H + col / N] * k[i])
+    COLUMN_SUMS(dk_a, R, C, dk[i] * k[i] * (a[i] - 1.0f))
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < H; h++) {
+            const size_t o = (size_t)r * C + (size_t)h * N;
+            const float iv = inv[(size_t)r * H + h], pj = proj[(size_t)r * H + h];
+            const float *restrict kh = k + o, *restrict dkkh = dkk + o, *restrict ah = a + o,
+                                  *restrict kkw = k_k + h * N, *restrict kaw = k_a + h * N;
+            float *restrict dkh = dk + o, *restrict dah = da + o;
+#pragma omp simd
             for (int j = 0; j < N; j++) {
-                const size_t i = o + j;
-                const int c = h * N + j;
-                const float d_out = dk[i];
-                da[i] += d_out * k[i] * k_a[c];
-                g_ka[i] = d_out * k[i] * (a[i] - 1.0f);
-                dk[i] = d_out * (1.0f + (a[i] - 1.0f) * k_a[c]) + du[i] * kkw[j];
+                const float d_out = dkh[j];
+                const float du = (dkkh[j] - kh[j] * kkw[j] * pj) * iv;
+                dah[j] += d_out * kh[j] * kaw[j];
+                dkh[j] = d_out * (1.0f + (ah[j] - 1.0f) * kaw[j]) + du * kkw[j];
             }
         }
-    column_sums(be, dk_k, du, k, R, C);
-    column_sums(be, dk_a, g_ka, NULL, R, C);
-    free(du);
-    free(g_ka);
+    free(inv);
 }
 
-/* out = (o + s_h v) g with s_h = sum_j r_j k_j r_k[h,j] per head. */
+/* forward: out [R,C] = (o + s_h v) g with s_h = sum_j r_j k_j r_k[h,j] per head
+ * backward, with dz = dout g and ds_h = sum_i dz_i v_i:
+ *   d_o = dz, dg = dout (o + s v) (both overwrite), dv += dz s,
+ *   dr += ds k r_k, dk += ds r r_k, dr_k [H,N] += sum_rows ds r k. */
 static void cpu_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,
                                     float *dr_k, float *dg, const float *dout, const float *o,
                                     const float *r, const float *k, const float *v,
                                     const float *r_k, const float *g, int R, int C, int N) {
     const int H = C / N;
-    float *ds = malloc((size_t)R * H * sizeof(float));
+    float *ds = malloc(((size_t)R * H + 1) * sizeof(float));
+    if (!ds) abort();
     int nt = team(be, (size_t)R * C);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int r_ = 0; r_ < R; r_++)
+    for (int row = 0; row < R; row++)
         for (int h = 0; h < H; h++) {
-            const size_t o0 = (size_t)r_ * C + (size_t)h * N;
-            const float *rk = r_k + h * N;
+            const size_t q = (size_t)row * C + (size_t)h * N;
+            const float *restrict rh = r + q, *restrict kh = k + q, *restrict vh = v + q,
+                                  *restrict oh = o + q, *restrict gh = g + q,
+                                  *restrict douth = dout + q, *restrict rkh = r_k + h * N;
+            float *restrict d_oh = d_o + q, *restrict dgh = dg + q, *restrict dvh = dv + q,
+                            *restrict drh = dr + q, *restrict dkh = dk + q;
             float s = 0.0f;
-            for (int j = 0; j < N; j++) s += r[o0 + j] * k[o0 + j] * rk[j];
+#pragma omp simd reduction(+ : s)
+            for (int j = 0; j < N; j++) s += rh[j] * kh[j] * rkh[j];
             float dsum = 0.0f;
-            for (int i = 0; i < N; i++) {
-                const size_t q = o0 + i;
-                const float dz = dout[q] * g[q];
-                dg[q] = dout[q] * (o[q] + s * v[q]);
-                d_o[q] = dz;
-                dv[q] += dz * s;
-                dsum += dz * v[q];
-            }
-            ds[(size_t)r_ * H + h] = dsum;
+#pragma omp simd reduction(+ : dsum)
             for (int j = 0; j < N; j++) {
-                dr[o0 + j] += dsum * k[o0 + j] * rk[j];
-                dk[o0 + j] += dsum * r[o0 + j] * rk[j];
+                const float dz = douth[j] * gh[j];
+                dgh[j] = douth[j] * (oh[j] + s * vh[j]);
+                d_oh[j] = dz;
+                dvh[j] += dz * s;
+                dsum += dz * vh[j];
+            }
+            ds[(size_t)row * H + h] = dsum;
+#pragma omp simd
+            for (int j = 0; j < N; j++) {
+                drh[j] += dsum * kh[j] * rkh[j];
+                dkh[j] += dsum * rh[j] * rkh[j];
             }
         }
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int b, e;
-        slice16(C, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-        for (int c = b; c < e; c++) {
-            const int h = c / N;
-            float acc = 0.0f;
-            for (int r_ = 0; r_ < R; r_++) {
-                const size_t q = (size_t)r_ * C + c;
-                acc += ds[(size_t)r_ * H + h] * r[q] * k[q];
-            }
-            dr_k[c] += acc;
-        }
-    }
+    COLUMN_SUMS(dr_k, R, C, ds[(size_t)row * H + col / N] * r[i] * k[i])
     free(ds);
 }
 
-/* ---- WKV7 with checkpoints ----
- * Per (sequence, head) with state S [N,N] (row i = value, column j = key):
- *   d = exp(-e^-0.5 sigmoid(w_raw)), a = -kk, b = kk * iclr,
- *   sa_i = sum_j S[i,j] a_j;  S'[i,j] = S[i,j] d_j + sa_i b_j + v_i k_j;
- *   y_i = sum_j S'[i,j] r_j.
- * The training forward stores S before every RP_WKV_CHUNK-th token; the
- * backward recomputes a chunk's states from its checkpoint with the same
- * update (bit-identical) and walks it backwards. */
+/* ---- loss and optimizer ---- */
 
-typedef struct {
-    float d[256], aa[256], bb[256];
-} wkv_step_coeffs;
-
-static void wkv_coeffs(wkv_step_coeffs *q, const float *w_raw, const float *kk, const float *iclr,
-                       int N) {
-    for (int j = 0; j < N; j++) {
-        q->d[j] = cpu_decayf(w_raw[j]);
-        q->aa[j] = -kk[j];
-        q->bb[j] = kk[j] * iclr[j];
-    }
-}
-
-/* S (in place) <- one token; y (optional) = S' r. */
-static void wkv_update(float *S, const wkv_step_coeffs *q, const float *k, const float *v,
-                       const float *r, float *y, int N) {
-    for (int i = 0; i < N; i++) {
-        float *row = S + (size_t)i * N;
-        float sa = 0.0f;
-        for (int j = 0; j < N; j++) sa += row[j] * q->aa[j];
-        float acc = 0.0f;
-        for (int j = 0; j < N; j++) {
-            row[j] = row[j] * q->d[j] + sa * q->bb[j] + v[i] * k[j];
-            acc += row[j] * r[j];
-        }
-        if (y) y[i] = acc;
-    }
-}
-
-static void cpu_wkv7_forward_train(rp_backend *be, float *y, const float *r, const float *w_raw,
-                                   const float *k, const float *v, const float *kk,
-                                   const float *a, float *state_base, size_t state_stride,
-                                   float *checkpoints, const rp_batch *batch, int C, int N) {
-    const int H = C / N;
-    const size_t HNN = (size_t)H * N * N;
-    int nt = team(be, (size_t)batch->n_rows * C * 8);
-#pragma omp parallel for collapse(2) num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-    for (int s = 0; s < batch->n_seq; s++)
-        for (int h = 0; h < H; h++) {
-            float *S = state_base + (size_t)batch->slot[s] * state_stride + (size_t)h * N * N;
-            float *ckpt = checkpoints + rp_wkv_checkpoint_offset(batch, s) * HNN + (size_t)h * N * N;
-            wkv_step_coeffs q;
-            for (int t = 0; t < batch->seq_len[s]; t++) {
-                if (t % RP_WKV_CHUNK == 0)
-                    memcpy(ckpt + (size_t)(t / RP_WKV_CHUNK) * HNN, S, (size_t)N * N * sizeof(float));
-                const size_t o = (size_t)(batch->row_begin[s] + t) * C + (size_t)h * N;
-                wkv_coeffs(&q, w_raw + o, kk + o, a + o, N);
-                wkv_update(S, &q, k + o, v + o, r + o, y + o, N);
-            }
-        }
-}
-
-static void cpu_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
-                              float *dkk, float *da, float *dstate_base, size_t state_stride,
-                              const float *dy, const float *r, const float *w_raw, const float *k,
-                              const float *v, const float *kk, const float *a,
-                              const float *checkpoints, const rp_batch *batch, int C, int N) {
-    const int H = C / N;
-    const size_t NN = (size_t)N * N, HNN = (size_t)H * NN;
-    int nt = team(be, (size_t)batch->n_rows * C * 8);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        /* states[u] = S before token t0 + u of the chunk, u = 0 .. CHUNK. */
-        float *states = malloc((RP_WKV_CHUNK + 1) * NN * sizeof(float));
-        float *dsa = malloc((size_t)N * sizeof(float));
-        float *sa = malloc((size_t)N * sizeof(float));
-#pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int s = 0; s < batch->n_seq; s++)
-            for (int h = 0; h < H; h++) {
-                float *dS = dstate_base + (size_t)batch->slot[s] * state_stride + (size_t)h * NN;
-                const float *ckpt =
-                    checkpoints + rp_wkv_checkpoint_offset(batch, s) * HNN + (size_t)h * NN;
-                const int len = batch->seq_len[s];
-                const int n_chunks = (len + RP_WKV_CHUNK - 1) / RP_WKV_CHUNK;
-                wkv_step_coeffs q;
-                for (int c = n_chunks - 1; c >= 0; c--) {
-                    const int t0 = c * RP_WKV_CHUNK;
-                    const int t1 = t0 + RP_WKV_CHUNK < len ? t0 + RP_WKV_CHUNK : len;
-                    memcpy(states, ckpt + (size_t)c * HNN, NN * sizeof(float));
-                    for (int t = t0; t < t1; t++) {
-                        const size_t o = (size_t)(batch->row_begin[s] + t) * C + (size_t)h * N;
-                        float *next = states + (size_t)(t - t0 + 1) * NN;
-                        memcpy(next, next - NN, NN * sizeof(float));
-                        wkv_coeffs(&q, w_raw + o, kk + o, a + o, N);
-                        wkv_update(next, &q, k + o, v + o, r + o, NULL, N);
-                    }
-                    for (int t = t1 - 1; t >= t0; t--) {
-                        const size_t o = (size_t)(batch->row_begin[s] + t) * C + (size_t)h * N;
-                        const float *Sp = states + (size_t)(t - t0) * NN;
-                        const float *St = Sp + NN;
-                        wkv_coeffs(&q, w_raw + o, kk + o, a + o, N);
-                        /* dS <- d S_t: add the output's gradient dy_i r_j. */
-                        for (int i = 0; i < N; i++)
-                            for (int j = 0; j < N; j++) dS[i * N + j] += dy[o + i] * r[o + j];
-                        for (int j = 0; j < N; j++) {
-                            float acc = 0.0f;
-                            for (int i = 0; i < N; i++) acc += St[i * N + j] * dy[o + i];
-                            dr[o + j] = acc;
-                        }
-                        for (int i = 0; i < N; i++) {
-                            float sa_i = 0.0f, acc_v = 0.0f, acc_sa = 0.0f;
-                            for (int j = 0; j < N; j++) {
-                                sa_i += Sp[i * N + j] * q.aa[j];
-                                acc_v += dS[i * N + j] * k[o + j];
-                                acc_sa += dS[i * N + j] * q.bb[j];
-                            }
-                            sa[i] = sa_i;
-                            dv[o + i] = acc_v;
-                            dsa[i] = acc_sa;
-                        }
-                        for (int j = 0; j < N; j++) {
-                            float acc_k = 0.0f, acc_b = 0.0f, acc_d = 0.0f, acc_a = 0.0f;
-                            for (int i = 0; i < N; i++) {
-                                const float g = dS[i * N + j];
-                                acc_k += g * v[o + i];
-                                acc_b += g * sa[i];
-                                acc_d += g * Sp[i * N + j];
-                                acc_a += dsa[i] * Sp[i * N + j];
-                            }
-                            dk[o + j] = acc_k;
-                            /* d = exp(-e^-0.5 sigmoid(w)): dd/dw = d (-e^-0.5) sig (1 - sig) */
-                            const float sig = 1.0f / (1.0f + expf(-w_raw[o + j]));
-                            dw_raw[o + j] = acc_d * q.d[j] * (-WKV_SCALE) * sig * (1.0f - sig);
-                            /* a = -kk, b = kk * iclr */
-                            dkk[o + j] = -acc_a + acc_b * a[o + j];
-                            da[o + j] = acc_b * kk[o + j];
-                        }
-                        /* dS <- d S_{t-1} = dS_t d_j + dsa_i a_j */
-                        for (int i = 0; i < N; i++)
-                            for (int j = 0; j < N; j++)
-                                dS[i * N + j] = dS[i * N + j] * q.d[j] + dsa[i] * q.aa[j];
-                    }
-                }
-            }
-        free(sa);
-        free(dsa);
-        free(states);
-    }
-}
-
+/* forward and backward at once: losses [R] = logsumexp(z) - z[target],
+ * dlogits = (softmax(z) - onehot(target)) scale; rows with target < 0 give
+ * 0 and 0. Exponentials by the vectorised cpu_expf (over a 65536-token
+ * vocabulary libm's exp was most of the op's time), their sum in double. */
 static void cpu_cross_entropy(rp_backend *be, float *losses, float *dlogits, const float *logits,
                               const int32_t *targets, int R, int V, float scale) {
     int nt = team(be, (size_t)R * V);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int r = 0; r < R; r++) {
         const float *z = logits + (size_t)r * V;
+        float *d = dlogits ? dlogits + (size_t)r * V : NULL; /* may alias z */
         const int t = targets[r];
         if (t < 0) {
             losses[r] = 0.0f;
-            if (dlogits)
-                for (int i = 0; i < V; i++) dlogits[(size_t)r * V + i] = 0.0f;
+            if (d)
+                for (int i = 0; i < V; i++) d[i] = 0.0f;
             continue;
         }
         float mx = z[0];
+#pragma omp simd reduction(max : mx)
         for (int i = 1; i < V; i++) mx = z[i] > mx ? z[i] : mx;
         double sum = 0.0;
-        for (int i = 0; i < V; i++) sum += exp((double)z[i] - mx);
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < V; i++) sum += (double)cpu_expf(z[i] - mx);
         const float lse = mx + (float)log(sum);
         losses[r] = lse - z[t];
-        if (dlogits) {
-            float *d = dlogits + (size_t)r * V;
-            for (int i = 0; i < V; i++) d[i] = expf(z[i] - lse) * scale;  /* may alias z */
+        if (d) {
+#pragma omp simd
+            for (int i = 0; i < V; i++) d[i] = cpu_expf(z[i] - lse) * scale;
             d[t] -= scale;
         }
     }
@@ -569,6 +472,9 @@ static void cpu_adamw(rp_backend *be, float *param, const float *grad, float *m,
     }
 }
 
+/* cpu_backward_wkv.c */
+void cpu_backward_wkv_install(rp_backend *be);
+
 void cpu_backward_install(rp_backend *be) {
     be->row_max = cpu_row_max;
     be->l2wrap = cpu_l2wrap;
@@ -585,7 +491,6 @@ void cpu_backward_install(rp_backend *be) {
     be->key_prepare_backward = cpu_key_prepare_backward;
     be->groupnorm_backward = cpu_groupnorm_backward;
     be->bonus_gate_backward = cpu_bonus_gate_backward;
-    be->wkv7_forward_train = cpu_wkv7_forward_train;
-    be->wkv7_backward = cpu_wkv7_backward;
+    cpu_backward_wkv_install(be); /* wkv7_forward_train, wkv7_backward */
     be->cross_entropy = cpu_cross_entropy;
 }
