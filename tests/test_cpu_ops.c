@@ -248,7 +248,7 @@ static void test_alloc_is_zeroed_and_64_byte_aligned(void **state) {
 /* ---- dense ---- */
 
 static void run_matmul_cases(int out_in) {
-    /* Few rows take the streaming kernels (linear: M <= 8, 4 x rows per pass,
+    /* Few rows take the streaming kernels (linear: M <= 8, tiles of W rows x up to 8 x rows,
      * K tails; LoRA: M == 1, or M <= 4 with K >= 256), more rows sgemm. The
      * small cases run on one thread; the bigger ones cross the parallel
      * threshold and split N (decode, prefill) or M (tall). */
@@ -302,6 +302,49 @@ static void run_matmul_cases(int out_in) {
 static void test_matmul_linear_matches_double_reference(void **state) {
     (void)state;
     run_matmul_cases(1);
+}
+
+/* Few-row matmul_linear (the streaming kernel, M <= 8): every y[m, n] is
+ * bit-identical whatever M is and whatever the other rows hold, so a
+ * sequence's decode does not depend on its batch neighbours. Odd N and K
+ * reach the single-W-row and K-tail paths of every tile shape. */
+static void test_matmul_linear_few_rows_independent_of_batch(void **state) {
+    (void)state;
+    const int shapes[][2] = {{7, 37}, {33, 16}, {130, 300}, {1000, 77}};
+    for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
+        const int N = shapes[c][0], K = shapes[c][1];
+        float *x = random_floats((size_t)8 * K, -1, 1);
+        float *w = random_floats((size_t)N * K, -1, 1);
+        float *y0 = random_floats((size_t)8 * N, -1, 1);
+        for (int beta_i = 0; beta_i < 2; beta_i++) {
+            const float beta = (float)beta_i;
+            for (int b = 0; b < N_BACKENDS; b++) {
+                rp_backend *be = backends[b];
+                float *alone = copy_floats(y0, (size_t)8 * N);
+                for (int m = 0; m < 8; m++)
+                    be->matmul_linear(be, alone + (size_t)m * N, x + (size_t)m * K, w, 1, N,
+                                      K, beta);
+                for (int M = 2; M <= 8; M++)
+                    for (int m0 = 0; m0 + M <= 8; m0 += M) {
+                        float *y = copy_floats(y0, (size_t)8 * N);
+                        be->matmul_linear(be, y + (size_t)m0 * N, x + (size_t)m0 * K, w, M,
+                                          N, K, beta);
+                        char what[128];
+                        snprintf(what, sizeof what,
+                                 "matmul_linear rows %d..%d of M=%d N=%d K=%d beta=%g "
+                                 "threads=%d", m0, m0 + M, M, N, K, beta,
+                                 backend_threads[b]);
+                        check_equal_floats(what, y + (size_t)m0 * N, alone + (size_t)m0 * N,
+                                           (size_t)M * N);
+                        free(y);
+                    }
+                free(alone);
+            }
+        }
+        free(x);
+        free(w);
+        free(y0);
+    }
 }
 
 static void test_matmul_lora_matches_double_reference(void **state) {
@@ -857,6 +900,7 @@ int main(void) {
         cmocka_unit_test(test_create_uses_given_or_openmp_default_thread_count),
         cmocka_unit_test(test_alloc_is_zeroed_and_64_byte_aligned),
         cmocka_unit_test(test_matmul_linear_matches_double_reference),
+        cmocka_unit_test(test_matmul_linear_few_rows_independent_of_batch),
         cmocka_unit_test(test_matmul_lora_matches_double_reference),
         cmocka_unit_test(test_embedding_gathers_token_rows),
         cmocka_unit_test(test_layernorm_matches_double_reference_and_saves_stats),

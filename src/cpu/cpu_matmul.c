@@ -18,6 +18,17 @@
  * two AVX2 vectors) and its y block starts on a 64-byte boundary. */
 #define CPU_MATMUL_SLICE_ALIGN 16
 
+/* The streaming kernel's software prefetch, for 2 or more x rows: how far
+ * ahead in the W block, in floats (16 KiB), and the locality hint (2: into
+ * L2). Measured, one core, W from DRAM, 8 rows: without it the W stream
+ * reads ~7 GB/s (the core's L1 miss slots and the out-of-order window cover
+ * too few lines when each line carries 8 rows of work); into L2 16 KiB
+ * ahead ~17 GB/s; hint 3 (into L1) or 2-8 KiB ahead ~10-13 GB/s. One row
+ * is bound by the stream alone, which the hardware prefetcher keeps at full
+ * bandwidth: no software prefetch there. */
+#define CPU_MATMUL_PREFETCH 4096
+#define CPU_MATMUL_PREFETCH_HINT 2
+
 typedef enum { CPU_W_OUT_IN, CPU_W_IN_OUT } cpu_weight_layout; /* W [N,K] or W [K,N] */
 
 /* Few rows of x: the GEMM is bound by reading W, and the kernels below read
@@ -32,54 +43,105 @@ static int cpu_matmul_streams(cpu_weight_layout layout, int M, int K) {
     return M == 1 || (M <= 4 && K >= 256);
 }
 
-/* sums[m] = dot(w [K], x row m) for m < rows <= 4, x rows K apart. Two
- * accumulators per row hide the add latency; `rows` is a constant at every
- * call so the accumulators live in registers. The order of the additions
- * depends on K only. */
-static inline __attribute__((always_inline)) void
-cpu_dot_rows(float *restrict sums, const float *restrict w, const float *restrict x, int rows,
-             int K) {
-    cpu_v8 acc[4][2];
-    for (int m = 0; m < rows; m++) acc[m][0] = acc[m][1] = (cpu_v8){0};
-    int k = 0;
-    for (; k + 16 <= K; k += 16) {
-        const cpu_v8 w0 = CPU_V8_LOAD(w + k), w1 = CPU_V8_LOAD(w + k + 8);
-        for (int m = 0; m < rows; m++) {
-            acc[m][0] += w0 * CPU_V8_LOAD(x + (size_t)m * K + k);
-            acc[m][1] += w1 * CPU_V8_LOAD(x + (size_t)m * K + k + 8);
-        }
-    }
-    for (int m = 0; m < rows; m++) {
-        const cpu_v8 total = acc[m][0] + acc[m][1];
-        float s = cpu_v8_sum(&total);
-        for (int kt = k; kt < K; kt++) s += w[kt] * x[(size_t)m * K + kt];
-        sums[m] = s;
-    }
+/* 16 floats: one AVX-512 register (two AVX2 ones where gcc has no 512-bit
+ * vectors). Same unaligned, may_alias load twin as cpu_v8. */
+typedef float cpu_v16 __attribute__((vector_size(64)));
+typedef float cpu_v16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+#define CPU_V16_LOAD(p) ((cpu_v16)(*(const cpu_v16_unaligned *)(p)))
+
+/* Every y[m, n] has one accumulation order, whatever the tile that computes
+ * it (so a row's result does not depend on how many rows share the call):
+ * one 16-lane accumulator over k in steps of 16, lanes i and i + 8 added,
+ * then cpu_v8_sum's tree, then the K % 16 tail in order. (Lanes 0-7 and
+ * 8-15 are the two 8-lane accumulators of the kernel this replaced: same
+ * bits.) Unfused: the file is compiled without FP contraction. */
+static inline __attribute__((always_inline)) float cpu_dot_finish(const cpu_v16 *acc,
+                                                                  const float *restrict w,
+                                                                  const float *restrict x,
+                                                                  int k, int K) {
+    cpu_v8 lo, hi;
+    memcpy(&lo, acc, sizeof lo);
+    memcpy(&hi, (const char *)acc + sizeof lo, sizeof hi);
+    const cpu_v8 total = lo + hi;
+    float s = cpu_v8_sum(&total);
+    for (int kt = k; kt < K; kt++) s += w[kt] * x[kt];
+    return s;
 }
 
+/* Register tile: sums[j * rows + m] = dot(W row j, x row m) for j < nw,
+ * m < rows; W rows and x rows K apart. nw and rows are constants at every
+ * call so the nw * rows accumulators live in registers (at most 16, plus
+ * rows + nw loaded vectors: within AVX-512's 32). Each W vector serves
+ * `rows` x rows and each x vector `nw` W rows: at 2 x 8 a k step is 10 loads
+ * for 16 multiply-adds, compute-bound rather than load-bound. */
+static inline __attribute__((always_inline)) void
+cpu_dot_tile(float *restrict sums, const float *restrict w, const float *restrict x, int nw,
+             int rows, int K) {
+    cpu_v16 acc[4][8];
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) acc[j][m] = (cpu_v16){0};
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        cpu_v16 wv[4];
+        /* The tile's nw rows are one contiguous block: prefetch it front
+         * to back, nw lines per step, at the rate it is consumed. */
+        if (rows > 1)
+            for (int j = 0; j < nw; j++)
+                __builtin_prefetch(w + (size_t)nw * k + 16 * j + CPU_MATMUL_PREFETCH, 0,
+                                   CPU_MATMUL_PREFETCH_HINT);
+        for (int j = 0; j < nw; j++) wv[j] = CPU_V16_LOAD(w + (size_t)j * K + k);
+        for (int m = 0; m < rows; m++) {
+            const cpu_v16 xv = CPU_V16_LOAD(x + (size_t)m * K + k);
+            for (int j = 0; j < nw; j++) acc[j][m] += wv[j] * xv;
+        }
+    }
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++)
+            sums[j * rows + m] = cpu_dot_finish(&acc[j][m], w + (size_t)j * K,
+                                                x + (size_t)m * K, k, K);
+}
+
+/* y[m, n] for m < rows, n in [n, n + nw): one tile, stored with beta. */
+static inline __attribute__((always_inline)) void
+cpu_stream_tile(float *restrict y, const float *restrict x, const float *restrict w, int nw,
+                int rows, int n, int N, int K, float beta) {
+    float sums[4 * 8];
+    cpu_dot_tile(sums, w + (size_t)n * K, x, nw, rows, K);
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) {
+            float *yi = y + (size_t)m * N + n + j;
+            *yi = beta == 0.0f ? sums[j * rows + m] : sums[j * rows + m] + beta * *yi;
+        }
+}
+
+/* Columns [n0, n1) for `rows` (constant) x rows: tiles of NW W rows, then
+ * single W rows for the remainder. */
+#define CPU_STREAM_ROWS(rows, NW)                                                          \
+    do {                                                                                   \
+        int n_ = n0;                                                                       \
+        for (; n_ + (NW) <= n1; n_ += (NW))                                                \
+            cpu_stream_tile(ym, xm, w, (NW), (rows), n_, N, K, beta);                      \
+        for (; n_ < n1; n_++) cpu_stream_tile(ym, xm, w, 1, (rows), n_, N, K, beta);       \
+    } while (0)
+
 /* y[m, n] = dot(x row m, W row n) (+ beta * y) for n in [n0, n1), W [N,K].
- * Each W row is read once from memory, front to back: one sequential stream
- * per thread is what reaches full bandwidth here (several interleaved row
- * streams measured ~40% slower). Up to four x rows per pass over the W row;
- * further passes re-read it from L1. */
+ * W is read once from memory, front to back, a few rows at a time (software
+ * prefetch keeps those streams ahead), for up to 8 x rows per pass. */
 static void cpu_stream_out_in(float *restrict y, const float *restrict x,
                               const float *restrict w, int M, int n0, int n1, int N, int K,
                               float beta) {
-    for (int n = n0; n < n1; n++) {
-        const float *wn = w + (size_t)n * K;
-        for (int m = 0; m < M; m += 4) {
-            float sums[4];
-            const float *xm = x + (size_t)m * K;
-            switch (M - m) {
-            case 1: cpu_dot_rows(sums, wn, xm, 1, K); break;
-            case 2: cpu_dot_rows(sums, wn, xm, 2, K); break;
-            case 3: cpu_dot_rows(sums, wn, xm, 3, K); break;
-            default: cpu_dot_rows(sums, wn, xm, 4, K); break;
-            }
-            for (int i = 0; i < 4 && m + i < M; i++) {
-                float *yi = y + (size_t)(m + i) * N + n;
-                *yi = beta == 0.0f ? sums[i] : sums[i] + beta * *yi;
-            }
+    for (int m = 0; m < M; m += 8) {
+        float *ym = y + (size_t)m * N;
+        const float *xm = x + (size_t)m * K;
+        switch (M - m) {
+        case 1: CPU_STREAM_ROWS(1, 1); break;
+        case 2: CPU_STREAM_ROWS(2, 4); break;
+        case 3: CPU_STREAM_ROWS(3, 4); break;
+        case 4: CPU_STREAM_ROWS(4, 4); break;
+        case 5: CPU_STREAM_ROWS(5, 2); break;
+        case 6: CPU_STREAM_ROWS(6, 2); break;
+        case 7: CPU_STREAM_ROWS(7, 2); break;
+        default: CPU_STREAM_ROWS(8, 2); break;
         }
     }
 }
