@@ -308,6 +308,11 @@ grep -q "n_layer      : 3" "$T/stdout" && grep -q "vocab_size   : 512" "$T/stdou
 ok
 expect_fail "bad explicit dims" "multiple of 64" "$BIN" info --model-config L2-C100
 
+check "train --tokens sets the run length in tokens (rounded up to whole steps)"
+expect_ok "train --tokens" "$BIN" train --tokens 100 --ctx-len 16 --batch 2 --eval-batches 1
+grep -q "4 steps of 2 x 16 tokens" "$T/stderr" || fail "--tokens 100 with 32 tokens per step is not 4 steps"
+ok
+
 check "train --data on a plain text file tokenizes it first and leaves no temporary files"
 mkdir -p "$T/tmp"
 expect_ok "train on text" env TMPDIR="$T/tmp" "$BIN" train --data "$T/numbers.txt" --ctx-len 16 \

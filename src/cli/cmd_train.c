@@ -101,6 +101,8 @@ static void train_usage(FILE *out) {
             "  --seed S             data order and synthetic samples (default 1)\n"
             "Optimisation (official RWKV-7 recipe):\n"
             "  --steps N            optimizer steps of the run (default 200)\n"
+            "  --tokens N           or: the run's length in tokens (steps = N / (batch x\n"
+            "                       ctx), rounded up)\n"
             "  --stop-after N       stop after step N with a checkpoint (resume later)\n"
             "  --batch B            sequences per step (default 16)\n"
             "  --micro-batch M      sequences per forward/backward, B %% M == 0 (default B)\n"
@@ -149,6 +151,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"checkpoint-interval", required_argument, 0, 'K'},
         {"keep-last", required_argument, 0, 'k'},    {"resume", required_argument, 0, 'U'},
         {"stop-after", required_argument, 0, 'X'},  {"vocab", required_argument, 0, 'Y'},
+        {"tokens", required_argument, 0, 'Z'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
     rp_train_options_defaults(&o);
@@ -157,6 +160,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     cli_model_options mo = {.config_name = "tiny", .init_seed = 1};
     const char **paths = calloc((size_t)argc + 1, sizeof *paths);
     const char *vocab = "bytes";
+    long long run_tokens = 0;
     int n_paths = 0, micro_batch = 0;
     int c;
     optind = 1;
@@ -204,6 +208,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'k': o.keep_last = (int)cli_parse_int(cli, "--keep-last", optarg, 0, 1 << 20); break;
         case 'U': o.resume_path = optarg; break;
         case 'Y': vocab = optarg; break;
+        case 'Z': run_tokens = (long long)cli_parse_int(cli, "--tokens", optarg, 1, 1LL << 50); break;
         case 'X': o.stop_after = (long)cli_parse_int(cli, "--stop-after", optarg, 1, 1LL << 40); break;
         case 'h': train_usage(stdout); free(paths); return 0;
         default: train_usage(stderr); free(paths); return 2;
@@ -214,6 +219,10 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         cli_fatal(cli, "pipeline-parallel training over %d ranks is not available yet; run with "
                   "-np 1", cli->mpi_size);
     o.micro_batch = micro_batch ? micro_batch : o.batch_size;
+    if (run_tokens > 0) {
+        long long per_step = (long long)o.batch_size * o.ctx_len;
+        o.steps = (long)((run_tokens + per_step - 1) / per_step);
+    }
     if (o.batch_size % o.micro_batch != 0)
         cli_fatal(cli, "--batch %d must be a multiple of --micro-batch %d", o.batch_size,
                   o.micro_batch);
