@@ -345,6 +345,44 @@ PY
 ok
 expect_fail "eval without data" "--data" "$BIN" eval --model "$T/straight.safetensors"
 
+check "eval --last-word and --choice: log-likelihoods equal those from the logits command"
+printf '{"text": "1 2 3 4 5"}\n{"text": "10 11 12"}\n' >"$T/lw.jsonl"
+printf '{"context": "1 2 3", "choices": [" 4", " xyz"], "label": 0}\n' >"$T/mc.jsonl"
+expect_ok "eval last word" "$BIN" eval --model "$WEIGHTS" --last-word "$T/lw.jsonl" --per-example
+cp "$T/stdout" "$T/lw.out"
+expect_ok "eval choice" "$BIN" eval --model "$WEIGHTS" --choice "$T/mc.jsonl" --per-example
+cp "$T/stdout" "$T/mc.out"
+# Reference: [0] + context + target through `logits`, log-softmax in Python.
+ref_logp() {  # CONTEXT TARGET -> summed log p(target | [0] + context)
+    local ids
+    ids=$(printf '%s%s' "$1" "$2" | "$PYTHON3" -c 'import sys; print(",".join(["0"] + [str(b) for b in sys.stdin.buffer.read()]))')
+    "$BIN" logits --model "$WEIGHTS" --tokens "$ids" -o "$T/ref.safetensors" 2>/dev/null || return 1
+    "$PYTHON3" - "$T/ref.safetensors" "${#1}" "$2" <<'PY'
+import math, sys
+sys.path.insert(0, __import__("os").environ["top_srcdir"] + "/tests")
+from check_logits import read_safetensors
+dt, shape, vals = read_safetensors(sys.argv[1])["logits"]
+V, n_ctx, tgt = shape[1], int(sys.argv[2]), sys.argv[3].encode()
+total = 0.0
+for j, t in enumerate(tgt):
+    row = vals[(n_ctx + j) * V:(n_ctx + j + 1) * V]
+    m = max(row)
+    total += row[t] - m - math.log(sum(math.exp(z - m) for z in row))
+print("%.6f" % total)
+PY
+}
+close() { "$PYTHON3" -c 'import sys; sys.exit(abs(float(sys.argv[1]) - float(sys.argv[2])) > 2e-4)' "$1" "$2"; }
+want=$(ref_logp "1 2 3 4" " 5") || fail "reference logits failed"
+got=$(awk '$1 == 0 {print $3}' "$T/lw.out")
+close "$got" "$want" || fail "last-word log p $got, reference $want"
+want=$(ref_logp "1 2 3" " xyz") || fail "reference logits failed"
+got=$(awk '$1 == 0 {print $6}' "$T/mc.out")
+close "$got" "$want" || fail "choice 1 log p $got, reference $want"
+grep -q "examples     : 2" "$T/lw.out" || fail "last-word examples count"
+ok "log p $got = reference $want"
+printf '{"text": "nospace"}\n' >"$T/bad.jsonl"
+expect_fail "eval bad last-word line" "bad.jsonl:1" "$BIN" eval --model "$WEIGHTS" --last-word "$T/bad.jsonl"
+
 # ---------------------------------------------------------------- tokenize
 check "tokenize writes a shard whose tokens are the bytes of the text plus token 0"
 printf 'hello\nworld\n' >"$T/corpus.txt"

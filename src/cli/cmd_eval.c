@@ -6,11 +6,14 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "infer/tokenizer.h"
+#include "train/score.h"
 #include "train/trainer.h"
 
 static void eval_usage(FILE *out) {
     fprintf(out,
             "usage: rwkvpipe eval --model M.safetensors --data mqar|copy|SHARDS... [options]\n"
+            "       rwkvpipe eval --model M.safetensors --last-word FILE.jsonl | --choice FILE.jsonl\n"
             "Scores a model: mean next-token cross-entropy, perplexity and accuracy\n"
             "(arg-max == next token). On token shards (from 'rwkvpipe tokenize') every\n"
             "window of --ctx-len + 1 tokens is scored from a zero state; on a synthetic\n"
@@ -22,6 +25,15 @@ static void eval_usage(FILE *out) {
             "  --batches N        synthetic tasks: batches to score (default 16)\n"
             "  --mqar-pairs N     MQAR pairs (default ctx/4, as in training)\n"
             "  --seed S           synthetic samples (default 1)\n"
+            "  --last-word FILE   LAMBADA-style JSON lines {\"text\": \"... word\"}: accuracy of\n"
+            "                     greedy decoding of the last word after [0] + context,\n"
+            "                     and its perplexity\n"
+            "  --choice FILE      multiple choice JSON lines {\"context\": ..., \"choices\":\n"
+            "                     [...], \"label\": k}: accuracy by summed log-likelihood,\n"
+            "                     and per byte (acc_norm)\n"
+            "  --vocab V          tokenizer for those files: 'bytes' (default for models of\n"
+            "                     <= 256 tokens) or a World vocabulary file\n"
+            "  --per-example      print each example's log-likelihood(s) to stdout\n"
             "  --threads N        CPU threads (default: all)\n"
             "  -h, --help         this text\n");
 }
@@ -32,11 +44,14 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
         {"ctx-len", required_argument, 0, 'T'},    {"batch", required_argument, 0, 'b'},
         {"batches", required_argument, 0, 'n'},    {"mqar-pairs", required_argument, 0, 'p'},
         {"seed", required_argument, 0, 's'},       {"threads", required_argument, 0, 'j'},
+        {"last-word", required_argument, 0, 'W'},  {"choice", required_argument, 0, 'C'},
+        {"vocab", required_argument, 0, 'v'},      {"per-example", no_argument, 0, 'P'},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     rp_train_options o;
     rp_train_options_defaults(&o);
     o.eval_all_windows = 1;
-    int batches = 16, have_data = 0;
+    int batches = 16, have_data = 0, per_example = 0;
+    const char *last_word = NULL, *choice = NULL, *vocab = NULL;
     cli_model_options mo = {0};
     const char **paths = calloc((size_t)argc + 1, sizeof *paths);
     int n_paths = 0, c;
@@ -54,13 +69,20 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
         case 'p': o.synth.n_pairs = (int)cli_parse_int(cli, "--mqar-pairs", optarg, 1, 1 << 20); break;
         case 's': o.seed = cli_parse_u64(cli, "--seed", optarg); break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
+        case 'W': last_word = optarg; break;
+        case 'C': choice = optarg; break;
+        case 'v': vocab = optarg; break;
+        case 'P': per_example = 1; break;
         case 'h': eval_usage(stdout); free(paths); return 0;
         default: eval_usage(stderr); free(paths); return 2;
         }
     }
     if (optind < argc) cli_fatal(cli, "unexpected argument '%s'", argv[optind]);
     if (!mo.model_path) cli_fatal(cli, "--model is required");
-    if (!have_data) cli_fatal(cli, "--data is required: 'mqar', 'copy' or token shards");
+    const int n_tasks = have_data + !!last_word + !!choice;
+    if (n_tasks != 1)
+        cli_fatal(cli, "give exactly one of --data ('mqar', 'copy' or token shards), --last-word "
+                  "FILE and --choice FILE");
     if (cli->mpi_size > 1) cli_fatal(cli, "eval runs in one process for now; run it with -np 1");
     o.data_paths = paths;
     o.n_data_paths = n_paths;
@@ -68,6 +90,31 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
     rp_model model;
     cli_load_model(cli, &mo, &be, &model);
     rp_error err;
+    if (last_word || choice) {
+        const char *path = last_word ? last_word : choice;
+        if (!vocab) {
+            if (model.cfg.vocab_size > 256)
+                cli_fatal(cli, "this model has a %d-token vocabulary: pass --vocab with its "
+                          "vocabulary file", model.cfg.vocab_size);
+            vocab = "bytes";
+        }
+        rp_tokenizer *tok;
+        if (rp_tokenizer_open(&tok, vocab, &err) != RP_OK) cli_fatal_error(cli, &err);
+        rp_score_result r;
+        if (rp_score_file(&model, tok, last_word ? RP_SCORE_LAST_WORD : RP_SCORE_CHOICE, path,
+                          per_example ? stdout : NULL, &r, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        printf("task         : %s (%s)\n", last_word ? "last word" : "multiple choice", path);
+        printf("examples     : %ld\n", r.examples);
+        printf("accuracy     : %.4f%%\n", 100 * r.accuracy);
+        if (last_word) printf("perplexity   : %.4f\n", r.perplexity);
+        else printf("accuracy_norm: %.4f%%\n", 100 * r.accuracy_norm);
+        rp_tokenizer_free(tok);
+        rp_model_free(&model);
+        rp_cpu_backend_destroy(be);
+        free(paths);
+        return 0;
+    }
     double loss, accuracy;
     long n_targets;
     if (rp_train_evaluate(&model, &o, batches, &loss, &accuracy, &n_targets, &err) != RP_OK)
