@@ -343,6 +343,9 @@ assert abs(ppl - math.exp(loss)) <= 1e-3 * ppl, (loss, ppl)
 assert 0 < loss < 10, loss
 PY
 ok
+cp "$T/stdout" "$T/eval_shard.out"
+expect_ok "eval text file" "$BIN" eval --model "$T/straight.safetensors" --data "$T/numbers.txt" --ctx-len 16
+cmp -s "$T/stdout" "$T/eval_shard.out" || fail "eval of the text file differs from eval of its shard"
 expect_fail "eval without data" "--data" "$BIN" eval --model "$T/straight.safetensors"
 
 check "eval --last-word and --choice: log-likelihoods equal those from the logits command"

@@ -8,8 +8,12 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "model/init.h"
+#include "infer/tokenizer.h"
+#include "train/tokenize.h"
 
 static void vreport(const rp_cli *cli, const char *level, const char *fmt, va_list ap) {
     char msg[2048];
@@ -142,3 +146,68 @@ void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend 
         rp_model_init_official(model, opt->init_seed, &err) != RP_OK)
         cli_fatal_error(cli, &err);
 }
+
+/* Text and JSON-lines inputs given to --data are tokenized first, into a
+ * temporary directory (removed at the end), so `train --data corpus.txt`
+ * works without a separate `rwkvpipe tokenize` run. Returns the number of
+ * shard files written; the text entries of paths[] (NULL-terminated) are
+ * replaced by one entry naming the shards' directory. */
+int cli_tokenize_text_inputs(const rp_cli *cli, const char **paths, int n_paths,
+                                const char *vocab, char *tmp_dir, size_t tmp_size,
+                                char *prefix, size_t prefix_size) {
+    int n_text = 0;
+    for (int i = 0; i < n_paths; i++) {
+        size_t n = strlen(paths[i]);
+        if (n < 4 || strcmp(paths[i] + n - 4, ".tok") != 0) {
+            struct stat sb;
+            if (stat(paths[i], &sb) == 0 && S_ISREG(sb.st_mode)) n_text++;
+        }
+    }
+    if (n_text == 0) return 0;
+    const char *base = getenv("TMPDIR");
+    snprintf(tmp_dir, tmp_size, "%s/rwkvpipe-train.XXXXXX", base && *base ? base : "/tmp");
+    if (!mkdtemp(tmp_dir)) cli_fatal(cli, "cannot create a temporary directory %s", tmp_dir);
+    snprintf(prefix, prefix_size, "%s/text", tmp_dir);
+    rp_tokenizer *tok;
+    rp_error err;
+    if (rp_tokenizer_open(&tok, vocab, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_tokenize_run *run;
+    if (rp_tokenize_begin(&run, prefix, tok, NULL, &err) != RP_OK) cli_fatal_error(cli, &err);
+    for (int i = 0; i < n_paths; i++) {
+        size_t n = strlen(paths[i]);
+        struct stat sb;
+        if ((n >= 4 && strcmp(paths[i] + n - 4, ".tok") == 0) || stat(paths[i], &sb) != 0 ||
+            !S_ISREG(sb.st_mode))
+            continue;
+        cli_info(cli, "tokenizing %s (vocab %s)", paths[i], vocab);
+        if (rp_tokenize_add_file(run, paths[i], RP_INPUT_AUTO, &err) != RP_OK) {
+            rp_tokenize_abort(run);
+            cli_fatal_error(cli, &err);
+        }
+        paths[i] = NULL;
+    }
+    rp_tokenize_stats stats;
+    if (rp_tokenize_finish(run, &stats, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_tokenizer_free(tok);
+    /* Text inputs are replaced, in place of the first one, by the directory. */
+    int j = 0, placed = 0;
+    for (int i = 0; i < n_paths; i++) {
+        if (paths[i]) paths[j++] = paths[i];
+        else if (!placed) {
+            paths[j++] = tmp_dir;
+            placed = 1;
+        }
+    }
+    for (int k = j; k < n_paths; k++) paths[k] = NULL;
+    cli_info(cli, "tokenized %llu bytes into %llu tokens (%u shard%s)",
+             (unsigned long long)stats.bytes, (unsigned long long)stats.tokens, stats.shards,
+             stats.shards == 1 ? "" : "s");
+    return (int)stats.shards;
+}
+
+void cli_remove_tokenized(const char *tmp_dir, const char *prefix, int n_shards) {
+    char path[4096];
+    for (int i = 0; i < n_shards; i++) unlink(rp_tokenize_shard_path(path, sizeof path, prefix, (uint32_t)i));
+    rmdir(tmp_dir);
+}
+

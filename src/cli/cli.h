@@ -49,6 +49,15 @@ typedef struct {
 void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend **be,
                     rp_model *model);
 
+/* --data inputs that are text / JSON-lines files (not .tok shards) are
+ * tokenized with `vocab` into a new temporary directory tmp_dir (prefix
+ * `prefix`); their entries in the NULL-terminated paths[] are replaced by one
+ * entry naming that directory. Returns the shards written (0: nothing to do). */
+int cli_tokenize_text_inputs(const rp_cli *cli, const char **paths, int n_paths,
+                             const char *vocab, char *tmp_dir, size_t tmp_size, char *prefix,
+                             size_t prefix_size);
+void cli_remove_tokenized(const char *tmp_dir, const char *prefix, int n_shards);
+
 /* Subcommands. argv[0] is the subcommand name. */
 int cmd_encode(rp_cli *cli, int argc, char **argv);
 int cmd_decode(rp_cli *cli, int argc, char **argv);

@@ -19,7 +19,8 @@ static void eval_usage(FILE *out) {
             "window of --ctx-len + 1 tokens is scored from a zero state; on a synthetic\n"
             "task only the answer tokens are (MQAR: recall accuracy).\n"
             "  --model FILE       weights (safetensors, official or HF/fla names)\n"
-            "  --data SRC         'mqar', 'copy', or shard files / directories (repeatable)\n"
+            "  --data SRC         'mqar', 'copy', shard files / directories, or text /\n"
+            "                     .jsonl files (tokenized with --vocab first); repeatable\n"
             "  --ctx-len T        tokens per window (default 64)\n"
             "  --batch N          windows per forward call (default 16)\n"
             "  --batches N        synthetic tasks: batches to score (default 16)\n"
@@ -84,6 +85,13 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
         cli_fatal(cli, "give exactly one of --data ('mqar', 'copy' or token shards), --last-word "
                   "FILE and --choice FILE");
     if (cli->mpi_size > 1) cli_fatal(cli, "eval runs in one process for now; run it with -np 1");
+    char tmp_dir[4096] = "", tmp_prefix[4096] = "";
+    int n_tmp = have_data ? cli_tokenize_text_inputs(cli, paths, n_paths, vocab ? vocab : "bytes",
+                                                     tmp_dir, sizeof tmp_dir, tmp_prefix,
+                                                     sizeof tmp_prefix)
+                          : 0;
+    n_paths = 0;
+    while (paths[n_paths]) n_paths++;
     o.data_paths = paths;
     o.n_data_paths = n_paths;
     rp_backend *be;
@@ -117,8 +125,9 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
     }
     double loss, accuracy;
     long n_targets;
-    if (rp_train_evaluate(&model, &o, batches, &loss, &accuracy, &n_targets, &err) != RP_OK)
-        cli_fatal_error(cli, &err);
+    rp_status st = rp_train_evaluate(&model, &o, batches, &loss, &accuracy, &n_targets, &err);
+    if (n_tmp) cli_remove_tokenized(tmp_dir, tmp_prefix, n_tmp);
+    if (st != RP_OK) cli_fatal_error(cli, &err);
     printf("data         : %s\n", o.synthetic ? rp_synth_task_name(o.synth.task) : "token shards");
     printf("scored       : %ld tokens (windows of %d)\n", n_targets, o.ctx_len);
     printf("loss         : %.6f nats/token\n", loss);
