@@ -18,6 +18,7 @@
 
 #include "backend.h"
 #include "cpu/cpu_backend.h"
+#include "batch_util.h"
 
 /* ---- fixtures: one backend per thread count ---- */
 
@@ -157,51 +158,7 @@ static void ref_norm(double *y, double *mean, double *rstd, const float *x, cons
     *rstd = s;
 }
 
-/* ---- a ragged batch ---- */
-
-typedef struct {
-    int n_seq;
-    int seq_len[8], row_begin[8], slot[8];
-    rp_batch batch;
-} test_batch;
-
-static void make_batch(test_batch *tb, int n_seq, const int *len, const int *slot) {
-    tb->n_seq = n_seq;
-    int rows = 0;
-    for (int s = 0; s < n_seq; s++) {
-        tb->seq_len[s] = len[s];
-        tb->row_begin[s] = rows;
-        tb->slot[s] = slot[s];
-        rows += len[s];
-    }
-    tb->batch = (rp_batch){.n_seq = n_seq, .n_rows = rows, .seq_len = tb->seq_len,
-                           .row_begin = tb->row_begin, .slot = tb->slot};
-}
-
-/* Rows [t0, t1) of every sequence of `full` (clipped to its length) as a
- * batch of its own over compacted rows; *src_row maps each new row back. */
-static void sub_batch(test_batch *out, const test_batch *full, int t0, int t1, int *src_row) {
-    int len[8], slot[8], n = 0, rows = 0;
-    for (int s = 0; s < full->n_seq; s++) {
-        int e = t1 < full->seq_len[s] ? t1 : full->seq_len[s];
-        if (e <= t0) continue;
-        len[n] = e - t0;
-        slot[n] = full->slot[s];
-        for (int t = t0; t < e; t++) src_row[rows++] = full->row_begin[s] + t;
-        n++;
-    }
-    make_batch(out, n, len, slot);
-}
-
-static void gather_rows(float *dst, const float *src, const int *src_row, int rows, int C) {
-    for (int r = 0; r < rows; r++)
-        memcpy(dst + (size_t)r * C, src + (size_t)src_row[r] * C, (size_t)C * sizeof(float));
-}
-
-static void scatter_rows(float *dst, const float *src, const int *src_row, int rows, int C) {
-    for (int r = 0; r < rows; r++)
-        memcpy(dst + (size_t)src_row[r] * C, src + (size_t)r * C, (size_t)C * sizeof(float));
-}
+/* ---- a ragged batch: tests/batch_util.h ---- */
 
 /* ---- lifetime and memory ---- */
 
