@@ -20,7 +20,7 @@
 #include <string.h>
 
 #include "backend.h"
-#include "batch_util.h"
+#include "cpu_test_util.h"
 
 /* Central differences on the double reference: truncation ~h^2 ~1e-8 and
  * rounding ~1e-16 |L| / h, both far below the fp32 errors being measured. */
@@ -29,60 +29,12 @@
 #define LN_EPS 1e-5
 #define GN_EPS 64e-5
 
-/* ---- fixtures: one backend per thread count ---- */
-
-enum { N_BACKENDS = 3 };
-static const int backend_threads[N_BACKENDS] = {1, 2, 3};
-static rp_backend *backends[N_BACKENDS];
-
-static int setup_backends(void **state) {
-    (void)state;
-    for (int i = 0; i < N_BACKENDS; i++) {
-        rp_error err = {0};
-        backends[i] = rp_cpu_backend_create(backend_threads[i], &err);
-        if (!backends[i]) {
-            fprintf(stderr, "rp_cpu_backend_create(%d): %s\n", backend_threads[i], err.msg);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static int teardown_backends(void **state) {
-    (void)state;
-    for (int i = 0; i < N_BACKENDS; i++) rp_cpu_backend_destroy(backends[i]);
-    return 0;
-}
-
-/* ---- data ---- */
-
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+/* ---- fixtures and random data: tests/cpu_test_util.h ---- */
 
 static void rng_seed(uint64_t seed) { rng_state = seed ? seed : 1; }
 
-static double rng_uniform(double lo, double hi) { /* xorshift64* */
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t bits = (rng_state * 0x2545F4914F6CDD1Dull) >> 11;
-    return lo + (hi - lo) * ((double)bits / 9007199254740992.0);
-}
 
 static int rng_below(int n) { return (int)rng_uniform(0, n) % n; }
-
-static float *random_floats(size_t n, double lo, double hi) {
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    assert_non_null(p);
-    for (size_t i = 0; i < n; i++) p[i] = (float)rng_uniform(lo, hi);
-    return p;
-}
-
-static float *copy_floats(const float *src, size_t n) {
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    assert_non_null(p);
-    memcpy(p, src, n * sizeof *p);
-    return p;
-}
 
 static float *zero_floats(size_t n) {
     float *p = calloc(n ? n : 1, sizeof *p);
@@ -174,7 +126,6 @@ static double *fd_gradient(double *x, size_t n, loss_fn loss, const void *ctx) {
     return g;
 }
 
-/* ---- a ragged batch: tests/batch_util.h ---- */
 
 static int seq_of_row(const test_batch *tb, int row) {
     for (int s = tb->n_seq - 1; s >= 0; s--)

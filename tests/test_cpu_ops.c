@@ -18,58 +18,10 @@
 
 #include "backend.h"
 #include "cpu/cpu_backend.h"
-#include "batch_util.h"
+#include "cpu_test_util.h"
 
-/* ---- fixtures: one backend per thread count ---- */
+/* ---- fixtures and random data: tests/cpu_test_util.h ---- */
 
-enum { N_BACKENDS = 3 };
-static const int backend_threads[N_BACKENDS] = {1, 2, 3};
-static rp_backend *backends[N_BACKENDS];
-
-static int setup_backends(void **state) {
-    (void)state;
-    for (int i = 0; i < N_BACKENDS; i++) {
-        rp_error err = {0};
-        backends[i] = rp_cpu_backend_create(backend_threads[i], &err);
-        if (!backends[i]) {
-            fprintf(stderr, "rp_cpu_backend_create(%d): %s\n", backend_threads[i], err.msg);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static int teardown_backends(void **state) {
-    (void)state;
-    for (int i = 0; i < N_BACKENDS; i++) rp_cpu_backend_destroy(backends[i]);
-    return 0;
-}
-
-/* ---- data ---- */
-
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-
-static double rng_uniform(double lo, double hi) { /* xorshift64* */
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    uint64_t bits = (rng_state * 0x2545F4914F6CDD1Dull) >> 11;
-    return lo + (hi - lo) * ((double)bits / 9007199254740992.0);
-}
-
-static float *random_floats(size_t n, double lo, double hi) {
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    assert_non_null(p);
-    for (size_t i = 0; i < n; i++) p[i] = (float)rng_uniform(lo, hi);
-    return p;
-}
-
-static float *copy_floats(const float *src, size_t n) {
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    assert_non_null(p);
-    memcpy(p, src, n * sizeof *p);
-    return p;
-}
 
 static double *new_doubles(size_t n) {
     double *p = calloc(n ? n : 1, sizeof *p);
@@ -158,7 +110,6 @@ static void ref_norm(double *y, double *mean, double *rstd, const float *x, cons
     *rstd = s;
 }
 
-/* ---- a ragged batch: tests/batch_util.h ---- */
 
 /* ---- lifetime and memory ---- */
 
