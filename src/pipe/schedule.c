@@ -1,0 +1,174 @@
+/* Schedule generators: GPipe and 1F1B (PipeDream-Flush) as per-stage
+ * instruction lists (schedule.h). Pure functions of (kind, P, M); the
+ * executor in pipe_train.c and the simulator in simulate.c interpret them.
+ * A new schedule is a new sched_build_* function here plus its tests. */
+#include "pipe/schedule.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const kind_names[RP_SCHEDULE_KIND_COUNT] = {"gpipe", "1f1b"};
+
+static const char *const opcode_names[RP_OP_COUNT] = {
+    "RECV_ACT", "FWD", "SEND_ACT", "RECV_GRAD", "BWD", "SEND_GRAD", "REDUCE_GRADS", "OPT_STEP"};
+
+const char *rp_schedule_kind_name(rp_schedule_kind k) {
+    return (unsigned)k < RP_SCHEDULE_KIND_COUNT ? kind_names[k] : "unknown";
+}
+
+int rp_schedule_kind_from_name(const char *name) {
+    if (!name) return -1;
+    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+        if (strcmp(name, kind_names[k]) == 0) return k;
+    return -1;
+}
+
+const char *rp_pipe_opcode_name(rp_pipe_opcode op) {
+    return (unsigned)op < RP_OP_COUNT ? opcode_names[op] : "UNKNOWN_OP";
+}
+
+/* One stage's list while it is being written; capacity is exact (see
+ * sched_stage_length), so emitting never reallocates. */
+typedef struct {
+    rp_pipe_instr *instr;
+    int n, capacity;
+} sched_list;
+
+/* Past the capacity only counts, so that rp_schedule_build reports a
+ * generator whose length disagrees with sched_stage_length as a bug. */
+static void sched_emit(sched_list *list, rp_pipe_opcode op, int micro_batch, int buffer) {
+    if (list->n < list->capacity) list->instr[list->n] = (rp_pipe_instr){op, micro_batch, buffer};
+    list->n++;
+}
+
+/* [RECV_ACT m] FWD m [SEND_ACT m]: the first stage reads its input from the
+ * data loader, the last stage keeps its output for the loss. */
+static void sched_emit_forward(sched_list *list, int stage, int n_stages, int m, int buffer) {
+    if (stage > 0) sched_emit(list, RP_OP_RECV_ACT, m, buffer);
+    sched_emit(list, RP_OP_FWD, m, buffer);
+    if (stage < n_stages - 1) sched_emit(list, RP_OP_SEND_ACT, m, buffer);
+}
+
+/* [RECV_GRAD m] BWD m [SEND_GRAD m]: the last stage starts from its own loss,
+ * the first stage has no one to send d(input) to. */
+static void sched_emit_backward(sched_list *list, int stage, int n_stages, int m, int buffer) {
+    if (stage < n_stages - 1) sched_emit(list, RP_OP_RECV_GRAD, m, buffer);
+    sched_emit(list, RP_OP_BWD, m, buffer);
+    if (stage > 0) sched_emit(list, RP_OP_SEND_GRAD, m, buffer);
+}
+
+static void sched_emit_step(sched_list *list) {
+    sched_emit(list, RP_OP_REDUCE_GRADS, -1, -1);
+    sched_emit(list, RP_OP_OPT_STEP, -1, -1);
+}
+
+/* Every schedule here runs each micro-batch's forward and backward once per
+ * stage, so the list length depends only on the stage's position. */
+static int sched_stage_length(int stage, int n_stages, int n_micro) {
+    int per_micro = 2 + (stage > 0 ? 2 : 0) + (stage < n_stages - 1 ? 2 : 0);
+    return n_micro * per_micro + 2;
+}
+
+/* GPipe: all forwards, then all backwards, both in increasing m. Every
+ * micro-batch stays stashed until the backward phase, so M buffers. */
+static void sched_build_gpipe(sched_list *list, int stage, int n_stages, int n_micro,
+                              int *n_buffers) {
+    for (int m = 0; m < n_micro; m++) sched_emit_forward(list, stage, n_stages, m, m);
+    for (int m = 0; m < n_micro; m++) sched_emit_backward(list, stage, n_stages, m, m);
+    sched_emit_step(list);
+    *n_buffers = n_micro;
+}
+
+/* 1F1B (PipeDream-Flush): stage s runs warmup = min(P-s-1, M) forwards, so
+ * that the first gradient arrives from the last stage just as its pipe is
+ * full, then alternates one forward with one backward, then drains the
+ * remaining backwards. At most warmup + 1 = P - s micro-batches are stashed
+ * at once, so buffer m % min(M, P-s) is free again by the time m reuses it:
+ * the previous holder, m - (P-s), ran its backward before forward m. */
+static void sched_build_1f1b(sched_list *list, int stage, int n_stages, int n_micro,
+                             int *n_buffers) {
+    int warmup = n_stages - stage - 1;
+    if (warmup > n_micro) warmup = n_micro;
+    int slots = n_stages - stage < n_micro ? n_stages - stage : n_micro;
+    int next_fwd = 0, next_bwd = 0;
+    for (int i = 0; i < warmup; i++, next_fwd++)
+        sched_emit_forward(list, stage, n_stages, next_fwd, next_fwd % slots);
+    while (next_fwd < n_micro) {
+        sched_emit_forward(list, stage, n_stages, next_fwd, next_fwd % slots);
+        next_fwd++;
+        sched_emit_backward(list, stage, n_stages, next_bwd, next_bwd % slots);
+        next_bwd++;
+    }
+    for (; next_bwd < n_micro; next_bwd++)
+        sched_emit_backward(list, stage, n_stages, next_bwd, next_bwd % slots);
+    sched_emit_step(list);
+    *n_buffers = slots;
+}
+
+rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
+                            rp_error *err) {
+    memset(s, 0, sizeof *s);
+    if ((unsigned)kind >= RP_SCHEDULE_KIND_COUNT)
+        return rp_error_set(err, RP_ERR_ARG, "schedule kind %d unknown: expected gpipe or 1f1b",
+                            (int)kind);
+    if (n_stages < 1)
+        return rp_error_set(err, RP_ERR_ARG, "pipeline of %d stages: need >= 1", n_stages);
+    if (n_stages > RP_SCHEDULE_MAX_STAGES)
+        return rp_error_set(err, RP_ERR_ARG, "pipeline of %d stages: at most %d supported",
+                            n_stages, RP_SCHEDULE_MAX_STAGES);
+    if (n_micro < 1)
+        return rp_error_set(err, RP_ERR_ARG, "%s schedule with %d micro-batches: need >= 1",
+                            kind_names[kind], n_micro);
+    if (n_micro > RP_SCHEDULE_MAX_MICRO)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "%s schedule with %d micro-batches: at most %d per optimizer step",
+                            kind_names[kind], n_micro, RP_SCHEDULE_MAX_MICRO);
+
+    s->kind = kind;
+    s->n_stages = n_stages;
+    s->n_micro = n_micro;
+    s->n_instr = rp_calloc((size_t)n_stages, sizeof *s->n_instr, "schedule list lengths", err);
+    s->instr = rp_calloc((size_t)n_stages, sizeof *s->instr, "schedule lists", err);
+    s->n_buffers = rp_calloc((size_t)n_stages, sizeof *s->n_buffers, "schedule buffer counts", err);
+    rp_status status = RP_ERR_NOMEM;
+    if (!s->n_instr || !s->instr || !s->n_buffers) goto fail;
+
+    for (int stage = 0; stage < n_stages; stage++) {
+        sched_list list = {0};
+        list.capacity = sched_stage_length(stage, n_stages, n_micro);
+        list.instr = rp_malloc((size_t)list.capacity * sizeof *list.instr, "schedule list", err);
+        if (!list.instr) goto fail;
+        s->instr[stage] = list.instr;
+        switch (kind) {
+        case RP_SCHEDULE_GPIPE:
+            sched_build_gpipe(&list, stage, n_stages, n_micro, &s->n_buffers[stage]);
+            break;
+        case RP_SCHEDULE_1F1B:
+            sched_build_1f1b(&list, stage, n_stages, n_micro, &s->n_buffers[stage]);
+            break;
+        case RP_SCHEDULE_KIND_COUNT: break;
+        }
+        if (list.n != list.capacity) {
+            status = rp_error_set(err, RP_ERR_INTERNAL,
+                         "%s schedule, stage %d of %d: %d instructions written, %d expected",
+                         kind_names[kind], stage, n_stages, list.n, list.capacity);
+            goto fail;
+        }
+        s->n_instr[stage] = list.n;
+    }
+    return RP_OK;
+
+fail:
+    rp_schedule_free(s);
+    return status;
+}
+
+void rp_schedule_free(rp_schedule *s) {
+    if (!s) return;
+    if (s->instr)
+        for (int stage = 0; stage < s->n_stages; stage++) free(s->instr[stage]);
+    free(s->instr);
+    free(s->n_instr);
+    free(s->n_buffers);
+    memset(s, 0, sizeof *s);
+}

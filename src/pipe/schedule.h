@@ -1,0 +1,99 @@
+/* Pipeline schedules as data (DESIGN.md section 4). A pure function builds,
+ * for every stage of a P-stage pipeline running M micro-batches in one
+ * optimizer step, the list of instructions that stage executes in order. The
+ * executor (src/pipe/pipe_train.c) is a switch over the opcodes, so a new
+ * schedule (interleaved 1F1B, zero-bubble) is a new generator only.
+ *
+ * Conventions every generator keeps (the simulator checks them):
+ * - Stage 0 has no RECV_ACT / SEND_GRAD, the last stage no SEND_ACT /
+ *   RECV_GRAD (it computes the loss itself); with P = 1 a stage's list is
+ *   FWD/BWD pairs only.
+ * - Per micro-batch m on stage s, in list order: [RECV_ACT m] FWD m [SEND_ACT m],
+ *   then later [RECV_GRAD m] BWD m [SEND_GRAD m].
+ * - Backward passes run in increasing micro-batch order on every stage (so the
+ *   gradient sums are accumulated in the same order as one process).
+ * - `buffer` of FWD/BWD/RECV_ACT/SEND_ACT/RECV_GRAD/SEND_GRAD is the stash
+ *   slot (0 .. n_buffers[s]-1) holding micro-batch m's activations from its
+ *   FWD until its BWD; a slot is never reused before the BWD of its previous
+ *   micro-batch. GPipe: n_buffers = M; 1F1B: n_buffers = min(M, P - s).
+ * - Every list ends with REDUCE_GRADS then OPT_STEP (micro_batch = -1,
+ *   buffer = -1). */
+#ifndef RP_PIPE_SCHEDULE_H
+#define RP_PIPE_SCHEDULE_H
+
+#include <stdio.h>
+
+#include "core/error.h"
+
+typedef enum {
+    RP_OP_RECV_ACT = 0,  /* receive micro-batch m's activations from stage s-1 */
+    RP_OP_FWD,           /* forward of stage s on micro-batch m */
+    RP_OP_SEND_ACT,      /* send its output activations to stage s+1 */
+    RP_OP_RECV_GRAD,     /* receive d(output) of micro-batch m from stage s+1 */
+    RP_OP_BWD,           /* backward of stage s on micro-batch m */
+    RP_OP_SEND_GRAD,     /* send d(input) to stage s-1 */
+    RP_OP_REDUCE_GRADS,  /* all-reduce gradients over the data-parallel replicas */
+    RP_OP_OPT_STEP,      /* optimizer step */
+    RP_OP_COUNT
+} rp_pipe_opcode;
+
+typedef struct {
+    rp_pipe_opcode op;
+    int micro_batch;  /* -1 for REDUCE_GRADS / OPT_STEP */
+    int buffer;       /* stash slot, -1 for REDUCE_GRADS / OPT_STEP */
+} rp_pipe_instr;
+
+typedef enum { RP_SCHEDULE_GPIPE = 0, RP_SCHEDULE_1F1B, RP_SCHEDULE_KIND_COUNT } rp_schedule_kind;
+
+typedef struct {
+    rp_schedule_kind kind;
+    int n_stages, n_micro;
+    int *n_instr;            /* [n_stages] */
+    rp_pipe_instr **instr;   /* [n_stages][n_instr[s]] */
+    int *n_buffers;          /* [n_stages] stash slots each stage needs */
+} rp_schedule;
+
+/* n_stages >= 1, 1 <= n_micro <= RP_SCHEDULE_MAX_MICRO. */
+#define RP_SCHEDULE_MAX_MICRO 4096
+/* Also n_stages <= RP_SCHEDULE_MAX_STAGES: far beyond any real pipeline, and
+ * it bounds the lists' and the simulator's memory (both grow as P x M). */
+#define RP_SCHEDULE_MAX_STAGES 1024
+rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
+                            rp_error *err);
+void rp_schedule_free(rp_schedule *s);
+
+const char *rp_schedule_kind_name(rp_schedule_kind k);  /* "gpipe", "1f1b" */
+int rp_schedule_kind_from_name(const char *name);       /* -1 if unknown */
+const char *rp_pipe_opcode_name(rp_pipe_opcode op);     /* "RECV_ACT", ... */
+
+/* ---- simulator (no MPI) ----
+ * Runs all stages' lists together: a stage advances while its next
+ * instruction can run (a RECV needs the matching SEND to have happened on the
+ * neighbour; sends are asynchronous), compute ops (FWD/BWD) take the given
+ * time units, communication takes comm_cost, REDUCE_GRADS/OPT_STEP take 0
+ * here. Reports a deadlock (no stage can move while some list is unfinished)
+ * as an error naming each stuck stage and instruction. */
+typedef struct {
+    double fwd_cost, bwd_cost, comm_cost;  /* unit costs: 1, 1, 0 */
+} rp_sim_costs;
+
+typedef struct {
+    double makespan;            /* time at which the last stage finishes */
+    double *busy;               /* [n_stages] compute time of each stage */
+    double bubble_fraction;     /* 1 - sum(busy) / (n_stages * makespan) */
+    int *peak_stashed;          /* [n_stages] max micro-batches between FWD and BWD */
+    /* Timeline for printing: per stage, the start time of each instruction. */
+    double **start;             /* [n_stages][n_instr[s]] */
+    rp_sim_costs costs;         /* the costs simulated (durations for the timeline) */
+} rp_sim_result;
+
+rp_status rp_schedule_simulate(const rp_schedule *s, const rp_sim_costs *costs,
+                               rp_sim_result *r, rp_error *err);
+void rp_sim_result_free(rp_sim_result *r, int n_stages);
+
+/* Draws the simulated timeline as text, one row per stage, one column per
+ * time unit ("F3" / "B3" cells, "." idle), then the bubble fraction next to
+ * the theory (P-1)/(M+P-1) and each stage's peak stash. */
+void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FILE *out);
+
+#endif

@@ -1,0 +1,503 @@
+/* Pipeline schedules (src/pipe/schedule.c) and their simulator
+ * (src/pipe/simulate.c): GPipe and 1F1B for P = 1..8 stages and M = 1..16
+ * micro-batches run without deadlock, reach the theoretical bubble, stash no
+ * more than they should and keep schedule.h's conventions; and schedules that
+ * break a convention are caught by the simulator. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pipe/schedule.h"
+
+static const int stage_counts[] = {1, 2, 3, 4, 8};
+#define N_STAGE_COUNTS ((int)(sizeof stage_counts / sizeof stage_counts[0]))
+#define MAX_TESTED_MICRO 16
+
+static const rp_sim_costs unit_costs = {1.0, 1.0, 0.0};
+
+static void build_or_fail(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro) {
+    rp_error err;
+    if (rp_schedule_build(s, kind, n_stages, n_micro, &err) != RP_OK)
+        fail_msg("%s P=%d M=%d: build failed: %s", rp_schedule_kind_name(kind), n_stages,
+                 n_micro, err.msg);
+}
+
+static void simulate_or_fail(const rp_schedule *s, const rp_sim_costs *costs, rp_sim_result *r) {
+    rp_error err;
+    if (rp_schedule_simulate(s, costs, r, &err) != RP_OK)
+        fail_msg("%s P=%d M=%d: simulation failed: %s", rp_schedule_kind_name(s->kind),
+                 s->n_stages, s->n_micro, err.msg);
+}
+
+/* Simulates a schedule that must fail; returns the message. */
+static const char *simulate_expect_error(const rp_schedule *s, rp_error *err) {
+    rp_sim_result r;
+    rp_status st = rp_schedule_simulate(s, &unit_costs, &r, err);
+    if (st == RP_OK) {
+        rp_sim_result_free(&r, s->n_stages);
+        fail_msg("the simulator accepted a broken %s schedule (P=%d M=%d)",
+                 rp_schedule_kind_name(s->kind), s->n_stages, s->n_micro);
+    }
+    assert_non_null(strstr(err->msg, rp_schedule_kind_name(s->kind)));
+    return err->msg;
+}
+
+static void expect_in_message(const char *msg, const char *part) {
+    if (!strstr(msg, part)) fail_msg("error message '%s' does not mention '%s'", msg, part);
+}
+
+/* Index of the instruction (op, m) on a stage, -1 if absent; fails if it
+ * appears twice. */
+static int find_instr(const rp_schedule *s, int stage, rp_pipe_opcode op, int m) {
+    int found = -1;
+    for (int i = 0; i < s->n_instr[stage]; i++)
+        if (s->instr[stage][i].op == op && s->instr[stage][i].micro_batch == m) {
+            if (found >= 0)
+                fail_msg("stage %d: %s m=%d appears twice (#%d and #%d)", stage,
+                         rp_pipe_opcode_name(op), m, found, i);
+            found = i;
+        }
+    return found;
+}
+
+static void test_every_shape_simulates_without_deadlock(void **state) {
+    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+        for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
+            for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
+                rp_schedule s;
+                rp_sim_result r;
+                build_or_fail(&s, (rp_schedule_kind)k, stage_counts[pi], m);
+                assert_int_equal(s.kind, k);
+                assert_int_equal(s.n_stages, stage_counts[pi]);
+                assert_int_equal(s.n_micro, m);
+                simulate_or_fail(&s, &unit_costs, &r);
+                assert_true(r.makespan > 0);
+                rp_sim_result_free(&r, s.n_stages);
+                rp_schedule_free(&s);
+            }
+}
+
+static void test_bubble_fraction_is_the_theory_under_unit_costs(void **state) {
+    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+        for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
+            for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
+                const int p = stage_counts[pi];
+                rp_schedule s;
+                rp_sim_result r;
+                build_or_fail(&s, (rp_schedule_kind)k, p, m);
+                simulate_or_fail(&s, &unit_costs, &r);
+                double theory = (double)(p - 1) / (m + p - 1);
+                if (fabs(r.bubble_fraction - theory) > 1e-9)
+                    fail_msg("%s P=%d M=%d: bubble %.12f, theory (P-1)/(M+P-1) = %.12f",
+                             rp_schedule_kind_name(k), p, m, r.bubble_fraction, theory);
+                /* the critical path: M forwards and backwards plus P-1 of
+                 * each to fill and drain the pipe */
+                assert_float_equal(r.makespan, 2.0 * (m + p - 1), 1e-9);
+                for (int st = 0; st < p; st++) assert_float_equal(r.busy[st], 2.0 * m, 1e-9);
+                rp_sim_result_free(&r, s.n_stages);
+                rp_schedule_free(&s);
+            }
+}
+
+/* With a backward twice as long as a forward (the usual ratio) and free
+ * communication, both schedules still lose only (P-1)/(M+P-1). */
+static void test_bubble_fraction_is_the_theory_when_backward_costs_twice(void **state) {
+    const rp_sim_costs costs = {1.0, 2.0, 0.0};
+    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+        for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
+            for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
+                const int p = stage_counts[pi];
+                rp_schedule s;
+                rp_sim_result r;
+                build_or_fail(&s, (rp_schedule_kind)k, p, m);
+                simulate_or_fail(&s, &costs, &r);
+                double theory = (double)(p - 1) / (m + p - 1);
+                if (fabs(r.bubble_fraction - theory) > 1e-9)
+                    fail_msg("%s P=%d M=%d, bwd = 2 fwd: bubble %.12f, theory %.12f",
+                             rp_schedule_kind_name(k), p, m, r.bubble_fraction, theory);
+                rp_sim_result_free(&r, s.n_stages);
+                rp_schedule_free(&s);
+            }
+}
+
+static void test_communication_cost_only_lengthens_the_step(void **state) {
+    const rp_sim_costs slow = {1.0, 1.0, 0.5};
+    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++) {
+        rp_schedule s;
+        rp_sim_result r;
+        build_or_fail(&s, (rp_schedule_kind)k, 4, 8);
+        simulate_or_fail(&s, &slow, &r);
+        /* each of the 2 (P-1) hops of the first micro-batch's round trip waits */
+        assert_true(r.makespan >= 2.0 * (8 + 3) + 2 * 3 * 0.5 - 1e-9);
+        assert_true(r.bubble_fraction > 3.0 / 11.0);
+        for (int st = 0; st < 4; st++) assert_float_equal(r.busy[st], 16.0, 1e-9);
+        rp_sim_result_free(&r, s.n_stages);
+        rp_schedule_free(&s);
+    }
+}
+
+static void test_1f1b_stashes_at_most_p_minus_s_micro_batches(void **state) {
+    for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
+        for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
+            const int p = stage_counts[pi];
+            rp_schedule s;
+            rp_sim_result r;
+            build_or_fail(&s, RP_SCHEDULE_1F1B, p, m);
+            simulate_or_fail(&s, &unit_costs, &r);
+            for (int st = 0; st < p; st++) {
+                int bound = p - st < m ? p - st : m;
+                if (r.peak_stashed[st] > bound)
+                    fail_msg("1f1b P=%d M=%d stage %d: %d micro-batches stashed, at most %d",
+                             p, m, st, r.peak_stashed[st], bound);
+                /* the bound is reached: warmup + 1 forwards before the
+                 * first backward */
+                assert_int_equal(r.peak_stashed[st], bound);
+                assert_int_equal(s.n_buffers[st], bound);
+            }
+            rp_sim_result_free(&r, s.n_stages);
+            rp_schedule_free(&s);
+        }
+}
+
+static void test_gpipe_stashes_every_micro_batch(void **state) {
+    for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
+        for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
+            rp_schedule s;
+            rp_sim_result r;
+            build_or_fail(&s, RP_SCHEDULE_GPIPE, stage_counts[pi], m);
+            simulate_or_fail(&s, &unit_costs, &r);
+            for (int st = 0; st < s.n_stages; st++) {
+                assert_int_equal(r.peak_stashed[st], m);
+                assert_int_equal(s.n_buffers[st], m);
+            }
+            rp_sim_result_free(&r, s.n_stages);
+            rp_schedule_free(&s);
+        }
+}
+
+/* schedule.h's conventions, checked on the lists themselves (independently
+ * of the simulator, which checks them too). */
+static void check_list_conventions(const rp_schedule *s) {
+    const int p = s->n_stages, m_count = s->n_micro;
+    const char *kind = rp_schedule_kind_name(s->kind);
+    for (int st = 0; st < p; st++) {
+        const rp_pipe_instr *list = s->instr[st];
+        const int n = s->n_instr[st];
+        const int first = st == 0, last = st == p - 1;
+        int per_micro = 2 + (first ? 0 : 2) + (last ? 0 : 2);
+        if (n != m_count * per_micro + 2)
+            fail_msg("%s P=%d M=%d stage %d: %d instructions, expected %d", kind, p, m_count,
+                     st, n, m_count * per_micro + 2);
+        for (int i = 0; i < n; i++) {
+            rp_pipe_opcode op = list[i].op;
+            if (first && (op == RP_OP_RECV_ACT || op == RP_OP_SEND_GRAD))
+                fail_msg("%s P=%d M=%d: stage 0 has %s at #%d", kind, p, m_count,
+                         rp_pipe_opcode_name(op), i);
+            if (last && (op == RP_OP_SEND_ACT || op == RP_OP_RECV_GRAD))
+                fail_msg("%s P=%d M=%d: last stage has %s at #%d", kind, p, m_count,
+                         rp_pipe_opcode_name(op), i);
+            if (i < n - 2 && (op == RP_OP_REDUCE_GRADS || op == RP_OP_OPT_STEP))
+                fail_msg("%s P=%d M=%d stage %d: %s at #%d before the end", kind, p, m_count,
+                         st, rp_pipe_opcode_name(op), i);
+        }
+        assert_int_equal(list[n - 2].op, RP_OP_REDUCE_GRADS);
+        assert_int_equal(list[n - 2].micro_batch, -1);
+        assert_int_equal(list[n - 2].buffer, -1);
+        assert_int_equal(list[n - 1].op, RP_OP_OPT_STEP);
+        assert_int_equal(list[n - 1].micro_batch, -1);
+        assert_int_equal(list[n - 1].buffer, -1);
+
+        int previous_bwd = -1, previous_bwd_m = -1;
+        for (int m = 0; m < m_count; m++) {
+            /* [RECV_ACT m] FWD m [SEND_ACT m] ... [RECV_GRAD m] BWD m [SEND_GRAD m],
+             * the bracketed ones right beside their compute op */
+            int fwd = find_instr(s, st, RP_OP_FWD, m), bwd = find_instr(s, st, RP_OP_BWD, m);
+            int recv_act = find_instr(s, st, RP_OP_RECV_ACT, m);
+            int send_act = find_instr(s, st, RP_OP_SEND_ACT, m);
+            int recv_grad = find_instr(s, st, RP_OP_RECV_GRAD, m);
+            int send_grad = find_instr(s, st, RP_OP_SEND_GRAD, m);
+            if (fwd < 0 || bwd < 0 || fwd > bwd)
+                fail_msg("%s P=%d M=%d stage %d m=%d: FWD at #%d, BWD at #%d", kind, p, m_count,
+                         st, m, fwd, bwd);
+            assert_int_equal(recv_act, first ? -1 : fwd - 1);
+            assert_int_equal(send_act, last ? -1 : fwd + 1);
+            assert_int_equal(recv_grad, last ? -1 : bwd - 1);
+            assert_int_equal(send_grad, first ? -1 : bwd + 1);
+            /* backwards in increasing micro-batch order */
+            if (bwd < previous_bwd)
+                fail_msg("%s P=%d M=%d stage %d: BWD m=%d at #%d comes before BWD m=%d at #%d",
+                         kind, p, m_count, st, m, bwd, previous_bwd_m, previous_bwd);
+            previous_bwd = bwd;
+            previous_bwd_m = m;
+            /* one slot per micro-batch on every instruction that touches it */
+            int slots = s->kind == RP_SCHEDULE_GPIPE ? m_count : (p - st < m_count ? p - st : m_count);
+            int want = s->kind == RP_SCHEDULE_GPIPE ? m : m % slots;
+            int idx[] = {recv_act, fwd, send_act, recv_grad, bwd, send_grad};
+            for (size_t j = 0; j < sizeof idx / sizeof idx[0]; j++)
+                if (idx[j] >= 0 && list[idx[j]].buffer != want)
+                    fail_msg("%s P=%d M=%d stage %d: %s m=%d uses buffer %d, expected %d", kind,
+                             p, m_count, st, rp_pipe_opcode_name(list[idx[j]].op), m,
+                             list[idx[j]].buffer, want);
+            assert_int_equal(s->n_buffers[st], slots);
+        }
+    }
+}
+
+static void test_lists_keep_the_header_conventions(void **state) {
+    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+        for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
+            for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
+                rp_schedule s;
+                build_or_fail(&s, (rp_schedule_kind)k, stage_counts[pi], m);
+                check_list_conventions(&s);
+                rp_schedule_free(&s);
+            }
+}
+
+static int count_forwards_before_first_backward(const rp_schedule *s, int stage) {
+    int n = 0;
+    for (int i = 0; i < s->n_instr[stage] && s->instr[stage][i].op != RP_OP_BWD; i++)
+        n += s->instr[stage][i].op == RP_OP_FWD;
+    return n;
+}
+
+static void test_1f1b_warms_up_with_p_minus_s_minus_1_forwards(void **state) {
+    for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
+        for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
+            const int p = stage_counts[pi];
+            rp_schedule s;
+            build_or_fail(&s, RP_SCHEDULE_1F1B, p, m);
+            for (int st = 0; st < p; st++) {
+                int warmup = p - st - 1 < m ? p - st - 1 : m;
+                /* warmup forwards, then the steady phase starts with one more */
+                int want = warmup < m ? warmup + 1 : m;
+                assert_int_equal(count_forwards_before_first_backward(&s, st), want);
+            }
+            rp_schedule_free(&s);
+        }
+}
+
+static void test_gpipe_runs_all_forwards_first(void **state) {
+    rp_schedule s;
+    build_or_fail(&s, RP_SCHEDULE_GPIPE, 3, 5);
+    for (int st = 0; st < 3; st++) assert_int_equal(count_forwards_before_first_backward(&s, st), 5);
+    rp_schedule_free(&s);
+}
+
+/* ---- the simulator catches broken schedules ---- */
+
+static void test_deadlock_is_reported_with_the_stuck_stages(void **state) {
+    /* stage 0 waits for the gradient of micro-batch 0 before sending its
+     * activations: stage 1 can never start */
+    rp_schedule s;
+    rp_error err;
+    build_or_fail(&s, RP_SCHEDULE_1F1B, 2, 1);
+    rp_pipe_instr *list = s.instr[0];
+    assert_int_equal(list[1].op, RP_OP_SEND_ACT);
+    assert_int_equal(list[2].op, RP_OP_RECV_GRAD);
+    rp_pipe_instr t = list[1];
+    list[1] = list[2];
+    list[2] = t;
+    const char *msg = simulate_expect_error(&s, &err);
+    expect_in_message(msg, "deadlock");
+    expect_in_message(msg, "stage 0, #1 RECV_GRAD m=0");
+    expect_in_message(msg, "stage 1, #0 RECV_ACT m=0");
+    rp_schedule_free(&s);
+}
+
+static void test_buffer_reused_before_its_backward_is_reported(void **state) {
+    /* stage 0 of a 4-stage 1F1B keeps 4 micro-batches in flight: 3 slots
+     * are too few, forward 3 would overwrite micro-batch 0's stash */
+    rp_schedule s;
+    rp_error err;
+    build_or_fail(&s, RP_SCHEDULE_1F1B, 4, 8);
+    s.n_buffers[0] = 3;
+    for (int i = 0; i < s.n_instr[0]; i++)
+        if (s.instr[0][i].micro_batch >= 0) s.instr[0][i].buffer = s.instr[0][i].micro_batch % 3;
+    const char *msg = simulate_expect_error(&s, &err);
+    expect_in_message(msg, "stage 0");
+    expect_in_message(msg, "FWD m=3 buf=0");
+    expect_in_message(msg, "micro-batch 0 still holds it");
+    rp_schedule_free(&s);
+}
+
+static void test_backward_before_the_next_stage_backward_is_reported(void **state) {
+    /* drop stage 0's RECV_GRAD of micro-batch 0: its BWD would run on a
+     * gradient stage 1 has not computed */
+    rp_schedule s;
+    rp_error err;
+    build_or_fail(&s, RP_SCHEDULE_GPIPE, 2, 2);
+    int i = find_instr(&s, 0, RP_OP_RECV_GRAD, 0);
+    assert_true(i >= 0);
+    memmove(&s.instr[0][i], &s.instr[0][i + 1], (size_t)(s.n_instr[0] - i - 1) * sizeof(rp_pipe_instr));
+    s.n_instr[0]--;
+    const char *msg = simulate_expect_error(&s, &err);
+    expect_in_message(msg, "BWD m=0");
+    expect_in_message(msg, "before RECV_GRAD");
+    rp_schedule_free(&s);
+}
+
+static void test_backward_before_forward_is_reported(void **state) {
+    rp_schedule s;
+    rp_error err;
+    build_or_fail(&s, RP_SCHEDULE_GPIPE, 1, 1);
+    rp_pipe_instr t = s.instr[0][0];
+    s.instr[0][0] = s.instr[0][1];
+    s.instr[0][1] = t;
+    expect_in_message(simulate_expect_error(&s, &err), "runs before FWD of micro-batch 0");
+    rp_schedule_free(&s);
+}
+
+static void test_backwards_out_of_order_are_reported(void **state) {
+    rp_schedule s;
+    rp_error err;
+    build_or_fail(&s, RP_SCHEDULE_GPIPE, 1, 2);
+    int b0 = find_instr(&s, 0, RP_OP_BWD, 0), b1 = find_instr(&s, 0, RP_OP_BWD, 1);
+    rp_pipe_instr t = s.instr[0][b0];
+    s.instr[0][b0] = s.instr[0][b1];
+    s.instr[0][b1] = t;
+    expect_in_message(simulate_expect_error(&s, &err), "increasing micro-batch order");
+    rp_schedule_free(&s);
+}
+
+static void test_micro_batch_run_twice_or_never_is_reported(void **state) {
+    /* stage 0 forwards micro-batch 0 twice and micro-batch 1 never */
+    rp_schedule s;
+    rp_error err;
+    build_or_fail(&s, RP_SCHEDULE_GPIPE, 1, 2);
+    int f1 = find_instr(&s, 0, RP_OP_FWD, 1);
+    s.instr[0][f1].micro_batch = 0;
+    expect_in_message(simulate_expect_error(&s, &err), "forwarded twice");
+    rp_schedule_free(&s);
+
+    /* the last micro-batch's backward is missing: REDUCE_GRADS comes too early */
+    build_or_fail(&s, RP_SCHEDULE_1F1B, 2, 3);
+    int b2 = find_instr(&s, 0, RP_OP_BWD, 2);
+    memmove(&s.instr[0][b2], &s.instr[0][b2 + 1], (size_t)(s.n_instr[0] - b2 - 1) * sizeof(rp_pipe_instr));
+    s.n_instr[0]--;
+    expect_in_message(simulate_expect_error(&s, &err), "3 forwards and 2 backwards");
+    rp_schedule_free(&s);
+}
+
+static void test_list_without_the_optimizer_step_is_reported(void **state) {
+    rp_schedule s;
+    rp_error err;
+    build_or_fail(&s, RP_SCHEDULE_1F1B, 3, 4);
+    s.n_instr[1] -= 2;
+    const char *msg = simulate_expect_error(&s, &err);
+    expect_in_message(msg, "stage 1");
+    expect_in_message(msg, "REDUCE_GRADS, OPT_STEP");
+    rp_schedule_free(&s);
+}
+
+static void test_send_on_the_wrong_end_is_reported(void **state) {
+    rp_schedule s;
+    rp_error err;
+    build_or_fail(&s, RP_SCHEDULE_GPIPE, 2, 1);
+    /* the last stage sends its output on, to a stage that does not exist */
+    int f = find_instr(&s, 1, RP_OP_FWD, 0);
+    s.instr[1][f + 1].op = RP_OP_SEND_ACT;
+    expect_in_message(simulate_expect_error(&s, &err), "no stage to send to");
+    rp_schedule_free(&s);
+}
+
+/* ---- arguments ---- */
+
+static void test_bad_arguments_are_rejected_with_a_message(void **state) {
+    rp_schedule s;
+    rp_error err;
+    assert_int_equal(rp_schedule_build(&s, RP_SCHEDULE_1F1B, 0, 4, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "pipeline of 0 stages: need >= 1");
+    assert_int_equal(rp_schedule_build(&s, RP_SCHEDULE_1F1B, -3, 4, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "-3 stages");
+    assert_int_equal(rp_schedule_build(&s, RP_SCHEDULE_GPIPE, RP_SCHEDULE_MAX_STAGES + 1, 4, &err),
+                     RP_ERR_ARG);
+    expect_in_message(err.msg, "at most");
+    assert_int_equal(rp_schedule_build(&s, RP_SCHEDULE_GPIPE, 4, 0, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "0 micro-batches: need >= 1");
+    assert_int_equal(rp_schedule_build(&s, RP_SCHEDULE_1F1B, 4, RP_SCHEDULE_MAX_MICRO + 1, &err),
+                     RP_ERR_ARG);
+    expect_in_message(err.msg, "4097 micro-batches");
+    assert_int_equal(rp_schedule_build(&s, (rp_schedule_kind)7, 4, 4, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "kind 7");
+    /* a failed build leaves an empty schedule that frees cleanly */
+    assert_null(s.instr);
+    rp_schedule_free(&s);
+
+    /* the largest schedule allowed builds */
+    assert_int_equal(rp_schedule_build(&s, RP_SCHEDULE_1F1B, 2, RP_SCHEDULE_MAX_MICRO, &err), RP_OK);
+    rp_sim_result r;
+    const rp_sim_costs zero_fwd = {0.0, 1.0, 0.0};
+    assert_int_equal(rp_schedule_simulate(&s, &zero_fwd, &r, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "fwd 0");
+    assert_int_equal(rp_schedule_simulate(&s, NULL, &r, &err), RP_OK);  /* NULL: unit costs */
+    assert_float_equal(r.bubble_fraction, 1.0 / (RP_SCHEDULE_MAX_MICRO + 1), 1e-9);
+    rp_sim_result_free(&r, s.n_stages);
+    rp_schedule_free(&s);
+}
+
+static void test_names_round_trip(void **state) {
+    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+        assert_int_equal(rp_schedule_kind_from_name(rp_schedule_kind_name(k)), k);
+    assert_string_equal(rp_schedule_kind_name(RP_SCHEDULE_GPIPE), "gpipe");
+    assert_string_equal(rp_schedule_kind_name(RP_SCHEDULE_1F1B), "1f1b");
+    assert_int_equal(rp_schedule_kind_from_name("zero-bubble"), -1);
+    assert_string_equal(rp_pipe_opcode_name(RP_OP_RECV_ACT), "RECV_ACT");
+    assert_string_equal(rp_pipe_opcode_name(RP_OP_OPT_STEP), "OPT_STEP");
+}
+
+static void test_timeline_shows_every_op_and_the_bubble(void **state) {
+    rp_schedule s;
+    rp_sim_result r;
+    build_or_fail(&s, RP_SCHEDULE_1F1B, 4, 8);
+    simulate_or_fail(&s, &unit_costs, &r);
+    char *text = NULL;
+    size_t size = 0;
+    FILE *out = open_memstream(&text, &size);
+    assert_non_null(out);
+    rp_schedule_print_timeline(&s, &r, out);
+    fclose(out);
+    expect_in_message(text, "bubble fraction 0.2727");
+    expect_in_message(text, "3/11");
+    /* stage 3 (last) starts F0 at t = 3 and alternates F/B */
+    expect_in_message(text, "stage 3 | .  .  .  F0 B0 F1 B1");
+    expect_in_message(text, "stage 0: busy 16");
+    expect_in_message(text, "stage 0: busy 16 (72.7%), peak stash 4, buffers 4");
+    expect_in_message(text, "stage 3: busy 16 (72.7%), peak stash 1, buffers 1");
+    free(text);
+    rp_sim_result_free(&r, s.n_stages);
+    rp_schedule_free(&s);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_every_shape_simulates_without_deadlock),
+        cmocka_unit_test(test_bubble_fraction_is_the_theory_under_unit_costs),
+        cmocka_unit_test(test_bubble_fraction_is_the_theory_when_backward_costs_twice),
+        cmocka_unit_test(test_communication_cost_only_lengthens_the_step),
+        cmocka_unit_test(test_1f1b_stashes_at_most_p_minus_s_micro_batches),
+        cmocka_unit_test(test_gpipe_stashes_every_micro_batch),
+        cmocka_unit_test(test_lists_keep_the_header_conventions),
+        cmocka_unit_test(test_1f1b_warms_up_with_p_minus_s_minus_1_forwards),
+        cmocka_unit_test(test_gpipe_runs_all_forwards_first),
+        cmocka_unit_test(test_deadlock_is_reported_with_the_stuck_stages),
+        cmocka_unit_test(test_buffer_reused_before_its_backward_is_reported),
+        cmocka_unit_test(test_backward_before_the_next_stage_backward_is_reported),
+        cmocka_unit_test(test_backward_before_forward_is_reported),
+        cmocka_unit_test(test_backwards_out_of_order_are_reported),
+        cmocka_unit_test(test_micro_batch_run_twice_or_never_is_reported),
+        cmocka_unit_test(test_list_without_the_optimizer_step_is_reported),
+        cmocka_unit_test(test_send_on_the_wrong_end_is_reported),
+        cmocka_unit_test(test_bad_arguments_are_rejected_with_a_message),
+        cmocka_unit_test(test_names_round_trip),
+        cmocka_unit_test(test_timeline_shows_every_op_and_the_bubble),
+    };
+    return cmocka_run_group_tests_name("schedule", tests, NULL, NULL);
+}
