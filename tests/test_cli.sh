@@ -407,6 +407,20 @@ expect_fail "tokenize existing output" "exist" \
 expect_fail "tokenize missing input" "no_such_file" \
     "$BIN" tokenize --vocab bytes "$T/no_such_file.txt" -o "$T/shard2" -q
 
+# ---------------------------------------------------------------- schedule
+check "schedule --pp 4 --micro-batches 8 --kind 1f1b prints the lists and a 3/11 bubble"
+expect_ok "schedule --help" "$BIN" schedule --help
+grep -q "^usage: rwkvpipe schedule" "$T/stdout" || fail "schedule --help: no usage line"
+expect_ok "schedule" "$BIN" schedule --pp 4 --micro-batches 8 --kind 1f1b
+grep -q "^schedule 1f1b: 4 stages, 8 micro-batches" "$T/stdout" || fail "schedule: no header line"
+for s in 0 1 2 3; do
+    grep -q "^stage $s (" "$T/stdout" || fail "schedule: no instruction list for stage $s"
+done
+grep -q "bubble fraction 0.2727" "$T/stdout" || fail "schedule: bubble fraction is not 0.2727 (3/11)"
+ok "$(grep 'bubble fraction' "$T/stdout")"
+expect_fail "schedule --pp 0" "--pp" "$BIN" schedule --pp 0 --micro-batches 8
+expect_fail "schedule --kind" "zigzag" "$BIN" schedule --pp 2 --micro-batches 2 --kind zigzag
+
 # ---------------------------------------------------------------- HF/fla names
 # Last, so that a loader bug here does not hide the checks above.
 MAKE_HF="$top_srcdir/tests/make_hf_names.py"

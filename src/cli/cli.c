@@ -1,6 +1,8 @@
 /* Shared CLI helpers (cli.h). */
 #include "cli/cli.h"
 
+#include <sched.h>
+
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -18,7 +20,10 @@
 static void vreport(const rp_cli *cli, const char *level, const char *fmt, va_list ap) {
     char msg[2048];
     vsnprintf(msg, sizeof msg, fmt, ap);
-    if (cli->mpi_size > 1)
+    if (cli->mpi_size > 1 && cli->has_stage)
+        fprintf(stderr, "rwkvpipe %s [rank %d/%d, stage %d]: %s%s\n", cli->command,
+                cli->mpi_rank, cli->mpi_size, cli->stage, level, msg);
+    else if (cli->mpi_size > 1)
         fprintf(stderr, "rwkvpipe %s [rank %d/%d]: %s%s\n", cli->command, cli->mpi_rank,
                 cli->mpi_size, level, msg);
     else
@@ -40,6 +45,28 @@ void cli_fatal(const rp_cli *cli, const char *fmt, ...) {
 }
 
 void cli_fatal_error(const rp_cli *cli, const rp_error *err) { cli_fatal(cli, "%s", err->msg); }
+
+void cli_set_stage(rp_cli *cli, int stage) {
+    cli->has_stage = 1;
+    cli->stage = stage;
+}
+
+int cli_threads_per_rank(void) {
+    MPI_Comm node;
+    int local = 1;
+    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) ==
+        MPI_SUCCESS) {
+        MPI_Comm_size(node, &local);
+        MPI_Comm_free(&node);
+    }
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    int threads = (int)(online > 0 ? online : 1) / (local > 0 ? local : 1);
+    /* mpirun may bind each rank to fewer cores than that. */
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) < threads)
+        threads = CPU_COUNT(&set);
+    return threads > 0 ? threads : 1;
+}
 
 void cli_info(const rp_cli *cli, const char *fmt, ...) {
     if (cli->mpi_rank != 0) return;

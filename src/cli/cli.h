@@ -15,7 +15,14 @@ typedef struct {
     const char *command;  /* "generate", ... for messages */
     int mpi_rank, mpi_size;
     int mpi_initialized;
+    int has_stage, stage;  /* set once the rank knows its pipeline stage (messages name it) */
 } rp_cli;
+
+/* Messages from this rank name its pipeline stage from now on. */
+void cli_set_stage(rp_cli *cli, int stage);
+/* CPU threads for one rank: the cores this process may run on, shared with
+ * the other ranks on the same node (collective over MPI_COMM_WORLD). */
+int cli_threads_per_rank(void);
 
 /* Prints "rwkvpipe COMMAND: error: MESSAGE" and ends the process (all ranks). */
 void cli_fatal(const rp_cli *cli, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
@@ -68,5 +75,6 @@ int cmd_init(rp_cli *cli, int argc, char **argv);
 int cmd_tokenize(rp_cli *cli, int argc, char **argv);
 int cmd_train(rp_cli *cli, int argc, char **argv);
 int cmd_eval(rp_cli *cli, int argc, char **argv);
+int cmd_schedule(rp_cli *cli, int argc, char **argv);
 
 #endif

@@ -1,6 +1,7 @@
 /* rwkvpipe train: train an RWKV-7 model on token shards or an embedded
- * synthetic task, with the official optimizer recipe. One process for now;
- * the pipeline-parallel engine will run the same steps across ranks. */
+ * synthetic task, with the official optimizer recipe, in one process or
+ * under mpirun as a grid of pipeline stages x data replicas
+ * (docs/parallelism.md). */
 #include <getopt.h>
 #include <libgen.h>
 #include <sys/stat.h>
@@ -10,6 +11,8 @@
 
 #include "cli/cli.h"
 #include "infer/tokenizer.h"
+#include "model/init.h"
+#include "pipe/grid.h"
 #include "train/checkpoint.h"
 #include "train/tokenize.h"
 #include "train/trainer.h"
@@ -62,7 +65,16 @@ static void train_usage(FILE *out) {
             "  --eval-interval N    evaluate every N steps (default 50; always at the end)\n"
             "  --eval-batches N     micro-batches per evaluation (default 4)\n"
             "  --log-interval N     progress line every N steps (default 10)\n"
-            "  --threads N          CPU threads (default: all)\n"
+            "Parallelism (mpirun -np N rwkvpipe train ...; docs/parallelism.md):\n"
+            "  --pp P               pipeline stages (default 1); the N ranks form P stages x\n"
+            "                       N/P data replicas; --batch = replicas x micro-batches x\n"
+            "                       --micro-batch\n"
+            "  --stage-layers LIST  layers per stage, e.g. 4,4,3,1 (default: balanced by cost)\n"
+            "  --pp-schedule K      1f1b (default) or gpipe\n"
+            "  --comm-timeout S     fail when a stage waits S seconds on a peer (default 300;\n"
+            "                       0 = never)\n"
+            "  --threads N          CPU threads per rank (default: all cores / ranks on the\n"
+            "                       node)\n"
             "  -q, --quiet          no progress lines\n"
             "  -h, --help           this text\n",
             rp_config_builtin_names());
@@ -88,6 +100,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"keep-last", required_argument, 0, 'k'},    {"resume", required_argument, 0, 'U'},
         {"stop-after", required_argument, 0, 'X'},  {"vocab", required_argument, 0, 'Y'},
         {"tokens", required_argument, 0, 'Z'},
+        {"pp", required_argument, 0, 'P'},          {"stage-layers", required_argument, 0, 'A'},
+        {"pp-schedule", required_argument, 0, 'B'}, {"comm-timeout", required_argument, 0, 'O'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
     rp_train_options_defaults(&o);
@@ -97,7 +111,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     const char **paths = calloc((size_t)argc + 1, sizeof *paths);
     const char *vocab = "bytes";
     long long run_tokens = 0;
-    int n_paths = 0, micro_batch = 0;
+    int n_paths = 0, micro_batch = 0, pp = 1;
+    const char *stage_layers = NULL;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "ho:q", longopts, NULL)) != -1) {
@@ -146,22 +161,34 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'Y': vocab = optarg; break;
         case 'Z': run_tokens = (long long)cli_parse_int(cli, "--tokens", optarg, 1, 1LL << 50); break;
         case 'X': o.stop_after = (long)cli_parse_int(cli, "--stop-after", optarg, 1, 1LL << 40); break;
+        case 'P': pp = (int)cli_parse_int(cli, "--pp", optarg, 1, RP_GRID_MAX_STAGES); break;
+        case 'A': stage_layers = optarg; break;
+        case 'B': {
+            int k = rp_schedule_kind_from_name(optarg);
+            if (k < 0) cli_fatal(cli, "--pp-schedule: '%s' is not 1f1b or gpipe", optarg);
+            o.pipe_schedule = (rp_schedule_kind)k;
+            break;
+        }
+        case 'O': o.comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e9); break;
         case 'h': train_usage(stdout); free(paths); return 0;
         default: train_usage(stderr); free(paths); return 2;
         }
     }
     if (optind < argc) cli_fatal(cli, "unexpected argument '%s'", argv[optind]);
-    if (cli->mpi_size > 1)
-        cli_fatal(cli, "pipeline-parallel training over %d ranks is not available yet; run with "
-                  "-np 1", cli->mpi_size);
+    if (cli->mpi_size % pp != 0)
+        cli_fatal(cli, "--pp %d does not divide the %d ranks: run with a multiple of the "
+                  "pipeline depth (ranks = stages x data replicas)", pp, cli->mpi_size);
+    const int dp = cli->mpi_size / pp;
+    if (cli->mpi_rank != 0) o.progress = NULL;
     o.micro_batch = micro_batch ? micro_batch : o.batch_size;
     if (run_tokens > 0) {
         long long per_step = (long long)o.batch_size * o.ctx_len;
         o.steps = (long)((run_tokens + per_step - 1) / per_step);
     }
-    if (o.batch_size % o.micro_batch != 0)
-        cli_fatal(cli, "--batch %d must be a multiple of --micro-batch %d", o.batch_size,
-                  o.micro_batch);
+    if (o.batch_size % (o.micro_batch * dp) != 0)
+        cli_fatal(cli, "--batch %d must be a multiple of --micro-batch %d x %d data replica%s",
+                  o.batch_size, o.micro_batch, dp, dp == 1 ? "" : "s");
+    if (mo.threads == 0 && cli->mpi_size > 1) mo.threads = cli_threads_per_rank();
     rp_cli quiet = *cli;
     if (!o.progress) quiet.mpi_rank = -1;
     char tmp_dir[RP_CKPT_PATH_MAX] = "", tmp_prefix[RP_CKPT_PATH_MAX] = "";
@@ -175,6 +202,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     rp_backend *be;
     rp_model model;
     rp_error err;
+    /* The config first (the partition needs it), then only this stage's part. */
+    rp_config mcfg;
     if (o.resume_path) {
         /* The checkpoint names the model; its weights are loaded by the trainer. */
         if (mo.model_path) cli_fatal(cli, "give either --resume or --init-from, not both");
@@ -189,12 +218,51 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
             snprintf(resume_dir, sizeof resume_dir, "%s", info.step_dir);
             o.ckpt_dir = dirname(resume_dir);
         }
-        if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
-        if (rp_model_alloc(&model, &info.cfg, 0, info.cfg.n_layer, 1, 1, be, &err) != RP_OK)
+        mcfg = info.cfg;
+    } else if (mo.model_path) {
+        rp_st_file f;
+        rp_naming naming;
+        if (rp_st_open(&f, mo.model_path, &err) != RP_OK ||
+            rp_config_from_safetensors(&f, &mcfg, &naming, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        rp_st_close(&f);
+    } else if (rp_config_builtin(&mcfg, mo.config_name, mo.vocab_override, &err) != RP_OK) {
+        cli_fatal_error(cli, &err);
+    }
+    int *layers = calloc((size_t)pp, sizeof(int));
+    if ((stage_layers ? rp_partition_parse(stage_layers, &mcfg, pp, layers, &err)
+                      : rp_partition_balanced(&mcfg, pp, layers, &err)) != RP_OK)
+        cli_fatal_error(cli, &err);
+    rp_grid grid;
+    int layer_begin = 0, layer_end = mcfg.n_layer;
+    if (cli->mpi_size > 1) {
+        if (rp_grid_create(&grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        rp_grid_print_map(&grid, o.progress ? stderr : NULL);
+        layer_begin = grid.layer_begin[grid.stage];
+        layer_end = grid.layer_end[grid.stage];
+        o.grid = &grid;
+        cli_set_stage(cli, grid.stage);
+        cli_set_stage(&quiet, grid.stage);
+    }
+    if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
+    const int has_embed = layer_begin == 0, has_head = layer_end == mcfg.n_layer;
+    if (o.resume_path) {
+        if (rp_model_alloc(&model, &mcfg, layer_begin, layer_end, has_embed, has_head, be,
+                           &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+    } else if (mo.model_path) {
+        cli_info(&quiet, "loading %s", mo.model_path);
+        if (rp_model_load(&model, mo.model_path, layer_begin, layer_end, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
     } else {
-        if (mo.model_path) mo.config_name = NULL;
-        cli_load_model(&quiet, &mo, &be, &model);
+        cli_info(&quiet, "creating built-in model '%s' with the official RWKV-7 init (seed %llu)",
+                 mo.config_name, (unsigned long long)mo.init_seed);
+        /* Counter-based init: every stage builds exactly its slice of the same model. */
+        if (rp_model_alloc(&model, &mcfg, layer_begin, layer_end, has_embed, has_head, be,
+                           &err) != RP_OK ||
+            rp_model_init_official(&model, mo.init_seed, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
     }
     const rp_config *cfg = &model.cfg;
     cli_info(&quiet, "model: %d layers, C=%d, V=%d, %.2f M parameters; data: %s; %ld steps of "
@@ -213,6 +281,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
              o.save_path ? o.save_path : "");
     rp_model_free(&model);
     rp_cpu_backend_destroy(be);
+    if (o.grid) rp_grid_free(&grid);
+    free(layers);
     free(paths);
     return 0;
 }

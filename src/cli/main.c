@@ -29,6 +29,7 @@ static const subcommand commands[] = {
     {"tokenize", cmd_tokenize, 0, "text / JSON-lines files -> token shards for training"},
     {"encode", cmd_encode, 0, "text -> token ids"},
     {"decode", cmd_decode, 0, "token ids -> text"},
+    {"schedule", cmd_schedule, 0, "print a pipeline schedule and its simulated timeline"},
 };
 
 static void usage(FILE *out) {

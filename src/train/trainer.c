@@ -2,11 +2,14 @@
 #include "train/trainer.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "model/train.h"
+#include "pipe/pipe_train.h"
+#include "pipe/transport.h"
 #include "train/checkpoint.h"
 #include "train/loader.h"
 
@@ -25,6 +28,8 @@ void rp_train_options_defaults(rp_train_options *o) {
     o->eval_batches = 4;
     o->log_interval = 10;
     o->seed = 1;
+    o->pipe_schedule = RP_SCHEDULE_1F1B;
+    o->comm_timeout = 300;
 }
 
 void rp_train_options_add_data(rp_train_options *o, const char **paths, int *n_paths,
@@ -165,31 +170,49 @@ static int split_samples(const rp_train_options *o, int n, const int32_t *tokens
     return count;
 }
 
+/* ---- the pipe: stage place and transport ---- */
+
+static int stage_of(const rp_train_options *o) { return o->grid ? o->grid->stage : 0; }
+static int stages_of(const rp_train_options *o) { return o->grid ? o->grid->pp : 1; }
+
+/* A transport over the pipe when there is more than one stage; *tp = NULL otherwise. */
+static rp_status pipe_transport_open(const rp_train_options *o, rp_transport *storage,
+                                     rp_transport **tp, rp_error *err) {
+    *tp = NULL;
+    if (stages_of(o) <= 1) return RP_OK;
+    rp_status st = rp_transport_init(storage, o->grid->pipe_comm, o->comm_timeout, err);
+    if (st == RP_OK) *tp = storage;
+    return st;
+}
+
 /* ---- evaluation ---- */
 
-rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, int n_batches,
-                            double *loss, double *accuracy, long *n_targets, rp_error *err) {
+static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_transport *tp,
+                          int n_batches, double *loss, double *accuracy, long *n_targets,
+                          rp_error *err) {
     rp_backend *be = model->be;
     const int T = o->ctx_len, n = o->micro_batch, V = model->cfg.vocab_size;
+    const int stage = stage_of(o), n_stages = stages_of(o);
     data_source d;
     rp_status st = data_open(&d, o, V, err);
     if (st != RP_OK) return st;
     rp_workspace ws;
     rp_state state = {0};
+    const int has_head = model->has_head;
     int32_t *tokens = malloc((size_t)n * (T + 1) * sizeof(int32_t));
     uint8_t *mask = malloc((size_t)n * T);
     int32_t *inputs = malloc((size_t)n * T * sizeof(int32_t));
     int32_t *targets = malloc((size_t)n * T * sizeof(int32_t));
-    float *logits = malloc((size_t)n * T * V * sizeof(float));
-    float *logits_dev = be->alloc(be, (size_t)n * T * V * sizeof(float));
+    float *logits = has_head ? malloc((size_t)n * T * V * sizeof(float)) : NULL;
+    float *logits_dev = has_head ? be->alloc(be, (size_t)n * T * V * sizeof(float)) : NULL;
     int *seq_len = malloc((size_t)n * sizeof(int)), *slot = malloc((size_t)n * sizeof(int));
     int *row_begin = malloc((size_t)n * sizeof(int));
     st = rp_workspace_alloc(&ws, &model->cfg, n * T, be, err);
     if (st == RP_OK) {
-        rp_state_geometry(&state, &model->cfg, 0, model->cfg.n_layer, n);
+        rp_state_geometry(&state, &model->cfg, model->layer_begin, model->layer_end, n);
         state.data = be->alloc(be, state.floats_per_slot * (size_t)n * sizeof(float));
     }
-    if (st == RP_OK && (!state.data || !logits_dev || !logits))
+    if (st == RP_OK && (!state.data || (has_head && (!logits_dev || !logits))))
         st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate evaluation buffers");
     for (int i = 0; i < n; i++) {
         seq_len[i] = T;
@@ -220,8 +243,9 @@ rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, in
             if ((uint64_t)bi * n + i >= n_windows)
                 for (int t = 0; t < T; t++) targets[(size_t)i * T + t] = -1;
         be->fill_zero(be, state.data, state.floats_per_slot * (size_t)n * sizeof(float));
-        st = rp_model_forward(model, &ws, inputs, &batch, &state, RP_LOGITS_ALL, logits_dev, err);
-        if (st != RP_OK) break;
+        st = rp_pipe_forward(model, tp, stage, n_stages, &ws, inputs, &batch, &state,
+                             RP_LOGITS_ALL, logits_dev, err);
+        if (st != RP_OK || !has_head) continue;
         be->copy_to_host(be, logits, logits_dev, (size_t)n * T * V * sizeof(float));
         for (int r = 0; r < n * T; r++) {
             if (targets[r] < 0) continue;
@@ -235,6 +259,17 @@ rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, in
             correct += best == targets[r];
             count++;
         }
+    }
+    if (st == RP_OK && n_stages > 1) {
+        /* The last stage scored; every stage reports the same numbers. */
+        double v[3] = {loss_sum, (double)correct, (double)count};
+        MPI_Request req;
+        MPI_Ibcast(v, 3, MPI_DOUBLE, n_stages - 1, o->grid->pipe_comm, &req);
+        st = rp_comm_wait(&req, o->comm_timeout, "the evaluation result from the last stage",
+                          err);
+        loss_sum = v[0];
+        correct = (long)v[1];
+        count = (long)v[2];
     }
     if (st == RP_OK) {
         *loss = count ? loss_sum / count : 0.0;
@@ -256,6 +291,145 @@ rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, in
     return st;
 }
 
+rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, int n_batches,
+                            double *loss, double *accuracy, long *n_targets, rp_error *err) {
+    rp_transport storage, *tp;
+    rp_status st = pipe_transport_open(o, &storage, &tp, err);
+    if (st != RP_OK) return st;
+    st = evaluate(model, o, tp, n_batches, loss, accuracy, n_targets, err);
+    if (tp) rp_transport_free(tp);
+    return st;
+}
+
+/* ---- checkpoints and weights across stages ---- */
+
+/* Fault injection for the crash tests (tests/test_pipeline_faults.sh):
+ * RWKVPIPE_TEST_CRASH=POINT:STAGE:STEP kills this process with SIGKILL when
+ * stage STAGE reaches POINT while saving step STEP, as a power cut would. */
+static void crash_point_for_tests(const char *point, int stage, uint64_t step) {
+    const char *spec = getenv("RWKVPIPE_TEST_CRASH");
+    if (!spec) return;
+    char want[32];
+    int want_stage;
+    unsigned long long want_step;
+    if (sscanf(spec, "%31[^:]:%d:%llu", want, &want_stage, &want_step) == 3 &&
+        strcmp(want, point) == 0 && want_stage == stage && want_step == step)
+        raise(SIGKILL);
+}
+
+/* Every stage of replica 0 writes its layers' shard; the manifest goes last,
+ * from rank 0, once every stage has reported its files. Other replicas hold
+ * the same numbers and write nothing. */
+static rp_status save_checkpoint(const rp_train_options *o, const rp_ckpt_contents *c,
+                                 rp_error *err) {
+    if (!o->grid || (o->grid->pp == 1 && o->grid->dp == 1)) return rp_ckpt_save(o->ckpt_dir, c, err);
+    const rp_grid *g = o->grid;
+    if (g->replica != 0) return RP_OK;
+    char step_dir[RP_CKPT_PATH_MAX] = "";
+    int ok = 1;
+    rp_status st = RP_OK;
+    if (g->stage == 0) {
+        st = rp_ckpt_begin(o->ckpt_dir, c->progress.step, step_dir, sizeof step_dir, err);
+        ok = st == RP_OK;
+    }
+    /* Everyone learns whether the directory exists before writing into it. */
+    MPI_Request req;
+    MPI_Ibcast(&ok, 1, MPI_INT, 0, g->pipe_comm, &req);
+    if ((st = rp_comm_wait(&req, o->comm_timeout, "the checkpoint start from stage 0", err)))
+        return st;
+    MPI_Ibcast(step_dir, sizeof step_dir, MPI_CHAR, 0, g->pipe_comm, &req);
+    if ((st = rp_comm_wait(&req, o->comm_timeout, "the checkpoint start from stage 0", err)))
+        return st;
+    if (!ok)
+        return g->stage == 0 ? st
+                             : rp_error_set(err, RP_ERR_IO, "stage 0 could not create the "
+                                            "checkpoint directory under %s", o->ckpt_dir);
+    rp_ckpt_file mine[RP_CKPT_ROLES];
+    memset(mine, 0, sizeof mine);
+    int n_mine = 0;
+    st = rp_ckpt_write_shard(step_dir, c, g->stage, g->pp, mine, &n_mine, err);
+    crash_point_for_tests("ckpt-shard", g->stage, c->progress.step);
+    /* A stage that failed reports zero files; stage 0 then refuses to commit,
+     * so the previous checkpoint stays the latest. */
+    if (st != RP_OK) n_mine = -1;
+    rp_ckpt_file *all = g->stage == 0 ? calloc((size_t)g->pp * RP_CKPT_ROLES, sizeof *all) : NULL;
+    int *counts = g->stage == 0 ? calloc((size_t)g->pp, sizeof(int)) : NULL;
+    rp_status comm = RP_OK;
+    rp_error comm_err;
+    MPI_Igather(&n_mine, 1, MPI_INT, counts, 1, MPI_INT, 0, g->pipe_comm, &req);
+    comm = rp_comm_wait(&req, o->comm_timeout, "the checkpoint shard reports", &comm_err);
+    if (comm == RP_OK) {
+        MPI_Igather(mine, (int)sizeof mine, MPI_BYTE, all, (int)sizeof mine, MPI_BYTE, 0,
+                    g->pipe_comm, &req);
+        comm = rp_comm_wait(&req, o->comm_timeout, "the checkpoint shard reports", &comm_err);
+    }
+    if (comm != RP_OK && st == RP_OK) {
+        st = comm;
+        *err = comm_err;
+    }
+    if (g->stage == 0 && st == RP_OK) {
+        int n_files = 0;
+        for (int s = 0; s < g->pp && st == RP_OK; s++) {
+            if (counts[s] < 0) {
+                st = rp_error_set(err, RP_ERR_IO, "stage %d failed to write its checkpoint "
+                                  "shard in %s; the checkpoint was not committed", s, step_dir);
+                break;
+            }
+            for (int k = 0; k < counts[s]; k++) all[n_files++] = all[s * RP_CKPT_ROLES + k];
+        }
+        if (st == RP_OK) st = rp_ckpt_commit(o->ckpt_dir, c, all, n_files, err);
+    }
+    free(all);
+    free(counts);
+    return st;
+}
+
+/* -o with several stages: replica 0's stages send their layers to rank 0,
+ * which writes one file with every tensor under its official name. */
+static rp_status save_weights(const rp_model *model, const rp_train_options *o, rp_error *err) {
+    if (!o->grid || o->grid->pp == 1) {
+        if (o->grid && o->grid->replica != 0) return RP_OK;
+        return rp_model_save(model, o->save_path, RP_DTYPE_F32, err);
+    }
+    const rp_grid *g = o->grid;
+    if (g->replica != 0) return RP_OK;
+    rp_backend *be = model->be;
+    const int tag = 77;
+    if (g->stage != 0) {
+        for (int i = 0; i < model->layer_end - model->layer_begin; i++)
+            MPI_Send(model->layer_flat[i], (int)model->layer_floats, MPI_FLOAT, 0, tag,
+                     g->pipe_comm);
+        if (model->has_head)
+            MPI_Send(model->head_flat, (int)model->head_floats, MPI_FLOAT, 0, tag, g->pipe_comm);
+        return RP_OK;
+    }
+    rp_model whole;
+    rp_status st = rp_model_alloc(&whole, &model->cfg, 0, model->cfg.n_layer, 1, 1, be, err);
+    for (int s = 0; s < g->pp; s++)
+        for (int l = g->layer_begin[s]; l < g->layer_end[s]; l++) {
+            if (s == 0) {
+                if (st == RP_OK)
+                    be->copy(be, whole.layer_flat[l], model->layer_flat[l],
+                             model->layer_floats * sizeof(float));
+                continue;
+            }
+            /* Receive even after a failed allocation, so no stage blocks. */
+            float *dst = st == RP_OK ? whole.layer_flat[l] : NULL;
+            float *tmp = dst ? NULL : malloc(model->layer_floats * sizeof(float));
+            MPI_Recv(dst ? dst : tmp, (int)model->layer_floats, MPI_FLOAT, s, tag, g->pipe_comm,
+                     MPI_STATUS_IGNORE);
+            free(tmp);
+        }
+    if (st == RP_OK) {
+        be->copy(be, whole.embed_flat, model->embed_flat, model->embed_floats * sizeof(float));
+        MPI_Recv(whole.head_flat, (int)model->head_floats, MPI_FLOAT, g->pp - 1, tag,
+                 g->pipe_comm, MPI_STATUS_IGNORE);
+        st = rp_model_save(&whole, o->save_path, RP_DTYPE_F32, err);
+        rp_model_free(&whole);
+    }
+    return st;
+}
+
 /* ---- training ---- */
 
 static void format_duration(char *out, size_t size, double seconds) {
@@ -270,14 +444,20 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     rp_backend *be = model->be;
     const rp_config *cfg = &model->cfg;
     const int T = o->ctx_len, B = o->batch_size, MB = o->micro_batch;
+    const int DP = o->grid ? o->grid->dp : 1, replica = o->grid ? o->grid->replica : 0;
+    const int is_rank0 = !o->grid || o->grid->world_rank == 0;
     rp_train_result local = {0};
     if (!result) result = &local;
     memset(result, 0, sizeof *result);
-    if (T < 1 || B < 1 || MB < 1 || B % MB != 0)
+    if (T < 1 || B < 1 || MB < 1 || B % (MB * DP) != 0)
         return rp_error_set(err, RP_ERR_ARG,
-                            "batch %d must be a positive multiple of the micro-batch %d (ctx %d)",
-                            B, MB, T);
+                            "batch %d must be a positive multiple of micro-batch %d x %d data "
+                            "replica%s (ctx %d)", B, MB, DP, DP == 1 ? "" : "s", T);
+    const int M = B / (MB * DP);  /* micro-batches per step on each replica */
     if (o->steps < 1) return rp_error_set(err, RP_ERR_ARG, "steps %ld must be >= 1", o->steps);
+    if (stages_of(o) > 1 && !be->is_host_memory)
+        return rp_error_set(err, RP_ERR_ARG, "the MPI stage transport needs host memory; the "
+                            "%s backend's pipeline transport is not available yet", be->name);
     rp_optim_config optim = o->optim;
     optim.total_steps = o->steps;
     rp_status st = rp_optim_validate(&optim, err);
@@ -289,44 +469,37 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     memset(&grads, 0, sizeof grads);
     memset(&adam_m, 0, sizeof adam_m);
     memset(&adam_v, 0, sizeof adam_v);
-    rp_train_workspace tw;
-    memset(&tw, 0, sizeof tw);
-    rp_state state = {0};
+    rp_pipe_trainer pt;
+    memset(&pt, 0, sizeof pt);
+    rp_transport tp_storage, *tp = NULL;
     FILE *metrics = NULL;
     int32_t *tokens = malloc((size_t)B * (T + 1) * sizeof(int32_t));
     uint8_t *mask = malloc((size_t)B * T);
-    int32_t *inputs = malloc((size_t)MB * T * sizeof(int32_t));
-    int32_t *targets = malloc((size_t)MB * T * sizeof(int32_t));
-    int *seq_len = malloc((size_t)MB * sizeof(int)), *slot = malloc((size_t)MB * sizeof(int));
-    int *row_begin = malloc((size_t)MB * sizeof(int));
+    int32_t *inputs = malloc((size_t)M * MB * T * sizeof(int32_t));
+    int32_t *targets = malloc((size_t)M * MB * T * sizeof(int32_t));
+    if (!tokens || !mask || !inputs || !targets) {
+        st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the batch buffers");
+        goto done;
+    }
     if ((st = rp_model_alloc(&grads, cfg, model->layer_begin, model->layer_end, model->has_embed,
                              model->has_head, be, err)) != RP_OK ||
         (st = rp_model_alloc(&adam_m, cfg, model->layer_begin, model->layer_end,
                              model->has_embed, model->has_head, be, err)) != RP_OK ||
         (st = rp_model_alloc(&adam_v, cfg, model->layer_begin, model->layer_end,
                              model->has_embed, model->has_head, be, err)) != RP_OK ||
-        (st = rp_train_workspace_alloc(&tw, model, MB * T, MB, err)) != RP_OK)
+        (st = pipe_transport_open(o, &tp_storage, &tp, err)) != RP_OK ||
+        (st = rp_pipe_trainer_init(&pt, model, &grads, &adam_m, &adam_v, o->grid, tp,
+                                   o->pipe_schedule, M, MB, T, err)) != RP_OK)
         goto done;
-    rp_state_geometry(&state, cfg, 0, cfg->n_layer, MB);
-    state.data = be->alloc(be, state.floats_per_slot * (size_t)MB * sizeof(float));
-    if (!state.data) {
-        st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the recurrent state");
-        goto done;
-    }
-    if (o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
+    if (is_rank0 && o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
         st = rp_error_set(err, RP_ERR_IO, "cannot open the metrics log %s", o->metrics_path);
         goto done;
     }
-    for (int i = 0; i < MB; i++) {
-        seq_len[i] = T;
-        slot[i] = i;
-    }
-    rp_batch batch;
-    rp_batch_init(&batch, MB, seq_len, slot, row_begin);
 
     long first_step = 0;
     rp_train_progress progress = {.seed = o->seed};
     if (o->resume_path) {
+        /* Every stage reads its own layers, whatever layout wrote them. */
         if ((st = rp_ckpt_load(o->resume_path, model, &adam_m, &adam_v, &progress, err)) != RP_OK)
             goto done;
         if (progress.seed != o->seed) {
@@ -349,41 +522,33 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     long tokens_window = 0;
     const long end_step = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
     for (long step = first_step; step < end_step; step++) {
-        rp_model_zero(&grads);
+        /* Every rank draws the whole global batch (cheap), so the data order
+         * is the one of a single process; replica r takes its slice. */
         if ((st = data_train_batch(&d, B, tokens, mask, err)) != RP_OK) goto done;
         /* The loss is the mean over every target of the whole batch. */
         int n_targets_total = 0;
-        for (int mb = 0; mb < B / MB; mb++)
-            n_targets_total += split_samples(o, MB, tokens + (size_t)mb * MB * (T + 1),
-                                             mask + (size_t)mb * MB * T, inputs, targets);
+        for (int mb = 0; mb < B / MB; mb++) {
+            int c = split_samples(o, MB, tokens + (size_t)mb * MB * (T + 1),
+                                  mask + (size_t)mb * MB * T, inputs, targets);
+            n_targets_total += c;
+        }
         if (n_targets_total == 0) {
             st = rp_error_set(err, RP_ERR_ARG, "step %ld has no target to learn", step);
             goto done;
         }
+        for (int k = 0; k < M; k++) {
+            const size_t g = (size_t)replica * M + k;
+            split_samples(o, MB, tokens + g * MB * (T + 1), mask + g * MB * T,
+                          inputs + (size_t)k * MB * T, targets + (size_t)k * MB * T);
+        }
         const float loss_scale = 1.0f / n_targets_total;
-        double loss_sum = 0;
-        for (int mb = 0; mb < B / MB; mb++) {
-            split_samples(o, MB, tokens + (size_t)mb * MB * (T + 1), mask + (size_t)mb * MB * T,
-                          inputs, targets);
-            be->fill_zero(be, state.data, state.floats_per_slot * (size_t)MB * sizeof(float));
-            double part;
-            int n_part;
-            st = rp_model_train_step(model, &grads, &tw, inputs, targets, &batch, &state, NULL,
-                                     loss_scale, o->l2wrap ? 1e-4f * loss_scale : 0.0f, &part,
-                                     &n_part, err);
-            if (st != RP_OK) goto done;
-            loss_sum += part;
-        }
-        const double grad_norm = sqrt(rp_grad_sum_squares(&grads));
-        if (!isfinite(grad_norm)) {
-            st = rp_error_set(err, RP_ERR_INTERNAL,
-                              "step %ld: the gradient norm is %g (loss %g): training diverged; "
-                              "lower --lr", step, grad_norm, loss_sum * loss_scale);
+        rp_pipe_step_result sr;
+        if ((st = rp_pipe_trainer_step(&pt, inputs, targets, loss_scale,
+                                       o->l2wrap ? 1e-4f * loss_scale : 0.0f, &optim, step, &sr,
+                                       err)) != RP_OK)
             goto done;
-        }
-        rp_optim_step(model, &grads, &adam_m, &adam_v, &optim, step,
-                      rp_clip_scale(grad_norm, optim.grad_clip));
-        const double loss = loss_sum / n_targets_total;
+        const double grad_norm = sr.grad_norm;
+        const double loss = sr.loss_sum / n_targets_total;
         result->last_loss = loss;
         result->steps_done = step + 1;
         tokens_window += (long)B * T;
@@ -400,7 +565,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         const int do_log = last || (o->log_interval > 0 && (step + 1) % o->log_interval == 0);
         double eval_loss = NAN, eval_acc = NAN;
         if (do_eval) {
-            if ((st = rp_train_evaluate(model, o, o->eval_batches, &eval_loss, &eval_acc, NULL, err)) !=
+            if ((st = evaluate(model, o, tp, o->eval_batches, &eval_loss, &eval_acc, NULL, err)) !=
                 RP_OK)
                 goto done;
             result->eval_loss = eval_loss;
@@ -412,7 +577,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             result->tokens_per_second = tok_s;
             if (o->progress) {
                 char eta[32];
-                format_duration(eta, sizeof eta, elapsed / (step + 1) * (o->steps - step - 1));
+                format_duration(eta, sizeof eta,
+                                elapsed / (step + 1 - first_step) * (o->steps - step - 1));
                 fprintf(o->progress,
                         "step %ld/%ld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | ETA %s",
                         step + 1, o->steps, loss, rp_lr_at(&optim, step), grad_norm, tok_s, eta);
@@ -430,10 +596,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             rp_ckpt_contents c = {.weights = model, .adam_m = &adam_m, .adam_v = &adam_v,
                                   .progress = progress, .optim = &optim,
                                   .keep_last = o->keep_last};
-            if ((st = rp_ckpt_save(o->ckpt_dir, &c, err)) != RP_OK) goto done;
+            if ((st = save_checkpoint(o, &c, err)) != RP_OK) goto done;
             char name[64];
             rp_ckpt_step_name(name, sizeof name, progress.step);
-            if (eval_loss < best_eval) {
+            if (is_rank0 && eval_loss < best_eval) {
                 best_eval = eval_loss;
                 if ((st = rp_ckpt_mark_best(o->ckpt_dir, name, err)) != RP_OK) goto done;
             }
@@ -454,11 +620,11 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
     }
     result->seconds = now_seconds() - t_start;
-    if (o->save_path) st = rp_model_save(model, o->save_path, RP_DTYPE_F32, err);
+    if (o->save_path) st = save_weights(model, o, err);
 done:
     if (metrics) fclose(metrics);
-    if (state.data) be->free(be, state.data);
-    rp_train_workspace_free(&tw, be);
+    rp_pipe_trainer_free(&pt);
+    if (tp) rp_transport_free(tp);
     rp_model_free(&grads);
     rp_model_free(&adam_m);
     rp_model_free(&adam_v);
@@ -466,9 +632,6 @@ done:
     free(mask);
     free(inputs);
     free(targets);
-    free(seq_len);
-    free(slot);
-    free(row_begin);
     data_close(&d);
     return st;
 }

@@ -10,6 +10,8 @@
 #include <stdio.h>
 
 #include "model/model.h"
+#include "pipe/grid.h"
+#include "pipe/schedule.h"
 #include "train/optim.h"
 #include "train/synthetic.h"
 
@@ -39,6 +41,12 @@ typedef struct {
     int keep_last;              /* keep the newest K checkpoints; 0 = all */
     const char *resume_path;    /* checkpoint to continue from (weights, moments, progress) */
     FILE *progress;             /* progress lines, NULL = quiet */
+    /* Parallel runs (docs/parallelism.md). grid NULL: one process. The model
+     * passed to rp_train_run is then this rank's stage slice. The global batch
+     * batch_size = replicas x micro-batches x micro_batch. */
+    const rp_grid *grid;
+    rp_schedule_kind pipe_schedule;  /* GPipe or 1F1B (default) */
+    double comm_timeout;        /* seconds a stage waits on a peer before failing; 0: forever */
 } rp_train_options;
 
 typedef struct {
@@ -56,7 +64,7 @@ void rp_train_options_defaults(rp_train_options *o);
 void rp_train_options_add_data(rp_train_options *o, const char **paths, int *n_paths,
                                const char *arg);
 
-/* Trains `model` in place (allocates gradients and moments alongside). With
+/* Trains `model` (the whole model, or with o->grid this rank's stage) in place (allocates gradients and moments alongside). With
  * resume_path the weights, moments, step, LR position and data cursor come
  * from that checkpoint (model must be allocated with its config), and the run
  * continues exactly where it stopped: training N steps, saving, resuming and

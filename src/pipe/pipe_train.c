@@ -1,0 +1,346 @@
+/* Pipeline executor and pipelined forward (pipe_train.h). */
+#include "pipe/pipe_train.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *grads,
+                               rp_model *adam_m, rp_model *adam_v, const rp_grid *grid,
+                               rp_transport *tp, rp_schedule_kind kind, int n_micro,
+                               int micro_seqs, int ctx_len, rp_error *err) {
+    memset(pt, 0, sizeof *pt);
+    rp_backend *be = model->be;
+    pt->grid = grid;
+    pt->tp = tp;
+    pt->stage = grid ? grid->stage : 0;
+    pt->n_stages = grid ? grid->pp : 1;
+    pt->dp = grid ? grid->dp : 1;
+    pt->n_micro = n_micro;
+    pt->micro_seqs = micro_seqs;
+    pt->ctx_len = ctx_len;
+    pt->model = model;
+    pt->grads = grads;
+    pt->adam_m = adam_m;
+    pt->adam_v = adam_v;
+    pt->act_in_mb = pt->grad_in_mb = -1;
+    pt->timeout_s = tp ? tp->timeout_s : 0;
+    if (pt->n_stages > 1 && !tp)
+        return rp_error_set(err, RP_ERR_INTERNAL, "a %d-stage pipeline needs a transport",
+                            pt->n_stages);
+    rp_status st = rp_schedule_build(&pt->sched, kind, pt->n_stages, n_micro, err);
+    if (st != RP_OK) return st;
+    const int R = micro_seqs * ctx_len, C = model->cfg.n_embd;
+    pt->n_stash = pt->sched.n_buffers[pt->stage];
+    pt->stash = calloc((size_t)pt->n_stash, sizeof *pt->stash);
+    pt->pending = calloc((size_t)pt->n_stash, sizeof *pt->pending);
+    pt->seq_len = malloc(sizeof(int) * (size_t)micro_seqs);
+    pt->slot = malloc(sizeof(int) * (size_t)micro_seqs);
+    pt->row_begin = malloc(sizeof(int) * (size_t)micro_seqs);
+    pt->recv_act = malloc(sizeof(float) * 2 * (size_t)R * C);
+    pt->recv_grad = malloc(sizeof(float) * 2 * (size_t)R * C);
+    if (!pt->stash || !pt->pending || !pt->seq_len || !pt->slot || !pt->row_begin ||
+        !pt->recv_act || !pt->recv_grad) {
+        rp_pipe_trainer_free(pt);
+        return rp_error_set(err, RP_ERR_NOMEM, "pipeline buffers for %d micro-batches", n_micro);
+    }
+    for (int i = 0; i < pt->n_stash; i++)
+        if ((st = rp_train_workspace_alloc(&pt->stash[i], model, R, micro_seqs, err)) != RP_OK) {
+            rp_pipe_trainer_free(pt);
+            return rp_error_prefix(err, "activation stash %d of %d", i + 1, pt->n_stash);
+        }
+    rp_state_geometry(&pt->state, &model->cfg, model->layer_begin, model->layer_end, micro_seqs);
+    rp_state_geometry(&pt->dstate, &model->cfg, model->layer_begin, model->layer_end,
+                      micro_seqs);
+    const size_t state_bytes = pt->state.floats_per_slot * (size_t)micro_seqs * sizeof(float);
+    pt->state.data = be->alloc(be, state_bytes);
+    pt->dstate.data = be->alloc(be, state_bytes);
+    if (!pt->state.data || !pt->dstate.data) {
+        rp_pipe_trainer_free(pt);
+        return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the recurrent state");
+    }
+    for (int i = 0; i < micro_seqs; i++) {
+        pt->seq_len[i] = ctx_len;
+        pt->slot[i] = i;
+    }
+    rp_batch_init(&pt->batch, micro_seqs, pt->seq_len, pt->slot, pt->row_begin);
+    return RP_OK;
+}
+
+void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
+    rp_backend *be = pt->model ? pt->model->be : NULL;
+    for (int i = 0; pt->stash && i < pt->n_stash; i++)
+        rp_train_workspace_free(&pt->stash[i], be);
+    if (be && pt->state.data) be->free(be, pt->state.data);
+    if (be && pt->dstate.data) be->free(be, pt->dstate.data);
+    free(pt->stash);
+    free(pt->pending);
+    free(pt->seq_len);
+    free(pt->slot);
+    free(pt->row_begin);
+    free(pt->recv_act);
+    free(pt->recv_grad);
+    rp_schedule_free(&pt->sched);
+    memset(pt, 0, sizeof *pt);
+}
+
+/* Finds the next instruction with opcode op after position i, or -1. */
+static int next_op(const rp_pipe_instr *list, int n, int i, rp_pipe_opcode op) {
+    for (int j = i + 1; j < n; j++)
+        if (list[j].op == op) return j;
+    return -1;
+}
+
+/* Posts the receive (x and v_first) of the micro-batch a RECV instruction names. */
+static rp_status post_recv(rp_pipe_trainer *pt, const rp_pipe_instr *in, rp_error *err) {
+    const size_t rc = (size_t)pt->micro_seqs * pt->ctx_len * pt->model->cfg.n_embd;
+    const int is_act = in->op == RP_OP_RECV_ACT;
+    float *buf = is_act ? pt->recv_act : pt->recv_grad;
+    rp_transfer *x = is_act ? pt->act_in : pt->grad_in;
+    const int peer = pt->stage + (is_act ? -1 : 1);
+    rp_status st = rp_transport_post_recv(pt->tp, buf, rc * sizeof(float), peer,
+                                          is_act ? RP_MSG_ACT : RP_MSG_GRAD, in->micro_batch,
+                                          &x[0], err);
+    if (st == RP_OK)
+        st = rp_transport_post_recv(pt->tp, buf + rc, rc * sizeof(float), peer,
+                                    is_act ? RP_MSG_ACT_VFIRST : RP_MSG_GRAD_VFIRST,
+                                    in->micro_batch, &x[1], err);
+    if (is_act) pt->act_in_mb = in->micro_batch;
+    else pt->grad_in_mb = in->micro_batch;
+    return st;
+}
+
+static rp_status wait_pending(rp_pipe_trainer *pt, int buffer, rp_error *err) {
+    for (int k = 0; k < 2; k++) {
+        rp_status st = rp_transport_wait(pt->tp, &pt->pending[buffer][k], err);
+        if (st != RP_OK) return st;
+    }
+    return RP_OK;
+}
+
+static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
+    if (pt->dp <= 1) return RP_OK;
+    rp_model *g = pt->grads;
+    float *bufs[3] = {g->embed_flat, g->head_flat, NULL};
+    size_t sizes[3] = {g->embed_floats, g->head_floats, 0};
+    for (int i = 0; i < g->layer_end - g->layer_begin + 2; i++) {
+        float *p = i < 2 ? bufs[i] : g->layer_flat[i - 2];
+        size_t n = i < 2 ? sizes[i] : g->layer_floats;
+        if (!p) continue;
+        /* MPI counts are ints: large tensors go in pieces. */
+        for (size_t at = 0; at < n; at += (size_t)1 << 30) {
+            size_t len = n - at < ((size_t)1 << 30) ? n - at : (size_t)1 << 30;
+            MPI_Request req;
+            if (MPI_Iallreduce(MPI_IN_PLACE, p + at, (int)len, MPI_FLOAT, MPI_SUM,
+                               pt->grid->data_comm, &req) != MPI_SUCCESS)
+                return rp_error_set(err, RP_ERR_MPI,
+                                    "stage %d: all-reducing gradients over %d replicas failed",
+                                    pt->stage, pt->dp);
+            rp_status st = rp_comm_wait(&req, pt->timeout_s, "the gradient all-reduce over the "
+                                        "data replicas", err);
+            if (st != RP_OK) return st;
+        }
+    }
+    return RP_OK;
+}
+
+rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
+                               const int32_t *targets, float loss_scale, float l2wrap_factor,
+                               const rp_optim_config *optim, long step, rp_pipe_step_result *res,
+                               rp_error *err) {
+    rp_model *m = pt->model;
+    rp_backend *be = m->be;
+    const int R = pt->micro_seqs * pt->ctx_len, C = m->cfg.n_embd;
+    const size_t rc = (size_t)R * C, rc_bytes = rc * sizeof(float);
+    const size_t state_bytes = pt->state.floats_per_slot * (size_t)pt->micro_seqs * sizeof(float);
+    const rp_pipe_instr *list = pt->sched.instr[pt->stage];
+    const int n = pt->sched.n_instr[pt->stage];
+    const int last = pt->stage == pt->n_stages - 1;
+    double local_loss = 0, grad_norm = 0;
+    rp_status st = RP_OK;
+    pt->busy_seconds = 0;
+    rp_model_zero(pt->grads);
+    /* The first receive of each kind is posted before any compute. */
+    int j;
+    if ((j = next_op(list, n, -1, RP_OP_RECV_ACT)) >= 0 && (st = post_recv(pt, &list[j], err)))
+        return st;
+    if ((j = next_op(list, n, -1, RP_OP_RECV_GRAD)) >= 0 && (st = post_recv(pt, &list[j], err)))
+        return st;
+
+    for (int i = 0; i < n && st == RP_OK; i++) {
+        const rp_pipe_instr *in = &list[i];
+        const int mb = in->micro_batch;
+        rp_train_workspace *tw = in->buffer >= 0 ? &pt->stash[in->buffer] : NULL;
+        switch (in->op) {
+        case RP_OP_RECV_ACT:
+        case RP_OP_RECV_GRAD: {
+            const int is_act = in->op == RP_OP_RECV_ACT;
+            rp_transfer *x = is_act ? pt->act_in : pt->grad_in;
+            if ((is_act ? pt->act_in_mb : pt->grad_in_mb) != mb) {
+                st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: receive of micro-batch %d "
+                                  "was not posted", pt->stage, mb);
+                break;
+            }
+            if ((st = rp_transport_wait(pt->tp, &x[0], err)) != RP_OK ||
+                (st = rp_transport_wait(pt->tp, &x[1], err)) != RP_OK ||
+                (st = wait_pending(pt, in->buffer, err)) != RP_OK)
+                break;
+            const float *buf = is_act ? pt->recv_act : pt->recv_grad;
+            be->copy_to_device(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
+            be->copy_to_device(be, is_act ? tw->v_first : tw->dv_first, buf + rc, rc_bytes);
+            /* Overlap: the next micro-batch's receive is in flight while we compute. */
+            if ((j = next_op(list, n, i, in->op)) >= 0) st = post_recv(pt, &list[j], err);
+            break;
+        }
+        case RP_OP_FWD: {
+            if ((st = wait_pending(pt, in->buffer, err)) != RP_OK) break;
+            const double t0 = now_seconds();
+            be->fill_zero(be, pt->state.data, state_bytes);
+            if (m->has_embed &&
+                (st = rp_train_embed_forward(m, tw, inputs + (size_t)mb * R, &pt->batch, err)) !=
+                    RP_OK)
+                break;
+            for (int l = m->layer_begin; l < m->layer_end; l++)
+                rp_train_block_forward(m, tw, l, &pt->state, &pt->batch);
+            if (m->has_head)
+                local_loss += rp_train_head_forward(m, tw, targets + (size_t)mb * R, &pt->batch,
+                                                    loss_scale, l2wrap_factor);
+            be->synchronize(be);
+            pt->busy_seconds += now_seconds() - t0;
+            break;
+        }
+        case RP_OP_SEND_ACT:
+            if ((st = rp_transport_post_send(pt->tp, tw->x, rc_bytes, pt->stage + 1, RP_MSG_ACT,
+                                             mb, &pt->pending[in->buffer][0], err)) == RP_OK)
+                st = rp_transport_post_send(pt->tp, tw->v_first, rc_bytes, pt->stage + 1,
+                                            RP_MSG_ACT_VFIRST, mb, &pt->pending[in->buffer][1],
+                                            err);
+            break;
+        case RP_OP_BWD: {
+            if ((st = wait_pending(pt, in->buffer, err)) != RP_OK) break;
+            const double t0 = now_seconds();
+            if (m->has_head) rp_train_head_backward(m, pt->grads, tw, &pt->batch);
+            /* Each sequence ends with the micro-batch: d(final state) = 0. */
+            be->fill_zero(be, pt->dstate.data, state_bytes);
+            for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
+                rp_train_block_backward(m, pt->grads, tw, l, &pt->dstate, &pt->batch);
+            if (m->has_embed)
+                rp_train_embed_backward(m, pt->grads, tw, inputs + (size_t)mb * R, &pt->batch);
+            be->synchronize(be);
+            pt->busy_seconds += now_seconds() - t0;
+            break;
+        }
+        case RP_OP_SEND_GRAD:
+            if ((st = rp_transport_post_send(pt->tp, tw->dx, rc_bytes, pt->stage - 1, RP_MSG_GRAD,
+                                             mb, &pt->pending[in->buffer][0], err)) == RP_OK)
+                st = rp_transport_post_send(pt->tp, tw->dv_first, rc_bytes, pt->stage - 1,
+                                            RP_MSG_GRAD_VFIRST, mb, &pt->pending[in->buffer][1],
+                                            err);
+            break;
+        case RP_OP_REDUCE_GRADS:
+            for (int b = 0; b < pt->n_stash && st == RP_OK; b++) st = wait_pending(pt, b, err);
+            if (st == RP_OK) st = reduce_grads(pt, err);
+            break;
+        case RP_OP_OPT_STEP: {
+            double sumsq = rp_grad_sum_squares(pt->grads);
+            if (pt->n_stages > 1) {
+                MPI_Request req;
+                MPI_Iallreduce(MPI_IN_PLACE, &sumsq, 1, MPI_DOUBLE, MPI_SUM, pt->grid->pipe_comm,
+                               &req);
+                if ((st = rp_comm_wait(&req, pt->timeout_s, "the gradient-norm all-reduce over "
+                                       "the stages", err)) != RP_OK)
+                    break;
+            }
+            grad_norm = sqrt(sumsq);
+            if (!isfinite(grad_norm)) {
+                st = rp_error_set(err, RP_ERR_INTERNAL,
+                                  "step %ld: the gradient norm is %g: training diverged "
+                                  "(the weights were not updated); lower --lr", step, grad_norm);
+                break;
+            }
+            rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
+                          rp_clip_scale(grad_norm, optim->grad_clip));
+            break;
+        }
+        default:
+            st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: unknown opcode %d", pt->stage,
+                              (int)in->op);
+        }
+    }
+    if (st != RP_OK) return st;
+    /* The loss lives on the last stage of each replica: sum over replicas,
+     * then hand it to every stage (rank 0 logs it). */
+    double loss = last ? local_loss : 0;
+    if (pt->grid) {
+        MPI_Request req;
+        if (pt->dp > 1) {
+            MPI_Iallreduce(MPI_IN_PLACE, &loss, 1, MPI_DOUBLE, MPI_SUM, pt->grid->data_comm,
+                           &req);
+            if ((st = rp_comm_wait(&req, pt->timeout_s, "the loss all-reduce", err)) != RP_OK)
+                return st;
+        }
+        if (pt->n_stages > 1) {
+            MPI_Ibcast(&loss, 1, MPI_DOUBLE, pt->n_stages - 1, pt->grid->pipe_comm, &req);
+            if ((st = rp_comm_wait(&req, pt->timeout_s, "the loss from the last stage", err)) !=
+                RP_OK)
+                return st;
+        }
+    }
+    res->loss_sum = loss;
+    res->grad_norm = grad_norm;
+    return RP_OK;
+}
+
+rp_status rp_pipe_forward(const rp_model *m, rp_transport *tp, int stage, int n_stages,
+                          rp_workspace *ws, const int32_t *tokens, const rp_batch *batch,
+                          rp_state *state, rp_logits_mode mode, float *logits, rp_error *err) {
+    rp_backend *be = m->be;
+    const size_t rc = (size_t)batch->n_rows * m->cfg.n_embd;
+    rp_status st;
+    if (batch->n_rows > ws->max_rows)
+        return rp_error_set(err, RP_ERR_ARG, "batch has %d rows but the workspace holds %d",
+                            batch->n_rows, ws->max_rows);
+    if (m->has_embed) {
+        if ((st = rp_model_embed(m, ws, tokens, batch, err)) != RP_OK) return st;
+    } else {
+        /* Host landing, then into backend memory (a no-op copy on the CPU). */
+        float *buf = malloc(2 * rc * sizeof(float));
+        if (!buf) return rp_error_set(err, RP_ERR_NOMEM, "activation receive buffer");
+        if ((st = rp_transport_recv(tp, buf, rc * sizeof(float), stage - 1, RP_MSG_ACT, 0,
+                                    err)) != RP_OK ||
+            (st = rp_transport_recv(tp, buf + rc, rc * sizeof(float), stage - 1,
+                                    RP_MSG_ACT_VFIRST, 0, err)) != RP_OK) {
+            free(buf);
+            return st;
+        }
+        be->copy_to_device(be, ws->x, buf, rc * sizeof(float));
+        be->copy_to_device(be, ws->v_first, buf + rc, rc * sizeof(float));
+        free(buf);
+    }
+    for (int l = m->layer_begin; l < m->layer_end; l++)
+        rp_model_block_forward(m, ws, l, state, batch);
+    if (m->has_head) {
+        rp_model_head(m, ws, batch, mode, logits);
+        return RP_OK;
+    }
+    if (stage + 1 >= n_stages)
+        return rp_error_set(err, RP_ERR_INTERNAL, "stage %d of %d has no head", stage, n_stages);
+    be->synchronize(be);
+    float *buf = malloc(2 * rc * sizeof(float));
+    if (!buf) return rp_error_set(err, RP_ERR_NOMEM, "activation send buffer");
+    be->copy_to_host(be, buf, ws->x, rc * sizeof(float));
+    be->copy_to_host(be, buf + rc, ws->v_first, rc * sizeof(float));
+    if ((st = rp_transport_send(tp, buf, rc * sizeof(float), stage + 1, RP_MSG_ACT, 0, err)) ==
+        RP_OK)
+        st = rp_transport_send(tp, buf + rc, rc * sizeof(float), stage + 1, RP_MSG_ACT_VFIRST,
+                               0, err);
+    free(buf);
+    return st;
+}

@@ -1,0 +1,71 @@
+/* The pipeline executor: runs one stage's schedule (schedule.h) for one
+ * optimizer step, moving activations and their gradients with the transport
+ * (transport.h), stashing each micro-batch's activations from its forward
+ * until its backward, reducing gradients over the data replicas and taking
+ * the optimizer step with the global gradient norm. One process is the case
+ * P = 1, DP = 1 of the same code (no transfers), which is why any layout
+ * gives the numbers of one process: every stage runs exactly the ops one
+ * process would, in the same order, on the same micro-batches.
+ *
+ * Also the plain pipelined forward (evaluation, logits) on an inference
+ * workspace. */
+#ifndef RP_PIPE_PIPE_TRAIN_H
+#define RP_PIPE_PIPE_TRAIN_H
+
+#include "model/model.h"
+#include "model/train.h"
+#include "pipe/grid.h"
+#include "pipe/schedule.h"
+#include "pipe/transport.h"
+#include "train/optim.h"
+
+typedef struct {
+    const rp_grid *grid;            /* NULL: one process */
+    rp_transport *tp;               /* over grid->pipe_comm; NULL with one stage */
+    int stage, n_stages, dp;
+    int n_micro;                    /* micro-batches per step on this replica */
+    int micro_seqs, ctx_len;        /* each micro-batch: micro_seqs x ctx_len tokens */
+    rp_schedule sched;
+    rp_model *model, *grads, *adam_m, *adam_v;
+    rp_train_workspace *stash;      /* [n_stash] */
+    int n_stash;
+    rp_transfer (*pending)[2];      /* [n_stash] sends still reading a stash slot */
+    rp_state state, dstate;
+    float *recv_act, *recv_grad;    /* host landing buffers: x then v_first [2][R*C] */
+    rp_transfer act_in[2], grad_in[2];
+    int act_in_mb, grad_in_mb;      /* micro-batch posted in act_in / grad_in, -1: none */
+    int *seq_len, *slot, *row_begin;
+    rp_batch batch;
+    double timeout_s;               /* watchdog of the collectives (the transport's) */
+    double busy_seconds;            /* compute time of the last step (FWD/BWD) */
+} rp_pipe_trainer;
+
+rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *grads,
+                               rp_model *adam_m, rp_model *adam_v, const rp_grid *grid,
+                               rp_transport *tp, rp_schedule_kind kind, int n_micro,
+                               int micro_seqs, int ctx_len, rp_error *err);
+void rp_pipe_trainer_free(rp_pipe_trainer *pt);
+
+typedef struct {
+    double loss_sum;    /* summed over every target of the global batch (all replicas) */
+    double grad_norm;   /* global, before clipping */
+} rp_pipe_step_result;
+
+/* One optimizer step. inputs / targets: [n_micro][micro_seqs * ctx_len] of
+ * this replica (targets < 0 take no loss); loss_scale = 1 / targets in the
+ * global batch. A non-finite gradient norm is an error on every rank (the
+ * weights are not updated). */
+rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
+                               const int32_t *targets, float loss_scale, float l2wrap_factor,
+                               const rp_optim_config *optim, long step, rp_pipe_step_result *res,
+                               rp_error *err);
+
+/* Forward of one batch through the pipeline on an inference workspace: stage 0
+ * embeds `tokens`, each stage runs its layers on `state` (its layers), the
+ * last stage writes logits (mode) into `logits` (backend memory). tp NULL
+ * with one stage. Collective over the pipe. */
+rp_status rp_pipe_forward(const rp_model *m, rp_transport *tp, int stage, int n_stages,
+                          rp_workspace *ws, const int32_t *tokens, const rp_batch *batch,
+                          rp_state *state, rp_logits_mode mode, float *logits, rp_error *err);
+
+#endif

@@ -1,0 +1,202 @@
+/* MPI implementation of the stage-to-stage transport (transport.h). */
+#include "pipe/transport.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+const char *rp_msg_kind_name(rp_msg_kind k) {
+    switch (k) {
+    case RP_MSG_ACT: return "activations";
+    case RP_MSG_ACT_VFIRST: return "v_first activations";
+    case RP_MSG_GRAD: return "activation gradients";
+    case RP_MSG_GRAD_VFIRST: return "v_first gradients";
+    case RP_MSG_CONTROL: return "control message";
+    default: return "unknown message";
+    }
+}
+
+static int make_tag(rp_msg_kind kind, int micro_batch) {
+    return (int)kind * RP_TRANSPORT_TAG_SPAN + (micro_batch % RP_TRANSPORT_TAG_SPAN);
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+rp_status rp_transport_init(rp_transport *t, MPI_Comm comm, double timeout_s, rp_error *err) {
+    memset(t, 0, sizeof *t);
+    t->timeout_s = timeout_s;
+    if (MPI_Comm_dup(comm, &t->comm) != MPI_SUCCESS)
+        return rp_error_set(err, RP_ERR_MPI, "MPI_Comm_dup failed for the stage transport");
+    /* Errors (a truncated message above all) come back as codes we can name. */
+    MPI_Comm_set_errhandler(t->comm, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(t->comm, &t->rank);
+    MPI_Comm_size(t->comm, &t->size);
+    int tag_ub_ok = 0, *tag_ub = NULL;
+    MPI_Comm_get_attr(t->comm, MPI_TAG_UB, &tag_ub, &tag_ub_ok);
+    if (tag_ub_ok && *tag_ub < RP_MSG_KIND_COUNT * RP_TRANSPORT_TAG_SPAN) {
+        int ub = *tag_ub;
+        rp_transport_free(t);
+        return rp_error_set(err, RP_ERR_MPI, "this MPI allows message tags up to %d; the "
+                            "transport needs %d", ub, RP_MSG_KIND_COUNT * RP_TRANSPORT_TAG_SPAN);
+    }
+    snprintf(t->what_buf, sizeof t->what_buf, "stage %d", t->rank);
+    t->what = t->what_buf;
+    return RP_OK;
+}
+
+void rp_transport_free(rp_transport *t) {
+    if (t->comm != MPI_COMM_NULL && t->comm != 0) MPI_Comm_free(&t->comm);
+    t->comm = MPI_COMM_NULL;
+}
+
+static rp_status mpi_failed(rp_transport *t, int rc, const char *call, const rp_transfer *x,
+                            rp_error *err) {
+    char text[MPI_MAX_ERROR_STRING] = "";
+    int len = 0;
+    MPI_Error_string(rc, text, &len);
+    return rp_error_set(err, RP_ERR_MPI, "%s: %s of micro-batch %d %s stage %d failed in %s: %s",
+                        t->what, rp_msg_kind_name(x->kind), x->micro_batch,
+                        x->is_recv ? "from" : "to", x->peer, call, text);
+}
+
+static rp_status check_args(rp_transport *t, size_t bytes, int peer, rp_msg_kind kind,
+                            int micro_batch, rp_error *err) {
+    if (peer < 0 || peer >= t->size || peer == t->rank)
+        return rp_error_set(err, RP_ERR_INTERNAL, "%s: transfer with peer %d of %d", t->what,
+                            peer, t->size);
+    if (kind < RP_MSG_ACT || kind >= RP_MSG_KIND_COUNT || micro_batch < 0)
+        return rp_error_set(err, RP_ERR_INTERNAL, "%s: bad message kind %d / micro-batch %d",
+                            t->what, (int)kind, micro_batch);
+    if (bytes > (size_t)INT_MAX)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "%s: a message of %zu bytes is over MPI's 2 GiB count limit; use "
+                            "smaller micro-batches", t->what, bytes);
+    return RP_OK;
+}
+
+rp_status rp_transport_post_send(rp_transport *t, const void *buf, size_t bytes, int peer,
+                                 rp_msg_kind kind, int micro_batch, rp_transfer *x,
+                                 rp_error *err) {
+    rp_status st = check_args(t, bytes, peer, kind, micro_batch, err);
+    if (st != RP_OK) return st;
+    *x = (rp_transfer){.active = 1, .is_recv = 0, .peer = peer, .kind = kind,
+                       .micro_batch = micro_batch, .bytes = bytes};
+    int rc = MPI_Isend(buf, (int)bytes, MPI_BYTE, peer, make_tag(kind, micro_batch), t->comm,
+                       &x->request);
+    if (rc != MPI_SUCCESS) {
+        x->active = 0;
+        return mpi_failed(t, rc, "MPI_Isend", x, err);
+    }
+    return RP_OK;
+}
+
+rp_status rp_transport_post_recv(rp_transport *t, void *buf, size_t bytes, int peer,
+                                 rp_msg_kind kind, int micro_batch, rp_transfer *x,
+                                 rp_error *err) {
+    rp_status st = check_args(t, bytes, peer, kind, micro_batch, err);
+    if (st != RP_OK) return st;
+    *x = (rp_transfer){.active = 1, .is_recv = 1, .peer = peer, .kind = kind,
+                       .micro_batch = micro_batch, .bytes = bytes};
+    int rc = MPI_Irecv(buf, (int)bytes, MPI_BYTE, peer, make_tag(kind, micro_batch), t->comm,
+                       &x->request);
+    if (rc != MPI_SUCCESS) {
+        x->active = 0;
+        return mpi_failed(t, rc, "MPI_Irecv", x, err);
+    }
+    return RP_OK;
+}
+
+rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
+    if (!x->active) return RP_OK;
+    MPI_Status status;
+    int done = 0, rc;
+    const double start = now_seconds();
+    /* Poll with a growing sleep (up to 1 ms): cheap while the peer is close,
+     * and the watchdog below can fire instead of hanging forever. */
+    long sleep_ns = 1000;
+    for (;;) {
+        rc = MPI_Test(&x->request, &done, &status);
+        if (rc != MPI_SUCCESS || done) break;
+        double waited = now_seconds() - start;
+        if (t->timeout_s > 0 && waited > t->timeout_s) {
+            x->active = 0;
+            /* A receive left posted could swallow a later message of that tag. */
+            if (x->is_recv && MPI_Cancel(&x->request) == MPI_SUCCESS)
+                MPI_Wait(&x->request, MPI_STATUS_IGNORE);
+            return rp_error_set(err, RP_ERR_MPI,
+                                "%s waited %.0f s (--comm-timeout) to %s the %s of micro-batch "
+                                "%d %s stage %d; that rank is stuck or dead", t->what, waited,
+                                x->is_recv ? "receive" : "send", rp_msg_kind_name(x->kind),
+                                x->micro_batch, x->is_recv ? "from" : "to", x->peer);
+        }
+        struct timespec ts = {0, sleep_ns};
+        nanosleep(&ts, NULL);
+        if (sleep_ns < 1000000) sleep_ns *= 2;
+    }
+    x->active = 0;
+    if (rc != MPI_SUCCESS) {
+        int cls = 0;
+        MPI_Error_class(rc == MPI_ERR_IN_STATUS ? status.MPI_ERROR : rc, &cls);
+        if (cls == MPI_ERR_TRUNCATE)
+            return rp_error_set(err, RP_ERR_MPI,
+                                "%s: the %s of micro-batch %d from stage %d are larger than the "
+                                "%zu bytes expected: the stages disagree on the batch shape",
+                                t->what, rp_msg_kind_name(x->kind), x->micro_batch, x->peer,
+                                x->bytes);
+        return mpi_failed(t, rc, "MPI_Test", x, err);
+    }
+    if (x->is_recv) {
+        int count = 0;
+        MPI_Get_count(&status, MPI_BYTE, &count);
+        if ((size_t)count != x->bytes)
+            return rp_error_set(err, RP_ERR_MPI,
+                                "%s: the %s of micro-batch %d from stage %d hold %d bytes, "
+                                "expected %zu: the stages disagree on the batch shape", t->what,
+                                rp_msg_kind_name(x->kind), x->micro_batch, x->peer, count,
+                                x->bytes);
+    }
+    return RP_OK;
+}
+
+rp_status rp_comm_wait(MPI_Request *request, double timeout_s, const char *what, rp_error *err) {
+    const double start = now_seconds();
+    long sleep_ns = 1000;
+    for (;;) {
+        int done = 0;
+        int rc = MPI_Test(request, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) {
+            char text[MPI_MAX_ERROR_STRING] = "";
+            int len = 0;
+            MPI_Error_string(rc, text, &len);
+            return rp_error_set(err, RP_ERR_MPI, "%s failed: %s", what, text);
+        }
+        if (done) return RP_OK;
+        double waited = now_seconds() - start;
+        if (timeout_s > 0 && waited > timeout_s)
+            return rp_error_set(err, RP_ERR_MPI,
+                                "waited %.0f s (--comm-timeout) for %s; a rank is stuck or dead",
+                                waited, what);
+        struct timespec ts = {0, sleep_ns};
+        nanosleep(&ts, NULL);
+        if (sleep_ns < 1000000) sleep_ns *= 2;
+    }
+}
+
+rp_status rp_transport_send(rp_transport *t, const void *buf, size_t bytes, int peer,
+                            rp_msg_kind kind, int micro_batch, rp_error *err) {
+    rp_transfer x;
+    rp_status st = rp_transport_post_send(t, buf, bytes, peer, kind, micro_batch, &x, err);
+    return st != RP_OK ? st : rp_transport_wait(t, &x, err);
+}
+
+rp_status rp_transport_recv(rp_transport *t, void *buf, size_t bytes, int peer,
+                            rp_msg_kind kind, int micro_batch, rp_error *err) {
+    rp_transfer x;
+    rp_status st = rp_transport_post_recv(t, buf, bytes, peer, kind, micro_batch, &x, err);
+    return st != RP_OK ? st : rp_transport_wait(t, &x, err);
+}

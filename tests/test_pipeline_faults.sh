@@ -1,0 +1,120 @@
+#!/bin/bash
+# Failures of a pipelined training job end it quickly and lose nothing
+# (docs/parallelism.md):
+# - a rank killed by a signal mid-run makes mpirun exit non-zero within 30 s,
+#   and the last complete checkpoint still verifies and resumes;
+# - a stage that stops answering (SIGSTOP) makes its peer give up after
+#   --comm-timeout with a message naming the transfer it waited for;
+# - a stage killed while writing its checkpoint shard leaves the previous
+#   checkpoint as `latest`, and resuming from it gives the uninterrupted run.
+# Run by `make check` (env: top_srcdir, top_builddir, MPIRUN, PYTHON3).
+
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
+set -u
+
+: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
+: "${top_builddir:=.}"
+: "${PYTHON3:=python3}"
+: "${MPIRUN:=}"
+if [ -z "$MPIRUN" ] || ! command -v "$MPIRUN" >/dev/null 2>&1; then
+    echo "skip: no mpirun"
+    exit 77
+fi
+BIN="$(cd "$top_builddir" && pwd)/rwkvpipe"
+COMPARE="$top_srcdir/tests/st_compare.py"
+T=$(mktemp -d "${TMPDIR:-/tmp}/test_pipeline_faults.XXXXXX") || exit 99
+JOB=""
+cleanup() {
+    [ -n "$JOB" ] && kill -9 "$JOB" 2>/dev/null
+    rm -rf "$T"
+}
+trap cleanup EXIT
+
+check() { echo "check: $*"; }
+ok() { echo "  ok${1:+: $1}"; }
+fail() {
+    echo "FAIL: $*"
+    [ -s "$T/stderr" ] && sed 's/^/  stderr: /' "$T/stderr" | tail -n 20
+    exit 1
+}
+
+COMMON=(train --model-config L4-C64-V64 --data mqar --ctx-len 16 --batch 8 --micro-batch 2
+        --warmup 2 --lr 3e-3 --eval-interval 0 --eval-batches 1 --log-interval 1
+        --seed 3 --init-seed 5 --threads 1 --pp 2)
+
+# rank_pid N: the pid of the rwkvpipe process of MPI rank N started by job $JOB.
+rank_pid() {
+    local p
+    for p in $(pgrep -f "$BIN train" || true); do
+        if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$1"; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# wait_for FILE SECONDS
+wait_for() {
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        [ -e "$1" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+check "a rank killed by SIGKILL mid-run ends the job within 30 s; the last checkpoint survives"
+"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 1000000 --checkpoint-interval 20 \
+    --checkpoint-dir "$T/ck_kill" >"$T/stdout" 2>"$T/stderr" &
+JOB=$!
+wait_for "$T/ck_kill/latest" 120 || fail "no checkpoint within 120 s"
+pid=$(rank_pid 1) || fail "cannot find rank 1's process"
+kill -9 "$pid"
+start=$(date +%s)
+for ((i = 0; i < 300; i++)); do kill -0 "$JOB" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$JOB" 2>/dev/null && fail "mpirun still runs 30 s after rank 1 was killed"
+wait "$JOB"
+rc=$?
+JOB=""
+took=$(($(date +%s) - start))
+[ "$rc" -ne 0 ] || fail "mpirun exited 0 after a rank was killed"
+"$BIN" info "$T/ck_kill" --verify >"$T/stdout" 2>"$T/stderr" ||
+    fail "the last checkpoint does not verify after the crash"
+ok "mpirun exit status $rc after ${took} s; $(cat "$T/ck_kill/latest") verifies"
+
+check "a stage that stops answering: its peer gives up after --comm-timeout, naming the transfer"
+"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 1000000 --comm-timeout 3 \
+    >"$T/stdout" 2>"$T/stderr" &
+JOB=$!
+for ((i = 0; i < 600; i++)); do grep -q "^step " "$T/stderr" && break; sleep 0.1; done
+pid=$(rank_pid 1) || fail "cannot find rank 1's process"
+kill -STOP "$pid"
+start=$(date +%s)
+for ((i = 0; i < 300; i++)); do kill -0 "$JOB" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$JOB" 2>/dev/null && { kill -9 "$pid"; fail "the job still runs 30 s after rank 1 stopped"; }
+wait "$JOB"
+rc=$?
+JOB=""
+[ "$rc" -ne 0 ] || fail "mpirun exited 0"
+grep -q "stage 0\]: error: .*waited [0-9]* s (--comm-timeout) \(to receive the .* of micro-batch [0-9]* from stage 1\|for the \)" "$T/stderr" ||
+    fail "no watchdog message naming the transfer"
+ok "$(grep -m1 'comm-timeout' "$T/stderr" | sed 's/^.*error: //')"
+
+check "a stage killed while writing its checkpoint shard: the previous checkpoint stays latest"
+"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 6 -o "$T/full.st" >"$T/stdout" 2>"$T/stderr" ||
+    fail "uninterrupted run"
+if RWKVPIPE_TEST_CRASH=ckpt-shard:1:4 "$MPIRUN" -np 2 -x RWKVPIPE_TEST_CRASH "$BIN" "${COMMON[@]}" \
+    --steps 6 --checkpoint-interval 2 --checkpoint-dir "$T/ck_save" >"$T/stdout" 2>"$T/stderr"; then
+    fail "the job survived a crash during its checkpoint"
+fi
+[ "$(cat "$T/ck_save/latest")" = "step-00000002" ] ||
+    fail "latest is '$(cat "$T/ck_save/latest")', expected step-00000002"
+[ -e "$T/ck_save/step-00000004/manifest.pb" ] && fail "the interrupted step-00000004 has a manifest"
+"$BIN" info "$T/ck_save" --verify >"$T/stdout" 2>"$T/stderr" || fail "step 2 does not verify"
+"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 6 --resume "$T/ck_save" -o "$T/resumed.st" \
+    >"$T/stdout" 2>"$T/stderr" || fail "resume after the crash"
+"$PYTHON3" "$COMPARE" "$T/full.st" "$T/resumed.st" --tol 1e-5 >"$T/cmp" 2>&1 ||
+    { cat "$T/cmp"; fail "the resumed run differs from the uninterrupted one"; }
+ok "step 4 was left incomplete; resumed from step 2 to the same weights"
+echo "all pipeline fault checks passed"
