@@ -122,4 +122,30 @@ for layout in "2 --pp 2" "1"; do
         { cat "$T/cmp"; fail "resumed with -np $layout: weights differ from the uninterrupted run"; }
     ok "-np $layout"
 done
+check "logits --pp P [--grads] writes the file of one process (same thread count: bit for bit)"
+"$BIN" init --model-config L4-C64-V64 --seed 9 -o "$T/m4.st" >"$T/stdout" 2>"$T/stderr" || fail "init"
+TOKENS=$(seq -s, 3 1 42)
+"$BIN" logits --model "$T/m4.st" --tokens "$TOKENS" --grads --threads 1 -o "$T/logits1.st" \
+    >"$T/stdout" 2>"$T/stderr" || fail "logits -np 1"
+for np in 2 3 4; do
+    "$MPIRUN" -np $np "$BIN" logits --pp $np --model "$T/m4.st" --tokens "$TOKENS" --grads \
+        --threads 1 -o "$T/logits$np.st" >"$T/stdout" 2>"$T/stderr" || fail "logits --pp $np"
+    "$PYTHON3" "$COMPARE" "$T/logits1.st" "$T/logits$np.st" >"$T/cmp" 2>&1 ||
+        { cat "$T/cmp"; fail "logits --pp $np --grads differs from one process"; }
+done
+"$BIN" logits --model "$T/m4.st" --tokens "$TOKENS" --mode step --threads 1 -o "$T/step1.st" \
+    >"$T/stdout" 2>"$T/stderr" || fail "logits --mode step"
+"$MPIRUN" -np 2 "$BIN" logits --pp 2 --stage-layers 3,1 --mode step --model "$T/m4.st" \
+    --tokens "$TOKENS" --threads 1 -o "$T/step2.st" >"$T/stdout" 2>"$T/stderr" ||
+    fail "logits --pp 2 --stage-layers 3,1 --mode step"
+"$PYTHON3" "$COMPARE" "$T/step1.st" "$T/step2.st" >"$T/cmp" 2>&1 ||
+    { cat "$T/cmp"; fail "step mode on 2 stages differs"; }
+if "$MPIRUN" -np 2 "$BIN" logits --pp 3 --model "$T/m4.st" --tokens 1,2 -o "$T/bad.st" \
+    >"$T/stdout" 2>"$T/stderr"; then
+    fail "logits --pp 3 on 2 ranks was accepted"
+fi
+grep -q "needs exactly 3 ranks" "$T/stderr" || fail "no message for --pp 3 on 2 ranks"
+[ -e "$T/bad.st" ] && fail "a refused run left an output file"
+ok "--pp 2, 3, 4 (--grads) and 3,1 (step mode) equal one process"
+
 echo "all pipeline checks passed"

@@ -1,13 +1,101 @@
 /* rwkvpipe logits: exact logits [T, V] and the final recurrent state for a
  * token sequence, written as safetensors under the golden-file names
  * (tokens, logits, state.att_x_prev [L,C], state.ffn_x_prev [L,C],
- * state.wkv [L,H,N,N]) so any reference can be compared with it. */
+ * state.wkv [L,H,N,N]) so any reference can be compared with it. Under
+ * mpirun with --pp P the layers are split over P stages; each stage computes
+ * its layers' state (and gradients) and rank 0 writes the same file as one
+ * process would. */
 #include <getopt.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cli/cli.h"
 #include "model/train.h"
+#include "pipe/grid.h"
+#include "pipe/pipe_train.h"
+#include "pipe/transport.h"
+
+/* Where this rank sits; one process is stage 0 of 1 with no transport. */
+typedef struct {
+    int stage, n_stages;
+    rp_transport *tp;
+    const rp_grid *grid;
+} stage_ctx;
+
+/* Rank 0 collects what the other stages computed (plain MPI on the pipe). */
+#define GATHER_TAG 91
+
+static void gather_floats(const rp_cli *cli, const stage_ctx *sc, int from_stage, float *dst,
+                          const float *src, size_t n) {
+    if (from_stage == 0) {
+        if (sc->stage == 0 && dst != src) memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    for (size_t at = 0; at < n; at += (size_t)1 << 30) {
+        int len = (int)(n - at < ((size_t)1 << 30) ? n - at : (size_t)1 << 30);
+        int rc = MPI_SUCCESS;
+        if (sc->stage == from_stage)
+            rc = MPI_Send(src + at, len, MPI_FLOAT, 0, GATHER_TAG, sc->grid->pipe_comm);
+        else if (sc->stage == 0)
+            rc = MPI_Recv(dst + at, len, MPI_FLOAT, from_stage, GATHER_TAG, sc->grid->pipe_comm,
+                          MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS)
+            cli_fatal(cli, "collecting results from stage %d failed", from_stage);
+    }
+}
+
+/* --grads on a pipeline: forward with saved activations stage by stage, the
+ * loss on the last stage, then the backward in reverse, exactly the
+ * operations of rp_model_train_step split at the stage boundaries. */
+static double staged_grads(const rp_cli *cli, const stage_ctx *sc, const rp_model *m,
+                           rp_model *grads, const int32_t *tokens, int n) {
+    rp_backend *be = m->be;
+    rp_error err;
+    rp_train_workspace tw;
+    rp_state st0, dst;
+    if (rp_train_workspace_alloc(&tw, m, n, 1, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_state_geometry(&st0, &m->cfg, m->layer_begin, m->layer_end, 1);
+    rp_state_geometry(&dst, &m->cfg, m->layer_begin, m->layer_end, 1);
+    st0.data = be->alloc(be, st0.floats_per_slot * sizeof(float));
+    dst.data = be->alloc(be, dst.floats_per_slot * sizeof(float));
+    if (!st0.data || !dst.data) cli_fatal(cli, "cannot allocate the state for --grads");
+    int len = n, slot0 = 0, rb = 0;
+    rp_batch gb;
+    rp_batch_init(&gb, 1, &len, &slot0, &rb);
+    const size_t bytes = (size_t)n * m->cfg.n_embd * sizeof(float);
+    double loss_sum = 0;
+    const int prev = sc->stage - 1, next = sc->stage + 1;
+    if (m->has_embed) {
+        if (rp_train_embed_forward(m, &tw, tokens, &gb, &err) != RP_OK) cli_fatal_error(cli, &err);
+    } else if (rp_transport_recv(sc->tp, tw.x, bytes, prev, RP_MSG_ACT, 0, &err) != RP_OK ||
+               rp_transport_recv(sc->tp, tw.v_first, bytes, prev, RP_MSG_ACT_VFIRST, 0, &err) !=
+                   RP_OK) {
+        cli_fatal_error(cli, &err);
+    }
+    for (int l = m->layer_begin; l < m->layer_end; l++) rp_train_block_forward(m, &tw, l, &st0, &gb);
+    if (m->has_head) {
+        loss_sum = rp_train_head_forward(m, &tw, tokens + 1, &gb, 1.0f / n, 0.0f);
+        rp_train_head_backward(m, grads, &tw, &gb);
+    } else if (rp_transport_send(sc->tp, tw.x, bytes, next, RP_MSG_ACT, 0, &err) != RP_OK ||
+               rp_transport_send(sc->tp, tw.v_first, bytes, next, RP_MSG_ACT_VFIRST, 0, &err) !=
+                   RP_OK ||
+               rp_transport_recv(sc->tp, tw.dx, bytes, next, RP_MSG_GRAD, 0, &err) != RP_OK ||
+               rp_transport_recv(sc->tp, tw.dv_first, bytes, next, RP_MSG_GRAD_VFIRST, 0, &err) !=
+                   RP_OK) {
+        cli_fatal_error(cli, &err);
+    }
+    for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
+        rp_train_block_backward(m, grads, &tw, l, &dst, &gb);
+    if (m->has_embed) rp_train_embed_backward(m, grads, &tw, tokens, &gb);
+    else if (rp_transport_send(sc->tp, tw.dx, bytes, prev, RP_MSG_GRAD, 0, &err) != RP_OK ||
+             rp_transport_send(sc->tp, tw.dv_first, bytes, prev, RP_MSG_GRAD_VFIRST, 0, &err) !=
+                 RP_OK)
+        cli_fatal_error(cli, &err);
+    be->free(be, st0.data);
+    be->free(be, dst.data);
+    rp_train_workspace_free(&tw, be);
+    return loss_sum;
+}
 
 static void logits_usage(FILE *out) {
     fprintf(out,
@@ -28,7 +116,10 @@ static void logits_usage(FILE *out) {
             "                      (official names) of the mean next-token cross-entropy:\n"
             "                      inputs tokens[0:T-1], targets tokens[1:T], zero state,\n"
             "                      no L2Wrap (the definition of the golden gradient files)\n"
-            "  --threads N         CPU threads (default: all)\n"
+            "  --pp P              split the layers over P pipeline stages (run under\n"
+            "                      mpirun -np P); rank 0 writes the same file as one process\n"
+            "  --stage-layers LIST layers per stage, e.g. 2,1,1 (default: balanced by cost)\n"
+            "  --threads N         CPU threads (default: all cores / ranks on the node)\n"
             "  -h, --help          this text\n");
 }
 
@@ -41,11 +132,14 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
                                              {"chunk", required_argument, 0, 'k'},
                                              {"threads", required_argument, 0, 'j'},
                                              {"grads", no_argument, 0, 'g'},
+                                             {"pp", required_argument, 0, 'P'},
+                                             {"stage-layers", required_argument, 0, 'A'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
     cli_model_options mo = {0};
     const char *tokens_text = NULL, *tokens_file = NULL, *out = NULL;
-    int step_mode = 0, chunk = 512, want_grads = 0;
+    int step_mode = 0, chunk = 512, want_grads = 0, pp = 1;
+    const char *stage_layers = NULL;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "ho:", longopts, NULL)) != -1) {
@@ -62,6 +156,8 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         case 'k': chunk = (int)cli_parse_int(cli, "--chunk", optarg, 1, 1 << 20); break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
         case 'g': want_grads = 1; break;
+        case 'P': pp = (int)cli_parse_int(cli, "--pp", optarg, 1, RP_GRID_MAX_STAGES); break;
+        case 'A': stage_layers = optarg; break;
         case 'h': logits_usage(stdout); return 0;
         default: logits_usage(stderr); return 2;
         }
@@ -70,8 +166,8 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     if (!mo.model_path) cli_fatal(cli, "--model is required");
     if (!out) cli_fatal(cli, "-o OUT.safetensors is required");
     if (!tokens_text == !tokens_file) cli_fatal(cli, "give exactly one of --tokens and --tokens-file");
-    if (cli->mpi_size > 1)
-        cli_fatal(cli, "logits runs in one process for now (got %d ranks); run it with -np 1",
+    if (cli->mpi_size != pp)
+        cli_fatal(cli, "--pp %d needs exactly %d ranks (mpirun -np %d), got %d", pp, pp, pp,
                   cli->mpi_size);
 
     char *file_text = tokens_file ? cli_read_file(cli, tokens_file, NULL) : NULL;
@@ -84,20 +180,48 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
 
     rp_backend *be;
     rp_model model;
-    cli_load_model(cli, &mo, &be, &model);
+    rp_error err;
+    rp_grid grid;
+    rp_transport transport;
+    stage_ctx sc = {.stage = 0, .n_stages = 1};
+    if (pp > 1) {
+        rp_config full;
+        rp_st_file f;
+        rp_naming naming;
+        if (rp_st_open(&f, mo.model_path, &err) != RP_OK ||
+            rp_config_from_safetensors(&f, &full, &naming, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        rp_st_close(&f);
+        int *layers = calloc((size_t)pp, sizeof(int));
+        if ((stage_layers ? rp_partition_parse(stage_layers, &full, pp, layers, &err)
+                          : rp_partition_balanced(&full, pp, layers, &err)) != RP_OK ||
+            rp_grid_create(&grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK ||
+            rp_transport_init(&transport, grid.pipe_comm, 300, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        free(layers);
+        cli_set_stage(cli, grid.stage);
+        sc = (stage_ctx){.stage = grid.stage, .n_stages = pp, .tp = &transport, .grid = &grid};
+        if (mo.threads == 0) mo.threads = cli_threads_per_rank();
+        if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
+        if (rp_model_load(&model, mo.model_path, grid.layer_begin[grid.stage],
+                          grid.layer_end[grid.stage], be, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+    } else {
+        cli_load_model(cli, &mo, &be, &model);
+    }
     const rp_config *cfg = &model.cfg;
     const int V = cfg->vocab_size, C = cfg->n_embd, L = cfg->n_layer, H = cfg->n_head;
+    const int last_stage = sc.n_stages - 1;
     for (size_t i = 0; i < T; i++)
         if (tokens[i] >= V)
             cli_fatal(cli, "token %d at position %zu is outside the model's vocabulary [0, %d)",
                       tokens[i], i, V);
 
-    rp_error err;
     int rows = step_mode ? 1 : (int)(T < (size_t)chunk ? T : (size_t)chunk);
     rp_workspace ws;
     rp_state state;
     if (rp_workspace_alloc(&ws, cfg, rows, be, &err) != RP_OK) cli_fatal_error(cli, &err);
-    rp_state_geometry(&state, cfg, 0, L, 1);
+    rp_state_geometry(&state, cfg, model.layer_begin, model.layer_end, 1);
     state.data = be->alloc(be, state.floats_per_slot * sizeof(float));
     float *logits_dev = be->alloc(be, (size_t)rows * V * sizeof(float));
     float *logits = malloc(T * (size_t)V * sizeof(float));
@@ -109,20 +233,30 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         int len = (int)(T - pos < (size_t)rows ? T - pos : (size_t)rows);
         rp_batch batch;
         rp_batch_init(&batch, 1, &len, &slot, &row_begin);
-        if (rp_model_forward(&model, &ws, tokens + pos, &batch, &state, RP_LOGITS_ALL,
-                             logits_dev, &err) != RP_OK)
+        if (rp_pipe_forward(&model, sc.tp, sc.stage, sc.n_stages, &ws, tokens + pos, &batch,
+                            &state, RP_LOGITS_ALL, logits_dev, &err) != RP_OK)
             cli_fatal_error(cli, &err);
-        be->copy_to_host(be, logits + pos * V, logits_dev, (size_t)len * V * sizeof(float));
+        if (model.has_head)
+            be->copy_to_host(be, logits + pos * V, logits_dev, (size_t)len * V * sizeof(float));
     }
+    gather_floats(cli, &sc, last_stage, logits, logits, T * (size_t)V);
 
-    /* Golden layout: [L, ...] per state tensor. */
-    float *host_state = malloc(state.floats_per_slot * sizeof(float));
-    be->copy_to_host(be, host_state, state.data, state.floats_per_slot * sizeof(float));
+    /* Golden layout: [L, ...] per state tensor; rank 0 holds every layer's
+     * state (its own, then each stage's in turn). */
+    rp_state host_view;
+    rp_state_geometry(&host_view, cfg, 0, L, 1);
+    float *host_state = malloc(host_view.floats_per_slot * sizeof(float));
+    host_view.data = host_state;
+    float *mine = host_state + (size_t)model.layer_begin * host_view.floats_per_layer;
+    be->copy_to_host(be, mine, state.data, state.floats_per_slot * sizeof(float));
+    for (int s = 1; s < sc.n_stages; s++) {
+        const int b = grid.layer_begin[s], e = grid.layer_end[s];
+        gather_floats(cli, &sc, s, host_state + (size_t)b * host_view.floats_per_layer, mine,
+                      (size_t)(e - b) * host_view.floats_per_layer);
+    }
     const size_t HNN = (size_t)H * 64 * 64;
     float *att = malloc((size_t)L * C * sizeof(float)), *ffn = malloc((size_t)L * C * sizeof(float));
     float *wkv = malloc((size_t)L * HNN * sizeof(float));
-    rp_state host_view = state;
-    host_view.data = host_state;
     for (int l = 0; l < L; l++) {
         memcpy(att + (size_t)l * C, rp_state_att_x_prev(&host_view, 0, l), C * sizeof(float));
         memcpy(ffn + (size_t)l * C, rp_state_ffn_x_prev(&host_view, 0, l), C * sizeof(float));
@@ -134,25 +268,37 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     if (want_grads) {
         /* Mean next-token cross-entropy from a zero state, without L2Wrap. */
         const int n = (int)T - 1;
-        rp_train_workspace tw;
-        rp_state st0;
-        if (rp_model_alloc(&grads, cfg, 0, L, 1, 1, be, &err) != RP_OK ||
-            rp_train_workspace_alloc(&tw, &model, n, 1, &err) != RP_OK)
+        if (rp_model_alloc(&grads, cfg, model.layer_begin, model.layer_end, model.has_embed,
+                           model.has_head, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
-        rp_state_geometry(&st0, cfg, 0, L, 1);
-        st0.data = be->alloc(be, st0.floats_per_slot * sizeof(float));
-        int len = n, slot0 = 0, rb = 0;
-        rp_batch gb;
-        rp_batch_init(&gb, 1, &len, &slot0, &rb);
-        double loss_sum;
-        int n_targets;
-        if (!st0.data) cli_fatal(cli, "cannot allocate the state for --grads");
-        if (rp_model_train_step(&model, &grads, &tw, tokens, tokens + 1, &gb, &st0, NULL,
-                                1.0f / n, 0.0f, &loss_sum, &n_targets, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
-        loss = (float)(loss_sum / n);
-        be->free(be, st0.data);
-        rp_train_workspace_free(&tw, be);
+        double loss_sum = staged_grads(cli, &sc, &model, &grads, tokens, n);
+        float loss_all[1] = {(float)(loss_sum / n)};
+        gather_floats(cli, &sc, last_stage, loss_all, loss_all, 1);
+        loss = loss_all[0];
+    }
+    if (sc.stage != 0) {
+        /* Every stage sends its gradients; only rank 0 writes. */
+        if (want_grads) {
+            for (int i = 0; i < grads.layer_end - grads.layer_begin; i++)
+                gather_floats(cli, &sc, sc.stage, NULL, grads.layer_flat[i], grads.layer_floats);
+            if (grads.has_head)
+                gather_floats(cli, &sc, sc.stage, NULL, grads.head_flat, grads.head_floats);
+        }
+        free(host_state);
+        free(att);
+        free(ffn);
+        free(wkv);
+        free(logits);
+        free(tokens);
+        rp_model_free(&grads);
+        be->free(be, logits_dev);
+        be->free(be, state.data);
+        rp_workspace_free(&ws, be);
+        rp_model_free(&model);
+        rp_cpu_backend_destroy(be);
+        rp_transport_free(&transport);
+        rp_grid_free(&grid);
+        return 0;
     }
     rp_st_writer w;
     rp_st_writer_init(&w);
@@ -177,7 +323,8 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         float *embed_h = grad_host, *head_h = embed_h + grads.embed_floats;
         float *layers_h = head_h + grads.head_floats;
         be->copy_to_host(be, embed_h, grads.embed_flat, grads.embed_floats * sizeof(float));
-        be->copy_to_host(be, head_h, grads.head_flat, grads.head_floats * sizeof(float));
+        if (grads.has_head)
+            be->copy_to_host(be, head_h, grads.head_flat, grads.head_floats * sizeof(float));
         rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
         rp_layer_layout(cfg, table);
         rp_global_layout(cfg, gtable, NULL, NULL);
@@ -188,9 +335,17 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
                                  gtable[i].shape, base + gtable[i].flat_offset, &err))
                 cli_fatal_error(cli, &err);
         }
+        /* Stage order = layer order: stage s's layers, then its head (last). */
+        for (int s = 1; s < sc.n_stages; s++) {
+            for (int l = grid.layer_begin[s]; l < grid.layer_end[s]; l++)
+                gather_floats(cli, &sc, s, layers_h + (size_t)l * grads.layer_floats, NULL,
+                              grads.layer_floats);
+            if (s == last_stage) gather_floats(cli, &sc, s, head_h, NULL, grads.head_floats);
+        }
         for (int l = 0; l < L; l++) {
             float *lh = layers_h + (size_t)l * grads.layer_floats;
-            be->copy_to_host(be, lh, grads.layer_flat[l], grads.layer_floats * sizeof(float));
+            if (l < grads.layer_end)
+                be->copy_to_host(be, lh, grads.layer_flat[l], grads.layer_floats * sizeof(float));
             for (int i = 0; i < RP_LAYER_N_TENSORS; i++) {
                 rp_tensor_name(name, sizeof name, &table[i], l);
                 if (rp_st_writer_add(&w, name, RP_DTYPE_F32, RP_DTYPE_F32, table[i].ndim,
@@ -216,5 +371,9 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     rp_workspace_free(&ws, be);
     rp_model_free(&model);
     rp_cpu_backend_destroy(be);
+    if (sc.n_stages > 1) {
+        rp_transport_free(&transport);
+        rp_grid_free(&grid);
+    }
     return 0;
 }

@@ -1,0 +1,402 @@
+/* Pipeline bubble of the executor (src/pipe/pipe_train.c) under MPI: for P
+ * ranks = P stages (DP = 1), GPipe and 1F1B at several micro-batch counts M,
+ * the step time against the compute every stage did in it (the executor's
+ * busy_seconds: its FWD + BWD), the measured idle share next to the theory
+ * (P-1)/(M+P-1), and how much of it stage imbalance explains. Prints one
+ * markdown table on rank 0; results in docs/perf/pipeline.md.
+ *   mpirun -np 2 bench/bench_pipeline [options]   (--help) */
+#include "config.h"
+
+#include <math.h>
+#include <mpi.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench/harness.h"
+#include "model/model.h"
+#include "model/train.h"
+#include "pipe/grid.h"
+#include "pipe/pipe_train.h"
+#include "pipe/schedule.h"
+#include "pipe/transport.h"
+#include "train/optim.h"
+
+#define MAX_MICRO_COUNTS 16
+#define MAX_STEPS 1000
+
+typedef struct {
+    const char *model_config, *stage_layers;
+    int ctx_len, micro_seqs, steps, warmup, threads;
+    int micro[MAX_MICRO_COUNTS], n_micro_counts;
+    int kinds[RP_SCHEDULE_KIND_COUNT], n_kinds;
+    unsigned long long seed;
+} options;
+
+static int world_rank = 0, my_stage = 0;
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "usage: mpirun -np P bench/bench_pipeline [options]\n"
+            "  P ranks run P pipeline stages (one data replica). For each schedule and\n"
+            "  micro-batch count M: step time, per-stage compute, measured bubble\n"
+            "  1 - sum(busy) / (P x step) and the theory (P-1)/(M+P-1).\n"
+            "options:\n"
+            "  --model-config NAME     built-in or L<layers>-C<n_embd>[-V<vocab>] (L8-C256-V256)\n"
+            "  --ctx-len T             tokens per sequence (64)\n"
+            "  --micro-batch-seqs S    sequences per micro-batch (4)\n"
+            "  --micro-batches LIST    micro-batch counts M (1,2,4,8)\n"
+            "  --schedules LIST        gpipe,1f1b (both)\n"
+            "  --stage-layers LIST     layers per stage, e.g. 5,3 (balanced partition)\n"
+            "  --steps N               timed steps per case (10)\n"
+            "  --warmup N              untimed steps per case first (2)\n"
+            "  --threads K             CPU backend threads per rank (1)\n"
+            "  --seed N                token and weight seed (1)\n");
+}
+
+/* Under MPI a fatal error ends every rank, naming this one. */
+static void fatal(const char *what, const rp_error *err) {
+    fprintf(stderr, "bench_pipeline: rank %d (stage %d): %s%s%s\n", world_rank, my_stage, what,
+            err ? ": " : "", err ? err->msg : "");
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    exit(1);
+}
+
+static int parse_int(const char *text, int lo, int hi, int *out) {
+    char *end;
+    long v = strtol(text, &end, 10);
+    if (end == text || *end || v < lo || v > hi) return 0;
+    *out = (int)v;
+    return 1;
+}
+
+/* Returns 0 to run, 1 for --help, 2 for a bad option (message in msg). */
+static int parse_options(int argc, char **argv, options *o, char *msg, size_t msg_size) {
+    *o = (options){.model_config = "L8-C256-V256", .ctx_len = 64, .micro_seqs = 4, .steps = 10,
+                   .warmup = 2, .threads = 1, .micro = {1, 2, 4, 8}, .n_micro_counts = 4,
+                   .kinds = {RP_SCHEDULE_GPIPE, RP_SCHEDULE_1F1B}, .n_kinds = 2, .seed = 1};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return 1;
+        if (i + 1 >= argc) {
+            snprintf(msg, msg_size, "unknown option or missing value: %s", a);
+            return 2;
+        }
+        const char *v = argv[++i];
+        int ok = 1;
+        if (strcmp(a, "--model-config") == 0) o->model_config = v;
+        else if (strcmp(a, "--stage-layers") == 0) o->stage_layers = v;
+        else if (strcmp(a, "--ctx-len") == 0) ok = parse_int(v, 1, 1 << 20, &o->ctx_len);
+        else if (strcmp(a, "--micro-batch-seqs") == 0) ok = parse_int(v, 1, 1 << 16, &o->micro_seqs);
+        else if (strcmp(a, "--steps") == 0) ok = parse_int(v, 1, MAX_STEPS, &o->steps);
+        else if (strcmp(a, "--warmup") == 0) ok = parse_int(v, 0, MAX_STEPS, &o->warmup);
+        else if (strcmp(a, "--threads") == 0) ok = parse_int(v, 1, 1024, &o->threads);
+        else if (strcmp(a, "--seed") == 0) o->seed = strtoull(v, NULL, 10);
+        else if (strcmp(a, "--micro-batches") == 0) {
+            char buf[256];
+            snprintf(buf, sizeof buf, "%s", v);
+            o->n_micro_counts = 0;
+            for (char *t = strtok(buf, ","); t && ok; t = strtok(NULL, ",")) {
+                ok = o->n_micro_counts < MAX_MICRO_COUNTS &&
+                     parse_int(t, 1, RP_SCHEDULE_MAX_MICRO, &o->micro[o->n_micro_counts++]);
+            }
+            ok = ok && o->n_micro_counts > 0;
+        } else if (strcmp(a, "--schedules") == 0) {
+            char buf[256];
+            snprintf(buf, sizeof buf, "%s", v);
+            o->n_kinds = 0;
+            for (char *t = strtok(buf, ","); t && ok; t = strtok(NULL, ",")) {
+                int k = rp_schedule_kind_from_name(t);
+                ok = k >= 0 && o->n_kinds < RP_SCHEDULE_KIND_COUNT;
+                if (ok) o->kinds[o->n_kinds++] = k;
+            }
+            ok = ok && o->n_kinds > 0;
+        } else {
+            snprintf(msg, msg_size, "unknown option %s", a);
+            return 2;
+        }
+        if (!ok) {
+            snprintf(msg, msg_size, "bad value '%s' for %s (see --help)", v, a);
+            return 2;
+        }
+    }
+    return 0;
+}
+
+/* Random tokens from a 64-bit LCG; targets are the next tokens of each sequence. */
+static void fill_tokens(int32_t *inputs, int32_t *targets, int n_seqs, int T, int vocab,
+                        unsigned long long seed) {
+    unsigned long long s = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    int32_t *row = malloc(sizeof(int32_t) * (size_t)(T + 1));
+    if (!row) fatal("cannot allocate the token buffer", NULL);
+    for (int b = 0; b < n_seqs; b++) {
+        for (int t = 0; t <= T; t++) {
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            row[t] = (int32_t)((s >> 33) % (unsigned long long)vocab);
+        }
+        memcpy(inputs + (size_t)b * T, row, sizeof(int32_t) * (size_t)T);
+        memcpy(targets + (size_t)b * T, row + 1, sizeof(int32_t) * (size_t)T);
+    }
+    free(row);
+}
+
+/* The work of a step the executor does not count as busy: zeroing the
+ * gradients, their sum of squares, AdamW. Median seconds on this stage. */
+static double overhead_seconds(rp_model *model, rp_model *grads, rp_model *m, rp_model *v,
+                               const rp_optim_config *optim) {
+    double t[7];
+    for (int i = 0; i < 7; i++) {
+        double t0 = bench_now_s();
+        rp_model_zero(grads);
+        double sumsq = rp_grad_sum_squares(grads);
+        rp_optim_step(model, grads, m, v, optim, i, rp_clip_scale(sqrt(sumsq), optim->grad_clip));
+        t[i] = bench_now_s() - t0;
+    }
+    return bench_median(t, 7);
+}
+
+static void format_per_stage(char *out, size_t size, const double *ms, int P, const char *fmt) {
+    size_t used = 0;
+    out[0] = '\0';
+    for (int s = 0; s < P && used < size; s++) {
+        if (s) used += (size_t)snprintf(out + used, size - used, " / ");
+        if (used < size) used += (size_t)snprintf(out + used, size - used, fmt, ms[s]);
+    }
+}
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    int P;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &P);
+    const int root = world_rank == 0;
+
+    options o;
+    char msg[256] = "";
+    int parsed = parse_options(argc, argv, &o, msg, sizeof msg);
+    if (parsed) {
+        if (root) {
+            if (parsed == 2) fprintf(stderr, "bench_pipeline: %s\n", msg);
+            usage(parsed == 1 ? stdout : stderr);
+        }
+        MPI_Finalize();
+        return parsed == 1 ? 0 : 2;
+    }
+
+    rp_error err;
+    rp_config cfg;
+    if (rp_config_builtin(&cfg, o.model_config, 0, &err) != RP_OK) fatal("--model-config", &err);
+    int *layers = calloc((size_t)P, sizeof(int));
+    if (!layers) fatal("cannot allocate the partition", NULL);
+    if ((o.stage_layers ? rp_partition_parse(o.stage_layers, &cfg, P, layers, &err)
+                        : rp_partition_balanced(&cfg, P, layers, &err)) != RP_OK)
+        fatal(o.stage_layers ? "--stage-layers" : "partition", &err);
+    rp_grid grid;
+    if (rp_grid_create(&grid, MPI_COMM_WORLD, P, layers, &err) != RP_OK) fatal("grid", &err);
+    my_stage = grid.stage;
+    const int lb = grid.layer_begin[grid.stage], le = grid.layer_end[grid.stage];
+    rp_backend *be = rp_cpu_backend_create(o.threads, &err);
+    if (!be) fatal("CPU backend", &err);
+    rp_model model, grads, adam_m, adam_v;
+    const int has_embed = lb == 0, has_head = le == cfg.n_layer;
+    if (rp_model_alloc(&model, &cfg, lb, le, has_embed, has_head, be, &err) != RP_OK ||
+        rp_model_init_official(&model, o.seed, &err) != RP_OK ||
+        rp_model_alloc(&grads, &cfg, lb, le, has_embed, has_head, be, &err) != RP_OK ||
+        rp_model_alloc(&adam_m, &cfg, lb, le, has_embed, has_head, be, &err) != RP_OK ||
+        rp_model_alloc(&adam_v, &cfg, lb, le, has_embed, has_head, be, &err) != RP_OK)
+        fatal("model slice", &err);
+    rp_transport tp_storage, *tp = NULL;
+    if (P > 1) {
+        if (rp_transport_init(&tp_storage, grid.pipe_comm, 300.0, &err) != RP_OK)
+            fatal("transport", &err);
+        tp = &tp_storage;
+    }
+    rp_optim_config optim;
+    rp_optim_defaults(&optim);
+    optim.lr_init = optim.lr_final = 1e-5f; /* timing only: keep the weights where they are */
+    optim.schedule = RP_LR_CONSTANT;
+    optim.warmup_steps = 0;
+    optim.total_steps = 1L << 30;
+    if (rp_optim_validate(&optim, &err) != RP_OK) fatal("optimizer", &err);
+
+    int max_m = 1;
+    for (int i = 0; i < o.n_micro_counts; i++) max_m = o.micro[i] > max_m ? o.micro[i] : max_m;
+    const int T = o.ctx_len, S = o.micro_seqs, R = S * T;
+    int32_t *inputs = malloc(sizeof(int32_t) * (size_t)max_m * R);
+    int32_t *targets = malloc(sizeof(int32_t) * (size_t)max_m * R);
+    if (!inputs || !targets) fatal("cannot allocate the batch", NULL);
+    fill_tokens(inputs, targets, max_m * S, T, cfg.vocab_size, o.seed);
+
+    /* rank 0's view of every case: per step, the step time and each stage's busy. */
+    const int n_cases = o.n_kinds * o.n_micro_counts;
+    double *step_s = malloc(sizeof(double) * (size_t)n_cases * o.steps);
+    double *busy_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
+    double *other = malloc(sizeof(double) * (size_t)n_cases);
+    if (!step_s || !busy_s || !other) fatal("cannot allocate the results", NULL);
+
+    if (root) {
+        char title[256];
+        snprintf(title, sizeof title,
+                 "bench_pipeline: RWKV-7 %s (L%d C%d V%d, %.2f M parameters), %d stages, "
+                 "micro-batch %d x %d tokens, fp32, %d thread%s per rank",
+                 o.model_config, cfg.n_layer, cfg.n_embd, cfg.vocab_size,
+                 rp_config_param_count(&cfg) / 1e6, P, S, T, o.threads, o.threads == 1 ? "" : "s");
+        bench_print_machine(stdout, title);
+        printf("- command:");
+        for (int i = 0; i < argc; i++) printf(" %s", argv[i]);
+        printf(" (under mpirun -np %d)\n", P);
+        printf("- partition: ");
+        for (int s = 0; s < P; s++)
+            printf("%sstage %d layers %d-%d%s%s", s ? ", " : "", s, grid.layer_begin[s],
+                   grid.layer_end[s] - 1, s == 0 ? " + embedding" : "",
+                   s == P - 1 ? " + head and loss" : "");
+        printf("%s\n", o.stage_layers ? " (--stage-layers)" : " (rp_partition_balanced)");
+        printf("- per case: %d warm-up steps, then %d timed steps, each after an MPI_Barrier; "
+               "random tokens (seed %llu), targets = next tokens\n\n", o.warmup, o.steps, o.seed);
+        fflush(stdout);
+    }
+
+    int c = 0;
+    for (int ki = 0; ki < o.n_kinds; ki++)
+        for (int mi = 0; mi < o.n_micro_counts; mi++, c++) {
+            const int M = o.micro[mi];
+            rp_pipe_trainer pt;
+            if (rp_pipe_trainer_init(&pt, &model, &grads, &adam_m, &adam_v, &grid, tp,
+                                     (rp_schedule_kind)o.kinds[ki], M, S, T, &err) != RP_OK)
+                fatal("pipeline trainer", &err);
+            const float loss_scale = 1.0f / ((float)M * R);
+            bench_cpu_sample c0, c1;
+            long step = 0;
+            for (int i = 0; i < o.warmup + o.steps; i++) {
+                MPI_Barrier(MPI_COMM_WORLD);
+                if (i == o.warmup) bench_cpu_sample_take(&c0);
+                const double t0 = MPI_Wtime();
+                rp_pipe_step_result res;
+                if (rp_pipe_trainer_step(&pt, inputs, targets, loss_scale, 1e-4f * loss_scale,
+                                         &optim, step++, &res, &err) != RP_OK)
+                    fatal("step", &err);
+                double mine[2] = {MPI_Wtime() - t0, pt.busy_seconds};
+                double all[2 * RP_GRID_MAX_STAGES];
+                MPI_Gather(mine, 2, MPI_DOUBLE, all, 2, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+                if (i < o.warmup || !root) continue;
+                double wall = 0;
+                for (int s = 0; s < P; s++) {
+                    wall = all[2 * s] > wall ? all[2 * s] : wall;
+                    busy_s[((size_t)c * o.steps + (i - o.warmup)) * P + s] = all[2 * s + 1];
+                }
+                step_s[(size_t)c * o.steps + (i - o.warmup)] = wall;
+            }
+            bench_cpu_sample_take(&c1);
+            /* Other load = machine busy ticks minus every rank's own ticks. */
+            unsigned long long self = c1.self - c0.self, self_all = 0;
+            MPI_Reduce(&self, &self_all, 1, MPI_UNSIGNED_LONG_LONG, MPI_SUM, 0, MPI_COMM_WORLD);
+            if (root) {
+                c1.self = c0.self + self_all;
+                other[c] = bench_cpu_other_fraction(&c0, &c1);
+            }
+            rp_pipe_trainer_free(&pt);
+            if (root) fprintf(stderr, "bench_pipeline: %s M=%d done\n",
+                              rp_schedule_kind_name((rp_schedule_kind)o.kinds[ki]), M);
+        }
+
+    /* Per-stage work outside FWD/BWD, measured alone (same for every case). */
+    double overhead = overhead_seconds(&model, &grads, &adam_m, &adam_v, &optim);
+    double *overhead_all = malloc(sizeof(double) * (size_t)P);
+    if (!overhead_all) fatal("cannot allocate the results", NULL);
+    MPI_Gather(&overhead, 1, MPI_DOUBLE, overhead_all, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+
+    if (root) {
+        printf("Per step, on every stage s: busy_s = the executor's FWD + BWD time "
+               "(rp_pipe_trainer.busy_seconds); step = the slowest rank's time from the barrier "
+               "to the end of rp_pipe_trainer_step. Medians over the timed steps:\n\n"
+               "- **bubble** = 1 - sum_s busy_s / (P x step), the issue's measure; "
+               "**theory** = (P-1)/(M+P-1); **diff** = bubble - theory in percentage points\n"
+               "- **slowest-stage idle** = 1 - max_s busy_s / step: the idle of the busiest "
+               "stage (what a balanced pipeline would show as its bubble)\n"
+               "- **imbalance** = 1 - sum_s busy_s / (P x max_s busy_s): idle that unequal stages "
+               "cause whatever the schedule; (1 - bubble) = (1 - imbalance) x (1 - slowest-stage "
+               "idle)\n"
+               "- **bubble, overhead as work** = 1 - sum_s (busy_s + overhead_s) / (P x step), "
+               "overhead_s = zeroing the gradients + their norm + AdamW on stage s, measured "
+               "alone: work every step does but busy_seconds does not count\n\n");
+        const char *cols[10] = {"M", "step ms", "busy ms per stage", "bubble", "theory",
+                                "diff, pts", "slowest-stage idle", "imbalance",
+                                "bubble, overhead as work", "other CPU load"};
+        bench_table_header(stdout, "schedule", cols, 10);
+        double *bubble = malloc(sizeof(double) * (size_t)o.steps * 4);
+        double *stage_ms = malloc(sizeof(double) * (size_t)P), *col = malloc(sizeof(double) * o.steps);
+        double overhead_sum = 0;
+        for (int s = 0; s < P; s++) overhead_sum += overhead_all[s];
+        c = 0;
+        for (int ki = 0; ki < o.n_kinds; ki++)
+            for (int mi = 0; mi < o.n_micro_counts; mi++, c++) {
+                const int M = o.micro[mi];
+                double *b0 = bubble, *b1 = bubble + o.steps, *b2 = bubble + 2 * o.steps,
+                       *b3 = bubble + 3 * o.steps;
+                for (int i = 0; i < o.steps; i++) {
+                    const double *busy = busy_s + ((size_t)c * o.steps + i) * P;
+                    const double wall = step_s[(size_t)c * o.steps + i];
+                    double sum = 0, max = 0;
+                    for (int s = 0; s < P; s++) {
+                        sum += busy[s];
+                        max = busy[s] > max ? busy[s] : max;
+                    }
+                    b0[i] = 1 - sum / (P * wall);
+                    b1[i] = 1 - max / wall;
+                    b2[i] = 1 - sum / (P * max);
+                    b3[i] = 1 - (sum + overhead_sum) / (P * wall);
+                }
+                for (int s = 0; s < P; s++) {
+                    for (int i = 0; i < o.steps; i++)
+                        col[i] = busy_s[((size_t)c * o.steps + i) * P + s];
+                    stage_ms[s] = 1e3 * bench_median(col, o.steps);
+                }
+                for (int i = 0; i < o.steps; i++) col[i] = step_s[(size_t)c * o.steps + i];
+                const double theory = (double)(P - 1) / (M + P - 1);
+                const double bub = bench_median(b0, o.steps);
+                char cells[10][96];
+                snprintf(cells[0], 96, "%d", M);
+                snprintf(cells[1], 96, "%.1f", 1e3 * bench_median(col, o.steps));
+                format_per_stage(cells[2], 96, stage_ms, P, "%.1f");
+                snprintf(cells[3], 96, "%.1f%%", 100 * bub);
+                snprintf(cells[4], 96, "%.1f%%", 100 * theory);
+                snprintf(cells[5], 96, "%+.1f %s", 100 * (bub - theory),
+                         fabs(bub - theory) <= 0.03 ? "✓" : "✗");
+                snprintf(cells[6], 96, "%.1f%%", 100 * bench_median(b1, o.steps));
+                snprintf(cells[7], 96, "%.1f%%", 100 * bench_median(b2, o.steps));
+                snprintf(cells[8], 96, "%.1f%%", 100 * bench_median(b3, o.steps));
+                snprintf(cells[9], 96, other[c] < 0 ? "?" : "%.0f%%", 100 * other[c]);
+                const char *row[10];
+                for (int k = 0; k < 10; k++) row[k] = cells[k];
+                bench_table_row(stdout, rp_schedule_kind_name((rp_schedule_kind)o.kinds[ki]),
+                                row, 10);
+            }
+        double ms[RP_GRID_MAX_STAGES];
+        for (int s = 0; s < P; s++) ms[s] = 1e3 * overhead_all[s];
+        char cell[256];
+        format_per_stage(cell, sizeof cell, ms, P, "%.2f");
+        printf("\n- overhead per step outside FWD/BWD (zero gradients + norm + AdamW, "
+               "measured alone), ms per stage: %s\n", cell);
+        free(bubble);
+        free(stage_ms);
+        free(col);
+    }
+
+    free(overhead_all);
+    free(step_s);
+    free(busy_s);
+    free(other);
+    free(inputs);
+    free(targets);
+    if (tp) rp_transport_free(tp);
+    rp_model_free(&model);
+    rp_model_free(&grads);
+    rp_model_free(&adam_m);
+    rp_model_free(&adam_v);
+    rp_cpu_backend_destroy(be);
+    rp_grid_free(&grid);
+    free(layers);
+    MPI_Finalize();
+    return 0;
+}
