@@ -117,4 +117,31 @@ fi
 "$PYTHON3" "$COMPARE" "$T/full.st" "$T/resumed.st" --tol 1e-5 >"$T/cmp" 2>&1 ||
     { cat "$T/cmp"; fail "the resumed run differs from the uninterrupted one"; }
 ok "step 4 was left incomplete; resumed from step 2 to the same weights"
+check "a NaN loss: rank 0 alone reports it and ends the job; --no-halt-on-nan skips the steps"
+"$BIN" init --model-config L4-C64-V64 -o "$T/nan.st" >"$T/stdout" 2>"$T/stderr" || fail "init"
+# One NaN in the head makes every logit, loss and gradient NaN.
+"$PYTHON3" - "$T/nan.st" <<'PY' || fail "cannot poison the model"
+import json, struct, sys
+path = sys.argv[1]
+with open(path, "r+b") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+    begin = header["head.weight"]["data_offsets"][0]
+    f.seek(8 + n + begin)
+    f.write(struct.pack("<f", float("nan")))
+PY
+start=$(date +%s)
+if timeout 60 "$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 5 --init-from "$T/nan.st" \
+    >"$T/stdout" 2>"$T/stderr"; then
+    fail "training on a NaN loss succeeded"
+fi
+[ "$(grep -c 'error:' "$T/stderr")" -eq 1 ] || fail "expected exactly one error message"
+grep -q "rank 0/2, stage 0\]: error: step 0: the gradient norm is nan" "$T/stderr" ||
+    fail "the message does not name rank, stage and cause"
+ok "$(grep 'error:' "$T/stderr") ($(($(date +%s) - start)) s)"
+"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 3 --init-from "$T/nan.st" --no-halt-on-nan \
+    >"$T/stdout" 2>"$T/stderr" || fail "--no-halt-on-nan stopped the job"
+grep -q "3 steps were skipped" "$T/stderr" || fail "no summary of the skipped steps"
+ok "--no-halt-on-nan: 3 steps skipped"
+
 echo "all pipeline fault checks passed"

@@ -3,6 +3,7 @@
  * under mpirun as a grid of pipeline stages x data replicas
  * (docs/parallelism.md). */
 #include <getopt.h>
+#include <mpi.h>
 #include <libgen.h>
 #include <sys/stat.h>
 #include <stdlib.h>
@@ -71,6 +72,8 @@ static void train_usage(FILE *out) {
             "                       --micro-batch\n"
             "  --stage-layers LIST  layers per stage, e.g. 4,4,3,1 (default: balanced by cost)\n"
             "  --pp-schedule K      1f1b (default) or gpipe\n"
+            "  --halt-on-nan        stop at the first NaN/inf loss or gradient (default)\n"
+            "  --no-halt-on-nan     skip such a step instead (weights and moments unchanged)\n"
             "  --comm-timeout S     fail when a stage waits S seconds on a peer (default 300;\n"
             "                       0 = never)\n"
             "  --threads N          CPU threads per rank (default: all cores / ranks on the\n"
@@ -102,6 +105,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"tokens", required_argument, 0, 'Z'},
         {"pp", required_argument, 0, 'P'},          {"stage-layers", required_argument, 0, 'A'},
         {"pp-schedule", required_argument, 0, 'B'}, {"comm-timeout", required_argument, 0, 'O'},
+        {"halt-on-nan", no_argument, 0, 'H'},       {"no-halt-on-nan", no_argument, 0, 'N'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
     rp_train_options_defaults(&o);
@@ -169,6 +173,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
             o.pipe_schedule = (rp_schedule_kind)k;
             break;
         }
+        case 'H': o.halt_on_nan = 1; break;
+        case 'N': o.halt_on_nan = 0; break;
         case 'O': o.comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e9); break;
         case 'h': train_usage(stdout); free(paths); return 0;
         default: train_usage(stderr); free(paths); return 2;
@@ -274,7 +280,15 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     rp_train_result res;
     rp_status st = rp_train_run(&model, &o, &res, &err);
     if (n_tmp_shards) cli_remove_tokenized(tmp_dir, tmp_prefix, n_tmp_shards);
+    if (st == RP_ERR_DIVERGED && cli->mpi_size > 1 && cli->mpi_rank != 0) {
+        /* Every rank found the same non-finite norm: rank 0 alone reports it
+         * and ends the job; this rank waits to be ended with it. */
+        MPI_Barrier(MPI_COMM_WORLD);
+    }
     if (st != RP_OK) cli_fatal_error(cli, &err);
+    if (res.skipped_steps)
+        cli_info(&quiet, "warning: %ld step%s skipped for a non-finite gradient",
+                 res.skipped_steps, res.skipped_steps == 1 ? " was" : "s were");
     cli_info(&quiet, "done: %ld steps in %.1f s; final loss %.4f, eval loss %.4f, eval accuracy "
              "%.2f%%%s%s", res.steps_done, res.seconds, res.last_loss, res.eval_loss,
              100 * res.eval_accuracy, o.save_path ? "; weights: " : "",

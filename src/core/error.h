@@ -15,7 +15,8 @@ typedef enum {
     RP_ERR_ARG,      /* bad option or argument value */
     RP_ERR_NOMEM,    /* allocation failed */
     RP_ERR_MPI,      /* communication failure */
-    RP_ERR_INTERNAL  /* a bug: an invariant did not hold */
+    RP_ERR_INTERNAL, /* a bug: an invariant did not hold */
+    RP_ERR_DIVERGED  /* training produced a non-finite loss/gradient (same on every rank) */
 } rp_status;
 
 #define RP_ERROR_MSG_LEN 1024

@@ -32,6 +32,7 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
     pt->adam_v = adam_v;
     pt->act_in_mb = pt->grad_in_mb = -1;
     pt->timeout_s = tp ? tp->timeout_s : 0;
+    pt->halt_on_nan = 1;
     if (pt->n_stages > 1 && !tp)
         return rp_error_set(err, RP_ERR_INTERNAL, "a %d-stage pipeline needs a transport",
                             pt->n_stages);
@@ -164,6 +165,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     const int n = pt->sched.n_instr[pt->stage];
     const int last = pt->stage == pt->n_stages - 1;
     double local_loss = 0, grad_norm = 0;
+    int skipped = 0;
     rp_status st = RP_OK;
     pt->busy_seconds = 0;
     rp_model_zero(pt->grads);
@@ -260,9 +262,16 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             }
             grad_norm = sqrt(sumsq);
             if (!isfinite(grad_norm)) {
-                st = rp_error_set(err, RP_ERR_INTERNAL,
-                                  "step %ld: the gradient norm is %g: training diverged "
-                                  "(the weights were not updated); lower --lr", step, grad_norm);
+                /* Every rank sees the same global norm, so all skip or all stop. */
+                if (pt->halt_on_nan) {
+                    st = rp_error_set(err, RP_ERR_DIVERGED,
+                                      "step %ld: the gradient norm is %g (NaN or inf loss): "
+                                      "training diverged; lower --lr, or resume from the last "
+                                      "checkpoint (--no-halt-on-nan skips such steps)", step,
+                                      grad_norm);
+                    break;
+                }
+                skipped = 1;
                 break;
             }
             rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
@@ -295,6 +304,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     }
     res->loss_sum = loss;
     res->grad_norm = grad_norm;
+    res->skipped = skipped;
     return RP_OK;
 }
 

@@ -37,6 +37,7 @@ typedef struct {
     int *seq_len, *slot, *row_begin;
     rp_batch batch;
     double timeout_s;               /* watchdog of the collectives (the transport's) */
+    int halt_on_nan;                /* a non-finite gradient is an error (else: skip the step) */
     double busy_seconds;            /* compute time of the last step (FWD/BWD) */
 } rp_pipe_trainer;
 
@@ -49,12 +50,14 @@ void rp_pipe_trainer_free(rp_pipe_trainer *pt);
 typedef struct {
     double loss_sum;    /* summed over every target of the global batch (all replicas) */
     double grad_norm;   /* global, before clipping */
+    int skipped;        /* the gradient was not finite and the update was skipped */
 } rp_pipe_step_result;
 
 /* One optimizer step. inputs / targets: [n_micro][micro_seqs * ctx_len] of
  * this replica (targets < 0 take no loss); loss_scale = 1 / targets in the
- * global batch. A non-finite gradient norm is an error on every rank (the
- * weights are not updated). */
+ * global batch. A non-finite gradient norm (NaN or inf loss) leaves the
+ * weights and moments untouched on every rank, and is an RP_ERR_DIVERGED
+ * error with halt_on_nan, else res->skipped = 1. */
 rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                const int32_t *targets, float loss_scale, float l2wrap_factor,
                                const rp_optim_config *optim, long step, rp_pipe_step_result *res,

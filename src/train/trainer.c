@@ -30,6 +30,7 @@ void rp_train_options_defaults(rp_train_options *o) {
     o->seed = 1;
     o->pipe_schedule = RP_SCHEDULE_1F1B;
     o->comm_timeout = 300;
+    o->halt_on_nan = 1;
 }
 
 void rp_train_options_add_data(rp_train_options *o, const char **paths, int *n_paths,
@@ -491,6 +492,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         (st = rp_pipe_trainer_init(&pt, model, &grads, &adam_m, &adam_v, o->grid, tp,
                                    o->pipe_schedule, M, MB, T, err)) != RP_OK)
         goto done;
+    pt.halt_on_nan = o->halt_on_nan;
     if (is_rank0 && o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
         st = rp_error_set(err, RP_ERR_IO, "cannot open the metrics log %s", o->metrics_path);
         goto done;
@@ -547,6 +549,12 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                                        o->l2wrap ? 1e-4f * loss_scale : 0.0f, &optim, step, &sr,
                                        err)) != RP_OK)
             goto done;
+        if (sr.skipped) {
+            result->skipped_steps++;
+            if (o->progress)
+                fprintf(o->progress, "step %ld: the gradient is not finite (loss %g); the update "
+                        "was skipped (--no-halt-on-nan)\n", step + 1, sr.loss_sum / n_targets_total);
+        }
         const double grad_norm = sr.grad_norm;
         const double loss = sr.loss_sum / n_targets_total;
         result->last_loss = loss;

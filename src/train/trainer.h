@@ -47,6 +47,7 @@ typedef struct {
     const rp_grid *grid;
     rp_schedule_kind pipe_schedule;  /* GPipe or 1F1B (default) */
     double comm_timeout;        /* seconds a stage waits on a peer before failing; 0: forever */
+    int halt_on_nan;            /* stop at a non-finite gradient (default); 0: skip that step */
 } rp_train_options;
 
 typedef struct {
@@ -55,6 +56,7 @@ typedef struct {
     double eval_loss, eval_accuracy;
     double tokens_per_second;
     double seconds;
+    long skipped_steps;         /* non-finite steps skipped (halt_on_nan off) */
 } rp_train_result;
 
 void rp_train_options_defaults(rp_train_options *o);
