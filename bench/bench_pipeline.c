@@ -307,65 +307,66 @@ int main(int argc, char **argv) {
     MPI_Gather(&overhead, 1, MPI_DOUBLE, overhead_all, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
 
     if (root) {
-        printf("Per step, on every stage s: busy_s = the executor's FWD + BWD time "
-               "(rp_pipe_trainer.busy_seconds); step = the slowest rank's time from the barrier "
-               "to the end of rp_pipe_trainer_step. Medians over the timed steps:\n\n"
+        double overhead_max = 0;
+        for (int s = 0; s < P; s++)
+            overhead_max = overhead_all[s] > overhead_max ? overhead_all[s] : overhead_max;
+        printf("Per step: busy_s = stage s's FWD + BWD time (the executor's busy_seconds), "
+               "step = the slowest rank's time from the barrier to the end of "
+               "rp_pipe_trainer_step; the table uses their medians over the timed steps.\n\n"
                "- **bubble** = 1 - sum_s busy_s / (P x step), the issue's measure; "
-               "**theory** = (P-1)/(M+P-1); **diff** = bubble - theory in percentage points\n"
-               "- **slowest-stage idle** = 1 - max_s busy_s / step: the idle of the busiest "
-               "stage (what a balanced pipeline would show as its bubble)\n"
-               "- **imbalance** = 1 - sum_s busy_s / (P x max_s busy_s): idle that unequal stages "
-               "cause whatever the schedule; (1 - bubble) = (1 - imbalance) x (1 - slowest-stage "
-               "idle)\n"
-               "- **bubble, overhead as work** = 1 - sum_s (busy_s + overhead_s) / (P x step), "
-               "overhead_s = zeroing the gradients + their norm + AdamW on stage s, measured "
-               "alone: work every step does but busy_seconds does not count\n\n");
+               "**theory** = (P-1)/(M+P-1); **diff** = bubble - theory, percentage points, "
+               "goal within 3\n"
+               "- diff = **imbalance** + **overhead** + **rest**, from the step a pipeline of "
+               "these stages would take, pipe = sum_s busy_s / M + (M-1) x max_s busy_s / M "
+               "(fill and drain pass every stage once, the steady state goes at the slowest "
+               "stage's pace); e = 1 - sum_s busy_s / (P x pipe):\n"
+               "  - imbalance = e - theory (0 when the stages cost the same, and for M = 1)\n"
+               "  - overhead = (1 - e) x overhead / step, overhead = %.1f ms, the slowest of the "
+               "stages' gradient zeroing + norm + AdamW measured alone (work of every step that "
+               "busy_seconds does not count)\n"
+               "  - rest = (1 - e) x (step - pipe - overhead) / step: transfers, the latency of "
+               "the executor's waits, variation between micro-batches (rest ms in brackets)\n\n",
+               1e3 * overhead_max);
         const char *cols[10] = {"M", "step ms", "busy ms per stage", "bubble", "theory",
-                                "diff, pts", "slowest-stage idle", "imbalance",
-                                "bubble, overhead as work", "other CPU load"};
+                                "diff, pts", "imbalance, pts", "overhead, pts", "rest, pts (ms)",
+                                "other CPU load"};
         bench_table_header(stdout, "schedule", cols, 10);
-        double *bubble = malloc(sizeof(double) * (size_t)o.steps * 4);
-        double *stage_ms = malloc(sizeof(double) * (size_t)P), *col = malloc(sizeof(double) * o.steps);
-        double overhead_sum = 0;
-        for (int s = 0; s < P; s++) overhead_sum += overhead_all[s];
+        double *stage_s = malloc(sizeof(double) * (size_t)P);
+        double *col = malloc(sizeof(double) * (size_t)o.steps);
+        if (!stage_s || !col) fatal("cannot allocate the results", NULL);
         c = 0;
         for (int ki = 0; ki < o.n_kinds; ki++)
             for (int mi = 0; mi < o.n_micro_counts; mi++, c++) {
                 const int M = o.micro[mi];
-                double *b0 = bubble, *b1 = bubble + o.steps, *b2 = bubble + 2 * o.steps,
-                       *b3 = bubble + 3 * o.steps;
-                for (int i = 0; i < o.steps; i++) {
-                    const double *busy = busy_s + ((size_t)c * o.steps + i) * P;
-                    const double wall = step_s[(size_t)c * o.steps + i];
-                    double sum = 0, max = 0;
-                    for (int s = 0; s < P; s++) {
-                        sum += busy[s];
-                        max = busy[s] > max ? busy[s] : max;
-                    }
-                    b0[i] = 1 - sum / (P * wall);
-                    b1[i] = 1 - max / wall;
-                    b2[i] = 1 - sum / (P * max);
-                    b3[i] = 1 - (sum + overhead_sum) / (P * wall);
-                }
+                double sum = 0, max = 0;
                 for (int s = 0; s < P; s++) {
                     for (int i = 0; i < o.steps; i++)
                         col[i] = busy_s[((size_t)c * o.steps + i) * P + s];
-                    stage_ms[s] = 1e3 * bench_median(col, o.steps);
+                    stage_s[s] = bench_median(col, o.steps);
+                    sum += stage_s[s];
+                    max = stage_s[s] > max ? stage_s[s] : max;
                 }
                 for (int i = 0; i < o.steps; i++) col[i] = step_s[(size_t)c * o.steps + i];
+                const double step = bench_median(col, o.steps);
                 const double theory = (double)(P - 1) / (M + P - 1);
-                const double bub = bench_median(b0, o.steps);
+                const double bubble = 1 - sum / (P * step);
+                const double pipe = sum / M + (M - 1) * max / M;
+                const double e = 1 - sum / (P * pipe);
+                const double rest_s = step - pipe - overhead_max;
+                double ms[RP_GRID_MAX_STAGES];
+                for (int s = 0; s < P; s++) ms[s] = 1e3 * stage_s[s];
                 char cells[10][96];
                 snprintf(cells[0], 96, "%d", M);
-                snprintf(cells[1], 96, "%.1f", 1e3 * bench_median(col, o.steps));
-                format_per_stage(cells[2], 96, stage_ms, P, "%.1f");
-                snprintf(cells[3], 96, "%.1f%%", 100 * bub);
+                snprintf(cells[1], 96, "%.1f", 1e3 * step);
+                format_per_stage(cells[2], 96, ms, P, "%.1f");
+                snprintf(cells[3], 96, "%.1f%%", 100 * bubble);
                 snprintf(cells[4], 96, "%.1f%%", 100 * theory);
-                snprintf(cells[5], 96, "%+.1f %s", 100 * (bub - theory),
-                         fabs(bub - theory) <= 0.03 ? "✓" : "✗");
-                snprintf(cells[6], 96, "%.1f%%", 100 * bench_median(b1, o.steps));
-                snprintf(cells[7], 96, "%.1f%%", 100 * bench_median(b2, o.steps));
-                snprintf(cells[8], 96, "%.1f%%", 100 * bench_median(b3, o.steps));
+                snprintf(cells[5], 96, "%+.1f %s", 100 * (bubble - theory),
+                         fabs(bubble - theory) <= 0.03 ? "✓" : "✗");
+                snprintf(cells[6], 96, "%+.1f", 100 * (e - theory));
+                snprintf(cells[7], 96, "%+.1f", 100 * (1 - e) * overhead_max / step);
+                snprintf(cells[8], 96, "%+.1f (%.1f)", 100 * (1 - e) * rest_s / step,
+                         1e3 * rest_s);
                 snprintf(cells[9], 96, other[c] < 0 ? "?" : "%.0f%%", 100 * other[c]);
                 const char *row[10];
                 for (int k = 0; k < 10; k++) row[k] = cells[k];
@@ -376,13 +377,11 @@ int main(int argc, char **argv) {
         for (int s = 0; s < P; s++) ms[s] = 1e3 * overhead_all[s];
         char cell[256];
         format_per_stage(cell, sizeof cell, ms, P, "%.2f");
-        printf("\n- overhead per step outside FWD/BWD (zero gradients + norm + AdamW, "
-               "measured alone), ms per stage: %s\n", cell);
-        free(bubble);
-        free(stage_ms);
+        printf("\n- overhead outside FWD/BWD per step (zero gradients + norm + AdamW, median of "
+               "7 alone), ms per stage: %s\n", cell);
+        free(stage_s);
         free(col);
     }
-
     free(overhead_all);
     free(step_s);
     free(busy_s);
