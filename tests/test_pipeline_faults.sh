@@ -117,6 +117,31 @@ fi
 "$PYTHON3" "$COMPARE" "$T/full.st" "$T/resumed.st" --tol 1e-5 >"$T/cmp" 2>&1 ||
     { cat "$T/cmp"; fail "the resumed run differs from the uninterrupted one"; }
 ok "step 4 was left incomplete; resumed from step 2 to the same weights"
+check "SIGUSR1 to mpirun (preemption): every rank stops at the same step with a checkpoint, exit 75; --resume auto continues to the uninterrupted result"
+"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 400 -o "$T/full400.st" >"$T/stdout" 2>"$T/stderr" ||
+    fail "uninterrupted 400-step run"
+"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 400 --checkpoint-dir "$T/ck_sig" --resume auto \
+    -o "$T/sig.st" >"$T/stdout" 2>"$T/stderr" &
+JOB=$!
+for ((i = 0; i < 600; i++)); do grep -q "^step 5/" "$T/stderr" && break; sleep 0.1; done
+kill -USR1 "$JOB"
+wait "$JOB"
+rc=$?
+JOB=""
+[ "$rc" -eq 75 ] || fail "exit status $rc after SIGUSR1, expected 75"
+grep -q "stopped by signal 10 (User defined signal 1) after step [0-9]*; checkpoint in" "$T/stderr" ||
+    fail "no stop message"
+stopped=$(sed -n 's/.*after step \([0-9]*\);.*/\1/p' "$T/stderr")
+[ "$(cat "$T/ck_sig/latest")" = "$(printf 'step-%08d' "$stopped")" ] ||
+    fail "latest is $(cat "$T/ck_sig/latest"), the run stopped after step $stopped"
+[ -e "$T/sig.st" ] && fail "a stopped run wrote its final weights"
+"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 400 --checkpoint-dir "$T/ck_sig" --resume auto \
+    -o "$T/sig.st" >"$T/stdout" 2>"$T/stderr" || fail "--resume auto after the stop"
+grep -q "resumed from .*step-" "$T/stderr" || fail "--resume auto did not resume"
+"$PYTHON3" "$COMPARE" "$T/full400.st" "$T/sig.st" --tol 1e-5 >"$T/cmp" 2>&1 ||
+    { cat "$T/cmp"; fail "stopped + resumed differs from the uninterrupted run"; }
+ok "stopped after step $stopped, resumed, same weights as 400 steps at once"
+
 check "a NaN loss: rank 0 alone reports it and ends the job; --no-halt-on-nan skips the steps"
 "$BIN" init --model-config L4-C64-V64 -o "$T/nan.st" >"$T/stdout" 2>"$T/stderr" || fail "init"
 # One NaN in the head makes every logit, loss and gradient NaN.
@@ -136,7 +161,7 @@ if timeout 60 "$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 5 --init-from "$T/na
     fail "training on a NaN loss succeeded"
 fi
 [ "$(grep -c 'error:' "$T/stderr")" -eq 1 ] || fail "expected exactly one error message"
-grep -q "rank 0/2, stage 0\]: error: step 0: the gradient norm is nan" "$T/stderr" ||
+grep -q "rank 0/2, stage 0\]: error: step 1: the gradient norm is nan" "$T/stderr" ||
     fail "the message does not name rank, stage and cause"
 ok "$(grep 'error:' "$T/stderr") ($(($(date +%s) - start)) s)"
 "$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 3 --init-from "$T/nan.st" --no-halt-on-nan \

@@ -3,6 +3,7 @@
  * under mpirun as a grid of pipeline stages x data replicas
  * (docs/parallelism.md). */
 #include <getopt.h>
+#include <signal.h>
 #include <mpi.h>
 #include <libgen.h>
 #include <sys/stat.h>
@@ -17,6 +18,19 @@
 #include "train/checkpoint.h"
 #include "train/tokenize.h"
 #include "train/trainer.h"
+
+/* The stop request of a preempted job (Slurm's --signal, a Ctrl-C): the
+ * trainer checks it between steps. A second signal gets the default action. */
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop_signal(int sig) {
+    if (stop_signal) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    stop_signal = sig;
+}
 
 static void train_usage(FILE *out) {
     fprintf(out,
@@ -62,6 +76,11 @@ static void train_usage(FILE *out) {
             "                       directory): same model, data and --seed; --steps is the\n"
             "                       total, so the result equals one uninterrupted run;\n"
             "                       checkpoints continue in the same directory\n"
+            "  --resume auto        continue from --checkpoint-dir's latest complete\n"
+            "                       checkpoint if there is one, else start (for requeued jobs)\n"
+            "Signals: SIGUSR1, SIGTERM or SIGINT stop the run after the current step, on\n"
+            "every rank, with a checkpoint (when --checkpoint-dir is set); the exit status\n"
+            "is then 75 (resume with --resume auto). A second signal stops at once.\n"
             "  --metrics FILE       JSON lines: step, loss, lr, grad norm, tokens/s, eval\n"
             "  --eval-interval N    evaluate every N steps (default 50; always at the end)\n"
             "  --eval-batches N     micro-batches per evaluation (default 4)\n"
@@ -210,6 +229,18 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     rp_error err;
     /* The config first (the partition needs it), then only this stage's part. */
     rp_config mcfg;
+    if (o.resume_path && strcmp(o.resume_path, "auto") == 0) {
+        if (!o.ckpt_dir) cli_fatal(cli, "--resume auto needs --checkpoint-dir");
+        static char found[RP_CKPT_PATH_MAX];
+        rp_error none;
+        if (rp_ckpt_resolve(o.ckpt_dir, found, sizeof found, &none) == RP_OK) {
+            o.resume_path = found;
+        } else {
+            o.resume_path = NULL;
+            cli_info(&quiet, "--resume auto: no complete checkpoint in %s yet; starting a new run",
+                     o.ckpt_dir);
+        }
+    }
     if (o.resume_path) {
         /* The checkpoint names the model; its weights are loaded by the trainer. */
         if (mo.model_path) cli_fatal(cli, "give either --resume or --init-from, not both");
@@ -278,6 +309,15 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
              o.batch_size, o.ctx_len, o.micro_batch, o.optim.lr_init, o.optim.lr_final,
              rp_lr_schedule_name(o.optim.schedule), o.optim.warmup_steps);
     rp_train_result res;
+    stop_signal = 0;
+    o.stop_signal = &stop_signal;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
     rp_status st = rp_train_run(&model, &o, &res, &err);
     if (n_tmp_shards) cli_remove_tokenized(tmp_dir, tmp_prefix, n_tmp_shards);
     if (st == RP_ERR_DIVERGED && cli->mpi_size > 1 && cli->mpi_rank != 0) {
@@ -289,6 +329,19 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (res.skipped_steps)
         cli_info(&quiet, "warning: %ld step%s skipped for a non-finite gradient",
                  res.skipped_steps, res.skipped_steps == 1 ? " was" : "s were");
+    if (res.stopped_by_signal) {
+        cli_info(&quiet, "stopped by signal %d (%s) after step %ld%s%s; continue with --resume "
+                 "auto%s", res.stopped_by_signal, strsignal(res.stopped_by_signal),
+                 res.steps_done, o.ckpt_dir ? "; checkpoint in " : " without a checkpoint (no "
+                 "--checkpoint-dir)", o.ckpt_dir ? o.ckpt_dir : "",
+                 o.ckpt_dir ? "" : " after adding --checkpoint-dir");
+        rp_model_free(&model);
+        rp_cpu_backend_destroy(be);
+        if (o.grid) rp_grid_free(&grid);
+        free(layers);
+        free(paths);
+        return 75;  /* EX_TEMPFAIL: stopped early on purpose; resume later */
+    }
     cli_info(&quiet, "done: %ld steps in %.1f s; final loss %.4f, eval loss %.4f, eval accuracy "
              "%.2f%%%s%s", res.steps_done, res.seconds, res.last_loss, res.eval_loss,
              100 * res.eval_accuracy, o.save_path ? "; weights: " : "",

@@ -50,6 +50,9 @@ static inline float cpu_expf(float x) {
     p = __builtin_fmaf(p, r, 1.6666665459e-1f);
     p = __builtin_fmaf(p, r, 5.0000001201e-1f);
     p = __builtin_fmaf(p, r * r, r + 1.0f);
+    /* NaN in gives NaN out through p; the exponent must not convert NaN to
+     * an integer (undefined behaviour), so it uses 0 then. */
+    n = n == n ? n : 0.0f;
     union { int32_t i; float f; } scale; /* 2^n built in the exponent field */
     scale.i = ((int32_t)n + 127) * (1 << 23);
     return p * scale.f;

@@ -267,7 +267,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                     st = rp_error_set(err, RP_ERR_DIVERGED,
                                       "step %ld: the gradient norm is %g (NaN or inf loss): "
                                       "training diverged; lower --lr, or resume from the last "
-                                      "checkpoint (--no-halt-on-nan skips such steps)", step,
+                                      "checkpoint (--no-halt-on-nan skips such steps)", step + 1,
                                       grad_norm);
                     break;
                 }

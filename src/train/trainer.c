@@ -564,12 +564,27 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         progress.lr_step = progress.step;
         progress.tokens_seen += (uint64_t)B * T;
 
-        const int last = step + 1 == end_step;
+        /* A stop request (preemption) is honoured by every rank at the same
+         * step: the largest signal number seen by any rank wins. */
+        int stop = 0;
+        if (o->stop_signal) {
+            stop = (int)*o->stop_signal;
+            if (o->grid && o->grid->world_size > 1) {
+                MPI_Request req;
+                MPI_Iallreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, o->grid->world_comm,
+                               &req);
+                if ((st = rp_comm_wait(&req, o->comm_timeout, "the stop-request all-reduce",
+                                       err)) != RP_OK)
+                    goto done;
+            }
+        }
+        const int last = step + 1 == end_step || stop;
         const int do_ckpt = o->ckpt_dir && (last || (o->ckpt_interval > 0 &&
                                                      (step + 1) % o->ckpt_interval == 0));
-        /* Every checkpoint gets an evaluation, so `best` can be chosen. */
-        const int do_eval = last || do_ckpt ||
-                            (o->eval_interval > 0 && (step + 1) % o->eval_interval == 0);
+        /* Every checkpoint gets an evaluation, so `best` can be chosen; not
+         * when preempted: the time left is for the checkpoint. */
+        const int do_eval = !stop && (last || do_ckpt ||
+                                      (o->eval_interval > 0 && (step + 1) % o->eval_interval == 0));
         const int do_log = last || (o->log_interval > 0 && (step + 1) % o->log_interval == 0);
         double eval_loss = NAN, eval_acc = NAN;
         if (do_eval) {
@@ -626,9 +641,13 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             fprintf(metrics, "}\n");
             fflush(metrics);
         }
+        if (stop) {
+            result->stopped_by_signal = stop;
+            break;
+        }
     }
     result->seconds = now_seconds() - t_start;
-    if (o->save_path) st = save_weights(model, o, err);
+    if (o->save_path && !result->stopped_by_signal) st = save_weights(model, o, err);
 done:
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);

@@ -6,6 +6,7 @@
 #ifndef RP_TRAIN_TRAINER_H
 #define RP_TRAIN_TRAINER_H
 
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -48,6 +49,10 @@ typedef struct {
     rp_schedule_kind pipe_schedule;  /* GPipe or 1F1B (default) */
     double comm_timeout;        /* seconds a stage waits on a peer before failing; 0: forever */
     int halt_on_nan;            /* stop at a non-finite gradient (default); 0: skip that step */
+    /* Set (to a signal number) by the caller's signal handler: the run stops
+     * after the current step, on every rank at the same step, with a
+     * checkpoint when ckpt_dir is set. NULL: not watched. */
+    volatile sig_atomic_t *stop_signal;
 } rp_train_options;
 
 typedef struct {
@@ -57,6 +62,7 @@ typedef struct {
     double tokens_per_second;
     double seconds;
     long skipped_steps;         /* non-finite steps skipped (halt_on_nan off) */
+    int stopped_by_signal;      /* the signal that stopped the run early, 0: none */
 } rp_train_result;
 
 void rp_train_options_defaults(rp_train_options *o);
