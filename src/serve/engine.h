@@ -1,0 +1,174 @@
+/* The generation engine (DESIGN.md section 6): many concurrent generations
+ * over a model whose layers may be split across P pipeline ranks.
+ *
+ * Rank 0 is the driver and stage 0. A generation ("job") lives in a slot;
+ * every stage keeps, per slot, the recurrent state of its own layers. Work
+ * travels down the pipeline as units: a unit is either one prefill chunk of
+ * one slot (sequence mode, --prefill-chunk tokens) or a decode step of a
+ * group of up to RP_ENGINE_GROUP_MAX slots (one token each). The driver keeps
+ * up to P units in flight so every stage works on a different unit at once;
+ * only the residual stream and v_first cross stage boundaries; the last stage
+ * applies ln_out and the head, samples (fp32), and returns token ids. Control
+ * commands (open/free a slot, session stash/restore/save/load, shutdown)
+ * travel down the same ordered stream as protobuf messages; only the main
+ * thread of each rank calls MPI.
+ *
+ * Numbers do not depend on batch composition: a prefill chunk runs alone, and
+ * decode groups stay within the decode kernel whose rows are computed
+ * independently, so a sequence gives the same tokens alone or among others,
+ * and for any number of stages.
+ *
+ * Threads: rp_engine_step / rp_engine_run run on the main thread of every
+ * rank. On rank 0, any thread (HTTP handlers) may submit, read and cancel
+ * jobs and ask for session operations and metrics: those calls are
+ * thread-safe. */
+#ifndef RP_SERVE_ENGINE_H
+#define RP_SERVE_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/error.h"
+#include "infer/sampler.h"
+#include "model/model.h"
+#include "pipe/grid.h"
+
+#define RP_ENGINE_GROUP_MAX 8      /* slots per decode unit */
+#define RP_ENGINE_MAX_STOP_TOKENS 16
+#define RP_ENGINE_MAX_BANNED 64
+#define RP_ENGINE_SESSION_NAME_MAX 128
+
+typedef struct {
+    int n_slots;                   /* concurrent generations (admission control) */
+    int prefill_chunk;             /* tokens per prefill unit (default 256) */
+    int max_queue;                 /* jobs waiting for a slot before submit refuses (429) */
+    size_t session_budget_bytes;   /* in-memory session states per stage (LRU) */
+    double comm_timeout;           /* watchdog seconds for stage transfers; 0 = none */
+    int threads;                   /* CPU threads of this rank's backend (informational) */
+} rp_engine_config;
+
+void rp_engine_config_defaults(rp_engine_config *c);  /* 16 slots, chunk 256, queue 64, 256 MiB */
+
+/* Sampling of one generation: the ChatRWKV order (spec 6.1): banned tokens,
+ * repetition penalty (logit[t] -= presence + occ[t] * frequency for every
+ * token t generated so far; occ decays by penalty_decay each step), softmax,
+ * top-p, top-k, temperature on the truncated probabilities; temperature 0 is
+ * greedy. The draw uses (seed, token index), so a job is reproducible and
+ * independent of what runs beside it. */
+typedef struct {
+    int max_tokens;                /* >= 0 */
+    rp_sampler_params sampler;     /* temperature, top_p, top_k, seed */
+    float presence_penalty, frequency_penalty, penalty_decay;
+    int32_t stop_tokens[RP_ENGINE_MAX_STOP_TOKENS];  /* sampled -> finish "stop", not emitted */
+    int n_stop_tokens;
+    int32_t banned[RP_ENGINE_MAX_BANNED];
+    int n_banned;
+} rp_gen_params;
+
+/* T 1.0, top_p 0.85, top_k 0, seed 42, penalties 0, decay 0.996, max 256. */
+void rp_gen_params_defaults(rp_gen_params *p);
+rp_status rp_gen_params_validate(const rp_gen_params *p, int vocab_size, rp_error *err);
+
+typedef enum {
+    RP_FINISH_NONE = 0,   /* still running */
+    RP_FINISH_LENGTH,     /* max_tokens reached */
+    RP_FINISH_STOP,       /* a stop token (or the client's stop string: rp_job_stop) */
+    RP_FINISH_CANCELLED,  /* rp_job_cancel (client gone) or engine shutdown */
+    RP_FINISH_ERROR       /* see rp_job_error */
+} rp_finish_reason;
+
+const char *rp_finish_reason_name(rp_finish_reason r);  /* "length", "stop", ... */
+
+typedef struct rp_job rp_job;
+
+/* A job: the prompt tokens (copied) and its sampling. start_session (may be
+ * NULL): begin from the state stored under that name (then `prompt` is only
+ * the new text; a missing name is an error when the job is submitted);
+ * NULL starts from the zero state. store_session (may be NULL): keep the
+ * state after the job under that name (a chat continues with both set to
+ * the same name; an initial state from state tuning is a stored session used
+ * as start_session only). Returns NULL with err set. */
+rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *params,
+                      const char *start_session, const char *store_session, rp_error *err);
+/* The client's reference: every job is released once by its creator. */
+void rp_job_release(rp_job *job);
+
+/* Blocks up to timeout_ms (0: poll) for generated tokens the client has not
+ * read yet; copies up to max of them into out and returns how many. *finish
+ * (may be NULL) receives the job's state: RP_FINISH_NONE while running. */
+int rp_job_read(rp_job *job, int32_t *out, int max, int timeout_ms, rp_finish_reason *finish);
+/* Ends the job: the engine frees its slot on every stage at its next step. */
+void rp_job_cancel(rp_job *job);
+/* Same, with finish reason "stop" (the client found a stop string). */
+void rp_job_stop(rp_job *job);
+
+typedef struct {
+    int prompt_tokens;             /* prefilled (new) tokens */
+    int completion_tokens;         /* generated, stop token excluded */
+    double queue_seconds;          /* submit -> slot */
+    double first_token_seconds;    /* submit -> first token */
+    double decode_tokens_per_second;
+    int session_continued;         /* started from a stored session state */
+} rp_job_stats;
+
+void rp_job_get_stats(rp_job *job, rp_job_stats *stats);
+/* The error message when finish is RP_FINISH_ERROR ("" otherwise). */
+void rp_job_error(rp_job *job, char *out, size_t size);
+
+typedef struct rp_engine rp_engine;
+
+/* Collective over the pipe: every rank passes its stage's part of the model
+ * (grid NULL: one process owning the whole model). */
+rp_status rp_engine_create(rp_engine **e, const rp_model *model, const rp_grid *grid,
+                           const rp_engine_config *cfg, rp_error *err);
+void rp_engine_free(rp_engine *e);
+
+/* Rank 0, any thread: queue a job (the engine takes its own reference).
+ * RP_ERR_BUSY when the queue is full (HTTP 429). */
+rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err);
+
+/* Rank 0 main thread: one scheduling round (admit queued jobs, launch units,
+ * compute stage 0, collect results, free finished slots). Returns whether
+ * anything is in progress. Other ranks: rp_engine_run. */
+int rp_engine_step(rp_engine *e, rp_error *err, rp_status *st);
+
+/* Every rank's main thread: serve until rp_engine_shutdown (rank 0 loops over
+ * rp_engine_step, sleeping briefly when idle; stages follow the command
+ * stream). Returns RP_OK after a clean shutdown of every stage. */
+rp_status rp_engine_run(rp_engine *e, rp_error *err);
+
+/* Rank 0, any thread (also a signal handler: async-signal-safe): running jobs
+ * are cancelled, every stage is told to stop, rp_engine_run returns. */
+void rp_engine_shutdown(rp_engine *e);
+
+/* Rank 0, any thread; blocking until the main thread has done it. Sessions
+ * are named (RP_ENGINE_SESSION_NAME_MAX). save: stream every stage's state of
+ * the session to rank 0 and write path (safetensors, official state names,
+ * with a header naming the model and token count); load: read such a file
+ * (written with any number of stages), or a state-tuning file (per-layer
+ * `blocks.L.att.time_state` [H,N,N]), into the session; delete: forget it.
+ * Unknown names are RP_ERR_ARG with a message (HTTP 404). */
+rp_status rp_engine_session_save(rp_engine *e, const char *name, const char *path,
+                                 rp_error *err);
+rp_status rp_engine_session_load(rp_engine *e, const char *name, const char *path,
+                                 rp_error *err);
+rp_status rp_engine_session_delete(rp_engine *e, const char *name, rp_error *err);
+int rp_engine_session_exists(rp_engine *e, const char *name);
+
+typedef struct {
+    long requests_total, requests_active, requests_queued;
+    long tokens_generated, tokens_prefilled;
+    double tokens_per_second;       /* generated, over the last ~10 s */
+    int slots_total, slots_active;
+    int n_stages;
+    double stage_busy[RP_GRID_MAX_STAGES < 64 ? RP_GRID_MAX_STAGES : 64]; /* fraction, last ~10 s */
+    long sessions_stored;
+    double uptime_seconds;
+} rp_engine_metrics;
+
+void rp_engine_get_metrics(rp_engine *e, rp_engine_metrics *m);
+
+/* What the model is (for /v1/models and session files). */
+const rp_config *rp_engine_config_of(const rp_engine *e);
+
+#endif

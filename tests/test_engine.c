@@ -1,0 +1,370 @@
+/* The generation engine (src/serve/engine.h), run as one process or under
+ * mpirun -np P (tests/test_engine.sh: P = 1, 2, 3): ranks other than 0 serve
+ * their stage; rank 0 drives jobs and checks that
+ * - greedy and seeded jobs give exactly the tokens of rp_generate on the
+ *   whole model (the single-process reference), whatever the stage count;
+ * - 16 jobs of different prompt lengths, started at different times, each
+ *   give the tokens they give alone (batch composition changes nothing);
+ * - stop tokens, max_tokens (also 0), cancellation and unknown sessions end
+ *   a job with the right reason and free its slot;
+ * - a session continued over two jobs gives the tokens of reading the whole
+ *   history at once, and survives save -> delete -> load (any stage count).
+ * Prints each check; exits 1 at the first failure. */
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cpu/cpu_backend.h"
+#include "infer/generate.h"
+#include "model/model.h"
+#include "pipe/grid.h"
+#include "serve/engine.h"
+
+static int rank, size;
+static rp_engine *engine;
+static rp_model whole;  /* rank 0: the reference model (all layers) */
+
+#define CHECK(cond, ...)                                                        \
+    do {                                                                        \
+        if (!(cond)) {                                                          \
+            fprintf(stderr, "FAIL (%s:%d): ", __FILE__, __LINE__);              \
+            fprintf(stderr, __VA_ARGS__);                                       \
+            fprintf(stderr, "\n");                                              \
+            MPI_Abort(MPI_COMM_WORLD, 1);                                       \
+        }                                                                       \
+    } while (0)
+
+static void step_until_done(rp_job **jobs, int n) {
+    for (int guard = 0; guard < 1000000; guard++) {
+        rp_error err;
+        rp_status st;
+        rp_engine_step(engine, &err, &st);
+        CHECK(st == RP_OK, "engine step: %s", err.msg);
+        int done = 1;
+        for (int i = 0; i < n; i++) {
+            rp_job_stats s;
+            rp_job_get_stats(jobs[i], &s);
+            int32_t tmp[1];
+            rp_finish_reason f;
+            /* Peek without consuming: read 0 tokens. */
+            rp_job_read(jobs[i], tmp, 0, 0, &f);
+            (void)s;
+            done &= f != RP_FINISH_NONE || 0;
+        }
+        if (done) return;
+    }
+    CHECK(0, "jobs did not finish");
+}
+
+/* Runs one job to the end; returns its tokens (malloc) and count. */
+static int32_t *run_job(const int32_t *prompt, int n, const rp_gen_params *p, const char *start,
+                        const char *store, int *n_out, rp_finish_reason *finish) {
+    rp_error err;
+    rp_job *j = rp_job_create(prompt, n, p, start, store, &err);
+    CHECK(j, "job: %s", err.msg);
+    CHECK(rp_engine_submit(engine, j, &err) == RP_OK, "submit: %s", err.msg);
+    int32_t *out = malloc(sizeof(int32_t) * (size_t)(p->max_tokens + 1));
+    *n_out = 0;
+    for (;;) {
+        rp_status st;
+        rp_engine_step(engine, &err, &st);
+        CHECK(st == RP_OK, "engine step: %s", err.msg);
+        rp_finish_reason f;
+        *n_out += rp_job_read(j, out + *n_out, p->max_tokens + 1 - *n_out, 0, &f);
+        if (f != RP_FINISH_NONE) {
+            *finish = f;
+            break;
+        }
+    }
+    rp_job_release(j);
+    return out;
+}
+
+typedef struct {
+    int32_t *tokens;
+    int n;
+} collected;
+
+static int collect(int32_t token, void *user) {
+    collected *c = user;
+    c->tokens[c->n++] = token;
+    return 0;
+}
+
+/* rp_generate on the whole model from the zero state. */
+static int32_t *reference(const int32_t *prompt, int n, const rp_gen_params *p, int *n_out) {
+    rp_error err;
+    rp_state st;
+    CHECK(rp_state_alloc_host(&st, &whole.cfg, 0, whole.cfg.n_layer, 1, &err) == RP_OK, "state");
+    rp_generate_options o = {.max_new_tokens = p->max_tokens, .prefill_chunk = 64,
+                             .sampler = p->sampler};
+    collected c = {malloc(sizeof(int32_t) * (size_t)(p->max_tokens + 1)), 0};
+    CHECK(rp_generate(&whole, &st, prompt, n, &o, collect, &c, NULL, &err) == RP_OK,
+          "rp_generate: %s", err.msg);
+    rp_state_free_host(&st);
+    *n_out = c.n;
+    return c.tokens;
+}
+
+static void same(const int32_t *a, int na, const int32_t *b, int nb, const char *what) {
+    CHECK(na == nb, "%s: %d tokens vs %d", what, na, nb);
+    for (int i = 0; i < na; i++) CHECK(a[i] == b[i], "%s: token %d is %d vs %d", what, i, a[i], b[i]);
+}
+
+static int32_t *make_prompt(int n, int salt) {
+    int32_t *p = malloc(sizeof(int32_t) * (size_t)n);
+    for (int i = 0; i < n; i++) p[i] = (int32_t)((i * 7 + salt * 13 + 1) % whole.cfg.vocab_size);
+    return p;
+}
+
+static void checks(void) {
+    rp_gen_params greedy;
+    rp_gen_params_defaults(&greedy);
+    greedy.sampler.temperature = 0;
+    greedy.max_tokens = 24;
+
+    printf("check: greedy and seeded jobs equal rp_generate on the whole model\n");
+    int32_t *prompt = make_prompt(100, 1);
+    int n_ref, n_got;
+    rp_finish_reason f;
+    int32_t *ref = reference(prompt, 100, &greedy, &n_ref);
+    int32_t *got = run_job(prompt, 100, &greedy, NULL, NULL, &n_got, &f);
+    same(ref, n_ref, got, n_got, "greedy");
+    CHECK(f == RP_FINISH_LENGTH, "finish %s", rp_finish_reason_name(f));
+    free(ref);
+    free(got);
+    rp_gen_params seeded = greedy;
+    seeded.sampler.temperature = 1.0f;
+    seeded.sampler.top_p = 0.9f;
+    seeded.sampler.seed = 7;
+    ref = reference(prompt, 100, &seeded, &n_ref);
+    got = run_job(prompt, 100, &seeded, NULL, NULL, &n_got, &f);
+    same(ref, n_ref, got, n_got, "seeded sampling");
+    free(got);
+    got = run_job(prompt, 100, &seeded, NULL, NULL, &n_got, &f);
+    same(ref, n_ref, got, n_got, "seeded sampling, again");
+    free(ref);
+    free(got);
+    printf("  ok\n");
+
+    printf("check: 16 jobs of different lengths, started at different times, give their solo tokens\n");
+    enum { N = 16 };
+    int32_t *prompts[N], *solo[N], *outs[N];
+    int lens[N], n_solo[N], n_outs[N] = {0};
+    rp_gen_params ps[N];
+    for (int i = 0; i < N; i++) {
+        lens[i] = 1 + (i * 37) % 150;
+        prompts[i] = make_prompt(lens[i], i + 3);
+        ps[i] = greedy;
+        ps[i].max_tokens = 5 + (i * 5) % 20;
+        if (i % 3 == 1) {
+            ps[i].sampler.temperature = 0.8f;
+            ps[i].sampler.seed = (uint64_t)i;
+        }
+        if (i % 4 == 2) {
+            ps[i].presence_penalty = 0.5f;
+            ps[i].frequency_penalty = 0.5f;
+        }
+        solo[i] = run_job(prompts[i], lens[i], &ps[i], NULL, NULL, &n_solo[i], &f);
+        outs[i] = malloc(sizeof(int32_t) * 64);
+    }
+    rp_job *jobs[N];
+    int submitted = 0, finished = 0;
+    rp_error err;
+    for (int round = 0; finished < N; round++) {
+        /* Two new jobs every three rounds. */
+        while (submitted < N && submitted < 2 * (round / 3 + 1)) {
+            jobs[submitted] = rp_job_create(prompts[submitted], lens[submitted], &ps[submitted],
+                                            NULL, NULL, &err);
+            CHECK(rp_engine_submit(engine, jobs[submitted], &err) == RP_OK, "%s", err.msg);
+            submitted++;
+        }
+        rp_status st;
+        rp_engine_step(engine, &err, &st);
+        CHECK(st == RP_OK, "step: %s", err.msg);
+        finished = 0;
+        for (int i = 0; i < submitted; i++) {
+            n_outs[i] += rp_job_read(jobs[i], outs[i] + n_outs[i], 64 - n_outs[i], 0, &f);
+            finished += f != RP_FINISH_NONE;
+        }
+        CHECK(round < 1000000, "jobs never finished");
+    }
+    for (int i = 0; i < N; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "job %d (%d prompt tokens)", i, lens[i]);
+        same(solo[i], n_solo[i], outs[i], n_outs[i], what);
+        rp_job_release(jobs[i]);
+        free(prompts[i]);
+        free(solo[i]);
+        free(outs[i]);
+    }
+    printf("  ok\n");
+
+    printf("check: stop tokens, max_tokens 0, cancellation, unknown session\n");
+    ref = run_job(prompt, 100, &greedy, NULL, NULL, &n_ref, &f);
+    rp_gen_params stop = greedy;
+    stop.stop_tokens[0] = ref[4];
+    stop.n_stop_tokens = 1;
+    int first = 0;
+    while (ref[first] != ref[4]) first++;
+    got = run_job(prompt, 100, &stop, NULL, NULL, &n_got, &f);
+    CHECK(f == RP_FINISH_STOP && n_got == first, "stop token: %s after %d tokens, want %d",
+          rp_finish_reason_name(f), n_got, first);
+    free(got);
+    rp_gen_params none = greedy;
+    none.max_tokens = 0;
+    got = run_job(prompt, 100, &none, NULL, NULL, &n_got, &f);
+    CHECK(f == RP_FINISH_LENGTH && n_got == 0, "max_tokens 0: %s, %d tokens",
+          rp_finish_reason_name(f), n_got);
+    free(got);
+    rp_gen_params longer = greedy;
+    longer.max_tokens = 100000;
+    rp_job *j = rp_job_create(prompt, 100, &longer, NULL, NULL, &err);
+    CHECK(rp_engine_submit(engine, j, &err) == RP_OK, "%s", err.msg);
+    int32_t buf[64];
+    int got_tokens = 0;
+    while (got_tokens < 3) {
+        rp_status st;
+        rp_engine_step(engine, &err, &st);
+        got_tokens += rp_job_read(j, buf, 64, 0, &f);
+    }
+    rp_job_cancel(j);
+    for (f = RP_FINISH_NONE; f == RP_FINISH_NONE;) {
+        rp_status st;
+        rp_engine_step(engine, &err, &st);
+        rp_job_read(j, buf, 64, 0, &f);
+    }
+    CHECK(f == RP_FINISH_CANCELLED, "cancel: %s after %d tokens", rp_finish_reason_name(f), got_tokens);
+    rp_job_release(j);
+    for (int k = 0; k < 100; k++) {
+        rp_status st;
+        rp_engine_step(engine, &err, &st);
+    }
+    rp_engine_metrics m;
+    rp_engine_get_metrics(engine, &m);
+    CHECK(m.slots_active == 0, "%d slots still active after every job ended", m.slots_active);
+    got = run_job(prompt, 10, &greedy, "no-such-session", NULL, &n_got, &f);
+    CHECK(f == RP_FINISH_ERROR, "unknown session: %s", rp_finish_reason_name(f));
+    free(got);
+    free(ref);
+    printf("  ok\n");
+
+    printf("check: a session continued over two jobs equals reading the whole history\n");
+    int32_t *p1 = make_prompt(40, 21), *p2 = make_prompt(30, 22);
+    int n1, n2;
+    int32_t *t1 = run_job(p1, 40, &greedy, NULL, "chat", &n1, &f);
+    int32_t *t2 = run_job(p2, 30, &greedy, "chat", "chat", &n2, &f);
+    int32_t *history = malloc(sizeof(int32_t) * (size_t)(40 + n1 + 30));
+    memcpy(history, p1, 40 * sizeof(int32_t));
+    memcpy(history + 40, t1, (size_t)n1 * sizeof(int32_t));
+    memcpy(history + 40 + n1, p2, 30 * sizeof(int32_t));
+    ref = reference(history, 40 + n1 + 30, &greedy, &n_ref);
+    same(ref, n_ref, t2, n2, "second turn vs whole history");
+    free(ref);
+    printf("  ok\n");
+
+    printf("check: session save -> delete -> load continues identically\n");
+    int32_t *p3 = make_prompt(12, 23);
+    int n3a, n3b;
+    char path[] = "/tmp/test_engine_session.XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0, "mkstemp");
+    close(fd);
+    CHECK(rp_engine_session_save(engine, "chat", path, &err) == RP_OK, "save: %s", err.msg);
+    int32_t *t3a = run_job(p3, 12, &greedy, "chat", NULL, &n3a, &f);
+    CHECK(rp_engine_session_delete(engine, "chat", &err) == RP_OK, "delete: %s", err.msg);
+    CHECK(!rp_engine_session_exists(engine, "chat"), "deleted session still exists");
+    CHECK(rp_engine_session_delete(engine, "chat", &err) == RP_ERR_ARG, "second delete");
+    CHECK(rp_engine_session_load(engine, "restored", path, &err) == RP_OK, "load: %s", err.msg);
+    int32_t *t3b = run_job(p3, 12, &greedy, "restored", NULL, &n3b, &f);
+    same(t3a, n3a, t3b, n3b, "after save/load");
+    unlink(path);
+    printf("  ok\n");
+
+    /* Files saved by runs with another stage count (tests/test_engine.sh
+     * runs P = 1, 2, 3 with one directory) load and continue identically. */
+    const char *dir = getenv("RP_ENGINE_SESSION_DIR");
+    if (dir) {
+        printf("check: session files written with 1..3 stages load on %d\n", size);
+        char mine[4096], other[4096];
+        snprintf(mine, sizeof mine, "%s/session-np%d.st", dir, size);
+        CHECK(rp_engine_session_save(engine, "restored", mine, &err) == RP_OK, "%s", err.msg);
+        for (int np = 1; np <= 3; np++) {
+            snprintf(other, sizeof other, "%s/session-np%d.st", dir, np);
+            if (access(other, R_OK) != 0) continue;
+            CHECK(rp_engine_session_load(engine, "other", other, &err) == RP_OK, "%s", err.msg);
+            int n3c;
+            int32_t *t3c = run_job(p3, 12, &greedy, "other", NULL, &n3c, &f);
+            char what[64];
+            snprintf(what, sizeof what, "session saved with %d stage(s)", np);
+            same(t3a, n3a, t3c, n3c, what);
+            free(t3c);
+            printf("  ok: %s\n", what);
+        }
+    }
+    free(p1);
+    free(p2);
+    free(p3);
+    free(t1);
+    free(t2);
+    free(t3a);
+    free(t3b);
+    free(history);
+    free(prompt);
+    (void)step_until_done;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    const char *data = getenv("RP_TEST_DATA");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tiny_L2_C128_V256_s1.weights.safetensors",
+             data ? data : "tests/data");
+    if (argc > 1) snprintf(path, sizeof path, "%s", argv[1]);
+    rp_error err;
+    rp_backend *be = rp_cpu_backend_create(1, &err);
+    CHECK(be, "backend");
+    rp_st_file f;
+    rp_config cfg;
+    rp_naming naming;
+    CHECK(rp_st_open(&f, path, &err) == RP_OK && rp_config_from_safetensors(&f, &cfg, &naming, &err) == RP_OK,
+          "%s", err.msg);
+    rp_st_close(&f);
+    rp_grid grid, *g = NULL;
+    int begin = 0, end = cfg.n_layer;
+    if (size > 1) {
+        int layers[64];
+        CHECK(rp_partition_balanced(&cfg, size, layers, &err) == RP_OK, "%s", err.msg);
+        CHECK(rp_grid_create(&grid, MPI_COMM_WORLD, size, layers, &err) == RP_OK, "%s", err.msg);
+        g = &grid;
+        begin = grid.layer_begin[grid.stage];
+        end = grid.layer_end[grid.stage];
+    }
+    rp_model stage;
+    CHECK(rp_model_load(&stage, path, begin, end, be, &err) == RP_OK, "%s", err.msg);
+    rp_engine_config ec;
+    rp_engine_config_defaults(&ec);
+    ec.prefill_chunk = 64;
+    ec.comm_timeout = 60;
+    CHECK(rp_engine_create(&engine, &stage, g, &ec, &err) == RP_OK, "%s", err.msg);
+    if (rank == 0) {
+        CHECK(rp_model_load(&whole, path, 0, -1, be, &err) == RP_OK, "%s", err.msg);
+        printf("engine on %d stage%s, model %s\n", size, size == 1 ? "" : "s", path);
+        checks();
+        rp_engine_shutdown(engine);
+        rp_model_free(&whole);
+    }
+    CHECK(rp_engine_run(engine, &err) == RP_OK, "rank %d: run: %s", rank, err.msg);
+    rp_engine_free(engine);
+    rp_model_free(&stage);
+    if (g) rp_grid_free(g);
+    rp_cpu_backend_destroy(be);
+    if (rank == 0) printf("all engine checks passed\n");
+    MPI_Finalize();
+    return 0;
+}
