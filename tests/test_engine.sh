@@ -25,3 +25,13 @@ for np in 1 2 3; do
 done
 echo "== mpirun -np 2 (tiny golden model)"
 timeout 300 "$MPIRUN" -np 2 "$BIN" || exit 1
+echo "== rwkvpipe generate: one process and --pp 2, --pp 3 print the same text"
+GEN=(generate --model "$T/l3.st" --vocab bytes --prompt "hello there" --max-tokens 40 --seed 3
+     --temperature 0.8 --presence-penalty 0.3 --frequency-penalty 0.3 -q --threads 1)
+"$top_builddir/rwkvpipe" "${GEN[@]}" >"$T/gen1" || { echo "FAIL: generate"; exit 1; }
+for np in 2 3; do
+    timeout 120 "$MPIRUN" -np $np "$top_builddir/rwkvpipe" "${GEN[@]}" --pp $np >"$T/gen$np" ||
+        { echo "FAIL: generate --pp $np"; exit 1; }
+    cmp -s "$T/gen1" "$T/gen$np" || { echo "FAIL: generate --pp $np printed other text"; exit 1; }
+done
+echo "  ok"

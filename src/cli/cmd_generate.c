@@ -1,13 +1,18 @@
-/* rwkvpipe generate: prompt -> streamed text. Prefill in sequence mode, then
- * one token per step; bytes reach stdout as soon as they form whole UTF-8
- * characters, and never a part of the stop string. */
+/* rwkvpipe generate: prompt -> streamed text, through the same engine as
+ * `rwkvpipe serve` (src/serve/engine.h): prefill in sequence mode, then one
+ * token per step, in one process or with the layers split over --pp ranks.
+ * Bytes reach stdout as soon as they form whole UTF-8 characters, and never a
+ * part of the stop string. */
 #include <getopt.h>
+#include <mpi.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cli/cli.h"
-#include "infer/generate.h"
 #include "infer/tokenizer.h"
+#include "model/init.h"
+#include "pipe/grid.h"
+#include "serve/engine.h"
 
 static void generate_usage(FILE *out) {
     fprintf(out,
@@ -33,9 +38,15 @@ static void generate_usage(FILE *out) {
             "  --stop STR            stop before this string is printed\n"
             "  --ban-eot             never sample the end-of-text token 0 (default: stop\n"
             "                        when it is sampled)\n"
+            "  --presence-penalty X  ChatRWKV repetition penalties (default 0 / 0;\n"
+            "  --frequency-penalty X   decay per token --penalty-decay, default 0.996)\n"
+            "  --penalty-decay X\n"
             "Execution:\n"
-            "  --threads N           CPU threads (default: all)\n"
+            "  --threads N           CPU threads (default: all / ranks on the node)\n"
             "  --chunk N             prompt tokens per sequence-mode call (default 256)\n"
+            "  --pp P                split the layers over P pipeline stages (run under\n"
+            "                        mpirun -np P); the text is the same as one process's\n"
+            "  --stage-layers LIST   layers per stage (default: balanced by cost)\n"
             "  -q, --quiet           no progress or speed report on stderr\n"
             "  -h, --help            this text\n",
             rp_config_builtin_names());
@@ -106,11 +117,19 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         {"seed", required_argument, 0, 's'},       {"stop", required_argument, 0, 'S'},
         {"ban-eot", no_argument, 0, 'B'},          {"threads", required_argument, 0, 'j'},
         {"chunk", required_argument, 0, 'C'},      {"quiet", no_argument, 0, 'q'},
+        {"pp", required_argument, 0, 'N'},         {"stage-layers", required_argument, 0, 'L'},
+        {"presence-penalty", required_argument, 0, 'a'},
+        {"frequency-penalty", required_argument, 0, 'f'},
+        {"penalty-decay", required_argument, 0, 'd'},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     cli_model_options mo = {.init_seed = 1};
     const char *vocab = NULL, *prompt = NULL, *prompt_file = NULL, *stop = NULL;
-    rp_generate_options opt = {.max_new_tokens = 200, .prefill_chunk = 256, .stop_at_eot = 1};
-    rp_sampler_defaults(&opt.sampler);
+    rp_gen_params gp;
+    rp_gen_params_defaults(&gp);
+    gp.max_tokens = 200;
+    gp.penalty_decay = 0.996f;
+    int chunk = 256, pp = 1;
+    const char *stage_layers = NULL;
     int ban_eot = 0, quiet = 0;
     int c;
     optind = 1;
@@ -122,15 +141,20 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         case 'v': vocab = optarg; break;
         case 'p': prompt = optarg; break;
         case 'P': prompt_file = optarg; break;
-        case 'n': opt.max_new_tokens = (int)cli_parse_int(cli, "--max-tokens", optarg, 0, 1 << 30); break;
-        case 'T': opt.sampler.temperature = (float)cli_parse_double(cli, "--temperature", optarg, 0, 100); break;
-        case 'u': opt.sampler.top_p = (float)cli_parse_double(cli, "--top-p", optarg, 1e-9, 1); break;
-        case 'k': opt.sampler.top_k = (int)cli_parse_int(cli, "--top-k", optarg, 0, 1 << 24); break;
-        case 's': opt.sampler.seed = cli_parse_u64(cli, "--seed", optarg); break;
+        case 'n': gp.max_tokens = (int)cli_parse_int(cli, "--max-tokens", optarg, 0, 1 << 30); break;
+        case 'T': gp.sampler.temperature = (float)cli_parse_double(cli, "--temperature", optarg, 0, 100); break;
+        case 'u': gp.sampler.top_p = (float)cli_parse_double(cli, "--top-p", optarg, 1e-9, 1); break;
+        case 'k': gp.sampler.top_k = (int)cli_parse_int(cli, "--top-k", optarg, 0, 1 << 24); break;
+        case 's': gp.sampler.seed = cli_parse_u64(cli, "--seed", optarg); break;
+        case 'a': gp.presence_penalty = (float)cli_parse_double(cli, "--presence-penalty", optarg, -10, 10); break;
+        case 'f': gp.frequency_penalty = (float)cli_parse_double(cli, "--frequency-penalty", optarg, -10, 10); break;
+        case 'd': gp.penalty_decay = (float)cli_parse_double(cli, "--penalty-decay", optarg, 0, 1); break;
+        case 'N': pp = (int)cli_parse_int(cli, "--pp", optarg, 1, RP_GRID_MAX_STAGES); break;
+        case 'L': stage_layers = optarg; break;
         case 'S': stop = optarg; break;
         case 'B': ban_eot = 1; break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
-        case 'C': opt.prefill_chunk = (int)cli_parse_int(cli, "--chunk", optarg, 1, 1 << 20); break;
+        case 'C': chunk = (int)cli_parse_int(cli, "--chunk", optarg, 1, 1 << 20); break;
         case 'q': quiet = 1; break;
         case 'h': generate_usage(stdout); return 0;
         default: generate_usage(stderr); return 2;
@@ -141,16 +165,66 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         cli_fatal(cli, "give exactly one of --model FILE and --model-config NAME");
     if (!prompt == !prompt_file) cli_fatal(cli, "give exactly one of --prompt and --prompt-file");
     if (stop && !*stop) cli_fatal(cli, "--stop must not be empty");
-    if (cli->mpi_size > 1)
-        cli_fatal(cli, "pipelined generation over %d ranks is not available yet; run with -np 1",
+    if (cli->mpi_size != pp)
+        cli_fatal(cli, "--pp %d needs exactly %d ranks (mpirun -np %d), got %d", pp, pp, pp,
                   cli->mpi_size);
     rp_cli quiet_cli = *cli;
     if (quiet) quiet_cli.mpi_rank = -1;  /* cli_info prints on rank 0 only */
+    rp_error err;
 
+    /* The model: the whole of it, or this stage's layers. */
     rp_backend *be;
     rp_model model;
-    cli_load_model(&quiet_cli, &mo, &be, &model);
+    rp_grid grid, *g = NULL;
+    if (pp == 1) {
+        cli_load_model(&quiet_cli, &mo, &be, &model);
+    } else {
+        rp_config full;
+        if (mo.model_path) {
+            rp_st_file f;
+            rp_naming naming;
+            if (rp_st_open(&f, mo.model_path, &err) != RP_OK ||
+                rp_config_from_safetensors(&f, &full, &naming, &err) != RP_OK)
+                cli_fatal_error(cli, &err);
+            rp_st_close(&f);
+        } else if (rp_config_builtin(&full, mo.config_name, mo.vocab_override, &err) != RP_OK) {
+            cli_fatal_error(cli, &err);
+        }
+        int *layers = calloc((size_t)pp, sizeof(int));
+        if ((stage_layers ? rp_partition_parse(stage_layers, &full, pp, layers, &err)
+                          : rp_partition_balanced(&full, pp, layers, &err)) != RP_OK ||
+            rp_grid_create(&grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        free(layers);
+        g = &grid;
+        cli_set_stage(cli, grid.stage);
+        cli_set_stage(&quiet_cli, grid.stage);
+        if (mo.threads == 0) mo.threads = cli_threads_per_rank();
+        if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
+        const int b = grid.layer_begin[grid.stage], e = grid.layer_end[grid.stage];
+        rp_status st = mo.model_path ? rp_model_load(&model, mo.model_path, b, e, be, &err)
+                                     : rp_model_alloc(&model, &full, b, e, b == 0,
+                                                      e == full.n_layer, be, &err);
+        if (st == RP_OK && !mo.model_path) st = rp_model_init_official(&model, mo.init_seed, &err);
+        if (st != RP_OK) cli_fatal_error(cli, &err);
+    }
     const rp_config *cfg = &model.cfg;
+    rp_engine_config ec;
+    rp_engine_config_defaults(&ec);
+    ec.n_slots = 1;
+    ec.max_queue = 1;
+    ec.prefill_chunk = chunk;
+    rp_engine *engine;
+    if (rp_engine_create(&engine, &model, g, &ec, &err) != RP_OK) cli_fatal_error(cli, &err);
+    if (cli->mpi_rank != 0) {
+        /* Stages follow rank 0's commands until it shuts the engine down. */
+        if (rp_engine_run(engine, &err) != RP_OK) cli_fatal_error(cli, &err);
+        rp_engine_free(engine);
+        rp_model_free(&model);
+        rp_cpu_backend_destroy(be);
+        rp_grid_free(&grid);
+        return 0;
+    }
     if (!vocab) {
         if (cfg->vocab_size > 256)
             cli_fatal(cli, "this model has a %d-token vocabulary: pass --vocab with its vocabulary "
@@ -158,7 +232,6 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         vocab = "bytes";
     }
     rp_tokenizer *tok;
-    rp_error err;
     if (rp_tokenizer_open(&tok, vocab, &err) != RP_OK) cli_fatal_error(cli, &err);
     if (rp_tokenizer_n_ids(tok) > cfg->vocab_size)
         cli_fatal(cli, "vocabulary '%s' has %d ids but the model only %d", vocab,
@@ -175,49 +248,65 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
     if (n_ids == 0) cli_fatal(cli, "the prompt is empty");
 
     int32_t eot = rp_tokenizer_eot_id(tok);
-    opt.eot_id = eot;
     if (ban_eot) {
-        opt.banned = &eot;
-        opt.n_banned = 1;
-        opt.stop_at_eot = 0;
+        gp.banned[gp.n_banned++] = eot;
+    } else {
+        gp.stop_tokens[gp.n_stop_tokens++] = eot;  /* end of text: stop, print nothing */
     }
     cli_info(&quiet_cli,
-             "model: %d layers, C=%d, V=%d (%.1f M params) on %s; prompt: %zu tokens; "
+             "model: %d layers, C=%d, V=%d (%.1f M params) on %s%s; prompt: %zu tokens; "
              "sampling: temperature %g, top-p %g, top-k %d, seed %llu",
              cfg->n_layer, cfg->n_embd, cfg->vocab_size, rp_config_param_count(cfg) / 1e6,
-             be->name, n_ids, opt.sampler.temperature, opt.sampler.top_p, opt.sampler.top_k,
-             (unsigned long long)opt.sampler.seed);
-
-    rp_state state;
-    rp_state_geometry(&state, cfg, 0, cfg->n_layer, 1);
-    state.data = be->alloc(be, state.floats_per_slot * sizeof(float));
-    if (!state.data) cli_fatal(cli, "cannot allocate the recurrent state");
+             be->name, pp > 1 ? " (pipelined)" : "", n_ids, gp.sampler.temperature,
+             gp.sampler.top_p, gp.sampler.top_k, (unsigned long long)gp.sampler.seed);
 
     stream_state stream = {.tok = tok, .stop = stop, .stop_len = stop ? strlen(stop) : 0};
     rp_utf8_stream_init(&stream.utf8);
-    rp_generate_stats stats;
-    if (rp_generate(&model, &state, ids, (int)n_ids, &opt, on_token, &stream, &stats, &err) !=
-        RP_OK)
-        cli_fatal_error(cli, &err);
-    if (stats.stopped_by != 2) release(&stream, stream.len);
+    rp_job *job = rp_job_create(ids, (int)n_ids, &gp, NULL, NULL, &err);
+    if (!job || rp_engine_submit(engine, job, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_finish_reason finish = RP_FINISH_NONE;
+    int stopped_by_string = 0;
+    while (finish == RP_FINISH_NONE) {
+        rp_status st;
+        rp_engine_step(engine, &err, &st);
+        if (st != RP_OK) cli_fatal_error(cli, &err);
+        int32_t got[64];
+        int n;
+        while ((n = rp_job_read(job, got, 64, 0, &finish)) > 0)
+            for (int i = 0; i < n && !stopped_by_string; i++)
+                if (on_token(got[i], &stream)) {
+                    stopped_by_string = 1;
+                    rp_job_stop(job);
+                }
+    }
+    if (finish == RP_FINISH_ERROR) {
+        char msg[512];
+        rp_job_error(job, msg, sizeof msg);
+        cli_fatal(cli, "%s", msg);
+    }
+    if (!stopped_by_string) release(&stream, stream.len);
     size_t rest = rp_utf8_stream_finish(&stream.utf8);
     fwrite(rp_utf8_stream_data(&stream.utf8), 1, rest, stdout);
     rp_utf8_stream_consume(&stream.utf8, rest);
     fputc('\n', stdout);
     fflush(stdout);
-    static const char *why[] = {"max tokens", "end of text", "stop string"};
+    rp_job_stats js;
+    rp_job_get_stats(job, &js);
+    rp_job_release(job);
     cli_info(&quiet_cli,
-             "prefill: %d tokens in %.3f s (%.1f tok/s); decode: %d tokens in %.3f s "
-             "(%.1f tok/s); stopped by %s",
-             stats.prompt_tokens, stats.prefill_seconds,
-             stats.prefill_seconds > 0 ? stats.prompt_tokens / stats.prefill_seconds : 0.0,
-             stats.generated_tokens, stats.decode_seconds,
-             stats.decode_seconds > 0 ? stats.generated_tokens / stats.decode_seconds : 0.0,
-             why[stats.stopped_by]);
+             "prompt: %d tokens, first token after %.3f s; decode: %d tokens (%.1f tok/s); "
+             "stopped by %s", js.prompt_tokens, js.first_token_seconds, js.completion_tokens,
+             js.decode_tokens_per_second,
+             stopped_by_string ? "stop string"
+             : finish == RP_FINISH_LENGTH ? "max tokens"
+             : finish == RP_FINISH_STOP ? "end of text" : rp_finish_reason_name(finish));
+    rp_engine_shutdown(engine);
+    if (rp_engine_run(engine, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_engine_free(engine);
+    if (g) rp_grid_free(g);
 
     rp_utf8_stream_free(&stream.utf8);
     free(stream.text);
-    be->free(be, state.data);
     free(ids);
     free(prompt_text);
     rp_tokenizer_free(tok);
