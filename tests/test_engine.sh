@@ -16,10 +16,10 @@ if [ -z "$MPIRUN" ] || ! command -v "$MPIRUN" >/dev/null 2>&1; then
 fi
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_engine.XXXXXX") || exit 99
 trap 'rm -rf "$T"' EXIT
-"$top_builddir/rwkvpipe" init --model-config L3-C64-V97 --seed 4 -o "$T/l3.st" >/dev/null 2>&1 ||
+"$top_builddir/rwkvpipe" init --model-config L3-C64-V256 --seed 4 -o "$T/l3.st" >/dev/null 2>&1 ||
     { echo "FAIL: init"; exit 1; }
 for np in 1 2 3; do
-    echo "== mpirun -np $np (L3-C64-V97)"
+    echo "== mpirun -np $np (L3-C64-V256)"
     RP_ENGINE_SESSION_DIR="$T" timeout 300 "$MPIRUN" -np $np -x RP_ENGINE_SESSION_DIR "$BIN" \
         "$T/l3.st" || exit 1
 done
