@@ -1,0 +1,195 @@
+/* Serving engine benchmark (issue 5): the engine of `rwkvpipe serve` driven
+ * directly (no HTTP), one process or mpirun -np P with the layers over P
+ * stages. Two tables:
+ *   1. decode throughput against the number of concurrent sequences;
+ *   2. per-token decode latency against the context length already read
+ *      (the RNN promise: flat), with the state memory per sequence.
+ * usage: [mpirun -np P] bench/bench_engine [--model-config NAME] [--threads N]
+ *        [--contexts 512,2048,8192,32768] [--concurrency 1,4,16,64]
+ *        [--decode-tokens N] */
+#include <getopt.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench/harness.h"
+#include <omp.h>
+
+#include "backend.h"
+#include "model/init.h"
+#include "pipe/grid.h"
+#include "serve/engine.h"
+
+static int rank, size;
+
+static void die(const char *what, const rp_error *err) {
+    fprintf(stderr, "bench_engine [rank %d]: %s: %s\n", rank, what, err ? err->msg : "");
+    MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+static int parse_list(const char *text, int *out, int max) {
+    int n = 0;
+    for (const char *p = text; *p && n < max;) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 1) die("bad list", NULL);
+        out[n++] = (int)v;
+        p = *end == ',' ? end + 1 : end;
+    }
+    return n;
+}
+
+/* Runs jobs to completion; returns the seconds from submit to the last token. */
+static double run_jobs(rp_engine *e, rp_job **jobs, int n) {
+    rp_error err;
+    const double t0 = bench_now_s();
+    for (int i = 0; i < n; i++)
+        if (rp_engine_submit(e, jobs[i], &err) != RP_OK) die("submit", &err);
+    for (int done = 0; done < n;) {
+        rp_status st;
+        rp_engine_step(e, &err, &st);
+        if (st != RP_OK) die("step", &err);
+        done = 0;
+        for (int i = 0; i < n; i++) {
+            int32_t buf[256];
+            rp_finish_reason f;
+            while (rp_job_read(jobs[i], buf, 256, 0, &f) > 0) {
+            }
+            done += f != RP_FINISH_NONE;
+        }
+    }
+    return bench_now_s() - t0;
+}
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    const char *config_name = "L6-C512-V65536";
+    int threads = 0, decode_tokens = 64;
+    int contexts[16] = {512, 2048, 8192, 32768}, n_contexts = 4;
+    int conc[16] = {1, 4, 16, 64}, n_conc = 4;
+    static const struct option opts[] = {{"model-config", required_argument, 0, 'c'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"contexts", required_argument, 0, 'x'},
+                                         {"concurrency", required_argument, 0, 'n'},
+                                         {"decode-tokens", required_argument, 0, 'd'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    int ch;
+    while ((ch = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'c': config_name = optarg; break;
+        case 't': threads = atoi(optarg); break;
+        case 'x': n_contexts = parse_list(optarg, contexts, 16); break;
+        case 'n': n_conc = parse_list(optarg, conc, 16); break;
+        case 'd': decode_tokens = atoi(optarg); break;
+        case 'h':
+            if (rank == 0)
+                printf("usage: [mpirun -np P] bench_engine [--model-config NAME] [--threads N]\n"
+                       "       [--contexts 512,2048,...] [--concurrency 1,4,16,64]\n"
+                       "       [--decode-tokens N]\n");
+            MPI_Finalize();
+            return 0;
+        default: MPI_Finalize(); return 2;
+        }
+    }
+    rp_error err;
+    rp_config cfg;
+    if (rp_config_builtin(&cfg, config_name, 0, &err) != RP_OK) die("config", &err);
+    rp_grid grid, *g = NULL;
+    int begin = 0, end = cfg.n_layer;
+    if (size > 1) {
+        int layers[64];
+        if (rp_partition_balanced(&cfg, size, layers, &err) != RP_OK ||
+            rp_grid_create(&grid, MPI_COMM_WORLD, size, layers, &err) != RP_OK)
+            die("grid", &err);
+        g = &grid;
+        begin = grid.layer_begin[grid.stage];
+        end = grid.layer_end[grid.stage];
+    }
+    rp_backend *be = rp_cpu_backend_create(threads, &err);
+    if (!be) die("backend", &err);
+    rp_model m;
+    if (rp_model_alloc(&m, &cfg, begin, end, begin == 0, end == cfg.n_layer, be, &err) != RP_OK ||
+        rp_model_init_official(&m, 1, &err) != RP_OK)
+        die("model", &err);
+    int max_conc = 1;
+    for (int i = 0; i < n_conc; i++) max_conc = conc[i] > max_conc ? conc[i] : max_conc;
+    rp_engine_config ec;
+    rp_engine_config_defaults(&ec);
+    ec.n_slots = max_conc;
+    ec.max_queue = max_conc;
+    rp_engine *e;
+    if (rp_engine_create(&e, &m, g, &ec, &err) != RP_OK) die("engine", &err);
+    if (rank != 0) {
+        if (rp_engine_run(e, &err) != RP_OK) die("run", &err);
+        rp_engine_free(e);
+        MPI_Finalize();
+        return 0;
+    }
+    bench_print_machine(stdout, "bench_engine: the serving engine without HTTP");
+    printf("model %s (%.1f M parameters), %d pipeline stage%s, %d thread%s per rank\n",
+           config_name, rp_config_param_count(&cfg) / 1e6, size, size == 1 ? "" : "s",
+           threads ? threads : omp_get_max_threads(), threads == 1 ? "" : "s");
+    rp_gen_params gp;
+    rp_gen_params_defaults(&gp);
+    gp.sampler.temperature = 0;
+    gp.max_tokens = decode_tokens;
+
+    printf("\n### decode throughput vs concurrent sequences (16-token prompts, %d new tokens "
+           "each)\n\n| sequences | seconds | generated tok/s | per sequence tok/s |\n"
+           "|---:|---:|---:|---:|\n", decode_tokens);
+    for (int c = 0; c < n_conc; c++) {
+        rp_job **jobs = calloc((size_t)conc[c], sizeof *jobs);
+        for (int i = 0; i < conc[c]; i++) {
+            int32_t prompt[16];
+            for (int k = 0; k < 16; k++) prompt[k] = (int32_t)((i * 31 + k * 7 + 1) % cfg.vocab_size);
+            jobs[i] = rp_job_create(prompt, 16, &gp, NULL, NULL, &err);
+        }
+        double s = run_jobs(e, jobs, conc[c]);
+        long total = 0;
+        for (int i = 0; i < conc[c]; i++) {
+            rp_job_stats st;
+            rp_job_get_stats(jobs[i], &st);
+            total += st.completion_tokens;
+            rp_job_release(jobs[i]);
+        }
+        free(jobs);
+        printf("| %d | %.2f | %.1f | %.1f |\n", conc[c], s, total / s, total / s / conc[c]);
+        fflush(stdout);
+    }
+
+    const double state_bytes = (double)cfg.n_layer *
+                               (2.0 * cfg.n_embd + (double)cfg.n_head * 64 * 64) * 4;
+    printf("\n### per-token decode latency vs context length (one sequence; %d decode tokens "
+           "after a prompt of N tokens)\n\n| context | prefill s | prefill tok/s | decode ms/token "
+           "| state bytes per sequence |\n|---:|---:|---:|---:|---:|\n", decode_tokens);
+    double first_latency = 0, last_latency = 0;
+    for (int c = 0; c < n_contexts; c++) {
+        int n = contexts[c];
+        int32_t *prompt = malloc(sizeof(int32_t) * (size_t)n);
+        for (int k = 0; k < n; k++) prompt[k] = (int32_t)((k * 7919 + 13) % cfg.vocab_size);
+        rp_job *j = rp_job_create(prompt, n, &gp, NULL, NULL, &err);
+        run_jobs(e, &j, 1);
+        rp_job_stats st;
+        rp_job_get_stats(j, &st);
+        double ms = st.decode_tokens_per_second > 0 ? 1000.0 / st.decode_tokens_per_second : 0;
+        printf("| %d | %.2f | %.0f | %.3f | %.0f |\n", n, st.first_token_seconds,
+               n / st.first_token_seconds, ms, state_bytes);
+        fflush(stdout);
+        if (c == 0) first_latency = ms;
+        last_latency = ms;
+        rp_job_release(j);
+        free(prompt);
+    }
+    if (n_contexts > 1)
+        printf("\nlatency(%d) / latency(%d) = %.3f (goal <= 1.05)\n", contexts[n_contexts - 1],
+               contexts[0], last_latency / first_latency);
+    rp_engine_shutdown(e);
+    if (rp_engine_run(e, &err) != RP_OK) die("shutdown", &err);
+    rp_engine_free(e);
+    MPI_Finalize();
+    return 0;
+}
