@@ -15,6 +15,11 @@ extern "C" {
 int rp_cuda_device_count(void);
 /* Writes "NAME (sm_XY, N MiB)" for device index, or the driver's error. */
 void rp_cuda_device_describe(int index, char *out, size_t out_size);
+/* Makes index the calling thread's device; 0 on success, else the driver's
+ * error code (message in out). */
+int rp_cuda_device_select(int index, char *out, size_t out_size);
+/* "CUDA runtime X.Y, driver X.Y". */
+void rp_cuda_versions(char *out, size_t out_size);
 
 #ifdef __cplusplus
 }

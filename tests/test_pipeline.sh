@@ -82,11 +82,16 @@ for kind in gpipe 1f1b; do
     done
 done
 
-check "an uneven explicit split (--stage-layers 1,3) and the printed map"
-train uneven 2 --pp 2 --stage-layers 1,3 --micro-batch 2
+check "an uneven explicit split (--stage-layers 1,3), the printed map and per-rank logs"
+train uneven 2 --pp 2 --stage-layers 1,3 --micro-batch 2 --log-dir "$T/logs"
 same_run uneven
 grep -q "stage  1  layers  1-3" "$T/stderr" || fail "the rank map does not show stage 1 = layers 1-3"
-ok "map printed"
+grep -q "rank 0/2 on .*: stage 0 (layers 0-0), replica 0, device cpu, 1 thread, .*MPI" "$T/stderr" ||
+    fail "no start-up line of rank 0"
+grep -q "rank 1/2 on .*: stage 1 (layers 1-3)" "$T/logs/rank-00001.log" ||
+    fail "rank 1's start-up line is not in its log"
+grep -q "^step 10/10" "$T/logs/rank-00000.log" || fail "rank 0's log lacks the progress lines"
+ok "map, start-up lines and --log-dir files"
 
 check "a map that does not cover every layer exactly once is refused"
 for bad in 2,1 2,3 4 1,1,2 0,4; do

@@ -1,6 +1,8 @@
 /* Shared CLI helpers (cli.h). */
 #include "cli/cli.h"
 
+#include "config.h"
+
 #include <sched.h>
 
 #include <errno.h>
@@ -13,7 +15,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/version.h"
 #include "model/init.h"
+#ifdef RP_HAVE_CUDA
+#include "cuda_device.h"
+#endif
 #include "infer/tokenizer.h"
 #include "train/tokenize.h"
 
@@ -49,6 +55,98 @@ void cli_fatal_error(const rp_cli *cli, const rp_error *err) { cli_fatal(cli, "%
 void cli_set_stage(rp_cli *cli, int stage) {
     cli->has_stage = 1;
     cli->stage = stage;
+}
+
+static int local_rank_and_size(int *local_size) {
+    MPI_Comm node;
+    int local = 0;
+    *local_size = 1;
+    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) ==
+        MPI_SUCCESS) {
+        MPI_Comm_rank(node, &local);
+        MPI_Comm_size(node, local_size);
+        MPI_Comm_free(&node);
+    }
+    return local;
+}
+
+void cli_rank_startup(const rp_cli *cli, int stage, int replica, int layer_begin, int layer_end,
+                      int threads) {
+    int local_size;
+    const int local = local_rank_and_size(&local_size);
+    char host[64] = "";
+    gethostname(host, sizeof host - 1);
+    char mpi[MPI_MAX_LIBRARY_VERSION_STRING] = "";
+    int len = 0;
+    MPI_Get_library_version(mpi, &len);
+    char *nl = strchr(mpi, '\n');
+    if (nl) *nl = '\0';
+    char *comma = strchr(mpi, ',');
+    if (comma) *comma = '\0';  /* "Open MPI v4.1.4" without the package details */
+    char device[256] = "cpu";
+#ifdef RP_HAVE_CUDA
+    int n = rp_cuda_device_count();
+    if (n > 0) {
+        int index = n == 1 ? 0 : local % n;
+        char desc[200], versions[100];
+        if (rp_cuda_device_select(index, desc, sizeof desc) != 0)
+            cli_fatal(cli, "rank %d (local rank %d): %s", cli->mpi_rank, local, desc);
+        rp_cuda_device_describe(index, desc, sizeof desc);
+        rp_cuda_versions(versions, sizeof versions);
+        snprintf(device, sizeof device, "gpu %d: %s, %s", index, desc, versions);
+    }
+#endif
+    fprintf(stderr, "rwkvpipe %s: rank %d/%d on %s (local %d/%d): stage %d (layers %d-%d), "
+            "replica %d, device %s, %d thread%s, %s, %s\n", cli->command, cli->mpi_rank,
+            cli->mpi_size, host, local, local_size, stage, layer_begin, layer_end - 1, replica,
+            device, threads, threads == 1 ? "" : "s", mpi, rp_build_description());
+    fflush(stderr);
+}
+
+/* A FILE that writes to two others (rank 0's progress: terminal and log). */
+typedef struct {
+    FILE *a, *b;
+} tee_files;
+
+static ssize_t tee_write(void *cookie, const char *buf, size_t size) {
+    tee_files *t = cookie;
+    fwrite(buf, 1, size, t->a);
+    fflush(t->a);
+    fwrite(buf, 1, size, t->b);
+    fflush(t->b);
+    return (ssize_t)size;
+}
+
+static int tee_close(void *cookie) {
+    tee_files *t = cookie;
+    fclose(t->b);
+    free(t);
+    return 0;
+}
+
+FILE *cli_open_rank_logs(const rp_cli *cli, const char *dir) {
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+        cli_fatal(cli, "--log-dir: cannot create %s: %s", dir, strerror(errno));
+    char path[4096];
+    snprintf(path, sizeof path, "%s/rank-%05d.log", dir, cli->mpi_rank);
+    if (cli->mpi_rank != 0) {
+        if (!freopen(path, "a", stderr)) {
+            /* stderr is gone; nothing left to report the problem on. */
+            exit(1);
+        }
+        setvbuf(stderr, NULL, _IOLBF, 0);
+        return NULL;
+    }
+    FILE *file = fopen(path, "a");
+    if (!file) cli_fatal(cli, "--log-dir: cannot open %s: %s", path, strerror(errno));
+    tee_files *t = malloc(sizeof *t);
+    t->a = stderr;
+    t->b = file;
+    cookie_io_functions_t io = {.write = tee_write, .close = tee_close};
+    FILE *tee = fopencookie(t, "w", io);
+    if (!tee) cli_fatal(cli, "--log-dir: fopencookie failed");
+    setvbuf(tee, NULL, _IOLBF, 0);
+    return tee;
 }
 
 int cli_threads_per_rank(void) {

@@ -20,6 +20,18 @@ typedef struct {
 
 /* Messages from this rank name its pipeline stage from now on. */
 void cli_set_stage(rp_cli *cli, int stage);
+/* Start-up report of a parallel job: the rank's place on its node (local
+ * rank from an MPI_COMM_TYPE_SHARED split), the GPU it takes in CUDA builds
+ * (local rank modulo the visible devices, device 0 when one is visible) and
+ * one line per rank on stderr: host, rank, stage, replica, device, threads,
+ * MPI/CUDA/rwkvpipe versions. Collective over MPI_COMM_WORLD. */
+void cli_rank_startup(const rp_cli *cli, int stage, int replica, int layer_begin, int layer_end,
+                      int threads);
+/* --log-dir: ranks other than 0 send their stderr to DIR/rank-NNNNN.log;
+ * rank 0 keeps the terminal and gets a FILE that writes progress lines to
+ * both (returned; NULL on other ranks). DIR is created if missing. */
+FILE *cli_open_rank_logs(const rp_cli *cli, const char *dir);
+
 /* CPU threads for one rank: the cores this process may run on, shared with
  * the other ranks on the same node (collective over MPI_COMM_WORLD). */
 int cli_threads_per_rank(void);
@@ -76,5 +88,6 @@ int cmd_tokenize(rp_cli *cli, int argc, char **argv);
 int cmd_train(rp_cli *cli, int argc, char **argv);
 int cmd_eval(rp_cli *cli, int argc, char **argv);
 int cmd_schedule(rp_cli *cli, int argc, char **argv);
+int cmd_serve(rp_cli *cli, int argc, char **argv);
 
 #endif

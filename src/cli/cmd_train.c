@@ -3,6 +3,7 @@
  * under mpirun as a grid of pipeline stages x data replicas
  * (docs/parallelism.md). */
 #include <getopt.h>
+#include <omp.h>
 #include <signal.h>
 #include <mpi.h>
 #include <libgen.h>
@@ -93,6 +94,8 @@ static void train_usage(FILE *out) {
             "  --pp-schedule K      1f1b (default) or gpipe\n"
             "  --halt-on-nan        stop at the first NaN/inf loss or gradient (default)\n"
             "  --no-halt-on-nan     skip such a step instead (weights and moments unchanged)\n"
+            "  --log-dir DIR        per-rank logs DIR/rank-NNNNN.log (rank 0 also keeps\n"
+            "                       printing progress on the terminal)\n"
             "  --comm-timeout S     fail when a stage waits S seconds on a peer (default 300;\n"
             "                       0 = never)\n"
             "  --threads N          CPU threads per rank (default: all cores / ranks on the\n"
@@ -125,6 +128,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"pp", required_argument, 0, 'P'},          {"stage-layers", required_argument, 0, 'A'},
         {"pp-schedule", required_argument, 0, 'B'}, {"comm-timeout", required_argument, 0, 'O'},
         {"halt-on-nan", no_argument, 0, 'H'},       {"no-halt-on-nan", no_argument, 0, 'N'},
+        {"log-dir", required_argument, 0, 'g'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
     rp_train_options_defaults(&o);
@@ -135,7 +139,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     const char *vocab = "bytes";
     long long run_tokens = 0;
     int n_paths = 0, micro_batch = 0, pp = 1;
-    const char *stage_layers = NULL;
+    const char *stage_layers = NULL, *log_dir = NULL;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "ho:q", longopts, NULL)) != -1) {
@@ -193,6 +197,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
             break;
         }
         case 'H': o.halt_on_nan = 1; break;
+        case 'g': log_dir = optarg; break;
         case 'N': o.halt_on_nan = 0; break;
         case 'O': o.comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e9); break;
         case 'h': train_usage(stdout); free(paths); return 0;
@@ -204,6 +209,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         cli_fatal(cli, "--pp %d does not divide the %d ranks: run with a multiple of the "
                   "pipeline depth (ranks = stages x data replicas)", pp, cli->mpi_size);
     const int dp = cli->mpi_size / pp;
+    FILE *rank0_log = log_dir ? cli_open_rank_logs(cli, log_dir) : NULL;
+    if (rank0_log && o.progress) o.progress = rank0_log;
     if (cli->mpi_rank != 0) o.progress = NULL;
     o.micro_batch = micro_batch ? micro_batch : o.batch_size;
     if (run_tokens > 0) {
@@ -283,6 +290,9 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         cli_set_stage(&quiet, grid.stage);
     }
     if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
+    if (cli->mpi_size > 1)
+        cli_rank_startup(cli, grid.stage, grid.replica, layer_begin, layer_end,
+                         mo.threads ? mo.threads : omp_get_max_threads());
     const int has_embed = layer_begin == 0, has_head = layer_end == mcfg.n_layer;
     if (o.resume_path) {
         if (rp_model_alloc(&model, &mcfg, layer_begin, layer_end, has_embed, has_head, be,
@@ -351,5 +361,6 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (o.grid) rp_grid_free(&grid);
     free(layers);
     free(paths);
+    if (rank0_log) fclose(rank0_log);
     return 0;
 }
