@@ -83,7 +83,7 @@ void cli_rank_startup(const rp_cli *cli, int stage, int replica, int layer_begin
     if (nl) *nl = '\0';
     char *comma = strchr(mpi, ',');
     if (comma) *comma = '\0';  /* "Open MPI v4.1.4" without the package details */
-    char device[256] = "cpu";
+    char device[512] = "cpu";
 #ifdef RP_HAVE_CUDA
     int n = rp_cuda_device_count();
     if (n > 0) {
