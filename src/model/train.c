@@ -113,11 +113,60 @@ nomem:
                         max_rows, n_layers, c->n_embd);
 }
 
+rp_status rp_train_workspace_alloc_stash(rp_train_workspace *tw, const rp_model *m,
+                                         int max_rows, int max_seqs,
+                                         const rp_train_workspace *share, rp_error *err) {
+    memset(tw, 0, sizeof *tw);
+    rp_backend *be = m->be;
+    const rp_config *c = &m->cfg;
+    if (max_rows < 1 || max_seqs < 1 || max_seqs > max_rows || max_rows > share->max_rows ||
+        max_seqs > share->max_seqs)
+        return rp_error_set(err, RP_ERR_ARG, "stash slot for %d rows in %d sequences does not fit "
+                            "the shared workspace", max_rows, max_seqs);
+    /* Everything shared first, then this slot's own buffers on top. */
+    *tw = *share;
+    tw->scratch_base = NULL;
+    tw->layers = NULL;
+    tw->layer_blocks = NULL;
+    size_t R = (size_t)max_rows, C = c->n_embd, pad = 16;
+    size_t blocks = R / RP_WKV_CHUNK + (size_t)max_seqs;
+    int n_layers = m->layer_end - m->layer_begin;
+    tw->layers = rp_calloc((size_t)n_layers + 1, sizeof *tw->layers, "activations", err);
+    tw->layer_blocks = rp_calloc((size_t)n_layers + 1, sizeof(float *), "activations", err);
+    if (!tw->layers || !tw->layer_blocks) goto nomem;
+    size_t per_layer = layer_activation_floats(c, R, blocks);
+    for (int i = 0; i < n_layers; i++) {
+        tw->layer_blocks[i] = be->alloc(be, per_layer * sizeof(float));
+        if (!tw->layer_blocks[i]) goto nomem;
+        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], c, R, blocks);
+    }
+    size_t floats = 5 * (R * C + pad) + 2 * (R + pad);
+    tw->own_base = be->alloc(be, floats * sizeof(float));
+    if (!tw->own_base) goto nomem;
+    float *p = tw->own_base;
+    tw->x = carve(&p, R * C);
+    tw->v_first = carve(&p, R * C);
+    tw->dx = carve(&p, R * C);
+    tw->dv_first = carve(&p, R * C);
+    if (m->has_embed) {
+        tw->emb_rows = carve(&p, R * C);
+        tw->ln0_mean = carve(&p, R);
+        tw->ln0_rstd = carve(&p, R);
+    }
+    return RP_OK;
+nomem:
+    rp_train_workspace_free(tw, be);
+    return rp_error_set(err, RP_ERR_NOMEM,
+                        "cannot allocate a stash slot for %d rows x %d layers (C=%d)", max_rows,
+                        n_layers, c->n_embd);
+}
+
 void rp_train_workspace_free(rp_train_workspace *tw, rp_backend *be) {
     if (tw->layer_blocks)
         for (int i = 0; i < tw->layer_end - tw->layer_begin; i++)
             if (tw->layer_blocks[i]) be->free(be, tw->layer_blocks[i]);
     if (tw->scratch_base) be->free(be, tw->scratch_base);
+    if (tw->own_base) be->free(be, tw->own_base);
     free(tw->layer_blocks);
     free(tw->layers);
     memset(tw, 0, sizeof *tw);

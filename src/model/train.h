@@ -25,11 +25,20 @@ typedef struct {
     float *dx, *dv_first, *dprev, *dxa, *dxc, *xc, *dr, *dk, *dv, *dkk, *da, *dw_raw,
         *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn, *dlogits;
     float *scratch_base;
+    float *own_base;                /* a stash slot's own buffers (scratch is shared) */
 } rp_train_workspace;
 
 /* Room for batches of up to max_rows rows in up to max_seqs sequences. */
 rp_status rp_train_workspace_alloc(rp_train_workspace *tw, const rp_model *m, int max_rows,
                                    int max_seqs, rp_error *err);
+/* A pipeline stash slot: its own saved activations (per layer, the stream x,
+ * v_first, dx, d v_first and the embedding's), while the backward scratch
+ * and the head's buffers (logits, ln_out) are those of `share`, which must
+ * outlive it. Valid when the head's backward runs right after its forward
+ * (the executor does so), since the head buffers are then never kept. */
+rp_status rp_train_workspace_alloc_stash(rp_train_workspace *tw, const rp_model *m,
+                                         int max_rows, int max_seqs,
+                                         const rp_train_workspace *share, rp_error *err);
 void rp_train_workspace_free(rp_train_workspace *tw, rp_backend *be);
 
 /* Zeroes every owned gradient buffer of grads (an rp_model used as storage). */

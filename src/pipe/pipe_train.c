@@ -52,8 +52,12 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
         rp_pipe_trainer_free(pt);
         return rp_error_set(err, RP_ERR_NOMEM, "pipeline buffers for %d micro-batches", n_micro);
     }
+    /* Slot 0 owns the scratch and head buffers; the others keep only what
+     * a micro-batch needs between its forward and its backward. */
     for (int i = 0; i < pt->n_stash; i++)
-        if ((st = rp_train_workspace_alloc(&pt->stash[i], model, R, micro_seqs, err)) != RP_OK) {
+        if ((st = i == 0 ? rp_train_workspace_alloc(&pt->stash[0], model, R, micro_seqs, err)
+                         : rp_train_workspace_alloc_stash(&pt->stash[i], model, R, micro_seqs,
+                                                          &pt->stash[0], err)) != RP_OK) {
             rp_pipe_trainer_free(pt);
             return rp_error_prefix(err, "activation stash %d of %d", i + 1, pt->n_stash);
         }
@@ -77,7 +81,8 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
 
 void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
     rp_backend *be = pt->model ? pt->model->be : NULL;
-    for (int i = 0; pt->stash && i < pt->n_stash; i++)
+    /* Slot 0 last: the others borrow its scratch. */
+    for (int i = pt->n_stash - 1; pt->stash && i >= 0; i--)
         rp_train_workspace_free(&pt->stash[i], be);
     if (be && pt->state.data) be->free(be, pt->state.data);
     if (be && pt->dstate.data) be->free(be, pt->dstate.data);
@@ -211,9 +216,13 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 break;
             for (int l = m->layer_begin; l < m->layer_end; l++)
                 rp_train_block_forward(m, tw, l, &pt->state, &pt->batch);
-            if (m->has_head)
+            if (m->has_head) {
+                /* The head's backward right away: only d x is kept until
+                 * this micro-batch's BWD, never its [R, V] logits. */
                 local_loss += rp_train_head_forward(m, tw, targets + (size_t)mb * R, &pt->batch,
                                                     loss_scale, l2wrap_factor);
+                rp_train_head_backward(m, pt->grads, tw, &pt->batch);
+            }
             be->synchronize(be);
             pt->busy_seconds += now_seconds() - t0;
             break;
@@ -228,7 +237,6 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         case RP_OP_BWD: {
             if ((st = wait_pending(pt, in->buffer, err)) != RP_OK) break;
             const double t0 = now_seconds();
-            if (m->has_head) rp_train_head_backward(m, pt->grads, tw, &pt->batch);
             /* Each sequence ends with the micro-batch: d(final state) = 0. */
             be->fill_zero(be, pt->dstate.data, state_bytes);
             for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
