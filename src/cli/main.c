@@ -23,6 +23,7 @@ static const subcommand commands[] = {
     {"train", cmd_train, 1, "train a model (official RWKV-7 recipe) on shards or a synthetic task"},
     {"eval", cmd_eval, 1, "loss, perplexity and accuracy on token shards or a synthetic task"},
     {"generate", cmd_generate, 1, "generate text from a prompt (streams to stdout)"},
+    {"serve", cmd_serve, 1, "serve a model over HTTP (OpenAI-compatible API, streaming, sessions)"},
     {"logits", cmd_logits, 1, "exact logits and final state for a token sequence"},
     {"info", cmd_info, 0, "print a model's config, parameter count and state size"},
     {"init", cmd_init, 0, "create a model with the official RWKV-7 initialisation"},

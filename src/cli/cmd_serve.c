@@ -1,0 +1,322 @@
+/* rwkvpipe serve: the generation engine behind an OpenAI-compatible HTTP
+ * service (docs/serving.md). Under mpirun with --pp P every rank loads its
+ * stage's layers and runs the engine; rank 0 also serves HTTP (src/serve/
+ * http.c) from its own threads while its main thread drives the engine.
+ * SIGTERM / SIGINT: stop accepting, running requests end as cancelled, every
+ * stage shuts down, exit 0. */
+#include <getopt.h>
+#include <libgen.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "infer/tokenizer.h"
+#include "model/init.h"
+#include "pipe/grid.h"
+#include "serve/engine.h"
+#include "serve/http.h"
+
+static void serve_usage(FILE *out) {
+    fprintf(out,
+            "usage: rwkvpipe serve (--model M.safetensors | --model-config NAME) [options]\n"
+            "       mpirun -np P rwkvpipe serve --pp P --model M.safetensors [options]\n"
+            "Serves the model over HTTP: POST /v1/completions, /v1/chat/completions (JSON or\n"
+            "streamed as Server-Sent Events), GET /v1/models, /health, /metrics, and\n"
+            "/v1/sessions/NAME/{save,load} (see docs/serving.md). Stops on SIGTERM/SIGINT.\n"
+            "Model:\n"
+            "  --model FILE             safetensors weights (official or HF/fla names)\n"
+            "  --model-config NAME      a built-in shape with the official init instead: %s\n"
+            "  --init-seed S            seed of that init (default 1)\n"
+            "  --vocab V                'bytes' or a World vocabulary file; default 'bytes'\n"
+            "                           for models with at most 256 tokens\n"
+            "  --model-id ID            the model's name in the API (default: the file name\n"
+            "                           or the config name)\n"
+            "HTTP:\n"
+            "  --host H                 address to listen on (default 127.0.0.1)\n"
+            "  --port P                 port (default 8000; 0 = any free port, printed)\n"
+            "  --api-key K              require 'Authorization: Bearer K' (also from the\n"
+            "                           RWKVPIPE_API_KEY environment variable)\n"
+            "  --session-dir DIR        session files are relative paths under DIR (default .)\n"
+            "  -v, --verbose            one line per request on stderr\n"
+            "Limits:\n"
+            "  --max-body-bytes N       request body size, 413 above (default 1048576)\n"
+            "  --max-prompt-tokens N    prompt tokens per request, 400 above (default 16384)\n"
+            "  --max-tokens-limit N     largest max_tokens a request may ask (default 4096)\n"
+            "  --default-max-tokens N   max_tokens when a request gives none (default 256)\n"
+            "  --max-connections N      open HTTP connections at once (default 256)\n"
+            "Engine:\n"
+            "  --slots N                generations at once (default 16)\n"
+            "  --max-queue N            requests waiting for a slot; more get 429 (default 64)\n"
+            "  --prefill-chunk N        prompt tokens per prefill unit (default 256)\n"
+            "  --session-budget-mb N    memory for stored session states per stage (default 256)\n"
+            "  --comm-timeout S         fail when a stage waits S seconds on a peer (default 300)\n"
+            "  --pp P                   pipeline stages (run under mpirun -np P)\n"
+            "  --stage-layers LIST      layers per stage, e.g. 2,2 (default: balanced by cost)\n"
+            "  --threads N              CPU threads per rank (default: cores / ranks on the node)\n"
+            "  -h, --help               this text\n",
+            rp_config_builtin_names());
+}
+
+/* Set before the handlers are installed; the handler only calls the two
+ * async-signal-safe stop functions. */
+static rp_engine *volatile serve_engine;
+static rp_http_server *volatile serve_http;
+static volatile sig_atomic_t serve_signals;
+
+static void on_stop_signal(int sig) {
+    (void)sig;
+    if (serve_signals++ > 0) {
+        static const char msg[] = "rwkvpipe serve: second signal, exiting now\n";
+        ssize_t w = write(2, msg, sizeof msg - 1);
+        (void)w;
+        _exit(130);
+    }
+    if (serve_http) rp_http_begin_stop(serve_http);
+    if (serve_engine) rp_engine_shutdown(serve_engine);
+}
+
+static void log_to_stderr(void *user, const char *line) {
+    const rp_cli *cli = user;
+    fprintf(stderr, "rwkvpipe %s: %s\n", cli->command, line);
+}
+
+int cmd_serve(rp_cli *cli, int argc, char **argv) {
+    enum {
+        O_MODEL = 1000, O_CONFIG, O_SEED, O_VOCAB, O_ID, O_HOST, O_PORT, O_KEY, O_SESSION_DIR,
+        O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
+        O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS
+    };
+    static const struct option longopts[] = {
+        {"model", required_argument, 0, O_MODEL},
+        {"model-config", required_argument, 0, O_CONFIG},
+        {"init-seed", required_argument, 0, O_SEED},
+        {"vocab", required_argument, 0, O_VOCAB},
+        {"model-id", required_argument, 0, O_ID},
+        {"host", required_argument, 0, O_HOST},
+        {"port", required_argument, 0, O_PORT},
+        {"api-key", required_argument, 0, O_KEY},
+        {"session-dir", required_argument, 0, O_SESSION_DIR},
+        {"max-body-bytes", required_argument, 0, O_BODY},
+        {"max-prompt-tokens", required_argument, 0, O_PROMPT},
+        {"max-tokens-limit", required_argument, 0, O_TOKENS},
+        {"default-max-tokens", required_argument, 0, O_DEFAULT_TOKENS},
+        {"max-connections", required_argument, 0, O_CONNECTIONS},
+        {"slots", required_argument, 0, O_SLOTS},
+        {"max-queue", required_argument, 0, O_QUEUE},
+        {"prefill-chunk", required_argument, 0, O_CHUNK},
+        {"session-budget-mb", required_argument, 0, O_BUDGET},
+        {"comm-timeout", required_argument, 0, O_TIMEOUT},
+        {"pp", required_argument, 0, O_PP},
+        {"stage-layers", required_argument, 0, O_STAGE_LAYERS},
+        {"threads", required_argument, 0, O_THREADS},
+        {"verbose", no_argument, 0, 'v'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    cli_model_options mo = {.init_seed = 1};
+    const char *vocab = NULL, *model_id = NULL, *stage_layers = NULL;
+    rp_http_config hc;
+    rp_http_config_defaults(&hc);
+    hc.api_key = getenv("RWKVPIPE_API_KEY");
+    rp_engine_config ec;
+    rp_engine_config_defaults(&ec);
+    ec.comm_timeout = 300;
+    int pp = 1;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "hv", longopts, NULL)) != -1) {
+        switch (c) {
+        case O_MODEL: mo.model_path = optarg; break;
+        case O_CONFIG: mo.config_name = optarg; break;
+        case O_SEED: mo.init_seed = cli_parse_u64(cli, "--init-seed", optarg); break;
+        case O_VOCAB: vocab = optarg; break;
+        case O_ID: model_id = optarg; break;
+        case O_HOST: hc.host = optarg; break;
+        case O_PORT: hc.port = (int)cli_parse_int(cli, "--port", optarg, 0, 65535); break;
+        case O_KEY: hc.api_key = optarg; break;
+        case O_SESSION_DIR: hc.session_dir = optarg; break;
+        case O_BODY:
+            hc.max_body_bytes = (size_t)cli_parse_int(cli, "--max-body-bytes", optarg, 64, 1LL << 34);
+            break;
+        case O_PROMPT:
+            hc.max_prompt_tokens = (int)cli_parse_int(cli, "--max-prompt-tokens", optarg, 1, 1 << 30);
+            break;
+        case O_TOKENS:
+            hc.max_tokens_limit = (int)cli_parse_int(cli, "--max-tokens-limit", optarg, 0, 1 << 30);
+            break;
+        case O_DEFAULT_TOKENS:
+            hc.default_max_tokens = (int)cli_parse_int(cli, "--default-max-tokens", optarg, 0, 1 << 30);
+            break;
+        case O_CONNECTIONS:
+            hc.max_connections = (int)cli_parse_int(cli, "--max-connections", optarg, 1, 65536);
+            break;
+        case O_SLOTS: ec.n_slots = (int)cli_parse_int(cli, "--slots", optarg, 1, 1 << 16); break;
+        case O_QUEUE: ec.max_queue = (int)cli_parse_int(cli, "--max-queue", optarg, 0, 1 << 20); break;
+        case O_CHUNK:
+            ec.prefill_chunk = (int)cli_parse_int(cli, "--prefill-chunk", optarg, 1, 1 << 20);
+            break;
+        case O_BUDGET:
+            ec.session_budget_bytes =
+                (size_t)cli_parse_int(cli, "--session-budget-mb", optarg, 0, 1 << 24) << 20;
+            break;
+        case O_TIMEOUT: ec.comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e6); break;
+        case O_PP: pp = (int)cli_parse_int(cli, "--pp", optarg, 1, RP_GRID_MAX_STAGES); break;
+        case O_STAGE_LAYERS: stage_layers = optarg; break;
+        case O_THREADS: mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
+        case 'v': hc.log_requests = 1; break;
+        case 'h': serve_usage(stdout); return 0;
+        default: serve_usage(stderr); return 2;
+        }
+    }
+    if (optind < argc) cli_fatal(cli, "unexpected argument '%s'", argv[optind]);
+    if (!mo.model_path == !mo.config_name)
+        cli_fatal(cli, "give exactly one of --model FILE and --model-config NAME");
+    if (cli->mpi_size != pp)
+        cli_fatal(cli, "--pp %d needs exactly %d ranks (mpirun -np %d), got %d", pp, pp, pp,
+                  cli->mpi_size);
+    if (stage_layers && pp == 1) cli_fatal(cli, "--stage-layers needs --pp");
+    if (hc.default_max_tokens > hc.max_tokens_limit) hc.default_max_tokens = hc.max_tokens_limit;
+    /* SIGINT/SIGTERM stay blocked in every thread started from here on
+     * (compute and HTTP threads); the main thread takes them once it drives
+     * the engine, so the handler never runs beside the code that frees what
+     * it touches. */
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
+    if (mo.threads == 0 && cli->mpi_size > 1) mo.threads = cli_threads_per_rank();
+    ec.threads = mo.threads;
+
+    /* This stage's part of the model (all of it for one process). */
+    rp_backend *be;
+    rp_model model;
+    rp_error err;
+    rp_grid grid;
+    int have_grid = 0;
+    if (pp > 1) {
+        rp_config full;
+        if (mo.model_path) {
+            rp_st_file f;
+            rp_naming naming;
+            if (rp_st_open(&f, mo.model_path, &err) != RP_OK ||
+                rp_config_from_safetensors(&f, &full, &naming, &err) != RP_OK)
+                cli_fatal_error(cli, &err);
+            rp_st_close(&f);
+        } else if (rp_config_builtin(&full, mo.config_name, 0, &err) != RP_OK) {
+            cli_fatal_error(cli, &err);
+        }
+        int *layers = calloc((size_t)pp, sizeof(int));
+        if (!layers) cli_fatal(cli, "out of memory");
+        if ((stage_layers ? rp_partition_parse(stage_layers, &full, pp, layers, &err)
+                          : rp_partition_balanced(&full, pp, layers, &err)) != RP_OK ||
+            rp_grid_create(&grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
+        free(layers);
+        have_grid = 1;
+        cli_set_stage(cli, grid.stage);
+        rp_grid_print_map(&grid, stderr);
+        const int begin = grid.layer_begin[grid.stage], end = grid.layer_end[grid.stage];
+        if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
+        if (mo.model_path) {
+            cli_info(cli, "loading %s", mo.model_path);
+            if (rp_model_load(&model, mo.model_path, begin, end, be, &err) != RP_OK)
+                cli_fatal_error(cli, &err);
+        } else {
+            cli_info(cli, "creating built-in model '%s' with the official RWKV-7 init (seed %llu)",
+                     mo.config_name, (unsigned long long)mo.init_seed);
+            /* counter-based init: every stage builds exactly its slice of one model */
+            if (rp_model_alloc(&model, &full, begin, end, begin == 0, end == full.n_layer, be,
+                               &err) != RP_OK ||
+                rp_model_init_official(&model, mo.init_seed, &err) != RP_OK)
+                cli_fatal_error(cli, &err);
+        }
+    } else {
+        cli_load_model(cli, &mo, &be, &model);
+    }
+    const rp_config *cfg = &model.cfg;
+
+    /* Rank 0 talks to clients: it needs the tokenizer. */
+    rp_tokenizer *tok = NULL;
+    if (cli->mpi_rank == 0) {
+        if (!vocab) {
+            if (cfg->vocab_size > 256)
+                cli_fatal(cli, "this model has a %d-token vocabulary: pass --vocab with its "
+                          "vocabulary file (e.g. rwkv_vocab_v20230424.txt)", cfg->vocab_size);
+            vocab = "bytes";
+        }
+        if (rp_tokenizer_open(&tok, vocab, &err) != RP_OK) cli_fatal_error(cli, &err);
+        if (rp_tokenizer_n_ids(tok) > cfg->vocab_size)
+            cli_fatal(cli, "vocabulary '%s' has %d ids but the model only %d", vocab,
+                      rp_tokenizer_n_ids(tok), cfg->vocab_size);
+    }
+
+    rp_engine *engine;
+    if (rp_engine_create(&engine, &model, have_grid ? &grid : NULL, &ec, &err) != RP_OK)
+        cli_fatal_error(cli, &err);
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sigemptyset(&sa.sa_mask);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+    if (cli->mpi_rank != 0) {
+        /* Rank 0 orchestrates the shutdown: a stage that stopped on its own
+         * would leave the pipeline hanging. */
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGTERM, &sa, NULL);
+        rp_status st = rp_engine_run(engine, &err);
+        if (st != RP_OK) cli_fatal_error(cli, &err);
+        rp_engine_free(engine);
+        rp_model_free(&model);
+        rp_cpu_backend_destroy(be);
+        if (have_grid) rp_grid_free(&grid);
+        return 0;
+    }
+
+    char id_buf[4096];
+    if (!model_id) {
+        if (mo.model_path) {
+            snprintf(id_buf, sizeof id_buf, "%s", mo.model_path);
+            model_id = basename(id_buf);
+        } else {
+            model_id = mo.config_name;
+        }
+    }
+    hc.model_id = model_id;
+    hc.log = log_to_stderr;
+    hc.log_user = cli;
+    rp_http_server *http;
+    serve_engine = engine;
+    if (rp_http_start(&http, engine, tok, &hc, &err) != RP_OK) cli_fatal_error(cli, &err);
+    serve_http = http;
+    sa.sa_handler = on_stop_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, NULL);
+
+    int ipv6 = strchr(hc.host, ':') != NULL;
+    cli_info(cli, "model '%s': %d layers, C=%d, V=%d (%.1f M params), %d stage%s, %d slots, "
+             "vocab %s", model_id, cfg->n_layer, cfg->n_embd, cfg->vocab_size,
+             rp_config_param_count(cfg) / 1e6, pp, pp == 1 ? "" : "s", ec.n_slots,
+             rp_tokenizer_kind(tok));
+    printf("rwkvpipe serve: listening on http://%s%s%s:%d (pid %ld)\n", ipv6 ? "[" : "", hc.host,
+           ipv6 ? "]" : "", rp_http_port(http), (long)getpid());
+    fflush(stdout);
+
+    rp_status st = rp_engine_run(engine, &err);
+    rp_http_begin_stop(http);
+    serve_http = NULL;
+    rp_http_stop(http);  /* waits for the connection threads: their jobs have ended */
+    if (st != RP_OK) cli_fatal_error(cli, &err);
+    cli_info(cli, "stopped");
+    serve_engine = NULL;
+    rp_engine_free(engine);
+    rp_tokenizer_free(tok);
+    rp_model_free(&model);
+    rp_cpu_backend_destroy(be);
+    if (have_grid) rp_grid_free(&grid);
+    return 0;
+}

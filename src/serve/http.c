@@ -1,0 +1,1642 @@
+/* The HTTP service (see http.h for the threading and docs/serving.md for the
+ * API): request parsing and validation, prompt building, one engine job per
+ * generation request, incremental detokenisation with stop strings
+ * (src/serve/text.c), JSON and SSE responses, sessions, metrics. Every
+ * request body is untrusted: sizes are checked before use, every field is
+ * type-checked, and a bad request gets a 4xx JSON error, never a crash. */
+#include "serve/http.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "serve/text.h"
+
+#define READ_BATCH 256          /* tokens taken from the engine at once */
+#define WAIT_SLICE_MS 50        /* how often a waiting handler looks at its socket */
+#define STOP_GRACE_SECONDS 5.0  /* after rp_http_begin_stop, jobs still running are cancelled */
+#define MAX_MESSAGES 4096
+#define MAX_SESSION_ENTRIES 4096
+
+/* HTTP status codes the metrics count. */
+static const int counted_codes[] = {200, 400, 401, 404, 405, 409, 413, 429, 500, 503};
+#define N_COUNTED_CODES ((int)(sizeof counted_codes / sizeof counted_codes[0]))
+
+/* What the HTTP layer knows of a stored session: the last bytes of the text
+ * its state has read (a chat turn continues at a blank line), and whether a
+ * request is using it now (two at once would race on the stored state). */
+typedef struct {
+    char name[RP_ENGINE_SESSION_NAME_MAX];
+    char tail[2];
+    int tail_len;
+    int stored;       /* a turn of ours stored it (the engine may still be storing it) */
+    int busy;
+    unsigned long last_use;
+} session_entry;
+
+struct rp_http_server {
+    struct MHD_Daemon *daemon;
+    rp_engine *engine;
+    const rp_tokenizer *tok;
+    rp_http_config cfg;
+    char *host, *api_key, *model_id, *session_dir;
+    int port;
+    int vocab_size;
+    time_t created;
+    atomic_int stopping;
+    atomic_llong stop_seen_ms;  /* when a handler first saw `stopping` (0 = not yet) */
+    atomic_ulong next_id;
+    atomic_long responses[N_COUNTED_CODES + 1];  /* last: any other code */
+    atomic_long active_connections;
+    atomic_int active_generations;  /* gen_ctx alive (a stream: until its last byte is sent) */
+    pthread_mutex_t lock;       /* sessions[] */
+    session_entry *sessions;
+    int n_sessions;
+    unsigned long use_counter;
+};
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void log_line(rp_http_server *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void log_line(rp_http_server *s, const char *fmt, ...) {
+    if (!s->cfg.log) return;
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    s->cfg.log(s->cfg.log_user, line);
+}
+
+static void mhd_logger(void *cls, const char *fmt, va_list ap) {
+    rp_http_server *s = cls;
+    if (!s->cfg.log) return;
+    char line[1024];
+    vsnprintf(line, sizeof line, fmt, ap);
+    size_t n = strlen(line);
+    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
+    s->cfg.log(s->cfg.log_user, line);
+}
+
+void rp_http_config_defaults(rp_http_config *c) {
+    memset(c, 0, sizeof *c);
+    c->host = "127.0.0.1";
+    c->port = 8000;
+    c->model_id = "rwkv";
+    c->session_dir = ".";
+    c->max_body_bytes = (size_t)1 << 20;
+    c->max_prompt_tokens = 16384;
+    c->max_tokens_limit = 4096;
+    c->default_max_tokens = 256;
+    c->max_connections = 256;
+}
+
+/* ---- responses ------------------------------------------------------------ */
+
+static void count_response(rp_http_server *s, int status) {
+    int i = 0;
+    while (i < N_COUNTED_CODES && counted_codes[i] != status) i++;
+    atomic_fetch_add(&s->responses[i], 1);
+}
+
+static enum MHD_Result send_text(rp_http_server *s, struct MHD_Connection *conn, int status,
+                                 const char *content_type, char *body, size_t len) {
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+    if (status == 401) MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
+    MHD_destroy_response(r);
+    count_response(s, status);
+    return ret;
+}
+
+/* Takes ownership of json. */
+static enum MHD_Result send_json(rp_http_server *s, struct MHD_Connection *conn, int status,
+                                 json_t *json) {
+    char *body = json ? json_dumps(json, JSON_COMPACT) : NULL;
+    json_decref(json);
+    if (!body) {
+        body = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\","
+                      "\"code\":\"internal\"}}");
+        status = 500;
+        if (!body) return MHD_NO;
+    }
+    size_t len = strlen(body);
+    /* a trailing newline is friendlier to curl users */
+    char *grown = realloc(body, len + 2);
+    if (grown) {
+        body = grown;
+        body[len++] = '\n';
+        body[len] = '\0';
+    }
+    return send_text(s, conn, status, "application/json", body, len);
+}
+
+static const char *error_type(int status) {
+    switch (status) {
+    case 401: return "authentication_error";
+    case 404: return "not_found_error";
+    case 409: return "conflict_error";
+    case 429: return "rate_limit_error";
+    case 500: return "server_error";
+    case 503: return "unavailable_error";
+    default: return "invalid_request_error";
+    }
+}
+
+static json_t *error_json(int status, const char *code, const char *message) {
+    json_t *msg = json_stringn(message, strlen(message));
+    if (!msg) msg = json_string("(message is not valid UTF-8)");
+    return json_pack("{s:{s:o,s:s,s:s}}", "error", "message", msg, "type", error_type(status),
+                     "code", code);
+}
+
+static enum MHD_Result send_error(rp_http_server *s, struct MHD_Connection *conn, int status,
+                                  const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static enum MHD_Result send_error(rp_http_server *s, struct MHD_Connection *conn, int status,
+                                  const char *code, const char *fmt, ...) {
+    char message[RP_ERROR_MSG_LEN + 256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof message, fmt, ap);
+    va_end(ap);
+    return send_json(s, conn, status, error_json(status, code, message));
+}
+
+/* ---- sessions table --------------------------------------------------------- */
+
+static int session_name_valid(const char *name) {
+    size_t n = strlen(name);
+    if (n == 0 || n >= RP_ENGINE_SESSION_NAME_MAX || name[0] == '.') return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = name[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-' || c == '.'))
+            return 0;
+    }
+    return 1;
+}
+
+/* Call with s->lock held. Creates the entry when create is set. */
+static session_entry *session_find(rp_http_server *s, const char *name, int create) {
+    for (int i = 0; i < s->n_sessions; i++)
+        if (strcmp(s->sessions[i].name, name) == 0) return &s->sessions[i];
+    if (!create) return NULL;
+    if (s->n_sessions == MAX_SESSION_ENTRIES) {
+        /* forget the least recently used idle entry (the engine may keep the
+         * state: it then continues at a turn boundary, the default) */
+        int victim = -1;
+        for (int i = 0; i < s->n_sessions; i++)
+            if (!s->sessions[i].busy &&
+                (victim < 0 || s->sessions[i].last_use < s->sessions[victim].last_use))
+                victim = i;
+        if (victim < 0) return NULL;
+        s->sessions[victim] = s->sessions[--s->n_sessions];
+    }
+    session_entry *e = &s->sessions[s->n_sessions++];
+    memset(e, 0, sizeof *e);
+    snprintf(e->name, sizeof e->name, "%s", name);
+    return e;
+}
+
+static void session_forget(rp_http_server *s, const char *name) {
+    pthread_mutex_lock(&s->lock);
+    session_entry *e = session_find(s, name, 0);
+    if (e) *e = s->sessions[--s->n_sessions];
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* ---- one generation ------------------------------------------------------ */
+
+typedef struct {
+    rp_http_server *srv;
+    struct MHD_Connection *conn;
+    rp_job *job;
+    int chat, stream;
+    char id[48];
+    time_t created;
+    int n_prompt;
+    rp_text_stream text;
+    int skip_space;             /* chat: the reply's first space is the format's */
+    int completion_tokens;
+    int return_ids;             /* "return_token_ids": the ids of the reply */
+    int32_t *ids;
+    size_t n_ids, ids_cap;
+    int stop_hit;
+    int submitted;              /* the engine has the job */
+    int done;
+    rp_finish_reason finish;
+    char error[RP_ERROR_MSG_LEN];
+    char start[RP_ENGINE_SESSION_NAME_MAX];  /* the session it starts from, if any */
+    double t_submit, t_first, t_last;
+    int cancelled_by_client;
+    /* session the job stores into (busy in the table until the end) */
+    char session[RP_ENGINE_SESSION_NAME_MAX];
+    char tail[2];
+    int tail_len;
+    /* non-stream: the whole reply */
+    char *reply;
+    size_t reply_len, reply_cap;
+    /* stream: SSE bytes waiting to be sent */
+    char *pending;
+    size_t pending_len, pending_off, pending_cap;
+    int sent_role, sent_done;
+} gen_ctx;
+
+static void tail_push(gen_ctx *g, const uint8_t *b, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (g->tail_len == 2) g->tail[0] = g->tail[1], g->tail_len = 1;
+        g->tail[g->tail_len++] = (char)b[i];
+    }
+}
+
+static int client_gone(struct MHD_Connection *conn) {
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci) return 0;
+    char c;
+    ssize_t r = recv(ci->connect_fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r == 0) return 1;  /* orderly shutdown by the peer */
+    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return 1;
+    return 0;
+}
+
+static int append_bytes(char **buf, size_t *len, size_t *cap, const char *b, size_t n) {
+    if (*len + n + 1 > *cap) {
+        size_t c = *cap ? *cap : 256;
+        while (c < *len + n + 1) c *= 2;
+        char *p = realloc(*buf, c);
+        if (!p) return -1;
+        *buf = p;
+        *cap = c;
+    }
+    memcpy(*buf + *len, b, n);
+    *len += n;
+    (*buf)[*len] = '\0';
+    return 0;
+}
+
+/* Moves released text to the reply (or returns it for a chunk). */
+static const char *take_text(gen_ctx *g, size_t *len) {
+    const char *t = rp_text_stream_take(&g->text, len);
+    if (g->skip_space && *len > 0) {
+        g->skip_space = 0;
+        if (t[0] == ' ') t++, (*len)--;
+    }
+    return t;
+}
+
+static void finish_job(gen_ctx *g, rp_finish_reason f) {
+    g->done = 1;
+    g->finish = f;
+    rp_text_stream_finish(&g->text);
+    if (f == RP_FINISH_ERROR) rp_job_error(g->job, g->error, sizeof g->error);
+}
+
+/* The engine reports a job's end before it has stored the job's session
+ * (it first feeds the last token): a client that saves or continues the
+ * session right after the reply must find it. A first turn's session
+ * appears in the engine's table when it is stored; wait for that (briefly). */
+static void wait_session_stored(gen_ctx *g) {
+    for (int i = 0; i < 400 && !rp_engine_session_exists(g->srv->engine, g->session); i++) {
+        struct timespec ts = {0, 5000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Reads what the engine generated (waiting up to timeout_ms) and feeds the
+ * text stream. Returns 1 once the generation is over (g->done). A stop
+ * string ends it at once; a job that stores a session is still drained to
+ * its end so the table knows what its state has read, and so the stored
+ * state exists before the reply completes. */
+static int gen_pump(gen_ctx *g, int timeout_ms) {
+    int32_t ids[READ_BATCH];
+    for (;;) {
+        rp_finish_reason f = RP_FINISH_NONE;
+        int n = rp_job_read(g->job, ids, READ_BATCH, timeout_ms, &f);
+        if (n > 0 && g->t_first == 0) g->t_first = now_seconds();
+        for (int i = 0; i < n; i++) {
+            size_t len;
+            const uint8_t *b = rp_tokenizer_token_bytes(g->srv->tok, ids[i], &len);
+            if (!b) len = 0;
+            if (g->session[0]) tail_push(g, b, len);
+            if (g->stop_hit) continue;
+            g->completion_tokens++;
+            g->t_last = now_seconds();
+            if (g->return_ids) {
+                if (g->n_ids == g->ids_cap) {
+                    size_t cap = g->ids_cap ? 2 * g->ids_cap : 64;
+                    int32_t *grown = realloc(g->ids, cap * sizeof *grown);
+                    if (grown) g->ids = grown, g->ids_cap = cap;
+                }
+                if (g->n_ids < g->ids_cap) g->ids[g->n_ids++] = ids[i];
+            }
+            int r = rp_text_stream_push(&g->text, b ? b : (const uint8_t *)"", len);
+            if (r == 1) {
+                g->stop_hit = 1;
+                rp_job_stop(g->job);
+                if (!g->session[0]) {
+                    finish_job(g, RP_FINISH_STOP);
+                    return 1;
+                }
+            }
+        }
+        if (n == 0 && f != RP_FINISH_NONE) {
+            finish_job(g, g->stop_hit ? RP_FINISH_STOP : f);
+            if (g->session[0] && (g->finish == RP_FINISH_STOP || g->finish == RP_FINISH_LENGTH))
+                wait_session_stored(g);
+            return 1;
+        }
+        if (n < READ_BATCH) return 0;
+        timeout_ms = 0;  /* more may be waiting: take it now */
+    }
+}
+
+/* Should a waiting handler give up on its job (client gone, server stopping)? */
+static int gen_should_abort(gen_ctx *g) {
+    if (client_gone(g->conn)) {
+        g->cancelled_by_client = 1;
+        return 1;
+    }
+    if (atomic_load(&g->srv->stopping)) {
+        long long now_ms = (long long)(now_seconds() * 1e3), zero = 0;
+        atomic_compare_exchange_strong(&g->srv->stop_seen_ms, &zero, now_ms);
+        if (now_ms - atomic_load(&g->srv->stop_seen_ms) > STOP_GRACE_SECONDS * 1e3) return 1;
+    }
+    return 0;
+}
+
+static void gen_free(gen_ctx *g) {
+    if (!g) return;
+    rp_http_server *s = g->srv;
+    if (g->job) {
+        if (g->submitted && !g->done) rp_job_cancel(g->job);
+        rp_job_release(g->job);
+    }
+    if (g->session[0]) {
+        pthread_mutex_lock(&s->lock);
+        session_entry *e = session_find(s, g->session, 1);
+        if (e) {
+            e->busy = 0;
+            e->last_use = ++s->use_counter;
+            /* Only a finished turn stores its state (it has then read every
+             * token it emitted, stop strings and what followed them included);
+             * a refused, cancelled or failed one leaves the stored state as
+             * it was. */
+            if (g->submitted && g->done &&
+                (g->finish == RP_FINISH_STOP || g->finish == RP_FINISH_LENGTH)) {
+                memcpy(e->tail, g->tail, sizeof e->tail);
+                e->tail_len = g->tail_len;
+                e->stored = 1;
+            }
+        }
+        pthread_mutex_unlock(&s->lock);
+    }
+    rp_text_stream_free(&g->text);
+    free(g->reply);
+    free(g->pending);
+    free(g->ids);
+    free(g);
+    atomic_fetch_sub(&s->active_generations, 1);
+}
+
+static const char *finish_name(const gen_ctx *g) {
+    switch (g->finish) {
+    case RP_FINISH_LENGTH: return "length";
+    case RP_FINISH_STOP: return "stop";
+    case RP_FINISH_CANCELLED: return "cancelled";
+    case RP_FINISH_ERROR: return "error";
+    default: return "stop";
+    }
+}
+
+static json_t *ids_json(const gen_ctx *g) {
+    json_t *a = json_array();
+    for (size_t i = 0; a && i < g->n_ids; i++) json_array_append_new(a, json_integer(g->ids[i]));
+    return a;
+}
+
+static json_t *usage_json(const gen_ctx *g) {
+    return json_pack("{s:i,s:i,s:i}", "prompt_tokens", g->n_prompt, "completion_tokens",
+                     g->completion_tokens, "total_tokens", g->n_prompt + g->completion_tokens);
+}
+
+static json_t *timing_json(gen_ctx *g) {
+    rp_job_stats st;
+    memset(&st, 0, sizeof st);
+    rp_job_get_stats(g->job, &st);
+    double ttft = g->t_first > 0 ? (g->t_first - g->t_submit) * 1e3 : 0.0;
+    double tps = 0.0;
+    if (g->completion_tokens > 1 && g->t_last > g->t_first)
+        tps = (g->completion_tokens - 1) / (g->t_last - g->t_first);
+    return json_pack("{s:f,s:f,s:f}", "queue_ms", st.queue_seconds * 1e3,
+                     "time_to_first_token_ms", ttft, "tokens_per_second", tps);
+}
+
+/* A string value for JSON from bytes that are already valid UTF-8. */
+static json_t *json_text(const char *b, size_t n) {
+    json_t *j = json_stringn(b, n);
+    return j ? j : json_string("");
+}
+
+/* ---- SSE ------------------------------------------------------------------- */
+
+static int sse_append_json(gen_ctx *g, json_t *chunk) {
+    char *body = chunk ? json_dumps(chunk, JSON_COMPACT) : NULL;
+    json_decref(chunk);
+    if (!body) return -1;
+    int r = append_bytes(&g->pending, &g->pending_len, &g->pending_cap, "data: ", 6) ||
+            append_bytes(&g->pending, &g->pending_len, &g->pending_cap, body, strlen(body)) ||
+            append_bytes(&g->pending, &g->pending_len, &g->pending_cap, "\n\n", 2);
+    free(body);
+    return r ? -1 : 0;
+}
+
+static json_t *chunk_json(gen_ctx *g, const char *text, size_t len, const char *finish) {
+    json_t *choice;
+    json_t *fin = finish ? json_string(finish) : json_null();
+    if (g->chat) {
+        json_t *delta = json_object();
+        if (!g->sent_role) {
+            json_object_set_new(delta, "role", json_string("assistant"));
+            g->sent_role = 1;
+        }
+        if (len > 0 || !finish) json_object_set_new(delta, "content", json_text(text, len));
+        choice = json_pack("{s:i,s:o,s:o}", "index", 0, "delta", delta, "finish_reason", fin);
+    } else {
+        choice = json_pack("{s:i,s:o,s:n,s:o}", "index", 0, "text", json_text(text, len),
+                           "logprobs", "finish_reason", fin);
+    }
+    json_t *c = json_pack("{s:s,s:s,s:I,s:s,s:[o]}", "id", g->id, "object",
+                          g->chat ? "chat.completion.chunk" : "text_completion", "created",
+                          (json_int_t)g->created, "model", g->srv->model_id, "choices", choice);
+    return c;
+}
+
+/* Fills g->pending with the next events; blocks up to WAIT_SLICE_MS. */
+static void sse_produce(gen_ctx *g) {
+    int done = g->done ? 1 : gen_pump(g, WAIT_SLICE_MS);
+    size_t len;
+    const char *t = take_text(g, &len);
+    if (len > 0 || (g->chat && !g->sent_role)) sse_append_json(g, chunk_json(g, t, len, NULL));
+    if (!done) return;
+    if (g->finish == RP_FINISH_ERROR) {
+        sse_append_json(g, error_json(500, "generation_failed", g->error));
+    } else {
+        json_t *last = chunk_json(g, "", 0, finish_name(g));
+        if (g->return_ids)
+            json_object_set_new(json_array_get(json_object_get(last, "choices"), 0), "token_ids",
+                                ids_json(g));
+        json_object_set_new(last, "usage", usage_json(g));
+        json_object_set_new(last, "timing", timing_json(g));
+        if (g->session[0]) json_object_set_new(last, "session", json_string(g->session));
+        sse_append_json(g, last);
+    }
+    append_bytes(&g->pending, &g->pending_len, &g->pending_cap, "data: [DONE]\n\n", 14);
+    g->sent_done = 1;
+}
+
+static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
+    gen_ctx *g = cls;
+    (void)pos;
+    for (;;) {
+        if (g->pending_off < g->pending_len) {
+            size_t n = g->pending_len - g->pending_off;
+            if (n > max) n = max;
+            memcpy(buf, g->pending + g->pending_off, n);
+            g->pending_off += n;
+            if (g->pending_off == g->pending_len) g->pending_off = g->pending_len = 0;
+            return (ssize_t)n;
+        }
+        if (g->sent_done) return MHD_CONTENT_READER_END_OF_STREAM;
+        if (!g->done && gen_should_abort(g)) {
+            /* the request-completed callback cancels the job (gen_free) */
+            if (g->cancelled_by_client) return MHD_CONTENT_READER_END_WITH_ERROR;
+            rp_job_cancel(g->job);
+            finish_job(g, RP_FINISH_CANCELLED);
+        }
+        sse_produce(g);
+    }
+}
+
+/* ---- requests ------------------------------------------------------------- */
+
+enum route {
+    ROUTE_NONE,
+    ROUTE_COMPLETIONS,
+    ROUTE_CHAT,
+    ROUTE_MODELS,
+    ROUTE_HEALTH,
+    ROUTE_METRICS,
+    ROUTE_SESSION_SAVE,
+    ROUTE_SESSION_LOAD,
+    ROUTE_SESSION,       /* DELETE / GET /v1/sessions/{name} */
+};
+
+typedef struct {
+    rp_http_server *srv;
+    enum route route;
+    char session[RP_ENGINE_SESSION_NAME_MAX];
+    char *body;
+    size_t body_len, body_cap;
+    int body_too_large;
+    int answered;
+    gen_ctx *gen;               /* a streamed generation in flight */
+    double t_start;
+    const char *method;
+    char path[128];
+} request_ctx;
+
+/* A problem with a request: status, code and message. */
+typedef struct {
+    int status;
+    const char *code;
+    char message[RP_ERROR_MSG_LEN + 256];
+} req_error;
+
+static int fail(req_error *e, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int fail(req_error *e, int status, const char *code, const char *fmt, ...) {
+    e->status = status;
+    e->code = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* Field getters: a missing field or JSON null leaves *out as it is. */
+static int get_number(json_t *o, const char *key, double lo, double hi, double *out, req_error *e) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v)) return fail(e, 400, "invalid_type", "'%s' must be a number", key);
+    double x = json_number_value(v);
+    if (!(x >= lo && x <= hi))
+        return fail(e, 400, "invalid_value", "'%s' is %g: expected a number in [%g, %g]", key, x,
+                    lo, hi);
+    *out = x;
+    return 0;
+}
+
+static int get_int(json_t *o, const char *key, long long lo, long long hi, long long *out,
+                   req_error *e) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_integer(v)) return fail(e, 400, "invalid_type", "'%s' must be an integer", key);
+    long long x = json_integer_value(v);
+    if (x < lo || x > hi)
+        return fail(e, 400, "invalid_value", "'%s' is %lld: expected an integer in [%lld, %lld]",
+                    key, x, lo, hi);
+    *out = x;
+    return 0;
+}
+
+static int get_bool(json_t *o, const char *key, int *out, req_error *e) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_boolean(v)) return fail(e, 400, "invalid_type", "'%s' must be true or false", key);
+    *out = json_is_true(v);
+    return 0;
+}
+
+static int get_string(json_t *o, const char *key, const char **out, req_error *e) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_string(v)) return fail(e, 400, "invalid_type", "'%s' must be a string", key);
+    *out = json_string_value(v);
+    return 0;
+}
+
+static int get_token_list(json_t *o, const char *key, int vocab, int32_t *ids, int *n, int max,
+                          req_error *e) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_array(v))
+        return fail(e, 400, "invalid_type", "'%s' must be an array of token ids", key);
+    size_t i;
+    json_t *x;
+    json_array_foreach(v, i, x) {
+        if (!json_is_integer(x))
+            return fail(e, 400, "invalid_type", "'%s'[%zu] must be an integer token id", key, i);
+        long long id = json_integer_value(x);
+        if (id < 0 || id >= vocab)
+            return fail(e, 400, "invalid_value", "'%s'[%zu] is %lld: expected a token id in [0, %d)",
+                        key, i, id, vocab);
+        int dup = 0;
+        for (int k = 0; k < *n; k++) dup |= ids[k] == (int32_t)id;
+        if (dup) continue;
+        if (*n == max)
+            return fail(e, 400, "invalid_value", "'%s': at most %d token ids (with the defaults)",
+                        key, max);
+        ids[(*n)++] = (int32_t)id;
+    }
+    return 0;
+}
+
+/* The parts of a generation request common to both endpoints. */
+typedef struct {
+    rp_gen_params params;
+    const char *stops[RP_TEXT_MAX_STOPS];
+    int n_stops;
+    int stream, return_ids;
+    const char *session, *initial_state;
+} gen_request;
+
+static uint64_t random_seed(rp_http_server *s) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t z = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30) ^
+                 (atomic_fetch_add(&s->next_id, 1) * 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (z ^ (z >> 31)) >> 1;  /* JSON-friendly: below 2^63 */
+}
+
+static int parse_gen_request(rp_http_server *s, json_t *o, int chat, gen_request *r,
+                             req_error *e) {
+    memset(r, 0, sizeof *r);
+    rp_gen_params *p = &r->params;
+    rp_gen_params_defaults(p);
+    p->max_tokens = s->cfg.default_max_tokens < s->cfg.max_tokens_limit
+                        ? s->cfg.default_max_tokens
+                        : s->cfg.max_tokens_limit;
+    if (chat) {
+        /* the official chat demo's sampling (docs/rwkv7-spec.md 6.1) */
+        p->sampler.top_p = 0.3f;
+        p->presence_penalty = 0.5f;
+        p->frequency_penalty = 0.5f;
+        p->penalty_decay = 0.996f;
+    }
+    const char *model = NULL;
+    if (get_string(o, "model", &model, e)) return -1;
+    if (model && strcmp(model, s->model_id) != 0)
+        return fail(e, 404, "model_not_found", "model '%s' is not served here (this server has '%s')",
+                    model, s->model_id);
+    long long n = 1;
+    if (get_int(o, "n", 1, 1, &n, e)) return -1;
+    long long max_tokens = p->max_tokens;
+    json_t *mt = json_object_get(o, chat && json_object_get(o, "max_completion_tokens")
+                                        ? "max_completion_tokens"
+                                        : "max_tokens");
+    if (mt && !json_is_null(mt)) {
+        if (!json_is_integer(mt)) return fail(e, 400, "invalid_type", "'max_tokens' must be an integer");
+        max_tokens = json_integer_value(mt);
+        if (max_tokens < 0) return fail(e, 400, "invalid_value", "'max_tokens' must not be negative");
+        if (max_tokens > s->cfg.max_tokens_limit)
+            return fail(e, 400, "max_tokens_too_large",
+                        "'max_tokens' is %lld: this server allows at most %d", max_tokens,
+                        s->cfg.max_tokens_limit);
+    }
+    p->max_tokens = (int)max_tokens;
+    double t = p->sampler.temperature, tp = p->sampler.top_p, pp = p->presence_penalty,
+           fp = p->frequency_penalty, pd = p->penalty_decay;
+    long long tk = p->sampler.top_k, seed = -1;
+    if (get_number(o, "temperature", 0, 100, &t, e) || get_number(o, "top_p", 0, 1, &tp, e) ||
+        get_int(o, "top_k", 0, 1 << 30, &tk, e) ||
+        get_number(o, "presence_penalty", -100, 100, &pp, e) ||
+        get_number(o, "frequency_penalty", -100, 100, &fp, e) ||
+        get_number(o, "penalty_decay", 0, 1, &pd, e) ||
+        get_int(o, "seed", 0, INT64_MAX, &seed, e) || get_bool(o, "stream", &r->stream, e) ||
+        get_bool(o, "return_token_ids", &r->return_ids, e) ||
+        get_string(o, "session", &r->session, e) ||
+        get_string(o, "initial_state", &r->initial_state, e))
+        return -1;
+    if (tp == 0) tp = 1e-9;  /* OpenAI clients send 0 for "most likely only" */
+    p->sampler.temperature = (float)t;
+    p->sampler.top_p = (float)tp;
+    p->sampler.top_k = (int)tk;
+    p->sampler.seed = seed >= 0 ? (uint64_t)seed : random_seed(s);
+    p->presence_penalty = (float)pp;
+    p->frequency_penalty = (float)fp;
+    p->penalty_decay = (float)pd;
+    if (r->session && !session_name_valid(r->session))
+        return fail(e, 400, "invalid_value",
+                    "'session' must be 1 to %d letters, digits, '_', '-' or '.' (not first)",
+                    RP_ENGINE_SESSION_NAME_MAX - 1);
+    if (r->initial_state && !session_name_valid(r->initial_state))
+        return fail(e, 400, "invalid_value", "'initial_state' is not a valid session name");
+
+    /* stop strings */
+    json_t *stop = json_object_get(o, "stop");
+    if (stop && !json_is_null(stop)) {
+        if (json_is_string(stop)) {
+            r->stops[r->n_stops++] = json_string_value(stop);
+        } else if (json_is_array(stop)) {
+            size_t i;
+            json_t *x;
+            json_array_foreach(stop, i, x) {
+                if (!json_is_string(x))
+                    return fail(e, 400, "invalid_type", "'stop'[%zu] must be a string", i);
+                if (r->n_stops == RP_TEXT_MAX_STOPS)
+                    return fail(e, 400, "invalid_value", "'stop': at most %d strings",
+                                RP_TEXT_MAX_STOPS);
+                r->stops[r->n_stops++] = json_string_value(x);
+            }
+        } else {
+            return fail(e, 400, "invalid_type", "'stop' must be a string or an array of strings");
+        }
+    } else if (chat) {
+        r->stops[r->n_stops++] = "\n\n";  /* the end of a reply in the RWKV chat format */
+    }
+    for (int i = 0; i < r->n_stops; i++) {
+        size_t len = strlen(r->stops[i]);
+        if (len == 0 || len > RP_TEXT_MAX_STOP_BYTES)
+            return fail(e, 400, "invalid_value", "stop string %d has %zu bytes: expected 1 to %d",
+                        i, len, RP_TEXT_MAX_STOP_BYTES);
+    }
+
+    /* token lists: chat bans the end-of-text token, completions stop at it */
+    int32_t eot = rp_tokenizer_eot_id(s->tok);
+    p->n_banned = 0;
+    p->n_stop_tokens = 0;
+    if (chat) p->banned[p->n_banned++] = eot;
+    if (get_token_list(o, "ban_token_ids", s->vocab_size, p->banned, &p->n_banned,
+                       RP_ENGINE_MAX_BANNED, e))
+        return -1;
+    int eot_banned = 0;
+    for (int i = 0; i < p->n_banned; i++) eot_banned |= p->banned[i] == eot;
+    if (!eot_banned) p->stop_tokens[p->n_stop_tokens++] = eot;
+    if (get_token_list(o, "stop_token_ids", s->vocab_size, p->stop_tokens, &p->n_stop_tokens,
+                       RP_ENGINE_MAX_STOP_TOKENS, e))
+        return -1;
+    /* A stop string that is one token stops in the engine: exact, and its
+     * state is not one token past the reply. Text matching still catches it
+     * when it is spelled with other tokens. */
+    for (int i = 0; i < r->n_stops && p->n_stop_tokens < RP_ENGINE_MAX_STOP_TOKENS; i++) {
+        int32_t *ids = NULL;
+        size_t n_ids = 0;
+        if (rp_tokenizer_encode(s->tok, (const uint8_t *)r->stops[i], strlen(r->stops[i]), &ids,
+                                &n_ids, NULL) == RP_OK &&
+            n_ids == 1 && ids[0] < s->vocab_size) {
+            int known = 0;
+            for (int k = 0; k < p->n_stop_tokens; k++) known |= p->stop_tokens[k] == ids[0];
+            for (int k = 0; k < p->n_banned; k++) known |= p->banned[k] == ids[0];
+            if (!known) p->stop_tokens[p->n_stop_tokens++] = ids[0];
+        }
+        free(ids);
+    }
+    rp_error err;
+    if (rp_gen_params_validate(p, s->vocab_size, &err) != RP_OK)
+        return fail(e, 400, "invalid_value", "%s", err.msg);
+    return 0;
+}
+
+/* Text of a chat message's content: a string or [{"type":"text","text":...}]. */
+static int message_content(json_t *msg, size_t i, char **out, size_t *len, req_error *e) {
+    json_t *c = json_object_get(msg, "content");
+    *out = NULL;
+    *len = 0;
+    if (!c || json_is_null(c)) return 0;
+    if (json_is_string(c)) {
+        *out = strndup(json_string_value(c), json_string_length(c));
+        *len = json_string_length(c);
+        return *out ? 0 : fail(e, 500, "internal", "out of memory");
+    }
+    if (!json_is_array(c))
+        return fail(e, 400, "invalid_type", "messages[%zu].content must be a string or an array "
+                    "of text parts", i);
+    size_t cap = 0, k;
+    json_t *part;
+    json_array_foreach(c, k, part) {
+        json_t *type = json_object_get(part, "type"), *text = json_object_get(part, "text");
+        if (!json_is_object(part) || !json_is_string(type) ||
+            strcmp(json_string_value(type), "text") != 0 || !json_is_string(text)) {
+            free(*out);
+            *out = NULL;
+            return fail(e, 400, "invalid_type",
+                        "messages[%zu].content[%zu] must be {\"type\": \"text\", \"text\": ...}",
+                        i, k);
+        }
+        if (append_bytes(out, len, &cap, json_string_value(text), json_string_length(text))) {
+            free(*out);
+            *out = NULL;
+            return fail(e, 500, "internal", "out of memory");
+        }
+    }
+    return 0;
+}
+
+static char *chat_prompt_from(json_t *o, const char *lead, size_t *len, req_error *e) {
+    json_t *msgs = json_object_get(o, "messages");
+    if (!msgs) return fail(e, 400, "missing_field", "'messages' is required"), NULL;
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0)
+        return fail(e, 400, "invalid_type", "'messages' must be a non-empty array"), NULL;
+    size_t n = json_array_size(msgs);
+    if (n > MAX_MESSAGES)
+        return fail(e, 400, "invalid_value", "%zu messages: at most %d", n, MAX_MESSAGES), NULL;
+    rp_chat_message *m = calloc(n, sizeof *m);
+    char **texts = calloc(n, sizeof *texts);
+    char *prompt = NULL;
+    if (!m || !texts) {
+        fail(e, 500, "internal", "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *msg = json_array_get(msgs, i);
+        if (!json_is_object(msg)) {
+            fail(e, 400, "invalid_type", "messages[%zu] must be an object", i);
+            goto done;
+        }
+        json_t *role = json_object_get(msg, "role");
+        if (!json_is_string(role)) {
+            fail(e, 400, "invalid_type", "messages[%zu].role must be a string", i);
+            goto done;
+        }
+        int r = rp_chat_role_parse(json_string_value(role));
+        if (r < 0) {
+            fail(e, 400, "invalid_value",
+                 "messages[%zu].role is '%s': expected 'system', 'user' or 'assistant'", i,
+                 json_string_value(role));
+            goto done;
+        }
+        size_t cl;
+        if (message_content(msg, i, &texts[i], &cl, e)) goto done;
+        m[i] = (rp_chat_message){(rp_chat_role)r, texts[i], cl};
+    }
+    prompt = rp_chat_prompt(m, (int)n, lead, len);
+    if (!prompt) fail(e, 500, "internal", "out of memory");
+done:
+    if (texts)
+        for (size_t i = 0; i < n; i++) free(texts[i]);
+    free(texts);
+    free(m);
+    return prompt;
+}
+
+/* Validates and submits a generation; on success *out is a running job. */
+static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Connection *conn,
+                            json_t *o, gen_ctx **out, req_error *e) {
+    const int chat = rc->route == ROUTE_CHAT;
+    gen_request gr;
+    if (parse_gen_request(s, o, chat, &gr, e)) return -1;
+
+    /* sessions: continue `session` when it exists, else start from
+     * `initial_state` (which must exist) or from zero; store into `session` */
+    const char *start = NULL;
+    char lead[3] = "";
+    int locked = 0;
+    if (gr.session) {
+        pthread_mutex_lock(&s->lock);
+        session_entry *se = session_find(s, gr.session, 1);
+        if (!se) {
+            pthread_mutex_unlock(&s->lock);
+            return fail(e, 503, "too_many_sessions", "too many sessions in use at once");
+        }
+        if (se->busy) {
+            pthread_mutex_unlock(&s->lock);
+            return fail(e, 409, "session_busy", "session '%s' is in use by another request",
+                        gr.session);
+        }
+        se->busy = 1;
+        locked = 1;
+        /* A turn that just finished may still be storing its state: the
+         * engine makes a job that starts from it wait for that. */
+        if (se->stored || rp_engine_session_exists(s->engine, gr.session)) {
+            start = gr.session;
+            snprintf(lead, sizeof lead, "%s", rp_chat_session_lead(se->tail, (size_t)se->tail_len));
+        } else {
+            se->tail_len = 0;
+        }
+        pthread_mutex_unlock(&s->lock);
+    }
+    gen_ctx *g = NULL;
+    char *prompt = NULL;
+    int32_t *ids = NULL;
+    size_t n_ids = 0, prompt_len = 0;
+    rp_error err;
+    if (!start && gr.initial_state) {
+        if (!rp_engine_session_exists(s->engine, gr.initial_state)) {
+            fail(e, 404, "session_not_found", "initial state '%s' does not exist (load it with "
+                 "POST /v1/sessions/%s/load)", gr.initial_state, gr.initial_state);
+            goto fail_out;
+        }
+        start = gr.initial_state;
+    }
+    if (chat) {
+        prompt = chat_prompt_from(o, start == gr.session ? lead : "", &prompt_len, e);
+        if (!prompt) goto fail_out;
+    } else {
+        json_t *pj = json_object_get(o, "prompt");
+        if (json_is_array(pj) && json_array_size(pj) == 1 &&
+            json_is_string(json_array_get(pj, 0)))
+            pj = json_array_get(pj, 0);
+        if (!pj) {
+            fail(e, 400, "missing_field", "'prompt' is required");
+            goto fail_out;
+        }
+        if (json_is_array(pj) && json_array_size(pj) > 0) {
+            /* token ids (the OpenAI API allows them): taken as they are */
+            n_ids = json_array_size(pj);
+            if (n_ids > (size_t)s->cfg.max_prompt_tokens) {
+                fail(e, 400, "context_length_exceeded",
+                     "the prompt has %zu tokens: this server allows at most %d", n_ids,
+                     s->cfg.max_prompt_tokens);
+                goto fail_out;
+            }
+            ids = malloc(n_ids * sizeof *ids);
+            if (!ids) {
+                fail(e, 500, "internal", "out of memory");
+                goto fail_out;
+            }
+            for (size_t i = 0; i < n_ids; i++) {
+                json_t *x = json_array_get(pj, i);
+                if (!json_is_integer(x) || json_integer_value(x) < 0 ||
+                    json_integer_value(x) >= s->vocab_size) {
+                    fail(e, 400, "invalid_value",
+                         "'prompt'[%zu] must be a token id in [0, %d) (or give one string)", i,
+                         s->vocab_size);
+                    goto fail_out;
+                }
+                ids[i] = (int32_t)json_integer_value(x);
+            }
+        } else if (!json_is_string(pj)) {
+            fail(e, 400, "invalid_type", "'prompt' must be a string or an array of token ids");
+            goto fail_out;
+        }
+        if (ids) {
+            /* the text those ids stand for (the session table needs its end) */
+            uint8_t *bytes = NULL;
+            size_t n_bytes = 0;
+            if (rp_tokenizer_decode(s->tok, ids, n_ids, &bytes, &n_bytes, NULL) == RP_OK) {
+                prompt = (char *)bytes;
+                prompt_len = n_bytes;
+            } else {
+                free(bytes);
+                prompt = strdup("");  /* ids the tokenizer cannot spell (padding) */
+                prompt_len = 0;
+            }
+            if (!prompt) {
+                fail(e, 500, "internal", "out of memory");
+                goto fail_out;
+            }
+        } else {
+            prompt_len = json_string_length(pj);
+            prompt = malloc(prompt_len + 1);
+            if (!prompt) {
+                fail(e, 500, "internal", "out of memory");
+                goto fail_out;
+            }
+            memcpy(prompt, json_string_value(pj), prompt_len + 1);
+        }
+    }
+    if (prompt_len == 0 && n_ids == 0) {
+        fail(e, 400, "invalid_value", "the prompt is empty");
+        goto fail_out;
+    }
+    if (!ids && rp_tokenizer_encode(s->tok, (const uint8_t *)prompt, prompt_len, &ids, &n_ids,
+                                    &err) != RP_OK) {
+        fail(e, 400, "invalid_value", "cannot tokenize the prompt: %s", err.msg);
+        goto fail_out;
+    }
+    if (n_ids > (size_t)s->cfg.max_prompt_tokens) {
+        fail(e, 400, "context_length_exceeded",
+             "the prompt has %zu tokens: this server allows at most %d", n_ids,
+             s->cfg.max_prompt_tokens);
+        goto fail_out;
+    }
+    for (size_t i = 0; i < n_ids; i++)
+        if (ids[i] >= s->vocab_size) {
+            fail(e, 400, "invalid_value", "prompt token %d is outside the model's vocabulary",
+                 ids[i]);
+            goto fail_out;
+        }
+    g = calloc(1, sizeof *g);
+    if (!g) {
+        fail(e, 500, "internal", "out of memory");
+        goto fail_out;
+    }
+    g->srv = s;
+    atomic_fetch_add(&s->active_generations, 1);
+    g->conn = conn;
+    g->chat = chat;
+    g->stream = gr.stream;
+    g->skip_space = chat;
+    g->return_ids = gr.return_ids;
+    g->n_prompt = (int)n_ids;
+    g->created = time(NULL);
+    snprintf(g->id, sizeof g->id, "%s-%lx%06lx", chat ? "chatcmpl" : "cmpl",
+             (unsigned long)g->created, (unsigned long)atomic_fetch_add(&s->next_id, 1));
+    if (rp_text_stream_init(&g->text, gr.stops, gr.n_stops, &err) != RP_OK) {
+        fail(e, 400, "invalid_value", "%s", err.msg);
+        goto fail_out;
+    }
+    if (gr.session) {
+        snprintf(g->session, sizeof g->session, "%s", gr.session);
+        locked = 0;  /* gen_free unlocks */
+        /* what the state will have read: the prompt, then each token */
+        g->tail_len = 0;
+        if (start == gr.session) {
+            pthread_mutex_lock(&s->lock);
+            session_entry *se = session_find(s, gr.session, 0);
+            if (se) memcpy(g->tail, se->tail, 2), g->tail_len = se->tail_len;
+            pthread_mutex_unlock(&s->lock);
+        }
+        tail_push(g, (const uint8_t *)prompt, prompt_len);
+    }
+    if (start) snprintf(g->start, sizeof g->start, "%s", start);
+    g->job = rp_job_create(ids, (int)n_ids, &gr.params, start, gr.session, &err);
+    if (!g->job) {
+        fail(e, 400, "invalid_value", "%s", err.msg);
+        goto fail_out;
+    }
+    g->t_submit = now_seconds();
+    if (atomic_load(&s->stopping)) {
+        fail(e, 503, "shutting_down", "the server is shutting down");
+        goto fail_out;
+    }
+    rp_status st = rp_engine_submit(s->engine, g->job, &err);
+    if (st != RP_OK) {
+        if (atomic_load(&s->stopping))
+            fail(e, 503, "shutting_down", "the server is shutting down");
+        else if (st == RP_ERR_BUSY)
+            fail(e, 429, "too_many_requests", "%s", err.msg);
+        else if (start && !rp_engine_session_exists(s->engine, start))
+            fail(e, 404, "session_not_found", "%s", err.msg);
+        else
+            fail(e, 503, "engine_unavailable", "%s", err.msg);
+        goto fail_out;
+    }
+    g->submitted = 1;
+    free(prompt);
+    free(ids);
+    *out = g;
+    return 0;
+fail_out:
+    if (g) {
+        gen_free(g);  /* not submitted: the session keeps what it had */
+    } else if (locked) {
+        pthread_mutex_lock(&s->lock);
+        session_entry *se = session_find(s, gr.session, 0);
+        if (se) se->busy = 0;
+        pthread_mutex_unlock(&s->lock);
+    }
+    free(prompt);
+    free(ids);
+    return -1;
+}
+
+static enum MHD_Result reply_generation_blocking(rp_http_server *s, struct MHD_Connection *conn,
+                                                 gen_ctx *g) {
+    while (!g->done) {
+        if (gen_should_abort(g)) {
+            rp_job_cancel(g->job);
+            finish_job(g, RP_FINISH_CANCELLED);
+            break;
+        }
+        gen_pump(g, WAIT_SLICE_MS);
+        size_t len;
+        const char *t = take_text(g, &len);
+        if (len && append_bytes(&g->reply, &g->reply_len, &g->reply_cap, t, len)) {
+            rp_job_cancel(g->job);
+            finish_job(g, RP_FINISH_ERROR);
+            snprintf(g->error, sizeof g->error, "out of memory for the reply");
+        }
+    }
+    size_t len;
+    const char *t = take_text(g, &len);
+    append_bytes(&g->reply, &g->reply_len, &g->reply_cap, t, len);
+    if (g->cancelled_by_client) return MHD_NO;  /* nobody to answer */
+    if (g->finish == RP_FINISH_ERROR && g->start[0] && g->completion_tokens == 0 &&
+        !rp_engine_session_exists(s->engine, g->start))
+        return send_error(s, conn, 404, "session_not_found", "%s", g->error);
+    if (g->finish == RP_FINISH_ERROR)
+        return send_error(s, conn, 500, "generation_failed", "%s", g->error);
+    json_t *text = json_text(g->reply ? g->reply : "", g->reply_len);
+    json_t *choice =
+        g->chat ? json_pack("{s:i,s:{s:s,s:o},s:s}", "index", 0, "message", "role", "assistant",
+                            "content", text, "finish_reason", finish_name(g))
+                : json_pack("{s:i,s:o,s:n,s:s}", "index", 0, "text", text, "logprobs",
+                            "finish_reason", finish_name(g));
+    json_t *resp = json_pack("{s:s,s:s,s:I,s:s,s:[o],s:o,s:o}", "id", g->id, "object",
+                             g->chat ? "chat.completion" : "text_completion", "created",
+                             (json_int_t)g->created, "model", s->model_id, "choices", choice,
+                             "usage", usage_json(g), "timing", timing_json(g));
+    if (resp && g->session[0]) json_object_set_new(resp, "session", json_string(g->session));
+    if (choice && g->return_ids) json_object_set_new(choice, "token_ids", ids_json(g));
+    return send_json(s, conn, 200, resp);
+}
+
+static enum MHD_Result handle_generation(rp_http_server *s, request_ctx *rc,
+                                         struct MHD_Connection *conn, json_t *o) {
+    req_error e;
+    gen_ctx *g = NULL;
+    if (start_generation(s, rc, conn, o, &g, &e))
+        return send_error(s, conn, e.status, e.code, "%s", e.message);
+    if (!g->stream) {
+        enum MHD_Result r = reply_generation_blocking(s, conn, g);
+        gen_free(g);
+        return r;
+    }
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, sse_reader, g, NULL);
+    if (!resp) {
+        gen_free(g);
+        return send_error(s, conn, 500, "internal", "cannot create the response");
+    }
+    rc->gen = g;  /* freed (and cancelled if unfinished) when the request completes */
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+    enum MHD_Result r = MHD_queue_response(conn, MHD_HTTP_OK, resp);
+    MHD_destroy_response(resp);
+    count_response(s, 200);
+    return r;
+}
+
+/* ---- other endpoints -------------------------------------------------------- */
+
+static enum MHD_Result handle_models(rp_http_server *s, struct MHD_Connection *conn) {
+    const rp_config *c = rp_engine_config_of(s->engine);
+    json_t *m = json_pack("{s:s,s:s,s:I,s:s,s:i,s:i,s:i,s:i,s:s}", "id", s->model_id, "object",
+                          "model", "created", (json_int_t)s->created, "owned_by", "rwkvpipe",
+                          "n_layer", c->n_layer, "n_embd", c->n_embd, "n_head", c->n_head,
+                          "vocab_size", c->vocab_size, "tokenizer", rp_tokenizer_kind(s->tok));
+    return send_json(s, conn, 200, json_pack("{s:s,s:[o]}", "object", "list", "data", m));
+}
+
+static enum MHD_Result handle_health(rp_http_server *s, struct MHD_Connection *conn) {
+    rp_engine_metrics m;
+    memset(&m, 0, sizeof m);
+    rp_engine_get_metrics(s->engine, &m);
+    int stopping = atomic_load(&s->stopping);
+    return send_json(s, conn, stopping ? 503 : 200,
+                     json_pack("{s:s,s:i,s:i,s:I,s:I,s:i,s:f}", "status",
+                               stopping ? "stopping" : "ok", "slots_total", m.slots_total,
+                               "slots_active", m.slots_active, "requests_active",
+                               (json_int_t)m.requests_active, "requests_queued",
+                               (json_int_t)m.requests_queued, "stages", m.n_stages,
+                               "uptime_seconds", m.uptime_seconds));
+}
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+    int failed;
+} text_buf;
+
+static void tb_printf(text_buf *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void tb_printf(text_buf *t, const char *fmt, ...) {
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n >= sizeof line) n = sizeof line - 1;
+    if (append_bytes(&t->buf, &t->len, &t->cap, line, (size_t)n)) t->failed = 1;
+}
+
+static void metric(text_buf *t, const char *name, const char *type, const char *help) {
+    tb_printf(t, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static enum MHD_Result handle_metrics(rp_http_server *s, struct MHD_Connection *conn) {
+    rp_engine_metrics m;
+    memset(&m, 0, sizeof m);
+    rp_engine_get_metrics(s->engine, &m);
+    text_buf t = {0};
+    metric(&t, "rwkvpipe_requests_total", "counter", "Generation jobs submitted to the engine.");
+    tb_printf(&t, "rwkvpipe_requests_total %ld\n", m.requests_total);
+    metric(&t, "rwkvpipe_requests_active", "gauge", "Jobs generating in a slot now.");
+    tb_printf(&t, "rwkvpipe_requests_active %ld\n", m.requests_active);
+    metric(&t, "rwkvpipe_requests_queued", "gauge", "Jobs waiting for a slot.");
+    tb_printf(&t, "rwkvpipe_requests_queued %ld\n", m.requests_queued);
+    metric(&t, "rwkvpipe_tokens_generated_total", "counter", "Tokens sampled.");
+    tb_printf(&t, "rwkvpipe_tokens_generated_total %ld\n", m.tokens_generated);
+    metric(&t, "rwkvpipe_tokens_prefilled_total", "counter", "Prompt tokens read.");
+    tb_printf(&t, "rwkvpipe_tokens_prefilled_total %ld\n", m.tokens_prefilled);
+    metric(&t, "rwkvpipe_tokens_per_second", "gauge", "Tokens generated per second, last ~10 s.");
+    tb_printf(&t, "rwkvpipe_tokens_per_second %.6g\n", m.tokens_per_second);
+    metric(&t, "rwkvpipe_slots_total", "gauge", "Generation slots (concurrent jobs).");
+    tb_printf(&t, "rwkvpipe_slots_total %d\n", m.slots_total);
+    metric(&t, "rwkvpipe_slots_active", "gauge", "Slots holding a job.");
+    tb_printf(&t, "rwkvpipe_slots_active %d\n", m.slots_active);
+    metric(&t, "rwkvpipe_stages", "gauge", "Pipeline stages.");
+    tb_printf(&t, "rwkvpipe_stages %d\n", m.n_stages);
+    metric(&t, "rwkvpipe_stage_busy_ratio", "gauge",
+           "Fraction of the last ~10 s each stage spent computing.");
+    int n_stages = m.n_stages;
+    int max_stages = (int)(sizeof m.stage_busy / sizeof m.stage_busy[0]);
+    if (n_stages > max_stages) n_stages = max_stages;
+    for (int i = 0; i < n_stages; i++)
+        tb_printf(&t, "rwkvpipe_stage_busy_ratio{stage=\"%d\"} %.6g\n", i, m.stage_busy[i]);
+    metric(&t, "rwkvpipe_sessions_stored", "gauge", "Session states kept in memory.");
+    tb_printf(&t, "rwkvpipe_sessions_stored %ld\n", m.sessions_stored);
+    metric(&t, "rwkvpipe_uptime_seconds", "gauge", "Seconds since the engine started.");
+    tb_printf(&t, "rwkvpipe_uptime_seconds %.3f\n", m.uptime_seconds);
+    metric(&t, "rwkvpipe_http_connections", "gauge", "Open HTTP connections.");
+    tb_printf(&t, "rwkvpipe_http_connections %ld\n", atomic_load(&s->active_connections));
+    metric(&t, "rwkvpipe_http_responses_total", "counter", "HTTP responses by status code.");
+    for (int i = 0; i < N_COUNTED_CODES; i++)
+        tb_printf(&t, "rwkvpipe_http_responses_total{code=\"%d\"} %ld\n", counted_codes[i],
+                  atomic_load(&s->responses[i]));
+    tb_printf(&t, "rwkvpipe_http_responses_total{code=\"other\"} %ld\n",
+              atomic_load(&s->responses[N_COUNTED_CODES]));
+    if (t.failed || !t.buf) {
+        free(t.buf);
+        return send_error(s, conn, 500, "internal", "out of memory");
+    }
+    return send_text(s, conn, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf, t.len);
+}
+
+/* "path" of a session file: relative, no "..", under session_dir. */
+static int session_path(rp_http_server *s, json_t *o, char *out, size_t size, req_error *e) {
+    const char *path = NULL;
+    if (!o) return fail(e, 400, "missing_field", "the body must be {\"path\": \"FILE\"}");
+    if (get_string(o, "path", &path, e)) return -1;
+    if (!path || !*path) return fail(e, 400, "missing_field", "'path' is required");
+    if (path[0] == '/')
+        return fail(e, 400, "invalid_value", "'path' must be relative to the session directory");
+    for (const char *p = path; *p;) {
+        const char *slash = strchr(p, '/');
+        size_t n = slash ? (size_t)(slash - p) : strlen(p);
+        if (n == 2 && p[0] == '.' && p[1] == '.')
+            return fail(e, 400, "invalid_value", "'path' must not contain '..'");
+        p += n + (slash ? 1 : 0);
+    }
+    if ((size_t)snprintf(out, size, "%s/%s", s->session_dir, path) >= size)
+        return fail(e, 400, "invalid_value", "'path' is too long");
+    return 0;
+}
+
+static enum MHD_Result session_failure(rp_http_server *s, struct MHD_Connection *conn,
+                                       const char *name, rp_status st, const rp_error *err,
+                                       int loading) {
+    if (st == RP_ERR_ARG && !rp_engine_session_exists(s->engine, name))
+        return send_error(s, conn, 404, "session_not_found", "%s", err->msg);
+    if (st == RP_ERR_IO)
+        return send_error(s, conn, loading ? 400 : 500, "io_error", "%s", err->msg);
+    if (st == RP_ERR_FORMAT || st == RP_ERR_SHAPE || st == RP_ERR_ARG)
+        return send_error(s, conn, 400, "invalid_value", "%s", err->msg);
+    return send_error(s, conn, 500, "internal", "%s", err->msg);
+}
+
+static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
+                                      struct MHD_Connection *conn, const char *method, json_t *o) {
+    const char *name = rc->session;
+    req_error e;
+    rp_error err;
+    char path[4096];
+    if (rc->route == ROUTE_SESSION) {
+        int exists = rp_engine_session_exists(s->engine, name);
+        if (strcmp(method, "GET") == 0) {
+            if (!exists)
+                return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist",
+                                  name);
+            return send_json(s, conn, 200, json_pack("{s:s,s:b}", "session", name, "exists", 1));
+        }
+        if (!exists)
+            return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist",
+                              name);
+        pthread_mutex_lock(&s->lock);
+        session_entry *se = session_find(s, name, 0);
+        int busy = se && se->busy;
+        pthread_mutex_unlock(&s->lock);
+        if (busy)
+            return send_error(s, conn, 409, "session_busy", "session '%s' is in use by a request",
+                              name);
+        rp_status st = rp_engine_session_delete(s->engine, name, &err);
+        if (st != RP_OK) return session_failure(s, conn, name, st, &err, 0);
+        session_forget(s, name);
+        return send_json(s, conn, 200, json_pack("{s:s,s:b}", "session", name, "deleted", 1));
+    }
+    if (session_path(s, o, path, sizeof path, &e))
+        return send_error(s, conn, e.status, e.code, "%s", e.message);
+    if (rc->route == ROUTE_SESSION_SAVE) {
+        if (!rp_engine_session_exists(s->engine, name))
+            return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist",
+                              name);
+        rp_status st = rp_engine_session_save(s->engine, name, path, &err);
+        if (st != RP_OK) return session_failure(s, conn, name, st, &err, 0);
+        return send_json(s, conn, 200, json_pack("{s:s,s:s,s:b}", "session", name, "path",
+                                                 json_string_value(json_object_get(o, "path")),
+                                                 "saved", 1));
+    }
+    pthread_mutex_lock(&s->lock);
+    session_entry *se = session_find(s, name, 0);
+    int busy = se && se->busy;
+    pthread_mutex_unlock(&s->lock);
+    if (busy)
+        return send_error(s, conn, 409, "session_busy", "session '%s' is in use by a request",
+                          name);
+    rp_status st = rp_engine_session_load(s->engine, name, path, &err);
+    if (st != RP_OK) return session_failure(s, conn, name, st, &err, 1);
+    session_forget(s, name);  /* a loaded state continues at a turn boundary */
+    return send_json(s, conn, 200, json_pack("{s:s,s:s,s:b}", "session", name, "path",
+                                             json_string_value(json_object_get(o, "path")),
+                                             "loaded", 1));
+}
+
+/* ---- routing ---------------------------------------------------------------- */
+
+static enum route route_of(const char *url, char *session, size_t session_size) {
+    if (strcmp(url, "/v1/completions") == 0) return ROUTE_COMPLETIONS;
+    if (strcmp(url, "/v1/chat/completions") == 0) return ROUTE_CHAT;
+    if (strcmp(url, "/v1/models") == 0) return ROUTE_MODELS;
+    if (strcmp(url, "/health") == 0 || strcmp(url, "/v1/health") == 0) return ROUTE_HEALTH;
+    if (strcmp(url, "/metrics") == 0) return ROUTE_METRICS;
+    static const char prefix[] = "/v1/sessions/";
+    if (strncmp(url, prefix, sizeof prefix - 1) == 0) {
+        const char *name = url + sizeof prefix - 1;
+        const char *slash = strchr(name, '/');
+        size_t n = slash ? (size_t)(slash - name) : strlen(name);
+        if (n == 0 || n >= session_size) return ROUTE_NONE;
+        memcpy(session, name, n);
+        session[n] = '\0';
+        if (!slash) return ROUTE_SESSION;
+        if (strcmp(slash, "/save") == 0) return ROUTE_SESSION_SAVE;
+        if (strcmp(slash, "/load") == 0) return ROUTE_SESSION_LOAD;
+    }
+    return ROUTE_NONE;
+}
+
+static const char *route_method(enum route r, const char *method) {
+    switch (r) {
+    case ROUTE_COMPLETIONS:
+    case ROUTE_CHAT:
+    case ROUTE_SESSION_SAVE:
+    case ROUTE_SESSION_LOAD: return "POST";
+    case ROUTE_SESSION: return strcmp(method, "GET") == 0 ? "GET" : "DELETE";
+    default: return "GET";
+    }
+}
+
+static int route_has_body(enum route r) {
+    return r == ROUTE_COMPLETIONS || r == ROUTE_CHAT || r == ROUTE_SESSION_SAVE ||
+           r == ROUTE_SESSION_LOAD;
+}
+
+static int authorized(rp_http_server *s, struct MHD_Connection *conn) {
+    if (!s->api_key) return 1;
+    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    if (!h || strncasecmp(h, "Bearer ", 7) != 0) return 0;
+    h += 7;
+    while (*h == ' ') h++;
+    size_t a = strlen(h), b = strlen(s->api_key);
+    /* constant time in the key's length */
+    unsigned diff = (unsigned)(a ^ b);
+    for (size_t i = 0; i < b; i++) diff |= (unsigned char)s->api_key[i] ^ (unsigned char)(i < a ? h[i] : 0);
+    return diff == 0;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_data_size,
+                                  void **con_cls) {
+    rp_http_server *s = cls;
+    (void)version;
+    request_ctx *rc = *con_cls;
+    if (!rc) {
+        rc = calloc(1, sizeof *rc);
+        if (!rc) return MHD_NO;
+        rc->srv = s;
+        rc->t_start = now_seconds();
+        rc->method = strcmp(method, "GET") == 0 ? "GET" : strcmp(method, "POST") == 0 ? "POST"
+                     : strcmp(method, "DELETE") == 0                                 ? "DELETE"
+                                                                                     : "OTHER";
+        snprintf(rc->path, sizeof rc->path, "%s", url);
+        *con_cls = rc;
+        rc->route = route_of(url, rc->session, sizeof rc->session);
+        /* answers that need no body are given now; the body is then not read */
+        if (rc->route == ROUTE_NONE) {
+            rc->answered = 1;
+            return send_error(s, conn, 404, "not_found", "no endpoint %s %s (see docs/serving.md)",
+                              method, url);
+        }
+        if (strcmp(method, route_method(rc->route, method)) != 0 &&
+            !(rc->route == ROUTE_SESSION && strcmp(method, "GET") == 0)) {
+            rc->answered = 1;
+            return send_error(s, conn, 405, "method_not_allowed", "%s needs %s, not %s", url,
+                              route_method(rc->route, method), method);
+        }
+        if (rc->route != ROUTE_HEALTH && !authorized(s, conn)) {
+            rc->answered = 1;
+            return send_error(s, conn, 401, "invalid_api_key",
+                              "missing or wrong API key: send 'Authorization: Bearer KEY'");
+        }
+        if ((rc->route == ROUTE_SESSION || rc->route == ROUTE_SESSION_SAVE ||
+             rc->route == ROUTE_SESSION_LOAD) &&
+            !session_name_valid(rc->session)) {
+            rc->answered = 1;
+            return send_error(s, conn, 400, "invalid_value",
+                              "session names are 1 to %d letters, digits, '_', '-' or '.' (not "
+                              "first)", RP_ENGINE_SESSION_NAME_MAX - 1);
+        }
+        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                                     MHD_HTTP_HEADER_CONTENT_LENGTH);
+        if (cl) {
+            char *end;
+            errno = 0;
+            unsigned long long n = strtoull(cl, &end, 10);
+            if (errno || *end || n > s->cfg.max_body_bytes) {
+                rc->answered = 1;
+                return send_error(s, conn, 413, "body_too_large",
+                                  "the request body has %s bytes: this server accepts at most %zu",
+                                  cl, s->cfg.max_body_bytes);
+            }
+        }
+        return MHD_YES;
+    }
+    if (rc->answered) {
+        *upload_data_size = 0;  /* discard */
+        return MHD_YES;
+    }
+    if (*upload_data_size > 0) {
+        if (route_has_body(rc->route) && !rc->body_too_large) {
+            if (rc->body_len + *upload_data_size > s->cfg.max_body_bytes) {
+                rc->body_too_large = 1;
+                free(rc->body);
+                rc->body = NULL;
+                rc->body_len = rc->body_cap = 0;
+            } else if (append_bytes(&rc->body, &rc->body_len, &rc->body_cap, upload_data,
+                                    *upload_data_size)) {
+                return MHD_NO;
+            }
+        }
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    /* the whole request is here */
+    rc->answered = 1;
+    if (rc->body_too_large)
+        return send_error(s, conn, 413, "body_too_large",
+                          "the request body is larger than %zu bytes", s->cfg.max_body_bytes);
+    if (atomic_load(&s->stopping) && rc->route != ROUTE_HEALTH && rc->route != ROUTE_METRICS)
+        return send_error(s, conn, 503, "shutting_down", "the server is shutting down");
+    switch (rc->route) {
+    case ROUTE_MODELS: return handle_models(s, conn);
+    case ROUTE_HEALTH: return handle_health(s, conn);
+    case ROUTE_METRICS: return handle_metrics(s, conn);
+    default: break;
+    }
+    json_t *o = NULL;
+    if (route_has_body(rc->route)) {
+        json_error_t jerr;
+        if (!rc->body || rc->body_len == 0)
+            return send_error(s, conn, 400, "invalid_json", "the request needs a JSON body");
+        o = json_loadb(rc->body, rc->body_len, JSON_REJECT_DUPLICATES, &jerr);
+        if (!o)
+            return send_error(s, conn, 400, "invalid_json", "invalid JSON at line %d column %d: %s",
+                              jerr.line, jerr.column, jerr.text);
+        if (!json_is_object(o)) {
+            json_decref(o);
+            return send_error(s, conn, 400, "invalid_json", "the body must be a JSON object");
+        }
+    }
+    enum MHD_Result r;
+    if (rc->route == ROUTE_COMPLETIONS || rc->route == ROUTE_CHAT)
+        r = handle_generation(s, rc, conn, o);
+    else
+        r = handle_session(s, rc, conn, method, o);
+    json_decref(o);
+    return r;
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe) {
+    rp_http_server *s = cls;
+    request_ctx *rc = *con_cls;
+    (void)conn;
+    if (!rc) return;
+    if (rc->gen) {
+        /* a streamed generation: a client that went away cancels its job */
+        if (!rc->gen->done) log_line(s, "%s %s: client gone, job cancelled", rc->method, rc->path);
+        gen_free(rc->gen);
+    }
+    if (s->cfg.log && toe != MHD_REQUEST_TERMINATED_COMPLETED_OK &&
+        toe != MHD_REQUEST_TERMINATED_CLIENT_ABORT)
+        log_line(s, "%s %s: connection ended early (%d)", rc->method, rc->path, (int)toe);
+    else if (s->cfg.log_requests)
+        log_line(s, "%s %s %.1f ms", rc->method, rc->path, (now_seconds() - rc->t_start) * 1e3);
+    free(rc->body);
+    free(rc);
+    *con_cls = NULL;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe) {
+    rp_http_server *s = cls;
+    (void)conn;
+    (void)socket_context;
+    atomic_fetch_add(&s->active_connections, toe == MHD_CONNECTION_NOTIFY_STARTED ? 1 : -1);
+}
+
+/* ---- server ----------------------------------------------------------------- */
+
+rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokenizer *tok,
+                        const rp_http_config *cfg, rp_error *err) {
+    *out = NULL;
+    if (cfg->port < 0 || cfg->port > 65535)
+        return rp_error_set(err, RP_ERR_ARG, "port %d: expected 0 to 65535", cfg->port);
+    if (cfg->max_prompt_tokens < 1 || cfg->max_tokens_limit < 0 || cfg->default_max_tokens < 0 ||
+        cfg->max_body_bytes < 16 || cfg->max_connections < 1)
+        return rp_error_set(err, RP_ERR_ARG, "HTTP limits must be positive");
+    rp_http_server *s = calloc(1, sizeof *s);
+    if (!s) return rp_error_set(err, RP_ERR_NOMEM, "HTTP server: out of memory");
+    s->engine = engine;
+    s->tok = tok;
+    s->cfg = *cfg;
+    s->host = strdup(cfg->host ? cfg->host : "127.0.0.1");
+    s->api_key = cfg->api_key && *cfg->api_key ? strdup(cfg->api_key) : NULL;
+    s->model_id = strdup(cfg->model_id ? cfg->model_id : "rwkv");
+    s->session_dir = strdup(cfg->session_dir && *cfg->session_dir ? cfg->session_dir : ".");
+    s->sessions = calloc(MAX_SESSION_ENTRIES, sizeof *s->sessions);
+    s->created = time(NULL);
+    s->vocab_size = rp_engine_config_of(engine)->vocab_size;
+    pthread_mutex_init(&s->lock, NULL);
+    if (!s->host || !s->model_id || !s->session_dir || !s->sessions ||
+        (cfg->api_key && *cfg->api_key && !s->api_key)) {
+        rp_http_stop(s);
+        return rp_error_set(err, RP_ERR_NOMEM, "HTTP server: out of memory");
+    }
+    json_object_seed(0);  /* before any thread builds JSON objects */
+
+    struct addrinfo hints, *ai = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    char port_text[16];
+    snprintf(port_text, sizeof port_text, "%d", cfg->port);
+    int gai = getaddrinfo(s->host, port_text, &hints, &ai);
+    if (gai != 0 || !ai) {
+        rp_error_set(err, RP_ERR_ARG, "--host %s: cannot resolve the address: %s", s->host,
+                     gai_strerror(gai));
+        rp_http_stop(s);
+        return RP_ERR_ARG;
+    }
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
+                     MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
+    s->daemon = MHD_start_daemon(
+        flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER,
+        mhd_logger, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED,
+        on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections, MHD_OPTION_END);
+    int bind_errno = errno;
+    freeaddrinfo(ai);
+    if (!s->daemon) {
+        rp_error_set(err, RP_ERR_IO, "cannot listen on %s port %d: %s", s->host, cfg->port,
+                     bind_errno ? strerror(bind_errno) : "libmicrohttpd failed to start");
+        rp_http_stop(s);
+        return RP_ERR_IO;
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    s->port = di ? di->port : cfg->port;
+    *out = s;
+    return RP_OK;
+}
+
+int rp_http_port(const rp_http_server *s) { return s->port; }
+
+void rp_http_begin_stop(rp_http_server *s) {
+    if (s) atomic_store(&s->stopping, 1);
+}
+
+void rp_http_stop(rp_http_server *s) {
+    if (!s) return;
+    atomic_store(&s->stopping, 1);
+    if (s->daemon) {
+        /* No new connections; generations in flight (cancelled by the engine's
+         * shutdown, or after STOP_GRACE_SECONDS by their handler) first send
+         * their last bytes: stopping the daemon closes every socket. */
+        MHD_socket listener = MHD_quiesce_daemon(s->daemon);
+        const double until = now_seconds() + STOP_GRACE_SECONDS + 5;
+        while (atomic_load(&s->active_generations) > 0 && now_seconds() < until) {
+            struct timespec ts = {0, 10000000};
+            nanosleep(&ts, NULL);
+        }
+        MHD_stop_daemon(s->daemon);
+        if (listener != MHD_INVALID_SOCKET) close(listener);
+    }
+    pthread_mutex_destroy(&s->lock);
+    free(s->sessions);
+    free(s->host);
+    free(s->api_key);
+    free(s->model_id);
+    free(s->session_dir);
+    free(s);
+}
