@@ -21,16 +21,18 @@
 #include "train/trainer.h"
 
 /* The stop request of a preempted job (Slurm's --signal, a Ctrl-C): the
- * trainer checks it between steps. A second signal gets the default action. */
+ * trainer checks it between steps. A second SIGINT/SIGTERM gets the default
+ * action (stop now, no checkpoint); SIGUSR1 never does, because schedulers
+ * may deliver their warning twice (to the batch shell and to the tasks). */
 static volatile sig_atomic_t stop_signal;
 
 static void on_stop_signal(int sig) {
-    if (stop_signal) {
+    if (stop_signal && sig != SIGUSR1) {
         signal(sig, SIG_DFL);
         raise(sig);
         return;
     }
-    stop_signal = sig;
+    if (!stop_signal) stop_signal = sig;
 }
 
 static void train_usage(FILE *out) {
@@ -81,7 +83,8 @@ static void train_usage(FILE *out) {
             "                       checkpoint if there is one, else start (for requeued jobs)\n"
             "Signals: SIGUSR1, SIGTERM or SIGINT stop the run after the current step, on\n"
             "every rank, with a checkpoint (when --checkpoint-dir is set); the exit status\n"
-            "is then 75 (resume with --resume auto). A second signal stops at once.\n"
+            "is then 75 (resume with --resume auto). A second SIGINT/SIGTERM stops at\n"
+            "once, without a checkpoint; repeated SIGUSR1s count as one.\n"
             "  --metrics FILE       JSON lines: step, loss, lr, grad norm, tokens/s, eval\n"
             "  --eval-interval N    evaluate every N steps (default 50; always at the end)\n"
             "  --eval-batches N     micro-batches per evaluation (default 4)\n"

@@ -57,6 +57,7 @@ const char *rp_status_name(rp_status code) {
     case RP_ERR_MPI: return "communication error";
     case RP_ERR_DIVERGED: return "training diverged";
     case RP_ERR_BUSY: return "busy";
+    case RP_ERR_UNAVAILABLE: return "unavailable";
     case RP_ERR_INTERNAL: return "internal error";
     }
     return "unknown error";

@@ -17,7 +17,8 @@ typedef enum {
     RP_ERR_MPI,      /* communication failure */
     RP_ERR_INTERNAL, /* a bug: an invariant did not hold */
     RP_ERR_DIVERGED, /* training produced a non-finite loss/gradient (same on every rank) */
-    RP_ERR_BUSY      /* a queue or limit is full: try again later (HTTP 429) */
+    RP_ERR_BUSY,     /* a queue or limit is full: try again later (HTTP 429) */
+    RP_ERR_UNAVAILABLE /* shutting down: no new work is accepted (HTTP 503) */
 } rp_status;
 
 #define RP_ERROR_MSG_LEN 1024

@@ -584,7 +584,7 @@ rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err) {
     pthread_mutex_lock(&e->mu);
     if (e->shutdown_requested) {
         pthread_mutex_unlock(&e->mu);
-        return rp_error_set(err, RP_ERR_BUSY, "the server is shutting down");
+        return rp_error_set(err, RP_ERR_UNAVAILABLE, "the server is shutting down");
     }
     if (e->n_queued >= e->cfg.max_queue) {
         int q = e->n_queued;
@@ -658,9 +658,23 @@ static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
             st = issue(e, &d, err);
         }
     }
+    if (j->has_deferred) rp_job_finish(j, j->deferred, NULL);
     e->slot_job[slot] = NULL;
     rp_job_release(j);
     return st;
+}
+
+/* The job is over: a job that stores its session reports its end only once
+ * the session is stored (close_slot), so a client that continues or saves it
+ * right after the reply finds it. */
+static void job_end(rp_job *j, rp_finish_reason reason) {
+    j->closing = 1;
+    if (j->store_session[0]) {
+        j->has_deferred = 1;
+        j->deferred = reason;
+    } else {
+        rp_job_finish(j, reason, NULL);
+    }
 }
 
 static int is_stop_token(const rp_job *j, int32_t t) {
@@ -679,8 +693,7 @@ static void deliver(rp_engine *e, int slot, int32_t tok) {
         return;
     }
     if (is_stop_token(j, tok)) {
-        rp_job_finish(j, RP_FINISH_STOP, NULL);
-        j->closing = 1;
+        job_end(j, RP_FINISH_STOP);
         return;
     }
     rp_job_push_token(j, tok);
@@ -690,10 +703,7 @@ static void deliver(rp_engine *e, int slot, int32_t tok) {
     j->n_generated++;
     j->has_pending = 1;
     j->pending = tok;
-    if (j->n_generated >= j->params.max_tokens) {
-        rp_job_finish(j, RP_FINISH_LENGTH, NULL);
-        j->closing = 1;
-    }
+    if (j->n_generated >= j->params.max_tokens) job_end(j, RP_FINISH_LENGTH);
 }
 
 static void account_busy(rp_engine *e, const double *busy, size_t n) {
@@ -947,14 +957,14 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         rp_job *j = e->slot_job[s];
         if (!j || j->in_flight) continue;
         int cancel = rp_job_cancel_state(j);
-        if (!j->closing && cancel) {
-            rp_job_finish(j, cancel == 2 ? RP_FINISH_STOP : RP_FINISH_CANCELLED, NULL);
+        if (!j->closing && cancel == 1) {
+            rp_job_finish(j, RP_FINISH_CANCELLED, NULL);
             j->closing = 1;
+        } else if (!j->closing && cancel == 2) {
+            job_end(j, RP_FINISH_STOP);
         }
-        if (!j->closing && j->prefilled == j->n_prompt && j->params.max_tokens == 0) {
-            rp_job_finish(j, RP_FINISH_LENGTH, NULL);
-            j->closing = 1;
-        }
+        if (!j->closing && j->prefilled == j->n_prompt && j->params.max_tokens == 0)
+            job_end(j, RP_FINISH_LENGTH);
         if (!j->closing) continue;
         /* A job that keeps its session first reads its last emitted token. */
         const int stash = j->store_session[0] && cancel != 1 && j->prefilled == j->n_prompt;
@@ -1084,7 +1094,7 @@ static rp_status ask_control(rp_engine *e, int kind, const char *name, const cha
     pthread_mutex_lock(&e->mu);
     if (e->shutdown_requested) {
         pthread_mutex_unlock(&e->mu);
-        return rp_error_set(err, RP_ERR_BUSY, "the server is shutting down");
+        return rp_error_set(err, RP_ERR_UNAVAILABLE, "the server is shutting down");
     }
     c.next = e->controls;
     e->controls = &c;

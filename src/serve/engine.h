@@ -83,7 +83,9 @@ typedef struct rp_job rp_job;
 
 /* A job: the prompt tokens (copied) and its sampling. start_session (may be
  * NULL): begin from the state stored under that name (then `prompt` is only
- * the new text; a missing name is an error when the job is submitted);
+ * the new text; a name that is not stored when the job gets its slot ends it
+ * with RP_FINISH_ERROR "unknown session"; callers check rp_engine_session_exists
+ * first for a better answer);
  * NULL starts from the zero state. store_session (may be NULL): keep the
  * state after the job under that name (a chat continues with both set to
  * the same name; an initial state from state tuning is a stored session used
@@ -124,7 +126,10 @@ rp_status rp_engine_create(rp_engine **e, const rp_model *model, const rp_grid *
 void rp_engine_free(rp_engine *e);
 
 /* Rank 0, any thread: queue a job (the engine takes its own reference).
- * RP_ERR_BUSY when the queue is full (HTTP 429). */
+ * RP_ERR_BUSY when the queue is full (HTTP 429), RP_ERR_UNAVAILABLE after
+ * rp_engine_shutdown (HTTP 503). A job that stores a session reports its end
+ * (rp_job_read's finish) only once the session is stored, so the next turn
+ * or a save can follow at once. */
 rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err);
 
 /* Rank 0 main thread: one scheduling round (admit queued jobs, launch units,

@@ -36,6 +36,8 @@ struct rp_job {
     int32_t pending;
     int n_generated;
     int closing;                   /* finished; feeding the last token before the stash */
+    int has_deferred;              /* the end is reported once the session is stored */
+    rp_finish_reason deferred;
     int closed;                    /* FREE_SLOT issued */
 };
 

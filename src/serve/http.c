@@ -315,17 +315,6 @@ static void finish_job(gen_ctx *g, rp_finish_reason f) {
     if (f == RP_FINISH_ERROR) rp_job_error(g->job, g->error, sizeof g->error);
 }
 
-/* The engine reports a job's end before it has stored the job's session
- * (it first feeds the last token): a client that saves or continues the
- * session right after the reply must find it. A first turn's session
- * appears in the engine's table when it is stored; wait for that (briefly). */
-static void wait_session_stored(gen_ctx *g) {
-    for (int i = 0; i < 400 && !rp_engine_session_exists(g->srv->engine, g->session); i++) {
-        struct timespec ts = {0, 5000000};
-        nanosleep(&ts, NULL);
-    }
-}
-
 /* Reads what the engine generated (waiting up to timeout_ms) and feeds the
  * text stream. Returns 1 once the generation is over (g->done). A stop
  * string ends it at once; a job that stores a session is still drained to
@@ -364,9 +353,8 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
             }
         }
         if (n == 0 && f != RP_FINISH_NONE) {
+            /* A session turn ends only once the engine has stored the session. */
             finish_job(g, g->stop_hit ? RP_FINISH_STOP : f);
-            if (g->session[0] && (g->finish == RP_FINISH_STOP || g->finish == RP_FINISH_LENGTH))
-                wait_session_stored(g);
             return 1;
         }
         if (n < READ_BATCH) return 0;
@@ -1069,7 +1057,7 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     }
     rp_status st = rp_engine_submit(s->engine, g->job, &err);
     if (st != RP_OK) {
-        if (atomic_load(&s->stopping))
+        if (atomic_load(&s->stopping) || st == RP_ERR_UNAVAILABLE)
             fail(e, 503, "shutting_down", "the server is shutting down");
         else if (st == RP_ERR_BUSY)
             fail(e, 429, "too_many_requests", "%s", err.msg);
