@@ -96,6 +96,7 @@ struct rp_engine {
     int *stage_layer_begin, *stage_layer_end;
     uint64_t next_unit_id;
     int prefer_prefill;
+    int rr_cursor;               /* next slot to consider first */
     control *controls;
     pthread_t owner;             /* the main thread (rp_engine_create's caller) */
     volatile sig_atomic_t shutdown_requested;
@@ -732,7 +733,11 @@ static int launch_unit(rp_engine *e, unit_record *rec, rp_status *st, rp_error *
     int n = 0;
     /* Candidates: decode-ready slots, and a slot still prefilling. */
     int prefill_slot = -1;
-    for (int s = 0; s < S; s++) {
+    /* Round robin from where the last unit stopped: with more ready slots
+     * than fit in a group, the low-numbered ones must not always win. */
+    const int start = e->rr_cursor;
+    for (int i = 0; i < S; i++) {
+        const int s = (start + i) % S;
         rp_job *j = e->slot_job[s];
         if (!j || j->in_flight) continue;
         if (j->prefilled < j->n_prompt && !j->closing) {
@@ -752,6 +757,7 @@ static int launch_unit(rp_engine *e, unit_record *rec, rp_status *st, rp_error *
     int do_prefill = prefill_slot >= 0 && (n == 0 || e->prefer_prefill);
     if (!do_prefill && n == 0) return 0;
     e->prefer_prefill = !do_prefill;
+    e->rr_cursor = ((do_prefill ? prefill_slot : slots[n - 1]) + 1) % S;
     command c = RWKVPIPE__ENGINE_COMMAND__INIT;
     c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__UNIT;
     c.unit_id = ++e->next_unit_id;
