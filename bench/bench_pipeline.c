@@ -1,9 +1,10 @@
-/* Pipeline bubble of the executor (src/pipe/pipe_train.c) under MPI: for P
- * ranks = P stages (DP = 1), GPipe and 1F1B at several micro-batch counts M,
+/* Pipeline bubble of the executor (src/pipe/pipe_train.c) under MPI: P ranks
+ * run P stages (DP = 1); for GPipe and 1F1B at several micro-batch counts M,
  * the step time against the compute every stage did in it (the executor's
  * busy_seconds: its FWD + BWD), the measured idle share next to the theory
- * (P-1)/(M+P-1), and how much of it stage imbalance explains. Prints one
- * markdown table on rank 0; results in docs/perf/pipeline.md.
+ * (P-1)/(M+P-1), and the difference split into stage imbalance, per-step
+ * work outside FWD/BWD, and the rest (transfers, waits). One markdown table
+ * on rank 0; run by hand, results in docs/perf/pipeline.md.
  *   mpirun -np 2 bench/bench_pipeline [options]   (--help) */
 #include "config.h"
 
@@ -37,7 +38,7 @@ typedef struct {
     unsigned long long seed;
 } options;
 
-static int world_rank = 0, my_stage = 0;
+static int world_rank = 0, my_stage = -1; /* -1 until the grid is made */
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -46,13 +47,13 @@ static void usage(FILE *out) {
             "  micro-batch count M: step time, per-stage compute, measured bubble\n"
             "  1 - sum(busy) / (P x step) and the theory (P-1)/(M+P-1).\n"
             "options:\n"
-            "  --model-config NAME     built-in or L<layers>-C<n_embd>[-V<vocab>] (L8-C256-V256)\n"
+            "  --model-config NAME     built-in or L<layers>-C<n_embd>[-V<vocab>] (L8-C128-V256)\n"
             "  --ctx-len T             tokens per sequence (64)\n"
             "  --micro-batch-seqs S    sequences per micro-batch (4)\n"
             "  --micro-batches LIST    micro-batch counts M (1,2,4,8)\n"
             "  --schedules LIST        gpipe,1f1b (both)\n"
             "  --stage-layers LIST     layers per stage, e.g. 5,3 (balanced partition)\n"
-            "  --steps N               timed steps per case (10)\n"
+            "  --steps N               timed steps per case (15)\n"
             "  --warmup N              untimed steps per case first (2)\n"
             "  --threads K             CPU backend threads per rank (1)\n"
             "  --seed N                token and weight seed (1)\n");
@@ -60,7 +61,9 @@ static void usage(FILE *out) {
 
 /* Under MPI a fatal error ends every rank, naming this one. */
 static void fatal(const char *what, const rp_error *err) {
-    fprintf(stderr, "bench_pipeline: rank %d (stage %d): %s%s%s\n", world_rank, my_stage, what,
+    char stage[32] = "";
+    if (my_stage >= 0) snprintf(stage, sizeof stage, " (stage %d)", my_stage);
+    fprintf(stderr, "bench_pipeline: rank %d%s: %s%s%s\n", world_rank, stage, what,
             err ? ": " : "", err ? err->msg : "");
     MPI_Abort(MPI_COMM_WORLD, 1);
     exit(1);
@@ -76,7 +79,7 @@ static int parse_int(const char *text, int lo, int hi, int *out) {
 
 /* Returns 0 to run, 1 for --help, 2 for a bad option (message in msg). */
 static int parse_options(int argc, char **argv, options *o, char *msg, size_t msg_size) {
-    *o = (options){.model_config = "L8-C256-V256", .ctx_len = 64, .micro_seqs = 4, .steps = 10,
+    *o = (options){.model_config = "L8-C128-V256", .ctx_len = 64, .micro_seqs = 4, .steps = 15,
                    .warmup = 2, .threads = 1, .micro = {1, 2, 4, 8}, .n_micro_counts = 4,
                    .kinds = {RP_SCHEDULE_GPIPE, RP_SCHEDULE_1F1B}, .n_kinds = 2, .seed = 1};
     for (int i = 1; i < argc; i++) {
@@ -95,7 +98,11 @@ static int parse_options(int argc, char **argv, options *o, char *msg, size_t ms
         else if (strcmp(a, "--steps") == 0) ok = parse_int(v, 1, MAX_STEPS, &o->steps);
         else if (strcmp(a, "--warmup") == 0) ok = parse_int(v, 0, MAX_STEPS, &o->warmup);
         else if (strcmp(a, "--threads") == 0) ok = parse_int(v, 1, 1024, &o->threads);
-        else if (strcmp(a, "--seed") == 0) o->seed = strtoull(v, NULL, 10);
+        else if (strcmp(a, "--seed") == 0) {
+            char *end;
+            o->seed = strtoull(v, &end, 10);
+            ok = end != v && !*end;
+        }
         else if (strcmp(a, "--micro-batches") == 0) {
             char buf[256];
             snprintf(buf, sizeof buf, "%s", v);
@@ -145,18 +152,14 @@ static void fill_tokens(int32_t *inputs, int32_t *targets, int n_seqs, int T, in
 }
 
 /* The work of a step the executor does not count as busy: zeroing the
- * gradients, their sum of squares, AdamW. Median seconds on this stage. */
+ * gradients, their sum of squares, AdamW. Seconds, once, on this stage. */
 static double overhead_seconds(rp_model *model, rp_model *grads, rp_model *m, rp_model *v,
-                               const rp_optim_config *optim) {
-    double t[7];
-    for (int i = 0; i < 7; i++) {
-        double t0 = bench_now_s();
-        rp_model_zero(grads);
-        double sumsq = rp_grad_sum_squares(grads);
-        rp_optim_step(model, grads, m, v, optim, i, rp_clip_scale(sqrt(sumsq), optim->grad_clip));
-        t[i] = bench_now_s() - t0;
-    }
-    return bench_median(t, 7);
+                               const rp_optim_config *optim, long step) {
+    const double t0 = bench_now_s();
+    rp_model_zero(grads);
+    const double sumsq = rp_grad_sum_squares(grads);
+    rp_optim_step(model, grads, m, v, optim, step, rp_clip_scale(sqrt(sumsq), optim->grad_clip));
+    return bench_now_s() - t0;
 }
 
 static void format_per_stage(char *out, size_t size, const double *ms, int P, const char *fmt) {
@@ -187,6 +190,12 @@ int main(int argc, char **argv) {
         return parsed == 1 ? 0 : 2;
     }
 
+    if (P > RP_GRID_MAX_STAGES) {
+        if (root) fprintf(stderr, "bench_pipeline: %d ranks, at most %d stages\n", P,
+                          RP_GRID_MAX_STAGES);
+        MPI_Finalize();
+        return 2;
+    }
     rp_error err;
     rp_config cfg;
     if (rp_config_builtin(&cfg, o.model_config, 0, &err) != RP_OK) fatal("--model-config", &err);
@@ -255,58 +264,83 @@ int main(int argc, char **argv) {
                    grid.layer_end[s] - 1, s == 0 ? " + embedding" : "",
                    s == P - 1 ? " + head and loss" : "");
         printf("%s\n", o.stage_layers ? " (--stage-layers)" : " (rp_partition_balanced)");
-        printf("- per case: %d warm-up steps, then %d timed steps, each after an MPI_Barrier; "
-               "random tokens (seed %llu), targets = next tokens\n\n", o.warmup, o.steps, o.seed);
+        printf("- per case: %d warm-up steps, then %d timed steps, each after an MPI_Barrier, "
+               "taken round-robin over the cases; random tokens (seed %llu), targets = next "
+               "tokens\n\n", o.warmup, o.steps, o.seed);
         fflush(stdout);
     }
 
-    int c = 0;
-    for (int ki = 0; ki < o.n_kinds; ki++)
+    /* Every case's trainer lives for the whole run and the timed steps go
+     * round-robin over the cases: a slow phase of the shared host (its
+     * bandwidth has modes that last seconds, docs/perf/cpu.md) then touches
+     * every case alike instead of one case's whole sample. */
+    rp_pipe_trainer *trainers = calloc((size_t)n_cases, sizeof *trainers);
+    int *case_m = malloc(sizeof(int) * (size_t)n_cases);
+    int *case_kind = malloc(sizeof(int) * (size_t)n_cases);
+    /* /proc tick deltas per case: machine busy, machine total, this process */
+    unsigned long long *ticks = calloc((size_t)n_cases * 3, sizeof *ticks);
+    double *overhead_samples = malloc(sizeof(double) * (size_t)o.steps);
+    if (!trainers || !case_m || !case_kind || !ticks || !overhead_samples)
+        fatal("cannot allocate the cases", NULL);
+    for (int ki = 0, c = 0; ki < o.n_kinds; ki++)
         for (int mi = 0; mi < o.n_micro_counts; mi++, c++) {
-            const int M = o.micro[mi];
-            rp_pipe_trainer pt;
-            if (rp_pipe_trainer_init(&pt, &model, &grads, &adam_m, &adam_v, &grid, tp,
-                                     (rp_schedule_kind)o.kinds[ki], M, S, T, &err) != RP_OK)
+            case_m[c] = o.micro[mi];
+            case_kind[c] = o.kinds[ki];
+            if (rp_pipe_trainer_init(&trainers[c], &model, &grads, &adam_m, &adam_v, &grid, tp,
+                                     (rp_schedule_kind)case_kind[c], case_m[c], S, T, &err) !=
+                RP_OK)
                 fatal("pipeline trainer", &err);
-            const float loss_scale = 1.0f / ((float)M * R);
-            bench_cpu_sample c0, c1;
-            long step = 0;
-            for (int i = 0; i < o.warmup + o.steps; i++) {
-                MPI_Barrier(MPI_COMM_WORLD);
-                if (i == o.warmup) bench_cpu_sample_take(&c0);
-                const double t0 = MPI_Wtime();
-                rp_pipe_step_result res;
-                if (rp_pipe_trainer_step(&pt, inputs, targets, loss_scale, 1e-4f * loss_scale,
-                                         &optim, step++, &res, &err) != RP_OK)
-                    fatal("step", &err);
-                double mine[2] = {MPI_Wtime() - t0, pt.busy_seconds};
-                double all[2 * RP_GRID_MAX_STAGES];
-                MPI_Gather(mine, 2, MPI_DOUBLE, all, 2, MPI_DOUBLE, 0, MPI_COMM_WORLD);
-                if (i < o.warmup || !root) continue;
-                double wall = 0;
-                for (int s = 0; s < P; s++) {
-                    wall = all[2 * s] > wall ? all[2 * s] : wall;
-                    busy_s[((size_t)c * o.steps + (i - o.warmup)) * P + s] = all[2 * s + 1];
-                }
-                step_s[(size_t)c * o.steps + (i - o.warmup)] = wall;
-            }
-            bench_cpu_sample_take(&c1);
-            /* Other load = machine busy ticks minus every rank's own ticks. */
-            unsigned long long self = c1.self - c0.self, self_all = 0;
-            MPI_Reduce(&self, &self_all, 1, MPI_UNSIGNED_LONG_LONG, MPI_SUM, 0, MPI_COMM_WORLD);
-            if (root) {
-                c1.self = c0.self + self_all;
-                other[c] = bench_cpu_other_fraction(&c0, &c1);
-            }
-            rp_pipe_trainer_free(&pt);
-            if (root) fprintf(stderr, "bench_pipeline: %s M=%d done\n",
-                              rp_schedule_kind_name((rp_schedule_kind)o.kinds[ki]), M);
         }
-
-    /* Per-stage work outside FWD/BWD, measured alone (same for every case),
-     * on all ranks at once as in a step. */
-    MPI_Barrier(MPI_COMM_WORLD);
-    double overhead = overhead_seconds(&model, &grads, &adam_m, &adam_v, &optim);
+    long step = 0;
+    for (int round = -o.warmup; round < o.steps; round++) {
+        for (int c = 0; c < n_cases; c++) {
+            const float loss_scale = 1.0f / ((float)case_m[c] * R);
+            bench_cpu_sample c0, c1;
+            MPI_Barrier(MPI_COMM_WORLD);
+            bench_cpu_sample_take(&c0);
+            const double t0 = MPI_Wtime();
+            rp_pipe_step_result res;
+            if (rp_pipe_trainer_step(&trainers[c], inputs, targets, loss_scale,
+                                     1e-4f * loss_scale, &optim, step++, &res, &err) != RP_OK)
+                fatal("step", &err);
+            double mine[2] = {MPI_Wtime() - t0, trainers[c].busy_seconds};
+            bench_cpu_sample_take(&c1);
+            double all[2 * RP_GRID_MAX_STAGES];
+            MPI_Gather(mine, 2, MPI_DOUBLE, all, 2, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+            if (round < 0) continue;
+            if (c0.valid && c1.valid) {
+                ticks[3 * c] += c1.machine_busy - c0.machine_busy;
+                ticks[3 * c + 1] += c1.machine_total - c0.machine_total;
+                ticks[3 * c + 2] += c1.self - c0.self;
+            }
+            if (!root) continue;
+            double wall = 0;
+            for (int s = 0; s < P; s++) {
+                wall = all[2 * s] > wall ? all[2 * s] : wall;
+                busy_s[((size_t)c * o.steps + round) * P + s] = all[2 * s + 1];
+            }
+            step_s[(size_t)c * o.steps + round] = wall;
+        }
+        /* The per-step work outside FWD/BWD, alone, on all ranks at once as
+         * in a step; one sample per round. */
+        MPI_Barrier(MPI_COMM_WORLD);
+        const double overhead =
+            overhead_seconds(&model, &grads, &adam_m, &adam_v, &optim, step++);
+        if (round >= 0) overhead_samples[round] = overhead;
+        if (root && round >= 0) fprintf(stderr, "bench_pipeline: round %d of %d done\n",
+                                        round + 1, o.steps);
+    }
+    /* Other load = machine busy ticks minus every rank's own ticks. */
+    unsigned long long *ticks_all = malloc(sizeof *ticks_all * (size_t)n_cases * 3);
+    if (!ticks_all) fatal("cannot allocate the results", NULL);
+    MPI_Reduce(ticks, ticks_all, 3 * n_cases, MPI_UNSIGNED_LONG_LONG, MPI_SUM, 0, MPI_COMM_WORLD);
+    for (int c = 0; root && c < n_cases; c++) {
+        /* Every rank read the same machine counters: keep one copy of them. */
+        const double busy = (double)ticks_all[3 * c] / P, total = (double)ticks_all[3 * c + 1] / P;
+        const double v = total > 0 ? (busy - (double)ticks_all[3 * c + 2]) / total : -1.0;
+        other[c] = total > 0 ? (v < 0 ? 0 : v > 1 ? 1 : v) : -1.0;
+    }
+    double overhead = bench_median(overhead_samples, o.steps);
     double *overhead_all = malloc(sizeof(double) * (size_t)P);
     if (!overhead_all) fatal("cannot allocate the results", NULL);
     MPI_Gather(&overhead, 1, MPI_DOUBLE, overhead_all, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
@@ -330,19 +364,20 @@ int main(int argc, char **argv) {
                "stages' gradient zeroing + norm + AdamW measured alone (work of every step that "
                "busy_seconds does not count)\n"
                "  - rest = (1 - e) x (step - pipe - overhead) / step: transfers, the latency of "
-               "the executor's waits, variation between micro-batches (rest ms in brackets)\n\n",
+               "the executor's waits, variation between micro-batches (rest ms in brackets)\n"
+               "- **pipeline idle** = 1 - sum_s busy_s / (P x (step - overhead)): the same with "
+               "the weight update (zeroing + norm + AdamW, compute every stage does at the end "
+               "of the step, not a bubble) taken out of the step; **diff** against theory\n\n",
                1e3 * overhead_max);
-        const char *cols[10] = {"M", "step ms", "busy ms per stage", "bubble", "theory",
+        const char *cols[12] = {"M", "step ms", "busy ms per stage", "bubble", "theory",
                                 "diff, pts", "imbalance, pts", "overhead, pts", "rest, pts (ms)",
-                                "other CPU load"};
-        bench_table_header(stdout, "schedule", cols, 10);
+                                "other CPU load", "pipeline idle", "diff, pts"};
+        bench_table_header(stdout, "schedule", cols, 12);
         double *stage_s = malloc(sizeof(double) * (size_t)P);
         double *col = malloc(sizeof(double) * (size_t)o.steps);
         if (!stage_s || !col) fatal("cannot allocate the results", NULL);
-        c = 0;
-        for (int ki = 0; ki < o.n_kinds; ki++)
-            for (int mi = 0; mi < o.n_micro_counts; mi++, c++) {
-                const int M = o.micro[mi];
+        for (int c = 0; c < n_cases; c++) {
+                const int M = case_m[c];
                 double sum = 0, max = 0;
                 for (int s = 0; s < P; s++) {
                     for (int i = 0; i < o.steps; i++)
@@ -352,42 +387,53 @@ int main(int argc, char **argv) {
                     max = stage_s[s] > max ? stage_s[s] : max;
                 }
                 for (int i = 0; i < o.steps; i++) col[i] = step_s[(size_t)c * o.steps + i];
-                const double step = bench_median(col, o.steps);
+                const double step_median = bench_median(col, o.steps);
                 const double theory = (double)(P - 1) / (M + P - 1);
-                const double bubble = 1 - sum / (P * step);
+                const double bubble = 1 - sum / (P * step_median);
                 const double pipe = sum / M + (M - 1) * max / M;
                 const double e = 1 - sum / (P * pipe);
-                const double rest_s = step - pipe - overhead_max;
+                const double rest_s = step_median - pipe - overhead_max;
                 double ms[RP_GRID_MAX_STAGES];
                 for (int s = 0; s < P; s++) ms[s] = 1e3 * stage_s[s];
-                char cells[10][96];
+                char cells[12][96];
                 snprintf(cells[0], 96, "%d", M);
-                snprintf(cells[1], 96, "%.1f", 1e3 * step);
+                snprintf(cells[1], 96, "%.1f", 1e3 * step_median);
                 format_per_stage(cells[2], 96, ms, P, "%.1f");
                 snprintf(cells[3], 96, "%.1f%%", 100 * bubble);
                 snprintf(cells[4], 96, "%.1f%%", 100 * theory);
                 snprintf(cells[5], 96, "%+.1f %s", 100 * (bubble - theory),
                          fabs(bubble - theory) <= 0.03 ? "✓" : "✗");
                 snprintf(cells[6], 96, "%+.1f", 100 * (e - theory));
-                snprintf(cells[7], 96, "%+.1f", 100 * (1 - e) * overhead_max / step);
-                snprintf(cells[8], 96, "%+.1f (%.1f)", 100 * (1 - e) * rest_s / step,
+                snprintf(cells[7], 96, "%+.1f", 100 * (1 - e) * overhead_max / step_median);
+                snprintf(cells[8], 96, "%+.1f (%.1f)", 100 * (1 - e) * rest_s / step_median,
                          1e3 * rest_s);
                 snprintf(cells[9], 96, other[c] < 0 ? "?" : "%.0f%%%s", 100 * other[c],
                          other[c] > NOISY_OTHER_CPU_FRACTION ? " (noisy: rerun)" : "");
-                const char *row[10];
-                for (int k = 0; k < 10; k++) row[k] = cells[k];
-                bench_table_row(stdout, rp_schedule_kind_name((rp_schedule_kind)o.kinds[ki]),
-                                row, 10);
-            }
+                const double idle = 1 - sum / (P * (step_median - overhead_max));
+                snprintf(cells[10], 96, "%.1f%%", 100 * idle);
+                snprintf(cells[11], 96, "%+.1f %s", 100 * (idle - theory),
+                         fabs(idle - theory) <= 0.03 ? "✓" : "✗");
+                const char *row[12];
+                for (int k = 0; k < 12; k++) row[k] = cells[k];
+                bench_table_row(stdout, rp_schedule_kind_name((rp_schedule_kind)case_kind[c]),
+                                row, 12);
+        }
         double ms[RP_GRID_MAX_STAGES];
         for (int s = 0; s < P; s++) ms[s] = 1e3 * overhead_all[s];
         char cell[256];
         format_per_stage(cell, sizeof cell, ms, P, "%.2f");
-        printf("\n- overhead outside FWD/BWD per step (zero gradients + norm + AdamW, median of "
-               "7 alone), ms per stage: %s\n", cell);
+        printf("\n- overhead outside FWD/BWD per step (zero gradients + norm + AdamW, alone, "
+               "median over the rounds), ms per stage: %s\n", cell);
         free(stage_s);
         free(col);
     }
+    for (int c = 0; c < n_cases; c++) rp_pipe_trainer_free(&trainers[c]);
+    free(trainers);
+    free(case_m);
+    free(case_kind);
+    free(ticks);
+    free(ticks_all);
+    free(overhead_samples);
     free(overhead_all);
     free(step_s);
     free(busy_s);

@@ -32,6 +32,15 @@ static inline int cpu_threads(const rp_backend *be) {
  * polynomial, branch-free so that `#pragma omp simd` loops vectorise them.
  * Max relative error ~2e-7 over the clamped range. */
 
+/* Fused multiply-add where the CPU has one; elsewhere (a --disable-native
+ * build) fmaf would be a libm call ~40x slower than the multiply and add it
+ * replaces, so use those (last-bit differences only). */
+#if defined(__FMA__) || defined(__aarch64__)
+#define cpu_fmaf(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+static inline float cpu_fmaf(float a, float b, float c) { return a * b + c; }
+#endif
+
 /* exp(x) for x clamped to [-87, 88]: below, results are ~1.6e-38 instead of
  * underflowing; above, ~1.65e38 instead of overflowing. Every caller (sigmoid,
  * tanh, decay) saturates long before either end matters. */
@@ -41,15 +50,15 @@ static inline float cpu_expf(float x) {
     /* x = n ln2 + r, |r| <= ln2/2; ln2 split in a high part exact in float
      * and a low correction (Cody-Waite) so r keeps full precision. */
     float n = __builtin_rintf(x * 1.44269504088896341f);
-    float r = __builtin_fmaf(n, -0.693359375f, x);
-    r = __builtin_fmaf(n, 2.12194440e-4f, r);
+    float r = cpu_fmaf(n, -0.693359375f, x);
+    r = cpu_fmaf(n, 2.12194440e-4f, r);
     float p = 1.9875691500e-4f;
-    p = __builtin_fmaf(p, r, 1.3981999507e-3f);
-    p = __builtin_fmaf(p, r, 8.3334519073e-3f);
-    p = __builtin_fmaf(p, r, 4.1665795894e-2f);
-    p = __builtin_fmaf(p, r, 1.6666665459e-1f);
-    p = __builtin_fmaf(p, r, 5.0000001201e-1f);
-    p = __builtin_fmaf(p, r * r, r + 1.0f);
+    p = cpu_fmaf(p, r, 1.3981999507e-3f);
+    p = cpu_fmaf(p, r, 8.3334519073e-3f);
+    p = cpu_fmaf(p, r, 4.1665795894e-2f);
+    p = cpu_fmaf(p, r, 1.6666665459e-1f);
+    p = cpu_fmaf(p, r, 5.0000001201e-1f);
+    p = cpu_fmaf(p, r * r, r + 1.0f);
     /* NaN in gives NaN out through p; the exponent must not convert NaN to
      * an integer (undefined behaviour), so it uses 0 then. */
     n = n == n ? n : 0.0f;
@@ -66,11 +75,11 @@ static inline float cpu_tanhf(float x) {
     float ax = x < 0.0f ? -x : x;
     float z = x * x;
     float p = -5.70498872745e-3f;
-    p = __builtin_fmaf(p, z, 2.06390887954e-2f);
-    p = __builtin_fmaf(p, z, -5.37397155531e-2f);
-    p = __builtin_fmaf(p, z, 1.33314422036e-1f);
-    p = __builtin_fmaf(p, z, -3.33332819422e-1f);
-    float small = __builtin_fmaf(p * z, x, x);
+    p = cpu_fmaf(p, z, 2.06390887954e-2f);
+    p = cpu_fmaf(p, z, -5.37397155531e-2f);
+    p = cpu_fmaf(p, z, 1.33314422036e-1f);
+    p = cpu_fmaf(p, z, -3.33332819422e-1f);
+    float small = cpu_fmaf(p * z, x, x);
     float big = 1.0f - 2.0f / (cpu_expf(2.0f * ax) + 1.0f);
     big = x < 0.0f ? -big : big;
     return ax < 0.625f ? small : big;

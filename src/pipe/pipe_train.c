@@ -123,8 +123,15 @@ static rp_status post_recv(rp_pipe_trainer *pt, const rp_pipe_instr *in, rp_erro
     return st;
 }
 
-static rp_status wait_pending(rp_pipe_trainer *pt, int buffer, rp_error *err) {
-    for (int k = 0; k < 2; k++) {
+/* Sends that read a stash slot's buffers must finish before something
+ * overwrites them; only those: a gradient send still in flight need not
+ * delay the next forward into the slot (measured: that wait put the
+ * previous stage's polling on the critical path). */
+enum { PENDING_ACT = 1, PENDING_GRAD = 2, PENDING_ALL = 3 };
+
+static rp_status wait_pending(rp_pipe_trainer *pt, int buffer, int which, rp_error *err) {
+    for (int k = 0; k < 4; k++) {
+        if (!(which & (k < 2 ? PENDING_ACT : PENDING_GRAD))) continue;
         rp_status st = rp_transport_wait(pt->tp, &pt->pending[buffer][k], err);
         if (st != RP_OK) return st;
     }
@@ -197,7 +204,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             }
             if ((st = rp_transport_wait(pt->tp, &x[0], err)) != RP_OK ||
                 (st = rp_transport_wait(pt->tp, &x[1], err)) != RP_OK ||
-                (st = wait_pending(pt, in->buffer, err)) != RP_OK)
+                (st = wait_pending(pt, in->buffer, is_act ? PENDING_ACT : PENDING_GRAD, err)) !=
+                    RP_OK)
                 break;
             const float *buf = is_act ? pt->recv_act : pt->recv_grad;
             be->copy_to_device(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
@@ -207,7 +215,10 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             break;
         }
         case RP_OP_FWD: {
-            if ((st = wait_pending(pt, in->buffer, err)) != RP_OK) break;
+            /* The last stage's forward also writes dx (the head's backward). */
+            if ((st = wait_pending(pt, in->buffer, m->has_head ? PENDING_ALL : PENDING_ACT,
+                                   err)) != RP_OK)
+                break;
             const double t0 = now_seconds();
             be->fill_zero(be, pt->state.data, state_bytes);
             if (m->has_embed &&
@@ -235,7 +246,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                             err);
             break;
         case RP_OP_BWD: {
-            if ((st = wait_pending(pt, in->buffer, err)) != RP_OK) break;
+            if ((st = wait_pending(pt, in->buffer, PENDING_ALL, err)) != RP_OK) break;
             const double t0 = now_seconds();
             /* Each sequence ends with the micro-batch: d(final state) = 0. */
             be->fill_zero(be, pt->dstate.data, state_bytes);
@@ -249,13 +260,13 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         }
         case RP_OP_SEND_GRAD:
             if ((st = rp_transport_post_send(pt->tp, tw->dx, rc_bytes, pt->stage - 1, RP_MSG_GRAD,
-                                             mb, &pt->pending[in->buffer][0], err)) == RP_OK)
+                                             mb, &pt->pending[in->buffer][2], err)) == RP_OK)
                 st = rp_transport_post_send(pt->tp, tw->dv_first, rc_bytes, pt->stage - 1,
-                                            RP_MSG_GRAD_VFIRST, mb, &pt->pending[in->buffer][1],
+                                            RP_MSG_GRAD_VFIRST, mb, &pt->pending[in->buffer][3],
                                             err);
             break;
         case RP_OP_REDUCE_GRADS:
-            for (int b = 0; b < pt->n_stash && st == RP_OK; b++) st = wait_pending(pt, b, err);
+            for (int b = 0; b < pt->n_stash && st == RP_OK; b++) st = wait_pending(pt, b, PENDING_ALL, err);
             if (st == RP_OK) st = reduce_grads(pt, err);
             break;
         case RP_OP_OPT_STEP: {

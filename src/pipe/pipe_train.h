@@ -29,7 +29,8 @@ typedef struct {
     rp_model *model, *grads, *adam_m, *adam_v;
     rp_train_workspace *stash;      /* [n_stash] */
     int n_stash;
-    rp_transfer (*pending)[2];      /* [n_stash] sends still reading a stash slot */
+    rp_transfer (*pending)[4];      /* [n_stash] sends still reading a stash slot:
+                                     * 0, 1 x and v_first; 2, 3 dx and d v_first */
     rp_state state, dstate;
     float *recv_act, *recv_grad;    /* host landing buffers: x then v_first [2][R*C] */
     rp_transfer act_in[2], grad_in[2];
