@@ -8,6 +8,7 @@
 #include <libgen.h>
 #include <pthread.h>
 #include <signal.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -66,9 +67,18 @@ static rp_engine *volatile serve_engine;
 static rp_http_server *volatile serve_http;
 static volatile sig_atomic_t serve_signals;
 
+static volatile sig_atomic_t first_signal_s;
+
+/* A second signal at least 2 s after the first stops at once: the same
+ * signal delivered twice in a row (a scheduler signals the tasks and the
+ * launcher forwards it too) must not cut the graceful stop short. */
 static void on_stop_signal(int sig) {
     (void)sig;
-    if (serve_signals++ > 0) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);  /* async-signal-safe */
+    if (serve_signals++ == 0) first_signal_s = (sig_atomic_t)now.tv_sec;
+    else if (now.tv_sec - first_signal_s < 2) return;
+    if (serve_signals > 1) {
         static const char msg[] = "rwkvpipe serve: second signal, exiting now\n";
         ssize_t w = write(2, msg, sizeof msg - 1);
         (void)w;

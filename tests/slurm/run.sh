@@ -232,7 +232,7 @@ say "slurmctld (pid ${pids[1]}, port $ctld_port) and slurmd (pid ${pids[2]}, por
 # than ranks; the template itself needs neither.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
-export RWKVPIPE="$bin" PP=2 DATA=mqar CKPT_INTERVAL=5
+export RWKVPIPE="$bin" PP=2 DATA=mqar CKPT_INTERVAL=5 RWKVPIPE_LAUNCH_DIR="$root/launch"
 
 job_field() { scontrol show job -o "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n 1; }
 job_finished() {
@@ -365,6 +365,29 @@ expect_in_log "$log" "^step $tl_steps/$tl_steps " "job $id steps"
 verify_checkpoint "$ckpt" "$tl_steps"
 say "job timelimit ($id): stopped by the time-limit warning after steps [$stops], requeued" \
     "$restarts time(s), resumed each time, COMPLETED at step $tl_steps, checkpoint verifies"
+
+# 4. serve.sbatch: the HTTP server on 2 stages; a completion over loopback,
+# then scancel stops it gracefully (exit 0).
+"$bin" init --model-config L4-C64-V256 -o "$tmp/serve-model.st" >/dev/null 2>&1 ||
+    fail "rwkvpipe init for the serve job"
+port=$((20000 + RANDOM % 20000))
+say "job serve: launch/serve.sbatch, 2 tasks, --pp 2, port $port"
+id="$(MODEL="$tmp/serve-model.st" PORT="$port" sbatch --parsable --job-name=serve --chdir="$tmp" \
+    --output="$tmp/job-serve-%j.log" --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --time=5 \
+    "$root/launch/serve.sbatch" | cut -d';' -f1)"
+log="$tmp/job-serve-$id.log"
+wait_for 60 "job $id's server to listen" grep -qs "listening on http://127.0.0.1:$port" "$log"
+reply="$(curl -s -m 30 "http://127.0.0.1:$port/v1/completions" \
+    -d '{"prompt": "hello", "max_tokens": 8, "temperature": 0}')" ||
+    fail "job $id: the completion request failed"
+grep -q '"finish_reason": *"length"' <<<"$reply" || fail "job $id: unexpected reply: $reply"
+grep -q '"completion_tokens": *8' <<<"$reply" || fail "job $id: usage is wrong: $reply"
+scancel "$id"
+wait_for 60 "job $id to stop" job_finished "$id"
+expect_in_log "$log" "^serve.sbatch: SIGTERM: stopping the server" "job $id stop"
+expect_in_log "$log" "^serve.sbatch: the server exited with status 0" "job $id clean exit"
+say "job serve ($id): listened on port $port with 2 stages, answered a completion, stopped" \
+    "cleanly on scancel"
 
 failed=0
 say "PASS ($SECONDS s)"
