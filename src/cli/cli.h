@@ -10,6 +10,7 @@
 #include "backend.h"
 #include "core/error.h"
 #include "model/model.h"
+#include "pipe/grid.h"
 
 typedef struct {
     const char *command;  /* "generate", ... for messages */
@@ -67,6 +68,15 @@ typedef struct {
 
 void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend **be,
                     rp_model *model);
+
+/* Under mpirun with --pp P (> 1): the grid (P stages, layers from the
+ * --stage-layers LIST or balanced by cost, ranks / P replicas), this rank's
+ * backend (opt->threads, default cores / ranks on the node) and its stage's
+ * part of the model, read from opt->model_path or made with the official
+ * init (counter-based: every stage builds exactly its slice of one model).
+ * Messages of cli name the stage from then on. Collective. */
+void cli_load_stage_model(rp_cli *cli, cli_model_options *opt, int pp, const char *stage_layers,
+                          rp_grid *grid, rp_backend **be, rp_model *model);
 
 /* --data inputs that are text / JSON-lines files (not .tok shards) are
  * tokenized with `vocab` into a new temporary directory tmp_dir (prefix

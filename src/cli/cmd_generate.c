@@ -179,34 +179,9 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
     if (pp == 1) {
         cli_load_model(&quiet_cli, &mo, &be, &model);
     } else {
-        rp_config full;
-        if (mo.model_path) {
-            rp_st_file f;
-            rp_naming naming;
-            if (rp_st_open(&f, mo.model_path, &err) != RP_OK ||
-                rp_config_from_safetensors(&f, &full, &naming, &err) != RP_OK)
-                cli_fatal_error(cli, &err);
-            rp_st_close(&f);
-        } else if (rp_config_builtin(&full, mo.config_name, mo.vocab_override, &err) != RP_OK) {
-            cli_fatal_error(cli, &err);
-        }
-        int *layers = calloc((size_t)pp, sizeof(int));
-        if ((stage_layers ? rp_partition_parse(stage_layers, &full, pp, layers, &err)
-                          : rp_partition_balanced(&full, pp, layers, &err)) != RP_OK ||
-            rp_grid_create(&grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
-        free(layers);
+        cli_load_stage_model(cli, &mo, pp, stage_layers, &grid, &be, &model);
         g = &grid;
-        cli_set_stage(cli, grid.stage);
         cli_set_stage(&quiet_cli, grid.stage);
-        if (mo.threads == 0) mo.threads = cli_threads_per_rank();
-        if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
-        const int b = grid.layer_begin[grid.stage], e = grid.layer_end[grid.stage];
-        rp_status st = mo.model_path ? rp_model_load(&model, mo.model_path, b, e, be, &err)
-                                     : rp_model_alloc(&model, &full, b, e, b == 0,
-                                                      e == full.n_layer, be, &err);
-        if (st == RP_OK && !mo.model_path) st = rp_model_init_official(&model, mo.init_seed, &err);
-        if (st != RP_OK) cli_fatal_error(cli, &err);
     }
     const rp_config *cfg = &model.cfg;
     rp_engine_config ec;

@@ -185,27 +185,10 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     rp_transport transport;
     stage_ctx sc = {.stage = 0, .n_stages = 1};
     if (pp > 1) {
-        rp_config full;
-        rp_st_file f;
-        rp_naming naming;
-        if (rp_st_open(&f, mo.model_path, &err) != RP_OK ||
-            rp_config_from_safetensors(&f, &full, &naming, &err) != RP_OK)
+        cli_load_stage_model(cli, &mo, pp, stage_layers, &grid, &be, &model);
+        if (rp_transport_init(&transport, grid.pipe_comm, 300, &err) != RP_OK)
             cli_fatal_error(cli, &err);
-        rp_st_close(&f);
-        int *layers = calloc((size_t)pp, sizeof(int));
-        if ((stage_layers ? rp_partition_parse(stage_layers, &full, pp, layers, &err)
-                          : rp_partition_balanced(&full, pp, layers, &err)) != RP_OK ||
-            rp_grid_create(&grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK ||
-            rp_transport_init(&transport, grid.pipe_comm, 300, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
-        free(layers);
-        cli_set_stage(cli, grid.stage);
         sc = (stage_ctx){.stage = grid.stage, .n_stages = pp, .tp = &transport, .grid = &grid};
-        if (mo.threads == 0) mo.threads = cli_threads_per_rank();
-        if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
-        if (rp_model_load(&model, mo.model_path, grid.layer_begin[grid.stage],
-                          grid.layer_end[grid.stage], be, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
     } else {
         cli_load_model(cli, &mo, &be, &model);
     }

@@ -207,42 +207,9 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     rp_grid grid;
     int have_grid = 0;
     if (pp > 1) {
-        rp_config full;
-        if (mo.model_path) {
-            rp_st_file f;
-            rp_naming naming;
-            if (rp_st_open(&f, mo.model_path, &err) != RP_OK ||
-                rp_config_from_safetensors(&f, &full, &naming, &err) != RP_OK)
-                cli_fatal_error(cli, &err);
-            rp_st_close(&f);
-        } else if (rp_config_builtin(&full, mo.config_name, 0, &err) != RP_OK) {
-            cli_fatal_error(cli, &err);
-        }
-        int *layers = calloc((size_t)pp, sizeof(int));
-        if (!layers) cli_fatal(cli, "out of memory");
-        if ((stage_layers ? rp_partition_parse(stage_layers, &full, pp, layers, &err)
-                          : rp_partition_balanced(&full, pp, layers, &err)) != RP_OK ||
-            rp_grid_create(&grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
-        free(layers);
+        cli_load_stage_model(cli, &mo, pp, stage_layers, &grid, &be, &model);
         have_grid = 1;
-        cli_set_stage(cli, grid.stage);
         rp_grid_print_map(&grid, stderr);
-        const int begin = grid.layer_begin[grid.stage], end = grid.layer_end[grid.stage];
-        if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
-        if (mo.model_path) {
-            cli_info(cli, "loading %s", mo.model_path);
-            if (rp_model_load(&model, mo.model_path, begin, end, be, &err) != RP_OK)
-                cli_fatal_error(cli, &err);
-        } else {
-            cli_info(cli, "creating built-in model '%s' with the official RWKV-7 init (seed %llu)",
-                     mo.config_name, (unsigned long long)mo.init_seed);
-            /* counter-based init: every stage builds exactly its slice of one model */
-            if (rp_model_alloc(&model, &full, begin, end, begin == 0, end == full.n_layer, be,
-                               &err) != RP_OK ||
-                rp_model_init_official(&model, mo.init_seed, &err) != RP_OK)
-                cli_fatal_error(cli, &err);
-        }
     } else {
         cli_load_model(cli, &mo, &be, &model);
     }
