@@ -53,6 +53,22 @@ static void bind_layer_activations(rp_layer_activations *a, float *base, const r
     a->wkv_checkpoints = carve(&p, blocks * H * 64 * 64);
 }
 
+/* The per-layer saved activations of tw (layer_begin/end set); 0 on failure. */
+static int alloc_layer_activations(rp_train_workspace *tw, const rp_model *m, size_t R,
+                                   size_t blocks, rp_error *err) {
+    const int n_layers = m->layer_end - m->layer_begin;
+    tw->layers = rp_calloc((size_t)n_layers + 1, sizeof *tw->layers, "activations", err);
+    tw->layer_blocks = rp_calloc((size_t)n_layers + 1, sizeof(float *), "activations", err);
+    if (!tw->layers || !tw->layer_blocks) return 0;
+    const size_t per_layer = layer_activation_floats(&m->cfg, R, blocks);
+    for (int i = 0; i < n_layers; i++) {
+        tw->layer_blocks[i] = m->be->alloc(m->be, per_layer * sizeof(float));
+        if (!tw->layer_blocks[i]) return 0;
+        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], &m->cfg, R, blocks);
+    }
+    return 1;
+}
+
 rp_status rp_train_workspace_alloc(rp_train_workspace *tw, const rp_model *m, int max_rows,
                                    int max_seqs, rp_error *err) {
     memset(tw, 0, sizeof *tw);
@@ -68,15 +84,7 @@ rp_status rp_train_workspace_alloc(rp_train_workspace *tw, const rp_model *m, in
     tw->max_seqs = max_seqs;
     tw->layer_begin = m->layer_begin;
     tw->layer_end = m->layer_end;
-    tw->layers = rp_calloc((size_t)n_layers + 1, sizeof *tw->layers, "activations", err);
-    tw->layer_blocks = rp_calloc((size_t)n_layers + 1, sizeof(float *), "activations", err);
-    if (!tw->layers || !tw->layer_blocks) goto nomem;
-    size_t per_layer = layer_activation_floats(c, R, blocks);
-    for (int i = 0; i < n_layers; i++) {
-        tw->layer_blocks[i] = be->alloc(be, per_layer * sizeof(float));
-        if (!tw->layer_blocks[i]) goto nomem;
-        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], c, R, blocks);
-    }
+    if (!alloc_layer_activations(tw, m, R, blocks, err)) goto nomem;
     /* Shared buffers: stream, embed/head activations, backward scratch. */
     size_t n_rc = 2 + 22 + (m->has_embed ? 1 : 0) + (m->has_head ? 2 : 0);
     size_t floats = n_rc * (R * C + pad) + 6 * (R + pad) + R * (size_t)max_lora_rank(c) + pad +
@@ -131,15 +139,7 @@ rp_status rp_train_workspace_alloc_stash(rp_train_workspace *tw, const rp_model 
     size_t R = (size_t)max_rows, C = c->n_embd, pad = 16;
     size_t blocks = R / RP_WKV_CHUNK + (size_t)max_seqs;
     int n_layers = m->layer_end - m->layer_begin;
-    tw->layers = rp_calloc((size_t)n_layers + 1, sizeof *tw->layers, "activations", err);
-    tw->layer_blocks = rp_calloc((size_t)n_layers + 1, sizeof(float *), "activations", err);
-    if (!tw->layers || !tw->layer_blocks) goto nomem;
-    size_t per_layer = layer_activation_floats(c, R, blocks);
-    for (int i = 0; i < n_layers; i++) {
-        tw->layer_blocks[i] = be->alloc(be, per_layer * sizeof(float));
-        if (!tw->layer_blocks[i]) goto nomem;
-        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], c, R, blocks);
-    }
+    if (!alloc_layer_activations(tw, m, R, blocks, err)) goto nomem;
     size_t floats = 5 * (R * C + pad) + 2 * (R + pad);
     tw->own_base = be->alloc(be, floats * sizeof(float));
     if (!tw->own_base) goto nomem;
