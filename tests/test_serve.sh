@@ -286,5 +286,15 @@ else
     echo "skip: no mpirun for the --pp 2 server"
 fi
 
+# Admission by state memory: 1 MiB holds 15 states of the tiny model (2 layers
+# x (2 x 128 + 2 x 64 x 64) floats = 67.6 KB each), so 16 slots become 15.
+start E "$BIN" serve --model "$TINY" --vocab bytes --port 0 --state-budget-mb 1
+expect "--state-budget-mb 1 limits the tiny model to 15 slots" \
+    grep -q "holds 15 generations' state .*: 15 slots instead of 16" "$T/E.log"
+http "$T/e.json" GET "$URL_E/health" >/dev/null
+expect "/health reports 15 slots" test "$(field "$T/e.json" slots_total)" = 15
+kill -TERM "$PID_E"
+wait "$JOB_E"
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

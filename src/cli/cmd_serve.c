@@ -50,6 +50,8 @@ static void serve_usage(FILE *out) {
             "  --max-connections N      open HTTP connections at once (default 256)\n"
             "Engine:\n"
             "  --slots N                generations at once (default 16)\n"
+            "  --state-budget-mb N      at most N MiB of running generations' state: fewer\n"
+            "                           slots if the whole model's state per slot needs it\n"
             "  --max-queue N            requests waiting for a slot; more get 429 (default 64)\n"
             "  --prefill-chunk N        prompt tokens per prefill unit (default 256)\n"
             "  --session-budget-mb N    memory for stored session states per stage (default 256)\n"
@@ -94,10 +96,11 @@ static void log_to_stderr(void *user, const char *line) {
 }
 
 int cmd_serve(rp_cli *cli, int argc, char **argv) {
+    double state_budget_mb = 0;
     enum {
         O_MODEL = 1000, O_CONFIG, O_SEED, O_VOCAB, O_ID, O_HOST, O_PORT, O_KEY, O_SESSION_DIR,
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
-        O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS
+        O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET
     };
     static const struct option longopts[] = {
         {"model", required_argument, 0, O_MODEL},
@@ -122,6 +125,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"pp", required_argument, 0, O_PP},
         {"stage-layers", required_argument, 0, O_STAGE_LAYERS},
         {"threads", required_argument, 0, O_THREADS},
+        {"state-budget-mb", required_argument, 0, O_STATE_BUDGET},
         {"verbose", no_argument, 0, 'v'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
@@ -174,6 +178,9 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         case O_TIMEOUT: ec.comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e6); break;
         case O_PP: pp = (int)cli_parse_int(cli, "--pp", optarg, 1, RP_GRID_MAX_STAGES); break;
         case O_STAGE_LAYERS: stage_layers = optarg; break;
+        case O_STATE_BUDGET:
+            state_budget_mb = (double)cli_parse_int(cli, "--state-budget-mb", optarg, 1, 1 << 30);
+            break;
         case O_THREADS: mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
         case 'v': hc.log_requests = 1; break;
         case 'h': serve_usage(stdout); return 0;
@@ -210,10 +217,27 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         cli_load_stage_model(cli, &mo, pp, stage_layers, &grid, &be, &model);
         have_grid = 1;
         rp_grid_print_map(&grid, stderr);
+        cli_rank_startup(cli, grid.stage, 0, grid.layer_begin[grid.stage],
+                         grid.layer_end[grid.stage], mo.threads);
     } else {
         cli_load_model(cli, &mo, &be, &model);
     }
     const rp_config *cfg = &model.cfg;
+    /* Admission: the slot count, and the memory their states take. */
+    const double slot_bytes =
+        (double)cfg->n_layer * (2.0 * cfg->n_embd + (double)cfg->n_head * 64 * 64) * sizeof(float);
+    if (state_budget_mb > 0) {
+        const int fit = (int)(state_budget_mb * 1048576.0 / slot_bytes);
+        if (fit < 1)
+            cli_fatal(cli, "--state-budget-mb %.0f: one generation's state takes %.1f MiB", state_budget_mb,
+                      slot_bytes / 1048576.0);
+        if (fit < ec.n_slots) {
+            cli_info(cli, "--state-budget-mb %.0f holds %d generations' state (%.2f MiB each): %d "
+                     "slots instead of %d", state_budget_mb, fit, slot_bytes / 1048576.0, fit,
+                     ec.n_slots);
+            ec.n_slots = fit;
+        }
+    }
 
     /* Rank 0 talks to clients: it needs the tokenizer. */
     rp_tokenizer *tok = NULL;
@@ -275,10 +299,10 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     pthread_sigmask(SIG_UNBLOCK, &stop_signals, NULL);
 
     int ipv6 = strchr(hc.host, ':') != NULL;
-    cli_info(cli, "model '%s': %d layers, C=%d, V=%d (%.1f M params), %d stage%s, %d slots, "
-             "vocab %s", model_id, cfg->n_layer, cfg->n_embd, cfg->vocab_size,
-             rp_config_param_count(cfg) / 1e6, pp, pp == 1 ? "" : "s", ec.n_slots,
-             rp_tokenizer_kind(tok));
+    cli_info(cli, "model '%s': %d layers, C=%d, V=%d (%.1f M params), %d stage%s, %d slots "
+             "(%.1f MiB of state), vocab %s", model_id, cfg->n_layer, cfg->n_embd,
+             cfg->vocab_size, rp_config_param_count(cfg) / 1e6, pp, pp == 1 ? "" : "s",
+             ec.n_slots, ec.n_slots * slot_bytes / 1048576.0, rp_tokenizer_kind(tok));
     printf("rwkvpipe serve: listening on http://%s%s%s:%d (pid %ld)\n", ipv6 ? "[" : "", hc.host,
            ipv6 ? "]" : "", rp_http_port(http), (long)getpid());
     fflush(stdout);
