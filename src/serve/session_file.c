@@ -7,6 +7,7 @@
 
 #include "core/safetensors.h"
 #include "core/version.h"
+#include "model/config_pb.h"
 #include "model/state.h"
 #include "rwkvpipe.pb-c.h"
 
@@ -21,17 +22,8 @@ rp_status rp_session_file_write(const char *path, const rp_config *cfg, uint64_t
     const size_t HNN = (size_t)H * 64 * 64;
     float *att = malloc(sizeof(float) * (size_t)L * C), *ffn = malloc(sizeof(float) * (size_t)L * C);
     float *wkv = malloc(sizeof(float) * (size_t)L * HNN);
-    Rwkvpipe__ModelConfig mc = RWKVPIPE__MODEL_CONFIG__INIT;
-    mc.arch = (char *)"rwkv7";
-    mc.n_layer = (uint32_t)L;
-    mc.n_embd = (uint32_t)C;
-    mc.head_size = (uint32_t)cfg->head_size;
-    mc.vocab_size = (uint32_t)cfg->vocab_size;
-    mc.dim_ffn = (uint32_t)cfg->dim_ffn;
-    mc.d_decay = (uint32_t)cfg->d_decay;
-    mc.d_iclr = (uint32_t)cfg->d_iclr;
-    mc.d_value = (uint32_t)cfg->d_value;
-    mc.d_gate = (uint32_t)cfg->d_gate;
+    Rwkvpipe__ModelConfig mc;
+    rp_config_to_pb(cfg, &mc);
     Rwkvpipe__SessionHeader h = RWKVPIPE__SESSION_HEADER__INIT;
     h.config = &mc;
     h.tokens = tokens;

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "core/version.h"
+#include "model/config_pb.h"
 #include "rwkvpipe.pb-c.h"
 
 #define POINTER_LATEST "latest"
@@ -800,17 +801,8 @@ rp_status rp_ckpt_commit(const char *dir, const rp_ckpt_contents *c, const rp_ck
     if ((st = path_join(path, sizeof path, step_dir, RP_CKPT_MANIFEST_NAME, err)) != RP_OK)
         return st;
 
-    Rwkvpipe__ModelConfig pc = RWKVPIPE__MODEL_CONFIG__INIT;
-    pc.arch = "rwkv7";
-    pc.n_layer = (uint32_t)cfg->n_layer;
-    pc.n_embd = (uint32_t)cfg->n_embd;
-    pc.head_size = (uint32_t)cfg->head_size;
-    pc.vocab_size = (uint32_t)cfg->vocab_size;
-    pc.dim_ffn = (uint32_t)cfg->dim_ffn;
-    pc.d_decay = (uint32_t)cfg->d_decay;
-    pc.d_iclr = (uint32_t)cfg->d_iclr;
-    pc.d_value = (uint32_t)cfg->d_value;
-    pc.d_gate = (uint32_t)cfg->d_gate;
+    Rwkvpipe__ModelConfig pc;
+    rp_config_to_pb(cfg, &pc);
 
     Rwkvpipe__DataPosition data = RWKVPIPE__DATA_POSITION__INIT;
     data.epoch = c->progress.data_epoch;
