@@ -42,11 +42,17 @@ COMMON=(train --model-config L4-C64-V64 --data mqar --ctx-len 16 --batch 8 --mic
         --warmup 2 --lr 3e-3 --eval-interval 0 --eval-batches 1 --log-interval 1
         --seed 3 --init-seed 5 --threads 1 --pp 2)
 
+# Every rank this script starts carries this id, so rank_pid never picks a
+# rank of another test's job running at the same time (make check -j).
+export RP_FAULT_TEST_ID="$$.$RANDOM.$(date +%s%N)"
+
 # rank_pid N: the pid of the rwkvpipe process of MPI rank N started by job $JOB.
 rank_pid() {
-    local p
+    local p env
     for p in $(pgrep -f "$BIN train" || true); do
-        if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$1"; then
+        env="$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null)"
+        if grep -qx "RP_FAULT_TEST_ID=$RP_FAULT_TEST_ID" <<<"$env" &&
+            grep -qx "OMPI_COMM_WORLD_RANK=$1" <<<"$env"; then
             echo "$p"
             return 0
         fi
@@ -65,7 +71,7 @@ wait_for() {
 }
 
 check "a rank killed by SIGKILL mid-run ends the job within 30 s; the last checkpoint survives"
-"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 1000000 --checkpoint-interval 20 \
+"$MPIRUN" -np 2 -x RP_FAULT_TEST_ID "$BIN" "${COMMON[@]}" --steps 1000000 --checkpoint-interval 20 \
     --checkpoint-dir "$T/ck_kill" >"$T/stdout" 2>"$T/stderr" &
 JOB=$!
 wait_for "$T/ck_kill/latest" 120 || fail "no checkpoint within 120 s"
@@ -84,7 +90,7 @@ took=$(($(date +%s) - start))
 ok "mpirun exit status $rc after ${took} s; $(cat "$T/ck_kill/latest") verifies"
 
 check "a stage that stops answering: its peer gives up after --comm-timeout, naming the transfer"
-"$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 1000000 --comm-timeout 3 \
+"$MPIRUN" -np 2 -x RP_FAULT_TEST_ID "$BIN" "${COMMON[@]}" --steps 1000000 --comm-timeout 3 \
     >"$T/stdout" 2>"$T/stderr" &
 JOB=$!
 for ((i = 0; i < 600; i++)); do grep -q "^step " "$T/stderr" && break; sleep 0.1; done
