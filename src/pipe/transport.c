@@ -111,36 +111,48 @@ rp_status rp_transport_post_recv(rp_transport *t, void *buf, size_t bytes, int p
     return RP_OK;
 }
 
-rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
-    if (!x->active) return RP_OK;
-    MPI_Status status;
-    int done = 0, rc;
+/* MPI_Test until the request completes, an MPI error, or timeout_s (> 0)
+ * passes (*timed_out = 1, *waited = seconds). Polls with a growing sleep
+ * capped at 50 us: a wait on the critical path then ends within 50 us of its
+ * message (a 1 ms cap cost the pipeline ~1 bubble point per micro-batch), and
+ * the watchdog can fire instead of hanging forever. Returns MPI_Test's code. */
+static int test_until(MPI_Request *request, MPI_Status *status, double timeout_s,
+                      int *timed_out, double *waited) {
     const double start = now_seconds();
-    /* Poll with a growing sleep, capped at 50 us: a wait on the critical
-     * path then ends within 50 us of the message (a 1 ms cap cost the
-     * pipeline ~1 bubble point per micro-batch), and the watchdog below can
-     * fire instead of hanging forever. */
     long sleep_ns = 1000;
+    *timed_out = 0;
     for (;;) {
-        rc = MPI_Test(&x->request, &done, &status);
-        if (rc != MPI_SUCCESS || done) break;
-        double waited = now_seconds() - start;
-        if (t->timeout_s > 0 && waited > t->timeout_s) {
-            x->active = 0;
-            /* A receive left posted could swallow a later message of that tag. */
-            if (x->is_recv && MPI_Cancel(&x->request) == MPI_SUCCESS)
-                MPI_Wait(&x->request, MPI_STATUS_IGNORE);
-            return rp_error_set(err, RP_ERR_MPI,
-                                "%s waited %.0f s (--comm-timeout) to %s the %s of micro-batch "
-                                "%d %s stage %d; that rank is stuck or dead", t->what, waited,
-                                x->is_recv ? "receive" : "send", rp_msg_kind_name(x->kind),
-                                x->micro_batch, x->is_recv ? "from" : "to", x->peer);
+        int done = 0;
+        int rc = MPI_Test(request, &done, status);
+        if (rc != MPI_SUCCESS || done) return rc;
+        *waited = now_seconds() - start;
+        if (timeout_s > 0 && *waited > timeout_s) {
+            *timed_out = 1;
+            return MPI_SUCCESS;
         }
         struct timespec ts = {0, sleep_ns};
         nanosleep(&ts, NULL);
         if (sleep_ns < 50000) sleep_ns *= 2;
     }
+}
+
+rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
+    if (!x->active) return RP_OK;
+    MPI_Status status;
+    int timed_out;
+    double waited = 0;
+    const int rc = test_until(&x->request, &status, t->timeout_s, &timed_out, &waited);
     x->active = 0;
+    if (timed_out) {
+        /* A receive left posted could swallow a later message of that tag. */
+        if (x->is_recv && MPI_Cancel(&x->request) == MPI_SUCCESS)
+            MPI_Wait(&x->request, MPI_STATUS_IGNORE);
+        return rp_error_set(err, RP_ERR_MPI,
+                            "%s waited %.0f s (--comm-timeout) to %s the %s of micro-batch "
+                            "%d %s stage %d; that rank is stuck or dead", t->what, waited,
+                            x->is_recv ? "receive" : "send", rp_msg_kind_name(x->kind),
+                            x->micro_batch, x->is_recv ? "from" : "to", x->peer);
+    }
     if (rc != MPI_SUCCESS) {
         int cls = 0;
         MPI_Error_class(rc == MPI_ERR_IN_STATUS ? status.MPI_ERROR : rc, &cls);
@@ -166,27 +178,20 @@ rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
 }
 
 rp_status rp_comm_wait(MPI_Request *request, double timeout_s, const char *what, rp_error *err) {
-    const double start = now_seconds();
-    long sleep_ns = 1000;
-    for (;;) {
-        int done = 0;
-        int rc = MPI_Test(request, &done, MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS) {
-            char text[MPI_MAX_ERROR_STRING] = "";
-            int len = 0;
-            MPI_Error_string(rc, text, &len);
-            return rp_error_set(err, RP_ERR_MPI, "%s failed: %s", what, text);
-        }
-        if (done) return RP_OK;
-        double waited = now_seconds() - start;
-        if (timeout_s > 0 && waited > timeout_s)
-            return rp_error_set(err, RP_ERR_MPI,
-                                "waited %.0f s (--comm-timeout) for %s; a rank is stuck or dead",
-                                waited, what);
-        struct timespec ts = {0, sleep_ns};
-        nanosleep(&ts, NULL);
-        if (sleep_ns < 50000) sleep_ns *= 2;
+    int timed_out;
+    double waited = 0;
+    const int rc = test_until(request, MPI_STATUS_IGNORE, timeout_s, &timed_out, &waited);
+    if (timed_out)
+        return rp_error_set(err, RP_ERR_MPI,
+                            "waited %.0f s (--comm-timeout) for %s; a rank is stuck or dead",
+                            waited, what);
+    if (rc != MPI_SUCCESS) {
+        char text[MPI_MAX_ERROR_STRING] = "";
+        int len = 0;
+        MPI_Error_string(rc, text, &len);
+        return rp_error_set(err, RP_ERR_MPI, "%s failed: %s", what, text);
     }
+    return RP_OK;
 }
 
 rp_status rp_transport_send(rp_transport *t, const void *buf, size_t bytes, int peer,
