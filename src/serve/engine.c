@@ -108,7 +108,6 @@ struct rp_engine {
     double t_start;
 };
 
-static const int32_t *no_tokens = NULL;
 
 void rp_engine_config_defaults(rp_engine_config *c) {
     memset(c, 0, sizeof *c);
@@ -208,24 +207,48 @@ static rp_status forward_command(rp_engine *e, const command *c, const float *x,
     return RP_OK;
 }
 
-/* Waits (polling, so an idle stage costs little) for the next command from
- * the previous stage. Idle servers wait forever: no watchdog here. */
-static command *receive_command(rp_engine *e, rp_error *err) {
+/* The next message with `tag` from `source`: its bytes (malloc'ed) in *buf
+ * and *count. With block = 0, *buf stays NULL when none has arrived. A
+ * blocking wait polls with a sleep that grows to cap_ns (long for an idle
+ * stage, short where the wait is on the critical path) and, with
+ * timeout_s > 0, gives up after that long with a message naming `what`. */
+static rp_status receive_message(rp_engine *e, int source, int tag, int block, double timeout_s,
+                                 long cap_ns, const char *what, uint8_t **buf, int *count,
+                                 rp_error *err) {
     MPI_Message msg;
     MPI_Status status;
     int flag = 0;
     long sleep_ns = 1000;
+    const double start = rp_engine_now();
+    *buf = NULL;
+    *count = 0;
     for (;;) {
-        MPI_Improbe(e->stage - 1, TAG_CMD, e->comm, &flag, &msg, &status);
-        if (flag) break;
+        MPI_Improbe(source, tag, e->comm, &flag, &msg, &status);
+        if (flag || !block) break;
+        const double waited = rp_engine_now() - start;
+        if (timeout_s > 0 && waited > timeout_s)
+            return rp_error_set(err, RP_ERR_MPI, "stage %d waited %.0f s for %s; it is stuck "
+                                "or dead", e->stage, waited, what);
         struct timespec ts = {0, sleep_ns};
         nanosleep(&ts, NULL);
-        if (sleep_ns < 500000) sleep_ns *= 2;
+        if (sleep_ns < cap_ns) sleep_ns *= 2;
     }
-    int count = 0;
-    MPI_Get_count(&status, MPI_BYTE, &count);
-    uint8_t *buf = malloc(count > 0 ? (size_t)count : 1);
-    MPI_Mrecv(buf, count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
+    if (!flag) return RP_OK;
+    MPI_Get_count(&status, MPI_BYTE, count);
+    *buf = malloc(*count > 0 ? (size_t)*count : 1);
+    if (!*buf) return rp_error_set(err, RP_ERR_NOMEM, "a %d-byte engine message", *count);
+    MPI_Mrecv(*buf, *count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
+    return RP_OK;
+}
+
+/* Waits for the next command from the previous stage. Idle servers wait
+ * forever (no watchdog), polling at most every 0.5 ms so they cost little. */
+static command *receive_command(rp_engine *e, rp_error *err) {
+    uint8_t *buf;
+    int count;
+    if (receive_message(e, e->stage - 1, TAG_CMD, 1, 0, 500000, "a command", &buf, &count,
+                        err) != RP_OK)
+        return NULL;
     command *c = rwkvpipe__engine_command__unpack(NULL, (size_t)count, buf);
     free(buf);
     if (!c)
@@ -528,7 +551,7 @@ static rp_status stage_loop(rp_engine *e, rp_error *err) {
             int n_sampled = 0;
             double busy = 0;
             if (st == RP_OK)
-                st = run_unit(e, c, no_tokens, slots, tokens, &n_sampled, &busy, err);
+                st = run_unit(e, c, NULL, slots, tokens, &n_sampled, &busy, err);
             if (st == RP_OK) {
                 /* This stage's compute time joins the list the unit carries. */
                 double times[RP_GRID_MAX_STAGES < 64 ? RP_GRID_MAX_STAGES : 64];
@@ -811,36 +834,18 @@ static int launch_unit(rp_engine *e, unit_record *rec, rp_status *st, rp_error *
     return 1;
 }
 
-static unit_table *table_of(rp_engine *e) { return &e->units; }
-
 static rp_status collect_results(rp_engine *e, int block, rp_error *err) {
-    unit_table *t = table_of(e);
+    unit_table *t = &e->units;
     while (e->units_in_flight > 0) {
-        int flag = 0;
-        MPI_Message msg;
-        MPI_Status status;
-        if (block) {
-            long sleep_ns = 1000;
-            const double start = rp_engine_now();
-            for (;;) {
-                MPI_Improbe(e->n_stages - 1, TAG_RESULT, e->comm, &flag, &msg, &status);
-                if (flag) break;
-                if (e->cfg.comm_timeout > 0 && rp_engine_now() - start > e->cfg.comm_timeout)
-                    return rp_error_set(err, RP_ERR_MPI, "rank 0 waited %.0f s (--comm-timeout) "
-                                        "for a result from the last stage %d; it is stuck or "
-                                        "dead", e->cfg.comm_timeout, e->n_stages - 1);
-                struct timespec ts = {0, sleep_ns};
-                nanosleep(&ts, NULL);
-                if (sleep_ns < 200000) sleep_ns *= 2;
-            }
-        } else {
-            MPI_Improbe(e->n_stages - 1, TAG_RESULT, e->comm, &flag, &msg, &status);
-            if (!flag) return RP_OK;
-        }
-        int count = 0;
-        MPI_Get_count(&status, MPI_BYTE, &count);
-        uint8_t *buf = malloc(count > 0 ? (size_t)count : 1);
-        MPI_Mrecv(buf, count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
+        uint8_t *buf;
+        int count;
+        char what[96];
+        snprintf(what, sizeof what, "a result from the last stage %d (--comm-timeout)",
+                 e->n_stages - 1);
+        rp_status st = receive_message(e, e->n_stages - 1, TAG_RESULT, block,
+                                       e->cfg.comm_timeout, 50000, what, &buf, &count, err);
+        if (st != RP_OK) return st;
+        if (!buf) return RP_OK;
         Rwkvpipe__EngineResult *r = rwkvpipe__engine_result__unpack(NULL, (size_t)count, buf);
         free(buf);
         if (!r) return rp_error_set(err, RP_ERR_FORMAT, "rank 0: undecodable engine result");
@@ -869,7 +874,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
     *status = RP_OK;
     rp_status st = RP_OK;
     const int S = e->cfg.n_slots;
-    unit_table *t = table_of(e);
+    unit_table *t = &e->units;
     if (e->stage != 0) {
         *status = rp_error_set(err, RP_ERR_INTERNAL, "rp_engine_step runs on rank 0");
         return 0;
@@ -1050,23 +1055,12 @@ rp_status rp_engine_run(rp_engine *e, rp_error *err) {
         rp_status st = forward_command(e, &c, NULL, NULL, 0, err);
         for (int i = 0; st == RP_OK && i < e->n_out; i++) st = wait_outgoing(e, &e->out[i], err);
         if (st != RP_OK) return st;
-        MPI_Status status;
-        int flag = 0;
-        const double start = rp_engine_now();
-        while (!flag) {
-            MPI_Iprobe(e->n_stages - 1, TAG_RESULT, e->comm, &flag, &status);
-            if (!flag && rp_engine_now() - start > 30)
-                return rp_error_set(err, RP_ERR_MPI, "the last stage did not acknowledge the "
-                                    "shutdown within 30 s");
-            if (!flag) {
-                struct timespec ts = {0, 1000000};
-                nanosleep(&ts, NULL);
-            }
-        }
-        int count = 0;
-        MPI_Get_count(&status, MPI_BYTE, &count);
-        uint8_t *buf = malloc(count > 0 ? (size_t)count : 1);
-        MPI_Recv(buf, count, MPI_BYTE, e->n_stages - 1, TAG_RESULT, e->comm, MPI_STATUS_IGNORE);
+        uint8_t *buf;
+        int count;
+        if ((st = receive_message(e, e->n_stages - 1, TAG_RESULT, 1, 30, 1000000,
+                                  "the last stage's shutdown acknowledgement", &buf, &count,
+                                  err)) != RP_OK)
+            return st;
         free(buf);
     }
     return RP_OK;
