@@ -272,42 +272,61 @@ void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend 
         cli_fatal_error(cli, &err);
 }
 
-void cli_load_stage_model(rp_cli *cli, cli_model_options *opt, int pp, const char *stage_layers,
-                          rp_grid *grid, rp_backend **be, rp_model *model) {
+void cli_model_config(const rp_cli *cli, const cli_model_options *opt, rp_config *cfg) {
     rp_error err;
-    rp_config full;
     if (opt->model_path) {
         rp_st_file f;
         rp_naming naming;
         if (rp_st_open(&f, opt->model_path, &err) != RP_OK ||
-            rp_config_from_safetensors(&f, &full, &naming, &err) != RP_OK)
+            rp_config_from_safetensors(&f, cfg, &naming, &err) != RP_OK)
             cli_fatal_error(cli, &err);
         rp_st_close(&f);
-    } else if (rp_config_builtin(&full, opt->config_name, opt->vocab_override, &err) != RP_OK) {
+    } else if (rp_config_builtin(cfg, opt->config_name, opt->vocab_override, &err) != RP_OK) {
         cli_fatal_error(cli, &err);
     }
+}
+
+void cli_grid_create(rp_cli *cli, const rp_config *cfg, int pp, const char *stage_layers,
+                     rp_grid *grid) {
+    rp_error err;
     int *layers = calloc((size_t)pp, sizeof(int));
     if (!layers) cli_fatal(cli, "out of memory");
-    if ((stage_layers ? rp_partition_parse(stage_layers, &full, pp, layers, &err)
-                      : rp_partition_balanced(&full, pp, layers, &err)) != RP_OK ||
+    if ((stage_layers ? rp_partition_parse(stage_layers, cfg, pp, layers, &err)
+                      : rp_partition_balanced(cfg, pp, layers, &err)) != RP_OK ||
         rp_grid_create(grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK)
         cli_fatal_error(cli, &err);
     free(layers);
     cli_set_stage(cli, grid->stage);
-    if (opt->threads == 0) opt->threads = cli_threads_per_rank();
-    if (!(*be = rp_cpu_backend_create(opt->threads, &err))) cli_fatal_error(cli, &err);
-    const int b = grid->layer_begin[grid->stage], e = grid->layer_end[grid->stage];
+}
+
+void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const rp_config *cfg,
+                         int begin, int end, rp_backend *be, rp_model *model) {
+    rp_error err;
     if (opt->model_path) {
         cli_info(cli, "loading %s", opt->model_path);
-        if (rp_model_load(model, opt->model_path, b, e, *be, &err) != RP_OK)
+        if (rp_model_load(model, opt->model_path, begin, end, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
         return;
     }
     cli_info(cli, "creating built-in model '%s' with the official RWKV-7 init (seed %llu)",
              opt->config_name, (unsigned long long)opt->init_seed);
-    if (rp_model_alloc(model, &full, b, e, b == 0, e == full.n_layer, *be, &err) != RP_OK ||
+    /* Counter-based init: every stage builds exactly its slice of one model. */
+    if (rp_model_alloc(model, cfg, begin, end, begin == 0, end == cfg->n_layer, be, &err) !=
+            RP_OK ||
         rp_model_init_official(model, opt->init_seed, &err) != RP_OK)
         cli_fatal_error(cli, &err);
+}
+
+void cli_load_stage_model(rp_cli *cli, cli_model_options *opt, int pp, const char *stage_layers,
+                          rp_grid *grid, rp_backend **be, rp_model *model) {
+    rp_error err;
+    rp_config full;
+    cli_model_config(cli, opt, &full);
+    cli_grid_create(cli, &full, pp, stage_layers, grid);
+    if (opt->threads == 0) opt->threads = cli_threads_per_rank();
+    if (!(*be = rp_cpu_backend_create(opt->threads, &err))) cli_fatal_error(cli, &err);
+    cli_load_model_part(cli, opt, &full, grid->layer_begin[grid->stage],
+                        grid->layer_end[grid->stage], *be, model);
 }
 
 /* Text and JSON-lines inputs given to --data are tokenized first, into a

@@ -69,6 +69,20 @@ typedef struct {
 void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend **be,
                     rp_model *model);
 
+/* The config of --model FILE (from its tensor shapes) or of the built-in
+ * --model-config. */
+void cli_model_config(const rp_cli *cli, const cli_model_options *opt, rp_config *cfg);
+/* The job's grid over MPI_COMM_WORLD: pp stages (layers from the
+ * --stage-layers LIST or balanced by cost) x ranks / pp replicas. Messages of
+ * cli name the stage from then on. Collective. */
+void cli_grid_create(rp_cli *cli, const rp_config *cfg, int pp, const char *stage_layers,
+                     rp_grid *grid);
+/* Layers [begin, end) of the model (with the embedding / head when the range
+ * starts at 0 / ends at n_layer): read from opt->model_path, or made with the
+ * official init (counter-based: every stage builds exactly its slice). */
+void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const rp_config *cfg,
+                         int begin, int end, rp_backend *be, rp_model *model);
+
 /* Under mpirun with --pp P (> 1): the grid (P stages, layers from the
  * --stage-layers LIST or balanced by cost, ranks / P replicas), this rank's
  * backend (opt->threads, default cores / ranks on the node) and its stage's

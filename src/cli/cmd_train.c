@@ -266,53 +266,34 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
             o.ckpt_dir = dirname(resume_dir);
         }
         mcfg = info.cfg;
-    } else if (mo.model_path) {
-        rp_st_file f;
-        rp_naming naming;
-        if (rp_st_open(&f, mo.model_path, &err) != RP_OK ||
-            rp_config_from_safetensors(&f, &mcfg, &naming, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
-        rp_st_close(&f);
-    } else if (rp_config_builtin(&mcfg, mo.config_name, mo.vocab_override, &err) != RP_OK) {
-        cli_fatal_error(cli, &err);
+    } else {
+        cli_model_config(cli, &mo, &mcfg);
     }
-    int *layers = calloc((size_t)pp, sizeof(int));
-    if ((stage_layers ? rp_partition_parse(stage_layers, &mcfg, pp, layers, &err)
-                      : rp_partition_balanced(&mcfg, pp, layers, &err)) != RP_OK)
-        cli_fatal_error(cli, &err);
     rp_grid grid;
     int layer_begin = 0, layer_end = mcfg.n_layer;
     if (cli->mpi_size > 1) {
-        if (rp_grid_create(&grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
+        cli_grid_create(cli, &mcfg, pp, stage_layers, &grid);
+        cli_set_stage(&quiet, grid.stage);
         rp_grid_print_map(&grid, o.progress ? stderr : NULL);
         layer_begin = grid.layer_begin[grid.stage];
         layer_end = grid.layer_end[grid.stage];
         o.grid = &grid;
-        cli_set_stage(cli, grid.stage);
-        cli_set_stage(&quiet, grid.stage);
+    } else if (stage_layers) {
+        int one;
+        if (rp_partition_parse(stage_layers, &mcfg, 1, &one, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
     }
     if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
     if (cli->mpi_size > 1)
         cli_rank_startup(cli, grid.stage, grid.replica, layer_begin, layer_end,
                          mo.threads ? mo.threads : omp_get_max_threads());
-    const int has_embed = layer_begin == 0, has_head = layer_end == mcfg.n_layer;
     if (o.resume_path) {
-        if (rp_model_alloc(&model, &mcfg, layer_begin, layer_end, has_embed, has_head, be,
-                           &err) != RP_OK)
-            cli_fatal_error(cli, &err);
-    } else if (mo.model_path) {
-        cli_info(&quiet, "loading %s", mo.model_path);
-        if (rp_model_load(&model, mo.model_path, layer_begin, layer_end, be, &err) != RP_OK)
+        /* The weights come from the checkpoint, in rp_train_run. */
+        if (rp_model_alloc(&model, &mcfg, layer_begin, layer_end, layer_begin == 0,
+                           layer_end == mcfg.n_layer, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
     } else {
-        cli_info(&quiet, "creating built-in model '%s' with the official RWKV-7 init (seed %llu)",
-                 mo.config_name, (unsigned long long)mo.init_seed);
-        /* Counter-based init: every stage builds exactly its slice of the same model. */
-        if (rp_model_alloc(&model, &mcfg, layer_begin, layer_end, has_embed, has_head, be,
-                           &err) != RP_OK ||
-            rp_model_init_official(&model, mo.init_seed, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
+        cli_load_model_part(&quiet, &mo, &mcfg, layer_begin, layer_end, be, &model);
     }
     const rp_config *cfg = &model.cfg;
     cli_info(&quiet, "model: %d layers, C=%d, V=%d, %.2f M parameters; data: %s; %ld steps of "
@@ -351,7 +332,6 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         rp_model_free(&model);
         rp_cpu_backend_destroy(be);
         if (o.grid) rp_grid_free(&grid);
-        free(layers);
         free(paths);
         return 75;  /* EX_TEMPFAIL: stopped early on purpose; resume later */
     }
@@ -362,7 +342,6 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     rp_model_free(&model);
     rp_cpu_backend_destroy(be);
     if (o.grid) rp_grid_free(&grid);
-    free(layers);
     free(paths);
     if (rank0_log) fclose(rank0_log);
     return 0;
