@@ -32,6 +32,8 @@ struct rp_backend {
     void *impl;  /* backend-private context (thread count, handles, streams) */
     int is_host_memory;  /* 1 when backend pointers are plain host pointers (CPU) */
 
+    void (*destroy)(rp_backend *be);  /* the backend and its context */
+
     /* ---- memory ---- */
     void *(*alloc)(rp_backend *be, size_t bytes);       /* zeroed; NULL on failure */
     void (*free)(rp_backend *be, void *ptr);
@@ -42,6 +44,17 @@ struct rp_backend {
     void (*synchronize)(rp_backend *be);
     /* y [n] += x [n] (gradient accumulation). */
     void (*add)(rp_backend *be, float *y, const float *x, size_t n);
+    /* The first device error since the backend was created (sticky: a GPU
+     * fault leaves the context unusable), or RP_OK. Ops return nothing, so
+     * callers ask here after synchronize at the end of a unit of work (a
+     * training micro-batch, a decode step) and end the job with the message. */
+    rp_status (*status)(rp_backend *be, rp_error *err);
+    /* Optional (NULL where it means nothing, as on the CPU): [w, w + n) holds
+     * weights the matmuls will read many times, so the backend may keep a
+     * lower-precision copy for its GEMMs (CUDA, bf16 math: a bf16 copy that
+     * every later write through the backend keeps current). A buffer freed
+     * with free() is forgotten. */
+    void (*register_weights)(rp_backend *be, const float *w, size_t n);
 
     /* ---- dense ---- */
     /* y [M,N] = x [M,K] . W^T + beta * y, W [N,K] (nn.Linear weight, row-major).
@@ -220,5 +233,11 @@ static inline size_t rp_wkv_checkpoint_offset(const rp_batch *batch, int s) {
  * Returns NULL with err set on failure. */
 rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err);
 void rp_cpu_backend_destroy(rp_backend *be);
+
+/* Destroys a backend of either kind (callers hold rp_backend pointers
+ * without caring which). NULL is a no-op. */
+static inline void rp_backend_destroy(rp_backend *be) {
+    if (be) be->destroy(be);
+}
 
 #endif

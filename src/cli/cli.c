@@ -18,6 +18,7 @@
 #include "core/version.h"
 #include "model/init.h"
 #ifdef RP_HAVE_CUDA
+#include "cuda_backend.h"
 #include "cuda_device.h"
 #endif
 #include "infer/tokenizer.h"
@@ -70,8 +71,8 @@ static int local_rank_and_size(int *local_size) {
     return local;
 }
 
-void cli_rank_startup(const rp_cli *cli, int stage, int replica, int layer_begin, int layer_end,
-                      int threads) {
+void cli_rank_startup(const rp_cli *cli, const rp_backend *be, int stage, int replica,
+                      int layer_begin, int layer_end, int threads) {
     int local_size;
     const int local = local_rank_and_size(&local_size);
     char host[64] = "";
@@ -85,15 +86,13 @@ void cli_rank_startup(const rp_cli *cli, int stage, int replica, int layer_begin
     if (comma) *comma = '\0';  /* "Open MPI v4.1.4" without the package details */
     char device[512] = "cpu";
 #ifdef RP_HAVE_CUDA
-    int n = rp_cuda_device_count();
-    if (n > 0) {
-        int index = n == 1 ? 0 : local % n;
+    if (be && strcmp(be->name, "cuda") == 0) {
+        const int index = rp_cuda_backend_device(be);
         char desc[200], versions[100];
-        if (rp_cuda_device_select(index, desc, sizeof desc) != 0)
-            cli_fatal(cli, "rank %d (local rank %d): %s", cli->mpi_rank, local, desc);
         rp_cuda_device_describe(index, desc, sizeof desc);
         rp_cuda_versions(versions, sizeof versions);
-        snprintf(device, sizeof device, "gpu %d: %s, %s", index, desc, versions);
+        snprintf(device, sizeof device, "gpu %d: %s, %s GEMMs, %s", index, desc,
+                 rp_cuda_math_name(rp_cuda_backend_math(be)), versions);
     }
 #endif
     fprintf(stderr, "rwkvpipe %s: rank %d/%d on %s (local %d/%d): stage %d (layers %d-%d), "
@@ -101,6 +100,58 @@ void cli_rank_startup(const rp_cli *cli, int stage, int replica, int layer_begin
             cli->mpi_size, host, local, local_size, stage, layer_begin, layer_end - 1, replica,
             device, threads, threads == 1 ? "" : "s", mpi, rp_build_description());
     fflush(stderr);
+}
+
+/* The node-local rank from the launcher (Open MPI, Slurm, MPICH/Hydra);
+ * 0 when none says. Read from the environment so that choosing a GPU needs
+ * no collective call. */
+static int launcher_local_rank(void) {
+    const char *names[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID",
+                           "PMI_LOCAL_RANK"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const char *v = getenv(names[i]);
+        if (v && *v) return atoi(v);
+    }
+    return 0;
+}
+
+void cli_parse_device(const rp_cli *cli, cli_model_options *opt, const char *text) {
+    if (strcmp(text, "auto") && strcmp(text, "cpu") && strcmp(text, "cuda"))
+        cli_fatal(cli, "--device: '%s' is not auto, cpu or cuda", text);
+    opt->device = text;
+}
+
+void cli_parse_gpu_math(const rp_cli *cli, cli_model_options *opt, const char *text) {
+    if (strcmp(text, "bf16") && strcmp(text, "fp32"))
+        cli_fatal(cli, "--gpu-math: '%s' is not bf16 or fp32", text);
+    opt->gpu_math = text;
+}
+
+rp_backend *cli_backend_create(const rp_cli *cli, const cli_model_options *opt) {
+    const char *device = opt->device ? opt->device : "auto";
+    rp_error err;
+    rp_backend *be = NULL;
+#ifdef RP_HAVE_CUDA
+    const int count = rp_cuda_device_count();
+    if (strcmp(device, "cuda") == 0 && count == 0)
+        cli_fatal(cli, "--device cuda: no CUDA device is visible to rank %d (check "
+                  "CUDA_VISIBLE_DEVICES and the driver with nvidia-smi), or use --device cpu",
+                  cli->mpi_rank);
+    if (strcmp(device, "cpu") != 0 && count > 0) {
+        const int index = count == 1 ? 0 : launcher_local_rank() % count;
+        const int math = rp_cuda_math_parse(opt->gpu_math ? opt->gpu_math : "bf16");
+        if (!(be = rp_cuda_backend_create(index, (rp_cuda_math)math, &err)))
+            cli_fatal_error(cli, &err);
+        return be;
+    }
+#else
+    if (strcmp(device, "cuda") == 0)
+        cli_fatal(cli, "--device cuda: this rwkvpipe was built without CUDA; rebuild with "
+                  "launch/build cuda (configure --with-cuda, see docs/gpu.md) or use --device cpu");
+    (void)launcher_local_rank;
+#endif
+    if (!(be = rp_cpu_backend_create(opt->threads, &err))) cli_fatal_error(cli, &err);
+    return be;
 }
 
 /* A FILE that writes to two others (rank 0's progress: terminal and log). */
@@ -254,12 +305,12 @@ char *cli_read_file(const rp_cli *cli, const char *path, size_t *n_bytes) {
 void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend **be,
                     rp_model *model) {
     rp_error err;
-    *be = rp_cpu_backend_create(opt->threads, &err);
-    if (!*be) cli_fatal_error(cli, &err);
+    *be = cli_backend_create(cli, opt);
     if (opt->model_path) {
         cli_info(cli, "loading %s", opt->model_path);
         if (rp_model_load(model, opt->model_path, 0, -1, *be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
+        rp_model_register_weights(model);
         return;
     }
     rp_config cfg;
@@ -270,6 +321,7 @@ void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend 
     if (rp_model_alloc(model, &cfg, 0, cfg.n_layer, 1, 1, *be, &err) != RP_OK ||
         rp_model_init_official(model, opt->init_seed, &err) != RP_OK)
         cli_fatal_error(cli, &err);
+    rp_model_register_weights(model);
 }
 
 void cli_model_config(const rp_cli *cli, const cli_model_options *opt, rp_config *cfg) {
@@ -306,6 +358,7 @@ void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const 
         cli_info(cli, "loading %s", opt->model_path);
         if (rp_model_load(model, opt->model_path, begin, end, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
+        rp_model_register_weights(model);
         return;
     }
     cli_info(cli, "creating built-in model '%s' with the official RWKV-7 init (seed %llu)",
@@ -315,16 +368,16 @@ void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const 
             RP_OK ||
         rp_model_init_official(model, opt->init_seed, &err) != RP_OK)
         cli_fatal_error(cli, &err);
+    rp_model_register_weights(model);
 }
 
 void cli_load_stage_model(rp_cli *cli, cli_model_options *opt, int pp, const char *stage_layers,
                           rp_grid *grid, rp_backend **be, rp_model *model) {
-    rp_error err;
     rp_config full;
     cli_model_config(cli, opt, &full);
     cli_grid_create(cli, &full, pp, stage_layers, grid);
     if (opt->threads == 0) opt->threads = cli_threads_per_rank();
-    if (!(*be = rp_cpu_backend_create(opt->threads, &err))) cli_fatal_error(cli, &err);
+    *be = cli_backend_create(cli, opt);
     cli_load_model_part(cli, opt, &full, grid->layer_begin[grid->stage],
                         grid->layer_end[grid->stage], *be, model);
 }

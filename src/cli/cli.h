@@ -22,12 +22,11 @@ typedef struct {
 /* Messages from this rank name its pipeline stage from now on. */
 void cli_set_stage(rp_cli *cli, int stage);
 /* Start-up report of a parallel job: the rank's place on its node (local
- * rank from an MPI_COMM_TYPE_SHARED split), the GPU it takes in CUDA builds
- * (local rank modulo the visible devices, device 0 when one is visible) and
+ * rank from an MPI_COMM_TYPE_SHARED split), the device of its backend and
  * one line per rank on stderr: host, rank, stage, replica, device, threads,
  * MPI/CUDA/rwkvpipe versions. Collective over MPI_COMM_WORLD. */
-void cli_rank_startup(const rp_cli *cli, int stage, int replica, int layer_begin, int layer_end,
-                      int threads);
+void cli_rank_startup(const rp_cli *cli, const rp_backend *be, int stage, int replica,
+                      int layer_begin, int layer_end, int threads);
 /* --log-dir: ranks other than 0 send their stderr to DIR/rank-NNNNN.log;
  * rank 0 keeps the terminal and gets a FILE that writes progress lines to
  * both (returned; NULL on other ranks). DIR is created if missing. */
@@ -64,7 +63,24 @@ typedef struct {
     int vocab_override;        /* for built-ins, 0 = the config's */
     uint64_t init_seed;
     int threads;               /* CPU threads, 0 = default */
+    const char *device;        /* --device auto|cpu|cuda; NULL = auto */
+    const char *gpu_math;      /* --gpu-math bf16|fp32; NULL = bf16 */
 } cli_model_options;
+
+/* Help lines and the parsing of --device / --gpu-math, shared by every
+ * command that computes. */
+#define CLI_DEVICE_HELP \
+    "  --device auto|cpu|cuda  where to compute (default auto: the GPU when this build has\n" \
+    "                        CUDA and one is visible; rank r takes GPU local-rank mod count)\n" \
+    "  --gpu-math bf16|fp32  GPU GEMM precision (default bf16 with fp32 accumulation;\n" \
+    "                        fp32 matches the CPU backend to ~1e-6, for checks)\n"
+void cli_parse_device(const rp_cli *cli, cli_model_options *opt, const char *text);
+void cli_parse_gpu_math(const rp_cli *cli, cli_model_options *opt, const char *text);
+
+/* This rank's backend from --device / --gpu-math / --threads (fatal with the
+ * fix when CUDA is asked for but not built or not visible). Not collective:
+ * the node-local rank comes from the launcher's environment. */
+rp_backend *cli_backend_create(const rp_cli *cli, const cli_model_options *opt);
 
 void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend **be,
                     rp_model *model);

@@ -36,6 +36,7 @@ static void eval_usage(FILE *out) {
             "                     <= 256 tokens) or a World vocabulary file\n"
             "  --per-example      print each example's log-likelihood(s) to stdout\n"
             "  --threads N        CPU threads (default: all)\n"
+            CLI_DEVICE_HELP
             "  -h, --help         this text\n");
 }
 
@@ -45,6 +46,7 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
         {"ctx-len", required_argument, 0, 'T'},    {"batch", required_argument, 0, 'b'},
         {"batches", required_argument, 0, 'n'},    {"mqar-pairs", required_argument, 0, 'p'},
         {"seed", required_argument, 0, 's'},       {"threads", required_argument, 0, 'j'},
+        {"device", required_argument, 0, 1001},   {"gpu-math", required_argument, 0, 1002},
         {"last-word", required_argument, 0, 'W'},  {"choice", required_argument, 0, 'C'},
         {"vocab", required_argument, 0, 'v'},      {"per-example", no_argument, 0, 'P'},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
@@ -70,6 +72,8 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
         case 'p': o.synth.n_pairs = (int)cli_parse_int(cli, "--mqar-pairs", optarg, 1, 1 << 20); break;
         case 's': o.seed = cli_parse_u64(cli, "--seed", optarg); break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
+        case 1001: cli_parse_device(cli, &mo, optarg); break;
+        case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 'W': last_word = optarg; break;
         case 'C': choice = optarg; break;
         case 'v': vocab = optarg; break;
@@ -119,7 +123,7 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
         else printf("accuracy_norm: %.4f%%\n", 100 * r.accuracy_norm);
         rp_tokenizer_free(tok);
         rp_model_free(&model);
-        rp_cpu_backend_destroy(be);
+        rp_backend_destroy(be);
         free(paths);
         return 0;
     }
@@ -134,7 +138,7 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
     printf("perplexity   : %.4f\n", exp(loss));
     printf("accuracy     : %.4f%%%s\n", 100 * accuracy, o.synthetic ? " (answers)" : "");
     rp_model_free(&model);
-    rp_cpu_backend_destroy(be);
+    rp_backend_destroy(be);
     free(paths);
     return 0;
 }

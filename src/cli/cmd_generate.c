@@ -43,6 +43,7 @@ static void generate_usage(FILE *out) {
             "  --penalty-decay X\n"
             "Execution:\n"
             "  --threads N           CPU threads (default: all / ranks on the node)\n"
+            CLI_DEVICE_HELP
             "  --chunk N             prompt tokens per sequence-mode call (default 256)\n"
             "  --pp P                split the layers over P pipeline stages (run under\n"
             "                        mpirun -np P); the text is the same as one process's\n"
@@ -116,6 +117,7 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         {"top-p", required_argument, 0, 'u'},      {"top-k", required_argument, 0, 'k'},
         {"seed", required_argument, 0, 's'},       {"stop", required_argument, 0, 'S'},
         {"ban-eot", no_argument, 0, 'B'},          {"threads", required_argument, 0, 'j'},
+        {"device", required_argument, 0, 1001},   {"gpu-math", required_argument, 0, 1002},
         {"chunk", required_argument, 0, 'C'},      {"quiet", no_argument, 0, 'q'},
         {"pp", required_argument, 0, 'N'},         {"stage-layers", required_argument, 0, 'L'},
         {"presence-penalty", required_argument, 0, 'a'},
@@ -154,6 +156,8 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         case 'S': stop = optarg; break;
         case 'B': ban_eot = 1; break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
+        case 1001: cli_parse_device(cli, &mo, optarg); break;
+        case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 'C': chunk = (int)cli_parse_int(cli, "--chunk", optarg, 1, 1 << 20); break;
         case 'q': quiet = 1; break;
         case 'h': generate_usage(stdout); return 0;
@@ -196,7 +200,7 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         if (rp_engine_run(engine, &err) != RP_OK) cli_fatal_error(cli, &err);
         rp_engine_free(engine);
         rp_model_free(&model);
-        rp_cpu_backend_destroy(be);
+        rp_backend_destroy(be);
         rp_grid_free(&grid);
         return 0;
     }
@@ -286,6 +290,6 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
     free(prompt_text);
     rp_tokenizer_free(tok);
     rp_model_free(&model);
-    rp_cpu_backend_destroy(be);
+    rp_backend_destroy(be);
     return 0;
 }

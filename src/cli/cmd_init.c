@@ -59,6 +59,6 @@ int cmd_init(rp_cli *cli, int argc, char **argv) {
     cli_info(cli, "wrote %s (%.2f M parameters, %s)", out,
              rp_config_param_count(&model.cfg) / 1e6, rp_dtype_name(dtype));
     rp_model_free(&model);
-    rp_cpu_backend_destroy(be);
+    rp_backend_destroy(be);
     return 0;
 }

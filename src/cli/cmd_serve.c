@@ -59,6 +59,7 @@ static void serve_usage(FILE *out) {
             "  --pp P                   pipeline stages (run under mpirun -np P)\n"
             "  --stage-layers LIST      layers per stage, e.g. 2,2 (default: balanced by cost)\n"
             "  --threads N              CPU threads per rank (default: cores / ranks on the node)\n"
+            CLI_DEVICE_HELP
             "  -h, --help               this text\n",
             rp_config_builtin_names());
 }
@@ -100,7 +101,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     enum {
         O_MODEL = 1000, O_CONFIG, O_SEED, O_VOCAB, O_ID, O_HOST, O_PORT, O_KEY, O_SESSION_DIR,
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
-        O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET
+        O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_DEVICE, O_GPU_MATH
     };
     static const struct option longopts[] = {
         {"model", required_argument, 0, O_MODEL},
@@ -125,6 +126,8 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"pp", required_argument, 0, O_PP},
         {"stage-layers", required_argument, 0, O_STAGE_LAYERS},
         {"threads", required_argument, 0, O_THREADS},
+        {"device", required_argument, 0, O_DEVICE},
+        {"gpu-math", required_argument, 0, O_GPU_MATH},
         {"state-budget-mb", required_argument, 0, O_STATE_BUDGET},
         {"verbose", no_argument, 0, 'v'},
         {"help", no_argument, 0, 'h'},
@@ -182,6 +185,8 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
             state_budget_mb = (double)cli_parse_int(cli, "--state-budget-mb", optarg, 1, 1 << 30);
             break;
         case O_THREADS: mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
+        case O_DEVICE: cli_parse_device(cli, &mo, optarg); break;
+        case O_GPU_MATH: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 'v': hc.log_requests = 1; break;
         case 'h': serve_usage(stdout); return 0;
         default: serve_usage(stderr); return 2;
@@ -217,7 +222,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         cli_load_stage_model(cli, &mo, pp, stage_layers, &grid, &be, &model);
         have_grid = 1;
         rp_grid_print_map(&grid, stderr);
-        cli_rank_startup(cli, grid.stage, 0, grid.layer_begin[grid.stage],
+        cli_rank_startup(cli, be, grid.stage, 0, grid.layer_begin[grid.stage],
                          grid.layer_end[grid.stage], mo.threads);
     } else {
         cli_load_model(cli, &mo, &be, &model);
@@ -272,7 +277,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         if (st != RP_OK) cli_fatal_error(cli, &err);
         rp_engine_free(engine);
         rp_model_free(&model);
-        rp_cpu_backend_destroy(be);
+        rp_backend_destroy(be);
         if (have_grid) rp_grid_free(&grid);
         return 0;
     }
@@ -317,7 +322,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     rp_engine_free(engine);
     rp_tokenizer_free(tok);
     rp_model_free(&model);
-    rp_cpu_backend_destroy(be);
+    rp_backend_destroy(be);
     if (have_grid) rp_grid_free(&grid);
     return 0;
 }

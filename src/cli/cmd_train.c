@@ -103,6 +103,7 @@ static void train_usage(FILE *out) {
             "                       0 = never)\n"
             "  --threads N          CPU threads per rank (default: all cores / ranks on the\n"
             "                       node)\n"
+            CLI_DEVICE_HELP
             "  -q, --quiet          no progress lines\n"
             "  -h, --help           this text\n",
             rp_config_builtin_names());
@@ -132,6 +133,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"pp-schedule", required_argument, 0, 'B'}, {"comm-timeout", required_argument, 0, 'O'},
         {"halt-on-nan", no_argument, 0, 'H'},       {"no-halt-on-nan", no_argument, 0, 'N'},
         {"log-dir", required_argument, 0, 'g'},
+        {"device", required_argument, 0, 1001},     {"gpu-math", required_argument, 0, 1002},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
     rp_train_options_defaults(&o);
@@ -183,6 +185,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'E': o.eval_batches = (int)cli_parse_int(cli, "--eval-batches", optarg, 1, 1 << 20); break;
         case 'l': o.log_interval = (long)cli_parse_int(cli, "--log-interval", optarg, 0, 1LL << 40); break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
+        case 1001: cli_parse_device(cli, &mo, optarg); break;
+        case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 'q': o.progress = NULL; break;
         case 'C': o.ckpt_dir = optarg; break;
         case 'K': o.ckpt_interval = (long)cli_parse_int(cli, "--checkpoint-interval", optarg, 0, 1LL << 40); break;
@@ -283,15 +287,16 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         if (rp_partition_parse(stage_layers, &mcfg, 1, &one, &err) != RP_OK)
             cli_fatal_error(cli, &err);
     }
-    if (!(be = rp_cpu_backend_create(mo.threads, &err))) cli_fatal_error(cli, &err);
+    be = cli_backend_create(cli, &mo);
     if (cli->mpi_size > 1)
-        cli_rank_startup(cli, grid.stage, grid.replica, layer_begin, layer_end,
+        cli_rank_startup(cli, be, grid.stage, grid.replica, layer_begin, layer_end,
                          mo.threads ? mo.threads : omp_get_max_threads());
     if (o.resume_path) {
         /* The weights come from the checkpoint, in rp_train_run. */
         if (rp_model_alloc(&model, &mcfg, layer_begin, layer_end, layer_begin == 0,
                            layer_end == mcfg.n_layer, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
+        rp_model_register_weights(&model);  /* the checkpoint's weights refresh the copies */
     } else {
         cli_load_model_part(&quiet, &mo, &mcfg, layer_begin, layer_end, be, &model);
     }
@@ -330,7 +335,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
                  "--checkpoint-dir)", o.ckpt_dir ? o.ckpt_dir : "",
                  o.ckpt_dir ? "" : " after adding --checkpoint-dir");
         rp_model_free(&model);
-        rp_cpu_backend_destroy(be);
+        rp_backend_destroy(be);
         if (o.grid) rp_grid_free(&grid);
         free(paths);
         return 75;  /* EX_TEMPFAIL: stopped early on purpose; resume later */
@@ -340,7 +345,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
              100 * res.eval_accuracy, o.save_path ? "; weights: " : "",
              o.save_path ? o.save_path : "");
     rp_model_free(&model);
-    rp_cpu_backend_destroy(be);
+    rp_backend_destroy(be);
     if (o.grid) rp_grid_free(&grid);
     free(paths);
     if (rank0_log) fclose(rank0_log);

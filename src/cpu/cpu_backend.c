@@ -54,6 +54,12 @@ static void cpu_fill_zero(rp_backend *be, void *dst, size_t bytes) {
 
 static void cpu_synchronize(rp_backend *be) { (void)be; }
 
+static rp_status cpu_status(rp_backend *be, rp_error *err) {
+    (void)be;
+    (void)err;
+    return RP_OK;  /* CPU ops cannot fail once their buffers exist */
+}
+
 /* ---- position-wise ---- */
 
 /* x [R,C] = emb[tokens[r]] */
@@ -257,6 +263,9 @@ rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err) {
     be->bonus_gate = cpu_bonus_gate;
     be->wkv7 = cpu_wkv7;
     be->add = cpu_add;
+    be->status = cpu_status;
+    be->register_weights = NULL;
+    be->destroy = rp_cpu_backend_destroy;
     be->is_host_memory = 1;
     cpu_backward_install(be);
     return be;

@@ -57,6 +57,7 @@ rp_status rp_generate(const rp_model *m, rp_state *state, const int32_t *prompt,
     rp_batch_init(&batch, 1, &one, &slot, &row_begin);
     for (int i = 0; i < opt->max_new_tokens; i++) {
         be->copy_to_host(be, logits, logits_dev, (size_t)V * sizeof(float));
+        if ((st = be->status(be, err)) != RP_OK) goto done;  /* a device fault, if any */
         int32_t token = rp_sample(logits, V, &opt->sampler, (uint64_t)i, opt->banned,
                                   opt->n_banned, scratch);
         if (opt->stop_at_eot && token == opt->eot_id) {

@@ -62,6 +62,14 @@ void rp_model_free(rp_model *m) {
     memset(m, 0, sizeof *m);
 }
 
+void rp_model_register_weights(rp_model *m) {
+    rp_backend *be = m->be;
+    if (!be || !be->register_weights) return;
+    for (int i = 0; i < m->layer_end - m->layer_begin; i++)
+        be->register_weights(be, m->layer_flat[i], m->layer_floats);
+    if (m->head_flat) be->register_weights(be, m->head_flat, m->head_floats);
+}
+
 rp_status rp_model_init_official(rp_model *m, uint64_t seed, rp_error *err) {
     rp_backend *be = m->be;
     size_t staging_floats = m->layer_floats;

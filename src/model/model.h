@@ -33,6 +33,13 @@ rp_status rp_model_alloc(rp_model *m, const rp_config *cfg, int layer_begin, int
                          int has_embed, int has_head, rp_backend *be, rp_error *err);
 void rp_model_free(rp_model *m);
 
+/* Tells the backend which buffers hold weights that its GEMMs read many
+ * times (the layers and the head; the embedding is only looked up), so the
+ * CUDA backend keeps bf16 copies that later writes keep current. Call once
+ * the buffers exist; a no-op on the CPU. Only for the model that is run,
+ * never for gradient or optimizer-moment buffers of the same shape. */
+void rp_model_register_weights(rp_model *m);
+
 /* Official x070 initialisation (spec 3.1) from a seed; identical on every rank
  * for the tensors it owns. */
 rp_status rp_model_init_official(rp_model *m, uint64_t seed, rp_error *err);

@@ -76,6 +76,9 @@ struct rp_engine {
     rp_workspace ws;
     rp_state state;           /* [n_slots] of this stage's layers */
     float *logits_dev, *logits_host;
+    /* Host landing of a unit's x / v_first when the backend's memory is not
+     * host memory (GPU): MPI moves host bytes, the workspace is on the device. */
+    float *land_x, *land_v;
     void *sampler_scratch;
     slot_sampling *sampling;  /* last stage: [n_slots] */
     outgoing *out;            /* ring of n_out */
@@ -199,8 +202,8 @@ static rp_status forward_command(rp_engine *e, const command *c, const float *x,
     MPI_Isend(o->packed, (int)n, MPI_BYTE, next, TAG_CMD, e->comm, &o->req[o->n_req++]);
     if (x) {
         const size_t floats = rows * (size_t)e->m->cfg.n_embd;
-        memcpy(o->x, x, floats * sizeof(float));
-        memcpy(o->v, v, floats * sizeof(float));
+        e->be->copy_to_host(e->be, o->x, x, floats * sizeof(float));
+        e->be->copy_to_host(e->be, o->v, v, floats * sizeof(float));
         MPI_Isend(o->x, (int)floats, MPI_FLOAT, next, TAG_X, e->comm, &o->req[o->n_req++]);
         MPI_Isend(o->v, (int)floats, MPI_FLOAT, next, TAG_VFIRST, e->comm, &o->req[o->n_req++]);
     }
@@ -335,7 +338,7 @@ static rp_status run_unit(rp_engine *e, const command *c, const int32_t *tokens,
     }
     be->synchronize(be);
     *busy = rp_engine_now() - t0;
-    return RP_OK;
+    return be->status(be, err);
 }
 
 /* ---- stage side of every command ---- */
@@ -448,6 +451,11 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
         e->out[i].v = malloc(e->max_rows * c->n_embd * sizeof(float));
         ok = e->out[i].x && e->out[i].v;
     }
+    if (ok && !e->be->is_host_memory && e->stage > 0) {
+        e->land_x = malloc(e->max_rows * c->n_embd * sizeof(float));
+        e->land_v = malloc(e->max_rows * c->n_embd * sizeof(float));
+        ok = e->land_x && e->land_v;
+    }
     if (ok && e->is_last) {
         const size_t V = (size_t)c->vocab_size;
         e->logits_dev = e->be->alloc(e->be, RP_ENGINE_GROUP_MAX * V * sizeof(float));
@@ -482,6 +490,8 @@ void rp_engine_free(rp_engine *e) {
         free(e->out[i].v);
     }
     free(e->out);
+    free(e->land_x);
+    free(e->land_v);
     if (e->state.data) e->be->free(e->be, e->state.data);
     if (e->logits_dev) e->be->free(e->be, e->logits_dev);
     free(e->logits_host);
@@ -540,12 +550,18 @@ static rp_status stage_loop(rp_engine *e, rp_error *err) {
                                   rows);
             } else {
                 MPI_Request rq[2];
-                MPI_Irecv(e->ws.x, (int)(rows * C), MPI_FLOAT, e->stage - 1, TAG_X, e->comm, &rq[0]);
-                MPI_Irecv(e->ws.v_first, (int)(rows * C), MPI_FLOAT, e->stage - 1, TAG_VFIRST,
-                          e->comm, &rq[1]);
+                const int host = e->be->is_host_memory;
+                float *x = host ? e->ws.x : e->land_x, *v = host ? e->ws.v_first : e->land_v;
+                MPI_Irecv(x, (int)(rows * C), MPI_FLOAT, e->stage - 1, TAG_X, e->comm, &rq[0]);
+                MPI_Irecv(v, (int)(rows * C), MPI_FLOAT, e->stage - 1, TAG_VFIRST, e->comm,
+                          &rq[1]);
                 for (int k = 0; k < 2 && st == RP_OK; k++)
                     st = rp_comm_wait(&rq[k], e->cfg.comm_timeout, "a unit's activations from "
                                       "the previous stage", err);
+                if (st == RP_OK && !host) {
+                    e->be->copy_to_device(e->be, e->ws.x, x, rows * C * sizeof(float));
+                    e->be->copy_to_device(e->be, e->ws.v_first, v, rows * C * sizeof(float));
+                }
             }
             int32_t slots[RP_ENGINE_GROUP_MAX], tokens[RP_ENGINE_GROUP_MAX];
             int n_sampled = 0;
