@@ -1,0 +1,540 @@
+// The CUDA backend's context and the ops that are not kernels of their own:
+// memory and copies, the sticky error, bf16 weight copies, scratch and
+// uploads shared by the kernel files, and the four GEMM ops on cuBLAS.
+// rp_cuda_backend_create fills the vtable; each cuda_*.cu installs its ops.
+#include "cuda_internal.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+extern "C" const char *rp_cuda_math_name(rp_cuda_math math) {
+    return math == RP_CUDA_MATH_FP32 ? "fp32" : "bf16";
+}
+
+extern "C" int rp_cuda_math_parse(const char *text) {
+    if (!text) return -1;
+    if (!strcmp(text, "bf16")) return RP_CUDA_MATH_BF16;
+    if (!strcmp(text, "fp32")) return RP_CUDA_MATH_FP32;
+    return -1;
+}
+
+// ---- errors ----
+
+int rp_cuda_record(rp_cuda_ctx *cx, cudaError_t rc, const char *what, const char *file,
+                   int line) {
+    if (rc == cudaSuccess) return 1;
+    if (cx->error.code == RP_OK)
+        rp_error_set(&cx->error, rc == cudaErrorMemoryAllocation ? RP_ERR_NOMEM : RP_ERR_INTERNAL,
+                     "CUDA device %d: %s failed (%s:%d): %s", cx->device, what, file, line,
+                     cudaGetErrorString(rc));
+    cudaGetLastError();  // clear a non-sticky error so the next check is about the next call
+    return 0;
+}
+
+static const char *cublas_text(cublasStatus_t rc) {
+    switch (rc) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "cuBLAS not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "cuBLAS could not allocate";
+    case CUBLAS_STATUS_INVALID_VALUE: return "invalid value (shape or leading dimension)";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "not supported on this GPU";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "kernel failed to execute";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "type/compute combination not supported";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "cuBLAS internal error";
+    default: return "cuBLAS error";
+    }
+}
+
+int rp_cuda_record_cublas(rp_cuda_ctx *cx, cublasStatus_t rc, const char *what, const char *file,
+                          int line) {
+    if (rc == CUBLAS_STATUS_SUCCESS) return 1;
+    if (cx->error.code == RP_OK)
+        rp_error_set(&cx->error, rc == CUBLAS_STATUS_ALLOC_FAILED ? RP_ERR_NOMEM : RP_ERR_INTERNAL,
+                     "CUDA device %d: %s failed (%s:%d): %s (status %d)", cx->device, what, file,
+                     line, cublas_text(rc), (int)rc);
+    return 0;
+}
+
+static rp_status cuda_status(rp_backend *be, rp_error *err) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (cx->error.code == RP_OK) return RP_OK;
+    if (err) *err = cx->error;
+    return cx->error.code;
+}
+
+// ---- scratch and uploads ----
+
+void *rp_cuda_scratch(rp_cuda_ctx *cx, int area, size_t bytes) {
+    bytes = (bytes + 255) / 256 * 256;
+    if (bytes == 0) bytes = 256;
+    if (cx->scratch_bytes[area] >= bytes) return cx->scratch[area];
+    // Kernels already queued may still read the old buffer.
+    RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
+    if (cx->scratch[area]) cudaFree(cx->scratch[area]);
+    cx->scratch[area] = NULL;
+    cx->scratch_bytes[area] = 0;
+    size_t grown = bytes + bytes / 4;  // room for the next, slightly larger call
+    if (!RP_CUDA_OK(cx, cudaMalloc(&cx->scratch[area], grown))) return NULL;
+    cx->scratch_bytes[area] = grown;
+    return cx->scratch[area];
+}
+
+// Per upload slot: a device buffer, a pinned staging buffer, a host copy of
+// what was last uploaded, and an event marking the end of that upload.
+// Identical consecutive uploads (the same batch for every layer of a step)
+// are skipped, so the common case costs a memcmp; a changed upload copies
+// through pinned memory, truly asynchronous (an upload from pageable memory
+// would synchronize the stream on every call).
+struct upload_slot_extra {
+    int32_t *pinned;
+    int32_t *last;
+    size_t last_count;
+    cudaEvent_t done;
+    int valid;
+};
+static upload_slot_extra *upload_extra(rp_cuda_ctx *cx);
+
+const int32_t *rp_cuda_upload(rp_cuda_ctx *cx, int slot, const int32_t *host, size_t n) {
+    upload_slot_extra *u = &upload_extra(cx)[slot];
+    if (n == 0) n = 1, host = NULL;  // a valid pointer even for empty arrays
+    if (u->valid && host && u->last_count == n && !memcmp(u->last, host, n * sizeof(int32_t)))
+        return cx->upload[slot];
+    if (cx->upload_count[slot] < n) {
+        RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
+        if (cx->upload[slot]) cudaFree(cx->upload[slot]);
+        if (u->pinned) cudaFreeHost(u->pinned);
+        free(u->last);
+        cx->upload[slot] = NULL;
+        u->pinned = u->last = NULL;
+        cx->upload_count[slot] = 0;
+        u->valid = 0;
+        size_t cap = n < 1024 ? 1024 : n + n / 2;
+        if (!RP_CUDA_OK(cx, cudaMalloc(&cx->upload[slot], cap * sizeof(int32_t))) ||
+            !RP_CUDA_OK(cx, cudaMallocHost(&u->pinned, cap * sizeof(int32_t))))
+            return NULL;
+        u->last = (int32_t *)malloc(cap * sizeof(int32_t));
+        if (!u->last) {
+            rp_cuda_record(cx, cudaErrorMemoryAllocation, "upload host copy", __FILE__, __LINE__);
+            return NULL;
+        }
+        cx->upload_count[slot] = cap;
+    }
+    // The previous copy out of the staging buffer must be done before we refill it.
+    RP_CUDA_OK(cx, cudaEventSynchronize(u->done));
+    if (host) memcpy(u->pinned, host, n * sizeof(int32_t));
+    else memset(u->pinned, 0, n * sizeof(int32_t));
+    RP_CUDA_OK(cx, cudaMemcpyAsync(cx->upload[slot], u->pinned, n * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, cx->stream));
+    RP_CUDA_OK(cx, cudaEventRecord(u->done, cx->stream));
+    if (host) {
+        memcpy(u->last, host, n * sizeof(int32_t));
+        u->last_count = n;
+        u->valid = 1;
+    } else {
+        u->valid = 0;
+    }
+    return cx->upload[slot];
+}
+
+int rp_cuda_upload_batch(rp_cuda_ctx *cx, const rp_batch *batch, rp_cuda_batch *out) {
+    const int n = batch->n_seq;
+    memset(out, 0, sizeof *out);
+    out->n_seq = n;
+    out->n_rows = batch->n_rows;
+    int32_t *blocks = (int32_t *)malloc(sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
+    if (!blocks) {
+        rp_cuda_record(cx, cudaErrorMemoryAllocation, "batch upload", __FILE__, __LINE__);
+        return 0;
+    }
+    int32_t at = 0;
+    for (int s = 0; s < n; s++) {
+        blocks[s] = at;
+        at += (batch->seq_len[s] + RP_WKV_CHUNK - 1) / RP_WKV_CHUNK;
+        if (batch->seq_len[s] > out->max_seq_len) out->max_seq_len = batch->seq_len[s];
+    }
+    static_assert(sizeof(int) == sizeof(int32_t), "rp_batch arrays are int");
+    out->seq_len = rp_cuda_upload(cx, RP_CUDA_UP_SEQ_LEN, (const int32_t *)batch->seq_len, n);
+    out->row_begin = rp_cuda_upload(cx, RP_CUDA_UP_ROW_BEGIN, (const int32_t *)batch->row_begin, n);
+    out->slot = rp_cuda_upload(cx, RP_CUDA_UP_SLOT, (const int32_t *)batch->slot, n);
+    out->ckpt_block = rp_cuda_upload(cx, RP_CUDA_UP_CKPT_BLOCK, blocks, n);
+    free(blocks);
+    return out->seq_len && out->row_begin && out->slot && out->ckpt_block;
+}
+
+// out[c] (+)= sum_p partials[p n + c], p ascending
+__global__ void sum_partials_kernel(float *out, const float *partials, int n_parts, size_t n,
+                                    int accumulate) {
+    size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n) return;
+    float s = 0.0f;
+    for (int p = 0; p < n_parts; p++) s += partials[(size_t)p * n + c];
+    out[c] = accumulate ? out[c] + s : s;
+}
+
+void rp_cuda_sum_partials(rp_cuda_ctx *cx, float *out, const float *partials, int n_parts,
+                          size_t n, int accumulate) {
+    if (n == 0) return;
+    sum_partials_kernel<<<rp_cuda_blocks(n, 256), 256, 0, cx->stream>>>(out, partials, n_parts, n,
+                                                                         accumulate);
+    RP_CUDA_LAUNCHED(cx, "sum_partials");
+}
+
+// ---- bf16 copies ----
+
+// dst [n] = bf16(src [n]), 4 per thread where aligned
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (; i < n; i += stride) dst[i] = __float2bfloat16(src[i]);
+}
+
+void rp_cuda_to_bf16(rp_cuda_ctx *cx, __nv_bfloat16 *dst, const float *src, size_t n) {
+    if (n == 0) return;
+    unsigned blocks = rp_cuda_blocks(n, 256);
+    const unsigned cap = (unsigned)cx->n_sm * 16;
+    if (blocks > cap) blocks = cap;
+    to_bf16_kernel<<<blocks, 256, 0, cx->stream>>>(dst, src, n);
+    RP_CUDA_LAUNCHED(cx, "to_bf16");
+}
+
+__nv_bfloat16 *rp_cuda_weight_shadow(rp_cuda_ctx *cx, const float *p, size_t n) {
+    if (cx->math != RP_CUDA_MATH_BF16) return NULL;
+    for (int i = 0; i < cx->n_weights; i++) {
+        const rp_cuda_weights *w = &cx->weights[i];
+        if (p >= w->base && p + n <= w->base + w->n) return w->shadow + (p - w->base);
+    }
+    return NULL;
+}
+
+// After a write of [dst, dst + bytes) through the backend: refresh the part
+// of any bf16 copy it overlaps.
+static void refresh_shadows(rp_cuda_ctx *cx, const void *dst, size_t bytes) {
+    const float *lo = (const float *)dst, *hi = (const float *)((const char *)dst + bytes);
+    for (int i = 0; i < cx->n_weights; i++) {
+        const rp_cuda_weights *w = &cx->weights[i];
+        const float *b = lo > w->base ? lo : w->base;
+        const float *e = hi < w->base + w->n ? hi : w->base + w->n;
+        if (b < e) rp_cuda_to_bf16(cx, w->shadow + (b - w->base), b, (size_t)(e - b));
+    }
+}
+
+static void cuda_register_weights(rp_backend *be, const float *w, size_t n) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (cx->math != RP_CUDA_MATH_BF16 || !w || n == 0) return;
+    for (int i = 0; i < cx->n_weights; i++)
+        if (cx->weights[i].base == w && cx->weights[i].n == n) {
+            rp_cuda_to_bf16(cx, cx->weights[i].shadow, w, n);
+            return;
+        }
+    if (cx->n_weights == cx->cap_weights) {
+        int cap = cx->cap_weights ? 2 * cx->cap_weights : 64;
+        rp_cuda_weights *grown =
+            (rp_cuda_weights *)realloc(cx->weights, sizeof(rp_cuda_weights) * (size_t)cap);
+        if (!grown) {
+            rp_cuda_record(cx, cudaErrorMemoryAllocation, "register_weights", __FILE__, __LINE__);
+            return;
+        }
+        cx->weights = grown;
+        cx->cap_weights = cap;
+    }
+    __nv_bfloat16 *shadow = NULL;
+    // Without room for the copy the GEMMs convert the weights per call:
+    // slower, still right, so this is not an error.
+    if (cudaMalloc(&shadow, n * sizeof(__nv_bfloat16)) != cudaSuccess) {
+        cudaGetLastError();
+        return;
+    }
+    cx->weights[cx->n_weights++] = {w, n, shadow};
+    rp_cuda_to_bf16(cx, shadow, w, n);
+}
+
+// ---- memory ----
+
+static void *cuda_alloc(rp_backend *be, size_t bytes) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    void *p = NULL;
+    size_t rounded = (bytes + 255) / 256 * 256;
+    if (rounded == 0) rounded = 256;
+    if (cudaMalloc(&p, rounded) != cudaSuccess) {
+        cudaGetLastError();  // out of memory is the caller's to report (NULL)
+        return NULL;
+    }
+    if (!RP_CUDA_OK(cx, cudaMemsetAsync(p, 0, rounded, cx->stream))) {
+        cudaFree(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_free(rp_backend *be, void *ptr) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (!ptr) return;
+    for (int i = 0; i < cx->n_weights; i++)
+        if (cx->weights[i].base == ptr) {
+            cudaFree(cx->weights[i].shadow);
+            cx->weights[i] = cx->weights[--cx->n_weights];
+            break;
+        }
+    RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
+    RP_CUDA_OK(cx, cudaFree(ptr));
+}
+
+static void cuda_copy_to_device(rp_backend *be, void *dst, const void *host_src, size_t bytes) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (!bytes) return;
+    // From pageable memory this returns once the source was staged, so the
+    // caller may reuse host_src right away (the interface promises that).
+    RP_CUDA_OK(cx, cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cx->stream));
+    refresh_shadows(cx, dst, bytes);
+}
+
+static void cuda_copy_to_host(rp_backend *be, void *host_dst, const void *src, size_t bytes) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (!bytes) return;
+    RP_CUDA_OK(cx, cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cx->stream));
+    RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
+}
+
+static void cuda_copy(rp_backend *be, void *dst, const void *src, size_t bytes) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (!bytes || dst == src) return;
+    RP_CUDA_OK(cx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cx->stream));
+    refresh_shadows(cx, dst, bytes);
+}
+
+static void cuda_fill_zero(rp_backend *be, void *dst, size_t bytes) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (!bytes) return;
+    RP_CUDA_OK(cx, cudaMemsetAsync(dst, 0, bytes, cx->stream));
+    refresh_shadows(cx, dst, bytes);
+}
+
+static void cuda_synchronize(rp_backend *be) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
+}
+
+// y [n] += x [n]
+__global__ void add_kernel(float *y, const float *x, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (; i < n; i += stride) y[i] += x[i];
+}
+
+static void cuda_add(rp_backend *be, float *y, const float *x, size_t n) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (!n) return;
+    unsigned blocks = rp_cuda_blocks(n, 256);
+    const unsigned cap = (unsigned)cx->n_sm * 16;
+    if (blocks > cap) blocks = cap;
+    add_kernel<<<blocks, 256, 0, cx->stream>>>(y, x, n);
+    RP_CUDA_LAUNCHED(cx, "add");
+}
+
+// ---- GEMMs ----
+//
+// The interface is row-major; cuBLAS is column-major. A row-major [r, c]
+// matrix is the column-major [c, r] matrix of its transpose, so every
+// row-major product Y = A B is computed as the column-major Y^T = B^T A^T
+// with the operands swapped. Each op below states that mapping once.
+
+// One column-major GEMM: C [m,n] = op(A) op(B) + beta C, fp32 C. In BF16
+// math each operand is its registered bf16 copy, or is rounded to bf16 into
+// scratch; fp32 accumulation either way.
+static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                 const float *A, int lda, size_t a_elems, const float *B, int ldb, size_t b_elems,
+                 float beta, float *C, int ldc) {
+    const float alpha = 1.0f;
+    if (cx->math == RP_CUDA_MATH_FP32) {
+        RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, B,
+                                      CUDA_R_32F, ldb, &beta, C, CUDA_R_32F, ldc,
+                                      CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+        return;
+    }
+    const __nv_bfloat16 *a16 = rp_cuda_weight_shadow(cx, A, a_elems);
+    const __nv_bfloat16 *b16 = rp_cuda_weight_shadow(cx, B, b_elems);
+    if (!a16) {
+        __nv_bfloat16 *t = (__nv_bfloat16 *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_GEMM_A,
+                                                            a_elems * sizeof(__nv_bfloat16));
+        if (!t) return;
+        rp_cuda_to_bf16(cx, t, A, a_elems);
+        a16 = t;
+    }
+    if (!b16) {
+        __nv_bfloat16 *t = (__nv_bfloat16 *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_GEMM_B,
+                                                            b_elems * sizeof(__nv_bfloat16));
+        if (!t) return;
+        rp_cuda_to_bf16(cx, t, B, b_elems);
+        b16 = t;
+    }
+    RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, a16, CUDA_R_16BF, lda, b16,
+                                  CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+}
+
+// y [M,N] = x [M,K] W^T + beta y, W [N,K]:  y^T [N,M] = W [N,K] x^T [K,M]
+static void cuda_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,
+                               int N, int K, float beta) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    gemm(rp_cuda_of(be), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, w, K, (size_t)N * K, x, K,
+         (size_t)M * K, beta, y, N);
+}
+
+// y [M,N] = x [M,K] W + beta y, W [K,N]:  y^T [N,M] = W^T [N,K] x^T [K,M]
+static void cuda_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
+                             int N, int K, float beta) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    gemm(rp_cuda_of(be), CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, w, N, (size_t)K * N, x, K,
+         (size_t)M * K, beta, y, N);
+}
+
+// forward y = x W^T, W [N,K]
+// dx [M,K] += dy [M,N] W:     dx^T [K,M] = W^T [K,N] dy^T [N,M]
+// dw [N,K] += dy^T x [M,K]:   dw^T [K,N] = x^T [K,M] dy [M,N]
+// dX and dW are separate GEMMs, so a schedule may run dW later.
+static void cuda_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,
+                                        const float *x, const float *w, int M, int N, int K) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (dx)
+        gemm(cx, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, w, K, (size_t)N * K, dy, N, (size_t)M * N,
+             1.0f, dx, K);
+    gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, x, K, (size_t)M * K, dy, N, (size_t)M * N, 1.0f,
+         dw, K);
+}
+
+// forward y = x W, W [K,N]
+// dx [M,K] += dy [M,N] W^T:   dx^T [K,M] = W [K,N] dy^T [N,M]
+// dw [K,N] += x^T dy:         dw^T [N,K] = dy^T [N,M] x [M,K]
+static void cuda_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const float *dy,
+                                      const float *x, const float *w, int M, int N, int K) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (dx)
+        gemm(cx, CUBLAS_OP_T, CUBLAS_OP_N, K, M, N, w, N, (size_t)K * N, dy, N, (size_t)M * N,
+             1.0f, dx, K);
+    gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, N, K, M, dy, N, (size_t)M * N, x, K, (size_t)M * K, 1.0f,
+         dw, N);
+}
+
+// ---- lifetime ----
+
+// The upload slots' host-side extras live right after the context.
+struct rp_cuda_ctx_full {
+    rp_cuda_ctx cx;
+    upload_slot_extra extra[RP_CUDA_UP_COUNT];
+};
+
+static upload_slot_extra *upload_extra(rp_cuda_ctx *cx) {
+    return ((rp_cuda_ctx_full *)cx)->extra;
+}
+
+static void cuda_destroy(rp_backend *be);
+
+extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_error *err) {
+    int count = 0;
+    cudaError_t rc = cudaGetDeviceCount(&count);
+    if (rc != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        rp_error_set(err, RP_ERR_ARG, "no CUDA device is visible (%s); run on a GPU node or use "
+                     "--device cpu", rc != cudaSuccess ? cudaGetErrorString(rc) : "0 devices");
+        return NULL;
+    }
+    if (device < 0 || device >= count) {
+        rp_error_set(err, RP_ERR_ARG, "CUDA device %d does not exist (%d visible)", device, count);
+        return NULL;
+    }
+    rp_backend *be = (rp_backend *)calloc(1, sizeof *be);
+    rp_cuda_ctx_full *full = (rp_cuda_ctx_full *)calloc(1, sizeof *full);
+    if (!be || !full) {
+        free(be);
+        free(full);
+        rp_error_set(err, RP_ERR_NOMEM, "CUDA backend context");
+        return NULL;
+    }
+    rp_cuda_ctx *cx = &full->cx;
+    cx->device = device;
+    cx->math = math;
+    be->name = "cuda";
+    be->impl = cx;
+    be->destroy = cuda_destroy;
+    const char *step = NULL;
+    if ((rc = cudaSetDevice(device)) != cudaSuccess) step = "cudaSetDevice";
+    else if ((rc = cudaDeviceGetAttribute(&cx->n_sm, cudaDevAttrMultiProcessorCount, device)) !=
+             cudaSuccess)
+        step = "cudaDeviceGetAttribute";
+    else if ((rc = cudaStreamCreateWithFlags(&cx->stream, cudaStreamNonBlocking)) != cudaSuccess)
+        step = "cudaStreamCreate";
+    for (int s = 0; !step && s < RP_CUDA_UP_COUNT; s++)
+        if ((rc = cudaEventCreateWithFlags(&full->extra[s].done, cudaEventDisableTiming)) !=
+            cudaSuccess)
+            step = "cudaEventCreate";
+    if (step) {
+        rp_error_set(err, RP_ERR_INTERNAL, "CUDA device %d: %s: %s", device, step,
+                     cudaGetErrorString(rc));
+        cudaGetLastError();
+        cuda_destroy(be);
+        return NULL;
+    }
+    cublasStatus_t bs = cublasCreate(&cx->cublas);
+    if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetStream(cx->cublas, cx->stream);
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+        rp_error_set(err, RP_ERR_INTERNAL, "CUDA device %d: cuBLAS set-up failed: %s", device,
+                     cublas_text(bs));
+        cuda_destroy(be);
+        return NULL;
+    }
+    be->is_host_memory = 0;
+    be->alloc = cuda_alloc;
+    be->free = cuda_free;
+    be->copy_to_device = cuda_copy_to_device;
+    be->copy_to_host = cuda_copy_to_host;
+    be->copy = cuda_copy;
+    be->fill_zero = cuda_fill_zero;
+    be->synchronize = cuda_synchronize;
+    be->add = cuda_add;
+    be->status = cuda_status;
+    be->register_weights = cuda_register_weights;
+    be->matmul_linear = cuda_matmul_linear;
+    be->matmul_lora = cuda_matmul_lora;
+    be->matmul_linear_backward = cuda_matmul_linear_backward;
+    be->matmul_lora_backward = cuda_matmul_lora_backward;
+    rp_cuda_install_elementwise(be);
+    rp_cuda_install_backward(be);
+    rp_cuda_install_wkv7(be);
+    rp_cuda_install_loss(be);
+    return be;
+}
+
+static void cuda_destroy(rp_backend *be) {
+    if (!be) return;
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (cx) {
+        if (cx->stream) cudaStreamSynchronize(cx->stream);
+        for (int i = 0; i < cx->n_weights; i++) cudaFree(cx->weights[i].shadow);
+        free(cx->weights);
+        for (int a = 0; a < RP_CUDA_SCRATCH_COUNT; a++)
+            if (cx->scratch[a]) cudaFree(cx->scratch[a]);
+        upload_slot_extra *extra = upload_extra(cx);
+        for (int s = 0; s < RP_CUDA_UP_COUNT; s++) {
+            if (cx->upload[s]) cudaFree(cx->upload[s]);
+            if (extra[s].pinned) cudaFreeHost(extra[s].pinned);
+            if (extra[s].done) cudaEventDestroy(extra[s].done);
+            free(extra[s].last);
+        }
+        if (cx->cublas) cublasDestroy(cx->cublas);
+        if (cx->stream) cudaStreamDestroy(cx->stream);
+        free(cx);  // the rp_cuda_ctx_full starts with cx
+    }
+    free(be);
+}
+
+extern "C" void rp_cuda_backend_destroy(rp_backend *be) { cuda_destroy(be); }
+
+extern "C" int rp_cuda_backend_device(const rp_backend *be) {
+    return ((const rp_cuda_ctx *)be->impl)->device;
+}
+
+extern "C" rp_cuda_math rp_cuda_backend_math(const rp_backend *be) {
+    return ((const rp_cuda_ctx *)be->impl)->math;
+}

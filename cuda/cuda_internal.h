@@ -1,0 +1,161 @@
+// Private declarations shared by the CUDA backend's files (C++ only, nvcc).
+//
+// Files and the ops each installs into the rp_backend vtable:
+//   cuda_backend.cu      context, memory, copies, status, register_weights, add,
+//                        the four GEMM ops (cuBLAS), scratch + upload helpers
+//   cuda_elementwise.cu  layernorm token_shift lerp bias_act value_residual
+//                        key_prepare groupnorm bonus_gate            (forward)
+//   cuda_backward.cu     the backward of each op above
+//   cuda_wkv7.cu         wkv7 wkv7_forward_train wkv7_backward
+//   cuda_loss.cu         embedding embedding_backward cross_entropy l2wrap
+//                        row_max sum_squares adamw
+//
+// Rules every kernel file follows:
+// - All work goes on cx->stream; nothing synchronizes the device except
+//   where the interface hands a result to the host (row_max, sum_squares,
+//   copy_to_host, synchronize).
+// - Every launch is followed by RP_CUDA_LAUNCHED(cx, "op name"); every
+//   runtime call is wrapped in RP_CUDA_OK(cx, call). Errors are sticky in
+//   the context (be->status reports the first) and never exit the process.
+// - Parameter-gradient reductions over rows are deterministic: no float
+//   atomics. Rows are split into a fixed number of chunks (independent of
+//   the device), each chunk writes a partial row into scratch, and
+//   rp_cuda_sum_partials adds the partials in chunk order.
+// - Host arrays in the interface (rp_batch fields, tokens, targets) reach
+//   kernels through rp_cuda_upload / rp_cuda_upload_batch.
+#ifndef RP_CUDA_INTERNAL_H
+#define RP_CUDA_INTERNAL_H
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "cuda_backend.h"
+
+// One registered weight range and its bf16 copy (BF16 math only).
+struct rp_cuda_weights {
+    const float *base;
+    size_t n;
+    __nv_bfloat16 *shadow;
+};
+
+// Independent device buffers for host arrays uploaded by one op. Uploads
+// into the same slot reuse its buffer: stream order makes that safe.
+enum rp_cuda_upload_slot {
+    RP_CUDA_UP_SEQ_LEN = 0,
+    RP_CUDA_UP_ROW_BEGIN,
+    RP_CUDA_UP_SLOT,
+    RP_CUDA_UP_CKPT_BLOCK,  // first checkpoint block of each sequence (wkv7 train)
+    RP_CUDA_UP_TOKENS,      // embedding tokens, cross-entropy targets
+    RP_CUDA_UP_EXTRA,       // one more array an op may need (e.g. a permutation)
+    RP_CUDA_UP_EXTRA2,
+    RP_CUDA_UP_COUNT
+};
+
+// Scratch areas: one per user so that an op's scratch never aliases a
+// GEMM's. Contents are undefined on return; valid until the next request of
+// the same area.
+enum rp_cuda_scratch_area {
+    RP_CUDA_SCRATCH_OP = 0,    // kernels: partial sums, temporaries
+    RP_CUDA_SCRATCH_GEMM_A,    // bf16 copies of GEMM operands
+    RP_CUDA_SCRATCH_GEMM_B,
+    RP_CUDA_SCRATCH_COUNT
+};
+
+struct rp_cuda_ctx {
+    int device;
+    rp_cuda_math math;
+    int n_sm;
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+    // First error (sticky): code != RP_OK once anything failed.
+    rp_error error;
+    void *scratch[RP_CUDA_SCRATCH_COUNT];
+    size_t scratch_bytes[RP_CUDA_SCRATCH_COUNT];
+    int32_t *upload[RP_CUDA_UP_COUNT];
+    size_t upload_count[RP_CUDA_UP_COUNT];
+    rp_cuda_weights *weights;
+    int n_weights, cap_weights;
+    double *host_result;  // pinned: small results read back by the host
+    int32_t *host_index;  // pinned: row_max argmax landing [host_index_count]
+    float *host_float;
+    size_t host_index_count;
+};
+
+static inline rp_cuda_ctx *rp_cuda_of(rp_backend *be) { return (rp_cuda_ctx *)be->impl; }
+
+// Records the first failure (call text, file, line, CUDA's message) in
+// cx->error. Returns 1 when rc is cudaSuccess.
+int rp_cuda_record(rp_cuda_ctx *cx, cudaError_t rc, const char *what, const char *file, int line);
+int rp_cuda_record_cublas(rp_cuda_ctx *cx, cublasStatus_t rc, const char *what, const char *file,
+                          int line);
+#define RP_CUDA_OK(cx, call) rp_cuda_record((cx), (call), #call, __FILE__, __LINE__)
+#define RP_CUBLAS_OK(cx, call) rp_cuda_record_cublas((cx), (call), #call, __FILE__, __LINE__)
+#define RP_CUDA_LAUNCHED(cx, name) rp_cuda_record((cx), cudaGetLastError(), name, __FILE__, __LINE__)
+
+// Device scratch of at least `bytes` (256-byte aligned) in area `area`;
+// NULL after an allocation failure (recorded). Growing synchronizes the
+// stream first (in-flight kernels may still read the old buffer).
+void *rp_cuda_scratch(rp_cuda_ctx *cx, int area, size_t bytes);
+
+// Copies n host ints to the device buffer of `slot` (stream-ordered, from
+// pageable memory: the host array may change once this returns) and returns
+// the device pointer; NULL after a failure (recorded).
+const int32_t *rp_cuda_upload(rp_cuda_ctx *cx, int slot, const int32_t *host, size_t n);
+
+// Device copies of a batch's arrays (plus the wkv checkpoint block offsets).
+struct rp_cuda_batch {
+    int n_seq;
+    int n_rows;
+    const int32_t *seq_len;
+    const int32_t *row_begin;
+    const int32_t *slot;
+    const int32_t *ckpt_block;  // rp_wkv_checkpoint_offset(batch, s) for each s
+    int max_seq_len;
+};
+// ok = 0 after a failure (recorded).
+int rp_cuda_upload_batch(rp_cuda_ctx *cx, const rp_batch *batch, rp_cuda_batch *out);
+
+// out[c] (+)= sum over p = 0..n_parts-1, in that order, of partials[p * n + c]
+// (accumulate: 1 adds to out, 0 overwrites). The deterministic second pass of
+// every parameter-gradient reduction.
+void rp_cuda_sum_partials(rp_cuda_ctx *cx, float *out, const float *partials, int n_parts,
+                          size_t n, int accumulate);
+
+// Number of row chunks a reduction over R rows uses: fixed by R alone (never
+// by the device), so results are the same on every GPU.
+static inline int rp_cuda_row_chunks(int R) {
+    int chunks = (R + 63) / 64;
+    return chunks < 1 ? 1 : (chunks > 256 ? 256 : chunks);
+}
+
+// bf16 copy of [p, p + n) when p lies in a registered weight range and the
+// math is BF16 (pointer into the copy at the same offset); NULL otherwise.
+__nv_bfloat16 *rp_cuda_weight_shadow(rp_cuda_ctx *cx, const float *p, size_t n);
+
+// dst [n] = bf16(src [n]) on the stream.
+void rp_cuda_to_bf16(rp_cuda_ctx *cx, __nv_bfloat16 *dst, const float *src, size_t n);
+
+// Blocks of `threads` covering n items.
+static inline unsigned rp_cuda_blocks(size_t n, int threads) {
+    return (unsigned)((n + (size_t)threads - 1) / (size_t)threads);
+}
+
+// Each file installs its ops (and only those) into the vtable.
+void rp_cuda_install_elementwise(rp_backend *be);
+void rp_cuda_install_backward(rp_backend *be);
+void rp_cuda_install_wkv7(rp_backend *be);
+void rp_cuda_install_loss(rp_backend *be);
+
+// Device math shared by kernels: the same formulas as src/cpu (accurate
+// expf, not __expf: the twin tests hold fp32 kernels to 1e-5).
+__device__ __forceinline__ float rp_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+// WKV7 decay from its pre-activation: exp(-e^-0.5 * sigmoid(w_raw)).
+__device__ __forceinline__ float rp_decayf(float w_raw) {
+    return expf(-0.6065306597126334f * rp_sigmoidf(w_raw));
+}
+
+#endif
