@@ -1,0 +1,481 @@
+// The forward position-wise ops of the CUDA backend: layernorm, token_shift,
+// lerp, bias_act, value_residual, key_prepare, groupnorm, bonus_gate. Each is
+// the twin of its CPU version in src/cpu/cpu_backend.c (token_shift:
+// cpu_recurrence.c), same formulas in the same order; rp_cuda_install_elementwise
+// puts them in the vtable. Row-wise ops run one block per row (layernorm,
+// token_shift) or one warp per head (groupnorm, key_prepare, bonus_gate).
+#include "cuda_internal.h"
+
+#include <cstdint>
+
+#define FULL_MASK 0xffffffffu
+
+// Threads of the flat elementwise kernels and of the warp-per-head kernels.
+#define EW_THREADS 256
+
+// ---- helpers ----
+
+// W consecutive floats from/to p: one float4 access when W == 4 (p 16-byte
+// aligned, checked by the host before picking W = 4).
+template <int W>
+static __device__ __forceinline__ void load_w(float (&v)[W], const float *p) {
+    if constexpr (W == 4) {
+        const float4 t = *reinterpret_cast<const float4 *>(p);
+        v[0] = t.x;
+        v[1] = t.y;
+        v[2] = t.z;
+        v[3] = t.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < W; i++) v[i] = p[i];
+    }
+}
+
+template <int W>
+static __device__ __forceinline__ void store_w(float *p, const float (&v)[W]) {
+    if constexpr (W == 4) {
+        *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < W; i++) p[i] = v[i];
+    }
+}
+
+// Sums into lane 0 in a fixed tree order, then hands lane 0's value to every
+// lane: a butterfly (shfl_xor) would sum in a different order in each lane,
+// and lanes could disagree in the last bit.
+static __device__ __forceinline__ double warp_sum_double(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(FULL_MASK, v, offset);
+    return __shfl_sync(FULL_MASK, v, 0);
+}
+
+static __device__ __forceinline__ float warp_sum_float(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(FULL_MASK, v, offset);
+    return __shfl_sync(FULL_MASK, v, 0);
+}
+
+// Sum of v over the block (blockDim.x a multiple of 32), the same value in
+// every thread: each warp reduces the per-warp partials in the same order.
+// `shared` [32] may be reused by the next call (the first barrier guards it).
+static __device__ double block_sum_double(double v, double *shared) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_sum_double(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    return warp_sum_double(lane < n_warps ? shared[lane] : 0.0);
+}
+
+static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+// Threads of a one-block-per-row kernel over `items` vectors of a row: a
+// multiple of 32 between 32 and 256 (small rows do not idle 7 warps).
+static int row_threads(int items) {
+    int t = (items + 31) / 32 * 32;
+    return t < 32 ? 32 : (t > 256 ? 256 : t);
+}
+
+// Blocks of a grid-stride elementwise kernel over `items`, capped so that
+// huge tensors loop instead of launching millions of tiny blocks.
+static unsigned flat_blocks(const rp_cuda_ctx *cx, size_t items) {
+    unsigned blocks = rp_cuda_blocks(items, EW_THREADS);
+    const unsigned cap = (unsigned)(cx->n_sm > 0 ? cx->n_sm : 1) * 16;
+    return blocks > cap ? cap : (blocks < 1 ? 1 : blocks);
+}
+
+// Blocks of a warp-per-group kernel over `groups` warps.
+static unsigned warp_blocks(size_t groups) {
+    return rp_cuda_blocks(groups, EW_THREADS / 32);
+}
+
+// ---- layernorm ----
+
+// x [R,C] -> y [R,C], mean/rstd [R] (optional); one block per row.
+// Moments as cpu_moments: mean of the floats summed in double, then the
+// double sum of (x - mean)^2 with x - mean rounded to float first.
+template <int W>
+static __global__ void layernorm_kernel(float *y, float *mean, float *rstd, const float *x,
+                                        const float *weight, const float *bias, int C,
+                                        float eps) {
+    __shared__ double shared[32];
+    const size_t row = blockIdx.x;
+    const float *xr = x + row * C;
+    float *yr = y + row * C;
+    const int step = blockDim.x * W;
+
+    double sum = 0.0;
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float v[W];
+        load_w<W>(v, xr + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) sum += (double)v[i];
+    }
+    sum = block_sum_double(sum, shared);
+    const float m = (float)(sum / C);
+
+    double sq = 0.0;
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float v[W];
+        load_w<W>(v, xr + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            const double d = (double)(v[i] - m);
+            sq += d * d;
+        }
+    }
+    sq = block_sum_double(sq, shared);
+    const float s = (float)(1.0 / sqrt(sq / C + (double)eps));
+
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float v[W], w[W], b[W], out[W];
+        load_w<W>(v, xr + c);
+        load_w<W>(w, weight + c);
+        load_w<W>(b, bias + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) out[i] = (v[i] - m) * s * w[i] + b[i];
+        store_w<W>(yr + c, out);
+    }
+    if (threadIdx.x == 0) {
+        if (mean) mean[row] = m;
+        if (rstd) rstd[row] = s;
+    }
+}
+
+static void cuda_layernorm(rp_backend *be, float *y, float *mean, float *rstd, const float *x,
+                           const float *weight, const float *bias, int R, int C, float eps) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    const bool vec = C % 4 == 0 && aligned16(y) && aligned16(x) && aligned16(weight) &&
+                     aligned16(bias);
+    if (vec)
+        layernorm_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(y, mean, rstd, x, weight,
+                                                                       bias, C, eps);
+    else
+        layernorm_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(y, mean, rstd, x, weight, bias,
+                                                                   C, eps);
+    RP_CUDA_LAUNCHED(cx, "layernorm");
+}
+
+// ---- groupnorm ----
+
+// x [R,C] -> y [R,C], H = C/N groups per row, mean/rstd [R,H] (optional);
+// one warp per (row, group), moments as in layernorm.
+static __global__ void groupnorm_kernel(float *y, float *mean, float *rstd, const float *x,
+                                        const float *weight, const float *bias, int R, int C,
+                                        int N, float eps) {
+    const int H = C / N;
+    const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (group >= (size_t)R * H) return;  // the whole warp leaves together
+    const size_t row = group / H;
+    const int h = (int)(group % H);
+    const size_t o = row * C + (size_t)h * N;
+    const float *xh = x + o, *wh = weight + (size_t)h * N, *bh = bias + (size_t)h * N;
+    float *yh = y + o;
+
+    double sum = 0.0;
+    for (int j = lane; j < N; j += 32) sum += (double)xh[j];
+    sum = warp_sum_double(sum);
+    const float m = (float)(sum / N);
+
+    double sq = 0.0;
+    for (int j = lane; j < N; j += 32) {
+        const double d = (double)(xh[j] - m);
+        sq += d * d;
+    }
+    sq = warp_sum_double(sq);
+    const float s = (float)(1.0 / sqrt(sq / N + (double)eps));
+
+    for (int j = lane; j < N; j += 32) yh[j] = (xh[j] - m) * s * wh[j] + bh[j];
+    if (lane == 0) {
+        if (mean) mean[group] = m;  // group == row * H + h
+        if (rstd) rstd[group] = s;
+    }
+}
+
+static void cuda_groupnorm(rp_backend *be, float *y, float *mean, float *rstd, const float *x,
+                           const float *weight, const float *bias, int R, int C, int N,
+                           float eps) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || N <= 0 || C < N) return;
+    const size_t groups = (size_t)R * (C / N);
+    groupnorm_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(y, mean, rstd, x, weight,
+                                                                         bias, R, C, N, eps);
+    RP_CUDA_LAUNCHED(cx, "groupnorm");
+}
+
+// ---- token shift ----
+
+// prev [R,C] row r = x row r-1 inside its sequence; for the first row of
+// sequence s the slot's state vector, which then becomes x of the sequence's
+// last row. One block per row. The thread that reads a state element for the
+// first row is the one that overwrites it, so the old value is always read
+// first (slots of different sequences are distinct).
+template <int W>
+static __global__ void token_shift_kernel(float *prev, const float *x, float *state_base,
+                                          size_t state_stride, const int32_t *seq_len,
+                                          const int32_t *row_begin, const int32_t *slot,
+                                          int n_seq, int C) {
+    const int r = blockIdx.x;
+    // the sequence holding row r: the last s with row_begin[s] <= r
+    int lo = 0, hi = n_seq - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (row_begin[mid] <= r)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    const int begin = row_begin[lo], len = seq_len[lo];
+    if (r < begin || r >= begin + len) return;  // not a row of any sequence
+    float *pr = prev + (size_t)r * C;
+    const int step = blockDim.x * W;
+    if (r > begin) {
+        const float *xr = x + (size_t)(r - 1) * C;
+        for (int c = threadIdx.x * W; c < C; c += step) {
+            float v[W];
+            load_w<W>(v, xr + c);
+            store_w<W>(pr + c, v);
+        }
+        return;
+    }
+    float *st = state_base + (size_t)slot[lo] * state_stride;
+    const float *last = x + (size_t)(begin + len - 1) * C;
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float old[W], fresh[W];
+        load_w<W>(old, st + c);
+        store_w<W>(pr + c, old);
+        load_w<W>(fresh, last + c);
+        store_w<W>(st + c, fresh);
+    }
+}
+
+static void cuda_token_shift(rp_backend *be, float *prev, const float *x, float *state_base,
+                             size_t state_stride, const rp_batch *batch, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int R = batch->n_rows;
+    if (R <= 0 || batch->n_seq <= 0 || C <= 0) return;
+    rp_cuda_batch b;
+    if (!rp_cuda_upload_batch(cx, batch, &b)) return;
+    const bool vec = C % 4 == 0 && state_stride % 4 == 0 && aligned16(prev) && aligned16(x) &&
+                     aligned16(state_base);
+    if (vec)
+        token_shift_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(
+            prev, x, state_base, state_stride, b.seq_len, b.row_begin, b.slot, b.n_seq, C);
+    else
+        token_shift_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(
+            prev, x, state_base, state_stride, b.seq_len, b.row_begin, b.slot, b.n_seq, C);
+    RP_CUDA_LAUNCHED(cx, "token_shift");
+}
+
+// ---- lerp ----
+
+// y [R,C] = x + (prev - x) * mu, mu [C]; flat over n = R*C (y may be x).
+template <int W>
+static __global__ void lerp_kernel(float *y, const float *x, const float *prev, const float *mu,
+                                   size_t n, int C) {
+    const size_t step = (size_t)gridDim.x * blockDim.x * W;
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
+        float xv[W], pv[W], mv[W], out[W];
+        load_w<W>(xv, x + i);
+        load_w<W>(pv, prev + i);
+        load_w<W>(mv, mu + i % C);
+#pragma unroll
+        for (int k = 0; k < W; k++) out[k] = xv[k] + (pv[k] - xv[k]) * mv[k];
+        store_w<W>(y + i, out);
+    }
+}
+
+static void cuda_lerp(rp_backend *be, float *y, const float *x, const float *prev,
+                      const float *mu, int R, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    const size_t n = (size_t)R * C;
+    const bool vec = C % 4 == 0 && aligned16(y) && aligned16(x) && aligned16(prev) &&
+                     aligned16(mu);
+    if (vec)
+        lerp_kernel<4><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(y, x, prev, mu, n,
+                                                                              C);
+    else
+        lerp_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(y, x, prev, mu, n, C);
+    RP_CUDA_LAUNCHED(cx, "lerp");
+}
+
+// ---- bias + activation ----
+
+template <int ACT>
+static __device__ __forceinline__ float activate(float t) {
+    if constexpr (ACT == RP_ACT_TANH) return tanhf(t);
+    else if constexpr (ACT == RP_ACT_SIGMOID) return rp_sigmoidf(t);
+    else if constexpr (ACT == RP_ACT_RELU_SQUARED) return t > 0.0f ? t * t : 0.0f;
+    else return t;
+}
+
+// y [R,C] = act(y + bias), bias [C] or NULL (reads as zero); flat over R*C.
+template <int ACT, int W>
+static __global__ void bias_act_kernel(float *y, const float *bias, size_t n, int C) {
+    const size_t step = (size_t)gridDim.x * blockDim.x * W;
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
+        float v[W], b[W];
+        load_w<W>(v, y + i);
+        if (bias) {
+            load_w<W>(b, bias + i % C);
+        } else {
+#pragma unroll
+            for (int k = 0; k < W; k++) b[k] = 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < W; k++) v[k] = activate<ACT>(v[k] + b[k]);
+        store_w<W>(y + i, v);
+    }
+}
+
+template <int ACT>
+static void bias_act_launch(rp_cuda_ctx *cx, float *y, const float *bias, size_t n, int C) {
+    const bool vec = C % 4 == 0 && aligned16(y) && (!bias || aligned16(bias));
+    if (vec)
+        bias_act_kernel<ACT, 4><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(y, bias,
+                                                                                       n, C);
+    else
+        bias_act_kernel<ACT, 1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(y, bias, n, C);
+}
+
+static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, int C,
+                          rp_activation act) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    const size_t n = (size_t)R * C;
+    switch (act) {
+    case RP_ACT_NONE: bias_act_launch<RP_ACT_NONE>(cx, y, bias, n, C); break;
+    case RP_ACT_TANH: bias_act_launch<RP_ACT_TANH>(cx, y, bias, n, C); break;
+    case RP_ACT_SIGMOID: bias_act_launch<RP_ACT_SIGMOID>(cx, y, bias, n, C); break;
+    case RP_ACT_RELU_SQUARED: bias_act_launch<RP_ACT_RELU_SQUARED>(cx, y, bias, n, C); break;
+    default: return;  // no such activation: nothing launched
+    }
+    RP_CUDA_LAUNCHED(cx, "bias_act");
+}
+
+// ---- value residual ----
+
+// v [R,C] = v + (v_first - v) * nu, nu [R,C] (per token, as the CPU reads it).
+template <int W>
+static __global__ void value_residual_kernel(float *v, const float *v_first, const float *nu,
+                                             size_t n) {
+    const size_t step = (size_t)gridDim.x * blockDim.x * W;
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
+        float vv[W], fv[W], nv[W];
+        load_w<W>(vv, v + i);
+        load_w<W>(fv, v_first + i);
+        load_w<W>(nv, nu + i);
+#pragma unroll
+        for (int k = 0; k < W; k++) vv[k] = vv[k] + (fv[k] - vv[k]) * nv[k];
+        store_w<W>(v + i, vv);
+    }
+}
+
+static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, const float *nu,
+                                int R, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    const size_t n = (size_t)R * C;
+    const bool vec = n % 4 == 0 && aligned16(v) && aligned16(v_first) && aligned16(nu);
+    if (vec)
+        value_residual_kernel<4><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
+            v, v_first, nu, n);
+    else
+        value_residual_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(v, v_first,
+                                                                                    nu, n);
+    RP_CUDA_LAUNCHED(cx, "value_residual");
+}
+
+// ---- key prepare ----
+
+// RWKV-7 head size: the groups key_prepare normalises (fixed, as on the CPU).
+#define KEY_HEAD 64
+
+// kk [R,C] = k * k_k normalised per 64-channel head (divided by
+// max(||.||, 1e-12), torch F.normalize); then k *= 1 + (a - 1) * k_a in
+// place. One warp per (row, head), lane j owns channels j and j + 32 and
+// reads its k before writing it. A partial last head (C % 64 != 0, never in
+// a real model) gets no kk, only the k update, as on the CPU.
+static __global__ void key_prepare_kernel(float *kk, float *k, const float *a, const float *k_k,
+                                          const float *k_a, int R, int C) {
+    const int groups = (C + KEY_HEAD - 1) / KEY_HEAD;
+    const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (group >= (size_t)R * groups) return;  // the whole warp leaves together
+    const size_t row = group / groups;
+    const int h = (int)(group % groups);
+    const int c0 = h * KEY_HEAD + lane, c1 = c0 + 32;
+    float *kr = k + row * C;
+    const float *ar = a + row * C;
+
+    if (h < C / KEY_HEAD) {
+        float *kkr = kk + row * C;
+        const float t0 = kr[c0] * k_k[c0], t1 = kr[c1] * k_k[c1];
+        const float sq = warp_sum_float(t0 * t0 + t1 * t1);
+        const float norm = sqrtf(sq);
+        const float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
+        kkr[c0] = t0 * inv;
+        kkr[c1] = t1 * inv;
+    }
+    if (c0 < C) kr[c0] *= 1.0f + (ar[c0] - 1.0f) * k_a[c0];
+    if (c1 < C) kr[c1] *= 1.0f + (ar[c1] - 1.0f) * k_a[c1];
+}
+
+static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a,
+                             const float *k_k, const float *k_a, int R, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    const size_t groups = (size_t)R * ((C + KEY_HEAD - 1) / KEY_HEAD);
+    key_prepare_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(kk, k, a, k_k, k_a, R,
+                                                                           C);
+    RP_CUDA_LAUNCHED(cx, "key_prepare");
+}
+
+// ---- bonus + gate ----
+
+// out [R,C] = (out + (sum_j r_j k_j r_k[h,j]) * v_h) * g per head h of N
+// channels, r_k [H,N]; one warp per (row, head).
+static __global__ void bonus_gate_kernel(float *out, const float *r, const float *k,
+                                         const float *v, const float *r_k, const float *g,
+                                         int R, int C, int N) {
+    const int H = C / N;
+    const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (group >= (size_t)R * H) return;  // the whole warp leaves together
+    const size_t row = group / H;
+    const int h = (int)(group % H);
+    const size_t o = row * C + (size_t)h * N;
+    const float *rh = r + o, *kh = k + o, *vh = v + o, *gh = g + o, *rkh = r_k + (size_t)h * N;
+    float *oh = out + o;
+
+    float bonus = 0.0f;
+    for (int j = lane; j < N; j += 32) bonus += rh[j] * kh[j] * rkh[j];
+    bonus = warp_sum_float(bonus);
+    for (int j = lane; j < N; j += 32) oh[j] = (oh[j] + bonus * vh[j]) * gh[j];
+}
+
+static void cuda_bonus_gate(rp_backend *be, float *out, const float *r, const float *k,
+                            const float *v, const float *r_k, const float *g, int R, int C,
+                            int N) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || N <= 0 || C < N) return;
+    const size_t groups = (size_t)R * (C / N);
+    bonus_gate_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(out, r, k, v, r_k, g, R,
+                                                                          C, N);
+    RP_CUDA_LAUNCHED(cx, "bonus_gate");
+}
+
+// ---- install ----
+
+void rp_cuda_install_elementwise(rp_backend *be) {
+    be->layernorm = cuda_layernorm;
+    be->token_shift = cuda_token_shift;
+    be->lerp = cuda_lerp;
+    be->bias_act = cuda_bias_act;
+    be->value_residual = cuda_value_residual;
+    be->key_prepare = cuda_key_prepare;
+    be->groupnorm = cuda_groupnorm;
+    be->bonus_gate = cuda_bonus_gate;
+}
