@@ -262,6 +262,17 @@ expect_fail "--top-p 2" "--top-p" "${GEN[@]}" --top-p 2
 expect_fail "no model" "--model" "$BIN" generate --prompt hi -q
 expect_fail "logits without --model" "--model" "$BIN" logits --tokens 1,2 -o "$T/x.safetensors"
 
+check "--device and --gpu-math: bad values are refused; cuda without CUDA (or a GPU) says how to fix it"
+expect_fail "--device gpu" "--device: 'gpu'" "${GEN[@]}" --device gpu
+expect_fail "--gpu-math fp16" "--gpu-math: 'fp16'" "${GEN[@]}" --gpu-math fp16
+if "$BIN" --version | grep -q 'CUDA: no'; then
+    expect_fail "--device cuda in a CPU build" "built without CUDA" "${GEN[@]}" --device cuda
+else
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 ||
+        expect_fail "--device cuda without a GPU" "no CUDA device is visible" "${GEN[@]}" --device cuda
+fi
+expect_ok "--device cpu" "${GEN[@]}" --device cpu --gpu-math fp32
+
 check "a nonexistent or truncated model file fails with a message naming it"
 expect_fail "generate nonexistent model" "$T/no_such_model.safetensors" \
     "$BIN" generate --model "$T/no_such_model.safetensors" --prompt hi -q
