@@ -1,0 +1,764 @@
+// Backward of the position-wise ops of the CUDA backend (layernorm, groupnorm,
+// token_shift, lerp, bias_act, value_residual, key_prepare, bonus_gate),
+// installed by rp_cuda_install_backward. Twins of cpu_backward.c: the forward
+// of each op is written above its backward, same formulas and argument order.
+// Parameter gradients are deterministic: fixed row chunks, partial rows in
+// scratch, rp_cuda_sum_partials (no float atomics).
+#include "cuda_internal.h"
+
+#include <cstdint>
+
+#define FULL_MASK 0xffffffffu
+
+// Column-reduction kernels: a block is ROW_WARPS warps; warp w takes rows
+// begin + w, begin + w + ROW_WARPS, ... of its chunk, and the warps' column
+// sums are added in warp order. A constant, so the summation order (hence
+// the bits) depends on the shape only.
+#define ROW_WARPS 8
+#define ROW_WARP_THREADS (ROW_WARPS * 32)
+
+// Threads of the one-block-per-row kernels and of the flat element-wise ones.
+#define ROW_THREADS_MAX 256
+#define SHIFT_THREADS 128
+#define FLAT_THREADS 256
+
+// key_prepare: torch F.normalize's eps on the norm, heads of 64 (as its forward).
+#define KK_EPS 1e-12f
+#define KEY_HEAD_SIZE 64
+
+// ---- helpers ----
+
+static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+// 4 when rows of `row` floats starting at each non-NULL pointer are all
+// 16-byte aligned (float4 loads), 1 otherwise. Flat kernels pass row = n.
+static int vector_width(size_t row, const void *p0, const void *p1 = nullptr,
+                        const void *p2 = nullptr, const void *p3 = nullptr,
+                        const void *p4 = nullptr, const void *p5 = nullptr) {
+    if (row % 4) return 1;
+    const void *ps[6] = {p0, p1, p2, p3, p4, p5};
+    for (const void *p : ps)
+        if (p && !aligned16(p)) return 1;
+    return 4;
+}
+
+// W consecutive floats, loaded and stored in one instruction (W = 1 or 4).
+template <int W> struct vecf {
+    float v[W];
+};
+
+template <int W> static __device__ __forceinline__ vecf<W> load(const float *p);
+template <> __device__ __forceinline__ vecf<1> load<1>(const float *p) { return {{*p}}; }
+template <> __device__ __forceinline__ vecf<4> load<4>(const float *p) {
+    const float4 t = *reinterpret_cast<const float4 *>(p);
+    return {{t.x, t.y, t.z, t.w}};
+}
+
+template <int W> static __device__ __forceinline__ void store(float *p, const vecf<W> &x);
+template <> __device__ __forceinline__ void store<1>(float *p, const vecf<1> &x) { *p = x.v[0]; }
+template <> __device__ __forceinline__ void store<4>(float *p, const vecf<4> &x) {
+    *reinterpret_cast<float4 *>(p) = make_float4(x.v[0], x.v[1], x.v[2], x.v[3]);
+}
+
+// Blocks of FLAT_THREADS for a grid-stride loop over n_vec items.
+static unsigned flat_blocks(const rp_cuda_ctx *cx, size_t n_vec) {
+    const unsigned blocks = rp_cuda_blocks(n_vec, FLAT_THREADS);
+    const unsigned cap = (unsigned)(cx->n_sm > 0 ? cx->n_sm : 1) * 32;
+    return blocks < cap ? blocks : cap;
+}
+
+// Butterfly sum: every lane ends with the same bits (a + b == b + a).
+static __device__ __forceinline__ float warp_sum(float s) {
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(FULL_MASK, s, off);
+    return s;
+}
+
+// Sums of a and b over the block (blockDim.x a multiple of 32), returned to
+// every thread; warp totals combined in warp order. Once per kernel (the
+// shared memory is not reused).
+static __device__ __forceinline__ void block_sum2(float &a, float &b) {
+    __shared__ float warp_a[32], warp_b[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) {
+        warp_a[warp] = a;
+        warp_b[warp] = b;
+    }
+    __syncthreads();
+    a = warp_sum(lane < n_warps ? warp_a[lane] : 0.0f);
+    b = warp_sum(lane < n_warps ? warp_b[lane] : 0.0f);
+}
+
+// Rows [begin, end) of row chunk `chunk` (possibly empty: its partial is 0).
+static __device__ __forceinline__ void chunk_rows(int chunk, int rows_per_chunk, int R,
+                                                  int *begin, int *end) {
+    const long b = (long)chunk * rows_per_chunk, e = b + rows_per_chunk;
+    *begin = b < R ? (int)b : R;
+    *end = e < R ? (int)e : R;
+}
+
+// The block's partial row of one accumulator: sh [ROW_WARPS, tile] holds each
+// warp's column sums (the caller wrote them and synchronized); dst [n] gets
+// their sum over warps in warp order.
+static __device__ __forceinline__ void store_warp_sums(const float *sh, int tile, float *dst,
+                                                       int n) {
+    for (int l = threadIdx.x; l < n; l += blockDim.x) {
+        float s = 0.0f;
+        for (int w = 0; w < ROW_WARPS; w++) s += sh[w * tile + l];
+        dst[l] = s;
+    }
+}
+
+// ---- LayerNorm / GroupNorm ----
+
+// forward: y = (x - mean) rstd weight + bias over groups of G channels
+// (LayerNorm: G = C; GroupNorm: G = N), mean/rstd [R, C/G] saved.
+// backward, with xhat = (x - mean) rstd and d = dy weight, per group:
+//   dx = rstd (d - mean(d) - xhat mean(d xhat))   (LayerNorm +=, GroupNorm =)
+//   dweight += sum_r dy xhat,  dbias += sum_r dy.
+
+// LayerNorm dx: one block per row. dy, x [R,C], mean/rstd [R] -> dx [R,C] +=
+template <int W>
+__global__ static void layernorm_backward_dx_kernel(float *__restrict__ dx,
+                                                    const float *__restrict__ dy,
+                                                    const float *__restrict__ x,
+                                                    const float *__restrict__ mean,
+                                                    const float *__restrict__ rstd,
+                                                    const float *__restrict__ weight, int C) {
+    const int r = blockIdx.x;
+    const size_t o = (size_t)r * C;
+    const float mu = mean[r], rs = rstd[r];
+    float sum_d = 0.0f, sum_dxh = 0.0f;
+    for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
+        const vecf<W> dyv = load<W>(dy + o + c), xv = load<W>(x + o + c), wv = load<W>(weight + c);
+        for (int i = 0; i < W; i++) {
+            const float d = dyv.v[i] * wv.v[i];
+            sum_d += d;
+            sum_dxh += d * ((xv.v[i] - mu) * rs);
+        }
+    }
+    block_sum2(sum_d, sum_dxh);
+    const float mean_d = sum_d / C, mean_dxh = sum_dxh / C;
+    // second pass re-reads the row (L1/L2) rather than holding it in registers
+    for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
+        const vecf<W> dyv = load<W>(dy + o + c), xv = load<W>(x + o + c), wv = load<W>(weight + c);
+        vecf<W> dxv = load<W>(dx + o + c);
+        for (int i = 0; i < W; i++)
+            dxv.v[i] += rs * (dyv.v[i] * wv.v[i] - mean_d - (xv.v[i] - mu) * rs * mean_dxh);
+        store<W>(dx + o + c, dxv);
+    }
+}
+
+// GroupNorm dx: one warp per (row, group). dy, x [R,C], mean/rstd [R,H] -> dx [R,C] =
+__global__ static void groupnorm_backward_dx_kernel(float *__restrict__ dx,
+                                                    const float *__restrict__ dy,
+                                                    const float *__restrict__ x,
+                                                    const float *__restrict__ mean,
+                                                    const float *__restrict__ rstd,
+                                                    const float *__restrict__ weight, int R,
+                                                    int C, int G) {
+    const int groups = C / G, lane = threadIdx.x & 31;
+    const size_t task = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (task >= (size_t)R * groups) return;  // whole warps leave together
+    const int g = (int)(task % groups);
+    const size_t o = (size_t)(task / groups) * C + (size_t)g * G;
+    const float *wg = weight + (size_t)g * G;
+    const float mu = mean[task], rs = rstd[task];
+    float sum_d = 0.0f, sum_dxh = 0.0f;
+    for (int j = lane; j < G; j += 32) {
+        const float d = dy[o + j] * wg[j];
+        sum_d += d;
+        sum_dxh += d * ((x[o + j] - mu) * rs);
+    }
+    sum_d = warp_sum(sum_d);
+    sum_dxh = warp_sum(sum_dxh);
+    const float mean_d = sum_d / G, mean_dxh = sum_dxh / G;
+    for (int j = lane; j < G; j += 32)
+        dx[o + j] = rs * (dy[o + j] * wg[j] - mean_d - (x[o + j] - mu) * rs * mean_dxh);
+}
+
+// dweight/dbias partial rows of both norms: grid (C / (32 W), chunks).
+// dy, x [R,C], mean/rstd [R, C/G] -> part_w, part_b [chunks, C] (either may be NULL)
+template <int W>
+__global__ static void norm_backward_params_kernel(float *__restrict__ part_w,
+                                                   float *__restrict__ part_b,
+                                                   const float *__restrict__ dy,
+                                                   const float *__restrict__ x,
+                                                   const float *__restrict__ mean,
+                                                   const float *__restrict__ rstd, int R, int C,
+                                                   int G, int rows_per_chunk) {
+    constexpr int TILE = 32 * W;
+    __shared__ float sh_w[ROW_WARPS * TILE], sh_b[ROW_WARPS * TILE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int col0 = blockIdx.x * TILE, c = col0 + lane * W, groups = C / G;
+    int begin, end;
+    chunk_rows(blockIdx.y, rows_per_chunk, R, &begin, &end);
+    float acc_w[W], acc_b[W];
+    int group[W];
+    for (int i = 0; i < W; i++) {
+        acc_w[i] = acc_b[i] = 0.0f;
+        group[i] = (c + i) / G;
+    }
+    if (c < C) {
+        for (int r = begin + warp; r < end; r += ROW_WARPS) {
+            const size_t o = (size_t)r * C + c;
+            const vecf<W> dyv = load<W>(dy + o), xv = load<W>(x + o);
+            for (int i = 0; i < W; i++) {
+                const size_t s = (size_t)r * groups + group[i];
+                acc_w[i] += dyv.v[i] * ((xv.v[i] - mean[s]) * rstd[s]);
+                acc_b[i] += dyv.v[i];
+            }
+        }
+    }
+    for (int i = 0; i < W; i++) {
+        sh_w[warp * TILE + lane * W + i] = acc_w[i];
+        sh_b[warp * TILE + lane * W + i] = acc_b[i];
+    }
+    __syncthreads();
+    const int n = C - col0 < TILE ? C - col0 : TILE;
+    float *row_w = part_w ? part_w + (size_t)blockIdx.y * C + col0 : nullptr;
+    float *row_b = part_b ? part_b + (size_t)blockIdx.y * C + col0 : nullptr;
+    if (row_w) store_warp_sums(sh_w, TILE, row_w, n);
+    if (row_b) store_warp_sums(sh_b, TILE, row_b, n);
+}
+
+// dweight += sum_r dy xhat, dbias += sum_r dy (either may be NULL).
+static void norm_backward_params(rp_cuda_ctx *cx, float *dweight, float *dbias, const float *dy,
+                                 const float *x, const float *mean, const float *rstd, int R,
+                                 int C, int G) {
+    if (!dweight && !dbias) return;
+    const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+    const size_t part = (size_t)chunks * C;
+    float *scratch = (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, 2 * part * sizeof(float));
+    if (!scratch) return;
+    float *part_w = dweight ? scratch : nullptr, *part_b = dbias ? scratch + part : nullptr;
+    const int W = vector_width((size_t)C, dy, x);
+    const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
+    if (W == 4)
+        norm_backward_params_kernel<4><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            part_w, part_b, dy, x, mean, rstd, R, C, G, rows_per_chunk);
+    else
+        norm_backward_params_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            part_w, part_b, dy, x, mean, rstd, R, C, G, rows_per_chunk);
+    if (!RP_CUDA_LAUNCHED(cx, "norm_backward_params")) return;
+    if (dweight) rp_cuda_sum_partials(cx, dweight, part_w, chunks, (size_t)C, 1);
+    if (dbias) rp_cuda_sum_partials(cx, dbias, part_b, chunks, (size_t)C, 1);
+}
+
+// forward: y [R,C] = LayerNorm(x) weight + bias; backward: dx +=, dweight +=, dbias +=
+static void cuda_layernorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                    const float *dy, const float *x, const float *mean,
+                                    const float *rstd, const float *weight, int R, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    const int W = vector_width((size_t)C, dx, dy, x, weight);
+    int threads = (C / W + 31) / 32 * 32;
+    threads = threads > ROW_THREADS_MAX ? ROW_THREADS_MAX : threads;
+    if (W == 4)
+        layernorm_backward_dx_kernel<4><<<R, threads, 0, cx->stream>>>(dx, dy, x, mean, rstd,
+                                                                       weight, C);
+    else
+        layernorm_backward_dx_kernel<1><<<R, threads, 0, cx->stream>>>(dx, dy, x, mean, rstd,
+                                                                       weight, C);
+    if (!RP_CUDA_LAUNCHED(cx, "layernorm_backward")) return;
+    norm_backward_params(cx, dweight, dbias, dy, x, mean, rstd, R, C, C);
+}
+
+// forward: y [R,C] = GroupNorm(x; heads of N) weight + bias; backward: dx =, dweight +=, dbias +=
+static void cuda_groupnorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                    const float *dy, const float *x, const float *mean,
+                                    const float *rstd, const float *weight, int R, int C, int N) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0 || N <= 0) return;
+    const size_t warps = (size_t)R * (C / N);
+    groupnorm_backward_dx_kernel<<<rp_cuda_blocks(warps, ROW_WARP_THREADS / 32), ROW_WARP_THREADS,
+                                   0, cx->stream>>>(dx, dy, x, mean, rstd, weight, R, C, N);
+    if (!RP_CUDA_LAUNCHED(cx, "groupnorm_backward")) return;
+    norm_backward_params(cx, dweight, dbias, dy, x, mean, rstd, R, C, N);
+}
+
+// ---- token shift ----
+
+// forward: prev row t = x row t-1 inside a sequence, the slot's state for
+// t = 0; then the state = the last row.
+// backward: dx row t += dprev row t+1, the last row += d(state after) (the
+// slot on entry); then the slot = dprev of the first row (d(state before)).
+// Two kernels: every slot is read by the first before the second writes any.
+
+// dx [R,C] += dprev shifted up one row, the slot vector for each sequence's last row
+template <int W>
+__global__ static void token_shift_backward_dx_kernel(float *__restrict__ dx,
+                                                      const float *__restrict__ dstate_base,
+                                                      size_t state_stride,
+                                                      const float *__restrict__ dprev,
+                                                      const int32_t *__restrict__ row_begin,
+                                                      const int32_t *__restrict__ seq_len,
+                                                      const int32_t *__restrict__ slot,
+                                                      int n_seq, int C) {
+    const int r = blockIdx.x;
+    // the sequence holding row r: the last s with row_begin[s] <= r (row_begin ascends)
+    int lo = 0, hi = n_seq - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (row_begin[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    const bool last = r == row_begin[lo] + seq_len[lo] - 1;
+    const float *src = last ? dstate_base + (size_t)slot[lo] * state_stride
+                            : dprev + (size_t)(r + 1) * C;
+    float *dxr = dx + (size_t)r * C;
+    for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
+        vecf<W> d = load<W>(dxr + c);
+        const vecf<W> s = load<W>(src + c);
+        for (int i = 0; i < W; i++) d.v[i] += s.v[i];
+        store<W>(dxr + c, d);
+    }
+}
+
+// slot vector of sequence s = dprev row row_begin[s]; one block per sequence
+template <int W>
+__global__ static void token_shift_backward_state_kernel(float *__restrict__ dstate_base,
+                                                         size_t state_stride,
+                                                         const float *__restrict__ dprev,
+                                                         const int32_t *__restrict__ row_begin,
+                                                         const int32_t *__restrict__ slot, int C) {
+    const int s = blockIdx.x;
+    float *dst = dstate_base + (size_t)slot[s] * state_stride;
+    const float *src = dprev + (size_t)row_begin[s] * C;
+    for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) store<W>(dst + c, load<W>(src + c));
+}
+
+static void cuda_token_shift_backward(rp_backend *be, float *dx, float *dstate_base,
+                                      size_t state_stride, const float *dprev,
+                                      const rp_batch *batch, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (batch->n_seq <= 0 || batch->n_rows <= 0 || C <= 0) return;
+    rp_cuda_batch b;
+    if (!rp_cuda_upload_batch(cx, batch, &b)) return;
+    const int W = state_stride % 4 ? 1 : vector_width((size_t)C, dx, dstate_base, dprev);
+    if (W == 4)
+        token_shift_backward_dx_kernel<4><<<batch->n_rows, SHIFT_THREADS, 0, cx->stream>>>(
+            dx, dstate_base, state_stride, dprev, b.row_begin, b.seq_len, b.slot, b.n_seq, C);
+    else
+        token_shift_backward_dx_kernel<1><<<batch->n_rows, SHIFT_THREADS, 0, cx->stream>>>(
+            dx, dstate_base, state_stride, dprev, b.row_begin, b.seq_len, b.slot, b.n_seq, C);
+    if (!RP_CUDA_LAUNCHED(cx, "token_shift_backward")) return;
+    if (W == 4)
+        token_shift_backward_state_kernel<4><<<b.n_seq, SHIFT_THREADS, 0, cx->stream>>>(
+            dstate_base, state_stride, dprev, b.row_begin, b.slot, C);
+    else
+        token_shift_backward_state_kernel<1><<<b.n_seq, SHIFT_THREADS, 0, cx->stream>>>(
+            dstate_base, state_stride, dprev, b.row_begin, b.slot, C);
+    RP_CUDA_LAUNCHED(cx, "token_shift_backward state");
+}
+
+// ---- lerp ----
+
+// forward: y [R,C] = x + (prev - x) mu, mu [C]
+// backward: dx += dy (1 - mu), dprev += dy mu, dmu += sum_r dy (prev - x)
+
+// grid (C / (32 W), chunks); dy, x, prev [R,C] -> dx, dprev +=, part_mu [chunks, C] (may be NULL)
+template <int W>
+__global__ static void lerp_backward_kernel(float *__restrict__ dx, float *__restrict__ dprev,
+                                            float *__restrict__ part_mu,
+                                            const float *__restrict__ dy,
+                                            const float *__restrict__ x,
+                                            const float *__restrict__ prev,
+                                            const float *__restrict__ mu, int R, int C,
+                                            int rows_per_chunk) {
+    constexpr int TILE = 32 * W;
+    __shared__ float sh[ROW_WARPS * TILE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int col0 = blockIdx.x * TILE, c = col0 + lane * W;
+    int begin, end;
+    chunk_rows(blockIdx.y, rows_per_chunk, R, &begin, &end);
+    float acc[W];
+    for (int i = 0; i < W; i++) acc[i] = 0.0f;
+    if (c < C) {
+        const vecf<W> m = load<W>(mu + c);
+        for (int r = begin + warp; r < end; r += ROW_WARPS) {
+            const size_t o = (size_t)r * C + c;
+            const vecf<W> dyv = load<W>(dy + o), xv = load<W>(x + o), pv = load<W>(prev + o);
+            vecf<W> dxv = load<W>(dx + o), dpv = load<W>(dprev + o);
+            for (int i = 0; i < W; i++) {
+                dxv.v[i] += dyv.v[i] * (1.0f - m.v[i]);
+                dpv.v[i] += dyv.v[i] * m.v[i];
+                acc[i] += dyv.v[i] * (pv.v[i] - xv.v[i]);
+            }
+            store<W>(dx + o, dxv);
+            store<W>(dprev + o, dpv);
+        }
+    }
+    if (!part_mu) return;  // uniform over the grid
+    for (int i = 0; i < W; i++) sh[warp * TILE + lane * W + i] = acc[i];
+    __syncthreads();
+    const int n = C - col0 < TILE ? C - col0 : TILE;
+    store_warp_sums(sh, TILE, part_mu + (size_t)blockIdx.y * C + col0, n);
+}
+
+static void cuda_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dmu,
+                               const float *dy, const float *x, const float *prev,
+                               const float *mu, int R, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+    float *part_mu = nullptr;
+    if (dmu) {
+        part_mu = (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP,
+                                           (size_t)chunks * C * sizeof(float));
+        if (!part_mu) return;
+    }
+    const int W = vector_width((size_t)C, dx, dprev, dy, x, prev, mu);
+    const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
+    if (W == 4)
+        lerp_backward_kernel<4><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dx, dprev, part_mu, dy, x, prev, mu, R, C, rows_per_chunk);
+    else
+        lerp_backward_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dx, dprev, part_mu, dy, x, prev, mu, R, C, rows_per_chunk);
+    if (!RP_CUDA_LAUNCHED(cx, "lerp_backward")) return;
+    if (dmu) rp_cuda_sum_partials(cx, dmu, part_mu, chunks, (size_t)C, 1);
+}
+
+// ---- bias + activation ----
+
+// forward: y [R,C] = act(pre + bias)
+// backward, act' from the output y: tanh 1 - y^2, sigmoid y (1 - y),
+// relu^2 2 sqrt(y) (= 2 relu(t)), none 1: dy *= act' in place (= d pre);
+// dbias += sum_r d pre (optional).
+static __device__ __forceinline__ float act_derivative(int act, float y) {
+    switch (act) {
+    case RP_ACT_TANH: return 1.0f - y * y;
+    case RP_ACT_SIGMOID: return y * (1.0f - y);
+    case RP_ACT_RELU_SQUARED: return 2.0f * sqrtf(y);
+    default: return 1.0f;
+    }
+}
+
+// no bias: dy [n] *= act'(y), grid-stride over vectors of W
+template <int W>
+__global__ static void bias_act_backward_kernel(float *__restrict__ dy,
+                                                const float *__restrict__ y, size_t n, int act) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x * W;
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += stride) {
+        vecf<W> d = load<W>(dy + i);
+        const vecf<W> yv = load<W>(y + i);
+        for (int j = 0; j < W; j++) d.v[j] *= act_derivative(act, yv.v[j]);
+        store<W>(dy + i, d);
+    }
+}
+
+// with bias: grid (C / (32 W), chunks); dy [R,C] *= act'(y), part_b [chunks, C] = sums of d pre
+template <int W>
+__global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
+                                                     float *__restrict__ part_b,
+                                                     const float *__restrict__ y, int R, int C,
+                                                     int act, int rows_per_chunk) {
+    constexpr int TILE = 32 * W;
+    __shared__ float sh[ROW_WARPS * TILE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int col0 = blockIdx.x * TILE, c = col0 + lane * W;
+    int begin, end;
+    chunk_rows(blockIdx.y, rows_per_chunk, R, &begin, &end);
+    float acc[W];
+    for (int i = 0; i < W; i++) acc[i] = 0.0f;
+    if (c < C) {
+        for (int r = begin + warp; r < end; r += ROW_WARPS) {
+            const size_t o = (size_t)r * C + c;
+            vecf<W> d = load<W>(dy + o);
+            if (act != RP_ACT_NONE) {
+                const vecf<W> yv = load<W>(y + o);
+                for (int i = 0; i < W; i++) d.v[i] *= act_derivative(act, yv.v[i]);
+                store<W>(dy + o, d);
+            }
+            for (int i = 0; i < W; i++) acc[i] += d.v[i];
+        }
+    }
+    for (int i = 0; i < W; i++) sh[warp * TILE + lane * W + i] = acc[i];
+    __syncthreads();
+    const int n = C - col0 < TILE ? C - col0 : TILE;
+    store_warp_sums(sh, TILE, part_b + (size_t)blockIdx.y * C + col0, n);
+}
+
+static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, const float *y, int R,
+                                   int C, rp_activation act) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    if (!dbias) {
+        if (act == RP_ACT_NONE) return;  // d pre = dy
+        const size_t n = (size_t)R * C;
+        const int W = vector_width(n, dy, y);
+        const unsigned blocks = flat_blocks(cx, n / W);
+        if (W == 4)
+            bias_act_backward_kernel<4><<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y, n, act);
+        else
+            bias_act_backward_kernel<1><<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y, n, act);
+        RP_CUDA_LAUNCHED(cx, "bias_act_backward");
+        return;
+    }
+    const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+    float *part_b =
+        (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, (size_t)chunks * C * sizeof(float));
+    if (!part_b) return;
+    const int W = vector_width((size_t)C, dy, y);
+    const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
+    if (W == 4)
+        bias_act_backward_bias_kernel<4><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dy, part_b, y, R, C, (int)act, rows_per_chunk);
+    else
+        bias_act_backward_bias_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dy, part_b, y, R, C, (int)act, rows_per_chunk);
+    if (!RP_CUDA_LAUNCHED(cx, "bias_act_backward")) return;
+    rp_cuda_sum_partials(cx, dbias, part_b, chunks, (size_t)C, 1);
+}
+
+// ---- value residual ----
+
+// forward: v_out [R,C] = v + (v_first - v) nu
+// backward: dv = dv_out (1 - nu) in place, dv_first += dv_out nu,
+// dnu = dv_out (v_first - v) (overwrite)
+
+// [n] element-wise, grid-stride over vectors of W
+template <int W>
+__global__ static void value_residual_backward_kernel(float *__restrict__ dv,
+                                                      float *__restrict__ dv_first,
+                                                      float *__restrict__ dnu,
+                                                      const float *__restrict__ v,
+                                                      const float *__restrict__ v_first,
+                                                      const float *__restrict__ nu, size_t n) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x * W;
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += stride) {
+        const vecf<W> d_out = load<W>(dv + i), vv = load<W>(v + i), fv = load<W>(v_first + i),
+                      nv = load<W>(nu + i);
+        vecf<W> df = load<W>(dv_first + i), dn, d;
+        for (int j = 0; j < W; j++) {
+            df.v[j] += d_out.v[j] * nv.v[j];
+            dn.v[j] = d_out.v[j] * (fv.v[j] - vv.v[j]);
+            d.v[j] = d_out.v[j] * (1.0f - nv.v[j]);
+        }
+        store<W>(dv_first + i, df);
+        store<W>(dnu + i, dn);
+        store<W>(dv + i, d);
+    }
+}
+
+static void cuda_value_residual_backward(rp_backend *be, float *dv, float *dv_first, float *dnu,
+                                         const float *v, const float *v_first, const float *nu,
+                                         int R, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    const size_t n = (size_t)R * C;
+    const int W = vector_width(n, dv, dv_first, dnu, v, v_first, nu);
+    const unsigned blocks = flat_blocks(cx, n / W);
+    if (W == 4)
+        value_residual_backward_kernel<4><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
+            dv, dv_first, dnu, v, v_first, nu, n);
+    else
+        value_residual_backward_kernel<1><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
+            dv, dv_first, dnu, v, v_first, nu, n);
+    RP_CUDA_LAUNCHED(cx, "value_residual_backward");
+}
+
+// ---- key prepare ----
+
+// forward: u = k k_k per head of 64, kk = u / max(|u|, 1e-12) (torch
+// F.normalize), k_out = k (1 + (a - 1) k_a).
+// backward, with inv = 1 / max(|u|, eps): where |u| > eps, d kk / d u =
+// (I - kk kk^T) inv, so du = (dkk - u proj) inv with proj = (u . dkk) inv^2;
+// where the norm is clamped kk = u / eps is linear: du = dkk inv (proj = 0).
+//   dk = dk_out (1 + (a - 1) k_a) + du k_k (in place), da += dk_out k k_a,
+//   dk_k += sum_r du k,  dk_a += sum_r dk_out k (a - 1).
+
+// grid (H, chunks): one warp per (row, head), lane owns channels lane and lane + 32.
+// dkk, k, a, dk (in: d k_out) [R,C] -> dk (d k), da +=, part_kk, part_ka [chunks, C] (may be NULL)
+__global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float *__restrict__ da,
+                                                   float *__restrict__ part_kk,
+                                                   float *__restrict__ part_ka,
+                                                   const float *__restrict__ dkk,
+                                                   const float *__restrict__ k,
+                                                   const float *__restrict__ a,
+                                                   const float *__restrict__ k_k,
+                                                   const float *__restrict__ k_a, int R, int C,
+                                                   int rows_per_chunk) {
+    constexpr int E = KEY_HEAD_SIZE / 32;
+    __shared__ float sh_kk[ROW_WARPS * KEY_HEAD_SIZE], sh_ka[ROW_WARPS * KEY_HEAD_SIZE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int col0 = blockIdx.x * KEY_HEAD_SIZE;
+    int begin, end;
+    chunk_rows(blockIdx.y, rows_per_chunk, R, &begin, &end);
+    float kkw[E], kaw[E], acc_kk[E], acc_ka[E];
+    for (int e = 0; e < E; e++) {
+        kkw[e] = k_k[col0 + lane + 32 * e];
+        kaw[e] = k_a[col0 + lane + 32 * e];
+        acc_kk[e] = acc_ka[e] = 0.0f;
+    }
+    for (int r = begin + warp; r < end; r += ROW_WARPS) {
+        const size_t o = (size_t)r * C + col0 + lane;
+        float kv[E], dkkv[E], n2 = 0.0f, dot = 0.0f;
+        for (int e = 0; e < E; e++) {
+            kv[e] = k[o + 32 * e];
+            dkkv[e] = dkk[o + 32 * e];
+            const float u = kv[e] * kkw[e];
+            n2 += u * u;
+            dot += u * dkkv[e];
+        }
+        n2 = warp_sum(n2);
+        dot = warp_sum(dot);
+        const float norm = sqrtf(n2);
+        const float iv = 1.0f / (norm > KK_EPS ? norm : KK_EPS);
+        const float pj = norm > KK_EPS ? dot * iv * iv : 0.0f;
+        for (int e = 0; e < E; e++) {
+            const size_t i = o + 32 * e;
+            const float d_out = dk[i], av = a[i];
+            const float du = (dkkv[e] - kv[e] * kkw[e] * pj) * iv;
+            acc_kk[e] += du * kv[e];
+            acc_ka[e] += d_out * kv[e] * (av - 1.0f);
+            da[i] += d_out * kv[e] * kaw[e];
+            dk[i] = d_out * (1.0f + (av - 1.0f) * kaw[e]) + du * kkw[e];
+        }
+    }
+    for (int e = 0; e < E; e++) {
+        sh_kk[warp * KEY_HEAD_SIZE + lane + 32 * e] = acc_kk[e];
+        sh_ka[warp * KEY_HEAD_SIZE + lane + 32 * e] = acc_ka[e];
+    }
+    __syncthreads();
+    const size_t out = (size_t)blockIdx.y * C + col0;
+    if (part_kk) store_warp_sums(sh_kk, KEY_HEAD_SIZE, part_kk + out, KEY_HEAD_SIZE);
+    if (part_ka) store_warp_sums(sh_ka, KEY_HEAD_SIZE, part_ka + out, KEY_HEAD_SIZE);
+}
+
+static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, float *dk_k,
+                                      float *dk_a, const float *dkk, const float *k,
+                                      const float *a, const float *k_k, const float *k_a, int R,
+                                      int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0) return;
+    if (C % KEY_HEAD_SIZE) {
+        rp_cuda_record(cx, cudaErrorInvalidValue, "key_prepare_backward (C not a multiple of 64)",
+                       __FILE__, __LINE__);
+        return;
+    }
+    const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+    const size_t part = (size_t)chunks * C;
+    float *part_kk = nullptr, *part_ka = nullptr;
+    if (dk_k || dk_a) {
+        float *scratch =
+            (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, 2 * part * sizeof(float));
+        if (!scratch) return;
+        part_kk = dk_k ? scratch : nullptr;
+        part_ka = dk_a ? scratch + part : nullptr;
+    }
+    const dim3 grid(C / KEY_HEAD_SIZE, chunks);
+    key_prepare_backward_kernel<<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+        dk, da, part_kk, part_ka, dkk, k, a, k_k, k_a, R, C, rows_per_chunk);
+    if (!RP_CUDA_LAUNCHED(cx, "key_prepare_backward")) return;
+    if (dk_k) rp_cuda_sum_partials(cx, dk_k, part_kk, chunks, (size_t)C, 1);
+    if (dk_a) rp_cuda_sum_partials(cx, dk_a, part_ka, chunks, (size_t)C, 1);
+}
+
+// ---- bonus + gate ----
+
+// forward: out [R,C] = (o + s_h v) g with s_h = sum_j r_j k_j r_k[h,j] per head
+// backward, with dz = dout g and ds_h = sum_i dz_i v_i:
+//   d_o = dz, dg = dout (o + s v) (both overwrite), dv += dz s,
+//   dr += ds k r_k, dk += ds r r_k, dr_k [H,N] += sum_rows ds r k.
+
+// grid (H, chunks): one warp per (row, head) of N = 32 E, lane owns channels lane + 32 e.
+// -> d_o, dg =; dr, dk, dv +=; part_rk [chunks, C] (may be NULL)
+template <int E>
+__global__ static void bonus_gate_backward_kernel(
+    float *__restrict__ d_o, float *__restrict__ dr, float *__restrict__ dk,
+    float *__restrict__ dv, float *__restrict__ part_rk, float *__restrict__ dg,
+    const float *__restrict__ dout, const float *__restrict__ o, const float *__restrict__ r,
+    const float *__restrict__ k, const float *__restrict__ v, const float *__restrict__ r_k,
+    const float *__restrict__ g, int R, int C, int rows_per_chunk) {
+    constexpr int N = 32 * E;
+    __shared__ float sh[ROW_WARPS * N];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int col0 = blockIdx.x * N;
+    int begin, end;
+    chunk_rows(blockIdx.y, rows_per_chunk, R, &begin, &end);
+    float rkw[E], acc[E];
+    for (int e = 0; e < E; e++) {
+        rkw[e] = r_k[col0 + lane + 32 * e];
+        acc[e] = 0.0f;
+    }
+    for (int row = begin + warp; row < end; row += ROW_WARPS) {
+        const size_t q = (size_t)row * C + col0 + lane;
+        float rv[E], kv[E], vv[E], s = 0.0f;
+        for (int e = 0; e < E; e++) {
+            rv[e] = r[q + 32 * e];
+            kv[e] = k[q + 32 * e];
+            vv[e] = v[q + 32 * e];
+            s += rv[e] * kv[e] * rkw[e];
+        }
+        s = warp_sum(s);
+        float dsum = 0.0f;
+        for (int e = 0; e < E; e++) {
+            const size_t i = q + 32 * e;
+            const float dout_i = dout[i], dz = dout_i * g[i];
+            dg[i] = dout_i * (o[i] + s * vv[e]);
+            d_o[i] = dz;
+            dv[i] += dz * s;
+            dsum += dz * vv[e];
+        }
+        dsum = warp_sum(dsum);
+        for (int e = 0; e < E; e++) {
+            const size_t i = q + 32 * e;
+            dr[i] += dsum * kv[e] * rkw[e];
+            dk[i] += dsum * rv[e] * rkw[e];
+            acc[e] += dsum * rv[e] * kv[e];
+        }
+    }
+    if (!part_rk) return;  // uniform over the grid
+    for (int e = 0; e < E; e++) sh[warp * N + lane + 32 * e] = acc[e];
+    __syncthreads();
+    store_warp_sums(sh, N, part_rk + (size_t)blockIdx.y * C + col0, N);
+}
+
+static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,
+                                     float *dr_k, float *dg, const float *dout, const float *o,
+                                     const float *r, const float *k, const float *v,
+                                     const float *r_k, const float *g, int R, int C, int N) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || C <= 0 || N <= 0) return;
+    // A warp holds a head in registers: N = 32, 64, 96 or 128 (RWKV-7: 64).
+    if (N % 32 || N > 128 || C % N) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "bonus_gate_backward (head size must be 32, 64, 96 or 128 and divide C)",
+                       __FILE__, __LINE__);
+        return;
+    }
+    const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+    float *part_rk = nullptr;
+    if (dr_k) {
+        part_rk =
+            (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, (size_t)chunks * C * sizeof(float));
+        if (!part_rk) return;
+    }
+    const dim3 grid(C / N, chunks);
+#define BONUS_GATE_LAUNCH(E)                                                                    \
+    bonus_gate_backward_kernel<E><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(                   \
+        d_o, dr, dk, dv, part_rk, dg, dout, o, r, k, v, r_k, g, R, C, rows_per_chunk)
+    switch (N / 32) {
+    case 1: BONUS_GATE_LAUNCH(1); break;
+    case 2: BONUS_GATE_LAUNCH(2); break;
+    case 3: BONUS_GATE_LAUNCH(3); break;
+    default: BONUS_GATE_LAUNCH(4); break;
+    }
+#undef BONUS_GATE_LAUNCH
+    if (!RP_CUDA_LAUNCHED(cx, "bonus_gate_backward")) return;
+    if (dr_k) rp_cuda_sum_partials(cx, dr_k, part_rk, chunks, (size_t)C, 1);
+}
+
+void rp_cuda_install_backward(rp_backend *be) {
+    be->layernorm_backward = cuda_layernorm_backward;
+    be->groupnorm_backward = cuda_groupnorm_backward;
+    be->token_shift_backward = cuda_token_shift_backward;
+    be->lerp_backward = cuda_lerp_backward;
+    be->bias_act_backward = cuda_bias_act_backward;
+    be->value_residual_backward = cuda_value_residual_backward;
+    be->key_prepare_backward = cuda_key_prepare_backward;
+    be->bonus_gate_backward = cuda_bonus_gate_backward;
+}
