@@ -12,6 +12,10 @@
 
 #include "core/error.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* A ragged batch: sequence s owns rows [row_begin[s], row_begin[s] + seq_len[s])
  * of every [R, ...] activation, in order, and its recurrent state lives in
  * state slot slot[s]. Step mode is the case seq_len[s] == 1 for all s. */
@@ -239,5 +243,9 @@ void rp_cpu_backend_destroy(rp_backend *be);
 static inline void rp_backend_destroy(rp_backend *be) {
     if (be) be->destroy(be);
 }
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

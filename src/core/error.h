@@ -7,6 +7,10 @@
 
 #include <stddef.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum {
     RP_OK = 0,
     RP_ERR_IO,       /* open/read/write/mmap failed */
@@ -43,5 +47,9 @@ const char *rp_status_name(rp_status code);
 /* Allocation helpers that fail with a message instead of returning NULL silently. */
 void *rp_malloc(size_t bytes, const char *what, rp_error *err);
 void *rp_calloc(size_t count, size_t size, const char *what, rp_error *err);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
