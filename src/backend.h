@@ -43,6 +43,7 @@ struct rp_backend {
     void (*free)(rp_backend *be, void *ptr);
     void (*copy_to_device)(rp_backend *be, void *dst, const void *host_src, size_t bytes);
     void (*copy_to_host)(rp_backend *be, void *host_dst, const void *src, size_t bytes);
+    /* dst and src must not overlap (a device copy with overlap is undefined). */
     void (*copy)(rp_backend *be, void *dst, const void *src, size_t bytes);
     void (*fill_zero)(rp_backend *be, void *dst, size_t bytes);
     void (*synchronize)(rp_backend *be);
@@ -198,7 +199,8 @@ struct rp_backend {
      * alias logits). Softmax in fp32 with max subtraction. */
     void (*cross_entropy)(rp_backend *be, float *losses, float *dlogits, const float *logits,
                           const int32_t *targets, int R, int V, float scale);
-    /* L2Wrap (official RWKV trainer): for every row with target >= 0, add
+    /* L2Wrap (official RWKV trainer; row_max, argmax and targets are host
+     * arrays): for every row with target >= 0, add
      * factor * max(logits row) to dlogits at the row's (first) arg-max.
      * logits_max/argmax [R] come from rp_backend.row_max, taken before
      * cross_entropy overwrote the logits. */

@@ -1,0 +1,1588 @@
+/* The CPU/CUDA twin test: every op of the rp_backend vtable (src/backend.h)
+ * runs on the CPU backend (the fp32 reference) and on the CUDA backend with
+ * identical inputs, and every output is compared by relative L2 error: fp32
+ * math to 1e-5, the bf16 GEMM paths to 1e-2. A plain C11 program (the GPU
+ * machine has no test libraries), run by tests/gpu/run.sh; exit 0 when all
+ * pass, 1 on a failure, 77 when there is no CUDA device. See README.md. */
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "core/rng.h"
+#include "cuda_backend.h"
+#include "cuda_device.h"
+
+#define HEAD_SIZE 64     /* N: every RWKV-7 head (key_prepare assumes it) */
+#define LN_EPS 1e-5f     /* model/forward.c RP_LN_EPS */
+#define GN_EPS 64e-5f    /* model/forward.c RP_GN_EPS (ln_x) */
+#define TOL_FP32 1e-5
+#define TOL_BF16 1e-2
+#define MAX_SEQ 8
+
+enum { MATH_FP32 = 1, MATH_BF16 = 2 };
+
+/* ---- the two sides and the tally ---------------------------------------- */
+
+/* One buffer on both backends. `before` is set for outputs that accumulate:
+ * the common initial contents, so that the error is measured against what
+ * the op added (||gpu - cpu|| / ||cpu - before||) instead of being hidden
+ * under the random starting values. */
+typedef struct {
+    size_t n;      /* floats */
+    float *cpu;    /* CPU backend memory (plain host memory) */
+    float *gpu;    /* CUDA device memory */
+    float *before; /* host copy of the initial contents, or NULL */
+} tbuf;
+
+typedef struct {
+    rp_backend *cpu, *gpu;
+    const char *math; /* "fp32" / "bf16", printed on every line */
+    double tol;
+    uint64_t seed, draws; /* every random tensor is its own stream */
+    const char *op;       /* op under test, printed */
+    char label[96];       /* its shape and case, printed */
+    tbuf **bufs;          /* released after every case */
+    int n_bufs, cap_bufs;
+    int passed, failed;
+} twin;
+
+static void fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void fatal(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("twin test: fatal: ", stdout);
+    vprintf(fmt, ap);
+    fputs("\n", stdout);
+    va_end(ap);
+    exit(1);
+}
+
+static void *xmalloc(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) fatal("out of host memory (%zu bytes)", bytes);
+    return p;
+}
+
+static void label(twin *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void label(twin *t, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->label, sizeof t->label, fmt, ap);
+    va_end(ap);
+}
+
+/* One line per comparison: math, op, output, shape, error, tolerance
+ * (0 = bitwise), verdict. */
+static void report(twin *t, const char *what, double rel, double tol, int ok, const char *note) {
+    char tol_text[16];
+    if (tol > 0) snprintf(tol_text, sizeof tol_text, "%.0e", tol);
+    else snprintf(tol_text, sizeof tol_text, "exact");
+    printf("%-4s  %-23s %-16s %-40s rel %9.2e  tol %-5s  %s%s\n", t->math, t->op, what,
+           t->label, rel, tol_text, ok ? "PASS" : "FAIL", note ? note : "");
+    fflush(stdout);
+    if (ok) t->passed++;
+    else t->failed++;
+}
+
+/* Backend and pointer of side g (0 = CPU, 1 = GPU): each op is called once
+ * per side with the same arguments. */
+static rp_backend *side(const twin *t, int g) { return g ? t->gpu : t->cpu; }
+static float *at(const tbuf *b, int g) { return g ? b->gpu : b->cpu; }
+
+/* ---- random inputs (core/rng.h: counter-based, a pure function of --seed) */
+
+static uint64_t next_key(twin *t) {
+    char name[48];
+    snprintf(name, sizeof name, "twin-test/%llu", (unsigned long long)t->draws++);
+    return rp_rng_key(t->seed, name);
+}
+
+/* Uniform in [lo, hi): one Philox block gives four 24-bit values. */
+static void fill_uniform(twin *t, float *x, size_t n, double lo, double hi) {
+    const uint64_t key = next_key(t);
+    uint32_t word[4];
+    for (size_t i = 0; i < n; i++) {
+        if (i % 4 == 0) rp_philox4x32(key, 0, i / 4, word);
+        x[i] = (float)(lo + (hi - lo) * ((word[i % 4] >> 8) * (1.0 / 16777216.0)));
+    }
+}
+
+/* Integers in [lo, hi). */
+static void fill_ints(twin *t, int32_t *x, size_t n, int lo, int hi) {
+    const uint64_t key = next_key(t);
+    uint32_t word[4];
+    for (size_t i = 0; i < n; i++) {
+        if (i % 4 == 0) rp_philox4x32(key, 0, i / 4, word);
+        x[i] = lo + (int32_t)(word[i % 4] % (uint32_t)(hi - lo));
+    }
+}
+
+/* kk: unit L2 norm per head of HEAD_SIZE, as key_prepare leaves it. */
+static void normalise_heads(float *x, size_t n) {
+    for (size_t h0 = 0; h0 + HEAD_SIZE <= n; h0 += HEAD_SIZE) {
+        double n2 = 0.0;
+        for (int j = 0; j < HEAD_SIZE; j++) n2 += (double)x[h0 + j] * x[h0 + j];
+        const float inv = (float)(1.0 / sqrt(n2 > 0 ? n2 : 1.0));
+        for (int j = 0; j < HEAD_SIZE; j++) x[h0 + j] *= inv;
+    }
+}
+
+/* ---- buffers ------------------------------------------------------------- */
+
+static void poison_gpu(twin *t, tbuf *b);
+
+/* Zeroed on both sides (alloc's contract), tracked for release. */
+static tbuf *buf_zero(twin *t, size_t n) {
+    tbuf *b = xmalloc(sizeof *b);
+    b->n = n;
+    b->before = NULL;
+    const size_t bytes = (n ? n : 1) * sizeof(float);
+    b->cpu = t->cpu->alloc(t->cpu, bytes);
+    b->gpu = t->gpu->alloc(t->gpu, bytes);
+    if (!b->cpu || !b->gpu) fatal("%s: alloc of %zu bytes failed", t->op, bytes);
+    if (t->n_bufs == t->cap_bufs) {
+        t->cap_bufs = t->cap_bufs ? 2 * t->cap_bufs : 64;
+        t->bufs = realloc(t->bufs, (size_t)t->cap_bufs * sizeof *t->bufs);
+        if (!t->bufs) fatal("out of host memory");
+    }
+    t->bufs[t->n_bufs++] = b;
+    return b;
+}
+
+/* Both sides hold host[0..n). */
+static tbuf *buf_from(twin *t, const float *host, size_t n) {
+    tbuf *b = buf_zero(t, n);
+    t->cpu->copy_to_device(t->cpu, b->cpu, host, n * sizeof(float));
+    t->gpu->copy_to_device(t->gpu, b->gpu, host, n * sizeof(float));
+    return b;
+}
+
+/* An input (or an in/out buffer): the same uniform values on both sides. */
+static tbuf *buf_input(twin *t, size_t n, double lo, double hi) {
+    float *host = xmalloc(n * sizeof *host);
+    fill_uniform(t, host, n, lo, hi);
+    tbuf *b = buf_from(t, host, n);
+    free(host);
+    return b;
+}
+
+/* An output the op overwrites: NaN bytes on the GPU side, so that any
+ * element the kernel fails to write shows up (the CPU side stays zero). */
+static tbuf *buf_output(twin *t, size_t n) {
+    tbuf *b = buf_zero(t, n);
+    poison_gpu(t, b);
+    return b;
+}
+
+/* An output the op accumulates into: the same random start on both sides. */
+static tbuf *buf_accum(twin *t, size_t n, double lo, double hi) {
+    float *host = xmalloc(n * sizeof *host);
+    fill_uniform(t, host, n, lo, hi);
+    tbuf *b = buf_from(t, host, n);
+    b->before = host;
+    return b;
+}
+
+static void poison_gpu(twin *t, tbuf *b) {
+    float *host = xmalloc(b->n * sizeof *host);
+    memset(host, 0xFF, b->n * sizeof *host); /* 0xFFFFFFFF is a quiet NaN */
+    t->gpu->copy_to_device(t->gpu, b->gpu, host, b->n * sizeof *host);
+    free(host);
+}
+
+/* The GPU side takes the CPU side's contents: inputs that a CPU op computed
+ * (norm statistics, checkpoints, activation outputs). */
+static void buf_share_cpu(twin *t, tbuf *b) {
+    t->gpu->copy_to_device(t->gpu, b->gpu, b->cpu, b->n * sizeof(float));
+}
+
+static void twin_release(twin *t) {
+    for (int i = 0; i < t->n_bufs; i++) {
+        tbuf *b = t->bufs[i];
+        t->cpu->free(t->cpu, b->cpu);
+        t->gpu->free(t->gpu, b->gpu);
+        free(b->before);
+        free(b);
+    }
+    t->n_bufs = 0;
+}
+
+/* ---- comparison ---------------------------------------------------------- */
+
+/* rel = ||gpu - cpu|| / ||cpu - before|| (before NULL: ||cpu||), in double;
+ * a non-finite value on either side fails. */
+static void compare_values(twin *t, const char *what, const float *gpu, const float *cpu,
+                           const float *before, size_t n, double tol) {
+    double diff = 0.0, ref = 0.0;
+    size_t bad_gpu = 0, bad_cpu = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(cpu[i])) {
+            bad_cpu++;
+            continue;
+        }
+        if (!isfinite(gpu[i])) {
+            bad_gpu++;
+            continue;
+        }
+        const double d = (double)gpu[i] - cpu[i];
+        const double r = before ? (double)cpu[i] - before[i] : cpu[i];
+        diff += d * d;
+        ref += r * r;
+    }
+    const double rel = ref > 0.0 ? sqrt(diff / ref) : sqrt(diff);
+    char note[96] = "";
+    if (bad_gpu) snprintf(note, sizeof note, "  (%zu of %zu GPU values not finite)", bad_gpu, n);
+    else if (bad_cpu) snprintf(note, sizeof note, "  (%zu CPU values not finite)", bad_cpu);
+    report(t, what, rel, tol, bad_gpu == 0 && bad_cpu == 0 && rel <= tol, note);
+}
+
+static float *download(twin *t, const tbuf *b) {
+    float *host = xmalloc(b->n * sizeof *host);
+    t->gpu->copy_to_host(t->gpu, host, b->gpu, b->n * sizeof *host);
+    return host;
+}
+
+/* The buffer within the twin's tolerance. */
+static void compare(twin *t, const char *what, const tbuf *b) {
+    float *host = download(t, b);
+    compare_values(t, what, host, b->cpu, b->before, b->n, t->tol);
+    free(host);
+}
+
+/* The buffer bit for bit (memory ops, untouched buffers). */
+static void compare_exact(twin *t, const char *what, const tbuf *b) {
+    float *host = download(t, b);
+    size_t differ = 0;
+    double diff = 0.0, ref = 0.0;
+    for (size_t i = 0; i < b->n; i++) {
+        if (memcmp(host + i, b->cpu + i, sizeof(float)) != 0) differ++;
+        if (isfinite(host[i]) && isfinite(b->cpu[i])) {
+            diff += ((double)host[i] - b->cpu[i]) * ((double)host[i] - b->cpu[i]);
+            ref += (double)b->cpu[i] * b->cpu[i];
+        }
+    }
+    char note[64] = "";
+    if (differ) snprintf(note, sizeof note, "  (%zu of %zu floats differ)", differ, b->n);
+    report(t, what, ref > 0 ? sqrt(diff / ref) : sqrt(diff), 0.0, differ == 0, note);
+    free(host);
+}
+
+/* ---- shapes -------------------------------------------------------------- */
+
+typedef struct {
+    int n_seq;
+    int len[MAX_SEQ];  /* each >= 1 */
+    int slot[MAX_SEQ]; /* a permutation, with gaps: unused slots must stay untouched */
+} seq_spec;
+
+typedef struct {
+    const char *name;
+    int C, F, rank;      /* channels (H = C / 64 heads), FFN width, LoRA rank */
+    int V_embed, V_loss; /* embedding rows, cross-entropy vocabulary */
+    int n_slots;         /* recurrent state slots */
+    seq_spec prefill;    /* sequence mode */
+    seq_spec cont;       /* a second call continuing some of those sequences */
+    seq_spec step;       /* step mode: every length 1 */
+    size_t n_params;     /* sum_squares, adamw, memory ops */
+} shape;
+
+static const shape shapes[] = {
+    /* R = 39: lengths below, at and above the 16-token checkpoint chunk; slot 3
+     * unused by the first call, then started by the second. */
+    {"small", 128, 512, 32, 300, 1000, 5,
+     {4, {17, 1, 5, 16}, {2, 4, 0, 1}},
+     {3, {20, 3, 2}, {1, 2, 3}},
+     {4, {1, 1, 1, 1}, {3, 1, 4, 0}},
+     1003},
+    /* R = 300 ragged over 5 sequences (2 lengths not multiples of 16), the
+     * widths of a 0.1B-0.4B model, a 65536-token vocabulary for the loss. */
+    {"realistic", 512, 2048, 64, 1000, 65536, 6,
+     {5, {128, 1, 37, 64, 70}, {3, 0, 5, 1, 4}},
+     {4, {33, 16, 1, 50}, {4, 3, 2, 5}},
+     {6, {1, 1, 1, 1, 1, 1}, {5, 2, 0, 4, 1, 3}},
+     3000007},
+};
+
+typedef struct {
+    int seq_len[MAX_SEQ], row_begin[MAX_SEQ], slot[MAX_SEQ];
+    rp_batch batch;
+} twin_batch;
+
+/* rp_batch of spec (rows in sequence order: row_begin = prefix sums). */
+static const rp_batch *batch_make(twin_batch *tb, const seq_spec *spec) {
+    int rows = 0;
+    for (int s = 0; s < spec->n_seq; s++) {
+        tb->seq_len[s] = spec->len[s];
+        tb->row_begin[s] = rows;
+        tb->slot[s] = spec->slot[s];
+        rows += spec->len[s];
+    }
+    tb->batch = (rp_batch){.n_seq = spec->n_seq, .n_rows = rows, .seq_len = tb->seq_len,
+                           .row_begin = tb->row_begin, .slot = tb->slot};
+    return &tb->batch;
+}
+
+static int spec_rows(const seq_spec *spec) {
+    int rows = 0;
+    for (int s = 0; s < spec->n_seq; s++) rows += spec->len[s];
+    return rows;
+}
+
+/* One layer's state per slot as model/state.h lays it out:
+ * { att_x_prev [C], wkv [H,N,N], ffn_x_prev [C] }, slots state_stride apart. */
+static size_t state_stride(int C) { return (size_t)C * (2 + HEAD_SIZE); }
+static size_t state_att_offset(int C) { (void)C; return 0; }
+static size_t state_wkv_offset(int C) { return (size_t)C; }
+static size_t state_ffn_offset(int C) { return (size_t)C * (1 + HEAD_SIZE); }
+
+/* Realistic ids: many repeats of a few popular tokens, and both ends of the table. */
+static void make_tokens(twin *t, int32_t *tokens, int R, int V) {
+    fill_ints(t, tokens, (size_t)R, 0, V);
+    for (int r = 0; r < R; r++)
+        if (r % 2 == 1) tokens[r] = r % 3;
+    if (R > 0) tokens[0] = V - 1;
+}
+
+/* Targets with every fifth row ignored (-1), including both ends of the
+ * vocabulary; returns the number of rows that count. */
+static int make_targets(twin *t, int32_t *targets, int R, int V) {
+    fill_ints(t, targets, (size_t)R, 0, V);
+    if (R > 1) targets[1] = V - 1;
+    if (R > 2) targets[2] = 0;
+    int valid = 0;
+    for (int r = 0; r < R; r++) {
+        if (r % 5 == 3) targets[r] = -1;
+        valid += targets[r] >= 0;
+    }
+    return valid;
+}
+
+/* ---- memory -------------------------------------------------------------- */
+
+/* alloc gives zeroed memory (also where the allocator hands back memory just
+ * freed dirty); copies in and out at odd offsets and byte counts; fill_zero
+ * of a sub-range; add. */
+static void check_memory(twin *t, const shape *sh) {
+    const size_t n = sh->n_params;
+    label(t, "n=%zu", n);
+    rp_backend *gpu = t->gpu;
+
+    t->op = "alloc";
+    {
+        const size_t bytes = n * sizeof(float) + 3;
+        unsigned char *host = xmalloc(bytes);
+        void *dirty = gpu->alloc(gpu, bytes);
+        if (!dirty) fatal("alloc of %zu bytes failed", bytes);
+        memset(host, 0xA5, bytes);
+        gpu->copy_to_device(gpu, dirty, host, bytes);
+        gpu->free(gpu, dirty);
+        void *fresh = gpu->alloc(gpu, bytes);
+        if (!fresh) fatal("alloc of %zu bytes failed", bytes);
+        gpu->copy_to_host(gpu, host, fresh, bytes);
+        size_t nonzero = 0;
+        for (size_t i = 0; i < bytes; i++) nonzero += host[i] != 0;
+        char note[64] = "";
+        if (nonzero) snprintf(note, sizeof note, "  (%zu of %zu bytes not zero)", nonzero, bytes);
+        report(t, "zeroed", 0.0, 0.0, nonzero == 0, note);
+        gpu->free(gpu, fresh);
+        free(host);
+    }
+
+    t->op = "copy_to_device/host";
+    {
+        tbuf *b = buf_input(t, n, -1, 1); /* whole buffer in, read back whole */
+        compare_exact(t, "round trip", b);
+        /* a part at an odd float offset in, an odd byte count back out */
+        float *part = xmalloc(n * sizeof *part);
+        fill_uniform(t, part, n, -1, 1);
+        const size_t off = 5, count = n / 2 + 1;
+        for (int g = 0; g < 2; g++)
+            side(t, g)->copy_to_device(side(t, g), at(b, g) + off, part, count * sizeof(float));
+        compare_exact(t, "part in", b);
+        const size_t bytes = 13 * sizeof(float) + 3;
+        unsigned char *got = xmalloc(bytes);
+        gpu->copy_to_host(gpu, got, b->gpu + 7, bytes);
+        const int same = memcmp(got, b->cpu + 7, bytes) == 0;
+        report(t, "part out", 0.0, 0.0, same, same ? NULL : "  (bytes differ)");
+        free(got);
+        free(part);
+    }
+
+    t->op = "copy";
+    {
+        tbuf *src = buf_input(t, n, -1, 1);
+        tbuf *whole = buf_output(t, n), *part = buf_input(t, n, -1, 1);
+        tbuf *bytes = buf_input(t, n, -1, 1);
+        for (int g = 0; g < 2; g++) {
+            rp_backend *be = side(t, g);
+            be->copy(be, at(whole, g), at(src, g), n * sizeof(float));
+            be->copy(be, at(part, g) + 3, at(src, g) + 11, (n - 20) * sizeof(float));
+            /* byte granularity: 1 byte in, 2 bytes into the source, 4k+3 bytes */
+            be->copy(be, (char *)at(bytes, g) + 1, (const char *)at(src, g) + 2,
+                     (n / 2) * sizeof(float) + 3);
+        }
+        compare_exact(t, "whole", whole);
+        compare_exact(t, "part, offsets", part);
+        compare_exact(t, "odd bytes", bytes);
+    }
+
+    t->op = "fill_zero";
+    {
+        tbuf *b = buf_input(t, n, -1, 1);
+        for (int g = 0; g < 2; g++)
+            side(t, g)->fill_zero(side(t, g), at(b, g) + 9, (n / 2) * sizeof(float));
+        compare_exact(t, "part", b);
+    }
+
+    t->op = "add";
+    {
+        tbuf *y = buf_accum(t, n, -1, 1), *x = buf_input(t, n, -1, 1);
+        tbuf *y1 = buf_accum(t, n, -1, 1);
+        for (int g = 0; g < 2; g++) {
+            side(t, g)->add(side(t, g), at(y, g), at(x, g), n);
+            side(t, g)->add(side(t, g), at(y1, g) + 1, at(x, g) + 2, n - 3); /* misaligned */
+        }
+        compare(t, "y", y);
+        compare(t, "y (offsets)", y1);
+    }
+}
+
+/* ---- position-wise forward and backward ---------------------------------- */
+
+/* x [R,C] = emb [V,C] rows at tokens */
+static void check_embedding(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, V = sh->V_embed;
+    label(t, "R=%d C=%d V=%d", R, C, V);
+    int32_t *tokens = xmalloc((size_t)R * sizeof *tokens);
+    make_tokens(t, tokens, R, V);
+    tbuf *emb = buf_input(t, (size_t)V * C, -1, 1), *x = buf_output(t, (size_t)R * C);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->embedding(side(t, g), at(x, g), at(emb, g), tokens, R, C);
+    compare(t, "x", x);
+    free(tokens);
+}
+
+/* demb [V,C] += dx [R,C] rows at tokens (repeated tokens add up in row order) */
+static void check_embedding_backward(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, V = sh->V_embed;
+    label(t, "R=%d C=%d V=%d", R, C, V);
+    int32_t *tokens = xmalloc((size_t)R * sizeof *tokens);
+    make_tokens(t, tokens, R, V);
+    tbuf *demb = buf_accum(t, (size_t)V * C, -1, 1), *dx = buf_input(t, (size_t)R * C, -1, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->embedding_backward(side(t, g), at(demb, g), at(dx, g), tokens, R, C);
+    compare(t, "demb", demb);
+    free(tokens);
+}
+
+/* y [R,C] = LN(x) w + b, mean/rstd [R]; the residual stream has a mean */
+static void check_layernorm(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d", R, C);
+    tbuf *x = buf_input(t, n, -1.5, 2.5), *w = buf_input(t, C, 0.5, 1.5);
+    tbuf *b = buf_input(t, C, -0.5, 0.5);
+    tbuf *y = buf_output(t, n), *mean = buf_output(t, R), *rstd = buf_output(t, R);
+    tbuf *y_only = buf_output(t, n);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        be->layernorm(be, at(y, g), at(mean, g), at(rstd, g), at(x, g), at(w, g), at(b, g), R,
+                      C, LN_EPS);
+        be->layernorm(be, at(y_only, g), NULL, NULL, at(x, g), at(w, g), at(b, g), R, C,
+                      LN_EPS);
+    }
+    compare(t, "y", y);
+    compare(t, "mean", mean);
+    compare(t, "rstd", rstd);
+    compare(t, "y (no stats)", y_only);
+}
+
+/* dx [R,C] +=, dweight [C] +=, dbias [C] += ; mean/rstd from the CPU forward */
+static void check_layernorm_backward(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d", R, C);
+    tbuf *x = buf_input(t, n, -1.5, 2.5), *w = buf_input(t, C, 0.5, 1.5);
+    tbuf *b = buf_input(t, C, -0.5, 0.5);
+    tbuf *y = buf_zero(t, n), *mean = buf_zero(t, R), *rstd = buf_zero(t, R);
+    t->cpu->layernorm(t->cpu, y->cpu, mean->cpu, rstd->cpu, x->cpu, w->cpu, b->cpu, R, C,
+                      LN_EPS);
+    buf_share_cpu(t, mean);
+    buf_share_cpu(t, rstd);
+    tbuf *dy = buf_input(t, n, -1, 1), *dx = buf_accum(t, n, -1, 1);
+    tbuf *dw = buf_accum(t, C, -1, 1), *db = buf_accum(t, C, -1, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->layernorm_backward(side(t, g), at(dx, g), at(dw, g), at(db, g), at(dy, g),
+                                       at(x, g), at(mean, g), at(rstd, g), at(w, g), R, C);
+    compare(t, "dx", dx);
+    compare(t, "dweight", dw);
+    compare(t, "dbias", db);
+}
+
+/* y [R,C] = GroupNorm(x; H heads of N) w + b, mean/rstd [R,H] */
+static void check_groupnorm(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, N = HEAD_SIZE, H = C / N;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d N=%d", R, C, N);
+    tbuf *x = buf_input(t, n, -2, 2), *w = buf_input(t, C, 0.5, 1.5);
+    tbuf *b = buf_input(t, C, -0.5, 0.5);
+    tbuf *y = buf_output(t, n), *mean = buf_output(t, (size_t)R * H);
+    tbuf *rstd = buf_output(t, (size_t)R * H), *y_only = buf_output(t, n);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        be->groupnorm(be, at(y, g), at(mean, g), at(rstd, g), at(x, g), at(w, g), at(b, g), R,
+                      C, N, GN_EPS);
+        be->groupnorm(be, at(y_only, g), NULL, NULL, at(x, g), at(w, g), at(b, g), R, C, N,
+                      GN_EPS);
+    }
+    compare(t, "y", y);
+    compare(t, "mean", mean);
+    compare(t, "rstd", rstd);
+    compare(t, "y (no stats)", y_only);
+}
+
+/* dx [R,C] overwrite, dweight/dbias [C] += */
+static void check_groupnorm_backward(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, N = HEAD_SIZE, H = C / N;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d N=%d", R, C, N);
+    tbuf *x = buf_input(t, n, -2, 2), *w = buf_input(t, C, 0.5, 1.5);
+    tbuf *b = buf_input(t, C, -0.5, 0.5);
+    tbuf *y = buf_zero(t, n), *mean = buf_zero(t, (size_t)R * H);
+    tbuf *rstd = buf_zero(t, (size_t)R * H);
+    t->cpu->groupnorm(t->cpu, y->cpu, mean->cpu, rstd->cpu, x->cpu, w->cpu, b->cpu, R, C, N,
+                      GN_EPS);
+    buf_share_cpu(t, mean);
+    buf_share_cpu(t, rstd);
+    tbuf *dy = buf_input(t, n, -1, 1), *dx = buf_output(t, n);
+    tbuf *dw = buf_accum(t, C, -1, 1), *db = buf_accum(t, C, -1, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->groupnorm_backward(side(t, g), at(dx, g), at(dw, g), at(db, g), at(dy, g),
+                                       at(x, g), at(mean, g), at(rstd, g), at(w, g), R, C, N);
+    compare(t, "dx", dx);
+    compare(t, "dweight", dw);
+    compare(t, "dbias", db);
+}
+
+/* prev [R,C] = x shifted by one row inside each sequence, the slot vector
+ * first; the slot vector becomes the last row. state_offset picks the att or
+ * ffn vector inside the slot. */
+static void token_shift_case(twin *t, const shape *sh, const seq_spec *spec, const char *mode,
+                             size_t state_offset) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, spec);
+    const int R = batch->n_rows, C = sh->C;
+    const size_t stride = state_stride(C);
+    label(t, "%s R=%d C=%d seqs=%d", mode, R, C, batch->n_seq);
+    tbuf *x = buf_input(t, (size_t)R * C, -1, 1), *prev = buf_output(t, (size_t)R * C);
+    tbuf *state = buf_input(t, sh->n_slots * stride, -1, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->token_shift(side(t, g), at(prev, g), at(x, g), at(state, g) + state_offset,
+                                stride, batch, C);
+    compare(t, "prev", prev);
+    compare(t, "state", state);
+}
+
+static void check_token_shift(twin *t, const shape *sh) {
+    token_shift_case(t, sh, &sh->prefill, "seq", state_att_offset(sh->C));
+    token_shift_case(t, sh, &sh->step, "step", state_ffn_offset(sh->C));
+}
+
+/* dx [R,C] += dprev of the next row; the slot holds d(state after) on entry,
+ * d(state before) on return */
+static void token_shift_backward_case(twin *t, const shape *sh, const seq_spec *spec,
+                                      const char *mode, size_t state_offset) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, spec);
+    const int R = batch->n_rows, C = sh->C;
+    const size_t stride = state_stride(C);
+    label(t, "%s R=%d C=%d seqs=%d", mode, R, C, batch->n_seq);
+    tbuf *dx = buf_accum(t, (size_t)R * C, -1, 1), *dprev = buf_input(t, (size_t)R * C, -1, 1);
+    tbuf *dstate = buf_input(t, sh->n_slots * stride, -1, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->token_shift_backward(side(t, g), at(dx, g), at(dstate, g) + state_offset,
+                                         stride, at(dprev, g), batch, C);
+    compare(t, "dx", dx);
+    compare(t, "dstate", dstate);
+}
+
+static void check_token_shift_backward(twin *t, const shape *sh) {
+    token_shift_backward_case(t, sh, &sh->prefill, "seq", state_ffn_offset(sh->C));
+    token_shift_backward_case(t, sh, &sh->step, "step", state_att_offset(sh->C));
+}
+
+/* y [R,C] = x + (prev - x) mu, mu [C] */
+static void check_lerp(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d", R, C);
+    tbuf *x = buf_input(t, n, -1, 1), *prev = buf_input(t, n, -1, 1);
+    tbuf *mu = buf_input(t, C, 0, 1), *y = buf_output(t, n);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->lerp(side(t, g), at(y, g), at(x, g), at(prev, g), at(mu, g), R, C);
+    compare(t, "y", y);
+}
+
+/* dx, dprev [R,C] +=, dmu [C] += */
+static void check_lerp_backward(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d", R, C);
+    tbuf *x = buf_input(t, n, -1, 1), *prev = buf_input(t, n, -1, 1);
+    tbuf *mu = buf_input(t, C, 0, 1), *dy = buf_input(t, n, -1, 1);
+    tbuf *dx = buf_accum(t, n, -1, 1), *dprev = buf_accum(t, n, -1, 1);
+    tbuf *dmu = buf_accum(t, C, -1, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->lerp_backward(side(t, g), at(dx, g), at(dprev, g), at(dmu, g), at(dy, g),
+                                  at(x, g), at(prev, g), at(mu, g), R, C);
+    compare(t, "dx", dx);
+    compare(t, "dprev", dprev);
+    compare(t, "dmu", dmu);
+}
+
+/* The activations as the model uses them: after a C-wide bias, on a LoRA
+ * hidden layer (width = rank, no bias), on the FFN hidden layer (width F). */
+typedef struct {
+    rp_activation act;
+    int width; /* 0: C, 1: rank, 2: F */
+    int with_bias;
+} act_case;
+
+static const act_case act_cases[] = {
+    {RP_ACT_NONE, 0, 1},    {RP_ACT_TANH, 0, 1},    {RP_ACT_SIGMOID, 0, 1},
+    {RP_ACT_RELU_SQUARED, 0, 1}, {RP_ACT_TANH, 1, 0}, {RP_ACT_SIGMOID, 1, 0},
+    {RP_ACT_RELU_SQUARED, 2, 0},
+};
+
+static const char *act_name(rp_activation act) {
+    switch (act) {
+    case RP_ACT_NONE: return "none";
+    case RP_ACT_TANH: return "tanh";
+    case RP_ACT_SIGMOID: return "sigmoid";
+    case RP_ACT_RELU_SQUARED: return "relu^2";
+    }
+    return "?";
+}
+
+static int act_width(const shape *sh, const act_case *c) {
+    return c->width == 0 ? sh->C : c->width == 1 ? sh->rank : sh->F;
+}
+
+/* y [R,W] = act(y + bias), in place */
+static void check_bias_act(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill);
+    for (size_t i = 0; i < sizeof act_cases / sizeof act_cases[0]; i++) {
+        const act_case *c = &act_cases[i];
+        const int W = act_width(sh, c);
+        label(t, "%s R=%d C=%d %s", act_name(c->act), R, W, c->with_bias ? "bias" : "no bias");
+        tbuf *y = buf_input(t, (size_t)R * W, -3, 3);
+        tbuf *bias = c->with_bias ? buf_input(t, W, -0.5, 0.5) : NULL;
+        for (int g = 0; g < 2; g++)
+            side(t, g)->bias_act(side(t, g), at(y, g), bias ? at(bias, g) : NULL, R, W, c->act);
+        compare(t, "y", y);
+        twin_release(t);
+    }
+}
+
+/* dy [R,W] *= act'(from y) in place, dbias [W] += (optional); y is a real
+ * forward output (the CPU's) */
+static void check_bias_act_backward(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill);
+    for (size_t i = 0; i < sizeof act_cases / sizeof act_cases[0]; i++) {
+        const act_case *c = &act_cases[i];
+        const int W = act_width(sh, c);
+        label(t, "%s R=%d C=%d %s", act_name(c->act), R, W, c->with_bias ? "dbias" : "no dbias");
+        tbuf *y = buf_input(t, (size_t)R * W, -3, 3);
+        t->cpu->bias_act(t->cpu, y->cpu, NULL, R, W, c->act);
+        buf_share_cpu(t, y);
+        tbuf *dy = buf_input(t, (size_t)R * W, -1, 1);
+        tbuf *dbias = c->with_bias ? buf_accum(t, W, -1, 1) : NULL;
+        for (int g = 0; g < 2; g++)
+            side(t, g)->bias_act_backward(side(t, g), at(dy, g), dbias ? at(dbias, g) : NULL,
+                                          at(y, g), R, W, c->act);
+        compare(t, "dy", dy);
+        if (dbias) compare(t, "dbias", dbias);
+        twin_release(t);
+    }
+}
+
+/* v [R,C] += (v_first - v) nu, in place */
+static void check_value_residual(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d", R, C);
+    tbuf *v = buf_input(t, n, -1, 1), *v_first = buf_input(t, n, -1, 1);
+    tbuf *nu = buf_input(t, n, 0, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->value_residual(side(t, g), at(v, g), at(v_first, g), at(nu, g), R, C);
+    compare(t, "v", v);
+}
+
+/* dv in place, dv_first +=, dnu overwrite */
+static void check_value_residual_backward(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d", R, C);
+    tbuf *v = buf_input(t, n, -1, 1), *v_first = buf_input(t, n, -1, 1);
+    tbuf *nu = buf_input(t, n, 0, 1), *dv = buf_input(t, n, -1, 1);
+    tbuf *dv_first = buf_accum(t, n, -1, 1), *dnu = buf_output(t, n);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->value_residual_backward(side(t, g), at(dv, g), at(dv_first, g), at(dnu, g),
+                                            at(v, g), at(v_first, g), at(nu, g), R, C);
+    compare(t, "dv", dv);
+    compare(t, "dv_first", dv_first);
+    compare(t, "dnu", dnu);
+}
+
+/* kk [R,C] = normalize_per_head(k k_k) (overwrite), k *= 1 + (a - 1) k_a in
+ * place. Head 0 of row 0 is all zero: the norm's 1e-12 clamp must keep it 0. */
+static void check_key_prepare(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d", R, C);
+    float *k_host = xmalloc(n * sizeof *k_host);
+    fill_uniform(t, k_host, n, -1, 1);
+    memset(k_host, 0, HEAD_SIZE * sizeof *k_host);
+    tbuf *k = buf_from(t, k_host, n), *a = buf_input(t, n, 0, 1);
+    tbuf *k_k = buf_input(t, C, 0.5, 1.5), *k_a = buf_input(t, C, 0.5, 1.5);
+    tbuf *kk = buf_output(t, n);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->key_prepare(side(t, g), at(kk, g), at(k, g), at(a, g), at(k_k, g),
+                                at(k_a, g), R, C);
+    compare(t, "kk", kk);
+    compare(t, "k", k);
+    free(k_host);
+}
+
+/* dk in place (in: d k_out, out: d k), da +=, dk_k [C] +=, dk_a [C] += */
+static void check_key_prepare_backward(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d", R, C);
+    tbuf *k = buf_input(t, n, -1, 1), *a = buf_input(t, n, 0, 1);
+    tbuf *k_k = buf_input(t, C, 0.5, 1.5), *k_a = buf_input(t, C, 0.5, 1.5);
+    tbuf *dkk = buf_input(t, n, -1, 1), *dk = buf_input(t, n, -1, 1);
+    tbuf *da = buf_accum(t, n, -1, 1), *dk_k = buf_accum(t, C, -1, 1);
+    tbuf *dk_a = buf_accum(t, C, -1, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->key_prepare_backward(side(t, g), at(dk, g), at(da, g), at(dk_k, g),
+                                         at(dk_a, g), at(dkk, g), at(k, g), at(a, g),
+                                         at(k_k, g), at(k_a, g), R, C);
+    compare(t, "dk", dk);
+    compare(t, "da", da);
+    compare(t, "dk_k", dk_k);
+    compare(t, "dk_a", dk_a);
+}
+
+/* out [R,C] = (out + (sum_j r_j k_j r_k[h,j]) v_h) g, in place */
+static void check_bonus_gate(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, N = HEAD_SIZE;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d N=%d", R, C, N);
+    tbuf *out = buf_input(t, n, -1, 1), *r = buf_input(t, n, -1, 1);
+    tbuf *k = buf_input(t, n, -1, 1), *v = buf_input(t, n, -1, 1);
+    tbuf *g_in = buf_input(t, n, -1, 1), *r_k = buf_input(t, C, -1, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->bonus_gate(side(t, g), at(out, g), at(r, g), at(k, g), at(v, g),
+                               at(r_k, g), at(g_in, g), R, C, N);
+    compare(t, "out", out);
+}
+
+/* d_o, dg overwrite; dr, dk, dv [R,C] +=; dr_k [H,N] += */
+static void check_bonus_gate_backward(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, N = HEAD_SIZE;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d N=%d", R, C, N);
+    tbuf *o = buf_input(t, n, -1, 1), *r = buf_input(t, n, -1, 1);
+    tbuf *k = buf_input(t, n, -1, 1), *v = buf_input(t, n, -1, 1);
+    tbuf *g_in = buf_input(t, n, -1, 1), *r_k = buf_input(t, C, -1, 1);
+    tbuf *dout = buf_input(t, n, -1, 1);
+    tbuf *d_o = buf_output(t, n), *dg = buf_output(t, n);
+    tbuf *dr = buf_accum(t, n, -1, 1), *dk = buf_accum(t, n, -1, 1);
+    tbuf *dv = buf_accum(t, n, -1, 1), *dr_k = buf_accum(t, C, -1, 1);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->bonus_gate_backward(side(t, g), at(d_o, g), at(dr, g), at(dk, g), at(dv, g),
+                                        at(dr_k, g), at(dg, g), at(dout, g), at(o, g), at(r, g),
+                                        at(k, g), at(v, g), at(r_k, g), at(g_in, g), R, C, N);
+    compare(t, "d_o", d_o);
+    compare(t, "dr", dr);
+    compare(t, "dk", dk);
+    compare(t, "dv", dv);
+    compare(t, "dr_k", dr_k);
+    compare(t, "dg", dg);
+}
+
+/* ---- WKV7 ------------------------------------------------------------------ */
+
+/* r, w_raw, k, v, kk, a [R,C] in realistic ranges: w_raw in [-3, 3] (decays
+ * 0.56 .. 0.97), kk unit-norm per head, a (in-context rate) in (0, 1). */
+typedef struct {
+    tbuf *r, *w_raw, *k, *v, *kk, *a;
+} wkv_inputs;
+
+static void wkv_inputs_make(twin *t, wkv_inputs *in, int R, int C) {
+    const size_t n = (size_t)R * C;
+    in->r = buf_input(t, n, -1, 1);
+    in->w_raw = buf_input(t, n, -3, 3);
+    in->k = buf_input(t, n, -1, 1);
+    in->v = buf_input(t, n, -1, 1);
+    in->a = buf_input(t, n, 0, 1);
+    float *kk = xmalloc(n * sizeof *kk);
+    fill_uniform(t, kk, n, -1, 1);
+    normalise_heads(kk, n);
+    in->kk = buf_from(t, kk, n);
+    free(kk);
+}
+
+/* The six gradients of wkv7_backward, all overwritten. */
+enum { WKV_GRADS = 6 };
+static const char *const wkv_grad_names[WKV_GRADS] = {"dr", "dw_raw", "dk", "dv", "dkk", "da"};
+
+static void wkv_grads_make(twin *t, tbuf *grad[WKV_GRADS], int R, int C) {
+    for (int i = 0; i < WKV_GRADS; i++) grad[i] = buf_output(t, (size_t)R * C);
+}
+
+static size_t checkpoint_floats(const rp_batch *batch, int C) {
+    return rp_wkv_checkpoint_offset(batch, batch->n_seq) * (size_t)C * HEAD_SIZE;
+}
+
+/* The states live inside the model's slot layout (wkv at +C, slots
+ * state_stride apart): the att/ffn vectors and the unused slots around
+ * them must come back untouched. */
+static tbuf *wkv_state_make(twin *t, const shape *sh, double scale) {
+    return buf_input(t, sh->n_slots * state_stride(sh->C), -scale, scale);
+}
+
+/* y [R,C] = S_t r_t over a ragged batch, states updated in place */
+static void wkv7_case(twin *t, const shape *sh, const seq_spec *spec, const char *mode) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, spec);
+    const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
+    const size_t stride = state_stride(C), wkv = state_wkv_offset(C);
+    label(t, "%s R=%d C=%d seqs=%d", mode, R, C, batch->n_seq);
+    wkv_inputs in;
+    wkv_inputs_make(t, &in, R, C);
+    tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_output(t, (size_t)R * C);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->wkv7(side(t, g), at(y, g), at(in.r, g), at(in.w_raw, g), at(in.k, g),
+                         at(in.v, g), at(in.kk, g), at(in.a, g), at(state, g) + wkv, stride,
+                         batch, C, N);
+    compare(t, "y", y);
+    compare(t, "state", state);
+    twin_release(t);
+}
+
+static void check_wkv7(twin *t, const shape *sh) {
+    wkv7_case(t, sh, &sh->prefill, "seq");
+    wkv7_case(t, sh, &sh->step, "step");
+}
+
+/* wkv7 plus checkpoints [blocks,H,N,N]: the state before every 16th token */
+static void check_wkv7_forward_train(twin *t, const shape *sh) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, &sh->prefill);
+    const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
+    const size_t stride = state_stride(C), wkv = state_wkv_offset(C);
+    label(t, "R=%d C=%d seqs=%d", R, C, batch->n_seq);
+    wkv_inputs in;
+    wkv_inputs_make(t, &in, R, C);
+    tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_output(t, (size_t)R * C);
+    tbuf *ckpt = buf_output(t, checkpoint_floats(batch, C));
+    for (int g = 0; g < 2; g++)
+        side(t, g)->wkv7_forward_train(side(t, g), at(y, g), at(in.r, g), at(in.w_raw, g),
+                                       at(in.k, g), at(in.v, g), at(in.kk, g), at(in.a, g),
+                                       at(state, g) + wkv, stride, at(ckpt, g), batch, C, N);
+    compare(t, "y", y);
+    compare(t, "state", state);
+    compare(t, "checkpoints", ckpt);
+}
+
+/* The backward alone: both sides read the CPU forward's checkpoints. The
+ * slots hold d(final state) on entry and d(initial state) on return. */
+static void check_wkv7_backward(twin *t, const shape *sh) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, &sh->prefill);
+    const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
+    const size_t n = (size_t)R * C, stride = state_stride(C), wkv = state_wkv_offset(C);
+    label(t, "R=%d C=%d seqs=%d", R, C, batch->n_seq);
+    wkv_inputs in;
+    wkv_inputs_make(t, &in, R, C);
+    tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_zero(t, n);
+    tbuf *ckpt = buf_zero(t, checkpoint_floats(batch, C));
+    t->cpu->wkv7_forward_train(t->cpu, y->cpu, in.r->cpu, in.w_raw->cpu, in.k->cpu, in.v->cpu,
+                               in.kk->cpu, in.a->cpu, state->cpu + wkv, stride, ckpt->cpu,
+                               batch, C, N);
+    buf_share_cpu(t, ckpt);
+    tbuf *dy = buf_input(t, n, -1, 1), *dstate = wkv_state_make(t, sh, 0.5);
+    tbuf *grad[WKV_GRADS];
+    wkv_grads_make(t, grad, R, C);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->wkv7_backward(side(t, g), at(grad[0], g), at(grad[1], g), at(grad[2], g),
+                                  at(grad[3], g), at(grad[4], g), at(grad[5], g),
+                                  at(dstate, g) + wkv, stride, at(dy, g), at(in.r, g),
+                                  at(in.w_raw, g), at(in.k, g), at(in.v, g), at(in.kk, g),
+                                  at(in.a, g), at(ckpt, g), batch, C, N);
+    for (int i = 0; i < WKV_GRADS; i++) compare(t, wkv_grad_names[i], grad[i]);
+    compare(t, "dstate", dstate);
+}
+
+/* Two calls chained as a training step over a sequence cut in two: forward
+ * A, forward B (continuing some of A's sequences, starting one new slot),
+ * backward B, backward A, the state gradient carried between the backward
+ * calls in the slots. Each side runs the whole chain on its own results. */
+static void check_wkv7_chain(twin *t, const shape *sh) {
+    twin_batch tba, tbb;
+    const rp_batch *A = batch_make(&tba, &sh->prefill), *B = batch_make(&tbb, &sh->cont);
+    const int C = sh->C, N = HEAD_SIZE;
+    const size_t stride = state_stride(C), wkv = state_wkv_offset(C);
+    const size_t nA = (size_t)A->n_rows * C, nB = (size_t)B->n_rows * C;
+    label(t, "A R=%d + B R=%d C=%d", A->n_rows, B->n_rows, C);
+    wkv_inputs ia, ib;
+    wkv_inputs_make(t, &ia, A->n_rows, C);
+    wkv_inputs_make(t, &ib, B->n_rows, C);
+    tbuf *state = wkv_state_make(t, sh, 0.5), *dstate = wkv_state_make(t, sh, 0.5);
+    tbuf *yA = buf_output(t, nA), *yB = buf_output(t, nB);
+    tbuf *ckA = buf_output(t, checkpoint_floats(A, C));
+    tbuf *ckB = buf_output(t, checkpoint_floats(B, C));
+    tbuf *dyA = buf_input(t, nA, -1, 1), *dyB = buf_input(t, nB, -1, 1);
+    tbuf *gA[WKV_GRADS], *gB[WKV_GRADS];
+    wkv_grads_make(t, gA, A->n_rows, C);
+    wkv_grads_make(t, gB, B->n_rows, C);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        float *S = at(state, g) + wkv, *dS = at(dstate, g) + wkv;
+        be->wkv7_forward_train(be, at(yA, g), at(ia.r, g), at(ia.w_raw, g), at(ia.k, g),
+                               at(ia.v, g), at(ia.kk, g), at(ia.a, g), S, stride, at(ckA, g), A,
+                               C, N);
+        be->wkv7_forward_train(be, at(yB, g), at(ib.r, g), at(ib.w_raw, g), at(ib.k, g),
+                               at(ib.v, g), at(ib.kk, g), at(ib.a, g), S, stride, at(ckB, g), B,
+                               C, N);
+        be->wkv7_backward(be, at(gB[0], g), at(gB[1], g), at(gB[2], g), at(gB[3], g),
+                          at(gB[4], g), at(gB[5], g), dS, stride, at(dyB, g), at(ib.r, g),
+                          at(ib.w_raw, g), at(ib.k, g), at(ib.v, g), at(ib.kk, g), at(ib.a, g),
+                          at(ckB, g), B, C, N);
+        be->wkv7_backward(be, at(gA[0], g), at(gA[1], g), at(gA[2], g), at(gA[3], g),
+                          at(gA[4], g), at(gA[5], g), dS, stride, at(dyA, g), at(ia.r, g),
+                          at(ia.w_raw, g), at(ia.k, g), at(ia.v, g), at(ia.kk, g), at(ia.a, g),
+                          at(ckA, g), A, C, N);
+    }
+    compare(t, "A y", yA);
+    compare(t, "B y", yB);
+    compare(t, "state", state);
+    compare(t, "A checkpoints", ckA);
+    compare(t, "B checkpoints", ckB);
+    char what[32];
+    for (int i = 0; i < WKV_GRADS; i++) {
+        snprintf(what, sizeof what, "B %s", wkv_grad_names[i]);
+        compare(t, what, gB[i]);
+    }
+    for (int i = 0; i < WKV_GRADS; i++) {
+        snprintf(what, sizeof what, "A %s", wkv_grad_names[i]);
+        compare(t, what, gA[i]);
+    }
+    compare(t, "dstate", dstate);
+}
+
+/* ---- loss ---------------------------------------------------------------- */
+
+/* losses [R] = -log softmax(logits)[target], dlogits [R,V] = (softmax -
+ * onehot) scale, ignored rows 0; with separate dlogits, without, and with
+ * dlogits aliasing logits (the training path) */
+static void check_cross_entropy(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), V = sh->V_loss;
+    const size_t n = (size_t)R * V;
+    int32_t *targets = xmalloc((size_t)R * sizeof *targets);
+    const int valid = make_targets(t, targets, R, V);
+    const float scale = 1.0f / (float)(valid > 0 ? valid : 1);
+    tbuf *logits = buf_input(t, n, -6, 6);
+    tbuf *losses = buf_output(t, R), *dlogits = buf_output(t, n);
+    tbuf *losses_only = buf_output(t, R);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        be->cross_entropy(be, at(losses, g), at(dlogits, g), at(logits, g), targets, R, V, scale);
+        be->cross_entropy(be, at(losses_only, g), NULL, at(logits, g), targets, R, V, scale);
+    }
+    label(t, "R=%d V=%d", R, V);
+    compare(t, "losses", losses);
+    compare(t, "dlogits", dlogits);
+    compare(t, "losses (no grad)", losses_only);
+    twin_release(t);
+
+    label(t, "R=%d V=%d in place", R, V);
+    tbuf *z = buf_input(t, n, -6, 6), *losses_alias = buf_output(t, R);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->cross_entropy(side(t, g), at(losses_alias, g), at(z, g), at(z, g), targets, R,
+                                  V, scale);
+    compare(t, "losses", losses_alias);
+    compare(t, "dlogits=logits", z);
+    free(targets);
+}
+
+/* dlogits [R,V] += factor * row max at the row's arg-max, rows with a
+ * target; row_max/argmax from the CPU's row_max (host arrays) */
+static void check_l2wrap(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), V = sh->V_loss;
+    const size_t n = (size_t)R * V;
+    label(t, "R=%d V=%d", R, V);
+    int32_t *targets = xmalloc((size_t)R * sizeof *targets);
+    int32_t *argmax = xmalloc((size_t)R * sizeof *argmax);
+    float *row_max = xmalloc((size_t)R * sizeof *row_max);
+    const int valid = make_targets(t, targets, R, V);
+    tbuf *logits = buf_input(t, n, -6, 6);
+    t->cpu->row_max(t->cpu, row_max, argmax, logits->cpu, R, V);
+    const float factor = 1e-4f / (float)(valid > 0 ? valid : 1);
+    tbuf *dlogits = buf_accum(t, n, -1e-5, 1e-5); /* softmax-sized */
+    for (int g = 0; g < 2; g++)
+        side(t, g)->l2wrap(side(t, g), at(dlogits, g), row_max, argmax, targets, R, V, factor);
+    compare(t, "dlogits", dlogits);
+    free(targets);
+    free(argmax);
+    free(row_max);
+}
+
+/* row_max [R], argmax [R] (host, first index on ties) of x [R,V]. Row 0 is
+ * constant (arg-max 0), row 1 peaks at the last column, every third row
+ * has its maximum twice. */
+static void check_row_max(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), V = sh->V_loss;
+    const size_t n = (size_t)R * V;
+    label(t, "R=%d V=%d", R, V);
+    float *x = xmalloc(n * sizeof *x);
+    fill_uniform(t, x, n, -6, 6);
+    for (int j = 0; j < V; j++) x[j] = 0.25f;
+    if (R > 1) x[(size_t)V + V - 1] = 7.0f;
+    for (int r = 2; r < R; r += 3) {
+        const int j1 = (r * 37) % (V / 2);
+        x[(size_t)r * V + j1] = x[(size_t)r * V + j1 + V / 2] = 7.0f + (float)r;
+    }
+    tbuf *xb = buf_from(t, x, n);
+    float *max_cpu = xmalloc((size_t)R * sizeof(float));
+    float *max_gpu = xmalloc((size_t)R * sizeof(float));
+    int32_t *arg_cpu = xmalloc((size_t)R * sizeof(int32_t));
+    int32_t *arg_gpu = xmalloc((size_t)R * sizeof(int32_t));
+    memset(max_gpu, 0xFF, (size_t)R * sizeof(float));
+    for (int r = 0; r < R; r++) arg_gpu[r] = -7;
+    t->cpu->row_max(t->cpu, max_cpu, arg_cpu, xb->cpu, R, V);
+    t->gpu->row_max(t->gpu, max_gpu, arg_gpu, xb->gpu, R, V);
+    compare_values(t, "row_max", max_gpu, max_cpu, NULL, (size_t)R, t->tol);
+    int differ = 0;
+    for (int r = 0; r < R; r++) differ += arg_gpu[r] != arg_cpu[r];
+    char note[64] = "";
+    if (differ) snprintf(note, sizeof note, "  (%d of %d rows differ)", differ, R);
+    report(t, "argmax", 0.0, 0.0, differ == 0, note);
+    free(x);
+    free(max_cpu);
+    free(max_gpu);
+    free(arg_cpu);
+    free(arg_gpu);
+}
+
+/* ---- optimizer ----------------------------------------------------------- */
+
+/* sum of squares of x [n] in double; also from an odd float offset (the
+ * gradient-norm loop runs over tensors inside one flat buffer) */
+static void check_sum_squares(twin *t, const shape *sh) {
+    const size_t n = sh->n_params;
+    tbuf *x = buf_input(t, n, -1, 1);
+    for (int offset = 0; offset <= 1; offset++) {
+        const size_t count = n - 2 * (size_t)offset;
+        label(t, "n=%zu at +%d", count, offset);
+        const double c = t->cpu->sum_squares(t->cpu, x->cpu + offset, count);
+        const double g = t->gpu->sum_squares(t->gpu, x->gpu + offset, count);
+        const double rel = fabs(g - c) / (c > 0 ? c : 1.0);
+        report(t, "sum", rel, t->tol, isfinite(g) && rel <= t->tol,
+               isfinite(g) ? NULL : "  (GPU result not finite)");
+    }
+}
+
+/* AdamW on n floats at step 10; param is compared by its update (the
+ * params are small, so the update is not lost in their rounding) */
+static void adamw_case(twin *t, size_t n, int offset) {
+    const size_t count = n - 2 * (size_t)offset;
+    label(t, "n=%zu at +%d", count, offset);
+    tbuf *param = buf_accum(t, n, -0.02, 0.02), *grad = buf_input(t, n, -0.01, 0.01);
+    tbuf *m = buf_input(t, n, -3e-3, 3e-3), *v = buf_input(t, n, 1e-6, 1e-4);
+    const float beta1 = 0.9f, beta2 = 0.99f;
+    const float bc1 = 1.0f - powf(beta1, 10), bc2 = 1.0f - powf(beta2, 10);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->adamw(side(t, g), at(param, g) + offset, at(grad, g) + offset,
+                          at(m, g) + offset, at(v, g) + offset, count, 1e-3f, beta1, beta2, 1e-8f,
+                          0.1f, 0.5f, bc1, bc2);
+    compare(t, "param update", param);
+    compare(t, "m", m);
+    compare(t, "v", v);
+    twin_release(t);
+}
+
+static void check_adamw(twin *t, const shape *sh) {
+    adamw_case(t, sh->n_params, 0);
+    adamw_case(t, sh->n_params, 1);
+}
+
+/* ---- GEMMs (fp32 and bf16 math) ------------------------------------------ */
+
+typedef struct {
+    int M, N, K;
+    float beta;  /* forward: 0 overwrite, 1 accumulate */
+    int with_dx; /* backward: dx requested */
+} gemm_case;
+
+/* W scaled by 1/sqrt(K) as an initialised layer; y = x op(W) + beta y */
+static void gemm_forward_case(twin *t, int lora, const gemm_case *c) {
+    const size_t nx = (size_t)c->M * c->K, nw = (size_t)c->N * c->K, ny = (size_t)c->M * c->N;
+    const double s = 1.0 / sqrt((double)c->K);
+    label(t, "M=%d N=%d K=%d beta=%g", c->M, c->N, c->K, (double)c->beta);
+    tbuf *x = buf_input(t, nx, -1, 1), *w = buf_input(t, nw, -s, s);
+    tbuf *y = c->beta != 0.0f ? buf_accum(t, ny, -1, 1) : buf_output(t, ny);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        if (lora) be->matmul_lora(be, at(y, g), at(x, g), at(w, g), c->M, c->N, c->K, c->beta);
+        else be->matmul_linear(be, at(y, g), at(x, g), at(w, g), c->M, c->N, c->K, c->beta);
+    }
+    compare(t, "y", y);
+    twin_release(t);
+}
+
+/* dx [M,K] += (optional), dw += */
+static void gemm_backward_case(twin *t, int lora, const gemm_case *c) {
+    const size_t nx = (size_t)c->M * c->K, nw = (size_t)c->N * c->K, ny = (size_t)c->M * c->N;
+    const double s = 1.0 / sqrt((double)c->K);
+    label(t, "M=%d N=%d K=%d %s", c->M, c->N, c->K, c->with_dx ? "dx" : "no dx");
+    tbuf *x = buf_input(t, nx, -1, 1), *w = buf_input(t, nw, -s, s);
+    tbuf *dy = buf_input(t, ny, -1, 1), *dw = buf_accum(t, nw, -1, 1);
+    tbuf *dx = c->with_dx ? buf_accum(t, nx, -1, 1) : NULL;
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        float *dxp = dx ? at(dx, g) : NULL;
+        if (lora)
+            be->matmul_lora_backward(be, dxp, at(dw, g), at(dy, g), at(x, g), at(w, g), c->M,
+                                     c->N, c->K);
+        else
+            be->matmul_linear_backward(be, dxp, at(dw, g), at(dy, g), at(x, g), at(w, g), c->M,
+                                       c->N, c->K);
+    }
+    if (dx) compare(t, "dx", dx);
+    compare(t, "dw", dw);
+    twin_release(t);
+}
+
+/* The model's linear layers: C x C projections, the FFN pair (into the
+ * residual: beta 1), decode rows (M = 1, 5). */
+static int linear_cases(const shape *sh, gemm_case *out) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, F = sh->F;
+    const gemm_case cases[] = {
+        {R, C, C, 0.0f, 1}, {R, F, C, 0.0f, 0}, {R, C, F, 1.0f, 1},
+        {1, C, C, 0.0f, 1}, {5, F, C, 1.0f, 0},
+    };
+    memcpy(out, cases, sizeof cases);
+    return (int)(sizeof cases / sizeof cases[0]);
+}
+
+/* LoRA factors: down to the rank, back up to C (beta 0 and 1), decode. */
+static int lora_cases(const shape *sh, gemm_case *out) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, D = sh->rank;
+    const gemm_case cases[] = {
+        {R, D, C, 0.0f, 1}, {R, C, D, 0.0f, 0}, {R, C, D, 1.0f, 1}, {1, D, C, 0.0f, 1},
+    };
+    memcpy(out, cases, sizeof cases);
+    return (int)(sizeof cases / sizeof cases[0]);
+}
+
+static void check_matmul_linear(twin *t, const shape *sh) {
+    gemm_case cases[8];
+    const int n = linear_cases(sh, cases);
+    for (int i = 0; i < n; i++) gemm_forward_case(t, 0, &cases[i]);
+}
+
+static void check_matmul_lora(twin *t, const shape *sh) {
+    gemm_case cases[8];
+    const int n = lora_cases(sh, cases);
+    for (int i = 0; i < n; i++) gemm_forward_case(t, 1, &cases[i]);
+}
+
+static void check_matmul_linear_backward(twin *t, const shape *sh) {
+    gemm_case cases[8];
+    const int n = linear_cases(sh, cases);
+    for (int i = 0; i < n; i++) gemm_backward_case(t, 0, &cases[i]);
+}
+
+static void check_matmul_lora_backward(twin *t, const shape *sh) {
+    gemm_case cases[8];
+    const int n = lora_cases(sh, cases);
+    for (int i = 0; i < n; i++) gemm_backward_case(t, 1, &cases[i]);
+}
+
+/* GEMMs reading weights inside a registered range (register_weights: in
+ * bf16 math a bf16 copy) after each kind of write through the backend. */
+typedef struct {
+    tbuf *flat;            /* [C] vector, then W [C,C] (linear), then Wl [C,D] (LoRA) */
+    size_t w_off, l_off;   /* floats */
+    tbuf *x, *y, *yl, *dx; /* x [R,C] -> y [R,C], yl [R,D]; dx [R,C] += dy W */
+    tbuf *dy;
+    int R, C, D;
+} registered;
+
+static void registered_gemms(twin *t, registered *rg, const char *stage) {
+    label(t, "%s R=%d C=%d rank=%d", stage, rg->R, rg->C, rg->D);
+    poison_gpu(t, rg->y);
+    poison_gpu(t, rg->yl);
+    tbuf *dx = buf_accum(t, (size_t)rg->R * rg->C, -1, 1);
+    tbuf *dw = buf_accum(t, (size_t)rg->C * rg->C, -1, 1);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        const float *w = at(rg->flat, g) + rg->w_off, *wl = at(rg->flat, g) + rg->l_off;
+        be->matmul_linear(be, at(rg->y, g), at(rg->x, g), w, rg->R, rg->C, rg->C, 0.0f);
+        be->matmul_lora(be, at(rg->yl, g), at(rg->x, g), wl, rg->R, rg->D, rg->C, 0.0f);
+        be->matmul_linear_backward(be, at(dx, g), at(dw, g), at(rg->dy, g), at(rg->x, g), w,
+                                   rg->R, rg->C, rg->C);
+    }
+    compare(t, "y linear", rg->y);
+    compare(t, "y lora", rg->yl);
+    compare(t, "dx linear", dx);
+}
+
+static void check_registered_weights(twin *t, const shape *sh) {
+    registered rg;
+    rg.R = spec_rows(&sh->prefill);
+    rg.C = sh->C;
+    rg.D = sh->rank;
+    const int R = rg.R, C = rg.C, D = rg.D;
+    rg.w_off = (size_t)C;
+    rg.l_off = rg.w_off + (size_t)C * C;
+    const size_t total = rg.l_off + (size_t)C * D;
+    rg.flat = buf_input(t, total, -0.05, 0.05); /* written before registration */
+    if (t->gpu->register_weights) t->gpu->register_weights(t->gpu, rg.flat->gpu, total);
+    rg.x = buf_input(t, (size_t)R * C, -1, 1);
+    rg.dy = buf_input(t, (size_t)R * C, -1, 1);
+    rg.y = buf_output(t, (size_t)R * C);
+    rg.yl = buf_output(t, (size_t)R * D);
+    registered_gemms(t, &rg, "registered");
+
+    /* AdamW at step 1 moves every weight by ~lr: far more than bf16 rounding */
+    tbuf *grad = buf_input(t, total, -1, 1), *m = buf_zero(t, total), *v = buf_zero(t, total);
+    for (int g = 0; g < 2; g++)
+        side(t, g)->adamw(side(t, g), at(rg.flat, g), at(grad, g), at(m, g), at(v, g), total,
+                          0.02f, 0.9f, 0.99f, 1e-8f, 0.0f, 1.0f, 1.0f - 0.9f, 1.0f - 0.99f);
+    registered_gemms(t, &rg, "after adamw");
+
+    /* copy_to_device over the second half of W's rows */
+    float *host = xmalloc((size_t)C * C * sizeof *host);
+    fill_uniform(t, host, (size_t)C * C, -0.05, 0.05);
+    const size_t half = (size_t)(C / 2) * C;
+    for (int g = 0; g < 2; g++)
+        side(t, g)->copy_to_device(side(t, g), at(rg.flat, g) + rg.w_off + half, host,
+                                   half * sizeof(float));
+    registered_gemms(t, &rg, "after copy_to_device");
+
+    /* copy: the whole LoRA factor, and a stretch of W at an odd offset */
+    tbuf *src = buf_input(t, (size_t)C * C, -0.05, 0.05);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        be->copy(be, at(rg.flat, g) + rg.l_off, at(src, g), (size_t)C * D * sizeof(float));
+        be->copy(be, at(rg.flat, g) + rg.w_off + 3, at(src, g) + 5,
+                 (size_t)(3 * C + 1) * sizeof(float));
+    }
+    registered_gemms(t, &rg, "after copy");
+
+    /* fill_zero of a stretch of W at an odd offset */
+    for (int g = 0; g < 2; g++)
+        side(t, g)->fill_zero(side(t, g), at(rg.flat, g) + rg.w_off + (size_t)5 * C + 3,
+                              (size_t)(2 * C + 1) * sizeof(float));
+    registered_gemms(t, &rg, "after fill_zero");
+    free(host);
+
+    /* free forgets the range: a buffer allocated in its place (allocators
+     * reuse addresses) and written by a kernel is read as written, not
+     * through a leftover bf16 copy */
+    const uintptr_t old = (uintptr_t)rg.flat->gpu;
+    t->gpu->free(t->gpu, rg.flat->gpu);
+    rg.flat->gpu = t->gpu->alloc(t->gpu, total * sizeof(float));
+    if (!rg.flat->gpu) fatal("%s: alloc of %zu bytes failed", t->op, total * sizeof(float));
+    const int reused = (uintptr_t)rg.flat->gpu == old;
+    tbuf *a = buf_input(t, total, -0.05, 0.05), *b = buf_input(t, total, -0.05, 0.05);
+    tbuf *mu = buf_input(t, C, 0, 1);
+    for (int g = 0; g < 2; g++) /* total = (1 + C + D) rows of C */
+        side(t, g)->lerp(side(t, g), at(rg.flat, g), at(a, g), at(b, g), at(mu, g), 1 + C + D, C);
+    registered_gemms(t, &rg, reused ? "freed, reused" : "freed");
+}
+
+/* ---- empty sizes ----------------------------------------------------------- */
+
+/* Every op with R = 0 (n = 0, no sequences): nothing may change, nothing
+ * may fail (a kernel launched with zero blocks is an error). */
+static void check_empty(twin *t, const shape *sh) {
+    const int C = sh->C, N = HEAD_SIZE, V = 64;
+    label(t, "R=0 C=%d", C);
+    enum { NB = 12 };
+    tbuf *b[NB];
+    for (int i = 0; i < NB; i++) b[i] = buf_input(t, (size_t)C * C, -1, 1);
+    const seq_spec none = {0, {0}, {0}};
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, &none);
+    int32_t ids[1] = {0};
+    float host[1] = {0}, row_max[1] = {0};
+    int32_t argmax[1] = {0};
+    double sums[2] = {0, 0};
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        float *p[NB];
+        for (int i = 0; i < NB; i++) p[i] = at(b[i], g);
+        be->copy_to_device(be, p[0], host, 0);
+        be->copy_to_host(be, host, p[0], 0);
+        be->copy(be, p[0], p[1], 0);
+        be->fill_zero(be, p[0], 0);
+        be->add(be, p[0], p[1], 0);
+        be->matmul_linear(be, p[0], p[1], p[2], 0, C, C, 0.0f);
+        be->matmul_lora(be, p[0], p[1], p[2], 0, C, C, 1.0f);
+        be->embedding(be, p[0], p[1], ids, 0, C);
+        be->layernorm(be, p[0], p[1], p[2], p[3], p[4], p[5], 0, C, LN_EPS);
+        be->token_shift(be, p[0], p[1], p[2], (size_t)C, batch, C);
+        be->lerp(be, p[0], p[1], p[2], p[3], 0, C);
+        be->bias_act(be, p[0], p[1], 0, C, RP_ACT_TANH);
+        be->value_residual(be, p[0], p[1], p[2], 0, C);
+        be->key_prepare(be, p[0], p[1], p[2], p[3], p[4], 0, C);
+        be->groupnorm(be, p[0], p[1], p[2], p[3], p[4], p[5], 0, C, N, GN_EPS);
+        be->bonus_gate(be, p[0], p[1], p[2], p[3], p[4], p[5], 0, C, N);
+        be->wkv7(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], (size_t)C * N, batch, C, N);
+        be->matmul_linear_backward(be, p[0], p[1], p[2], p[3], p[4], 0, C, C);
+        be->matmul_lora_backward(be, p[0], p[1], p[2], p[3], p[4], 0, C, C);
+        be->embedding_backward(be, p[0], p[1], ids, 0, C);
+        be->layernorm_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], 0, C);
+        be->token_shift_backward(be, p[0], p[1], (size_t)C, p[2], batch, C);
+        be->lerp_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], 0, C);
+        be->bias_act_backward(be, p[0], p[1], p[2], 0, C, RP_ACT_SIGMOID);
+        be->value_residual_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], 0, C);
+        be->key_prepare_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], 0, C);
+        be->groupnorm_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], 0, C, N);
+        be->bonus_gate_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9],
+                                p[10], p[11], p[0], 0, C, N);
+        be->wkv7_forward_train(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
+                               (size_t)C * N, p[8], batch, C, N);
+        be->wkv7_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], (size_t)C * N, p[7],
+                          p[8], p[9], p[10], p[11], p[0], p[1], p[2], batch, C, N);
+        be->cross_entropy(be, p[0], p[1], p[2], ids, 0, V, 1.0f);
+        be->l2wrap(be, p[0], row_max, argmax, ids, 0, V, 1.0f);
+        be->row_max(be, row_max, argmax, p[0], 0, V);
+        sums[g] = be->sum_squares(be, p[0], 0);
+        be->adamw(be, p[0], p[1], p[2], p[3], 0, 1e-3f, 0.9f, 0.99f, 1e-8f, 0.1f, 1.0f, 0.1f,
+                  0.01f);
+    }
+    size_t differ = 0;
+    for (int i = 0; i < NB; i++) {
+        float *host = download(t, b[i]);
+        for (size_t j = 0; j < b[i]->n; j++)
+            differ += memcmp(host + j, b[i]->cpu + j, sizeof(float)) != 0;
+        free(host);
+    }
+    char note[64] = "";
+    if (differ) snprintf(note, sizeof note, "  (%zu floats changed)", differ);
+    report(t, "buffers", 0.0, 0.0, differ == 0, note);
+    report(t, "sum_squares = 0", fabs(sums[1]), 0.0, sums[1] == 0.0, NULL);
+}
+
+/* ---- the table of checks ----------------------------------------------------- */
+
+typedef struct {
+    const char *op;
+    void (*run)(twin *t, const shape *sh);
+    unsigned maths; /* MATH_FP32 | MATH_BF16: which CUDA backends it runs on */
+    int once;       /* only with the first shape */
+} twin_check;
+
+static const twin_check checks[] = {
+    {"memory", check_memory, MATH_FP32, 0},
+    {"embedding", check_embedding, MATH_FP32, 0},
+    {"embedding_backward", check_embedding_backward, MATH_FP32, 0},
+    {"layernorm", check_layernorm, MATH_FP32, 0},
+    {"layernorm_backward", check_layernorm_backward, MATH_FP32, 0},
+    {"groupnorm", check_groupnorm, MATH_FP32, 0},
+    {"groupnorm_backward", check_groupnorm_backward, MATH_FP32, 0},
+    {"token_shift", check_token_shift, MATH_FP32, 0},
+    {"token_shift_backward", check_token_shift_backward, MATH_FP32, 0},
+    {"lerp", check_lerp, MATH_FP32, 0},
+    {"lerp_backward", check_lerp_backward, MATH_FP32, 0},
+    {"bias_act", check_bias_act, MATH_FP32, 0},
+    {"bias_act_backward", check_bias_act_backward, MATH_FP32, 0},
+    {"value_residual", check_value_residual, MATH_FP32, 0},
+    {"value_residual_backward", check_value_residual_backward, MATH_FP32, 0},
+    {"key_prepare", check_key_prepare, MATH_FP32, 0},
+    {"key_prepare_backward", check_key_prepare_backward, MATH_FP32, 0},
+    {"bonus_gate", check_bonus_gate, MATH_FP32, 0},
+    {"bonus_gate_backward", check_bonus_gate_backward, MATH_FP32, 0},
+    {"wkv7", check_wkv7, MATH_FP32, 0},
+    {"wkv7_forward_train", check_wkv7_forward_train, MATH_FP32, 0},
+    {"wkv7_backward", check_wkv7_backward, MATH_FP32, 0},
+    {"wkv7 chained", check_wkv7_chain, MATH_FP32, 0},
+    {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
+    {"l2wrap", check_l2wrap, MATH_FP32, 0},
+    {"row_max", check_row_max, MATH_FP32, 0},
+    {"sum_squares", check_sum_squares, MATH_FP32, 0},
+    {"adamw", check_adamw, MATH_FP32, 0},
+    {"matmul_linear", check_matmul_linear, MATH_FP32 | MATH_BF16, 0},
+    {"matmul_lora", check_matmul_lora, MATH_FP32 | MATH_BF16, 0},
+    {"matmul_linear_backward", check_matmul_linear_backward, MATH_FP32 | MATH_BF16, 0},
+    {"matmul_lora_backward", check_matmul_lora_backward, MATH_FP32 | MATH_BF16, 0},
+    {"register_weights", check_registered_weights, MATH_FP32 | MATH_BF16, 0},
+    /* last: an op that fails on empty sizes leaves the context unusable */
+    {"empty sizes", check_empty, MATH_FP32, 1},
+};
+
+/* The GPU context's sticky error after a check; a failure ends the run of
+ * this backend (every later op would fail too). */
+static int status_ok(twin *t, const char *after) {
+    rp_error err = {0};
+    t->gpu->synchronize(t->gpu);
+    if (t->gpu->status(t->gpu, &err) == RP_OK) return 1;
+    t->op = "status";
+    label(t, "after %s", after);
+    report(t, "be->status", 0.0, 0.0, 0, NULL);
+    printf("      %s: %s\n", rp_status_name(err.code), err.msg);
+    return 0;
+}
+
+/* Every op the checks call is installed (register_weights is optional);
+ * a missing one fails here instead of crashing the run. */
+static int vtable_complete(twin *t) {
+    const rp_backend *be = t->gpu;
+#define OP(name) {#name, be->name != NULL}
+    const struct {
+        const char *name;
+        int present;
+    } ops[] = {
+        OP(destroy), OP(alloc), OP(free), OP(copy_to_device), OP(copy_to_host), OP(copy),
+        OP(fill_zero), OP(synchronize), OP(add), OP(status), OP(matmul_linear),
+        OP(matmul_lora), OP(embedding), OP(layernorm), OP(token_shift), OP(lerp),
+        OP(bias_act), OP(value_residual), OP(key_prepare), OP(groupnorm), OP(bonus_gate),
+        OP(wkv7), OP(matmul_linear_backward), OP(matmul_lora_backward),
+        OP(embedding_backward), OP(layernorm_backward), OP(token_shift_backward),
+        OP(lerp_backward), OP(bias_act_backward), OP(value_residual_backward),
+        OP(key_prepare_backward), OP(groupnorm_backward), OP(bonus_gate_backward),
+        OP(wkv7_forward_train), OP(wkv7_backward), OP(cross_entropy), OP(l2wrap),
+        OP(row_max), OP(sum_squares), OP(adamw),
+    };
+#undef OP
+    int complete = 1;
+    t->op = "vtable";
+    label(t, "%s", be->name ? be->name : "(no name)");
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
+        if (!ops[i].present) {
+            report(t, ops[i].name, 0.0, 0.0, 0, "  (not installed)");
+            complete = 0;
+        }
+    if (complete) report(t, "every op", 0.0, 0.0, 1, NULL);
+    return complete;
+}
+
+static void run_checks(twin *t, unsigned math, int n_shapes) {
+    if (!vtable_complete(t)) return;
+    for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++) {
+        const twin_check *c = &checks[i];
+        if (!(c->maths & math)) continue;
+        for (int s = 0; s < n_shapes && !(c->once && s > 0); s++) {
+            t->op = c->op;
+            t->label[0] = '\0';
+            c->run(t, &shapes[s]);
+            twin_release(t);
+            if (!status_ok(t, c->op)) return;
+        }
+    }
+    t->op = "status";
+    label(t, "end of run");
+    report(t, "be->status", 0.0, 0.0, 1, NULL);
+}
+
+/* ---- main ---------------------------------------------------------------- */
+
+typedef struct {
+    uint64_t seed;
+    int device;
+    int quick;
+} options;
+
+static void usage(FILE *out) {
+    fputs("usage: test_cuda_ops [--seed N] [--device N] [--quick]\n"
+          "  Runs every rp_backend op on the CPU and CUDA backends with the same random\n"
+          "  inputs and compares the outputs (fp32 math 1e-5, bf16 GEMMs 1e-2).\n"
+          "  --seed N    random inputs (default 1)\n"
+          "  --device N  CUDA device (default 0)\n"
+          "  --quick     the small shape only\n"
+          "  Exit status: 0 all passed, 1 a failure, 77 no CUDA device (skipped).\n",
+          out);
+}
+
+static int parse_options(int argc, char **argv, options *opt) {
+    *opt = (options){.seed = 1, .device = 0, .quick = 0};
+    for (int i = 1; i < argc; i++) {
+        char *end = NULL;
+        if (strcmp(argv[i], "--quick") == 0) {
+            opt->quick = 1;
+        } else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc) {
+            opt->seed = strtoull(argv[++i], &end, 0);
+            if (*end) return 0;
+        } else if (strcmp(argv[i], "--device") == 0 && i + 1 < argc) {
+            long d = strtol(argv[++i], &end, 0);
+            if (*end || d < 0 || d > 1024) return 0;
+            opt->device = (int)d;
+        } else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            exit(0);
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static rp_backend *create_cuda(int device, rp_cuda_math math) {
+    rp_error err = {0};
+    rp_backend *be = rp_cuda_backend_create(device, math, &err);
+    if (!be) fatal("rp_cuda_backend_create(%d, %s): %s", device, rp_cuda_math_name(math), err.msg);
+    return be;
+}
+
+int main(int argc, char **argv) {
+    options opt;
+    if (!parse_options(argc, argv, &opt)) {
+        usage(stderr);
+        return 2;
+    }
+    const int n_devices = rp_cuda_device_count();
+    if (n_devices == 0) {
+        printf("twin test: no CUDA device, skipped\n");
+        return 77;
+    }
+    if (opt.device >= n_devices) fatal("--device %d: only %d CUDA devices", opt.device, n_devices);
+
+    rp_error err = {0};
+    rp_backend *cpu = rp_cpu_backend_create(0, &err);
+    if (!cpu) fatal("rp_cpu_backend_create: %s", err.msg);
+    if (!cpu->is_host_memory) fatal("the CPU backend must use host memory");
+    rp_backend *gpu_fp32 = create_cuda(opt.device, RP_CUDA_MATH_FP32);
+    rp_backend *gpu_bf16 = create_cuda(opt.device, RP_CUDA_MATH_BF16);
+
+    char desc[256];
+    rp_cuda_device_describe(opt.device, desc, sizeof desc);
+    const int n_shapes = opt.quick ? 1 : (int)(sizeof shapes / sizeof shapes[0]);
+    printf("twin test: device %d %s, seed %llu, shapes:", opt.device, desc,
+           (unsigned long long)opt.seed);
+    for (int s = 0; s < n_shapes; s++) printf(" %s (C=%d)", shapes[s].name, shapes[s].C);
+    printf("\n");
+
+    twin fp32 = {.cpu = cpu, .gpu = gpu_fp32, .math = "fp32", .tol = TOL_FP32, .seed = opt.seed};
+    twin bf16 = {.cpu = cpu, .gpu = gpu_bf16, .math = "bf16", .tol = TOL_BF16, .seed = opt.seed};
+    run_checks(&fp32, MATH_FP32, n_shapes);
+    run_checks(&bf16, MATH_BF16, n_shapes);
+
+    const int passed = fp32.passed + bf16.passed, failed = fp32.failed + bf16.failed;
+    printf("twin test: %d passed, %d failed\n", passed, failed);
+    free(fp32.bufs);
+    free(bf16.bufs);
+    rp_backend_destroy(gpu_bf16);
+    rp_backend_destroy(gpu_fp32);
+    rp_backend_destroy(cpu);
+    return failed ? 1 : 0;
+}
