@@ -188,6 +188,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         cli_load_stage_model(cli, &mo, pp, stage_layers, &grid, &be, &model);
         if (rp_transport_init(&transport, grid.pipe_comm, 300, &err) != RP_OK)
             cli_fatal_error(cli, &err);
+        rp_transport_use_backend(&transport, be);  /* device buffers go through host memory */
         sc = (stage_ctx){.stage = grid.stage, .n_stages = pp, .tp = &transport, .grid = &grid};
     } else {
         cli_load_model(cli, &mo, &be, &model);
@@ -278,7 +279,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         be->free(be, state.data);
         rp_workspace_free(&ws, be);
         rp_model_free(&model);
-        rp_cpu_backend_destroy(be);
+        rp_backend_destroy(be);
         rp_transport_free(&transport);
         rp_grid_free(&grid);
         return 0;
@@ -353,7 +354,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     be->free(be, state.data);
     rp_workspace_free(&ws, be);
     rp_model_free(&model);
-    rp_cpu_backend_destroy(be);
+    rp_backend_destroy(be);
     if (sc.n_stages > 1) {
         rp_transport_free(&transport);
         rp_grid_free(&grid);

@@ -1,10 +1,14 @@
-/* Pipeline executor and pipelined forward (pipe_train.h). */
+/* Pipeline executor and pipelined forward (pipe_train.h). Every buffer is
+ * backend memory; the transport moves host or device memory alike. */
 #include "pipe/pipe_train.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+/* Floats per piece of a gradient all-reduce staged through host memory. */
+#define REDUCE_CHUNK_FLOATS ((size_t)1 << 24)
 
 static double now_seconds(void) {
     struct timespec ts;
@@ -36,6 +40,10 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
     if (pt->n_stages > 1 && !tp)
         return rp_error_set(err, RP_ERR_INTERNAL, "a %d-stage pipeline needs a transport",
                             pt->n_stages);
+    if (tp && !be->is_host_memory && tp->be != be)
+        return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: the transport moves host memory but "
+                            "the %s backend's buffers are device memory "
+                            "(rp_transport_use_backend)", pt->stage, be->name);
     rp_status st = rp_schedule_build(&pt->sched, kind, pt->n_stages, n_micro, err);
     if (st != RP_OK) return st;
     const int R = micro_seqs * ctx_len, C = model->cfg.n_embd;
@@ -45,10 +53,13 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
     pt->seq_len = malloc(sizeof(int) * (size_t)micro_seqs);
     pt->slot = malloc(sizeof(int) * (size_t)micro_seqs);
     pt->row_begin = malloc(sizeof(int) * (size_t)micro_seqs);
-    pt->recv_act = malloc(sizeof(float) * 2 * (size_t)R * C);
-    pt->recv_grad = malloc(sizeof(float) * 2 * (size_t)R * C);
+    /* Only where something arrives: activations from a previous stage,
+     * gradients from a next one. */
+    const size_t landing_bytes = sizeof(float) * 2 * (size_t)R * C;
+    if (pt->stage > 0) pt->recv_act = be->alloc(be, landing_bytes);
+    if (pt->stage < pt->n_stages - 1) pt->recv_grad = be->alloc(be, landing_bytes);
     if (!pt->stash || !pt->pending || !pt->seq_len || !pt->slot || !pt->row_begin ||
-        !pt->recv_act || !pt->recv_grad) {
+        (pt->stage > 0 && !pt->recv_act) || (pt->stage < pt->n_stages - 1 && !pt->recv_grad)) {
         rp_pipe_trainer_free(pt);
         return rp_error_set(err, RP_ERR_NOMEM, "pipeline buffers for %d micro-batches", n_micro);
     }
@@ -76,6 +87,29 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
         pt->slot[i] = i;
     }
     rp_batch_init(&pt->batch, micro_seqs, pt->seq_len, pt->slot, pt->row_begin);
+    /* Device gradients are all-reduced with NCCL where it can run (one GPU
+     * per replica), else through a host buffer with MPI. */
+    if (pt->dp > 1 && !be->is_host_memory) {
+        char why[160];
+        if (rp_nccl_usable(grid->data_comm, be, why, sizeof why)) {
+            if ((st = rp_nccl_group_create(&pt->data_nccl, grid->data_comm, pt->timeout_s, err)) !=
+                RP_OK) {
+                rp_pipe_trainer_free(pt);
+                return rp_error_prefix(err, "stage %d: NCCL over the %d data replicas", pt->stage,
+                                       pt->dp);
+            }
+        } else {
+            size_t most = grads->layer_floats;
+            if (grads->embed_floats > most) most = grads->embed_floats;
+            if (grads->head_floats > most) most = grads->head_floats;
+            pt->reduce_host_floats = most < REDUCE_CHUNK_FLOATS ? most : REDUCE_CHUNK_FLOATS;
+            pt->reduce_host = malloc(sizeof(float) * (pt->reduce_host_floats + 1));
+            if (!pt->reduce_host) {
+                rp_pipe_trainer_free(pt);
+                return rp_error_set(err, RP_ERR_NOMEM, "host buffer of the gradient all-reduce");
+            }
+        }
+    }
     return RP_OK;
 }
 
@@ -91,8 +125,10 @@ void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
     free(pt->seq_len);
     free(pt->slot);
     free(pt->row_begin);
-    free(pt->recv_act);
-    free(pt->recv_grad);
+    if (be && pt->recv_act) be->free(be, pt->recv_act);
+    if (be && pt->recv_grad) be->free(be, pt->recv_grad);
+    rp_nccl_group_free(pt->data_nccl);
+    free(pt->reduce_host);
     rp_schedule_free(&pt->sched);
     memset(pt, 0, sizeof *pt);
 }
@@ -138,30 +174,54 @@ static rp_status wait_pending(rp_pipe_trainer *pt, int buffer, int which, rp_err
     return RP_OK;
 }
 
+/* p [n] (host memory) = its sum over the data replicas, in place. */
+static rp_status allreduce_host(rp_pipe_trainer *pt, float *p, size_t n, rp_error *err) {
+    /* MPI counts are ints: large tensors go in pieces. */
+    for (size_t at = 0; at < n; at += (size_t)1 << 30) {
+        size_t len = n - at < ((size_t)1 << 30) ? n - at : (size_t)1 << 30;
+        MPI_Request req;
+        if (MPI_Iallreduce(MPI_IN_PLACE, p + at, (int)len, MPI_FLOAT, MPI_SUM,
+                           pt->grid->data_comm, &req) != MPI_SUCCESS)
+            return rp_error_set(err, RP_ERR_MPI,
+                                "stage %d: all-reducing gradients over %d replicas failed",
+                                pt->stage, pt->dp);
+        rp_status st = rp_comm_wait(&req, pt->timeout_s, "the gradient all-reduce over the "
+                                    "data replicas", err);
+        if (st != RP_OK) return st;
+    }
+    return RP_OK;
+}
+
 static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
     if (pt->dp <= 1) return RP_OK;
     rp_model *g = pt->grads;
+    rp_backend *be = pt->model->be;
     float *bufs[3] = {g->embed_flat, g->head_flat, NULL};
     size_t sizes[3] = {g->embed_floats, g->head_floats, 0};
+    /* The backward's kernels are done (BWD synchronized); this is cheap. */
+    be->synchronize(be);
     for (int i = 0; i < g->layer_end - g->layer_begin + 2; i++) {
         float *p = i < 2 ? bufs[i] : g->layer_flat[i - 2];
         size_t n = i < 2 ? sizes[i] : g->layer_floats;
         if (!p) continue;
-        /* MPI counts are ints: large tensors go in pieces. */
-        for (size_t at = 0; at < n; at += (size_t)1 << 30) {
-            size_t len = n - at < ((size_t)1 << 30) ? n - at : (size_t)1 << 30;
-            MPI_Request req;
-            if (MPI_Iallreduce(MPI_IN_PLACE, p + at, (int)len, MPI_FLOAT, MPI_SUM,
-                               pt->grid->data_comm, &req) != MPI_SUCCESS)
-                return rp_error_set(err, RP_ERR_MPI,
-                                    "stage %d: all-reducing gradients over %d replicas failed",
-                                    pt->stage, pt->dp);
-            rp_status st = rp_comm_wait(&req, pt->timeout_s, "the gradient all-reduce over the "
-                                        "data replicas", err);
-            if (st != RP_OK) return st;
+        rp_status st = RP_OK;
+        if (pt->data_nccl) {
+            st = rp_nccl_group_allreduce_sum(pt->data_nccl, p, n, "the gradient all-reduce over "
+                                             "the data replicas", err);
+        } else if (pt->reduce_host) {
+            /* Device memory without NCCL: through the host buffer in pieces. */
+            for (size_t at = 0; at < n && st == RP_OK; at += pt->reduce_host_floats) {
+                size_t len = n - at < pt->reduce_host_floats ? n - at : pt->reduce_host_floats;
+                be->copy_to_host(be, pt->reduce_host, p + at, len * sizeof(float));
+                if ((st = allreduce_host(pt, pt->reduce_host, len, err)) == RP_OK)
+                    be->copy_to_device(be, p + at, pt->reduce_host, len * sizeof(float));
+            }
+        } else {
+            st = allreduce_host(pt, p, n, err);
         }
+        if (st != RP_OK) return st;
     }
-    return RP_OK;
+    return be->status(be, err);
 }
 
 rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
@@ -180,6 +240,13 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     int skipped = 0;
     rp_status st = RP_OK;
     pt->busy_seconds = 0;
+    /* The first step runs its device transfers over MPI: the CUDA backend
+     * sizes its scratch buffers during it, and freeing the old ones
+     * (cudaFree) waits for the whole device, so with an NCCL receive posted
+     * early and waiting for its peer two stages could wait for each other.
+     * From the second step on nothing is freed inside a step. */
+    const int nccl_warmup = pt->tp && pt->steps_done == 0 && rp_transport_nccl_active(pt->tp);
+    if (nccl_warmup) rp_transport_pause_nccl(pt->tp, 1);
     rp_model_zero(pt->grads);
     /* The first receive of each kind is posted before any compute. */
     int j;
@@ -208,8 +275,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                     RP_OK)
                 break;
             const float *buf = is_act ? pt->recv_act : pt->recv_grad;
-            be->copy_to_device(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
-            be->copy_to_device(be, is_act ? tw->v_first : tw->dv_first, buf + rc, rc_bytes);
+            be->copy(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
+            be->copy(be, is_act ? tw->v_first : tw->dv_first, buf + rc, rc_bytes);
             /* Overlap: the next micro-batch's receive is in flight while we compute. */
             if ((j = next_op(list, n, i, in->op)) >= 0) st = post_recv(pt, &list[j], err);
             break;
@@ -236,6 +303,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             }
             be->synchronize(be);
             pt->busy_seconds += now_seconds() - t0;
+            if ((st = be->status(be, err)) != RP_OK)
+                rp_error_prefix(err, "stage %d: forward of micro-batch %d", pt->stage, mb);
             break;
         }
         case RP_OP_SEND_ACT:
@@ -256,6 +325,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 rp_train_embed_backward(m, pt->grads, tw, inputs + (size_t)mb * R, &pt->batch);
             be->synchronize(be);
             pt->busy_seconds += now_seconds() - t0;
+            if ((st = be->status(be, err)) != RP_OK)
+                rp_error_prefix(err, "stage %d: backward of micro-batch %d", pt->stage, mb);
             break;
         }
         case RP_OP_SEND_GRAD:
@@ -303,6 +374,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         }
     }
     if (st != RP_OK) return st;
+    if ((st = be->status(be, err)) != RP_OK)
+        return rp_error_prefix(err, "stage %d: optimizer step", pt->stage);
     /* The loss lives on the last stage of each replica: sum over replicas,
      * then hand it to every stage (rank 0 logs it). */
     double loss = last ? local_loss : 0;
@@ -324,6 +397,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     res->loss_sum = loss;
     res->grad_norm = grad_norm;
     res->skipped = skipped;
+    if (nccl_warmup) rp_transport_pause_nccl(pt->tp, 0);
+    pt->steps_done++;
     return RP_OK;
 }
 
@@ -331,27 +406,22 @@ rp_status rp_pipe_forward(const rp_model *m, rp_transport *tp, int stage, int n_
                           rp_workspace *ws, const int32_t *tokens, const rp_batch *batch,
                           rp_state *state, rp_logits_mode mode, float *logits, rp_error *err) {
     rp_backend *be = m->be;
-    const size_t rc = (size_t)batch->n_rows * m->cfg.n_embd;
+    const size_t bytes = (size_t)batch->n_rows * m->cfg.n_embd * sizeof(float);
     rp_status st;
     if (batch->n_rows > ws->max_rows)
         return rp_error_set(err, RP_ERR_ARG, "batch has %d rows but the workspace holds %d",
                             batch->n_rows, ws->max_rows);
+    if (n_stages > 1 && (!tp || (!be->is_host_memory && tp->be != be)))
+        return rp_error_set(err, RP_ERR_INTERNAL, "stage %d of %d: %s", stage, n_stages,
+                            !tp ? "no transport" : "the transport moves host memory but the "
+                            "backend's is device memory (rp_transport_use_backend)");
     if (m->has_embed) {
         if ((st = rp_model_embed(m, ws, tokens, batch, err)) != RP_OK) return st;
-    } else {
-        /* Host landing, then into backend memory (a no-op copy on the CPU). */
-        float *buf = malloc(2 * rc * sizeof(float));
-        if (!buf) return rp_error_set(err, RP_ERR_NOMEM, "activation receive buffer");
-        if ((st = rp_transport_recv(tp, buf, rc * sizeof(float), stage - 1, RP_MSG_ACT, 0,
-                                    err)) != RP_OK ||
-            (st = rp_transport_recv(tp, buf + rc, rc * sizeof(float), stage - 1,
-                                    RP_MSG_ACT_VFIRST, 0, err)) != RP_OK) {
-            free(buf);
-            return st;
-        }
-        be->copy_to_device(be, ws->x, buf, rc * sizeof(float));
-        be->copy_to_device(be, ws->v_first, buf + rc, rc * sizeof(float));
-        free(buf);
+    } else if ((st = rp_transport_recv(tp, ws->x, bytes, stage - 1, RP_MSG_ACT, 0, err)) !=
+                   RP_OK ||
+               (st = rp_transport_recv(tp, ws->v_first, bytes, stage - 1, RP_MSG_ACT_VFIRST, 0,
+                                       err)) != RP_OK) {
+        return st;
     }
     for (int l = m->layer_begin; l < m->layer_end; l++)
         rp_model_block_forward(m, ws, l, state, batch);
@@ -362,14 +432,9 @@ rp_status rp_pipe_forward(const rp_model *m, rp_transport *tp, int stage, int n_
     if (stage + 1 >= n_stages)
         return rp_error_set(err, RP_ERR_INTERNAL, "stage %d of %d has no head", stage, n_stages);
     be->synchronize(be);
-    float *buf = malloc(2 * rc * sizeof(float));
-    if (!buf) return rp_error_set(err, RP_ERR_NOMEM, "activation send buffer");
-    be->copy_to_host(be, buf, ws->x, rc * sizeof(float));
-    be->copy_to_host(be, buf + rc, ws->v_first, rc * sizeof(float));
-    if ((st = rp_transport_send(tp, buf, rc * sizeof(float), stage + 1, RP_MSG_ACT, 0, err)) ==
-        RP_OK)
-        st = rp_transport_send(tp, buf + rc, rc * sizeof(float), stage + 1, RP_MSG_ACT_VFIRST,
-                               0, err);
-    free(buf);
+    if ((st = be->status(be, err)) != RP_OK)
+        return rp_error_prefix(err, "stage %d: forward", stage);
+    if ((st = rp_transport_send(tp, ws->x, bytes, stage + 1, RP_MSG_ACT, 0, err)) == RP_OK)
+        st = rp_transport_send(tp, ws->v_first, bytes, stage + 1, RP_MSG_ACT_VFIRST, 0, err);
     return st;
 }

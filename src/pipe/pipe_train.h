@@ -8,7 +8,11 @@
  * process would, in the same order, on the same micro-batches.
  *
  * Also the plain pipelined forward (evaluation, logits) on an inference
- * workspace. */
+ * workspace.
+ *
+ * Buffers are backend memory throughout (activations, landing buffers,
+ * gradients); the transport moves them (a transport for device memory:
+ * rp_transport_use_backend, optionally NCCL). */
 #ifndef RP_PIPE_PIPE_TRAIN_H
 #define RP_PIPE_PIPE_TRAIN_H
 
@@ -32,7 +36,7 @@ typedef struct {
     rp_transfer (*pending)[4];      /* [n_stash] sends still reading a stash slot:
                                      * 0, 1 x and v_first; 2, 3 dx and d v_first */
     rp_state state, dstate;
-    float *recv_act, *recv_grad;    /* host landing buffers: x then v_first [2][R*C] */
+    float *recv_act, *recv_grad;    /* backend landing buffers: x then v_first [2][R*C] */
     rp_transfer act_in[2], grad_in[2];
     int act_in_mb, grad_in_mb;      /* micro-batch posted in act_in / grad_in, -1: none */
     int *seq_len, *slot, *row_begin;
@@ -40,6 +44,12 @@ typedef struct {
     double timeout_s;               /* watchdog of the collectives (the transport's) */
     int halt_on_nan;                /* a non-finite gradient is an error (else: skip the step) */
     double busy_seconds;            /* compute time of the last step (FWD/BWD) */
+    long steps_done;                /* rp_pipe_trainer_step calls that succeeded */
+    /* Gradient all-reduce over the data replicas on device memory: NCCL, or
+     * MPI through the host buffer (NULL on host memory: MPI in place). */
+    rp_nccl_group *data_nccl;
+    float *reduce_host;
+    size_t reduce_host_floats;
 } rp_pipe_trainer;
 
 rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *grads,
@@ -67,7 +77,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
 /* Forward of one batch through the pipeline on an inference workspace: stage 0
  * embeds `tokens`, each stage runs its layers on `state` (its layers), the
  * last stage writes logits (mode) into `logits` (backend memory). tp NULL
- * with one stage. Collective over the pipe. */
+ * with one stage; with a backend whose memory is not host memory, tp must
+ * have been given it (rp_transport_use_backend). Collective over the pipe. */
 rp_status rp_pipe_forward(const rp_model *m, rp_transport *tp, int stage, int n_stages,
                           rp_workspace *ws, const int32_t *tokens, const rp_batch *batch,
                           rp_state *state, rp_logits_mode mode, float *logits, rp_error *err);

@@ -1,10 +1,18 @@
-/* MPI implementation of the stage-to-stage transport (transport.h). */
+/* MPI implementation of the stage-to-stage transport (transport.h), with
+ * host staging for device buffers, and the dispatch of device transfers to
+ * the NCCL links of transport_nccl.c when they are set up. In builds without
+ * NCCL the NCCL entry points here only say so. */
+#include "config.h"
+
 #include "pipe/transport.h"
 
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "pipe/transport_nccl.h"
 
 const char *rp_msg_kind_name(rp_msg_kind k) {
     switch (k) {
@@ -50,8 +58,70 @@ rp_status rp_transport_init(rp_transport *t, MPI_Comm comm, double timeout_s, rp
 }
 
 void rp_transport_free(rp_transport *t) {
+#ifdef RP_HAVE_NCCL
+    if (t->nccl) rp_nccl_links_free(t);
+#endif
+    t->nccl = NULL;
+    for (int i = 0; i < t->n_staging; i++) free(t->staging[i].data);
+    free(t->staging);
+    t->staging = NULL;
+    t->n_staging = 0;
     if (t->comm != MPI_COMM_NULL && t->comm != 0) MPI_Comm_free(&t->comm);
     t->comm = MPI_COMM_NULL;
+}
+
+void rp_transport_use_backend(rp_transport *t, rp_backend *be) {
+    t->be = be && !be->is_host_memory ? be : NULL;
+}
+
+void rp_transport_pause_nccl(rp_transport *t, int paused) { t->nccl_paused = paused != 0; }
+
+int rp_transport_nccl_active(const rp_transport *t) { return t->nccl && !t->nccl_paused; }
+
+/* ---- host staging of device buffers ---- */
+
+/* A free staging buffer of at least bytes: the smallest free one that is
+ * large enough, else a free one grown, else a new one. -1 when out of
+ * memory. The pool only grows to the number of transfers ever in flight at
+ * once (a handful per stash slot in the executor). */
+static int staging_acquire(rp_transport *t, size_t bytes, rp_error *err) {
+    int best = -1, any_free = -1;
+    if (bytes == 0) bytes = 1;
+    for (int i = 0; i < t->n_staging; i++) {
+        if (t->staging[i].busy) continue;
+        any_free = i;
+        if (t->staging[i].bytes >= bytes &&
+            (best < 0 || t->staging[i].bytes < t->staging[best].bytes))
+            best = i;
+    }
+    if (best < 0 && any_free >= 0) {
+        void *grown = malloc(bytes);
+        if (grown) {
+            free(t->staging[any_free].data);
+            t->staging[any_free].data = grown;
+            t->staging[any_free].bytes = bytes;
+            best = any_free;
+        }
+    }
+    if (best < 0) {
+        rp_staging_buffer *list = realloc(t->staging, sizeof *list * (size_t)(t->n_staging + 1));
+        void *data = list ? malloc(bytes) : NULL;
+        if (list) t->staging = list;
+        if (!data) {
+            rp_error_set(err, RP_ERR_NOMEM, "%s: a host staging buffer of %zu bytes", t->what,
+                         bytes);
+            return -1;
+        }
+        best = t->n_staging++;
+        t->staging[best] = (rp_staging_buffer){.data = data, .bytes = bytes};
+    }
+    t->staging[best].busy = 1;
+    return best;
+}
+
+static void staging_release(rp_transport *t, rp_transfer *x) {
+    if (x->staging >= 0) t->staging[x->staging].busy = 0;
+    x->staging = -1;
 }
 
 static rp_status mpi_failed(rp_transport *t, int rc, const char *call, const rp_transfer *x,
@@ -72,6 +142,10 @@ static rp_status check_args(rp_transport *t, size_t bytes, int peer, rp_msg_kind
     if (kind < RP_MSG_ACT || kind >= RP_MSG_KIND_COUNT || micro_batch < 0)
         return rp_error_set(err, RP_ERR_INTERNAL, "%s: bad message kind %d / micro-batch %d",
                             t->what, (int)kind, micro_batch);
+    return RP_OK;
+}
+
+static rp_status check_mpi_count(rp_transport *t, size_t bytes, rp_error *err) {
     if (bytes > (size_t)INT_MAX)
         return rp_error_set(err, RP_ERR_ARG,
                             "%s: a message of %zu bytes is over MPI's 2 GiB count limit; use "
@@ -79,16 +153,50 @@ static rp_status check_args(rp_transport *t, size_t bytes, int peer, rp_msg_kind
     return RP_OK;
 }
 
+#ifdef RP_HAVE_NCCL
+/* Which NCCL link carries this transfer, or -1: MPI. */
+static int nccl_link_for(const rp_transport *t, rp_msg_kind kind, int peer, int is_recv) {
+    return t->be && rp_transport_nccl_active(t) ? rp_nccl_link_of(t, kind, peer, is_recv) : -1;
+}
+#endif
+
 rp_status rp_transport_post_send(rp_transport *t, const void *buf, size_t bytes, int peer,
                                  rp_msg_kind kind, int micro_batch, rp_transfer *x,
                                  rp_error *err) {
     rp_status st = check_args(t, bytes, peer, kind, micro_batch, err);
     if (st != RP_OK) return st;
     *x = (rp_transfer){.active = 1, .is_recv = 0, .peer = peer, .kind = kind,
-                       .micro_batch = micro_batch, .bytes = bytes};
-    int rc = MPI_Isend(buf, (int)bytes, MPI_BYTE, peer, make_tag(kind, micro_batch), t->comm,
+                       .micro_batch = micro_batch, .bytes = bytes, .staging = -1, .link = -1};
+#ifdef RP_HAVE_NCCL
+    if ((x->link = nccl_link_for(t, kind, peer, 0)) >= 0)
+        return rp_nccl_post(t, (void *)buf, x, err);
+#endif
+    if ((st = check_mpi_count(t, bytes, err)) != RP_OK) {
+        x->active = 0;
+        return st;
+    }
+    const void *data = buf;
+    if (t->be) {
+        /* The kernels that wrote buf are queued on the backend's stream:
+         * let them finish, then send a host copy. */
+        if ((x->staging = staging_acquire(t, bytes, err)) < 0) {
+            x->active = 0;
+            return RP_ERR_NOMEM;
+        }
+        data = t->staging[x->staging].data;
+        t->be->synchronize(t->be);
+        t->be->copy_to_host(t->be, t->staging[x->staging].data, buf, bytes);
+        if ((st = t->be->status(t->be, err)) != RP_OK) {
+            staging_release(t, x);
+            x->active = 0;
+            return rp_error_prefix(err, "%s: staging the %s of micro-batch %d for stage %d",
+                                   t->what, rp_msg_kind_name(kind), micro_batch, peer);
+        }
+    }
+    int rc = MPI_Isend(data, (int)bytes, MPI_BYTE, peer, make_tag(kind, micro_batch), t->comm,
                        &x->request);
     if (rc != MPI_SUCCESS) {
+        staging_release(t, x);
         x->active = 0;
         return mpi_failed(t, rc, "MPI_Isend", x, err);
     }
@@ -101,10 +209,28 @@ rp_status rp_transport_post_recv(rp_transport *t, void *buf, size_t bytes, int p
     rp_status st = check_args(t, bytes, peer, kind, micro_batch, err);
     if (st != RP_OK) return st;
     *x = (rp_transfer){.active = 1, .is_recv = 1, .peer = peer, .kind = kind,
-                       .micro_batch = micro_batch, .bytes = bytes};
-    int rc = MPI_Irecv(buf, (int)bytes, MPI_BYTE, peer, make_tag(kind, micro_batch), t->comm,
+                       .micro_batch = micro_batch, .bytes = bytes, .staging = -1, .link = -1};
+#ifdef RP_HAVE_NCCL
+    if ((x->link = nccl_link_for(t, kind, peer, 1)) >= 0) return rp_nccl_post(t, buf, x, err);
+#endif
+    if ((st = check_mpi_count(t, bytes, err)) != RP_OK) {
+        x->active = 0;
+        return st;
+    }
+    void *data = buf;
+    if (t->be) {
+        /* Lands in host memory; rp_transport_wait copies it to buf. */
+        if ((x->staging = staging_acquire(t, bytes, err)) < 0) {
+            x->active = 0;
+            return RP_ERR_NOMEM;
+        }
+        data = t->staging[x->staging].data;
+        x->device_buf = buf;
+    }
+    int rc = MPI_Irecv(data, (int)bytes, MPI_BYTE, peer, make_tag(kind, micro_batch), t->comm,
                        &x->request);
     if (rc != MPI_SUCCESS) {
+        staging_release(t, x);
         x->active = 0;
         return mpi_failed(t, rc, "MPI_Irecv", x, err);
     }
@@ -136,17 +262,18 @@ static int test_until(MPI_Request *request, MPI_Status *status, double timeout_s
     }
 }
 
-rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
-    if (!x->active) return RP_OK;
+/* The MPI part of rp_transport_wait (the request completes or is cancelled). */
+static rp_status wait_mpi(rp_transport *t, rp_transfer *x, rp_error *err) {
     MPI_Status status;
     int timed_out;
     double waited = 0;
     const int rc = test_until(&x->request, &status, t->timeout_s, &timed_out, &waited);
-    x->active = 0;
     if (timed_out) {
         /* A receive left posted could swallow a later message of that tag. */
         if (x->is_recv && MPI_Cancel(&x->request) == MPI_SUCCESS)
             MPI_Wait(&x->request, MPI_STATUS_IGNORE);
+        else if (!x->is_recv)
+            x->staging = -1;  /* MPI may still read it: never hand it out again */
         return rp_error_set(err, RP_ERR_MPI,
                             "%s waited %.0f s (--comm-timeout) to %s the %s of micro-batch "
                             "%d %s stage %d; that rank is stuck or dead", t->what, waited,
@@ -173,8 +300,24 @@ rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
                                 "expected %zu: the stages disagree on the batch shape", t->what,
                                 rp_msg_kind_name(x->kind), x->micro_batch, x->peer, count,
                                 x->bytes);
+        /* Stream-ordered before the backend's next kernels; from pageable
+         * memory the copy returns once the source is read, so the staging
+         * buffer can go back to the pool right away. */
+        if (x->staging >= 0)
+            t->be->copy_to_device(t->be, x->device_buf, t->staging[x->staging].data, x->bytes);
     }
     return RP_OK;
+}
+
+rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
+    if (!x->active) return RP_OK;
+    x->active = 0;
+#ifdef RP_HAVE_NCCL
+    if (t->nccl && x->link >= 0) return rp_nccl_wait(t, x, err);
+#endif
+    rp_status st = wait_mpi(t, x, err);
+    staging_release(t, x);
+    return st;
 }
 
 rp_status rp_comm_wait(MPI_Request *request, double timeout_s, const char *what, rp_error *err) {
@@ -207,3 +350,40 @@ rp_status rp_transport_recv(rp_transport *t, void *buf, size_t bytes, int peer,
     rp_status st = rp_transport_post_recv(t, buf, bytes, peer, kind, micro_batch, &x, err);
     return st != RP_OK ? st : rp_transport_wait(t, &x, err);
 }
+
+#ifndef RP_HAVE_NCCL
+/* ---- builds without NCCL ---- */
+
+rp_status rp_transport_enable_nccl(rp_transport *t, rp_backend *be, rp_error *err) {
+    (void)be;
+    return rp_error_set(err, RP_ERR_ARG, "%s: built without NCCL (configure --with-cuda "
+                        "--with-nccl)", t->what);
+}
+
+int rp_nccl_usable(MPI_Comm comm, const rp_backend *be, char *why, size_t why_size) {
+    (void)comm, (void)be;
+    if (why && why_size) snprintf(why, why_size, "built without NCCL");
+    return 0;
+}
+
+rp_status rp_nccl_group_create(rp_nccl_group **g, MPI_Comm comm, double timeout_s,
+                               rp_error *err) {
+    (void)comm, (void)timeout_s;
+    *g = NULL;
+    return rp_error_set(err, RP_ERR_ARG, "built without NCCL (configure --with-cuda --with-nccl)");
+}
+
+void rp_nccl_group_free(rp_nccl_group *g) { (void)g; }
+
+rp_status rp_nccl_group_allreduce_sum(rp_nccl_group *g, float *buf, size_t n, const char *what,
+                                      rp_error *err) {
+    (void)g, (void)buf, (void)n;
+    return rp_error_set(err, RP_ERR_ARG, "%s: built without NCCL", what);
+}
+
+rp_status rp_nccl_group_sendrecv(rp_nccl_group *g, const void *src, void *dst, size_t bytes,
+                                 int peer, rp_error *err) {
+    (void)g, (void)src, (void)dst, (void)bytes, (void)peer;
+    return rp_error_set(err, RP_ERR_ARG, "NCCL send/receive: built without NCCL");
+}
+#endif

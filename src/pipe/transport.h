@@ -1,6 +1,7 @@
 /* Point-to-point transport between pipeline stages (DESIGN.md section 4): post
- * a send, post a receive, wait. One interface, two implementations: MPI on
- * host buffers (here) and NCCL on device buffers (the CUDA issue).
+ * a send, post a receive, wait. One interface, two implementations: MPI
+ * (here, transport.c) and NCCL on device buffers (transport_nccl.c, built
+ * --with-nccl).
  *
  * Messages are told apart by tag, never by arrival order: with two stages the
  * previous and the next stage are the same peer, and activations going
@@ -8,13 +9,20 @@
  * message kind and the micro-batch; a receive names the exact size it
  * expects, and a message of any other size is an error naming both sizes.
  * Waits give up after the transport's timeout with a message saying which
- * transfer they were waiting for (the caller then ends the job). */
+ * transfer they were waiting for (the caller then ends the job).
+ *
+ * Buffers are host memory until rp_transport_use_backend names a backend
+ * whose memory is not host memory (CUDA): then every buffer is backend
+ * memory, and MPI moves it through host staging buffers of the transport
+ * (the fallback that also lets several ranks share one GPU), or NCCL moves
+ * it from GPU to GPU once rp_transport_enable_nccl has set up the links. */
 #ifndef RP_PIPE_TRANSPORT_H
 #define RP_PIPE_TRANSPORT_H
 
 #include <mpi.h>
 #include <stddef.h>
 
+#include "backend.h"
 #include "core/error.h"
 
 typedef enum {
@@ -40,7 +48,19 @@ typedef struct {
     int micro_batch;
     size_t bytes;
     MPI_Request request;
+    void *device_buf;     /* a staged receive: the backend buffer the data goes to */
+    int staging;          /* index of its staging buffer in the transport, -1: none */
+    int link, slot;       /* NCCL link and slot (transport_nccl.c), link -1: MPI */
 } rp_transfer;
+
+/* A host buffer that device transfers over MPI go through (reused). */
+typedef struct {
+    void *data;
+    size_t bytes;
+    int busy;
+} rp_staging_buffer;
+
+typedef struct rp_nccl_links rp_nccl_links;  /* transport_nccl.c */
 
 typedef struct {
     MPI_Comm comm;        /* a duplicate of the caller's, with errors returned */
@@ -48,11 +68,75 @@ typedef struct {
     double timeout_s;     /* a wait longer than this fails; <= 0: wait forever */
     const char *what;     /* "stage 1" etc. for messages */
     char what_buf[64];
+    rp_backend *be;       /* non-NULL: buffers are this backend's (device) memory */
+    rp_staging_buffer *staging;
+    int n_staging;
+    rp_nccl_links *nccl;  /* NULL: everything goes over MPI */
+    int nccl_paused;      /* 1: the NCCL links are idle and MPI carries everything */
 } rp_transport;
 
 /* Duplicates comm (collective over it). timeout_s: see --comm-timeout. */
 rp_status rp_transport_init(rp_transport *t, MPI_Comm comm, double timeout_s, rp_error *err);
+/* Also frees the staging buffers and the NCCL links. No transfer may be
+ * active. */
 void rp_transport_free(rp_transport *t);
+
+/* From now on buffers are be's memory when be is not host memory (be NULL
+ * or a host-memory backend: host buffers, the default). Over MPI a send then
+ * runs be->synchronize and copies the buffer to a staging buffer before
+ * MPI_Isend, so the caller's kernels that wrote it must be queued already;
+ * a receive lands in a staging buffer that rp_transport_wait copies into
+ * the device buffer (stream-ordered with the backend's later kernels).
+ * Call it with no transfer active. */
+void rp_transport_use_backend(rp_transport *t, rp_backend *be);
+
+/* NCCL links to the neighbouring stages (collective over t's communicator;
+ * rank i of the communicator is stage i). Activations (RP_MSG_ACT*) sent to
+ * rank + 1 and gradients (RP_MSG_GRAD*) sent to rank - 1 then go GPU to GPU,
+ * each direction of each link on its own two-rank communicator and CUDA
+ * stream, so that a receive posted early on one never holds up a transfer on
+ * another; every other transfer stays on MPI. NCCL has no tags: both ends
+ * must issue the messages of one link direction in the same order (the
+ * executor does: schedule order; each message carries a header with its
+ * kind, micro-batch, size and sequence number that the receiver checks).
+ * Also calls rp_transport_use_backend(t, be). RP_ERR_ARG in builds without
+ * NCCL. Decide with rp_nccl_usable first: NCCL cannot put two ranks of one
+ * communicator on the same GPU. */
+rp_status rp_transport_enable_nccl(rp_transport *t, rp_backend *be, rp_error *err);
+/* paused = 1: device transfers go over MPI (staged) until resumed. Both ends
+ * of every link must switch at the same point of their message sequence,
+ * with no transfer active (the executor does it between steps). */
+void rp_transport_pause_nccl(rp_transport *t, int paused);
+/* 1 when NCCL links are set up and not paused. */
+int rp_transport_nccl_active(const rp_transport *t);
+
+/* Collective over comm: 1 when NCCL should carry transfers between its ranks
+ * (the build has NCCL, be's memory is device memory, no two ranks of comm
+ * share a GPU, and RWKVPIPE_NCCL is not 0 on any rank); else 0, with the
+ * reason in why (may be NULL). Every rank gets the same answer. */
+int rp_nccl_usable(MPI_Comm comm, const rp_backend *be, char *why, size_t why_size);
+
+/* An NCCL communicator over all ranks of an MPI communicator with its own
+ * CUDA stream, for collectives on device memory (the data-parallel gradient
+ * all-reduce). Waits have the transport's watchdog: after timeout_s (> 0)
+ * the communicator is aborted and the call fails naming the operation. */
+typedef struct rp_nccl_group rp_nccl_group;
+
+/* Collective over comm (rank 0 makes the id, MPI_Bcast hands it out), on the
+ * current CUDA device. RP_ERR_ARG in builds without NCCL. */
+rp_status rp_nccl_group_create(rp_nccl_group **g, MPI_Comm comm, double timeout_s,
+                               rp_error *err);
+void rp_nccl_group_free(rp_nccl_group *g);
+/* buf [n] (device memory) = its sum over the group, in place. The caller
+ * synchronizes the stream that wrote buf first; when this returns, buf
+ * holds the sum. what names the operation in messages. */
+rp_status rp_nccl_group_allreduce_sum(rp_nccl_group *g, float *buf, size_t n, const char *what,
+                                      rp_error *err);
+/* Sends src [bytes] to peer and receives dst [bytes] from peer in one NCCL
+ * group (peer may be this rank: a one-rank group then moves the data through
+ * NCCL's self path), then waits. Device memory. */
+rp_status rp_nccl_group_sendrecv(rp_nccl_group *g, const void *src, void *dst, size_t bytes,
+                                 int peer, rp_error *err);
 
 /* Nonblocking; buf must stay untouched until rp_transport_wait(x) returns. */
 rp_status rp_transport_post_send(rp_transport *t, const void *buf, size_t bytes, int peer,

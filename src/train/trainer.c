@@ -176,14 +176,29 @@ static int split_samples(const rp_train_options *o, int n, const int32_t *tokens
 static int stage_of(const rp_train_options *o) { return o->grid ? o->grid->stage : 0; }
 static int stages_of(const rp_train_options *o) { return o->grid ? o->grid->pp : 1; }
 
-/* A transport over the pipe when there is more than one stage; *tp = NULL otherwise. */
-static rp_status pipe_transport_open(const rp_train_options *o, rp_transport *storage,
-                                     rp_transport **tp, rp_error *err) {
+/* A transport over the pipe when there is more than one stage; *tp = NULL
+ * otherwise. It moves be's memory: on a GPU over NCCL where every stage has a
+ * GPU of its own, else over MPI through host memory (rp_nccl_usable). */
+static rp_status pipe_transport_open(const rp_train_options *o, rp_backend *be,
+                                     rp_transport *storage, rp_transport **tp, rp_error *err) {
     *tp = NULL;
     if (stages_of(o) <= 1) return RP_OK;
     rp_status st = rp_transport_init(storage, o->grid->pipe_comm, o->comm_timeout, err);
-    if (st == RP_OK) *tp = storage;
-    return st;
+    if (st != RP_OK) return st;
+    rp_transport_use_backend(storage, be);
+    if (!be->is_host_memory) {
+        char why[160];
+        const int nccl = rp_nccl_usable(o->grid->pipe_comm, be, why, sizeof why);
+        if (nccl && (st = rp_transport_enable_nccl(storage, be, err)) != RP_OK) {
+            rp_transport_free(storage);
+            return st;
+        }
+        if (o->progress && o->grid->world_rank == 0)
+            fprintf(o->progress, "stage transport: %s%s\n", nccl ? "NCCL" : "MPI through host "
+                    "memory: ", nccl ? "" : why);
+    }
+    *tp = storage;
+    return RP_OK;
 }
 
 /* ---- evaluation ---- */
@@ -295,7 +310,7 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
 rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, int n_batches,
                             double *loss, double *accuracy, long *n_targets, rp_error *err) {
     rp_transport storage, *tp;
-    rp_status st = pipe_transport_open(o, &storage, &tp, err);
+    rp_status st = pipe_transport_open(o, model->be, &storage, &tp, err);
     if (st != RP_OK) return st;
     st = evaluate(model, o, tp, n_batches, loss, accuracy, n_targets, err);
     if (tp) rp_transport_free(tp);
@@ -456,9 +471,6 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                             "replica%s (ctx %d)", B, MB, DP, DP == 1 ? "" : "s", T);
     const int M = B / (MB * DP);  /* micro-batches per step on each replica */
     if (o->steps < 1) return rp_error_set(err, RP_ERR_ARG, "steps %ld must be >= 1", o->steps);
-    if (stages_of(o) > 1 && !be->is_host_memory)
-        return rp_error_set(err, RP_ERR_ARG, "the MPI stage transport needs host memory; the "
-                            "%s backend's pipeline transport is not available yet", be->name);
     rp_optim_config optim = o->optim;
     optim.total_steps = o->steps;
     rp_status st = rp_optim_validate(&optim, err);
@@ -488,7 +500,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                              model->has_embed, model->has_head, be, err)) != RP_OK ||
         (st = rp_model_alloc(&adam_v, cfg, model->layer_begin, model->layer_end,
                              model->has_embed, model->has_head, be, err)) != RP_OK ||
-        (st = pipe_transport_open(o, &tp_storage, &tp, err)) != RP_OK ||
+        (st = pipe_transport_open(o, be, &tp_storage, &tp, err)) != RP_OK ||
         (st = rp_pipe_trainer_init(&pt, model, &grads, &adam_m, &adam_v, o->grid, tp,
                                    o->pipe_schedule, M, MB, T, err)) != RP_OK)
         goto done;
