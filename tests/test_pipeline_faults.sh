@@ -126,10 +126,12 @@ ok "step 4 was left incomplete; resumed from step 2 to the same weights"
 check "SIGUSR1 to mpirun (preemption): every rank stops at the same step with a checkpoint, exit 75; --resume auto continues to the uninterrupted result"
 "$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 400 -o "$T/full400.st" >"$T/stdout" 2>"$T/stderr" ||
     fail "uninterrupted 400-step run"
+# The previous run's "step 5/" must not be mistaken for this one's.
+rm -f "$T/stderr"
 "$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 400 --checkpoint-dir "$T/ck_sig" --resume auto \
     -o "$T/sig.st" >"$T/stdout" 2>"$T/stderr" &
 JOB=$!
-for ((i = 0; i < 600; i++)); do grep -q "^step 5/" "$T/stderr" && break; sleep 0.1; done
+for ((i = 0; i < 600; i++)); do grep -qs "^step 5/" "$T/stderr" && break; sleep 0.1; done
 kill -USR1 "$JOB"
 wait "$JOB"
 rc=$?
