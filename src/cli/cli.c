@@ -134,9 +134,8 @@ rp_backend *cli_backend_create(const rp_cli *cli, const cli_model_options *opt) 
 #ifdef RP_HAVE_CUDA
     const int count = rp_cuda_device_count();
     if (strcmp(device, "cuda") == 0 && count == 0)
-        cli_fatal(cli, "--device cuda: no CUDA device is visible to rank %d (check "
-                  "CUDA_VISIBLE_DEVICES and the driver with nvidia-smi), or use --device cpu",
-                  cli->mpi_rank);
+        cli_fatal(cli, "--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES "
+                  "and the driver with nvidia-smi), or use --device cpu");
     if (strcmp(device, "cpu") != 0 && count > 0) {
         const int index = count == 1 ? 0 : launcher_local_rank() % count;
         const int math = rp_cuda_math_parse(opt->gpu_math ? opt->gpu_math : "bf16");

@@ -120,6 +120,7 @@ static void logits_usage(FILE *out) {
             "                      mpirun -np P); rank 0 writes the same file as one process\n"
             "  --stage-layers LIST layers per stage, e.g. 2,1,1 (default: balanced by cost)\n"
             "  --threads N         CPU threads (default: all cores / ranks on the node)\n"
+            CLI_DEVICE_HELP
             "  -h, --help          this text\n");
 }
 
@@ -134,6 +135,8 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
                                              {"grads", no_argument, 0, 'g'},
                                              {"pp", required_argument, 0, 'P'},
                                              {"stage-layers", required_argument, 0, 'A'},
+                                             {"device", required_argument, 0, 1001},
+                                             {"gpu-math", required_argument, 0, 1002},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
     cli_model_options mo = {0};
@@ -158,6 +161,8 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         case 'g': want_grads = 1; break;
         case 'P': pp = (int)cli_parse_int(cli, "--pp", optarg, 1, RP_GRID_MAX_STAGES); break;
         case 'A': stage_layers = optarg; break;
+        case 1001: cli_parse_device(cli, &mo, optarg); break;
+        case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 'h': logits_usage(stdout); return 0;
         default: logits_usage(stderr); return 2;
         }

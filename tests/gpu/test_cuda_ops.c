@@ -1373,10 +1373,10 @@ static void check_empty(twin *t, const shape *sh) {
     }
     size_t differ = 0;
     for (int i = 0; i < NB; i++) {
-        float *host = download(t, b[i]);
+        float *back = download(t, b[i]);
         for (size_t j = 0; j < b[i]->n; j++)
-            differ += memcmp(host + j, b[i]->cpu + j, sizeof(float)) != 0;
-        free(host);
+            differ += memcmp(back + j, b[i]->cpu + j, sizeof(float)) != 0;
+        free(back);
     }
     char note[64] = "";
     if (differ) snprintf(note, sizeof note, "  (%zu floats changed)", differ);
