@@ -1,9 +1,9 @@
 /* Pipeline bubble of the executor (src/pipe/pipe_train.c) under MPI: P ranks
  * run P stages (DP = 1); for GPipe and 1F1B at several micro-batch counts M,
  * the step time against the compute every stage did in it (the executor's
- * busy_seconds: its FWD + BWD), the measured idle share next to the theory
- * (P-1)/(M+P-1), and the difference split into stage imbalance, per-step
- * work outside FWD/BWD, and the rest (transfers, waits). One markdown table
+ * busy_seconds: FWD, BWD and the weight update), the measured idle share
+ * next to the theory (P-1)/(M+P-1), and the difference split into stage
+ * imbalance, the update, and the rest (transfers, waits). One markdown table
  * on rank 0; run by hand, results in docs/perf/pipeline.md.
  *   mpirun -np 2 bench/bench_pipeline [options]   (--help) */
 #include "config.h"
@@ -151,17 +151,6 @@ static void fill_tokens(int32_t *inputs, int32_t *targets, int n_seqs, int T, in
     free(row);
 }
 
-/* The work of a step the executor does not count as busy: zeroing the
- * gradients, their sum of squares, AdamW. Seconds, once, on this stage. */
-static double overhead_seconds(rp_model *model, rp_model *grads, rp_model *m, rp_model *v,
-                               const rp_optim_config *optim, long step) {
-    const double t0 = bench_now_s();
-    rp_model_zero(grads);
-    const double sumsq = rp_grad_sum_squares(grads);
-    rp_optim_step(model, grads, m, v, optim, step, rp_clip_scale(sqrt(sumsq), optim->grad_clip));
-    return bench_now_s() - t0;
-}
-
 static void format_per_stage(char *out, size_t size, const double *ms, int P, const char *fmt) {
     size_t used = 0;
     out[0] = '\0';
@@ -244,8 +233,9 @@ int main(int argc, char **argv) {
     const int n_cases = o.n_kinds * o.n_micro_counts;
     double *step_s = malloc(sizeof(double) * (size_t)n_cases * o.steps);
     double *busy_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
+    double *update_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
     double *other = malloc(sizeof(double) * (size_t)n_cases);
-    if (!step_s || !busy_s || !other) fatal("cannot allocate the results", NULL);
+    if (!step_s || !busy_s || !update_s || !other) fatal("cannot allocate the results", NULL);
 
     if (root) {
         char title[256];
@@ -279,8 +269,7 @@ int main(int argc, char **argv) {
     int *case_kind = malloc(sizeof(int) * (size_t)n_cases);
     /* /proc tick deltas per case: machine busy, machine total, this process */
     unsigned long long *ticks = calloc((size_t)n_cases * 3, sizeof *ticks);
-    double *overhead_samples = malloc(sizeof(double) * (size_t)o.steps);
-    if (!trainers || !case_m || !case_kind || !ticks || !overhead_samples)
+    if (!trainers || !case_m || !case_kind || !ticks)
         fatal("cannot allocate the cases", NULL);
     for (int ki = 0, c = 0; ki < o.n_kinds; ki++)
         for (int mi = 0; mi < o.n_micro_counts; mi++, c++) {
@@ -303,10 +292,11 @@ int main(int argc, char **argv) {
             if (rp_pipe_trainer_step(&trainers[c], inputs, targets, loss_scale,
                                      1e-4f * loss_scale, &optim, step++, &res, &err) != RP_OK)
                 fatal("step", &err);
-            double mine[2] = {MPI_Wtime() - t0, trainers[c].busy_seconds};
+            double mine[3] = {MPI_Wtime() - t0, trainers[c].busy_seconds,
+                              trainers[c].update_seconds};
             bench_cpu_sample_take(&c1);
-            double all[2 * RP_GRID_MAX_STAGES];
-            MPI_Gather(mine, 2, MPI_DOUBLE, all, 2, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+            double all[3 * RP_GRID_MAX_STAGES];
+            MPI_Gather(mine, 3, MPI_DOUBLE, all, 3, MPI_DOUBLE, 0, MPI_COMM_WORLD);
             if (round < 0) continue;
             if (c0.valid && c1.valid) {
                 ticks[3 * c] += c1.machine_busy - c0.machine_busy;
@@ -316,17 +306,12 @@ int main(int argc, char **argv) {
             if (!root) continue;
             double wall = 0;
             for (int s = 0; s < P; s++) {
-                wall = all[2 * s] > wall ? all[2 * s] : wall;
-                busy_s[((size_t)c * o.steps + round) * P + s] = all[2 * s + 1];
+                wall = all[3 * s] > wall ? all[3 * s] : wall;
+                busy_s[((size_t)c * o.steps + round) * P + s] = all[3 * s + 1];
+                update_s[((size_t)c * o.steps + round) * P + s] = all[3 * s + 2];
             }
             step_s[(size_t)c * o.steps + round] = wall;
         }
-        /* The per-step work outside FWD/BWD, alone, on all ranks at once as
-         * in a step; one sample per round. */
-        MPI_Barrier(MPI_COMM_WORLD);
-        const double overhead =
-            overhead_seconds(&model, &grads, &adam_m, &adam_v, &optim, step++);
-        if (round >= 0) overhead_samples[round] = overhead;
         if (root && round >= 0) fprintf(stderr, "bench_pipeline: round %d of %d done\n",
                                         round + 1, o.steps);
     }
@@ -340,90 +325,97 @@ int main(int argc, char **argv) {
         const double v = total > 0 ? (busy - (double)ticks_all[3 * c + 2]) / total : -1.0;
         other[c] = total > 0 ? (v < 0 ? 0 : v > 1 ? 1 : v) : -1.0;
     }
-    double overhead = bench_median(overhead_samples, o.steps);
-    double *overhead_all = malloc(sizeof(double) * (size_t)P);
-    if (!overhead_all) fatal("cannot allocate the results", NULL);
-    MPI_Gather(&overhead, 1, MPI_DOUBLE, overhead_all, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
 
     if (root) {
-        double overhead_max = 0;
-        for (int s = 0; s < P; s++)
-            overhead_max = overhead_all[s] > overhead_max ? overhead_all[s] : overhead_max;
-        printf("Per step: busy_s = stage s's FWD + BWD time (the executor's busy_seconds), "
-               "step = the slowest rank's time from the barrier to the end of "
-               "rp_pipe_trainer_step; the table uses their medians over the timed steps.\n\n"
-               "- **bubble** = 1 - sum_s busy_s / (P x step), the issue's measure; "
-               "**theory** = (P-1)/(M+P-1); **diff** = bubble - theory, percentage points, "
-               "goal within 3\n"
-               "- diff = **imbalance** + **overhead** + **rest**, from the step a pipeline of "
-               "these stages would take, pipe = sum_s busy_s / M + (M-1) x max_s busy_s / M "
-               "(fill and drain pass every stage once, the steady state goes at the slowest "
-               "stage's pace); e = 1 - sum_s busy_s / (P x pipe):\n"
-               "  - imbalance = e - theory (0 when the stages cost the same, and for M = 1)\n"
-               "  - overhead = (1 - e) x overhead / step, overhead = %.1f ms, the slowest of the "
-               "stages' gradient zeroing + norm + AdamW measured alone (work of every step that "
-               "busy_seconds does not count)\n"
-               "  - rest = (1 - e) x (step - pipe - overhead) / step: transfers, the latency of "
-               "the executor's waits, variation between micro-batches (rest ms in brackets)\n"
-               "- **pipeline idle** = 1 - sum_s busy_s / (P x (step - overhead)): the same with "
-               "the weight update (zeroing + norm + AdamW, compute every stage does at the end "
-               "of the step, not a bubble) taken out of the step; **diff** against theory\n\n",
-               1e3 * overhead_max);
-        const char *cols[12] = {"M", "step ms", "busy ms per stage", "bubble", "theory",
-                                "diff, pts", "imbalance, pts", "overhead, pts", "rest, pts (ms)",
-                                "other CPU load", "pipeline idle", "diff, pts"};
-        bench_table_header(stdout, "schedule", cols, 12);
+        printf("Per step: busy_s = stage s's compute (the executor's busy_seconds: FWD, BWD "
+               "and the weight update - gradient zeroing, local gradient norm, AdamW), "
+               "update_s = its weight-update part, step = the slowest rank's time from the "
+               "barrier to the end of rp_pipe_trainer_step; the table uses their medians over "
+               "the timed steps.\n\n"
+               "- **bubble** = 1 - sum_s busy_s / (P x step): the share of the stages' time "
+               "spent idle, the issue's measure; **theory** = (P-1)/(M+P-1); **diff** = bubble "
+               "- theory, percentage points, goal within 3\n"
+               "- diff = **imbalance** + **update** + **rest**, from the step a pipeline of "
+               "these stages would take: with f_s = busy_s - update_s, pipe_f = sum_s f_s / M + "
+               "(M-1) x max_s f_s / M (fill and drain pass every stage once, the steady state "
+               "goes at the slowest stage's pace) and pipe = pipe_f + max_s update_s (every "
+               "stage updates its weights at the end of the step, at once):\n"
+               "  - imbalance = e_f - theory with e_f = 1 - sum_s f_s / (P x pipe_f) (0 when "
+               "the stages cost the same, and for M = 1)\n"
+               "  - update = e - e_f with e = 1 - sum_s busy_s / (P x pipe): the update is "
+               "compute every stage does together, so it lowers the idle share (negative)\n"
+               "  - rest = bubble - e: transfers, the latency of the executor's waits, "
+               "variation between micro-batches (in ms of step time in brackets)\n"
+               "- **pipeline idle** = 1 - sum_s f_s / (P x (step - max_s update_s)): the idle "
+               "share of the pipelined phase alone (FWD/BWD against the step without its "
+               "update), the quantity (P-1)/(M+P-1) describes; **diff** against theory\n\n");
+        const char *cols[10] = {"M", "step ms", "busy ms per stage", "update ms per stage",
+                                "bubble", "theory", "diff, pts", "imbalance, pts",
+                                "update, pts", "rest, pts (ms)"};
+        const char *cols_all[13];
+        for (int k = 0; k < 10; k++) cols_all[k] = cols[k];
+        cols_all[10] = "pipeline idle";
+        cols_all[11] = "diff, pts";
+        cols_all[12] = "other CPU load";
+        bench_table_header(stdout, "schedule", cols_all, 13);
         double *stage_s = malloc(sizeof(double) * (size_t)P);
+        double *stage_u = malloc(sizeof(double) * (size_t)P);
         double *col = malloc(sizeof(double) * (size_t)o.steps);
-        if (!stage_s || !col) fatal("cannot allocate the results", NULL);
+        if (!stage_s || !stage_u || !col) fatal("cannot allocate the results", NULL);
         for (int c = 0; c < n_cases; c++) {
-                const int M = case_m[c];
-                double sum = 0, max = 0;
-                for (int s = 0; s < P; s++) {
-                    for (int i = 0; i < o.steps; i++)
-                        col[i] = busy_s[((size_t)c * o.steps + i) * P + s];
-                    stage_s[s] = bench_median(col, o.steps);
-                    sum += stage_s[s];
-                    max = stage_s[s] > max ? stage_s[s] : max;
-                }
-                for (int i = 0; i < o.steps; i++) col[i] = step_s[(size_t)c * o.steps + i];
-                const double step_median = bench_median(col, o.steps);
-                const double theory = (double)(P - 1) / (M + P - 1);
-                const double bubble = 1 - sum / (P * step_median);
-                const double pipe = sum / M + (M - 1) * max / M;
-                const double e = 1 - sum / (P * pipe);
-                const double rest_s = step_median - pipe - overhead_max;
-                double ms[RP_GRID_MAX_STAGES];
-                for (int s = 0; s < P; s++) ms[s] = 1e3 * stage_s[s];
-                char cells[12][96];
-                snprintf(cells[0], 96, "%d", M);
-                snprintf(cells[1], 96, "%.1f", 1e3 * step_median);
-                format_per_stage(cells[2], 96, ms, P, "%.1f");
-                snprintf(cells[3], 96, "%.1f%%", 100 * bubble);
-                snprintf(cells[4], 96, "%.1f%%", 100 * theory);
-                snprintf(cells[5], 96, "%+.1f %s", 100 * (bubble - theory),
-                         fabs(bubble - theory) <= 0.03 ? "✓" : "✗");
-                snprintf(cells[6], 96, "%+.1f", 100 * (e - theory));
-                snprintf(cells[7], 96, "%+.1f", 100 * (1 - e) * overhead_max / step_median);
-                snprintf(cells[8], 96, "%+.1f (%.1f)", 100 * (1 - e) * rest_s / step_median,
-                         1e3 * rest_s);
-                snprintf(cells[9], 96, other[c] < 0 ? "?" : "%.0f%%%s", 100 * other[c],
-                         other[c] > NOISY_OTHER_CPU_FRACTION ? " (noisy: rerun)" : "");
-                const double idle = 1 - sum / (P * (step_median - overhead_max));
-                snprintf(cells[10], 96, "%.1f%%", 100 * idle);
-                snprintf(cells[11], 96, "%+.1f %s", 100 * (idle - theory),
-                         fabs(idle - theory) <= 0.03 ? "✓" : "✗");
-                const char *row[12];
-                for (int k = 0; k < 12; k++) row[k] = cells[k];
-                bench_table_row(stdout, rp_schedule_kind_name((rp_schedule_kind)case_kind[c]),
-                                row, 12);
+            const int M = case_m[c];
+            double sum = 0, sum_f = 0, max_f = 0, max_u = 0;
+            for (int s = 0; s < P; s++) {
+                for (int i = 0; i < o.steps; i++)
+                    col[i] = busy_s[((size_t)c * o.steps + i) * P + s];
+                stage_s[s] = bench_median(col, o.steps);
+                for (int i = 0; i < o.steps; i++)
+                    col[i] = update_s[((size_t)c * o.steps + i) * P + s];
+                stage_u[s] = bench_median(col, o.steps);
+                const double f = stage_s[s] - stage_u[s];
+                sum += stage_s[s];
+                sum_f += f;
+                max_f = f > max_f ? f : max_f;
+                max_u = stage_u[s] > max_u ? stage_u[s] : max_u;
+            }
+            for (int i = 0; i < o.steps; i++) col[i] = step_s[(size_t)c * o.steps + i];
+            const double step_median = bench_median(col, o.steps);
+            const double theory = (double)(P - 1) / (M + P - 1);
+            const double bubble = 1 - sum / (P * step_median);
+            const double pipe_f = sum_f / M + (M - 1) * max_f / M;
+            const double pipe = pipe_f + max_u;
+            const double e_f = 1 - sum_f / (P * pipe_f);
+            const double e = 1 - sum / (P * pipe);
+            double ms[RP_GRID_MAX_STAGES], ums[RP_GRID_MAX_STAGES];
+            for (int s = 0; s < P; s++) {
+                ms[s] = 1e3 * stage_s[s];
+                ums[s] = 1e3 * stage_u[s];
+            }
+            char cells[13][96];
+            snprintf(cells[0], 96, "%d", M);
+            snprintf(cells[1], 96, "%.1f", 1e3 * step_median);
+            format_per_stage(cells[2], 96, ms, P, "%.1f");
+            format_per_stage(cells[3], 96, ums, P, "%.1f");
+            snprintf(cells[4], 96, "%.1f%%", 100 * bubble);
+            snprintf(cells[5], 96, "%.1f%%", 100 * theory);
+            snprintf(cells[6], 96, "%+.1f %s", 100 * (bubble - theory),
+                     fabs(bubble - theory) <= 0.03 ? "✓" : "✗");
+            snprintf(cells[7], 96, "%+.1f", 100 * (e_f - theory));
+            snprintf(cells[8], 96, "%+.1f", 100 * (e - e_f));
+            snprintf(cells[9], 96, "%+.1f (%.1f)", 100 * (bubble - e),
+                     1e3 * (step_median - pipe));
+            const double idle = 1 - sum_f / (P * (step_median - max_u));
+            snprintf(cells[10], 96, "%.1f%%", 100 * idle);
+            snprintf(cells[11], 96, "%+.1f %s", 100 * (idle - theory),
+                     fabs(idle - theory) <= 0.03 ? "✓" : "✗");
+            snprintf(cells[12], 96, other[c] < 0 ? "?" : "%.0f%%%s", 100 * other[c],
+                     other[c] > NOISY_OTHER_CPU_FRACTION ? " (noisy: rerun)" : "");
+            const char *row[13];
+            for (int k = 0; k < 13; k++) row[k] = cells[k];
+            bench_table_row(stdout, rp_schedule_kind_name((rp_schedule_kind)case_kind[c]),
+                            row, 13);
         }
-        double ms[RP_GRID_MAX_STAGES];
-        for (int s = 0; s < P; s++) ms[s] = 1e3 * overhead_all[s];
-        char cell[256];
-        format_per_stage(cell, sizeof cell, ms, P, "%.2f");
-        printf("\n- overhead outside FWD/BWD per step (zero gradients + norm + AdamW, alone, "
-               "median over the rounds), ms per stage: %s\n", cell);
+        free(stage_u);
         free(stage_s);
         free(col);
     }
@@ -433,8 +425,7 @@ int main(int argc, char **argv) {
     free(case_kind);
     free(ticks);
     free(ticks_all);
-    free(overhead_samples);
-    free(overhead_all);
+    free(update_s);
     free(step_s);
     free(busy_s);
     free(other);

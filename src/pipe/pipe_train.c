@@ -239,7 +239,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     double local_loss = 0, grad_norm = 0;
     int skipped = 0;
     rp_status st = RP_OK;
-    pt->busy_seconds = 0;
+    pt->busy_seconds = pt->update_seconds = 0;
     /* The first step runs its device transfers over MPI: the CUDA backend
      * sizes its scratch buffers during it, and freeing the old ones
      * (cudaFree) waits for the whole device, so with an NCCL receive posted
@@ -247,7 +247,19 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
      * From the second step on nothing is freed inside a step. */
     const int nccl_warmup = pt->tp && pt->steps_done == 0 && rp_transport_nccl_active(pt->tp);
     if (nccl_warmup) rp_transport_pause_nccl(pt->tp, 1);
-    rp_model_zero(pt->grads);
+    /* Zeroing the gradients is compute of the step. A stage that gets
+     * gradients from the next one first accumulates into them in its first
+     * BWD, after a receive it usually waits for: it zeroes there, off the
+     * path of its forwards (the last stage's FWD accumulates the head's, and
+     * a lone stage has no receive: they zero now). */
+    int zero_pending = 1;
+    if (next_op(list, n, -1, RP_OP_RECV_GRAD) < 0 || m->has_head) {
+        const double t0 = now_seconds();
+        rp_model_zero(pt->grads);
+        be->synchronize(be);
+        pt->update_seconds += now_seconds() - t0;
+        zero_pending = 0;
+    }
     /* The first receive of each kind is posted before any compute. */
     int j;
     if ((j = next_op(list, n, -1, RP_OP_RECV_ACT)) >= 0 && (st = post_recv(pt, &list[j], err)))
@@ -264,6 +276,13 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         case RP_OP_RECV_GRAD: {
             const int is_act = in->op == RP_OP_RECV_ACT;
             rp_transfer *x = is_act ? pt->act_in : pt->grad_in;
+            if (!is_act && zero_pending) {
+                const double t0 = now_seconds();
+                rp_model_zero(pt->grads);
+                be->synchronize(be);
+                pt->update_seconds += now_seconds() - t0;
+                zero_pending = 0;
+            }
             if ((is_act ? pt->act_in_mb : pt->grad_in_mb) != mb) {
                 st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: receive of micro-batch %d "
                                   "was not posted", pt->stage, mb);
@@ -341,7 +360,9 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             if (st == RP_OK) st = reduce_grads(pt, err);
             break;
         case RP_OP_OPT_STEP: {
+            double t0 = now_seconds();
             double sumsq = rp_grad_sum_squares(pt->grads);
+            pt->update_seconds += now_seconds() - t0;
             if (pt->n_stages > 1) {
                 MPI_Request req;
                 MPI_Iallreduce(MPI_IN_PLACE, &sumsq, 1, MPI_DOUBLE, MPI_SUM, pt->grid->pipe_comm,
@@ -364,8 +385,11 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 skipped = 1;
                 break;
             }
+            t0 = now_seconds();
             rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
                           rp_clip_scale(grad_norm, optim->grad_clip));
+            be->synchronize(be);
+            pt->update_seconds += now_seconds() - t0;
             break;
         }
         default:
@@ -374,6 +398,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         }
     }
     if (st != RP_OK) return st;
+    pt->busy_seconds += pt->update_seconds;
     if ((st = be->status(be, err)) != RP_OK)
         return rp_error_prefix(err, "stage %d: optimizer step", pt->stage);
     /* The loss lives on the last stage of each replica: sum over replicas,

@@ -43,7 +43,9 @@ typedef struct {
     rp_batch batch;
     double timeout_s;               /* watchdog of the collectives (the transport's) */
     int halt_on_nan;                /* a non-finite gradient is an error (else: skip the step) */
-    double busy_seconds;            /* compute time of the last step (FWD/BWD) */
+    double busy_seconds;            /* compute time of the last step: FWD, BWD and the update */
+    double update_seconds;          /* its part outside FWD/BWD: gradient zeroing, local
+                                     * gradient norm, AdamW */
     long steps_done;                /* rp_pipe_trainer_step calls that succeeded */
     /* Gradient all-reduce over the data replicas on device memory: NCCL, or
      * MPI through the host buffer (NULL on host memory: MPI in place). */
