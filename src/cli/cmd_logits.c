@@ -268,10 +268,20 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     if (sc.stage != 0) {
         /* Every stage sends its gradients; only rank 0 writes. */
         if (want_grads) {
-            for (int i = 0; i < grads.layer_end - grads.layer_begin; i++)
-                gather_floats(cli, &sc, sc.stage, NULL, grads.layer_flat[i], grads.layer_floats);
-            if (grads.has_head)
-                gather_floats(cli, &sc, sc.stage, NULL, grads.head_flat, grads.head_floats);
+            /* Through a host copy: the gradients may live on a GPU. */
+            size_t most = grads.layer_floats > grads.head_floats ? grads.layer_floats
+                                                                 : grads.head_floats;
+            float *host = malloc(most * sizeof(float));
+            if (!host) cli_fatal(cli, "out of memory for a layer's gradients");
+            for (int i = 0; i < grads.layer_end - grads.layer_begin; i++) {
+                be->copy_to_host(be, host, grads.layer_flat[i], grads.layer_floats * sizeof(float));
+                gather_floats(cli, &sc, sc.stage, NULL, host, grads.layer_floats);
+            }
+            if (grads.has_head) {
+                be->copy_to_host(be, host, grads.head_flat, grads.head_floats * sizeof(float));
+                gather_floats(cli, &sc, sc.stage, NULL, host, grads.head_floats);
+            }
+            free(host);
         }
         free(host_state);
         free(att);

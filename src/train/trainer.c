@@ -401,7 +401,8 @@ static rp_status save_checkpoint(const rp_train_options *o, const rp_ckpt_conten
 }
 
 /* -o with several stages: replica 0's stages send their layers to rank 0,
- * which writes one file with every tensor under its official name. */
+ * which writes one file with every tensor under its official name. The
+ * layers travel through host buffers (backend memory may be a GPU's). */
 static rp_status save_weights(const rp_model *model, const rp_train_options *o, rp_error *err) {
     if (!o->grid || o->grid->pp == 1) {
         if (o->grid && o->grid->replica != 0) return RP_OK;
@@ -411,16 +412,36 @@ static rp_status save_weights(const rp_model *model, const rp_train_options *o, 
     if (g->replica != 0) return RP_OK;
     rp_backend *be = model->be;
     const int tag = 77;
+    size_t host_floats = model->layer_floats > model->head_floats ? model->layer_floats
+                                                                   : model->head_floats;
+    float *host = malloc(host_floats * sizeof(float));
     if (g->stage != 0) {
-        for (int i = 0; i < model->layer_end - model->layer_begin; i++)
-            MPI_Send(model->layer_flat[i], (int)model->layer_floats, MPI_FLOAT, 0, tag,
+        /* Send even after a failed allocation (zeros), so rank 0 never blocks;
+         * the error still ends this rank's run. */
+        float *zeros = host ? NULL : calloc(host_floats, sizeof(float));
+        for (int i = 0; i < model->layer_end - model->layer_begin; i++) {
+            if (host) be->copy_to_host(be, host, model->layer_flat[i],
+                                       model->layer_floats * sizeof(float));
+            MPI_Send(host ? host : zeros, (int)model->layer_floats, MPI_FLOAT, 0, tag,
                      g->pipe_comm);
-        if (model->has_head)
-            MPI_Send(model->head_flat, (int)model->head_floats, MPI_FLOAT, 0, tag, g->pipe_comm);
+        }
+        if (model->has_head) {
+            if (host) be->copy_to_host(be, host, model->head_flat,
+                                       model->head_floats * sizeof(float));
+            MPI_Send(host ? host : zeros, (int)model->head_floats, MPI_FLOAT, 0, tag,
+                     g->pipe_comm);
+        }
+        free(zeros);
+        if (!host) return rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
+        free(host);
         return RP_OK;
     }
     rp_model whole;
+    memset(&whole, 0, sizeof whole);
     rp_status st = rp_model_alloc(&whole, &model->cfg, 0, model->cfg.n_layer, 1, 1, be, err);
+    if (st == RP_OK && !host)
+        st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
+    float *sink = host ? host : malloc(host_floats * sizeof(float));
     for (int s = 0; s < g->pp; s++)
         for (int l = g->layer_begin[s]; l < g->layer_end[s]; l++) {
             if (s == 0) {
@@ -429,20 +450,23 @@ static rp_status save_weights(const rp_model *model, const rp_train_options *o, 
                              model->layer_floats * sizeof(float));
                 continue;
             }
-            /* Receive even after a failed allocation, so no stage blocks. */
-            float *dst = st == RP_OK ? whole.layer_flat[l] : NULL;
-            float *tmp = dst ? NULL : malloc(model->layer_floats * sizeof(float));
-            MPI_Recv(dst ? dst : tmp, (int)model->layer_floats, MPI_FLOAT, s, tag, g->pipe_comm,
+            /* Receive even after a failure, so no stage blocks. */
+            MPI_Recv(sink, sink ? (int)model->layer_floats : 0, MPI_FLOAT, s, tag, g->pipe_comm,
                      MPI_STATUS_IGNORE);
-            free(tmp);
+            if (st == RP_OK)
+                be->copy_to_device(be, whole.layer_flat[l], host,
+                                   model->layer_floats * sizeof(float));
         }
+    MPI_Recv(sink, sink ? (int)model->head_floats : 0, MPI_FLOAT, g->pp - 1, tag, g->pipe_comm,
+             MPI_STATUS_IGNORE);
     if (st == RP_OK) {
+        be->copy_to_device(be, whole.head_flat, host, model->head_floats * sizeof(float));
         be->copy(be, whole.embed_flat, model->embed_flat, model->embed_floats * sizeof(float));
-        MPI_Recv(whole.head_flat, (int)model->head_floats, MPI_FLOAT, g->pp - 1, tag,
-                 g->pipe_comm, MPI_STATUS_IGNORE);
         st = rp_model_save(&whole, o->save_path, RP_DTYPE_F32, err);
-        rp_model_free(&whole);
     }
+    if (whole.be) rp_model_free(&whole);
+    if (sink != host) free(sink);
+    free(host);
     return st;
 }
 
