@@ -240,6 +240,12 @@ static inline size_t rp_wkv_checkpoint_offset(const rp_batch *batch, int s) {
 rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err);
 void rp_cpu_backend_destroy(rp_backend *be);
 
+/* A test backend (src/cpu/cpu_fake_device.c): the CPU backend's arithmetic
+ * on memory the host cannot touch directly (is_host_memory = 0; any host
+ * access through its pointers faults), so tests on a CPU-only machine find
+ * code that dereferences backend memory instead of copying it. */
+rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err);
+
 /* Destroys a backend of either kind (callers hold rp_backend pointers
  * without caring which). NULL is a no-op. */
 static inline void rp_backend_destroy(rp_backend *be) {

@@ -85,6 +85,8 @@ void cli_rank_startup(const rp_cli *cli, const rp_backend *be, int stage, int re
     char *comma = strchr(mpi, ',');
     if (comma) *comma = '\0';  /* "Open MPI v4.1.4" without the package details */
     char device[512] = "cpu";
+    if (be && strcmp(be->name, "fake-device") == 0)  /* RWKVPIPE_TEST_FAKE_DEVICE=1 */
+        snprintf(device, sizeof device, "fake-device (CPU arithmetic, test hook)");
 #ifdef RP_HAVE_CUDA
     if (be && strcmp(be->name, "cuda") == 0) {
         const int index = rp_cuda_backend_device(be);
@@ -131,6 +133,14 @@ rp_backend *cli_backend_create(const rp_cli *cli, const cli_model_options *opt) 
     const char *device = opt->device ? opt->device : "auto";
     rp_error err;
     rp_backend *be = NULL;
+    /* Test hook, like RWKVPIPE_TEST_CRASH: the CPU arithmetic on memory the
+     * host cannot touch, so tests catch host dereferences of backend memory. */
+    const char *fake = getenv("RWKVPIPE_TEST_FAKE_DEVICE");
+    if (fake && strcmp(fake, "1") == 0 && strcmp(device, "cuda") != 0) {
+        if (!(be = rp_fake_device_backend_create(opt->threads, &err)))
+            cli_fatal_error(cli, &err);
+        return be;
+    }
 #ifdef RP_HAVE_CUDA
     const int count = rp_cuda_device_count();
     if (strcmp(device, "cuda") == 0 && count == 0)
