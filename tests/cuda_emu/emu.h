@@ -1,0 +1,161 @@
+// CPU emulation of the CUDA runtime, cuBLAS and device code used by rwkvpipe's
+// cuda/*.cu. Each CUDA thread is a ucontext fiber; blocks run one after another;
+// __syncthreads and warp shuffles are scheduling points.
+#pragma once
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <algorithm>
+
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+typedef dim3 uint3;
+extern dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+static_assert(sizeof(float4) == 16, "");
+
+// ---- bf16 ----
+struct __nv_bfloat16 { unsigned short x; };
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    __nv_bfloat16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) { r.x = (unsigned short)((u >> 16) | 0x40); return r; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r.x = (unsigned short)(u >> 16);
+    return r;
+}
+static inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+static inline float __bfloat162float(__nv_bfloat16 b) { uint32_t u = (uint32_t)b.x << 16; float f; memcpy(&f, &u, 4); return f; }
+
+// ---- intrinsics ----
+static inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+static inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+static inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
+static inline float __fsqrt_rn(float a) { return sqrtf(a); }
+static inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
+
+// CUDA's global min/max overloads (mixed signedness goes unsigned like CUDA's).
+template <class A, class B> static inline typename std::common_type<A, B>::type max(A a, B b) {
+    typedef typename std::common_type<A, B>::type T; return (T)a > (T)b ? (T)a : (T)b; }
+template <class A, class B> static inline typename std::common_type<A, B>::type min(A a, B b) {
+    typedef typename std::common_type<A, B>::type T; return (T)a < (T)b ? (T)a : (T)b; }
+
+// ---- scheduling points ----
+void __syncthreads();
+void rp_emu_warp_exchange(uint64_t in, unsigned mask, uint64_t *all /* [32] out */);
+void *rp_emu_dyn_smem();
+void rp_emu_poison(void *p, size_t n);
+template <class T> static inline uint64_t rp_emu_pack(T v) { static_assert(sizeof(T) <= 8, ""); uint64_t u = 0; memcpy(&u, &v, sizeof v); return u; }
+template <class T> static inline T rp_emu_unpack(uint64_t u) { T v; memcpy(&v, &u, sizeof v); return v; }
+static inline unsigned rp_emu_lane() { return (threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y) & 31; }
+template <class T> static inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+    uint64_t all[32]; rp_emu_warp_exchange(rp_emu_pack(v), mask, all);
+    unsigned lane = rp_emu_lane(); unsigned base = lane & ~(unsigned)(width - 1);
+    return rp_emu_unpack<T>(all[base + ((unsigned)src & (unsigned)(width - 1))]);
+}
+template <class T> static inline T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32) {
+    uint64_t all[32]; rp_emu_warp_exchange(rp_emu_pack(v), mask, all);
+    unsigned lane = rp_emu_lane(); unsigned w = lane & (unsigned)(width - 1);
+    return w + d < (unsigned)width ? rp_emu_unpack<T>(all[lane + d]) : v;
+}
+template <class T> static inline T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32) {
+    uint64_t all[32]; rp_emu_warp_exchange(rp_emu_pack(v), mask, all);
+    unsigned lane = rp_emu_lane(); unsigned w = lane & (unsigned)(width - 1);
+    return w >= d ? rp_emu_unpack<T>(all[lane - d]) : v;
+}
+template <class T> static inline T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) {
+    uint64_t all[32]; rp_emu_warp_exchange(rp_emu_pack(v), mask, all);
+    unsigned lane = rp_emu_lane(); unsigned src = lane ^ (unsigned)m;
+    if ((src & ~(unsigned)(width - 1)) != (lane & ~(unsigned)(width - 1))) return v;
+    return rp_emu_unpack<T>(all[src]);
+}
+static inline void __syncwarp(unsigned mask = 0xffffffffu) { uint64_t all[32]; rp_emu_warp_exchange(0, mask, all); }
+
+// ---- runtime ----
+typedef int cudaError_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
+       cudaErrorInvalidConfiguration = 9, cudaErrorNoDevice = 100, cudaErrorLaunchFailure = 719 };
+typedef struct rp_emu_stream *cudaStream_t;
+typedef struct rp_emu_event *cudaEvent_t;
+enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
+                      cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+                         cudaFuncAttributePreferredSharedMemoryCarveout = 9 };
+enum { cudaSharedmemCarveoutMaxShared = 100, cudaSharedmemCarveoutDefault = -1 };
+#define cudaStreamNonBlocking 0x01
+#define cudaEventDisableTiming 0x02
+struct cudaDeviceProp { char name[256]; int major, minor; size_t totalGlobalMem; int multiProcessorCount; };
+
+cudaError_t cudaGetDeviceCount(int *n);
+cudaError_t cudaSetDevice(int d);
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d);
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d);
+cudaError_t cudaRuntimeGetVersion(int *v);
+cudaError_t cudaDriverGetVersion(int *v);
+const char *cudaGetErrorString(cudaError_t e);
+cudaError_t cudaGetLastError();
+cudaError_t cudaPeekAtLastError();
+cudaError_t cudaMalloc_(void **p, size_t n);
+template <class T> static inline cudaError_t cudaMalloc(T **p, size_t n) { return cudaMalloc_((void **)p, n); }
+cudaError_t cudaFree(void *p);
+cudaError_t cudaMallocHost_(void **p, size_t n);
+template <class T> static inline cudaError_t cudaMallocHost(T **p, size_t n) { return cudaMallocHost_((void **)p, n); }
+cudaError_t cudaFreeHost(void *p);
+cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k);
+cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st = 0);
+cudaError_t cudaMemset(void *d, int v, size_t n);
+cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st = 0);
+cudaError_t cudaStreamCreate(cudaStream_t *s);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned f);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaDeviceSynchronize();
+cudaError_t cudaEventCreate(cudaEvent_t *e);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned f);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t rp_emu_func_set_attribute(const void *f, int attr, int value);
+template <class F> static inline cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute a, int v) {
+    return rp_emu_func_set_attribute((const void *)f, (int)a, v); }
+
+// ---- launch ----
+struct rp_emu_cfg { dim3 grid, block; size_t shmem; cudaStream_t stream; };
+static inline rp_emu_cfg rp_emu_config(dim3 g, dim3 b, size_t sh = 0, cudaStream_t s = 0) { return {g, b, sh, s}; }
+void rp_emu_check_ptr(const char *kernel, int arg, const void *p);
+void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, const std::function<void()> &body);
+template <class T> static inline void rp_emu_arg(const char *k, int i, const T &v) {
+    if constexpr (std::is_pointer<T>::value) rp_emu_check_ptr(k, i, (const void *)v);
+}
+template <class... P, class... A>
+static void rp_emu_launch(const char *name, rp_emu_cfg cfg, void (*fn)(P...), A &&...a) {
+    static_assert(sizeof...(P) == sizeof...(A), "kernel argument count");
+    std::tuple<typename std::decay<P>::type...> args(std::forward<A>(a)...);
+    int i = 0;
+    std::apply([&](const auto &...v) { (rp_emu_arg(name, i++, v), ...); }, args);
+    rp_emu_run(name, (const void *)fn, cfg, [&] { std::apply(fn, args); });
+}
