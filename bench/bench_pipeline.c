@@ -36,6 +36,7 @@ typedef struct {
     int micro[MAX_MICRO_COUNTS], n_micro_counts;
     int kinds[RP_SCHEDULE_KIND_COUNT], n_kinds;
     unsigned long long seed;
+    int trace_m;  /* print the timeline of one step of the cases with this M (0: none) */
 } options;
 
 static int world_rank = 0, my_stage = -1; /* -1 until the grid is made */
@@ -56,7 +57,10 @@ static void usage(FILE *out) {
             "  --steps N               timed steps per case (15)\n"
             "  --warmup N              untimed steps per case first (2)\n"
             "  --threads K             CPU backend threads per rank (1)\n"
-            "  --seed N                token and weight seed (1)\n");
+            "  --seed N                token and weight seed (1)\n"
+            "  --trace M               after the table, one more step of each case with M\n"
+            "                          micro-batches, every instruction's start and end per\n"
+            "                          stage (ms from the step's barrier)\n");
 }
 
 /* Under MPI a fatal error ends every rank, naming this one. */
@@ -98,6 +102,7 @@ static int parse_options(int argc, char **argv, options *o, char *msg, size_t ms
         else if (strcmp(a, "--steps") == 0) ok = parse_int(v, 1, MAX_STEPS, &o->steps);
         else if (strcmp(a, "--warmup") == 0) ok = parse_int(v, 0, MAX_STEPS, &o->warmup);
         else if (strcmp(a, "--threads") == 0) ok = parse_int(v, 1, 1024, &o->threads);
+        else if (strcmp(a, "--trace") == 0) ok = parse_int(v, 1, MAX_STEPS, &o->trace_m);
         else if (strcmp(a, "--seed") == 0) {
             char *end;
             o->seed = strtoull(v, &end, 10);
@@ -234,8 +239,9 @@ int main(int argc, char **argv) {
     double *step_s = malloc(sizeof(double) * (size_t)n_cases * o.steps);
     double *busy_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
     double *update_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
+    double *fwd_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
     double *other = malloc(sizeof(double) * (size_t)n_cases);
-    if (!step_s || !busy_s || !update_s || !other) fatal("cannot allocate the results", NULL);
+    if (!step_s || !busy_s || !update_s || !fwd_s || !other) fatal("cannot allocate the results", NULL);
 
     if (root) {
         char title[256];
@@ -292,11 +298,11 @@ int main(int argc, char **argv) {
             if (rp_pipe_trainer_step(&trainers[c], inputs, targets, loss_scale,
                                      1e-4f * loss_scale, &optim, step++, &res, &err) != RP_OK)
                 fatal("step", &err);
-            double mine[3] = {MPI_Wtime() - t0, trainers[c].busy_seconds,
-                              trainers[c].update_seconds};
+            double mine[4] = {MPI_Wtime() - t0, trainers[c].busy_seconds,
+                              trainers[c].update_seconds, trainers[c].fwd_seconds};
             bench_cpu_sample_take(&c1);
-            double all[3 * RP_GRID_MAX_STAGES];
-            MPI_Gather(mine, 3, MPI_DOUBLE, all, 3, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+            double all[4 * RP_GRID_MAX_STAGES];
+            MPI_Gather(mine, 4, MPI_DOUBLE, all, 4, MPI_DOUBLE, 0, MPI_COMM_WORLD);
             if (round < 0) continue;
             if (c0.valid && c1.valid) {
                 ticks[3 * c] += c1.machine_busy - c0.machine_busy;
@@ -306,9 +312,10 @@ int main(int argc, char **argv) {
             if (!root) continue;
             double wall = 0;
             for (int s = 0; s < P; s++) {
-                wall = all[3 * s] > wall ? all[3 * s] : wall;
-                busy_s[((size_t)c * o.steps + round) * P + s] = all[3 * s + 1];
-                update_s[((size_t)c * o.steps + round) * P + s] = all[3 * s + 2];
+                wall = all[4 * s] > wall ? all[4 * s] : wall;
+                busy_s[((size_t)c * o.steps + round) * P + s] = all[4 * s + 1];
+                update_s[((size_t)c * o.steps + round) * P + s] = all[4 * s + 2];
+                fwd_s[((size_t)c * o.steps + round) * P + s] = all[4 * s + 3];
             }
             step_s[(size_t)c * o.steps + round] = wall;
         }
@@ -352,14 +359,16 @@ int main(int argc, char **argv) {
         const char *cols[10] = {"M", "step ms", "busy ms per stage", "update ms per stage",
                                 "bubble", "theory", "diff, pts", "imbalance, pts",
                                 "update, pts", "rest, pts (ms)"};
-        const char *cols_all[13];
+        const char *cols_all[14];
         for (int k = 0; k < 10; k++) cols_all[k] = cols[k];
         cols_all[10] = "pipeline idle";
         cols_all[11] = "diff, pts";
         cols_all[12] = "other CPU load";
-        bench_table_header(stdout, "schedule", cols_all, 13);
+        cols_all[13] = "FWD ms per stage";
+        bench_table_header(stdout, "schedule", cols_all, 14);
         double *stage_s = malloc(sizeof(double) * (size_t)P);
         double *stage_u = malloc(sizeof(double) * (size_t)P);
+        double *stage_fwd = malloc(sizeof(double) * (size_t)P);
         double *col = malloc(sizeof(double) * (size_t)o.steps);
         if (!stage_s || !stage_u || !col) fatal("cannot allocate the results", NULL);
         for (int c = 0; c < n_cases; c++) {
@@ -372,6 +381,9 @@ int main(int argc, char **argv) {
                 for (int i = 0; i < o.steps; i++)
                     col[i] = update_s[((size_t)c * o.steps + i) * P + s];
                 stage_u[s] = bench_median(col, o.steps);
+                for (int i = 0; i < o.steps; i++)
+                    col[i] = fwd_s[((size_t)c * o.steps + i) * P + s];
+                stage_fwd[s] = 1e3 * bench_median(col, o.steps);
                 const double f = stage_s[s] - stage_u[s];
                 sum += stage_s[s];
                 sum_f += f;
@@ -391,7 +403,7 @@ int main(int argc, char **argv) {
                 ms[s] = 1e3 * stage_s[s];
                 ums[s] = 1e3 * stage_u[s];
             }
-            char cells[13][96];
+            char cells[14][96];
             snprintf(cells[0], 96, "%d", M);
             snprintf(cells[1], 96, "%.1f", 1e3 * step_median);
             format_per_stage(cells[2], 96, ms, P, "%.1f");
@@ -410,14 +422,65 @@ int main(int argc, char **argv) {
                      fabs(idle - theory) <= 0.03 ? "✓" : "✗");
             snprintf(cells[12], 96, other[c] < 0 ? "?" : "%.0f%%%s", 100 * other[c],
                      other[c] > NOISY_OTHER_CPU_FRACTION ? " (noisy: rerun)" : "");
-            const char *row[13];
-            for (int k = 0; k < 13; k++) row[k] = cells[k];
+            format_per_stage(cells[13], 96, stage_fwd, P, "%.1f");
+            const char *row[14];
+            for (int k = 0; k < 14; k++) row[k] = cells[k];
             bench_table_row(stdout, rp_schedule_kind_name((rp_schedule_kind)case_kind[c]),
-                            row, 13);
+                            row, 14);
         }
         free(stage_u);
+        free(stage_fwd);
         free(stage_s);
         free(col);
+    }
+    for (int c = 0; c < n_cases && o.trace_m; c++) {
+        if (case_m[c] != o.trace_m) continue;
+        enum { TRACE_CAP = 1024 };
+        struct rp_pipe_trace_entry *tr = calloc(TRACE_CAP, sizeof *tr);
+        double *flat = malloc(sizeof(double) * 4 * TRACE_CAP);
+        double *all = root ? malloc(sizeof(double) * 4 * TRACE_CAP * (size_t)P) : NULL;
+        if (!tr || !flat || (root && !all)) fatal("cannot allocate the trace", NULL);
+        trainers[c].trace = tr;
+        trainers[c].trace_cap = TRACE_CAP;
+        const float loss_scale = 1.0f / ((float)case_m[c] * R);
+        MPI_Barrier(MPI_COMM_WORLD);
+        const double t0 = bench_now_s();
+        rp_pipe_step_result res;
+        if (rp_pipe_trainer_step(&trainers[c], inputs, targets, loss_scale, 1e-4f * loss_scale,
+                                 &optim, step++, &res, &err) != RP_OK)
+            fatal("traced step", &err);
+        for (int k = 0; k < TRACE_CAP; k++) {
+            const int used = k < trainers[c].trace_len;
+            flat[4 * k] = used ? tr[k].op : -1;
+            flat[4 * k + 1] = used ? tr[k].micro_batch : -1;
+            flat[4 * k + 2] = used ? 1e3 * (tr[k].start_s - t0) : 0;
+            flat[4 * k + 3] = used ? 1e3 * (tr[k].end_s - t0) : 0;
+        }
+        trainers[c].trace = NULL;
+        MPI_Gather(flat, 4 * TRACE_CAP, MPI_DOUBLE, all, 4 * TRACE_CAP, MPI_DOUBLE, 0,
+                   MPI_COMM_WORLD);
+        if (root) {
+            static const char *names[] = {"RECV_ACT", "FWD", "SEND_ACT", "RECV_GRAD", "BWD",
+                                          "SEND_GRAD", "REDUCE_GRADS", "OPT_STEP"};
+            printf("\n### timeline of one %s step, M = %d (ms from the barrier; instructions "
+                   "that took under 0.05 ms left out)\n\n",
+                   rp_schedule_kind_name((rp_schedule_kind)case_kind[c]), case_m[c]);
+            for (int st = 0; st < P; st++) {
+                printf("- stage %d:", st);
+                for (int k = 0; k < TRACE_CAP; k++) {
+                    const double *e = all + (size_t)st * 4 * TRACE_CAP + 4 * k;
+                    if (e[0] < 0) break;
+                    if (e[3] - e[2] < 0.05) continue;
+                    const int op = (int)e[0];
+                    printf(" %s%s%.0f %.1f-%.1f", k ? "," : "",
+                           op >= 0 && op < 8 ? names[op] : "?", e[1], e[2], e[3]);
+                }
+                printf("\n");
+            }
+        }
+        free(tr);
+        free(flat);
+        free(all);
     }
     for (int c = 0; c < n_cases; c++) rp_pipe_trainer_free(&trainers[c]);
     free(trainers);
@@ -426,6 +489,7 @@ int main(int argc, char **argv) {
     free(ticks);
     free(ticks_all);
     free(update_s);
+    free(fwd_s);
     free(step_s);
     free(busy_s);
     free(other);

@@ -239,7 +239,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     double local_loss = 0, grad_norm = 0;
     int skipped = 0;
     rp_status st = RP_OK;
-    pt->busy_seconds = pt->update_seconds = 0;
+    pt->busy_seconds = pt->update_seconds = pt->fwd_seconds = 0;
     /* The first step runs its device transfers over MPI: the CUDA backend
      * sizes its scratch buffers during it, and freeing the old ones
      * (cudaFree) waits for the whole device, so with an NCCL receive posted
@@ -267,10 +267,13 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     if ((j = next_op(list, n, -1, RP_OP_RECV_GRAD)) >= 0 && (st = post_recv(pt, &list[j], err)))
         return st;
 
+    pt->trace_len = 0;
     for (int i = 0; i < n && st == RP_OK; i++) {
         const rp_pipe_instr *in = &list[i];
         const int mb = in->micro_batch;
         rp_train_workspace *tw = in->buffer >= 0 ? &pt->stash[in->buffer] : NULL;
+        if (pt->trace && pt->trace_len < pt->trace_cap)
+            pt->trace[pt->trace_len] = (struct rp_pipe_trace_entry){in->op, mb, now_seconds(), 0};
         switch (in->op) {
         case RP_OP_RECV_ACT:
         case RP_OP_RECV_GRAD: {
@@ -321,7 +324,9 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 rp_train_head_backward(m, pt->grads, tw, &pt->batch);
             }
             be->synchronize(be);
-            pt->busy_seconds += now_seconds() - t0;
+            const double dt = now_seconds() - t0;
+            pt->busy_seconds += dt;
+            pt->fwd_seconds += dt;
             if ((st = be->status(be, err)) != RP_OK)
                 rp_error_prefix(err, "stage %d: forward of micro-batch %d", pt->stage, mb);
             break;
@@ -396,6 +401,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: unknown opcode %d", pt->stage,
                               (int)in->op);
         }
+        if (pt->trace && pt->trace_len < pt->trace_cap) pt->trace[pt->trace_len++].end_s = now_seconds();
     }
     if (st != RP_OK) return st;
     pt->busy_seconds += pt->update_seconds;

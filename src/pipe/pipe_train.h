@@ -46,7 +46,17 @@ typedef struct {
     double busy_seconds;            /* compute time of the last step: FWD, BWD and the update */
     double update_seconds;          /* its part outside FWD/BWD: gradient zeroing, local
                                      * gradient norm, AdamW */
+    double fwd_seconds;             /* its part in FWD instructions (on the last stage
+                                     * these include the head's backward) */
     long steps_done;                /* rp_pipe_trainer_step calls that succeeded */
+    /* Optional timeline of the last step (benchmarks): when trace is set
+     * (trace_cap entries, the caller's memory), each instruction's opcode,
+     * micro-batch and start/end seconds on this rank's monotonic clock. */
+    struct rp_pipe_trace_entry {
+        int op, micro_batch;
+        double start_s, end_s;
+    } *trace;
+    int trace_cap, trace_len;
     /* Gradient all-reduce over the data replicas on device memory: NCCL, or
      * MPI through the host buffer (NULL on host memory: MPI in place). */
     rp_nccl_group *data_nccl;
