@@ -32,6 +32,7 @@ typedef dim3 uint3;
 extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
 static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 static_assert(sizeof(float4) == 16, "");
 

@@ -1171,12 +1171,12 @@ static void gemm_backward_case(twin *t, int lora, const gemm_case *c) {
 }
 
 /* The model's linear layers: C x C projections, the FFN pair (into the
- * residual: beta 1), decode rows (M = 1, 5). */
+ * residual: beta 1), decode rows (M = 1, 5, 8: the GEMV path) and an odd K. */
 static int linear_cases(const shape *sh, gemm_case *out) {
     const int R = spec_rows(&sh->prefill), C = sh->C, F = sh->F;
     const gemm_case cases[] = {
         {R, C, C, 0.0f, 1}, {R, F, C, 0.0f, 0}, {R, C, F, 1.0f, 1},
-        {1, C, C, 0.0f, 1}, {5, F, C, 1.0f, 0},
+        {1, C, C, 0.0f, 1}, {5, F, C, 1.0f, 0}, {8, C, F, 1.0f, 0}, {2, 70, 37, 1.0f, 0},
     };
     memcpy(out, cases, sizeof cases);
     return (int)(sizeof cases / sizeof cases[0]);
@@ -1187,6 +1187,7 @@ static int lora_cases(const shape *sh, gemm_case *out) {
     const int R = spec_rows(&sh->prefill), C = sh->C, D = sh->rank;
     const gemm_case cases[] = {
         {R, D, C, 0.0f, 1}, {R, C, D, 0.0f, 0}, {R, C, D, 1.0f, 1}, {1, D, C, 0.0f, 1},
+        {5, C, D, 1.0f, 0}, {8, D, C, 0.0f, 0}, {3, 70, 37, 1.0f, 0},
     };
     memcpy(out, cases, sizeof cases);
     return (int)(sizeof cases / sizeof cases[0]);
@@ -1222,6 +1223,7 @@ typedef struct {
     tbuf *flat;            /* [C] vector, then W [C,C] (linear), then Wl [C,D] (LoRA) */
     size_t w_off, l_off;   /* floats */
     tbuf *x, *y, *yl, *dx; /* x [R,C] -> y [R,C], yl [R,D]; dx [R,C] += dy W */
+    tbuf *y2, *yl2;        /* the first 2 rows again: the decode (GEMV) path */
     tbuf *dy;
     int R, C, D;
 } registered;
@@ -1230,17 +1232,23 @@ static void registered_gemms(twin *t, registered *rg, const char *stage) {
     label(t, "%s R=%d C=%d rank=%d", stage, rg->R, rg->C, rg->D);
     poison_gpu(t, rg->y);
     poison_gpu(t, rg->yl);
+    poison_gpu(t, rg->y2);
+    poison_gpu(t, rg->yl2);
     tbuf *dx = buf_accum(t, (size_t)rg->R * rg->C, -1, 1);
     tbuf *dw = buf_accum(t, (size_t)rg->C * rg->C, -1, 1);
     for (int g = 0; g < 2; g++) {
         rp_backend *be = side(t, g);
         const float *w = at(rg->flat, g) + rg->w_off, *wl = at(rg->flat, g) + rg->l_off;
         be->matmul_linear(be, at(rg->y, g), at(rg->x, g), w, rg->R, rg->C, rg->C, 0.0f);
+        be->matmul_linear(be, at(rg->y2, g), at(rg->x, g), w, 2, rg->C, rg->C, 0.0f);
+        be->matmul_lora(be, at(rg->yl2, g), at(rg->x, g), wl, 2, rg->D, rg->C, 0.0f);
         be->matmul_lora(be, at(rg->yl, g), at(rg->x, g), wl, rg->R, rg->D, rg->C, 0.0f);
         be->matmul_linear_backward(be, at(dx, g), at(dw, g), at(rg->dy, g), at(rg->x, g), w,
                                    rg->R, rg->C, rg->C);
     }
     compare(t, "y linear", rg->y);
+    compare(t, "y linear, 2 rows", rg->y2);
+    compare(t, "y lora, 2 rows", rg->yl2);
     compare(t, "y lora", rg->yl);
     compare(t, "dx linear", dx);
 }
@@ -1260,6 +1268,8 @@ static void check_registered_weights(twin *t, const shape *sh) {
     rg.dy = buf_input(t, (size_t)R * C, -1, 1);
     rg.y = buf_output(t, (size_t)R * C);
     rg.yl = buf_output(t, (size_t)R * D);
+    rg.y2 = buf_output(t, (size_t)2 * C);
+    rg.yl2 = buf_output(t, (size_t)2 * D);
     registered_gemms(t, &rg, "registered");
 
     /* AdamW at step 1 moves every weight by ~lr: far more than bf16 rounding */
