@@ -79,10 +79,6 @@ struct rp_cuda_ctx {
     size_t upload_count[RP_CUDA_UP_COUNT];
     rp_cuda_weights *weights;
     int n_weights, cap_weights;
-    double *host_result;  // pinned: small results read back by the host
-    int32_t *host_index;  // pinned: row_max argmax landing [host_index_count]
-    float *host_float;
-    size_t host_index_count;
 };
 
 static inline rp_cuda_ctx *rp_cuda_of(rp_backend *be) { return (rp_cuda_ctx *)be->impl; }

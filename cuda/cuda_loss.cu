@@ -80,38 +80,49 @@ static __device__ __forceinline__ void softmax_merge(float &m, double &s, float 
     m = mx;
 }
 
-static __device__ void block_softmax_stats(float &m, double &s) {
-    __shared__ float warp_m[32];
-    __shared__ double warp_s[32];
-    __shared__ float total_m;
-    __shared__ double total_s;
+// Block-wide reduction of a pair (a, b) with merge(a, b, a2, b2) and the
+// identity (a0, b0): a tree over each warp's lanes, then over the warps'
+// results in warp order, so the order depends on blockDim only; every thread
+// returns with the total.
+template <class A, class B, class Merge>
+static __device__ void block_reduce_pair(A &a, B &b, A a0, B b0, Merge merge) {
+    __shared__ A warp_a[32];
+    __shared__ B warp_b[32];
+    __shared__ A total_a;
+    __shared__ B total_b;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     for (int off = 16; off > 0; off >>= 1) {
-        const float m2 = __shfl_down_sync(FULL_MASK, m, off);
-        const double s2 = __shfl_down_sync(FULL_MASK, s, off);
-        softmax_merge(m, s, m2, s2);
+        const A a2 = __shfl_down_sync(FULL_MASK, a, off);
+        const B b2 = __shfl_down_sync(FULL_MASK, b, off);
+        merge(a, b, a2, b2);
     }
     if (lane == 0) {
-        warp_m[warp] = m;
-        warp_s[warp] = s;
+        warp_a[warp] = a;
+        warp_b[warp] = b;
     }
     __syncthreads();
     if (warp == 0) {
-        m = lane < n_warps ? warp_m[lane] : -INFINITY;
-        s = lane < n_warps ? warp_s[lane] : 0.0;
+        a = lane < n_warps ? warp_a[lane] : a0;
+        b = lane < n_warps ? warp_b[lane] : b0;
         for (int off = 16; off > 0; off >>= 1) {
-            const float m2 = __shfl_down_sync(FULL_MASK, m, off);
-            const double s2 = __shfl_down_sync(FULL_MASK, s, off);
-            softmax_merge(m, s, m2, s2);
+            const A a2 = __shfl_down_sync(FULL_MASK, a, off);
+            const B b2 = __shfl_down_sync(FULL_MASK, b, off);
+            merge(a, b, a2, b2);
         }
         if (lane == 0) {
-            total_m = m;
-            total_s = s;
+            total_a = a;
+            total_b = b;
         }
     }
     __syncthreads();
-    m = total_m;
-    s = total_s;
+    a = total_a;
+    b = total_b;
+}
+
+static __device__ void block_softmax_stats(float &m, double &s) {
+    block_reduce_pair(m, s, -INFINITY, 0.0, [](float &m1, double &s1, float m2, double s2) {
+        softmax_merge(m1, s1, m2, s2);
+    });
 }
 
 // Arg-max with the CPU's tie rule: the first (lowest) index wins. idx ==
@@ -125,37 +136,9 @@ static __device__ __forceinline__ void argmax_merge(float &v, int &idx, float v2
 }
 
 static __device__ void block_argmax(float &v, int &idx) {
-    __shared__ float warp_v[32];
-    __shared__ int warp_i[32];
-    __shared__ float total_v;
-    __shared__ int total_i;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    for (int off = 16; off > 0; off >>= 1) {
-        const float v2 = __shfl_down_sync(FULL_MASK, v, off);
-        const int i2 = __shfl_down_sync(FULL_MASK, idx, off);
-        argmax_merge(v, idx, v2, i2);
-    }
-    if (lane == 0) {
-        warp_v[warp] = v;
-        warp_i[warp] = idx;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < n_warps ? warp_v[lane] : -INFINITY;
-        idx = lane < n_warps ? warp_i[lane] : INT_MAX;
-        for (int off = 16; off > 0; off >>= 1) {
-            const float v2 = __shfl_down_sync(FULL_MASK, v, off);
-            const int i2 = __shfl_down_sync(FULL_MASK, idx, off);
-            argmax_merge(v, idx, v2, i2);
-        }
-        if (lane == 0) {
-            total_v = v;
-            total_i = idx;
-        }
-    }
-    __syncthreads();
-    v = total_v;
-    idx = total_i;
+    block_reduce_pair(v, idx, -INFINITY, INT_MAX, [](float &v1, int &i1, float v2, int i2) {
+        argmax_merge(v1, i1, v2, i2);
+    });
 }
 
 // ---- embedding ----
@@ -476,13 +459,11 @@ static double cuda_sum_squares(rp_backend *be, const float *x, size_t n) {
     sum_squares_final_kernel<<<1, SUMSQ_FINAL_THREADS, 0, cx->stream>>>(d_total, d, n_parts);
     if (!RP_CUDA_LAUNCHED(cx, "sum_squares total")) return 0.0;
     double result = 0.0;
-    // The context's pinned landing when it has one, else a pageable local.
-    double *landing = cx->host_result ? cx->host_result : &result;
-    if (!RP_CUDA_OK(cx, cudaMemcpyAsync(landing, d_total, sizeof(double), cudaMemcpyDeviceToHost,
+    if (!RP_CUDA_OK(cx, cudaMemcpyAsync(&result, d_total, sizeof(double), cudaMemcpyDeviceToHost,
                                         cx->stream)))
         return 0.0;
     if (!RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream))) return 0.0;
-    return *landing;
+    return result;
 }
 
 // param, grad, m, v [n], elementwise (DeepSpeed FusedAdam, adam_w_mode):
