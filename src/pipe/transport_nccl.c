@@ -138,6 +138,13 @@ typedef struct {
     uint64_t bytes;
 } link_header;
 
+/* An NCCL unique id as it travels over MPI; ok = 0 when its maker could not
+ * get one (the receivers then fail too instead of waiting). */
+typedef struct {
+    int ok;
+    ncclUniqueId id;
+} nccl_id_message;
+
 typedef struct {
     int present;
     int peer;                   /* the other end's rank in t->comm */
@@ -350,10 +357,7 @@ static rp_status link_open(rp_transport *t, int index, int peer, int sends, rp_e
     snprintf(l->name, sizeof l->name, "%s %s stage %d", is_act ? "activations" : "gradients",
              sends ? "to" : "from", peer);
     /* Tags 1 and 2 lie below every message tag (kind >= 1 times the span). */
-    struct {
-        int ok;
-        ncclUniqueId id;
-    } msg;
+    nccl_id_message msg;
     memset(&msg, 0, sizeof msg);
     ncclResult_t r = ncclSuccess;
     MPI_Request req;
@@ -540,10 +544,7 @@ rp_status rp_nccl_group_create(rp_nccl_group **out, MPI_Comm comm, double timeou
     g->timeout_s = timeout_s;
     MPI_Comm_rank(comm, &g->rank);
     MPI_Comm_size(comm, &g->size);
-    struct {
-        int ok;
-        ncclUniqueId id;
-    } msg;
+    nccl_id_message msg;
     memset(&msg, 0, sizeof msg);
     ncclResult_t r = ncclSuccess;
     if (g->rank == 0) msg.ok = (r = ncclGetUniqueId(&msg.id)) == ncclSuccess;
