@@ -214,25 +214,14 @@ both evalt "$BIN" eval --model "$T/pp2.cpu.st" --data "$T/text.txt" --ctx-len 32
 same "$T/evalt.cpu.out" "$T/evalt.fake.out" "eval text --per-example"
 ok
 
-# start NAME COMMAND...: a server in the background; sets URL_NAME
+# start NAME COMMAND...: serve_start (tests/serve_start.sh), failing with the
+# server's log when it does not come up.
+. "$top_srcdir/tests/serve_start.sh"
 start() {
-    local name=$1
-    shift
-    "$@" >"$T/$name.log" 2>&1 &
-    local job=$!
-    PIDS+=("$job")
-    for _ in $(seq 1 300); do
-        grep -q "listening on" "$T/$name.log" && break
-        kill -0 "$job" 2>/dev/null || break
-        sleep 0.1
-    done
-    local line
-    line=$(grep -m1 "listening on" "$T/$name.log") || {
-        cp "$T/$name.log" "$T/stderr"
-        fail "server $name did not start"
+    serve_start "$@" || {
+        cp "$T/$1.log" "$T/stderr"
+        fail "server $1 did not start"
     }
-    printf -v "URL_$name" '%s' "$(echo "$line" | grep -o 'http://[^ ]*')"
-    PIDS+=("$(echo "$line" | sed -n 's/.*(pid \([0-9]*\)).*/\1/p')")
 }
 
 # client NAME ARGS...: tests/serve_client.py, failing with the server's log

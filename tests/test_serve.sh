@@ -63,30 +63,15 @@ expect() {
     if out=$("$@" 2>&1); then ok "$what"; else bad "$what"; echo "$out" | sed 's/^/    /' | tail -n 15; fi
 }
 
-# start NAME COMMAND...: runs a server in the background, waits for its
-# "listening on URL (pid N)" line; sets URL_<NAME>, PID_<NAME> (the serving
-# process: rank 0 under mpirun) and JOB_<NAME> (what was started).
+# start NAME COMMAND...: serve_start (tests/serve_start.sh), ending the test
+# with the server's log when it does not come up.
+. "$top_srcdir/tests/serve_start.sh"
 start() {
-    local name=$1
-    shift
-    "$@" >"$T/$name.log" 2>&1 &
-    local job=$!
-    PIDS+=("$job")
-    for _ in $(seq 1 300); do
-        grep -q "listening on" "$T/$name.log" && break
-        kill -0 "$job" 2>/dev/null || break
-        sleep 0.1
-    done
-    local line
-    line=$(grep -m1 "listening on" "$T/$name.log") || {
-        echo "FAIL: server $name did not start:"
-        sed 's/^/    /' "$T/$name.log" | tail -n 20
+    serve_start "$@" || {
+        echo "FAIL: server $1 did not start:"
+        sed 's/^/    /' "$T/$1.log" | tail -n 20
         exit 1
     }
-    printf -v "URL_$name" '%s' "$(echo "$line" | grep -o 'http://[^ ]*')"
-    printf -v "PID_$name" '%s' "$(echo "$line" | sed -n 's/.*(pid \([0-9]*\)).*/\1/p')"
-    printf -v "JOB_$name" '%s' "$job"
-    PIDS+=("$(echo "$line" | sed -n 's/.*(pid \([0-9]*\)).*/\1/p')")
 }
 
 # http FILE METHOD URL [DATA]: body to FILE, prints the status code
