@@ -224,6 +224,15 @@ static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
     return be->status(be, err);
 }
 
+/* Zeroes the gradients, timed as part of the step's update. */
+static void zero_grads(rp_pipe_trainer *pt) {
+    rp_backend *be = pt->model->be;
+    const double t0 = now_seconds();
+    rp_model_zero(pt->grads);
+    be->synchronize(be);
+    pt->update_seconds += now_seconds() - t0;
+}
+
 rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                const int32_t *targets, float loss_scale, float l2wrap_factor,
                                const rp_optim_config *optim, long step, rp_pipe_step_result *res,
@@ -252,14 +261,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
      * BWD, after a receive it usually waits for: it zeroes there, off the
      * path of its forwards (the last stage's FWD accumulates the head's, and
      * a lone stage has no receive: they zero now). */
-    int zero_pending = 1;
-    if (next_op(list, n, -1, RP_OP_RECV_GRAD) < 0 || m->has_head) {
-        const double t0 = now_seconds();
-        rp_model_zero(pt->grads);
-        be->synchronize(be);
-        pt->update_seconds += now_seconds() - t0;
-        zero_pending = 0;
-    }
+    int zero_pending = next_op(list, n, -1, RP_OP_RECV_GRAD) >= 0 && !m->has_head;
+    if (!zero_pending) zero_grads(pt);
     /* The first receive of each kind is posted before any compute. */
     int j;
     if ((j = next_op(list, n, -1, RP_OP_RECV_ACT)) >= 0 && (st = post_recv(pt, &list[j], err)))
@@ -280,10 +283,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             const int is_act = in->op == RP_OP_RECV_ACT;
             rp_transfer *x = is_act ? pt->act_in : pt->grad_in;
             if (!is_act && zero_pending) {
-                const double t0 = now_seconds();
-                rp_model_zero(pt->grads);
-                be->synchronize(be);
-                pt->update_seconds += now_seconds() - t0;
+                zero_grads(pt);
                 zero_pending = 0;
             }
             if ((is_act ? pt->act_in_mb : pt->grad_in_mb) != mb) {
@@ -361,7 +361,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                             err);
             break;
         case RP_OP_REDUCE_GRADS:
-            for (int b = 0; b < pt->n_stash && st == RP_OK; b++) st = wait_pending(pt, b, PENDING_ALL, err);
+            for (int b = 0; b < pt->n_stash && st == RP_OK; b++)
+                st = wait_pending(pt, b, PENDING_ALL, err);
             if (st == RP_OK) st = reduce_grads(pt, err);
             break;
         case RP_OP_OPT_STEP: {
@@ -401,7 +402,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: unknown opcode %d", pt->stage,
                               (int)in->op);
         }
-        if (pt->trace && pt->trace_len < pt->trace_cap) pt->trace[pt->trace_len++].end_s = now_seconds();
+        if (pt->trace && pt->trace_len < pt->trace_cap)
+            pt->trace[pt->trace_len++].end_s = now_seconds();
     }
     if (st != RP_OK) return st;
     pt->busy_seconds += pt->update_seconds;
