@@ -313,24 +313,10 @@ char *cli_read_file(const rp_cli *cli, const char *path, size_t *n_bytes) {
 
 void cli_load_model(const rp_cli *cli, const cli_model_options *opt, rp_backend **be,
                     rp_model *model) {
-    rp_error err;
-    *be = cli_backend_create(cli, opt);
-    if (opt->model_path) {
-        cli_info(cli, "loading %s", opt->model_path);
-        if (rp_model_load(model, opt->model_path, 0, -1, *be, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
-        rp_model_register_weights(model);
-        return;
-    }
     rp_config cfg;
-    if (rp_config_builtin(&cfg, opt->config_name, opt->vocab_override, &err) != RP_OK)
-        cli_fatal_error(cli, &err);
-    cli_info(cli, "creating built-in model '%s' with the official RWKV-7 init (seed %llu)",
-             opt->config_name, (unsigned long long)opt->init_seed);
-    if (rp_model_alloc(model, &cfg, 0, cfg.n_layer, 1, 1, *be, &err) != RP_OK ||
-        rp_model_init_official(model, opt->init_seed, &err) != RP_OK)
-        cli_fatal_error(cli, &err);
-    rp_model_register_weights(model);
+    cli_model_config(cli, opt, &cfg);
+    *be = cli_backend_create(cli, opt);
+    cli_load_model_part(cli, opt, &cfg, 0, cfg.n_layer, *be, model);
 }
 
 void cli_model_config(const rp_cli *cli, const cli_model_options *opt, rp_config *cfg) {
