@@ -38,7 +38,10 @@ struct rp_backend {
 
     void (*destroy)(rp_backend *be);  /* the backend and its context */
 
-    /* ---- memory ---- */
+    /* ---- memory ----
+     * Ops take effect in call order. copy_to_host returns once host_dst holds
+     * the data, i.e. after every op called before it; copy_to_device's
+     * host_src may be reused as soon as it returns. */
     void *(*alloc)(rp_backend *be, size_t bytes);       /* zeroed; NULL on failure */
     void (*free)(rp_backend *be, void *ptr);
     void (*copy_to_device)(rp_backend *be, void *dst, const void *host_src, size_t bytes);

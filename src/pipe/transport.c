@@ -177,14 +177,13 @@ rp_status rp_transport_post_send(rp_transport *t, const void *buf, size_t bytes,
     }
     const void *data = buf;
     if (t->be) {
-        /* The kernels that wrote buf are queued on the backend's stream:
-         * let them finish, then send a host copy. */
+        /* copy_to_host waits for the kernels that wrote buf (queued on the
+         * backend's stream), then we send the host copy. */
         if ((x->staging = staging_acquire(t, bytes, err)) < 0) {
             x->active = 0;
             return RP_ERR_NOMEM;
         }
         data = t->staging[x->staging].data;
-        t->be->synchronize(t->be);
         t->be->copy_to_host(t->be, t->staging[x->staging].data, buf, bytes);
         if ((st = t->be->status(t->be, err)) != RP_OK) {
             staging_release(t, x);
