@@ -43,12 +43,6 @@ static int cpu_matmul_streams(cpu_weight_layout layout, int M, int K) {
     return M == 1 || (M <= 4 && K >= 256);
 }
 
-/* 16 floats: one AVX-512 register (two AVX2 ones where gcc has no 512-bit
- * vectors). Same unaligned, may_alias load twin as cpu_v8. */
-typedef float cpu_v16 __attribute__((vector_size(64)));
-typedef float cpu_v16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
-#define CPU_V16_LOAD(p) ((cpu_v16)(*(const cpu_v16_unaligned *)(p)))
-
 /* Every y[m, n] has one accumulation order, whatever the tile that computes
  * it (so a row's result does not depend on how many rows share the call):
  * one 16-lane accumulator over k in steps of 16, lanes i and i + 8 added,
