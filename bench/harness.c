@@ -190,13 +190,13 @@ double bench_memory_read_bytes(const bench_memory_read *m) {
 
 #define BENCH_SLICE_ALIGN 16 /* as CPU_MATMUL_SLICE_ALIGN in src/cpu/cpu_matmul.c */
 
-typedef struct {
+struct bench_sgemm {
     int M, N, K, threads;
     float *x, *w, *y;
-} sgemm_ctx;
+};
 
-static int sgemm_once(void *opaque) {
-    sgemm_ctx *c = opaque;
+int bench_sgemm_call(void *opaque) {
+    bench_sgemm *c = opaque;
 #pragma omp parallel num_threads(c->threads)
     {
         int parts = omp_get_num_threads(), part = omp_get_thread_num();
@@ -211,24 +211,41 @@ static int sgemm_once(void *opaque) {
     return 0;
 }
 
-double bench_sgemm_gflops(int M, int N, int K, int threads, const bench_timing *t) {
+bench_sgemm *bench_sgemm_create(int M, int N, int K, int threads) {
 #ifdef HAVE_OPENBLAS_SET_NUM_THREADS
     openblas_set_num_threads(1);
 #endif
-    sgemm_ctx c = {.M = M, .N = N, .K = K, .threads = threads};
-    c.x = malloc((size_t)M * K * sizeof(float));
-    c.w = malloc((size_t)N * K * sizeof(float));
-    c.y = malloc((size_t)M * N * sizeof(float));
-    double gflops = -1.0;
-    if (c.x && c.w && c.y) {
-        bench_fill_uniform(c.x, (size_t)M * K, 1.0f, 1);
-        bench_fill_uniform(c.w, (size_t)N * K, 0.02f, 2);
-        double s = bench_seconds_per_call(sgemm_once, &c, t);
-        if (s > 0.0) gflops = 2.0 * M * N * K / s * 1e-9;
+    bench_sgemm *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    *c = (bench_sgemm){.M = M, .N = N, .K = K, .threads = threads};
+    c->x = malloc((size_t)M * K * sizeof(float));
+    c->w = malloc((size_t)N * K * sizeof(float));
+    c->y = malloc((size_t)M * N * sizeof(float));
+    if (!c->x || !c->w || !c->y) {
+        bench_sgemm_free(c);
+        return NULL;
     }
-    free(c.x);
-    free(c.w);
-    free(c.y);
+    bench_fill_uniform(c->x, (size_t)M * K, 1.0f, 1);
+    bench_fill_uniform(c->w, (size_t)N * K, 0.02f, 2);
+    return c;
+}
+
+double bench_sgemm_flops(const bench_sgemm *s) { return 2.0 * s->M * s->N * (double)s->K; }
+
+void bench_sgemm_free(bench_sgemm *s) {
+    if (!s) return;
+    free(s->x);
+    free(s->w);
+    free(s->y);
+    free(s);
+}
+
+double bench_sgemm_gflops(int M, int N, int K, int threads, const bench_timing *t) {
+    bench_sgemm *c = bench_sgemm_create(M, N, K, threads);
+    if (!c) return -1.0;
+    double s = bench_seconds_per_call(bench_sgemm_call, c, t);
+    double gflops = s > 0.0 ? bench_sgemm_flops(c) / s * 1e-9 : -1.0;
+    bench_sgemm_free(c);
     return gflops;
 }
 

@@ -79,6 +79,14 @@ void bench_fill_parallel(float *buf, size_t floats, int threads);
  * split; Debian's OpenBLAS uses one core whatever OPENBLAS_NUM_THREADS says).
  * Negative when the operands cannot be allocated. */
 double bench_sgemm_gflops(int M, int N, int K, int threads, const bench_timing *t);
+/* The same GEMM as a call function, to interleave with what it bounds:
+ * bench_sgemm_create allocates and fills the operands (NULL when it cannot),
+ * bench_sgemm_call runs one product, bench_sgemm_flops is 2 M N K. */
+typedef struct bench_sgemm bench_sgemm;
+bench_sgemm *bench_sgemm_create(int M, int N, int K, int threads);
+int bench_sgemm_call(void *sgemm);
+double bench_sgemm_flops(const bench_sgemm *s);
+void bench_sgemm_free(bench_sgemm *s);
 
 /* Uniform floats in [-scale, scale) from a 64-bit LCG (Knuth MMIX constants);
  * fast enough to fill hundreds of MB of weights in well under a second. */
