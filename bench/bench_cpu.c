@@ -15,6 +15,7 @@
 
 #include "backend.h"
 #include "harness.h"
+#include "op_profile.h"
 #include "model/model.h"
 
 #define BENCH_MAX_THREAD_COUNTS 8
@@ -206,6 +207,27 @@ static rp_status measure_prefill(thread_result *r, const rp_model *m, rp_workspa
     return st;
 }
 
+/* --profile: `calls` forward calls of n_seq x seq_len through an op_profile
+ * wrapper after two untimed ones, then its per-op table. */
+static rp_status profile_forward(const rp_model *m, rp_workspace *ws, rp_state *state,
+                                 float *logits, int n_seq, int seq_len, long calls,
+                                 double unprofiled_ms, const char *title, rp_error *err) {
+    op_profile prof;
+    op_profile_wrap(&prof, m->be);
+    rp_model view = *m;
+    view.be = &prof.be;
+    forward_ctx c;
+    rp_status st = forward_ctx_init(&c, &view, ws, state, logits, n_seq, seq_len, err);
+    if (st != RP_OK) return st;
+    for (long i = 0; i < calls + 2 && st == RP_OK; i++) {
+        if (i == 2) op_profile_reset(&prof);
+        if (forward_call(&c)) st = rp_error_set(err, c.err.code, "%s", c.err.msg);
+    }
+    if (st == RP_OK) op_profile_print(stdout, &prof, title, calls, unprofiled_ms);
+    free(c.tokens);
+    return st;
+}
+
 static int parse_threads(const char *list, int *out, int *n_out) {
     const char *p = list;
     int n = 0;
@@ -224,7 +246,7 @@ static int parse_threads(const char *list, int *out, int *n_out) {
 
 static void usage(FILE *out) {
     fprintf(out,
-            "usage: bench_cpu [--threads LIST] [--quick] [--model-config NAME]\n"
+            "usage: bench_cpu [--threads LIST] [--quick] [--model-config NAME] [--profile]\n"
             "\n"
             "RWKV-7 inference on the CPU backend (random fp32 weights) against ceilings\n"
             "measured in the same run: decode tokens/s at batch 1 and %d against the\n"
@@ -234,10 +256,13 @@ static void usage(FILE *out) {
             "  --threads LIST       comma-separated thread counts (default 1,2)\n"
             "  --quick              shorter timings (smoke test, noisier numbers)\n"
             "  --model-config NAME  built-in shape (default 0.1b; one of %s)\n"
+            "  --profile            after the table, the time of every backend op in decode\n"
+            "                       batch 1 and %d and in prefill (bench/op_profile.h)\n"
             "  --help               this text\n"
             "\n"
             "Set OPENBLAS_CORETYPE (e.g. Haswell) as for the tests.\n",
-            BENCH_DECODE_BATCH, BENCH_PREFILL_TOKENS, rp_config_builtin_names());
+            BENCH_DECODE_BATCH, BENCH_PREFILL_TOKENS, rp_config_builtin_names(),
+            BENCH_DECODE_BATCH);
 }
 
 static int fail(const char *what, const rp_error *err) {
@@ -259,7 +284,7 @@ static void cell_goal(char *out, size_t size, double value, const char *fmt, int
 }
 
 int main(int argc, char **argv) {
-    int threads[BENCH_MAX_THREAD_COUNTS] = {1, 2}, n_counts = 2, quick = 0;
+    int threads[BENCH_MAX_THREAD_COUNTS] = {1, 2}, n_counts = 2, quick = 0, profile = 0;
     const char *config_name = "0.1b";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
@@ -267,6 +292,8 @@ int main(int argc, char **argv) {
             return 0;
         } else if (!strcmp(argv[i], "--quick")) {
             quick = 1;
+        } else if (!strcmp(argv[i], "--profile")) {
+            profile = 1;
         } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             if (parse_threads(argv[++i], threads, &n_counts)) {
                 fprintf(stderr,
@@ -458,6 +485,33 @@ int main(int argc, char **argv) {
         cell_goal(cells[i], sizeof cells[i], 100.0 * r->prefill_over_mix, "%.0f%%",
                   r->prefill_over_mix >= GOAL_PREFILL_FRACTION));
 #undef ROW
+
+    for (int ti = 0; profile && ti < n_counts; ti++) {
+        const thread_result *r = &results[ti];
+        rp_backend *be = rp_cpu_backend_create(threads[ti], &err);
+        if (!be) return fail("CPU backend", &err);
+        rp_model view = model;
+        view.be = be;
+        char heading[128];
+        const long steps = quick ? 5 : 40, prefills = quick ? 1 : 3;
+        snprintf(heading, sizeof heading, "Per-op time: decode batch 1, %d thread%s", r->threads,
+                 r->threads == 1 ? "" : "s");
+        rp_status st = profile_forward(&view, &ws, &state, logits, 1, 1, steps,
+                                       1e3 / r->decode_b1_tokens_per_s, heading, &err);
+        snprintf(heading, sizeof heading, "Per-op time: decode batch %d, %d thread%s",
+                 BENCH_DECODE_BATCH, r->threads, r->threads == 1 ? "" : "s");
+        if (st == RP_OK)
+            st = profile_forward(&view, &ws, &state, logits, BENCH_DECODE_BATCH, 1, steps,
+                                 1e3 * BENCH_DECODE_BATCH / r->decode_b8_tokens_per_s, heading,
+                                 &err);
+        snprintf(heading, sizeof heading, "Per-op time: prefill T=%d, %d thread%s", T, r->threads,
+                 r->threads == 1 ? "" : "s");
+        if (st == RP_OK)
+            st = profile_forward(&view, &ws, &state, logits, 1, T, prefills,
+                                 1e3 * T / r->prefill_tokens_per_s, heading, &err);
+        rp_cpu_backend_destroy(be);
+        if (st != RP_OK) return fail("profile", &err);
+    }
 
     free(bw_buf);
     alloc_be->free(alloc_be, logits);
