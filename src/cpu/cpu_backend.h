@@ -130,19 +130,6 @@ void cpu_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, i
                      int N, int K, float beta);
 void cpu_token_shift(rp_backend *be, float *prev, const float *x, float *state_base,
                      size_t state_stride, const rp_batch *batch, int C);
-/* WKV7 on one head of one sequence with its state key-major (St[j,i] =
- * S[i,j], cpu_wkv_transpose converts; head sizes cpu_wkv7_keymajor_ok): what
- * cpu_wkv7 runs between the two transposes, exported for the training
- * backward's recomputation. */
-/* Per-token vectors of one head live on the stack up to this head size;
- * larger heads (and sizes not a multiple of 8) take a slow value-major path. */
-#define CPU_WKV_MAX_N 256
-static inline int cpu_wkv7_keymajor_ok(int N) { return N % 8 == 0 && N <= CPU_WKV_MAX_N; }
-void cpu_wkv_transpose(float *restrict dst, const float *restrict src, int N);
-void cpu_wkv7_head_keymajor(float *restrict St, float *restrict y, const float *restrict r,
-                            const float *restrict w_raw, const float *restrict k,
-                            const float *restrict v, const float *restrict kk,
-                            const float *restrict a, int len, int C, int N);
 void cpu_wkv7(rp_backend *be, float *y, const float *r, const float *w_raw,
               const float *k, const float *v, const float *kk, const float *a,
               float *state_base, size_t state_stride, const rp_batch *batch, int C,

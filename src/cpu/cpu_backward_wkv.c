@@ -81,8 +81,7 @@ static void cpu_wkv7_forward_train(rp_backend *be, float *y, const float *r, con
     free(first);
 }
 
-/* One token of one head for head sizes cpu_wkv7 runs value-major (see
- * cpu_wkv7_keymajor_ok): S (in place) <- the token's update, through cpu_wkv7
+/* One token of one head: S (in place) <- the token's update, through cpu_wkv7
  * on a one-token, one-head batch (for a single token the row stride C does
  * not matter, so C = N selects the head). y_scratch [N] gets y. */
 static void wkv_step(rp_backend *be, float *S, float *y_scratch, const float *r,
@@ -96,7 +95,6 @@ static void wkv_step(rp_backend *be, float *S, float *y_scratch, const float *r,
 /* Per-thread scratch: the states of one chunk and the per-token vectors. */
 typedef struct {
     float *states;                   /* [RP_WKV_CHUNK + 1, N, N]: S before token t0 + u */
-    float *keymajor;                 /* [N, N]: the recomputation's running state, transposed */
     float *decay, *kern_a, *kern_b;  /* [N] each: d, a = -kk, b = kk iclr */
     float *sa, *dsa;                 /* [N] each: per row of S */
     float *acc_r, *acc_k, *acc_b, *acc_d, *acc_a; /* [N] each: column sums */
@@ -106,7 +104,7 @@ typedef struct {
 enum { WKV_SCRATCH_VECTORS = 11 };
 
 static int wkv_scratch_alloc(wkv_scratch *w, int N) {
-    w->states = malloc((RP_WKV_CHUNK + 2) * (size_t)N * N * sizeof(float));
+    w->states = malloc((RP_WKV_CHUNK + 1) * (size_t)N * N * sizeof(float));
     float *vec = malloc(WKV_SCRATCH_VECTORS * (size_t)N * sizeof(float));
     if (!w->states || !vec) {
         free(w->states);
@@ -117,7 +115,6 @@ static int wkv_scratch_alloc(wkv_scratch *w, int N) {
                                           &w->dsa,   &w->acc_r,  &w->acc_k,  &w->acc_b,
                                           &w->acc_d, &w->acc_a,  &w->y};
     for (int i = 0; i < WKV_SCRATCH_VECTORS; i++) *slots[i] = vec + (size_t)i * N;
-    w->keymajor = w->states + (RP_WKV_CHUNK + 1) * (size_t)N * N;
     return 1;
 }
 
@@ -241,7 +238,6 @@ static void cpu_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *d
     if (!first) abort();
     int nt = wkv_team(be, batch, C);
     if (units < nt) nt = units > 0 ? (int)units : 1;
-    const int keymajor = cpu_wkv7_keymajor_ok(N);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         wkv_scratch w;
@@ -255,20 +251,11 @@ static void cpu_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *d
                 const int t0 = c * RP_WKV_CHUNK;
                 const int t1 = t0 + RP_WKV_CHUNK < len ? t0 + RP_WKV_CHUNK : len;
                 memcpy(w.states, ckpt + (size_t)c * HNN, NN * sizeof(float));
-                if (keymajor) /* cpu_wkv7's kernel, one token at a time */
-                    cpu_wkv_transpose(w.keymajor, w.states, N);
                 for (int t = t0; t < t1; t++) {
                     const size_t o = (size_t)(batch->row_begin[s] + t) * C + (size_t)h * N;
                     float *next = w.states + (size_t)(t - t0 + 1) * NN;
-                    if (keymajor) {
-                        cpu_wkv7_head_keymajor(w.keymajor, w.y, r + o, w_raw + o, k + o, v + o,
-                                               kk + o, a + o, 1, C, N);
-                        cpu_wkv_transpose(next, w.keymajor, N);
-                    } else {
-                        memcpy(next, next - NN, NN * sizeof(float));
-                        wkv_step(be, next, w.y, r + o, w_raw + o, k + o, v + o, kk + o, a + o,
-                                 N);
-                    }
+                    memcpy(next, next - NN, NN * sizeof(float));
+                    wkv_step(be, next, w.y, r + o, w_raw + o, k + o, v + o, kk + o, a + o, N);
                 }
                 for (int t = t1 - 1; t >= t0; t--) {
                     const size_t o = (size_t)(batch->row_begin[s] + t) * C + (size_t)h * N;

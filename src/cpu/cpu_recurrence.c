@@ -5,10 +5,11 @@
  * call over the whole sequence. Called through the rp_backend vtable. */
 
 /* Multiply-adds in this file fuse into FMAs (AM_CFLAGS' -std=c11 turns
- * contraction off): the WKV7 update is bound by floating-point throughput,
- * five operations per state element and token unfused, three fused. Before
- * every include, so the inline helpers of cpu_backend.h are built with the
- * same options and still inline. */
+ * contraction off; the WKV7 update is bound by floating-point throughput).
+ * Both WKV7 kernels write each product and sum in the same shape, so GCC
+ * fuses them the same way and they keep giving identical bits (tested).
+ * Before every include, so cpu_backend.h's inline helpers are built with
+ * the same options and still inline. */
 #pragma GCC optimize("fp-contract=fast")
 
 #include "config.h"
@@ -22,6 +23,15 @@
 /* Rows handed to a thread at a time by token_shift: big enough to amortise
  * the bookkeeping, small enough to split one long sequence across threads. */
 #define CPU_SHIFT_CHUNK_ROWS 32
+
+/* Per-token decay and kernel vectors of one head live on the stack up to
+ * this head size; larger heads take the slow path that recomputes them. */
+#define CPU_WKV_MAX_N 256
+
+/* Runs of at least this many tokens take the key-major kernel (the state
+ * transposed in and out: ~0.4 us per head of 64, for ~0.2 us saved per token
+ * and head), shorter ones (decode) the value-major one. Same bits either way. */
+#define CPU_WKV_KEYMAJOR_MIN_LEN 4
 
 /* prev [R,C]: row r = x row r-1 within a sequence, the slot's state vector for
  * the sequence's first row; then the state vector = the sequence's last row.
@@ -63,6 +73,139 @@ void cpu_token_shift(rp_backend *be, float *prev, const float *x, float *state_b
     }
 }
 
+/* One head of one sequence, tokens in order, state S [N,N] updated in place:
+ *   sa_i = sum_j S[i,j] a_j,  S[i,j] = S[i,j] d_j + sa_i b_j + v_i k_j,
+ *   y_i = sum_j S[i,j] r_j    with a = -kk, b = kk * a_iclr, d = decay(w_raw).
+ * Row i of S is contiguous, so both sums run along j in explicit vectors
+ * (N a multiple of 8, N <= CPU_WKV_MAX_N: every real RWKV-7 head). All sa_i
+ * are computed before any row is updated, so no row waits for its own sum
+ * (measured ~10% faster than row by row). The inputs point at the head's
+ * first channel of the sequence's first row; rows are C floats apart. The
+ * summation order depends on N only: a sequence fed in pieces or token by
+ * token gives bit-identical results. */
+static void cpu_wkv7_head_v8(float *restrict S, float *restrict y, const float *restrict r,
+                             const float *restrict w_raw, const float *restrict k,
+                             const float *restrict v, const float *restrict kk,
+                             const float *restrict a, int len, int C, int N) {
+    float decay[CPU_WKV_MAX_N], kern_a[CPU_WKV_MAX_N], kern_b[CPU_WKV_MAX_N],
+        sa[CPU_WKV_MAX_N];
+    for (int t = 0; t < len; t++) {
+        const size_t o = (size_t)t * C;
+        const float *rt = r + o, *kt = k + o, *vt = v + o, *wt = w_raw + o, *kkt = kk + o,
+                    *at = a + o;
+#pragma omp simd
+        for (int j = 0; j < N; j++) {
+            decay[j] = cpu_decayf(wt[j]);
+            kern_a[j] = -kkt[j];
+            kern_b[j] = kkt[j] * at[j];
+        }
+        for (int i = 0; i < N; i++) {
+            const float *Si = S + (size_t)i * N;
+            cpu_v8 acc0 = {0}, acc1 = {0}; /* two independent add chains */
+            int j = 0;
+            for (; j + 16 <= N; j += 16) {
+                acc0 += CPU_V8_LOAD(Si + j) * CPU_V8_LOAD(kern_a + j);
+                acc1 += CPU_V8_LOAD(Si + j + 8) * CPU_V8_LOAD(kern_a + j + 8);
+            }
+            if (j < N) acc0 += CPU_V8_LOAD(Si + j) * CPU_V8_LOAD(kern_a + j);
+            const cpu_v8 total = acc0 + acc1;
+            sa[i] = cpu_v8_sum(&total);
+        }
+        for (int i = 0; i < N; i++) {
+            float *Si = S + (size_t)i * N;
+            const float sa_i = sa[i], v_i = vt[i];
+            cpu_v8 y0 = {0}, y1 = {0};
+            int j = 0;
+            for (; j + 16 <= N; j += 16) {
+                cpu_v8 s0 = CPU_V8_LOAD(Si + j) * CPU_V8_LOAD(decay + j) +
+                            sa_i * CPU_V8_LOAD(kern_b + j) + v_i * CPU_V8_LOAD(kt + j);
+                cpu_v8 s1 = CPU_V8_LOAD(Si + j + 8) * CPU_V8_LOAD(decay + j + 8) +
+                            sa_i * CPU_V8_LOAD(kern_b + j + 8) + v_i * CPU_V8_LOAD(kt + j + 8);
+                CPU_V8_STORE(Si + j, s0);
+                CPU_V8_STORE(Si + j + 8, s1);
+                y0 += s0 * CPU_V8_LOAD(rt + j);
+                y1 += s1 * CPU_V8_LOAD(rt + j + 8);
+            }
+            if (j < N) {
+                cpu_v8 s0 = CPU_V8_LOAD(Si + j) * CPU_V8_LOAD(decay + j) +
+                            sa_i * CPU_V8_LOAD(kern_b + j) + v_i * CPU_V8_LOAD(kt + j);
+                CPU_V8_STORE(Si + j, s0);
+                y0 += s0 * CPU_V8_LOAD(rt + j);
+            }
+            const cpu_v8 total = y0 + y1;
+            y[o + i] = cpu_v8_sum(&total);
+        }
+    }
+}
+
+/* ---- long runs: the same recurrence on a key-major copy of the state ----
+ * cpu_wkv7_head_v8's sums run along a state row (over j), each ending in a
+ * horizontal reduction of a vector, about half of the recurrence's time in
+ * prefill. On St[j][i] = S[i][j] the value channels i
+ * lie across the lanes and the sums become vertical adds with the key
+ * scalars broadcast. To give bit-identical results (a sequence fed in
+ * pieces, token by token, or in one call must not change a bit, whichever
+ * kernel runs each piece), each lane keeps 16 partial sums, one per j mod
+ * 16, added in ascending j, and combines them in the tree cpu_wkv7_head_v8
+ * ends with: its two 8-lane accumulators hold, lane l, the j = l and
+ * j = l + 8 (mod 16) sums, then (0+4)+(2+6) + (1+5)+(3+7) of their sum.
+ * Every product and sum is written in the same shape as there, so it is
+ * fused and rounded the same way. Measured on C=768, one core: 0.83 us per
+ * token and head against 1.02 (a kernel free to sum in its own order did
+ * 0.53, but the decode path would then need the transposes too: +4% on a
+ * batch-8 decode step). */
+
+/* The tree of cpu_wkv7_head_v8 over 16 partial sums (p[m]: j = m mod 16). */
+#define CPU_WKV_TREE(VT, p)                                                                 \
+    ({                                                                                      \
+        VT t_[8], s_[4];                                                                    \
+        for (int l_ = 0; l_ < 8; l_++) t_[l_] = (p)[l_] + (p)[l_ + 8];                      \
+        for (int q_ = 0; q_ < 4; q_++) s_[q_] = t_[q_] + t_[q_ + 4];                        \
+        (s_[0] + s_[2]) + (s_[1] + s_[3]);                                                  \
+    })
+
+/* One token over a block of LANES value channels at i0, for VT of LANES
+ * floats (cpu_v16, or cpu_v8 for heads of an odd multiple of 8): sa, then
+ * the update with y. The j loop goes in steps of 16 so that p[m] is a
+ * register; a tail of 8 (N % 16 == 8) lands in p[0..7], as in the tail of
+ * cpu_wkv7_head_v8. */
+#define CPU_WKV7_KEYMAJOR_TOKEN(VT, LANES, LOAD, STORE)                                     \
+    static inline __attribute__((always_inline)) void cpu_wkv7_keymajor_token_##LANES(      \
+        float *restrict St, float *restrict y, const float *restrict v,                    \
+        const float *restrict decay, const float *restrict kern_a,                         \
+        const float *restrict kern_b, const float *restrict k, const float *restrict r,    \
+        int i0, int N) {                                                                    \
+        VT p[16];                                                                           \
+        for (int m = 0; m < 16; m++) p[m] = (VT){0};                                        \
+        int j0 = 0;                                                                         \
+        for (; j0 + 16 <= N; j0 += 16)                                                      \
+            _Pragma("GCC unroll 16") for (int m = 0; m < 16; m++)                           \
+                p[m] += LOAD(St + (size_t)(j0 + m) * N + i0) * kern_a[j0 + m];              \
+        for (int m = 0; j0 + m < N; m++)                                                    \
+            p[m] += LOAD(St + (size_t)(j0 + m) * N + i0) * kern_a[j0 + m];                  \
+        const VT sa = CPU_WKV_TREE(VT, p), v_i = LOAD(v + i0);                              \
+        for (int m = 0; m < 16; m++) p[m] = (VT){0};                                        \
+        for (j0 = 0; j0 + 16 <= N; j0 += 16)                                                \
+            _Pragma("GCC unroll 16") for (int m = 0; m < 16; m++) {                         \
+                const int j = j0 + m;                                                       \
+                float *row = St + (size_t)j * N + i0;                                       \
+                const VT s = LOAD(row) * decay[j] + sa * kern_b[j] + v_i * k[j];            \
+                STORE(row, s);                                                              \
+                p[m] += s * r[j];                                                           \
+            }                                                                               \
+        for (int m = 0; j0 + m < N; m++) {                                                  \
+            const int j = j0 + m;                                                           \
+            float *row = St + (size_t)j * N + i0;                                           \
+            const VT s = LOAD(row) * decay[j] + sa * kern_b[j] + v_i * k[j];                \
+            STORE(row, s);                                                                  \
+            p[m] += s * r[j];                                                               \
+        }                                                                                   \
+        STORE(y + i0, CPU_WKV_TREE(VT, p));                                                 \
+    }
+
+CPU_WKV7_KEYMAJOR_TOKEN(cpu_v16, 16, CPU_V16_LOAD, CPU_V16_STORE)
+CPU_WKV7_KEYMAJOR_TOKEN(cpu_v8, 8, CPU_V8_LOAD, CPU_V8_STORE)
+
 /* Rows 0..7 of an 8 x 8 block (row stride `in`) written as its columns
  * (row stride `out`): the usual three rounds of two-input shuffles (pairs,
  * quads, halves), 24 in all, instead of 64 strided single-float stores. */
@@ -93,7 +236,7 @@ cpu_transpose_8x8(float *restrict dst, const float *restrict src, size_t out, si
 }
 
 /* dst = src transposed, N x N (rows N floats apart in both). */
-void cpu_wkv_transpose(float *restrict dst, const float *restrict src, int N) {
+static void cpu_wkv_transpose(float *restrict dst, const float *restrict src, int N) {
     if (N % 8 != 0) {
         for (int i = 0; i < N; i++)
             for (int j = 0; j < N; j++) dst[(size_t)j * N + i] = src[(size_t)i * N + j];
@@ -105,141 +248,38 @@ void cpu_wkv_transpose(float *restrict dst, const float *restrict src, int N) {
                               (size_t)N);
 }
 
-/* The two kernels below for a vector type VT of LANES floats (cpu_v16, and
- * cpu_v8 for heads whose size is an odd multiple of 8). Lanes run over i
- * (value channels), which never mix: the N columns are cut into groups of
- * up to four vectors, and each group is one pass down the N key rows with
- * every per-lane quantity in registers and the per-key scalars broadcast.
- * Four vectors a pass because the sums are chains of dependent FMAs (4
- * cycles each): one vector alone waits on its chain.
- *
- * first_sa: sa_i = sum_j St[j,i] a_j with a = -kk, j ascending from 0 in one
- * accumulator per lane: the one summation order of sa, used here for a
- * sequence's first token and fused into the previous token's update for
- * the others.
- *
- * update: one token, St[j,i] = St[j,i] d_j + sa_i b_j + v_i k_j, then
- * y_i = sum_j St[j,i] r_j and, when has_next, the next token's
- * sa_next_i = sum_j St[j,i] a_next_j (a_next = -kk of the next token). */
-#define CPU_WKV7_KERNELS(VT, LANES, LOAD, STORE)                                                \
-    static inline __attribute__((always_inline)) void cpu_wkv7_first_sa_##LANES(               \
-        float *restrict sa, const float *restrict St, const float *restrict kk, int N, int nv) { \
-        for (int i0 = 0; i0 < N; i0 += nv * LANES) {                                           \
-            VT acc[4];                                                                         \
-            for (int q = 0; q < nv; q++) acc[q] = (VT){0};                                     \
-            for (int j = 0; j < N; j++) {                                                      \
-                const float *row = St + (size_t)j * N + i0;                                    \
-                const float a_j = -kk[j];                                                      \
-                for (int q = 0; q < nv; q++) acc[q] += LOAD(row + q * LANES) * a_j;            \
-            }                                                                                  \
-            for (int q = 0; q < nv; q++) STORE(sa + i0 + q * LANES, acc[q]);                   \
-        }                                                                                      \
-    }                                                                                          \
-    static inline __attribute__((always_inline)) void cpu_wkv7_update_##LANES(                 \
-        float *restrict St, float *restrict y, float *restrict sa_next,                        \
-        const float *restrict sa, const float *restrict v, const float *restrict decay,        \
-        const float *restrict kern_b, const float *restrict k, const float *restrict r,        \
-        const float *restrict kk_next, int N, int nv, int has_next) {                          \
-        for (int i0 = 0; i0 < N; i0 += nv * LANES) {                                           \
-            VT sa_i[4], v_i[4], y_i[4], next_i[4];                                             \
-            for (int q = 0; q < nv; q++) {                                                     \
-                sa_i[q] = LOAD(sa + i0 + q * LANES);                                           \
-                v_i[q] = LOAD(v + i0 + q * LANES);                                             \
-                y_i[q] = next_i[q] = (VT){0};                                                  \
-            }                                                                                  \
-            for (int j = 0; j < N; j++) {                                                      \
-                float *row = St + (size_t)j * N + i0;                                          \
-                const float d_j = decay[j], b_j = kern_b[j], k_j = k[j], r_j = r[j];           \
-                const float a_j = has_next ? -kk_next[j] : 0.0f;                               \
-                for (int q = 0; q < nv; q++) {                                                 \
-                    const VT s = LOAD(row + q * LANES) * d_j + sa_i[q] * b_j + v_i[q] * k_j;   \
-                    STORE(row + q * LANES, s);                                                 \
-                    y_i[q] += s * r_j;                                                         \
-                    if (has_next) next_i[q] += s * a_j;                                        \
-                }                                                                              \
-            }                                                                                  \
-            for (int q = 0; q < nv; q++) {                                                     \
-                STORE(y + i0 + q * LANES, y_i[q]);                                             \
-                if (has_next) STORE(sa_next + i0 + q * LANES, next_i[q]);                      \
-            }                                                                                  \
-        }                                                                                      \
-    }
-
-CPU_WKV7_KERNELS(cpu_v16, 16, CPU_V16_LOAD, CPU_V16_STORE)
-CPU_WKV7_KERNELS(cpu_v8, 8, CPU_V8_LOAD, CPU_V8_STORE)
-
-/* Tokens in order, for one (LANES, nv) instance; nv * LANES divides N. */
-#define CPU_WKV7_RUN(LANES, nv)                                                                 \
-    do {                                                                                       \
-        cpu_wkv7_first_sa_##LANES(sa, St, kk, N, nv);                                          \
-        for (int t = 0; t < len; t++) {                                                        \
-            const size_t o = (size_t)t * C;                                                    \
-            cpu_wkv7_token_vectors(decay, kern_b, w_raw + o, kk + o, a + o, N);                \
-            if (t + 1 < len)                                                                   \
-                cpu_wkv7_update_##LANES(St, y + o, sa_next, sa, v + o, decay, kern_b, k + o,   \
-                                        r + o, kk + o + C, N, nv, 1);                          \
-            else                                                                               \
-                cpu_wkv7_update_##LANES(St, y + o, sa_next, sa, v + o, decay, kern_b, k + o,   \
-                                        r + o, NULL, N, nv, 0);                                \
-            float *swap_ = sa;                                                                 \
-            sa = sa_next;                                                                      \
-            sa_next = swap_;                                                                   \
-        }                                                                                      \
-    } while (0)
-
-/* The per-key scalars of a token: d = decay(w_raw), b = kk * a_iclr. */
-static inline __attribute__((always_inline)) void
-cpu_wkv7_token_vectors(float *restrict decay, float *restrict kern_b, const float *restrict w_raw,
-                       const float *restrict kk, const float *restrict a, int N) {
-#pragma omp simd
-    for (int j = 0; j < N; j++) {
-        decay[j] = cpu_decayf(w_raw[j]);
-        kern_b[j] = kk[j] * a[j];
-    }
-}
-
-/* One head of one sequence, tokens in order, on a key-major state
- * St [N,N] (St[j,i] = S[i,j]; see cpu_wkv_transpose) updated in place:
- *   sa_i = sum_j S[i,j] a_j,  S[i,j] = S[i,j] d_j + sa_i b_j + v_i k_j,
- *   y_i = sum_j S[i,j] r_j    with a = -kk, b = kk * a_iclr, d = decay(w_raw).
- * Key-major because both sums run over j: with i across the vector lanes
- * they are vertical multiply-adds with j broadcast, no horizontal
- * reductions (those cost ~2.7x the time in the value-major kernel this
- * replaced), and the next token's sa rides along the update pass. N a
- * multiple of 8, N <= CPU_WKV_MAX_N. The inputs point at the head's first
- * channel of the sequence's first row; rows are C floats apart. Every sum
- * has one order whatever len is: a sequence fed in pieces or token by token
- * gives bit-identical results. */
-void cpu_wkv7_head_keymajor(float *restrict St, float *restrict y, const float *restrict r,
-                            const float *restrict w_raw, const float *restrict k,
-                            const float *restrict v, const float *restrict kk,
-                            const float *restrict a, int len, int C, int N) {
-    float decay[CPU_WKV_MAX_N], kern_b[CPU_WKV_MAX_N], sa_buf[2][CPU_WKV_MAX_N];
-    float *sa = sa_buf[0], *sa_next = sa_buf[1];
-    if (len <= 0) return;
-    if (N % 64 == 0)
-        CPU_WKV7_RUN(16, 4);
-    else if (N % 32 == 0)
-        CPU_WKV7_RUN(16, 2);
-    else if (N % 16 == 0)
-        CPU_WKV7_RUN(16, 1);
-    else
-        CPU_WKV7_RUN(8, 1);
-}
-
-/* The state in its official value-major layout: transposed into a
- * key-major copy for the run and back (~0.4 us per head of 64, what a
- * single decode token pays on top of the kernel; a 512-token prefill
- * amortises it). */
-static void cpu_wkv7_head_transposed(float *restrict S, float *restrict y, const float *restrict r,
-                             const float *restrict w_raw, const float *restrict k,
-                             const float *restrict v, const float *restrict kk,
-                             const float *restrict a, int len, int C, int N) {
+/* cpu_wkv7_head_v8's contract and results, for runs long enough to pay
+ * for transposing the state in and out (~0.4 us per head of 64). */
+static void cpu_wkv7_head_keymajor(float *restrict S, float *restrict y, const float *restrict r,
+                                   const float *restrict w_raw, const float *restrict k,
+                                   const float *restrict v, const float *restrict kk,
+                                   const float *restrict a, int len, int C, int N) {
     float local[64 * 64];
     float *St = N <= 64 ? local : malloc((size_t)N * N * sizeof *St);
-    if (!St) abort(); /* N <= 256: at most 256 KiB */
+    if (!St) abort(); /* N <= CPU_WKV_MAX_N: at most 256 KiB */
+    float decay[CPU_WKV_MAX_N], kern_a[CPU_WKV_MAX_N], kern_b[CPU_WKV_MAX_N];
+    /* The state is usually cold (streamed weights evicted it) and the
+     * transpose reads it eight rows at a time: ask for every line first. */
+    for (size_t q = 0; q < (size_t)N * N; q += 16) __builtin_prefetch(S + q, 1, 3);
     cpu_wkv_transpose(St, S, N);
-    cpu_wkv7_head_keymajor(St, y, r, w_raw, k, v, kk, a, len, C, N);
+    for (int t = 0; t < len; t++) {
+        const size_t o = (size_t)t * C;
+        const float *wt = w_raw + o, *kkt = kk + o, *at = a + o;
+#pragma omp simd
+        for (int j = 0; j < N; j++) {
+            decay[j] = cpu_decayf(wt[j]);
+            kern_a[j] = -kkt[j];
+            kern_b[j] = kkt[j] * at[j];
+        }
+        if (N % 16 == 0)
+            for (int i0 = 0; i0 < N; i0 += 16)
+                cpu_wkv7_keymajor_token_16(St, y + o, v + o, decay, kern_a, kern_b, k + o,
+                                           r + o, i0, N);
+        else
+            for (int i0 = 0; i0 < N; i0 += 8)
+                cpu_wkv7_keymajor_token_8(St, y + o, v + o, decay, kern_a, kern_b, k + o,
+                                          r + o, i0, N);
+    }
     cpu_wkv_transpose(S, St, N);
     if (St != local) free(St);
 }
@@ -278,10 +318,9 @@ void cpu_wkv7(rp_backend *be, float *y, const float *r, const float *w_raw,
               int N) {
     const int H = C / N;
     const long units = (long)batch->n_seq * H;
-    const int vector_path = cpu_wkv7_keymajor_ok(N);
-    /* 0.5-1.3 us per token and head of 64 (one core, long or one-token
-     * runs): one decode token of 8 heads or more is already worth forking
-     * the team for. */
+    const int vector_path = N % 8 == 0 && N <= CPU_WKV_MAX_N;
+    /* ~0.75 us per token and head of 64 (one core): one decode token of 8
+     * heads or more is already worth forking the team for. */
     int nt = (size_t)batch->n_rows * C * N < RP_CPU_PARALLEL_MIN_WORK || units < 2
                  ? 1
                  : cpu_threads(be);
@@ -290,8 +329,11 @@ void cpu_wkv7(rp_backend *be, float *y, const float *r, const float *w_raw,
         const int s = (int)(u / H), h = (int)(u % H);
         const size_t o = (size_t)batch->row_begin[s] * C + (size_t)h * N;
         float *S = state_base + (size_t)batch->slot[s] * state_stride + (size_t)h * N * N;
-        if (vector_path)
-            cpu_wkv7_head_transposed(S, y + o, r + o, w_raw + o, k + o, v + o, kk + o, a + o,
+        if (vector_path && batch->seq_len[s] >= CPU_WKV_KEYMAJOR_MIN_LEN)
+            cpu_wkv7_head_keymajor(S, y + o, r + o, w_raw + o, k + o, v + o, kk + o, a + o,
+                                   batch->seq_len[s], C, N);
+        else if (vector_path)
+            cpu_wkv7_head_v8(S, y + o, r + o, w_raw + o, k + o, v + o, kk + o, a + o,
                              batch->seq_len[s], C, N);
         else
             cpu_wkv7_head_any(S, y + o, r + o, w_raw + o, k + o, v + o, kk + o, a + o,
