@@ -21,6 +21,7 @@
 #include "cuda_backend.h"
 #include "cuda_device.h"
 #include "harness.h"
+#include "op_profile.h"
 #include "model/init.h"
 #include "model/model.h"
 #include "model/train.h"
@@ -51,9 +52,16 @@ static const struct {
                  {"wkv7", ROW_WKV7},         {"train", ROW_TRAIN}};
 
 typedef struct {
-    int device, quick, reps;
+    int device, quick, reps, profile;
     unsigned rows;
 } options;
+
+/* --profile: the per-op tables, kept in memory and printed after the main
+ * table (which stays the first table of the output). NULL without it. */
+static FILE *profile_out;
+static char *profile_text;
+static size_t profile_text_len;
+
 
 /* ---- the table, printed at the end (progress goes to stderr meanwhile) ---- */
 
@@ -585,6 +593,47 @@ static rp_status decode_measure(const rp_model *m, rp_workspace *ws, rp_state *s
     return st;
 }
 
+/* --profile of a batch-1 decode step: 3 untimed steps, then 20 through an
+ * op_profile wrapper of the model's backend. */
+static rp_status profile_decode(const rp_model *m, rp_workspace *ws, rp_state *state,
+                                float *logits, const char *config, double unprofiled_ms,
+                                rp_error *err) {
+    decode_ctx *c = calloc(1, sizeof *c);
+    op_profile *prof = malloc(sizeof *prof);
+    if (!c || !prof) {
+        free(c);
+        free(prof);
+        return rp_error_set(err, RP_ERR_NOMEM, "decode profile");
+    }
+    op_profile_wrap(prof, m->be);
+    rp_model view = *m;
+    view.be = &prof->be;
+    c->sync.be = &prof->be;
+    c->model = &view;
+    c->ws = ws;
+    c->state = state;
+    c->logits = logits;
+    c->rng = 777;
+    c->seq_len[0] = 1;
+    rp_batch_init(&c->batch, 1, c->seq_len, c->slot, c->row_begin);
+    int failed = 0;
+    for (int i = 0; i < 23 && !failed; i++) {
+        if (i == 3) op_profile_reset(prof);
+        failed = decode_call(c);
+    }
+    rp_status st = RP_OK;
+    if (failed) {
+        st = measure_error(&c->sync, "decode profile", err);
+    } else {
+        char title[96];
+        snprintf(title, sizeof title, "Per-op time: decode %s, batch 1", config);
+        op_profile_print(profile_out, prof, title, 20, unprofiled_ms);
+    }
+    free(prof);
+    free(c);
+    return st;
+}
+
 typedef struct {
     const char *config;
     int decode_b1;     /* row: batch-1 latency */
@@ -631,6 +680,10 @@ static rp_status measure_decode(const rp_model *m, const char *config, const dec
                      goal_mark(ratio <= GOAL_DECODE_OVER_FLOOR));
         }
         snprintf(r->goal, sizeof r->goal, "≤ %.1fx", GOAL_DECODE_OVER_FLOOR);
+        if (profile_out) {
+            progress("decode %s: batch 1, per-op profile...", config);
+            st = profile_decode(m, &ws, &state, logits, config, b1.seconds * 1e3, err);
+        }
     }
     for (int i = 0; i < 2 && st == RP_OK; i++) {
         const int B = plan->batches[i];
@@ -833,6 +886,32 @@ static rp_status measure_train(rp_model *m, const char *config, int T, const cei
      * about ln V as the model memorises it: a sign the steps really learn. */
     note_add("training loss on one random batch: %.3f at the first step (ln V = %.3f), %.3f "
              "after %ld steps", c.first_loss, log((double)cfg->vocab_size), c.loss, c.step);
+    if (profile_out) {
+        /* Two more steps through an op_profile wrapper of the backend. */
+        progress("train %s: per-op profile of 2 steps...", config);
+        op_profile *prof = malloc(sizeof *prof);
+        if (!prof) {
+            st = rp_error_set(err, RP_ERR_NOMEM, "train profile");
+            goto done;
+        }
+        op_profile_wrap(prof, be);
+        rp_model view = *m;
+        view.be = &prof->be;
+        train_ctx pc = c;
+        pc.sync.be = &prof->be;
+        pc.model = &view;
+        int failed = 0;
+        for (int i = 0; i < 2 && !failed; i++) failed = train_call(&pc) || backend_sync_call(&pc);
+        if (failed) {
+            st = measure_error(&pc.sync, "train profile", err);
+        } else {
+            char title[128];
+            snprintf(title, sizeof title, "Per-op time: train %s, one step of %d × %d tokens "
+                     "(forward, backward, AdamW)", config, B, T);
+            op_profile_print(profile_out, prof, title, 2, res.seconds * 1e3);
+        }
+        free(prof);
+    }
 done:
     free(inputs);
     free(targets);
@@ -907,7 +986,7 @@ static int parse_rows(const char *list, unsigned *out) {
 
 static void usage(FILE *out) {
     fprintf(out,
-            "usage: bench_gpu [--device N] [--quick] [--only ROWS] [--reps N]\n"
+            "usage: bench_gpu [--device N] [--quick] [--only ROWS] [--reps N] [--profile]\n"
             "\n"
             "The CUDA backend (bf16 math) on one GPU against ceilings measured in the same\n"
             "run (device-to-device copy bandwidth, cuBLAS bf16 GEMM rate): decode latency at\n"
@@ -923,6 +1002,9 @@ static void usage(FILE *out) {
             "                (the ceilings are always measured: every ratio needs them)\n"
             "  --reps N      timed repetitions per measurement, median reported (default 20,\n"
             "                --quick 5)\n"
+            "  --profile     after the table, the time of every backend op in a batch-1\n"
+            "                decode step of each shape and in a training step\n"
+            "                (bench/op_profile.h: each op between two synchronisations)\n"
             "  --help        this text\n"
             "\n"
             "Exit status: 0, 77 when no CUDA device is visible, 2 on a bad option, 1 when a\n"
@@ -939,6 +1021,8 @@ int main(int argc, char **argv) {
             return 0;
         } else if (!strcmp(argv[i], "--quick")) {
             o.quick = 1;
+        } else if (!strcmp(argv[i], "--profile")) {
+            o.profile = 1;
         } else if (!strcmp(argv[i], "--device") && i + 1 < argc) {
             errno = 0;
             long v = strtol(argv[++i], &end, 10);
@@ -1001,6 +1085,10 @@ int main(int argc, char **argv) {
     printf("- %s; build: %s\n", text, rp_build_description());
     fflush(stdout);
 
+    if (o.profile && !(profile_out = open_memstream(&profile_text, &profile_text_len))) {
+        fprintf(stderr, "bench_gpu: --profile: cannot open a memory stream\n");
+        return 1;
+    }
     ceilings bound = {-1.0, -1.0};
     rp_error err = {0};
     if (measure_ceilings(&bound, &o, &ceiling_t, &err) != RP_OK) section_failed("ceilings", &err);
@@ -1046,5 +1134,10 @@ int main(int argc, char **argv) {
     }
     if (n_notes) printf("\n");
     for (int i = 0; i < n_notes; i++) printf("- %s\n", notes[i]);
+    if (profile_out) {
+        fclose(profile_out);
+        printf("\n### Per-op time (--profile)\n%s", profile_text ? profile_text : "");
+        free(profile_text);
+    }
     return n_failures ? 1 : 0;
 }

@@ -21,7 +21,8 @@
 #   4. 20 training steps on the GPU against the CPU trainer
 #   5. two ranks on the one GPU through the MPI fallback (--pp 2) = one rank;
 #      one-rank NCCL self send/recv (tests/gpu/test_nccl)
-#   6. timings: bench/bench_gpu (ceilings, decode, wkv7, training MFU)
+#   6. timings: bench/bench_gpu --profile (ceilings, decode, wkv7, training MFU,
+#      then the time of every backend op in a decode and a training step)
 # Budget: about 8 minutes on one H100.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -202,8 +203,8 @@ case $rc in
 esac
 
 note "## 6. timings"
-echo "\$ bench_gpu" >>"$log"
-timeout --kill-after=10 300 bench_gpu >"$out/bench_gpu.txt" 2>>"$log"
+echo "\$ bench_gpu --profile" >>"$log"
+timeout --kill-after=10 300 bench_gpu --profile >"$out/bench_gpu.txt" 2>>"$log"
 rc=$?
 cat "$out/bench_gpu.txt" >>"$log"
 if [ $rc -eq 0 ]; then
