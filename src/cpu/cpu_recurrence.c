@@ -73,6 +73,19 @@ void cpu_token_shift(rp_backend *be, float *prev, const float *x, float *state_b
     }
 }
 
+/* The per-key vectors of one token: d = decay(w_raw), a = -kk, b = kk * iclr. */
+static inline __attribute__((always_inline)) void
+cpu_wkv7_token_vectors(float *restrict decay, float *restrict kern_a, float *restrict kern_b,
+                       const float *restrict w_raw, const float *restrict kk,
+                       const float *restrict a, int N) {
+#pragma omp simd
+    for (int j = 0; j < N; j++) {
+        decay[j] = cpu_decayf(w_raw[j]);
+        kern_a[j] = -kk[j];
+        kern_b[j] = kk[j] * a[j];
+    }
+}
+
 /* One head of one sequence, tokens in order, state S [N,N] updated in place:
  *   sa_i = sum_j S[i,j] a_j,  S[i,j] = S[i,j] d_j + sa_i b_j + v_i k_j,
  *   y_i = sum_j S[i,j] r_j    with a = -kk, b = kk * a_iclr, d = decay(w_raw).
@@ -91,14 +104,8 @@ static void cpu_wkv7_head_v8(float *restrict S, float *restrict y, const float *
         sa[CPU_WKV_MAX_N];
     for (int t = 0; t < len; t++) {
         const size_t o = (size_t)t * C;
-        const float *rt = r + o, *kt = k + o, *vt = v + o, *wt = w_raw + o, *kkt = kk + o,
-                    *at = a + o;
-#pragma omp simd
-        for (int j = 0; j < N; j++) {
-            decay[j] = cpu_decayf(wt[j]);
-            kern_a[j] = -kkt[j];
-            kern_b[j] = kkt[j] * at[j];
-        }
+        const float *rt = r + o, *kt = k + o, *vt = v + o;
+        cpu_wkv7_token_vectors(decay, kern_a, kern_b, w_raw + o, kk + o, a + o, N);
         for (int i = 0; i < N; i++) {
             const float *Si = S + (size_t)i * N;
             cpu_v8 acc0 = {0}, acc1 = {0}; /* two independent add chains */
@@ -235,13 +242,8 @@ cpu_transpose_8x8(float *restrict dst, const float *restrict src, size_t out, si
     }
 }
 
-/* dst = src transposed, N x N (rows N floats apart in both). */
+/* dst = src transposed, N x N (rows N floats apart in both), N % 8 == 0. */
 static void cpu_wkv_transpose(float *restrict dst, const float *restrict src, int N) {
-    if (N % 8 != 0) {
-        for (int i = 0; i < N; i++)
-            for (int j = 0; j < N; j++) dst[(size_t)j * N + i] = src[(size_t)i * N + j];
-        return;
-    }
     for (int i0 = 0; i0 < N; i0 += 8)
         for (int j0 = 0; j0 < N; j0 += 8)
             cpu_transpose_8x8(dst + (size_t)j0 * N + i0, src + (size_t)i0 * N + j0, (size_t)N,
@@ -264,13 +266,7 @@ static void cpu_wkv7_head_keymajor(float *restrict S, float *restrict y, const f
     cpu_wkv_transpose(St, S, N);
     for (int t = 0; t < len; t++) {
         const size_t o = (size_t)t * C;
-        const float *wt = w_raw + o, *kkt = kk + o, *at = a + o;
-#pragma omp simd
-        for (int j = 0; j < N; j++) {
-            decay[j] = cpu_decayf(wt[j]);
-            kern_a[j] = -kkt[j];
-            kern_b[j] = kkt[j] * at[j];
-        }
+        cpu_wkv7_token_vectors(decay, kern_a, kern_b, w_raw + o, kk + o, a + o, N);
         if (N % 16 == 0)
             for (int i0 = 0; i0 < N; i0 += 16)
                 cpu_wkv7_keymajor_token_16(St, y + o, v + o, decay, kern_a, kern_b, k + o,
