@@ -4,14 +4,6 @@
  * the state slot slot[s]; calls over a prefix and then the rest equal one
  * call over the whole sequence. Called through the rp_backend vtable. */
 
-/* Multiply-adds in this file fuse into FMAs (AM_CFLAGS' -std=c11 turns
- * contraction off; the WKV7 update is bound by floating-point throughput).
- * Both WKV7 kernels write each product and sum in the same shape, so GCC
- * fuses them the same way and they keep giving identical bits (tested).
- * Before every include, so cpu_backend.h's inline helpers are built with
- * the same options and still inline. */
-#pragma GCC optimize("fp-contract=fast")
-
 #include "config.h"
 
 #include <omp.h>
@@ -156,11 +148,12 @@ static void cpu_wkv7_head_v8(float *restrict S, float *restrict y, const float *
  * 16, added in ascending j, and combines them in the tree cpu_wkv7_head_v8
  * ends with: its two 8-lane accumulators hold, lane l, the j = l and
  * j = l + 8 (mod 16) sums, then (0+4)+(2+6) + (1+5)+(3+7) of their sum.
- * Every product and sum is written in the same shape as there, so it is
- * fused and rounded the same way. Measured on C=768, one core: 0.83 us per
- * token and head against 1.02 (a kernel free to sum in its own order did
- * 0.53, but the decode path would then need the transposes too: +4% on a
- * batch-8 decode step). */
+ * Every product and sum rounds as there (no FP contraction in this file:
+ * the recurrence gives the same bits as before this kernel existed, so a
+ * training run or a generation does not change). Measured on C=768, one
+ * core: 0.92 us per token and head against 1.02 (a kernel free to sum in
+ * its own order, with FMAs, did 0.53, but the decode path would then need
+ * the transposes too: +4% on a batch-8 decode step). */
 
 /* The tree of cpu_wkv7_head_v8 over 16 partial sums (p[m]: j = m mod 16). */
 #define CPU_WKV_TREE(VT, p)                                                                 \
