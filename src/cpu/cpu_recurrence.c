@@ -164,6 +164,15 @@ static void cpu_wkv7_head_v8(float *restrict S, float *restrict y, const float *
         (s_[0] + s_[2]) + (s_[1] + s_[3]);                                                  \
     })
 
+/* Key row j of the block: the state update, then its term of y into p[m]. */
+#define CPU_WKV7_UPDATE(VT, LOAD, STORE, j, m)                                              \
+    do {                                                                                    \
+        float *row_ = St + (size_t)(j) * N + i0;                                            \
+        const VT s_ = LOAD(row_) * decay[j] + sa * kern_b[j] + v_i * k[j];                  \
+        STORE(row_, s_);                                                                    \
+        p[m] += s_ * r[j];                                                                  \
+    } while (0)
+
 /* One token over a block of LANES value channels at i0, for VT of LANES
  * floats (cpu_v16, or cpu_v8 for heads of an odd multiple of 8): sa, then
  * the update with y. The j loop goes in steps of 16 so that p[m] is a
@@ -186,20 +195,9 @@ static void cpu_wkv7_head_v8(float *restrict S, float *restrict y, const float *
         const VT sa = CPU_WKV_TREE(VT, p), v_i = LOAD(v + i0);                              \
         for (int m = 0; m < 16; m++) p[m] = (VT){0};                                        \
         for (j0 = 0; j0 + 16 <= N; j0 += 16)                                                \
-            _Pragma("GCC unroll 16") for (int m = 0; m < 16; m++) {                         \
-                const int j = j0 + m;                                                       \
-                float *row = St + (size_t)j * N + i0;                                       \
-                const VT s = LOAD(row) * decay[j] + sa * kern_b[j] + v_i * k[j];            \
-                STORE(row, s);                                                              \
-                p[m] += s * r[j];                                                           \
-            }                                                                               \
-        for (int m = 0; j0 + m < N; m++) {                                                  \
-            const int j = j0 + m;                                                           \
-            float *row = St + (size_t)j * N + i0;                                           \
-            const VT s = LOAD(row) * decay[j] + sa * kern_b[j] + v_i * k[j];                \
-            STORE(row, s);                                                                  \
-            p[m] += s * r[j];                                                               \
-        }                                                                                   \
+            _Pragma("GCC unroll 16") for (int m = 0; m < 16; m++)                           \
+                CPU_WKV7_UPDATE(VT, LOAD, STORE, j0 + m, m);                                \
+        for (int m = 0; j0 + m < N; m++) CPU_WKV7_UPDATE(VT, LOAD, STORE, j0 + m, m);       \
         STORE(y + i0, CPU_WKV_TREE(VT, p));                                                 \
     }
 
