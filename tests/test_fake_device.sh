@@ -47,13 +47,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-check() { echo "check: $*"; }
-ok() { echo "  ok${1:+: $1}"; }
-fail() {
-    echo "FAIL: $*"
-    [ -s "$T/stderr" ] && sed 's/^/  stderr: /' "$T/stderr" | tail -n 25
-    exit 1
-}
+FAIL_STDERR_LINES=25
+. "$top_srcdir/tests/check_report.sh"
 
 # both NAME COMMAND...: runs COMMAND on the CPU backend (stdout $T/NAME.cpu.out)
 # and on the fake device (stdout $T/NAME.fake.out); the word @ in the command

@@ -23,13 +23,7 @@ COMPARE="$top_srcdir/tests/st_compare.py"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_pipeline.XXXXXX") || exit 99
 trap 'rm -rf "$T"' EXIT
 
-check() { echo "check: $*"; }
-ok() { echo "  ok${1:+: $1}"; }
-fail() {
-    echo "FAIL: $*"
-    [ -s "$T/stderr" ] && sed 's/^/  stderr: /' "$T/stderr" | tail -n 20
-    exit 1
-}
+. "$top_srcdir/tests/check_report.sh"
 
 # A 4-layer model, 10 steps of 8 sequences of 16 tokens of MQAR; --loss-on all
 # so every position has a target; warmup 2 so the LR moves.

@@ -30,13 +30,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-check() { echo "check: $*"; }
-ok() { echo "  ok${1:+: $1}"; }
-fail() {
-    echo "FAIL: $*"
-    [ -s "$T/stderr" ] && sed 's/^/  stderr: /' "$T/stderr" | tail -n 20
-    exit 1
-}
+. "$top_srcdir/tests/check_report.sh"
 
 COMMON=(train --model-config L4-C64-V64 --data mqar --ctx-len 16 --batch 8 --micro-batch 2
         --warmup 2 --lr 3e-3 --eval-interval 0 --eval-batches 1 --log-interval 1
