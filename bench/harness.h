@@ -69,8 +69,9 @@ typedef struct {
 } bench_memory_read;
 int bench_memory_read_call(void *memory_read);
 double bench_memory_read_bytes(const bench_memory_read *m);
-/* buf[i] = small deterministic values, written by `threads` threads with the
- * same static schedule as the read, so pages land near their reader. */
+/* buf[i] = deterministic values in [0, 1), no two pages alike, written by
+ * `threads` threads with the same static schedule as the read, so pages land
+ * near their reader. */
 void bench_fill_parallel(float *buf, size_t floats, int threads);
 
 /* Ceiling 2, BLAS: GFLOP/s of y [M,N] = x [M,K] . W^T, W [N,K] (nn.Linear, as
