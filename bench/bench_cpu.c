@@ -112,11 +112,12 @@ static rp_status forward_ctx_check(const forward_ctx *c, double seconds, rp_erro
  * decode step streams (every layer's flat buffer and the head). On this
  * VM the read rate of a buffer depends on where it lies: in one process,
  * buffers of the same size, allocated the same way and filled with the
- * same random data, sum at 20 and 27 GB/s (the first ones allocated are
- * the slow ones), so a separate buffer would measure the machine's luck
- * rather than how well decode streams its weights (docs/perf/cpu.md,
- * 2026-11-27 afternoon). The separate 1 GiB buffer stays as a reference
- * row. */
+ * same kind of random data, read at rates up to 35% apart, the first ones
+ * allocated (the model is allocated first) being the slow ones, so a
+ * separate buffer would measure the machine's luck rather than how well
+ * decode streams its weights (docs/perf/cpu.md, "Current: the decode floor
+ * from the weights' own buffers"; bench/bench_memory). The separate 1 GiB
+ * buffer stays as a reference row. */
 typedef struct {
     bench_memory_read *parts; /* one per layer buffer, then the head */
     int n_parts;
