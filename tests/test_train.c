@@ -1,5 +1,6 @@
 /* The training loop: it learns (loss falls on the copy task), it is
- * deterministic (same seed, same weights bit for bit), and gradient
+ * deterministic (same seed, same weights bit for bit, whatever the thread
+ * count), and gradient
  * accumulation over micro-batches equals one big batch up to rounding. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -73,6 +74,42 @@ static void test_same_seed_gives_identical_weights(void **state) {
     rp_model_free(&a);
     rp_model_free(&b);
     rp_cpu_backend_destroy(be);
+}
+
+/* The thread count does not change a run: rows are split between threads
+ * only at multiples of the BLAS kernels' row unroll, the backward tiles by
+ * shape. Every GEMM of this run has more rows (8 x 128) than columns (the
+ * FFN's 512 at most), as training usually does; a matmul with fewer rows
+ * than columns splits its columns and may differ in the last bits
+ * (docs/parallelism.md, "Threads"). */
+static void test_thread_count_does_not_change_weights(void **state) {
+    rp_error err;
+    rp_model runs[3];
+    const int threads[3] = {1, 2, 3};
+    rp_backend *bes[3];
+    for (int i = 0; i < 3; i++) {
+        bes[i] = rp_cpu_backend_create(threads[i], &err);
+        assert_non_null(bes[i]);
+        new_model(&runs[i], bes[i]);
+        rp_train_options o;
+        small_options(&o, RP_SYNTH_MQAR);
+        o.ctx_len = 128;
+        o.batch_size = o.micro_batch = 8;
+        o.steps = 2;
+        if (rp_train_run(&runs[i], &o, NULL, &err) != RP_OK) fail_msg("%s", err.msg);
+    }
+    for (int i = 1; i < 3; i++) {
+        assert_memory_equal(runs[i].layer_flat[0], runs[0].layer_flat[0],
+                            runs[0].layer_floats * sizeof(float));
+        assert_memory_equal(runs[i].embed_flat, runs[0].embed_flat,
+                            runs[0].embed_floats * sizeof(float));
+        assert_memory_equal(runs[i].head_flat, runs[0].head_flat,
+                            runs[0].head_floats * sizeof(float));
+    }
+    for (int i = 0; i < 3; i++) {
+        rp_model_free(&runs[i]);
+        rp_cpu_backend_destroy(bes[i]);
+    }
 }
 
 static void test_micro_batches_equal_one_batch(void **state) {
@@ -185,6 +222,7 @@ static void test_batch_must_be_a_multiple_of_micro_batch(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_same_seed_gives_identical_weights),
+        cmocka_unit_test(test_thread_count_does_not_change_weights),
         cmocka_unit_test(test_micro_batches_equal_one_batch),
         cmocka_unit_test(test_loss_falls_on_the_copy_task),
         cmocka_unit_test(test_resume_from_checkpoint_is_bit_exact),

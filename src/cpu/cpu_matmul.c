@@ -165,10 +165,13 @@ static void cpu_stream_in_out(float *restrict y, const float *restrict x,
 }
 
 /* Rows [0, m) and columns [n0, n1) of y = x . op(W) + beta * y, with y and x
- * pointing at the block's first row (row strides N and K). */
+ * pointing at the block's first row (row strides N and K). `stream` is the
+ * whole product's choice (cpu_matmul_streams of all its rows), not the
+ * block's: a short last row slice must not switch kernels, or its rows
+ * would get other bits than on another team size. */
 static void cpu_matmul_block(float *y, const float *x, const float *w, int m, int n0, int n1,
-                             int N, int K, float beta, cpu_weight_layout layout) {
-    if (cpu_matmul_streams(layout, m, K)) {
+                             int N, int K, float beta, cpu_weight_layout layout, int stream) {
+    if (stream) {
         if (layout == CPU_W_OUT_IN)
             cpu_stream_out_in(y, x, w, m, n0, n1, N, K, beta);
         else
@@ -182,15 +185,45 @@ static void cpu_matmul_block(float *y, const float *x, const float *w, int m, in
     }
 }
 
+/* Row slices (the sgemm's rows of x and y) start at multiples of this.
+ * OpenBLAS computes a row with different last bits depending on where it
+ * falls in a call unless the call starts at a multiple of its kernel's row
+ * grouping (measured, M=2048 N=128 K=128: Haswell's kernels give identical
+ * rows for splits at multiples of 12, not at 1024 or 512; SkylakeX's at
+ * every split of 64 rows or more), so with 24 (= 2 x 12, a multiple of
+ * every smaller unroll) a row's bits do not depend on the thread count.
+ * Column splits change them on Haswell's kernels whatever the alignment. */
+#define CPU_MATMUL_ROW_SLICE_ALIGN 24
+
+/* ... and every row slice must be big enough that the BLAS takes the kernel
+ * it takes for the whole product: OpenBLAS's SkylakeX build sends small
+ * products (measured: under ~64 rows at N=20 K=64) to a small-matrix kernel
+ * with other bits. A tall product that cannot give each thread this much
+ * runs as one call (it is under ~50 us of work). */
+#define CPU_MATMUL_MIN_ROW_SLICE_ROWS 64
+#define CPU_MATMUL_MIN_ROW_SLICE_WORK ((size_t)1 << 21) /* multiply-adds */
+
 /* [begin, end) of part `part` of `parts` over `total`, boundaries rounded up to
- * CPU_MATMUL_SLICE_ALIGN; trailing parts may be empty. */
-static void cpu_slice(int total, int part, int parts, int *begin, int *end) {
+ * `align`; trailing parts may be empty. */
+static void cpu_slice(int total, int part, int parts, int align, int *begin, int *end) {
     int chunk = (total + parts - 1) / parts;
-    chunk = (chunk + CPU_MATMUL_SLICE_ALIGN - 1) / CPU_MATMUL_SLICE_ALIGN *
-            CPU_MATMUL_SLICE_ALIGN;
+    chunk = (chunk + align - 1) / align * align;
     long b = (long)chunk * part, e = b + chunk;
     *begin = b < total ? (int)b : total;
     *end = e < total ? (int)e : total;
+}
+
+/* Whether every non-empty row slice of an M-row product over `parts`
+ * threads reaches CPU_MATMUL_MIN_ROW_SLICE_ROWS and _WORK. */
+static int cpu_row_slices_are_big(int M, int N, int K, int parts) {
+    for (int part = 0; part < parts; part++) {
+        int b, e;
+        cpu_slice(M, part, parts, CPU_MATMUL_ROW_SLICE_ALIGN, &b, &e);
+        if (e > b && (e - b < CPU_MATMUL_MIN_ROW_SLICE_ROWS ||
+                      (size_t)(e - b) * N * K < CPU_MATMUL_MIN_ROW_SLICE_WORK))
+            return 0;
+    }
+    return 1;
 }
 
 static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w, int M,
@@ -203,19 +236,23 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
     size_t work = (size_t)M * N * K;
     int nt = work < RP_CPU_PARALLEL_MIN_WORK * 2 ? 1 : cpu_threads(be);
     /* Splitting N makes every thread pack all of x, splitting M all of W:
-     * duplicate the smaller operand. Decode (small M) always splits N. */
-    int split_rows = M >= 4 * CPU_MATMUL_SLICE_ALIGN * nt && M > N;
+     * duplicate the smaller operand. Decode (small M) always splits N. The
+     * choice depends on the shape only, and a tall product is split into
+     * rows or not at all, so its bits do not depend on the team size. */
+    const int split_rows = M > N;
+    const int stream = cpu_matmul_streams(layout, M, K);
+    if (split_rows && !cpu_row_slices_are_big(M, N, K, nt)) nt = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int parts = omp_get_num_threads(), part = omp_get_thread_num(), b, e;
         if (split_rows) {
-            cpu_slice(M, part, parts, &b, &e);
+            cpu_slice(M, part, parts, CPU_MATMUL_ROW_SLICE_ALIGN, &b, &e);
             if (e > b)
                 cpu_matmul_block(y + (size_t)b * N, x + (size_t)b * K, w, e - b, 0, N, N, K,
-                                 beta, layout);
+                                 beta, layout, stream);
         } else {
-            cpu_slice(N, part, parts, &b, &e);
-            if (e > b) cpu_matmul_block(y, x, w, M, b, e, N, K, beta, layout);
+            cpu_slice(N, part, parts, CPU_MATMUL_SLICE_ALIGN, &b, &e);
+            if (e > b) cpu_matmul_block(y, x, w, M, b, e, N, K, beta, layout, stream);
         }
     }
 }
