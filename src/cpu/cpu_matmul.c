@@ -199,7 +199,7 @@ static void cpu_matmul_block(float *y, const float *x, const float *w, int m, in
  * it takes for the whole product: OpenBLAS's SkylakeX build sends small
  * products (measured: under ~64 rows at N=20 K=64) to a small-matrix kernel
  * with other bits. A tall product that cannot give each thread this much
- * runs as one call (it is under ~50 us of work). */
+ * runs as one call (a small one: under 2^21 multiply-adds a thread). */
 #define CPU_MATMUL_MIN_ROW_SLICE_ROWS 64
 #define CPU_MATMUL_MIN_ROW_SLICE_WORK ((size_t)1 << 21) /* multiply-adds */
 
