@@ -1,7 +1,7 @@
 /* The training loop: it learns (loss falls on the copy task), it is
  * deterministic (same seed, same weights bit for bit, whatever the thread
- * count), and gradient
- * accumulation over micro-batches equals one big batch up to rounding. */
+ * count), and gradient accumulation over micro-batches equals one big batch
+ * up to rounding. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -58,6 +58,13 @@ static double weights_rel_diff(const rp_model *a, const rp_model *b) {
     return max_diff / max_ref;
 }
 
+/* Every owned weight of a equals b's, byte for byte. */
+static void assert_same_weights(const rp_model *a, const rp_model *b) {
+    assert_memory_equal(a->layer_flat[0], b->layer_flat[0], a->layer_floats * sizeof(float));
+    assert_memory_equal(a->embed_flat, b->embed_flat, a->embed_floats * sizeof(float));
+    assert_memory_equal(a->head_flat, b->head_flat, a->head_floats * sizeof(float));
+}
+
 static void test_same_seed_gives_identical_weights(void **state) {
     rp_backend *be = backend();
     rp_model a, b;
@@ -68,9 +75,7 @@ static void test_same_seed_gives_identical_weights(void **state) {
     rp_error err;
     assert_int_equal(rp_train_run(&a, &o, NULL, &err), RP_OK);
     assert_int_equal(rp_train_run(&b, &o, NULL, &err), RP_OK);
-    assert_memory_equal(a.layer_flat[0], b.layer_flat[0], a.layer_floats * sizeof(float));
-    assert_memory_equal(a.embed_flat, b.embed_flat, a.embed_floats * sizeof(float));
-    assert_memory_equal(a.head_flat, b.head_flat, a.head_floats * sizeof(float));
+    assert_same_weights(&a, &b);
     rp_model_free(&a);
     rp_model_free(&b);
     rp_cpu_backend_destroy(be);
@@ -98,14 +103,7 @@ static void test_thread_count_does_not_change_weights(void **state) {
         o.steps = 2;
         if (rp_train_run(&runs[i], &o, NULL, &err) != RP_OK) fail_msg("%s", err.msg);
     }
-    for (int i = 1; i < 3; i++) {
-        assert_memory_equal(runs[i].layer_flat[0], runs[0].layer_flat[0],
-                            runs[0].layer_floats * sizeof(float));
-        assert_memory_equal(runs[i].embed_flat, runs[0].embed_flat,
-                            runs[0].embed_floats * sizeof(float));
-        assert_memory_equal(runs[i].head_flat, runs[0].head_flat,
-                            runs[0].head_floats * sizeof(float));
-    }
+    for (int i = 1; i < 3; i++) assert_same_weights(&runs[i], &runs[0]);
     for (int i = 0; i < 3; i++) {
         rp_model_free(&runs[i]);
         rp_cpu_backend_destroy(bes[i]);
@@ -192,11 +190,7 @@ static void test_resume_from_checkpoint_is_bit_exact(void **state) {
     o.resume_path = dir;
     if (rp_train_run(&resumed, &o, &res, &err) != RP_OK) fail_msg("%s", err.msg);
     assert_int_equal(res.steps_done, 8);
-    assert_memory_equal(straight.layer_flat[0], resumed.layer_flat[0],
-                        straight.layer_floats * sizeof(float));
-    assert_memory_equal(straight.embed_flat, resumed.embed_flat,
-                        straight.embed_floats * sizeof(float));
-    assert_memory_equal(straight.head_flat, resumed.head_flat, straight.head_floats * sizeof(float));
+    assert_same_weights(&resumed, &straight);
     char cmd[256];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     assert_int_equal(system(cmd), 0);
