@@ -62,7 +62,6 @@ static FILE *profile_out;
 static char *profile_text;
 static size_t profile_text_len;
 
-
 /* ---- the table, printed at the end (progress goes to stderr meanwhile) ---- */
 
 typedef struct {
