@@ -3,15 +3,9 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "harness.h"
 #include "op_profile.h"
-
-static double clock_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 #define PROFILE(be) ((op_profile *)(be))
 #define INNER(be) (PROFILE(be)->inner)
@@ -38,10 +32,10 @@ static void profile_add(op_profile *p, const char *name, double seconds) {
     do {                                                                                   \
         op_profile *p_ = PROFILE(be);                                                      \
         p_->inner->synchronize(p_->inner);                                                 \
-        const double t0_ = clock_seconds();                                                \
+        const double t0_ = bench_now_s();                                                \
         CALL;                                                                              \
         p_->inner->synchronize(p_->inner);                                                 \
-        profile_add(p_, NAME, clock_seconds() - t0_);                                      \
+        profile_add(p_, NAME, bench_now_s() - t0_);                                      \
     } while (0)
 
 /* Matmuls under one name per shape: "matmul_linear N=768 K=3072". */

@@ -4,7 +4,8 @@
  * kernels and one synchronisation; that last part makes small GPU ops look
  * slower than they are inside an unsynchronised step, which the printed
  * table says next to the unprofiled time). Matmuls are kept apart by shape.
- * Used by bench_cpu --profile and bench_gpu --profile. */
+ * Used by bench_cpu --profile and bench_gpu --profile; its clock is the
+ * harness's (bench_now_s), so it links with bench/harness.c. */
 #ifndef RP_BENCH_OP_PROFILE_H
 #define RP_BENCH_OP_PROFILE_H
 
