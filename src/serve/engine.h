@@ -99,6 +99,13 @@ void rp_job_release(rp_job *job);
  * read yet; copies up to max of them into out and returns how many. *finish
  * (may be NULL) receives the job's state: RP_FINISH_NONE while running. */
 int rp_job_read(rp_job *job, int32_t *out, int max, int timeout_ms, rp_finish_reason *finish);
+/* Calls fn(user) whenever the job has new tokens to read or has ended, so a
+ * client can wait without a thread (the HTTP server resumes a suspended
+ * connection). fn runs on the engine's main thread, possibly with engine
+ * locks held: it must be quick and must not call the engine or this job.
+ * It may be called once more than needed. Setting fn to NULL returns only
+ * after a call in progress has returned, so user may be freed after it. */
+void rp_job_set_notify(rp_job *job, void (*fn)(void *user), void *user);
 /* Ends the job: the engine frees its slot on every stage at its next step. */
 void rp_job_cancel(rp_job *job);
 /* Same, with finish reason "stop" (the client found a stop string). */

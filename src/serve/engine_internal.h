@@ -27,6 +27,11 @@ struct rp_job {
     int cancel;                    /* 1 cancel, 2 stop (client's stop string) */
     double t_submit, t_slot, t_first, t_last;
     int session_continued;
+    /* the client's wake-up hook (rp_job_set_notify): under notify_mu, held
+     * while it runs so that clearing it waits for a call in progress */
+    pthread_mutex_t notify_mu;
+    void (*notify)(void *user);
+    void *notify_user;
     /* engine main thread only */
     rp_job *next;                  /* queue link */
     int slot;                      /* -1 while queued */

@@ -1,5 +1,6 @@
 /* The job object shared by the engine's main thread and client threads
- * (engine.h): the client reads tokens as they come and may cancel. */
+ * (engine.h): the client reads tokens as they come, may cancel, and may be
+ * called back when there is something to read (rp_job_set_notify). */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -98,6 +99,7 @@ rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *
     j->slot = -1;
     pthread_mutex_init(&j->mu, NULL);
     pthread_cond_init(&j->cv, NULL);
+    pthread_mutex_init(&j->notify_mu, NULL);
     return j;
 }
 
@@ -115,6 +117,7 @@ void rp_job_release(rp_job *job) {
     if (left > 0) return;
     pthread_mutex_destroy(&job->mu);
     pthread_cond_destroy(&job->cv);
+    pthread_mutex_destroy(&job->notify_mu);
     free(job->prompt);
     free(job->out);
     free(job);
@@ -142,6 +145,20 @@ int rp_job_read(rp_job *job, int32_t *out, int max, int timeout_ms, rp_finish_re
     if (finish) *finish = job->n_read == job->n_out ? job->finish : RP_FINISH_NONE;
     pthread_mutex_unlock(&job->mu);
     return n;
+}
+
+void rp_job_set_notify(rp_job *job, void (*fn)(void *user), void *user) {
+    pthread_mutex_lock(&job->notify_mu);
+    job->notify = fn;
+    job->notify_user = fn ? user : NULL;
+    pthread_mutex_unlock(&job->notify_mu);
+}
+
+/* Called after job->mu is released: the hook may take the client's locks. */
+static void job_notify(rp_job *job) {
+    pthread_mutex_lock(&job->notify_mu);
+    if (job->notify) job->notify(job->notify_user);
+    pthread_mutex_unlock(&job->notify_mu);
 }
 
 void rp_job_cancel(rp_job *job) {
@@ -178,6 +195,7 @@ void rp_job_push_token(rp_job *job, int32_t token) {
     job->t_last = now;
     pthread_cond_broadcast(&job->cv);
     pthread_mutex_unlock(&job->mu);
+    job_notify(job);
 }
 
 void rp_job_finish(rp_job *job, rp_finish_reason reason, const char *error) {
@@ -188,6 +206,7 @@ void rp_job_finish(rp_job *job, rp_finish_reason reason, const char *error) {
     }
     pthread_cond_broadcast(&job->cv);
     pthread_mutex_unlock(&job->mu);
+    job_notify(job);
 }
 
 void rp_job_get_stats(rp_job *job, rp_job_stats *s) {
