@@ -2,8 +2,8 @@
  * service (docs/serving.md). Under mpirun with --pp P every rank loads its
  * stage's layers and runs the engine; rank 0 also serves HTTP (src/serve/
  * http.c) from its own threads while its main thread drives the engine.
- * SIGTERM / SIGINT: stop accepting, running requests end as cancelled, every
- * stage shuts down, exit 0. */
+ * SIGTERM / SIGINT: running requests end as cancelled, every stage shuts
+ * down, the HTTP server answers 503 for --drain-seconds, then exit 0. */
 #include <getopt.h>
 #include <libgen.h>
 #include <pthread.h>
@@ -48,6 +48,17 @@ static void serve_usage(FILE *out) {
             "  --max-tokens-limit N     largest max_tokens a request may ask (default 4096)\n"
             "  --default-max-tokens N   max_tokens when a request gives none (default 256)\n"
             "  --max-connections N      open HTTP connections at once (default 256)\n"
+            "  --max-connections-per-client N\n"
+            "                           open connections from one client address (default\n"
+            "                           max-connections / 4; 0 = no cap: behind a proxy)\n"
+            "  --connection-timeout S   close a connection idle for S seconds (default 30;\n"
+            "                           0 = never)\n"
+            "  --request-timeout S      close a connection whose request (headers and body)\n"
+            "                           has not arrived S seconds after it opened or after\n"
+            "                           its previous reply (default 60; 0 = no deadline)\n"
+            "  --http-threads N         threads serving HTTP connections (default 4)\n"
+            "  --drain-seconds S        on SIGTERM/SIGINT, keep answering 503 with Retry-After\n"
+            "                           for S seconds before closing (default 5)\n"
             "Engine:\n"
             "  --slots N                generations at once (default 16)\n"
             "  --state-budget-mb N      at most N MiB of running generations' state: fewer\n"
@@ -101,7 +112,8 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     enum {
         O_MODEL = 1000, O_CONFIG, O_SEED, O_VOCAB, O_ID, O_HOST, O_PORT, O_KEY, O_SESSION_DIR,
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
-        O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_DEVICE, O_GPU_MATH
+        O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_DEVICE, O_GPU_MATH,
+        O_PER_CLIENT, O_CONN_TIMEOUT, O_REQ_TIMEOUT, O_HTTP_THREADS, O_DRAIN
     };
     static const struct option longopts[] = {
         {"model", required_argument, 0, O_MODEL},
@@ -118,6 +130,11 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"max-tokens-limit", required_argument, 0, O_TOKENS},
         {"default-max-tokens", required_argument, 0, O_DEFAULT_TOKENS},
         {"max-connections", required_argument, 0, O_CONNECTIONS},
+        {"max-connections-per-client", required_argument, 0, O_PER_CLIENT},
+        {"connection-timeout", required_argument, 0, O_CONN_TIMEOUT},
+        {"request-timeout", required_argument, 0, O_REQ_TIMEOUT},
+        {"http-threads", required_argument, 0, O_HTTP_THREADS},
+        {"drain-seconds", required_argument, 0, O_DRAIN},
         {"slots", required_argument, 0, O_SLOTS},
         {"max-queue", required_argument, 0, O_QUEUE},
         {"prefill-chunk", required_argument, 0, O_CHUNK},
@@ -169,6 +186,20 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         case O_CONNECTIONS:
             hc.max_connections = (int)cli_parse_int(cli, "--max-connections", optarg, 1, 65536);
             break;
+        case O_PER_CLIENT:
+            hc.max_connections_per_client =
+                (int)cli_parse_int(cli, "--max-connections-per-client", optarg, 0, 65536);
+            break;
+        case O_CONN_TIMEOUT:
+            hc.connection_timeout_s = (int)cli_parse_int(cli, "--connection-timeout", optarg, 0, 86400);
+            break;
+        case O_REQ_TIMEOUT:
+            hc.request_timeout_s = (int)cli_parse_int(cli, "--request-timeout", optarg, 0, 86400);
+            break;
+        case O_HTTP_THREADS:
+            hc.http_threads = (int)cli_parse_int(cli, "--http-threads", optarg, 1, 1024);
+            break;
+        case O_DRAIN: hc.drain_seconds = cli_parse_double(cli, "--drain-seconds", optarg, 0, 3600); break;
         case O_SLOTS: ec.n_slots = (int)cli_parse_int(cli, "--slots", optarg, 1, 1 << 16); break;
         case O_QUEUE: ec.max_queue = (int)cli_parse_int(cli, "--max-queue", optarg, 0, 1 << 20); break;
         case O_CHUNK:
@@ -315,7 +346,11 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     rp_status st = rp_engine_run(engine, &err);
     rp_http_begin_stop(http);
     serve_http = NULL;
-    rp_http_stop(http);  /* waits for the connection threads: their jobs have ended */
+    /* The drain (docs/serving.md, Stopping): every stage has stopped and the
+     * generations were cancelled; new requests still get 503 for a while so
+     * that clients and load balancers learn the server is going. */
+    if (st == RP_OK) rp_http_drain(http);
+    rp_http_stop(http);
     if (st != RP_OK) cli_fatal_error(cli, &err);
     cli_info(cli, "stopped");
     serve_engine = NULL;

@@ -26,8 +26,8 @@
 #include "serve/text.h"
 
 #define READ_BATCH 256          /* tokens taken from the engine at once */
-#define WAIT_SLICE_MS 50        /* how often a waiting handler looks at its socket */
-#define STOP_GRACE_SECONDS 5.0  /* after rp_http_begin_stop, jobs still running are cancelled */
+#define KEEPER_PERIOD_MS 200    /* how often request deadlines are checked */
+#define STOP_FINISH_SECONDS 5.0 /* rp_http_stop: what generations get to send their last bytes */
 #define MAX_MESSAGES 4096
 #define MAX_SESSION_ENTRIES 4096
 
@@ -47,6 +47,17 @@ typedef struct {
     unsigned long last_use;
 } session_entry;
 
+/* One open connection, for the request deadline (request_timeout_s). */
+typedef struct conn_entry {
+    struct conn_entry *prev, *next;
+    int fd;
+    double request_start;  /* the connection's start, or the end of its previous reply */
+    int receiving;         /* its request has not fully arrived */
+    int cut;               /* shut down for missing the deadline */
+} conn_entry;
+
+typedef struct gen_ctx gen_ctx;
+
 struct rp_http_server {
     struct MHD_Daemon *daemon;
     rp_engine *engine;
@@ -56,12 +67,25 @@ struct rp_http_server {
     int port;
     int vocab_size;
     time_t created;
-    atomic_int stopping;
-    atomic_llong stop_seen_ms;  /* when a handler first saw `stopping` (0 = not yet) */
+    atomic_int stopping;        /* rp_http_begin_stop: new requests get 503 */
+    atomic_llong stop_begin_ms; /* when (monotonic clock; 0 = not stopping) */
+    atomic_int closing;         /* rp_http_stop: generations still running give up */
+    char retry_after[16];       /* the Retry-After of a 503 while stopping */
     atomic_ulong next_id;
     atomic_long responses[N_COUNTED_CODES + 1];  /* last: any other code */
     atomic_long active_connections;
     atomic_int active_generations;  /* gen_ctx alive (a stream: until its last byte is sent) */
+    atomic_long connections_cut;    /* closed by the request deadline */
+    pthread_mutex_t conn_lock;  /* conns; held while shutting a socket down, so that
+                                 * libmicrohttpd cannot close (and reuse) its fd meanwhile */
+    conn_entry *conns;
+    pthread_mutex_t gen_lock;   /* gens */
+    gen_ctx *gens;
+    /* the keeper thread: enforces the request deadline */
+    pthread_t keeper;
+    int keeper_started, keeper_quit;
+    pthread_mutex_t keeper_mu;
+    pthread_cond_t keeper_cv;
     pthread_mutex_t lock;       /* sessions[] */
     session_entry *sessions;
     int n_sessions;
@@ -106,6 +130,11 @@ void rp_http_config_defaults(rp_http_config *c) {
     c->max_tokens_limit = 4096;
     c->default_max_tokens = 256;
     c->max_connections = 256;
+    c->max_connections_per_client = -1;
+    c->connection_timeout_s = 30;
+    c->request_timeout_s = 60;
+    c->http_threads = 4;
+    c->drain_seconds = 5;
 }
 
 /* ---- responses ------------------------------------------------------------ */
@@ -125,6 +154,11 @@ static enum MHD_Result send_text(rp_http_server *s, struct MHD_Connection *conn,
     }
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
     if (status == 401) MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    if (atomic_load(&s->stopping)) {
+        /* draining: the client should go elsewhere (or come back later) */
+        if (status == 503) MHD_add_response_header(r, MHD_HTTP_HEADER_RETRY_AFTER, s->retry_after);
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+    }
     enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
     MHD_destroy_response(r);
     count_response(s, status);
@@ -230,9 +264,18 @@ static void session_forget(rp_http_server *s, const char *name) {
 
 /* ---- one generation ------------------------------------------------------ */
 
-typedef struct {
+/* A generation never blocks a libmicrohttpd thread: while its job has
+ * nothing new, its connection is suspended, and the job's notification hook
+ * (gen_wake, on the engine's thread) resumes it. wake_pending keeps a wake
+ * that comes between a look at the job and the suspension, so it is not
+ * lost; `suspended` says whether there is a suspension to resume (resuming
+ * a connection that is not suspended is undefined in libmicrohttpd). */
+struct gen_ctx {
     rp_http_server *srv;
     struct MHD_Connection *conn;
+    gen_ctx *prev, *next;       /* srv->gens */
+    pthread_mutex_t wake_mu;
+    int suspended, wake_pending;
     rp_job *job;
     int chat, stream;
     char id[48];
@@ -251,7 +294,6 @@ typedef struct {
     char error[RP_ERROR_MSG_LEN];
     char start[RP_ENGINE_SESSION_NAME_MAX];  /* the session it starts from, if any */
     double t_submit, t_first, t_last;
-    int cancelled_by_client;
     /* session the job stores into (busy in the table until the end) */
     char session[RP_ENGINE_SESSION_NAME_MAX];
     char tail[2];
@@ -263,7 +305,7 @@ typedef struct {
     char *pending;
     size_t pending_len, pending_off, pending_cap;
     int sent_role, sent_done;
-} gen_ctx;
+};
 
 static void tail_push(gen_ctx *g, const uint8_t *b, size_t n) {
     for (size_t i = 0; i < n; i++) {
@@ -272,15 +314,31 @@ static void tail_push(gen_ctx *g, const uint8_t *b, size_t n) {
     }
 }
 
-static int client_gone(struct MHD_Connection *conn) {
-    const union MHD_ConnectionInfo *ci =
-        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-    if (!ci) return 0;
-    char c;
-    ssize_t r = recv(ci->connect_fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (r == 0) return 1;  /* orderly shutdown by the peer */
-    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return 1;
-    return 0;
+/* The job's hook (rp_job_set_notify) and rp_http_stop: look again. */
+static void gen_wake(void *user) {
+    gen_ctx *g = user;
+    pthread_mutex_lock(&g->wake_mu);
+    g->wake_pending = 1;
+    if (g->suspended) {
+        g->suspended = 0;
+        MHD_resume_connection(g->conn);
+    }
+    pthread_mutex_unlock(&g->wake_mu);
+}
+
+/* From a libmicrohttpd callback that found nothing to do: suspends the
+ * connection (returns 1: the callback returns and is called again once
+ * resumed), or returns 0 when a wake came meanwhile (look again). */
+static int gen_suspend(gen_ctx *g) {
+    pthread_mutex_lock(&g->wake_mu);
+    int woken = g->wake_pending;
+    g->wake_pending = 0;
+    if (!woken) {
+        g->suspended = 1;
+        MHD_suspend_connection(g->conn);
+    }
+    pthread_mutex_unlock(&g->wake_mu);
+    return !woken;
 }
 
 static int append_bytes(char **buf, size_t *len, size_t *cap, const char *b, size_t n) {
@@ -352,8 +410,11 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
                 }
             }
         }
-        if (n == 0 && f != RP_FINISH_NONE) {
-            /* A session turn ends only once the engine has stored the session. */
+        if (f != RP_FINISH_NONE) {
+            /* Every token is read (rp_job_read reports the end only then),
+             * maybe with these last ones: over now, as the job's hook will
+             * not call again. A session turn ends only once the engine has
+             * stored the session. */
             finish_job(g, g->stop_hit ? RP_FINISH_STOP : f);
             return 1;
         }
@@ -362,27 +423,40 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
     }
 }
 
-/* Should a waiting handler give up on its job (client gone, server stopping)? */
-static int gen_should_abort(gen_ctx *g) {
-    if (client_gone(g->conn)) {
-        g->cancelled_by_client = 1;
-        return 1;
-    }
-    if (atomic_load(&g->srv->stopping)) {
-        long long now_ms = (long long)(now_seconds() * 1e3), zero = 0;
-        atomic_compare_exchange_strong(&g->srv->stop_seen_ms, &zero, now_ms);
-        if (now_ms - atomic_load(&g->srv->stop_seen_ms) > STOP_GRACE_SECONDS * 1e3) return 1;
-    }
-    return 0;
+/* Should a generation give up on its job? Only when the server closes: a
+ * client that went away is found by a failed write (on_completed cancels
+ * the job), and one that only closed its sending side still gets its reply. */
+static int gen_should_abort(gen_ctx *g) { return atomic_load(&g->srv->closing); }
+
+static gen_ctx *gen_new(rp_http_server *s, struct MHD_Connection *conn) {
+    gen_ctx *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->srv = s;
+    g->conn = conn;
+    pthread_mutex_init(&g->wake_mu, NULL);
+    atomic_fetch_add(&s->active_generations, 1);
+    pthread_mutex_lock(&s->gen_lock);
+    g->next = s->gens;
+    if (s->gens) s->gens->prev = g;
+    s->gens = g;
+    pthread_mutex_unlock(&s->gen_lock);
+    return g;
 }
 
 static void gen_free(gen_ctx *g) {
     if (!g) return;
     rp_http_server *s = g->srv;
     if (g->job) {
+        rp_job_set_notify(g->job, NULL, NULL);  /* waits for a call in progress */
         if (g->submitted && !g->done) rp_job_cancel(g->job);
         rp_job_release(g->job);
     }
+    pthread_mutex_lock(&s->gen_lock);
+    if (g->prev) g->prev->next = g->next;
+    else s->gens = g->next;
+    if (g->next) g->next->prev = g->prev;
+    pthread_mutex_unlock(&s->gen_lock);
+    pthread_mutex_destroy(&g->wake_mu);
     if (g->session[0]) {
         pthread_mutex_lock(&s->lock);
         session_entry *e = session_find(s, g->session, 1);
@@ -483,9 +557,9 @@ static json_t *chunk_json(gen_ctx *g, const char *text, size_t len, const char *
     return c;
 }
 
-/* Fills g->pending with the next events; blocks up to WAIT_SLICE_MS. */
+/* Fills g->pending with the events the job has ready (never waits). */
 static void sse_produce(gen_ctx *g) {
-    int done = g->done ? 1 : gen_pump(g, WAIT_SLICE_MS);
+    int done = g->done ? 1 : gen_pump(g, 0);
     size_t len;
     const char *t = take_text(g, &len);
     if (len > 0 || (g->chat && !g->sent_role)) sse_append_json(g, chunk_json(g, t, len, NULL));
@@ -520,12 +594,14 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
         }
         if (g->sent_done) return MHD_CONTENT_READER_END_OF_STREAM;
         if (!g->done && gen_should_abort(g)) {
-            /* the request-completed callback cancels the job (gen_free) */
-            if (g->cancelled_by_client) return MHD_CONTENT_READER_END_WITH_ERROR;
             rp_job_cancel(g->job);
             finish_job(g, RP_FINISH_CANCELLED);
         }
         sse_produce(g);
+        if (g->pending_len > 0 || g->sent_done) continue;
+        /* nothing to send: 0 with the connection suspended until the job's
+         * hook resumes it (libmicrohttpd then calls again) */
+        if (gen_suspend(g)) return 0;
     }
 }
 
@@ -1011,14 +1087,11 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
                  ids[i]);
             goto fail_out;
         }
-    g = calloc(1, sizeof *g);
+    g = gen_new(s, conn);
     if (!g) {
         fail(e, 500, "internal", "out of memory");
         goto fail_out;
     }
-    g->srv = s;
-    atomic_fetch_add(&s->active_generations, 1);
-    g->conn = conn;
     g->chat = chat;
     g->stream = gr.stream;
     g->skip_space = chat;
@@ -1050,6 +1123,7 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
         fail(e, 400, "invalid_value", "%s", err.msg);
         goto fail_out;
     }
+    rp_job_set_notify(g->job, gen_wake, g);  /* before the engine can produce */
     g->t_submit = now_seconds();
     if (atomic_load(&s->stopping)) {
         fail(e, 503, "shutting_down", "the server is shutting down");
@@ -1086,27 +1160,11 @@ fail_out:
     return -1;
 }
 
-static enum MHD_Result reply_generation_blocking(rp_http_server *s, struct MHD_Connection *conn,
-                                                 gen_ctx *g) {
-    while (!g->done) {
-        if (gen_should_abort(g)) {
-            rp_job_cancel(g->job);
-            finish_job(g, RP_FINISH_CANCELLED);
-            break;
-        }
-        gen_pump(g, WAIT_SLICE_MS);
-        size_t len;
-        const char *t = take_text(g, &len);
-        if (len && append_bytes(&g->reply, &g->reply_len, &g->reply_cap, t, len)) {
-            rp_job_cancel(g->job);
-            finish_job(g, RP_FINISH_ERROR);
-            snprintf(g->error, sizeof g->error, "out of memory for the reply");
-        }
-    }
+static enum MHD_Result reply_generation_done(rp_http_server *s, struct MHD_Connection *conn,
+                                             gen_ctx *g) {
     size_t len;
     const char *t = take_text(g, &len);
     append_bytes(&g->reply, &g->reply_len, &g->reply_cap, t, len);
-    if (g->cancelled_by_client) return MHD_NO;  /* nobody to answer */
     if (g->finish == RP_FINISH_ERROR && g->start[0] && g->completion_tokens == 0 &&
         !rp_engine_session_exists(s->engine, g->start))
         return send_error(s, conn, 404, "session_not_found", "%s", g->error);
@@ -1127,6 +1185,34 @@ static enum MHD_Result reply_generation_blocking(rp_http_server *s, struct MHD_C
     return send_json(s, conn, 200, resp);
 }
 
+/* A non-streamed generation, from on_request: takes what the job has ready;
+ * queues the reply once it has ended, else suspends the connection (the
+ * job's hook resumes it and libmicrohttpd calls on_request again). */
+static enum MHD_Result reply_generation(rp_http_server *s, request_ctx *rc,
+                                        struct MHD_Connection *conn) {
+    gen_ctx *g = rc->gen;
+    for (;;) {
+        if (!g->done && gen_should_abort(g)) {
+            rp_job_cancel(g->job);
+            finish_job(g, RP_FINISH_CANCELLED);
+        }
+        if (!g->done) gen_pump(g, 0);
+        size_t len;
+        const char *t = take_text(g, &len);
+        if (len && append_bytes(&g->reply, &g->reply_len, &g->reply_cap, t, len)) {
+            rp_job_cancel(g->job);
+            finish_job(g, RP_FINISH_ERROR);
+            snprintf(g->error, sizeof g->error, "out of memory for the reply");
+        }
+        if (g->done) break;
+        if (gen_suspend(g)) return MHD_YES;
+    }
+    rc->gen = NULL;
+    enum MHD_Result r = reply_generation_done(s, conn, g);
+    gen_free(g);
+    return r;
+}
+
 static enum MHD_Result handle_generation(rp_http_server *s, request_ctx *rc,
                                          struct MHD_Connection *conn, json_t *o) {
     req_error e;
@@ -1134,9 +1220,8 @@ static enum MHD_Result handle_generation(rp_http_server *s, request_ctx *rc,
     if (start_generation(s, rc, conn, o, &g, &e))
         return send_error(s, conn, e.status, e.code, "%s", e.message);
     if (!g->stream) {
-        enum MHD_Result r = reply_generation_blocking(s, conn, g);
-        gen_free(g);
-        return r;
+        rc->gen = g;
+        return reply_generation(s, rc, conn);
     }
     struct MHD_Response *resp =
         MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, sse_reader, g, NULL);
@@ -1237,6 +1322,9 @@ static enum MHD_Result handle_metrics(rp_http_server *s, struct MHD_Connection *
     tb_printf(&t, "rwkvpipe_uptime_seconds %.3f\n", m.uptime_seconds);
     metric(&t, "rwkvpipe_http_connections", "gauge", "Open HTTP connections.");
     tb_printf(&t, "rwkvpipe_http_connections %ld\n", atomic_load(&s->active_connections));
+    metric(&t, "rwkvpipe_http_request_timeouts_total", "counter",
+           "Connections closed because their request did not arrive within --request-timeout.");
+    tb_printf(&t, "rwkvpipe_http_request_timeouts_total %ld\n", atomic_load(&s->connections_cut));
     metric(&t, "rwkvpipe_http_responses_total", "counter", "HTTP responses by status code.");
     for (int i = 0; i < N_COUNTED_CODES; i++)
         tb_printf(&t, "rwkvpipe_http_responses_total{code=\"%d\"} %ld\n", counted_codes[i],
@@ -1390,6 +1478,75 @@ static int authorized(rp_http_server *s, struct MHD_Connection *conn) {
     return diff == 0;
 }
 
+/* ---- connections: the request deadline ---------------------------------------- */
+
+static conn_entry *conn_of(struct MHD_Connection *conn) {
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return ci ? ci->socket_context : NULL;
+}
+
+/* The request has arrived (or is answered early): no deadline until the
+ * reply ends. */
+static void conn_request_arrived(rp_http_server *s, struct MHD_Connection *conn) {
+    conn_entry *c = conn_of(conn);
+    if (!c) return;
+    pthread_mutex_lock(&s->conn_lock);
+    c->receiving = 0;
+    pthread_mutex_unlock(&s->conn_lock);
+}
+
+/* A reply has ended: the next request on the connection has
+ * request_timeout_s from now to arrive (the idle timeout is usually shorter). */
+static void conn_request_next(rp_http_server *s, struct MHD_Connection *conn) {
+    conn_entry *c = conn_of(conn);
+    if (!c) return;
+    pthread_mutex_lock(&s->conn_lock);
+    c->receiving = 1;
+    c->request_start = now_seconds();
+    pthread_mutex_unlock(&s->conn_lock);
+}
+
+/* libmicrohttpd's idle timeout does not stop a client that sends a byte now
+ * and then (slowloris): a connection whose request is not whole after
+ * request_timeout_s is shut down; libmicrohttpd then reads end of input and
+ * closes it. */
+static void cut_late_requests(rp_http_server *s) {
+    if (s->cfg.request_timeout_s <= 0) return;
+    const double now = now_seconds();
+    int n = 0;
+    pthread_mutex_lock(&s->conn_lock);
+    for (conn_entry *c = s->conns; c; c = c->next)
+        if (c->receiving && !c->cut && now - c->request_start > s->cfg.request_timeout_s) {
+            shutdown(c->fd, SHUT_RDWR);
+            c->cut = 1;
+            n++;
+        }
+    pthread_mutex_unlock(&s->conn_lock);
+    if (n > 0) {
+        atomic_fetch_add(&s->connections_cut, n);
+        log_line(s, "closed %d connection%s whose request did not arrive within %d s "
+                 "(--request-timeout)", n, n == 1 ? "" : "s", s->cfg.request_timeout_s);
+    }
+}
+
+static void *keeper_main(void *arg) {
+    rp_http_server *s = arg;
+    pthread_mutex_lock(&s->keeper_mu);
+    while (!s->keeper_quit) {
+        pthread_mutex_unlock(&s->keeper_mu);
+        cut_late_requests(s);
+        pthread_mutex_lock(&s->keeper_mu);
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_nsec += KEEPER_PERIOD_MS * 1000000L;
+        if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+        if (!s->keeper_quit) pthread_cond_timedwait(&s->keeper_cv, &s->keeper_mu, &until);
+    }
+    pthread_mutex_unlock(&s->keeper_mu);
+    return NULL;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
@@ -1409,19 +1566,28 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *con_cls = rc;
         rc->route = route_of(url, rc->session, sizeof rc->session);
         /* answers that need no body are given now; the body is then not read */
+        if (atomic_load(&s->stopping) && rc->route != ROUTE_HEALTH &&
+            rc->route != ROUTE_METRICS) {
+            rc->answered = 1;
+            conn_request_arrived(s, conn);
+            return send_error(s, conn, 503, "shutting_down", "the server is shutting down");
+        }
         if (rc->route == ROUTE_NONE) {
             rc->answered = 1;
+            conn_request_arrived(s, conn);
             return send_error(s, conn, 404, "not_found", "no endpoint %s %s (see docs/serving.md)",
                               method, url);
         }
         if (strcmp(method, route_method(rc->route, method)) != 0 &&
             !(rc->route == ROUTE_SESSION && strcmp(method, "GET") == 0)) {
             rc->answered = 1;
+            conn_request_arrived(s, conn);
             return send_error(s, conn, 405, "method_not_allowed", "%s needs %s, not %s", url,
                               route_method(rc->route, method), method);
         }
         if (rc->route != ROUTE_HEALTH && !authorized(s, conn)) {
             rc->answered = 1;
+            conn_request_arrived(s, conn);
             return send_error(s, conn, 401, "invalid_api_key",
                               "missing or wrong API key: send 'Authorization: Bearer KEY'");
         }
@@ -1429,6 +1595,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
              rc->route == ROUTE_SESSION_LOAD) &&
             !session_name_valid(rc->session)) {
             rc->answered = 1;
+            conn_request_arrived(s, conn);
             return send_error(s, conn, 400, "invalid_value",
                               "session names are 1 to %d letters, digits, '_', '-' or '.' (not "
                               "first)", RP_ENGINE_SESSION_NAME_MAX - 1);
@@ -1441,6 +1608,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             unsigned long long n = strtoull(cl, &end, 10);
             if (errno || *end || n > s->cfg.max_body_bytes) {
                 rc->answered = 1;
+                conn_request_arrived(s, conn);
                 return send_error(s, conn, 413, "body_too_large",
                                   "the request body has %s bytes: this server accepts at most %zu",
                                   cl, s->cfg.max_body_bytes);
@@ -1448,6 +1616,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         }
         return MHD_YES;
     }
+    if (rc->gen && !rc->gen->stream) return reply_generation(s, rc, conn);  /* resumed */
     if (rc->answered) {
         *upload_data_size = 0;  /* discard */
         return MHD_YES;
@@ -1469,6 +1638,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     /* the whole request is here */
     rc->answered = 1;
+    conn_request_arrived(s, conn);
     if (rc->body_too_large)
         return send_error(s, conn, 413, "body_too_large",
                           "the request body is larger than %zu bytes", s->cfg.max_body_bytes);
@@ -1507,10 +1677,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
     rp_http_server *s = cls;
     request_ctx *rc = *con_cls;
-    (void)conn;
+    conn_request_next(s, conn);
     if (!rc) return;
     if (rc->gen) {
-        /* a streamed generation: a client that went away cancels its job */
+        /* the connection ended before the reply did (a write failed: the
+         * client went away, or the server closed): its job is cancelled */
         if (!rc->gen->done) log_line(s, "%s %s: client gone, job cancelled", rc->method, rc->path);
         gen_free(rc->gen);
     }
@@ -1527,9 +1698,34 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe) {
     rp_http_server *s = cls;
-    (void)conn;
-    (void)socket_context;
-    atomic_fetch_add(&s->active_connections, toe == MHD_CONNECTION_NOTIFY_STARTED ? 1 : -1);
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        atomic_fetch_add(&s->active_connections, 1);
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        conn_entry *c = ci ? calloc(1, sizeof *c) : NULL;
+        if (!c) return;  /* no deadline for it; the idle timeout still holds */
+        c->fd = ci->connect_fd;
+        c->request_start = now_seconds();
+        c->receiving = 1;
+        pthread_mutex_lock(&s->conn_lock);
+        c->next = s->conns;
+        if (s->conns) s->conns->prev = c;
+        s->conns = c;
+        pthread_mutex_unlock(&s->conn_lock);
+        *socket_context = c;
+        return;
+    }
+    atomic_fetch_sub(&s->active_connections, 1);
+    conn_entry *c = *socket_context;
+    if (!c) return;
+    /* before libmicrohttpd closes the fd: cut_late_requests no longer sees it */
+    pthread_mutex_lock(&s->conn_lock);
+    if (c->prev) c->prev->next = c->next;
+    else s->conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    pthread_mutex_unlock(&s->conn_lock);
+    free(c);
+    *socket_context = NULL;
 }
 
 /* ---- server ----------------------------------------------------------------- */
@@ -1540,7 +1736,9 @@ rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokeni
     if (cfg->port < 0 || cfg->port > 65535)
         return rp_error_set(err, RP_ERR_ARG, "port %d: expected 0 to 65535", cfg->port);
     if (cfg->max_prompt_tokens < 1 || cfg->max_tokens_limit < 0 || cfg->default_max_tokens < 0 ||
-        cfg->max_body_bytes < 16 || cfg->max_connections < 1)
+        cfg->max_body_bytes < 16 || cfg->max_connections < 1 ||
+        cfg->max_connections_per_client < -1 || cfg->connection_timeout_s < 0 ||
+        cfg->request_timeout_s < 0 || cfg->http_threads < 1 || !(cfg->drain_seconds >= 0))
         return rp_error_set(err, RP_ERR_ARG, "HTTP limits must be positive");
     rp_http_server *s = calloc(1, sizeof *s);
     if (!s) return rp_error_set(err, RP_ERR_NOMEM, "HTTP server: out of memory");
@@ -1555,6 +1753,17 @@ rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokeni
     s->created = time(NULL);
     s->vocab_size = rp_engine_config_of(engine)->vocab_size;
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->conn_lock, NULL);
+    pthread_mutex_init(&s->gen_lock, NULL);
+    pthread_mutex_init(&s->keeper_mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->keeper_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    /* whole seconds, at least 1 (RFC 9110) */
+    snprintf(s->retry_after, sizeof s->retry_after, "%d",
+             cfg->drain_seconds < 1 ? 1 : (int)(cfg->drain_seconds + 0.999));
     if (!s->host || !s->model_id || !s->session_dir || !s->sessions ||
         (cfg->api_key && *cfg->api_key && !s->api_key)) {
         rp_http_stop(s);
@@ -1576,14 +1785,24 @@ rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokeni
         rp_http_stop(s);
         return RP_ERR_ARG;
     }
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
-                     MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    /* Event-driven: a few threads serve every connection; a generation
+     * suspends its connection while it waits (see gen_suspend). */
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ITC |
+                     MHD_USE_ERROR_LOG;
+    flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
+    unsigned threads = (unsigned)(cfg->http_threads < cfg->max_connections ? cfg->http_threads
+                                                                           : cfg->max_connections);
+    int per_client = cfg->max_connections_per_client;
+    if (per_client < 0) per_client = cfg->max_connections / 4 > 0 ? cfg->max_connections / 4 : 1;
     s->daemon = MHD_start_daemon(
         flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER,
         mhd_logger, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED,
         on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections, MHD_OPTION_END);
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)per_client,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->connection_timeout_s,
+        MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_END);
     int bind_errno = errno;
     freeaddrinfo(ai);
     if (!s->daemon) {
@@ -1594,25 +1813,60 @@ rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokeni
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
     s->port = di ? di->port : cfg->port;
+    int pe = pthread_create(&s->keeper, NULL, keeper_main, s);
+    if (pe != 0) {
+        rp_error_set(err, RP_ERR_IO, "HTTP server: cannot start a thread: %s", strerror(pe));
+        rp_http_stop(s);
+        return RP_ERR_IO;
+    }
+    s->keeper_started = 1;
     *out = s;
     return RP_OK;
 }
 
 int rp_http_port(const rp_http_server *s) { return s->port; }
 
+static double monotonic_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);  /* async-signal-safe */
+    return (double)ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
 void rp_http_begin_stop(rp_http_server *s) {
-    if (s) atomic_store(&s->stopping, 1);
+    if (!s) return;
+    long long zero = 0;
+    atomic_compare_exchange_strong(&s->stop_begin_ms, &zero, (long long)monotonic_ms() + 1);
+    atomic_store(&s->stopping, 1);
+}
+
+void rp_http_drain(rp_http_server *s) {
+    if (!s || !s->daemon) return;
+    rp_http_begin_stop(s);
+    const double begin = (double)atomic_load(&s->stop_begin_ms);
+    const double until = begin + s->cfg.drain_seconds * 1e3;
+    for (;;) {
+        double now = monotonic_ms();
+        if (now >= until + STOP_FINISH_SECONDS * 1e3) break;
+        if (now >= until && atomic_load(&s->active_generations) == 0) break;
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 void rp_http_stop(rp_http_server *s) {
     if (!s) return;
-    atomic_store(&s->stopping, 1);
+    rp_http_begin_stop(s);
+    atomic_store(&s->closing, 1);
     if (s->daemon) {
-        /* No new connections; generations in flight (cancelled by the engine's
-         * shutdown, or after STOP_GRACE_SECONDS by their handler) first send
-         * their last bytes: stopping the daemon closes every socket. */
+        /* No new connections; generations still in flight give up (they
+         * are cancelled, a stream gets its last event) and send their last
+         * bytes: stopping the daemon closes every socket, and it must find
+         * no connection suspended. */
         MHD_socket listener = MHD_quiesce_daemon(s->daemon);
-        const double until = now_seconds() + STOP_GRACE_SECONDS + 5;
+        pthread_mutex_lock(&s->gen_lock);
+        for (gen_ctx *g = s->gens; g; g = g->next) gen_wake(g);
+        pthread_mutex_unlock(&s->gen_lock);
+        const double until = now_seconds() + STOP_FINISH_SECONDS;
         while (atomic_load(&s->active_generations) > 0 && now_seconds() < until) {
             struct timespec ts = {0, 10000000};
             nanosleep(&ts, NULL);
@@ -1620,6 +1874,17 @@ void rp_http_stop(rp_http_server *s) {
         MHD_stop_daemon(s->daemon);
         if (listener != MHD_INVALID_SOCKET) close(listener);
     }
+    if (s->keeper_started) {
+        pthread_mutex_lock(&s->keeper_mu);
+        s->keeper_quit = 1;
+        pthread_cond_signal(&s->keeper_cv);
+        pthread_mutex_unlock(&s->keeper_mu);
+        pthread_join(s->keeper, NULL);
+    }
+    pthread_cond_destroy(&s->keeper_cv);
+    pthread_mutex_destroy(&s->keeper_mu);
+    pthread_mutex_destroy(&s->gen_lock);
+    pthread_mutex_destroy(&s->conn_lock);
     pthread_mutex_destroy(&s->lock);
     free(s->sessions);
     free(s->host);
