@@ -5,7 +5,8 @@
 # --max-connections do not lock a new client out (--connection-timeout,
 # --request-timeout); --max-connections-per-client caps one address and not
 # the others; 40 streams and 8 plain requests at once on 2 HTTP threads all
-# complete right (no handler blocks a thread); a half-closed client gets its
+# complete right (no handler blocks a thread), and 200 short requests in a
+# row are all answered (no wake-up is lost); a half-closed client gets its
 # reply; SIGTERM drains (503 + Retry-After to new, keep-alive and /health
 # requests, the running stream ends cancelled), then exit 0, also under
 # mpirun --pp 2.
@@ -104,19 +105,20 @@ expect "--max-connections-per-client 4: 127.0.0.2 is capped, 127.0.0.1 is not" \
 
 # ---- many generations on a pool of 2 threads; the drain --------------------------------
 start C "$BIN" serve --model "$TINY" --port 0 --threads 1 --slots 16 --http-threads 2 \
-    --max-tokens-limit 100000 --drain-seconds 3
-expect "40 streamed + 8 plain requests at once on 2 HTTP threads: each = its text alone" \
+    --max-tokens-limit 100000 --drain-seconds 4
+expect "40 streamed + 8 plain requests at once on 2 HTTP threads: each = its text alone; 200 short ones in a row" \
     "${CLIENT[@]}" many "$URL_C" 40 8
-drain_check C 3
+drain_check C 4
 
 if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
     start D "$MPIRUN" -np 2 "$BIN" serve --model "$TINY" --pp 2 --port 0 --threads 1 \
-        --max-tokens-limit 100000 --drain-seconds 2
+        --max-tokens-limit 100000 --drain-seconds 3
     ranks=$(pgrep -f "serve --model $TINY --pp 2" | tr '\n' ' ')
-    drain_check D 2
+    drain_check D 3
     left=""
     for p in $ranks; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
-    expect "--pp 2: both ranks ($ranks) have exited${left:+ (left:$left)}" test -n "$ranks" -a -z "$left"
+    expect "--pp 2: mpirun and both ranks ($ranks) have exited${left:+ (left:$left)}" \
+        test -n "$ranks" -a -z "$left"
 else
     echo "skip: no mpirun for the --pp 2 drain"
 fi
