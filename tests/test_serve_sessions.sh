@@ -222,6 +222,11 @@ expect "load of a directory is refused with 400" test "$code" = 400
 code=$(http "$T/d.json" POST "$A/v1/sessions/d/load" -d '{"path": "link.state"}')
 expect "load through a symbolic link is refused with 400" test "$code" = 400
 
+# rp_st_open itself (every file the CLI opens) does not wait for a writer
+timeout 10 "$BIN" info "$S/fifo.state" >"$T/info.out" 2>&1
+rc=$?
+expect "rwkvpipe info on a FIFO fails at once (not a regular file)" test "$rc" != 124 -a "$rc" != 0 -a \
+    -n "$(grep -o 'not a regular file' "$T/info.out")"
 
 kill -TERM "$PID_A"
 wait "$JOB_A"
