@@ -77,8 +77,9 @@ static double now_seconds(void) {
 }
 
 /* Log lines quote what clients send (paths, names, messages naming them):
- * every byte outside printable ASCII becomes \xHH and a backslash \\, so a
- * client can neither forge a line (CR LF) nor reach the terminal (ESC). */
+ * every byte outside printable ASCII becomes \xHH and a backslash becomes
+ * \\, so a client can neither forge a line (CR LF) nor reach the terminal
+ * (ESC). */
 static void log_escaped(rp_http_server *s, const char *line) {
     char out[4 * 1024 + 1];
     size_t o = 0;
