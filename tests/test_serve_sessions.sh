@@ -9,7 +9,7 @@
 # at once and never stalls the server; a path encoding a control character
 # (%00, %0d%0a) is refused before routing; -v log lines escape what the
 # client sent. Run by `make check` (env: top_srcdir, top_builddir, PYTHON3,
-# RP_TEST_DATA).
+# RP_TEST_DATA; KEEP=1 keeps the scratch directory).
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
@@ -202,13 +202,14 @@ expect "no raw escape byte reaches the log" test -z "$(grep -l $'\x1b' "$T/A.log
 t0=$(date +%s.%N)
 loaders=()
 for i in 1 2 3; do
-    curl -s -o "$T/fifo$i.json" -w '%{http_code}' --max-time 20 "$A/v1/sessions/f$i/load" \
+    curl -s -o "$T/fifo$i.json" -w '%{http_code}' --max-time 30 "$A/v1/sessions/f$i/load" \
         -d '{"path": "fifo.state"}' >"$T/fifo$i.code" &
     loaders+=($!)
 done
-code=$(http "$T/h.json" GET "$A/health" --max-time 10)
+# (bounds generous for a loaded machine: before the fix these waited forever)
+code=$(http "$T/h.json" GET "$A/health" --max-time 30)
 expect "/health answers while clients load a FIFO" test "$code" = 200
-code=$(http "$T/c.json" POST "$A/v1/completions" --max-time 15 -d '{"prompt": "x", "max_tokens": 2}')
+code=$(http "$T/c.json" POST "$A/v1/completions" --max-time 30 -d '{"prompt": "x", "max_tokens": 2}')
 expect "a completion answers while clients load a FIFO" test "$code" = 200
 wait "${loaders[@]}"
 wait_fifo=$(date +%s.%N)
@@ -216,7 +217,7 @@ for i in 1 2 3; do
     expect "load of a FIFO ($i) is refused with 400" test "$(cat "$T/fifo$i.code")" = 400
 done
 fifo_s=$("$PYTHON3" -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$t0" "$wait_fifo")
-expect "all that within 10 s (${fifo_s%.*} s)" "$PYTHON3" -c "import sys; assert float(sys.argv[1]) < 10" "$fifo_s"
+expect "all that within 30 s (${fifo_s%.*} s)" "$PYTHON3" -c "import sys; assert float(sys.argv[1]) < 30" "$fifo_s"
 code=$(http "$T/d.json" POST "$A/v1/sessions/d/load" -d '{"path": "dir.state"}')
 expect "load of a directory is refused with 400" test "$code" = 400
 code=$(http "$T/d.json" POST "$A/v1/sessions/d/load" -d '{"path": "link.state"}')
