@@ -8,12 +8,17 @@
  * - stop tokens, max_tokens (also 0), cancellation and unknown sessions end
  *   a job with the right reason and free its slot;
  * - a session continued over two jobs gives the tokens of reading the whole
- *   history at once, and survives save -> delete -> load (any stage count).
+ *   history at once, and survives save -> delete -> load (any stage count);
+ * - a session's state exported and imported under another name is the same,
+ *   bit for bit, gathered from every stage.
+ * Waits are bounded by wall-clock time (STEP_DEADLINE_S of CLOCK_MONOTONIC),
+ * not by a count of engine steps, which a loaded machine can exhaust.
  * Prints each check; exits 1 at the first failure. */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cpu/cpu_backend.h"
@@ -38,26 +43,22 @@ static int reference_model; /* the golden tiny model (trained-like weights) */
         }                                                                       \
     } while (0)
 
-static void step_until_done(rp_job **jobs, int n) {
-    for (int guard = 0; guard < 1000000; guard++) {
-        rp_error err;
-        rp_status st;
-        rp_engine_step(engine, &err, &st);
-        CHECK(st == RP_OK, "engine step: %s", err.msg);
-        int done = 1;
-        for (int i = 0; i < n; i++) {
-            rp_job_stats s;
-            rp_job_get_stats(jobs[i], &s);
-            int32_t tmp[1];
-            rp_finish_reason f;
-            /* Peek without consuming: read 0 tokens. */
-            rp_job_read(jobs[i], tmp, 0, 0, &f);
-            (void)s;
-            done &= f != RP_FINISH_NONE || 0;
-        }
-        if (done) return;
-    }
-    CHECK(0, "jobs did not finish");
+/* Generous: under ASan on a loaded 2-core machine a step can take long. */
+#define STEP_DEADLINE_S 120.0
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* One engine round; fails the test once `deadline` (now_s) has passed. */
+static void step(double deadline, const char *what) {
+    rp_error err;
+    rp_status st;
+    rp_engine_step(engine, &err, &st);
+    CHECK(st == RP_OK, "engine step: %s", err.msg);
+    CHECK(now_s() < deadline, "%s: not done after %.0f s", what, STEP_DEADLINE_S);
 }
 
 /* Runs one job to the end; returns its tokens (malloc) and count. */
@@ -69,10 +70,9 @@ static int32_t *run_job(const int32_t *prompt, int n, const rp_gen_params *p, co
     CHECK(rp_engine_submit(engine, j, &err) == RP_OK, "submit: %s", err.msg);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(p->max_tokens + 1));
     *n_out = 0;
+    const double deadline = now_s() + STEP_DEADLINE_S;
     for (;;) {
-        rp_status st;
-        rp_engine_step(engine, &err, &st);
-        CHECK(st == RP_OK, "engine step: %s", err.msg);
+        step(deadline, "a job");
         rp_finish_reason f;
         *n_out += rp_job_read(j, out + *n_out, p->max_tokens + 1 - *n_out, 0, &f);
         if (f != RP_FINISH_NONE) {
@@ -113,6 +113,28 @@ static int32_t *reference(const int32_t *prompt, int n, const rp_gen_params *p, 
 static void same(const int32_t *a, int na, const int32_t *b, int nb, const char *what) {
     CHECK(na == nb, "%s: %d tokens vs %d", what, na, nb);
     for (int i = 0; i < na; i++) CHECK(a[i] == b[i], "%s: token %d is %d vs %d", what, i, a[i], b[i]);
+}
+
+/* A session to a file and back, as the server does it: the engine moves the
+ * state, the caller does the file I/O. */
+static rp_status save_session(const char *name, const char *path, rp_error *err) {
+    float *state = malloc(rp_engine_session_floats(engine) * sizeof(float));
+    CHECK(state, "session buffer");
+    uint64_t tokens;
+    rp_status st = rp_engine_session_export(engine, name, state, &tokens, err);
+    if (st == RP_OK) st = rp_session_file_write(path, &whole.cfg, tokens, state, err);
+    free(state);
+    return st;
+}
+
+static rp_status load_session(const char *name, const char *path, rp_error *err) {
+    float *state = malloc(rp_engine_session_floats(engine) * sizeof(float));
+    CHECK(state, "session buffer");
+    uint64_t tokens;
+    rp_status st = rp_session_file_read(path, &whole.cfg, &tokens, state, err);
+    if (st == RP_OK) st = rp_engine_session_import(engine, name, state, tokens, err);
+    free(state);
+    return st;
 }
 
 static int32_t *make_prompt(int n, int salt) {
@@ -175,6 +197,7 @@ static void checks(void) {
     rp_job *jobs[N];
     int submitted = 0, finished = 0;
     rp_error err;
+    const double deadline = now_s() + STEP_DEADLINE_S;
     for (int round = 0; finished < N; round++) {
         /* Two new jobs every three rounds. */
         while (submitted < N && submitted < 2 * (round / 3 + 1)) {
@@ -183,15 +206,12 @@ static void checks(void) {
             CHECK(rp_engine_submit(engine, jobs[submitted], &err) == RP_OK, "%s", err.msg);
             submitted++;
         }
-        rp_status st;
-        rp_engine_step(engine, &err, &st);
-        CHECK(st == RP_OK, "step: %s", err.msg);
+        step(deadline, "16 jobs");
         finished = 0;
         for (int i = 0; i < submitted; i++) {
             n_outs[i] += rp_job_read(jobs[i], outs[i] + n_outs[i], 64 - n_outs[i], 0, &f);
             finished += f != RP_FINISH_NONE;
         }
-        CHECK(round < 1000000, "jobs never finished");
     }
     for (int i = 0; i < N; i++) {
         char what[64];
@@ -227,26 +247,22 @@ static void checks(void) {
     CHECK(rp_engine_submit(engine, j, &err) == RP_OK, "%s", err.msg);
     int32_t buf[64];
     int got_tokens = 0;
+    double deadline_cancel = now_s() + STEP_DEADLINE_S;
     while (got_tokens < 3) {
-        rp_status st;
-        rp_engine_step(engine, &err, &st);
+        step(deadline_cancel, "3 tokens of a long job");
         got_tokens += rp_job_read(j, buf, 64, 0, &f);
     }
     rp_job_cancel(j);
     for (f = RP_FINISH_NONE; f == RP_FINISH_NONE;) {
-        rp_status st;
-        rp_engine_step(engine, &err, &st);
+        step(deadline_cancel, "a cancelled job's end");
         rp_job_read(j, buf, 64, 0, &f);
     }
     CHECK(f == RP_FINISH_CANCELLED, "cancel: %s after %d tokens", rp_finish_reason_name(f), got_tokens);
     rp_job_release(j);
-    for (int k = 0; k < 100; k++) {
-        rp_status st;
-        rp_engine_step(engine, &err, &st);
-    }
+    /* The slot comes back once the cancelled job's last unit returns. */
     rp_engine_metrics m;
-    rp_engine_get_metrics(engine, &m);
-    CHECK(m.slots_active == 0, "%d slots still active after every job ended", m.slots_active);
+    for (rp_engine_get_metrics(engine, &m); m.slots_active != 0; rp_engine_get_metrics(engine, &m))
+        step(deadline_cancel, "every slot free after every job ended");
     got = run_job(prompt, 10, &greedy, "no-such-session", NULL, &n_got, &f);
     CHECK(f == RP_FINISH_ERROR, "unknown session: %s", rp_finish_reason_name(f));
     free(got);
@@ -267,6 +283,42 @@ static void checks(void) {
     free(ref);
     printf("  ok\n");
 
+    printf("check: a session exported and imported is the same state, bit for bit\n");
+    {
+        const size_t n = rp_engine_session_floats(engine);
+        rp_state geometry;
+        rp_state_geometry(&geometry, &whole.cfg, 0, whole.cfg.n_layer, 1);
+        CHECK(n == geometry.floats_per_slot, "session floats %zu, the whole model's state %zu", n,
+              geometry.floats_per_slot);
+        float *a = malloc(n * sizeof(float)), *b = malloc(n * sizeof(float));
+        CHECK(a && b, "buffers");
+        memset(b, 0xff, n * sizeof(float));
+        uint64_t ta = 0, tb = 0;
+        CHECK(rp_engine_session_export(engine, "chat", a, &ta, &err) == RP_OK, "%s", err.msg);
+        CHECK(ta == (uint64_t)(40 + n1 + 30 + n2), "the exported state read %llu tokens, "
+              "expected %d", (unsigned long long)ta, 40 + n1 + 30 + n2);
+        /* every layer's part is there, whichever stage holds it */
+        geometry.data = a;
+        for (int l = 0; l < whole.cfg.n_layer; l++) {
+            const float *wkv = rp_state_wkv(&geometry, 0, l);
+            int nonzero = 0;
+            for (size_t i = 0; i < (size_t)whole.cfg.n_head * 64 * 64 && !nonzero; i++)
+                nonzero = wkv[i] != 0;
+            CHECK(nonzero, "layer %d's exported WKV state is all zero", l);
+        }
+        CHECK(rp_engine_session_import(engine, "copy", a, ta, &err) == RP_OK, "%s", err.msg);
+        CHECK(rp_engine_session_export(engine, "copy", b, &tb, &err) == RP_OK, "%s", err.msg);
+        CHECK(tb == ta, "tokens %llu after import, %llu before", (unsigned long long)tb,
+              (unsigned long long)ta);
+        CHECK(memcmp(a, b, n * sizeof(float)) == 0, "the imported state differs from the export");
+        CHECK(rp_engine_session_export(engine, "no-such-session", b, &tb, &err) == RP_ERR_ARG,
+              "export of an unknown session: %s", err.msg);
+        CHECK(rp_engine_session_delete(engine, "copy", &err) == RP_OK, "%s", err.msg);
+        free(a);
+        free(b);
+    }
+    printf("  ok\n");
+
     printf("check: session save -> delete -> load continues identically\n");
     int32_t *p3 = make_prompt(12, 23);
     int n3a, n3b;
@@ -274,12 +326,12 @@ static void checks(void) {
     int fd = mkstemp(path);
     CHECK(fd >= 0, "mkstemp");
     close(fd);
-    CHECK(rp_engine_session_save(engine, "chat", path, &err) == RP_OK, "save: %s", err.msg);
+    CHECK(save_session("chat", path, &err) == RP_OK, "save: %s", err.msg);
     int32_t *t3a = run_job(p3, 12, &greedy, "chat", NULL, &n3a, &f);
     CHECK(rp_engine_session_delete(engine, "chat", &err) == RP_OK, "delete: %s", err.msg);
     CHECK(!rp_engine_session_exists(engine, "chat"), "deleted session still exists");
     CHECK(rp_engine_session_delete(engine, "chat", &err) == RP_ERR_ARG, "second delete");
-    CHECK(rp_engine_session_load(engine, "restored", path, &err) == RP_OK, "load: %s", err.msg);
+    CHECK(load_session("restored", path, &err) == RP_OK, "load: %s", err.msg);
     int32_t *t3b = run_job(p3, 12, &greedy, "restored", NULL, &n3b, &f);
     same(t3a, n3a, t3b, n3b, "after save/load");
     unlink(path);
@@ -315,8 +367,8 @@ static void checks(void) {
         CHECK(rp_state_alloc_host(&full, c, 0, L, 1, &err) == RP_OK, "state");
         for (int l = 0; l < L; l++) memcpy(rp_state_wkv(&full, 0, l), ts + (size_t)l * HNN, HNN * sizeof(float));
         CHECK(rp_session_file_write(sess, c, 0, full.data, &err) == RP_OK, "%s", err.msg);
-        CHECK(rp_engine_session_load(engine, "tuned", tuned, &err) == RP_OK, "%s", err.msg);
-        CHECK(rp_engine_session_load(engine, "same", sess, &err) == RP_OK, "%s", err.msg);
+        CHECK(load_session("tuned", tuned, &err) == RP_OK, "%s", err.msg);
+        CHECK(load_session("same", sess, &err) == RP_OK, "%s", err.msg);
         int na, nb;
         /* One prompt token: the start state still matters for what follows. */
         int32_t *ta = run_job(p3, 1, &greedy, "tuned", NULL, &na, &f);
@@ -330,7 +382,7 @@ static void checks(void) {
         /* (A freshly initialised model's att.output is zero, so its state
          * cannot change the output: only the reference model is checked.) */
         CHECK(differs || !reference_model, "the tuned start state changed nothing");
-        CHECK(rp_engine_session_load(engine, "bad", "/nonexistent/file", &err) != RP_OK,
+        CHECK(load_session("bad", "/nonexistent/file", &err) != RP_OK,
               "a missing file loaded");
         free(ta);
         free(tb);
@@ -349,11 +401,11 @@ static void checks(void) {
         printf("check: session files written with 1..3 stages load on %d\n", size);
         char mine[4096], other[4096];
         snprintf(mine, sizeof mine, "%s/session-np%d.st", dir, size);
-        CHECK(rp_engine_session_save(engine, "restored", mine, &err) == RP_OK, "%s", err.msg);
+        CHECK(save_session("restored", mine, &err) == RP_OK, "%s", err.msg);
         for (int np = 1; np <= 4; np++) {
             snprintf(other, sizeof other, "%s/session-np%d.st", dir, np);
             if (access(other, R_OK) != 0) continue;
-            CHECK(rp_engine_session_load(engine, "other", other, &err) == RP_OK, "%s", err.msg);
+            CHECK(load_session("other", other, &err) == RP_OK, "%s", err.msg);
             int n3c;
             int32_t *t3c = run_job(p3, 12, &greedy, "other", NULL, &n3c, &f);
             char what[64];
@@ -372,7 +424,6 @@ static void checks(void) {
     free(t3b);
     free(history);
     free(prompt);
-    (void)step_until_done;
 }
 
 int main(int argc, char **argv) {

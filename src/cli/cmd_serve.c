@@ -40,8 +40,13 @@ static void serve_usage(FILE *out) {
             "  --port P                 port (default 8000; 0 = any free port, printed)\n"
             "  --api-key K              require 'Authorization: Bearer K' (also from the\n"
             "                           RWKVPIPE_API_KEY environment variable)\n"
-            "  --session-dir DIR        session files are relative paths under DIR (default .)\n"
-            "  -v, --verbose            one line per request on stderr\n"
+            "  --session-dir DIR        where session files go (default ./sessions; created,\n"
+            "                           mode 0700, when missing); clients name a file in it:\n"
+            "                           NAME.state, letters, digits, '_', '-', '.'\n"
+            "  --session-overwrite      a save may replace a file that is not a session file\n"
+            "                           (default: only session files are replaced)\n"
+            "  -v, --verbose            one line per request on stderr, and why a session\n"
+            "                           save or load failed (client text escaped as \\xHH)\n"
             "Limits:\n"
             "  --max-body-bytes N       request body size, 413 above (default 1048576)\n"
             "  --max-prompt-tokens N    prompt tokens per request, 400 above (default 16384)\n"
@@ -113,7 +118,8 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         O_MODEL = 1000, O_CONFIG, O_SEED, O_VOCAB, O_ID, O_HOST, O_PORT, O_KEY, O_SESSION_DIR,
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
         O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_DEVICE, O_GPU_MATH,
-        O_PER_CLIENT, O_CONN_TIMEOUT, O_REQ_TIMEOUT, O_HTTP_THREADS, O_DRAIN
+        O_PER_CLIENT, O_CONN_TIMEOUT, O_REQ_TIMEOUT, O_HTTP_THREADS, O_DRAIN,
+        O_SESSION_OVERWRITE
     };
     static const struct option longopts[] = {
         {"model", required_argument, 0, O_MODEL},
@@ -125,6 +131,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"port", required_argument, 0, O_PORT},
         {"api-key", required_argument, 0, O_KEY},
         {"session-dir", required_argument, 0, O_SESSION_DIR},
+        {"session-overwrite", no_argument, 0, O_SESSION_OVERWRITE},
         {"max-body-bytes", required_argument, 0, O_BODY},
         {"max-prompt-tokens", required_argument, 0, O_PROMPT},
         {"max-tokens-limit", required_argument, 0, O_TOKENS},
@@ -171,6 +178,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         case O_PORT: hc.port = (int)cli_parse_int(cli, "--port", optarg, 0, 65535); break;
         case O_KEY: hc.api_key = optarg; break;
         case O_SESSION_DIR: hc.session_dir = optarg; break;
+        case O_SESSION_OVERWRITE: hc.session_overwrite = 1; break;
         case O_BODY:
             hc.max_body_bytes = (size_t)cli_parse_int(cli, "--max-body-bytes", optarg, 64, 1LL << 34);
             break;

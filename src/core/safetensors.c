@@ -300,16 +300,29 @@ done:
 
 rp_status rp_st_open(rp_st_file *f, const char *path, rp_error *err) {
     if (!f || !path) return rp_error_set(err, RP_ERR_ARG, "rp_st_open: NULL file or path");
+    /* Non-blocking: opening a FIFO (or a device) must not wait for a writer;
+     * rp_st_open_fd then refuses anything that is not a regular file. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        memset(f, 0, sizeof *f);
+        return rp_error_set(err, RP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    }
+    return rp_st_open_fd(f, fd, path, err);
+}
+
+rp_status rp_st_open_fd(rp_st_file *f, int fd, const char *path, rp_error *err) {
+    if (!f || !path || fd < 0) {
+        if (fd >= 0) close(fd);
+        return rp_error_set(err, RP_ERR_ARG, "rp_st_open_fd: NULL file, path or descriptor");
+    }
     memset(f, 0, sizeof *f);
     f->path = st_strdup(path, "file path", err);
-    if (!f->path) return RP_ERR_NOMEM;
+    if (!f->path) {
+        close(fd);
+        return RP_ERR_NOMEM;
+    }
 
     rp_status st = RP_OK;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        st = rp_error_set(err, RP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-        goto fail;
-    }
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         st = rp_error_set(err, RP_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
@@ -322,6 +335,9 @@ rp_status rp_st_open(rp_st_file *f, const char *path, rp_error *err) {
         close(fd);
         goto fail;
     }
+    /* A regular file: blocking reads are fine again (mmap ignores the flag). */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0 && (fl & O_NONBLOCK)) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
     uint64_t file_bytes = (uint64_t)sb.st_size;
     if (file_bytes == 0) {
         st = rp_error_set(err, RP_ERR_FORMAT,
@@ -631,6 +647,18 @@ static int write_entry_data(FILE *fp, const rp_st_entry *e, unsigned char *chunk
     return 0;
 }
 
+/* The whole file: length, header, every tensor's bytes. */
+static int write_contents(FILE *fp, const rp_st_writer *w, const char *header,
+                          size_t header_bytes, unsigned char *chunk) {
+    unsigned char length_le[8];
+    for (int i = 0; i < 8; i++) length_le[i] = (unsigned char)((uint64_t)header_bytes >> (8 * i));
+    if (fwrite(length_le, 1, 8, fp) != 8 || fwrite(header, 1, header_bytes, fp) != header_bytes)
+        return -1;
+    for (int i = 0; i < w->n_entries; i++)
+        if (write_entry_data(fp, &w->entries[i], chunk) != 0) return -1;
+    return 0;
+}
+
 /* fsyncs the directory holding path, so the rename itself is durable. */
 static int fsync_parent_dir(const char *path) {
     const char *slash = strrchr(path, '/');
@@ -684,12 +712,7 @@ rp_status rp_st_writer_write(const rp_st_writer *w, const char *path, rp_error *
         goto io_fail;
     }
     step = "write";
-    unsigned char length_le[8];
-    for (int i = 0; i < 8; i++) length_le[i] = (unsigned char)((uint64_t)header_bytes >> (8 * i));
-    if (fwrite(length_le, 1, 8, fp) != 8 || fwrite(header, 1, header_bytes, fp) != header_bytes)
-        goto io_fail_close;
-    for (int i = 0; i < w->n_entries; i++)
-        if (write_entry_data(fp, &w->entries[i], chunk) != 0) goto io_fail_close;
+    if (write_contents(fp, w, header, header_bytes, chunk) != 0) goto io_fail_close;
     step = "flush";
     if (fflush(fp) != 0) goto io_fail_close;
     step = "fsync";
@@ -723,6 +746,38 @@ io_fail:
 done:
     free(header);
     free(tmp);
+    free(chunk);
+    return st;
+}
+
+rp_status rp_st_writer_write_fd(const rp_st_writer *w, int fd, const char *path, rp_error *err) {
+    if (!w || fd < 0 || !path)
+        return rp_error_set(err, RP_ERR_ARG, "rp_st_writer_write_fd: NULL writer, path or fd");
+    size_t header_bytes = 0;
+    char *header = build_header(w, path, &header_bytes, err);
+    if (!header) return err ? err->code : RP_ERR_NOMEM;
+    unsigned char *chunk = rp_malloc(ST_WRITE_CHUNK_ELEMS * 8, "conversion buffer", err);
+    /* A FILE of its own (a dup), so the caller keeps fd to fsync and close. */
+    int copy = chunk ? dup(fd) : -1;
+    FILE *fp = copy >= 0 ? fdopen(copy, "wb") : NULL;
+    rp_status st = RP_OK;
+    if (!chunk) {
+        st = RP_ERR_NOMEM;
+    } else if (!fp) {
+        st = rp_error_set(err, RP_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+        if (copy >= 0) close(copy);
+    } else {
+        int bad = write_contents(fp, w, header, header_bytes, chunk) != 0 || fflush(fp) != 0;
+        int saved_errno = errno;
+        if (fclose(fp) != 0 && !bad) {
+            bad = 1;
+            saved_errno = errno;
+        }
+        if (bad)
+            st = rp_error_set(err, RP_ERR_IO, "%s: cannot write: %s", path,
+                              strerror(saved_errno ? saved_errno : EIO));
+    }
+    free(header);
     free(chunk);
     return st;
 }

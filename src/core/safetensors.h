@@ -42,6 +42,10 @@ typedef struct {
  * size equals its byte range, ranges inside the data section and not
  * overlapping. On error f is left closed. */
 rp_status rp_st_open(rp_st_file *f, const char *path, rp_error *err);
+/* The same on a descriptor the caller opened (e.g. openat with O_NOFOLLOW);
+ * takes it over (closed before return). Anything but a regular file is
+ * refused before a byte is read; path only names the file in messages. */
+rp_status rp_st_open_fd(rp_st_file *f, int fd, const char *path, rp_error *err);
 void rp_st_close(rp_st_file *f);
 
 /* NULL if absent. */
@@ -84,5 +88,8 @@ rp_status rp_st_writer_add_meta(rp_st_writer *w, const char *key, const char *va
                                 rp_error *err);
 /* Writes path.tmp.<pid>, fsyncs it, renames it to path and fsyncs the directory. */
 rp_status rp_st_writer_write(const rp_st_writer *w, const char *path, rp_error *err);
+/* Writes the whole file to fd from its current offset; no fsync, rename or
+ * close (for callers that place the file themselves, e.g. with renameat). */
+rp_status rp_st_writer_write_fd(const rp_st_writer *w, int fd, const char *path, rp_error *err);
 
 #endif

@@ -9,7 +9,6 @@
 #include "pipe/transport.h"
 #include "rwkvpipe.pb-c.h"
 #include "serve/engine_internal.h"
-#include "serve/session_file.h"
 
 /* Tags on the engine's own communicator. */
 enum { TAG_CMD = 1, TAG_X = 2, TAG_VFIRST = 3, TAG_RESULT = 4, TAG_STATE = 5 };
@@ -56,10 +55,15 @@ typedef struct {
     int n, cap;
 } unit_table;
 
-/* A session operation asked for by a client thread. */
+/* A session operation asked for by a client thread (its buffers are the
+ * client's: it waits until done). */
+enum { CONTROL_EXPORT, CONTROL_IMPORT, CONTROL_DELETE };
 typedef struct control {
-    int kind;            /* 0 save, 1 load, 2 delete */
-    const char *name, *path;
+    int kind;
+    const char *name;
+    float *out;          /* export: the whole model's state */
+    const float *in;     /* import */
+    uint64_t tokens;     /* export: out; import: in */
     rp_status status;
     rp_error err;
     int done;
@@ -101,6 +105,7 @@ struct rp_engine {
     int prefer_prefill;
     int rr_cursor;               /* next slot to consider first */
     control *controls;
+    int failed;                  /* stopped (error or shutdown): controls are refused (under mu) */
     pthread_t owner;             /* the main thread (rp_engine_create's caller) */
     volatile sig_atomic_t shutdown_requested;
     int shutdown_started;
@@ -131,32 +136,43 @@ static session_entry *session_find(rp_engine *e, const char *name) {
     return NULL;
 }
 
+/* Only the main thread changes the table, and it does so under e->mu
+ * (client threads look names up under it): it reads the table without the
+ * lock, and never holds the lock across MPI. */
 static session_entry *session_put(rp_engine *e, const char *name) {
     session_entry *s = session_find(e, name);
     if (s) return s;
+    float *data = malloc(e->state.floats_per_slot * sizeof(float));
+    if (!data) return NULL;
+    pthread_mutex_lock(&e->mu);
     if (e->n_sessions == e->cap_sessions) {
         int cap = e->cap_sessions ? 2 * e->cap_sessions : 16;
         session_entry *grown = realloc(e->sessions, sizeof *grown * (size_t)cap);
-        if (!grown) return NULL;
+        if (!grown) {
+            pthread_mutex_unlock(&e->mu);
+            free(data);
+            return NULL;
+        }
         e->sessions = grown;
         e->cap_sessions = cap;
     }
-    float *data = malloc(e->state.floats_per_slot * sizeof(float));
-    if (!data) return NULL;
     s = &e->sessions[e->n_sessions++];
     memset(s, 0, sizeof *s);
     snprintf(s->name, sizeof s->name, "%s", name);
     s->data = data;
+    pthread_mutex_unlock(&e->mu);
     return s;
 }
 
 static void session_drop(rp_engine *e, const char *name) {
+    pthread_mutex_lock(&e->mu);
     for (int i = 0; i < e->n_sessions; i++)
         if (strcmp(e->sessions[i].name, name) == 0) {
             free(e->sessions[i].data);
             e->sessions[i] = e->sessions[--e->n_sessions];
-            return;
+            break;
         }
+    pthread_mutex_unlock(&e->mu);
 }
 
 static float *slot_state(rp_engine *e, int slot) {
@@ -666,7 +682,7 @@ static void make_sampling(Rwkvpipe__EngineSampling *s, const rp_gen_params *p) {
 }
 
 /* Frees slot (stashing its state under the job's store_session if asked).
- * e->mu held: the session table changes. */
+ * Without e->mu: the table functions take it for their changes. */
 static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
     rp_job *j = e->slot_job[slot];
     command c = RWKVPIPE__ENGINE_COMMAND__INIT;
@@ -676,10 +692,12 @@ static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
     rp_status st = issue(e, &c, err);
     if (st == RP_OK && stash) {
         session_entry *s = session_find(e, j->store_session);
+        pthread_mutex_lock(&e->mu);
         if (s) {
             s->tokens = e->slot_tokens[slot];
             s->last_used = ++e->clock;
         }
+        pthread_mutex_unlock(&e->mu);
         /* LRU under the byte budget (whole-model bytes per session). */
         const size_t per = e->state.floats_per_layer * (size_t)e->m->cfg.n_layer * sizeof(float);
         while (st == RP_OK && e->n_sessions > 1 &&
@@ -884,7 +902,8 @@ static rp_status collect_results(rp_engine *e, int block, rp_error *err) {
 }
 
 static rp_status run_controls(rp_engine *e, rp_error *err);
-static rp_status do_control(rp_engine *e, control *c);
+static rp_status do_control(rp_engine *e, control *c, rp_error *err);
+static void fail_controls(rp_engine *e, const char *why);
 
 int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
     *status = RP_OK;
@@ -966,11 +985,9 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         c.slot = s;
         c.session = j->start_session;
         c.sampling = &sampling;
-        pthread_mutex_lock(&e->mu);
         session_entry *from = j->start_session[0] ? session_find(e, j->start_session) : NULL;
         e->slot_tokens[s] = from ? from->tokens : 0;
         st = issue(e, &c, err);
-        pthread_mutex_unlock(&e->mu);
         if (st != RP_OK) goto fail;
         pthread_mutex_lock(&j->mu);
         j->t_slot = rp_engine_now();
@@ -996,9 +1013,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         /* A job that keeps its session first reads its last emitted token. */
         const int stash = j->store_session[0] && cancel != 1 && j->prefilled == j->n_prompt;
         if (stash && j->has_pending) continue;
-        pthread_mutex_lock(&e->mu);
         st = close_slot(e, s, stash, err);
-        pthread_mutex_unlock(&e->mu);
         if (st != RP_OK) goto fail;
     }
     /* Keep up to P units in flight. */
@@ -1031,6 +1046,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
     for (int s = 0; s < S; s++) busy |= e->slot_job[s] != NULL;
     return busy || e->units_in_flight > 0;
 fail:
+    fail_controls(e, err ? err->msg : rp_status_name(st));
     *status = st;
     return 0;
 }
@@ -1061,9 +1077,14 @@ rp_status rp_engine_run(rp_engine *e, rp_error *err) {
             /* The pipe is full, or nothing else can start before a result
              * comes back: wait for it instead of spinning. */
             rp_status cst = collect_results(e, 1, err);
-            if (cst != RP_OK) return cst;
+            if (cst != RP_OK) {
+                fail_controls(e, err ? err->msg : rp_status_name(cst));
+                return cst;
+            }
         }
     }
+    /* A control queued after the last step is answered, not left waiting. */
+    fail_controls(e, "the server is shutting down");
     /* Every stage stops; the last one acknowledges, so none is left behind. */
     if (e->n_stages > 1) {
         command c = RWKVPIPE__ENGINE_COMMAND__INIT;
@@ -1089,50 +1110,60 @@ void rp_engine_shutdown(rp_engine *e) {
 
 /* ---- session operations (client threads ask, the main thread does) ---- */
 
-static rp_status ask_control(rp_engine *e, int kind, const char *name, const char *path,
-                             rp_error *err) {
-    if (!name || !name[0] || strlen(name) >= RP_ENGINE_SESSION_NAME_MAX)
+/* The main thread does c; a client thread queues it and waits. Client
+ * threads do their file I/O themselves, before or after: the engine moves
+ * states between its table, the stages and the caller's buffer only. */
+static rp_status ask_control(rp_engine *e, control *c, rp_error *err) {
+    if (!c->name || !c->name[0] || strlen(c->name) >= RP_ENGINE_SESSION_NAME_MAX)
         return rp_error_set(err, RP_ERR_ARG, "a session name has 1 to %d characters",
                             RP_ENGINE_SESSION_NAME_MAX - 1);
-    control c = {.kind = kind, .name = name, .path = path};
     if (pthread_equal(pthread_self(), e->owner)) {
-        /* Called from the main thread itself (rwkvpipe generate, tests):
-         * empty the pipeline, then do it here. */
+        /* Called from the main thread itself (tests, tools): empty the
+         * pipeline, then do it here. */
         rp_status st = RP_OK;
         while (st == RP_OK && e->units_in_flight > 0) st = collect_results(e, 1, err);
+        if (st == RP_OK) st = do_control(e, c, err);
         if (st != RP_OK) return st;
-        pthread_mutex_lock(&e->mu);
-        c.status = do_control(e, &c);
-        pthread_mutex_unlock(&e->mu);
-        if (c.status != RP_OK && err) *err = c.err;
-        return c.status;
+        if (c->status != RP_OK && err) *err = c->err;
+        return c->status;
     }
     pthread_mutex_lock(&e->mu);
-    if (e->shutdown_requested) {
+    if (e->shutdown_requested || e->failed) {
         pthread_mutex_unlock(&e->mu);
         return rp_error_set(err, RP_ERR_UNAVAILABLE, "the server is shutting down");
     }
-    c.next = e->controls;
-    e->controls = &c;
+    control **tail = &e->controls;
+    while (*tail) tail = &(*tail)->next;
+    c->next = NULL;
+    *tail = c;
     pthread_cond_broadcast(&e->wake);
-    while (!c.done) pthread_cond_wait(&e->wake, &e->mu);
+    while (!c->done) pthread_cond_wait(&e->wake, &e->mu);
     pthread_mutex_unlock(&e->mu);
-    if (c.status != RP_OK && err) *err = c.err;
-    return c.status;
+    if (c->status != RP_OK && err) *err = c->err;
+    return c->status;
 }
 
-rp_status rp_engine_session_save(rp_engine *e, const char *name, const char *path,
-                                 rp_error *err) {
-    return ask_control(e, 0, name, path, err);
+size_t rp_engine_session_floats(const rp_engine *e) {
+    return e->state.floats_per_layer * (size_t)e->m->cfg.n_layer;
 }
 
-rp_status rp_engine_session_load(rp_engine *e, const char *name, const char *path,
-                                 rp_error *err) {
-    return ask_control(e, 1, name, path, err);
+rp_status rp_engine_session_export(rp_engine *e, const char *name, float *out, uint64_t *tokens,
+                                   rp_error *err) {
+    control c = {.kind = CONTROL_EXPORT, .name = name, .out = out};
+    rp_status st = ask_control(e, &c, err);
+    if (st == RP_OK && tokens) *tokens = c.tokens;
+    return st;
+}
+
+rp_status rp_engine_session_import(rp_engine *e, const char *name, const float *state,
+                                   uint64_t tokens, rp_error *err) {
+    control c = {.kind = CONTROL_IMPORT, .name = name, .in = state, .tokens = tokens};
+    return ask_control(e, &c, err);
 }
 
 rp_status rp_engine_session_delete(rp_engine *e, const char *name, rp_error *err) {
-    return ask_control(e, 2, name, NULL, err);
+    control c = {.kind = CONTROL_DELETE, .name = name};
+    return ask_control(e, &c, err);
 }
 
 int rp_engine_session_exists(rp_engine *e, const char *name) {
@@ -1142,84 +1173,114 @@ int rp_engine_session_exists(rp_engine *e, const char *name) {
     return found;
 }
 
-/* One control, on the main thread with the pipeline empty; e->mu held. */
-static rp_status do_control(rp_engine *e, control *c) {
-    const rp_config *cfg = &e->m->cfg;
-    const size_t fpl = e->state.floats_per_layer, L = (size_t)cfg->n_layer;
-    rp_error *err = &c->err;
+/* One control, on the main thread with the pipeline empty and e->mu not
+ * held. c->status / c->err: the answer for the client (an unknown session,
+ * a stage without the state). The return value: a failure of the engine
+ * itself (a transfer to or from a stage), which ends rp_engine_run. */
+static rp_status do_control(rp_engine *e, control *c, rp_error *err) {
+    const size_t fpl = e->state.floats_per_layer, fps = e->state.floats_per_slot;
     session_entry *s = session_find(e, c->name);
-    if (c->kind != 1 && !s)
-        return rp_error_set(err, RP_ERR_ARG, "unknown session '%s'", c->name);
     command cmd = RWKVPIPE__ENGINE_COMMAND__INIT;
     cmd.session = (char *)c->name;
-    if (c->kind == 2) {
+    c->status = RP_OK;
+    if (c->kind != CONTROL_IMPORT && !s) {
+        c->status = rp_error_set(&c->err, RP_ERR_ARG, "unknown session '%s'", c->name);
+        return RP_OK;
+    }
+    if (c->kind == CONTROL_DELETE) {
         cmd.kind = RWKVPIPE__ENGINE_COMMAND__KIND__DROP;
         return issue(e, &cmd, err);
     }
-    float *all = malloc(fpl * L * sizeof(float));
-    if (!all) return rp_error_set(err, RP_ERR_NOMEM, "session state of %zu layers", L);
     rp_status st = RP_OK;
-    if (c->kind == 0) {
+    if (c->kind == CONTROL_EXPORT) {
         /* Stage 0's part, then each stage's, in layer order. */
-        memcpy(all, s->data, e->state.floats_per_slot * sizeof(float));
+        memcpy(c->out, s->data, fps * sizeof(float));
+        c->tokens = s->tokens;
+        if (e->n_stages == 1) return RP_OK;
         cmd.kind = RWKVPIPE__ENGINE_COMMAND__KIND__SAVE;
-        if (e->n_stages > 1) st = forward_command(e, &cmd, NULL, NULL, 0, err);
-        size_t at = e->state.floats_per_slot;
+        st = forward_command(e, &cmd, NULL, NULL, 0, err);
         for (int stage = 1; st == RP_OK && stage < e->n_stages; stage++) {
-            MPI_Status ms;
-            MPI_Probe(stage, TAG_STATE, e->comm, &ms);
-            int count = 0;
-            MPI_Get_count(&ms, MPI_FLOAT, &count);
-            if (at + (size_t)count > fpl * L) {
-                st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d sent %d floats of state", stage,
-                                  count);
-                MPI_Recv(NULL, 0, MPI_FLOAT, stage, TAG_STATE, e->comm, MPI_STATUS_IGNORE);
-                break;
-            }
-            MPI_Recv(all + at, count, MPI_FLOAT, stage, TAG_STATE, e->comm, MPI_STATUS_IGNORE);
-            if (count == 0)
-                st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d has no state for session '%s'",
-                                  stage, c->name);
-            at += (size_t)count;
+            const int begin = e->stage_layer_begin[stage], end = e->stage_layer_end[stage];
+            const size_t want = (size_t)(end - begin) * fpl * sizeof(float);
+            char what[64];
+            snprintf(what, sizeof what, "stage %d's part of a session state", stage);
+            uint8_t *buf;
+            int count;
+            st = receive_message(e, stage, TAG_STATE, 1, e->cfg.comm_timeout, 50000, what, &buf,
+                                 &count, err);
+            if (st != RP_OK) break;
+            if ((size_t)count == want)
+                memcpy(c->out + (size_t)begin * fpl, buf, want);
+            else if (c->status == RP_OK)
+                c->status = rp_error_set(&c->err, RP_ERR_INTERNAL, "stage %d sent %d bytes of "
+                                         "session '%s', expected %zu", stage, count, c->name,
+                                         want);
+            free(buf);
         }
-        if (st == RP_OK) st = rp_session_file_write(c->path, cfg, s->tokens, all, err);
-    } else {
-        uint64_t tokens = 0;
-        st = rp_session_file_read(c->path, cfg, &tokens, all, err);
-        session_entry *dst = st == RP_OK ? session_put(e, c->name) : NULL;
-        if (st == RP_OK && !dst) st = rp_error_set(err, RP_ERR_NOMEM, "session '%s'", c->name);
-        if (st == RP_OK) {
-            memcpy(dst->data, all, e->state.floats_per_slot * sizeof(float));
-            dst->tokens = tokens;
-            dst->last_used = ++e->clock;
-            cmd.kind = RWKVPIPE__ENGINE_COMMAND__KIND__LOAD;
-            if (e->n_stages > 1) st = forward_command(e, &cmd, NULL, NULL, 0, err);
-            /* Each stage gets its own layers, in the order they ask. */
-            for (int stage = 1; st == RP_OK && stage < e->n_stages; stage++) {
-                /* Stage s's layers start after those of the stages before it;
-                 * its part has the same floats_per_slot geometry. */
-                const int begin = e->stage_layer_begin[stage], end = e->stage_layer_end[stage];
-                MPI_Send(all + (size_t)begin * fpl, (int)((size_t)(end - begin) * fpl), MPI_FLOAT,
-                         stage, TAG_STATE, e->comm);
-            }
-        }
+        return st;
     }
-    free(all);
+    /* Import: stage 0 keeps its layers, each other stage gets its own. */
+    if (!s) s = session_put(e, c->name);
+    if (!s) {
+        c->status = rp_error_set(&c->err, RP_ERR_NOMEM, "session '%s' state", c->name);
+        return RP_OK;
+    }
+    memcpy(s->data, c->in, fps * sizeof(float));
+    pthread_mutex_lock(&e->mu);
+    s->tokens = c->tokens;
+    s->last_used = ++e->clock;
+    pthread_mutex_unlock(&e->mu);
+    if (e->n_stages == 1) return RP_OK;
+    cmd.kind = RWKVPIPE__ENGINE_COMMAND__KIND__LOAD;
+    st = forward_command(e, &cmd, NULL, NULL, 0, err);
+    for (int stage = 1; st == RP_OK && stage < e->n_stages; stage++) {
+        const int begin = e->stage_layer_begin[stage], end = e->stage_layer_end[stage];
+        MPI_Request rq;
+        if (MPI_Isend(c->in + (size_t)begin * fpl, (int)((size_t)(end - begin) * fpl), MPI_FLOAT,
+                      stage, TAG_STATE, e->comm, &rq) != MPI_SUCCESS)
+            return rp_error_set(err, RP_ERR_MPI, "rank 0: sending a session state to stage %d "
+                                "failed", stage);
+        st = rp_comm_wait(&rq, e->cfg.comm_timeout, "a session state sent to a stage", err);
+    }
     return st;
 }
 
 static rp_status run_controls(rp_engine *e, rp_error *err) {
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        control *c = e->controls;
+        if (c) e->controls = c->next;
+        pthread_mutex_unlock(&e->mu);
+        if (!c) return RP_OK;
+        rp_status st = do_control(e, c, err);
+        if (st != RP_OK) {
+            c->status = RP_ERR_UNAVAILABLE;
+            snprintf(c->err.msg, sizeof c->err.msg, "the engine failed: %.900s",
+                     err ? err->msg : rp_status_name(st));
+            c->err.code = RP_ERR_UNAVAILABLE;
+        }
+        /* c belongs to the waiting thread: not touched after done. */
+        pthread_mutex_lock(&e->mu);
+        c->done = 1;
+        pthread_cond_broadcast(&e->wake);
+        pthread_mutex_unlock(&e->mu);
+        if (st != RP_OK) return st;
+    }
+}
+
+/* The engine stops (an error, or shutdown): every waiting control is
+ * answered, and later ones are refused, so no client thread waits forever. */
+static void fail_controls(rp_engine *e, const char *why) {
     pthread_mutex_lock(&e->mu);
+    e->failed = 1;
     while (e->controls) {
         control *c = e->controls;
         e->controls = c->next;
-        c->status = do_control(e, c);
+        c->status = rp_error_set(&c->err, RP_ERR_UNAVAILABLE, "the engine stopped: %s", why);
         c->done = 1;
-        pthread_cond_broadcast(&e->wake);
     }
+    pthread_cond_broadcast(&e->wake);
     pthread_mutex_unlock(&e->mu);
-    (void)err;
-    return RP_OK;
 }
 
 void rp_engine_get_metrics(rp_engine *e, rp_engine_metrics *m) {

@@ -9,7 +9,7 @@
  * up to P units in flight so every stage works on a different unit at once;
  * only the residual stream and v_first cross stage boundaries; the last stage
  * applies ln_out and the head, samples (fp32), and returns token ids. Control
- * commands (open/free a slot, session stash/restore/save/load, shutdown)
+ * commands (open/free a slot, session stash/restore/export/import, shutdown)
  * travel down the same ordered stream as protobuf messages; only the main
  * thread of each rank calls MPI.
  *
@@ -153,17 +153,26 @@ rp_status rp_engine_run(rp_engine *e, rp_error *err);
  * are cancelled, every stage is told to stop, rp_engine_run returns. */
 void rp_engine_shutdown(rp_engine *e);
 
-/* Rank 0, any thread; blocking until the main thread has done it. Sessions
- * are named (RP_ENGINE_SESSION_NAME_MAX). save: stream every stage's state of
- * the session to rank 0 and write path (safetensors, official state names,
- * with a header naming the model and token count); load: read such a file
- * (written with any number of stages), or a state-tuning file (per-layer
- * `blocks.L.att.time_state` [H,N,N]), into the session; delete: forget it.
- * Unknown names are RP_ERR_ARG with a message (HTTP 404). */
-rp_status rp_engine_session_save(rp_engine *e, const char *name, const char *path,
-                                 rp_error *err);
-rp_status rp_engine_session_load(rp_engine *e, const char *name, const char *path,
-                                 rp_error *err);
+/* Rank 0, any thread; blocking until the main thread has done it (with the
+ * pipeline empty). Sessions are named (RP_ENGINE_SESSION_NAME_MAX). The
+ * engine does no file I/O: a caller saves a session by exporting it and
+ * writing the buffer (src/serve/session_file.h), and loads one by reading a
+ * file and importing it. The main thread holds the engine's lock only for
+ * its session table, never across a transfer, so other threads' calls
+ * (submit, exists, metrics) never wait for one.
+ * state: the whole model's state of one sequence in rp_state layout (1 slot,
+ * layers 0..L-1), rp_engine_session_floats floats, the same whatever the
+ * number of stages. export: gathers every stage's part (over MPI on the
+ * main thread) into out, and the tokens the state has read; import: stores
+ * state under name (replacing it) on every stage; delete: forgets it.
+ * Unknown names are RP_ERR_ARG with a message (HTTP 404); once the engine
+ * stopped (error or shutdown) RP_ERR_UNAVAILABLE. A failed transfer ends
+ * rp_engine_run with that error. */
+size_t rp_engine_session_floats(const rp_engine *e);
+rp_status rp_engine_session_export(rp_engine *e, const char *name, float *out, uint64_t *tokens,
+                                   rp_error *err);
+rp_status rp_engine_session_import(rp_engine *e, const char *name, const float *state,
+                                   uint64_t tokens, rp_error *err);
 rp_status rp_engine_session_delete(rp_engine *e, const char *name, rp_error *err);
 int rp_engine_session_exists(rp_engine *e, const char *name);
 

@@ -1,5 +1,5 @@
 /* Shared between the engine's files (engine.c: driver and stages;
- * engine_job.c: the job object clients hold; engine_session.c: session files).
+ * engine_job.c: the job object clients hold).
  * Not part of the public interface. */
 #ifndef RP_SERVE_ENGINE_INTERNAL_H
 #define RP_SERVE_ENGINE_INTERNAL_H

@@ -23,6 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "serve/session_file.h"
 #include "serve/text.h"
 
 #define READ_BATCH 256          /* tokens taken from the engine at once */
@@ -63,7 +64,8 @@ struct rp_http_server {
     rp_engine *engine;
     const rp_tokenizer *tok;
     rp_http_config cfg;
-    char *host, *api_key, *model_id, *session_dir;
+    char *host, *api_key, *model_id;
+    rp_session_dir session_dir;
     int port;
     int vocab_size;
     time_t created;
@@ -98,6 +100,27 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Log lines quote what clients send (paths, names, messages naming them):
+ * every byte outside printable ASCII becomes \xHH and a backslash becomes
+ * \\, so a client can neither forge a line (CR LF) nor reach the terminal
+ * (ESC). */
+static void log_escaped(rp_http_server *s, const char *line) {
+    char out[4 * 1024 + 1];
+    size_t o = 0;
+    for (const unsigned char *p = (const unsigned char *)line; *p && o + 5 < sizeof out; p++) {
+        if (*p == '\\') {
+            out[o++] = '\\';
+            out[o++] = '\\';
+        } else if (*p >= 0x20 && *p <= 0x7e) {
+            out[o++] = (char)*p;
+        } else {
+            o += (size_t)snprintf(out + o, sizeof out - o, "\\x%02x", *p);
+        }
+    }
+    out[o] = '\0';
+    s->cfg.log(s->cfg.log_user, out);
+}
+
 static void log_line(rp_http_server *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void log_line(rp_http_server *s, const char *fmt, ...) {
     if (!s->cfg.log) return;
@@ -106,7 +129,7 @@ static void log_line(rp_http_server *s, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
-    s->cfg.log(s->cfg.log_user, line);
+    log_escaped(s, line);
 }
 
 static void mhd_logger(void *cls, const char *fmt, va_list ap) {
@@ -116,7 +139,7 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap) {
     vsnprintf(line, sizeof line, fmt, ap);
     size_t n = strlen(line);
     while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
-    s->cfg.log(s->cfg.log_user, line);
+    log_escaped(s, line);
 }
 
 void rp_http_config_defaults(rp_http_config *c) {
@@ -124,7 +147,7 @@ void rp_http_config_defaults(rp_http_config *c) {
     c->host = "127.0.0.1";
     c->port = 8000;
     c->model_id = "rwkv";
-    c->session_dir = ".";
+    c->session_dir = "sessions";
     c->max_body_bytes = (size_t)1 << 20;
     c->max_prompt_tokens = 16384;
     c->max_tokens_limit = 4096;
@@ -629,8 +652,10 @@ typedef struct {
     int answered;
     gen_ctx *gen;               /* a streamed generation in flight */
     double t_start;
+    int started;                /* on_request has seen the request */
+    int bad_target;             /* the raw target encodes a control character */
     const char *method;
-    char path[128];
+    char path[128];             /* the target as sent (percent-encoded), for the log */
 } request_ctx;
 
 /* A problem with a request: status, code and message. */
@@ -1338,35 +1363,29 @@ static enum MHD_Result handle_metrics(rp_http_server *s, struct MHD_Connection *
     return send_text(s, conn, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf, t.len);
 }
 
-/* "path" of a session file: relative, no "..", under session_dir. */
-static int session_path(rp_http_server *s, json_t *o, char *out, size_t size, req_error *e) {
-    const char *path = NULL;
-    if (!o) return fail(e, 400, "missing_field", "the body must be {\"path\": \"FILE\"}");
-    if (get_string(o, "path", &path, e)) return -1;
-    if (!path || !*path) return fail(e, 400, "missing_field", "'path' is required");
-    if (path[0] == '/')
-        return fail(e, 400, "invalid_value", "'path' must be relative to the session directory");
-    for (const char *p = path; *p;) {
-        const char *slash = strchr(p, '/');
-        size_t n = slash ? (size_t)(slash - p) : strlen(p);
-        if (n == 2 && p[0] == '.' && p[1] == '.')
-            return fail(e, 400, "invalid_value", "'path' must not contain '..'");
-        p += n + (slash ? 1 : 0);
-    }
-    if ((size_t)snprintf(out, size, "%s/%s", s->session_dir, path) >= size)
-        return fail(e, 400, "invalid_value", "'path' is too long");
+/* "path" of a session file: a plain file name in the session directory
+ * (rp_session_file_name_valid), never a path. */
+static int session_file_name(json_t *o, const char **out, req_error *e) {
+    const char *name = NULL;
+    if (!o) return fail(e, 400, "missing_field", "the body must be {\"path\": \"NAME.state\"}");
+    if (get_string(o, "path", &name, e)) return -1;
+    if (!name || !*name) return fail(e, 400, "missing_field", "'path' is required");
+    if (!rp_session_file_name_valid(name))
+        return fail(e, 400, "invalid_value", "'path' must be a file name in the session "
+                    "directory: 1 to %d letters, digits, '_', '-' or '.', not starting with '.', "
+                    "ending in \"%s\" (no '/')", RP_SESSION_FILE_NAME_MAX, RP_SESSION_FILE_SUFFIX);
+    *out = name;
     return 0;
 }
 
+/* An engine-side failure of a session operation. */
 static enum MHD_Result session_failure(rp_http_server *s, struct MHD_Connection *conn,
-                                       const char *name, rp_status st, const rp_error *err,
-                                       int loading) {
+                                       const char *name, rp_status st, const rp_error *err) {
     if (st == RP_ERR_ARG && !rp_engine_session_exists(s->engine, name))
         return send_error(s, conn, 404, "session_not_found", "%s", err->msg);
-    if (st == RP_ERR_IO)
-        return send_error(s, conn, loading ? 400 : 500, "io_error", "%s", err->msg);
-    if (st == RP_ERR_FORMAT || st == RP_ERR_SHAPE || st == RP_ERR_ARG)
-        return send_error(s, conn, 400, "invalid_value", "%s", err->msg);
+    if (st == RP_ERR_UNAVAILABLE)
+        return send_error(s, conn, 503, "shutting_down", "%s", err->msg);
+    if (st == RP_ERR_ARG) return send_error(s, conn, 400, "invalid_value", "%s", err->msg);
     return send_error(s, conn, 500, "internal", "%s", err->msg);
 }
 
@@ -1375,7 +1394,6 @@ static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
     const char *name = rc->session;
     req_error e;
     rp_error err;
-    char path[4096];
     if (rc->route == ROUTE_SESSION) {
         int exists = rp_engine_session_exists(s->engine, name);
         if (strcmp(method, "GET") == 0) {
@@ -1395,35 +1413,63 @@ static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
             return send_error(s, conn, 409, "session_busy", "session '%s' is in use by a request",
                               name);
         rp_status st = rp_engine_session_delete(s->engine, name, &err);
-        if (st != RP_OK) return session_failure(s, conn, name, st, &err, 0);
+        if (st != RP_OK) return session_failure(s, conn, name, st, &err);
         session_forget(s, name);
         return send_json(s, conn, 200, json_pack("{s:s,s:b}", "session", name, "deleted", 1));
     }
-    if (session_path(s, o, path, sizeof path, &e))
+    const int saving = rc->route == ROUTE_SESSION_SAVE;
+    if (saving && !rp_engine_session_exists(s->engine, name))
+        return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist", name);
+    const char *file = NULL;
+    if (session_file_name(o, &file, &e))
         return send_error(s, conn, e.status, e.code, "%s", e.message);
-    if (rc->route == ROUTE_SESSION_SAVE) {
-        if (!rp_engine_session_exists(s->engine, name))
-            return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist",
+    if (!saving) {
+        pthread_mutex_lock(&s->lock);
+        session_entry *se = session_find(s, name, 0);
+        int busy = se && se->busy;
+        pthread_mutex_unlock(&s->lock);
+        if (busy)
+            return send_error(s, conn, 409, "session_busy", "session '%s' is in use by a request",
                               name);
-        rp_status st = rp_engine_session_save(s->engine, name, path, &err);
-        if (st != RP_OK) return session_failure(s, conn, name, st, &err, 0);
-        return send_json(s, conn, 200, json_pack("{s:s,s:s,s:b}", "session", name, "path",
-                                                 json_string_value(json_object_get(o, "path")),
-                                                 "saved", 1));
     }
-    pthread_mutex_lock(&s->lock);
-    session_entry *se = session_find(s, name, 0);
-    int busy = se && se->busy;
-    pthread_mutex_unlock(&s->lock);
-    if (busy)
-        return send_error(s, conn, 409, "session_busy", "session '%s' is in use by a request",
-                          name);
-    rp_status st = rp_engine_session_load(s->engine, name, path, &err);
-    if (st != RP_OK) return session_failure(s, conn, name, st, &err, 1);
+    /* The file is read and written here, on this connection's thread: the
+     * engine only hands the state over (a slow or strange file never holds
+     * it up). */
+    const rp_config *cfg = rp_engine_config_of(s->engine);
+    float *state = malloc(rp_engine_session_floats(s->engine) * sizeof(float));
+    if (!state) return send_error(s, conn, 500, "internal", "out of memory for a session state");
+    uint64_t tokens = 0;
+    rp_status st;
+    if (saving) {
+        st = rp_engine_session_export(s->engine, name, state, &tokens, &err);
+        if (st != RP_OK) {
+            free(state);
+            return session_failure(s, conn, name, st, &err);
+        }
+        st = rp_session_file_save(&s->session_dir, file, cfg, tokens, state, &err);
+        free(state);
+        if (st != RP_OK && s->cfg.log_requests)
+            log_line(s, "%s %s: %s", rc->method, rc->path, err.msg);
+        if (st == RP_ERR_ARG) return send_error(s, conn, 409, "file_exists", "%s", err.msg);
+        if (st != RP_OK) return send_error(s, conn, 500, "io_error", "%s", err.msg);
+        return send_json(s, conn, 200,
+                         json_pack("{s:s,s:s,s:b}", "session", name, "path", file, "saved", 1));
+    }
+    rp_error detail;
+    st = rp_session_file_load(&s->session_dir, file, cfg, &tokens, state, &err, &detail);
+    if (st != RP_OK) {
+        free(state);
+        /* The client's message never quotes the file; the log has it all. */
+        if (s->cfg.log_requests) log_line(s, "%s %s: %s", rc->method, rc->path, detail.msg);
+        return send_error(s, conn, 400, st == RP_ERR_IO ? "io_error" : "invalid_value", "%s",
+                          err.msg);
+    }
+    st = rp_engine_session_import(s->engine, name, state, tokens, &err);
+    free(state);
+    if (st != RP_OK) return session_failure(s, conn, name, st, &err);
     session_forget(s, name);  /* a loaded state continues at a turn boundary */
-    return send_json(s, conn, 200, json_pack("{s:s,s:s,s:b}", "session", name, "path",
-                                             json_string_value(json_object_get(o, "path")),
-                                             "loaded", 1));
+    return send_json(s, conn, 200,
+                     json_pack("{s:s,s:s,s:b}", "session", name, "path", file, "loaded", 1));
 }
 
 /* ---- routing ---------------------------------------------------------------- */
@@ -1547,6 +1593,51 @@ static void *keeper_main(void *arg) {
     return NULL;
 }
 
+static int has_control_char(const char *text) {
+    for (const unsigned char *p = (const unsigned char *)text; *p; p++)
+        if (*p < 0x20 || *p == 0x7f) return 1;
+    return 0;
+}
+
+static int hex_digit(unsigned char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* A raw request target with a control byte, or one percent-encoded. */
+static int target_has_control(const char *uri) {
+    for (const unsigned char *p = (const unsigned char *)uri; *p; p++) {
+        if (*p < 0x20 || *p == 0x7f) return 1;
+        if (*p == '%') {
+            int hi = hex_digit(p[1]), lo = hi < 0 ? -1 : hex_digit(p[2]);
+            if (lo >= 0 && (hi * 16 + lo < 0x20 || hi * 16 + lo == 0x7f)) return 1;
+        }
+    }
+    return 0;
+}
+
+static request_ctx *request_ctx_new(rp_http_server *s, const char *target) {
+    request_ctx *rc = calloc(1, sizeof *rc);
+    if (!rc) return NULL;
+    rc->srv = s;
+    rc->t_start = now_seconds();
+    rc->method = "OTHER";
+    snprintf(rc->path, sizeof rc->path, "%s", target);
+    return rc;
+}
+
+/* libmicrohttpd calls this with the request target as sent, before it
+ * decodes it (the access handler sees only the decoded path, where %00 has
+ * already ended the string); what it returns is the request's context. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
+    (void)conn;
+    request_ctx *rc = request_ctx_new(cls, uri);
+    if (rc) rc->bad_target = target_has_control(uri);
+    return rc;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
@@ -1555,15 +1646,24 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     (void)version;
     request_ctx *rc = *con_cls;
     if (!rc) {
-        rc = calloc(1, sizeof *rc);
+        /* on_uri made none (out of memory): a context without the raw target */
+        rc = request_ctx_new(s, url);
         if (!rc) return MHD_NO;
-        rc->srv = s;
-        rc->t_start = now_seconds();
+        *con_cls = rc;
+    }
+    if (!rc->started) {
+        rc->started = 1;
         rc->method = strcmp(method, "GET") == 0 ? "GET" : strcmp(method, "POST") == 0 ? "POST"
                      : strcmp(method, "DELETE") == 0                                 ? "DELETE"
                                                                                      : "OTHER";
-        snprintf(rc->path, sizeof rc->path, "%s", url);
-        *con_cls = rc;
+        /* Routes compare C strings: a decoded %00 would cut the path short
+         * (/v1/sessions/a%00b/save acting on "a"). */
+        if (rc->bad_target || has_control_char(url)) {
+            rc->answered = 1;
+            conn_request_arrived(s, conn);
+            return send_error(s, conn, 400, "invalid_path", "the request path encodes a control "
+                              "character (%%00-%%1F or %%7F): refused");
+        }
         rc->route = route_of(url, rc->session, sizeof rc->session);
         /* answers that need no body are given now; the body is then not read */
         if (atomic_load(&s->stopping) && rc->route != ROUTE_HEALTH &&
@@ -1748,7 +1848,6 @@ rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokeni
     s->host = strdup(cfg->host ? cfg->host : "127.0.0.1");
     s->api_key = cfg->api_key && *cfg->api_key ? strdup(cfg->api_key) : NULL;
     s->model_id = strdup(cfg->model_id ? cfg->model_id : "rwkv");
-    s->session_dir = strdup(cfg->session_dir && *cfg->session_dir ? cfg->session_dir : ".");
     s->sessions = calloc(MAX_SESSION_ENTRIES, sizeof *s->sessions);
     s->created = time(NULL);
     s->vocab_size = rp_engine_config_of(engine)->vocab_size;
@@ -1764,10 +1863,17 @@ rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokeni
     /* whole seconds, at least 1 (RFC 9110) */
     snprintf(s->retry_after, sizeof s->retry_after, "%d",
              cfg->drain_seconds < 1 ? 1 : (int)(cfg->drain_seconds + 0.999));
-    if (!s->host || !s->model_id || !s->session_dir || !s->sessions ||
+    if (!s->host || !s->model_id || !s->sessions ||
         (cfg->api_key && *cfg->api_key && !s->api_key)) {
         rp_http_stop(s);
         return rp_error_set(err, RP_ERR_NOMEM, "HTTP server: out of memory");
+    }
+    rp_status dir_st = rp_session_dir_init(
+        &s->session_dir, cfg->session_dir && *cfg->session_dir ? cfg->session_dir : "sessions",
+        cfg->session_overwrite, err);
+    if (dir_st != RP_OK) {
+        rp_http_stop(s);
+        return dir_st;
     }
     json_object_seed(0);  /* before any thread builds JSON objects */
 
@@ -1799,6 +1905,7 @@ rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokeni
         flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER,
         mhd_logger, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED,
         on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
+        MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)per_client,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->connection_timeout_s,
@@ -1890,6 +1997,6 @@ void rp_http_stop(rp_http_server *s) {
     free(s->host);
     free(s->api_key);
     free(s->model_id);
-    free(s->session_dir);
+    rp_session_dir_free(&s->session_dir);
     free(s);
 }

@@ -32,7 +32,9 @@ typedef struct {
     int port;                  /* default 8000; 0 = any free port (see rp_http_port) */
     const char *api_key;       /* NULL or "": no authentication */
     const char *model_id;      /* the name of the served model (/v1/models, "model") */
-    const char *session_dir;   /* session files are paths relative to it (default ".") */
+    const char *session_dir;   /* session files live in it, created 0700 if missing
+                                  (default "sessions"; src/serve/session_file.h) */
+    int session_overwrite;     /* a save may replace a file that is not a session file */
     size_t max_body_bytes;     /* request body limit, 413 above (default 1 MiB) */
     int max_prompt_tokens;     /* 400 above (default 16384) */
     int max_tokens_limit;      /* max_tokens above it is a 400 (default 4096) */
