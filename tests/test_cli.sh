@@ -340,6 +340,36 @@ printf 'X' | dd of="$f" bs=1 seek=200 conv=notrunc 2>/dev/null
 expect_fail "info corrupted ckpt" "adam_v.safetensors" "$BIN" info "$T/ckpt" --verify
 expect_fail "resume corrupted ckpt" "adam_v.safetensors" "$BIN" train $TRAIN_ARGS --steps 8 --resume "$T/ckpt"
 
+check "a shard truncated while training: an error naming the shard, exit != 0, the last checkpoint verifies"
+cp "$T/num-00000.tok" "$T/cut.tok"
+"$BIN" train --model-config tiny --data "$T/cut.tok" --ctx-len 16 --batch 4 --steps 100000 \
+    --warmup 2 -q --checkpoint-dir "$T/cut_ckpt" --checkpoint-interval 1 --keep-last 2 \
+    >"$T/stdout" 2>"$T/stderr" &
+train_pid=$!
+# Generous deadlines (a loaded machine): the first checkpoint, then the failure.
+for _ in $(seq 1 1200); do
+    [ -f "$T/cut_ckpt/latest" ] || ! kill -0 $train_pid 2>/dev/null && break
+    sleep 0.1
+done
+[ -f "$T/cut_ckpt/latest" ] || { kill $train_pid 2>/dev/null; wait $train_pid; fail "no first checkpoint"; }
+truncate -s 64 "$T/cut.tok"   # the header alone: every window now lies past the end
+for _ in $(seq 1 1200); do
+    kill -0 $train_pid 2>/dev/null || break
+    sleep 0.1
+done
+if kill -0 $train_pid 2>/dev/null; then
+    kill $train_pid; wait $train_pid; fail "train kept running on a truncated shard"
+fi
+wait $train_pid
+rc=$?
+[ $rc -ne 0 ] && [ $rc -lt 126 ] || fail "train on a truncated shard: exit $rc, expected an error (not a signal)"
+grep -q "shard $T/cut.tok was truncated to 64 bytes while training (it had" "$T/stderr" ||
+    fail "the error does not name the truncated shard and its sizes"
+ok "exit $rc: $(grep -m1 truncated "$T/stderr")"
+expect_ok "info --verify after the failure" "$BIN" info "$T/cut_ckpt" --verify
+grep -q "^verified" "$T/stdout" || fail "the last checkpoint does not verify"
+ok
+
 check "eval scores every window of the shards: loss, perplexity = exp(loss), accuracy"
 expect_ok "eval shards" "$BIN" eval --model "$T/straight.safetensors" --data "$T/num-00000.tok" --ctx-len 16
 "$PYTHON3" - "$T/stdout" "$T/num-00000.tok" <<'PY' || fail "eval output is wrong"
