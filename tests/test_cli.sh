@@ -286,6 +286,49 @@ expect_fail "logits truncated model" "$T/truncated.safetensors" \
     "$BIN" logits --model "$T/truncated.safetensors" --tokens 1 -o "$T/x.safetensors"
 [ ! -e "$T/x.safetensors" ] || fail "a failed logits run left $T/x.safetensors"
 
+check "crafted model headers (sparse files): info and logits fail from the header, before allocating"
+# Headers copied from the tiny model and edited; the data section is a hole
+# of the size the header claims, so a file that claims gigabytes costs nothing.
+"$PYTHON3" - "$WEIGHTS" "$T" <<'PY' || fail "building crafted model files"
+import json, struct, sys
+src, out = sys.argv[1], sys.argv[2]
+with open(src, "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+def write(name, change=None, skip=None):
+    h, off = {}, 0
+    for k, v in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                       key=lambda kv: kv[1]["data_offsets"][0]):
+        if k == skip:
+            continue
+        v = dict(v)
+        if change and k == change[0]:
+            v["shape"], v["dtype"] = change[1], change[2]
+        size = {"F32": 4, "U8": 1}[v["dtype"]]
+        nbytes = size
+        for d in v["shape"]:
+            nbytes *= d
+        v["data_offsets"] = [off, off + nbytes]
+        off += nbytes
+        h[k] = v
+    text = json.dumps(h).encode()
+    with open("%s/%s" % (out, name), "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + off)
+write("no_head.safetensors", ("emb.weight", [1 << 24, 128], "F32"), skip="head.weight")
+write("vocab_2e32.safetensors", ("emb.weight", [(1 << 32) + 256, 128], "U8"))
+write("head_255.safetensors", ("head.weight", [255, 128], "F32"))
+PY
+expect_fail "info without head.weight" "missing tensor 'head.weight'" "$BIN" info "$T/no_head.safetensors"
+expect_fail "logits without head.weight (vocab 2^24 embedding)" "missing tensor 'head.weight'" \
+    "$BIN" logits --model "$T/no_head.safetensors" --tokens 1 -o "$T/x.safetensors"
+expect_fail "info with a vocabulary of 2^32+256" "vocab_size would be 4294967552: out of range" \
+    "$BIN" info "$T/vocab_2e32.safetensors"
+grep -q "vocab_size   : 256" "$T/stdout" && fail "info printed vocab 256 for 2^32+256"
+expect_fail "info with head [255,128]" "'head.weight' has shape [255,128], expected [256,128]" \
+    "$BIN" info "$T/head_255.safetensors"
+[ ! -e "$T/x.safetensors" ] || fail "a failed logits run left $T/x.safetensors"
+
 # ---------------------------------------------------------------- logits --grads
 check "logits --grads writes the loss and every parameter gradient of the reference"
 expect_ok "logits --grads" "$BIN" logits --model "$WEIGHTS" --tokens "$TOKENS" --grads \
