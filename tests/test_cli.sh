@@ -355,6 +355,18 @@ cmp -s "$T/straight.safetensors" "$T/resumed.safetensors" ||
     fail "resumed weights differ from the uninterrupted run"
 cmp -s "$T/straight.safetensors" "$T/half.safetensors" && fail "the half run did not stop early"
 ok
+check "--resume of a checkpoint at or past --steps is refused (explicit) or nothing to do (auto), and -o is not written"
+expect_fail "resume below the checkpoint" "step-00000006 is already at step 6 and --steps is 4: nothing to train" \
+    "$BIN" train $TRAIN_ARGS --steps 4 --resume "$T/ckpt" -o "$T/below.safetensors"
+expect_fail "resume at the checkpoint" "is already at step 6 and --steps is 6" \
+    "$BIN" train $TRAIN_ARGS --resume "$T/ckpt" -o "$T/below.safetensors"
+grep -q "final loss" "$T/stderr" && fail "a refused resume printed a final loss"
+expect_ok "resume auto of a complete run" "$BIN" train $TRAIN_ARGS --checkpoint-dir "$T/ckpt" \
+    --resume auto -o "$T/below.safetensors"
+grep -q "nothing to train: .*step-00000006 is at step 6 and --steps is 6, so the run is complete; not writing $T/below.safetensors" \
+    "$T/stderr" || fail "--resume auto of a complete run does not say there is nothing to do: $(cat "$T/stderr")"
+[ ! -e "$T/below.safetensors" ] || fail "-o was written by a run that trained nothing"
+ok
 check "explicit model dimensions: --model-config L3-C128-V512-F256"
 expect_ok "info explicit dims" "$BIN" info --model-config L3-C128-V512-F256
 grep -q "n_layer      : 3" "$T/stdout" && grep -q "vocab_size   : 512" "$T/stdout" &&

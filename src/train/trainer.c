@@ -554,6 +554,14 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
         if ((st = data_set_position(&d, &progress, err)) != RP_OK) goto done;
         first_step = (long)progress.step;
+        const long last = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
+        if (first_step >= last) {
+            st = rp_error_set(err, RP_ERR_ARG,
+                              "%s is already at step %ld and this run ends at step %ld: nothing "
+                              "to train; give a larger --steps to continue it", o->resume_path,
+                              first_step, last);
+            goto done;
+        }
         if (o->progress)
             fprintf(o->progress, "resumed from %s at step %ld (%llu tokens seen)\n",
                     o->resume_path, first_step, (unsigned long long)progress.tokens_seen);
