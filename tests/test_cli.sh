@@ -286,6 +286,24 @@ expect_fail "logits truncated model" "$T/truncated.safetensors" \
     "$BIN" logits --model "$T/truncated.safetensors" --tokens 1 -o "$T/x.safetensors"
 [ ! -e "$T/x.safetensors" ] || fail "a failed logits run left $T/x.safetensors"
 
+check "NaN weights: generate says the logits are not finite (not that every token is banned)"
+"$PYTHON3" - "$WEIGHTS" "$T/nan_head.safetensors" <<'PY' || fail "building a NaN model"
+import json, struct, sys
+b = bytearray(open(sys.argv[1], "rb").read())
+n = struct.unpack("<Q", b[:8])[0]
+t = json.loads(b[8:8 + n])["head.weight"]
+a, e = t["data_offsets"]
+assert t["dtype"] == "F32"
+b[8 + n + a:8 + n + e] = struct.pack("<f", float("nan")) * ((e - a) // 4)
+open(sys.argv[2], "wb").write(b)
+PY
+expect_fail "generate with a NaN head" \
+    "the logits are not finite at generated token 0 (256 NaN or infinite values" \
+    "$BIN" generate --model "$T/nan_head.safetensors" --prompt hi -q --max-tokens 3
+grep -q "check the model file or the session state" "$T/stderr" || fail "no hint what to check"
+grep -q "banned" "$T/stderr" && fail "NaN logits reported as banned tokens"
+ok
+
 check "crafted model headers (sparse files): info and logits fail from the header, before allocating"
 # Headers copied from the tiny model and edited; the data section is a hole
 # of the size the header claims, so a file that claims gigabytes costs nothing.
