@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "core/sha256.h"
+#include "rwkvpipe.pb-c.h"
 #include "train/checkpoint.h"
 
 /* ---------------------------------------------------------------- helpers */
@@ -27,8 +28,9 @@ typedef struct {
     char root[256];     /* temporary directory, removed by teardown */
     char dir[300];      /* root/ckpt */
     rp_model w, m, v;   /* whole tiny model, filled */
-    rp_train_progress progress;
+    rp_train_progress progress; /* of step 100 */
     rp_optim_config optim;
+    uint64_t batch, ctx;        /* samples per step, tokens per sample: progress's counters */
 } fixture;
 
 static uint64_t xorshift(uint64_t *s) {
@@ -104,12 +106,14 @@ static int setup(void **state) {
     fill_model_bits(&f->w, 42);  /* arbitrary bits: faster than the official init, and harder */
     fill_model_bits(&f->m, 1234);
     fill_model_bits(&f->v, 5678);
+    f->batch = 12;
+    f->ctx = 1000003;
     f->progress = (rp_train_progress){.step = 100,
-                                      .tokens_seen = 0xfedcba9876543210ull,
+                                      .tokens_seen = 100 * f->batch * f->ctx,
                                       .seed = 0xffffffffffffffffull,
                                       .data_epoch = 3,
                                       .data_index = 17,
-                                      .data_samples = 1234567,
+                                      .data_samples = 100 * f->batch,
                                       .data_n_windows = 999,
                                       .lr_step = 100};
     rp_optim_defaults(&f->optim);
@@ -139,6 +143,8 @@ static rp_ckpt_contents contents_of(fixture *f, uint64_t step, int with_moments,
     c.progress = f->progress;
     c.progress.step = step;
     c.progress.lr_step = step;
+    c.progress.data_samples = step * f->batch;
+    c.progress.tokens_seen = step * f->batch * f->ctx;
     c.optim = &f->optim;
     c.keep_last = keep_last;
     return c;
@@ -537,15 +543,72 @@ static void test_saving_a_step_again_replaces_it(void **state) {
     fixture *f = *state;
     rp_error err;
     save_step(f, 100, 1, 0);
-    f->progress.tokens_seen = 77;
+    f->ctx = 77;
     save_step(f, 100, 0, 0);  /* weights only now: the old moments must go */
     char path[512];
     step_path(path, sizeof path, f, 100, "adam_m.safetensors");
     assert_false(exists(path));
     rp_ckpt_info info;
     check_ok(rp_ckpt_read_info(f->dir, &info, &err), &err);
-    assert_int_equal(info.progress.tokens_seen, 77);
+    assert_int_equal(info.progress.tokens_seen, 100 * 12 * 77);
     assert_int_equal(info.has_moments, 0);
+}
+
+/* Decodes step 100's manifest, lets edit change it, encodes it back (with
+ * the project's own protobuf-c types: a valid manifest, only the values
+ * are wrong). */
+static void edit_manifest(fixture *f, void (*edit)(Rwkvpipe__CheckpointManifest *)) {
+    char path[512];
+    step_path(path, sizeof path, f, 100, "manifest.pb");
+    FILE *in = fopen(path, "rb");
+    assert_non_null(in);
+    static uint8_t buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf, in);
+    fclose(in);
+    Rwkvpipe__CheckpointManifest *man = rwkvpipe__checkpoint_manifest__unpack(NULL, n, buf);
+    assert_non_null(man);
+    edit(man);
+    size_t packed = rwkvpipe__checkpoint_manifest__pack(man, buf);
+    rwkvpipe__checkpoint_manifest__free_unpacked(man, NULL);
+    write_bytes(path, buf, packed);
+}
+
+static void set_step_max(Rwkvpipe__CheckpointManifest *m) { m->step = UINT64_MAX; }
+static void set_lr_step_max(Rwkvpipe__CheckpointManifest *m) { m->lr_schedule_step = UINT64_MAX; }
+static void set_tokens_max(Rwkvpipe__CheckpointManifest *m) { m->tokens_seen = UINT64_MAX; }
+static void set_tokens_zero(Rwkvpipe__CheckpointManifest *m) { m->tokens_seen = 0; }
+static void set_samples_below_step(Rwkvpipe__CheckpointManifest *m) { m->data->samples = 99; }
+static void set_index_past_windows(Rwkvpipe__CheckpointManifest *m) { m->data->index = 1000; }
+
+/* Every loader (resume, info, weights-only) reads the manifest through the
+ * same check; the message names the manifest and the value. */
+static void expect_refused(fixture *f, void (*edit)(Rwkvpipe__CheckpointManifest *),
+                           const char *a, const char *b) {
+    rp_error err;
+    save_step(f, 100, 1, 0);
+    edit_manifest(f, edit);
+    rp_ckpt_info info;
+    expect_error(rp_ckpt_read_info(f->dir, &info, &err), &err, a, b);
+    assert_non_null(strstr(err.msg, "step-00000100/manifest.pb"));
+    rp_model w;
+    alloc_like(f, &w, 0, f->cfg.n_layer, 1, 1);
+    expect_error(rp_ckpt_load(f->dir, &w, NULL, NULL, NULL, &err), &err, a, b);
+    rp_model_free(&w);
+}
+
+static void test_manifest_step_2_to_64_minus_1_is_refused(void **state) {
+    expect_refused(*state, set_step_max, "step 18446744073709551615 is out of range [0, 2^40",
+                   "corrupt or was edited");
+}
+
+static void test_manifest_counters_out_of_range_or_inconsistent_are_refused(void **state) {
+    fixture *f = *state;
+    expect_refused(f, set_lr_step_max, "LR schedule step 18446744073709551615 is out of range",
+                   NULL);
+    expect_refused(f, set_tokens_max, "18446744073709551615 tokens seen in 1200 samples", NULL);
+    expect_refused(f, set_tokens_zero, "step 100 with 1200 samples and 0 tokens seen", NULL);
+    expect_refused(f, set_samples_below_step, "99 samples drawn in 100 steps", NULL);
+    expect_refused(f, set_index_past_windows, "data position index 1000", "999 windows");
 }
 
 /* ---------------------------------------------------------------- describe */
@@ -596,6 +659,10 @@ int main(void) {
         cmocka_unit_test_setup_teardown(
             test_interrupted_save_leaves_the_previous_checkpoint_current, setup, teardown),
         cmocka_unit_test_setup_teardown(test_garbage_manifest_is_rejected, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_manifest_step_2_to_64_minus_1_is_refused, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(
+            test_manifest_counters_out_of_range_or_inconsistent_are_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_config_mismatch_is_rejected, setup, teardown),
         cmocka_unit_test_setup_teardown(test_keep_last_keeps_the_newest_k, setup, teardown),
         cmocka_unit_test_setup_teardown(test_best_is_never_deleted, setup, teardown),

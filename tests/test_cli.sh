@@ -286,6 +286,67 @@ expect_fail "logits truncated model" "$T/truncated.safetensors" \
     "$BIN" logits --model "$T/truncated.safetensors" --tokens 1 -o "$T/x.safetensors"
 [ ! -e "$T/x.safetensors" ] || fail "a failed logits run left $T/x.safetensors"
 
+check "NaN weights: generate says the logits are not finite (not that every token is banned)"
+"$PYTHON3" - "$WEIGHTS" "$T/nan_head.safetensors" <<'PY' || fail "building a NaN model"
+import json, struct, sys
+b = bytearray(open(sys.argv[1], "rb").read())
+n = struct.unpack("<Q", b[:8])[0]
+t = json.loads(b[8:8 + n])["head.weight"]
+a, e = t["data_offsets"]
+assert t["dtype"] == "F32"
+b[8 + n + a:8 + n + e] = struct.pack("<f", float("nan")) * ((e - a) // 4)
+open(sys.argv[2], "wb").write(b)
+PY
+expect_fail "generate with a NaN head" \
+    "the logits are not finite at generated token 0 (256 NaN or infinite values" \
+    "$BIN" generate --model "$T/nan_head.safetensors" --prompt hi -q --max-tokens 3
+grep -q "check the model file or the session state" "$T/stderr" || fail "no hint what to check"
+grep -q "banned" "$T/stderr" && fail "NaN logits reported as banned tokens"
+ok
+
+check "crafted model headers (sparse files): info and logits fail from the header, before allocating"
+# Headers copied from the tiny model and edited; the data section is a hole
+# of the size the header claims, so a file that claims gigabytes costs nothing.
+"$PYTHON3" - "$WEIGHTS" "$T" <<'PY' || fail "building crafted model files"
+import json, struct, sys
+src, out = sys.argv[1], sys.argv[2]
+with open(src, "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+def write(name, change=None, skip=None):
+    h, off = {}, 0
+    for k, v in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                       key=lambda kv: kv[1]["data_offsets"][0]):
+        if k == skip:
+            continue
+        v = dict(v)
+        if change and k == change[0]:
+            v["shape"], v["dtype"] = change[1], change[2]
+        size = {"F32": 4, "U8": 1}[v["dtype"]]
+        nbytes = size
+        for d in v["shape"]:
+            nbytes *= d
+        v["data_offsets"] = [off, off + nbytes]
+        off += nbytes
+        h[k] = v
+    text = json.dumps(h).encode()
+    with open("%s/%s" % (out, name), "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + off)
+write("no_head.safetensors", ("emb.weight", [1 << 24, 128], "F32"), skip="head.weight")
+write("vocab_2e32.safetensors", ("emb.weight", [(1 << 32) + 256, 128], "U8"))
+write("head_255.safetensors", ("head.weight", [255, 128], "F32"))
+PY
+expect_fail "info without head.weight" "missing tensor 'head.weight'" "$BIN" info "$T/no_head.safetensors"
+expect_fail "logits without head.weight (vocab 2^24 embedding)" "missing tensor 'head.weight'" \
+    "$BIN" logits --model "$T/no_head.safetensors" --tokens 1 -o "$T/x.safetensors"
+expect_fail "info with a vocabulary of 2^32+256" "vocab_size would be 4294967552: out of range" \
+    "$BIN" info "$T/vocab_2e32.safetensors"
+grep -q "vocab_size   : 256" "$T/stdout" && fail "info printed vocab 256 for 2^32+256"
+expect_fail "info with head [255,128]" "'head.weight' has shape [255,128], expected [256,128]" \
+    "$BIN" info "$T/head_255.safetensors"
+[ ! -e "$T/x.safetensors" ] || fail "a failed logits run left $T/x.safetensors"
+
 # ---------------------------------------------------------------- logits --grads
 check "logits --grads writes the loss and every parameter gradient of the reference"
 expect_ok "logits --grads" "$BIN" logits --model "$WEIGHTS" --tokens "$TOKENS" --grads \
@@ -311,6 +372,18 @@ expect_ok "train resumed" "$BIN" train $TRAIN_ARGS --resume "$T/ckpt" -o "$T/res
 cmp -s "$T/straight.safetensors" "$T/resumed.safetensors" ||
     fail "resumed weights differ from the uninterrupted run"
 cmp -s "$T/straight.safetensors" "$T/half.safetensors" && fail "the half run did not stop early"
+ok
+check "--resume of a checkpoint at or past --steps is refused (explicit) or nothing to do (auto), and -o is not written"
+expect_fail "resume below the checkpoint" "step-00000006 is already at step 6 and --steps is 4: nothing to train" \
+    "$BIN" train $TRAIN_ARGS --steps 4 --resume "$T/ckpt" -o "$T/below.safetensors"
+expect_fail "resume at the checkpoint" "is already at step 6 and --steps is 6" \
+    "$BIN" train $TRAIN_ARGS --resume "$T/ckpt" -o "$T/below.safetensors"
+grep -q "final loss" "$T/stderr" && fail "a refused resume printed a final loss"
+expect_ok "resume auto of a complete run" "$BIN" train $TRAIN_ARGS --checkpoint-dir "$T/ckpt" \
+    --resume auto -o "$T/below.safetensors"
+grep -q "nothing to train: .*step-00000006 is at step 6 and --steps is 6, so the run is complete; not writing $T/below.safetensors" \
+    "$T/stderr" || fail "--resume auto of a complete run does not say there is nothing to do: $(cat "$T/stderr")"
+[ ! -e "$T/below.safetensors" ] || fail "-o was written by a run that trained nothing"
 ok
 check "explicit model dimensions: --model-config L3-C128-V512-F256"
 expect_ok "info explicit dims" "$BIN" info --model-config L3-C128-V512-F256
@@ -339,6 +412,36 @@ f="$T/ckpt/step-00000006/adam_v.safetensors"
 printf 'X' | dd of="$f" bs=1 seek=200 conv=notrunc 2>/dev/null
 expect_fail "info corrupted ckpt" "adam_v.safetensors" "$BIN" info "$T/ckpt" --verify
 expect_fail "resume corrupted ckpt" "adam_v.safetensors" "$BIN" train $TRAIN_ARGS --steps 8 --resume "$T/ckpt"
+
+check "a shard truncated while training: an error naming the shard, exit != 0, the last checkpoint verifies"
+cp "$T/num-00000.tok" "$T/cut.tok"
+"$BIN" train --model-config tiny --data "$T/cut.tok" --ctx-len 16 --batch 4 --steps 100000 \
+    --warmup 2 -q --checkpoint-dir "$T/cut_ckpt" --checkpoint-interval 1 --keep-last 2 \
+    >"$T/stdout" 2>"$T/stderr" &
+train_pid=$!
+# Generous deadlines (a loaded machine): the first checkpoint, then the failure.
+for _ in $(seq 1 1200); do
+    [ -f "$T/cut_ckpt/latest" ] || ! kill -0 $train_pid 2>/dev/null && break
+    sleep 0.1
+done
+[ -f "$T/cut_ckpt/latest" ] || { kill $train_pid 2>/dev/null; wait $train_pid; fail "no first checkpoint"; }
+truncate -s 64 "$T/cut.tok"   # the header alone: every window now lies past the end
+for _ in $(seq 1 1200); do
+    kill -0 $train_pid 2>/dev/null || break
+    sleep 0.1
+done
+if kill -0 $train_pid 2>/dev/null; then
+    kill $train_pid; wait $train_pid; fail "train kept running on a truncated shard"
+fi
+wait $train_pid
+rc=$?
+[ $rc -ne 0 ] && [ $rc -lt 126 ] || fail "train on a truncated shard: exit $rc, expected an error (not a signal)"
+grep -q "shard $T/cut.tok was truncated to 64 bytes while training (it had" "$T/stderr" ||
+    fail "the error does not name the truncated shard and its sizes"
+ok "exit $rc: $(grep -m1 truncated "$T/stderr")"
+expect_ok "info --verify after the failure" "$BIN" info "$T/cut_ckpt" --verify
+grep -q "^verified" "$T/stdout" || fail "the last checkpoint does not verify"
+ok
 
 check "eval scores every window of the shards: loss, perplexity = exp(loss), accuracy"
 expect_ok "eval shards" "$BIN" eval --model "$T/straight.safetensors" --data "$T/num-00000.tok" --ctx-len 16

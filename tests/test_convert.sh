@@ -196,6 +196,15 @@ b[i + 100] ^= 1
 open(out + "/crc.pth", "wb").write(b)
 b = open(src, "rb").read()
 open(out + "/half.pth", "wb").write(b[:len(b) // 2])
+# safetensors content (found by its bytes, whatever the name) whose header
+# fields have the wrong JSON type: dtype a list, shape a string, offsets short
+import json, struct
+def st_header(name, entry):
+    text = json.dumps({"emb.weight": entry}).encode()
+    open(out + "/" + name, "wb").write(struct.pack("<Q", len(text)) + text + bytes(16))
+st_header("dtype_as_list.pth", {"dtype": ["F32"], "shape": [2, 2], "data_offsets": [0, 16]})
+st_header("shape_as_string.pth", {"dtype": "F32", "shape": "2x2", "data_offsets": [0, 16]})
+st_header("offsets_short.pth", {"dtype": "F32", "shape": [2, 2], "data_offsets": [0]})
 EOF
 [ $? -eq 0 ] && ok "built bad inputs" || fail "building bad inputs"
 
@@ -217,6 +226,12 @@ conv_bad "non-contiguous tensor" "not contiguous" "$T/noncontig.pth"
 conv_bad "storage too small" "has only 16384" "$T/toosmall.pth"
 conv_bad "cut data.pkl" "not a valid tensor checkpoint" "$T/garbage.pth"
 conv_bad "missing input" "cannot open" "$T/does-not-exist.pth"
+conv_bad "dtype field is a list" \
+    "dtype_as_list.pth: tensor emb.weight: field 'dtype' is a list (\\[\"F32\"\\]), expected a string" \
+    "$T/dtype_as_list.pth"
+conv_bad "shape field is a string" "field 'shape' is a str" "$T/shape_as_string.pth"
+conv_bad "data_offsets of one number" "field 'data_offsets' is \[0\], expected \[begin, end\]" \
+    "$T/offsets_short.pth"
 # a model with a tensor missing / a wrong shape
 $MKHF "$WEIGHTS" "$T/hf_bad.st" && "$PYTHON3" - "$T/hf_bad.st" <<'EOF'
 import json, struct, sys

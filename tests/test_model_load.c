@@ -147,13 +147,40 @@ static void write_raw_header(const char *path, const char *header, size_t data_b
 
 /* ---- checking ---- */
 
+/* Backend allocations made while a malformed file is loaded: validation
+ * must fail from the header alone, before any weight buffer exists. */
+static size_t n_backend_allocs;
+static void *(*real_alloc)(rp_backend *be, size_t bytes);
+static void *counting_alloc(rp_backend *be, size_t bytes) {
+    n_backend_allocs++;
+    return real_alloc(be, bytes);
+}
+
 /* rp_model_load must return want and a message containing the path and every
- * string in mentions (NULL-terminated). */
+ * string in mentions (NULL-terminated), without allocating anything first;
+ * the config reader that `info` and the CLI use must refuse the file too. */
 static void assert_load_fails(fixture *fx, const char *path, rp_status want,
                               const char *const *mentions) {
     memset(&fx->model, 0, sizeof fx->model);
     rp_error_clear(&fx->err);
+    real_alloc = fx->be->alloc;
+    fx->be->alloc = counting_alloc;
+    n_backend_allocs = 0;
     rp_status st = rp_model_load(&fx->model, path, 0, -1, fx->be, &fx->err);
+    fx->be->alloc = real_alloc;
+    if (st != RP_OK && n_backend_allocs != 0)
+        fail_msg("%s: %zu backend allocations before the load failed (%s)", path,
+                 n_backend_allocs, fx->err.msg);
+    rp_st_file f;
+    rp_error err2;
+    if (st != RP_OK && rp_st_open(&f, path, &err2) == RP_OK) {
+        rp_config cfg;
+        rp_status st2 = rp_config_from_safetensors(&f, &cfg, NULL, &err2);
+        rp_st_close(&f);
+        if (st2 == RP_OK) fail_msg("%s: rp_config_from_safetensors accepts it (vocab %d)", path,
+                                   cfg.vocab_size);
+        assert_string_equal(err2.msg, fx->err.msg);
+    }
     if (st == RP_OK) fail_msg("%s loaded, expected %s", path, rp_status_name(want));
     if (st != want)
         fail_msg("%s: status %s, expected %s (message: %s)", path, rp_status_name(st),
@@ -326,6 +353,101 @@ static void test_shape_mismatch_names_tensor_and_both_shapes(void **s) {
     write_or_fail(&w, path);
     free(narrow);
     const char *mentions[] = {"blocks.1.att.key.weight", "[128,127]", "[128,128]", NULL};
+    assert_load_fails(fx, path, RP_ERR_SHAPE, mentions);
+}
+
+/* A copy of the tiny model's header, with `change`'s shape (and dtype)
+ * replaced and `skip` left out, over a sparse data section of the size the
+ * header claims: only the header is real, so a file that claims gigabytes
+ * costs nothing on disk. */
+static void write_sparse_like_tiny(fixture *fx, const char *path, const char *change,
+                                   int64_t rows, int64_t cols, const char *dtype,
+                                   const char *skip) {
+    size_t cap = 1 << 16, n = 0;
+    char *h = malloc(cap);
+    uint64_t offset = 0;
+    n += (size_t)snprintf(h + n, cap - n, "{");
+    for (int i = 0; i < fx->src.n_tensors; i++) {
+        const rp_st_tensor *t = &fx->src.tensors[i];
+        if (skip && strcmp(t->name, skip) == 0) continue;
+        char shape[128];
+        uint64_t bytes;
+        const char *dt = rp_dtype_name(t->dtype);
+        if (change && strcmp(t->name, change) == 0) {
+            snprintf(shape, sizeof shape, "%lld,%lld", (long long)rows, (long long)cols);
+            dt = dtype;
+            bytes = (uint64_t)rows * (uint64_t)cols * (strcmp(dtype, "U8") == 0 ? 1 : 4);
+        } else {
+            int k = 0;
+            shape[0] = '\0';
+            for (int d = 0; d < t->ndim; d++)
+                k += snprintf(shape + k, sizeof shape - (size_t)k, "%s%lld", d ? "," : "",
+                              (long long)t->shape[d]);
+            bytes = t->nbytes;
+        }
+        n += (size_t)snprintf(h + n, cap - n,
+                              "%s\"%s\":{\"dtype\":\"%s\",\"shape\":[%s],\"data_offsets\":[%llu,%llu]}",
+                              n > 1 ? "," : "", t->name, dt, shape, (unsigned long long)offset,
+                              (unsigned long long)(offset + bytes));
+        offset += bytes;
+        assert_true(n < cap - 256);
+    }
+    n += (size_t)snprintf(h + n, cap - n, "}");
+    FILE *out = fopen(path, "wb");
+    assert_non_null(out);
+    unsigned char len[8];
+    for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)n >> (8 * i));
+    assert_int_equal(fwrite(len, 1, 8, out), 8);
+    assert_int_equal(fwrite(h, 1, n, out), n);
+    assert_int_equal(fclose(out), 0);
+    if (truncate(path, (off_t)(8 + n + offset)) != 0)
+        fail_msg("cannot make %s sparse %llu bytes: %s", path,
+                 (unsigned long long)(8 + n + offset), strerror(errno));
+    free(h);
+}
+
+/* The finding: a 2 MB sparse file whose embedding claims vocab 2^24 made
+ * `logits` allocate 22 GB for 72 s before noticing head.weight is missing. */
+static void test_huge_embedding_without_head_fails_before_allocating(void **s) {
+    fixture *fx = *s;
+    char path[1100];
+    tmp_path(fx, path, sizeof path, "vocab_2e24_no_head.safetensors");
+    write_sparse_like_tiny(fx, path, "emb.weight", 1 << 24, 128, "F32", "head.weight");
+    const char *mentions[] = {"missing tensor 'head.weight'", NULL};
+    assert_load_fails(fx, path, RP_ERR_SHAPE, mentions);
+}
+
+/* The vocabulary comes from emb; a head of another vocabulary is refused
+ * before anything is allocated from emb's shape. */
+static void test_head_of_another_vocabulary_fails_before_allocating(void **s) {
+    fixture *fx = *s;
+    char path[1100];
+    tmp_path(fx, path, sizeof path, "head_255.safetensors");
+    write_sparse_like_tiny(fx, path, "head.weight", 255, 128, "F32", NULL);
+    const char *mentions[] = {"'head.weight' has shape [255,128], expected [256,128]", NULL};
+    assert_load_fails(fx, path, RP_ERR_SHAPE, mentions);
+}
+
+/* (int)(2^32 + 256) is 256: the dimension is range-checked as int64 first. */
+static void test_dimension_of_2_to_32_plus_256_is_refused_not_truncated(void **s) {
+    fixture *fx = *s;
+    char path[1100];
+    tmp_path(fx, path, sizeof path, "vocab_2e32_plus_256.safetensors");
+    write_sparse_like_tiny(fx, path, "emb.weight", (1ll << 32) + 256, 128, "U8", NULL);
+    const char *mentions[] = {"'emb.weight' has dimension 0 = 4294967552",
+                              "vocab_size would be 4294967552: out of range [1, 16777216]", NULL};
+    assert_load_fails(fx, path, RP_ERR_SHAPE, mentions);
+}
+
+/* A LoRA rank, an FFN width or a layer's tensor may be wrong in any layer,
+ * not only in the ones the config is read from. */
+static void test_wrong_shape_in_a_later_layer_fails_before_allocating(void **s) {
+    fixture *fx = *s;
+    char path[1100];
+    tmp_path(fx, path, sizeof path, "ffn_value_1.safetensors");
+    write_sparse_like_tiny(fx, path, "blocks.1.ffn.value.weight", 128, 256, "F32", NULL);
+    const char *mentions[] = {"'blocks.1.ffn.value.weight' has shape [128,256], expected [128,512]",
+                              NULL};
     assert_load_fails(fx, path, RP_ERR_SHAPE, mentions);
 }
 
@@ -812,6 +934,10 @@ int main(void) {
         T(test_missing_layer0_value_projection_is_named),
         T(test_shape_mismatch_names_tensor_and_both_shapes),
         T(test_integer_dtype_weight_is_rejected),
+        T(test_huge_embedding_without_head_fails_before_allocating),
+        T(test_head_of_another_vocabulary_fails_before_allocating),
+        T(test_dimension_of_2_to_32_plus_256_is_refused_not_truncated),
+        T(test_wrong_shape_in_a_later_layer_fails_before_allocating),
         T(test_tensor_of_a_layer_beyond_the_count_is_rejected),
         T(test_layer_without_its_ln1_weight_is_rejected),
         T(test_last_layer_without_its_ln1_weight_is_rejected),

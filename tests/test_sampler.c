@@ -272,6 +272,42 @@ static void test_nan_logits_are_never_chosen(void **state) {
     free(scratch);
 }
 
+/* NaN weights or a NaN session state give all-NaN logits: the message must
+ * say the logits are not finite, how many, at which token, and what to
+ * check, not that every token is banned. */
+static void test_all_nan_logits_say_not_finite_not_banned(void **state) {
+    (void)state;
+    const float nan_logits[4] = {NAN, NAN, NAN, NAN};
+    void *scratch = scratch_for(4);
+    rp_sampler_params p = params(1.0f, 0.85f, 0, 3), greedy = params(0.0f, 1.0f, 0, 3);
+    int r = rp_sample(nan_logits, 4, &p, 0, NULL, 0, scratch);
+    assert_int_equal(r, RP_SAMPLE_NOT_FINITE - 4);
+    assert_int_equal(rp_sample(nan_logits, 4, &greedy, 0, NULL, 0, scratch), r);
+    rp_error err = {0};
+    assert_int_equal(rp_sample_failure(r, 7, &err), RP_ERR_FORMAT);
+    assert_string_equal(err.msg,
+                        "the logits are not finite at generated token 7 (4 NaN or infinite "
+                        "values, none left to sample from): the model produced NaN/inf; check "
+                        "the model file or the session state");
+    assert_string_equal(rp_sample_failure_message(r, 7), err.msg);
+
+    /* One id banned, the others NaN or -inf: still the logits' fault. */
+    const float mixed[4] = {1.0f, NAN, -INFINITY, NAN};
+    const int32_t ban0[1] = {0};
+    r = rp_sample(mixed, 4, &p, 0, ban0, 1, scratch);
+    assert_int_equal(r, RP_SAMPLE_NOT_FINITE - 3);
+    assert_non_null(strstr(rp_sample_failure_message(r, 0), "(3 NaN or infinite values"));
+
+    /* Every id banned, finite logits: the banned list is the reason. */
+    const float fine[4] = {0.0f, 1.0f, 2.0f, 3.0f};
+    const int32_t all[4] = {3, 2, 1, 0};
+    r = rp_sample(fine, 4, &p, 0, all, 4, scratch);
+    assert_int_equal(r, RP_SAMPLE_NONE);
+    assert_int_equal(rp_sample_failure(r, 2, &err), RP_ERR_ARG);
+    assert_string_equal(err.msg, "every token is banned at generated token 2: nothing can be sampled");
+    free(scratch);
+}
+
 static void expect_invalid(rp_sampler_params p, const char *words) {
     rp_error err = {0};
     assert_int_equal(rp_sampler_validate(&p, &err), RP_ERR_ARG);
@@ -310,6 +346,7 @@ int main(void) {
         cmocka_unit_test(test_top_k_keeps_k_most_likely),
         cmocka_unit_test(test_small_temperature_does_not_underflow),
         cmocka_unit_test(test_nan_logits_are_never_chosen),
+        cmocka_unit_test(test_all_nan_logits_say_not_finite_not_banned),
         cmocka_unit_test(test_invalid_params_are_rejected),
     };
     return cmocka_run_group_tests_name("sampler", tests, NULL, NULL);

@@ -257,7 +257,9 @@ static void round_trip(const fixture *fx, uint32_t kind, uint32_t n_ids, int byt
     assert_int_equal(rp_shard_read(&s, 0, N + 1, back, &err), RP_OK);
     assert_memory_equal(back, tokens, sizeof tokens);
     assert_int_equal(back[N], 0);
-    assert_int_equal(rp_shard_token(&s, 5), n_ids - 1);
+    int32_t one;
+    assert_int_equal(rp_shard_read(&s, 5, 1, &one, &err), RP_OK);
+    assert_int_equal(one, n_ids - 1);
     assert_int_equal(rp_shard_read(&s, N, 2, back, &err), RP_ERR_ARG); /* past the end */
     rp_shard_close(&s);
 }
@@ -301,7 +303,8 @@ static void expect_open_fails(const char *path, rp_status code, const char *want
     assert_int_equal(st, code);
     if (!strstr(err.msg, want)) fail_msg("message \"%s\" lacks \"%s\"", err.msg, want);
     assert_non_null(strstr(err.msg, path)); /* every message names the file */
-    assert_null(s.map);
+    assert_int_equal(s.fd, -1);                /* nothing left open */
+    assert_null(s.path);
 }
 
 static void test_shard_with_bad_magic_is_rejected(void **state) {
@@ -336,6 +339,72 @@ static void test_truncated_shard_is_rejected(void **state) {
     write_raw(path_in(fx, "empty.tok"), raw, 0);
     expect_open_fails(path_in(fx, "empty.tok"), RP_ERR_FORMAT, "truncated: 0 bytes");
     free(raw);
+}
+
+/* A shard cut short after it was opened (a re-tokenize into the same
+ * directory, a full disk): reads past the new end fail with both sizes and
+ * the byte range instead of a SIGBUS; what is still there reads fine. */
+static void test_shard_truncated_while_open_fails_the_read_with_both_sizes(void **state) {
+    fixture *fx = *state;
+    enum { N = 10000 };
+    int32_t *tokens = malloc(N * sizeof *tokens);
+    for (int i = 0; i < N; i++) tokens[i] = i % 251;
+    const char *path = path_in(fx, "cut.tok");
+    write_shard(path, 0, 256, tokens, N, 0);
+    rp_shard s;
+    rp_error err;
+    if (rp_shard_open(&s, path, &err) != RP_OK) fail_msg("%s", err.msg);
+    assert_int_equal(s.file_bytes, 64 + 2 * N);
+    assert_int_equal(truncate(path, 100), 0);
+
+    int32_t back[100];
+    assert_int_equal(rp_shard_read(&s, 0, 18, back, &err), RP_OK); /* bytes [64, 100) */
+    assert_memory_equal(back, tokens, 18 * sizeof *back);
+    rp_error_clear(&err);
+    assert_int_equal(rp_shard_read(&s, 5000, 100, back, &err), RP_ERR_IO);
+    char want[1200];
+    snprintf(want, sizeof want,
+             "shard %s was truncated to 100 bytes while training (it had %d)", path, 64 + 2 * N);
+    if (!strstr(err.msg, want)) fail_msg("message \"%s\" lacks \"%s\"", err.msg, want);
+    assert_non_null(strstr(err.msg, "bytes [10064, 10264)"));
+
+    /* Through the loader, as the trainer reads: every window past byte 100. */
+    rp_shard_close(&s);
+    write_shard(path, 0, 256, tokens, N, 0);
+    rp_loader *l;
+    if (rp_loader_open(&l, &path, 1, 99, 1, 0.01, &err) != RP_OK) fail_msg("%s", err.msg);
+    assert_int_equal(truncate(path, 64), 0);
+    int32_t batch[4 * 100];
+    rp_error_clear(&err);
+    assert_int_equal(rp_loader_next_batch(l, 4, batch, NULL, 0, 1, &err), RP_ERR_IO);
+    assert_non_null(strstr(err.msg, "was truncated to 64 bytes while training"));
+    assert_non_null(strstr(err.msg, path));
+    rp_loader_free(l);
+    free(tokens);
+}
+
+/* Validated at open, so a token rewritten afterwards must still not reach
+ * the embedding lookup. */
+static void test_shard_token_overwritten_while_open_is_refused(void **state) {
+    fixture *fx = *state;
+    int32_t tokens[40];
+    for (int i = 0; i < 40; i++) tokens[i] = i;
+    const char *path = path_in(fx, "over.tok");
+    write_shard(path, 0, 256, tokens, 40, 0);
+    rp_shard s;
+    rp_error err;
+    if (rp_shard_open(&s, path, &err) != RP_OK) fail_msg("%s", err.msg);
+    FILE *f = fopen(path, "r+b");
+    assert_non_null(f);
+    assert_int_equal(fseek(f, 64 + 2 * 7, SEEK_SET), 0);
+    assert_int_equal(fwrite("\xff\xff", 1, 2, f), 2); /* token 7 -> 65535 */
+    assert_int_equal(fclose(f), 0);
+    int32_t back[40];
+    assert_int_equal(rp_shard_read(&s, 0, 7, back, &err), RP_OK);
+    rp_error_clear(&err);
+    assert_int_equal(rp_shard_read(&s, 0, 40, back, &err), RP_ERR_FORMAT);
+    assert_non_null(strstr(err.msg, "token 65535 at position 7 is outside the vocabulary [0, 256)"));
+    rp_shard_close(&s);
 }
 
 static void test_shard_with_token_outside_vocab_is_rejected_at_its_position(void **state) {
@@ -1067,6 +1136,8 @@ int main(void) {
         T(test_shard_with_bad_magic_is_rejected),
         T(test_shard_with_unknown_version_is_rejected),
         T(test_truncated_shard_is_rejected),
+        T(test_shard_truncated_while_open_fails_the_read_with_both_sizes),
+        T(test_shard_token_overwritten_while_open_is_refused),
         T(test_shard_with_token_outside_vocab_is_rejected_at_its_position),
         T(test_shard_with_size_mismatch_is_rejected),
         T(test_shard_with_bad_header_fields_is_rejected),

@@ -538,6 +538,37 @@ def _find_state_dict(path, obj):
 ST_MAX_HEADER = 100 * 1000 * 1000
 
 
+def _shown(value):
+    """A header value as JSON, cut short: for messages."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _header_fields(path, name, info):
+    """dtype, shape and data_offsets of one header entry, each of the JSON
+    type the format requires; anything else is named with the tensor, the
+    field and the value found (a list where a string belongs would otherwise
+    surface as an unexpected TypeError)."""
+    if not isinstance(info, dict):
+        raise ConvertError("%s: header entry of tensor %s is %s, expected an object with "
+                           "dtype, shape and data_offsets" % (path, name, _shown(info)))
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in info:
+            raise ConvertError("%s: tensor %s: field %r is missing" % (path, name, field))
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise ConvertError("%s: tensor %s: field 'dtype' is a %s (%s), expected a string "
+                           "such as \"F32\"" % (path, name, type(dtype).__name__,
+                                                 _shown(dtype)))
+    if not isinstance(shape, list):
+        raise ConvertError("%s: tensor %s: field 'shape' is a %s (%s), expected a list of "
+                           "integers" % (path, name, type(shape).__name__, _shown(shape)))
+    if not isinstance(offsets, list) or len(offsets) != 2:
+        raise ConvertError("%s: tensor %s: field 'data_offsets' is %s, expected "
+                           "[begin, end]" % (path, name, _shown(offsets)))
+    return dtype, shape, offsets
+
+
 def read_safetensors(path, fh):
     fh.seek(0, 2)
     fsize = fh.tell()
@@ -561,12 +592,7 @@ def read_safetensors(path, fh):
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = info["dtype"]
-            shape = info["shape"]
-            a, b = info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise ConvertError("%s: malformed header entry for %s" % (path, name))
+        dtype, shape, (a, b) = _header_fields(path, name, info)
         if dtype not in ITEMSIZE:
             raise ConvertError("%s: tensor %s has unsupported dtype %r"
                                % (path, name, dtype))

@@ -243,7 +243,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     rp_error err;
     /* The config first (the partition needs it), then only this stage's part. */
     rp_config mcfg;
-    if (o.resume_path && strcmp(o.resume_path, "auto") == 0) {
+    const int resume_auto = o.resume_path && strcmp(o.resume_path, "auto") == 0;
+    if (resume_auto) {
         if (!o.ckpt_dir) cli_fatal(cli, "--resume auto needs --checkpoint-dir");
         static char found[RP_CKPT_PATH_MAX];
         rp_error none;
@@ -263,6 +264,29 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         if (!info.has_moments)
             cli_fatal(cli, "%s holds weights only (no Adam moments): it cannot resume training; "
                       "start a new run with --init-from on its weights", info.step_dir);
+        /* A checkpoint at or past the run's last step leaves nothing to
+         * train: never a run of 0 steps with a made-up final loss and an -o
+         * that merely copies the checkpoint. A requeued job that already
+         * finished (--resume auto) is done, so that is exit 0; an explicit
+         * --resume below the checkpoint's step is a mistake. */
+        const long end_step = o.stop_after > 0 && o.stop_after < o.steps ? o.stop_after : o.steps;
+        if (info.progress.step >= (uint64_t)end_step) {
+            const char *bound = end_step == o.steps ? "--steps" : "--stop-after";
+            if (!resume_auto)
+                cli_fatal(cli, "%s is already at step %llu and %s is %ld: nothing to train; give "
+                          "a larger --steps to continue that run (its weights are in %s)",
+                          info.step_dir, (unsigned long long)info.progress.step, bound, end_step,
+                          info.step_dir);
+            cli_info(cli, "--resume auto: nothing to train: %s is at step %llu and %s is %ld, "
+                     "so the run is complete%s%s (its weights are in %s)", info.step_dir,
+                     (unsigned long long)info.progress.step, bound, end_step,
+                     o.save_path ? "; not writing " : "", o.save_path ? o.save_path : "",
+                     info.step_dir);
+            if (n_tmp_shards) cli_remove_tokenized(tmp_dir, tmp_prefix, n_tmp_shards);
+            if (rank0_log) fclose(rank0_log);
+            free(paths);
+            return 0;
+        }
         /* Keep checkpointing where the run was checkpointing. */
         static char resume_dir[RP_CKPT_PATH_MAX];
         if (!o.ckpt_dir) {

@@ -87,6 +87,40 @@ static int truncate_sorted(const float *prob, int n_vocab, const rp_sampler_para
     return 1; /* unreachable: the second pass always returns */
 }
 
+/* Why no id is left: all banned, or the logits of the others are NaN or
+ * -inf (a broken model or state: the message must say so, not blame the
+ * banned list). flags is n_vocab floats of scratch. */
+static int nothing_to_sample(const float *logits, int n_vocab, const int32_t *banned,
+                             int n_banned, float *flags) {
+    memset(flags, 0, (size_t)n_vocab * sizeof *flags);
+    for (int b = 0; b < n_banned; b++)
+        if (banned[b] >= 0 && banned[b] < n_vocab) flags[banned[b]] = 1.0f;
+    int allowed = 0, not_finite = 0;
+    for (int i = 0; i < n_vocab; i++) {
+        allowed += flags[i] == 0.0f;
+        not_finite += !isfinite(logits[i]);
+    }
+    return allowed > 0 ? RP_SAMPLE_NOT_FINITE - not_finite : RP_SAMPLE_NONE;
+}
+
+rp_status rp_sample_failure(int result, uint64_t token_index, rp_error *err) {
+    if (result <= RP_SAMPLE_NOT_FINITE)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "the logits are not finite at generated token %llu (%d NaN or "
+                            "infinite values, none left to sample from): the model produced "
+                            "NaN/inf; check the model file or the session state",
+                            (unsigned long long)token_index, RP_SAMPLE_NOT_FINITE - result);
+    return rp_error_set(err, RP_ERR_ARG,
+                        "every token is banned at generated token %llu: nothing can be sampled",
+                        (unsigned long long)token_index);
+}
+
+const char *rp_sample_failure_message(int result, uint64_t token_index) {
+    static _Thread_local rp_error err;
+    rp_sample_failure(result, token_index, &err);
+    return err.msg;
+}
+
 int rp_sample(const float *logits, int n_vocab, const rp_sampler_params *p, uint64_t step,
               const int32_t *banned, int n_banned, void *scratch) {
     if (n_vocab <= 0 || !logits || !p || !scratch || rp_sampler_validate(p, NULL) != RP_OK) return -1;
@@ -103,7 +137,7 @@ int rp_sample(const float *logits, int n_vocab, const rp_sampler_params *p, uint
     int best = -1;
     for (int i = 0; i < n_vocab; i++)
         if (prob[i] > -INFINITY && (best < 0 || prob[i] > prob[best])) best = i;
-    if (best < 0) return -1; /* everything banned */
+    if (best < 0) return nothing_to_sample(logits, n_vocab, banned, n_banned, weight);
     if (p->temperature == 0.0f) return best; /* greedy on the logits: lowest id among ties */
 
     /* (2) softmax in fp32 after subtracting the max (so exp never overflows).

@@ -10,6 +10,14 @@
 #include "core/version.h"
 #include "model/init.h"
 
+/* Upper limits on what a weights file may claim (docs/formats.md): checked
+ * before any conversion to int and before anything is allocated. They match
+ * rp_config_validate. */
+#define RP_MAX_VOCAB (1 << 24)
+#define RP_MAX_EMBD 65536
+#define RP_MAX_LAYERS 4096
+#define RP_MAX_FFN (1 << 20)
+
 rp_status rp_model_alloc(rp_model *m, const rp_config *cfg, int layer_begin, int layer_end,
                          int has_embed, int has_head, rp_backend *be, rp_error *err) {
     memset(m, 0, sizeof *m);
@@ -191,94 +199,6 @@ static const rp_st_tensor *find_tensor(const rp_st_file *f, rp_naming naming,
     return rp_st_find(f, name);
 }
 
-/* ---- config from shapes ---- */
-
-static rp_status need_2d(const rp_st_file *f, const char *name, const rp_st_tensor *t,
-                         rp_error *err) {
-    if (!t) return rp_error_set(err, RP_ERR_SHAPE, "%s: missing tensor '%s'", f->path, name);
-    if (t->ndim != 2)
-        return rp_error_set(err, RP_ERR_SHAPE, "%s: tensor '%s' has %d dimensions, expected 2",
-                            f->path, name, t->ndim);
-    return RP_OK;
-}
-
-rp_status rp_config_from_safetensors(const rp_st_file *f, rp_config *cfg, rp_naming *naming_out,
-                                     rp_error *err) {
-    memset(cfg, 0, sizeof *cfg);
-    rp_naming naming;
-    if (rp_st_find(f, "emb.weight")) naming = RP_NAMING_OFFICIAL;
-    else if (rp_st_find(f, "model.embeddings.weight")) naming = RP_NAMING_HF;
-    else
-        return rp_error_set(err, RP_ERR_SHAPE,
-                            "%s: not an RWKV-7 model: neither 'emb.weight' (official names) nor "
-                            "'model.embeddings.weight' (HF/fla names) is present", f->path);
-    int hf = naming == RP_NAMING_HF;
-    char name[256];
-    const rp_st_tensor *emb = rp_st_find(f, hf ? "model.embeddings.weight" : "emb.weight");
-    rp_status st = need_2d(f, hf ? "model.embeddings.weight" : "emb.weight", emb, err);
-    if (st) return st;
-    cfg->vocab_size = (int)emb->shape[0];
-    cfg->n_embd = (int)emb->shape[1];
-
-    /* Layers: count consecutive blocks.{l}.ln1.weight; any ln1 beyond the count
-     * means a gap (inconsistent layer count). */
-    int n_layer = 0;
-    for (;;) {
-        snprintf(name, sizeof name, hf ? "model.layers.%d.attn_norm.weight" : "blocks.%d.ln1.weight",
-                 n_layer);
-        if (!rp_st_find(f, name)) break;
-        n_layer++;
-    }
-    if (n_layer == 0)
-        return rp_error_set(err, RP_ERR_SHAPE, "%s: no layers found (missing '%s')", f->path,
-                            hf ? "model.layers.0.attn_norm.weight" : "blocks.0.ln1.weight");
-    const char *prefix = hf ? "model.layers." : "blocks.";
-    for (int i = 0; i < f->n_tensors; i++) {
-        const char *tn = f->tensors[i].name;
-        if (strncmp(tn, prefix, strlen(prefix)) != 0) continue;
-        long l = strtol(tn + strlen(prefix), NULL, 10);
-        if (l >= n_layer)
-            return rp_error_set(err, RP_ERR_SHAPE,
-                                "%s: inconsistent layer count: tensor '%s' belongs to layer %ld "
-                                "but layer %d has no %s", f->path, tn, l, n_layer,
-                                hf ? "attn_norm.weight" : "ln1.weight");
-    }
-    cfg->n_layer = n_layer;
-
-    snprintf(name, sizeof name, hf ? "model.layers.0.attn.r_k" : "blocks.0.att.r_k");
-    const rp_st_tensor *rk = rp_st_find(f, name);
-    if ((st = need_2d(f, name, rk, err))) return st;
-    cfg->n_head = (int)rk->shape[0];
-    cfg->head_size = (int)rk->shape[1];
-
-    snprintf(name, sizeof name, hf ? "model.layers.0.ffn.key.weight" : "blocks.0.ffn.key.weight");
-    const rp_st_tensor *fk = rp_st_find(f, name);
-    if ((st = need_2d(f, name, fk, err))) return st;
-    cfg->dim_ffn = (int)fk->shape[0];
-
-    /* LoRA ranks: official w1 is [C, D]; HF lora.0.weight is [D, C]. The value
-     * LoRA is read from layer 1 (layer 0 may not have one). */
-    const char *lora[4] = {"w", "a", "v", "g"};
-    int *ranks[4] = {&cfg->d_decay, &cfg->d_iclr, &cfg->d_value, &cfg->d_gate};
-    for (int i = 0; i < 4; i++) {
-        int layer = (i == 2 && n_layer > 1) ? 1 : 0;
-        if (hf) snprintf(name, sizeof name, "model.layers.%d.attn.%s_lora.lora.0.weight", layer, lora[i]);
-        else snprintf(name, sizeof name, "blocks.%d.att.%s1", layer, lora[i]);
-        const rp_st_tensor *t = rp_st_find(f, name);
-        if (!t && i == 2 && n_layer == 1) {
-            *ranks[i] = 32; /* a one-layer model never uses the value LoRA */
-            continue;
-        }
-        if ((st = need_2d(f, name, t, err))) return st;
-        *ranks[i] = (int)(hf ? t->shape[0] : t->shape[1]);
-    }
-    if ((st = rp_config_validate(cfg, err)) != RP_OK) return rp_error_prefix(err, "%s", f->path);
-    if (naming_out) *naming_out = naming;
-    return RP_OK;
-}
-
-/* ---- load ---- */
-
 /* [C] vs [1,1,C]: equal once size-1 dimensions are dropped. */
 static int same_dims_ignoring_ones(const int64_t *a, int na, const int64_t *b, int nb) {
     int i = 0, j = 0;
@@ -320,6 +240,156 @@ static rp_status check_shape(const rp_st_file *f, const char *file_name,
                             file_name, rp_dtype_name(t->dtype));
     return RP_OK;
 }
+
+/* ---- config from shapes ---- */
+
+static rp_status need_2d(const rp_st_file *f, const char *name, const rp_st_tensor *t,
+                         rp_error *err) {
+    if (!t) return rp_error_set(err, RP_ERR_SHAPE, "%s: missing tensor '%s'", f->path, name);
+    if (t->ndim != 2)
+        return rp_error_set(err, RP_ERR_SHAPE, "%s: tensor '%s' has %d dimensions, expected 2",
+                            f->path, name, t->ndim);
+    return RP_OK;
+}
+
+/* A dimension read from a file, range-checked before it becomes an int: a
+ * shape of 2^32 + 256 must fail, not read as 256. */
+static rp_status dim_to_int(const rp_st_file *f, const char *name, const rp_st_tensor *t, int d,
+                            int64_t max, const char *what, int *out, rp_error *err) {
+    int64_t v = t->shape[d];
+    if (v < 1 || v > max)
+        return rp_error_set(err, RP_ERR_SHAPE,
+                            "%s: tensor '%s' has dimension %d = %lld, so %s would be %lld: out of "
+                            "range [1, %lld] (see docs/formats.md, model limits)",
+                            f->path, name, d, (long long)v, what, (long long)v, (long long)max);
+    *out = (int)v;
+    return RP_OK;
+}
+
+/* Every tensor of the whole model is present with the shape cfg implies and
+ * a float dtype, checked from the header alone: loaders allocate only after
+ * this, so a header that claims a huge embedding but lacks the rest (or a
+ * head of another vocabulary) fails at once instead of after allocating
+ * gigabytes. rp_st_open has already checked that each tensor's bytes lie
+ * inside the file, so the weights to allocate are bounded by the file. */
+static rp_status check_every_tensor(const rp_st_file *f, rp_naming naming, const rp_config *cfg,
+                                    rp_error *err) {
+    rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
+    rp_layer_layout(cfg, table);
+    rp_global_layout(cfg, gtable, NULL, NULL);
+    char name[256];
+    map_kind kind;
+    /* The head first: its vocabulary must be the embedding's. */
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < RP_GLOBAL_N_TENSORS; i++) {
+            const rp_tensor_info *info = &gtable[i];
+            int is_head = strcmp(info->suffix, "head.weight") == 0;
+            if (is_head != (pass == 0)) continue;
+            const rp_st_tensor *t = find_tensor(f, naming, info, 0, &kind, name, sizeof name);
+            if (!t) return rp_error_set(err, RP_ERR_SHAPE, "%s: missing tensor '%s'", f->path, name);
+            rp_status st = check_shape(f, name, t, info, kind, err);
+            if (st != RP_OK) return st;
+        }
+    for (int l = 0; l < cfg->n_layer; l++)
+        for (int i = 0; i < RP_LAYER_N_TENSORS; i++) {
+            const rp_tensor_info *info = &table[i];
+            const rp_st_tensor *t = find_tensor(f, naming, info, l, &kind, name, sizeof name);
+            if (!t) {
+                if (is_unused_layer0_tensor(info->suffix, l)) continue;
+                if (naming == RP_NAMING_HF && name[0] == '\0') rp_tensor_name(name, sizeof name, info, l);
+                return rp_error_set(err, RP_ERR_SHAPE, "%s: missing tensor '%s'", f->path, name);
+            }
+            rp_status st = check_shape(f, name, t, info, kind, err);
+            if (st != RP_OK) return st;
+        }
+    return RP_OK;
+}
+
+rp_status rp_config_from_safetensors(const rp_st_file *f, rp_config *cfg, rp_naming *naming_out,
+                                     rp_error *err) {
+    memset(cfg, 0, sizeof *cfg);
+    rp_naming naming;
+    if (rp_st_find(f, "emb.weight")) naming = RP_NAMING_OFFICIAL;
+    else if (rp_st_find(f, "model.embeddings.weight")) naming = RP_NAMING_HF;
+    else
+        return rp_error_set(err, RP_ERR_SHAPE,
+                            "%s: not an RWKV-7 model: neither 'emb.weight' (official names) nor "
+                            "'model.embeddings.weight' (HF/fla names) is present", f->path);
+    int hf = naming == RP_NAMING_HF;
+    char name[256];
+    const rp_st_tensor *emb = rp_st_find(f, hf ? "model.embeddings.weight" : "emb.weight");
+    rp_status st = need_2d(f, hf ? "model.embeddings.weight" : "emb.weight", emb, err);
+    if (st) return st;
+    const char *emb_name = hf ? "model.embeddings.weight" : "emb.weight";
+    if ((st = dim_to_int(f, emb_name, emb, 0, RP_MAX_VOCAB, "vocab_size", &cfg->vocab_size, err)) ||
+        (st = dim_to_int(f, emb_name, emb, 1, RP_MAX_EMBD, "n_embd", &cfg->n_embd, err)))
+        return st;
+
+    /* Layers: count consecutive blocks.{l}.ln1.weight; any ln1 beyond the count
+     * means a gap (inconsistent layer count). */
+    int n_layer = 0;
+    for (;;) {
+        snprintf(name, sizeof name, hf ? "model.layers.%d.attn_norm.weight" : "blocks.%d.ln1.weight",
+                 n_layer);
+        if (!rp_st_find(f, name)) break;
+        if (++n_layer > RP_MAX_LAYERS)
+            return rp_error_set(err, RP_ERR_SHAPE,
+                                "%s: more than %d layers: n_layer is out of range [1, %d]", f->path,
+                                RP_MAX_LAYERS, RP_MAX_LAYERS);
+    }
+    if (n_layer == 0)
+        return rp_error_set(err, RP_ERR_SHAPE, "%s: no layers found (missing '%s')", f->path,
+                            hf ? "model.layers.0.attn_norm.weight" : "blocks.0.ln1.weight");
+    const char *prefix = hf ? "model.layers." : "blocks.";
+    for (int i = 0; i < f->n_tensors; i++) {
+        const char *tn = f->tensors[i].name;
+        if (strncmp(tn, prefix, strlen(prefix)) != 0) continue;
+        long l = strtol(tn + strlen(prefix), NULL, 10);
+        if (l >= n_layer)
+            return rp_error_set(err, RP_ERR_SHAPE,
+                                "%s: inconsistent layer count: tensor '%s' belongs to layer %ld "
+                                "but layer %d has no %s", f->path, tn, l, n_layer,
+                                hf ? "attn_norm.weight" : "ln1.weight");
+    }
+    cfg->n_layer = n_layer;
+
+    snprintf(name, sizeof name, hf ? "model.layers.0.attn.r_k" : "blocks.0.att.r_k");
+    const rp_st_tensor *rk = rp_st_find(f, name);
+    if ((st = need_2d(f, name, rk, err))) return st;
+    if ((st = dim_to_int(f, name, rk, 0, RP_MAX_EMBD, "n_head", &cfg->n_head, err)) ||
+        (st = dim_to_int(f, name, rk, 1, RP_MAX_EMBD, "head_size", &cfg->head_size, err)))
+        return st;
+
+    snprintf(name, sizeof name, hf ? "model.layers.0.ffn.key.weight" : "blocks.0.ffn.key.weight");
+    const rp_st_tensor *fk = rp_st_find(f, name);
+    if ((st = need_2d(f, name, fk, err))) return st;
+    if ((st = dim_to_int(f, name, fk, 0, RP_MAX_FFN, "dim_ffn", &cfg->dim_ffn, err))) return st;
+
+    /* LoRA ranks: official w1 is [C, D]; HF lora.0.weight is [D, C]. The value
+     * LoRA is read from layer 1 (layer 0 may not have one). */
+    const char *lora[4] = {"w", "a", "v", "g"};
+    int *ranks[4] = {&cfg->d_decay, &cfg->d_iclr, &cfg->d_value, &cfg->d_gate};
+    for (int i = 0; i < 4; i++) {
+        int layer = (i == 2 && n_layer > 1) ? 1 : 0;
+        if (hf) snprintf(name, sizeof name, "model.layers.%d.attn.%s_lora.lora.0.weight", layer, lora[i]);
+        else snprintf(name, sizeof name, "blocks.%d.att.%s1", layer, lora[i]);
+        const rp_st_tensor *t = rp_st_find(f, name);
+        if (!t && i == 2 && n_layer == 1) {
+            *ranks[i] = 32; /* a one-layer model never uses the value LoRA */
+            continue;
+        }
+        if ((st = need_2d(f, name, t, err))) return st;
+        if ((st = dim_to_int(f, name, t, hf ? 0 : 1, 4 * (int64_t)cfg->n_embd, "a LoRA rank",
+                             ranks[i], err)))
+            return st;
+    }
+    if ((st = rp_config_validate(cfg, err)) != RP_OK) return rp_error_prefix(err, "%s", f->path);
+    if ((st = check_every_tensor(f, naming, cfg, err)) != RP_OK) return st;
+    if (naming_out) *naming_out = naming;
+    return RP_OK;
+}
+
+/* ---- load ---- */
 
 /* Reads one tensor into dst (host memory) applying the naming map. */
 static rp_status read_tensor(const rp_st_file *f, const rp_st_tensor *t, const char *file_name,

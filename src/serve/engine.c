@@ -746,7 +746,7 @@ static void deliver(rp_engine *e, int slot, int32_t tok) {
     rp_job *j = e->slot_job[slot];
     if (!j || j->closing) return;
     if (tok < 0) {
-        rp_job_finish(j, RP_FINISH_ERROR, "every token is banned: nothing can be sampled");
+        rp_job_finish(j, RP_FINISH_ERROR, rp_sample_failure_message(tok, (uint64_t)j->n_generated));
         j->closing = 1;
         return;
     }

@@ -418,6 +418,54 @@ static rp_status config_from_manifest(const char *path, const manifest_t *man, r
     return RP_OK;
 }
 
+/* The counters of a manifest, checked when it is read: a corrupt or edited
+ * step (2^64 - 1 once resumed "at step -1" with a negative learning rate)
+ * must be refused with the value, not trained on. The bounds are those of
+ * `rwkvpipe train` (--steps, --batch and --ctx-len at most 2^40, 2^20, 2^20);
+ * the relations hold for any mix of batch sizes and context lengths across
+ * resumes: every step draws at least one sample and every sample is at
+ * least one token. */
+static rp_status manifest_check_progress(const char *path, const manifest_t *man,
+                                         rp_error *err) {
+    const uint64_t step = man->step, tokens = man->tokens_seen, lr_step = man->lr_schedule_step;
+    const Rwkvpipe__DataPosition *d = man->data;
+    const uint64_t samples = d->samples;
+    const char *fix = "the manifest is corrupt or was edited; resume from another step directory";
+    if (step > RP_CKPT_MAX_STEP)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: step %" PRIu64 " is out of range [0, 2^40 = %" PRIu64
+                            "] (the largest --steps); %s", path, step, RP_CKPT_MAX_STEP, fix);
+    if (lr_step > RP_CKPT_MAX_STEP)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: LR schedule step %" PRIu64 " is out of range [0, 2^40]; %s", path,
+                            lr_step, fix);
+    if ((step == 0) != (samples == 0) || (step == 0) != (tokens == 0))
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: step %" PRIu64 " with %" PRIu64 " samples and %" PRIu64
+                            " tokens seen: a run has all three zero or none; %s", path, step,
+                            samples, tokens, fix);
+    if (samples < step || samples / RP_CKPT_MAX_BATCH > step)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: %" PRIu64 " samples drawn in %" PRIu64 " steps: not between 1 "
+                            "and 2^20 (the largest --batch) per step; %s", path, samples, step,
+                            fix);
+    if (tokens < samples || tokens / RP_CKPT_MAX_CTX > samples)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: %" PRIu64 " tokens seen in %" PRIu64 " samples: not between 1 "
+                            "and 2^20 (the largest --ctx-len) per sample; %s", path, tokens,
+                            samples, fix);
+    if (d->epoch > samples)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: data epoch %" PRIu64 " after only %" PRIu64 " samples; %s", path,
+                            d->epoch, samples, fix);
+    if (d->n_windows == 0 ? d->epoch != 0 || d->index != samples : d->index > d->n_windows)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: data position index %" PRIu64 " (epoch %" PRIu64 ", %" PRIu64
+                            " windows, %" PRIu64 " samples) is impossible; %s", path, d->index,
+                            d->epoch, d->n_windows, samples, fix);
+    return RP_OK;
+}
+
 /* Reads and validates step_dir/manifest.pb. Free with
  * rwkvpipe__checkpoint_manifest__free_unpacked(man, NULL). */
 static rp_status manifest_read(const char *step_dir, manifest_t **out, rp_config *cfg,
@@ -458,6 +506,7 @@ static rp_status manifest_read(const char *step_dir, manifest_t **out, rp_config
     else if (man->n_files == 0)
         st = rp_error_set(err, RP_ERR_FORMAT, "%s: lists no files", path);
     if (st == RP_OK) st = config_from_manifest(path, man, cfg, err);
+    if (st == RP_OK) st = manifest_check_progress(path, man, err);
     for (size_t i = 0; st == RP_OK && i < man->n_files; i++)
         st = manifest_check_file_entry(path, man, i, err);
     if (st != RP_OK) {

@@ -20,6 +20,11 @@
 #define RP_CKPT_FORMAT_VERSION 1
 #define RP_CKPT_MANIFEST_NAME "manifest.pb"
 #define RP_CKPT_PATH_MAX 4096
+/* Bounds a manifest's counters are checked against when it is read (those
+ * of `rwkvpipe train`: --steps, --batch, --ctx-len). */
+#define RP_CKPT_MAX_STEP (UINT64_C(1) << 40)
+#define RP_CKPT_MAX_BATCH (UINT64_C(1) << 20)
+#define RP_CKPT_MAX_CTX (UINT64_C(1) << 20)
 /* Files per shard: weights, adam_m, adam_v. */
 #define RP_CKPT_ROLES 3
 

@@ -1,5 +1,6 @@
-/* Token shard writer (buffered, temp name + fsync + rename) and reader (mmap,
- * full validation on open). The format is described in shards.h. */
+/* Token shard writer (buffered, temp name + fsync + rename) and reader
+ * (positioned reads, full validation on open). The format is described in
+ * shards.h. */
 #include "train/shards.h"
 
 #include <errno.h>
@@ -7,7 +8,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -253,9 +253,10 @@ void rp_shard_writer_free(rp_shard_writer *w) { rp_shard_writer_abort(w); }
 
 void rp_shard_close(rp_shard *shard) {
     if (!shard) return;
-    if (shard->map) munmap(shard->map, shard->map_bytes);
+    if (shard->path && shard->fd >= 0) close(shard->fd);
     free(shard->path);
     memset(shard, 0, sizeof *shard);
+    shard->fd = -1;
 }
 
 /* The header fields, checked in the order a reader needs them. */
@@ -338,10 +339,95 @@ static rp_status check_header(rp_shard *s, const char *path, const uint8_t *h,
     return RP_OK;
 }
 
+/* Token value of little-endian bytes p (2 or 4 of them). */
+static uint32_t decode_token(const uint8_t *p, uint32_t bytes_per_token) {
+    if (bytes_per_token == 2) return (uint32_t)p[0] | (uint32_t)p[1] << 8;
+    return get_u32(p);
+}
+
+/* Reads bytes [offset, offset + n) of the shard's file into buf. A short read
+ * re-checks the file's size: the usual cause is a shard truncated after it
+ * was opened, and the message says so with both sizes. */
+static rp_status shard_pread(const rp_shard *s, uint8_t *buf, size_t n, uint64_t offset,
+                             rp_error *err) {
+    size_t done = 0;
+    while (done < n) {
+        ssize_t k = pread(s->fd, buf + done, n - done, (off_t)(offset + done));
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0)
+            return rp_error_set(err, RP_ERR_IO, "%s: cannot read %zu bytes at byte offset %llu: %s",
+                                s->path, n - done, (unsigned long long)(offset + done),
+                                strerror(errno));
+        if (k == 0) break;
+        done += (size_t)k;
+    }
+    if (done == n) return RP_OK;
+    struct stat sb;
+    unsigned long long end = (unsigned long long)(offset + n);
+    if (fstat(s->fd, &sb) == 0 && (uint64_t)sb.st_size < s->file_bytes)
+        return rp_error_set(err, RP_ERR_IO,
+                            "shard %s was truncated to %llu bytes while training (it had %llu); "
+                            "the read of bytes [%llu, %llu) failed: restore the shard (or "
+                            "re-tokenize) and resume from the last checkpoint",
+                            s->path, (unsigned long long)sb.st_size,
+                            (unsigned long long)s->file_bytes, (unsigned long long)offset, end);
+    return rp_error_set(err, RP_ERR_IO,
+                        "%s: the file ended at byte offset %llu while reading bytes [%llu, %llu) "
+                        "(it had %llu bytes when opened)",
+                        s->path, (unsigned long long)(offset + done), (unsigned long long)offset,
+                        end, (unsigned long long)s->file_bytes);
+}
+
+#define VALIDATE_CHUNK_BYTES (1u << 20)
+
+/* One linear pass over every token: a corrupt token is reported here, not as
+ * a wrong embedding row (or an out-of-bounds read) somewhere in training. */
+static rp_status validate_tokens(const rp_shard *s, rp_error *err) {
+    uint8_t *buf = rp_malloc(VALIDATE_CHUNK_BYTES, "shard validation buffer", err);
+    if (!buf) return RP_ERR_NOMEM;
+    const uint64_t per_chunk = VALIDATE_CHUNK_BYTES / s->bytes_per_token;
+    rp_status st = RP_OK;
+    for (uint64_t first = 0; first < s->n_tokens && st == RP_OK; first += per_chunk) {
+        uint64_t n = s->n_tokens - first < per_chunk ? s->n_tokens - first : per_chunk;
+        st = shard_pread(s, buf, (size_t)(n * s->bytes_per_token),
+                         RP_SHARD_HEADER_BYTES + first * s->bytes_per_token, err);
+        if (st != RP_OK) break;
+        uint32_t max = 0;
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t t = decode_token(buf + i * s->bytes_per_token, s->bytes_per_token);
+            max = t > max ? t : max;
+        }
+        if (max < s->n_ids) continue;
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t t = decode_token(buf + i * s->bytes_per_token, s->bytes_per_token);
+            if (t < s->n_ids) continue;
+            uint64_t pos = first + i;
+            st = rp_error_set(err, RP_ERR_FORMAT,
+                              "%s: token %u at position %llu (byte offset %llu) is outside the "
+                              "vocabulary [0, %u) of the header; the file is corrupt",
+                              s->path, t, (unsigned long long)pos,
+                              (unsigned long long)(RP_SHARD_HEADER_BYTES +
+                                                   pos * s->bytes_per_token),
+                              s->n_ids);
+            break;
+        }
+    }
+    free(buf);
+    return st;
+}
+
 rp_status rp_shard_open(rp_shard *shard, const char *path, rp_error *err) {
     memset(shard, 0, sizeof *shard);
+    shard->fd = -1;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return rp_error_set(err, RP_ERR_IO, "%s: cannot open token shard: %s", path, strerror(errno));
+    if (fd < 0) {
+        int e = errno;
+        return rp_error_set(err, RP_ERR_IO, "%s: cannot open token shard: %s%s", path,
+                            strerror(e),
+                            e == EMFILE ? " (every shard stays open while training: raise the "
+                                          "limit with `ulimit -n` or use fewer, larger shards)"
+                                        : "");
+    }
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         rp_status st = rp_error_set(err, RP_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
@@ -360,66 +446,24 @@ rp_status rp_shard_open(rp_shard *shard, const char *path, rp_error *err) {
                             "header",
                             path, file_bytes, RP_SHARD_HEADER_BYTES);
     }
-    if (file_bytes > (unsigned long long)SIZE_MAX) {
-        close(fd);
-        return rp_error_set(err, RP_ERR_IO, "%s: %llu bytes do not fit the address space", path,
-                            file_bytes);
-    }
-    void *map = mmap(NULL, (size_t)file_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
-    int map_errno = errno;
-    close(fd);
-    if (map == MAP_FAILED)
-        return rp_error_set(err, RP_ERR_IO, "%s: cannot mmap %llu bytes: %s", path, file_bytes,
-                            strerror(map_errno));
-    shard->map = map;
-    shard->map_bytes = (size_t)file_bytes;
+    shard->fd = fd;
+    shard->file_bytes = file_bytes;
     shard->path = strdup(path);
     if (!shard->path) {
-        rp_shard_close(shard);
+        close(fd);
+        shard->fd = -1;
         return rp_error_set(err, RP_ERR_NOMEM, "%s: out of memory", path);
     }
-    const uint8_t *h = map;
-    rp_status st = check_header(shard, path, h, file_bytes, err);
-    if (st != RP_OK) {
-        rp_shard_close(shard);
-        return st;
+    uint8_t h[RP_SHARD_HEADER_BYTES];
+    rp_status st = shard_pread(shard, h, sizeof h, 0, err);
+    if (st == RP_OK) st = check_header(shard, path, h, file_bytes, err);
+    if (st == RP_OK) {
+        posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+        st = validate_tokens(shard, err);
+        posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
     }
-    shard->tokens = h + RP_SHARD_HEADER_BYTES;
-
-    /* One linear pass: a corrupt token is reported here, not as a wrong
-     * embedding row (or an out-of-bounds read) somewhere in training. */
-    madvise(map, shard->map_bytes, MADV_SEQUENTIAL);
-    const uint32_t n_ids = shard->n_ids;
-    uint64_t bad = UINT64_MAX;
-    if (shard->dtype == RP_SHARD_DTYPE_U16) {
-        const uint8_t *p = shard->tokens;
-        uint32_t max = 0;
-        for (uint64_t i = 0; i < shard->n_tokens; i++) {
-            uint32_t t = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8;
-            max = t > max ? t : max;
-        }
-        if (max >= n_ids)
-            for (uint64_t i = 0; i < shard->n_tokens && bad == UINT64_MAX; i++)
-                if (rp_shard_token(shard, i) >= n_ids) bad = i;
-    } else {
-        for (uint64_t i = 0; i < shard->n_tokens; i++)
-            if (rp_shard_token(shard, i) >= n_ids) {
-                bad = i;
-                break;
-            }
-    }
-    if (bad != UINT64_MAX) {
-        st = rp_error_set(err, RP_ERR_FORMAT,
-                          "%s: token %u at position %llu (byte offset %llu) is outside the "
-                          "vocabulary [0, %u) of the header; the file is corrupt",
-                          path, rp_shard_token(shard, bad), (unsigned long long)bad,
-                          (unsigned long long)(RP_SHARD_HEADER_BYTES + bad * shard->bytes_per_token),
-                          n_ids);
-        rp_shard_close(shard);
-        return st;
-    }
-    madvise(map, shard->map_bytes, MADV_RANDOM);
-    return RP_OK;
+    if (st != RP_OK) rp_shard_close(shard);
+    return st;
 }
 
 rp_status rp_shard_read(const rp_shard *s, uint64_t start, size_t n, int32_t *out, rp_error *err) {
@@ -427,11 +471,29 @@ rp_status rp_shard_read(const rp_shard *s, uint64_t start, size_t n, int32_t *ou
         return rp_error_set(err, RP_ERR_ARG, "%s: tokens [%llu, %llu) are outside the shard's %llu",
                             s->path, (unsigned long long)start, (unsigned long long)(start + n),
                             (unsigned long long)s->n_tokens);
-    if (s->dtype == RP_SHARD_DTYPE_U16) {
-        const uint8_t *p = s->tokens + start * 2;
-        for (size_t i = 0; i < n; i++) out[i] = (int32_t)((uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8);
-    } else {
-        for (size_t i = 0; i < n; i++) out[i] = (int32_t)rp_shard_token(s, start + i);
+    if (n == 0) return RP_OK;
+    /* The raw tokens land in out itself (4 bytes per token there, at most 4
+     * per token in the file) and are widened in place from the last one
+     * down, so no token is overwritten before it is decoded. */
+    const uint32_t bpt = s->bytes_per_token;
+    uint8_t *raw = (uint8_t *)out;
+    rp_status st = shard_pread(s, raw, n * bpt, RP_SHARD_HEADER_BYTES + start * bpt, err);
+    if (st != RP_OK) return st;
+    uint32_t max = 0;
+    for (size_t i = n; i-- > 0;) {
+        uint32_t t = decode_token(raw + i * bpt, bpt);
+        out[i] = (int32_t)t;
+        max = t > max ? t : max;
     }
+    /* Validated at open; a file rewritten since must not index past the
+     * embedding. */
+    if (max >= s->n_ids)
+        for (size_t i = 0; i < n; i++)
+            if ((uint32_t)out[i] >= s->n_ids)
+                return rp_error_set(err, RP_ERR_FORMAT,
+                                    "%s: token %u at position %llu is outside the vocabulary "
+                                    "[0, %u): the shard was overwritten while training",
+                                    s->path, (uint32_t)out[i], (unsigned long long)(start + i),
+                                    s->n_ids);
     return RP_OK;
 }

@@ -1,5 +1,5 @@
 /* Token shard files (.tok): the on-disk form of a tokenized corpus, written by
- * `rwkvpipe tokenize` (src/train/tokenize.c) and memory-mapped by the data
+ * `rwkvpipe tokenize` (src/train/tokenize.c) and read (pread) by the data
  * loader (src/train/loader.c). Documents are separated by token 0.
  *
  * Layout (all integers little-endian; docs/formats.md "Token shards"):
@@ -69,9 +69,14 @@ void rp_shard_writer_free(rp_shard_writer *w);
 
 /* ------------------------------------------------------------------ reader */
 
-/* A shard mapped read-only. Opening validates the header (magic, version,
- * kind, dtype, reserved bytes), the file size against n_tokens, and every
- * token against n_ids (one linear pass; the first bad position is named). */
+/* An open shard. Opening validates the header (magic, version, kind, dtype,
+ * reserved bytes), the file size against n_tokens, and every token against
+ * n_ids (one linear pass; the first bad position is named). Tokens are then
+ * read with pread, not through a mapping: a shard truncated or rewritten
+ * while training (another job re-tokenizing into the same directory, a full
+ * disk) gives an error naming the shard and the offset instead of a SIGBUS
+ * that kills the run. The file descriptor stays open until rp_shard_close,
+ * so a shard replaced by rename keeps serving the file that was validated. */
 typedef struct {
     char *path;
     uint32_t version;
@@ -81,22 +86,18 @@ typedef struct {
     uint32_t bytes_per_token;
     uint64_t n_tokens;
     uint64_t n_documents;
-    const uint8_t *tokens;   /* n_tokens * bytes_per_token bytes, little-endian */
-    void *map;
-    size_t map_bytes;
+    uint64_t file_bytes;     /* size at open: header + n_tokens * bytes_per_token */
+    int fd;                  /* -1 when closed */
 } rp_shard;
 
 rp_status rp_shard_open(rp_shard *shard, const char *path, rp_error *err);
 void rp_shard_close(rp_shard *shard);
 
-/* Token i (no bounds check; i < n_tokens). */
-static inline uint32_t rp_shard_token(const rp_shard *s, uint64_t i) {
-    const uint8_t *p = s->tokens + i * s->bytes_per_token;
-    if (s->dtype == RP_SHARD_DTYPE_U16) return (uint32_t)p[0] | (uint32_t)p[1] << 8;
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-/* Copies tokens [start, start + n) as int32; fails if the range leaves the shard. */
+/* Copies tokens [start, start + n) as int32 (thread-safe: positioned reads).
+ * Fails if the range leaves the shard (RP_ERR_ARG); if the file no longer
+ * holds them, RP_ERR_IO with "shard X was truncated to N bytes while training
+ * (it had M)" and the byte offset; a token outside [0, n_ids) (the file was
+ * overwritten) is RP_ERR_FORMAT. */
 rp_status rp_shard_read(const rp_shard *s, uint64_t start, size_t n, int32_t *out, rp_error *err);
 
 #endif

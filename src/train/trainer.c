@@ -203,15 +203,20 @@ static rp_status pipe_transport_open(const rp_train_options *o, rp_backend *be,
 
 /* ---- evaluation ---- */
 
+/* train_data: the training run's open data (its eval windows are read, its
+ * train cursor is left alone), so an evaluation neither re-reads and
+ * re-validates every shard nor sees files changed since the run began; NULL
+ * (rp_train_evaluate): open the data here. */
 static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_transport *tp,
-                          int n_batches, double *loss, double *accuracy, long *n_targets,
-                          rp_error *err) {
+                          const data_source *train_data, int n_batches, double *loss,
+                          double *accuracy, long *n_targets, rp_error *err) {
     rp_backend *be = model->be;
     const int T = o->ctx_len, n = o->micro_batch, V = model->cfg.vocab_size;
     const int stage = stage_of(o), n_stages = stages_of(o);
     data_source d;
-    rp_status st = data_open(&d, o, V, err);
-    if (st != RP_OK) return st;
+    rp_status st = RP_OK;
+    if (train_data) d = *train_data;
+    else if ((st = data_open(&d, o, V, err)) != RP_OK) return st;
     rp_workspace ws;
     rp_state state = {0};
     const int has_head = model->has_head;
@@ -303,7 +308,7 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
     free(seq_len);
     free(slot);
     free(row_begin);
-    data_close(&d);
+    if (!train_data) data_close(&d);
     return st;
 }
 
@@ -312,7 +317,7 @@ rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, in
     rp_transport storage, *tp;
     rp_status st = pipe_transport_open(o, model->be, &storage, &tp, err);
     if (st != RP_OK) return st;
-    st = evaluate(model, o, tp, n_batches, loss, accuracy, n_targets, err);
+    st = evaluate(model, o, tp, NULL, n_batches, loss, accuracy, n_targets, err);
     if (tp) rp_transport_free(tp);
     return st;
 }
@@ -549,6 +554,14 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
         if ((st = data_set_position(&d, &progress, err)) != RP_OK) goto done;
         first_step = (long)progress.step;
+        const long last = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
+        if (first_step >= last) {
+            st = rp_error_set(err, RP_ERR_ARG,
+                              "%s is already at step %ld and this run ends at step %ld: nothing "
+                              "to train; give a larger --steps to continue it", o->resume_path,
+                              first_step, last);
+            goto done;
+        }
         if (o->progress)
             fprintf(o->progress, "resumed from %s at step %ld (%llu tokens seen)\n",
                     o->resume_path, first_step, (unsigned long long)progress.tokens_seen);
@@ -624,7 +637,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         const int do_log = last || (o->log_interval > 0 && (step + 1) % o->log_interval == 0);
         double eval_loss = NAN, eval_acc = NAN;
         if (do_eval) {
-            if ((st = evaluate(model, o, tp, o->eval_batches, &eval_loss, &eval_acc, NULL, err)) !=
+            if ((st = evaluate(model, o, tp, &d, o->eval_batches, &eval_loss, &eval_acc, NULL, err)) !=
                 RP_OK)
                 goto done;
             result->eval_loss = eval_loss;
