@@ -23,17 +23,17 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "serve/http_request.h"
 #include "serve/session_file.h"
 #include "serve/text.h"
 
 #define READ_BATCH 256          /* tokens taken from the engine at once */
 #define KEEPER_PERIOD_MS 200    /* how often request deadlines are checked */
 #define STOP_FINISH_SECONDS 5.0 /* rp_http_stop: what generations get to send their last bytes */
-#define MAX_MESSAGES 4096
 #define MAX_SESSION_ENTRIES 4096
 
 /* HTTP status codes the metrics count. */
-static const int counted_codes[] = {200, 400, 401, 404, 405, 409, 413, 429, 500, 503};
+static const int counted_codes[] = {200, 400, 401, 404, 405, 409, 413, 429, 500, 503, 507};
 #define N_COUNTED_CODES ((int)(sizeof counted_codes / sizeof counted_codes[0]))
 
 /* What the HTTP layer knows of a stored session: the last bytes of the text
@@ -148,6 +148,7 @@ void rp_http_config_defaults(rp_http_config *c) {
     c->port = 8000;
     c->model_id = "rwkv";
     c->session_dir = "sessions";
+    c->max_session_files = 1000;
     c->max_body_bytes = (size_t)1 << 20;
     c->max_prompt_tokens = 16384;
     c->max_tokens_limit = 4096;
@@ -243,18 +244,6 @@ static enum MHD_Result send_error(rp_http_server *s, struct MHD_Connection *conn
 }
 
 /* ---- sessions table --------------------------------------------------------- */
-
-static int session_name_valid(const char *name) {
-    size_t n = strlen(name);
-    if (n == 0 || n >= RP_ENGINE_SESSION_NAME_MAX || name[0] == '.') return 0;
-    for (size_t i = 0; i < n; i++) {
-        char c = name[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '_' || c == '-' || c == '.'))
-            return 0;
-    }
-    return 1;
-}
 
 /* Call with s->lock held. Creates the entry when create is set. */
 static session_entry *session_find(rp_http_server *s, const char *name, int create) {
@@ -658,101 +647,14 @@ typedef struct {
     char path[128];             /* the target as sent (percent-encoded), for the log */
 } request_ctx;
 
-/* A problem with a request: status, code and message. */
-typedef struct {
-    int status;
-    const char *code;
-    char message[RP_ERROR_MSG_LEN + 256];
-} req_error;
-
-static int fail(req_error *e, int status, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static int fail(req_error *e, int status, const char *code, const char *fmt, ...) {
-    e->status = status;
-    e->code = code;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-    return -1;
+static rp_request_limits request_limits(const rp_http_server *s) {
+    return (rp_request_limits){.model_id = s->model_id,
+                               .vocab_size = s->vocab_size,
+                               .default_max_tokens = s->cfg.default_max_tokens,
+                               .max_tokens_limit = s->cfg.max_tokens_limit,
+                               .max_prompt_tokens = s->cfg.max_prompt_tokens,
+                               .tok = s->tok};
 }
-
-/* Field getters: a missing field or JSON null leaves *out as it is. */
-static int get_number(json_t *o, const char *key, double lo, double hi, double *out, req_error *e) {
-    json_t *v = json_object_get(o, key);
-    if (!v || json_is_null(v)) return 0;
-    if (!json_is_number(v)) return fail(e, 400, "invalid_type", "'%s' must be a number", key);
-    double x = json_number_value(v);
-    if (!(x >= lo && x <= hi))
-        return fail(e, 400, "invalid_value", "'%s' is %g: expected a number in [%g, %g]", key, x,
-                    lo, hi);
-    *out = x;
-    return 0;
-}
-
-static int get_int(json_t *o, const char *key, long long lo, long long hi, long long *out,
-                   req_error *e) {
-    json_t *v = json_object_get(o, key);
-    if (!v || json_is_null(v)) return 0;
-    if (!json_is_integer(v)) return fail(e, 400, "invalid_type", "'%s' must be an integer", key);
-    long long x = json_integer_value(v);
-    if (x < lo || x > hi)
-        return fail(e, 400, "invalid_value", "'%s' is %lld: expected an integer in [%lld, %lld]",
-                    key, x, lo, hi);
-    *out = x;
-    return 0;
-}
-
-static int get_bool(json_t *o, const char *key, int *out, req_error *e) {
-    json_t *v = json_object_get(o, key);
-    if (!v || json_is_null(v)) return 0;
-    if (!json_is_boolean(v)) return fail(e, 400, "invalid_type", "'%s' must be true or false", key);
-    *out = json_is_true(v);
-    return 0;
-}
-
-static int get_string(json_t *o, const char *key, const char **out, req_error *e) {
-    json_t *v = json_object_get(o, key);
-    if (!v || json_is_null(v)) return 0;
-    if (!json_is_string(v)) return fail(e, 400, "invalid_type", "'%s' must be a string", key);
-    *out = json_string_value(v);
-    return 0;
-}
-
-static int get_token_list(json_t *o, const char *key, int vocab, int32_t *ids, int *n, int max,
-                          req_error *e) {
-    json_t *v = json_object_get(o, key);
-    if (!v || json_is_null(v)) return 0;
-    if (!json_is_array(v))
-        return fail(e, 400, "invalid_type", "'%s' must be an array of token ids", key);
-    size_t i;
-    json_t *x;
-    json_array_foreach(v, i, x) {
-        if (!json_is_integer(x))
-            return fail(e, 400, "invalid_type", "'%s'[%zu] must be an integer token id", key, i);
-        long long id = json_integer_value(x);
-        if (id < 0 || id >= vocab)
-            return fail(e, 400, "invalid_value", "'%s'[%zu] is %lld: expected a token id in [0, %d)",
-                        key, i, id, vocab);
-        int dup = 0;
-        for (int k = 0; k < *n; k++) dup |= ids[k] == (int32_t)id;
-        if (dup) continue;
-        if (*n == max)
-            return fail(e, 400, "invalid_value", "'%s': at most %d token ids (with the defaults)",
-                        key, max);
-        ids[(*n)++] = (int32_t)id;
-    }
-    return 0;
-}
-
-/* The parts of a generation request common to both endpoints. */
-typedef struct {
-    rp_gen_params params;
-    const char *stops[RP_TEXT_MAX_STOPS];
-    int n_stops;
-    int stream, return_ids;
-    const char *session, *initial_state;
-} gen_request;
 
 static uint64_t random_seed(rp_http_server *s) {
     struct timespec ts;
@@ -764,223 +666,14 @@ static uint64_t random_seed(rp_http_server *s) {
     return (z ^ (z >> 31)) >> 1;  /* JSON-friendly: below 2^63 */
 }
 
-static int parse_gen_request(rp_http_server *s, json_t *o, int chat, gen_request *r,
-                             req_error *e) {
-    memset(r, 0, sizeof *r);
-    rp_gen_params *p = &r->params;
-    rp_gen_params_defaults(p);
-    p->max_tokens = s->cfg.default_max_tokens < s->cfg.max_tokens_limit
-                        ? s->cfg.default_max_tokens
-                        : s->cfg.max_tokens_limit;
-    if (chat) {
-        /* the official chat demo's sampling (docs/rwkv7-spec.md 6.1) */
-        p->sampler.top_p = 0.3f;
-        p->presence_penalty = 0.5f;
-        p->frequency_penalty = 0.5f;
-        p->penalty_decay = 0.996f;
-    }
-    const char *model = NULL;
-    if (get_string(o, "model", &model, e)) return -1;
-    if (model && strcmp(model, s->model_id) != 0)
-        return fail(e, 404, "model_not_found", "model '%s' is not served here (this server has '%s')",
-                    model, s->model_id);
-    long long n = 1;
-    if (get_int(o, "n", 1, 1, &n, e)) return -1;
-    long long max_tokens = p->max_tokens;
-    json_t *mt = json_object_get(o, chat && json_object_get(o, "max_completion_tokens")
-                                        ? "max_completion_tokens"
-                                        : "max_tokens");
-    if (mt && !json_is_null(mt)) {
-        if (!json_is_integer(mt)) return fail(e, 400, "invalid_type", "'max_tokens' must be an integer");
-        max_tokens = json_integer_value(mt);
-        if (max_tokens < 0) return fail(e, 400, "invalid_value", "'max_tokens' must not be negative");
-        if (max_tokens > s->cfg.max_tokens_limit)
-            return fail(e, 400, "max_tokens_too_large",
-                        "'max_tokens' is %lld: this server allows at most %d", max_tokens,
-                        s->cfg.max_tokens_limit);
-    }
-    p->max_tokens = (int)max_tokens;
-    double t = p->sampler.temperature, tp = p->sampler.top_p, pp = p->presence_penalty,
-           fp = p->frequency_penalty, pd = p->penalty_decay;
-    long long tk = p->sampler.top_k, seed = -1;
-    if (get_number(o, "temperature", 0, 100, &t, e) || get_number(o, "top_p", 0, 1, &tp, e) ||
-        get_int(o, "top_k", 0, 1 << 30, &tk, e) ||
-        get_number(o, "presence_penalty", -100, 100, &pp, e) ||
-        get_number(o, "frequency_penalty", -100, 100, &fp, e) ||
-        get_number(o, "penalty_decay", 0, 1, &pd, e) ||
-        get_int(o, "seed", 0, INT64_MAX, &seed, e) || get_bool(o, "stream", &r->stream, e) ||
-        get_bool(o, "return_token_ids", &r->return_ids, e) ||
-        get_string(o, "session", &r->session, e) ||
-        get_string(o, "initial_state", &r->initial_state, e))
-        return -1;
-    if (tp == 0) tp = 1e-9;  /* OpenAI clients send 0 for "most likely only" */
-    p->sampler.temperature = (float)t;
-    p->sampler.top_p = (float)tp;
-    p->sampler.top_k = (int)tk;
-    p->sampler.seed = seed >= 0 ? (uint64_t)seed : random_seed(s);
-    p->presence_penalty = (float)pp;
-    p->frequency_penalty = (float)fp;
-    p->penalty_decay = (float)pd;
-    if (r->session && !session_name_valid(r->session))
-        return fail(e, 400, "invalid_value",
-                    "'session' must be 1 to %d letters, digits, '_', '-' or '.' (not first)",
-                    RP_ENGINE_SESSION_NAME_MAX - 1);
-    if (r->initial_state && !session_name_valid(r->initial_state))
-        return fail(e, 400, "invalid_value", "'initial_state' is not a valid session name");
-
-    /* stop strings */
-    json_t *stop = json_object_get(o, "stop");
-    if (stop && !json_is_null(stop)) {
-        if (json_is_string(stop)) {
-            r->stops[r->n_stops++] = json_string_value(stop);
-        } else if (json_is_array(stop)) {
-            size_t i;
-            json_t *x;
-            json_array_foreach(stop, i, x) {
-                if (!json_is_string(x))
-                    return fail(e, 400, "invalid_type", "'stop'[%zu] must be a string", i);
-                if (r->n_stops == RP_TEXT_MAX_STOPS)
-                    return fail(e, 400, "invalid_value", "'stop': at most %d strings",
-                                RP_TEXT_MAX_STOPS);
-                r->stops[r->n_stops++] = json_string_value(x);
-            }
-        } else {
-            return fail(e, 400, "invalid_type", "'stop' must be a string or an array of strings");
-        }
-    } else if (chat) {
-        r->stops[r->n_stops++] = "\n\n";  /* the end of a reply in the RWKV chat format */
-    }
-    for (int i = 0; i < r->n_stops; i++) {
-        size_t len = strlen(r->stops[i]);
-        if (len == 0 || len > RP_TEXT_MAX_STOP_BYTES)
-            return fail(e, 400, "invalid_value", "stop string %d has %zu bytes: expected 1 to %d",
-                        i, len, RP_TEXT_MAX_STOP_BYTES);
-    }
-
-    /* token lists: chat bans the end-of-text token, completions stop at it */
-    int32_t eot = rp_tokenizer_eot_id(s->tok);
-    p->n_banned = 0;
-    p->n_stop_tokens = 0;
-    if (chat) p->banned[p->n_banned++] = eot;
-    if (get_token_list(o, "ban_token_ids", s->vocab_size, p->banned, &p->n_banned,
-                       RP_ENGINE_MAX_BANNED, e))
-        return -1;
-    int eot_banned = 0;
-    for (int i = 0; i < p->n_banned; i++) eot_banned |= p->banned[i] == eot;
-    if (!eot_banned) p->stop_tokens[p->n_stop_tokens++] = eot;
-    if (get_token_list(o, "stop_token_ids", s->vocab_size, p->stop_tokens, &p->n_stop_tokens,
-                       RP_ENGINE_MAX_STOP_TOKENS, e))
-        return -1;
-    /* A stop string that is one token stops in the engine: exact, and its
-     * state is not one token past the reply. Text matching still catches it
-     * when it is spelled with other tokens. */
-    for (int i = 0; i < r->n_stops && p->n_stop_tokens < RP_ENGINE_MAX_STOP_TOKENS; i++) {
-        int32_t *ids = NULL;
-        size_t n_ids = 0;
-        if (rp_tokenizer_encode(s->tok, (const uint8_t *)r->stops[i], strlen(r->stops[i]), &ids,
-                                &n_ids, NULL) == RP_OK &&
-            n_ids == 1 && ids[0] < s->vocab_size) {
-            int known = 0;
-            for (int k = 0; k < p->n_stop_tokens; k++) known |= p->stop_tokens[k] == ids[0];
-            for (int k = 0; k < p->n_banned; k++) known |= p->banned[k] == ids[0];
-            if (!known) p->stop_tokens[p->n_stop_tokens++] = ids[0];
-        }
-        free(ids);
-    }
-    rp_error err;
-    if (rp_gen_params_validate(p, s->vocab_size, &err) != RP_OK)
-        return fail(e, 400, "invalid_value", "%s", err.msg);
-    return 0;
-}
-
-/* Text of a chat message's content: a string or [{"type":"text","text":...}]. */
-static int message_content(json_t *msg, size_t i, char **out, size_t *len, req_error *e) {
-    json_t *c = json_object_get(msg, "content");
-    *out = NULL;
-    *len = 0;
-    if (!c || json_is_null(c)) return 0;
-    if (json_is_string(c)) {
-        *out = strndup(json_string_value(c), json_string_length(c));
-        *len = json_string_length(c);
-        return *out ? 0 : fail(e, 500, "internal", "out of memory");
-    }
-    if (!json_is_array(c))
-        return fail(e, 400, "invalid_type", "messages[%zu].content must be a string or an array "
-                    "of text parts", i);
-    size_t cap = 0, k;
-    json_t *part;
-    json_array_foreach(c, k, part) {
-        json_t *type = json_object_get(part, "type"), *text = json_object_get(part, "text");
-        if (!json_is_object(part) || !json_is_string(type) ||
-            strcmp(json_string_value(type), "text") != 0 || !json_is_string(text)) {
-            free(*out);
-            *out = NULL;
-            return fail(e, 400, "invalid_type",
-                        "messages[%zu].content[%zu] must be {\"type\": \"text\", \"text\": ...}",
-                        i, k);
-        }
-        if (append_bytes(out, len, &cap, json_string_value(text), json_string_length(text))) {
-            free(*out);
-            *out = NULL;
-            return fail(e, 500, "internal", "out of memory");
-        }
-    }
-    return 0;
-}
-
-static char *chat_prompt_from(json_t *o, const char *lead, size_t *len, req_error *e) {
-    json_t *msgs = json_object_get(o, "messages");
-    if (!msgs) return fail(e, 400, "missing_field", "'messages' is required"), NULL;
-    if (!json_is_array(msgs) || json_array_size(msgs) == 0)
-        return fail(e, 400, "invalid_type", "'messages' must be a non-empty array"), NULL;
-    size_t n = json_array_size(msgs);
-    if (n > MAX_MESSAGES)
-        return fail(e, 400, "invalid_value", "%zu messages: at most %d", n, MAX_MESSAGES), NULL;
-    rp_chat_message *m = calloc(n, sizeof *m);
-    char **texts = calloc(n, sizeof *texts);
-    char *prompt = NULL;
-    if (!m || !texts) {
-        fail(e, 500, "internal", "out of memory");
-        goto done;
-    }
-    for (size_t i = 0; i < n; i++) {
-        json_t *msg = json_array_get(msgs, i);
-        if (!json_is_object(msg)) {
-            fail(e, 400, "invalid_type", "messages[%zu] must be an object", i);
-            goto done;
-        }
-        json_t *role = json_object_get(msg, "role");
-        if (!json_is_string(role)) {
-            fail(e, 400, "invalid_type", "messages[%zu].role must be a string", i);
-            goto done;
-        }
-        int r = rp_chat_role_parse(json_string_value(role));
-        if (r < 0) {
-            fail(e, 400, "invalid_value",
-                 "messages[%zu].role is '%s': expected 'system', 'user' or 'assistant'", i,
-                 json_string_value(role));
-            goto done;
-        }
-        size_t cl;
-        if (message_content(msg, i, &texts[i], &cl, e)) goto done;
-        m[i] = (rp_chat_message){(rp_chat_role)r, texts[i], cl};
-    }
-    prompt = rp_chat_prompt(m, (int)n, lead, len);
-    if (!prompt) fail(e, 500, "internal", "out of memory");
-done:
-    if (texts)
-        for (size_t i = 0; i < n; i++) free(texts[i]);
-    free(texts);
-    free(m);
-    return prompt;
-}
-
 /* Validates and submits a generation; on success *out is a running job. */
 static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Connection *conn,
-                            json_t *o, gen_ctx **out, req_error *e) {
+                            json_t *o, gen_ctx **out, rp_request_error *e) {
     const int chat = rc->route == ROUTE_CHAT;
-    gen_request gr;
-    if (parse_gen_request(s, o, chat, &gr, e)) return -1;
+    const rp_request_limits limits = request_limits(s);
+    rp_gen_request gr;
+    if (rp_request_parse_generation(o, chat, &limits, &gr, e)) return -1;
+    if (!gr.seed_given) gr.params.sampler.seed = random_seed(s);
 
     /* sessions: continue `session` when it exists, else start from
      * `initial_state` (which must exist) or from zero; store into `session` */
@@ -992,11 +685,11 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
         session_entry *se = session_find(s, gr.session, 1);
         if (!se) {
             pthread_mutex_unlock(&s->lock);
-            return fail(e, 503, "too_many_sessions", "too many sessions in use at once");
+            return rp_request_fail(e, 503, "too_many_sessions", "too many sessions in use at once");
         }
         if (se->busy) {
             pthread_mutex_unlock(&s->lock);
-            return fail(e, 409, "session_busy", "session '%s' is in use by another request",
+            return rp_request_fail(e, 409, "session_busy", "session '%s' is in use by another request",
                         gr.session);
         }
         se->busy = 1;
@@ -1018,103 +711,18 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     rp_error err;
     if (!start && gr.initial_state) {
         if (!rp_engine_session_exists(s->engine, gr.initial_state)) {
-            fail(e, 404, "session_not_found", "initial state '%s' does not exist (load it with "
+            rp_request_fail(e, 404, "session_not_found", "initial state '%s' does not exist (load it with "
                  "POST /v1/sessions/%s/load)", gr.initial_state, gr.initial_state);
             goto fail_out;
         }
         start = gr.initial_state;
     }
-    if (chat) {
-        prompt = chat_prompt_from(o, start == gr.session ? lead : "", &prompt_len, e);
-        if (!prompt) goto fail_out;
-    } else {
-        json_t *pj = json_object_get(o, "prompt");
-        if (json_is_array(pj) && json_array_size(pj) == 1 &&
-            json_is_string(json_array_get(pj, 0)))
-            pj = json_array_get(pj, 0);
-        if (!pj) {
-            fail(e, 400, "missing_field", "'prompt' is required");
-            goto fail_out;
-        }
-        if (json_is_array(pj) && json_array_size(pj) > 0) {
-            /* token ids (the OpenAI API allows them): taken as they are */
-            n_ids = json_array_size(pj);
-            if (n_ids > (size_t)s->cfg.max_prompt_tokens) {
-                fail(e, 400, "context_length_exceeded",
-                     "the prompt has %zu tokens: this server allows at most %d", n_ids,
-                     s->cfg.max_prompt_tokens);
-                goto fail_out;
-            }
-            ids = malloc(n_ids * sizeof *ids);
-            if (!ids) {
-                fail(e, 500, "internal", "out of memory");
-                goto fail_out;
-            }
-            for (size_t i = 0; i < n_ids; i++) {
-                json_t *x = json_array_get(pj, i);
-                if (!json_is_integer(x) || json_integer_value(x) < 0 ||
-                    json_integer_value(x) >= s->vocab_size) {
-                    fail(e, 400, "invalid_value",
-                         "'prompt'[%zu] must be a token id in [0, %d) (or give one string)", i,
-                         s->vocab_size);
-                    goto fail_out;
-                }
-                ids[i] = (int32_t)json_integer_value(x);
-            }
-        } else if (!json_is_string(pj)) {
-            fail(e, 400, "invalid_type", "'prompt' must be a string or an array of token ids");
-            goto fail_out;
-        }
-        if (ids) {
-            /* the text those ids stand for (the session table needs its end) */
-            uint8_t *bytes = NULL;
-            size_t n_bytes = 0;
-            if (rp_tokenizer_decode(s->tok, ids, n_ids, &bytes, &n_bytes, NULL) == RP_OK) {
-                prompt = (char *)bytes;
-                prompt_len = n_bytes;
-            } else {
-                free(bytes);
-                prompt = strdup("");  /* ids the tokenizer cannot spell (padding) */
-                prompt_len = 0;
-            }
-            if (!prompt) {
-                fail(e, 500, "internal", "out of memory");
-                goto fail_out;
-            }
-        } else {
-            prompt_len = json_string_length(pj);
-            prompt = malloc(prompt_len + 1);
-            if (!prompt) {
-                fail(e, 500, "internal", "out of memory");
-                goto fail_out;
-            }
-            memcpy(prompt, json_string_value(pj), prompt_len + 1);
-        }
-    }
-    if (prompt_len == 0 && n_ids == 0) {
-        fail(e, 400, "invalid_value", "the prompt is empty");
+    if (rp_request_prompt(o, chat, start == gr.session ? lead : "", &limits, &prompt,
+                          &prompt_len, &ids, &n_ids, e))
         goto fail_out;
-    }
-    if (!ids && rp_tokenizer_encode(s->tok, (const uint8_t *)prompt, prompt_len, &ids, &n_ids,
-                                    &err) != RP_OK) {
-        fail(e, 400, "invalid_value", "cannot tokenize the prompt: %s", err.msg);
-        goto fail_out;
-    }
-    if (n_ids > (size_t)s->cfg.max_prompt_tokens) {
-        fail(e, 400, "context_length_exceeded",
-             "the prompt has %zu tokens: this server allows at most %d", n_ids,
-             s->cfg.max_prompt_tokens);
-        goto fail_out;
-    }
-    for (size_t i = 0; i < n_ids; i++)
-        if (ids[i] >= s->vocab_size) {
-            fail(e, 400, "invalid_value", "prompt token %d is outside the model's vocabulary",
-                 ids[i]);
-            goto fail_out;
-        }
     g = gen_new(s, conn);
     if (!g) {
-        fail(e, 500, "internal", "out of memory");
+        rp_request_fail(e, 500, "internal", "out of memory");
         goto fail_out;
     }
     g->chat = chat;
@@ -1126,7 +734,7 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     snprintf(g->id, sizeof g->id, "%s-%lx%06lx", chat ? "chatcmpl" : "cmpl",
              (unsigned long)g->created, (unsigned long)atomic_fetch_add(&s->next_id, 1));
     if (rp_text_stream_init(&g->text, gr.stops, gr.n_stops, &err) != RP_OK) {
-        fail(e, 400, "invalid_value", "%s", err.msg);
+        rp_request_fail(e, 400, "invalid_value", "%s", err.msg);
         goto fail_out;
     }
     if (gr.session) {
@@ -1145,25 +753,25 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     if (start) snprintf(g->start, sizeof g->start, "%s", start);
     g->job = rp_job_create(ids, (int)n_ids, &gr.params, start, gr.session, &err);
     if (!g->job) {
-        fail(e, 400, "invalid_value", "%s", err.msg);
+        rp_request_fail(e, 400, "invalid_value", "%s", err.msg);
         goto fail_out;
     }
     rp_job_set_notify(g->job, gen_wake, g);  /* before the engine can produce */
     g->t_submit = now_seconds();
     if (atomic_load(&s->stopping)) {
-        fail(e, 503, "shutting_down", "the server is shutting down");
+        rp_request_fail(e, 503, "shutting_down", "the server is shutting down");
         goto fail_out;
     }
     rp_status st = rp_engine_submit(s->engine, g->job, &err);
     if (st != RP_OK) {
         if (atomic_load(&s->stopping) || st == RP_ERR_UNAVAILABLE)
-            fail(e, 503, "shutting_down", "the server is shutting down");
+            rp_request_fail(e, 503, "shutting_down", "the server is shutting down");
         else if (st == RP_ERR_BUSY)
-            fail(e, 429, "too_many_requests", "%s", err.msg);
+            rp_request_fail(e, 429, "too_many_requests", "%s", err.msg);
         else if (start && !rp_engine_session_exists(s->engine, start))
-            fail(e, 404, "session_not_found", "%s", err.msg);
+            rp_request_fail(e, 404, "session_not_found", "%s", err.msg);
         else
-            fail(e, 503, "engine_unavailable", "%s", err.msg);
+            rp_request_fail(e, 503, "engine_unavailable", "%s", err.msg);
         goto fail_out;
     }
     g->submitted = 1;
@@ -1240,7 +848,7 @@ static enum MHD_Result reply_generation(rp_http_server *s, request_ctx *rc,
 
 static enum MHD_Result handle_generation(rp_http_server *s, request_ctx *rc,
                                          struct MHD_Connection *conn, json_t *o) {
-    req_error e;
+    rp_request_error e;
     gen_ctx *g = NULL;
     if (start_generation(s, rc, conn, o, &g, &e))
         return send_error(s, conn, e.status, e.code, "%s", e.message);
@@ -1363,21 +971,6 @@ static enum MHD_Result handle_metrics(rp_http_server *s, struct MHD_Connection *
     return send_text(s, conn, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf, t.len);
 }
 
-/* "path" of a session file: a plain file name in the session directory
- * (rp_session_file_name_valid), never a path. */
-static int session_file_name(json_t *o, const char **out, req_error *e) {
-    const char *name = NULL;
-    if (!o) return fail(e, 400, "missing_field", "the body must be {\"path\": \"NAME.state\"}");
-    if (get_string(o, "path", &name, e)) return -1;
-    if (!name || !*name) return fail(e, 400, "missing_field", "'path' is required");
-    if (!rp_session_file_name_valid(name))
-        return fail(e, 400, "invalid_value", "'path' must be a file name in the session "
-                    "directory: 1 to %d letters, digits, '_', '-' or '.', not starting with '.', "
-                    "ending in \"%s\" (no '/')", RP_SESSION_FILE_NAME_MAX, RP_SESSION_FILE_SUFFIX);
-    *out = name;
-    return 0;
-}
-
 /* An engine-side failure of a session operation. */
 static enum MHD_Result session_failure(rp_http_server *s, struct MHD_Connection *conn,
                                        const char *name, rp_status st, const rp_error *err) {
@@ -1392,7 +985,7 @@ static enum MHD_Result session_failure(rp_http_server *s, struct MHD_Connection 
 static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
                                       struct MHD_Connection *conn, const char *method, json_t *o) {
     const char *name = rc->session;
-    req_error e;
+    rp_request_error e;
     rp_error err;
     if (rc->route == ROUTE_SESSION) {
         int exists = rp_engine_session_exists(s->engine, name);
@@ -1421,7 +1014,7 @@ static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
     if (saving && !rp_engine_session_exists(s->engine, name))
         return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist", name);
     const char *file = NULL;
-    if (session_file_name(o, &file, &e))
+    if (rp_request_session_file(o, &file, &e))
         return send_error(s, conn, e.status, e.code, "%s", e.message);
     if (!saving) {
         pthread_mutex_lock(&s->lock);
@@ -1451,6 +1044,8 @@ static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
         if (st != RP_OK && s->cfg.log_requests)
             log_line(s, "%s %s: %s", rc->method, rc->path, err.msg);
         if (st == RP_ERR_ARG) return send_error(s, conn, 409, "file_exists", "%s", err.msg);
+        if (st == RP_ERR_BUSY)
+            return send_error(s, conn, 507, "too_many_session_files", "%s", err.msg);
         if (st != RP_OK) return send_error(s, conn, 500, "io_error", "%s", err.msg);
         return send_json(s, conn, 200,
                          json_pack("{s:s,s:s,s:b}", "session", name, "path", file, "saved", 1));
@@ -1693,7 +1288,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         }
         if ((rc->route == ROUTE_SESSION || rc->route == ROUTE_SESSION_SAVE ||
              rc->route == ROUTE_SESSION_LOAD) &&
-            !session_name_valid(rc->session)) {
+            !rp_session_name_valid(rc->session)) {
             rc->answered = 1;
             conn_request_arrived(s, conn);
             return send_error(s, conn, 400, "invalid_value",
@@ -1752,17 +1347,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     json_t *o = NULL;
     if (route_has_body(rc->route)) {
-        json_error_t jerr;
-        if (!rc->body || rc->body_len == 0)
-            return send_error(s, conn, 400, "invalid_json", "the request needs a JSON body");
-        o = json_loadb(rc->body, rc->body_len, JSON_REJECT_DUPLICATES, &jerr);
-        if (!o)
-            return send_error(s, conn, 400, "invalid_json", "invalid JSON at line %d column %d: %s",
-                              jerr.line, jerr.column, jerr.text);
-        if (!json_is_object(o)) {
-            json_decref(o);
-            return send_error(s, conn, 400, "invalid_json", "the body must be a JSON object");
-        }
+        rp_request_error e;
+        o = rp_request_parse_json(rc->body, rc->body_len, &e);
+        if (!o) return send_error(s, conn, e.status, e.code, "%s", e.message);
     }
     enum MHD_Result r;
     if (rc->route == ROUTE_COMPLETIONS || rc->route == ROUTE_CHAT)
@@ -1870,7 +1457,7 @@ rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokeni
     }
     rp_status dir_st = rp_session_dir_init(
         &s->session_dir, cfg->session_dir && *cfg->session_dir ? cfg->session_dir : "sessions",
-        cfg->session_overwrite, err);
+        cfg->session_overwrite, cfg->max_session_files, err);
     if (dir_st != RP_OK) {
         rp_http_stop(s);
         return dir_st;
