@@ -8,7 +8,7 @@
 # problem without quoting the file; a FIFO under a session name is refused
 # at once and never stalls the server; a path encoding a control character
 # (%00, %0d%0a) is refused before routing; -v log lines escape what the
-# client sent. Run by `make check` (env: top_srcdir, top_builddir, PYTHON3,
+# client sent; --max-session-files bounds how many files clients can create. Run by `make check` (env: top_srcdir, top_builddir, PYTHON3,
 # RP_TEST_DATA; KEEP=1 keeps the scratch directory).
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
@@ -248,6 +248,23 @@ code=$(http "$T/o.json" POST "$B/v1/sessions/s/save" -d '{"path": "link.state"}'
 expect "--session-overwrite: a symbolic link is still refused ($code)" test "${code:0:1}" = 4 -a -L "$O/link.state"
 kill -TERM "$PID_B"
 wait "$JOB_B"
+
+# ---- --max-session-files: what clients can put on the disk is bounded -------------
+C_DIR="$T/cap"
+start C "$BIN" serve --model "$TINY" --port 0 --threads 1 --session-dir "$C_DIR" \
+    --max-session-files 2
+C=$URL_C
+http "$T/t.json" POST "$C/v1/completions" -d '{"prompt": "hello", "max_tokens": 2, "session": "s"}' >/dev/null
+expect "--max-session-files 2: a first file" test "$(http "$T/m.json" POST "$C/v1/sessions/s/save" -d '{"path": "a.state"}')" = 200
+expect "--max-session-files 2: a second file" test "$(http "$T/m.json" POST "$C/v1/sessions/s/save" -d '{"path": "b.state"}')" = 200
+code=$(http "$T/m.json" POST "$C/v1/sessions/s/save" -d '{"path": "c.state"}')
+expect "--max-session-files 2: a third is refused with 507 ($code)" test "$code" = 507 -a ! -e "$C_DIR/c.state"
+expect "--max-session-files 2: the reply names the option" grep -q 'max-session-files' "$T/m.json"
+expect "--max-session-files 2: replacing a file is still allowed" test "$(http "$T/m.json" POST "$C/v1/sessions/s/save" -d '{"path": "a.state"}')" = 200
+rm "$C_DIR/b.state"
+expect "--max-session-files 2: after a file is removed, a new one fits" test "$(http "$T/m.json" POST "$C/v1/sessions/s/save" -d '{"path": "c.state"}')" = 200
+kill -TERM "$PID_C"
+wait "$JOB_C"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -45,6 +45,8 @@ static void serve_usage(FILE *out) {
             "                           NAME.state, letters, digits, '_', '-', '.'\n"
             "  --session-overwrite      a save may replace a file that is not a session file\n"
             "                           (default: only session files are replaced)\n"
+            "  --max-session-files N    session files the directory may hold; a save that\n"
+            "                           would add one more gets 507 (default 1000; 0 = no cap)\n"
             "  -v, --verbose            one line per request on stderr, and why a session\n"
             "                           save or load failed (client text escaped as \\xHH)\n"
             "Limits:\n"
@@ -119,7 +121,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
         O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_DEVICE, O_GPU_MATH,
         O_PER_CLIENT, O_CONN_TIMEOUT, O_REQ_TIMEOUT, O_HTTP_THREADS, O_DRAIN,
-        O_SESSION_OVERWRITE
+        O_SESSION_OVERWRITE, O_MAX_SESSION_FILES
     };
     static const struct option longopts[] = {
         {"model", required_argument, 0, O_MODEL},
@@ -132,6 +134,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"api-key", required_argument, 0, O_KEY},
         {"session-dir", required_argument, 0, O_SESSION_DIR},
         {"session-overwrite", no_argument, 0, O_SESSION_OVERWRITE},
+        {"max-session-files", required_argument, 0, O_MAX_SESSION_FILES},
         {"max-body-bytes", required_argument, 0, O_BODY},
         {"max-prompt-tokens", required_argument, 0, O_PROMPT},
         {"max-tokens-limit", required_argument, 0, O_TOKENS},
@@ -179,6 +182,9 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         case O_KEY: hc.api_key = optarg; break;
         case O_SESSION_DIR: hc.session_dir = optarg; break;
         case O_SESSION_OVERWRITE: hc.session_overwrite = 1; break;
+        case O_MAX_SESSION_FILES:
+            hc.max_session_files = (int)cli_parse_int(cli, "--max-session-files", optarg, 0, 1 << 24);
+            break;
         case O_BODY:
             hc.max_body_bytes = (size_t)cli_parse_int(cli, "--max-body-bytes", optarg, 64, 1LL << 34);
             break;

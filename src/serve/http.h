@@ -35,6 +35,8 @@ typedef struct {
     const char *session_dir;   /* session files live in it, created 0700 if missing
                                   (default "sessions"; src/serve/session_file.h) */
     int session_overwrite;     /* a save may replace a file that is not a session file */
+    int max_session_files;     /* session files the directory may hold (default 1000; 0 = no
+                                  cap): what clients can put on the disk */
     size_t max_body_bytes;     /* request body limit, 413 above (default 1 MiB) */
     int max_prompt_tokens;     /* 400 above (default 16384) */
     int max_tokens_limit;      /* max_tokens above it is a 400 (default 4096) */

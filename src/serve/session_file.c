@@ -3,6 +3,7 @@
  * messages never quote the file. */
 #include "serve/session_file.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -233,7 +234,7 @@ static rp_status read_state(const rp_st_file *f, const char *label, const rp_con
 
 /* ---- the session directory ---- */
 
-rp_status rp_session_dir_init(rp_session_dir *d, const char *path, int overwrite,
+rp_status rp_session_dir_init(rp_session_dir *d, const char *path, int overwrite, int max_files,
                               rp_error *err) {
     memset(d, 0, sizeof *d);
     d->fd = -1;
@@ -242,6 +243,7 @@ rp_status rp_session_dir_init(rp_session_dir *d, const char *path, int overwrite
     d->path = strdup(path);
     if (!d->path) return rp_error_set(err, RP_ERR_NOMEM, "session directory path");
     d->overwrite = overwrite;
+    d->max_files = max_files > 0 ? max_files : 0;
     pthread_mutex_init(&d->mu, NULL);
     return RP_OK;
 }
@@ -336,6 +338,23 @@ static rp_status check_replace(const rp_session_dir *d, int dir, const char *nam
     return RP_OK;
 }
 
+/* Session files in the directory, and saves in progress (their temporary
+ * files): what a new save would add to. -1 when it cannot be read. */
+static int count_files(int dir) {
+    int fd = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *listing = fd >= 0 ? fdopendir(fd) : NULL;
+    if (!listing) {
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    int n = 0;
+    for (struct dirent *ent; (ent = readdir(listing)) != NULL;)
+        n += rp_session_file_name_valid(ent->d_name) ||
+             (ent->d_name[0] == '.' && strstr(ent->d_name, RP_SESSION_FILE_SUFFIX ".tmp-"));
+    closedir(listing);
+    return n;
+}
+
 rp_status rp_session_file_save(rp_session_dir *d, const char *name, const rp_config *cfg,
                                uint64_t tokens, const float *state, rp_error *err) {
     if (!rp_session_file_name_valid(name)) return bad_name(name, err);
@@ -351,12 +370,31 @@ rp_status rp_session_file_save(rp_session_dir *d, const char *name, const rp_con
     static atomic_uint counter;
     char tmp[RP_SESSION_FILE_NAME_MAX + 64];
     int fd = -1;
+    /* The count and the temporary file under one lock: saves in flight
+     * count, so concurrent saves cannot pass the cap together. */
+    pthread_mutex_lock(&d->mu);
+    if (d->max_files > 0) {
+        struct stat sb;
+        const int replacing = fstatat(dir, name, &sb, AT_SYMLINK_NOFOLLOW) == 0;
+        const int n = replacing ? 0 : count_files(dir);
+        if (n < 0 || n >= d->max_files) {
+            pthread_mutex_unlock(&d->mu);
+            image_free(&im);
+            if (n < 0)
+                return rp_error_set(err, RP_ERR_IO, "%s: cannot list the session directory: %s",
+                                    name, strerror(errno));
+            return rp_error_set(err, RP_ERR_BUSY, "the session directory holds %d session "
+                                "files, the most this server keeps (--max-session-files): "
+                                "replace or delete one", n);
+        }
+    }
     for (int attempt = 0; fd < 0 && attempt < 16; attempt++) {
         snprintf(tmp, sizeof tmp, ".%s.tmp-%ld-%u", name, (long)getpid(),
                  atomic_fetch_add(&counter, 1));
         fd = openat(dir, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (fd < 0 && errno != EEXIST) break;
     }
+    pthread_mutex_unlock(&d->mu);
     if (fd < 0) {
         st = rp_error_set(err, RP_ERR_IO, "%s: cannot create a temporary file in the session "
                           "directory: %s", name, strerror(errno));

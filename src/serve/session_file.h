@@ -33,10 +33,13 @@ typedef struct {
     int fd;          /* -1 until first used */
     char *path;
     int overwrite;   /* a save may replace any regular file (--session-overwrite) */
+    int max_files;   /* a save that would make more session files is refused; 0 = no cap */
 } rp_session_dir;
 
-/* No I/O yet: a server that never saves creates nothing. */
-rp_status rp_session_dir_init(rp_session_dir *d, const char *path, int overwrite, rp_error *err);
+/* No I/O yet: a server that never saves creates nothing. max_files bounds
+ * what clients can put on the disk (files x one state's bytes). */
+rp_status rp_session_dir_init(rp_session_dir *d, const char *path, int overwrite, int max_files,
+                              rp_error *err);
 void rp_session_dir_free(rp_session_dir *d);
 
 /* A file name a client may give: 1 to RP_SESSION_FILE_NAME_MAX letters,
@@ -47,7 +50,8 @@ int rp_session_file_name_valid(const char *name);
 /* Writes `name` in d atomically (a temporary name starting with '.', fsync,
  * renameat, directory fsync). RP_ERR_ARG when refused: a bad name, a
  * symbolic link or non-regular file under that name, or a regular file that
- * is not a session file (unless d->overwrite). RP_ERR_IO when writing fails.
+ * is not a session file (unless d->overwrite). RP_ERR_BUSY when a new file
+ * would make more than d->max_files. RP_ERR_IO when writing fails.
  * state: the whole model's state in rp_state layout (1 slot, layers 0..L-1). */
 rp_status rp_session_file_save(rp_session_dir *d, const char *name, const rp_config *cfg,
                                uint64_t tokens, const float *state, rp_error *err);
