@@ -73,12 +73,15 @@ expect_fail() {
     ok "exit $rc: $line"
 }
 
-COMMANDS="generate logits info init tokenize train eval encode decode"
+COMMANDS="generate logits info init tokenize train eval encode decode serve schedule"
 
 # ---------------------------------------------------------------- help, version
 check "rwkvpipe --help exits 0 and lists every command"
 expect_ok "--help" "$BIN" --help
 grep -q '^usage: rwkvpipe COMMAND' "$T/stdout" || fail "--help: no usage line on stdout"
+# it describes what the program does now, not plans
+grep -q 'as they land' "$T/stdout" && fail "--help still promises features 'as they land'"
+grep -q 'serve' "$T/stdout" || fail "--help does not mention serve"
 for c in $COMMANDS; do
     grep -q "^  $c " "$T/stdout" || fail "--help does not list '$c'"
 done

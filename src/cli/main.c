@@ -37,8 +37,9 @@ static void usage(FILE *out) {
     fprintf(out,
             "usage: rwkvpipe COMMAND [OPTIONS]   (or: mpirun -np N rwkvpipe COMMAND ...)\n"
             "\n"
-            "RWKV-7 language models: exact CPU inference today; pipelined training and\n"
-            "serving across MPI ranks as they land.\n\ncommands:\n");
+            "Train and serve RWKV-7 language models with the layers split across MPI ranks\n"
+            "(pipeline stages x data replicas: --pp P under mpirun -np N). Exact fp32 on the\n"
+            "CPU; a CUDA backend (--device cuda) in builds made with --with-cuda.\n\ncommands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         fprintf(out, "  %-10s %s\n", commands[i].name, commands[i].summary);
     fprintf(out,
