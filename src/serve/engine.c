@@ -903,7 +903,7 @@ static rp_status collect_results(rp_engine *e, int block, rp_error *err) {
 
 static rp_status run_controls(rp_engine *e, rp_error *err);
 static rp_status do_control(rp_engine *e, control *c, rp_error *err);
-static void fail_controls(rp_engine *e, const char *why);
+static void fail_controls(rp_engine *e, rp_status st, const char *why);
 
 int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
     *status = RP_OK;
@@ -1046,7 +1046,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
     for (int s = 0; s < S; s++) busy |= e->slot_job[s] != NULL;
     return busy || e->units_in_flight > 0;
 fail:
-    fail_controls(e, err ? err->msg : rp_status_name(st));
+    fail_controls(e, RP_ERR_MPI, err ? err->msg : rp_status_name(st));
     *status = st;
     return 0;
 }
@@ -1078,13 +1078,13 @@ rp_status rp_engine_run(rp_engine *e, rp_error *err) {
              * comes back: wait for it instead of spinning. */
             rp_status cst = collect_results(e, 1, err);
             if (cst != RP_OK) {
-                fail_controls(e, err ? err->msg : rp_status_name(cst));
+                fail_controls(e, RP_ERR_MPI, err ? err->msg : rp_status_name(cst));
                 return cst;
             }
         }
     }
     /* A control queued after the last step is answered, not left waiting. */
-    fail_controls(e, "the server is shutting down");
+    fail_controls(e, RP_ERR_UNAVAILABLE, "the server is shutting down");
     /* Every stage stops; the last one acknowledges, so none is left behind. */
     if (e->n_stages > 1) {
         command c = RWKVPIPE__ENGINE_COMMAND__INIT;
@@ -1240,7 +1240,9 @@ static rp_status do_control(rp_engine *e, control *c, rp_error *err) {
                       stage, TAG_STATE, e->comm, &rq) != MPI_SUCCESS)
             return rp_error_set(err, RP_ERR_MPI, "rank 0: sending a session state to stage %d "
                                 "failed", stage);
-        st = rp_comm_wait(&rq, e->cfg.comm_timeout, "a session state sent to a stage", err);
+        char what[64];
+        snprintf(what, sizeof what, "stage %d's part of a session state (sent)", stage);
+        st = rp_comm_wait(&rq, e->cfg.comm_timeout, what, err);
     }
     return st;
 }
@@ -1254,10 +1256,12 @@ static rp_status run_controls(rp_engine *e, rp_error *err) {
         if (!c) return RP_OK;
         rp_status st = do_control(e, c, err);
         if (st != RP_OK) {
-            c->status = RP_ERR_UNAVAILABLE;
+            /* RP_ERR_MPI: the client learns the engine failed (HTTP 503
+             * engine_failed), not that the server is stopping on request */
+            c->status = RP_ERR_MPI;
             snprintf(c->err.msg, sizeof c->err.msg, "the engine failed: %.900s",
                      err ? err->msg : rp_status_name(st));
-            c->err.code = RP_ERR_UNAVAILABLE;
+            c->err.code = RP_ERR_MPI;
         }
         /* c belongs to the waiting thread: not touched after done. */
         pthread_mutex_lock(&e->mu);
@@ -1270,13 +1274,16 @@ static rp_status run_controls(rp_engine *e, rp_error *err) {
 
 /* The engine stops (an error, or shutdown): every waiting control is
  * answered, and later ones are refused, so no client thread waits forever. */
-static void fail_controls(rp_engine *e, const char *why) {
+/* Answers every queued control: st is RP_ERR_UNAVAILABLE after a requested
+ * shutdown, RP_ERR_MPI when the engine failed. */
+static void fail_controls(rp_engine *e, rp_status st, const char *why) {
     pthread_mutex_lock(&e->mu);
     e->failed = 1;
     while (e->controls) {
         control *c = e->controls;
         e->controls = c->next;
-        c->status = rp_error_set(&c->err, RP_ERR_UNAVAILABLE, "the engine stopped: %s", why);
+        c->status = rp_error_set(&c->err, st, "the engine %s: %s",
+                                 st == RP_ERR_UNAVAILABLE ? "stopped" : "failed", why);
         c->done = 1;
     }
     pthread_cond_broadcast(&e->wake);

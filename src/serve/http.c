@@ -77,6 +77,7 @@ struct rp_http_server {
     atomic_long responses[N_COUNTED_CODES + 1];  /* last: any other code */
     atomic_long active_connections;
     atomic_int active_generations;  /* gen_ctx alive (a stream: until its last byte is sent) */
+    atomic_int active_session_requests; /* session save/load/delete until their reply is sent */
     atomic_long connections_cut;    /* closed by the request deadline */
     pthread_mutex_t conn_lock;  /* conns; held while shutting a socket down, so that
                                  * libmicrohttpd cannot close (and reuse) its fd meanwhile */
@@ -643,6 +644,7 @@ typedef struct {
     double t_start;
     int started;                /* on_request has seen the request */
     int bad_target;             /* the raw target encodes a control character */
+    int session_request;        /* counted in active_session_requests */
     const char *method;
     char path[128];             /* the target as sent (percent-encoded), for the log */
 } request_ctx;
@@ -978,6 +980,7 @@ static enum MHD_Result session_failure(rp_http_server *s, struct MHD_Connection 
         return send_error(s, conn, 404, "session_not_found", "%s", err->msg);
     if (st == RP_ERR_UNAVAILABLE)
         return send_error(s, conn, 503, "shutting_down", "%s", err->msg);
+    if (st == RP_ERR_MPI) return send_error(s, conn, 503, "engine_failed", "%s", err->msg);
     if (st == RP_ERR_ARG) return send_error(s, conn, 400, "invalid_value", "%s", err->msg);
     return send_error(s, conn, 500, "internal", "%s", err->msg);
 }
@@ -1354,8 +1357,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     enum MHD_Result r;
     if (rc->route == ROUTE_COMPLETIONS || rc->route == ROUTE_CHAT)
         r = handle_generation(s, rc, conn, o);
-    else
+    else {
+        /* counted until its reply is sent (on_completed): a stop after an
+         * engine failure lets the failure reach the client first */
+        rc->session_request = 1;
+        atomic_fetch_add(&s->active_session_requests, 1);
         r = handle_session(s, rc, conn, method, o);
+    }
     json_decref(o);
     return r;
 }
@@ -1372,6 +1380,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         if (!rc->gen->done) log_line(s, "%s %s: client gone, job cancelled", rc->method, rc->path);
         gen_free(rc->gen);
     }
+    if (rc->session_request) atomic_fetch_sub(&s->active_session_requests, 1);
     if (s->cfg.log && toe != MHD_REQUEST_TERMINATED_COMPLETED_OK &&
         toe != MHD_REQUEST_TERMINATED_CLIENT_ABORT)
         log_line(s, "%s %s: connection ended early (%d)", rc->method, rc->path, (int)toe);
@@ -1561,7 +1570,9 @@ void rp_http_stop(rp_http_server *s) {
         for (gen_ctx *g = s->gens; g; g = g->next) gen_wake(g);
         pthread_mutex_unlock(&s->gen_lock);
         const double until = now_seconds() + STOP_FINISH_SECONDS;
-        while (atomic_load(&s->active_generations) > 0 && now_seconds() < until) {
+        while ((atomic_load(&s->active_generations) > 0 ||
+                atomic_load(&s->active_session_requests) > 0) &&
+               now_seconds() < until) {
             struct timespec ts = {0, 10000000};
             nanosleep(&ts, NULL);
         }
