@@ -205,6 +205,34 @@ def st_header(name, entry):
 st_header("dtype_as_list.pth", {"dtype": ["F32"], "shape": [2, 2], "data_offsets": [0, 16]})
 st_header("shape_as_string.pth", {"dtype": "F32", "shape": "2x2", "data_offsets": [0, 16]})
 st_header("offsets_short.pth", {"dtype": "F32", "shape": [2, 2], "data_offsets": [0]})
+# data.pkl's local header damaged, the central directory intact (found by
+# tests/fuzz/fuzz_pth.py: zipfile raised BadZipFile out of read_pth)
+b = bytearray(open(src, "rb").read())
+b[zin.getinfo(pkl_name).header_offset] ^= 0xFF
+open(out + "/badlocal.pth", "wb").write(b)
+# a central directory entry that needs zip version 7.6 to extract (fuzz_pth.py:
+# NotImplementedError out of zipfile.ZipFile)
+b = bytearray(open(src, "rb").read())
+i = b.find(b"PK\x01\x02")
+b[i + 6:i + 8] = (76).to_bytes(2, "little")
+open(out + "/zipversion.pth", "wb").write(b)
+# data.pkl's local header name is not UTF-8 while the central directory says
+# it is (fuzz_pth.py: UnicodeDecodeError out of zipfile.open)
+b = bytearray(open(src, "rb").read())
+b[zin.getinfo(pkl_name).header_offset + 30] = 0x85
+i = b.find(b"PK\x01\x02")
+b[i + 8:i + 10] = (int.from_bytes(b[i + 8:i + 10], "little") | 0x800).to_bytes(2, "little")
+open(out + "/badname.pth", "wb").write(b)
+# the end record puts the central directory 4 KiB later than it is: members
+# get negative offsets (fuzz_pth.py: a bare "[Errno 22] Invalid argument")
+b = bytearray(open(src, "rb").read())
+for sig, at, size in ((b"PK\x05\x06", 16, 4), (b"PK\x06\x06", 48, 8)):  # (zip64) end record
+    i = b.rfind(sig)
+    if i >= 0:
+        v = int.from_bytes(b[i + at:i + at + size], "little")
+        if v != 2 ** (8 * size) - 1:
+            b[i + at:i + at + size] = (v + 4096).to_bytes(size, "little")
+open(out + "/negoffset.pth", "wb").write(b)
 EOF
 [ $? -eq 0 ] && ok "built bad inputs" || fail "building bad inputs"
 
@@ -225,6 +253,10 @@ conv_bad "unknown storage type" "unknown storage type torch.ShortStorage" "$T/sh
 conv_bad "non-contiguous tensor" "not contiguous" "$T/noncontig.pth"
 conv_bad "storage too small" "has only 16384" "$T/toosmall.pth"
 conv_bad "cut data.pkl" "not a valid tensor checkpoint" "$T/garbage.pth"
+conv_bad "non-UTF-8 member name" "cannot read tiny_L2_C128_V256_s1.bf16/data.pkl" "$T/badname.pth"
+conv_bad "negative member offset" "cannot read tiny_L2_C128_V256_s1.bf16/data.pkl" "$T/negoffset.pth"
+conv_bad "zip version 7.6" "not a readable zip" "$T/zipversion.pth"
+conv_bad "damaged data.pkl header" "cannot read tiny_L2_C128_V256_s1.bf16/data.pkl" "$T/badlocal.pth"
 conv_bad "missing input" "cannot open" "$T/does-not-exist.pth"
 conv_bad "dtype field is a list" \
     "dtype_as_list.pth: tensor emb.weight: field 'dtype' is a list (\\[\"F32\"\\]), expected a string" \

@@ -27,6 +27,7 @@ import struct
 import sys
 import tempfile
 import zipfile
+import zlib
 from array import array
 
 PROG = "rwkvpipe-convert"
@@ -201,6 +202,13 @@ def transpose2d(b, rows, cols, itemsize):
 # data sources: a byte range inside a zip entry or a plain file
 # ---------------------------------------------------------------------------
 
+# What zipfile raises for a damaged member: ValueError covers a local header
+# name that does not decode, zlib.error a corrupt deflate stream, OSError a
+# seek to the negative offset of a bad central directory.
+ZIP_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError,
+                   NotImplementedError, RuntimeError, ValueError, zlib.error, OSError)
+
+
 def _numel(shape):
     n = 1
     for d in shape:
@@ -240,8 +248,7 @@ class ZipSource:
                     # read to the end so zipfile checks the CRC
                     while f.read(size):
                         pass
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError,
-                NotImplementedError, RuntimeError) as e:
+        except ZIP_READ_ERRORS as e:
             raise ConvertError("%s: cannot read blob %s: %s"
                                % (self.path, self.entry, e))
 
@@ -447,6 +454,16 @@ def _contiguous(size, stride):
     return True
 
 
+def _zip_read(zf, entry, path):
+    """A whole (small) member; a damaged archive is a ConvertError, as in
+    ZipSource (the central directory can be intact while a member is not)."""
+    try:
+        return zf.read(entry)
+    except ZIP_READ_ERRORS as e:
+        raise ConvertError("%s: cannot read %s: %s (truncated or corrupt?)"
+                           % (path, entry, e))
+
+
 def read_pth(path, zf):
     names = zf.namelist()
     pkls = [n for n in names if n.rsplit("/", 1)[-1] == "data.pkl"]
@@ -457,11 +474,11 @@ def read_pth(path, zf):
                            % (path, ", ".join(pkls[:4])))
     prefix = pkls[0][:-len("data.pkl")]
     if prefix + "byteorder" in names:
-        bo = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+        bo = _zip_read(zf, prefix + "byteorder", path).decode("ascii", "replace").strip()
         if bo != "little":
             raise ConvertError("%s: byteorder is %r; only little-endian "
                                "checkpoints are supported" % (path, bo))
-    data = zf.read(pkls[0])
+    data = _zip_read(zf, pkls[0], path)
     try:
         obj = RestrictedUnpickler(io.BytesIO(data)).load()
     except RefusedClass as e:
@@ -966,7 +983,7 @@ def run(args):
                 try:
                     zf = zipfile.ZipFile(fh)
                 except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError,
-                        ValueError, OSError) as e:
+                        ValueError, OSError, NotImplementedError) as e:
                     raise ConvertError("%s: not a readable zip / torch checkpoint "
                                        "(truncated or corrupt?): %s" % (in_path, e))
                 tensors = read_pth(in_path, zf)

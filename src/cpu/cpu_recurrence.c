@@ -204,32 +204,44 @@ static void cpu_wkv7_head_v8(float *restrict S, float *restrict y, const float *
 CPU_WKV7_KEYMAJOR_TOKEN(cpu_v16, 16, CPU_V16_LOAD, CPU_V16_STORE)
 CPU_WKV7_KEYMAJOR_TOKEN(cpu_v8, 8, CPU_V8_LOAD, CPU_V8_STORE)
 
+/* GCC's __builtin_shuffle takes the lane indices as a vector; clang (which
+ * builds the fuzz targets, launch/fuzz) has only __builtin_shufflevector with
+ * constant indices. Same lanes either way. */
+#if defined(__clang__)
+#define CPU_SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int cpu_i8 __attribute__((vector_size(32)));
+#define CPU_SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (cpu_i8){__VA_ARGS__})
+#endif
+#define CPU_LO_PAIRS 0, 8, 1, 9, 4, 12, 5, 13
+#define CPU_HI_PAIRS 2, 10, 3, 11, 6, 14, 7, 15
+#define CPU_LO_QUADS 0, 1, 8, 9, 4, 5, 12, 13
+#define CPU_HI_QUADS 2, 3, 10, 11, 6, 7, 14, 15
+#define CPU_LO_HALVES 0, 1, 2, 3, 8, 9, 10, 11
+#define CPU_HI_HALVES 4, 5, 6, 7, 12, 13, 14, 15
+
 /* Rows 0..7 of an 8 x 8 block (row stride `in`) written as its columns
  * (row stride `out`): the usual three rounds of two-input shuffles (pairs,
  * quads, halves), 24 in all, instead of 64 strided single-float stores. */
 static inline __attribute__((always_inline)) void
 cpu_transpose_8x8(float *restrict dst, const float *restrict src, size_t out, size_t in) {
-    typedef int cpu_i8 __attribute__((vector_size(32)));
-    const cpu_i8 lo_pairs = {0, 8, 1, 9, 4, 12, 5, 13}, hi_pairs = {2, 10, 3, 11, 6, 14, 7, 15};
-    const cpu_i8 lo_quads = {0, 1, 8, 9, 4, 5, 12, 13}, hi_quads = {2, 3, 10, 11, 6, 7, 14, 15};
-    const cpu_i8 lo_halves = {0, 1, 2, 3, 8, 9, 10, 11}, hi_halves = {4, 5, 6, 7, 12, 13, 14, 15};
     cpu_v8 r[8], t[8], u[8];
     for (int i = 0; i < 8; i++) r[i] = CPU_V8_LOAD(src + i * in);
     for (int i = 0; i < 8; i += 2) {
-        t[i] = __builtin_shuffle(r[i], r[i + 1], lo_pairs);
-        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi_pairs);
+        t[i] = CPU_SHUFFLE8(r[i], r[i + 1], CPU_LO_PAIRS);
+        t[i + 1] = CPU_SHUFFLE8(r[i], r[i + 1], CPU_HI_PAIRS);
     }
     for (int i = 0; i < 8; i += 4)
         for (int h = 0; h < 2; h++) {
-            u[i + h] = __builtin_shuffle(t[i + h], t[i + h + 2], lo_quads);
-            u[i + h + 2] = __builtin_shuffle(t[i + h], t[i + h + 2], hi_quads);
+            u[i + h] = CPU_SHUFFLE8(t[i + h], t[i + h + 2], CPU_LO_QUADS);
+            u[i + h + 2] = CPU_SHUFFLE8(t[i + h], t[i + h + 2], CPU_HI_QUADS);
         }
     /* u[0..3] hold columns 0, 1, 2, 3 of rows 0-3 (lanes 0-3) and columns
      * 4-7 (lanes 4-7); u[4..7] the same for rows 4-7. */
     const int col_of[4] = {0, 2, 1, 3};
     for (int q = 0; q < 4; q++) {
-        CPU_V8_STORE(dst + col_of[q] * out, __builtin_shuffle(u[q], u[q + 4], lo_halves));
-        CPU_V8_STORE(dst + (col_of[q] + 4) * out, __builtin_shuffle(u[q], u[q + 4], hi_halves));
+        CPU_V8_STORE(dst + col_of[q] * out, CPU_SHUFFLE8(u[q], u[q + 4], CPU_LO_HALVES));
+        CPU_V8_STORE(dst + (col_of[q] + 4) * out, CPU_SHUFFLE8(u[q], u[q + 4], CPU_HI_HALVES));
     }
 }
 
