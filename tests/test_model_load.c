@@ -18,6 +18,7 @@
 #include "core/dtype.h"
 #include "golden_util.h"
 #include "model/model.h"
+#include "model/state.h"
 
 #define TINY_WEIGHTS "tiny_L2_C128_V256_s1.weights.safetensors"
 #define TINY_GOLDEN "tiny_L2_C128_V256_s1.golden.safetensors"
@@ -926,6 +927,62 @@ static void test_layer_range_outside_the_model_is_rejected(void **s) {
     assert_non_null(strstr(fx->err.msg, "[1, 3)"));
 }
 
+/* The state export is the flat per-slot layout read as [L,C] / [L,H,N,N]
+ * tensors with the config's head size (32 here, so a hard-coded 64 fails),
+ * and import is its exact inverse. */
+static void test_state_export_and_import_use_the_config_head_size(void **s) {
+    fixture *fx = *s;
+    rp_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.n_layer = 2;
+    cfg.n_embd = 64;
+    cfg.n_head = 2;
+    cfg.head_size = 32;
+    rp_state st, back;
+    assert_int_equal(rp_state_alloc_host(&st, &cfg, 0, 2, 2, &fx->err), RP_OK);
+    assert_int_equal(rp_state_alloc_host(&back, &cfg, 0, 2, 2, &fx->err), RP_OK);
+    assert_int_equal(st.floats_per_layer, 2 * 64 + 2 * 32 * 32);
+    for (size_t i = 0; i < 2 * st.floats_per_slot; i++) st.data[i] = (float)i;
+    rp_state_tensors t;
+    assert_int_equal(rp_state_tensors_alloc(&t, &cfg, &fx->err), RP_OK);
+    const int64_t lc[2] = {2, 64}, wkv[4] = {2, 2, 32, 32};
+    assert_memory_equal(t.shape_lc, lc, sizeof lc);
+    assert_memory_equal(t.shape_wkv, wkv, sizeof wkv);
+    rp_state_export(&st, 1, &t);
+    const float base = (float)st.floats_per_slot; /* slot 1 starts here */
+    const float per_layer = (float)st.floats_per_layer;
+    /* Layer 1: att_x_prev first, then wkv [H][N][N], then ffn_x_prev. */
+    assert_true(t.att_x_prev[64 + 5] == base + per_layer + 5);
+    assert_true(t.wkv[2 * 32 * 32 + 1 * 32 * 32 + 3 * 32 + 7] ==
+                base + per_layer + 64 + 1 * 32 * 32 + 3 * 32 + 7);
+    assert_true(t.ffn_x_prev[64 + 63] == base + 2 * per_layer - 1);
+    rp_state_import(&back, 1, &t);
+    assert_memory_equal(back.data + st.floats_per_slot, st.data + st.floats_per_slot,
+                        st.floats_per_slot * sizeof(float));
+    for (size_t i = 0; i < st.floats_per_slot; i++) assert_true(back.data[i] == 0.0f);
+    /* Written and read back under the three names and shapes. */
+    char path[1100];
+    snprintf(path, sizeof path, "%s/state.safetensors", fx->dir);
+    rp_st_writer w;
+    rp_st_writer_init(&w);
+    assert_int_equal(rp_state_tensors_add(&t, &w, &fx->err), RP_OK);
+    assert_int_equal(rp_st_writer_write(&w, path, &fx->err), RP_OK);
+    rp_st_writer_free(&w);
+    rp_st_file f;
+    assert_int_equal(rp_st_open(&f, path, &fx->err), RP_OK);
+    const rp_st_tensor *tw = rp_st_find(&f, RP_STATE_WKV);
+    assert_non_null(tw);
+    assert_int_equal(tw->ndim, 4);
+    assert_int_equal(tw->shape[2], 32);
+    assert_non_null(rp_st_find(&f, RP_STATE_ATT_X_PREV));
+    assert_non_null(rp_st_find(&f, RP_STATE_FFN_X_PREV));
+    rp_st_close(&f);
+    unlink(path);
+    rp_state_tensors_free(&t);
+    rp_state_free_host(&st);
+    rp_state_free_host(&back);
+}
+
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
 
 int main(void) {
@@ -957,6 +1014,7 @@ int main(void) {
         T(test_layer_range_loads_only_the_owned_layers),
         T(test_first_stage_owns_embedding_not_head),
         T(test_layer_range_outside_the_model_is_rejected),
+        T(test_state_export_and_import_use_the_config_head_size),
     };
     return cmocka_run_group_tests_name("model_load", tests, NULL, NULL);
 }
