@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "core/clock.h"
 #include "infer/tokenizer.h"
 #include "model/init.h"
 #include "pipe/grid.h"
@@ -95,10 +96,9 @@ static volatile sig_atomic_t first_signal_s;
  * launcher forwards it too) must not cut the graceful stop short. */
 static void on_stop_signal(int sig) {
     (void)sig;
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);  /* async-signal-safe */
-    if (serve_signals++ == 0) first_signal_s = (sig_atomic_t)now.tv_sec;
-    else if (now.tv_sec - first_signal_s < 2) return;
+    const long now = (long)rp_now_seconds();  /* async-signal-safe */
+    if (serve_signals++ == 0) first_signal_s = (sig_atomic_t)now;
+    else if (now - first_signal_s < 2) return;
     if (serve_signals > 1) {
         static const char msg[] = "rwkvpipe serve: second signal, exiting now\n";
         ssize_t w = write(2, msg, sizeof msg - 1);
