@@ -275,7 +275,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     const rp_config *cfg = &model.cfg;
     /* Admission: the slot count, and the memory their states take. */
     const double slot_bytes =
-        (double)cfg->n_layer * (2.0 * cfg->n_embd + (double)cfg->n_head * 64 * 64) * sizeof(float);
+        (double)cfg->n_layer * (double)rp_config_state_floats_per_layer(cfg) * sizeof(float);
     if (state_budget_mb > 0) {
         const int fit = (int)(state_budget_mb * 1048576.0 / slot_bytes);
         if (fit < 1)
