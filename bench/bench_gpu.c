@@ -26,6 +26,7 @@
 #include "model/model.h"
 #include "model/train.h"
 #include "train/optim.h"
+#include "core/clock.h"
 
 /* Goals of the CUDA backend issue. */
 #define GOAL_DECODE_OVER_FLOOR 1.3
@@ -136,14 +137,14 @@ static gpu_result gpu_measure(bench_call_fn call, gpu_sync_fn sync, void *ctx,
     gpu_result res = {-1.0, 0, 0};
     /* Warm-up: first calls pay for cuBLAS heuristics, scratch growth and
      * lazy module loading; the last call's time calibrates the batch. */
-    double start = bench_now_s(), last = 0.0;
+    double start = rp_now_seconds(), last = 0.0;
     int calls = 0;
     do {
-        double t0 = bench_now_s();
+        double t0 = rp_now_seconds();
         if (call(ctx) || sync(ctx)) return res;
-        last = bench_now_s() - t0;
+        last = rp_now_seconds() - t0;
         calls++;
-    } while (calls < 2 || bench_now_s() - start < t->warmup_s);
+    } while (calls < 2 || rp_now_seconds() - start < t->warmup_s);
     long per_batch = last > 0.0 ? (long)(t->min_batch_s / last) + 1 : 1;
     int reps = t->reps;
     double batch_s = last * (double)per_batch;
@@ -152,11 +153,11 @@ static gpu_result gpu_measure(bench_call_fn call, gpu_sync_fn sync, void *ctx,
     double *samples = malloc((size_t)reps * sizeof *samples);
     if (!samples) return res;
     for (int r = 0; r < reps; r++) {
-        double t0 = bench_now_s();
+        double t0 = rp_now_seconds();
         for (long i = 0; i < per_batch; i++)
             if (call(ctx)) goto out;
         if (sync(ctx)) goto out;
-        samples[r] = (bench_now_s() - t0) / (double)per_batch;
+        samples[r] = (rp_now_seconds() - t0) / (double)per_batch;
     }
     res.seconds = bench_median(samples, reps);
     res.reps = reps;

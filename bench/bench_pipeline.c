@@ -23,6 +23,7 @@
 #include "pipe/schedule.h"
 #include "pipe/transport.h"
 #include "train/optim.h"
+#include "core/clock.h"
 
 #define MAX_MICRO_COUNTS 16
 #define MAX_STEPS 1000
@@ -444,7 +445,7 @@ int main(int argc, char **argv) {
         trainers[c].trace_cap = TRACE_CAP;
         const float loss_scale = 1.0f / ((float)case_m[c] * R);
         MPI_Barrier(MPI_COMM_WORLD);
-        const double t0 = bench_now_s();
+        const double t0 = rp_now_seconds();
         rp_pipe_step_result res;
         if (rp_pipe_trainer_step(&trainers[c], inputs, targets, loss_scale, 1e-4f * loss_scale,
                                  &optim, step++, &res, &err) != RP_OK)

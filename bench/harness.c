@@ -11,12 +11,7 @@
 #include <unistd.h>
 
 #include "harness.h"
-
-double bench_now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "core/clock.h"
 
 static int compare_doubles(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -33,22 +28,22 @@ long bench_calls_per_batch(bench_call_fn fn, void *ctx, double warmup_s, double 
     /* The warm-up also calibrates: first calls fault pages in, so this
      * overestimates the call time and errs towards shorter batches, never
      * zero calls. */
-    double t0 = bench_now_s(), elapsed;
+    double t0 = rp_now_seconds(), elapsed;
     long calls = 0;
     do {
         if (fn(ctx)) return -1;
         calls++;
-        elapsed = bench_now_s() - t0;
+        elapsed = rp_now_seconds() - t0;
     } while (elapsed < warmup_s);
     double per_call = elapsed / (double)calls;
     return per_call > 0.0 ? (long)(min_batch_s / per_call) + 1 : 1;
 }
 
 double bench_batch_seconds(bench_call_fn fn, void *ctx, long calls) {
-    double t0 = bench_now_s();
+    double t0 = rp_now_seconds();
     for (long i = 0; i < calls; i++)
         if (fn(ctx)) return -1.0;
-    return (bench_now_s() - t0) / (double)calls;
+    return (rp_now_seconds() - t0) / (double)calls;
 }
 
 double bench_seconds_per_call(bench_call_fn fn, void *ctx, const bench_timing *t) {

@@ -22,7 +22,6 @@ typedef struct {
 /* One call of the thing measured; returns 0 on success, non-zero to abort. */
 typedef int (*bench_call_fn)(void *ctx);
 
-double bench_now_s(void);
 /* Median of n values (sorts them in place). */
 double bench_median(double *values, int n);
 

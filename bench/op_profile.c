@@ -6,6 +6,7 @@
 
 #include "harness.h"
 #include "op_profile.h"
+#include "core/clock.h"
 
 #define PROFILE(be) ((op_profile *)(be))
 #define INNER(be) (PROFILE(be)->inner)
@@ -32,10 +33,10 @@ static void profile_add(op_profile *p, const char *name, double seconds) {
     do {                                                                                   \
         op_profile *p_ = PROFILE(be);                                                      \
         p_->inner->synchronize(p_->inner);                                                 \
-        const double t0_ = bench_now_s();                                                \
+        const double t0_ = rp_now_seconds();                                                \
         CALL;                                                                              \
         p_->inner->synchronize(p_->inner);                                                 \
-        profile_add(p_, NAME, bench_now_s() - t0_);                                      \
+        profile_add(p_, NAME, rp_now_seconds() - t0_);                                      \
     } while (0)
 
 /* Matmuls under one name per shape: "matmul_linear N=768 K=3072". */

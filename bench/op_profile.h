@@ -5,7 +5,7 @@
  * slower than they are inside an unsynchronised step, which the printed
  * table says next to the unprofiled time). Matmuls are kept apart by shape.
  * Used by bench_cpu --profile and bench_gpu --profile; its clock is the
- * harness's (bench_now_s), so it links with bench/harness.c. */
+ * one in core (rp_now_seconds). */
 #ifndef RP_BENCH_OP_PROFILE_H
 #define RP_BENCH_OP_PROFILE_H
 

@@ -8,18 +8,34 @@ LoRA matrices transposed, w0/a0/v0, k_k, k_a and ffn.x_k squeezed to [C],
 x_r..x_g kept [1,1,C], blocks.0.att.v0/v1/v2 dropped (unless --keep-layer0-v).
 --fuse-x writes attn.x_r..x_g as one attn.x_x [6, C] tensor (the other fla
 flavour). Tensors are written in sorted name order, as HF tools do.
-Stdlib only; used by tests/test_convert.sh, not installed.
+The names come from the converter's table (HF_NAMES in
+tools/rwkvpipe-convert.py, checked equal to the C loader's), so the three
+cannot drift apart. Stdlib only; used by tests/test_convert.sh and
+tests/test_cli.sh, not installed.
 """
 
 import argparse
+import importlib.util
 import json
+import os
 import re
 import struct
 import sys
 from array import array
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-PROJ = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj"}
+
+
+def load_name_table():
+    """official -> (HF name, kind) for global rows, suffix -> ... for layers."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tools",
+                        "rwkvpipe-convert.py")
+    spec = importlib.util.spec_from_file_location("rwkvpipe_convert", path)
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    glob = {o: (h, k) for scope, o, h, k in conv.HF_NAMES if scope == "global"}
+    layer = {o: (h, k) for scope, o, h, k in conv.HF_NAMES if scope == "layer"}
+    return glob, layer
 
 
 def transpose(raw, rows, cols, isz):
@@ -47,57 +63,34 @@ def main():
     base = 8 + n
     out = {}  # name -> (dtype, shape, bytes)
     xparts = {}
+    glob, layer_names = load_name_table()
     for name, info in header.items():
         a, b = info["data_offsets"]
         dt, shape, raw = info["dtype"], info["shape"], data[base + a:base + b]
         m = re.match(r"blocks\.(\d+)\.(.+)\Z", name)
-        if name == "emb.weight":
-            out["model.embeddings.weight"] = (dt, shape, raw)
-        elif name == "head.weight":
-            out["lm_head.weight"] = (dt, shape, raw)
-        elif name.startswith("ln_out."):
-            out["model.norm." + name[7:]] = (dt, shape, raw)
-        elif m:
+        if name in glob:
+            hf, kind = glob[name]
+        elif m and m.group(2) in layer_names:
             i, rest = int(m.group(1)), m.group(2)
-            L = "model.layers.%d." % i
-            mm = re.match(r"att\.([wavg])([012])\Z", rest)
-            if mm and i == 0 and mm.group(1) == "v" and not args.keep_layer0_v:
+            if i == 0 and rest in ("att.v0", "att.v1", "att.v2") and not args.keep_layer0_v:
                 continue
-            if rest.startswith("ln0."):
-                out[L + "pre_norm." + rest[4:]] = (dt, shape, raw)
-            elif rest.startswith("ln1."):
-                out[L + "attn_norm." + rest[4:]] = (dt, shape, raw)
-            elif rest.startswith("ln2."):
-                out[L + "ffn_norm." + rest[4:]] = (dt, shape, raw)
-            elif re.match(r"att\.x_[rwkvag]\Z", rest):
+            hf, kind = layer_names[rest]
+            hf = "model.layers.%d.%s" % (i, hf)
+            if re.match(r"att\.x_[rwkvag]\Z", rest):
+                # fla keeps these [1,1,C] (or fuses them into attn.x_x [6, C])
                 if args.fuse_x:
                     xparts.setdefault(i, {})[rest[-1]] = (dt, raw)
-                else:
-                    out[L + "attn." + rest[4:]] = (dt, shape, raw)
-            elif mm:
-                x, k = mm.group(1), mm.group(2)
-                if k == "0":
-                    out[L + "attn.%s_lora.lora.2.bias" % x] = (dt, [shape[-1]], raw)
-                else:
-                    r, c = shape
-                    hf = L + "attn.%s_lora.lora.%s.weight" % (x, "0" if k == "1" else "2")
-                    out[hf] = (dt, [c, r], transpose(raw, r, c, ITEMSIZE[dt]))
-            elif rest in ("att.k_k", "att.k_a"):
-                out[L + "attn." + rest[4:]] = (dt, [shape[-1]], raw)
-            elif rest == "att.r_k":
-                out[L + "attn.r_k"] = (dt, shape, raw)
-            elif re.match(r"att\.(receptance|key|value|output)\.weight\Z", rest):
-                out[L + "attn.%s.weight" % PROJ[rest.split(".")[1]]] = (dt, shape, raw)
-            elif rest.startswith("att.ln_x."):
-                out[L + "attn.g_norm." + rest[9:]] = (dt, shape, raw)
-            elif rest == "ffn.x_k":
-                out[L + "ffn.x_k"] = (dt, [shape[-1]], raw)
-            elif rest.startswith("ffn."):
-                out[L + rest] = (dt, shape, raw)
-            else:
-                sys.exit("make_hf_names: unexpected tensor %s" % name)
+                    continue
+                kind = "same"
         else:
             sys.exit("make_hf_names: unexpected tensor %s" % name)
+        if kind == "reshape":  # fla squeezes the other [1,1,C] vectors to [C]
+            out[hf] = (dt, [shape[-1]], raw)
+        elif kind == "transpose":
+            r, c = shape
+            out[hf] = (dt, [c, r], transpose(raw, r, c, ITEMSIZE[dt]))
+        else:
+            out[hf] = (dt, shape, raw)
     for i, parts in xparts.items():
         dts = {d for d, _ in parts.values()}
         raw = b"".join(parts[x][1] for x in "rwkvag")

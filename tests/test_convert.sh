@@ -109,6 +109,18 @@ conv_ok "official safetensors (keep)" "$WEIGHTS" -o "$T/off.st"
 cmp_ok "official safetensors unchanged" "$WEIGHTS" "$T/off.st" --expect-dtype F32
 
 # ---- 4. HF/fla naming round trip
+# The converter's name table is the C loader's, row for row (one map, two
+# languages: neither may gain or change a name alone).
+"$top_builddir/rwkvpipe" info --hf-names > "$T/hf_names.c.tsv" 2>&1 ||
+    fail "rwkvpipe info --hf-names: $(cat "$T/hf_names.c.tsv")"
+run_conv --hf-names > "$T/hf_names.py.tsv" 2>&1 ||
+    fail "rwkvpipe-convert --hf-names: $(cat "$T/hf_names.py.tsv")"
+if [ "$(wc -l < "$T/hf_names.c.tsv")" -ge 39 ] &&
+   diff "$T/hf_names.c.tsv" "$T/hf_names.py.tsv" > "$T/hf_names.diff"; then
+    ok "HF name tables of the converter and the loader are equal"
+else
+    fail "HF name tables differ (C <, Python >): $(cat "$T/hf_names.diff")"
+fi
 if $MKHF "$WEIGHTS" "$T/hf.st"; then ok "make HF file"; else fail "make_hf_names"; fi
 conv_ok "HF -> official" "$T/hf.st" -o "$T/from_hf.st"
 cmp_ok "HF round trip (block 0 v* dropped by fla)" "$WEIGHTS" "$T/from_hf.st" \

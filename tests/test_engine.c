@@ -27,6 +27,7 @@
 #include "pipe/grid.h"
 #include "serve/engine.h"
 #include "serve/session_file.h"
+#include "core/clock.h"
 
 static int rank, size;
 static rp_engine *engine;
@@ -46,19 +47,13 @@ static int reference_model; /* the golden tiny model (trained-like weights) */
 /* Generous: under ASan on a loaded 2-core machine a step can take long. */
 #define STEP_DEADLINE_S 120.0
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* One engine round; fails the test once `deadline` (now_s) has passed. */
 static void step(double deadline, const char *what) {
     rp_error err;
     rp_status st;
     rp_engine_step(engine, &err, &st);
     CHECK(st == RP_OK, "engine step: %s", err.msg);
-    CHECK(now_s() < deadline, "%s: not done after %.0f s", what, STEP_DEADLINE_S);
+    CHECK(rp_now_seconds() < deadline, "%s: not done after %.0f s", what, STEP_DEADLINE_S);
 }
 
 /* Runs one job to the end; returns its tokens (malloc) and count. */
@@ -70,7 +65,7 @@ static int32_t *run_job(const int32_t *prompt, int n, const rp_gen_params *p, co
     CHECK(rp_engine_submit(engine, j, &err) == RP_OK, "submit: %s", err.msg);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(p->max_tokens + 1));
     *n_out = 0;
-    const double deadline = now_s() + STEP_DEADLINE_S;
+    const double deadline = rp_now_seconds() + STEP_DEADLINE_S;
     for (;;) {
         step(deadline, "a job");
         rp_finish_reason f;
@@ -197,7 +192,7 @@ static void checks(void) {
     rp_job *jobs[N];
     int submitted = 0, finished = 0;
     rp_error err;
-    const double deadline = now_s() + STEP_DEADLINE_S;
+    const double deadline = rp_now_seconds() + STEP_DEADLINE_S;
     for (int round = 0; finished < N; round++) {
         /* Two new jobs every three rounds. */
         while (submitted < N && submitted < 2 * (round / 3 + 1)) {
@@ -247,7 +242,7 @@ static void checks(void) {
     CHECK(rp_engine_submit(engine, j, &err) == RP_OK, "%s", err.msg);
     int32_t buf[64];
     int got_tokens = 0;
-    double deadline_cancel = now_s() + STEP_DEADLINE_S;
+    double deadline_cancel = rp_now_seconds() + STEP_DEADLINE_S;
     while (got_tokens < 3) {
         step(deadline_cancel, "3 tokens of a long job");
         got_tokens += rp_job_read(j, buf, 64, 0, &f);

@@ -18,6 +18,7 @@
 #include "core/dtype.h"
 #include "golden_util.h"
 #include "model/model.h"
+#include "model/state.h"
 
 #define TINY_WEIGHTS "tiny_L2_C128_V256_s1.weights.safetensors"
 #define TINY_GOLDEN "tiny_L2_C128_V256_s1.golden.safetensors"
@@ -674,59 +675,11 @@ static void test_bf16_save_then_load_equals_weights_rounded_to_bf16(void **s) {
                            a->head_floats);
 }
 
-/* ---- HF/fla names (spec 4.2), written here independently of model.c ---- */
+/* ---- HF/fla names (spec 4.2): the names from the shared table (rp_hf_names,
+ * which tests/test_convert.sh checks against the converter's), the shapes as
+ * fla files store them ---- */
 
 typedef enum { HF_SAME, HF_SQUEEZE, HF_TRANSPOSE } hf_transform;
-
-static const struct {
-    const char *official, *hf;
-    hf_transform how;
-} hf_layer_map[] = {
-    {"ln1.weight", "attn_norm.weight", HF_SAME},
-    {"ln1.bias", "attn_norm.bias", HF_SAME},
-    {"ln2.weight", "ffn_norm.weight", HF_SAME},
-    {"ln2.bias", "ffn_norm.bias", HF_SAME},
-    {"att.x_r", "attn.x_r", HF_SAME},  /* spec: x_{r,w,k,v,a,g} keep [1,1,C] */
-    {"att.x_w", "attn.x_w", HF_SAME},
-    {"att.x_k", "attn.x_k", HF_SAME},
-    {"att.x_v", "attn.x_v", HF_SAME},
-    {"att.x_a", "attn.x_a", HF_SAME},
-    {"att.x_g", "attn.x_g", HF_SAME},
-    {"att.w0", "attn.w_lora.lora.2.bias", HF_SQUEEZE},
-    {"att.a0", "attn.a_lora.lora.2.bias", HF_SQUEEZE},
-    {"att.v0", "attn.v_lora.lora.2.bias", HF_SQUEEZE},
-    {"att.w1", "attn.w_lora.lora.0.weight", HF_TRANSPOSE},
-    {"att.a1", "attn.a_lora.lora.0.weight", HF_TRANSPOSE},
-    {"att.v1", "attn.v_lora.lora.0.weight", HF_TRANSPOSE},
-    {"att.g1", "attn.g_lora.lora.0.weight", HF_TRANSPOSE},
-    {"att.w2", "attn.w_lora.lora.2.weight", HF_TRANSPOSE},
-    {"att.a2", "attn.a_lora.lora.2.weight", HF_TRANSPOSE},
-    {"att.v2", "attn.v_lora.lora.2.weight", HF_TRANSPOSE},
-    {"att.g2", "attn.g_lora.lora.2.weight", HF_TRANSPOSE},
-    {"att.k_k", "attn.k_k", HF_SQUEEZE},
-    {"att.k_a", "attn.k_a", HF_SQUEEZE},
-    {"att.r_k", "attn.r_k", HF_SAME},
-    {"att.receptance.weight", "attn.r_proj.weight", HF_SAME},
-    {"att.key.weight", "attn.k_proj.weight", HF_SAME},
-    {"att.value.weight", "attn.v_proj.weight", HF_SAME},
-    {"att.output.weight", "attn.o_proj.weight", HF_SAME},
-    {"att.ln_x.weight", "attn.g_norm.weight", HF_SAME},
-    {"att.ln_x.bias", "attn.g_norm.bias", HF_SAME},
-    {"ffn.x_k", "ffn.x_k", HF_SQUEEZE},
-    {"ffn.key.weight", "ffn.key.weight", HF_SAME},
-    {"ffn.value.weight", "ffn.value.weight", HF_SAME},
-};
-
-static const struct {
-    const char *official, *hf;
-} hf_global_map[] = {
-    {"emb.weight", "model.embeddings.weight"},
-    {"blocks.0.ln0.weight", "model.layers.0.pre_norm.weight"},
-    {"blocks.0.ln0.bias", "model.layers.0.pre_norm.bias"},
-    {"ln_out.weight", "model.norm.weight"},
-    {"ln_out.bias", "model.norm.bias"},
-    {"head.weight", "lm_head.weight"},
-};
 
 /* att.v0, att.v1, att.v2 (not att.value.weight, which shares the prefix). */
 static int is_value_lora(const char *suffix) {
@@ -734,24 +687,33 @@ static int is_value_lora(const char *suffix) {
            strcmp(suffix, "att.v2") == 0;
 }
 
+/* fla keeps x_{r,w,k,v,a,g} [1,1,C] and squeezes the other [1,1,C] vectors. */
+static hf_transform fla_layout(const rp_hf_name *r) {
+    if (r->kind == RP_HF_TRANSPOSE) return HF_TRANSPOSE;
+    if (r->kind == RP_HF_SAME || strncmp(r->official, "att.x_", 6) == 0) return HF_SAME;
+    return HF_SQUEEZE;
+}
+
 /* HF name and transform of an official name; 0 when the tensor is dropped
  * (blocks.0.att.v0/v1/v2: layer 0 has no v_lora in fla). */
 static int hf_name_of(const char *official, char *out, size_t size, hf_transform *how) {
-    for (size_t i = 0; i < sizeof hf_global_map / sizeof hf_global_map[0]; i++)
-        if (strcmp(official, hf_global_map[i].official) == 0) {
-            snprintf(out, size, "%s", hf_global_map[i].hf);
-            *how = HF_SAME;
+    int n;
+    const rp_hf_name *map = rp_hf_names(&n);
+    for (int i = 0; i < n; i++)
+        if (!map[i].per_layer && strcmp(official, map[i].official) == 0) {
+            snprintf(out, size, "%s", map[i].hf);
+            *how = fla_layout(&map[i]);
             return 1;
         }
     int layer, used = 0;
     if (sscanf(official, "blocks.%d.%n", &layer, &used) != 1 || used == 0)
         fail_msg("unexpected tensor %s in the tiny weights", official);
     const char *suffix = official + used;
-    for (size_t i = 0; i < sizeof hf_layer_map / sizeof hf_layer_map[0]; i++)
-        if (strcmp(suffix, hf_layer_map[i].official) == 0) {
+    for (int i = 0; i < n; i++)
+        if (map[i].per_layer && strcmp(suffix, map[i].official) == 0) {
             if (layer == 0 && is_value_lora(suffix)) return 0;
-            snprintf(out, size, "model.layers.%d.%s", layer, hf_layer_map[i].hf);
-            *how = hf_layer_map[i].how;
+            snprintf(out, size, "model.layers.%d.%s", layer, map[i].hf);
+            *how = fla_layout(&map[i]);
             return 1;
         }
     fail_msg("no HF name for %s", official);
@@ -926,6 +888,62 @@ static void test_layer_range_outside_the_model_is_rejected(void **s) {
     assert_non_null(strstr(fx->err.msg, "[1, 3)"));
 }
 
+/* The state export is the flat per-slot layout read as [L,C] / [L,H,N,N]
+ * tensors with the config's head size (32 here, so a hard-coded 64 fails),
+ * and import is its exact inverse. */
+static void test_state_export_and_import_use_the_config_head_size(void **s) {
+    fixture *fx = *s;
+    rp_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.n_layer = 2;
+    cfg.n_embd = 64;
+    cfg.n_head = 2;
+    cfg.head_size = 32;
+    rp_state st, back;
+    assert_int_equal(rp_state_alloc_host(&st, &cfg, 0, 2, 2, &fx->err), RP_OK);
+    assert_int_equal(rp_state_alloc_host(&back, &cfg, 0, 2, 2, &fx->err), RP_OK);
+    assert_int_equal(st.floats_per_layer, 2 * 64 + 2 * 32 * 32);
+    for (size_t i = 0; i < 2 * st.floats_per_slot; i++) st.data[i] = (float)i;
+    rp_state_tensors t;
+    assert_int_equal(rp_state_tensors_alloc(&t, &cfg, &fx->err), RP_OK);
+    const int64_t lc[2] = {2, 64}, wkv[4] = {2, 2, 32, 32};
+    assert_memory_equal(t.shape_lc, lc, sizeof lc);
+    assert_memory_equal(t.shape_wkv, wkv, sizeof wkv);
+    rp_state_export(&st, 1, &t);
+    const float base = (float)st.floats_per_slot; /* slot 1 starts here */
+    const float per_layer = (float)st.floats_per_layer;
+    /* Layer 1: att_x_prev first, then wkv [H][N][N], then ffn_x_prev. */
+    assert_true(t.att_x_prev[64 + 5] == base + per_layer + 5);
+    assert_true(t.wkv[2 * 32 * 32 + 1 * 32 * 32 + 3 * 32 + 7] ==
+                base + per_layer + 64 + 1 * 32 * 32 + 3 * 32 + 7);
+    assert_true(t.ffn_x_prev[64 + 63] == base + 2 * per_layer - 1);
+    rp_state_import(&back, 1, &t);
+    assert_memory_equal(back.data + st.floats_per_slot, st.data + st.floats_per_slot,
+                        st.floats_per_slot * sizeof(float));
+    for (size_t i = 0; i < st.floats_per_slot; i++) assert_true(back.data[i] == 0.0f);
+    /* Written and read back under the three names and shapes. */
+    char path[1100];
+    snprintf(path, sizeof path, "%s/state.safetensors", fx->dir);
+    rp_st_writer w;
+    rp_st_writer_init(&w);
+    assert_int_equal(rp_state_tensors_add(&t, &w, &fx->err), RP_OK);
+    assert_int_equal(rp_st_writer_write(&w, path, &fx->err), RP_OK);
+    rp_st_writer_free(&w);
+    rp_st_file f;
+    assert_int_equal(rp_st_open(&f, path, &fx->err), RP_OK);
+    const rp_st_tensor *tw = rp_st_find(&f, RP_STATE_WKV);
+    assert_non_null(tw);
+    assert_int_equal(tw->ndim, 4);
+    assert_int_equal(tw->shape[2], 32);
+    assert_non_null(rp_st_find(&f, RP_STATE_ATT_X_PREV));
+    assert_non_null(rp_st_find(&f, RP_STATE_FFN_X_PREV));
+    rp_st_close(&f);
+    unlink(path);
+    rp_state_tensors_free(&t);
+    rp_state_free_host(&st);
+    rp_state_free_host(&back);
+}
+
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
 
 int main(void) {
@@ -957,6 +975,7 @@ int main(void) {
         T(test_layer_range_loads_only_the_owned_layers),
         T(test_first_stage_owns_embedding_not_head),
         T(test_layer_range_outside_the_model_is_rejected),
+        T(test_state_export_and_import_use_the_config_head_size),
     };
     return cmocka_run_group_tests_name("model_load", tests, NULL, NULL);
 }

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "core/safetensors.h"
+#include "fs_test_util.h"
 
 /* ------------------------------------------------------------ fixtures */
 
@@ -27,22 +28,6 @@ typedef struct {
     char dir[64];
     char path[256];
 } fixture;
-
-static int remove_tree(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return -1;
-    struct dirent *ent;
-    char child[512];
-    while ((ent = readdir(d)) != NULL) {
-        if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0) continue;
-        snprintf(child, sizeof child, "%s/%s", dir, ent->d_name);
-        struct stat sb;
-        if (lstat(child, &sb) == 0 && S_ISDIR(sb.st_mode)) remove_tree(child);
-        else unlink(child);
-    }
-    closedir(d);
-    return rmdir(dir);
-}
 
 static int setup_dir(void **state) {
     fixture *fx = calloc(1, sizeof *fx);
@@ -65,17 +50,6 @@ static int teardown_dir(void **state) {
 }
 
 /* Number of directory entries other than . and .. */
-static int count_entries(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return -1;
-    int n = 0;
-    struct dirent *ent;
-    while ((ent = readdir(d)) != NULL)
-        if (strcmp(ent->d_name, ".") != 0 && strcmp(ent->d_name, "..") != 0) n++;
-    closedir(d);
-    return n;
-}
-
 static void write_raw(const char *path, const void *bytes, size_t n) {
     FILE *fp = fopen(path, "wb");
     assert_non_null(fp);

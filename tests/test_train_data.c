@@ -26,28 +26,13 @@
 #include "train/shards.h"
 #include "train/synthetic.h"
 #include "train/tokenize.h"
+#include "fs_test_util.h"
 
 /* ------------------------------------------------------------ fixtures */
 
 typedef struct {
     char dir[256];
 } fixture;
-
-static int remove_tree(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return -1;
-    struct dirent *ent;
-    char child[1024];
-    while ((ent = readdir(d)) != NULL) {
-        if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0) continue;
-        snprintf(child, sizeof child, "%s/%s", dir, ent->d_name);
-        struct stat sb;
-        if (lstat(child, &sb) == 0 && S_ISDIR(sb.st_mode)) remove_tree(child);
-        else unlink(child);
-    }
-    closedir(d);
-    return rmdir(dir);
-}
 
 static int setup_dir(void **state) {
     fixture *fx = calloc(1, sizeof *fx);
@@ -75,17 +60,6 @@ static char *path_in(const fixture *fx, const char *name) {
     char *p = bufs[next++ % 4];
     snprintf(p, sizeof bufs[0], "%s/%s", fx->dir, name);
     return p;
-}
-
-static int count_entries(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return -1;
-    int n = 0;
-    struct dirent *ent;
-    while ((ent = readdir(d)) != NULL)
-        if (strcmp(ent->d_name, ".") != 0 && strcmp(ent->d_name, "..") != 0) n++;
-    closedir(d);
-    return n;
 }
 
 static void write_raw(const char *path, const void *bytes, size_t n) {

@@ -690,28 +690,70 @@ def write_safetensors(out_path, outs, metadata, verbose=False):
 # naming: HF/fla -> official, official order, model check
 # ---------------------------------------------------------------------------
 
-_PROJ = {"r": "receptance", "k": "key", "v": "value", "o": "output"}
-_HF_RULES = [
-    # (regex on the HF name, official name template, transform)
-    (r"model\.embeddings\.weight", "emb.weight", None),
-    (r"model\.norm\.(weight|bias)", "ln_out.{1}", None),
-    (r"lm_head\.weight", "head.weight", None),
-    (r"model\.layers\.(\d+)\.pre_norm\.(weight|bias)", "blocks.{1}.ln0.{2}", None),
-    (r"model\.layers\.(\d+)\.attn_norm\.(weight|bias)", "blocks.{1}.ln1.{2}", None),
-    (r"model\.layers\.(\d+)\.ffn_norm\.(weight|bias)", "blocks.{1}.ln2.{2}", None),
-    (r"model\.layers\.(\d+)\.attn\.x_([rwkvag])", "blocks.{1}.att.x_{2}", "vec"),
-    (r"model\.layers\.(\d+)\.attn\.x_x", "blocks.{1}.att.x_", "split6"),
-    (r"model\.layers\.(\d+)\.attn\.([wav])_lora\.lora\.2\.bias", "blocks.{1}.att.{2}0", "vec"),
-    (r"model\.layers\.(\d+)\.attn\.([wavg])_lora\.lora\.0\.weight", "blocks.{1}.att.{2}1", "T"),
-    (r"model\.layers\.(\d+)\.attn\.([wavg])_lora\.lora\.2\.weight", "blocks.{1}.att.{2}2", "T"),
-    (r"model\.layers\.(\d+)\.attn\.(k_k|k_a)", "blocks.{1}.att.{2}", "vec"),
-    (r"model\.layers\.(\d+)\.attn\.r_k", "blocks.{1}.att.r_k", None),
-    (r"model\.layers\.(\d+)\.attn\.([rkvo])_proj\.weight", "blocks.{1}.att.{P}.weight", None),
-    (r"model\.layers\.(\d+)\.attn\.g_norm\.(weight|bias)", "blocks.{1}.att.ln_x.{2}", None),
-    (r"model\.layers\.(\d+)\.ffn\.x_k", "blocks.{1}.ffn.x_k", "vec"),
-    (r"model\.layers\.(\d+)\.ffn\.(key|value)\.weight", "blocks.{1}.ffn.{2}.weight", None),
+# The official <-> HF/fla name map: the same rows as src/model/model.c
+# (rp_hf_names); tests/test_convert.sh checks the two equal through
+# `rwkvpipe info --hf-names` and `rwkvpipe-convert --hf-names`, and
+# tests/make_hf_names.py reads this one. (scope, official, HF, kind): a
+# "layer" row names the suffixes after blocks.N. / model.layers.N.; "reshape"
+# keeps the elements in another shape, "transpose" swaps a matrix's axes.
+HF_NAMES = [
+    ("global", "emb.weight", "model.embeddings.weight", "same"),
+    ("global", "blocks.0.ln0.weight", "model.layers.0.pre_norm.weight", "same"),
+    ("global", "blocks.0.ln0.bias", "model.layers.0.pre_norm.bias", "same"),
+    ("global", "ln_out.weight", "model.norm.weight", "same"),
+    ("global", "ln_out.bias", "model.norm.bias", "same"),
+    ("global", "head.weight", "lm_head.weight", "same"),
+    ("layer", "ln1.weight", "attn_norm.weight", "same"),
+    ("layer", "ln1.bias", "attn_norm.bias", "same"),
+    ("layer", "ln2.weight", "ffn_norm.weight", "same"),
+    ("layer", "ln2.bias", "ffn_norm.bias", "same"),
+] + [
+    ("layer", "att.x_" + x, "attn.x_" + x, "reshape") for x in "rwkvag"
+] + [
+    ("layer", "att.w0", "attn.w_lora.lora.2.bias", "reshape"),
+    ("layer", "att.w1", "attn.w_lora.lora.0.weight", "transpose"),
+    ("layer", "att.w2", "attn.w_lora.lora.2.weight", "transpose"),
+    ("layer", "att.a0", "attn.a_lora.lora.2.bias", "reshape"),
+    ("layer", "att.a1", "attn.a_lora.lora.0.weight", "transpose"),
+    ("layer", "att.a2", "attn.a_lora.lora.2.weight", "transpose"),
+    ("layer", "att.v0", "attn.v_lora.lora.2.bias", "reshape"),
+    ("layer", "att.v1", "attn.v_lora.lora.0.weight", "transpose"),
+    ("layer", "att.v2", "attn.v_lora.lora.2.weight", "transpose"),
+    ("layer", "att.g1", "attn.g_lora.lora.0.weight", "transpose"),
+    ("layer", "att.g2", "attn.g_lora.lora.2.weight", "transpose"),
+    ("layer", "att.k_k", "attn.k_k", "reshape"),
+    ("layer", "att.k_a", "attn.k_a", "reshape"),
+    ("layer", "att.r_k", "attn.r_k", "same"),
+    ("layer", "att.receptance.weight", "attn.r_proj.weight", "same"),
+    ("layer", "att.key.weight", "attn.k_proj.weight", "same"),
+    ("layer", "att.value.weight", "attn.v_proj.weight", "same"),
+    ("layer", "att.output.weight", "attn.o_proj.weight", "same"),
+    ("layer", "att.ln_x.weight", "attn.g_norm.weight", "same"),
+    ("layer", "att.ln_x.bias", "attn.g_norm.bias", "same"),
+    ("layer", "ffn.x_k", "ffn.x_k", "reshape"),
+    ("layer", "ffn.key.weight", "ffn.key.weight", "same"),
+    ("layer", "ffn.value.weight", "ffn.value.weight", "same"),
 ]
-_HF_RULES = [(re.compile(r + r"\Z"), tpl, tr) for r, tpl, tr in _HF_RULES]
+_HF_GLOBAL = {hf: (off, kind) for scope, off, hf, kind in HF_NAMES if scope == "global"}
+_HF_LAYER = {hf: (off, kind) for scope, off, hf, kind in HF_NAMES if scope == "layer"}
+_HF_LAYER_RX = re.compile(r"model\.layers\.(\d+)\.(.+)\Z")
+
+
+def hf_name_to_official(name):
+    """(official name, kind) of an HF/fla name; kind "split6" for the fused
+    attn.x_x [6, C] of some fla files; None when the name is unknown."""
+    if name in _HF_GLOBAL:
+        return _HF_GLOBAL[name]
+    m = _HF_LAYER_RX.match(name)
+    if not m:
+        return None
+    layer, rest = m.groups()
+    if rest == "attn.x_x":
+        return "blocks.%s.att.x_" % layer, "split6"
+    if rest in _HF_LAYER:
+        off, kind = _HF_LAYER[rest]
+        return "blocks.%s.%s" % (layer, off), kind
+    return None
 
 
 def is_hf_naming(names):
@@ -721,37 +763,31 @@ def is_hf_naming(names):
 def hf_to_official(tensors, path):
     outs = []
     for t in tensors:
-        for rx, tpl, tr in _HF_RULES:
-            m = rx.match(t.name)
-            if not m:
-                continue
-            g = m.groups()
-            name = tpl.replace("{P}", _PROJ.get(g[1], "") if len(g) > 1 else "")
-            for i, v in enumerate(g, 1):
-                name = name.replace("{%d}" % i, v)
-            n = _numel(t.shape)
-            if tr is None:
-                outs.append(OutTensor(name, t.shape, t))
-            elif tr == "vec":
-                outs.append(OutTensor(name, [1, 1, n], t))
-            elif tr == "T":
-                if len(t.shape) != 2:
-                    raise ConvertError("%s: %s should be 2-D, has shape %s"
-                                       % (path, t.name, t.shape))
-                outs.append(OutTensor(name, [t.shape[1], t.shape[0]], t, transpose=True))
-            elif tr == "split6":
-                if n % 6 or not t.shape or t.shape[0] != 6:
-                    raise ConvertError("%s: %s should have shape [6, ...], has %s"
-                                       % (path, t.name, t.shape))
-                c = n // 6
-                isz = ITEMSIZE[t.dtype]
-                for i, x in enumerate("rwkvag"):
-                    part = Tensor(t.name, t.dtype, [c], t.src.sub(i * c * isz, c * isz))
-                    outs.append(OutTensor(name + x, [1, 1, c], part, origin=t.name))
-            break
-        else:
+        found = hf_name_to_official(t.name)
+        if found is None:
             warn("%s: unknown HF tensor %s kept under its own name" % (path, t.name))
             outs.append(OutTensor(t.name, t.shape, t))
+            continue
+        name, tr = found
+        n = _numel(t.shape)
+        if tr == "same":
+            outs.append(OutTensor(name, t.shape, t))
+        elif tr == "reshape":
+            outs.append(OutTensor(name, [1, 1, n], t))
+        elif tr == "transpose":
+            if len(t.shape) != 2:
+                raise ConvertError("%s: %s should be 2-D, has shape %s"
+                                   % (path, t.name, t.shape))
+            outs.append(OutTensor(name, [t.shape[1], t.shape[0]], t, transpose=True))
+        elif tr == "split6":
+            if n % 6 or not t.shape or t.shape[0] != 6:
+                raise ConvertError("%s: %s should have shape [6, ...], has %s"
+                                   % (path, t.name, t.shape))
+            c = n // 6
+            isz = ITEMSIZE[t.dtype]
+            for i, x in enumerate("rwkvag"):
+                part = Tensor(t.name, t.dtype, [c], t.src.sub(i * c * isz, c * isz))
+                outs.append(OutTensor(name + x, [1, 1, c], part, origin=t.name))
     return outs
 
 
@@ -1047,7 +1083,12 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--hf-names"]:  # hidden: the name table, for tests/test_convert.sh
+        for row in HF_NAMES:
+            print("\t".join(row))
+        return 0
+    args = parse_args(argv)
     try:
         return run(args)
     except ConvertError as e:

@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/fileio.h"
 #include "core/version.h"
 #include "model/init.h"
 #ifdef RP_HAVE_CUDA
@@ -185,8 +186,8 @@ static int tee_close(void *cookie) {
 }
 
 FILE *cli_open_rank_logs(const rp_cli *cli, const char *dir) {
-    if (mkdir(dir, 0777) != 0 && errno != EEXIST)
-        cli_fatal(cli, "--log-dir: cannot create %s: %s", dir, strerror(errno));
+    rp_error err;
+    if (rp_mkdir_p(dir, 0777, &err) != RP_OK) cli_fatal(cli, "--log-dir: %s", err.msg);
     char path[4096];
     snprintf(path, sizeof path, "%s/rank-%05d.log", dir, cli->mpi_rank);
     if (cli->mpi_rank != 0) {

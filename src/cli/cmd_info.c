@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include "cli/cli.h"
+#include "model/model.h"
 #include "train/checkpoint.h"
 
 static void info_usage(FILE *out) {
@@ -41,10 +42,21 @@ static void print_config(const rp_config *c) {
            c->head_size, c->head_size);
 }
 
+/* Hidden (for tests/test_convert.sh, which compares it with the converter's
+ * table): the official <-> HF/fla name map, one tab-separated row each. */
+static void print_hf_names(void) {
+    int n;
+    const rp_hf_name *map = rp_hf_names(&n);
+    for (int i = 0; i < n; i++)
+        printf("%s\t%s\t%s\t%s\n", map[i].per_layer ? "layer" : "global", map[i].official,
+               map[i].hf, rp_hf_kind_name(map[i].kind));
+}
+
 int cmd_info(rp_cli *cli, int argc, char **argv) {
     static const struct option longopts[] = {{"model-config", required_argument, 0, 'c'},
                                              {"vocab-size", required_argument, 0, 'v'},
                                              {"verify", no_argument, 0, 'y'},
+                                             {"hf-names", no_argument, 0, 'n'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
     const char *config_name = NULL;
@@ -56,6 +68,7 @@ int cmd_info(rp_cli *cli, int argc, char **argv) {
         case 'c': config_name = optarg; break;
         case 'v': vocab = (int)cli_parse_int(cli, "--vocab-size", optarg, 2, 1 << 24); break;
         case 'y': verify = 1; break;
+        case 'n': print_hf_names(); return 0;
         case 'h': info_usage(stdout); return 0;
         default: info_usage(stderr); return 2;
         }

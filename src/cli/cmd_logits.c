@@ -103,8 +103,9 @@ static void logits_usage(FILE *out) {
             "                       -o OUT.safetensors [options]\n"
             "Runs the tokens from a zero state and writes `tokens` (I32 [T]), `logits`\n"
             "(F32 [T,V]: row t predicts token t+1) and the final state per layer:\n"
-            "`state.att_x_prev`, `state.ffn_x_prev` [L,C] and `state.wkv` [L,H,64,64]\n"
-            "(row = value channel, column = key channel, as the official reference).\n"
+            "`state.att_x_prev`, `state.ffn_x_prev` [L,C] and `state.wkv` [L,H,N,N]\n"
+            "(N = 64, the head size; row = value channel, column = key channel, as the\n"
+            "official reference).\n"
             "  --model FILE        safetensors weights (official or HF/fla names)\n"
             "  --tokens LIST       comma- or space-separated token ids\n"
             "  --tokens-file FILE  the same, read from a file ('-' = stdin)\n"
@@ -199,7 +200,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         cli_load_model(cli, &mo, &be, &model);
     }
     const rp_config *cfg = &model.cfg;
-    const int V = cfg->vocab_size, C = cfg->n_embd, L = cfg->n_layer, H = cfg->n_head;
+    const int V = cfg->vocab_size, L = cfg->n_layer;
     const int last_stage = sc.n_stages - 1;
     for (size_t i = 0; i < T; i++)
         if (tokens[i] >= V)
@@ -243,14 +244,9 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         gather_floats(cli, &sc, s, host_state + (size_t)b * host_view.floats_per_layer, mine,
                       (size_t)(e - b) * host_view.floats_per_layer);
     }
-    const size_t HNN = (size_t)H * 64 * 64;
-    float *att = malloc((size_t)L * C * sizeof(float)), *ffn = malloc((size_t)L * C * sizeof(float));
-    float *wkv = malloc((size_t)L * HNN * sizeof(float));
-    for (int l = 0; l < L; l++) {
-        memcpy(att + (size_t)l * C, rp_state_att_x_prev(&host_view, 0, l), C * sizeof(float));
-        memcpy(ffn + (size_t)l * C, rp_state_ffn_x_prev(&host_view, 0, l), C * sizeof(float));
-        memcpy(wkv + (size_t)l * HNN, rp_state_wkv(&host_view, 0, l), HNN * sizeof(float));
-    }
+    rp_state_tensors state_out;
+    if (rp_state_tensors_alloc(&state_out, cfg, &err) != RP_OK) cli_fatal_error(cli, &err);
+    rp_state_export(&host_view, 0, &state_out);
     rp_model grads;
     memset(&grads, 0, sizeof grads);
     float loss = 0.0f;
@@ -284,9 +280,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
             free(host);
         }
         free(host_state);
-        free(att);
-        free(ffn);
-        free(wkv);
+        rp_state_tensors_free(&state_out);
         free(logits);
         free(tokens);
         rp_model_free(&grads);
@@ -301,13 +295,10 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     }
     rp_st_writer w;
     rp_st_writer_init(&w);
-    int64_t shape_t[1] = {(int64_t)T}, shape_tv[2] = {(int64_t)T, V}, shape_lc[2] = {L, C};
-    int64_t shape_wkv[4] = {L, H, 64, 64};
+    int64_t shape_t[1] = {(int64_t)T}, shape_tv[2] = {(int64_t)T, V};
     if (rp_st_writer_add(&w, "tokens", RP_DTYPE_I32, RP_DTYPE_I32, 1, shape_t, tokens, &err) ||
         rp_st_writer_add(&w, "logits", RP_DTYPE_F32, RP_DTYPE_F32, 2, shape_tv, logits, &err) ||
-        rp_st_writer_add(&w, "state.att_x_prev", RP_DTYPE_F32, RP_DTYPE_F32, 2, shape_lc, att, &err) ||
-        rp_st_writer_add(&w, "state.ffn_x_prev", RP_DTYPE_F32, RP_DTYPE_F32, 2, shape_lc, ffn, &err) ||
-        rp_st_writer_add(&w, "state.wkv", RP_DTYPE_F32, RP_DTYPE_F32, 4, shape_wkv, wkv, &err) ||
+        rp_state_tensors_add(&state_out, &w, &err) ||
         rp_st_writer_add_meta(&w, "model", mo.model_path, &err) ||
         rp_st_writer_add_meta(&w, "mode", step_mode ? "step" : "sequence", &err))
         cli_fatal_error(cli, &err);
@@ -359,9 +350,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     cli_info(cli, "wrote %s: logits [%zu, %d] and the state of %d layers (%s mode)", out, T, V,
              L, step_mode ? "step" : "sequence");
     rp_st_writer_free(&w);
-    free(att);
-    free(ffn);
-    free(wkv);
+    rp_state_tensors_free(&state_out);
     free(host_state);
     free(logits);
     free(tokens);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "core/clock.h"
 #include "infer/tokenizer.h"
 #include "model/init.h"
 #include "pipe/grid.h"
@@ -95,10 +96,9 @@ static volatile sig_atomic_t first_signal_s;
  * launcher forwards it too) must not cut the graceful stop short. */
 static void on_stop_signal(int sig) {
     (void)sig;
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);  /* async-signal-safe */
-    if (serve_signals++ == 0) first_signal_s = (sig_atomic_t)now.tv_sec;
-    else if (now.tv_sec - first_signal_s < 2) return;
+    const long now = (long)rp_now_seconds();  /* async-signal-safe */
+    if (serve_signals++ == 0) first_signal_s = (sig_atomic_t)now;
+    else if (now - first_signal_s < 2) return;
     if (serve_signals > 1) {
         static const char msg[] = "rwkvpipe serve: second signal, exiting now\n";
         ssize_t w = write(2, msg, sizeof msg - 1);
@@ -275,7 +275,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     const rp_config *cfg = &model.cfg;
     /* Admission: the slot count, and the memory their states take. */
     const double slot_bytes =
-        (double)cfg->n_layer * (2.0 * cfg->n_embd + (double)cfg->n_head * 64 * 64) * sizeof(float);
+        (double)cfg->n_layer * (double)rp_config_state_floats_per_layer(cfg) * sizeof(float);
     if (state_budget_mb > 0) {
         const int fit = (int)(state_budget_mb * 1048576.0 / slot_bytes);
         if (fit < 1)

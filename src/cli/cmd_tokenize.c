@@ -12,6 +12,7 @@
 #include "infer/tokenizer.h"
 #include "train/shards.h"
 #include "train/tokenize.h"
+#include "core/clock.h"
 
 static void tokenize_usage(FILE *out) {
     fprintf(out,
@@ -31,12 +32,6 @@ static void tokenize_usage(FILE *out) {
             "  -h, --help           this text\n");
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 typedef struct {
     int quiet, tty;
     double start_s, last_report_s;
@@ -46,7 +41,7 @@ typedef struct {
 } progress_state;
 
 static void print_progress(progress_state *p, uint64_t done, uint64_t tokens, int final) {
-    double elapsed = now_s() - p->start_s;
+    double elapsed = rp_now_seconds() - p->start_s;
     double all_done = (double)(p->bytes_before + done);
     double pct = p->bytes_total ? 100.0 * all_done / (double)p->bytes_total : 100.0;
     double mb_per_s = elapsed > 0 ? all_done / 1e6 / elapsed : 0.0;
@@ -66,7 +61,7 @@ static void on_progress(uint64_t done, uint64_t total, uint64_t tokens, void *us
     (void)total;
     progress_state *p = user;
     if (p->quiet) return;
-    double t = now_s();
+    double t = rp_now_seconds();
     /* A terminal line is redrawn often; a log file gets a line every 5 s. */
     if (t - p->last_report_s < (p->tty ? 0.25 : 5.0)) return;
     p->last_report_s = t;
@@ -128,7 +123,7 @@ int cmd_tokenize(rp_cli *cli, int argc, char **argv) {
     rp_tokenizer *tok;
     if (rp_tokenizer_open(&tok, vocab, &err) != RP_OK) cli_fatal_error(cli, &err);
     prog.tty = isatty(STDERR_FILENO);
-    prog.start_s = prog.last_report_s = now_s();
+    prog.start_s = prog.last_report_s = rp_now_seconds();
     opt.progress = on_progress;
     opt.progress_user = &prog;
     rp_tokenize_run *run;
@@ -145,11 +140,11 @@ int cmd_tokenize(rp_cli *cli, int argc, char **argv) {
     }
     rp_tokenize_stats stats;
     rp_tokenize_get_stats(run, &stats);
-    if (!prog.quiet && (prog.tty || now_s() - prog.start_s >= 5.0))
+    if (!prog.quiet && (prog.tty || rp_now_seconds() - prog.start_s >= 5.0))
         print_progress(&prog, 0, stats.tokens, 1);
     if (rp_tokenize_finish(run, &stats, &err) != RP_OK) cli_fatal_error(cli, &err);
 
-    double elapsed = now_s() - prog.start_s;
+    double elapsed = rp_now_seconds() - prog.start_s;
     char first[4096], last[4096];
     rp_tokenize_shard_path(first, sizeof first, out, 0);
     rp_tokenize_shard_path(last, sizeof last, out, stats.shards - 1);

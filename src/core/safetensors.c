@@ -1,7 +1,7 @@
 /* safetensors reader (mmap, validates every size and offset before any pointer
- * into the mapping is formed) and atomic writer (temp file, fsync, rename,
- * directory fsync). Used by src/model for weights, src/cli for logits and by
- * the tests; see safetensors.h for the format. */
+ * into the mapping is formed) and writer (atomic through core/fileio.h).
+ * Used by src/model for weights, src/cli for logits and by the tests; see
+ * safetensors.h for the format. */
 #include "core/safetensors.h"
 
 #include <errno.h>
@@ -13,6 +13,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "core/fileio.h"
 
 /* A JSON header larger than this is certainly not a tensor index (the
  * reference implementation uses the same cap). */
@@ -659,95 +661,14 @@ static int write_contents(FILE *fp, const rp_st_writer *w, const char *header,
     return 0;
 }
 
-/* fsyncs the directory holding path, so the rename itself is durable. */
-static int fsync_parent_dir(const char *path) {
-    const char *slash = strrchr(path, '/');
-    char *dir;
-    if (!slash) {
-        dir = strdup(".");
-    } else if (slash == path) {
-        dir = strdup("/");
-    } else {
-        dir = strndup(path, (size_t)(slash - path));
-    }
-    if (!dir) return ENOMEM;
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    free(dir);
-    if (fd < 0) return errno;
-    int rc = fsync(fd) == 0 ? 0 : errno;
-    close(fd);
-    /* Some filesystems cannot fsync a directory; the rename is done anyway. */
-    if (rc == EINVAL || rc == ENOTSUP) rc = 0;
-    return rc;
+static rp_status write_to_fd(int fd, const char *path, void *user, rp_error *err) {
+    return rp_st_writer_write_fd(user, fd, path, err);
 }
 
 rp_status rp_st_writer_write(const rp_st_writer *w, const char *path, rp_error *err) {
     if (!w || !path || !*path)
         return rp_error_set(err, RP_ERR_ARG, "rp_st_writer_write: NULL writer or empty path");
-    size_t header_bytes = 0;
-    char *header = build_header(w, path, &header_bytes, err);
-    if (!header) return err ? err->code : RP_ERR_NOMEM;
-
-    size_t tmp_cap = strlen(path) + 32;
-    char *tmp = rp_malloc(tmp_cap, "temporary path", err);
-    unsigned char *chunk = rp_malloc(ST_WRITE_CHUNK_ELEMS * 8, "conversion buffer", err);
-    if (!tmp || !chunk) {
-        free(header);
-        free(tmp);
-        free(chunk);
-        return RP_ERR_NOMEM;
-    }
-    snprintf(tmp, tmp_cap, "%s.tmp.%ld", path, (long)getpid());
-
-    rp_status st = RP_OK;
-    int created = 0;
-    const char *step = "create";
-    int saved_errno = 0;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    FILE *fp = fd >= 0 ? fdopen(fd, "wb") : NULL;
-    if (fd >= 0) created = 1;
-    if (!fp) {
-        saved_errno = errno;
-        if (fd >= 0) close(fd);
-        goto io_fail;
-    }
-    step = "write";
-    if (write_contents(fp, w, header, header_bytes, chunk) != 0) goto io_fail_close;
-    step = "flush";
-    if (fflush(fp) != 0) goto io_fail_close;
-    step = "fsync";
-    if (fsync(fileno(fp)) != 0) goto io_fail_close;
-    step = "close";
-    if (fclose(fp) != 0) {
-        saved_errno = errno;
-        goto io_fail;
-    }
-    step = "rename";
-    if (rename(tmp, path) != 0) {
-        saved_errno = errno;
-        goto io_fail;
-    }
-    created = 0; /* the temporary name is gone */
-    int dir_errno = fsync_parent_dir(path);
-    if (dir_errno != 0)
-        st = rp_error_set(err, RP_ERR_IO,
-                          "%s: written, but fsync of its directory failed: %s (the file may not "
-                          "survive a crash)",
-                          path, strerror(dir_errno));
-    goto done;
-
-io_fail_close:
-    saved_errno = errno;
-    fclose(fp);
-io_fail:
-    st = rp_error_set(err, RP_ERR_IO, "%s: cannot %s temporary file '%s': %s", path, step, tmp,
-                      strerror(saved_errno ? saved_errno : EIO));
-    if (created) unlink(tmp);
-done:
-    free(header);
-    free(tmp);
-    free(chunk);
-    return st;
+    return rp_file_write_atomic(path, 0644, write_to_fd, (void *)w, err);
 }
 
 rp_status rp_st_writer_write_fd(const rp_st_writer *w, int fd, const char *path, rp_error *err) {

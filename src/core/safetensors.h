@@ -86,7 +86,8 @@ rp_status rp_st_writer_add(rp_st_writer *w, const char *name, rp_dtype dtype,
                            const void *data, rp_error *err);
 rp_status rp_st_writer_add_meta(rp_st_writer *w, const char *key, const char *value,
                                 rp_error *err);
-/* Writes path.tmp.<pid>, fsyncs it, renames it to path and fsyncs the directory. */
+/* Writes path atomically (rp_file_write_atomic: a temporary name beside it,
+ * fsync, rename, directory fsync). */
 rp_status rp_st_writer_write(const rp_st_writer *w, const char *path, rp_error *err);
 /* Writes the whole file to fd from its current offset; no fsync, rename or
  * close (for callers that place the file themselves, e.g. with renameat). */

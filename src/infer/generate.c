@@ -1,14 +1,9 @@
 /* Prefill + decode loop (generate.h). */
 #include "infer/generate.h"
+#include "core/clock.h"
 
 #include <stdlib.h>
 #include <time.h>
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 rp_status rp_generate(const rp_model *m, rp_state *state, const int32_t *prompt, int n_prompt,
                       const rp_generate_options *opt, rp_token_callback on_token, void *user,
@@ -39,7 +34,7 @@ rp_status rp_generate(const rp_model *m, rp_state *state, const int32_t *prompt,
 
     int slot = 0, row_begin = 0;
     rp_batch batch;
-    double t0 = now_seconds();
+    double t0 = rp_now_seconds();
     for (int pos = 0; pos < n_prompt; pos += chunk) {
         int len = n_prompt - pos < chunk ? n_prompt - pos : chunk;
         rp_batch_init(&batch, 1, &len, &slot, &row_begin);
@@ -50,9 +45,9 @@ rp_status rp_generate(const rp_model *m, rp_state *state, const int32_t *prompt,
     }
     be->synchronize(be);
     stats->prompt_tokens = n_prompt;
-    stats->prefill_seconds = now_seconds() - t0;
+    stats->prefill_seconds = rp_now_seconds() - t0;
 
-    t0 = now_seconds();
+    t0 = rp_now_seconds();
     int one = 1;
     rp_batch_init(&batch, 1, &one, &slot, &row_begin);
     for (int i = 0; i < opt->max_new_tokens; i++) {
@@ -73,7 +68,7 @@ rp_status rp_generate(const rp_model *m, rp_state *state, const int32_t *prompt,
         st = rp_model_forward(m, &ws, &token, &batch, state, RP_LOGITS_LAST, logits_dev, err);
         if (st != RP_OK) goto done;
     }
-    stats->decode_seconds = now_seconds() - t0;
+    stats->decode_seconds = rp_now_seconds() - t0;
 done:
     free(scratch);
     free(logits);

@@ -119,68 +119,82 @@ static int is_unused_layer0_tensor(const char *suffix, int layer) {
 }
 
 /* How a file tensor maps onto an official one. */
-typedef enum { MAP_SAME = 0, MAP_RESHAPE, MAP_TRANSPOSE } map_kind;
+typedef rp_hf_kind map_kind;
+#define MAP_SAME RP_HF_SAME
+#define MAP_RESHAPE RP_HF_RESHAPE
+#define MAP_TRANSPOSE RP_HF_TRANSPOSE
 
-/* HF/fla name of an official layer tensor (spec 4.2). Returns the mapping kind,
- * or -1 when the tensor has no HF counterpart (layer 0's unused v-LoRA). */
-static int hf_layer_name(char *out, size_t size, const char *suffix, int layer) {
-    static const struct {
-        const char *official, *hf;
-        map_kind kind;
-    } map[] = {
-        {"ln1.weight", "attn_norm.weight", MAP_SAME}, {"ln1.bias", "attn_norm.bias", MAP_SAME},
-        {"ln2.weight", "ffn_norm.weight", MAP_SAME},  {"ln2.bias", "ffn_norm.bias", MAP_SAME},
-        {"att.x_r", "attn.x_r", MAP_RESHAPE},         {"att.x_w", "attn.x_w", MAP_RESHAPE},
-        {"att.x_k", "attn.x_k", MAP_RESHAPE},         {"att.x_v", "attn.x_v", MAP_RESHAPE},
-        {"att.x_a", "attn.x_a", MAP_RESHAPE},         {"att.x_g", "attn.x_g", MAP_RESHAPE},
-        {"att.w0", "attn.w_lora.lora.2.bias", MAP_RESHAPE},
-        {"att.w1", "attn.w_lora.lora.0.weight", MAP_TRANSPOSE},
-        {"att.w2", "attn.w_lora.lora.2.weight", MAP_TRANSPOSE},
-        {"att.a0", "attn.a_lora.lora.2.bias", MAP_RESHAPE},
-        {"att.a1", "attn.a_lora.lora.0.weight", MAP_TRANSPOSE},
-        {"att.a2", "attn.a_lora.lora.2.weight", MAP_TRANSPOSE},
-        {"att.v0", "attn.v_lora.lora.2.bias", MAP_RESHAPE},
-        {"att.v1", "attn.v_lora.lora.0.weight", MAP_TRANSPOSE},
-        {"att.v2", "attn.v_lora.lora.2.weight", MAP_TRANSPOSE},
-        {"att.g1", "attn.g_lora.lora.0.weight", MAP_TRANSPOSE},
-        {"att.g2", "attn.g_lora.lora.2.weight", MAP_TRANSPOSE},
-        {"att.k_k", "attn.k_k", MAP_RESHAPE},         {"att.k_a", "attn.k_a", MAP_RESHAPE},
-        {"att.r_k", "attn.r_k", MAP_SAME},
-        {"att.receptance.weight", "attn.r_proj.weight", MAP_SAME},
-        {"att.key.weight", "attn.k_proj.weight", MAP_SAME},
-        {"att.value.weight", "attn.v_proj.weight", MAP_SAME},
-        {"att.output.weight", "attn.o_proj.weight", MAP_SAME},
-        {"att.ln_x.weight", "attn.g_norm.weight", MAP_SAME},
-        {"att.ln_x.bias", "attn.g_norm.bias", MAP_SAME},
-        {"ffn.x_k", "ffn.x_k", MAP_RESHAPE},
-        {"ffn.key.weight", "ffn.key.weight", MAP_SAME},
-        {"ffn.value.weight", "ffn.value.weight", MAP_SAME},
-    };
-    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++) {
-        if (strcmp(map[i].official, suffix) != 0) continue;
-        if (is_unused_layer0_tensor(suffix, layer)) return -1;
-        snprintf(out, size, "model.layers.%d.%s", layer, map[i].hf);
-        return (int)map[i].kind;
-    }
-    return -1;
+/* The one official <-> HF/fla name table (spec 4.2). tools/rwkvpipe-convert.py
+ * holds the same rows (Python cannot share C); tests/test_convert.sh checks
+ * them equal through `rwkvpipe info --hf-names`. */
+static const rp_hf_name hf_names[] = {
+    {"emb.weight", "model.embeddings.weight", RP_HF_SAME, 0},
+    {"blocks.0.ln0.weight", "model.layers.0.pre_norm.weight", RP_HF_SAME, 0},
+    {"blocks.0.ln0.bias", "model.layers.0.pre_norm.bias", RP_HF_SAME, 0},
+    {"ln_out.weight", "model.norm.weight", RP_HF_SAME, 0},
+    {"ln_out.bias", "model.norm.bias", RP_HF_SAME, 0},
+    {"head.weight", "lm_head.weight", RP_HF_SAME, 0},
+    {"ln1.weight", "attn_norm.weight", RP_HF_SAME, 1},
+    {"ln1.bias", "attn_norm.bias", RP_HF_SAME, 1},
+    {"ln2.weight", "ffn_norm.weight", RP_HF_SAME, 1},
+    {"ln2.bias", "ffn_norm.bias", RP_HF_SAME, 1},
+    {"att.x_r", "attn.x_r", RP_HF_RESHAPE, 1},
+    {"att.x_w", "attn.x_w", RP_HF_RESHAPE, 1},
+    {"att.x_k", "attn.x_k", RP_HF_RESHAPE, 1},
+    {"att.x_v", "attn.x_v", RP_HF_RESHAPE, 1},
+    {"att.x_a", "attn.x_a", RP_HF_RESHAPE, 1},
+    {"att.x_g", "attn.x_g", RP_HF_RESHAPE, 1},
+    {"att.w0", "attn.w_lora.lora.2.bias", RP_HF_RESHAPE, 1},
+    {"att.w1", "attn.w_lora.lora.0.weight", RP_HF_TRANSPOSE, 1},
+    {"att.w2", "attn.w_lora.lora.2.weight", RP_HF_TRANSPOSE, 1},
+    {"att.a0", "attn.a_lora.lora.2.bias", RP_HF_RESHAPE, 1},
+    {"att.a1", "attn.a_lora.lora.0.weight", RP_HF_TRANSPOSE, 1},
+    {"att.a2", "attn.a_lora.lora.2.weight", RP_HF_TRANSPOSE, 1},
+    {"att.v0", "attn.v_lora.lora.2.bias", RP_HF_RESHAPE, 1},
+    {"att.v1", "attn.v_lora.lora.0.weight", RP_HF_TRANSPOSE, 1},
+    {"att.v2", "attn.v_lora.lora.2.weight", RP_HF_TRANSPOSE, 1},
+    {"att.g1", "attn.g_lora.lora.0.weight", RP_HF_TRANSPOSE, 1},
+    {"att.g2", "attn.g_lora.lora.2.weight", RP_HF_TRANSPOSE, 1},
+    {"att.k_k", "attn.k_k", RP_HF_RESHAPE, 1},
+    {"att.k_a", "attn.k_a", RP_HF_RESHAPE, 1},
+    {"att.r_k", "attn.r_k", RP_HF_SAME, 1},
+    {"att.receptance.weight", "attn.r_proj.weight", RP_HF_SAME, 1},
+    {"att.key.weight", "attn.k_proj.weight", RP_HF_SAME, 1},
+    {"att.value.weight", "attn.v_proj.weight", RP_HF_SAME, 1},
+    {"att.output.weight", "attn.o_proj.weight", RP_HF_SAME, 1},
+    {"att.ln_x.weight", "attn.g_norm.weight", RP_HF_SAME, 1},
+    {"att.ln_x.bias", "attn.g_norm.bias", RP_HF_SAME, 1},
+    {"ffn.x_k", "ffn.x_k", RP_HF_RESHAPE, 1},
+    {"ffn.key.weight", "ffn.key.weight", RP_HF_SAME, 1},
+    {"ffn.value.weight", "ffn.value.weight", RP_HF_SAME, 1},
+};
+
+const rp_hf_name *rp_hf_names(int *n) {
+    *n = (int)(sizeof hf_names / sizeof hf_names[0]);
+    return hf_names;
 }
 
-static int hf_global_name(char *out, size_t size, const char *official) {
-    static const struct {
-        const char *official, *hf;
-    } map[] = {
-        {"emb.weight", "model.embeddings.weight"},
-        {"blocks.0.ln0.weight", "model.layers.0.pre_norm.weight"},
-        {"blocks.0.ln0.bias", "model.layers.0.pre_norm.bias"},
-        {"ln_out.weight", "model.norm.weight"},
-        {"ln_out.bias", "model.norm.bias"},
-        {"head.weight", "lm_head.weight"},
-    };
-    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
-        if (strcmp(map[i].official, official) == 0) {
-            snprintf(out, size, "%s", map[i].hf);
-            return MAP_SAME;
-        }
+const char *rp_hf_kind_name(rp_hf_kind kind) {
+    switch (kind) {
+    case RP_HF_SAME: return "same";
+    case RP_HF_RESHAPE: return "reshape";
+    case RP_HF_TRANSPOSE: return "transpose";
+    }
+    return "?";
+}
+
+/* HF/fla name of an official tensor (official: a layer suffix when layer >= 0,
+ * else a whole name). Returns the mapping kind, or -1 when the tensor has no
+ * HF counterpart (layer 0's unused v-LoRA). */
+static int hf_name_of(char *out, size_t size, const char *official, int layer) {
+    if (layer >= 0 && is_unused_layer0_tensor(official, layer)) return -1;
+    for (size_t i = 0; i < sizeof hf_names / sizeof hf_names[0]; i++) {
+        const rp_hf_name *r = &hf_names[i];
+        if (r->per_layer != (layer >= 0) || strcmp(r->official, official) != 0) continue;
+        if (layer >= 0) snprintf(out, size, "model.layers.%d.%s", layer, r->hf);
+        else snprintf(out, size, "%s", r->hf);
+        return (int)r->kind;
+    }
     return -1;
 }
 
@@ -192,8 +206,7 @@ static const rp_st_tensor *find_tensor(const rp_st_file *f, rp_naming naming,
     rp_tensor_name(name, name_size, info, layer);
     *kind = MAP_SAME;
     if (naming == RP_NAMING_OFFICIAL) return rp_st_find(f, name);
-    int k = info->part == RP_PART_LAYER ? hf_layer_name(name, name_size, info->suffix, layer)
-                                        : hf_global_name(name, name_size, info->suffix);
+    int k = hf_name_of(name, name_size, info->suffix, info->part == RP_PART_LAYER ? layer : -1);
     if (k < 0) return NULL;
     *kind = (map_kind)k;
     return rp_st_find(f, name);

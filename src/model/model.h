@@ -47,6 +47,18 @@ rp_status rp_model_init_official(rp_model *m, uint64_t seed, rp_error *err);
 /* Which naming a weights file uses. */
 typedef enum { RP_NAMING_OFFICIAL = 0, RP_NAMING_HF = 1 } rp_naming;
 
+/* The official <-> HF/fla name map (docs/convert.md). A per_layer row names
+ * the suffixes after "blocks.N." and "model.layers.N."; the others whole
+ * names. kind: how the HF tensor becomes the official one. */
+typedef enum { RP_HF_SAME = 0, RP_HF_RESHAPE, RP_HF_TRANSPOSE } rp_hf_kind;
+typedef struct {
+    const char *official, *hf;
+    rp_hf_kind kind;
+    int per_layer;
+} rp_hf_name;
+const rp_hf_name *rp_hf_names(int *n);
+const char *rp_hf_kind_name(rp_hf_kind kind);
+
 /* Reads the hyper-parameters from tensor shapes (official or HF/fla names) and
  * checks that every layer is complete and consistent. */
 rp_status rp_config_from_safetensors(const rp_st_file *f, rp_config *cfg, rp_naming *naming,

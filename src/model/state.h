@@ -11,6 +11,7 @@
 #include <stddef.h>
 
 #include "core/error.h"
+#include "core/safetensors.h"
 #include "model/config.h"
 
 typedef struct {
@@ -44,5 +45,29 @@ static inline float *rp_state_ffn_x_prev(const rp_state *s, int slot, int layer)
     return rp_state_layer(s, slot, layer) + s->n_embd +
            (size_t)s->n_head * s->head_size * s->head_size;
 }
+
+/* One sequence's whole-model state as the three named tensors of the logits
+ * output and of session files (docs/formats.md):
+ *   state.att_x_prev [L, C], state.ffn_x_prev [L, C], state.wkv [L, H, N, N]
+ * with N the config's head size. Host memory, owned. */
+#define RP_STATE_ATT_X_PREV "state.att_x_prev"
+#define RP_STATE_FFN_X_PREV "state.ffn_x_prev"
+#define RP_STATE_WKV "state.wkv"
+
+typedef struct {
+    float *att_x_prev, *ffn_x_prev, *wkv;
+    int64_t shape_lc[2];  /* {L, C} */
+    int64_t shape_wkv[4]; /* {L, H, N, N} */
+} rp_state_tensors;
+
+/* Allocates the three tensors for cfg (every layer). */
+rp_status rp_state_tensors_alloc(rp_state_tensors *t, const rp_config *cfg, rp_error *err);
+void rp_state_tensors_free(rp_state_tensors *t);
+/* Copies slot `slot` of s (a host state holding every layer of t's model)
+ * into t, and back. */
+void rp_state_export(const rp_state *s, int slot, rp_state_tensors *t);
+void rp_state_import(rp_state *s, int slot, const rp_state_tensors *t);
+/* Adds the three tensors (float32, by reference: t must outlive w's write). */
+rp_status rp_state_tensors_add(const rp_state_tensors *t, rp_st_writer *w, rp_error *err);
 
 #endif

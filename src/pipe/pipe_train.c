@@ -1,6 +1,7 @@
 /* Pipeline executor and pipelined forward (pipe_train.h). Every buffer is
  * backend memory; the transport moves host or device memory alike. */
 #include "pipe/pipe_train.h"
+#include "core/clock.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -9,12 +10,6 @@
 
 /* Floats per piece of a gradient all-reduce staged through host memory. */
 #define REDUCE_CHUNK_FLOATS ((size_t)1 << 24)
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *grads,
                                rp_model *adam_m, rp_model *adam_v, const rp_grid *grid,
@@ -227,10 +222,10 @@ static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
 /* Zeroes the gradients, timed as part of the step's update. */
 static void zero_grads(rp_pipe_trainer *pt) {
     rp_backend *be = pt->model->be;
-    const double t0 = now_seconds();
+    const double t0 = rp_now_seconds();
     rp_model_zero(pt->grads);
     be->synchronize(be);
-    pt->update_seconds += now_seconds() - t0;
+    pt->update_seconds += rp_now_seconds() - t0;
 }
 
 rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
@@ -276,7 +271,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         const int mb = in->micro_batch;
         rp_train_workspace *tw = in->buffer >= 0 ? &pt->stash[in->buffer] : NULL;
         if (pt->trace && pt->trace_len < pt->trace_cap)
-            pt->trace[pt->trace_len] = (struct rp_pipe_trace_entry){in->op, mb, now_seconds(), 0};
+            pt->trace[pt->trace_len] = (struct rp_pipe_trace_entry){in->op, mb, rp_now_seconds(), 0};
         switch (in->op) {
         case RP_OP_RECV_ACT:
         case RP_OP_RECV_GRAD: {
@@ -308,7 +303,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             if ((st = wait_pending(pt, in->buffer, m->has_head ? PENDING_ALL : PENDING_ACT,
                                    err)) != RP_OK)
                 break;
-            const double t0 = now_seconds();
+            const double t0 = rp_now_seconds();
             be->fill_zero(be, pt->state.data, state_bytes);
             if (m->has_embed &&
                 (st = rp_train_embed_forward(m, tw, inputs + (size_t)mb * R, &pt->batch, err)) !=
@@ -324,7 +319,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 rp_train_head_backward(m, pt->grads, tw, &pt->batch);
             }
             be->synchronize(be);
-            const double dt = now_seconds() - t0;
+            const double dt = rp_now_seconds() - t0;
             pt->busy_seconds += dt;
             pt->fwd_seconds += dt;
             if ((st = be->status(be, err)) != RP_OK)
@@ -340,7 +335,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             break;
         case RP_OP_BWD: {
             if ((st = wait_pending(pt, in->buffer, PENDING_ALL, err)) != RP_OK) break;
-            const double t0 = now_seconds();
+            const double t0 = rp_now_seconds();
             /* Each sequence ends with the micro-batch: d(final state) = 0. */
             be->fill_zero(be, pt->dstate.data, state_bytes);
             for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
@@ -348,7 +343,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             if (m->has_embed)
                 rp_train_embed_backward(m, pt->grads, tw, inputs + (size_t)mb * R, &pt->batch);
             be->synchronize(be);
-            pt->busy_seconds += now_seconds() - t0;
+            pt->busy_seconds += rp_now_seconds() - t0;
             if ((st = be->status(be, err)) != RP_OK)
                 rp_error_prefix(err, "stage %d: backward of micro-batch %d", pt->stage, mb);
             break;
@@ -366,9 +361,9 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             if (st == RP_OK) st = reduce_grads(pt, err);
             break;
         case RP_OP_OPT_STEP: {
-            double t0 = now_seconds();
+            double t0 = rp_now_seconds();
             double sumsq = rp_grad_sum_squares(pt->grads);
-            pt->update_seconds += now_seconds() - t0;
+            pt->update_seconds += rp_now_seconds() - t0;
             if (pt->n_stages > 1) {
                 MPI_Request req;
                 MPI_Iallreduce(MPI_IN_PLACE, &sumsq, 1, MPI_DOUBLE, MPI_SUM, pt->grid->pipe_comm,
@@ -391,11 +386,11 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 skipped = 1;
                 break;
             }
-            t0 = now_seconds();
+            t0 = rp_now_seconds();
             rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
                           rp_clip_scale(grad_norm, optim->grad_clip));
             be->synchronize(be);
-            pt->update_seconds += now_seconds() - t0;
+            pt->update_seconds += rp_now_seconds() - t0;
             break;
         }
         default:
@@ -403,7 +398,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                               (int)in->op);
         }
         if (pt->trace && pt->trace_len < pt->trace_cap)
-            pt->trace[pt->trace_len++].end_s = now_seconds();
+            pt->trace[pt->trace_len++].end_s = rp_now_seconds();
     }
     if (st != RP_OK) return st;
     pt->busy_seconds += pt->update_seconds;

@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "pipe/transport_nccl.h"
+#include "core/clock.h"
 
 const char *rp_msg_kind_name(rp_msg_kind k) {
     switch (k) {
@@ -27,12 +28,6 @@ const char *rp_msg_kind_name(rp_msg_kind k) {
 
 static int make_tag(rp_msg_kind kind, int micro_batch) {
     return (int)kind * RP_TRANSPORT_TAG_SPAN + (micro_batch % RP_TRANSPORT_TAG_SPAN);
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 rp_status rp_transport_init(rp_transport *t, MPI_Comm comm, double timeout_s, rp_error *err) {
@@ -243,14 +238,14 @@ rp_status rp_transport_post_recv(rp_transport *t, void *buf, size_t bytes, int p
  * the watchdog can fire instead of hanging forever. Returns MPI_Test's code. */
 static int test_until(MPI_Request *request, MPI_Status *status, double timeout_s,
                       int *timed_out, double *waited) {
-    const double start = now_seconds();
+    const double start = rp_now_seconds();
     long sleep_ns = 1000;
     *timed_out = 0;
     for (;;) {
         int done = 0;
         int rc = MPI_Test(request, &done, status);
         if (rc != MPI_SUCCESS || done) return rc;
-        *waited = now_seconds() - start;
+        *waited = rp_now_seconds() - start;
         if (timeout_s > 0 && *waited > timeout_s) {
             *timed_out = 1;
             return MPI_SUCCESS;

@@ -13,6 +13,7 @@
 #include "config.h"
 
 #include "pipe/transport_nccl.h"
+#include "core/clock.h"
 
 #include <cuda_runtime.h>
 /* nccl.h declares a few functions with () instead of (void). */
@@ -28,12 +29,6 @@
 
 /* ---- polling with a watchdog ---- */
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* The host polls with a growing sleep capped at 50 us, as the MPI waits do
  * (transport.c, test_until): a wait on the critical path ends within 50 us of
  * its transfer, and the watchdog can fire instead of hanging. */
@@ -43,11 +38,11 @@ typedef struct {
 } poll_clock;
 
 static void poll_start(poll_clock *c) {
-    c->start = now_seconds();
+    c->start = rp_now_seconds();
     c->sleep_ns = 1000;
 }
 
-static double poll_waited(const poll_clock *c) { return now_seconds() - c->start; }
+static double poll_waited(const poll_clock *c) { return rp_now_seconds() - c->start; }
 
 static void poll_sleep(poll_clock *c) {
     struct timespec ts = {0, c->sleep_ns};

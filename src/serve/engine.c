@@ -9,6 +9,7 @@
 #include "pipe/transport.h"
 #include "rwkvpipe.pb-c.h"
 #include "serve/engine_internal.h"
+#include "core/clock.h"
 
 /* Tags on the engine's own communicator. */
 enum { TAG_CMD = 1, TAG_X = 2, TAG_VFIRST = 3, TAG_RESULT = 4, TAG_STATE = 5 };
@@ -238,13 +239,13 @@ static rp_status receive_message(rp_engine *e, int source, int tag, int block, d
     MPI_Status status;
     int flag = 0;
     long sleep_ns = 1000;
-    const double start = rp_engine_now();
+    const double start = rp_now_seconds();
     *buf = NULL;
     *count = 0;
     for (;;) {
         MPI_Improbe(source, tag, e->comm, &flag, &msg, &status);
         if (flag || !block) break;
-        const double waited = rp_engine_now() - start;
+        const double waited = rp_now_seconds() - start;
         if (timeout_s > 0 && waited > timeout_s)
             return rp_error_set(err, RP_ERR_MPI, "stage %d waited %.0f s for %s; it is stuck "
                                 "or dead", e->stage, waited, what);
@@ -331,7 +332,7 @@ static rp_status run_unit(rp_engine *e, const command *c, const int32_t *tokens,
     }
     rp_batch batch;
     rp_batch_init(&batch, n_seq, seq_len, slot, row_begin);
-    const double t0 = rp_engine_now();
+    const double t0 = rp_now_seconds();
     rp_status st;
     if (m->has_embed && (st = rp_model_embed(m, &e->ws, tokens, &batch, err)) != RP_OK) return st;
     for (int l = m->layer_begin; l < m->layer_end; l++)
@@ -353,7 +354,7 @@ static rp_status run_unit(rp_engine *e, const command *c, const int32_t *tokens,
         }
     }
     be->synchronize(be);
-    *busy = rp_engine_now() - t0;
+    *busy = rp_now_seconds() - t0;
     return be->status(be, err);
 }
 
@@ -432,7 +433,7 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
     e->n_stages = grid ? grid->pp : 1;
     e->is_last = e->stage == e->n_stages - 1;
     e->comm = MPI_COMM_NULL;
-    e->t_start = e->t_mark = rp_engine_now();
+    e->t_start = e->t_mark = rp_now_seconds();
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->wake, NULL);
     e->owner = pthread_self();
@@ -649,7 +650,7 @@ rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err) {
                             "again later", q);
     }
     rp_job_retain(job);
-    job->t_submit = rp_engine_now();
+    job->t_submit = rp_now_seconds();
     job->next = NULL;
     if (e->queue_tail) e->queue_tail->next = job;
     else e->queue_head = job;
@@ -990,7 +991,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         st = issue(e, &c, err);
         if (st != RP_OK) goto fail;
         pthread_mutex_lock(&j->mu);
-        j->t_slot = rp_engine_now();
+        j->t_slot = rp_now_seconds();
         j->session_continued = from != NULL;
         pthread_mutex_unlock(&j->mu);
         j->slot = s;
@@ -1293,7 +1294,7 @@ static void fail_controls(rp_engine *e, rp_status st, const char *why) {
 void rp_engine_get_metrics(rp_engine *e, rp_engine_metrics *m) {
     memset(m, 0, sizeof *m);
     pthread_mutex_lock(&e->mu);
-    const double now = rp_engine_now();
+    const double now = rp_now_seconds();
     m->requests_total = e->requests_total;
     m->requests_queued = e->n_queued;
     m->tokens_generated = e->tokens_generated;

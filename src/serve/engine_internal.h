@@ -48,7 +48,6 @@ struct rp_job {
 
 /* Job helpers used by the engine (engine_job.c). */
 void rp_job_retain(rp_job *job);
-double rp_engine_now(void);
 /* Appends a generated token and wakes readers. */
 void rp_job_push_token(rp_job *job, int32_t token);
 /* Sets the final state (first call wins) and wakes readers. */

@@ -6,12 +6,7 @@
 #include <time.h>
 
 #include "serve/engine_internal.h"
-
-double rp_engine_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "core/clock.h"
 
 const char *rp_finish_reason_name(rp_finish_reason r) {
     switch (r) {
@@ -190,7 +185,7 @@ void rp_job_push_token(rp_job *job, int32_t token) {
         }
     }
     if (job->n_out < job->cap_out) job->out[job->n_out++] = token;
-    double now = rp_engine_now();
+    double now = rp_now_seconds();
     if (job->t_first == 0) job->t_first = now;
     job->t_last = now;
     pthread_cond_broadcast(&job->cv);

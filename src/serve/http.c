@@ -26,6 +26,7 @@
 #include "serve/http_request.h"
 #include "serve/session_file.h"
 #include "serve/text.h"
+#include "core/clock.h"
 
 #define READ_BATCH 256          /* tokens taken from the engine at once */
 #define KEEPER_PERIOD_MS 200    /* how often request deadlines are checked */
@@ -94,12 +95,6 @@ struct rp_http_server {
     int n_sessions;
     unsigned long use_counter;
 };
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Log lines quote what clients send (paths, names, messages naming them):
  * every byte outside printable ASCII becomes \xHH and a backslash becomes
@@ -396,7 +391,7 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
     for (;;) {
         rp_finish_reason f = RP_FINISH_NONE;
         int n = rp_job_read(g->job, ids, READ_BATCH, timeout_ms, &f);
-        if (n > 0 && g->t_first == 0) g->t_first = now_seconds();
+        if (n > 0 && g->t_first == 0) g->t_first = rp_now_seconds();
         for (int i = 0; i < n; i++) {
             size_t len;
             const uint8_t *b = rp_tokenizer_token_bytes(g->srv->tok, ids[i], &len);
@@ -404,7 +399,7 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
             if (g->session[0]) tail_push(g, b, len);
             if (g->stop_hit) continue;
             g->completion_tokens++;
-            g->t_last = now_seconds();
+            g->t_last = rp_now_seconds();
             if (g->return_ids) {
                 if (g->n_ids == g->ids_cap) {
                     size_t cap = g->ids_cap ? 2 * g->ids_cap : 64;
@@ -759,7 +754,7 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
         goto fail_out;
     }
     rp_job_set_notify(g->job, gen_wake, g);  /* before the engine can produce */
-    g->t_submit = now_seconds();
+    g->t_submit = rp_now_seconds();
     if (atomic_load(&s->stopping)) {
         rp_request_fail(e, 503, "shutting_down", "the server is shutting down");
         goto fail_out;
@@ -1147,7 +1142,7 @@ static void conn_request_next(rp_http_server *s, struct MHD_Connection *conn) {
     if (!c) return;
     pthread_mutex_lock(&s->conn_lock);
     c->receiving = 1;
-    c->request_start = now_seconds();
+    c->request_start = rp_now_seconds();
     pthread_mutex_unlock(&s->conn_lock);
 }
 
@@ -1157,7 +1152,7 @@ static void conn_request_next(rp_http_server *s, struct MHD_Connection *conn) {
  * closes it. */
 static void cut_late_requests(rp_http_server *s) {
     if (s->cfg.request_timeout_s <= 0) return;
-    const double now = now_seconds();
+    const double now = rp_now_seconds();
     int n = 0;
     pthread_mutex_lock(&s->conn_lock);
     for (conn_entry *c = s->conns; c; c = c->next)
@@ -1220,7 +1215,7 @@ static request_ctx *request_ctx_new(rp_http_server *s, const char *target) {
     request_ctx *rc = calloc(1, sizeof *rc);
     if (!rc) return NULL;
     rc->srv = s;
-    rc->t_start = now_seconds();
+    rc->t_start = rp_now_seconds();
     rc->method = "OTHER";
     snprintf(rc->path, sizeof rc->path, "%s", target);
     return rc;
@@ -1385,7 +1380,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         toe != MHD_REQUEST_TERMINATED_CLIENT_ABORT)
         log_line(s, "%s %s: connection ended early (%d)", rc->method, rc->path, (int)toe);
     else if (s->cfg.log_requests)
-        log_line(s, "%s %s %.1f ms", rc->method, rc->path, (now_seconds() - rc->t_start) * 1e3);
+        log_line(s, "%s %s %.1f ms", rc->method, rc->path, (rp_now_seconds() - rc->t_start) * 1e3);
     free(rc->body);
     free(rc);
     *con_cls = NULL;
@@ -1401,7 +1396,7 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
         conn_entry *c = ci ? calloc(1, sizeof *c) : NULL;
         if (!c) return;  /* no deadline for it; the idle timeout still holds */
         c->fd = ci->connect_fd;
-        c->request_start = now_seconds();
+        c->request_start = rp_now_seconds();
         c->receiving = 1;
         pthread_mutex_lock(&s->conn_lock);
         c->next = s->conns;
@@ -1529,16 +1524,11 @@ rp_status rp_http_start(rp_http_server **out, rp_engine *engine, const rp_tokeni
 
 int rp_http_port(const rp_http_server *s) { return s->port; }
 
-static double monotonic_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);  /* async-signal-safe */
-    return (double)ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
-
 void rp_http_begin_stop(rp_http_server *s) {
     if (!s) return;
     long long zero = 0;
-    atomic_compare_exchange_strong(&s->stop_begin_ms, &zero, (long long)monotonic_ms() + 1);
+    const long long now_ms = (long long)(rp_now_seconds() * 1e3);  /* async-signal-safe */
+    atomic_compare_exchange_strong(&s->stop_begin_ms, &zero, now_ms + 1);
     atomic_store(&s->stopping, 1);
 }
 
@@ -1548,7 +1538,7 @@ void rp_http_drain(rp_http_server *s) {
     const double begin = (double)atomic_load(&s->stop_begin_ms);
     const double until = begin + s->cfg.drain_seconds * 1e3;
     for (;;) {
-        double now = monotonic_ms();
+        double now = rp_now_seconds() * 1e3;
         if (now >= until + STOP_FINISH_SECONDS * 1e3) break;
         if (now >= until && atomic_load(&s->active_generations) == 0) break;
         struct timespec ts = {0, 10000000};
@@ -1569,10 +1559,10 @@ void rp_http_stop(rp_http_server *s) {
         pthread_mutex_lock(&s->gen_lock);
         for (gen_ctx *g = s->gens; g; g = g->next) gen_wake(g);
         pthread_mutex_unlock(&s->gen_lock);
-        const double until = now_seconds() + STOP_FINISH_SECONDS;
+        const double until = rp_now_seconds() + STOP_FINISH_SECONDS;
         while ((atomic_load(&s->active_generations) > 0 ||
                 atomic_load(&s->active_session_requests) > 0) &&
-               now_seconds() < until) {
+               rp_now_seconds() < until) {
             struct timespec ts = {0, 10000000};
             nanosleep(&ts, NULL);
         }

@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/fileio.h"
 #include "core/safetensors.h"
 #include "core/version.h"
 #include "model/config_pb.h"
@@ -26,7 +27,7 @@
 
 /* Buffers the writer points into: they live until the file is written. */
 typedef struct {
-    float *att, *ffn, *wkv;
+    rp_state_tensors t;
     char *hex;
     char tokens[32];
     rp_st_writer w;
@@ -34,9 +35,7 @@ typedef struct {
 
 static void image_free(file_image *im) {
     rp_st_writer_free(&im->w);
-    free(im->att);
-    free(im->ffn);
-    free(im->wkv);
+    rp_state_tensors_free(&im->t);
     free(im->hex);
 }
 
@@ -47,11 +46,10 @@ static rp_status image_build(file_image *im, const rp_config *cfg, uint64_t toke
     rp_state view;
     rp_state_geometry(&view, cfg, 0, cfg->n_layer, 1);
     view.data = (float *)state;
-    const int L = cfg->n_layer, C = cfg->n_embd, H = cfg->n_head;
-    const size_t HNN = (size_t)H * 64 * 64;
-    im->att = malloc(sizeof(float) * (size_t)L * C);
-    im->ffn = malloc(sizeof(float) * (size_t)L * C);
-    im->wkv = malloc(sizeof(float) * (size_t)L * HNN);
+    if (rp_state_tensors_alloc(&im->t, cfg, err) != RP_OK) {
+        image_free(im);
+        return RP_ERR_NOMEM;
+    }
     Rwkvpipe__ModelConfig mc;
     rp_config_to_pb(cfg, &mc);
     Rwkvpipe__SessionHeader h = RWKVPIPE__SESSION_HEADER__INIT;
@@ -61,7 +59,7 @@ static rp_status image_build(file_image *im, const rp_config *cfg, uint64_t toke
     size_t n = rwkvpipe__session_header__get_packed_size(&h);
     uint8_t *packed = malloc(n ? n : 1);
     im->hex = malloc(2 * n + 1);
-    if (!im->att || !im->ffn || !im->wkv || !packed || !im->hex) {
+    if (!packed || !im->hex) {
         free(packed);
         image_free(im);
         return rp_error_set(err, RP_ERR_NOMEM, "session file buffers");
@@ -70,21 +68,9 @@ static rp_status image_build(file_image *im, const rp_config *cfg, uint64_t toke
     for (size_t i = 0; i < n; i++) snprintf(im->hex + 2 * i, 3, "%02x", packed[i]);
     im->hex[2 * n] = '\0';
     free(packed);
-    for (int l = 0; l < L; l++) {
-        memcpy(im->att + (size_t)l * C, rp_state_att_x_prev(&view, 0, l), sizeof(float) * C);
-        memcpy(im->ffn + (size_t)l * C, rp_state_ffn_x_prev(&view, 0, l), sizeof(float) * C);
-        memcpy(im->wkv + (size_t)l * HNN, rp_state_wkv(&view, 0, l), sizeof(float) * HNN);
-    }
-    int64_t shape_lc[2] = {L, C}, shape_wkv[4] = {L, H, 64, 64};
+    rp_state_export(&view, 0, &im->t);
     snprintf(im->tokens, sizeof im->tokens, "%llu", (unsigned long long)tokens);
-    rp_status st = rp_st_writer_add(&im->w, "state.att_x_prev", RP_DTYPE_F32, RP_DTYPE_F32, 2,
-                                    shape_lc, im->att, err);
-    if (st == RP_OK)
-        st = rp_st_writer_add(&im->w, "state.ffn_x_prev", RP_DTYPE_F32, RP_DTYPE_F32, 2,
-                              shape_lc, im->ffn, err);
-    if (st == RP_OK)
-        st = rp_st_writer_add(&im->w, "state.wkv", RP_DTYPE_F32, RP_DTYPE_F32, 4, shape_wkv,
-                              im->wkv, err);
+    rp_status st = rp_state_tensors_add(&im->t, &im->w, err);
     if (st == RP_OK) st = rp_st_writer_add_meta(&im->w, META_KEY, im->hex, err);
     if (st == RP_OK) st = rp_st_writer_add_meta(&im->w, "tokens", im->tokens, err);
     if (st != RP_OK) image_free(im);
@@ -191,34 +177,28 @@ static rp_status read_state(const rp_st_file *f, const char *label, const rp_con
     rp_state view;
     rp_state_geometry(&view, cfg, 0, cfg->n_layer, 1);
     view.data = state;
-    const int L = cfg->n_layer, C = cfg->n_embd, H = cfg->n_head;
-    const size_t HNN = (size_t)H * 64 * 64;
+    const int L = cfg->n_layer;
     memset(state, 0, view.floats_per_slot * sizeof(float));
     *tokens = 0;
     rp_status st = RP_OK;
-    if (rp_st_find(f, "state.wkv")) {
-        float *att = malloc(sizeof(float) * (size_t)L * C), *ffn = malloc(sizeof(float) * (size_t)L * C);
-        float *wkv = malloc(sizeof(float) * (size_t)L * HNN);
-        int64_t shape_lc[2] = {L, C}, shape_wkv[4] = {L, H, 64, 64};
-        if (!att || !ffn || !wkv)
-            st = fail_read(err, detail, NULL, RP_ERR_NOMEM, "buffers to read %s", label);
-        if (st == RP_OK) st = check_header(f, label, cfg, tokens, err, detail);
+    if (rp_st_find(f, RP_STATE_WKV)) {
+        rp_state_tensors t;
+        if (rp_state_tensors_alloc(&t, cfg, NULL) != RP_OK)
+            return fail_read(err, detail, NULL, RP_ERR_NOMEM, "buffers to read %s", label);
+        st = check_header(f, label, cfg, tokens, err, detail);
         if (st == RP_OK)
-            st = read_tensor(f, label, "state.att_x_prev", 2, shape_lc, att, err, detail);
+            st = read_tensor(f, label, RP_STATE_ATT_X_PREV, 2, t.shape_lc, t.att_x_prev, err,
+                             detail);
         if (st == RP_OK)
-            st = read_tensor(f, label, "state.ffn_x_prev", 2, shape_lc, ffn, err, detail);
-        if (st == RP_OK) st = read_tensor(f, label, "state.wkv", 4, shape_wkv, wkv, err, detail);
-        for (int l = 0; st == RP_OK && l < L; l++) {
-            memcpy(rp_state_att_x_prev(&view, 0, l), att + (size_t)l * C, sizeof(float) * C);
-            memcpy(rp_state_ffn_x_prev(&view, 0, l), ffn + (size_t)l * C, sizeof(float) * C);
-            memcpy(rp_state_wkv(&view, 0, l), wkv + (size_t)l * HNN, sizeof(float) * HNN);
-        }
-        free(att);
-        free(ffn);
-        free(wkv);
+            st = read_tensor(f, label, RP_STATE_FFN_X_PREV, 2, t.shape_lc, t.ffn_x_prev, err,
+                             detail);
+        if (st == RP_OK)
+            st = read_tensor(f, label, RP_STATE_WKV, 4, t.shape_wkv, t.wkv, err, detail);
+        if (st == RP_OK) rp_state_import(&view, 0, &t);
+        rp_state_tensors_free(&t);
     } else {
         /* A state-tuning file: every layer's tuned WKV state. */
-        int64_t shape[3] = {H, 64, 64};
+        int64_t shape[3] = {cfg->n_head, cfg->head_size, cfg->head_size};
         for (int l = 0; st == RP_OK && l < L; l++) {
             char name[64];
             snprintf(name, sizeof name, "blocks.%d.att.time_state", l);
@@ -328,7 +308,7 @@ static rp_status check_replace(const rp_session_dir *d, int dir, const char *nam
     int is_session = rp_st_open_fd(&f, fd, name, &ignored) == RP_OK;
     if (is_session) {
         const char *hex = rp_st_meta(&f, META_KEY);
-        is_session = hex && rp_st_find(&f, "state.wkv");
+        is_session = hex && rp_st_find(&f, RP_STATE_WKV);
         rp_st_close(&f);
     }
     if (!is_session)
@@ -365,11 +345,9 @@ rp_status rp_session_file_save(rp_session_dir *d, const char *name, const rp_con
     if (st != RP_OK) return st;
     file_image im;
     if ((st = image_build(&im, cfg, tokens, state, err)) != RP_OK) return st;
-    /* A leading '.' is outside the client's alphabet: the temporary name can
-     * never be a name a client loads or saves. */
-    static atomic_uint counter;
-    char tmp[RP_SESSION_FILE_NAME_MAX + 64];
-    int fd = -1;
+    /* The temporary name starts with '.', outside the client's alphabet: it
+     * can never be a name a client loads or saves. */
+    rp_atomic_file file;
     /* The count and the temporary file under one lock: saves in flight
      * count, so concurrent saves cannot pass the cap together. */
     pthread_mutex_lock(&d->mu);
@@ -388,43 +366,12 @@ rp_status rp_session_file_save(rp_session_dir *d, const char *name, const rp_con
                                 "replace or delete one", n);
         }
     }
-    for (int attempt = 0; fd < 0 && attempt < 16; attempt++) {
-        snprintf(tmp, sizeof tmp, ".%s.tmp-%ld-%u", name, (long)getpid(),
-                 atomic_fetch_add(&counter, 1));
-        fd = openat(dir, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-        if (fd < 0 && errno != EEXIST) break;
-    }
+    st = rp_atomic_file_open(&file, dir, name, 0600, 1, err);
     pthread_mutex_unlock(&d->mu);
-    if (fd < 0) {
-        st = rp_error_set(err, RP_ERR_IO, "%s: cannot create a temporary file in the session "
-                          "directory: %s", name, strerror(errno));
-        image_free(&im);
-        return st;
-    }
-    const char *step = "write";
-    st = rp_st_writer_write_fd(&im.w, fd, name, err);
-    int saved_errno = 0;
-    if (st == RP_OK && fsync(fd) != 0) {
-        step = "fsync";
-        saved_errno = errno;
-    }
-    if (close(fd) != 0 && st == RP_OK && !saved_errno) {
-        step = "close";
-        saved_errno = errno;
-    }
-    if (st == RP_OK && !saved_errno && renameat(dir, tmp, dir, name) != 0) {
-        step = "rename";
-        saved_errno = errno;
-    }
-    if (st != RP_OK || saved_errno) {
-        if (st == RP_OK)
-            st = rp_error_set(err, RP_ERR_IO, "%s: cannot %s its temporary file in the session "
-                              "directory: %s", name, step, strerror(saved_errno));
-        unlinkat(dir, tmp, 0);
-    } else if (fsync(dir) != 0 && errno != EINVAL && errno != ENOTSUP) {
-        st = rp_error_set(err, RP_ERR_IO, "%s: written, but fsync of the session directory "
-                          "failed: %s (the file may not survive a crash)", name, strerror(errno));
-    }
+    if (st == RP_OK) st = rp_st_writer_write_fd(&im.w, file.fd, name, err);
+    if (st == RP_OK) st = rp_atomic_file_seal(&file, err);
+    if (st == RP_OK) st = rp_atomic_file_commit(&file, err);
+    rp_atomic_file_end(&file);
     image_free(&im);
     return st;
 }

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/fileio.h"
 #include "core/version.h"
 #include "model/config_pb.h"
 #include "rwkvpipe.pb-c.h"
@@ -49,92 +50,6 @@ static int is_directory(const char *path) {
 static int file_exists(const char *path) {
     struct stat sb;
     return stat(path, &sb) == 0;
-}
-
-/* fsync of a directory makes the renames and unlinks inside it durable. Some
- * filesystems cannot fsync directories; that is not an error. */
-static int fsync_directory(const char *dir) {
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return errno;
-    int rc = fsync(fd) == 0 ? 0 : errno;
-    close(fd);
-    if (rc == EINVAL || rc == ENOTSUP) rc = 0;
-    return rc;
-}
-
-static rp_status fsync_directory_or_fail(const char *dir, rp_error *err) {
-    int rc = fsync_directory(dir);
-    if (rc)
-        return rp_error_set(err, RP_ERR_IO, "%s: cannot fsync directory: %s", dir, strerror(rc));
-    return RP_OK;
-}
-
-static rp_status make_directories(const char *dir, rp_error *err) {
-    char buf[RP_CKPT_PATH_MAX];
-    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf)
-        return rp_error_set(err, RP_ERR_ARG, "path too long: %s", dir);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = '\0';
-        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-            return rp_error_set(err, RP_ERR_IO, "%s: cannot create directory: %s", buf,
-                                strerror(errno));
-        *p = '/';
-    }
-    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-        return rp_error_set(err, RP_ERR_IO, "%s: cannot create directory: %s", buf,
-                            strerror(errno));
-    if (!is_directory(buf))
-        return rp_error_set(err, RP_ERR_IO, "%s: exists and is not a directory", buf);
-    return RP_OK;
-}
-
-/* The parent directory of path ("." when it has none). */
-static void parent_directory(char *out, size_t size, const char *path) {
-    const char *slash = strrchr(path, '/');
-    if (!slash) snprintf(out, size, ".");
-    else if (slash == path) snprintf(out, size, "/");
-    else snprintf(out, size, "%.*s", (int)(slash - path), path);
-}
-
-/* Writes path.tmp.<pid>, fsyncs, renames to path, fsyncs the directory. */
-static rp_status write_file_atomic(const char *path, const void *data, size_t bytes,
-                                   rp_error *err) {
-    char tmp[RP_CKPT_PATH_MAX + 32];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return rp_error_set(err, RP_ERR_IO, "%s: cannot create temporary file '%s': %s", path,
-                            tmp, strerror(errno));
-    const char *step = "write";
-    const unsigned char *p = data;
-    size_t left = bytes;
-    while (left > 0) {
-        ssize_t n = write(fd, p, left);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) goto fail;
-        p += n;
-        left -= (size_t)n;
-    }
-    step = "fsync";
-    if (fsync(fd) != 0) goto fail;
-    step = "close";
-    if (close(fd) != 0) {
-        fd = -1;
-        goto fail;
-    }
-    fd = -1;
-    step = "rename";
-    if (rename(tmp, path) != 0) goto fail;
-    char dir[RP_CKPT_PATH_MAX];
-    parent_directory(dir, sizeof dir, path);
-    return fsync_directory_or_fail(dir, err);
-fail:;
-    int saved = errno;
-    if (fd >= 0) close(fd);
-    unlink(tmp);
-    return rp_error_set(err, RP_ERR_IO, "%s: cannot %s temporary file '%s': %s", path, step, tmp,
-                        strerror(saved));
 }
 
 /* Reads a whole (small) file into a malloc'ed buffer. *missing is set when it
@@ -288,7 +203,7 @@ static rp_status write_pointer(const char *dir, const char *pointer, const char 
     rp_status st = path_join(path, sizeof path, dir, pointer, err);
     if (st != RP_OK) return st;
     int n = snprintf(line, sizeof line, "%s\n", name);
-    return write_file_atomic(path, line, (size_t)n, err);
+    return rp_file_write_atomic_bytes(path, line, (size_t)n, err);
 }
 
 /* Removes every plain file of a step directory, manifest first (so an
@@ -299,7 +214,7 @@ static rp_status remove_step_dir(const char *path, rp_error *err) {
     rp_status st = path_join(file, sizeof file, path, RP_CKPT_MANIFEST_NAME, err);
     if (st != RP_OK) return st;
     if (unlink(file) == 0) {
-        if ((st = fsync_directory_or_fail(path, err)) != RP_OK) return st;
+        if ((st = rp_dir_fsync(path, err)) != RP_OK) return st;
     } else if (errno != ENOENT) {
         return rp_error_set(err, RP_ERR_IO, "%s: cannot remove: %s", file, strerror(errno));
     }
@@ -691,12 +606,12 @@ static void shard_file_name(char *out, size_t size, const char *role, int index,
 
 rp_status rp_ckpt_begin(const char *dir, uint64_t step, char *step_dir, size_t step_dir_size,
                         rp_error *err) {
-    rp_status st = make_directories(dir, err);
+    rp_status st = rp_mkdir_p(dir, 0755, err);
     if (st != RP_OK) return st;
     char name[64];
     rp_ckpt_step_name(name, sizeof name, step);
     if ((st = path_join(step_dir, step_dir_size, dir, name, err)) != RP_OK) return st;
-    if (mkdir(step_dir, 0755) == 0) return fsync_directory_or_fail(dir, err);
+    if (mkdir(step_dir, 0755) == 0) return rp_dir_fsync(dir, err);
     if (errno != EEXIST || !is_directory(step_dir))
         return rp_error_set(err, RP_ERR_IO, "%s: cannot create directory: %s", step_dir,
                             strerror(errno));
@@ -707,7 +622,7 @@ rp_status rp_ckpt_begin(const char *dir, uint64_t step, char *step_dir, size_t s
     if (mkdir(step_dir, 0755) != 0)
         return rp_error_set(err, RP_ERR_IO, "%s: cannot create directory: %s", step_dir,
                             strerror(errno));
-    return fsync_directory_or_fail(dir, err);
+    return rp_dir_fsync(dir, err);
 }
 
 rp_status rp_ckpt_write_shard(const char *step_dir, const rp_ckpt_contents *c, int shard_index,
@@ -828,7 +743,7 @@ static rp_status rotate(const char *dir, int keep_last, uint64_t current_step, r
             st = remove_step_dir(path, err);
     }
     free(list);
-    if (st == RP_OK) st = fsync_directory_or_fail(dir, err);
+    if (st == RP_OK) st = rp_dir_fsync(dir, err);
     if (st != RP_OK) return rp_error_prefix(err, "checkpoint saved, but rotation failed");
     return RP_OK;
 }
@@ -938,7 +853,7 @@ rp_status rp_ckpt_commit(const char *dir, const rp_ckpt_contents *c, const rp_ck
     rwkvpipe__checkpoint_manifest__pack(&man, packed);
     /* The manifest makes the checkpoint complete: it goes last, atomically,
      * after every shard's rename was made durable by its writer. */
-    if ((st = write_file_atomic(path, packed, bytes, err)) != RP_OK) goto done;
+    if ((st = rp_file_write_atomic_bytes(path, packed, bytes, err)) != RP_OK) goto done;
     if ((st = write_pointer(dir, POINTER_LATEST, name, err)) != RP_OK) goto done;
     st = rotate(dir, c->keep_last, c->progress.step, err);
 done:

@@ -1,4 +1,4 @@
-/* Token shard writer (buffered, temp name + fsync + rename) and reader
+/* Token shard writer (buffered, atomic through core/fileio.h) and reader
  * (positioned reads, full validation on open). The format is described in
  * shards.h. */
 #include "train/shards.h"
@@ -10,6 +10,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "core/fileio.h"
 
 #define WRITER_BUFFER_BYTES (1u << 20)
 
@@ -45,8 +47,8 @@ static uint64_t get_u64(const uint8_t *p) {
 typedef enum { WRITER_OPEN, WRITER_SEALED, WRITER_COMMITTED } writer_stage;
 
 struct rp_shard_writer {
-    char *path, *tmp_path;
-    int fd;
+    char *path;
+    rp_atomic_file file; /* the temporary file until committed */
     writer_stage stage;
     uint32_t tokenizer_kind, n_ids, dtype, bytes_per_token;
     uint64_t n_tokens, n_documents;
@@ -83,38 +85,30 @@ rp_status rp_shard_writer_open(rp_shard_writer **out, const char *path, uint32_t
                             n_ids);
     rp_shard_writer *w = rp_calloc(1, sizeof *w, "shard writer", err);
     if (!w) return RP_ERR_NOMEM;
-    w->fd = -1;
-    size_t tmp_cap = strlen(path) + 32;
     w->path = strdup(path);
-    w->tmp_path = malloc(tmp_cap);
     w->buf = malloc(WRITER_BUFFER_BYTES);
-    if (!w->path || !w->tmp_path || !w->buf) {
+    if (!w->path || !w->buf) {
         free(w->path);
-        free(w->tmp_path);
         free(w->buf);
         free(w);
         return rp_error_set(err, RP_ERR_NOMEM, "%s: out of memory for the shard writer", path);
     }
-    snprintf(w->tmp_path, tmp_cap, "%s.tmp.%ld", path, (long)getpid());
     w->tokenizer_kind = tokenizer_kind;
     w->n_ids = n_ids;
     w->dtype = n_ids <= 65536u ? RP_SHARD_DTYPE_U16 : RP_SHARD_DTYPE_U32;
     w->bytes_per_token = w->dtype == RP_SHARD_DTYPE_U16 ? 2 : 4;
-    w->fd = open(w->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (w->fd < 0) {
-        rp_status st = rp_error_set(err, RP_ERR_IO, "%s: cannot create temporary file '%s': %s",
-                                    path, w->tmp_path, strerror(errno));
+    rp_status st = rp_atomic_file_open(&w->file, AT_FDCWD, path, 0644, 0, err);
+    if (st != RP_OK) {
         free(w->path);
-        free(w->tmp_path);
         free(w->buf);
         free(w);
         return st;
     }
     /* A zero header until sealing: an unfinished file never passes as a shard. */
     uint8_t zeros[RP_SHARD_HEADER_BYTES] = {0};
-    if (write_all(w->fd, zeros, sizeof zeros, 0, 0) != RP_OK) {
-        rp_status st = rp_error_set(err, RP_ERR_IO, "%s: cannot write temporary file '%s': %s",
-                                    path, w->tmp_path, strerror(errno));
+    if (write_all(w->file.fd, zeros, sizeof zeros, 0, 0) != RP_OK) {
+        st = rp_error_set(err, RP_ERR_IO, "%s: cannot write temporary file '%s': %s", path,
+                          w->file.tmp_path, strerror(errno));
         rp_shard_writer_abort(w);
         return st;
     }
@@ -124,9 +118,9 @@ rp_status rp_shard_writer_open(rp_shard_writer **out, const char *path, uint32_t
 
 static rp_status writer_flush(rp_shard_writer *w, rp_error *err) {
     if (w->buf_used == 0) return RP_OK;
-    if (write_all(w->fd, w->buf, w->buf_used, 0, 0) != RP_OK)
+    if (write_all(w->file.fd, w->buf, w->buf_used, 0, 0) != RP_OK)
         return rp_error_set(err, RP_ERR_IO, "%s: cannot write temporary file '%s': %s", w->path,
-                            w->tmp_path, strerror(errno));
+                            w->file.tmp_path, strerror(errno));
     w->buf_used = 0;
     return RP_OK;
 }
@@ -182,52 +176,21 @@ rp_status rp_shard_writer_seal(rp_shard_writer *w, rp_error *err) {
     put_u32(h + 20, w->dtype);
     put_u64(h + 24, w->n_tokens);
     put_u64(h + 32, w->n_documents);
-    const char *step = "write the header of";
-    if (write_all(w->fd, h, sizeof h, 0, 1) != RP_OK) goto fail;
-    step = "fsync";
-    if (fsync(w->fd) != 0) goto fail;
-    step = "close";
-    int rc = close(w->fd);
-    w->fd = -1;
-    if (rc != 0) goto fail;
+    if (write_all(w->file.fd, h, sizeof h, 0, 1) != RP_OK)
+        return rp_error_set(err, RP_ERR_IO, "%s: cannot write the header of temporary file "
+                            "'%s': %s", w->path, w->file.tmp_path, strerror(errno));
+    if ((st = rp_atomic_file_seal(&w->file, err)) != RP_OK) return st;
     w->stage = WRITER_SEALED;
     return RP_OK;
-fail:
-    return rp_error_set(err, RP_ERR_IO, "%s: cannot %s temporary file '%s': %s", w->path, step,
-                        w->tmp_path, strerror(errno));
-}
-
-/* fsyncs the directory holding path, so the rename itself is durable. */
-static int fsync_parent_dir(const char *path) {
-    const char *slash = strrchr(path, '/');
-    char *dir = !slash ? strdup(".") : slash == path ? strdup("/")
-                                                      : strndup(path, (size_t)(slash - path));
-    if (!dir) return ENOMEM;
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    free(dir);
-    if (fd < 0) return errno;
-    int rc = fsync(fd) == 0 ? 0 : errno;
-    close(fd);
-    /* Some filesystems cannot fsync a directory; the rename is done anyway. */
-    if (rc == EINVAL || rc == ENOTSUP) rc = 0;
-    return rc;
 }
 
 rp_status rp_shard_writer_commit(rp_shard_writer *w, rp_error *err) {
     if (w->stage != WRITER_SEALED)
         return rp_error_set(err, RP_ERR_INTERNAL, "%s: shard writer committed before sealing",
                             w->path);
-    if (rename(w->tmp_path, w->path) != 0)
-        return rp_error_set(err, RP_ERR_IO, "%s: cannot rename temporary file '%s' to it: %s",
-                            w->path, w->tmp_path, strerror(errno));
-    w->stage = WRITER_COMMITTED;
-    int dir_errno = fsync_parent_dir(w->path);
-    if (dir_errno != 0)
-        return rp_error_set(err, RP_ERR_IO,
-                            "%s: written, but fsync of its directory failed: %s (the file may "
-                            "not survive a crash)",
-                            w->path, strerror(dir_errno));
-    return RP_OK;
+    rp_status st = rp_atomic_file_commit(&w->file, err);
+    if (st == RP_OK) w->stage = WRITER_COMMITTED;
+    return st;
 }
 
 rp_status rp_shard_writer_finish(rp_shard_writer *w, rp_error *err) {
@@ -239,10 +202,8 @@ rp_status rp_shard_writer_finish(rp_shard_writer *w, rp_error *err) {
 
 void rp_shard_writer_abort(rp_shard_writer *w) {
     if (!w) return;
-    if (w->fd >= 0) close(w->fd);
-    if (w->stage != WRITER_COMMITTED) unlink(w->tmp_path);
+    rp_atomic_file_end(&w->file);
     free(w->path);
-    free(w->tmp_path);
     free(w->buf);
     free(w);
 }

@@ -35,7 +35,8 @@ const char *rp_shard_tokenizer_name(uint32_t code);
 
 /* ------------------------------------------------------------------ writer */
 
-/* Streaming writer: tokens are buffered and appended to "<path>.tmp.<pid>";
+/* Streaming writer: tokens are buffered and appended to a hidden temporary
+ * file beside path (core/fileio.h);
  * finishing rewrites the header, fsyncs and renames, so a crash or an error
  * never leaves a file at `path` that looks complete. The dtype is u16 when
  * n_ids <= 65536, else u32. */

@@ -12,6 +12,7 @@
 #include "pipe/transport.h"
 #include "train/checkpoint.h"
 #include "train/loader.h"
+#include "core/clock.h"
 
 void rp_train_options_defaults(rp_train_options *o) {
     memset(o, 0, sizeof *o);
@@ -43,12 +44,6 @@ void rp_train_options_add_data(rp_train_options *o, const char **paths, int *n_p
         o->synthetic = 0;
         paths[(*n_paths)++] = arg;
     }
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 /* ---- data ---- */
@@ -568,7 +563,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     }
     double best_eval = INFINITY;
 
-    const double t_start = now_seconds();
+    const double t_start = rp_now_seconds();
     double t_window = t_start;
     long tokens_window = 0;
     const long end_step = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
@@ -643,7 +638,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             result->eval_loss = eval_loss;
             result->eval_accuracy = eval_acc;
         }
-        const double now = now_seconds(), elapsed = now - t_start;
+        const double now = rp_now_seconds(), elapsed = now - t_start;
         const double tok_s = tokens_window / (now - t_window > 1e-9 ? now - t_window : 1e-9);
         if (do_log) {
             result->tokens_per_second = tok_s;
@@ -695,7 +690,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             break;
         }
     }
-    result->seconds = now_seconds() - t_start;
+    result->seconds = rp_now_seconds() - t_start;
     if (o->save_path && !result->stopped_by_signal) st = save_weights(model, o, err);
 done:
     if (metrics) fclose(metrics);
