@@ -307,7 +307,7 @@ def open_stream(url, body):
 def cmd_disconnect(url):
     check(wait_idle(url), "server busy before the test")
     # token 0 (end of text) banned: nothing ends these before the clients leave
-    long = {"max_tokens": 100000, "ban_token_ids": [0]}
+    long = {"max_tokens": 1000000000, "ban_token_ids": [0]}
     running = open_stream(url, dict(long, prompt="running"))
     check(running.recv(64).startswith(b"HTTP/1.1 200"), "the first stream runs")
     queued = open_stream(url, dict(long, prompt="queued"))
@@ -327,7 +327,7 @@ def cmd_disconnect(url):
 
 def cmd_busy(url):
     check(wait_idle(url), "server busy before the test")
-    long = {"prompt": "busy", "max_tokens": 100000, "ban_token_ids": [0]}
+    long = {"prompt": "busy", "max_tokens": 1000000000, "ban_token_ids": [0]}
     first = open_stream(url, long)
     check(first.recv(64).startswith(b"HTTP/1.1 200"), "the first stream runs")
     # the second waits in the queue (its headers come only when it runs)

@@ -354,7 +354,7 @@ def cmd_drain(url, pid, drain):
     check(r.status == 200, "keep-alive /health before the signal: %d" % r.status)
     stream = socket.create_connection((host, port), timeout=20)
     stream.sendall(raw_request(url, "POST", "/v1/completions",
-                               {"prompt": "stream until stopped", "max_tokens": 100000,
+                               {"prompt": "stream until stopped", "max_tokens": 1000000000,
                                 "ban_token_ids": [0], "stream": True}))
     first = b""
     while b"data: " not in first:

@@ -105,14 +105,14 @@ expect "--max-connections-per-client 4: 127.0.0.2 is capped, 127.0.0.1 is not" \
 
 # ---- many generations on a pool of 2 threads; the drain --------------------------------
 start C "$BIN" serve --model "$TINY" --port 0 --threads 1 --slots 16 --http-threads 2 \
-    --max-tokens-limit 100000 --drain-seconds 4
+    --max-tokens-limit 1000000000 --drain-seconds 4
 expect "40 streamed + 8 plain requests at once on 2 HTTP threads: each = its text alone; 200 short ones in a row" \
     "${CLIENT[@]}" many "$URL_C" 40 8
 drain_check C 4
 
 if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
     start D "$MPIRUN" -np 2 "$BIN" serve --model "$TINY" --pp 2 --port 0 --threads 1 \
-        --max-tokens-limit 100000 --drain-seconds 3
+        --max-tokens-limit 1000000000 --drain-seconds 3
     ranks=$(pgrep -f "serve --model $TINY --pp 2" | tr '\n' ' ')
     drain_check D 3
     left=""
