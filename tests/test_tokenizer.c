@@ -15,7 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 
 /* ---- helpers ------------------------------------------------------------- */
 

@@ -14,7 +14,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "model/init.h"
 #include "pipe/grid.h"
 #include "serve/engine.h"

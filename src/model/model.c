@@ -121,7 +121,7 @@ static int is_unused_layer0_tensor(const char *suffix, int layer) {
 /* How a file tensor maps onto an official one. */
 typedef enum { MAP_SAME = 0, MAP_RESHAPE, MAP_TRANSPOSE } map_kind;
 
-/* HF/fla name of an official layer tensor (spec 4.2). Returns the mapping kind,
+/* HF/fla name of an official layer tensor (docs/rwkv7.md, HF names). Returns the mapping kind,
  * or -1 when the tensor has no HF counterpart (layer 0's unused v-LoRA). */
 static int hf_layer_name(char *out, size_t size, const char *suffix, int layer) {
     static const struct {
