@@ -66,13 +66,15 @@ static double staged_grads(const rp_cli *cli, const stage_ctx *sc, const rp_mode
     double loss_sum = 0;
     const int prev = sc->stage - 1, next = sc->stage + 1;
     if (m->has_embed) {
-        if (rp_backward_embed_forward(m, &tw, tokens, &gb, &err) != RP_OK) cli_fatal_error(cli, &err);
+        if (rp_backward_embed_forward(m, &tw, tokens, &gb, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
     } else if (rp_transport_recv(sc->tp, tw.x, bytes, prev, RP_MSG_ACT, 0, &err) != RP_OK ||
                rp_transport_recv(sc->tp, tw.v_first, bytes, prev, RP_MSG_ACT_VFIRST, 0, &err) !=
                    RP_OK) {
         cli_fatal_error(cli, &err);
     }
-    for (int l = m->layer_begin; l < m->layer_end; l++) rp_backward_block_forward(m, &tw, l, &st0, &gb);
+    for (int l = m->layer_begin; l < m->layer_end; l++)
+        rp_backward_block_forward(m, &tw, l, &st0, &gb);
     if (m->has_head) {
         loss_sum = rp_backward_head_forward(m, &tw, tokens + 1, &gb, 1.0f / n, 0.0f);
         rp_backward_head_backward(m, grads, &tw, &gb);

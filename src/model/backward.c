@@ -70,7 +70,7 @@ static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m,
 }
 
 rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model *m, int max_rows,
-                                   int max_seqs, rp_error *err) {
+                                      int max_seqs, rp_error *err) {
     memset(tw, 0, sizeof *tw);
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
@@ -122,8 +122,8 @@ nomem:
 }
 
 rp_status rp_backward_workspace_alloc_stash(rp_backward_workspace *tw, const rp_model *m,
-                                         int max_rows, int max_seqs,
-                                         const rp_backward_workspace *share, rp_error *err) {
+                                            int max_rows, int max_seqs,
+                                            const rp_backward_workspace *share, rp_error *err) {
     memset(tw, 0, sizeof *tw);
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
@@ -183,7 +183,7 @@ void rp_model_zero(rp_model *g) {
 /* ---- embedding ---- */
 
 rp_status rp_backward_embed_forward(const rp_model *m, rp_backward_workspace *tw,
-                                 const int32_t *tokens, const rp_batch *batch, rp_error *err) {
+                                    const int32_t *tokens, const rp_batch *batch, rp_error *err) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd;
     if (!m->has_embed) return rp_error_set(err, RP_ERR_INTERNAL, "stage has no embedding");
@@ -199,7 +199,7 @@ rp_status rp_backward_embed_forward(const rp_model *m, rp_backward_workspace *tw
 }
 
 void rp_backward_embed_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
-                             const int32_t *tokens, const rp_batch *batch) {
+                                const int32_t *tokens, const rp_batch *batch) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd;
     be->fill_zero(be, tw->dxa, (size_t)R * C * sizeof(float));
@@ -226,7 +226,7 @@ static void lora_backward(rp_backend *be, float *dx, float *dw1, float *dw2, flo
 /* ---- block ---- */
 
 void rp_backward_block_forward(const rp_model *m, rp_backward_workspace *tw, int layer,
-                            rp_state *state, const rp_batch *batch) {
+                               rp_state *state, const rp_batch *batch) {
     rp_block_forward(m, &tw->layers[layer - m->layer_begin], tw->x, tw->v_first, tw->xc, layer,
                      state, batch);
 }
@@ -240,7 +240,7 @@ static void mix_backward(rp_backend *be, rp_backward_workspace *tw, const rp_lay
 }
 
 void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
-                             int layer, rp_state *dstate, const rp_batch *batch) {
+                                int layer, rp_state *dstate, const rp_batch *batch) {
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
     const int li = layer - m->layer_begin;
@@ -343,8 +343,8 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
 /* ---- head + loss ---- */
 
 double rp_backward_head_forward(const rp_model *m, rp_backward_workspace *tw,
-                             const int32_t *targets, const rp_batch *batch, float loss_scale,
-                             float l2wrap_factor) {
+                                const int32_t *targets, const rp_batch *batch, float loss_scale,
+                                float l2wrap_factor) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
     be->copy(be, tw->x_final, tw->x, (size_t)R * C * sizeof(float));
@@ -375,7 +375,7 @@ double rp_backward_head_forward(const rp_model *m, rp_backward_workspace *tw,
 }
 
 void rp_backward_head_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
-                            const rp_batch *batch) {
+                               const rp_batch *batch) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
     const size_t rc_bytes = (size_t)R * C * sizeof(float);

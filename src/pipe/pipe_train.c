@@ -68,7 +68,7 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
     for (int i = 0; i < pt->n_stash; i++)
         if ((st = i == 0 ? rp_backward_workspace_alloc(&pt->stash[0], model, R, micro_seqs, err)
                          : rp_backward_workspace_alloc_stash(&pt->stash[i], model, R, micro_seqs,
-                                                          &pt->stash[0], err)) != RP_OK) {
+                                                             &pt->stash[0], err)) != RP_OK) {
             rp_pipe_trainer_free(pt);
             return rp_error_prefix(err, "activation stash %d of %d", i + 1, pt->n_stash);
         }
@@ -320,7 +320,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 /* The head's backward right away: only d x is kept until
                  * this micro-batch's BWD, never its [R, V] logits. */
                 local_loss += rp_backward_head_forward(m, tw, targets + (size_t)mb * R, &pt->batch,
-                                                    loss_scale, l2wrap_factor);
+                                                       loss_scale, l2wrap_factor);
                 rp_backward_head_backward(m, pt->grads, tw, &pt->batch);
             }
             be->synchronize(be);

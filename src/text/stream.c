@@ -103,7 +103,8 @@ void rp_text_stream_free(rp_text_stream *s) {
 
 /* Appends released bytes to out, sanitized unless keep_invalid is set. */
 static int append_out(rp_text_stream *s, const uint8_t *bytes, size_t n) {
-    if (!s->keep_invalid) return rp_utf8_append_sanitized(&s->out, &s->out_len, &s->out_cap, bytes, n);
+    if (!s->keep_invalid)
+        return rp_utf8_append_sanitized(&s->out, &s->out_len, &s->out_cap, bytes, n);
     if (grow(&s->out, &s->out_cap, s->out_len + n + 1) != 0) return -1;
     memcpy(s->out + s->out_len, bytes, n);
     s->out_len += n;
