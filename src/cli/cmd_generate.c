@@ -36,7 +36,7 @@ static void generate_usage(FILE *out) {
             "  --top-p P             nucleus mass in (0, 1] (default 0.85)\n"
             "  --top-k K             0 = off (default 0)\n"
             "  --seed S              sampling seed (default 42): same seed, same text\n"
-            "  --stop STR            stop before this string is printed\n"
+            "  --stop STR            stop before this string (1-256 bytes) is printed\n"
             "  --ban-eot             never sample the end-of-text token 0 (default: stop\n"
             "                        when it is sampled)\n"
             "  --presence-penalty X  ChatRWKV repetition penalties (default 0 / 0;\n"
