@@ -24,8 +24,8 @@
 #include "op_profile.h"
 #include "model/init.h"
 #include "model/model.h"
-#include "model/train.h"
-#include "train/optim.h"
+#include "model/backward.h"
+#include "optim/optim.h"
 #include "core/clock.h"
 
 /* Goals of the CUDA backend issue. */
@@ -708,7 +708,7 @@ static rp_status measure_decode(const rp_model *m, const char *config, const dec
 typedef struct {
     backend_sync sync;  /* first: backend_sync_call reads it */
     rp_model *model, *grads, *adam_m, *adam_v;
-    rp_train_workspace *tw;
+    rp_backward_workspace *tw;
     rp_state *state, *dstate;
     rp_batch *batch;
     int32_t *inputs, *targets;
@@ -740,7 +740,7 @@ static int train_call(void *p) {
 }
 
 /* Device bytes per token of a training micro-batch: what
- * rp_train_workspace_alloc carves per row (src/model/train.c: 20 [R,C]
+ * rp_backward_workspace_alloc carves per row (src/model/backward.c: 20 [R,C]
  * buffers, the LoRA and FFN hiddens and the WKV checkpoints per layer; 27
  * [R,C], the FFN and LoRA scratch and the logits shared) plus the backend's
  * bf16 copies of the largest GEMM operands (logits gradient [R,V], FFN hidden
@@ -765,7 +765,7 @@ static rp_status measure_train(rp_model *m, const char *config, int T, const cei
     rp_backend *be = m->be;
     const rp_config *cfg = &m->cfg;
     rp_model grads, adam_m, adam_v;
-    rp_train_workspace tw;
+    rp_backward_workspace tw;
     rp_state state, dstate;
     memset(&tw, 0, sizeof tw);
     memset(&grads, 0, sizeof grads);
@@ -807,7 +807,7 @@ static rp_status measure_train(rp_model *m, const char *config, int T, const cei
     const int R = B * T;
     progress("train %s: micro-batch %d x %d tokens, about %.1f GiB of activations "
              "(%.1f GiB in use before)...", config, B, T, gib(per_seq * B), gib(used_before));
-    st = rp_train_workspace_alloc(&tw, m, R, B, err);
+    st = rp_backward_workspace_alloc(&tw, m, R, B, err);
     rp_state_geometry(&state, cfg, 0, cfg->n_layer, B);
     dstate = state;
     const size_t state_bytes = state.floats_per_slot * (size_t)B * sizeof(float);
@@ -917,7 +917,7 @@ done:
     free(targets);
     be->free(be, state.data);
     be->free(be, dstate.data);
-    if (tw.layers || tw.scratch_base) rp_train_workspace_free(&tw, be);
+    if (tw.layers || tw.scratch_base) rp_backward_workspace_free(&tw, be);
     rp_model_free(&grads);
     rp_model_free(&adam_m);
     rp_model_free(&adam_v);

@@ -17,12 +17,12 @@
 
 #include "bench/harness.h"
 #include "model/model.h"
-#include "model/train.h"
+#include "model/backward.h"
 #include "pipe/grid.h"
 #include "pipe/pipe_train.h"
 #include "pipe/schedule.h"
 #include "pipe/transport.h"
-#include "train/optim.h"
+#include "optim/optim.h"
 #include "core/clock.h"
 
 #define MAX_MICRO_COUNTS 16

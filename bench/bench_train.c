@@ -10,12 +10,12 @@
 #include <string.h>
 
 #include "bench/harness.h"
-#include "model/train.h"
-#include "train/optim.h"
+#include "model/backward.h"
+#include "optim/optim.h"
 
 typedef struct {
     rp_model *model, *grads, *m, *v;
-    rp_train_workspace *tw;
+    rp_backward_workspace *tw;
     rp_state *state;
     rp_batch *batch;
     int32_t *inputs, *targets;
@@ -76,14 +76,14 @@ int main(int argc, char **argv) {
         rp_error err;
         rp_backend *be = rp_cpu_backend_create(threads, &err);
         rp_model model, grads, m, v;
-        rp_train_workspace tw;
+        rp_backward_workspace tw;
         rp_state state;
         if (!be || rp_model_alloc(&model, &cfg, 0, cfg.n_layer, 1, 1, be, &err) ||
             rp_model_alloc(&grads, &cfg, 0, cfg.n_layer, 1, 1, be, &err) ||
             rp_model_alloc(&m, &cfg, 0, cfg.n_layer, 1, 1, be, &err) ||
             rp_model_alloc(&v, &cfg, 0, cfg.n_layer, 1, 1, be, &err) ||
             rp_model_init_official(&model, 1, &err) ||
-            rp_train_workspace_alloc(&tw, &model, R, B, &err) ||
+            rp_backward_workspace_alloc(&tw, &model, R, B, &err) ||
             rp_state_alloc_host(&state, &cfg, 0, cfg.n_layer, B, &err)) {
             fprintf(stderr, "bench_train: %s\n", err.msg);
             return 1;
@@ -121,7 +121,7 @@ int main(int argc, char **argv) {
         free(inputs);
         free(targets);
         rp_state_free_host(&state);
-        rp_train_workspace_free(&tw, be);
+        rp_backward_workspace_free(&tw, be);
         rp_model_free(&model);
         rp_model_free(&grads);
         rp_model_free(&m);

@@ -262,6 +262,8 @@ check "bad generate options fail with a message naming the option"
 expect_fail "--max-tokens -1" "--max-tokens" "${GEN[@]}" --max-tokens -1
 expect_fail "--temperature abc" "--temperature: 'abc'" "${GEN[@]}" --temperature abc
 expect_fail "--top-p 2" "--top-p" "${GEN[@]}" --top-p 2
+expect_fail "--stop of 300 bytes" "stop string 0 has 300 bytes: expected 1 to 256" \
+    "${GEN[@]}" --stop "$(printf 'a%.0s' $(seq 300))"
 expect_fail "no model" "--model" "$BIN" generate --prompt hi -q
 expect_fail "logits without --model" "--model" "$BIN" logits --tokens 1,2 -o "$T/x.safetensors"
 

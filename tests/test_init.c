@@ -1,6 +1,6 @@
 /* Specification of src/core/rng.c and src/model/init.c: Philox4x32-10 matches
  * the Random123 known answers, uniforms and normals have the right moments,
- * the official x070 init (spec 3.1) is deterministic, independent of which
+ * the official x070 init (docs/rwkv7.md, Initialisation) is deterministic, independent of which
  * rank initialises which part, orthogonal where it should be, and follows the
  * per-channel formulas. */
 #include <stdarg.h>
@@ -303,7 +303,7 @@ static void test_orthogonal_works_for_tiny_and_odd_shapes(void **state) {
     assert_non_null(strstr(err.msg, "empty"));
 }
 
-/* ---- formulas of spec 3.1 ------------------------------------------------- */
+/* ---- formulas of docs/rwkv7.md (Initialisation) ------------------------- */
 
 static float value_at(const float *flat, const rp_tensor_info *table, const char *suffix, int n) {
     return flat[find_tensor(table, RP_LAYER_N_TENSORS, suffix)->flat_offset + (size_t)n];

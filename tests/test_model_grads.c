@@ -11,7 +11,7 @@
 #include <cmocka.h>
 
 #include "golden_util.h"
-#include "model/train.h"
+#include "model/backward.h"
 
 #define GRAD_TOL 1e-4
 
@@ -98,8 +98,8 @@ static void check_gradients(const paths *p, int from_mid_state) {
         free(wkv);
     }
 
-    rp_train_workspace tw;
-    assert_int_equal(rp_train_workspace_alloc(&tw, &model, n, 1, &err), RP_OK);
+    rp_backward_workspace tw;
+    assert_int_equal(rp_backward_workspace_alloc(&tw, &model, n, 1, &err), RP_OK);
     int len = n, slot = 0, row_begin;
     rp_batch batch;
     rp_batch_init(&batch, 1, &len, &slot, &row_begin);
@@ -150,7 +150,7 @@ static void check_gradients(const paths *p, int from_mid_state) {
         free(ffn);
         free(wkv);
     }
-    rp_train_workspace_free(&tw, be);
+    rp_backward_workspace_free(&tw, be);
     rp_state_free_host(&state);
     rp_state_free_host(&dstate);
     free(inputs);

@@ -675,7 +675,7 @@ static void test_bf16_save_then_load_equals_weights_rounded_to_bf16(void **s) {
                            a->head_floats);
 }
 
-/* ---- HF/fla names (spec 4.2): the names from the shared table (rp_hf_names,
+/* ---- HF/fla names (docs/rwkv7.md, HF names): the names from the shared table (rp_hf_names,
  * which tests/test_convert.sh checks against the converter's), the shapes as
  * fla files store them ---- */
 
@@ -815,7 +815,7 @@ static void test_hf_named_copy_loads_to_the_same_weights_and_logits(void **s) {
     assert_same_logits(fx, official, hf_model);
 }
 
-/* HF keeps r_k as [H,N] (spec 4.2): the same numbers stored [N,H] are a
+/* HF keeps r_k as [H,N] (docs/rwkv7.md, HF names): the same numbers stored [N,H] are a
  * different matrix, not a reshape, and must not load. */
 static void test_hf_r_k_stored_transposed_is_rejected(void **s) {
     fixture *fx = *s;

@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "model/params.h"
-#include "train/optim.h"
+#include "optim/optim.h"
 
 static uint32_t lcg(uint32_t *s) { return *s = *s * 1664525u + 1013904223u; }
 static float frand(uint32_t *s) { return (lcg(s) >> 8) * (1.0f / 16777216.0f) * 2.0f - 1.0f; }

@@ -1,6 +1,6 @@
 /* Sampler tests: greedy and banned ids, top-k/top-p limits, reproducibility of
  * the (seed, step) draw, and empirical frequencies against the distribution
- * spec 6.1 defines (top-p -> top-k -> p^(1/T) renormalised). */
+ * docs/rwkv7.md (Sampling) defines (top-p -> top-k -> p^(1/T) renormalised). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -1,5 +1,5 @@
-/* The text side of the HTTP service (src/serve/text.c): stop strings never
- * reach the client and text that may start one is held back; streamed pieces
+/* The text side of the HTTP service (src/text/stream.c, src/serve/chat.c):
+ * stop strings never reach the client and text that may start one is held back; streamed pieces
  * are valid UTF-8 and concatenate to the text of the whole generation, with
  * U+FFFD per maximal invalid subpart (Python's errors="replace"); the RWKV
  * chat prompt format and how a session continues at a turn boundary. */
@@ -13,7 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "serve/text.h"
+#include "serve/chat.h"
+#include "text/stream.h"
 
 /* Pushes `pieces` (each a token's bytes) and returns everything released,
  * the concatenation of the taken pieces; *stop_piece = index of the piece
@@ -145,6 +146,41 @@ static void test_invalid_bytes_become_one_replacement_per_maximal_subpart(void *
     }
 }
 
+/* keep_invalid (what `rwkvpipe generate` prints): invalid bytes pass
+ * through unchanged, characters still come out whole and stop strings still
+ * hold back and cut. */
+static void test_keep_invalid_passes_bytes_through(void **state) {
+    (void)state;
+    const char *stops[] = {"\xFF\xFE!"};
+    rp_text_stream s;
+    rp_error err;
+    assert_int_equal(rp_text_stream_init(&s, stops, 1, &err), RP_OK);
+    s.keep_invalid = 1;
+    size_t k;
+    assert_int_equal(rp_text_stream_push(&s, (const uint8_t *)"a\x80\xC3", 3), 0);
+    const char *t = rp_text_stream_take(&s, &k);
+    assert_int_equal(k, 2);
+    assert_memory_equal(t, "a\x80", 2);
+    assert_int_equal(rp_text_stream_push(&s, (const uint8_t *)"\xA9\xFF\xFE", 3), 0);
+    t = rp_text_stream_take(&s, &k);
+    assert_int_equal(k, 2);
+    assert_memory_equal(t, "\xC3\xA9", 2);
+    assert_int_equal(rp_text_stream_push(&s, (const uint8_t *)"!x", 2), 1);
+    rp_text_stream_finish(&s);
+    t = rp_text_stream_take(&s, &k);
+    assert_int_equal(k, 0);
+    rp_text_stream_free(&s);
+
+    assert_int_equal(rp_text_stream_init(&s, NULL, 0, &err), RP_OK);
+    s.keep_invalid = 1;
+    assert_int_equal(rp_text_stream_push(&s, (const uint8_t *)"\xFFz\xE2\x82", 4), 0);
+    rp_text_stream_finish(&s);
+    t = rp_text_stream_take(&s, &k);
+    assert_int_equal(k, 4);
+    assert_memory_equal(t, "\xFFz\xE2\x82", 4);
+    rp_text_stream_free(&s);
+}
+
 /* Streaming a byte sequence one byte at a time gives the same text as
  * sanitizing it at once: what makes SSE chunks concatenate to the
  * non-streamed answer. */
@@ -266,6 +302,7 @@ int main(void) {
         cmocka_unit_test(test_character_split_over_tokens_is_emitted_whole),
         cmocka_unit_test(test_invalid_bytes_become_one_replacement_per_maximal_subpart),
         cmocka_unit_test(test_streamed_pieces_concatenate_to_the_whole_text),
+        cmocka_unit_test(test_keep_invalid_passes_bytes_through),
         cmocka_unit_test(test_stream_rejects_empty_and_too_many_stop_strings),
         cmocka_unit_test(test_chat_prompt_is_the_official_rwkv_template),
         cmocka_unit_test(test_chat_blank_lines_in_content_are_collapsed),

@@ -15,8 +15,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "infer/tokenizer.h"
 #include "core/clock.h"
+#include "text/tokenizer.h"
 
 /* ---- helpers ------------------------------------------------------------- */
 

@@ -21,7 +21,7 @@
 
 #include <jansson.h>
 
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "train/loader.h"
 #include "train/shards.h"
 #include "train/synthetic.h"

@@ -26,7 +26,7 @@
 #include "pipe/grid.h"
 #include "pipe/pipe_train.h"
 #include "pipe/transport.h"
-#include "train/optim.h"
+#include "optim/optim.h"
 
 static int rank;
 

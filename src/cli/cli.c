@@ -22,7 +22,7 @@
 #include "cuda_backend.h"
 #include "cuda_device.h"
 #endif
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "train/tokenize.h"
 
 static void vreport(const rp_cli *cli, const char *level, const char *fmt, va_list ap) {

@@ -6,7 +6,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "train/score.h"
 #include "train/trainer.h"
 

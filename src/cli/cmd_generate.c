@@ -9,7 +9,8 @@
 #include <string.h>
 
 #include "cli/cli.h"
-#include "infer/tokenizer.h"
+#include "text/stream.h"
+#include "text/tokenizer.h"
 #include "model/init.h"
 #include "pipe/grid.h"
 #include "serve/engine.h"
@@ -35,7 +36,7 @@ static void generate_usage(FILE *out) {
             "  --top-p P             nucleus mass in (0, 1] (default 0.85)\n"
             "  --top-k K             0 = off (default 0)\n"
             "  --seed S              sampling seed (default 42): same seed, same text\n"
-            "  --stop STR            stop before this string is printed\n"
+            "  --stop STR            stop before this string (1-256 bytes) is printed\n"
             "  --ban-eot             never sample the end-of-text token 0 (default: stop\n"
             "                        when it is sampled)\n"
             "  --presence-penalty X  ChatRWKV repetition penalties (default 0 / 0;\n"
@@ -55,57 +56,28 @@ static void generate_usage(FILE *out) {
 
 typedef struct {
     const rp_tokenizer *tok;
-    rp_utf8_stream utf8;
-    const char *stop;
-    size_t stop_len;
-    char *text;        /* everything generated */
-    size_t len, cap;
-    size_t released;   /* bytes of text handed to the UTF-8 stream */
+    rp_text_stream text;  /* stop string and UTF-8 hold-back, shared with serve */
 } stream_state;
 
-static void release(stream_state *s, size_t upto) {
-    if (upto <= s->released) return;
-    size_t ready;
-    rp_error err;
-    if (rp_utf8_stream_push(&s->utf8, (const uint8_t *)s->text + s->released, upto - s->released,
-                            &ready, &err) != RP_OK)
-        return;
-    s->released = upto;
-    if (ready) {
-        fwrite(rp_utf8_stream_data(&s->utf8), 1, ready, stdout);
-        rp_utf8_stream_consume(&s->utf8, ready);
+/* Prints what the stream released; generate shows the model's bytes as they
+ * are (keep_invalid), serve sanitizes them for JSON. */
+static void print_released(stream_state *s) {
+    size_t n;
+    const char *t = rp_text_stream_take(&s->text, &n);
+    if (n) {
+        fwrite(t, 1, n, stdout);
         fflush(stdout);
     }
 }
 
-static int on_token(int32_t token, void *user) {
-    stream_state *s = user;
+/* Returns 1 when a stop string has appeared (nothing of it is printed). */
+static int on_token(int32_t token, stream_state *s) {
     size_t n;
     const uint8_t *bytes = rp_tokenizer_token_bytes(s->tok, token, &n);
     if (!bytes) return 0;  /* padding ids beyond the vocab decode to nothing */
-    if (s->len + n + 1 > s->cap) {
-        s->cap = (s->len + n + 1) * 2;
-        s->text = realloc(s->text, s->cap);
-    }
-    memcpy(s->text + s->len, bytes, n);
-    s->len += n;
-    s->text[s->len] = '\0';
-    if (s->stop_len) {
-        /* The stop string may have started in earlier tokens. */
-        size_t from = s->released > s->stop_len ? s->released - s->stop_len : 0;
-        char *hit = memmem(s->text + from, s->len - from, s->stop, s->stop_len);
-        if (hit) {
-            release(s, (size_t)(hit - s->text));
-            return 1;
-        }
-        /* Hold back a tail that could still become the stop string. */
-        size_t hold = s->stop_len - 1 < s->len ? s->stop_len - 1 : s->len;
-        while (hold > 0 && memcmp(s->text + s->len - hold, s->stop, hold) != 0) hold--;
-        release(s, s->len - hold);
-    } else {
-        release(s, s->len);
-    }
-    return 0;
+    int r = rp_text_stream_push(&s->text, bytes, n);
+    print_released(s);
+    return r == 1;
 }
 
 int cmd_generate(rp_cli *cli, int argc, char **argv) {
@@ -239,8 +211,10 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
              be->name, pp > 1 ? " (pipelined)" : "", n_ids, gp.sampler.temperature,
              gp.sampler.top_p, gp.sampler.top_k, (unsigned long long)gp.sampler.seed);
 
-    stream_state stream = {.tok = tok, .stop = stop, .stop_len = stop ? strlen(stop) : 0};
-    rp_utf8_stream_init(&stream.utf8);
+    stream_state stream = {.tok = tok};
+    if (rp_text_stream_init(&stream.text, stop ? &stop : NULL, stop ? 1 : 0, &err) != RP_OK)
+        cli_fatal_error(cli, &err);
+    stream.text.keep_invalid = 1;
     rp_job *job = rp_job_create(ids, (int)n_ids, &gp, NULL, NULL, &err);
     if (!job || rp_engine_submit(engine, job, &err) != RP_OK) cli_fatal_error(cli, &err);
     rp_finish_reason finish = RP_FINISH_NONE;
@@ -263,10 +237,8 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         rp_job_error(job, msg, sizeof msg);
         cli_fatal(cli, "%s", msg);
     }
-    if (!stopped_by_string) release(&stream, stream.len);
-    size_t rest = rp_utf8_stream_finish(&stream.utf8);
-    fwrite(rp_utf8_stream_data(&stream.utf8), 1, rest, stdout);
-    rp_utf8_stream_consume(&stream.utf8, rest);
+    rp_text_stream_finish(&stream.text);
+    print_released(&stream);
     fputc('\n', stdout);
     fflush(stdout);
     rp_job_stats js;
@@ -284,8 +256,7 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
     rp_engine_free(engine);
     if (g) rp_grid_free(g);
 
-    rp_utf8_stream_free(&stream.utf8);
-    free(stream.text);
+    rp_text_stream_free(&stream.text);
     free(ids);
     free(prompt_text);
     rp_tokenizer_free(tok);

@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
-#include "model/train.h"
+#include "model/backward.h"
 #include "pipe/grid.h"
 #include "pipe/pipe_train.h"
 #include "pipe/transport.h"
@@ -51,9 +51,9 @@ static double staged_grads(const rp_cli *cli, const stage_ctx *sc, const rp_mode
                            rp_model *grads, const int32_t *tokens, int n) {
     rp_backend *be = m->be;
     rp_error err;
-    rp_train_workspace tw;
+    rp_backward_workspace tw;
     rp_state st0, dst;
-    if (rp_train_workspace_alloc(&tw, m, n, 1, &err) != RP_OK) cli_fatal_error(cli, &err);
+    if (rp_backward_workspace_alloc(&tw, m, n, 1, &err) != RP_OK) cli_fatal_error(cli, &err);
     rp_state_geometry(&st0, &m->cfg, m->layer_begin, m->layer_end, 1);
     rp_state_geometry(&dst, &m->cfg, m->layer_begin, m->layer_end, 1);
     st0.data = be->alloc(be, st0.floats_per_slot * sizeof(float));
@@ -66,16 +66,18 @@ static double staged_grads(const rp_cli *cli, const stage_ctx *sc, const rp_mode
     double loss_sum = 0;
     const int prev = sc->stage - 1, next = sc->stage + 1;
     if (m->has_embed) {
-        if (rp_train_embed_forward(m, &tw, tokens, &gb, &err) != RP_OK) cli_fatal_error(cli, &err);
+        if (rp_backward_embed_forward(m, &tw, tokens, &gb, &err) != RP_OK)
+            cli_fatal_error(cli, &err);
     } else if (rp_transport_recv(sc->tp, tw.x, bytes, prev, RP_MSG_ACT, 0, &err) != RP_OK ||
                rp_transport_recv(sc->tp, tw.v_first, bytes, prev, RP_MSG_ACT_VFIRST, 0, &err) !=
                    RP_OK) {
         cli_fatal_error(cli, &err);
     }
-    for (int l = m->layer_begin; l < m->layer_end; l++) rp_train_block_forward(m, &tw, l, &st0, &gb);
+    for (int l = m->layer_begin; l < m->layer_end; l++)
+        rp_backward_block_forward(m, &tw, l, &st0, &gb);
     if (m->has_head) {
-        loss_sum = rp_train_head_forward(m, &tw, tokens + 1, &gb, 1.0f / n, 0.0f);
-        rp_train_head_backward(m, grads, &tw, &gb);
+        loss_sum = rp_backward_head_forward(m, &tw, tokens + 1, &gb, 1.0f / n, 0.0f);
+        rp_backward_head_backward(m, grads, &tw, &gb);
     } else if (rp_transport_send(sc->tp, tw.x, bytes, next, RP_MSG_ACT, 0, &err) != RP_OK ||
                rp_transport_send(sc->tp, tw.v_first, bytes, next, RP_MSG_ACT_VFIRST, 0, &err) !=
                    RP_OK ||
@@ -85,15 +87,15 @@ static double staged_grads(const rp_cli *cli, const stage_ctx *sc, const rp_mode
         cli_fatal_error(cli, &err);
     }
     for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
-        rp_train_block_backward(m, grads, &tw, l, &dst, &gb);
-    if (m->has_embed) rp_train_embed_backward(m, grads, &tw, tokens, &gb);
+        rp_backward_block_backward(m, grads, &tw, l, &dst, &gb);
+    if (m->has_embed) rp_backward_embed_backward(m, grads, &tw, tokens, &gb);
     else if (rp_transport_send(sc->tp, tw.dx, bytes, prev, RP_MSG_GRAD, 0, &err) != RP_OK ||
              rp_transport_send(sc->tp, tw.dv_first, bytes, prev, RP_MSG_GRAD_VFIRST, 0, &err) !=
                  RP_OK)
         cli_fatal_error(cli, &err);
     be->free(be, st0.data);
     be->free(be, dst.data);
-    rp_train_workspace_free(&tw, be);
+    rp_backward_workspace_free(&tw, be);
     return loss_sum;
 }
 

@@ -15,7 +15,7 @@
 
 #include "cli/cli.h"
 #include "core/clock.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "model/init.h"
 #include "pipe/grid.h"
 #include "serve/engine.h"

@@ -9,7 +9,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "train/shards.h"
 #include "train/tokenize.h"
 #include "core/clock.h"

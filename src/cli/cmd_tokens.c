@@ -4,7 +4,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 
 static rp_tokenizer *open_tokenizer(const rp_cli *cli, const char *spec) {
     if (!spec) cli_fatal(cli, "--vocab is required: 'bytes' or a rwkv_vocab_v20230424.txt file");

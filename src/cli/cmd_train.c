@@ -13,7 +13,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "model/init.h"
 #include "pipe/grid.h"
 #include "train/checkpoint.h"

@@ -1,4 +1,4 @@
-/* Next-token sampler (see sampler.h, spec 6.1): banned -> softmax -> top-p ->
+/* Next-token sampler (see sampler.h, docs/rwkv7.md Sampling): banned -> softmax -> top-p ->
  * top-k -> p^(1/T) -> inverse-CDF draw with the counter-based RNG. Called once
  * per generated token by src/cli and the server; all memory is the caller's
  * scratch, so it never allocates. */

@@ -1,5 +1,5 @@
 /* Next-token sampling from logits, following the rwkv pip package order
- * (spec 6.1): banned tokens -> softmax (fp32) -> top-p -> top-k -> temperature
+ * (docs/rwkv7.md, Sampling): banned tokens -> softmax (fp32) -> top-p -> top-k -> temperature
  * applied to the truncated probabilities (p^(1/T), renormalised) -> draw.
  * Temperature 0 is greedy (argmax, lowest id on ties). The draw uses the
  * counter-based RNG keyed by (seed, step), so a run is reproducible and

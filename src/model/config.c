@@ -38,7 +38,7 @@ static int round_rank(double x) {
 }
 
 void rp_config_default_ranks(rp_config *c) {
-    /* The official training code's suggestion (spec 1.1); loaded models always
+    /* The official training code's suggestion (docs/rwkv7.md, Hyper-parameters); loaded models always
      * take their ranks from tensor shapes instead. */
     double s = sqrt((double)c->n_embd);
     c->d_decay = round_rank(2.5 * s);
@@ -52,7 +52,7 @@ typedef struct {
     int n_layer, n_embd, vocab, d_decay, d_iclr, d_value, d_gate;
 } builtin_shape;
 
-/* Published ranks where they exist (spec 1.1 and 7.1); 0 = suggestion formula. */
+/* Published ranks where they exist (docs/rwkv7.md, Hyper-parameters); 0 = suggestion formula. */
 static const builtin_shape builtins[] = {
     {"tiny", 2, 128, 256, 0, 0, 0, 0},
     {"small", 4, 256, 256, 0, 0, 0, 0},

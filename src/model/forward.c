@@ -1,7 +1,7 @@
 /* The RWKV-7 forward pass, written once against the backend op interface:
  * embedding (+ln0), the block (time mix + channel mix) and the head, over a
  * ragged batch of sequences (sequence mode and step mode are the same code).
- * Spec: shared docs/rwkv7-spec.md 1.3. */
+ * Math: docs/rwkv7.md (One layer, one token). */
 #include <string.h>
 
 #include "model/model.h"

@@ -1,4 +1,4 @@
-/* Official RWKV-7 (x070) initialisation (init.h, spec 3.1): a switch over the
+/* Official RWKV-7 (x070) initialisation (init.h, docs/rwkv7.md, Initialisation): a switch over the
  * parameter table's rp_init_kind, per-channel formulas computed in double,
  * orthogonal matrices by LAPACK QR in double. Random values depend only on
  * (seed, official tensor name, element index), never on who computes them. */
@@ -110,7 +110,7 @@ done:
 
 /* ---- per-tensor rules ---------------------------------------------------- */
 
-/* Per-channel quantities of spec 3.1 for layer l of L, channel n of C. */
+/* Per-channel quantities of docs/rwkv7.md (Initialisation) for layer l of L, channel n of C. */
 typedef struct {
     double r0, r1; /* l/(L-1) (0 if L == 1), 1 - l/L */
     int C;

@@ -1,4 +1,4 @@
-/* Official RWKV-7 (x070) initialisation from a seed (spec 3.1). Every random
+/* Official RWKV-7 (x070) initialisation from a seed (docs/rwkv7.md, Initialisation). Every random
  * tensor draws from its own counter-based stream keyed by (seed, official
  * tensor name), so each pipeline rank initialises the layers and parts it owns
  * alone and gets the same bytes a single-process init would. Called by the

@@ -124,7 +124,7 @@ typedef rp_hf_kind map_kind;
 #define MAP_RESHAPE RP_HF_RESHAPE
 #define MAP_TRANSPOSE RP_HF_TRANSPOSE
 
-/* The one official <-> HF/fla name table (spec 4.2). tools/rwkvpipe-convert.py
+/* The one official <-> HF/fla name table (docs/rwkv7.md, HF names). tools/rwkvpipe-convert.py
  * holds the same rows (Python cannot share C); tests/test_convert.sh checks
  * them equal through `rwkvpipe info --hf-names`. */
 static const rp_hf_name hf_names[] = {

@@ -40,7 +40,7 @@ void rp_model_free(rp_model *m);
  * never for gradient or optimizer-moment buffers of the same shape. */
 void rp_model_register_weights(rp_model *m);
 
-/* Official x070 initialisation (spec 3.1) from a seed; identical on every rank
+/* Official x070 initialisation (docs/rwkv7.md, Initialisation) from a seed; identical on every rank
  * for the tensors it owns. */
 rp_status rp_model_init_official(rp_model *m, uint64_t seed, rp_error *err);
 
@@ -76,7 +76,7 @@ rp_status rp_model_save(const rp_model *m, const char *path, rp_dtype dtype, rp_
 
 /* ---- forward ---- */
 
-/* What a block keeps for its backward pass (src/model/train.c), [R, ...]
+/* What a block keeps for its backward pass (src/model/backward.c), [R, ...]
  * buffers. The inference workspace binds the same struct to scratch memory
  * and leaves the buffers marked "train" NULL: the block then runs in place and
  * saves nothing. The LoRA hidden buffers may share memory in inference. */

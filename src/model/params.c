@@ -71,7 +71,7 @@ static void fill_shape(rp_tensor_info *t, shape_kind kind, int rank, const rp_co
     for (int d = 0; d < t->ndim; d++) t->numel *= t->shape[d];
 }
 
-/* Official optimizer groups (spec 3.2): weight decay on 2-D ".weight" tensors,
+/* Official optimizer groups (docs/rwkv7.md, Optimizer recipe): weight decay on 2-D ".weight" tensors,
  * 2x learning rate for att.w0. */
 static void fill_optimizer_group(rp_tensor_info *t) {
     size_t n = strlen(t->suffix);

@@ -41,7 +41,7 @@ typedef struct {
  * embedding part if it is first and the head part if it is last. */
 typedef enum { RP_PART_EMBED = 0, RP_PART_HEAD = 1, RP_PART_LAYER = 2 } rp_param_part;
 
-/* How a tensor is initialised (spec 3.1); the init code switches on it. */
+/* How a tensor is initialised (docs/rwkv7.md, Initialisation); the init code switches on it. */
 typedef enum {
     RP_INIT_ONES, RP_INIT_ZEROS, RP_INIT_X_R, RP_INIT_X_W, RP_INIT_X_K, RP_INIT_X_V,
     RP_INIT_X_A, RP_INIT_X_G, RP_INIT_W0, RP_INIT_A0, RP_INIT_V0, RP_INIT_K_K,

@@ -1,4 +1,4 @@
-/* The process grid of a parallel job (DESIGN.md section 4): world = DP x PP.
+/* The process grid of a parallel job (docs/parallelism.md): world = DP x PP.
  * World rank r runs pipeline stage r / DP of data replica r % DP (the pipeline
  * index varies slowest, Megatron's default order: the replicas of one stage
  * sit on neighbouring ranks, usually one node). The pipe communicator holds

@@ -61,9 +61,9 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
     /* Slot 0 owns the scratch and head buffers; the others keep only what
      * a micro-batch needs between its forward and its backward. */
     for (int i = 0; i < pt->n_stash; i++)
-        if ((st = i == 0 ? rp_train_workspace_alloc(&pt->stash[0], model, R, micro_seqs, err)
-                         : rp_train_workspace_alloc_stash(&pt->stash[i], model, R, micro_seqs,
-                                                          &pt->stash[0], err)) != RP_OK) {
+        if ((st = i == 0 ? rp_backward_workspace_alloc(&pt->stash[0], model, R, micro_seqs, err)
+                         : rp_backward_workspace_alloc_stash(&pt->stash[i], model, R, micro_seqs,
+                                                             &pt->stash[0], err)) != RP_OK) {
             rp_pipe_trainer_free(pt);
             return rp_error_prefix(err, "activation stash %d of %d", i + 1, pt->n_stash);
         }
@@ -112,7 +112,7 @@ void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
     rp_backend *be = pt->model ? pt->model->be : NULL;
     /* Slot 0 last: the others borrow its scratch. */
     for (int i = pt->n_stash - 1; pt->stash && i >= 0; i--)
-        rp_train_workspace_free(&pt->stash[i], be);
+        rp_backward_workspace_free(&pt->stash[i], be);
     if (be && pt->state.data) be->free(be, pt->state.data);
     if (be && pt->dstate.data) be->free(be, pt->dstate.data);
     free(pt->stash);
@@ -269,7 +269,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     for (int i = 0; i < n && st == RP_OK; i++) {
         const rp_pipe_instr *in = &list[i];
         const int mb = in->micro_batch;
-        rp_train_workspace *tw = in->buffer >= 0 ? &pt->stash[in->buffer] : NULL;
+        rp_backward_workspace *tw = in->buffer >= 0 ? &pt->stash[in->buffer] : NULL;
         if (pt->trace && pt->trace_len < pt->trace_cap)
             pt->trace[pt->trace_len] = (struct rp_pipe_trace_entry){in->op, mb, rp_now_seconds(), 0};
         switch (in->op) {
@@ -306,17 +306,17 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             const double t0 = rp_now_seconds();
             be->fill_zero(be, pt->state.data, state_bytes);
             if (m->has_embed &&
-                (st = rp_train_embed_forward(m, tw, inputs + (size_t)mb * R, &pt->batch, err)) !=
+                (st = rp_backward_embed_forward(m, tw, inputs + (size_t)mb * R, &pt->batch, err)) !=
                     RP_OK)
                 break;
             for (int l = m->layer_begin; l < m->layer_end; l++)
-                rp_train_block_forward(m, tw, l, &pt->state, &pt->batch);
+                rp_backward_block_forward(m, tw, l, &pt->state, &pt->batch);
             if (m->has_head) {
                 /* The head's backward right away: only d x is kept until
                  * this micro-batch's BWD, never its [R, V] logits. */
-                local_loss += rp_train_head_forward(m, tw, targets + (size_t)mb * R, &pt->batch,
-                                                    loss_scale, l2wrap_factor);
-                rp_train_head_backward(m, pt->grads, tw, &pt->batch);
+                local_loss += rp_backward_head_forward(m, tw, targets + (size_t)mb * R, &pt->batch,
+                                                       loss_scale, l2wrap_factor);
+                rp_backward_head_backward(m, pt->grads, tw, &pt->batch);
             }
             be->synchronize(be);
             const double dt = rp_now_seconds() - t0;
@@ -339,9 +339,9 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             /* Each sequence ends with the micro-batch: d(final state) = 0. */
             be->fill_zero(be, pt->dstate.data, state_bytes);
             for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
-                rp_train_block_backward(m, pt->grads, tw, l, &pt->dstate, &pt->batch);
+                rp_backward_block_backward(m, pt->grads, tw, l, &pt->dstate, &pt->batch);
             if (m->has_embed)
-                rp_train_embed_backward(m, pt->grads, tw, inputs + (size_t)mb * R, &pt->batch);
+                rp_backward_embed_backward(m, pt->grads, tw, inputs + (size_t)mb * R, &pt->batch);
             be->synchronize(be);
             pt->busy_seconds += rp_now_seconds() - t0;
             if ((st = be->status(be, err)) != RP_OK)

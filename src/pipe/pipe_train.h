@@ -17,11 +17,11 @@
 #define RP_PIPE_PIPE_TRAIN_H
 
 #include "model/model.h"
-#include "model/train.h"
+#include "model/backward.h"
 #include "pipe/grid.h"
 #include "pipe/schedule.h"
 #include "pipe/transport.h"
-#include "train/optim.h"
+#include "optim/optim.h"
 
 typedef struct {
     const rp_grid *grid;            /* NULL: one process */
@@ -31,7 +31,7 @@ typedef struct {
     int micro_seqs, ctx_len;        /* each micro-batch: micro_seqs x ctx_len tokens */
     rp_schedule sched;
     rp_model *model, *grads, *adam_m, *adam_v;
-    rp_train_workspace *stash;      /* [n_stash] */
+    rp_backward_workspace *stash;      /* [n_stash] */
     int n_stash;
     rp_transfer (*pending)[4];      /* [n_stash] sends still reading a stash slot:
                                      * 0, 1 x and v_first; 2, 3 dx and d v_first */

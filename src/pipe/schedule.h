@@ -1,4 +1,4 @@
-/* Pipeline schedules as data (DESIGN.md section 4). A pure function builds,
+/* Pipeline schedules as data (docs/parallelism.md). A pure function builds,
  * for every stage of a P-stage pipeline running M micro-batches in one
  * optimizer step, the list of instructions that stage executes in order. The
  * executor (src/pipe/pipe_train.c) is a switch over the opcodes, so a new

@@ -1,4 +1,4 @@
-/* Point-to-point transport between pipeline stages (DESIGN.md section 4): post
+/* Point-to-point transport between pipeline stages (docs/parallelism.md): post
  * a send, post a receive, wait. One interface, two implementations: MPI
  * (here, transport.c) and NCCL on device buffers (transport_nccl.c, built
  * --with-nccl).

@@ -1,5 +1,5 @@
-/* The generation engine (DESIGN.md section 6): many concurrent generations
- * over a model whose layers may be split across P pipeline ranks.
+/* The generation engine (docs/architecture.md, docs/serving.md): many
+ * concurrent generations over a model whose layers may be split across P pipeline ranks.
  *
  * Rank 0 is the driver and stage 0. A generation ("job") lives in a slot;
  * every stage keeps, per slot, the recurrent state of its own layers. Work
@@ -49,7 +49,7 @@ typedef struct {
 
 void rp_engine_config_defaults(rp_engine_config *c);  /* 16 slots, chunk 256, queue 64, 256 MiB */
 
-/* Sampling of one generation: the ChatRWKV order (spec 6.1): banned tokens,
+/* Sampling of one generation: the ChatRWKV order (docs/rwkv7.md, Sampling): banned tokens,
  * repetition penalty (logit[t] -= presence + occ[t] * frequency for every
  * token t generated so far; occ decays by penalty_decay each step), softmax,
  * top-p, top-k, temperature on the truncated probabilities; temperature 0 is

@@ -1,10 +1,12 @@
 /* The HTTP service (see http.h for the threading and docs/serving.md for the
  * API): request parsing and validation, prompt building, one engine job per
  * generation request, incremental detokenisation with stop strings
- * (src/serve/text.c), JSON and SSE responses, sessions, metrics. Every
- * request body is untrusted: sizes are checked before use, every field is
- * type-checked, and a bad request gets a 4xx JSON error, never a crash. */
+ * (src/text/stream.c), chat prompts (src/serve/chat.c), JSON and SSE
+ * responses, sessions, metrics. Every request body is untrusted: sizes are
+ * checked before use, every field is type-checked, and a bad request gets a
+ * 4xx JSON error, never a crash. */
 #include "serve/http.h"
+#include "serve/chat.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -25,7 +27,7 @@
 
 #include "serve/http_request.h"
 #include "serve/session_file.h"
-#include "serve/text.h"
+#include "text/stream.h"
 #include "core/clock.h"
 
 #define READ_BATCH 256          /* tokens taken from the engine at once */

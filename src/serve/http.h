@@ -1,5 +1,5 @@
-/* The HTTP service of `rwkvpipe serve` on rank 0 (DESIGN.md section 6,
- * docs/serving.md): OpenAI-compatible completions and chat completions
+/* The HTTP service of `rwkvpipe serve` on rank 0 (docs/serving.md):
+ * OpenAI-compatible completions and chat completions
  * (JSON or Server-Sent Events), models, health, Prometheus metrics and
  * session save/load/delete, over libmicrohttpd, in front of the generation
  * engine (src/serve/engine.h). src/cli/cmd_serve.c starts it before running
@@ -24,7 +24,7 @@
 #include <stddef.h>
 
 #include "core/error.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "serve/engine.h"
 
 typedef struct {

@@ -2,6 +2,7 @@
  * field is type- and range-checked and every size is bounded before it is
  * used; a bad request is a 4xx with a message naming the field. */
 #include "serve/http_request.h"
+#include "serve/chat.h"
 
 #include "serve/session_file.h"
 
@@ -135,7 +136,7 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
     p->max_tokens = lim->default_max_tokens < lim->max_tokens_limit ? lim->default_max_tokens
                                                                     : lim->max_tokens_limit;
     if (chat) {
-        /* the official chat demo's sampling (docs/rwkv7-spec.md 6.1) */
+        /* the official chat demo's sampling (docs/rwkv7.md, Sampling) */
         p->sampler.top_p = 0.3f;
         p->presence_penalty = 0.5f;
         p->frequency_penalty = 0.5f;

@@ -11,9 +11,9 @@
 #include <stdint.h>
 
 #include "core/error.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "serve/engine.h"
-#include "serve/text.h"
+#include "text/stream.h"
 
 #define RP_REQUEST_MAX_MESSAGES 4096
 

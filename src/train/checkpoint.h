@@ -15,7 +15,7 @@
 #include "core/error.h"
 #include "core/sha256.h"
 #include "model/model.h"
-#include "train/optim.h"
+#include "optim/optim.h"
 
 #define RP_CKPT_FORMAT_VERSION 1
 #define RP_CKPT_MANIFEST_NAME "manifest.pb"

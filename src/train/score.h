@@ -14,7 +14,7 @@
 
 #include <stdio.h>
 
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "model/model.h"
 
 typedef enum { RP_SCORE_LAST_WORD = 0, RP_SCORE_CHOICE = 1 } rp_score_task;

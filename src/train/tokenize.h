@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 #include "core/error.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 
 #define RP_TOKENIZE_DEFAULT_SHARD_TOKENS 100000000ull
 #define RP_TOKENIZE_DEFAULT_CHUNK_BYTES (16u << 20)

@@ -7,7 +7,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "model/train.h"
+#include "model/backward.h"
 #include "pipe/pipe_train.h"
 #include "pipe/transport.h"
 #include "train/checkpoint.h"

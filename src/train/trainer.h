@@ -13,7 +13,7 @@
 #include "model/model.h"
 #include "pipe/grid.h"
 #include "pipe/schedule.h"
-#include "train/optim.h"
+#include "optim/optim.h"
 #include "train/synthetic.h"
 
 typedef struct {

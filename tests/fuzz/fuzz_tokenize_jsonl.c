@@ -6,7 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 #include "train/shards.h"
 #include "train/tokenize.h"
 #include "fuzz_util.h"

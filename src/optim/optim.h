@@ -1,10 +1,10 @@
-/* The official RWKV-7 (x070) optimizer recipe (spec 3.2): AdamW with betas
+/* The official RWKV-7 (x070) optimizer recipe (docs/rwkv7.md, Optimizer recipe): AdamW with betas
  * (0.9, 0.99), eps 1e-18, decoupled weight decay on 2-D ".weight" matrices
  * only, att.w0 at 2x the learning rate; warmup then cosine from lr_init to
  * lr_final (or linear / constant); global-norm gradient clipping. Moments and
  * master weights are fp32 rp_models with the weights' layout. */
-#ifndef RP_TRAIN_OPTIM_H
-#define RP_TRAIN_OPTIM_H
+#ifndef RP_OPTIM_OPTIM_H
+#define RP_OPTIM_OPTIM_H
 
 #include "model/model.h"
 

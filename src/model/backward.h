@@ -6,8 +6,8 @@
  * Gradients live in an rp_model allocated with the same config and layer
  * range as the weights (rp_model_alloc): the same named pointers, so the
  * optimizer and the all-reduce walk one table. */
-#ifndef RP_MODEL_TRAIN_H
-#define RP_MODEL_TRAIN_H
+#ifndef RP_MODEL_BACKWARD_H
+#define RP_MODEL_BACKWARD_H
 
 #include "model/model.h"
 
@@ -26,55 +26,55 @@ typedef struct {
         *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn, *dlogits;
     float *scratch_base;
     float *own_base;                /* a stash slot's own buffers (scratch is shared) */
-} rp_train_workspace;
+} rp_backward_workspace;
 
 /* Room for batches of up to max_rows rows in up to max_seqs sequences. */
-rp_status rp_train_workspace_alloc(rp_train_workspace *tw, const rp_model *m, int max_rows,
-                                   int max_seqs, rp_error *err);
+rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model *m, int max_rows,
+                                      int max_seqs, rp_error *err);
 /* A pipeline stash slot: its own saved activations (per layer, the stream x,
  * v_first, dx, d v_first and the embedding's), while the backward scratch
  * and the head's buffers (logits, ln_out) are those of `share`, which must
  * outlive it. Valid when the head's backward runs right after its forward
  * (the executor does so), since the head buffers are then never kept. */
-rp_status rp_train_workspace_alloc_stash(rp_train_workspace *tw, const rp_model *m,
-                                         int max_rows, int max_seqs,
-                                         const rp_train_workspace *share, rp_error *err);
-void rp_train_workspace_free(rp_train_workspace *tw, rp_backend *be);
+rp_status rp_backward_workspace_alloc_stash(rp_backward_workspace *tw, const rp_model *m,
+                                            int max_rows, int max_seqs,
+                                            const rp_backward_workspace *share, rp_error *err);
+void rp_backward_workspace_free(rp_backward_workspace *tw, rp_backend *be);
 
 /* Zeroes every owned gradient buffer of grads (an rp_model used as storage). */
 void rp_model_zero(rp_model *grads);
 
 /* ---- forward (saving activations) ---- */
-rp_status rp_train_embed_forward(const rp_model *m, rp_train_workspace *tw,
-                                 const int32_t *tokens, const rp_batch *batch, rp_error *err);
-void rp_train_block_forward(const rp_model *m, rp_train_workspace *tw, int layer,
-                            rp_state *state, const rp_batch *batch);
+rp_status rp_backward_embed_forward(const rp_model *m, rp_backward_workspace *tw,
+                                    const int32_t *tokens, const rp_batch *batch, rp_error *err);
+void rp_backward_block_forward(const rp_model *m, rp_backward_workspace *tw, int layer,
+                               rp_state *state, const rp_batch *batch);
 /* Head and cross-entropy: returns the sum of the per-row losses over rows
  * whose target is >= 0 (host targets), and keeps d(loss)/d(logits) scaled by
  * loss_scale (e.g. 1 / number of targets of the global batch). l2wrap_factor
  * > 0 adds the official L2Wrap term: l2wrap_factor * max(logits) on the
  * arg-max logit's gradient of every row with a target (the trainer passes
  * 1e-4 * loss_scale; the forward loss is unchanged). */
-double rp_train_head_forward(const rp_model *m, rp_train_workspace *tw,
-                             const int32_t *targets, const rp_batch *batch, float loss_scale,
-                             float l2wrap_factor);
+double rp_backward_head_forward(const rp_model *m, rp_backward_workspace *tw,
+                                const int32_t *targets, const rp_batch *batch, float loss_scale,
+                                float l2wrap_factor);
 
 /* ---- backward: tw->dx holds d(residual) between parts ---- */
-void rp_train_head_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
-                            const rp_batch *batch);
+void rp_backward_head_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                               const rp_batch *batch);
 /* dstate (optional): per slot, on entry d(state after the call), on return
  * d(state before it), same layout as the state. */
-void rp_train_block_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
-                             int layer, rp_state *dstate, const rp_batch *batch);
-void rp_train_embed_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
-                             const int32_t *tokens, const rp_batch *batch);
+void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                                int layer, rp_state *dstate, const rp_batch *batch);
+void rp_backward_embed_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                                const int32_t *tokens, const rp_batch *batch);
 
 /* Whole model: forward from `state` (updated to the final state), then the
  * gradient of loss_scale * (sum of the cross-entropies of rows whose target
  * is >= 0) accumulated into grads (and into dstate when non-NULL: in d final
  * state, out d initial state). *loss_sum = the unscaled sum, *n_targets =
  * the rows with a target. */
-rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
                               const int32_t *inputs, const int32_t *targets,
                               const rp_batch *batch, rp_state *state, rp_state *dstate,
                               float loss_scale, float l2wrap_factor, double *loss_sum,

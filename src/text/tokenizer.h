@@ -3,8 +3,8 @@
  * longest match over raw bytes; token 0 = end of text, never produced by the
  * encoder). Decoding concatenates token bytes; rp_utf8_stream holds back a
  * partial UTF-8 character so streamed output never prints half of one. */
-#ifndef RP_INFER_TOKENIZER_H
-#define RP_INFER_TOKENIZER_H
+#ifndef RP_TEXT_TOKENIZER_H
+#define RP_TEXT_TOKENIZER_H
 
 #include <stddef.h>
 #include <stdint.h>

@@ -1,5 +1,5 @@
-/* Text side of the HTTP service (src/serve/http.c): generated token bytes ->
- * the text a client sees, and chat messages -> the RWKV chat prompt. Pure
+/* Streamed text, shared by the HTTP service (src/serve/http.c) and
+ * `rwkvpipe generate`: generated token bytes -> the text a reader sees. Pure
  * functions over bytes (no engine, no sockets) so tests/test_serve_text.c
  * pins them down.
  *
@@ -11,14 +11,14 @@
  * "maximal subpart" (Unicode ch. 3, the policy of Python's
  * bytes.decode(errors="replace")), so the pieces of a stream always
  * concatenate to the text of the same generation returned at once. */
-#ifndef RP_SERVE_TEXT_H
-#define RP_SERVE_TEXT_H
+#ifndef RP_TEXT_STREAM_H
+#define RP_TEXT_STREAM_H
 
 #include <stddef.h>
 #include <stdint.h>
 
 #include "core/error.h"
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 
 #define RP_TEXT_MAX_STOPS 16
 #define RP_TEXT_MAX_STOP_BYTES 256
@@ -41,9 +41,13 @@ typedef struct {
     char *out;
     size_t out_len, out_cap;
     size_t emitted_bytes; /* total UTF-8 bytes handed out so far */
+    /* 0: invalid bytes become U+FFFD (serving: JSON needs valid UTF-8);
+     * 1: they pass through unchanged (`generate` writes the model's bytes) */
+    int keep_invalid;
 } rp_text_stream;
 
-/* stops: n_stops non-empty strings of at most RP_TEXT_MAX_STOP_BYTES. */
+/* stops: n_stops non-empty strings of at most RP_TEXT_MAX_STOP_BYTES. Set
+ * s->keep_invalid after init to pass bytes that are not UTF-8 through. */
 rp_status rp_text_stream_init(rp_text_stream *s, const char *const *stops, int n_stops,
                               rp_error *err);
 void rp_text_stream_free(rp_text_stream *s);
@@ -62,40 +66,5 @@ const char *rp_text_stream_take(rp_text_stream *s, size_t *len);
  * Returns 0, or -1 when out of memory. */
 int rp_utf8_append_sanitized(char **out, size_t *len, size_t *cap, const uint8_t *bytes,
                              size_t n);
-
-/* ---- RWKV chat format (docs/rwkv7-spec.md 6.1, docs/serving.md) -------- */
-
-typedef enum { RP_CHAT_SYSTEM, RP_CHAT_USER, RP_CHAT_ASSISTANT } rp_chat_role;
-
-typedef struct {
-    rp_chat_role role;
-    const char *content;
-    size_t len;
-} rp_chat_message;
-
-/* "system"/"user"/"assistant" -> role; -1 for anything else. */
-int rp_chat_role_parse(const char *name);
-
-/* The prompt for messages m[0..n): each message is "Role: content", messages
- * are separated by a blank line, and unless the last message is the
- * assistant's (then the model continues that reply) the prompt ends with
- * "\n\nAssistant:". Content: blank lines inside are collapsed to one newline
- * (a blank line separates turns); system and user content are trimmed;
- * assistant content keeps its bytes but one leading space is the one of the
- * format ("Assistant: " + content, where content arrives as the server
- * returned it). `lead` is put first: the bytes needed to reach a turn
- * boundary when the prompt continues a stored session state
- * (rp_chat_session_lead). Returns a malloc'ed NUL-terminated string, *len its
- * length, or NULL when out of memory. */
-char *rp_chat_prompt(const rp_chat_message *m, int n, const char *lead, size_t *len);
-
-/* What must come before a new turn when a session's state ends with `tail`
- * (its last bytes, tail_len <= 2 is enough): "" after a blank line or for an
- * empty state, "\n" after one newline, "\n\n" otherwise. */
-const char *rp_chat_session_lead(const char *tail, size_t tail_len);
-
-/* The text returned as message.content for a generated reply: one leading
- * space (the one after "Assistant:") removed. Returns the offset to skip. */
-size_t rp_chat_reply_skip(const char *text, size_t len);
 
 #endif

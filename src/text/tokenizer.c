@@ -3,7 +3,7 @@
  * line), plus the streaming UTF-8 boundary keeper. Called by src/cli, the data
  * loader and the server. Encoding walks a byte trie whose edges live in one
  * open-addressing hash table, so a step costs one probe whatever the fan-out. */
-#include "infer/tokenizer.h"
+#include "text/tokenizer.h"
 
 #include <errno.h>
 #include <limits.h>

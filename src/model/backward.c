@@ -1,10 +1,10 @@
-/* Training forward (keeping activations) and backward of RWKV-7 (train.h).
- * Forward and backward of each part sit side by side; the math is spec 1.3,
+/* Training forward (keeping activations) and backward of RWKV-7 (backward.h).
+ * Forward and backward of each part sit side by side; the math is docs/rwkv7.md (One layer, one token),
  * the backward follows it in reverse. Buffers named d* hold gradients. */
 #include <stdlib.h>
 #include <string.h>
 
-#include "model/train.h"
+#include "model/backward.h"
 
 #define RP_LN_EPS 1e-5f
 #define RP_GN_EPS 64e-5f
@@ -54,7 +54,7 @@ static void bind_layer_activations(rp_layer_activations *a, float *base, const r
 }
 
 /* The per-layer saved activations of tw (layer_begin/end set); 0 on failure. */
-static int alloc_layer_activations(rp_train_workspace *tw, const rp_model *m, size_t R,
+static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m, size_t R,
                                    size_t blocks, rp_error *err) {
     const int n_layers = m->layer_end - m->layer_begin;
     tw->layers = rp_calloc((size_t)n_layers + 1, sizeof *tw->layers, "activations", err);
@@ -69,8 +69,8 @@ static int alloc_layer_activations(rp_train_workspace *tw, const rp_model *m, si
     return 1;
 }
 
-rp_status rp_train_workspace_alloc(rp_train_workspace *tw, const rp_model *m, int max_rows,
-                                   int max_seqs, rp_error *err) {
+rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model *m, int max_rows,
+                                      int max_seqs, rp_error *err) {
     memset(tw, 0, sizeof *tw);
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
@@ -115,15 +115,15 @@ rp_status rp_train_workspace_alloc(rp_train_workspace *tw, const rp_model *m, in
     }
     return RP_OK;
 nomem:
-    rp_train_workspace_free(tw, be);
+    rp_backward_workspace_free(tw, be);
     return rp_error_set(err, RP_ERR_NOMEM,
                         "cannot allocate training activations for %d rows x %d layers (C=%d)",
                         max_rows, n_layers, c->n_embd);
 }
 
-rp_status rp_train_workspace_alloc_stash(rp_train_workspace *tw, const rp_model *m,
-                                         int max_rows, int max_seqs,
-                                         const rp_train_workspace *share, rp_error *err) {
+rp_status rp_backward_workspace_alloc_stash(rp_backward_workspace *tw, const rp_model *m,
+                                            int max_rows, int max_seqs,
+                                            const rp_backward_workspace *share, rp_error *err) {
     memset(tw, 0, sizeof *tw);
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
@@ -155,13 +155,13 @@ rp_status rp_train_workspace_alloc_stash(rp_train_workspace *tw, const rp_model 
     }
     return RP_OK;
 nomem:
-    rp_train_workspace_free(tw, be);
+    rp_backward_workspace_free(tw, be);
     return rp_error_set(err, RP_ERR_NOMEM,
                         "cannot allocate a stash slot for %d rows x %d layers (C=%d)", max_rows,
                         n_layers, c->n_embd);
 }
 
-void rp_train_workspace_free(rp_train_workspace *tw, rp_backend *be) {
+void rp_backward_workspace_free(rp_backward_workspace *tw, rp_backend *be) {
     if (tw->layer_blocks)
         for (int i = 0; i < tw->layer_end - tw->layer_begin; i++)
             if (tw->layer_blocks[i]) be->free(be, tw->layer_blocks[i]);
@@ -182,8 +182,8 @@ void rp_model_zero(rp_model *g) {
 
 /* ---- embedding ---- */
 
-rp_status rp_train_embed_forward(const rp_model *m, rp_train_workspace *tw,
-                                 const int32_t *tokens, const rp_batch *batch, rp_error *err) {
+rp_status rp_backward_embed_forward(const rp_model *m, rp_backward_workspace *tw,
+                                    const int32_t *tokens, const rp_batch *batch, rp_error *err) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd;
     if (!m->has_embed) return rp_error_set(err, RP_ERR_INTERNAL, "stage has no embedding");
@@ -198,8 +198,8 @@ rp_status rp_train_embed_forward(const rp_model *m, rp_train_workspace *tw,
     return RP_OK;
 }
 
-void rp_train_embed_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
-                             const int32_t *tokens, const rp_batch *batch) {
+void rp_backward_embed_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                                const int32_t *tokens, const rp_batch *batch) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd;
     be->fill_zero(be, tw->dxa, (size_t)R * C * sizeof(float));
@@ -225,8 +225,8 @@ static void lora_backward(rp_backend *be, float *dx, float *dw1, float *dw2, flo
 
 /* ---- block ---- */
 
-void rp_train_block_forward(const rp_model *m, rp_train_workspace *tw, int layer,
-                            rp_state *state, const rp_batch *batch) {
+void rp_backward_block_forward(const rp_model *m, rp_backward_workspace *tw, int layer,
+                               rp_state *state, const rp_batch *batch) {
     rp_block_forward(m, &tw->layers[layer - m->layer_begin], tw->x, tw->v_first, tw->xc, layer,
                      state, batch);
 }
@@ -234,13 +234,13 @@ void rp_train_block_forward(const rp_model *m, rp_train_workspace *tw, int layer
 /* One of the six token-shift mixes of the time mix: recompute x_c into tw->xc
  * (for the weight gradient), run its consumer's backward into tw->dxc, then
  * fold d(x_c) into dxa / dprev / dmu. */
-static void mix_backward(rp_backend *be, rp_train_workspace *tw, const rp_layer_activations *s,
+static void mix_backward(rp_backend *be, rp_backward_workspace *tw, const rp_layer_activations *s,
                          const float *mu, float *dmu, int R, int C) {
     be->lerp_backward(be, tw->dxa, tw->dprev, dmu, tw->dxc, s->xa, s->prev_att, mu, R, C);
 }
 
-void rp_train_block_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
-                             int layer, rp_state *dstate, const rp_batch *batch) {
+void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                                int layer, rp_state *dstate, const rp_batch *batch) {
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
     const int li = layer - m->layer_begin;
@@ -342,9 +342,9 @@ void rp_train_block_backward(const rp_model *m, rp_model *grads, rp_train_worksp
 
 /* ---- head + loss ---- */
 
-double rp_train_head_forward(const rp_model *m, rp_train_workspace *tw,
-                             const int32_t *targets, const rp_batch *batch, float loss_scale,
-                             float l2wrap_factor) {
+double rp_backward_head_forward(const rp_model *m, rp_backward_workspace *tw,
+                                const int32_t *targets, const rp_batch *batch, float loss_scale,
+                                float l2wrap_factor) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
     be->copy(be, tw->x_final, tw->x, (size_t)R * C * sizeof(float));
@@ -374,8 +374,8 @@ double rp_train_head_forward(const rp_model *m, rp_train_workspace *tw,
     return sum;
 }
 
-void rp_train_head_backward(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
-                            const rp_batch *batch) {
+void rp_backward_head_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                               const rp_batch *batch) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
     const size_t rc_bytes = (size_t)R * C * sizeof(float);
@@ -389,7 +389,7 @@ void rp_train_head_backward(const rp_model *m, rp_model *grads, rp_train_workspa
     be->fill_zero(be, tw->dv_first, rc_bytes);
 }
 
-rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_train_workspace *tw,
+rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
                               const int32_t *inputs, const int32_t *targets,
                               const rp_batch *batch, rp_state *state, rp_state *dstate,
                               float loss_scale, float l2wrap_factor, double *loss_sum,
@@ -411,19 +411,19 @@ rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_train_works
             return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the state gradient");
         dstate = &local_dstate;
     }
-    rp_status st = rp_train_embed_forward(m, tw, inputs, batch, err);
+    rp_status st = rp_backward_embed_forward(m, tw, inputs, batch, err);
     if (st == RP_OK) {
         for (int l = m->layer_begin; l < m->layer_end; l++)
-            rp_train_block_forward(m, tw, l, state, batch);
+            rp_backward_block_forward(m, tw, l, state, batch);
         int n = 0;
         for (int i = 0; i < batch->n_rows; i++) n += targets[i] >= 0;
-        double sum = rp_train_head_forward(m, tw, targets, batch, loss_scale, l2wrap_factor);
+        double sum = rp_backward_head_forward(m, tw, targets, batch, loss_scale, l2wrap_factor);
         if (loss_sum) *loss_sum = sum;
         if (n_targets) *n_targets = n;
-        rp_train_head_backward(m, grads, tw, batch);
+        rp_backward_head_backward(m, grads, tw, batch);
         for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
-            rp_train_block_backward(m, grads, tw, l, dstate, batch);
-        rp_train_embed_backward(m, grads, tw, inputs, batch);
+            rp_backward_block_backward(m, grads, tw, l, dstate, batch);
+        rp_backward_embed_backward(m, grads, tw, inputs, batch);
     }
     if (local_dstate.data) m->be->free(m->be, local_dstate.data);
     return st;

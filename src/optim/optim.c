@@ -1,5 +1,5 @@
 /* AdamW, LR schedule and clipping of the official recipe (optim.h). */
-#include "train/optim.h"
+#include "optim/optim.h"
 
 #include <math.h>
 #include <string.h>
