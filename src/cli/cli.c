@@ -17,6 +17,7 @@
 
 #include "core/fileio.h"
 #include "core/version.h"
+#include "cpu/cpu_wait.h"
 #include "model/init.h"
 #ifdef RP_HAVE_CUDA
 #include "cuda_backend.h"
@@ -99,9 +100,10 @@ void cli_rank_startup(const rp_cli *cli, const rp_backend *be, int stage, int re
     }
 #endif
     fprintf(stderr, "rwkvpipe %s: rank %d/%d on %s (local %d/%d): stage %d (layers %d-%d), "
-            "replica %d, device %s, %d thread%s, %s, %s\n", cli->command, cli->mpi_rank,
-            cli->mpi_size, host, local, local_size, stage, layer_begin, layer_end - 1, replica,
-            device, threads, threads == 1 ? "" : "s", mpi, rp_build_description());
+            "replica %d, device %s, %d thread%s, %s, %s, OpenMP wait: %s\n", cli->command,
+            cli->mpi_rank, cli->mpi_size, host, local, local_size, stage, layer_begin,
+            layer_end - 1, replica, device, threads, threads == 1 ? "" : "s", mpi,
+            rp_build_description(), rp_cpu_wait_policy());
     fflush(stderr);
 }
 

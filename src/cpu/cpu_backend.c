@@ -15,6 +15,7 @@
 #endif
 
 #include "cpu/cpu_backend.h"
+#include "cpu/cpu_wait.h"
 
 #define CPU_ALIGN_BYTES 64
 
@@ -241,6 +242,9 @@ rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err) {
     /* The backend runs one single-threaded BLAS call per OpenMP thread. */
     openblas_set_num_threads(1);
 #endif
+    /* Links cpu_wait.o, whose .preinit_array entry bounds the team's spin,
+     * into every program that uses this backend. */
+    (void)rp_cpu_wait_policy();
     be->name = "cpu";
     be->impl = impl;
     be->alloc = cpu_alloc;
