@@ -17,8 +17,8 @@
 #include "backend.h"
 #include "bench/harness.h"
 #include "model/model.h"
-#include "model/train.h"
-#include "train/optim.h"
+#include "model/backward.h"
+#include "optim/optim.h"
 
 #define MAX_SPINNERS 256
 #define TRAIN_B 32 /* the quick start's --batch 32 --ctx-len 64 */
@@ -27,7 +27,7 @@
 
 typedef struct {
     rp_model *model, *grads, *m, *v;
-    rp_train_workspace *tw;
+    rp_backward_workspace *tw;
     rp_state *state;
     rp_batch *batch;
     int32_t *inputs, *targets;
@@ -191,7 +191,7 @@ int main(int argc, char **argv) {
         int threads = ti + 1;
         rp_backend *be = rp_cpu_backend_create(threads, &err);
         rp_model model, grads, m, v;
-        rp_train_workspace tw;
+        rp_backward_workspace tw;
         rp_state state, dstate;
         rp_workspace ws;
         if (!be || rp_model_alloc(&model, &cfg, 0, cfg.n_layer, 1, 1, be, &err) ||
@@ -199,7 +199,7 @@ int main(int argc, char **argv) {
             rp_model_alloc(&m, &cfg, 0, cfg.n_layer, 1, 1, be, &err) ||
             rp_model_alloc(&v, &cfg, 0, cfg.n_layer, 1, 1, be, &err) ||
             rp_model_init_official(&model, 1, &err) ||
-            rp_train_workspace_alloc(&tw, &model, R, B, &err) ||
+            rp_backward_workspace_alloc(&tw, &model, R, B, &err) ||
             rp_state_alloc_host(&state, &cfg, 0, cfg.n_layer, B, &err) ||
             rp_workspace_alloc(&ws, &cfg, 1, be, &err) ||
             rp_state_alloc_host(&dstate, &cfg, 0, cfg.n_layer, 1, &err)) {
@@ -247,7 +247,7 @@ int main(int argc, char **argv) {
         rp_state_free_host(&state);
         rp_state_free_host(&dstate);
         rp_workspace_free(&ws, be);
-        rp_train_workspace_free(&tw, be);
+        rp_backward_workspace_free(&tw, be);
         rp_model_free(&model);
         rp_model_free(&grads);
         rp_model_free(&m);
