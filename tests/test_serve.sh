@@ -26,53 +26,8 @@ BIN="$top_builddir/rwkvpipe"
 CLIENT=("$PYTHON3" "$top_srcdir/tests/serve_client.py")
 TINY="$RP_TEST_DATA/tiny_L2_C128_V256_s1.weights.safetensors"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_serve.XXXXXX") || exit 99
-PIDS=()
-WATCHDOG=
-cleanup() {
-    [ -n "$WATCHDOG" ] && kill -TERM "$WATCHDOG" 2>/dev/null
-    # TERM first: rank 0 then stops its pipeline; what is left is killed
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    sleep 0.5
-    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$T"
-}
-trap cleanup EXIT
-# The whole test is bounded: a hung server must not hang `make check`.
-(
-    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-    sleep 170 >/dev/null 2>&1 &
-    nap=$!
-    wait "$nap"
-    echo "FAIL: test_serve.sh took over 170 s" >&2
-    kill -TERM $$
-) &
-WATCHDOG=$!
-
-passed=0
-failed=0
-ok() { echo "ok - $1 [$SECONDS s]"; passed=$((passed + 1)); }
-bad() {
-    echo "FAIL - $1"
-    failed=$((failed + 1))
-}
-# expect DESCRIPTION COMMAND...: passes when the command succeeds
-expect() {
-    local what=$1
-    shift
-    if out=$("$@" 2>&1); then ok "$what"; else bad "$what"; echo "$out" | sed 's/^/    /' | tail -n 15; fi
-}
-
-# start NAME COMMAND...: serve_start (tests/serve_start.sh), ending the test
-# with the server's log when it does not come up.
-. "$top_srcdir/tests/serve_start.sh"
-start() {
-    serve_start "$@" || {
-        echo "FAIL: server $1 did not start:"
-        sed 's/^/    /' "$T/$1.log" | tail -n 20
-        exit 1
-    }
-}
+SERVE_TEST_SECONDS=170
+. "$top_srcdir/tests/serve_test_lib.sh"
 
 # http FILE METHOD URL [DATA]: body to FILE, prints the status code
 http() {
@@ -281,5 +236,4 @@ expect "/health reports 15 slots" test "$(field "$T/e.json" slots_total)" = 15
 kill -TERM "$PID_E"
 wait "$JOB_E"
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+serve_test_end

@@ -25,47 +25,8 @@ BIN="$top_builddir/rwkvpipe"
 CLIENT=("$PYTHON3" "$top_srcdir/tests/serve_conn_client.py")
 TINY="$RP_TEST_DATA/tiny_L2_C128_V256_s1.weights.safetensors"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_serve_conn.XXXXXX") || exit 99
-PIDS=()
-WATCHDOG=
-cleanup() {
-    [ -n "$WATCHDOG" ] && kill -TERM "$WATCHDOG" 2>/dev/null
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    sleep 0.5
-    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$T"
-}
-trap cleanup EXIT
-(
-    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-    sleep 200 >/dev/null 2>&1 &
-    nap=$!
-    wait "$nap"
-    echo "FAIL: test_serve_conn.sh took over 200 s" >&2
-    kill -TERM $$
-) &
-WATCHDOG=$!
-
-passed=0
-failed=0
-ok() { echo "ok - $1 [$SECONDS s]"; passed=$((passed + 1)); }
-bad() {
-    echo "FAIL - $1"
-    failed=$((failed + 1))
-}
-expect() {
-    local what=$1
-    shift
-    if out=$("$@" 2>&1); then ok "$what"; else bad "$what"; echo "$out" | sed 's/^/    /' | tail -n 15; fi
-}
-. "$top_srcdir/tests/serve_start.sh"
-start() {
-    serve_start "$@" || {
-        echo "FAIL: server $1 did not start:"
-        sed 's/^/    /' "$T/$1.log" | tail -n 20
-        exit 1
-    }
-}
+SERVE_TEST_SECONDS=200
+. "$top_srcdir/tests/serve_test_lib.sh"
 # drain_check NAME DRAIN: SIGTERM to server NAME during a stream (client
 # `drain`), then its exit status is 0, no sooner than the drain and at most
 # 6 s after it.
@@ -123,5 +84,4 @@ else
     echo "skip: no mpirun for the --pp 2 drain"
 fi
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+serve_test_end

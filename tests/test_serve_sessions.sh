@@ -26,48 +26,8 @@ fi
 BIN="$(cd "$top_builddir" && pwd)/rwkvpipe"
 TINY="$(cd "$RP_TEST_DATA" && pwd)/tiny_L2_C128_V256_s1.weights.safetensors"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_serve_sessions.XXXXXX") || exit 99
-PIDS=()
-WATCHDOG=
-cleanup() {
-    [ -n "$WATCHDOG" ] && kill -TERM "$WATCHDOG" 2>/dev/null
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    sleep 0.5
-    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    [ -n "${KEEP:-}" ] || rm -rf "$T"
-}
-trap cleanup EXIT
-(
-    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-    sleep 170 >/dev/null 2>&1 &
-    nap=$!
-    wait "$nap"
-    echo "FAIL: test_serve_sessions.sh took over 170 s" >&2
-    kill -TERM $$
-) &
-WATCHDOG=$!
-
-passed=0
-failed=0
-ok() { echo "ok - $1 [$SECONDS s]"; passed=$((passed + 1)); }
-bad() {
-    echo "FAIL - $1"
-    failed=$((failed + 1))
-}
-expect() {
-    local what=$1
-    shift
-    if out=$("$@" 2>&1); then ok "$what"; else bad "$what"; echo "$out" | sed 's/^/    /' | tail -n 15; fi
-}
-
-. "$top_srcdir/tests/serve_start.sh"
-start() {
-    serve_start "$@" || {
-        echo "FAIL: server $1 did not start:"
-        sed 's/^/    /' "$T/$1.log" | tail -n 20
-        exit 1
-    }
-}
+SERVE_TEST_SECONDS=170
+. "$top_srcdir/tests/serve_test_lib.sh"
 
 # http FILE METHOD URL [CURL-ARGS]: body to FILE, prints the status code
 http() {
@@ -266,5 +226,4 @@ expect "--max-session-files 2: after a file is removed, a new one fits" test "$(
 kill -TERM "$PID_C"
 wait "$JOB_C"
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+serve_test_end

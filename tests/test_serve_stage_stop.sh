@@ -25,30 +25,12 @@ fi
 BIN="$(cd "$top_builddir" && pwd)/rwkvpipe"
 TINY="$RP_TEST_DATA/tiny_L2_C128_V256_s1.weights.safetensors"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_serve_stage_stop.XXXXXX") || exit 99
-PIDS=()
 STOPPED=
-cleanup() {
-    [ -n "$STOPPED" ] && kill -CONT "$STOPPED" 2>/dev/null
-    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$T"
-}
-trap cleanup EXIT
+# a stopped stage is resumed first, so that TERM and KILL can end it
+serve_test_extra_cleanup() { [ -n "$STOPPED" ] && kill -CONT "$STOPPED" 2>/dev/null; }
+SERVE_TEST_SECONDS=170
+. "$top_srcdir/tests/serve_test_lib.sh"
 
-passed=0
-failed=0
-ok() { echo "ok - $1 [$SECONDS s]"; passed=$((passed + 1)); }
-bad() {
-    echo "FAIL - $1"
-    failed=$((failed + 1))
-}
-expect() {
-    local what=$1
-    shift
-    if "$@"; then ok "$what"; else bad "$what"; fi
-}
-
-. "$top_srcdir/tests/serve_start.sh"
 TIMEOUT=3
 
 # scenario NAME OPERATION: a server on 2 stages with session s1 stored (and
@@ -116,5 +98,4 @@ scenario() {
 scenario SAVE save
 scenario LOAD load
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+serve_test_end

@@ -6,16 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int grow(char **buf, size_t *cap, size_t need) {
-    if (need <= *cap) return 0;
-    size_t cap2 = *cap ? *cap : 64;
-    while (cap2 < need) cap2 *= 2;
-    char *p = realloc(*buf, cap2);
-    if (!p) return -1;
-    *buf = p;
-    *cap = cap2;
-    return 0;
-}
+#include "text/stream.h"
 
 int rp_chat_role_parse(const char *name) {
     if (strcmp(name, "system") == 0) return RP_CHAT_SYSTEM;
@@ -29,7 +20,7 @@ static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == 
 /* Appends content with every run of newlines that holds a blank line
  * collapsed to one newline (a blank line separates turns). */
 static int append_collapsed(char **buf, size_t *len, size_t *cap, const char *c, size_t n) {
-    if (grow(buf, cap, *len + n + 1) != 0) return -1;
+    if (rp_text_reserve(buf, cap, *len + n + 1) != 0) return -1;
     size_t i = 0;
     while (i < n) {
         if (c[i] == '\n' || c[i] == '\r') {
@@ -51,7 +42,7 @@ static int append_collapsed(char **buf, size_t *len, size_t *cap, const char *c,
 }
 
 static int append(char **buf, size_t *len, size_t *cap, const char *c, size_t n) {
-    if (grow(buf, cap, *len + n + 1) != 0) return -1;
+    if (rp_text_reserve(buf, cap, *len + n + 1) != 0) return -1;
     memcpy(*buf + *len, c, n);
     *len += n;
     (*buf)[*len] = '\0';

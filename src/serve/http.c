@@ -265,6 +265,15 @@ static session_entry *session_find(rp_http_server *s, const char *name, int crea
     return e;
 }
 
+/* Is a request using the session now (its stored state may change)? */
+static int session_busy(rp_http_server *s, const char *name) {
+    pthread_mutex_lock(&s->lock);
+    session_entry *se = session_find(s, name, 0);
+    int busy = se && se->busy;
+    pthread_mutex_unlock(&s->lock);
+    return busy;
+}
+
 static void session_forget(rp_http_server *s, const char *name) {
     pthread_mutex_lock(&s->lock);
     session_entry *e = session_find(s, name, 0);
@@ -998,11 +1007,7 @@ static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
         if (!exists)
             return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist",
                               name);
-        pthread_mutex_lock(&s->lock);
-        session_entry *se = session_find(s, name, 0);
-        int busy = se && se->busy;
-        pthread_mutex_unlock(&s->lock);
-        if (busy)
+        if (session_busy(s, name))
             return send_error(s, conn, 409, "session_busy", "session '%s' is in use by a request",
                               name);
         rp_status st = rp_engine_session_delete(s->engine, name, &err);
@@ -1017,11 +1022,7 @@ static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
     if (rp_request_session_file(o, &file, &e))
         return send_error(s, conn, e.status, e.code, "%s", e.message);
     if (!saving) {
-        pthread_mutex_lock(&s->lock);
-        session_entry *se = session_find(s, name, 0);
-        int busy = se && se->busy;
-        pthread_mutex_unlock(&s->lock);
-        if (busy)
+        if (session_busy(s, name))
             return send_error(s, conn, 409, "session_busy", "session '%s' is in use by a request",
                               name);
     }

@@ -42,15 +42,7 @@ json_t *rp_request_parse_json(const char *body, size_t len, rp_request_error *e)
 }
 
 int rp_session_name_valid(const char *name) {
-    size_t n = strlen(name);
-    if (n == 0 || n >= RP_ENGINE_SESSION_NAME_MAX || name[0] == '.') return 0;
-    for (size_t i = 0; i < n; i++) {
-        char c = name[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '_' || c == '-' || c == '.'))
-            return 0;
-    }
-    return 1;
+    return rp_session_plain_name(name, RP_ENGINE_SESSION_NAME_MAX - 1);
 }
 
 /* Field getters: a missing field or JSON null leaves *out as it is. */

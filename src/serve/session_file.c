@@ -260,12 +260,9 @@ static int dir_fd(rp_session_dir *d, int create, rp_error *err, rp_error *detail
     return fd;
 }
 
-int rp_session_file_name_valid(const char *name) {
-    static const char suffix[] = RP_SESSION_FILE_SUFFIX;
-    const size_t ns = sizeof suffix - 1;
+int rp_session_plain_name(const char *name, size_t max_len) {
     size_t n = name ? strlen(name) : 0;
-    if (n <= ns || n > RP_SESSION_FILE_NAME_MAX || name[0] == '.') return 0;
-    if (strcmp(name + n - ns, suffix) != 0) return 0;
+    if (n == 0 || n > max_len || name[0] == '.') return 0;
     for (size_t i = 0; i < n; i++) {
         char c = name[i];
         if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
@@ -273,6 +270,14 @@ int rp_session_file_name_valid(const char *name) {
             return 0;
     }
     return 1;
+}
+
+int rp_session_file_name_valid(const char *name) {
+    static const char suffix[] = RP_SESSION_FILE_SUFFIX;
+    const size_t ns = sizeof suffix - 1;
+    if (!rp_session_plain_name(name, RP_SESSION_FILE_NAME_MAX)) return 0;
+    size_t n = strlen(name);
+    return n > ns && strcmp(name + n - ns, suffix) == 0;
 }
 
 static rp_status bad_name(const char *name, rp_error *err) {

@@ -42,6 +42,11 @@ rp_status rp_session_dir_init(rp_session_dir *d, const char *path, int overwrite
                               rp_error *err);
 void rp_session_dir_free(rp_session_dir *d);
 
+/* 1 to max_len letters, digits, '_', '-' or '.', not starting with '.': a
+ * name that can be neither a path nor a hidden file (session names and
+ * session file names are both of this alphabet). */
+int rp_session_plain_name(const char *name, size_t max_len);
+
 /* A file name a client may give: 1 to RP_SESSION_FILE_NAME_MAX letters,
  * digits, '_', '-', '.', not starting with '.', ending in ".state" (so it can
  * never name the model, a hidden file or anything outside the directory). */

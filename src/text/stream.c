@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int grow(char **buf, size_t *cap, size_t need) {
+int rp_text_reserve(char **buf, size_t *cap, size_t need) {
     if (need <= *cap) return 0;
     size_t cap2 = *cap ? *cap : 64;
     while (cap2 < need) cap2 *= 2;
@@ -48,7 +48,7 @@ static int utf8_char_or_subpart(const uint8_t *p, size_t avail) {
 int rp_utf8_append_sanitized(char **out, size_t *len, size_t *cap, const uint8_t *bytes,
                              size_t n) {
     /* worst case: every byte becomes the 3-byte U+FFFD */
-    if (grow(out, cap, *len + 3 * n + 1) != 0) return -1;
+    if (rp_text_reserve(out, cap, *len + 3 * n + 1) != 0) return -1;
     size_t i = 0;
     while (i < n) {
         int k = utf8_char_or_subpart(bytes + i, n - i);
@@ -105,7 +105,7 @@ void rp_text_stream_free(rp_text_stream *s) {
 static int append_out(rp_text_stream *s, const uint8_t *bytes, size_t n) {
     if (!s->keep_invalid)
         return rp_utf8_append_sanitized(&s->out, &s->out_len, &s->out_cap, bytes, n);
-    if (grow(&s->out, &s->out_cap, s->out_len + n + 1) != 0) return -1;
+    if (rp_text_reserve(&s->out, &s->out_cap, s->out_len + n + 1) != 0) return -1;
     memcpy(s->out + s->out_len, bytes, n);
     s->out_len += n;
     s->out[s->out_len] = '\0';
@@ -130,7 +130,7 @@ static int release(rp_text_stream *s, size_t upto) {
 
 int rp_text_stream_push(rp_text_stream *s, const uint8_t *bytes, size_t n) {
     if (s->stopped || s->finished) return s->stopped;
-    if (grow((char **)&s->raw, &s->raw_cap, s->raw_len + n + 1) != 0) return -1;
+    if (rp_text_reserve((char **)&s->raw, &s->raw_cap, s->raw_len + n + 1) != 0) return -1;
     memcpy(s->raw + s->raw_len, bytes, n);
     s->raw_len += n;
     if (s->n_stops == 0) return release(s, s->raw_len);

@@ -67,4 +67,8 @@ const char *rp_text_stream_take(rp_text_stream *s, size_t *len);
 int rp_utf8_append_sanitized(char **out, size_t *len, size_t *cap, const uint8_t *bytes,
                              size_t n);
 
+/* Grows a malloc'ed byte buffer to hold at least `need` bytes (doubling);
+ * 0, or -1 when out of memory (the buffer is then unchanged). */
+int rp_text_reserve(char **buf, size_t *cap, size_t need);
+
 #endif
