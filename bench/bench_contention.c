@@ -17,43 +17,12 @@
 #include "backend.h"
 #include "bench/harness.h"
 #include "model/model.h"
-#include "model/backward.h"
-#include "optim/optim.h"
+#include "bench/train_step.h"
 
 #define MAX_SPINNERS 256
 #define TRAIN_B 32 /* the quick start's --batch 32 --ctx-len 64 */
 #define TRAIN_T 64
 #define GOAL_RATIO 0.40
-
-typedef struct {
-    rp_model *model, *grads, *m, *v;
-    rp_backward_workspace *tw;
-    rp_state *state;
-    rp_batch *batch;
-    int32_t *inputs, *targets;
-    rp_optim_config *optim;
-    long step;
-} train_ctx;
-
-static int train_call(void *p) {
-    train_ctx *c = p;
-    rp_error err;
-    rp_backend *be = c->model->be;
-    rp_model_zero(c->grads);
-    be->fill_zero(be, c->state->data, c->state->floats_per_slot * c->state->n_slots * sizeof(float));
-    double loss;
-    int n;
-    if (rp_model_train_step(c->model, c->grads, c->tw, c->inputs, c->targets, c->batch, c->state,
-                            NULL, 1.0f / c->batch->n_rows, 1e-4f / c->batch->n_rows, &loss, &n,
-                            &err) != RP_OK) {
-        fprintf(stderr, "bench_contention: %s\n", err.msg);
-        return 1;
-    }
-    double norm = rp_grad_sum_squares(c->grads);
-    rp_optim_step(c->model, c->grads, c->m, c->v, c->optim, c->step++,
-                  rp_clip_scale(norm, c->optim->grad_clip));
-    return 0;
-}
 
 typedef struct {
     rp_model *model;
@@ -225,14 +194,15 @@ int main(int argc, char **argv) {
         rp_batch_init(&batch, B, seq_len, slot, row_begin);
         rp_optim_config optim;
         rp_optim_defaults(&optim);
-        train_ctx tctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets, &optim, 0};
+        bench_train_ctx tctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets, 
+                                &optim, 0, "bench_contention"};
         decode_ctx dctx = {.model = &model, .ws = &ws, .state = &dstate, .logits = logits,
                            .token = 1, .seq_len = 1};
         rp_batch_init(&dctx.batch, 1, &dctx.seq_len, &dctx.slot, &dctx.row_begin);
 
         contention_result tr, dr;
         fprintf(stderr, "bench_contention: %d thread(s): training...\n", threads);
-        if (measure(train_call, &tctx, R, rounds, min_batch_s, &tr)) return 1;
+        if (measure(bench_train_call, &tctx, R, rounds, min_batch_s, &tr)) return 1;
         fprintf(stderr, "bench_contention: %d thread(s): decode...\n", threads);
         if (measure(decode_call, &dctx, 1, rounds, min_batch_s, &dr)) return 1;
         snprintf(cells[0][ti], 64, "%.0f", tr.solo);

@@ -10,38 +10,7 @@
 #include <string.h>
 
 #include "bench/harness.h"
-#include "model/backward.h"
-#include "optim/optim.h"
-
-typedef struct {
-    rp_model *model, *grads, *m, *v;
-    rp_backward_workspace *tw;
-    rp_state *state;
-    rp_batch *batch;
-    int32_t *inputs, *targets;
-    rp_optim_config *optim;
-    long step;
-} train_ctx;
-
-static int train_call(void *p) {
-    train_ctx *c = p;
-    rp_error err;
-    rp_backend *be = c->model->be;
-    rp_model_zero(c->grads);
-    be->fill_zero(be, c->state->data, c->state->floats_per_slot * c->state->n_slots * sizeof(float));
-    double loss;
-    int n;
-    if (rp_model_train_step(c->model, c->grads, c->tw, c->inputs, c->targets, c->batch, c->state,
-                            NULL, 1.0f / c->batch->n_rows, 1e-4f / c->batch->n_rows, &loss, &n,
-                            &err) != RP_OK) {
-        fprintf(stderr, "bench_train: %s\n", err.msg);
-        return 1;
-    }
-    double norm = rp_grad_sum_squares(c->grads);
-    rp_optim_step(c->model, c->grads, c->m, c->v, c->optim, c->step++,
-                  rp_clip_scale(norm, c->optim->grad_clip));
-    return 0;
-}
+#include "bench/train_step.h"
 
 int main(int argc, char **argv) {
     int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
@@ -102,10 +71,11 @@ int main(int argc, char **argv) {
         rp_batch_init(&batch, B, seq_len, slot, row_begin);
         rp_optim_config optim;
         rp_optim_defaults(&optim);
-        train_ctx ctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets, &optim, 0};
+        bench_train_ctx ctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets, 
+                                &optim, 0, "bench_train"};
         bench_cpu_sample s0, s1;
         bench_cpu_sample_take(&s0);
-        double sec = bench_seconds_per_call(train_call, &ctx, &timing);
+        double sec = bench_seconds_per_call(bench_train_call, &ctx, &timing);
         bench_cpu_sample_take(&s1);
         double sgemm = bench_sgemm_gflops(R, cfg.n_embd, cfg.n_embd, threads, &timing);
         double sgemm_ffn = bench_sgemm_gflops(R, cfg.dim_ffn, cfg.n_embd, threads, &timing);
