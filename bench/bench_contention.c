@@ -194,7 +194,7 @@ int main(int argc, char **argv) {
         rp_batch_init(&batch, B, seq_len, slot, row_begin);
         rp_optim_config optim;
         rp_optim_defaults(&optim);
-        bench_train_ctx tctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets, 
+        bench_train_ctx tctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets,
                                 &optim, 0, "bench_contention"};
         decode_ctx dctx = {.model = &model, .ws = &ws, .state = &dstate, .logits = logits,
                            .token = 1, .seq_len = 1};

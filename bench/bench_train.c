@@ -71,7 +71,7 @@ int main(int argc, char **argv) {
         rp_batch_init(&batch, B, seq_len, slot, row_begin);
         rp_optim_config optim;
         rp_optim_defaults(&optim);
-        bench_train_ctx ctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets, 
+        bench_train_ctx ctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets,
                                 &optim, 0, "bench_train"};
         bench_cpu_sample s0, s1;
         bench_cpu_sample_take(&s0);
