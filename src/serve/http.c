@@ -1234,6 +1234,24 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
     return rc;
 }
 
+/* An answer given before the body is read (the body is then discarded): the
+ * request counts as arrived, so its deadline no longer runs. */
+static enum MHD_Result answer_early(rp_http_server *s, request_ctx *rc,
+                                    struct MHD_Connection *conn, int status, const char *code,
+                                    const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+static enum MHD_Result answer_early(rp_http_server *s, request_ctx *rc,
+                                    struct MHD_Connection *conn, int status, const char *code,
+                                    const char *fmt, ...) {
+    char message[RP_ERROR_MSG_LEN + 256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof message, fmt, ap);
+    va_end(ap);
+    rc->answered = 1;
+    conn_request_arrived(s, conn);
+    return send_error(s, conn, status, code, "%s", message);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
@@ -1254,61 +1272,39 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                                                                                      : "OTHER";
         /* Routes compare C strings: a decoded %00 would cut the path short
          * (/v1/sessions/a%00b/save acting on "a"). */
-        if (rc->bad_target || has_control_char(url)) {
-            rc->answered = 1;
-            conn_request_arrived(s, conn);
-            return send_error(s, conn, 400, "invalid_path", "the request path encodes a control "
-                              "character (%%00-%%1F or %%7F): refused");
-        }
+        if (rc->bad_target || has_control_char(url))
+            return answer_early(s, rc, conn, 400, "invalid_path", "the request path encodes a "
+                                "control character (%%00-%%1F or %%7F): refused");
         rc->route = route_of(url, rc->session, sizeof rc->session);
         /* answers that need no body are given now; the body is then not read */
-        if (atomic_load(&s->stopping) && rc->route != ROUTE_HEALTH &&
-            rc->route != ROUTE_METRICS) {
-            rc->answered = 1;
-            conn_request_arrived(s, conn);
-            return send_error(s, conn, 503, "shutting_down", "the server is shutting down");
-        }
-        if (rc->route == ROUTE_NONE) {
-            rc->answered = 1;
-            conn_request_arrived(s, conn);
-            return send_error(s, conn, 404, "not_found", "no endpoint %s %s (see docs/serving.md)",
-                              method, url);
-        }
+        if (atomic_load(&s->stopping) && rc->route != ROUTE_HEALTH && rc->route != ROUTE_METRICS)
+            return answer_early(s, rc, conn, 503, "shutting_down", "the server is shutting down");
+        if (rc->route == ROUTE_NONE)
+            return answer_early(s, rc, conn, 404, "not_found",
+                                "no endpoint %s %s (see docs/serving.md)", method, url);
         if (strcmp(method, route_method(rc->route, method)) != 0 &&
-            !(rc->route == ROUTE_SESSION && strcmp(method, "GET") == 0)) {
-            rc->answered = 1;
-            conn_request_arrived(s, conn);
-            return send_error(s, conn, 405, "method_not_allowed", "%s needs %s, not %s", url,
-                              route_method(rc->route, method), method);
-        }
-        if (rc->route != ROUTE_HEALTH && !authorized(s, conn)) {
-            rc->answered = 1;
-            conn_request_arrived(s, conn);
-            return send_error(s, conn, 401, "invalid_api_key",
-                              "missing or wrong API key: send 'Authorization: Bearer KEY'");
-        }
+            !(rc->route == ROUTE_SESSION && strcmp(method, "GET") == 0))
+            return answer_early(s, rc, conn, 405, "method_not_allowed", "%s needs %s, not %s", url,
+                                route_method(rc->route, method), method);
+        if (rc->route != ROUTE_HEALTH && !authorized(s, conn))
+            return answer_early(s, rc, conn, 401, "invalid_api_key",
+                                "missing or wrong API key: send 'Authorization: Bearer KEY'");
         if ((rc->route == ROUTE_SESSION || rc->route == ROUTE_SESSION_SAVE ||
              rc->route == ROUTE_SESSION_LOAD) &&
-            !rp_session_name_valid(rc->session)) {
-            rc->answered = 1;
-            conn_request_arrived(s, conn);
-            return send_error(s, conn, 400, "invalid_value",
-                              "session names are 1 to %d letters, digits, '_', '-' or '.' (not "
-                              "first)", RP_ENGINE_SESSION_NAME_MAX - 1);
-        }
+            !rp_session_name_valid(rc->session))
+            return answer_early(s, rc, conn, 400, "invalid_value",
+                                "session names are 1 to %d letters, digits, '_', '-' or '.' (not "
+                                "first)", RP_ENGINE_SESSION_NAME_MAX - 1);
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                                      MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl) {
             char *end;
             errno = 0;
             unsigned long long n = strtoull(cl, &end, 10);
-            if (errno || *end || n > s->cfg.max_body_bytes) {
-                rc->answered = 1;
-                conn_request_arrived(s, conn);
-                return send_error(s, conn, 413, "body_too_large",
-                                  "the request body has %s bytes: this server accepts at most %zu",
-                                  cl, s->cfg.max_body_bytes);
-            }
+            if (errno || *end || n > s->cfg.max_body_bytes)
+                return answer_early(s, rc, conn, 413, "body_too_large",
+                                    "the request body has %s bytes: this server accepts at most "
+                                    "%zu", cl, s->cfg.max_body_bytes);
         }
         return MHD_YES;
     }
