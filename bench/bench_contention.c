@@ -181,17 +181,10 @@ int main(int argc, char **argv) {
             fprintf(stderr, "bench_contention: out of memory\n");
             return 1;
         }
-        for (int i = 0; i < R; i++) {
-            inputs[i] = (i * 7919 + 13) % cfg.vocab_size;
-            targets[i] = (i * 104729 + 7) % cfg.vocab_size;
-        }
+        bench_train_tokens(inputs, targets, R, cfg.vocab_size);
         int seq_len[TRAIN_B], slot[TRAIN_B], row_begin[TRAIN_B];
-        for (int s = 0; s < B; s++) {
-            seq_len[s] = T;
-            slot[s] = s;
-        }
         rp_batch batch;
-        rp_batch_init(&batch, B, seq_len, slot, row_begin);
+        bench_train_batch(&batch, B, T, seq_len, slot, row_begin);
         rp_optim_config optim;
         rp_optim_defaults(&optim);
         bench_train_ctx tctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets,

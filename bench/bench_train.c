@@ -58,21 +58,14 @@ int main(int argc, char **argv) {
             return 1;
         }
         int32_t *inputs = malloc(R * sizeof(int32_t)), *targets = malloc(R * sizeof(int32_t));
-        for (int i = 0; i < R; i++) {
-            inputs[i] = (i * 7919 + 13) % cfg.vocab_size;
-            targets[i] = (i * 104729 + 7) % cfg.vocab_size;
-        }
+        bench_train_tokens(inputs, targets, R, cfg.vocab_size);
         int seq_len[8], slot[8], row_begin[8];
-        for (int s = 0; s < B; s++) {
-            seq_len[s] = T;
-            slot[s] = s;
-        }
         rp_batch batch;
-        rp_batch_init(&batch, B, seq_len, slot, row_begin);
+        bench_train_batch(&batch, B, T, seq_len, slot, row_begin);
         rp_optim_config optim;
         rp_optim_defaults(&optim);
         bench_train_ctx ctx = {&model, &grads, &m, &v, &tw, &state, &batch, inputs, targets,
-                                &optim, 0, "bench_train"};
+                               &optim, 0, "bench_train"};
         bench_cpu_sample s0, s1;
         bench_cpu_sample_take(&s0);
         double sec = bench_seconds_per_call(bench_train_call, &ctx, &timing);

@@ -3,6 +3,21 @@
 
 #include <stdio.h>
 
+void bench_train_tokens(int32_t *inputs, int32_t *targets, int rows, int vocab) {
+    for (int i = 0; i < rows; i++) {
+        inputs[i] = (i * 7919 + 13) % vocab;
+        targets[i] = (i * 104729 + 7) % vocab;
+    }
+}
+
+void bench_train_batch(rp_batch *batch, int B, int T, int *seq_len, int *slot, int *row_begin) {
+    for (int s = 0; s < B; s++) {
+        seq_len[s] = T;
+        slot[s] = s;
+    }
+    rp_batch_init(batch, B, seq_len, slot, row_begin);
+}
+
 int bench_train_call(void *p) {
     bench_train_ctx *c = p;
     rp_error err;
