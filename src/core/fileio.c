@@ -15,10 +15,11 @@
 
 enum { STAGE_OPEN, STAGE_SEALED, STAGE_COMMITTED };
 
-int rp_write_all(int fd, const void *data, size_t bytes) {
+/* offset < 0: write(2) at the file position; else pwrite(2) at offset. */
+static int write_fully(int fd, const void *data, size_t bytes, off_t offset) {
     const unsigned char *p = data;
     while (bytes > 0) {
-        ssize_t n = write(fd, p, bytes);
+        ssize_t n = offset < 0 ? write(fd, p, bytes) : pwrite(fd, p, bytes, offset);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) return -1;
         if (n == 0) {
@@ -27,8 +28,21 @@ int rp_write_all(int fd, const void *data, size_t bytes) {
         }
         p += n;
         bytes -= (size_t)n;
+        if (offset >= 0) offset += n;
     }
     return 0;
+}
+
+int rp_write_all(int fd, const void *data, size_t bytes) {
+    return write_fully(fd, data, bytes, -1);
+}
+
+int rp_pwrite_all(int fd, const void *data, size_t bytes, off_t offset) {
+    if (offset < 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    return write_fully(fd, data, bytes, offset);
 }
 
 rp_status rp_dir_fsync_fd(int dir_fd, const char *name, rp_error *err) {

@@ -48,6 +48,8 @@ rp_status rp_file_write_atomic_bytes(const char *path, const void *data, size_t 
 
 /* write(2) until done (EINTR retried); errno is left set on failure. */
 int rp_write_all(int fd, const void *data, size_t bytes);
+/* The same with pwrite(2) at a byte offset (the file position is unchanged). */
+int rp_pwrite_all(int fd, const void *data, size_t bytes, off_t offset);
 
 /* fsync of a directory (by descriptor or by path), so renames, creations and
  * unlinks inside it survive a crash. Filesystems that cannot fsync a

@@ -59,20 +59,6 @@ struct rp_shard_writer {
 const char *rp_shard_writer_path(const rp_shard_writer *w) { return w->path; }
 uint64_t rp_shard_writer_n_tokens(const rp_shard_writer *w) { return w->n_tokens; }
 
-static rp_status write_all(int fd, const uint8_t *p, size_t n, off_t offset, int positioned) {
-    while (n > 0) {
-        ssize_t k = positioned ? pwrite(fd, p, n, offset) : write(fd, p, n);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            return RP_ERR_IO;
-        }
-        p += k;
-        n -= (size_t)k;
-        offset += k;
-    }
-    return RP_OK;
-}
-
 rp_status rp_shard_writer_open(rp_shard_writer **out, const char *path, uint32_t tokenizer_kind,
                                uint32_t n_ids, rp_error *err) {
     *out = NULL;
@@ -106,7 +92,7 @@ rp_status rp_shard_writer_open(rp_shard_writer **out, const char *path, uint32_t
     }
     /* A zero header until sealing: an unfinished file never passes as a shard. */
     uint8_t zeros[RP_SHARD_HEADER_BYTES] = {0};
-    if (write_all(w->file.fd, zeros, sizeof zeros, 0, 0) != RP_OK) {
+    if (rp_write_all(w->file.fd, zeros, sizeof zeros) != 0) {
         st = rp_error_set(err, RP_ERR_IO, "%s: cannot write temporary file '%s': %s", path,
                           w->file.tmp_path, strerror(errno));
         rp_shard_writer_abort(w);
@@ -118,7 +104,7 @@ rp_status rp_shard_writer_open(rp_shard_writer **out, const char *path, uint32_t
 
 static rp_status writer_flush(rp_shard_writer *w, rp_error *err) {
     if (w->buf_used == 0) return RP_OK;
-    if (write_all(w->file.fd, w->buf, w->buf_used, 0, 0) != RP_OK)
+    if (rp_write_all(w->file.fd, w->buf, w->buf_used) != 0)
         return rp_error_set(err, RP_ERR_IO, "%s: cannot write temporary file '%s': %s", w->path,
                             w->file.tmp_path, strerror(errno));
     w->buf_used = 0;
@@ -176,7 +162,7 @@ rp_status rp_shard_writer_seal(rp_shard_writer *w, rp_error *err) {
     put_u32(h + 20, w->dtype);
     put_u64(h + 24, w->n_tokens);
     put_u64(h + 32, w->n_documents);
-    if (write_all(w->file.fd, h, sizeof h, 0, 1) != RP_OK)
+    if (rp_pwrite_all(w->file.fd, h, sizeof h, 0) != 0)
         return rp_error_set(err, RP_ERR_IO, "%s: cannot write the header of temporary file "
                             "'%s': %s", w->path, w->file.tmp_path, strerror(errno));
     if ((st = rp_atomic_file_seal(&w->file, err)) != RP_OK) return st;
