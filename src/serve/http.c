@@ -1,10 +1,10 @@
 /* The HTTP service (see http.h for the threading and docs/serving.md for the
- * API): request parsing and validation, prompt building, one engine job per
+ * API): routing, connection limits and deadlines, one engine job per
  * generation request, incremental detokenisation with stop strings
- * (src/text/stream.c), chat prompts (src/serve/chat.c), JSON and SSE
- * responses, sessions, metrics. Every request body is untrusted: sizes are
- * checked before use, every field is type-checked, and a bad request gets a
- * 4xx JSON error, never a crash. */
+ * (src/text/stream.c), JSON and SSE responses, session files, metrics.
+ * Request bodies are parsed and validated by src/serve/http_request.c (a bad
+ * request gets a 4xx JSON error, never a crash); sizes are checked before a
+ * body is read. */
 #include "serve/http.h"
 #include "serve/chat.h"
 
