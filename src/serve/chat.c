@@ -41,21 +41,13 @@ static int append_collapsed(char **buf, size_t *len, size_t *cap, const char *c,
     return 0;
 }
 
-static int append(char **buf, size_t *len, size_t *cap, const char *c, size_t n) {
-    if (rp_text_reserve(buf, cap, *len + n + 1) != 0) return -1;
-    memcpy(*buf + *len, c, n);
-    *len += n;
-    (*buf)[*len] = '\0';
-    return 0;
-}
-
 char *rp_chat_prompt(const rp_chat_message *m, int n, const char *lead, size_t *len) {
     static const char *names[] = {"System:", "User:", "Assistant:"};
     char *buf = NULL;
     size_t cap = 0;
     size_t last_len = 0;
     *len = 0;
-    if (append(&buf, len, &cap, lead ? lead : "", lead ? strlen(lead) : 0) != 0) goto fail;
+    if (rp_text_append(&buf, len, &cap, lead ? lead : "", lead ? strlen(lead) : 0) != 0) goto fail;
     for (int i = 0; i < n; i++) {
         const char *c = m[i].content ? m[i].content : "";
         size_t cl = m[i].content ? m[i].len : 0;
@@ -67,18 +59,18 @@ char *rp_chat_prompt(const rp_chat_message *m, int n, const char *lead, size_t *
         }
         if (i > 0) {
             const char *sep = rp_chat_session_lead(buf, *len);
-            if (append(&buf, len, &cap, sep, strlen(sep)) != 0) goto fail;
+            if (rp_text_append(&buf, len, &cap, sep, strlen(sep)) != 0) goto fail;
         }
         const char *name = names[m[i].role];
-        if (append(&buf, len, &cap, name, strlen(name)) != 0) goto fail;
-        if (append(&buf, len, &cap, " ", 1) != 0) goto fail;
+        if (rp_text_append(&buf, len, &cap, name, strlen(name)) != 0) goto fail;
+        if (rp_text_append(&buf, len, &cap, " ", 1) != 0) goto fail;
         if (append_collapsed(&buf, len, &cap, c, cl) != 0) goto fail;
         last_len = cl;
     }
     if (n == 0 || m[n - 1].role != RP_CHAT_ASSISTANT) {
         const char *sep = rp_chat_session_lead(buf, *len);
-        if (append(&buf, len, &cap, sep, strlen(sep)) != 0 ||
-            append(&buf, len, &cap, "Assistant:", 10) != 0)
+        if (rp_text_append(&buf, len, &cap, sep, strlen(sep)) != 0 ||
+            rp_text_append(&buf, len, &cap, "Assistant:", 10) != 0)
             goto fail;
     } else if (last_len == 0) {
         /* an empty assistant message: continue right after "Assistant:" */

@@ -360,21 +360,6 @@ static int gen_suspend(gen_ctx *g) {
     return !woken;
 }
 
-static int append_bytes(char **buf, size_t *len, size_t *cap, const char *b, size_t n) {
-    if (*len + n + 1 > *cap) {
-        size_t c = *cap ? *cap : 256;
-        while (c < *len + n + 1) c *= 2;
-        char *p = realloc(*buf, c);
-        if (!p) return -1;
-        *buf = p;
-        *cap = c;
-    }
-    memcpy(*buf + *len, b, n);
-    *len += n;
-    (*buf)[*len] = '\0';
-    return 0;
-}
-
 /* Moves released text to the reply (or returns it for a chunk). */
 static const char *take_text(gen_ctx *g, size_t *len) {
     const char *t = rp_text_stream_take(&g->text, len);
@@ -548,9 +533,9 @@ static int sse_append_json(gen_ctx *g, json_t *chunk) {
     char *body = chunk ? json_dumps(chunk, JSON_COMPACT) : NULL;
     json_decref(chunk);
     if (!body) return -1;
-    int r = append_bytes(&g->pending, &g->pending_len, &g->pending_cap, "data: ", 6) ||
-            append_bytes(&g->pending, &g->pending_len, &g->pending_cap, body, strlen(body)) ||
-            append_bytes(&g->pending, &g->pending_len, &g->pending_cap, "\n\n", 2);
+    int r = rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, "data: ", 6) ||
+            rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, body, strlen(body)) ||
+            rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, "\n\n", 2);
     free(body);
     return r ? -1 : 0;
 }
@@ -595,7 +580,7 @@ static void sse_produce(gen_ctx *g) {
         if (g->session[0]) json_object_set_new(last, "session", json_string(g->session));
         sse_append_json(g, last);
     }
-    append_bytes(&g->pending, &g->pending_len, &g->pending_cap, "data: [DONE]\n\n", 14);
+    rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, "data: [DONE]\n\n", 14);
     g->sent_done = 1;
 }
 
@@ -697,8 +682,8 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
         }
         if (se->busy) {
             pthread_mutex_unlock(&s->lock);
-            return rp_request_fail(e, 409, "session_busy", "session '%s' is in use by another request",
-                        gr.session);
+            return rp_request_fail(e, 409, "session_busy",
+                                   "session '%s' is in use by another request", gr.session);
         }
         se->busy = 1;
         locked = 1;
@@ -719,8 +704,9 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     rp_error err;
     if (!start && gr.initial_state) {
         if (!rp_engine_session_exists(s->engine, gr.initial_state)) {
-            rp_request_fail(e, 404, "session_not_found", "initial state '%s' does not exist (load it with "
-                 "POST /v1/sessions/%s/load)", gr.initial_state, gr.initial_state);
+            rp_request_fail(e, 404, "session_not_found",
+                            "initial state '%s' does not exist (load it with "
+                            "POST /v1/sessions/%s/load)", gr.initial_state, gr.initial_state);
             goto fail_out;
         }
         start = gr.initial_state;
@@ -805,7 +791,7 @@ static enum MHD_Result reply_generation_done(rp_http_server *s, struct MHD_Conne
                                              gen_ctx *g) {
     size_t len;
     const char *t = take_text(g, &len);
-    append_bytes(&g->reply, &g->reply_len, &g->reply_cap, t, len);
+    rp_text_append(&g->reply, &g->reply_len, &g->reply_cap, t, len);
     if (g->finish == RP_FINISH_ERROR && g->start[0] && g->completion_tokens == 0 &&
         !rp_engine_session_exists(s->engine, g->start))
         return send_error(s, conn, 404, "session_not_found", "%s", g->error);
@@ -840,7 +826,7 @@ static enum MHD_Result reply_generation(rp_http_server *s, request_ctx *rc,
         if (!g->done) gen_pump(g, 0);
         size_t len;
         const char *t = take_text(g, &len);
-        if (len && append_bytes(&g->reply, &g->reply_len, &g->reply_cap, t, len)) {
+        if (len && rp_text_append(&g->reply, &g->reply_len, &g->reply_cap, t, len)) {
             rp_job_cancel(g->job);
             finish_job(g, RP_FINISH_ERROR);
             snprintf(g->error, sizeof g->error, "out of memory for the reply");
@@ -920,7 +906,7 @@ static void tb_printf(text_buf *t, const char *fmt, ...) {
     va_end(ap);
     if (n < 0) return;
     if ((size_t)n >= sizeof line) n = sizeof line - 1;
-    if (append_bytes(&t->buf, &t->len, &t->cap, line, (size_t)n)) t->failed = 1;
+    if (rp_text_append(&t->buf, &t->len, &t->cap, line, (size_t)n)) t->failed = 1;
 }
 
 static void metric(text_buf *t, const char *name, const char *type, const char *help) {
@@ -1320,7 +1306,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                 free(rc->body);
                 rc->body = NULL;
                 rc->body_len = rc->body_cap = 0;
-            } else if (append_bytes(&rc->body, &rc->body_len, &rc->body_cap, upload_data,
+            } else if (rp_text_append(&rc->body, &rc->body_len, &rc->body_cap, upload_data,
                                     *upload_data_size)) {
                 return MHD_NO;
             }

@@ -18,6 +18,14 @@ int rp_text_reserve(char **buf, size_t *cap, size_t need) {
     return 0;
 }
 
+int rp_text_append(char **buf, size_t *len, size_t *cap, const char *bytes, size_t n) {
+    if (rp_text_reserve(buf, cap, *len + n + 1) != 0) return -1;
+    memcpy(*buf + *len, bytes, n);
+    *len += n;
+    (*buf)[*len] = '\0';
+    return 0;
+}
+
 /* Length of the valid UTF-8 character at p (1..4), or -(length of the
  * maximal subpart) when p starts an invalid sequence: the longest prefix of
  * a well-formed sequence (at least 1). Needs all of avail bytes known. */

@@ -70,5 +70,8 @@ int rp_utf8_append_sanitized(char **out, size_t *len, size_t *cap, const uint8_t
 /* Grows a malloc'ed byte buffer to hold at least `need` bytes (doubling);
  * 0, or -1 when out of memory (the buffer is then unchanged). */
 int rp_text_reserve(char **buf, size_t *cap, size_t need);
+/* Appends n bytes at *len and keeps the buffer NUL-terminated (not counted
+ * in *len); 0, or -1 when out of memory (nothing appended). */
+int rp_text_append(char **buf, size_t *len, size_t *cap, const char *bytes, size_t n);
 
 #endif
