@@ -23,7 +23,8 @@ int bench_train_call(void *p) {
     rp_error err;
     rp_backend *be = c->model->be;
     rp_model_zero(c->grads);
-    be->fill_zero(be, c->state->data, c->state->floats_per_slot * c->state->n_slots * sizeof(float));
+    be->fill_zero(be, c->state->data,
+                  c->state->floats_per_slot * c->state->n_slots * sizeof(float));
     double loss;
     int n;
     if (rp_model_train_step(c->model, c->grads, c->tw, c->inputs, c->targets, c->batch, c->state,

@@ -79,7 +79,8 @@ rp_status rp_parent_dir_fsync(const char *path, rp_error *err) {
 }
 
 rp_status rp_mkdir_p(const char *path, mode_t mode, rp_error *err) {
-    if (!path || !*path) return rp_error_set(err, RP_ERR_ARG, "cannot create a directory: empty path");
+    if (!path || !*path)
+        return rp_error_set(err, RP_ERR_ARG, "cannot create a directory: empty path");
     char *buf = strdup(path);
     if (!buf) return rp_error_set(err, RP_ERR_NOMEM, "%s: out of memory", path);
     rp_status st = RP_OK;
