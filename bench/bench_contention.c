@@ -16,6 +16,7 @@
 
 #include "backend.h"
 #include "bench/harness.h"
+#include "cpu/cpu_backend.h"
 #include "model/model.h"
 #include "bench/train_step.h"
 

@@ -17,6 +17,7 @@
 #include <omp.h>
 
 #include "backend.h"
+#include "cpu/cpu_backend.h"
 #include "model/init.h"
 #include "pipe/grid.h"
 #include "serve/engine.h"

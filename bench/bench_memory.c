@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "cpu/cpu_backend.h"
 #include "harness.h"
 #include "core/clock.h"
 

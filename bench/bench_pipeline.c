@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "bench/harness.h"
+#include "cpu/cpu_backend.h"
 #include "model/model.h"
 #include "model/backward.h"
 #include "pipe/grid.h"

@@ -11,6 +11,7 @@
 
 #include "bench/harness.h"
 #include "bench/train_step.h"
+#include "cpu/cpu_backend.h"
 
 int main(int argc, char **argv) {
     int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;

@@ -113,8 +113,8 @@ static void w_value_residual(rp_backend *be, float *v, const float *v_first, con
     TIMED("value_residual", INNER(be)->value_residual(INNER(be), v, v_first, nu, R, C));
 }
 static void w_key_prepare(rp_backend *be, float *kk, float *k, const float *a, const float *k_k,
-                          const float *k_a, int R, int C) {
-    TIMED("key_prepare", INNER(be)->key_prepare(INNER(be), kk, k, a, k_k, k_a, R, C));
+                          const float *k_a, int R, int C, int N) {
+    TIMED("key_prepare", INNER(be)->key_prepare(INNER(be), kk, k, a, k_k, k_a, R, C, N));
 }
 static void w_groupnorm(rp_backend *be, float *y, float *mean, float *rstd, const float *x,
                         const float *weight, const float *bias, int R, int C, int N, float eps) {
@@ -179,10 +179,10 @@ static void w_value_residual_backward(rp_backend *be, float *dv, float *dv_first
 }
 static void w_key_prepare_backward(rp_backend *be, float *dk, float *da, float *dk_k,
                                    float *dk_a, const float *dkk, const float *k, const float *a,
-                                   const float *k_k, const float *k_a, int R, int C) {
+                                   const float *k_k, const float *k_a, int R, int C, int N) {
     TIMED("key_prepare_backward",
           INNER(be)->key_prepare_backward(INNER(be), dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R,
-                                          C));
+                                          C, N));
 }
 static void w_groupnorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
                                  const float *dy, const float *x, const float *mean,
@@ -233,6 +233,9 @@ static void w_row_max(rp_backend *be, float *row_max, int32_t *argmax, const flo
                       int V) {
     TIMED("row_max", INNER(be)->row_max(INNER(be), row_max, argmax, x, R, V));
 }
+static rp_status w_reserve(rp_backend *be, int rows, int seqs, int C, int N, rp_error *err) {
+    return INNER(be)->reserve(INNER(be), rows, seqs, C, N, err);
+}
 static double w_sum_squares(rp_backend *be, const float *x, size_t n) {
     double result = 0.0;
     TIMED("sum_squares", result = INNER(be)->sum_squares(INNER(be), x, n));
@@ -261,6 +264,7 @@ void op_profile_wrap(op_profile *p, rp_backend *inner) {
     b->synchronize = w_synchronize;
     b->add = w_add;
     b->status = w_status;
+    b->reserve = w_reserve;
     b->register_weights = inner->register_weights ? w_register_weights : NULL; /* optional */
     b->matmul_linear = w_matmul_linear;
     b->matmul_lora = w_matmul_lora;

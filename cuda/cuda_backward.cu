@@ -631,8 +631,13 @@ __global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float
 static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, float *dk_k,
                                       float *dk_a, const float *dkk, const float *k,
                                       const float *a, const float *k_k, const float *k_a, int R,
-                                      int C) {
+                                      int C, int N) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (N != KEY_HEAD_SIZE) {
+        rp_cuda_record(cx, cudaErrorInvalidValue, "key_prepare_backward (head size not 64)",
+                       __FILE__, __LINE__);
+        return;
+    }
     if (R <= 0 || C <= 0) return;
     if (C % KEY_HEAD_SIZE) {
         rp_cuda_record(cx, cudaErrorInvalidValue, "key_prepare_backward (C not a multiple of 64)",

@@ -390,7 +390,8 @@ static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, 
 
 // ---- key prepare ----
 
-// RWKV-7 head size: the groups key_prepare normalises (fixed, as on the CPU).
+// The head size the key_prepare kernel handles (lane j owns channels j and
+// j + 32); the op rejects any other N with a recorded error.
 #define KEY_HEAD 64
 
 // kk [R,C] = k * k_k normalised per 64-channel head (divided by
@@ -424,8 +425,13 @@ static __global__ void key_prepare_kernel(float *kk, float *k, const float *a, c
 }
 
 static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a,
-                             const float *k_k, const float *k_a, int R, int C) {
+                             const float *k_k, const float *k_a, int R, int C, int N) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (N != KEY_HEAD) {
+        rp_cuda_record(cx, cudaErrorInvalidValue, "key_prepare (head size not 64)", __FILE__,
+                       __LINE__);
+        return;
+    }
     if (R <= 0 || C <= 0) return;
     const size_t groups = (size_t)R * ((C + KEY_HEAD - 1) / KEY_HEAD);
     key_prepare_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(kk, k, a, k_k, k_a, R,

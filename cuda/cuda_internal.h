@@ -2,7 +2,8 @@
 //
 // Files and the ops each installs into the rp_backend vtable:
 //   cuda_backend.cu      context, memory, copies, status, register_weights, add,
-//                        the four GEMM ops (cuBLAS), scratch + upload helpers
+//                        reserve, scratch + upload helpers
+//   cuda_matmul.cu       the four GEMM ops (cuBLAS, decode GEMVs)
 //   cuda_elementwise.cu  layernorm token_shift lerp bias_act value_residual
 //                        key_prepare groupnorm bonus_gate            (forward)
 //   cuda_backward.cu     the backward of each op above
@@ -141,6 +142,7 @@ static inline unsigned rp_cuda_blocks(size_t n, int threads) {
 }
 
 // Each file installs its ops (and only those) into the vtable.
+void rp_cuda_install_matmul(rp_backend *be);
 void rp_cuda_install_elementwise(rp_backend *be);
 void rp_cuda_install_backward(rp_backend *be);
 void rp_cuda_install_wkv7(rp_backend *be);

@@ -3,7 +3,8 @@
  * (cuBLAS + kernels). Pointers passed to ops are backend memory; the caller
  * owns every buffer (ops allocate nothing). Shapes in comments use
  * R = rows (tokens of all sequences in the call, ragged: see rp_batch),
- * C = channels, H heads of N = 64. */
+ * C = channels, H heads of N (64 in RWKV-7 models). Constructors:
+ * cpu/cpu_backend.h, cpu/cpu_fake_device.h, cuda/cuda_backend.h. */
 #ifndef RP_BACKEND_H
 #define RP_BACKEND_H
 
@@ -63,6 +64,15 @@ struct rp_backend {
      * every later write through the backend keeps current). A buffer freed
      * with free() is forgotten. */
     void (*register_weights)(rp_backend *be, const float *w, size_t n);
+    /* Prepares the scratch the ops need for calls of up to `rows` rows in up
+     * to `seqs` sequences of C channels in heads of N, so that no op
+     * allocates: the training ops (wkv7_forward_train, wkv7_backward,
+     * key_prepare_backward, bonus_gate_backward) need it first; model code
+     * calls it where it sizes its workspace. Grows only (a call per shape is
+     * fine). RP_ERR_NOMEM with err set when memory is short; the earlier
+     * reservation stays. An op called beyond the reservation does nothing
+     * and status reports it. */
+    rp_status (*reserve)(rp_backend *be, int rows, int seqs, int C, int N, rp_error *err);
 
     /* ---- dense ---- */
     /* y [M,N] = x [M,K] . W^T + beta * y, W [N,K] (nn.Linear weight, row-major).
@@ -94,10 +104,10 @@ struct rp_backend {
     /* v [R,C] = v + (v_first - v) * nu. */
     void (*value_residual)(rp_backend *be, float *v, const float *v_first, const float *nu,
                            int R, int C);
-    /* kk [R,C] = L2normalize_per_head(k * k_k) (eps 1e-12 on the norm), then
-     * k = k * (1 + (a - 1) * k_a) in place. */
+    /* kk [R,C] = L2normalize_per_head(k * k_k) over heads of N (eps 1e-12 on
+     * the norm), then k = k * (1 + (a - 1) * k_a) in place. CUDA: N = 64. */
     void (*key_prepare)(rp_backend *be, float *kk, float *k, const float *a,
-                        const float *k_k, const float *k_a, int R, int C);
+                        const float *k_k, const float *k_a, int R, int C, int N);
     /* y [R,C] = GroupNorm(x; H groups of N, eps) * weight + bias; mean/rstd [R,H]
      * saved when non-NULL. */
     void (*groupnorm)(rp_backend *be, float *y, float *mean, float *rstd, const float *x,
@@ -168,7 +178,7 @@ struct rp_backend {
      * through kk, in place), da += ..., dk_k [C] += ..., dk_a [C] += ... */
     void (*key_prepare_backward)(rp_backend *be, float *dk, float *da, float *dk_k,
                                  float *dk_a, const float *dkk, const float *k, const float *a,
-                                 const float *k_k, const float *k_a, int R, int C);
+                                 const float *k_k, const float *k_a, int R, int C, int N);
     /* GroupNorm with mean/rstd [R,H] saved: dx (overwrite), dweight +=, dbias +=. */
     void (*groupnorm_backward)(rp_backend *be, float *dx, float *dweight, float *dbias,
                                const float *dy, const float *x, const float *mean,
@@ -237,17 +247,6 @@ static inline size_t rp_wkv_checkpoint_offset(const rp_batch *batch, int s) {
         blocks += (size_t)(batch->seq_len[i] + RP_WKV_CHUNK - 1) / RP_WKV_CHUNK;
     return blocks;
 }
-
-/* The CPU backend (src/cpu). n_threads <= 0 means OpenMP's default.
- * Returns NULL with err set on failure. */
-rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err);
-void rp_cpu_backend_destroy(rp_backend *be);
-
-/* A test backend (src/cpu/cpu_fake_device.c): the CPU backend's arithmetic
- * on memory the host cannot touch directly (is_host_memory = 0; any host
- * access through its pointers faults), so tests on a CPU-only machine find
- * code that dereferences backend memory instead of copying it. */
-rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err);
 
 /* Destroys a backend of either kind (callers hold rp_backend pointers
  * without caring which). NULL is a no-op. */

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "cpu/cpu_backend.h"
 
 /* ---- fixtures: one backend per thread count ---- */
 
@@ -26,6 +27,13 @@ static inline int setup_backends(void **state) {
         backends[i] = rp_cpu_backend_create(backend_threads[i], &err);
         if (!backends[i]) {
             fprintf(stderr, "rp_cpu_backend_create(%d): %s\n", backend_threads[i], err.msg);
+            return -1;
+        }
+        /* Op scratch for every shape the op tests use: heads of 64 (the
+         * per-thread WKV blocks) and of 4 (the most heads per row). */
+        if (backends[i]->reserve(backends[i], 1024, 64, 512, 64, &err) != RP_OK ||
+            backends[i]->reserve(backends[i], 1024, 64, 512, 4, &err) != RP_OK) {
+            fprintf(stderr, "reserve: %s\n", err.msg);
             return -1;
         }
     }

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "core/sha256.h"
+#include "cpu/cpu_backend.h"
 #include "rwkvpipe.pb-c.h"
 #include "train/checkpoint.h"
 

@@ -646,13 +646,13 @@ static void test_value_residual_backward_matches_finite_differences(void **state
 /* kk = normalize_per_head(k k_k) (torch: / max(norm, 1e-12)),
  * k_out = k (1 + (a - 1) k_a); L = sum(kk u_kk) + sum(k_out u_k). */
 typedef struct {
-    int R, C;
+    int R, C, N;
     double *k, *a, *k_k, *k_a, *u_kk, *u_k;
 } key_ctx;
 
 static double key_loss(const void *p) {
     const key_ctx *c = p;
-    const int N = 64;
+    const int N = c->N;
     double L = 0.0;
     for (int r = 0; r < c->R; r++)
         for (int h0 = 0; h0 < c->C; h0 += N) {
@@ -671,10 +671,7 @@ static double key_loss(const void *p) {
 
 /* Row 1, head 0 is zero: the norm is clamped to 1e-12 there, kk = u / 1e-12
  * is linear in k around 0 and its gradient is u_kk k_k / 1e-12 (torch). */
-static void test_key_prepare_backward_matches_finite_differences_and_clamped_norm(
-    void **state) {
-    (void)state;
-    const int R = 5, C = 128, N = 64;
+static void check_key_prepare_backward(int R, int C, int N) {
     const size_t n = (size_t)R * C;
     float *k = random_floats(n, -1, 1), *a = random_floats(n, 0, 1);
     for (int j = 0; j < N; j++) k[C + j] = 0.0f;
@@ -685,9 +682,9 @@ static void test_key_prepare_backward_matches_finite_differences_and_clamped_nor
     float *dk = copy_floats(u_k, n), *da = copy_floats(da0, n);
     float *dkk_k = copy_floats(dkk_k0, C), *dka = copy_floats(dka0, C);
     backends[0]->key_prepare_backward(backends[0], dk, da, dkk_k, dka, u_kk, k, a, k_k, k_a, R,
-                                      C);
+                                      C, N);
 
-    key_ctx c = {R, C, to_doubles(k, n), to_doubles(a, n), to_doubles(k_k, C),
+    key_ctx c = {R, C, N, to_doubles(k, n), to_doubles(a, n), to_doubles(k_k, C),
                  to_doubles(k_a, C), to_doubles(u_kk, n), to_doubles(u_k, n)};
     double *fd_k = fd_gradient(c.k, n, key_loss, &c);
     /* Central differences step out of the |u| < 1e-12 region: the clamped
@@ -735,6 +732,57 @@ static void test_key_prepare_backward_matches_finite_differences_and_clamped_nor
     free(da);
     free(dkk_k);
     free(dka);
+}
+
+static void test_key_prepare_backward_matches_finite_differences_and_clamped_norm(
+    void **state) {
+    (void)state;
+    check_key_prepare_backward(5, 128, 64);
+}
+
+/* Heads of other sizes (the op takes N like its siblings). */
+static void test_key_prepare_backward_matches_finite_differences_for_any_head_size(
+    void **state) {
+    (void)state;
+    check_key_prepare_backward(4, 96, 32);
+    check_key_prepare_backward(3, 36, 12);
+}
+
+/* An op called beyond what reserve prepared does nothing, and status
+ * reports it (no malloc, no abort inside an op); after reserve it runs. */
+static void test_op_beyond_reserve_reports_error_and_reserve_fixes_it(void **state) {
+    (void)state;
+    rp_error err = {0};
+    rp_backend *be = rp_cpu_backend_create(2, &err);
+    assert_non_null(be);
+    const int R = 3, C = 128, N = 64;
+    const size_t n = (size_t)R * C;
+    float *o = random_floats(n, -1, 1), *r = random_floats(n, -1, 1);
+    float *k = random_floats(n, -1, 1), *v = random_floats(n, -1, 1);
+    float *g = random_floats(n, -1, 1), *u = random_floats(n, -1, 1);
+    float *r_k = random_floats(C, -1, 1);
+    float *d_o = calloc(n, sizeof(float)), *dr = calloc(n, sizeof(float));
+    float *dk = calloc(n, sizeof(float)), *dv = calloc(n, sizeof(float));
+    float *dg = calloc(n, sizeof(float)), *drk = calloc(C, sizeof(float));
+    assert_int_equal(be->status(be, &err), RP_OK);
+    be->bonus_gate_backward(be, d_o, dr, dk, dv, drk, dg, u, o, r, k, v, r_k, g, R, C, N);
+    assert_int_equal(be->status(be, &err), RP_ERR_INTERNAL);
+    assert_non_null(strstr(err.msg, "bonus_gate_backward"));
+    assert_non_null(strstr(err.msg, "reserve"));
+    for (size_t i = 0; i < n; i++) assert_true(d_o[i] == 0.0f && dg[i] == 0.0f);
+    /* bad shapes are refused */
+    rp_error e2 = {0};
+    assert_int_equal(be->reserve(be, 0, 1, C, N, &e2), RP_ERR_ARG);
+    assert_int_equal(be->reserve(be, R, 1, C, N, &e2), RP_OK);
+    be->bonus_gate_backward(be, d_o, dr, dk, dv, drk, dg, u, o, r, k, v, r_k, g, R, C, N);
+    float *want = random_floats(n, 0, 0);
+    backends[0]->bonus_gate_backward(backends[0], want, dr, dk, dv, drk, dg, u, o, r, k, v, r_k,
+                                     g, R, C, N);
+    check_equal_floats("bonus_gate_backward d_o after reserve", d_o, want, n);
+    free(want);
+    rp_cpu_backend_destroy(be);
+    free(o), free(r), free(k), free(v), free(g), free(u), free(r_k);
+    free(d_o), free(dr), free(dk), free(dv), free(dg), free(drk);
 }
 
 /* out = (o + (sum_j r_j k_j r_k[h,j]) v_h) g */
@@ -890,7 +938,7 @@ static void run_every_backward(rp_backend *be, int calls, op_outputs *o) {
         memcpy(vr_dv, u, n * sizeof(float));
         be->value_residual_backward(be, vr_dv, vr_dvf, vr_dnu, x, prev, a, R, C);
         memcpy(kp_dk, u, n * sizeof(float));
-        be->key_prepare_backward(be, kp_dk, kp_da, kp_dkk, kp_dka, g, x, a, w_c, mu, R, C);
+        be->key_prepare_backward(be, kp_dk, kp_da, kp_dkk, kp_dka, g, x, a, w_c, mu, R, C, N);
         be->bonus_gate_backward(be, bg_do, bg_dr, bg_dk, bg_dv, bg_drk, bg_dg, u, x, r, prev, v,
                                 b_c, g, R, C, N);
     }
@@ -1290,6 +1338,8 @@ int main(void) {
         cmocka_unit_test(test_bias_act_backward_matches_finite_differences_for_every_activation),
         cmocka_unit_test(test_value_residual_backward_matches_finite_differences),
         cmocka_unit_test(test_key_prepare_backward_matches_finite_differences_and_clamped_norm),
+        cmocka_unit_test(test_key_prepare_backward_matches_finite_differences_for_any_head_size),
+        cmocka_unit_test(test_op_beyond_reserve_reports_error_and_reserve_fixes_it),
         cmocka_unit_test(test_groupnorm_backward_matches_finite_differences_and_overwrites_dx),
         cmocka_unit_test(test_bonus_gate_backward_matches_finite_differences),
         cmocka_unit_test(test_calling_twice_doubles_accumulated_gradients),

@@ -18,6 +18,7 @@
 
 #include "backend.h"
 #include "cpu/cpu_backend.h"
+#include "cpu/cpu_internal.h"
 #include "cpu_test_util.h"
 
 /* ---- fixtures and random data: tests/cpu_test_util.h ---- */
@@ -474,8 +475,7 @@ static void test_fast_exp_sigmoid_tanh_decay_agree_with_libm(void **state) {
 }
 
 static void ref_key_prepare(double *kk, double *k_out, const float *k, const float *a,
-                            const float *k_k, const float *k_a, int R, int C) {
-    const int N = 64;
+                            const float *k_k, const float *k_a, int R, int C, int N) {
     for (int r = 0; r < R; r++) {
         for (int h = 0; h < C / N; h++) {
             double sq = 0.0;
@@ -493,25 +493,28 @@ static void ref_key_prepare(double *kk, double *k_out, const float *k, const flo
     }
 }
 
+/* Heads of 64 (every RWKV-7 model) and of other sizes, including ones that
+ * are not a multiple of the 8-float vectors. */
 static void test_key_prepare_normalises_per_head_and_zero_head_stays_finite(void **state) {
     (void)state;
-    const int shapes[][2] = {{1, 64}, {3, 192}, {40, 1024}};
+    const int shapes[][3] = {{1, 64, 64}, {3, 192, 64}, {40, 1024, 64},
+                             {3, 96, 32}, {5, 36, 12}, {17, 256, 16}};
     for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
-        const int R = shapes[c][0], C = shapes[c][1];
+        const int R = shapes[c][0], C = shapes[c][1], N = shapes[c][2];
         const size_t n = (size_t)R * C;
         float *k0 = random_floats(n, -2, 2), *a = random_floats(n, 0, 1);
         float *k_k = random_floats(C, 0.5, 1.5), *k_a = random_floats(C, 0, 1);
         /* the last head of row 0 is all zeros: F.normalize clamps its norm */
-        for (int j = C - 64; j < C; j++) k0[j] = 0.0f;
+        for (int j = C - N; j < C; j++) k0[j] = 0.0f;
         double *ref_kk = new_doubles(n), *ref_k = new_doubles(n);
-        ref_key_prepare(ref_kk, ref_k, k0, a, k_k, k_a, R, C);
+        ref_key_prepare(ref_kk, ref_k, k0, a, k_k, k_a, R, C, N);
         for (int b = 0; b < N_BACKENDS; b++) {
             float *k = copy_floats(k0, n), *kk = random_floats(n, -1, 1);
-            backends[b]->key_prepare(backends[b], kk, k, a, k_k, k_a, R, C);
+            backends[b]->key_prepare(backends[b], kk, k, a, k_k, k_a, R, C, N);
             check_all_finite("key_prepare kk", kk, n);
             check_close("key_prepare kk", kk, ref_kk, n, 1e-5);
             check_close("key_prepare k", k, ref_k, n, 1e-6);
-            for (int j = C - 64; j < C; j++) assert_true(kk[j] == 0.0f);
+            for (int j = C - N; j < C; j++) assert_true(kk[j] == 0.0f);
             free(k);
             free(kk);
         }

@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "backend.h"
+#include "cpu/cpu_backend.h"
 #include "cpu/cpu_wait.h"
 
 static int policy_from_environment(void) {

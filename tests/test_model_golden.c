@@ -9,6 +9,7 @@
 
 #include <cmocka.h>
 
+#include "cpu/cpu_backend.h"
 #include "golden_util.h"
 #include "model/model.h"
 

@@ -10,6 +10,7 @@
 
 #include <cmocka.h>
 
+#include "cpu/cpu_backend.h"
 #include "golden_util.h"
 #include "model/backward.h"
 

@@ -16,6 +16,7 @@
 #include <errno.h>
 
 #include "core/dtype.h"
+#include "cpu/cpu_backend.h"
 #include "golden_util.h"
 #include "model/model.h"
 #include "model/state.h"

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_backend.h"
 #include "model/model.h"
 #include "pipe/grid.h"
 #include "pipe/pipe_train.h"

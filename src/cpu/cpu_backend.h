@@ -1,143 +1,22 @@
-/* Private declarations shared by the CPU backend's files: the backend context,
- * the thread-count rule, vectorisable float math (exp, sigmoid, tanh, decay)
- * and the ops that live outside cpu_backend.c (cpu_matmul.c: the GEMMs;
- * cpu_recurrence.c: token shift and WKV7 over ragged batches). Only src/cpu
- * and tests/test_cpu_ops.c include this file; everyone else sees struct
- * rp_backend. */
+/* The CPU backend's constructor (src/cpu: BLAS + OpenMP, fp32, the
+ * reference twin of cuda/). Callers use the rp_backend vtable of backend.h;
+ * the private context is in cpu_internal.h. */
 #ifndef RP_CPU_BACKEND_H
 #define RP_CPU_BACKEND_H
 
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-
 #include "backend.h"
 
-typedef struct {
-    int n_threads; /* exact OpenMP team size of every parallel op */
-} rp_cpu_impl;
-
-/* Below this many elements (or multiply-adds for GEMMs) an op runs on one
- * thread: forking the team costs about as much as the work. */
-#define RP_CPU_PARALLEL_MIN_WORK ((size_t)1 << 15)
-
-static inline int cpu_threads(const rp_backend *be) {
-    return ((const rp_cpu_impl *)be->impl)->n_threads;
-}
-
-/* ---- vectorisable float math ------------------------------------------------
- * glibc's expf/tanhf are scalar calls that gcc cannot vectorise without
- * -ffast-math (measured: tanhf ~11 ns/element, 9x slower than the code below
- * under -O3 -march=native). These are Cephes-style range reduction plus
- * polynomial, branch-free so that `#pragma omp simd` loops vectorise them.
- * Max relative error ~2e-7 over the clamped range. */
-
-/* Fused multiply-add where the CPU has one; elsewhere (a --disable-native
- * build) fmaf would be a libm call ~40x slower than the multiply and add it
- * replaces, so use those (last-bit differences only). */
-#if defined(__FMA__) || defined(__aarch64__)
-#define cpu_fmaf(a, b, c) __builtin_fmaf((a), (b), (c))
-#else
-static inline float cpu_fmaf(float a, float b, float c) { return a * b + c; }
+#ifdef __cplusplus
+extern "C" {
 #endif
 
-/* exp(x) for x clamped to [-87, 88]: below, results are ~1.6e-38 instead of
- * underflowing; above, ~1.65e38 instead of overflowing. Every caller (sigmoid,
- * tanh, decay) saturates long before either end matters. */
-static inline float cpu_expf(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    /* x = n ln2 + r, |r| <= ln2/2; ln2 split in a high part exact in float
-     * and a low correction (Cody-Waite) so r keeps full precision. */
-    float n = __builtin_rintf(x * 1.44269504088896341f);
-    float r = cpu_fmaf(n, -0.693359375f, x);
-    r = cpu_fmaf(n, 2.12194440e-4f, r);
-    float p = 1.9875691500e-4f;
-    p = cpu_fmaf(p, r, 1.3981999507e-3f);
-    p = cpu_fmaf(p, r, 8.3334519073e-3f);
-    p = cpu_fmaf(p, r, 4.1665795894e-2f);
-    p = cpu_fmaf(p, r, 1.6666665459e-1f);
-    p = cpu_fmaf(p, r, 5.0000001201e-1f);
-    p = cpu_fmaf(p, r * r, r + 1.0f);
-    /* NaN in gives NaN out through p; the exponent must not convert NaN to
-     * an integer (undefined behaviour), so it uses 0 then. */
-    n = n == n ? n : 0.0f;
-    union { int32_t i; float f; } scale; /* 2^n built in the exponent field */
-    scale.i = ((int32_t)n + 127) * (1 << 23);
-    return p * scale.f;
+/* n_threads <= 0 means OpenMP's default. Returns NULL with err set on
+ * failure. */
+rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err);
+void rp_cpu_backend_destroy(rp_backend *be);
+
+#ifdef __cplusplus
 }
-
-static inline float cpu_sigmoidf(float x) { return 1.0f / (1.0f + cpu_expf(-x)); }
-
-/* tanh: an odd polynomial for |x| < 0.625, where 1 - 2/(e^2x + 1) would lose
- * relative precision to cancellation, and the exp form outside. */
-static inline float cpu_tanhf(float x) {
-    float ax = x < 0.0f ? -x : x;
-    float z = x * x;
-    float p = -5.70498872745e-3f;
-    p = cpu_fmaf(p, z, 2.06390887954e-2f);
-    p = cpu_fmaf(p, z, -5.37397155531e-2f);
-    p = cpu_fmaf(p, z, 1.33314422036e-1f);
-    p = cpu_fmaf(p, z, -3.33332819422e-1f);
-    float small = cpu_fmaf(p * z, x, x);
-    float big = 1.0f - 2.0f / (cpu_expf(2.0f * ax) + 1.0f);
-    big = x < 0.0f ? -big : big;
-    return ax < 0.625f ? small : big;
-}
-
-/* RWKV-7 decay d = exp(-e^-0.5 * sigmoid(w_raw)), in (0.545, 1). */
-static inline float cpu_decayf(float w_raw) {
-    return cpu_expf(-0.6065306597126334f * cpu_sigmoidf(w_raw));
-}
-
-/* ---- explicit vectors ------------------------------------------------------
- * For dot products: after an `omp simd reduction` loop gcc adds the lanes one
- * by one through the stack, which dominated short (64-long) dot products.
- * Eight floats in a generic GCC vector are one AVX2 register (half an
- * AVX-512 one, which Zen 4 splits in two anyway); gcc lowers them on targets
- * without 256-bit vectors. Loads and stores go through an unaligned,
- * may_alias twin type (as GCC's own __m256_u): any float pointer works.
- * Macros and pointer arguments rather than vectors passed by value, which
- * draw ABI notes (-Wpsabi) when building without -march flags. */
-typedef float cpu_v8 __attribute__((vector_size(32)));
-typedef float cpu_v8_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
-
-#define CPU_V8_LOAD(p) ((cpu_v8)(*(const cpu_v8_unaligned *)(p)))
-#define CPU_V8_STORE(p, v) (*(cpu_v8_unaligned *)(p) = (v))
-
-/* 16 floats: one AVX-512 register (two AVX2 ones where gcc has no 512-bit
- * vectors). Same unaligned, may_alias load twin as cpu_v8. */
-typedef float cpu_v16 __attribute__((vector_size(64)));
-typedef float cpu_v16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
-#define CPU_V16_LOAD(p) ((cpu_v16)(*(const cpu_v16_unaligned *)(p)))
-#define CPU_V16_STORE(p, v) (*(cpu_v16_unaligned *)(p) = (v))
-
-/* Sum of the lanes as a tree, (0+4)+(2+6) + (1+5)+(3+7): a fixed order and
- * a short dependency chain (one vector add of the halves, then scalars). */
-static inline float cpu_v8_sum(const cpu_v8 *v) {
-    typedef float cpu_v4 __attribute__((vector_size(16)));
-    cpu_v4 lo, hi;
-    memcpy(&lo, v, sizeof lo);
-    memcpy(&hi, (const char *)v + sizeof lo, sizeof hi);
-    const cpu_v4 s = lo + hi;
-    return (s[0] + s[2]) + (s[1] + s[3]);
-}
-
-/* ---- ops outside cpu_backend.c ------------------------------------------- */
-void cpu_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,
-                       int N, int K, float beta);
-void cpu_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
-                     int N, int K, float beta);
-void cpu_token_shift(rp_backend *be, float *prev, const float *x, float *state_base,
-                     size_t state_stride, const rp_batch *batch, int C);
-void cpu_wkv7(rp_backend *be, float *y, const float *r, const float *w_raw,
-              const float *k, const float *v, const float *kk, const float *a,
-              float *state_base, size_t state_stride, const rp_batch *batch, int C,
-              int N);
-
-/* cpu_elementwise.c: y += x. */
-void cpu_add(rp_backend *be, float *y, const float *x, size_t n);
-/* cpu_backward.c: sets every backward (training) op of the vtable. */
-void cpu_backward_install(rp_backend *be);
+#endif
 
 #endif

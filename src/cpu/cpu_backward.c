@@ -1,33 +1,21 @@
-/* Backward (training) ops of the CPU backend, installed into the vtable by
- * cpu_backward_install (semantics in backend.h); the forward of each op is in
- * cpu_backend.c or cpu_matmul.c, written out in a comment above its backward
- * here; WKV7 training is in cpu_backward_wkv.c. Parameter gradients have one
- * summation order whatever the thread count: GEMMs in tiles fixed by the
- * shape, vector gradients summed over rows in row order per channel. */
+/* Backward (training) ops of the position-wise ops, installed into the
+ * vtable by cpu_backward_install (semantics in backend.h); the forward of
+ * each op is in cpu_elementwise.c, written out in a comment above its
+ * backward here (GEMMs: cpu_matmul.c, WKV7: cpu_wkv7.c, loss: cpu_loss.c).
+ * Parameter gradients have one summation order whatever the thread count:
+ * vector gradients summed over rows in row order per channel. */
 #include "config.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <omp.h>
-#include <stdlib.h>
 
-#include "cpu/cpu_backend.h"
+#include "cpu/cpu_internal.h"
 
 #define KK_EPS 1e-12f    /* key_prepare: torch F.normalize's eps on the norm */
-#define KEY_HEAD_SIZE 64 /* key_prepare normalises heads of 64, as its forward */
-
-/* GEMM tiles of the backward: big enough to run at full sgemm speed
- * (measured 128 x 128: same GFLOP/s as one call), small enough to share a
- * [768, 768] weight gradient between 36 threads. */
-#define GEMM_TILE 128
 
 /* Channels summed at a time by one thread in column_sums loops: the
  * accumulators stay in L1 while the rows stream by. */
 #define COLUMN_BLOCK 256
-
-static int team(rp_backend *be, size_t work) {
-    return work < RP_CPU_PARALLEL_MIN_WORK ? 1 : cpu_threads(be);
-}
 
 /* [begin, end) of part `part` of `parts` over total, in multiples of 16. */
 static void slice16(int total, int part, int parts, int *begin, int *end) {
@@ -61,53 +49,6 @@ static void slice16(int total, int part, int parts, int *begin, int *end) {
         }                                                                                  \
     }
 
-/* ---- dense ---- */
-
-/* Cm [rows, cols] += op(A) [rows, depth] . op(B) [depth, cols] (row-major),
- * one sgemm per GEMM_TILE x GEMM_TILE tile of Cm, tiles dealt to threads.
- * The tiles depend on the shape only: OpenBLAS kernels (Haswell's, for one)
- * give an element different bits depending on the size of the block it is
- * computed in, so slicing by thread count would make gradients depend on
- * it. The depth (the reduction) is never split. */
-static void gemm_accumulate_tiled(rp_backend *be, CBLAS_TRANSPOSE trans_a,
-                                  CBLAS_TRANSPOSE trans_b, int rows, int cols, int depth,
-                                  const float *A, int lda, const float *B, int ldb, float *Cm,
-                                  int ldc) {
-    const int tiles_r = (rows + GEMM_TILE - 1) / GEMM_TILE;
-    const int tiles_c = (cols + GEMM_TILE - 1) / GEMM_TILE;
-    const long tiles = (long)tiles_r * tiles_c;
-    int nt = team(be, (size_t)rows * cols * depth);
-    if (nt > tiles) nt = (int)tiles;
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-    for (long t = 0; t < tiles; t++) {
-        const int r0 = (int)(t / tiles_c) * GEMM_TILE, c0 = (int)(t % tiles_c) * GEMM_TILE;
-        const int nr = rows - r0 < GEMM_TILE ? rows - r0 : GEMM_TILE;
-        const int nc = cols - c0 < GEMM_TILE ? cols - c0 : GEMM_TILE;
-        const float *a_tile = trans_a == CblasNoTrans ? A + (size_t)r0 * lda : A + r0;
-        const float *b_tile = trans_b == CblasNoTrans ? B + c0 : B + (size_t)c0 * ldb;
-        cblas_sgemm(CblasRowMajor, trans_a, trans_b, nr, nc, depth, 1.0f, a_tile, lda, b_tile,
-                    ldb, 1.0f, Cm + (size_t)r0 * ldc + c0, ldc);
-    }
-}
-
-/* forward: y [M,N] = x [M,K] . W^T, W [N,K]
- * backward: dx [M,K] += dy . W (dx optional); dw [N,K] += dy^T . x */
-static void cpu_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,
-                                       const float *x, const float *w, int M, int N, int K) {
-    if (M <= 0 || N <= 0 || K <= 0) return;
-    if (dx) gemm_accumulate_tiled(be, CblasNoTrans, CblasNoTrans, M, K, N, dy, N, w, K, dx, K);
-    gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, N, K, M, dy, N, x, K, dw, K);
-}
-
-/* forward: y [M,N] = x [M,K] . W, W [K,N] (LoRA factor)
- * backward: dx [M,K] += dy . W^T (dx optional); dw [K,N] += x^T . dy */
-static void cpu_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const float *dy,
-                                     const float *x, const float *w, int M, int N, int K) {
-    if (M <= 0 || N <= 0 || K <= 0) return;
-    if (dx) gemm_accumulate_tiled(be, CblasNoTrans, CblasTrans, M, K, N, dy, N, w, N, dx, K);
-    gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, K, N, M, x, K, dy, N, dw, N);
-}
-
 /* ---- position-wise ---- */
 
 /* forward: x [R,C] = emb[tokens[r]]
@@ -115,7 +56,7 @@ static void cpu_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const
  * channel slices, so repeated tokens add up in row order). */
 static void cpu_embedding_backward(rp_backend *be, float *demb, const float *dx,
                                    const int32_t *tokens, int R, int C) {
-    int nt = team(be, (size_t)R * C);
+    int nt = cpu_team(be, (size_t)R * C);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int b, e;
@@ -138,7 +79,7 @@ static void norm_backward(rp_backend *be, float *dx, float *dweight, float *dbia
                           const float *dy, const float *x, const float *mean, const float *rstd,
                           const float *weight, int R, int C, int G, int accumulate) {
     const int groups = C / G;
-    int nt = team(be, (size_t)R * C);
+    int nt = cpu_team(be, (size_t)R * C);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int r = 0; r < R; r++) {
         for (int g = 0; g < groups; g++) {
@@ -193,7 +134,7 @@ static void cpu_groupnorm_backward(rp_backend *be, float *dx, float *dweight, fl
 static void cpu_token_shift_backward(rp_backend *be, float *dx, float *dstate_base,
                                      size_t state_stride, const float *dprev,
                                      const rp_batch *batch, int C) {
-    int nt = team(be, (size_t)batch->n_rows * C);
+    int nt = cpu_team(be, (size_t)batch->n_rows * C);
     if (nt > batch->n_seq) nt = batch->n_seq > 0 ? batch->n_seq : 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -222,7 +163,7 @@ static void cpu_token_shift_backward(rp_backend *be, float *dx, float *dstate_ba
 static void cpu_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dmu,
                               const float *dy, const float *x, const float *prev,
                               const float *mu, int R, int C) {
-    int nt = team(be, (size_t)R * C);
+    int nt = cpu_team(be, (size_t)R * C);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int r = 0; r < R; r++) {
         const size_t o = (size_t)r * C;
@@ -251,7 +192,7 @@ static void cpu_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dm
 static void cpu_bias_act_backward(rp_backend *be, float *dy, float *dbias, const float *y, int R,
                                   int C, rp_activation act) {
     const size_t n = (size_t)R * C;
-    int nt = team(be, n);
+    int nt = cpu_team(be, n);
     switch (act) {
     case RP_ACT_NONE: break;
     case RP_ACT_TANH: BIAS_ACT_BACKWARD_LOOP(1.0f - yi * yi) break;
@@ -270,7 +211,7 @@ static void cpu_value_residual_backward(rp_backend *be, float *dv, float *dv_fir
                                         const float *v, const float *v_first, const float *nu,
                                         int R, int C) {
     const size_t n = (size_t)R * C;
-    int nt = team(be, n);
+    int nt = cpu_team(be, n);
 #pragma omp parallel for simd num_threads(nt) if (nt > 1) schedule(static)
     for (size_t i = 0; i < n; i++) {
         const float d_out = dv[i];
@@ -280,22 +221,23 @@ static void cpu_value_residual_backward(rp_backend *be, float *dv, float *dv_fir
     }
 }
 
-/* forward: u = k k_k per head of 64, kk = u / max(|u|, 1e-12) (torch
+/* forward: u = k k_k per head of N, kk = u / max(|u|, 1e-12) (torch
  * F.normalize), k_out = k (1 + (a - 1) k_a).
  * backward, with inv = 1 / max(|u|, eps): where |u| > eps, d kk / d u =
  * (I - kk kk^T) inv, so du = (dkk - u proj) inv with proj = (u . dkk) inv^2;
  * where the norm is clamped kk = u / eps is linear: du = dkk inv (proj = 0).
  *   dk = dk_out (1 + (a - 1) k_a) + du k_k (in place), da += dk_out k k_a,
  *   dk_k += sum_r du k,  dk_a += sum_r dk_out k (a - 1). */
-static void cpu_key_prepare_backward(rp_backend *be, float *dk, float *da, float *dk_k,
-                                     float *dk_a, const float *dkk, const float *k,
-                                     const float *a, const float *k_k, const float *k_a, int R,
-                                     int C) {
-    const int N = KEY_HEAD_SIZE, H = C / N;
-    float *inv = malloc(2 * ((size_t)R * H + 1) * sizeof(float)); /* [R,H] twice */
-    if (!inv) abort();
+static inline __attribute__((always_inline)) void
+key_prepare_backward_heads(rp_backend *be, float *dk, float *da, float *dk_k, float *dk_a,
+                           const float *dkk, const float *k, const float *a, const float *k_k,
+                           const float *k_a, int R, int C, int N) {
+    const int H = C / N;
+    float *inv = cpu_scratch(be, cpu_key_prepare_backward_scratch(R, C, N),
+                             "key_prepare_backward"); /* [R,H] twice */
+    if (!inv) return;
     float *proj = inv + (size_t)R * H + 1;
-    int nt = team(be, (size_t)R * C);
+    int nt = cpu_team(be, (size_t)R * C);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int r = 0; r < R; r++)
         for (int h = 0; h < H; h++) {
@@ -334,7 +276,17 @@ static void cpu_key_prepare_backward(rp_backend *be, float *dk, float *da, float
                 dkh[j] = d_out * (1.0f + (ah[j] - 1.0f) * kaw[j]) + du * kkw[j];
             }
         }
-    free(inv);
+}
+
+/* Heads of N; N = 64 (every real model) inlined with a constant trip count. */
+static void cpu_key_prepare_backward(rp_backend *be, float *dk, float *da, float *dk_k,
+                                     float *dk_a, const float *dkk, const float *k,
+                                     const float *a, const float *k_k, const float *k_a, int R,
+                                     int C, int N) {
+    if (N == 64)
+        key_prepare_backward_heads(be, dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, 64);
+    else
+        key_prepare_backward_heads(be, dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, N);
 }
 
 /* forward: out [R,C] = (o + s_h v) g with s_h = sum_j r_j k_j r_k[h,j] per head
@@ -346,9 +298,10 @@ static void cpu_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float
                                     const float *r, const float *k, const float *v,
                                     const float *r_k, const float *g, int R, int C, int N) {
     const int H = C / N;
-    float *ds = malloc(((size_t)R * H + 1) * sizeof(float));
-    if (!ds) abort();
-    int nt = team(be, (size_t)R * C);
+    float *ds = cpu_scratch(be, cpu_bonus_gate_backward_scratch(R, C, N),
+                            "bonus_gate_backward");
+    if (!ds) return;
+    int nt = cpu_team(be, (size_t)R * C);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int row = 0; row < R; row++)
         for (int h = 0; h < H; h++) {
@@ -378,110 +331,9 @@ static void cpu_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float
             }
         }
     COLUMN_SUMS(dr_k, R, C, ds[(size_t)row * H + col / N] * r[i] * k[i])
-    free(ds);
 }
-
-/* ---- loss and optimizer ---- */
-
-/* forward and backward at once: losses [R] = logsumexp(z) - z[target],
- * dlogits = (softmax(z) - onehot(target)) scale; rows with target < 0 give
- * 0 and 0. Exponentials by the vectorised cpu_expf (over a 65536-token
- * vocabulary libm's exp was most of the op's time), their sum in double. */
-static void cpu_cross_entropy(rp_backend *be, float *losses, float *dlogits, const float *logits,
-                              const int32_t *targets, int R, int V, float scale) {
-    int nt = team(be, (size_t)R * V);
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int r = 0; r < R; r++) {
-        const float *z = logits + (size_t)r * V;
-        float *d = dlogits ? dlogits + (size_t)r * V : NULL; /* may alias z */
-        const int t = targets[r];
-        if (t < 0) {
-            losses[r] = 0.0f;
-            if (d)
-                for (int i = 0; i < V; i++) d[i] = 0.0f;
-            continue;
-        }
-        float mx = z[0];
-#pragma omp simd reduction(max : mx)
-        for (int i = 1; i < V; i++) mx = z[i] > mx ? z[i] : mx;
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (int i = 0; i < V; i++) sum += (double)cpu_expf(z[i] - mx);
-        const float lse = mx + (float)log(sum);
-        losses[r] = lse - z[t];
-        if (d) {
-#pragma omp simd
-            for (int i = 0; i < V; i++) d[i] = cpu_expf(z[i] - lse) * scale;
-            d[t] -= scale;
-        }
-    }
-}
-
-static void cpu_row_max(rp_backend *be, float *row_max, int32_t *argmax, const float *x, int R,
-                        int V) {
-    int nt = team(be, (size_t)R * V);
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int r = 0; r < R; r++) {
-        const float *z = x + (size_t)r * V;
-        int best = 0;
-        for (int i = 1; i < V; i++)
-            if (z[i] > z[best]) best = i;
-        row_max[r] = z[best];
-        argmax[r] = best;
-    }
-}
-
-static void cpu_l2wrap(rp_backend *be, float *dlogits, const float *row_max, const int32_t *argmax,
-                       const int32_t *targets, int R, int V, float factor) {
-    for (int r = 0; r < R; r++)
-        if (targets[r] >= 0) dlogits[(size_t)r * V + argmax[r]] += factor * row_max[r];
-}
-
-/* Fixed blocks summed in block order: the same bits for any thread count. */
-static double cpu_sum_squares(rp_backend *be, const float *x, size_t n) {
-    const size_t block = 4096, n_blocks = (n + block - 1) / block;
-    double *partial = malloc((n_blocks ? n_blocks : 1) * sizeof(double));
-    int nt = team(be, n);
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (size_t b = 0; b < n_blocks; b++) {
-        double s = 0.0;
-        const size_t end = (b + 1) * block < n ? (b + 1) * block : n;
-        for (size_t i = b * block; i < end; i++) s += (double)x[i] * x[i];
-        partial[b] = s;
-    }
-    double total = 0.0;
-    for (size_t b = 0; b < n_blocks; b++) total += partial[b];
-    free(partial);
-    return total;
-}
-
-static void cpu_adamw(rp_backend *be, float *param, const float *grad, float *m, float *v,
-                      size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
-                      float grad_scale, float bias_correction1, float bias_correction2) {
-    const float inv_bc1 = 1.0f / bias_correction1, inv_bc2 = 1.0f / bias_correction2;
-    int nt = team(be, n);
-#pragma omp parallel for simd num_threads(nt) if (nt > 1) schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        const float g = grad[i] * grad_scale;
-        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
-        m[i] = mi;
-        v[i] = vi;
-        const float update = (mi * inv_bc1) / (sqrtf(vi * inv_bc2) + eps) + weight_decay * param[i];
-        param[i] -= lr * update;
-    }
-}
-
-/* cpu_backward_wkv.c */
-void cpu_backward_wkv_install(rp_backend *be);
 
 void cpu_backward_install(rp_backend *be) {
-    be->row_max = cpu_row_max;
-    be->l2wrap = cpu_l2wrap;
-    be->sum_squares = cpu_sum_squares;
-    be->adamw = cpu_adamw;
-    be->matmul_linear_backward = cpu_matmul_linear_backward;
-    be->matmul_lora_backward = cpu_matmul_lora_backward;
     be->embedding_backward = cpu_embedding_backward;
     be->layernorm_backward = cpu_layernorm_backward;
     be->token_shift_backward = cpu_token_shift_backward;
@@ -491,6 +343,4 @@ void cpu_backward_install(rp_backend *be) {
     be->key_prepare_backward = cpu_key_prepare_backward;
     be->groupnorm_backward = cpu_groupnorm_backward;
     be->bonus_gate_backward = cpu_bonus_gate_backward;
-    cpu_backward_wkv_install(be); /* wkv7_forward_train, wkv7_backward */
-    be->cross_entropy = cpu_cross_entropy;
 }

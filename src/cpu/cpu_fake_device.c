@@ -14,7 +14,8 @@
 #include <string.h>
 #include <sys/mman.h>
 
-#include "backend.h"
+#include "cpu/cpu_backend.h"
+#include "cpu/cpu_fake_device.h"
 
 /* Fake allocations start on a page and are followed by at least one unused
  * page, so the end pointer of one buffer never equals the start of the next
@@ -40,6 +41,10 @@ typedef struct {
 
 static fake_impl *fake_of(rp_backend *be) { return (fake_impl *)be->impl; }
 
+/* A pointer that is no live backend buffer is a bug in the calling code,
+ * which this backend exists to find: it stops at once with the address,
+ * where a real device would fault or corrupt memory. The only exit in
+ * library code, and only in this test backend (never in production). */
 static void fake_die(const char *what, const void *p, size_t bytes) {
     fprintf(stderr, "fake-device: %s: %p (+%zu bytes) is not inside any live backend buffer\n",
             what, p, bytes);
@@ -151,6 +156,10 @@ static void fake_add(rp_backend *be, float *y, const float *x, size_t n) {
 
 static rp_status fake_status(rp_backend *be, rp_error *err) { return CPU->status(CPU, err); }
 
+static rp_status fake_reserve(rp_backend *be, int rows, int seqs, int C, int N, rp_error *err) {
+    return CPU->reserve(CPU, rows, seqs, C, N, err);
+}
+
 /* ---- dense and position-wise ---- */
 
 static void fake_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,
@@ -196,8 +205,8 @@ static void fake_value_residual(rp_backend *be, float *v, const float *v_first, 
 }
 
 static void fake_key_prepare(rp_backend *be, float *kk, float *k, const float *a,
-                             const float *k_k, const float *k_a, int R, int C) {
-    CPU->key_prepare(CPU, F(kk), F(k), F(a), F(k_k), F(k_a), R, C);
+                             const float *k_k, const float *k_a, int R, int C, int N) {
+    CPU->key_prepare(CPU, F(kk), F(k), F(a), F(k_k), F(k_a), R, C, N);
 }
 
 static void fake_groupnorm(rp_backend *be, float *y, float *mean, float *rstd, const float *x,
@@ -273,9 +282,9 @@ static void fake_value_residual_backward(rp_backend *be, float *dv, float *dv_fi
 static void fake_key_prepare_backward(rp_backend *be, float *dk, float *da, float *dk_k,
                                       float *dk_a, const float *dkk, const float *k,
                                       const float *a, const float *k_k, const float *k_a, int R,
-                                      int C) {
+                                      int C, int N) {
     CPU->key_prepare_backward(CPU, F(dk), F(da), F(dk_k), F(dk_a), F(dkk), F(k), F(a), F(k_k),
-                              F(k_a), R, C);
+                              F(k_a), R, C, N);
 }
 
 static void fake_groupnorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
@@ -410,6 +419,7 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     be->synchronize = fake_synchronize;
     be->add = fake_add;
     be->status = fake_status;
+    be->reserve = fake_reserve;
     be->register_weights = NULL;
     be->matmul_linear = fake_matmul_linear;
     be->matmul_lora = fake_matmul_lora;

@@ -112,6 +112,17 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
         tw->losses = carve(&p, R);
         tw->logits = carve(&p, R * V);
         tw->dlogits = tw->logits;  /* cross_entropy writes the gradient in place */
+        tw->host_base = malloc(R * (2 * sizeof(float) + sizeof(int32_t)));
+        if (!tw->host_base) goto nomem;
+        tw->host_row_max = tw->host_base;
+        tw->host_losses = tw->host_row_max + R;
+        tw->host_argmax = (int32_t *)(tw->host_losses + R);
+    }
+    /* The backend's own op scratch for these shapes (ops allocate nothing). */
+    rp_status st = be->reserve(be, max_rows, max_seqs, c->n_embd, c->head_size, err);
+    if (st != RP_OK) {
+        rp_backward_workspace_free(tw, be);
+        return st;
     }
     return RP_OK;
 nomem:
@@ -134,6 +145,7 @@ rp_status rp_backward_workspace_alloc_stash(rp_backward_workspace *tw, const rp_
     /* Everything shared first, then this slot's own buffers on top. */
     *tw = *share;
     tw->scratch_base = NULL;
+    tw->host_base = NULL;
     tw->layers = NULL;
     tw->layer_blocks = NULL;
     size_t R = (size_t)max_rows, C = c->n_embd, pad = 16;
@@ -167,6 +179,7 @@ void rp_backward_workspace_free(rp_backward_workspace *tw, rp_backend *be) {
             if (tw->layer_blocks[i]) be->free(be, tw->layer_blocks[i]);
     if (tw->scratch_base) be->free(be, tw->scratch_base);
     if (tw->own_base) be->free(be, tw->own_base);
+    free(tw->host_base);
     free(tw->layer_blocks);
     free(tw->layers);
     memset(tw, 0, sizeof *tw);
@@ -287,7 +300,7 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
     be->add(be, tw->dv, tw->tmp_v, (size_t)R * C);
     /* k_out = k_pre (1 + (a - 1) k_a), kk = normalize(k_pre k_k) */
     be->key_prepare_backward(be, tw->dk, tw->da, gw->k_k, gw->k_a, tw->dkk, s->k_pre, s->a,
-                             w->k_k, w->k_a, R, C);
+                             w->k_k, w->k_a, R, C, N);
 
     be->fill_zero(be, tw->dxa, rc_bytes);
     be->fill_zero(be, tw->dprev, rc_bytes);
@@ -351,26 +364,20 @@ double rp_backward_head_forward(const rp_model *m, rp_backward_workspace *tw,
     be->layernorm(be, tw->head_in, tw->lnout_mean, tw->lnout_rstd, tw->x,
                   m->global.ln_out_weight, m->global.ln_out_bias, R, C, RP_LN_EPS);
     be->matmul_linear(be, tw->logits, tw->head_in, m->global.head, R, V, C, 0.0f);
-    float *row_max = NULL;
-    int32_t *argmax = NULL;
+    /* Host buffers from the workspace: nothing allocated per micro-batch. */
+    float *row_max = tw->host_row_max, *losses = tw->host_losses;
+    int32_t *argmax = tw->host_argmax;
     if (l2wrap_factor > 0) {
         /* The maxima are taken before cross_entropy turns logits into dlogits. */
-        row_max = malloc((size_t)R * sizeof(float));
-        argmax = malloc((size_t)R * sizeof(int32_t));
         be->row_max(be, row_max, argmax, tw->logits, R, V);
     }
     be->cross_entropy(be, tw->losses, tw->dlogits, tw->logits, targets, R, V, loss_scale);
-    if (l2wrap_factor > 0) {
+    if (l2wrap_factor > 0)
         be->l2wrap(be, tw->dlogits, row_max, argmax, targets, R, V, l2wrap_factor);
-        free(row_max);
-        free(argmax);
-    }
-    float *losses = malloc((size_t)R * sizeof(float));
     be->copy_to_host(be, losses, tw->losses, (size_t)R * sizeof(float));
     double sum = 0;
     for (int i = 0; i < R; i++)
         if (targets[i] >= 0) sum += losses[i];
-    free(losses);
     return sum;
 }
 

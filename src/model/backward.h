@@ -26,6 +26,11 @@ typedef struct {
         *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn, *dlogits;
     float *scratch_base;
     float *own_base;                /* a stash slot's own buffers (scratch is shared) */
+    /* Host [max_rows] buffers of the loss (row maxima, arg-maxima, losses),
+     * in one block, host_base (NULL in a stash slot, which shares them). */
+    void *host_base;
+    float *host_row_max, *host_losses;
+    int32_t *host_argmax;
 } rp_backward_workspace;
 
 /* Room for batches of up to max_rows rows in up to max_seqs sequences. */

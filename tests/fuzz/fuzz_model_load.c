@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "backend.h"
+#include "cpu/cpu_backend.h"
 #include "model/model.h"
 #include "fuzz_util.h"
 

@@ -13,6 +13,7 @@
 
 #include "backend.h"
 #include "core/rng.h"
+#include "cpu/cpu_backend.h"
 #include "cuda_backend.h"
 #include "cuda_device.h"
 
@@ -752,7 +753,7 @@ static void check_key_prepare(twin *t, const shape *sh) {
     tbuf *kk = buf_output(t, n);
     for (int g = 0; g < 2; g++)
         side(t, g)->key_prepare(side(t, g), at(kk, g), at(k, g), at(a, g), at(k_k, g),
-                                at(k_a, g), R, C);
+                                at(k_a, g), R, C, HEAD_SIZE);
     compare(t, "kk", kk);
     compare(t, "k", k);
     free(k_host);
@@ -771,7 +772,7 @@ static void check_key_prepare_backward(twin *t, const shape *sh) {
     for (int g = 0; g < 2; g++)
         side(t, g)->key_prepare_backward(side(t, g), at(dk, g), at(da, g), at(dk_k, g),
                                          at(dk_a, g), at(dkk, g), at(k, g), at(a, g),
-                                         at(k_k, g), at(k_a, g), R, C);
+                                         at(k_k, g), at(k_a, g), R, C, HEAD_SIZE);
     compare(t, "dk", dk);
     compare(t, "da", da);
     compare(t, "dk_k", dk_k);
@@ -1354,7 +1355,7 @@ static void check_empty(twin *t, const shape *sh) {
         be->lerp(be, p[0], p[1], p[2], p[3], 0, C);
         be->bias_act(be, p[0], p[1], 0, C, RP_ACT_TANH);
         be->value_residual(be, p[0], p[1], p[2], 0, C);
-        be->key_prepare(be, p[0], p[1], p[2], p[3], p[4], 0, C);
+        be->key_prepare(be, p[0], p[1], p[2], p[3], p[4], 0, C, N);
         be->groupnorm(be, p[0], p[1], p[2], p[3], p[4], p[5], 0, C, N, GN_EPS);
         be->bonus_gate(be, p[0], p[1], p[2], p[3], p[4], p[5], 0, C, N);
         be->wkv7(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], (size_t)C * N, batch, C, N);
@@ -1366,7 +1367,8 @@ static void check_empty(twin *t, const shape *sh) {
         be->lerp_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], 0, C);
         be->bias_act_backward(be, p[0], p[1], p[2], 0, C, RP_ACT_SIGMOID);
         be->value_residual_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], 0, C);
-        be->key_prepare_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], 0, C);
+        be->key_prepare_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], 0, C,
+                                 N);
         be->groupnorm_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], 0, C, N);
         be->bonus_gate_backward(be, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9],
                                 p[10], p[11], p[0], 0, C, N);
@@ -1573,6 +1575,11 @@ int main(int argc, char **argv) {
     if (!cpu->is_host_memory) fatal("the CPU backend must use host memory");
     rp_backend *gpu_fp32 = create_cuda(opt.device, RP_CUDA_MATH_FP32);
     rp_backend *gpu_bf16 = create_cuda(opt.device, RP_CUDA_MATH_BF16);
+    /* Op scratch for the largest shape below (the CPU ops allocate nothing). */
+    rp_backend *all[] = {cpu, gpu_fp32, gpu_bf16};
+    for (int i = 0; i < 3; i++)
+        if (all[i]->reserve(all[i], 4096, 64, 4096, HEAD_SIZE, &err) != RP_OK)
+            fatal("reserve: %s", err.msg);
 
     char desc[256];
     rp_cuda_device_describe(opt.device, desc, sizeof desc);

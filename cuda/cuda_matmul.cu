@@ -1,0 +1,218 @@
+// The CUDA backend's four GEMM ops (the CPU twin is src/cpu/cpu_matmul.c):
+// matmul_linear and matmul_lora forward (cuBLAS, or the decode GEMV kernels
+// for a few rows) and their backward, fp32 or bf16 math with fp32
+// accumulation. Installed by rp_cuda_install_matmul.
+#include "cuda_internal.h"
+
+#include <cstdint>
+
+// ---- GEMMs ----
+//
+// The interface is row-major; cuBLAS is column-major. A row-major [r, c]
+// matrix is the column-major [c, r] matrix of its transpose, so every
+// row-major product Y = A B is computed as the column-major Y^T = B^T A^T
+// with the operands swapped. Each op below states that mapping once.
+
+// One column-major GEMM: C [m,n] = op(A) op(B) + beta C, fp32 C. In BF16
+// math each operand is its registered bf16 copy, or is rounded to bf16 into
+// scratch; fp32 accumulation either way.
+static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                 const float *A, int lda, size_t a_elems, const float *B, int ldb, size_t b_elems,
+                 float beta, float *C, int ldc) {
+    const float alpha = 1.0f;
+    if (cx->math == RP_CUDA_MATH_FP32) {
+        RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, B,
+                                      CUDA_R_32F, ldb, &beta, C, CUDA_R_32F, ldc,
+                                      CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+        return;
+    }
+    const __nv_bfloat16 *a16 = rp_cuda_weight_shadow(cx, A, a_elems);
+    const __nv_bfloat16 *b16 = rp_cuda_weight_shadow(cx, B, b_elems);
+    if (!a16) {
+        __nv_bfloat16 *t = (__nv_bfloat16 *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_GEMM_A,
+                                                            a_elems * sizeof(__nv_bfloat16));
+        if (!t) return;
+        rp_cuda_to_bf16(cx, t, A, a_elems);
+        a16 = t;
+    }
+    if (!b16) {
+        __nv_bfloat16 *t = (__nv_bfloat16 *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_GEMM_B,
+                                                            b_elems * sizeof(__nv_bfloat16));
+        if (!t) return;
+        rp_cuda_to_bf16(cx, t, B, b_elems);
+        b16 = t;
+    }
+    RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, a16, CUDA_R_16BF, lda, b16,
+                                  CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+}
+
+// ---- decode GEMVs ----
+//
+// A decode step multiplies each weight matrix by at most a few rows (one per
+// sequence of the group). A GEMM library call then costs a launch to round x
+// to bf16 plus a GEMM tuned for large M; these kernels read each weight once
+// (bf16 copy when registered, else fp32) straight against the fp32 rows,
+// with fp32 accumulation, in one launch.
+#define RP_GEMV_MAX_M 8
+
+static __device__ __forceinline__ float weight_to_float(float v) { return v; }
+static __device__ __forceinline__ float weight_to_float(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+
+// y [M,N] = x [M,K] W^T + beta y, W [N,K]: a warp per output column n; with
+// vec, each lane loads 16 bytes of W's row at a time (row 16-byte aligned).
+template <typename WT>
+__global__ void gemv_out_in_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
+                                   float beta, int vec) {
+    const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (n >= N) return;  // n is the same for the whole warp: it leaves together
+    const WT *wn = w + (size_t)n * K;
+    float acc[RP_GEMV_MAX_M];
+#pragma unroll
+    for (int m = 0; m < RP_GEMV_MAX_M; m++) acc[m] = 0.0f;
+    if (vec) {
+        constexpr int V = 16 / sizeof(WT);  // 4 fp32 or 8 bf16 per load
+        for (int k = lane * V; k < K; k += 32 * V) {
+            union {
+                uint4 raw;
+                WT v[V];
+            } chunk;
+            chunk.raw = *reinterpret_cast<const uint4 *>(wn + k);
+#pragma unroll
+            for (int j = 0; j < V; j++) {
+                const float wf = weight_to_float(chunk.v[j]);
+#pragma unroll
+                for (int m = 0; m < RP_GEMV_MAX_M; m++)
+                    if (m < M) acc[m] += wf * x[(size_t)m * K + k + j];
+            }
+        }
+    } else {
+        for (int k = lane; k < K; k += 32) {
+            const float wf = weight_to_float(wn[k]);
+#pragma unroll
+            for (int m = 0; m < RP_GEMV_MAX_M; m++)
+                if (m < M) acc[m] += wf * x[(size_t)m * K + k];
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < RP_GEMV_MAX_M; m++) {
+        if (m >= M) break;
+        float v = acc[m];
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+        if (lane == 0) {
+            float *out = y + (size_t)m * N + n;
+            *out = beta == 0.0f ? v : v + beta * *out;
+        }
+    }
+}
+
+// y [M,N] = x [M,K] W + beta y, W [K,N]: 32 columns per block, the K sum
+// split over 8 thread rows and added in row order through shared memory.
+template <typename WT>
+__global__ void gemv_in_out_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
+                                   float beta) {
+    __shared__ float part[8][RP_GEMV_MAX_M][32];
+    const int tx = threadIdx.x, ty = threadIdx.y, n = blockIdx.x * 32 + tx;
+    float acc[RP_GEMV_MAX_M];
+#pragma unroll
+    for (int m = 0; m < RP_GEMV_MAX_M; m++) acc[m] = 0.0f;
+    if (n < N)
+        for (int k = ty; k < K; k += 8) {
+            const float wf = weight_to_float(w[(size_t)k * N + n]);
+#pragma unroll
+            for (int m = 0; m < RP_GEMV_MAX_M; m++)
+                if (m < M) acc[m] += x[(size_t)m * K + k] * wf;
+        }
+#pragma unroll
+    for (int m = 0; m < RP_GEMV_MAX_M; m++) part[ty][m][tx] = acc[m];
+    __syncthreads();
+    if (ty == 0 && n < N)
+        for (int m = 0; m < M; m++) {
+            float v = 0.0f;
+            for (int r = 0; r < 8; r++) v += part[r][m][tx];
+            float *out = y + (size_t)m * N + n;
+            *out = beta == 0.0f ? v : v + beta * *out;
+        }
+}
+
+// The decode path of the two forward GEMM ops; in_out: W [K,N] (LoRA), else W [N,K].
+static void gemv(rp_cuda_ctx *cx, int in_out, float *y, const float *x, const float *w, int M,
+                 int N, int K, float beta) {
+    const __nv_bfloat16 *w16 = rp_cuda_weight_shadow(cx, w, (size_t)N * K);
+    if (in_out) {
+        const dim3 block(32, 8), grid((unsigned)((N + 31) / 32));
+        if (w16)
+            gemv_in_out_kernel<__nv_bfloat16><<<grid, block, 0, cx->stream>>>(y, x, w16, M, N, K,
+                                                                              beta);
+        else
+            gemv_in_out_kernel<float><<<grid, block, 0, cx->stream>>>(y, x, w, M, N, K, beta);
+        RP_CUDA_LAUNCHED(cx, "gemv_in_out");
+        return;
+    }
+    const unsigned grid = (unsigned)((N + 7) / 8);  // 8 warps of 32 per block
+    if (w16) {
+        const int vec = (uintptr_t)w16 % 16 == 0 && (size_t)K * sizeof(__nv_bfloat16) % 16 == 0;
+        gemv_out_in_kernel<__nv_bfloat16><<<grid, 256, 0, cx->stream>>>(y, x, w16, M, N, K, beta,
+                                                                        vec);
+    } else {
+        const int vec = (uintptr_t)w % 16 == 0 && (size_t)K * sizeof(float) % 16 == 0;
+        gemv_out_in_kernel<float><<<grid, 256, 0, cx->stream>>>(y, x, w, M, N, K, beta, vec);
+    }
+    RP_CUDA_LAUNCHED(cx, "gemv_out_in");
+}
+
+// y [M,N] = x [M,K] W^T + beta y, W [N,K]:  y^T [N,M] = W [N,K] x^T [K,M]
+static void cuda_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,
+                               int N, int K, float beta) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    if (M <= RP_GEMV_MAX_M) return gemv(rp_cuda_of(be), 0, y, x, w, M, N, K, beta);
+    gemm(rp_cuda_of(be), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, w, K, (size_t)N * K, x, K,
+         (size_t)M * K, beta, y, N);
+}
+
+// y [M,N] = x [M,K] W + beta y, W [K,N]:  y^T [N,M] = W^T [N,K] x^T [K,M]
+static void cuda_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
+                             int N, int K, float beta) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    if (M <= RP_GEMV_MAX_M) return gemv(rp_cuda_of(be), 1, y, x, w, M, N, K, beta);
+    gemm(rp_cuda_of(be), CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, w, N, (size_t)K * N, x, K,
+         (size_t)M * K, beta, y, N);
+}
+
+// forward y = x W^T, W [N,K]
+// dx [M,K] += dy [M,N] W:     dx^T [K,M] = W^T [K,N] dy^T [N,M]
+// dw [N,K] += dy^T x [M,K]:   dw^T [K,N] = x^T [K,M] dy [M,N]
+// dX and dW are separate GEMMs, so a schedule may run dW later.
+static void cuda_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,
+                                        const float *x, const float *w, int M, int N, int K) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (dx)
+        gemm(cx, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, w, K, (size_t)N * K, dy, N, (size_t)M * N,
+             1.0f, dx, K);
+    gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, x, K, (size_t)M * K, dy, N, (size_t)M * N, 1.0f,
+         dw, K);
+}
+
+// forward y = x W, W [K,N]
+// dx [M,K] += dy [M,N] W^T:   dx^T [K,M] = W [K,N] dy^T [N,M]
+// dw [K,N] += x^T dy:         dw^T [N,K] = dy^T [N,M] x [M,K]
+static void cuda_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const float *dy,
+                                      const float *x, const float *w, int M, int N, int K) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (dx)
+        gemm(cx, CUBLAS_OP_T, CUBLAS_OP_N, K, M, N, w, N, (size_t)K * N, dy, N, (size_t)M * N,
+             1.0f, dx, K);
+    gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, N, K, M, dy, N, (size_t)M * N, x, K, (size_t)M * K, 1.0f,
+         dw, N);
+}
+
+void rp_cuda_install_matmul(rp_backend *be) {
+    be->matmul_linear = cuda_matmul_linear;
+    be->matmul_lora = cuda_matmul_lora;
+    be->matmul_linear_backward = cuda_matmul_linear_backward;
+    be->matmul_lora_backward = cuda_matmul_lora_backward;
+}
