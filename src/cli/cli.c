@@ -17,6 +17,8 @@
 
 #include "core/fileio.h"
 #include "core/version.h"
+#include "cpu/cpu_backend.h"
+#include "cpu/cpu_fake_device.h"
 #include "cpu/cpu_wait.h"
 #include "model/init.h"
 #ifdef RP_HAVE_CUDA
@@ -37,6 +39,18 @@ static void vreport(const rp_cli *cli, const char *level, const char *fmt, va_li
                 cli->mpi_size, level, msg);
     else
         fprintf(stderr, "rwkvpipe %s: %s%s\n", cli->command, level, msg);
+}
+
+void *cli_calloc(const rp_cli *cli, size_t count, size_t size, const char *what) {
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (!p) cli_fatal(cli, "out of memory for %s (%zu x %zu bytes)", what, count, size);
+    return p;
+}
+
+void *cli_realloc(const rp_cli *cli, void *p, size_t bytes, const char *what) {
+    void *q = realloc(p, bytes ? bytes : 1);
+    if (!q) cli_fatal(cli, "out of memory for %s (%zu bytes)", what, bytes);
+    return q;
 }
 
 void cli_fatal(const rp_cli *cli, const char *fmt, ...) {
@@ -202,7 +216,7 @@ FILE *cli_open_rank_logs(const rp_cli *cli, const char *dir) {
     }
     FILE *file = fopen(path, "a");
     if (!file) cli_fatal(cli, "--log-dir: cannot open %s: %s", path, strerror(errno));
-    tee_files *t = malloc(sizeof *t);
+    tee_files *t = cli_calloc(cli, 1, sizeof *t, "the --log-dir tee");
     t->a = stderr;
     t->b = file;
     cookie_io_functions_t io = {.write = tee_write, .close = tee_close};
@@ -272,7 +286,7 @@ uint64_t cli_parse_u64(const rp_cli *cli, const char *option, const char *text) 
 
 int32_t *cli_parse_ids(const rp_cli *cli, const char *what, const char *text, size_t *n_ids) {
     size_t cap = 64, n = 0;
-    int32_t *ids = malloc(cap * sizeof *ids);
+    int32_t *ids = cli_calloc(cli, cap, sizeof *ids, what);
     const char *p = text;
     for (;;) {
         while (*p == ',' || *p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') p++;
@@ -288,7 +302,7 @@ int32_t *cli_parse_ids(const rp_cli *cli, const char *what, const char *text, si
         }
         if (*end && *end != ',' && *end != ' ' && *end != '\n' && *end != '\t' && *end != '\r')
             cli_fatal(cli, "%s: unexpected character '%c' after item %zu", what, *end, n + 1);
-        if (n == cap) ids = realloc(ids, (cap *= 2) * sizeof *ids);
+        if (n == cap) ids = cli_realloc(cli, ids, (cap *= 2) * sizeof *ids, what);
         ids[n++] = (int32_t)v;
         p = end;
     }
@@ -300,9 +314,9 @@ char *cli_read_file(const rp_cli *cli, const char *path, size_t *n_bytes) {
     FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
     if (!f) cli_fatal(cli, "cannot open %s: %s", path, strerror(errno));
     size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap + 1);
+    char *buf = cli_calloc(cli, cap + 1, 1, path);
     for (;;) {
-        if (n == cap) buf = realloc(buf, (cap *= 2) + 1);
+        if (n == cap) buf = cli_realloc(cli, buf, (cap *= 2) + 1, path);
         size_t got = fread(buf + n, 1, cap - n, f);
         n += got;
         if (got == 0) break;
@@ -339,8 +353,7 @@ void cli_model_config(const rp_cli *cli, const cli_model_options *opt, rp_config
 void cli_grid_create(rp_cli *cli, const rp_config *cfg, int pp, const char *stage_layers,
                      rp_grid *grid) {
     rp_error err;
-    int *layers = calloc((size_t)pp, sizeof(int));
-    if (!layers) cli_fatal(cli, "out of memory");
+    int *layers = cli_calloc(cli, (size_t)pp, sizeof(int), "the stage layer counts");
     if ((stage_layers ? rp_partition_parse(stage_layers, cfg, pp, layers, &err)
                       : rp_partition_balanced(cfg, pp, layers, &err)) != RP_OK ||
         rp_grid_create(grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK)

@@ -40,6 +40,11 @@ int cli_threads_per_rank(void);
 void cli_fatal(const rp_cli *cli, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
 /* Same with an rp_error. */
 void cli_fatal_error(const rp_cli *cli, const rp_error *err) __attribute__((noreturn));
+/* calloc / realloc that end the process through cli_fatal, naming `what`
+ * and the size, when memory is short (the CLI's only allocation failure
+ * path: there is nothing to do after it but stop). */
+void *cli_calloc(const rp_cli *cli, size_t count, size_t size, const char *what);
+void *cli_realloc(const rp_cli *cli, void *p, size_t bytes, const char *what);
 /* Progress/info on stderr (rank 0 only), prefixed with the command. */
 void cli_info(const rp_cli *cli, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

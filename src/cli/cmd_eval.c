@@ -56,7 +56,7 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
     int batches = 16, have_data = 0, per_example = 0;
     const char *last_word = NULL, *choice = NULL, *vocab = NULL;
     cli_model_options mo = {0};
-    const char **paths = calloc((size_t)argc + 1, sizeof *paths);
+    const char **paths = cli_calloc(cli, (size_t)argc + 1, sizeof *paths, "the data paths");
     int n_paths = 0, c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {

@@ -237,7 +237,8 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
      * state (its own, then each stage's in turn). */
     rp_state host_view;
     rp_state_geometry(&host_view, cfg, 0, L, 1);
-    float *host_state = malloc(host_view.floats_per_slot * sizeof(float));
+    float *host_state =
+        cli_calloc(cli, host_view.floats_per_slot, sizeof(float), "the host state copy");
     host_view.data = host_state;
     float *mine = host_state + (size_t)model.layer_begin * host_view.floats_per_layer;
     be->copy_to_host(be, mine, state.data, state.floats_per_slot * sizeof(float));
@@ -311,7 +312,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         if (rp_st_writer_add(&w, "loss", RP_DTYPE_F32, RP_DTYPE_F32, 1, &one, &loss, &err))
             cli_fatal_error(cli, &err);
         size_t total = (size_t)L * grads.layer_floats + grads.embed_floats + grads.head_floats;
-        grad_host = malloc(total * sizeof(float));
+        grad_host = cli_calloc(cli, total, sizeof(float), "the host gradient copy");
         float *embed_h = grad_host, *head_h = embed_h + grads.embed_floats;
         float *layers_h = head_h + grads.head_floats;
         be->copy_to_host(be, embed_h, grads.embed_flat, grads.embed_floats * sizeof(float));

@@ -83,7 +83,7 @@ int cmd_decode(rp_cli *cli, int argc, char **argv) {
     if (optind < argc) {
         size_t total = 1;
         for (int i = optind; i < argc; i++) total += strlen(argv[i]) + 1;
-        text = calloc(total, 1);
+        text = cli_calloc(cli, total, 1, "the joined text arguments");
         for (int i = optind; i < argc; i++) {
             strcat(text, argv[i]);
             strcat(text, " ");

@@ -140,7 +140,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     o.keep_last = 3;
     o.progress = stderr;
     cli_model_options mo = {.config_name = "tiny", .init_seed = 1};
-    const char **paths = calloc((size_t)argc + 1, sizeof *paths);
+    const char **paths = cli_calloc(cli, (size_t)argc + 1, sizeof *paths, "the data paths");
     const char *vocab = "bytes";
     long long run_tokens = 0;
     int n_paths = 0, micro_batch = 0, pp = 1;
