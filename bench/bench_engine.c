@@ -19,7 +19,7 @@
 #include "backend.h"
 #include "model/init.h"
 #include "pipe/grid.h"
-#include "serve/engine.h"
+#include "infer/engine.h"
 #include "core/clock.h"
 
 static int rank, size;
