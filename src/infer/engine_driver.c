@@ -456,7 +456,8 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
             e->n_queued--;
         }
         int known = j && (!j->start_session[0] || rp_engine_session_find(e, j->start_session));
-        if (j && known && j->start_session[0]) rp_engine_session_find(e, j->start_session)->last_used = ++e->clock;
+        if (j && known && j->start_session[0])
+            rp_engine_session_find(e, j->start_session)->last_used = ++e->clock;
         /* A job still closing may be about to store the session this one
          * starts from (a chat's next turn right after the previous one): wait. */
         int pending_store = 0;
@@ -493,7 +494,8 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         c.slot = s;
         c.session = j->start_session;
         c.sampling = &sampling;
-        rp_engine_session *from = j->start_session[0] ? rp_engine_session_find(e, j->start_session) : NULL;
+        rp_engine_session *from =
+            j->start_session[0] ? rp_engine_session_find(e, j->start_session) : NULL;
         e->slot_tokens[s] = from ? from->tokens : 0;
         st = rp_engine_issue(e, &c, err);
         if (st != RP_OK) goto fail;
