@@ -20,7 +20,7 @@
 #include "cpu/cpu_backend.h"
 #include "model/init.h"
 #include "pipe/grid.h"
-#include "serve/engine.h"
+#include "infer/engine.h"
 #include "core/clock.h"
 
 static int rank, size;

@@ -1,4 +1,4 @@
-/* The generation engine (src/serve/engine.h), run as one process or under
+/* The generation engine (src/infer/engine.h), run as one process or under
  * mpirun -np P (tests/test_engine.sh: P = 1, 2, 3, 4): ranks other than 0 serve
  * their stage; rank 0 drives jobs and checks that
  * - greedy and seeded jobs give exactly the tokens of rp_generate on the
@@ -15,6 +15,7 @@
  * not by a count of engine steps, which a loaded machine can exhaust.
  * Prints each check; exits 1 at the first failure. */
 #include <mpi.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,8 +26,9 @@
 #include "infer/generate.h"
 #include "model/model.h"
 #include "pipe/grid.h"
-#include "serve/engine.h"
-#include "serve/session_file.h"
+#include "infer/engine.h"
+#include "infer/engine_internal.h"
+#include "infer/session_file.h"
 #include "core/clock.h"
 
 static int rank, size;
@@ -130,6 +132,144 @@ static rp_status load_session(const char *name, const char *path, rp_error *err)
     if (st == RP_OK) st = rp_engine_session_import(engine, name, state, tokens, err);
     free(state);
     return st;
+}
+
+/* ---- session operations from a client thread (engine_sessions.c) ---- */
+
+/* The hook runs on the main thread at the start of each session operation:
+ * slow (sleeps while `in_hook` is 1) or failing. */
+static volatile int in_hook, hook_fails;
+#define SLOW_CONTROL_S 2.0
+
+static rp_status test_control_hook(rp_engine *e, rp_error *err) {
+    (void)e;
+    if (hook_fails) return rp_error_set(err, RP_ERR_MPI, "test hook: stage 9 stopped answering");
+    __atomic_store_n(&in_hook, 1, __ATOMIC_SEQ_CST);
+    struct timespec ts = {(time_t)SLOW_CONTROL_S, 0};
+    nanosleep(&ts, NULL);
+    __atomic_store_n(&in_hook, 0, __ATOMIC_SEQ_CST);
+    return RP_OK;
+}
+
+typedef struct {
+    const char *name;
+    rp_status status;
+    rp_error err;
+    int done;
+} export_call;
+
+static void *export_thread(void *arg) {
+    export_call *c = arg;
+    float *state = malloc(rp_engine_session_floats(engine) * sizeof(float));
+    uint64_t tokens = 0;
+    c->status = rp_engine_session_export(engine, c->name, state, &tokens, &c->err);
+    free(state);
+    __atomic_store_n(&c->done, 1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+/* While a slow session operation runs: how long another thread's metrics,
+ * exists and submit take, and whether the operation was still running when
+ * they had returned. */
+typedef struct {
+    double longest;
+    int still_in_hook;
+    rp_job *job;
+} probe_call;
+
+static void *probe_thread(void *arg) {
+    probe_call *p = arg;
+    const double deadline = rp_now_seconds() + STEP_DEADLINE_S;
+    while (!__atomic_load_n(&in_hook, __ATOMIC_SEQ_CST) && rp_now_seconds() < deadline) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    rp_engine_metrics m;
+    double t0 = rp_now_seconds();
+    rp_engine_get_metrics(engine, &m);
+    double t1 = rp_now_seconds();
+    (void)rp_engine_session_exists(engine, "restored");
+    double t2 = rp_now_seconds();
+    rp_gen_params gp;
+    rp_gen_params_defaults(&gp);
+    gp.max_tokens = 2;
+    int32_t prompt[3] = {1, 2, 3};
+    rp_error err;
+    p->job = rp_job_create(prompt, 3, &gp, NULL, NULL, &err);
+    rp_status st = p->job ? rp_engine_submit(engine, p->job, &err) : RP_ERR_NOMEM;
+    double t3 = rp_now_seconds();
+    p->still_in_hook = __atomic_load_n(&in_hook, __ATOMIC_SEQ_CST) && st == RP_OK;
+    p->longest = t1 - t0;
+    if (t2 - t1 > p->longest) p->longest = t2 - t1;
+    if (t3 - t2 > p->longest) p->longest = t3 - t2;
+    return NULL;
+}
+
+/* Steps the engine (main thread) until c is answered. */
+static void step_until_done(export_call *c, const char *what) {
+    const double deadline = rp_now_seconds() + STEP_DEADLINE_S;
+    while (!__atomic_load_n(&c->done, __ATOMIC_SEQ_CST)) {
+        rp_error err;
+        rp_status st;
+        rp_engine_step(engine, &err, &st);
+        if (st != RP_OK) break;  /* the failing case: checked by the caller */
+        CHECK(rp_now_seconds() < deadline, "%s: not answered after %.0f s", what,
+              STEP_DEADLINE_S);
+    }
+}
+
+/* A session operation from a client thread runs on the main thread without
+ * the engine's lock: during a slow one, other threads' submit, exists and
+ * metrics return at once. A failure of the engine during one reaches both
+ * its caller and rp_engine_step. Last: it leaves the engine failed. */
+static void control_checks(void) {
+    printf("check: a slow session operation does not block submit / metrics\n");
+    rp_engine_control_test_hook = test_control_hook;
+    export_call ex = {.name = "restored"};
+    probe_call pr = {0};
+    pthread_t a, b;
+    CHECK(pthread_create(&b, NULL, probe_thread, &pr) == 0, "thread");
+    CHECK(pthread_create(&a, NULL, export_thread, &ex) == 0, "thread");
+    step_until_done(&ex, "a slow export");
+    pthread_join(a, NULL);
+    pthread_join(b, NULL);
+    CHECK(ex.status == RP_OK, "slow export: %s", ex.err.msg);
+    CHECK(pr.still_in_hook, "the probe's calls returned only after the slow operation");
+    CHECK(pr.longest < SLOW_CONTROL_S / 2, "a call from another thread took %.2f s during a "
+          "%.0f s session operation: it waited for the engine's lock", pr.longest,
+          SLOW_CONTROL_S);
+    const double deadline = rp_now_seconds() + STEP_DEADLINE_S;
+    rp_finish_reason f = RP_FINISH_NONE;
+    int32_t toks[4];
+    while (f == RP_FINISH_NONE) {
+        step(deadline, "the job submitted during the slow operation");
+        rp_job_read(pr.job, toks, 4, 0, &f);
+    }
+    CHECK(f == RP_FINISH_LENGTH, "the job submitted during it ended with %s",
+          rp_finish_reason_name(f));
+    rp_job_release(pr.job);
+    printf("  ok (longest call %.3f s)\n", pr.longest);
+
+    printf("check: a session operation that fails the engine reports it to its caller\n");
+    hook_fails = 1;
+    export_call bad = {.name = "restored"};
+    CHECK(pthread_create(&a, NULL, export_thread, &bad) == 0, "thread");
+    rp_error err;
+    rp_status st = RP_OK;
+    const double until = rp_now_seconds() + STEP_DEADLINE_S;
+    while (st == RP_OK) {
+        rp_engine_step(engine, &err, &st);
+        CHECK(rp_now_seconds() < until, "the failing operation did not fail the step");
+    }
+    pthread_join(a, NULL);
+    CHECK(st == RP_ERR_MPI && strstr(err.msg, "stage 9 stopped"), "step: %s (%s)",
+          rp_status_name(st), err.msg);
+    CHECK(bad.status == RP_ERR_MPI && strstr(bad.err.msg, "the engine failed") &&
+          strstr(bad.err.msg, "stage 9 stopped"), "the caller got %s: %s",
+          rp_status_name(bad.status), bad.err.msg);
+    rp_engine_control_test_hook = NULL;
+    hook_fails = 0;
+    printf("  ok: %s\n", bad.err.msg);
 }
 
 static int32_t *make_prompt(int n, int salt) {
@@ -419,6 +559,7 @@ static void checks(void) {
     free(t3b);
     free(history);
     free(prompt);
+    control_checks();
 }
 
 int main(int argc, char **argv) {

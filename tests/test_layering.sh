@@ -21,8 +21,6 @@ allowed() {
     pipe)    echo "optim model text backend core generated" ;;
     train)   echo "pipe optim model text backend core generated" ;;
     infer)   echo "pipe optim model text backend core generated" ;;
-    # serve/engine.* is the generation engine, which belongs in infer/: it is
-    # to be moved there, and until then serve/ holds infer's job as well.
     serve)   echo "infer pipe optim model text backend core generated" ;;
     cli)     echo "serve train infer pipe optim model text cpu cuda backend core generated" ;;
     *)       echo "" ;;

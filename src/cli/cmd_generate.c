@@ -1,5 +1,5 @@
 /* rwkvpipe generate: prompt -> streamed text, through the same engine as
- * `rwkvpipe serve` (src/serve/engine.h): prefill in sequence mode, then one
+ * `rwkvpipe serve` (src/infer/engine.h): prefill in sequence mode, then one
  * token per step, in one process or with the layers split over --pp ranks.
  * Bytes reach stdout as soon as they form whole UTF-8 characters, and never a
  * part of the stop string. */
@@ -13,7 +13,7 @@
 #include "text/tokenizer.h"
 #include "model/init.h"
 #include "pipe/grid.h"
-#include "serve/engine.h"
+#include "infer/engine.h"
 
 static void generate_usage(FILE *out) {
     fprintf(out,

@@ -18,7 +18,7 @@
 #include "text/tokenizer.h"
 #include "model/init.h"
 #include "pipe/grid.h"
-#include "serve/engine.h"
+#include "infer/engine.h"
 #include "serve/http.h"
 
 static void serve_usage(FILE *out) {

@@ -22,6 +22,8 @@ const char *rp_msg_kind_name(rp_msg_kind k) {
     case RP_MSG_GRAD: return "activation gradients";
     case RP_MSG_GRAD_VFIRST: return "v_first gradients";
     case RP_MSG_CONTROL: return "control message";
+    case RP_MSG_RESULT: return "engine result";
+    case RP_MSG_STATE: return "session state";
     default: return "unknown message";
     }
 }
@@ -41,11 +43,13 @@ rp_status rp_transport_init(rp_transport *t, MPI_Comm comm, double timeout_s, rp
     MPI_Comm_size(t->comm, &t->size);
     int tag_ub_ok = 0, *tag_ub = NULL;
     MPI_Comm_get_attr(t->comm, MPI_TAG_UB, &tag_ub, &tag_ub_ok);
-    if (tag_ub_ok && *tag_ub < RP_MSG_KIND_COUNT * RP_TRANSPORT_TAG_SPAN) {
+    /* The largest tag is the last kind's last micro-batch. */
+    if (tag_ub_ok && *tag_ub < RP_MSG_KIND_COUNT * RP_TRANSPORT_TAG_SPAN - 1) {
         int ub = *tag_ub;
         rp_transport_free(t);
         return rp_error_set(err, RP_ERR_MPI, "this MPI allows message tags up to %d; the "
-                            "transport needs %d", ub, RP_MSG_KIND_COUNT * RP_TRANSPORT_TAG_SPAN);
+                            "transport needs %d", ub,
+                            RP_MSG_KIND_COUNT * RP_TRANSPORT_TAG_SPAN - 1);
     }
     snprintf(t->what_buf, sizeof t->what_buf, "stage %d", t->rank);
     t->what = t->what_buf;

@@ -31,6 +31,8 @@ typedef enum {
     RP_MSG_GRAD,          /* d x, backward */
     RP_MSG_GRAD_VFIRST,   /* d v_first, backward */
     RP_MSG_CONTROL,       /* small control messages (engine commands) */
+    RP_MSG_RESULT,        /* engine results, last stage -> rank 0 */
+    RP_MSG_STATE,         /* a stage's part of a session state */
     RP_MSG_KIND_COUNT
 } rp_msg_kind;
 
@@ -159,5 +161,30 @@ rp_status rp_transport_send(rp_transport *t, const void *buf, size_t bytes, int 
                             rp_msg_kind kind, int micro_batch, rp_error *err);
 rp_status rp_transport_recv(rp_transport *t, void *buf, size_t bytes, int peer,
                             rp_msg_kind kind, int micro_batch, rp_error *err);
+
+/* ---- Variable-size messages (transport_message.c) ----
+ * Packed protobuf commands and results whose size the receiver does not
+ * know: the receiver probes for the next message of a kind (and micro-batch)
+ * from a peer, then takes it whole. Message buffers are always host memory,
+ * whatever rp_transport_use_backend said. */
+
+#define RP_TRANSPORT_ANY_PEER (-1)
+
+typedef enum {
+    RP_MSG_POLL,       /* return at once; *data stays NULL when none has arrived */
+    RP_MSG_WAIT,       /* wait up to the transport's timeout, then fail naming the peer */
+    RP_MSG_WAIT_IDLE   /* wait forever, polling slowly: a stage with nothing to do */
+} rp_msg_wait;
+
+/* Nonblocking send of a host buffer; data stays untouched until
+ * rp_transport_wait(x) returns. bytes may be 0. */
+rp_status rp_transport_post_send_message(rp_transport *t, const void *data, size_t bytes,
+                                         int peer, rp_msg_kind kind, int micro_batch,
+                                         rp_transfer *x, rp_error *err);
+/* The next message of kind / micro_batch from peer (or RP_TRANSPORT_ANY_PEER):
+ * *data (malloc'ed, the caller frees), *bytes, *from (may be NULL). */
+rp_status rp_transport_recv_message(rp_transport *t, int peer, rp_msg_kind kind, int micro_batch,
+                                    rp_msg_wait wait, void **data, size_t *bytes, int *from,
+                                    rp_error *err);
 
 #endif

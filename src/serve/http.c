@@ -26,7 +26,7 @@
 #include <unistd.h>
 
 #include "serve/http_request.h"
-#include "serve/session_file.h"
+#include "infer/session_file.h"
 #include "text/stream.h"
 #include "core/clock.h"
 

@@ -2,7 +2,7 @@
  * OpenAI-compatible completions and chat completions
  * (JSON or Server-Sent Events), models, health, Prometheus metrics and
  * session save/load/delete, over libmicrohttpd, in front of the generation
- * engine (src/serve/engine.h). src/cli/cmd_serve.c starts it before running
+ * engine (src/infer/engine.h). src/cli/cmd_serve.c starts it before running
  * the engine on the main thread and stops it after the engine returns.
  *
  * Threads: libmicrohttpd's event loop (epoll) on a small pool of threads
@@ -25,7 +25,7 @@
 
 #include "core/error.h"
 #include "text/tokenizer.h"
-#include "serve/engine.h"
+#include "infer/engine.h"
 
 typedef struct {
     const char *host;          /* address to bind (default "127.0.0.1"; "::1", "0.0.0.0" ...) */
@@ -33,7 +33,7 @@ typedef struct {
     const char *api_key;       /* NULL or "": no authentication */
     const char *model_id;      /* the name of the served model (/v1/models, "model") */
     const char *session_dir;   /* session files live in it, created 0700 if missing
-                                  (default "sessions"; src/serve/session_file.h) */
+                                  (default "sessions"; src/infer/session_file.h) */
     int session_overwrite;     /* a save may replace a file that is not a session file */
     int max_session_files;     /* session files the directory may hold (default 1000; 0 = no
                                   cap): what clients can put on the disk */

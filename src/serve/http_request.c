@@ -4,7 +4,7 @@
 #include "serve/http_request.h"
 #include "serve/chat.h"
 
-#include "serve/session_file.h"
+#include "infer/session_file.h"
 
 #include <stdarg.h>
 #include <stdio.h>

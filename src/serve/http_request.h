@@ -12,7 +12,7 @@
 
 #include "core/error.h"
 #include "text/tokenizer.h"
-#include "serve/engine.h"
+#include "infer/engine.h"
 #include "text/stream.h"
 
 #define RP_REQUEST_MAX_MESSAGES 4096

@@ -1,5 +1,5 @@
 /* libFuzzer target: saved session states (rp_session_file_read in
- * src/serve/session_file.c): safetensors plus a hex SessionHeader protobuf
+ * src/infer/session_file.c): safetensors plus a hex SessionHeader protobuf
  * in the metadata, or a state-tuning file. Clients of `rwkvpipe serve` can
  * make the server load these, so a bad file must fail cleanly. The model
  * shape is the built-in "tiny" (L2, C128, 2 heads of 64), as the seeds. */
@@ -7,7 +7,7 @@
 
 #include "model/config.h"
 #include "model/state.h"
-#include "serve/session_file.h"
+#include "infer/session_file.h"
 #include "fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

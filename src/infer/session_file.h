@@ -13,8 +13,8 @@
  * The server (src/serve/http.c) reaches files only through an rp_session_dir:
  * plain names in one directory, opened relative to it without following
  * links, and a save never replaces a file that is not a session file. */
-#ifndef RP_SERVE_SESSION_FILE_H
-#define RP_SERVE_SESSION_FILE_H
+#ifndef RP_INFER_SESSION_FILE_H
+#define RP_INFER_SESSION_FILE_H
 
 #include <pthread.h>
 #include <stdint.h>

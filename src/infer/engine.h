@@ -10,8 +10,9 @@
  * only the residual stream and v_first cross stage boundaries; the last stage
  * applies ln_out and the head, samples (fp32), and returns token ids. Control
  * commands (open/free a slot, session stash/restore/export/import, shutdown)
- * travel down the same ordered stream as protobuf messages; only the main
- * thread of each rank calls MPI.
+ * travel down the same ordered stream as protobuf messages. Every byte
+ * between stages goes through the stage transport (pipe/transport.h), and
+ * only the main thread of each rank uses it.
  *
  * Numbers do not depend on batch composition: a prefill chunk runs alone, and
  * decode groups stay within the decode kernel whose rows are computed
@@ -22,8 +23,8 @@
  * rank. On rank 0, any thread (HTTP handlers) may submit, read and cancel
  * jobs and ask for session operations and metrics: those calls are
  * thread-safe. */
-#ifndef RP_SERVE_ENGINE_H
-#define RP_SERVE_ENGINE_H
+#ifndef RP_INFER_ENGINE_H
+#define RP_INFER_ENGINE_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -156,18 +157,19 @@ void rp_engine_shutdown(rp_engine *e);
 /* Rank 0, any thread; blocking until the main thread has done it (with the
  * pipeline empty). Sessions are named (RP_ENGINE_SESSION_NAME_MAX). The
  * engine does no file I/O: a caller saves a session by exporting it and
- * writing the buffer (src/serve/session_file.h), and loads one by reading a
+ * writing the buffer (src/infer/session_file.h), and loads one by reading a
  * file and importing it. The main thread holds the engine's lock only for
  * its session table, never across a transfer, so other threads' calls
  * (submit, exists, metrics) never wait for one.
  * state: the whole model's state of one sequence in rp_state layout (1 slot,
  * layers 0..L-1), rp_engine_session_floats floats, the same whatever the
- * number of stages. export: gathers every stage's part (over MPI on the
- * main thread) into out, and the tokens the state has read; import: stores
+ * number of stages. export: gathers every stage's part (through the
+ * transport, on the main thread) into out, and the tokens the state has read; import: stores
  * state under name (replacing it) on every stage; delete: forgets it.
  * Unknown names are RP_ERR_ARG with a message (HTTP 404); once the engine
  * stopped (error or shutdown) RP_ERR_UNAVAILABLE. A failed transfer ends
- * rp_engine_run with that error. */
+ * rp_engine_run with that error, and the caller of the operation gets
+ * RP_ERR_MPI "the engine failed: <it>". */
 size_t rp_engine_session_floats(const rp_engine *e);
 rp_status rp_engine_session_export(rp_engine *e, const char *name, float *out, uint64_t *tokens,
                                    rp_error *err);

@@ -1,7 +1,7 @@
 /* Session state files (session_file.h): the file image, the session
  * directory (openat / renameat relative to it), and the reader whose client
  * messages never quote the file. */
-#include "serve/session_file.h"
+#include "infer/session_file.h"
 
 #include <dirent.h>
 #include <errno.h>

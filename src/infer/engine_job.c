@@ -5,7 +5,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "serve/engine_internal.h"
+#include "infer/engine_internal.h"
 #include "core/clock.h"
 
 const char *rp_finish_reason_name(rp_finish_reason r) {
@@ -158,19 +158,19 @@ static void job_notify(rp_job *job) {
 
 void rp_job_cancel(rp_job *job) {
     pthread_mutex_lock(&job->mu);
-    if (!job->cancel) job->cancel = 1;
+    if (!job->cancel) job->cancel = RP_JOB_CANCEL_CLIENT;
     pthread_mutex_unlock(&job->mu);
 }
 
 void rp_job_stop(rp_job *job) {
     pthread_mutex_lock(&job->mu);
-    if (!job->cancel) job->cancel = 2;
+    if (!job->cancel) job->cancel = RP_JOB_CANCEL_STOP;
     pthread_mutex_unlock(&job->mu);
 }
 
-int rp_job_cancel_state(rp_job *job) {
+rp_job_cancel_reason rp_job_cancel_state(rp_job *job) {
     pthread_mutex_lock(&job->mu);
-    int c = job->cancel;
+    rp_job_cancel_reason c = job->cancel;
     pthread_mutex_unlock(&job->mu);
     return c;
 }

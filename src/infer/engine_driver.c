@@ -1,0 +1,656 @@
+/* The driver of the generation engine (engine.h), on rank 0: the job queue,
+ * admission into slots, the scheduler that keeps up to P units (prefill
+ * chunks, decode groups) in the pipeline, the results that come back, and
+ * the engine's creation, run loop, shutdown and metrics. The stage side is
+ * engine_worker.c, sessions engine_sessions.c. */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "infer/engine_internal.h"
+#include "core/clock.h"
+
+void rp_engine_config_defaults(rp_engine_config *c) {
+    memset(c, 0, sizeof *c);
+    c->n_slots = 16;
+    c->prefill_chunk = 256;
+    c->max_queue = 64;
+    c->session_budget_bytes = (size_t)256 << 20;
+    c->comm_timeout = 300;
+}
+
+const rp_config *rp_engine_config_of(const rp_engine *e) { return &e->m->cfg; }
+
+/* ---- creation ---- */
+
+rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid *grid,
+                           const rp_engine_config *cfg, rp_error *err) {
+    *out = NULL;
+    if (cfg->n_slots < 1 || cfg->prefill_chunk < 1 || cfg->max_queue < 0)
+        return rp_error_set(err, RP_ERR_ARG, "engine: slots %d and prefill chunk %d must be >= 1",
+                            cfg->n_slots, cfg->prefill_chunk);
+    if (grid && grid->dp != 1)
+        return rp_error_set(err, RP_ERR_ARG, "serving runs one pipeline: use -np equal to --pp "
+                            "(got %d ranks for %d stages)", grid->world_size, grid->pp);
+    rp_engine *e = calloc(1, sizeof *e);
+    if (!e) return rp_error_set(err, RP_ERR_NOMEM, "engine");
+    e->m = model;
+    e->be = model->be;
+    e->cfg = *cfg;
+    e->stage = grid ? grid->stage : 0;
+    e->n_stages = grid ? grid->pp : 1;
+    e->is_last = e->stage == e->n_stages - 1;
+    e->t_start = e->t_mark = rp_now_seconds();
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->wake, NULL);
+    e->owner = pthread_self();
+    const rp_config *c = &model->cfg;
+    e->max_rows = (size_t)(cfg->prefill_chunk > RP_ENGINE_GROUP_MAX ? cfg->prefill_chunk
+                                                                     : RP_ENGINE_GROUP_MAX);
+    rp_status st = rp_workspace_alloc(&e->ws, c, (int)e->max_rows, e->be, err);
+    if (st != RP_OK) {
+        free(e);
+        return st;
+    }
+    rp_state_geometry(&e->state, c, model->layer_begin, model->layer_end, cfg->n_slots);
+    e->state.data = e->be->alloc(e->be, e->state.floats_per_slot * (size_t)cfg->n_slots *
+                                            sizeof(float));
+    e->n_out = e->n_stages + 2;
+    e->out = calloc((size_t)e->n_out, sizeof *e->out);
+    e->slot_job = calloc((size_t)cfg->n_slots, sizeof *e->slot_job);
+    e->slot_tokens = calloc((size_t)cfg->n_slots, sizeof *e->slot_tokens);
+    e->busy_total = calloc((size_t)e->n_stages, sizeof(double));
+    e->busy_mark = calloc((size_t)e->n_stages, sizeof(double));
+    e->busy_frac = calloc((size_t)e->n_stages, sizeof(double));
+    e->stage_layer_begin = calloc((size_t)e->n_stages, sizeof(int));
+    e->stage_layer_end = calloc((size_t)e->n_stages, sizeof(int));
+    int ok = e->state.data && e->out && e->slot_job && e->slot_tokens && e->busy_total &&
+             e->busy_mark && e->busy_frac && e->stage_layer_begin && e->stage_layer_end;
+    for (int s = 0; ok && s < e->n_stages; s++) {
+        e->stage_layer_begin[s] = grid ? grid->layer_begin[s] : 0;
+        e->stage_layer_end[s] = grid ? grid->layer_end[s] : c->n_layer;
+    }
+    /* Backend memory: the transport stages it through host memory when the
+     * backend's is not host memory. */
+    const size_t act_bytes = e->max_rows * c->n_embd * sizeof(float);
+    for (int i = 0; ok && e->n_stages > 1 && i < e->n_out; i++) {
+        e->out[i].x = e->be->alloc(e->be, act_bytes);
+        e->out[i].v = e->be->alloc(e->be, act_bytes);
+        ok = e->out[i].x && e->out[i].v;
+    }
+    if (ok && e->is_last) {
+        const size_t V = (size_t)c->vocab_size;
+        e->logits_dev = e->be->alloc(e->be, RP_ENGINE_GROUP_MAX * V * sizeof(float));
+        e->logits_host = malloc(RP_ENGINE_GROUP_MAX * V * sizeof(float));
+        e->sampler_scratch = malloc(rp_sampler_scratch_bytes(c->vocab_size));
+        e->sampling = calloc((size_t)cfg->n_slots, sizeof *e->sampling);
+        ok = e->logits_dev && e->logits_host && e->sampler_scratch && e->sampling;
+        for (int i = 0; ok && i < cfg->n_slots; i++)
+            ok = (e->sampling[i].occ = calloc(V, sizeof(float))) != NULL;
+    }
+    if (!ok) {
+        const size_t bytes = e->state.floats_per_slot * sizeof(float);
+        rp_engine_free(e);
+        return rp_error_set(err, RP_ERR_NOMEM,
+                            "cannot allocate the engine: %d slots of %zu bytes of state",
+                            cfg->n_slots, bytes);
+    }
+    if (grid && grid->pp > 1) {
+        if ((st = rp_transport_init(&e->tp, grid->pipe_comm, cfg->comm_timeout, err)) != RP_OK) {
+            rp_engine_free(e);
+            return rp_error_prefix(err, "the engine's stage transport");
+        }
+        e->has_tp = 1;
+        rp_transport_use_backend(&e->tp, e->be);
+    }
+    *out = e;
+    return RP_OK;
+}
+
+void rp_engine_free(rp_engine *e) {
+    if (!e) return;
+    for (int i = 0; e->out && i < e->n_out; i++) {
+        free(e->out[i].packed);
+        if (e->out[i].x) e->be->free(e->be, e->out[i].x);
+        if (e->out[i].v) e->be->free(e->be, e->out[i].v);
+    }
+    free(e->out);
+    if (e->state.data) e->be->free(e->be, e->state.data);
+    if (e->logits_dev) e->be->free(e->be, e->logits_dev);
+    free(e->logits_host);
+    free(e->sampler_scratch);
+    for (int i = 0; e->sampling && i < e->cfg.n_slots; i++) free(e->sampling[i].occ);
+    free(e->sampling);
+    for (int i = 0; i < e->n_sessions; i++) free(e->sessions[i].data);
+    free(e->sessions);
+    for (int i = 0; e->slot_job && i < e->cfg.n_slots; i++)
+        if (e->slot_job[i]) rp_job_release(e->slot_job[i]);
+    free(e->slot_job);
+    free(e->slot_tokens);
+    while (e->queue_head) {
+        rp_job *j = e->queue_head;
+        e->queue_head = j->next;
+        rp_job_release(j);
+    }
+    free(e->busy_total);
+    free(e->busy_mark);
+    free(e->busy_frac);
+    free(e->stage_layer_begin);
+    free(e->stage_layer_end);
+    free(e->units.r);
+    rp_workspace_free(&e->ws, e->be);
+    if (e->has_tp) rp_transport_free(&e->tp);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->wake);
+    free(e);
+}
+
+/* ---- the driver (rank 0) ---- */
+
+rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err) {
+    rp_status st = rp_gen_params_validate(&job->params, e->m->cfg.vocab_size, err);
+    if (st != RP_OK) return st;
+    for (int i = 0; i < job->n_prompt; i++)
+        if (job->prompt[i] < 0 || job->prompt[i] >= e->m->cfg.vocab_size)
+            return rp_error_set(err, RP_ERR_ARG, "prompt token %d at position %d is outside the "
+                                "vocabulary [0, %d)", job->prompt[i], i, e->m->cfg.vocab_size);
+    pthread_mutex_lock(&e->mu);
+    if (e->shutdown_requested) {
+        pthread_mutex_unlock(&e->mu);
+        return rp_error_set(err, RP_ERR_UNAVAILABLE, "the server is shutting down");
+    }
+    if (e->n_queued >= e->cfg.max_queue) {
+        int q = e->n_queued;
+        pthread_mutex_unlock(&e->mu);
+        return rp_error_set(err, RP_ERR_BUSY, "%d requests are already waiting for a slot; try "
+                            "again later", q);
+    }
+    rp_job_retain(job);
+    job->t_submit = rp_now_seconds();
+    job->next = NULL;
+    if (e->queue_tail) e->queue_tail->next = job;
+    else e->queue_head = job;
+    e->queue_tail = job;
+    e->n_queued++;
+    e->requests_total++;
+    pthread_cond_broadcast(&e->wake);
+    pthread_mutex_unlock(&e->mu);
+    return RP_OK;
+}
+
+rp_status rp_engine_issue(rp_engine *e, const rp_engine_command *c, rp_error *err) {
+    rp_status st = rp_engine_apply(e, c, err);
+    if (st == RP_OK && e->n_stages > 1) st = rp_engine_forward(e, c, NULL, NULL, 0, err);
+    return st;
+}
+
+static void make_sampling(Rwkvpipe__EngineSampling *s, const rp_gen_params *p) {
+    rwkvpipe__engine_sampling__init(s);
+    s->temperature = p->sampler.temperature;
+    s->top_p = p->sampler.top_p;
+    s->top_k = p->sampler.top_k;
+    s->seed = p->sampler.seed;
+    s->presence_penalty = p->presence_penalty;
+    s->frequency_penalty = p->frequency_penalty;
+    s->penalty_decay = p->penalty_decay;
+    s->n_banned = (size_t)p->n_banned;
+    s->banned = (int32_t *)p->banned;
+}
+
+/* Frees slot (stashing its state under the job's store_session if asked).
+ * Without e->mu: the table functions take it for their changes. */
+static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
+    rp_job *j = e->slot_job[slot];
+    rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
+    c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__FREE_SLOT;
+    c.slot = slot;
+    c.session = stash ? j->store_session : (char *)"";
+    rp_status st = rp_engine_issue(e, &c, err);
+    if (st == RP_OK && stash) {
+        rp_engine_session *s = rp_engine_session_find(e, j->store_session);
+        pthread_mutex_lock(&e->mu);
+        if (s) {
+            s->tokens = e->slot_tokens[slot];
+            s->last_used = ++e->clock;
+        }
+        pthread_mutex_unlock(&e->mu);
+        /* LRU under the byte budget (whole-model bytes per session). */
+        const size_t per = e->state.floats_per_layer * (size_t)e->m->cfg.n_layer * sizeof(float);
+        while (st == RP_OK && e->n_sessions > 1 &&
+               (size_t)e->n_sessions * per > e->cfg.session_budget_bytes) {
+            int lru = -1;
+            for (int i = 0; i < e->n_sessions; i++)
+                if (strcmp(e->sessions[i].name, j->store_session) != 0 &&
+                    (lru < 0 || e->sessions[i].last_used < e->sessions[lru].last_used))
+                    lru = i;
+            if (lru < 0) break;
+            rp_engine_command d = RWKVPIPE__ENGINE_COMMAND__INIT;
+            d.kind = RWKVPIPE__ENGINE_COMMAND__KIND__DROP;
+            char name[RP_ENGINE_SESSION_NAME_MAX];
+            snprintf(name, sizeof name, "%s", e->sessions[lru].name);
+            d.session = name;
+            st = rp_engine_issue(e, &d, err);
+        }
+    }
+    if (j->has_deferred) rp_job_finish(j, j->deferred, NULL);
+    e->slot_job[slot] = NULL;
+    rp_job_release(j);
+    return st;
+}
+
+/* The job is over: a job that stores its session reports its end only once
+ * the session is stored (close_slot), so a client that continues or saves it
+ * right after the reply finds it. */
+static void job_end(rp_job *j, rp_finish_reason reason) {
+    j->closing = 1;
+    if (j->store_session[0]) {
+        j->has_deferred = 1;
+        j->deferred = reason;
+    } else {
+        rp_job_finish(j, reason, NULL);
+    }
+}
+
+static int is_stop_token(const rp_job *j, int32_t t) {
+    for (int i = 0; i < j->params.n_stop_tokens; i++)
+        if (j->params.stop_tokens[i] == t) return 1;
+    return 0;
+}
+
+/* A sampled token for slot: emit it, or finish the job. */
+static void deliver(rp_engine *e, int slot, int32_t tok) {
+    rp_job *j = e->slot_job[slot];
+    if (!j || j->closing) return;
+    if (tok < 0) {
+        rp_job_finish(j, RP_FINISH_ERROR, rp_sample_failure_message(tok, (uint64_t)j->n_generated));
+        j->closing = 1;
+        return;
+    }
+    if (is_stop_token(j, tok)) {
+        job_end(j, RP_FINISH_STOP);
+        return;
+    }
+    rp_job_push_token(j, tok);
+    pthread_mutex_lock(&e->mu);
+    e->tokens_generated++;
+    pthread_mutex_unlock(&e->mu);
+    j->n_generated++;
+    j->has_pending = 1;
+    j->pending = tok;
+    if (j->n_generated >= j->params.max_tokens) job_end(j, RP_FINISH_LENGTH);
+}
+
+static void account_busy(rp_engine *e, const double *busy, size_t n) {
+    pthread_mutex_lock(&e->mu);
+    for (size_t s = 0; s < n && s < (size_t)e->n_stages; s++) e->busy_total[s] += busy[s];
+    pthread_mutex_unlock(&e->mu);
+}
+
+static void finish_unit(rp_engine *e, const int32_t *unit_slots, int n_unit, const int32_t *slots,
+                        const int32_t *tokens, int n_sampled) {
+    for (int i = 0; i < n_unit; i++)
+        if (e->slot_job[unit_slots[i]]) e->slot_job[unit_slots[i]]->in_flight = 0;
+    for (int i = 0; i < n_sampled; i++) deliver(e, slots[i], tokens[i]);
+}
+
+/* Builds and launches the next unit, if any work is ready. Returns 1 if one
+ * was launched. */
+static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_error *err) {
+    const int S = e->cfg.n_slots;
+    int32_t slots[RP_ENGINE_GROUP_MAX], lengths[RP_ENGINE_GROUP_MAX];
+    protobuf_c_boolean sample[RP_ENGINE_GROUP_MAX];
+    int32_t tokens_buf[RP_ENGINE_GROUP_MAX];
+    const int32_t *tokens = NULL;
+    int n = 0;
+    /* Candidates: decode-ready slots, and a slot still prefilling. */
+    int prefill_slot = -1;
+    /* Round robin from where the last unit stopped: with more ready slots
+     * than fit in a group, the low-numbered ones must not always win. */
+    const int start = e->rr_cursor;
+    for (int i = 0; i < S; i++) {
+        const int s = (start + i) % S;
+        rp_job *j = e->slot_job[s];
+        if (!j || j->in_flight) continue;
+        if (j->prefilled < j->n_prompt && !j->closing) {
+            if (prefill_slot < 0) prefill_slot = s;
+        } else if (j->has_pending && (!j->closing || j->store_session[0]) &&
+                   !(j->closing && rp_job_cancel_state(j) == RP_JOB_CANCEL_CLIENT)) {
+            if (n < RP_ENGINE_GROUP_MAX) {
+                slots[n] = s;
+                lengths[n] = 1;
+                sample[n] = !j->closing;
+                tokens_buf[n] = j->pending;
+                n++;
+            }
+        }
+    }
+    /* Alternate between prefill and decode so neither starves the other. */
+    int do_prefill = prefill_slot >= 0 && (n == 0 || e->prefer_prefill);
+    if (!do_prefill && n == 0) return 0;
+    e->prefer_prefill = !do_prefill;
+    e->rr_cursor = ((do_prefill ? prefill_slot : slots[n - 1]) + 1) % S;
+    rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
+    c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__UNIT;
+    c.unit_id = ++e->next_unit_id;
+    if (do_prefill) {
+        rp_job *j = e->slot_job[prefill_slot];
+        int len = j->n_prompt - j->prefilled;
+        if (len > e->cfg.prefill_chunk) len = e->cfg.prefill_chunk;
+        slots[0] = prefill_slot;
+        lengths[0] = len;
+        /* The last chunk's last row gives the first token (unless max 0). */
+        sample[0] = j->prefilled + len == j->n_prompt && j->params.max_tokens > 0;
+        tokens = j->prompt + j->prefilled;
+        j->prefilled += len;
+        n = 1;
+        pthread_mutex_lock(&e->mu);
+        e->tokens_prefilled += len;
+        pthread_mutex_unlock(&e->mu);
+    } else {
+        tokens = tokens_buf;
+    }
+    for (int i = 0; i < n; i++) {
+        rp_job *j = e->slot_job[slots[i]];
+        j->in_flight = 1;
+        if (!do_prefill) j->has_pending = 0;
+        e->slot_tokens[slots[i]] += (uint64_t)lengths[i];
+    }
+    c.n_slots = c.n_lengths = c.n_sample = (size_t)n;
+    c.slots = slots;
+    c.lengths = lengths;
+    c.sample = sample;
+    int32_t s_out[RP_ENGINE_GROUP_MAX], t_out[RP_ENGINE_GROUP_MAX];
+    int n_sampled = 0;
+    double busy = 0;
+    *st = rp_engine_run_unit(e, &c, tokens, s_out, t_out, &n_sampled, &busy, err);
+    if (*st != RP_OK) return 0;
+    if (e->n_stages == 1) {
+        account_busy(e, &busy, 1);
+        finish_unit(e, slots, n, s_out, t_out, n_sampled);
+        return 1;
+    }
+    size_t rows = 0;
+    for (int i = 0; i < n; i++) rows += (size_t)lengths[i];
+    c.n_busy_seconds = 1;
+    c.busy_seconds = &busy;
+    rec->id = c.unit_id;
+    rec->n = n;
+    memcpy(rec->slots, slots, sizeof(int32_t) * (size_t)n);
+    *st = rp_engine_forward(e, &c, e->ws.x, e->ws.v_first, rows, err);
+    if (*st != RP_OK) return 0;
+    e->units_in_flight++;
+    return 1;
+}
+
+rp_status rp_engine_collect(rp_engine *e, int block, rp_error *err) {
+    rp_unit_table *t = &e->units;
+    while (e->units_in_flight > 0) {
+        void *buf;
+        size_t count;
+        rp_status st = rp_transport_recv_message(&e->tp, e->n_stages - 1, RP_MSG_RESULT, 0,
+                                                 block ? RP_MSG_WAIT : RP_MSG_POLL, &buf, &count,
+                                                 NULL, err);
+        if (st != RP_OK) return st;
+        if (!buf) return RP_OK;
+        Rwkvpipe__EngineResult *r = rwkvpipe__engine_result__unpack(NULL, count, buf);
+        free(buf);
+        if (!r) return rp_error_set(err, RP_ERR_FORMAT, "rank 0: undecodable engine result");
+        int found = -1;
+        for (int i = 0; i < t->n; i++)
+            if (t->r[i].id == r->unit_id) found = i;
+        if (found < 0) {
+            rwkvpipe__engine_result__free_unpacked(r, NULL);
+            return rp_error_set(err, RP_ERR_INTERNAL, "rank 0: result for unknown unit %llu",
+                                (unsigned long long)r->unit_id);
+        }
+        account_busy(e, r->busy_seconds, r->n_busy_seconds);
+        finish_unit(e, t->r[found].slots, t->r[found].n, r->slots, r->tokens, (int)r->n_slots);
+        t->r[found] = t->r[--t->n];
+        e->units_in_flight--;
+        rwkvpipe__engine_result__free_unpacked(r, NULL);
+        block = 0;
+    }
+    return RP_OK;
+}
+
+int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
+    *status = RP_OK;
+    rp_status st = RP_OK;
+    const int S = e->cfg.n_slots;
+    rp_unit_table *t = &e->units;
+    if (e->stage != 0) {
+        *status = rp_error_set(err, RP_ERR_INTERNAL, "rp_engine_step runs on rank 0");
+        return 0;
+    }
+    /* Shutdown: cancel everything queued or running. */
+    if (e->shutdown_requested && !e->shutdown_started) {
+        e->shutdown_started = 1;
+        pthread_mutex_lock(&e->mu);
+        while (e->queue_head) {
+            rp_job *j = e->queue_head;
+            e->queue_head = j->next;
+            rp_job_finish(j, RP_FINISH_CANCELLED, NULL);
+            rp_job_release(j);
+        }
+        e->queue_tail = NULL;
+        e->n_queued = 0;
+        pthread_mutex_unlock(&e->mu);
+        for (int s = 0; s < S; s++)
+            if (e->slot_job[s]) rp_job_cancel(e->slot_job[s]);
+    }
+    /* Session operations need an empty pipeline. */
+    pthread_mutex_lock(&e->mu);
+    int controls_waiting = e->controls != NULL;
+    pthread_mutex_unlock(&e->mu);
+    if (controls_waiting && e->units_in_flight == 0) {
+        if ((st = rp_engine_run_controls(e, err)) != RP_OK) goto fail;
+    }
+    /* Admission: queued jobs take free slots. */
+    for (int s = 0; s < S && !controls_waiting; s++) {
+        if (e->slot_job[s]) continue;
+        pthread_mutex_lock(&e->mu);
+        rp_job *j = e->queue_head;
+        if (j) {
+            e->queue_head = j->next;
+            if (!e->queue_head) e->queue_tail = NULL;
+            e->n_queued--;
+        }
+        int known = j && (!j->start_session[0] || rp_engine_session_find(e, j->start_session));
+        if (j && known && j->start_session[0])
+            rp_engine_session_find(e, j->start_session)->last_used = ++e->clock;
+        /* A job still closing may be about to store the session this one
+         * starts from (a chat's next turn right after the previous one): wait. */
+        int pending_store = 0;
+        for (int k = 0; j && !known && k < S; k++)
+            pending_store |= e->slot_job[k] && e->slot_job[k]->closing &&
+                             strcmp(e->slot_job[k]->store_session, j->start_session) == 0;
+        if (pending_store) {
+            j->next = e->queue_head;
+            e->queue_head = j;
+            if (!e->queue_tail) e->queue_tail = j;
+            e->n_queued++;
+            j = NULL;
+        }
+        pthread_mutex_unlock(&e->mu);
+        if (!j) break;
+        if (rp_job_cancel_state(j)) {
+            rp_job_finish(j, RP_FINISH_CANCELLED, NULL);
+            rp_job_release(j);
+            s--;
+            continue;
+        }
+        if (!known) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "unknown session '%s'", j->start_session);
+            rp_job_finish(j, RP_FINISH_ERROR, msg);
+            rp_job_release(j);
+            s--;
+            continue;
+        }
+        Rwkvpipe__EngineSampling sampling;
+        make_sampling(&sampling, &j->params);
+        rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
+        c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__OPEN_SLOT;
+        c.slot = s;
+        c.session = j->start_session;
+        c.sampling = &sampling;
+        rp_engine_session *from =
+            j->start_session[0] ? rp_engine_session_find(e, j->start_session) : NULL;
+        e->slot_tokens[s] = from ? from->tokens : 0;
+        st = rp_engine_issue(e, &c, err);
+        if (st != RP_OK) goto fail;
+        pthread_mutex_lock(&j->mu);
+        j->t_slot = rp_now_seconds();
+        j->session_continued = from != NULL;
+        pthread_mutex_unlock(&j->mu);
+        j->slot = s;
+        e->slot_job[s] = j;
+    }
+    /* Cancelled and finished jobs give their slot back. */
+    for (int s = 0; s < S; s++) {
+        rp_job *j = e->slot_job[s];
+        if (!j || j->in_flight) continue;
+        rp_job_cancel_reason cancel = rp_job_cancel_state(j);
+        if (!j->closing && cancel == RP_JOB_CANCEL_CLIENT) {
+            rp_job_finish(j, RP_FINISH_CANCELLED, NULL);
+            j->closing = 1;
+        } else if (!j->closing && cancel == RP_JOB_CANCEL_STOP) {
+            job_end(j, RP_FINISH_STOP);
+        }
+        if (!j->closing && j->prefilled == j->n_prompt && j->params.max_tokens == 0)
+            job_end(j, RP_FINISH_LENGTH);
+        if (!j->closing) continue;
+        /* A job that keeps its session first reads its last emitted token. */
+        const int stash = j->store_session[0] && cancel != 1 && j->prefilled == j->n_prompt;
+        if (stash && j->has_pending) continue;
+        st = close_slot(e, s, stash, err);
+        if (st != RP_OK) goto fail;
+    }
+    /* Keep up to P units in flight. */
+    e->launched_any = 0;
+    /* At most P launches per step, so admissions and cancels interleave
+     * (with one stage every unit completes inside launch_unit). */
+    for (int launches = 0; e->units_in_flight < e->n_stages && launches < e->n_stages;
+         launches++) {
+        if (t->n == t->cap) {
+            int cap = t->cap ? 2 * t->cap : 8;
+            rp_unit_record *grown = realloc(t->r, sizeof *grown * (size_t)cap);
+            if (!grown) {
+                st = rp_error_set(err, RP_ERR_NOMEM, "unit table");
+                goto fail;
+            }
+            t->r = grown;
+            t->cap = cap;
+        }
+        int launched = launch_unit(e, &t->r[t->n], &st, err);
+        if (st != RP_OK) goto fail;
+        if (!launched) break;
+        e->launched_any = 1;
+        if (e->n_stages > 1) t->n++;
+        if ((st = rp_engine_collect(e, 0, err)) != RP_OK) goto fail;
+    }
+    if (e->n_stages > 1 && (st = rp_engine_collect(e, 0, err)) != RP_OK) goto fail;
+    pthread_mutex_lock(&e->mu);
+    int busy = e->n_queued > 0 || e->controls != NULL;
+    pthread_mutex_unlock(&e->mu);
+    for (int s = 0; s < S; s++) busy |= e->slot_job[s] != NULL;
+    return busy || e->units_in_flight > 0;
+fail:
+    rp_engine_fail_controls(e, RP_ENGINE_STOP_FAILED, err ? err->msg : rp_status_name(st));
+    *status = st;
+    return 0;
+}
+
+rp_status rp_engine_run(rp_engine *e, rp_error *err) {
+    if (e->stage != 0) return rp_engine_stage_loop(e, err);
+    for (;;) {
+        rp_status st;
+        int active = rp_engine_step(e, err, &st);
+        if (st != RP_OK) return st;
+        if (e->shutdown_requested && !active) break;
+        if (!active) {
+            /* Idle: sleep until a client submits (or 20 ms pass). */
+            pthread_mutex_lock(&e->mu);
+            if (!e->queue_head && !e->controls && !e->shutdown_requested) {
+                struct timespec until;
+                clock_gettime(CLOCK_REALTIME, &until);
+                until.tv_nsec += 20000000L;
+                if (until.tv_nsec >= 1000000000L) {
+                    until.tv_sec++;
+                    until.tv_nsec -= 1000000000L;
+                }
+                pthread_cond_timedwait(&e->wake, &e->mu, &until);
+            }
+            pthread_mutex_unlock(&e->mu);
+        } else if (e->units_in_flight > 0 &&
+                   (e->units_in_flight >= e->n_stages || !e->launched_any)) {
+            /* The pipe is full, or nothing else can start before a result
+             * comes back: wait for it instead of spinning. */
+            rp_status cst = rp_engine_collect(e, 1, err);
+            if (cst != RP_OK) {
+                rp_engine_fail_controls(e, RP_ENGINE_STOP_FAILED,
+                                        err ? err->msg : rp_status_name(cst));
+                return cst;
+            }
+        }
+    }
+    /* A control queued after the last step is answered, not left waiting. */
+    rp_engine_fail_controls(e, RP_ENGINE_STOP_SHUTDOWN, "the server is shutting down");
+    /* Every stage stops; the last one acknowledges, so none is left behind. */
+    if (e->n_stages > 1) {
+        rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
+        c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__SHUTDOWN;
+        rp_status st = rp_engine_forward(e, &c, NULL, NULL, 0, err);
+        if (st == RP_OK) st = rp_engine_flush(e, err);
+        if (st != RP_OK) return st;
+        /* The acknowledgement gets 30 s whatever --comm-timeout says: the
+         * stages have nothing left to compute. */
+        void *buf;
+        size_t count;
+        const double timeout = e->tp.timeout_s;
+        e->tp.timeout_s = 30;
+        st = rp_transport_recv_message(&e->tp, e->n_stages - 1, RP_MSG_RESULT, 0, RP_MSG_WAIT,
+                                       &buf, &count, NULL, err);
+        e->tp.timeout_s = timeout;
+        if (st != RP_OK) return rp_error_prefix(err, "the last stage's shutdown acknowledgement");
+        free(buf);
+    }
+    return RP_OK;
+}
+
+void rp_engine_shutdown(rp_engine *e) {
+    e->shutdown_requested = 1;
+    /* No lock here (async-signal-safe); the idle wait wakes within 20 ms. */
+}
+
+void rp_engine_get_metrics(rp_engine *e, rp_engine_metrics *m) {
+    memset(m, 0, sizeof *m);
+    pthread_mutex_lock(&e->mu);
+    const double now = rp_now_seconds();
+    m->requests_total = e->requests_total;
+    m->requests_queued = e->n_queued;
+    m->tokens_generated = e->tokens_generated;
+    m->tokens_prefilled = e->tokens_prefilled;
+    m->slots_total = e->cfg.n_slots;
+    m->n_stages = e->n_stages;
+    m->sessions_stored = e->n_sessions;
+    m->uptime_seconds = now - e->t_start;
+    /* Rates over the time since the previous reading, once at least 1 s
+     * has passed (a faster scraper sees the last values). */
+    const double dt = now - e->t_mark;
+    if (dt >= 1.0) {
+        for (int s = 0; s < e->n_stages; s++) {
+            e->busy_frac[s] = (e->busy_total[s] - e->busy_mark[s]) / dt;
+            e->busy_mark[s] = e->busy_total[s];
+        }
+        e->tokens_rate = (double)(e->tokens_generated - e->tokens_mark) / dt;
+        e->tokens_mark = e->tokens_generated;
+        e->t_mark = now;
+    }
+    m->tokens_per_second = e->tokens_rate;
+    for (int s = 0; s < e->n_stages && s < 64; s++) m->stage_busy[s] = e->busy_frac[s];
+    pthread_mutex_unlock(&e->mu);
+    /* Slots are the main thread's: a racy read is fine for a gauge. */
+    for (int s = 0; s < e->cfg.n_slots; s++) m->slots_active += e->slot_job[s] != NULL;
+    m->requests_active = m->slots_active;
+}

@@ -1,0 +1,329 @@
+/* The stage side of the generation engine (engine.h): the command stream
+ * each stage follows (units, slot and session commands, shutdown), the
+ * compute of one unit on this stage's layers, and the last stage's sampling.
+ * Every byte between stages goes through the transport (pipe/transport.h):
+ * commands and results as variable-size messages, x / v_first as transfers
+ * tagged with the unit, session states as RP_MSG_STATE messages. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "infer/engine_internal.h"
+#include "core/clock.h"
+
+static float *slot_state(rp_engine *e, int slot) {
+    return e->state.data + (size_t)slot * e->state.floats_per_slot;
+}
+
+/* A unit's id in a transfer tag (tags wrap; at most P units are in flight). */
+static int unit_tag(uint64_t unit_id) { return (int)(unit_id % RP_TRANSPORT_TAG_SPAN); }
+
+/* ---- commands ---- */
+
+static size_t pack_command(rp_engine_outgoing *o, const rp_engine_command *c) {
+    size_t n = rwkvpipe__engine_command__get_packed_size(c);
+    if (n > o->packed_cap) {
+        uint8_t *grown = realloc(o->packed, n);
+        if (!grown) return 0;
+        o->packed = grown;
+        o->packed_cap = n;
+    }
+    rwkvpipe__engine_command__pack(c, o->packed);
+    return n;
+}
+
+static rp_status wait_outgoing(rp_engine *e, rp_engine_outgoing *o, rp_error *err) {
+    rp_status first = RP_OK;
+    /* Every transfer is completed or cancelled before the slot is reused. */
+    for (int i = 0; i < 3; i++) {
+        rp_status st = rp_transport_wait(&e->tp, &o->xfer[i], first == RP_OK ? err : NULL);
+        if (first == RP_OK) first = st;
+    }
+    return first;
+}
+
+rp_status rp_engine_flush(rp_engine *e, rp_error *err) {
+    rp_status st = RP_OK;
+    for (int i = 0; st == RP_OK && e->has_tp && i < e->n_out; i++)
+        st = wait_outgoing(e, &e->out[i], err);
+    return st;
+}
+
+rp_status rp_engine_forward(rp_engine *e, const rp_engine_command *c, const float *x,
+                            const float *v, size_t rows, rp_error *err) {
+    if (e->is_last || !e->has_tp) return RP_OK;
+    rp_engine_outgoing *o = &e->out[e->out_next];
+    e->out_next = (e->out_next + 1) % e->n_out;
+    rp_status st = wait_outgoing(e, o, err);
+    if (st != RP_OK) return st;
+    size_t n = pack_command(o, c);
+    if (n == 0 && rwkvpipe__engine_command__get_packed_size(c) != 0)
+        return rp_error_set(err, RP_ERR_NOMEM, "engine command buffer");
+    const int next = e->stage + 1;
+    st = rp_transport_post_send_message(&e->tp, o->packed, n, next, RP_MSG_CONTROL, 0,
+                                        &o->xfer[0], err);
+    if (st != RP_OK || !x) return st;
+    const size_t bytes = rows * (size_t)e->m->cfg.n_embd * sizeof(float);
+    e->be->copy(e->be, o->x, x, bytes);
+    e->be->copy(e->be, o->v, v, bytes);
+    const int mb = unit_tag(c->unit_id);
+    st = rp_transport_post_send(&e->tp, o->x, bytes, next, RP_MSG_ACT, mb, &o->xfer[1], err);
+    if (st == RP_OK)
+        st = rp_transport_post_send(&e->tp, o->v, bytes, next, RP_MSG_ACT_VFIRST, mb,
+                                    &o->xfer[2], err);
+    return st;
+}
+
+/* Waits for the next command from the previous stage. Idle servers wait
+ * forever (no watchdog), polling slowly so they cost little. */
+static rp_engine_command *receive_command(rp_engine *e, rp_error *err) {
+    void *buf;
+    size_t count;
+    if (rp_transport_recv_message(&e->tp, e->stage - 1, RP_MSG_CONTROL, 0, RP_MSG_WAIT_IDLE,
+                                  &buf, &count, NULL, err) != RP_OK)
+        return NULL;
+    rp_engine_command *c = rwkvpipe__engine_command__unpack(NULL, count, buf);
+    free(buf);
+    if (!c)
+        rp_error_set(err, RP_ERR_FORMAT, "stage %d: undecodable engine command from stage %d",
+                     e->stage, e->stage - 1);
+    return c;
+}
+
+/* ---- sampling (last stage) ---- */
+
+static void sampling_open(rp_engine *e, int slot, const Rwkvpipe__EngineSampling *p) {
+    rp_slot_sampling *s = &e->sampling[slot];
+    s->sampler.temperature = p ? p->temperature : 1.0f;
+    s->sampler.top_p = p ? p->top_p : 1.0f;
+    s->sampler.top_k = p ? p->top_k : 0;
+    s->sampler.seed = p ? p->seed : 0;
+    s->presence = p ? p->presence_penalty : 0;
+    s->frequency = p ? p->frequency_penalty : 0;
+    s->decay = p ? p->penalty_decay : 1;
+    s->n_banned = 0;
+    for (size_t i = 0; p && i < p->n_banned && i < RP_ENGINE_MAX_BANNED; i++)
+        s->banned[s->n_banned++] = p->banned[i];
+    s->step = 0;
+    s->penalized = s->presence != 0 || s->frequency != 0;
+    if (s->penalized) memset(s->occ, 0, sizeof(float) * (size_t)e->m->cfg.vocab_size);
+}
+
+static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
+    rp_slot_sampling *s = &e->sampling[slot];
+    const int V = e->m->cfg.vocab_size;
+    if (s->penalized)
+        for (int t = 0; t < V; t++)
+            if (s->occ[t] > 0) logits[t] -= s->presence + s->occ[t] * s->frequency;
+    int tok = rp_sample(logits, V, &s->sampler, s->step, s->banned, s->n_banned,
+                        e->sampler_scratch);
+    s->step++;
+    if (s->penalized && tok >= 0) {
+        for (int t = 0; t < V; t++) s->occ[t] *= s->decay;
+        s->occ[tok] += 1;
+    }
+    return tok;
+}
+
+/* ---- units ---- */
+
+rp_status rp_engine_run_unit(rp_engine *e, const rp_engine_command *c, const int32_t *tokens,
+                             int32_t *slots_out, int32_t *tokens_out, int *n_sampled,
+                             double *busy, rp_error *err) {
+    const rp_model *m = e->m;
+    rp_backend *be = e->be;
+    const int n_seq = (int)c->n_slots;
+    int seq_len[RP_ENGINE_GROUP_MAX], slot[RP_ENGINE_GROUP_MAX], row_begin[RP_ENGINE_GROUP_MAX];
+    if (n_seq < 1 || n_seq > RP_ENGINE_GROUP_MAX || c->n_lengths != c->n_slots)
+        return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: unit with %d slots", e->stage, n_seq);
+    for (int i = 0; i < n_seq; i++) {
+        seq_len[i] = c->lengths[i];
+        slot[i] = c->slots[i];
+    }
+    rp_batch batch;
+    rp_batch_init(&batch, n_seq, seq_len, slot, row_begin);
+    const double t0 = rp_now_seconds();
+    rp_status st;
+    if (m->has_embed && (st = rp_model_embed(m, &e->ws, tokens, &batch, err)) != RP_OK) return st;
+    for (int l = m->layer_begin; l < m->layer_end; l++)
+        rp_model_block_forward(m, &e->ws, l, &e->state, &batch);
+    *n_sampled = 0;
+    if (m->has_head) {
+        int any = 0;
+        for (int i = 0; i < n_seq; i++) any |= c->n_sample > (size_t)i && c->sample[i];
+        if (any) {
+            const int V = m->cfg.vocab_size;
+            rp_model_head(m, &e->ws, &batch, RP_LOGITS_LAST, e->logits_dev);
+            be->copy_to_host(be, e->logits_host, e->logits_dev, sizeof(float) * (size_t)n_seq * V);
+            for (int i = 0; i < n_seq; i++) {
+                if (!(c->n_sample > (size_t)i && c->sample[i])) continue;
+                slots_out[*n_sampled] = slot[i];
+                tokens_out[(*n_sampled)++] =
+                    sample_slot(e, slot[i], e->logits_host + (size_t)i * V);
+            }
+        }
+    }
+    be->synchronize(be);
+    *busy = rp_now_seconds() - t0;
+    return be->status(be, err);
+}
+
+/* ---- session states between stages ---- */
+
+/* SAVE on a stage > 0: its part goes to rank 0; an absent state is an empty
+ * message (rank 0 reports it). */
+static rp_status send_state(rp_engine *e, const rp_engine_session *s, rp_error *err) {
+    rp_transfer x;
+    const size_t bytes = s ? e->state.floats_per_slot * sizeof(float) : 0;
+    rp_status st = rp_transport_post_send_message(&e->tp, s ? s->data : NULL, bytes, 0,
+                                                  RP_MSG_STATE, 0, &x, err);
+    return st != RP_OK ? st : rp_transport_wait(&e->tp, &x, err);
+}
+
+/* LOAD on a stage > 0: its part comes from rank 0. */
+static rp_status receive_state(rp_engine *e, const char *name, rp_error *err) {
+    const size_t want = e->state.floats_per_slot * sizeof(float);
+    void *buf;
+    size_t bytes;
+    rp_status st = rp_transport_recv_message(&e->tp, 0, RP_MSG_STATE, 0, RP_MSG_WAIT, &buf,
+                                             &bytes, NULL, err);
+    if (st != RP_OK) return st;
+    if (bytes != want) {
+        free(buf);
+        return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: rank 0 sent %zu bytes of session "
+                            "'%s', expected %zu", e->stage, bytes, name, want);
+    }
+    rp_engine_session *s = rp_engine_session_put(e, name);
+    if (s) memcpy(s->data, buf, want);
+    free(buf);
+    return s ? RP_OK : rp_error_set(err, RP_ERR_NOMEM, "session '%s' state", name);
+}
+
+rp_status rp_engine_apply(rp_engine *e, const rp_engine_command *c, rp_error *err) {
+    const size_t fps = e->state.floats_per_slot;
+    switch (c->kind) {
+    case RWKVPIPE__ENGINE_COMMAND__KIND__OPEN_SLOT: {
+        if (c->slot < 0 || c->slot >= e->cfg.n_slots)
+            return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: slot %d", e->stage, c->slot);
+        float *dst = slot_state(e, c->slot);
+        if (c->session && c->session[0]) {
+            rp_engine_session *s = rp_engine_session_find(e, c->session);
+            if (!s)
+                return rp_error_set(err, RP_ERR_INTERNAL, "stage %d has no state for session "
+                                    "'%s'", e->stage, c->session);
+            e->be->copy_to_device(e->be, dst, s->data, fps * sizeof(float));
+        } else {
+            e->be->fill_zero(e->be, dst, fps * sizeof(float));
+        }
+        if (e->is_last) sampling_open(e, c->slot, c->sampling);
+        return RP_OK;
+    }
+    case RWKVPIPE__ENGINE_COMMAND__KIND__FREE_SLOT:
+        if (c->session && c->session[0]) {
+            rp_engine_session *s = rp_engine_session_put(e, c->session);
+            if (!s) return rp_error_set(err, RP_ERR_NOMEM, "session '%s' state", c->session);
+            e->be->copy_to_host(e->be, s->data, slot_state(e, c->slot), fps * sizeof(float));
+        }
+        return RP_OK;
+    case RWKVPIPE__ENGINE_COMMAND__KIND__DROP:
+        rp_engine_session_drop(e, c->session);
+        return RP_OK;
+    case RWKVPIPE__ENGINE_COMMAND__KIND__SAVE:
+        if (e->stage == 0) return RP_OK;  /* rank 0 reads its own part directly */
+        return send_state(e, rp_engine_session_find(e, c->session), err);
+    case RWKVPIPE__ENGINE_COMMAND__KIND__LOAD:
+        if (e->stage == 0) return RP_OK;  /* rank 0 stored its part itself */
+        return receive_state(e, c->session, err);
+    default:
+        return RP_OK;
+    }
+}
+
+/* ---- the stage loop (ranks other than 0) ---- */
+
+static rp_status send_result(rp_engine *e, const Rwkvpipe__EngineResult *r, rp_error *err) {
+    size_t n = rwkvpipe__engine_result__get_packed_size(r);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf) return rp_error_set(err, RP_ERR_NOMEM, "engine result");
+    rwkvpipe__engine_result__pack(r, buf);
+    rp_transfer x;
+    rp_status st = rp_transport_post_send_message(&e->tp, buf, n, 0, RP_MSG_RESULT, 0, &x, err);
+    if (st == RP_OK) st = rp_transport_wait(&e->tp, &x, err);
+    free(buf);
+    return st;
+}
+
+/* A unit on a stage > 0: its x / v_first from the previous stage, this
+ * stage's layers, then the result (last stage) or the next stage. */
+static rp_status stage_unit(rp_engine *e, rp_engine_command *c, rp_error *err) {
+    const int C = e->m->cfg.n_embd;
+    size_t rows = 0;
+    for (size_t i = 0; i < c->n_lengths; i++) rows += (size_t)c->lengths[i];
+    if (rows == 0 || rows > e->max_rows)
+        return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: unit of %zu rows", e->stage, rows);
+    const size_t bytes = rows * (size_t)C * sizeof(float);
+    const int mb = unit_tag(c->unit_id);
+    rp_transfer rx[2];
+    rp_status st = rp_transport_post_recv(&e->tp, e->ws.x, bytes, e->stage - 1, RP_MSG_ACT, mb,
+                                          &rx[0], err);
+    if (st != RP_OK) return st;
+    st = rp_transport_post_recv(&e->tp, e->ws.v_first, bytes, e->stage - 1, RP_MSG_ACT_VFIRST,
+                                mb, &rx[1], err);
+    rp_status st0 = rp_transport_wait(&e->tp, &rx[0], st == RP_OK ? err : NULL);
+    if (st == RP_OK) st = st0;
+    if (st == RP_OK) st = rp_transport_wait(&e->tp, &rx[1], err);
+    if (st != RP_OK) return st;
+    int32_t slots[RP_ENGINE_GROUP_MAX], tokens[RP_ENGINE_GROUP_MAX];
+    int n_sampled = 0;
+    double busy = 0;
+    if ((st = rp_engine_run_unit(e, c, NULL, slots, tokens, &n_sampled, &busy, err)) != RP_OK)
+        return st;
+    /* This stage's compute time joins the list the unit carries. */
+    double times[RP_GRID_MAX_STAGES < 64 ? RP_GRID_MAX_STAGES : 64];
+    size_t nt = c->n_busy_seconds < 63 ? c->n_busy_seconds : 63;
+    memcpy(times, c->busy_seconds, nt * sizeof(double));
+    times[nt++] = busy;
+    if (e->is_last) {
+        Rwkvpipe__EngineResult r = RWKVPIPE__ENGINE_RESULT__INIT;
+        r.unit_id = c->unit_id;
+        r.n_slots = r.n_tokens = (size_t)n_sampled;
+        r.slots = slots;
+        r.tokens = tokens;
+        r.n_busy_seconds = nt;
+        r.busy_seconds = times;
+        return send_result(e, &r, err);
+    }
+    double *old = c->busy_seconds;
+    size_t old_n = c->n_busy_seconds;
+    c->busy_seconds = times;
+    c->n_busy_seconds = nt;
+    st = rp_engine_forward(e, c, e->ws.x, e->ws.v_first, rows, err);
+    c->busy_seconds = old;
+    c->n_busy_seconds = old_n;
+    return st;
+}
+
+rp_status rp_engine_stage_loop(rp_engine *e, rp_error *err) {
+    for (;;) {
+        rp_engine_command *c = receive_command(e, err);
+        if (!c) return RP_ERR_FORMAT;
+        rp_status st = RP_OK;
+        if (c->kind == RWKVPIPE__ENGINE_COMMAND__KIND__UNIT) {
+            st = stage_unit(e, c, err);
+        } else if (c->kind == RWKVPIPE__ENGINE_COMMAND__KIND__SHUTDOWN) {
+            st = rp_engine_forward(e, c, NULL, NULL, 0, err);
+            if (st == RP_OK) st = rp_engine_flush(e, err);
+            if (st == RP_OK && e->is_last) {
+                Rwkvpipe__EngineResult r = RWKVPIPE__ENGINE_RESULT__INIT;
+                r.shutdown_ack = 1;
+                st = send_result(e, &r, err);
+            }
+            rwkvpipe__engine_command__free_unpacked(c, NULL);
+            return st;
+        } else {
+            st = rp_engine_apply(e, c, err);
+            if (st == RP_OK) st = rp_engine_forward(e, c, NULL, NULL, 0, err);
+        }
+        rwkvpipe__engine_command__free_unpacked(c, NULL);
+        if (st != RP_OK) return st;
+    }
+}
