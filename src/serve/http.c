@@ -326,6 +326,8 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
         }
         start = gr.initial_state;
     }
+    /* refuses a prompt over --max-prompt-tokens (the only length check:
+     * see rp_request_prompt) */
     if (rp_request_prompt(o, chat, start == gr.session ? lead : "", &limits, &prompt,
                           &prompt_len, &ids, &n_ids, e))
         goto fail_out;
