@@ -149,6 +149,31 @@ expect_status 400 "chat without messages" POST "$A/v1/chat/completions" -d '{"me
 expect_status 400 "max_tokens above --max-tokens-limit" POST "$C" -d '{"prompt": "x", "max_tokens": 5000}'
 "$PYTHON3" -c 'import json; print(json.dumps({"prompt": "y" * 301}))' >"$T/long.json"
 expect_status 400 "more prompt tokens than --max-prompt-tokens" POST "$C" --data-binary "@$T/long.json"
+# One length check (src/serve/http_request.c) for every kind of prompt: text,
+# token ids and chat messages get the same 400 object, naming the count.
+"$PYTHON3" -c 'import json; print(json.dumps({"prompt": [121] * 301}))' >"$T/long_ids.json"
+"$PYTHON3" -c 'import json
+print(json.dumps({"messages": [{"role": "user", "content": "y" * 290}]}))' >"$T/long_chat.json"
+long_codes="$(http "$T/long_text.err" POST "$C" --data-binary "@$T/long.json")"
+long_codes="$long_codes $(http "$T/long_ids.err" POST "$C" --data-binary "@$T/long_ids.json")"
+long_codes="$long_codes $(http "$T/long_chat.err" POST "$A/v1/chat/completions" \
+    --data-binary "@$T/long_chat.json")"
+expect "an over-long prompt gets the same 400 context_length_exceeded via completions (text, ids) and chat" \
+    "$PYTHON3" -c 'import json, re, sys
+codes, files = sys.argv[1].split(), sys.argv[2:]
+assert codes == ["400"] * 3, codes
+counts = []
+for f in files:
+    body = json.load(open(f))
+    assert list(body) == ["error"] and sorted(body["error"]) == ["code", "message", "type"], body
+    e = body["error"]
+    assert e["type"] == "invalid_request_error" and e["code"] == "context_length_exceeded", (f, e)
+    m = re.fullmatch(r"the prompt has (\d+) tokens: this server allows at most 300", e["message"])
+    assert m, (f, e["message"])
+    counts.append(int(m.group(1)))
+# text and ids: 301 bytes = 301 tokens; chat: 290 bytes and the chat format around them
+assert counts[0] == 301 and counts[1] == 301 and counts[2] > 300, counts' "$long_codes" \
+    "$T/long_text.err" "$T/long_ids.err" "$T/long_chat.err"
 head -c 1100000 /dev/zero | tr '\0' ' ' >"$T/huge.json"
 expect_status 413 "a body over 1 MiB" POST "$C" -H 'Content-Type: application/json' \
     --data-binary "@$T/huge.json"

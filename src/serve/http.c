@@ -1,11 +1,11 @@
 /* The HTTP service (see http.h for the threading and docs/serving.md for the
- * API): routing, connection limits and deadlines, one engine job per
- * generation request, incremental detokenisation with stop strings
- * (src/text/stream.c), JSON and SSE responses, session files, metrics.
- * Request bodies are parsed and validated by src/serve/http_request.c (a bad
- * request gets a 4xx JSON error, never a crash); sizes are checked before a
- * body is read. */
+ * API): routing, connection limits and deadlines, the endpoints, the session
+ * table, and the submit of one engine job per generation request; sizes are
+ * checked before a body is read. Bodies are parsed and validated by
+ * http_request.c; a submitted generation is pumped and answered (JSON or
+ * SSE) by http_stream.c. */
 #include "serve/http.h"
+#include "serve/http_internal.h"
 #include "serve/chat.h"
 
 #include <arpa/inet.h>
@@ -30,7 +30,6 @@
 #include "text/stream.h"
 #include "core/clock.h"
 
-#define READ_BATCH 256          /* tokens taken from the engine at once */
 #define KEEPER_PERIOD_MS 200    /* how often request deadlines are checked */
 #define STOP_FINISH_SECONDS 5.0 /* rp_http_stop: what generations get to send their last bytes */
 #define MAX_SESSION_ENTRIES 4096
@@ -38,64 +37,15 @@
 /* HTTP status codes the metrics count. */
 static const int counted_codes[] = {200, 400, 401, 404, 405, 409, 413, 429, 500, 503, 507};
 #define N_COUNTED_CODES ((int)(sizeof counted_codes / sizeof counted_codes[0]))
-
-/* What the HTTP layer knows of a stored session: the last bytes of the text
- * its state has read (a chat turn continues at a blank line), and whether a
- * request is using it now (two at once would race on the stored state). */
-typedef struct {
-    char name[RP_ENGINE_SESSION_NAME_MAX];
-    char tail[2];
-    int tail_len;
-    int stored;       /* a turn of ours stored it (the engine may still be storing it) */
-    int busy;
-    unsigned long last_use;
-} session_entry;
+_Static_assert(N_COUNTED_CODES == HTTP_N_COUNTED_CODES, "http_internal.h counts the codes");
 
 /* One open connection, for the request deadline (request_timeout_s). */
-typedef struct conn_entry {
+struct conn_entry {
     struct conn_entry *prev, *next;
     int fd;
     double request_start;  /* the connection's start, or the end of its previous reply */
     int receiving;         /* its request has not fully arrived */
     int cut;               /* shut down for missing the deadline */
-} conn_entry;
-
-typedef struct gen_ctx gen_ctx;
-
-struct rp_http_server {
-    struct MHD_Daemon *daemon;
-    rp_engine *engine;
-    const rp_tokenizer *tok;
-    rp_http_config cfg;
-    char *host, *api_key, *model_id;
-    rp_session_dir session_dir;
-    int port;
-    int vocab_size;
-    time_t created;
-    atomic_int stopping;        /* rp_http_begin_stop: new requests get 503 */
-    atomic_llong stop_begin_ms; /* when (monotonic clock; 0 = not stopping) */
-    atomic_int closing;         /* rp_http_stop: generations still running give up */
-    char retry_after[16];       /* the Retry-After of a 503 while stopping */
-    atomic_ulong next_id;
-    atomic_long responses[N_COUNTED_CODES + 1];  /* last: any other code */
-    atomic_long active_connections;
-    atomic_int active_generations;  /* gen_ctx alive (a stream: until its last byte is sent) */
-    atomic_int active_session_requests; /* session save/load/delete until their reply is sent */
-    atomic_long connections_cut;    /* closed by the request deadline */
-    pthread_mutex_t conn_lock;  /* conns; held while shutting a socket down, so that
-                                 * libmicrohttpd cannot close (and reuse) its fd meanwhile */
-    conn_entry *conns;
-    pthread_mutex_t gen_lock;   /* gens */
-    gen_ctx *gens;
-    /* the keeper thread: enforces the request deadline */
-    pthread_t keeper;
-    int keeper_started, keeper_quit;
-    pthread_mutex_t keeper_mu;
-    pthread_cond_t keeper_cv;
-    pthread_mutex_t lock;       /* sessions[] */
-    session_entry *sessions;
-    int n_sessions;
-    unsigned long use_counter;
 };
 
 /* Log lines quote what clients send (paths, names, messages naming them):
@@ -119,8 +69,7 @@ static void log_escaped(rp_http_server *s, const char *line) {
     s->cfg.log(s->cfg.log_user, out);
 }
 
-static void log_line(rp_http_server *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void log_line(rp_http_server *s, const char *fmt, ...) {
+void http_log_line(rp_http_server *s, const char *fmt, ...) {
     if (!s->cfg.log) return;
     char line[1024];
     va_list ap;
@@ -161,7 +110,7 @@ void rp_http_config_defaults(rp_http_config *c) {
 
 /* ---- responses ------------------------------------------------------------ */
 
-static void count_response(rp_http_server *s, int status) {
+void http_count_response(rp_http_server *s, int status) {
     int i = 0;
     while (i < N_COUNTED_CODES && counted_codes[i] != status) i++;
     atomic_fetch_add(&s->responses[i], 1);
@@ -183,13 +132,13 @@ static enum MHD_Result send_text(rp_http_server *s, struct MHD_Connection *conn,
     }
     enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
     MHD_destroy_response(r);
-    count_response(s, status);
+    http_count_response(s, status);
     return ret;
 }
 
 /* Takes ownership of json. */
-static enum MHD_Result send_json(rp_http_server *s, struct MHD_Connection *conn, int status,
-                                 json_t *json) {
+enum MHD_Result http_send_json(rp_http_server *s, struct MHD_Connection *conn, int status,
+                               json_t *json) {
     char *body = json ? json_dumps(json, JSON_COMPACT) : NULL;
     json_decref(json);
     if (!body) {
@@ -209,42 +158,20 @@ static enum MHD_Result send_json(rp_http_server *s, struct MHD_Connection *conn,
     return send_text(s, conn, status, "application/json", body, len);
 }
 
-static const char *error_type(int status) {
-    switch (status) {
-    case 401: return "authentication_error";
-    case 404: return "not_found_error";
-    case 409: return "conflict_error";
-    case 429: return "rate_limit_error";
-    case 500: return "server_error";
-    case 503: return "unavailable_error";
-    default: return "invalid_request_error";
-    }
-}
-
-static json_t *error_json(int status, const char *code, const char *message) {
-    json_t *msg = json_stringn(message, strlen(message));
-    if (!msg) msg = json_string("(message is not valid UTF-8)");
-    return json_pack("{s:{s:o,s:s,s:s}}", "error", "message", msg, "type", error_type(status),
-                     "code", code);
-}
-
-static enum MHD_Result send_error(rp_http_server *s, struct MHD_Connection *conn, int status,
-                                  const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
-static enum MHD_Result send_error(rp_http_server *s, struct MHD_Connection *conn, int status,
-                                  const char *code, const char *fmt, ...) {
+enum MHD_Result http_send_error(rp_http_server *s, struct MHD_Connection *conn, int status,
+                                const char *code, const char *fmt, ...) {
     char message[RP_ERROR_MSG_LEN + 256];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(message, sizeof message, fmt, ap);
     va_end(ap);
-    return send_json(s, conn, status, error_json(status, code, message));
+    return http_send_json(s, conn, status, http_error_json(status, code, message));
 }
 
 /* ---- sessions table --------------------------------------------------------- */
 
 /* Call with s->lock held. Creates the entry when create is set. */
-static session_entry *session_find(rp_http_server *s, const char *name, int create) {
+static http_session *session_find(rp_http_server *s, const char *name, int create) {
     for (int i = 0; i < s->n_sessions; i++)
         if (strcmp(s->sessions[i].name, name) == 0) return &s->sessions[i];
     if (!create) return NULL;
@@ -259,7 +186,7 @@ static session_entry *session_find(rp_http_server *s, const char *name, int crea
         if (victim < 0) return NULL;
         s->sessions[victim] = s->sessions[--s->n_sessions];
     }
-    session_entry *e = &s->sessions[s->n_sessions++];
+    http_session *e = &s->sessions[s->n_sessions++];
     memset(e, 0, sizeof *e);
     snprintf(e->name, sizeof e->name, "%s", name);
     return e;
@@ -268,7 +195,7 @@ static session_entry *session_find(rp_http_server *s, const char *name, int crea
 /* Is a request using the session now (its stored state may change)? */
 static int session_busy(rp_http_server *s, const char *name) {
     pthread_mutex_lock(&s->lock);
-    session_entry *se = session_find(s, name, 0);
+    http_session *se = session_find(s, name, 0);
     int busy = se && se->busy;
     pthread_mutex_unlock(&s->lock);
     return busy;
@@ -276,337 +203,25 @@ static int session_busy(rp_http_server *s, const char *name) {
 
 static void session_forget(rp_http_server *s, const char *name) {
     pthread_mutex_lock(&s->lock);
-    session_entry *e = session_find(s, name, 0);
+    http_session *e = session_find(s, name, 0);
     if (e) *e = s->sessions[--s->n_sessions];
     pthread_mutex_unlock(&s->lock);
 }
 
-/* ---- one generation ------------------------------------------------------ */
-
-/* A generation never blocks a libmicrohttpd thread: while its job has
- * nothing new, its connection is suspended, and the job's notification hook
- * (gen_wake, on the engine's thread) resumes it. wake_pending keeps a wake
- * that comes between a look at the job and the suspension, so it is not
- * lost; `suspended` says whether there is a suspension to resume (resuming
- * a connection that is not suspended is undefined in libmicrohttpd). */
-struct gen_ctx {
-    rp_http_server *srv;
-    struct MHD_Connection *conn;
-    gen_ctx *prev, *next;       /* srv->gens */
-    pthread_mutex_t wake_mu;
-    int suspended, wake_pending;
-    rp_job *job;
-    int chat, stream;
-    char id[48];
-    time_t created;
-    int n_prompt;
-    rp_text_stream text;
-    int skip_space;             /* chat: the reply's first space is the format's */
-    int completion_tokens;
-    int return_ids;             /* "return_token_ids": the ids of the reply */
-    int32_t *ids;
-    size_t n_ids, ids_cap;
-    int stop_hit;
-    int submitted;              /* the engine has the job */
-    int done;
-    rp_finish_reason finish;
-    char error[RP_ERROR_MSG_LEN];
-    char start[RP_ENGINE_SESSION_NAME_MAX];  /* the session it starts from, if any */
-    double t_submit, t_first, t_last;
-    /* session the job stores into (busy in the table until the end) */
-    char session[RP_ENGINE_SESSION_NAME_MAX];
-    char tail[2];
-    int tail_len;
-    /* non-stream: the whole reply */
-    char *reply;
-    size_t reply_len, reply_cap;
-    /* stream: SSE bytes waiting to be sent */
-    char *pending;
-    size_t pending_len, pending_off, pending_cap;
-    int sent_role, sent_done;
-};
-
-static void tail_push(gen_ctx *g, const uint8_t *b, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        if (g->tail_len == 2) g->tail[0] = g->tail[1], g->tail_len = 1;
-        g->tail[g->tail_len++] = (char)b[i];
-    }
-}
-
-/* The job's hook (rp_job_set_notify) and rp_http_stop: look again. */
-static void gen_wake(void *user) {
-    gen_ctx *g = user;
-    pthread_mutex_lock(&g->wake_mu);
-    g->wake_pending = 1;
-    if (g->suspended) {
-        g->suspended = 0;
-        MHD_resume_connection(g->conn);
-    }
-    pthread_mutex_unlock(&g->wake_mu);
-}
-
-/* From a libmicrohttpd callback that found nothing to do: suspends the
- * connection (returns 1: the callback returns and is called again once
- * resumed), or returns 0 when a wake came meanwhile (look again). */
-static int gen_suspend(gen_ctx *g) {
-    pthread_mutex_lock(&g->wake_mu);
-    int woken = g->wake_pending;
-    g->wake_pending = 0;
-    if (!woken) {
-        g->suspended = 1;
-        MHD_suspend_connection(g->conn);
-    }
-    pthread_mutex_unlock(&g->wake_mu);
-    return !woken;
-}
-
-/* Moves released text to the reply (or returns it for a chunk). */
-static const char *take_text(gen_ctx *g, size_t *len) {
-    const char *t = rp_text_stream_take(&g->text, len);
-    if (g->skip_space && *len > 0) {
-        g->skip_space = 0;
-        if (t[0] == ' ') t++, (*len)--;
-    }
-    return t;
-}
-
-static void finish_job(gen_ctx *g, rp_finish_reason f) {
-    g->done = 1;
-    g->finish = f;
-    rp_text_stream_finish(&g->text);
-    if (f == RP_FINISH_ERROR) rp_job_error(g->job, g->error, sizeof g->error);
-}
-
-/* Reads what the engine generated (waiting up to timeout_ms) and feeds the
- * text stream. Returns 1 once the generation is over (g->done). A stop
- * string ends it at once; a job that stores a session is still drained to
- * its end so the table knows what its state has read, and so the stored
- * state exists before the reply completes. */
-static int gen_pump(gen_ctx *g, int timeout_ms) {
-    int32_t ids[READ_BATCH];
-    for (;;) {
-        rp_finish_reason f = RP_FINISH_NONE;
-        int n = rp_job_read(g->job, ids, READ_BATCH, timeout_ms, &f);
-        if (n > 0 && g->t_first == 0) g->t_first = rp_now_seconds();
-        for (int i = 0; i < n; i++) {
-            size_t len;
-            const uint8_t *b = rp_tokenizer_token_bytes(g->srv->tok, ids[i], &len);
-            if (!b) len = 0;
-            if (g->session[0]) tail_push(g, b, len);
-            if (g->stop_hit) continue;
-            g->completion_tokens++;
-            g->t_last = rp_now_seconds();
-            if (g->return_ids) {
-                if (g->n_ids == g->ids_cap) {
-                    size_t cap = g->ids_cap ? 2 * g->ids_cap : 64;
-                    int32_t *grown = realloc(g->ids, cap * sizeof *grown);
-                    if (grown) g->ids = grown, g->ids_cap = cap;
-                }
-                if (g->n_ids < g->ids_cap) g->ids[g->n_ids++] = ids[i];
-            }
-            int r = rp_text_stream_push(&g->text, b ? b : (const uint8_t *)"", len);
-            if (r == 1) {
-                g->stop_hit = 1;
-                rp_job_stop(g->job);
-                if (!g->session[0]) {
-                    finish_job(g, RP_FINISH_STOP);
-                    return 1;
-                }
-            }
+void http_session_end_turn(rp_http_server *s, const char *name, const char tail[2], int tail_len,
+                           int stored) {
+    pthread_mutex_lock(&s->lock);
+    http_session *e = session_find(s, name, 1);
+    if (e) {
+        e->busy = 0;
+        e->last_use = ++s->use_counter;
+        if (stored) {
+            memcpy(e->tail, tail, sizeof e->tail);
+            e->tail_len = tail_len;
+            e->stored = 1;
         }
-        if (f != RP_FINISH_NONE) {
-            /* Every token is read (rp_job_read reports the end only then),
-             * maybe with these last ones: over now, as the job's hook will
-             * not call again. A session turn ends only once the engine has
-             * stored the session. */
-            finish_job(g, g->stop_hit ? RP_FINISH_STOP : f);
-            return 1;
-        }
-        if (n < READ_BATCH) return 0;
-        timeout_ms = 0;  /* more may be waiting: take it now */
     }
-}
-
-/* Should a generation give up on its job? Only when the server closes: a
- * client that went away is found by a failed write (on_completed cancels
- * the job), and one that only closed its sending side still gets its reply. */
-static int gen_should_abort(gen_ctx *g) { return atomic_load(&g->srv->closing); }
-
-static gen_ctx *gen_new(rp_http_server *s, struct MHD_Connection *conn) {
-    gen_ctx *g = calloc(1, sizeof *g);
-    if (!g) return NULL;
-    g->srv = s;
-    g->conn = conn;
-    pthread_mutex_init(&g->wake_mu, NULL);
-    atomic_fetch_add(&s->active_generations, 1);
-    pthread_mutex_lock(&s->gen_lock);
-    g->next = s->gens;
-    if (s->gens) s->gens->prev = g;
-    s->gens = g;
-    pthread_mutex_unlock(&s->gen_lock);
-    return g;
-}
-
-static void gen_free(gen_ctx *g) {
-    if (!g) return;
-    rp_http_server *s = g->srv;
-    if (g->job) {
-        rp_job_set_notify(g->job, NULL, NULL);  /* waits for a call in progress */
-        if (g->submitted && !g->done) rp_job_cancel(g->job);
-        rp_job_release(g->job);
-    }
-    pthread_mutex_lock(&s->gen_lock);
-    if (g->prev) g->prev->next = g->next;
-    else s->gens = g->next;
-    if (g->next) g->next->prev = g->prev;
-    pthread_mutex_unlock(&s->gen_lock);
-    pthread_mutex_destroy(&g->wake_mu);
-    if (g->session[0]) {
-        pthread_mutex_lock(&s->lock);
-        session_entry *e = session_find(s, g->session, 1);
-        if (e) {
-            e->busy = 0;
-            e->last_use = ++s->use_counter;
-            /* Only a finished turn stores its state (it has then read every
-             * token it emitted, stop strings and what followed them included);
-             * a refused, cancelled or failed one leaves the stored state as
-             * it was. */
-            if (g->submitted && g->done &&
-                (g->finish == RP_FINISH_STOP || g->finish == RP_FINISH_LENGTH)) {
-                memcpy(e->tail, g->tail, sizeof e->tail);
-                e->tail_len = g->tail_len;
-                e->stored = 1;
-            }
-        }
-        pthread_mutex_unlock(&s->lock);
-    }
-    rp_text_stream_free(&g->text);
-    free(g->reply);
-    free(g->pending);
-    free(g->ids);
-    free(g);
-    atomic_fetch_sub(&s->active_generations, 1);
-}
-
-static const char *finish_name(const gen_ctx *g) {
-    switch (g->finish) {
-    case RP_FINISH_LENGTH: return "length";
-    case RP_FINISH_STOP: return "stop";
-    case RP_FINISH_CANCELLED: return "cancelled";
-    case RP_FINISH_ERROR: return "error";
-    default: return "stop";
-    }
-}
-
-static json_t *ids_json(const gen_ctx *g) {
-    json_t *a = json_array();
-    for (size_t i = 0; a && i < g->n_ids; i++) json_array_append_new(a, json_integer(g->ids[i]));
-    return a;
-}
-
-static json_t *usage_json(const gen_ctx *g) {
-    return json_pack("{s:i,s:i,s:i}", "prompt_tokens", g->n_prompt, "completion_tokens",
-                     g->completion_tokens, "total_tokens", g->n_prompt + g->completion_tokens);
-}
-
-static json_t *timing_json(gen_ctx *g) {
-    rp_job_stats st;
-    memset(&st, 0, sizeof st);
-    rp_job_get_stats(g->job, &st);
-    double ttft = g->t_first > 0 ? (g->t_first - g->t_submit) * 1e3 : 0.0;
-    double tps = 0.0;
-    if (g->completion_tokens > 1 && g->t_last > g->t_first)
-        tps = (g->completion_tokens - 1) / (g->t_last - g->t_first);
-    return json_pack("{s:f,s:f,s:f}", "queue_ms", st.queue_seconds * 1e3,
-                     "time_to_first_token_ms", ttft, "tokens_per_second", tps);
-}
-
-/* A string value for JSON from bytes that are already valid UTF-8. */
-static json_t *json_text(const char *b, size_t n) {
-    json_t *j = json_stringn(b, n);
-    return j ? j : json_string("");
-}
-
-/* ---- SSE ------------------------------------------------------------------- */
-
-static int sse_append_json(gen_ctx *g, json_t *chunk) {
-    char *body = chunk ? json_dumps(chunk, JSON_COMPACT) : NULL;
-    json_decref(chunk);
-    if (!body) return -1;
-    int r = rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, "data: ", 6) ||
-            rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, body, strlen(body)) ||
-            rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, "\n\n", 2);
-    free(body);
-    return r ? -1 : 0;
-}
-
-static json_t *chunk_json(gen_ctx *g, const char *text, size_t len, const char *finish) {
-    json_t *choice;
-    json_t *fin = finish ? json_string(finish) : json_null();
-    if (g->chat) {
-        json_t *delta = json_object();
-        if (!g->sent_role) {
-            json_object_set_new(delta, "role", json_string("assistant"));
-            g->sent_role = 1;
-        }
-        if (len > 0 || !finish) json_object_set_new(delta, "content", json_text(text, len));
-        choice = json_pack("{s:i,s:o,s:o}", "index", 0, "delta", delta, "finish_reason", fin);
-    } else {
-        choice = json_pack("{s:i,s:o,s:n,s:o}", "index", 0, "text", json_text(text, len),
-                           "logprobs", "finish_reason", fin);
-    }
-    json_t *c = json_pack("{s:s,s:s,s:I,s:s,s:[o]}", "id", g->id, "object",
-                          g->chat ? "chat.completion.chunk" : "text_completion", "created",
-                          (json_int_t)g->created, "model", g->srv->model_id, "choices", choice);
-    return c;
-}
-
-/* Fills g->pending with the events the job has ready (never waits). */
-static void sse_produce(gen_ctx *g) {
-    int done = g->done ? 1 : gen_pump(g, 0);
-    size_t len;
-    const char *t = take_text(g, &len);
-    if (len > 0 || (g->chat && !g->sent_role)) sse_append_json(g, chunk_json(g, t, len, NULL));
-    if (!done) return;
-    if (g->finish == RP_FINISH_ERROR) {
-        sse_append_json(g, error_json(500, "generation_failed", g->error));
-    } else {
-        json_t *last = chunk_json(g, "", 0, finish_name(g));
-        if (g->return_ids)
-            json_object_set_new(json_array_get(json_object_get(last, "choices"), 0), "token_ids",
-                                ids_json(g));
-        json_object_set_new(last, "usage", usage_json(g));
-        json_object_set_new(last, "timing", timing_json(g));
-        if (g->session[0]) json_object_set_new(last, "session", json_string(g->session));
-        sse_append_json(g, last);
-    }
-    rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, "data: [DONE]\n\n", 14);
-    g->sent_done = 1;
-}
-
-static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
-    gen_ctx *g = cls;
-    (void)pos;
-    for (;;) {
-        if (g->pending_off < g->pending_len) {
-            size_t n = g->pending_len - g->pending_off;
-            if (n > max) n = max;
-            memcpy(buf, g->pending + g->pending_off, n);
-            g->pending_off += n;
-            if (g->pending_off == g->pending_len) g->pending_off = g->pending_len = 0;
-            return (ssize_t)n;
-        }
-        if (g->sent_done) return MHD_CONTENT_READER_END_OF_STREAM;
-        if (!g->done && gen_should_abort(g)) {
-            rp_job_cancel(g->job);
-            finish_job(g, RP_FINISH_CANCELLED);
-        }
-        sse_produce(g);
-        if (g->pending_len > 0 || g->sent_done) continue;
-        /* nothing to send: 0 with the connection suspended until the job's
-         * hook resumes it (libmicrohttpd then calls again) */
-        if (gen_suspend(g)) return 0;
-    }
+    pthread_mutex_unlock(&s->lock);
 }
 
 /* ---- requests ------------------------------------------------------------- */
@@ -631,7 +246,7 @@ typedef struct {
     size_t body_len, body_cap;
     int body_too_large;
     int answered;
-    gen_ctx *gen;               /* a streamed generation in flight */
+    gen_ctx *gen;               /* its generation in flight (http_stream.c) */
     double t_start;
     int started;                /* on_request has seen the request */
     int bad_target;             /* the raw target encodes a control character */
@@ -675,7 +290,7 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     int locked = 0;
     if (gr.session) {
         pthread_mutex_lock(&s->lock);
-        session_entry *se = session_find(s, gr.session, 1);
+        http_session *se = session_find(s, gr.session, 1);
         if (!se) {
             pthread_mutex_unlock(&s->lock);
             return rp_request_fail(e, 503, "too_many_sessions", "too many sessions in use at once");
@@ -711,38 +326,40 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
         }
         start = gr.initial_state;
     }
+    /* refuses a prompt over --max-prompt-tokens (the only length check:
+     * see rp_request_prompt) */
     if (rp_request_prompt(o, chat, start == gr.session ? lead : "", &limits, &prompt,
                           &prompt_len, &ids, &n_ids, e))
         goto fail_out;
-    g = gen_new(s, conn);
+    g = http_gen_new(s, conn);
     if (!g) {
         rp_request_fail(e, 500, "internal", "out of memory");
         goto fail_out;
     }
-    g->chat = chat;
+    g->head.chat = chat;
     g->stream = gr.stream;
     g->skip_space = chat;
     g->return_ids = gr.return_ids;
     g->n_prompt = (int)n_ids;
-    g->created = time(NULL);
-    snprintf(g->id, sizeof g->id, "%s-%lx%06lx", chat ? "chatcmpl" : "cmpl",
-             (unsigned long)g->created, (unsigned long)atomic_fetch_add(&s->next_id, 1));
+    g->head.created = time(NULL);
+    snprintf(g->head.id, sizeof g->head.id, "%s-%lx%06lx", chat ? "chatcmpl" : "cmpl",
+             (unsigned long)g->head.created, (unsigned long)atomic_fetch_add(&s->next_id, 1));
     if (rp_text_stream_init(&g->text, gr.stops, gr.n_stops, &err) != RP_OK) {
         rp_request_fail(e, 400, "invalid_value", "%s", err.msg);
         goto fail_out;
     }
     if (gr.session) {
         snprintf(g->session, sizeof g->session, "%s", gr.session);
-        locked = 0;  /* gen_free unlocks */
+        locked = 0;  /* http_gen_free unlocks */
         /* what the state will have read: the prompt, then each token */
         g->tail_len = 0;
         if (start == gr.session) {
             pthread_mutex_lock(&s->lock);
-            session_entry *se = session_find(s, gr.session, 0);
+            http_session *se = session_find(s, gr.session, 0);
             if (se) memcpy(g->tail, se->tail, 2), g->tail_len = se->tail_len;
             pthread_mutex_unlock(&s->lock);
         }
-        tail_push(g, (const uint8_t *)prompt, prompt_len);
+        http_gen_tail_push(g, (const uint8_t *)prompt, prompt_len);
     }
     if (start) snprintf(g->start, sizeof g->start, "%s", start);
     g->job = rp_job_create(ids, (int)n_ids, &gr.params, start, gr.session, &err);
@@ -750,7 +367,7 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
         rp_request_fail(e, 400, "invalid_value", "%s", err.msg);
         goto fail_out;
     }
-    rp_job_set_notify(g->job, gen_wake, g);  /* before the engine can produce */
+    rp_job_set_notify(g->job, http_gen_wake, g);  /* before the engine can produce */
     g->t_submit = rp_now_seconds();
     if (atomic_load(&s->stopping)) {
         rp_request_fail(e, 503, "shutting_down", "the server is shutting down");
@@ -775,10 +392,10 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     return 0;
 fail_out:
     if (g) {
-        gen_free(g);  /* not submitted: the session keeps what it had */
+        http_gen_free(g);  /* not submitted: the session keeps what it had */
     } else if (locked) {
         pthread_mutex_lock(&s->lock);
-        session_entry *se = session_find(s, gr.session, 0);
+        http_session *se = session_find(s, gr.session, 0);
         if (se) se->busy = 0;
         pthread_mutex_unlock(&s->lock);
     }
@@ -787,83 +404,14 @@ fail_out:
     return -1;
 }
 
-static enum MHD_Result reply_generation_done(rp_http_server *s, struct MHD_Connection *conn,
-                                             gen_ctx *g) {
-    size_t len;
-    const char *t = take_text(g, &len);
-    rp_text_append(&g->reply, &g->reply_len, &g->reply_cap, t, len);
-    if (g->finish == RP_FINISH_ERROR && g->start[0] && g->completion_tokens == 0 &&
-        !rp_engine_session_exists(s->engine, g->start))
-        return send_error(s, conn, 404, "session_not_found", "%s", g->error);
-    if (g->finish == RP_FINISH_ERROR)
-        return send_error(s, conn, 500, "generation_failed", "%s", g->error);
-    json_t *text = json_text(g->reply ? g->reply : "", g->reply_len);
-    json_t *choice =
-        g->chat ? json_pack("{s:i,s:{s:s,s:o},s:s}", "index", 0, "message", "role", "assistant",
-                            "content", text, "finish_reason", finish_name(g))
-                : json_pack("{s:i,s:o,s:n,s:s}", "index", 0, "text", text, "logprobs",
-                            "finish_reason", finish_name(g));
-    json_t *resp = json_pack("{s:s,s:s,s:I,s:s,s:[o],s:o,s:o}", "id", g->id, "object",
-                             g->chat ? "chat.completion" : "text_completion", "created",
-                             (json_int_t)g->created, "model", s->model_id, "choices", choice,
-                             "usage", usage_json(g), "timing", timing_json(g));
-    if (resp && g->session[0]) json_object_set_new(resp, "session", json_string(g->session));
-    if (choice && g->return_ids) json_object_set_new(choice, "token_ids", ids_json(g));
-    return send_json(s, conn, 200, resp);
-}
-
-/* A non-streamed generation, from on_request: takes what the job has ready;
- * queues the reply once it has ended, else suspends the connection (the
- * job's hook resumes it and libmicrohttpd calls on_request again). */
-static enum MHD_Result reply_generation(rp_http_server *s, request_ctx *rc,
-                                        struct MHD_Connection *conn) {
-    gen_ctx *g = rc->gen;
-    for (;;) {
-        if (!g->done && gen_should_abort(g)) {
-            rp_job_cancel(g->job);
-            finish_job(g, RP_FINISH_CANCELLED);
-        }
-        if (!g->done) gen_pump(g, 0);
-        size_t len;
-        const char *t = take_text(g, &len);
-        if (len && rp_text_append(&g->reply, &g->reply_len, &g->reply_cap, t, len)) {
-            rp_job_cancel(g->job);
-            finish_job(g, RP_FINISH_ERROR);
-            snprintf(g->error, sizeof g->error, "out of memory for the reply");
-        }
-        if (g->done) break;
-        if (gen_suspend(g)) return MHD_YES;
-    }
-    rc->gen = NULL;
-    enum MHD_Result r = reply_generation_done(s, conn, g);
-    gen_free(g);
-    return r;
-}
-
 static enum MHD_Result handle_generation(rp_http_server *s, request_ctx *rc,
                                          struct MHD_Connection *conn, json_t *o) {
     rp_request_error e;
     gen_ctx *g = NULL;
     if (start_generation(s, rc, conn, o, &g, &e))
-        return send_error(s, conn, e.status, e.code, "%s", e.message);
-    if (!g->stream) {
-        rc->gen = g;
-        return reply_generation(s, rc, conn);
-    }
-    struct MHD_Response *resp =
-        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, sse_reader, g, NULL);
-    if (!resp) {
-        gen_free(g);
-        return send_error(s, conn, 500, "internal", "cannot create the response");
-    }
+        return http_send_error(s, conn, e.status, e.code, "%s", e.message);
     rc->gen = g;  /* freed (and cancelled if unfinished) when the request completes */
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
-    MHD_add_response_header(resp, "X-Accel-Buffering", "no");
-    enum MHD_Result r = MHD_queue_response(conn, MHD_HTTP_OK, resp);
-    MHD_destroy_response(resp);
-    count_response(s, 200);
-    return r;
+    return g->stream ? http_gen_stream(&rc->gen, conn) : http_gen_reply(&rc->gen, conn);
 }
 
 /* ---- other endpoints -------------------------------------------------------- */
@@ -874,7 +422,7 @@ static enum MHD_Result handle_models(rp_http_server *s, struct MHD_Connection *c
                           "model", "created", (json_int_t)s->created, "owned_by", "rwkvpipe",
                           "n_layer", c->n_layer, "n_embd", c->n_embd, "n_head", c->n_head,
                           "vocab_size", c->vocab_size, "tokenizer", rp_tokenizer_kind(s->tok));
-    return send_json(s, conn, 200, json_pack("{s:s,s:[o]}", "object", "list", "data", m));
+    return http_send_json(s, conn, 200, json_pack("{s:s,s:[o]}", "object", "list", "data", m));
 }
 
 static enum MHD_Result handle_health(rp_http_server *s, struct MHD_Connection *conn) {
@@ -882,13 +430,13 @@ static enum MHD_Result handle_health(rp_http_server *s, struct MHD_Connection *c
     memset(&m, 0, sizeof m);
     rp_engine_get_metrics(s->engine, &m);
     int stopping = atomic_load(&s->stopping);
-    return send_json(s, conn, stopping ? 503 : 200,
-                     json_pack("{s:s,s:i,s:i,s:I,s:I,s:i,s:f}", "status",
-                               stopping ? "stopping" : "ok", "slots_total", m.slots_total,
-                               "slots_active", m.slots_active, "requests_active",
-                               (json_int_t)m.requests_active, "requests_queued",
-                               (json_int_t)m.requests_queued, "stages", m.n_stages,
-                               "uptime_seconds", m.uptime_seconds));
+    return http_send_json(s, conn, stopping ? 503 : 200,
+                          json_pack("{s:s,s:i,s:i,s:I,s:I,s:i,s:f}", "status",
+                                    stopping ? "stopping" : "ok", "slots_total", m.slots_total,
+                                    "slots_active", m.slots_active, "requests_active",
+                                    (json_int_t)m.requests_active, "requests_queued",
+                                    (json_int_t)m.requests_queued, "stages", m.n_stages,
+                                    "uptime_seconds", m.uptime_seconds));
 }
 
 typedef struct {
@@ -960,7 +508,7 @@ static enum MHD_Result handle_metrics(rp_http_server *s, struct MHD_Connection *
               atomic_load(&s->responses[N_COUNTED_CODES]));
     if (t.failed || !t.buf) {
         free(t.buf);
-        return send_error(s, conn, 500, "internal", "out of memory");
+        return http_send_error(s, conn, 500, "internal", "out of memory");
     }
     return send_text(s, conn, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf, t.len);
 }
@@ -969,12 +517,12 @@ static enum MHD_Result handle_metrics(rp_http_server *s, struct MHD_Connection *
 static enum MHD_Result session_failure(rp_http_server *s, struct MHD_Connection *conn,
                                        const char *name, rp_status st, const rp_error *err) {
     if (st == RP_ERR_ARG && !rp_engine_session_exists(s->engine, name))
-        return send_error(s, conn, 404, "session_not_found", "%s", err->msg);
+        return http_send_error(s, conn, 404, "session_not_found", "%s", err->msg);
     if (st == RP_ERR_UNAVAILABLE)
-        return send_error(s, conn, 503, "shutting_down", "%s", err->msg);
-    if (st == RP_ERR_MPI) return send_error(s, conn, 503, "engine_failed", "%s", err->msg);
-    if (st == RP_ERR_ARG) return send_error(s, conn, 400, "invalid_value", "%s", err->msg);
-    return send_error(s, conn, 500, "internal", "%s", err->msg);
+        return http_send_error(s, conn, 503, "shutting_down", "%s", err->msg);
+    if (st == RP_ERR_MPI) return http_send_error(s, conn, 503, "engine_failed", "%s", err->msg);
+    if (st == RP_ERR_ARG) return http_send_error(s, conn, 400, "invalid_value", "%s", err->msg);
+    return http_send_error(s, conn, 500, "internal", "%s", err->msg);
 }
 
 static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
@@ -986,38 +534,41 @@ static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
         int exists = rp_engine_session_exists(s->engine, name);
         if (strcmp(method, "GET") == 0) {
             if (!exists)
-                return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist",
-                                  name);
-            return send_json(s, conn, 200, json_pack("{s:s,s:b}", "session", name, "exists", 1));
+                return http_send_error(s, conn, 404, "session_not_found",
+                                       "session '%s' does not exist", name);
+            return http_send_json(s, conn, 200,
+                                  json_pack("{s:s,s:b}", "session", name, "exists", 1));
         }
         if (!exists)
-            return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist",
-                              name);
+            return http_send_error(s, conn, 404, "session_not_found",
+                                   "session '%s' does not exist", name);
         if (session_busy(s, name))
-            return send_error(s, conn, 409, "session_busy", "session '%s' is in use by a request",
-                              name);
+            return http_send_error(s, conn, 409, "session_busy",
+                                   "session '%s' is in use by a request", name);
         rp_status st = rp_engine_session_delete(s->engine, name, &err);
         if (st != RP_OK) return session_failure(s, conn, name, st, &err);
         session_forget(s, name);
-        return send_json(s, conn, 200, json_pack("{s:s,s:b}", "session", name, "deleted", 1));
+        return http_send_json(s, conn, 200, json_pack("{s:s,s:b}", "session", name, "deleted", 1));
     }
     const int saving = rc->route == ROUTE_SESSION_SAVE;
     if (saving && !rp_engine_session_exists(s->engine, name))
-        return send_error(s, conn, 404, "session_not_found", "session '%s' does not exist", name);
+        return http_send_error(s, conn, 404, "session_not_found", "session '%s' does not exist",
+                               name);
     const char *file = NULL;
     if (rp_request_session_file(o, &file, &e))
-        return send_error(s, conn, e.status, e.code, "%s", e.message);
+        return http_send_error(s, conn, e.status, e.code, "%s", e.message);
     if (!saving) {
         if (session_busy(s, name))
-            return send_error(s, conn, 409, "session_busy", "session '%s' is in use by a request",
-                              name);
+            return http_send_error(s, conn, 409, "session_busy",
+                                   "session '%s' is in use by a request", name);
     }
     /* The file is read and written here, on this connection's thread: the
      * engine only hands the state over (a slow or strange file never holds
      * it up). */
     const rp_config *cfg = rp_engine_config_of(s->engine);
     float *state = malloc(rp_engine_session_floats(s->engine) * sizeof(float));
-    if (!state) return send_error(s, conn, 500, "internal", "out of memory for a session state");
+    if (!state)
+        return http_send_error(s, conn, 500, "internal", "out of memory for a session state");
     uint64_t tokens = 0;
     rp_status st;
     if (saving) {
@@ -1029,29 +580,30 @@ static enum MHD_Result handle_session(rp_http_server *s, request_ctx *rc,
         st = rp_session_file_save(&s->session_dir, file, cfg, tokens, state, &err);
         free(state);
         if (st != RP_OK && s->cfg.log_requests)
-            log_line(s, "%s %s: %s", rc->method, rc->path, err.msg);
-        if (st == RP_ERR_ARG) return send_error(s, conn, 409, "file_exists", "%s", err.msg);
+            http_log_line(s, "%s %s: %s", rc->method, rc->path, err.msg);
+        if (st == RP_ERR_ARG) return http_send_error(s, conn, 409, "file_exists", "%s", err.msg);
         if (st == RP_ERR_BUSY)
-            return send_error(s, conn, 507, "too_many_session_files", "%s", err.msg);
-        if (st != RP_OK) return send_error(s, conn, 500, "io_error", "%s", err.msg);
-        return send_json(s, conn, 200,
-                         json_pack("{s:s,s:s,s:b}", "session", name, "path", file, "saved", 1));
+            return http_send_error(s, conn, 507, "too_many_session_files", "%s", err.msg);
+        if (st != RP_OK) return http_send_error(s, conn, 500, "io_error", "%s", err.msg);
+        return http_send_json(s, conn, 200,
+                              json_pack("{s:s,s:s,s:b}", "session", name, "path", file, "saved",
+                                        1));
     }
     rp_error detail;
     st = rp_session_file_load(&s->session_dir, file, cfg, &tokens, state, &err, &detail);
     if (st != RP_OK) {
         free(state);
         /* The client's message never quotes the file; the log has it all. */
-        if (s->cfg.log_requests) log_line(s, "%s %s: %s", rc->method, rc->path, detail.msg);
-        return send_error(s, conn, 400, st == RP_ERR_IO ? "io_error" : "invalid_value", "%s",
-                          err.msg);
+        if (s->cfg.log_requests) http_log_line(s, "%s %s: %s", rc->method, rc->path, detail.msg);
+        return http_send_error(s, conn, 400, st == RP_ERR_IO ? "io_error" : "invalid_value",
+                               "%s", err.msg);
     }
     st = rp_engine_session_import(s->engine, name, state, tokens, &err);
     free(state);
     if (st != RP_OK) return session_failure(s, conn, name, st, &err);
     session_forget(s, name);  /* a loaded state continues at a turn boundary */
-    return send_json(s, conn, 200,
-                     json_pack("{s:s,s:s,s:b}", "session", name, "path", file, "loaded", 1));
+    return http_send_json(s, conn, 200,
+                          json_pack("{s:s,s:s,s:b}", "session", name, "path", file, "loaded", 1));
 }
 
 /* ---- routing ---------------------------------------------------------------- */
@@ -1153,8 +705,8 @@ static void cut_late_requests(rp_http_server *s) {
     pthread_mutex_unlock(&s->conn_lock);
     if (n > 0) {
         atomic_fetch_add(&s->connections_cut, n);
-        log_line(s, "closed %d connection%s whose request did not arrive within %d s "
-                 "(--request-timeout)", n, n == 1 ? "" : "s", s->cfg.request_timeout_s);
+        http_log_line(s, "closed %d connection%s whose request did not arrive within %d s "
+                      "(--request-timeout)", n, n == 1 ? "" : "s", s->cfg.request_timeout_s);
     }
 }
 
@@ -1235,7 +787,7 @@ static enum MHD_Result answer_early(rp_http_server *s, request_ctx *rc,
     va_end(ap);
     rc->answered = 1;
     conn_request_arrived(s, conn);
-    return send_error(s, conn, status, code, "%s", message);
+    return http_send_error(s, conn, status, code, "%s", message);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
@@ -1294,7 +846,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         }
         return MHD_YES;
     }
-    if (rc->gen && !rc->gen->stream) return reply_generation(s, rc, conn);  /* resumed */
+    if (rc->gen && !rc->gen->stream) return http_gen_reply(&rc->gen, conn);  /* resumed */
     if (rc->answered) {
         *upload_data_size = 0;  /* discard */
         return MHD_YES;
@@ -1318,10 +870,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     rc->answered = 1;
     conn_request_arrived(s, conn);
     if (rc->body_too_large)
-        return send_error(s, conn, 413, "body_too_large",
-                          "the request body is larger than %zu bytes", s->cfg.max_body_bytes);
+        return http_send_error(s, conn, 413, "body_too_large",
+                               "the request body is larger than %zu bytes", s->cfg.max_body_bytes);
     if (atomic_load(&s->stopping) && rc->route != ROUTE_HEALTH && rc->route != ROUTE_METRICS)
-        return send_error(s, conn, 503, "shutting_down", "the server is shutting down");
+        return http_send_error(s, conn, 503, "shutting_down", "the server is shutting down");
     switch (rc->route) {
     case ROUTE_MODELS: return handle_models(s, conn);
     case ROUTE_HEALTH: return handle_health(s, conn);
@@ -1332,7 +884,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (route_has_body(rc->route)) {
         rp_request_error e;
         o = rp_request_parse_json(rc->body, rc->body_len, &e);
-        if (!o) return send_error(s, conn, e.status, e.code, "%s", e.message);
+        if (!o) return http_send_error(s, conn, e.status, e.code, "%s", e.message);
     }
     enum MHD_Result r;
     if (rc->route == ROUTE_COMPLETIONS || rc->route == ROUTE_CHAT)
@@ -1357,15 +909,17 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (rc->gen) {
         /* the connection ended before the reply did (a write failed: the
          * client went away, or the server closed): its job is cancelled */
-        if (!rc->gen->done) log_line(s, "%s %s: client gone, job cancelled", rc->method, rc->path);
-        gen_free(rc->gen);
+        if (!rc->gen->done)
+            http_log_line(s, "%s %s: client gone, job cancelled", rc->method, rc->path);
+        http_gen_free(rc->gen);
     }
     if (rc->session_request) atomic_fetch_sub(&s->active_session_requests, 1);
     if (s->cfg.log && toe != MHD_REQUEST_TERMINATED_COMPLETED_OK &&
         toe != MHD_REQUEST_TERMINATED_CLIENT_ABORT)
-        log_line(s, "%s %s: connection ended early (%d)", rc->method, rc->path, (int)toe);
+        http_log_line(s, "%s %s: connection ended early (%d)", rc->method, rc->path, (int)toe);
     else if (s->cfg.log_requests)
-        log_line(s, "%s %s %.1f ms", rc->method, rc->path, (rp_now_seconds() - rc->t_start) * 1e3);
+        http_log_line(s, "%s %s %.1f ms", rc->method, rc->path,
+                      (rp_now_seconds() - rc->t_start) * 1e3);
     free(rc->body);
     free(rc);
     *con_cls = NULL;
@@ -1542,7 +1096,7 @@ void rp_http_stop(rp_http_server *s) {
          * no connection suspended. */
         MHD_socket listener = MHD_quiesce_daemon(s->daemon);
         pthread_mutex_lock(&s->gen_lock);
-        for (gen_ctx *g = s->gens; g; g = g->next) gen_wake(g);
+        for (gen_ctx *g = s->gens; g; g = g->next) http_gen_wake(g);
         pthread_mutex_unlock(&s->gen_lock);
         const double until = rp_now_seconds() + STOP_FINISH_SECONDS;
         while ((atomic_load(&s->active_generations) > 0 ||

@@ -415,7 +415,12 @@ int rp_request_prompt(json_t *o, int chat, const char *lead, const rp_request_li
     if (r == 0 && !*ids &&
         rp_tokenizer_encode(lim->tok, (const uint8_t *)*text, *text_len, ids, n_ids, &err) != RP_OK)
         r = rp_request_fail(e, 400, "invalid_value", "cannot tokenize the prompt: %s", err.msg);
-    /* One length check for both kinds of prompt, before the ids are used. */
+    /* The one prompt-length check, for text, token ids and chat alike: here
+     * the token count is first known (after tokenizing) together with the
+     * server's limit, with nothing to undo yet. Nothing after it checks the
+     * length again: http.c submits what this returns, and the engine takes
+     * a prompt of any length (an RWKV state has no context window; the limit
+     * only bounds what one request may cost). */
     if (r == 0 && *n_ids > (size_t)lim->max_prompt_tokens)
         r = rp_request_fail(e, 400, "context_length_exceeded",
                             "the prompt has %zu tokens: this server allows at most %d", *n_ids,

@@ -1,4 +1,4 @@
-/* Streamed text, shared by the HTTP service (src/serve/http.c) and
+/* Streamed text, shared by the HTTP service (src/serve/http_stream.c) and
  * `rwkvpipe generate`: generated token bytes -> the text a reader sees. Pure
  * functions over bytes (no engine, no sockets) so tests/test_serve_text.c
  * pins them down.

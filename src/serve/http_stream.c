@@ -1,0 +1,406 @@
+/* A generation of the HTTP service after its job is submitted (http.c
+ * validates and submits): reading the engine's tokens without blocking a
+ * connection thread (suspend / resume), incremental detokenisation with stop
+ * strings (src/text/stream.c), and the reply: one JSON body, or SSE chunks.
+ * The JSON formatters are pure and unit-tested (tests/test_http_stream.c). */
+#include "serve/http_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+
+#include "core/clock.h"
+
+#define READ_BATCH 256 /* tokens taken from the engine at once */
+
+/* ---- pure formatters -------------------------------------------------------- */
+
+const char *http_finish_name(rp_finish_reason f) {
+    switch (f) {
+    case RP_FINISH_LENGTH: return "length";
+    case RP_FINISH_STOP: return "stop";
+    case RP_FINISH_CANCELLED: return "cancelled";
+    case RP_FINISH_ERROR: return "error";
+    default: return "stop";
+    }
+}
+
+const char *http_error_type(int status) {
+    switch (status) {
+    case 401: return "authentication_error";
+    case 404: return "not_found_error";
+    case 409: return "conflict_error";
+    case 429: return "rate_limit_error";
+    case 500: return "server_error";
+    case 503: return "unavailable_error";
+    default: return "invalid_request_error";
+    }
+}
+
+json_t *http_error_json(int status, const char *code, const char *message) {
+    json_t *msg = json_stringn(message, strlen(message));
+    if (!msg) msg = json_string("(message is not valid UTF-8)");
+    return json_pack("{s:{s:o,s:s,s:s}}", "error", "message", msg, "type",
+                     http_error_type(status), "code", code);
+}
+
+json_t *http_json_text(const char *b, size_t n) {
+    json_t *j = json_stringn(b, n);
+    return j ? j : json_string("");
+}
+
+json_t *http_usage_json(int prompt_tokens, int completion_tokens) {
+    return json_pack("{s:i,s:i,s:i}", "prompt_tokens", prompt_tokens, "completion_tokens",
+                     completion_tokens, "total_tokens", prompt_tokens + completion_tokens);
+}
+
+json_t *http_timing_json(double queue_seconds, double t_submit, double t_first, double t_last,
+                         int completion_tokens) {
+    double ttft = t_first > 0 ? (t_first - t_submit) * 1e3 : 0.0;
+    double tps = 0.0;
+    if (completion_tokens > 1 && t_last > t_first)
+        tps = (completion_tokens - 1) / (t_last - t_first);
+    return json_pack("{s:f,s:f,s:f}", "queue_ms", queue_seconds * 1e3, "time_to_first_token_ms",
+                     ttft, "tokens_per_second", tps);
+}
+
+json_t *http_chunk_json(const gen_head *h, int with_role, const char *text, size_t len,
+                        const char *finish) {
+    json_t *choice;
+    json_t *fin = finish ? json_string(finish) : json_null();
+    if (h->chat) {
+        json_t *delta = json_object();
+        if (with_role) json_object_set_new(delta, "role", json_string("assistant"));
+        if (len > 0 || !finish) json_object_set_new(delta, "content", http_json_text(text, len));
+        choice = json_pack("{s:i,s:o,s:o}", "index", 0, "delta", delta, "finish_reason", fin);
+    } else {
+        choice = json_pack("{s:i,s:o,s:n,s:o}", "index", 0, "text", http_json_text(text, len),
+                           "logprobs", "finish_reason", fin);
+    }
+    return json_pack("{s:s,s:s,s:I,s:s,s:[o]}", "id", h->id, "object",
+                     h->chat ? "chat.completion.chunk" : "text_completion", "created",
+                     (json_int_t)h->created, "model", h->model, "choices", choice);
+}
+
+json_t *http_reply_json(const gen_head *h, const char *text, size_t len, const char *finish,
+                        json_t *usage, json_t *timing) {
+    json_t *t = http_json_text(text, len);
+    json_t *choice =
+        h->chat ? json_pack("{s:i,s:{s:s,s:o},s:s}", "index", 0, "message", "role", "assistant",
+                            "content", t, "finish_reason", finish)
+                : json_pack("{s:i,s:o,s:n,s:s}", "index", 0, "text", t, "logprobs",
+                            "finish_reason", finish);
+    return json_pack("{s:s,s:s,s:I,s:s,s:[o],s:o,s:o}", "id", h->id, "object",
+                     h->chat ? "chat.completion" : "text_completion", "created",
+                     (json_int_t)h->created, "model", h->model, "choices", choice, "usage",
+                     usage, "timing", timing);
+}
+
+int http_sse_event(char **buf, size_t *len, size_t *cap, json_t *event) {
+    char *body = event ? json_dumps(event, JSON_COMPACT) : NULL;
+    json_decref(event);
+    if (!body) return -1;
+    /* one append: a failure leaves no half event in the stream */
+    size_t n = strlen(body);
+    char *framed = malloc(n + 9);
+    int r = -1;
+    if (framed) {
+        memcpy(framed, "data: ", 6);
+        memcpy(framed + 6, body, n);
+        memcpy(framed + 6 + n, "\n\n", 3);
+        r = rp_text_append(buf, len, cap, framed, n + 8);
+    }
+    free(framed);
+    free(body);
+    return r ? -1 : 0;
+}
+
+/* ---- the generation ------------------------------------------------------------ */
+
+void http_gen_tail_push(gen_ctx *g, const uint8_t *b, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (g->tail_len == 2) g->tail[0] = g->tail[1], g->tail_len = 1;
+        g->tail[g->tail_len++] = (char)b[i];
+    }
+}
+
+void http_gen_wake(void *user) {
+    gen_ctx *g = user;
+    pthread_mutex_lock(&g->wake_mu);
+    g->wake_pending = 1;
+    if (g->suspended) {
+        g->suspended = 0;
+        MHD_resume_connection(g->conn);
+    }
+    pthread_mutex_unlock(&g->wake_mu);
+}
+
+/* From a libmicrohttpd callback that found nothing to do: suspends the
+ * connection (returns 1: the callback returns and is called again once
+ * resumed), or returns 0 when a wake came meanwhile (look again). */
+static int gen_suspend(gen_ctx *g) {
+    pthread_mutex_lock(&g->wake_mu);
+    int woken = g->wake_pending;
+    g->wake_pending = 0;
+    if (!woken) {
+        g->suspended = 1;
+        MHD_suspend_connection(g->conn);
+    }
+    pthread_mutex_unlock(&g->wake_mu);
+    return !woken;
+}
+
+/* Moves released text to the reply (or returns it for a chunk). */
+static const char *take_text(gen_ctx *g, size_t *len) {
+    const char *t = rp_text_stream_take(&g->text, len);
+    if (g->skip_space && *len > 0) {
+        g->skip_space = 0;
+        if (t[0] == ' ') t++, (*len)--;
+    }
+    return t;
+}
+
+static void finish_job(gen_ctx *g, rp_finish_reason f) {
+    g->done = 1;
+    g->finish = f;
+    rp_text_stream_finish(&g->text);
+    if (f == RP_FINISH_ERROR) rp_job_error(g->job, g->error, sizeof g->error);
+}
+
+/* Reads what the engine generated (waiting up to timeout_ms) and feeds the
+ * text stream. Returns 1 once the generation is over (g->done). A stop
+ * string ends it at once; a job that stores a session is still drained to
+ * its end so the table knows what its state has read, and so the stored
+ * state exists before the reply completes. */
+static int gen_pump(gen_ctx *g, int timeout_ms) {
+    int32_t ids[READ_BATCH];
+    for (;;) {
+        rp_finish_reason f = RP_FINISH_NONE;
+        int n = rp_job_read(g->job, ids, READ_BATCH, timeout_ms, &f);
+        if (n > 0 && g->t_first == 0) g->t_first = rp_now_seconds();
+        for (int i = 0; i < n; i++) {
+            size_t len;
+            const uint8_t *b = rp_tokenizer_token_bytes(g->srv->tok, ids[i], &len);
+            if (!b) len = 0;
+            if (g->session[0]) http_gen_tail_push(g, b, len);
+            if (g->stop_hit) continue;
+            g->completion_tokens++;
+            g->t_last = rp_now_seconds();
+            if (g->return_ids) {
+                if (g->n_ids == g->ids_cap) {
+                    size_t cap = g->ids_cap ? 2 * g->ids_cap : 64;
+                    int32_t *grown = realloc(g->ids, cap * sizeof *grown);
+                    if (grown) g->ids = grown, g->ids_cap = cap;
+                }
+                if (g->n_ids < g->ids_cap) g->ids[g->n_ids++] = ids[i];
+            }
+            int r = rp_text_stream_push(&g->text, b ? b : (const uint8_t *)"", len);
+            if (r == 1) {
+                g->stop_hit = 1;
+                rp_job_stop(g->job);
+                if (!g->session[0]) {
+                    finish_job(g, RP_FINISH_STOP);
+                    return 1;
+                }
+            }
+        }
+        if (f != RP_FINISH_NONE) {
+            /* Every token is read (rp_job_read reports the end only then),
+             * maybe with these last ones: over now, as the job's hook will
+             * not call again. A session turn ends only once the engine has
+             * stored the session. */
+            finish_job(g, g->stop_hit ? RP_FINISH_STOP : f);
+            return 1;
+        }
+        if (n < READ_BATCH) return 0;
+        timeout_ms = 0;  /* more may be waiting: take it now */
+    }
+}
+
+/* Should a generation give up on its job? Only when the server closes: a
+ * client that went away is found by a failed write (on_completed cancels
+ * the job), and one that only closed its sending side still gets its reply. */
+static int gen_should_abort(gen_ctx *g) { return atomic_load(&g->srv->closing); }
+
+gen_ctx *http_gen_new(rp_http_server *s, struct MHD_Connection *conn) {
+    gen_ctx *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->srv = s;
+    g->conn = conn;
+    g->head.model = s->model_id;
+    pthread_mutex_init(&g->wake_mu, NULL);
+    atomic_fetch_add(&s->active_generations, 1);
+    pthread_mutex_lock(&s->gen_lock);
+    g->next = s->gens;
+    if (s->gens) s->gens->prev = g;
+    s->gens = g;
+    pthread_mutex_unlock(&s->gen_lock);
+    return g;
+}
+
+void http_gen_free(gen_ctx *g) {
+    if (!g) return;
+    rp_http_server *s = g->srv;
+    if (g->job) {
+        rp_job_set_notify(g->job, NULL, NULL);  /* waits for a call in progress */
+        if (g->submitted && !g->done) rp_job_cancel(g->job);
+        rp_job_release(g->job);
+    }
+    pthread_mutex_lock(&s->gen_lock);
+    if (g->prev) g->prev->next = g->next;
+    else s->gens = g->next;
+    if (g->next) g->next->prev = g->prev;
+    pthread_mutex_unlock(&s->gen_lock);
+    pthread_mutex_destroy(&g->wake_mu);
+    /* Only a finished turn stores its state (it has then read every token
+     * it emitted, stop strings and what followed them included); a
+     * refused, cancelled or failed one leaves the stored state as it was. */
+    if (g->session[0])
+        http_session_end_turn(s, g->session, g->tail, g->tail_len,
+                              g->submitted && g->done &&
+                                  (g->finish == RP_FINISH_STOP || g->finish == RP_FINISH_LENGTH));
+    rp_text_stream_free(&g->text);
+    free(g->reply);
+    free(g->pending);
+    free(g->ids);
+    free(g);
+    atomic_fetch_sub(&s->active_generations, 1);
+}
+
+static json_t *ids_json(const gen_ctx *g) {
+    json_t *a = json_array();
+    for (size_t i = 0; a && i < g->n_ids; i++) json_array_append_new(a, json_integer(g->ids[i]));
+    return a;
+}
+
+static json_t *gen_timing_json(gen_ctx *g) {
+    rp_job_stats st;
+    memset(&st, 0, sizeof st);
+    rp_job_get_stats(g->job, &st);
+    return http_timing_json(st.queue_seconds, g->t_submit, g->t_first, g->t_last,
+                            g->completion_tokens);
+}
+
+/* ---- SSE ------------------------------------------------------------------- */
+
+static void sse_append(gen_ctx *g, json_t *event) {
+    http_sse_event(&g->pending, &g->pending_len, &g->pending_cap, event);
+}
+
+/* Fills g->pending with the events the job has ready (never waits). */
+static void sse_produce(gen_ctx *g) {
+    int done = g->done ? 1 : gen_pump(g, 0);
+    size_t len;
+    const char *t = take_text(g, &len);
+    if (len > 0 || (g->head.chat && !g->sent_role)) {
+        sse_append(g, http_chunk_json(&g->head, g->head.chat && !g->sent_role, t, len, NULL));
+        g->sent_role = 1;
+    }
+    if (!done) return;
+    if (g->finish == RP_FINISH_ERROR) {
+        sse_append(g, http_error_json(500, "generation_failed", g->error));
+    } else {
+        json_t *last = http_chunk_json(&g->head, g->head.chat && !g->sent_role, "", 0,
+                                       http_finish_name(g->finish));
+        g->sent_role = 1;
+        if (g->return_ids)
+            json_object_set_new(json_array_get(json_object_get(last, "choices"), 0), "token_ids",
+                                ids_json(g));
+        json_object_set_new(last, "usage", http_usage_json(g->n_prompt, g->completion_tokens));
+        json_object_set_new(last, "timing", gen_timing_json(g));
+        if (g->session[0]) json_object_set_new(last, "session", json_string(g->session));
+        sse_append(g, last);
+    }
+    rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, "data: [DONE]\n\n", 14);
+    g->sent_done = 1;
+}
+
+static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
+    gen_ctx *g = cls;
+    (void)pos;
+    for (;;) {
+        if (g->pending_off < g->pending_len) {
+            size_t n = g->pending_len - g->pending_off;
+            if (n > max) n = max;
+            memcpy(buf, g->pending + g->pending_off, n);
+            g->pending_off += n;
+            if (g->pending_off == g->pending_len) g->pending_off = g->pending_len = 0;
+            return (ssize_t)n;
+        }
+        if (g->sent_done) return MHD_CONTENT_READER_END_OF_STREAM;
+        if (!g->done && gen_should_abort(g)) {
+            rp_job_cancel(g->job);
+            finish_job(g, RP_FINISH_CANCELLED);
+        }
+        sse_produce(g);
+        if (g->pending_len > 0 || g->sent_done) continue;
+        /* nothing to send: 0 with the connection suspended until the job's
+         * hook resumes it (libmicrohttpd then calls again) */
+        if (gen_suspend(g)) return 0;
+    }
+}
+
+enum MHD_Result http_gen_stream(gen_ctx **slot, struct MHD_Connection *conn) {
+    gen_ctx *g = *slot;
+    rp_http_server *s = g->srv;
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, sse_reader, g, NULL);
+    if (!resp) {
+        *slot = NULL;
+        http_gen_free(g);
+        return http_send_error(s, conn, 500, "internal", "cannot create the response");
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+    enum MHD_Result r = MHD_queue_response(conn, MHD_HTTP_OK, resp);
+    MHD_destroy_response(resp);
+    http_count_response(s, 200);
+    return r;
+}
+
+/* ---- one JSON reply ---------------------------------------------------------- */
+
+static enum MHD_Result reply_done(gen_ctx *g, struct MHD_Connection *conn) {
+    rp_http_server *s = g->srv;
+    size_t len;
+    const char *t = take_text(g, &len);
+    rp_text_append(&g->reply, &g->reply_len, &g->reply_cap, t, len);
+    if (g->finish == RP_FINISH_ERROR && g->start[0] && g->completion_tokens == 0 &&
+        !rp_engine_session_exists(s->engine, g->start))
+        return http_send_error(s, conn, 404, "session_not_found", "%s", g->error);
+    if (g->finish == RP_FINISH_ERROR)
+        return http_send_error(s, conn, 500, "generation_failed", "%s", g->error);
+    json_t *resp = http_reply_json(&g->head, g->reply ? g->reply : "", g->reply_len,
+                                   http_finish_name(g->finish),
+                                   http_usage_json(g->n_prompt, g->completion_tokens),
+                                   gen_timing_json(g));
+    if (resp && g->session[0]) json_object_set_new(resp, "session", json_string(g->session));
+    json_t *choice = json_array_get(json_object_get(resp, "choices"), 0);
+    if (choice && g->return_ids) json_object_set_new(choice, "token_ids", ids_json(g));
+    return http_send_json(s, conn, 200, resp);
+}
+
+enum MHD_Result http_gen_reply(gen_ctx **slot, struct MHD_Connection *conn) {
+    gen_ctx *g = *slot;
+    for (;;) {
+        if (!g->done && gen_should_abort(g)) {
+            rp_job_cancel(g->job);
+            finish_job(g, RP_FINISH_CANCELLED);
+        }
+        if (!g->done) gen_pump(g, 0);
+        size_t len;
+        const char *t = take_text(g, &len);
+        if (len && rp_text_append(&g->reply, &g->reply_len, &g->reply_cap, t, len)) {
+            rp_job_cancel(g->job);
+            finish_job(g, RP_FINISH_ERROR);
+            snprintf(g->error, sizeof g->error, "out of memory for the reply");
+        }
+        if (g->done) break;
+        if (gen_suspend(g)) return MHD_YES;
+    }
+    *slot = NULL;
+    enum MHD_Result r = reply_done(g, conn);
+    http_gen_free(g);
+    return r;
+}
