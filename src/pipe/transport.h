@@ -160,4 +160,35 @@ rp_status rp_transport_send(rp_transport *t, const void *buf, size_t bytes, int 
 rp_status rp_transport_recv(rp_transport *t, void *buf, size_t bytes, int peer,
                             rp_msg_kind kind, int micro_batch, rp_error *err);
 
+/* ---- Collectives and gathers (transport_collective.c) ----
+ * Host memory only, whatever rp_transport_use_backend named: copy device
+ * data to host first. Each call is posted nonblocking on the transport's
+ * communicator and waited with its watchdog: after timeout_s without the
+ * peers it fails with a message naming `what` (a noun phrase: "the
+ * checkpoint start") and the root or peer, e.g. "stage 0 waited 5 s
+ * (--comm-timeout) for stage 1's logits; no reply: that rank stopped or
+ * died"; the caller then ends the job. A transport over the world
+ * communicator whose what_buf says "rank N" names its peers ranks. */
+typedef enum { RP_REDUCE_SUM, RP_REDUCE_MAX } rp_reduce_op;
+
+/* Collective: buf [bytes] of root lands in buf on every rank. */
+rp_status rp_transport_bcast(rp_transport *t, void *buf, size_t bytes, int root,
+                             const char *what, rp_error *err);
+/* Collective: send [bytes] of rank i lands at recv + i * bytes on root
+ * (recv is only read on root). bytes < 2 GiB. */
+rp_status rp_transport_gather(rp_transport *t, const void *send, void *recv, size_t bytes,
+                              int root, const char *what, rp_error *err);
+/* Collective: v [n] = its sum or maximum over every rank, in place. */
+rp_status rp_transport_allreduce_int(rp_transport *t, int *v, int n, rp_reduce_op op,
+                                     const char *what, rp_error *err);
+rp_status rp_transport_allreduce_double(rp_transport *t, double *v, int n, rp_reduce_op op,
+                                        const char *what, rp_error *err);
+/* Rank `from`'s slice src [bytes] lands in dst on rank 0 (from 0: a copy on
+ * rank 0); the other ranks return at once. Called by rank 0 and rank from
+ * with the same bytes; a slice of another size is an error naming both.
+ * Slices from one rank arrive in the order they were sent, never mixed up
+ * with stage-to-stage transfers. */
+rp_status rp_transport_gather_slice(rp_transport *t, int from, void *dst, const void *src,
+                                    size_t bytes, const char *what, rp_error *err);
+
 #endif
