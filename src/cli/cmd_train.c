@@ -346,7 +346,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (st == RP_ERR_DIVERGED && cli->mpi_size > 1 && cli->mpi_rank != 0) {
         /* Every rank found the same non-finite norm: rank 0 alone reports it
          * and ends the job; this rank waits to be ended with it. */
-        MPI_Barrier(MPI_COMM_WORLD);
+        cli_wait_for_job_end(cli);
     }
     if (st != RP_OK) cli_fatal_error(cli, &err);
     if (res.skipped_steps)

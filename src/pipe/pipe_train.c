@@ -361,6 +361,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             if (st == RP_OK) st = reduce_grads(pt, err);
             break;
         case RP_OP_OPT_STEP: {
+            if (!optim) break;  /* gradients only: the weights stay */
             double t0 = rp_now_seconds();
             double sumsq = rp_grad_sum_squares(pt->grads);
             pt->update_seconds += rp_now_seconds() - t0;

@@ -80,7 +80,9 @@ typedef struct {
  * this replica (targets < 0 take no loss); loss_scale = 1 / targets in the
  * global batch. A non-finite gradient norm (NaN or inf loss) leaves the
  * weights and moments untouched on every rank, and is an RP_ERR_DIVERGED
- * error with halt_on_nan, else res->skipped = 1. */
+ * error with halt_on_nan, else res->skipped = 1. optim NULL: gradients only
+ * (`logits --grads`): the step ends with pt->grads summed over the replicas,
+ * no norm is taken and the weights stay (adam_m / adam_v may be NULL). */
 rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                const int32_t *targets, float loss_scale, float l2wrap_factor,
                                const rp_optim_config *optim, long step, rp_pipe_step_result *res,
