@@ -20,7 +20,7 @@ void rp_train_options_defaults(rp_train_options *o) {
     o->synth.task = RP_SYNTH_MQAR;
     o->ctx_len = 64;
     o->batch_size = 16;
-    o->micro_batch = 16;
+    o->micro_batch_size = 16;
     o->loss_on_answers_only = 1;
     o->l2wrap = 1;
     rp_optim_defaults(&o->optim);
@@ -220,7 +220,7 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
                           const data_source *train_data, int n_batches, double *loss,
                           double *accuracy, long *n_targets, rp_error *err) {
     rp_backend *be = model->be;
-    const int T = o->ctx_len, n = o->micro_batch, V = model->cfg.vocab_size;
+    const int T = o->ctx_len, n = o->micro_batch_size, V = model->cfg.vocab_size;
     const int stage = stage_of(o), n_stages = stages_of(o);
     data_source d;
     rp_status st = RP_OK;
@@ -508,7 +508,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                        rp_error *err) {
     rp_backend *be = model->be;
     const rp_config *cfg = &model->cfg;
-    const int T = o->ctx_len, B = o->batch_size, MB = o->micro_batch;
+    const int T = o->ctx_len, B = o->batch_size, MB = o->micro_batch_size;
     const int DP = o->grid ? o->grid->dp : 1, replica = o->grid ? o->grid->replica : 0;
     const int is_rank0 = !o->grid || o->grid->world_rank == 0;
     rp_train_result local = {0};
