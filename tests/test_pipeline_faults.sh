@@ -6,8 +6,9 @@
 # - a stage that stops answering (SIGSTOP) makes its peer give up after
 #   --comm-timeout with a message naming the transfer it waited for;
 # - a stage that stops itself (RWKVPIPE_TEST_STOP) in `logits --pp 2 --grads`
-#   or before sending its weights at the end of `train --pp 2 -o` ends the job
-#   within --comm-timeout + 25 s, the peer's message naming that stage;
+#   or before sending its weights at the end of `train --pp 2 -o`, or at its
+#   checkpoint, ends the job within --comm-timeout + 25 s, the peer's message
+#   naming that stage or the checkpoint collective it waited for;
 # - a stage killed while writing its checkpoint shard leaves the previous
 #   checkpoint as `latest`, and resuming from it gives the uninterrupted run.
 # Run by `make check` (env: top_srcdir, top_builddir, MPIRUN, PYTHON3).
@@ -142,6 +143,10 @@ stopped_stage_ends_job "train --pp 2 -o: stage 1 stops before sending its weight
     save-weights:1 "stage 0\]: error: stage 0 waited [0-9]* s (--comm-timeout) for stage 1's layer weights" \
     "$BIN" "${COMMON[@]}" --steps 2 --comm-timeout 5 -o "$T/stopped_train.st"
 [ -e "$T/stopped_train.st" ] && fail "a failed save left $T/stopped_train.st"
+stopped_stage_ends_job "train --pp 2: stage 1 stops at its checkpoint -> stage 0 gives up naming the checkpoint collective" \
+    ckpt-start:1 "stage 0\]: error: stage 0 waited [0-9]* s (--comm-timeout) for the checkpoint .*; a rank did not join" \
+    "$BIN" "${COMMON[@]}" --steps 2 --comm-timeout 5 --checkpoint-dir "$T/ck_stopped"
+[ -e "$T/ck_stopped/latest" ] && fail "a checkpoint a stage never wrote was committed"
 
 check "a stage killed while writing its checkpoint shard: the previous checkpoint stays latest"
 "$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 6 -o "$T/full.st" >"$T/stdout" 2>"$T/stderr" ||

@@ -182,7 +182,8 @@ static void test_a_rank_that_never_joins_times_out(void **state) {
     t0 = MPI_Wtime();
     st = rp_transport_allreduce_int(&t, v, 4, RP_REDUCE_MAX, "the stop request", &err);
     if (rank != late) {
-        snprintf(want, sizeof want, "for the stop request (all-reduce over %d stages)", size);
+        snprintf(want, sizeof want, "for the stop request (all-reduce over %d stages); a rank "
+                 "did not join: it stopped or died", size);
         assert_timed_out(st, &err, t0, want);
     } else {
         assert_int_equal(st, RP_OK);

@@ -167,7 +167,8 @@ rp_status rp_transport_recv(rp_transport *t, void *buf, size_t bytes, int peer,
  * peers it fails with a message naming `what` (a noun phrase: "the
  * checkpoint start") and the root or peer, e.g. "stage 0 waited 5 s
  * (--comm-timeout) for stage 1's logits; no reply: that rank stopped or
- * died"; the caller then ends the job. A transport over the world
+ * died" (a collective: "...; a rank did not join: it stopped or died");
+ * the caller then ends the job. A transport over the world
  * communicator whose what_buf says "rank N" names its peers ranks. */
 typedef enum { RP_REDUCE_SUM, RP_REDUCE_MAX } rp_reduce_op;
 

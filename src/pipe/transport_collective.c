@@ -35,10 +35,12 @@ static rp_status mpi_error(const rp_transport *t, int rc, const char *call, cons
 
 /* MPI_Test until the request completes, or fails, or the transport's
  * timeout passes (the same polling as the transfers' waits: a growing sleep
- * capped at 50 us). `waiting_for` completes "waited N s for ...". A timed-out
- * receive is cancelled, so it cannot swallow a later message. */
+ * capped at 50 us). `waiting_for` completes "waited N s for ..."; is_p2p: it
+ * names the one peer that did not answer (else: a collective, any rank may
+ * be the one missing). A timed-out receive is cancelled, so it cannot
+ * swallow a later message. */
 static rp_status wait_request(rp_transport *t, MPI_Request *req, MPI_Status *status,
-                              int is_recv, const char *waiting_for, rp_error *err) {
+                              int is_p2p, int is_recv, const char *waiting_for, rp_error *err) {
     const double start = rp_now_seconds();
     long sleep_ns = 1000;
     for (;;) {
@@ -54,9 +56,10 @@ static rp_status wait_request(rp_transport *t, MPI_Request *req, MPI_Status *sta
         const double waited = rp_now_seconds() - start;
         if (t->timeout_s > 0 && waited > t->timeout_s) {
             if (is_recv && MPI_Cancel(req) == MPI_SUCCESS) MPI_Wait(req, MPI_STATUS_IGNORE);
-            return rp_error_set(err, RP_ERR_MPI,
-                                "%s waited %.0f s (--comm-timeout) for %s; no reply: that rank "
-                                "stopped or died", t->what, waited, waiting_for);
+            return rp_error_set(err, RP_ERR_MPI, "%s waited %.0f s (--comm-timeout) for %s; %s",
+                                t->what, waited, waiting_for,
+                                is_p2p ? "no reply: that rank stopped or died"
+                                       : "a rank did not join: it stopped or died");
         }
         struct timespec ts = {0, sleep_ns};
         nanosleep(&ts, NULL);
@@ -76,14 +79,18 @@ rp_status rp_transport_bcast(rp_transport *t, void *buf, size_t bytes, int root,
     rp_status st = check_root(t, root, what, err);
     if (st != RP_OK) return st;
     char waiting_for[256];
-    snprintf(waiting_for, sizeof waiting_for, "%s (broadcast from %s %d)", what, peer_word(t),
-             root);
+    if (t->rank == root)
+        snprintf(waiting_for, sizeof waiting_for, "%s (broadcast to the other %ss)", what,
+                 peer_word(t));
+    else
+        snprintf(waiting_for, sizeof waiting_for, "%s (broadcast from %s %d)", what,
+                 peer_word(t), root);
     for (size_t at = 0; at < bytes || at == 0; at += PIECE_BYTES) {
         const size_t len = bytes - at < PIECE_BYTES ? bytes - at : PIECE_BYTES;
         MPI_Request req;
         int rc = MPI_Ibcast((char *)buf + at, (int)len, MPI_BYTE, root, t->comm, &req);
         if (rc != MPI_SUCCESS) return mpi_error(t, rc, "MPI_Ibcast", waiting_for, err);
-        if ((st = wait_request(t, &req, MPI_STATUS_IGNORE, 0, waiting_for, err)) != RP_OK)
+        if ((st = wait_request(t, &req, MPI_STATUS_IGNORE, 0, 0, waiting_for, err)) != RP_OK)
             return st;
         if (bytes == 0) break;
     }
@@ -103,7 +110,7 @@ rp_status rp_transport_gather(rp_transport *t, const void *send, void *recv, siz
     int rc = MPI_Igather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, root, t->comm,
                          &req);
     if (rc != MPI_SUCCESS) return mpi_error(t, rc, "MPI_Igather", waiting_for, err);
-    return wait_request(t, &req, MPI_STATUS_IGNORE, 0, waiting_for, err);
+    return wait_request(t, &req, MPI_STATUS_IGNORE, 0, 0, waiting_for, err);
 }
 
 static rp_status allreduce(rp_transport *t, void *v, int n, MPI_Datatype type, rp_reduce_op op,
@@ -115,7 +122,7 @@ static rp_status allreduce(rp_transport *t, void *v, int n, MPI_Datatype type, r
     int rc = MPI_Iallreduce(MPI_IN_PLACE, v, n, type, op == RP_REDUCE_MAX ? MPI_MAX : MPI_SUM,
                             t->comm, &req);
     if (rc != MPI_SUCCESS) return mpi_error(t, rc, "MPI_Iallreduce", waiting_for, err);
-    return wait_request(t, &req, MPI_STATUS_IGNORE, 0, waiting_for, err);
+    return wait_request(t, &req, MPI_STATUS_IGNORE, 0, 0, waiting_for, err);
 }
 
 rp_status rp_transport_allreduce_int(rp_transport *t, int *v, int n, rp_reduce_op op,
@@ -154,7 +161,7 @@ rp_status rp_transport_gather_slice(rp_transport *t, int from, void *dst, const 
                                      t->comm, &req);
         if (rc != MPI_SUCCESS)
             return mpi_error(t, rc, is_recv ? "MPI_Irecv" : "MPI_Isend", waiting_for, err);
-        rp_status st = wait_request(t, &req, is_recv ? &status : MPI_STATUS_IGNORE, is_recv,
+        rp_status st = wait_request(t, &req, is_recv ? &status : MPI_STATUS_IGNORE, 1, is_recv,
                                     waiting_for, err);
         if (st != RP_OK) return st;
         if (is_recv) {

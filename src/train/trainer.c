@@ -364,6 +364,7 @@ static rp_status save_checkpoint(const rp_train_options *o, rp_transport *tp,
     const rp_grid *g = o->grid;
     if (g && g->replica != 0) return RP_OK;
     if (!g || g->pp == 1) return rp_ckpt_save(o->ckpt_dir, c, err);
+    stop_point_for_tests("ckpt-start", g->stage);
     char step_dir[RP_CKPT_PATH_MAX] = "";
     int ok = 1;
     rp_status st = RP_OK;
