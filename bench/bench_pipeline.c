@@ -34,7 +34,7 @@
 
 typedef struct {
     const char *model_config, *stage_layers;
-    int ctx_len, micro_seqs, steps, warmup, threads;
+    int ctx_len, micro_batch_size, steps, warmup, threads;
     int micro[MAX_MICRO_COUNTS], n_micro_counts;
     int kinds[RP_SCHEDULE_KIND_COUNT], n_kinds;
     unsigned long long seed;
@@ -85,8 +85,8 @@ static int parse_int(const char *text, int lo, int hi, int *out) {
 
 /* Returns 0 to run, 1 for --help, 2 for a bad option (message in msg). */
 static int parse_options(int argc, char **argv, options *o, char *msg, size_t msg_size) {
-    *o = (options){.model_config = "L8-C128-V256", .ctx_len = 64, .micro_seqs = 4, .steps = 15,
-                   .warmup = 2, .threads = 1, .micro = {1, 2, 4, 8}, .n_micro_counts = 4,
+    *o = (options){.model_config = "L8-C128-V256", .ctx_len = 64, .micro_batch_size = 4,
+                   .steps = 15, .warmup = 2, .threads = 1, .micro = {1, 2, 4, 8}, .n_micro_counts = 4,
                    .kinds = {RP_SCHEDULE_GPIPE, RP_SCHEDULE_1F1B}, .n_kinds = 2, .seed = 1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -100,7 +100,8 @@ static int parse_options(int argc, char **argv, options *o, char *msg, size_t ms
         if (strcmp(a, "--model-config") == 0) o->model_config = v;
         else if (strcmp(a, "--stage-layers") == 0) o->stage_layers = v;
         else if (strcmp(a, "--ctx-len") == 0) ok = parse_int(v, 1, 1 << 20, &o->ctx_len);
-        else if (strcmp(a, "--micro-batch-seqs") == 0) ok = parse_int(v, 1, 1 << 16, &o->micro_seqs);
+        else if (strcmp(a, "--micro-batch-seqs") == 0)
+            ok = parse_int(v, 1, 1 << 16, &o->micro_batch_size);
         else if (strcmp(a, "--steps") == 0) ok = parse_int(v, 1, MAX_STEPS, &o->steps);
         else if (strcmp(a, "--warmup") == 0) ok = parse_int(v, 0, MAX_STEPS, &o->warmup);
         else if (strcmp(a, "--threads") == 0) ok = parse_int(v, 1, 1024, &o->threads);
@@ -230,7 +231,7 @@ int main(int argc, char **argv) {
 
     int max_m = 1;
     for (int i = 0; i < o.n_micro_counts; i++) max_m = o.micro[i] > max_m ? o.micro[i] : max_m;
-    const int T = o.ctx_len, S = o.micro_seqs, R = S * T;
+    const int T = o.ctx_len, S = o.micro_batch_size, R = S * T;
     int32_t *inputs = malloc(sizeof(int32_t) * (size_t)max_m * R);
     int32_t *targets = malloc(sizeof(int32_t) * (size_t)max_m * R);
     if (!inputs || !targets) fatal("cannot allocate the batch", NULL);

@@ -2,8 +2,12 @@
 # The layering of docs/architecture.md, enforced: every #include "..." line in
 # src/ and cuda/ must point at the file's own folder or at a folder below it
 # (cli -> serve -> infer/train -> pipe -> optim/model/text -> backend -> core).
+# Also: MPI is called only in src/pipe/ (the transport, docs/parallelism.md)
+# and in the start-up of src/cli (cli.c, cli.h, main.c): everything else
+# moves data through the transport, with its checks and watchdog.
 # Usage: test_layering.sh [ROOT] (default: $top_srcdir). Without ROOT it first
-# checks itself on a scratch tree with an upward include, which must fail.
+# checks itself on a scratch tree with an upward include and an MPI call
+# outside src/pipe, which must fail.
 set -u
 
 # Folders each folder may include from (besides itself). backend = src/backend.h,
@@ -73,6 +77,27 @@ check_tree() {
     return $bad
 }
 
+# Files outside src/pipe/ that may name MPI_: the start-up of the CLI.
+MPI_ALLOWED="src/cli/cli.c src/cli/cli.h src/cli/main.c"
+
+# Prints one line per file outside src/pipe/ that names MPI_; returns 1 if any.
+check_mpi() {
+    local root="$1" bad=0 f rel ok pat
+    while IFS= read -r f; do
+        rel="${f#"$root"/}"
+        ok=0
+        for pat in $MPI_ALLOWED; do
+            # shellcheck disable=SC2254
+            case "$rel" in $pat) ok=1 ;; esac
+        done
+        [ $ok -eq 1 ] && continue
+        echo "$rel: calls MPI (line $(grep -n -m1 'MPI_' "$f" | cut -d: -f1)); move data through the transport (src/pipe/transport.h)"
+        bad=1
+    done < <(grep -rl --include='*.c' --include='*.h' --include='*.cu' 'MPI_' "$root/src" "$root/cuda" 2>/dev/null |
+             grep -v "^$root/src/pipe/" | sort)
+    return $bad
+}
+
 root="${1:-${top_srcdir:-$(cd "$(dirname "$0")/.." && pwd)}}"
 
 if [ $# -eq 0 ]; then
@@ -90,10 +115,24 @@ if [ $# -eq 0 ]; then
     echo "$out" | grep -q 'src/text/t.h: #include "model/model.h"' ||
         { echo "FAIL: sideways include not named: $out"; exit 1; }
     [ "$(echo "$out" | wc -l)" -eq 2 ] || { echo "FAIL: allowed includes flagged: $out"; exit 1; }
+    # MPI outside src/pipe and the CLI start-up must be caught; inside, not.
+    mkdir -p "$scratch/src/pipe" "$scratch/src/cli"
+    printf 'void f(void) { MPI_Barrier(MPI_COMM_WORLD); }\n' > "$scratch/src/train/t.c"
+    printf 'void g(void) { MPI_Barrier(MPI_COMM_WORLD); }\n' > "$scratch/src/pipe/p.c"
+    printf 'void h(void) { MPI_Barrier(MPI_COMM_WORLD); }\n' > "$scratch/src/cli/main.c"
+    printf 'void i(void) { MPI_Barrier(MPI_COMM_WORLD); }\n' > "$scratch/src/cli/cmd_x.c"
+    out="$(check_mpi "$scratch")" && { echo "FAIL: planted MPI call not caught"; exit 1; }
+    echo "$out" | grep -q '^src/train/t.c: calls MPI' || { echo "FAIL: MPI in train not named: $out"; exit 1; }
+    echo "$out" | grep -q '^src/cli/cmd_x.c: calls MPI' || { echo "FAIL: MPI in a command not named: $out"; exit 1; }
+    [ "$(echo "$out" | wc -l)" -eq 2 ] || { echo "FAIL: allowed MPI calls flagged: $out"; exit 1; }
 fi
 
 if ! check_tree "$root"; then
     echo "FAIL: includes against the layer order (docs/architecture.md)"
     exit 1
 fi
-echo "PASS: every include in $root/src and $root/cuda follows the layer order"
+if ! check_mpi "$root"; then
+    echo "FAIL: MPI called outside src/pipe/ and the CLI start-up (docs/parallelism.md)"
+    exit 1
+fi
+echo "PASS: every include in $root/src and $root/cuda follows the layer order; MPI only in src/pipe/ and the CLI start-up"

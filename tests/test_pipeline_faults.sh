@@ -5,6 +5,10 @@
 #   and the last complete checkpoint still verifies and resumes;
 # - a stage that stops answering (SIGSTOP) makes its peer give up after
 #   --comm-timeout with a message naming the transfer it waited for;
+# - a stage that stops itself (RWKVPIPE_TEST_STOP) in `logits --pp 2 --grads`
+#   or before sending its weights at the end of `train --pp 2 -o`, or at its
+#   checkpoint, ends the job within --comm-timeout + 25 s, the peer's message
+#   naming that stage or the checkpoint collective it waited for;
 # - a stage killed while writing its checkpoint shard leaves the previous
 #   checkpoint as `latest`, and resuming from it gives the uninterrupted run.
 # Run by `make check` (env: top_srcdir, top_builddir, MPIRUN, PYTHON3).
@@ -43,7 +47,7 @@ export RP_FAULT_TEST_ID="$$.$RANDOM.$(date +%s%N)"
 # rank_pid N: the pid of the rwkvpipe process of MPI rank N started by job $JOB.
 rank_pid() {
     local p env
-    for p in $(pgrep -f "$BIN train" || true); do
+    for p in $(pgrep -f "$BIN (train|logits)" || true); do
         env="$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null)"
         if grep -qx "RP_FAULT_TEST_ID=$RP_FAULT_TEST_ID" <<<"$env" &&
             grep -qx "OMPI_COMM_WORLD_RANK=$1" <<<"$env"; then
@@ -100,6 +104,49 @@ JOB=""
 grep -q "stage 0\]: error: .*waited [0-9]* s (--comm-timeout) \(to receive the .* of micro-batch [0-9]* from stage 1\|for the \)" "$T/stderr" ||
     fail "no watchdog message naming the transfer"
 ok "$(grep -m1 'comm-timeout' "$T/stderr" | sed 's/^.*error: //')"
+
+# stopped_stage_ends_job WHAT STOP_SPEC WANT ARGS...: runs mpirun -np 2 ARGS
+# with RWKVPIPE_TEST_STOP=STOP_SPEC (a stage sends itself SIGSTOP there); the
+# job must end non-zero within 5 s (--comm-timeout in ARGS) + 25 s, and
+# stderr must match the regex WANT.
+stopped_stage_ends_job() {
+    local what="$1" spec="$2" want="$3" i start rc pid
+    shift 3
+    check "$what"
+    start=$(date +%s)
+    RWKVPIPE_TEST_STOP="$spec" "$MPIRUN" -np 2 -x RP_FAULT_TEST_ID -x RWKVPIPE_TEST_STOP "$@" \
+        >"$T/stdout" 2>"$T/stderr" &
+    JOB=$!
+    for ((i = 0; i < 300; i++)); do kill -0 "$JOB" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$JOB" 2>/dev/null; then
+        for r in 0 1; do pid=$(rank_pid $r) && kill -9 "$pid"; done
+        fail "the job still runs $(($(date +%s) - start)) s after a stage stopped (--comm-timeout 5)"
+    fi
+    wait "$JOB"
+    rc=$?
+    JOB=""
+    for r in 0 1; do pid=$(rank_pid $r) && { kill -9 "$pid"; fail "rank $r outlived the job"; }; done
+    [ "$rc" -ne 0 ] || fail "mpirun exited 0"
+    grep -q "$want" "$T/stderr" || fail "no message matching '$want'"
+    ok "exit $rc after $(($(date +%s) - start)) s: $(grep -m1 'comm-timeout' "$T/stderr" | sed 's/^.*error: //')"
+}
+"$BIN" init --model-config L4-C64-V64 --seed 9 -o "$T/m4.st" >"$T/stdout" 2>"$T/stderr" || fail "init"
+LOGITS=(logits --pp 2 --model "$T/m4.st" --tokens "$(seq -s, 3 1 42)" --grads --threads 1
+        --comm-timeout 5 -o "$T/stopped.st")
+stopped_stage_ends_job "logits --pp 2 --grads: stage 1 stops before its gradients -> stage 0 gives up naming stage 1" \
+    logits-grads:1 "stage 0\]: error: stage 0 waited [0-9]* s (--comm-timeout) to receive the .* of micro-batch 0 from stage 1" \
+    "$BIN" "${LOGITS[@]}"
+stopped_stage_ends_job "logits --pp 2 --grads: stage 0 stops -> stage 1 gives up naming stage 0" \
+    logits-grads:0 "stage 1\]: error: stage 1 waited [0-9]* s (--comm-timeout) to receive the .* of micro-batch 0 from stage 0" \
+    "$BIN" "${LOGITS[@]}"
+stopped_stage_ends_job "train --pp 2 -o: stage 1 stops before sending its weights -> stage 0 gives up naming stage 1" \
+    save-weights:1 "stage 0\]: error: stage 0 waited [0-9]* s (--comm-timeout) for stage 1's layer weights" \
+    "$BIN" "${COMMON[@]}" --steps 2 --comm-timeout 5 -o "$T/stopped_train.st"
+[ -e "$T/stopped_train.st" ] && fail "a failed save left $T/stopped_train.st"
+stopped_stage_ends_job "train --pp 2: stage 1 stops at its checkpoint -> stage 0 gives up naming the checkpoint collective" \
+    ckpt-start:1 "stage 0\]: error: stage 0 waited [0-9]* s (--comm-timeout) for the checkpoint .*; a rank did not join" \
+    "$BIN" "${COMMON[@]}" --steps 2 --comm-timeout 5 --checkpoint-dir "$T/ck_stopped"
+[ -e "$T/ck_stopped/latest" ] && fail "a checkpoint a stage never wrote was committed"
 
 check "a stage killed while writing its checkpoint shard: the previous checkpoint stays latest"
 "$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --steps 6 -o "$T/full.st" >"$T/stdout" 2>"$T/stderr" ||

@@ -36,7 +36,7 @@ static void small_options(rp_train_options *o, rp_synth_task task) {
     o->synth.task = task;
     o->ctx_len = 16;
     o->batch_size = 4;
-    o->micro_batch = 4;
+    o->micro_batch_size = 4;
     o->steps = 4;
     o->eval_interval = 0;
     o->eval_batches = 1;
@@ -100,7 +100,7 @@ static void test_thread_count_does_not_change_weights(void **state) {
         rp_train_options o;
         small_options(&o, RP_SYNTH_MQAR);
         o.ctx_len = 128;
-        o.batch_size = o.micro_batch = 8;
+        o.batch_size = o.micro_batch_size = 8;
         o.steps = 2;
         if (rp_train_run(&runs[i], &o, NULL, &err) != RP_OK) fail_msg("%s", err.msg);
     }
@@ -120,7 +120,7 @@ static void test_micro_batches_equal_one_batch(void **state) {
     small_options(&o, RP_SYNTH_COPY);
     rp_error err;
     assert_int_equal(rp_train_run(&a, &o, NULL, &err), RP_OK);
-    o.micro_batch = 2;
+    o.micro_batch_size = 2;
     assert_int_equal(rp_train_run(&b, &o, NULL, &err), RP_OK);
     double d = weights_rel_diff(&b, &a);
     if (d > 1e-4) fail_msg("micro-batch 2 x 2 differs from batch 4 by %g", d);
@@ -149,7 +149,7 @@ static void test_loss_falls_on_the_copy_task(void **state) {
     o.synth.copy_len = 8;
     o.loss_on_answers_only = 0;
     o.steps = 40;
-    o.batch_size = o.micro_batch = 8;
+    o.batch_size = o.micro_batch_size = 8;
     rp_error err;
     double loss0, acc0, loss1, acc1;
     assert_int_equal(rp_train_evaluate(&m, &o, 2, &loss0, &acc0, NULL, &err), RP_OK);
@@ -200,13 +200,13 @@ static void test_resume_from_checkpoint_is_bit_exact(void **state) {
     rp_cpu_backend_destroy(be);
 }
 
-static void test_batch_must_be_a_multiple_of_micro_batch(void **state) {
+static void test_batch_must_be_a_multiple_of_micro_batch_size(void **state) {
     rp_backend *be = backend();
     rp_model m;
     new_model(&m, be);
     rp_train_options o;
     small_options(&o, RP_SYNTH_MQAR);
-    o.micro_batch = 3;
+    o.micro_batch_size = 3;
     rp_error err;
     assert_int_equal(rp_train_run(&m, &o, NULL, &err), RP_ERR_ARG);
     assert_non_null(strstr(err.msg, "micro-batch"));
@@ -221,7 +221,7 @@ int main(void) {
         cmocka_unit_test(test_micro_batches_equal_one_batch),
         cmocka_unit_test(test_loss_falls_on_the_copy_task),
         cmocka_unit_test(test_resume_from_checkpoint_is_bit_exact),
-        cmocka_unit_test(test_batch_must_be_a_multiple_of_micro_batch),
+        cmocka_unit_test(test_batch_must_be_a_multiple_of_micro_batch_size),
     };
     return cmocka_run_group_tests_name("train", tests, NULL, NULL);
 }

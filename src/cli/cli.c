@@ -69,6 +69,10 @@ void cli_fatal(const rp_cli *cli, const char *fmt, ...) {
 
 void cli_fatal_error(const rp_cli *cli, const rp_error *err) { cli_fatal(cli, "%s", err->msg); }
 
+void cli_wait_for_job_end(const rp_cli *cli) {
+    if (cli->mpi_initialized && cli->mpi_size > 1) MPI_Barrier(MPI_COMM_WORLD);
+}
+
 void cli_set_stage(rp_cli *cli, int stage) {
     cli->has_stage = 1;
     cli->stage = stage;

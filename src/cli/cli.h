@@ -45,6 +45,11 @@ void cli_fatal_error(const rp_cli *cli, const rp_error *err) __attribute__((nore
  * path: there is nothing to do after it but stop). */
 void *cli_calloc(const rp_cli *cli, size_t count, size_t size, const char *what);
 void *cli_realloc(const rp_cli *cli, void *p, size_t bytes, const char *what);
+
+/* A rank whose error every rank found alike (a diverged run) waits here
+ * for rank 0 to report it and end the job (collective over
+ * MPI_COMM_WORLD, which rank 0 never joins: its cli_fatal aborts it). */
+void cli_wait_for_job_end(const rp_cli *cli);
 /* Progress/info on stderr (rank 0 only), prefixed with the command. */
 void cli_info(const rp_cli *cli, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

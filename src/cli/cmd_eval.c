@@ -67,7 +67,10 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
             rp_train_options_add_data(&o, paths, &n_paths, optarg);
             break;
         case 'T': o.ctx_len = (int)cli_parse_int(cli, "--ctx-len", optarg, 2, 1 << 20); break;
-        case 'b': o.micro_batch = o.batch_size = (int)cli_parse_int(cli, "--batch", optarg, 1, 1 << 16); break;
+        case 'b':
+            o.micro_batch_size = o.batch_size = (int)cli_parse_int(cli, "--batch", optarg, 1,
+                                                                   1 << 16);
+            break;
         case 'n': batches = (int)cli_parse_int(cli, "--batches", optarg, 1, 1 << 24); break;
         case 'p': o.synth.n_pairs = (int)cli_parse_int(cli, "--mqar-pairs", optarg, 1, 1 << 20); break;
         case 's': o.seed = cli_parse_u64(cli, "--seed", optarg); break;

@@ -6,11 +6,12 @@
  * its layers' state (and gradients) and rank 0 writes the same file as one
  * process would. */
 #include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cli/cli.h"
-#include "model/backward.h"
 #include "pipe/grid.h"
 #include "pipe/pipe_train.h"
 #include "pipe/transport.h"
@@ -22,81 +23,47 @@ typedef struct {
     const rp_grid *grid;
 } stage_ctx;
 
-/* Rank 0 collects what the other stages computed (plain MPI on the pipe). */
-#define GATHER_TAG 91
-
+/* Rank 0 collects what the other stages computed (host memory), through the
+ * transport's slice gather: a stage that stops answering ends the job after
+ * --comm-timeout with a message naming the stage and what was awaited. */
 static void gather_floats(const rp_cli *cli, const stage_ctx *sc, int from_stage, float *dst,
-                          const float *src, size_t n) {
-    if (from_stage == 0) {
-        if (sc->stage == 0 && dst != src) memcpy(dst, src, n * sizeof(float));
+                          const float *src, size_t n, const char *what) {
+    if (sc->n_stages == 1) {
+        if (dst && src && dst != src) memcpy(dst, src, n * sizeof(float));
         return;
     }
-    for (size_t at = 0; at < n; at += (size_t)1 << 30) {
-        int len = (int)(n - at < ((size_t)1 << 30) ? n - at : (size_t)1 << 30);
-        int rc = MPI_SUCCESS;
-        if (sc->stage == from_stage)
-            rc = MPI_Send(src + at, len, MPI_FLOAT, 0, GATHER_TAG, sc->grid->pipe_comm);
-        else if (sc->stage == 0)
-            rc = MPI_Recv(dst + at, len, MPI_FLOAT, from_stage, GATHER_TAG, sc->grid->pipe_comm,
-                          MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS)
-            cli_fatal(cli, "collecting results from stage %d failed", from_stage);
-    }
+    rp_error err;
+    if (rp_transport_gather_slice(sc->tp, from_stage, dst, src, n * sizeof(float), what, &err) !=
+        RP_OK)
+        cli_fatal_error(cli, &err);
 }
 
-/* --grads on a pipeline: forward with saved activations stage by stage, the
- * loss on the last stage, then the backward in reverse, exactly the
- * operations of rp_model_train_step split at the stage boundaries. */
-static double staged_grads(const rp_cli *cli, const stage_ctx *sc, const rp_model *m,
-                           rp_model *grads, const int32_t *tokens, int n) {
-    rp_backend *be = m->be;
+/* Fault injection for tests/test_pipeline_faults.sh: RWKVPIPE_TEST_STOP=
+ * logits-grads:STAGE stops that stage (SIGSTOP) before its gradients, as a
+ * hung rank would, so the others must give up after --comm-timeout. */
+static void stop_point_for_tests(int stage) {
+    const char *spec = getenv("RWKVPIPE_TEST_STOP");
+    int want = -1;
+    if (spec && sscanf(spec, "logits-grads:%d", &want) == 1 && want == stage) raise(SIGSTOP);
+}
+
+/* --grads: one step of the pipeline executor (pipe_train.c) with one
+ * micro-batch of one sequence and no optimizer, the same code that trains:
+ * inputs tokens[0:n], targets tokens[1:n+1], loss scale 1/n, no L2Wrap.
+ * Returns the summed loss (every stage gets it). */
+static double executor_grads(const rp_cli *cli, const stage_ctx *sc, rp_model *m,
+                             rp_model *grads, const int32_t *tokens, int n) {
+    rp_pipe_trainer pt;
+    rp_pipe_step_result res;
     rp_error err;
-    rp_backward_workspace tw;
-    rp_state st0, dst;
-    if (rp_backward_workspace_alloc(&tw, m, n, 1, &err) != RP_OK) cli_fatal_error(cli, &err);
-    rp_state_geometry(&st0, &m->cfg, m->layer_begin, m->layer_end, 1);
-    rp_state_geometry(&dst, &m->cfg, m->layer_begin, m->layer_end, 1);
-    st0.data = be->alloc(be, st0.floats_per_slot * sizeof(float));
-    dst.data = be->alloc(be, dst.floats_per_slot * sizeof(float));
-    if (!st0.data || !dst.data) cli_fatal(cli, "cannot allocate the state for --grads");
-    int len = n, slot0 = 0, rb = 0;
-    rp_batch gb;
-    rp_batch_init(&gb, 1, &len, &slot0, &rb);
-    const size_t bytes = (size_t)n * m->cfg.n_embd * sizeof(float);
-    double loss_sum = 0;
-    const int prev = sc->stage - 1, next = sc->stage + 1;
-    if (m->has_embed) {
-        if (rp_backward_embed_forward(m, &tw, tokens, &gb, &err) != RP_OK)
-            cli_fatal_error(cli, &err);
-    } else if (rp_transport_recv(sc->tp, tw.x, bytes, prev, RP_MSG_ACT, 0, &err) != RP_OK ||
-               rp_transport_recv(sc->tp, tw.v_first, bytes, prev, RP_MSG_ACT_VFIRST, 0, &err) !=
-                   RP_OK) {
+    stop_point_for_tests(sc->stage);
+    if (rp_pipe_trainer_init(&pt, m, grads, NULL, NULL, sc->grid, sc->tp, RP_SCHEDULE_1F1B, 1, 1,
+                             n, &err) != RP_OK ||
+        rp_pipe_trainer_step(&pt, tokens, tokens + 1, 1.0f / n, 0.0f, NULL, 0, &res, &err) !=
+            RP_OK)
         cli_fatal_error(cli, &err);
-    }
-    for (int l = m->layer_begin; l < m->layer_end; l++)
-        rp_backward_block_forward(m, &tw, l, &st0, &gb);
-    if (m->has_head) {
-        loss_sum = rp_backward_head_forward(m, &tw, tokens + 1, &gb, 1.0f / n, 0.0f);
-        rp_backward_head_backward(m, grads, &tw, &gb);
-    } else if (rp_transport_send(sc->tp, tw.x, bytes, next, RP_MSG_ACT, 0, &err) != RP_OK ||
-               rp_transport_send(sc->tp, tw.v_first, bytes, next, RP_MSG_ACT_VFIRST, 0, &err) !=
-                   RP_OK ||
-               rp_transport_recv(sc->tp, tw.dx, bytes, next, RP_MSG_GRAD, 0, &err) != RP_OK ||
-               rp_transport_recv(sc->tp, tw.dv_first, bytes, next, RP_MSG_GRAD_VFIRST, 0, &err) !=
-                   RP_OK) {
-        cli_fatal_error(cli, &err);
-    }
-    for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
-        rp_backward_block_backward(m, grads, &tw, l, &dst, &gb);
-    if (m->has_embed) rp_backward_embed_backward(m, grads, &tw, tokens, &gb);
-    else if (rp_transport_send(sc->tp, tw.dx, bytes, prev, RP_MSG_GRAD, 0, &err) != RP_OK ||
-             rp_transport_send(sc->tp, tw.dv_first, bytes, prev, RP_MSG_GRAD_VFIRST, 0, &err) !=
-                 RP_OK)
-        cli_fatal_error(cli, &err);
-    be->free(be, st0.data);
-    be->free(be, dst.data);
-    rp_backward_workspace_free(&tw, be);
-    return loss_sum;
+    rp_pipe_trainer_free(&pt);
+    return res.loss_sum;
 }
 
 static void logits_usage(FILE *out) {
@@ -122,6 +89,8 @@ static void logits_usage(FILE *out) {
             "  --pp P              split the layers over P pipeline stages (run under\n"
             "                      mpirun -np P); rank 0 writes the same file as one process\n"
             "  --stage-layers LIST layers per stage, e.g. 2,1,1 (default: balanced by cost)\n"
+            "  --comm-timeout S    fail when a stage waits S seconds on a peer (default 300;\n"
+            "                      0: wait forever)\n"
             "  --threads N         CPU threads (default: all cores / ranks on the node)\n"
             CLI_DEVICE_HELP
             "  -h, --help          this text\n");
@@ -138,6 +107,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
                                              {"grads", no_argument, 0, 'g'},
                                              {"pp", required_argument, 0, 'P'},
                                              {"stage-layers", required_argument, 0, 'A'},
+                                             {"comm-timeout", required_argument, 0, 'O'},
                                              {"device", required_argument, 0, 1001},
                                              {"gpu-math", required_argument, 0, 1002},
                                              {"help", no_argument, 0, 'h'},
@@ -146,6 +116,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     const char *tokens_text = NULL, *tokens_file = NULL, *out = NULL;
     int step_mode = 0, chunk = 512, want_grads = 0, pp = 1;
     const char *stage_layers = NULL;
+    double comm_timeout = 300;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "ho:", longopts, NULL)) != -1) {
@@ -164,6 +135,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         case 'g': want_grads = 1; break;
         case 'P': pp = (int)cli_parse_int(cli, "--pp", optarg, 1, RP_GRID_MAX_STAGES); break;
         case 'A': stage_layers = optarg; break;
+        case 'O': comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e9); break;
         case 1001: cli_parse_device(cli, &mo, optarg); break;
         case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 'h': logits_usage(stdout); return 0;
@@ -194,7 +166,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     stage_ctx sc = {.stage = 0, .n_stages = 1};
     if (pp > 1) {
         cli_load_stage_model(cli, &mo, pp, stage_layers, &grid, &be, &model);
-        if (rp_transport_init(&transport, grid.pipe_comm, 300, &err) != RP_OK)
+        if (rp_transport_init(&transport, grid.pipe_comm, comm_timeout, &err) != RP_OK)
             cli_fatal_error(cli, &err);
         rp_transport_use_backend(&transport, be);  /* device buffers go through host memory */
         sc = (stage_ctx){.stage = grid.stage, .n_stages = pp, .tp = &transport, .grid = &grid};
@@ -231,7 +203,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         if (model.has_head)
             be->copy_to_host(be, logits + pos * V, logits_dev, (size_t)len * V * sizeof(float));
     }
-    gather_floats(cli, &sc, last_stage, logits, logits, T * (size_t)V);
+    gather_floats(cli, &sc, last_stage, logits, logits, T * (size_t)V, "logits");
 
     /* Golden layout: [L, ...] per state tensor; rank 0 holds every layer's
      * state (its own, then each stage's in turn). */
@@ -245,7 +217,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     for (int s = 1; s < sc.n_stages; s++) {
         const int b = grid.layer_begin[s], e = grid.layer_end[s];
         gather_floats(cli, &sc, s, host_state + (size_t)b * host_view.floats_per_layer, mine,
-                      (size_t)(e - b) * host_view.floats_per_layer);
+                      (size_t)(e - b) * host_view.floats_per_layer, "final state");
     }
     rp_state_tensors state_out;
     if (rp_state_tensors_alloc(&state_out, cfg, &err) != RP_OK) cli_fatal_error(cli, &err);
@@ -259,10 +231,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         if (rp_model_alloc(&grads, cfg, model.layer_begin, model.layer_end, model.has_embed,
                            model.has_head, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
-        double loss_sum = staged_grads(cli, &sc, &model, &grads, tokens, n);
-        float loss_all[1] = {(float)(loss_sum / n)};
-        gather_floats(cli, &sc, last_stage, loss_all, loss_all, 1);
-        loss = loss_all[0];
+        loss = (float)(executor_grads(cli, &sc, &model, &grads, tokens, n) / n);
     }
     if (sc.stage != 0) {
         /* Every stage sends its gradients; only rank 0 writes. */
@@ -274,11 +243,13 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
             if (!host) cli_fatal(cli, "out of memory for a layer's gradients");
             for (int i = 0; i < grads.layer_end - grads.layer_begin; i++) {
                 be->copy_to_host(be, host, grads.layer_flat[i], grads.layer_floats * sizeof(float));
-                gather_floats(cli, &sc, sc.stage, NULL, host, grads.layer_floats);
+                gather_floats(cli, &sc, sc.stage, NULL, host, grads.layer_floats,
+                              "layer gradients");
             }
             if (grads.has_head) {
                 be->copy_to_host(be, host, grads.head_flat, grads.head_floats * sizeof(float));
-                gather_floats(cli, &sc, sc.stage, NULL, host, grads.head_floats);
+                gather_floats(cli, &sc, sc.stage, NULL, host, grads.head_floats,
+                              "head gradients");
             }
             free(host);
         }
@@ -332,8 +303,9 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         for (int s = 1; s < sc.n_stages; s++) {
             for (int l = grid.layer_begin[s]; l < grid.layer_end[s]; l++)
                 gather_floats(cli, &sc, s, layers_h + (size_t)l * grads.layer_floats, NULL,
-                              grads.layer_floats);
-            if (s == last_stage) gather_floats(cli, &sc, s, head_h, NULL, grads.head_floats);
+                              grads.layer_floats, "layer gradients");
+            if (s == last_stage)
+                gather_floats(cli, &sc, s, head_h, NULL, grads.head_floats, "head gradients");
         }
         for (int l = 0; l < L; l++) {
             float *lh = layers_h + (size_t)l * grads.layer_floats;

@@ -143,7 +143,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     const char **paths = cli_calloc(cli, (size_t)argc + 1, sizeof *paths, "the data paths");
     const char *vocab = "bytes";
     long long run_tokens = 0;
-    int n_paths = 0, micro_batch = 0, pp = 1;
+    int n_paths = 0, micro_batch_size = 0, pp = 1;
     const char *stage_layers = NULL, *log_dir = NULL;
     int c;
     optind = 1;
@@ -166,7 +166,9 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 's': o.seed = cli_parse_u64(cli, "--seed", optarg); break;
         case 'n': o.steps = (long)cli_parse_int(cli, "--steps", optarg, 1, 1LL << 40); break;
         case 'b': o.batch_size = (int)cli_parse_int(cli, "--batch", optarg, 1, 1 << 20); break;
-        case 'm': micro_batch = (int)cli_parse_int(cli, "--micro-batch", optarg, 1, 1 << 20); break;
+        case 'm':
+            micro_batch_size = (int)cli_parse_int(cli, "--micro-batch", optarg, 1, 1 << 20);
+            break;
         case 'r': o.optim.lr_init = (float)cli_parse_double(cli, "--lr", optarg, 1e-12, 10); break;
         case 'R': o.optim.lr_final = (float)cli_parse_double(cli, "--lr-final", optarg, 0, 10); break;
         case 'w': o.optim.warmup_steps = (long)cli_parse_int(cli, "--warmup", optarg, 0, 1LL << 40); break;
@@ -219,14 +221,14 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     FILE *rank0_log = log_dir ? cli_open_rank_logs(cli, log_dir) : NULL;
     if (rank0_log && o.progress) o.progress = rank0_log;
     if (cli->mpi_rank != 0) o.progress = NULL;
-    o.micro_batch = micro_batch ? micro_batch : o.batch_size;
+    o.micro_batch_size = micro_batch_size ? micro_batch_size : o.batch_size;
     if (run_tokens > 0) {
         long long per_step = (long long)o.batch_size * o.ctx_len;
         o.steps = (long)((run_tokens + per_step - 1) / per_step);
     }
-    if (o.batch_size % (o.micro_batch * dp) != 0)
+    if (o.batch_size % (o.micro_batch_size * dp) != 0)
         cli_fatal(cli, "--batch %d must be a multiple of --micro-batch %d x %d data replica%s",
-                  o.batch_size, o.micro_batch, dp, dp == 1 ? "" : "s");
+                  o.batch_size, o.micro_batch_size, dp, dp == 1 ? "" : "s");
     if (mo.threads == 0 && cli->mpi_size > 1) mo.threads = cli_threads_per_rank();
     rp_cli quiet = *cli;
     if (!o.progress) quiet.mpi_rank = -1;
@@ -329,7 +331,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
              "%d x %d tokens (micro-batch %d); lr %g -> %g (%s, warmup %ld)",
              cfg->n_layer, cfg->n_embd, cfg->vocab_size, rp_config_param_count(cfg) / 1e6,
              o.synthetic ? rp_synth_task_name(o.synth.task) : "token shards", o.steps,
-             o.batch_size, o.ctx_len, o.micro_batch, o.optim.lr_init, o.optim.lr_final,
+             o.batch_size, o.ctx_len, o.micro_batch_size, o.optim.lr_init, o.optim.lr_final,
              rp_lr_schedule_name(o.optim.schedule), o.optim.warmup_steps);
     rp_train_result res;
     stop_signal = 0;
@@ -346,7 +348,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (st == RP_ERR_DIVERGED && cli->mpi_size > 1 && cli->mpi_rank != 0) {
         /* Every rank found the same non-finite norm: rank 0 alone reports it
          * and ends the job; this rank waits to be ended with it. */
-        MPI_Barrier(MPI_COMM_WORLD);
+        cli_wait_for_job_end(cli);
     }
     if (st != RP_OK) cli_fatal_error(cli, &err);
     if (res.skipped_steps)

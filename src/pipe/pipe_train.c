@@ -14,7 +14,7 @@
 rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *grads,
                                rp_model *adam_m, rp_model *adam_v, const rp_grid *grid,
                                rp_transport *tp, rp_schedule_kind kind, int n_micro,
-                               int micro_seqs, int ctx_len, rp_error *err) {
+                               int micro_batch_size, int ctx_len, rp_error *err) {
     memset(pt, 0, sizeof *pt);
     rp_backend *be = model->be;
     pt->grid = grid;
@@ -23,7 +23,7 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
     pt->n_stages = grid ? grid->pp : 1;
     pt->dp = grid ? grid->dp : 1;
     pt->n_micro = n_micro;
-    pt->micro_seqs = micro_seqs;
+    pt->micro_batch_size = micro_batch_size;
     pt->ctx_len = ctx_len;
     pt->model = model;
     pt->grads = grads;
@@ -41,13 +41,13 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
                             "(rp_transport_use_backend)", pt->stage, be->name);
     rp_status st = rp_schedule_build(&pt->sched, kind, pt->n_stages, n_micro, err);
     if (st != RP_OK) return st;
-    const int R = micro_seqs * ctx_len, C = model->cfg.n_embd;
+    const int R = micro_batch_size * ctx_len, C = model->cfg.n_embd;
     pt->n_stash = pt->sched.n_buffers[pt->stage];
     pt->stash = calloc((size_t)pt->n_stash, sizeof *pt->stash);
     pt->pending = calloc((size_t)pt->n_stash, sizeof *pt->pending);
-    pt->seq_len = malloc(sizeof(int) * (size_t)micro_seqs);
-    pt->slot = malloc(sizeof(int) * (size_t)micro_seqs);
-    pt->row_begin = malloc(sizeof(int) * (size_t)micro_seqs);
+    pt->seq_len = malloc(sizeof(int) * (size_t)micro_batch_size);
+    pt->slot = malloc(sizeof(int) * (size_t)micro_batch_size);
+    pt->row_begin = malloc(sizeof(int) * (size_t)micro_batch_size);
     /* Only where something arrives: activations from a previous stage,
      * gradients from a next one. */
     const size_t landing_bytes = sizeof(float) * 2 * (size_t)R * C;
@@ -61,27 +61,31 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
     /* Slot 0 owns the scratch and head buffers; the others keep only what
      * a micro-batch needs between its forward and its backward. */
     for (int i = 0; i < pt->n_stash; i++)
-        if ((st = i == 0 ? rp_backward_workspace_alloc(&pt->stash[0], model, R, micro_seqs, err)
-                         : rp_backward_workspace_alloc_stash(&pt->stash[i], model, R, micro_seqs,
+        if ((st = i == 0 ? rp_backward_workspace_alloc(&pt->stash[0], model, R, micro_batch_size,
+                                                       err)
+                         : rp_backward_workspace_alloc_stash(&pt->stash[i], model, R,
+                                                             micro_batch_size,
                                                              &pt->stash[0], err)) != RP_OK) {
             rp_pipe_trainer_free(pt);
             return rp_error_prefix(err, "activation stash %d of %d", i + 1, pt->n_stash);
         }
-    rp_state_geometry(&pt->state, &model->cfg, model->layer_begin, model->layer_end, micro_seqs);
+    rp_state_geometry(&pt->state, &model->cfg, model->layer_begin, model->layer_end,
+                      micro_batch_size);
     rp_state_geometry(&pt->dstate, &model->cfg, model->layer_begin, model->layer_end,
-                      micro_seqs);
-    const size_t state_bytes = pt->state.floats_per_slot * (size_t)micro_seqs * sizeof(float);
+                      micro_batch_size);
+    const size_t state_bytes =
+        pt->state.floats_per_slot * (size_t)micro_batch_size * sizeof(float);
     pt->state.data = be->alloc(be, state_bytes);
     pt->dstate.data = be->alloc(be, state_bytes);
     if (!pt->state.data || !pt->dstate.data) {
         rp_pipe_trainer_free(pt);
         return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the recurrent state");
     }
-    for (int i = 0; i < micro_seqs; i++) {
+    for (int i = 0; i < micro_batch_size; i++) {
         pt->seq_len[i] = ctx_len;
         pt->slot[i] = i;
     }
-    rp_batch_init(&pt->batch, micro_seqs, pt->seq_len, pt->slot, pt->row_begin);
+    rp_batch_init(&pt->batch, micro_batch_size, pt->seq_len, pt->slot, pt->row_begin);
     /* Device gradients are all-reduced with NCCL where it can run (one GPU
      * per replica), else through a host buffer with MPI. */
     if (pt->dp > 1 && !be->is_host_memory) {
@@ -137,7 +141,7 @@ static int next_op(const rp_pipe_instr *list, int n, int i, rp_pipe_opcode op) {
 
 /* Posts the receive (x and v_first) of the micro-batch a RECV instruction names. */
 static rp_status post_recv(rp_pipe_trainer *pt, const rp_pipe_instr *in, rp_error *err) {
-    const size_t rc = (size_t)pt->micro_seqs * pt->ctx_len * pt->model->cfg.n_embd;
+    const size_t rc = (size_t)pt->micro_batch_size * pt->ctx_len * pt->model->cfg.n_embd;
     const int is_act = in->op == RP_OP_RECV_ACT;
     float *buf = is_act ? pt->recv_act : pt->recv_grad;
     rp_transfer *x = is_act ? pt->act_in : pt->grad_in;
@@ -234,9 +238,10 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                rp_error *err) {
     rp_model *m = pt->model;
     rp_backend *be = m->be;
-    const int R = pt->micro_seqs * pt->ctx_len, C = m->cfg.n_embd;
+    const int R = pt->micro_batch_size * pt->ctx_len, C = m->cfg.n_embd;
     const size_t rc = (size_t)R * C, rc_bytes = rc * sizeof(float);
-    const size_t state_bytes = pt->state.floats_per_slot * (size_t)pt->micro_seqs * sizeof(float);
+    const size_t state_bytes =
+        pt->state.floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float);
     const rp_pipe_instr *list = pt->sched.instr[pt->stage];
     const int n = pt->sched.n_instr[pt->stage];
     const int last = pt->stage == pt->n_stages - 1;
@@ -361,6 +366,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             if (st == RP_OK) st = reduce_grads(pt, err);
             break;
         case RP_OP_OPT_STEP: {
+            if (!optim) break;  /* gradients only: the weights stay */
             double t0 = rp_now_seconds();
             double sumsq = rp_grad_sum_squares(pt->grads);
             pt->update_seconds += rp_now_seconds() - t0;

@@ -28,7 +28,8 @@ typedef struct {
     rp_transport *tp;               /* over grid->pipe_comm; NULL with one stage */
     int stage, n_stages, dp;
     int n_micro;                    /* micro-batches per step on this replica */
-    int micro_seqs, ctx_len;        /* each micro-batch: micro_seqs x ctx_len tokens */
+    int micro_batch_size, ctx_len;  /* each micro-batch: micro_batch_size sequences x ctx_len
+                                     * tokens (micro_batch, as in the schedule, is an index) */
     rp_schedule sched;
     rp_model *model, *grads, *adam_m, *adam_v;
     rp_backward_workspace *stash;      /* [n_stash] */
@@ -67,7 +68,7 @@ typedef struct {
 rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *grads,
                                rp_model *adam_m, rp_model *adam_v, const rp_grid *grid,
                                rp_transport *tp, rp_schedule_kind kind, int n_micro,
-                               int micro_seqs, int ctx_len, rp_error *err);
+                               int micro_batch_size, int ctx_len, rp_error *err);
 void rp_pipe_trainer_free(rp_pipe_trainer *pt);
 
 typedef struct {
@@ -76,11 +77,13 @@ typedef struct {
     int skipped;        /* the gradient was not finite and the update was skipped */
 } rp_pipe_step_result;
 
-/* One optimizer step. inputs / targets: [n_micro][micro_seqs * ctx_len] of
+/* One optimizer step. inputs / targets: [n_micro][micro_batch_size * ctx_len] of
  * this replica (targets < 0 take no loss); loss_scale = 1 / targets in the
  * global batch. A non-finite gradient norm (NaN or inf loss) leaves the
  * weights and moments untouched on every rank, and is an RP_ERR_DIVERGED
- * error with halt_on_nan, else res->skipped = 1. */
+ * error with halt_on_nan, else res->skipped = 1. optim NULL: gradients only
+ * (`logits --grads`): the step ends with pt->grads summed over the replicas,
+ * no norm is taken and the weights stay (adam_m / adam_v may be NULL). */
 rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                const int32_t *targets, float loss_scale, float l2wrap_factor,
                                const rp_optim_config *optim, long step, rp_pipe_step_result *res,

@@ -28,7 +28,7 @@ const char *rp_msg_kind_name(rp_msg_kind k) {
     }
 }
 
-static int make_tag(rp_msg_kind kind, int micro_batch) {
+int rp_transport_tag(rp_msg_kind kind, int micro_batch) {
     return (int)kind * RP_TRANSPORT_TAG_SPAN + (micro_batch % RP_TRANSPORT_TAG_SPAN);
 }
 
@@ -191,7 +191,7 @@ rp_status rp_transport_post_send(rp_transport *t, const void *buf, size_t bytes,
                                    t->what, rp_msg_kind_name(kind), micro_batch, peer);
         }
     }
-    int rc = MPI_Isend(data, (int)bytes, MPI_BYTE, peer, make_tag(kind, micro_batch), t->comm,
+    int rc = MPI_Isend(data, (int)bytes, MPI_BYTE, peer, rp_transport_tag(kind, micro_batch), t->comm,
                        &x->request);
     if (rc != MPI_SUCCESS) {
         staging_release(t, x);
@@ -225,7 +225,7 @@ rp_status rp_transport_post_recv(rp_transport *t, void *buf, size_t bytes, int p
         data = t->staging[x->staging].data;
         x->device_buf = buf;
     }
-    int rc = MPI_Irecv(data, (int)bytes, MPI_BYTE, peer, make_tag(kind, micro_batch), t->comm,
+    int rc = MPI_Irecv(data, (int)bytes, MPI_BYTE, peer, rp_transport_tag(kind, micro_batch), t->comm,
                        &x->request);
     if (rc != MPI_SUCCESS) {
         staging_release(t, x);

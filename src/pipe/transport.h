@@ -41,6 +41,8 @@ const char *rp_msg_kind_name(rp_msg_kind k);  /* "activations", ... */
 /* Micro-batch ids travel in the tag modulo this (same-tag messages from one
  * peer arrive in order, so wrapping is safe). */
 #define RP_TRANSPORT_TAG_SPAN 4096
+/* The MPI tag of a message kind and micro-batch (every transfer's). */
+int rp_transport_tag(rp_msg_kind kind, int micro_batch);
 
 typedef struct {
     int active;
@@ -186,5 +188,37 @@ rp_status rp_transport_post_send_message(rp_transport *t, const void *data, size
 rp_status rp_transport_recv_message(rp_transport *t, int peer, rp_msg_kind kind, int micro_batch,
                                     rp_msg_wait wait, void **data, size_t *bytes, int *from,
                                     rp_error *err);
+
+/* ---- Collectives and gathers (transport_collective.c) ----
+ * Host memory only, whatever rp_transport_use_backend named: copy device
+ * data to host first. Each call is posted nonblocking on the transport's
+ * communicator and waited with its watchdog: after timeout_s without the
+ * peers it fails with a message naming `what` (a noun phrase: "the
+ * checkpoint start") and the root or peer, e.g. "stage 0 waited 5 s
+ * (--comm-timeout) for stage 1's logits; no reply: that rank stopped or
+ * died" (a collective: "...; a rank did not join: it stopped or died");
+ * the caller then ends the job. A transport over the world
+ * communicator whose what_buf says "rank N" names its peers ranks. */
+typedef enum { RP_REDUCE_SUM, RP_REDUCE_MAX } rp_reduce_op;
+
+/* Collective: buf [bytes] of root lands in buf on every rank. */
+rp_status rp_transport_bcast(rp_transport *t, void *buf, size_t bytes, int root,
+                             const char *what, rp_error *err);
+/* Collective: send [bytes] of rank i lands at recv + i * bytes on root
+ * (recv is only read on root). bytes < 2 GiB. */
+rp_status rp_transport_gather(rp_transport *t, const void *send, void *recv, size_t bytes,
+                              int root, const char *what, rp_error *err);
+/* Collective: v [n] = its sum or maximum over every rank, in place. */
+rp_status rp_transport_allreduce_int(rp_transport *t, int *v, int n, rp_reduce_op op,
+                                     const char *what, rp_error *err);
+rp_status rp_transport_allreduce_double(rp_transport *t, double *v, int n, rp_reduce_op op,
+                                        const char *what, rp_error *err);
+/* Rank `from`'s slice src [bytes] lands in dst on rank 0 (from 0: a copy on
+ * rank 0); the other ranks return at once. Called by rank 0 and rank from
+ * with the same bytes; a slice of another size is an error naming both.
+ * Slices from one rank arrive in the order they were sent, never mixed up
+ * with stage-to-stage transfers. */
+rp_status rp_transport_gather_slice(rp_transport *t, int from, void *dst, const void *src,
+                                    size_t bytes, const char *what, rp_error *err);
 
 #endif

@@ -13,11 +13,6 @@
 
 #include "core/clock.h"
 
-/* As transport.c's: kind and micro-batch make the tag. */
-static int message_tag(rp_msg_kind kind, int micro_batch) {
-    return (int)kind * RP_TRANSPORT_TAG_SPAN + (micro_batch % RP_TRANSPORT_TAG_SPAN);
-}
-
 static rp_status check_message(rp_transport *t, int peer, int any_ok, rp_msg_kind kind,
                                int micro_batch, rp_error *err) {
     if (!(any_ok && peer == RP_TRANSPORT_ANY_PEER) &&
@@ -51,7 +46,7 @@ rp_status rp_transport_post_send_message(rp_transport *t, const void *data, size
      * then only waits for the request. */
     *x = (rp_transfer){.active = 1, .is_recv = 0, .peer = peer, .kind = kind,
                        .micro_batch = micro_batch, .bytes = bytes, .staging = -1, .link = -1};
-    int rc = MPI_Isend(data, (int)bytes, MPI_BYTE, peer, message_tag(kind, micro_batch),
+    int rc = MPI_Isend(data, (int)bytes, MPI_BYTE, peer, rp_transport_tag(kind, micro_batch),
                        t->comm, &x->request);
     if (rc != MPI_SUCCESS) {
         x->active = 0;
@@ -77,7 +72,7 @@ rp_status rp_transport_recv_message(rp_transport *t, int peer, rp_msg_kind kind,
     MPI_Status status;
     int flag = 0;
     for (;;) {
-        int rc = MPI_Improbe(source, message_tag(kind, micro_batch), t->comm, &flag, &msg,
+        int rc = MPI_Improbe(source, rp_transport_tag(kind, micro_batch), t->comm, &flag, &msg,
                              &status);
         if (rc != MPI_SUCCESS) return message_failed(t, rc, "MPI_Improbe", kind, peer, err);
         if (flag || wait == RP_MSG_POLL) break;

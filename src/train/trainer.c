@@ -20,7 +20,7 @@ void rp_train_options_defaults(rp_train_options *o) {
     o->synth.task = RP_SYNTH_MQAR;
     o->ctx_len = 64;
     o->batch_size = 16;
-    o->micro_batch = 16;
+    o->micro_batch_size = 16;
     o->loss_on_answers_only = 1;
     o->l2wrap = 1;
     rp_optim_defaults(&o->optim);
@@ -196,6 +196,20 @@ static rp_status pipe_transport_open(const rp_train_options *o, rp_backend *be,
     return RP_OK;
 }
 
+/* A transport over every rank (the grid's world communicator) for the
+ * stop request, when several ranks watch a stop signal; *tp = NULL
+ * otherwise. Its ranks are named "rank N" in messages. */
+static rp_status world_transport_open(const rp_train_options *o, rp_transport *storage,
+                                      rp_transport **tp, rp_error *err) {
+    *tp = NULL;
+    if (!o->stop_signal || !o->grid || o->grid->world_size <= 1) return RP_OK;
+    rp_status st = rp_transport_init(storage, o->grid->world_comm, o->comm_timeout, err);
+    if (st != RP_OK) return st;
+    snprintf(storage->what_buf, sizeof storage->what_buf, "rank %d", storage->rank);
+    *tp = storage;
+    return RP_OK;
+}
+
 /* ---- evaluation ---- */
 
 /* train_data: the training run's open data (its eval windows are read, its
@@ -206,7 +220,7 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
                           const data_source *train_data, int n_batches, double *loss,
                           double *accuracy, long *n_targets, rp_error *err) {
     rp_backend *be = model->be;
-    const int T = o->ctx_len, n = o->micro_batch, V = model->cfg.vocab_size;
+    const int T = o->ctx_len, n = o->micro_batch_size, V = model->cfg.vocab_size;
     const int stage = stage_of(o), n_stages = stages_of(o);
     data_source d;
     rp_status st = RP_OK;
@@ -279,10 +293,7 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
     if (st == RP_OK && n_stages > 1) {
         /* The last stage scored; every stage reports the same numbers. */
         double v[3] = {loss_sum, (double)correct, (double)count};
-        MPI_Request req;
-        MPI_Ibcast(v, 3, MPI_DOUBLE, n_stages - 1, o->grid->pipe_comm, &req);
-        st = rp_comm_wait(&req, o->comm_timeout, "the evaluation result from the last stage",
-                          err);
+        st = rp_transport_bcast(tp, v, sizeof v, n_stages - 1, "the evaluation result", err);
         loss_sum = v[0];
         correct = (long)v[1];
         count = (long)v[2];
@@ -333,14 +344,27 @@ static void crash_point_for_tests(const char *point, int stage, uint64_t step) {
         raise(SIGKILL);
 }
 
+/* RWKVPIPE_TEST_STOP=POINT:STAGE stops (SIGSTOP) stage STAGE when it reaches
+ * POINT, as a hung rank would: the others must give up after --comm-timeout
+ * (tests/test_pipeline_faults.sh). */
+static void stop_point_for_tests(const char *point, int stage) {
+    const char *spec = getenv("RWKVPIPE_TEST_STOP");
+    char want[32];
+    int want_stage;
+    if (spec && sscanf(spec, "%31[^:]:%d", want, &want_stage) == 2 && strcmp(want, point) == 0 &&
+        want_stage == stage)
+        raise(SIGSTOP);
+}
+
 /* Every stage of replica 0 writes its layers' shard; the manifest goes last,
  * from rank 0, once every stage has reported its files. Other replicas hold
  * the same numbers and write nothing. */
-static rp_status save_checkpoint(const rp_train_options *o, const rp_ckpt_contents *c,
-                                 rp_error *err) {
-    if (!o->grid || (o->grid->pp == 1 && o->grid->dp == 1)) return rp_ckpt_save(o->ckpt_dir, c, err);
+static rp_status save_checkpoint(const rp_train_options *o, rp_transport *tp,
+                                 const rp_ckpt_contents *c, rp_error *err) {
     const rp_grid *g = o->grid;
-    if (g->replica != 0) return RP_OK;
+    if (g && g->replica != 0) return RP_OK;
+    if (!g || g->pp == 1) return rp_ckpt_save(o->ckpt_dir, c, err);
+    stop_point_for_tests("ckpt-start", g->stage);
     char step_dir[RP_CKPT_PATH_MAX] = "";
     int ok = 1;
     rp_status st = RP_OK;
@@ -349,13 +373,15 @@ static rp_status save_checkpoint(const rp_train_options *o, const rp_ckpt_conten
         ok = st == RP_OK;
     }
     /* Everyone learns whether the directory exists before writing into it. */
-    MPI_Request req;
-    MPI_Ibcast(&ok, 1, MPI_INT, 0, g->pipe_comm, &req);
-    if ((st = rp_comm_wait(&req, o->comm_timeout, "the checkpoint start from stage 0", err)))
-        return st;
-    MPI_Ibcast(step_dir, sizeof step_dir, MPI_CHAR, 0, g->pipe_comm, &req);
-    if ((st = rp_comm_wait(&req, o->comm_timeout, "the checkpoint start from stage 0", err)))
-        return st;
+    rp_error comm_err;
+    rp_status comm = rp_transport_bcast(tp, &ok, sizeof ok, 0, "the checkpoint start", &comm_err);
+    if (comm == RP_OK)
+        comm = rp_transport_bcast(tp, step_dir, sizeof step_dir, 0, "the checkpoint start",
+                                  &comm_err);
+    if (comm != RP_OK) {
+        *err = comm_err;
+        return comm;
+    }
     if (!ok)
         return g->stage == 0 ? st
                              : rp_error_set(err, RP_ERR_IO, "stage 0 could not create the "
@@ -370,15 +396,11 @@ static rp_status save_checkpoint(const rp_train_options *o, const rp_ckpt_conten
     if (st != RP_OK) n_mine = -1;
     rp_ckpt_file *all = g->stage == 0 ? calloc((size_t)g->pp * RP_CKPT_ROLES, sizeof *all) : NULL;
     int *counts = g->stage == 0 ? calloc((size_t)g->pp, sizeof(int)) : NULL;
-    rp_status comm = RP_OK;
-    rp_error comm_err;
-    MPI_Igather(&n_mine, 1, MPI_INT, counts, 1, MPI_INT, 0, g->pipe_comm, &req);
-    comm = rp_comm_wait(&req, o->comm_timeout, "the checkpoint shard reports", &comm_err);
-    if (comm == RP_OK) {
-        MPI_Igather(mine, (int)sizeof mine, MPI_BYTE, all, (int)sizeof mine, MPI_BYTE, 0,
-                    g->pipe_comm, &req);
-        comm = rp_comm_wait(&req, o->comm_timeout, "the checkpoint shard reports", &comm_err);
-    }
+    comm = rp_transport_gather(tp, &n_mine, counts, sizeof n_mine, 0,
+                               "the checkpoint shard reports", &comm_err);
+    if (comm == RP_OK)
+        comm = rp_transport_gather(tp, mine, all, sizeof mine, 0, "the checkpoint shard reports",
+                                   &comm_err);
     if (comm != RP_OK && st == RP_OK) {
         st = comm;
         *err = comm_err;
@@ -400,72 +422,76 @@ static rp_status save_checkpoint(const rp_train_options *o, const rp_ckpt_conten
     return st;
 }
 
-/* -o with several stages: replica 0's stages send their layers to rank 0,
- * which writes one file with every tensor under its official name. The
- * layers travel through host buffers (backend memory may be a GPU's). */
-static rp_status save_weights(const rp_model *model, const rp_train_options *o, rp_error *err) {
+/* -o with several stages: replica 0's stages send their layers to rank 0
+ * (the transport's slice gather), which writes one file with every tensor
+ * under its official name. The layers travel through host buffers (backend
+ * memory may be a GPU's). */
+static rp_status save_weights(const rp_model *model, const rp_train_options *o,
+                              rp_transport *tp, rp_error *err) {
     if (!o->grid || o->grid->pp == 1) {
         if (o->grid && o->grid->replica != 0) return RP_OK;
         return rp_model_save(model, o->save_path, RP_DTYPE_F32, err);
     }
     const rp_grid *g = o->grid;
     if (g->replica != 0) return RP_OK;
+    stop_point_for_tests("save-weights", g->stage);
     rp_backend *be = model->be;
-    const int tag = 77;
     size_t host_floats = model->layer_floats > model->head_floats ? model->layer_floats
                                                                    : model->head_floats;
     float *host = malloc(host_floats * sizeof(float));
+    rp_status st = RP_OK;
     if (g->stage != 0) {
-        /* Send even after a failed allocation (zeros), so rank 0 never blocks;
-         * the error still ends this rank's run. */
+        /* Send even after a failed allocation (zeros), so rank 0 does not
+         * wait for the timeout; the error still ends this rank's run. */
         float *zeros = host ? NULL : calloc(host_floats, sizeof(float));
-        for (int i = 0; i < model->layer_end - model->layer_begin; i++) {
+        for (int i = 0; i < model->layer_end - model->layer_begin && st == RP_OK; i++) {
             if (host) be->copy_to_host(be, host, model->layer_flat[i],
                                        model->layer_floats * sizeof(float));
-            MPI_Send(host ? host : zeros, (int)model->layer_floats, MPI_FLOAT, 0, tag,
-                     g->pipe_comm);
+            st = rp_transport_gather_slice(tp, g->stage, NULL, host ? host : zeros,
+                                           model->layer_floats * sizeof(float), "layer weights",
+                                           err);
         }
-        if (model->has_head) {
+        if (model->has_head && st == RP_OK) {
             if (host) be->copy_to_host(be, host, model->head_flat,
                                        model->head_floats * sizeof(float));
-            MPI_Send(host ? host : zeros, (int)model->head_floats, MPI_FLOAT, 0, tag,
-                     g->pipe_comm);
+            st = rp_transport_gather_slice(tp, g->stage, NULL, host ? host : zeros,
+                                           model->head_floats * sizeof(float), "head weights",
+                                           err);
         }
         free(zeros);
-        if (!host) return rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
+        if (st == RP_OK && !host)
+            st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
         free(host);
-        return RP_OK;
+        return st;
     }
     rp_model whole;
     memset(&whole, 0, sizeof whole);
-    rp_status st = rp_model_alloc(&whole, &model->cfg, 0, model->cfg.n_layer, 1, 1, be, err);
+    st = rp_model_alloc(&whole, &model->cfg, 0, model->cfg.n_layer, 1, 1, be, err);
     if (st == RP_OK && !host)
         st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
-    float *sink = host ? host : malloc(host_floats * sizeof(float));
-    for (int s = 0; s < g->pp; s++)
-        for (int l = g->layer_begin[s]; l < g->layer_end[s]; l++) {
-            if (s == 0) {
-                if (st == RP_OK)
+    if (st == RP_OK)
+        for (int s = 0; s < g->pp && st == RP_OK; s++)
+            for (int l = g->layer_begin[s]; l < g->layer_end[s] && st == RP_OK; l++) {
+                if (s == 0) {
                     be->copy(be, whole.layer_flat[l], model->layer_flat[l],
                              model->layer_floats * sizeof(float));
-                continue;
+                    continue;
+                }
+                if ((st = rp_transport_gather_slice(tp, s, host, NULL,
+                                                    model->layer_floats * sizeof(float),
+                                                    "layer weights", err)) == RP_OK)
+                    be->copy_to_device(be, whole.layer_flat[l], host,
+                                       model->layer_floats * sizeof(float));
             }
-            /* Receive even after a failure, so no stage blocks. */
-            MPI_Recv(sink, sink ? (int)model->layer_floats : 0, MPI_FLOAT, s, tag, g->pipe_comm,
-                     MPI_STATUS_IGNORE);
-            if (st == RP_OK)
-                be->copy_to_device(be, whole.layer_flat[l], host,
-                                   model->layer_floats * sizeof(float));
-        }
-    MPI_Recv(sink, sink ? (int)model->head_floats : 0, MPI_FLOAT, g->pp - 1, tag, g->pipe_comm,
-             MPI_STATUS_IGNORE);
+    if (st == RP_OK)
+        st = rp_transport_gather_slice(tp, g->pp - 1, host, NULL,
+                                       model->head_floats * sizeof(float), "head weights", err);
     if (st == RP_OK) {
         be->copy_to_device(be, whole.head_flat, host, model->head_floats * sizeof(float));
         be->copy(be, whole.embed_flat, model->embed_flat, model->embed_floats * sizeof(float));
         st = rp_model_save(&whole, o->save_path, RP_DTYPE_F32, err);
     }
     if (whole.be) rp_model_free(&whole);
-    if (sink != host) free(sink);
     free(host);
     return st;
 }
@@ -483,7 +509,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                        rp_error *err) {
     rp_backend *be = model->be;
     const rp_config *cfg = &model->cfg;
-    const int T = o->ctx_len, B = o->batch_size, MB = o->micro_batch;
+    const int T = o->ctx_len, B = o->batch_size, MB = o->micro_batch_size;
     const int DP = o->grid ? o->grid->dp : 1, replica = o->grid ? o->grid->replica : 0;
     const int is_rank0 = !o->grid || o->grid->world_rank == 0;
     rp_train_result local = {0};
@@ -509,6 +535,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     rp_pipe_trainer pt;
     memset(&pt, 0, sizeof pt);
     rp_transport tp_storage, *tp = NULL;
+    rp_transport world_storage, *world = NULL;  /* over every rank: the stop request */
     FILE *metrics = NULL;
     int32_t *tokens = malloc((size_t)B * (T + 1) * sizeof(int32_t));
     uint8_t *mask = malloc((size_t)B * T);
@@ -525,6 +552,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         (st = rp_model_alloc(&adam_v, cfg, model->layer_begin, model->layer_end,
                              model->has_embed, model->has_head, be, err)) != RP_OK ||
         (st = pipe_transport_open(o, be, &tp_storage, &tp, err)) != RP_OK ||
+        (st = world_transport_open(o, &world_storage, &world, err)) != RP_OK ||
         (st = rp_pipe_trainer_init(&pt, model, &grads, &adam_m, &adam_v, o->grid, tp,
                                    o->pipe_schedule, M, MB, T, err)) != RP_OK)
         goto done;
@@ -613,14 +641,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         int stop = 0;
         if (o->stop_signal) {
             stop = (int)*o->stop_signal;
-            if (o->grid && o->grid->world_size > 1) {
-                MPI_Request req;
-                MPI_Iallreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, o->grid->world_comm,
-                               &req);
-                if ((st = rp_comm_wait(&req, o->comm_timeout, "the stop-request all-reduce",
-                                       err)) != RP_OK)
-                    goto done;
-            }
+            if (world &&
+                (st = rp_transport_allreduce_int(world, &stop, 1, RP_REDUCE_MAX,
+                                                 "the stop-request all-reduce", err)) != RP_OK)
+                goto done;
         }
         const int last = step + 1 == end_step || stop;
         const int do_ckpt = o->ckpt_dir && (last || (o->ckpt_interval > 0 &&
@@ -663,7 +687,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             rp_ckpt_contents c = {.weights = model, .adam_m = &adam_m, .adam_v = &adam_v,
                                   .progress = progress, .optim = &optim,
                                   .keep_last = o->keep_last};
-            if ((st = save_checkpoint(o, &c, err)) != RP_OK) goto done;
+            if ((st = save_checkpoint(o, tp, &c, err)) != RP_OK) goto done;
             char name[64];
             rp_ckpt_step_name(name, sizeof name, progress.step);
             if (is_rank0 && eval_loss < best_eval) {
@@ -691,11 +715,12 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
     }
     result->seconds = rp_now_seconds() - t_start;
-    if (o->save_path && !result->stopped_by_signal) st = save_weights(model, o, err);
+    if (o->save_path && !result->stopped_by_signal) st = save_weights(model, o, tp, err);
 done:
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);
     if (tp) rp_transport_free(tp);
+    if (world) rp_transport_free(world);
     rp_model_free(&grads);
     rp_model_free(&adam_m);
     rp_model_free(&adam_v);

@@ -24,7 +24,7 @@ typedef struct {
     rp_synth_config synth;
     int ctx_len;
     int batch_size;             /* sequences per optimizer step */
-    int micro_batch;            /* sequences per forward/backward */
+    int micro_batch_size;            /* sequences per forward/backward */
     int loss_on_answers_only;   /* synthetic tasks: loss only where the mask is set */
     int l2wrap;                 /* official L2Wrap term (default on) */
     rp_optim_config optim;      /* optim.total_steps = steps */
@@ -44,7 +44,7 @@ typedef struct {
     FILE *progress;             /* progress lines, NULL = quiet */
     /* Parallel runs (docs/parallelism.md). grid NULL: one process. The model
      * passed to rp_train_run is then this rank's stage slice. The global batch
-     * batch_size = replicas x micro-batches x micro_batch. */
+     * batch_size = replicas x micro-batches x micro_batch_size. */
     const rp_grid *grid;
     rp_schedule_kind pipe_schedule;  /* GPipe or 1F1B (default) */
     double comm_timeout;        /* seconds a stage waits on a peer before failing; 0: forever */
