@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "cpu/cpu_backend.h"
 #include "pipe/transport.h"
 
 static int rank;
