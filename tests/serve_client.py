@@ -27,6 +27,7 @@ import urllib.request
 
 API_KEY = os.environ.get("RP_API_KEY")
 TIMEOUT = 60
+LAST_HEADERS = {}  # the headers of the last request()'s reply
 
 
 def request(url, path, body=None, method=None, key=API_KEY):
@@ -41,8 +42,12 @@ def request(url, path, body=None, method=None, key=API_KEY):
             raw = r.read()
             status = r.status
             ctype = r.headers.get("Content-Type", "")
+            LAST_HEADERS.clear()
+            LAST_HEADERS.update(r.headers.items())
     except urllib.error.HTTPError as e:
         raw, status, ctype = e.read(), e.code, e.headers.get("Content-Type", "")
+        LAST_HEADERS.clear()
+        LAST_HEADERS.update(e.headers.items())
     if "json" in ctype:
         return status, json.loads(raw)
     return status, raw
@@ -339,6 +344,8 @@ def cmd_busy(url):
     status, r = request(url, "/v1/completions", dict(long, max_tokens=3))
     check(status == 429, "third request: %d %r" % (status, r))
     check(r["error"]["type"] == "rate_limit_error", "429 error type %r" % r)
+    retry = LAST_HEADERS.get("Retry-After", "")
+    check(retry.isdigit() and 1 <= int(retry) <= 60, "429 Retry-After %r" % retry)
     first.close()
     second.join(TIMEOUT)
     check(wait_idle(url), "slots still active")

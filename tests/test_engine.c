@@ -404,6 +404,56 @@ static void checks(void) {
     free(ref);
     printf("  ok\n");
 
+    printf("check: --max-queue counts only jobs that no free slot will take\n");
+    {
+        /* Submitted without a step between: every job is still queued, and
+         * the free slots are about to take the first n_slots of them. */
+        const int S = engine->cfg.n_slots, saved = engine->cfg.max_queue;
+        enum { MAXJ = 64 };
+        rp_job *qjobs[MAXJ];
+        int nj = 0;
+        CHECK(S + 2 <= MAXJ, "slots %d", S);
+        engine->cfg.max_queue = 0;
+        for (; nj < S; nj++) {
+            qjobs[nj] = rp_job_create(prompt, 10, &greedy, NULL, NULL, &err);
+            CHECK(rp_engine_submit(engine, qjobs[nj], &err) == RP_OK,
+                  "max_queue 0, job %d of %d with free slots refused: %s", nj + 1, S, err.msg);
+        }
+        CHECK(rp_engine_waiting(engine) == 0, "waiting %d with %d slots", rp_engine_waiting(engine), S);
+        rp_job *extra = rp_job_create(prompt, 10, &greedy, NULL, NULL, &err);
+        CHECK(rp_engine_submit(engine, extra, &err) == RP_ERR_BUSY,
+              "max_queue 0: job %d with every slot taken was accepted", S + 1);
+        engine->cfg.max_queue = 1;
+        CHECK(rp_engine_submit(engine, extra, &err) == RP_OK, "max_queue 1: %s", err.msg);
+        qjobs[nj++] = extra;
+        CHECK(rp_engine_waiting(engine) == 1, "waiting %d", rp_engine_waiting(engine));
+        extra = rp_job_create(prompt, 10, &greedy, NULL, NULL, &err);
+        CHECK(rp_engine_submit(engine, extra, &err) == RP_ERR_BUSY,
+              "max_queue 1: a second waiting job was accepted");
+        rp_job_release(extra);
+        /* After admission the slots are held, not queued: still one may wait. */
+        double dq = rp_now_seconds() + STEP_DEADLINE_S;
+        for (rp_engine_get_metrics(engine, &m); m.slots_active < S; rp_engine_get_metrics(engine, &m))
+            step(dq, "queued jobs take every slot");
+        CHECK(rp_engine_waiting(engine) == 1, "waiting %d after admission", rp_engine_waiting(engine));
+        extra = rp_job_create(prompt, 10, &greedy, NULL, NULL, &err);
+        CHECK(rp_engine_submit(engine, extra, &err) == RP_ERR_BUSY,
+              "max_queue 1 after admission: a second waiting job was accepted");
+        rp_job_release(extra);
+        for (int i = 0; i < nj; i++) {
+            for (f = RP_FINISH_NONE; f == RP_FINISH_NONE;) {
+                step(dq, "the queue-limit jobs end");
+                rp_job_read(qjobs[i], buf, 64, 0, &f);
+            }
+            rp_job_release(qjobs[i]);
+        }
+        for (rp_engine_get_metrics(engine, &m); m.slots_active != 0; rp_engine_get_metrics(engine, &m))
+            step(dq, "every slot free after the queue-limit jobs");
+        CHECK(rp_engine_waiting(engine) == 0, "waiting %d when idle", rp_engine_waiting(engine));
+        engine->cfg.max_queue = saved;
+    }
+    printf("  ok\n");
+
     printf("check: a session continued over two jobs equals reading the whole history\n");
     int32_t *p1 = make_prompt(40, 21), *p2 = make_prompt(30, 22);
     int n1, n2;

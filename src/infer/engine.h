@@ -42,7 +42,7 @@
 typedef struct {
     int n_slots;                   /* concurrent generations (admission control) */
     int prefill_chunk;             /* tokens per prefill unit (default 256) */
-    int max_queue;                 /* jobs waiting for a slot before submit refuses (429) */
+    int max_queue;                 /* jobs waiting for a slot (none free) before submit refuses (429) */
     size_t session_budget_bytes;   /* in-memory session states per stage (LRU) */
     double comm_timeout;           /* watchdog seconds for stage transfers; 0 = none */
     int threads;                   /* CPU threads of this rank's backend (informational) */
@@ -139,6 +139,9 @@ void rp_engine_free(rp_engine *e);
  * (rp_job_read's finish) only once the session is stored, so the next turn
  * or a save can follow at once. */
 rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err);
+/* Rank 0, any thread: queued jobs beyond the free slots (what --max-queue
+ * limits; 0 when every queued job has a free slot waiting for it). */
+int rp_engine_waiting(rp_engine *e);
 
 /* Rank 0 main thread: one scheduling round (admit queued jobs, launch units,
  * compute stage 0, collect results, free finished slots). Returns whether

@@ -147,6 +147,20 @@ void rp_engine_free(rp_engine *e) {
 
 /* ---- the driver (rank 0) ---- */
 
+/* A slot counted in n_slots_used is free again. */
+static void engine_slot_unused(rp_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    e->n_slots_used--;
+    pthread_mutex_unlock(&e->mu);
+}
+
+int rp_engine_waiting(rp_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    int waiting = e->n_queued - (e->cfg.n_slots - e->n_slots_used);
+    pthread_mutex_unlock(&e->mu);
+    return waiting > 0 ? waiting : 0;
+}
+
 rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err) {
     rp_status st = rp_gen_params_validate(&job->params, e->m->cfg.vocab_size, err);
     if (st != RP_OK) return st;
@@ -159,11 +173,15 @@ rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err) {
         pthread_mutex_unlock(&e->mu);
         return rp_error_set(err, RP_ERR_UNAVAILABLE, "the server is shutting down");
     }
-    if (e->n_queued >= e->cfg.max_queue) {
-        int q = e->n_queued;
+    /* Only jobs that no free slot will take count against the limit: queued
+     * jobs that free slots are about to take are not waiting. */
+    int free_slots = e->cfg.n_slots - e->n_slots_used;
+    int waiting = e->n_queued - (free_slots > 0 ? free_slots : 0);
+    if (waiting >= e->cfg.max_queue) {
         pthread_mutex_unlock(&e->mu);
-        return rp_error_set(err, RP_ERR_BUSY, "%d requests are already waiting for a slot; try "
-                            "again later", q);
+        return rp_error_set(err, RP_ERR_BUSY, "%d requests are already waiting for a slot "
+                            "(--max-queue %d); try again later", waiting < 0 ? 0 : waiting,
+                            e->cfg.max_queue);
     }
     rp_job_retain(job);
     job->t_submit = rp_now_seconds();
@@ -234,6 +252,7 @@ static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
     }
     if (j->has_deferred) rp_job_finish(j, j->deferred, NULL);
     e->slot_job[slot] = NULL;
+    engine_slot_unused(e);
     rp_job_release(j);
     return st;
 }
@@ -454,6 +473,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
             e->queue_head = j->next;
             if (!e->queue_head) e->queue_tail = NULL;
             e->n_queued--;
+            e->n_slots_used++;  /* slot s is this job's from now on (or given back below) */
         }
         int known = j && (!j->start_session[0] || rp_engine_session_find(e, j->start_session));
         if (j && known && j->start_session[0])
@@ -469,11 +489,13 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
             e->queue_head = j;
             if (!e->queue_tail) e->queue_tail = j;
             e->n_queued++;
+            e->n_slots_used--;
             j = NULL;
         }
         pthread_mutex_unlock(&e->mu);
         if (!j) break;
         if (rp_job_cancel_state(j)) {
+            engine_slot_unused(e);
             rp_job_finish(j, RP_FINISH_CANCELLED, NULL);
             rp_job_release(j);
             s--;
@@ -482,6 +504,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         if (!known) {
             char msg[256];
             snprintf(msg, sizeof msg, "unknown session '%s'", j->start_session);
+            engine_slot_unused(e);
             rp_job_finish(j, RP_FINISH_ERROR, msg);
             rp_job_release(j);
             s--;

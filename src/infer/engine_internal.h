@@ -155,6 +155,7 @@ struct rp_engine {
     pthread_cond_t wake;
     rp_job *queue_head, *queue_tail;
     int n_queued;
+    int n_slots_used;            /* slots holding (or being given) a job; under mu */
     rp_job **slot_job;
     uint64_t *slot_tokens;
     int units_in_flight;
