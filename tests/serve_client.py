@@ -12,6 +12,7 @@ policy of bytes.decode("utf-8", "replace")).
   serve_client.py concurrent URL N        N greedy requests at once = each alone
   serve_client.py sessions URL            session turns = whole history; save/delete/load
   serve_client.py disconnect URL          a client gone mid-stream frees its slot
+  serve_client.py remote-tokenizer URL    /tokenizer_info, /tokenize, /detokenize as lm-eval calls them
   serve_client.py busy URL                --slots 1 --max-queue 1: the third request gets 429
   serve_client.py same-server URL URL     the same greedy requests give the same text on both
   serve_client.py fuzz URL N              N mutated requests: all answered below 500
@@ -390,13 +391,41 @@ def cmd_fuzz(url, n):
     print("ok: %s mutated requests, all answered below 500" % n)
 
 
+def cmd_remote_tokenizer(url):
+    """What lm-evaluation-harness's RemoteTokenizer (lm_eval/utils.py) does:
+    check_remote_tokenizer_support, then encode / decode / eos_token_id."""
+    status, info = request(url, "/tokenizer_info")
+    check(status == 200 and isinstance(info, dict) and "eos_token" in info, "info %r" % info)
+    status, r = request(url, "/tokenize", {"prompt": "test", "add_special_tokens": False})
+    check(status == 200 and isinstance(r.get("tokens"), list), "tokenize 'test': %r" % r)
+    text = "The quick brown fox, \u00e9t\u00e9 \u2603."
+    status, r = request(url, "/tokenize", {"prompt": text, "add_special_tokens": False})
+    check(status == 200 and r["count"] == len(r["tokens"]) > 0, "tokenize: %r" % r)
+    ids = r["tokens"]
+    # the same ids as a generation request reads: the usage counts them
+    status, c = request(url, "/v1/completions", {"prompt": text, "max_tokens": 0})
+    check(status == 200 and c["usage"]["prompt_tokens"] == len(ids),
+          "/tokenize gives %d ids, a completion reads %r" % (len(ids), c.get("usage")))
+    status, r = request(url, "/detokenize", {"tokens": ids})
+    check(status == 200 and r.get("prompt") == text, "detokenize: %r" % r)
+    status, r = request(url, "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False})
+    check(status == 200 and r["tokens"][:1] == [info["eos_token_id"]] == [0],
+          "encode(eos_token)[0]: %r (info %r)" % (r, info))
+    status, r = request(url, "/detokenize", {"tokens": [0]})
+    check(status == 200 and r["prompt"] == info["eos_token"], "decode([eot]): %r" % r)
+    status, r = request(url, "/detokenize", {"tokens": [1 << 20]})
+    check(status == 400 and r["error"]["code"] == "invalid_value", "an id outside: %r" % r)
+    print("ok: tokenizer_info, tokenize, detokenize as lm-eval's RemoteTokenizer uses them")
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__)
         return 2
     cmds = {"same": cmd_same, "sse": cmd_sse, "stops": cmd_stops, "concurrent": cmd_concurrent,
             "sessions": cmd_sessions, "disconnect": cmd_disconnect, "busy": cmd_busy,
-            "same-server": cmd_same_server, "fuzz": cmd_fuzz}
+            "same-server": cmd_same_server, "fuzz": cmd_fuzz,
+            "remote-tokenizer": cmd_remote_tokenizer}
     if argv[1] not in cmds:
         print(__doc__)
         return 2

@@ -104,7 +104,7 @@ static void test_every_field_is_type_and_range_checked(void **state) {
     assert_refused(f, "{\"prompt\":\"a\",\"seed\":-1}", 0, 400, "invalid_value", "'seed'");
     assert_refused(f, "{\"prompt\":\"a\",\"stream\":1}", 0, 400, "invalid_type",
                    "'stream' must be true or false");
-    assert_refused(f, "{\"prompt\":\"a\",\"n\":2}", 0, 400, "invalid_value", "'n' is 2");
+    assert_refused(f, "{\"prompt\":\"a\",\"n\":2}", 0, 400, "unsupported_field", "'n'");
     assert_refused(f, "{\"prompt\":\"a\",\"max_tokens\":-1}", 0, 400, "invalid_value",
                    "must not be negative");
     assert_refused(f, "{\"prompt\":\"a\",\"max_tokens\":101}", 0, 400, "max_tokens_too_large",
@@ -263,6 +263,183 @@ static void test_chat_messages_are_checked(void **state) {
     json_decref(o);
 }
 
+/* Every field this server does not implement is a 400 naming it when it
+ * asks for something, never a silent 200; its "off" values pass. */
+static void test_unimplemented_fields_are_400_naming_them(void **state) {
+    fixture *f = *state;
+    f->lim.max_prompt_tokens = 1000;
+    static const struct {
+        int chat;
+        const char *field, *json;
+    } asks[] = {
+        {0, "tools", "[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]"},
+        {1, "tools", "[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]"},
+        {1, "tool_choice", "\"auto\""},
+        {1, "tool_choice", "{\"type\":\"function\",\"function\":{\"name\":\"f\"}}"},
+        {1, "functions", "[{\"name\":\"f\"}]"},
+        {1, "response_format", "{\"type\":\"json_object\"}"},
+        {0, "response_format", "{\"type\":\"json_schema\",\"json_schema\":{}}"},
+        {1, "logit_bias", "{\"50\":-100}"},
+        {0, "logit_bias", "{\"50\":5}"},
+        {0, "best_of", "2"},
+        {0, "suffix", "\"end\""},
+        {0, "logprobs", "1"},
+        {0, "logprobs", "0"},
+        {0, "echo", "true"},
+        {1, "logprobs", "true"},
+        {1, "top_logprobs", "2"},
+        {0, "n", "2"},
+        {1, "n", "3"},
+    };
+    for (size_t i = 0; i < sizeof asks / sizeof asks[0]; i++) {
+        char body[512], mention[64];
+        snprintf(body, sizeof body, "{%s,\"%s\":%s}",
+                 asks[i].chat ? "\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]"
+                              : "\"prompt\":\"a\"",
+                 asks[i].field, asks[i].json);
+        snprintf(mention, sizeof mention, "'%s'", asks[i].field);
+        assert_refused(f, body, asks[i].chat, 400, "unsupported_field", mention);
+    }
+    /* the defaults SDKs send, and unknown extras, are accepted */
+    const char *fine[] = {
+        "{\"prompt\":\"a\",\"tools\":[],\"logit_bias\":{},\"best_of\":1,\"suffix\":null,"
+        "\"echo\":false,\"n\":1,\"logprobs\":null,\"response_format\":{\"type\":\"text\"},"
+        "\"user\":\"u\",\"stream_options\":{\"include_usage\":true}}",
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tool_choice\":\"none\","
+        "\"logprobs\":false,\"top_logprobs\":null,\"suffix\":\"ignored in chat\"}",
+    };
+    for (size_t i = 0; i < 2; i++) {
+        json_t *o = parse(fine[i]);
+        rp_gen_request r;
+        rp_request_error e;
+        if (rp_request_parse_generation(o, (int)i, &f->lim, &r, &e) != 0)
+            fail_msg("%s refused: %s", fine[i], e.message);
+        json_decref(o);
+    }
+}
+
+/* "developer" is the system role; "tool" and "function" name tool calling. */
+static void test_developer_is_system_and_tool_roles_are_refused(void **state) {
+    fixture *f = *state;
+    f->lim.max_prompt_tokens = 1000;
+    assert_refused(f, "{\"messages\":[{\"role\":\"tool\",\"content\":\"x\"}]}", 1, 400,
+                   "unsupported_field", "messages[0].role is 'tool'");
+    assert_refused(f, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"},"
+                      "{\"role\":\"function\",\"content\":\"x\"}]}",
+                   1, 400, "unsupported_field", "messages[1].role is 'function'");
+    const char *bodies[] = {
+        "{\"messages\":[{\"role\":\"developer\",\"content\":\"Be brief.\"},"
+        "{\"role\":\"user\",\"content\":\"hi\"}]}",
+        "{\"messages\":[{\"role\":\"system\",\"content\":\"Be brief.\"},"
+        "{\"role\":\"user\",\"content\":\"hi\"}]}",
+    };
+    char *texts[2];
+    for (int i = 0; i < 2; i++) {
+        json_t *o = parse(bodies[i]);
+        int32_t *ids;
+        size_t text_len, n_ids;
+        rp_request_error e;
+        if (rp_request_prompt(o, 1, "", &f->lim, &texts[i], &text_len, &ids, &n_ids, &e) != 0)
+            fail_msg("%s refused: %s", bodies[i], e.message);
+        free(ids);
+        json_decref(o);
+    }
+    assert_string_equal(texts[0], texts[1]);
+    assert_non_null(strstr(texts[0], "System: Be brief."));
+    free(texts[0]);
+    free(texts[1]);
+}
+
+/* /tokenize and /detokenize (lm-eval's RemoteTokenizer): ids of the text,
+ * the text of ids; the end-of-text token round-trips through its text. */
+static void test_tokenize_and_detokenize(void **state) {
+    const fixture *f = *state;
+    json_t *o = parse("{\"prompt\":\"hi!\",\"add_special_tokens\":false}");
+    int32_t *ids;
+    size_t n;
+    rp_request_error e;
+    assert_int_equal(rp_request_tokenize(o, &f->lim, &ids, &n, &e), 0);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 'h');
+    assert_int_equal(ids[2], '!');
+    free(ids);
+    json_decref(o);
+    o = parse("{\"prompt\":\"\"}");
+    assert_int_equal(rp_request_tokenize(o, &f->lim, &ids, &n, &e), 0);
+    assert_int_equal(n, 0);
+    free(ids);
+    json_decref(o);
+    const char *bad[] = {"{}", "{\"prompt\":3}", "{\"prompt\":\"a\",\"model\":\"other\"}"};
+    const int status[] = {400, 400, 404};
+    for (int i = 0; i < 3; i++) {
+        o = parse(bad[i]);
+        if (rp_request_tokenize(o, &f->lim, &ids, &n, &e) == 0) fail_msg("%s accepted", bad[i]);
+        assert_int_equal(e.status, status[i]);
+        json_decref(o);
+    }
+    char *text;
+    o = parse("{\"tokens\":[104,105,33]}");
+    assert_int_equal(rp_request_detokenize(o, &f->lim, &text, &n, &e), 0);
+    assert_string_equal(text, "hi!");
+    free(text);
+    json_decref(o);
+    const char *bad_d[] = {"{}", "{\"tokens\":\"hi\"}", "{\"tokens\":[256]}", "{\"tokens\":[-1]}"};
+    for (int i = 0; i < 4; i++) {
+        o = parse(bad_d[i]);
+        if (rp_request_detokenize(o, &f->lim, &text, &n, &e) == 0) fail_msg("%s accepted", bad_d[i]);
+        assert_int_equal(e.status, 400);
+        json_decref(o);
+    }
+    /* the end of text is spelled <|endoftext|> (the byte 0 cannot be JSON text) */
+    size_t eot_len;
+    const char *eot = rp_request_eot_text(f->tok, &eot_len);
+    assert_string_equal(eot, "<|endoftext|>");
+    o = parse("{\"prompt\":\"a<|endoftext|>\"}");
+    assert_int_equal(rp_request_tokenize(o, &f->lim, &ids, &n, &e), 0);
+    assert_int_equal(n, 2);
+    assert_int_equal(ids[0], 'a');
+    assert_int_equal(ids[1], 0);
+    free(ids);
+    json_decref(o);
+    o = parse("{\"tokens\":[0,97]}");
+    assert_int_equal(rp_request_detokenize(o, &f->lim, &text, &n, &e), 0);
+    assert_string_equal(text, "<|endoftext|>a");
+    free(text);
+    json_decref(o);
+
+    /* The World vocabulary: token 0 has no bytes; "<|endoftext|>" stands for it. */
+    const char *dir = getenv("RP_SHARED_DIR");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/vocab/rwkv_vocab_v20230424.txt", dir ? dir : "");
+    rp_tokenizer *world;
+    rp_error err;
+    if (!dir || rp_tokenizer_open(&world, path, &err) != RP_OK) {
+        printf("skip: the World vocabulary (RP_SHARED_DIR)\n");
+        return;
+    }
+    rp_request_limits lim = f->lim;
+    lim.tok = world;
+    lim.vocab_size = 65536;
+    eot = rp_request_eot_text(world, &eot_len);
+    assert_string_equal(eot, "<|endoftext|>");
+    o = parse("{\"prompt\":\"<|endoftext|>Hello<|endoftext|>\"}");
+    assert_int_equal(rp_request_tokenize(o, &lim, &ids, &n, &e), 0);
+    json_decref(o);
+    assert_true(n >= 3);
+    assert_int_equal(ids[0], 0);
+    assert_int_equal(ids[n - 1], 0);
+    json_t *back = json_array();
+    for (size_t i = 0; i < n; i++) json_array_append_new(back, json_integer(ids[i]));
+    json_array_append_new(back, json_integer(65533)); /* padding: spells nothing */
+    free(ids);
+    o = json_pack("{s:o}", "tokens", back);
+    assert_int_equal(rp_request_detokenize(o, &lim, &text, &n, &e), 0);
+    assert_string_equal(text, "<|endoftext|>Hello<|endoftext|>");
+    free(text);
+    json_decref(o);
+    rp_tokenizer_free(world);
+}
+
 static void test_session_file_bodies(void **state) {
     (void)state;
     const char *good = "{\"path\":\"chat-1.state\"}";
@@ -311,6 +488,9 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_prompts_as_text_one_string_array_or_ids, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_prompts_are_refused_with_one_length_check, setup, teardown),
         cmocka_unit_test_setup_teardown(test_chat_messages_are_checked, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unimplemented_fields_are_400_naming_them, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_developer_is_system_and_tool_roles_are_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tokenize_and_detokenize, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_file_bodies, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_names, setup, teardown),
     };

@@ -5,7 +5,7 @@
 # on one process and on 2 pipeline stages; seeded sampling repeats; stop
 # strings, max_tokens, usage; chat format; sessions continue exactly and
 # survive save/delete/load; every bad request gets its 4xx; a client gone
-# mid-stream frees its slot; a full queue answers 429; SIGTERM ends the
+# mid-stream frees its slot; a full queue answers 429 (with Retry-After); SIGTERM ends the
 # server (and its in-flight stream, as cancelled) with exit status 0.
 # Run by `make check` (env: top_srcdir, top_builddir, MPIRUN, PYTHON3, RP_TEST_DATA).
 
@@ -146,6 +146,38 @@ expect_status 400 "an empty prompt" POST "$C" -d '{"prompt": ""}'
 expect_status 400 "a chat message with an unknown role" POST "$A/v1/chat/completions" \
     -d '{"messages": [{"role": "wizard", "content": "x"}]}'
 expect_status 400 "chat without messages" POST "$A/v1/chat/completions" -d '{"messages": []}'
+# Fields this server does not implement: a 400 naming the field, never a silent 200.
+for f in '"tools": [{"type": "function", "function": {"name": "f"}}]' '"tool_choice": "auto"' \
+    '"response_format": {"type": "json_object"}' '"logit_bias": {"50": -100}' '"n": 2' \
+    '"logprobs": true' '"top_logprobs": 2'; do
+    code=$(http "$T/unsup.json" POST "$A/v1/chat/completions" \
+        -d "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], $f}")
+    name=${f%%\":*}
+    name=${name#\"}
+    expect "chat with $name: 400 unsupported_field naming it" test "$code" = 400 -a \
+        "$(field "$T/unsup.json" error.code)" = unsupported_field -a \
+        -n "$(grep -F "'$name'" "$T/unsup.json")"
+done
+for f in '"logprobs": 1' '"echo": true' '"best_of": 2' '"suffix": "end"' \
+    '"tools": [{"type": "function", "function": {"name": "f"}}]'; do
+    code=$(http "$T/unsup.json" POST "$C" -d "{\"prompt\": \"x\", $f}")
+    name=${f%%\":*}
+    name=${name#\"}
+    expect "completion with $name: 400 unsupported_field naming it" test "$code" = 400 -a \
+        "$(field "$T/unsup.json" error.code)" = unsupported_field -a \
+        -n "$(grep -F "'$name'" "$T/unsup.json")"
+done
+expect_status 400 "a chat message with the tool role" POST "$A/v1/chat/completions" \
+    -d '{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}'
+code=$(http "$T/dev.json" POST "$A/v1/chat/completions" -d '{"messages": [{"role": "developer",
+    "content": "Be brief."}, {"role": "user", "content": "hi"}], "max_tokens": 2}')
+expect "the developer role is the system role: 200" test "$code" = 200
+code=$(http "$T/m1.json" GET "$A/v1/models/tiny_L2_C128_V256_s1.weights.safetensors")
+expect "GET /v1/models/{id} answers the model object" test "$code" = 200 -a \
+    "$(field "$T/m1.json" object)" = model -a \
+    "$(field "$T/m1.json" id)" = tiny_L2_C128_V256_s1.weights.safetensors
+expect_status 404 "GET /v1/models/{another id}" GET "$A/v1/models/gpt-4"
+expect "the tokenizer endpoints (byte tokenizer)" "${CLIENT[@]}" remote-tokenizer "$A"
 expect_status 400 "max_tokens above --max-tokens-limit" POST "$C" -d '{"prompt": "x", "max_tokens": 5000}'
 "$PYTHON3" -c 'import json; print(json.dumps({"prompt": "y" * 301}))' >"$T/long.json"
 expect_status 400 "more prompt tokens than --max-prompt-tokens" POST "$C" --data-binary "@$T/long.json"
@@ -253,11 +285,14 @@ fi
 
 # Admission by state memory: 1 MiB holds 15 states of the tiny model (2 layers
 # x (2 x 128 + 2 x 64 x 64) floats = 67.6 KB each), so 16 slots become 15.
-start E "$BIN" serve --model "$TINY" --vocab bytes --port 0 --state-budget-mb 1
+# --max-queue 0 refuses only requests that find no free slot.
+start E "$BIN" serve --model "$TINY" --vocab bytes --port 0 --state-budget-mb 1 --max-queue 0
 expect "--state-budget-mb 1 limits the tiny model to 15 slots" \
     grep -q "holds 15 generations' state .*: 15 slots instead of 16" "$T/E.log"
 http "$T/e.json" GET "$URL_E/health" >/dev/null
 expect "/health reports 15 slots" test "$(field "$T/e.json" slots_total)" = 15
+expect "--max-queue 0: 8 concurrent requests with 15 free slots all run" \
+    "${CLIENT[@]}" concurrent "$URL_E" 8
 kill -TERM "$PID_E"
 wait "$JOB_E"
 

@@ -9,7 +9,8 @@
 #include "text/stream.h"
 
 int rp_chat_role_parse(const char *name) {
-    if (strcmp(name, "system") == 0) return RP_CHAT_SYSTEM;
+    /* "developer" is OpenAI's newer name for the system role */
+    if (strcmp(name, "system") == 0 || strcmp(name, "developer") == 0) return RP_CHAT_SYSTEM;
     if (strcmp(name, "user") == 0) return RP_CHAT_USER;
     if (strcmp(name, "assistant") == 0) return RP_CHAT_ASSISTANT;
     return -1;

@@ -16,7 +16,7 @@ typedef struct {
     size_t len;
 } rp_chat_message;
 
-/* "system"/"user"/"assistant" -> role; -1 for anything else. */
+/* "system" (or "developer")/"user"/"assistant" -> role; -1 for anything else. */
 int rp_chat_role_parse(const char *name);
 
 /* The prompt for messages m[0..n): each message is "Role: content", messages

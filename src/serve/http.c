@@ -116,6 +116,18 @@ void http_count_response(rp_http_server *s, int status) {
     atomic_fetch_add(&s->responses[i], 1);
 }
 
+/* Seconds a client refused with 429 should wait (docs/serving.md): one
+ * second per full round of slots that the waiting jobs need before a new
+ * one would start, at least 1, at most 60. Rough on purpose: job lengths
+ * are unknown, and the client retries anyway. */
+static int http_busy_retry_after(rp_http_server *s) {
+    rp_engine_metrics m;
+    rp_engine_get_metrics(s->engine, &m);
+    int slots = m.slots_total > 0 ? m.slots_total : 1;
+    int secs = 1 + rp_engine_waiting(s->engine) / slots;
+    return secs > 60 ? 60 : secs;
+}
+
 static enum MHD_Result send_text(rp_http_server *s, struct MHD_Connection *conn, int status,
                                  const char *content_type, char *body, size_t len) {
     struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
@@ -125,6 +137,11 @@ static enum MHD_Result send_text(rp_http_server *s, struct MHD_Connection *conn,
     }
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
     if (status == 401) MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    if (status == 429) {
+        char ra[16];
+        snprintf(ra, sizeof ra, "%d", http_busy_retry_after(s));
+        MHD_add_response_header(r, MHD_HTTP_HEADER_RETRY_AFTER, ra);
+    }
     if (atomic_load(&s->stopping)) {
         /* draining: the client should go elsewhere (or come back later) */
         if (status == 503) MHD_add_response_header(r, MHD_HTTP_HEADER_RETRY_AFTER, s->retry_after);
@@ -231,6 +248,10 @@ enum route {
     ROUTE_COMPLETIONS,
     ROUTE_CHAT,
     ROUTE_MODELS,
+    ROUTE_MODEL,         /* GET /v1/models/{id} */
+    ROUTE_TOKENIZER_INFO,
+    ROUTE_TOKENIZE,
+    ROUTE_DETOKENIZE,
     ROUTE_HEALTH,
     ROUTE_METRICS,
     ROUTE_SESSION_SAVE,
@@ -416,13 +437,71 @@ static enum MHD_Result handle_generation(rp_http_server *s, request_ctx *rc,
 
 /* ---- other endpoints -------------------------------------------------------- */
 
-static enum MHD_Result handle_models(rp_http_server *s, struct MHD_Connection *conn) {
+static json_t *model_object(rp_http_server *s) {
     const rp_config *c = rp_engine_config_of(s->engine);
-    json_t *m = json_pack("{s:s,s:s,s:I,s:s,s:i,s:i,s:i,s:i,s:s}", "id", s->model_id, "object",
-                          "model", "created", (json_int_t)s->created, "owned_by", "rwkvpipe",
-                          "n_layer", c->n_layer, "n_embd", c->n_embd, "n_head", c->n_head,
-                          "vocab_size", c->vocab_size, "tokenizer", rp_tokenizer_kind(s->tok));
-    return http_send_json(s, conn, 200, json_pack("{s:s,s:[o]}", "object", "list", "data", m));
+    return json_pack("{s:s,s:s,s:I,s:s,s:i,s:i,s:i,s:i,s:s}", "id", s->model_id, "object",
+                     "model", "created", (json_int_t)s->created, "owned_by", "rwkvpipe",
+                     "n_layer", c->n_layer, "n_embd", c->n_embd, "n_head", c->n_head,
+                     "vocab_size", c->vocab_size, "tokenizer", rp_tokenizer_kind(s->tok));
+}
+
+static enum MHD_Result handle_models(rp_http_server *s, struct MHD_Connection *conn) {
+    return http_send_json(s, conn, 200,
+                          json_pack("{s:s,s:[o]}", "object", "list", "data", model_object(s)));
+}
+
+/* GET /v1/models/{id}: the model object, as OpenAI's retrieve. */
+static enum MHD_Result handle_model(rp_http_server *s, struct MHD_Connection *conn,
+                                    const char *id) {
+    if (strcmp(id, s->model_id) != 0)
+        return http_send_error(s, conn, 404, "model_not_found",
+                               "model '%.200s' is not served here (this server has '%s')", id,
+                               s->model_id);
+    return http_send_json(s, conn, 200, model_object(s));
+}
+
+/* ---- tokenizer endpoints: the shapes of vLLM's, which lm-evaluation-harness's
+ * RemoteTokenizer (tokenizer_backend=remote) reads ---- */
+
+static enum MHD_Result handle_tokenizer_info(rp_http_server *s, struct MHD_Connection *conn) {
+    size_t eot_len;
+    const char *eot = rp_request_eot_text(s->tok, &eot_len);
+    json_t *info = json_pack("{s:s,s:s%,s:i,s:n,s:n,s:i,s:i,s:I}", "tokenizer_class",
+                             rp_tokenizer_kind(s->tok), "eos_token", eot, eot_len, "eos_token_id",
+                             rp_tokenizer_eot_id(s->tok), "bos_token", "pad_token",
+                             "vocab_size", s->vocab_size, "model_max_length",
+                             s->cfg.max_prompt_tokens, "max_model_len",
+                             (json_int_t)s->cfg.max_prompt_tokens);
+    return http_send_json(s, conn, 200, info);
+}
+
+static enum MHD_Result handle_tokenizer(rp_http_server *s, struct MHD_Connection *conn,
+                                        int tokenize, json_t *o) {
+    const rp_request_limits limits = request_limits(s);
+    rp_request_error e;
+    if (tokenize) {
+        int32_t *ids;
+        size_t n;
+        if (rp_request_tokenize(o, &limits, &ids, &n, &e))
+            return http_send_error(s, conn, e.status, e.code, "%s", e.message);
+        json_t *arr = json_array();
+        for (size_t i = 0; arr && i < n; i++) json_array_append_new(arr, json_integer(ids[i]));
+        free(ids);
+        return http_send_json(s, conn, 200,
+                              json_pack("{s:I,s:i,s:o}", "count", (json_int_t)n, "max_model_len",
+                                        s->cfg.max_prompt_tokens, "tokens", arr));
+    }
+    char *text;
+    size_t len;
+    if (rp_request_detokenize(o, &limits, &text, &len, &e))
+        return http_send_error(s, conn, e.status, e.code, "%s", e.message);
+    json_t *reply = json_pack("{s:s%}", "prompt", text, len);
+    free(text);
+    /* bytes that are not UTF-8 (half a character): jansson refuses them */
+    if (!reply)
+        return http_send_error(s, conn, 400, "invalid_value",
+                               "these tokens do not spell UTF-8 text (part of a character)");
+    return http_send_json(s, conn, 200, reply);
 }
 
 static enum MHD_Result handle_health(rp_http_server *s, struct MHD_Connection *conn) {
@@ -612,7 +691,11 @@ static enum route route_of(const char *url, char *session, size_t session_size) 
     if (strcmp(url, "/v1/completions") == 0) return ROUTE_COMPLETIONS;
     if (strcmp(url, "/v1/chat/completions") == 0) return ROUTE_CHAT;
     if (strcmp(url, "/v1/models") == 0) return ROUTE_MODELS;
+    if (strncmp(url, "/v1/models/", 11) == 0 && url[11]) return ROUTE_MODEL;
     if (strcmp(url, "/health") == 0 || strcmp(url, "/v1/health") == 0) return ROUTE_HEALTH;
+    if (strcmp(url, "/tokenizer_info") == 0) return ROUTE_TOKENIZER_INFO;
+    if (strcmp(url, "/tokenize") == 0) return ROUTE_TOKENIZE;
+    if (strcmp(url, "/detokenize") == 0) return ROUTE_DETOKENIZE;
     if (strcmp(url, "/metrics") == 0) return ROUTE_METRICS;
     static const char prefix[] = "/v1/sessions/";
     if (strncmp(url, prefix, sizeof prefix - 1) == 0) {
@@ -634,7 +717,9 @@ static const char *route_method(enum route r, const char *method) {
     case ROUTE_COMPLETIONS:
     case ROUTE_CHAT:
     case ROUTE_SESSION_SAVE:
-    case ROUTE_SESSION_LOAD: return "POST";
+    case ROUTE_SESSION_LOAD:
+    case ROUTE_TOKENIZE:
+    case ROUTE_DETOKENIZE: return "POST";
     case ROUTE_SESSION: return strcmp(method, "GET") == 0 ? "GET" : "DELETE";
     default: return "GET";
     }
@@ -642,7 +727,7 @@ static const char *route_method(enum route r, const char *method) {
 
 static int route_has_body(enum route r) {
     return r == ROUTE_COMPLETIONS || r == ROUTE_CHAT || r == ROUTE_SESSION_SAVE ||
-           r == ROUTE_SESSION_LOAD;
+           r == ROUTE_SESSION_LOAD || r == ROUTE_TOKENIZE || r == ROUTE_DETOKENIZE;
 }
 
 static int authorized(rp_http_server *s, struct MHD_Connection *conn) {
@@ -876,6 +961,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return http_send_error(s, conn, 503, "shutting_down", "the server is shutting down");
     switch (rc->route) {
     case ROUTE_MODELS: return handle_models(s, conn);
+    case ROUTE_MODEL: return handle_model(s, conn, url + 11);
+    case ROUTE_TOKENIZER_INFO: return handle_tokenizer_info(s, conn);
     case ROUTE_HEALTH: return handle_health(s, conn);
     case ROUTE_METRICS: return handle_metrics(s, conn);
     default: break;
@@ -889,6 +976,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     enum MHD_Result r;
     if (rc->route == ROUTE_COMPLETIONS || rc->route == ROUTE_CHAT)
         r = handle_generation(s, rc, conn, o);
+    else if (rc->route == ROUTE_TOKENIZE || rc->route == ROUTE_DETOKENIZE)
+        r = handle_tokenizer(s, conn, rc->route == ROUTE_TOKENIZE, o);
     else {
         /* counted until its reply is sent (on_completed): a stop after an
          * engine failure lets the failure reach the client first */

@@ -120,9 +120,82 @@ static int get_token_list(json_t *o, const char *key, int vocab, int32_t *ids, i
     return 0;
 }
 
+/* The fields a generation request may carry that this server does not
+ * implement (docs/serving.md, "Request fields"). A field is refused only when
+ * it asks for something: null, and the values that mean "off" (false, 0, 1,
+ * "", {}, [], "none", {"type": "text"}) pass, because SDKs send those
+ * defaults. Fields in neither this table nor the parser (a newer client's
+ * extras such as "user", "metadata", "stream_options") are ignored. */
+typedef enum {
+    ASKS_SET,        /* any value but null */
+    ASKS_TRUE,       /* true */
+    ASKS_NONEMPTY,   /* a non-empty string, array or object */
+    ASKS_ABOVE_ONE,  /* a number > 1 */
+    ASKS_NOT_NONE,   /* anything but "none" */
+    ASKS_NOT_TEXT    /* anything but {"type": "text"} */
+} field_asks;
+
+typedef struct {
+    const char *name;
+    int where;       /* 1: completions, 2: chat, 3: both */
+    field_asks asks;
+    const char *why;
+} refused_field;
+
+static const refused_field refused_fields[] = {
+    {"tools", 3, ASKS_NONEMPTY, "tool calling is not supported"},
+    {"functions", 3, ASKS_NONEMPTY, "function calling is not supported"},
+    {"tool_choice", 3, ASKS_NOT_NONE, "tool calling is not supported"},
+    {"function_call", 3, ASKS_NOT_NONE, "function calling is not supported"},
+    {"response_format", 3, ASKS_NOT_TEXT, "structured output is not implemented yet"},
+    {"logit_bias", 3, ASKS_NONEMPTY, "logit_bias is not implemented yet"},
+    {"best_of", 1, ASKS_ABOVE_ONE, "best_of > 1 is not supported"},
+    {"suffix", 1, ASKS_NONEMPTY, "suffix (insertion) is not supported"},
+    {"logprobs", 1, ASKS_SET, "logprobs are not implemented yet"},
+    {"logprobs", 2, ASKS_TRUE, "logprobs are not implemented yet"},
+    {"top_logprobs", 3, ASKS_SET, "logprobs are not implemented yet"},
+    {"echo", 1, ASKS_TRUE, "echo is not implemented yet"},
+    {"n", 3, ASKS_ABOVE_ONE, "n > 1 is not implemented yet: send n requests"},
+    {"audio", 2, ASKS_SET, "audio output is not supported"},
+    {"prediction", 2, ASKS_SET, "predicted outputs are not supported"},
+};
+
+static int field_asks_for(json_t *v, field_asks asks) {
+    if (!v || json_is_null(v)) return 0;
+    switch (asks) {
+    case ASKS_SET: return 1;
+    case ASKS_TRUE: return !json_is_false(v);
+    case ASKS_NONEMPTY:
+        if (json_is_string(v)) return json_string_length(v) > 0;
+        if (json_is_array(v)) return json_array_size(v) > 0;
+        if (json_is_object(v)) return json_object_size(v) > 0;
+        return 1;
+    case ASKS_ABOVE_ONE: return !json_is_number(v) || json_number_value(v) != 1;
+    case ASKS_NOT_NONE: return !(json_is_string(v) && strcmp(json_string_value(v), "none") == 0);
+    case ASKS_NOT_TEXT: {
+        json_t *t = json_is_object(v) ? json_object_get(v, "type") : NULL;
+        return !(json_is_object(v) && json_object_size(v) == 1 && json_is_string(t) &&
+                 strcmp(json_string_value(t), "text") == 0);
+    }
+    }
+    return 1;
+}
+
+int rp_request_refused_field(json_t *o, int chat, rp_request_error *e) {
+    for (size_t i = 0; i < sizeof refused_fields / sizeof refused_fields[0]; i++) {
+        const refused_field *f = &refused_fields[i];
+        if (!(f->where & (chat ? 2 : 1))) continue;
+        if (field_asks_for(json_object_get(o, f->name), f->asks))
+            return rp_request_fail(e, 400, "unsupported_field", "'%s': %s on this server",
+                                   f->name, f->why);
+    }
+    return 0;
+}
+
 int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *lim,
                                 rp_gen_request *r, rp_request_error *e) {
     memset(r, 0, sizeof *r);
+    if (rp_request_refused_field(o, chat, e)) return -1;
     rp_gen_params *p = &r->params;
     rp_gen_params_defaults(p);
     p->max_tokens = lim->default_max_tokens < lim->max_tokens_limit ? lim->default_max_tokens
@@ -140,7 +213,7 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
         return rp_request_fail(e, 404, "model_not_found",
                                "model '%s' is not served here (this server has '%s')", model,
                                lim->model_id);
-    long long n = 1;
+    long long n = 1; /* > 1 is refused above */
     if (get_int(o, "n", 1, 1, &n, e)) return -1;
     long long max_tokens = p->max_tokens;
     json_t *mt = json_object_get(o, chat && json_object_get(o, "max_completion_tokens")
@@ -327,9 +400,18 @@ static char *chat_prompt_from(json_t *o, const char *lead, size_t *len, rp_reque
             goto done;
         }
         int r = rp_chat_role_parse(json_string_value(role));
+        if (r < 0 && (strcmp(json_string_value(role), "tool") == 0 ||
+                      strcmp(json_string_value(role), "function") == 0)) {
+            rp_request_fail(e, 400, "unsupported_field",
+                            "messages[%zu].role is '%s': tool calling is not supported on this "
+                            "server",
+                            i, json_string_value(role));
+            goto done;
+        }
         if (r < 0) {
             rp_request_fail(e, 400, "invalid_value",
-                            "messages[%zu].role is '%s': expected 'system', 'user' or 'assistant'",
+                            "messages[%zu].role is '%s': expected 'system', 'developer', 'user' "
+                            "or 'assistant'",
                             i, json_string_value(role));
             goto done;
         }
@@ -452,5 +534,134 @@ int rp_request_session_file(json_t *o, const char **name, rp_request_error *e) {
                                "letters, digits, '_', '-' or '.', not starting with '.', ending "
                                "in \"%s\" (no '/')",
                                RP_SESSION_FILE_NAME_MAX, RP_SESSION_FILE_SUFFIX);
+    return 0;
+}
+
+/* ---- tokenizer endpoints (lm-evaluation-harness's RemoteTokenizer) ---- */
+
+#define EOT_TEXT "<|endoftext|>"
+
+const char *rp_request_eot_text(const rp_tokenizer *tok, size_t *len) {
+    (void)tok; /* the byte tokenizer's token 0 is the byte 0, which JSON text cannot carry */
+    *len = sizeof EOT_TEXT - 1;
+    return EOT_TEXT;
+}
+
+/* Appends the ids of n bytes of text to *ids (capacity *cap). */
+static int append_encoded(const rp_request_limits *lim, const char *text, size_t n, int32_t **ids,
+                          size_t *n_ids, size_t *cap, rp_request_error *e) {
+    if (n == 0) return 0;
+    int32_t *part = NULL;
+    size_t n_part = 0;
+    rp_error err;
+    if (rp_tokenizer_encode(lim->tok, (const uint8_t *)text, n, &part, &n_part, &err) != RP_OK)
+        return rp_request_fail(e, 400, "invalid_value", "cannot tokenize 'prompt': %s", err.msg);
+    if (*n_ids + n_part > *cap) {
+        size_t c = (*n_ids + n_part) * 2;
+        int32_t *grown = realloc(*ids, c * sizeof *grown);
+        if (!grown) {
+            free(part);
+            return rp_request_fail(e, 500, "internal", "out of memory");
+        }
+        *ids = grown;
+        *cap = c;
+    }
+    memcpy(*ids + *n_ids, part, n_part * sizeof *part);
+    *n_ids += n_part;
+    free(part);
+    return 0;
+}
+
+int rp_request_tokenize(json_t *o, const rp_request_limits *lim, int32_t **ids, size_t *n_ids,
+                        rp_request_error *e) {
+    *ids = NULL;
+    *n_ids = 0;
+    const char *model = NULL;
+    if (get_string(o, "model", &model, e)) return -1;
+    if (model && strcmp(model, lim->model_id) != 0)
+        return rp_request_fail(e, 404, "model_not_found",
+                               "model '%s' is not served here (this server has '%s')", model,
+                               lim->model_id);
+    json_t *p = json_object_get(o, "prompt");
+    if (!p || json_is_null(p))
+        return rp_request_fail(e, 400, "missing_field", "'prompt' is required (a string)");
+    if (!json_is_string(p)) return rp_request_fail(e, 400, "invalid_type", "'prompt' must be a string");
+    int add_special = 0;
+    if (get_bool(o, "add_special_tokens", &add_special, e)) return -1;
+    /* RWKV adds no special tokens, so add_special_tokens changes nothing. The
+     * end-of-text token is spelled EOT_TEXT (as Hugging Face tokenizers spell
+     * special tokens); the encoder never produces it. */
+    const char *text = json_string_value(p);
+    size_t len = json_string_length(p), eot_len, cap = 0;
+    const char *eot = rp_request_eot_text(lim->tok, &eot_len);
+    size_t start = 0;
+    for (size_t i = 0; i + eot_len <= len;) {
+        if (memcmp(text + i, eot, eot_len) != 0) {
+            i++;
+            continue;
+        }
+        if (append_encoded(lim, text + start, i - start, ids, n_ids, &cap, e)) goto fail;
+        int32_t id = rp_tokenizer_eot_id(lim->tok);
+        if (*n_ids + 1 > cap) {
+            size_t c = (*n_ids + 1) * 2;
+            int32_t *grown = realloc(*ids, c * sizeof *grown);
+            if (!grown) {
+                rp_request_fail(e, 500, "internal", "out of memory");
+                goto fail;
+            }
+            *ids = grown;
+            cap = c;
+        }
+        (*ids)[(*n_ids)++] = id;
+        i += eot_len;
+        start = i;
+    }
+    if (append_encoded(lim, text + start, len - start, ids, n_ids, &cap, e)) goto fail;
+    if (!*ids) *ids = malloc(sizeof **ids); /* an empty prompt: zero tokens, a valid pointer */
+    if (!*ids) return rp_request_fail(e, 500, "internal", "out of memory");
+    return 0;
+fail:
+    free(*ids);
+    *ids = NULL;
+    *n_ids = 0;
+    return -1;
+}
+
+int rp_request_detokenize(json_t *o, const rp_request_limits *lim, char **text, size_t *len,
+                          rp_request_error *e) {
+    *text = NULL;
+    *len = 0;
+    json_t *t = json_object_get(o, "tokens");
+    if (!t || json_is_null(t))
+        return rp_request_fail(e, 400, "missing_field", "'tokens' is required (an array of token ids)");
+    if (!json_is_array(t))
+        return rp_request_fail(e, 400, "invalid_type", "'tokens' must be an array of token ids");
+    size_t i, total = 0, eot_len;
+    json_t *x;
+    const char *eot = rp_request_eot_text(lim->tok, &eot_len);
+    int32_t eot_id = rp_tokenizer_eot_id(lim->tok);
+    json_array_foreach(t, i, x) {
+        if (!json_is_integer(x) || json_integer_value(x) < 0 ||
+            json_integer_value(x) >= lim->vocab_size)
+            return rp_request_fail(e, 400, "invalid_value",
+                                   "'tokens'[%zu] must be a token id in [0, %d)", i,
+                                   lim->vocab_size);
+        size_t n = 0;
+        int32_t id = (int32_t)json_integer_value(x);
+        if (id == eot_id) n = eot_len;
+        else rp_tokenizer_token_bytes(lim->tok, id, &n); /* padding ids spell nothing */
+        total += n;
+    }
+    *text = malloc(total + 1);
+    if (!*text) return rp_request_fail(e, 500, "internal", "out of memory");
+    json_array_foreach(t, i, x) {
+        size_t n = 0;
+        int32_t id = (int32_t)json_integer_value(x);
+        const char *b = id == eot_id ? eot : (const char *)rp_tokenizer_token_bytes(lim->tok, id, &n);
+        if (id == eot_id) n = eot_len;
+        if (b) memcpy(*text + *len, b, n);
+        *len += b ? n : 0;
+    }
+    (*text)[*len] = '\0';
     return 0;
 }

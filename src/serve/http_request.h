@@ -43,6 +43,12 @@ int rp_request_fail(rp_request_error *e, int status, const char *code, const cha
  * (400 invalid_json) otherwise; the caller json_decref's the result. */
 json_t *rp_request_parse_json(const char *body, size_t len, rp_request_error *e);
 
+/* A field of a generation request that this server does not implement,
+ * used (docs/serving.md, "Request fields"): 400 "unsupported_field" naming
+ * it. Returns 0 when none; -1 with e set. rp_request_parse_generation calls
+ * it first. */
+int rp_request_refused_field(json_t *o, int chat, rp_request_error *e);
+
 /* The fields of a generation request common to both endpoints. Strings
  * point into the JSON object the request was parsed from. */
 typedef struct {
@@ -72,6 +78,21 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
 int rp_request_prompt(json_t *o, int chat, const char *lead, const rp_request_limits *lim,
                       char **text, size_t *text_len, int32_t **ids, size_t *n_ids,
                       rp_request_error *e);
+
+/* The tokenizer endpoints, in the shapes of vLLM that lm-evaluation-harness's
+ * RemoteTokenizer reads (docs/serving.md). The end-of-text token's text:
+ * "<|endoftext|>" (the World vocabulary's token 0 has no bytes, the byte
+ * tokenizer's is the byte 0, which JSON text cannot carry), which /tokenize
+ * reads back as that token. */
+const char *rp_request_eot_text(const rp_tokenizer *tok, size_t *len);
+/* POST /tokenize {"prompt": text, "add_special_tokens": bool, "model"}: the
+ * ids (malloc'ed, also for zero tokens). 0, or -1 with e set. */
+int rp_request_tokenize(json_t *o, const rp_request_limits *lim, int32_t **ids, size_t *n_ids,
+                        rp_request_error *e);
+/* POST /detokenize {"tokens": [ids]}: the text (malloc'ed, NUL-terminated);
+ * ids in the model's vocabulary that spell nothing (padding) add nothing. */
+int rp_request_detokenize(json_t *o, const rp_request_limits *lim, char **text, size_t *len,
+                          rp_request_error *e);
 
 /* The body of POST /v1/sessions/NAME/{save,load}: {"path": "FILE.state"},
  * a plain file name in the session directory (rp_session_file_name_valid).
