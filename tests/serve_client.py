@@ -12,6 +12,7 @@ policy of bytes.decode("utf-8", "replace")).
   serve_client.py concurrent URL N        N greedy requests at once = each alone
   serve_client.py sessions URL            session turns = whole history; save/delete/load
   serve_client.py disconnect URL          a client gone mid-stream frees its slot
+  serve_client.py unsupported URL MODEL_ID  unimplemented fields get 400s naming them
   serve_client.py remote-tokenizer URL    /tokenizer_info, /tokenize, /detokenize as lm-eval calls them
   serve_client.py busy URL                --slots 1 --max-queue 1: the third request gets 429
   serve_client.py same-server URL URL     the same greedy requests give the same text on both
@@ -391,6 +392,35 @@ def cmd_fuzz(url, n):
     print("ok: %s mutated requests, all answered below 500" % n)
 
 
+def cmd_unsupported(url, model_id):
+    """Every field the server does not implement is a 400 unsupported_field
+    naming it; the developer role is the system role; GET /v1/models/{id}."""
+    tool = [{"type": "function", "function": {"name": "f"}}]
+    chat = {"tools": tool, "tool_choice": "auto", "response_format": {"type": "json_object"},
+            "logit_bias": {"50": -100}, "n": 2, "logprobs": True, "top_logprobs": 2}
+    completion = {"logprobs": 1, "echo": True, "best_of": 2, "suffix": "end", "tools": tool}
+    cases = [("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}],
+                                           **{k: v}), k) for k, v in chat.items()]
+    cases += [("/v1/completions", {"prompt": "x", k: v}, k) for k, v in completion.items()]
+    cases.append(("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"},
+                                                        {"role": "tool", "content": "y"}]},
+                  "role is 'tool'"))
+    for path, body, name in cases:
+        status, r = request(url, path, body)
+        check(status == 400 and r["error"]["code"] == "unsupported_field" and
+              name in r["error"]["message"], "%s %r: %d %r" % (path, body, status, r))
+    sys_msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    dev_msgs = [dict(sys_msgs[0], role="developer"), sys_msgs[1]]
+    a = request(url, "/v1/chat/completions", dict(GREEDY, messages=sys_msgs, max_tokens=8))
+    b = request(url, "/v1/chat/completions", dict(GREEDY, messages=dev_msgs, max_tokens=8))
+    check(a[0] == b[0] == 200 and a[1]["choices"][0]["message"] == b[1]["choices"][0]["message"]
+          and a[1]["usage"] == b[1]["usage"], "developer vs system: %r %r" % (a, b))
+    status, m = request(url, "/v1/models/" + model_id)
+    check(status == 200 and m["object"] == "model" and m["id"] == model_id, "model %r" % m)
+    print("ok: %d unimplemented fields refused by name; developer = system; GET /v1/models/{id}"
+          % len(cases))
+
+
 def cmd_remote_tokenizer(url):
     """What lm-evaluation-harness's RemoteTokenizer (lm_eval/utils.py) does:
     check_remote_tokenizer_support, then encode / decode / eos_token_id."""
@@ -425,7 +455,7 @@ def main(argv):
     cmds = {"same": cmd_same, "sse": cmd_sse, "stops": cmd_stops, "concurrent": cmd_concurrent,
             "sessions": cmd_sessions, "disconnect": cmd_disconnect, "busy": cmd_busy,
             "same-server": cmd_same_server, "fuzz": cmd_fuzz,
-            "remote-tokenizer": cmd_remote_tokenizer}
+            "remote-tokenizer": cmd_remote_tokenizer, "unsupported": cmd_unsupported}
     if argv[1] not in cmds:
         print(__doc__)
         return 2
