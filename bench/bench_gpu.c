@@ -21,6 +21,7 @@
 #include "cuda_backend.h"
 #include "cuda_device.h"
 #include "harness.h"
+#include "gpu_model.h"
 #include "op_profile.h"
 #include "model/init.h"
 #include "model/model.h"
@@ -987,6 +988,7 @@ static int parse_rows(const char *list, unsigned *out) {
 static void usage(FILE *out) {
     fprintf(out,
             "usage: bench_gpu [--device N] [--quick] [--only ROWS] [--reps N] [--profile]\n"
+            "       bench_gpu --model-only\n"
             "\n"
             "The CUDA backend (bf16 math) on one GPU against ceilings measured in the same\n"
             "run (device-to-device copy bandwidth, cuBLAS bf16 GEMM rate): decode latency at\n"
@@ -1005,6 +1007,9 @@ static void usage(FILE *out) {
             "  --profile     after the table, the time of every backend op in a batch-1\n"
             "                decode step of each shape and in a training step\n"
             "                (bench/op_profile.h: each op between two synchronisations)\n"
+            "  --model-only  no GPU: print the analytic H100 model instead (bytes, FLOPs,\n"
+            "                launches and predicted time per kernel of a decode and a\n"
+            "                training step; bench/gpu_model.c)\n"
             "  --help        this text\n"
             "\n"
             "Exit status: 0, 77 when no CUDA device is visible, 2 on a bad option, 1 when a\n"
@@ -1023,6 +1028,8 @@ int main(int argc, char **argv) {
             o.quick = 1;
         } else if (!strcmp(argv[i], "--profile")) {
             o.profile = 1;
+        } else if (!strcmp(argv[i], "--model-only")) {
+            return gpu_model_print(stdout);
         } else if (!strcmp(argv[i], "--device") && i + 1 < argc) {
             errno = 0;
             long v = strtol(argv[++i], &end, 10);

@@ -10,12 +10,22 @@
 #   tests/gpu/run.sh device    on the GPU machine (device run, carry .gpucarry,
 #                              the packed kit):
 #                              every check below, the log under $OUT (or
-#                              build/gpu-run), and a summary table printed last.
+#                              build/gpu-run); each result is printed (and
+#                              appended to $OUT/summary.txt) as it comes, the
+#                              table again at the end, also when cut short.
+#   RP_GPU_RUN_DEVICE=cpu tests/gpu/run.sh device
+#                              the dry run, here: the same script on the CPU
+#                              backend with build/cpu's programs; GPU-only steps
+#                              SKIP and it exits 0 (tests/test_gpu_run_dry.sh).
 #
+# One overall deadline (RP_GPU_RUN_BUDGET, 480 s): every step's time limit is
+# cut to what is left, so one hang cannot eat the device time.
 # Checks (docs/gpu.md explains each):
-#   1. gpukit-check (library resolution) and the nvidia-smi line
+#   1. library resolution of the kit's programs and the nvidia-smi line
 #   2. every backend op against its CPU twin on fresh random inputs
-#      (tests/gpu/test_cuda_ops: fp32 kernels 1e-5, bf16 GEMM paths 1e-2)
+#      (tests/gpu/test_cuda_ops: fp32 kernels 1e-5, bf16 GEMM paths 1e-2),
+#      then compute-sanitizer --tool racecheck and --tool memcheck on
+#      test_cuda_ops --quick, 90 s each (SKIP where the machine has no sanitizer)
 #   3. golden logits and gradients of the official RWKV-7 on the GPU
 #      (fp32 math 1e-4 like the CPU; bf16 math 3e-2)
 #   4. 20 training steps on the GPU against the CPU trainer
@@ -64,66 +74,190 @@ device) ;;
 esac
 
 # ---- on the GPU machine ----
+# RP_GPU_RUN_DEVICE=cpu runs every check on the CPU backend instead: a dry run
+# of this script's own logic on a machine without a GPU (make check runs it:
+# tests/test_gpu_run_dry.sh). Without a kit it takes the programs from
+# RP_GPU_RUN_BUILD (default build/cpu); the GPU-only steps (nvidia-smi, the
+# twin test, the sanitizers, NCCL, bench_gpu) then SKIP, and it exits 0.
+device="${RP_GPU_RUN_DEVICE:-cuda}"
+dry=0
+[ "$device" = cpu ] && dry=1
+# One overall deadline, so a hang in one step cannot eat the device budget:
+# every step's time limit is cut to what is left of it.
+budget="${RP_GPU_RUN_BUDGET:-480}"
+deadline=$((SECONDS + budget))
 if [ ! -d .gpukit ] && [ -f .gpucarry/gpukit.tar.xz ]; then
     echo "tests/gpu/run.sh: unpacking the kit"
     xz -dc .gpucarry/gpukit.tar.xz | tar -xf - || { echo "cannot unpack .gpucarry/gpukit.tar.xz" >&2; exit 2; }
 fi
-[ -f .gpukit/env.sh ] || { echo "tests/gpu/run.sh: no .gpukit: run 'tests/gpu/run.sh prepare' first and carry .gpucarry" >&2; exit 2; }
+have_kit=0
+[ -f .gpukit/env.sh ] && have_kit=1
+if [ $have_kit -eq 0 ] && [ $dry -eq 0 ]; then
+    echo "tests/gpu/run.sh: no .gpukit: run 'tests/gpu/run.sh prepare' first and carry .gpucarry" >&2
+    exit 2
+fi
 out="${OUT:-$root/build/gpu-run}"
 mkdir -p "$out"
 log="$out/gpu-run.log"
+sumfile="$out/summary.txt"
 work="$(mktemp -d)"
 : >"$log"
-# shellcheck disable=SC1091
-source .gpukit/env.sh
-# env.sh's mpirun is a shell function, which `timeout` cannot run.
-mpirun_cmd=("$root/.gpukit/ompi/usr/bin/orterun" --allow-run-as-root --oversubscribe)
+: >"$sumfile"
+if [ $have_kit -eq 1 ]; then
+    # shellcheck disable=SC1091
+    source .gpukit/env.sh
+    # env.sh's mpirun is a shell function, which `timeout` cannot run.
+    mpirun_cmd=("$root/.gpukit/ompi/usr/bin/orterun" --allow-run-as-root --oversubscribe)
+    kitdata="$root/.gpukit/data"
+else
+    build="${RP_GPU_RUN_BUILD:-$root/build/cpu}"
+    [ -x "$build/rwkvpipe" ] || { echo "tests/gpu/run.sh: dry run: no $build/rwkvpipe (launch/build cpu, or set RP_GPU_RUN_BUILD)" >&2; exit 2; }
+    PATH="$build:$build/tests/gpu:$build/bench:$PATH"
+    mpirun_cmd=("$(command -v mpirun || echo mpirun)" --allow-run-as-root --oversubscribe)
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    kitdata="$root/tests"
+fi
 export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
 data="$root/tests/data"
-kitdata="$root/.gpukit/data"
 py="$(command -v python3 || true)"
 bin=rwkvpipe
-# RP_GPU_RUN_DEVICE=cpu runs every check on the CPU backend instead: a dry run
-# of this script's own logic on a machine without a GPU.
-device="${RP_GPU_RUN_DEVICE:-cuda}"
 detail=""
 declare -a summary=()
 failures=0
+last_rc=0
+card="no GPU (dry run on the CPU backend)"
 
 note() { echo "$*" | tee -a "$log"; }
-# record NAME STATUS DETAIL
+print_summary() {
+    printf '%-44s %-5s %s\n' check result detail
+    for line in "${summary[@]}"; do echo "$line"; done
+    echo "failures: $failures"
+}
+# record NAME STATUS DETAIL: the summary grows as the run goes (printed and in
+# $OUT/summary.txt), so a run cut short still says what passed.
 record() {
-    summary+=("$(printf '%-44s %-5s %s' "$1" "$2" "$3")")
+    local line detail=$3
+    # A step whose program ran out of time says so, whatever it reports.
+    if [ "$2" = FAIL ] && [ "${3#timed out}" = "$3" ]; then
+        case $last_rc in 124 | 137) detail="timed out (limit or the ${budget} s deadline): $3" ;; esac
+    fi
+    last_rc=0
+    line="$(printf '%-44s %-5s %s' "$1" "$2" "$detail")"
+    summary+=("$line")
     [ "$2" = FAIL ] && failures=$((failures + 1))
+    echo "$line" >>"$sumfile"
     note "== $1: $2 $3"
 }
-# run SECONDS CMD...: runs with a time limit, output to the log; returns its status
+left() { echo $((deadline - SECONDS)); }
+# run SECONDS CMD...: runs with a time limit (cut to the overall deadline),
+# output to the log; returns its status, 124 on a timeout.
 run() {
-    local limit=$1
+    local limit=$1 rest
     shift
-    echo "\$ $*" >>"$log"
+    rest=$(left)
+    [ "$rest" -lt "$limit" ] && limit=$rest
+    if [ "$limit" -le 0 ]; then
+        echo "\$ $* (not run: the ${budget} s deadline has passed)" >>"$log"
+        last_rc=124
+        return 124
+    fi
+    echo "\$ $*   (limit ${limit} s)" >>"$log"
     timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    last_rc=$?
+    return $last_rc
 }
+# A step that did not finish: a timeout is a failure that says so.
+why() {  # STATUS -> words
+    case $1 in
+    124 | 137) echo "timed out (limit or the ${budget} s deadline)" ;;
+    127) echo "program not found" ;;
+    *) echo "exit status $1" ;;
+    esac
+}
+on_exit() {
+    local rc=$?
+    rm -rf "$work"
+    if [ "${finished:-0}" -ne 1 ]; then
+        echo "tests/gpu/run.sh: stopped before the end (status $rc); the summary so far:" | tee -a "$log"
+        print_summary | tee -a "$log"
+    fi
+}
+trap on_exit EXIT
+trap 'exit 143' TERM INT
 
-note "# rwkvpipe GPU run, $(date -u '+%Y-%m-%d %H:%M UTC')"
+note "# rwkvpipe GPU run, $(date -u '+%Y-%m-%d %H:%M UTC'), deadline ${budget} s$([ $dry -eq 1 ] && echo ', DRY RUN on the CPU backend')"
 note "## 1. libraries and card"
-if gpukit-check >>"$log" 2>&1; then
-    record "gpukit-check" PASS "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)"
-else
-    record "gpukit-check" FAIL "a library is missing (see the log)"
+if [ $have_kit -eq 1 ]; then
+    for f in .gpukit/bin/*; do echo "== $f"; ldd "$f" 2>&1; done >"$work/ldd.txt"
+    cat "$work/ldd.txt" >>"$log"
+    if ! grep -q 'not found' "$work/ldd.txt"; then
+        record "libraries (ldd of the kit's programs)" PASS "every library resolves"
+    else
+        record "libraries (ldd of the kit's programs)" FAIL "a library is missing (see the log)"
+    fi
 fi
-nvidia-smi >>"$log" 2>&1 || true
+if command -v nvidia-smi >/dev/null 2>&1; then
+    if card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>>"$log" | head -1) &&
+        [ -n "$card" ]; then
+        record "nvidia-smi" PASS "$card"
+        nvidia-smi >>"$log" 2>&1 || true
+    else
+        record "nvidia-smi" FAIL "nvidia-smi sees no GPU (see the log)"
+        card="no GPU visible"
+    fi
+elif [ $dry -eq 1 ]; then
+    record "nvidia-smi" SKIP "not installed (dry run)"
+else
+    record "nvidia-smi" FAIL "not installed: this machine has no NVIDIA driver"
+    card="no NVIDIA driver"
+fi
 "$bin" --version >>"$log" 2>&1 || true
 
+# gpu_step NAME SECONDS CMD...: a GPU-only program; 77 (no device) and, in the
+# dry run, a program that is not built are SKIP.
+gpu_step() {
+    local name=$1 limit=$2 rc
+    shift 2
+    if ! command -v "$1" >/dev/null 2>&1; then
+        if [ $dry -eq 1 ]; then record "$name" SKIP "$1 not built (dry run)"; else record "$name" FAIL "$1 not in the kit"; fi
+        return
+    fi
+    run "$limit" "$@"
+    rc=$?
+    case $rc in
+    0) record "$name" PASS "${detail:-}" ;;
+    77) record "$name" SKIP "no CUDA device, or not built for it" ;;
+    *) record "$name" FAIL "$(why $rc) (see the log)" ;;
+    esac
+}
+
 note "## 2. CPU/GPU twin test of every op"
-run 180 test_cuda_ops --seed "$(date +%s)"
-rc=$?
-case $rc in
-0) result=PASS ;;
-77) result=SKIP ;;
-*) result=FAIL ;;
-esac
-record "twin test (every op, fp32 + bf16)" "$result" "$(grep -a 'twin test' "$log" | tail -1)"
+detail="see 'twin test' in the log"
+gpu_step "twin test (every op, fp32 + bf16)" 180 test_cuda_ops --seed "$(date +%s)"
+
+note "## 2b. compute-sanitizer racecheck and memcheck (test_cuda_ops --quick)"
+sanitizer="$(command -v compute-sanitizer || true)"
+[ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
+for tool in racecheck memcheck; do
+    if [ $dry -eq 1 ]; then
+        record "compute-sanitizer $tool" SKIP "GPU only (dry run)"
+    elif [ -z "$sanitizer" ]; then
+        record "compute-sanitizer $tool" SKIP "compute-sanitizer not installed on this machine"
+    elif ! command -v test_cuda_ops >/dev/null 2>&1; then
+        record "compute-sanitizer $tool" FAIL "test_cuda_ops not in the kit"
+    else
+        # --error-exitcode: a hazard or a bad access fails the step even where
+        # the test's own comparisons pass.
+        run 90 "$sanitizer" --tool "$tool" --error-exitcode 3 "$(command -v test_cuda_ops)" --quick --seed 1
+        rc=$?
+        case $rc in
+        0) record "compute-sanitizer $tool" PASS "no hazards or errors" ;;
+        77) record "compute-sanitizer $tool" SKIP "no CUDA device" ;;
+        3) record "compute-sanitizer $tool" FAIL "the sanitizer reported errors (see the log)" ;;
+        *) record "compute-sanitizer $tool" FAIL "$(why $rc) (see the log)" ;;
+        esac
+    fi
+done
 
 note "## 3. golden logits and gradients on the GPU"
 golden_check() {  # NAME MODEL GOLDEN MATH TOL [--grads]
@@ -194,36 +328,48 @@ if train_run "pp2" 2 "$device" fp32 --pp 2 && detail=$(compare_losses "$work/pp2
 else
     record "2 ranks, 1 GPU, --pp 2 (MPI staging) = 1 rank" FAIL "${detail:-see the log}"
 fi
-run 120 "${mpirun_cmd[@]}" -np 1 test_nccl
-rc=$?
-case $rc in
-0) record "NCCL self send/recv (1 rank)" PASS "$(grep -a 'PASS' "$log" | tail -1)" ;;
-77) record "NCCL self send/recv (1 rank)" SKIP "no GPU, or built without NCCL" ;;
-*) record "NCCL self send/recv (1 rank)" FAIL "exit $rc (see the log)" ;;
-esac
-
-note "## 6. timings"
-echo "\$ bench_gpu --profile" >>"$log"
-timeout --kill-after=10 300 bench_gpu --profile >"$out/bench_gpu.txt" 2>>"$log"
-rc=$?
-cat "$out/bench_gpu.txt" >>"$log"
-if [ $rc -eq 0 ]; then
-    record "bench_gpu" PASS "table below"
-elif [ $rc -eq 77 ]; then
-    record "bench_gpu" SKIP "no CUDA device"
+if command -v test_nccl >/dev/null 2>&1; then
+    run 120 "${mpirun_cmd[@]}" -np 1 "$(command -v test_nccl)"
+    rc=$?
+    case $rc in
+    0) record "NCCL self send/recv (1 rank)" PASS "$(grep -a '^PASS' "$log" | tail -1)" ;;
+    77) record "NCCL self send/recv (1 rank)" SKIP "no GPU, or built without NCCL" ;;
+    *) record "NCCL self send/recv (1 rank)" FAIL "$(why $rc) (see the log)" ;;
+    esac
+elif [ $dry -eq 1 ]; then
+    record "NCCL self send/recv (1 rank)" SKIP "test_nccl not built (dry run)"
 else
-    record "bench_gpu" FAIL "exit status $rc (see the log)"
+    record "NCCL self send/recv (1 rank)" FAIL "test_nccl not in the kit"
 fi
 
+note "## 6. timings"
+if ! command -v bench_gpu >/dev/null 2>&1; then
+    if [ $dry -eq 1 ]; then record "bench_gpu" SKIP "not built (dry run)"; else record "bench_gpu" FAIL "bench_gpu not in the kit"; fi
+else
+    rest=$(left)
+    [ "$rest" -gt 300 ] && rest=300
+    echo "\$ bench_gpu --profile   (limit ${rest} s)" >>"$log"
+    if [ "$rest" -gt 0 ]; then
+        timeout --kill-after=10 "$rest" bench_gpu --profile >"$out/bench_gpu.txt" 2>>"$log"
+        rc=$?
+    else
+        rc=124
+    fi
+    cat "$out/bench_gpu.txt" >>"$log" 2>/dev/null
+    case $rc in
+    0) record "bench_gpu" PASS "table below" ;;
+    77) record "bench_gpu" SKIP "no CUDA device" ;;
+    *) record "bench_gpu" FAIL "$(why $rc) (see the log)" ;;
+    esac
+fi
+
+finished=1
 {
     echo
     echo "## bench_gpu"
     cat "$out/bench_gpu.txt" 2>/dev/null || true
     echo
-    echo "## summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-    printf '%-44s %-5s %s\n' check result detail
-    for line in "${summary[@]}"; do echo "$line"; done
-    echo "failures: $failures"
+    echo "## summary ($card; $SECONDS s of the ${budget} s deadline)"
+    print_summary
 } | tee -a "$log"
-rm -rf "$work"
 [ "$failures" -eq 0 ]

@@ -38,6 +38,18 @@ static void fill_random(float *p, size_t n, uint32_t seed) {
     }
 }
 
+/* Waits until the legacy default stream's work is done. cudaMemset and a
+ * cudaMemcpy from pageable memory run on the legacy stream, and NCCL runs on
+ * its own non-blocking stream (rp_nccl_group's, or the link's), which the
+ * legacy stream is NOT ordered with: a memset may land after the NCCL
+ * receive wrote the buffer, and cudaMemcpy from pageable memory returns once
+ * the bytes are staged, before the DMA to the device is done. The NCCL
+ * calls' contract (src/pipe/transport.h) leaves synchronizing the writer's
+ * stream to the caller, so the test does it before every NCCL operation. */
+static int legacy_stream_done(void) {
+    return cudaStreamSynchronize(cudaStreamLegacy) == cudaSuccess;
+}
+
 #define CHECK(cond, ...)                                                    \
     do {                                                                    \
         if (!(cond)) {                                                      \
@@ -66,6 +78,7 @@ static void check_self(size_t n, double *gbps) {
     const size_t sizes[] = {1, 4, 4097, n * sizeof(float)};
     for (int k = 0; k < 4; k++) {
         CHECK(cudaMemset(dst, 0xff, n * sizeof(float)) == cudaSuccess, "cudaMemset");
+        CHECK(legacy_stream_done(), "upload and memset before NCCL");
         double t0 = MPI_Wtime();
         CHECK(rp_nccl_group_sendrecv(g, src, dst, sizes[k], 0, &err) == RP_OK, "%s", err.msg);
         double t = MPI_Wtime() - t0;
@@ -129,6 +142,7 @@ static void check_links(size_t n) {
     if (rank == 1) {
         fill_random(host, n, 11);
         CHECK(cudaMemcpy(grad, host, bytes, cudaMemcpyHostToDevice) == cudaSuccess, "upload");
+        CHECK(legacy_stream_done(), "upload before NCCL");
         CHECK(rp_transport_post_recv(&t, act, bytes, 0, RP_MSG_ACT, 0, &x, &err) == RP_OK, "%s",
               err.msg);
         CHECK(rp_transport_post_send(&t, grad, bytes, 0, RP_MSG_GRAD, 7, &y, &err) == RP_OK,
@@ -152,6 +166,7 @@ static void check_links(size_t n) {
         CHECK(!memcmp(back, host, bytes), "the gradients arrived changed");
         fill_random(host, n, 13);
         CHECK(cudaMemcpy(act, host, bytes, cudaMemcpyHostToDevice) == cudaSuccess, "upload");
+        CHECK(legacy_stream_done(), "upload before NCCL");
         CHECK(rp_transport_send(&t, act, bytes, 1, RP_MSG_ACT, 0, &err) == RP_OK, "%s", err.msg);
         CHECK(rp_transport_send(&t, act, bytes, 1, RP_MSG_ACT, 2, &err) == RP_OK, "%s", err.msg);
     }

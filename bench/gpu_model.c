@@ -1,0 +1,318 @@
+/* The analytic H100 cost model of the CUDA backend as it is built today (see
+ * gpu_model.h): the op sequence of rp_block_forward (src/model/forward.c) and
+ * its backward, each backend op one kernel launch (the cuda/ kernels), fp32
+ * activations between ops, bf16 GEMM operands. Each launch costs
+ * max(bytes / HBM bandwidth, FLOPs / peak, launch overhead); the shapes come
+ * from rp_config_builtin, nothing here is a measured or hard-coded result. */
+#include "config.h"
+
+#include "gpu_model.h"
+
+#include <string.h>
+
+#include "model/config.h"
+
+/* H100 SXM: HBM3 bandwidth, dense bf16 tensor-core rate, fp32 CUDA-core rate
+ * (the elementwise kernels, the decode GEMVs and WKV7 run on CUDA cores). */
+#define HBM_BYTES_PER_S 3.35e12
+#define BF16_TENSOR_FLOPS 990e12
+#define FP32_FLOPS 67e12
+/* Host cost of one kernel launch on a stream, and of one kernel node of a
+ * replayed CUDA graph: the floor of every small kernel. */
+#define LAUNCH_S 5e-6
+#define GRAPH_LAUNCH_S 1e-6
+/* The training step modelled: one micro-batch of this many sequences. */
+#define TRAIN_SEQS 8
+#define TRAIN_T 4096
+/* FLOPs per state element per token of the WKV7 recurrence (decay, the a/b
+ * rank-1 update, v k^T, the read-out with r) and its backward today: the
+ * forward recomputed 2.5x per chunk plus about twice the forward for the
+ * gradients (cuda/cuda_wkv7.cu). */
+#define WKV_FLOPS_PER_ELEM 10.0
+#define WKV_BACKWARD_OVER_FORWARD 4.5
+/* Per-layer parameter tensors (AdamW launches one kernel per tensor). */
+#define TENSORS_PER_LAYER 33
+#define GLOBAL_TENSORS 6
+
+typedef struct {
+    const char *name;
+    double launches, bytes, flops;
+    double t_bound, t_plain, t_graph; /* seconds, summed over launches */
+} kernel;
+
+typedef struct {
+    kernel k[64];
+    int n;
+    double weight_bytes; /* bytes of weights read (decode floor) */
+} kernel_list;
+
+/* count launches of one kernel, each moving bytes and doing flops. */
+static void add(kernel_list *l, const char *name, double count, double bytes, double flops,
+                int tensor) {
+    if (count <= 0) return;
+    kernel *k = NULL;
+    for (int i = 0; i < l->n; i++)
+        if (!strcmp(l->k[i].name, name)) k = &l->k[i];
+    if (!k) {
+        if (l->n == (int)(sizeof l->k / sizeof l->k[0])) return;
+        k = &l->k[l->n++];
+        memset(k, 0, sizeof *k);
+        k->name = name;
+    }
+    const double t_mem = bytes / HBM_BYTES_PER_S;
+    const double t_math = flops / (tensor ? BF16_TENSOR_FLOPS : FP32_FLOPS);
+    const double bound = t_mem > t_math ? t_mem : t_math;
+    k->launches += count;
+    k->bytes += count * bytes;
+    k->flops += count * flops;
+    k->t_bound += count * bound;
+    k->t_plain += count * (bound > LAUNCH_S ? bound : LAUNCH_S);
+    k->t_graph += count * (bound > GRAPH_LAUNCH_S ? bound : GRAPH_LAUNCH_S);
+}
+
+/* An elementwise op over R rows of width W: `io` fp32 vectors read or
+ * written per row, `params` fp32 parameter vectors of width W. */
+static void ew(kernel_list *l, const char *name, double count, double R, double W, double io,
+               double params, double flops_per_elem) {
+    add(l, name, count, 4.0 * W * (R * io + params), flops_per_elem * R * W, 0);
+}
+
+/* Decode GEMV: y [R,N] (+)= x [R,K] W^T, W read once in bf16. */
+static void gemv(kernel_list *l, const char *name, double count, double R, double N, double K,
+                 int accumulate) {
+    add(l, name, count, 2.0 * N * K + 4.0 * R * (K + N * (accumulate ? 2 : 1)),
+        2.0 * R * N * K, 0);
+    l->weight_bytes += count * 2.0 * N * K;
+}
+
+/* One training GEMM with its operand conversion: fp32 activation -> bf16
+ * (a kernel), then cuBLAS reads bf16 A [R,K] and W [N,K], writes fp32 C. */
+static void gemm(kernel_list *l, const char *name, double count, double R, double N, double K) {
+    add(l, "to_bf16 (GEMM operands)", count, 6.0 * R * K, 0, 0);
+    add(l, name, count, 2.0 * R * K + 2.0 * N * K + 4.0 * R * N, 2.0 * R * N * K, 1);
+}
+
+/* Backward of that GEMM: dY converted, dX = dY W and dW += X^T dY. */
+static void gemm_backward(kernel_list *l, const char *name, double count, double R, double N,
+                          double K) {
+    add(l, "to_bf16 (GEMM operands)", 2 * count, 6.0 * R * (N + K) / 2, 0, 0);
+    add(l, name, count, 2.0 * R * N + 2.0 * N * K + 4.0 * R * K, 2.0 * R * N * K, 1);
+    add(l, name, count, 2.0 * R * N + 2.0 * R * K + 8.0 * N * K, 2.0 * R * N * K, 1);
+}
+
+/* The forward ops of one layer (rp_block_forward), R rows of S sequences;
+ * decode: GEMVs and the WKV7 step, else GEMMs and the checkpointing WKV7. */
+static void layer_forward(kernel_list *l, const rp_config *c, int layer, double R, double S,
+                          int decode) {
+    const double C = c->n_embd, F = c->dim_ffn, N = c->head_size, H = c->n_head;
+    const double ranks[4] = {c->d_decay, c->d_iclr, c->d_gate, c->d_value};
+    const int loras = layer == 0 ? 3 : 4; /* layer 0 has no value LoRA */
+    const double state = 4.0 * H * N * N;
+    ew(l, "layernorm", 2, R, C, 2, 2, 8);
+    ew(l, "token_shift", 2, R, C, 2, 0, 0);
+    ew(l, "lerp", 6 + (layer > 0) + 1, R, C, 3, 1, 3);
+    for (int i = 0; i < 4; i++) { /* r, k, v, output; FFN key and value below */
+        if (decode) gemv(l, "GEMV C x C (r, k, v, output)", 1, R, C, C, i == 3);
+        else gemm(l, "GEMM C x C (r, k, v, output)", 1, R, C, C);
+    }
+    for (int i = 0; i < loras; i++) {
+        if (decode) {
+            gemv(l, "GEMV LoRA down (C -> rank)", 1, R, ranks[i], C, 0);
+            gemv(l, "GEMV LoRA up (rank -> C)", 1, R, C, ranks[i], 0);
+        } else {
+            gemm(l, "GEMM LoRA down (C -> rank)", 1, R, ranks[i], C);
+            gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i]);
+        }
+        /* tanh after w1, sigmoid after g1; a and v have none */
+        if (i == 0 || i == 2) ew(l, "bias_act (LoRA hidden)", 1, R, ranks[i], 2, 0, 4);
+    }
+    ew(l, "bias_act (w0, a0, v0)", loras - 1, R, C, 2, 1, 4);
+    if (layer == 0) ew(l, "copy (v_first)", 1, R, C, 2, 0, 0);
+    else ew(l, "value_residual", 1, R, C, 4, 0, 3);
+    ew(l, "key_prepare", 1, R, C, 4, 2, 6);
+    if (decode)
+        add(l, "wkv7 step", 1, 7.0 * 4 * R * C + 2 * S * state, WKV_FLOPS_PER_ELEM * R * C * N, 0);
+    else
+        add(l, "wkv7_forward_train", 1, 7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+            WKV_FLOPS_PER_ELEM * R * C * N, 0);
+    ew(l, "groupnorm", 1, R, C, 2, 2, 8);
+    ew(l, "bonus_gate", 1, R, C, 6, 1, 6);
+    if (decode) {
+        gemv(l, "GEMV FFN key (C -> F)", 1, R, F, C, 0);
+        gemv(l, "GEMV FFN value (F -> C)", 1, R, C, F, 1);
+    } else {
+        gemm(l, "GEMM FFN key (C -> F)", 1, R, F, C);
+        gemm(l, "GEMM FFN value (F -> C)", 1, R, C, F);
+    }
+    ew(l, "bias_act (relu^2, F)", 1, R, F, 2, 0, 2);
+}
+
+/* Its backward: each GEMM two GEMMs, each elementwise op reading its inputs
+ * and the output gradient and accumulating the input gradients (about twice
+ * the forward's traffic), parameter gradients reduced over rows. */
+static void layer_backward(kernel_list *l, const rp_config *c, int layer, double R, double S) {
+    const double C = c->n_embd, F = c->dim_ffn, N = c->head_size, H = c->n_head;
+    const double ranks[4] = {c->d_decay, c->d_iclr, c->d_gate, c->d_value};
+    const int loras = layer == 0 ? 3 : 4;
+    const double state = 4.0 * H * N * N;
+    ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);
+    ew(l, "token_shift backward", 2, R, C, 3, 0, 1);
+    ew(l, "lerp backward (+ params)", 6 + (layer > 0) + 1, R, C, 7, 2, 6);
+    gemm_backward(l, "GEMM backward C x C", 4, R, C, C);
+    for (int i = 0; i < loras; i++) {
+        gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C);
+        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i]);
+        if (i == 0 || i == 2) ew(l, "bias_act backward (LoRA hidden)", 1, R, ranks[i], 3, 0, 4);
+    }
+    ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3, 1, 4);
+    if (layer > 0) ew(l, "value_residual backward", 1, R, C, 7, 0, 6);
+    ew(l, "key_prepare backward", 1, R, C, 8, 4, 12);
+    add(l, "wkv7_backward", 1,
+        14.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+        WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM * R * C * N, 0);
+    ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
+    ew(l, "bonus_gate backward", 1, R, C, 11, 2, 12);
+    gemm_backward(l, "GEMM backward FFN", 1, R, F, C);
+    gemm_backward(l, "GEMM backward FFN", 1, R, C, F);
+    ew(l, "bias_act backward (relu^2, F)", 1, R, F, 3, 0, 3);
+    /* Gradients of x, xa, prev built as fill_zero + add round trips. */
+    ew(l, "fill_zero + add (gradient accumulation)", 2 * 4, R, C, 3, 0, 1);
+}
+
+static double sum(const kernel_list *l, int field) {
+    double s = 0;
+    for (int i = 0; i < l->n; i++) {
+        const kernel *k = &l->k[i];
+        s += field == 0 ? k->launches
+             : field == 1 ? k->bytes
+             : field == 2 ? k->flops
+             : field == 3 ? k->t_bound
+             : field == 4 ? k->t_plain
+                          : k->t_graph;
+    }
+    return s;
+}
+
+static void print_table(FILE *out, const kernel_list *l, double per) {
+    fprintf(out, "| kernel | launches | MB moved | GFLOP | bound us | us (no graph) | us (graph) |\n"
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for (int i = 0; i < l->n; i++) {
+        const kernel *k = &l->k[i];
+        fprintf(out, "| %s | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |\n", k->name,
+                k->launches / per, k->bytes / per / 1e6, k->flops / per / 1e9,
+                k->t_bound / per * 1e6, k->t_plain / per * 1e6, k->t_graph / per * 1e6);
+    }
+    fprintf(out, "| **total** | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |\n\n", sum(l, 0) / per,
+            sum(l, 1) / per / 1e6, sum(l, 2) / per / 1e9, sum(l, 3) / per * 1e6,
+            sum(l, 4) / per * 1e6, sum(l, 5) / per * 1e6);
+}
+
+static void decode_step(kernel_list *l, const rp_config *c) {
+    const double C = c->n_embd, V = c->vocab_size;
+    memset(l, 0, sizeof *l);
+    add(l, "embedding", 1, 8.0 * C, 0, 0);
+    ew(l, "layernorm", 2, 1, C, 2, 2, 8); /* ln0, ln_out */
+    for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, 1, 1, 1);
+    gemv(l, "GEMV head (C -> V)", 1, 1, V, C, 0);
+}
+
+static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
+    const double C = c->n_embd, V = c->vocab_size;
+    memset(l, 0, sizeof *l);
+    add(l, "embedding (+ backward)", 2, 3 * 4.0 * R * C, 0, 0);
+    ew(l, "layernorm", 2, R, C, 2, 2, 8);
+    for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, R, S, 0);
+    gemm(l, "GEMM head (C -> V, fp32 logits)", 1, R, V, C);
+    add(l, "cross_entropy (+ dlogits, fp32 [R, V])", 1, 8.0 * R * V, 5.0 * R * V, 0);
+    gemm_backward(l, "GEMM backward head", 1, R, V, C);
+    for (int layer = c->n_layer - 1; layer >= 0; layer--) layer_backward(l, c, layer, R, S);
+    ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);
+    const double params = (double)rp_config_param_count(c);
+    /* AdamW: w, g, m, v read; w, m, v and the bf16 copy written. */
+    add(l, "adamw", c->n_layer * TENSORS_PER_LAYER + GLOBAL_TENSORS,
+        30.0 * params / (c->n_layer * TENSORS_PER_LAYER + GLOBAL_TENSORS), 12.0 * params /
+        (c->n_layer * TENSORS_PER_LAYER + GLOBAL_TENSORS), 0);
+}
+
+int gpu_model_print(FILE *out) {
+    static const char *shapes[] = {"0.1b", "0.4b", "1.5b"};
+    fprintf(out,
+            "# Analytic H100 model of the CUDA backend (bench_gpu --model-only)\n\n"
+            "H100 SXM: %.2f TB/s HBM, %.0f TFLOP/s dense bf16 (tensor cores), %.0f TFLOP/s "
+            "fp32; %.0f us per launch without CUDA graphs, %.0f us with. Each launch costs "
+            "max(bytes / bandwidth, FLOPs / peak, launch). Shapes from rp_config_builtin; "
+            "the op sequence of rp_block_forward, one kernel per backend op.\n\n",
+            HBM_BYTES_PER_S / 1e12, BF16_TENSOR_FLOPS / 1e12, FP32_FLOPS / 1e12,
+            LAUNCH_S * 1e6, GRAPH_LAUNCH_S * 1e6);
+    static kernel_list l;
+    fprintf(out, "## Decode, batch 1: predicted time per token against the weight floor\n\n"
+                 "| shape | launches/token | weight MB | floor us | predicted us (no graph) | "
+                 "x floor | predicted us (graph) | x floor | bound us (no launch cost) |\n"
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for (int s = 0; s < 3; s++) {
+        rp_config c;
+        rp_error err;
+        if (rp_config_builtin(&c, shapes[s], 0, &err) != RP_OK) {
+            fprintf(stderr, "gpu_model: %s\n", err.msg);
+            return 1;
+        }
+        decode_step(&l, &c);
+        /* The floor: every weight but the embedding read once per token, bf16. */
+        const double wbytes =
+            2.0 * (double)(rp_config_param_count_non_embedding(&c) +
+                           (long long)c.vocab_size * c.n_embd);
+        const double floor = wbytes / HBM_BYTES_PER_S;
+        fprintf(out, "| %s (L%d C%d) | %.0f | %.1f | %.1f | %.1f | %.2f | %.1f | %.2f | %.1f |\n",
+                shapes[s], c.n_layer, c.n_embd, sum(&l, 0), wbytes / 1e6, floor * 1e6,
+                sum(&l, 4) * 1e6, sum(&l, 4) / floor, sum(&l, 5) * 1e6, sum(&l, 5) / floor,
+                sum(&l, 3) * 1e6);
+    }
+    fprintf(out, "\nGoal: <= 1.3x the floor.\n\n");
+    fprintf(out, "## Training, one micro-batch of %d x T=%d: predicted step and MFU\n\n"
+                 "MFU = 6 x (non-embedding parameters + head) x tokens / (time x %.0f TFLOP/s).\n\n"
+                 "| shape | launches | GB moved | GFLOP (all kernels) | predicted ms | "
+                 "GEMM ms | non-GEMM ms | tokens/s | MFU |\n"
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            TRAIN_SEQS, TRAIN_T, BF16_TENSOR_FLOPS / 1e12);
+    for (int s = 0; s < 3; s++) {
+        rp_config c;
+        rp_error err;
+        if (rp_config_builtin(&c, shapes[s], 0, &err) != RP_OK) {
+            fprintf(stderr, "gpu_model: %s\n", err.msg);
+            return 1;
+        }
+        const double R = (double)TRAIN_SEQS * TRAIN_T;
+        train_step(&l, &c, R, TRAIN_SEQS);
+        double gemm_t = 0;
+        for (int i = 0; i < l.n; i++)
+            if (!strncmp(l.k[i].name, "GEMM", 4)) gemm_t += l.k[i].t_plain;
+        const double t = sum(&l, 4);
+        const double model_flops =
+            6.0 * (double)(rp_config_param_count_non_embedding(&c) +
+                           (long long)c.vocab_size * c.n_embd) * R;
+        fprintf(out, "| %s | %.0f | %.1f | %.0f | %.1f | %.1f | %.1f | %.0f | %.1f%% |\n",
+                shapes[s], sum(&l, 0), sum(&l, 1) / 1e9, sum(&l, 2) / 1e9, t * 1e3,
+                gemm_t * 1e3, (t - gemm_t) * 1e3, R / t,
+                100.0 * model_flops / (t * BF16_TENSOR_FLOPS));
+    }
+    fprintf(out, "\nGoal: MFU >= 45%% (0.4b shape).\n\n");
+    for (int s = 0; s < 3; s++) {
+        rp_config c;
+        rp_error err;
+        if (rp_config_builtin(&c, shapes[s], 0, &err) != RP_OK) return 1;
+        decode_step(&l, &c);
+        fprintf(out, "## Decode kernels per token, %s (L%d C%d F%d V%d)\n\n", shapes[s],
+                c.n_layer, c.n_embd, c.dim_ffn, c.vocab_size);
+        print_table(out, &l, 1);
+    }
+    for (int s = 1; s < 3; s++) {
+        rp_config c;
+        rp_error err;
+        if (rp_config_builtin(&c, shapes[s], 0, &err) != RP_OK) return 1;
+        train_step(&l, &c, (double)TRAIN_SEQS * TRAIN_T, TRAIN_SEQS);
+        fprintf(out, "## Training kernels per step, %s, %d x T=%d (all layers)\n\n", shapes[s],
+                TRAIN_SEQS, TRAIN_T);
+        print_table(out, &l, 1);
+    }
+    return 0;
+}

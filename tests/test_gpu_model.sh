@@ -1,0 +1,51 @@
+#!/bin/bash
+# The analytic H100 model (bench/bench_gpu_model = bench_gpu --model-only,
+# bench/gpu_model.c) without a GPU: its numbers must follow from the shapes
+# in src/model/config.c. The weight floor is recomputed here from the
+# parameter formula, the launches per decode token from rp_block_forward's op
+# count (37 per layer, 33 in layer 0, + embedding, ln0, ln_out, head), and
+# every predicted time must be at or above its bound. Run by make check.
+
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
+set -u
+: "${top_builddir:=.}"
+prog="$top_builddir/bench/bench_gpu_model"
+[ -x "$prog" ] || { echo "FAIL: $prog not built"; exit 1; }
+command -v python3 >/dev/null || { echo "skip: no python3"; exit 77; }
+out="$("$prog")" || { echo "FAIL: bench_gpu_model exited $?"; exit 1; }
+echo "$out" | head -30
+echo "$out" | python3 -c '
+import re, sys
+text = sys.stdin.read()
+shapes = {"0.1b": (12, 768, 65536, 64, 64, 32, 128), "0.4b": (24, 1024, 65536, 64, 64, 32, 128),
+          "1.5b": (24, 2048, 65536, 96, 96, 64, 256)}
+bad = []
+for name, (L, C, V, *ranks) in shapes.items():
+    F = 4 * C
+    nonemb = L * (19 * C + 4 * C * C + 2 * C * sum(ranks) + 2 * F * C) + 4 * C
+    wbytes = 2 * (nonemb + V * C)
+    floor_us = wbytes / 3.35e12 * 1e6
+    m = re.search(r"^\| %s \(L%d C%d\) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$"
+                  % (re.escape(name), L, C), text, re.M)
+    if not m:
+        bad.append(f"no decode row for {name}"); continue
+    launches, wmb, floor, plain, xp, graph, xg, bound = m.groups()
+    if int(launches) != 37 * (L - 1) + 33 + 4:
+        bad.append(f"{name}: {launches} launches per token, expected {37 * (L - 1) + 33 + 4}")
+    if abs(float(wmb) - wbytes / 1e6) > 0.06:
+        bad.append(f"{name}: weight MB {wmb}, expected {wbytes / 1e6:.1f}")
+    if abs(float(floor) - floor_us) > 0.06:
+        bad.append(f"{name}: floor {floor} us, expected {floor_us:.1f}")
+    if not float(bound) >= float(floor) - 0.05 or not float(graph) >= float(bound) or not float(plain) >= float(graph):
+        bad.append(f"{name}: times out of order: floor {floor} bound {bound} graph {graph} plain {plain}")
+    # every launch costs at least 5 us without graphs
+    if float(plain) < 5 * int(launches) - 0.5:
+        bad.append(f"{name}: {plain} us is below 5 us x {launches} launches")
+    t = re.search(r"^\| %s \| (\d+) \|.*\| ([\d.]+)%% \|$" % re.escape(name), text, re.M)
+    if not t or not 1.0 < float(t.group(2)) < 100.0:
+        bad.append(f"{name}: no training row with an MFU in (1%%, 100%%)")
+for b in bad:
+    print("FAIL: " + b)
+sys.exit(1 if bad else 0)
+' || exit 1
+echo "PASS: the GPU model follows the shapes"
