@@ -26,7 +26,7 @@ BIN="$top_builddir/rwkvpipe"
 CLIENT=("$PYTHON3" "$top_srcdir/tests/serve_client.py")
 TINY="$RP_TEST_DATA/tiny_L2_C128_V256_s1.weights.safetensors"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_serve.XXXXXX") || exit 99
-SERVE_TEST_SECONDS=170
+SERVE_TEST_SECONDS=420
 . "$top_srcdir/tests/serve_test_lib.sh"
 
 # http FILE METHOD URL [DATA]: body to FILE, prints the status code
