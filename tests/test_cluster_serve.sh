@@ -52,7 +52,7 @@ cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
     "$C" stop
-    rm -rf "$T"
+    [ -n "${KEEP:-}" ] && echo "kept $T" || rm -rf "$T"
 }
 trap cleanup EXIT
 
@@ -112,8 +112,8 @@ check "serve --pp 2, a stage on each of 2 nodes: greedy completions = one proces
 start_cluster 2
 mkdir -p "$T/sessions"
 chmod 700 "$T/sessions"
-serve_start CL mpi_cmd 2 "$BIN" serve --model "$TINY" --pp 2 --port 0 --threads 1 \
-    --comm-timeout 20 --session-dir "$T/sessions" ||
+serve_start CL mpi_cmd 2 ${RP_MPI_EXTRA:-} "$BIN" serve --model "$TINY" --pp 2 --port 0 --threads 1 \
+    --comm-timeout 20 --max-tokens-limit 1000000000 --session-dir "$T/sessions" ||
     { cp "$T/CL.log" "$T/stderr"; fail "serve --pp 2 across 2 nodes did not start"; }
 grep -q "rank 1/2 on rpnode2 .*stage 1" "$T/CL.log" ||
     { cp "$T/CL.log" "$T/stderr"; fail "no start-up line of stage 1 on rpnode2"; }
@@ -167,31 +167,62 @@ turn "$URL_CL" s3 " a dragon" "$T/t3_cl.json" node1_curl
     fail "continuation: 2 nodes $(text_of "$T/t3_cl.json") != one process $(text_of "$T/t3_one.json")"
 ok "both ways: $(text_of "$T/t2_one.json")"
 
-check "rpnode2 SIGKILLed while a stream is open: the stream ends, /health 503 or closed, rank 0 exits non-zero within 60 s naming stage 1"
-node1_curl -N --max-time 120 "$URL_CL/v1/completions" -d '{"prompt": "stream until stopped",
-    "max_tokens": 1000000000, "ban_token_ids": [0], "temperature": 0, "stream": true}' \
-    >"$T/kill.sse" 2>&1 &
-CURL=$!
-PIDS+=("$CURL")
-for ((i = 0; i < 300; i++)); do [ "$(grep -c '^data:' "$T/kill.sse")" -ge 5 ] && break; sleep 0.1; done
-[ "$(grep -c '^data:' "$T/kill.sse")" -ge 5 ] || fail "the stream gave no 5 chunks within 30 s"
-"$C" kill 2 KILL
-t0=$(date +%s)
-ended_within 60 "$CURL" || fail "the stream is still open 60 s after the node died"
-stream_took=$took
-grep -q '\[DONE\]' "$T/kill.sse" && ! grep -q '"error"\|finish_reason": *"error"' "$T/kill.sse" &&
-    fail "the stream ended with [DONE] and no error, as if the completion had finished"
-health=$(node1_curl -o /dev/null -w '%{http_code}' --max-time 10 "$URL_CL/health")
-[ "$health" = 503 ] || [ "$health" = 000 ] || fail "/health answers $health after the stage died"
-ended_within $((60 - ($(date +%s) - t0))) "$JOB_CL" || { cp "$T/CL.log" "$T/stderr"; fail "serve still runs 60 s after the node died"; }
-wait "$JOB_CL"
-rc=$?
-[ "$rc" -ne 0 ] || { cp "$T/CL.log" "$T/stderr"; fail "the job exited 0 after the node died"; }
-grep -q "stage 1" "$T/CL.log" || { cp "$T/CL.log" "$T/stderr"; fail "no message names stage 1"; }
-ok "stream closed after ${stream_took} s ($(tail -c 200 "$T/kill.sse" | tr '\n' ' ')), /health $health, exit status $rc after $(($(date +%s) - t0)) s"
-grep -i "error" "$T/CL.log" | head -n 4 | sed 's/^/    /'
+# stream_fault NAME FAULT...: opens a stream on server NAME from rpnode1, runs
+# FAULT once 5 chunks came; the stream must end (not hang), /health answer
+# 503 or refuse, the job exit non-zero, all within 60 s. Sets stream_took,
+# health, rc, took_all.
+stream_fault() {
+    local name=$1 url_var="URL_$1" job_var="JOB_$1" t0 i
+    shift
+    local url=${!url_var} job=${!job_var}
+    node1_curl -N --max-time 120 "$url/v1/completions" -d '{"prompt": "stream until stopped",
+        "max_tokens": 1000000000, "ban_token_ids": [0], "temperature": 0, "stream": true}' \
+        >"$T/$name.sse" 2>&1 &
+    local curl=$!
+    PIDS+=("$curl")
+    for ((i = 0; i < 300; i++)); do [ "$(grep -c '^data:' "$T/$name.sse")" -ge 5 ] && break; sleep 0.1; done
+    [ "$(grep -c "^data:" "$T/$name.sse")" -ge 5 ] ||
+        fail "$name: the stream gave no 5 chunks within 30 s: $(head -c 300 "$T/$name.sse")"
+    "$@"
+    t0=$(date +%s)
+    ended_within 60 "$curl" || fail "$name: the stream is still open 60 s after the fault"
+    stream_took=$took
+    if grep -q '\[DONE\]' "$T/$name.sse" && ! grep -q '"error"' "$T/$name.sse"; then
+        fail "$name: the stream ended with [DONE] and no error, as if the completion had finished"
+    fi
+    health=$(node1_curl -o /dev/null -w '%{http_code}' --max-time 10 "$url/health")
+    [ "$health" = 503 ] || [ "$health" = 000 ] || fail "$name: /health answers $health after the fault"
+    ended_within $((60 - ($(date +%s) - t0))) "$job" ||
+        { cp "$T/$name.log" "$T/stderr"; fail "$name: serve still runs 60 s after the fault"; }
+    wait "$job"
+    rc=$?
+    took_all=$(($(date +%s) - t0))
+    [ "$rc" -ne 0 ] || { cp "$T/$name.log" "$T/stderr"; fail "$name: the job exited 0 after the fault"; }
+}
+
+check "rpnode2 SIGKILLed while a stream is open: the stream closes, /health refuses, mpirun ends every rank non-zero within 60 s naming the failure"
+stream_fault CL "$C" kill 2 KILL
+# mpirun sees rpnode2's daemon die and kills rank 0 within seconds, before
+# any engine timeout: the message is Open MPI's (which one is a race).
+grep -q "unable to reliably start one or more daemons\|lost communication with a remote daemon\|Peer host: *rpnode2\|rpnode2.*exited on signal" "$T/CL.log" ||
+    { cp "$T/CL.log" "$T/stderr"; fail "no message from Open MPI reports the lost daemon or peer"; }
+ok "stream closed after ${stream_took} s ($(tail -c 120 "$T/CL.sse" | tr '\n' ' ')), /health $health, exit status $rc after $took_all s"
+
+check "rpnode2's link down while a stream is open: the engine's watchdog (--comm-timeout 5) names stage 1, the stream gets an engine_failed error event, /health 503 or closed, every rank exits within 60 s"
+serve_start LNK mpi_cmd 2 "$BIN" serve --model "$TINY" --pp 2 --port 0 --threads 1 \
+    --comm-timeout 5 --max-tokens-limit 1000000000 --session-dir "$T/sessions" ||
+    { cp "$T/LNK.log" "$T/stderr"; fail "serve --pp 2 across 2 nodes did not start (again)"; }
+stream_fault LNK "$C" link 2 down
+"$C" link 2 up
+grep -q '"engine_failed".*stage 1\|stage 1.*"engine_failed"' "$T/LNK.sse" ||
+    fail "the stream got no engine_failed event naming stage 1: $(tail -c 300 "$T/LNK.sse")"
+grep -q "rank 0/2, stage 0\]: error: .*waited 5 s (--comm-timeout).*stage 1" "$T/LNK.log" ||
+    { cp "$T/LNK.log" "$T/stderr"; fail "rank 0 does not name stage 1 and the timeout"; }
+ok "stream ended after ${stream_took} s ($(tail -c 160 "$T/LNK.sse" | tr '\n' ' ')), /health $health, exit status $rc after $took_all s"
+grep "error" "$T/LNK.log" | head -n 3 | sed 's/^/    /'
 kill -TERM "$PID_ONE" 2>/dev/null
 wait "$JOB_ONE" 2>/dev/null
+[ -n "${RP_STOP_AFTER_STREAM:-}" ] && exit 0
 
 check "rpnode2 SIGKILLed while stage 1 writes its checkpoint shard: the previous checkpoint verifies and resumes on rpnode1"
 # Wide layers (C 1024: ~150 MB of weights and Adam moments per stage) so that
