@@ -230,6 +230,9 @@ one_host 4 "$BIN" "${TRAIN[@]}" --steps 5 --pp 2 --micro-batch 2 --metrics "$T/r
 mpi 4 "$BIN" "${TRAIN[@]}" --steps 5 --pp 2 --micro-batch 2 --metrics "$T/dp.jsonl" \
     -o "$T/dp.st" || fail "4 nodes: train --pp 2 -np 4"
 same_bits dp
+for n in 1 2 3 4; do
+    grep -q "rank $((n - 1))/4 on rpnode$n " "$T/stderr" || fail "no start-up line of rank $((n - 1)) on rpnode$n"
+done
 # and = ONE process (no pipeline, no replicas) within test_pipeline.sh's 1e-5
 "$BIN" "${TRAIN[@]}" --steps 5 --micro-batch 2 --metrics "$T/ref1_dp.jsonl" -o "$T/ref1_dp.st" \
     >"$T/stdout" 2>"$T/stderr" || fail "one process: train"
@@ -244,9 +247,6 @@ sys.exit(0 if worst <= 1e-5 else 1)
 PY
 "$PYTHON3" "$COMPARE" "$T/ref1_dp.st" "$T/dp.st" --tol 1e-5 >"$T/cmp" 2>&1 ||
     { cat "$T/cmp"; fail "4 nodes: final weights differ from one process beyond 1e-5"; }
-for n in 1 2 3 4; do
-    grep -q "rank $((n - 1))/4 on rpnode$n " "$T/stderr" || fail "no start-up line of rank $((n - 1)) on rpnode$n"
-done
 "$BIN" init --model-config L4-C64-V64 --seed 5 -o "$T/m4.st" >"$T/stdout" 2>"$T/stderr" || fail "init"
 "$BIN" logits --model "$T/m4.st" --tokens 1,2,3,4,5,6,7,8 --threads 1 -o "$T/l4_1.st" \
     >"$T/stdout" 2>"$T/stderr" || fail "one process: logits of the 4-layer model"
