@@ -223,7 +223,7 @@ grep -q "resumed from .* at step $last " "$T/stderr" || fail "the run did not re
 ok "exit status $rc after ${took} s; $(cat "$T/ck/latest") verifies and resumes on one node"
 grep -v "^step \|^checkpoint " "$T/kill.err" | tail -n 12 | sed 's/^/    /'
 
-check "4 nodes: train --pp 2 x 2 replicas and logits --pp 4 = one host / one process, bit for bit"
+check "4 nodes: train --pp 2 x 2 replicas = one host bit for bit and one process within 1e-5; logits --pp 4 = one process, bit for bit"
 start_cluster 4
 one_host 4 "$BIN" "${TRAIN[@]}" --steps 5 --pp 2 --micro-batch 2 --metrics "$T/ref_dp.jsonl" \
     -o "$T/ref_dp.st" || fail "one host: train --pp 2 -np 4"
@@ -233,6 +233,20 @@ same_bits dp
 for n in 1 2 3 4; do
     grep -q "rank $((n - 1))/4 on rpnode$n " "$T/stderr" || fail "no start-up line of rank $((n - 1)) on rpnode$n"
 done
+# and = ONE process (no pipeline, no replicas) within test_pipeline.sh's 1e-5
+"$BIN" "${TRAIN[@]}" --steps 5 --micro-batch 2 --metrics "$T/ref1_dp.jsonl" -o "$T/ref1_dp.st" \
+    >"$T/stdout" 2>"$T/stderr" || fail "one process: train"
+"$PYTHON3" - "$T/ref1_dp.jsonl" "$T/dp.jsonl" <<'PY' || fail "4 nodes: losses differ from one process"
+import json, sys
+a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
+b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
+assert len(a) == len(b) == 5, (len(a), len(b))
+worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+print("  losses vs one process: max relative difference %.2e" % worst)
+sys.exit(0 if worst <= 1e-5 else 1)
+PY
+"$PYTHON3" "$COMPARE" "$T/ref1_dp.st" "$T/dp.st" --tol 1e-5 >"$T/cmp" 2>&1 ||
+    { cat "$T/cmp"; fail "4 nodes: final weights differ from one process beyond 1e-5"; }
 "$BIN" init --model-config L4-C64-V64 --seed 5 -o "$T/m4.st" >"$T/stdout" 2>"$T/stderr" || fail "init"
 "$BIN" logits --model "$T/m4.st" --tokens 1,2,3,4,5,6,7,8 --threads 1 -o "$T/l4_1.st" \
     >"$T/stdout" 2>"$T/stderr" || fail "one process: logits of the 4-layer model"

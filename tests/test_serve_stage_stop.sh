@@ -3,7 +3,8 @@
 # saved or loaded ends the job, it does not hang it. The session state moves
 # between stages through the engine's transfers, under --comm-timeout: the
 # client gets an error reply (503 engine_failed) naming the stage, and every
-# rank exits non-zero within the timeout plus a margin. Run by `make check`
+# rank exits non-zero within the timeout plus a margin; a stream open at the
+# stop gets that error as its last event. Run by `make check`
 # (env: top_srcdir, top_builddir, MPIRUN, RP_TEST_DATA); skipped without mpirun.
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
@@ -97,5 +98,39 @@ scenario() {
 
 scenario SAVE save
 scenario LOAD load
+
+# A stream open when stage 1 stops: its last event is the engine_failed error
+# naming stage 1 (before the fix: finish_reason "cancelled" and [DONE], as if
+# the server had been stopped on request).
+serve_start STREAM "$MPIRUN" -np 2 "$BIN" serve --model "$TINY" --pp 2 --port 0 --threads 1 \
+    --comm-timeout "$TIMEOUT" --max-tokens-limit 1000000000 --session-dir "$T/sessions" || {
+    bad "STREAM: the server did not start"
+    sed 's/^/    /' "$T/STREAM.log" | tail -n 20
+}
+if [ -n "${URL_STREAM:-}" ]; then
+    curl -s -N --max-time 60 "$URL_STREAM/v1/completions" -d '{"prompt": "stream until stopped",
+        "max_tokens": 1000000000, "ban_token_ids": [0], "temperature": 0, "stream": true}' \
+        >"$T/stream.sse" 2>&1 &
+    reader=$!
+    for _ in $(seq 1 300); do [ "$(grep -c '^data:' "$T/stream.sse")" -ge 5 ] && break; sleep 0.1; done
+    stage1=
+    for p in $(pgrep -f "$BIN serve --model"); do
+        if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx 'OMPI_COMM_WORLD_RANK=1'; then
+            stage1=$p
+        fi
+    done
+    if [ -n "$stage1" ]; then
+        kill -STOP "$stage1"
+        STOPPED=$stage1
+    fi
+    wait "$reader"
+    expect "STREAM: the stream's last event is engine_failed naming stage 1 ($(tail -c 200 "$T/stream.sse" | tr '\n' ' '))" \
+        grep -q '"engine_failed".*stage 1\|stage 1.*"engine_failed"' "$T/stream.sse"
+    expect "STREAM: no finish_reason cancelled" test -z "$(grep -o '"finish_reason":"cancelled"' "$T/stream.sse")"
+    wait "$JOB_STREAM"
+    expect "STREAM: the job's exit status is non-zero" test $? -ne 0
+    [ -n "$stage1" ] && kill -CONT "$stage1" 2>/dev/null
+    STOPPED=
+fi
 
 serve_test_end

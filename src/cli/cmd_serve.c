@@ -364,6 +364,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
      * generations were cancelled; new requests still get 503 for a while so
      * that clients and load balancers learn the server is going. */
     if (st == RP_OK) rp_http_drain(http);
+    else rp_http_fail(http, err.msg);
     rp_http_stop(http);
     if (st != RP_OK) cli_fatal_error(cli, &err);
     cli_info(cli, "stopped");

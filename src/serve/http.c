@@ -1174,6 +1174,12 @@ void rp_http_drain(rp_http_server *s) {
     }
 }
 
+void rp_http_fail(rp_http_server *s, const char *message) {
+    if (!s) return;
+    snprintf(s->fail_message, sizeof s->fail_message, "%s", message ? message : "the engine failed");
+    s->engine_failed = 1;  /* read by the generations only once closing is set */
+}
+
 void rp_http_stop(rp_http_server *s) {
     if (!s) return;
     rp_http_begin_stop(s);

@@ -82,5 +82,10 @@ void rp_http_drain(rp_http_server *s);
  * cancelled and get their final bytes), closes every connection, frees.
  * Call after rp_engine_shutdown's jobs have ended (rp_engine_run returned). */
 void rp_http_stop(rp_http_server *s);
+/* The engine failed (a stage died or timed out): rp_http_stop then ends the
+ * generations still running with an error carrying MESSAGE (a stream gets
+ * an engine_failed error event, a reply 503), not as cancelled, so that a
+ * client does not take a broken reply for a finished one. Call before it. */
+void rp_http_fail(rp_http_server *s, const char *message);
 
 #endif

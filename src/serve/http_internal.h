@@ -51,6 +51,8 @@ struct rp_http_server {
     atomic_int stopping;        /* rp_http_begin_stop: new requests get 503 */
     atomic_llong stop_begin_ms; /* when (monotonic clock; 0 = not stopping) */
     atomic_int closing;         /* rp_http_stop: generations still running give up */
+    int engine_failed;          /* rp_http_fail, before closing: they give up with an error */
+    char fail_message[RP_ERROR_MSG_LEN];
     char retry_after[16];       /* the Retry-After of a 503 while stopping */
     atomic_ulong next_id;
     atomic_long responses[HTTP_N_COUNTED_CODES + 1];  /* last: any other code */
@@ -109,6 +111,7 @@ struct gen_ctx {
     int submitted;              /* the engine has the job */
     int done;
     rp_finish_reason finish;
+    int engine_failed;          /* ended by rp_http_fail: 503 engine_failed, not 500 */
     char error[RP_ERROR_MSG_LEN];
     char start[RP_ENGINE_SESSION_NAME_MAX];  /* the session it starts from, if any */
     double t_submit, t_first, t_last;

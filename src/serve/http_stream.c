@@ -222,6 +222,17 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
  * the job), and one that only closed its sending side still gets its reply. */
 static int gen_should_abort(gen_ctx *g) { return atomic_load(&g->srv->closing); }
 
+/* Gives up on the job as the server closes: cancelled when it stops on
+ * request, an error naming the failure when the engine failed (rp_http_fail). */
+static void gen_abort(gen_ctx *g) {
+    rp_job_cancel(g->job);
+    finish_job(g, RP_FINISH_CANCELLED);
+    if (!g->srv->engine_failed) return;
+    g->finish = RP_FINISH_ERROR;
+    g->engine_failed = 1;
+    snprintf(g->error, sizeof g->error, "%s", g->srv->fail_message);
+}
+
 gen_ctx *http_gen_new(rp_http_server *s, struct MHD_Connection *conn) {
     gen_ctx *g = calloc(1, sizeof *g);
     if (!g) return NULL;
@@ -298,7 +309,8 @@ static void sse_produce(gen_ctx *g) {
     }
     if (!done) return;
     if (g->finish == RP_FINISH_ERROR) {
-        sse_append(g, http_error_json(500, "generation_failed", g->error));
+        sse_append(g, g->engine_failed ? http_error_json(503, "engine_failed", g->error)
+                                       : http_error_json(500, "generation_failed", g->error));
     } else {
         json_t *last = http_chunk_json(&g->head, g->head.chat && !g->sent_role, "", 0,
                                        http_finish_name(g->finish));
@@ -328,10 +340,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
             return (ssize_t)n;
         }
         if (g->sent_done) return MHD_CONTENT_READER_END_OF_STREAM;
-        if (!g->done && gen_should_abort(g)) {
-            rp_job_cancel(g->job);
-            finish_job(g, RP_FINISH_CANCELLED);
-        }
+        if (!g->done && gen_should_abort(g)) gen_abort(g);
         sse_produce(g);
         if (g->pending_len > 0 || g->sent_done) continue;
         /* nothing to send: 0 with the connection suspended until the job's
@@ -369,6 +378,8 @@ static enum MHD_Result reply_done(gen_ctx *g, struct MHD_Connection *conn) {
     if (g->finish == RP_FINISH_ERROR && g->start[0] && g->completion_tokens == 0 &&
         !rp_engine_session_exists(s->engine, g->start))
         return http_send_error(s, conn, 404, "session_not_found", "%s", g->error);
+    if (g->finish == RP_FINISH_ERROR && g->engine_failed)
+        return http_send_error(s, conn, 503, "engine_failed", "%s", g->error);
     if (g->finish == RP_FINISH_ERROR)
         return http_send_error(s, conn, 500, "generation_failed", "%s", g->error);
     json_t *resp = http_reply_json(&g->head, g->reply ? g->reply : "", g->reply_len,
@@ -384,10 +395,7 @@ static enum MHD_Result reply_done(gen_ctx *g, struct MHD_Connection *conn) {
 enum MHD_Result http_gen_reply(gen_ctx **slot, struct MHD_Connection *conn) {
     gen_ctx *g = *slot;
     for (;;) {
-        if (!g->done && gen_should_abort(g)) {
-            rp_job_cancel(g->job);
-            finish_job(g, RP_FINISH_CANCELLED);
-        }
+        if (!g->done && gen_should_abort(g)) gen_abort(g);
         if (!g->done) gen_pump(g, 0);
         size_t len;
         const char *t = take_text(g, &len);
