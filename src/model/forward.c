@@ -115,6 +115,11 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     be->matmul_linear(be, k_out, xc, w->key, R, C, C, 0.0f);
     be->lerp(be, xc, s->xa, s->prev_att, w->x_v, R, C);
     be->matmul_linear(be, v_out, xc, w->value, R, C, C, 0.0f);
+    /* nu = sigmoid(v0 + xv v1 v2) while xc still holds xv (one lerp less). */
+    if (layer != 0) {
+        lora_forward(be, s->nu, s->nu_hidden, xc, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
+        be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
+    }
     /* w_raw = w0 + tanh(xw w1) w2; the decay exp(-e^-0.5 sigmoid(w_raw)) is
      * formed inside wkv7, in fp32, as the official kernels do. */
     be->lerp(be, xc, s->xa, s->prev_att, w->x_w, R, C);
@@ -132,9 +137,6 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     if (layer == 0) {
         be->copy(be, v_first, s->v, rc_bytes);
     } else {
-        be->lerp(be, xc, s->xa, s->prev_att, w->x_v, R, C);
-        lora_forward(be, s->nu, s->nu_hidden, xc, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
-        be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
         be->value_residual(be, s->v, v_first, s->nu, R, C);
     }
     /* kk is normalised before k is modified by k_a. */
