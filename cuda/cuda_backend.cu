@@ -94,31 +94,37 @@ struct upload_slot_extra {
 };
 static upload_slot_extra *upload_extra(rp_cuda_ctx *cx);
 
+// Replaces the buffers of `slot` by ones of at least n ints; 0 after a
+// failure (recorded). Synchronizes first: queued copies may still read them.
+static int rp_cuda_upload_grow(rp_cuda_ctx *cx, int slot, size_t n) {
+    upload_slot_extra *u = &upload_extra(cx)[slot];
+    RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
+    if (cx->upload[slot]) cudaFree(cx->upload[slot]);
+    if (u->pinned) cudaFreeHost(u->pinned);
+    free(u->last);
+    cx->upload[slot] = NULL;
+    u->pinned = u->last = NULL;
+    cx->upload_count[slot] = 0;
+    u->valid = 0;
+    size_t cap = n < 1024 ? 1024 : n + n / 2;
+    if (!RP_CUDA_OK(cx, cudaMalloc(&cx->upload[slot], cap * sizeof(int32_t))) ||
+        !RP_CUDA_OK(cx, cudaMallocHost(&u->pinned, cap * sizeof(int32_t))))
+        return 0;
+    u->last = (int32_t *)malloc(cap * sizeof(int32_t));
+    if (!u->last) {
+        rp_cuda_record(cx, cudaErrorMemoryAllocation, "upload host copy", __FILE__, __LINE__);
+        return 0;
+    }
+    cx->upload_count[slot] = cap;
+    return 1;
+}
+
 const int32_t *rp_cuda_upload(rp_cuda_ctx *cx, int slot, const int32_t *host, size_t n) {
     upload_slot_extra *u = &upload_extra(cx)[slot];
     if (n == 0) n = 1, host = NULL;  // a valid pointer even for empty arrays
     if (u->valid && host && u->last_count == n && !memcmp(u->last, host, n * sizeof(int32_t)))
         return cx->upload[slot];
-    if (cx->upload_count[slot] < n) {
-        RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
-        if (cx->upload[slot]) cudaFree(cx->upload[slot]);
-        if (u->pinned) cudaFreeHost(u->pinned);
-        free(u->last);
-        cx->upload[slot] = NULL;
-        u->pinned = u->last = NULL;
-        cx->upload_count[slot] = 0;
-        u->valid = 0;
-        size_t cap = n < 1024 ? 1024 : n + n / 2;
-        if (!RP_CUDA_OK(cx, cudaMalloc(&cx->upload[slot], cap * sizeof(int32_t))) ||
-            !RP_CUDA_OK(cx, cudaMallocHost(&u->pinned, cap * sizeof(int32_t))))
-            return NULL;
-        u->last = (int32_t *)malloc(cap * sizeof(int32_t));
-        if (!u->last) {
-            rp_cuda_record(cx, cudaErrorMemoryAllocation, "upload host copy", __FILE__, __LINE__);
-            return NULL;
-        }
-        cx->upload_count[slot] = cap;
-    }
+    if (cx->upload_count[slot] < n && !rp_cuda_upload_grow(cx, slot, n)) return NULL;
     // The previous copy out of the staging buffer must be done before we refill it.
     RP_CUDA_OK(cx, cudaEventSynchronize(u->done));
     if (host) memcpy(u->pinned, host, n * sizeof(int32_t));
@@ -331,10 +337,28 @@ static void cuda_add(rp_backend *be, float *y, const float *x, size_t n) {
     RP_CUDA_LAUNCHED(cx, "add");
 }
 
-// Nothing to prepare: kernels take their device scratch from rp_cuda_scratch,
-// which grows on demand and records a failure as the sticky error.
+// Sizes every host-array upload slot for `rows` rows and `seqs` sequences up
+// front: a slot that grew mid-step (embedding_backward's permutation of a
+// long batch) would synchronize and reallocate while a pipelined receive is
+// posted. Kernel scratch (rp_cuda_scratch) still grows on first use, so the
+// first step at a shape is the warm-up.
 static rp_status cuda_reserve(rp_backend *be, int rows, int seqs, int C, int N, rp_error *err) {
-    (void)be, (void)rows, (void)seqs, (void)C, (void)N, (void)err;
+    (void)C, (void)N;
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (rows < 1 || seqs < 1)
+        return rp_error_set(err, RP_ERR_ARG, "reserve: rows %d and seqs %d must be >= 1", rows,
+                            seqs);
+    // Row arrays (tokens, targets, permutation, segment starts: rows + 1)
+    // and per-sequence arrays (seq_len, row_begin, slot, checkpoint blocks).
+    const size_t need_rows = (size_t)rows + 1, need_seqs = (size_t)seqs;
+    for (int slot = 0; slot < RP_CUDA_UP_COUNT; slot++) {
+        const size_t n = slot >= RP_CUDA_UP_TOKENS ? need_rows : need_seqs;
+        if (cx->upload_count[slot] >= n) continue;
+        if (!rp_cuda_upload_grow(cx, slot, n)) {
+            if (err) *err = cx->error;
+            return cx->error.code != RP_OK ? cx->error.code : RP_ERR_NOMEM;
+        }
+    }
     return RP_OK;
 }
 

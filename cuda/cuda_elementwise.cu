@@ -301,6 +301,114 @@ static void cuda_lerp(rp_backend *be, float *y, const float *x, const float *pre
     RP_CUDA_LAUNCHED(cx, "lerp");
 }
 
+// ---- fused decode mix: layernorm + token shift + lerps ----
+
+// Up to RP_MIX_MAX output/mu pointers, passed by value.
+struct mix_ptrs {
+    float *mix[RP_MIX_MAX];
+    const float *mu[RP_MIX_MAX];
+};
+
+// Step mode only (every sequence one row, so row r is sequence r): one block
+// per row computes the layernorm exactly as layernorm_kernel (same moments,
+// same block size, hence the same bits), swaps the row with its slot's state
+// vector (token shift: the old state is prev, xa the new state) and forms
+// the n_mix lerps, all without leaving the block. Each thread reads a state
+// element before it overwrites it, as in token_shift_kernel.
+template <int W>
+static __global__ void ln_shift_mix_kernel(float *xa, float *prev, mix_ptrs mp, int n_mix,
+                                           const float *x, const float *weight,
+                                           const float *bias, float eps, float *state_base,
+                                           size_t state_stride, const int32_t *slot, int C) {
+    __shared__ double shared[32];
+    const size_t row = blockIdx.x;
+    const float *xr = x + row * C;
+    const size_t o = row * C;
+    float *st = state_base + (size_t)slot[row] * state_stride;
+    const int step = blockDim.x * W;
+
+    double sum = 0.0;
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float v[W];
+        load_w<W>(v, xr + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) sum += (double)v[i];
+    }
+    sum = block_sum_double(sum, shared);
+    const float m = (float)(sum / C);
+
+    double sq = 0.0;
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float v[W];
+        load_w<W>(v, xr + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            const double d = (double)(v[i] - m);
+            sq += d * d;
+        }
+    }
+    sq = block_sum_double(sq, shared);
+    const float s = (float)(1.0 / sqrt(sq / C + (double)eps));
+
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float v[W], w[W], b[W], a[W], old[W];
+        load_w<W>(v, xr + c);
+        load_w<W>(w, weight + c);
+        load_w<W>(b, bias + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) a[i] = (v[i] - m) * s * w[i] + b[i];
+        store_w<W>(xa + o + c, a);
+        load_w<W>(old, st + c);
+        store_w<W>(prev + o + c, old);
+        store_w<W>(st + c, a);
+        for (int k = 0; k < n_mix; k++) {
+            float mu[W], out[W];
+            load_w<W>(mu, mp.mu[k] + c);
+#pragma unroll
+            for (int i = 0; i < W; i++) out[i] = a[i] + (old[i] - a[i]) * mu[i];
+            store_w<W>(mp.mix[k] + o + c, out);
+        }
+    }
+}
+
+static void cuda_ln_shift_mix(rp_backend *be, float *xa, float *prev, float *const *mix,
+                              const float *const *mu, int n_mix, const float *x,
+                              const float *weight, const float *bias, float eps,
+                              float *state_base, size_t state_stride, const rp_batch *batch,
+                              int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int R = batch->n_rows;
+    if (R <= 0 || batch->n_seq <= 0 || C <= 0) return;
+    if (n_mix < 0 || n_mix > RP_MIX_MAX) {
+        rp_cuda_record(cx, cudaErrorInvalidValue, "ln_shift_mix: n_mix above RP_MIX_MAX",
+                       __FILE__, __LINE__);
+        return;
+    }
+    if (batch->n_seq != R) {  // a sequence of several rows: the three ops
+        cuda_layernorm(be, xa, NULL, NULL, x, weight, bias, R, C, eps);
+        cuda_token_shift(be, prev, xa, state_base, state_stride, batch, C);
+        for (int i = 0; i < n_mix; i++) cuda_lerp(be, mix[i], xa, prev, mu[i], R, C);
+        return;
+    }
+    rp_cuda_batch b;
+    if (!rp_cuda_upload_batch(cx, batch, &b)) return;
+    mix_ptrs mp = {};
+    bool vec = C % 4 == 0 && state_stride % 4 == 0 && aligned16(xa) && aligned16(prev) &&
+               aligned16(x) && aligned16(weight) && aligned16(bias) && aligned16(state_base);
+    for (int i = 0; i < n_mix; i++) {
+        mp.mix[i] = mix[i];
+        mp.mu[i] = mu[i];
+        vec = vec && aligned16(mix[i]) && aligned16(mu[i]);
+    }
+    if (vec)
+        ln_shift_mix_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(
+            xa, prev, mp, n_mix, x, weight, bias, eps, state_base, state_stride, b.slot, C);
+    else
+        ln_shift_mix_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(
+            xa, prev, mp, n_mix, x, weight, bias, eps, state_base, state_stride, b.slot, C);
+    RP_CUDA_LAUNCHED(cx, "ln_shift_mix");
+}
+
 // ---- bias + activation ----
 
 template <int ACT>
@@ -479,6 +587,7 @@ void rp_cuda_install_elementwise(rp_backend *be) {
     be->layernorm = cuda_layernorm;
     be->token_shift = cuda_token_shift;
     be->lerp = cuda_lerp;
+    be->ln_shift_mix = cuda_ln_shift_mix;
     be->bias_act = cuda_bias_act;
     be->value_residual = cuda_value_residual;
     be->key_prepare = cuda_key_prepare;

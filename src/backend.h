@@ -32,6 +32,9 @@ typedef enum { RP_ACT_NONE = 0, RP_ACT_TANH, RP_ACT_SIGMOID, RP_ACT_RELU_SQUARED
 
 typedef struct rp_backend rp_backend;
 
+/* Most mixes one ln_shift_mix call forms (the six of the time mix). */
+#define RP_MIX_MAX 6
+
 struct rp_backend {
     const char *name;
     void *impl;  /* backend-private context (thread count, handles, streams) */
@@ -116,6 +119,18 @@ struct rp_backend {
     void (*bonus_gate)(rp_backend *be, float *out, const float *r, const float *k,
                        const float *v, const float *r_k, const float *g, int R, int C,
                        int N);
+
+    /* Fused decode mix (optional: NULL falls back to the three ops): exactly
+     * layernorm(xa, no mean/rstd, x, weight, bias, eps), then
+     * token_shift(prev, xa, state...), then for i < n_mix (<= RP_MIX_MAX)
+     * lerp(mix[i], xa, prev, mu[i]). mix and mu are host arrays of backend
+     * pointers. The CUDA backend runs it as one kernel when every sequence has
+     * one row (step mode), else as the three ops. */
+    void (*ln_shift_mix)(rp_backend *be, float *xa, float *prev, float *const *mix,
+                         const float *const *mu, int n_mix, const float *x,
+                         const float *weight, const float *bias, float eps,
+                         float *state_base, size_t state_stride, const rp_batch *batch,
+                         int C);
 
     /* ---- recurrence ---- */
     /* WKV7 over a ragged batch. Inputs [R,C]: r, w_raw (decay pre-activation:

@@ -238,7 +238,20 @@ static void cpu_token_shift(rp_backend *be, float *prev, const float *x,
     }
 }
 
+/* The fused decode mix is the three ops in order (bit-identical results). */
+static void cpu_ln_shift_mix(rp_backend *be, float *xa, float *prev, float *const *mix,
+                             const float *const *mu, int n_mix, const float *x,
+                             const float *weight, const float *bias, float eps,
+                             float *state_base, size_t state_stride, const rp_batch *batch,
+                             int C) {
+    const int R = batch->n_rows;
+    cpu_layernorm(be, xa, NULL, NULL, x, weight, bias, R, C, eps);
+    cpu_token_shift(be, prev, xa, state_base, state_stride, batch, C);
+    for (int i = 0; i < n_mix; i++) cpu_lerp(be, mix[i], xa, prev, mu[i], R, C);
+}
+
 void cpu_elementwise_install(rp_backend *be) {
+    be->ln_shift_mix = cpu_ln_shift_mix;
     be->add = cpu_add;
     be->embedding = cpu_embedding;
     be->layernorm = cpu_layernorm;

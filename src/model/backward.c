@@ -179,6 +179,7 @@ void rp_backward_workspace_free(rp_backward_workspace *tw, rp_backend *be) {
             if (tw->layer_blocks[i]) be->free(be, tw->layer_blocks[i]);
     if (tw->scratch_base) be->free(be, tw->scratch_base);
     if (tw->own_base) be->free(be, tw->own_base);
+    if (tw->dstate_data) be->free(be, tw->dstate_data);
     free(tw->host_base);
     free(tw->layer_blocks);
     free(tw->layers);
@@ -412,10 +413,20 @@ rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_wo
     if (!dstate) {
         /* The sequences end here: d(final state) = 0, d(initial) is dropped. */
         rp_state_geometry(&local_dstate, &m->cfg, m->layer_begin, m->layer_end, state->n_slots);
-        local_dstate.data = m->be->alloc(m->be, local_dstate.floats_per_slot *
-                                                    (size_t)state->n_slots * sizeof(float));
-        if (!local_dstate.data)
-            return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the state gradient");
+        const size_t floats = local_dstate.floats_per_slot * (size_t)state->n_slots;
+        /* The workspace keeps it: a backend allocation every step would be a
+         * device malloc/free (and a synchronize) inside each CUDA step. */
+        if (tw->dstate_floats < floats) {
+            if (tw->dstate_data) m->be->free(m->be, tw->dstate_data);
+            tw->dstate_floats = 0;
+            tw->dstate_data = m->be->alloc(m->be, floats * sizeof(float));
+            if (!tw->dstate_data)
+                return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the state gradient");
+            tw->dstate_floats = floats;
+        } else {
+            m->be->fill_zero(m->be, tw->dstate_data, floats * sizeof(float));
+        }
+        local_dstate.data = tw->dstate_data;
         dstate = &local_dstate;
     }
     rp_status st = rp_backward_embed_forward(m, tw, inputs, batch, err);
@@ -432,6 +443,5 @@ rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_wo
             rp_backward_block_backward(m, grads, tw, l, dstate, batch);
         rp_backward_embed_backward(m, grads, tw, inputs, batch);
     }
-    if (local_dstate.data) m->be->free(m->be, local_dstate.data);
     return st;
 }

@@ -31,6 +31,11 @@ typedef struct {
     void *host_base;
     float *host_row_max, *host_losses;
     int32_t *host_argmax;
+    /* rp_model_train_step's d(state) when its caller passes none: kept for
+     * the next step (no backend allocation per step), grown to the largest
+     * state seen, dstate_floats floats. */
+    float *dstate_data;
+    size_t dstate_floats;
 } rp_backward_workspace;
 
 /* Room for batches of up to max_rows rows in up to max_seqs sequences. */

@@ -8,6 +8,9 @@
 
 #define RP_LN_EPS 1e-5f
 #define RP_GN_EPS 64e-5f  /* GroupNorm eps of ln_x: 1e-5 * 8^2, not 1e-5 */
+/* Rows up to which inference forms the six time-mix mixes in one
+ * ln_shift_mix (decode batches); larger calls form one at a time in xc. */
+#define RP_MIX_ROWS 64
 
 rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_rows,
                              rp_backend *be, rp_error *err) {
@@ -19,8 +22,11 @@ rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_row
     if ((size_t)cfg->d_iclr > lora) lora = cfg->d_iclr;
     if ((size_t)cfg->d_value > lora) lora = cfg->d_value;
     if ((size_t)cfg->d_gate > lora) lora = cfg->d_gate;
-    /* 20 [R,C] buffers + one LoRA hidden [R,D] + FFN hidden [R,F]. */
-    size_t floats = R * C * 20 + R * lora + R * (size_t)cfg->dim_ffn;
+    /* 20 [R,C] buffers + one LoRA hidden [R,D] + FFN hidden [R,F] + the
+     * decode mixes. */
+    const size_t mix_rows = R < RP_MIX_ROWS ? R : RP_MIX_ROWS;
+    size_t floats = R * C * 20 + R * lora + R * (size_t)cfg->dim_ffn +
+                    mix_rows * C * RP_MIX_MAX;
     ws->base = be->alloc(be, floats * sizeof(float));
     if (!ws->base)
         return rp_error_set(err, RP_ERR_NOMEM,
@@ -43,6 +49,12 @@ rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_row
     s->w_hidden = s->a_hidden = s->g_hidden = s->nu_hidden = p;
     p += R * lora;
     s->ffn_hidden = p;
+    p += R * (size_t)cfg->dim_ffn;
+    for (int i = 0; i < RP_MIX_MAX; i++) {
+        s->mix[i] = p;
+        p += mix_rows * C;
+    }
+    s->mix_rows = (int)mix_rows;
     return RP_OK;
 }
 
@@ -91,6 +103,15 @@ static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
 }
 
+/* Mix i of the time mix: formed already by ln_shift_mix (fused), or now
+ * into xc. */
+static const float *time_mix(rp_backend *be, const rp_layer_activations *s, float *xc,
+                             int fused, int i, const float *mu, int R, int C) {
+    if (fused) return s->mix[i];
+    be->lerp(be, xc, s->xa, s->prev_att, mu, R, C);
+    return xc;
+}
+
 void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, float *v_first,
                       float *xc, int layer, rp_state *state, const rp_batch *batch) {
     rp_backend *be = m->be;
@@ -101,40 +122,51 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
 
     /* ---- time mix ---- */
     if (s->x_in) be->copy(be, s->x_in, x, rc_bytes);
-    be->layernorm(be, s->xa, s->ln1_mean, s->ln1_rstd, x, w->ln1_weight, w->ln1_bias, R, C,
-                  RP_LN_EPS);
-    be->token_shift(be, s->prev_att, s->xa, rp_state_att_x_prev(state, 0, layer),
-                    state->floats_per_slot, batch, C);
+    /* Inference of few rows: ln1, the token shift and all six mixes in one op. */
+    const int fused = be->ln_shift_mix && !s->ln1_mean && !s->x_in && R <= s->mix_rows;
+    if (fused) {
+        const float *mu[RP_MIX_MAX] = {w->x_r, w->x_k, w->x_v, w->x_w, w->x_a, w->x_g};
+        be->ln_shift_mix(be, s->xa, s->prev_att, s->mix, mu, RP_MIX_MAX, x, w->ln1_weight,
+                         w->ln1_bias, RP_LN_EPS, rp_state_att_x_prev(state, 0, layer),
+                         state->floats_per_slot, batch, C);
+    } else {
+        be->layernorm(be, s->xa, s->ln1_mean, s->ln1_rstd, x, w->ln1_weight, w->ln1_bias, R,
+                      C, RP_LN_EPS);
+        be->token_shift(be, s->prev_att, s->xa, rp_state_att_x_prev(state, 0, layer),
+                        state->floats_per_slot, batch, C);
+    }
     /* Each mix x_c = xa + (prev - xa) mu_c is formed just before its consumer
-     * (one buffer; the backward recomputes them). */
+     * (one buffer; the backward recomputes them), unless fused. */
     float *k_out = s->k_pre ? s->k_pre : s->k;
     float *v_out = s->v_pre ? s->v_pre : s->v;
-    be->lerp(be, xc, s->xa, s->prev_att, w->x_r, R, C);
-    be->matmul_linear(be, s->r, xc, w->receptance, R, C, C, 0.0f);
-    be->lerp(be, xc, s->xa, s->prev_att, w->x_k, R, C);
-    be->matmul_linear(be, k_out, xc, w->key, R, C, C, 0.0f);
-    be->lerp(be, xc, s->xa, s->prev_att, w->x_v, R, C);
-    be->matmul_linear(be, v_out, xc, w->value, R, C, C, 0.0f);
+    const float *xm = time_mix(be, s, xc, fused, 0, w->x_r, R, C);
+    be->matmul_linear(be, s->r, xm, w->receptance, R, C, C, 0.0f);
+    xm = time_mix(be, s, xc, fused, 1, w->x_k, R, C);
+    be->matmul_linear(be, k_out, xm, w->key, R, C, C, 0.0f);
+    xm = time_mix(be, s, xc, fused, 2, w->x_v, R, C);
+    be->matmul_linear(be, v_out, xm, w->value, R, C, C, 0.0f);
+    /* nu = sigmoid(v0 + xv v1 v2) while xm still holds xv (one lerp less). */
+    if (layer != 0) {
+        lora_forward(be, s->nu, s->nu_hidden, xm, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
+        be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
+    }
     /* w_raw = w0 + tanh(xw w1) w2; the decay exp(-e^-0.5 sigmoid(w_raw)) is
      * formed inside wkv7, in fp32, as the official kernels do. */
-    be->lerp(be, xc, s->xa, s->prev_att, w->x_w, R, C);
-    lora_forward(be, s->w_raw, s->w_hidden, xc, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
+    xm = time_mix(be, s, xc, fused, 3, w->x_w, R, C);
+    lora_forward(be, s->w_raw, s->w_hidden, xm, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
     be->bias_act(be, s->w_raw, w->w0, R, C, RP_ACT_NONE);
     /* a = sigmoid(a0 + xa a1 a2) */
-    be->lerp(be, xc, s->xa, s->prev_att, w->x_a, R, C);
-    lora_forward(be, s->a, s->a_hidden, xc, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C);
+    xm = time_mix(be, s, xc, fused, 4, w->x_a, R, C);
+    lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C);
     be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
     /* g = sigmoid(xg g1) g2, no activation after g2 */
-    be->lerp(be, xc, s->xa, s->prev_att, w->x_g, R, C);
-    lora_forward(be, s->g, s->g_hidden, xc, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
+    xm = time_mix(be, s, xc, fused, 5, w->x_g, R, C);
+    lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
     /* Value residual: layer 0's v is v_first for every later layer. */
     if (s->v_pre) be->copy(be, s->v, s->v_pre, rc_bytes);
     if (layer == 0) {
         be->copy(be, v_first, s->v, rc_bytes);
     } else {
-        be->lerp(be, xc, s->xa, s->prev_att, w->x_v, R, C);
-        lora_forward(be, s->nu, s->nu_hidden, xc, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
-        be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
         be->value_residual(be, s->v, v_first, s->nu, R, C);
     }
     /* kk is normalised before k is modified by k_a. */
@@ -156,11 +188,18 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
 
     /* ---- channel mix ---- */
     if (s->x_mid) be->copy(be, s->x_mid, x, rc_bytes);
-    be->layernorm(be, s->xf, s->ln2_mean, s->ln2_rstd, x, w->ln2_weight, w->ln2_bias, R, C,
-                  RP_LN_EPS);
-    be->token_shift(be, s->prev_ffn, s->xf, rp_state_ffn_x_prev(state, 0, layer),
-                    state->floats_per_slot, batch, C);
-    be->lerp(be, s->kf, s->xf, s->prev_ffn, w->ffn_x_k, R, C);
+    if (be->ln_shift_mix && !s->ln2_mean && !s->x_mid) {
+        const float *mu[1] = {w->ffn_x_k};
+        be->ln_shift_mix(be, s->xf, s->prev_ffn, &s->kf, mu, 1, x, w->ln2_weight, w->ln2_bias,
+                         RP_LN_EPS, rp_state_ffn_x_prev(state, 0, layer),
+                         state->floats_per_slot, batch, C);
+    } else {
+        be->layernorm(be, s->xf, s->ln2_mean, s->ln2_rstd, x, w->ln2_weight, w->ln2_bias, R,
+                      C, RP_LN_EPS);
+        be->token_shift(be, s->prev_ffn, s->xf, rp_state_ffn_x_prev(state, 0, layer),
+                        state->floats_per_slot, batch, C);
+        be->lerp(be, s->kf, s->xf, s->prev_ffn, w->ffn_x_k, R, C);
+    }
     be->matmul_linear(be, s->ffn_hidden, s->kf, w->ffn_key, R, F, C, 0.0f);
     be->bias_act(be, s->ffn_hidden, NULL, R, F, RP_ACT_RELU_SQUARED);
     be->matmul_linear(be, x, s->ffn_hidden, w->ffn_value, R, C, F, 1.0f);

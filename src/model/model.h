@@ -98,6 +98,10 @@ typedef struct {
     float *xf, *ln2_mean, *ln2_rstd; /* ln2 output; mean/rstd: train */
     float *prev_ffn, *kf, *ffn_hidden;
     float *wkv_checkpoints;         /* train: state every RP_WKV_CHUNK tokens */
+    /* Inference: the six time-mix mixes (r k v w a g) of calls of up to
+     * mix_rows rows, formed by one ln_shift_mix; 0 rows: one xc at a time. */
+    float *mix[RP_MIX_MAX];
+    int mix_rows;
 } rp_layer_activations;
 
 /* Inference buffers for up to max_rows rows (tokens of all sequences in one

@@ -10,6 +10,7 @@
 #include <cstdarg>
 extern "C" {
 #include "cuda_device.h"
+#include "emu_counters.h"
 }
 
 dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -43,11 +44,16 @@ static bool is_device(const void *p, size_t n = 0) {
 static bool is_device_ptr(const void *p) { uintptr_t b; const alloc_info *a = find_alloc(p, &b); return a && a->device; }
 
 static cudaError_t g_last = cudaSuccess;
+// What tests/cuda_emu/emu_counters.h reports: kernel launches (cuBLAS calls
+// count as one each), stream copies/memsets, and device or pinned
+// allocations and frees.
+static unsigned long long g_count_launches, g_count_copies, g_count_allocs;
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
 
 cudaError_t cudaMalloc_(void **p, size_t n) {
     if (g_fail_malloc_after == 0) { g_fail_malloc_after = -1; *p = nullptr; return g_last = cudaErrorMemoryAllocation; }
     if (g_fail_malloc_after > 0) g_fail_malloc_after--;
+    g_count_allocs++;
 #ifdef __SANITIZE_ADDRESS__
     size_t r = n ? n : 1;  // exact size: ASan's redzone starts right after the request
 #else
@@ -63,11 +69,13 @@ cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
     auto it = g_allocs.find((uintptr_t)p);
     if (it == g_allocs.end() || !it->second.device) die("cudaFree(%p): not a device allocation", p);
+    g_count_allocs++;
     memset(p, 0xfe, it->second.bytes);
     g_allocs.erase(it); free(p); return cudaSuccess;
 }
 cudaError_t cudaMallocHost_(void **p, size_t n) {
     void *q = aligned_alloc(256, (n + 255) / 256 * 256 + 256);
+    g_count_allocs++;
     g_allocs[(uintptr_t)q] = {n, false};
     *p = q; return cudaSuccess;
 }
@@ -75,11 +83,13 @@ cudaError_t cudaFreeHost(void *p) {
     if (!p) return cudaSuccess;
     auto it = g_allocs.find((uintptr_t)p);
     if (it == g_allocs.end() || it->second.device) die("cudaFreeHost(%p): not a pinned allocation", p);
+    g_count_allocs++;
     g_allocs.erase(it); free(p); return cudaSuccess;
 }
 cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) { return cudaMemcpyAsync(d, s, n, k, 0); }
 cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t) {
     if (n == 0) return cudaSuccess;
+    g_count_copies++;
     bool dd = is_device(d, n), sd = is_device(s, n);
     bool ok = k == cudaMemcpyHostToDevice ? (dd && !is_device_ptr(s)) :
               k == cudaMemcpyDeviceToHost ? (sd && !is_device_ptr(d)) :
@@ -91,6 +101,7 @@ cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, 
 cudaError_t cudaMemset(void *d, int v, size_t n) { return cudaMemsetAsync(d, v, n, 0); }
 cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t) {
     if (n == 0) return cudaSuccess;
+    g_count_copies++;
     if (!is_device(d, n)) die("cudaMemsetAsync(%p, %zu): not inside a device allocation", d, n);
     memset(d, v, n); return cudaSuccess;
 }
@@ -224,6 +235,7 @@ void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, const
     if (it != g_max_dyn.end()) maxdyn = it->second;
     if (cfg.shmem > maxdyn) return bad("dynamic shared memory above the allowed maximum (cudaFuncSetAttribute)");
     g_launches++;
+    g_count_launches++;
     g_kernel = kernel;
     g_body = &body;
     g_nthreads = (int)nthreads;
@@ -298,6 +310,7 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
                             cudaDataType bt, int ldb, const void *beta_, void *C_, cudaDataType ct, int ldc,
                             cublasComputeType_t compute, cublasGemmAlgo_t) {
     if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+    g_count_launches++;
     if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
     if (ta == CUBLAS_OP_C || tb == CUBLAS_OP_C) return CUBLAS_STATUS_INVALID_VALUE;
     int arows = ta == CUBLAS_OP_N ? m : k, acols = ta == CUBLAS_OP_N ? k : m;
@@ -335,6 +348,12 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
             c = beta == 0.0f ? (float)(alpha * s) : (float)(alpha * s + (double)beta * c);
         }
     return CUBLAS_STATUS_SUCCESS;
+}
+
+extern "C" void rp_emu_counts(rp_emu_counters *out) {
+    out->launches = g_count_launches;
+    out->copies = g_count_copies;
+    out->allocs = g_count_allocs;
 }
 
 // ---- cuda_device.cu replacement ----

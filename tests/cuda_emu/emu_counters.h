@@ -1,0 +1,16 @@
+/* What the emulated CUDA runtime (tests/cuda_emu/emu.cpp) has done since the
+ * process started, for tests that hold the CUDA backend to a launch budget
+ * and to no allocation after warm-up: read before and after the work and
+ * subtract. Plain C, linked only into programs built over the emulator. */
+#ifndef RP_EMU_COUNTERS_H
+#define RP_EMU_COUNTERS_H
+
+typedef struct {
+    unsigned long long launches; /* kernel launches; each cuBLAS GEMM counts as one */
+    unsigned long long copies;   /* cudaMemcpy(Async) and cudaMemset(Async) calls */
+    unsigned long long allocs;   /* cudaMalloc, cudaFree, cudaMallocHost, cudaFreeHost */
+} rp_emu_counters;
+
+void rp_emu_counts(rp_emu_counters *out);
+
+#endif
