@@ -108,9 +108,17 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     const double ranks[4] = {c->d_decay, c->d_iclr, c->d_gate, c->d_value};
     const int loras = layer == 0 ? 3 : 4; /* layer 0 has no value LoRA */
     const double state = 4.0 * H * N * N;
-    ew(l, "layernorm", 2, R, C, 2, 2, 8);
-    ew(l, "token_shift", 2, R, C, 2, 0, 0);
-    ew(l, "lerp", 6 + (layer > 0) + 1, R, C, 3, 1, 3);
+    if (decode) {
+        /* ln_shift_mix: ln1 + token shift + the six time-mix lerps in one
+         * kernel, and ln2 + shift + the FFN lerp in another. */
+        ew(l, "ln_shift_mix (time mix)", 1, R, C, 2 + 1 + 6, 2 + 6, 8 + 3 * 6);
+        ew(l, "ln_shift_mix (channel mix)", 1, R, C, 2 + 1 + 1, 2 + 1, 8 + 3);
+    } else {
+        ew(l, "layernorm", 2, R, C, 2, 2, 8);
+        ew(l, "token_shift", 2, R, C, 2, 0, 0);
+        /* six time-mix lerps (the nu LoRA reuses the value mix) + the FFN one */
+        ew(l, "lerp", 6 + 1, R, C, 3, 1, 3);
+    }
     for (int i = 0; i < 4; i++) { /* r, k, v, output; FFN key and value below */
         if (decode) gemv(l, "GEMV C x C (r, k, v, output)", 1, R, C, C, i == 3);
         else gemm(l, "GEMM C x C (r, k, v, output)", 1, R, C, C);

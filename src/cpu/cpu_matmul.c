@@ -18,6 +18,14 @@
  * two AVX2 vectors) and its y block starts on a 64-byte boundary. */
 #define CPU_MATMUL_SLICE_ALIGN 16
 
+/* Below this many multiply-adds a product runs on one thread. A GEMV of
+ * 2^16 (the tiny model's FFN, ~10 us) ran slower on two threads than on one,
+ * and under contention each team fork can wait a futex wake-up for a
+ * descheduled partner (docs/perf/cpu.md, "Threads under contention"); from
+ * 2^18 (1 MiB of fp32 weights) the split pays. Decode of the 0.1B shape
+ * (768 x 768 and up) stays parallel. */
+#define CPU_MATMUL_PARALLEL_MIN_WORK ((size_t)1 << 18)
+
 /* The streaming kernel's software prefetch, for 2 or more x rows: how far
  * ahead in the W block, in floats (16 KiB), and the locality hint (2: into
  * L2). Measured, one core, W from DRAM, 8 rows: without it the W stream
@@ -234,7 +242,7 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
         return;
     }
     size_t work = (size_t)M * N * K;
-    int nt = work < RP_CPU_PARALLEL_MIN_WORK * 2 ? 1 : cpu_threads(be);
+    int nt = work < CPU_MATMUL_PARALLEL_MIN_WORK ? 1 : cpu_threads(be);
     /* Splitting N makes every thread pack all of x, splitting M all of W:
      * duplicate the smaller operand. Decode (small M) always splits N. The
      * choice depends on the shape only, and a tall product is split into
