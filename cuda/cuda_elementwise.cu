@@ -90,19 +90,14 @@ static unsigned warp_blocks(size_t groups) {
 
 // ---- layernorm ----
 
-// x [R,C] -> y [R,C], mean/rstd [R] (optional); one block per row.
-// Moments as cpu_moments: mean of the floats summed in double, then the
-// double sum of (x - mean)^2 with x - mean rounded to float first.
+// The moments of row xr [C] over the block (every thread gets them): as
+// cpu_moments, the mean of the floats summed in double, then the double sum
+// of (x - mean)^2 with x - mean rounded to float first. One copy for
+// layernorm_kernel and ln_shift_mix_kernel, so the two give the same bits.
 template <int W>
-static __global__ void layernorm_kernel(float *y, float *mean, float *rstd, const float *x,
-                                        const float *weight, const float *bias, int C,
-                                        float eps) {
-    __shared__ double shared[32];
-    const size_t row = blockIdx.x;
-    const float *xr = x + row * C;
-    float *yr = y + row * C;
+static __device__ void row_moments(const float *xr, int C, float eps, double *shared,
+                                   float *mean_out, float *rstd_out) {
     const int step = blockDim.x * W;
-
     double sum = 0.0;
     for (int c = threadIdx.x * W; c < C; c += step) {
         float v[W];
@@ -124,7 +119,25 @@ static __global__ void layernorm_kernel(float *y, float *mean, float *rstd, cons
         }
     }
     sq = block_sum_double(sq, shared);
-    const float s = (float)(1.0 / sqrt(sq / C + (double)eps));
+    *mean_out = m;
+    *rstd_out = (float)(1.0 / sqrt(sq / C + (double)eps));
+}
+
+// x [R,C] -> y [R,C], mean/rstd [R] (optional); one block per row.
+// Moments as cpu_moments: mean of the floats summed in double, then the
+// double sum of (x - mean)^2 with x - mean rounded to float first.
+template <int W>
+static __global__ void layernorm_kernel(float *y, float *mean, float *rstd, const float *x,
+                                        const float *weight, const float *bias, int C,
+                                        float eps) {
+    __shared__ double shared[32];
+    const size_t row = blockIdx.x;
+    const float *xr = x + row * C;
+    float *yr = y + row * C;
+    const int step = blockDim.x * W;
+
+    float m, s;
+    row_moments<W>(xr, C, eps, shared, &m, &s);
 
     for (int c = threadIdx.x * W; c < C; c += step) {
         float v[W], w[W], b[W], out[W];
@@ -327,28 +340,8 @@ static __global__ void ln_shift_mix_kernel(float *xa, float *prev, mix_ptrs mp, 
     float *st = state_base + (size_t)slot[row] * state_stride;
     const int step = blockDim.x * W;
 
-    double sum = 0.0;
-    for (int c = threadIdx.x * W; c < C; c += step) {
-        float v[W];
-        load_w<W>(v, xr + c);
-#pragma unroll
-        for (int i = 0; i < W; i++) sum += (double)v[i];
-    }
-    sum = block_sum_double(sum, shared);
-    const float m = (float)(sum / C);
-
-    double sq = 0.0;
-    for (int c = threadIdx.x * W; c < C; c += step) {
-        float v[W];
-        load_w<W>(v, xr + c);
-#pragma unroll
-        for (int i = 0; i < W; i++) {
-            const double d = (double)(v[i] - m);
-            sq += d * d;
-        }
-    }
-    sq = block_sum_double(sq, shared);
-    const float s = (float)(1.0 / sqrt(sq / C + (double)eps));
+    float m, s;
+    row_moments<W>(xr, C, eps, shared, &m, &s);
 
     for (int c = threadIdx.x * W; c < C; c += step) {
         float v[W], w[W], b[W], a[W], old[W];

@@ -15,37 +15,8 @@ if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
 
 : "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=$top_srcdir/build/cpu}"
-: "${PYTHON3:=python3}"
-: "${MPIRUN:=mpirun}"
-export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-export OMPI_MCA_rmaps_base_oversubscribe=1
-
-skip() {
-    echo "skip: $*"
-    exit 77
-}
-command -v "$MPIRUN" >/dev/null 2>&1 || skip "no mpirun"
-command -v curl >/dev/null 2>&1 || skip "no curl (launch/deps installs it)"
-[ "$(id -u)" -eq 0 ] || skip "not root: the cluster needs network namespaces, veth and a bridge"
-for tool in ip nsenter unshare setsid; do
-    command -v "$tool" >/dev/null 2>&1 || skip "no '$tool' command (iproute2 / util-linux)"
-done
-probe="rpprobe$$"
-if ! out="$(ip netns add "$probe" 2>&1)"; then
-    skip "this machine forbids network namespaces: ip netns add: $out"
-fi
-ip netns del "$probe"
-if ! out="$(unshare --uts --mount --propagation private true 2>&1)"; then
-    skip "this machine forbids UTS or mount namespaces: unshare: $out"
-fi
-
-BIN="$(cd "$top_builddir" && pwd)/rwkvpipe"
-[ -x "$BIN" ] || { echo "FAIL: no rwkvpipe at $BIN"; exit 1; }
-C="$top_srcdir/tests/cluster/cluster.sh"
-AGENT="$top_srcdir/tests/cluster/rsh-agent"
-COMPARE="$top_srcdir/tests/st_compare.py"
+. "$top_srcdir/tests/cluster/test_lib.sh"
+cluster_test_require curl
 TINY="$top_srcdir/tests/data/tiny_L2_C128_V256_s1.weights.safetensors"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_cluster_serve.XXXXXX") || exit 99
 chmod 755 "$T"

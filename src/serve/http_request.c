@@ -192,6 +192,17 @@ int rp_request_refused_field(json_t *o, int chat, rp_request_error *e) {
     return 0;
 }
 
+/* "model", when given, must name the served model (404 otherwise, as OpenAI). */
+static int check_model(json_t *o, const rp_request_limits *lim, rp_request_error *e) {
+    const char *model = NULL;
+    if (get_string(o, "model", &model, e)) return -1;
+    if (model && strcmp(model, lim->model_id) != 0)
+        return rp_request_fail(e, 404, "model_not_found",
+                               "model '%s' is not served here (this server has '%s')", model,
+                               lim->model_id);
+    return 0;
+}
+
 int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *lim,
                                 rp_gen_request *r, rp_request_error *e) {
     memset(r, 0, sizeof *r);
@@ -207,12 +218,7 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
         p->frequency_penalty = 0.5f;
         p->penalty_decay = 0.996f;
     }
-    const char *model = NULL;
-    if (get_string(o, "model", &model, e)) return -1;
-    if (model && strcmp(model, lim->model_id) != 0)
-        return rp_request_fail(e, 404, "model_not_found",
-                               "model '%s' is not served here (this server has '%s')", model,
-                               lim->model_id);
+    if (check_model(o, lim, e)) return -1;
     long long n = 1; /* > 1 is refused above */
     if (get_int(o, "n", 1, 1, &n, e)) return -1;
     long long max_tokens = p->max_tokens;
@@ -576,12 +582,7 @@ int rp_request_tokenize(json_t *o, const rp_request_limits *lim, int32_t **ids, 
                         rp_request_error *e) {
     *ids = NULL;
     *n_ids = 0;
-    const char *model = NULL;
-    if (get_string(o, "model", &model, e)) return -1;
-    if (model && strcmp(model, lim->model_id) != 0)
-        return rp_request_fail(e, 404, "model_not_found",
-                               "model '%s' is not served here (this server has '%s')", model,
-                               lim->model_id);
+    if (check_model(o, lim, e)) return -1;
     json_t *p = json_object_get(o, "prompt");
     if (!p || json_is_null(p))
         return rp_request_fail(e, 400, "missing_field", "'prompt' is required (a string)");

@@ -1,0 +1,44 @@
+# Sourced by the cluster tests (tests/test_cluster.sh, tests/test_cluster_serve.sh):
+# the environment they share, and the checks that end a test with exit 77
+# and the reason when this machine cannot build the namespace cluster.
+# After it: BIN, C (cluster.sh), AGENT (rsh-agent), COMPARE (st_compare.py).
+
+: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
+: "${top_builddir:=$top_srcdir/build/cpu}"
+: "${PYTHON3:=python3}"
+: "${MPIRUN:=mpirun}"
+export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1
+
+skip() {
+    echo "skip: $*"
+    exit 77
+}
+
+# cluster_test_require [COMMAND...]: skips unless mpirun, the extra commands,
+# root, network namespaces and UTS/mount namespaces are all available.
+cluster_test_require() {
+    local tool probe out
+    command -v "$MPIRUN" >/dev/null 2>&1 || skip "no mpirun"
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null 2>&1 || skip "no '$tool' command (launch/deps installs it)"
+    done
+    [ "$(id -u)" -eq 0 ] || skip "not root: the cluster needs network namespaces, veth and a bridge"
+    for tool in ip nsenter unshare setsid; do
+        command -v "$tool" >/dev/null 2>&1 || skip "no '$tool' command (iproute2 / util-linux)"
+    done
+    probe="rpprobe$$"
+    if ! out="$(ip netns add "$probe" 2>&1)"; then
+        skip "this machine forbids network namespaces: ip netns add: $out"
+    fi
+    ip netns del "$probe"
+    if ! out="$(unshare --uts --mount --propagation private true 2>&1)"; then
+        skip "this machine forbids UTS or mount namespaces: unshare: $out"
+    fi
+    BIN="$(cd "$top_builddir" && pwd)/rwkvpipe"
+    [ -x "$BIN" ] || { echo "FAIL: no rwkvpipe at $BIN"; exit 1; }
+    C="$top_srcdir/tests/cluster/cluster.sh"
+    AGENT="$top_srcdir/tests/cluster/rsh-agent"
+    COMPARE="$top_srcdir/tests/st_compare.py"
+}
