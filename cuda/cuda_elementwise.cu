@@ -1,7 +1,7 @@
 // The forward position-wise ops of the CUDA backend: layernorm, token_shift,
-// lerp, bias_act, value_residual, key_prepare, groupnorm, bonus_gate. Each is
-// the twin of its CPU version in src/cpu/cpu_backend.c (token_shift:
-// cpu_recurrence.c), same formulas in the same order; rp_cuda_install_elementwise
+// lerp, bias_act, value_residual, key_prepare, groupnorm, bonus_gate, and the
+// fused ln_shift_mix. Each is the twin of its CPU version in
+// src/cpu/cpu_elementwise.c, same formulas in the same order; rp_cuda_install_elementwise
 // puts them in the vtable. Row-wise ops run one block per row (layernorm,
 // token_shift) or one warp per head (groupnorm, key_prepare, bonus_gate).
 #include "cuda_internal.h"

@@ -2,7 +2,7 @@
 // batch; decode is the case of every seq_len 1), wkv7_forward_train (the same
 // plus a state checkpoint before every RP_WKV_CHUNK-th token) and
 // wkv7_backward (recomputes each chunk from its checkpoint, then walks it
-// backwards). Twins of src/cpu/cpu_recurrence.c and src/cpu/cpu_backward_wkv.c.
+// backwards). Twins of the ops in src/cpu/cpu_wkv7.c.
 #include "cuda_internal.h"
 
 // Layout (the official RWKV-7 kernel's, with two threads per row): one block
