@@ -125,8 +125,27 @@ for n in 1 2; do
     "$C" exec $n sysctl -q -w net.ipv4.tcp_retries2=5 || fail "sysctl tcp_retries2 in rpnode$n"
 done
 
+# nodes_idle: waits (up to 30 s) until no MPI daemon or rank of an earlier
+# job is left on nodes 1 and 2: a daemon still tearing down after a fault
+# can make the next job's start fail ("ORTE daemon failed to start").
+nodes_idle() {
+    local i n p busy
+    for ((i = 0; i < 300; i++)); do
+        busy=0
+        for n in 1 2; do
+            for p in $("$C" pids $n); do
+                case "$(cat "/proc/$p/comm" 2>/dev/null)" in orted|rwkvpipe|mpirun) busy=1 ;; esac
+            done
+        done
+        [ $busy -eq 0 ] && return 0
+        sleep 0.1
+    done
+    fail "processes of an earlier job are still on the nodes 30 s after it ended"
+}
+
 # start_job ARGS...: train in the background on the cluster; waits for step 5.
 start_job() {
+    nodes_idle
     rm -f "$T/stderr" "$T/rc"
     (mpi 2 "$BIN" "${TRAIN[@]}" --pp 2 --micro-batch 2 "$@"; echo $? >"$T/rc") &
     JOB=$!

@@ -229,7 +229,19 @@ case "${1:-}" in
           for p in $(node_pids "$i"); do kill "-${3:-KILL}" "$p" 2>/dev/null || true; done ;;
     pids) node_pids "$(node_index "${2:-}")" ;;
     link) i="$(node_index "${2:-}")"
-          case "${3:-}" in up|down) ip link set "$VETH$i" "$3" ;; *) die "link needs up or down" ;; esac ;;
+          case "${3:-}" in
+              down) ip link set "$VETH$i" down ;;
+              # Returns once the node answers again, so a job started right
+              # after finds its daemons' connections working.
+              up) ip link set "$VETH$i" up
+                  other=1; [ "$i" = 1 ] && other=2
+                  tries=0
+                  until reaches "$other" "$PREFIX$i"; do
+                      ((++tries > 20)) && die "$PREFIX$i is not reachable 10 s after its link came up"
+                      sleep 0.5
+                  done ;;
+              *) die "link needs up or down" ;;
+          esac ;;
     hostfile) [ -f "$STATE/hostfile" ] || die "no cluster"; echo "$STATE/hostfile" ;;
     subnet) [ -f "$STATE/subnet" ] || die "no cluster"; cat "$STATE/subnet" ;;
     -h|--help) usage ;;
