@@ -40,23 +40,7 @@ start_cluster() {
     fail "another cluster ran for 10 minutes (cluster.sh status)"
 }
 
-# mpi NP ARGS...: mpirun on rpnode1 over every node of the cluster, TCP only,
-# restricted to the test subnet; stdout and stderr in $T/stdout, $T/stderr.
-mpi() {
-    local np=$1 subnet
-    shift
-    subnet="$("$C" subnet)"
-    # Remote ranks get a fresh environment (as over ssh): pass what the tests set.
-    local pass=(-x OPENBLAS_CORETYPE) v
-    for v in ASAN_OPTIONS UBSAN_OPTIONS; do [ -n "${!v:-}" ] && pass+=(-x "$v"); done
-    "$C" exec 1 timeout 300 "$MPIRUN" -np "$np" --hostfile "$("$C" hostfile)" \
-        --mca plm_rsh_agent "$AGENT" --mca btl tcp,self \
-        --mca btl_tcp_if_include "$subnet" --mca oob_tcp_if_include "$subnet" \
-        --mca oob_tcp_keepalive_time 5 --mca oob_tcp_keepalive_intvl 2 \
-        --mca oob_tcp_keepalive_probes 3 "${pass[@]}" "$@" >"$T/stdout" 2>"$T/stderr"
-}
-
-# one_host NP ARGS...: the same on this machine's own network (shared memory).
+# one_host NP ARGS...: what mpi (tests/cluster/test_lib.sh) runs, on this machine's own network (shared memory).
 one_host() {
     local np=$1
     shift

@@ -49,22 +49,6 @@ start_cluster() {
     done
 }
 
-# mpi_cmd NP ARGS...: prints nothing, runs mpirun on rpnode1 over every node,
-# TCP only in the test subnet (as test_cluster.sh's mpi), output to the caller's.
-mpi_cmd() {
-    local np=$1 subnet
-    shift
-    subnet="$("$C" subnet)"
-    local pass=(-x OPENBLAS_CORETYPE) v
-    for v in ASAN_OPTIONS UBSAN_OPTIONS; do [ -n "${!v:-}" ] && pass+=(-x "$v"); done
-    "$C" exec 1 timeout 300 "$MPIRUN" -np "$np" --hostfile "$("$C" hostfile)" \
-        --mca plm_rsh_agent "$AGENT" --mca btl tcp,self \
-        --mca btl_tcp_if_include "$subnet" --mca oob_tcp_if_include "$subnet" \
-        --mca oob_tcp_keepalive_time 5 --mca oob_tcp_keepalive_intvl 2 \
-        --mca oob_tcp_keepalive_probes 3 "${pass[@]}" "$@"
-}
-mpi() { mpi_cmd "$@" >"$T/stdout" 2>"$T/stderr"; }
-
 # node1_curl ARGS...: curl from inside rpnode1, where the server listens.
 node1_curl() { "$C" exec 1 curl -s "$@"; }
 

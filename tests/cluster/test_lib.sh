@@ -1,7 +1,8 @@
 # Sourced by the cluster tests (tests/test_cluster.sh, tests/test_cluster_serve.sh):
 # the environment they share, and the checks that end a test with exit 77
 # and the reason when this machine cannot build the namespace cluster.
-# After it: BIN, C (cluster.sh), AGENT (rsh-agent), COMPARE (st_compare.py).
+# After it: BIN, C (cluster.sh), AGENT (rsh-agent), COMPARE (st_compare.py),
+# mpi_cmd and mpi.
 
 : "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
 : "${top_builddir:=$top_srcdir/build/cpu}"
@@ -42,3 +43,22 @@ cluster_test_require() {
     AGENT="$top_srcdir/tests/cluster/rsh-agent"
     COMPARE="$top_srcdir/tests/st_compare.py"
 }
+
+# mpi_cmd NP ARGS...: mpirun on rpnode1 over every node of the cluster, TCP
+# only, restricted to the test subnet; output to the caller's.
+mpi_cmd() {
+    local np=$1 subnet
+    shift
+    subnet="$("$C" subnet)"
+    # Remote ranks get a fresh environment (as over ssh): pass what the tests set.
+    local pass=(-x OPENBLAS_CORETYPE) v
+    for v in ASAN_OPTIONS UBSAN_OPTIONS; do [ -n "${!v:-}" ] && pass+=(-x "$v"); done
+    "$C" exec 1 timeout 300 "$MPIRUN" -np "$np" --hostfile "$("$C" hostfile)" \
+        --mca plm_rsh_agent "$AGENT" --mca btl tcp,self \
+        --mca btl_tcp_if_include "$subnet" --mca oob_tcp_if_include "$subnet" \
+        --mca oob_tcp_keepalive_time 5 --mca oob_tcp_keepalive_intvl 2 \
+        --mca oob_tcp_keepalive_probes 3 "${pass[@]}" "$@"
+}
+
+# mpi NP ARGS...: mpi_cmd with stdout and stderr in $T/stdout, $T/stderr.
+mpi() { mpi_cmd "$@" >"$T/stdout" 2>"$T/stderr"; }
