@@ -139,7 +139,8 @@ static int next_op(const rp_pipe_instr *list, int n, int i, rp_pipe_opcode op) {
     return -1;
 }
 
-/* Posts the receive (x and v_first) of the micro-batch a RECV instruction names. */
+/* Posts the receive (x and v_first) of the micro-batch a RECV instruction
+ * names; inside a transport group when the caller opened one. */
 static rp_status post_recv(rp_pipe_trainer *pt, const rp_pipe_instr *in, rp_error *err) {
     const size_t rc = (size_t)pt->micro_batch_size * pt->ctx_len * pt->model->cfg.n_embd;
     const int is_act = in->op == RP_OP_RECV_ACT;
@@ -156,6 +157,51 @@ static rp_status post_recv(rp_pipe_trainer *pt, const rp_pipe_instr *in, rp_erro
     if (is_act) pt->act_in_mb = in->micro_batch;
     else pt->grad_in_mb = in->micro_batch;
     return st;
+}
+
+/* The receive (x and v_first) of a RECV instruction as one transport group. */
+static rp_status post_recv_group(rp_pipe_trainer *pt, const rp_pipe_instr *in, rp_error *err) {
+    rp_transport_group_begin(pt->tp);
+    rp_status st = post_recv(pt, in, err);
+    rp_status end = rp_transport_group_end(pt->tp, st == RP_OK ? err : NULL);
+    return st != RP_OK ? st : end;
+}
+
+/* Posts the sends (x and v_first) of a SEND instruction from stash slot
+ * tw; with exchange, also the receive of the instruction after it, from
+ * the same neighbour, all in one transport group. */
+static rp_status post_send(rp_pipe_trainer *pt, const rp_pipe_instr *in,
+                           const rp_pipe_instr *exchange, rp_error *err) {
+    const size_t rc_bytes =
+        (size_t)pt->micro_batch_size * pt->ctx_len * pt->model->cfg.n_embd * sizeof(float);
+    const int is_act = in->op == RP_OP_SEND_ACT;
+    rp_backward_workspace *tw = &pt->stash[in->buffer];
+    rp_transfer *x = &pt->pending[in->buffer][is_act ? 0 : 2];
+    const int peer = pt->stage + (is_act ? 1 : -1);
+    rp_transport_group_begin(pt->tp);
+    rp_status st = rp_transport_post_send(pt->tp, is_act ? tw->x : tw->dx, rc_bytes, peer,
+                                          is_act ? RP_MSG_ACT : RP_MSG_GRAD, in->micro_batch,
+                                          &x[0], err);
+    if (st == RP_OK)
+        st = rp_transport_post_send(pt->tp, is_act ? tw->v_first : tw->dv_first, rc_bytes, peer,
+                                    is_act ? RP_MSG_ACT_VFIRST : RP_MSG_GRAD_VFIRST,
+                                    in->micro_batch, &x[1], err);
+    if (st == RP_OK && exchange) st = post_recv(pt, exchange, err);
+    rp_status end = rp_transport_group_end(pt->tp, st == RP_OK ? err : NULL);
+    return st != RP_OK ? st : end;
+}
+
+/* With grouped exchanges (NCCL), the receive a SEND at i shares a group
+ * with: the next instruction when it receives from the same neighbour
+ * (1F1B's steady state: SEND_ACT m + RECV_GRAD b with stage s+1, SEND_GRAD
+ * b + RECV_ACT m+1 with stage s-1, which the neighbour issues as its own
+ * matching pair), else none. */
+static const rp_pipe_instr *exchange_of(const rp_pipe_instr *list, int n, int i) {
+    if (i + 1 >= n) return NULL;
+    const rp_pipe_opcode next = list[i + 1].op;
+    if (list[i].op == RP_OP_SEND_ACT && next == RP_OP_RECV_GRAD) return &list[i + 1];
+    if (list[i].op == RP_OP_SEND_GRAD && next == RP_OP_RECV_ACT) return &list[i + 1];
+    return NULL;
 }
 
 /* Sends that read a stash slot's buffers must finish before something
@@ -256,6 +302,15 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
      * From the second step on nothing is freed inside a step. */
     const int nccl_warmup = pt->tp && pt->steps_done == 0 && rp_transport_nccl_active(pt->tp);
     if (nccl_warmup) rp_transport_pause_nccl(pt->tp, 1);
+    /* Over MPI a receive is posted as early as possible: the next one of its
+     * kind as soon as the previous is in, so it lands while we compute. Over
+     * NCCL a receive blocks its link's stream until matched, and NCCL does
+     * not promise to progress two links at once: a receive posted early on
+     * one link ahead of a send its neighbour waits for hangs both stages
+     * (tests/test_nccl_mock.sh shows it). There each exchange of the
+     * schedule is one group instead, posted where the schedule reaches it. */
+    const int grouped = pt->tp && rp_transport_nccl_active(pt->tp);
+    pt->act_in_mb = pt->grad_in_mb = -1;
     /* Zeroing the gradients is compute of the step. A stage that gets
      * gradients from the next one first accumulates into them in its first
      * BWD, after a receive it usually waits for: it zeroes there, off the
@@ -265,9 +320,11 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     if (!zero_pending) zero_grads(pt);
     /* The first receive of each kind is posted before any compute. */
     int j;
-    if ((j = next_op(list, n, -1, RP_OP_RECV_ACT)) >= 0 && (st = post_recv(pt, &list[j], err)))
+    if (!grouped && (j = next_op(list, n, -1, RP_OP_RECV_ACT)) >= 0 &&
+        (st = post_recv(pt, &list[j], err)))
         return st;
-    if ((j = next_op(list, n, -1, RP_OP_RECV_GRAD)) >= 0 && (st = post_recv(pt, &list[j], err)))
+    if (!grouped && (j = next_op(list, n, -1, RP_OP_RECV_GRAD)) >= 0 &&
+        (st = post_recv(pt, &list[j], err)))
         return st;
 
     pt->trace_len = 0;
@@ -287,9 +344,12 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 zero_pending = 0;
             }
             if ((is_act ? pt->act_in_mb : pt->grad_in_mb) != mb) {
-                st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: receive of micro-batch %d "
-                                  "was not posted", pt->stage, mb);
-                break;
+                if (!grouped) {
+                    st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: receive of micro-batch "
+                                      "%d was not posted", pt->stage, mb);
+                    break;
+                }
+                if ((st = post_recv_group(pt, in, err)) != RP_OK) break;
             }
             if ((st = rp_transport_wait(pt->tp, &x[0], err)) != RP_OK ||
                 (st = rp_transport_wait(pt->tp, &x[1], err)) != RP_OK ||
@@ -299,8 +359,11 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             const float *buf = is_act ? pt->recv_act : pt->recv_grad;
             be->copy(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
             be->copy(be, is_act ? tw->v_first : tw->dv_first, buf + rc, rc_bytes);
+            if (is_act) pt->act_in_mb = -1;
+            else pt->grad_in_mb = -1;
             /* Overlap: the next micro-batch's receive is in flight while we compute. */
-            if ((j = next_op(list, n, i, in->op)) >= 0) st = post_recv(pt, &list[j], err);
+            if (!grouped && (j = next_op(list, n, i, in->op)) >= 0)
+                st = post_recv(pt, &list[j], err);
             break;
         }
         case RP_OP_FWD: {
@@ -332,11 +395,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             break;
         }
         case RP_OP_SEND_ACT:
-            if ((st = rp_transport_post_send(pt->tp, tw->x, rc_bytes, pt->stage + 1, RP_MSG_ACT,
-                                             mb, &pt->pending[in->buffer][0], err)) == RP_OK)
-                st = rp_transport_post_send(pt->tp, tw->v_first, rc_bytes, pt->stage + 1,
-                                            RP_MSG_ACT_VFIRST, mb, &pt->pending[in->buffer][1],
-                                            err);
+        case RP_OP_SEND_GRAD:
+            st = post_send(pt, in, grouped ? exchange_of(list, n, i) : NULL, err);
             break;
         case RP_OP_BWD: {
             if ((st = wait_pending(pt, in->buffer, PENDING_ALL, err)) != RP_OK) break;
@@ -353,13 +413,6 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 rp_error_prefix(err, "stage %d: backward of micro-batch %d", pt->stage, mb);
             break;
         }
-        case RP_OP_SEND_GRAD:
-            if ((st = rp_transport_post_send(pt->tp, tw->dx, rc_bytes, pt->stage - 1, RP_MSG_GRAD,
-                                             mb, &pt->pending[in->buffer][2], err)) == RP_OK)
-                st = rp_transport_post_send(pt->tp, tw->dv_first, rc_bytes, pt->stage - 1,
-                                            RP_MSG_GRAD_VFIRST, mb, &pt->pending[in->buffer][3],
-                                            err);
-            break;
         case RP_OP_REDUCE_GRADS:
             for (int b = 0; b < pt->n_stash && st == RP_OK; b++)
                 st = wait_pending(pt, b, PENDING_ALL, err);

@@ -77,6 +77,24 @@ void rp_transport_pause_nccl(rp_transport *t, int paused) { t->nccl_paused = pau
 
 int rp_transport_nccl_active(const rp_transport *t) { return t->nccl && !t->nccl_paused; }
 
+void rp_transport_group_begin(rp_transport *t) {
+#ifdef RP_HAVE_NCCL
+    if (t->nccl) rp_nccl_group_begin(t);
+#else
+    (void)t;
+#endif
+}
+
+rp_status rp_transport_group_end(rp_transport *t, rp_error *err) {
+#ifdef RP_HAVE_NCCL
+    if (t->nccl) return rp_nccl_group_end(t, err);
+#else
+    (void)t;
+    (void)err;
+#endif
+    return RP_OK;
+}
+
 /* ---- host staging of device buffers ---- */
 
 /* A free staging buffer of at least bytes: the smallest free one that is

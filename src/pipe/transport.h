@@ -97,12 +97,15 @@ void rp_transport_use_backend(rp_transport *t, rp_backend *be);
 /* NCCL links to the neighbouring stages (collective over t's communicator;
  * rank i of the communicator is stage i). Activations (RP_MSG_ACT*) sent to
  * rank + 1 and gradients (RP_MSG_GRAD*) sent to rank - 1 then go GPU to GPU,
- * each direction of each link on its own two-rank communicator and CUDA
- * stream, so that a receive posted early on one never holds up a transfer on
- * another; every other transfer stays on MPI. NCCL has no tags: both ends
- * must issue the messages of one link direction in the same order (the
- * executor does: schedule order; each message carries a header with its
- * kind, micro-batch, size and sequence number that the receiver checks).
+ * one two-rank communicator and CUDA stream per neighbour carrying both
+ * directions; every other transfer stays on MPI. NCCL has no tags: both ends
+ * must issue the messages of one direction of a link in the same order (each
+ * message carries a header with its kind, micro-batch, size and sequence
+ * number that the receiver checks). NCCL runs a link's transfers in the
+ * order they were issued and does not promise to progress two links at once,
+ * so a receive issued on its own ahead of a send its peer is waiting for can
+ * hang both: issue what is exchanged with a neighbour at one point of the
+ * schedule as one group (rp_transport_group_begin/end), as the executor does.
  * Also calls rp_transport_use_backend(t, be). RP_ERR_ARG in builds without
  * NCCL. Decide with rp_nccl_usable first: NCCL cannot put two ranks of one
  * communicator on the same GPU. */
@@ -149,6 +152,14 @@ rp_status rp_transport_post_send(rp_transport *t, const void *buf, size_t bytes,
 rp_status rp_transport_post_recv(rp_transport *t, void *buf, size_t bytes, int peer,
                                  rp_msg_kind kind, int micro_batch, rp_transfer *x,
                                  rp_error *err);
+/* Transfers posted between begin and end are issued together at the end:
+ * over NCCL, those on each link in one ncclGroupStart/End, so they progress
+ * together (a send and a receive with one neighbour cannot wait for each
+ * other). No effect on MPI transfers. A transfer may be waited for only
+ * after its group's end; groups do not nest. */
+void rp_transport_group_begin(rp_transport *t);
+rp_status rp_transport_group_end(rp_transport *t, rp_error *err);
+
 /* Completes x (no-op when x is not active); a receive also checks the size. */
 rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err);
 

@@ -1,8 +1,10 @@
-/* NCCL for device buffers (transport.h), compiled only in builds with NCCL:
- * the stage transport's links (for each direction of each neighbour link a
- * two-rank non-blocking NCCL communicator, a CUDA stream and a ring of
- * header/event slots) and rp_nccl_group, a communicator over all ranks of an
- * MPI communicator for collectives (the data-parallel gradient all-reduce).
+/* NCCL for device buffers (transport.h), compiled only in builds with NCCL
+ * (and, in CPU builds, against the mock NCCL of tests/nccl_mock): the stage
+ * transport's links (per neighbour one two-rank non-blocking NCCL
+ * communicator, a CUDA stream and a ring of header/event slots, carrying
+ * both directions; transfers posted in one rp_transport_group_begin/end go
+ * out in one ncclGroupStart/End) and rp_nccl_group, a communicator over all
+ * ranks of an MPI communicator for collectives (the gradient all-reduce).
  *
  * Order with compute (the backend's stream): a post first runs
  * be->synchronize, so a send reads finished data and a receive overwrites
@@ -120,13 +122,13 @@ static double close_timeout(double timeout_s) { return timeout_s > 0 ? timeout_s
 
 /* ---- the stage transport's links ---- */
 
-/* Transfers in flight at once on one link direction (the executor has at
- * most two per stash slot). */
+/* Transfers in flight at once on one link, both directions together (the
+ * executor has at most four per stash slot). */
 #define LINK_SLOTS 64
 
 /* Sent ahead of every message: NCCL has no tags, so the receiver checks that
  * the message is the one it expects (kind, micro-batch, size, and the
- * sequence number on the link). */
+ * sequence number of its direction on the link). */
 typedef struct {
     int32_t kind, micro_batch;
     uint32_t seq, reserved;
@@ -140,31 +142,48 @@ typedef struct {
     ncclUniqueId id;
 } nccl_id_message;
 
+/* A transfer posted inside rp_transport_group_begin/end, issued at the end. */
+typedef struct {
+    void *buf;
+    int slot;
+    int is_recv;
+    rp_msg_kind kind;
+    int micro_batch;
+    size_t bytes;
+} link_op;
+
 typedef struct {
     int present;
     int peer;                   /* the other end's rank in t->comm */
     int nccl_peer;              /* ... in the two-rank communicator */
-    int sends;                  /* this rank sends on the link (else receives) */
     ncclComm_t comm;
     cudaStream_t stream;
     link_header *host_header;   /* pinned [LINK_SLOTS]: the copies stay asynchronous */
     link_header *dev_header;    /* device [LINK_SLOTS] */
     cudaEvent_t done[LINK_SLOTS];
     uint32_t slot_seq[LINK_SLOTS];
-    unsigned char busy[LINK_SLOTS];
-    uint32_t seq;               /* messages issued on the link so far */
+    unsigned char busy[LINK_SLOTS];    /* posted, not yet waited for */
+    unsigned char issued[LINK_SLOTS];  /* handed to NCCL (its event is recorded) */
+    uint32_t seq[2];            /* messages sent [0] and received [1] on the link so far */
+    uint32_t next_slot;
+    link_op queued[LINK_SLOTS]; /* posted in the open group, not yet issued */
+    int n_queued;
     int broken;                 /* aborted or failed: no more transfers */
-    char name[64];              /* "activations to stage 2" */
+    char name[64];              /* "with stage 2" */
 } nccl_link;
 
-/* Per neighbour, one direction per message family, so that a receive posted
- * early (the next micro-batch's activations) never holds up a transfer the
- * other way (this micro-batch's gradients): an NCCL receive blocks its
- * stream until matched. */
-enum { LINK_ACT_IN, LINK_GRAD_OUT, LINK_ACT_OUT, LINK_GRAD_IN, LINK_COUNT };
+/* One link per neighbour, one two-rank communicator and one CUDA stream each,
+ * carrying both directions (activations one way, gradients the other). NCCL
+ * runs the operations of one stream in order and does not promise to
+ * progress two communicators at once, so the executor issues what it sends
+ * and receives with a neighbour at one point of its schedule as one group
+ * (Megatron's batched send/receive): both ends' groups then match, and no
+ * receive posted early waits in front of a send its peer needs first. */
+enum { LINK_PREV, LINK_NEXT, LINK_COUNT };
 
 struct rp_nccl_links {
     rp_backend *be;
+    int grouping;               /* inside rp_transport_group_begin/end */
     nccl_link link[LINK_COUNT];
 };
 
@@ -173,23 +192,26 @@ static int is_grad_kind(rp_msg_kind k) { return k == RP_MSG_GRAD || k == RP_MSG_
 
 int rp_nccl_link_of(const rp_transport *t, rp_msg_kind kind, int peer, int is_recv) {
     int k = -1;
-    if (is_act_kind(kind)) k = is_recv ? (peer == t->rank - 1 ? LINK_ACT_IN : -1)
-                                       : (peer == t->rank + 1 ? LINK_ACT_OUT : -1);
-    else if (is_grad_kind(kind)) k = is_recv ? (peer == t->rank + 1 ? LINK_GRAD_IN : -1)
-                                             : (peer == t->rank - 1 ? LINK_GRAD_OUT : -1);
+    /* Activations come from the previous stage and go to the next one;
+     * gradients the other way. */
+    if (is_act_kind(kind)) k = is_recv ? (peer == t->rank - 1 ? LINK_PREV : -1)
+                                       : (peer == t->rank + 1 ? LINK_NEXT : -1);
+    else if (is_grad_kind(kind)) k = is_recv ? (peer == t->rank + 1 ? LINK_NEXT : -1)
+                                             : (peer == t->rank - 1 ? LINK_PREV : -1);
     return k >= 0 && t->nccl->link[k].present ? k : -1;
 }
 
 static void link_break(nccl_link *l) {
     if (l->broken) return;
     l->broken = 1;
+    l->n_queued = 0;
     if (l->comm) ncclCommAbort(l->comm);
     l->comm = NULL;
 }
 
 static rp_status link_nccl_failed(rp_transport *t, nccl_link *l, ncclResult_t r, const char *call,
                                   rp_error *err) {
-    const char *detail = ncclGetLastError(l->comm);
+    const char *detail = l->comm ? ncclGetLastError(l->comm) : NULL;
     rp_status st = rp_error_set(err, RP_ERR_MPI, "%s: NCCL link (%s): %s failed: %s%s%s",
                                 t->what, l->name, call, ncclGetErrorString(r),
                                 detail && *detail ? ": " : "", detail ? detail : "");
@@ -204,6 +226,70 @@ static rp_status link_cuda_failed(rp_transport *t, nccl_link *l, cudaError_t rc,
                         call, cudaGetErrorString(rc));
 }
 
+/* Hands the link's queued transfers to NCCL: the send headers to the device,
+ * then every header and payload in one ncclGroupStart/End (one kernel,
+ * matched in order per direction), then the receive headers back and one
+ * event per transfer. */
+static rp_status link_issue(rp_transport *t, nccl_link *l, rp_error *err) {
+    const int n = l->n_queued;
+    if (n == 0) return RP_OK;
+    l->n_queued = 0;
+    cudaError_t ce;
+    for (int i = 0; i < n; i++) {
+        const link_op *o = &l->queued[i];
+        if (!o->is_recv &&
+            (ce = cudaMemcpyAsync(&l->dev_header[o->slot], &l->host_header[o->slot],
+                                  sizeof(link_header), cudaMemcpyHostToDevice, l->stream)) !=
+                cudaSuccess)
+            return link_cuda_failed(t, l, ce, "cudaMemcpyAsync (header)", err);
+    }
+    ncclResult_t r = ncclGroupStart();
+    for (int i = 0; i < n && r == ncclSuccess; i++) {
+        const link_op *o = &l->queued[i];
+        void *h = &l->dev_header[o->slot];
+        r = o->is_recv ? ncclRecv(h, sizeof(link_header), ncclUint8, l->nccl_peer, l->comm,
+                                  l->stream)
+                       : ncclSend(h, sizeof(link_header), ncclUint8, l->nccl_peer, l->comm,
+                                  l->stream);
+        if (r == ncclSuccess && o->bytes > 0)
+            r = o->is_recv ? ncclRecv(o->buf, o->bytes, ncclUint8, l->nccl_peer, l->comm,
+                                      l->stream)
+                           : ncclSend(o->buf, o->bytes, ncclUint8, l->nccl_peer, l->comm,
+                                      l->stream);
+    }
+    ncclResult_t end = ncclGroupEnd();
+    if (r == ncclSuccess || r == ncclInProgress) r = end;
+    int timed_out;
+    r = nccl_settle(l->comm, r, t->timeout_s, &timed_out);
+    const link_op *o = &l->queued[0];
+    if (timed_out) {
+        link_break(l);
+        return rp_error_set(err, RP_ERR_MPI, "%s: NCCL took over %.0f s (--comm-timeout) to issue "
+                            "the %s of the %s of micro-batch %d %s stage %d (%d transfers in the "
+                            "group)", t->what, t->timeout_s, o->is_recv ? "receive" : "send",
+                            rp_msg_kind_name(o->kind), o->micro_batch,
+                            o->is_recv ? "from" : "to", l->peer, n);
+    }
+    if (r != ncclSuccess)
+        return link_nccl_failed(t, l, r, n > 1 ? "a grouped ncclSend/ncclRecv"
+                                               : o->is_recv ? "ncclRecv" : "ncclSend", err);
+    for (int i = 0; i < n; i++) {
+        o = &l->queued[i];
+        if (o->is_recv &&
+            (ce = cudaMemcpyAsync(&l->host_header[o->slot], &l->dev_header[o->slot],
+                                  sizeof(link_header), cudaMemcpyDeviceToHost, l->stream)) !=
+                cudaSuccess)
+            return link_cuda_failed(t, l, ce, "cudaMemcpyAsync (header)", err);
+    }
+    for (int i = 0; i < n; i++) {
+        o = &l->queued[i];
+        if ((ce = cudaEventRecord(l->done[o->slot], l->stream)) != cudaSuccess)
+            return link_cuda_failed(t, l, ce, "cudaEventRecord", err);
+        l->issued[o->slot] = 1;
+    }
+    return RP_OK;
+}
+
 rp_status rp_nccl_post(rp_transport *t, void *buf, rp_transfer *x, rp_error *err) {
     nccl_link *l = &t->nccl->link[x->link];
     rp_backend *be = t->nccl->be;
@@ -216,7 +302,7 @@ rp_status rp_nccl_post(rp_transport *t, void *buf, rp_transfer *x, rp_error *err
     }
     int slot = -1;
     for (int i = 0; i < LINK_SLOTS && slot < 0; i++) {
-        const int k = (int)((l->seq + (uint32_t)i) % LINK_SLOTS);
+        const int k = (int)((l->next_slot + (uint32_t)i) % LINK_SLOTS);
         if (!l->busy[k]) slot = k;
     }
     if (slot < 0) {
@@ -235,58 +321,40 @@ rp_status rp_nccl_post(rp_transport *t, void *buf, rp_transfer *x, rp_error *err
                                    rp_msg_kind_name(x->kind), x->micro_batch);
         }
     }
-    link_header *h = &l->host_header[slot];
-    const uint32_t seq = l->seq;
-    cudaError_t ce;
-    if (l->sends) {
-        *h = (link_header){.kind = (int32_t)x->kind, .micro_batch = x->micro_batch, .seq = seq,
-                           .bytes = (uint64_t)x->bytes};
-        if ((ce = cudaMemcpyAsync(&l->dev_header[slot], h, sizeof *h, cudaMemcpyHostToDevice,
-                                  l->stream)) != cudaSuccess) {
-            x->active = 0;
-            return link_cuda_failed(t, l, ce, "cudaMemcpyAsync (header)", err);
-        }
-    }
-    /* Header and payload in one group: one kernel, matched in order. */
-    ncclResult_t r = ncclGroupStart();
-    if (r == ncclSuccess)
-        r = l->sends ? ncclSend(&l->dev_header[slot], sizeof *h, ncclUint8, l->nccl_peer, l->comm,
-                                l->stream)
-                     : ncclRecv(&l->dev_header[slot], sizeof *h, ncclUint8, l->nccl_peer, l->comm,
-                                l->stream);
-    if (r == ncclSuccess && x->bytes > 0)
-        r = l->sends ? ncclSend(buf, x->bytes, ncclUint8, l->nccl_peer, l->comm, l->stream)
-                     : ncclRecv(buf, x->bytes, ncclUint8, l->nccl_peer, l->comm, l->stream);
-    ncclResult_t end = ncclGroupEnd();
-    if (r == ncclSuccess || r == ncclInProgress) r = end;
-    int timed_out;
-    r = nccl_settle(l->comm, r, t->timeout_s, &timed_out);
-    if (timed_out) {
-        x->active = 0;
-        link_break(l);
-        return rp_error_set(err, RP_ERR_MPI, "%s: NCCL took over %.0f s (--comm-timeout) to issue "
-                            "the %s of micro-batch %d %s stage %d", t->what, t->timeout_s,
-                            rp_msg_kind_name(x->kind), x->micro_batch,
-                            x->is_recv ? "from" : "to", x->peer);
-    }
-    if (r != ncclSuccess) {
-        x->active = 0;
-        return link_nccl_failed(t, l, r, x->is_recv ? "ncclRecv" : "ncclSend", err);
-    }
-    if (!l->sends && (ce = cudaMemcpyAsync(h, &l->dev_header[slot], sizeof *h,
-                                           cudaMemcpyDeviceToHost, l->stream)) != cudaSuccess) {
-        x->active = 0;
-        return link_cuda_failed(t, l, ce, "cudaMemcpyAsync (header)", err);
-    }
-    if ((ce = cudaEventRecord(l->done[slot], l->stream)) != cudaSuccess) {
-        x->active = 0;
-        return link_cuda_failed(t, l, ce, "cudaEventRecord", err);
-    }
+    const uint32_t seq = l->seq[x->is_recv ? 1 : 0]++;
+    if (!x->is_recv)
+        l->host_header[slot] = (link_header){.kind = (int32_t)x->kind,
+                                             .micro_batch = x->micro_batch, .seq = seq,
+                                             .bytes = (uint64_t)x->bytes};
     l->busy[slot] = 1;
+    l->issued[slot] = 0;
     l->slot_seq[slot] = seq;
-    l->seq++;
+    l->next_slot = (uint32_t)slot + 1;
+    l->queued[l->n_queued++] = (link_op){.buf = buf, .slot = slot, .is_recv = x->is_recv,
+                                         .kind = x->kind, .micro_batch = x->micro_batch,
+                                         .bytes = x->bytes};
     x->slot = slot;
-    return RP_OK;
+    if (t->nccl->grouping) return RP_OK;
+    rp_status st = link_issue(t, l, err);
+    if (st != RP_OK) x->active = 0;
+    return st;
+}
+
+void rp_nccl_group_begin(rp_transport *t) { t->nccl->grouping = 1; }
+
+rp_status rp_nccl_group_end(rp_transport *t, rp_error *err) {
+    t->nccl->grouping = 0;
+    rp_status first = RP_OK;
+    /* Link by link: each link's transfers are one NCCL group on its own
+     * communicator, so no kernel waits on two communicators at once. */
+    for (int k = 0; k < LINK_COUNT; k++) {
+        nccl_link *l = &t->nccl->link[k];
+        if (!l->present || l->n_queued == 0) continue;
+        rp_error e2;
+        rp_status st = link_issue(t, l, first == RP_OK ? err : &e2);
+        if (first == RP_OK) first = st;
+    }
+    return first;
 }
 
 rp_status rp_nccl_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
@@ -296,6 +364,13 @@ rp_status rp_nccl_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
         return rp_error_set(err, RP_ERR_MPI, "%s: the NCCL link (%s) failed earlier; the %s of "
                             "micro-batch %d is lost", t->what, l->name,
                             rp_msg_kind_name(x->kind), x->micro_batch);
+    if (!l->issued[x->slot]) {
+        link_break(l);
+        return rp_error_set(err, RP_ERR_INTERNAL, "%s: waited for the %s of the %s of "
+                            "micro-batch %d %s stage %d before its group was issued "
+                            "(rp_transport_group_end)", t->what, verb, rp_msg_kind_name(x->kind),
+                            x->micro_batch, dir, x->peer);
+    }
     double waited = 0;
     ncclResult_t nccl_rc = ncclSuccess;
     cudaError_t cuda_rc = cudaSuccess;
@@ -319,6 +394,7 @@ rp_status rp_nccl_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
         return link_cuda_failed(t, l, cuda_rc, "cudaEventQuery", err);
     }
     l->busy[x->slot] = 0;
+    l->issued[x->slot] = 0;
     if (x->is_recv) {
         const link_header *h = &l->host_header[x->slot];
         if (h->kind != (int32_t)x->kind || h->micro_batch != x->micro_batch ||
@@ -338,20 +414,18 @@ rp_status rp_nccl_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
     return RP_OK;
 }
 
-/* Sets up one link direction with peer (the rank below makes the unique id
- * and sends it over MPI), then sends one empty message over it: NCCL
- * connects peers lazily on their first transfer, and connecting allocates
- * device memory, which must not happen while another link's kernel waits. */
-static rp_status link_open(rp_transport *t, int index, int peer, int sends, rp_error *err) {
+/* Sets up the link with a neighbour (the rank below makes the unique id and
+ * sends it over MPI), then exchanges one empty message each way in one
+ * group: NCCL connects peers lazily on their first transfer, and connecting
+ * allocates device memory, which must not happen while another link's
+ * kernel waits. */
+static rp_status link_open(rp_transport *t, int index, int peer, rp_error *err) {
     nccl_link *l = &t->nccl->link[index];
     const int lower = t->rank < peer;
-    const int is_act = index == LINK_ACT_IN || index == LINK_ACT_OUT;
     l->peer = peer;
-    l->sends = sends;
     l->nccl_peer = lower ? 1 : 0;
-    snprintf(l->name, sizeof l->name, "%s %s stage %d", is_act ? "activations" : "gradients",
-             sends ? "to" : "from", peer);
-    /* Tags 1 and 2 lie below every message tag (kind >= 1 times the span). */
+    snprintf(l->name, sizeof l->name, "with stage %d", peer);
+    /* Tag 1 lies below every message tag (kind >= 1 times the span). */
     nccl_id_message msg;
     memset(&msg, 0, sizeof msg);
     ncclResult_t r = ncclSuccess;
@@ -359,9 +433,9 @@ static rp_status link_open(rp_transport *t, int index, int peer, int sends, rp_e
     if (lower) {
         r = ncclGetUniqueId(&msg.id);
         msg.ok = r == ncclSuccess;
-        MPI_Isend(&msg, (int)sizeof msg, MPI_BYTE, peer, is_act ? 1 : 2, t->comm, &req);
+        MPI_Isend(&msg, (int)sizeof msg, MPI_BYTE, peer, 1, t->comm, &req);
     } else {
-        MPI_Irecv(&msg, (int)sizeof msg, MPI_BYTE, peer, is_act ? 1 : 2, t->comm, &req);
+        MPI_Irecv(&msg, (int)sizeof msg, MPI_BYTE, peer, 1, t->comm, &req);
     }
     char what[128];
     snprintf(what, sizeof what, "the NCCL id of the link (%s)", l->name);
@@ -394,11 +468,17 @@ static rp_status link_open(rp_transport *t, int index, int peer, int sends, rp_e
         ce = cudaEventCreateWithFlags(&l->done[i], cudaEventDisableTiming);
     if (ce != cudaSuccess)
         return link_cuda_failed(t, l, ce, "allocating the link's stream and headers", err);
-    rp_transfer x = {.active = 1, .is_recv = !sends, .peer = peer, .kind = RP_MSG_CONTROL,
-                     .micro_batch = 0, .bytes = 0, .staging = -1, .link = index};
-    if ((st = rp_nccl_post(t, NULL, &x, err)) != RP_OK) return st;
-    x.active = 0;
-    return rp_nccl_wait(t, &x, err);
+    rp_transfer x[2];
+    for (int i = 0; i < 2; i++)
+        x[i] = (rp_transfer){.active = 1, .is_recv = i, .peer = peer, .kind = RP_MSG_CONTROL,
+                             .micro_batch = 0, .bytes = 0, .staging = -1, .link = index};
+    rp_nccl_group_begin(t);
+    st = rp_nccl_post(t, NULL, &x[0], err);
+    if (st == RP_OK) st = rp_nccl_post(t, NULL, &x[1], err);
+    rp_status end = rp_nccl_group_end(t, st == RP_OK ? err : NULL);
+    if (st == RP_OK) st = end;
+    for (int i = 0; i < 2 && st == RP_OK; i++) st = rp_nccl_wait(t, &x[i], err);
+    return st;
 }
 
 rp_status rp_transport_enable_nccl(rp_transport *t, rp_backend *be, rp_error *err) {
@@ -410,16 +490,12 @@ rp_status rp_transport_enable_nccl(rp_transport *t, rp_backend *be, rp_error *er
     t->nccl = calloc(1, sizeof *t->nccl);
     if (!t->nccl) return rp_error_set(err, RP_ERR_NOMEM, "%s: NCCL links", t->what);
     t->nccl->be = be;
-    /* Link by link in one global order, pair (0,1) first, activations before
-     * gradients in each pair: every rank opens its pair with the previous
-     * stage before the one with the next, so the set-up is a chain that
-     * never waits in a circle. */
+    /* Pair (0,1) first: every rank opens its link with the previous stage
+     * before the one with the next, so the set-up is a chain that never
+     * waits in a circle. */
     rp_status st = RP_OK;
-    if (t->rank > 0 && (st = link_open(t, LINK_ACT_IN, t->rank - 1, 0, err)) == RP_OK)
-        st = link_open(t, LINK_GRAD_OUT, t->rank - 1, 1, err);
-    if (st == RP_OK && t->rank + 1 < t->size &&
-        (st = link_open(t, LINK_ACT_OUT, t->rank + 1, 1, err)) == RP_OK)
-        st = link_open(t, LINK_GRAD_IN, t->rank + 1, 0, err);
+    if (t->rank > 0) st = link_open(t, LINK_PREV, t->rank - 1, err);
+    if (st == RP_OK && t->rank + 1 < t->size) st = link_open(t, LINK_NEXT, t->rank + 1, err);
     if (st != RP_OK) rp_nccl_links_free(t);
     return st;
 }

@@ -14,6 +14,10 @@ int rp_nccl_link_of(const rp_transport *t, rp_msg_kind kind, int peer, int is_re
 rp_status rp_nccl_post(rp_transport *t, void *buf, rp_transfer *x, rp_error *err);
 /* Completes x (already marked inactive by the caller) with the watchdog. */
 rp_status rp_nccl_wait(rp_transport *t, rp_transfer *x, rp_error *err);
+/* Transfers posted until rp_nccl_group_end are queued per link, then issued
+ * link by link, each link's in one ncclGroupStart/End. */
+void rp_nccl_group_begin(rp_transport *t);
+rp_status rp_nccl_group_end(rp_transport *t, rp_error *err);
 /* Tears the links down (no transfer active) and sets t->nccl = NULL. */
 void rp_nccl_links_free(rp_transport *t);
 

@@ -1,0 +1,110 @@
+#!/bin/bash
+# The NCCL stage transport (src/pipe/transport_nccl.c) and the executor's
+# grouped exchanges under the mock NCCL (tests/nccl_mock/README.md), whose
+# default mode runs one NCCL kernel per rank at a time, in issue order, so a
+# schedule that needs two communicators to progress together hangs:
+# - training with --pp 2 and --pp 3, GPipe and 1F1B, several micro-batches,
+#   on rwkvpipe_nccl_mock (RWKVPIPE_TEST_FAKE_DEVICE=1: the CPU backend marked
+#   device memory, so activations and gradients go over the NCCL links from
+#   step 2 on) must finish within a generous wall-clock deadline, with the
+#   same weights and metrics as the MPI transport (RWKVPIPE_NCCL=0);
+# - test_nccl_mock_order: a receive posted on its own ahead of the send its
+#   peer needs (the executor's way before grouped exchanges) must hang in the
+#   mock and be ended by the --comm-timeout watchdog naming the transfer,
+#   while the same exchange as one group passes. (The code before grouped
+#   exchanges, one communicator per direction and receives posted early, hung
+#   the same way under the serial mock and passed with RP_NCCL_MOCK=
+#   concurrent: it relied on NCCL progressing two communicators at once.)
+# Run by `make check` in CPU builds (env: top_srcdir, top_builddir, MPIRUN, PYTHON3).
+
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
+set -u
+
+: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
+: "${top_builddir:=.}"
+: "${PYTHON3:=python3}"
+: "${MPIRUN:=}"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+unset RWKVPIPE_TEST_FAKE_DEVICE RWKVPIPE_NCCL RP_NCCL_MOCK
+if [ -z "$MPIRUN" ] || ! command -v "$MPIRUN" >/dev/null 2>&1; then
+    echo "skip: no mpirun"
+    exit 77
+fi
+BIN="$top_builddir/tests/nccl_mock/rwkvpipe_nccl_mock"
+ORDER="$top_builddir/tests/nccl_mock/test_nccl_mock_order"
+T=$(mktemp -d "${TMPDIR:-/tmp}/test_nccl_mock.XXXXXX") || exit 99
+trap 'rm -rf "$T"' EXIT
+
+fail() {
+    echo "FAIL: $*"
+    [ -s "$T/stderr" ] && sed 's/^/  | /' "$T/stderr" | tail -20
+    exit 1
+}
+check() { printf '%s ... ' "$1"; }
+ok() { echo ok; }
+
+# The deadline is wall-clock and generous (a loaded machine); a hang in the
+# mock would otherwise be ended by --comm-timeout first.
+DEADLINE=240
+TRAIN=(train --model-config L4-C64-V256 --data mqar --ctx-len 16 --batch 8 --warmup 2 --lr 3e-3
+       --log-interval 1 --loss-on all --seed 3 --init-seed 5 --threads 1 --steps 3
+       --comm-timeout 60)
+
+# run NAME NP ARGS...: once over the mock NCCL links, once over MPI; same
+# weights and metrics, and the NCCL run said it used NCCL.
+run() {
+    local name=$1 np=$2
+    shift 2
+    local mode
+    for mode in nccl mpi; do
+        local use=1
+        [ "$mode" = mpi ] && use=0
+        if ! RWKVPIPE_TEST_FAKE_DEVICE=1 RWKVPIPE_NCCL=$use timeout $DEADLINE "$MPIRUN" -np "$np" \
+            "$BIN" "${TRAIN[@]}" "$@" --metrics "$T/$name.$mode.jsonl" -o "$T/$name.$mode.st" \
+            >"$T/$name.$mode.out" 2>&1; then
+            cp "$T/$name.$mode.out" "$T/stderr"
+            fail "$name over $mode (exit 124: over the ${DEADLINE} s deadline, a hang): $*"
+        fi
+    done
+    grep -q "stage transport: NCCL" "$T/$name.nccl.out" ||
+        fail "$name: the run did not use the NCCL links"
+    cmp -s "$T/$name.nccl.st" "$T/$name.mpi.st" ||
+        fail "$name: the weights after NCCL differ from those after MPI"
+    "$PYTHON3" - "$T/$name.nccl.jsonl" "$T/$name.mpi.jsonl" <<'PY' || fail "$name: metrics differ"
+import json, sys
+def load(p):
+    rows = [json.loads(l) for l in open(p)]
+    for r in rows:
+        for k in ("tokens_per_s", "elapsed_s"):
+            r.pop(k, None)
+    return rows
+a, b = load(sys.argv[1]), load(sys.argv[2])
+assert len(a) == 3 and a == b, (a, b)
+PY
+}
+
+check "exchange as one group passes under the serial mock"
+timeout $DEADLINE "$MPIRUN" -np 2 "$ORDER" grouped 30 >"$T/out" 2>"$T/stderr" ||
+    fail "grouped exchange"
+[ "$(grep -c "3 exchanges (grouped) checked" "$T/out")" = 2 ] || fail "grouped: $(cat "$T/out")"
+ok
+
+check "a receive posted alone ahead of its peer's send hangs; the watchdog names it"
+if timeout $DEADLINE "$MPIRUN" -np 2 "$ORDER" early 3 >"$T/out" 2>"$T/stderr"; then
+    fail "the early receive did not hang under the serial mock: the mock lets two streams progress"
+fi
+grep -Eq "waited [0-9]+ s \(--comm-timeout\) to (receive|send) the (activations|activation gradients) of micro-batch 0 (from|to) stage [01] over NCCL" \
+    "$T/stderr" || fail "no watchdog message naming the transfer"
+ok
+
+check "train --pp 2: 1F1B and GPipe, 4 micro-batches"
+run pp2_1f1b 2 --pp 2 --pp-schedule 1f1b --micro-batch 2
+run pp2_gpipe 2 --pp 2 --pp-schedule gpipe --micro-batch 2
+ok
+
+check "train --pp 3: 1F1B with 4 and 2 micro-batches, GPipe with 4"
+run pp3_1f1b 3 --pp 3 --pp-schedule 1f1b --micro-batch 2 --stage-layers 1,2,1
+run pp3_1f1b_m2 3 --pp 3 --pp-schedule 1f1b --micro-batch 4 --stage-layers 2,1,1
+run pp3_gpipe 3 --pp 3 --pp-schedule gpipe --micro-batch 2 --stage-layers 1,1,2
+ok
+echo "PASS"
