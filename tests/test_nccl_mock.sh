@@ -3,6 +3,7 @@
 # grouped exchanges under the mock NCCL (tests/nccl_mock/README.md), whose
 # default mode runs one NCCL kernel per rank at a time, in issue order, so a
 # schedule that needs two communicators to progress together hangs:
+# - tests/gpu/test_nccl.c (the GPU machine's NCCL check) on 1 and 2 ranks;
 # - training with --pp 2 and --pp 3, GPipe and 1F1B, several micro-batches,
 #   on rwkvpipe_nccl_mock (RWKVPIPE_TEST_FAKE_DEVICE=1: the CPU backend marked
 #   device memory, so activations and gradients go over the NCCL links from
@@ -32,6 +33,7 @@ if [ -z "$MPIRUN" ] || ! command -v "$MPIRUN" >/dev/null 2>&1; then
 fi
 BIN="$top_builddir/tests/nccl_mock/rwkvpipe_nccl_mock"
 ORDER="$top_builddir/tests/nccl_mock/test_nccl_mock_order"
+GPU_TEST="$top_builddir/tests/nccl_mock/test_nccl_on_mock"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_nccl_mock.XXXXXX") || exit 99
 trap 'rm -rf "$T"' EXIT
 
@@ -95,6 +97,14 @@ if timeout $DEADLINE "$MPIRUN" -np 2 "$ORDER" early 3 >"$T/out" 2>"$T/stderr"; t
 fi
 grep -Eq "waited [0-9]+ s \(--comm-timeout\) to (receive|send) the (activations|activation gradients) of micro-batch 0 (from|to) stage [01] over NCCL" \
     "$T/stderr" || fail "no watchdog message naming the transfer"
+ok
+
+check "tests/gpu/test_nccl.c on the mock: 1 rank (self send/receive), 2 ranks (the link)"
+timeout $DEADLINE "$MPIRUN" -np 1 "$GPU_TEST" >"$T/out" 2>"$T/stderr" || fail "test_nccl -np 1"
+grep -q "^PASS: NCCL self send/recv" "$T/out" || fail "test_nccl -np 1: $(cat "$T/out")"
+timeout $DEADLINE "$MPIRUN" -np 2 "$GPU_TEST" >"$T/out" 2>"$T/stderr" || fail "test_nccl -np 2"
+grep -q "^two-rank NCCL link: a gradient and an activation receive in one group" "$T/out" ||
+    fail "test_nccl -np 2 did not run the link check: $(cat "$T/out")"
 ok
 
 check "train --pp 2: 1F1B and GPipe, 4 micro-batches"

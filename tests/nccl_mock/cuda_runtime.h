@@ -25,6 +25,8 @@ typedef enum {
 typedef struct mock_stream *cudaStream_t;
 typedef struct mock_event *cudaEvent_t;
 
+/* The legacy default stream: the mock runs its work at once. */
+#define cudaStreamLegacy ((cudaStream_t)0)
 #define cudaStreamNonBlocking 0x1
 #define cudaEventDisableTiming 0x2
 
@@ -41,6 +43,8 @@ struct cudaDeviceProp {
 extern "C" {
 #endif
 
+cudaError_t cudaGetDeviceCount(int *count);
+cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDevice(int *device);
 cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *prop, int device);
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned flags);
@@ -52,6 +56,8 @@ cudaError_t cudaMalloc(void **p, size_t bytes);
 cudaError_t cudaFree(void *p);
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
                             cudaStream_t stream);
+cudaError_t cudaMemset(void *p, int value, size_t bytes);
+cudaError_t cudaDeviceSynchronize(void);
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind);
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned flags);
 cudaError_t cudaEventDestroy(cudaEvent_t event);

@@ -165,6 +165,13 @@ static void progress(void) {
 
 /* ---- CUDA runtime ---- */
 
+cudaError_t cudaGetDeviceCount(int *count) {
+    *count = 1;
+    return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+
 cudaError_t cudaGetDevice(int *device) {
     *device = 0;
     return cudaSuccess;
@@ -242,6 +249,16 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpy
     if (!it) return cudaErrorMemoryAllocation;
     *it = (mock_item){.type = ITEM_COPY, .dst = dst, .src = src, .bytes = bytes};
     item_push(stream, it);
+    return cudaSuccess;
+}
+
+cudaError_t cudaMemset(void *p, int value, size_t bytes) {
+    memset(p, value, bytes);
+    return cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize(void) {
+    for (struct mock_stream *s = all_streams; s; s = s->next_stream) cudaStreamSynchronize(s);
     return cudaSuccess;
 }
 
@@ -475,11 +492,18 @@ ncclResult_t ncclRecv(void *buf, size_t count, ncclDataType_t type, int peer, nc
     return enqueue(1, buf, count, type, peer, comm, stream);
 }
 
+/* Only on a one-rank communicator (a copy): data replicas are not mocked. */
 ncclResult_t ncclAllReduce(const void *send, void *recv, size_t count, ncclDataType_t type,
                            ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
-    (void)send, (void)recv, (void)count, (void)type, (void)op, (void)stream;
-    if (comm)
+    (void)op;
+    if (!comm) return ncclInvalidArgument;
+    if (comm->nranks != 1) {
         snprintf(comm->last_error, sizeof comm->last_error,
-                 "the mock NCCL has no collectives (run data replicas without it)");
-    return ncclInvalidUsage;
+                 "the mock NCCL reduces over one rank only");
+        return ncclInvalidUsage;
+    }
+    const size_t bytes = count * (type == ncclFloat32 ? 4 : 1);
+    return cudaMemcpyAsync(recv, send, bytes, cudaMemcpyDeviceToDevice, stream) == cudaSuccess
+               ? ncclSuccess
+               : ncclSystemError;
 }
