@@ -167,8 +167,8 @@ static rp_status post_recv_group(rp_pipe_trainer *pt, const rp_pipe_instr *in, r
     return st != RP_OK ? st : end;
 }
 
-/* Posts the sends (x and v_first) of a SEND instruction from stash slot
- * tw; with exchange, also the receive of the instruction after it, from
+/* Posts the sends (x and v_first) of a SEND instruction from its stash
+ * slot; with exchange, also the receive of the instruction after it, from
  * the same neighbour, all in one transport group. */
 static rp_status post_send(rp_pipe_trainer *pt, const rp_pipe_instr *in,
                            const rp_pipe_instr *exchange, rp_error *err) {
