@@ -281,16 +281,26 @@ static double wkv_kernel_seconds(const wkv_kernel *k, double blocks, double T) {
     return cycles * T / SM_CLOCK_HZ;
 }
 
+static const wkv_kernel wkv_fwd_kernel = {"wkv7_forward_train (72 regs, 19 KB smem)",
+                                          WKV_FLOPS_PER_ELEM, 7, WKV_LAT_FWD_CYCLES, 6 + 1 + 4};
+static const wkv_kernel wkv_bwd_kernel = {"wkv7_backward, step-back (168 regs, 25 KB smem)",
+                                          WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3,
+                                          WKV_LAT_BWD_CYCLES, 1 + 6 + 4 + 6};
+
+void gpu_model_wkv7(int B, int T, int C, double *fwd_s, double *bwd_s) {
+    const double blocks = (double)B * (C / 64);
+    *fwd_s = wkv_kernel_seconds(&wkv_fwd_kernel, blocks, T);
+    *bwd_s = wkv_kernel_seconds(&wkv_bwd_kernel, blocks, T);
+}
+
 static void wkv_section(FILE *out) {
     /* The official kernel's benchmark shape (RWKV-7 training kernels are
      * timed at batch 8, T 4096, model width 4096, head 64). */
     const double B = 8, T = 4096, C = 4096, N = 64, H = C / N, R = B * T;
     const double elems = R * C * N; /* state elements x tokens */
     const wkv_kernel ks[] = {
-        {"wkv7_forward_train (72 regs, 19 KB smem)", WKV_FLOPS_PER_ELEM, 7, WKV_LAT_FWD_CYCLES,
-         6 + 1 + 4},
-        {"wkv7_backward, step-back (168 regs, 25 KB smem)",
-         WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 4 + 6},
+        wkv_fwd_kernel,
+        wkv_bwd_kernel,
         {"wkv7_backward, before: 2.5x recompute (166 regs, 70 KB smem)", 45.0, 3,
          WKV_LAT_BWD_CYCLES, 1 + 6 + 4 + 6},
         {"wkv7_backward at 4 blocks/SM (<= 128 regs): one wave",
