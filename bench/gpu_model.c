@@ -325,8 +325,9 @@ static void wkv_section(FILE *out) {
                 flops / 1e9, k->slots, (t_mem > t_math ? t_mem : t_math) * 1e3, t * 1e3);
     }
     fprintf(out, "\nPredicted fwd+bwd: %.1f ms (before the step-back backward: %.1f ms). "
-                 "The official kernel (bf16 I/O) is quoted at ~7 ms on an H100 at this shape; "
-                 "bench_gpu's wkv7 rows time this project's kernels at the same shape.\n\n",
+                 "The official kernel (bf16 I/O) was estimated at ~7 ms on an H100 at this shape "
+                 "(issue 15, not measured here); bench_gpu's wkv7 rows time this project's "
+                 "kernels at the same shape.\n\n",
             t_new * 1e3, t_old * 1e3);
 }
 
