@@ -283,7 +283,7 @@ static double wkv_kernel_seconds(const wkv_kernel *k, double blocks, double T) {
 
 static const wkv_kernel wkv_fwd_kernel = {"wkv7_forward_train (72 regs, 19 KB smem)",
                                           WKV_FLOPS_PER_ELEM, 7, WKV_LAT_FWD_CYCLES, 6 + 1 + 4};
-static const wkv_kernel wkv_bwd_kernel = {"wkv7_backward, step-back (168 regs, 25 KB smem)",
+static const wkv_kernel wkv_bwd_kernel = {"wkv7_backward, step-back (168 regs, 41 KB smem)",
                                           WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3,
                                           WKV_LAT_BWD_CYCLES, 1 + 6 + 4 + 6};
 
