@@ -390,6 +390,21 @@ static int wkv_call(void *p) {
     return 0;
 }
 
+/* The forward alone (the backward's time is the pair's minus this). */
+static int wkv_fwd_call(void *p) {
+    wkv_ctx *c = p;
+    rp_backend *be = c->sync.be;
+    const size_t stride = (size_t)c->C * c->N;
+    be->fill_zero(be, c->state, c->state_floats * sizeof(float));
+    be->wkv7_forward_train(be, c->y, c->r, c->w, c->k, c->v, c->kk, c->a, c->state, stride,
+                           c->checkpoints, &c->batch, c->C, c->N);
+    return 0;
+}
+
+/* At the official RWKV-7 kernel's benchmark shape (batch 8, T 4096, model
+ * width 4096, head 64; that kernel takes bf16 r, w, k, v, a, b and returns
+ * bf16 y and gradients), printed so the same card can time it beside these
+ * rows; these kernels read and write fp32. */
 static rp_status measure_wkv7(const options *o, const ceilings *bound, const gpu_timing *t,
                               rp_error *err) {
     const int B = o->quick ? 2 : 8, T = o->quick ? 1024 : 4096, C = o->quick ? 1024 : 4096;
@@ -430,12 +445,29 @@ static rp_status measure_wkv7(const options *o, const ceilings *bound, const gpu
     if (st == RP_OK) st = fill_backend(be, c.kk, rc, 1.0f, 0.0f, 1, 25, err);
     if (st == RP_OK) st = fill_backend(be, c.a, rc, 0.5f, 0.5f, 0, 26, err);
     if (st == RP_OK) st = fill_backend(be, c.dy, rc, 1.0f, 0.0f, 0, 27, err);
+    gpu_result fwd = {0};
+    if (st == RP_OK) {
+        progress("wkv7: forward_train alone...");
+        fwd = gpu_measure(wkv_fwd_call, backend_sync_call, &c, t);
+        if (fwd.seconds <= 0.0) st = measure_error(&c.sync, "wkv7 forward_train", err);
+    }
     if (st == RP_OK) {
         progress("wkv7: forward_train + backward...");
         gpu_result res = gpu_measure(wkv_call, backend_sync_call, &c, t);
         if (res.seconds <= 0.0) {
             st = measure_error(&c.sync, "wkv7", err);
         } else {
+            double model_fwd, model_bwd;
+            gpu_model_wkv7(B, T, C, &model_fwd, &model_bwd);
+            progress("wkv7: shape B=%d T=%d C=%d H=%d head %d, fp32 I/O (the official kernel's "
+                     "benchmark: the same B, T, C, head, bf16 I/O)", B, T, C, C / N, N);
+            table_row *f = row_add("wkv7 forward_train, B=%d T=%d C=%d, ms", B, T, C);
+            snprintf(f->measured, sizeof f->measured, "%.2f", fwd.seconds * 1e3);
+            snprintf(f->bound, sizeof f->bound, "%.2f ms (wave model)", model_fwd * 1e3);
+            cell_timing(f->ratio, sizeof f->ratio, &fwd);
+            f = row_add("wkv7 backward (pair - forward), B=%d T=%d C=%d, ms", B, T, C);
+            snprintf(f->measured, sizeof f->measured, "%.2f", (res.seconds - fwd.seconds) * 1e3);
+            snprintf(f->bound, sizeof f->bound, "%.2f ms (wave model)", model_bwd * 1e3);
             /* Bytes an ideal pair of kernels moves, in [R,C] units: forward
              * reads 6 inputs, writes y and the checkpoints (N/16 = 4 units);
              * backward reads dy, the 6 inputs and the checkpoints and writes

@@ -11,4 +11,8 @@
  * is missing (its message on stderr). */
 int gpu_model_print(FILE *out);
 
+/* The wave model's predicted seconds of wkv7_forward_train and wkv7_backward
+ * over B sequences of T tokens, width C (heads of 64), on an H100. */
+void gpu_model_wkv7(int B, int T, int C, double *fwd_s, double *bwd_s);
+
 #endif

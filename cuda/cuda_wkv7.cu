@@ -1,8 +1,9 @@
 // The RWKV-7 WKV recurrence on the GPU: wkv7 (sequence mode over a ragged
 // batch; decode is the case of every seq_len 1), wkv7_forward_train (the same
 // plus a state checkpoint before every RP_WKV_CHUNK-th token) and
-// wkv7_backward (recomputes each chunk from its checkpoint, then walks it
-// backwards). Twins of the ops in src/cpu/cpu_wkv7.c.
+// wkv7_backward (runs each chunk forward once from its checkpoint, then walks
+// it backwards, stepping the state back by inverting the update). Twins of
+// the ops in src/cpu/cpu_wkv7.c.
 #include "cuda_internal.h"
 
 // Layout (the official RWKV-7 kernel's, with two threads per row): one block
@@ -15,9 +16,16 @@
 #define WKV_NN (WKV_N * WKV_N)
 #define WKV_THREADS 128
 #define WKV_HALF 32
-// Backward: tokens per sub-chunk, whose states before each token are kept in
-// shared memory (WKV_SUB tiles of 16.25 KB: 3 blocks fit an SM).
-#define WKV_SUB 4
+
+// Backward: the longest walk of the state back by inverting the update. Each
+// inverted step can grow the rounding error by 1/d <= 1.84, so the chunk's
+// forward pass keeps the exact state every WKV_BACK_STEPS tokens (one tile of
+// 16.25 KB for 8) and the walk restarts from it: 8 steps keep the gradients
+// within ~2e-6 of exact even when every decay is the strongest (16: 1e-4).
+#define WKV_BACK_STEPS 8
+#define WKV_ANCHORS (RP_WKV_CHUNK / WKV_BACK_STEPS - 1)
+static_assert(RP_WKV_CHUNK % WKV_BACK_STEPS == 0 && WKV_ANCHORS >= 1,
+              "anchors split the checkpoint chunk evenly");
 
 // e^-0.5: d = exp(-e^-0.5 sigmoid(w_raw)), dd/dw_raw = d (-e^-0.5) sig (1 - sig)
 #define WKV_SCALE 0.6065306597126334f
@@ -25,7 +33,7 @@
 // Per-token vectors in shared memory, [VEC_COUNT][64] per buffer. The forward
 // uses the first five; d = decay(w_raw), a = -kk, b = kk * iclr (kernel a, b).
 enum { VEC_R = 0, VEC_D, VEC_K, VEC_A, VEC_B, VEC_FORWARD_COUNT, VEC_V = VEC_FORWARD_COUNT,
-       VEC_DY, VEC_DY_PREV, VEC_COUNT };
+       VEC_DY, VEC_COUNT };
 
 // Column jj of half p of a row (or row jj of half p of a column): blocks of 16
 // alternate between the halves ({0..15, 32..47} and {16..31, 48..63}), so the
@@ -42,12 +50,6 @@ __device__ __forceinline__ int wkv_col(int jj, int p) {
 #define WKV_TILE_STRIDE (WKV_N + 1)
 #define WKV_TILE (WKV_N * WKV_TILE_STRIDE)
 __device__ __forceinline__ int wkv_tile(int m, int j) { return m * WKV_TILE_STRIDE + j; }
-
-// Backward shared memory: WKV_SUB state tiles, double-buffered per-token
-// vectors, sa of the sub-chunk's tokens, dsa of the current token.
-#define WKV_BWD_SMEM_FLOATS \
-    (WKV_SUB * WKV_TILE + 2 * VEC_COUNT * WKV_N + WKV_SUB * WKV_N + WKV_N)
-static_assert(WKV_SUB * WKV_TILE % 4 == 0, "the vectors after the tiles are read as float4");
 
 __device__ __forceinline__ float4 wkv_ld4(const float *p) {
     return *reinterpret_cast<const float4 *>(p);
@@ -222,15 +224,15 @@ __global__ void __launch_bounds__(WKV_THREADS)
     wkv_store_rows(state, tile, st, i, p);
 }
 
-// Backward: advances st over tokens [from, to) of the sequence (no y). For
-// tokens u >= keep_from the state before u goes to tile slots[u - keep_from]
-// and sa_i(u) to sa_buf[u - keep_from][i]. Same step code as the forward, so
-// the states are the forward's bits. Callers sync before and after.
+// Backward: advances st over tokens [from, to) of the sequence (no y), keeps
+// sa_i(u) in sa_buf[u - from][i] and the state before token from + n *
+// WKV_BACK_STEPS (n >= 1) in anchors[n - 1]. Same step code as the forward,
+// so the states and sa are the forward's bits. Callers sync before and after.
 __device__ __forceinline__ void wkv_recompute(float (&st)[WKV_HALF], const float *w_raw,
                                               const float *k, const float *v, const float *kk,
                                               const float *a, size_t base, int C, int from,
-                                              int to, int keep_from, float *slots, float *sa_buf,
-                                              float *vec, int i, int p) {
+                                              int to, float *sa_buf, float *anchors, float *vec,
+                                              int i, int p) {
     wkv_fwd_in q = {0.0f, 0.0f, 0.0f, 0.0f};
     if (from < to) wkv_fwd_load(q, nullptr, w_raw, k, v, kk, a, base + (size_t)from * C, p);
     for (int u = from; u < to; u++) {
@@ -238,36 +240,34 @@ __device__ __forceinline__ void wkv_recompute(float (&st)[WKV_HALF], const float
         wkv_fwd_stage(q, V, i, p);
         const float v_i = q.v;
         if (u + 1 < to) wkv_fwd_load(q, nullptr, w_raw, k, v, kk, a, base + (size_t)(u + 1) * C, p);
-        if (u >= keep_from) wkv_put_rows(slots + (u - keep_from) * WKV_TILE, st, i, p);
+        if (u > from && (u - from) % WKV_BACK_STEPS == 0)
+            wkv_put_rows(anchors + ((u - from) / WKV_BACK_STEPS - 1) * WKV_TILE, st, i, p);
         __syncthreads();
         float sa, unused;
         wkv_forward_step<false>(st, V, v_i, p, sa, unused);
-        if (u >= keep_from && p == 0) sa_buf[(u - keep_from) * WKV_N + i] = sa;
+        if (p == 0) sa_buf[(u - from) * WKV_N + i] = sa;
     }
 }
 
 // One token's inputs for the backward step, channel i, split over the pair:
-// p = 0: r, w_raw, k, v and dy of the previous token (0 for the first);
-// p = 1: kk, iclr, dy.
+// p = 0: r, w_raw, k, v; p = 1: kk, iclr, dy.
 struct wkv_bwd_in {
-    float x0, x1, x2, x3, x4;
+    float x0, x1, x2, x3;
 };
 
 __device__ __forceinline__ void wkv_bwd_load(wkv_bwd_in &q, const float *dy, const float *r,
                                              const float *w_raw, const float *k, const float *v,
-                                             const float *kk, const float *a, size_t o, int u,
-                                             int C, int p) {
+                                             const float *kk, const float *a, size_t o, int p) {
     if (p == 0) {
         q.x0 = r[o];
         q.x1 = w_raw[o];
         q.x2 = k[o];
         q.x3 = v[o];
-        q.x4 = u > 0 ? dy[o - (size_t)C] : 0.0f;
     } else {
         q.x0 = kk[o];
         q.x1 = a[o];
         q.x2 = dy[o];
-        q.x3 = q.x4 = 0.0f;
+        q.x3 = 0.0f;
     }
 }
 
@@ -277,7 +277,6 @@ __device__ __forceinline__ void wkv_bwd_stage(const wkv_bwd_in &q, float *V, int
         V[VEC_D * WKV_N + i] = rp_decayf(q.x1);
         V[VEC_K * WKV_N + i] = q.x2;
         V[VEC_V * WKV_N + i] = q.x3;
-        V[VEC_DY_PREV * WKV_N + i] = q.x4;
     } else {
         V[VEC_A * WKV_N + i] = -q.x0;
         V[VEC_B * WKV_N + i] = q.x0 * q.x1;
@@ -288,7 +287,7 @@ __device__ __forceinline__ void wkv_bwd_stage(const wkv_bwd_in &q, float *V, int
 // dr, dw_raw, dk, dv, dkk, da [R,C] (overwrite), dstate slots [H,64,64] (in:
 // d final state, out: d initial state), dy and the forward's inputs [R,C],
 // checkpoints [blocks,H,64,64] from wkv7_forward_train.
-// grid (n_seq, H), 128 threads, WKV_BWD_SMEM_FLOATS of dynamic shared memory.
+// grid (n_seq, H), 128 threads, static shared memory (~41 KB).
 //
 // Per token t, with Sp / St the states before / after it and G = dS + dy r^T
 // (dS: the gradient of St from later tokens and the final state):
@@ -301,12 +300,20 @@ __device__ __forceinline__ void wkv_bwd_stage(const wkv_bwd_in &q, float *V, int
 // Row sums need rows of G, column sums columns: thread (i, p) keeps half of
 // row i (Grow) and half of column i (Gcol) of G in registers. Both views are
 // updated with the same explicitly rounded operations on the same operands,
-// so they stay bit-identical copies of one matrix. The states come from the
-// checkpoints: for each sub-chunk of WKV_SUB tokens (last first) the chunk is
-// recomputed from its checkpoint and the states before the sub-chunk's tokens
-// are kept as tiles in shared memory, read by columns. Since St(t) = Sp(t+1),
-// dr of token t - 1 is taken at step t; dr of the last token needs the final
-// state, recomputed once before the loop.
+// so they stay bit-identical copies of one matrix.
+//
+// The states: each chunk of RP_WKV_CHUNK tokens (last first) is run forward
+// ONCE from its checkpoint, keeping only sa of its tokens (4 KB of shared
+// memory), which gives the state after the chunk; the walk back then steps
+// the state back a token at a time by inverting the update,
+//   Sp[i,j] = (St[i,j] - (sa_i b_j + v_i k_j)) / d_j,
+// as the official RWKV-7 training kernel does. The decay is bounded below
+// (d >= e^-e^-0.5 = 0.545), so the division is well conditioned, and the walk
+// restarts from an exact state (kept by the forward pass) every
+// WKV_BACK_STEPS tokens. Thread (i, p) holds column i of
+// the state (Scol), so dr, dd and da are sums over its own registers. Cost:
+// 1x forward recompute (the previous design kept states in shared memory
+// tiles and recomputed each chunk 2.5x).
 __global__ void __launch_bounds__(WKV_THREADS, 3)
     wkv7_backward_kernel(float *dr, float *dw_raw, float *dk, float *dv, float *dkk, float *da,
                          float *dstate_base, size_t state_stride, const float *dy,
@@ -314,11 +321,11 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
                          const float *kk, const float *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
                          const int32_t *ckpt_block, int C) {
-    extern __shared__ __align__(16) float smem[];
-    float *slots = smem;                                   // [WKV_SUB][WKV_TILE]
-    float *vec = slots + WKV_SUB * WKV_TILE;                 // [2][VEC_COUNT][64]
-    float *sa_buf = vec + 2 * VEC_COUNT * WKV_N;           // [WKV_SUB][64]
-    float *dsa_buf = sa_buf + WKV_SUB * WKV_N;             // [64]
+    __shared__ __align__(16) float tile[WKV_TILE];
+    __shared__ __align__(16) float anchors[WKV_ANCHORS * WKV_TILE];
+    __shared__ __align__(16) float vec[2 * VEC_COUNT * WKV_N];
+    __shared__ __align__(16) float sa_buf[RP_WKV_CHUNK * WKV_N];
+    __shared__ __align__(16) float dsa_buf[WKV_N];
     const int s = blockIdx.x, h = blockIdx.y, H = gridDim.y;
     const int i = threadIdx.x >> 1, p = threadIdx.x & 1;
     const int len = seq_len[s];
@@ -329,178 +336,170 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
     const int n_chunks = (len + RP_WKV_CHUNK - 1) / RP_WKV_CHUNK;
 
     // G = d(final state), row i and column i
-    float Grow[WKV_HALF], Gcol[WKV_HALF], st[WKV_HALF];
-    wkv_tile_load(slots, dS);
+    float Grow[WKV_HALF], Gcol[WKV_HALF], Scol[WKV_HALF];
+    wkv_tile_load(tile, dS);
     __syncthreads();
 #pragma unroll
     for (int jj = 0; jj < WKV_HALF; jj++) {
-        Grow[jj] = slots[wkv_tile(i, wkv_col(jj, p))];
-        Gcol[jj] = slots[wkv_tile(wkv_col(jj, p), i)];
+        Grow[jj] = tile[wkv_tile(i, wkv_col(jj, p))];
+        Gcol[jj] = tile[wkv_tile(wkv_col(jj, p), i)];
     }
     __syncthreads();
-
-    if (len > 0) {
-        // dr of the last token: y = S_final r, S_final recomputed from the last checkpoint
-        const int c = n_chunks - 1;
-        wkv_load_rows(st, slots, ckpt + (size_t)c * HNN, i, p);
-        wkv_recompute(st, w_raw, k, v, kk, a, base, C, c * RP_WKV_CHUNK, len, len, slots, sa_buf,
-                      vec, i, p);
-        __syncthreads();
-        wkv_put_rows(slots, st, i, p);
-        const size_t o_last = base + (size_t)(len - 1) * C;
-        if (p == 0) vec[VEC_DY_PREV * WKV_N + i] = dy[o_last];
-        __syncthreads();
-        const float *DYL = vec + VEC_DY_PREV * WKV_N;
-        float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
-#pragma unroll
-        for (int mq = 0; mq < WKV_HALF / 4; mq++) {
-            const int m = wkv_col(4 * mq, p);
-            const float4 dy4 = wkv_ld4(DYL + m);
-            c0 = __fmaf_rn(slots[wkv_tile(m + 0, i)], dy4.x, c0);
-            c1 = __fmaf_rn(slots[wkv_tile(m + 1, i)], dy4.y, c1);
-            c2 = __fmaf_rn(slots[wkv_tile(m + 2, i)], dy4.z, c2);
-            c3 = __fmaf_rn(slots[wkv_tile(m + 3, i)], dy4.w, c3);
-        }
-        const float dr_last = wkv_pair_total(c0, c1, c2, c3);
-        if (p == 1) dr[o_last] = dr_last;
-        __syncthreads();
-    }
 
     for (int c = n_chunks - 1; c >= 0; c--) {
         const int t0 = c * RP_WKV_CHUNK;
         const int t1 = min(t0 + RP_WKV_CHUNK, len);
-        for (int sub0 = t0 + (t1 - t0 - 1) / WKV_SUB * WKV_SUB; sub0 >= t0; sub0 -= WKV_SUB) {
-            const int sub1 = min(sub0 + WKV_SUB, t1);
-            // states before tokens sub0 .. sub1-1 -> slots, their sa -> sa_buf
-            wkv_load_rows(st, slots, ckpt + (size_t)c * HNN, i, p);
-            wkv_recompute(st, w_raw, k, v, kk, a, base, C, t0, sub1, sub0, slots, sa_buf, vec, i,
-                          p);
+        {
+            // the chunk forward from its checkpoint: sa -> sa_buf, the state
+            // after the chunk -> Scol (column i, through the tile)
+            float st[WKV_HALF];
+            wkv_load_rows(st, tile, ckpt + (size_t)c * HNN, i, p);
+            wkv_recompute(st, w_raw, k, v, kk, a, base, C, t0, t1, sa_buf, anchors, vec, i, p);
+            __syncthreads();
+            wkv_put_rows(tile, st, i, p);
+            __syncthreads();
+#pragma unroll
+            for (int mm = 0; mm < WKV_HALF; mm++) Scol[mm] = tile[wkv_tile(wkv_col(mm, p), i)];
+        }
+
+        wkv_bwd_in q = {0.0f, 0.0f, 0.0f, 0.0f};
+        wkv_bwd_load(q, dy, r, w_raw, k, v, kk, a, base + (size_t)(t1 - 1) * C, p);
+        for (int u = t1 - 1; u >= t0; u--) {
+            const size_t o = base + (size_t)u * C;
+            float *V = vec + (u & 1) * VEC_COUNT * WKV_N;
+            wkv_bwd_stage(q, V, i, p);
+            const float own0 = q.x0, own1 = q.x1;  // p 0: r, w_raw; p 1: kk, iclr
+            if (u > t0) wkv_bwd_load(q, dy, r, w_raw, k, v, kk, a, o - (size_t)C, p);
+            __syncthreads();
+            const float *R = V + VEC_R * WKV_N, *D = V + VEC_D * WKV_N, *K = V + VEC_K * WKV_N,
+                        *A = V + VEC_A * WKV_N, *B = V + VEC_B * WKV_N, *VV = V + VEC_V * WKV_N,
+                        *DY = V + VEC_DY * WKV_N;
+            const float *SA = sa_buf + (u - t0) * WKV_N;
+            const float r_i = R[i], d_i = D[i], a_i = A[i], dy_i = DY[i];
+            const float k_i = K[i], b_i = B[i];
+
+            // G = dS + dy r^T; then dv_i, dsa_i along row i, dk_i, db_i down
+            // column i; dr_i down column i of St
+            float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;  // dv
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;  // dsa
+            float k0 = 0.0f, k1 = 0.0f, k2 = 0.0f, k3 = 0.0f;  // dk
+            float b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;  // db
+            float e0 = 0.0f, e1 = 0.0f, e2 = 0.0f, e3 = 0.0f;  // dr
+#pragma unroll
+            for (int jq = 0; jq < WKV_HALF / 4; jq++) {
+                const int j = wkv_col(4 * jq, p);  // column of Grow, row of Gcol
+                const float4 r4 = wkv_ld4(R + j), dy4 = wkv_ld4(DY + j);
+                float *gr = Grow + 4 * jq, *gc = Gcol + 4 * jq;
+                const float *sc = Scol + 4 * jq;
+                e0 = __fmaf_rn(sc[0], dy4.x, e0);
+                e1 = __fmaf_rn(sc[1], dy4.y, e1);
+                e2 = __fmaf_rn(sc[2], dy4.z, e2);
+                e3 = __fmaf_rn(sc[3], dy4.w, e3);
+                gr[0] = __fmaf_rn(dy_i, r4.x, gr[0]);
+                gr[1] = __fmaf_rn(dy_i, r4.y, gr[1]);
+                gr[2] = __fmaf_rn(dy_i, r4.z, gr[2]);
+                gr[3] = __fmaf_rn(dy_i, r4.w, gr[3]);
+                gc[0] = __fmaf_rn(dy4.x, r_i, gc[0]);
+                gc[1] = __fmaf_rn(dy4.y, r_i, gc[1]);
+                gc[2] = __fmaf_rn(dy4.z, r_i, gc[2]);
+                gc[3] = __fmaf_rn(dy4.w, r_i, gc[3]);
+                const float4 k4 = wkv_ld4(K + j), b4 = wkv_ld4(B + j);
+                const float4 vv4 = wkv_ld4(VV + j), sa4 = wkv_ld4(SA + j);
+                v0 = __fmaf_rn(gr[0], k4.x, v0);
+                v1 = __fmaf_rn(gr[1], k4.y, v1);
+                v2 = __fmaf_rn(gr[2], k4.z, v2);
+                v3 = __fmaf_rn(gr[3], k4.w, v3);
+                s0 = __fmaf_rn(gr[0], b4.x, s0);
+                s1 = __fmaf_rn(gr[1], b4.y, s1);
+                s2 = __fmaf_rn(gr[2], b4.z, s2);
+                s3 = __fmaf_rn(gr[3], b4.w, s3);
+                k0 = __fmaf_rn(gc[0], vv4.x, k0);
+                k1 = __fmaf_rn(gc[1], vv4.y, k1);
+                k2 = __fmaf_rn(gc[2], vv4.z, k2);
+                k3 = __fmaf_rn(gc[3], vv4.w, k3);
+                b0 = __fmaf_rn(gc[0], sa4.x, b0);
+                b1 = __fmaf_rn(gc[1], sa4.y, b1);
+                b2 = __fmaf_rn(gc[2], sa4.z, b2);
+                b3 = __fmaf_rn(gc[3], sa4.w, b3);
+            }
+            const float dv_i = wkv_pair_total(v0, v1, v2, v3);
+            const float dsa_i = wkv_pair_total(s0, s1, s2, s3);
+            const float dk_i = wkv_pair_total(k0, k1, k2, k3);
+            const float db_i = wkv_pair_total(b0, b1, b2, b3);
+            const float dr_i = wkv_pair_total(e0, e1, e2, e3);
+            if (p == 0) dsa_buf[i] = dsa_i;
             __syncthreads();
 
-            wkv_bwd_in q = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-            wkv_bwd_load(q, dy, r, w_raw, k, v, kk, a, base + (size_t)(sub1 - 1) * C, sub1 - 1, C,
-                         p);
-            for (int u = sub1 - 1; u >= sub0; u--) {
-                const size_t o = base + (size_t)u * C;
-                float *V = vec + (u & 1) * VEC_COUNT * WKV_N;
-                wkv_bwd_stage(q, V, i, p);
-                const float own0 = q.x0, own1 = q.x1;  // p 0: r, w_raw; p 1: kk, iclr
-                if (u > sub0) wkv_bwd_load(q, dy, r, w_raw, k, v, kk, a, o - (size_t)C, u - 1, C, p);
-                __syncthreads();
-                const float *R = V + VEC_R * WKV_N, *D = V + VEC_D * WKV_N,
-                            *K = V + VEC_K * WKV_N, *A = V + VEC_A * WKV_N,
-                            *B = V + VEC_B * WKV_N, *VV = V + VEC_V * WKV_N,
-                            *DY = V + VEC_DY * WKV_N, *DYP = V + VEC_DY_PREV * WKV_N;
-                const float *SA = sa_buf + (u - sub0) * WKV_N;
-                const float r_i = R[i], d_i = D[i], a_i = A[i], dy_i = DY[i];
-
-                // G = dS + dy r^T; then dv_i, dsa_i along row i, dk_i, db_i down column i
-                float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;  // dv
-                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;  // dsa
-                float k0 = 0.0f, k1 = 0.0f, k2 = 0.0f, k3 = 0.0f;  // dk
-                float b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;  // db
+            // step column i back to Sp (or take it from an anchor), then dd_i
+            // and da_i down it
+            const int back = u - t0;
+            const bool anchored = back > 0 && back % WKV_BACK_STEPS == 0;
+            if (anchored) {
+                const float *anchor = anchors + (back / WKV_BACK_STEPS - 1) * WKV_TILE;
 #pragma unroll
-                for (int jq = 0; jq < WKV_HALF / 4; jq++) {
-                    const int j = wkv_col(4 * jq, p);  // column of Grow, row of Gcol
-                    const float4 r4 = wkv_ld4(R + j), dy4 = wkv_ld4(DY + j);
-                    float *gr = Grow + 4 * jq, *gc = Gcol + 4 * jq;
-                    gr[0] = __fmaf_rn(dy_i, r4.x, gr[0]);
-                    gr[1] = __fmaf_rn(dy_i, r4.y, gr[1]);
-                    gr[2] = __fmaf_rn(dy_i, r4.z, gr[2]);
-                    gr[3] = __fmaf_rn(dy_i, r4.w, gr[3]);
-                    gc[0] = __fmaf_rn(dy4.x, r_i, gc[0]);
-                    gc[1] = __fmaf_rn(dy4.y, r_i, gc[1]);
-                    gc[2] = __fmaf_rn(dy4.z, r_i, gc[2]);
-                    gc[3] = __fmaf_rn(dy4.w, r_i, gc[3]);
-                    const float4 k4 = wkv_ld4(K + j), b4 = wkv_ld4(B + j);
-                    const float4 vv4 = wkv_ld4(VV + j), sa4 = wkv_ld4(SA + j);
-                    v0 = __fmaf_rn(gr[0], k4.x, v0);
-                    v1 = __fmaf_rn(gr[1], k4.y, v1);
-                    v2 = __fmaf_rn(gr[2], k4.z, v2);
-                    v3 = __fmaf_rn(gr[3], k4.w, v3);
-                    s0 = __fmaf_rn(gr[0], b4.x, s0);
-                    s1 = __fmaf_rn(gr[1], b4.y, s1);
-                    s2 = __fmaf_rn(gr[2], b4.z, s2);
-                    s3 = __fmaf_rn(gr[3], b4.w, s3);
-                    k0 = __fmaf_rn(gc[0], vv4.x, k0);
-                    k1 = __fmaf_rn(gc[1], vv4.y, k1);
-                    k2 = __fmaf_rn(gc[2], vv4.z, k2);
-                    k3 = __fmaf_rn(gc[3], vv4.w, k3);
-                    b0 = __fmaf_rn(gc[0], sa4.x, b0);
-                    b1 = __fmaf_rn(gc[1], sa4.y, b1);
-                    b2 = __fmaf_rn(gc[2], sa4.z, b2);
-                    b3 = __fmaf_rn(gc[3], sa4.w, b3);
-                }
-                const float dv_i = wkv_pair_total(v0, v1, v2, v3);
-                const float dsa_i = wkv_pair_total(s0, s1, s2, s3);
-                const float dk_i = wkv_pair_total(k0, k1, k2, k3);
-                const float db_i = wkv_pair_total(b0, b1, b2, b3);
-                if (p == 0) dsa_buf[i] = dsa_i;
-                __syncthreads();
-
-                // down column i of Sp: dd_i, da_i, and dr_i of token u - 1 (St(u-1) = Sp(u))
-                const float *Sp = slots + (u - sub0) * WKV_TILE;
-                float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;  // dd
-                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // da (kernel a)
-                float e0 = 0.0f, e1 = 0.0f, e2 = 0.0f, e3 = 0.0f;  // dr of token u - 1
-#pragma unroll
-                for (int mq = 0; mq < WKV_HALF / 4; mq++) {
-                    const int m = wkv_col(4 * mq, p);
-                    const float4 dsa4 = wkv_ld4(dsa_buf + m), dyp4 = wkv_ld4(DYP + m);
-                    const float *gc = Gcol + 4 * mq;
-                    const float sp0 = Sp[wkv_tile(m + 0, i)], sp1 = Sp[wkv_tile(m + 1, i)],
-                                sp2 = Sp[wkv_tile(m + 2, i)], sp3 = Sp[wkv_tile(m + 3, i)];
-                    d0 = __fmaf_rn(gc[0], sp0, d0);
-                    d1 = __fmaf_rn(gc[1], sp1, d1);
-                    d2 = __fmaf_rn(gc[2], sp2, d2);
-                    d3 = __fmaf_rn(gc[3], sp3, d3);
-                    a0 = __fmaf_rn(dsa4.x, sp0, a0);
-                    a1 = __fmaf_rn(dsa4.y, sp1, a1);
-                    a2 = __fmaf_rn(dsa4.z, sp2, a2);
-                    a3 = __fmaf_rn(dsa4.w, sp3, a3);
-                    e0 = __fmaf_rn(sp0, dyp4.x, e0);
-                    e1 = __fmaf_rn(sp1, dyp4.y, e1);
-                    e2 = __fmaf_rn(sp2, dyp4.z, e2);
-                    e3 = __fmaf_rn(sp3, dyp4.w, e3);
-                }
-                const float dd_i = wkv_pair_total(d0, d1, d2, d3);
-                const float da_i = wkv_pair_total(a0, a1, a2, a3);
-                const float dr_prev = wkv_pair_total(e0, e1, e2, e3);
-
-                // d(S before) = G diag(d) + dsa a^T, in both views
-#pragma unroll
-                for (int jq = 0; jq < WKV_HALF / 4; jq++) {
-                    const int j = wkv_col(4 * jq, p);
-                    const float4 d4 = wkv_ld4(D + j), a4 = wkv_ld4(A + j),
-                                 dsa4 = wkv_ld4(dsa_buf + j);
-                    float *gr = Grow + 4 * jq, *gc = Gcol + 4 * jq;
-                    gr[0] = __fmaf_rn(gr[0], d4.x, __fmul_rn(dsa_i, a4.x));
-                    gr[1] = __fmaf_rn(gr[1], d4.y, __fmul_rn(dsa_i, a4.y));
-                    gr[2] = __fmaf_rn(gr[2], d4.z, __fmul_rn(dsa_i, a4.z));
-                    gr[3] = __fmaf_rn(gr[3], d4.w, __fmul_rn(dsa_i, a4.w));
-                    gc[0] = __fmaf_rn(gc[0], d_i, __fmul_rn(dsa4.x, a_i));
-                    gc[1] = __fmaf_rn(gc[1], d_i, __fmul_rn(dsa4.y, a_i));
-                    gc[2] = __fmaf_rn(gc[2], d_i, __fmul_rn(dsa4.z, a_i));
-                    gc[3] = __fmaf_rn(gc[3], d_i, __fmul_rn(dsa4.w, a_i));
-                }
-
-                if (p == 0) {
-                    const float sig = rp_sigmoidf(own1);
-                    dv[o] = dv_i;
-                    dk[o] = dk_i;
-                    dw_raw[o] = dd_i * d_i * (-WKV_SCALE) * sig * (1.0f - sig);
-                } else {
-                    dkk[o] = db_i * own1 - da_i;
-                    da[o] = db_i * own0;
-                    if (u > 0) dr[o - (size_t)C] = dr_prev;
-                }
+                for (int mm = 0; mm < WKV_HALF; mm++)
+                    Scol[mm] = anchor[wkv_tile(wkv_col(mm, p), i)];
             }
-            __syncthreads();  // the slots are refilled next
+            const float inv_d = __fdiv_rn(1.0f, d_i);
+            float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;  // dd
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // da (kernel a)
+#pragma unroll
+            for (int mq = 0; mq < WKV_HALF / 4; mq++) {
+                const int m = wkv_col(4 * mq, p);
+                const float4 dsa4 = wkv_ld4(dsa_buf + m), sa4 = wkv_ld4(SA + m),
+                             vv4 = wkv_ld4(VV + m);
+                const float *gc = Gcol + 4 * mq;
+                float *sc = Scol + 4 * mq;
+                if (!anchored) {
+                    sc[0] = __fmul_rn(__fsub_rn(sc[0], __fmaf_rn(sa4.x, b_i, __fmul_rn(vv4.x, k_i))), inv_d);
+                    sc[1] = __fmul_rn(__fsub_rn(sc[1], __fmaf_rn(sa4.y, b_i, __fmul_rn(vv4.y, k_i))), inv_d);
+                    sc[2] = __fmul_rn(__fsub_rn(sc[2], __fmaf_rn(sa4.z, b_i, __fmul_rn(vv4.z, k_i))), inv_d);
+                    sc[3] = __fmul_rn(__fsub_rn(sc[3], __fmaf_rn(sa4.w, b_i, __fmul_rn(vv4.w, k_i))), inv_d);
+                }
+                d0 = __fmaf_rn(gc[0], sc[0], d0);
+                d1 = __fmaf_rn(gc[1], sc[1], d1);
+                d2 = __fmaf_rn(gc[2], sc[2], d2);
+                d3 = __fmaf_rn(gc[3], sc[3], d3);
+                a0 = __fmaf_rn(dsa4.x, sc[0], a0);
+                a1 = __fmaf_rn(dsa4.y, sc[1], a1);
+                a2 = __fmaf_rn(dsa4.z, sc[2], a2);
+                a3 = __fmaf_rn(dsa4.w, sc[3], a3);
+            }
+            const float dd_i = wkv_pair_total(d0, d1, d2, d3);
+            const float da_i = wkv_pair_total(a0, a1, a2, a3);
+
+            // d(S before) = G diag(d) + dsa a^T, in both views
+#pragma unroll
+            for (int jq = 0; jq < WKV_HALF / 4; jq++) {
+                const int j = wkv_col(4 * jq, p);
+                const float4 d4 = wkv_ld4(D + j), a4 = wkv_ld4(A + j), dsa4 = wkv_ld4(dsa_buf + j);
+                float *gr = Grow + 4 * jq, *gc = Gcol + 4 * jq;
+                gr[0] = __fmaf_rn(gr[0], d4.x, __fmul_rn(dsa_i, a4.x));
+                gr[1] = __fmaf_rn(gr[1], d4.y, __fmul_rn(dsa_i, a4.y));
+                gr[2] = __fmaf_rn(gr[2], d4.z, __fmul_rn(dsa_i, a4.z));
+                gr[3] = __fmaf_rn(gr[3], d4.w, __fmul_rn(dsa_i, a4.w));
+                gc[0] = __fmaf_rn(gc[0], d_i, __fmul_rn(dsa4.x, a_i));
+                gc[1] = __fmaf_rn(gc[1], d_i, __fmul_rn(dsa4.y, a_i));
+                gc[2] = __fmaf_rn(gc[2], d_i, __fmul_rn(dsa4.z, a_i));
+                gc[3] = __fmaf_rn(gc[3], d_i, __fmul_rn(dsa4.w, a_i));
+            }
+
+            if (p == 0) {
+                const float sig = rp_sigmoidf(own1);
+                dv[o] = dv_i;
+                dk[o] = dk_i;
+                dw_raw[o] = dd_i * d_i * (-WKV_SCALE) * sig * (1.0f - sig);
+            } else {
+                dkk[o] = db_i * own1 - da_i;
+                da[o] = db_i * own0;
+                dr[o] = dr_i;
+            }
         }
+        __syncthreads();  // the tile and sa_buf are refilled next
     }
 
     // d(initial state) = G, rows back to the slot
-    wkv_store_rows(dS, slots, Grow, i, p);
+    wkv_store_rows(dS, tile, Grow, i, p);
 }
 
 // ---- ops ----
@@ -558,17 +557,8 @@ static void cuda_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *
     if (!wkv_launchable(cx, "wkv7_backward", batch, C, N)) return;
     rp_cuda_batch b;
     if (!rp_cuda_upload_batch(cx, batch, &b)) return;
-    // ~69 KB of shared memory: above the 48 KB default, and the carveout
-    // preference makes room for 3 blocks an SM.
-    const int smem = (int)(WKV_BWD_SMEM_FLOATS * sizeof(float));
-    if (!RP_CUDA_OK(cx, cudaFuncSetAttribute(wkv7_backward_kernel,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem)))
-        return;
-    RP_CUDA_OK(cx, cudaFuncSetAttribute(wkv7_backward_kernel,
-                                        cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        (int)cudaSharedmemCarveoutMaxShared));
     dim3 grid((unsigned)batch->n_seq, (unsigned)(C / WKV_N));
-    wkv7_backward_kernel<<<grid, WKV_THREADS, smem, cx->stream>>>(
+    wkv7_backward_kernel<<<grid, WKV_THREADS, 0, cx->stream>>>(
         dr, dw_raw, dk, dv, dkk, da, dstate_base, state_stride, dy, r, w_raw, k, v, kk, a,
         checkpoints, b.seq_len, b.row_begin, b.slot, b.ckpt_block, C);
     RP_CUDA_LAUNCHED(cx, "wkv7_backward");

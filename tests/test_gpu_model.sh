@@ -5,7 +5,8 @@
 # parameter formula, the launches per decode token from rp_block_forward's op
 # count (27 per layer, 24 in layer 0 since ln_shift_mix, + embedding, ln0,
 # ln_out, head), and
-# every predicted time must be at or above its bound. Run by make check.
+# every predicted time must be at or above its bound (the WKV7 section's too).
+# Run by make check.
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
@@ -45,6 +46,19 @@ for name, (L, C, V, *ranks) in shapes.items():
     t = re.search(r"^\| %s \| (\d+) \|.*\| ([\d.]+)%% \|$" % re.escape(name), text, re.M)
     if not t or not 1.0 < float(t.group(2)) < 100.0:
         bad.append(f"{name}: no training row with an MFU in (1%%, 100%%)")
+# WKV7 alone (the wave model): each kernel at or above its roofline, the
+# step-back backward cheaper than the recomputing one it replaced
+wkv = dict((m.group(1), (float(m.group(2)), float(m.group(3)))) for m in re.finditer(
+    r"^\| (wkv7_\S+[^|]*?) \| [\d.]+ \| \d+ \| \d \| ([\d.]+) \| ([\d.]+) \|$", text, re.M))
+if len(wkv) != 4:
+    bad.append(f"WKV7 section: {len(wkv)} kernel rows, expected 4")
+for name, (roof, pred) in wkv.items():
+    if pred < roof - 0.005:
+        bad.append(f"WKV7 {name}: predicted {pred} ms below its roofline {roof} ms")
+new_bwd = [p for n, (r, p) in wkv.items() if n.startswith("wkv7_backward, step-back")]
+old_bwd = [p for n, (r, p) in wkv.items() if n.startswith("wkv7_backward, before")]
+if not new_bwd or not old_bwd or not new_bwd[0] < old_bwd[0]:
+    bad.append(f"WKV7: step-back backward {new_bwd} not below the recomputing one {old_bwd}")
 for b in bad:
     print("FAIL: " + b)
 sys.exit(1 if bad else 0)

@@ -825,10 +825,11 @@ typedef struct {
     tbuf *r, *w_raw, *k, *v, *kk, *a;
 } wkv_inputs;
 
-static void wkv_inputs_make(twin *t, wkv_inputs *in, int R, int C) {
+static void wkv_inputs_make_decay(twin *t, wkv_inputs *in, int R, int C, double w_lo,
+                                  double w_hi) {
     const size_t n = (size_t)R * C;
     in->r = buf_input(t, n, -1, 1);
-    in->w_raw = buf_input(t, n, -3, 3);
+    in->w_raw = buf_input(t, n, w_lo, w_hi);
     in->k = buf_input(t, n, -1, 1);
     in->v = buf_input(t, n, -1, 1);
     in->a = buf_input(t, n, 0, 1);
@@ -837,6 +838,10 @@ static void wkv_inputs_make(twin *t, wkv_inputs *in, int R, int C) {
     normalise_heads(kk, n);
     in->kk = buf_from(t, kk, n);
     free(kk);
+}
+
+static void wkv_inputs_make(twin *t, wkv_inputs *in, int R, int C) {
+    wkv_inputs_make_decay(t, in, R, C, -3, 3);
 }
 
 /* The six gradients of wkv7_backward, all overwritten. */
@@ -903,15 +908,18 @@ static void check_wkv7_forward_train(twin *t, const shape *sh) {
 }
 
 /* The backward alone: both sides read the CPU forward's checkpoints. The
- * slots hold d(final state) on entry and d(initial state) on return. */
-static void check_wkv7_backward(twin *t, const shape *sh) {
+ * slots hold d(final state) on entry and d(initial state) on return. w_raw
+ * in [w_lo, w_hi]: the CUDA backward steps the state back by dividing by the
+ * decay, so the strongest decays (w_raw -> +inf, d -> 0.545) are its worst
+ * case for rounding error. */
+static void wkv7_backward_case(twin *t, const shape *sh, double w_lo, double w_hi) {
     twin_batch tb;
     const rp_batch *batch = batch_make(&tb, &sh->prefill);
     const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
     const size_t n = (size_t)R * C, stride = state_stride(C), wkv = state_wkv_offset(C);
-    label(t, "R=%d C=%d seqs=%d", R, C, batch->n_seq);
+    label(t, "R=%d C=%d seqs=%d w_raw %g..%g", R, C, batch->n_seq, w_lo, w_hi);
     wkv_inputs in;
-    wkv_inputs_make(t, &in, R, C);
+    wkv_inputs_make_decay(t, &in, R, C, w_lo, w_hi);
     tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_zero(t, n);
     tbuf *ckpt = buf_zero(t, checkpoint_floats(batch, C));
     t->cpu->wkv7_forward_train(t->cpu, y->cpu, in.r->cpu, in.w_raw->cpu, in.k->cpu, in.v->cpu,
@@ -929,6 +937,12 @@ static void check_wkv7_backward(twin *t, const shape *sh) {
                                   at(in.a, g), at(ckpt, g), batch, C, N);
     for (int i = 0; i < WKV_GRADS; i++) compare(t, wkv_grad_names[i], grad[i]);
     compare(t, "dstate", dstate);
+}
+
+static void check_wkv7_backward(twin *t, const shape *sh) {
+    wkv7_backward_case(t, sh, -3, 3);
+    twin_release(t);
+    wkv7_backward_case(t, sh, 4, 8); /* every decay within 1% of the strongest */
 }
 
 /* Two calls chained as a training step over a sequence cut in two: forward
@@ -1489,11 +1503,12 @@ static int vtable_complete(twin *t) {
     return complete;
 }
 
-static void run_checks(twin *t, unsigned math, int n_shapes) {
+static void run_checks(twin *t, unsigned math, int n_shapes, const char *only) {
     if (!vtable_complete(t)) return;
     for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++) {
         const twin_check *c = &checks[i];
         if (!(c->maths & math)) continue;
+        if (only && strncmp(c->op, only, strlen(only)) != 0) continue;
         for (int s = 0; s < n_shapes && !(c->once && s > 0); s++) {
             t->op = c->op;
             t->label[0] = '\0';
@@ -1513,6 +1528,7 @@ typedef struct {
     uint64_t seed;
     int device;
     int quick;
+    const char *only; /* run only the checks whose name starts with this */
 } options;
 
 static void usage(FILE *out) {
@@ -1522,16 +1538,19 @@ static void usage(FILE *out) {
           "  --seed N    random inputs (default 1)\n"
           "  --device N  CUDA device (default 0)\n"
           "  --quick     the small shape only\n"
+          "  --only OP   only the checks whose op name starts with OP (e.g. wkv7)\n"
           "  Exit status: 0 all passed, 1 a failure, 77 no CUDA device (skipped).\n",
           out);
 }
 
 static int parse_options(int argc, char **argv, options *opt) {
-    *opt = (options){.seed = 1, .device = 0, .quick = 0};
+    *opt = (options){.seed = 1, .device = 0, .quick = 0, .only = NULL};
     for (int i = 1; i < argc; i++) {
         char *end = NULL;
         if (strcmp(argv[i], "--quick") == 0) {
             opt->quick = 1;
+        } else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+            opt->only = argv[++i];
         } else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc) {
             opt->seed = strtoull(argv[++i], &end, 0);
             if (*end) return 0;
@@ -1591,8 +1610,8 @@ int main(int argc, char **argv) {
 
     twin fp32 = {.cpu = cpu, .gpu = gpu_fp32, .math = "fp32", .tol = TOL_FP32, .seed = opt.seed};
     twin bf16 = {.cpu = cpu, .gpu = gpu_bf16, .math = "bf16", .tol = TOL_BF16, .seed = opt.seed};
-    run_checks(&fp32, MATH_FP32, n_shapes);
-    run_checks(&bf16, MATH_BF16, n_shapes);
+    run_checks(&fp32, MATH_FP32, n_shapes, opt.only);
+    run_checks(&bf16, MATH_BF16, n_shapes, opt.only);
 
     const int passed = fp32.passed + bf16.passed, failed = fp32.failed + bf16.failed;
     printf("twin test: %d passed, %d failed\n", passed, failed);
