@@ -401,8 +401,8 @@ def cmd_unsupported(url, model_id):
     naming it; the developer role is the system role; GET /v1/models/{id}."""
     tool = [{"type": "function", "function": {"name": "f"}}]
     chat = {"tools": tool, "tool_choice": "auto", "response_format": {"type": "json_object"},
-            "logit_bias": {"50": -100}, "n": 2, "logprobs": True, "top_logprobs": 2}
-    completion = {"logprobs": 1, "echo": True, "best_of": 2, "suffix": "end", "tools": tool}
+            "n": 2}
+    completion = {"best_of": 2, "suffix": "end", "tools": tool, "top_logprobs": 2}
     cases = [("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}],
                                            **{k: v}), k) for k, v in chat.items()]
     cases += [("/v1/completions", {"prompt": "x", k: v}, k) for k, v in completion.items()]

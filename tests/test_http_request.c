@@ -279,15 +279,9 @@ static void test_unimplemented_fields_are_400_naming_them(void **state) {
         {1, "functions", "[{\"name\":\"f\"}]"},
         {1, "response_format", "{\"type\":\"json_object\"}"},
         {0, "response_format", "{\"type\":\"json_schema\",\"json_schema\":{}}"},
-        {1, "logit_bias", "{\"50\":-100}"},
-        {0, "logit_bias", "{\"50\":5}"},
         {0, "best_of", "2"},
         {0, "suffix", "\"end\""},
-        {0, "logprobs", "1"},
-        {0, "logprobs", "0"},
-        {0, "echo", "true"},
-        {1, "logprobs", "true"},
-        {1, "top_logprobs", "2"},
+        {0, "top_logprobs", "2"},
         {0, "n", "2"},
         {1, "n", "3"},
     };
@@ -316,6 +310,58 @@ static void test_unimplemented_fields_are_400_naming_them(void **state) {
             fail_msg("%s refused: %s", fine[i], e.message);
         json_decref(o);
     }
+}
+
+/* logprobs / echo (completions), logprobs / top_logprobs (chat) and
+ * logit_bias reach the engine's parameters; bad values name the field. */
+static void test_logprobs_echo_and_logit_bias_are_parsed(void **state) {
+    fixture *f = *state;
+    f->lim.max_prompt_tokens = 1000;
+    json_t *o = parse("{\"prompt\":\"a\",\"logprobs\":3,\"echo\":true,"
+                      "\"logit_bias\":{\"65\":-100,\"7\":2.5}}");
+    rp_gen_request r;
+    rp_request_error e;
+    assert_int_equal(rp_request_parse_generation(o, 0, &f->lim, &r, &e), 0);
+    assert_true(r.params.logprobs && r.params.score_prompt && r.echo);
+    assert_int_equal(r.params.top_logprobs, 3);
+    assert_int_equal(r.params.n_bias, 2);
+    int seen = 0;
+    for (int i = 0; i < 2; i++) {
+        if (r.params.bias_ids[i] == 65) seen += r.params.bias_values[i] == -100.0f;
+        if (r.params.bias_ids[i] == 7) seen += r.params.bias_values[i] == 2.5f;
+    }
+    assert_int_equal(seen, 2);
+    json_decref(o);
+    /* echo alone returns the prompt without scoring it; logprobs 0: no alternatives */
+    o = parse("{\"prompt\":\"a\",\"echo\":true,\"logprobs\":null}");
+    assert_int_equal(rp_request_parse_generation(o, 0, &f->lim, &r, &e), 0);
+    assert_true(r.echo && !r.params.logprobs && !r.params.score_prompt);
+    json_decref(o);
+    o = parse("{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":true,"
+              "\"top_logprobs\":20}");
+    assert_int_equal(rp_request_parse_generation(o, 1, &f->lim, &r, &e), 0);
+    assert_true(r.params.logprobs && !r.params.score_prompt);
+    assert_int_equal(r.params.top_logprobs, 20);
+    json_decref(o);
+    assert_refused(f, "{\"prompt\":\"a\",\"logprobs\":21}", 0, 400, "invalid_value", "'logprobs'");
+    assert_refused(f, "{\"prompt\":\"a\",\"logprobs\":true}", 0, 400, "invalid_type",
+                   "'logprobs'");
+    assert_refused(f, "{\"prompt\":\"a\",\"echo\":1}", 0, 400, "invalid_type", "'echo'");
+    assert_refused(f, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                      "\"top_logprobs\":2}", 1, 400, "invalid_value", "'top_logprobs'");
+    assert_refused(f, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                      "\"logprobs\":true,\"top_logprobs\":21}", 1, 400, "invalid_value",
+                   "'top_logprobs'");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":{\"256\":1}}", 0, 400, "invalid_value",
+                   "'256'");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":{\"1x\":1}}", 0, 400, "invalid_value",
+                   "'1x'");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":{\"5\":-100.5}}", 0, 400,
+                   "invalid_value", "'logit_bias'['5'] is -100.5");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":{\"5\":true}}", 0, 400, "invalid_type",
+                   "'logit_bias'['5']");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":[1]}", 0, 400, "invalid_type",
+                   "'logit_bias'");
 }
 
 /* "developer" is the system role; "tool" and "function" name tool calling. */
@@ -488,6 +534,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_prompts_as_text_one_string_array_or_ids, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_prompts_are_refused_with_one_length_check, setup, teardown),
         cmocka_unit_test_setup_teardown(test_chat_messages_are_checked, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_logprobs_echo_and_logit_bias_are_parsed, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_unimplemented_fields_are_400_naming_them, setup, teardown),
         cmocka_unit_test_setup_teardown(test_developer_is_system_and_tool_roles_are_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tokenize_and_detokenize, setup, teardown),

@@ -362,6 +362,22 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     g->skip_space = chat;
     g->return_ids = gr.return_ids;
     g->n_prompt = (int)n_ids;
+    g->want_lp = gr.params.logprobs;
+    g->top_lp = gr.params.top_logprobs;
+    http_logprobs_init(&g->lp_stream, chat);
+    if (gr.echo) {
+        /* the reply starts with the prompt: its text, and its tokens when scored */
+        g->echo = 1;
+        g->echo_text = malloc(prompt_len + 1);
+        g->echo_len = prompt_len;
+        g->prompt_ids = malloc(n_ids * sizeof *g->prompt_ids);
+        if (g->echo_text) memcpy(g->echo_text, prompt, prompt_len + 1);
+        if (!g->prompt_ids || !g->echo_text) {
+            rp_request_fail(e, 500, "internal", "out of memory");
+            goto fail_out;
+        }
+        memcpy(g->prompt_ids, ids, n_ids * sizeof *ids);
+    }
     g->head.created = time(NULL);
     snprintf(g->head.id, sizeof g->head.id, "%s-%lx%06lx", chat ? "chatcmpl" : "cmpl",
              (unsigned long)g->head.created, (unsigned long)atomic_fetch_add(&s->next_id, 1));

@@ -148,13 +148,9 @@ static const refused_field refused_fields[] = {
     {"tool_choice", 3, ASKS_NOT_NONE, "tool calling is not supported"},
     {"function_call", 3, ASKS_NOT_NONE, "function calling is not supported"},
     {"response_format", 3, ASKS_NOT_TEXT, "structured output is not implemented yet"},
-    {"logit_bias", 3, ASKS_NONEMPTY, "logit_bias is not implemented yet"},
     {"best_of", 1, ASKS_ABOVE_ONE, "best_of > 1 is not supported"},
     {"suffix", 1, ASKS_NONEMPTY, "suffix (insertion) is not supported"},
-    {"logprobs", 1, ASKS_SET, "logprobs are not implemented yet"},
-    {"logprobs", 2, ASKS_TRUE, "logprobs are not implemented yet"},
-    {"top_logprobs", 3, ASKS_SET, "logprobs are not implemented yet"},
-    {"echo", 1, ASKS_TRUE, "echo is not implemented yet"},
+    {"top_logprobs", 1, ASKS_SET, "top_logprobs is a chat field: completions take \"logprobs\": k"},
     {"n", 3, ASKS_ABOVE_ONE, "n > 1 is not implemented yet: send n requests"},
     {"audio", 2, ASKS_SET, "audio output is not supported"},
     {"prediction", 2, ASKS_SET, "predicted outputs are not supported"},
@@ -200,6 +196,68 @@ static int check_model(json_t *o, const rp_request_limits *lim, rp_request_error
         return rp_request_fail(e, 404, "model_not_found",
                                "model '%s' is not served here (this server has '%s')", model,
                                lim->model_id);
+    return 0;
+}
+
+/* Completions: "logprobs": k (0..20) lists each token with its logprob and
+ * the k most likely; "echo": true returns the prompt first (scored when
+ * logprobs are asked). Chat: "logprobs": true, "top_logprobs": k. */
+static int parse_logprobs(json_t *o, int chat, rp_gen_request *r, rp_request_error *e) {
+    rp_gen_params *p = &r->params;
+    long long k = -1;
+    if (chat) {
+        int on = 0;
+        if (get_bool(o, "logprobs", &on, e)) return -1;
+        if (get_int(o, "top_logprobs", 0, RP_LOGPROBS_MAX, &k, e)) return -1;
+        if (k >= 0 && !on)
+            return rp_request_fail(e, 400, "invalid_value",
+                                   "'top_logprobs' needs \"logprobs\": true");
+        p->logprobs = on;
+        p->top_logprobs = k > 0 ? (int)k : 0;
+        return 0;
+    }
+    if (get_int(o, "logprobs", 0, RP_LOGPROBS_MAX, &k, e)) return -1;
+    if (get_bool(o, "echo", &r->echo, e)) return -1;
+    p->logprobs = k >= 0;
+    p->top_logprobs = k > 0 ? (int)k : 0;
+    p->score_prompt = r->echo && p->logprobs;
+    return 0;
+}
+
+/* "logit_bias": {"token id": bias in [-100, 100]}, added to the logits
+ * before sampling (not to the reported logprobs). */
+static int parse_logit_bias(json_t *o, const rp_request_limits *lim, rp_gen_params *p,
+                            rp_request_error *e) {
+    json_t *b = json_object_get(o, "logit_bias");
+    p->n_bias = 0;
+    if (!b || json_is_null(b)) return 0;
+    if (!json_is_object(b))
+        return rp_request_fail(e, 400, "invalid_type",
+                               "'logit_bias' must be an object {\"token id\": bias}");
+    if (json_object_size(b) > RP_ENGINE_MAX_BIAS)
+        return rp_request_fail(e, 400, "invalid_value", "'logit_bias' has %zu entries: at most %d",
+                               json_object_size(b), RP_ENGINE_MAX_BIAS);
+    const char *key;
+    json_t *v;
+    json_object_foreach(b, key, v) {
+        char *end = NULL;
+        long id = strtol(key, &end, 10);
+        if (!*key || *end || key[0] == '-' || key[0] == '+' || key[0] == ' ' || id < 0 ||
+            id >= lim->vocab_size)
+            return rp_request_fail(e, 400, "invalid_value",
+                                   "'logit_bias' key '%.40s' is not a token id in [0, %d)", key,
+                                   lim->vocab_size);
+        if (!json_is_number(v))
+            return rp_request_fail(e, 400, "invalid_type",
+                                   "'logit_bias'['%s'] must be a number in [-100, 100]", key);
+        double x = json_number_value(v);
+        if (!(x >= -100 && x <= 100))
+            return rp_request_fail(e, 400, "invalid_value",
+                                   "'logit_bias'['%s'] is %g: expected a number in [-100, 100]",
+                                   key, x);
+        p->bias_ids[p->n_bias] = (int32_t)id;
+        p->bias_values[p->n_bias++] = (float)x;
+    }
     return 0;
 }
 
@@ -330,6 +388,7 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
         }
         free(ids);
     }
+    if (parse_logprobs(o, chat, r, e) || parse_logit_bias(o, lim, p, e)) return -1;
     rp_error err;
     if (rp_gen_params_validate(p, lim->vocab_size, &err) != RP_OK)
         return rp_request_fail(e, 400, "invalid_value", "%s", err.msg);

@@ -58,6 +58,7 @@ typedef struct {
     const char *stops[RP_TEXT_MAX_STOPS];
     int n_stops;
     int stream, return_ids;
+    int echo;       /* completions: the reply's text (and logprobs) start with the prompt */
     const char *session, *initial_state; /* NULL when absent; valid session names */
 } rp_gen_request;
 

@@ -167,6 +167,41 @@ static void finish_job(gen_ctx *g, rp_finish_reason f) {
     if (f == RP_FINISH_ERROR) rp_job_error(g->job, g->error, sizeof g->error);
 }
 
+/* Keeps generated token `index`'s logprob for the reply (a token whose
+ * logprob did not come is listed with the logprob 0 and no alternatives;
+ * the engine sends it before the token, so this does not happen). */
+static void gen_keep_logprob(gen_ctx *g, int index, int32_t id) {
+    if (g->n_glp == g->glp_cap) {
+        size_t cap = g->glp_cap ? 2 * g->glp_cap : 32;
+        http_token_lp *grown = realloc(g->glp, cap * sizeof *grown);
+        if (!grown) return;
+        g->glp = grown;
+        g->glp_cap = cap;
+    }
+    http_token_lp *t = &g->glp[g->n_glp++];
+    t->id = id;
+    if (!rp_job_logprob(g->job, index, &t->lp)) {
+        memset(&t->lp, 0, sizeof t->lp);
+        t->lp.token = id;
+    }
+}
+
+/* Adds to l the prompt's tokens (echo with logprobs: the first has none)
+ * when with_prompt, then the generated tokens not listed yet. */
+static void gen_add_logprobs(gen_ctx *g, http_logprobs *l, int with_prompt) {
+    const rp_tokenizer *tok = g->srv->tok;
+    if (with_prompt && g->echo) {
+        for (int i = 0; i < g->n_prompt && g->want_lp; i++) {
+            rp_token_logprob lp;
+            int have = i > 0 && rp_job_prompt_logprob(g->job, i, &lp);
+            http_logprobs_add(l, tok, g->prompt_ids[i], have ? &lp : NULL, g->top_lp);
+        }
+        if (!g->want_lp) http_logprobs_skip_text(l, g->echo_text, g->echo_len);
+    }
+    for (; g->glp_sent < g->n_glp; g->glp_sent++)
+        http_logprobs_add(l, tok, g->glp[g->glp_sent].id, &g->glp[g->glp_sent].lp, g->top_lp);
+}
+
 /* Reads what the engine generated (waiting up to timeout_ms) and feeds the
  * text stream. Returns 1 once the generation is over (g->done). A stop
  * string ends it at once; a job that stores a session is still drained to
@@ -183,7 +218,9 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
             const uint8_t *b = rp_tokenizer_token_bytes(g->srv->tok, ids[i], &len);
             if (!b) len = 0;
             if (g->session[0]) http_gen_tail_push(g, b, len);
+            const int index = g->n_read++;
             if (g->stop_hit) continue;
+            if (g->want_lp) gen_keep_logprob(g, index, ids[i]);
             g->completion_tokens++;
             g->t_last = rp_now_seconds();
             if (g->return_ids) {
@@ -205,6 +242,14 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
             }
         }
         if (f != RP_FINISH_NONE) {
+            /* The end-of-text token that stopped it is listed (not in the
+             * text), as OpenAI does: clients that drop the last entry
+             * (lm-evaluation-harness) rely on it. */
+            rp_token_logprob lp;
+            if (g->want_lp && f == RP_FINISH_STOP && !g->stop_hit &&
+                rp_job_logprob(g->job, g->n_read, &lp) &&
+                lp.token == rp_tokenizer_eot_id(g->srv->tok))
+                gen_keep_logprob(g, g->n_read, lp.token);
             /* Every token is read (rp_job_read reports the end only then),
              * maybe with these last ones: over now, as the job's hook will
              * not call again. A session turn ends only once the engine has
@@ -274,6 +319,10 @@ void http_gen_free(gen_ctx *g) {
     free(g->reply);
     free(g->pending);
     free(g->ids);
+    free(g->glp);
+    free(g->prompt_ids);
+    free(g->echo_text);
+    http_logprobs_free(&g->lp_stream);
     free(g);
     atomic_fetch_sub(&s->active_generations, 1);
 }
@@ -303,10 +352,32 @@ static void sse_produce(gen_ctx *g) {
     int done = g->done ? 1 : gen_pump(g, 0);
     size_t len;
     const char *t = take_text(g, &len);
-    if (len > 0 || (g->head.chat && !g->sent_role)) {
-        sse_append(g, http_chunk_json(&g->head, g->head.chat && !g->sent_role, t, len, NULL));
+    /* echo: the prompt goes first, once the engine has scored it (it has
+     * when the first token or the end comes) */
+    const int echo_now = g->echo && !g->echo_sent && (g->n_read > 0 || done);
+    char *joined = NULL;
+    if (echo_now) {
+        joined = malloc(g->echo_len + len + 1);
+        if (joined) {
+            memcpy(joined, g->echo_text, g->echo_len);
+            memcpy(joined + g->echo_len, t, len);
+            t = joined;
+            len += g->echo_len;
+        }
+    }
+    if (len > 0 || echo_now || (g->head.chat && !g->sent_role)) {
+        json_t *chunk = http_chunk_json(&g->head, g->head.chat && !g->sent_role, t, len, NULL);
+        if (g->want_lp || echo_now) {
+            gen_add_logprobs(g, &g->lp_stream, echo_now);
+            if (g->want_lp)
+                json_object_set_new(json_array_get(json_object_get(chunk, "choices"), 0),
+                                    "logprobs", http_logprobs_take(&g->lp_stream));
+        }
+        g->echo_sent |= echo_now;
+        sse_append(g, chunk);
         g->sent_role = 1;
     }
+    free(joined);
     if (!done) return;
     if (g->finish == RP_FINISH_ERROR) {
         sse_append(g, g->engine_failed ? http_error_json(503, "engine_failed", g->error)
@@ -318,6 +389,11 @@ static void sse_produce(gen_ctx *g) {
         if (g->return_ids)
             json_object_set_new(json_array_get(json_object_get(last, "choices"), 0), "token_ids",
                                 ids_json(g));
+        if (g->want_lp) {
+            gen_add_logprobs(g, &g->lp_stream, 0);
+            json_object_set_new(json_array_get(json_object_get(last, "choices"), 0), "logprobs",
+                                http_logprobs_take(&g->lp_stream));
+        }
         json_object_set_new(last, "usage", http_usage_json(g->n_prompt, g->completion_tokens));
         json_object_set_new(last, "timing", gen_timing_json(g));
         if (g->session[0]) json_object_set_new(last, "session", json_string(g->session));
@@ -382,6 +458,18 @@ static enum MHD_Result reply_done(gen_ctx *g, struct MHD_Connection *conn) {
         return http_send_error(s, conn, 503, "engine_failed", "%s", g->error);
     if (g->finish == RP_FINISH_ERROR)
         return http_send_error(s, conn, 500, "generation_failed", "%s", g->error);
+    if (g->echo) {
+        /* the prompt's text first */
+        char *joined = malloc(g->echo_len + g->reply_len + 1);
+        if (!joined) return http_send_error(s, conn, 500, "internal", "out of memory");
+        memcpy(joined, g->echo_text, g->echo_len);
+        if (g->reply_len) memcpy(joined + g->echo_len, g->reply, g->reply_len);
+        free(g->reply);
+        g->reply = joined;
+        g->reply_len += g->echo_len;
+        g->reply_cap = g->reply_len + 1;
+        g->reply[g->reply_len] = '\0';
+    }
     json_t *resp = http_reply_json(&g->head, g->reply ? g->reply : "", g->reply_len,
                                    http_finish_name(g->finish),
                                    http_usage_json(g->n_prompt, g->completion_tokens),
@@ -389,6 +477,13 @@ static enum MHD_Result reply_done(gen_ctx *g, struct MHD_Connection *conn) {
     if (resp && g->session[0]) json_object_set_new(resp, "session", json_string(g->session));
     json_t *choice = json_array_get(json_object_get(resp, "choices"), 0);
     if (choice && g->return_ids) json_object_set_new(choice, "token_ids", ids_json(g));
+    if (choice && g->want_lp) {
+        http_logprobs l;
+        http_logprobs_init(&l, g->head.chat);
+        gen_add_logprobs(g, &l, 1);
+        json_object_set_new(choice, "logprobs", http_logprobs_take(&l));
+        http_logprobs_free(&l);
+    }
     return http_send_json(s, conn, 200, resp);
 }
 
