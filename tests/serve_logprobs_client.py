@@ -65,10 +65,12 @@ want_sum = sum(want[CTXLEN - 1:])
 want_greedy = all(ref[t][tokens[t + 1]] == max(ref[t]) for t in range(CTXLEN - 1, len(tokens) - 1))
 
 
-def parse_logprobs(out, ctxlen):
+def parse_logprobs(out, ctxlens):
     """lm_eval/models/openai_completions.py LocalCompletionsAPI.parse_logprobs"""
     res = []
-    for choice in sorted(out["choices"], key=lambda c: c["index"]):
+    if isinstance(ctxlens, int):
+        ctxlens = [ctxlens]
+    for choice, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), ctxlens):
         lp = choice["logprobs"]
         logprobs = sum(lp["token_logprobs"][ctxlen:-1])
         is_greedy = True
@@ -204,6 +206,99 @@ for bad, name in (({"256": 1}, "'256'"), ({"-1": 1}, "'-1'"), ({"5": 101}, "'5'"
     code, text = post("/v1/completions", {"prompt": "a", "max_tokens": 1, "logit_bias": bad})
     check("logit_bias %s -> 400 naming %s" % (json.dumps(bad), name),
           code == 400 and name in text and "logit_bias" in text, (code, text[:200]))
+# batched prompts (lm-eval's batch_size > 1 with token lists, LangChain's
+# generate([...])): one choice per prompt, each equal bit for bit to the
+# same prompt sent alone (temperature 0), usage summed
+ctx2 = tokens[:CTXLEN - 5]
+batch_body = {"prompt": [tokens, ctx2], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+              "seed": 1234, "echo": True}
+code, text = post("/v1/completions", batch_body)
+check("batch of two token lists: 200", code == 200, text[:300])
+if code == 200:
+    out = json.loads(text)
+    alone = [json.loads(post("/v1/completions", dict(batch_body, prompt=p))[1]) for p in (tokens, ctx2)]
+    check("batch: choices in order, each equal to its prompt alone (text and logprobs, bit for bit)",
+          [c["index"] for c in out["choices"]] == [0, 1] and
+          all(out["choices"][i]["text"] == alone[i]["choices"][0]["text"] and
+              out["choices"][i]["logprobs"] == alone[i]["choices"][0]["logprobs"] for i in range(2)),
+          text[:300])
+    check("batch: usage is the sum", out["usage"]["prompt_tokens"] == len(tokens) + len(ctx2) and
+          out["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone),
+          out["usage"])
+    res = parse_logprobs(out, [CTXLEN, CTXLEN - 6])
+    check("batch: lm-eval's parse_logprobs gives the reference sum for the first prompt",
+          abs(res[0][0] - want_sum) < 1e-4, res)
+texts = ["The quick", "brown fox", "jumps"]
+body_t = {"prompt": texts, "temperature": 0, "max_tokens": 8}
+code, text = post("/v1/completions", body_t)
+alone = [post("/v1/completions", dict(body_t, prompt=t))[1] for t in texts]
+check("batch of strings: each choice's text equals its prompt alone",
+      code == 200 and [c["text"] for c in json.loads(text)["choices"]] ==
+      [json.loads(a)["choices"][0]["text"] for a in alone], text[:300])
+code, text = post("/v1/completions", {"prompt": ["ok", [1, 2, 300]], "max_tokens": 1})
+check("batch: a bad prompt is a 400 naming it", code == 400 and "prompt 1 of the batch" in text,
+      (code, text[:200]))
+code, text = post("/v1/completions", {"prompt": ["ok", 5], "max_tokens": 1})
+check("batch: a prompt that is neither text nor ids is a 400 naming it",
+      code == 400 and "'prompt'[1]" in text, (code, text[:200]))
+
+# n > 1: choice j uses seed + j (reproducible), choices differ, prompt-major with a batch
+body_n = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "top_p": 1.0,
+          "seed": 42, "n": 3}
+def prefilled():
+    with urllib.request.urlopen(URL + "/metrics", timeout=60) as r:
+        for line in r.read().decode().split("\n"):
+            if line.startswith("rwkvpipe_tokens_prefilled_total "):
+                return int(float(line.split()[1]))
+
+
+before = prefilled()
+code, text = post("/v1/completions", body_n)
+after = prefilled()
+check("n 3: the prompt is prefilled once (all but its last token, which each choice reads)",
+      after - before == len("Once upon a time") - 1, (before, after))
+code2, text2 = post("/v1/completions", body_n)
+ok = code == 200 and code2 == 200
+if ok:
+    a, b = json.loads(text), json.loads(text2)
+    ta = [c["text"] for c in a["choices"]]
+    check("n 3 with a seed: the same choices again", ta == [c["text"] for c in b["choices"]], (ta,))
+    check("n 3: the choices differ", len(set(ta)) == 3, ta)
+    single = [json.loads(post("/v1/completions", dict(body_n, n=1, seed=42 + j))[1])["choices"][0]["text"]
+              for j in range(3)]
+    check("n 3: choice j = the same request with seed + j", single == ta, (single, ta))
+    check("n 3: usage counts the prompt once and every choice's tokens",
+          a["usage"]["completion_tokens"] == 36 and a["usage"]["prompt_tokens"] == len("Once upon a time"),
+          a["usage"])
+else:
+    check("n 3: 200", False, text[:300])
+code, text = post("/v1/completions", dict(body_n, prompt=["Once upon a time", "The end"], n=2))
+if code == 200:
+    ch = json.loads(text)["choices"]
+    alone2 = json.loads(post("/v1/completions", dict(body_n, prompt="The end", n=2))[1])["choices"]
+    check("batch x n: prompt-major indexes, each prompt's choices as with that prompt alone",
+          [c["index"] for c in ch] == [0, 1, 2, 3] and ch[0]["text"] == ta[0] and
+          ch[1]["text"] == ta[1] and [c["text"] for c in ch[2:]] == [c["text"] for c in alone2],
+          [c["text"] for c in ch])
+else:
+    check("batch x n: 200", False, text[:300])
+code, text = post("/v1/completions", dict(body_n, stream=True))
+idx = {}
+for line in text.split("\n"):
+    if line.startswith("data: {"):
+        for c in json.loads(line[6:])["choices"]:
+            idx[c["index"]] = idx.get(c["index"], "") + c["text"]
+check("n 3 streamed: the chunks of each index concatenate to the same texts",
+      code == 200 and [idx.get(i) for i in range(3)] == ta, (idx, ta))
+code, text = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                            "max_tokens": 6, "n": 2, "seed": 3,
+                                            "temperature": 1.0, "stop": []})
+check("chat n 2: two choices", code == 200 and
+      [c["index"] for c in json.loads(text)["choices"]] == [0, 1], text[:300])
+code, text = post("/v1/completions", {"prompt": "a", "n": 2, "session": "s1"})
+check("n 2 with a session: 400 naming session", code == 400 and "'session'" in text, text[:200])
+code, text = post("/v1/completions", {"prompt": "a", "n": 65})
+check("n 65: 400 naming n", code == 400 and "'n'" in text, text[:200])
 # bad values name the field
 for bad, name in (({"logprobs": 21}, "logprobs"), ({"logprobs": "1"}, "logprobs"),
                   ({"echo": 1}, "echo"), ({"top_logprobs": 2}, "top_logprobs")):

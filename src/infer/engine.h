@@ -114,6 +114,13 @@ typedef struct rp_job rp_job;
  * as start_session only). Returns NULL with err set. */
 rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *params,
                       const char *start_session, const char *store_session, rp_error *err);
+/* n > 1: job has the same prompt (and start) as first, submitted before it.
+ * The prompt is read once: when both hold a slot as first has read all but
+ * its last prompt token, job's state is copied from first's and each reads
+ * the last token itself (so each samples its own first token). A job that
+ * gets its slot after that point, or whose first is gone, reads the prompt
+ * itself: the same numbers either way. Call before submitting job. */
+void rp_job_share_prompt(rp_job *job, rp_job *first);
 /* The client's reference: every job is released once by its creator. */
 void rp_job_release(rp_job *job);
 

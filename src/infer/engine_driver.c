@@ -346,6 +346,61 @@ static void finish_unit(rp_engine *e, const int32_t *unit_slots, int n_unit, con
     }
 }
 
+/* Where a job's prefill stops: one token early for a job others copy
+ * their state from (until it passes that point), so that each then reads
+ * the last prompt token and samples on its own. */
+static int prefill_end(const rp_job *j) {
+    return j->fork_parent && !j->fork_passed ? j->n_prompt - 1 : j->n_prompt;
+}
+
+/* The copies of a prompt read once (rp_job_share_prompt): a job waiting in
+ * its slot gets the state of its first job once that one has read all but
+ * its last prompt token; the first goes on once none waits for it. A job
+ * whose first is gone or past that point reads the prompt itself. */
+static rp_status resolve_forks(rp_engine *e, rp_error *err) {
+    const int S = e->cfg.n_slots;
+    for (int s = 0; s < S; s++) {
+        rp_job *k = e->slot_job[s];
+        if (!k || !k->fork_wait) continue;
+        rp_job *p = k->fork_of;
+        const int alive = p->slot >= 0 && p->slot < S && e->slot_job[p->slot] == p &&
+                          !p->closing && !p->fork_passed && p->prefilled <= p->n_prompt - 1;
+        if (!alive || k->closing) {
+            k->fork_wait = 0;
+            continue;
+        }
+        if (p->in_flight || p->prefilled < p->n_prompt - 1) continue;
+        rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
+        int32_t src = p->slot;
+        c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__COPY_SLOT;
+        c.slot = s;
+        c.n_slots = 1;
+        c.slots = &src;
+        rp_status st = rp_engine_issue(e, &c, err);
+        if (st != RP_OK) return st;
+        e->slot_tokens[s] = e->slot_tokens[p->slot];
+        k->fork_wait = 0;
+        k->prefilled = k->n_prompt;
+        k->has_pending = 1;
+        k->pending = k->prompt[k->n_prompt - 1];
+    }
+    for (int s = 0; s < S; s++) {
+        rp_job *p = e->slot_job[s];
+        if (!p || !p->fork_parent || p->fork_passed || p->in_flight || p->closing ||
+            p->prefilled != p->n_prompt - 1)
+            continue;
+        int waiting = 0;
+        for (int k = 0; k < S; k++)
+            waiting |= e->slot_job[k] && e->slot_job[k]->fork_wait && e->slot_job[k]->fork_of == p;
+        if (waiting) continue;
+        p->fork_passed = 1;
+        p->prefilled = p->n_prompt;
+        p->has_pending = 1;
+        p->pending = p->prompt[p->n_prompt - 1];
+    }
+    return RP_OK;
+}
+
 /* Builds and launches the next unit, if any work is ready. Returns 1 if one
  * was launched. */
 static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_error *err) {
@@ -364,7 +419,8 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
         const int s = (start + i) % S;
         rp_job *j = e->slot_job[s];
         if (!j || j->in_flight) continue;
-        if (j->prefilled < j->n_prompt && !j->closing) {
+        if (j->fork_wait) continue;
+        if (j->prefilled < prefill_end(j) && !j->closing) {
             if (prefill_slot < 0) prefill_slot = s;
         } else if (j->has_pending && (!j->closing || j->store_session[0]) &&
                    !(j->closing && rp_job_cancel_state(j) == RP_JOB_CANCEL_CLIENT)) {
@@ -388,7 +444,7 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
     c.unit_id = ++e->next_unit_id;
     if (do_prefill) {
         rp_job *j = e->slot_job[prefill_slot];
-        int len = j->n_prompt - j->prefilled;
+        int len = prefill_end(j) - j->prefilled;
         if (len > e->cfg.prefill_chunk) len = e->cfg.prefill_chunk;
         slots[0] = prefill_slot;
         lengths[0] = len;
@@ -589,6 +645,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         pthread_mutex_unlock(&j->mu);
         j->slot = s;
         e->slot_job[s] = j;
+        j->fork_wait = j->fork_of != NULL;
     }
     /* Cancelled and finished jobs give their slot back. */
     for (int s = 0; s < S; s++) {
@@ -610,6 +667,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         st = close_slot(e, s, stash, err);
         if (st != RP_OK) goto fail;
     }
+    if ((st = resolve_forks(e, err)) != RP_OK) goto fail;
     /* Keep up to P units in flight. */
     e->launched_any = 0;
     /* At most P launches per step, so admissions and cancels interleave

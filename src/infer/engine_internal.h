@@ -59,6 +59,11 @@ struct rp_job {
     int has_deferred;              /* the end is reported once the session is stored */
     rp_finish_reason deferred;
     int closed;                    /* FREE_SLOT issued */
+    /* a prompt read once for several jobs (rp_job_share_prompt) */
+    rp_job *fork_of;               /* (a reference) the job this one copies its state from */
+    int fork_wait;                 /* in a slot, waiting for fork_of to reach the copy point */
+    int fork_parent;               /* others copy from this one: it stops one token early */
+    int fork_passed;               /* past the copy point: later ones read the prompt */
 };
 
 /* Job helpers used by the engine (engine_job.c). */

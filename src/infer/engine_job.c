@@ -124,6 +124,19 @@ rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *
     return j;
 }
 
+void rp_job_share_prompt(rp_job *job, rp_job *first) {
+    /* read at admission by the engine's main thread, after submit */
+    if (!first || job->fork_of || job->n_prompt != first->n_prompt || job->n_prompt < 2 ||
+        job->params.max_tokens == 0 || first->params.max_tokens == 0 ||
+        strcmp(job->start_session, first->start_session) != 0 || job->store_session[0] ||
+        first->store_session[0] ||
+        memcmp(job->prompt, first->prompt, sizeof(int32_t) * (size_t)job->n_prompt) != 0)
+        return;
+    rp_job_retain(first);
+    job->fork_of = first;
+    first->fork_parent = 1;
+}
+
 void rp_job_retain(rp_job *job) {
     pthread_mutex_lock(&job->mu);
     job->refs++;
@@ -139,6 +152,7 @@ void rp_job_release(rp_job *job) {
     pthread_mutex_destroy(&job->mu);
     pthread_cond_destroy(&job->cv);
     pthread_mutex_destroy(&job->notify_mu);
+    if (job->fork_of) rp_job_release(job->fork_of);
     free(job->prompt);
     free(job->out);
     free(job->lp);

@@ -320,6 +320,14 @@ rp_status rp_engine_apply(rp_engine *e, const rp_engine_command *c, rp_error *er
             e->be->copy_to_host(e->be, s->data, slot_state(e, c->slot), fps * sizeof(float));
         }
         return RP_OK;
+    case RWKVPIPE__ENGINE_COMMAND__KIND__COPY_SLOT:
+        if (c->slot < 0 || c->slot >= e->cfg.n_slots || c->n_slots != 1 || c->slots[0] < 0 ||
+            c->slots[0] >= e->cfg.n_slots)
+            return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: copy into slot %d", e->stage,
+                                c->slot);
+        e->be->copy(e->be, slot_state(e, c->slot), slot_state(e, c->slots[0]),
+                    fps * sizeof(float));
+        return RP_OK;
     case RWKVPIPE__ENGINE_COMMAND__KIND__DROP:
         rp_engine_session_drop(e, c->session);
         return RP_OK;

@@ -132,6 +132,12 @@ struct gen_ctx {
     http_token_lp *glp;         /* the listed tokens' logprobs */
     size_t n_glp, glp_cap, glp_sent;
     http_logprobs lp_stream;    /* stream: offsets carry over between chunks */
+    /* a request of several choices (a batch of prompts, n > 1): the parent
+     * holds the connection and its reply; each kid one choice and its job */
+    gen_ctx *parent;
+    gen_ctx **kids;
+    int n_kids, n_per_prompt;
+    gen_ctx *lp_source;         /* echo: the kid whose job scored this prompt (NULL: its own) */
     int submitted;              /* the engine has the job */
     int done;
     rp_finish_reason finish;
@@ -172,6 +178,9 @@ void http_session_end_turn(rp_http_server *s, const char *name, const char tail[
 /* A new generation on conn, counted in active_generations; NULL when out
  * of memory. */
 gen_ctx *http_gen_new(rp_http_server *s, struct MHD_Connection *conn);
+/* A choice of parent's request (not counted or listed on its own; its
+ * job's hook wakes the parent); NULL when out of memory. */
+gen_ctx *http_gen_kid(gen_ctx *parent);
 /* Cancels its job if submitted and unfinished, ends its session turn,
  * frees. NULL is ignored. */
 void http_gen_free(gen_ctx *g);

@@ -151,7 +151,6 @@ static const refused_field refused_fields[] = {
     {"best_of", 1, ASKS_ABOVE_ONE, "best_of > 1 is not supported"},
     {"suffix", 1, ASKS_NONEMPTY, "suffix (insertion) is not supported"},
     {"top_logprobs", 1, ASKS_SET, "top_logprobs is a chat field: completions take \"logprobs\": k"},
-    {"n", 3, ASKS_ABOVE_ONE, "n > 1 is not implemented yet: send n requests"},
     {"audio", 2, ASKS_SET, "audio output is not supported"},
     {"prediction", 2, ASKS_SET, "predicted outputs are not supported"},
 };
@@ -277,8 +276,9 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
         p->penalty_decay = 0.996f;
     }
     if (check_model(o, lim, e)) return -1;
-    long long n = 1; /* > 1 is refused above */
-    if (get_int(o, "n", 1, 1, &n, e)) return -1;
+    long long n = 1;
+    if (get_int(o, "n", 1, RP_REQUEST_MAX_CHOICES, &n, e)) return -1;
+    r->n = (int)n;
     long long max_tokens = p->max_tokens;
     json_t *mt = json_object_get(o, chat && json_object_get(o, "max_completion_tokens")
                                         ? "max_completion_tokens"
@@ -584,6 +584,73 @@ int rp_request_prompt(json_t *o, int chat, const char *lead, const rp_request_li
         *text_len = *n_ids = 0;
     }
     return r;
+}
+
+void rp_request_prompts_free(rp_request_prompt_list *l) {
+    for (int i = 0; i < l->n; i++) {
+        if (l->texts) free(l->texts[i]);
+        if (l->ids) free(l->ids[i]);
+    }
+    free(l->texts);
+    free(l->text_lens);
+    free(l->ids);
+    free(l->n_ids);
+    memset(l, 0, sizeof *l);
+}
+
+int rp_request_prompts(json_t *o, const rp_request_limits *lim, rp_request_prompt_list *out,
+                       rp_request_error *e) {
+    memset(out, 0, sizeof *out);
+    json_t *pj = json_object_get(o, "prompt");
+    json_t *first = json_is_array(pj) ? json_array_get(pj, 0) : NULL;
+    /* a batch: an array of strings and / or token-id arrays (more than one
+     * string, or any token-id array) */
+    const int batch = json_is_array(pj) && json_array_size(pj) > 0 &&
+                      (json_is_array(first) || (json_is_string(first) && json_array_size(pj) > 1));
+    const size_t n = batch ? json_array_size(pj) : 1;
+    if (n > RP_REQUEST_MAX_CHOICES)
+        return rp_request_fail(e, 400, "invalid_value", "'prompt' has %zu prompts: at most %d",
+                               n, RP_REQUEST_MAX_CHOICES);
+    out->texts = calloc(n, sizeof *out->texts);
+    out->text_lens = calloc(n, sizeof *out->text_lens);
+    out->ids = calloc(n, sizeof *out->ids);
+    out->n_ids = calloc(n, sizeof *out->n_ids);
+    if (!out->texts || !out->text_lens || !out->ids || !out->n_ids) {
+        rp_request_prompts_free(out);
+        return rp_request_fail(e, 500, "internal", "out of memory");
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *one = o;
+        if (batch) {
+            json_t *x = json_array_get(pj, i);
+            if (!json_is_string(x) && !json_is_array(x)) {
+                rp_request_prompts_free(out);
+                return rp_request_fail(e, 400, "invalid_type",
+                                       "'prompt'[%zu] must be a string or an array of token ids "
+                                       "(a batch of prompts)", i);
+            }
+            one = json_pack("{s:O}", "prompt", x);
+            if (!one) {
+                rp_request_prompts_free(out);
+                return rp_request_fail(e, 500, "internal", "out of memory");
+            }
+        }
+        int r = rp_request_prompt(one, 0, "", lim, &out->texts[i], &out->text_lens[i],
+                                  &out->ids[i], &out->n_ids[i], e);
+        if (batch) json_decref(one);
+        out->n = (int)i + (r == 0);
+        if (r != 0) {
+            rp_request_prompts_free(out);
+            if (batch) {
+                char m[sizeof e->message];
+                snprintf(m, sizeof m, "%s", e->message);
+                snprintf(e->message, sizeof e->message, "prompt %zu of the batch: %.*s", i,
+                         (int)(sizeof e->message - 48), m);
+            }
+            return -1;
+        }
+    }
+    return 0;
 }
 
 int rp_request_session_file(json_t *o, const char **name, rp_request_error *e) {
