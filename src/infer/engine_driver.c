@@ -535,8 +535,10 @@ rp_status rp_engine_collect(rp_engine *e, int block, rp_error *err) {
             size_t nt = q->n_top_ids < q->n_top_logprobs ? q->n_top_ids : q->n_top_logprobs;
             if (nt > RP_LOGPROBS_MAX) nt = RP_LOGPROBS_MAX;
             u->lp.n_top = (int)nt;
-            memcpy(u->lp.top_ids, q->top_ids, nt * sizeof(int32_t));
-            memcpy(u->lp.top_logprobs, q->top_logprobs, nt * sizeof(float));
+            if (nt > 0) { /* protobuf-c leaves empty arrays NULL */
+                memcpy(u->lp.top_ids, q->top_ids, nt * sizeof(int32_t));
+                memcpy(u->lp.top_logprobs, q->top_logprobs, nt * sizeof(float));
+            }
         }
         finish_unit(e, t->r[found].slots, t->r[found].n, r->slots, r->tokens, (int)r->n_slots,
                     lps, n_lps);
