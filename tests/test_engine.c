@@ -9,6 +9,8 @@
  *   a job with the right reason and free its slot;
  * - a session continued over two jobs gives the tokens of reading the whole
  *   history at once, and survives save -> delete -> load (any stage count);
+ * - a prompt shared by n jobs (rp_job_share_prompt) is prefilled once and
+ *   each job gives its tokens alone;
  * - a session's state exported and imported under another name is the same,
  *   bit for bit, gathered from every stage.
  * Waits are bounded by wall-clock time (STEP_DEADLINE_S of CLOCK_MONOTONIC),
@@ -599,6 +601,54 @@ static void checks(void) {
             free(t3c);
             printf("  ok: %s\n", what);
         }
+    }
+    /* n > 1: three sh_jobs share one prompt (rp_job_share_prompt): it is read
+     * once (one prefill of all but its last token) and each choice gives the
+     * tokens it gives alone, on any number of stages. */
+    {
+        printf("check: a prompt shared by 3 seeded jobs is prefilled once, each as alone\n");
+        int32_t *sh_prompt = make_prompt(40, 9);
+        rp_gen_params sp;
+        rp_gen_params_defaults(&sp);
+        sp.max_tokens = 8;
+        sp.n_stop_tokens = 0;
+        rp_job *sh_jobs[3];
+        rp_engine_metrics m0, m1;
+        rp_engine_get_metrics(engine, &m0);
+        for (int k = 0; k < 3; k++) {
+            sp.sampler.seed = 100 + (uint64_t)k;
+            sh_jobs[k] = rp_job_create(sh_prompt, 40, &sp, NULL, NULL, &err);
+            CHECK(sh_jobs[k], "job: %s", err.msg);
+            if (k > 0) rp_job_share_prompt(sh_jobs[k], sh_jobs[0]);
+        }
+        for (int k = 0; k < 3; k++)
+            CHECK(rp_engine_submit(engine, sh_jobs[k], &err) == RP_OK, "submit: %s", err.msg);
+        int32_t sh_got[3][9];
+        int sh_n[3] = {0, 0, 0}, over = 0;
+        const double sh_deadline = rp_now_seconds() + STEP_DEADLINE_S;
+        while (over < 3) {
+            step(sh_deadline, "shared prompt");
+            over = 0;
+            for (int k = 0; k < 3; k++) {
+                rp_finish_reason fk;
+                sh_n[k] += rp_job_read(sh_jobs[k], sh_got[k] + sh_n[k], 9 - sh_n[k], 0, &fk);
+                over += fk != RP_FINISH_NONE;
+            }
+        }
+        rp_engine_get_metrics(engine, &m1);
+        CHECK(m1.tokens_prefilled - m0.tokens_prefilled == 39,
+              "the shared prompt of 40 tokens: %ld tokens prefilled, expected 39",
+              m1.tokens_prefilled - m0.tokens_prefilled);
+        for (int k = 0; k < 3; k++) {
+            sp.sampler.seed = 100 + (uint64_t)k;
+            int nr;
+            int32_t *r = reference(sh_prompt, 40, &sp, &nr);
+            same(sh_got[k], sh_n[k], r, nr, "a choice of a shared prompt vs rp_generate");
+            free(r);
+            rp_job_release(sh_jobs[k]);
+        }
+        free(sh_prompt);
+        printf("  ok\n");
     }
     free(p1);
     free(p2);

@@ -104,7 +104,8 @@ static void test_every_field_is_type_and_range_checked(void **state) {
     assert_refused(f, "{\"prompt\":\"a\",\"seed\":-1}", 0, 400, "invalid_value", "'seed'");
     assert_refused(f, "{\"prompt\":\"a\",\"stream\":1}", 0, 400, "invalid_type",
                    "'stream' must be true or false");
-    assert_refused(f, "{\"prompt\":\"a\",\"n\":2}", 0, 400, "unsupported_field", "'n'");
+    assert_refused(f, "{\"prompt\":\"a\",\"n\":65}", 0, 400, "invalid_value", "'n' is 65");
+    assert_refused(f, "{\"prompt\":\"a\",\"n\":0}", 0, 400, "invalid_value", "'n' is 0");
     assert_refused(f, "{\"prompt\":\"a\",\"max_tokens\":-1}", 0, 400, "invalid_value",
                    "must not be negative");
     assert_refused(f, "{\"prompt\":\"a\",\"max_tokens\":101}", 0, 400, "max_tokens_too_large",
@@ -279,17 +280,9 @@ static void test_unimplemented_fields_are_400_naming_them(void **state) {
         {1, "functions", "[{\"name\":\"f\"}]"},
         {1, "response_format", "{\"type\":\"json_object\"}"},
         {0, "response_format", "{\"type\":\"json_schema\",\"json_schema\":{}}"},
-        {1, "logit_bias", "{\"50\":-100}"},
-        {0, "logit_bias", "{\"50\":5}"},
         {0, "best_of", "2"},
         {0, "suffix", "\"end\""},
-        {0, "logprobs", "1"},
-        {0, "logprobs", "0"},
-        {0, "echo", "true"},
-        {1, "logprobs", "true"},
-        {1, "top_logprobs", "2"},
-        {0, "n", "2"},
-        {1, "n", "3"},
+        {0, "top_logprobs", "2"},
     };
     for (size_t i = 0; i < sizeof asks / sizeof asks[0]; i++) {
         char body[512], mention[64];
@@ -314,6 +307,101 @@ static void test_unimplemented_fields_are_400_naming_them(void **state) {
         rp_request_error e;
         if (rp_request_parse_generation(o, (int)i, &f->lim, &r, &e) != 0)
             fail_msg("%s refused: %s", fine[i], e.message);
+        json_decref(o);
+    }
+}
+
+/* logprobs / echo (completions), logprobs / top_logprobs (chat) and
+ * logit_bias reach the engine's parameters; bad values name the field. */
+static void test_logprobs_echo_and_logit_bias_are_parsed(void **state) {
+    fixture *f = *state;
+    f->lim.max_prompt_tokens = 1000;
+    json_t *o = parse("{\"prompt\":\"a\",\"logprobs\":3,\"echo\":true,"
+                      "\"logit_bias\":{\"65\":-100,\"7\":2.5}}");
+    rp_gen_request r;
+    rp_request_error e;
+    assert_int_equal(rp_request_parse_generation(o, 0, &f->lim, &r, &e), 0);
+    assert_true(r.params.logprobs && r.params.score_prompt && r.echo);
+    assert_int_equal(r.params.top_logprobs, 3);
+    assert_int_equal(r.params.n_bias, 2);
+    int seen = 0;
+    for (int i = 0; i < 2; i++) {
+        if (r.params.bias_ids[i] == 65) seen += r.params.bias_values[i] == -100.0f;
+        if (r.params.bias_ids[i] == 7) seen += r.params.bias_values[i] == 2.5f;
+    }
+    assert_int_equal(seen, 2);
+    json_decref(o);
+    /* echo alone returns the prompt without scoring it; logprobs 0: no alternatives */
+    o = parse("{\"prompt\":\"a\",\"echo\":true,\"logprobs\":null}");
+    assert_int_equal(rp_request_parse_generation(o, 0, &f->lim, &r, &e), 0);
+    assert_true(r.echo && !r.params.logprobs && !r.params.score_prompt);
+    json_decref(o);
+    o = parse("{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":true,"
+              "\"top_logprobs\":20}");
+    assert_int_equal(rp_request_parse_generation(o, 1, &f->lim, &r, &e), 0);
+    assert_true(r.params.logprobs && !r.params.score_prompt);
+    assert_int_equal(r.params.top_logprobs, 20);
+    json_decref(o);
+    assert_refused(f, "{\"prompt\":\"a\",\"logprobs\":21}", 0, 400, "invalid_value", "'logprobs'");
+    assert_refused(f, "{\"prompt\":\"a\",\"logprobs\":true}", 0, 400, "invalid_type",
+                   "'logprobs'");
+    assert_refused(f, "{\"prompt\":\"a\",\"echo\":1}", 0, 400, "invalid_type", "'echo'");
+    assert_refused(f, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                      "\"top_logprobs\":2}", 1, 400, "invalid_value", "'top_logprobs'");
+    assert_refused(f, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                      "\"logprobs\":true,\"top_logprobs\":21}", 1, 400, "invalid_value",
+                   "'top_logprobs'");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":{\"256\":1}}", 0, 400, "invalid_value",
+                   "'256'");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":{\"1x\":1}}", 0, 400, "invalid_value",
+                   "'1x'");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":{\"5\":-100.5}}", 0, 400,
+                   "invalid_value", "'logit_bias'['5'] is -100.5");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":{\"5\":true}}", 0, 400, "invalid_type",
+                   "'logit_bias'['5']");
+    assert_refused(f, "{\"prompt\":\"a\",\"logit_bias\":[1]}", 0, 400, "invalid_type",
+                   "'logit_bias'");
+}
+
+/* "prompt" as a batch: strings and token-id arrays, one prompt each, in
+ * order; a bad one is named. One string in an array is one prompt. */
+static void test_batched_prompts_are_read_in_order(void **state) {
+    fixture *f = *state;
+    f->lim.max_prompt_tokens = 1000;
+    json_t *o = parse("{\"prompt\":[\"ab\",[1,2,3],\"c\"]}");
+    rp_request_prompt_list l;
+    rp_request_error e;
+    assert_int_equal(rp_request_prompts(o, &f->lim, &l, &e), 0);
+    assert_int_equal(l.n, 3);
+    assert_int_equal(l.n_ids[0], 2);
+    assert_int_equal(l.n_ids[1], 3);
+    assert_int_equal(l.ids[1][2], 3);
+    assert_int_equal(l.n_ids[2], 1);
+    assert_memory_equal(l.texts[2], "c", 2);
+    rp_request_prompts_free(&l);
+    json_decref(o);
+    const char *one[] = {"{\"prompt\":[\"ab\"]}", "{\"prompt\":[1,2]}", "{\"prompt\":\"ab\"}",
+                         "{\"prompt\":[[1,2]]}"};
+    for (int i = 0; i < 4; i++) {
+        o = parse(one[i]);
+        assert_int_equal(rp_request_prompts(o, &f->lim, &l, &e), 0);
+        assert_int_equal(l.n, 1);
+        assert_int_equal(l.n_ids[0], 2);
+        rp_request_prompts_free(&l);
+        json_decref(o);
+    }
+    const struct {
+        const char *body, *mention;
+    } bad[] = {{"{\"prompt\":[\"ab\",[1,999]]}", "prompt 1 of the batch"},
+               {"{\"prompt\":[\"ab\",\"\"]}", "prompt 1 of the batch: the prompt is empty"},
+               {"{\"prompt\":[[1],{}]}", "'prompt'[1] must be a string or an array"},
+               {"{\"prompt\":[]}", "the prompt is empty"}};
+    for (int i = 0; i < 4; i++) {
+        o = parse(bad[i].body);
+        if (rp_request_prompts(o, &f->lim, &l, &e) == 0) fail_msg("%s accepted", bad[i].body);
+        if (e.status != 400 || !strstr(e.message, bad[i].mention))
+            fail_msg("%s: %d '%s', expected a 400 mentioning '%s'", bad[i].body, e.status,
+                     e.message, bad[i].mention);
         json_decref(o);
     }
 }
@@ -488,6 +576,9 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_prompts_as_text_one_string_array_or_ids, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_prompts_are_refused_with_one_length_check, setup, teardown),
         cmocka_unit_test_setup_teardown(test_chat_messages_are_checked, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_logprobs_echo_and_logit_bias_are_parsed, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_batched_prompts_are_read_in_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unimplemented_fields_are_400_naming_them, setup, teardown),
         cmocka_unit_test_setup_teardown(test_developer_is_system_and_tool_roles_are_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tokenize_and_detokenize, setup, teardown),

@@ -164,6 +164,84 @@ static void test_sse_events_are_framed_and_a_failure_appends_nothing(void **stat
     free(buf);
 }
 
+/* A logprob of token with the given alternatives (most likely first). */
+static rp_token_logprob lp_of(int32_t token, float logprob, int n_top, const int32_t *ids,
+                              const float *lps) {
+    rp_token_logprob lp;
+    memset(&lp, 0, sizeof lp);
+    lp.token = token;
+    lp.logprob = logprob;
+    lp.n_top = n_top;
+    for (int i = 0; i < n_top; i++) lp.top_ids[i] = ids[i], lp.top_logprobs[i] = lps[i];
+    return lp;
+}
+
+static void test_completion_logprobs_have_openais_shape(void **state) {
+    (void)state;
+    rp_tokenizer *tok;
+    rp_error err;
+    assert_int_equal(rp_tokenizer_open(&tok, "bytes", &err), RP_OK);
+    http_logprobs l;
+    http_logprobs_init(&l, 0);
+    /* echo: the first prompt token has no logprob; 'é' (2 bytes, 2 tokens)
+     * is one character of text_offset; the end-of-text token is spelled */
+    const int32_t top_b[] = {'b', 'c'};
+    const float lp_b[] = {-0.25f, -1.5f};
+    rp_token_logprob b = lp_of('b', -0.25f, 2, top_b, lp_b);
+    const int32_t top_e[] = {0xA9};
+    const float lp_e[] = {-0.5f};
+    rp_token_logprob e1 = lp_of(0xC3, -2.0f, 0, NULL, NULL), e2 = lp_of(0xA9, -0.5f, 1, top_e, lp_e);
+    rp_token_logprob eot = lp_of(0, -0.125f, 0, NULL, NULL);
+    assert_int_equal(http_logprobs_add(&l, tok, 'a', NULL, 2), 0);
+    assert_int_equal(http_logprobs_add(&l, tok, 'b', &b, 2), 0);
+    assert_int_equal(http_logprobs_add(&l, tok, 0xC3, &e1, 2), 0);
+    assert_int_equal(http_logprobs_add(&l, tok, 0xA9, &e2, 2), 0);
+    assert_int_equal(http_logprobs_add(&l, tok, 0, &eot, 2), 0);
+    assert_json(http_logprobs_take(&l),
+                "{\"tokens\":[\"a\",\"b\",\"bytes:\\\\xc3\",\"bytes:\\\\xa9\",\"<|endoftext|>\"],"
+                "\"token_logprobs\":[null,-0.25,-2.0,-0.5,-0.125],"
+                "\"top_logprobs\":[null,{\"b\":-0.25,\"c\":-1.5},{},{\"bytes:\\\\xa9\":-0.5},{}],"
+                "\"text_offset\":[0,1,2,3,3]}");
+    /* a stream's next chunk continues the offsets; k = 1 keeps one alternative */
+    assert_int_equal(http_logprobs_add(&l, tok, 'b', &b, 1), 0);
+    assert_json(http_logprobs_take(&l),
+                "{\"tokens\":[\"b\"],\"token_logprobs\":[-0.25],\"top_logprobs\":[{\"b\":-0.25}],"
+                "\"text_offset\":[3]}");
+    http_logprobs_free(&l);
+    rp_tokenizer_free(tok);
+}
+
+static void test_chat_logprobs_have_openais_shape(void **state) {
+    (void)state;
+    rp_tokenizer *tok;
+    rp_error err;
+    assert_int_equal(rp_tokenizer_open(&tok, "bytes", &err), RP_OK);
+    http_logprobs l;
+    http_logprobs_init(&l, 1);
+    const int32_t top[] = {'H', 'h'};
+    const float lps[] = {-0.5f, -1.0f};
+    rp_token_logprob h = lp_of('H', -0.5f, 2, top, lps);
+    assert_int_equal(http_logprobs_add(&l, tok, 'H', &h, 2), 0);
+    assert_json(http_logprobs_take(&l),
+                "{\"content\":[{\"token\":\"H\",\"logprob\":-0.5,\"bytes\":[72],"
+                "\"top_logprobs\":[{\"token\":\"H\",\"logprob\":-0.5,\"bytes\":[72]},"
+                "{\"token\":\"h\",\"logprob\":-1.0,\"bytes\":[104]}]}]}");
+    assert_json(http_logprobs_take(&l), "{\"content\":[]}");
+    http_logprobs_free(&l);
+    rp_tokenizer_free(tok);
+}
+
+static void test_token_strings_spell_partial_characters_as_bytes(void **state) {
+    (void)state;
+    rp_tokenizer *tok;
+    rp_error err;
+    assert_int_equal(rp_tokenizer_open(&tok, "bytes", &err), RP_OK);
+    assert_json(http_token_string(tok, 'x'), "\"x\"");
+    assert_json(http_token_string(tok, 0xFF), "\"bytes:\\\\xff\"");
+    assert_json(http_token_string(tok, 0), "\"<|endoftext|>\"");
+    rp_tokenizer_free(tok);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_finish_reasons_have_their_openai_names),
@@ -175,6 +253,9 @@ int main(void) {
         cmocka_unit_test(test_whole_replies_of_chat_and_completions),
         cmocka_unit_test(test_text_that_is_not_utf8_becomes_empty_not_a_failure),
         cmocka_unit_test(test_sse_events_are_framed_and_a_failure_appends_nothing),
+        cmocka_unit_test(test_completion_logprobs_have_openais_shape),
+        cmocka_unit_test(test_chat_logprobs_have_openais_shape),
+        cmocka_unit_test(test_token_strings_spell_partial_characters_as_bytes),
     };
     return cmocka_run_group_tests_name("http_stream", tests, NULL, NULL);
 }

@@ -38,6 +38,8 @@
 #define RP_ENGINE_MAX_STOP_TOKENS 16
 #define RP_ENGINE_MAX_BANNED 64
 #define RP_ENGINE_SESSION_NAME_MAX 128
+#define RP_LOGPROBS_MAX 20         /* top alternatives per token (OpenAI's limit) */
+#define RP_ENGINE_MAX_BIAS 300     /* logit_bias entries (OpenAI's limit) */
 
 typedef struct {
     int n_slots;                   /* concurrent generations (admission control) */
@@ -64,7 +66,26 @@ typedef struct {
     int n_stop_tokens;
     int32_t banned[RP_ENGINE_MAX_BANNED];
     int n_banned;
+    /* Log-probabilities are of the model's distribution: log-softmax of the
+     * raw logits (before penalties, bias, temperature, top-p), in double. */
+    int logprobs;                  /* report each generated token's logprob (rp_job_logprob) */
+    int top_logprobs;              /* with this many alternatives, 0..RP_LOGPROBS_MAX */
+    int score_prompt;              /* also the prompt's tokens (rp_job_prompt_logprob) */
+    /* logit_bias: bias_values[i] is added to the logit of bias_ids[i] before sampling */
+    int32_t bias_ids[RP_ENGINE_MAX_BIAS];
+    float bias_values[RP_ENGINE_MAX_BIAS];
+    int n_bias;
 } rp_gen_params;
+
+/* A token's log-probability and the most likely tokens with theirs (most
+ * likely first; ties: the lower id first). */
+typedef struct {
+    int32_t token;
+    float logprob;
+    int n_top;
+    int32_t top_ids[RP_LOGPROBS_MAX];
+    float top_logprobs[RP_LOGPROBS_MAX];
+} rp_token_logprob;
 
 /* T 1.0, top_p 0.85, top_k 0, seed 42, penalties 0, decay 0.996, max 256. */
 void rp_gen_params_defaults(rp_gen_params *p);
@@ -93,6 +114,13 @@ typedef struct rp_job rp_job;
  * as start_session only). Returns NULL with err set. */
 rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *params,
                       const char *start_session, const char *store_session, rp_error *err);
+/* n > 1: job has the same prompt (and start) as first, submitted before it.
+ * The prompt is read once: when both hold a slot as first has read all but
+ * its last prompt token, job's state is copied from first's and each reads
+ * the last token itself (so each samples its own first token). A job that
+ * gets its slot after that point, or whose first is gone, reads the prompt
+ * itself: the same numbers either way. Call before submitting job. */
+void rp_job_share_prompt(rp_job *job, rp_job *first);
 /* The client's reference: every job is released once by its creator. */
 void rp_job_release(rp_job *job);
 
@@ -107,6 +135,13 @@ int rp_job_read(rp_job *job, int32_t *out, int max, int timeout_ms, rp_finish_re
  * It may be called once more than needed. Setting fn to NULL returns only
  * after a call in progress has returned, so user may be freed after it. */
 void rp_job_set_notify(rp_job *job, void (*fn)(void *user), void *user);
+/* With params.logprobs: generated token i's log-probability (i in the
+ * order of rp_job_read; a stop token that ended the job, which rp_job_read
+ * never returns, follows the last one). Returns 1, or 0 when it has not come
+ * (yet). With params.score_prompt: prompt token i's (i >= 1: the first has
+ * no distribution to come from). */
+int rp_job_logprob(rp_job *job, int i, rp_token_logprob *out);
+int rp_job_prompt_logprob(rp_job *job, int i, rp_token_logprob *out);
 /* Ends the job: the engine frees its slot on every stage at its next step. */
 void rp_job_cancel(rp_job *job);
 /* Same, with finish reason "stop" (the client found a stop string). */

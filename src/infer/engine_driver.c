@@ -84,7 +84,10 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
         e->logits_host = malloc(RP_ENGINE_GROUP_MAX * V * sizeof(float));
         e->sampler_scratch = malloc(rp_sampler_scratch_bytes(c->vocab_size));
         e->sampling = calloc((size_t)cfg->n_slots, sizeof *e->sampling);
-        ok = e->logits_dev && e->logits_host && e->sampler_scratch && e->sampling;
+        e->lp_row = malloc(V * sizeof(float));
+        e->unit_lp = malloc((e->max_rows + RP_ENGINE_GROUP_MAX) * sizeof *e->unit_lp);
+        ok = e->logits_dev && e->logits_host && e->sampler_scratch && e->sampling && e->lp_row &&
+             e->unit_lp;
         for (int i = 0; ok && i < cfg->n_slots; i++)
             ok = (e->sampling[i].occ = calloc(V, sizeof(float))) != NULL;
     }
@@ -118,8 +121,16 @@ void rp_engine_free(rp_engine *e) {
     if (e->state.data) e->be->free(e->be, e->state.data);
     if (e->logits_dev) e->be->free(e->be, e->logits_dev);
     free(e->logits_host);
+    if (e->logits_all_dev) e->be->free(e->be, e->logits_all_dev);
+    free(e->logits_all_host);
+    free(e->lp_row);
+    free(e->unit_lp);
     free(e->sampler_scratch);
-    for (int i = 0; e->sampling && i < e->cfg.n_slots; i++) free(e->sampling[i].occ);
+    for (int i = 0; e->sampling && i < e->cfg.n_slots; i++) {
+        free(e->sampling[i].occ);
+        free(e->sampling[i].bias_ids);
+        free(e->sampling[i].bias_values);
+    }
     free(e->sampling);
     for (int i = 0; i < e->n_sessions; i++) free(e->sessions[i].data);
     free(e->sessions);
@@ -213,6 +224,12 @@ static void make_sampling(Rwkvpipe__EngineSampling *s, const rp_gen_params *p) {
     s->penalty_decay = p->penalty_decay;
     s->n_banned = (size_t)p->n_banned;
     s->banned = (int32_t *)p->banned;
+    s->logprobs = p->logprobs != 0;
+    s->top_logprobs = p->top_logprobs;
+    s->score_prompt = p->score_prompt != 0;
+    s->n_bias_ids = s->n_bias_values = (size_t)p->n_bias;
+    s->bias_ids = (int32_t *)p->bias_ids;
+    s->bias_values = (float *)p->bias_values;
 }
 
 /* Frees slot (stashing its state under the job's store_session if asked).
@@ -276,10 +293,13 @@ static int is_stop_token(const rp_job *j, int32_t t) {
     return 0;
 }
 
-/* A sampled token for slot: emit it, or finish the job. */
-static void deliver(rp_engine *e, int slot, int32_t tok) {
+/* A sampled token for slot (with its logprob when the job asked): emit
+ * it, or finish the job. A stop token's logprob is kept too (OpenAI lists
+ * the end-of-text token; lm-evaluation-harness drops the last entry). */
+static void deliver(rp_engine *e, int slot, int32_t tok, const rp_token_logprob *lp) {
     rp_job *j = e->slot_job[slot];
     if (!j || j->closing) return;
+    if (lp && tok >= 0 && j->params.logprobs) rp_job_push_logprob(j, lp);
     if (tok < 0) {
         rp_job_finish(j, RP_FINISH_ERROR, rp_sample_failure_message(tok, (uint64_t)j->n_generated));
         j->closing = 1;
@@ -305,11 +325,80 @@ static void account_busy(rp_engine *e, const double *busy, size_t n) {
     pthread_mutex_unlock(&e->mu);
 }
 
+/* A unit's results: its slots' sampled tokens and the logprobs the last
+ * stage computed (lps, n_lps: prompt positions go to their job, a sampled
+ * token's goes with it). */
 static void finish_unit(rp_engine *e, const int32_t *unit_slots, int n_unit, const int32_t *slots,
-                        const int32_t *tokens, int n_sampled) {
+                        const int32_t *tokens, int n_sampled, const rp_unit_logprob *lps,
+                        int n_lps) {
     for (int i = 0; i < n_unit; i++)
         if (e->slot_job[unit_slots[i]]) e->slot_job[unit_slots[i]]->in_flight = 0;
-    for (int i = 0; i < n_sampled; i++) deliver(e, slots[i], tokens[i]);
+    for (int k = 0; k < n_lps; k++) {
+        rp_job *j = lps[k].slot >= 0 && lps[k].slot < e->cfg.n_slots ? e->slot_job[lps[k].slot]
+                                                                       : NULL;
+        if (j && lps[k].pos >= 0) rp_job_set_prompt_logprob(j, lps[k].pos, &lps[k].lp);
+    }
+    for (int i = 0; i < n_sampled; i++) {
+        const rp_token_logprob *lp = NULL;
+        for (int k = 0; k < n_lps && !lp; k++)
+            if (lps[k].slot == slots[i] && lps[k].pos < 0) lp = &lps[k].lp;
+        deliver(e, slots[i], tokens[i], lp);
+    }
+}
+
+/* Where a job's prefill stops: one token early for a job others copy
+ * their state from (until it passes that point), so that each then reads
+ * the last prompt token and samples on its own. */
+static int prefill_end(const rp_job *j) {
+    return j->fork_parent && !j->fork_passed ? j->n_prompt - 1 : j->n_prompt;
+}
+
+/* The copies of a prompt read once (rp_job_share_prompt): a job waiting in
+ * its slot gets the state of its first job once that one has read all but
+ * its last prompt token; the first goes on once none waits for it. A job
+ * whose first is gone or past that point reads the prompt itself. */
+static rp_status resolve_forks(rp_engine *e, rp_error *err) {
+    const int S = e->cfg.n_slots;
+    for (int s = 0; s < S; s++) {
+        rp_job *k = e->slot_job[s];
+        if (!k || !k->fork_wait) continue;
+        rp_job *p = k->fork_of;
+        const int alive = p->slot >= 0 && p->slot < S && e->slot_job[p->slot] == p &&
+                          !p->closing && !p->fork_passed && p->prefilled <= p->n_prompt - 1;
+        if (!alive || k->closing) {
+            k->fork_wait = 0;
+            continue;
+        }
+        if (p->in_flight || p->prefilled < p->n_prompt - 1) continue;
+        rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
+        int32_t src = p->slot;
+        c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__COPY_SLOT;
+        c.slot = s;
+        c.n_slots = 1;
+        c.slots = &src;
+        rp_status st = rp_engine_issue(e, &c, err);
+        if (st != RP_OK) return st;
+        e->slot_tokens[s] = e->slot_tokens[p->slot];
+        k->fork_wait = 0;
+        k->prefilled = k->n_prompt;
+        k->has_pending = 1;
+        k->pending = k->prompt[k->n_prompt - 1];
+    }
+    for (int s = 0; s < S; s++) {
+        rp_job *p = e->slot_job[s];
+        if (!p || !p->fork_parent || p->fork_passed || p->in_flight || p->closing ||
+            p->prefilled != p->n_prompt - 1)
+            continue;
+        int waiting = 0;
+        for (int k = 0; k < S; k++)
+            waiting |= e->slot_job[k] && e->slot_job[k]->fork_wait && e->slot_job[k]->fork_of == p;
+        if (waiting) continue;
+        p->fork_passed = 1;
+        p->prefilled = p->n_prompt;
+        p->has_pending = 1;
+        p->pending = p->prompt[p->n_prompt - 1];
+    }
+    return RP_OK;
 }
 
 /* Builds and launches the next unit, if any work is ready. Returns 1 if one
@@ -330,7 +419,8 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
         const int s = (start + i) % S;
         rp_job *j = e->slot_job[s];
         if (!j || j->in_flight) continue;
-        if (j->prefilled < j->n_prompt && !j->closing) {
+        if (j->fork_wait) continue;
+        if (j->prefilled < prefill_end(j) && !j->closing) {
             if (prefill_slot < 0) prefill_slot = s;
         } else if (j->has_pending && (!j->closing || j->store_session[0]) &&
                    !(j->closing && rp_job_cancel_state(j) == RP_JOB_CANCEL_CLIENT)) {
@@ -349,17 +439,25 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
     e->prefer_prefill = !do_prefill;
     e->rr_cursor = ((do_prefill ? prefill_slot : slots[n - 1]) + 1) % S;
     rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
+    int n_targets = 0;
     c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__UNIT;
     c.unit_id = ++e->next_unit_id;
     if (do_prefill) {
         rp_job *j = e->slot_job[prefill_slot];
-        int len = j->n_prompt - j->prefilled;
+        int len = prefill_end(j) - j->prefilled;
         if (len > e->cfg.prefill_chunk) len = e->cfg.prefill_chunk;
         slots[0] = prefill_slot;
         lengths[0] = len;
         /* The last chunk's last row gives the first token (unless max 0). */
         sample[0] = j->prefilled + len == j->n_prompt && j->params.max_tokens > 0;
         tokens = j->prompt + j->prefilled;
+        /* Scoring the prompt: row r predicts the prompt token after it. */
+        if (j->params.score_prompt) {
+            n_targets = j->n_prompt - (j->prefilled + 1);
+            if (n_targets > len) n_targets = len;
+            c.targets = (int32_t *)j->prompt + j->prefilled + 1;
+            c.target_pos = j->prefilled + 1;
+        }
         j->prefilled += len;
         n = 1;
         pthread_mutex_lock(&e->mu);
@@ -374,6 +472,8 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
         if (!do_prefill) j->has_pending = 0;
         e->slot_tokens[slots[i]] += (uint64_t)lengths[i];
     }
+    c.n_targets = (size_t)(n_targets > 0 ? n_targets : 0);
+    if (c.n_targets == 0) c.targets = NULL;
     c.n_slots = c.n_lengths = c.n_sample = (size_t)n;
     c.slots = slots;
     c.lengths = lengths;
@@ -385,7 +485,7 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
     if (*st != RP_OK) return 0;
     if (e->n_stages == 1) {
         account_busy(e, &busy, 1);
-        finish_unit(e, slots, n, s_out, t_out, n_sampled);
+        finish_unit(e, slots, n, s_out, t_out, n_sampled, e->unit_lp, e->n_unit_lp);
         return 1;
     }
     size_t rows = 0;
@@ -423,7 +523,26 @@ rp_status rp_engine_collect(rp_engine *e, int block, rp_error *err) {
                                 (unsigned long long)r->unit_id);
         }
         account_busy(e, r->busy_seconds, r->n_busy_seconds);
-        finish_unit(e, t->r[found].slots, t->r[found].n, r->slots, r->tokens, (int)r->n_slots);
+        rp_unit_logprob *lps = r->n_logprobs ? calloc(r->n_logprobs, sizeof *lps) : NULL;
+        int n_lps = 0;
+        for (size_t k = 0; lps && k < r->n_logprobs; k++) {
+            const Rwkvpipe__TokenLogprob *q = r->logprobs[k];
+            rp_unit_logprob *u = &lps[n_lps++];
+            u->slot = q->slot;
+            u->pos = q->pos;
+            u->lp.token = q->token;
+            u->lp.logprob = q->logprob;
+            size_t nt = q->n_top_ids < q->n_top_logprobs ? q->n_top_ids : q->n_top_logprobs;
+            if (nt > RP_LOGPROBS_MAX) nt = RP_LOGPROBS_MAX;
+            u->lp.n_top = (int)nt;
+            if (nt > 0) { /* protobuf-c leaves empty arrays NULL */
+                memcpy(u->lp.top_ids, q->top_ids, nt * sizeof(int32_t));
+                memcpy(u->lp.top_logprobs, q->top_logprobs, nt * sizeof(float));
+            }
+        }
+        finish_unit(e, t->r[found].slots, t->r[found].n, r->slots, r->tokens, (int)r->n_slots,
+                    lps, n_lps);
+        free(lps);
         t->r[found] = t->r[--t->n];
         e->units_in_flight--;
         rwkvpipe__engine_result__free_unpacked(r, NULL);
@@ -528,6 +647,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         pthread_mutex_unlock(&j->mu);
         j->slot = s;
         e->slot_job[s] = j;
+        j->fork_wait = j->fork_of != NULL;
     }
     /* Cancelled and finished jobs give their slot back. */
     for (int s = 0; s < S; s++) {
@@ -549,6 +669,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         st = close_slot(e, s, stash, err);
         if (st != RP_OK) goto fail;
     }
+    if ((st = resolve_forks(e, err)) != RP_OK) goto fail;
     /* Keep up to P units in flight. */
     e->launched_any = 0;
     /* At most P launches per step, so admissions and cancels interleave

@@ -33,6 +33,10 @@ struct rp_job {
     /* shared with clients (under mu) */
     int32_t *out;
     int n_out, cap_out, n_read;
+    rp_token_logprob *lp;          /* params.logprobs: per generated token (+ a stop token) */
+    int n_lp, cap_lp;
+    rp_token_logprob *lp_prompt;   /* params.score_prompt: [n_prompt] */
+    unsigned char *lp_prompt_set;  /* [n_prompt] */
     rp_finish_reason finish;
     char error[512];
     rp_job_cancel_reason cancel;
@@ -55,12 +59,21 @@ struct rp_job {
     int has_deferred;              /* the end is reported once the session is stored */
     rp_finish_reason deferred;
     int closed;                    /* FREE_SLOT issued */
+    /* a prompt read once for several jobs (rp_job_share_prompt) */
+    rp_job *fork_of;               /* (a reference) the job this one copies its state from */
+    int fork_wait;                 /* in a slot, waiting for fork_of to reach the copy point */
+    int fork_parent;               /* others copy from this one: it stops one token early */
+    int fork_passed;               /* past the copy point: later ones read the prompt */
 };
 
 /* Job helpers used by the engine (engine_job.c). */
 void rp_job_retain(rp_job *job);
 /* Appends a generated token and wakes readers. */
 void rp_job_push_token(rp_job *job, int32_t token);
+/* Records the logprob of the next generated (or stop) token; before the
+ * token is pushed, so a reader who sees the token finds it. */
+void rp_job_push_logprob(rp_job *job, const rp_token_logprob *lp);
+void rp_job_set_prompt_logprob(rp_job *job, int pos, const rp_token_logprob *lp);
 /* Sets the final state (first call wins) and wakes readers. */
 void rp_job_finish(rp_job *job, rp_finish_reason reason, const char *error);
 rp_job_cancel_reason rp_job_cancel_state(rp_job *job);
@@ -88,7 +101,18 @@ typedef struct {
     uint64_t step;
     float *occ;          /* [V] decayed counts of the generated tokens */
     int penalized;
+    int logprobs, top_logprobs, score_prompt;
+    int32_t *bias_ids;   /* [n_bias] (malloc'ed) */
+    float *bias_values;
+    int n_bias;
 } rp_slot_sampling;
+
+/* A logprob the last stage computed for a unit: of slot's sampled token
+ * (pos -1) or of its prompt token at pos. */
+typedef struct {
+    int32_t slot, pos;
+    rp_token_logprob lp;
+} rp_unit_logprob;
 
 /* A stored session state (this stage's layers). */
 typedef struct {
@@ -143,6 +167,10 @@ struct rp_engine {
     rp_workspace ws;
     rp_state state;           /* [n_slots] of this stage's layers */
     float *logits_dev, *logits_host;
+    float *logits_all_dev, *logits_all_host; /* [max_rows, V]: prefill chunks that score */
+    float *lp_row;                /* [V]: a row's raw logits, kept while sampling changes it */
+    rp_unit_logprob *unit_lp;     /* [max_rows + GROUP_MAX]: the last unit's logprobs */
+    int n_unit_lp;
     void *sampler_scratch;
     rp_slot_sampling *sampling;  /* last stage: [n_slots] */
     rp_engine_outgoing *out;     /* ring of n_out */
@@ -189,7 +217,8 @@ rp_status rp_engine_forward(rp_engine *e, const rp_engine_command *c, const floa
 /* Waits for every transfer to the next stage still in flight. */
 rp_status rp_engine_flush(rp_engine *e, rp_error *err);
 /* Runs this stage's part of a unit (stage 0: embeds tokens); the last stage
- * samples into slots_out / tokens_out and sets *n_sampled. */
+ * samples into slots_out / tokens_out and sets *n_sampled, and leaves the
+ * logprobs its slots asked for in e->unit_lp / n_unit_lp. */
 rp_status rp_engine_run_unit(rp_engine *e, const rp_engine_command *c, const int32_t *tokens,
                              int32_t *slots_out, int32_t *tokens_out, int *n_sampled,
                              double *busy, rp_error *err);

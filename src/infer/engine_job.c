@@ -49,6 +49,19 @@ rp_status rp_gen_params_validate(const rp_gen_params *p, int vocab_size, rp_erro
         if (p->banned[i] < 0 || p->banned[i] >= vocab_size)
             return rp_error_set(err, RP_ERR_ARG, "banned token %d is outside the vocabulary [0, %d)",
                                 p->banned[i], vocab_size);
+    if (p->top_logprobs < 0 || p->top_logprobs > RP_LOGPROBS_MAX)
+        return rp_error_set(err, RP_ERR_ARG, "top_logprobs %d must be in [0, %d]",
+                            p->top_logprobs, RP_LOGPROBS_MAX);
+    if (p->n_bias < 0 || p->n_bias > RP_ENGINE_MAX_BIAS)
+        return rp_error_set(err, RP_ERR_ARG, "at most %d logit_bias entries", RP_ENGINE_MAX_BIAS);
+    for (int i = 0; i < p->n_bias; i++) {
+        if (p->bias_ids[i] < 0 || p->bias_ids[i] >= vocab_size)
+            return rp_error_set(err, RP_ERR_ARG, "logit_bias token %d is outside the vocabulary "
+                                "[0, %d)", p->bias_ids[i], vocab_size);
+        if (!(p->bias_values[i] >= -100 && p->bias_values[i] <= 100))
+            return rp_error_set(err, RP_ERR_ARG, "logit_bias of token %d is %g: expected a "
+                                "number in [-100, 100]", p->bias_ids[i], p->bias_values[i]);
+    }
     return RP_OK;
 }
 
@@ -79,11 +92,24 @@ rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *
     j->prompt = malloc(sizeof(int32_t) * (size_t)n_prompt);
     j->cap_out = 64;
     j->out = malloc(sizeof(int32_t) * (size_t)j->cap_out);
+    if (params->score_prompt) {
+        j->lp_prompt = calloc((size_t)n_prompt, sizeof *j->lp_prompt);
+        j->lp_prompt_set = calloc((size_t)n_prompt, 1);
+        if (!j->lp_prompt || !j->lp_prompt_set) {
+            free(j->lp_prompt);
+            free(j->lp_prompt_set);
+            j->lp_prompt = NULL;
+            free(j->out);
+            j->out = NULL; /* reported as out of memory below */
+        }
+    }
     if (!j->prompt || !j->out || copy_name(j->start_session, start_session, "session", err) ||
         copy_name(j->store_session, store_session, "session", err)) {
         if (!j->prompt || !j->out) rp_error_set(err, RP_ERR_NOMEM, "job of %d tokens", n_prompt);
         free(j->prompt);
         free(j->out);
+        free(j->lp_prompt);
+        free(j->lp_prompt_set);
         free(j);
         return NULL;
     }
@@ -96,6 +122,19 @@ rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *
     pthread_cond_init(&j->cv, NULL);
     pthread_mutex_init(&j->notify_mu, NULL);
     return j;
+}
+
+void rp_job_share_prompt(rp_job *job, rp_job *first) {
+    /* read at admission by the engine's main thread, after submit */
+    if (!first || job->fork_of || job->n_prompt != first->n_prompt || job->n_prompt < 2 ||
+        job->params.max_tokens == 0 || first->params.max_tokens == 0 ||
+        strcmp(job->start_session, first->start_session) != 0 || job->store_session[0] ||
+        first->store_session[0] ||
+        memcmp(job->prompt, first->prompt, sizeof(int32_t) * (size_t)job->n_prompt) != 0)
+        return;
+    rp_job_retain(first);
+    job->fork_of = first;
+    first->fork_parent = 1;
 }
 
 void rp_job_retain(rp_job *job) {
@@ -113,8 +152,12 @@ void rp_job_release(rp_job *job) {
     pthread_mutex_destroy(&job->mu);
     pthread_cond_destroy(&job->cv);
     pthread_mutex_destroy(&job->notify_mu);
+    if (job->fork_of) rp_job_release(job->fork_of);
     free(job->prompt);
     free(job->out);
+    free(job->lp);
+    free(job->lp_prompt);
+    free(job->lp_prompt_set);
     free(job);
 }
 
@@ -191,6 +234,42 @@ void rp_job_push_token(rp_job *job, int32_t token) {
     pthread_cond_broadcast(&job->cv);
     pthread_mutex_unlock(&job->mu);
     job_notify(job);
+}
+
+void rp_job_push_logprob(rp_job *job, const rp_token_logprob *lp) {
+    pthread_mutex_lock(&job->mu);
+    if (job->n_lp == job->cap_lp) {
+        int cap = job->cap_lp ? 2 * job->cap_lp : 16;
+        rp_token_logprob *grown = realloc(job->lp, sizeof *grown * (size_t)cap);
+        if (grown) job->lp = grown, job->cap_lp = cap;
+    }
+    if (job->n_lp < job->cap_lp) job->lp[job->n_lp++] = *lp;
+    pthread_mutex_unlock(&job->mu);
+}
+
+void rp_job_set_prompt_logprob(rp_job *job, int pos, const rp_token_logprob *lp) {
+    pthread_mutex_lock(&job->mu);
+    if (job->lp_prompt && pos >= 0 && pos < job->n_prompt) {
+        job->lp_prompt[pos] = *lp;
+        job->lp_prompt_set[pos] = 1;
+    }
+    pthread_mutex_unlock(&job->mu);
+}
+
+int rp_job_logprob(rp_job *job, int i, rp_token_logprob *out) {
+    pthread_mutex_lock(&job->mu);
+    int have = i >= 0 && i < job->n_lp;
+    if (have) *out = job->lp[i];
+    pthread_mutex_unlock(&job->mu);
+    return have;
+}
+
+int rp_job_prompt_logprob(rp_job *job, int i, rp_token_logprob *out) {
+    pthread_mutex_lock(&job->mu);
+    int have = job->lp_prompt && i >= 0 && i < job->n_prompt && job->lp_prompt_set[i];
+    if (have) *out = job->lp_prompt[i];
+    pthread_mutex_unlock(&job->mu);
+    return have;
 }
 
 void rp_job_finish(rp_job *job, rp_finish_reason reason, const char *error) {

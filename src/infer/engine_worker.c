@@ -4,6 +4,7 @@
  * Every byte between stages goes through the transport (pipe/transport.h):
  * commands and results as variable-size messages, x / v_first as transfers
  * tagged with the unit, session states as RP_MSG_STATE messages. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -106,11 +107,70 @@ static void sampling_open(rp_engine *e, int slot, const Rwkvpipe__EngineSampling
     s->step = 0;
     s->penalized = s->presence != 0 || s->frequency != 0;
     if (s->penalized) memset(s->occ, 0, sizeof(float) * (size_t)e->m->cfg.vocab_size);
+    s->logprobs = p && p->logprobs;
+    s->top_logprobs = p ? p->top_logprobs : 0;
+    if (s->top_logprobs < 0) s->top_logprobs = 0;
+    if (s->top_logprobs > RP_LOGPROBS_MAX) s->top_logprobs = RP_LOGPROBS_MAX;
+    s->score_prompt = p && p->score_prompt;
+    free(s->bias_ids);
+    free(s->bias_values);
+    s->bias_ids = NULL;
+    s->bias_values = NULL;
+    s->n_bias = 0;
+    size_t nb = p && p->n_bias_ids == p->n_bias_values ? p->n_bias_ids : 0;
+    if (nb > 0) {
+        s->bias_ids = malloc(nb * sizeof *s->bias_ids);
+        s->bias_values = malloc(nb * sizeof *s->bias_values);
+        if (s->bias_ids && s->bias_values) {
+            memcpy(s->bias_ids, p->bias_ids, nb * sizeof *s->bias_ids);
+            memcpy(s->bias_values, p->bias_values, nb * sizeof *s->bias_values);
+            s->n_bias = (int)nb;
+        }
+    }
+}
+
+/* The log-softmax of a row of raw logits at token, in double with the
+ * maximum subtracted, and the top most likely tokens (a partial selection:
+ * top <= RP_LOGPROBS_MAX, one pass). */
+static void row_logprob(const float *row, int V, int32_t token, int top, rp_token_logprob *out) {
+    double mx = -INFINITY;
+    for (int t = 0; t < V; t++)
+        if (row[t] > mx) mx = row[t];
+    double sum = 0;
+    for (int t = 0; t < V; t++) sum += exp((double)row[t] - mx);
+    const double lse = mx + log(sum);
+    out->token = token;
+    out->logprob = token >= 0 && token < V ? (float)((double)row[token] - lse) : 0.0f;
+    out->n_top = 0;
+    for (int t = 0; t < V && top > 0; t++) {
+        int n = out->n_top;
+        if (n == top && !(row[t] > row[out->top_ids[n - 1]])) continue;
+        int k = n < top ? n : n - 1;  /* insertion point, dropping the last when full */
+        while (k > 0 && row[t] > row[out->top_ids[k - 1]]) {
+            out->top_ids[k] = out->top_ids[k - 1];
+            k--;
+        }
+        out->top_ids[k] = t;
+        if (n < top) out->n_top++;
+    }
+    for (int i = 0; i < out->n_top; i++)
+        out->top_logprobs[i] = (float)((double)row[out->top_ids[i]] - lse);
+}
+
+static void unit_logprob(rp_engine *e, int slot, int pos, const float *row, int32_t token,
+                         int top) {
+    rp_unit_logprob *u = &e->unit_lp[e->n_unit_lp++];
+    u->slot = slot;
+    u->pos = pos;
+    row_logprob(row, e->m->cfg.vocab_size, token, top, &u->lp);
 }
 
 static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
     rp_slot_sampling *s = &e->sampling[slot];
     const int V = e->m->cfg.vocab_size;
+    /* logprobs are of the raw logits: kept before penalties and bias change them */
+    if (s->logprobs) memcpy(e->lp_row, logits, sizeof(float) * (size_t)V);
+    for (int i = 0; i < s->n_bias; i++) logits[s->bias_ids[i]] += s->bias_values[i];
     if (s->penalized)
         for (int t = 0; t < V; t++)
             if (s->occ[t] > 0) logits[t] -= s->presence + s->occ[t] * s->frequency;
@@ -121,7 +181,24 @@ static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
         for (int t = 0; t < V; t++) s->occ[t] *= s->decay;
         s->occ[tok] += 1;
     }
+    if (s->logprobs && tok >= 0) unit_logprob(e, slot, -1, e->lp_row, tok, s->top_logprobs);
     return tok;
+}
+
+/* The buffers of a prefill chunk's every-row logits (a slot that scores its
+ * prompt), allocated at the first such chunk. */
+static rp_status logits_all_buffers(rp_engine *e, rp_error *err) {
+    if (e->logits_all_dev) return RP_OK;
+    const size_t bytes = e->max_rows * (size_t)e->m->cfg.vocab_size * sizeof(float);
+    e->logits_all_dev = e->be->alloc(e->be, bytes);
+    e->logits_all_host = malloc(bytes);
+    if (e->logits_all_dev && e->logits_all_host) return RP_OK;
+    if (e->logits_all_dev) e->be->free(e->be, e->logits_all_dev);
+    free(e->logits_all_host);
+    e->logits_all_dev = NULL;
+    e->logits_all_host = NULL;
+    return rp_error_set(err, RP_ERR_NOMEM, "stage %d: %zu bytes of logits for a prompt's "
+                        "logprobs (lower --prefill-chunk)", e->stage, bytes);
 }
 
 /* ---- units ---- */
@@ -147,7 +224,26 @@ rp_status rp_engine_run_unit(rp_engine *e, const rp_engine_command *c, const int
     for (int l = m->layer_begin; l < m->layer_end; l++)
         rp_model_block_forward(m, &e->ws, l, &e->state, &batch);
     *n_sampled = 0;
-    if (m->has_head) {
+    e->n_unit_lp = 0;
+    /* A prefill chunk of a slot that scores its prompt: every row's logits,
+     * row r scoring the prompt token at target_pos + r. */
+    if (m->has_head && n_seq == 1 && c->n_targets > 0 && e->sampling[slot[0]].score_prompt) {
+        const int V = m->cfg.vocab_size;
+        if ((st = logits_all_buffers(e, err)) != RP_OK) return st;
+        rp_model_head(m, &e->ws, &batch, RP_LOGITS_ALL, e->logits_all_dev);
+        be->copy_to_host(be, e->logits_all_host, e->logits_all_dev,
+                         sizeof(float) * (size_t)seq_len[0] * V);
+        const int top = e->sampling[slot[0]].top_logprobs;
+        for (size_t r = 0; r < c->n_targets && r < (size_t)seq_len[0]; r++)
+            unit_logprob(e, slot[0], c->target_pos + (int)r,
+                         e->logits_all_host + r * (size_t)V, c->targets[r], top);
+        if (c->n_sample > 0 && c->sample[0]) {
+            slots_out[0] = slot[0];
+            tokens_out[0] = sample_slot(e, slot[0],
+                                        e->logits_all_host + (size_t)(seq_len[0] - 1) * V);
+            *n_sampled = 1;
+        }
+    } else if (m->has_head) {
         int any = 0;
         for (int i = 0; i < n_seq; i++) any |= c->n_sample > (size_t)i && c->sample[i];
         if (any) {
@@ -224,6 +320,14 @@ rp_status rp_engine_apply(rp_engine *e, const rp_engine_command *c, rp_error *er
             e->be->copy_to_host(e->be, s->data, slot_state(e, c->slot), fps * sizeof(float));
         }
         return RP_OK;
+    case RWKVPIPE__ENGINE_COMMAND__KIND__COPY_SLOT:
+        if (c->slot < 0 || c->slot >= e->cfg.n_slots || c->n_slots != 1 || c->slots[0] < 0 ||
+            c->slots[0] >= e->cfg.n_slots)
+            return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: copy into slot %d", e->stage,
+                                c->slot);
+        e->be->copy(e->be, slot_state(e, c->slot), slot_state(e, c->slots[0]),
+                    fps * sizeof(float));
+        return RP_OK;
     case RWKVPIPE__ENGINE_COMMAND__KIND__DROP:
         rp_engine_session_drop(e, c->session);
         return RP_OK;
@@ -290,6 +394,22 @@ static rp_status stage_unit(rp_engine *e, rp_engine_command *c, rp_error *err) {
         r.tokens = tokens;
         r.n_busy_seconds = nt;
         r.busy_seconds = times;
+        Rwkvpipe__TokenLogprob lps[e->n_unit_lp > 0 ? e->n_unit_lp : 1];
+        Rwkvpipe__TokenLogprob *lpp[e->n_unit_lp > 0 ? e->n_unit_lp : 1];
+        for (int i = 0; i < e->n_unit_lp; i++) {
+            rp_unit_logprob *u = &e->unit_lp[i];
+            rwkvpipe__token_logprob__init(&lps[i]);
+            lps[i].slot = u->slot;
+            lps[i].pos = u->pos;
+            lps[i].token = u->lp.token;
+            lps[i].logprob = u->lp.logprob;
+            lps[i].n_top_ids = lps[i].n_top_logprobs = (size_t)u->lp.n_top;
+            lps[i].top_ids = u->lp.top_ids;
+            lps[i].top_logprobs = u->lp.top_logprobs;
+            lpp[i] = &lps[i];
+        }
+        r.n_logprobs = (size_t)e->n_unit_lp;
+        r.logprobs = lpp;
         return send_result(e, &r, err);
     }
     double *old = c->busy_seconds;

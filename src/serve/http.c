@@ -295,6 +295,126 @@ static uint64_t random_seed(rp_http_server *s) {
     return (z ^ (z >> 31)) >> 1;  /* JSON-friendly: below 2^63 */
 }
 
+/* The seed of choice j of a prompt (n > 1): the request's seed + j (mod
+ * 2^63), so choice j repeats with the same seed; without a seed, a fresh one. */
+static uint64_t choice_seed(rp_http_server *s, const rp_gen_request *gr, int j) {
+    if (!gr->seed_given) return j == 0 ? gr->params.sampler.seed : random_seed(s);
+    return (gr->params.sampler.seed + (uint64_t)j) & 0x7FFFFFFFFFFFFFFFull;
+}
+
+/* A request of several choices (a batch of prompts and / or n > 1): one job
+ * per choice, all in the engine at once as separate requests would be;
+ * choice i = prompt i / n, the prompt's choice i % n. Takes pl. */
+static int start_multi(rp_http_server *s, struct MHD_Connection *conn, int chat,
+                       rp_gen_request *gr, rp_request_prompt_list *pl, gen_ctx **out,
+                       rp_request_error *e) {
+    const int n_kids = pl->n * gr->n;
+    if (n_kids > RP_REQUEST_MAX_CHOICES) {
+        rp_request_prompts_free(pl);
+        return rp_request_fail(e, 400, "invalid_value", "%d prompts x n %d = %d choices: at most %d",
+                               pl->n, gr->n, n_kids, RP_REQUEST_MAX_CHOICES);
+    }
+    if (gr->session) {
+        rp_request_prompts_free(pl);
+        return rp_request_fail(e, 400, "invalid_value",
+                               "'session' takes one prompt and n = 1 (a session holds one "
+                               "state); use 'initial_state' to start several choices from it");
+    }
+    if (gr->initial_state && !rp_engine_session_exists(s->engine, gr->initial_state)) {
+        rp_request_prompts_free(pl);
+        return rp_request_fail(e, 404, "session_not_found", "initial state '%s' does not exist",
+                               gr->initial_state);
+    }
+    gen_ctx *g = http_gen_new(s, conn);
+    if (!g || !(g->kids = calloc((size_t)n_kids, sizeof *g->kids))) {
+        http_gen_free(g);
+        rp_request_prompts_free(pl);
+        return rp_request_fail(e, 500, "internal", "out of memory");
+    }
+    g->head.chat = chat;
+    g->stream = gr->stream;
+    g->n_per_prompt = gr->n;
+    g->head.created = time(NULL);
+    snprintf(g->head.id, sizeof g->head.id, "%s-%lx%06lx", chat ? "chatcmpl" : "cmpl",
+             (unsigned long)g->head.created, (unsigned long)atomic_fetch_add(&s->next_id, 1));
+    rp_error err;
+    int r = 0;
+    for (int i = 0; i < n_kids && r == 0; i++) {
+        const int p = i / gr->n, j = i % gr->n;
+        gen_ctx *k = http_gen_kid(g);
+        if (!k) {
+            r = rp_request_fail(e, 500, "internal", "out of memory");
+            break;
+        }
+        g->kids[g->n_kids++] = k;
+        k->stream = gr->stream;
+        k->skip_space = chat;
+        k->return_ids = gr->return_ids;
+        k->n_prompt = (int)pl->n_ids[p];
+        k->want_lp = gr->params.logprobs;
+        k->top_lp = gr->params.top_logprobs;
+        http_logprobs_init(&k->lp_stream, chat);
+        rp_gen_params params = gr->params;
+        params.sampler.seed = choice_seed(s, gr, j);
+        /* the prompt is scored once, by its first choice */
+        params.score_prompt = gr->params.score_prompt && j == 0;
+        if (gr->echo) {
+            k->echo = 1;
+            k->lp_source = j == 0 ? NULL : g->kids[i - j];
+            k->echo_len = pl->text_lens[p];
+            k->echo_text = malloc(k->echo_len + 1);
+            k->prompt_ids = malloc((pl->n_ids[p] ? pl->n_ids[p] : 1) * sizeof *k->prompt_ids);
+            if (!k->echo_text || !k->prompt_ids) {
+                r = rp_request_fail(e, 500, "internal", "out of memory");
+                break;
+            }
+            memcpy(k->echo_text, pl->texts[p], k->echo_len + 1);
+            memcpy(k->prompt_ids, pl->ids[p], pl->n_ids[p] * sizeof *pl->ids[p]);
+        }
+        if (rp_text_stream_init(&k->text, gr->stops, gr->n_stops, &err) != RP_OK) {
+            r = rp_request_fail(e, 400, "invalid_value", "%s", err.msg);
+            break;
+        }
+        k->job = rp_job_create(pl->ids[p], (int)pl->n_ids[p], &params, gr->initial_state, NULL,
+                               &err);
+        if (!k->job) {
+            r = rp_request_fail(e, 400, "invalid_value", "prompt %d: %s", p, err.msg);
+            break;
+        }
+        rp_job_set_notify(k->job, http_gen_wake, g); /* a choice's news wakes the request */
+        /* n > 1: the prompt is read once, by the prompt's first choice */
+        if (j > 0) rp_job_share_prompt(k->job, g->kids[i - j]->job);
+    }
+    for (int i = 0; i < g->n_kids && r == 0; i++) {
+        gen_ctx *k = g->kids[i];
+        k->t_submit = g->t_submit = rp_now_seconds();
+        if (atomic_load(&s->stopping)) {
+            r = rp_request_fail(e, 503, "shutting_down", "the server is shutting down");
+            break;
+        }
+        rp_status st = rp_engine_submit(s->engine, k->job, &err);
+        if (st != RP_OK) {
+            if (atomic_load(&s->stopping) || st == RP_ERR_UNAVAILABLE)
+                r = rp_request_fail(e, 503, "shutting_down", "the server is shutting down");
+            else if (st == RP_ERR_BUSY)
+                r = rp_request_fail(e, 429, "too_many_requests", "choice %d of %d: %s", i, n_kids,
+                                    err.msg);
+            else
+                r = rp_request_fail(e, 503, "engine_unavailable", "%s", err.msg);
+            break;
+        }
+        k->submitted = 1;
+    }
+    rp_request_prompts_free(pl);
+    if (r != 0) {
+        http_gen_free(g); /* cancels the choices already submitted */
+        return -1;
+    }
+    g->submitted = 1;
+    *out = g;
+    return 0;
+}
+
 /* Validates and submits a generation; on success *out is a running job. */
 static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Connection *conn,
                             json_t *o, gen_ctx **out, rp_request_error *e) {
@@ -303,6 +423,28 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     rp_gen_request gr;
     if (rp_request_parse_generation(o, chat, &limits, &gr, e)) return -1;
     if (!gr.seed_given) gr.params.sampler.seed = random_seed(s);
+    /* completions: one prompt or a batch; several choices in all take
+     * start_multi, one the path below (which also serves sessions) */
+    rp_request_prompt_list pl;
+    memset(&pl, 0, sizeof pl);
+    if (!chat && rp_request_prompts(o, &limits, &pl, e)) return -1;
+    if (chat && gr.n > 1) {
+        pl.texts = calloc(1, sizeof *pl.texts);
+        pl.text_lens = calloc(1, sizeof *pl.text_lens);
+        pl.ids = calloc(1, sizeof *pl.ids);
+        pl.n_ids = calloc(1, sizeof *pl.n_ids);
+        if (!pl.texts || !pl.text_lens || !pl.ids || !pl.n_ids) {
+            rp_request_prompts_free(&pl);
+            return rp_request_fail(e, 500, "internal", "out of memory");
+        }
+        if (rp_request_prompt(o, 1, "", &limits, &pl.texts[0], &pl.text_lens[0], &pl.ids[0],
+                              &pl.n_ids[0], e)) {
+            rp_request_prompts_free(&pl);
+            return -1;
+        }
+        pl.n = 1;
+    }
+    if (pl.n > 1 || gr.n > 1) return start_multi(s, conn, chat, &gr, &pl, out, e);
 
     /* sessions: continue `session` when it exists, else start from
      * `initial_state` (which must exist) or from zero; store into `session` */
@@ -314,10 +456,12 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
         http_session *se = session_find(s, gr.session, 1);
         if (!se) {
             pthread_mutex_unlock(&s->lock);
+            rp_request_prompts_free(&pl);
             return rp_request_fail(e, 503, "too_many_sessions", "too many sessions in use at once");
         }
         if (se->busy) {
             pthread_mutex_unlock(&s->lock);
+            rp_request_prompts_free(&pl);
             return rp_request_fail(e, 409, "session_busy",
                                    "session '%s' is in use by another request", gr.session);
         }
@@ -349,9 +493,19 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     }
     /* refuses a prompt over --max-prompt-tokens (the only length check:
      * see rp_request_prompt) */
-    if (rp_request_prompt(o, chat, start == gr.session ? lead : "", &limits, &prompt,
-                          &prompt_len, &ids, &n_ids, e))
+    if (!chat) {
+        /* the one prompt rp_request_prompts read */
+        prompt = pl.texts[0];
+        prompt_len = pl.text_lens[0];
+        ids = pl.ids[0];
+        n_ids = pl.n_ids[0];
+        pl.texts[0] = NULL;
+        pl.ids[0] = NULL;
+        rp_request_prompts_free(&pl);
+    } else if (rp_request_prompt(o, chat, start == gr.session ? lead : "", &limits, &prompt,
+                                 &prompt_len, &ids, &n_ids, e)) {
         goto fail_out;
+    }
     g = http_gen_new(s, conn);
     if (!g) {
         rp_request_fail(e, 500, "internal", "out of memory");
@@ -362,6 +516,22 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     g->skip_space = chat;
     g->return_ids = gr.return_ids;
     g->n_prompt = (int)n_ids;
+    g->want_lp = gr.params.logprobs;
+    g->top_lp = gr.params.top_logprobs;
+    http_logprobs_init(&g->lp_stream, chat);
+    if (gr.echo) {
+        /* the reply starts with the prompt: its text, and its tokens when scored */
+        g->echo = 1;
+        g->echo_text = malloc(prompt_len + 1);
+        g->echo_len = prompt_len;
+        g->prompt_ids = malloc(n_ids * sizeof *g->prompt_ids);
+        if (g->echo_text) memcpy(g->echo_text, prompt, prompt_len + 1);
+        if (!g->prompt_ids || !g->echo_text) {
+            rp_request_fail(e, 500, "internal", "out of memory");
+            goto fail_out;
+        }
+        memcpy(g->prompt_ids, ids, n_ids * sizeof *ids);
+    }
     g->head.created = time(NULL);
     snprintf(g->head.id, sizeof g->head.id, "%s-%lx%06lx", chat ? "chatcmpl" : "cmpl",
              (unsigned long)g->head.created, (unsigned long)atomic_fetch_add(&s->next_id, 1));
@@ -412,6 +582,7 @@ static int start_generation(rp_http_server *s, request_ctx *rc, struct MHD_Conne
     *out = g;
     return 0;
 fail_out:
+    rp_request_prompts_free(&pl);
     if (g) {
         http_gen_free(g);  /* not submitted: the session keeps what it had */
     } else if (locked) {

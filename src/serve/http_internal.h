@@ -35,6 +35,20 @@ typedef struct {
     unsigned long last_use;
 } http_session;
 
+/* The logprobs of one choice being built (http_logprobs.c). */
+typedef struct {
+    int chat;
+    json_t *tokens, *token_logprobs, *top_logprobs, *text_offset; /* completions */
+    json_t *content;                                              /* chat */
+    size_t offset;  /* characters of the choice's text before the next token */
+} http_logprobs;
+
+/* A generated token the reply lists with its logprob. */
+typedef struct {
+    int32_t id;
+    rp_token_logprob lp;
+} http_token_lp;
+
 typedef struct conn_entry conn_entry;
 typedef struct gen_ctx gen_ctx;
 
@@ -108,6 +122,22 @@ struct gen_ctx {
     int32_t *ids;
     size_t n_ids, ids_cap;
     int stop_hit;
+    /* logprobs ("logprobs", chat "top_logprobs") and echo */
+    int want_lp, top_lp, echo;
+    int32_t *prompt_ids;        /* echo: the prompt's tokens */
+    char *echo_text;            /* echo: the prompt's text */
+    size_t echo_len;
+    int echo_sent;              /* stream: the prompt went out */
+    int n_read;                 /* tokens read from the job (its logprob index) */
+    http_token_lp *glp;         /* the listed tokens' logprobs */
+    size_t n_glp, glp_cap, glp_sent;
+    http_logprobs lp_stream;    /* stream: offsets carry over between chunks */
+    /* a request of several choices (a batch of prompts, n > 1): the parent
+     * holds the connection and its reply; each kid one choice and its job */
+    gen_ctx *parent;
+    gen_ctx **kids;
+    int n_kids, n_per_prompt;
+    gen_ctx *lp_source;         /* echo: the kid whose job scored this prompt (NULL: its own) */
     int submitted;              /* the engine has the job */
     int done;
     rp_finish_reason finish;
@@ -148,6 +178,9 @@ void http_session_end_turn(rp_http_server *s, const char *name, const char tail[
 /* A new generation on conn, counted in active_generations; NULL when out
  * of memory. */
 gen_ctx *http_gen_new(rp_http_server *s, struct MHD_Connection *conn);
+/* A choice of parent's request (not counted or listed on its own; its
+ * job's hook wakes the parent); NULL when out of memory. */
+gen_ctx *http_gen_kid(gen_ctx *parent);
 /* Cancels its job if submitted and unfinished, ends its session turn,
  * frees. NULL is ignored. */
 void http_gen_free(gen_ctx *g);
@@ -188,6 +221,23 @@ json_t *http_chunk_json(const gen_head *h, int with_role, const char *text, size
 /* A whole non-streamed reply (takes ownership of usage and timing). */
 json_t *http_reply_json(const gen_head *h, const char *text, size_t len, const char *finish,
                         json_t *usage, json_t *timing);
+/* ---- http_logprobs.c ---- */
+
+/* A token's text: its bytes when they are whole UTF-8 characters, else
+ * "bytes:\xNN..." (OpenAI's spelling); the end-of-text token "<|endoftext|>". */
+json_t *http_token_string(const rp_tokenizer *tok, int32_t id);
+void http_logprobs_init(http_logprobs *l, int chat);
+void http_logprobs_free(http_logprobs *l);
+/* Appends token id with its logprob (NULL: null, the first prompt token)
+ * and up to top alternatives; completions' text_offset counts characters
+ * (code points) of the choice's text. Returns 0, or -1 out of memory. */
+int http_logprobs_add(http_logprobs *l, const rp_tokenizer *tok, int32_t id,
+                      const rp_token_logprob *lp, int top);
+/* The choice's text has n more bytes that no listed token spells. */
+void http_logprobs_skip_text(http_logprobs *l, const char *text, size_t n);
+/* The logprobs object so far (l keeps its offset and starts a new one). */
+json_t *http_logprobs_take(http_logprobs *l);
+
 /* Appends "data: JSON\n\n" to the buffer (takes ownership of event; NULL
  * is a failure). Returns 0, or -1 with the buffer as it was. */
 int http_sse_event(char **buf, size_t *len, size_t *cap, json_t *event);

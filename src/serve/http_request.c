@@ -148,14 +148,9 @@ static const refused_field refused_fields[] = {
     {"tool_choice", 3, ASKS_NOT_NONE, "tool calling is not supported"},
     {"function_call", 3, ASKS_NOT_NONE, "function calling is not supported"},
     {"response_format", 3, ASKS_NOT_TEXT, "structured output is not implemented yet"},
-    {"logit_bias", 3, ASKS_NONEMPTY, "logit_bias is not implemented yet"},
     {"best_of", 1, ASKS_ABOVE_ONE, "best_of > 1 is not supported"},
     {"suffix", 1, ASKS_NONEMPTY, "suffix (insertion) is not supported"},
-    {"logprobs", 1, ASKS_SET, "logprobs are not implemented yet"},
-    {"logprobs", 2, ASKS_TRUE, "logprobs are not implemented yet"},
-    {"top_logprobs", 3, ASKS_SET, "logprobs are not implemented yet"},
-    {"echo", 1, ASKS_TRUE, "echo is not implemented yet"},
-    {"n", 3, ASKS_ABOVE_ONE, "n > 1 is not implemented yet: send n requests"},
+    {"top_logprobs", 1, ASKS_SET, "top_logprobs is a chat field: completions take \"logprobs\": k"},
     {"audio", 2, ASKS_SET, "audio output is not supported"},
     {"prediction", 2, ASKS_SET, "predicted outputs are not supported"},
 };
@@ -203,6 +198,68 @@ static int check_model(json_t *o, const rp_request_limits *lim, rp_request_error
     return 0;
 }
 
+/* Completions: "logprobs": k (0..20) lists each token with its logprob and
+ * the k most likely; "echo": true returns the prompt first (scored when
+ * logprobs are asked). Chat: "logprobs": true, "top_logprobs": k. */
+static int parse_logprobs(json_t *o, int chat, rp_gen_request *r, rp_request_error *e) {
+    rp_gen_params *p = &r->params;
+    long long k = -1;
+    if (chat) {
+        int on = 0;
+        if (get_bool(o, "logprobs", &on, e)) return -1;
+        if (get_int(o, "top_logprobs", 0, RP_LOGPROBS_MAX, &k, e)) return -1;
+        if (k >= 0 && !on)
+            return rp_request_fail(e, 400, "invalid_value",
+                                   "'top_logprobs' needs \"logprobs\": true");
+        p->logprobs = on;
+        p->top_logprobs = k > 0 ? (int)k : 0;
+        return 0;
+    }
+    if (get_int(o, "logprobs", 0, RP_LOGPROBS_MAX, &k, e)) return -1;
+    if (get_bool(o, "echo", &r->echo, e)) return -1;
+    p->logprobs = k >= 0;
+    p->top_logprobs = k > 0 ? (int)k : 0;
+    p->score_prompt = r->echo && p->logprobs;
+    return 0;
+}
+
+/* "logit_bias": {"token id": bias in [-100, 100]}, added to the logits
+ * before sampling (not to the reported logprobs). */
+static int parse_logit_bias(json_t *o, const rp_request_limits *lim, rp_gen_params *p,
+                            rp_request_error *e) {
+    json_t *b = json_object_get(o, "logit_bias");
+    p->n_bias = 0;
+    if (!b || json_is_null(b)) return 0;
+    if (!json_is_object(b))
+        return rp_request_fail(e, 400, "invalid_type",
+                               "'logit_bias' must be an object {\"token id\": bias}");
+    if (json_object_size(b) > RP_ENGINE_MAX_BIAS)
+        return rp_request_fail(e, 400, "invalid_value", "'logit_bias' has %zu entries: at most %d",
+                               json_object_size(b), RP_ENGINE_MAX_BIAS);
+    const char *key;
+    json_t *v;
+    json_object_foreach(b, key, v) {
+        char *end = NULL;
+        long id = strtol(key, &end, 10);
+        if (!*key || *end || key[0] == '-' || key[0] == '+' || key[0] == ' ' || id < 0 ||
+            id >= lim->vocab_size)
+            return rp_request_fail(e, 400, "invalid_value",
+                                   "'logit_bias' key '%.40s' is not a token id in [0, %d)", key,
+                                   lim->vocab_size);
+        if (!json_is_number(v))
+            return rp_request_fail(e, 400, "invalid_type",
+                                   "'logit_bias'['%s'] must be a number in [-100, 100]", key);
+        double x = json_number_value(v);
+        if (!(x >= -100 && x <= 100))
+            return rp_request_fail(e, 400, "invalid_value",
+                                   "'logit_bias'['%s'] is %g: expected a number in [-100, 100]",
+                                   key, x);
+        p->bias_ids[p->n_bias] = (int32_t)id;
+        p->bias_values[p->n_bias++] = (float)x;
+    }
+    return 0;
+}
+
 int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *lim,
                                 rp_gen_request *r, rp_request_error *e) {
     memset(r, 0, sizeof *r);
@@ -219,8 +276,9 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
         p->penalty_decay = 0.996f;
     }
     if (check_model(o, lim, e)) return -1;
-    long long n = 1; /* > 1 is refused above */
-    if (get_int(o, "n", 1, 1, &n, e)) return -1;
+    long long n = 1;
+    if (get_int(o, "n", 1, RP_REQUEST_MAX_CHOICES, &n, e)) return -1;
+    r->n = (int)n;
     long long max_tokens = p->max_tokens;
     json_t *mt = json_object_get(o, chat && json_object_get(o, "max_completion_tokens")
                                         ? "max_completion_tokens"
@@ -330,6 +388,7 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
         }
         free(ids);
     }
+    if (parse_logprobs(o, chat, r, e) || parse_logit_bias(o, lim, p, e)) return -1;
     rp_error err;
     if (rp_gen_params_validate(p, lim->vocab_size, &err) != RP_OK)
         return rp_request_fail(e, 400, "invalid_value", "%s", err.msg);
@@ -525,6 +584,73 @@ int rp_request_prompt(json_t *o, int chat, const char *lead, const rp_request_li
         *text_len = *n_ids = 0;
     }
     return r;
+}
+
+void rp_request_prompts_free(rp_request_prompt_list *l) {
+    for (int i = 0; i < l->n; i++) {
+        if (l->texts) free(l->texts[i]);
+        if (l->ids) free(l->ids[i]);
+    }
+    free(l->texts);
+    free(l->text_lens);
+    free(l->ids);
+    free(l->n_ids);
+    memset(l, 0, sizeof *l);
+}
+
+int rp_request_prompts(json_t *o, const rp_request_limits *lim, rp_request_prompt_list *out,
+                       rp_request_error *e) {
+    memset(out, 0, sizeof *out);
+    json_t *pj = json_object_get(o, "prompt");
+    json_t *first = json_is_array(pj) ? json_array_get(pj, 0) : NULL;
+    /* a batch: an array of strings and / or token-id arrays (more than one
+     * string, or any token-id array) */
+    const int batch = json_is_array(pj) && json_array_size(pj) > 0 &&
+                      (json_is_array(first) || (json_is_string(first) && json_array_size(pj) > 1));
+    const size_t n = batch ? json_array_size(pj) : 1;
+    if (n > RP_REQUEST_MAX_CHOICES)
+        return rp_request_fail(e, 400, "invalid_value", "'prompt' has %zu prompts: at most %d",
+                               n, RP_REQUEST_MAX_CHOICES);
+    out->texts = calloc(n, sizeof *out->texts);
+    out->text_lens = calloc(n, sizeof *out->text_lens);
+    out->ids = calloc(n, sizeof *out->ids);
+    out->n_ids = calloc(n, sizeof *out->n_ids);
+    if (!out->texts || !out->text_lens || !out->ids || !out->n_ids) {
+        rp_request_prompts_free(out);
+        return rp_request_fail(e, 500, "internal", "out of memory");
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *one = o;
+        if (batch) {
+            json_t *x = json_array_get(pj, i);
+            if (!json_is_string(x) && !json_is_array(x)) {
+                rp_request_prompts_free(out);
+                return rp_request_fail(e, 400, "invalid_type",
+                                       "'prompt'[%zu] must be a string or an array of token ids "
+                                       "(a batch of prompts)", i);
+            }
+            one = json_pack("{s:O}", "prompt", x);
+            if (!one) {
+                rp_request_prompts_free(out);
+                return rp_request_fail(e, 500, "internal", "out of memory");
+            }
+        }
+        int r = rp_request_prompt(one, 0, "", lim, &out->texts[i], &out->text_lens[i],
+                                  &out->ids[i], &out->n_ids[i], e);
+        if (batch) json_decref(one);
+        out->n = (int)i + (r == 0);
+        if (r != 0) {
+            rp_request_prompts_free(out);
+            if (batch) {
+                char m[sizeof e->message];
+                snprintf(m, sizeof m, "%s", e->message);
+                snprintf(e->message, sizeof e->message, "prompt %zu of the batch: %.*s", i,
+                         (int)(sizeof e->message - 48), m);
+            }
+            return -1;
+        }
+    }
+    return 0;
 }
 
 int rp_request_session_file(json_t *o, const char **name, rp_request_error *e) {

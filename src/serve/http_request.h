@@ -16,6 +16,7 @@
 #include "text/stream.h"
 
 #define RP_REQUEST_MAX_MESSAGES 4096
+#define RP_REQUEST_MAX_CHOICES 64   /* prompts x n of one request */
 
 /* What a request may ask of this server. */
 typedef struct {
@@ -58,6 +59,8 @@ typedef struct {
     const char *stops[RP_TEXT_MAX_STOPS];
     int n_stops;
     int stream, return_ids;
+    int echo;       /* completions: the reply's text (and logprobs) start with the prompt */
+    int n;          /* choices per prompt (1..RP_REQUEST_MAX_CHOICES) */
     const char *session, *initial_state; /* NULL when absent; valid session names */
 } rp_gen_request;
 
@@ -78,6 +81,22 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
 int rp_request_prompt(json_t *o, int chat, const char *lead, const rp_request_limits *lim,
                       char **text, size_t *text_len, int32_t **ids, size_t *n_ids,
                       rp_request_error *e);
+
+/* The prompts of a completion request: "prompt" as one prompt (a string,
+ * a one-string array, an array of token ids) or a batch (an array of
+ * strings and / or arrays of token ids: one choice each, in order). Each is
+ * checked as rp_request_prompt checks one; an error names the prompt
+ * ("prompt 2 of the batch: ..."). Free with rp_request_prompts_free. */
+typedef struct {
+    int n;
+    char **texts;
+    size_t *text_lens;
+    int32_t **ids;
+    size_t *n_ids;
+} rp_request_prompt_list;
+int rp_request_prompts(json_t *o, const rp_request_limits *lim, rp_request_prompt_list *out,
+                       rp_request_error *e);
+void rp_request_prompts_free(rp_request_prompt_list *l);
 
 /* The tokenizer endpoints, in the shapes of vLLM that lm-evaluation-harness's
  * RemoteTokenizer reads (docs/serving.md). The end-of-text token's text:

@@ -167,12 +167,66 @@ static void finish_job(gen_ctx *g, rp_finish_reason f) {
     if (f == RP_FINISH_ERROR) rp_job_error(g->job, g->error, sizeof g->error);
 }
 
+/* Keeps generated token `index`'s logprob for the reply (a token whose
+ * logprob did not come is listed with the logprob 0 and no alternatives;
+ * the engine sends it before the token, so this does not happen). */
+static void gen_keep_logprob(gen_ctx *g, int index, int32_t id) {
+    if (g->n_glp == g->glp_cap) {
+        size_t cap = g->glp_cap ? 2 * g->glp_cap : 32;
+        http_token_lp *grown = realloc(g->glp, cap * sizeof *grown);
+        if (!grown) return;
+        g->glp = grown;
+        g->glp_cap = cap;
+    }
+    http_token_lp *t = &g->glp[g->n_glp++];
+    t->id = id;
+    if (!rp_job_logprob(g->job, index, &t->lp)) {
+        memset(&t->lp, 0, sizeof t->lp);
+        t->lp.token = id;
+    }
+}
+
+/* Adds to l the prompt's tokens (echo with logprobs: the first has none)
+ * when with_prompt, then the generated tokens not listed yet. */
+static void gen_add_logprobs(gen_ctx *g, http_logprobs *l, int with_prompt) {
+    const rp_tokenizer *tok = g->srv->tok;
+    if (with_prompt && g->echo) {
+        for (int i = 0; i < g->n_prompt && g->want_lp; i++) {
+            rp_token_logprob lp;
+            rp_job *src = g->lp_source ? g->lp_source->job : g->job;
+            int have = i > 0 && rp_job_prompt_logprob(src, i, &lp);
+            http_logprobs_add(l, tok, g->prompt_ids[i], have ? &lp : NULL, g->top_lp);
+        }
+        if (!g->want_lp) http_logprobs_skip_text(l, g->echo_text, g->echo_len);
+    }
+    for (; g->glp_sent < g->n_glp; g->glp_sent++)
+        http_logprobs_add(l, tok, g->glp[g->glp_sent].id, &g->glp[g->glp_sent].lp, g->top_lp);
+}
+
 /* Reads what the engine generated (waiting up to timeout_ms) and feeds the
  * text stream. Returns 1 once the generation is over (g->done). A stop
  * string ends it at once; a job that stores a session is still drained to
  * its end so the table knows what its state has read, and so the stored
  * state exists before the reply completes. */
 static int gen_pump(gen_ctx *g, int timeout_ms) {
+    if (g->n_kids) {
+        /* several choices: over when every one is (the first failure
+         * names its choice) */
+        int all = 1;
+        for (int i = 0; i < g->n_kids; i++) {
+            gen_ctx *k = g->kids[i];
+            if (!k->done) gen_pump(k, 0);
+            all &= k->done;
+            if (k->done && k->finish == RP_FINISH_ERROR && g->finish != RP_FINISH_ERROR) {
+                g->finish = RP_FINISH_ERROR;
+                g->engine_failed = k->engine_failed;
+                snprintf(g->error, sizeof g->error, "choice %d: %.900s", i, k->error);
+            }
+        }
+        if (all) g->done = 1;
+        if (all && g->finish != RP_FINISH_ERROR) g->finish = RP_FINISH_STOP;
+        return all;
+    }
     int32_t ids[READ_BATCH];
     for (;;) {
         rp_finish_reason f = RP_FINISH_NONE;
@@ -183,7 +237,9 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
             const uint8_t *b = rp_tokenizer_token_bytes(g->srv->tok, ids[i], &len);
             if (!b) len = 0;
             if (g->session[0]) http_gen_tail_push(g, b, len);
+            const int index = g->n_read++;
             if (g->stop_hit) continue;
+            if (g->want_lp) gen_keep_logprob(g, index, ids[i]);
             g->completion_tokens++;
             g->t_last = rp_now_seconds();
             if (g->return_ids) {
@@ -205,6 +261,14 @@ static int gen_pump(gen_ctx *g, int timeout_ms) {
             }
         }
         if (f != RP_FINISH_NONE) {
+            /* The end-of-text token that stopped it is listed (not in the
+             * text), as OpenAI does: clients that drop the last entry
+             * (lm-evaluation-harness) rely on it. */
+            rp_token_logprob lp;
+            if (g->want_lp && f == RP_FINISH_STOP && !g->stop_hit &&
+                rp_job_logprob(g->job, g->n_read, &lp) &&
+                lp.token == rp_tokenizer_eot_id(g->srv->tok))
+                gen_keep_logprob(g, g->n_read, lp.token);
             /* Every token is read (rp_job_read reports the end only then),
              * maybe with these last ones: over now, as the job's hook will
              * not call again. A session turn ends only once the engine has
@@ -225,6 +289,12 @@ static int gen_should_abort(gen_ctx *g) { return atomic_load(&g->srv->closing); 
 /* Gives up on the job as the server closes: cancelled when it stops on
  * request, an error naming the failure when the engine failed (rp_http_fail). */
 static void gen_abort(gen_ctx *g) {
+    if (g->n_kids) {
+        for (int i = 0; i < g->n_kids; i++)
+            if (!g->kids[i]->done) gen_abort(g->kids[i]);
+        gen_pump(g, 0);
+        return;
+    }
     rp_job_cancel(g->job);
     finish_job(g, RP_FINISH_CANCELLED);
     if (!g->srv->engine_failed) return;
@@ -249,19 +319,34 @@ gen_ctx *http_gen_new(rp_http_server *s, struct MHD_Connection *conn) {
     return g;
 }
 
+gen_ctx *http_gen_kid(gen_ctx *parent) {
+    gen_ctx *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->srv = parent->srv;
+    g->conn = parent->conn;
+    g->parent = parent;
+    g->head = parent->head;
+    pthread_mutex_init(&g->wake_mu, NULL);
+    return g;
+}
+
 void http_gen_free(gen_ctx *g) {
     if (!g) return;
     rp_http_server *s = g->srv;
+    for (int i = 0; i < g->n_kids; i++) http_gen_free(g->kids[i]);
+    free(g->kids);
     if (g->job) {
         rp_job_set_notify(g->job, NULL, NULL);  /* waits for a call in progress */
         if (g->submitted && !g->done) rp_job_cancel(g->job);
         rp_job_release(g->job);
     }
-    pthread_mutex_lock(&s->gen_lock);
-    if (g->prev) g->prev->next = g->next;
-    else s->gens = g->next;
-    if (g->next) g->next->prev = g->prev;
-    pthread_mutex_unlock(&s->gen_lock);
+    if (!g->parent) {
+        pthread_mutex_lock(&s->gen_lock);
+        if (g->prev) g->prev->next = g->next;
+        else s->gens = g->next;
+        if (g->next) g->next->prev = g->prev;
+        pthread_mutex_unlock(&s->gen_lock);
+    }
     pthread_mutex_destroy(&g->wake_mu);
     /* Only a finished turn stores its state (it has then read every token
      * it emitted, stop strings and what followed them included); a
@@ -274,8 +359,13 @@ void http_gen_free(gen_ctx *g) {
     free(g->reply);
     free(g->pending);
     free(g->ids);
+    free(g->glp);
+    free(g->prompt_ids);
+    free(g->echo_text);
+    http_logprobs_free(&g->lp_stream);
+    const int counted = !g->parent;
     free(g);
-    atomic_fetch_sub(&s->active_generations, 1);
+    if (counted) atomic_fetch_sub(&s->active_generations, 1);
 }
 
 static json_t *ids_json(const gen_ctx *g) {
@@ -285,6 +375,7 @@ static json_t *ids_json(const gen_ctx *g) {
 }
 
 static json_t *gen_timing_json(gen_ctx *g) {
+    if (g->n_kids) g = g->kids[0];
     rp_job_stats st;
     memset(&st, 0, sizeof st);
     rp_job_get_stats(g->job, &st);
@@ -298,19 +389,104 @@ static void sse_append(gen_ctx *g, json_t *event) {
     http_sse_event(&g->pending, &g->pending_len, &g->pending_cap, event);
 }
 
-/* Fills g->pending with the events the job has ready (never waits). */
+static void sse_produce_one(gen_ctx *out, gen_ctx *g, int index);
+
+/* Usage of a request of several choices: each prompt's tokens once, every
+ * choice's generated tokens. */
+static json_t *multi_usage_json(gen_ctx *g) {
+    int prompt = 0, completion = 0;
+    for (int i = 0; i < g->n_kids; i++) {
+        if (i % g->n_per_prompt == 0) prompt += g->kids[i]->n_prompt;
+        completion += g->kids[i]->completion_tokens;
+    }
+    return http_usage_json(prompt, completion);
+}
+
+/* Fills g->pending with the events the job (or each choice's) has ready
+ * (never waits). Several choices: each one's chunks carry its index and its
+ * finish_reason; a last chunk with no choices has the usage. */
 static void sse_produce(gen_ctx *g) {
+    if (!g->n_kids) {
+        sse_produce_one(g, g, 0);
+        return;
+    }
+    int all = 1;
+    for (int i = 0; i < g->n_kids && !g->sent_done; i++) {
+        gen_ctx *k = g->kids[i];
+        if (!k->sent_done) sse_produce_one(g, k, i);
+        all &= k->sent_done;
+    }
+    if (g->sent_done) return; /* a choice failed: its error ended the stream */
+    if (!all) return;
+    json_t *last = http_chunk_json(&g->head, 0, "", 0, "stop");
+    json_array_clear(json_object_get(last, "choices"));
+    json_object_set_new(last, "usage", multi_usage_json(g));
+    json_object_set_new(last, "timing", gen_timing_json(g));
+    sse_append(g, last);
+    rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, "data: [DONE]\n\n", 14);
+    g->sent_done = 1;
+    g->done = 1;
+}
+
+/* Sets a chunk's choice index. */
+static json_t *chunk_index(json_t *chunk, int index) {
+    json_object_set_new(json_array_get(json_object_get(chunk, "choices"), 0), "index",
+                        json_integer(index));
+    return chunk;
+}
+
+/* The events of one choice g (index) into out's buffer. */
+static void sse_produce_one(gen_ctx *out, gen_ctx *g, int index) {
+    const int multi = out != g;
     int done = g->done ? 1 : gen_pump(g, 0);
     size_t len;
     const char *t = take_text(g, &len);
-    if (len > 0 || (g->head.chat && !g->sent_role)) {
-        sse_append(g, http_chunk_json(&g->head, g->head.chat && !g->sent_role, t, len, NULL));
+    /* echo: the prompt goes first, once the engine has scored it (it has
+     * when the first token or the end comes) */
+    const int echo_now = g->echo && !g->echo_sent && (g->n_read > 0 || done);
+    char *joined = NULL;
+    if (echo_now) {
+        joined = malloc(g->echo_len + len + 1);
+        if (joined) {
+            memcpy(joined, g->echo_text, g->echo_len);
+            memcpy(joined + g->echo_len, t, len);
+            t = joined;
+            len += g->echo_len;
+        }
+    }
+    if (len > 0 || echo_now || (g->head.chat && !g->sent_role)) {
+        json_t *chunk = http_chunk_json(&g->head, g->head.chat && !g->sent_role, t, len, NULL);
+        if (g->want_lp || echo_now) {
+            gen_add_logprobs(g, &g->lp_stream, echo_now);
+            if (g->want_lp)
+                json_object_set_new(json_array_get(json_object_get(chunk, "choices"), 0),
+                                    "logprobs", http_logprobs_take(&g->lp_stream));
+        }
+        g->echo_sent |= echo_now;
+        sse_append(out, chunk_index(chunk, index));
         g->sent_role = 1;
     }
+    free(joined);
     if (!done) return;
     if (g->finish == RP_FINISH_ERROR) {
-        sse_append(g, g->engine_failed ? http_error_json(503, "engine_failed", g->error)
-                                       : http_error_json(500, "generation_failed", g->error));
+        char msg[RP_ERROR_MSG_LEN + 32];
+        if (multi) snprintf(msg, sizeof msg, "choice %d: %s", index, g->error);
+        else snprintf(msg, sizeof msg, "%s", g->error);
+        sse_append(out, g->engine_failed ? http_error_json(503, "engine_failed", msg)
+                                         : http_error_json(500, "generation_failed", msg));
+    } else if (multi) {
+        json_t *last = http_chunk_json(&g->head, g->head.chat && !g->sent_role, "", 0,
+                                       http_finish_name(g->finish));
+        g->sent_role = 1;
+        json_t *choice = json_array_get(json_object_get(last, "choices"), 0);
+        if (g->return_ids) json_object_set_new(choice, "token_ids", ids_json(g));
+        if (g->want_lp) {
+            gen_add_logprobs(g, &g->lp_stream, 0);
+            json_object_set_new(choice, "logprobs", http_logprobs_take(&g->lp_stream));
+        }
+        sse_append(out, chunk_index(last, index));
+        g->sent_done = 1;
+        return;
     } else {
         json_t *last = http_chunk_json(&g->head, g->head.chat && !g->sent_role, "", 0,
                                        http_finish_name(g->finish));
@@ -318,12 +494,18 @@ static void sse_produce(gen_ctx *g) {
         if (g->return_ids)
             json_object_set_new(json_array_get(json_object_get(last, "choices"), 0), "token_ids",
                                 ids_json(g));
+        if (g->want_lp) {
+            gen_add_logprobs(g, &g->lp_stream, 0);
+            json_object_set_new(json_array_get(json_object_get(last, "choices"), 0), "logprobs",
+                                http_logprobs_take(&g->lp_stream));
+        }
         json_object_set_new(last, "usage", http_usage_json(g->n_prompt, g->completion_tokens));
         json_object_set_new(last, "timing", gen_timing_json(g));
         if (g->session[0]) json_object_set_new(last, "session", json_string(g->session));
         sse_append(g, last);
     }
-    rp_text_append(&g->pending, &g->pending_len, &g->pending_cap, "data: [DONE]\n\n", 14);
+    rp_text_append(&out->pending, &out->pending_len, &out->pending_cap, "data: [DONE]\n\n", 14);
+    out->sent_done = 1;
     g->sent_done = 1;
 }
 
@@ -370,8 +552,65 @@ enum MHD_Result http_gen_stream(gen_ctx **slot, struct MHD_Connection *conn) {
 
 /* ---- one JSON reply ---------------------------------------------------------- */
 
+/* The choice object of kid k (its text, with echo the prompt's first; its
+ * finish_reason, token_ids, logprobs). */
+static json_t *choice_json(gen_ctx *k, int index) {
+    char *text = malloc(k->echo_len + k->reply_len + 1);
+    if (!text) return NULL;
+    if (k->echo) memcpy(text, k->echo_text, k->echo_len);
+    size_t len = k->echo ? k->echo_len : 0;
+    if (k->reply_len) memcpy(text + len, k->reply, k->reply_len);
+    len += k->reply_len;
+    json_t *resp = http_reply_json(&k->head, text, len, http_finish_name(k->finish), json_object(),
+                                   json_object());
+    free(text);
+    json_t *choice = json_array_get(json_object_get(resp, "choices"), 0);
+    if (!choice) {
+        json_decref(resp);
+        return NULL;
+    }
+    json_incref(choice);
+    json_decref(resp);
+    json_object_set_new(choice, "index", json_integer(index));
+    if (k->return_ids) json_object_set_new(choice, "token_ids", ids_json(k));
+    if (k->want_lp) {
+        http_logprobs l;
+        http_logprobs_init(&l, k->head.chat);
+        gen_add_logprobs(k, &l, 1);
+        json_object_set_new(choice, "logprobs", http_logprobs_take(&l));
+        http_logprobs_free(&l);
+    }
+    return choice;
+}
+
+/* The reply of several choices: index = prompt * n + j, as OpenAI orders
+ * them; a failed choice fails the request, naming it. */
+static enum MHD_Result reply_multi(gen_ctx *g, struct MHD_Connection *conn) {
+    rp_http_server *s = g->srv;
+    if (g->finish == RP_FINISH_ERROR)
+        return http_send_error(s, conn, g->engine_failed ? 503 : 500,
+                               g->engine_failed ? "engine_failed" : "generation_failed", "%s",
+                               g->error);
+    json_t *choices = json_array();
+    for (int i = 0; choices && i < g->n_kids; i++) {
+        json_t *c = choice_json(g->kids[i], i);
+        if (!c || json_array_append_new(choices, c)) {
+            json_decref(choices);
+            choices = NULL;
+        }
+    }
+    if (!choices) return http_send_error(s, conn, 500, "internal", "out of memory");
+    json_t *resp = json_pack("{s:s,s:s,s:I,s:s,s:o,s:o,s:o}", "id", g->head.id, "object",
+                             g->head.chat ? "chat.completion" : "text_completion", "created",
+                             (json_int_t)g->head.created, "model", g->head.model, "choices",
+                             choices, "usage", multi_usage_json(g), "timing",
+                             gen_timing_json(g));
+    return http_send_json(s, conn, 200, resp);
+}
+
 static enum MHD_Result reply_done(gen_ctx *g, struct MHD_Connection *conn) {
     rp_http_server *s = g->srv;
+    if (g->n_kids) return reply_multi(g, conn);
     size_t len;
     const char *t = take_text(g, &len);
     rp_text_append(&g->reply, &g->reply_len, &g->reply_cap, t, len);
@@ -382,6 +621,18 @@ static enum MHD_Result reply_done(gen_ctx *g, struct MHD_Connection *conn) {
         return http_send_error(s, conn, 503, "engine_failed", "%s", g->error);
     if (g->finish == RP_FINISH_ERROR)
         return http_send_error(s, conn, 500, "generation_failed", "%s", g->error);
+    if (g->echo) {
+        /* the prompt's text first */
+        char *joined = malloc(g->echo_len + g->reply_len + 1);
+        if (!joined) return http_send_error(s, conn, 500, "internal", "out of memory");
+        memcpy(joined, g->echo_text, g->echo_len);
+        if (g->reply_len) memcpy(joined + g->echo_len, g->reply, g->reply_len);
+        free(g->reply);
+        g->reply = joined;
+        g->reply_len += g->echo_len;
+        g->reply_cap = g->reply_len + 1;
+        g->reply[g->reply_len] = '\0';
+    }
     json_t *resp = http_reply_json(&g->head, g->reply ? g->reply : "", g->reply_len,
                                    http_finish_name(g->finish),
                                    http_usage_json(g->n_prompt, g->completion_tokens),
@@ -389,6 +640,13 @@ static enum MHD_Result reply_done(gen_ctx *g, struct MHD_Connection *conn) {
     if (resp && g->session[0]) json_object_set_new(resp, "session", json_string(g->session));
     json_t *choice = json_array_get(json_object_get(resp, "choices"), 0);
     if (choice && g->return_ids) json_object_set_new(choice, "token_ids", ids_json(g));
+    if (choice && g->want_lp) {
+        http_logprobs l;
+        http_logprobs_init(&l, g->head.chat);
+        gen_add_logprobs(g, &l, 1);
+        json_object_set_new(choice, "logprobs", http_logprobs_take(&l));
+        http_logprobs_free(&l);
+    }
     return http_send_json(s, conn, 200, resp);
 }
 
@@ -397,12 +655,16 @@ enum MHD_Result http_gen_reply(gen_ctx **slot, struct MHD_Connection *conn) {
     for (;;) {
         if (!g->done && gen_should_abort(g)) gen_abort(g);
         if (!g->done) gen_pump(g, 0);
-        size_t len;
-        const char *t = take_text(g, &len);
-        if (len && rp_text_append(&g->reply, &g->reply_len, &g->reply_cap, t, len)) {
-            rp_job_cancel(g->job);
-            finish_job(g, RP_FINISH_ERROR);
-            snprintf(g->error, sizeof g->error, "out of memory for the reply");
+        for (int i = 0; i < (g->n_kids ? g->n_kids : 1); i++) {
+            gen_ctx *k = g->n_kids ? g->kids[i] : g;
+            size_t len;
+            const char *t = take_text(k, &len);
+            if (len && rp_text_append(&k->reply, &k->reply_len, &k->reply_cap, t, len)) {
+                rp_job_cancel(k->job);
+                finish_job(k, RP_FINISH_ERROR);
+                snprintf(k->error, sizeof k->error, "out of memory for the reply");
+                if (g->n_kids) gen_pump(g, 0);
+            }
         }
         if (g->done) break;
         if (gen_suspend(g)) return MHD_YES;
