@@ -221,6 +221,37 @@ struct rp_backend {
                           const float *dy, const float *r, const float *w_raw, const float *k,
                           const float *v, const float *kk, const float *a,
                           const float *checkpoints, const rp_batch *batch, int C, int N);
+
+    /* ---- first gradient writes (training) ----
+     * The backward op of the same name without _beta, with beta (as cuBLAS's)
+     * for the activation gradients named: 0 overwrites them - the first write
+     * of that buffer in a step, so no fill_zero before it and no temporary +
+     * add - and 1 accumulates exactly as that op (no other values).
+     * Parameter gradients accumulate either way. */
+    /* dx */
+    void (*matmul_linear_backward_beta)(rp_backend *be, float *dx, float *dw, const float *dy,
+                                        const float *x, const float *w, int M, int N, int K,
+                                        float beta);
+    /* dx */
+    void (*matmul_lora_backward_beta)(rp_backend *be, float *dx, float *dw, const float *dy,
+                                      const float *x, const float *w, int M, int N, int K,
+                                      float beta);
+    /* dx */
+    void (*layernorm_backward_beta)(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                    const float *dy, const float *x, const float *mean,
+                                    const float *rstd, const float *weight, int R, int C,
+                                    float beta);
+    /* dx and dprev */
+    void (*lerp_backward_beta)(rp_backend *be, float *dx, float *dprev, float *dmu,
+                               const float *dy, const float *x, const float *prev,
+                               const float *mu, int R, int C, float beta);
+    /* dr, dk and dv */
+    void (*bonus_gate_backward_beta)(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,
+                                     float *dr_k, float *dg, const float *dout, const float *o,
+                                     const float *r, const float *k, const float *v,
+                                     const float *r_k, const float *g, int R, int C, int N,
+                                     float beta);
+
     /* Cross-entropy over rows with target ids (host memory; target < 0 = row
      * ignored): losses [R] = -log softmax(logits)[target] (overwrite); when
      * dlogits is non-NULL it gets (softmax - onehot) * scale (overwrite; may

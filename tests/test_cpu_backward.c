@@ -1326,6 +1326,97 @@ static void test_wkv7_and_token_shift_backward_chain_across_calls(void **state) 
     wkv_inputs_free(&in);
 }
 
+/* The _beta ops (backend.h "first gradient writes"): beta 0 on a NaN-filled
+ * buffer gives exactly the bits of the accumulating op on a zeroed buffer
+ * (what backward.c did before: fill_zero, then +=), parameter gradients
+ * included, at small and model-sized shapes and every thread count; beta 1
+ * is the accumulating op. */
+static void test_beta_zero_overwrites_with_the_bits_of_accumulating_on_zero(void **state) {
+    (void)state;
+    const int shapes[][3] = {{5, 8, 8}, {64, 64, 64}, {128, 64, 256}, {300, 96, 32}};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        const int R = shapes[si][0], C = shapes[si][1], F = shapes[si][2];
+        const int N = C % 32 == 0 ? 32 : C;
+        const size_t rc = (size_t)R * C, rf = (size_t)R * F;
+        for (int bi = 0; bi < N_BACKENDS; bi++) {
+            rp_backend *be = backends[bi];
+            rng_seed(77 + si);
+            float *dy = random_floats(rf > rc ? rf : rc, -1, 1), *x = random_floats(rf, -1, 1);
+            float *w = random_floats((size_t)F * C, -0.5, 0.5), *mu = random_floats(C, 0, 1);
+            float *xa = random_floats(rc, -1, 1), *prev = random_floats(rc, -1, 1);
+            float *mean = random_floats(R, -0.2, 0.2), *rstd = random_floats(R, 0.5, 2);
+            float *r = random_floats(rc, -1, 1), *k = random_floats(rc, -1, 1),
+                  *v = random_floats(rc, -1, 1), *g = random_floats(rc, -1, 1),
+                  *o = random_floats(rc, -1, 1), *r_k = random_floats(C, -1, 1);
+            /* [2] outputs: [0] beta 0 on NaN, [1] accumulate on zero */
+            float *dx[2], *dp[2], *dw[2], *dv2[2], *dk2[2], *dmu[2], *db[2], *d_o[2], *dg[2];
+            for (int m = 0; m < 2; m++) {
+                dx[m] = m ? zero_floats(rf > rc ? rf : rc) : nan_floats(rf > rc ? rf : rc);
+                dp[m] = m ? zero_floats(rc) : nan_floats(rc);
+                dv2[m] = m ? zero_floats(rc) : nan_floats(rc);
+                dk2[m] = m ? zero_floats(rc) : nan_floats(rc);
+                dw[m] = zero_floats((size_t)F * C);
+                dmu[m] = zero_floats(C);
+                db[m] = zero_floats(C);
+                d_o[m] = zero_floats(rc);
+                dg[m] = zero_floats(rc);
+            }
+            /* linear: y [R,F] = x [R,C] W^T, W [F,C] */
+            be->matmul_linear_backward_beta(be, dx[0], dw[0], dy, xa, w, R, F, C, 0.0f);
+            be->matmul_linear_backward(be, dx[1], dw[1], dy, xa, w, R, F, C);
+            check_equal_floats("matmul_linear_backward_beta dx", dx[0], dx[1], rc);
+            check_equal_floats("matmul_linear_backward_beta dw", dw[0], dw[1], (size_t)F * C);
+            /* lora: y [R,C] = x [R,F] W, W [F,C] */
+            for (int m = 0; m < 2; m++) {
+                for (size_t i = 0; i < rf; i++) dx[m][i] = m ? 0.0f : NAN;
+                memset(dw[m], 0, (size_t)F * C * sizeof(float));
+            }
+            be->matmul_lora_backward_beta(be, dx[0], dw[0], dy, x, w, R, C, F, 0.0f);
+            be->matmul_lora_backward(be, dx[1], dw[1], dy, x, w, R, C, F);
+            check_equal_floats("matmul_lora_backward_beta dx", dx[0], dx[1], rf);
+            check_equal_floats("matmul_lora_backward_beta dw", dw[0], dw[1], (size_t)F * C);
+            /* layernorm */
+            for (int m = 0; m < 2; m++)
+                for (size_t i = 0; i < rc; i++) dx[m][i] = m ? 0.0f : NAN;
+            be->layernorm_backward_beta(be, dx[0], dmu[0], db[0], dy, xa, mean, rstd, mu, R, C,
+                                        0.0f);
+            be->layernorm_backward(be, dx[1], dmu[1], db[1], dy, xa, mean, rstd, mu, R, C);
+            check_equal_floats("layernorm_backward_beta dx", dx[0], dx[1], rc);
+            check_equal_floats("layernorm_backward_beta dweight", dmu[0], dmu[1], C);
+            check_equal_floats("layernorm_backward_beta dbias", db[0], db[1], C);
+            /* lerp */
+            for (int m = 0; m < 2; m++)
+                for (size_t i = 0; i < rc; i++) dx[m][i] = m ? 0.0f : NAN;
+            be->lerp_backward_beta(be, dx[0], dp[0], dmu[0], dy, xa, prev, mu, R, C, 0.0f);
+            be->lerp_backward(be, dx[1], dp[1], dmu[1], dy, xa, prev, mu, R, C);
+            check_equal_floats("lerp_backward_beta dx", dx[0], dx[1], rc);
+            check_equal_floats("lerp_backward_beta dprev", dp[0], dp[1], rc);
+            check_equal_floats("lerp_backward_beta dmu", dmu[0], dmu[1], C);
+            /* bonus_gate: dr, dk, dv */
+            for (int m = 0; m < 2; m++) {
+                for (size_t i = 0; i < rc; i++) dx[m][i] = m ? 0.0f : NAN;
+                memset(dmu[m], 0, C * sizeof(float));
+            }
+            be->bonus_gate_backward_beta(be, d_o[0], dx[0], dk2[0], dv2[0], dmu[0], dg[0], dy, o,
+                                         r, k, v, r_k, g, R, C, N, 0.0f);
+            be->bonus_gate_backward(be, d_o[1], dx[1], dk2[1], dv2[1], dmu[1], dg[1], dy, o, r, k,
+                                    v, r_k, g, R, C, N);
+            check_equal_floats("bonus_gate_backward_beta dr", dx[0], dx[1], rc);
+            check_equal_floats("bonus_gate_backward_beta dk", dk2[0], dk2[1], rc);
+            check_equal_floats("bonus_gate_backward_beta dv", dv2[0], dv2[1], rc);
+            check_equal_floats("bonus_gate_backward_beta dr_k", dmu[0], dmu[1], C);
+            check_equal_floats("bonus_gate_backward_beta d_o", d_o[0], d_o[1], rc);
+            check_equal_floats("bonus_gate_backward_beta dg", dg[0], dg[1], rc);
+            for (int m = 0; m < 2; m++) {
+                float *fm[] = {dx[m], dp[m], dw[m], dv2[m], dk2[m], dmu[m], db[m], d_o[m], dg[m]};
+                for (size_t i = 0; i < sizeof fm / sizeof fm[0]; i++) free(fm[i]);
+            }
+            float *fs[] = {dy, x, w, mu, xa, prev, mean, rstd, r, k, v, g, o, r_k};
+            for (size_t i = 0; i < sizeof fs / sizeof fs[0]; i++) free(fs[i]);
+        }
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cross_entropy_matches_double_log_softmax_and_ignores_rows),
@@ -1348,6 +1439,7 @@ int main(void) {
         cmocka_unit_test(test_wkv7_backward_matches_finite_differences_over_ragged_batch),
         cmocka_unit_test(test_wkv7_backward_matches_finite_differences_for_any_head_size),
         cmocka_unit_test(test_wkv7_and_token_shift_backward_chain_across_calls),
+        cmocka_unit_test(test_beta_zero_overwrites_with_the_bits_of_accumulating_on_zero),
     };
     return cmocka_run_group_tests_name("cpu_backward", tests, setup_backends, teardown_backends);
 }

@@ -2,7 +2,8 @@
  * RWKV-LM's rwkv_v7_demo.py / _rnn.py): mean next-token cross-entropy from a
  * zero state, and from a given mid-sequence state including the gradient
  * w.r.t. that initial state. Per tensor: ||g - ref|| / ||ref|| <= 1e-4 and
- * max |g - ref| <= 1e-4 max |ref| (+ a 1e-8 floor for tensors that are 0). */
+ * max |g - ref| <= 1e-4 max |ref| (+ a 1e-8 floor for tensors that are 0).
+ * Also: the step's fill_zero / add round trips stay within their budget. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -56,6 +57,28 @@ static void compare_tensor(const char *name, const float *got, const float *ref,
                  name, norm_err, max_diff, max_ref);
 }
 
+/* fill_zero and add calls (and bytes) of the backend during the training
+ * step: each is a round trip through memory that a first write with beta = 0
+ * makes unnecessary (backend.h "first gradient writes"). */
+static struct {
+    void (*fill_zero)(rp_backend *be, void *dst, size_t bytes);
+    void (*add)(rp_backend *be, float *y, const float *x, size_t n);
+    size_t zero_calls, zero_bytes, add_calls, add_bytes;
+    int rows; /* of the step */
+} traffic;
+
+static void counting_fill_zero(rp_backend *be, void *dst, size_t bytes) {
+    traffic.zero_calls++;
+    traffic.zero_bytes += bytes;
+    traffic.fill_zero(be, dst, bytes);
+}
+
+static void counting_add(rp_backend *be, float *y, const float *x, size_t n) {
+    traffic.add_calls++;
+    traffic.add_bytes += n * sizeof(float);
+    traffic.add(be, y, x, n);
+}
+
 /* Runs the training step on tokens[first .. T-1] -> targets tokens[first+1 .. T]
  * from `state` and compares every parameter gradient with `grads_path`. */
 static void check_gradients(const paths *p, int from_mid_state) {
@@ -106,9 +129,17 @@ static void check_gradients(const paths *p, int from_mid_state) {
     rp_batch_init(&batch, 1, &len, &slot, &row_begin);
     double loss_sum;
     int n_targets;
-    if (rp_model_train_step(&model, &grads, &tw, inputs, targets, &batch, &state, &dstate,
-                            1.0f / n, 0.0f, &loss_sum, &n_targets, &err) != RP_OK)
-        fail_msg("%s", err.msg);
+    traffic.fill_zero = be->fill_zero;
+    traffic.add = be->add;
+    traffic.zero_calls = traffic.zero_bytes = traffic.add_calls = traffic.add_bytes = 0;
+    traffic.rows = n;
+    be->fill_zero = counting_fill_zero;
+    be->add = counting_add;
+    rp_status st = rp_model_train_step(&model, &grads, &tw, inputs, targets, &batch, &state,
+                                       &dstate, 1.0f / n, 0.0f, &loss_sum, &n_targets, &err);
+    be->fill_zero = traffic.fill_zero;
+    be->add = traffic.add;
+    if (st != RP_OK) fail_msg("%s", err.msg);
     assert_int_equal(n_targets, n);
     float *ref_loss = golden_read(&ref, "loss", NULL);
     double loss = loss_sum / n;
@@ -175,6 +206,27 @@ static void test_tiny_gradients_from_mid_state_match_reference(void **s) {
     check_gradients(&p, 1);
 }
 
+/* The tiny model (L=2, C=128) on 1 sequence of R rows: the only round trips
+ * left are d(v_first) zeroed once at the head (it collects from every
+ * layer), the three wkv7 gradient adds per layer (wkv7_backward overwrites
+ * its outputs, bonus_gate wrote first) and layer 0's d(v_first) add. Before
+ * the first writes took beta = 0 it was 44 fill_zero calls (44 R C floats). */
+static void test_tiny_training_step_has_no_zero_fill_round_trips(void **s) {
+    (void)s;
+    paths p;
+    find_paths(&p, "tiny_L2_C128_V256_s1", 0);
+    check_gradients(&p, 1);
+    const size_t L = 2, C = 128;
+    const size_t row_bytes = C * sizeof(float), R = (size_t)traffic.rows;
+    printf("training step, %zu rows: %zu fill_zero (%zu bytes), %zu add (%zu bytes)\n", R,
+           traffic.zero_calls, traffic.zero_bytes, traffic.add_calls, traffic.add_bytes);
+    if (traffic.zero_calls > 1 || traffic.zero_bytes > R * row_bytes)
+        fail_msg("%zu fill_zero calls (%zu bytes) in a training step: at most 1 (%zu bytes)",
+                 traffic.zero_calls, traffic.zero_bytes, R * row_bytes);
+    if (traffic.add_calls > 3 * L + 1)
+        fail_msg("%zu add calls in a training step: at most %zu", traffic.add_calls, 3 * L + 1);
+}
+
 static void test_small_gradients_match_reference(void **s) {
     paths p;
     if (!find_paths(&p, "small_L4_C256_V1024_s2", 1)) skip();
@@ -191,6 +243,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_gradients_match_reference),
         cmocka_unit_test(test_tiny_gradients_from_mid_state_match_reference),
+        cmocka_unit_test(test_tiny_training_step_has_no_zero_fill_round_trips),
         cmocka_unit_test(test_small_gradients_match_reference),
         cmocka_unit_test(test_small_gradients_from_mid_state_match_reference),
     };

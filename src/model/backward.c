@@ -216,10 +216,9 @@ void rp_backward_embed_backward(const rp_model *m, rp_model *grads, rp_backward_
                                 const int32_t *tokens, const rp_batch *batch) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd;
-    be->fill_zero(be, tw->dxa, (size_t)R * C * sizeof(float));
-    be->layernorm_backward(be, tw->dxa, grads->global.ln0_weight, grads->global.ln0_bias,
-                           tw->dx, tw->emb_rows, tw->ln0_mean, tw->ln0_rstd,
-                           m->global.ln0_weight, R, C);
+    be->layernorm_backward_beta(be, tw->dxa, grads->global.ln0_weight, grads->global.ln0_bias,
+                                tw->dx, tw->emb_rows, tw->ln0_mean, tw->ln0_rstd,
+                                m->global.ln0_weight, R, C, 0.0f);
     be->embedding_backward(be, grads->global.emb, tw->dxa, tokens, R, C);
 }
 
@@ -230,11 +229,9 @@ static void lora_backward(rp_backend *be, float *dx, float *dw1, float *dw2, flo
                           const float *dy, const float *x, const float *hidden,
                           const float *w1, const float *w2, int D, rp_activation inner, int R,
                           int C) {
-    be->fill_zero(be, d_hidden, (size_t)R * D * sizeof(float));
-    be->matmul_lora_backward(be, d_hidden, dw2, dy, hidden, w2, R, C, D);
+    be->matmul_lora_backward_beta(be, d_hidden, dw2, dy, hidden, w2, R, C, D, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act_backward(be, d_hidden, NULL, hidden, R, D, inner);
-    be->fill_zero(be, dx, (size_t)R * C * sizeof(float));
-    be->matmul_lora_backward(be, dx, dw1, d_hidden, x, w1, R, D, C);
+    be->matmul_lora_backward_beta(be, dx, dw1, d_hidden, x, w1, R, D, C, 0.0f);
 }
 
 /* ---- block ---- */
@@ -247,10 +244,11 @@ void rp_backward_block_forward(const rp_model *m, rp_backward_workspace *tw, int
 
 /* One of the six token-shift mixes of the time mix: recompute x_c into tw->xc
  * (for the weight gradient), run its consumer's backward into tw->dxc, then
- * fold d(x_c) into dxa / dprev / dmu. */
+ * fold d(x_c) into dxa / dprev / dmu; beta 0 for the first of the six. */
 static void mix_backward(rp_backend *be, rp_backward_workspace *tw, const rp_layer_activations *s,
-                         const float *mu, float *dmu, int R, int C) {
-    be->lerp_backward(be, tw->dxa, tw->dprev, dmu, tw->dxc, s->xa, s->prev_att, mu, R, C);
+                         const float *mu, float *dmu, int R, int C, float beta) {
+    be->lerp_backward_beta(be, tw->dxa, tw->dprev, dmu, tw->dxc, s->xa, s->prev_att, mu, R, C,
+                           beta);
 }
 
 void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
@@ -262,35 +260,30 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
     rp_layer_weights *gw = &grads->layers[li];
     const rp_layer_activations *s = &tw->layers[li];
     const int R = batch->n_rows, C = c->n_embd, N = c->head_size, F = c->dim_ffn;
-    const size_t rc_bytes = (size_t)R * C * sizeof(float);
     float *datt = rp_state_att_x_prev(dstate, 0, layer);
     float *dwkv = rp_state_wkv(dstate, 0, layer);
     float *dffn = rp_state_ffn_x_prev(dstate, 0, layer);
     const size_t dstride = dstate->floats_per_slot;
 
     /* ---- channel mix: x_out = x_mid + Wv relu(Wk kf)^2; tw->dx = d x_out ---- */
-    be->fill_zero(be, tw->d_ffn, (size_t)R * F * sizeof(float));
-    be->matmul_linear_backward(be, tw->d_ffn, gw->ffn_value, tw->dx, s->ffn_hidden, w->ffn_value,
-                               R, C, F);
+    /* Each first write of a scratch gradient in the step overwrites (beta 0):
+     * no fill_zero before it. */
+    be->matmul_linear_backward_beta(be, tw->d_ffn, gw->ffn_value, tw->dx, s->ffn_hidden,
+                                    w->ffn_value, R, C, F, 0.0f);
     be->bias_act_backward(be, tw->d_ffn, NULL, s->ffn_hidden, R, F, RP_ACT_RELU_SQUARED);
-    be->fill_zero(be, tw->dxc, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxc, gw->ffn_key, tw->d_ffn, s->kf, w->ffn_key, R, F, C);
-    be->fill_zero(be, tw->dxa, rc_bytes);
-    be->fill_zero(be, tw->dprev, rc_bytes);
-    be->lerp_backward(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf, s->prev_ffn,
-                      w->ffn_x_k, R, C);
+    be->matmul_linear_backward_beta(be, tw->dxc, gw->ffn_key, tw->d_ffn, s->kf, w->ffn_key, R, F,
+                                    C, 0.0f);
+    be->lerp_backward_beta(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf, s->prev_ffn,
+                           w->ffn_x_k, R, C, 0.0f);
     be->token_shift_backward(be, tw->dxa, dffn, dstride, tw->dprev, batch, C);
     be->layernorm_backward(be, tw->dx, gw->ln2_weight, gw->ln2_bias, tw->dxa, s->x_mid,
                            s->ln2_mean, s->ln2_rstd, w->ln2_weight, R, C);
 
     /* ---- time mix: x_mid = x_in + Wo og; tw->dx = d x_mid ---- */
-    be->fill_zero(be, tw->d_og, rc_bytes);
-    be->matmul_linear_backward(be, tw->d_og, gw->output, tw->dx, s->og, w->output, R, C, C);
-    be->fill_zero(be, tw->dr, rc_bytes);
-    be->fill_zero(be, tw->dk, rc_bytes);
-    be->fill_zero(be, tw->dv, rc_bytes);
-    be->bonus_gate_backward(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og,
-                            s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N);
+    be->matmul_linear_backward_beta(be, tw->d_og, gw->output, tw->dx, s->og, w->output, R, C, C,
+                                    0.0f);
+    be->bonus_gate_backward_beta(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og,
+                                 s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N, 0.0f);
     be->groupnorm_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->d_gn, s->y,
                            s->gn_mean, s->gn_rstd, w->ln_x_weight, R, C, N);
     be->wkv7_backward(be, tw->tmp_r, tw->dw_raw, tw->tmp_k, tw->tmp_v, tw->dkk, tw->da, dwkv,
@@ -303,25 +296,23 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
     be->key_prepare_backward(be, tw->dk, tw->da, gw->k_k, gw->k_a, tw->dkk, s->k_pre, s->a,
                              w->k_k, w->k_a, R, C, N);
 
-    be->fill_zero(be, tw->dxa, rc_bytes);
-    be->fill_zero(be, tw->dprev, rc_bytes);
-    /* gate: g = sigmoid(xg g1) g2 */
+    /* gate: g = sigmoid(xg g1) g2; its mix is the first write of dxa and dprev */
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_g, R, C);
     lora_backward(be, tw->dxc, gw->g1, gw->g2, tw->d_lora, tw->dg, tw->xc, s->g_hidden, w->g1,
                   w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
-    mix_backward(be, tw, s, w->x_g, gw->x_g, R, C);
+    mix_backward(be, tw, s, w->x_g, gw->x_g, R, C, 0.0f);
     /* a = sigmoid(a0 + xa a1 a2) */
     be->bias_act_backward(be, tw->da, gw->a0, s->a, R, C, RP_ACT_SIGMOID);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_a, R, C);
     lora_backward(be, tw->dxc, gw->a1, gw->a2, tw->d_lora, tw->da, tw->xc, s->a_hidden, w->a1,
                   w->a2, c->d_iclr, RP_ACT_NONE, R, C);
-    mix_backward(be, tw, s, w->x_a, gw->x_a, R, C);
+    mix_backward(be, tw, s, w->x_a, gw->x_a, R, C, 1.0f);
     /* w_raw = w0 + tanh(xw w1) w2 */
     be->bias_act_backward(be, tw->dw_raw, gw->w0, s->w_raw, R, C, RP_ACT_NONE);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_w, R, C);
     lora_backward(be, tw->dxc, gw->w1, gw->w2, tw->d_lora, tw->dw_raw, tw->xc, s->w_hidden,
                   w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
-    mix_backward(be, tw, s, w->x_w, gw->x_w, R, C);
+    mix_backward(be, tw, s, w->x_w, gw->x_w, R, C, 1.0f);
     /* value residual: v = v_pre + (v_first - v_pre) nu (layer > 0); layer 0's
      * v is v_first, which collected gradient from every later layer. */
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_v, R, C);
@@ -333,21 +324,19 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
         be->bias_act_backward(be, tw->dnu, gw->v0, s->nu, R, C, RP_ACT_SIGMOID);
         lora_backward(be, tw->dxc, gw->v1, gw->v2, tw->d_lora, tw->dnu, tw->xc, s->nu_hidden,
                       w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
-        mix_backward(be, tw, s, w->x_v, gw->x_v, R, C);
+        mix_backward(be, tw, s, w->x_v, gw->x_v, R, C, 1.0f);
     }
     /* r, k, v projections */
-    be->fill_zero(be, tw->dxc, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxc, gw->value, tw->dv, tw->xc, w->value, R, C, C);
-    mix_backward(be, tw, s, w->x_v, gw->x_v, R, C);
+    be->matmul_linear_backward_beta(be, tw->dxc, gw->value, tw->dv, tw->xc, w->value, R, C, C,
+                                    0.0f);
+    mix_backward(be, tw, s, w->x_v, gw->x_v, R, C, 1.0f);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
-    be->fill_zero(be, tw->dxc, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxc, gw->key, tw->dk, tw->xc, w->key, R, C, C);
-    mix_backward(be, tw, s, w->x_k, gw->x_k, R, C);
+    be->matmul_linear_backward_beta(be, tw->dxc, gw->key, tw->dk, tw->xc, w->key, R, C, C, 0.0f);
+    mix_backward(be, tw, s, w->x_k, gw->x_k, R, C, 1.0f);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
-    be->fill_zero(be, tw->dxc, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxc, gw->receptance, tw->dr, tw->xc, w->receptance, R, C,
-                               C);
-    mix_backward(be, tw, s, w->x_r, gw->x_r, R, C);
+    be->matmul_linear_backward_beta(be, tw->dxc, gw->receptance, tw->dr, tw->xc, w->receptance,
+                                    R, C, C, 0.0f);
+    mix_backward(be, tw, s, w->x_r, gw->x_r, R, C, 1.0f);
     /* token shift and ln1 */
     be->token_shift_backward(be, tw->dxa, datt, dstride, tw->dprev, batch, C);
     be->layernorm_backward(be, tw->dx, gw->ln1_weight, gw->ln1_bias, tw->dxa, s->x_in,
@@ -387,13 +376,11 @@ void rp_backward_head_backward(const rp_model *m, rp_model *grads, rp_backward_w
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
     const size_t rc_bytes = (size_t)R * C * sizeof(float);
-    be->fill_zero(be, tw->dxa, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxa, grads->global.head, tw->dlogits, tw->head_in,
-                               m->global.head, R, V, C);
-    be->fill_zero(be, tw->dx, rc_bytes);
-    be->layernorm_backward(be, tw->dx, grads->global.ln_out_weight, grads->global.ln_out_bias,
-                           tw->dxa, tw->x_final, tw->lnout_mean, tw->lnout_rstd,
-                           m->global.ln_out_weight, R, C);
+    be->matmul_linear_backward_beta(be, tw->dxa, grads->global.head, tw->dlogits, tw->head_in,
+                                    m->global.head, R, V, C, 0.0f);
+    be->layernorm_backward_beta(be, tw->dx, grads->global.ln_out_weight,
+                                grads->global.ln_out_bias, tw->dxa, tw->x_final, tw->lnout_mean,
+                                tw->lnout_rstd, m->global.ln_out_weight, R, C, 0.0f);
     be->fill_zero(be, tw->dv_first, rc_bytes);
 }
 
