@@ -1417,6 +1417,86 @@ static void test_beta_zero_overwrites_with_the_bits_of_accumulating_on_zero(void
     }
 }
 
+/* head_cross_entropy (the fused head) against the unfused ops on the whole
+ * batch: matmul_linear, row_max, cross_entropy, l2wrap, then
+ * matmul_linear_backward. One chunk: the same bits (dhead accumulating onto
+ * random values); chunks of 37 and 128 rows (the logits never whole):
+ * losses and dx within 1e-6, ignored rows included; dhead, whose fp32 sum
+ * over rows is split by chunk, within 1e-5 (9 chunks measured 1.3e-6), from
+ * zero (a sum onto values ~1000x larger than each part would hide the op's
+ * rounding under its own). */
+static void test_head_cross_entropy_equals_unfused_ops_in_any_chunking(void **state) {
+    (void)state;
+    const int R = 300, C = 48, V = 517;
+    rp_backend *be = backends[1];
+    rng_seed(91);
+    float *x = random_floats((size_t)R * C, -1, 1), *head = random_floats((size_t)V * C, -1, 1);
+    int32_t *targets = malloc(R * sizeof *targets);
+    assert_non_null(targets);
+    for (int r = 0; r < R; r++) targets[r] = r % 7 == 3 ? -1 : rng_below(V);
+    for (int wrap = 0; wrap < 2; wrap++) {
+        const float scale = 1.0f / R, factor = wrap ? 1e-4f / R : 0.0f;
+        /* reference: the unfused ops */
+        float *logits = zero_floats((size_t)R * V), *ref_loss = zero_floats(R);
+        float *ref_dx = nan_floats((size_t)R * C), *ref_dhead = random_floats((size_t)V * C, -1, 1);
+        float *dhead0 = copy_floats(ref_dhead, (size_t)V * C);
+        float *row_max = zero_floats(R);
+        int32_t *argmax = calloc(R, sizeof *argmax);
+        be->matmul_linear(be, logits, x, head, R, V, C, 0.0f);
+        if (factor > 0) be->row_max(be, row_max, argmax, logits, R, V);
+        be->cross_entropy(be, ref_loss, logits, logits, targets, R, V, scale);
+        if (factor > 0) be->l2wrap(be, logits, row_max, argmax, targets, R, V, factor);
+        be->matmul_linear_backward_beta(be, ref_dx, ref_dhead, logits, x, head, R, V, C, 0.0f);
+        float *zero_dhead = zero_floats((size_t)V * C), *unused_dx = zero_floats((size_t)R * C);
+        be->matmul_linear_backward_beta(be, unused_dx, zero_dhead, logits, x, head, R, V, C, 0.0f);
+        double *ref_dhead_from_zero = to_doubles(zero_dhead, (size_t)V * C);
+        free(zero_dhead);
+        free(unused_dx);
+        const int chunks[] = {R, 37, 128};
+        for (size_t ci = 0; ci < sizeof chunks / sizeof chunks[0]; ci++) {
+            const int chunk = chunks[ci];
+            float *scratch = nan_floats(rp_head_ce_scratch_floats(chunk, V));
+            float *loss = nan_floats(R), *dx = nan_floats((size_t)R * C);
+            float *dhead = chunk == R ? copy_floats(dhead0, (size_t)V * C)
+                                      : zero_floats((size_t)V * C);
+            be->head_cross_entropy(be, loss, dx, dhead, scratch, x, head, targets, R, C, V, scale,
+                                   factor, chunk);
+            if (chunk == R) {
+                check_equal_floats("head_cross_entropy losses (one chunk)", loss, ref_loss, R);
+                check_equal_floats("head_cross_entropy dx (one chunk)", dx, ref_dx,
+                                   (size_t)R * C);
+                check_equal_floats("head_cross_entropy dhead (one chunk)", dhead, ref_dhead,
+                                   (size_t)V * C);
+            } else {
+                char what[96];
+                snprintf(what, sizeof what, "head_cross_entropy losses (chunks of %d)", chunk);
+                check_grad(what, to_doubles(loss, R), to_doubles(ref_loss, R), R, 1e-6);
+                snprintf(what, sizeof what, "head_cross_entropy dx (chunks of %d)", chunk);
+                check_grad(what, to_doubles(dx, (size_t)R * C), to_doubles(ref_dx, (size_t)R * C),
+                           (size_t)R * C, 1e-6);
+                snprintf(what, sizeof what, "head_cross_entropy dhead (chunks of %d)", chunk);
+                check_grad(what, to_doubles(dhead, (size_t)V * C), ref_dhead_from_zero,
+                           (size_t)V * C, 1e-5);
+            }
+            free(scratch);
+            free(loss);
+            free(dx);
+            free(dhead);
+        }
+        free(ref_dhead_from_zero);
+        free(logits);
+        free(ref_loss);
+        free(ref_dx);
+        free(ref_dhead);
+        free(dhead0);
+        free(row_max);
+        free(argmax);
+    }
+    free(x);
+    free(head);
+    free(targets);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cross_entropy_matches_double_log_softmax_and_ignores_rows),
@@ -1440,6 +1520,7 @@ int main(void) {
         cmocka_unit_test(test_wkv7_backward_matches_finite_differences_for_any_head_size),
         cmocka_unit_test(test_wkv7_and_token_shift_backward_chain_across_calls),
         cmocka_unit_test(test_beta_zero_overwrites_with_the_bits_of_accumulating_on_zero),
+        cmocka_unit_test(test_head_cross_entropy_equals_unfused_ops_in_any_chunking),
     };
     return cmocka_run_group_tests_name("cpu_backward", tests, setup_backends, teardown_backends);
 }

@@ -367,6 +367,15 @@ static void fake_cross_entropy(rp_backend *be, float *losses, float *dlogits,
     CPU->cross_entropy(CPU, F(losses), F(dlogits), F(logits), targets, R, V, scale);
 }
 
+/* targets: host memory; the CPU op runs its own ops on the real buffers */
+static void fake_head_cross_entropy(rp_backend *be, float *losses, float *dx, float *dhead,
+                                    float *scratch, const float *x, const float *head,
+                                    const int32_t *targets, int R, int C, int V, float scale,
+                                    float l2wrap_factor, int chunk_rows) {
+    CPU->head_cross_entropy(CPU, F(losses), F(dx), F(dhead), F(scratch), F(x), F(head), targets,
+                            R, C, V, scale, l2wrap_factor, chunk_rows);
+}
+
 /* row_max, argmax, targets: host memory */
 static void fake_l2wrap(rp_backend *be, float *dlogits, const float *row_max,
                         const int32_t *argmax, const int32_t *targets, int R, int V,
@@ -490,6 +499,7 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     be->wkv7_backward = fake_wkv7_backward;
     be->cross_entropy = fake_cross_entropy;
     be->l2wrap = fake_l2wrap;
+    be->head_cross_entropy = fake_head_cross_entropy;
     be->row_max = fake_row_max;
     be->sum_squares = fake_sum_squares;
     be->adamw = fake_adamw;

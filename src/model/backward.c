@@ -77,7 +77,7 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
     if (max_rows < 1 || max_seqs < 1 || max_seqs > max_rows)
         return rp_error_set(err, RP_ERR_ARG, "training workspace for %d rows in %d sequences: "
                             "need 1 <= sequences <= rows", max_rows, max_seqs);
-    size_t R = (size_t)max_rows, C = c->n_embd, V = c->vocab_size, pad = 16;
+    size_t R = (size_t)max_rows, C = c->n_embd, pad = 16;
     size_t blocks = R / RP_WKV_CHUNK + (size_t)max_seqs;
     int n_layers = m->layer_end - m->layer_begin;
     tw->max_rows = max_rows;
@@ -87,8 +87,12 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
     if (!alloc_layer_activations(tw, m, R, blocks, err)) goto nomem;
     /* Shared buffers: stream, embed/head activations, backward scratch. */
     size_t n_rc = 2 + 22 + (m->has_embed ? 1 : 0) + (m->has_head ? 2 : 0);
+    /* The head's logits one row chunk at a time: for the 0.1B shape (V =
+     * 65536) 1024 rows, 256 MiB, instead of R x V floats. */
+    const int chunk = rp_head_ce_chunk_rows(max_rows, c->vocab_size);
     size_t floats = n_rc * (R * C + pad) + 6 * (R + pad) + R * (size_t)max_lora_rank(c) + pad +
-                    R * (size_t)c->dim_ffn + pad + (m->has_head ? R * V + pad : 0);
+                    R * (size_t)c->dim_ffn + pad +
+                    (m->has_head ? rp_head_ce_scratch_floats(chunk, c->vocab_size) + pad : 0);
     tw->scratch_base = be->alloc(be, floats * sizeof(float));
     if (!tw->scratch_base) goto nomem;
     float *p = tw->scratch_base;
@@ -110,13 +114,11 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
         tw->lnout_mean = carve(&p, R);
         tw->lnout_rstd = carve(&p, R);
         tw->losses = carve(&p, R);
-        tw->logits = carve(&p, R * V);
-        tw->dlogits = tw->logits;  /* cross_entropy writes the gradient in place */
-        tw->host_base = malloc(R * (2 * sizeof(float) + sizeof(int32_t)));
+        tw->head_scratch = carve(&p, rp_head_ce_scratch_floats(chunk, c->vocab_size));
+        tw->head_chunk_rows = chunk;
+        tw->host_base = malloc(R * sizeof(float));
         if (!tw->host_base) goto nomem;
-        tw->host_row_max = tw->host_base;
-        tw->host_losses = tw->host_row_max + R;
-        tw->host_argmax = (int32_t *)(tw->host_losses + R);
+        tw->host_losses = tw->host_base;
     }
     /* The backend's own op scratch for these shapes (ops allocate nothing). */
     rp_status st = be->reserve(be, max_rows, max_seqs, c->n_embd, c->head_size, err);
@@ -345,43 +347,29 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
 
 /* ---- head + loss ---- */
 
-double rp_backward_head_forward(const rp_model *m, rp_backward_workspace *tw,
-                                const int32_t *targets, const rp_batch *batch, float loss_scale,
-                                float l2wrap_factor) {
+double rp_backward_head(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                        const int32_t *targets, const rp_batch *batch, float loss_scale,
+                        float l2wrap_factor) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
     be->copy(be, tw->x_final, tw->x, (size_t)R * C * sizeof(float));
     be->layernorm(be, tw->head_in, tw->lnout_mean, tw->lnout_rstd, tw->x,
                   m->global.ln_out_weight, m->global.ln_out_bias, R, C, RP_LN_EPS);
-    be->matmul_linear(be, tw->logits, tw->head_in, m->global.head, R, V, C, 0.0f);
-    /* Host buffers from the workspace: nothing allocated per micro-batch. */
-    float *row_max = tw->host_row_max, *losses = tw->host_losses;
-    int32_t *argmax = tw->host_argmax;
-    if (l2wrap_factor > 0) {
-        /* The maxima are taken before cross_entropy turns logits into dlogits. */
-        be->row_max(be, row_max, argmax, tw->logits, R, V);
-    }
-    be->cross_entropy(be, tw->losses, tw->dlogits, tw->logits, targets, R, V, loss_scale);
-    if (l2wrap_factor > 0)
-        be->l2wrap(be, tw->dlogits, row_max, argmax, targets, R, V, l2wrap_factor);
+    /* losses, d(head_in) into dxa (overwrite), d head += */
+    be->head_cross_entropy(be, tw->losses, tw->dxa, grads->global.head, tw->head_scratch,
+                           tw->head_in, m->global.head, targets, R, C, V, loss_scale,
+                           l2wrap_factor, tw->head_chunk_rows);
+    be->layernorm_backward_beta(be, tw->dx, grads->global.ln_out_weight,
+                                grads->global.ln_out_bias, tw->dxa, tw->x_final, tw->lnout_mean,
+                                tw->lnout_rstd, m->global.ln_out_weight, R, C, 0.0f);
+    be->fill_zero(be, tw->dv_first, (size_t)R * C * sizeof(float));
+    /* Host buffer from the workspace: nothing allocated per micro-batch. */
+    float *losses = tw->host_losses;
     be->copy_to_host(be, losses, tw->losses, (size_t)R * sizeof(float));
     double sum = 0;
     for (int i = 0; i < R; i++)
         if (targets[i] >= 0) sum += losses[i];
     return sum;
-}
-
-void rp_backward_head_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
-                               const rp_batch *batch) {
-    rp_backend *be = m->be;
-    const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
-    const size_t rc_bytes = (size_t)R * C * sizeof(float);
-    be->matmul_linear_backward_beta(be, tw->dxa, grads->global.head, tw->dlogits, tw->head_in,
-                                    m->global.head, R, V, C, 0.0f);
-    be->layernorm_backward_beta(be, tw->dx, grads->global.ln_out_weight,
-                                grads->global.ln_out_bias, tw->dxa, tw->x_final, tw->lnout_mean,
-                                tw->lnout_rstd, m->global.ln_out_weight, R, C, 0.0f);
-    be->fill_zero(be, tw->dv_first, rc_bytes);
 }
 
 rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
@@ -422,10 +410,9 @@ rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_wo
             rp_backward_block_forward(m, tw, l, state, batch);
         int n = 0;
         for (int i = 0; i < batch->n_rows; i++) n += targets[i] >= 0;
-        double sum = rp_backward_head_forward(m, tw, targets, batch, loss_scale, l2wrap_factor);
+        double sum = rp_backward_head(m, grads, tw, targets, batch, loss_scale, l2wrap_factor);
         if (loss_sum) *loss_sum = sum;
         if (n_targets) *n_targets = n;
-        rp_backward_head_backward(m, grads, tw, batch);
         for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
             rp_backward_block_backward(m, grads, tw, l, dstate, batch);
         rp_backward_embed_backward(m, grads, tw, inputs, batch);

@@ -1078,6 +1078,35 @@ static void check_cross_entropy(twin *t, const shape *sh) {
     free(targets);
 }
 
+/* The fused head (head_cross_entropy): all rows in one chunk without
+ * L2Wrap, then chunks of 7 rows with it: losses, dx (overwrite), dhead (+=).
+ * 20 rows and an odd V of at most 1001 keep the emulated run short. */
+static void check_head_cross_entropy(twin *t, const shape *sh) {
+    const int rows = spec_rows(&sh->prefill), R = rows < 20 ? rows : 20, C = sh->C;
+    const int V = sh->V_loss > 1001 ? 1001 : sh->V_loss;
+    for (int wrap = 0; wrap < 2; wrap++) {
+        const int chunk = wrap ? 7 : R;
+        label(t, "R=%d C=%d V=%d chunk=%d%s", R, C, V, chunk, wrap ? " l2wrap" : "");
+        const double s = 1.0 / sqrt((double)C);
+        tbuf *x = buf_input(t, (size_t)R * C, -1, 1), *head = buf_input(t, (size_t)V * C, -s, s);
+        int32_t *targets = xmalloc((size_t)R * sizeof *targets);
+        make_targets(t, targets, R, V);
+        tbuf *loss = buf_output(t, R), *dx = buf_output(t, (size_t)R * C);
+        tbuf *dhead = buf_accum(t, (size_t)V * C, -1e-3, 1e-3);
+        tbuf *scratch = buf_zero(t, rp_head_ce_scratch_floats(chunk, V));
+        const float scale = 1.0f / R, factor = wrap ? 1e-4f / R : 0.0f;
+        for (int g = 0; g < 2; g++)
+            side(t, g)->head_cross_entropy(side(t, g), at(loss, g), at(dx, g), at(dhead, g),
+                                           at(scratch, g), at(x, g), at(head, g), targets, R, C,
+                                           V, scale, factor, chunk);
+        compare(t, "losses", loss);
+        compare(t, "dx", dx);
+        compare(t, "dhead", dhead);
+        free(targets);
+        twin_release(t);
+    }
+}
+
 /* dlogits [R,V] += factor * row max at the row's arg-max, rows with a
  * target; row_max/argmax from the CPU's row_max (host arrays) */
 static void check_l2wrap(twin *t, const shape *sh) {
@@ -1487,6 +1516,7 @@ static const twin_check checks[] = {
     {"wkv7 chained", check_wkv7_chain, MATH_FP32, 0},
     {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
     {"l2wrap", check_l2wrap, MATH_FP32, 0},
+    {"head_cross_entropy", check_head_cross_entropy, MATH_FP32, 0},
     {"row_max", check_row_max, MATH_FP32, 0},
     {"sum_squares", check_sum_squares, MATH_FP32, 0},
     {"adamw", check_adamw, MATH_FP32, 0},
