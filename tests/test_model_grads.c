@@ -3,7 +3,8 @@
  * zero state, and from a given mid-sequence state including the gradient
  * w.r.t. that initial state. Per tensor: ||g - ref|| / ||ref|| <= 1e-4 and
  * max |g - ref| <= 1e-4 max |ref| (+ a 1e-8 floor for tensors that are 0).
- * Also: the step's fill_zero / add round trips stay within their budget. */
+ * Also: the step's fill_zero / add round trips stay within their budget, and
+ * the head's training workspace holds one logit chunk, not [rows, V]. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -227,6 +228,48 @@ static void test_tiny_training_step_has_no_zero_fill_round_trips(void **s) {
         fail_msg("%zu add calls in a training step: at most %zu", traffic.add_calls, 3 * L + 1);
 }
 
+static size_t alloc_bytes;
+static void *(*real_alloc)(rp_backend *be, size_t bytes);
+static void *counting_alloc(rp_backend *be, size_t bytes) {
+    alloc_bytes += bytes;
+    return real_alloc(be, bytes);
+}
+
+/* The training workspace of a head stage with the 0.1B vocabulary (V =
+ * 65536; L1 C64 keeps the rest small) for 4096 rows holds no [rows, V]
+ * logits (1 GiB): the fused head needs one chunk of rp_head_ce_chunk_rows
+ * rows (256 MiB). */
+static void test_head_workspace_holds_one_logit_chunk_not_rows_by_vocab(void **s) {
+    (void)s;
+    rp_error err;
+    rp_backend *be = rp_cpu_backend_create(1, &err);
+    assert_non_null(be);
+    rp_config c;
+    assert_int_equal(rp_config_builtin(&c, "L1-C64-V65536", 0, &err), RP_OK);
+    rp_model m;
+    assert_int_equal(rp_model_alloc(&m, &c, c.n_layer - 1, c.n_layer, 0, 1, be, &err), RP_OK);
+    const int R = 4096;
+    real_alloc = be->alloc;
+    be->alloc = counting_alloc;
+    alloc_bytes = 0;
+    rp_backward_workspace tw;
+    rp_status st = rp_backward_workspace_alloc(&tw, &m, R, 8, &err);
+    be->alloc = real_alloc;
+    assert_int_equal(st, RP_OK);
+    const size_t logits = (size_t)R * c.vocab_size * sizeof(float);
+    const size_t chunk = rp_head_ce_scratch_floats(rp_head_ce_chunk_rows(R, c.vocab_size),
+                                                   c.vocab_size) * sizeof(float);
+    printf("workspace %zu MiB for %d rows (the [R, V] logits alone: %zu MiB, one chunk %zu MiB)\n",
+           alloc_bytes >> 20, R, logits >> 20, chunk >> 20);
+    assert_int_equal(tw.head_chunk_rows, 1024);
+    if (alloc_bytes >= logits)
+        fail_msg("training workspace of %zu bytes: no smaller than [%d, %d] logits", alloc_bytes,
+                 R, c.vocab_size);
+    rp_backward_workspace_free(&tw, be);
+    rp_model_free(&m);
+    rp_cpu_backend_destroy(be);
+}
+
 static void test_small_gradients_match_reference(void **s) {
     paths p;
     if (!find_paths(&p, "small_L4_C256_V1024_s2", 1)) skip();
@@ -244,6 +287,7 @@ int main(void) {
         cmocka_unit_test(test_tiny_gradients_match_reference),
         cmocka_unit_test(test_tiny_gradients_from_mid_state_match_reference),
         cmocka_unit_test(test_tiny_training_step_has_no_zero_fill_round_trips),
+        cmocka_unit_test(test_head_workspace_holds_one_logit_chunk_not_rows_by_vocab),
         cmocka_unit_test(test_small_gradients_match_reference),
         cmocka_unit_test(test_small_gradients_from_mid_state_match_reference),
     };
