@@ -11,6 +11,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "backend.h"
 #include "model/config.h"
 
 /* H100 SXM: HBM3 bandwidth, dense bf16 tensor-core rate, fp32 CUDA-core rate
@@ -167,7 +168,10 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     const double state = 4.0 * H * N * N;
     ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);
     ew(l, "token_shift backward", 2, R, C, 3, 0, 1);
-    ew(l, "lerp backward (+ params)", 6 + (layer > 0) + 1, R, C, 7, 2, 6);
+    /* The first of the time mix's and the channel mix's lerps writes dx and
+     * dprev with beta 0 (reads dy, x, prev): no read of dx, dprev. */
+    ew(l, "lerp backward (+ params)", 6 + (layer > 0) + 1 - 2, R, C, 7, 2, 6);
+    ew(l, "lerp backward, first write (beta 0)", 2, R, C, 5, 2, 6);
     gemm_backward(l, "GEMM backward C x C", 4, R, C, C);
     for (int i = 0; i < loras; i++) {
         gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C);
@@ -185,8 +189,10 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     gemm_backward(l, "GEMM backward FFN", 1, R, F, C);
     gemm_backward(l, "GEMM backward FFN", 1, R, C, F);
     ew(l, "bias_act backward (relu^2, F)", 1, R, F, 3, 0, 3);
-    /* Gradients of x, xa, prev built as fill_zero + add round trips. */
-    ew(l, "fill_zero + add (gradient accumulation)", 2 * 4, R, C, 3, 0, 1);
+    /* First gradient writes take beta 0 (no fill_zero); what is left: the
+     * wkv7 gradients added onto bonus_gate's dr, dk, dv (wkv7_backward
+     * overwrites its outputs), and layer 0's d v_first. */
+    ew(l, "add (wkv7 dr, dk, dv onto bonus_gate's)", 3 + (layer == 0), R, C, 3, 0, 1);
 }
 
 static double sum(const kernel_list *l, int field) {
@@ -232,9 +238,17 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
     add(l, "embedding (+ backward)", 2, 3 * 4.0 * R * C, 0, 0);
     ew(l, "layernorm", 2, R, C, 2, 2, 8);
     for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, R, S, 0);
-    gemm(l, "GEMM head (C -> V, fp32 logits)", 1, R, V, C);
-    add(l, "cross_entropy (+ dlogits, fp32 [R, V])", 1, 8.0 * R * V, 5.0 * R * V, 0);
-    gemm_backward(l, "GEMM backward head", 1, R, V, C);
+    /* The fused head (head_cross_entropy), per row chunk: GEMM into the
+     * chunk's fp32 logits, one loss kernel (softmax statistics, arg-max and
+     * L2Wrap in one pass, gradient in place), the two backward GEMMs. The
+     * logits never exist as [R, V]; each chunk still goes through HBM. */
+    const int chunk = rp_head_ce_chunk_rows((int)R, (int)V);
+    const double chunks = (double)(((long long)R + chunk - 1) / chunk), Rc = R / chunks;
+    gemm(l, "GEMM head (C -> V, per row chunk)", chunks, Rc, V, C);
+    add(l, "head_cross_entropy loss kernel (+ l2wrap, in place)", chunks, 8.0 * Rc * V,
+        5.0 * Rc * V, 0);
+    gemm_backward(l, "GEMM backward head", chunks, Rc, V, C);
+    add(l, "fill_zero (d v_first, once)", 1, 4.0 * R * C, 0, 0);
     for (int layer = c->n_layer - 1; layer >= 0; layer--) layer_backward(l, c, layer, R, S);
     ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);
     const double params = (double)rp_config_param_count(c);

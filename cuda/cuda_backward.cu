@@ -118,14 +118,15 @@ static __device__ __forceinline__ void store_warp_sums(const float *sh, int tile
 //   dx = rstd (d - mean(d) - xhat mean(d xhat))   (LayerNorm +=, GroupNorm =)
 //   dweight += sum_r dy xhat,  dbias += sum_r dy.
 
-// LayerNorm dx: one block per row. dy, x [R,C], mean/rstd [R] -> dx [R,C] +=
+// LayerNorm dx: one block per row. dy, x [R,C], mean/rstd [R] -> dx [R,C] += (accumulate) or =
 template <int W>
 __global__ static void layernorm_backward_dx_kernel(float *__restrict__ dx,
                                                     const float *__restrict__ dy,
                                                     const float *__restrict__ x,
                                                     const float *__restrict__ mean,
                                                     const float *__restrict__ rstd,
-                                                    const float *__restrict__ weight, int C) {
+                                                    const float *__restrict__ weight, int C,
+                                                    int accumulate) {
     const int r = blockIdx.x;
     const size_t o = (size_t)r * C;
     const float mu = mean[r], rs = rstd[r];
@@ -143,7 +144,11 @@ __global__ static void layernorm_backward_dx_kernel(float *__restrict__ dx,
     // second pass re-reads the row (L1/L2) rather than holding it in registers
     for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
         const vecf<W> dyv = load<W>(dy + o + c), xv = load<W>(x + o + c), wv = load<W>(weight + c);
-        vecf<W> dxv = load<W>(dx + o + c);
+        vecf<W> dxv;
+        if (accumulate)
+            dxv = load<W>(dx + o + c);
+        else
+            for (int i = 0; i < W; i++) dxv.v[i] = 0.0f;
         for (int i = 0; i < W; i++)
             dxv.v[i] += rs * (dyv.v[i] * wv.v[i] - mean_d - (xv.v[i] - mu) * rs * mean_dxh);
         store<W>(dx + o + c, dxv);
@@ -246,10 +251,13 @@ static void norm_backward_params(rp_cuda_ctx *cx, float *dweight, float *dbias, 
     if (dbias) rp_cuda_sum_partials(cx, dbias, part_b, chunks, (size_t)C, 1);
 }
 
-// forward: y [R,C] = LayerNorm(x) weight + bias; backward: dx +=, dweight +=, dbias +=
-static void cuda_layernorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
-                                    const float *dy, const float *x, const float *mean,
-                                    const float *rstd, const float *weight, int R, int C) {
+// forward: y [R,C] = LayerNorm(x) weight + bias; backward: dx = dx' + beta dx,
+// dweight +=, dbias +=
+static void cuda_layernorm_backward_beta(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                         const float *dy, const float *x, const float *mean,
+                                         const float *rstd, const float *weight, int R, int C,
+                                         float beta) {
+    const int accumulate = beta != 0.0f;
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (R <= 0 || C <= 0) return;
     const int W = vector_width((size_t)C, dx, dy, x, weight);
@@ -257,12 +265,18 @@ static void cuda_layernorm_backward(rp_backend *be, float *dx, float *dweight, f
     threads = threads > ROW_THREADS_MAX ? ROW_THREADS_MAX : threads;
     if (W == 4)
         layernorm_backward_dx_kernel<4><<<R, threads, 0, cx->stream>>>(dx, dy, x, mean, rstd,
-                                                                       weight, C);
+                                                                       weight, C, accumulate);
     else
         layernorm_backward_dx_kernel<1><<<R, threads, 0, cx->stream>>>(dx, dy, x, mean, rstd,
-                                                                       weight, C);
+                                                                       weight, C, accumulate);
     if (!RP_CUDA_LAUNCHED(cx, "layernorm_backward")) return;
     norm_backward_params(cx, dweight, dbias, dy, x, mean, rstd, R, C, C);
+}
+
+static void cuda_layernorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                    const float *dy, const float *x, const float *mean,
+                                    const float *rstd, const float *weight, int R, int C) {
+    cuda_layernorm_backward_beta(be, dx, dweight, dbias, dy, x, mean, rstd, weight, R, C, 1.0f);
 }
 
 // forward: y [R,C] = GroupNorm(x; heads of N) weight + bias; backward: dx =, dweight +=, dbias +=
@@ -358,7 +372,7 @@ static void cuda_token_shift_backward(rp_backend *be, float *dx, float *dstate_b
 // forward: y [R,C] = x + (prev - x) mu, mu [C]
 // backward: dx += dy (1 - mu), dprev += dy mu, dmu += sum_r dy (prev - x)
 
-// grid (C / (32 W), chunks); dy, x, prev [R,C] -> dx, dprev +=, part_mu [chunks, C] (may be NULL)
+// grid (C / (32 W), chunks); dy, x, prev [R,C] -> dx, dprev += (or =), part_mu [chunks, C] (may be NULL)
 template <int W>
 __global__ static void lerp_backward_kernel(float *__restrict__ dx, float *__restrict__ dprev,
                                             float *__restrict__ part_mu,
@@ -366,7 +380,7 @@ __global__ static void lerp_backward_kernel(float *__restrict__ dx, float *__res
                                             const float *__restrict__ x,
                                             const float *__restrict__ prev,
                                             const float *__restrict__ mu, int R, int C,
-                                            int rows_per_chunk) {
+                                            int rows_per_chunk, int accumulate) {
     constexpr int TILE = 32 * W;
     __shared__ float sh[ROW_WARPS * TILE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -380,7 +394,13 @@ __global__ static void lerp_backward_kernel(float *__restrict__ dx, float *__res
         for (int r = begin + warp; r < end; r += ROW_WARPS) {
             const size_t o = (size_t)r * C + c;
             const vecf<W> dyv = load<W>(dy + o), xv = load<W>(x + o), pv = load<W>(prev + o);
-            vecf<W> dxv = load<W>(dx + o), dpv = load<W>(dprev + o);
+            vecf<W> dxv, dpv;
+            if (accumulate) {
+                dxv = load<W>(dx + o);
+                dpv = load<W>(dprev + o);
+            } else {
+                for (int i = 0; i < W; i++) dxv.v[i] = dpv.v[i] = 0.0f;
+            }
             for (int i = 0; i < W; i++) {
                 dxv.v[i] += dyv.v[i] * (1.0f - m.v[i]);
                 dpv.v[i] += dyv.v[i] * m.v[i];
@@ -397,10 +417,11 @@ __global__ static void lerp_backward_kernel(float *__restrict__ dx, float *__res
     store_warp_sums(sh, TILE, part_mu + (size_t)blockIdx.y * C + col0, n);
 }
 
-static void cuda_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dmu,
-                               const float *dy, const float *x, const float *prev,
-                               const float *mu, int R, int C) {
+static void cuda_lerp_backward_beta(rp_backend *be, float *dx, float *dprev, float *dmu,
+                                    const float *dy, const float *x, const float *prev,
+                                    const float *mu, int R, int C, float beta) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int accumulate = beta != 0.0f;
     if (R <= 0 || C <= 0) return;
     const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
     float *part_mu = nullptr;
@@ -413,12 +434,18 @@ static void cuda_lerp_backward(rp_backend *be, float *dx, float *dprev, float *d
     const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
     if (W == 4)
         lerp_backward_kernel<4><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dx, dprev, part_mu, dy, x, prev, mu, R, C, rows_per_chunk);
+            dx, dprev, part_mu, dy, x, prev, mu, R, C, rows_per_chunk, accumulate);
     else
         lerp_backward_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dx, dprev, part_mu, dy, x, prev, mu, R, C, rows_per_chunk);
+            dx, dprev, part_mu, dy, x, prev, mu, R, C, rows_per_chunk, accumulate);
     if (!RP_CUDA_LAUNCHED(cx, "lerp_backward")) return;
     if (dmu) rp_cuda_sum_partials(cx, dmu, part_mu, chunks, (size_t)C, 1);
+}
+
+static void cuda_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dmu,
+                               const float *dy, const float *x, const float *prev,
+                               const float *mu, int R, int C) {
+    cuda_lerp_backward_beta(be, dx, dprev, dmu, dy, x, prev, mu, R, C, 1.0f);
 }
 
 // ---- bias + activation ----
@@ -670,14 +697,14 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
 //   dr += ds k r_k, dk += ds r r_k, dr_k [H,N] += sum_rows ds r k.
 
 // grid (H, chunks): one warp per (row, head) of N = 32 E, lane owns channels lane + 32 e.
-// -> d_o, dg =; dr, dk, dv +=; part_rk [chunks, C] (may be NULL)
+// -> d_o, dg =; dr, dk, dv += (accumulate) or =; part_rk [chunks, C] (may be NULL)
 template <int E>
 __global__ static void bonus_gate_backward_kernel(
     float *__restrict__ d_o, float *__restrict__ dr, float *__restrict__ dk,
     float *__restrict__ dv, float *__restrict__ part_rk, float *__restrict__ dg,
     const float *__restrict__ dout, const float *__restrict__ o, const float *__restrict__ r,
     const float *__restrict__ k, const float *__restrict__ v, const float *__restrict__ r_k,
-    const float *__restrict__ g, int R, int C, int rows_per_chunk) {
+    const float *__restrict__ g, int R, int C, int rows_per_chunk, int accumulate) {
     constexpr int N = 32 * E;
     __shared__ float sh[ROW_WARPS * N];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -705,14 +732,14 @@ __global__ static void bonus_gate_backward_kernel(
             const float dout_i = dout[i], dz = dout_i * g[i];
             dg[i] = dout_i * (o[i] + s * vv[e]);
             d_o[i] = dz;
-            dv[i] += dz * s;
+            dv[i] = (accumulate ? dv[i] : 0.0f) + dz * s;
             dsum += dz * vv[e];
         }
         dsum = warp_sum(dsum);
         for (int e = 0; e < E; e++) {
             const size_t i = q + 32 * e;
-            dr[i] += dsum * kv[e] * rkw[e];
-            dk[i] += dsum * rv[e] * rkw[e];
+            dr[i] = (accumulate ? dr[i] : 0.0f) + dsum * kv[e] * rkw[e];
+            dk[i] = (accumulate ? dk[i] : 0.0f) + dsum * rv[e] * rkw[e];
             acc[e] += dsum * rv[e] * kv[e];
         }
     }
@@ -722,11 +749,13 @@ __global__ static void bonus_gate_backward_kernel(
     store_warp_sums(sh, N, part_rk + (size_t)blockIdx.y * C + col0, N);
 }
 
-static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,
-                                     float *dr_k, float *dg, const float *dout, const float *o,
-                                     const float *r, const float *k, const float *v,
-                                     const float *r_k, const float *g, int R, int C, int N) {
+static void cuda_bonus_gate_backward_beta(rp_backend *be, float *d_o, float *dr, float *dk,
+                                          float *dv, float *dr_k, float *dg, const float *dout,
+                                          const float *o, const float *r, const float *k,
+                                          const float *v, const float *r_k, const float *g, int R,
+                                          int C, int N, float beta) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int accumulate = beta != 0.0f;
     if (R <= 0 || C <= 0 || N <= 0) return;
     // A warp holds a head in registers: N = 32, 64, 96 or 128 (RWKV-7: 64).
     if (N % 32 || N > 128 || C % N) {
@@ -745,7 +774,8 @@ static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, floa
     const dim3 grid(C / N, chunks);
 #define BONUS_GATE_LAUNCH(E)                                                                    \
     bonus_gate_backward_kernel<E><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(                   \
-        d_o, dr, dk, dv, part_rk, dg, dout, o, r, k, v, r_k, g, R, C, rows_per_chunk)
+        d_o, dr, dk, dv, part_rk, dg, dout, o, r, k, v, r_k, g, R, C, rows_per_chunk, \
+        accumulate)
     switch (N / 32) {
     case 1: BONUS_GATE_LAUNCH(1); break;
     case 2: BONUS_GATE_LAUNCH(2); break;
@@ -757,6 +787,14 @@ static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, floa
     if (dr_k) rp_cuda_sum_partials(cx, dr_k, part_rk, chunks, (size_t)C, 1);
 }
 
+static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,
+                                     float *dr_k, float *dg, const float *dout, const float *o,
+                                     const float *r, const float *k, const float *v,
+                                     const float *r_k, const float *g, int R, int C, int N) {
+    cuda_bonus_gate_backward_beta(be, d_o, dr, dk, dv, dr_k, dg, dout, o, r, k, v, r_k, g, R, C,
+                                  N, 1.0f);
+}
+
 void rp_cuda_install_backward(rp_backend *be) {
     be->layernorm_backward = cuda_layernorm_backward;
     be->groupnorm_backward = cuda_groupnorm_backward;
@@ -766,4 +804,7 @@ void rp_cuda_install_backward(rp_backend *be) {
     be->value_residual_backward = cuda_value_residual_backward;
     be->key_prepare_backward = cuda_key_prepare_backward;
     be->bonus_gate_backward = cuda_bonus_gate_backward;
+    be->layernorm_backward_beta = cuda_layernorm_backward_beta;
+    be->lerp_backward_beta = cuda_lerp_backward_beta;
+    be->bonus_gate_backward_beta = cuda_bonus_gate_backward_beta;
 }

@@ -1,5 +1,5 @@
 // Embedding (forward and backward), the loss head (cross_entropy, row_max,
-// l2wrap) and the optimizer ops (sum_squares, adamw) of the CUDA backend,
+// l2wrap, the fused head_cross_entropy) and the optimizer ops (sum_squares, adamw) of the CUDA backend,
 // installed by rp_cuda_install_loss. Twins of cpu_embedding (cpu_backend.c)
 // and of the loss/optimizer section of cpu_backward.c: same formulas, same
 // rounding where it is cheap to keep (adamw, l2wrap, embedding_backward are
@@ -506,12 +506,78 @@ static void cuda_adamw(rp_backend *be, float *param, const float *grad, float *m
     RP_CUDA_LAUNCHED(cx, "adamw");
 }
 
+// ---- fused head + loss (head_cross_entropy) ----
+
+// One row chunk's logits z [rows,V] -> losses [rows] and, in place, d z:
+// cross_entropy_kernel's loss and gradient with L2Wrap folded in. When
+// factor > 0 the row's max and arg-max (first index on ties) come from the
+// same pass as the softmax statistics, and the thread writing d[argmax] adds
+// factor * max there: no row_max kernel, no host round trip, no l2wrap
+// kernel. __fmul_rn / __fsub_rn / __fadd_rn: the CPU's roundings, in the
+// CPU's order (softmax * scale, - scale at the target, + the L2Wrap term).
+static __global__ void __launch_bounds__(ROW_THREADS)
+    head_ce_kernel(float *losses, float *logits, const int32_t *targets, int V, float scale,
+                   float factor) {
+    const size_t r = blockIdx.x;
+    float *z = logits + r * V;
+    const int t = targets[r];
+    if (t < 0) {
+        if (threadIdx.x == 0) losses[r] = 0.0f;
+        for (int i = threadIdx.x; i < V; i += blockDim.x) z[i] = 0.0f;
+        return;
+    }
+    const float zt = z[t];
+    float m = -INFINITY, best = -INFINITY;
+    double s = 0.0;
+    int best_i = INT_MAX;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float q = z[i];
+        softmax_add(q, m, s);
+        if (best_i == INT_MAX || q > best) best = q, best_i = i;  // ascending i: first max stays
+    }
+    // The reductions' barriers order every read of z above before the writes.
+    block_softmax_stats(m, s);
+    if (factor > 0) block_argmax(best, best_i);  // uniform over the block
+    const float lse = m + (float)log(s);
+    if (threadIdx.x == 0) losses[r] = lse - zt;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float p = __fmul_rn(expf(z[i] - lse), scale);
+        if (i == t) p = __fsub_rn(p, scale);
+        if (factor > 0 && i == best_i) p = __fadd_rn(p, __fmul_rn(factor, best));
+        z[i] = p;
+    }
+}
+
+// Per row chunk: the logits GEMM into the scratch, the fused loss kernel,
+// then dx rows (beta 0) and dhead (+=) from the chunk's gradient: the [R,V]
+// logits never exist, and the targets are uploaded once for all chunks.
+static void cuda_head_cross_entropy(rp_backend *be, float *losses, float *dx, float *dhead,
+                                    float *scratch, const float *x, const float *head,
+                                    const int32_t *targets, int R, int C, int V, float scale,
+                                    float l2wrap_factor, int chunk_rows) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (R <= 0 || V <= 0 || C <= 0 || chunk_rows <= 0) return;
+    const int32_t *d_targets = rp_cuda_upload(cx, RP_CUDA_UP_TOKENS, targets, (size_t)R);
+    if (!d_targets) return;
+    for (int r0 = 0; r0 < R; r0 += chunk_rows) {
+        const int rows = R - r0 < chunk_rows ? R - r0 : chunk_rows;
+        const float *xc = x + (size_t)r0 * C;
+        be->matmul_linear(be, scratch, xc, head, rows, V, C, 0.0f);
+        head_ce_kernel<<<rows, ROW_THREADS, 0, cx->stream>>>(losses + r0, scratch, d_targets + r0,
+                                                            V, scale, l2wrap_factor);
+        if (!RP_CUDA_LAUNCHED(cx, "head_cross_entropy")) return;
+        be->matmul_linear_backward_beta(be, dx + (size_t)r0 * C, dhead, scratch, xc, head, rows,
+                                        V, C, 0.0f);
+    }
+}
+
 void rp_cuda_install_loss(rp_backend *be) {
     be->embedding = cuda_embedding;
     be->embedding_backward = cuda_embedding_backward;
     be->cross_entropy = cuda_cross_entropy;
     be->l2wrap = cuda_l2wrap;
     be->row_max = cuda_row_max;
+    be->head_cross_entropy = cuda_head_cross_entropy;
     be->sum_squares = cuda_sum_squares;
     be->adamw = cuda_adamw;
 }

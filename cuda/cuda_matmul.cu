@@ -182,32 +182,44 @@ static void cuda_matmul_lora(rp_backend *be, float *y, const float *x, const flo
 }
 
 // forward y = x W^T, W [N,K]
-// dx [M,K] += dy [M,N] W:     dx^T [K,M] = W^T [K,N] dy^T [N,M]
-// dw [N,K] += dy^T x [M,K]:   dw^T [K,N] = x^T [K,M] dy [M,N]
+// dx [M,K] = dy [M,N] W + beta dx:  dx^T [K,M] = W^T [K,N] dy^T [N,M]
+// dw [N,K] += dy^T x [M,K]:         dw^T [K,N] = x^T [K,M] dy [M,N]
 // dX and dW are separate GEMMs, so a schedule may run dW later.
-static void cuda_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,
-                                        const float *x, const float *w, int M, int N, int K) {
+static void cuda_matmul_linear_backward_beta(rp_backend *be, float *dx, float *dw,
+                                             const float *dy, const float *x, const float *w,
+                                             int M, int N, int K, float beta) {
     if (M <= 0 || N <= 0 || K <= 0) return;
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (dx)
         gemm(cx, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, w, K, (size_t)N * K, dy, N, (size_t)M * N,
-             1.0f, dx, K);
+             beta, dx, K);
     gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, x, K, (size_t)M * K, dy, N, (size_t)M * N, 1.0f,
          dw, K);
 }
 
+static void cuda_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,
+                                        const float *x, const float *w, int M, int N, int K) {
+    cuda_matmul_linear_backward_beta(be, dx, dw, dy, x, w, M, N, K, 1.0f);
+}
+
 // forward y = x W, W [K,N]
-// dx [M,K] += dy [M,N] W^T:   dx^T [K,M] = W [K,N] dy^T [N,M]
-// dw [K,N] += x^T dy:         dw^T [N,K] = dy^T [N,M] x [M,K]
-static void cuda_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const float *dy,
-                                      const float *x, const float *w, int M, int N, int K) {
+// dx [M,K] = dy [M,N] W^T + beta dx:  dx^T [K,M] = W [K,N] dy^T [N,M]
+// dw [K,N] += x^T dy:                 dw^T [N,K] = dy^T [N,M] x [M,K]
+static void cuda_matmul_lora_backward_beta(rp_backend *be, float *dx, float *dw, const float *dy,
+                                           const float *x, const float *w, int M, int N, int K,
+                                           float beta) {
     if (M <= 0 || N <= 0 || K <= 0) return;
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (dx)
         gemm(cx, CUBLAS_OP_T, CUBLAS_OP_N, K, M, N, w, N, (size_t)K * N, dy, N, (size_t)M * N,
-             1.0f, dx, K);
+             beta, dx, K);
     gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, N, K, M, dy, N, (size_t)M * N, x, K, (size_t)M * K, 1.0f,
          dw, N);
+}
+
+static void cuda_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const float *dy,
+                                      const float *x, const float *w, int M, int N, int K) {
+    cuda_matmul_lora_backward_beta(be, dx, dw, dy, x, w, M, N, K, 1.0f);
 }
 
 void rp_cuda_install_matmul(rp_backend *be) {
@@ -215,4 +227,6 @@ void rp_cuda_install_matmul(rp_backend *be) {
     be->matmul_lora = cuda_matmul_lora;
     be->matmul_linear_backward = cuda_matmul_linear_backward;
     be->matmul_lora_backward = cuda_matmul_lora_backward;
+    be->matmul_linear_backward_beta = cuda_matmul_linear_backward_beta;
+    be->matmul_lora_backward_beta = cuda_matmul_lora_backward_beta;
 }

@@ -221,6 +221,51 @@ struct rp_backend {
                           const float *dy, const float *r, const float *w_raw, const float *k,
                           const float *v, const float *kk, const float *a,
                           const float *checkpoints, const rp_batch *batch, int C, int N);
+
+    /* ---- first gradient writes (training) ----
+     * The backward op of the same name without _beta, with beta (as cuBLAS's)
+     * for the activation gradients named: 0 overwrites them - the first write
+     * of that buffer in a step, so no fill_zero before it and no temporary +
+     * add - and 1 accumulates exactly as that op (no other values).
+     * Parameter gradients accumulate either way. */
+    /* dx */
+    void (*matmul_linear_backward_beta)(rp_backend *be, float *dx, float *dw, const float *dy,
+                                        const float *x, const float *w, int M, int N, int K,
+                                        float beta);
+    /* dx */
+    void (*matmul_lora_backward_beta)(rp_backend *be, float *dx, float *dw, const float *dy,
+                                      const float *x, const float *w, int M, int N, int K,
+                                      float beta);
+    /* dx */
+    void (*layernorm_backward_beta)(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                    const float *dy, const float *x, const float *mean,
+                                    const float *rstd, const float *weight, int R, int C,
+                                    float beta);
+    /* dx and dprev */
+    void (*lerp_backward_beta)(rp_backend *be, float *dx, float *dprev, float *dmu,
+                               const float *dy, const float *x, const float *prev,
+                               const float *mu, int R, int C, float beta);
+    /* dr, dk and dv */
+    void (*bonus_gate_backward_beta)(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,
+                                     float *dr_k, float *dg, const float *dout, const float *o,
+                                     const float *r, const float *k, const float *v,
+                                     const float *r_k, const float *g, int R, int C, int N,
+                                     float beta);
+
+    /* Fused LM head + cross-entropy + L2Wrap (training), over row chunks of
+     * chunk_rows so the [R, V] logits never exist whole. Per chunk, exactly:
+     * matmul_linear(logits, x rows, head, beta 0), row_max, cross_entropy (in
+     * place, scale), l2wrap (factor 0: none), then dx rows = dlogits . head
+     * (overwrite) and dhead [V,C] += dlogits^T . x rows. losses [R]
+     * overwrite; targets host (< 0: ignored); x, dx [R,C]; head [V,C];
+     * scratch: rp_head_ce_scratch_floats(chunk_rows, V) floats. One chunk
+     * gives the bits of those ops on the whole batch; more change only the
+     * summation order of dhead (its sum over rows is split by chunk). */
+    void (*head_cross_entropy)(rp_backend *be, float *losses, float *dx, float *dhead,
+                               float *scratch, const float *x, const float *head,
+                               const int32_t *targets, int R, int C, int V, float scale,
+                               float l2wrap_factor, int chunk_rows);
+
     /* Cross-entropy over rows with target ids (host memory; target < 0 = row
      * ignored): losses [R] = -log softmax(logits)[target] (overwrite); when
      * dlogits is non-NULL it gets (softmax - onehot) * scale (overwrite; may
@@ -250,6 +295,21 @@ struct rp_backend {
                   float lr, float beta1, float beta2, float eps, float weight_decay,
                   float grad_scale, float bias_correction1, float bias_correction2);
 };
+
+/* head_cross_entropy: logits floats per row chunk (256 MiB: 1024 rows at
+ * V = 65536, each chunk's GEMMs still large), the rows per chunk for a
+ * batch (a multiple of 128 rows, the CPU's GEMM tile, when there are
+ * several chunks), and the scratch that needs (logits, row max, arg-max). */
+#define RP_HEAD_CE_CHUNK_FLOATS ((size_t)1 << 26)
+static inline int rp_head_ce_chunk_rows(int R, int V) {
+    size_t rows = RP_HEAD_CE_CHUNK_FLOATS / (size_t)(V > 0 ? V : 1);
+    if (rows >= (size_t)R) return R > 0 ? R : 1;
+    rows = rows >= 128 ? rows / 128 * 128 : (rows ? rows : 1);
+    return (int)rows;
+}
+static inline size_t rp_head_ce_scratch_floats(int chunk_rows, int V) {
+    return (size_t)chunk_rows * ((size_t)V + 2);
+}
 
 /* Tokens per WKV7 state checkpoint (the official training kernel's CHUNK_LEN). */
 #define RP_WKV_CHUNK 16

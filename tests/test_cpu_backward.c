@@ -1326,6 +1326,177 @@ static void test_wkv7_and_token_shift_backward_chain_across_calls(void **state) 
     wkv_inputs_free(&in);
 }
 
+/* The _beta ops (backend.h "first gradient writes"): beta 0 on a NaN-filled
+ * buffer gives exactly the bits of the accumulating op on a zeroed buffer
+ * (what backward.c did before: fill_zero, then +=), parameter gradients
+ * included, at small and model-sized shapes and every thread count; beta 1
+ * is the accumulating op. */
+static void test_beta_zero_overwrites_with_the_bits_of_accumulating_on_zero(void **state) {
+    (void)state;
+    const int shapes[][3] = {{5, 8, 8}, {64, 64, 64}, {128, 64, 256}, {300, 96, 32}};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        const int R = shapes[si][0], C = shapes[si][1], F = shapes[si][2];
+        const int N = C % 32 == 0 ? 32 : C;
+        const size_t rc = (size_t)R * C, rf = (size_t)R * F;
+        for (int bi = 0; bi < N_BACKENDS; bi++) {
+            rp_backend *be = backends[bi];
+            rng_seed(77 + si);
+            float *dy = random_floats(rf > rc ? rf : rc, -1, 1), *x = random_floats(rf, -1, 1);
+            float *w = random_floats((size_t)F * C, -0.5, 0.5), *mu = random_floats(C, 0, 1);
+            float *xa = random_floats(rc, -1, 1), *prev = random_floats(rc, -1, 1);
+            float *mean = random_floats(R, -0.2, 0.2), *rstd = random_floats(R, 0.5, 2);
+            float *r = random_floats(rc, -1, 1), *k = random_floats(rc, -1, 1),
+                  *v = random_floats(rc, -1, 1), *g = random_floats(rc, -1, 1),
+                  *o = random_floats(rc, -1, 1), *r_k = random_floats(C, -1, 1);
+            /* [2] outputs: [0] beta 0 on NaN, [1] accumulate on zero */
+            float *dx[2], *dp[2], *dw[2], *dv2[2], *dk2[2], *dmu[2], *db[2], *d_o[2], *dg[2];
+            for (int m = 0; m < 2; m++) {
+                dx[m] = m ? zero_floats(rf > rc ? rf : rc) : nan_floats(rf > rc ? rf : rc);
+                dp[m] = m ? zero_floats(rc) : nan_floats(rc);
+                dv2[m] = m ? zero_floats(rc) : nan_floats(rc);
+                dk2[m] = m ? zero_floats(rc) : nan_floats(rc);
+                dw[m] = zero_floats((size_t)F * C);
+                dmu[m] = zero_floats(C);
+                db[m] = zero_floats(C);
+                d_o[m] = zero_floats(rc);
+                dg[m] = zero_floats(rc);
+            }
+            /* linear: y [R,F] = x [R,C] W^T, W [F,C] */
+            be->matmul_linear_backward_beta(be, dx[0], dw[0], dy, xa, w, R, F, C, 0.0f);
+            be->matmul_linear_backward(be, dx[1], dw[1], dy, xa, w, R, F, C);
+            check_equal_floats("matmul_linear_backward_beta dx", dx[0], dx[1], rc);
+            check_equal_floats("matmul_linear_backward_beta dw", dw[0], dw[1], (size_t)F * C);
+            /* lora: y [R,C] = x [R,F] W, W [F,C] */
+            for (int m = 0; m < 2; m++) {
+                for (size_t i = 0; i < rf; i++) dx[m][i] = m ? 0.0f : NAN;
+                memset(dw[m], 0, (size_t)F * C * sizeof(float));
+            }
+            be->matmul_lora_backward_beta(be, dx[0], dw[0], dy, x, w, R, C, F, 0.0f);
+            be->matmul_lora_backward(be, dx[1], dw[1], dy, x, w, R, C, F);
+            check_equal_floats("matmul_lora_backward_beta dx", dx[0], dx[1], rf);
+            check_equal_floats("matmul_lora_backward_beta dw", dw[0], dw[1], (size_t)F * C);
+            /* layernorm */
+            for (int m = 0; m < 2; m++)
+                for (size_t i = 0; i < rc; i++) dx[m][i] = m ? 0.0f : NAN;
+            be->layernorm_backward_beta(be, dx[0], dmu[0], db[0], dy, xa, mean, rstd, mu, R, C,
+                                        0.0f);
+            be->layernorm_backward(be, dx[1], dmu[1], db[1], dy, xa, mean, rstd, mu, R, C);
+            check_equal_floats("layernorm_backward_beta dx", dx[0], dx[1], rc);
+            check_equal_floats("layernorm_backward_beta dweight", dmu[0], dmu[1], C);
+            check_equal_floats("layernorm_backward_beta dbias", db[0], db[1], C);
+            /* lerp */
+            for (int m = 0; m < 2; m++)
+                for (size_t i = 0; i < rc; i++) dx[m][i] = m ? 0.0f : NAN;
+            be->lerp_backward_beta(be, dx[0], dp[0], dmu[0], dy, xa, prev, mu, R, C, 0.0f);
+            be->lerp_backward(be, dx[1], dp[1], dmu[1], dy, xa, prev, mu, R, C);
+            check_equal_floats("lerp_backward_beta dx", dx[0], dx[1], rc);
+            check_equal_floats("lerp_backward_beta dprev", dp[0], dp[1], rc);
+            check_equal_floats("lerp_backward_beta dmu", dmu[0], dmu[1], C);
+            /* bonus_gate: dr, dk, dv */
+            for (int m = 0; m < 2; m++) {
+                for (size_t i = 0; i < rc; i++) dx[m][i] = m ? 0.0f : NAN;
+                memset(dmu[m], 0, C * sizeof(float));
+            }
+            be->bonus_gate_backward_beta(be, d_o[0], dx[0], dk2[0], dv2[0], dmu[0], dg[0], dy, o,
+                                         r, k, v, r_k, g, R, C, N, 0.0f);
+            be->bonus_gate_backward(be, d_o[1], dx[1], dk2[1], dv2[1], dmu[1], dg[1], dy, o, r, k,
+                                    v, r_k, g, R, C, N);
+            check_equal_floats("bonus_gate_backward_beta dr", dx[0], dx[1], rc);
+            check_equal_floats("bonus_gate_backward_beta dk", dk2[0], dk2[1], rc);
+            check_equal_floats("bonus_gate_backward_beta dv", dv2[0], dv2[1], rc);
+            check_equal_floats("bonus_gate_backward_beta dr_k", dmu[0], dmu[1], C);
+            check_equal_floats("bonus_gate_backward_beta d_o", d_o[0], d_o[1], rc);
+            check_equal_floats("bonus_gate_backward_beta dg", dg[0], dg[1], rc);
+            for (int m = 0; m < 2; m++) {
+                float *fm[] = {dx[m], dp[m], dw[m], dv2[m], dk2[m], dmu[m], db[m], d_o[m], dg[m]};
+                for (size_t i = 0; i < sizeof fm / sizeof fm[0]; i++) free(fm[i]);
+            }
+            float *fs[] = {dy, x, w, mu, xa, prev, mean, rstd, r, k, v, g, o, r_k};
+            for (size_t i = 0; i < sizeof fs / sizeof fs[0]; i++) free(fs[i]);
+        }
+    }
+}
+
+/* head_cross_entropy (the fused head) against the unfused ops on the whole
+ * batch: matmul_linear, row_max, cross_entropy, l2wrap, then
+ * matmul_linear_backward. One chunk: the same bits (dhead accumulating onto
+ * random values); chunks of 37 and 128 rows (the logits never whole):
+ * losses and dx within 1e-6, ignored rows included; dhead, whose fp32 sum
+ * over rows is split by chunk, within 1e-5 (9 chunks measured 1.3e-6), from
+ * zero (a sum onto values ~1000x larger than each part would hide the op's
+ * rounding under its own). */
+static void test_head_cross_entropy_equals_unfused_ops_in_any_chunking(void **state) {
+    (void)state;
+    const int R = 300, C = 48, V = 517;
+    rp_backend *be = backends[1];
+    rng_seed(91);
+    float *x = random_floats((size_t)R * C, -1, 1), *head = random_floats((size_t)V * C, -1, 1);
+    int32_t *targets = malloc(R * sizeof *targets);
+    assert_non_null(targets);
+    for (int r = 0; r < R; r++) targets[r] = r % 7 == 3 ? -1 : rng_below(V);
+    for (int wrap = 0; wrap < 2; wrap++) {
+        const float scale = 1.0f / R, factor = wrap ? 1e-4f / R : 0.0f;
+        /* reference: the unfused ops */
+        float *logits = zero_floats((size_t)R * V), *ref_loss = zero_floats(R);
+        float *ref_dx = nan_floats((size_t)R * C), *ref_dhead = random_floats((size_t)V * C, -1, 1);
+        float *dhead0 = copy_floats(ref_dhead, (size_t)V * C);
+        float *row_max = zero_floats(R);
+        int32_t *argmax = calloc(R, sizeof *argmax);
+        be->matmul_linear(be, logits, x, head, R, V, C, 0.0f);
+        if (factor > 0) be->row_max(be, row_max, argmax, logits, R, V);
+        be->cross_entropy(be, ref_loss, logits, logits, targets, R, V, scale);
+        if (factor > 0) be->l2wrap(be, logits, row_max, argmax, targets, R, V, factor);
+        be->matmul_linear_backward_beta(be, ref_dx, ref_dhead, logits, x, head, R, V, C, 0.0f);
+        float *zero_dhead = zero_floats((size_t)V * C), *unused_dx = zero_floats((size_t)R * C);
+        be->matmul_linear_backward_beta(be, unused_dx, zero_dhead, logits, x, head, R, V, C, 0.0f);
+        double *ref_dhead_from_zero = to_doubles(zero_dhead, (size_t)V * C);
+        free(zero_dhead);
+        free(unused_dx);
+        const int chunks[] = {R, 37, 128};
+        for (size_t ci = 0; ci < sizeof chunks / sizeof chunks[0]; ci++) {
+            const int chunk = chunks[ci];
+            float *scratch = nan_floats(rp_head_ce_scratch_floats(chunk, V));
+            float *loss = nan_floats(R), *dx = nan_floats((size_t)R * C);
+            float *dhead = chunk == R ? copy_floats(dhead0, (size_t)V * C)
+                                      : zero_floats((size_t)V * C);
+            be->head_cross_entropy(be, loss, dx, dhead, scratch, x, head, targets, R, C, V, scale,
+                                   factor, chunk);
+            if (chunk == R) {
+                check_equal_floats("head_cross_entropy losses (one chunk)", loss, ref_loss, R);
+                check_equal_floats("head_cross_entropy dx (one chunk)", dx, ref_dx,
+                                   (size_t)R * C);
+                check_equal_floats("head_cross_entropy dhead (one chunk)", dhead, ref_dhead,
+                                   (size_t)V * C);
+            } else {
+                char what[96];
+                snprintf(what, sizeof what, "head_cross_entropy losses (chunks of %d)", chunk);
+                check_grad(what, to_doubles(loss, R), to_doubles(ref_loss, R), R, 1e-6);
+                snprintf(what, sizeof what, "head_cross_entropy dx (chunks of %d)", chunk);
+                check_grad(what, to_doubles(dx, (size_t)R * C), to_doubles(ref_dx, (size_t)R * C),
+                           (size_t)R * C, 1e-6);
+                snprintf(what, sizeof what, "head_cross_entropy dhead (chunks of %d)", chunk);
+                check_grad(what, to_doubles(dhead, (size_t)V * C), ref_dhead_from_zero,
+                           (size_t)V * C, 1e-5);
+            }
+            free(scratch);
+            free(loss);
+            free(dx);
+            free(dhead);
+        }
+        free(ref_dhead_from_zero);
+        free(logits);
+        free(ref_loss);
+        free(ref_dx);
+        free(ref_dhead);
+        free(dhead0);
+        free(row_max);
+        free(argmax);
+    }
+    free(x);
+    free(head);
+    free(targets);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cross_entropy_matches_double_log_softmax_and_ignores_rows),
@@ -1348,6 +1519,8 @@ int main(void) {
         cmocka_unit_test(test_wkv7_backward_matches_finite_differences_over_ragged_batch),
         cmocka_unit_test(test_wkv7_backward_matches_finite_differences_for_any_head_size),
         cmocka_unit_test(test_wkv7_and_token_shift_backward_chain_across_calls),
+        cmocka_unit_test(test_beta_zero_overwrites_with_the_bits_of_accumulating_on_zero),
+        cmocka_unit_test(test_head_cross_entropy_equals_unfused_ops_in_any_chunking),
     };
     return cmocka_run_group_tests_name("cpu_backward", tests, setup_backends, teardown_backends);
 }

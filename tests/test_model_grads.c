@@ -2,7 +2,9 @@
  * RWKV-LM's rwkv_v7_demo.py / _rnn.py): mean next-token cross-entropy from a
  * zero state, and from a given mid-sequence state including the gradient
  * w.r.t. that initial state. Per tensor: ||g - ref|| / ||ref|| <= 1e-4 and
- * max |g - ref| <= 1e-4 max |ref| (+ a 1e-8 floor for tensors that are 0). */
+ * max |g - ref| <= 1e-4 max |ref| (+ a 1e-8 floor for tensors that are 0).
+ * Also: the step's fill_zero / add round trips stay within their budget, and
+ * the head's training workspace holds one logit chunk, not [rows, V]. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -56,6 +58,28 @@ static void compare_tensor(const char *name, const float *got, const float *ref,
                  name, norm_err, max_diff, max_ref);
 }
 
+/* fill_zero and add calls (and bytes) of the backend during the training
+ * step: each is a round trip through memory that a first write with beta = 0
+ * makes unnecessary (backend.h "first gradient writes"). */
+static struct {
+    void (*fill_zero)(rp_backend *be, void *dst, size_t bytes);
+    void (*add)(rp_backend *be, float *y, const float *x, size_t n);
+    size_t zero_calls, zero_bytes, add_calls, add_bytes;
+    int rows; /* of the step */
+} traffic;
+
+static void counting_fill_zero(rp_backend *be, void *dst, size_t bytes) {
+    traffic.zero_calls++;
+    traffic.zero_bytes += bytes;
+    traffic.fill_zero(be, dst, bytes);
+}
+
+static void counting_add(rp_backend *be, float *y, const float *x, size_t n) {
+    traffic.add_calls++;
+    traffic.add_bytes += n * sizeof(float);
+    traffic.add(be, y, x, n);
+}
+
 /* Runs the training step on tokens[first .. T-1] -> targets tokens[first+1 .. T]
  * from `state` and compares every parameter gradient with `grads_path`. */
 static void check_gradients(const paths *p, int from_mid_state) {
@@ -106,9 +130,17 @@ static void check_gradients(const paths *p, int from_mid_state) {
     rp_batch_init(&batch, 1, &len, &slot, &row_begin);
     double loss_sum;
     int n_targets;
-    if (rp_model_train_step(&model, &grads, &tw, inputs, targets, &batch, &state, &dstate,
-                            1.0f / n, 0.0f, &loss_sum, &n_targets, &err) != RP_OK)
-        fail_msg("%s", err.msg);
+    traffic.fill_zero = be->fill_zero;
+    traffic.add = be->add;
+    traffic.zero_calls = traffic.zero_bytes = traffic.add_calls = traffic.add_bytes = 0;
+    traffic.rows = n;
+    be->fill_zero = counting_fill_zero;
+    be->add = counting_add;
+    rp_status st = rp_model_train_step(&model, &grads, &tw, inputs, targets, &batch, &state,
+                                       &dstate, 1.0f / n, 0.0f, &loss_sum, &n_targets, &err);
+    be->fill_zero = traffic.fill_zero;
+    be->add = traffic.add;
+    if (st != RP_OK) fail_msg("%s", err.msg);
     assert_int_equal(n_targets, n);
     float *ref_loss = golden_read(&ref, "loss", NULL);
     double loss = loss_sum / n;
@@ -175,6 +207,69 @@ static void test_tiny_gradients_from_mid_state_match_reference(void **s) {
     check_gradients(&p, 1);
 }
 
+/* The tiny model (L=2, C=128) on 1 sequence of R rows: the only round trips
+ * left are d(v_first) zeroed once at the head (it collects from every
+ * layer), the three wkv7 gradient adds per layer (wkv7_backward overwrites
+ * its outputs, bonus_gate wrote first) and layer 0's d(v_first) add. Before
+ * the first writes took beta = 0 it was 44 fill_zero calls (44 R C floats). */
+static void test_tiny_training_step_has_no_zero_fill_round_trips(void **s) {
+    (void)s;
+    paths p;
+    find_paths(&p, "tiny_L2_C128_V256_s1", 0);
+    check_gradients(&p, 1);
+    const size_t L = 2, C = 128;
+    const size_t row_bytes = C * sizeof(float), R = (size_t)traffic.rows;
+    printf("training step, %zu rows: %zu fill_zero (%zu bytes), %zu add (%zu bytes)\n", R,
+           traffic.zero_calls, traffic.zero_bytes, traffic.add_calls, traffic.add_bytes);
+    if (traffic.zero_calls > 1 || traffic.zero_bytes > R * row_bytes)
+        fail_msg("%zu fill_zero calls (%zu bytes) in a training step: at most 1 (%zu bytes)",
+                 traffic.zero_calls, traffic.zero_bytes, R * row_bytes);
+    if (traffic.add_calls > 3 * L + 1)
+        fail_msg("%zu add calls in a training step: at most %zu", traffic.add_calls, 3 * L + 1);
+}
+
+static size_t alloc_bytes;
+static void *(*real_alloc)(rp_backend *be, size_t bytes);
+static void *counting_alloc(rp_backend *be, size_t bytes) {
+    alloc_bytes += bytes;
+    return real_alloc(be, bytes);
+}
+
+/* The training workspace of a head stage with the 0.1B vocabulary (V =
+ * 65536; L1 C64 keeps the rest small) for 4096 rows holds no [rows, V]
+ * logits (1 GiB): the fused head needs one chunk of rp_head_ce_chunk_rows
+ * rows (256 MiB). */
+static void test_head_workspace_holds_one_logit_chunk_not_rows_by_vocab(void **s) {
+    (void)s;
+    rp_error err;
+    rp_backend *be = rp_cpu_backend_create(1, &err);
+    assert_non_null(be);
+    rp_config c;
+    assert_int_equal(rp_config_builtin(&c, "L1-C64-V65536", 0, &err), RP_OK);
+    rp_model m;
+    assert_int_equal(rp_model_alloc(&m, &c, c.n_layer - 1, c.n_layer, 0, 1, be, &err), RP_OK);
+    const int R = 4096;
+    real_alloc = be->alloc;
+    be->alloc = counting_alloc;
+    alloc_bytes = 0;
+    rp_backward_workspace tw;
+    rp_status st = rp_backward_workspace_alloc(&tw, &m, R, 8, &err);
+    be->alloc = real_alloc;
+    assert_int_equal(st, RP_OK);
+    const size_t logits = (size_t)R * c.vocab_size * sizeof(float);
+    const size_t chunk = rp_head_ce_scratch_floats(rp_head_ce_chunk_rows(R, c.vocab_size),
+                                                   c.vocab_size) * sizeof(float);
+    printf("workspace %zu MiB for %d rows (the [R, V] logits alone: %zu MiB, one chunk %zu MiB)\n",
+           alloc_bytes >> 20, R, logits >> 20, chunk >> 20);
+    assert_int_equal(tw.head_chunk_rows, 1024);
+    if (alloc_bytes >= logits)
+        fail_msg("training workspace of %zu bytes: no smaller than [%d, %d] logits", alloc_bytes,
+                 R, c.vocab_size);
+    rp_backward_workspace_free(&tw, be);
+    rp_model_free(&m);
+    rp_cpu_backend_destroy(be);
+}
+
 static void test_small_gradients_match_reference(void **s) {
     paths p;
     if (!find_paths(&p, "small_L4_C256_V1024_s2", 1)) skip();
@@ -191,6 +286,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_gradients_match_reference),
         cmocka_unit_test(test_tiny_gradients_from_mid_state_match_reference),
+        cmocka_unit_test(test_tiny_training_step_has_no_zero_fill_round_trips),
+        cmocka_unit_test(test_head_workspace_holds_one_logit_chunk_not_rows_by_vocab),
         cmocka_unit_test(test_small_gradients_match_reference),
         cmocka_unit_test(test_small_gradients_from_mid_state_match_reference),
     };

@@ -73,7 +73,8 @@ static void cpu_embedding_backward(rp_backend *be, float *demb, const float *dx,
 /* forward: y = (x - mean) rstd weight + bias over groups of G channels
  * (LayerNorm: G = C; GroupNorm: G = N), mean/rstd [R, C/G] saved.
  * backward, with xhat = (x - mean) rstd and d = dy weight, per group:
- *   dx = rstd (d - mean(d) - xhat mean(d xhat))   (+= or =, see accumulate)
+ *   dx = rstd (d - mean(d) - xhat mean(d xhat))   (accumulate: 1 +=, 0 =,
+ *   2 = with the bits of += on zero: the row is zeroed in cache first)
  *   dweight += sum_r dy xhat,  dbias += sum_r dy. */
 static void norm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
                           const float *dy, const float *x, const float *mean, const float *rstd,
@@ -95,6 +96,8 @@ static void norm_backward(rp_backend *be, float *dx, float *dweight, float *dbia
                 sum_dxh += d * ((xg[j] - mu) * rs);
             }
             const float mean_d = sum_d / G, mean_dxh = sum_dxh / G;
+            if (accumulate == 2)
+                for (int j = 0; j < G; j++) dxg[j] = 0.0f;
             if (accumulate) {
 #pragma omp simd
                 for (int j = 0; j < G; j++)
@@ -112,11 +115,19 @@ static void norm_backward(rp_backend *be, float *dx, float *dweight, float *dbia
     COLUMN_SUMS(dbias, R, C, dy[i])
 }
 
-/* forward: y [R,C] = LayerNorm(x) weight + bias (eps 1e-5); dx += */
+/* forward: y [R,C] = LayerNorm(x) weight + bias (eps 1e-5); dx += (beta 1) or = (0) */
+static void cpu_layernorm_backward_beta(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                        const float *dy, const float *x, const float *mean,
+                                        const float *rstd, const float *weight, int R, int C,
+                                        float beta) {
+    norm_backward(be, dx, dweight, dbias, dy, x, mean, rstd, weight, R, C, C,
+                  beta != 0.0f ? 1 : 2);
+}
+
 static void cpu_layernorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
                                    const float *dy, const float *x, const float *mean,
                                    const float *rstd, const float *weight, int R, int C) {
-    norm_backward(be, dx, dweight, dbias, dy, x, mean, rstd, weight, R, C, C, 1);
+    cpu_layernorm_backward_beta(be, dx, dweight, dbias, dy, x, mean, rstd, weight, R, C, 1.0f);
 }
 
 /* forward: y [R,C] = GroupNorm(x; heads of N) weight + bias; dx overwritten */
@@ -159,16 +170,20 @@ static void cpu_token_shift_backward(rp_backend *be, float *dx, float *dstate_ba
 }
 
 /* forward: y [R,C] = x + (prev - x) mu, mu [C]
- * backward: dx += dy (1 - mu), dprev += dy mu, dmu += sum_r dy (prev - x) */
-static void cpu_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dmu,
-                              const float *dy, const float *x, const float *prev,
-                              const float *mu, int R, int C) {
+ * backward: dx += dy (1 - mu), dprev += dy mu (= for beta 0),
+ * dmu += sum_r dy (prev - x) */
+static void cpu_lerp_backward_beta(rp_backend *be, float *dx, float *dprev, float *dmu,
+                                   const float *dy, const float *x, const float *prev,
+                                   const float *mu, int R, int C, float beta) {
     int nt = cpu_team(be, (size_t)R * C);
+    const int accumulate = beta != 0.0f;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int r = 0; r < R; r++) {
         const size_t o = (size_t)r * C;
         const float *restrict dyr = dy + o;
         float *restrict dxr = dx + o, *restrict dpr = dprev + o;
+        if (!accumulate) /* in cache just before the += (same bits as a zeroed buffer) */
+            for (int c = 0; c < C; c++) dxr[c] = dpr[c] = 0.0f;
 #pragma omp simd
         for (int c = 0; c < C; c++) {
             dxr[c] += dyr[c] * (1.0f - mu[c]);
@@ -176,6 +191,12 @@ static void cpu_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dm
         }
     }
     COLUMN_SUMS(dmu, R, C, dy[i] * (prev[i] - x[i]))
+}
+
+static void cpu_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dmu,
+                              const float *dy, const float *x, const float *prev,
+                              const float *mu, int R, int C) {
+    cpu_lerp_backward_beta(be, dx, dprev, dmu, dy, x, prev, mu, R, C, 1.0f);
 }
 
 /* forward: y [R,C] = act(pre + bias)
@@ -292,12 +313,18 @@ static void cpu_key_prepare_backward(rp_backend *be, float *dk, float *da, float
 /* forward: out [R,C] = (o + s_h v) g with s_h = sum_j r_j k_j r_k[h,j] per head
  * backward, with dz = dout g and ds_h = sum_i dz_i v_i:
  *   d_o = dz, dg = dout (o + s v) (both overwrite), dv += dz s,
- *   dr += ds k r_k, dk += ds r r_k, dr_k [H,N] += sum_rows ds r k. */
-static void cpu_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,
-                                    float *dr_k, float *dg, const float *dout, const float *o,
-                                    const float *r, const float *k, const float *v,
-                                    const float *r_k, const float *g, int R, int C, int N) {
+ *   dr += ds k r_k, dk += ds r r_k, dr_k [H,N] += sum_rows ds r k.
+ * With beta 0, dv, dr and dk are overwritten: the head's slice is zeroed
+ * in cache just before the same += loops, which keeps the bits of the +=
+ * on a zeroed buffer (an "accumulate ? d : 0" inside the loops let the
+ * compiler vectorise the two cases' reductions differently). */
+static void cpu_bonus_gate_backward_beta(rp_backend *be, float *d_o, float *dr, float *dk,
+                                         float *dv, float *dr_k, float *dg, const float *dout,
+                                         const float *o, const float *r, const float *k,
+                                         const float *v, const float *r_k, const float *g, int R,
+                                         int C, int N, float beta) {
     const int H = C / N;
+    const int accumulate = beta != 0.0f;
     float *ds = cpu_scratch(be, cpu_bonus_gate_backward_scratch(R, C, N),
                             "bonus_gate_backward");
     if (!ds) return;
@@ -311,6 +338,8 @@ static void cpu_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float
                                   *restrict douth = dout + q, *restrict rkh = r_k + h * N;
             float *restrict d_oh = d_o + q, *restrict dgh = dg + q, *restrict dvh = dv + q,
                             *restrict drh = dr + q, *restrict dkh = dk + q;
+            if (!accumulate)
+                for (int j = 0; j < N; j++) dvh[j] = drh[j] = dkh[j] = 0.0f;
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
             for (int j = 0; j < N; j++) s += rh[j] * kh[j] * rkh[j];
@@ -333,6 +362,14 @@ static void cpu_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float
     COLUMN_SUMS(dr_k, R, C, ds[(size_t)row * H + col / N] * r[i] * k[i])
 }
 
+static void cpu_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,
+                                    float *dr_k, float *dg, const float *dout, const float *o,
+                                    const float *r, const float *k, const float *v,
+                                    const float *r_k, const float *g, int R, int C, int N) {
+    cpu_bonus_gate_backward_beta(be, d_o, dr, dk, dv, dr_k, dg, dout, o, r, k, v, r_k, g, R, C,
+                                 N, 1.0f);
+}
+
 void cpu_backward_install(rp_backend *be) {
     be->embedding_backward = cpu_embedding_backward;
     be->layernorm_backward = cpu_layernorm_backward;
@@ -343,4 +380,7 @@ void cpu_backward_install(rp_backend *be) {
     be->key_prepare_backward = cpu_key_prepare_backward;
     be->groupnorm_backward = cpu_groupnorm_backward;
     be->bonus_gate_backward = cpu_bonus_gate_backward;
+    be->layernorm_backward_beta = cpu_layernorm_backward_beta;
+    be->lerp_backward_beta = cpu_lerp_backward_beta;
+    be->bonus_gate_backward_beta = cpu_bonus_gate_backward_beta;
 }

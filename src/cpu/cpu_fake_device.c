@@ -304,6 +304,43 @@ static void fake_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, floa
                              F(r), F(k), F(v), F(r_k), F(g), R, C, N);
 }
 
+/* first gradient writes (backend.h) */
+static void fake_matmul_linear_backward_beta(rp_backend *be, float *dx, float *dw, const float *dy,
+                                             const float *x, const float *w, int M, int N, int K,
+                                             float beta) {
+    CPU->matmul_linear_backward_beta(CPU, F(dx), F(dw), F(dy), F(x), F(w), M, N, K, beta);
+}
+
+static void fake_matmul_lora_backward_beta(rp_backend *be, float *dx, float *dw, const float *dy,
+                                           const float *x, const float *w, int M, int N, int K,
+                                           float beta) {
+    CPU->matmul_lora_backward_beta(CPU, F(dx), F(dw), F(dy), F(x), F(w), M, N, K, beta);
+}
+
+static void fake_layernorm_backward_beta(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                         const float *dy, const float *x, const float *mean,
+                                         const float *rstd, const float *weight, int R, int C,
+                                         float beta) {
+    CPU->layernorm_backward_beta(CPU, F(dx), F(dweight), F(dbias), F(dy), F(x), F(mean),
+                                 F(rstd), F(weight), R, C, beta);
+}
+
+static void fake_lerp_backward_beta(rp_backend *be, float *dx, float *dprev, float *dmu,
+                                    const float *dy, const float *x, const float *prev,
+                                    const float *mu, int R, int C, float beta) {
+    CPU->lerp_backward_beta(CPU, F(dx), F(dprev), F(dmu), F(dy), F(x), F(prev), F(mu), R, C,
+                            beta);
+}
+
+static void fake_bonus_gate_backward_beta(rp_backend *be, float *d_o, float *dr, float *dk,
+                                          float *dv, float *dr_k, float *dg, const float *dout,
+                                          const float *o, const float *r, const float *k,
+                                          const float *v, const float *r_k, const float *g,
+                                          int R, int C, int N, float beta) {
+    CPU->bonus_gate_backward_beta(CPU, F(d_o), F(dr), F(dk), F(dv), F(dr_k), F(dg), F(dout),
+                                  F(o), F(r), F(k), F(v), F(r_k), F(g), R, C, N, beta);
+}
+
 static void fake_wkv7_forward_train(rp_backend *be, float *y, const float *r,
                                     const float *w_raw, const float *k, const float *v,
                                     const float *kk, const float *a, float *state_base,
@@ -328,6 +365,15 @@ static void fake_cross_entropy(rp_backend *be, float *losses, float *dlogits,
                                const float *logits, const int32_t *targets, int R, int V,
                                float scale) {
     CPU->cross_entropy(CPU, F(losses), F(dlogits), F(logits), targets, R, V, scale);
+}
+
+/* targets: host memory; the CPU op runs its own ops on the real buffers */
+static void fake_head_cross_entropy(rp_backend *be, float *losses, float *dx, float *dhead,
+                                    float *scratch, const float *x, const float *head,
+                                    const int32_t *targets, int R, int C, int V, float scale,
+                                    float l2wrap_factor, int chunk_rows) {
+    CPU->head_cross_entropy(CPU, F(losses), F(dx), F(dhead), F(scratch), F(x), F(head), targets,
+                            R, C, V, scale, l2wrap_factor, chunk_rows);
 }
 
 /* row_max, argmax, targets: host memory */
@@ -444,10 +490,16 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     be->key_prepare_backward = fake_key_prepare_backward;
     be->groupnorm_backward = fake_groupnorm_backward;
     be->bonus_gate_backward = fake_bonus_gate_backward;
+    be->matmul_linear_backward_beta = fake_matmul_linear_backward_beta;
+    be->matmul_lora_backward_beta = fake_matmul_lora_backward_beta;
+    be->layernorm_backward_beta = fake_layernorm_backward_beta;
+    be->lerp_backward_beta = fake_lerp_backward_beta;
+    be->bonus_gate_backward_beta = fake_bonus_gate_backward_beta;
     be->wkv7_forward_train = fake_wkv7_forward_train;
     be->wkv7_backward = fake_wkv7_backward;
     be->cross_entropy = fake_cross_entropy;
     be->l2wrap = fake_l2wrap;
+    be->head_cross_entropy = fake_head_cross_entropy;
     be->row_max = fake_row_max;
     be->sum_squares = fake_sum_squares;
     be->adamw = fake_adamw;

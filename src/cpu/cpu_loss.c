@@ -1,5 +1,6 @@
 /* Loss and optimizer ops of the CPU backend (semantics in backend.h):
- * cross_entropy, row_max, l2wrap, sum_squares and adamw. Row-parallel with
+ * cross_entropy, row_max, l2wrap, the fused head_cross_entropy, sum_squares
+ * and adamw. Row-parallel with
  * OpenMP; reductions in a fixed order so results do not depend on the
  * thread count. The CUDA twin is cuda/cuda_loss.cu. */
 #include "config.h"
@@ -63,6 +64,29 @@ static void cpu_l2wrap(rp_backend *be, float *dlogits, const float *row_max, con
         if (targets[r] >= 0) dlogits[(size_t)r * V + argmax[r]] += factor * row_max[r];
 }
 
+/* The fused head (backend.h head_cross_entropy): per row chunk, the same
+ * vtable ops on the chunk as the unfused path on the whole batch. The row
+ * maxima are backend (= host) memory at the end of the scratch. */
+static void cpu_head_cross_entropy(rp_backend *be, float *losses, float *dx, float *dhead,
+                                   float *scratch, const float *x, const float *head,
+                                   const int32_t *targets, int R, int C, int V, float scale,
+                                   float l2wrap_factor, int chunk_rows) {
+    if (R <= 0 || V <= 0 || C <= 0 || chunk_rows <= 0) return;
+    float *logits = scratch, *row_max = scratch + (size_t)chunk_rows * V;
+    int32_t *argmax = (int32_t *)(row_max + chunk_rows);
+    for (int r0 = 0; r0 < R; r0 += chunk_rows) {
+        const int rows = R - r0 < chunk_rows ? R - r0 : chunk_rows;
+        const float *xc = x + (size_t)r0 * C;
+        be->matmul_linear(be, logits, xc, head, rows, V, C, 0.0f);
+        if (l2wrap_factor > 0) be->row_max(be, row_max, argmax, logits, rows, V);
+        be->cross_entropy(be, losses + r0, logits, logits, targets + r0, rows, V, scale);
+        if (l2wrap_factor > 0)
+            be->l2wrap(be, logits, row_max, argmax, targets + r0, rows, V, l2wrap_factor);
+        be->matmul_linear_backward_beta(be, dx + (size_t)r0 * C, dhead, logits, xc, head, rows, V,
+                                        C, 0.0f);
+    }
+}
+
 /* Fixed blocks summed in block order: the same bits for any thread count.
  * The partial sums of SUM_SQUARES_PASS blocks at a time live on the stack
  * (ops allocate nothing) and the total adds them in block order across
@@ -109,6 +133,7 @@ void cpu_loss_install(rp_backend *be) {
     be->cross_entropy = cpu_cross_entropy;
     be->row_max = cpu_row_max;
     be->l2wrap = cpu_l2wrap;
+    be->head_cross_entropy = cpu_head_cross_entropy;
     be->sum_squares = cpu_sum_squares;
     be->adamw = cpu_adamw;
 }

@@ -282,7 +282,7 @@ static void cpu_matmul_lora(rp_backend *be, float *y, const float *x, const floa
  * [768, 768] weight gradient between 36 threads. */
 #define GEMM_TILE 128
 
-/* Cm [rows, cols] += op(A) [rows, depth] . op(B) [depth, cols] (row-major),
+/* Cm [rows, cols] = op(A) [rows, depth] . op(B) [depth, cols] + beta Cm (row-major),
  * one sgemm per GEMM_TILE x GEMM_TILE tile of Cm, tiles dealt to threads.
  * The tiles depend on the shape only: OpenBLAS kernels (Haswell's, for one)
  * give an element different bits depending on the size of the block it is
@@ -291,7 +291,7 @@ static void cpu_matmul_lora(rp_backend *be, float *y, const float *x, const floa
 static void gemm_accumulate_tiled(rp_backend *be, CBLAS_TRANSPOSE trans_a,
                                   CBLAS_TRANSPOSE trans_b, int rows, int cols, int depth,
                                   const float *A, int lda, const float *B, int ldb, float *Cm,
-                                  int ldc) {
+                                  int ldc, float beta) {
     const int tiles_r = (rows + GEMM_TILE - 1) / GEMM_TILE;
     const int tiles_c = (cols + GEMM_TILE - 1) / GEMM_TILE;
     const long tiles = (long)tiles_r * tiles_c;
@@ -305,26 +305,42 @@ static void gemm_accumulate_tiled(rp_backend *be, CBLAS_TRANSPOSE trans_a,
         const float *a_tile = trans_a == CblasNoTrans ? A + (size_t)r0 * lda : A + r0;
         const float *b_tile = trans_b == CblasNoTrans ? B + c0 : B + (size_t)c0 * ldb;
         cblas_sgemm(CblasRowMajor, trans_a, trans_b, nr, nc, depth, 1.0f, a_tile, lda, b_tile,
-                    ldb, 1.0f, Cm + (size_t)r0 * ldc + c0, ldc);
+                    ldb, beta, Cm + (size_t)r0 * ldc + c0, ldc);
     }
 }
 
 /* forward: y [M,N] = x [M,K] . W^T, W [N,K]
- * backward: dx [M,K] += dy . W (dx optional); dw [N,K] += dy^T . x */
+ * backward: dx [M,K] = dy . W + beta dx (dx optional); dw [N,K] += dy^T . x.
+ * beta 0 gives the bits of beta 1 on a zeroed dx: sgemm scales C by beta
+ * before it adds the product, and 0 + p = p. */
+static void cpu_matmul_linear_backward_beta(rp_backend *be, float *dx, float *dw, const float *dy,
+                                            const float *x, const float *w, int M, int N, int K,
+                                            float beta) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    if (dx)
+        gemm_accumulate_tiled(be, CblasNoTrans, CblasNoTrans, M, K, N, dy, N, w, K, dx, K, beta);
+    gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, N, K, M, dy, N, x, K, dw, K, 1.0f);
+}
+
 static void cpu_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,
                                        const float *x, const float *w, int M, int N, int K) {
-    if (M <= 0 || N <= 0 || K <= 0) return;
-    if (dx) gemm_accumulate_tiled(be, CblasNoTrans, CblasNoTrans, M, K, N, dy, N, w, K, dx, K);
-    gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, N, K, M, dy, N, x, K, dw, K);
+    cpu_matmul_linear_backward_beta(be, dx, dw, dy, x, w, M, N, K, 1.0f);
 }
 
 /* forward: y [M,N] = x [M,K] . W, W [K,N] (LoRA factor)
- * backward: dx [M,K] += dy . W^T (dx optional); dw [K,N] += x^T . dy */
+ * backward: dx [M,K] = dy . W^T + beta dx (dx optional); dw [K,N] += x^T . dy */
+static void cpu_matmul_lora_backward_beta(rp_backend *be, float *dx, float *dw, const float *dy,
+                                          const float *x, const float *w, int M, int N, int K,
+                                          float beta) {
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    if (dx)
+        gemm_accumulate_tiled(be, CblasNoTrans, CblasTrans, M, K, N, dy, N, w, N, dx, K, beta);
+    gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, K, N, M, x, K, dy, N, dw, N, 1.0f);
+}
+
 static void cpu_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const float *dy,
                                      const float *x, const float *w, int M, int N, int K) {
-    if (M <= 0 || N <= 0 || K <= 0) return;
-    if (dx) gemm_accumulate_tiled(be, CblasNoTrans, CblasTrans, M, K, N, dy, N, w, N, dx, K);
-    gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, K, N, M, x, K, dy, N, dw, N);
+    cpu_matmul_lora_backward_beta(be, dx, dw, dy, x, w, M, N, K, 1.0f);
 }
 
 void cpu_matmul_install(rp_backend *be) {
@@ -332,4 +348,6 @@ void cpu_matmul_install(rp_backend *be) {
     be->matmul_lora = cpu_matmul_lora;
     be->matmul_linear_backward = cpu_matmul_linear_backward;
     be->matmul_lora_backward = cpu_matmul_lora_backward;
+    be->matmul_linear_backward_beta = cpu_matmul_linear_backward_beta;
+    be->matmul_lora_backward_beta = cpu_matmul_lora_backward_beta;
 }

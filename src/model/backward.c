@@ -77,7 +77,7 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
     if (max_rows < 1 || max_seqs < 1 || max_seqs > max_rows)
         return rp_error_set(err, RP_ERR_ARG, "training workspace for %d rows in %d sequences: "
                             "need 1 <= sequences <= rows", max_rows, max_seqs);
-    size_t R = (size_t)max_rows, C = c->n_embd, V = c->vocab_size, pad = 16;
+    size_t R = (size_t)max_rows, C = c->n_embd, pad = 16;
     size_t blocks = R / RP_WKV_CHUNK + (size_t)max_seqs;
     int n_layers = m->layer_end - m->layer_begin;
     tw->max_rows = max_rows;
@@ -87,8 +87,12 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
     if (!alloc_layer_activations(tw, m, R, blocks, err)) goto nomem;
     /* Shared buffers: stream, embed/head activations, backward scratch. */
     size_t n_rc = 2 + 22 + (m->has_embed ? 1 : 0) + (m->has_head ? 2 : 0);
+    /* The head's logits one row chunk at a time: for the 0.1B shape (V =
+     * 65536) 1024 rows, 256 MiB, instead of R x V floats. */
+    const int chunk = rp_head_ce_chunk_rows(max_rows, c->vocab_size);
     size_t floats = n_rc * (R * C + pad) + 6 * (R + pad) + R * (size_t)max_lora_rank(c) + pad +
-                    R * (size_t)c->dim_ffn + pad + (m->has_head ? R * V + pad : 0);
+                    R * (size_t)c->dim_ffn + pad +
+                    (m->has_head ? rp_head_ce_scratch_floats(chunk, c->vocab_size) + pad : 0);
     tw->scratch_base = be->alloc(be, floats * sizeof(float));
     if (!tw->scratch_base) goto nomem;
     float *p = tw->scratch_base;
@@ -110,13 +114,11 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
         tw->lnout_mean = carve(&p, R);
         tw->lnout_rstd = carve(&p, R);
         tw->losses = carve(&p, R);
-        tw->logits = carve(&p, R * V);
-        tw->dlogits = tw->logits;  /* cross_entropy writes the gradient in place */
-        tw->host_base = malloc(R * (2 * sizeof(float) + sizeof(int32_t)));
+        tw->head_scratch = carve(&p, rp_head_ce_scratch_floats(chunk, c->vocab_size));
+        tw->head_chunk_rows = chunk;
+        tw->host_base = malloc(R * sizeof(float));
         if (!tw->host_base) goto nomem;
-        tw->host_row_max = tw->host_base;
-        tw->host_losses = tw->host_row_max + R;
-        tw->host_argmax = (int32_t *)(tw->host_losses + R);
+        tw->host_losses = tw->host_base;
     }
     /* The backend's own op scratch for these shapes (ops allocate nothing). */
     rp_status st = be->reserve(be, max_rows, max_seqs, c->n_embd, c->head_size, err);
@@ -216,10 +218,9 @@ void rp_backward_embed_backward(const rp_model *m, rp_model *grads, rp_backward_
                                 const int32_t *tokens, const rp_batch *batch) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd;
-    be->fill_zero(be, tw->dxa, (size_t)R * C * sizeof(float));
-    be->layernorm_backward(be, tw->dxa, grads->global.ln0_weight, grads->global.ln0_bias,
-                           tw->dx, tw->emb_rows, tw->ln0_mean, tw->ln0_rstd,
-                           m->global.ln0_weight, R, C);
+    be->layernorm_backward_beta(be, tw->dxa, grads->global.ln0_weight, grads->global.ln0_bias,
+                                tw->dx, tw->emb_rows, tw->ln0_mean, tw->ln0_rstd,
+                                m->global.ln0_weight, R, C, 0.0f);
     be->embedding_backward(be, grads->global.emb, tw->dxa, tokens, R, C);
 }
 
@@ -230,11 +231,9 @@ static void lora_backward(rp_backend *be, float *dx, float *dw1, float *dw2, flo
                           const float *dy, const float *x, const float *hidden,
                           const float *w1, const float *w2, int D, rp_activation inner, int R,
                           int C) {
-    be->fill_zero(be, d_hidden, (size_t)R * D * sizeof(float));
-    be->matmul_lora_backward(be, d_hidden, dw2, dy, hidden, w2, R, C, D);
+    be->matmul_lora_backward_beta(be, d_hidden, dw2, dy, hidden, w2, R, C, D, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act_backward(be, d_hidden, NULL, hidden, R, D, inner);
-    be->fill_zero(be, dx, (size_t)R * C * sizeof(float));
-    be->matmul_lora_backward(be, dx, dw1, d_hidden, x, w1, R, D, C);
+    be->matmul_lora_backward_beta(be, dx, dw1, d_hidden, x, w1, R, D, C, 0.0f);
 }
 
 /* ---- block ---- */
@@ -247,10 +246,11 @@ void rp_backward_block_forward(const rp_model *m, rp_backward_workspace *tw, int
 
 /* One of the six token-shift mixes of the time mix: recompute x_c into tw->xc
  * (for the weight gradient), run its consumer's backward into tw->dxc, then
- * fold d(x_c) into dxa / dprev / dmu. */
+ * fold d(x_c) into dxa / dprev / dmu; beta 0 for the first of the six. */
 static void mix_backward(rp_backend *be, rp_backward_workspace *tw, const rp_layer_activations *s,
-                         const float *mu, float *dmu, int R, int C) {
-    be->lerp_backward(be, tw->dxa, tw->dprev, dmu, tw->dxc, s->xa, s->prev_att, mu, R, C);
+                         const float *mu, float *dmu, int R, int C, float beta) {
+    be->lerp_backward_beta(be, tw->dxa, tw->dprev, dmu, tw->dxc, s->xa, s->prev_att, mu, R, C,
+                           beta);
 }
 
 void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
@@ -262,35 +262,30 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
     rp_layer_weights *gw = &grads->layers[li];
     const rp_layer_activations *s = &tw->layers[li];
     const int R = batch->n_rows, C = c->n_embd, N = c->head_size, F = c->dim_ffn;
-    const size_t rc_bytes = (size_t)R * C * sizeof(float);
     float *datt = rp_state_att_x_prev(dstate, 0, layer);
     float *dwkv = rp_state_wkv(dstate, 0, layer);
     float *dffn = rp_state_ffn_x_prev(dstate, 0, layer);
     const size_t dstride = dstate->floats_per_slot;
 
     /* ---- channel mix: x_out = x_mid + Wv relu(Wk kf)^2; tw->dx = d x_out ---- */
-    be->fill_zero(be, tw->d_ffn, (size_t)R * F * sizeof(float));
-    be->matmul_linear_backward(be, tw->d_ffn, gw->ffn_value, tw->dx, s->ffn_hidden, w->ffn_value,
-                               R, C, F);
+    /* Each first write of a scratch gradient in the step overwrites (beta 0):
+     * no fill_zero before it. */
+    be->matmul_linear_backward_beta(be, tw->d_ffn, gw->ffn_value, tw->dx, s->ffn_hidden,
+                                    w->ffn_value, R, C, F, 0.0f);
     be->bias_act_backward(be, tw->d_ffn, NULL, s->ffn_hidden, R, F, RP_ACT_RELU_SQUARED);
-    be->fill_zero(be, tw->dxc, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxc, gw->ffn_key, tw->d_ffn, s->kf, w->ffn_key, R, F, C);
-    be->fill_zero(be, tw->dxa, rc_bytes);
-    be->fill_zero(be, tw->dprev, rc_bytes);
-    be->lerp_backward(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf, s->prev_ffn,
-                      w->ffn_x_k, R, C);
+    be->matmul_linear_backward_beta(be, tw->dxc, gw->ffn_key, tw->d_ffn, s->kf, w->ffn_key, R, F,
+                                    C, 0.0f);
+    be->lerp_backward_beta(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf, s->prev_ffn,
+                           w->ffn_x_k, R, C, 0.0f);
     be->token_shift_backward(be, tw->dxa, dffn, dstride, tw->dprev, batch, C);
     be->layernorm_backward(be, tw->dx, gw->ln2_weight, gw->ln2_bias, tw->dxa, s->x_mid,
                            s->ln2_mean, s->ln2_rstd, w->ln2_weight, R, C);
 
     /* ---- time mix: x_mid = x_in + Wo og; tw->dx = d x_mid ---- */
-    be->fill_zero(be, tw->d_og, rc_bytes);
-    be->matmul_linear_backward(be, tw->d_og, gw->output, tw->dx, s->og, w->output, R, C, C);
-    be->fill_zero(be, tw->dr, rc_bytes);
-    be->fill_zero(be, tw->dk, rc_bytes);
-    be->fill_zero(be, tw->dv, rc_bytes);
-    be->bonus_gate_backward(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og,
-                            s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N);
+    be->matmul_linear_backward_beta(be, tw->d_og, gw->output, tw->dx, s->og, w->output, R, C, C,
+                                    0.0f);
+    be->bonus_gate_backward_beta(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og,
+                                 s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N, 0.0f);
     be->groupnorm_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->d_gn, s->y,
                            s->gn_mean, s->gn_rstd, w->ln_x_weight, R, C, N);
     be->wkv7_backward(be, tw->tmp_r, tw->dw_raw, tw->tmp_k, tw->tmp_v, tw->dkk, tw->da, dwkv,
@@ -303,25 +298,23 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
     be->key_prepare_backward(be, tw->dk, tw->da, gw->k_k, gw->k_a, tw->dkk, s->k_pre, s->a,
                              w->k_k, w->k_a, R, C, N);
 
-    be->fill_zero(be, tw->dxa, rc_bytes);
-    be->fill_zero(be, tw->dprev, rc_bytes);
-    /* gate: g = sigmoid(xg g1) g2 */
+    /* gate: g = sigmoid(xg g1) g2; its mix is the first write of dxa and dprev */
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_g, R, C);
     lora_backward(be, tw->dxc, gw->g1, gw->g2, tw->d_lora, tw->dg, tw->xc, s->g_hidden, w->g1,
                   w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
-    mix_backward(be, tw, s, w->x_g, gw->x_g, R, C);
+    mix_backward(be, tw, s, w->x_g, gw->x_g, R, C, 0.0f);
     /* a = sigmoid(a0 + xa a1 a2) */
     be->bias_act_backward(be, tw->da, gw->a0, s->a, R, C, RP_ACT_SIGMOID);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_a, R, C);
     lora_backward(be, tw->dxc, gw->a1, gw->a2, tw->d_lora, tw->da, tw->xc, s->a_hidden, w->a1,
                   w->a2, c->d_iclr, RP_ACT_NONE, R, C);
-    mix_backward(be, tw, s, w->x_a, gw->x_a, R, C);
+    mix_backward(be, tw, s, w->x_a, gw->x_a, R, C, 1.0f);
     /* w_raw = w0 + tanh(xw w1) w2 */
     be->bias_act_backward(be, tw->dw_raw, gw->w0, s->w_raw, R, C, RP_ACT_NONE);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_w, R, C);
     lora_backward(be, tw->dxc, gw->w1, gw->w2, tw->d_lora, tw->dw_raw, tw->xc, s->w_hidden,
                   w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
-    mix_backward(be, tw, s, w->x_w, gw->x_w, R, C);
+    mix_backward(be, tw, s, w->x_w, gw->x_w, R, C, 1.0f);
     /* value residual: v = v_pre + (v_first - v_pre) nu (layer > 0); layer 0's
      * v is v_first, which collected gradient from every later layer. */
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_v, R, C);
@@ -333,21 +326,19 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
         be->bias_act_backward(be, tw->dnu, gw->v0, s->nu, R, C, RP_ACT_SIGMOID);
         lora_backward(be, tw->dxc, gw->v1, gw->v2, tw->d_lora, tw->dnu, tw->xc, s->nu_hidden,
                       w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
-        mix_backward(be, tw, s, w->x_v, gw->x_v, R, C);
+        mix_backward(be, tw, s, w->x_v, gw->x_v, R, C, 1.0f);
     }
     /* r, k, v projections */
-    be->fill_zero(be, tw->dxc, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxc, gw->value, tw->dv, tw->xc, w->value, R, C, C);
-    mix_backward(be, tw, s, w->x_v, gw->x_v, R, C);
+    be->matmul_linear_backward_beta(be, tw->dxc, gw->value, tw->dv, tw->xc, w->value, R, C, C,
+                                    0.0f);
+    mix_backward(be, tw, s, w->x_v, gw->x_v, R, C, 1.0f);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
-    be->fill_zero(be, tw->dxc, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxc, gw->key, tw->dk, tw->xc, w->key, R, C, C);
-    mix_backward(be, tw, s, w->x_k, gw->x_k, R, C);
+    be->matmul_linear_backward_beta(be, tw->dxc, gw->key, tw->dk, tw->xc, w->key, R, C, C, 0.0f);
+    mix_backward(be, tw, s, w->x_k, gw->x_k, R, C, 1.0f);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
-    be->fill_zero(be, tw->dxc, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxc, gw->receptance, tw->dr, tw->xc, w->receptance, R, C,
-                               C);
-    mix_backward(be, tw, s, w->x_r, gw->x_r, R, C);
+    be->matmul_linear_backward_beta(be, tw->dxc, gw->receptance, tw->dr, tw->xc, w->receptance,
+                                    R, C, C, 0.0f);
+    mix_backward(be, tw, s, w->x_r, gw->x_r, R, C, 1.0f);
     /* token shift and ln1 */
     be->token_shift_backward(be, tw->dxa, datt, dstride, tw->dprev, batch, C);
     be->layernorm_backward(be, tw->dx, gw->ln1_weight, gw->ln1_bias, tw->dxa, s->x_in,
@@ -356,45 +347,29 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
 
 /* ---- head + loss ---- */
 
-double rp_backward_head_forward(const rp_model *m, rp_backward_workspace *tw,
-                                const int32_t *targets, const rp_batch *batch, float loss_scale,
-                                float l2wrap_factor) {
+double rp_backward_head(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                        const int32_t *targets, const rp_batch *batch, float loss_scale,
+                        float l2wrap_factor) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
     be->copy(be, tw->x_final, tw->x, (size_t)R * C * sizeof(float));
     be->layernorm(be, tw->head_in, tw->lnout_mean, tw->lnout_rstd, tw->x,
                   m->global.ln_out_weight, m->global.ln_out_bias, R, C, RP_LN_EPS);
-    be->matmul_linear(be, tw->logits, tw->head_in, m->global.head, R, V, C, 0.0f);
-    /* Host buffers from the workspace: nothing allocated per micro-batch. */
-    float *row_max = tw->host_row_max, *losses = tw->host_losses;
-    int32_t *argmax = tw->host_argmax;
-    if (l2wrap_factor > 0) {
-        /* The maxima are taken before cross_entropy turns logits into dlogits. */
-        be->row_max(be, row_max, argmax, tw->logits, R, V);
-    }
-    be->cross_entropy(be, tw->losses, tw->dlogits, tw->logits, targets, R, V, loss_scale);
-    if (l2wrap_factor > 0)
-        be->l2wrap(be, tw->dlogits, row_max, argmax, targets, R, V, l2wrap_factor);
+    /* losses, d(head_in) into dxa (overwrite), d head += */
+    be->head_cross_entropy(be, tw->losses, tw->dxa, grads->global.head, tw->head_scratch,
+                           tw->head_in, m->global.head, targets, R, C, V, loss_scale,
+                           l2wrap_factor, tw->head_chunk_rows);
+    be->layernorm_backward_beta(be, tw->dx, grads->global.ln_out_weight,
+                                grads->global.ln_out_bias, tw->dxa, tw->x_final, tw->lnout_mean,
+                                tw->lnout_rstd, m->global.ln_out_weight, R, C, 0.0f);
+    be->fill_zero(be, tw->dv_first, (size_t)R * C * sizeof(float));
+    /* Host buffer from the workspace: nothing allocated per micro-batch. */
+    float *losses = tw->host_losses;
     be->copy_to_host(be, losses, tw->losses, (size_t)R * sizeof(float));
     double sum = 0;
     for (int i = 0; i < R; i++)
         if (targets[i] >= 0) sum += losses[i];
     return sum;
-}
-
-void rp_backward_head_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
-                               const rp_batch *batch) {
-    rp_backend *be = m->be;
-    const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
-    const size_t rc_bytes = (size_t)R * C * sizeof(float);
-    be->fill_zero(be, tw->dxa, rc_bytes);
-    be->matmul_linear_backward(be, tw->dxa, grads->global.head, tw->dlogits, tw->head_in,
-                               m->global.head, R, V, C);
-    be->fill_zero(be, tw->dx, rc_bytes);
-    be->layernorm_backward(be, tw->dx, grads->global.ln_out_weight, grads->global.ln_out_bias,
-                           tw->dxa, tw->x_final, tw->lnout_mean, tw->lnout_rstd,
-                           m->global.ln_out_weight, R, C);
-    be->fill_zero(be, tw->dv_first, rc_bytes);
 }
 
 rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
@@ -435,10 +410,9 @@ rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_wo
             rp_backward_block_forward(m, tw, l, state, batch);
         int n = 0;
         for (int i = 0; i < batch->n_rows; i++) n += targets[i] >= 0;
-        double sum = rp_backward_head_forward(m, tw, targets, batch, loss_scale, l2wrap_factor);
+        double sum = rp_backward_head(m, grads, tw, targets, batch, loss_scale, l2wrap_factor);
         if (loss_sum) *loss_sum = sum;
         if (n_targets) *n_targets = n;
-        rp_backward_head_backward(m, grads, tw, batch);
         for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
             rp_backward_block_backward(m, grads, tw, l, dstate, batch);
         rp_backward_embed_backward(m, grads, tw, inputs, batch);

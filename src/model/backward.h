@@ -18,19 +18,21 @@ typedef struct {
     float **layer_blocks;
     /* embed / head activations */
     float *emb_rows, *ln0_mean, *ln0_rstd;
-    float *x_final, *lnout_mean, *lnout_rstd, *head_in, *logits, *losses;
+    float *x_final, *lnout_mean, *lnout_rstd, *head_in, *losses;
+    /* the fused head's scratch: logits of head_chunk_rows rows at a time
+     * (backend.h head_cross_entropy), never [max_rows, V] */
+    float *head_scratch;
+    int head_chunk_rows;
     /* the residual stream and v_first, as in rp_workspace */
     float *x, *v_first;
     /* backward scratch */
     float *dx, *dv_first, *dprev, *dxa, *dxc, *xc, *dr, *dk, *dv, *dkk, *da, *dw_raw,
-        *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn, *dlogits;
+        *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn;
     float *scratch_base;
     float *own_base;                /* a stash slot's own buffers (scratch is shared) */
-    /* Host [max_rows] buffers of the loss (row maxima, arg-maxima, losses),
-     * in one block, host_base (NULL in a stash slot, which shares them). */
+    /* Host [max_rows] losses, host_base (NULL in a stash slot, which shares them). */
     void *host_base;
-    float *host_row_max, *host_losses;
-    int32_t *host_argmax;
+    float *host_losses;
     /* rp_model_train_step's d(state) when its caller passes none: kept for
      * the next step (no backend allocation per step), grown to the largest
      * state seen, dstate_floats floats. */
@@ -43,9 +45,8 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
                                       int max_seqs, rp_error *err);
 /* A pipeline stash slot: its own saved activations (per layer, the stream x,
  * v_first, dx, d v_first and the embedding's), while the backward scratch
- * and the head's buffers (logits, ln_out) are those of `share`, which must
- * outlive it. Valid when the head's backward runs right after its forward
- * (the executor does so), since the head buffers are then never kept. */
+ * and the head's buffers (logit chunks, ln_out) are those of `share`, which
+ * must outlive it (rp_backward_head keeps nothing of them). */
 rp_status rp_backward_workspace_alloc_stash(rp_backward_workspace *tw, const rp_model *m,
                                             int max_rows, int max_seqs,
                                             const rp_backward_workspace *share, rp_error *err);
@@ -59,19 +60,20 @@ rp_status rp_backward_embed_forward(const rp_model *m, rp_backward_workspace *tw
                                     const int32_t *tokens, const rp_batch *batch, rp_error *err);
 void rp_backward_block_forward(const rp_model *m, rp_backward_workspace *tw, int layer,
                                rp_state *state, const rp_batch *batch);
-/* Head and cross-entropy: returns the sum of the per-row losses over rows
- * whose target is >= 0 (host targets), and keeps d(loss)/d(logits) scaled by
- * loss_scale (e.g. 1 / number of targets of the global batch). l2wrap_factor
- * > 0 adds the official L2Wrap term: l2wrap_factor * max(logits) on the
- * arg-max logit's gradient of every row with a target (the trainer passes
- * 1e-4 * loss_scale; the forward loss is unchanged). */
-double rp_backward_head_forward(const rp_model *m, rp_backward_workspace *tw,
-                                const int32_t *targets, const rp_batch *batch, float loss_scale,
-                                float l2wrap_factor);
+/* Head and cross-entropy, forward and backward at once (the fused
+ * head_cross_entropy op: the logits exist one row chunk at a time): returns
+ * the sum of the per-row losses over rows whose target is >= 0 (host
+ * targets), accumulates the head and ln_out gradients of loss_scale * that
+ * sum (loss_scale e.g. 1 / number of targets of the global batch) and leaves
+ * d(residual) in tw->dx for the blocks' backward. l2wrap_factor > 0 adds the
+ * official L2Wrap term: l2wrap_factor * max(logits) on the arg-max logit's
+ * gradient of every row with a target (the trainer passes 1e-4 * loss_scale;
+ * the forward loss is unchanged). */
+double rp_backward_head(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                        const int32_t *targets, const rp_batch *batch, float loss_scale,
+                        float l2wrap_factor);
 
 /* ---- backward: tw->dx holds d(residual) between parts ---- */
-void rp_backward_head_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
-                               const rp_batch *batch);
 /* dstate (optional): per slot, on entry d(state after the call), on return
  * d(state before it), same layout as the state. */
 void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,

@@ -380,11 +380,10 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             for (int l = m->layer_begin; l < m->layer_end; l++)
                 rp_backward_block_forward(m, tw, l, &pt->state, &pt->batch);
             if (m->has_head) {
-                /* The head's backward right away: only d x is kept until
-                 * this micro-batch's BWD, never its [R, V] logits. */
-                local_loss += rp_backward_head_forward(m, tw, targets + (size_t)mb * R, &pt->batch,
-                                                       loss_scale, l2wrap_factor);
-                rp_backward_head_backward(m, pt->grads, tw, &pt->batch);
+                /* The head's backward right away (one fused op): only d x
+                 * is kept until this micro-batch's BWD, never its logits. */
+                local_loss += rp_backward_head(m, pt->grads, tw, targets + (size_t)mb * R,
+                                               &pt->batch, loss_scale, l2wrap_factor);
             }
             be->synchronize(be);
             const double dt = rp_now_seconds() - t0;

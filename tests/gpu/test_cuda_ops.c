@@ -817,6 +817,61 @@ static void check_bonus_gate_backward(twin *t, const shape *sh) {
     compare(t, "dg", dg);
 }
 
+/* The _beta ops with beta 0 (backend.h "first gradient writes"): the named
+ * activation gradients start as NaN on the GPU (zero on the CPU) and are
+ * overwritten; parameter gradients still accumulate. */
+static void check_first_writes(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, F = sh->F, N = HEAD_SIZE;
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d F=%d", R, C, F);
+    tbuf *x = buf_input(t, n, -1, 1), *prev = buf_input(t, n, -1, 1);
+    tbuf *mu = buf_input(t, C, 0, 1), *dy = buf_input(t, n, -1, 1);
+    tbuf *hid = buf_input(t, (size_t)R * F, -1, 1), *dyf = buf_input(t, (size_t)R * F, -1, 1);
+    const double s = 1.0 / sqrt((double)C);
+    tbuf *w = buf_input(t, (size_t)F * C, -s, s);
+    tbuf *mean = buf_input(t, R, -0.2, 0.2), *rstd = buf_input(t, R, 0.5, 2);
+    tbuf *dx_lin = buf_output(t, n), *dx_lora = buf_output(t, (size_t)R * F);
+    tbuf *dx_ln = buf_output(t, n), *dx_lerp = buf_output(t, n), *dp_lerp = buf_output(t, n);
+    tbuf *dw_lin = buf_accum(t, (size_t)F * C, -1, 1), *dw_lora = buf_accum(t, (size_t)F * C, -1, 1);
+    tbuf *dln_w = buf_accum(t, C, -1, 1), *dln_b = buf_accum(t, C, -1, 1);
+    tbuf *dmu = buf_accum(t, C, -1, 1);
+    tbuf *o = buf_input(t, n, -1, 1), *r = buf_input(t, n, -1, 1), *k = buf_input(t, n, -1, 1);
+    tbuf *v = buf_input(t, n, -1, 1), *g_in = buf_input(t, n, -1, 1);
+    tbuf *r_k = buf_input(t, C, -1, 1);
+    tbuf *d_o = buf_output(t, n), *dg = buf_output(t, n), *dr = buf_output(t, n);
+    tbuf *dk = buf_output(t, n), *dv = buf_output(t, n), *dr_k = buf_accum(t, C, -1, 1);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        /* y [R,F] = x [R,C] W^T: dx [R,C] = dyf W */
+        be->matmul_linear_backward_beta(be, at(dx_lin, g), at(dw_lin, g), at(dyf, g), at(x, g),
+                                        at(w, g), R, F, C, 0.0f);
+        /* y [R,C] = hid [R,F] W, W [F,C]: dx [R,F] = dy W^T */
+        be->matmul_lora_backward_beta(be, at(dx_lora, g), at(dw_lora, g), at(dy, g), at(hid, g),
+                                      at(w, g), R, C, F, 0.0f);
+        be->layernorm_backward_beta(be, at(dx_ln, g), at(dln_w, g), at(dln_b, g), at(dy, g),
+                                    at(x, g), at(mean, g), at(rstd, g), at(mu, g), R, C, 0.0f);
+        be->lerp_backward_beta(be, at(dx_lerp, g), at(dp_lerp, g), at(dmu, g), at(dy, g),
+                               at(x, g), at(prev, g), at(mu, g), R, C, 0.0f);
+        be->bonus_gate_backward_beta(be, at(d_o, g), at(dr, g), at(dk, g), at(dv, g),
+                                     at(dr_k, g), at(dg, g), at(dy, g), at(o, g), at(r, g),
+                                     at(k, g), at(v, g), at(r_k, g), at(g_in, g), R, C, N, 0.0f);
+    }
+    compare(t, "linear dx", dx_lin);
+    compare(t, "linear dw", dw_lin);
+    compare(t, "lora dx", dx_lora);
+    compare(t, "lora dw", dw_lora);
+    compare(t, "layernorm dx", dx_ln);
+    compare(t, "layernorm dweight", dln_w);
+    compare(t, "layernorm dbias", dln_b);
+    compare(t, "lerp dx", dx_lerp);
+    compare(t, "lerp dprev", dp_lerp);
+    compare(t, "lerp dmu", dmu);
+    compare(t, "bonus_gate dr", dr);
+    compare(t, "bonus_gate dk", dk);
+    compare(t, "bonus_gate dv", dv);
+    compare(t, "bonus_gate dr_k", dr_k);
+}
+
 /* ---- WKV7 ------------------------------------------------------------------ */
 
 /* r, w_raw, k, v, kk, a [R,C] in realistic ranges: w_raw in [-3, 3] (decays
@@ -1035,6 +1090,35 @@ static void check_cross_entropy(twin *t, const shape *sh) {
     compare(t, "losses", losses_alias);
     compare(t, "dlogits=logits", z);
     free(targets);
+}
+
+/* The fused head (head_cross_entropy): all rows in one chunk without
+ * L2Wrap, then chunks of 7 rows with it: losses, dx (overwrite), dhead (+=).
+ * 20 rows and an odd V of at most 1001 keep the emulated run short. */
+static void check_head_cross_entropy(twin *t, const shape *sh) {
+    const int rows = spec_rows(&sh->prefill), R = rows < 20 ? rows : 20, C = sh->C;
+    const int V = sh->V_loss > 1001 ? 1001 : sh->V_loss;
+    for (int wrap = 0; wrap < 2; wrap++) {
+        const int chunk = wrap ? 7 : R;
+        label(t, "R=%d C=%d V=%d chunk=%d%s", R, C, V, chunk, wrap ? " l2wrap" : "");
+        const double s = 1.0 / sqrt((double)C);
+        tbuf *x = buf_input(t, (size_t)R * C, -1, 1), *head = buf_input(t, (size_t)V * C, -s, s);
+        int32_t *targets = xmalloc((size_t)R * sizeof *targets);
+        make_targets(t, targets, R, V);
+        tbuf *loss = buf_output(t, R), *dx = buf_output(t, (size_t)R * C);
+        tbuf *dhead = buf_accum(t, (size_t)V * C, -1e-3, 1e-3);
+        tbuf *scratch = buf_zero(t, rp_head_ce_scratch_floats(chunk, V));
+        const float scale = 1.0f / R, factor = wrap ? 1e-4f / R : 0.0f;
+        for (int g = 0; g < 2; g++)
+            side(t, g)->head_cross_entropy(side(t, g), at(loss, g), at(dx, g), at(dhead, g),
+                                           at(scratch, g), at(x, g), at(head, g), targets, R, C,
+                                           V, scale, factor, chunk);
+        compare(t, "losses", loss);
+        compare(t, "dx", dx);
+        compare(t, "dhead", dhead);
+        free(targets);
+        twin_release(t);
+    }
 }
 
 /* dlogits [R,V] += factor * row max at the row's arg-max, rows with a
@@ -1439,12 +1523,14 @@ static const twin_check checks[] = {
     {"key_prepare_backward", check_key_prepare_backward, MATH_FP32, 0},
     {"bonus_gate", check_bonus_gate, MATH_FP32, 0},
     {"bonus_gate_backward", check_bonus_gate_backward, MATH_FP32, 0},
+    {"first writes (beta 0)", check_first_writes, MATH_FP32, 0},
     {"wkv7", check_wkv7, MATH_FP32, 0},
     {"wkv7_forward_train", check_wkv7_forward_train, MATH_FP32, 0},
     {"wkv7_backward", check_wkv7_backward, MATH_FP32, 0},
     {"wkv7 chained", check_wkv7_chain, MATH_FP32, 0},
     {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
     {"l2wrap", check_l2wrap, MATH_FP32, 0},
+    {"head_cross_entropy", check_head_cross_entropy, MATH_FP32, 0},
     {"row_max", check_row_max, MATH_FP32, 0},
     {"sum_squares", check_sum_squares, MATH_FP32, 0},
     {"adamw", check_adamw, MATH_FP32, 0},
