@@ -156,4 +156,19 @@ for n in 1 2; do
 done
 ok "job $id: same text and usage as one process; exit 0 on scancel, no rank left"
 
+check "rpnode2 dies (every process SIGKILLed) mid-run: the job ends within 60 s; rank 0's error names rpnode2, rank 1 and the transfer"
+# Last: rpnode2's slurmd dies with it.
+sl_wait 30 "rpnode1-2 to be idle again" nodes_idle_slurm 4
+id="$(CKPT_DIR="$T/ck-k" TRAIN_ARGS="${MODEL_ARGS% --steps*} --steps 1000000 --comm-timeout 10" \
+    submit kill train.sbatch)"
+sl_wait 120 "job $id to reach step 10" grep -qs "^step 10/" "$T/job-kill.log"
+"$C" kill 2 KILL
+start=$SECONDS
+sl_wait 60 "job $id to end after rpnode2 died" job_finished "$id"
+took=$((SECONDS - start))
+# Before ranks ignored SIGPIPE, rank 0 died of it in silence ("srun: error:
+# rpnode1: task 0: Broken pipe") and nothing named rpnode2.
+in_log "$T/job-kill.log" "rank 0/2, stage 0\]: error: .*stage.*\(rank 1 on rpnode2\)" "job kill"
+ok "job $id ended $(job_field "$id" JobState) ${took} s after the kill: $(grep -m1 'rank 0/2, stage 0\]: error:' "$T/job-kill.log" | sed 's/^.*error: //')"
+
 echo "all Slurm cluster checks passed"
