@@ -47,9 +47,10 @@ sl_logs() {
 
 # slurm_start N: the cluster's N nodes (started by the caller) join one Slurm.
 slurm_start() {
-    local n=$1 i addr cpus mem_mb key nodes=""
+    local n=$1 i cpus mem_mb key
     SL="$T/slurm"
-    mkdir -p -m 755 "$SL" "$SL/state"
+    mkdir -p "$SL/state"
+    chmod 755 "$SL"
     key="$SL/munge.key"
     dd if=/dev/urandom of="$key" bs=1024 count=1 status=none
     chmod 400 "$key"
@@ -122,6 +123,8 @@ EOF
     for ((i = 1; i <= n; i++)); do
         "$C" exec "$i" slurmd -D -f "$SLURM_CONF" -N "rpnode$i" >"$SL/slurmd-rpnode$i.out" 2>&1 &
         SL_PIDS+=($!)
+        # A test may kill a node (slurmd too): no "Killed" job report from bash.
+        disown $!
     done
     sl_wait 60 "$n nodes to be idle" nodes_idle_slurm "$n"
 }
