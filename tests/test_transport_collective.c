@@ -182,8 +182,12 @@ static void test_a_rank_that_never_joins_times_out(void **state) {
     t0 = MPI_Wtime();
     st = rp_transport_allreduce_int(&t, v, 4, RP_REDUCE_MAX, "the stop request", &err);
     if (rank != late) {
-        snprintf(want, sizeof want, "for the stop request (all-reduce over %d stages); a rank "
-                 "did not join: it stopped or died", size);
+        /* It names the other stages' ranks and nodes (one node here). */
+        char host[64] = "";
+        gethostname(host, sizeof host - 1);
+        snprintf(want, sizeof want, "for the stop request (all-reduce over %d stages) (the other "
+                 "stages: stage %d (rank %d on %s)", size, rank == 0 ? 1 : 0, rank == 0 ? 1 : 0,
+                 host);
         assert_timed_out(st, &err, t0, want);
     } else {
         assert_int_equal(st, RP_OK);
@@ -195,7 +199,10 @@ static void test_a_rank_that_never_joins_times_out(void **state) {
     t0 = MPI_Wtime();
     st = rp_transport_bcast(&t, v, sizeof v, late, "the checkpoint start", &err);
     if (rank != late) {
-        snprintf(want, sizeof want, "for the checkpoint start (broadcast from stage %d)", late);
+        char host[64] = "";
+        gethostname(host, sizeof host - 1);
+        snprintf(want, sizeof want, "for the checkpoint start (broadcast from stage %d) (rank %d "
+                 "on %s)", late, late, host);
         assert_timed_out(st, &err, t0, want);
     }
     MPI_Barrier(MPI_COMM_WORLD);

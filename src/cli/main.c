@@ -3,6 +3,7 @@
 #include "config.h"
 
 #include <mpi.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -92,6 +93,11 @@ int main(int argc, char **argv) {
             return 1;
         }
         cli.mpi_initialized = 1;
+        /* A peer node that dies breaks this rank's TCP connections to it: a
+         * write would then kill the rank with SIGPIPE before it could say
+         * which node and transfer failed. Ignored, the write fails, MPI
+         * reports it and the error names the peer (docs/cluster.md). */
+        signal(SIGPIPE, SIG_IGN);
         MPI_Comm_rank(MPI_COMM_WORLD, &cli.mpi_rank);
         MPI_Comm_size(MPI_COMM_WORLD, &cli.mpi_size);
     }

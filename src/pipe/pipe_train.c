@@ -426,9 +426,10 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 MPI_Request req;
                 MPI_Iallreduce(MPI_IN_PLACE, &sumsq, 1, MPI_DOUBLE, MPI_SUM, pt->grid->pipe_comm,
                                &req);
-                if ((st = rp_comm_wait(&req, pt->timeout_s, "the gradient-norm all-reduce over "
-                                       "the stages", err)) != RP_OK)
-                    break;
+                char others[192], what[256];
+                snprintf(what, sizeof what, "the gradient-norm all-reduce over the stages%s",
+                         rp_transport_others_where(pt->tp, others, sizeof others));
+                if ((st = rp_comm_wait(&req, pt->timeout_s, what, err)) != RP_OK) break;
             }
             grad_norm = sqrt(sumsq);
             if (!isfinite(grad_norm)) {
@@ -475,9 +476,11 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         }
         if (pt->n_stages > 1) {
             MPI_Ibcast(&loss, 1, MPI_DOUBLE, pt->n_stages - 1, pt->grid->pipe_comm, &req);
-            if ((st = rp_comm_wait(&req, pt->timeout_s, "the loss from the last stage", err)) !=
-                RP_OK)
-                return st;
+            char where[96], what[160];
+            snprintf(what, sizeof what, "the loss from the last stage%s",
+                     pt->tp ? rp_transport_peer_where(pt->tp, pt->n_stages - 1, where, sizeof where)
+                            : "");
+            if ((st = rp_comm_wait(&req, pt->timeout_s, what, err)) != RP_OK) return st;
         }
     }
     res->loss_sum = loss;

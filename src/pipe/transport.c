@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "pipe/transport_nccl.h"
 #include "core/clock.h"
@@ -53,7 +54,50 @@ rp_status rp_transport_init(rp_transport *t, MPI_Comm comm, double timeout_s, rp
     }
     snprintf(t->what_buf, sizeof t->what_buf, "stage %d", t->rank);
     t->what = t->what_buf;
+    /* Every rank's node, so that the error about a dead or cut-off peer
+     * names the node (a rank number alone sends users to the rank map). */
+    rp_transport_peer self = {.world_rank = 0};
+    MPI_Comm_rank(MPI_COMM_WORLD, &self.world_rank);
+    gethostname(self.host, sizeof self.host - 1);
+    t->peers = calloc((size_t)t->size, sizeof *t->peers);
+    if (!t->peers) {
+        rp_transport_free(t);
+        return rp_error_set(err, RP_ERR_NOMEM, "the stage transport's table of %d ranks",
+                            t->size);
+    }
+    if (MPI_Allgather(&self, (int)sizeof self, MPI_BYTE, t->peers, (int)sizeof self, MPI_BYTE,
+                      t->comm) != MPI_SUCCESS) {
+        rp_transport_free(t);
+        return rp_error_set(err, RP_ERR_MPI, "MPI_Allgather of the ranks' host names failed");
+    }
     return RP_OK;
+}
+
+const char *rp_transport_peer_where(const rp_transport *t, int peer, char *buf, size_t size) {
+    if (!t->peers || peer < 0 || peer >= t->size)
+        snprintf(buf, size, "%s", "");
+    else
+        snprintf(buf, size, " (rank %d on %s)", t->peers[peer].world_rank, t->peers[peer].host);
+    return buf;
+}
+
+const char *rp_transport_others_where(const rp_transport *t, char *buf, size_t size) {
+    snprintf(buf, size, "%s", "");
+    if (!t || !t->peers) return buf;
+    /* The ranks' word as transport_collective.c's messages use it. */
+    const char *word = t->what && strncmp(t->what, "rank", 4) == 0 ? "rank" : "stage";
+    size_t len = 0;
+    for (int r = 0; r < t->size && len < size; r++) {
+        if (r == t->rank) continue;
+        char where[96];
+        rp_transport_peer_where(t, r, where, sizeof where);
+        int n = len ? snprintf(buf + len, size - len, ", %s %d%s", word, r, where)
+                    : snprintf(buf, size, " (the other %ss: %s %d%s", word, word, r, where);
+        if (n < 0) break;
+        len += (size_t)n;
+    }
+    if (len > 0 && len + 1 < size) snprintf(buf + len, size - len, ")");
+    return buf;
 }
 
 void rp_transport_free(rp_transport *t) {
@@ -65,6 +109,8 @@ void rp_transport_free(rp_transport *t) {
     free(t->staging);
     t->staging = NULL;
     t->n_staging = 0;
+    free(t->peers);
+    t->peers = NULL;
     if (t->comm != MPI_COMM_NULL && t->comm != 0) MPI_Comm_free(&t->comm);
     t->comm = MPI_COMM_NULL;
 }
@@ -146,9 +192,11 @@ static rp_status mpi_failed(rp_transport *t, int rc, const char *call, const rp_
     char text[MPI_MAX_ERROR_STRING] = "";
     int len = 0;
     MPI_Error_string(rc, text, &len);
-    return rp_error_set(err, RP_ERR_MPI, "%s: %s of micro-batch %d %s stage %d failed in %s: %s",
+    char where[96];
+    return rp_error_set(err, RP_ERR_MPI, "%s: %s of micro-batch %d %s stage %d%s failed in %s: %s",
                         t->what, rp_msg_kind_name(x->kind), x->micro_batch,
-                        x->is_recv ? "from" : "to", x->peer, call, text);
+                        x->is_recv ? "from" : "to", x->peer,
+                        rp_transport_peer_where(t, x->peer, where, sizeof where), call, text);
 }
 
 static rp_status check_args(rp_transport *t, size_t bytes, int peer, rp_msg_kind kind,
@@ -290,11 +338,13 @@ static rp_status wait_mpi(rp_transport *t, rp_transfer *x, rp_error *err) {
             MPI_Wait(&x->request, MPI_STATUS_IGNORE);
         else if (!x->is_recv)
             x->staging = -1;  /* MPI may still read it: never hand it out again */
+        char where[96];
         return rp_error_set(err, RP_ERR_MPI,
                             "%s waited %.0f s (--comm-timeout) to %s the %s of micro-batch "
-                            "%d %s stage %d; that rank is stuck or dead", t->what, waited,
+                            "%d %s stage %d%s; that rank is stuck or dead", t->what, waited,
                             x->is_recv ? "receive" : "send", rp_msg_kind_name(x->kind),
-                            x->micro_batch, x->is_recv ? "from" : "to", x->peer);
+                            x->micro_batch, x->is_recv ? "from" : "to", x->peer,
+                            rp_transport_peer_where(t, x->peer, where, sizeof where));
     }
     if (rc != MPI_SUCCESS) {
         int cls = 0;

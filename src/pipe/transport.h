@@ -66,6 +66,12 @@ typedef struct {
 
 typedef struct rp_nccl_links rp_nccl_links;  /* transport_nccl.c */
 
+/* Where a rank of the transport runs: errors name the node to look at. */
+typedef struct {
+    int world_rank;
+    char host[64];
+} rp_transport_peer;
+
 typedef struct {
     MPI_Comm comm;        /* a duplicate of the caller's, with errors returned */
     int rank, size;
@@ -77,9 +83,19 @@ typedef struct {
     int n_staging;
     rp_nccl_links *nccl;  /* NULL: everything goes over MPI */
     int nccl_paused;      /* 1: the NCCL links are idle and MPI carries everything */
+    rp_transport_peer *peers;  /* per rank of comm (NULL: unknown) */
 } rp_transport;
 
-/* Duplicates comm (collective over it). timeout_s: see --comm-timeout. */
+/* " (rank R on HOST)": the world rank and node of the transport's rank
+ * `peer`, for messages; "" when unknown. Returns buf. */
+const char *rp_transport_peer_where(const rp_transport *t, int peer, char *buf, size_t size);
+
+/* " (the other stages: stage S (rank R on HOST), ...)" for a collective that
+ * any of them may have left hanging; "" when t is NULL or unknown. */
+const char *rp_transport_others_where(const rp_transport *t, char *buf, size_t size);
+
+/* Duplicates comm (collective over it) and learns every rank's node.
+ * timeout_s: see --comm-timeout. */
 rp_status rp_transport_init(rp_transport *t, MPI_Comm comm, double timeout_s, rp_error *err);
 /* Also frees the staging buffers and the NCCL links. No transfer may be
  * active. */

@@ -79,12 +79,16 @@ rp_status rp_transport_bcast(rp_transport *t, void *buf, size_t bytes, int root,
     rp_status st = check_root(t, root, what, err);
     if (st != RP_OK) return st;
     char waiting_for[256];
-    if (t->rank == root)
-        snprintf(waiting_for, sizeof waiting_for, "%s (broadcast to the other %ss)", what,
-                 peer_word(t));
-    else
-        snprintf(waiting_for, sizeof waiting_for, "%s (broadcast from %s %d)", what,
-                 peer_word(t), root);
+    if (t->rank == root) {
+        char others[192];
+        snprintf(waiting_for, sizeof waiting_for, "%s (broadcast to the other %ss)%s", what,
+                 peer_word(t), rp_transport_others_where(t, others, sizeof others));
+    }
+    else {
+        char where[96];
+        snprintf(waiting_for, sizeof waiting_for, "%s (broadcast from %s %d)%s", what,
+                 peer_word(t), root, rp_transport_peer_where(t, root, where, sizeof where));
+    }
     for (size_t at = 0; at < bytes || at == 0; at += PIECE_BYTES) {
         const size_t len = bytes - at < PIECE_BYTES ? bytes - at : PIECE_BYTES;
         MPI_Request req;
@@ -105,7 +109,10 @@ rp_status rp_transport_gather(rp_transport *t, const void *send, void *recv, siz
         return rp_error_set(err, RP_ERR_ARG, "%s: a gather of %zu bytes per rank (%s) is over "
                             "MPI's 2 GiB count limit", t->what, bytes, what);
     char waiting_for[256];
-    snprintf(waiting_for, sizeof waiting_for, "%s (gather to %s %d)", what, peer_word(t), root);
+    char where[192];
+    snprintf(waiting_for, sizeof waiting_for, "%s (gather to %s %d)%s", what, peer_word(t), root,
+             t->rank == root ? rp_transport_others_where(t, where, sizeof where)
+                             : rp_transport_peer_where(t, root, where, sizeof where));
     MPI_Request req;
     int rc = MPI_Igather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, root, t->comm,
                          &req);
@@ -115,9 +122,9 @@ rp_status rp_transport_gather(rp_transport *t, const void *send, void *recv, siz
 
 static rp_status allreduce(rp_transport *t, void *v, int n, MPI_Datatype type, rp_reduce_op op,
                            const char *what, rp_error *err) {
-    char waiting_for[256];
-    snprintf(waiting_for, sizeof waiting_for, "%s (all-reduce over %d %ss)", what, t->size,
-             peer_word(t));
+    char waiting_for[256], others[192];
+    snprintf(waiting_for, sizeof waiting_for, "%s (all-reduce over %d %ss)%s", what, t->size,
+             peer_word(t), rp_transport_others_where(t, others, sizeof others));
     MPI_Request req;
     int rc = MPI_Iallreduce(MPI_IN_PLACE, v, n, type, op == RP_REDUCE_MAX ? MPI_MAX : MPI_SUM,
                             t->comm, &req);

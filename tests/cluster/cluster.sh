@@ -52,11 +52,10 @@ node_pids() {
     local holder uts p
     holder="$(holder_pid "$1")"
     uts="$(readlink "/proc/$holder/ns/uts" 2>/dev/null)" || return 0
-    for p in /proc/[0-9]*; do
-        p="${p#/proc/}"
-        [ "$p" = "$holder" ] && continue
-        [ "$(readlink "/proc/$p/ns/uts" 2>/dev/null)" = "$uts" ] && echo "$p"
-    done
+    # One find for all processes (a readlink per process took a minute on a
+    # busy machine).
+    find /proc -mindepth 3 -maxdepth 3 -path '/proc/[0-9]*/ns/uts' -printf '%h %l\n' 2>/dev/null |
+        awk -v uts="$uts" -v holder="$holder" '$2 == uts { split($1, d, "/"); if (d[3] != holder) print d[3] }'
     return 0
 }
 
