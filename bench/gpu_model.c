@@ -88,6 +88,42 @@ static void gemv(kernel_list *l, const char *name, double count, double R, doubl
     l->weight_bytes += count * 2.0 * N * K;
 }
 
+/* Bytes and FLOPs of that GEMV, added to a fused kernel's totals. */
+static void gemv_part(kernel_list *l, double *bytes, double *flops, double R, double N, double K,
+                      int accumulate) {
+    *bytes += 2.0 * N * K + 4.0 * R * (K + N * (accumulate ? 2 : 1));
+    *flops += 2.0 * R * N * K;
+    l->weight_bytes += 2.0 * N * K;
+}
+
+/* One decode layer with the fused ops (rp_block_forward's decode_time_mix):
+ * 8 launches, layer 0 included. */
+static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R, double S) {
+    const double C = c->n_embd, F = c->dim_ffn, N = c->head_size, H = c->n_head;
+    const double ranks[4] = {c->d_decay, c->d_iclr, c->d_gate, c->d_value};
+    const int loras = layer == 0 ? 3 : 4; /* layer 0 has no value LoRA */
+    const double state = 4.0 * H * N * N;
+    double bytes = 0, flops = 0;
+    ew(l, "ln_shift_mix (time mix)", 1, R, C, 2 + 1 + 6, 2 + 6, 8 + 3 * 6);
+    for (int i = 0; i < 3; i++) gemv_part(l, &bytes, &flops, R, C, C, 0);
+    for (int i = 0; i < loras; i++) gemv_part(l, &bytes, &flops, R, ranks[i], C, 0);
+    add(l, "gemv_group (r, k, v, LoRA downs)", 1, bytes, flops, 0);
+    bytes = flops = 0;
+    for (int i = 0; i < loras; i++) {
+        gemv_part(l, &bytes, &flops, R, C, ranks[i], 0);
+        bytes += 4.0 * C; /* w0, a0, v0 */
+    }
+    add(l, "gemv_group (LoRA ups + bias/act)", 1, bytes, flops, 0);
+    /* value residual, key prepare, WKV7 step, groupnorm, bonus/gate: reads
+     * r w_raw k v a g nu v_first, writes out y kk k v; k_k k_a r_k ln_x */
+    add(l, "time_mix_heads", 1, 4.0 * C * (13 * R + 5) + 2 * S * state,
+        WKV_FLOPS_PER_ELEM * R * C * N + 30 * R * C, 0);
+    gemv(l, "GEMV C x C (output)", 1, R, C, C, 1);
+    ew(l, "ln_shift_mix (channel mix)", 1, R, C, 2 + 1 + 1, 2 + 1, 8 + 3);
+    gemv(l, "gemv_group (FFN key + relu^2)", 1, R, F, C, 0);
+    gemv(l, "GEMV FFN value (F -> C)", 1, R, C, F, 1);
+}
+
 /* One training GEMM with its operand conversion: fp32 activation -> bf16
  * (a kernel), then cuBLAS reads bf16 A [R,K] and W [N,K], writes fp32 C. */
 static void gemm(kernel_list *l, const char *name, double count, double R, double N, double K) {
@@ -104,7 +140,7 @@ static void gemm_backward(kernel_list *l, const char *name, double count, double
 }
 
 /* The forward ops of one layer (rp_block_forward), R rows of S sequences;
- * decode: GEMVs and the WKV7 step, else GEMMs and the checkpointing WKV7. */
+ * decode: the fused ops (layer_decode), else GEMMs and the checkpointing WKV7. */
 static void layer_forward(kernel_list *l, const rp_config *c, int layer, double R, double S,
                           int decode) {
     const double C = c->n_embd, F = c->dim_ffn, N = c->head_size, H = c->n_head;
@@ -112,28 +148,18 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     const int loras = layer == 0 ? 3 : 4; /* layer 0 has no value LoRA */
     const double state = 4.0 * H * N * N;
     if (decode) {
-        /* ln_shift_mix: ln1 + token shift + the six time-mix lerps in one
-         * kernel, and ln2 + shift + the FFN lerp in another. */
-        ew(l, "ln_shift_mix (time mix)", 1, R, C, 2 + 1 + 6, 2 + 6, 8 + 3 * 6);
-        ew(l, "ln_shift_mix (channel mix)", 1, R, C, 2 + 1 + 1, 2 + 1, 8 + 3);
-    } else {
-        ew(l, "layernorm", 2, R, C, 2, 2, 8);
-        ew(l, "token_shift", 2, R, C, 2, 0, 0);
-        /* six time-mix lerps (the nu LoRA reuses the value mix) + the FFN one */
-        ew(l, "lerp", 6 + 1, R, C, 3, 1, 3);
+        layer_decode(l, c, layer, R, S);
+        return;
     }
-    for (int i = 0; i < 4; i++) { /* r, k, v, output; FFN key and value below */
-        if (decode) gemv(l, "GEMV C x C (r, k, v, output)", 1, R, C, C, i == 3);
-        else gemm(l, "GEMM C x C (r, k, v, output)", 1, R, C, C);
-    }
+    ew(l, "layernorm", 2, R, C, 2, 2, 8);
+    ew(l, "token_shift", 2, R, C, 2, 0, 0);
+    /* six time-mix lerps (the nu LoRA reuses the value mix) + the FFN one */
+    ew(l, "lerp", 6 + 1, R, C, 3, 1, 3);
+    /* r, k, v, output; FFN key and value below */
+    gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C);
     for (int i = 0; i < loras; i++) {
-        if (decode) {
-            gemv(l, "GEMV LoRA down (C -> rank)", 1, R, ranks[i], C, 0);
-            gemv(l, "GEMV LoRA up (rank -> C)", 1, R, C, ranks[i], 0);
-        } else {
-            gemm(l, "GEMM LoRA down (C -> rank)", 1, R, ranks[i], C);
-            gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i]);
-        }
+        gemm(l, "GEMM LoRA down (C -> rank)", 1, R, ranks[i], C);
+        gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i]);
         /* tanh after w1, sigmoid after g1; a and v have none */
         if (i == 0 || i == 2) ew(l, "bias_act (LoRA hidden)", 1, R, ranks[i], 2, 0, 4);
     }
@@ -141,20 +167,12 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     if (layer == 0) ew(l, "copy (v_first)", 1, R, C, 2, 0, 0);
     else ew(l, "value_residual", 1, R, C, 4, 0, 3);
     ew(l, "key_prepare", 1, R, C, 4, 2, 6);
-    if (decode)
-        add(l, "wkv7 step", 1, 7.0 * 4 * R * C + 2 * S * state, WKV_FLOPS_PER_ELEM * R * C * N, 0);
-    else
-        add(l, "wkv7_forward_train", 1, 7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
-            WKV_FLOPS_PER_ELEM * R * C * N, 0);
+    add(l, "wkv7_forward_train", 1, 7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+        WKV_FLOPS_PER_ELEM * R * C * N, 0);
     ew(l, "groupnorm", 1, R, C, 2, 2, 8);
     ew(l, "bonus_gate", 1, R, C, 6, 1, 6);
-    if (decode) {
-        gemv(l, "GEMV FFN key (C -> F)", 1, R, F, C, 0);
-        gemv(l, "GEMV FFN value (F -> C)", 1, R, C, F, 1);
-    } else {
-        gemm(l, "GEMM FFN key (C -> F)", 1, R, F, C);
-        gemm(l, "GEMM FFN value (F -> C)", 1, R, C, F);
-    }
+    gemm(l, "GEMM FFN key (C -> F)", 1, R, F, C);
+    gemm(l, "GEMM FFN value (F -> C)", 1, R, C, F);
     ew(l, "bias_act (relu^2, F)", 1, R, F, 2, 0, 2);
 }
 

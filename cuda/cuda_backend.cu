@@ -446,6 +446,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     rp_cuda_install_backward(be);
     rp_cuda_install_wkv7(be);
     rp_cuda_install_loss(be);
+    rp_cuda_install_decode(be);
     return be;
 }
 

@@ -10,6 +10,7 @@
 //   cuda_wkv7.cu         wkv7 wkv7_forward_train wkv7_backward
 //   cuda_loss.cu         embedding embedding_backward cross_entropy l2wrap
 //                        row_max sum_squares adamw
+//   cuda_decode.cu       gemv_group time_mix_heads (fused decode ops)
 //
 // Rules every kernel file follows:
 // - All work goes on cx->stream; nothing synchronizes the device except
@@ -147,6 +148,7 @@ void rp_cuda_install_elementwise(rp_backend *be);
 void rp_cuda_install_backward(rp_backend *be);
 void rp_cuda_install_wkv7(rp_backend *be);
 void rp_cuda_install_loss(rp_backend *be);
+void rp_cuda_install_decode(rp_backend *be);
 
 // Device math shared by kernels: the same formulas as src/cpu (accurate
 // expf, not __expf: the twin tests hold fp32 kernels to 1e-5).

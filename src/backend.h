@@ -32,6 +32,32 @@ typedef enum { RP_ACT_NONE = 0, RP_ACT_TANH, RP_ACT_SIGMOID, RP_ACT_RELU_SQUARED
 
 typedef struct rp_backend rp_backend;
 
+/* One job of rp_backend.gemv_group. */
+#define RP_GEMV_JOBS_MAX 8
+typedef struct rp_gemv_job {
+    float *y;
+    const float *x, *w, *bias;  /* bias [N] or NULL */
+    int N, K;
+    int w_in_out;               /* 0: W [N,K] (matmul_linear); 1: W [K,N] (matmul_lora) */
+    float beta;                 /* 0 or 1 */
+    rp_activation act;
+} rp_gemv_job;
+
+/* Arguments of rp_backend.time_mix_heads ([R,C] activations unless noted). */
+typedef struct rp_time_mix_heads {
+    float *out;                 /* groupnorm + bonus/gate output */
+    float *y, *kk, *k, *v;      /* wkv7 output, removal key, key and value (updated) */
+    float *v_first;             /* read (nu set) or written (nu NULL: layer 0) */
+    const float *nu, *r, *w_raw, *a, *g;
+    const float *k_k, *k_a;     /* [C] */
+    const float *r_k;           /* [H,N] */
+    const float *ln_x_weight, *ln_x_bias;  /* [C] */
+    float gn_eps;
+    float *state_base;          /* wkv7 state slots */
+    size_t state_stride;
+    int C, N;
+} rp_time_mix_heads;
+
 /* Most mixes one ln_shift_mix call forms (the six of the time mix). */
 #define RP_MIX_MAX 6
 
@@ -131,6 +157,22 @@ struct rp_backend {
                          const float *weight, const float *bias, float eps,
                          float *state_base, size_t state_stride, const rp_batch *batch,
                          int C);
+
+    /* ---- fused decode (optional: NULL = the model code calls the ops one by
+     * one; the CPU twins call exactly those ops in that order) ---- */
+    /* Independent GEMVs in one call, job j (j < n_jobs <= RP_GEMV_JOBS_MAX):
+     * matmul_linear (w_in_out 0, W [N,K]) or matmul_lora (w_in_out 1,
+     * W [K,N]) of y [M,N] from x [M,K] with beta 0 or 1, then, when bias or
+     * act is set, bias_act(y, bias, M, N, act). The outputs of a call must
+     * not overlap any of its inputs. CUDA: one launch for M <= 8. */
+    void (*gemv_group)(rp_backend *be, const struct rp_gemv_job *jobs, int n_jobs, int M);
+    /* The time mix after its projections, for batches of one row per sequence:
+     * value_residual (or v_first = v where nu is NULL: layer 0), key_prepare,
+     * wkv7, groupnorm (no mean/rstd) into out, bonus_gate on out, in that
+     * order and with their arguments. CUDA: one launch when every seq_len is
+     * 1 (else the separate ops). */
+    void (*time_mix_heads)(rp_backend *be, const struct rp_time_mix_heads *a,
+                           const rp_batch *batch);
 
     /* ---- recurrence ---- */
     /* WKV7 over a ragged batch. Inputs [R,C]: r, w_raw (decay pre-activation:

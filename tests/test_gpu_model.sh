@@ -3,8 +3,8 @@
 # bench/gpu_model.c) without a GPU: its numbers must follow from the shapes
 # in src/model/config.c. The weight floor is recomputed here from the
 # parameter formula, the launches per decode token from rp_block_forward's op
-# count (27 per layer, 24 in layer 0 since ln_shift_mix, + embedding, ln0,
-# ln_out, head), and
+# count (8 per layer with the fused decode ops, layer 0 too, + embedding,
+# ln0, ln_out, head), and
 # every predicted time must be at or above its bound (the WKV7 section's too).
 # Run by make check.
 
@@ -32,8 +32,8 @@ for name, (L, C, V, *ranks) in shapes.items():
     if not m:
         bad.append(f"no decode row for {name}"); continue
     launches, wmb, floor, plain, xp, graph, xg, bound = m.groups()
-    if int(launches) != 27 * (L - 1) + 24 + 4:
-        bad.append(f"{name}: {launches} launches per token, expected {27 * (L - 1) + 24 + 4}")
+    if int(launches) != 8 * L + 4:
+        bad.append(f"{name}: {launches} launches per token, expected {8 * L + 4}")
     if abs(float(wmb) - wbytes / 1e6) > 0.06:
         bad.append(f"{name}: weight MB {wmb}, expected {wbytes / 1e6:.1f}")
     if abs(float(floor) - floor_us) > 0.06:

@@ -165,6 +165,7 @@ rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err) {
     cpu_backward_install(be);
     cpu_wkv7_install(be);
     cpu_loss_install(be);
+    cpu_decode_install(be);
     return be;
 }
 

@@ -7,6 +7,7 @@
  *   cpu_backward.c     the backward of each position-wise op
  *   cpu_wkv7.c         wkv7, wkv7_forward_train, wkv7_backward
  *   cpu_loss.c         cross_entropy, row_max, l2wrap, sum_squares, adamw
+ *   cpu_decode.c       gemv_group, time_mix_heads (the fused decode ops' twins)
  * Only src/cpu and the CPU op tests include this file; everyone else sees
  * struct rp_backend. */
 #ifndef RP_CPU_INTERNAL_H
@@ -168,5 +169,6 @@ void cpu_elementwise_install(rp_backend *be);
 void cpu_backward_install(rp_backend *be);
 void cpu_wkv7_install(rp_backend *be);
 void cpu_loss_install(rp_backend *be);
+void cpu_decode_install(rp_backend *be);
 
 #endif

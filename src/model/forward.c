@@ -23,10 +23,10 @@ rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_row
     if ((size_t)cfg->d_value > lora) lora = cfg->d_value;
     if ((size_t)cfg->d_gate > lora) lora = cfg->d_gate;
     /* 20 [R,C] buffers + one LoRA hidden [R,D] + FFN hidden [R,F] + the
-     * decode mixes. */
+     * decode mixes and the decode LoRA hiddens. */
     const size_t mix_rows = R < RP_MIX_ROWS ? R : RP_MIX_ROWS;
     size_t floats = R * C * 20 + R * lora + R * (size_t)cfg->dim_ffn +
-                    mix_rows * C * RP_MIX_MAX;
+                    mix_rows * C * RP_MIX_MAX + mix_rows * lora * 4;
     ws->base = be->alloc(be, floats * sizeof(float));
     if (!ws->base)
         return rp_error_set(err, RP_ERR_NOMEM,
@@ -55,6 +55,10 @@ rp_status rp_workspace_alloc(rp_workspace *ws, const rp_config *cfg, int max_row
         p += mix_rows * C;
     }
     s->mix_rows = (int)mix_rows;
+    for (int i = 0; i < 4; i++) {
+        s->lora_hidden[i] = p;
+        p += mix_rows * lora;
+    }
     return RP_OK;
 }
 
@@ -112,12 +116,59 @@ static const float *time_mix(rp_backend *be, const rp_layer_activations *s, floa
     return xc;
 }
 
+static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, int layer,
+                        rp_state *state, const rp_batch *batch);
+
+/* Inference with the fused decode ops: nothing saved for a backward. */
+static int decode_fusable(const rp_backend *be, const rp_layer_activations *s) {
+    return be->gemv_group && be->time_mix_heads && s->lora_hidden[0] && !s->k_pre &&
+           !s->v_pre && !s->og && !s->gn_mean && !s->wkv_checkpoints && !s->x_mid;
+}
+
+/* The time mix of a decode call from the six mixes: the same ops as the
+ * unfused path below, grouped into gemv_group (r, k, v and the four LoRA
+ * down-projections; then the four up-projections with their epilogues),
+ * time_mix_heads and the output GEMV with its residual add. */
+static void decode_time_mix(const rp_model *m, rp_layer_activations *s, float *x,
+                            float *v_first, int layer, rp_state *state, const rp_batch *batch) {
+    rp_backend *be = m->be;
+    const rp_config *c = &m->cfg;
+    const rp_layer_weights *w = &m->layers[layer - m->layer_begin];
+    const int R = batch->n_rows, C = c->n_embd;
+    float *const *mix = s->mix;
+    float *const *h = s->lora_hidden;  /* w a g nu */
+    rp_gemv_job down[7] = {
+        {s->r, mix[0], w->receptance, NULL, C, C, 0, 0.0f, RP_ACT_NONE},
+        {s->k, mix[1], w->key, NULL, C, C, 0, 0.0f, RP_ACT_NONE},
+        {s->v, mix[2], w->value, NULL, C, C, 0, 0.0f, RP_ACT_NONE},
+        {h[0], mix[3], w->w1, NULL, c->d_decay, C, 1, 0.0f, RP_ACT_TANH},
+        {h[1], mix[4], w->a1, NULL, c->d_iclr, C, 1, 0.0f, RP_ACT_NONE},
+        {h[2], mix[5], w->g1, NULL, c->d_gate, C, 1, 0.0f, RP_ACT_SIGMOID},
+        {h[3], mix[2], w->v1, NULL, c->d_value, C, 1, 0.0f, RP_ACT_NONE},
+    };
+    rp_gemv_job up[4] = {
+        {s->w_raw, h[0], w->w2, w->w0, C, c->d_decay, 1, 0.0f, RP_ACT_NONE},
+        {s->a, h[1], w->a2, w->a0, C, c->d_iclr, 1, 0.0f, RP_ACT_SIGMOID},
+        {s->g, h[2], w->g2, NULL, C, c->d_gate, 1, 0.0f, RP_ACT_NONE},
+        {s->nu, h[3], w->v2, w->v0, C, c->d_value, 1, 0.0f, RP_ACT_SIGMOID},
+    };
+    const int has_nu = layer != 0;  /* layer 0's v is v_first: no value residual */
+    be->gemv_group(be, down, has_nu ? 7 : 6, R);
+    be->gemv_group(be, up, has_nu ? 4 : 3, R);
+    const rp_time_mix_heads args = {
+        s->o_gn, s->y, s->kk, s->k, s->v, v_first, has_nu ? s->nu : NULL, s->r, s->w_raw,
+        s->a, s->g, w->k_k, w->k_a, w->r_k, w->ln_x_weight, w->ln_x_bias, RP_GN_EPS,
+        rp_state_wkv(state, 0, layer), state->floats_per_slot, C, c->head_size};
+    be->time_mix_heads(be, &args, batch);
+    be->matmul_linear(be, x, s->o_gn, w->output, R, C, C, 1.0f);  /* x += og Wo^T */
+}
+
 void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, float *v_first,
                       float *xc, int layer, rp_state *state, const rp_batch *batch) {
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
     const rp_layer_weights *w = &m->layers[layer - m->layer_begin];
-    const int R = batch->n_rows, C = c->n_embd, N = c->head_size, F = c->dim_ffn;
+    const int R = batch->n_rows, C = c->n_embd, N = c->head_size;
     const size_t rc_bytes = (size_t)R * C * sizeof(float);
 
     /* ---- time mix ---- */
@@ -134,6 +185,11 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
                       C, RP_LN_EPS);
         be->token_shift(be, s->prev_att, s->xa, rp_state_att_x_prev(state, 0, layer),
                         state->floats_per_slot, batch, C);
+    }
+    if (fused && decode_fusable(be, s)) {
+        decode_time_mix(m, s, x, v_first, layer, state, batch);
+        channel_mix(m, s, x, layer, state, batch);
+        return;
     }
     /* Each mix x_c = xa + (prev - xa) mu_c is formed just before its consumer
      * (one buffer; the backward recomputes them), unless fused. */
@@ -188,6 +244,14 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
 
     /* ---- channel mix ---- */
     if (s->x_mid) be->copy(be, s->x_mid, x, rc_bytes);
+    channel_mix(m, s, x, layer, state, batch);
+}
+
+static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, int layer,
+                        rp_state *state, const rp_batch *batch) {
+    rp_backend *be = m->be;
+    const rp_layer_weights *w = &m->layers[layer - m->layer_begin];
+    const int R = batch->n_rows, C = m->cfg.n_embd, F = m->cfg.dim_ffn;
     if (be->ln_shift_mix && !s->ln2_mean && !s->x_mid) {
         const float *mu[1] = {w->ffn_x_k};
         be->ln_shift_mix(be, s->xf, s->prev_ffn, &s->kf, mu, 1, x, w->ln2_weight, w->ln2_bias,
@@ -200,8 +264,15 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
                         state->floats_per_slot, batch, C);
         be->lerp(be, s->kf, s->xf, s->prev_ffn, w->ffn_x_k, R, C);
     }
-    be->matmul_linear(be, s->ffn_hidden, s->kf, w->ffn_key, R, F, C, 0.0f);
-    be->bias_act(be, s->ffn_hidden, NULL, R, F, RP_ACT_RELU_SQUARED);
+    if (be->gemv_group && R <= s->mix_rows && !s->ln2_mean) {
+        /* The same two ops as one job (the CUDA GEMV applies relu^2 in its epilogue). */
+        const rp_gemv_job key = {s->ffn_hidden, s->kf, w->ffn_key, NULL, F, C, 0, 0.0f,
+                                 RP_ACT_RELU_SQUARED};
+        be->gemv_group(be, &key, 1, R);
+    } else {
+        be->matmul_linear(be, s->ffn_hidden, s->kf, w->ffn_key, R, F, C, 0.0f);
+        be->bias_act(be, s->ffn_hidden, NULL, R, F, RP_ACT_RELU_SQUARED);
+    }
     be->matmul_linear(be, x, s->ffn_hidden, w->ffn_value, R, C, F, 1.0f);
 }
 

@@ -102,6 +102,9 @@ typedef struct {
      * mix_rows rows, formed by one ln_shift_mix; 0 rows: one xc at a time. */
     float *mix[RP_MIX_MAX];
     int mix_rows;
+    /* Inference: the hidden rows of the four LoRAs (w a g nu), mix_rows x D
+     * each, apart so that one gemv_group forms them all (NULL: no fusion). */
+    float *lora_hidden[4];
 } rp_layer_activations;
 
 /* Inference buffers for up to max_rows rows (tokens of all sequences in one

@@ -1496,6 +1496,111 @@ static void check_empty(twin *t, const shape *sh) {
 
 /* ---- the table of checks ----------------------------------------------------- */
 
+/* ---- fused decode ops ------------------------------------------------------ */
+
+/* Decode row counts of the fused ops (the CUDA kernels take up to 8 rows;
+ * 12 runs the separate ops). */
+static const int decode_rows[] = {1, 3, 8, 12};
+
+/* Seven GEMVs in one gemv_group: both weight layouts, every activation,
+ * bias or none, overwrite and accumulate; the weights registered on the
+ * CUDA side, so the bf16 backend reads their bf16 copies. */
+static void check_gemv_group(twin *t, const shape *sh) {
+    const int C = sh->C, F = sh->F, D = sh->rank;
+    for (size_t ri = 0; ri < sizeof decode_rows / sizeof decode_rows[0]; ri++) {
+        const int M = decode_rows[ri];
+        label(t, "M=%d C=%d F=%d rank=%d", M, C, F, D);
+        /* N, K, in_out, beta, bias, act */
+        const struct {
+            int N, K, in_out;
+            float beta;
+            int bias;
+            rp_activation act;
+        } spec[] = {
+            {C, C, 0, 0.0f, 0, RP_ACT_NONE},         {F, C, 0, 0.0f, 0, RP_ACT_RELU_SQUARED},
+            {D, C, 1, 0.0f, 0, RP_ACT_TANH},         {D, C, 1, 0.0f, 0, RP_ACT_SIGMOID},
+            {C, D, 1, 0.0f, 1, RP_ACT_SIGMOID},      {C, D, 1, 0.0f, 1, RP_ACT_NONE},
+            {C, F, 0, 1.0f, 0, RP_ACT_NONE},
+        };
+        enum { JOBS = sizeof spec / sizeof spec[0] };
+        tbuf *x[JOBS], *w[JOBS], *y[JOBS], *bias[JOBS];
+        for (int j = 0; j < JOBS; j++) {
+            const double sc = 1.0 / sqrt((double)spec[j].K);
+            x[j] = buf_input(t, (size_t)M * spec[j].K, -1, 1);
+            w[j] = buf_input(t, (size_t)spec[j].N * spec[j].K, -sc, sc);
+            y[j] = spec[j].beta != 0.0f ? buf_accum(t, (size_t)M * spec[j].N, -1, 1)
+                                        : buf_output(t, (size_t)M * spec[j].N);
+            bias[j] = spec[j].bias ? buf_input(t, spec[j].N, -1, 1) : NULL;
+            if (t->gpu->register_weights)
+                t->gpu->register_weights(t->gpu, w[j]->gpu, w[j]->n);
+        }
+        for (int g = 0; g < 2; g++) {
+            rp_gemv_job jobs[JOBS];
+            for (int j = 0; j < JOBS; j++)
+                jobs[j] = (rp_gemv_job){at(y[j], g), at(x[j], g), at(w[j], g),
+                                        bias[j] ? at(bias[j], g) : NULL, spec[j].N, spec[j].K,
+                                        spec[j].in_out, spec[j].beta, spec[j].act};
+            side(t, g)->gemv_group(side(t, g), jobs, JOBS, M);
+        }
+        for (int j = 0; j < JOBS; j++) {
+            char what[32];
+            snprintf(what, sizeof what, "y job %d", j);
+            compare(t, what, y[j]);
+        }
+        twin_release(t);
+    }
+}
+
+/* One time_mix_heads call of n_seq one-row sequences (or the ragged spec)
+ * in permuted slots; nu NULL is layer 0 (v_first written). Every output
+ * and the whole state array compared. */
+static void time_mix_heads_case(twin *t, const shape *sh, const seq_spec *spec, int layer0,
+                                const char *mode) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, spec);
+    const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
+    const size_t n = (size_t)R * C, stride = state_stride(C);
+    label(t, "%s R=%d C=%d seqs=%d%s", mode, R, C, batch->n_seq, layer0 ? " layer 0" : "");
+    wkv_inputs in;
+    wkv_inputs_make(t, &in, R, C);
+    tbuf *g_in = buf_input(t, n, 0, 1), *nu = buf_input(t, n, 0, 1);
+    tbuf *v_first = layer0 ? buf_output(t, n) : buf_input(t, n, -1, 1);
+    tbuf *k_k = buf_input(t, C, 0.5, 1.5), *k_a = buf_input(t, C, 0.5, 1.5);
+    tbuf *r_k = buf_input(t, C, -1, 1), *lw = buf_input(t, C, 0.5, 1.5);
+    tbuf *lb = buf_input(t, C, -0.5, 0.5);
+    tbuf *state = buf_input(t, MAX_SEQ * stride, -0.5, 0.5);
+    tbuf *out = buf_output(t, n), *y = buf_output(t, n), *kk = buf_output(t, n);
+    for (int g = 0; g < 2; g++) {
+        const rp_time_mix_heads a = {
+            at(out, g), at(y, g), at(kk, g), at(in.k, g), at(in.v, g), at(v_first, g),
+            layer0 ? NULL : at(nu, g), at(in.r, g), at(in.w_raw, g), at(in.a, g), at(g_in, g),
+            at(k_k, g), at(k_a, g), at(r_k, g), at(lw, g), at(lb, g), GN_EPS,
+            at(state, g) + state_wkv_offset(C), stride, C, N};
+        side(t, g)->time_mix_heads(side(t, g), &a, batch);
+    }
+    compare(t, "out", out);
+    compare(t, "y", y);
+    compare(t, "kk", kk);
+    compare(t, "k", in.k);
+    compare(t, "v", in.v);
+    compare(t, "v_first", v_first);
+    compare(t, "state", state);
+    twin_release(t);
+}
+
+static void check_time_mix_heads(twin *t, const shape *sh) {
+    for (size_t ri = 0; ri < 3; ri++) {  /* 1, 3, 8 sequences of one row */
+        seq_spec spec = {decode_rows[ri], {0}, {0}};
+        for (int s = 0; s < spec.n_seq; s++) {
+            spec.len[s] = 1;
+            spec.slot[s] = (s * 3 + 1) % MAX_SEQ;
+        }
+        time_mix_heads_case(t, sh, &spec, 0, "step");
+        time_mix_heads_case(t, sh, &spec, 1, "step");
+    }
+    time_mix_heads_case(t, sh, &sh->prefill, 0, "prefill");
+}
+
 typedef struct {
     const char *op;
     void (*run)(twin *t, const shape *sh);
@@ -1539,6 +1644,8 @@ static const twin_check checks[] = {
     {"matmul_linear_backward", check_matmul_linear_backward, MATH_FP32 | MATH_BF16, 0},
     {"matmul_lora_backward", check_matmul_lora_backward, MATH_FP32 | MATH_BF16, 0},
     {"register_weights", check_registered_weights, MATH_FP32 | MATH_BF16, 0},
+    {"gemv_group", check_gemv_group, MATH_FP32 | MATH_BF16, 0},
+    {"time_mix_heads", check_time_mix_heads, MATH_FP32, 0},
     /* last: an op that fails on empty sizes leaves the context unusable */
     {"empty sizes", check_empty, MATH_FP32, 1},
 };
@@ -1574,7 +1681,7 @@ static int vtable_complete(twin *t) {
         OP(lerp_backward), OP(bias_act_backward), OP(value_residual_backward),
         OP(key_prepare_backward), OP(groupnorm_backward), OP(bonus_gate_backward),
         OP(wkv7_forward_train), OP(wkv7_backward), OP(cross_entropy), OP(l2wrap),
-        OP(row_max), OP(sum_squares), OP(adamw),
+        OP(row_max), OP(sum_squares), OP(adamw), OP(gemv_group), OP(time_mix_heads),
     };
 #undef OP
     int complete = 1;

@@ -1,0 +1,424 @@
+// The fused decode ops of the CUDA backend (twins in src/cpu/cpu_decode.c):
+// gemv_group (several independent GEMVs with bias + activation epilogues in
+// one launch) and time_mix_heads (value residual, key prepare, the WKV7 step,
+// group norm and bonus/gate of one (sequence, head) in one block). Each
+// reproduces the separate kernels' arithmetic in the same order (the same
+// bits in the emulator), so the fusion changes launches, not results.
+#include "cuda_internal.h"
+
+#include <cstdint>
+
+#define DEC_FULL_MASK 0xffffffffu
+#define DEC_THREADS 256
+// Rows a fused GEMV handles (the unfused decode GEMVs' RP_GEMV_MAX_M).
+#define DEC_MAX_M 8
+// Weight loads each lane has in flight before it accumulates them.
+#define DEC_LOADS 4
+
+// ---- gemv_group ----
+
+struct dec_job {
+    float *y;
+    const float *x;
+    const void *w;       // bf16 copy or fp32 weights
+    const float *bias;
+    int N, K;
+    int in_out;          // 1: W [K,N] (LoRA), 0: W [N,K]
+    int w_bf16;
+    int vec;             // out_in only: rows of W 16-byte aligned (vector loads)
+    int act;             // rp_activation
+    int epilogue;        // bias or act set: act(y + bias) after the sum
+    float beta;
+    int block_begin;     // first block of this job in the grid
+};
+
+struct dec_jobs {
+    dec_job job[RP_GEMV_JOBS_MAX];
+    int n_jobs;
+    int M;
+};
+
+static __device__ __forceinline__ float dec_to_float(float v) { return v; }
+static __device__ __forceinline__ float dec_to_float(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+
+// act(t) exactly as bias_act_kernel forms it.
+static __device__ __forceinline__ float dec_activate(int act, float t) {
+    switch (act) {
+    case RP_ACT_TANH: return tanhf(t);
+    case RP_ACT_SIGMOID: return rp_sigmoidf(t);
+    case RP_ACT_RELU_SQUARED: return t > 0.0f ? t * t : 0.0f;
+    default: return t;
+    }
+}
+
+// y = sum (+ beta y), then act(y + bias) when the job has an epilogue: the
+// matmul's store followed by bias_act's, without the round trip.
+static __device__ __forceinline__ void dec_store(const dec_job &j, int m, int n, float v) {
+    float *out = j.y + (size_t)m * j.N + n;
+    v = j.beta == 0.0f ? v : v + j.beta * *out;
+    if (j.epilogue) v = dec_activate(j.act, v + (j.bias ? j.bias[n] : 0.0f));
+    *out = v;
+}
+
+// W [N,K]: a warp per output column (8 a block), lanes over K as the
+// unfused gemv_out_in_kernel (same per-lane order and shuffle tree), with
+// DEC_LOADS 16-byte loads issued before any is used.
+template <typename WT>
+static __device__ void dec_out_in(const dec_job &j, int M, int blk) {
+    const int lane = threadIdx.x & 31, n = blk * (DEC_THREADS / 32) + (threadIdx.x >> 5);
+    if (n >= j.N) return;  // the whole warp leaves together
+    const int K = j.K;
+    const WT *wn = (const WT *)j.w + (size_t)n * K;
+    const float *x = j.x;
+    float acc[DEC_MAX_M];
+#pragma unroll
+    for (int m = 0; m < DEC_MAX_M; m++) acc[m] = 0.0f;
+    if (j.vec) {
+        constexpr int V = 16 / sizeof(WT);
+        union chunk_t {
+            uint4 raw;
+            WT v[V];
+        };
+        for (int k0 = lane * V; k0 < K; k0 += DEC_LOADS * 32 * V) {
+            chunk_t c[DEC_LOADS];
+#pragma unroll
+            for (int u = 0; u < DEC_LOADS; u++) {
+                const int k = k0 + u * 32 * V;
+                if (k < K) c[u].raw = *reinterpret_cast<const uint4 *>(wn + k);
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_LOADS; u++) {
+                const int k = k0 + u * 32 * V;
+                if (k >= K) break;
+#pragma unroll
+                for (int q = 0; q < V; q++) {
+                    const float wf = dec_to_float(c[u].v[q]);
+#pragma unroll
+                    for (int m = 0; m < DEC_MAX_M; m++)
+                        if (m < M) acc[m] += wf * x[(size_t)m * K + k + q];
+                }
+            }
+        }
+    } else {
+        for (int k0 = lane; k0 < K; k0 += DEC_LOADS * 32) {
+            float wv[DEC_LOADS];
+#pragma unroll
+            for (int u = 0; u < DEC_LOADS; u++) {
+                const int k = k0 + u * 32;
+                wv[u] = k < K ? dec_to_float(wn[k]) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_LOADS; u++) {
+                const int k = k0 + u * 32;
+                if (k >= K) break;
+#pragma unroll
+                for (int m = 0; m < DEC_MAX_M; m++)
+                    if (m < M) acc[m] += wv[u] * x[(size_t)m * K + k];
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < DEC_MAX_M; m++) {
+        if (m >= M) break;
+        float v = acc[m];
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(DEC_FULL_MASK, v, off);
+        if (lane == 0) dec_store(j, m, n, v);
+    }
+}
+
+// W [K,N]: 32 columns a block, the K sum over 8 thread rows added in row
+// order through shared memory, as the unfused gemv_in_out_kernel; each
+// thread has DEC_LOADS rows of W in flight.
+template <typename WT>
+static __device__ void dec_in_out(const dec_job &j, int M, int blk, float (*part)[DEC_MAX_M][32]) {
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, n = blk * 32 + tx;
+    const int K = j.K, N = j.N;
+    const WT *w = (const WT *)j.w;
+    const float *x = j.x;
+    float acc[DEC_MAX_M];
+#pragma unroll
+    for (int m = 0; m < DEC_MAX_M; m++) acc[m] = 0.0f;
+    if (n < N)
+        for (int k0 = ty; k0 < K; k0 += DEC_LOADS * 8) {
+            float wv[DEC_LOADS];
+#pragma unroll
+            for (int u = 0; u < DEC_LOADS; u++) {
+                const int k = k0 + u * 8;
+                wv[u] = k < K ? dec_to_float(w[(size_t)k * N + n]) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_LOADS; u++) {
+                const int k = k0 + u * 8;
+                if (k >= K) break;
+#pragma unroll
+                for (int m = 0; m < DEC_MAX_M; m++)
+                    if (m < M) acc[m] += x[(size_t)m * K + k] * wv[u];
+            }
+        }
+#pragma unroll
+    for (int m = 0; m < DEC_MAX_M; m++) part[ty][m][tx] = acc[m];
+    __syncthreads();
+    if (ty == 0 && n < N)
+        for (int m = 0; m < M; m++) {
+            float v = 0.0f;
+            for (int r = 0; r < 8; r++) v += part[r][m][tx];
+            dec_store(j, m, n, v);
+        }
+}
+
+// One grid over all jobs: block b belongs to the last job whose block_begin
+// is <= b (the same for the whole block, so the barrier in dec_in_out is
+// reached by every thread or none).
+static __global__ void __launch_bounds__(DEC_THREADS) gemv_group_kernel(dec_jobs jobs) {
+    __shared__ float part[8][DEC_MAX_M][32];
+    int ji = 0;
+    while (ji + 1 < jobs.n_jobs && jobs.job[ji + 1].block_begin <= (int)blockIdx.x) ji++;
+    const dec_job &j = jobs.job[ji];
+    const int blk = (int)blockIdx.x - j.block_begin;
+    if (j.in_out) {
+        if (j.w_bf16)
+            dec_in_out<__nv_bfloat16>(j, jobs.M, blk, part);
+        else
+            dec_in_out<float>(j, jobs.M, blk, part);
+    } else {
+        if (j.w_bf16)
+            dec_out_in<__nv_bfloat16>(j, jobs.M, blk);
+        else
+            dec_out_in<float>(j, jobs.M, blk);
+    }
+}
+
+static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (n_jobs <= 0 || M <= 0) return;
+    if (n_jobs > RP_GEMV_JOBS_MAX) {
+        rp_cuda_record(cx, cudaErrorInvalidValue, "gemv_group (more than RP_GEMV_JOBS_MAX jobs)",
+                       __FILE__, __LINE__);
+        return;
+    }
+    int fused = M <= DEC_MAX_M;
+    for (int i = 0; i < n_jobs; i++)
+        if (jobs[i].N <= 0 || jobs[i].K <= 0) fused = 0;
+    if (!fused) {  // the separate ops, as the CPU twin
+        for (int i = 0; i < n_jobs; i++) {
+            const rp_gemv_job *g = &jobs[i];
+            if (g->w_in_out)
+                be->matmul_lora(be, g->y, g->x, g->w, M, g->N, g->K, g->beta);
+            else
+                be->matmul_linear(be, g->y, g->x, g->w, M, g->N, g->K, g->beta);
+            if (g->bias || g->act != RP_ACT_NONE) be->bias_act(be, g->y, g->bias, M, g->N, g->act);
+        }
+        return;
+    }
+    dec_jobs p;
+    p.n_jobs = n_jobs;
+    p.M = M;
+    int blocks = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        const rp_gemv_job *g = &jobs[i];
+        dec_job &d = p.job[i];
+        const __nv_bfloat16 *w16 = rp_cuda_weight_shadow(cx, g->w, (size_t)g->N * g->K);
+        d.y = g->y;
+        d.x = g->x;
+        d.w = w16 ? (const void *)w16 : (const void *)g->w;
+        d.w_bf16 = w16 != nullptr;
+        d.bias = g->bias;
+        d.N = g->N;
+        d.K = g->K;
+        d.in_out = g->w_in_out;
+        const size_t esize = w16 ? sizeof(__nv_bfloat16) : sizeof(float);
+        d.vec = (uintptr_t)d.w % 16 == 0 && (size_t)g->K * esize % 16 == 0;
+        d.act = (int)g->act;
+        d.epilogue = g->bias || g->act != RP_ACT_NONE;
+        d.beta = g->beta;
+        d.block_begin = blocks;
+        blocks += g->w_in_out ? (g->N + 31) / 32 : (g->N + DEC_THREADS / 32 - 1) / (DEC_THREADS / 32);
+    }
+    gemv_group_kernel<<<blocks, DEC_THREADS, 0, cx->stream>>>(p);
+    RP_CUDA_LAUNCHED(cx, "gemv_group");
+}
+
+// ---- time_mix_heads ----
+
+#define DEC_N 64
+#define DEC_HEAD_THREADS 128
+
+// The WKV7 kernels' column order of half p of a state row (cuda_wkv7.cu's
+// wkv_col): the pair's sums then add in the same order as wkv7's.
+static __device__ __forceinline__ int dec_col(int jj, int p) {
+    return (jj & 15) + 16 * p + 32 * (jj >> 4);
+}
+
+static __device__ __forceinline__ float dec_warp_sum_float(float v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(DEC_FULL_MASK, v, off);
+    return __shfl_sync(DEC_FULL_MASK, v, 0);
+}
+
+static __device__ __forceinline__ double dec_warp_sum_double(double v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(DEC_FULL_MASK, v, off);
+    return __shfl_sync(DEC_FULL_MASK, v, 0);
+}
+
+static __device__ __forceinline__ float dec_pair_total(float a0, float a1, float a2, float a3) {
+    const float part = (a0 + a1) + (a2 + a3);
+    return part + __shfl_xor_sync(DEC_FULL_MASK, part, 1);
+}
+
+struct dec_heads {
+    rp_time_mix_heads a;
+    const int32_t *row_begin, *slot;
+};
+
+// Per-token vectors of the head in shared memory.
+enum { HV_R = 0, HV_D, HV_K, HV_A, HV_B, HV_V, HV_Y, HV_COUNT };
+
+// grid (n_seq, H), 128 threads; every sequence has one row. Warp 0 does the
+// per-channel work (lane j owns channels j and j + 32, as the warp-per-head
+// kernels); the WKV step uses all threads as wkv7_forward_kernel: thread
+// (i = tid / 2, p = tid % 2) holds half of state row i.
+static __global__ void __launch_bounds__(DEC_HEAD_THREADS) time_mix_heads_kernel(dec_heads q) {
+    __shared__ __align__(16) float vec[HV_COUNT * DEC_N];
+    const rp_time_mix_heads &a = q.a;
+    const int s = blockIdx.x, h = blockIdx.y, C = a.C;
+    const size_t o = (size_t)q.row_begin[s] * C + (size_t)h * DEC_N;
+    const int hc = h * DEC_N;  // first channel of the head in [C] vectors
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        const int c[2] = {lane, lane + 32};
+        float t[2];
+        // value residual (layer 0: v is v_first)
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            float vv = a.v[o + c[u]];
+            if (a.nu) {
+                vv = vv + (a.v_first[o + c[u]] - vv) * a.nu[o + c[u]];
+                a.v[o + c[u]] = vv;
+            } else {
+                a.v_first[o + c[u]] = vv;
+            }
+            vec[HV_V * DEC_N + c[u]] = vv;
+            t[u] = a.k[o + c[u]] * a.k_k[hc + c[u]];
+        }
+        // key prepare
+        const float sq = dec_warp_sum_float(t[0] * t[0] + t[1] * t[1]);
+        const float norm = sqrtf(sq);
+        const float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const size_t e = o + c[u];
+            const float kk = t[u] * inv, iclr = a.a[e];
+            a.kk[e] = kk;
+            float kv = a.k[e];
+            kv *= 1.0f + (iclr - 1.0f) * a.k_a[hc + c[u]];
+            a.k[e] = kv;
+            vec[HV_R * DEC_N + c[u]] = a.r[e];
+            vec[HV_D * DEC_N + c[u]] = rp_decayf(a.w_raw[e]);
+            vec[HV_K * DEC_N + c[u]] = kv;
+            vec[HV_A * DEC_N + c[u]] = -kk;
+            vec[HV_B * DEC_N + c[u]] = kk * iclr;
+        }
+    }
+    // the WKV7 step: S = S diag(d) + (S a) b^T + v k^T, y = S r
+    const int i = threadIdx.x >> 1, p = threadIdx.x & 1;
+    float *state = a.state_base + (size_t)q.slot[s] * a.state_stride + (size_t)h * DEC_N * DEC_N +
+                   (size_t)i * DEC_N;
+    float st[DEC_N / 2];
+#pragma unroll
+    for (int jj = 0; jj < DEC_N / 2; jj++) st[jj] = state[dec_col(jj, p)];
+    __syncthreads();
+    const float *R = vec + HV_R * DEC_N, *D = vec + HV_D * DEC_N, *K = vec + HV_K * DEC_N,
+                *A = vec + HV_A * DEC_N, *B = vec + HV_B * DEC_N;
+    const float v_i = vec[HV_V * DEC_N + i];
+    float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
+#pragma unroll
+    for (int jq = 0; jq < DEC_N / 8; jq++) {
+        const int j = dec_col(4 * jq, p);
+        c0 = __fmaf_rn(st[4 * jq + 0], A[j + 0], c0);
+        c1 = __fmaf_rn(st[4 * jq + 1], A[j + 1], c1);
+        c2 = __fmaf_rn(st[4 * jq + 2], A[j + 2], c2);
+        c3 = __fmaf_rn(st[4 * jq + 3], A[j + 3], c3);
+    }
+    const float sa = dec_pair_total(c0, c1, c2, c3);
+    c0 = c1 = c2 = c3 = 0.0f;
+#pragma unroll
+    for (int jq = 0; jq < DEC_N / 8; jq++) {
+        const int j = dec_col(4 * jq, p);
+        float *s4 = st + 4 * jq;
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            s4[e] = __fmaf_rn(s4[e], D[j + e], __fmaf_rn(sa, B[j + e], __fmul_rn(v_i, K[j + e])));
+        c0 = __fmaf_rn(s4[0], R[j + 0], c0);
+        c1 = __fmaf_rn(s4[1], R[j + 1], c1);
+        c2 = __fmaf_rn(s4[2], R[j + 2], c2);
+        c3 = __fmaf_rn(s4[3], R[j + 3], c3);
+    }
+    const float yi = dec_pair_total(c0, c1, c2, c3);
+#pragma unroll
+    for (int jj = 0; jj < DEC_N / 2; jj++) state[dec_col(jj, p)] = st[jj];
+    if (p == 0) {
+        vec[HV_Y * DEC_N + i] = yi;
+        a.y[o + i] = yi;
+    }
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    // group norm of the head (as groupnorm_kernel), then bonus and gate (as bonus_gate_kernel)
+    const int lane = threadIdx.x;
+    const float *Y = vec + HV_Y * DEC_N;
+    double sum = 0.0;
+    for (int j = lane; j < DEC_N; j += 32) sum += (double)Y[j];
+    sum = dec_warp_sum_double(sum);
+    const float m = (float)(sum / DEC_N);
+    double sqd = 0.0;
+    for (int j = lane; j < DEC_N; j += 32) {
+        const double d = (double)(Y[j] - m);
+        sqd += d * d;
+    }
+    sqd = dec_warp_sum_double(sqd);
+    const float rs = (float)(1.0 / sqrt(sqd / DEC_N + (double)a.gn_eps));
+    float bonus = 0.0f;
+    for (int j = lane; j < DEC_N; j += 32) bonus += R[j] * K[j] * a.r_k[hc + j];
+    bonus = dec_warp_sum_float(bonus);
+    for (int j = lane; j < DEC_N; j += 32) {
+        const float gn = (Y[j] - m) * rs * a.ln_x_weight[hc + j] + a.ln_x_bias[hc + j];
+        a.out[o + j] = (gn + bonus * vec[HV_V * DEC_N + j]) * a.g[o + j];
+    }
+}
+
+static void cuda_time_mix_heads(rp_backend *be, const rp_time_mix_heads *a,
+                                const rp_batch *batch) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (batch->n_seq <= 0 || a->C <= 0) return;
+    int step = a->N == DEC_N && a->C % DEC_N == 0;
+    for (int s = 0; s < batch->n_seq && step; s++)
+        if (batch->seq_len[s] != 1) step = 0;
+    if (!step) {  // the separate ops, as the CPU twin
+        const int R = batch->n_rows, C = a->C, N = a->N;
+        if (a->nu)
+            be->value_residual(be, a->v, a->v_first, a->nu, R, C);
+        else
+            be->copy(be, a->v_first, a->v, (size_t)R * C * sizeof(float));
+        be->key_prepare(be, a->kk, a->k, a->a, a->k_k, a->k_a, R, C, N);
+        be->wkv7(be, a->y, a->r, a->w_raw, a->k, a->v, a->kk, a->a, a->state_base,
+                 a->state_stride, batch, C, N);
+        be->groupnorm(be, a->out, NULL, NULL, a->y, a->ln_x_weight, a->ln_x_bias, R, C, N,
+                      a->gn_eps);
+        be->bonus_gate(be, a->out, a->r, a->k, a->v, a->r_k, a->g, R, C, N);
+        return;
+    }
+    rp_cuda_batch b;
+    if (!rp_cuda_upload_batch(cx, batch, &b)) return;
+    dec_heads q;
+    q.a = *a;
+    q.row_begin = b.row_begin;
+    q.slot = b.slot;
+    const dim3 grid((unsigned)batch->n_seq, (unsigned)(a->C / DEC_N));
+    time_mix_heads_kernel<<<grid, DEC_HEAD_THREADS, 0, cx->stream>>>(q);
+    RP_CUDA_LAUNCHED(cx, "time_mix_heads");
+}
+
+void rp_cuda_install_decode(rp_backend *be) {
+    be->gemv_group = cuda_gemv_group;
+    be->time_mix_heads = cuda_time_mix_heads;
+}

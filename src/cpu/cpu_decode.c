@@ -1,0 +1,36 @@
+/* The CPU twins of the fused decode ops (gemv_group, time_mix_heads): each
+ * calls the backend's separate ops in the documented order, so CPU results
+ * are bit-identical with and without the fusion; the CUDA kernels
+ * (cuda/cuda_decode.cu) are held to these by the emulator twin tests. */
+#include "cpu/cpu_internal.h"
+
+static void cpu_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
+    for (int j = 0; j < n_jobs; j++) {
+        const rp_gemv_job *g = &jobs[j];
+        if (g->w_in_out)
+            be->matmul_lora(be, g->y, g->x, g->w, M, g->N, g->K, g->beta);
+        else
+            be->matmul_linear(be, g->y, g->x, g->w, M, g->N, g->K, g->beta);
+        if (g->bias || g->act != RP_ACT_NONE) be->bias_act(be, g->y, g->bias, M, g->N, g->act);
+    }
+}
+
+static void cpu_time_mix_heads(rp_backend *be, const rp_time_mix_heads *a,
+                               const rp_batch *batch) {
+    const int R = batch->n_rows, C = a->C, N = a->N;
+    if (a->nu)
+        be->value_residual(be, a->v, a->v_first, a->nu, R, C);
+    else
+        be->copy(be, a->v_first, a->v, (size_t)R * C * sizeof(float));
+    be->key_prepare(be, a->kk, a->k, a->a, a->k_k, a->k_a, R, C, N);
+    be->wkv7(be, a->y, a->r, a->w_raw, a->k, a->v, a->kk, a->a, a->state_base, a->state_stride,
+             batch, C, N);
+    be->groupnorm(be, a->out, NULL, NULL, a->y, a->ln_x_weight, a->ln_x_bias, R, C, N,
+                  a->gn_eps);
+    be->bonus_gate(be, a->out, a->r, a->k, a->v, a->r_k, a->g, R, C, N);
+}
+
+void cpu_decode_install(rp_backend *be) {
+    be->gemv_group = cpu_gemv_group;
+    be->time_mix_heads = cpu_time_mix_heads;
+}
