@@ -1,5 +1,5 @@
 // The emulated CUDA runtime (tests/cuda_emu/README.md): fibers, memory registry, streams
-// (synchronous), cuBLAS GEMM.
+// (queued, run at sync points), cuBLAS GEMM.
 #include "cublas_v2.h"
 #include <map>
 #include <set>
@@ -8,6 +8,10 @@
 #include <ucontext.h>
 #include <sys/mman.h>
 #include <cstdarg>
+#include <deque>
+#include <memory>
+#include <csignal>
+#include <unistd.h>
 extern "C" {
 #include "cuda_device.h"
 #include "emu_counters.h"
@@ -15,7 +19,7 @@ extern "C" {
 
 dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 static void die(const char *fmt, ...) {
     va_list ap; va_start(ap, fmt);
     fprintf(stderr, "EMU FATAL: "); vfprintf(stderr, fmt, ap); fprintf(stderr, "\n");
@@ -27,9 +31,22 @@ static void warn_once(const std::string &key, const std::string &msg) {
 }
 
 // ---- memory registry ----
-struct alloc_info { size_t bytes; bool device; };
+enum { RP_EMU_REDZONE = 256 };
+static uintptr_t g_dev_lo, g_dev_hi;  // the device allocation a checked kernel access last hit
+// Pinned (cudaMallocHost) buffers are whole pages of their own, so that while a
+// queued copy uses one it can be protected: a host read of a buffer a queued
+// device-to-host copy writes, or a host write to one a queued host-to-device
+// copy reads, faults, and the SIGSEGV handler names the mistake.
+struct pinned_use { size_t off, len; bool device_writes; };
+struct alloc_info {
+    size_t bytes; bool device;
+    size_t redzone = 0;               // device: unused bytes before and after (outside ASan)
+    size_t map_bytes = 0;             // pinned: the mmap'd length
+    std::vector<pinned_use> pending;  // pinned: queued copies using it
+    bool unguarded = false;           // pinned: a host access outside the pending ranges dropped the guard
+};
 static std::map<uintptr_t, alloc_info> g_allocs;
-static const alloc_info *find_alloc(const void *p, uintptr_t *base) {
+static alloc_info *find_alloc(const void *p, uintptr_t *base) {
     uintptr_t u = (uintptr_t)p;
     auto it = g_allocs.upper_bound(u);
     if (it == g_allocs.begin()) return nullptr;
@@ -42,6 +59,19 @@ static bool is_device(const void *p, size_t n = 0) {
     return a && a->device && (uintptr_t)p + n <= b + a->bytes;
 }
 static bool is_device_ptr(const void *p) { uintptr_t b; const alloc_info *a = find_alloc(p, &b); return a && a->device; }
+static alloc_info *pinned_of(const void *p, uintptr_t *base) {
+    alloc_info *a = find_alloc(p, base);
+    return a && !a->device ? a : nullptr;
+}
+static uintptr_t base_of(const void *p) { uintptr_t b = 0; return find_alloc(p, &b) ? b : 0; }
+
+static void pinned_protect(uintptr_t base, alloc_info &a) {
+    int prot = PROT_READ | PROT_WRITE;
+    if (!a.unguarded)
+        for (const pinned_use &u : a.pending) prot = u.device_writes ? PROT_NONE : (prot & ~PROT_WRITE);
+    if (a.pending.empty()) a.unguarded = false;
+    mprotect((void *)base, a.map_bytes, prot);
+}
 
 static cudaError_t g_last = cudaSuccess;
 // What tests/cuda_emu/emu_counters.h reports: kernel launches (cuBLAS calls
@@ -50,65 +80,247 @@ static cudaError_t g_last = cudaSuccess;
 static unsigned long long g_count_launches, g_count_copies, g_count_allocs;
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
 
+// ---- streams: work is queued and runs at sync points ----
+// Each stream is a queue of ops; an op may first wait for another stream to
+// have completed a number of its ops (an event, or the legacy stream's
+// implicit ordering with blocking streams). Nothing runs until the host
+// synchronizes; then the op needed runs, and EMU_STREAM_ORDER=N (default 1;
+// 0: never) lets a seeded random amount of the other streams' work run first,
+// as a real device may.
+struct rp_emu_stream;
+struct stream_op {
+    std::function<void()> run;           // empty for a pure wait / event record
+    rp_emu_stream *dep = nullptr;        // wait until dep->done >= dep_seq first
+    unsigned long long dep_seq = 0;
+    std::vector<uintptr_t> uses;         // allocations it reads or writes
+    std::string what;
+};
+struct rp_emu_stream {
+    std::deque<stream_op> q;
+    unsigned long long queued = 0, done = 0;
+    bool blocking = true, legacy = false;
+};
+struct rp_emu_event { rp_emu_stream *s = nullptr; unsigned long long seq = 0; };
+static rp_emu_stream g_legacy_stream;
+static std::vector<rp_emu_stream *> g_streams{&g_legacy_stream};
+static int g_stream_order = 1;
+static uint64_t g_stream_rng = 0x2545f4914f6cdd1dull;
+static uint64_t stream_rand() { g_stream_rng ^= g_stream_rng << 13; g_stream_rng ^= g_stream_rng >> 7; g_stream_rng ^= g_stream_rng << 17; return g_stream_rng; }
+static rp_emu_stream *stream_of(cudaStream_t s) {
+    if (!s) { g_legacy_stream.legacy = true; return &g_legacy_stream; }
+    return s;
+}
+
+static void push_op(rp_emu_stream *s, stream_op op) { s->q.push_back(std::move(op)); s->queued++; }
+static void push_wait(rp_emu_stream *s, rp_emu_stream *on, unsigned long long seq) {
+    if (on == s || on->done >= seq) return;
+    stream_op w; w.dep = on; w.dep_seq = seq; w.what = "wait"; push_op(s, std::move(w));
+}
+// The legacy default stream waits for all blocking streams and they for it;
+// non-blocking streams (cudaStreamNonBlocking) are not ordered with it.
+static void enqueue(cudaStream_t st, stream_op op) {
+    rp_emu_stream *s = stream_of(st);
+    if (s->legacy) {
+        for (rp_emu_stream *o : g_streams) if (o != s && o->blocking) push_wait(s, o, o->queued);
+    } else if (s->blocking) {
+        push_wait(s, &g_legacy_stream, g_legacy_stream.queued);
+    }
+    push_op(s, std::move(op));
+}
+static void run_until(rp_emu_stream *s, unsigned long long seq) {
+    while (s->done < seq) {
+        stream_op op = std::move(s->q.front());
+        s->q.pop_front();
+        if (op.dep) run_until(op.dep, op.dep_seq);
+        if (op.run) op.run();
+        s->done++;
+    }
+}
+// At a sync point: other streams may have progressed meanwhile.
+static void wander(rp_emu_stream *except) {
+    if (!g_stream_order) return;
+    for (size_t i = 0; i < g_streams.size(); i++) {
+        rp_emu_stream *o = g_streams[(i + stream_rand()) % g_streams.size()];
+        if (o == except || o->done == o->queued) continue;
+        run_until(o, o->done + stream_rand() % (o->queued - o->done + 1));
+    }
+}
+static void sync_stream(rp_emu_stream *s) { wander(s); run_until(s, s->queued); }
+static void sync_device() {
+    wander(nullptr);
+    for (rp_emu_stream *o : g_streams) run_until(o, o->queued);
+}
+// The queued op that still uses allocation `base`, if any.
+static const stream_op *queued_user(uintptr_t base) {
+    for (rp_emu_stream *s : g_streams)
+        for (const stream_op &op : s->q)
+            for (uintptr_t u : op.uses) if (u == base) return &op;
+    return nullptr;
+}
+
 cudaError_t cudaMalloc_(void **p, size_t n) {
     if (g_fail_malloc_after == 0) { g_fail_malloc_after = -1; *p = nullptr; return g_last = cudaErrorMemoryAllocation; }
     if (g_fail_malloc_after > 0) g_fail_malloc_after--;
     g_count_allocs++;
 #ifdef __SANITIZE_ADDRESS__
     size_t r = n ? n : 1;  // exact size: ASan's redzone starts right after the request
+    size_t rz = 0;
 #else
     size_t r = (n + 255) / 256 * 256; if (!r) r = 256;
+    size_t rz = RP_EMU_REDZONE;  // unused bytes before and after: checked kernels report accesses there
 #endif
-    void *q = nullptr; if (posix_memalign(&q, 256, r)) q = nullptr;
+    void *q = nullptr; if (posix_memalign(&q, 256, r + 2 * rz)) q = nullptr;
     if (!q) return g_last = cudaErrorMemoryAllocation;
-    memset(q, 0xff, r);  // garbage: NaN as float
-    g_allocs[(uintptr_t)q] = {n, true};
-    *p = q; return cudaSuccess;
+    memset(q, 0xff, r + 2 * rz);  // garbage: NaN as float
+    alloc_info a; a.bytes = n; a.device = true; a.redzone = rz;
+    g_allocs[(uintptr_t)q + rz] = a;
+    *p = (char *)q + rz; return cudaSuccess;
 }
 cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
     auto it = g_allocs.find((uintptr_t)p);
     if (it == g_allocs.end() || !it->second.device) die("cudaFree(%p): not a device allocation", p);
+    if (const stream_op *op = queued_user((uintptr_t)p))
+        die("cudaFree(%p) while queued work still uses it (%s): synchronize the stream first", p, op->what.c_str());
     g_count_allocs++;
     memset(p, 0xfe, it->second.bytes);
-    g_allocs.erase(it); free(p); return cudaSuccess;
+    size_t rz = it->second.redzone;
+    g_dev_lo = g_dev_hi = 0;  // the checked-access cache may name it
+    g_allocs.erase(it); free((char *)p - rz); return cudaSuccess;
 }
 cudaError_t cudaMallocHost_(void **p, size_t n) {
-    void *q = aligned_alloc(256, (n + 255) / 256 * 256 + 256);
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE), m = (n + pg - 1) / pg * pg; if (!m) m = pg;
+    void *q = mmap(nullptr, m, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (q == MAP_FAILED) { *p = nullptr; return g_last = cudaErrorMemoryAllocation; }
     g_count_allocs++;
-    g_allocs[(uintptr_t)q] = {n, false};
+    alloc_info a; a.bytes = n; a.device = false; a.map_bytes = m;
+    g_allocs[(uintptr_t)q] = a;
     *p = q; return cudaSuccess;
 }
 cudaError_t cudaFreeHost(void *p) {
     if (!p) return cudaSuccess;
     auto it = g_allocs.find((uintptr_t)p);
     if (it == g_allocs.end() || it->second.device) die("cudaFreeHost(%p): not a pinned allocation", p);
+    if (const stream_op *op = queued_user((uintptr_t)p))
+        die("cudaFreeHost(%p) while queued work still uses it (%s): synchronize the stream first", p, op->what.c_str());
     g_count_allocs++;
-    g_allocs.erase(it); free(p); return cudaSuccess;
+    munmap(p, it->second.map_bytes);
+    g_allocs.erase(it); return cudaSuccess;
 }
-cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) { return cudaMemcpyAsync(d, s, n, k, 0); }
-cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t) {
-    if (n == 0) return cudaSuccess;
-    g_count_copies++;
+
+static struct sigaction g_old_segv;  // e.g. ASan's: faults that are not ours go back to it
+static void fault_handler(int sig, siginfo_t *si, void *uc_) {
+    uintptr_t base;
+    alloc_info *a = pinned_of(si->si_addr, &base);
+    if (!a || a->pending.empty() || a->unguarded) { sigaction(sig, &g_old_segv, nullptr); return; }  // not ours: faults again there
+    bool write = false;
+#if defined(__x86_64__) && defined(REG_ERR)
+    write = (((ucontext_t *)uc_)->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#else
+    (void)uc_;
+#endif
+    size_t off = (uintptr_t)si->si_addr - base;
+    for (const pinned_use &u : a->pending) {
+        if (off < u.off || off >= u.off + u.len) continue;
+        if (u.device_writes)
+            die("host %s of pinned memory %p (byte %zu of a %zu-byte cudaMallocHost buffer) while a queued "
+                "device-to-host copy still writes it: synchronize (cudaStreamSynchronize, cudaEventSynchronize) before using it",
+                write ? "write" : "read", si->si_addr, off, a->bytes);
+        if (write)
+            die("host write to pinned memory %p (byte %zu of a %zu-byte cudaMallocHost buffer) while a queued "
+                "host-to-device copy still reads it: wait for the copy (cudaEventSynchronize) before refilling the buffer",
+                si->si_addr, off, a->bytes);
+    }
+    // Outside every queued copy's range (legal): drop the guard on this buffer.
+    a->unguarded = true;
+    mprotect((void *)base, a->map_bytes, PROT_READ | PROT_WRITE);
+}
+
+enum copy_dir { C_H2H, C_H2D, C_D2H, C_D2D };
+static copy_dir check_copy(void *d, const void *s, size_t n, cudaMemcpyKind k, const char *fn) {
     bool dd = is_device(d, n), sd = is_device(s, n);
     bool ok = k == cudaMemcpyHostToDevice ? (dd && !is_device_ptr(s)) :
               k == cudaMemcpyDeviceToHost ? (sd && !is_device_ptr(d)) :
-              k == cudaMemcpyDeviceToDevice ? (dd && sd) : k == cudaMemcpyDefault;
-    if (!ok) die("cudaMemcpyAsync(%p, %p, %zu, kind %d): pointers do not match the kind or run past an allocation", d, s, n, (int)k);
-    if ((char *)d < (char *)s + n && (char *)s < (char *)d + n) die("cudaMemcpyAsync: overlapping ranges");
-    memcpy(d, s, n); return cudaSuccess;
+              k == cudaMemcpyDeviceToDevice ? (dd && sd) :
+              k == cudaMemcpyHostToHost ? (!is_device_ptr(d) && !is_device_ptr(s)) : k == cudaMemcpyDefault;
+    if (!ok) die("%s(%p, %p, %zu, kind %d): pointers do not match the kind or run past an allocation", fn, d, s, n, (int)k);
+    if ((char *)d < (char *)s + n && (char *)s < (char *)d + n) die("%s: overlapping ranges", fn);
+    if (k == cudaMemcpyDefault) {
+        if (is_device_ptr(d) != dd || is_device_ptr(s) != sd) die("%s(%p, %p, %zu): runs past an allocation", fn, d, s, n);
+        return dd ? (sd ? C_D2D : C_H2D) : (sd ? C_D2H : C_H2H);
+    }
+    return k == cudaMemcpyHostToDevice ? C_H2D : k == cudaMemcpyDeviceToHost ? C_D2H : k == cudaMemcpyDeviceToDevice ? C_D2D : C_H2H;
+}
+// Queues a copy on `st`; a pageable source is staged now (the documented
+// behaviour), a pageable destination holds garbage until the copy ran, and a
+// pinned buffer is guarded while the copy is queued.
+static void queue_copy(void *d, const void *s, size_t n, copy_dir dir, cudaStream_t st, const char *fn) {
+    stream_op op;
+    char what[160]; snprintf(what, sizeof what, "%s of %zu bytes %p -> %p", fn, n, s, d); op.what = what;
+    uintptr_t pb = 0;
+    alloc_info *pin = dir == C_H2D ? pinned_of(s, &pb) : dir == C_D2H ? pinned_of(d, &pb) : nullptr;
+    if (dir != C_H2D) op.uses.push_back(base_of(s));
+    if (dir != C_D2H) op.uses.push_back(base_of(d));
+    if (pin) {
+        op.uses.push_back(pb);
+        size_t off = (uintptr_t)(dir == C_H2D ? s : d) - pb;
+        pin->pending.push_back({off, n, dir == C_D2H});
+        pinned_protect(pb, *pin);
+        op.run = [d, s, n, pb, off] {
+            alloc_info &a = g_allocs.at(pb);
+            mprotect((void *)pb, a.map_bytes, PROT_READ | PROT_WRITE);
+            memcpy(d, s, n);
+            for (size_t i = 0; i < a.pending.size(); i++)
+                if (a.pending[i].off == off && a.pending[i].len == n) { a.pending.erase(a.pending.begin() + i); break; }
+            pinned_protect(pb, a);
+        };
+    } else if (dir == C_H2D) {
+        auto staged = std::make_shared<std::vector<char>>((const char *)s, (const char *)s + n);
+        op.run = [d, staged] { memcpy(d, staged->data(), staged->size()); };
+    } else {
+        if (dir == C_D2H) memset(d, 0xff, n);  // undefined until the copy ran: NaN if read early
+        op.run = [d, s, n] { memcpy(d, s, n); };
+    }
+    enqueue(st, std::move(op));
+}
+cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
+    if (n == 0) return cudaSuccess;
+    g_count_copies++;
+    copy_dir dir = check_copy(d, s, n, k, "cudaMemcpyAsync");
+    if (dir == C_H2H) { memcpy(d, s, n); return cudaSuccess; }
+    queue_copy(d, s, n, dir, st, "cudaMemcpyAsync");
+    return cudaSuccess;
+}
+// cudaMemcpy on the legacy stream, with the documented host synchronization:
+// from pageable memory the stream is synchronized first and the call returns
+// once the source was staged; from pinned memory and to host memory it
+// returns when the copy is done; device to device it does not wait.
+cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
+    if (n == 0) return cudaSuccess;
+    g_count_copies++;
+    copy_dir dir = check_copy(d, s, n, k, "cudaMemcpy");
+    uintptr_t pb;
+    if (dir == C_H2H) { sync_stream(&g_legacy_stream); memcpy(d, s, n); return cudaSuccess; }
+    bool pageable_src = dir == C_H2D && !pinned_of(s, &pb);
+    if (pageable_src) sync_stream(stream_of(0));
+    queue_copy(d, s, n, dir, 0, "cudaMemcpy");
+    if (dir == C_D2H || (dir == C_H2D && !pageable_src)) sync_stream(stream_of(0));
+    return cudaSuccess;
 }
 cudaError_t cudaMemset(void *d, int v, size_t n) { return cudaMemsetAsync(d, v, n, 0); }
-cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t) {
+cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st) {
     if (n == 0) return cudaSuccess;
     g_count_copies++;
     if (!is_device(d, n)) die("cudaMemsetAsync(%p, %zu): not inside a device allocation", d, n);
-    memset(d, v, n); return cudaSuccess;
+    stream_op op;
+    op.run = [d, v, n] { memset(d, v, n); };
+    op.uses.push_back(base_of(d));
+    op.what = "cudaMemsetAsync";
+    enqueue(st, std::move(op));
+    return cudaSuccess;
 }
 
 // ---- device, streams, events ----
-struct rp_emu_stream { int x; };
-struct rp_emu_event { int x; };
 cudaError_t cudaGetDeviceCount(int *n) { *n = 1; return cudaSuccess; }
 cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : (g_last = cudaErrorInvalidValue); }
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
@@ -121,19 +333,51 @@ cudaError_t cudaRuntimeGetVersion(int *v) { *v = 13000; return cudaSuccess; }
 cudaError_t cudaDriverGetVersion(int *v) { *v = 13000; return cudaSuccess; }
 const char *cudaGetErrorString(cudaError_t e) {
     switch (e) { case 0: return "no error"; case 1: return "invalid argument"; case 2: return "out of memory";
-    case 9: return "invalid configuration argument"; case 100: return "no CUDA-capable device"; default: return "emulated error"; } }
+    case 9: return "invalid configuration argument"; case 100: return "no CUDA-capable device";
+    case 600: return "device not ready"; default: return "emulated error"; } }
 cudaError_t cudaGetLastError() { cudaError_t e = g_last; g_last = cudaSuccess; return e; }
 cudaError_t cudaPeekAtLastError() { return g_last; }
-cudaError_t cudaStreamCreate(cudaStream_t *s) { *s = new rp_emu_stream(); return cudaSuccess; }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned) { return cudaStreamCreate(s); }
-cudaError_t cudaStreamDestroy(cudaStream_t s) { delete s; return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags(s, 0); }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned f) {
+    rp_emu_stream *n = new rp_emu_stream();
+    n->blocking = !(f & cudaStreamNonBlocking);
+    g_streams.push_back(n);
+    *s = n; return cudaSuccess;
+}
+// The stream's queued work still completes; the object stays allocated since
+// queued waits of other streams may name it.
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    if (!s) return g_last = cudaErrorInvalidValue;
+    run_until(s, s->queued);
+    g_streams.erase(std::remove(g_streams.begin(), g_streams.end(), s), g_streams.end());
+    return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t s) { sync_stream(stream_of(s)); return cudaSuccess; }
+cudaError_t cudaStreamQuery(cudaStream_t s) { rp_emu_stream *x = stream_of(s); return x->done == x->queued ? cudaSuccess : cudaErrorNotReady; }
+cudaError_t cudaDeviceSynchronize() { sync_device(); return cudaSuccess; }
 cudaError_t cudaEventCreate(cudaEvent_t *e) { *e = new rp_emu_event(); return cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) { return cudaEventCreate(e); }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
-cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) { if (!e) die("cudaEventRecord(NULL)"); return cudaSuccess; }
-cudaError_t cudaEventSynchronize(cudaEvent_t e) { if (!e) die("cudaEventSynchronize(NULL)"); return cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t st) {
+    if (!e) die("cudaEventRecord(NULL)");
+    stream_op op; op.what = "cudaEventRecord";
+    enqueue(st, std::move(op));
+    e->s = stream_of(st); e->seq = e->s->queued;
+    return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (!e) die("cudaEventSynchronize(NULL)");
+    if (e->s) { wander(e->s); run_until(e->s, e->seq); }
+    return cudaSuccess;
+}
+cudaError_t cudaEventQuery(cudaEvent_t e) { return !e->s || e->s->done >= e->seq ? cudaSuccess : cudaErrorNotReady; }
+cudaError_t cudaStreamWaitEvent(cudaStream_t st, cudaEvent_t e, unsigned) {
+    if (!e) die("cudaStreamWaitEvent(NULL event)");
+    if (!e->s) return cudaSuccess;  // never recorded: nothing to wait for
+    stream_op op; op.dep = e->s; op.dep_seq = e->seq; op.what = "cudaStreamWaitEvent";
+    enqueue(st, std::move(op));
+    return cudaSuccess;
+}
 
 static std::map<const void *, int> g_max_dyn;
 cudaError_t rp_emu_func_set_attribute(const void *f, int attr, int v) {
@@ -146,7 +390,7 @@ cudaError_t rp_emu_func_set_attribute(const void *f, int attr, int v) {
 
 // ---- fibers ----
 enum { F_RUN, F_BAR, F_WARP, F_DONE };
-struct fiber { ucontext_t ctx; char *stack; int state; dim3 tid; unsigned lin; };
+struct fiber { ucontext_t ctx; char *stack; int state; dim3 tid; unsigned lin; const char *bar_file; int bar_line; };
 static const size_t STACK = 256 * 1024;
 static std::vector<fiber> g_fib;
 static ucontext_t g_sched;
@@ -162,7 +406,12 @@ static std::vector<warp_state> g_warps;
 static std::vector<unsigned> g_fib_gen;
 
 static std::set<void *> g_poisoned;  // static __shared__ variables already poisoned in this block
-void rp_emu_poison(void *p, size_t n) { if (g_poisoned.insert(p).second) memset(p, 0xff, n); }
+static void smem_region_add(void *p, size_t n, const char *name);
+void rp_emu_poison(void *p, size_t n, const char *name) {
+    if (!g_poisoned.insert(p).second) return;
+    memset(p, 0xff, n);
+    smem_region_add(p, n, name);
+}
 void *rp_emu_dyn_smem() { return g_dyn_bytes ? g_dyn.data() : nullptr; }
 
 static void fiber_entry() {
@@ -172,7 +421,8 @@ static void fiber_entry() {
 }
 static void yield_to_sched() { swapcontext(&g_fib[g_cur].ctx, &g_sched); }
 
-void __syncthreads() {
+void rp_emu_syncthreads(const char *file, int line) {
+    g_fib[g_cur].bar_file = file; g_fib[g_cur].bar_line = line;
     g_fib[g_cur].state = F_BAR;
     yield_to_sched();
 }
@@ -211,21 +461,168 @@ void rp_emu_warp_exchange(uint64_t in, unsigned mask, uint64_t *all) {
     memcpy(all, ws.val[gen & 1], sizeof(uint64_t) * 32);
 }
 
+// ---- barrier divergence ----
+// All threads of a block that have not exited must wait at the same
+// __syncthreads; threads that exited while others wait at one are reported
+// too (the programming guide leaves it undefined).
+static void check_barrier(const char *kernel, size_t done, size_t bar) {
+    const fiber *first = nullptr;
+    for (int t = 0; t < g_nthreads; t++) {
+        const fiber &f = g_fib[t];
+        if (f.state != F_BAR) continue;
+        if (!first) { first = &f; continue; }
+        if (f.bar_line != first->bar_line || strcmp(f.bar_file, first->bar_file))
+            die("%s block (%u,%u,%u): barrier divergence: thread (%u,%u,%u) waits at __syncthreads %s:%d while thread (%u,%u,%u) waits at %s:%d",
+                kernel, blockIdx.x, blockIdx.y, blockIdx.z, first->tid.x, first->tid.y, first->tid.z, first->bar_file, first->bar_line,
+                f.tid.x, f.tid.y, f.tid.z, f.bar_file, f.bar_line);
+    }
+    if (done && first)
+        die("%s block (%u,%u,%u): barrier divergence: %zu threads wait at __syncthreads %s:%d while %zu threads of the block have exited",
+            kernel, blockIdx.x, blockIdx.y, blockIdx.z, bar, first->bar_file, first->bar_line, done);
+}
+
+// ---- checked kernel accesses: shared-memory races, out of bounds ----
+// The kernel translation units are compiled with -fsanitize=thread and linked
+// without its runtime (mk/cuda_emu.am): GCC then calls __tsan_readN /
+// __tsan_writeN before each load and store, and these hooks check the ones a
+// kernel makes. Shared memory: per byte, the last writer and the readers in
+// the current barrier interval; two threads touching a byte, one writing, is
+// a race unless both are lanes of one warp with a warp op (shuffle,
+// __syncwarp) between. Device memory: an access that is not inside its
+// allocation but within REDZONE bytes of one is out of bounds.
+static bool g_in_kernel;
+static uint32_t g_interval = 1;  // stamp of the current barrier interval
+struct smem_rec { uint32_t stamp; int16_t w, r, rwarp; uint32_t we, re; };
+struct smem_region { uintptr_t lo, hi; const char *name; smem_rec *shadow; };
+static std::vector<smem_region> g_smem;
+static std::map<uintptr_t, std::vector<smem_rec>> g_shadow_store;  // reused across blocks
+static const size_t REDZONE = RP_EMU_REDZONE;
+
+static void smem_region_add(void *p, size_t n, const char *name) {
+    std::vector<smem_rec> &sh = g_shadow_store[(uintptr_t)p];
+    if (sh.size() < n) sh.assign(n, smem_rec{0, -1, -1, -1, 0, 0});
+    g_smem.push_back({(uintptr_t)p, (uintptr_t)p + n, name, sh.data()});
+}
+static void smem_block_start() {
+    g_smem.clear();
+    g_interval++;
+    if (g_dyn_bytes) smem_region_add(g_dyn.data(), g_dyn_bytes, "extern __shared__ (dynamic)");
+}
+static void __attribute__((noreturn)) smem_race(const smem_region &r, uintptr_t a, bool write, int other, bool other_wrote) {
+    const fiber &me = g_fib[g_cur];
+    char them[64];
+    if (other >= 0) snprintf(them, sizeof them, "thread (%u,%u,%u)", g_fib[other].tid.x, g_fib[other].tid.y, g_fib[other].tid.z);
+    else snprintf(them, sizeof them, "other threads");
+    die("%s block (%u,%u,%u): shared-memory race on %s byte %zu: thread (%u,%u,%u) %s it and %s %s it since the last __syncthreads "
+        "(no barrier, or warp op within one warp, between)", g_kernel, blockIdx.x, blockIdx.y, blockIdx.z, r.name, (size_t)(a - r.lo),
+        me.tid.x, me.tid.y, me.tid.z, write ? "writes" : "reads", them, other_wrote ? "wrote" : "read");
+}
+static void smem_access(const smem_region &r, uintptr_t a, size_t n, bool write) {
+    if (a + n > r.hi)
+        die("%s block (%u,%u,%u) thread (%u,%u,%u): %zu-byte access at byte %zu of %s (%zu bytes): out of bounds",
+            g_kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z, n, (size_t)(a - r.lo), r.name, (size_t)(r.hi - r.lo));
+    const int t = g_cur, w = t >> 5;
+    const uint32_t e = g_warps[w].gen;
+    auto ordered = [&](int u, uint32_t ue) { return u == t || ((u >> 5) == w && ue < e); };
+    for (size_t i = 0; i < n; i++) {
+        smem_rec &s = r.shadow[a - r.lo + i];
+        if (s.stamp != g_interval) s = smem_rec{g_interval, -1, -1, -1, 0, 0};
+        if (s.w >= 0 && !ordered(s.w, s.we)) smem_race(r, a + i, write, s.w, true);
+        if (write) {
+            if (s.r >= 0 && !ordered(s.r, s.re)) smem_race(r, a + i, write, s.r, false);
+            if (s.r == -2 && !(s.rwarp == w && s.re < e)) smem_race(r, a + i, write, -1, false);
+            s.w = (int16_t)t; s.we = e; s.r = -1;
+        } else if (s.r == -1 || s.r == t) {
+            s.r = (int16_t)t; s.re = e; s.rwarp = (int16_t)w;
+        } else {
+            if (s.rwarp != w) s.rwarp = -1;
+            s.r = -2; s.re = std::max(s.re, e);
+        }
+    }
+}
+static void dev_access(uintptr_t a, size_t n, bool write) {
+    auto it = g_allocs.upper_bound(a);
+    if (it != g_allocs.begin()) {
+        auto p = std::prev(it);
+        uintptr_t lo = p->first, hi = lo + p->second.bytes;
+        if (a >= lo && a + n <= hi && p->second.device) { g_dev_lo = lo; g_dev_hi = hi; return; }
+        if (a >= lo && a < hi + REDZONE) {
+            if (!p->second.device)
+                die("%s block (%u,%u,%u) thread (%u,%u,%u): %s pinned host memory %p (byte %zu of a cudaMallocHost buffer): not device memory",
+                    g_kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z, write ? "writes" : "reads", (void *)a, (size_t)(a - lo));
+            die("%s block (%u,%u,%u) thread (%u,%u,%u): out-of-bounds %s of %zu bytes at %p: byte %zu of a %zu-byte device allocation",
+                g_kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z, write ? "write" : "read", n, (void *)a, (size_t)(a - lo), p->second.bytes);
+        }
+    }
+    if (it != g_allocs.end() && it->second.device && a + n > it->first - REDZONE)
+        die("%s block (%u,%u,%u) thread (%u,%u,%u): out-of-bounds %s of %zu bytes at %p: %zu bytes before a %zu-byte device allocation",
+            g_kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z, write ? "write" : "read", n, (void *)a, (size_t)(it->first - a), it->second.bytes);
+}
+static inline void check_access(const void *p, size_t n, bool write) {
+    if (!g_in_kernel) return;
+    uintptr_t a = (uintptr_t)p;
+    for (const smem_region &r : g_smem)
+        if (a >= r.lo && a < r.hi) { smem_access(r, a, n, write); return; }
+    if (a >= g_dev_lo && a + n <= g_dev_hi) return;
+    dev_access(a, n, write);
+}
+// The instrumentation's entry points (GCC's -fsanitize=thread ABI).
+extern "C" {
+void __tsan_init() {}
+void __tsan_func_entry(void *) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void **, void *) {}
+void __tsan_vptr_read(void **) {}
+#define RP_EMU_HOOKS(N) \
+    void __tsan_read##N(void *p) { check_access(p, N, false); } \
+    void __tsan_write##N(void *p) { check_access(p, N, true); } \
+    void __tsan_unaligned_read##N(void *p) { check_access(p, N, false); } \
+    void __tsan_unaligned_write##N(void *p) { check_access(p, N, true); } \
+    void __tsan_volatile_read##N(void *p) { check_access(p, N, false); } \
+    void __tsan_volatile_write##N(void *p) { check_access(p, N, true); }
+RP_EMU_HOOKS(1) RP_EMU_HOOKS(2) RP_EMU_HOOKS(4) RP_EMU_HOOKS(8) RP_EMU_HOOKS(16)
+void __tsan_read_range(void *p, unsigned long n) { check_access(p, n, false); }
+void __tsan_write_range(void *p, unsigned long n) { check_access(p, n, true); }
+// Atomics appear only in host-side library code (shared_ptr counts), never on device memory here.
+#define RP_EMU_ATOMICS(N, T) \
+    T __tsan_atomic##N##_load(const volatile T *a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+    void __tsan_atomic##N##_store(volatile T *a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##N##_exchange(volatile T *a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##N##_fetch_add(volatile T *a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##N##_fetch_sub(volatile T *a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##N##_fetch_and(volatile T *a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##N##_fetch_or(volatile T *a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##N##_fetch_xor(volatile T *a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
+    int __tsan_atomic##N##_compare_exchange_strong(volatile T *a, T *c, T v, int, int) { \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); } \
+    int __tsan_atomic##N##_compare_exchange_weak(volatile T *a, T *c, T v, int, int) { \
+        return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); } \
+    T __tsan_atomic##N##_compare_exchange_val(volatile T *a, T c, T v, int, int) { \
+        __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); return c; }
+RP_EMU_ATOMICS(8, uint8_t) RP_EMU_ATOMICS(16, uint16_t) RP_EMU_ATOMICS(32, uint32_t) RP_EMU_ATOMICS(64, uint64_t)
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+}
+
 static unsigned long long g_launches, g_switches;
 static int g_order = 0;  // 0 forward, 1 reverse, 2 pseudo-random
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 
+static std::vector<uintptr_t> g_launch_uses;  // allocations of the launch being queued
 void rp_emu_check_ptr(const char *k, int i, const void *p) {
     if (!p) return;
     if (!is_device_ptr(p)) die("%s: argument %d (%p) is not device memory", k, i, p);
+    g_launch_uses.push_back(base_of(p));
 }
 
-void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, const std::function<void()> &body) {
+static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::function<void()> &body);
+void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, std::function<void()> body) {
     const dim3 g = cfg.grid, b = cfg.block;
     size_t nthreads = (size_t)b.x * b.y * b.z;
     auto bad = [&](const char *why) {
         fprintf(stderr, "EMU LAUNCH ERROR: %s <<<(%u,%u,%u),(%u,%u,%u),%zu>>>: %s\n", kernel, g.x, g.y, g.z, b.x, b.y, b.z, cfg.shmem, why);
         g_last = cudaErrorInvalidConfiguration;
+        g_launch_uses.clear();
     };
     if (g.x == 0 || g.y == 0 || g.z == 0 || nthreads == 0) return bad("empty grid or block");
     if (g.x > 2147483647u || g.y > 65535 || g.z > 65535) return bad("grid too large");
@@ -234,10 +631,21 @@ void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, const
     auto it = g_max_dyn.find(fn);
     if (it != g_max_dyn.end()) maxdyn = it->second;
     if (cfg.shmem > maxdyn) return bad("dynamic shared memory above the allowed maximum (cudaFuncSetAttribute)");
-    g_launches++;
     g_count_launches++;
+    stream_op op;
+    op.what = std::string("kernel ") + kernel;
+    op.uses.swap(g_launch_uses);
+    op.run = [kernel, cfg, body = std::move(body)] { run_kernel(kernel, cfg, body); };
+    enqueue(cfg.stream, std::move(op));
+}
+
+static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::function<void()> &body) {
+    const dim3 g = cfg.grid, b = cfg.block;
+    size_t nthreads = (size_t)b.x * b.y * b.z;
+    g_launches++;
     g_kernel = kernel;
     g_body = &body;
+    g_in_kernel = true;
     g_nthreads = (int)nthreads;
     blockDim = b; gridDim = g;
     if (g_fib.size() < nthreads) {
@@ -257,6 +665,7 @@ void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, const
         blockIdx = dim3(bx, by, bz);
         memset(g_dyn.data(), 0xff, g_dyn.size());
         g_poisoned.clear();
+        smem_block_start();
         for (size_t t = 0; t < nthreads; t++) {
             fiber &f = g_fib[t];
             f.lin = (unsigned)t;
@@ -289,18 +698,20 @@ void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, const
             }
             if (done == nthreads) break;
             if (warp) die("%s block (%u,%u): deadlock: %zu threads wait in a warp op, %zu at __syncthreads, %zu exited", kernel, bx, by, warp, bar, done);
-            if (done) warn_once(std::string("exitbar") + kernel, std::string(kernel) + ": __syncthreads reached while some threads of the block have exited (UB before sm_70 semantics; fine on sm_90 in practice)");
+            check_barrier(kernel, done, bar);
             for (size_t t = 0; t < nthreads; t++) if (g_fib[t].state == F_BAR) g_fib[t].state = F_RUN;
+            g_interval++;  // a new barrier interval for the race log
         }
     }
     g_body = nullptr;
+    g_in_kernel = false;
 }
 
 // ---- cuBLAS ----
-struct rp_emu_cublas { int x; };
+struct rp_emu_cublas { cudaStream_t stream = nullptr; };
 cublasStatus_t cublasCreate(cublasHandle_t *h) { *h = new rp_emu_cublas(); return CUBLAS_STATUS_SUCCESS; }
 cublasStatus_t cublasDestroy(cublasHandle_t h) { delete h; return CUBLAS_STATUS_SUCCESS; }
-cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) { return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) { if (!h) return CUBLAS_STATUS_NOT_INITIALIZED; h->stream = s; return CUBLAS_STATUS_SUCCESS; }
 
 static float load_el(const void *p, cudaDataType t, size_t i) {
     return t == CUDA_R_32F ? ((const float *)p)[i] : __bfloat162float(((const __nv_bfloat16 *)p)[i]);
@@ -330,7 +741,12 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
         if (!is_device(B, ((size_t)(bcols - 1) * ldb + brows) * es)) die("cublasGemmEx: B %p (%dx%d, ldb %d) outside device memory", B, brows, bcols, ldb);
     }
     if (!is_device(C_, ((size_t)(n - 1) * ldc + m) * 4)) die("cublasGemmEx: C outside device memory");
+    // Host pointer mode: alpha and beta are read now; the GEMM runs in stream order.
     const float alpha = *(const float *)alpha_, beta = *(const float *)beta_;
+    stream_op op;
+    op.what = "cublasGemmEx";
+    op.uses = {base_of(A), base_of(B), base_of(C_)};
+    op.run = [=] {
     float *C = (float *)C_;
     std::vector<float> Am((size_t)m * k), Bm((size_t)n * k);  // Am[i][l] = op(A)(i,l); Bm[j][l] = op(B)(l,j)
     for (int i = 0; i < m; i++)
@@ -347,6 +763,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
             float &c = C[(size_t)j * ldc + i];
             c = beta == 0.0f ? (float)(alpha * s) : (float)(alpha * s + (double)beta * c);
         }
+    };
+    enqueue(h->stream, std::move(op));
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -364,6 +782,13 @@ extern "C" void rp_cuda_versions(char *out, size_t out_size) { snprintf(out, out
 
 __attribute__((constructor)) static void emu_init() {
     if (getenv("EMU_ORDER")) g_order = atoi(getenv("EMU_ORDER"));
+    if (getenv("EMU_STREAM_ORDER")) {
+        g_stream_order = atoi(getenv("EMU_STREAM_ORDER"));
+        g_stream_rng ^= (uint64_t)g_stream_order * 0x9e3779b97f4a7c15ull;
+    }
+    struct sigaction sa; memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = fault_handler; sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGSEGV, &sa, &g_old_segv);
     if (getenv("EMU_FAIL_MALLOC")) g_fail_malloc_after = atoi(getenv("EMU_FAIL_MALLOC"));
 }
 __attribute__((destructor)) static void emu_fini() {

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -65,10 +66,13 @@ template <class A, class B> static inline typename std::common_type<A, B>::type 
     typedef typename std::common_type<A, B>::type T; return (T)a < (T)b ? (T)a : (T)b; }
 
 // ---- scheduling points ----
-void __syncthreads();
+// The call site identifies the barrier: threads of a block waiting at
+// different __syncthreads are reported (barrier divergence).
+void rp_emu_syncthreads(const char *file, int line);
+#define __syncthreads() rp_emu_syncthreads(__FILE__, __LINE__)
 void rp_emu_warp_exchange(uint64_t in, unsigned mask, uint64_t *all /* [32] out */);
 void *rp_emu_dyn_smem();
-void rp_emu_poison(void *p, size_t n);
+void rp_emu_poison(void *p, size_t n, const char *name = "__shared__");
 template <class T> static inline uint64_t rp_emu_pack(T v) { static_assert(sizeof(T) <= 8, ""); uint64_t u = 0; memcpy(&u, &v, sizeof v); return u; }
 template <class T> static inline T rp_emu_unpack(uint64_t u) { T v; memcpy(&v, &u, sizeof v); return v; }
 static inline unsigned rp_emu_lane() { return (threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y) & 31; }
@@ -98,7 +102,8 @@ static inline void __syncwarp(unsigned mask = 0xffffffffu) { uint64_t all[32]; r
 // ---- runtime ----
 typedef int cudaError_t;
 enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
-       cudaErrorInvalidConfiguration = 9, cudaErrorNoDevice = 100, cudaErrorLaunchFailure = 719 };
+       cudaErrorInvalidConfiguration = 9, cudaErrorNoDevice = 100, cudaErrorNotReady = 600,
+       cudaErrorLaunchFailure = 719 };
 typedef struct rp_emu_stream *cudaStream_t;
 typedef struct rp_emu_event *cudaEvent_t;
 enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
@@ -140,6 +145,9 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned f);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventQuery(cudaEvent_t e);
+cudaError_t cudaStreamQuery(cudaStream_t s);
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
 cudaError_t rp_emu_func_set_attribute(const void *f, int attr, int value);
 template <class F> static inline cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute a, int v) {
     return rp_emu_func_set_attribute((const void *)f, (int)a, v); }
@@ -147,16 +155,20 @@ template <class F> static inline cudaError_t cudaFuncSetAttribute(F f, cudaFuncA
 // ---- launch ----
 struct rp_emu_cfg { dim3 grid, block; size_t shmem; cudaStream_t stream; };
 static inline rp_emu_cfg rp_emu_config(dim3 g, dim3 b, size_t sh = 0, cudaStream_t s = 0) { return {g, b, sh, s}; }
+// Checks a pointer argument and notes its allocation as used by the launch
+// being queued (cudaFree of it before the launch ran is an error).
 void rp_emu_check_ptr(const char *kernel, int arg, const void *p);
-void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, const std::function<void()> &body);
+// Checks the configuration and queues the launch on cfg.stream; it runs at a
+// sync point (tests/cuda_emu/README.md), so the arguments are held by value.
+void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, std::function<void()> body);
 template <class T> static inline void rp_emu_arg(const char *k, int i, const T &v) {
     if constexpr (std::is_pointer<T>::value) rp_emu_check_ptr(k, i, (const void *)v);
 }
 template <class... P, class... A>
 static void rp_emu_launch(const char *name, rp_emu_cfg cfg, void (*fn)(P...), A &&...a) {
     static_assert(sizeof...(P) == sizeof...(A), "kernel argument count");
-    std::tuple<typename std::decay<P>::type...> args(std::forward<A>(a)...);
+    auto args = std::make_shared<std::tuple<typename std::decay<P>::type...>>(std::forward<A>(a)...);
     int i = 0;
-    std::apply([&](const auto &...v) { (rp_emu_arg(name, i++, v), ...); }, args);
-    rp_emu_run(name, (const void *)fn, cfg, [&] { std::apply(fn, args); });
+    std::apply([&](const auto &...v) { (rp_emu_arg(name, i++, v), ...); }, *args);
+    rp_emu_run(name, (const void *)fn, cfg, [fn, args] { std::apply(fn, *args); });
 }

@@ -13,7 +13,7 @@ def shdecl(m):
     names = []
     for part in m.group(3).split(','):
         names.append(re.match(r'\s*(\w+)', part).group(1))
-    return m.group(0) + ' ' + ' '.join('rp_emu_poison(&%s, sizeof %s);' % (x, x) for x in names)
+    return m.group(0) + ' ' + ' '.join('rp_emu_poison(&%s, sizeof %s, "%s");' % (x, x, x) for x in names)
 s, ns = re.subn(r'(?<!extern )__shared__\s+(__align__\(\d+\)\s+)?(\w+)\s+([^;]+);', shdecl, s)
 sys.stderr.write('%d static shared decls; ' % ns)
 sys.stderr.write('%s: %d launches, %d dynamic smem\n' % (sys.argv[1], n[0], k))
