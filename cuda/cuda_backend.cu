@@ -275,13 +275,14 @@ static void *cuda_alloc(rp_backend *be, size_t bytes) {
 static void cuda_free(rp_backend *be, void *ptr) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (!ptr) return;
+    // Queued kernels may still read the weight's bf16 shadow: wait first.
+    RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
     for (int i = 0; i < cx->n_weights; i++)
         if (cx->weights[i].base == ptr) {
-            cudaFree(cx->weights[i].shadow);
+            RP_CUDA_OK(cx, cudaFree(cx->weights[i].shadow));
             cx->weights[i] = cx->weights[--cx->n_weights];
             break;
         }
-    RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
     RP_CUDA_OK(cx, cudaFree(ptr));
 }
 
