@@ -50,11 +50,15 @@ mpi_cmd() {
     local np=$1 subnet
     shift
     subnet="$("$C" subnet)"
+    # Every node sees the machine's cores and Open MPI binds each node's first
+    # rank to core 0: on namespace nodes they would all share one core (2.1x
+    # slower steps in bench/cluster_pipeline.sh). --bind-to none lets the
+    # kernel spread them, as separate machines would.
     # Remote ranks get a fresh environment (as over ssh): pass what the tests set.
     local pass=(-x OPENBLAS_CORETYPE) v
     for v in ASAN_OPTIONS UBSAN_OPTIONS; do [ -n "${!v:-}" ] && pass+=(-x "$v"); done
     "$C" exec 1 timeout 300 "$MPIRUN" -np "$np" --hostfile "$("$C" hostfile)" \
-        --mca plm_rsh_agent "$AGENT" --mca btl tcp,self \
+        --bind-to none --mca plm_rsh_agent "$AGENT" --mca btl tcp,self \
         --mca btl_tcp_if_include "$subnet" --mca oob_tcp_if_include "$subnet" \
         --mca oob_tcp_keepalive_time 5 --mca oob_tcp_keepalive_intvl 2 \
         --mca oob_tcp_keepalive_probes 3 "${pass[@]}" "$@"
