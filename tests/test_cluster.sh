@@ -28,18 +28,6 @@ trap cleanup EXIT
 
 . "$top_srcdir/tests/check_report.sh"
 
-# start_cluster N: waits (up to 10 min) while another test's cluster runs.
-start_cluster() {
-    local i
-    "$C" stop
-    for ((i = 0; i < 120; i++)); do
-        "$C" start "$1" >"$T/stdout" 2>"$T/stderr" && return 0
-        grep -q "already running" "$T/stderr" || fail "cluster.sh start $1"
-        sleep 5
-    done
-    fail "another cluster ran for 10 minutes (cluster.sh status)"
-}
-
 # one_host NP ARGS...: what mpi (tests/cluster/test_lib.sh) runs, on this machine's own network (shared memory).
 one_host() {
     local np=$1
@@ -102,12 +90,8 @@ mpi 2 "$BIN" logits --pp 2 --model "$MODEL" --tokens $TOKENS --threads 1 -o "$T/
     { cat "$T/cmp"; fail "logits --pp 2 across nodes differ from one process"; }
 ok
 
-# Failure detection as a cluster would tune it: TCP gives up on unanswered
-# data after ~13 s instead of ~15 min (net.ipv4.tcp_retries2 is per network
-# namespace), so mpirun notices a node that vanished.
-for n in 1 2; do
-    "$C" exec $n sysctl -q -w net.ipv4.tcp_retries2=5 || fail "sysctl tcp_retries2 in rpnode$n"
-done
+# Failure detection as a cluster would tune it (tests/cluster/test_lib.sh).
+fast_tcp_failure 2
 
 # nodes_idle: waits (up to 30 s) until no MPI daemon or rank of an earlier
 # job is left on nodes 1 and 2: a daemon still tearing down after a fault

@@ -33,22 +33,6 @@ trap cleanup EXIT
 . "$top_srcdir/tests/check_report.sh"
 . "$top_srcdir/tests/serve_start.sh"
 
-# start_cluster N: waits (up to 10 min) while another test's cluster runs.
-start_cluster() {
-    local i
-    "$C" stop
-    for ((i = 0; i < 120; i++)); do
-        "$C" start "$1" >"$T/stdout" 2>"$T/stderr" && break
-        grep -q "already running" "$T/stderr" || fail "cluster.sh start $1"
-        sleep 5
-    done
-    [ "$i" -lt 120 ] || fail "another cluster ran for 10 minutes (cluster.sh status)"
-    # TCP gives up on unanswered data after ~13 s, not ~15 min (as test_cluster.sh).
-    for ((i = 1; i <= $1; i++)); do
-        "$C" exec $i sysctl -q -w net.ipv4.tcp_retries2=5 || fail "sysctl tcp_retries2 in rpnode$i"
-    done
-}
-
 # node1_curl ARGS...: curl from inside rpnode1, where the server listens.
 node1_curl() { "$C" exec 1 curl -s "$@"; }
 
@@ -68,6 +52,7 @@ ended_within() {
 
 check "serve --pp 2, a stage on each of 2 nodes: greedy completions = one process"
 start_cluster 2
+fast_tcp_failure 2
 mkdir -p "$T/sessions"
 chmod 700 "$T/sessions"
 serve_start CL mpi_cmd 2 "$BIN" serve --model "$TINY" --pp 2 --port 0 --threads 1 \
@@ -188,6 +173,7 @@ CK=(train --model-config L2-C1024-V64 --data mqar --ctx-len 16 --batch 8 --warmu
     --eval-interval 0 --eval-batches 1 --log-interval 1 --loss-on all --seed 3 --init-seed 5
     --threads 1 --micro-batch 4)
 start_cluster 2
+fast_tcp_failure 2
 (mpi_cmd 2 "$BIN" "${CK[@]}" --pp 2 --steps 1000000 --comm-timeout 20 --checkpoint-interval 2 \
     --checkpoint-dir "$T/ck" >"$T/ck.out" 2>"$T/ck.err"; echo $? >"$T/ck.rc") &
 JOB=$!

@@ -37,23 +37,9 @@ trap cleanup EXIT
 . "$top_srcdir/tests/check_report.sh"
 . "$top_srcdir/tests/serve_start.sh"
 
-start_cluster() {
-    local i
-    "$C" stop
-    for ((i = 0; i < 120; i++)); do
-        "$C" start "$1" >"$T/stdout" 2>"$T/stderr" && break
-        grep -q "already running" "$T/stderr" || fail "cluster.sh start $1"
-        sleep 5
-    done
-    [ "$i" -lt 120 ] || fail "another cluster ran for 10 minutes (cluster.sh status)"
-    # TCP gives up on unanswered data after ~13 s, not ~15 min (as test_cluster.sh).
-    for ((i = 1; i <= $1; i++)); do
-        "$C" exec $i sysctl -q -w net.ipv4.tcp_retries2=5 || fail "sysctl tcp_retries2 in rpnode$i"
-    done
-}
-
 check "a 4-node Slurm: slurmctld on rpnode1, one slurmd per node namespace"
 start_cluster 4
+fast_tcp_failure 4
 slurm_start 4
 ok "$(sl sinfo -h -o '%P %D %t %N' | tr '\n' ' ')"
 

@@ -66,3 +66,27 @@ mpi_cmd() {
 
 # mpi NP ARGS...: mpi_cmd with stdout and stderr in $T/stdout, $T/stderr.
 mpi() { mpi_cmd "$@" >"$T/stdout" 2>"$T/stderr"; }
+
+# start_cluster N: a fresh N-node cluster; waits (up to 10 min) while another
+# test's cluster runs. Needs fail (tests/check_report.sh) and $T.
+start_cluster() {
+    local i
+    "$C" stop
+    for ((i = 0; i < 120; i++)); do
+        "$C" start "$1" >"$T/stdout" 2>"$T/stderr" && return 0
+        grep -q "already running" "$T/stderr" || fail "cluster.sh start $1"
+        sleep 5
+    done
+    fail "another cluster ran for 10 minutes (cluster.sh status)"
+}
+
+# fast_tcp_failure N: failure detection as a cluster would tune it: TCP on
+# nodes 1..N gives up on unanswered data after ~13 s instead of ~15 min
+# (net.ipv4.tcp_retries2 is per network namespace), so MPI notices a node
+# that vanished.
+fast_tcp_failure() {
+    local i
+    for ((i = 1; i <= $1; i++)); do
+        "$C" exec $i sysctl -q -w net.ipv4.tcp_retries2=5 || fail "sysctl tcp_retries2 in rpnode$i"
+    done
+}
