@@ -1,0 +1,59 @@
+/* Low-precision weight matrices for CPU inference (issue 20): the storage
+ * formats, the reference quantizer and matmul that define their rounding,
+ * and the fast matmul the backend runs (cpu_qmatmul.c, dispatched on the
+ * CPU's features at run time). A quantized matrix is always stored as
+ * nn.Linear stores it, W [N,K] (N outputs, K inputs): a W [K,N] tensor is
+ * transposed when it is quantized, so every kernel reads rows along K.
+ * Formats (docs/perf/cpu.md has the why):
+ *   BF16: uint16 [N,K], round to nearest even (torch's .to(torch.bfloat16));
+ *   Q8:   int8 [N,K] in blocks of RP_Q8_BLOCK along K, each with an fp16
+ *         scale (scales fp16 [N, K/RP_Q8_BLOCK]); w = q * scale, q in
+ *         [-127, 127], scale = max|w| / 127 of the block (llama.cpp's Q8_0
+ *         with the scales kept apart so the int8 rows stay 64-byte aligned).
+ * These functions take host memory and never allocate. */
+#ifndef RP_CPU_QUANT_H
+#define RP_CPU_QUANT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { RP_QTYPE_F32 = 0, RP_QTYPE_BF16 = 1, RP_QTYPE_Q8 = 2 } rp_qtype;
+
+#define RP_Q8_BLOCK 32
+
+typedef struct {
+    rp_qtype type;
+    int N, K;                /* rows (outputs) and columns (inputs) */
+    const void *data;        /* f32 / uint16 (bf16) / int8, [N,K] row-major */
+    const uint16_t *scales;  /* Q8: fp16 [N, K / RP_Q8_BLOCK]; NULL otherwise */
+} rp_qmatrix;
+
+/* "f32", "bf16", "int8". */
+const char *rp_qtype_name(rp_qtype type);
+/* 0 and *out for "f32"/"fp32", "bf16", "int8"/"q8"; -1 otherwise. */
+int rp_qtype_from_name(const char *name, rp_qtype *out);
+/* Whether a [N,K] matrix can be stored as `type` (Q8 needs K % RP_Q8_BLOCK == 0). */
+int rp_qtype_fits(rp_qtype type, int K);
+/* Bytes of data and of scales for a [N,K] matrix of `type`. */
+size_t rp_qmatrix_data_bytes(rp_qtype type, int N, int K);
+size_t rp_qmatrix_scale_bytes(rp_qtype type, int N, int K);
+
+/* Quantizes w [N,K] (w_in_out 0) or w [K,N] (w_in_out 1, transposed on the
+ * way) into data/scales sized by the functions above. The rounding here IS
+ * the format: the kernels and the tests take it from this function. */
+void rp_quantize_matrix(rp_qtype type, void *data, uint16_t *scales, const float *w, int N,
+                        int K, int w_in_out);
+/* Row n of W widened to f32 (out [K]): exactly the values the format holds. */
+void rp_qmatrix_row_f32(const rp_qmatrix *w, int n, float *out);
+
+/* Reference: y [M,N] = x [M,K] . dequant(W)^T + beta * y with products and
+ * sums in double, rounded to f32 once. Slow; the tests' ground truth. */
+void rp_qmatmul_ref(const rp_qmatrix *w, float *y, const float *x, int M, float beta);
+
+/* The backend's kernel (cpu_qmatmul.c): y [M,N] = x [M,K] . W^T + beta * y,
+ * beta 0 or 1, on n_threads OpenMP threads. Each y element has one summation
+ * order whatever n_threads and M (results are thread-count independent). */
+void rp_cpu_qmatmul(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
+                    int n_threads);
+
+#endif

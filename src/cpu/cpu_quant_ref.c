@@ -1,0 +1,112 @@
+/* The low-precision weight formats' definition (cpu_quant.h): names, sizes,
+ * the quantizer and a double-precision reference matmul. Portable C with no
+ * CPU-specific code: the fast kernels live in cpu_qmatmul.c and are tested
+ * against this file. */
+#include "config.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "core/dtype.h"
+#include "cpu/cpu_quant.h"
+
+const char *rp_qtype_name(rp_qtype type) {
+    switch (type) {
+    case RP_QTYPE_F32: return "f32";
+    case RP_QTYPE_BF16: return "bf16";
+    case RP_QTYPE_Q8: return "int8";
+    }
+    return "?";
+}
+
+int rp_qtype_from_name(const char *name, rp_qtype *out) {
+    if (!strcmp(name, "f32") || !strcmp(name, "fp32")) *out = RP_QTYPE_F32;
+    else if (!strcmp(name, "bf16")) *out = RP_QTYPE_BF16;
+    else if (!strcmp(name, "int8") || !strcmp(name, "q8")) *out = RP_QTYPE_Q8;
+    else return -1;
+    return 0;
+}
+
+int rp_qtype_fits(rp_qtype type, int K) {
+    return type != RP_QTYPE_Q8 || (K > 0 && K % RP_Q8_BLOCK == 0);
+}
+
+size_t rp_qmatrix_data_bytes(rp_qtype type, int N, int K) {
+    size_t n = (size_t)N * (size_t)K;
+    switch (type) {
+    case RP_QTYPE_F32: return n * 4;
+    case RP_QTYPE_BF16: return n * 2;
+    case RP_QTYPE_Q8: return n;
+    }
+    return 0;
+}
+
+size_t rp_qmatrix_scale_bytes(rp_qtype type, int N, int K) {
+    return type == RP_QTYPE_Q8 ? (size_t)N * (size_t)(K / RP_Q8_BLOCK) * sizeof(uint16_t) : 0;
+}
+
+static float weight_at(const float *w, int n, int k, int N, int K, int w_in_out) {
+    return w_in_out ? w[(size_t)k * N + n] : w[(size_t)n * K + k];
+}
+
+void rp_quantize_matrix(rp_qtype type, void *data, uint16_t *scales, const float *w, int N,
+                        int K, int w_in_out) {
+    for (int n = 0; n < N; n++) {
+        if (type == RP_QTYPE_F32) {
+            float *row = (float *)data + (size_t)n * K;
+            for (int k = 0; k < K; k++) row[k] = weight_at(w, n, k, N, K, w_in_out);
+        } else if (type == RP_QTYPE_BF16) {
+            uint16_t *row = (uint16_t *)data + (size_t)n * K;
+            for (int k = 0; k < K; k++) row[k] = rp_f32_to_bf16(weight_at(w, n, k, N, K, w_in_out));
+        } else {
+            int8_t *row = (int8_t *)data + (size_t)n * K;
+            for (int b = 0; b < K / RP_Q8_BLOCK; b++) {
+                float amax = 0.0f;
+                for (int i = 0; i < RP_Q8_BLOCK; i++) {
+                    float a = fabsf(weight_at(w, n, b * RP_Q8_BLOCK + i, N, K, w_in_out));
+                    if (a > amax) amax = a;
+                }
+                /* The stored (fp16) scale is the one the values are divided
+                 * by, so dequantizing gives the nearest q * scale. */
+                uint16_t scale_h = rp_f32_to_f16(amax / 127.0f);
+                float scale = rp_f16_to_f32(scale_h);
+                scales[(size_t)n * (K / RP_Q8_BLOCK) + b] = scale_h;
+                for (int i = 0; i < RP_Q8_BLOCK; i++) {
+                    float v = weight_at(w, n, b * RP_Q8_BLOCK + i, N, K, w_in_out);
+                    float q = scale > 0.0f ? nearbyintf(v / scale) : 0.0f;
+                    if (q > 127.0f) q = 127.0f;
+                    if (q < -127.0f) q = -127.0f;
+                    row[b * RP_Q8_BLOCK + i] = (int8_t)q;
+                }
+            }
+        }
+    }
+}
+
+void rp_qmatrix_row_f32(const rp_qmatrix *w, int n, float *out) {
+    const int K = w->K;
+    if (w->type == RP_QTYPE_F32) {
+        memcpy(out, (const float *)w->data + (size_t)n * K, (size_t)K * sizeof(float));
+    } else if (w->type == RP_QTYPE_BF16) {
+        const uint16_t *row = (const uint16_t *)w->data + (size_t)n * K;
+        for (int k = 0; k < K; k++) out[k] = rp_bf16_to_f32(row[k]);
+    } else {
+        const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
+        const uint16_t *s = w->scales + (size_t)n * (K / RP_Q8_BLOCK);
+        for (int k = 0; k < K; k++) out[k] = (float)row[k] * rp_f16_to_f32(s[k / RP_Q8_BLOCK]);
+    }
+}
+
+void rp_qmatmul_ref(const rp_qmatrix *w, float *y, const float *x, int M, float beta) {
+    const int N = w->N, K = w->K;
+    float row[K > 0 ? K : 1];
+    for (int n = 0; n < N; n++) {
+        rp_qmatrix_row_f32(w, n, row);
+        for (int m = 0; m < M; m++) {
+            double s = 0.0;
+            for (int k = 0; k < K; k++) s += (double)row[k] * (double)x[(size_t)m * K + k];
+            float *yi = y + (size_t)m * N + n;
+            *yi = beta == 0.0f ? (float)s : (float)(s + (double)beta * (double)*yi);
+        }
+    }
+}
