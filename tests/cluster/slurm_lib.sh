@@ -8,6 +8,9 @@
 # After slurm_start: SLURM_CONF exported; sl CMD... runs a client command on
 # rpnode1 (the only place from which slurmctld's address is reachable).
 
+# shellcheck source=../slurm/conf_common.sh
+. "$top_srcdir/tests/slurm/conf_common.sh"
+
 SL_PIDS=()  # munged, slurmctld, slurmd... in start order (stopped in reverse)
 
 sl() { "$C" exec 1 "$@"; }
@@ -70,38 +73,15 @@ slurm_start() {
 # name: every slurmd has its own spool, pid file and log.
 ClusterName=rpcluster
 SlurmctldHost=rpnode1($(node_addr 1))
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-# cred_expire is also how long a requeued job waits before it may start.
-AuthInfo=socket=$SL/munge.socket,cred_expire=5
 StateSaveLocation=$SL/state
 SlurmdSpoolDir=$SL/spool-%n
 SlurmctldPidFile=$SL/slurmctld.pid
 SlurmdPidFile=$SL/slurmd-%n.pid
 SlurmctldLogFile=$SL/slurmctld.log
 SlurmdLogFile=$SL/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MailProg=/bin/true
-MpiDefault=none
-SchedulerType=sched/builtin
-SchedulerParameters=sched_interval=2
-ReturnToService=2
-JobRequeue=1
-MinJobAge=600
-KillWait=10
 SlurmdTimeout=30
-InactiveLimit=0
 EOF
+        slurm_conf_common "$SL/munge.socket"
         for ((i = 1; i <= n; i++)); do
             echo "NodeName=rpnode$i NodeAddr=$(node_addr "$i") CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
         done

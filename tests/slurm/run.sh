@@ -9,6 +9,8 @@
 # slurmd. Exit 0: passed; 77: skipped (Slurm cannot be installed); else failed.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
+# shellcheck source=conf_common.sh
+. "$root/tests/slurm/conf_common.sh"
 
 usage() {
     cat <<'EOF'
@@ -166,47 +168,24 @@ for x in s: x.bind(("127.0.0.1", 0))
 print(*[x.getsockname()[1] for x in s])')
 mkdir -p "$tmp/state" "$tmp/spool"
 export SLURM_CONF="$tmp/slurm.conf"
-cat > "$SLURM_CONF" <<EOF
+{
+    cat <<EOF
 # One-node test cluster written by tests/slurm/run.sh.
 ClusterName=rwkvpipe-test
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-# Our own munged socket; cred_expire is also how long a requeued job waits
-# before it may start again (120 s by default); the main scheduling loop
-# then starts it within sched_interval seconds (60 by default).
-AuthInfo=socket=$socket,cred_expire=5
 StateSaveLocation=$tmp/state
 SlurmdSpoolDir=$tmp/spool
 SlurmctldPidFile=$tmp/slurmctld.pid
 SlurmdPidFile=$tmp/slurmd.pid
 SlurmctldLogFile=$tmp/slurmctld.log
 SlurmdLogFile=$tmp/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MailProg=/bin/true
-MpiDefault=none
-SchedulerType=sched/builtin
-SchedulerParameters=sched_interval=2
-ReturnToService=2
-JobRequeue=1
-MinJobAge=600
-KillWait=10
-InactiveLimit=0
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=test Nodes=$host Default=YES MaxTime=30 State=UP
 EOF
+    slurm_conf_common "$socket"
+    echo "NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+    echo "PartitionName=test Nodes=$host Default=YES MaxTime=30 State=UP"
+} >"$SLURM_CONF"
 
 slurmctld -D -c -f "$SLURM_CONF" >"$tmp/slurmctld.out" 2>&1 &
 pids+=($!)
