@@ -168,7 +168,7 @@ static void test_q8_kernels_match_reference(void **state) {
  * several sgemm tiles) the same bits on 1 and 2 threads. */
 static void test_thread_and_row_count_independence(void **state) {
     (void)state;
-    const int N = 600, K = 1024;
+    const int N = 4200, K = 1024; /* prefill: 3 tiles of 2048 rows */
     for (int t = 1; t <= 2; t++) {
         const rp_qtype type = t == 1 ? RP_QTYPE_BF16 : RP_QTYPE_Q8;
         qmat q;
@@ -217,6 +217,8 @@ static void test_isa_env(void **state) {
         assert_true(best >= RP_CPU_ISA_AVX512);
     if (__builtin_cpu_supports("avx512vnni") && best >= RP_CPU_ISA_AVX512)
         assert_int_equal(rp_qkernel_chosen(RP_QTYPE_Q8), RP_QKERNEL_VNNI);
+    if (rp_cpu_isa_supported(RP_CPU_ISA_AVX512BF16))
+        assert_int_equal(rp_qkernel_chosen(RP_QTYPE_BF16), RP_QKERNEL_BF16DOT);
 #endif
 
     setenv("RP_CPU_ISA", "avx9", 1);

@@ -24,7 +24,7 @@
  * tile stays in L2 while sgemm reads it), and never fewer than 32 rows.
  * Tiles start at multiples of their height from row 0 whatever the team
  * size, so each sgemm call and its bits are the same on any thread count. */
-#define QMATMUL_TILE_BYTES ((size_t)1 << 20)
+#define QMATMUL_TILE_BYTES ((size_t)8 << 20)
 #define QMATMUL_TILE_MIN_ROWS 32
 
 static const char *const kernel_names[RP_QKERNEL_COUNT] = {"generic", "avx2", "avx512",
@@ -58,11 +58,15 @@ int rp_qkernel_available(rp_qkernel k, rp_qtype type) {
 #endif
 }
 
-/* Preference per format, best first, measured with bench_cpu's quantized
- * section on the Zen 5 machine (docs/perf/cpu.md, "Quantized GEMV/GEMM").
- * One kernel per format for every M <= RP_QMATMUL_DECODE_ROWS: a row's
- * bits must not depend on how many rows share the call. */
-static const rp_qkernel bf16_order[] = {RP_QKERNEL_AVX512, RP_QKERNEL_BF16DOT, RP_QKERNEL_AVX2,
+/* Preference per format, best first, measured with bench_cpu --quant on the
+ * Zen 5 machine (docs/perf/cpu.md, "Quantized GEMV/GEMM"): at M = 1 every
+ * AVX-512 kernel reads W at the same rate (memory-bound); at M = 8 the dot
+ * product kernels are 1.5-2.5x faster than widening (which spends two
+ * instructions per 16 weights per W row before the FMAs). One kernel per
+ * format for every M <= RP_QMATMUL_DECODE_ROWS: a row's bits must not depend
+ * on how many rows share the call. The dot kernels round x (bf16, or int8
+ * blocks): RP_CPU_ISA=avx512 keeps x in f32 (the widening kernels). */
+static const rp_qkernel bf16_order[] = {RP_QKERNEL_BF16DOT, RP_QKERNEL_AVX512, RP_QKERNEL_AVX2,
                                         RP_QKERNEL_GENERIC};
 static const rp_qkernel q8_order[] = {RP_QKERNEL_VNNI, RP_QKERNEL_AVX512, RP_QKERNEL_AVX2,
                                       RP_QKERNEL_GENERIC};
