@@ -163,29 +163,34 @@ static void test_q8_kernels_match_reference(void **state) {
     check_all_kernels(RP_QTYPE_Q8, Ks, 3);
 }
 
-/* Widened kernels on the same W give the same bits per row however many
- * rows share the call (M = 1 vs 8) and on 1 or 2 threads; prefill (M = 64,
- * several sgemm tiles) the same bits on 1 and 2 threads. */
+/* Every kernel gives the same bits per row however many rows share the call
+ * (M = 1 vs 8) and on 1 or 2 threads; prefill the same bits on 1 and 2
+ * threads, with W widened whole (M = 64: one thread runs the sgemm; M = 512:
+ * rows split) and in tiles (a W over 64 MiB as f32: 16400 x 1024, 9 tiles). */
 static void test_thread_and_row_count_independence(void **state) {
     (void)state;
-    const int N = 4200, K = 1024; /* prefill: 3 tiles of 2048 rows */
-    for (int t = 1; t <= 2; t++) {
-        const rp_qtype type = t == 1 ? RP_QTYPE_BF16 : RP_QTYPE_Q8;
-        qmat q;
-        qmat_make(&q, type, N, K, 3);
-        for (int k = 0; k < RP_QKERNEL_COUNT; k++) {
-            if (!rp_qkernel_available((rp_qkernel)k, type)) continue;
-            for (int M = 8; M <= 64; M += 56) {
-                float *x = frand_array((size_t)M * K, 11);
-                float *y1 = calloc((size_t)M * N, sizeof(float));
-                float *y2 = calloc((size_t)M * N, sizeof(float));
-                assert_non_null(y1);
-                assert_non_null(y2);
+    static const int cases[][3] = {{4200, 1024, 8}, {4200, 1024, 64}, {4200, 1024, 512},
+                                   {16400, 1024, 9}}; /* N, K, M */
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
+            const int N = cases[c][0], K = cases[c][1], M = cases[c][2];
+            const rp_qtype type = (rp_qtype)t;
+            qmat q;
+            qmat_make(&q, type, N, K, 3);
+            float *x = frand_array((size_t)M * K, 11);
+            float *y1 = calloc((size_t)M * N, sizeof(float));
+            float *y2 = calloc((size_t)M * N, sizeof(float));
+            assert_non_null(y1);
+            assert_non_null(y2);
+            for (int k = 0; k < RP_QKERNEL_COUNT; k++) {
+                if (!rp_qkernel_available((rp_qkernel)k, type)) continue;
+                /* prefill runs the same sgemm whatever the kernel: two suffice */
+                if (M > RP_QMATMUL_DECODE_ROWS && k > RP_QKERNEL_AVX2) continue;
                 rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y1, x, M, 0.0f, 1);
                 rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y2, x, M, 0.0f, 2);
                 if (memcmp(y1, y2, (size_t)M * N * sizeof(float)))
-                    fail_msg("%s kernel %s M=%d: 1 and 2 threads differ", rp_qtype_name(type),
-                             rp_qkernel_name((rp_qkernel)k), M);
+                    fail_msg("%s kernel %s N=%d K=%d M=%d: 1 and 2 threads differ",
+                             rp_qtype_name(type), rp_qkernel_name((rp_qkernel)k), N, K, M);
                 for (int m = 0; M == 8 && m < M; m++) {
                     rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y2, x + (size_t)m * K, 1, 0.0f,
                                           2);
@@ -193,13 +198,12 @@ static void test_thread_and_row_count_independence(void **state) {
                         fail_msg("%s kernel %s: row %d alone differs from row %d of 8",
                                  rp_qtype_name(type), rp_qkernel_name((rp_qkernel)k), m, m);
                 }
-                free(y1);
-                free(y2);
-                free(x);
             }
+            free(y1);
+            free(y2);
+            free(x);
+            qmat_free(&q);
         }
-        qmat_free(&q);
-    }
 }
 
 static void test_isa_env(void **state) {

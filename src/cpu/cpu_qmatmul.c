@@ -2,7 +2,7 @@
  * kernel once from the CPU's features (cpu_features.c) and RP_CPU_ISA,
  * prepares x for it, and splits the output rows (N) over the OpenMP team.
  * Decode (M <= RP_QMATMUL_DECODE_ROWS) streams W once through a SIMD kernel;
- * prefill widens fixed blocks of W rows to f32 and runs sgemm on each. */
+ * prefill widens W to f32 (whole, or in fixed tiles when large) for sgemm. */
 #include "config.h"
 
 #include <cblas.h>
@@ -20,7 +20,7 @@
 #define QMATMUL_PARALLEL_MIN_WORK ((size_t)1 << 18)
 #define QMATMUL_SLICE_ALIGN 16
 
-/* Prefill: W rows widened per sgemm call, about this many bytes of f32 (the
+/* Prefill of a W too big to widen whole: W rows widened per sgemm call, about this many bytes of f32 (the
  * tile stays in L2 while sgemm reads it), and never fewer than 32 rows.
  * Tiles start at multiples of their height from row 0 whatever the team
  * size, so each sgemm call and its bits are the same on any thread count. */
@@ -202,6 +202,55 @@ static void prefill_block(cpu_qwiden_fn widen, const rp_qmatrix *w, float *y, co
     }
 }
 
+/* Prefill of a W up to QMATMUL_WIDE_MAX_BYTES as f32 (every layer matrix
+ * of the models we run; not the 0.1B head): the team widens all of W once
+ * into one buffer, then splits the rows of x as cpu_matmul.c splits a tall
+ * product, one sgemm over all of N per thread. Tiles of W (prefill_block)
+ * would repack x for every tile, and fixed tiles split N unevenly; fp32's
+ * own prefill (one sgemm per thread) is the speed to match. Row slices
+ * start at multiples of 24 and hold >= 64 rows and 2^21 multiply-adds, or
+ * one thread runs the sgemm: the conditions under which OpenBLAS gives a
+ * row the same bits wherever it falls (cpu_matmul.c). 0 when W is too big
+ * or the buffer cannot be allocated (the caller tiles instead). */
+#define QMATMUL_WIDE_MAX_BYTES ((size_t)64 << 20)
+#define QMATMUL_ROW_SLICE_ALIGN 24
+#define QMATMUL_MIN_ROW_SLICE_ROWS 64
+#define QMATMUL_MIN_ROW_SLICE_WORK ((size_t)1 << 21)
+
+static int prefill_whole(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
+                         float beta, int nt) {
+    const int N = w->N, K = w->K;
+    const size_t bytes = (size_t)N * K * sizeof(float);
+    if (bytes > QMATMUL_WIDE_MAX_BYTES) return 0;
+    float *wf = malloc(bytes);
+    if (!wf) return 0;
+    int row_parts = nt;
+    for (int part = 0; part < nt; part++) {
+        int b, e;
+        slice(M, part, nt, QMATMUL_ROW_SLICE_ALIGN, &b, &e);
+        if (e > b && (e - b < QMATMUL_MIN_ROW_SLICE_ROWS ||
+                      (size_t)(e - b) * N * K < QMATMUL_MIN_ROW_SLICE_WORK))
+            row_parts = 1;
+    }
+    const cpu_qwiden_fn widen = widen_fn(k);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int parts = omp_get_num_threads(), part = omp_get_thread_num();
+        int b, e;
+        slice(N, part, parts, QMATMUL_SLICE_ALIGN, &b, &e);
+        if (e > b) widen(w, b, e, wf + (size_t)b * K);
+#pragma omp barrier
+        if (part < row_parts) {
+            slice(M, part, row_parts < parts ? row_parts : parts, QMATMUL_ROW_SLICE_ALIGN, &b, &e);
+            if (e > b)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, e - b, N, K, 1.0f,
+                            x + (size_t)b * K, K, wf, K, beta, y + (size_t)b * N, N);
+        }
+    }
+    free(wf);
+    return 1;
+}
+
 void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
                            float beta, int n_threads) {
     const int N = w->N, K = w->K;
@@ -214,6 +263,7 @@ void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const fl
     const size_t work = (size_t)M * N * K;
     int nt = work < QMATMUL_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
     if (M > RP_QMATMUL_DECODE_ROWS) {
+        if (prefill_whole(k, w, y, x, M, beta, nt)) return;
         const int tr = tile_rows(K);
         const int tiles = (N + tr - 1) / tr;
         if (nt > tiles) nt = tiles;
