@@ -15,6 +15,7 @@
 
 #include "backend.h"
 #include "cpu/cpu_backend.h"
+#include "cpu_quant_table.h"
 #include "harness.h"
 #include "op_profile.h"
 #include "model/model.h"
@@ -287,6 +288,7 @@ static int parse_threads(const char *list, int *out, int *n_out) {
 static void usage(FILE *out) {
     fprintf(out,
             "usage: bench_cpu [--threads LIST] [--quick] [--model-config NAME] [--profile]\n"
+            "       bench_cpu --quant [--threads LIST] [--quick]\n"
             "\n"
             "RWKV-7 inference on the CPU backend (random fp32 weights) against ceilings\n"
             "measured in the same run: decode tokens/s at batch 1 and %d against the\n"
@@ -298,6 +300,9 @@ static void usage(FILE *out) {
             "  --model-config NAME  built-in shape (default 0.1b; one of %s)\n"
             "  --profile            after the table, the time of every backend op in decode\n"
             "                       batch 1 and %d and in prefill (bench/op_profile.h)\n"
+            "  --quant              instead: the quantized (bf16, int8) GEMV/GEMM kernels on\n"
+            "                       the 0.1B matmul shapes at M = 1, 8, 512 against fp32 and\n"
+            "                       the weight-bandwidth floor (RP_CPU_ISA caps the ISA)\n"
             "  --help               this text\n"
             "\n"
             "Set OPENBLAS_CORETYPE (e.g. Haswell) as for the tests.\n",
@@ -324,7 +329,7 @@ static void cell_goal(char *out, size_t size, double value, const char *fmt, int
 }
 
 int main(int argc, char **argv) {
-    int threads[BENCH_MAX_THREAD_COUNTS] = {1, 2}, n_counts = 2, quick = 0, profile = 0;
+    int threads[BENCH_MAX_THREAD_COUNTS] = {1, 2}, n_counts = 2, quick = 0, profile = 0, quant = 0;
     const char *config_name = "0.1b";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
@@ -332,6 +337,8 @@ int main(int argc, char **argv) {
             return 0;
         } else if (!strcmp(argv[i], "--quick")) {
             quick = 1;
+        } else if (!strcmp(argv[i], "--quant")) {
+            quant = 1;
         } else if (!strcmp(argv[i], "--profile")) {
             profile = 1;
         } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
@@ -349,6 +356,9 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
+
+    /* A section of its own: the quantized kernels on the 0.1B matmul shapes. */
+    if (quant) return bench_cpu_quant(threads, n_counts, quick);
 
     const bench_timing ceiling_timing = quick ? (bench_timing){0.05, 0.1, 3}
                                               : (bench_timing){0.2, 0.5, 5};

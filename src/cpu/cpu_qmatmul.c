@@ -1,26 +1,314 @@
-/* The CPU backend's matmul on low-precision weights (cpu_quant.h). This
- * first version widens one weight row at a time to f32 and sums in a fixed
- * order: correct and thread-count independent, not yet fast (the SIMD
- * kernels with run-time dispatch replace its inner loop). */
+/* The CPU backend's matmul on low-precision weights (cpu_quant.h): picks a
+ * kernel once from the CPU's features (cpu_features.c) and RP_CPU_ISA,
+ * prepares x for it, and splits the output rows (N) over the OpenMP team.
+ * Decode (M <= RP_QMATMUL_DECODE_ROWS) streams W once through a SIMD kernel;
+ * prefill widens W to f32 (whole, or in fixed tiles when large) for sgemm. */
 #include "config.h"
 
+#include <cblas.h>
+#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
-#include "cpu/cpu_quant.h"
+#include "core/dtype.h"
+#include "cpu/cpu_features.h"
+#include "cpu/cpu_qmatmul_kern.h"
+
+/* As cpu_matmul.c: below this many multiply-adds one thread; N slices start
+ * at multiples of 16 (whole tiles, 64-byte aligned y blocks). */
+#define QMATMUL_PARALLEL_MIN_WORK ((size_t)1 << 18)
+#define QMATMUL_SLICE_ALIGN 16
+
+/* Prefill of a W too big to widen whole: W rows widened per sgemm call, about this many bytes of f32 (the
+ * tile stays in L2 while sgemm reads it), and never fewer than 32 rows.
+ * Tiles start at multiples of their height from row 0 whatever the team
+ * size, so each sgemm call and its bits are the same on any thread count. */
+#define QMATMUL_TILE_BYTES ((size_t)8 << 20)
+#define QMATMUL_TILE_MIN_ROWS 32
+
+static const char *const kernel_names[RP_QKERNEL_COUNT] = {"generic", "avx2", "avx512",
+                                                           "bf16dot", "vnni"};
+
+const char *rp_qkernel_name(rp_qkernel k) {
+    return k >= 0 && k < RP_QKERNEL_COUNT ? kernel_names[k] : "?";
+}
+
+static rp_cpu_isa kernel_isa(rp_qkernel k) {
+    switch (k) {
+    case RP_QKERNEL_GENERIC: return RP_CPU_ISA_GENERIC;
+    case RP_QKERNEL_AVX2: return RP_CPU_ISA_AVX2;
+    case RP_QKERNEL_AVX512: return RP_CPU_ISA_AVX512;
+    case RP_QKERNEL_BF16DOT: return RP_CPU_ISA_AVX512BF16;
+    default: return RP_CPU_ISA_AVX512VNNI;
+    }
+}
+
+int rp_qkernel_available(rp_qkernel k, rp_qtype type) {
+    if (k < 0 || k >= RP_QKERNEL_COUNT) return 0;
+    if (k == RP_QKERNEL_GENERIC) return 1;
+#if RP_CPU_QKERN_X86
+    if (type == RP_QTYPE_F32) return 0;
+    if (k == RP_QKERNEL_BF16DOT && type != RP_QTYPE_BF16) return 0;
+    if (k == RP_QKERNEL_VNNI && type != RP_QTYPE_Q8) return 0;
+    return rp_cpu_isa_supported(kernel_isa(k));
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
+/* Preference per format, best first, measured with bench_cpu --quant on the
+ * Zen 5 machine (docs/perf/cpu.md, "Quantized GEMV/GEMM"): at M = 1 every
+ * AVX-512 kernel reads W at the same rate (memory-bound); at M = 8 the dot
+ * product kernels are 1.5-2.5x faster than widening (which spends two
+ * instructions per 16 weights per W row before the FMAs). One kernel per
+ * format for every M <= RP_QMATMUL_DECODE_ROWS: a row's bits must not depend
+ * on how many rows share the call. The dot kernels round x (bf16, or int8
+ * blocks): RP_CPU_ISA=avx512 keeps x in f32 (the widening kernels). */
+static const rp_qkernel bf16_order[] = {RP_QKERNEL_BF16DOT, RP_QKERNEL_AVX512, RP_QKERNEL_AVX2,
+                                        RP_QKERNEL_GENERIC};
+static const rp_qkernel q8_order[] = {RP_QKERNEL_VNNI, RP_QKERNEL_AVX512, RP_QKERNEL_AVX2,
+                                      RP_QKERNEL_GENERIC};
+
+static int env_state; /* 0: not read; 1: read, good; 2: read, bad (generic) */
+static rp_cpu_isa env_isa;
+
+rp_status rp_cpu_qmatmul_check_env(rp_error *err) {
+    rp_cpu_isa isa;
+    rp_status st = rp_cpu_isa_from_env(&isa, err);
+    env_isa = st == RP_OK ? isa : RP_CPU_ISA_GENERIC;
+    __atomic_store_n(&env_state, st == RP_OK ? 1 : 2, __ATOMIC_RELEASE);
+    return st;
+}
+
+static rp_cpu_isa allowed_isa(void) {
+    if (!__atomic_load_n(&env_state, __ATOMIC_ACQUIRE)) {
+        rp_error err = {0};
+        (void)rp_cpu_qmatmul_check_env(&err);
+    }
+    return env_isa;
+}
+
+rp_qkernel rp_qkernel_chosen(rp_qtype type) {
+    const rp_qkernel *order = type == RP_QTYPE_Q8 ? q8_order : bf16_order;
+    const rp_cpu_isa cap = allowed_isa();
+    for (int i = 0; i < 4; i++)
+        if (kernel_isa(order[i]) <= cap && rp_qkernel_available(order[i], type)) return order[i];
+    return RP_QKERNEL_GENERIC;
+}
+
+static cpu_qdecode_fn decode_fn(rp_qkernel k) {
+    switch (k) {
+#if RP_CPU_QKERN_X86
+    case RP_QKERNEL_AVX2: return cpu_qdecode_avx2;
+    case RP_QKERNEL_AVX512: return cpu_qdecode_avx512;
+    case RP_QKERNEL_BF16DOT: return cpu_qdecode_bf16dot;
+    case RP_QKERNEL_VNNI: return cpu_qdecode_vnni;
+#endif
+    default: return cpu_qdecode_generic;
+    }
+}
+
+/* The widener for prefill tiles: the kernel's ISA (the dot-product kernels
+ * widen with the AVX-512 one; their ISA implies it). */
+static cpu_qwiden_fn widen_fn(rp_qkernel k) {
+    switch (k) {
+#if RP_CPU_QKERN_X86
+    case RP_QKERNEL_AVX2: return cpu_qwiden_avx2;
+    case RP_QKERNEL_AVX512:
+    case RP_QKERNEL_BF16DOT:
+    case RP_QKERNEL_VNNI: return cpu_qwiden_avx512;
+#endif
+    default: return cpu_qwiden_generic;
+    }
+}
+
+void rp_q8_quantize_x(int8_t *xq, float *scales, const float *x, int K) {
+    for (int b = 0; b < K / RP_Q8_BLOCK; b++) {
+        const float *xb = x + b * RP_Q8_BLOCK;
+        float amax = 0.0f;
+        for (int i = 0; i < RP_Q8_BLOCK; i++) {
+            const float a = xb[i] < 0.0f ? -xb[i] : xb[i];
+            if (a > amax) amax = a;
+        }
+        const float scale = amax / 127.0f;
+        scales[b] = scale;
+        for (int i = 0; i < RP_Q8_BLOCK; i++) {
+            float q = scale > 0.0f ? nearbyintf(xb[i] / scale) : 0.0f;
+            q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+            xq[b * RP_Q8_BLOCK + i] = (int8_t)q;
+        }
+    }
+}
+
+/* x in the form kernel k reads (cpu_qx), in one allocation *buf (freed by
+ * the caller); 0 on success, -1 if it cannot be allocated. */
+static int prepare_x(rp_qkernel k, cpu_qx *px, void **buf, const float *x, int M, int K) {
+    *px = (cpu_qx){.x = x};
+    *buf = NULL;
+    if (k == RP_QKERNEL_BF16DOT) {
+        uint16_t *xb = malloc((size_t)M * K * sizeof *xb);
+        if (!xb) return -1;
+        for (size_t i = 0; i < (size_t)M * K; i++) xb[i] = rp_f32_to_bf16(x[i]);
+        px->xb = xb;
+        *buf = xb;
+    } else if (k == RP_QKERNEL_VNNI) {
+        const int nb = K / RP_Q8_BLOCK;
+        /* xse: [M, K/4] floats (M * K bytes), then xu: [M, K] bytes */
+        char *mem = malloc((size_t)M * K * 2);
+        if (!mem) return -1;
+        float *xse = (float *)mem;
+        uint8_t *xu = (uint8_t *)(mem + (size_t)M * K);
+        float scales[nb > 0 ? nb : 1];
+        int8_t *xq = (int8_t *)xu;
+        for (int m = 0; m < M; m++) {
+            rp_q8_quantize_x(xq + (size_t)m * K, scales, x + (size_t)m * K, K);
+            for (int i = 0; i < K; i++) xu[(size_t)m * K + i] = (uint8_t)(xq[(size_t)m * K + i] + 128);
+            for (int b = 0; b < nb; b++)
+                for (int l = 0; l < 8; l++) xse[(size_t)m * (K / 4) + b * 8 + l] = scales[b];
+        }
+        px->xu = xu;
+        px->xse = xse;
+        *buf = mem;
+    }
+    return 0;
+}
+
+static void slice(int total, int part, int parts, int align, int *begin, int *end) {
+    int chunk = (total + parts - 1) / parts;
+    chunk = (chunk + align - 1) / align * align;
+    long b = (long)chunk * part, e = b + chunk;
+    *begin = b < total ? (int)b : total;
+    *end = e < total ? (int)e : total;
+}
+
+static int tile_rows(int K) {
+    size_t rows = QMATMUL_TILE_BYTES / ((size_t)K * sizeof(float));
+    rows = rows / QMATMUL_SLICE_ALIGN * QMATMUL_SLICE_ALIGN;
+    return rows < QMATMUL_TILE_MIN_ROWS ? QMATMUL_TILE_MIN_ROWS : rows > 4096 ? 4096 : (int)rows;
+}
+
+/* Prefill rows [n0, n1) (whole tiles from a multiple of `tr`): each tile of
+ * W rows widened into `tile`, then one sgemm. */
+static void prefill_block(cpu_qwiden_fn widen, const rp_qmatrix *w, float *y, const float *x,
+                          int M, int n0, int n1, float beta, int tr, float *tile) {
+    const int N = w->N, K = w->K;
+    for (int n = n0; n < n1; n += tr) {
+        const int rows = n1 - n < tr ? n1 - n : tr;
+        widen(w, n, n + rows, tile);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, rows, K, 1.0f, x, K, tile, K,
+                    beta, y + n, N);
+    }
+}
+
+/* Prefill of a W up to QMATMUL_WIDE_MAX_BYTES as f32 (every layer matrix
+ * of the models we run; not the 0.1B head): the team widens all of W once
+ * into one buffer, then splits the rows of x as cpu_matmul.c splits a tall
+ * product, one sgemm over all of N per thread. Tiles of W (prefill_block)
+ * would repack x for every tile, and fixed tiles split N unevenly; fp32's
+ * own prefill (one sgemm per thread) is the speed to match. Row slices
+ * start at multiples of 24 and hold >= 64 rows and 2^21 multiply-adds, or
+ * one thread runs the sgemm: the conditions under which OpenBLAS gives a
+ * row the same bits wherever it falls (cpu_matmul.c). 0 when W is too big
+ * or the buffer cannot be allocated (the caller tiles instead). */
+#define QMATMUL_WIDE_MAX_BYTES ((size_t)64 << 20)
+#define QMATMUL_ROW_SLICE_ALIGN 24
+#define QMATMUL_MIN_ROW_SLICE_ROWS 64
+#define QMATMUL_MIN_ROW_SLICE_WORK ((size_t)1 << 21)
+
+static int prefill_whole(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
+                         float beta, int nt) {
+    const int N = w->N, K = w->K;
+    const size_t bytes = (size_t)N * K * sizeof(float);
+    if (bytes > QMATMUL_WIDE_MAX_BYTES) return 0;
+    float *wf = malloc(bytes);
+    if (!wf) return 0;
+    int row_parts = nt;
+    for (int part = 0; part < nt; part++) {
+        int b, e;
+        slice(M, part, nt, QMATMUL_ROW_SLICE_ALIGN, &b, &e);
+        if (e > b && (e - b < QMATMUL_MIN_ROW_SLICE_ROWS ||
+                      (size_t)(e - b) * N * K < QMATMUL_MIN_ROW_SLICE_WORK))
+            row_parts = 1;
+    }
+    const cpu_qwiden_fn widen = widen_fn(k);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int parts = omp_get_num_threads(), part = omp_get_thread_num();
+        int b, e;
+        slice(N, part, parts, QMATMUL_SLICE_ALIGN, &b, &e);
+        if (e > b) widen(w, b, e, wf + (size_t)b * K);
+#pragma omp barrier
+        if (part < row_parts) {
+            slice(M, part, row_parts < parts ? row_parts : parts, QMATMUL_ROW_SLICE_ALIGN, &b, &e);
+            if (e > b)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, e - b, N, K, 1.0f,
+                            x + (size_t)b * K, K, wf, K, beta, y + (size_t)b * N, N);
+        }
+    }
+    free(wf);
+    return 1;
+}
+
+void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
+                           float beta, int n_threads) {
+    const int N = w->N, K = w->K;
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        for (size_t i = 0; i < (size_t)M * N; i++) y[i] = beta == 0.0f ? 0.0f : beta * y[i];
+        return;
+    }
+    if (!rp_qkernel_available(k, w->type)) k = RP_QKERNEL_GENERIC;
+    const size_t work = (size_t)M * N * K;
+    int nt = work < QMATMUL_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
+    if (M > RP_QMATMUL_DECODE_ROWS) {
+        if (prefill_whole(k, w, y, x, M, beta, nt)) return;
+        const int tr = tile_rows(K);
+        const int tiles = (N + tr - 1) / tr;
+        if (nt > tiles) nt = tiles;
+        const cpu_qwiden_fn widen = widen_fn(k);
+        int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+        {
+            int b, e;
+            slice(N, omp_get_thread_num(), omp_get_num_threads(), tr, &b, &e);
+            if (e > b) {
+                float *tile = malloc((size_t)tr * K * sizeof *tile);
+                if (tile) prefill_block(widen, w, y, x, M, b, e, beta, tr, tile);
+                else failed = 1;
+                free(tile);
+            }
+        }
+        if (!failed) return;
+        k = RP_QKERNEL_GENERIC; /* no memory for a tile: the decode kernel, slow but right */
+    }
+    cpu_qx px;
+    void *buf;
+    if (prepare_x(k, &px, &buf, x, M, K)) {
+        k = RP_QKERNEL_GENERIC; /* widening kernels read x as it is */
+        px = (cpu_qx){.x = x};
+    }
+    const cpu_qdecode_fn decode = decode_fn(k);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int b, e;
+        slice(N, omp_get_thread_num(), omp_get_num_threads(), QMATMUL_SLICE_ALIGN, &b, &e);
+        /* More than 8 rows only when prefill could not allocate its tile. */
+        for (int m = 0; e > b && m < M; m += RP_QMATMUL_DECODE_ROWS) {
+            const int rows = M - m < RP_QMATMUL_DECODE_ROWS ? M - m : RP_QMATMUL_DECODE_ROWS;
+            cpu_qx pm = px;
+            pm.x = px.x + (size_t)m * K;
+            if (pm.xb) pm.xb += (size_t)m * K;
+            if (pm.xu) pm.xu += (size_t)m * K;
+            if (pm.xse) pm.xse += (size_t)m * (K / 4);
+            decode(w, y + (size_t)m * N, &pm, rows, b, e, beta);
+        }
+    }
+    free(buf);
+}
 
 void rp_cpu_qmatmul(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
                     int n_threads) {
-    const int N = w->N, K = w->K;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        float row[K > 0 ? K : 1];
-        rp_qmatrix_row_f32(w, n, row);
-        for (int m = 0; m < M; m++) {
-            float s = 0.0f;
-            for (int k = 0; k < K; k++) s += row[k] * x[(size_t)m * K + k];
-            float *yi = y + (size_t)m * N + n;
-            *yi = beta == 0.0f ? s : s + beta * *yi;
-        }
-    }
+    rp_cpu_qmatmul_kernel(rp_qkernel_chosen(w->type), w, y, x, M, beta, n_threads);
 }

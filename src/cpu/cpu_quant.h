@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/error.h"
+
 typedef enum { RP_QTYPE_F32 = 0, RP_QTYPE_BF16 = 1, RP_QTYPE_Q8 = 2 } rp_qtype;
 
 #define RP_Q8_BLOCK 32
@@ -55,5 +57,43 @@ void rp_qmatmul_ref(const rp_qmatrix *w, float *y, const float *x, int M, float 
  * order whatever n_threads and M (results are thread-count independent). */
 void rp_cpu_qmatmul(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
                     int n_threads);
+
+/* ---- kernels by name (cpu_qmatmul.c): tests, benchmarks, RP_CPU_ISA ----
+ * Every kernel gives each y element one summation order whatever n_threads
+ * and whichever M <= RP_QMATMUL_DECODE_ROWS rows share the call; above that
+ * (prefill) all kernels widen blocks of W to f32 and run sgemm on them. */
+#define RP_QMATMUL_DECODE_ROWS 8
+
+typedef enum {
+    RP_QKERNEL_GENERIC = 0,  /* portable C, W widened to f32 */
+    RP_QKERNEL_AVX2 = 1,     /* W widened to f32, FMA with f32 x */
+    RP_QKERNEL_AVX512 = 2,   /* the same on 16 lanes */
+    RP_QKERNEL_BF16DOT = 3,  /* BF16 only: x rounded to bf16 per call, vdpbf16ps */
+    RP_QKERNEL_VNNI = 4,     /* Q8 only: x quantized per block (rp_q8_quantize_x), vpdpbusd */
+    RP_QKERNEL_COUNT = 5
+} rp_qkernel;
+
+const char *rp_qkernel_name(rp_qkernel k);
+/* Whether kernel k handles `type` and runs on this CPU (ignores RP_CPU_ISA). */
+int rp_qkernel_available(rp_qkernel k, rp_qtype type);
+/* The kernel rp_cpu_qmatmul runs for `type`: the measured best (docs/perf/
+ * cpu.md) among those RP_CPU_ISA allows; generic where RP_CPU_ISA is bad. */
+rp_qkernel rp_qkernel_chosen(rp_qtype type);
+/* Reads RP_CPU_ISA now: an error naming the value and the choices when it
+ * is unknown or this CPU lacks it. Call it where errors can be reported
+ * (backend creation): rp_cpu_qmatmul cannot. */
+rp_status rp_cpu_qmatmul_check_env(rp_error *err);
+/* rp_cpu_qmatmul with kernel k (which must be available for w->type). */
+void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
+                           float beta, int n_threads);
+
+/* How the VNNI kernel rounds x, per row and per block of RP_Q8_BLOCK:
+ * scale = max|x| / 127 (f32), q = nearbyint(x / scale) in [-127, 127]
+ * (0 where the block is all zero). xq [K], scales [K / RP_Q8_BLOCK]. */
+void rp_q8_quantize_x(int8_t *xq, float *scales, const float *x, int K);
+/* rp_qmatmul_ref with x rounded as kernel k rounds it (bf16 for BF16DOT,
+ * rp_q8_quantize_x for VNNI; unrounded otherwise): the kernel's ground truth. */
+void rp_qmatmul_ref_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
+                           float beta);
 
 #endif

@@ -1,0 +1,42 @@
+/* Internal to cpu_qmatmul*.c: the per-ISA decode kernels (few rows of x, W
+ * streamed once) and W-row wideners (prefill tiles). Each ISA's functions
+ * live in their own file, compiled for that ISA with target pragmas, and run
+ * only where cpu_features.c found it. */
+#ifndef RP_CPU_QMATMUL_KERN_H
+#define RP_CPU_QMATMUL_KERN_H
+
+#include "cpu/cpu_quant.h"
+
+/* x as the kernels read it, prepared once per call. */
+typedef struct {
+    const float *x;      /* [M,K] f32 */
+    const uint16_t *xb;  /* BF16DOT: x rounded to bf16 [M,K] */
+    const uint8_t *xu;   /* VNNI: rp_q8_quantize_x's q + 128 [M,K] */
+    const float *xse;    /* VNNI: its scales, each repeated 8 times [M, K/4] */
+} cpu_qx;
+
+/* y[m, n] = dot(x row m, W row n) (+ beta y) for m < M <= 8, n in [n0, n1). */
+typedef void (*cpu_qdecode_fn)(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0,
+                               int n1, float beta);
+/* out [(n1 - n0), K] = W rows [n0, n1) widened to f32 (rp_qmatrix_row_f32's values). */
+typedef void (*cpu_qwiden_fn)(const rp_qmatrix *w, int n0, int n1, float *out);
+
+void cpu_qdecode_generic(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                         float beta);
+void cpu_qwiden_generic(const rp_qmatrix *w, int n0, int n1, float *out);
+
+#if defined(__x86_64__)
+#define RP_CPU_QKERN_X86 1
+void cpu_qdecode_avx2(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                      float beta);
+void cpu_qwiden_avx2(const rp_qmatrix *w, int n0, int n1, float *out);
+void cpu_qdecode_avx512(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                        float beta);
+void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out);
+void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                         float beta);
+void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                      float beta);
+#endif
+
+#endif

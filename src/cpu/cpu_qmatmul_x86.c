@@ -1,0 +1,364 @@
+/* The x86 SIMD kernels of the quantized matmul: AVX2 and AVX-512 widening
+ * (W to f32, FMA with f32 x), AVX512_BF16 dot products (vdpbf16ps, x rounded
+ * to bf16) and AVX512_VNNI int8 dot products (vpdpbusd, x quantized per
+ * block). Each section is compiled for its ISA by a target pragma whatever
+ * -march says, and runs only where cpu_features.c found that ISA. */
+#include "config.h"
+
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+#include <string.h>
+
+#include "core/dtype.h"
+#include "cpu/cpu_qmatmul_kern.h"
+
+#define AI inline __attribute__((always_inline))
+
+/* Software prefetch for 2 or more x rows, as in cpu_matmul.c (measured
+ * there: 16 KiB ahead into L2); one row is left to the hardware prefetcher. */
+#define QPF_BYTES 16384
+#define QPF_HINT 2
+
+/* Rows m0.. of y for one tile: sums[j * rows + m], stored with beta. */
+static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, int rows, int N,
+                          float beta) {
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) {
+            float *yi = y + (size_t)(m0 + m) * N + n + j;
+            *yi = beta == 0.0f ? sums[j * rows + m] : sums[j * rows + m] + beta * *yi;
+        }
+}
+
+/* Tiles of NW W rows x R x rows (constants, so the accumulators stay in
+ * registers); the tile shape changes which rows share loads, never the
+ * order of any one sum. */
+#define QROWS(TILE, R, NW)                                                                  \
+    do {                                                                                    \
+        int n_ = n0;                                                                        \
+        float sums_[32];                                                                    \
+        for (; n_ + (NW) <= n1; n_ += (NW)) {                                               \
+            TILE(sums_, w, n_, x, m, (NW), (R));                                            \
+            store_tile(y, sums_, m, n_, (NW), (R), w->N, beta);                             \
+        }                                                                                   \
+        for (; n_ < n1; n_++) {                                                             \
+            TILE(sums_, w, n_, x, m, 1, (R));                                               \
+            store_tile(y, sums_, m, n_, 1, (R), w->N, beta);                                \
+        }                                                                                   \
+    } while (0)
+
+#define QDRIVE(TILE)                                                                        \
+    for (int m = 0; m < M; m += 8) {                                                        \
+        switch (M - m) {                                                                    \
+        case 1: QROWS(TILE, 1, 1); break;                                                   \
+        case 2: QROWS(TILE, 2, 4); break;                                                   \
+        case 3: QROWS(TILE, 3, 4); break;                                                   \
+        case 4: QROWS(TILE, 4, 4); break;                                                   \
+        case 5: QROWS(TILE, 5, 2); break;                                                   \
+        case 6: QROWS(TILE, 6, 2); break;                                                   \
+        case 7: QROWS(TILE, 7, 2); break;                                                   \
+        default: QROWS(TILE, 8, 2); break;                                                  \
+        }                                                                                   \
+    }
+
+/* ================= AVX2 + FMA: widening, 8 lanes ================= */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+static AI __m256 bf16x8_f32(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static AI __m256 q8x8_f32(const int8_t *p) {
+    long long v;
+    memcpy(&v, p, 8);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v)));
+}
+
+static AI float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One W row against `rows` x rows; 8 lanes over k, then the K % 8 tail in order. */
+static AI void avx2_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                         int nw, int rows) {
+    const int K = w->K;
+    for (int j = 0; j < nw; j++) {
+        __m256 acc[8];
+        for (int m = 0; m < rows; m++) acc[m] = _mm256_setzero_ps();
+        int k = 0;
+        if (w->type == RP_QTYPE_BF16) {
+            const uint16_t *wr = (const uint16_t *)w->data + (size_t)(n + j) * K;
+            for (; k + 8 <= K; k += 8) {
+                const __m256 wv = bf16x8_f32(wr + k);
+                for (int m = 0; m < rows; m++)
+                    acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x->x + (size_t)(m0 + m) * K + k),
+                                             acc[m]);
+            }
+        } else { /* Q8: K is a multiple of 32 */
+            const int8_t *wr = (const int8_t *)w->data + (size_t)(n + j) * K;
+            const uint16_t *sr = w->scales + (size_t)(n + j) * (K / RP_Q8_BLOCK);
+            for (; k < K; k += 8) {
+                const __m256 wv = _mm256_mul_ps(q8x8_f32(wr + k),
+                                                _mm256_set1_ps(_cvtsh_ss(sr[k / RP_Q8_BLOCK])));
+                for (int m = 0; m < rows; m++)
+                    acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x->x + (size_t)(m0 + m) * K + k),
+                                             acc[m]);
+            }
+        }
+        for (int m = 0; m < rows; m++) {
+            float s = hsum8(acc[m]);
+            const uint16_t *wr = (const uint16_t *)w->data + (size_t)(n + j) * K;
+            for (int kt = k; kt < K; kt++)
+                s += rp_bf16_to_f32(wr[kt]) * x->x[(size_t)(m0 + m) * K + kt];
+            sums[j * rows + m] = s;
+        }
+    }
+}
+
+void cpu_qdecode_avx2(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                      float beta) {
+    QDRIVE(avx2_tile)
+}
+
+void cpu_qwiden_avx2(const rp_qmatrix *w, int n0, int n1, float *out) {
+    const int K = w->K;
+    for (int n = n0; n < n1; n++) {
+        float *o = out + (size_t)(n - n0) * K;
+        int k = 0;
+        if (w->type == RP_QTYPE_BF16) {
+            const uint16_t *wr = (const uint16_t *)w->data + (size_t)n * K;
+            for (; k + 8 <= K; k += 8) _mm256_storeu_ps(o + k, bf16x8_f32(wr + k));
+            for (; k < K; k++) o[k] = rp_bf16_to_f32(wr[k]);
+        } else if (w->type == RP_QTYPE_Q8) {
+            const int8_t *wr = (const int8_t *)w->data + (size_t)n * K;
+            const uint16_t *sr = w->scales + (size_t)n * (K / RP_Q8_BLOCK);
+            for (; k < K; k += 8)
+                _mm256_storeu_ps(o + k, _mm256_mul_ps(q8x8_f32(wr + k),
+                                                      _mm256_set1_ps(_cvtsh_ss(sr[k / RP_Q8_BLOCK]))));
+        } else {
+            rp_qmatrix_row_f32(w, n, o);
+        }
+    }
+}
+
+#pragma GCC pop_options
+
+/* ================= AVX-512: widening, 16 lanes ================= */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
+
+static AI __m512 bf16x16_f32(const uint16_t *p, __mmask16 mk) {
+    const __m256i h = _mm256_maskz_loadu_epi16(mk, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static AI __m512 q8x16_f32(const int8_t *p, float scale) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(scale));
+}
+
+/* sums[j * rows + m] = dot(W row n + j, x row m0 + m): one 16-lane f32
+ * accumulator over k (the last step masked), then _mm512_reduce_add_ps.
+ * Q8 weights are widened to q * scale (exactly the format's value). */
+static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                           int nw, int rows) {
+    const int K = w->K;
+    const float *xm = x->x + (size_t)m0 * K;
+    __m512 acc[4][8];
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) acc[j][m] = _mm512_setzero_ps();
+    if (w->type == RP_QTYPE_BF16) {
+        const uint16_t *wt = (const uint16_t *)w->data + (size_t)n * K;
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            if (rows > 1)
+                for (int j = 0; j < nw; j += 2)
+                    __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 32 * j + QPF_BYTES,
+                                       0, QPF_HINT);
+            __m512 wv[4];
+            for (int j = 0; j < nw; j++) wv[j] = bf16x16_f32(wt + (size_t)j * K + k, 0xffff);
+            for (int m = 0; m < rows; m++) {
+                const __m512 xv = _mm512_loadu_ps(xm + (size_t)m * K + k);
+                for (int j = 0; j < nw; j++) acc[j][m] = _mm512_fmadd_ps(wv[j], xv, acc[j][m]);
+            }
+        }
+        if (k < K) {
+            const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
+            __m512 wv[4];
+            for (int j = 0; j < nw; j++) wv[j] = bf16x16_f32(wt + (size_t)j * K + k, mk);
+            for (int m = 0; m < rows; m++) {
+                const __m512 xv = _mm512_maskz_loadu_ps(mk, xm + (size_t)m * K + k);
+                for (int j = 0; j < nw; j++) acc[j][m] = _mm512_fmadd_ps(wv[j], xv, acc[j][m]);
+            }
+        }
+    } else { /* Q8: K is a multiple of 32 */
+        const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
+        const uint16_t *st = w->scales + (size_t)n * (K / RP_Q8_BLOCK);
+        for (int k = 0; k < K; k += RP_Q8_BLOCK) {
+            if (rows > 1)
+                for (int j = 0; j < nw; j += 2)
+                    __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * (j / 2) +
+                                           QPF_BYTES / 2, 0, QPF_HINT);
+            __m512 wv[4][2];
+            for (int j = 0; j < nw; j++) {
+                const float s = _cvtsh_ss(st[(size_t)j * (K / RP_Q8_BLOCK) + k / RP_Q8_BLOCK]);
+                wv[j][0] = q8x16_f32(wt + (size_t)j * K + k, s);
+                wv[j][1] = q8x16_f32(wt + (size_t)j * K + k + 16, s);
+            }
+            for (int m = 0; m < rows; m++) {
+                const __m512 x0 = _mm512_loadu_ps(xm + (size_t)m * K + k);
+                const __m512 x1 = _mm512_loadu_ps(xm + (size_t)m * K + k + 16);
+                for (int j = 0; j < nw; j++) {
+                    acc[j][m] = _mm512_fmadd_ps(wv[j][0], x0, acc[j][m]);
+                    acc[j][m] = _mm512_fmadd_ps(wv[j][1], x1, acc[j][m]);
+                }
+            }
+        }
+    }
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) sums[j * rows + m] = _mm512_reduce_add_ps(acc[j][m]);
+}
+
+void cpu_qdecode_avx512(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                        float beta) {
+    QDRIVE(avx512_tile)
+}
+
+void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out) {
+    const int K = w->K;
+    for (int n = n0; n < n1; n++) {
+        float *o = out + (size_t)(n - n0) * K;
+        if (w->type == RP_QTYPE_BF16) {
+            const uint16_t *wr = (const uint16_t *)w->data + (size_t)n * K;
+            int k = 0;
+            for (; k + 16 <= K; k += 16) _mm512_storeu_ps(o + k, bf16x16_f32(wr + k, 0xffff));
+            if (k < K) {
+                const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
+                _mm512_mask_storeu_ps(o + k, mk, bf16x16_f32(wr + k, mk));
+            }
+        } else if (w->type == RP_QTYPE_Q8) {
+            const int8_t *wr = (const int8_t *)w->data + (size_t)n * K;
+            const uint16_t *sr = w->scales + (size_t)n * (K / RP_Q8_BLOCK);
+            for (int k = 0; k < K; k += 16)
+                _mm512_storeu_ps(o + k, q8x16_f32(wr + k, _cvtsh_ss(sr[k / RP_Q8_BLOCK])));
+        } else {
+            rp_qmatrix_row_f32(w, n, o);
+        }
+    }
+}
+
+#pragma GCC pop_options
+
+/* ================= AVX512_BF16: vdpbf16ps, x rounded to bf16 ================= */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+/* Each lane sums pairs of bf16 products (32 k per step, the last masked to
+ * zeros), then _mm512_reduce_add_ps. */
+static AI void bf16dot_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                            int nw, int rows) {
+    const int K = w->K;
+    const uint16_t *wt = (const uint16_t *)w->data + (size_t)n * K;
+    const uint16_t *xm = x->xb + (size_t)m0 * K;
+    __m512 acc[4][8];
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) acc[j][m] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        const __mmask32 mk = K - k >= 32 ? (__mmask32)0xffffffffu
+                                         : (__mmask32)((1u << (K - k)) - 1);
+        if (rows > 1)
+            for (int j = 0; j < nw; j++)
+                __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES, 0,
+                                   QPF_HINT);
+        __m512i wv[4];
+        for (int j = 0; j < nw; j++) wv[j] = _mm512_maskz_loadu_epi16(mk, wt + (size_t)j * K + k);
+        for (int m = 0; m < rows; m++) {
+            const __m512i xv = _mm512_maskz_loadu_epi16(mk, xm + (size_t)m * K + k);
+            for (int j = 0; j < nw; j++)
+                acc[j][m] = _mm512_dpbf16_ps(acc[j][m], (__m512bh)wv[j], (__m512bh)xv);
+        }
+    }
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) sums[j * rows + m] = _mm512_reduce_add_ps(acc[j][m]);
+}
+
+void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                         float beta) {
+    QDRIVE(bf16dot_tile)
+}
+
+#pragma GCC pop_options
+
+/* ================= AVX512_VNNI: vpdpbusd on int8 blocks ================= */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+/* 64 k (two blocks) per step: vpdpbusd multiplies unsigned by signed bytes,
+ * so x enters as q + 128 and 128 * sum(w) (one more vpdpbusd, shared by the
+ * tile's x rows) is taken off: the block dot is exact in int32. Lanes 0-7
+ * hold the first block, 8-15 the second; each lane's int32 goes to f32
+ * (exact) and is added times (w scale * x scale) into a 16-lane f32
+ * accumulator, then _mm512_reduce_add_ps. A last single block is masked. */
+/* The fp16 scales of blocks b and b + 1 (b only when !both) as f32 in lanes
+ * 0-7 and 8-15. */
+static AI __m512 q8_scales2(const uint16_t *s, int both) {
+    const uint32_t v = both ? (uint32_t)s[0] | (uint32_t)s[1] << 16 : (uint32_t)s[0];
+    const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128((int)v));
+    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(f));
+}
+
+static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                         int nw, int rows) {
+    const int K = w->K, nb = K / RP_Q8_BLOCK;
+    const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
+    const uint8_t *xm = x->xu + (size_t)m0 * K;
+    const float *xs = x->xse + (size_t)m0 * (K / 4);
+    const uint16_t *st = w->scales + (size_t)n * nb;
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4][8];
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) acc[j][m] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 64) {
+        const int full = K - k >= 64;
+        const __mmask64 mk = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
+        const __mmask16 mf = full ? (__mmask16)0xffff : (__mmask16)0xff;
+        if (rows > 1)
+            for (int j = 0; j < nw; j++)
+                __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES / 2,
+                                   0, QPF_HINT);
+        __m512i wv[4], cw[4];
+        __m512 sw[4];
+        for (int j = 0; j < nw; j++) {
+            wv[j] = _mm512_maskz_loadu_epi8(mk, wt + (size_t)j * K + k);
+            cw[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv[j]);
+            sw[j] = q8_scales2(st + (size_t)j * nb + k / RP_Q8_BLOCK, full);
+        }
+        for (int m = 0; m < rows; m++) {
+            const __m512i xv = _mm512_maskz_loadu_epi8(mk, xm + (size_t)m * K + k);
+            const __m512 sx = _mm512_maskz_loadu_ps(mf, xs + (size_t)m * (K / 4) + k / 4);
+            for (int j = 0; j < nw; j++) {
+                const __m512i d = _mm512_sub_epi32(
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv[j]), cw[j]);
+                acc[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw[j], sx),
+                                            acc[j][m]);
+            }
+        }
+    }
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) sums[j * rows + m] = _mm512_reduce_add_ps(acc[j][m]);
+}
+
+void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                      float beta) {
+    QDRIVE(vnni_tile)
+}
+
+#pragma GCC pop_options
+
+#endif /* __x86_64__ */

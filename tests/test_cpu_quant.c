@@ -1,0 +1,284 @@
+/* The quantized matmul (src/cpu/cpu_qmatmul*.c, issue 20): every kernel this
+ * CPU runs against the double reference with the format's rounding (and the
+ * kernel's own rounding of x), K off the vector width, beta 0 and 1, M = 1-9,
+ * 64 and 512 (prefill tiles); bits independent of thread count and of how
+ * many rows share a call; run-time dispatch and RP_CPU_ISA. */
+#include "config.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "cpu/cpu_features.h"
+#include "cpu/cpu_quant.h"
+
+typedef struct {
+    rp_qmatrix w;
+    void *data;
+    uint16_t *scales;
+    float *wf; /* the f32 matrix it was quantized from [N,K] */
+} qmat;
+
+static float frand(unsigned long long *s) {
+    *s = *s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (float)((*s >> 40) & 0xffffff) / (float)0x1000000 * 2.0f - 1.0f;
+}
+
+/* Random W [N,K] with magnitudes varying by row and block (so Q8 scales differ). */
+static void qmat_make(qmat *q, rp_qtype type, int N, int K, unsigned long long seed) {
+    q->wf = malloc((size_t)N * K * sizeof(float));
+    assert_non_null(q->wf);
+    for (size_t i = 0; i < (size_t)N * K; i++)
+        q->wf[i] = frand(&seed) * (0.05f + (float)((i / 32) % 7));
+    q->data = malloc(rp_qmatrix_data_bytes(type, N, K) + 1);
+    q->scales = malloc(rp_qmatrix_scale_bytes(type, N, K) + 2);
+    assert_non_null(q->data);
+    assert_non_null(q->scales);
+    rp_quantize_matrix(type, q->data, q->scales, q->wf, N, K, 0);
+    q->w = (rp_qmatrix){.type = type, .N = N, .K = K, .data = q->data,
+                        .scales = type == RP_QTYPE_Q8 ? q->scales : NULL};
+}
+
+static void qmat_free(qmat *q) {
+    free(q->wf);
+    free(q->data);
+    free(q->scales);
+}
+
+static float *frand_array(size_t n, unsigned long long seed) {
+    float *a = malloc(n * sizeof *a + 4);
+    assert_non_null(a);
+    for (size_t i = 0; i < n; i++) a[i] = frand(&seed);
+    return a;
+}
+
+/* The bound for a kernel against its reference: each y element is a sum in
+ * f32 of at most K/8 + 16 rounded terms per lane and tree level (8 lanes for
+ * AVX2, 16 for the others, a pairwise tree), so its error is at most
+ * (K/8 + 16) * 2^-24 * sum_k |w_k| |x_k| (the sum of |terms|, from the
+ * dequantized W and the kernel's rounded x), plus 2^-24 |y| for beta = 1. */
+static double bound_scale(int K) {
+    return (K / 8 + 16) * ldexp(1.0, -24);
+}
+
+/* Checks kernel k on W [N,K] of `type`, x [M,K], beta, n_threads: every
+ * element within the bound of rp_qmatmul_ref_kernel. */
+static double worst_ratio; /* largest error / bound seen, printed per kernel */
+
+static void check_kernel(rp_qkernel k, rp_qtype type, int N, int K, int M, float beta,
+                         int n_threads) {
+    qmat q;
+    qmat_make(&q, type, N, K, 7 + (unsigned)(N * 31 + K));
+    float *x = frand_array((size_t)M * K, 99 + (unsigned)M);
+    float *y = frand_array((size_t)M * N, 5), *yref = malloc((size_t)M * N * sizeof(float));
+    float *y0 = malloc((size_t)M * N * sizeof(float));
+    float *row = malloc((size_t)K * sizeof(float) + 4);
+    assert_non_null(yref);
+    assert_non_null(y0);
+    assert_non_null(row);
+    memcpy(y0, y, (size_t)M * N * sizeof(float));
+    memcpy(yref, y, (size_t)M * N * sizeof(float));
+    rp_cpu_qmatmul_kernel(k, &q.w, y, x, M, beta, n_threads);
+    /* Prefill (M > 8) widens W for sgemm with x as it is, whatever k. */
+    rp_qmatmul_ref_kernel(M > RP_QMATMUL_DECODE_ROWS ? RP_QKERNEL_GENERIC : k, &q.w, yref, x, M,
+                          beta);
+    double worst = 0.0;
+    for (int n = 0; n < N; n++) {
+        rp_qmatrix_row_f32(&q.w, n, row);
+        for (int m = 0; m < M; m++) {
+            double mag = 0.0;
+            /* |x| bounds the rounded x within a factor 1 + 2^-8 (bf16) or
+             * 1 + 1/254 (int8 blocks): 1.01 covers both. */
+            for (int kk = 0; kk < K; kk++) mag += fabs((double)row[kk] * x[(size_t)m * K + kk]);
+            const size_t i = (size_t)m * N + n;
+            const double tol = bound_scale(K) * 1.01 * mag +
+                               (beta != 0.0f ? ldexp(fabs(y0[i]) + fabs(yref[i]), -24) : 0.0) +
+                               1e-30;
+            const double err = fabs((double)y[i] - (double)yref[i]);
+            if (err / tol > worst) worst = err / tol;
+            if (!(err <= tol))
+                fail_msg("kernel %s %s N=%d K=%d M=%d beta=%g threads=%d: y[%d,%d]=%.9g, "
+                         "reference %.9g, error %.3g > bound %.3g",
+                         rp_qkernel_name(k), rp_qtype_name(type), N, K, M, beta, n_threads, m,
+                         n, y[i], yref[i], err, tol);
+        }
+    }
+    if (M <= RP_QMATMUL_DECODE_ROWS && worst > worst_ratio) worst_ratio = worst; /* the kernel itself */
+    free(row);
+    free(y0);
+    free(yref);
+    free(y);
+    free(x);
+    qmat_free(&q);
+}
+
+static int n_available(rp_qtype type) {
+    int n = 0;
+    for (int k = 0; k < RP_QKERNEL_COUNT; k++) n += rp_qkernel_available((rp_qkernel)k, type);
+    return n;
+}
+
+static void check_all_kernels(rp_qtype type, const int *Ks, int nK) {
+    static const int Ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 64, 512};
+    for (int k = 0; k < RP_QKERNEL_COUNT; k++) {
+        if (!rp_qkernel_available((rp_qkernel)k, type)) {
+            print_message("  %s: kernel %s not for this format or CPU: not tested\n",
+                          rp_qtype_name(type), rp_qkernel_name((rp_qkernel)k));
+            continue;
+        }
+        worst_ratio = 0.0;
+        for (int ki = 0; ki < nK; ki++)
+            for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++)
+                for (int beta = 0; beta <= 1; beta++) {
+                    /* N = 37: tiles of 4 and 2 rows plus single rows. */
+                    const int N = Ms[mi] >= 64 ? 45 : 37;
+                    check_kernel((rp_qkernel)k, type, N, Ks[ki], Ms[mi], (float)beta, 1);
+                }
+        print_message("  %s kernel %s: decode rows: worst error %.3g of the bound\n", rp_qtype_name(type),
+                      rp_qkernel_name((rp_qkernel)k), worst_ratio);
+    }
+}
+
+static void test_bf16_kernels_match_reference(void **state) {
+    (void)state;
+    /* 777 and 15: not a multiple of 8, 16 or 32 (masked tails); 33: one
+     * full bf16 dot step plus one element. */
+    static const int Ks[] = {768, 777, 15, 33};
+    assert_true(n_available(RP_QTYPE_BF16) >= 1);
+    check_all_kernels(RP_QTYPE_BF16, Ks, 4);
+}
+
+static void test_q8_kernels_match_reference(void **state) {
+    (void)state;
+    /* Q8 needs K % 32 == 0; 96 and 32 end on a half (masked) VNNI step. */
+    static const int Ks[] = {768, 96, 32};
+    check_all_kernels(RP_QTYPE_Q8, Ks, 3);
+}
+
+/* Every kernel gives the same bits per row however many rows share the call
+ * (M = 1 vs 8) and on 1 or 2 threads; prefill the same bits on 1 and 2
+ * threads, with W widened whole (M = 64: one thread runs the sgemm; M = 512:
+ * rows split) and in tiles (a W over 64 MiB as f32: 16400 x 1024, 9 tiles). */
+static void test_thread_and_row_count_independence(void **state) {
+    (void)state;
+    static const int cases[][3] = {{4200, 1024, 8}, {4200, 1024, 64}, {4200, 1024, 512},
+                                   {16400, 1024, 9}}; /* N, K, M */
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
+            const int N = cases[c][0], K = cases[c][1], M = cases[c][2];
+            const rp_qtype type = (rp_qtype)t;
+            qmat q;
+            qmat_make(&q, type, N, K, 3);
+            float *x = frand_array((size_t)M * K, 11);
+            float *y1 = calloc((size_t)M * N, sizeof(float));
+            float *y2 = calloc((size_t)M * N, sizeof(float));
+            assert_non_null(y1);
+            assert_non_null(y2);
+            for (int k = 0; k < RP_QKERNEL_COUNT; k++) {
+                if (!rp_qkernel_available((rp_qkernel)k, type)) continue;
+                /* prefill runs the same sgemm whatever the kernel: two suffice */
+                if (M > RP_QMATMUL_DECODE_ROWS && k > RP_QKERNEL_AVX2) continue;
+                rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y1, x, M, 0.0f, 1);
+                rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y2, x, M, 0.0f, 2);
+                if (memcmp(y1, y2, (size_t)M * N * sizeof(float)))
+                    fail_msg("%s kernel %s N=%d K=%d M=%d: 1 and 2 threads differ",
+                             rp_qtype_name(type), rp_qkernel_name((rp_qkernel)k), N, K, M);
+                for (int m = 0; M == 8 && m < M; m++) {
+                    rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y2, x + (size_t)m * K, 1, 0.0f,
+                                          2);
+                    if (memcmp(y1 + (size_t)m * N, y2, (size_t)N * sizeof(float)))
+                        fail_msg("%s kernel %s: row %d alone differs from row %d of 8",
+                                 rp_qtype_name(type), rp_qkernel_name((rp_qkernel)k), m, m);
+                }
+            }
+            free(y1);
+            free(y2);
+            free(x);
+            qmat_free(&q);
+        }
+}
+
+static void test_isa_env(void **state) {
+    (void)state;
+    rp_error err = {0};
+    const rp_cpu_isa best = rp_cpu_isa_detect();
+    unsetenv("RP_CPU_ISA");
+    assert_int_equal(rp_cpu_qmatmul_check_env(&err), RP_OK);
+    print_message("  this CPU: %s; chosen kernels: bf16 %s, int8 %s\n", rp_cpu_isa_name(best),
+                  rp_qkernel_name(rp_qkernel_chosen(RP_QTYPE_BF16)),
+                  rp_qkernel_name(rp_qkernel_chosen(RP_QTYPE_Q8)));
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2"))
+        assert_true(best >= RP_CPU_ISA_AVX512);
+    if (__builtin_cpu_supports("avx512vnni") && best >= RP_CPU_ISA_AVX512)
+        assert_int_equal(rp_qkernel_chosen(RP_QTYPE_Q8), RP_QKERNEL_VNNI);
+    if (rp_cpu_isa_supported(RP_CPU_ISA_AVX512BF16))
+        assert_int_equal(rp_qkernel_chosen(RP_QTYPE_BF16), RP_QKERNEL_BF16DOT);
+#endif
+
+    setenv("RP_CPU_ISA", "avx9", 1);
+    assert_int_equal(rp_cpu_qmatmul_check_env(&err), RP_ERR_ARG);
+    assert_non_null(strstr(err.msg, "'avx9'"));
+    assert_non_null(strstr(err.msg, RP_CPU_ISA_CHOICES));
+    /* a bad value runs the portable kernel, never a guess */
+    assert_int_equal(rp_qkernel_chosen(RP_QTYPE_BF16), RP_QKERNEL_GENERIC);
+
+    for (int i = RP_CPU_ISA_GENERIC; i <= RP_CPU_ISA_AVX512VNNI; i++) {
+        setenv("RP_CPU_ISA", rp_cpu_isa_name((rp_cpu_isa)i), 1);
+        rp_status st = rp_cpu_qmatmul_check_env(&err);
+        if (!rp_cpu_isa_supported((rp_cpu_isa)i)) {
+            assert_int_equal(st, RP_ERR_ARG);
+            assert_non_null(strstr(err.msg, "does not have it"));
+            continue;
+        }
+        assert_int_equal(st, RP_OK);
+        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
+            const rp_qkernel k = rp_qkernel_chosen((rp_qtype)t);
+            assert_true(rp_qkernel_available(k, (rp_qtype)t));
+            if (i == RP_CPU_ISA_GENERIC) assert_int_equal(k, RP_QKERNEL_GENERIC);
+            if (i == RP_CPU_ISA_AVX2) assert_true(k <= RP_QKERNEL_AVX2);
+            if (i == RP_CPU_ISA_AVX512) assert_true(k <= RP_QKERNEL_AVX512);
+        }
+    }
+
+    /* Forced generic: rp_cpu_qmatmul itself runs it and agrees with the
+     * reference (and with the best kernel within both bounds). */
+    setenv("RP_CPU_ISA", "generic", 1);
+    assert_int_equal(rp_cpu_qmatmul_check_env(&err), RP_OK);
+    const int N = 40, K = 256, M = 3;
+    for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
+        qmat q;
+        qmat_make(&q, (rp_qtype)t, N, K, 17);
+        float *x = frand_array((size_t)M * K, 4);
+        float y[M * N], yg[M * N], yr[M * N];
+        rp_cpu_qmatmul(&q.w, y, x, M, 0.0f, 1);
+        rp_cpu_qmatmul_kernel(RP_QKERNEL_GENERIC, &q.w, yg, x, M, 0.0f, 1);
+        rp_qmatmul_ref(&q.w, yr, x, M, 0.0f);
+        assert_memory_equal(y, yg, sizeof y);
+        for (int i = 0; i < M * N; i++) assert_true(fabsf(y[i] - yr[i]) <= 1e-4f * (1.0f + fabsf(yr[i])));
+        free(x);
+        qmat_free(&q);
+    }
+    unsetenv("RP_CPU_ISA");
+    assert_int_equal(rp_cpu_qmatmul_check_env(&err), RP_OK);
+}
+
+int main(void) {
+    openblas_set_num_threads(1); /* as the CPU backend runs it: one BLAS thread per team member */
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_bf16_kernels_match_reference),
+        cmocka_unit_test(test_q8_kernels_match_reference),
+        cmocka_unit_test(test_thread_and_row_count_independence),
+        cmocka_unit_test(test_isa_env),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
