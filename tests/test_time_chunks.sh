@@ -52,6 +52,49 @@ check "--time-chunks is refused without --grads or when T-1 is not a multiple"
 grep -q "multiple" "$T/stderr" || fail "no clear error for 5 inputs in 4 chunks"
 ok
 
+# train: 6 steps of 4 sequences of 64 tokens (2 micro-batches), one pass
+# vs 4 chunks of 16; losses, eval loss and weights within 1e-5.
+COMMON=(train --model-config L2-C64-V64 --data mqar --batch 4 --micro-batch 2 --steps 6
+        --warmup 1 --lr 3e-3 --eval-interval 3 --eval-batches 1 --log-interval 1 --loss-on all
+        --seed 3 --init-seed 5 --threads 1 -q)
+same_run() {
+    "$PYTHON3" - "$T/$1.jsonl" "$T/$2.jsonl" <<'PY' || fail "$2: losses differ from $1"
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1])]
+b = [json.loads(l) for l in open(sys.argv[2])]
+assert len(a) == len(b) == 6, (len(a), len(b))
+for x, y in zip(a, b):
+    for k in ("loss", "eval_loss"):
+        if k in x or k in y:
+            assert abs(x[k] - y[k]) <= 1e-5 * max(1, abs(x[k])), (k, x, y)
+PY
+    "$PYTHON3" "$COMPARE" "$T/$1.st" "$T/$2.st" --tol 1e-5 >"$T/cmp" 2>&1 ||
+        { cat "$T/cmp"; fail "$2: weights differ from $1"; }
+}
+check "train --seq-len 64 --ctx-len 16 (4 chunks) trains like --ctx-len 64 (1e-5)"
+"$BIN" "${COMMON[@]}" --ctx-len 64 --metrics "$T/one.jsonl" -o "$T/one.st" >"$T/stdout" \
+    2>"$T/stderr" || fail "train --ctx-len 64"
+"$BIN" "${COMMON[@]}" --ctx-len 16 --seq-len 64 --metrics "$T/ch.jsonl" -o "$T/ch.st" \
+    >"$T/stdout" 2>"$T/stderr" || fail "train --seq-len 64 --ctx-len 16"
+same_run one ch
+"$BIN" "${COMMON[@]}" --ctx-len 16 --seq-len 64 --tbptt --metrics "$T/tb.jsonl" -o "$T/tb.st" \
+    >"$T/stdout" 2>"$T/stderr" || fail "train --tbptt"
+"$PYTHON3" "$COMPARE" "$T/one.st" "$T/tb.st" --tol 1e-5 >"$T/cmp" 2>&1 &&
+    fail "train --tbptt gave the full-BPTT weights"
+"$BIN" "${COMMON[@]}" --ctx-len 16 --seq-len 60 -o "$T/x.st" >"$T/stdout" 2>"$T/stderr" &&
+    fail "--seq-len 60 --ctx-len 16 accepted"
+grep -q "multiple of --ctx-len" "$T/stderr" || fail "no clear error for --seq-len 60"
+ok
+
+if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
+    check "train --pp 2 --seq-len 64 --ctx-len 16 trains like one process (1e-5)"
+    "$MPIRUN" -np 2 "$BIN" "${COMMON[@]}" --pp 2 --ctx-len 16 --seq-len 64 \
+        --metrics "$T/pp2.jsonl" -o "$T/pp2.st" >"$T/stdout" 2>"$T/stderr" ||
+        fail "train --pp 2 --seq-len 64"
+    same_run ch pp2
+    ok
+fi
+
 if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
     check "--pp 2: 4 time chunks over 2 stages give the chunked gradients of one process, bit for bit"
     "$MPIRUN" -np 2 "$BIN" logits --pp 2 --model "$T/m.st" --tokens "$TOKENS" --grads \
