@@ -57,6 +57,11 @@ static void train_usage(FILE *out) {
             "                       time chunks of T that carry the recurrent state, full\n"
             "                       BPTT across them: the memory of T (default: T)\n"
             "  --tbptt              with --seq-len: no state gradient between chunks\n"
+            "  --tune WHAT          'state': state tuning: train only each layer's initial\n"
+            "                       WKV state (weights frozen, --init-from a model);\n"
+            "                       needs --state-out\n"
+            "  --state-out FILE     where --tune state writes the tuned states\n"
+            "                       (blocks.L.att.time_state, loadable as a server session)\n"
             "  --mqar-pairs N       key-value pairs per MQAR sample (default: ctx/4)\n"
             "  --loss-on WHAT       synthetic tasks: 'answers' (default) or 'all' tokens\n"
             "  --seed S             data order and synthetic samples (default 1)\n"
@@ -138,6 +143,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"halt-on-nan", no_argument, 0, 'H'},       {"no-halt-on-nan", no_argument, 0, 'N'},
         {"log-dir", required_argument, 0, 'g'},
         {"seq-len", required_argument, 0, 1003},    {"tbptt", no_argument, 0, 1004},
+        {"tune", required_argument, 0, 1005},       {"state-out", required_argument, 0, 1006},
         {"device", required_argument, 0, 1001},     {"gpu-math", required_argument, 0, 1002},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
@@ -196,6 +202,12 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 1003: o.seq_len = (int)cli_parse_int(cli, "--seq-len", optarg, 2, 1 << 30); break;
         case 1004: o.tbptt = 1; break;
+        case 1005:
+            if (strcmp(optarg, "state") != 0)
+                cli_fatal(cli, "--tune: '%s' is not 'state' (the only tuning so far)", optarg);
+            o.tune_state = 1;
+            break;
+        case 1006: o.state_out = optarg; break;
         case 'q': o.progress = NULL; break;
         case 'C': o.ckpt_dir = optarg; break;
         case 'K': o.ckpt_interval = (long)cli_parse_int(cli, "--checkpoint-interval", optarg, 0, 1LL << 40); break;
@@ -232,6 +244,13 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (o.seq_len > 0 && o.seq_len % o.ctx_len != 0)
         cli_fatal(cli, "--seq-len %d must be a multiple of --ctx-len %d (the time chunk)",
                   o.seq_len, o.ctx_len);
+    if (o.tune_state && !o.state_out)
+        cli_fatal(cli, "--tune state needs --state-out FILE (where the tuned states go)");
+    if (o.state_out && !o.tune_state)
+        cli_fatal(cli, "--state-out needs --tune state");
+    if (o.tune_state && (o.ckpt_dir || o.resume_path))
+        cli_fatal(cli, "--tune state does not write or resume checkpoints yet: drop "
+                  "--checkpoint-dir / --resume (the tuned states go to --state-out)");
     if (o.tbptt && o.seq_len <= o.ctx_len)
         cli_fatal(cli, "--tbptt needs --seq-len longer than --ctx-len (time chunks)");
     if (run_tokens > 0) {

@@ -133,8 +133,70 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
     return RP_OK;
 }
 
+rp_status rp_pipe_trainer_tune_state(rp_pipe_trainer *pt, rp_error *err) {
+    rp_backend *be = pt->model->be;
+    const rp_config *c = &pt->model->cfg;
+    const size_t hnn = (size_t)c->n_head * c->head_size * c->head_size;
+    const size_t n = hnn * (size_t)(pt->model->layer_end - pt->model->layer_begin);
+    const size_t bytes = (n ? n : 1) * sizeof(float);
+    pt->tuned_floats = n;
+    pt->tuned = be->alloc(be, bytes);
+    pt->tuned_m = be->alloc(be, bytes);
+    pt->tuned_v = be->alloc(be, bytes);
+    pt->tuned_grad_dev = be->alloc(be, bytes);
+    pt->tuned_grad = calloc(n ? n : 1, sizeof(float));
+    pt->dstate_host = malloc(pt->dstate.floats_per_slot * (size_t)pt->micro_batch_size *
+                             sizeof(float));
+    if (!pt->tuned || !pt->tuned_m || !pt->tuned_v || !pt->tuned_grad_dev || !pt->tuned_grad ||
+        !pt->dstate_host)
+        return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the tuned states of %zu floats",
+                            n);
+    be->fill_zero(be, pt->tuned, bytes);
+    be->fill_zero(be, pt->tuned_m, bytes);
+    be->fill_zero(be, pt->tuned_v, bytes);
+    pt->tune_state = 1;
+    return RP_OK;
+}
+
+/* Every slot's state at the start of a sequence: zero, or with state tuning
+ * the tuned WKV states (token shifts zero, as the official state tuning). */
+static void start_state(rp_pipe_trainer *pt) {
+    rp_backend *be = pt->model->be;
+    be->fill_zero(be, pt->state.data,
+                  pt->state.floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float));
+    if (!pt->tune_state) return;
+    const size_t hnn = (size_t)pt->state.n_head * pt->state.head_size * pt->state.head_size;
+    for (int b = 0; b < pt->micro_batch_size; b++)
+        for (int l = pt->state.layer_begin; l < pt->state.layer_end; l++)
+            be->copy(be, rp_state_wkv(&pt->state, b, l),
+                     pt->tuned + (size_t)(l - pt->state.layer_begin) * hnn, hnn * sizeof(float));
+}
+
+/* State tuning: adds d(initial WKV state) of every slot (pt->dstate after a
+ * sequence's first backward) to the tuned states' gradient. */
+static void accumulate_tuned_grad(rp_pipe_trainer *pt) {
+    rp_backend *be = pt->model->be;
+    const rp_state *d = &pt->dstate;
+    const size_t hnn = (size_t)d->n_head * d->head_size * d->head_size;
+    be->copy_to_host(be, pt->dstate_host, d->data,
+                     d->floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float));
+    rp_state host = *d;
+    host.data = pt->dstate_host;
+    for (int b = 0; b < pt->micro_batch_size; b++)
+        for (int l = d->layer_begin; l < d->layer_end; l++) {
+            const float *src = rp_state_wkv(&host, b, l);
+            float *dst = pt->tuned_grad + (size_t)(l - d->layer_begin) * hnn;
+            for (size_t i = 0; i < hnn; i++) dst[i] += src[i];
+        }
+}
+
 void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
     rp_backend *be = pt->model ? pt->model->be : NULL;
+    float *tuned_dev[] = {pt->tuned, pt->tuned_m, pt->tuned_v, pt->tuned_grad_dev};
+    for (int i = 0; i < 4; i++)
+        if (be && tuned_dev[i]) be->free(be, tuned_dev[i]);
+    free(pt->tuned_grad);
+    free(pt->dstate_host);
     /* Slot 0 last: the others borrow its scratch. */
     for (int i = pt->n_stash - 1; pt->stash && i >= 0; i--)
         rp_backward_workspace_free(&pt->stash[i], be);
@@ -314,7 +376,7 @@ static rp_status chunk_forward(rp_pipe_trainer *pt, rp_backward_workspace *tw,
         pt->state.floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float);
     float *kept = pt->chunk_states + (size_t)mb * (state_bytes / sizeof(float));
     if (first) {
-        if (mb % pt->n_chunks == 0) be->fill_zero(be, pt->state.data, state_bytes);
+        if (mb % pt->n_chunks == 0) start_state(pt);
         be->copy(be, kept, pt->state.data, state_bytes);
     } else {
         be->copy(be, pt->state.data, kept, state_bytes);
@@ -370,6 +432,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
      * BWD, after a receive it usually waits for: it zeroes there, off the
      * path of its forwards (the last stage's FWD accumulates the head's, and
      * a lone stage has no receive: they zero now). */
+    if (pt->tune_state) memset(pt->tuned_grad, 0, pt->tuned_floats * sizeof(float));
     int zero_pending = next_op(list, n, -1, RP_OP_RECV_GRAD) >= 0 && !m->has_head;
     if (!zero_pending) zero_grads(pt);
     /* The first receive of each kind is posted before any compute. */
@@ -450,7 +513,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                     rp_error_prefix(err, "stage %d: forward of time chunk %d", pt->stage, mb);
                 break;
             }
-            be->fill_zero(be, pt->state.data, state_bytes);
+            start_state(pt);
             if (m->has_embed &&
                 (st = rp_backward_embed_forward(m, tw, inputs + (size_t)mb * R, &pt->batch, err)) !=
                     RP_OK)
@@ -494,6 +557,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 be->fill_zero(be, pt->dstate.data, state_bytes);
             for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
                 rp_backward_block_backward(m, pt->grads, tw, l, &pt->dstate, &pt->batch);
+            if (pt->tune_state && (!chunked || mb % pt->n_chunks == 0))
+                accumulate_tuned_grad(pt);
             if (m->has_embed)
                 rp_backward_embed_backward(m, pt->grads, tw, inputs + (size_t)mb * R, &pt->batch);
             be->synchronize(be);
@@ -506,11 +571,18 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             for (int b = 0; b < pt->n_stash && st == RP_OK; b++)
                 st = wait_pending(pt, b, PENDING_ALL, err);
             if (st == RP_OK) st = reduce_grads(pt, err);
+            if (st == RP_OK && pt->tune_state && pt->dp > 1)
+                st = allreduce_host(pt, pt->tuned_grad, pt->tuned_floats, err);
             break;
         case RP_OP_OPT_STEP: {
             if (!optim) break;  /* gradients only: the weights stay */
             double t0 = rp_now_seconds();
-            double sumsq = rp_grad_sum_squares(pt->grads);
+            double sumsq = 0;
+            if (pt->tune_state)
+                for (size_t k = 0; k < pt->tuned_floats; k++)
+                    sumsq += (double)pt->tuned_grad[k] * pt->tuned_grad[k];
+            else
+                sumsq = rp_grad_sum_squares(pt->grads);
             pt->update_seconds += rp_now_seconds() - t0;
             if (pt->n_stages > 1) {
                 MPI_Request req;
@@ -536,8 +608,20 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 break;
             }
             t0 = rp_now_seconds();
-            rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
-                          rp_clip_scale(grad_norm, optim->grad_clip));
+            if (pt->tune_state) {
+                /* Only the tuned states move (AdamW, no weight decay). */
+                be->copy_to_device(be, pt->tuned_grad_dev, pt->tuned_grad,
+                                   pt->tuned_floats * sizeof(float));
+                be->adamw(be, pt->tuned, pt->tuned_grad_dev, pt->tuned_m, pt->tuned_v,
+                          pt->tuned_floats, (float)rp_lr_at(optim, step), optim->beta1,
+                          optim->beta2, optim->eps, 0.0f,
+                          rp_clip_scale(grad_norm, optim->grad_clip),
+                          (float)(1.0 - pow(optim->beta1, (double)(step + 1))),
+                          (float)(1.0 - pow(optim->beta2, (double)(step + 1))));
+            } else {
+                rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
+                              rp_clip_scale(grad_norm, optim->grad_clip));
+            }
             be->synchronize(be);
             pt->update_seconds += rp_now_seconds() - t0;
             break;

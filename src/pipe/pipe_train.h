@@ -46,6 +46,15 @@ typedef struct {
      * workspace serves every chunk. */
     int n_chunks, tbptt;
     float *chunk_states, *chunk_inputs;
+    /* State tuning (rp_pipe_trainer_tune_state): this stage's layers' tuned
+     * initial WKV states [layers][H][N][N] (backend memory, with its AdamW
+     * moments and a device copy of the gradient) start every sequence in
+     * every slot; the gradient (host, summed over the slots) is d(initial
+     * state) from the backward; the optimizer steps only them. */
+    int tune_state;
+    size_t tuned_floats;
+    float *tuned, *tuned_m, *tuned_v, *tuned_grad_dev;
+    float *tuned_grad, *dstate_host;
     float *recv_act, *recv_grad;    /* backend landing buffers: x then v_first [2][R*C] */
     rp_transfer act_in[2], grad_in[2];
     int act_in_mb, grad_in_mb;      /* micro-batch posted in act_in / grad_in, -1: none */
@@ -92,6 +101,10 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
                                            rp_schedule_kind kind, int n_micro,
                                            int micro_batch_size, int ctx_len, int n_chunks,
                                            int tbptt, rp_error *err);
+/* Turns on state tuning (after init): the tuned states start at zero (the
+ * official init; write pt->tuned to start elsewhere). The weights stay as
+ * they are; the step's grad_norm is the tuned states' gradient norm. */
+rp_status rp_pipe_trainer_tune_state(rp_pipe_trainer *pt, rp_error *err);
 void rp_pipe_trainer_free(rp_pipe_trainer *pt);
 
 typedef struct {

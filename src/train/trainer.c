@@ -225,9 +225,11 @@ static rp_status world_transport_open(const rp_train_options *o, rp_transport *s
  * train cursor is left alone), so an evaluation neither re-reads and
  * re-validates every shard nor sees files changed since the run began; NULL
  * (rp_train_evaluate): open the data here. */
+/* tuned (may be NULL): this stage's tuned initial WKV states (backend
+ * memory, [layers][H][N][N]), the start of every sequence. */
 static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_transport *tp,
-                          const data_source *train_data, int n_batches, double *loss,
-                          double *accuracy, long *n_targets, rp_error *err) {
+                          const data_source *train_data, const float *tuned, int n_batches,
+                          double *loss, double *accuracy, long *n_targets, rp_error *err) {
     rp_backend *be = model->be;
     /* Samples of L tokens, forwarded ctx_len (T) at a time carrying the state. */
     const int T = o->ctx_len, L = sample_len(o), n_chunks = L / T, n = o->micro_batch_size,
@@ -284,6 +286,11 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
             if ((uint64_t)bi * n + i >= n_windows)
                 for (int t = 0; t < L; t++) targets[((size_t)(t / T) * n + i) * T + t % T] = -1;
         be->fill_zero(be, state.data, state.floats_per_slot * (size_t)n * sizeof(float));
+        const size_t hnn = (size_t)state.n_head * state.head_size * state.head_size;
+        for (int b = 0; tuned && b < n; b++)
+            for (int l = state.layer_begin; l < state.layer_end; l++)
+                be->copy(be, rp_state_wkv(&state, b, l),
+                         tuned + (size_t)(l - state.layer_begin) * hnn, hnn * sizeof(float));
         for (int c = 0; c < n_chunks && st == RP_OK; c++) {
             const int32_t *chunk_targets = targets + (size_t)c * n * T;
             st = rp_pipe_forward(model, tp, stage, n_stages, &ws, inputs + (size_t)c * n * T,
@@ -337,7 +344,7 @@ rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, in
     rp_transport storage, *tp;
     rp_status st = pipe_transport_open(o, model->be, &storage, &tp, err);
     if (st != RP_OK) return st;
-    st = evaluate(model, o, tp, NULL, n_batches, loss, accuracy, n_targets, err);
+    st = evaluate(model, o, tp, NULL, NULL, n_batches, loss, accuracy, n_targets, err);
     if (tp) rp_transport_free(tp);
     return st;
 }
@@ -510,6 +517,50 @@ static rp_status save_weights(const rp_model *model, const rp_train_options *o,
     return st;
 }
 
+/* ---- state tuning ---- */
+
+/* Writes the tuned states of every stage (pt->tuned, this stage's layers)
+ * as a state-tuning file, blocks.L.att.time_state [H,N,N] F32, from rank 0;
+ * the other stages send theirs there. Replica 0 only (the replicas agree). */
+static rp_status save_tuned_states(const rp_model *model, const rp_pipe_trainer *pt,
+                                   const rp_train_options *o, rp_transport *tp, rp_error *err) {
+    const rp_grid *g = o->grid;
+    if (g && g->replica != 0) return RP_OK;
+    rp_backend *be = model->be;
+    const rp_config *c = &model->cfg;
+    const size_t hnn = (size_t)c->n_head * c->head_size * c->head_size;
+    const int stage = g ? g->stage : 0, n_stages = g ? g->pp : 1;
+    float *all = malloc(hnn * (size_t)c->n_layer * sizeof(float));
+    float *mine = malloc((pt->tuned_floats ? pt->tuned_floats : 1) * sizeof(float));
+    rp_status st = RP_OK;
+    if (!all || !mine) st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the tuned states");
+    else be->copy_to_host(be, mine, pt->tuned, pt->tuned_floats * sizeof(float));
+    if (st == RP_OK && n_stages == 1) memcpy(all, mine, pt->tuned_floats * sizeof(float));
+    for (int s = 1; s < n_stages && st == RP_OK; s++) {
+        const size_t n = hnn * (size_t)(g->layer_end[s] - g->layer_begin[s]);
+        if (stage == 0 || stage == s)
+            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + hnn * g->layer_begin[s] : NULL,
+                                           mine, n * sizeof(float), "tuned states", err);
+    }
+    if (st == RP_OK && stage == 0) {
+        if (n_stages > 1) memcpy(all, mine, pt->tuned_floats * sizeof(float));
+        rp_st_writer w;
+        rp_st_writer_init(&w);
+        const int64_t shape[3] = {c->n_head, c->head_size, c->head_size};
+        for (int l = 0; l < c->n_layer && st == RP_OK; l++) {
+            char name[48];
+            snprintf(name, sizeof name, "blocks.%d.att.time_state", l);
+            st = rp_st_writer_add(&w, name, RP_DTYPE_F32, RP_DTYPE_F32, 3, shape, all + hnn * l,
+                                  err);
+        }
+        if (st == RP_OK) st = rp_st_writer_write(&w, o->state_out, err);
+        rp_st_writer_free(&w);
+    }
+    free(all);
+    free(mine);
+    return st;
+}
+
 /* ---- training ---- */
 
 static void format_duration(char *out, size_t size, double seconds) {
@@ -577,6 +628,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                                                err)) != RP_OK)
         goto done;
     pt.halt_on_nan = o->halt_on_nan;
+    if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
     if (is_rank0 && o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
         st = rp_error_set(err, RP_ERR_IO, "cannot open the metrics log %s", o->metrics_path);
         goto done;
@@ -677,8 +729,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         const int do_log = last || (o->log_interval > 0 && (step + 1) % o->log_interval == 0);
         double eval_loss = NAN, eval_acc = NAN;
         if (do_eval) {
-            if ((st = evaluate(model, o, tp, &d, o->eval_batches, &eval_loss, &eval_acc, NULL, err)) !=
-                RP_OK)
+            if ((st = evaluate(model, o, tp, &d, pt.tuned, o->eval_batches, &eval_loss,
+                               &eval_acc, NULL, err)) != RP_OK)
                 goto done;
             result->eval_loss = eval_loss;
             result->eval_accuracy = eval_acc;
@@ -737,6 +789,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     }
     result->seconds = rp_now_seconds() - t_start;
     if (o->save_path && !result->stopped_by_signal) st = save_weights(model, o, tp, err);
+    if (st == RP_OK && o->tune_state && o->state_out)
+        st = save_tuned_states(model, &pt, o, tp, err);
 done:
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);

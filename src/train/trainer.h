@@ -29,6 +29,12 @@ typedef struct {
      * across them unless tbptt. Memory is that of ctx_len. */
     int seq_len;
     int tbptt;
+    /* State tuning (docs/training.md): train only each layer's initial WKV
+     * state, weights frozen; the result is written to state_out as the
+     * state-tuning file the server loads (blocks.L.att.time_state [H,N,N]).
+     * Evaluation starts from the tuned states. */
+    int tune_state;
+    const char *state_out;
     int batch_size;             /* sequences per optimizer step */
     int micro_batch_size;            /* sequences per forward/backward */
     int loss_on_answers_only;   /* synthetic tasks: loss only where the mask is set */
