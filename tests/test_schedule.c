@@ -367,6 +367,56 @@ static void test_backwards_out_of_order_are_reported(void **state) {
     rp_schedule_free(&s);
 }
 
+/* Time chunks: every shape runs without deadlock; per stage the chunks of a
+ * group forward in time order and backward in reverse; stage s+1 forwards
+ * chunk c-1 while stage s forwards chunk c (the pipe fills with one long
+ * sequence: makespan 2(K + P - 1) per group under unit costs, not 2 K P). */
+static void test_time_chunks_pipeline_one_sequence(void **state) {
+    for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
+        for (int k = 1; k <= 8; k++)
+            for (int groups = 1; groups <= 3; groups++) {
+                const int P = stage_counts[pi], M = k * groups;
+                rp_schedule s;
+                rp_sim_result r;
+                rp_error err;
+                if (rp_schedule_build_time_chunks(&s, P, M, k, &err) != RP_OK)
+                    fail_msg("time chunks P=%d M=%d K=%d: %s", P, M, k, err.msg);
+                assert_int_equal(s.n_chunks, k);
+                simulate_or_fail(&s, &unit_costs, &r);
+                for (int st = 0; st < P; st++)
+                    for (int g = 0; g < groups; g++)
+                        for (int c = 0; c + 1 < k; c++) {
+                            const int m = g * k + c;
+                            assert_true(find_instr(&s, st, RP_OP_FWD, m) <
+                                        find_instr(&s, st, RP_OP_FWD, m + 1));
+                            assert_true(find_instr(&s, st, RP_OP_BWD, m + 1) <
+                                        find_instr(&s, st, RP_OP_BWD, m));
+                        }
+                if (groups == 1) assert_true(fabs(r.makespan - 2.0 * (k + P - 1)) < 1e-9);
+                else assert_true(r.makespan < 2.0 * groups * (k + P - 1) + 1e-9);
+                rp_sim_result_free(&r, P);
+                rp_schedule_free(&s);
+            }
+    rp_schedule s;
+    rp_error err;
+    assert_int_equal(rp_schedule_build_time_chunks(&s, 2, 6, 4, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "time chunks");
+}
+
+/* The executor's time-chunk order is needed: 1F1B's lists (backwards in
+ * increasing order, B0 before F1 on one stage) used as time chunks are
+ * reported, since chunk c's backward needs d(state) from chunk c+1's. */
+static void test_time_chunks_in_increasing_backward_order_are_reported(void **state) {
+    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++) {
+        rp_schedule s;
+        rp_error err;
+        build_or_fail(&s, (rp_schedule_kind)k, 2, 4);
+        s.n_chunks = 4;
+        expect_in_message(simulate_expect_error(&s, &err), "last chunk first");
+        rp_schedule_free(&s);
+    }
+}
+
 static void test_micro_batch_run_twice_or_never_is_reported(void **state) {
     /* stage 0 forwards micro-batch 0 twice and micro-batch 1 never */
     rp_schedule s;
@@ -492,6 +542,8 @@ int main(void) {
         cmocka_unit_test(test_backward_before_the_next_stage_backward_is_reported),
         cmocka_unit_test(test_backward_before_forward_is_reported),
         cmocka_unit_test(test_backwards_out_of_order_are_reported),
+        cmocka_unit_test(test_time_chunks_pipeline_one_sequence),
+        cmocka_unit_test(test_time_chunks_in_increasing_backward_order_are_reported),
         cmocka_unit_test(test_micro_batch_run_twice_or_never_is_reported),
         cmocka_unit_test(test_list_without_the_optimizer_step_is_reported),
         cmocka_unit_test(test_send_on_the_wrong_end_is_reported),

@@ -52,13 +52,17 @@ static void stop_point_for_tests(int stage) {
  * inputs tokens[0:n], targets tokens[1:n+1], loss scale 1/n, no L2Wrap.
  * Returns the summed loss (every stage gets it). */
 static double executor_grads(const rp_cli *cli, const stage_ctx *sc, rp_model *m,
-                             rp_model *grads, const int32_t *tokens, int n) {
+                             rp_model *grads, const int32_t *tokens, int n, int time_chunks,
+                             int tbptt) {
     rp_pipe_trainer pt;
     rp_pipe_step_result res;
     rp_error err;
     stop_point_for_tests(sc->stage);
-    if (rp_pipe_trainer_init(&pt, m, grads, NULL, NULL, sc->grid, sc->tp, RP_SCHEDULE_1F1B, 1, 1,
-                             n, &err) != RP_OK ||
+    /* --time-chunks K: the same sequence as K chunks of n/K tokens, which
+     * are consecutive in the inputs, as the micro-batches are. */
+    if (rp_pipe_trainer_init_time_chunks(&pt, m, grads, NULL, NULL, sc->grid, sc->tp,
+                                         RP_SCHEDULE_1F1B, time_chunks, 1, n / time_chunks,
+                                         time_chunks, tbptt, &err) != RP_OK ||
         rp_pipe_trainer_step(&pt, tokens, tokens + 1, 1.0f / n, 0.0f, NULL, 0, &res, &err) !=
             RP_OK)
         cli_fatal_error(cli, &err);
@@ -86,6 +90,9 @@ static void logits_usage(FILE *out) {
             "                      (official names) of the mean next-token cross-entropy:\n"
             "                      inputs tokens[0:T-1], targets tokens[1:T], zero state,\n"
             "                      no L2Wrap (the definition of the golden gradient files)\n"
+            "  --time-chunks K     --grads over K time chunks of T/K tokens carrying the\n"
+            "                      state, full BPTT (the same gradients; docs/training.md)\n"
+            "  --tbptt             with --time-chunks: no state gradient between chunks\n"
             "  --pp P              split the layers over P pipeline stages (run under\n"
             "                      mpirun -np P); rank 0 writes the same file as one process\n"
             "  --stage-layers LIST layers per stage, e.g. 2,1,1 (default: balanced by cost)\n"
@@ -105,6 +112,8 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
                                              {"chunk", required_argument, 0, 'k'},
                                              {"threads", required_argument, 0, 'j'},
                                              {"grads", no_argument, 0, 'g'},
+                                             {"time-chunks", required_argument, 0, 1003},
+                                             {"tbptt", no_argument, 0, 1004},
                                              {"pp", required_argument, 0, 'P'},
                                              {"stage-layers", required_argument, 0, 'A'},
                                              {"comm-timeout", required_argument, 0, 'O'},
@@ -114,7 +123,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
                                              {0, 0, 0, 0}};
     cli_model_options mo = {0};
     const char *tokens_text = NULL, *tokens_file = NULL, *out = NULL;
-    int step_mode = 0, chunk = 512, want_grads = 0, pp = 1;
+    int step_mode = 0, chunk = 512, want_grads = 0, pp = 1, time_chunks = 1, tbptt = 0;
     const char *stage_layers = NULL;
     double comm_timeout = 300;
     int c;
@@ -138,6 +147,10 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         case 'O': comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e9); break;
         case 1001: cli_parse_device(cli, &mo, optarg); break;
         case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
+        case 1003:
+            time_chunks = (int)cli_parse_int(cli, "--time-chunks", optarg, 1, 1 << 20);
+            break;
+        case 1004: tbptt = 1; break;
         case 'h': logits_usage(stdout); return 0;
         default: logits_usage(stderr); return 2;
         }
@@ -157,6 +170,9 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
     free(file_text);
     if (T == 0) cli_fatal(cli, "no tokens given");
     if (want_grads && T < 2) cli_fatal(cli, "--grads needs at least 2 tokens (inputs and targets)");
+    if (time_chunks > 1 && (!want_grads || (T - 1) % (size_t)time_chunks != 0))
+        cli_fatal(cli, "--time-chunks %d needs --grads and T-1 = %zu inputs that are a multiple "
+                  "of it", time_chunks, T - 1);
 
     rp_backend *be;
     rp_model model;
@@ -231,7 +247,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         if (rp_model_alloc(&grads, cfg, model.layer_begin, model.layer_end, model.has_embed,
                            model.has_head, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
-        loss = (float)(executor_grads(cli, &sc, &model, &grads, tokens, n) / n);
+        loss = (float)(executor_grads(cli, &sc, &model, &grads, tokens, n, time_chunks, tbptt) / n);
     }
     if (sc.stage != 0) {
         /* Every stage sends its gradients; only rank 0 writes. */

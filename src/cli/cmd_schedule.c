@@ -25,6 +25,8 @@ static void schedule_usage(FILE *out) {
             "  --fwd-cost X        time of one forward on one stage (1)\n"
             "  --bwd-cost Y        time of one backward on one stage (1)\n"
             "  --comm-cost Z       time a send takes to arrive (0)\n"
+            "  --time-chunks K     the time-chunk schedule: every K micro-batches are\n"
+            "                      the chunks of one sequence (train --seq-len)\n"
             "  -h, --help          this text\n",
             RP_SCHEDULE_MAX_STAGES, RP_SCHEDULE_MAX_MICRO);
 }
@@ -73,9 +75,10 @@ int cmd_schedule(rp_cli *cli, int argc, char **argv) {
                                              {"fwd-cost", required_argument, 0, 'f'},
                                              {"bwd-cost", required_argument, 0, 'b'},
                                              {"comm-cost", required_argument, 0, 'c'},
+                                             {"time-chunks", required_argument, 0, 't'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
-    int n_stages = 0, n_micro = 0;
+    int n_stages = 0, n_micro = 0, n_chunks = 1;
     rp_schedule_kind kind = RP_SCHEDULE_1F1B;
     rp_sim_costs costs = {1.0, 1.0, 0.0};
     int c;
@@ -97,6 +100,9 @@ int cmd_schedule(rp_cli *cli, int argc, char **argv) {
         case 'f': costs.fwd_cost = cli_parse_double(cli, "--fwd-cost", optarg, 1e-6, 1e6); break;
         case 'b': costs.bwd_cost = cli_parse_double(cli, "--bwd-cost", optarg, 1e-6, 1e6); break;
         case 'c': costs.comm_cost = cli_parse_double(cli, "--comm-cost", optarg, 0, 1e6); break;
+        case 't':
+            n_chunks = (int)cli_parse_int(cli, "--time-chunks", optarg, 1, RP_SCHEDULE_MAX_MICRO);
+            break;
         case 'h': schedule_usage(stdout); return 0;
         default: schedule_usage(stderr); return 2;
         }
@@ -108,7 +114,12 @@ int cmd_schedule(rp_cli *cli, int argc, char **argv) {
     rp_error err;
     rp_schedule s;
     rp_sim_result r;
-    if (rp_schedule_build(&s, kind, n_stages, n_micro, &err) != RP_OK) cli_fatal_error(cli, &err);
+    if ((n_chunks > 1 ? rp_schedule_build_time_chunks(&s, n_stages, n_micro, n_chunks, &err)
+                      : rp_schedule_build(&s, kind, n_stages, n_micro, &err)) != RP_OK)
+        cli_fatal_error(cli, &err);
+    if (n_chunks > 1)
+        printf("time chunks: micro-batches are %d sequence group(s) of %d chunks; backwards "
+               "last chunk first\n", n_micro / n_chunks, n_chunks);
     if (rp_schedule_simulate(&s, &costs, &r, &err) != RP_OK) cli_fatal_error(cli, &err);
     printf("schedule %s: %d stages, %d micro-batches; costs fwd %g, bwd %g, comm %g\n",
            rp_schedule_kind_name(kind), n_stages, n_micro, costs.fwd_cost, costs.bwd_cost,

@@ -53,6 +53,15 @@ static void train_usage(FILE *out) {
             "  --vocab V            tokenizer for text --data: 'bytes' (default) or a\n"
             "                       World vocabulary file\n"
             "  --ctx-len T          tokens per sample (default 64)\n"
+            "  --seq-len L          samples of L tokens (a multiple of T) trained as L/T\n"
+            "                       time chunks of T that carry the recurrent state, full\n"
+            "                       BPTT across them: the memory of T (default: T)\n"
+            "  --tbptt              with --seq-len: no state gradient between chunks\n"
+            "  --tune WHAT          'state': state tuning: train only each layer's initial\n"
+            "                       WKV state (weights frozen, --init-from a model);\n"
+            "                       needs --state-out\n"
+            "  --state-out FILE     where --tune state writes the tuned states\n"
+            "                       (blocks.L.att.time_state, loadable as a server session)\n"
             "  --mqar-pairs N       key-value pairs per MQAR sample (default: ctx/4)\n"
             "  --loss-on WHAT       synthetic tasks: 'answers' (default) or 'all' tokens\n"
             "  --seed S             data order and synthetic samples (default 1)\n"
@@ -133,6 +142,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"pp-schedule", required_argument, 0, 'B'}, {"comm-timeout", required_argument, 0, 'O'},
         {"halt-on-nan", no_argument, 0, 'H'},       {"no-halt-on-nan", no_argument, 0, 'N'},
         {"log-dir", required_argument, 0, 'g'},
+        {"seq-len", required_argument, 0, 1003},    {"tbptt", no_argument, 0, 1004},
+        {"tune", required_argument, 0, 1005},       {"state-out", required_argument, 0, 1006},
         {"device", required_argument, 0, 1001},     {"gpu-math", required_argument, 0, 1002},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
@@ -189,6 +200,14 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
         case 1001: cli_parse_device(cli, &mo, optarg); break;
         case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
+        case 1003: o.seq_len = (int)cli_parse_int(cli, "--seq-len", optarg, 2, 1 << 30); break;
+        case 1004: o.tbptt = 1; break;
+        case 1005:
+            if (strcmp(optarg, "state") != 0)
+                cli_fatal(cli, "--tune: '%s' is not 'state' (the only tuning so far)", optarg);
+            o.tune_state = 1;
+            break;
+        case 1006: o.state_out = optarg; break;
         case 'q': o.progress = NULL; break;
         case 'C': o.ckpt_dir = optarg; break;
         case 'K': o.ckpt_interval = (long)cli_parse_int(cli, "--checkpoint-interval", optarg, 0, 1LL << 40); break;
@@ -222,8 +241,20 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (rank0_log && o.progress) o.progress = rank0_log;
     if (cli->mpi_rank != 0) o.progress = NULL;
     o.micro_batch_size = micro_batch_size ? micro_batch_size : o.batch_size;
+    if (o.seq_len > 0 && o.seq_len % o.ctx_len != 0)
+        cli_fatal(cli, "--seq-len %d must be a multiple of --ctx-len %d (the time chunk)",
+                  o.seq_len, o.ctx_len);
+    if (o.tune_state && !o.state_out)
+        cli_fatal(cli, "--tune state needs --state-out FILE (where the tuned states go)");
+    if (o.state_out && !o.tune_state)
+        cli_fatal(cli, "--state-out needs --tune state");
+    if (o.tune_state && (o.ckpt_dir || o.resume_path))
+        cli_fatal(cli, "--tune state does not write or resume checkpoints yet: drop "
+                  "--checkpoint-dir / --resume (the tuned states go to --state-out)");
+    if (o.tbptt && o.seq_len <= o.ctx_len)
+        cli_fatal(cli, "--tbptt needs --seq-len longer than --ctx-len (time chunks)");
     if (run_tokens > 0) {
-        long long per_step = (long long)o.batch_size * o.ctx_len;
+        long long per_step = (long long)o.batch_size * (o.seq_len > 0 ? o.seq_len : o.ctx_len);
         o.steps = (long)((run_tokens + per_step - 1) / per_step);
     }
     if (o.batch_size % (o.micro_batch_size * dp) != 0)
@@ -331,8 +362,13 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
              "%d x %d tokens (micro-batch %d); lr %g -> %g (%s, warmup %ld)",
              cfg->n_layer, cfg->n_embd, cfg->vocab_size, rp_config_param_count(cfg) / 1e6,
              o.synthetic ? rp_synth_task_name(o.synth.task) : "token shards", o.steps,
-             o.batch_size, o.ctx_len, o.micro_batch_size, o.optim.lr_init, o.optim.lr_final,
-             rp_lr_schedule_name(o.optim.schedule), o.optim.warmup_steps);
+             o.batch_size, o.seq_len > 0 ? o.seq_len : o.ctx_len, o.micro_batch_size,
+             o.optim.lr_init, o.optim.lr_final, rp_lr_schedule_name(o.optim.schedule),
+             o.optim.warmup_steps);
+    if (o.seq_len > o.ctx_len)
+        cli_info(&quiet, "time chunks: each sample of %d tokens runs as %d chunks of %d, %s",
+                 o.seq_len, o.seq_len / o.ctx_len, o.ctx_len,
+                 o.tbptt ? "truncated BPTT (--tbptt)" : "full BPTT across chunks");
     rp_train_result res;
     stop_signal = 0;
     o.stop_signal = &stop_signal;

@@ -15,7 +15,19 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
                                rp_model *adam_m, rp_model *adam_v, const rp_grid *grid,
                                rp_transport *tp, rp_schedule_kind kind, int n_micro,
                                int micro_batch_size, int ctx_len, rp_error *err) {
+    return rp_pipe_trainer_init_time_chunks(pt, model, grads, adam_m, adam_v, grid, tp, kind,
+                                            n_micro, micro_batch_size, ctx_len, 1, 0, err);
+}
+
+rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
+                                           rp_model *grads, rp_model *adam_m, rp_model *adam_v,
+                                           const rp_grid *grid, rp_transport *tp,
+                                           rp_schedule_kind kind, int n_micro,
+                                           int micro_batch_size, int ctx_len, int n_chunks,
+                                           int tbptt, rp_error *err) {
     memset(pt, 0, sizeof *pt);
+    pt->n_chunks = n_chunks;
+    pt->tbptt = tbptt;
     rp_backend *be = model->be;
     pt->grid = grid;
     pt->tp = tp;
@@ -39,10 +51,13 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
         return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: the transport moves host memory but "
                             "the %s backend's buffers are device memory "
                             "(rp_transport_use_backend)", pt->stage, be->name);
-    rp_status st = rp_schedule_build(&pt->sched, kind, pt->n_stages, n_micro, err);
+    rp_status st = n_chunks > 1 ? rp_schedule_build_time_chunks(&pt->sched, pt->n_stages,
+                                                                n_micro, n_chunks, err)
+                                : rp_schedule_build(&pt->sched, kind, pt->n_stages, n_micro, err);
     if (st != RP_OK) return st;
     const int R = micro_batch_size * ctx_len, C = model->cfg.n_embd;
-    pt->n_stash = pt->sched.n_buffers[pt->stage];
+    /* Time chunks recompute each chunk's activations in its BWD: one slot. */
+    pt->n_stash = n_chunks > 1 ? 1 : pt->sched.n_buffers[pt->stage];
     pt->stash = calloc((size_t)pt->n_stash, sizeof *pt->stash);
     pt->pending = calloc((size_t)pt->n_stash, sizeof *pt->pending);
     pt->seq_len = malloc(sizeof(int) * (size_t)micro_batch_size);
@@ -77,7 +92,13 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
         pt->state.floats_per_slot * (size_t)micro_batch_size * sizeof(float);
     pt->state.data = be->alloc(be, state_bytes);
     pt->dstate.data = be->alloc(be, state_bytes);
-    if (!pt->state.data || !pt->dstate.data) {
+    if (n_chunks > 1) {
+        pt->chunk_states = be->alloc(be, state_bytes * (size_t)n_micro);
+        if (pt->stage > 0)
+            pt->chunk_inputs = be->alloc(be, landing_bytes * (size_t)n_micro);
+    }
+    if (!pt->state.data || !pt->dstate.data ||
+        (n_chunks > 1 && (!pt->chunk_states || (pt->stage > 0 && !pt->chunk_inputs)))) {
         rp_pipe_trainer_free(pt);
         return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the recurrent state");
     }
@@ -112,13 +133,77 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
     return RP_OK;
 }
 
+rp_status rp_pipe_trainer_tune_state(rp_pipe_trainer *pt, rp_error *err) {
+    rp_backend *be = pt->model->be;
+    const rp_config *c = &pt->model->cfg;
+    const size_t hnn = (size_t)c->n_head * c->head_size * c->head_size;
+    const size_t n = hnn * (size_t)(pt->model->layer_end - pt->model->layer_begin);
+    const size_t bytes = (n ? n : 1) * sizeof(float);
+    pt->tuned_floats = n;
+    pt->tuned = be->alloc(be, bytes);
+    pt->tuned_m = be->alloc(be, bytes);
+    pt->tuned_v = be->alloc(be, bytes);
+    pt->tuned_grad_dev = be->alloc(be, bytes);
+    pt->tuned_grad = calloc(n ? n : 1, sizeof(float));
+    pt->dstate_host = malloc(pt->dstate.floats_per_slot * (size_t)pt->micro_batch_size *
+                             sizeof(float));
+    if (!pt->tuned || !pt->tuned_m || !pt->tuned_v || !pt->tuned_grad_dev || !pt->tuned_grad ||
+        !pt->dstate_host)
+        return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the tuned states of %zu floats",
+                            n);
+    be->fill_zero(be, pt->tuned, bytes);
+    be->fill_zero(be, pt->tuned_m, bytes);
+    be->fill_zero(be, pt->tuned_v, bytes);
+    pt->tune_state = 1;
+    return RP_OK;
+}
+
+/* Every slot's state at the start of a sequence: zero, or with state tuning
+ * the tuned WKV states (token shifts zero, as the official state tuning). */
+static void start_state(rp_pipe_trainer *pt) {
+    rp_backend *be = pt->model->be;
+    be->fill_zero(be, pt->state.data,
+                  pt->state.floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float));
+    if (!pt->tune_state) return;
+    const size_t hnn = (size_t)pt->state.n_head * pt->state.head_size * pt->state.head_size;
+    for (int b = 0; b < pt->micro_batch_size; b++)
+        for (int l = pt->state.layer_begin; l < pt->state.layer_end; l++)
+            be->copy(be, rp_state_wkv(&pt->state, b, l),
+                     pt->tuned + (size_t)(l - pt->state.layer_begin) * hnn, hnn * sizeof(float));
+}
+
+/* State tuning: adds d(initial WKV state) of every slot (pt->dstate after a
+ * sequence's first backward) to the tuned states' gradient. */
+static void accumulate_tuned_grad(rp_pipe_trainer *pt) {
+    rp_backend *be = pt->model->be;
+    const rp_state *d = &pt->dstate;
+    const size_t hnn = (size_t)d->n_head * d->head_size * d->head_size;
+    be->copy_to_host(be, pt->dstate_host, d->data,
+                     d->floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float));
+    rp_state host = *d;
+    host.data = pt->dstate_host;
+    for (int b = 0; b < pt->micro_batch_size; b++)
+        for (int l = d->layer_begin; l < d->layer_end; l++) {
+            const float *src = rp_state_wkv(&host, b, l);
+            float *dst = pt->tuned_grad + (size_t)(l - d->layer_begin) * hnn;
+            for (size_t i = 0; i < hnn; i++) dst[i] += src[i];
+        }
+}
+
 void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
     rp_backend *be = pt->model ? pt->model->be : NULL;
+    float *tuned_dev[] = {pt->tuned, pt->tuned_m, pt->tuned_v, pt->tuned_grad_dev};
+    for (int i = 0; i < 4; i++)
+        if (be && tuned_dev[i]) be->free(be, tuned_dev[i]);
+    free(pt->tuned_grad);
+    free(pt->dstate_host);
     /* Slot 0 last: the others borrow its scratch. */
     for (int i = pt->n_stash - 1; pt->stash && i >= 0; i--)
         rp_backward_workspace_free(&pt->stash[i], be);
     if (be && pt->state.data) be->free(be, pt->state.data);
     if (be && pt->dstate.data) be->free(be, pt->dstate.data);
+    if (be && pt->chunk_states) be->free(be, pt->chunk_states);
+    if (be && pt->chunk_inputs) be->free(be, pt->chunk_inputs);
     free(pt->stash);
     free(pt->pending);
     free(pt->seq_len);
@@ -278,6 +363,37 @@ static void zero_grads(rp_pipe_trainer *pt) {
     pt->update_seconds += rp_now_seconds() - t0;
 }
 
+/* A time chunk's forward in tw: its input (embedding, or the x and v_first
+ * kept at its RECV_ACT), from its start state. first: the FWD, which takes
+ * the state the previous chunk left in pt->state (zero for a group's first
+ * chunk) and keeps a copy; else the BWD's recomputation from that copy. */
+static rp_status chunk_forward(rp_pipe_trainer *pt, rp_backward_workspace *tw,
+                               const int32_t *inputs, int mb, int first, rp_error *err) {
+    rp_model *m = pt->model;
+    rp_backend *be = m->be;
+    const size_t R = (size_t)pt->micro_batch_size * pt->ctx_len, rc = R * m->cfg.n_embd;
+    const size_t state_bytes =
+        pt->state.floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float);
+    float *kept = pt->chunk_states + (size_t)mb * (state_bytes / sizeof(float));
+    if (first) {
+        if (mb % pt->n_chunks == 0) start_state(pt);
+        be->copy(be, kept, pt->state.data, state_bytes);
+    } else {
+        be->copy(be, pt->state.data, kept, state_bytes);
+    }
+    if (m->has_embed) {
+        rp_status st = rp_backward_embed_forward(m, tw, inputs + (size_t)mb * R, &pt->batch, err);
+        if (st != RP_OK) return st;
+    } else {
+        const float *in = pt->chunk_inputs + (size_t)mb * 2 * rc;
+        be->copy(be, tw->x, in, rc * sizeof(float));
+        be->copy(be, tw->v_first, in + rc, rc * sizeof(float));
+    }
+    for (int l = m->layer_begin; l < m->layer_end; l++)
+        rp_backward_block_forward(m, tw, l, &pt->state, &pt->batch);
+    return RP_OK;
+}
+
 rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                const int32_t *targets, float loss_scale, float l2wrap_factor,
                                const rp_optim_config *optim, long step, rp_pipe_step_result *res,
@@ -316,6 +432,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
      * BWD, after a receive it usually waits for: it zeroes there, off the
      * path of its forwards (the last stage's FWD accumulates the head's, and
      * a lone stage has no receive: they zero now). */
+    if (pt->tune_state) memset(pt->tuned_grad, 0, pt->tuned_floats * sizeof(float));
     int zero_pending = next_op(list, n, -1, RP_OP_RECV_GRAD) >= 0 && !m->has_head;
     if (!zero_pending) zero_grads(pt);
     /* The first receive of each kind is posted before any compute. */
@@ -327,9 +444,18 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         (st = post_recv(pt, &list[j], err)))
         return st;
 
+    const int chunked = pt->n_chunks > 1;
     pt->trace_len = 0;
     for (int i = 0; i < n && st == RP_OK; i++) {
+        /* Time chunks: the schedule's buffer m is the chunk's kept state and
+         * input; every chunk computes in stash slot 0. */
+        rp_pipe_instr chunk_in;
         const rp_pipe_instr *in = &list[i];
+        if (chunked && in->buffer >= 0) {
+            chunk_in = *in;
+            chunk_in.buffer = 0;
+            in = &chunk_in;
+        }
         const int mb = in->micro_batch;
         rp_backward_workspace *tw = in->buffer >= 0 ? &pt->stash[in->buffer] : NULL;
         if (pt->trace && pt->trace_len < pt->trace_cap)
@@ -357,8 +483,13 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                     RP_OK)
                 break;
             const float *buf = is_act ? pt->recv_act : pt->recv_grad;
-            be->copy(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
-            be->copy(be, is_act ? tw->v_first : tw->dv_first, buf + rc, rc_bytes);
+            if (chunked && is_act) {
+                /* Kept until the chunk's BWD recomputes its forward. */
+                be->copy(be, pt->chunk_inputs + (size_t)mb * 2 * rc, buf, 2 * rc_bytes);
+            } else {
+                be->copy(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
+                be->copy(be, is_act ? tw->v_first : tw->dv_first, buf + rc, rc_bytes);
+            }
             if (is_act) pt->act_in_mb = -1;
             else pt->grad_in_mb = -1;
             /* Overlap: the next micro-batch's receive is in flight while we compute. */
@@ -372,7 +503,17 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                    err)) != RP_OK)
                 break;
             const double t0 = rp_now_seconds();
-            be->fill_zero(be, pt->state.data, state_bytes);
+            if (chunked) {
+                st = chunk_forward(pt, tw, inputs, mb, 1, err);
+                be->synchronize(be);
+                const double dt = rp_now_seconds() - t0;
+                pt->busy_seconds += dt;
+                pt->fwd_seconds += dt;
+                if (st == RP_OK && (st = be->status(be, err)) != RP_OK)
+                    rp_error_prefix(err, "stage %d: forward of time chunk %d", pt->stage, mb);
+                break;
+            }
+            start_state(pt);
             if (m->has_embed &&
                 (st = rp_backward_embed_forward(m, tw, inputs + (size_t)mb * R, &pt->batch, err)) !=
                     RP_OK)
@@ -400,10 +541,24 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         case RP_OP_BWD: {
             if ((st = wait_pending(pt, in->buffer, PENDING_ALL, err)) != RP_OK) break;
             const double t0 = rp_now_seconds();
-            /* Each sequence ends with the micro-batch: d(final state) = 0. */
-            be->fill_zero(be, pt->dstate.data, state_bytes);
+            if (chunked) {
+                /* Recompute the chunk's forward from its kept start state
+                 * (and input), the head's loss and backward with it. */
+                if ((st = chunk_forward(pt, tw, inputs, mb, 0, err)) != RP_OK) break;
+                if (m->has_head)
+                    local_loss += rp_backward_head(m, pt->grads, tw, targets + (size_t)mb * R,
+                                                   &pt->batch, loss_scale, l2wrap_factor);
+            }
+            /* Each sequence ends with the micro-batch: d(final state) = 0.
+             * A time chunk other than the last instead keeps the d(start
+             * state) the backward of the chunk after it left here, unless
+             * --tbptt truncates it. */
+            if (!chunked || pt->tbptt || mb % pt->n_chunks == pt->n_chunks - 1)
+                be->fill_zero(be, pt->dstate.data, state_bytes);
             for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
                 rp_backward_block_backward(m, pt->grads, tw, l, &pt->dstate, &pt->batch);
+            if (pt->tune_state && (!chunked || mb % pt->n_chunks == 0))
+                accumulate_tuned_grad(pt);
             if (m->has_embed)
                 rp_backward_embed_backward(m, pt->grads, tw, inputs + (size_t)mb * R, &pt->batch);
             be->synchronize(be);
@@ -416,11 +571,18 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             for (int b = 0; b < pt->n_stash && st == RP_OK; b++)
                 st = wait_pending(pt, b, PENDING_ALL, err);
             if (st == RP_OK) st = reduce_grads(pt, err);
+            if (st == RP_OK && pt->tune_state && pt->dp > 1)
+                st = allreduce_host(pt, pt->tuned_grad, pt->tuned_floats, err);
             break;
         case RP_OP_OPT_STEP: {
             if (!optim) break;  /* gradients only: the weights stay */
             double t0 = rp_now_seconds();
-            double sumsq = rp_grad_sum_squares(pt->grads);
+            double sumsq = 0;
+            if (pt->tune_state)
+                for (size_t k = 0; k < pt->tuned_floats; k++)
+                    sumsq += (double)pt->tuned_grad[k] * pt->tuned_grad[k];
+            else
+                sumsq = rp_grad_sum_squares(pt->grads);
             pt->update_seconds += rp_now_seconds() - t0;
             if (pt->n_stages > 1) {
                 MPI_Request req;
@@ -446,8 +608,20 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 break;
             }
             t0 = rp_now_seconds();
-            rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
-                          rp_clip_scale(grad_norm, optim->grad_clip));
+            if (pt->tune_state) {
+                /* Only the tuned states move (AdamW, no weight decay). */
+                be->copy_to_device(be, pt->tuned_grad_dev, pt->tuned_grad,
+                                   pt->tuned_floats * sizeof(float));
+                be->adamw(be, pt->tuned, pt->tuned_grad_dev, pt->tuned_m, pt->tuned_v,
+                          pt->tuned_floats, (float)rp_lr_at(optim, step), optim->beta1,
+                          optim->beta2, optim->eps, 0.0f,
+                          rp_clip_scale(grad_norm, optim->grad_clip),
+                          (float)(1.0 - pow(optim->beta1, (double)(step + 1))),
+                          (float)(1.0 - pow(optim->beta2, (double)(step + 1))));
+            } else {
+                rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
+                              rp_clip_scale(grad_norm, optim->grad_clip));
+            }
             be->synchronize(be);
             pt->update_seconds += rp_now_seconds() - t0;
             break;

@@ -37,6 +37,24 @@ typedef struct {
     rp_transfer (*pending)[4];      /* [n_stash] sends still reading a stash slot:
                                      * 0, 1 x and v_first; 2, 3 dx and d v_first */
     rp_state state, dstate;
+    /* Time chunks (rp_pipe_trainer_init_time_chunks): every n_chunks
+     * consecutive micro-batches are the time chunks of one batch of
+     * sequences; 1: each micro-batch is whole sequences. tbptt: no state
+     * gradient between chunks. chunk_states [n_micro] start states;
+     * chunk_inputs [n_micro][2 R C] the received x, v_first (past stage 0):
+     * a chunk's BWD recomputes its forward from them, so one activation
+     * workspace serves every chunk. */
+    int n_chunks, tbptt;
+    float *chunk_states, *chunk_inputs;
+    /* State tuning (rp_pipe_trainer_tune_state): this stage's layers' tuned
+     * initial WKV states [layers][H][N][N] (backend memory, with its AdamW
+     * moments and a device copy of the gradient) start every sequence in
+     * every slot; the gradient (host, summed over the slots) is d(initial
+     * state) from the backward; the optimizer steps only them. */
+    int tune_state;
+    size_t tuned_floats;
+    float *tuned, *tuned_m, *tuned_v, *tuned_grad_dev;
+    float *tuned_grad, *dstate_host;
     float *recv_act, *recv_grad;    /* backend landing buffers: x then v_first [2][R*C] */
     rp_transfer act_in[2], grad_in[2];
     int act_in_mb, grad_in_mb;      /* micro-batch posted in act_in / grad_in, -1: none */
@@ -69,6 +87,24 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
                                rp_model *adam_m, rp_model *adam_v, const rp_grid *grid,
                                rp_transport *tp, rp_schedule_kind kind, int n_micro,
                                int micro_batch_size, int ctx_len, rp_error *err);
+/* The same for sequences of n_chunks x ctx_len tokens trained as n_chunks
+ * time chunks (micro-batches) that carry the recurrent state: full BPTT
+ * across chunks (tbptt 0) or truncated at each chunk (tbptt 1). n_micro
+ * counts chunks (a multiple of n_chunks); the schedule is
+ * rp_schedule_build_time_chunks whatever `kind`. The gradients equal those
+ * of one pass over the whole sequences (tests/test_time_chunks.sh). Memory:
+ * one chunk's activations, plus per chunk its start state and, past stage
+ * 0, its input (2 R C floats). */
+rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
+                                           rp_model *grads, rp_model *adam_m, rp_model *adam_v,
+                                           const rp_grid *grid, rp_transport *tp,
+                                           rp_schedule_kind kind, int n_micro,
+                                           int micro_batch_size, int ctx_len, int n_chunks,
+                                           int tbptt, rp_error *err);
+/* Turns on state tuning (after init): the tuned states start at zero (the
+ * official init; write pt->tuned to start elsewhere). The weights stay as
+ * they are; the step's grad_norm is the tuned states' gradient norm. */
+rp_status rp_pipe_trainer_tune_state(rp_pipe_trainer *pt, rp_error *err);
 void rp_pipe_trainer_free(rp_pipe_trainer *pt);
 
 typedef struct {

@@ -105,8 +105,21 @@ static void sched_build_1f1b(sched_list *list, int stage, int n_stages, int n_mi
     *n_buffers = slots;
 }
 
-rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
-                            rp_error *err) {
+/* Time chunks: per group of n_chunks micro-batches, the forwards forward in
+ * time, then the backwards backward in time (schedule.h). */
+static void sched_build_time_chunks(sched_list *list, int stage, int n_stages, int n_micro,
+                                    int n_chunks, int *n_buffers) {
+    for (int g = 0; g < n_micro; g += n_chunks) {
+        for (int c = 0; c < n_chunks; c++) sched_emit_forward(list, stage, n_stages, g + c, g + c);
+        for (int c = n_chunks - 1; c >= 0; c--)
+            sched_emit_backward(list, stage, n_stages, g + c, g + c);
+    }
+    sched_emit_step(list);
+    *n_buffers = n_micro;
+}
+
+static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
+                                int n_chunks, rp_error *err) {
     memset(s, 0, sizeof *s);
     if ((unsigned)kind >= RP_SCHEDULE_KIND_COUNT)
         return rp_error_set(err, RP_ERR_ARG, "schedule kind %d unknown: expected gpipe or 1f1b",
@@ -124,7 +137,11 @@ rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages,
                             "%s schedule with %d micro-batches: at most %d per optimizer step",
                             kind_names[kind], n_micro, RP_SCHEDULE_MAX_MICRO);
 
+    if (n_chunks < 1 || n_micro % n_chunks != 0)
+        return rp_error_set(err, RP_ERR_ARG, "%d micro-batches are not whole sequences of %d "
+                            "time chunks", n_micro, n_chunks);
     s->kind = kind;
+    s->n_chunks = n_chunks;
     s->n_stages = n_stages;
     s->n_micro = n_micro;
     s->n_instr = rp_calloc((size_t)n_stages, sizeof *s->n_instr, "schedule list lengths", err);
@@ -139,7 +156,10 @@ rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages,
         list.instr = rp_malloc((size_t)list.capacity * sizeof *list.instr, "schedule list", err);
         if (!list.instr) goto fail;
         s->instr[stage] = list.instr;
-        switch (kind) {
+        if (n_chunks > 1) {
+            sched_build_time_chunks(&list, stage, n_stages, n_micro, n_chunks,
+                                    &s->n_buffers[stage]);
+        } else switch (kind) {
         case RP_SCHEDULE_GPIPE:
             sched_build_gpipe(&list, stage, n_stages, n_micro, &s->n_buffers[stage]);
             break;
@@ -161,6 +181,16 @@ rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages,
 fail:
     rp_schedule_free(s);
     return status;
+}
+
+rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
+                            rp_error *err) {
+    return schedule_build(s, kind, n_stages, n_micro, 1, err);
+}
+
+rp_status rp_schedule_build_time_chunks(rp_schedule *s, int n_stages, int n_micro, int n_chunks,
+                                        rp_error *err) {
+    return schedule_build(s, RP_SCHEDULE_GPIPE, n_stages, n_micro, n_chunks, err);
 }
 
 void rp_schedule_free(rp_schedule *s) {

@@ -11,7 +11,8 @@
  * - Per micro-batch m on stage s, in list order: [RECV_ACT m] FWD m [SEND_ACT m],
  *   then later [RECV_GRAD m] BWD m [SEND_GRAD m].
  * - Backward passes run in increasing micro-batch order on every stage (so the
- *   gradient sums are accumulated in the same order as one process).
+ *   gradient sums are accumulated in the same order as one process); with
+ *   time chunks, in decreasing chunk order within each sequence group.
  * - `buffer` of FWD/BWD/RECV_ACT/SEND_ACT/RECV_GRAD/SEND_GRAD is the stash
  *   slot (0 .. n_buffers[s]-1) holding micro-batch m's activations from its
  *   FWD until its BWD; a slot is never reused before the BWD of its previous
@@ -51,6 +52,10 @@ typedef struct {
     int *n_instr;            /* [n_stages] */
     rp_pipe_instr **instr;   /* [n_stages][n_instr[s]] */
     int *n_buffers;          /* [n_stages] stash slots each stage needs */
+    /* Time chunks (rp_schedule_build_time_chunks): every n_chunks consecutive
+     * micro-batches are the consecutive time chunks of one batch of
+     * sequences; 1 otherwise. */
+    int n_chunks;
 } rp_schedule;
 
 /* n_stages >= 1, 1 <= n_micro <= RP_SCHEDULE_MAX_MICRO. */
@@ -60,6 +65,19 @@ typedef struct {
 #define RP_SCHEDULE_MAX_STAGES 1024
 rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
                             rp_error *err);
+/* Time chunks (docs/training.md, Long sequences): micro-batch m is chunk
+ * m % n_chunks of sequence group m / n_chunks (n_micro a multiple of
+ * n_chunks). Chunk c starts from the recurrent state chunk c-1 left on the
+ * same stage, and its backward needs d(state) from chunk c+1's backward on
+ * the same stage, so per group every stage runs the forwards in increasing
+ * chunk order, then the backwards in DECREASING chunk order (the BPTT
+ * order); groups follow each other. Stage s forwards chunk c while stage s+1
+ * forwards chunk c-1, and backwards chunk c while s+1 backwards chunk c-1.
+ * `buffer` is m itself (n_buffers = n_micro): what a stage keeps of a chunk
+ * between its FWD and BWD is its start state (and, past stage 0, its input);
+ * the executor recomputes the chunk's activations in its BWD. */
+rp_status rp_schedule_build_time_chunks(rp_schedule *s, int n_stages, int n_micro, int n_chunks,
+                                        rp_error *err);
 void rp_schedule_free(rp_schedule *s);
 
 const char *rp_schedule_kind_name(rp_schedule_kind k);  /* "gpipe", "1f1b" */

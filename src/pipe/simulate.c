@@ -104,6 +104,13 @@ static sim_outcome sim_check_buffer(sim_state *st, int stage, int index, const r
     return SIM_RAN;
 }
 
+/* The micro-batch the k-th backward of a stage must be: k itself, or with
+ * time chunks the chunks of each group last first (schedule.h). */
+static int sim_next_backward(const rp_schedule *s, int k) {
+    const int K = s->n_chunks > 1 ? s->n_chunks : 1;
+    return (k / K) * K + (K - 1 - k % K);
+}
+
 /* Runs instruction pc of a stage if it can run now. SIM_WAITS only for a
  * RECV whose matching SEND has not happened; everything else that breaks a
  * convention fails at once. */
@@ -162,6 +169,11 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
         if (stage > 0 && !mb->act_received)
             return sim_fail(err, stage, index, in,
                             "runs before RECV_ACT of micro-batch %d (no input yet)", m);
+        if (s->n_chunks > 1 && m != sg->n_fwd)
+            return sim_fail(err, stage, index, in,
+                            "time chunks run their forwards in time order (chunk c starts from "
+                            "the state chunk c-1 left): expected micro-batch %d next",
+                            sg->n_fwd);
         if ((o = sim_claim_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
         sg->clock += st->costs.fwd_cost;
@@ -214,11 +226,14 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
                             "runs before RECV_GRAD of micro-batch %d, i.e. before stage %d's "
                             "BWD of it",
                             m, stage + 1);
-        if (m != sg->n_bwd)
+        if (m != sim_next_backward(s, sg->n_bwd))
             return sim_fail(err, stage, index, in,
-                            "backwards must run in increasing micro-batch order: expected "
-                            "micro-batch %d next",
-                            sg->n_bwd);
+                            s->n_chunks > 1
+                                ? "time chunks run their backwards last chunk first (chunk c "
+                                  "needs d(state) from chunk c+1): expected micro-batch %d next"
+                                : "backwards must run in increasing micro-batch order: expected "
+                                  "micro-batch %d next",
+                            sim_next_backward(s, sg->n_bwd));
         if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
         sg->clock += st->costs.bwd_cost;

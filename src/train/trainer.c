@@ -48,6 +48,11 @@ void rp_train_options_add_data(rp_train_options *o, const char **paths, int *n_p
 
 /* ---- data ---- */
 
+/* Tokens of one training sample: seq_len with time chunks, else ctx_len. */
+static int sample_len(const rp_train_options *o) {
+    return o->seq_len > 0 ? o->seq_len : o->ctx_len;
+}
+
 typedef struct {
     const rp_train_options *o;
     rp_synth_config synth;   /* resolved */
@@ -62,10 +67,10 @@ static rp_status data_open(data_source *d, const rp_train_options *o, int vocab_
     if (o->synthetic) {
         d->synth = o->synth;
         d->synth.vocab_size = vocab_size;
-        d->synth.ctx_len = o->ctx_len;
+        d->synth.ctx_len = sample_len(o);
         return rp_synth_resolve(&d->synth, err);
     }
-    rp_status st = rp_loader_open(&d->loader, o->data_paths, (size_t)o->n_data_paths, o->ctx_len,
+    rp_status st = rp_loader_open(&d->loader, o->data_paths, (size_t)o->n_data_paths, sample_len(o),
                                   o->seed, RP_LOADER_DEFAULT_EVAL_FRACTION, err);
     if (st != RP_OK) return st;
     if ((int)rp_loader_n_ids(d->loader) > vocab_size) {
@@ -81,7 +86,7 @@ static rp_status data_open(data_source *d, const rp_train_options *o, int vocab_
         rp_error_set(err, RP_ERR_ARG,
                      "the shards hold %llu windows of %d tokens: too few for a train and an "
                      "eval split; use more data or a shorter --ctx-len",
-                     (unsigned long long)rp_loader_n_windows(d->loader), o->ctx_len);
+                     (unsigned long long)rp_loader_n_windows(d->loader), sample_len(o));
         rp_loader_free(d->loader);
         d->loader = NULL;
         return RP_ERR_ARG;
@@ -120,10 +125,10 @@ static void data_close(data_source *d) {
     d->loader = NULL;
 }
 
-/* n samples: tokens [n][T+1], mask [n][T] (all 1 for text). */
+/* n samples: tokens [n][T+1], mask [n][T] (all 1 for text), T = sample_len. */
 static rp_status data_train_batch(data_source *d, int n, int32_t *tokens, uint8_t *mask,
                                   rp_error *err) {
-    const int T = d->o->ctx_len;
+    const int T = sample_len(d->o);
     if (d->loader) {
         memset(mask, 1, (size_t)n * T);
         return rp_loader_next_batch(d->loader, n, tokens, NULL, 0, 1, err);
@@ -134,7 +139,7 @@ static rp_status data_train_batch(data_source *d, int n, int32_t *tokens, uint8_
 
 static rp_status data_eval_batch(const data_source *d, int index, int n, int32_t *tokens,
                                  uint8_t *mask, rp_error *err) {
-    const int T = d->o->ctx_len;
+    const int T = sample_len(d->o);
     if (d->loader) {
         memset(mask, 1, (size_t)n * T);
         uint64_t n_eval = rp_loader_n_eval(d->loader);
@@ -150,17 +155,21 @@ static rp_status data_eval_batch(const data_source *d, int index, int n, int32_t
                                mask, err);
 }
 
-/* inputs/targets [n*T] from samples; targets -1 where no loss is taken. */
+/* inputs/targets [n*L] from n samples of L = sample_len tokens; targets -1
+ * where no loss is taken. Chunk-major: time chunk c of the n sequences is
+ * the rows [c*n*T, (c+1)*n*T) (T = ctx_len), sequence b's ctx_len tokens in
+ * a row each, so each chunk is one micro-batch (one chunk: [n][T] as ever). */
 static int split_samples(const rp_train_options *o, int n, const int32_t *tokens,
                          const uint8_t *mask, int32_t *inputs, int32_t *targets) {
-    const int T = o->ctx_len;
+    const int L = sample_len(o), T = o->ctx_len;
     int count = 0;
     for (int b = 0; b < n; b++)
-        for (int t = 0; t < T; t++) {
-            const int32_t *row = tokens + (size_t)b * (T + 1);
-            int keep = !(o->synthetic && o->loss_on_answers_only) || mask[(size_t)b * T + t];
-            inputs[(size_t)b * T + t] = row[t];
-            targets[(size_t)b * T + t] = keep ? row[t + 1] : -1;
+        for (int p = 0; p < L; p++) {
+            const int32_t *row = tokens + (size_t)b * (L + 1);
+            int keep = !(o->synthetic && o->loss_on_answers_only) || mask[(size_t)b * L + p];
+            const size_t at = ((size_t)(p / T) * n + b) * T + p % T;
+            inputs[at] = row[p];
+            targets[at] = keep ? row[p + 1] : -1;
             count += keep;
         }
     return count;
@@ -216,11 +225,15 @@ static rp_status world_transport_open(const rp_train_options *o, rp_transport *s
  * train cursor is left alone), so an evaluation neither re-reads and
  * re-validates every shard nor sees files changed since the run began; NULL
  * (rp_train_evaluate): open the data here. */
+/* tuned (may be NULL): this stage's tuned initial WKV states (backend
+ * memory, [layers][H][N][N]), the start of every sequence. */
 static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_transport *tp,
-                          const data_source *train_data, int n_batches, double *loss,
-                          double *accuracy, long *n_targets, rp_error *err) {
+                          const data_source *train_data, const float *tuned, int n_batches,
+                          double *loss, double *accuracy, long *n_targets, rp_error *err) {
     rp_backend *be = model->be;
-    const int T = o->ctx_len, n = o->micro_batch_size, V = model->cfg.vocab_size;
+    /* Samples of L tokens, forwarded ctx_len (T) at a time carrying the state. */
+    const int T = o->ctx_len, L = sample_len(o), n_chunks = L / T, n = o->micro_batch_size,
+              V = model->cfg.vocab_size;
     const int stage = stage_of(o), n_stages = stages_of(o);
     data_source d;
     rp_status st = RP_OK;
@@ -229,10 +242,10 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
     rp_workspace ws;
     rp_state state = {0};
     const int has_head = model->has_head;
-    int32_t *tokens = malloc((size_t)n * (T + 1) * sizeof(int32_t));
-    uint8_t *mask = malloc((size_t)n * T);
-    int32_t *inputs = malloc((size_t)n * T * sizeof(int32_t));
-    int32_t *targets = malloc((size_t)n * T * sizeof(int32_t));
+    int32_t *tokens = malloc((size_t)n * (L + 1) * sizeof(int32_t));
+    uint8_t *mask = malloc((size_t)n * L);
+    int32_t *inputs = malloc((size_t)n * L * sizeof(int32_t));
+    int32_t *targets = malloc((size_t)n * L * sizeof(int32_t));
     float *logits = has_head ? malloc((size_t)n * T * V * sizeof(float)) : NULL;
     float *logits_dev = has_head ? be->alloc(be, (size_t)n * T * V * sizeof(float)) : NULL;
     int *seq_len = malloc((size_t)n * sizeof(int)), *slot = malloc((size_t)n * sizeof(int));
@@ -261,9 +274,9 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
             for (int i = 0; i < n && st == RP_OK; i++) {
                 uint64_t w = (uint64_t)bi * n + i;
                 st = rp_loader_window(d.loader, w < n_windows ? w : 0,
-                                      tokens + (size_t)i * (T + 1), err);
+                                      tokens + (size_t)i * (L + 1), err);
             }
-            memset(mask, 1, (size_t)n * T);
+            memset(mask, 1, (size_t)n * L);
         } else {
             st = data_eval_batch(&d, bi, n, tokens, mask, err);
         }
@@ -271,23 +284,31 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
         split_samples(o, n, tokens, mask, inputs, targets);
         for (int i = 0; all && i < n; i++)
             if ((uint64_t)bi * n + i >= n_windows)
-                for (int t = 0; t < T; t++) targets[(size_t)i * T + t] = -1;
+                for (int t = 0; t < L; t++) targets[((size_t)(t / T) * n + i) * T + t % T] = -1;
         be->fill_zero(be, state.data, state.floats_per_slot * (size_t)n * sizeof(float));
-        st = rp_pipe_forward(model, tp, stage, n_stages, &ws, inputs, &batch, &state,
-                             RP_LOGITS_ALL, logits_dev, err);
-        if (st != RP_OK || !has_head) continue;
-        be->copy_to_host(be, logits, logits_dev, (size_t)n * T * V * sizeof(float));
-        for (int r = 0; r < n * T; r++) {
-            if (targets[r] < 0) continue;
-            const float *z = logits + (size_t)r * V;
-            int best = 0;
-            for (int i = 1; i < V; i++)
-                if (z[i] > z[best]) best = i;
-            double sum = 0;
-            for (int i = 0; i < V; i++) sum += exp((double)z[i] - z[best]);
-            loss_sum += log(sum) + z[best] - z[targets[r]];
-            correct += best == targets[r];
-            count++;
+        const size_t hnn = (size_t)state.n_head * state.head_size * state.head_size;
+        for (int b = 0; tuned && b < n; b++)
+            for (int l = state.layer_begin; l < state.layer_end; l++)
+                be->copy(be, rp_state_wkv(&state, b, l),
+                         tuned + (size_t)(l - state.layer_begin) * hnn, hnn * sizeof(float));
+        for (int c = 0; c < n_chunks && st == RP_OK; c++) {
+            const int32_t *chunk_targets = targets + (size_t)c * n * T;
+            st = rp_pipe_forward(model, tp, stage, n_stages, &ws, inputs + (size_t)c * n * T,
+                                 &batch, &state, RP_LOGITS_ALL, logits_dev, err);
+            if (st != RP_OK || !has_head) continue;
+            be->copy_to_host(be, logits, logits_dev, (size_t)n * T * V * sizeof(float));
+            for (int r = 0; r < n * T; r++) {
+                if (chunk_targets[r] < 0) continue;
+                const float *z = logits + (size_t)r * V;
+                int best = 0;
+                for (int i = 1; i < V; i++)
+                    if (z[i] > z[best]) best = i;
+                double sum = 0;
+                for (int i = 0; i < V; i++) sum += exp((double)z[i] - z[best]);
+                loss_sum += log(sum) + z[best] - z[chunk_targets[r]];
+                correct += best == chunk_targets[r];
+                count++;
+            }
         }
     }
     if (st == RP_OK && n_stages > 1) {
@@ -323,7 +344,7 @@ rp_status rp_train_evaluate(const rp_model *model, const rp_train_options *o, in
     rp_transport storage, *tp;
     rp_status st = pipe_transport_open(o, model->be, &storage, &tp, err);
     if (st != RP_OK) return st;
-    st = evaluate(model, o, tp, NULL, n_batches, loss, accuracy, n_targets, err);
+    st = evaluate(model, o, tp, NULL, NULL, n_batches, loss, accuracy, n_targets, err);
     if (tp) rp_transport_free(tp);
     return st;
 }
@@ -496,6 +517,50 @@ static rp_status save_weights(const rp_model *model, const rp_train_options *o,
     return st;
 }
 
+/* ---- state tuning ---- */
+
+/* Writes the tuned states of every stage (pt->tuned, this stage's layers)
+ * as a state-tuning file, blocks.L.att.time_state [H,N,N] F32, from rank 0;
+ * the other stages send theirs there. Replica 0 only (the replicas agree). */
+static rp_status save_tuned_states(const rp_model *model, const rp_pipe_trainer *pt,
+                                   const rp_train_options *o, rp_transport *tp, rp_error *err) {
+    const rp_grid *g = o->grid;
+    if (g && g->replica != 0) return RP_OK;
+    rp_backend *be = model->be;
+    const rp_config *c = &model->cfg;
+    const size_t hnn = (size_t)c->n_head * c->head_size * c->head_size;
+    const int stage = g ? g->stage : 0, n_stages = g ? g->pp : 1;
+    float *all = malloc(hnn * (size_t)c->n_layer * sizeof(float));
+    float *mine = malloc((pt->tuned_floats ? pt->tuned_floats : 1) * sizeof(float));
+    rp_status st = RP_OK;
+    if (!all || !mine) st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the tuned states");
+    else be->copy_to_host(be, mine, pt->tuned, pt->tuned_floats * sizeof(float));
+    if (st == RP_OK && n_stages == 1) memcpy(all, mine, pt->tuned_floats * sizeof(float));
+    for (int s = 1; s < n_stages && st == RP_OK; s++) {
+        const size_t n = hnn * (size_t)(g->layer_end[s] - g->layer_begin[s]);
+        if (stage == 0 || stage == s)
+            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + hnn * g->layer_begin[s] : NULL,
+                                           mine, n * sizeof(float), "tuned states", err);
+    }
+    if (st == RP_OK && stage == 0) {
+        if (n_stages > 1) memcpy(all, mine, pt->tuned_floats * sizeof(float));
+        rp_st_writer w;
+        rp_st_writer_init(&w);
+        const int64_t shape[3] = {c->n_head, c->head_size, c->head_size};
+        for (int l = 0; l < c->n_layer && st == RP_OK; l++) {
+            char name[48];
+            snprintf(name, sizeof name, "blocks.%d.att.time_state", l);
+            st = rp_st_writer_add(&w, name, RP_DTYPE_F32, RP_DTYPE_F32, 3, shape, all + hnn * l,
+                                  err);
+        }
+        if (st == RP_OK) st = rp_st_writer_write(&w, o->state_out, err);
+        rp_st_writer_free(&w);
+    }
+    free(all);
+    free(mine);
+    return st;
+}
+
 /* ---- training ---- */
 
 static void format_duration(char *out, size_t size, double seconds) {
@@ -509,8 +574,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                        rp_error *err) {
     rp_backend *be = model->be;
     const rp_config *cfg = &model->cfg;
-    const int T = o->ctx_len, B = o->batch_size, MB = o->micro_batch_size;
+    const int T = o->ctx_len, L = sample_len(o), B = o->batch_size, MB = o->micro_batch_size;
     const int DP = o->grid ? o->grid->dp : 1, replica = o->grid ? o->grid->replica : 0;
+    const int K = T > 0 ? L / T : 1;  /* time chunks per sequence */
     const int is_rank0 = !o->grid || o->grid->world_rank == 0;
     rp_train_result local = {0};
     if (!result) result = &local;
@@ -519,7 +585,11 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         return rp_error_set(err, RP_ERR_ARG,
                             "batch %d must be a positive multiple of micro-batch %d x %d data "
                             "replica%s (ctx %d)", B, MB, DP, DP == 1 ? "" : "s", T);
-    const int M = B / (MB * DP);  /* micro-batches per step on each replica */
+    if (L % T != 0)
+        return rp_error_set(err, RP_ERR_ARG, "--seq-len %d is not a multiple of --ctx-len %d",
+                            L, T);
+    /* Micro-batches per step on each replica: sequence groups x time chunks. */
+    const int M = B / (MB * DP) * K;
     if (o->steps < 1) return rp_error_set(err, RP_ERR_ARG, "steps %ld must be >= 1", o->steps);
     rp_optim_config optim = o->optim;
     optim.total_steps = o->steps;
@@ -537,8 +607,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     rp_transport tp_storage, *tp = NULL;
     rp_transport world_storage, *world = NULL;  /* over every rank: the stop request */
     FILE *metrics = NULL;
-    int32_t *tokens = malloc((size_t)B * (T + 1) * sizeof(int32_t));
-    uint8_t *mask = malloc((size_t)B * T);
+    int32_t *tokens = malloc((size_t)B * (L + 1) * sizeof(int32_t));
+    uint8_t *mask = malloc((size_t)B * L);
     int32_t *inputs = malloc((size_t)M * MB * T * sizeof(int32_t));
     int32_t *targets = malloc((size_t)M * MB * T * sizeof(int32_t));
     if (!tokens || !mask || !inputs || !targets) {
@@ -553,10 +623,12 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                              model->has_embed, model->has_head, be, err)) != RP_OK ||
         (st = pipe_transport_open(o, be, &tp_storage, &tp, err)) != RP_OK ||
         (st = world_transport_open(o, &world_storage, &world, err)) != RP_OK ||
-        (st = rp_pipe_trainer_init(&pt, model, &grads, &adam_m, &adam_v, o->grid, tp,
-                                   o->pipe_schedule, M, MB, T, err)) != RP_OK)
+        (st = rp_pipe_trainer_init_time_chunks(&pt, model, &grads, &adam_m, &adam_v, o->grid,
+                                               tp, o->pipe_schedule, M, MB, T, K, o->tbptt,
+                                               err)) != RP_OK)
         goto done;
     pt.halt_on_nan = o->halt_on_nan;
+    if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
     if (is_rank0 && o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
         st = rp_error_set(err, RP_ERR_IO, "cannot open the metrics log %s", o->metrics_path);
         goto done;
@@ -602,18 +674,19 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         /* The loss is the mean over every target of the whole batch. */
         int n_targets_total = 0;
         for (int mb = 0; mb < B / MB; mb++) {
-            int c = split_samples(o, MB, tokens + (size_t)mb * MB * (T + 1),
-                                  mask + (size_t)mb * MB * T, inputs, targets);
+            int c = split_samples(o, MB, tokens + (size_t)mb * MB * (L + 1),
+                                  mask + (size_t)mb * MB * L, inputs, targets);
             n_targets_total += c;
         }
         if (n_targets_total == 0) {
             st = rp_error_set(err, RP_ERR_ARG, "step %ld has no target to learn", step);
             goto done;
         }
-        for (int k = 0; k < M; k++) {
-            const size_t g = (size_t)replica * M + k;
-            split_samples(o, MB, tokens + g * MB * (T + 1), mask + g * MB * T,
-                          inputs + (size_t)k * MB * T, targets + (size_t)k * MB * T);
+        /* Group k's K chunks are micro-batches k*K .. k*K+K-1. */
+        for (int k = 0; k < M / K; k++) {
+            const size_t g = (size_t)replica * (M / K) + k;
+            split_samples(o, MB, tokens + g * MB * (L + 1), mask + g * MB * L,
+                          inputs + (size_t)k * MB * L, targets + (size_t)k * MB * L);
         }
         const float loss_scale = 1.0f / n_targets_total;
         rp_pipe_step_result sr;
@@ -631,10 +704,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         const double loss = sr.loss_sum / n_targets_total;
         result->last_loss = loss;
         result->steps_done = step + 1;
-        tokens_window += (long)B * T;
+        tokens_window += (long)B * L;
         progress.step = (uint64_t)step + 1;
         progress.lr_step = progress.step;
-        progress.tokens_seen += (uint64_t)B * T;
+        progress.tokens_seen += (uint64_t)B * L;
 
         /* A stop request (preemption) is honoured by every rank at the same
          * step: the largest signal number seen by any rank wins. */
@@ -656,8 +729,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         const int do_log = last || (o->log_interval > 0 && (step + 1) % o->log_interval == 0);
         double eval_loss = NAN, eval_acc = NAN;
         if (do_eval) {
-            if ((st = evaluate(model, o, tp, &d, o->eval_batches, &eval_loss, &eval_acc, NULL, err)) !=
-                RP_OK)
+            if ((st = evaluate(model, o, tp, &d, pt.tuned, o->eval_batches, &eval_loss,
+                               &eval_acc, NULL, err)) != RP_OK)
                 goto done;
             result->eval_loss = eval_loss;
             result->eval_accuracy = eval_acc;
@@ -716,6 +789,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     }
     result->seconds = rp_now_seconds() - t_start;
     if (o->save_path && !result->stopped_by_signal) st = save_weights(model, o, tp, err);
+    if (st == RP_OK && o->tune_state && o->state_out)
+        st = save_tuned_states(model, &pt, o, tp, err);
 done:
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);

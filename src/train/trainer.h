@@ -23,6 +23,18 @@ typedef struct {
     int synthetic;              /* 1: use synth below instead of shards */
     rp_synth_config synth;
     int ctx_len;
+    /* Time chunks (docs/training.md, Long sequences): samples of seq_len
+     * tokens (a multiple of ctx_len; 0 = ctx_len) trained as seq_len /
+     * ctx_len chunks of ctx_len that carry the recurrent state, full BPTT
+     * across them unless tbptt. Memory is that of ctx_len. */
+    int seq_len;
+    int tbptt;
+    /* State tuning (docs/training.md): train only each layer's initial WKV
+     * state, weights frozen; the result is written to state_out as the
+     * state-tuning file the server loads (blocks.L.att.time_state [H,N,N]).
+     * Evaluation starts from the tuned states. */
+    int tune_state;
+    const char *state_out;
     int batch_size;             /* sequences per optimizer step */
     int micro_batch_size;            /* sequences per forward/backward */
     int loss_on_answers_only;   /* synthetic tasks: loss only where the mask is set */
