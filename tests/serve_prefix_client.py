@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Client for the prefix state cache tests and benchmark (tests/test_serve_prefix.sh,
-bench/bench_prefix_chat.sh), standard library only.
+bench/prefix_chat.sh), standard library only.
 
   serve_prefix_client.py run URL TURNS      a chat resending its history every turn, and
                                             completions that repeat / extend a prompt
