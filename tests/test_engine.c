@@ -37,6 +37,9 @@ static int rank, size;
 static rp_engine *engine;
 static rp_model whole;  /* rank 0: the reference model (all layers) */
 static int reference_model; /* the golden tiny model (trained-like weights) */
+/* RP_TEST_PREFIX_CACHE: "off" (default), "big" (room for every state) or
+ * "tiny" (room for one state: the LRU evicts at every store). */
+static const char *prefix_mode = "off";
 
 #define CHECK(cond, ...)                                                        \
     do {                                                                        \
@@ -280,11 +283,77 @@ static int32_t *make_prompt(int n, int salt) {
     return p;
 }
 
+/* The prefix state cache: a chat's next turn (the first turn's prompt and
+ * reply, then new text) resumes from the state after the first turn and
+ * gives the tokens rp_generate gives from the zero state, greedy and seeded;
+ * the same prompt again resumes from its prompt - 1 state (when the LRU
+ * kept it). */
+static void prefix_checks(const rp_gen_params *greedy) {
+    printf("check: prefix cache (%s): a next turn resumes from the first, same tokens\n",
+           prefix_mode);
+    const int on = strcmp(prefix_mode, "off") != 0, big = strcmp(prefix_mode, "big") == 0;
+    int32_t *base = make_prompt(70, 21), *more = make_prompt(30, 22);
+    int n1, n_ref, n2;
+    rp_finish_reason f;
+    rp_engine_metrics m0, m1, m2, m3;
+    int32_t *t1 = run_job(base, 70, greedy, NULL, NULL, &n1, &f);
+    CHECK(n1 == greedy->max_tokens, "first turn: %d tokens", n1);
+    const int n_turn = 70 + n1 + 30;
+    int32_t *turn = malloc(sizeof(int32_t) * (size_t)n_turn);
+    memcpy(turn, base, 70 * sizeof(int32_t));
+    memcpy(turn + 70, t1, (size_t)n1 * sizeof(int32_t));
+    memcpy(turn + 70 + n1, more, 30 * sizeof(int32_t));
+    rp_gen_params seeded = *greedy;
+    seeded.sampler.temperature = 1.0f;
+    seeded.sampler.top_p = 0.9f;
+    seeded.sampler.seed = 11;
+    for (int k = 0; k < 2; k++) {
+        const rp_gen_params *p = k ? &seeded : greedy;
+        rp_engine_get_metrics(engine, &m0);
+        int32_t *got = run_job(turn, n_turn, p, NULL, NULL, &n2, &f);
+        rp_engine_get_metrics(engine, &m1);
+        int32_t *ref = reference(turn, n_turn, p, &n_ref);
+        same(ref, n_ref, got, n2, k ? "next turn, seeded" : "next turn, greedy");
+        free(ref);
+        free(got);
+        /* the second run finds the first's prompt state (n_turn - 1), but
+         * a tiny cache has evicted it for the first's end state */
+        const long saved = m1.prefix_cache_tokens_saved - m0.prefix_cache_tokens_saved;
+        const long want_saved = !on ? 0 : k == 0 ? 70 + n1 : big ? n_turn - 1 : 0;
+        CHECK(m1.prefix_cache_hits - m0.prefix_cache_hits == (want_saved > 0),
+              "next turn %d: %ld hits", k,
+              m1.prefix_cache_hits - m0.prefix_cache_hits);
+        CHECK(saved == want_saved, "next turn %d: %ld tokens saved, expected %ld", k, saved,
+              want_saved);
+        CHECK(m1.tokens_prefilled - m0.tokens_prefilled == n_turn - want_saved,
+              "next turn %d: %ld tokens prefilled, expected %ld", k,
+              m1.tokens_prefilled - m0.tokens_prefilled, n_turn - want_saved);
+    }
+    rp_engine_get_metrics(engine, &m2);
+    CHECK(on == (m2.prefix_cache_bytes > 0), "prefix cache bytes %zu", m2.prefix_cache_bytes);
+    if (on && !big)
+        CHECK(m2.prefix_cache_bytes < 2 * rp_engine_session_floats(engine) * sizeof(float),
+              "tiny prefix cache holds %zu bytes", m2.prefix_cache_bytes);
+    /* the first prompt again: its prompt - 1 state, unless evicted since */
+    int32_t *again = run_job(base, 70, greedy, NULL, NULL, &n2, &f);
+    rp_engine_get_metrics(engine, &m3);
+    same(t1, n1, again, n2, "the first prompt again");
+    CHECK(m3.prefix_cache_hits - m2.prefix_cache_hits == big, "first prompt again: %ld hits",
+          m3.prefix_cache_hits - m2.prefix_cache_hits);
+    free(again);
+    free(turn);
+    free(t1);
+    free(base);
+    free(more);
+    printf("  ok\n");
+}
+
 static void checks(void) {
     rp_gen_params greedy;
     rp_gen_params_defaults(&greedy);
     greedy.sampler.temperature = 0;
     greedy.max_tokens = 24;
+    prefix_checks(&greedy);
 
     printf("check: greedy and seeded jobs equal rp_generate on the whole model\n");
     int32_t *prompt = make_prompt(100, 1);
@@ -699,6 +768,13 @@ int main(int argc, char **argv) {
     rp_engine_config_defaults(&ec);
     ec.prefill_chunk = 64;
     ec.comm_timeout = 60;
+    if (getenv("RP_TEST_PREFIX_CACHE")) prefix_mode = getenv("RP_TEST_PREFIX_CACHE");
+    if (strcmp(prefix_mode, "off") != 0) {
+        rp_state whole_state;
+        rp_state_geometry(&whole_state, &cfg, 0, cfg.n_layer, 1);
+        const size_t one = whole_state.floats_per_slot * sizeof(float);
+        ec.prefix_cache_bytes = strcmp(prefix_mode, "big") == 0 ? (size_t)64 << 20 : one + 4096;
+    }
     CHECK(rp_engine_create(&engine, &stage, g, &ec, &err) == RP_OK, "%s", err.msg);
     if (rank == 0) {
         CHECK(rp_model_load(&whole, path, 0, -1, be, &err) == RP_OK, "%s", err.msg);

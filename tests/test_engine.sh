@@ -10,6 +10,12 @@ set -u
 BIN="$top_builddir/tests/test_engine"
 echo "== one process"
 "$BIN" || exit 1
+# The prefix state cache: every check again with it on (room for all
+# states, and for one: the LRU evicts at every store).
+for mode in big tiny; do
+    echo "== one process, prefix cache $mode"
+    RP_TEST_PREFIX_CACHE=$mode "$BIN" || exit 1
+done
 if [ -z "$MPIRUN" ] || ! command -v "$MPIRUN" >/dev/null 2>&1; then
     echo "skip: no mpirun for the multi-stage runs"
     exit 0
@@ -35,6 +41,10 @@ for np in 1 2 3 4; do
 done
 echo "== mpirun -np 2 (tiny golden model)"
 timeout 300 "$MPIRUN" -np 2 "$BIN" || exit 1
+for mode in big tiny; do
+    echo "== mpirun -np 2 (tiny golden model), prefix cache $mode"
+    RP_TEST_PREFIX_CACHE=$mode timeout 300 "$MPIRUN" -np 2 -x RP_TEST_PREFIX_CACHE "$BIN" || exit 1
+done
 echo "== rwkvpipe generate: one process, --pp 2 and --pp 4 print the same text"
 GEN=(generate --model "$T/l4.st" --vocab bytes --prompt "hello there" --max-tokens 40 --seed 3
      --temperature 0.8 --presence-penalty 0.3 --frequency-penalty 0.3 -q --threads 1)

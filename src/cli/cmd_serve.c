@@ -74,6 +74,12 @@ static void serve_usage(FILE *out) {
             "  --max-queue N            requests waiting for a slot; more get 429 (default 64)\n"
             "  --prefill-chunk N        prompt tokens per prefill unit (default 256)\n"
             "  --session-budget-mb N    memory for stored session states per stage (default 256)\n"
+            "  --prefix-cache-mb N      memory for the prefix state cache: the states after\n"
+            "                           finished requests' prompts and replies, so a request\n"
+            "                           that repeats or extends one (a chat resending its\n"
+            "                           history) reads only the rest (default: 1/8 of physical\n"
+            "                           memory, at most 4096; counts whole-model states, each\n"
+            "                           stage holds its layers' share; 0 = off)\n"
             "  --comm-timeout S         fail when a stage waits S seconds on a peer (default 300)\n"
             "  --pp P                   pipeline stages (run under mpirun -np P)\n"
             "  --stage-layers LIST      layers per stage, e.g. 2,2 (default: balanced by cost)\n"
@@ -119,7 +125,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     enum {
         O_MODEL = 1000, O_CONFIG, O_SEED, O_VOCAB, O_ID, O_HOST, O_PORT, O_KEY, O_SESSION_DIR,
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
-        O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_DEVICE, O_GPU_MATH,
+        O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_PREFIX_CACHE, O_DEVICE, O_GPU_MATH,
         O_PER_CLIENT, O_CONN_TIMEOUT, O_REQ_TIMEOUT, O_HTTP_THREADS, O_DRAIN,
         O_SESSION_OVERWRITE, O_MAX_SESSION_FILES
     };
@@ -156,6 +162,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"device", required_argument, 0, O_DEVICE},
         {"gpu-math", required_argument, 0, O_GPU_MATH},
         {"state-budget-mb", required_argument, 0, O_STATE_BUDGET},
+        {"prefix-cache-mb", required_argument, 0, O_PREFIX_CACHE},
         {"verbose", no_argument, 0, 'v'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
@@ -168,6 +175,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     rp_engine_config_defaults(&ec);
     ec.comm_timeout = 300;
     int pp = 1;
+    long long prefix_cache_mb = -1;  /* -1: sized from memory */
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "hv", longopts, NULL)) != -1) {
@@ -229,6 +237,9 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         case O_STATE_BUDGET:
             state_budget_mb = (double)cli_parse_int(cli, "--state-budget-mb", optarg, 1, 1 << 30);
             break;
+        case O_PREFIX_CACHE:
+            prefix_cache_mb = cli_parse_int(cli, "--prefix-cache-mb", optarg, 0, 1 << 24);
+            break;
         case O_THREADS: mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
         case O_DEVICE: cli_parse_device(cli, &mo, optarg); break;
         case O_GPU_MATH: cli_parse_gpu_math(cli, &mo, optarg); break;
@@ -245,6 +256,17 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
                   cli->mpi_size);
     if (stage_layers && pp == 1) cli_fatal(cli, "--stage-layers needs --pp");
     if (hc.default_max_tokens > hc.max_tokens_limit) hc.default_max_tokens = hc.max_tokens_limit;
+    if (prefix_cache_mb < 0) {
+        /* 1/8 of physical memory, at most 4 GiB: room for hundreds of 0.1B
+         * states (2.4 MB) or tens of 1.5B ones (13 MB) beside the model. */
+        const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+        const double phys = pages > 0 && page > 0 ? (double)pages * (double)page : 0;
+        double bytes = phys / 8;
+        if (bytes > 4096.0 * 1048576.0) bytes = 4096.0 * 1048576.0;
+        ec.prefix_cache_bytes = (size_t)bytes;
+    } else {
+        ec.prefix_cache_bytes = (size_t)prefix_cache_mb << 20;
+    }
     /* SIGINT/SIGTERM stay blocked in every thread started from here on
      * (compute and HTTP threads); the main thread takes them once it drives
      * the engine, so the handler never runs beside the code that frees what

@@ -48,6 +48,13 @@ typedef struct {
     size_t session_budget_bytes;   /* in-memory session states per stage (LRU) */
     double comm_timeout;           /* watchdog seconds for stage transfers; 0 = none */
     int threads;                   /* CPU threads of this rank's backend (informational) */
+    /* Prefix state cache (docs/serving.md): states at the end of finished
+     * requests' prompts (less the last token) and of prompt + generated
+     * text, keyed by the tokens, LRU under this many bytes of whole-model
+     * states (each stage holds its own layers' part); a new request without
+     * a session resumes from the longest one. 0: off (the default here; the
+     * server sizes it from memory). */
+    size_t prefix_cache_bytes;
 } rp_engine_config;
 
 void rp_engine_config_defaults(rp_engine_config *c);  /* 16 slots, chunk 256, queue 64, 256 MiB */
@@ -224,6 +231,9 @@ typedef struct {
     int n_stages;
     double stage_busy[RP_GRID_MAX_STAGES < 64 ? RP_GRID_MAX_STAGES : 64]; /* fraction, last ~10 s */
     long sessions_stored;
+    long prefix_cache_hits;         /* requests that resumed from a cached prefix */
+    long prefix_cache_tokens_saved; /* prompt tokens those did not read */
+    size_t prefix_cache_bytes;      /* the cache's whole-model states + tokens */
     double uptime_seconds;
 } rp_engine_metrics;
 

@@ -106,6 +106,8 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
         e->has_tp = 1;
         rp_transport_use_backend(&e->tp, e->be);
     }
+    rp_prefix_cache_init(&e->prefix, cfg->prefix_cache_bytes,
+                         rp_engine_session_floats(e) * sizeof(float));
     *out = e;
     return RP_OK;
 }
@@ -134,6 +136,9 @@ void rp_engine_free(rp_engine *e) {
     free(e->sampling);
     for (int i = 0; i < e->n_sessions; i++) free(e->sessions[i].data);
     free(e->sessions);
+    for (int i = 0; i < e->n_prefix_states; i++) free(e->prefix_states[i].data);
+    free(e->prefix_states);
+    rp_prefix_cache_free(&e->prefix);
     for (int i = 0; e->slot_job && i < e->cfg.n_slots; i++)
         if (e->slot_job[i]) rp_job_release(e->slot_job[i]);
     free(e->slot_job);
@@ -234,8 +239,28 @@ static void make_sampling(Rwkvpipe__EngineSampling *s, const rp_gen_params *p) {
 
 /* Frees slot (stashing its state under the job's store_session if asked).
  * Without e->mu: the table functions take it for their changes. */
+static rp_status prefix_keep(rp_engine *e, int slot, const int32_t *toks, int len,
+                             rp_error *err);
+
 static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
     rp_job *j = e->slot_job[slot];
+    /* The prefix cache keeps the state after prompt + generated text, when
+     * the slot has read exactly those tokens (not after a client's cancel). */
+    if (j->prefix_on && !j->has_pending && j->prefilled == j->n_prompt &&
+        rp_job_cancel_state(j) != RP_JOB_CANCEL_CLIENT) {
+        pthread_mutex_lock(&j->mu);
+        const int len = j->n_prompt + j->n_out;
+        int32_t *key = (uint64_t)len == e->slot_tokens[slot] ? malloc(sizeof(int32_t) * (size_t)len)
+                                                            : NULL;
+        if (key) {
+            memcpy(key, j->prompt, sizeof(int32_t) * (size_t)j->n_prompt);
+            memcpy(key + j->n_prompt, j->out, sizeof(int32_t) * (size_t)j->n_out);
+        }
+        pthread_mutex_unlock(&j->mu);
+        rp_status st = key ? prefix_keep(e, slot, key, len, err) : RP_OK;
+        free(key);
+        if (st != RP_OK) return st;
+    }
     rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
     c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__FREE_SLOT;
     c.slot = slot;
@@ -279,7 +304,7 @@ static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
  * right after the reply finds it. */
 static void job_end(rp_job *j, rp_finish_reason reason) {
     j->closing = 1;
-    if (j->store_session[0]) {
+    if (j->store_session[0] || j->prefix_on) {
         j->has_deferred = 1;
         j->deferred = reason;
     } else {
@@ -350,7 +375,64 @@ static void finish_unit(rp_engine *e, const int32_t *unit_slots, int n_unit, con
  * their state from (until it passes that point), so that each then reads
  * the last prompt token and samples on its own. */
 static int prefill_end(const rp_job *j) {
-    return j->fork_parent && !j->fork_passed ? j->n_prompt - 1 : j->n_prompt;
+    return (j->fork_parent && !j->fork_passed) || (j->prefix_on && !j->prefix_passed)
+               ? j->n_prompt - 1
+               : j->n_prompt;
+}
+
+/* ---- the prefix state cache (the index: prefix_cache.h) ---- */
+
+/* Keeps slot's state (it has read toks[0..len)) in the cache: every stage
+ * stores its part under the entry's id; entries the LRU evicts are dropped
+ * on every stage first. */
+static rp_status prefix_keep(rp_engine *e, int slot, const int32_t *toks, int len,
+                             rp_error *err) {
+    uint64_t *evicted = malloc(sizeof(uint64_t) * ((size_t)e->prefix.n + 1));
+    if (!evicted) return rp_error_set(err, RP_ERR_NOMEM, "prefix cache eviction list");
+    uint64_t id;
+    int is_new, n_evicted;
+    pthread_mutex_lock(&e->mu);  /* the metrics read the byte count */
+    rp_status st = rp_prefix_cache_insert(&e->prefix, toks, len, &id, &is_new, evicted,
+                                          e->prefix.n + 1, &n_evicted, err);
+    pthread_mutex_unlock(&e->mu);
+    for (int i = 0; st == RP_OK && i < n_evicted; i++) {
+        rp_engine_command d = RWKVPIPE__ENGINE_COMMAND__INIT;
+        d.kind = RWKVPIPE__ENGINE_COMMAND__KIND__PREFIX_DROP;
+        d.prefix_id = evicted[i];
+        st = rp_engine_issue(e, &d, err);
+    }
+    free(evicted);
+    if (st != RP_OK || !is_new) return st;
+    rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
+    c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__PREFIX_STORE;
+    c.slot = slot;
+    c.prefix_id = id;
+    return rp_engine_issue(e, &c, err);
+}
+
+/* A job that keeps its prompt's state stops its prefill one token early:
+ * the state there is stored (a prompt that repeats this one, or extends
+ * it, resumes from it and still reads its own last token for the logits),
+ * then the last prompt token goes through as a decode row. */
+static rp_status prefix_points(rp_engine *e, rp_error *err) {
+    for (int s = 0; s < e->cfg.n_slots; s++) {
+        rp_job *j = e->slot_job[s];
+        if (!j || !j->prefix_on || j->prefix_passed || j->in_flight || j->closing ||
+            (j->fork_parent && !j->fork_passed) || j->prefilled != j->n_prompt - 1)
+            continue;
+        rp_status st = prefix_keep(e, s, j->prompt, j->n_prompt - 1, err);
+        if (st != RP_OK) return st;
+        j->prefix_passed = 1;
+        j->prefilled = j->n_prompt;
+        j->has_pending = 1;
+        j->pending = j->prompt[j->n_prompt - 1];
+        pthread_mutex_lock(&e->mu);
+        e->tokens_prefilled++;  /* the prompt's last token, read as a decode row */
+        pthread_mutex_unlock(&e->mu);
+        /* max_tokens 0: the last token is read (for the end's state), not sampled */
+        if (j->params.max_tokens == 0) job_end(j, RP_FINISH_LENGTH);
+    }
+    return RP_OK;
 }
 
 /* The copies of a prompt read once (rp_job_share_prompt): a job waiting in
@@ -422,7 +504,7 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
         if (j->fork_wait) continue;
         if (j->prefilled < prefill_end(j) && !j->closing) {
             if (prefill_slot < 0) prefill_slot = s;
-        } else if (j->has_pending && (!j->closing || j->store_session[0]) &&
+        } else if (j->has_pending && (!j->closing || j->store_session[0] || j->prefix_on) &&
                    !(j->closing && rp_job_cancel_state(j) == RP_JOB_CANCEL_CLIENT)) {
             if (n < RP_ENGINE_GROUP_MAX) {
                 slots[n] = s;
@@ -639,8 +721,23 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         rp_engine_session *from =
             j->start_session[0] ? rp_engine_session_find(e, j->start_session) : NULL;
         e->slot_tokens[s] = from ? from->tokens : 0;
+        /* The prefix cache: jobs without sessions or shared prompts; one
+         * that scores its prompt reads all of it. */
+        j->prefix_on = e->prefix.budget > 0 && !j->start_session[0] && !j->store_session[0] &&
+                       !j->fork_of && !j->fork_parent && j->n_prompt >= 2;
+        int hit_len = 0;
+        if (j->prefix_on && !j->params.score_prompt)
+            c.prefix_id = rp_prefix_cache_lookup(&e->prefix, j->prompt, j->n_prompt - 1, &hit_len);
         st = rp_engine_issue(e, &c, err);
         if (st != RP_OK) goto fail;
+        if (c.prefix_id) {
+            j->prefilled = hit_len;
+            e->slot_tokens[s] = (uint64_t)hit_len;
+            pthread_mutex_lock(&e->mu);
+            e->prefix_hits++;
+            e->prefix_saved += hit_len;
+            pthread_mutex_unlock(&e->mu);
+        }
         pthread_mutex_lock(&j->mu);
         j->t_slot = rp_now_seconds();
         j->session_continued = from != NULL;
@@ -664,12 +761,15 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
             job_end(j, RP_FINISH_LENGTH);
         if (!j->closing) continue;
         /* A job that keeps its session first reads its last emitted token. */
-        const int stash = j->store_session[0] && cancel != 1 && j->prefilled == j->n_prompt;
-        if (stash && j->has_pending) continue;
+        const int ok_end = cancel != RP_JOB_CANCEL_CLIENT && j->prefilled == j->n_prompt;
+        const int stash = j->store_session[0] && ok_end;
+        /* it reads its last token first (for the prefix cache too) */
+        if ((stash || (j->prefix_on && ok_end)) && j->has_pending) continue;
         st = close_slot(e, s, stash, err);
         if (st != RP_OK) goto fail;
     }
     if ((st = resolve_forks(e, err)) != RP_OK) goto fail;
+    if ((st = prefix_points(e, err)) != RP_OK) goto fail;
     /* Keep up to P units in flight. */
     e->launched_any = 0;
     /* At most P launches per step, so admissions and cancels interleave
@@ -778,6 +878,9 @@ void rp_engine_get_metrics(rp_engine *e, rp_engine_metrics *m) {
     m->slots_total = e->cfg.n_slots;
     m->n_stages = e->n_stages;
     m->sessions_stored = e->n_sessions;
+    m->prefix_cache_hits = e->prefix_hits;
+    m->prefix_cache_tokens_saved = e->prefix_saved;
+    m->prefix_cache_bytes = e->prefix.bytes;
     m->uptime_seconds = now - e->t_start;
     /* Rates over the time since the previous reading, once at least 1 s
      * has passed (a faster scraper sees the last values). */

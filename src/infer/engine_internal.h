@@ -10,6 +10,7 @@
 #include <signal.h>
 
 #include "infer/engine.h"
+#include "infer/prefix_cache.h"
 #include "pipe/transport.h"
 #include "rwkvpipe.pb-c.h"
 
@@ -64,6 +65,9 @@ struct rp_job {
     int fork_wait;                 /* in a slot, waiting for fork_of to reach the copy point */
     int fork_parent;               /* others copy from this one: it stops one token early */
     int fork_passed;               /* past the copy point: later ones read the prompt */
+    /* the prefix state cache (engine_driver.c, prefix_*) */
+    int prefix_on;                 /* stores its prompt's and its end's state */
+    int prefix_passed;             /* past the prompt's store point (n_prompt - 1) */
 };
 
 /* Job helpers used by the engine (engine_job.c). */
@@ -122,6 +126,13 @@ typedef struct {
     uint64_t last_used;  /* rank 0: LRU clock */
 } rp_engine_session;
 
+/* A state of the prefix cache (this stage's layers), under the id rank 0's
+ * index (prefix_cache.h) gave it. */
+typedef struct {
+    uint64_t id;
+    float *data;         /* floats_per_slot */
+} rp_prefix_state;
+
 /* A unit in the pipeline, until its result comes back from the last stage. */
 typedef struct {
     uint64_t id;
@@ -178,7 +189,10 @@ struct rp_engine {
     rp_engine_session *sessions;
     int n_sessions, cap_sessions;
     uint64_t clock;
+    rp_prefix_state *prefix_states;
+    int n_prefix_states, cap_prefix_states;
     /* driver (rank 0) */
+    rp_prefix_cache prefix;      /* the index (budget 0: off) */
     pthread_mutex_t mu;
     pthread_cond_t wake;
     rp_job *queue_head, *queue_tail;
@@ -200,6 +214,7 @@ struct rp_engine {
     int shutdown_started;
     /* metrics (under mu) */
     long requests_total, tokens_generated, tokens_prefilled;
+    long prefix_hits, prefix_saved;
     double *busy_total, *busy_mark, *busy_frac, t_mark, tokens_rate;
     long tokens_mark;
     double t_start;

@@ -294,6 +294,47 @@ static rp_status receive_state(rp_engine *e, const char *name, rp_error *err) {
     return s ? RP_OK : rp_error_set(err, RP_ERR_NOMEM, "session '%s' state", name);
 }
 
+/* ---- the prefix state cache (this stage's part of each entry) ---- */
+
+static rp_prefix_state *prefix_find(rp_engine *e, uint64_t id) {
+    for (int i = 0; i < e->n_prefix_states; i++)
+        if (e->prefix_states[i].id == id) return &e->prefix_states[i];
+    return NULL;
+}
+
+static rp_status prefix_store(rp_engine *e, int slot, uint64_t id, rp_error *err) {
+    const size_t fps = e->state.floats_per_slot;
+    if (slot < 0 || slot >= e->cfg.n_slots || id == 0)
+        return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: prefix store of slot %d as %llu",
+                            e->stage, slot, (unsigned long long)id);
+    rp_prefix_state *p = prefix_find(e, id);
+    if (!p) {
+        if (e->n_prefix_states == e->cap_prefix_states) {
+            int cap = e->cap_prefix_states ? 2 * e->cap_prefix_states : 16;
+            rp_prefix_state *grown = realloc(e->prefix_states, sizeof *grown * (size_t)cap);
+            if (!grown) return rp_error_set(err, RP_ERR_NOMEM, "prefix cache states");
+            e->prefix_states = grown;
+            e->cap_prefix_states = cap;
+        }
+        float *data = malloc(fps * sizeof(float));
+        if (!data)
+            return rp_error_set(err, RP_ERR_NOMEM, "prefix cache state (%zu bytes): lower "
+                                "--prefix-cache-mb", fps * sizeof(float));
+        p = &e->prefix_states[e->n_prefix_states++];
+        p->id = id;
+        p->data = data;
+    }
+    e->be->copy_to_host(e->be, p->data, slot_state(e, slot), fps * sizeof(float));
+    return RP_OK;
+}
+
+static void prefix_drop(rp_engine *e, uint64_t id) {
+    rp_prefix_state *p = prefix_find(e, id);
+    if (!p) return;
+    free(p->data);
+    *p = e->prefix_states[--e->n_prefix_states];
+}
+
 rp_status rp_engine_apply(rp_engine *e, const rp_engine_command *c, rp_error *err) {
     const size_t fps = e->state.floats_per_slot;
     switch (c->kind) {
@@ -301,7 +342,13 @@ rp_status rp_engine_apply(rp_engine *e, const rp_engine_command *c, rp_error *er
         if (c->slot < 0 || c->slot >= e->cfg.n_slots)
             return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: slot %d", e->stage, c->slot);
         float *dst = slot_state(e, c->slot);
-        if (c->session && c->session[0]) {
+        if (c->prefix_id) {
+            rp_prefix_state *p = prefix_find(e, c->prefix_id);
+            if (!p)
+                return rp_error_set(err, RP_ERR_INTERNAL, "stage %d has no prefix state %llu",
+                                    e->stage, (unsigned long long)c->prefix_id);
+            e->be->copy_to_device(e->be, dst, p->data, fps * sizeof(float));
+        } else if (c->session && c->session[0]) {
             rp_engine_session *s = rp_engine_session_find(e, c->session);
             if (!s)
                 return rp_error_set(err, RP_ERR_INTERNAL, "stage %d has no state for session "
@@ -330,6 +377,11 @@ rp_status rp_engine_apply(rp_engine *e, const rp_engine_command *c, rp_error *er
         return RP_OK;
     case RWKVPIPE__ENGINE_COMMAND__KIND__DROP:
         rp_engine_session_drop(e, c->session);
+        return RP_OK;
+    case RWKVPIPE__ENGINE_COMMAND__KIND__PREFIX_STORE:
+        return prefix_store(e, c->slot, c->prefix_id, err);
+    case RWKVPIPE__ENGINE_COMMAND__KIND__PREFIX_DROP:
+        prefix_drop(e, c->prefix_id);
         return RP_OK;
     case RWKVPIPE__ENGINE_COMMAND__KIND__SAVE:
         if (e->stage == 0) return RP_OK;  /* rank 0 reads its own part directly */

@@ -743,6 +743,15 @@ static enum MHD_Result handle_metrics(rp_http_server *s, struct MHD_Connection *
         tb_printf(&t, "rwkvpipe_stage_busy_ratio{stage=\"%d\"} %.6g\n", i, m.stage_busy[i]);
     metric(&t, "rwkvpipe_sessions_stored", "gauge", "Session states kept in memory.");
     tb_printf(&t, "rwkvpipe_sessions_stored %ld\n", m.sessions_stored);
+    metric(&t, "rwkvpipe_prefix_cache_hits_total", "counter",
+           "Requests that resumed from a cached prompt prefix's state.");
+    tb_printf(&t, "rwkvpipe_prefix_cache_hits_total %ld\n", m.prefix_cache_hits);
+    metric(&t, "rwkvpipe_prefix_cache_tokens_saved_total", "counter",
+           "Prompt tokens not read thanks to the prefix cache.");
+    tb_printf(&t, "rwkvpipe_prefix_cache_tokens_saved_total %ld\n", m.prefix_cache_tokens_saved);
+    metric(&t, "rwkvpipe_prefix_cache_bytes", "gauge",
+           "Memory of the prefix cache's states (whole model) and keys.");
+    tb_printf(&t, "rwkvpipe_prefix_cache_bytes %zu\n", m.prefix_cache_bytes);
     metric(&t, "rwkvpipe_uptime_seconds", "gauge", "Seconds since the engine started.");
     tb_printf(&t, "rwkvpipe_uptime_seconds %.3f\n", m.uptime_seconds);
     metric(&t, "rwkvpipe_http_connections", "gauge", "Open HTTP connections.");
