@@ -410,7 +410,7 @@ static rp_status read_tensor(const rp_st_file *f, const rp_st_tensor *t, const c
                              rp_error *err) {
     rp_status st = check_shape(f, file_name, t, info, kind, err);
     if (st != RP_OK) return st;
-    if (kind != MAP_TRANSPOSE) return rp_st_read_f32(f, t, dst, info->numel, err);
+    if (kind != MAP_TRANSPOSE) return rp_st_read_f32_release(f, t, dst, info->numel, err);
     float *tmp = rp_malloc((size_t)info->numel * sizeof(float), "transpose buffer", err);
     if (!tmp) return RP_ERR_NOMEM;
     st = rp_st_read_f32(f, t, tmp, info->numel, err);
@@ -442,6 +442,9 @@ static rp_status load_part(const rp_st_file *f, rp_naming naming, const rp_tenso
         }
         rp_status st = read_tensor(f, t, name, info, kind, host_flat + info->flat_offset, err);
         if (st != RP_OK) return st;
+        /* The copy is made: the file's pages must not stay resident beside it
+         * (peak RSS ~ the weights once, not twice; docs/perf/cpu.md). */
+        rp_st_release(f, t->data, t->nbytes);
     }
     return RP_OK;
 }
