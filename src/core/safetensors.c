@@ -74,12 +74,12 @@ static rp_status parse_tensor(const char *path, const char *name, json_t *entry,
     if (!json_is_string(jdtype))
         return rp_error_set(err, RP_ERR_FORMAT,
                             "%s: tensor '%s' has no \"dtype\" string; expected one of "
-                            "F32, F16, BF16, F64, I32, I64, U8",
+                            "F32, F16, BF16, F64, I32, I64, U8, I8",
                             path, name);
     if (rp_dtype_from_name(json_string_value(jdtype), &t->dtype) != 0)
         return rp_error_set(err, RP_ERR_FORMAT,
                             "%s: tensor '%s' has unknown dtype '%s'; expected one of "
-                            "F32, F16, BF16, F64, I32, I64, U8",
+                            "F32, F16, BF16, F64, I32, I64, U8, I8",
                             path, name, json_string_value(jdtype));
 
     json_t *jshape = json_object_get(entry, "shape");
