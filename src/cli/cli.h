@@ -144,6 +144,7 @@ int cmd_generate(rp_cli *cli, int argc, char **argv);
 int cmd_logits(rp_cli *cli, int argc, char **argv);
 int cmd_info(rp_cli *cli, int argc, char **argv);
 int cmd_init(rp_cli *cli, int argc, char **argv);
+int cmd_quantize(rp_cli *cli, int argc, char **argv);
 int cmd_tokenize(rp_cli *cli, int argc, char **argv);
 int cmd_train(rp_cli *cli, int argc, char **argv);
 int cmd_eval(rp_cli *cli, int argc, char **argv);
