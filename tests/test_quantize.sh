@@ -80,6 +80,25 @@ for ty in bf16 int8; do
     echo "ok: $ty file == --weights-dtype $ty, bit for bit (2 vs 1 threads)"
 done
 
+# A bf16 checkpoint (as the official ones) with --weights-dtype bf16 takes
+# its matrices as they are: the bits of quantize --type bf16 on that file.
+"$BIN" init --model-config tiny --dtype bf16 -o "$T/init_bf16.safetensors" 2>/dev/null ||
+    fail "init --dtype bf16"
+"$BIN" quantize "$T/init_bf16.safetensors" -o "$T/init_bf16_q.safetensors" --type bf16 -q 2>/dev/null ||
+    fail "quantize a bf16 file"
+"$BIN" logits --model "$T/init_bf16.safetensors" --weights-dtype bf16 --tokens $TOKS -o "$T/a.st" \
+    2>/dev/null || fail "logits --weights-dtype bf16 on a bf16 file"
+"$BIN" logits --model "$T/init_bf16_q.safetensors" --tokens $TOKS -o "$T/b.st" 2>/dev/null ||
+    fail "logits on its quantized copy"
+"$PYTHON3" "$CHECK" "$T/a.st" "$T/b.st" --tol 0 >/dev/null || fail "bf16 file as bf16 differs"
+# An int8 file widened back (--weights-dtype f32) runs, close to the int8 run.
+"$BIN" logits --model "$T/tiny_int8.safetensors" --weights-dtype f32 --tokens $TOKS -o "$T/a.st" \
+    2>/dev/null || fail "logits --weights-dtype f32 on an int8 file"
+"$BIN" logits --model "$T/tiny_int8.safetensors" --tokens $TOKS -o "$T/b.st" 2>/dev/null ||
+    fail "logits on the int8 file"
+"$PYTHON3" "$CHECK" "$T/a.st" "$T/b.st" --tol 1e-4 >/dev/null || fail "int8 widened to f32 differs"
+echo "ok: bf16 file loads as bf16 unchanged; int8 file widens to f32 (same values to 1e-4)"
+
 # Logits against the official reference (max |out - ref| / max |ref|;
 # measured: tiny bf16 0.0024, int8 0.0087; small bf16 0.0058, int8 0.011).
 logits_error() {
