@@ -8,7 +8,7 @@
 # 48 MiB of slack. Before streaming with page release the peak was ~2x.
 # The same for --weights-dtype bf16 and int8 (converted while loading);
 # WEIGHTS_DTYPES="f32" limits the run to one format.
-# Run by `make check` (env: top_srcdir, top_builddir).
+# Run by `make check` (env: top_srcdir, top_builddir, MPIRUN).
 set -u
 : "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
 : "${top_builddir:=.}"
@@ -70,4 +70,31 @@ for fmt in ${WEIGHTS_DTYPES:-f32 bf16 int8}; do
     echo "$fmt: weights $((w / 1024)) MiB, peak RSS $((peak / 1024)) MiB, bound $((bound / 1024)) MiB"
     [ "$peak" -le "$bound" ] || fail "$fmt: peak RSS $((peak / 1024)) MiB > $((bound / 1024)) MiB"
 done
+# Per pipeline stage: --pp 2 with 6 + 6 layers (each stage holds half the
+# layers and one of the equal-sized embedding / head), under mpirun; GNU
+# time reports the largest rank. Allowance: the tiny model the same way.
+: "${MPIRUN:=}"
+if [ -z "$MPIRUN" ] || ! command -v "$MPIRUN" >/dev/null 2>&1; then
+    echo "skip: --pp 2 (no mpirun)"
+else
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+    pp_peak_kib() {
+        local model="$1" layers="$2"; shift 2
+        "$TIME" -v $MPIRUN -np 2 "$BIN" logits --model "$model" --tokens 1,2,3 -o "$T/out.safetensors" \
+            --threads 1 --pp 2 --stage-layers "$layers" "$@" 2>"$T/time.txt" >/dev/null ||
+            { cat "$T/time.txt"; fail "logits --pp 2 on $model"; }
+        awk -F': ' '/Maximum resident set size/ {print $2}' "$T/time.txt"
+    }
+    pp_allow=$(($(pp_peak_kib "$T/tiny.safetensors" 1,1) + 48 * 1024))
+    for fmt in ${WEIGHTS_DTYPES:-f32 int8}; do  # bf16 lies between (time: mpirun is slow)
+        args=()
+        [ "$fmt" != f32 ] && args=(--weights-dtype "$fmt")
+        w=$(($(weights_kib "$fmt") / 2))
+        peak=$(pp_peak_kib "$T/big.safetensors" 6,6 "${args[@]}")
+        bound=$((w * 11 / 10 + pp_allow))
+        echo "$fmt --pp 2: weights per stage $((w / 1024)) MiB, largest rank's peak RSS" \
+            "$((peak / 1024)) MiB, bound $((bound / 1024)) MiB"
+        [ "$peak" -le "$bound" ] || fail "$fmt --pp 2: peak RSS $((peak / 1024)) MiB > $((bound / 1024)) MiB"
+    done
+fi
 echo "ok"
