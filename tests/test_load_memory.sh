@@ -18,6 +18,10 @@ if [ ! -x "$TIME" ] || ! "$TIME" -v true >/dev/null 2>&1; then
     echo "skip: $TIME (GNU time with -v) is missing"
     exit 77
 fi
+if ldd "$BIN" 2>/dev/null | grep -q 'libasan\|libtsan'; then
+    echo "skip: a sanitizer build: its shadow memory is in the RSS"
+    exit 77
+fi
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_load_memory.XXXXXX") || exit 99
 trap 'rm -rf "$T"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }

@@ -19,7 +19,7 @@ unset RWKVPIPE_TEST_FAKE_DEVICE
 BIN="$top_builddir/rwkvpipe"
 CHECK="$top_srcdir/tests/check_logits.py"
 TINY="$RP_TEST_DATA/tiny_L2_C128_V256_s1.weights.safetensors"
-GOLDEN_DIR="$top_srcdir/../shared/golden/rwkv7"
+GOLDEN_DIR="${RP_SHARED_DIR:-$top_srcdir/../shared}/golden/rwkv7"
 [ -d "$GOLDEN_DIR" ] || GOLDEN_DIR="$RP_TEST_DATA"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_quantize.XXXXXX") || exit 99
 trap 'rm -rf "$T"' EXIT
