@@ -58,6 +58,10 @@ typedef struct rp_time_mix_heads {
     int C, N;
 } rp_time_mix_heads;
 
+/* Run-time formats of the big weight matrices (issue 20; the values of
+ * cpu/cpu_quant.h's rp_qtype, which defines them; docs/perf/cpu.md). */
+typedef enum { RP_WEIGHTS_F32 = 0, RP_WEIGHTS_BF16 = 1, RP_WEIGHTS_INT8 = 2 } rp_weights_type;
+
 /* Most mixes one ln_shift_mix call forms (the six of the time mix). */
 #define RP_MIX_MAX 6
 
@@ -102,6 +106,24 @@ struct rp_backend {
      * reservation stays. An op called beyond the reservation does nothing
      * and status reports it. */
     rp_status (*reserve)(rp_backend *be, int rows, int seqs, int C, int N, rp_error *err);
+
+    /* ---- low-precision weights (optional: NULL = f32 weights only; issue 20) ----
+     * A quantized [N,K] matrix (nn.Linear layout) is known to the ops by a
+     * key: the float pointer the model passes where the f32 matrix would be.
+     * The key is never dereferenced; matmul_linear and gemv_group (w_in_out 0)
+     * run the low-precision kernel when w is a key, and any other op given a
+     * key is a bug (the model points keys at memory that cannot be read).
+     * qweight_create makes zeroed storage for key (RP_ERR_NOMEM / RP_ERR_ARG
+     * with err set: K must suit the format); qweight_write fills rows
+     * [row0, row0 + n_rows) from f32 rows [n_rows, K] (quantized here: the
+     * format's rounding) when scales is NULL and src_is_f32, or copies rows
+     * already in the format (data [n_rows, K] of the type, scales [n_rows,
+     * K/32] fp16 for int8); qweight_destroy forgets key and frees its storage. */
+    rp_status (*qweight_create)(rp_backend *be, const float *key, rp_weights_type type, int N,
+                                int K, rp_error *err);
+    void (*qweight_write)(rp_backend *be, const float *key, int row0, int n_rows,
+                          const void *src, int src_is_f32, const uint16_t *scales);
+    void (*qweight_destroy)(rp_backend *be, const float *key);
 
     /* ---- dense ---- */
     /* y [M,N] = x [M,K] . W^T + beta * y, W [N,K] (nn.Linear weight, row-major).

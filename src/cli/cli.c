@@ -144,6 +144,14 @@ void cli_parse_device(const rp_cli *cli, cli_model_options *opt, const char *tex
     opt->device = text;
 }
 
+void cli_parse_weights_dtype(const rp_cli *cli, cli_model_options *opt, const char *text) {
+    if (strcmp(text, "f32") == 0 || strcmp(text, "fp32") == 0) opt->weights_dtype = RP_WEIGHTS_F32;
+    else if (strcmp(text, "bf16") == 0) opt->weights_dtype = RP_WEIGHTS_BF16;
+    else if (strcmp(text, "int8") == 0) opt->weights_dtype = RP_WEIGHTS_INT8;
+    else cli_fatal(cli, "--weights-dtype: '%s' is not f32, bf16 or int8", text);
+    opt->weights_dtype_set = 1;
+}
+
 void cli_parse_gpu_math(const rp_cli *cli, cli_model_options *opt, const char *text) {
     if (strcmp(text, "bf16") && strcmp(text, "fp32"))
         cli_fatal(cli, "--gpu-math: '%s' is not bf16 or fp32", text);
@@ -371,11 +379,17 @@ void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const 
     rp_error err;
     if (opt->model_path) {
         cli_info(cli, "loading %s", opt->model_path);
-        if (rp_model_load(model, opt->model_path, begin, end, be, &err) != RP_OK)
+        const rp_load_options lo = {.wtype = opt->weights_dtype_set ? opt->weights_dtype : -1,
+                                    .for_training = opt->for_training};
+        if (rp_model_load_as(model, opt->model_path, begin, end, &lo, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
         rp_model_register_weights(model);
         return;
     }
+    if (opt->weights_dtype_set && opt->weights_dtype != RP_WEIGHTS_F32)
+        cli_fatal(cli, "--weights-dtype %s needs --model FILE: the built-in init makes f32 "
+                  "weights (quantize a file with `rwkvpipe quantize`)",
+                  opt->weights_dtype == RP_WEIGHTS_BF16 ? "bf16" : "int8");
     cli_info(cli, "creating built-in model '%s' with the official RWKV-7 init (seed %llu)",
              opt->config_name, (unsigned long long)opt->init_seed);
     /* Counter-based init: every stage builds exactly its slice of one model. */

@@ -75,6 +75,10 @@ typedef struct {
     int threads;               /* CPU threads, 0 = default */
     const char *device;        /* --device auto|cpu|cuda; NULL = auto */
     const char *gpu_math;      /* --gpu-math bf16|fp32; NULL = bf16 */
+    int weights_dtype;         /* --weights-dtype: rp_weights_type; -1 (or 0 in a zeroed
+                                * struct that never saw the option: see weights_dtype_set) */
+    int weights_dtype_set;     /* 0: the file's own format */
+    int for_training;          /* train: refuse int8 files and --weights-dtype */
 } cli_model_options;
 
 /* Help lines and the parsing of --device / --gpu-math, shared by every
@@ -85,6 +89,12 @@ typedef struct {
     "  --gpu-math bf16|fp32  GPU GEMM precision (default bf16 with fp32 accumulation;\n" \
     "                        fp32 matches the CPU backend to ~1e-6, for checks)\n"
 void cli_parse_device(const rp_cli *cli, cli_model_options *opt, const char *text);
+/* --weights-dtype, shared by the commands that load weights for inference. */
+#define CLI_WEIGHTS_HELP \
+    "  --weights-dtype T     f32|bf16|int8: hold the big matrices in this format,\n" \
+    "                        converted while loading (CPU only; default: the file's\n" \
+    "                        own, docs/perf/cpu.md); `rwkvpipe quantize` writes files\n"
+void cli_parse_weights_dtype(const rp_cli *cli, cli_model_options *opt, const char *text);
 void cli_parse_gpu_math(const rp_cli *cli, cli_model_options *opt, const char *text);
 
 /* This rank's backend from --device / --gpu-math / --threads (fatal with the
@@ -134,6 +144,7 @@ int cmd_generate(rp_cli *cli, int argc, char **argv);
 int cmd_logits(rp_cli *cli, int argc, char **argv);
 int cmd_info(rp_cli *cli, int argc, char **argv);
 int cmd_init(rp_cli *cli, int argc, char **argv);
+int cmd_quantize(rp_cli *cli, int argc, char **argv);
 int cmd_tokenize(rp_cli *cli, int argc, char **argv);
 int cmd_train(rp_cli *cli, int argc, char **argv);
 int cmd_eval(rp_cli *cli, int argc, char **argv);

@@ -37,6 +37,7 @@ static void eval_usage(FILE *out) {
             "  --per-example      print each example's log-likelihood(s) to stdout\n"
             "  --threads N        CPU threads (default: all)\n"
             CLI_DEVICE_HELP
+            CLI_WEIGHTS_HELP
             "  -h, --help         this text\n");
 }
 
@@ -46,7 +47,8 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
         {"ctx-len", required_argument, 0, 'T'},    {"batch", required_argument, 0, 'b'},
         {"batches", required_argument, 0, 'n'},    {"mqar-pairs", required_argument, 0, 'p'},
         {"seed", required_argument, 0, 's'},       {"threads", required_argument, 0, 'j'},
-        {"device", required_argument, 0, 1001},   {"gpu-math", required_argument, 0, 1002},
+        {"device", required_argument, 0, 1001},
+        {"weights-dtype", required_argument, 0, 1009},   {"gpu-math", required_argument, 0, 1002},
         {"last-word", required_argument, 0, 'W'},  {"choice", required_argument, 0, 'C'},
         {"vocab", required_argument, 0, 'v'},      {"per-example", no_argument, 0, 'P'},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
@@ -76,6 +78,7 @@ int cmd_eval(rp_cli *cli, int argc, char **argv) {
         case 's': o.seed = cli_parse_u64(cli, "--seed", optarg); break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
         case 1001: cli_parse_device(cli, &mo, optarg); break;
+        case 1009: cli_parse_weights_dtype(cli, &mo, optarg); break;
         case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 'W': last_word = optarg; break;
         case 'C': choice = optarg; break;

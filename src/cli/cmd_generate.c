@@ -45,6 +45,7 @@ static void generate_usage(FILE *out) {
             "Execution:\n"
             "  --threads N           CPU threads (default: all / ranks on the node)\n"
             CLI_DEVICE_HELP
+            CLI_WEIGHTS_HELP
             "  --chunk N             prompt tokens per sequence-mode call (default 256)\n"
             "  --pp P                split the layers over P pipeline stages (run under\n"
             "                        mpirun -np P); the text is the same as one process's\n"
@@ -89,7 +90,8 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         {"top-p", required_argument, 0, 'u'},      {"top-k", required_argument, 0, 'k'},
         {"seed", required_argument, 0, 's'},       {"stop", required_argument, 0, 'S'},
         {"ban-eot", no_argument, 0, 'B'},          {"threads", required_argument, 0, 'j'},
-        {"device", required_argument, 0, 1001},   {"gpu-math", required_argument, 0, 1002},
+        {"device", required_argument, 0, 1001},
+        {"weights-dtype", required_argument, 0, 1009},   {"gpu-math", required_argument, 0, 1002},
         {"chunk", required_argument, 0, 'C'},      {"quiet", no_argument, 0, 'q'},
         {"pp", required_argument, 0, 'N'},         {"stage-layers", required_argument, 0, 'L'},
         {"presence-penalty", required_argument, 0, 'a'},
@@ -129,6 +131,7 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         case 'B': ban_eot = 1; break;
         case 'j': mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
         case 1001: cli_parse_device(cli, &mo, optarg); break;
+        case 1009: cli_parse_weights_dtype(cli, &mo, optarg); break;
         case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 'C': chunk = (int)cli_parse_int(cli, "--chunk", optarg, 1, 1 << 20); break;
         case 'q': quiet = 1; break;

@@ -100,6 +100,7 @@ static void logits_usage(FILE *out) {
             "                      0: wait forever)\n"
             "  --threads N         CPU threads (default: all cores / ranks on the node)\n"
             CLI_DEVICE_HELP
+            CLI_WEIGHTS_HELP
             "  -h, --help          this text\n");
 }
 
@@ -118,6 +119,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
                                              {"stage-layers", required_argument, 0, 'A'},
                                              {"comm-timeout", required_argument, 0, 'O'},
                                              {"device", required_argument, 0, 1001},
+        {"weights-dtype", required_argument, 0, 1009},
                                              {"gpu-math", required_argument, 0, 1002},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
@@ -146,6 +148,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv) {
         case 'A': stage_layers = optarg; break;
         case 'O': comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e9); break;
         case 1001: cli_parse_device(cli, &mo, optarg); break;
+        case 1009: cli_parse_weights_dtype(cli, &mo, optarg); break;
         case 1002: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 1003:
             time_chunks = (int)cli_parse_int(cli, "--time-chunks", optarg, 1, 1 << 20);

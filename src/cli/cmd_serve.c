@@ -85,6 +85,7 @@ static void serve_usage(FILE *out) {
             "  --stage-layers LIST      layers per stage, e.g. 2,2 (default: balanced by cost)\n"
             "  --threads N              CPU threads per rank (default: cores / ranks on the node)\n"
             CLI_DEVICE_HELP
+            CLI_WEIGHTS_HELP
             "  -h, --help               this text\n",
             rp_config_builtin_names());
 }
@@ -127,7 +128,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
         O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_PREFIX_CACHE, O_DEVICE, O_GPU_MATH,
         O_PER_CLIENT, O_CONN_TIMEOUT, O_REQ_TIMEOUT, O_HTTP_THREADS, O_DRAIN,
-        O_SESSION_OVERWRITE, O_MAX_SESSION_FILES
+        O_SESSION_OVERWRITE, O_MAX_SESSION_FILES, O_WEIGHTS_DTYPE
     };
     static const struct option longopts[] = {
         {"model", required_argument, 0, O_MODEL},
@@ -160,6 +161,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"stage-layers", required_argument, 0, O_STAGE_LAYERS},
         {"threads", required_argument, 0, O_THREADS},
         {"device", required_argument, 0, O_DEVICE},
+        {"weights-dtype", required_argument, 0, O_WEIGHTS_DTYPE},
         {"gpu-math", required_argument, 0, O_GPU_MATH},
         {"state-budget-mb", required_argument, 0, O_STATE_BUDGET},
         {"prefix-cache-mb", required_argument, 0, O_PREFIX_CACHE},
@@ -242,6 +244,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
             break;
         case O_THREADS: mo.threads = (int)cli_parse_int(cli, "--threads", optarg, 1, 4096); break;
         case O_DEVICE: cli_parse_device(cli, &mo, optarg); break;
+        case O_WEIGHTS_DTYPE: cli_parse_weights_dtype(cli, &mo, optarg); break;
         case O_GPU_MATH: cli_parse_gpu_math(cli, &mo, optarg); break;
         case 'v': hc.log_requests = 1; break;
         case 'h': serve_usage(stdout); return 0;

@@ -150,7 +150,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     rp_train_options_defaults(&o);
     o.keep_last = 3;
     o.progress = stderr;
-    cli_model_options mo = {.config_name = "tiny", .init_seed = 1};
+    cli_model_options mo = {.config_name = "tiny", .init_seed = 1, .for_training = 1};
     const char **paths = cli_calloc(cli, (size_t)argc + 1, sizeof *paths, "the data paths");
     const char *vocab = "bytes";
     long long run_tokens = 0;

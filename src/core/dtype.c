@@ -14,12 +14,13 @@
 static const char *const dtype_names[RP_DTYPE_COUNT] = {
     [RP_DTYPE_F32] = "F32", [RP_DTYPE_F16] = "F16", [RP_DTYPE_BF16] = "BF16",
     [RP_DTYPE_F64] = "F64", [RP_DTYPE_I32] = "I32", [RP_DTYPE_I64] = "I64",
-    [RP_DTYPE_U8] = "U8",
+    [RP_DTYPE_U8] = "U8",  [RP_DTYPE_I8] = "I8",
 };
 
 static const size_t dtype_sizes[RP_DTYPE_COUNT] = {
     [RP_DTYPE_F32] = 4, [RP_DTYPE_F16] = 2, [RP_DTYPE_BF16] = 2, [RP_DTYPE_F64] = 8,
     [RP_DTYPE_I32] = 4, [RP_DTYPE_I64] = 8, [RP_DTYPE_U8] = 1,
+    [RP_DTYPE_I8] = 1,
 };
 
 const char *rp_dtype_name(rp_dtype dtype) {
@@ -176,6 +177,9 @@ void rp_convert_to_f32(float *dst, const void *src, rp_dtype src_dtype, size_t n
         return;
     case RP_DTYPE_U8:
         for (size_t i = 0; i < n; i++) dst[i] = (float)s[i];
+        return;
+    case RP_DTYPE_I8:
+        for (size_t i = 0; i < n; i++) dst[i] = (float)(int8_t)s[i];
         return;
     case RP_DTYPE_COUNT:
         break;

@@ -15,10 +15,11 @@ typedef enum {
     RP_DTYPE_I32,
     RP_DTYPE_I64,
     RP_DTYPE_U8,
+    RP_DTYPE_I8,      /* int8 weights of quantized files (docs/formats.md) */
     RP_DTYPE_COUNT
 } rp_dtype;
 
-/* "F32", "F16", "BF16", "F64", "I32", "I64", "U8": the safetensors spellings. */
+/* "F32", "F16", "BF16", "F64", "I32", "I64", "U8", "I8": the safetensors spellings. */
 const char *rp_dtype_name(rp_dtype dtype);
 /* Returns 0 and sets *out for a known safetensors name, -1 otherwise. */
 int rp_dtype_from_name(const char *name, rp_dtype *out);

@@ -19,6 +19,9 @@
 /* A JSON header larger than this is certainly not a tensor index (the
  * reference implementation uses the same cap). */
 #define ST_MAX_HEADER_BYTES ((uint64_t)100 * 1000 * 1000)
+/* Elements read per chunk before their pages are released (4 MiB of f32):
+ * small next to any model, large next to a page. */
+#define ST_RELEASE_CHUNK_ELEMS ((size_t)1 << 20)
 /* Elements converted per chunk when the writer changes dtype. */
 #define ST_WRITE_CHUNK_ELEMS ((size_t)1 << 16)
 
@@ -71,12 +74,12 @@ static rp_status parse_tensor(const char *path, const char *name, json_t *entry,
     if (!json_is_string(jdtype))
         return rp_error_set(err, RP_ERR_FORMAT,
                             "%s: tensor '%s' has no \"dtype\" string; expected one of "
-                            "F32, F16, BF16, F64, I32, I64, U8",
+                            "F32, F16, BF16, F64, I32, I64, U8, I8",
                             path, name);
     if (rp_dtype_from_name(json_string_value(jdtype), &t->dtype) != 0)
         return rp_error_set(err, RP_ERR_FORMAT,
                             "%s: tensor '%s' has unknown dtype '%s'; expected one of "
-                            "F32, F16, BF16, F64, I32, I64, U8",
+                            "F32, F16, BF16, F64, I32, I64, U8, I8",
                             path, name, json_string_value(jdtype));
 
     json_t *jshape = json_object_get(entry, "shape");
@@ -440,6 +443,34 @@ rp_status rp_st_read_f32(const rp_st_file *f, const rp_st_tensor *t, float *dst,
         return rp_error_set(err, RP_ERR_ARG, "%s: tensor '%s': NULL destination", path, t->name);
     rp_convert_to_f32(dst, t->data, t->dtype, (size_t)t->numel);
     return RP_OK;
+}
+
+rp_status rp_st_read_f32_release(const rp_st_file *f, const rp_st_tensor *t, float *dst,
+                                 int64_t expected_numel, rp_error *err) {
+    if (!t || t->numel != expected_numel || !rp_dtype_is_float(t->dtype) || !dst)
+        return rp_st_read_f32(f, t, dst, expected_numel, err); /* its message */
+    const size_t elem = rp_dtype_size(t->dtype), n = (size_t)t->numel;
+    for (size_t i = 0; i < n; i += ST_RELEASE_CHUNK_ELEMS) {
+        size_t k = n - i < ST_RELEASE_CHUNK_ELEMS ? n - i : ST_RELEASE_CHUNK_ELEMS;
+        const unsigned char *src = (const unsigned char *)t->data + i * elem;
+        rp_convert_to_f32(dst + i, src, t->dtype, k);
+        rp_st_release(f, src, k * elem);
+    }
+    return RP_OK;
+}
+
+void rp_st_release(const rp_st_file *f, const void *data, size_t nbytes) {
+    if (!f || !f->map || !data || nbytes == 0) return;
+    const uintptr_t base = (uintptr_t)f->map, end_map = base + f->map_bytes;
+    uintptr_t b = (uintptr_t)data, e = b + nbytes;
+    if (b < base || e > end_map) return;
+    /* Outward to whole pages: a neighbour sharing an edge page simply faults
+     * it back in from the file when it is read. */
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    b &= ~(page - 1);
+    e = (e + page - 1) & ~(page - 1);
+    if (e > end_map) e = end_map;
+    (void)madvise((void *)b, (size_t)(e - b), MADV_DONTNEED);
 }
 
 /* ---------------------------------------------------------------- writer */

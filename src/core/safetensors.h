@@ -58,6 +58,17 @@ const char *rp_st_meta(const rp_st_file *f, const char *key);
 rp_status rp_st_read_f32(const rp_st_file *f, const rp_st_tensor *t, float *dst,
                          int64_t expected_numel, rp_error *err);
 
+/* Drops the mapping's pages of [data, data + nbytes) (a tensor's bytes,
+ * rounded out to whole pages) from this process's resident set: a loader
+ * that has copied a tensor into its own buffer calls it so that the file's
+ * pages and the copy never both count (a later read faults them back in). */
+void rp_st_release(const rp_st_file *f, const void *data, size_t nbytes);
+
+/* rp_st_read_f32, releasing the file's pages chunk by chunk as they are
+ * converted: at most a few MiB of the tensor are resident twice. */
+rp_status rp_st_read_f32_release(const rp_st_file *f, const rp_st_tensor *t, float *dst,
+                                 int64_t expected_numel, rp_error *err);
+
 /* Writer: collect tensors (data is copied at write time, not at add time, so it
  * must stay valid until rp_st_writer_write returns), then write atomically. */
 typedef struct {

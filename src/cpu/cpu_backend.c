@@ -166,12 +166,14 @@ rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err) {
     cpu_wkv7_install(be);
     cpu_loss_install(be);
     cpu_decode_install(be);
+    cpu_qweights_install(be);
     return be;
 }
 
 void rp_cpu_backend_destroy(rp_backend *be) {
     if (!be) return;
     rp_cpu_impl *impl = be->impl;
+    cpu_qweights_free_all(be);
     free(impl->shared);
     free(impl->per_thread);
     free(impl);

@@ -8,6 +8,7 @@
  *   cpu_wkv7.c         wkv7, wkv7_forward_train, wkv7_backward
  *   cpu_loss.c         cross_entropy, row_max, l2wrap, sum_squares, adamw
  *   cpu_decode.c       gemv_group, time_mix_heads (the fused decode ops' twins)
+ *   cpu_qweights.c     low-precision weight storage (qweight_*), keyed lookup
  * Only src/cpu and the CPU op tests include this file; everyone else sees
  * struct rp_backend. */
 #ifndef RP_CPU_INTERNAL_H
@@ -28,7 +29,22 @@ typedef struct {
     void *per_thread;
     size_t thread_stride;
     rp_error error; /* the first op failure (sticky), reported by status */
+    /* Low-precision weight matrices (cpu_qweights.c), sorted by key. */
+    struct cpu_qweight *qweights;
+    int n_qweights, cap_qweights;
 } rp_cpu_impl;
+
+/* cpu_qweights.c: the low-precision matrix registered under key w, or NULL
+ * (cheap when none is registered). */
+const void *cpu_qweight_find(const rp_backend *be, const float *w);
+/* y [M,N] = x . W^T + beta y through rp_cpu_qmatmul when w is a key (1), else 0. */
+int cpu_qweight_matmul(rp_backend *be, float *y, const float *x, const float *w, int M, int N,
+                       int K, float beta);
+/* Records a sticky error when w is a key (an op that cannot read quantized
+ * weights was given one); returns 1 then. */
+int cpu_qweight_refuse(rp_backend *be, const float *w, const char *op);
+void cpu_qweights_install(rp_backend *be);
+void cpu_qweights_free_all(rp_backend *be);
 
 /* Below this many elements (or multiply-adds for GEMMs) an op runs on one
  * thread: forking the team costs about as much as the work. */

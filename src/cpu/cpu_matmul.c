@@ -267,11 +267,14 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
 
 static void cpu_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,
                        int N, int K, float beta) {
+    /* A low-precision matrix (bf16/int8 weights, cpu_qweights.c). */
+    if (cpu_qweight_matmul(be, y, x, w, M, N, K, beta)) return;
     cpu_matmul(be, y, x, w, M, N, K, beta, CPU_W_OUT_IN);
 }
 
 static void cpu_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
                      int N, int K, float beta) {
+    if (cpu_qweight_refuse(be, w, "matmul_lora")) return;
     cpu_matmul(be, y, x, w, M, N, K, beta, CPU_W_IN_OUT);
 }
 
@@ -317,6 +320,7 @@ static void cpu_matmul_linear_backward_beta(rp_backend *be, float *dx, float *dw
                                             const float *x, const float *w, int M, int N, int K,
                                             float beta) {
     if (M <= 0 || N <= 0 || K <= 0) return;
+    if (cpu_qweight_refuse(be, w, "matmul_linear_backward")) return;
     if (dx)
         gemm_accumulate_tiled(be, CblasNoTrans, CblasNoTrans, M, K, N, dy, N, w, K, dx, K, beta);
     gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, N, K, M, dy, N, x, K, dw, K, 1.0f);
@@ -333,6 +337,7 @@ static void cpu_matmul_lora_backward_beta(rp_backend *be, float *dx, float *dw, 
                                           const float *x, const float *w, int M, int N, int K,
                                           float beta) {
     if (M <= 0 || N <= 0 || K <= 0) return;
+    if (cpu_qweight_refuse(be, w, "matmul_lora_backward")) return;
     if (dx)
         gemm_accumulate_tiled(be, CblasNoTrans, CblasTrans, M, K, N, dy, N, w, N, dx, K, beta);
     gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, K, N, M, x, K, dy, N, dw, N, 1.0f);

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "core/version.h"
 #include "model/init.h"
@@ -17,6 +18,8 @@
 #define RP_MAX_EMBD 65536
 #define RP_MAX_LAYERS 4096
 #define RP_MAX_FFN (1 << 20)
+/* Elements per int8 block (cpu/cpu_quant.h's RP_Q8_BLOCK: the file format). */
+#define RP_Q8_BLOCK_ELEMS 32
 
 rp_status rp_model_alloc(rp_model *m, const rp_config *cfg, int layer_begin, int layer_end,
                          int has_embed, int has_head, rp_backend *be, rp_error *err) {
@@ -58,8 +61,28 @@ nomem:
                         layer_begin, layer_end, cfg->n_embd, be->name);
 }
 
+/* Forgets the backend storage of every quantized matrix of the model. */
+static void destroy_qweights(rp_model *m) {
+    if (!m->qkeys) return;
+    rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
+    rp_layer_layout(&m->cfg, table);
+    rp_global_layout(&m->cfg, gtable, NULL, NULL);
+    int n = m->layer_end - m->layer_begin;
+    for (int i = 0; m->layers && i < n; i++)
+        for (int t = 0; t < RP_LAYER_N_TENSORS; t++) {
+            float *key = *rp_tensor_field(&m->layers[i], &table[t]);
+            if (key && rp_tensor_quantizable(table[t].suffix)) m->be->qweight_destroy(m->be, key);
+        }
+    for (int t = 0; t < RP_GLOBAL_N_TENSORS; t++) {
+        float *key = *rp_tensor_field(&m->global, &gtable[t]);
+        if (key && rp_tensor_quantizable(gtable[t].suffix)) m->be->qweight_destroy(m->be, key);
+    }
+    munmap(m->qkeys, m->qkeys_bytes);
+}
+
 void rp_model_free(rp_model *m) {
     if (!m->be) return;
+    destroy_qweights(m);
     int n = m->layer_end - m->layer_begin;
     if (m->layer_flat)
         for (int i = 0; i < n; i++) m->be->free(m->be, m->layer_flat[i]);
@@ -70,9 +93,109 @@ void rp_model_free(rp_model *m) {
     memset(m, 0, sizeof *m);
 }
 
+/* Points the fields of one part at a packed f32 buffer (flat) or, for the
+ * quantizable matrices, at keys taken from *keys, creating their backend
+ * storage. Returns the f32 floats the part needs when flat is NULL. */
+static size_t bind_packed(rp_model *m, void *weights, const rp_tensor_info *table, int n_tensors,
+                          rp_param_part part, float *flat, char **keys, rp_status *st,
+                          rp_error *err) {
+    size_t off = 0;
+    for (int i = 0; i < n_tensors; i++) {
+        const rp_tensor_info *info = &table[i];
+        if (info->part != part) continue;
+        if (!rp_tensor_quantizable(info->suffix)) {
+            if (flat) *rp_tensor_field(weights, info) = flat + off;
+            off += (size_t)info->numel;
+            continue;
+        }
+        if (!flat || *st != RP_OK) continue;
+        float *key = (float *)*keys;
+        *keys += (size_t)info->numel * sizeof(float);
+        *st = m->be->qweight_create(m->be, key, m->wtype, (int)info->shape[0],
+                                    (int)info->shape[1], err);
+        if (*st == RP_OK) *rp_tensor_field(weights, info) = key;
+    }
+    return off;
+}
+
+rp_status rp_model_alloc_weights(rp_model *m, const rp_config *cfg, int layer_begin,
+                                 int layer_end, int has_embed, int has_head,
+                                 rp_weights_type wtype, rp_backend *be, rp_error *err) {
+    if (wtype == RP_WEIGHTS_F32)
+        return rp_model_alloc(m, cfg, layer_begin, layer_end, has_embed, has_head, be, err);
+    memset(m, 0, sizeof *m);
+    if (wtype != RP_WEIGHTS_BF16 && wtype != RP_WEIGHTS_INT8)
+        return rp_error_set(err, RP_ERR_ARG, "weights format %d is not f32, bf16 or int8",
+                            (int)wtype);
+    if (!be->qweight_create || !be->is_host_memory)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "the %s backend runs f32 weights only: bf16/int8 weights run on "
+                            "the CPU backend (--device cpu), or load with --weights-dtype f32",
+                            be->name);
+    rp_status st = rp_config_validate(cfg, err);
+    if (st != RP_OK) return st;
+    if (layer_begin < 0 || layer_end > cfg->n_layer || layer_begin > layer_end)
+        return rp_error_set(err, RP_ERR_ARG, "layer range [%d, %d) is not inside [0, %d)",
+                            layer_begin, layer_end, cfg->n_layer);
+    m->cfg = *cfg;
+    m->layer_begin = layer_begin;
+    m->layer_end = layer_end;
+    m->be = be;
+    int n = layer_end - layer_begin;
+    m->layer_flat = rp_calloc((size_t)n + 1, sizeof(float *), "layer pointers", err);
+    m->layers = rp_calloc((size_t)n + 1, sizeof(rp_layer_weights), "layer weights", err);
+    if (!m->layer_flat || !m->layers) goto nomem;
+    m->has_embed = has_embed;
+    m->has_head = has_head;
+    m->wtype = wtype;
+    rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
+    size_t full_layer = rp_layer_layout(cfg, table);
+    rp_global_layout(cfg, gtable, &m->embed_floats, &m->head_floats);
+    size_t full_head = m->head_floats;
+    m->layer_floats = bind_packed(m, NULL, table, RP_LAYER_N_TENSORS, RP_PART_LAYER, NULL, NULL,
+                                  &st, err);
+    m->head_floats = bind_packed(m, NULL, gtable, RP_GLOBAL_N_TENSORS, RP_PART_HEAD, NULL, NULL,
+                                 &st, err);
+    /* Keys: one float address per element of the f32 matrix, never readable,
+     * so an op other than the quantized matmul faults instead of reading
+     * garbage. Address space only (PROT_NONE, no reserve). */
+    m->qkeys_bytes = ((size_t)n * (full_layer - m->layer_floats) +
+                      (has_head ? full_head - m->head_floats : 0)) * sizeof(float) + 64;
+    m->qkeys = mmap(NULL, m->qkeys_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                    -1, 0);
+    if (m->qkeys == MAP_FAILED) {
+        m->qkeys = NULL;
+        rp_model_free(m);
+        return rp_error_set(err, RP_ERR_NOMEM, "cannot reserve %zu bytes of address space for "
+                            "the weight keys", m->qkeys_bytes);
+    }
+    char *keys = m->qkeys;
+    for (int i = 0; i < n && st == RP_OK; i++) {
+        if (!(m->layer_flat[i] = be->alloc(be, m->layer_floats * sizeof(float)))) goto nomem;
+        bind_packed(m, &m->layers[i], table, RP_LAYER_N_TENSORS, RP_PART_LAYER, m->layer_flat[i],
+                    &keys, &st, err);
+    }
+    if (st == RP_OK && has_embed) {
+        if (!(m->embed_flat = be->alloc(be, m->embed_floats * sizeof(float)))) goto nomem;
+        rp_global_bind(&m->global, m->embed_flat, NULL, cfg);
+    }
+    if (st == RP_OK && has_head) {
+        if (!(m->head_flat = be->alloc(be, m->head_floats * sizeof(float)))) goto nomem;
+        bind_packed(m, &m->global, gtable, RP_GLOBAL_N_TENSORS, RP_PART_HEAD, m->head_flat,
+                    &keys, &st, err);
+    }
+    if (st != RP_OK) rp_model_free(m);
+    return st;
+nomem:
+    rp_model_free(m);
+    return rp_error_set(err, RP_ERR_NOMEM,
+                        "cannot allocate the f32 weights for layers [%d, %d) of a C=%d model",
+                        layer_begin, layer_end, cfg->n_embd);
+}
+
 void rp_model_register_weights(rp_model *m) {
     rp_backend *be = m->be;
-    if (!be || !be->register_weights) return;
+    if (!be || !be->register_weights || m->qkeys) return;
     for (int i = 0; i < m->layer_end - m->layer_begin; i++)
         be->register_weights(be, m->layer_flat[i], m->layer_floats);
     if (m->head_flat) be->register_weights(be, m->head_flat, m->head_floats);
@@ -80,6 +203,8 @@ void rp_model_register_weights(rp_model *m) {
 
 rp_status rp_model_init_official(rp_model *m, uint64_t seed, rp_error *err) {
     rp_backend *be = m->be;
+    if (m->qkeys)
+        return rp_error_set(err, RP_ERR_ARG, "the official init makes f32 weights only");
     size_t staging_floats = m->layer_floats;
     if (m->embed_floats > staging_floats) staging_floats = m->embed_floats;
     if (m->head_floats > staging_floats) staging_floats = m->head_floats;
@@ -223,6 +348,43 @@ static int same_dims_ignoring_ones(const int64_t *a, int na, const int64_t *b, i
     }
 }
 
+/* An int8 tensor (docs/formats.md, quantized files): one of the quantizable
+ * matrices, [N,K] with K a multiple of the block, and its F16 scales
+ * "<name>.scales" [N, K/32] beside it. */
+static rp_status check_int8(const rp_st_file *f, const char *file_name, const rp_st_tensor *t,
+                            const rp_tensor_info *info, map_kind kind, rp_error *err) {
+    if (!rp_tensor_quantizable(info->suffix) || kind != MAP_SAME || t->ndim != 2)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: tensor '%s' has dtype I8, but only the nn.Linear matrices "
+                            "(att receptance/key/value/output, ffn key/value, head) may be int8 "
+                            "(docs/formats.md)", f->path, file_name);
+    const int64_t K = t->shape[1];
+    char name[300];
+    snprintf(name, sizeof name, "%s.scales", file_name);
+    const rp_st_tensor *sc = rp_st_find(f, name);
+    if (K % RP_Q8_BLOCK_ELEMS != 0)
+        return rp_error_set(err, RP_ERR_SHAPE,
+                            "%s: int8 tensor '%s' has %lld columns, not a multiple of the "
+                            "%d-element block", f->path, file_name, (long long)K,
+                            RP_Q8_BLOCK_ELEMS);
+    if (!sc)
+        return rp_error_set(err, RP_ERR_FORMAT,
+                            "%s: int8 tensor '%s' has no scales tensor '%s' (F16 [%lld, %lld]): "
+                            "the file is truncated or not written by `rwkvpipe quantize`",
+                            f->path, file_name, name, (long long)t->shape[0],
+                            (long long)(K / RP_Q8_BLOCK_ELEMS));
+    if (sc->dtype != RP_DTYPE_F16 || sc->ndim != 2 || sc->shape[0] != t->shape[0] ||
+        sc->shape[1] != K / RP_Q8_BLOCK_ELEMS)
+        return rp_error_set(err, RP_ERR_SHAPE,
+                            "%s: scales tensor '%s' is %s with %d dimensions [%lld, %lld]; "
+                            "expected F16 [%lld, %lld] for the int8 tensor [%lld, %lld]",
+                            f->path, name, rp_dtype_name(sc->dtype), sc->ndim,
+                            (long long)sc->shape[0], (long long)(sc->ndim > 1 ? sc->shape[1] : 0),
+                            (long long)t->shape[0], (long long)(K / RP_Q8_BLOCK_ELEMS),
+                            (long long)t->shape[0], (long long)K);
+    return RP_OK;
+}
+
 static rp_status check_shape(const rp_st_file *f, const char *file_name,
                              const rp_st_tensor *t, const rp_tensor_info *info, map_kind kind,
                              rp_error *err) {
@@ -247,6 +409,7 @@ static rp_status check_shape(const rp_st_file *f, const char *file_name,
         return rp_error_set(err, RP_ERR_SHAPE, "%s: tensor '%s' has shape [%s], expected [%s]%s",
                             f->path, file_name, got, want,
                             kind == MAP_TRANSPOSE ? " transposed (HF LoRA layout)" : "");
+    if (t->dtype == RP_DTYPE_I8) return check_int8(f, file_name, t, info, kind, err);
     if (!rp_dtype_is_float(t->dtype))
         return rp_error_set(err, RP_ERR_FORMAT,
                             "%s: tensor '%s' has dtype %s, expected F32, F16 or BF16", f->path,
@@ -404,16 +567,65 @@ rp_status rp_config_from_safetensors(const rp_st_file *f, rp_config *cfg, rp_nam
 
 /* ---- load ---- */
 
-/* Reads one tensor into dst (host memory) applying the naming map. */
+/* Rows converted per step when a matrix streams from the file into another
+ * format: enough to amortise a call, small next to any matrix. */
+#define LOAD_CHUNK_BYTES ((size_t)4 << 20)
+
+/* The F16 scales of an int8 tensor ("<name>.scales"), or NULL. */
+static const rp_st_tensor *scales_of(const rp_st_file *f, const char *file_name) {
+    char name[300];
+    snprintf(name, sizeof name, "%s.scales", file_name);
+    return rp_st_find(f, name);
+}
+
+rp_weights_type rp_file_weights_type(const rp_st_file *f) {
+    for (int i = 0; i < f->n_tensors; i++)
+        if (f->tensors[i].dtype == RP_DTYPE_I8) return RP_WEIGHTS_INT8;
+    const char *q = rp_st_meta(f, "quantization");
+    if (q && strncmp(q, "bf16", 4) == 0) return RP_WEIGHTS_BF16;
+    return RP_WEIGHTS_F32;
+}
+
+/* Rows [r0, r0 + n) of an int8 tensor [N,K] widened to f32: q * scale, the
+ * values the format holds (exact in f32: 8-bit q times an 11-bit fp16). */
+static void dequant_rows(float *dst, const rp_st_tensor *t, const rp_st_tensor *scales, int64_t r0,
+                         int64_t n) {
+    const int64_t K = t->shape[1], B = K / RP_Q8_BLOCK_ELEMS;
+    const int8_t *q = (const int8_t *)t->data + r0 * K;
+    const unsigned char *sc = (const unsigned char *)scales->data + (size_t)(r0 * B) * 2;
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t b = 0; b < B; b++) {
+            const unsigned char *p = sc + (size_t)(r * B + b) * 2;
+            float s = rp_f16_to_f32((uint16_t)(p[0] | (p[1] << 8)));
+            for (int64_t k = 0; k < RP_Q8_BLOCK_ELEMS; k++)
+                dst[r * K + b * RP_Q8_BLOCK_ELEMS + k] =
+                    (float)q[r * K + b * RP_Q8_BLOCK_ELEMS + k] * s;
+        }
+}
+
+/* Reads one tensor into dst (host memory, f32) applying the naming map;
+ * the file's pages are released as they are copied. */
 static rp_status read_tensor(const rp_st_file *f, const rp_st_tensor *t, const char *file_name,
                              const rp_tensor_info *info, map_kind kind, float *dst,
                              rp_error *err) {
     rp_status st = check_shape(f, file_name, t, info, kind, err);
     if (st != RP_OK) return st;
-    if (kind != MAP_TRANSPOSE) return rp_st_read_f32(f, t, dst, info->numel, err);
+    if (t->dtype == RP_DTYPE_I8) { /* check_shape made sure of the scales */
+        const rp_st_tensor *sc = scales_of(f, file_name);
+        const int64_t N = t->shape[0], K = t->shape[1];
+        int64_t step = (int64_t)(LOAD_CHUNK_BYTES / (size_t)K) + 1;
+        for (int64_t r = 0; r < N; r += step) {
+            int64_t n = N - r < step ? N - r : step;
+            dequant_rows(dst + r * K, t, sc, r, n);
+            rp_st_release(f, (const int8_t *)t->data + r * K, (size_t)(n * K));
+        }
+        rp_st_release(f, sc->data, sc->nbytes);
+        return RP_OK;
+    }
+    if (kind != MAP_TRANSPOSE) return rp_st_read_f32_release(f, t, dst, info->numel, err);
     float *tmp = rp_malloc((size_t)info->numel * sizeof(float), "transpose buffer", err);
     if (!tmp) return RP_ERR_NOMEM;
-    st = rp_st_read_f32(f, t, tmp, info->numel, err);
+    st = rp_st_read_f32_release(f, t, tmp, info->numel, err);
     if (st == RP_OK) {
         int64_t rows = t->shape[0], cols = t->shape[1];
         for (int64_t i = 0; i < rows; i++)
@@ -423,12 +635,52 @@ static rp_status read_tensor(const rp_st_file *f, const rp_st_tensor *t, const c
     return st;
 }
 
-/* Fills one flat buffer (a layer, the embed part or the head part) from the
- * file. Tensors the file may lack (layer 0's unused v-LoRA) keep the values
- * already in host_flat. */
-static rp_status load_part(const rp_st_file *f, rp_naming naming, const rp_tensor_info *table,
-                           int n_tensors, int layer, rp_param_part part, float *host_flat,
-                           rp_error *err) {
+/* Streams one quantizable [N,K] matrix into the backend storage under key,
+ * in the model's format: rows already in it (BF16 for bf16, I8 + scales
+ * for int8) are copied, others go through f32 rows that the backend
+ * quantizes. A few MiB at a time, each chunk's file pages released. */
+static rp_status load_quantized(const rp_st_file *f, const rp_st_tensor *t, const char *file_name,
+                                const rp_tensor_info *info, map_kind kind, float *key,
+                                rp_weights_type wtype, rp_backend *be, rp_error *err) {
+    rp_status st = check_shape(f, file_name, t, info, kind, err);
+    if (st != RP_OK) return st;
+    const int64_t N = info->shape[0], K = info->shape[1];
+    const rp_st_tensor *sc = t->dtype == RP_DTYPE_I8 ? scales_of(f, file_name) : NULL;
+    const int raw = (wtype == RP_WEIGHTS_BF16 && t->dtype == RP_DTYPE_BF16) ||
+                    (wtype == RP_WEIGHTS_INT8 && t->dtype == RP_DTYPE_I8);
+    const size_t elem = rp_dtype_size(t->dtype);
+    int64_t step = (int64_t)(LOAD_CHUNK_BYTES / ((size_t)K * sizeof(float))) + 1;
+    float *rows = raw ? NULL : rp_malloc((size_t)step * (size_t)K * sizeof(float),
+                                         "conversion rows", err);
+    if (!raw && !rows) return RP_ERR_NOMEM;
+    const int64_t B = K / RP_Q8_BLOCK_ELEMS;
+    for (int64_t r = 0; r < N; r += step) {
+        int64_t n = N - r < step ? N - r : step;
+        const unsigned char *src = (const unsigned char *)t->data + (size_t)(r * K) * elem;
+        if (raw) {
+            be->qweight_write(be, key, (int)r, (int)n, src, 0,
+                              sc ? (const uint16_t *)((const unsigned char *)sc->data +
+                                                      (size_t)(r * B) * 2)
+                                 : NULL);
+        } else {
+            if (sc) dequant_rows(rows, t, sc, r, n);
+            else rp_convert_to_f32(rows, src, t->dtype, (size_t)(n * K));
+            be->qweight_write(be, key, (int)r, (int)n, rows, 1, NULL);
+        }
+        rp_st_release(f, src, (size_t)(n * K) * elem);
+    }
+    if (sc) rp_st_release(f, sc->data, sc->nbytes);
+    free(rows);
+    return be->status(be, err);
+}
+
+/* Fills the fields of one part (a layer, the embed part or the head part)
+ * from the file: host memory at the field pointers (host_flat NULL), or
+ * host_flat + flat_offset (a staging buffer for device memory, f32 only).
+ * Tensors the file may lack (layer 0's unused v-LoRA) keep their values. */
+static rp_status load_part(const rp_st_file *f, rp_naming naming, const rp_model *m,
+                           void *weights, const rp_tensor_info *table, int n_tensors, int layer,
+                           rp_param_part part, float *host_flat, rp_error *err) {
     char name[256];
     for (int i = 0; i < n_tensors; i++) {
         const rp_tensor_info *info = &table[i];
@@ -440,7 +692,12 @@ static rp_status load_part(const rp_st_file *f, rp_naming naming, const rp_tenso
             if (naming == RP_NAMING_HF && name[0] == '\0') rp_tensor_name(name, sizeof name, info, layer);
             return rp_error_set(err, RP_ERR_SHAPE, "%s: missing tensor '%s'", f->path, name);
         }
-        rp_status st = read_tensor(f, t, name, info, kind, host_flat + info->flat_offset, err);
+        float *dst = host_flat ? host_flat + info->flat_offset : *rp_tensor_field(weights, info);
+        rp_status st;
+        if (m->qkeys && rp_tensor_quantizable(info->suffix))
+            st = load_quantized(f, t, name, info, kind, dst, m->wtype, m->be, err);
+        else
+            st = read_tensor(f, t, name, info, kind, dst, err);
         if (st != RP_OK) return st;
     }
     return RP_OK;
@@ -448,6 +705,12 @@ static rp_status load_part(const rp_st_file *f, rp_naming naming, const rp_tenso
 
 rp_status rp_model_load(rp_model *m, const char *path, int layer_begin, int layer_end,
                         rp_backend *be, rp_error *err) {
+    const rp_load_options opt = {.wtype = -1, .for_training = 0};
+    return rp_model_load_as(m, path, layer_begin, layer_end, &opt, be, err);
+}
+
+rp_status rp_model_load_as(rp_model *m, const char *path, int layer_begin, int layer_end,
+                           const rp_load_options *opt, rp_backend *be, rp_error *err) {
     rp_st_file f;
     rp_status st = rp_st_open(&f, path, err);
     if (st != RP_OK) return st;
@@ -455,16 +718,24 @@ rp_status rp_model_load(rp_model *m, const char *path, int layer_begin, int laye
     rp_naming naming;
     st = rp_config_from_safetensors(&f, &cfg, &naming, err);
     if (st != RP_OK) goto done;
+    rp_weights_type file_type = rp_file_weights_type(&f);
+    rp_weights_type wtype = opt && opt->wtype >= 0 ? (rp_weights_type)opt->wtype : file_type;
+    if (opt && opt->for_training && (file_type == RP_WEIGHTS_INT8 || wtype != RP_WEIGHTS_F32)) {
+        st = rp_error_set(err, RP_ERR_ARG,
+                          "%s: %s weights are for inference: train from an f32/bf16 file",
+                          path, file_type == RP_WEIGHTS_INT8 ? "int8" : "low-precision");
+        goto done;
+    }
     if (layer_end < 0) layer_end = cfg.n_layer;
-    st = rp_model_alloc(m, &cfg, layer_begin, layer_end, layer_begin == 0,
-                        layer_end == cfg.n_layer, be, err);
+    st = rp_model_alloc_weights(m, &cfg, layer_begin, layer_end, layer_begin == 0,
+                                layer_end == cfg.n_layer, wtype, be, err);
     if (st != RP_OK) goto done;
 
     rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
     rp_layer_layout(&cfg, table);
     rp_global_layout(&cfg, gtable, NULL, NULL);
-    /* Backends whose memory is host memory are filled in place; others through
-     * one staging buffer. */
+    /* Backends whose memory is host memory are filled in place; others (f32
+     * only) through one staging buffer. */
     size_t staging_floats = 0;
     if (!be->is_host_memory) {
         staging_floats = m->layer_floats;
@@ -477,9 +748,9 @@ rp_status rp_model_load(rp_model *m, const char *path, int layer_begin, int laye
         goto fail;
     }
     for (int l = layer_begin; l < layer_end && st == RP_OK; l++) {
-        float *dst = staging ? staging : m->layer_flat[l - layer_begin];
         if (staging) memset(staging, 0, m->layer_floats * sizeof(float));
-        st = load_part(&f, naming, table, RP_LAYER_N_TENSORS, l, RP_PART_LAYER, dst, err);
+        st = load_part(&f, naming, m, &m->layers[l - layer_begin], table, RP_LAYER_N_TENSORS, l,
+                       RP_PART_LAYER, staging, err);
         if (st == RP_OK && staging)
             be->copy_to_device(be, m->layer_flat[l - layer_begin], staging,
                                m->layer_floats * sizeof(float));
@@ -488,8 +759,8 @@ rp_status rp_model_load(rp_model *m, const char *path, int layer_begin, int laye
         float *flat = part == RP_PART_EMBED ? m->embed_flat : m->head_flat;
         size_t floats = part == RP_PART_EMBED ? m->embed_floats : m->head_floats;
         if (!flat) continue;
-        float *dst = staging ? staging : flat;
-        st = load_part(&f, naming, gtable, RP_GLOBAL_N_TENSORS, 0, (rp_param_part)part, dst, err);
+        st = load_part(&f, naming, m, &m->global, gtable, RP_GLOBAL_N_TENSORS, 0,
+                       (rp_param_part)part, staging, err);
         if (st == RP_OK && staging) be->copy_to_device(be, flat, staging, floats * sizeof(float));
     }
     free(staging);
@@ -506,6 +777,11 @@ rp_status rp_model_save(const rp_model *m, const char *path, rp_dtype dtype, rp_
     if (dtype != RP_DTYPE_F32 && dtype != RP_DTYPE_F16 && dtype != RP_DTYPE_BF16)
         return rp_error_set(err, RP_ERR_ARG, "cannot save weights as %s: use F32, F16 or BF16",
                             rp_dtype_name(dtype));
+    if (m->qkeys)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "cannot save %s: the model holds %s weights (saving is for f32 "
+                            "models; `rwkvpipe quantize` converts an f32 file)",
+                            path, m->wtype == RP_WEIGHTS_BF16 ? "bf16" : "int8");
     rp_backend *be = m->be;
     int n = m->layer_end - m->layer_begin;
     /* Host copies of the owned buffers (the writer reads them at write time). */

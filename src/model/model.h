@@ -21,17 +21,31 @@ typedef struct {
     int layer_begin, layer_end;     /* owned layers [begin, end) */
     int has_embed, has_head;        /* owns emb + ln0 / ln_out + head */
     rp_backend *be;
+    /* Floats of each flat buffer. With low-precision weights the layer and
+     * head buffers hold the f32 tensors only (packed in table order) and the
+     * quantized matrices live in the backend (qweight_*): their fields are
+     * keys into qkeys, an address range that cannot be read. */
     size_t layer_floats, embed_floats, head_floats;
     float *embed_flat, *head_flat;  /* backend memory, NULL if not owned */
     float **layer_flat;             /* [n owned layers] */
     rp_global_weights global;
     rp_layer_weights *layers;       /* [n owned layers], index layer - layer_begin */
+    rp_weights_type wtype;          /* format of the quantizable matrices */
+    void *qkeys;                    /* PROT_NONE reservation (NULL for f32) */
+    size_t qkeys_bytes;
 } rp_model;
 
 /* Allocates zeroed weights for layers [layer_begin, layer_end) (+ embed/head). */
 rp_status rp_model_alloc(rp_model *m, const rp_config *cfg, int layer_begin, int layer_end,
                          int has_embed, int has_head, rp_backend *be, rp_error *err);
 void rp_model_free(rp_model *m);
+/* The same with the quantizable matrices (rp_tensor_quantizable) in `wtype`
+ * (RP_WEIGHTS_F32: rp_model_alloc). Other formats need a backend with
+ * qweight_create (the CPU backend); their storage is uninitialised until
+ * written through qweight_write. */
+rp_status rp_model_alloc_weights(rp_model *m, const rp_config *cfg, int layer_begin,
+                                 int layer_end, int has_embed, int has_head,
+                                 rp_weights_type wtype, rp_backend *be, rp_error *err);
 
 /* Tells the backend which buffers hold weights that its GEMMs read many
  * times (the layers and the head; the embedding is only looked up), so the
@@ -70,8 +84,26 @@ rp_status rp_config_from_safetensors(const rp_st_file *f, rp_config *cfg, rp_nam
 rp_status rp_model_load(rp_model *m, const char *path, int layer_begin, int layer_end,
                         rp_backend *be, rp_error *err);
 
+/* How rp_model_load_as runs. */
+typedef struct {
+    int wtype;        /* rp_weights_type to hold the quantizable matrices in, or -1: the
+                       * file's own (int8 for files with I8 tensors, bf16 for files
+                       * `rwkvpipe quantize --type bf16` wrote, else f32) */
+    int for_training; /* refuse int8 files and any format but f32 */
+} rp_load_options;
+
+/* rp_model_load (which is this with wtype -1) converting each tensor as it
+ * streams from the file: F32/F16/BF16 tensors and int8 ones (I8 [N,K] +
+ * F16 "<name>.scales" [N, K/32], docs/formats.md) into wtype. */
+rp_status rp_model_load_as(rp_model *m, const char *path, int layer_begin, int layer_end,
+                           const rp_load_options *opt, rp_backend *be, rp_error *err);
+
+/* The format rp_model_load_as picks for wtype -1 (see above). */
+rp_weights_type rp_file_weights_type(const rp_st_file *f);
+
 /* Writes every owned tensor under its official name (dtype F32, F16 or BF16),
- * atomically (temp name, fsync, rename). */
+ * atomically (temp name, fsync, rename). f32 models only (a bf16/int8 model
+ * is refused: `rwkvpipe quantize` writes those from the f32 file). */
 rp_status rp_model_save(const rp_model *m, const char *path, rp_dtype dtype, rp_error *err);
 
 /* ---- forward ---- */

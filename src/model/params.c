@@ -161,3 +161,13 @@ void rp_tensor_name(char *out, size_t out_size, const rp_tensor_info *info, int 
     else
         snprintf(out, out_size, "%s", info->suffix);
 }
+
+int rp_tensor_quantizable(const char *suffix) {
+    static const char *const names[] = {"att.receptance.weight", "att.key.weight",
+                                         "att.value.weight",      "att.output.weight",
+                                         "ffn.key.weight",        "ffn.value.weight",
+                                         "head.weight"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(suffix, names[i]) == 0) return 1;
+    return 0;
+}

@@ -82,6 +82,12 @@ void rp_global_bind(rp_global_weights *w, float *embed_flat, float *head_flat,
  * rp_global_weights*). */
 float **rp_tensor_field(void *weights, const rp_tensor_info *info);
 
+/* Whether a tensor is one of the nn.Linear matrices that bf16/int8 models
+ * keep in the low-precision format (docs/perf/cpu.md has the table): the
+ * time mix's receptance/key/value/output, the channel mix's key/value and the
+ * head. Everything else (embedding, LoRA factors, norms, vectors) stays f32. */
+int rp_tensor_quantizable(const char *suffix);
+
 /* "blocks.{layer}.{suffix}" for layer tensors, the suffix itself otherwise. */
 void rp_tensor_name(char *out, size_t out_size, const rp_tensor_info *info, int layer);
 
