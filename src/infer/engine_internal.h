@@ -10,6 +10,7 @@
 #include <signal.h>
 
 #include "infer/engine.h"
+#include "text/json_grammar.h"
 #include "pipe/transport.h"
 #include "rwkvpipe.pb-c.h"
 
@@ -28,6 +29,7 @@ struct rp_job {
     int32_t *prompt;
     int n_prompt;
     rp_gen_params params;
+    char *grammar_copy;            /* params.grammar_schema's text (owned) */
     char start_session[RP_ENGINE_SESSION_NAME_MAX];
     char store_session[RP_ENGINE_SESSION_NAME_MAX];
     /* shared with clients (under mu) */
@@ -105,7 +107,15 @@ typedef struct {
     int32_t *bias_ids;   /* [n_bias] (malloc'ed) */
     float *bias_values;
     int n_bias;
+    /* response_format: the compiled grammar, its mask cache and the document so far */
+    struct rp_json_grammar *grammar;
+    struct rp_json_mask *gmask;
+    int grammar_failed;  /* asked for but not compiled: the job ends with an error */
+    rp_json_state gstate;
 } rp_slot_sampling;
+
+/* engine_worker.c: frees a slot's sampling buffers (engine teardown). */
+void rp_slot_sampling_free(rp_slot_sampling *s);
 
 /* A logprob the last stage computed for a unit: of slot's sampled token
  * (pos -1) or of its prompt token at pos. */
@@ -203,6 +213,7 @@ struct rp_engine {
     double *busy_total, *busy_mark, *busy_frac, t_mark, tokens_rate;
     long tokens_mark;
     double t_start;
+    const struct rp_token_trie *trie;  /* rp_engine_set_vocab: token bytes for grammars */
 };
 
 /* Tests only (tests/test_engine.c): called by the main thread at the start

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "infer/engine_internal.h"
+#include "text/json_mask.h"
 #include "core/clock.h"
 
 static float *slot_state(rp_engine *e, int slot) {
@@ -92,8 +93,50 @@ static rp_engine_command *receive_command(rp_engine *e, rp_error *err) {
 
 /* ---- sampling (last stage) ---- */
 
+void rp_engine_set_vocab(rp_engine *e, const struct rp_token_trie *trie) { e->trie = trie; }
+
+static void grammar_close(rp_slot_sampling *s) {
+    rp_json_mask_free(s->gmask);
+    rp_json_grammar_free(s->grammar);
+    s->gmask = NULL;
+    s->grammar = NULL;
+    s->grammar_failed = 0;
+}
+
+void rp_slot_sampling_free(rp_slot_sampling *s) {
+    grammar_close(s);
+    free(s->occ);
+    free(s->bias_ids);
+    free(s->bias_values);
+}
+
+/* Masks cached per slot: the states a document passes through repeat (the same keys,
+ * the same string contexts), and 64 masks of a 65536-token vocabulary are 512 KiB. */
+#define GRAMMAR_MASK_CACHE 64
+
+/* response_format: compiles the job's grammar (the server checked it already, so a failure
+ * here is out of memory or a missing vocabulary, and ends the job at its first token). */
+static void grammar_open(rp_engine *e, rp_slot_sampling *s, const Rwkvpipe__EngineSampling *p) {
+    grammar_close(s);
+    if (!p || p->grammar == RP_GRAMMAR_NONE) return;
+    rp_status st = RP_ERR_ARG;
+    if (e->trie && p->grammar == RP_GRAMMAR_JSON_OBJECT) st = rp_json_grammar_object(&s->grammar, NULL);
+    else if (e->trie && p->grammar == RP_GRAMMAR_JSON_SCHEMA && p->grammar_schema)
+        st = rp_json_grammar_schema(&s->grammar, p->grammar_schema, strlen(p->grammar_schema), NULL);
+    if (st == RP_OK)
+        st = rp_json_mask_create(&s->gmask, s->grammar, e->trie, e->m->cfg.vocab_size,
+                                 p->grammar_end, (int)p->n_grammar_end, GRAMMAR_MASK_CACHE, NULL);
+    if (st != RP_OK) {
+        grammar_close(s);
+        s->grammar_failed = 1;
+        return;
+    }
+    rp_json_start(s->grammar, &s->gstate);
+}
+
 static void sampling_open(rp_engine *e, int slot, const Rwkvpipe__EngineSampling *p) {
     rp_slot_sampling *s = &e->sampling[slot];
+    grammar_open(e, s, p);
     s->sampler.temperature = p ? p->temperature : 1.0f;
     s->sampler.top_p = p ? p->top_p : 1.0f;
     s->sampler.top_k = p ? p->top_k : 0;
@@ -170,6 +213,19 @@ static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
     const int V = e->m->cfg.vocab_size;
     /* logprobs are of the raw logits: kept before penalties and bias change them */
     if (s->logprobs) memcpy(e->lp_row, logits, sizeof(float) * (size_t)V);
+    if (s->grammar_failed) return RP_SAMPLE_NONE;
+    if (s->grammar) {
+        /* Tokens that cannot continue the document get -inf before anything else: bias and
+         * penalties add finite amounts, so they stay out. */
+        const uint64_t *allowed = rp_json_mask_get(s->gmask, &s->gstate);
+        for (int w = 0; w * 64 < V; w++) {
+            uint64_t bits = allowed[w];
+            if (bits == ~0ull) continue;
+            const int end = w * 64 + 64 < V ? w * 64 + 64 : V;
+            for (int t = w * 64; t < end; t++)
+                if (!((bits >> (t & 63)) & 1)) logits[t] = -INFINITY;
+        }
+    }
     for (int i = 0; i < s->n_bias; i++) logits[s->bias_ids[i]] += s->bias_values[i];
     if (s->penalized)
         for (int t = 0; t < V; t++)
@@ -177,6 +233,9 @@ static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
     int tok = rp_sample(logits, V, &s->sampler, s->step, s->banned, s->n_banned,
                         e->sampler_scratch);
     s->step++;
+    /* An end token ends the job; any other advances the document (the mask allowed it). */
+    if (s->grammar && tok >= 0 && rp_json_feed_token(s->grammar, e->trie, &s->gstate, tok) != RP_JSON_OK)
+        rp_json_start(s->grammar, &s->gstate);
     if (s->penalized && tok >= 0) {
         for (int t = 0; t < V; t++) s->occ[t] *= s->decay;
         s->occ[tok] += 1;
