@@ -110,9 +110,11 @@ void rp_slot_sampling_free(rp_slot_sampling *s) {
     free(s->bias_values);
 }
 
-/* Masks cached per slot: the states a document passes through repeat (the same keys,
- * the same string contexts), and 64 masks of a 65536-token vocabulary are 512 KiB. */
-#define GRAMMAR_MASK_CACHE 64
+/* Masks cached per slot: the states a document passes through repeat (the same keys, the
+ * same string contexts; a string with a maxLength has a state per length so far), and a
+ * mask of a 65536-token vocabulary is 8 KiB, allocated when a state first comes: at most
+ * 2 MiB per slot. */
+#define GRAMMAR_MASK_CACHE 256
 
 /* response_format: compiles the job's grammar (the server checked it already, so a failure
  * here is out of memory or a missing vocabulary, and ends the job at its first token). */
@@ -218,6 +220,7 @@ static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
         /* Tokens that cannot continue the document get -inf before anything else: bias and
          * penalties add finite amounts, so they stay out. */
         const uint64_t *allowed = rp_json_mask_get(s->gmask, &s->gstate);
+        if (!allowed) return RP_SAMPLE_NONE;
         for (int w = 0; w * 64 < V; w++) {
             uint64_t bits = allowed[w];
             if (bits == ~0ull) continue;

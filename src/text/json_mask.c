@@ -158,9 +158,8 @@ rp_status rp_json_mask_create(rp_json_mask **out, const rp_json_grammar *g, cons
         m->entries = calloc((size_t)capacity, sizeof *m->entries);
         m->walk = malloc(((size_t)t->max_len + 2) * sizeof *m->walk);
     }
+    /* an entry's mask is allocated when first used: most documents visit few states */
     int ok = m && m->end_ids && m->entries && m->walk;
-    for (int i = 0; ok && i < capacity; i++)
-        ok = (m->entries[i].bits = malloc((size_t)m->words * sizeof(uint64_t))) != NULL;
     if (!ok) {
         rp_json_mask_free(m);
         return rp_error_set(err, RP_ERR_NOMEM, "json mask: out of memory (%d states of %d tokens)",
@@ -223,6 +222,13 @@ const uint64_t *rp_json_mask_get(rp_json_mask *m, const rp_json_state *s) {
         if (!e->valid || (victim->valid && e->used < victim->used)) victim = e;
     }
     m->walks++;
+    if (!victim->bits && !(victim->bits = malloc((size_t)m->words * sizeof(uint64_t)))) {
+        /* out of memory: reuse the least recently used allocated entry */
+        victim = NULL;
+        for (int i = 0; i < m->capacity; i++)
+            if (m->entries[i].bits && (!victim || m->entries[i].used < victim->used)) victim = &m->entries[i];
+        if (!victim) return NULL;
+    }
     memset(victim->bits, 0, (size_t)m->words * sizeof(uint64_t));
     rp_json_state_copy(&m->walk[0], s);
     walk(m, 0, 0, victim->bits);

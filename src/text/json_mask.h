@@ -35,7 +35,8 @@ rp_status rp_json_mask_create(rp_json_mask **out, const rp_json_grammar *g, cons
                               rp_error *err);
 void rp_json_mask_free(rp_json_mask *m);
 /* The allowed ids at s as a bitset of (n_vocab + 63) / 64 words (bit id % 64 of word id / 64),
- * valid until the next call. */
+ * valid until the next call; NULL only when not even one mask could be allocated. Masks are
+ * allocated as states come (at most capacity of them). */
 const uint64_t *rp_json_mask_get(rp_json_mask *m, const rp_json_state *s);
 /* Walks done (cache misses) and lookups, for tests and benchmarks. */
 void rp_json_mask_counts(const rp_json_mask *m, long *walks, long *lookups);
