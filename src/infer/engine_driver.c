@@ -129,6 +129,7 @@ void rp_engine_free(rp_engine *e) {
     for (int i = 0; e->sampling && i < e->cfg.n_slots; i++) {
         rp_slot_sampling_free(&e->sampling[i]);
     }
+    rp_engine_grammars_free(e);
     free(e->sampling);
     for (int i = 0; i < e->n_sessions; i++) free(e->sessions[i].data);
     free(e->sessions);
