@@ -82,6 +82,7 @@ static void test_depth_limit(void **state) {
     assert_false(accepts(g, doc, &at, &why));
     assert_int_equal(why, RP_JSON_TOO_DEEP);
     assert_int_equal(at, 5 + RP_JSON_MAX_DEPTH - 1); /* the object is frame 1 */
+    rp_json_grammar_free(g);
     /* A schema nesting too deep is refused when compiled, with a message saying so. */
     char sch[4096] = "";
     for (int i = 0; i < 40; i++) strcat(sch, "{\"type\":\"array\",\"items\":");
