@@ -401,7 +401,7 @@ def cmd_unsupported(url, model_id):
     """Every field the server does not implement is a 400 unsupported_field
     naming it; the developer role is the system role; GET /v1/models/{id}."""
     tool = [{"type": "function", "function": {"name": "f"}}]
-    chat = {"tools": tool, "tool_choice": "auto", "response_format": {"type": "json_object"}}
+    chat = {"tools": tool, "tool_choice": "auto"}
     completion = {"best_of": 2, "suffix": "end", "tools": tool, "top_logprobs": 2}
     cases = [("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}],
                                            **{k: v}), k) for k, v in chat.items()]

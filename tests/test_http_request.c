@@ -278,8 +278,6 @@ static void test_unimplemented_fields_are_400_naming_them(void **state) {
         {1, "tool_choice", "\"auto\""},
         {1, "tool_choice", "{\"type\":\"function\",\"function\":{\"name\":\"f\"}}"},
         {1, "functions", "[{\"name\":\"f\"}]"},
-        {1, "response_format", "{\"type\":\"json_object\"}"},
-        {0, "response_format", "{\"type\":\"json_schema\",\"json_schema\":{}}"},
         {0, "best_of", "2"},
         {0, "suffix", "\"end\""},
         {0, "top_logprobs", "2"},
@@ -309,6 +307,48 @@ static void test_unimplemented_fields_are_400_naming_them(void **state) {
             fail_msg("%s refused: %s", fine[i], e.message);
         json_decref(o);
     }
+}
+
+/* response_format: json_object and json_schema reach the engine's parameters (the schema as
+ * compact text that lives with the request), a chat reply with one ends at the end-of-text
+ * token instead of banning it, and a schema this server cannot follow is a 400 naming the
+ * keyword. */
+static void test_response_format_is_parsed(void **state) {
+    fixture *f = *state;
+    f->lim.max_prompt_tokens = 1000;
+    json_t *o = parse("{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                      "\"response_format\":{\"type\":\"json_object\"}}");
+    rp_gen_request r;
+    rp_request_error e;
+    if (rp_request_parse_generation(o, 1, &f->lim, &r, &e) != 0) fail_msg("%s", e.message);
+    assert_int_equal(r.params.grammar, RP_GRAMMAR_JSON_OBJECT);
+    assert_int_equal(r.params.n_banned, 0);
+    assert_int_equal(r.params.n_stop_tokens, 1);
+    assert_int_equal(r.params.stop_tokens[0], rp_tokenizer_eot_id(f->lim.tok));
+    assert_int_equal(r.n_stops, 0); /* no "\n\n": it may sit between a document's tokens */
+    json_decref(o);
+    o = parse("{\"prompt\":\"a\",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":"
+              "{\"name\":\"p\",\"strict\":true,\"schema\":{\"type\":\"object\",\"properties\":"
+              "{\"a\":{\"type\":\"integer\"}},\"required\":[\"a\"]}}}}");
+    if (rp_request_parse_generation(o, 0, &f->lim, &r, &e) != 0) fail_msg("%s", e.message);
+    assert_int_equal(r.params.grammar, RP_GRAMMAR_JSON_SCHEMA);
+    assert_string_equal(r.params.grammar_schema,
+                        "{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"integer\"}},"
+                        "\"required\":[\"a\"]}");
+    json_decref(o);
+    o = parse("{\"prompt\":\"a\",\"response_format\":{\"type\":\"text\"}}");
+    if (rp_request_parse_generation(o, 0, &f->lim, &r, &e) != 0) fail_msg("%s", e.message);
+    assert_int_equal(r.params.grammar, RP_GRAMMAR_NONE);
+    json_decref(o);
+    assert_refused(f, "{\"prompt\":\"a\",\"response_format\":{\"type\":\"json_schema\","
+                      "\"json_schema\":{\"name\":\"p\",\"schema\":{\"type\":\"string\",\"pattern\":\"x\"}}}}",
+                   0, 400, "unsupported_schema", "\"pattern\" is not supported");
+    assert_refused(f, "{\"prompt\":\"a\",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{}}}",
+                   0, 400, "invalid_value", "needs \"json_schema\"");
+    assert_refused(f, "{\"prompt\":\"a\",\"response_format\":{\"type\":\"xml\"}}", 0, 400,
+                   "invalid_value", "'xml'");
+    assert_refused(f, "{\"prompt\":\"a\",\"response_format\":\"json\"}", 0, 400, "invalid_type",
+                   "'response_format'");
 }
 
 /* logprobs / echo (completions), logprobs / top_logprobs (chat) and
@@ -576,6 +616,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_prompts_as_text_one_string_array_or_ids, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_prompts_are_refused_with_one_length_check, setup, teardown),
         cmocka_unit_test_setup_teardown(test_chat_messages_are_checked, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_response_format_is_parsed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_logprobs_echo_and_logit_bias_are_parsed, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_batched_prompts_are_read_in_order, setup, teardown),

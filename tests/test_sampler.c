@@ -12,6 +12,8 @@
 #include <string.h>
 
 #include "infer/sampler.h"
+#include "core/clock.h"
+#include "sampler_reference.h"
 
 static void *scratch_for(int n_vocab) {
     void *s = malloc(rp_sampler_scratch_bytes(n_vocab));
@@ -330,6 +332,104 @@ static void test_invalid_params_are_rejected(void **state) {
     expect_invalid((rp_sampler_params){1.0f, 0.85f, -1, 1}, "top_k -1");
 }
 
+/* Deterministic pseudo-random numbers for the distributions (not the sampler's RNG). */
+static uint64_t mix_state = 0x9E3779B97F4A7C15ull;
+static double next_unit(void) {
+    mix_state ^= mix_state << 13;
+    mix_state ^= mix_state >> 7;
+    mix_state ^= mix_state << 17;
+    return (double)(mix_state >> 11) / 9007199254740992.0;
+}
+
+/* Top-p and top-k by partial selection draw the SAME token as the sorted
+ * reference (the sampler before it, kept in tests/sampler_reference.h) for the
+ * same (seed, step), over random distributions of every kind: flat (the case
+ * that sorted all 65536 ids), peaked, Zipf-like, many ties, few distinct
+ * values, with -inf and banned ids, at several top_p, top_k and temperatures. */
+static void test_partial_top_p_draws_the_reference_token(void **state) {
+    (void)state;
+    static const int vocabs[] = {2, 7, 256, 1000, 65536};
+    static const float top_ps[] = {1e-9f, 0.1f, 0.3f, 0.5f, 0.85f, 0.95f, 0.999f, 1.0f};
+    static const int top_ks[] = {0, 0, 1, 3, 50};
+    static const float temps[] = {1.0f, 0.7f, 1.5f};
+    const int max_v = 65536;
+    float *logits = malloc(sizeof(float) * max_v);
+    void *s_new = scratch_for(max_v), *s_ref = scratch_for(max_v);
+    assert_non_null(logits);
+    long compared = 0, differ = 0;
+    double t_new = 0, t_ref = 0;
+    for (int trial = 0; trial < 300; trial++) {
+        const int V = vocabs[trial % 5];
+        const int kind = (trial / 5) % 6;
+        for (int i = 0; i < V; i++) {
+            double u = next_unit();
+            switch (kind) {
+            case 0: logits[i] = 0.0f; break;                                   /* flat */
+            case 1: logits[i] = (float)(u * 1e-3); break;                      /* nearly flat */
+            case 2: logits[i] = (float)(8.0 * u * u * u); break;               /* a few peaks */
+            case 3: logits[i] = (float)(-1.1 * log((double)(i + 1)) + u * 0.1); break; /* Zipf */
+            case 4: logits[i] = (float)floor(u * 4); break;                    /* many ties */
+            default: logits[i] = (float)(u * 20 - 10); break;                 /* wide */
+            }
+        }
+        if (V > 10 && trial % 7 == 0) logits[V / 3] = -INFINITY;
+        int32_t banned[2] = {V - 1, 0};
+        const int n_banned = V > 2 && trial % 4 == 0 ? 2 : 0;
+        for (int c = 0; c < 3; c++) {
+            rp_sampler_params p = params(temps[(trial + c) % 3], top_ps[(trial / 30 + c) % 8],
+                                         top_ks[(trial + 2 * c) % 5], (uint64_t)trial * 31 + (uint64_t)c);
+            for (uint64_t step = 0; step < 2; step++) {
+                double t0 = rp_now_seconds();
+                int a = rp_sample(logits, V, &p, step, banned, n_banned, s_new);
+                double t1 = rp_now_seconds();
+                int b = ref_sample(logits, V, &p, step, banned, n_banned, s_ref);
+                double t2 = rp_now_seconds();
+                t_new += t1 - t0;
+                t_ref += t2 - t1;
+                compared++;
+                if (a != b) {
+                    differ++;
+                    print_error("V %d kind %d T %g top_p %g top_k %d seed %llu step %llu: %d != %d\n", V,
+                                kind, (double)p.temperature, (double)p.top_p, p.top_k,
+                                (unsigned long long)p.seed, (unsigned long long)step, a, b);
+                }
+            }
+        }
+    }
+    print_message("%ld draws compared; partial selection %.1f ms, sorted reference %.1f ms in all\n",
+                  compared, t_new * 1e3, t_ref * 1e3);
+    assert_int_equal(differ, 0);
+    free(logits);
+    free(s_new);
+    free(s_ref);
+}
+
+/* A flat distribution over 65536 ids at top_p 0.85: the case the sort was slow in. */
+static void test_partial_top_p_is_faster_on_a_flat_vocab(void **state) {
+    (void)state;
+    const int V = 65536;
+    float *logits = calloc(V, sizeof(float));
+    void *s_new = scratch_for(V), *s_ref = scratch_for(V);
+    for (int i = 0; i < V; i++) logits[i] = (float)(next_unit() * 0.01);
+    rp_sampler_params p = params(1.0f, 0.85f, 0, 3);
+    double best_new = 1e9, best_ref = 1e9;
+    for (int r = 0; r < 5; r++) {
+        double t0 = rp_now_seconds();
+        int a = rp_sample(logits, V, &p, (uint64_t)r, NULL, 0, s_new);
+        double t1 = rp_now_seconds();
+        int b = ref_sample(logits, V, &p, (uint64_t)r, NULL, 0, s_ref);
+        double t2 = rp_now_seconds();
+        assert_int_equal(a, b);
+        if (t1 - t0 < best_new) best_new = t1 - t0;
+        if (t2 - t1 < best_ref) best_ref = t2 - t1;
+    }
+    print_message("V 65536 flat, top_p 0.85: partial %.3f ms, sorted %.3f ms (best of 5)\n",
+                  best_new * 1e3, best_ref * 1e3);
+    free(logits);
+    free(s_new);
+    free(s_ref);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_follow_the_rwkv_package),
@@ -348,6 +448,8 @@ int main(void) {
         cmocka_unit_test(test_nan_logits_are_never_chosen),
         cmocka_unit_test(test_all_nan_logits_say_not_finite_not_banned),
         cmocka_unit_test(test_invalid_params_are_rejected),
+        cmocka_unit_test(test_partial_top_p_draws_the_reference_token),
+        cmocka_unit_test(test_partial_top_p_is_faster_on_a_flat_vocab),
     };
     return cmocka_run_group_tests_name("sampler", tests, NULL, NULL);
 }

@@ -15,6 +15,7 @@
 
 #include "cli/cli.h"
 #include "core/clock.h"
+#include "text/json_mask.h"
 #include "text/tokenizer.h"
 #include "model/init.h"
 #include "pipe/grid.h"
@@ -314,9 +315,12 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         }
     }
 
-    /* Rank 0 talks to clients: it needs the tokenizer. */
+    /* Rank 0 talks to clients and the last stage samples (response_format masks tokens by
+     * their bytes): both need the tokenizer. */
     rp_tokenizer *tok = NULL;
-    if (cli->mpi_rank == 0) {
+    rp_token_trie *trie = NULL;
+    const int last_stage = !have_grid || grid.stage == grid.pp - 1;
+    if (cli->mpi_rank == 0 || last_stage) {
         if (!vocab) {
             if (cfg->vocab_size > 256)
                 cli_fatal(cli, "this model has a %d-token vocabulary: pass --vocab with its "
@@ -327,11 +331,13 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         if (rp_tokenizer_n_ids(tok) > cfg->vocab_size)
             cli_fatal(cli, "vocabulary '%s' has %d ids but the model only %d", vocab,
                       rp_tokenizer_n_ids(tok), cfg->vocab_size);
+        if (last_stage && rp_token_trie_build(&trie, tok, &err) != RP_OK) cli_fatal_error(cli, &err);
     }
 
     rp_engine *engine;
     if (rp_engine_create(&engine, &model, have_grid ? &grid : NULL, &ec, &err) != RP_OK)
         cli_fatal_error(cli, &err);
+    rp_engine_set_vocab(engine, trie);
 
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -346,6 +352,8 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         rp_status st = rp_engine_run(engine, &err);
         if (st != RP_OK) cli_fatal_error(cli, &err);
         rp_engine_free(engine);
+        rp_token_trie_free(trie);
+        rp_tokenizer_free(tok);
         rp_model_free(&model);
         rp_backend_destroy(be);
         if (have_grid) rp_grid_free(&grid);
@@ -395,6 +403,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     cli_info(cli, "stopped");
     serve_engine = NULL;
     rp_engine_free(engine);
+    rp_token_trie_free(trie);
     rp_tokenizer_free(tok);
     rp_model_free(&model);
     rp_backend_destroy(be);

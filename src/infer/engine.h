@@ -82,7 +82,14 @@ typedef struct {
     int32_t bias_ids[RP_ENGINE_MAX_BIAS];
     float bias_values[RP_ENGINE_MAX_BIAS];
     int n_bias;
+    /* response_format (structured output, src/text/json_grammar.h): sampling draws only
+     * tokens that continue a valid document, and a stop token only once it is complete
+     * (then nothing else is allowed). The schema is JSON text; the job keeps a copy. */
+    int grammar;                   /* RP_GRAMMAR_NONE, _JSON_OBJECT or _JSON_SCHEMA */
+    const char *grammar_schema;    /* RP_GRAMMAR_JSON_SCHEMA: the schema */
 } rp_gen_params;
+
+enum { RP_GRAMMAR_NONE = 0, RP_GRAMMAR_JSON_OBJECT = 1, RP_GRAMMAR_JSON_SCHEMA = 2 };
 
 /* A token's log-probability and the most likely tokens with theirs (most
  * likely first; ties: the lower id first). */
@@ -238,6 +245,12 @@ typedef struct {
 } rp_engine_metrics;
 
 void rp_engine_get_metrics(rp_engine *e, rp_engine_metrics *m);
+
+/* Every rank, before serving: the vocabulary's token bytes, which the last stage needs for
+ * response_format (json_mask.h). The trie is the caller's and must outlive the engine. Without
+ * it a job with a grammar ends with an error. */
+struct rp_token_trie;
+void rp_engine_set_vocab(rp_engine *e, const struct rp_token_trie *trie);
 
 /* What the model is (for /v1/models and session files). */
 const rp_config *rp_engine_config_of(const rp_engine *e);

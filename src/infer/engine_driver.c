@@ -129,10 +129,9 @@ void rp_engine_free(rp_engine *e) {
     free(e->unit_lp);
     free(e->sampler_scratch);
     for (int i = 0; e->sampling && i < e->cfg.n_slots; i++) {
-        free(e->sampling[i].occ);
-        free(e->sampling[i].bias_ids);
-        free(e->sampling[i].bias_values);
+        rp_slot_sampling_free(&e->sampling[i]);
     }
+    rp_engine_grammars_free(e);
     free(e->sampling);
     for (int i = 0; i < e->n_sessions; i++) free(e->sessions[i].data);
     free(e->sessions);
@@ -235,6 +234,10 @@ static void make_sampling(Rwkvpipe__EngineSampling *s, const rp_gen_params *p) {
     s->n_bias_ids = s->n_bias_values = (size_t)p->n_bias;
     s->bias_ids = (int32_t *)p->bias_ids;
     s->bias_values = (float *)p->bias_values;
+    s->grammar = p->grammar;
+    s->grammar_schema = (char *)(p->grammar_schema ? p->grammar_schema : "");
+    s->n_grammar_end = p->grammar ? (size_t)p->n_stop_tokens : 0;
+    s->grammar_end = (int32_t *)p->stop_tokens;
 }
 
 /* Frees slot (stashing its state under the job's store_session if asked).

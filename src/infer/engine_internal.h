@@ -11,6 +11,7 @@
 
 #include "infer/engine.h"
 #include "infer/prefix_cache.h"
+#include "text/json_grammar.h"
 #include "pipe/transport.h"
 #include "rwkvpipe.pb-c.h"
 
@@ -29,6 +30,7 @@ struct rp_job {
     int32_t *prompt;
     int n_prompt;
     rp_gen_params params;
+    char *grammar_copy;            /* params.grammar_schema's text (owned) */
     char start_session[RP_ENGINE_SESSION_NAME_MAX];
     char store_session[RP_ENGINE_SESSION_NAME_MAX];
     /* shared with clients (under mu) */
@@ -109,7 +111,20 @@ typedef struct {
     int32_t *bias_ids;   /* [n_bias] (malloc'ed) */
     float *bias_values;
     int n_bias;
+    /* response_format: the compiled grammar and its mask cache (shared, engine_worker.c),
+     * and the document so far */
+    struct rp_grammar_entry *gentry;
+    struct rp_json_grammar *grammar;
+    struct rp_json_mask *gmask;
+    int grammar_failed;  /* asked for but not compiled: the job ends with an error */
+    rp_json_state gstate;
 } rp_slot_sampling;
+
+/* engine_worker.c: frees a slot's sampling buffers, and the grammars jobs shared (engine
+ * teardown). */
+typedef struct rp_grammar_entry rp_grammar_entry;
+void rp_slot_sampling_free(rp_slot_sampling *s);
+void rp_engine_grammars_free(rp_engine *e);
 
 /* A logprob the last stage computed for a unit: of slot's sampled token
  * (pos -1) or of its prompt token at pos. */
@@ -218,6 +233,10 @@ struct rp_engine {
     double *busy_total, *busy_mark, *busy_frac, t_mark, tokens_rate;
     long tokens_mark;
     double t_start;
+    const struct rp_token_trie *trie;  /* rp_engine_set_vocab: token bytes for grammars */
+    rp_grammar_entry *grammars;        /* last stage: response_format grammars (engine_worker.c) */
+    int n_grammars;
+    uint64_t grammar_clock;
 };
 
 /* Tests only (tests/test_engine.c): called by the main thread at the start

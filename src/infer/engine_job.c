@@ -52,6 +52,13 @@ rp_status rp_gen_params_validate(const rp_gen_params *p, int vocab_size, rp_erro
     if (p->top_logprobs < 0 || p->top_logprobs > RP_LOGPROBS_MAX)
         return rp_error_set(err, RP_ERR_ARG, "top_logprobs %d must be in [0, %d]",
                             p->top_logprobs, RP_LOGPROBS_MAX);
+    if (p->grammar < RP_GRAMMAR_NONE || p->grammar > RP_GRAMMAR_JSON_SCHEMA ||
+        (p->grammar == RP_GRAMMAR_JSON_SCHEMA && !p->grammar_schema))
+        return rp_error_set(err, RP_ERR_ARG, "grammar %d: expected none, a JSON object, or a "
+                            "JSON schema with its text", p->grammar);
+    if (p->grammar && p->n_stop_tokens == 0)
+        return rp_error_set(err, RP_ERR_ARG, "response_format needs a stop token to end the "
+                            "document (the end-of-text token is banned and no stop_token_ids)");
     if (p->n_bias < 0 || p->n_bias > RP_ENGINE_MAX_BIAS)
         return rp_error_set(err, RP_ERR_ARG, "at most %d logit_bias entries", RP_ENGINE_MAX_BIAS);
     for (int i = 0; i < p->n_bias; i++) {
@@ -116,6 +123,17 @@ rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *
     memcpy(j->prompt, prompt, sizeof(int32_t) * (size_t)n_prompt);
     j->n_prompt = n_prompt;
     j->params = *params;
+    j->params.grammar_schema = NULL;
+    if (params->grammar == RP_GRAMMAR_JSON_SCHEMA &&
+        !(j->params.grammar_schema = j->grammar_copy = strdup(params->grammar_schema ? params->grammar_schema : ""))) {
+        rp_error_set(err, RP_ERR_NOMEM, "job: the response_format schema");
+        free(j->prompt);
+        free(j->out);
+        free(j->lp_prompt);
+        free(j->lp_prompt_set);
+        free(j);
+        return NULL;
+    }
     j->refs = 1;
     j->slot = -1;
     pthread_mutex_init(&j->mu, NULL);
@@ -158,6 +176,7 @@ void rp_job_release(rp_job *job) {
     free(job->lp);
     free(job->lp_prompt);
     free(job->lp_prompt_set);
+    free(job->grammar_copy);
     free(job);
 }
 

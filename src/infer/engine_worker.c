@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "infer/engine_internal.h"
+#include "text/json_mask.h"
 #include "core/clock.h"
 
 static float *slot_state(rp_engine *e, int slot) {
@@ -92,8 +93,129 @@ static rp_engine_command *receive_command(rp_engine *e, rp_error *err) {
 
 /* ---- sampling (last stage) ---- */
 
+void rp_engine_set_vocab(rp_engine *e, const struct rp_token_trie *trie) { e->trie = trie; }
+
+/* A compiled grammar and its mask cache, shared by every job that asks for the same
+ * response_format (kind, schema text, end tokens): a server answering many requests with one
+ * schema computes each state's mask once, not once per request. The engine owns them; a
+ * slot holds a reference while its job runs, and unreferenced ones are reused LRU. Sampling
+ * runs on the last stage's main thread, one slot after another (it shares e->sampler_scratch
+ * too), so the caches need no lock. */
+struct rp_grammar_entry {
+    int kind;
+    char *text;
+    int32_t end[RP_ENGINE_MAX_STOP_TOKENS];
+    int n_end;
+    rp_json_grammar *grammar;
+    rp_json_mask *mask;
+    int refs;
+    uint64_t used;
+};
+
+/* Masks per grammar: the states a document passes through repeat (the same keys, the same
+ * string contexts; a string with a maxLength has a state per length so far); a mask of a
+ * 65536-token vocabulary is 8 KiB, allocated when its state first comes: at most 2 MiB. */
+#define GRAMMAR_MASK_CACHE 256
+
+static void grammar_entry_clear(rp_grammar_entry *g) {
+    rp_json_mask_free(g->mask);
+    rp_json_grammar_free(g->grammar);
+    free(g->text);
+    memset(g, 0, sizeof *g);
+}
+
+void rp_engine_grammars_free(rp_engine *e) {
+    for (int i = 0; i < e->n_grammars; i++) grammar_entry_clear(&e->grammars[i]);
+    free(e->grammars);
+    e->grammars = NULL;
+    e->n_grammars = 0;
+}
+
+static void grammar_close(rp_slot_sampling *s) {
+    if (s->gentry) s->gentry->refs--;
+    s->gentry = NULL;
+    s->gmask = NULL;
+    s->grammar = NULL;
+    s->grammar_failed = 0;
+}
+
+void rp_slot_sampling_free(rp_slot_sampling *s) {
+    grammar_close(s);
+    free(s->occ);
+    free(s->bias_ids);
+    free(s->bias_values);
+}
+
+static int grammar_matches(const rp_grammar_entry *g, const Rwkvpipe__EngineSampling *p) {
+    if (!g->grammar || g->kind != p->grammar || g->n_end != (int)p->n_grammar_end) return 0;
+    if (p->grammar == RP_GRAMMAR_JSON_SCHEMA && strcmp(g->text, p->grammar_schema) != 0) return 0;
+    for (int i = 0; i < g->n_end; i++)
+        if (g->end[i] != p->grammar_end[i]) return 0;
+    return 1;
+}
+
+/* The entry for p's grammar: a matching one, else a free or the least recently used
+ * unreferenced one, compiled anew (the server checked the schema already, so a failure here
+ * is out of memory or a missing vocabulary). NULL on failure. */
+static rp_grammar_entry *grammar_entry(rp_engine *e, const Rwkvpipe__EngineSampling *p) {
+    if (!e->trie || (p->grammar == RP_GRAMMAR_JSON_SCHEMA && !p->grammar_schema) ||
+        p->n_grammar_end > RP_ENGINE_MAX_STOP_TOKENS)
+        return NULL;
+    if (!e->grammars) {
+        /* each slot references at most one: n_slots + 4 always leave one to reuse */
+        e->n_grammars = e->cfg.n_slots + 4;
+        if (!(e->grammars = calloc((size_t)e->n_grammars, sizeof *e->grammars))) {
+            e->n_grammars = 0;
+            return NULL;
+        }
+    }
+    rp_grammar_entry *victim = NULL;
+    for (int i = 0; i < e->n_grammars; i++) {
+        rp_grammar_entry *g = &e->grammars[i];
+        if (grammar_matches(g, p)) return g;
+        if (g->refs == 0 && (!victim || (victim->grammar && (!g->grammar || g->used < victim->used))))
+            victim = g;
+    }
+    if (!victim) return NULL;
+    grammar_entry_clear(victim);
+    rp_status st = RP_ERR_ARG;
+    if (p->grammar == RP_GRAMMAR_JSON_OBJECT) st = rp_json_grammar_object(&victim->grammar, NULL);
+    else if (p->grammar == RP_GRAMMAR_JSON_SCHEMA &&
+             (victim->text = strdup(p->grammar_schema)) != NULL)
+        st = rp_json_grammar_schema(&victim->grammar, p->grammar_schema, strlen(p->grammar_schema), NULL);
+    if (st == RP_OK)
+        st = rp_json_mask_create(&victim->mask, victim->grammar, e->trie, e->m->cfg.vocab_size,
+                                 p->grammar_end, (int)p->n_grammar_end, GRAMMAR_MASK_CACHE, NULL);
+    if (st != RP_OK) {
+        grammar_entry_clear(victim);
+        return NULL;
+    }
+    victim->kind = p->grammar;
+    victim->n_end = (int)p->n_grammar_end;
+    for (int i = 0; i < victim->n_end; i++) victim->end[i] = p->grammar_end[i];
+    return victim;
+}
+
+/* response_format: the job's grammar; a failure ends the job at its first token. */
+static void grammar_open(rp_engine *e, rp_slot_sampling *s, const Rwkvpipe__EngineSampling *p) {
+    grammar_close(s);
+    if (!p || p->grammar == RP_GRAMMAR_NONE) return;
+    rp_grammar_entry *g = grammar_entry(e, p);
+    if (!g) {
+        s->grammar_failed = 1;
+        return;
+    }
+    g->refs++;
+    g->used = ++e->grammar_clock;
+    s->gentry = g;
+    s->grammar = g->grammar;
+    s->gmask = g->mask;
+    rp_json_start(s->grammar, &s->gstate);
+}
+
 static void sampling_open(rp_engine *e, int slot, const Rwkvpipe__EngineSampling *p) {
     rp_slot_sampling *s = &e->sampling[slot];
+    grammar_open(e, s, p);
     s->sampler.temperature = p ? p->temperature : 1.0f;
     s->sampler.top_p = p ? p->top_p : 1.0f;
     s->sampler.top_k = p ? p->top_k : 0;
@@ -170,6 +292,20 @@ static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
     const int V = e->m->cfg.vocab_size;
     /* logprobs are of the raw logits: kept before penalties and bias change them */
     if (s->logprobs) memcpy(e->lp_row, logits, sizeof(float) * (size_t)V);
+    if (s->grammar_failed) return RP_SAMPLE_NONE;
+    if (s->grammar) {
+        /* Tokens that cannot continue the document get -inf before anything else: bias and
+         * penalties add finite amounts, so they stay out. */
+        const uint64_t *allowed = rp_json_mask_get(s->gmask, &s->gstate);
+        if (!allowed) return RP_SAMPLE_NONE;
+        for (int w = 0; w * 64 < V; w++) {
+            uint64_t bits = allowed[w];
+            if (bits == ~0ull) continue;
+            const int end = w * 64 + 64 < V ? w * 64 + 64 : V;
+            for (int t = w * 64; t < end; t++)
+                if (!((bits >> (t & 63)) & 1)) logits[t] = -INFINITY;
+        }
+    }
     for (int i = 0; i < s->n_bias; i++) logits[s->bias_ids[i]] += s->bias_values[i];
     if (s->penalized)
         for (int t = 0; t < V; t++)
@@ -177,6 +313,9 @@ static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
     int tok = rp_sample(logits, V, &s->sampler, s->step, s->banned, s->n_banned,
                         e->sampler_scratch);
     s->step++;
+    /* An end token ends the job; any other advances the document (the mask allowed it). */
+    if (s->grammar && tok >= 0 && rp_json_feed_token(s->grammar, e->trie, &s->gstate, tok) != RP_JSON_OK)
+        rp_json_start(s->grammar, &s->gstate);
     if (s->penalized && tok >= 0) {
         for (int t = 0; t < V; t++) s->occ[t] *= s->decay;
         s->occ[tok] += 1;

@@ -49,11 +49,12 @@ static int compare_desc(const void *a, const void *b) {
 }
 
 /* Fills order[0..n) with ids by descending probability and returns how many
- * of them top-p and top-k keep (at least 1). Sorting all V ids costs ~4 ms at
- * V = 65536, so for top-p only the candidates with p >= (1 - top_p) / (2V)
- * are sorted: the ids below that hold at most (1 - top_p) / 2 of the mass, so
- * the nucleus (ties at the cut included) lies inside the candidates. If
- * rounding says otherwise, the second pass sorts every id. */
+ * of them top-p and top-k keep (at least 1). The reference definition, and the
+ * fallback of truncate_partial: sorting all V ids costs ~4 ms at V = 65536, so
+ * for top-p only the candidates with p >= (1 - top_p) / (2V) are sorted: the
+ * ids below that hold at most (1 - top_p) / 2 of the mass, so the nucleus
+ * (ties at the cut included) lies inside the candidates. If rounding says
+ * otherwise, the second pass sorts every id. */
 static int truncate_sorted(const float *prob, int n_vocab, const rp_sampler_params *p, int *order) {
     float floor_p = p->top_p < 1.0f ? (float)((1.0 - (double)p->top_p) / (2.0 * n_vocab)) : 0.0f;
     for (int pass = 0; pass < 2; pass++, floor_p = 0.0f) {
@@ -85,6 +86,104 @@ static int truncate_sorted(const float *prob, int n_vocab, const rp_sampler_para
         return keep > 0 ? keep : 1;
     }
     return 1; /* unreachable: the second pass always returns */
+}
+
+/* a before b in the sorted order: higher probability, then lower id */
+static int ranks_before(const float *prob, int a, int b) {
+    return prob[a] > prob[b] || (prob[a] == prob[b] && a < b);
+}
+
+static void swap_ids(int *x, int i, int j) {
+    int t = x[i];
+    x[i] = x[j];
+    x[j] = t;
+}
+
+/* Reorders ids[0..n) so that its first k are the k first in the sorted order
+ * (in no particular order), 0 < k < n: quickselect (Lomuto partition around a
+ * median-of-three pivot). The order is strict (ids differ), so the set is
+ * unique. Invariant: ids[0..lo) rank before ids[lo..), ids[hi..) after
+ * ids[..hi), and lo <= k <= hi. */
+static void select_first_k(const float *prob, int *ids, int n, int k) {
+    int lo = 0, hi = n;
+    while (hi - lo > 1) {
+        int mid = lo + (hi - lo) / 2, last = hi - 1;
+        if (ranks_before(prob, ids[mid], ids[lo])) swap_ids(ids, mid, lo);
+        if (ranks_before(prob, ids[last], ids[lo])) swap_ids(ids, last, lo);
+        if (ranks_before(prob, ids[mid], ids[last])) swap_ids(ids, mid, last); /* median to last */
+        const int pivot = ids[last];
+        int store = lo;
+        for (int i = lo; i < last; i++)
+            if (ranks_before(prob, ids[i], pivot)) swap_ids(ids, i, store++);
+        swap_ids(ids, store, last); /* exactly `store` ids rank before the pivot */
+        if (store == k) return;
+        if (store < k) lo = store + 1;
+        else hi = store;
+    }
+}
+
+/* The same result as truncate_sorted without sorting: the set top-p keeps is
+ * every id with p >= v*, where v* is the probability at the cut, the largest
+ * value whose mass (ids with p >= v) reaches top_p. A three-way quickselect
+ * over the values finds v* in O(V), summing each part's mass; the sums come
+ * in another order than the sorted cumulative sum, so they may differ from it
+ * by rounding (below 1e-11 for 65536 terms): when the mass just above or at
+ * v* lies within 1e-9 of top_p, the decision could differ, and the sorted
+ * reference decides instead. top-k then selects its first k (quickselect).
+ * order[0..keep) receives the kept ids in no particular order (the draw goes
+ * over ids in increasing order, so only the set matters). */
+static int truncate_partial(const float *prob, int n_vocab, const rp_sampler_params *p, int *order) {
+    const double eps = 1e-9;
+    int n = 0, keep = 0;
+    if (p->top_p < 1.0f) {
+        const float floor_p = (float)((1.0 - (double)p->top_p) / (2.0 * n_vocab));
+        for (int i = 0; i < n_vocab; i++)
+            if (prob[i] > 0.0f && prob[i] >= floor_p) order[n++] = i;
+        const double top_p = p->top_p;
+        double above = 0.0; /* the mass of order[0..a): values above the range */
+        int a = 0, b = n, found = 0;
+        while (a < b) {
+            /* median of three values as the pivot */
+            float x = prob[order[a]], y = prob[order[a + (b - a) / 2]], z = prob[order[b - 1]];
+            float pv = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+            /* three-way partition of [a, b): > pv | == pv | < pv */
+            int lt = a, i = a, gt = b;
+            double m_gt = 0.0, m_eq = 0.0;
+            while (i < gt) {
+                float v = prob[order[i]];
+                if (v > pv) {
+                    m_gt += v;
+                    swap_ids(order, lt++, i++);
+                } else if (v < pv) {
+                    swap_ids(order, i, --gt);
+                } else {
+                    m_eq += v;
+                    i++;
+                }
+            }
+            if (above + m_gt >= top_p) {
+                b = lt;           /* v* > pv */
+            } else if (above + m_gt + m_eq >= top_p) {
+                if (above + m_gt >= top_p - eps || above + m_gt + m_eq < top_p + eps) break;
+                keep = gt;        /* v* = pv: order[0..gt) hold p >= pv */
+                found = 1;
+                break;
+            } else {
+                above += m_gt + m_eq;
+                a = gt;           /* v* < pv */
+            }
+        }
+        if (!found) return truncate_sorted(prob, n_vocab, p, order);
+    } else {
+        for (int i = 0; i < n_vocab; i++)
+            if (prob[i] > 0.0f) order[n++] = i;
+        keep = n;
+    }
+    if (p->top_k > 0 && p->top_k < keep) {
+        select_first_k(prob, order, keep, p->top_k);
+        keep = p->top_k;
+    }
+    return keep > 0 ? keep : 1;
 }
 
 /* Why no id is left: all banned, or the logits of the others are NaN or
@@ -159,7 +258,7 @@ int rp_sample(const float *logits, int n_vocab, const rp_sampler_params *p, uint
      * token tied with the one there, top-k its first k. */
     int keep_count = 0;
     int sorted = p->top_p < 1.0f || p->top_k > 0;
-    if (sorted) keep_count = truncate_sorted(prob, n_vocab, p, order);
+    if (sorted) keep_count = truncate_partial(prob, n_vocab, p, order);
 
     /* (5) temperature on the truncated probabilities: p^(1/T). Dividing by
      * the largest kept p first keeps the max at 1, so a small T cannot

@@ -2,6 +2,7 @@
  * field is type- and range-checked and every size is bounded before it is
  * used; a bad request is a 4xx with a message naming the field. */
 #include "serve/http_request.h"
+#include "text/json_grammar.h"
 #include "serve/chat.h"
 
 #include "infer/session_file.h"
@@ -147,7 +148,6 @@ static const refused_field refused_fields[] = {
     {"functions", 3, ASKS_NONEMPTY, "function calling is not supported"},
     {"tool_choice", 3, ASKS_NOT_NONE, "tool calling is not supported"},
     {"function_call", 3, ASKS_NOT_NONE, "function calling is not supported"},
-    {"response_format", 3, ASKS_NOT_TEXT, "structured output is not implemented yet"},
     {"best_of", 1, ASKS_ABOVE_ONE, "best_of > 1 is not supported"},
     {"suffix", 1, ASKS_NONEMPTY, "suffix (insertion) is not supported"},
     {"top_logprobs", 1, ASKS_SET, "top_logprobs is a chat field: completions take \"logprobs\": k"},
@@ -260,6 +260,52 @@ static int parse_logit_bias(json_t *o, const rp_request_limits *lim, rp_gen_para
     return 0;
 }
 
+/* Where the request body keeps the compact text of its response_format schema, so that
+ * params.grammar_schema points into the JSON object like the request's other strings. */
+#define SCHEMA_TEXT_KEY " rwkvpipe.schema_text"
+
+/* "response_format": {"type": "text"} (none), {"type": "json_object"}, or {"type":
+ * "json_schema", "json_schema": {"name", "schema", "strict"}}. The schema is compiled here
+ * once so that an unsupported keyword is a 400 naming it. */
+static int parse_response_format(json_t *o, rp_gen_params *p, rp_request_error *e) {
+    json_t *rf = json_object_get(o, "response_format");
+    p->grammar = RP_GRAMMAR_NONE;
+    p->grammar_schema = NULL;
+    if (!rf || json_is_null(rf)) return 0;
+    json_t *type = json_object_get(rf, "type");
+    if (!json_is_object(rf) || !json_is_string(type))
+        return rp_request_fail(e, 400, "invalid_type", "'response_format' must be an object with "
+                               "a \"type\": \"text\", \"json_object\" or \"json_schema\"");
+    const char *t = json_string_value(type);
+    if (strcmp(t, "text") == 0) return 0;
+    if (strcmp(t, "json_object") == 0) {
+        p->grammar = RP_GRAMMAR_JSON_OBJECT;
+        return 0;
+    }
+    if (strcmp(t, "json_schema") != 0)
+        return rp_request_fail(e, 400, "invalid_value", "'response_format'.type '%.40s' is not "
+                               "one of text, json_object, json_schema", t);
+    json_t *js = json_object_get(rf, "json_schema");
+    json_t *schema = json_is_object(js) ? json_object_get(js, "schema") : NULL;
+    if (!json_is_object(schema))
+        return rp_request_fail(e, 400, "invalid_value", "'response_format': type json_schema "
+                               "needs \"json_schema\": {\"name\": ..., \"schema\": {...}}");
+    char *text = json_dumps(schema, JSON_COMPACT);
+    if (!text) return rp_request_fail(e, 500, "internal", "out of memory");
+    rp_json_grammar *g = NULL;
+    rp_error err = {0};
+    rp_status st = rp_json_grammar_schema(&g, text, strlen(text), &err);
+    rp_json_grammar_free(g);
+    int set = st == RP_OK ? json_object_set_new(o, SCHEMA_TEXT_KEY, json_string(text)) : 0;
+    free(text);
+    if (st != RP_OK)
+        return rp_request_fail(e, 400, "unsupported_schema", "'response_format': %s", err.msg);
+    if (set) return rp_request_fail(e, 500, "internal", "out of memory");
+    p->grammar = RP_GRAMMAR_JSON_SCHEMA;
+    p->grammar_schema = json_string_value(json_object_get(o, SCHEMA_TEXT_KEY));
+    return 0;
+}
+
 int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *lim,
                                 rp_gen_request *r, rp_request_error *e) {
     memset(r, 0, sizeof *r);
@@ -326,6 +372,8 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
         return rp_request_fail(e, 400, "invalid_value",
                                "'initial_state' is not a valid session name");
 
+    if (parse_response_format(o, p, e)) return -1;
+
     /* stop strings */
     json_t *stop = json_object_get(o, "stop");
     if (stop && !json_is_null(stop)) {
@@ -347,8 +395,10 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
             return rp_request_fail(e, 400, "invalid_type",
                                    "'stop' must be a string or an array of strings");
         }
-    } else if (chat) {
-        r->stops[r->n_stops++] = "\n\n"; /* the end of a reply in the RWKV chat format */
+    } else if (chat && !p->grammar) {
+        /* the end of a reply in the RWKV chat format (a JSON reply ends at its last byte, and
+         * may hold a blank line between its tokens) */
+        r->stops[r->n_stops++] = "\n\n";
     }
     for (int i = 0; i < r->n_stops; i++) {
         size_t len = strlen(r->stops[i]);
@@ -358,11 +408,12 @@ int rp_request_parse_generation(json_t *o, int chat, const rp_request_limits *li
                                    RP_TEXT_MAX_STOP_BYTES);
     }
 
-    /* token lists: chat bans the end-of-text token, completions stop at it */
+    /* token lists: chat bans the end-of-text token, completions stop at it (and so does a
+     * chat reply with a response_format: the token ends the document) */
     int32_t eot = rp_tokenizer_eot_id(lim->tok);
     p->n_banned = 0;
     p->n_stop_tokens = 0;
-    if (chat) p->banned[p->n_banned++] = eot;
+    if (chat && !p->grammar) p->banned[p->n_banned++] = eot;
     if (get_token_list(o, "ban_token_ids", lim->vocab_size, p->banned, &p->n_banned,
                        RP_ENGINE_MAX_BANNED, e))
         return -1;
