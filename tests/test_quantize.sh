@@ -167,6 +167,8 @@ expect_fail "quantize twice" "already quantized" \
 expect_fail "bad --type" "is not bf16 or int8" "$BIN" quantize "$TINY" -o "$T/x.st" --type q4
 expect_fail "bad --weights-dtype" "is not f32, bf16 or int8" \
     "$BIN" logits --model "$TINY" --weights-dtype fp8 --tokens 1 -o "$T/x.st"
+RP_CPU_ISA=avx9 expect_fail "bad RP_CPU_ISA" "RP_CPU_ISA='avx9' is not an instruction set" \
+    "$BIN" logits --model "$T/tiny_int8.safetensors" --tokens 1 -o "$T/x.st"
 RWKVPIPE_TEST_FAKE_DEVICE=1 expect_fail "backend without low-precision weights" \
     "runs f32 weights only" "$BIN" logits --model "$T/tiny_int8.safetensors" --tokens 1 -o "$T/x.st"
 

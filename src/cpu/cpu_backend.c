@@ -15,6 +15,7 @@
 
 #include "cpu/cpu_backend.h"
 #include "cpu/cpu_internal.h"
+#include "cpu/cpu_quant.h"
 #include "cpu/cpu_wait.h"
 
 #define CPU_ALIGN_BYTES 64
@@ -131,6 +132,9 @@ char *cpu_thread_scratch(rp_backend *be, size_t bytes, const char *op) {
 /* ---- lifetime ---- */
 
 rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err) {
+    /* A bad RP_CPU_ISA is the user's to fix before any work starts (the
+     * quantized kernels, which read it, have no way to report it). */
+    if (rp_cpu_qmatmul_check_env(err) != RP_OK) return NULL;
     rp_backend *be = rp_calloc(1, sizeof *be, "CPU backend", err);
     if (!be) return NULL;
     rp_cpu_impl *impl = rp_calloc(1, sizeof *impl, "CPU backend context", err);
