@@ -41,14 +41,6 @@ static __device__ __forceinline__ void store_w(float *p, const float (&v)[W]) {
     }
 }
 
-// Sums into lane 0 in a fixed tree order, then hands lane 0's value to every
-// lane: a butterfly (shfl_xor) would sum in a different order in each lane,
-// and lanes could disagree in the last bit.
-static __device__ __forceinline__ double warp_sum_double(double v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(FULL_MASK, v, offset);
-    return __shfl_sync(FULL_MASK, v, 0);
-}
-
 static __device__ __forceinline__ float warp_sum_float(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(FULL_MASK, v, offset);
     return __shfl_sync(FULL_MASK, v, 0);
@@ -59,11 +51,11 @@ static __device__ __forceinline__ float warp_sum_float(float v) {
 // `shared` [32] may be reused by the next call (the first barrier guards it).
 static __device__ double block_sum_double(double v, double *shared) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_sum_double(v);
+    v = rp_warp_sum_double(v);
     __syncthreads();
     if (lane == 0) shared[warp] = v;
     __syncthreads();
-    return warp_sum_double(lane < n_warps ? shared[lane] : 0.0);
+    return rp_warp_sum_double(lane < n_warps ? shared[lane] : 0.0);
 }
 
 static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
@@ -186,18 +178,8 @@ static __global__ void groupnorm_kernel(float *y, float *mean, float *rstd, cons
     const float *xh = x + o, *wh = weight + (size_t)h * N, *bh = bias + (size_t)h * N;
     float *yh = y + o;
 
-    double sum = 0.0;
-    for (int j = lane; j < N; j += 32) sum += (double)xh[j];
-    sum = warp_sum_double(sum);
-    const float m = (float)(sum / N);
-
-    double sq = 0.0;
-    for (int j = lane; j < N; j += 32) {
-        const double d = (double)(xh[j] - m);
-        sq += d * d;
-    }
-    sq = warp_sum_double(sq);
-    const float s = (float)(1.0 / sqrt(sq / N + (double)eps));
+    float m, s;
+    rp_warp_group_moments(xh, N, eps, lane, &m, &s);
 
     for (int j = lane; j < N; j += 32) yh[j] = (xh[j] - m) * s * wh[j] + bh[j];
     if (lane == 0) {

@@ -158,4 +158,32 @@ __device__ __forceinline__ float rp_decayf(float w_raw) {
     return expf(-0.6065306597126334f * rp_sigmoidf(w_raw));
 }
 
+// Sums a full warp's v into lane 0 in a fixed tree order, then hands lane 0's
+// value to every lane: a butterfly (shfl_xor) would sum in a different order
+// in each lane, and lanes could disagree in the last bit.
+__device__ __forceinline__ double rp_warp_sum_double(double v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    return __shfl_sync(0xffffffffu, v, 0);
+}
+
+// Group-norm moments of one head x [n], computed by one full warp (`lane` =
+// its lane): mean and 1/sqrt(var + eps), sums in double. groupnorm_kernel
+// (training, prefill) and time_mix_heads_kernel (decode) both call it, so
+// both paths normalise a head bit for bit alike.
+__device__ __forceinline__ void rp_warp_group_moments(const float *x, int n, float eps, int lane,
+                                                      float *mean, float *rstd) {
+    double sum = 0.0;
+    for (int j = lane; j < n; j += 32) sum += (double)x[j];
+    sum = rp_warp_sum_double(sum);
+    const float m = (float)(sum / n);
+    double sq = 0.0;
+    for (int j = lane; j < n; j += 32) {
+        const double d = (double)(x[j] - m);
+        sq += d * d;
+    }
+    sq = rp_warp_sum_double(sq);
+    *mean = m;
+    *rstd = (float)(1.0 / sqrt(sq / n + (double)eps));
+}
+
 #endif

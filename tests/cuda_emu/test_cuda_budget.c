@@ -31,6 +31,14 @@
  * gemv_group (FFN key + relu^2), FFN value GEMV. Lower it with every fusion. */
 #define LAUNCH_BUDGET_PER_LAYER 8
 
+/* fp32 -> bf16 conversion kernels (to_bf16_kernel) in one training step
+ * (forward + backward, no optimizer) of the tiny 2-layer model in BF16 math,
+ * rows above the GEMV limit so every GEMM is a cuBLAS call: each converts
+ * the operands that are not registered weights. Measured 108 before issue
+ * 15's bf16 activations (every GEMM converted its activation operands).
+ * Lower it with every producer that writes its GEMM operand in bf16 itself. */
+#define TRAIN_CONVERT_BUDGET 108
+
 #define MAX_ROWS 24
 #define MAX_SEQS 3
 
@@ -51,6 +59,12 @@ static unsigned long long allocs_now(void) {
     rp_emu_counters c;
     rp_emu_counts(&c);
     return c.allocs;
+}
+
+static unsigned long long converts_now(void) {
+    rp_emu_counters c;
+    rp_emu_counts(&c);
+    return c.bf16_converts;
 }
 
 static int setup(void **s) {
@@ -181,6 +195,19 @@ static void test_decode_launch_budget(void **s) {
         assert_true(worst <= LAUNCH_BUDGET_PER_LAYER);
     }
     f->be->free(f->be, logits);
+}
+
+
+/* The conversion budget of a training step, after a warm-up step. */
+static void test_train_convert_budget(void **s) {
+    fixture *f = *s;
+    train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 0);
+    const unsigned long long before = converts_now();
+    train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 1);
+    const unsigned long long n = converts_now() - before;
+    fprintf(stderr, "bf16 conversion kernels per training step: %llu (L=%d, budget %d)\n", n,
+            f->model.cfg.n_layer, TRAIN_CONVERT_BUDGET);
+    assert_true(n <= TRAIN_CONVERT_BUDGET);
 }
 
 /* After one decode step and one training step at the largest shapes, more
@@ -443,6 +470,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_decode_launch_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_allocation_after_warm_up, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_twin, setup, teardown),
         cmocka_unit_test(test_decode_model_twin),
