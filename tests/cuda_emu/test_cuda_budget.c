@@ -210,6 +210,54 @@ static void test_train_convert_budget(void **s) {
     assert_true(n <= TRAIN_CONVERT_BUDGET);
 }
 
+/* All of a model's gradients, copied to the host: n floats. */
+static float *grads_to_host(fixture *f, size_t *n) {
+    const rp_model *g = &f->grads;
+    const int L = g->layer_end - g->layer_begin;
+    *n = g->embed_floats + g->head_floats + (size_t)L * g->layer_floats;
+    float *h = malloc(*n * sizeof(float)), *p = h;
+    assert_non_null(h);
+    f->be->copy_to_host(f->be, p, g->embed_flat, g->embed_floats * sizeof(float));
+    p += g->embed_floats;
+    f->be->copy_to_host(f->be, p, g->head_flat, g->head_floats * sizeof(float));
+    p += g->head_floats;
+    for (int l = 0; l < L; l++, p += g->layer_floats)
+        f->be->copy_to_host(f->be, p, g->layer_flat[l], g->layer_floats * sizeof(float));
+    return h;
+}
+
+/* The bf16 activation copies (producer kernels' second outputs, conversions
+ * shared by GEMMs) hand the GEMMs the very bits that each GEMM's own
+ * conversion gave before: a training step's gradients match bit for bit with
+ * the copies off. 24 rows (cuBLAS GEMMs) and 5 (GEMVs, no copies). */
+static void test_act16_exact(void **s) {
+    fixture *f = *s;
+    const int lens[2] = {MAX_ROWS / MAX_SEQS, 5};
+    for (int i = 0; i < 2; i++) {
+        const int n_seq = i == 0 ? MAX_SEQS : 1;
+        float *side[2];
+        size_t n = 0;
+        for (int on = 0; on < 2; on++) {
+            rp_cuda_backend_set_act16(f->be, on);
+            rp_model_zero(&f->grads);
+            train_step(f, n_seq, lens[i], 3);
+            side[on] = grads_to_host(f, &n);
+        }
+        size_t diff = 0, nonzero = 0;
+        for (size_t j = 0; j < n; j++) {
+            diff += memcmp(&side[0][j], &side[1][j], sizeof(float)) != 0;
+            nonzero += side[1][j] != 0.0f;
+        }
+        fprintf(stderr, "act16 exact: %d rows, %zu gradients, %zu nonzero, %zu differ\n",
+                n_seq * lens[i], n, nonzero, diff);
+        assert_true(nonzero > 1000);
+        assert_int_equal(diff, 0);
+        free(side[0]);
+        free(side[1]);
+    }
+    rp_cuda_backend_set_act16(f->be, 1);
+}
+
 /* After one decode step and one training step at the largest shapes, more
  * steps of those shapes or smaller allocate and free nothing. */
 static void test_no_allocation_after_warm_up(void **s) {
@@ -471,6 +519,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_decode_launch_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_allocation_after_warm_up, setup, teardown),
         cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_twin, setup, teardown),
         cmocka_unit_test(test_decode_model_twin),
