@@ -1,7 +1,10 @@
 /* The analytic H100 cost model of the CUDA backend as it is built today (see
  * gpu_model.h): the op sequence of rp_block_forward (src/model/forward.c) and
  * its backward, each backend op one kernel launch (the cuda/ kernels), fp32
- * activations between ops, bf16 GEMM operands. Each launch costs
+ * activations between ops, bf16 GEMM operands: written as a second bf16
+ * output by the kernel that produces them where it can (issue 15), else
+ * converted once per activation and shared by the GEMMs that read it
+ * (rp_cuda_act16 in cuda/cuda_internal.h). Each launch costs
  * max(bytes / HBM bandwidth, FLOPs / peak, launch overhead); the shapes come
  * from rp_config_builtin, nothing here is a measured or hard-coded result. */
 #include "config.h"
@@ -74,7 +77,9 @@ static void add(kernel_list *l, const char *name, double count, double bytes, do
 }
 
 /* An elementwise op over R rows of width W: `io` fp32 vectors read or
- * written per row, `params` fp32 parameter vectors of width W. */
+ * written per row, `params` fp32 parameter vectors of width W. A bf16
+ * second output (a GEMM operand) counts as half a vector: BF16_OUT. */
+#define BF16_OUT 0.5
 static void ew(kernel_list *l, const char *name, double count, double R, double W, double io,
                double params, double flops_per_elem) {
     add(l, name, count, 4.0 * W * (R * io + params), flops_per_elem * R * W, 0);
@@ -124,17 +129,26 @@ static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R
     gemv(l, "GEMV FFN value (F -> C)", 1, R, C, F, 1);
 }
 
-/* One training GEMM with its operand conversion: fp32 activation -> bf16
- * (a kernel), then cuBLAS reads bf16 A [R,K] and W [N,K], writes fp32 C. */
-static void gemm(kernel_list *l, const char *name, double count, double R, double N, double K) {
-    add(l, "to_bf16 (GEMM operands)", count, 6.0 * R * K, 0, 0);
+/* fp32 -> bf16 conversion kernel of an R x W activation. */
+static void to_bf16(kernel_list *l, double count, double R, double W) {
+    add(l, "to_bf16 (GEMM operands)", count, 6.0 * R * W, 0, 0);
+}
+
+/* One training GEMM: cuBLAS reads bf16 A [R,K] and W [N,K], writes fp32 C;
+ * A converted first unless its producer wrote it in bf16 (x16). */
+static void gemm(kernel_list *l, const char *name, double count, double R, double N, double K,
+                 int x16) {
+    if (!x16) to_bf16(l, count, R, K);
     add(l, name, count, 2.0 * R * K + 2.0 * N * K + 4.0 * R * N, 2.0 * R * N * K, 1);
 }
 
-/* Backward of that GEMM: dY converted, dX = dY W and dW += X^T dY. */
+/* Backward of that GEMM: dX = dY W and dW += X^T dY, dY converted once for
+ * both unless its producer wrote it in bf16 (dy16), X unless it still has a
+ * valid bf16 copy (x16: recomputed just before). */
 static void gemm_backward(kernel_list *l, const char *name, double count, double R, double N,
-                          double K) {
-    add(l, "to_bf16 (GEMM operands)", 2 * count, 6.0 * R * (N + K) / 2, 0, 0);
+                          double K, int dy16, int x16) {
+    if (!dy16) to_bf16(l, count, R, N);
+    if (!x16) to_bf16(l, count, R, K);
     add(l, name, count, 2.0 * R * N + 2.0 * N * K + 4.0 * R * K, 2.0 * R * N * K, 1);
     add(l, name, count, 2.0 * R * N + 2.0 * R * K + 8.0 * N * K, 2.0 * R * N * K, 1);
 }
@@ -154,14 +168,17 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     ew(l, "layernorm", 2, R, C, 2, 2, 8);
     ew(l, "token_shift", 2, R, C, 2, 0, 0);
     /* six time-mix lerps (the nu LoRA reuses the value mix) + the FFN one */
-    ew(l, "lerp", 6 + 1, R, C, 3, 1, 3);
-    /* r, k, v, output; FFN key and value below */
-    gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C);
+    ew(l, "lerp", 6 + 1, R, C, 3 + BF16_OUT, 1, 3); /* + the bf16 mix the GEMMs read */
+    /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value below */
+    gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C, 1);
     for (int i = 0; i < loras; i++) {
-        gemm(l, "GEMM LoRA down (C -> rank)", 1, R, ranks[i], C);
-        gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i]);
-        /* tanh after w1, sigmoid after g1; a and v have none */
-        if (i == 0 || i == 2) ew(l, "bias_act (LoRA hidden)", 1, R, ranks[i], 2, 0, 4);
+        gemm(l, "GEMM LoRA down (C -> rank)", 1, R, ranks[i], C, 1);
+        /* tanh after w1, sigmoid after g1 (bias_act writes the hidden in
+         * bf16 too); a and v have none: their hidden is converted */
+        gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i], i == 0 || i == 2);
+        if (i == 0 || i == 2) {
+            ew(l, "bias_act (LoRA hidden)", 1, R, ranks[i], 2 + BF16_OUT, 0, 4);
+        }
     }
     ew(l, "bias_act (w0, a0, v0)", loras - 1, R, C, 2, 1, 4);
     if (layer == 0) ew(l, "copy (v_first)", 1, R, C, 2, 0, 0);
@@ -170,10 +187,10 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     add(l, "wkv7_forward_train", 1, 7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
         WKV_FLOPS_PER_ELEM * R * C * N, 0);
     ew(l, "groupnorm", 1, R, C, 2, 2, 8);
-    ew(l, "bonus_gate", 1, R, C, 6, 1, 6);
-    gemm(l, "GEMM FFN key (C -> F)", 1, R, F, C);
-    gemm(l, "GEMM FFN value (F -> C)", 1, R, C, F);
-    ew(l, "bias_act (relu^2, F)", 1, R, F, 2, 0, 2);
+    ew(l, "bonus_gate", 1, R, C, 6 + BF16_OUT, 1, 6);
+    gemm(l, "GEMM FFN key (C -> F)", 1, R, F, C, 1);
+    gemm(l, "GEMM FFN value (F -> C)", 1, R, C, F, 1);
+    ew(l, "bias_act (relu^2, F)", 1, R, F, 2 + BF16_OUT, 0, 2);
 }
 
 /* Its backward: each GEMM two GEMMs, each elementwise op reading its inputs
@@ -190,11 +207,19 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
      * dprev with beta 0 (reads dy, x, prev): no read of dx, dprev. */
     ew(l, "lerp backward (+ params)", 6 + (layer > 0) + 1 - 2, R, C, 7, 2, 6);
     ew(l, "lerp backward, first write (beta 0)", 2, R, C, 5, 2, 6);
-    gemm_backward(l, "GEMM backward C x C", 4, R, C, C);
+    /* output (dy and the saved og converted), value (dv; the value mix is
+     * stale by then), key and receptance (dk, dr; their mix just recomputed) */
+    gemm_backward(l, "GEMM backward C x C", 2, R, C, C, 0, 0);
+    gemm_backward(l, "GEMM backward C x C", 2, R, C, C, 0, 1);
     for (int i = 0; i < loras; i++) {
-        gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C);
-        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i]);
-        if (i == 0 || i == 2) ew(l, "bias_act backward (LoRA hidden)", 1, R, ranks[i], 3, 0, 4);
+        /* up: dy and the saved hidden converted; down: d hidden written in
+         * bf16 by bias_act backward (w, g) or converted (a, v); the mix is
+         * still valid for a (nothing launched since its recompute) */
+        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 0, 0);
+        gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C, i == 0 || i == 2, i == 1);
+        if (i == 0 || i == 2) {
+            ew(l, "bias_act backward (LoRA hidden)", 1, R, ranks[i], 3 + BF16_OUT, 0, 4);
+        }
     }
     ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3, 1, 4);
     if (layer > 0) ew(l, "value_residual backward", 1, R, C, 7, 0, 6);
@@ -204,9 +229,11 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
         WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM * R * C * N, 0);
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
     ew(l, "bonus_gate backward", 1, R, C, 11, 2, 12);
-    gemm_backward(l, "GEMM backward FFN", 1, R, F, C);
-    gemm_backward(l, "GEMM backward FFN", 1, R, C, F);
-    ew(l, "bias_act backward (relu^2, F)", 1, R, F, 3, 0, 3);
+    /* key: d hidden written in bf16 by the relu^2 backward, the saved kf
+     * converted; value: dy and the saved relu^2 hidden converted */
+    gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, 0);
+    gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 0, 0);
+    ew(l, "bias_act backward (relu^2, F)", 1, R, F, 3 + BF16_OUT, 0, 3);
     /* First gradient writes take beta 0 (no fill_zero); what is left: the
      * wkv7 gradients added onto bonus_gate's dr, dk, dv (wkv7_backward
      * overwrites its outputs), and layer 0's d v_first. */
@@ -262,10 +289,10 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
      * logits never exist as [R, V]; each chunk still goes through HBM. */
     const int chunk = rp_head_ce_chunk_rows((int)R, (int)V);
     const double chunks = (double)(((long long)R + chunk - 1) / chunk), Rc = R / chunks;
-    gemm(l, "GEMM head (C -> V, per row chunk)", chunks, Rc, V, C);
+    gemm(l, "GEMM head (C -> V, per row chunk)", chunks, Rc, V, C, chunks == 1);
     add(l, "head_cross_entropy loss kernel (+ l2wrap, in place)", chunks, 8.0 * Rc * V,
         5.0 * Rc * V, 0);
-    gemm_backward(l, "GEMM backward head", chunks, Rc, V, C);
+    gemm_backward(l, "GEMM backward head", chunks, Rc, V, C, 0, 0);
     add(l, "fill_zero (d v_first, once)", 1, 4.0 * R * C, 0, 0);
     for (int layer = c->n_layer - 1; layer >= 0; layer--) layer_backward(l, c, layer, R, S);
     ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);

@@ -200,7 +200,68 @@ void rp_cuda_to_bf16(rp_cuda_ctx *cx, __nv_bfloat16 *dst, const float *src, size
     const unsigned cap = (unsigned)cx->n_sm * 16;
     if (blocks > cap) blocks = cap;
     to_bf16_kernel<<<blocks, 256, 0, cx->stream>>>(dst, src, n);
-    RP_CUDA_LAUNCHED(cx, "to_bf16");
+    // not RP_CUDA_LAUNCHED: it writes only bf16, the activation copies stay valid
+    rp_cuda_record(cx, cudaGetLastError(), "to_bf16", __FILE__, __LINE__);
+}
+
+// ---- bf16 activation copies (rp_cuda_act16) ----
+
+__nv_bfloat16 *rp_cuda_act16_claim(rp_cuda_ctx *cx, const float *p, size_t n,
+                                   const __nv_bfloat16 *keep) {
+    if (cx->math != RP_CUDA_MATH_BF16 || n == 0) return NULL;
+    // Every slot grows to the largest copy yet, so that after a warm-up step
+    // at the largest shapes no slot allocates, whichever slot a copy gets.
+    if (n > cx->act16_max) cx->act16_max = n;
+    int pick = -1;
+    for (int i = 0; i < RP_CUDA_ACT16_SLOTS; i++) {
+        const rp_cuda_act16 *a = &cx->act16[i];
+        if (a->buf && a->buf == keep) continue;
+        if (a->p == p) {  // a new copy of the same activation replaces the old one
+            pick = i;
+            break;
+        }
+        if (pick < 0 || a->used < cx->act16[pick].used) pick = i;
+    }
+    rp_cuda_act16 *a = &cx->act16[pick];
+    void *buf = rp_cuda_scratch(cx, RP_CUDA_SCRATCH_ACT16 + pick,
+                                cx->act16_max * sizeof(__nv_bfloat16));
+    a->p = NULL;
+    if (!buf) return NULL;
+    a->buf = (__nv_bfloat16 *)buf;
+    a->used = ++cx->clock;
+    return a->buf;
+}
+
+void rp_cuda_act16_publish(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const float *p, size_t n) {
+    for (int i = 0; i < RP_CUDA_ACT16_SLOTS; i++) {
+        rp_cuda_act16 *a = &cx->act16[i];
+        if (a->buf != buf) continue;
+        a->p = p;
+        a->n = n;
+        a->seq = cx->seq;
+        return;
+    }
+}
+
+const __nv_bfloat16 *rp_cuda_act16_find(rp_cuda_ctx *cx, const float *p, size_t n) {
+    if (cx->math != RP_CUDA_MATH_BF16 || cx->act16_off) return NULL;
+    for (int i = 0; i < RP_CUDA_ACT16_SLOTS; i++) {
+        rp_cuda_act16 *a = &cx->act16[i];
+        if (a->p != p || a->n != n || a->seq != cx->seq) continue;
+        a->used = ++cx->clock;
+        return a->buf;
+    }
+    return NULL;
+}
+
+void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes) {
+    const char *b = (const char *)p, *e = b + bytes;
+    for (int i = 0; i < RP_CUDA_ACT16_SLOTS; i++) {
+        rp_cuda_act16 *a = &cx->act16[i];
+        if (!a->p) continue;
+        const char *ab = (const char *)a->p, *ae = ab + a->n * sizeof(float);
+        if (ab < e && b < ae) a->p = NULL;
+    }
 }
 
 __nv_bfloat16 *rp_cuda_weight_shadow(rp_cuda_ctx *cx, const float *p, size_t n) {
@@ -261,6 +322,7 @@ static void *cuda_alloc(rp_backend *be, size_t bytes) {
     void *p = NULL;
     size_t rounded = (bytes + 255) / 256 * 256;
     if (rounded == 0) rounded = 256;
+    cx->seq++;  // new memory may sit where a copied activation was
     if (cudaMalloc(&p, rounded) != cudaSuccess) {
         cudaGetLastError();  // out of memory is the caller's to report (NULL)
         return NULL;
@@ -275,6 +337,7 @@ static void *cuda_alloc(rp_backend *be, size_t bytes) {
 static void cuda_free(rp_backend *be, void *ptr) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (!ptr) return;
+    cx->seq++;
     // Queued kernels may still read the weight's bf16 shadow: wait first.
     RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
     for (int i = 0; i < cx->n_weights; i++)
@@ -291,6 +354,7 @@ static void cuda_copy_to_device(rp_backend *be, void *dst, const void *host_src,
     if (!bytes) return;
     // From pageable memory this returns once the source was staged, so the
     // caller may reuse host_src right away (the interface promises that).
+    cx->seq++;  // the copies of activations it overwrites are stale
     RP_CUDA_OK(cx, cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cx->stream));
     refresh_shadows(cx, dst, bytes);
 }
@@ -305,6 +369,7 @@ static void cuda_copy_to_host(rp_backend *be, void *host_dst, const void *src, s
 static void cuda_copy(rp_backend *be, void *dst, const void *src, size_t bytes) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (!bytes || dst == src) return;
+    cx->seq++;  // the copies of activations it overwrites are stale
     RP_CUDA_OK(cx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cx->stream));
     refresh_shadows(cx, dst, bytes);
 }
@@ -312,6 +377,7 @@ static void cuda_copy(rp_backend *be, void *dst, const void *src, size_t bytes) 
 static void cuda_fill_zero(rp_backend *be, void *dst, size_t bytes) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (!bytes) return;
+    cx->seq++;  // the copies of activations it overwrites are stale
     RP_CUDA_OK(cx, cudaMemsetAsync(dst, 0, bytes, cx->stream));
     refresh_shadows(cx, dst, bytes);
 }
@@ -482,4 +548,8 @@ extern "C" int rp_cuda_backend_device(const rp_backend *be) {
 
 extern "C" rp_cuda_math rp_cuda_backend_math(const rp_backend *be) {
     return ((const rp_cuda_ctx *)be->impl)->math;
+}
+
+extern "C" void rp_cuda_backend_set_act16(rp_backend *be, int on) {
+    rp_cuda_of(be)->act16_off = !on;
 }

@@ -6,7 +6,8 @@
  * output: weights registered with register_weights keep a bf16 copy that
  * every write through the backend (copy_to_device, copy, fill_zero, adamw)
  * keeps current, and activations are rounded to bf16 on their way into a
- * GEMM. Everything else (norm statistics, softmax, wkv state and decay,
+ * GEMM: by the kernel that produces them, as a second bf16 output, or once
+ * per activation by a conversion that the following GEMMs on it share. Everything else (norm statistics, softmax, wkv state and decay,
  * master weights, Adam moments) stays fp32. FP32 math uses fp32 GEMMs
  * (no TF32): the twin of the CPU backend to ~1e-6, for tests. */
 #ifndef RP_CUDA_BACKEND_H
@@ -32,6 +33,9 @@ void rp_cuda_backend_destroy(rp_backend *be);
 /* The device index and math of a CUDA backend. */
 int rp_cuda_backend_device(const rp_backend *be);
 rp_cuda_math rp_cuda_backend_math(const rp_backend *be);
+/* Tests: 0 turns off the bf16 activation copies (every GEMM converts its
+ * activation operands itself, as before issue 15); 1 (the default) on. */
+void rp_cuda_backend_set_act16(rp_backend *be, int on);
 
 #ifdef __cplusplus
 }

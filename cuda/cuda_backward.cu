@@ -463,16 +463,20 @@ static __device__ __forceinline__ float act_derivative(int act, float y) {
     }
 }
 
-// no bias: dy [n] *= act'(y), grid-stride over vectors of W
+// no bias: dy [n] *= act'(y), grid-stride over vectors of W; dy16 (optional)
+// gets bf16(dy), the operand of the GEMM backward that follows (rp_cuda_act16)
 template <int W>
 __global__ static void bias_act_backward_kernel(float *__restrict__ dy,
-                                                const float *__restrict__ y, size_t n, int act) {
+                                                const float *__restrict__ y, size_t n, int act,
+                                                __nv_bfloat16 *__restrict__ dy16) {
     const size_t stride = (size_t)gridDim.x * blockDim.x * W;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += stride) {
         vecf<W> d = load<W>(dy + i);
         const vecf<W> yv = load<W>(y + i);
         for (int j = 0; j < W; j++) d.v[j] *= act_derivative(act, yv.v[j]);
         store<W>(dy + i, d);
+        if (dy16)
+            for (int j = 0; j < W; j++) dy16[i + j] = __float2bfloat16(d.v[j]);
     }
 }
 
@@ -517,11 +521,15 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
         const size_t n = (size_t)R * C;
         const int W = vector_width(n, dy, y);
         const unsigned blocks = flat_blocks(cx, n / W);
+        __nv_bfloat16 *dy16 = rp_cuda_act16_for_rows(cx, dy, n, R);
         if (W == 4)
-            bias_act_backward_kernel<4><<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y, n, act);
+            bias_act_backward_kernel<4><<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y, n, act,
+                                                                                  dy16);
         else
-            bias_act_backward_kernel<1><<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y, n, act);
+            bias_act_backward_kernel<1><<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y, n, act,
+                                                                                  dy16);
         RP_CUDA_LAUNCHED(cx, "bias_act_backward");
+        if (dy16) rp_cuda_act16_publish(cx, dy16, dy, n);
         return;
     }
     const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;

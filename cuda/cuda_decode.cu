@@ -256,11 +256,6 @@ static __device__ __forceinline__ float dec_warp_sum_float(float v) {
     return __shfl_sync(DEC_FULL_MASK, v, 0);
 }
 
-static __device__ __forceinline__ double dec_warp_sum_double(double v) {
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(DEC_FULL_MASK, v, off);
-    return __shfl_sync(DEC_FULL_MASK, v, 0);
-}
-
 static __device__ __forceinline__ float dec_pair_total(float a0, float a1, float a2, float a3) {
     const float part = (a0 + a1) + (a2 + a3);
     return part + __shfl_xor_sync(DEC_FULL_MASK, part, 1);
@@ -366,17 +361,8 @@ static __global__ void __launch_bounds__(DEC_HEAD_THREADS) time_mix_heads_kernel
     // group norm of the head (as groupnorm_kernel), then bonus and gate (as bonus_gate_kernel)
     const int lane = threadIdx.x;
     const float *Y = vec + HV_Y * DEC_N;
-    double sum = 0.0;
-    for (int j = lane; j < DEC_N; j += 32) sum += (double)Y[j];
-    sum = dec_warp_sum_double(sum);
-    const float m = (float)(sum / DEC_N);
-    double sqd = 0.0;
-    for (int j = lane; j < DEC_N; j += 32) {
-        const double d = (double)(Y[j] - m);
-        sqd += d * d;
-    }
-    sqd = dec_warp_sum_double(sqd);
-    const float rs = (float)(1.0 / sqrt(sqd / DEC_N + (double)a.gn_eps));
+    float m, rs;
+    rp_warp_group_moments(Y, DEC_N, a.gn_eps, lane, &m, &rs);
     float bonus = 0.0f;
     for (int j = lane; j < DEC_N; j += 32) bonus += R[j] * K[j] * a.r_k[hc + j];
     bonus = dec_warp_sum_float(bonus);

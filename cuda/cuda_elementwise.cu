@@ -41,12 +41,12 @@ static __device__ __forceinline__ void store_w(float *p, const float (&v)[W]) {
     }
 }
 
-// Sums into lane 0 in a fixed tree order, then hands lane 0's value to every
-// lane: a butterfly (shfl_xor) would sum in a different order in each lane,
-// and lanes could disagree in the last bit.
-static __device__ __forceinline__ double warp_sum_double(double v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(FULL_MASK, v, offset);
-    return __shfl_sync(FULL_MASK, v, 0);
+// The bf16 second output of a producer kernel (rp_cuda_act16): the same
+// rounding as the to_bf16 conversion it replaces, so GEMMs see the same bits.
+template <int W>
+static __device__ __forceinline__ void store_bf16(__nv_bfloat16 *p, const float *v) {
+#pragma unroll
+    for (int i = 0; i < W; i++) p[i] = __float2bfloat16(v[i]);
 }
 
 static __device__ __forceinline__ float warp_sum_float(float v) {
@@ -59,11 +59,11 @@ static __device__ __forceinline__ float warp_sum_float(float v) {
 // `shared` [32] may be reused by the next call (the first barrier guards it).
 static __device__ double block_sum_double(double v, double *shared) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_sum_double(v);
+    v = rp_warp_sum_double(v);
     __syncthreads();
     if (lane == 0) shared[warp] = v;
     __syncthreads();
-    return warp_sum_double(lane < n_warps ? shared[lane] : 0.0);
+    return rp_warp_sum_double(lane < n_warps ? shared[lane] : 0.0);
 }
 
 static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
@@ -129,7 +129,7 @@ static __device__ void row_moments(const float *xr, int C, float eps, double *sh
 template <int W>
 static __global__ void layernorm_kernel(float *y, float *mean, float *rstd, const float *x,
                                         const float *weight, const float *bias, int C,
-                                        float eps) {
+                                        float eps, __nv_bfloat16 *y16) {
     __shared__ double shared[32];
     const size_t row = blockIdx.x;
     const float *xr = x + row * C;
@@ -147,6 +147,7 @@ static __global__ void layernorm_kernel(float *y, float *mean, float *rstd, cons
 #pragma unroll
         for (int i = 0; i < W; i++) out[i] = (v[i] - m) * s * w[i] + b[i];
         store_w<W>(yr + c, out);
+        if (y16) store_bf16<W>(y16 + row * C + c, out);
     }
     if (threadIdx.x == 0) {
         if (mean) mean[row] = m;
@@ -160,13 +161,15 @@ static void cuda_layernorm(rp_backend *be, float *y, float *mean, float *rstd, c
     if (R <= 0 || C <= 0) return;
     const bool vec = C % 4 == 0 && aligned16(y) && aligned16(x) && aligned16(weight) &&
                      aligned16(bias);
+    __nv_bfloat16 *y16 = rp_cuda_act16_for_rows(cx, y, (size_t)R * C, R);
     if (vec)
         layernorm_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(y, mean, rstd, x, weight,
-                                                                       bias, C, eps);
+                                                                       bias, C, eps, y16);
     else
         layernorm_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(y, mean, rstd, x, weight, bias,
-                                                                   C, eps);
+                                                                   C, eps, y16);
     RP_CUDA_LAUNCHED(cx, "layernorm");
+    if (y16) rp_cuda_act16_publish(cx, y16, y, (size_t)R * C);
 }
 
 // ---- groupnorm ----
@@ -186,18 +189,8 @@ static __global__ void groupnorm_kernel(float *y, float *mean, float *rstd, cons
     const float *xh = x + o, *wh = weight + (size_t)h * N, *bh = bias + (size_t)h * N;
     float *yh = y + o;
 
-    double sum = 0.0;
-    for (int j = lane; j < N; j += 32) sum += (double)xh[j];
-    sum = warp_sum_double(sum);
-    const float m = (float)(sum / N);
-
-    double sq = 0.0;
-    for (int j = lane; j < N; j += 32) {
-        const double d = (double)(xh[j] - m);
-        sq += d * d;
-    }
-    sq = warp_sum_double(sq);
-    const float s = (float)(1.0 / sqrt(sq / N + (double)eps));
+    float m, s;
+    rp_warp_group_moments(xh, N, eps, lane, &m, &s);
 
     for (int j = lane; j < N; j += 32) yh[j] = (xh[j] - m) * s * wh[j] + bh[j];
     if (lane == 0) {
@@ -286,7 +279,7 @@ static void cuda_token_shift(rp_backend *be, float *prev, const float *x, float 
 // y [R,C] = x + (prev - x) * mu, mu [C]; flat over n = R*C (y may be x).
 template <int W>
 static __global__ void lerp_kernel(float *y, const float *x, const float *prev, const float *mu,
-                                   size_t n, int C) {
+                                   size_t n, int C, __nv_bfloat16 *y16) {
     const size_t step = (size_t)gridDim.x * blockDim.x * W;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
         float xv[W], pv[W], mv[W], out[W];
@@ -296,6 +289,7 @@ static __global__ void lerp_kernel(float *y, const float *x, const float *prev, 
 #pragma unroll
         for (int k = 0; k < W; k++) out[k] = xv[k] + (pv[k] - xv[k]) * mv[k];
         store_w<W>(y + i, out);
+        if (y16) store_bf16<W>(y16 + i, out);
     }
 }
 
@@ -306,12 +300,15 @@ static void cuda_lerp(rp_backend *be, float *y, const float *x, const float *pre
     const size_t n = (size_t)R * C;
     const bool vec = C % 4 == 0 && aligned16(y) && aligned16(x) && aligned16(prev) &&
                      aligned16(mu);
+    __nv_bfloat16 *y16 = rp_cuda_act16_for_rows(cx, y, n, R);
     if (vec)
         lerp_kernel<4><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(y, x, prev, mu, n,
-                                                                              C);
+                                                                              C, y16);
     else
-        lerp_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(y, x, prev, mu, n, C);
+        lerp_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(y, x, prev, mu, n, C,
+                                                                          y16);
     RP_CUDA_LAUNCHED(cx, "lerp");
+    if (y16) rp_cuda_act16_publish(cx, y16, y, n);
 }
 
 // ---- fused decode mix: layernorm + token shift + lerps ----
@@ -414,7 +411,8 @@ static __device__ __forceinline__ float activate(float t) {
 
 // y [R,C] = act(y + bias), bias [C] or NULL (reads as zero); flat over R*C.
 template <int ACT, int W>
-static __global__ void bias_act_kernel(float *y, const float *bias, size_t n, int C) {
+static __global__ void bias_act_kernel(float *y, const float *bias, size_t n, int C,
+                                       __nv_bfloat16 *y16) {
     const size_t step = (size_t)gridDim.x * blockDim.x * W;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
         float v[W], b[W];
@@ -428,17 +426,20 @@ static __global__ void bias_act_kernel(float *y, const float *bias, size_t n, in
 #pragma unroll
         for (int k = 0; k < W; k++) v[k] = activate<ACT>(v[k] + b[k]);
         store_w<W>(y + i, v);
+        if (y16) store_bf16<W>(y16 + i, v);
     }
 }
 
 template <int ACT>
-static void bias_act_launch(rp_cuda_ctx *cx, float *y, const float *bias, size_t n, int C) {
+static void bias_act_launch(rp_cuda_ctx *cx, float *y, const float *bias, size_t n, int C,
+                            __nv_bfloat16 *y16) {
     const bool vec = C % 4 == 0 && aligned16(y) && (!bias || aligned16(bias));
     if (vec)
-        bias_act_kernel<ACT, 4><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(y, bias,
-                                                                                       n, C);
+        bias_act_kernel<ACT, 4><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
+            y, bias, n, C, y16);
     else
-        bias_act_kernel<ACT, 1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(y, bias, n, C);
+        bias_act_kernel<ACT, 1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(y, bias, n, C,
+                                                                                   y16);
 }
 
 static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, int C,
@@ -446,14 +447,18 @@ static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, in
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (R <= 0 || C <= 0) return;
     const size_t n = (size_t)R * C;
+    if (act != RP_ACT_NONE && act != RP_ACT_TANH && act != RP_ACT_SIGMOID &&
+        act != RP_ACT_RELU_SQUARED)
+        return;  // no such activation: nothing launched
+    __nv_bfloat16 *y16 = rp_cuda_act16_for_rows(cx, y, n, R);
     switch (act) {
-    case RP_ACT_NONE: bias_act_launch<RP_ACT_NONE>(cx, y, bias, n, C); break;
-    case RP_ACT_TANH: bias_act_launch<RP_ACT_TANH>(cx, y, bias, n, C); break;
-    case RP_ACT_SIGMOID: bias_act_launch<RP_ACT_SIGMOID>(cx, y, bias, n, C); break;
-    case RP_ACT_RELU_SQUARED: bias_act_launch<RP_ACT_RELU_SQUARED>(cx, y, bias, n, C); break;
-    default: return;  // no such activation: nothing launched
+    case RP_ACT_NONE: bias_act_launch<RP_ACT_NONE>(cx, y, bias, n, C, y16); break;
+    case RP_ACT_TANH: bias_act_launch<RP_ACT_TANH>(cx, y, bias, n, C, y16); break;
+    case RP_ACT_SIGMOID: bias_act_launch<RP_ACT_SIGMOID>(cx, y, bias, n, C, y16); break;
+    default: bias_act_launch<RP_ACT_RELU_SQUARED>(cx, y, bias, n, C, y16); break;
     }
     RP_CUDA_LAUNCHED(cx, "bias_act");
+    if (y16) rp_cuda_act16_publish(cx, y16, y, n);
 }
 
 // ---- value residual ----
@@ -546,7 +551,7 @@ static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a
 // channels, r_k [H,N]; one warp per (row, head).
 static __global__ void bonus_gate_kernel(float *out, const float *r, const float *k,
                                          const float *v, const float *r_k, const float *g,
-                                         int R, int C, int N) {
+                                         int R, int C, int N, __nv_bfloat16 *out16) {
     const int H = C / N;
     const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -560,7 +565,11 @@ static __global__ void bonus_gate_kernel(float *out, const float *r, const float
     float bonus = 0.0f;
     for (int j = lane; j < N; j += 32) bonus += rh[j] * kh[j] * rkh[j];
     bonus = warp_sum_float(bonus);
-    for (int j = lane; j < N; j += 32) oh[j] = (oh[j] + bonus * vh[j]) * gh[j];
+    for (int j = lane; j < N; j += 32) {
+        const float o_j = (oh[j] + bonus * vh[j]) * gh[j];
+        oh[j] = o_j;
+        if (out16) out16[o + j] = __float2bfloat16(o_j);
+    }
 }
 
 static void cuda_bonus_gate(rp_backend *be, float *out, const float *r, const float *k,
@@ -569,9 +578,11 @@ static void cuda_bonus_gate(rp_backend *be, float *out, const float *r, const fl
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (R <= 0 || N <= 0 || C < N) return;
     const size_t groups = (size_t)R * (C / N);
+    __nv_bfloat16 *out16 = rp_cuda_act16_for_rows(cx, out, (size_t)R * C, R);
     bonus_gate_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(out, r, k, v, r_k, g, R,
-                                                                          C, N);
+                                                                          C, N, out16);
     RP_CUDA_LAUNCHED(cx, "bonus_gate");
+    if (out16) rp_cuda_act16_publish(cx, out16, out, (size_t)R * C);
 }
 
 // ---- install ----

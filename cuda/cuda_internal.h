@@ -62,9 +62,27 @@ enum rp_cuda_upload_slot {
 // the same area.
 enum rp_cuda_scratch_area {
     RP_CUDA_SCRATCH_OP = 0,    // kernels: partial sums, temporaries
-    RP_CUDA_SCRATCH_GEMM_A,    // bf16 copies of GEMM operands
-    RP_CUDA_SCRATCH_GEMM_B,
-    RP_CUDA_SCRATCH_COUNT
+    RP_CUDA_SCRATCH_ACT16,     // RP_CUDA_ACT16_SLOTS areas: bf16 copies of activations
+    RP_CUDA_SCRATCH_COUNT = RP_CUDA_SCRATCH_ACT16 + 4
+};
+#define RP_CUDA_ACT16_SLOTS (RP_CUDA_SCRATCH_COUNT - RP_CUDA_SCRATCH_ACT16)
+
+// Decode calls of at most this many rows use the GEMV kernels, which read
+// fp32 activations directly; above it every GEMM is a bf16 cuBLAS call.
+#define RP_GEMV_MAX_M 8
+
+// A bf16 copy of the fp32 activation p [n] (BF16 math; issue 15). The kernel
+// that writes p writes the copy in the same pass, or the first GEMM that
+// reads p converts it once; the GEMMs that read p then take the copy, with
+// no conversion kernel. The backend cannot see which memory a kernel
+// writes, so a copy stays valid only while `seq` equals the context's: every
+// kernel launch (RP_CUDA_LAUNCHED), copy, fill, allocation and free moves
+// seq on; GEMMs do not, and forget the copies their output overlaps.
+struct rp_cuda_act16 {
+    const float *p;  // NULL: empty or being written
+    size_t n;
+    unsigned long long seq, used;
+    __nv_bfloat16 *buf;
 };
 
 struct rp_cuda_ctx {
@@ -81,6 +99,10 @@ struct rp_cuda_ctx {
     size_t upload_count[RP_CUDA_UP_COUNT];
     rp_cuda_weights *weights;
     int n_weights, cap_weights;
+    rp_cuda_act16 act16[RP_CUDA_ACT16_SLOTS];
+    size_t act16_max;             // largest copy asked for: every slot grows to it
+    int act16_off;                // rp_cuda_backend_set_act16(be, 0): no sharing
+    unsigned long long seq, clock;  // see rp_cuda_act16
 };
 
 static inline rp_cuda_ctx *rp_cuda_of(rp_backend *be) { return (rp_cuda_ctx *)be->impl; }
@@ -92,7 +114,10 @@ int rp_cuda_record_cublas(rp_cuda_ctx *cx, cublasStatus_t rc, const char *what, 
                           int line);
 #define RP_CUDA_OK(cx, call) rp_cuda_record((cx), (call), #call, __FILE__, __LINE__)
 #define RP_CUBLAS_OK(cx, call) rp_cuda_record_cublas((cx), (call), #call, __FILE__, __LINE__)
-#define RP_CUDA_LAUNCHED(cx, name) rp_cuda_record((cx), cudaGetLastError(), name, __FILE__, __LINE__)
+// After a kernel launch: records a launch error and, since the kernel may
+// write any memory, ends the validity of every bf16 activation copy.
+#define RP_CUDA_LAUNCHED(cx, name) \
+    (++(cx)->seq, rp_cuda_record((cx), cudaGetLastError(), name, __FILE__, __LINE__))
 
 // Device scratch of at least `bytes` (256-byte aligned) in area `area`;
 // NULL after an allocation failure (recorded). Growing synchronizes the
@@ -134,7 +159,26 @@ static inline int rp_cuda_row_chunks(int R) {
 // math is BF16 (pointer into the copy at the same offset); NULL otherwise.
 __nv_bfloat16 *rp_cuda_weight_shadow(rp_cuda_ctx *cx, const float *p, size_t n);
 
-// dst [n] = bf16(src [n]) on the stream.
+// A bf16 buffer for the copy of p [n] that the next launch writes (NULL
+// in FP32 math, for n = 0 or after a failure); never the buffer `keep`.
+// Publish it after the launch.
+__nv_bfloat16 *rp_cuda_act16_claim(rp_cuda_ctx *cx, const float *p, size_t n,
+                                   const __nv_bfloat16 *keep);
+// Claim for a producer kernel's output of `rows` rows: NULL when its
+// consumers are GEMV kernels (decode), which read the fp32 rows.
+static inline __nv_bfloat16 *rp_cuda_act16_for_rows(rp_cuda_ctx *cx, const float *p, size_t n,
+                                                    int rows) {
+    return rows > RP_GEMV_MAX_M && !cx->act16_off ? rp_cuda_act16_claim(cx, p, n, NULL) : NULL;
+}
+// The claimed buf now holds bf16(p [n]), as of the last launch.
+void rp_cuda_act16_publish(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const float *p, size_t n);
+// The valid bf16 copy of exactly p [n], or NULL.
+const __nv_bfloat16 *rp_cuda_act16_find(rp_cuda_ctx *cx, const float *p, size_t n);
+// Forget the copies of activations that overlap [p, p + bytes) (a GEMM wrote it).
+void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes);
+
+// dst [n] = bf16(src [n]) on the stream (writes no fp32 memory, so it keeps
+// the activation copies valid).
 void rp_cuda_to_bf16(rp_cuda_ctx *cx, __nv_bfloat16 *dst, const float *src, size_t n);
 
 // Blocks of `threads` covering n items.
@@ -156,6 +200,34 @@ __device__ __forceinline__ float rp_sigmoidf(float x) { return 1.0f / (1.0f + ex
 // WKV7 decay from its pre-activation: exp(-e^-0.5 * sigmoid(w_raw)).
 __device__ __forceinline__ float rp_decayf(float w_raw) {
     return expf(-0.6065306597126334f * rp_sigmoidf(w_raw));
+}
+
+// Sums a full warp's v into lane 0 in a fixed tree order, then hands lane 0's
+// value to every lane: a butterfly (shfl_xor) would sum in a different order
+// in each lane, and lanes could disagree in the last bit.
+__device__ __forceinline__ double rp_warp_sum_double(double v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    return __shfl_sync(0xffffffffu, v, 0);
+}
+
+// Group-norm moments of one head x [n], computed by one full warp (`lane` =
+// its lane): mean and 1/sqrt(var + eps), sums in double. groupnorm_kernel
+// (training, prefill) and time_mix_heads_kernel (decode) both call it, so
+// both paths normalise a head bit for bit alike.
+__device__ __forceinline__ void rp_warp_group_moments(const float *x, int n, float eps, int lane,
+                                                      float *mean, float *rstd) {
+    double sum = 0.0;
+    for (int j = lane; j < n; j += 32) sum += (double)x[j];
+    sum = rp_warp_sum_double(sum);
+    const float m = (float)(sum / n);
+    double sq = 0.0;
+    for (int j = lane; j < n; j += 32) {
+        const double d = (double)(x[j] - m);
+        sq += d * d;
+    }
+    sq = rp_warp_sum_double(sq);
+    *mean = m;
+    *rstd = (float)(1.0 / sqrt(sq / n + (double)eps));
 }
 
 #endif

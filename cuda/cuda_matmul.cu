@@ -14,8 +14,21 @@
 // with the operands swapped. Each op below states that mapping once.
 
 // One column-major GEMM: C [m,n] = op(A) op(B) + beta C, fp32 C. In BF16
-// math each operand is its registered bf16 copy, or is rounded to bf16 into
-// scratch; fp32 accumulation either way.
+// math each operand is its registered weight copy, the bf16 copy its
+// producer wrote (rp_cuda_act16), or is converted once into an activation
+// copy that the next GEMMs on it reuse; fp32 accumulation either way.
+static const __nv_bfloat16 *bf16_operand(rp_cuda_ctx *cx, const float *X, size_t n,
+                                         const __nv_bfloat16 *keep) {
+    const __nv_bfloat16 *x16 = rp_cuda_weight_shadow(cx, X, n);
+    if (!x16) x16 = rp_cuda_act16_find(cx, X, n);
+    if (x16) return x16;
+    __nv_bfloat16 *t = rp_cuda_act16_claim(cx, X, n, keep);
+    if (!t) return NULL;
+    rp_cuda_to_bf16(cx, t, X, n);
+    rp_cuda_act16_publish(cx, t, X, n);
+    return t;
+}
+
 static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                  const float *A, int lda, size_t a_elems, const float *B, int ldb, size_t b_elems,
                  float beta, float *C, int ldc) {
@@ -26,25 +39,14 @@ static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, in
                                       CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
         return;
     }
-    const __nv_bfloat16 *a16 = rp_cuda_weight_shadow(cx, A, a_elems);
-    const __nv_bfloat16 *b16 = rp_cuda_weight_shadow(cx, B, b_elems);
-    if (!a16) {
-        __nv_bfloat16 *t = (__nv_bfloat16 *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_GEMM_A,
-                                                            a_elems * sizeof(__nv_bfloat16));
-        if (!t) return;
-        rp_cuda_to_bf16(cx, t, A, a_elems);
-        a16 = t;
-    }
-    if (!b16) {
-        __nv_bfloat16 *t = (__nv_bfloat16 *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_GEMM_B,
-                                                            b_elems * sizeof(__nv_bfloat16));
-        if (!t) return;
-        rp_cuda_to_bf16(cx, t, B, b_elems);
-        b16 = t;
-    }
+    const __nv_bfloat16 *a16 = bf16_operand(cx, A, a_elems, NULL);
+    if (!a16) return;
+    const __nv_bfloat16 *b16 = bf16_operand(cx, B, b_elems, a16);
+    if (!b16) return;
     RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, a16, CUDA_R_16BF, lda, b16,
                                   CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
                                   CUBLAS_GEMM_DEFAULT));
+    rp_cuda_act16_forget(cx, C, ((size_t)(n - 1) * ldc + m) * sizeof(float));
 }
 
 // ---- decode GEMVs ----
@@ -54,8 +56,6 @@ static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, in
 // to bf16 plus a GEMM tuned for large M; these kernels read each weight once
 // (bf16 copy when registered, else fp32) straight against the fp32 rows,
 // with fp32 accumulation, in one launch.
-#define RP_GEMV_MAX_M 8
-
 static __device__ __forceinline__ float weight_to_float(float v) { return v; }
 static __device__ __forceinline__ float weight_to_float(__nv_bfloat16 v) {
     return __bfloat162float(v);

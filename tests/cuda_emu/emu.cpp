@@ -78,6 +78,7 @@ static cudaError_t g_last = cudaSuccess;
 // count as one each), stream copies/memsets, and device or pinned
 // allocations and frees.
 static unsigned long long g_count_launches, g_count_copies, g_count_allocs;
+static unsigned long long g_count_bf16_converts;  // launches of to_bf16_kernel (issue 15)
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
 
 // ---- streams: work is queued and runs at sync points ----
@@ -632,6 +633,7 @@ void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, std::
     if (it != g_max_dyn.end()) maxdyn = it->second;
     if (cfg.shmem > maxdyn) return bad("dynamic shared memory above the allowed maximum (cudaFuncSetAttribute)");
     g_count_launches++;
+    if (!strcmp(kernel, "to_bf16_kernel")) g_count_bf16_converts++;
     stream_op op;
     op.what = std::string("kernel ") + kernel;
     op.uses.swap(g_launch_uses);
@@ -772,6 +774,7 @@ extern "C" void rp_emu_counts(rp_emu_counters *out) {
     out->launches = g_count_launches;
     out->copies = g_count_copies;
     out->allocs = g_count_allocs;
+    out->bf16_converts = g_count_bf16_converts;
 }
 
 // ---- cuda_device.cu replacement ----

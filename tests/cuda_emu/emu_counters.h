@@ -9,6 +9,8 @@ typedef struct {
     unsigned long long launches; /* kernel launches; each cuBLAS GEMM counts as one */
     unsigned long long copies;   /* cudaMemcpy(Async) and cudaMemset(Async) calls */
     unsigned long long allocs;   /* cudaMalloc, cudaFree, cudaMallocHost, cudaFreeHost */
+    /* launches of to_bf16_kernel: fp32 -> bf16 conversions (GEMM operands, weight copies) */
+    unsigned long long bf16_converts;
 } rp_emu_counters;
 
 void rp_emu_counts(rp_emu_counters *out);

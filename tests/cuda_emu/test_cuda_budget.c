@@ -31,6 +31,16 @@
  * gemv_group (FFN key + relu^2), FFN value GEMV. Lower it with every fusion. */
 #define LAUNCH_BUDGET_PER_LAYER 8
 
+/* fp32 -> bf16 conversion kernels (to_bf16_kernel) in one training step
+ * (forward + backward, no optimizer) of the tiny 2-layer model in BF16 math,
+ * rows above the GEMV limit so every GEMM is a cuBLAS call: each converts
+ * the operands that are not registered weights. Measured 108 before issue
+ * 15's bf16 activations (every GEMM converted its activation operands: 14
+ * forward and 42 backward per layer, 12 and 36 in layer 0, 4 for the head);
+ * 45 once the producers write their GEMM operands in bf16 and GEMMs share
+ * conversions (rp_cuda_act16). Lower it with every producer that does. */
+#define TRAIN_CONVERT_BUDGET 45
+
 #define MAX_ROWS 24
 #define MAX_SEQS 3
 
@@ -51,6 +61,12 @@ static unsigned long long allocs_now(void) {
     rp_emu_counters c;
     rp_emu_counts(&c);
     return c.allocs;
+}
+
+static unsigned long long converts_now(void) {
+    rp_emu_counters c;
+    rp_emu_counts(&c);
+    return c.bf16_converts;
 }
 
 static int setup(void **s) {
@@ -181,6 +197,67 @@ static void test_decode_launch_budget(void **s) {
         assert_true(worst <= LAUNCH_BUDGET_PER_LAYER);
     }
     f->be->free(f->be, logits);
+}
+
+
+/* The conversion budget of a training step, after a warm-up step. */
+static void test_train_convert_budget(void **s) {
+    fixture *f = *s;
+    train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 0);
+    const unsigned long long before = converts_now();
+    train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 1);
+    const unsigned long long n = converts_now() - before;
+    fprintf(stderr, "bf16 conversion kernels per training step: %llu (L=%d, budget %d)\n", n,
+            f->model.cfg.n_layer, TRAIN_CONVERT_BUDGET);
+    assert_true(n <= TRAIN_CONVERT_BUDGET);
+}
+
+/* All of a model's gradients, copied to the host: n floats. */
+static float *grads_to_host(fixture *f, size_t *n) {
+    const rp_model *g = &f->grads;
+    const int L = g->layer_end - g->layer_begin;
+    *n = g->embed_floats + g->head_floats + (size_t)L * g->layer_floats;
+    float *h = malloc(*n * sizeof(float)), *p = h;
+    assert_non_null(h);
+    f->be->copy_to_host(f->be, p, g->embed_flat, g->embed_floats * sizeof(float));
+    p += g->embed_floats;
+    f->be->copy_to_host(f->be, p, g->head_flat, g->head_floats * sizeof(float));
+    p += g->head_floats;
+    for (int l = 0; l < L; l++, p += g->layer_floats)
+        f->be->copy_to_host(f->be, p, g->layer_flat[l], g->layer_floats * sizeof(float));
+    return h;
+}
+
+/* The bf16 activation copies (producer kernels' second outputs, conversions
+ * shared by GEMMs) hand the GEMMs the very bits that each GEMM's own
+ * conversion gave before: a training step's gradients match bit for bit with
+ * the copies off. 24 rows (cuBLAS GEMMs) and 5 (GEMVs, no copies). */
+static void test_act16_exact(void **s) {
+    fixture *f = *s;
+    const int lens[2] = {MAX_ROWS / MAX_SEQS, 5};
+    for (int i = 0; i < 2; i++) {
+        const int n_seq = i == 0 ? MAX_SEQS : 1;
+        float *side[2];
+        size_t n = 0;
+        for (int on = 0; on < 2; on++) {
+            rp_cuda_backend_set_act16(f->be, on);
+            rp_model_zero(&f->grads);
+            train_step(f, n_seq, lens[i], 3);
+            side[on] = grads_to_host(f, &n);
+        }
+        size_t diff = 0, nonzero = 0;
+        for (size_t j = 0; j < n; j++) {
+            diff += memcmp(&side[0][j], &side[1][j], sizeof(float)) != 0;
+            nonzero += side[1][j] != 0.0f;
+        }
+        fprintf(stderr, "act16 exact: %d rows, %zu gradients, %zu nonzero, %zu differ\n",
+                n_seq * lens[i], n, nonzero, diff);
+        assert_true(nonzero > 1000);
+        assert_int_equal(diff, 0);
+        free(side[0]);
+        free(side[1]);
+    }
+    rp_cuda_backend_set_act16(f->be, 1);
 }
 
 /* After one decode step and one training step at the largest shapes, more
@@ -443,6 +520,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_decode_launch_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_allocation_after_warm_up, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_twin, setup, teardown),
         cmocka_unit_test(test_decode_model_twin),
