@@ -9,6 +9,8 @@ typedef struct {
     unsigned long long launches; /* kernel launches; each cuBLAS GEMM counts as one */
     unsigned long long copies;   /* cudaMemcpy(Async) and cudaMemset(Async) calls */
     unsigned long long allocs;   /* cudaMalloc, cudaFree, cudaMallocHost, cudaFreeHost */
+    unsigned long long graph_launches; /* cudaGraphLaunch calls (their kernels are not
+                                          counted in launches again) */
 } rp_emu_counters;
 
 void rp_emu_counts(rp_emu_counters *out);
