@@ -138,7 +138,10 @@ static int cuda_step_begin(rp_backend *be, const void *key, size_t key_bytes,
         st->mode = MODE_EAGER;
     } else {
         st->mode = MODE_CAPTURE;
-        if (!RP_CUDA_OK(cx, cudaStreamBeginCapture(cx->stream, cudaStreamCaptureModeGlobal))) {
+        // Thread-local: this thread's unsafe calls (a sync, an allocation)
+        // break the capture; another thread's (a transport) do not.
+        if (!RP_CUDA_OK(cx, cudaStreamBeginCapture(cx->stream,
+                                                   cudaStreamCaptureModeThreadLocal))) {
             st->mode = MODE_NONE;
             return 0;
         }
