@@ -1,6 +1,7 @@
 /* The analytic H100 cost model of the CUDA backend as it is built today (see
  * gpu_model.h): the op sequence of rp_block_forward (src/model/forward.c) and
- * its backward, each backend op one kernel launch (the cuda/ kernels), fp32
+ * its backward, each backend op one kernel launch (the cuda/ kernels; a
+ * decode step replayed as one CUDA graph, cuda/cuda_graph.cu), fp32
  * activations between ops, bf16 GEMM operands: written as a second bf16
  * output by the kernel that produces them where it can (issue 15), else
  * converted once per activation and shared by the GEMMs that read it
@@ -268,12 +269,18 @@ static void print_table(FILE *out, const kernel_list *l, double per) {
             sum(l, 4) / per * 1e6, sum(l, 5) / per * 1e6);
 }
 
+/* A decode step of batch 1 (rp_model_step). Besides the kernels it has two
+ * copies: the step inputs (tokens, batch arrays: 5 x 8 ints from the fixed
+ * pinned buffer, cuda/cuda_graph.cu) and the head's gather of each
+ * sequence's last row. Replayed as one CUDA graph, each is a node. */
 static void decode_step(kernel_list *l, const rp_config *c) {
     const double C = c->n_embd, V = c->vocab_size;
     memset(l, 0, sizeof *l);
+    add(l, "step inputs (pinned -> device copy)", 1, 5 * 8 * 4.0, 0, 0);
     add(l, "embedding", 1, 8.0 * C, 0, 0);
     ew(l, "layernorm", 2, 1, C, 2, 2, 8); /* ln0, ln_out */
     for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, 1, 1, 1);
+    add(l, "head row gather (device copy)", 1, 8.0 * C, 0, 0);
     gemv(l, "GEMV head (C -> V)", 1, 1, V, C, 0);
 }
 
@@ -395,15 +402,20 @@ int gpu_model_print(FILE *out) {
     fprintf(out,
             "# Analytic H100 model of the CUDA backend (bench_gpu --model-only)\n\n"
             "H100 SXM: %.2f TB/s HBM, %.0f TFLOP/s dense bf16 (tensor cores), %.0f TFLOP/s "
-            "fp32; %.0f us per launch without CUDA graphs, %.0f us with. Each launch costs "
-            "max(bytes / bandwidth, FLOPs / peak, launch). Shapes from rp_config_builtin; "
-            "the op sequence of rp_block_forward, one kernel per backend op.\n\n",
+            "fp32; %.0f us per launch without CUDA graphs, %.0f us per node of a replayed "
+            "graph. Each launch (or node) costs max(bytes / bandwidth, FLOPs / peak, "
+            "launch). Shapes from rp_config_builtin; the op sequence of rp_block_forward, "
+            "one kernel per backend op. A decode step of up to 8 sequences runs as one "
+            "CUDA graph (cuda/cuda_graph.cu: warm-up, capture, then replays): its time is "
+            "one cudaGraphLaunch (%.0f us) plus its nodes; the no-graph column is the "
+            "same step op by op (larger batches, the first two steps of a batch size).\n\n",
             HBM_BYTES_PER_S / 1e12, BF16_TENSOR_FLOPS / 1e12, FP32_FLOPS / 1e12,
-            LAUNCH_S * 1e6, GRAPH_LAUNCH_S * 1e6);
+            LAUNCH_S * 1e6, GRAPH_LAUNCH_S * 1e6, LAUNCH_S * 1e6);
     static kernel_list l;
     fprintf(out, "## Decode, batch 1: predicted time per token against the weight floor\n\n"
-                 "| shape | launches/token | weight MB | floor us | predicted us (no graph) | "
-                 "x floor | predicted us (graph) | x floor | bound us (no launch cost) |\n"
+                 "| shape | kernels + copies/token | weight MB | floor us | predicted us (no "
+                 "graph) | x floor | predicted us (graph) | x floor | bound us (no launch cost) "
+                 "|\n"
                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for (int s = 0; s < 3; s++) {
         rp_config c;
@@ -418,9 +430,10 @@ int gpu_model_print(FILE *out) {
             2.0 * (double)(rp_config_param_count_non_embedding(&c) +
                            (long long)c.vocab_size * c.n_embd);
         const double floor = wbytes / HBM_BYTES_PER_S;
+        const double graph = LAUNCH_S + sum(&l, 5); /* one cudaGraphLaunch + its nodes */
         fprintf(out, "| %s (L%d C%d) | %.0f | %.1f | %.1f | %.1f | %.2f | %.1f | %.2f | %.1f |\n",
                 shapes[s], c.n_layer, c.n_embd, sum(&l, 0), wbytes / 1e6, floor * 1e6,
-                sum(&l, 4) * 1e6, sum(&l, 4) / floor, sum(&l, 5) * 1e6, sum(&l, 5) / floor,
+                sum(&l, 4) * 1e6, sum(&l, 4) / floor, graph * 1e6, graph / floor,
                 sum(&l, 3) * 1e6);
     }
     fprintf(out, "\nGoal: <= 1.3x the floor.\n\n");
@@ -461,6 +474,8 @@ int gpu_model_print(FILE *out) {
         fprintf(out, "## Decode kernels per token, %s (L%d C%d F%d V%d)\n\n", shapes[s],
                 c.n_layer, c.n_embd, c.dim_ffn, c.vocab_size);
         print_table(out, &l, 1);
+        fprintf(out, "Replayed as one CUDA graph, the step adds one cudaGraphLaunch (%.0f us): "
+                     "%.2f us in all.\n\n", LAUNCH_S * 1e6, (LAUNCH_S + sum(&l, 5)) * 1e6);
     }
     for (int s = 1; s < 3; s++) {
         rp_config c;

@@ -120,6 +120,7 @@ static int rp_cuda_upload_grow(rp_cuda_ctx *cx, int slot, size_t n) {
 }
 
 const int32_t *rp_cuda_upload(rp_cuda_ctx *cx, int slot, const int32_t *host, size_t n) {
+    if (const int32_t *staged = rp_cuda_step_input(cx, host, n)) return staged;
     upload_slot_extra *u = &upload_extra(cx)[slot];
     if (n == 0) n = 1, host = NULL;  // a valid pointer even for empty arrays
     if (u->valid && host && u->last_count == n && !memcmp(u->last, host, n * sizeof(int32_t)))
@@ -143,6 +144,7 @@ const int32_t *rp_cuda_upload(rp_cuda_ctx *cx, int slot, const int32_t *host, si
 }
 
 int rp_cuda_upload_batch(rp_cuda_ctx *cx, const rp_batch *batch, rp_cuda_batch *out) {
+    if (rp_cuda_step_batch(cx, batch, out)) return 1;
     const int n = batch->n_seq;
     memset(out, 0, sizeof *out);
     out->n_seq = n;
@@ -287,6 +289,7 @@ static void refresh_shadows(rp_cuda_ctx *cx, const void *dst, size_t bytes) {
 
 static void cuda_register_weights(rp_backend *be, const float *w, size_t n) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
+    rp_cuda_step_drop(cx);  // graphs bake in the bf16 copies' addresses
     if (cx->math != RP_CUDA_MATH_BF16 || !w || n == 0) return;
     for (int i = 0; i < cx->n_weights; i++)
         if (cx->weights[i].base == w && cx->weights[i].n == n) {
@@ -340,6 +343,9 @@ static void cuda_free(rp_backend *be, void *ptr) {
     cx->seq++;
     // Queued kernels may still read the weight's bf16 shadow: wait first.
     RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
+    // A step graph may bake in this buffer; a later one at the same address
+    // would match its key.
+    rp_cuda_step_drop(cx);
     for (int i = 0; i < cx->n_weights; i++)
         if (cx->weights[i].base == ptr) {
             RP_CUDA_OK(cx, cudaFree(cx->weights[i].shadow));
@@ -514,6 +520,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     rp_cuda_install_wkv7(be);
     rp_cuda_install_loss(be);
     rp_cuda_install_decode(be);
+    rp_cuda_install_graph(be);
     return be;
 }
 
@@ -522,6 +529,7 @@ static void cuda_destroy(rp_backend *be) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (cx) {
         if (cx->stream) cudaStreamSynchronize(cx->stream);
+        rp_cuda_step_destroy(cx);
         for (int i = 0; i < cx->n_weights; i++) cudaFree(cx->weights[i].shadow);
         free(cx->weights);
         for (int a = 0; a < RP_CUDA_SCRATCH_COUNT; a++)

@@ -11,6 +11,7 @@
 //   cuda_loss.cu         embedding embedding_backward cross_entropy l2wrap
 //                        row_max sum_squares adamw
 //   cuda_decode.cu       gemv_group time_mix_heads (fused decode ops)
+//   cuda_graph.cu        step_begin step_end step_reset (decode step graphs)
 //
 // Rules every kernel file follows:
 // - All work goes on cx->stream; nothing synchronizes the device except
@@ -103,6 +104,7 @@ struct rp_cuda_ctx {
     size_t act16_max;             // largest copy asked for: every slot grows to it
     int act16_off;                // rp_cuda_backend_set_act16(be, 0): no sharing
     unsigned long long seq, clock;  // see rp_cuda_act16
+    struct rp_cuda_step *step;  // decode step graphs (cuda_graph.cu); NULL until used
 };
 
 static inline rp_cuda_ctx *rp_cuda_of(rp_backend *be) { return (rp_cuda_ctx *)be->impl; }
@@ -141,6 +143,17 @@ struct rp_cuda_batch {
 };
 // ok = 0 after a failure (recorded).
 int rp_cuda_upload_batch(rp_cuda_ctx *cx, const rp_batch *batch, rp_cuda_batch *out);
+
+// Decode step graphs (cuda_graph.cu). Inside a step (its warm-up or its
+// capture) the step's host inputs are already on the device: the device
+// copy of `host` when it is the step's token array of n ints (NULL
+// otherwise), and the batch's arrays (1 when `batch` is the step's).
+// rp_cuda_upload and rp_cuda_upload_batch ask these first.
+const int32_t *rp_cuda_step_input(rp_cuda_ctx *cx, const int32_t *host, size_t n);
+int rp_cuda_step_batch(rp_cuda_ctx *cx, const rp_batch *batch, rp_cuda_batch *out);
+// Drops every captured graph (the memory or weights they bake in changed).
+void rp_cuda_step_drop(rp_cuda_ctx *cx);
+void rp_cuda_step_destroy(rp_cuda_ctx *cx);
 
 // out[c] (+)= sum over p = 0..n_parts-1, in that order, of partials[p * n + c]
 // (accumulate: 1 adds to out, 0 overwrites). The deterministic second pass of
@@ -193,6 +206,7 @@ void rp_cuda_install_backward(rp_backend *be);
 void rp_cuda_install_wkv7(rp_backend *be);
 void rp_cuda_install_loss(rp_backend *be);
 void rp_cuda_install_decode(rp_backend *be);
+void rp_cuda_install_graph(rp_backend *be);
 
 // Device math shared by kernels: the same formulas as src/cpu (accurate
 // expf, not __expf: the twin tests hold fp32 kernels to 1e-5).

@@ -358,6 +358,25 @@ struct rp_backend {
     void (*adamw)(rp_backend *be, float *param, const float *grad, float *m, float *v, size_t n,
                   float lr, float beta1, float beta2, float eps, float weight_decay,
                   float grad_scale, float bias_correction1, float bias_correction2);
+
+    /* ---- decode step graphs (optional; NULL: every step runs op by op, as
+     * on the CPU) ----
+     * A decode step (one token per sequence) may run as one replayable
+     * device graph. rp_model_step calls step_begin with a key naming what
+     * the step's ops bake in (model, workspace, state, logits buffer, batch
+     * size) and the step's host inputs: tokens [n_seq] (NULL without the
+     * embedding) and the batch arrays, which the backend stages through
+     * fixed buffers so a replay reads the new ones. step_begin returns 1
+     * when a graph of that key was launched (the caller skips the ops),
+     * 0 when the caller runs the ops (eagerly: the key's first, warm-up
+     * step; or under capture: its second). step_end follows every
+     * step_begin (ends a capture and launches it). A key's graph is
+     * dropped when the backend frees memory or registers weights, or by
+     * step_reset. Errors are sticky in status. */
+    int (*step_begin)(rp_backend *be, const void *key, size_t key_bytes, const int32_t *tokens,
+                      const rp_batch *batch);
+    void (*step_end)(rp_backend *be);
+    void (*step_reset)(rp_backend *be);
 };
 
 /* head_cross_entropy: logits floats per row chunk (256 MiB: 1024 rows at

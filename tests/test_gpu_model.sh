@@ -4,7 +4,8 @@
 # in src/model/config.c. The weight floor is recomputed here from the
 # parameter formula, the launches per decode token from rp_block_forward's op
 # count (8 per layer with the fused decode ops, layer 0 too, + embedding,
-# ln0, ln_out, head), and
+# ln0, ln_out, head, + the step-input copy and the head's row gather), the
+# graph column at least one graph launch plus 1 us per node, and
 # every predicted time must be at or above its bound (the WKV7 section's too).
 # Run by make check.
 
@@ -32,14 +33,19 @@ for name, (L, C, V, *ranks) in shapes.items():
     if not m:
         bad.append(f"no decode row for {name}"); continue
     launches, wmb, floor, plain, xp, graph, xg, bound = m.groups()
-    if int(launches) != 8 * L + 4:
-        bad.append(f"{name}: {launches} launches per token, expected {8 * L + 4}")
+    # kernels + copies: 8 per layer + embedding, ln0, ln_out, head + the
+    # step-input copy and the head row gather
+    if int(launches) != 8 * L + 6:
+        bad.append(f"{name}: {launches} launches per token, expected {8 * L + 6}")
     if abs(float(wmb) - wbytes / 1e6) > 0.06:
         bad.append(f"{name}: weight MB {wmb}, expected {wbytes / 1e6:.1f}")
     if abs(float(floor) - floor_us) > 0.06:
         bad.append(f"{name}: floor {floor} us, expected {floor_us:.1f}")
     if not float(bound) >= float(floor) - 0.05 or not float(graph) >= float(bound) or not float(plain) >= float(graph):
         bad.append(f"{name}: times out of order: floor {floor} bound {bound} graph {graph} plain {plain}")
+    # a graph step: one cudaGraphLaunch (5 us) + at least 1 us per node
+    if float(graph) < 5 + int(launches) - 0.5:
+        bad.append(f"{name}: graph {graph} us is below one 5 us graph launch + 1 us x {launches} nodes")
     # every launch costs at least 5 us without graphs
     if float(plain) < 5 * int(launches) - 0.5:
         bad.append(f"{name}: {plain} us is below 5 us x {launches} launches")

@@ -348,7 +348,8 @@ rp_status rp_engine_run_unit(rp_engine *e, const rp_engine_command *c, const int
     const rp_model *m = e->m;
     rp_backend *be = e->be;
     const int n_seq = (int)c->n_slots;
-    int seq_len[RP_ENGINE_GROUP_MAX], slot[RP_ENGINE_GROUP_MAX], row_begin[RP_ENGINE_GROUP_MAX];
+    int seq_len[RP_ENGINE_GROUP_MAX] = {0}, slot[RP_ENGINE_GROUP_MAX] = {0},
+        row_begin[RP_ENGINE_GROUP_MAX];
     if (n_seq < 1 || n_seq > RP_ENGINE_GROUP_MAX || c->n_lengths != c->n_slots)
         return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: unit with %d slots", e->stage, n_seq);
     for (int i = 0; i < n_seq; i++) {
@@ -358,15 +359,21 @@ rp_status rp_engine_run_unit(rp_engine *e, const rp_engine_command *c, const int
     rp_batch batch;
     rp_batch_init(&batch, n_seq, seq_len, slot, row_begin);
     const double t0 = rp_now_seconds();
-    rp_status st;
-    if (m->has_embed && (st = rp_model_embed(m, &e->ws, tokens, &batch, err)) != RP_OK) return st;
-    for (int l = m->layer_begin; l < m->layer_end; l++)
-        rp_model_block_forward(m, &e->ws, l, &e->state, &batch);
-    *n_sampled = 0;
-    e->n_unit_lp = 0;
     /* A prefill chunk of a slot that scores its prompt: every row's logits,
      * row r scoring the prompt token at target_pos + r. */
-    if (m->has_head && n_seq == 1 && c->n_targets > 0 && e->sampling[slot[0]].score_prompt) {
+    const int scoring =
+        m->has_head && n_seq == 1 && c->n_targets > 0 && e->sampling[slot[0]].score_prompt;
+    int any = 0;
+    for (int i = 0; !scoring && m->has_head && i < n_seq; i++)
+        any |= c->n_sample > (size_t)i && c->sample[i];
+    /* Embed, layers and (when sampling) the last rows' logits: a decode
+     * step replays the backend's graph of it. */
+    rp_status st = rp_model_step(m, &e->ws, tokens, &batch, &e->state, any ? e->logits_dev : NULL,
+                                 err);
+    if (st != RP_OK) return st;
+    *n_sampled = 0;
+    e->n_unit_lp = 0;
+    if (scoring) {
         const int V = m->cfg.vocab_size;
         if ((st = logits_all_buffers(e, err)) != RP_OK) return st;
         rp_model_head(m, &e->ws, &batch, RP_LOGITS_ALL, e->logits_all_dev);
@@ -382,19 +389,14 @@ rp_status rp_engine_run_unit(rp_engine *e, const rp_engine_command *c, const int
                                         e->logits_all_host + (size_t)(seq_len[0] - 1) * V);
             *n_sampled = 1;
         }
-    } else if (m->has_head) {
-        int any = 0;
-        for (int i = 0; i < n_seq; i++) any |= c->n_sample > (size_t)i && c->sample[i];
-        if (any) {
-            const int V = m->cfg.vocab_size;
-            rp_model_head(m, &e->ws, &batch, RP_LOGITS_LAST, e->logits_dev);
-            be->copy_to_host(be, e->logits_host, e->logits_dev, sizeof(float) * (size_t)n_seq * V);
-            for (int i = 0; i < n_seq; i++) {
-                if (!(c->n_sample > (size_t)i && c->sample[i])) continue;
-                slots_out[*n_sampled] = slot[i];
-                tokens_out[(*n_sampled)++] =
-                    sample_slot(e, slot[i], e->logits_host + (size_t)i * V);
-            }
+    } else if (any) {
+        const int V = m->cfg.vocab_size;
+        be->copy_to_host(be, e->logits_host, e->logits_dev, sizeof(float) * (size_t)n_seq * V);
+        for (int i = 0; i < n_seq; i++) {
+            if (!(c->n_sample > (size_t)i && c->sample[i])) continue;
+            slots_out[*n_sampled] = slot[i];
+            tokens_out[(*n_sampled)++] =
+                sample_slot(e, slot[i], e->logits_host + (size_t)i * V);
         }
     }
     be->synchronize(be);

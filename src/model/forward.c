@@ -81,17 +81,23 @@ void rp_batch_init(rp_batch *b, int n_seq, const int *seq_len, const int *slot,
     b->slot = slot;
 }
 
+static rp_status check_tokens(const rp_model *m, const int32_t *tokens, int R, rp_error *err) {
+    for (int i = 0; i < R; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
+            return rp_error_set(err, RP_ERR_ARG,
+                                "token id %d at position %d is outside the vocabulary [0, %d)",
+                                tokens[i], i, m->cfg.vocab_size);
+    return RP_OK;
+}
+
 rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tokens,
                          const rp_batch *batch, rp_error *err) {
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd;
     if (!m->has_embed)
         return rp_error_set(err, RP_ERR_INTERNAL, "embed called on a stage without the embedding");
-    for (int i = 0; i < R; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab_size)
-            return rp_error_set(err, RP_ERR_ARG,
-                                "token id %d at position %d is outside the vocabulary [0, %d)",
-                                tokens[i], i, m->cfg.vocab_size);
+    rp_status st = check_tokens(m, tokens, R, err);
+    if (st != RP_OK) return st;
     be->embedding(be, ws->head_rows, m->global.emb, tokens, R, C);
     be->layernorm(be, ws->x, NULL, NULL, ws->head_rows, m->global.ln0_weight,
                   m->global.ln0_bias, R, C, RP_LN_EPS);
@@ -328,10 +334,66 @@ rp_status rp_model_forward(const rp_model *m, rp_workspace *ws, const int32_t *t
             return rp_error_set(err, RP_ERR_ARG, "sequence %d uses state slot %d of %d", s,
                                 batch->slot[s], state->n_slots);
     }
+    if (mode == RP_LOGITS_LAST || mode == RP_LOGITS_NONE)
+        return rp_model_step(m, ws, tokens, batch, state, mode == RP_LOGITS_LAST ? logits : NULL,
+                             err);
     rp_status st = rp_model_embed(m, ws, tokens, batch, err);
     if (st != RP_OK) return st;
     for (int l = m->layer_begin; l < m->layer_end; l++)
         rp_model_block_forward(m, ws, l, state, batch);
     rp_model_head(m, ws, batch, mode, logits);
+    return RP_OK;
+}
+
+/* What a decode step's graph bakes in: every device pointer its ops use
+ * (weights through the model, activations, state, logits) and the batch
+ * size (row layout: row s is sequence s). Slots and tokens are inputs. */
+typedef struct {
+    const rp_model *m;
+    const rp_workspace *ws;
+    const float *state;
+    const float *logits;
+    int n_seq, layer_begin, layer_end, has_tokens;
+} step_key;
+
+rp_status rp_model_step(const rp_model *m, rp_workspace *ws, const int32_t *tokens,
+                        const rp_batch *batch, rp_state *state, float *logits, rp_error *err) {
+    rp_backend *be = m->be;
+    int decode = be->step_begin != NULL && batch->n_rows <= ws->acts.mix_rows;
+    for (int s = 0; decode && s < batch->n_seq; s++) decode = batch->seq_len[s] == 1;
+    if (m->has_embed) {
+        rp_status st = check_tokens(m, tokens, batch->n_rows, err);
+        if (st != RP_OK) return st;
+    } else {
+        tokens = NULL;
+    }
+    if (!m->has_head) logits = NULL;
+    int replayed = 0;
+    if (decode) {
+        step_key key;
+        memset(&key, 0, sizeof key);  /* padding too: the backend compares bytes */
+        key.m = m;
+        key.ws = ws;
+        key.state = state->data;
+        key.logits = logits;
+        key.n_seq = batch->n_seq;
+        key.layer_begin = m->layer_begin;
+        key.layer_end = m->layer_end;
+        key.has_tokens = tokens != NULL;
+        replayed = be->step_begin(be, &key, sizeof key, tokens, batch);
+    }
+    if (!replayed) {
+        if (tokens) {
+            rp_status st = rp_model_embed(m, ws, tokens, batch, err);
+            if (st != RP_OK) {
+                if (decode) be->step_end(be);
+                return st;
+            }
+        }
+        for (int l = m->layer_begin; l < m->layer_end; l++)
+            rp_model_block_forward(m, ws, l, state, batch);
+        if (logits) rp_model_head(m, ws, batch, RP_LOGITS_LAST, logits);
+    }
+    if (decode) be->step_end(be);
     return RP_OK;
 }

@@ -183,6 +183,15 @@ typedef enum {
 void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
                    rp_logits_mode mode, float *logits);
 
+/* This stage's part of one step: embed (when the model has the embedding;
+ * tokens NULL otherwise), its layers, and the last row's logits of each
+ * sequence when logits is not NULL and the model has the head. A decode
+ * step (every seq_len 1) runs through the backend's step graph when it has
+ * one (backend.h, step_begin): the same ops, replayed without host work.
+ * Tokens must be < vocab_size. */
+rp_status rp_model_step(const rp_model *m, rp_workspace *ws, const int32_t *tokens,
+                        const rp_batch *batch, rp_state *state, float *logits, rp_error *err);
+
 /* Whole forward for a model that owns every layer: embed, blocks, head.
  * Sequence mode (seq_len > 1) and step mode (all seq_len == 1) are the same
  * call; batch->n_rows must be <= ws->max_rows. */

@@ -77,8 +77,8 @@ static cudaError_t g_last = cudaSuccess;
 // What tests/cuda_emu/emu_counters.h reports: kernel launches (cuBLAS calls
 // count as one each), stream copies/memsets, and device or pinned
 // allocations and frees.
-static unsigned long long g_count_launches, g_count_copies, g_count_allocs;
 static unsigned long long g_count_bf16_converts;  // launches of to_bf16_kernel (issue 15)
+static unsigned long long g_count_launches, g_count_copies, g_count_allocs, g_count_graph_launches;
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
 
 // ---- streams: work is queued and runs at sync points ----
@@ -96,11 +96,25 @@ struct stream_op {
     std::vector<uintptr_t> uses;         // allocations it reads or writes
     std::string what;
 };
+struct rp_emu_graph;
 struct rp_emu_stream {
     std::deque<stream_op> q;
     unsigned long long queued = 0, done = 0;
     bool blocking = true, legacy = false;
+    rp_emu_graph *capture = nullptr;     // between cudaStreamBeginCapture and EndCapture
 };
+// A captured graph: each node queues its op again on the launch stream.
+struct rp_emu_graph {
+    std::vector<std::function<void(cudaStream_t)>> nodes;
+    cudaError_t invalid = cudaSuccess;  // why the capture was invalidated
+    std::string why;
+};
+struct rp_emu_graph_exec { std::vector<std::function<void(cudaStream_t)>> nodes; };
+// The stream being captured (CUDA's global mode: one at a time is enough here).
+static rp_emu_stream *g_capturing;
+// A call CUDA forbids during a global-mode capture: the capture is
+// invalidated (cudaStreamEndCapture fails) and the call fails, as on a GPU.
+static cudaError_t capture_violation(const char *call, cudaError_t rc = cudaErrorStreamCaptureUnsupported);
 struct rp_emu_event { rp_emu_stream *s = nullptr; unsigned long long seq = 0; };
 static rp_emu_stream g_legacy_stream;
 static std::vector<rp_emu_stream *> g_streams{&g_legacy_stream};
@@ -121,6 +135,13 @@ static void push_wait(rp_emu_stream *s, rp_emu_stream *on, unsigned long long se
 // non-blocking streams (cudaStreamNonBlocking) are not ordered with it.
 static void enqueue(cudaStream_t st, stream_op op) {
     rp_emu_stream *s = stream_of(st);
+    if (s->capture) {
+        if (op.dep) { capture_violation("a cross-stream wait (cudaStreamWaitEvent)"); return; }
+        auto kept = std::make_shared<stream_op>(std::move(op));
+        s->capture->nodes.push_back([kept](cudaStream_t t) { enqueue(t, *kept); });
+        return;
+    }
+    if (g_capturing && s->legacy) { capture_violation("work on the legacy stream", cudaErrorStreamCaptureImplicit); return; }
     if (s->legacy) {
         for (rp_emu_stream *o : g_streams) if (o != s && o->blocking) push_wait(s, o, o->queued);
     } else if (s->blocking) {
@@ -160,6 +181,7 @@ static const stream_op *queued_user(uintptr_t base) {
 }
 
 cudaError_t cudaMalloc_(void **p, size_t n) {
+    if (g_capturing) { *p = nullptr; return capture_violation("cudaMalloc"); }
     if (g_fail_malloc_after == 0) { g_fail_malloc_after = -1; *p = nullptr; return g_last = cudaErrorMemoryAllocation; }
     if (g_fail_malloc_after > 0) g_fail_malloc_after--;
     g_count_allocs++;
@@ -179,6 +201,7 @@ cudaError_t cudaMalloc_(void **p, size_t n) {
 }
 cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
+    if (g_capturing) return capture_violation("cudaFree");
     auto it = g_allocs.find((uintptr_t)p);
     if (it == g_allocs.end() || !it->second.device) die("cudaFree(%p): not a device allocation", p);
     if (const stream_op *op = queued_user((uintptr_t)p))
@@ -190,6 +213,7 @@ cudaError_t cudaFree(void *p) {
     g_allocs.erase(it); free((char *)p - rz); return cudaSuccess;
 }
 cudaError_t cudaMallocHost_(void **p, size_t n) {
+    if (g_capturing) { *p = nullptr; return capture_violation("cudaMallocHost"); }
     size_t pg = (size_t)sysconf(_SC_PAGESIZE), m = (n + pg - 1) / pg * pg; if (!m) m = pg;
     void *q = mmap(nullptr, m, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (q == MAP_FAILED) { *p = nullptr; return g_last = cudaErrorMemoryAllocation; }
@@ -200,6 +224,7 @@ cudaError_t cudaMallocHost_(void **p, size_t n) {
 }
 cudaError_t cudaFreeHost(void *p) {
     if (!p) return cudaSuccess;
+    if (g_capturing) return capture_violation("cudaFreeHost");
     auto it = g_allocs.find((uintptr_t)p);
     if (it == g_allocs.end() || it->second.device) die("cudaFreeHost(%p): not a pinned allocation", p);
     if (const stream_op *op = queued_user((uintptr_t)p))
@@ -256,6 +281,17 @@ static copy_dir check_copy(void *d, const void *s, size_t n, cudaMemcpyKind k, c
 // behaviour), a pageable destination holds garbage until the copy ran, and a
 // pinned buffer is guarded while the copy is queued.
 static void queue_copy(void *d, const void *s, size_t n, copy_dir dir, cudaStream_t st, const char *fn) {
+    if (rp_emu_graph *g = stream_of(st)->capture) {
+        // A graph's copy reads its source at each launch: only pinned host
+        // memory keeps that promise (CUDA refuses pageable copies in capture).
+        uintptr_t pb;
+        if ((dir == C_H2D && !pinned_of(s, &pb)) || (dir == C_D2H && !pinned_of(d, &pb))) {
+            capture_violation("a copy from or to pageable host memory");
+            return;
+        }
+        g->nodes.push_back([d, s, n, dir, fn](cudaStream_t t) { queue_copy(d, s, n, dir, t, fn); });
+        return;
+    }
     stream_op op;
     char what[160]; snprintf(what, sizeof what, "%s of %zu bytes %p -> %p", fn, n, s, d); op.what = what;
     uintptr_t pb = 0;
@@ -298,6 +334,7 @@ cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, 
 // returns when the copy is done; device to device it does not wait.
 cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
     if (n == 0) return cudaSuccess;
+    if (g_capturing) return capture_violation("cudaMemcpy (synchronous)");
     g_count_copies++;
     copy_dir dir = check_copy(d, s, n, k, "cudaMemcpy");
     uintptr_t pb;
@@ -335,7 +372,9 @@ cudaError_t cudaDriverGetVersion(int *v) { *v = 13000; return cudaSuccess; }
 const char *cudaGetErrorString(cudaError_t e) {
     switch (e) { case 0: return "no error"; case 1: return "invalid argument"; case 2: return "out of memory";
     case 9: return "invalid configuration argument"; case 100: return "no CUDA-capable device";
-    case 600: return "device not ready"; default: return "emulated error"; } }
+    case 600: return "device not ready"; case 900: return "operation not permitted when stream is capturing";
+    case 901: return "operation failed due to a previous error during capture";
+    case 906: return "operation would make the legacy stream depend on a capturing blocking stream"; default: return "emulated error"; } }
 cudaError_t cudaGetLastError() { cudaError_t e = g_last; g_last = cudaSuccess; return e; }
 cudaError_t cudaPeekAtLastError() { return g_last; }
 cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags(s, 0); }
@@ -353,9 +392,18 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
     g_streams.erase(std::remove(g_streams.begin(), g_streams.end(), s), g_streams.end());
     return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t s) { sync_stream(stream_of(s)); return cudaSuccess; }
-cudaError_t cudaStreamQuery(cudaStream_t s) { rp_emu_stream *x = stream_of(s); return x->done == x->queued ? cudaSuccess : cudaErrorNotReady; }
-cudaError_t cudaDeviceSynchronize() { sync_device(); return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    if (g_capturing) return capture_violation("cudaStreamSynchronize");
+    sync_stream(stream_of(s)); return cudaSuccess;
+}
+cudaError_t cudaStreamQuery(cudaStream_t s) {
+    if (g_capturing) return capture_violation("cudaStreamQuery");
+    rp_emu_stream *x = stream_of(s); return x->done == x->queued ? cudaSuccess : cudaErrorNotReady;
+}
+cudaError_t cudaDeviceSynchronize() {
+    if (g_capturing) return capture_violation("cudaDeviceSynchronize");
+    sync_device(); return cudaSuccess;
+}
 cudaError_t cudaEventCreate(cudaEvent_t *e) { *e = new rp_emu_event(); return cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) { return cudaEventCreate(e); }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
@@ -363,15 +411,19 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t st) {
     if (!e) die("cudaEventRecord(NULL)");
     stream_op op; op.what = "cudaEventRecord";
     enqueue(st, std::move(op));
+    if (stream_of(st)->capture) { e->s = nullptr; return cudaSuccess; }  // a node of the graph
     e->s = stream_of(st); e->seq = e->s->queued;
     return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
     if (!e) die("cudaEventSynchronize(NULL)");
+    if (g_capturing) return capture_violation("cudaEventSynchronize");
     if (e->s) { wander(e->s); run_until(e->s, e->seq); }
     return cudaSuccess;
 }
-cudaError_t cudaEventQuery(cudaEvent_t e) { return !e->s || e->s->done >= e->seq ? cudaSuccess : cudaErrorNotReady; }
+cudaError_t cudaEventQuery(cudaEvent_t e) {
+    if (g_capturing) return capture_violation("cudaEventQuery");
+    return !e->s || e->s->done >= e->seq ? cudaSuccess : cudaErrorNotReady; }
 cudaError_t cudaStreamWaitEvent(cudaStream_t st, cudaEvent_t e, unsigned) {
     if (!e) die("cudaStreamWaitEvent(NULL event)");
     if (!e->s) return cudaSuccess;  // never recorded: nothing to wait for
@@ -379,6 +431,56 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t st, cudaEvent_t e, unsigned) {
     enqueue(st, std::move(op));
     return cudaSuccess;
 }
+
+// ---- graphs ----
+static cudaError_t capture_violation(const char *call, cudaError_t rc) {
+    rp_emu_graph *g = g_capturing ? g_capturing->capture : nullptr;
+    if (g && g->invalid == cudaSuccess) {
+        g->invalid = rc;
+        g->why = call;
+        fprintf(stderr, "EMU: %s during stream capture: the capture is invalidated (CUDA error %d)\n", call, rc);
+    }
+    return g_last = rc;
+}
+cudaError_t cudaStreamBeginCapture(cudaStream_t st, cudaStreamCaptureMode) {
+    rp_emu_stream *s = stream_of(st);
+    if (s->legacy || g_capturing) return g_last = cudaErrorStreamCaptureUnsupported;
+    s->capture = new rp_emu_graph();
+    g_capturing = s;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamIsCapturing(cudaStream_t st, cudaStreamCaptureStatus *out) {
+    rp_emu_stream *s = stream_of(st);
+    *out = !s->capture ? cudaStreamCaptureStatusNone
+         : s->capture->invalid ? cudaStreamCaptureStatusInvalidated : cudaStreamCaptureStatusActive;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t st, cudaGraph_t *out) {
+    rp_emu_stream *s = stream_of(st);
+    *out = nullptr;
+    if (!s->capture) return g_last = cudaErrorInvalidValue;
+    rp_emu_graph *g = s->capture;
+    s->capture = nullptr;
+    g_capturing = nullptr;
+    if (g->invalid) { delete g; return g_last = cudaErrorStreamCaptureInvalidated; }
+    *out = g;
+    return cudaSuccess;
+}
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *out, cudaGraph_t g, unsigned long long) {
+    if (!g) return g_last = cudaErrorInvalidValue;
+    if (g_capturing) return capture_violation("cudaGraphInstantiate");
+    *out = new rp_emu_graph_exec{g->nodes};
+    return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t st) {
+    if (!e) return g_last = cudaErrorInvalidValue;
+    if (stream_of(st)->capture) return capture_violation("cudaGraphLaunch into a capture");
+    g_count_graph_launches++;
+    for (auto &node : e->nodes) node(st);
+    return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) { delete e; return cudaSuccess; }
+cudaError_t cudaGraphDestroy(cudaGraph_t g) { delete g; return cudaSuccess; }
 
 static std::map<const void *, int> g_max_dyn;
 cudaError_t rp_emu_func_set_attribute(const void *f, int attr, int v) {
@@ -775,6 +877,7 @@ extern "C" void rp_emu_counts(rp_emu_counters *out) {
     out->copies = g_count_copies;
     out->allocs = g_count_allocs;
     out->bf16_converts = g_count_bf16_converts;
+    out->graph_launches = g_count_graph_launches;
 }
 
 // ---- cuda_device.cu replacement ----

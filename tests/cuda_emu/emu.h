@@ -103,7 +103,8 @@ static inline void __syncwarp(unsigned mask = 0xffffffffu) { uint64_t all[32]; r
 typedef int cudaError_t;
 enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
        cudaErrorInvalidConfiguration = 9, cudaErrorNoDevice = 100, cudaErrorNotReady = 600,
-       cudaErrorLaunchFailure = 719 };
+       cudaErrorLaunchFailure = 719, cudaErrorStreamCaptureUnsupported = 900,
+       cudaErrorStreamCaptureInvalidated = 901, cudaErrorStreamCaptureImplicit = 906 };
 typedef struct rp_emu_stream *cudaStream_t;
 typedef struct rp_emu_event *cudaEvent_t;
 enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
@@ -148,6 +149,22 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e);
 cudaError_t cudaEventQuery(cudaEvent_t e);
 cudaError_t cudaStreamQuery(cudaStream_t s);
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
+// Graphs: stream capture records the ops queued on the stream and a launch
+// queues them again; a host sync, allocation, free, pageable copy or
+// legacy-stream work during a capture invalidates it (as CUDA's global mode).
+typedef struct rp_emu_graph *cudaGraph_t;
+typedef struct rp_emu_graph_exec *cudaGraphExec_t;
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1,
+                             cudaStreamCaptureModeRelaxed = 2 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1,
+                               cudaStreamCaptureStatusInvalidated = 2 };
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *g);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus *st);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *e, cudaGraph_t g, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
+cudaError_t cudaGraphDestroy(cudaGraph_t g);
 cudaError_t rp_emu_func_set_attribute(const void *f, int attr, int value);
 template <class F> static inline cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute a, int v) {
     return rp_emu_func_set_attribute((const void *)f, (int)a, v); }

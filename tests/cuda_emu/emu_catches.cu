@@ -168,6 +168,46 @@ static int oob(void (*k)(float *, int, int), bool fixed) {
 static int oob_after(bool fixed) { return oob(past_end, fixed); }
 static int oob_before(bool fixed) { return oob(before_start, fixed); }
 
+// A graph of (pinned -> device copy, kernel, device -> pinned copy) captured
+// once and replayed with new inputs; the mistake happens inside the capture:
+// an allocation, a host sync, or a copy from pageable memory (which a replay
+// would not read again). CUDA invalidates such a capture: EndCapture fails.
+static int graph_case(int mistake /* 0 cudaMalloc, 1 sync, 2 pageable copy */, bool fixed) {
+    float *in, *out, *h_in, *h_out, *extra = NULL, pageable[N];
+    cudaStream_t s;
+    CK(cudaMalloc(&in, N * 4)); CK(cudaMalloc(&out, N * 4));
+    CK(cudaMallocHost(&h_in, N * 4)); CK(cudaMallocHost(&h_out, N * 4));
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    if (fixed && mistake == 0) CK(cudaMalloc(&extra, N * 4));
+    for (int i = 0; i < N; i++) h_in[i] = pageable[i] = 0.0f;
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    if (!fixed && mistake == 0) (void)cudaMalloc(&extra, N * 4);
+    if (!fixed && mistake == 1) (void)cudaStreamSynchronize(s);
+    (void)cudaMemcpyAsync(in, !fixed && mistake == 2 ? pageable : h_in, N * 4,
+                          cudaMemcpyHostToDevice, s);
+    twice<<<1, N, 0, s>>>(out, in, N);
+    (void)cudaMemcpyAsync(h_out, out, N * 4, cudaMemcpyDeviceToHost, s);
+    cudaGraph_t g;
+    cudaGraphExec_t e;
+    CK(cudaStreamEndCapture(s, &g));
+    CK(cudaGraphInstantiate(&e, g, 0));
+    for (int step = 1; step <= 3; step++) {
+        for (int i = 0; i < N; i++) h_in[i] = pageable[i] = (float)(step * 100 + i);
+        CK(cudaGraphLaunch(e, s));
+        CK(cudaStreamSynchronize(s));
+        for (int i = 0; i < N; i++)
+            if (h_out[i] != 2.0f * (float)(step * 100 + i)) {
+                fprintf(stderr, "replay %d: out[%d] = %g\n", step, i, h_out[i]);
+                return 1;
+            }
+    }
+    CK(cudaGraphExecDestroy(e)); CK(cudaGraphDestroy(g));
+    return 0;
+}
+static int graph_malloc(bool fixed) { return graph_case(0, fixed); }
+static int graph_sync(bool fixed) { return graph_case(1, fixed); }
+static int graph_pageable(bool fixed) { return graph_case(2, fixed); }
+
 struct named_case { const char *name; int (*run)(bool fixed); };
 static int legacy_case(bool fixed) { return legacy_order(fixed ? 1 : 0); }
 static int legacy_event(bool fixed) { return legacy_order(fixed ? 2 : 0); }
@@ -176,6 +216,7 @@ static const named_case cases[] = {
     {"freehost_queued", freehost_queued}, {"legacy_order", legacy_case}, {"legacy_event", legacy_event},
     {"smem_race", smem_race}, {"warp_race", warp_race}, {"barrier_sites", barrier_sites},
     {"barrier_exit", barrier_exit}, {"oob_after", oob_after}, {"oob_before", oob_before},
+    {"graph_malloc", graph_malloc}, {"graph_sync", graph_sync}, {"graph_pageable", graph_pageable},
 };
 
 int main(int argc, char **argv) {

@@ -11,6 +11,8 @@ typedef struct {
     unsigned long long allocs;   /* cudaMalloc, cudaFree, cudaMallocHost, cudaFreeHost */
     /* launches of to_bf16_kernel: fp32 -> bf16 conversions (GEMM operands, weight copies) */
     unsigned long long bf16_converts;
+    unsigned long long graph_launches; /* cudaGraphLaunch calls (their kernels are not
+                                          counted in launches again) */
 } rp_emu_counters;
 
 void rp_emu_counts(rp_emu_counters *out);

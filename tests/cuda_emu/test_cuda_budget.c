@@ -67,6 +67,10 @@ static unsigned long long converts_now(void) {
     rp_emu_counters c;
     rp_emu_counts(&c);
     return c.bf16_converts;
+static unsigned long long graph_launches_now(void) {
+    rp_emu_counters c;
+    rp_emu_counts(&c);
+    return c.graph_launches;
 }
 
 static int setup(void **s) {
@@ -268,15 +272,18 @@ static void test_no_allocation_after_warm_up(void **s) {
     assert_non_null(logits);
     decode_step(f, MAX_SEQS, 0, logits);
     train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 0);
-    const unsigned long long before = allocs_now();
+    const unsigned long long before = allocs_now(), graphs = graph_launches_now();
     for (int i = 1; i <= 3; i++) {
         decode_step(f, 1 + i % MAX_SEQS, i, logits);
         train_step(f, 1 + i % MAX_SEQS, MAX_ROWS / MAX_SEQS - i, i);
         train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, i);
     }
+    decode_step(f, MAX_SEQS, 4, logits); /* a replayed step graph */
     const unsigned long long n = allocs_now() - before;
-    printf("allocations/frees after warm-up: %llu\n", n);
+    printf("allocations/frees after warm-up: %llu (%llu decode step graph launches)\n", n,
+           graph_launches_now() - graphs);
     assert_int_equal(n, 0);
+    assert_true(graph_launches_now() - graphs >= 2);
     f->be->free(f->be, logits);
 }
 
@@ -516,6 +523,121 @@ static void test_decode_model_twin(void **s) {
     }
 }
 
+/* ---- decode step graphs: replay == eager, bit for bit ---- */
+
+/* One decode step of n_seq sequences into the fixed logits buffer dl (a
+ * graph bakes it in); slots and tokens change every step. */
+static void graph_step(decode_side *d, float *dl, int n_seq, int step, float *logits,
+                       float *state) {
+    static const int slot_sets[4][MAX_SEQS] = {{2, 0, 1}, {0, 1, 2}, {1, 2, 0}, {2, 1, 0}};
+    int seq_len[MAX_SEQS], row_begin[MAX_SEQS];
+    int32_t tokens[MAX_SEQS];
+    for (int s = 0; s < n_seq; s++) {
+        seq_len[s] = 1;
+        tokens[s] = (int32_t)((step * 53 + s * 29 + 3) % d->model.cfg.vocab_size);
+    }
+    rp_batch b;
+    rp_batch_init(&b, n_seq, seq_len, slot_sets[step % 4], row_begin);
+    const size_t V = (size_t)d->model.cfg.vocab_size;
+    rp_error err;
+    assert_int_equal(rp_model_forward(&d->model, &d->ws, tokens, &b, &d->state, RP_LOGITS_LAST,
+                                      dl, &err), RP_OK);
+    d->be->copy_to_host(d->be, logits, dl, (size_t)n_seq * V * sizeof(float));
+    d->be->copy_to_host(d->be, state, d->state.data,
+                        d->state.floats_per_slot * MAX_SEQS * sizeof(float));
+    if (d->be->status(d->be, &err) != RP_OK) fprintf(stderr, "status: %s\n", err.msg);
+    assert_int_equal(d->be->status(d->be, &err), RP_OK);
+}
+
+/* Decode steps of the tiny model at batch 1 and 3, with the slot set and
+ * tokens changing every step, on the CUDA backend with step graphs and
+ * with them off (step_begin NULL: op by op). Logits and the whole state are
+ * equal bit for bit; from the third step of a batch size on (warm-up,
+ * capture, then replays) a step is one graph launch and no kernel launch. */
+static void test_decode_graph_replay(void **s) {
+    (void)s;
+    rp_error err;
+    decode_side side[2];
+    side_open(&side[0], rp_cuda_backend_create(0, RP_CUDA_MATH_BF16, &err));
+    side_open(&side[1], rp_cuda_backend_create(0, RP_CUDA_MATH_BF16, &err));
+    assert_non_null(side[0].be->step_begin);
+    side[1].be->step_begin = NULL;
+    const size_t V = (size_t)side[0].model.cfg.vocab_size;
+    const size_t sf = side[0].state.floats_per_slot * MAX_SEQS;
+    float *dl[2], *logits[2], *state[2];
+    for (int i = 0; i < 2; i++) {
+        dl[i] = side[i].be->alloc(side[i].be, MAX_SEQS * V * sizeof(float));
+        logits[i] = malloc(MAX_SEQS * V * sizeof(float));
+        state[i] = malloc(sf * sizeof(float));
+        assert_non_null(dl[i]);
+        assert_non_null(logits[i]);
+        assert_non_null(state[i]);
+    }
+    static const int batch[2] = {1, 3};
+    int step = 0;
+    for (int bi = 0; bi < 2; bi++)
+        for (int k = 0; k < 4; k++, step++) {
+            const unsigned long long l0 = launches_now(), g0 = graph_launches_now();
+            graph_step(&side[0], dl[0], batch[bi], step, logits[0], state[0]);
+            const unsigned long long launched = launches_now() - l0,
+                                     graphs = graph_launches_now() - g0;
+            graph_step(&side[1], dl[1], batch[bi], step, logits[1], state[1]);
+            const int same_logits =
+                !memcmp(logits[0], logits[1], (size_t)batch[bi] * V * sizeof(float));
+            const int same_state = !memcmp(state[0], state[1], sf * sizeof(float));
+            printf("decode batch %d step %d: %llu kernel launches, %llu graph launches; graph "
+                   "== eager: logits %s, state %s\n", batch[bi], k, launched, graphs,
+                   same_logits ? "yes" : "NO", same_state ? "yes" : "NO");
+            assert_true(same_logits);
+            assert_true(same_state);
+            if (k == 0) assert_int_equal(graphs, 0);     /* warm-up: op by op */
+            if (k >= 1) assert_int_equal(graphs, 1);     /* captured, then replayed */
+            if (k >= 2) assert_int_equal(launched, 0);
+        }
+    for (int i = 0; i < 2; i++) {
+        side[i].be->free(side[i].be, dl[i]);
+        free(logits[i]);
+        free(state[i]);
+        side_close(&side[i]);
+    }
+}
+
+/* An op that synchronizes the host inside the step: the capture fails and
+ * status says so (a regression that would stall every decode step). */
+static void (*real_layernorm)(rp_backend *, float *, float *, float *, const float *,
+                              const float *, const float *, int, int, float);
+static void syncing_layernorm(rp_backend *be, float *y, float *mean, float *rstd, const float *x,
+                              const float *w, const float *b, int R, int C, float eps) {
+    be->synchronize(be);
+    real_layernorm(be, y, mean, rstd, x, w, b, R, C, eps);
+}
+
+static void test_decode_graph_refuses_sync(void **s) {
+    (void)s;
+    rp_error err;
+    decode_side d;
+    side_open(&d, rp_cuda_backend_create(0, RP_CUDA_MATH_FP32, &err));
+    real_layernorm = d.be->layernorm;
+    d.be->layernorm = syncing_layernorm;
+    const size_t V = (size_t)d.model.cfg.vocab_size;
+    float *dl = d.be->alloc(d.be, MAX_SEQS * V * sizeof(float));
+    assert_non_null(dl);
+    int seq_len[1] = {1}, slot[1] = {0}, row_begin[1];
+    int32_t tokens[1] = {7};
+    rp_batch b;
+    rp_batch_init(&b, 1, seq_len, slot, row_begin);
+    for (int step = 0; step < 2; step++)
+        assert_int_equal(rp_model_forward(&d.model, &d.ws, tokens, &b, &d.state, RP_LOGITS_LAST,
+                                          dl, &err), RP_OK);
+    d.be->synchronize(d.be);
+    assert_int_not_equal(d.be->status(d.be, &err), RP_OK);
+    printf("a host sync inside the captured step: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "cudaStreamSynchronize"));
+    d.be->layernorm = real_layernorm;
+    d.be->free(d.be, dl);
+    side_close(&d);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_decode_launch_budget, setup, teardown),
@@ -525,6 +647,10 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_twin, setup, teardown),
         cmocka_unit_test(test_decode_model_twin),
+        cmocka_unit_test(test_decode_graph_replay),
+        cmocka_unit_test(test_decode_graph_refuses_sync),
     };
+    /* RP_TEST_FILTER=test_decode_graph* runs only those (each test is slow). */
+    if (getenv("RP_TEST_FILTER")) cmocka_set_test_filter(getenv("RP_TEST_FILTER"));
     return cmocka_run_group_tests_name("cuda_budget", tests, NULL, NULL);
 }

@@ -27,6 +27,9 @@ expect free_queued 'EMU FATAL: cudaFree\(.*\) while queued work still uses it \(
 expect freehost_queued 'EMU FATAL: cudaFreeHost\(.*\) while queued work still uses it'
 expect legacy_order 'stale input' EMU_STREAM_ORDER=0
 expect legacy_event 'stale input' EMU_STREAM_ORDER=0
+expect graph_malloc 'EMU: cudaMalloc during stream capture: the capture is invalidated'
+expect graph_sync 'EMU: cudaStreamSynchronize during stream capture: the capture is invalidated'
+expect graph_pageable 'EMU: a copy from or to pageable host memory during stream capture'
 # Checked kernel accesses need the -fsanitize=thread hooks, which ASan builds cannot add.
 if [ "${RP_EMU_CHECKED:-1}" = 1 ]; then
     expect smem_race 'EMU FATAL: k block .*: shared-memory race on buf byte'
