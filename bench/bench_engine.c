@@ -4,7 +4,8 @@
  *   1. decode throughput against the number of concurrent sequences;
  *   2. per-token decode latency against the context length already read
  *      (the RNN promise: flat), with the state memory per sequence.
- * usage: [mpirun -np P] bench/bench_engine [--model-config NAME] [--threads N]
+ * usage: [mpirun -np P] bench/bench_engine [--model-config NAME | --model FILE]
+ *        [--weights-dtype f32|bf16|int8] [--threads N]
  *        [--contexts 512,2048,8192,32768] [--concurrency 1,4,16,64]
  *        [--decode-tokens N] */
 #include <getopt.h>
@@ -22,6 +23,8 @@
 #include "pipe/grid.h"
 #include "infer/engine.h"
 #include "core/clock.h"
+#include "core/safetensors.h"
+#include "model/model.h"
 
 static int rank, size;
 
@@ -69,10 +72,14 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     const char *config_name = "L6-C512-V65536";
+    const char *model_path = NULL; /* weights from a file instead of the official init */
+    int wtype = -1;                /* --weights-dtype: the file's own format unless given */
     int threads = 0, decode_tokens = 64;
     int contexts[16] = {512, 2048, 8192, 32768}, n_contexts = 4;
     int conc[16] = {1, 4, 16, 64}, n_conc = 4;
     static const struct option opts[] = {{"model-config", required_argument, 0, 'c'},
+                                         {"model", required_argument, 0, 'm'},
+                                         {"weights-dtype", required_argument, 0, 'w'},
                                          {"threads", required_argument, 0, 't'},
                                          {"contexts", required_argument, 0, 'x'},
                                          {"concurrency", required_argument, 0, 'n'},
@@ -83,13 +90,21 @@ int main(int argc, char **argv) {
     while ((ch = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (ch) {
         case 'c': config_name = optarg; break;
+        case 'm': model_path = optarg; break;
+        case 'w':
+            if (!strcmp(optarg, "f32")) wtype = RP_WEIGHTS_F32;
+            else if (!strcmp(optarg, "bf16")) wtype = RP_WEIGHTS_BF16;
+            else if (!strcmp(optarg, "int8")) wtype = RP_WEIGHTS_INT8;
+            else die("--weights-dtype is not f32, bf16 or int8", NULL);
+            break;
         case 't': threads = atoi(optarg); break;
         case 'x': n_contexts = parse_list(optarg, contexts, 16); break;
         case 'n': n_conc = parse_list(optarg, conc, 16); break;
         case 'd': decode_tokens = atoi(optarg); break;
         case 'h':
             if (rank == 0)
-                printf("usage: [mpirun -np P] bench_engine [--model-config NAME] [--threads N]\n"
+                printf("usage: [mpirun -np P] bench_engine [--model-config NAME | --model FILE]\n"
+                       "       [--weights-dtype f32|bf16|int8] [--threads N]\n"
                        "       [--contexts 512,2048,...] [--concurrency 1,4,16,64]\n"
                        "       [--decode-tokens N]\n");
             MPI_Finalize();
@@ -99,7 +114,19 @@ int main(int argc, char **argv) {
     }
     rp_error err;
     rp_config cfg;
-    if (rp_config_builtin(&cfg, config_name, 0, &err) != RP_OK) die("config", &err);
+    if (model_path) {
+        rp_st_file f;
+        rp_naming naming;
+        if (rp_st_open(&f, model_path, &err) != RP_OK) die("--model", &err);
+        rp_status st = rp_config_from_safetensors(&f, &cfg, &naming, &err);
+        rp_st_close(&f);
+        if (st != RP_OK) die("--model", &err);
+        config_name = model_path;
+    } else if (wtype >= 0) {
+        die("--weights-dtype needs --model FILE (the official init is f32)", NULL);
+    } else if (rp_config_builtin(&cfg, config_name, 0, &err) != RP_OK) {
+        die("config", &err);
+    }
     rp_grid grid, *g = NULL;
     int begin = 0, end = cfg.n_layer;
     if (size > 1) {
@@ -114,9 +141,15 @@ int main(int argc, char **argv) {
     rp_backend *be = rp_cpu_backend_create(threads, &err);
     if (!be) die("backend", &err);
     rp_model m;
-    if (rp_model_alloc(&m, &cfg, begin, end, begin == 0, end == cfg.n_layer, be, &err) != RP_OK ||
-        rp_model_init_official(&m, 1, &err) != RP_OK)
+    if (model_path) {
+        rp_load_options lo = {.wtype = wtype, .for_training = 0};
+        if (rp_model_load_as(&m, model_path, begin, end, &lo, be, &err) != RP_OK)
+            die("model", &err);
+    } else if (rp_model_alloc(&m, &cfg, begin, end, begin == 0, end == cfg.n_layer, be, &err) !=
+                   RP_OK ||
+               rp_model_init_official(&m, 1, &err) != RP_OK) {
         die("model", &err);
+    }
     int max_conc = 1;
     for (int i = 0; i < n_conc; i++) max_conc = conc[i] > max_conc ? conc[i] : max_conc;
     rp_engine_config ec;
@@ -132,9 +165,12 @@ int main(int argc, char **argv) {
         return 0;
     }
     bench_print_machine(stdout, "bench_engine: the serving engine without HTTP");
-    printf("model %s (%.1f M parameters), %d pipeline stage%s, %d thread%s per rank\n",
-           config_name, rp_config_param_count(&cfg) / 1e6, size, size == 1 ? "" : "s",
-           threads ? threads : omp_get_max_threads(), threads == 1 ? "" : "s");
+    static const char *const wnames[] = {"f32", "bf16", "int8"};
+    printf("model %s (%.1f M parameters, %s matrices), %d pipeline stage%s, %d thread%s per "
+           "rank\n",
+           config_name, rp_config_param_count(&cfg) / 1e6, wnames[m.wtype], size,
+           size == 1 ? "" : "s", threads ? threads : omp_get_max_threads(),
+           threads == 1 ? "" : "s");
     rp_gen_params gp;
     rp_gen_params_defaults(&gp);
     gp.sampler.temperature = 0;
