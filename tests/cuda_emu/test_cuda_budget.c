@@ -67,6 +67,8 @@ static unsigned long long converts_now(void) {
     rp_emu_counters c;
     rp_emu_counts(&c);
     return c.bf16_converts;
+}
+
 static unsigned long long graph_launches_now(void) {
     rp_emu_counters c;
     rp_emu_counts(&c);
