@@ -10,12 +10,8 @@
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
 
-: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=.}"
-: "${PYTHON3:=python3}"
-: "${RP_TEST_DATA:=$top_srcdir/tests/data}"
+. "${top_srcdir:-$(dirname "$0")/..}/tests/test_env.sh"
 : "${RP_SHARED_DIR:=$top_srcdir/../shared}"
-: "${MPIRUN:=}"
 
 BIN="$top_builddir/rwkvpipe"
 WEIGHTS="$RP_TEST_DATA/tiny_L2_C128_V256_s1.weights.safetensors"

@@ -6,10 +6,7 @@
 
 set -u
 
-: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=.}"
-: "${PYTHON3:=python3}"
-: "${RP_TEST_DATA:=$top_srcdir/tests/data}"
+. "${top_srcdir:-$(dirname "$0")/..}/tests/test_env.sh"
 
 G="$RP_TEST_DATA"
 NAME=tiny_L2_C128_V256_s1

@@ -16,10 +16,7 @@
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
 
-: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=.}"
-: "${PYTHON3:=python3}"
-: "${MPIRUN:=}"
+. "${top_srcdir:-$(dirname "$0")/..}/tests/test_env.sh"
 if [ -z "$MPIRUN" ] || ! command -v "$MPIRUN" >/dev/null 2>&1; then
     echo "skip: no mpirun"
     exit 77

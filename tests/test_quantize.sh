@@ -9,12 +9,7 @@
 # quantized model's greedy tokens are the same in 1 process and --pp 2.
 # Run by `make check` (env: top_srcdir, top_builddir, MPIRUN, PYTHON3, RP_TEST_DATA).
 set -u
-: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=.}"
-: "${PYTHON3:=python3}"
-: "${MPIRUN:=}"
-: "${RP_TEST_DATA:=$top_srcdir/tests/data}"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+. "${top_srcdir:-$(dirname "$0")/..}/tests/test_env.sh"
 unset RWKVPIPE_TEST_FAKE_DEVICE
 BIN="$top_builddir/rwkvpipe"
 CHECK="$top_srcdir/tests/check_logits.py"

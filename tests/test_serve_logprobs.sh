@@ -10,12 +10,7 @@
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
 
-: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=.}"
-: "${PYTHON3:=python3}"
-: "${MPIRUN:=}"
-: "${RP_TEST_DATA:=$top_srcdir/tests/data}"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+. "${top_srcdir:-$(dirname "$0")/..}/tests/test_env.sh"
 BIN="$top_builddir/rwkvpipe"
 CLIENT=("$PYTHON3" "$top_srcdir/tests/serve_logprobs_client.py")
 TINY="$RP_TEST_DATA/tiny_L2_C128_V256_s1.weights.safetensors"

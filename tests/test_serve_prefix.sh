@@ -8,11 +8,7 @@
 # PYTHON3, RP_TEST_DATA; KEEP=1 keeps the scratch directory).
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
-: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=.}"
-: "${PYTHON3:=python3}"
-: "${MPIRUN:=}"
-: "${RP_TEST_DATA:=$top_srcdir/tests/data}"
+. "${top_srcdir:-$(dirname "$0")/..}/tests/test_env.sh"
 BIN="$top_builddir/rwkvpipe"
 TINY="$RP_TEST_DATA/tiny_L2_C128_V256_s1.weights.safetensors"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_serve_prefix.XXXXXX") || exit 99

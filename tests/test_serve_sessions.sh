@@ -14,10 +14,7 @@
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
 
-: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=.}"
-: "${PYTHON3:=python3}"
-: "${RP_TEST_DATA:=$top_srcdir/tests/data}"
+. "${top_srcdir:-$(dirname "$0")/..}/tests/test_env.sh"
 if ! command -v curl >/dev/null 2>&1; then
     echo "skip: curl is not installed (launch/deps installs it)"
     exit 77

@@ -12,11 +12,7 @@
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
 
-: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=.}"
-: "${PYTHON3:=python3}"
-: "${MPIRUN:=}"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+. "${top_srcdir:-$(dirname "$0")/..}/tests/test_env.sh"
 if ! command -v curl >/dev/null 2>&1; then
     echo "skip: curl is not installed (launch/deps installs it)"
     exit 77

@@ -10,10 +10,7 @@
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
 
-: "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=.}"
-: "${PYTHON3:=python3}"
-: "${MPIRUN:=}"
+. "${top_srcdir:-$(dirname "$0")/..}/tests/test_env.sh"
 BIN="$top_builddir/rwkvpipe"
 COMPARE="$top_srcdir/tests/st_compare.py"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_time_chunks.XXXXXX") || exit 99
