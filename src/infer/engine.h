@@ -188,6 +188,10 @@ void rp_engine_free(rp_engine *e);
  * (rp_job_read's finish) only once the session is stored, so the next turn
  * or a save can follow at once. */
 rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err);
+/* The same for the n choices of one request, all or none, queued together:
+ * choices sharing a prompt (rp_job_share_prompt) that find free slots then
+ * start together, so the prompt is read once. */
+rp_status rp_engine_submit_all(rp_engine *e, rp_job *const *jobs, int n, rp_error *err);
 /* Rank 0, any thread: queued jobs beyond the free slots (what --max-queue
  * limits; 0 when every queued job has a free slot waiting for it). */
 int rp_engine_waiting(rp_engine *e);

@@ -176,13 +176,21 @@ int rp_engine_waiting(rp_engine *e) {
     return waiting > 0 ? waiting : 0;
 }
 
-rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err) {
+static rp_status job_check(const rp_engine *e, const rp_job *job, rp_error *err) {
     rp_status st = rp_gen_params_validate(&job->params, e->m->cfg.vocab_size, err);
     if (st != RP_OK) return st;
     for (int i = 0; i < job->n_prompt; i++)
         if (job->prompt[i] < 0 || job->prompt[i] >= e->m->cfg.vocab_size)
             return rp_error_set(err, RP_ERR_ARG, "prompt token %d at position %d is outside the "
                                 "vocabulary [0, %d)", job->prompt[i], i, e->m->cfg.vocab_size);
+    return RP_OK;
+}
+
+rp_status rp_engine_submit_all(rp_engine *e, rp_job *const *jobs, int n, rp_error *err) {
+    for (int i = 0; i < n; i++) {
+        rp_status st = job_check(e, jobs[i], err);
+        if (st != RP_OK) return n > 1 ? rp_error_prefix(err, "choice %d of %d", i, n) : st;
+    }
     pthread_mutex_lock(&e->mu);
     if (e->shutdown_requested) {
         pthread_mutex_unlock(&e->mu);
@@ -192,23 +200,35 @@ rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err) {
      * jobs that free slots are about to take are not waiting. */
     int free_slots = e->cfg.n_slots - e->n_slots_used;
     int waiting = e->n_queued - (free_slots > 0 ? free_slots : 0);
-    if (waiting >= e->cfg.max_queue) {
+    if (waiting + n - 1 >= e->cfg.max_queue) {
         pthread_mutex_unlock(&e->mu);
         return rp_error_set(err, RP_ERR_BUSY, "%d requests are already waiting for a slot "
-                            "(--max-queue %d); try again later", waiting < 0 ? 0 : waiting,
-                            e->cfg.max_queue);
+                            "(--max-queue %d)%s; try again later", waiting < 0 ? 0 : waiting,
+                            e->cfg.max_queue, n > 1 ? ", too few for all the choices" : "");
     }
-    rp_job_retain(job);
-    job->t_submit = rp_now_seconds();
-    job->next = NULL;
-    if (e->queue_tail) e->queue_tail->next = job;
-    else e->queue_head = job;
-    e->queue_tail = job;
-    e->n_queued++;
-    e->requests_total++;
+    /* All in one critical section: the driver sees the choices of a request
+     * together, so the ones that find free slots start together and a prompt
+     * shared by them is read once (a choice queued after its first had
+     * passed the prompt would read it again). */
+    const double now = rp_now_seconds();
+    for (int i = 0; i < n; i++) {
+        rp_job *job = jobs[i];
+        rp_job_retain(job);
+        job->t_submit = now;
+        job->next = NULL;
+        if (e->queue_tail) e->queue_tail->next = job;
+        else e->queue_head = job;
+        e->queue_tail = job;
+        e->n_queued++;
+        e->requests_total++;
+    }
     pthread_cond_broadcast(&e->wake);
     pthread_mutex_unlock(&e->mu);
     return RP_OK;
+}
+
+rp_status rp_engine_submit(rp_engine *e, rp_job *job, rp_error *err) {
+    return rp_engine_submit_all(e, &job, 1, err);
 }
 
 rp_status rp_engine_issue(rp_engine *e, const rp_engine_command *c, rp_error *err) {

@@ -385,25 +385,28 @@ static int start_multi(rp_http_server *s, struct MHD_Connection *conn, int chat,
         /* n > 1: the prompt is read once, by the prompt's first choice */
         if (j > 0) rp_job_share_prompt(k->job, g->kids[i - j]->job);
     }
-    for (int i = 0; i < g->n_kids && r == 0; i++) {
-        gen_ctx *k = g->kids[i];
-        k->t_submit = g->t_submit = rp_now_seconds();
-        if (atomic_load(&s->stopping)) {
-            r = rp_request_fail(e, 503, "shutting_down", "the server is shutting down");
-            break;
+    if (r == 0) {
+        /* All choices in one call: queued together, they read a shared
+         * prompt once (rp_engine_submit_all). */
+        rp_job *jobs[RP_REQUEST_MAX_CHOICES];
+        for (int i = 0; i < g->n_kids; i++) {
+            jobs[i] = g->kids[i]->job;
+            g->kids[i]->t_submit = g->t_submit = rp_now_seconds();
         }
-        rp_status st = rp_engine_submit(s->engine, k->job, &err);
+        rp_status st = atomic_load(&s->stopping)
+                           ? rp_error_set(&err, RP_ERR_UNAVAILABLE, "the server is shutting down")
+                           : rp_engine_submit_all(s->engine, jobs, g->n_kids, &err);
         if (st != RP_OK) {
             if (atomic_load(&s->stopping) || st == RP_ERR_UNAVAILABLE)
                 r = rp_request_fail(e, 503, "shutting_down", "the server is shutting down");
             else if (st == RP_ERR_BUSY)
-                r = rp_request_fail(e, 429, "too_many_requests", "choice %d of %d: %s", i, n_kids,
+                r = rp_request_fail(e, 429, "too_many_requests", "%d choices: %s", n_kids,
                                     err.msg);
             else
                 r = rp_request_fail(e, 503, "engine_unavailable", "%s", err.msg);
-            break;
+        } else {
+            for (int i = 0; i < g->n_kids; i++) g->kids[i]->submitted = 1;
         }
-        k->submitted = 1;
     }
     rp_request_prompts_free(pl);
     if (r != 0) {
