@@ -85,6 +85,16 @@ static int copy_name(char *dst, const char *src, const char *what, rp_error *err
     return 0;
 }
 
+/* A job that failed during rp_job_create: nothing shared yet (no mutex, no
+ * other reference), so its own buffers are all there is to free. */
+static void job_free_unshared(rp_job *j) {
+    free(j->prompt);
+    free(j->out);
+    free(j->lp_prompt);
+    free(j->lp_prompt_set);
+    free(j);
+}
+
 rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *params,
                       const char *start_session, const char *store_session, rp_error *err) {
     if (n_prompt < 1) {
@@ -113,11 +123,7 @@ rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *
     if (!j->prompt || !j->out || copy_name(j->start_session, start_session, "session", err) ||
         copy_name(j->store_session, store_session, "session", err)) {
         if (!j->prompt || !j->out) rp_error_set(err, RP_ERR_NOMEM, "job of %d tokens", n_prompt);
-        free(j->prompt);
-        free(j->out);
-        free(j->lp_prompt);
-        free(j->lp_prompt_set);
-        free(j);
+        job_free_unshared(j);
         return NULL;
     }
     memcpy(j->prompt, prompt, sizeof(int32_t) * (size_t)n_prompt);
@@ -127,11 +133,7 @@ rp_job *rp_job_create(const int32_t *prompt, int n_prompt, const rp_gen_params *
     if (params->grammar == RP_GRAMMAR_JSON_SCHEMA &&
         !(j->params.grammar_schema = j->grammar_copy = strdup(params->grammar_schema ? params->grammar_schema : ""))) {
         rp_error_set(err, RP_ERR_NOMEM, "job: the response_format schema");
-        free(j->prompt);
-        free(j->out);
-        free(j->lp_prompt);
-        free(j->lp_prompt_set);
-        free(j);
+        job_free_unshared(j);
         return NULL;
     }
     j->refs = 1;

@@ -21,8 +21,11 @@
 /* Elements per int8 block (cpu/cpu_quant.h's RP_Q8_BLOCK: the file format). */
 #define RP_Q8_BLOCK_ELEMS 32
 
-rp_status rp_model_alloc(rp_model *m, const rp_config *cfg, int layer_begin, int layer_end,
-                         int has_embed, int has_head, rp_backend *be, rp_error *err) {
+/* What every weights format shares: the checked config and layer range, the
+ * model's fields, and its per-layer pointer arrays (NULL weights yet).
+ * RP_ERR_NOMEM leaves m for rp_model_free. */
+static rp_status model_begin(rp_model *m, const rp_config *cfg, int layer_begin, int layer_end,
+                             int has_embed, int has_head, rp_backend *be, rp_error *err) {
     memset(m, 0, sizeof *m);
     rp_status st = rp_config_validate(cfg, err);
     if (st != RP_OK) return st;
@@ -35,15 +38,23 @@ rp_status rp_model_alloc(rp_model *m, const rp_config *cfg, int layer_begin, int
     m->has_embed = has_embed;
     m->has_head = has_head;
     m->be = be;
+    int n = layer_end - layer_begin;
+    m->layer_flat = rp_calloc((size_t)n + 1, sizeof(float *), "layer pointers", err);
+    m->layers = rp_calloc((size_t)n + 1, sizeof(rp_layer_weights), "layer weights", err);
+    return m->layer_flat && m->layers ? RP_OK : RP_ERR_NOMEM;
+}
+
+rp_status rp_model_alloc(rp_model *m, const rp_config *cfg, int layer_begin, int layer_end,
+                         int has_embed, int has_head, rp_backend *be, rp_error *err) {
+    rp_status st = model_begin(m, cfg, layer_begin, layer_end, has_embed, has_head, be, err);
+    if (st == RP_ERR_NOMEM) goto nomem;
+    if (st != RP_OK) return st;
     rp_tensor_info table[RP_LAYER_N_TENSORS];
     m->layer_floats = rp_layer_layout(cfg, table);
     rp_tensor_info gtable[RP_GLOBAL_N_TENSORS];
     rp_global_layout(cfg, gtable, &m->embed_floats, &m->head_floats);
 
     int n = layer_end - layer_begin;
-    m->layer_flat = rp_calloc((size_t)n + 1, sizeof(float *), "layer pointers", err);
-    m->layers = rp_calloc((size_t)n + 1, sizeof(rp_layer_weights), "layer weights", err);
-    if (!m->layer_flat || !m->layers) goto nomem;
     for (int i = 0; i < n; i++) {
         m->layer_flat[i] = be->alloc(be, m->layer_floats * sizeof(float));
         if (!m->layer_flat[i]) goto nomem;
@@ -132,21 +143,10 @@ rp_status rp_model_alloc_weights(rp_model *m, const rp_config *cfg, int layer_be
                             "the %s backend runs f32 weights only: bf16/int8 weights run on "
                             "the CPU backend (--device cpu), or load with --weights-dtype f32",
                             be->name);
-    rp_status st = rp_config_validate(cfg, err);
+    rp_status st = model_begin(m, cfg, layer_begin, layer_end, has_embed, has_head, be, err);
+    if (st == RP_ERR_NOMEM) goto nomem;
     if (st != RP_OK) return st;
-    if (layer_begin < 0 || layer_end > cfg->n_layer || layer_begin > layer_end)
-        return rp_error_set(err, RP_ERR_ARG, "layer range [%d, %d) is not inside [0, %d)",
-                            layer_begin, layer_end, cfg->n_layer);
-    m->cfg = *cfg;
-    m->layer_begin = layer_begin;
-    m->layer_end = layer_end;
-    m->be = be;
     int n = layer_end - layer_begin;
-    m->layer_flat = rp_calloc((size_t)n + 1, sizeof(float *), "layer pointers", err);
-    m->layers = rp_calloc((size_t)n + 1, sizeof(rp_layer_weights), "layer weights", err);
-    if (!m->layer_flat || !m->layers) goto nomem;
-    m->has_embed = has_embed;
-    m->has_head = has_head;
     m->wtype = wtype;
     rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
     size_t full_layer = rp_layer_layout(cfg, table);
