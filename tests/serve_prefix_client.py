@@ -99,6 +99,18 @@ def prefix_metrics(url):
         "tokens_prefilled_total")}))
 
 
+def cached(url):
+    """usage.prompt_tokens_details.cached_tokens of a prompt sent twice."""
+    prompt = "A prompt sent twice, to see the second one resumed from the cache:"
+    out = []
+    for _ in range(2):
+        r = post(url, "/v1/completions", dict(prompt=prompt, max_tokens=4, temperature=0))
+        u = r["usage"]
+        out.append({"prompt_tokens": u["prompt_tokens"],
+                    "cached_tokens": u["prompt_tokens_details"]["cached_tokens"]})
+    print(json.dumps(out))
+
+
 def bench(url, turns):
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
     rows = []
@@ -152,6 +164,8 @@ if __name__ == "__main__":
         run(url, int(sys.argv[3]))
     elif cmd == "metrics":
         prefix_metrics(url)
+    elif cmd == "cached":
+        cached(url)
     elif cmd == "bench":
         bench(url, int(sys.argv[3]))
     else:

@@ -62,10 +62,12 @@ static void test_error_objects_name_a_type_per_status(void **state) {
 
 static void test_usage_adds_prompt_and_completion_tokens(void **state) {
     (void)state;
-    assert_json(http_usage_json(19, 48),
-                "{\"prompt_tokens\":19,\"completion_tokens\":48,\"total_tokens\":67}");
-    assert_json(http_usage_json(3, 0),
-                "{\"prompt_tokens\":3,\"completion_tokens\":0,\"total_tokens\":3}");
+    assert_json(http_usage_json(19, 48, 0),
+                "{\"prompt_tokens\":19,\"completion_tokens\":48,\"total_tokens\":67,"
+                "\"prompt_tokens_details\":{\"cached_tokens\":0}}");
+    assert_json(http_usage_json(3, 0, 2),
+                "{\"prompt_tokens\":3,\"completion_tokens\":0,\"total_tokens\":3,"
+                "\"prompt_tokens_details\":{\"cached_tokens\":2}}");
 }
 
 static void test_timing_counts_from_submit_and_after_the_first_token(void **state) {
@@ -123,19 +125,21 @@ static void test_completion_chunks_carry_text_and_null_logprobs(void **state) {
 
 static void test_whole_replies_of_chat_and_completions(void **state) {
     (void)state;
-    assert_json(http_reply_json(&chat_head, "Hello", 5, "length", http_usage_json(6, 3),
+    assert_json(http_reply_json(&chat_head, "Hello", 5, "length", http_usage_json(6, 3, 4),
                                 json_pack("{s:i}", "t", 1)),
                 "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"created\":1700000000,"
                 "\"model\":\"tiny\",\"choices\":[{\"index\":0,\"message\":{\"role\":"
                 "\"assistant\",\"content\":\"Hello\"},\"finish_reason\":\"length\"}],"
-                "\"usage\":{\"prompt_tokens\":6,\"completion_tokens\":3,\"total_tokens\":9},"
+                "\"usage\":{\"prompt_tokens\":6,\"completion_tokens\":3,\"total_tokens\":9,"
+                "\"prompt_tokens_details\":{\"cached_tokens\":4}},"
                 "\"timing\":{\"t\":1}}");
-    assert_json(http_reply_json(&completion_head, " fox", 4, "stop", http_usage_json(2, 1),
+    assert_json(http_reply_json(&completion_head, " fox", 4, "stop", http_usage_json(2, 1, 0),
                                 json_object()),
                 "{\"id\":\"cmpl-2\",\"object\":\"text_completion\",\"created\":1700000001,"
                 "\"model\":\"tiny\",\"choices\":[{\"index\":0,\"text\":\" fox\","
                 "\"logprobs\":null,\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":2,"
-                "\"completion_tokens\":1,\"total_tokens\":3},\"timing\":{}}");
+                "\"completion_tokens\":1,\"total_tokens\":3,\"prompt_tokens_details\":"
+                "{\"cached_tokens\":0}},\"timing\":{}}");
 }
 
 static void test_text_that_is_not_utf8_becomes_empty_not_a_failure(void **state) {

@@ -62,7 +62,7 @@ expect "greedy completion = rwkvpipe generate --temperature 0" \
 fin=$(field "$T/c1.json" choices.0.finish_reason)
 if [ "$fin" = length ]; then
     expect "max_tokens ends with finish_reason length and usage 19 + 48 = 67" test \
-        "$(field "$T/c1.json" usage)" = '{"prompt_tokens": 19, "completion_tokens": 48, "total_tokens": 67}'
+        "$(field "$T/c1.json" usage)" = '{"prompt_tokens": 19, "completion_tokens": 48, "total_tokens": 67, "prompt_tokens_details": {"cached_tokens": 0}}'
 else
     bad "greedy completion: finish_reason '$fin', expected length (the tiny model never samples 0 here)"
 fi

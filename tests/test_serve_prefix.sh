@@ -41,6 +41,23 @@ PY
 MIN_HITS=$((TURNS - 1 + 10))
 expect "/metrics: hits, tokens saved, bytes; prefilled + saved = prefilled without the cache" \
     check_metrics "$T/ma.json" "$T/mb.json" $MIN_HITS
+# usage.prompt_tokens_details.cached_tokens, as OpenAI reports its own cache:
+# the repeated prompt resumes all but its last token (the cache stores
+# prompts less their last token), and nothing without the cache.
+check_cached() {
+    "$PYTHON3" - "$1" "$2" <<'PY'
+import json, sys
+want_hit = sys.argv[2] == "on"
+first, second = json.load(open(sys.argv[1]))
+assert first["cached_tokens"] == 0, first
+n = second["prompt_tokens"]
+assert second["cached_tokens"] == (n - 1 if want_hit else 0), (second, want_hit)
+PY
+}
+"${CLIENT[@]}" cached "$URL_A" >"$T/ca.json" 2>&1
+"${CLIENT[@]}" cached "$URL_B" >"$T/cb.json" 2>&1
+expect "usage: cached_tokens 0 without the cache" check_cached "$T/ca.json" off
+expect "usage: a repeated prompt reports its cached tokens" check_cached "$T/cb.json" on
 
 if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
     start C "$MPIRUN" -np 2 "$BIN" serve --model "$TINY" --pp 2 --port 0 --threads 1

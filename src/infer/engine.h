@@ -168,6 +168,7 @@ typedef struct {
     double first_token_seconds;    /* submit -> first token */
     double decode_tokens_per_second;
     int session_continued;         /* started from a stored session state */
+    int cached_tokens;             /* prompt tokens resumed from the prefix cache */
 } rp_job_stats;
 
 void rp_job_get_stats(rp_job *job, rp_job_stats *stats);

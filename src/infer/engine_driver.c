@@ -764,6 +764,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         pthread_mutex_lock(&j->mu);
         j->t_slot = rp_now_seconds();
         j->session_continued = from != NULL;
+        j->cached_tokens = c.prefix_id ? hit_len : 0;
         pthread_mutex_unlock(&j->mu);
         j->slot = s;
         e->slot_job[s] = j;

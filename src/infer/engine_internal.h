@@ -45,6 +45,7 @@ struct rp_job {
     rp_job_cancel_reason cancel;
     double t_submit, t_slot, t_first, t_last;
     int session_continued;
+    int cached_tokens;             /* prompt tokens resumed from the prefix cache */
     /* the client's wake-up hook (rp_job_set_notify): under notify_mu, held
      * while it runs so that clearing it waits for a call in progress */
     pthread_mutex_t notify_mu;

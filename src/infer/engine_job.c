@@ -310,6 +310,7 @@ void rp_job_get_stats(rp_job *job, rp_job_stats *s) {
     s->prompt_tokens = job->n_prompt;
     s->completion_tokens = job->n_out;
     s->session_continued = job->session_continued;
+    s->cached_tokens = job->cached_tokens;
     if (job->t_slot > 0) s->queue_seconds = job->t_slot - job->t_submit;
     if (job->t_first > 0) s->first_token_seconds = job->t_first - job->t_submit;
     if (job->n_out > 1 && job->t_last > job->t_first)

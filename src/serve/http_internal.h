@@ -208,7 +208,9 @@ const char *http_error_type(int status);
 json_t *http_error_json(int status, const char *code, const char *message);
 /* A JSON string from bytes that should be valid UTF-8 ("" when not). */
 json_t *http_json_text(const char *b, size_t n);
-json_t *http_usage_json(int prompt_tokens, int completion_tokens);
+/* OpenAI's usage object; cached_tokens (prompt tokens the prefix cache
+ * resumed) goes in prompt_tokens_details as OpenAI reports its own cache. */
+json_t *http_usage_json(int prompt_tokens, int completion_tokens, int cached_tokens);
 /* queue_ms, time_to_first_token_ms (0 before a first token) and
  * tokens_per_second (the tokens after the first over the time since it). */
 json_t *http_timing_json(double queue_seconds, double t_submit, double t_first, double t_last,

@@ -49,9 +49,18 @@ json_t *http_json_text(const char *b, size_t n) {
     return j ? j : json_string("");
 }
 
-json_t *http_usage_json(int prompt_tokens, int completion_tokens) {
-    return json_pack("{s:i,s:i,s:i}", "prompt_tokens", prompt_tokens, "completion_tokens",
-                     completion_tokens, "total_tokens", prompt_tokens + completion_tokens);
+json_t *http_usage_json(int prompt_tokens, int completion_tokens, int cached_tokens) {
+    return json_pack("{s:i,s:i,s:i,s:{s:i}}", "prompt_tokens", prompt_tokens,
+                     "completion_tokens", completion_tokens, "total_tokens",
+                     prompt_tokens + completion_tokens, "prompt_tokens_details", "cached_tokens",
+                     cached_tokens);
+}
+
+static int job_cached_tokens(rp_job *job) {
+    rp_job_stats st;
+    memset(&st, 0, sizeof st);
+    rp_job_get_stats(job, &st);
+    return st.cached_tokens;
 }
 
 json_t *http_timing_json(double queue_seconds, double t_submit, double t_first, double t_last,
@@ -394,12 +403,15 @@ static void sse_produce_one(gen_ctx *out, gen_ctx *g, int index);
 /* Usage of a request of several choices: each prompt's tokens once, every
  * choice's generated tokens. */
 static json_t *multi_usage_json(gen_ctx *g) {
-    int prompt = 0, completion = 0;
+    int prompt = 0, completion = 0, cached = 0;
     for (int i = 0; i < g->n_kids; i++) {
-        if (i % g->n_per_prompt == 0) prompt += g->kids[i]->n_prompt;
+        if (i % g->n_per_prompt == 0) {
+            prompt += g->kids[i]->n_prompt;
+            cached += job_cached_tokens(g->kids[i]->job);
+        }
         completion += g->kids[i]->completion_tokens;
     }
-    return http_usage_json(prompt, completion);
+    return http_usage_json(prompt, completion, cached);
 }
 
 /* Fills g->pending with the events the job (or each choice's) has ready
@@ -499,7 +511,7 @@ static void sse_produce_one(gen_ctx *out, gen_ctx *g, int index) {
             json_object_set_new(json_array_get(json_object_get(last, "choices"), 0), "logprobs",
                                 http_logprobs_take(&g->lp_stream));
         }
-        json_object_set_new(last, "usage", http_usage_json(g->n_prompt, g->completion_tokens));
+        json_object_set_new(last, "usage", http_usage_json(g->n_prompt, g->completion_tokens, job_cached_tokens(g->job)));
         json_object_set_new(last, "timing", gen_timing_json(g));
         if (g->session[0]) json_object_set_new(last, "session", json_string(g->session));
         sse_append(g, last);
@@ -635,7 +647,7 @@ static enum MHD_Result reply_done(gen_ctx *g, struct MHD_Connection *conn) {
     }
     json_t *resp = http_reply_json(&g->head, g->reply ? g->reply : "", g->reply_len,
                                    http_finish_name(g->finish),
-                                   http_usage_json(g->n_prompt, g->completion_tokens),
+                                   http_usage_json(g->n_prompt, g->completion_tokens, job_cached_tokens(g->job)),
                                    gen_timing_json(g));
     if (resp && g->session[0]) json_object_set_new(resp, "session", json_string(g->session));
     json_t *choice = json_array_get(json_object_get(resp, "choices"), 0);
