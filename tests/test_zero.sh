@@ -132,5 +132,12 @@ if "$BIN" "${COMMON[@]}" --batch 2 --zero 2 >"$T/stdout" 2>"$T/stderr"; then
 fi
 grep -q -- "--zero" "$T/stderr" || fail "no message naming --zero"
 ok "$(grep -m1 -- '--zero' "$T/stderr" | sed 's/^.*error: //')"
+# A backend with device memory (the CPU's fake device) has no sharded path.
+if RWKVPIPE_TEST_FAKE_DEVICE=1 "$BIN" "${COMMON[@]}" --batch 2 --zero 1 >"$T/stdout" \
+    2>"$T/stderr"; then
+    fail "--zero 1 on device memory was accepted"
+fi
+grep -q -- "--zero 1 runs on host memory only" "$T/stderr" || fail "no message for device memory"
+ok "$(grep -m1 -- '--zero' "$T/stderr" | sed 's/^.*error: //')"
 
 echo "all zero checks passed"

@@ -6,7 +6,7 @@
 #include <string.h>
 
 void rp_zero_range(size_t n, int dp, int r, size_t *begin, size_t *count) {
-    /* 128-bit free: n < 2^40 floats and dp < 2^20 cannot overflow. */
+    /* n (< 2^40 floats) times r (< 2^20 replicas) stays below 2^64. */
     size_t b = n * (size_t)r / (size_t)dp, e = n * (size_t)(r + 1) / (size_t)dp;
     *begin = b;
     *count = e - b;
