@@ -1,6 +1,7 @@
 /* The official optimizer recipe: AdamW against a double-precision reference,
  * parameter groups, the LR schedule of RWKV-LM's trainer, global-norm
- * clipping, deterministic sums of squares and the L2Wrap gradient term. */
+ * clipping, deterministic sums of squares and the L2Wrap gradient term;
+ * ZeRO-1's shards: their AdamW steps together are rp_optim_step's bits. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -14,6 +15,7 @@
 #include "cpu/cpu_backend.h"
 #include "model/params.h"
 #include "optim/optim.h"
+#include "optim/zero.h"
 
 static uint32_t lcg(uint32_t *s) { return *s = *s * 1664525u + 1013904223u; }
 static float frand(uint32_t *s) { return (lcg(s) >> 8) * (1.0f / 16777216.0f) * 2.0f - 1.0f; }
@@ -134,6 +136,84 @@ static void test_l2wrap_adds_to_the_argmax_only(void **state) {
     rp_cpu_backend_destroy(be);
 }
 
+/* Fills every owned buffer of m with seeded values. */
+static void fill_model(rp_model *m, uint32_t seed) {
+    size_t n;
+    float *p;
+    for (int i = 0; (p = rp_zero_buffer(m, i, &n)); i++)
+        for (size_t k = 0; k < n; k++) p[k] = frand(&seed);
+}
+
+/* The DP shards' ranges tile every buffer, and stepping each shard with its
+ * own moments (3 steps, weight decay on, clipping scale 0.3) gives the
+ * weights and moments of rp_optim_step on the whole buffers, bit for bit;
+ * the partial sums of squares in replica order are the same for any view. */
+static void test_zero_shards_equal_the_whole_step(void **state) {
+    rp_error err;
+    rp_backend *be = rp_cpu_backend_create(2, &err);
+    rp_config cfg;
+    assert_int_equal(rp_config_builtin(&cfg, "tiny", 0, &err), RP_OK);
+    rp_optim_config oc;
+    rp_optim_defaults(&oc);
+    oc.weight_decay = 0.1f;
+    for (int dp = 1; dp <= 3; dp++) {
+        rp_model w_ref, w, g, m, v, m2, v2;
+        assert_int_equal(rp_model_alloc(&w_ref, &cfg, 0, cfg.n_layer, 1, 1, be, &err), RP_OK);
+        assert_int_equal(rp_model_alloc(&w, &cfg, 0, cfg.n_layer, 1, 1, be, &err), RP_OK);
+        assert_int_equal(rp_model_alloc(&g, &cfg, 0, cfg.n_layer, 1, 1, be, &err), RP_OK);
+        assert_int_equal(rp_model_alloc(&m, &cfg, 0, cfg.n_layer, 1, 1, be, &err), RP_OK);
+        assert_int_equal(rp_model_alloc(&v, &cfg, 0, cfg.n_layer, 1, 1, be, &err), RP_OK);
+        assert_int_equal(rp_model_alloc(&m2, &cfg, 0, cfg.n_layer, 1, 1, be, &err), RP_OK);
+        assert_int_equal(rp_model_alloc(&v2, &cfg, 0, cfg.n_layer, 1, 1, be, &err), RP_OK);
+        fill_model(&w_ref, 11);
+        fill_model(&w, 11);
+        rp_zero_shard z[3];
+        size_t covered = 0, total = 0, n;
+        for (int r = 0; r < dp; r++) {
+            assert_int_equal(rp_zero_shard_init(&z[r], &w, dp, r, &err), RP_OK);
+            covered += z[r].shard_floats;
+        }
+        for (int i = 0; rp_zero_buffer(&w, i, &n); i++) total += n;
+        assert_int_equal(covered, total);
+        for (long step = 0; step < 3; step++) {
+            fill_model(&g, 100 + (uint32_t)step);
+            rp_optim_step(&w_ref, &g, &m, &v, &oc, step, 0.3f);
+            for (int r = 0; r < dp; r++) rp_zero_optim_step(&z[r], &w, &g, &oc, step, 0.3f);
+        }
+        float *a, *b;
+        for (int i = 0; (a = rp_zero_buffer(&w_ref, i, &n)); i++) {
+            b = rp_zero_buffer(&w, i, &n);
+            if (memcmp(a, b, n * sizeof(float)) != 0)
+                fail_msg("DP %d: buffer %d's weights differ from the unsharded step", dp, i);
+        }
+        for (int r = 0; r < dp; r++) rp_zero_put(&z[r], &m2, &v2);
+        for (int i = 0; (a = rp_zero_buffer(&m, i, &n)); i++) {
+            assert_memory_equal(a, rp_zero_buffer(&m2, i, &n), n * sizeof(float));
+            assert_memory_equal(rp_zero_buffer(&v, i, &n), rp_zero_buffer(&v2, i, &n),
+                                n * sizeof(float));
+        }
+        /* take is put's inverse: a shard reloaded from whole moments. */
+        rp_zero_shard again;
+        assert_int_equal(rp_zero_shard_init(&again, &w, dp, dp - 1, &err), RP_OK);
+        rp_zero_take(&again, &m, &v);
+        for (int i = 0; i < again.n_buf; i++)
+            assert_memory_equal(again.m[i], z[dp - 1].m[i], again.count[i] * sizeof(float));
+        rp_zero_shard_free(&again);
+        double parts = 0;
+        for (int d = 0; d < dp; d++) parts += rp_zero_partial_sum_squares(&g, dp, d);
+        assert_true(fabs(parts - rp_grad_sum_squares(&g)) <= 1e-12 * parts);
+        for (int r = 0; r < dp; r++) rp_zero_shard_free(&z[r]);
+        rp_model_free(&w_ref);
+        rp_model_free(&w);
+        rp_model_free(&g);
+        rp_model_free(&m);
+        rp_model_free(&v);
+        rp_model_free(&m2);
+        rp_model_free(&v2);
+    }
+    rp_backend_destroy(be);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adamw_matches_double_reference),
@@ -142,6 +222,7 @@ int main(void) {
         cmocka_unit_test(test_clip_scale_like_torch),
         cmocka_unit_test(test_sum_squares_independent_of_threads),
         cmocka_unit_test(test_l2wrap_adds_to_the_argmax_only),
+        cmocka_unit_test(test_zero_shards_equal_the_whole_step),
     };
     return cmocka_run_group_tests_name("optim", tests, NULL, NULL);
 }

@@ -104,6 +104,8 @@ static void train_usage(FILE *out) {
             "                       --micro-batch\n"
             "  --stage-layers LIST  layers per stage, e.g. 4,4,3,1 (default: balanced by cost)\n"
             "  --pp-schedule K      1f1b (default) or gpipe\n"
+            "  --zero 1             ZeRO-1: shard the Adam moments over the data replicas\n"
+            "                       of each stage (same weights; CPU backend; default 0)\n"
             "  --halt-on-nan        stop at the first NaN/inf loss or gradient (default)\n"
             "  --no-halt-on-nan     skip such a step instead (weights and moments unchanged)\n"
             "  --log-dir DIR        per-rank logs DIR/rank-NNNNN.log (rank 0 also keeps\n"
@@ -142,6 +144,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"pp-schedule", required_argument, 0, 'B'}, {"comm-timeout", required_argument, 0, 'O'},
         {"halt-on-nan", no_argument, 0, 'H'},       {"no-halt-on-nan", no_argument, 0, 'N'},
         {"log-dir", required_argument, 0, 'g'},
+        {"zero", required_argument, 0, 1017},
         {"seq-len", required_argument, 0, 1003},    {"tbptt", no_argument, 0, 1004},
         {"tune", required_argument, 0, 1005},       {"state-out", required_argument, 0, 1006},
         {"device", required_argument, 0, 1001},     {"gpu-math", required_argument, 0, 1002},
@@ -228,6 +231,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'g': log_dir = optarg; break;
         case 'N': o.halt_on_nan = 0; break;
         case 'O': o.comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e9); break;
+        case 1017: o.zero = (int)cli_parse_int(cli, "--zero", optarg, 0, 1); break;
         case 'h': train_usage(stdout); free(paths); return 0;
         default: train_usage(stderr); free(paths); return 2;
         }
@@ -251,6 +255,9 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (o.tune_state && (o.ckpt_dir || o.resume_path))
         cli_fatal(cli, "--tune state does not write or resume checkpoints yet: drop "
                   "--checkpoint-dir / --resume (the tuned states go to --state-out)");
+    if (o.zero && o.tune_state)
+        cli_fatal(cli, "--zero 1 shards the weights' Adam moments and --tune state trains no "
+                  "weights: drop --zero");
     if (o.tbptt && o.seq_len <= o.ctx_len)
         cli_fatal(cli, "--tbptt needs --seq-len longer than --ctx-len (time chunks)");
     if (run_tokens > 0) {

@@ -2,6 +2,7 @@
  * backend memory; the transport moves host or device memory alike. */
 #include "pipe/pipe_train.h"
 #include "core/clock.h"
+#include "pipe/pipe_zero.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -17,6 +18,37 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
                                int micro_batch_size, int ctx_len, rp_error *err) {
     return rp_pipe_trainer_init_time_chunks(pt, model, grads, adam_m, adam_v, grid, tp, kind,
                                             n_micro, micro_batch_size, ctx_len, 1, 0, err);
+}
+
+/* Host landing buffer of the fixed-order reduce-scatter: the largest
+ * gradient buffer. */
+static rp_status alloc_zero_scratch(rp_pipe_trainer *pt, rp_error *err) {
+    if (pt->zero_scratch) return RP_OK;
+    size_t most = pt->grads->layer_floats;
+    if (pt->grads->embed_floats > most) most = pt->grads->embed_floats;
+    if (pt->grads->head_floats > most) most = pt->grads->head_floats;
+    pt->zero_scratch = malloc(sizeof(float) * (most + 1));
+    if (!pt->zero_scratch)
+        return rp_error_set(err, RP_ERR_NOMEM, "stage %d: the reduce-scatter buffer of %zu "
+                            "floats", pt->stage, most);
+    return RP_OK;
+}
+
+rp_status rp_pipe_trainer_use_zero(rp_pipe_trainer *pt, rp_zero_shard *z, rp_error *err) {
+    if (!pt->model->be->is_host_memory)
+        return rp_error_set(err, RP_ERR_ARG, "--zero 1 runs on host memory only (the CPU "
+                            "backend); the %s backend's has no sharded path yet: drop --zero",
+                            pt->model->be->name);
+    if (pt->tune_state)
+        return rp_error_set(err, RP_ERR_ARG, "--zero 1 shards the weights' moments; --tune "
+                            "state trains no weights: drop --zero");
+    if (z->dp != pt->dp || (pt->grid && z->rank != pt->grid->replica))
+        return rp_error_set(err, RP_ERR_INTERNAL, "ZeRO shard %d of %d on replica %d of %d",
+                            z->rank, z->dp, pt->grid ? pt->grid->replica : 0, pt->dp);
+    rp_status st = alloc_zero_scratch(pt, err);
+    if (st != RP_OK) return st;
+    pt->zero = z;
+    return RP_OK;
 }
 
 rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
@@ -107,6 +139,13 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
         pt->slot[i] = i;
     }
     rp_batch_init(&pt->batch, micro_batch_size, pt->seq_len, pt->slot, pt->row_begin);
+    /* More than 2 host replicas: the gradients are summed in replica order
+     * (pipe_zero.h) so that --zero 1 gives the same bits; with 2, a + b is
+     * the same either way and MPI's in-place all-reduce needs no scratch. */
+    if (pt->dp > 2 && be->is_host_memory && (st = alloc_zero_scratch(pt, err)) != RP_OK) {
+        rp_pipe_trainer_free(pt);
+        return st;
+    }
     /* Device gradients are all-reduced with NCCL where it can run (one GPU
      * per replica), else through a host buffer with MPI. */
     if (pt->dp > 1 && !be->is_host_memory) {
@@ -213,6 +252,7 @@ void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
     if (be && pt->recv_grad) be->free(be, pt->recv_grad);
     rp_nccl_group_free(pt->data_nccl);
     free(pt->reduce_host);
+    free(pt->zero_scratch);
     rp_schedule_free(&pt->sched);
     memset(pt, 0, sizeof *pt);
 }
@@ -346,12 +386,29 @@ static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
                 if ((st = allreduce_host(pt, pt->reduce_host, len, err)) == RP_OK)
                     be->copy_to_device(be, p + at, pt->reduce_host, len * sizeof(float));
             }
+        } else if (pt->zero_scratch) {
+            /* Sums in replica order (pipe_zero.h); ZeRO keeps its range only. */
+            st = rp_zero_reduce_scatter(pt->grid->data_comm, p, n, pt->zero_scratch,
+                                        pt->timeout_s, err);
+            if (st == RP_OK && !pt->zero)
+                st = rp_zero_allgather(pt->grid->data_comm, p, n, pt->timeout_s, err);
         } else {
             st = allreduce_host(pt, p, n, err);
         }
         if (st != RP_OK) return st;
     }
     return be->status(be, err);
+}
+
+/* --zero 1: every replica's updated ranges to every replica. */
+static rp_status allgather_weights(rp_pipe_trainer *pt, rp_error *err) {
+    if (pt->dp <= 1) return RP_OK;
+    size_t n;
+    float *w;
+    rp_status st = RP_OK;
+    for (int i = 0; st == RP_OK && (w = rp_zero_buffer(pt->model, i, &n)); i++)
+        st = rp_zero_allgather(pt->grid->data_comm, w, n, pt->timeout_s, err);
+    return st;
 }
 
 /* Zeroes the gradients, timed as part of the step's update. */
@@ -581,9 +638,19 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             if (pt->tune_state)
                 for (size_t k = 0; k < pt->tuned_floats; k++)
                     sumsq += (double)pt->tuned_grad[k] * pt->tuned_grad[k];
-            else
+            else if (pt->dp == 1)
                 sumsq = rp_grad_sum_squares(pt->grads);
+            else if (!pt->zero)
+                /* The replicas' ranges in replica order, as --zero 1 adds them. */
+                for (int d = 0; d < pt->dp; d++)
+                    sumsq += rp_zero_partial_sum_squares(pt->grads, pt->dp, d);
             pt->update_seconds += rp_now_seconds() - t0;
+            if (pt->zero && pt->dp > 1 &&
+                (st = rp_zero_sum_partials(pt->grid->data_comm,
+                                           rp_zero_partial_sum_squares(pt->grads, pt->dp,
+                                                                       pt->zero->rank),
+                                           &sumsq, pt->timeout_s, err)) != RP_OK)
+                break;
             if (pt->n_stages > 1) {
                 MPI_Request req;
                 MPI_Iallreduce(MPI_IN_PLACE, &sumsq, 1, MPI_DOUBLE, MPI_SUM, pt->grid->pipe_comm,
@@ -618,6 +685,12 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                           rp_clip_scale(grad_norm, optim->grad_clip),
                           (float)(1.0 - pow(optim->beta1, (double)(step + 1))),
                           (float)(1.0 - pow(optim->beta2, (double)(step + 1))));
+            } else if (pt->zero) {
+                rp_zero_optim_step(pt->zero, m, pt->grads, optim, step,
+                                   rp_clip_scale(grad_norm, optim->grad_clip));
+                pt->update_seconds += rp_now_seconds() - t0;
+                st = allgather_weights(pt, err);
+                t0 = rp_now_seconds();
             } else {
                 rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
                               rp_clip_scale(grad_norm, optim->grad_clip));

@@ -22,6 +22,7 @@
 #include "pipe/schedule.h"
 #include "pipe/transport.h"
 #include "optim/optim.h"
+#include "optim/zero.h"
 
 typedef struct {
     const rp_grid *grid;            /* NULL: one process */
@@ -81,6 +82,13 @@ typedef struct {
     rp_nccl_group *data_nccl;
     float *reduce_host;
     size_t reduce_host_floats;
+    /* ZeRO-1 (rp_pipe_trainer_use_zero; NULL: off): this replica's shard of
+     * the moments (the caller's), which OPT_STEP steps instead of
+     * adam_m / adam_v. zero_scratch (host, the largest buffer's floats):
+     * the fixed-order reduce-scatter's landing buffer, also used without
+     * ZeRO on more than 2 replicas so both runs add in the same order. */
+    rp_zero_shard *zero;
+    float *zero_scratch;
 } rp_pipe_trainer;
 
 rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *grads,
@@ -106,6 +114,12 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
  * they are; the step's grad_norm is the tuned states' gradient norm. */
 rp_status rp_pipe_trainer_tune_state(rp_pipe_trainer *pt, rp_error *err);
 void rp_pipe_trainer_free(rp_pipe_trainer *pt);
+/* Turns on ZeRO-1 (after init): gradients are reduce-scattered, AdamW runs
+ * on z's ranges (z: this replica's shard, rp_zero_shard_init with the grid's
+ * dp and replica), the updated ranges are all-gathered. Host memory only
+ * (a device backend is refused: no NCCL path yet). The weights equal those
+ * of the unsharded run bit for bit (tests/test_zero.sh). */
+rp_status rp_pipe_trainer_use_zero(rp_pipe_trainer *pt, rp_zero_shard *z, rp_error *err);
 
 typedef struct {
     double loss_sum;    /* summed over every target of the global batch (all replicas) */

@@ -11,6 +11,8 @@
 #include "pipe/pipe_train.h"
 #include "pipe/transport.h"
 #include "train/checkpoint.h"
+#include "optim/zero.h"
+#include "pipe/pipe_zero.h"
 #include "train/loader.h"
 #include "core/clock.h"
 
@@ -443,6 +445,61 @@ static rp_status save_checkpoint(const rp_train_options *o, rp_transport *tp,
     return st;
 }
 
+/* save_checkpoint with --zero 1: replica 0 of each stage gathers the whole
+ * moments into buffers that live only while it writes them, so the file
+ * has the layout of an unsharded run (any DP, PP or --zero resumes it). */
+static rp_status save_checkpoint_zero(const rp_train_options *o, rp_transport *tp,
+                                      rp_ckpt_contents *c, const rp_zero_shard *z,
+                                      rp_error *err) {
+    if (!o->zero) return save_checkpoint(o, tp, c, err);
+    const rp_model *w = c->weights;
+    rp_model m, v;
+    memset(&m, 0, sizeof m);
+    memset(&v, 0, sizeof v);
+    rp_status st = RP_OK;
+    if (z->rank == 0 &&
+        ((st = rp_model_alloc(&m, &w->cfg, w->layer_begin, w->layer_end, w->has_embed,
+                              w->has_head, w->be, err)) != RP_OK ||
+         (st = rp_model_alloc(&v, &w->cfg, w->layer_begin, w->layer_end, w->has_embed,
+                              w->has_head, w->be, err)) != RP_OK)) {
+        /* The other replicas wait in the gather: end the job from here. */
+        rp_model_free(&m);
+        rp_model_free(&v);
+        return rp_error_prefix(err, "the checkpoint's Adam moments (--zero 1)");
+    }
+    if (z->dp > 1)
+        st = rp_zero_gather_moments(o->grid->data_comm, z, z->rank == 0 ? &m : NULL,
+                                    z->rank == 0 ? &v : NULL, o->comm_timeout, err);
+    else
+        rp_zero_put(z, &m, &v);
+    if (st == RP_OK) {
+        c->adam_m = &m;
+        c->adam_v = &v;
+        st = save_checkpoint(o, tp, c, err);
+    }
+    rp_model_free(&m);
+    rp_model_free(&v);
+    return st;
+}
+
+/* The start-up line of memory per rank (this rank: rank 0's, which is
+ * printed). Optimizer: the two Adam moments, or their shard. */
+static void print_memory(const rp_train_options *o, const rp_model *model, const rp_model *grads,
+                         const rp_zero_shard *z) {
+    if (!o->progress) return;
+    size_t n, weights = 0, grad_floats = 0;
+    for (int i = 0; rp_zero_buffer(model, i, &n); i++) weights += n;
+    for (int i = 0; rp_zero_buffer(grads, i, &n); i++) grad_floats += n;
+    const size_t optim = 2 * (z ? z->shard_floats : grad_floats);
+    const double mib = 1024.0 * 1024.0;
+    fprintf(o->progress, "memory per rank (rank 0, stage 0): weights %.2f MiB, gradients %.2f "
+            "MiB, optimizer %.2f MiB (%zu bytes: Adam moments%s)\n", weights * 4 / mib,
+            grad_floats * 4 / mib, optim * 4 / mib, optim * 4,
+            z && z->dp > 1 ? ", 1/DP shard (--zero 1)" : "");
+    if (z && z->dp > 1)
+        fprintf(o->progress, "zero: optimizer state sharded over %d data replicas\n", z->dp);
+}
+
 /* -o with several stages: replica 0's stages send their layers to rank 0
  * (the transport's slice gather), which writes one file with every tensor
  * under its official name. The layers travel through host buffers (backend
@@ -599,6 +656,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     data_source d;
     if ((st = data_open(&d, o, cfg->vocab_size, err)) != RP_OK) return st;
     rp_model grads, adam_m, adam_v;
+    rp_zero_shard zero;
+    memset(&zero, 0, sizeof zero);
     memset(&grads, 0, sizeof grads);
     memset(&adam_m, 0, sizeof adam_m);
     memset(&adam_v, 0, sizeof adam_v);
@@ -617,10 +676,14 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     }
     if ((st = rp_model_alloc(&grads, cfg, model->layer_begin, model->layer_end, model->has_embed,
                              model->has_head, be, err)) != RP_OK ||
-        (st = rp_model_alloc(&adam_m, cfg, model->layer_begin, model->layer_end,
-                             model->has_embed, model->has_head, be, err)) != RP_OK ||
-        (st = rp_model_alloc(&adam_v, cfg, model->layer_begin, model->layer_end,
-                             model->has_embed, model->has_head, be, err)) != RP_OK ||
+        /* --zero 1 keeps only this replica's shard of the moments; whole
+         * ones exist only to read a checkpoint into (then freed). */
+        (o->zero && (st = rp_zero_shard_init(&zero, &grads, DP, replica, err)) != RP_OK) ||
+        ((!o->zero || o->resume_path) &&
+         ((st = rp_model_alloc(&adam_m, cfg, model->layer_begin, model->layer_end,
+                               model->has_embed, model->has_head, be, err)) != RP_OK ||
+          (st = rp_model_alloc(&adam_v, cfg, model->layer_begin, model->layer_end,
+                               model->has_embed, model->has_head, be, err)) != RP_OK)) ||
         (st = pipe_transport_open(o, be, &tp_storage, &tp, err)) != RP_OK ||
         (st = world_transport_open(o, &world_storage, &world, err)) != RP_OK ||
         (st = rp_pipe_trainer_init_time_chunks(&pt, model, &grads, &adam_m, &adam_v, o->grid,
@@ -629,6 +692,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         goto done;
     pt.halt_on_nan = o->halt_on_nan;
     if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
+    if (o->zero && (st = rp_pipe_trainer_use_zero(&pt, &zero, err)) != RP_OK) goto done;
+    print_memory(o, model, &grads, o->zero ? &zero : NULL);
     if (is_rank0 && o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
         st = rp_error_set(err, RP_ERR_IO, "cannot open the metrics log %s", o->metrics_path);
         goto done;
@@ -640,6 +705,12 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         /* Every stage reads its own layers, whatever layout wrote them. */
         if ((st = rp_ckpt_load(o->resume_path, model, &adam_m, &adam_v, &progress, err)) != RP_OK)
             goto done;
+        if (o->zero) {
+            /* The checkpoint holds the whole moments whatever wrote it. */
+            rp_zero_take(&zero, &adam_m, &adam_v);
+            rp_model_free(&adam_m);
+            rp_model_free(&adam_v);
+        }
         if (progress.seed != o->seed) {
             st = rp_error_set(err, RP_ERR_ARG,
                               "%s was trained with --seed %llu, not %llu: resume with the same "
@@ -760,7 +831,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             rp_ckpt_contents c = {.weights = model, .adam_m = &adam_m, .adam_v = &adam_v,
                                   .progress = progress, .optim = &optim,
                                   .keep_last = o->keep_last};
-            if ((st = save_checkpoint(o, tp, &c, err)) != RP_OK) goto done;
+            if ((st = save_checkpoint_zero(o, tp, &c, &zero, err)) != RP_OK) goto done;
             char name[64];
             rp_ckpt_step_name(name, sizeof name, progress.step);
             if (is_rank0 && eval_loss < best_eval) {
@@ -799,6 +870,7 @@ done:
     rp_model_free(&grads);
     rp_model_free(&adam_m);
     rp_model_free(&adam_v);
+    rp_zero_shard_free(&zero);
     free(tokens);
     free(mask);
     free(inputs);

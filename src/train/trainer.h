@@ -61,6 +61,10 @@ typedef struct {
     rp_schedule_kind pipe_schedule;  /* GPipe or 1F1B (default) */
     double comm_timeout;        /* seconds a stage waits on a peer before failing; 0: forever */
     int halt_on_nan;            /* stop at a non-finite gradient (default); 0: skip that step */
+    /* ZeRO stage (docs/parallelism.md): 1 shards the Adam moments over the
+     * data replicas of each stage (optim/zero.h); 0 (default) keeps them
+     * whole on every replica. Same weights either way, bit for bit. */
+    int zero;
     /* Set (to a signal number) by the caller's signal handler: the run stops
      * after the current step, on every rank at the same step, with a
      * checkpoint when ckpt_dir is set. NULL: not watched. */
