@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "model/backward.h"
+#include "model/lora.h"
 #include "pipe/pipe_train.h"
 #include "pipe/transport.h"
 #include "train/checkpoint.h"
@@ -561,6 +562,35 @@ static rp_status save_tuned_states(const rp_model *model, const rp_pipe_trainer 
     return st;
 }
 
+/* Writes every stage's adapters (replica 0's) as one adapter file from
+ * rank 0, as save_tuned_states does with the states. */
+static rp_status save_lora(const rp_model *model, const rp_lora *lo, const rp_train_options *o,
+                           rp_transport *tp, rp_error *err) {
+    const rp_grid *g = o->grid;
+    if (g && g->replica != 0) return RP_OK;
+    const rp_config *c = &model->cfg;
+    const size_t per = lo->floats_per_layer;
+    const int stage = g ? g->stage : 0, n_stages = g ? g->pp : 1;
+    float *all = malloc((per * (size_t)c->n_layer + 1) * sizeof(float));
+    float *mine = malloc((lo->floats + 1) * sizeof(float));
+    rp_status st = RP_OK;
+    if (!all || !mine) st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the LoRA adapters");
+    else rp_lora_to_host(lo, mine);
+    for (int s = 1; s < n_stages && st == RP_OK; s++) {
+        const size_t n = per * (size_t)(g->layer_end[s] - g->layer_begin[s]);
+        if (stage == 0 || stage == s)
+            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + per * g->layer_begin[s] : NULL,
+                                           mine, n * sizeof(float), "LoRA adapters", err);
+    }
+    if (st == RP_OK && stage == 0) {
+        memcpy(all, mine, lo->floats * sizeof(float));
+        st = rp_lora_save(c, lo->rank, lo->alpha, lo->targets, all, o->lora_out, err);
+    }
+    free(all);
+    free(mine);
+    return st;
+}
+
 /* ---- training ---- */
 
 static void format_duration(char *out, size_t size, double seconds) {
@@ -604,6 +634,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     memset(&adam_v, 0, sizeof adam_v);
     rp_pipe_trainer pt;
     memset(&pt, 0, sizeof pt);
+    rp_lora lora;
+    memset(&lora, 0, sizeof lora);
     rp_transport tp_storage, *tp = NULL;
     rp_transport world_storage, *world = NULL;  /* over every rank: the stop request */
     FILE *metrics = NULL;
@@ -629,6 +661,12 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         goto done;
     pt.halt_on_nan = o->halt_on_nan;
     if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
+    if (o->tune_lora) {
+        if ((st = rp_lora_init(&lora, model, o->lora_rank, o->lora_alpha, o->lora_targets,
+                               o->seed, err)) != RP_OK)
+            goto done;
+        pt.lora = &lora;
+    }
     if (is_rank0 && o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
         st = rp_error_set(err, RP_ERR_IO, "cannot open the metrics log %s", o->metrics_path);
         goto done;
@@ -791,7 +829,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     if (o->save_path && !result->stopped_by_signal) st = save_weights(model, o, tp, err);
     if (st == RP_OK && o->tune_state && o->state_out)
         st = save_tuned_states(model, &pt, o, tp, err);
+    if (st == RP_OK && o->tune_lora && o->lora_out && !result->stopped_by_signal)
+        st = save_lora(model, &lora, o, tp, err);
 done:
+    rp_lora_free(&lora);
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);
     if (tp) rp_transport_free(tp);
