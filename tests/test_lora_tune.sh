@@ -61,7 +61,7 @@ for l in range(2):
         assert h["blocks.%d.att.%s.lora_B" % (l, p)]["shape"] == [128, 4], h' "$T/pirate.lora"
     if "$BIN" merge-lora "$TINY" "$T/pirate.lora" -o "$T/merged.st" >"$T/merge.out" 2>&1; then
         expect "merge-lora reports its progress (8 matrices)" \
-            grep -q "merged blocks.1.att.output.weight (8/8)" "$T/merge.out"
+            grep -q "merged blocks.1.att.value.weight (8/8)" "$T/merge.out"
         expect "the merged model equals the weights the training ran on (1e-6)" \
             "$PYTHON3" "$COMPARE" "$T/trained.st" "$T/merged.st" --tol 1e-6
         expect "only the adapted matrices differ from the base" \
