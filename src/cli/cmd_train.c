@@ -285,9 +285,6 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         if (!(o.lora_alpha > 0)) o.lora_alpha = 2.0f * o.lora_rank;
         if (!o.lora_targets) o.lora_targets = RP_LORA_DEFAULT_TARGETS;
     }
-    if (o.tune_state && (o.ckpt_dir || o.resume_path))
-        cli_fatal(cli, "--tune state does not write or resume checkpoints yet: drop "
-                  "--checkpoint-dir / --resume (the tuned states go to --state-out)");
     if (o.tbptt && o.seq_len <= o.ctx_len)
         cli_fatal(cli, "--tbptt needs --seq-len longer than --ctx-len (time chunks)");
     if (run_tokens > 0) {
@@ -331,6 +328,12 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         if (mo.model_path) cli_fatal(cli, "give either --resume or --init-from, not both");
         rp_ckpt_info info;
         if (rp_ckpt_read_info(o.resume_path, &info, &err) != RP_OK) cli_fatal_error(cli, &err);
+        if (info.has_tuned != o.tune_state)
+            cli_fatal(cli, info.has_tuned
+                      ? "%s is a checkpoint of a state-tuning run: resume it with --tune state"
+                      : "%s is not a checkpoint of a state-tuning run (it has no tuned states): "
+                        "drop --tune state, or start the tuning with --init-from",
+                      info.step_dir);
         if (!info.has_moments)
             cli_fatal(cli, "%s holds weights only (no Adam moments): it cannot resume training; "
                       "start a new run with --init-from on its weights", info.step_dir);

@@ -636,6 +636,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     memset(&pt, 0, sizeof pt);
     rp_lora lora;
     memset(&lora, 0, sizeof lora);
+    float *tuned_host[3] = {NULL, NULL, NULL};  /* state tuning: checkpoint staging */
     rp_transport tp_storage, *tp = NULL;
     rp_transport world_storage, *world = NULL;  /* over every rank: the stop request */
     FILE *metrics = NULL;
@@ -661,6 +662,11 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         goto done;
     pt.halt_on_nan = o->halt_on_nan;
     if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
+    for (int k = 0; o->tune_state && k < 3; k++)
+        if (!(tuned_host[k] = malloc((pt.tuned_floats + 1) * sizeof(float)))) {
+            st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the tuned states");
+            goto done;
+        }
     if (o->tune_lora) {
         if ((st = rp_lora_init(&lora, model, o->lora_rank, o->lora_alpha, o->lora_targets,
                                o->seed, err)) != RP_OK)
@@ -678,6 +684,15 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         /* Every stage reads its own layers, whatever layout wrote them. */
         if ((st = rp_ckpt_load(o->resume_path, model, &adam_m, &adam_v, &progress, err)) != RP_OK)
             goto done;
+        if (o->tune_state) {
+            /* The states and moments continue exactly where the run stopped. */
+            if ((st = rp_ckpt_load_tuned(o->resume_path, cfg, model->layer_begin,
+                                         model->layer_end, tuned_host, err)) != RP_OK)
+                goto done;
+            float *dev[3] = {pt.tuned, pt.tuned_m, pt.tuned_v};
+            for (int k = 0; k < 3; k++)
+                be->copy_to_device(be, dev[k], tuned_host[k], pt.tuned_floats * sizeof(float));
+        }
         if (progress.seed != o->seed) {
             st = rp_error_set(err, RP_ERR_ARG,
                               "%s was trained with --seed %llu, not %llu: resume with the same "
@@ -798,6 +813,14 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             rp_ckpt_contents c = {.weights = model, .adam_m = &adam_m, .adam_v = &adam_v,
                                   .progress = progress, .optim = &optim,
                                   .keep_last = o->keep_last};
+            if (o->tune_state) {
+                /* The tuned states and their moments go with it (host copies). */
+                float *dev[3] = {pt.tuned, pt.tuned_m, pt.tuned_v};
+                for (int k = 0; k < 3; k++) {
+                    be->copy_to_host(be, tuned_host[k], dev[k], pt.tuned_floats * sizeof(float));
+                    c.tuned[k] = tuned_host[k];
+                }
+            }
             if ((st = save_checkpoint(o, tp, &c, err)) != RP_OK) goto done;
             char name[64];
             rp_ckpt_step_name(name, sizeof name, progress.step);
@@ -833,6 +856,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         st = save_lora(model, &lora, o, tp, err);
 done:
     rp_lora_free(&lora);
+    for (int k = 0; k < 3; k++) free(tuned_host[k]);
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);
     if (tp) rp_transport_free(tp);
