@@ -140,6 +140,11 @@ rp_status rp_lora_init(rp_lora *lo, rp_model *m, int rank, float alpha, unsigned
         }
     be->copy_to_device(be, lo->params, host, lo->floats * sizeof(float));
     free(host);
+    size_t max_nk = 1;
+    for (int j = 0; j < lo->n; j++)
+        if ((size_t)lo->ad[j].N * lo->ad[j].K > max_nk) max_nk = (size_t)lo->ad[j].N * lo->ad[j].K;
+    lo->w_scratch = be->alloc(be, max_nk * sizeof(float));
+    if (!lo->w_scratch) goto nomem;
     lo->zero = be->alloc(be, (size_t)maxN * rank * sizeof(float));
     lo->tmp = be->alloc(be, (size_t)maxN * rank * sizeof(float));
     lo->svec = be->alloc(be, (size_t)rank * sizeof(float));
@@ -169,7 +174,8 @@ void rp_lora_free(rp_lora *lo) {
         if (lo->ad[i].base) be->free(be, lo->ad[i].base);
         if (lo->ad[i].sB) be->free(be, lo->ad[i].sB);
     }
-    float *bufs[] = {lo->params, lo->grads, lo->adam_m, lo->adam_v, lo->zero, lo->tmp, lo->svec};
+    float *bufs[] = {lo->params, lo->grads, lo->adam_m, lo->adam_v, lo->zero, lo->tmp, lo->svec,
+                     lo->w_scratch};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->free(be, bufs[i]);
     free(lo->ad);
@@ -183,8 +189,13 @@ void rp_lora_apply(rp_lora *lo) {
         rp_lora_adapter *a = &lo->ad[i];
         /* sB = 0 + (B - 0) s: the scale through lerp, an op every backend has. */
         be->lerp(be, a->sB, lo->zero, a->B, lo->svec, a->N, r);
-        be->copy(be, a->w, a->base, (size_t)a->N * a->K * sizeof(float));
-        be->matmul_lora(be, a->w, a->sB, a->A, a->N, a->K, r, 1.0f);  /* W += sB A */
+        /* W' is formed aside and copied in: a copy is a write that keeps a
+         * backend's low-precision copy of registered weights current (CUDA
+         * bf16 math), a GEMM's output is not. */
+        const size_t bytes = (size_t)a->N * a->K * sizeof(float);
+        be->copy(be, lo->w_scratch, a->base, bytes);
+        be->matmul_lora(be, lo->w_scratch, a->sB, a->A, a->N, a->K, r, 1.0f);  /* += sB A */
+        be->copy(be, a->w, lo->w_scratch, bytes);
     }
 }
 

@@ -49,6 +49,7 @@ typedef struct rp_lora_s {
     size_t floats_per_layer;
     float *params, *grads, *adam_m, *adam_v;  /* backend, [floats] each: A then B per adapter */
     float *zero, *tmp, *svec;  /* scratch: [max N x r] twice, [r] of s */
+    float *w_scratch;          /* [max N x K]: W' formed here, then copied into the model */
 } rp_lora;
 
 /* Adapters of rank r on the targets of every owned layer of m (an f32
