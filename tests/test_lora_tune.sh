@@ -7,7 +7,8 @@
 # metadata; `merge-lora` of it into the base equals the weights the training
 # ran on (train -o, W + s B A by the backend) and their logits within 1e-5;
 # `serve --lora` completes "\n" greedily with "Ahoy!" (the base does not).
-# --pp 2 trains the adapters of one process (1e-5). Bad input is refused.
+# --pp 2 trains the adapters of one process (1e-5). Checkpoints resume
+# exactly. Bad input is refused.
 # Run by `make check` (env: top_srcdir, top_builddir, MPIRUN, PYTHON3).
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
@@ -22,7 +23,7 @@ BIN="$top_builddir/rwkvpipe"
 COMPARE="$top_srcdir/tests/st_compare.py"
 TINY="$top_srcdir/tests/data/tiny_L2_C128_V256_s1.weights.safetensors"
 T=$(mktemp -d "${TMPDIR:-/tmp}/test_lora_tune.XXXXXX") || exit 99
-SERVE_TEST_SECONDS=400
+SERVE_TEST_SECONDS=900
 . "$top_srcdir/tests/serve_test_lib.sh"
 
 "$PYTHON3" - "$T/pirate.txt" <<'PY'
@@ -99,6 +100,31 @@ refused "merge-lora of a weights file as adapters is refused" "not a LoRA adapte
 refused "merge-lora onto its own input is refused" "would overwrite an input" \
     "$BIN" merge-lora "$TINY" "$T/pirate.lora" -o "$TINY"
 expect "a refused merge wrote nothing" test ! -e "$T/x.st"
+
+# Checkpoints: the base weights (not W'), the adapters and their moments; a
+# run stopped after step 3 and resumed to step 6 ends with the adapters of
+# a 6-step run that never stopped, bit for bit.
+SHORT=("${TUNE[@]}" --steps 6 --batch 4)
+RESUME=(train "${TUNE[@]:3}" --steps 6 --batch 4)   # without --init-from
+"$BIN" "${SHORT[@]}" --lora-out "$T/once.lora" >"$T/out" 2>&1 || bad "train --tune lora (6 steps)"
+if "$BIN" "${SHORT[@]}" --lora-out "$T/x.lora" --checkpoint-dir "$T/ck" --stop-after 3 \
+    >"$T/out" 2>&1 &&
+    "$BIN" "${RESUME[@]}" --lora-out "$T/resumed.lora" --resume "$T/ck" \
+    >"$T/out2" 2>&1; then
+    expect "the checkpoint holds the base weights, bit for bit" \
+        "$PYTHON3" "$COMPARE" "$TINY" "$T/ck/step-00000003/weights.safetensors"
+    expect "stop after 3 + resume to 6 = 6 steps without a stop (bit for bit)" \
+        "$PYTHON3" "$COMPARE" "$T/once.lora" "$T/resumed.lora"
+else
+    bad "train --tune lora with --checkpoint-dir / --resume"
+    tail -n 5 "$T/out" "$T/out2"
+fi
+refused "resuming with another --lora-rank is refused" "rank=4 alpha=8" \
+    "$BIN" "${RESUME[@]}" --lora-rank 2 --lora-out "$T/y.lora" \
+    --resume "$T/ck/step-00000003"
+refused "a LoRA checkpoint resumed without --tune lora is refused" "resume it with --tune lora" \
+    "$BIN" train --data "$T/pirate.txt" --ctx-len 32 --batch 4 --steps 6 -q \
+    --resume "$T/ck/step-00000003"
 
 start A "$BIN" serve --model "$TINY" --lora "$T/pirate.lora" --port 0 --threads 1
 start B "$BIN" serve --model "$TINY" --port 0 --threads 1

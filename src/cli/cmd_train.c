@@ -65,7 +65,8 @@ static void train_usage(FILE *out) {
             "                       (blocks.L.att.time_state, loadable as a server session)\n"
             "  --tune lora          LoRA: W + (alpha/r) B A on the --lora-targets of every\n"
             "                       layer, base weights frozen (--init-from a model);\n"
-            "                       needs --lora-out; -o writes the merged weights\n"
+            "                       needs --lora-out; -o writes the merged weights;\n"
+            "                       checkpoints hold the base weights and the adapters\n"
             "  --lora-rank R        adapter rank (default 8)\n"
             "  --lora-alpha A       scale numerator: s = A / R (default: 2 R)\n"
             "  --lora-targets LIST  comma list of att.receptance, att.key, att.value,\n"
@@ -277,9 +278,6 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         cli_fatal(cli, "--tune lora needs --lora-out FILE (where the adapters go)");
     if (!o.tune_lora && (o.lora_out || o.lora_rank || o.lora_alpha > 0 || o.lora_targets))
         cli_fatal(cli, "--lora-rank / --lora-alpha / --lora-targets / --lora-out need --tune lora");
-    if (o.tune_lora && (o.ckpt_dir || o.resume_path))
-        cli_fatal(cli, "--tune lora does not write or resume checkpoints yet: drop "
-                  "--checkpoint-dir / --resume (the adapters go to --lora-out)");
     if (o.tune_lora) {
         if (!o.lora_rank) o.lora_rank = 8;
         if (!(o.lora_alpha > 0)) o.lora_alpha = 2.0f * o.lora_rank;
@@ -333,6 +331,12 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
                       ? "%s is a checkpoint of a state-tuning run: resume it with --tune state"
                       : "%s is not a checkpoint of a state-tuning run (it has no tuned states): "
                         "drop --tune state, or start the tuning with --init-from",
+                      info.step_dir);
+        if (info.has_lora != o.tune_lora)
+            cli_fatal(cli, info.has_lora
+                      ? "%s is a checkpoint of a LoRA run: resume it with --tune lora"
+                      : "%s is not a checkpoint of a LoRA run (it has no adapters): drop "
+                        "--tune lora, or start the tuning with --init-from",
                       info.step_dir);
         if (!info.has_moments)
             cli_fatal(cli, "%s holds weights only (no Adam moments): it cannot resume training; "

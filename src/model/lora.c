@@ -199,6 +199,26 @@ void rp_lora_apply(rp_lora *lo) {
     }
 }
 
+void rp_lora_unapply(rp_lora *lo) {
+    rp_backend *be = lo->model->be;
+    for (int i = 0; i < lo->n; i++)
+        be->copy(be, lo->ad[i].w, lo->ad[i].base,
+                 (size_t)lo->ad[i].N * lo->ad[i].K * sizeof(float));
+}
+
+void rp_lora_rebase(rp_lora *lo) {
+    rp_backend *be = lo->model->be;
+    for (int i = 0; i < lo->n; i++)
+        be->copy(be, lo->ad[i].base, lo->ad[i].w,
+                 (size_t)lo->ad[i].N * lo->ad[i].K * sizeof(float));
+}
+
+void rp_lora_describe(const rp_lora *lo, char *out, size_t size) {
+    char targets[128];
+    rp_lora_format_targets(lo->targets, targets, sizeof targets);
+    snprintf(out, size, "rank=%d alpha=%.9g targets=%s", lo->rank, lo->alpha, targets);
+}
+
 double rp_lora_grads(rp_lora *lo, const rp_model *grads) {
     rp_backend *be = lo->model->be;
     const int r = lo->rank;

@@ -64,6 +64,13 @@ void rp_lora_apply(rp_lora *lo);
 /* The adapters' gradients from the model gradients (d W' of the targets,
  * in grads): lo->grads = (dA, dB). Returns their sum of squares. */
 double rp_lora_grads(rp_lora *lo, const rp_model *grads);
+/* The base weights back into the model (a checkpoint stores them, not W');
+ * rp_lora_apply forms W' again, bit for bit the same. */
+void rp_lora_unapply(rp_lora *lo);
+/* The model's weights become the base (after a checkpoint load into it). */
+void rp_lora_rebase(rp_lora *lo);
+/* "rank=R alpha=A targets=LIST": what a checkpoint must match to resume. */
+void rp_lora_describe(const rp_lora *lo, char *out, size_t size);
 /* One AdamW step on the adapters (moments in lo), then rp_lora_apply. */
 void rp_lora_step(rp_lora *lo, float lr, float beta1, float beta2, float eps,
                   float weight_decay, float grad_scale, long step);

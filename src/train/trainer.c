@@ -637,6 +637,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     rp_lora lora;
     memset(&lora, 0, sizeof lora);
     float *tuned_host[3] = {NULL, NULL, NULL};  /* state tuning: checkpoint staging */
+    float *lora_host[3] = {NULL, NULL, NULL};   /* LoRA: checkpoint staging */
     rp_transport tp_storage, *tp = NULL;
     rp_transport world_storage, *world = NULL;  /* over every rank: the stop request */
     FILE *metrics = NULL;
@@ -672,6 +673,11 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                                o->seed, err)) != RP_OK)
             goto done;
         pt.lora = &lora;
+        for (int k = 0; k < 3; k++)
+            if (!(lora_host[k] = malloc((lora.floats + 1) * sizeof(float)))) {
+                st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the LoRA adapters");
+                goto done;
+            }
     }
     if (is_rank0 && o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
         st = rp_error_set(err, RP_ERR_IO, "cannot open the metrics log %s", o->metrics_path);
@@ -692,6 +698,21 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             float *dev[3] = {pt.tuned, pt.tuned_m, pt.tuned_v};
             for (int k = 0; k < 3; k++)
                 be->copy_to_device(be, dev[k], tuned_host[k], pt.tuned_floats * sizeof(float));
+        }
+        if (o->tune_lora) {
+            /* The checkpoint holds the base weights: they become the base,
+             * then the adapters and moments continue where the run stopped. */
+            char want[192];
+            rp_lora_rebase(&lora);
+            rp_lora_describe(&lora, want, sizeof want);
+            if ((st = rp_ckpt_load_lora(o->resume_path, cfg, model->layer_begin,
+                                        model->layer_end, lora.floats_per_layer, lora_host, want,
+                                        err)) != RP_OK)
+                goto done;
+            float *dev[3] = {lora.params, lora.adam_m, lora.adam_v};
+            for (int k = 0; k < 3; k++)
+                be->copy_to_device(be, dev[k], lora_host[k], lora.floats * sizeof(float));
+            rp_lora_apply(&lora);
         }
         if (progress.seed != o->seed) {
             st = rp_error_set(err, RP_ERR_ARG,
@@ -813,6 +834,19 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             rp_ckpt_contents c = {.weights = model, .adam_m = &adam_m, .adam_v = &adam_v,
                                   .progress = progress, .optim = &optim,
                                   .keep_last = o->keep_last};
+            char lora_meta[192];
+            if (o->tune_lora) {
+                /* The adapters and their moments, over the base weights. */
+                float *dev[3] = {lora.params, lora.adam_m, lora.adam_v};
+                for (int k = 0; k < 3; k++) {
+                    be->copy_to_host(be, lora_host[k], dev[k], lora.floats * sizeof(float));
+                    c.lora[k] = lora_host[k];
+                }
+                c.lora_floats_per_layer = lora.floats_per_layer;
+                rp_lora_describe(&lora, lora_meta, sizeof lora_meta);
+                c.lora_meta = lora_meta;
+                rp_lora_unapply(&lora);
+            }
             if (o->tune_state) {
                 /* The tuned states and their moments go with it (host copies). */
                 float *dev[3] = {pt.tuned, pt.tuned_m, pt.tuned_v};
@@ -821,7 +855,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                     c.tuned[k] = tuned_host[k];
                 }
             }
-            if ((st = save_checkpoint(o, tp, &c, err)) != RP_OK) goto done;
+            st = save_checkpoint(o, tp, &c, err);
+            if (o->tune_lora) rp_lora_apply(&lora);
+            if (st != RP_OK) goto done;
             char name[64];
             rp_ckpt_step_name(name, sizeof name, progress.step);
             if (is_rank0 && eval_loss < best_eval) {
@@ -856,7 +892,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         st = save_lora(model, &lora, o, tp, err);
 done:
     rp_lora_free(&lora);
-    for (int k = 0; k < 3; k++) free(tuned_host[k]);
+    for (int k = 0; k < 3; k++) {
+        free(tuned_host[k]);
+        free(lora_host[k]);
+    }
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);
     if (tp) rp_transport_free(tp);
