@@ -6,7 +6,8 @@
 # state-tuning file (blocks.L.att.time_state) loads in the server as a
 # session, and a greedy completion of "\n" from it starts with "Ahoy!" (from
 # the zero state it does not). --pp 2 (each stage tunes its layers' states)
-# writes the states of one process.
+# writes the states of one process. Checkpoints carry the tuned states and
+# their moments: stop + resume equals an uninterrupted run, bit for bit.
 # Run by `make check` (env: top_srcdir, top_builddir, MPIRUN, PYTHON3).
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
@@ -64,9 +65,33 @@ fi
 expect "--tune state without --state-out is refused" \
     sh -c '! "$@" >"$0/e.out" 2>&1 && grep -q "needs --state-out" "$0/e.out"' "$T" \
     "$BIN" "${TUNE[@]}"
-expect "--tune state with --checkpoint-dir is refused (not resumable yet)" \
-    sh -c '! "$@" >"$0/e.out" 2>&1 && grep -q "checkpoints yet" "$0/e.out"' "$T" \
-    "$BIN" "${TUNE[@]}" --state-out "$T/x.state" --checkpoint-dir "$T/ck"
+# Checkpoints: the tuned states and their AdamW moments are in them; a run
+# stopped after step 5 and resumed to step 10 ends with the states of a
+# 10-step run that never stopped, bit for bit.
+SHORT=(--data "$T/pirate.txt" --ctx-len 32 --batch 4 --steps 10 --lr 0.05 --warmup 2
+       --eval-interval 0 --eval-batches 1 --threads 1 --tune state -q)
+"$BIN" train --init-from "$TINY" "${SHORT[@]}" --state-out "$T/once.state" >"$T/out" 2>&1 ||
+    bad "train --tune state (10 steps)"
+if "$BIN" train --init-from "$TINY" "${SHORT[@]}" --state-out "$T/x.state" \
+    --checkpoint-dir "$T/ck" --stop-after 5 >"$T/out" 2>&1 &&
+    "$BIN" train "${SHORT[@]}" --state-out "$T/resumed.state" --resume "$T/ck" >"$T/out2" 2>&1
+then
+    expect "the checkpoint holds the tuned states and their moments" "$PYTHON3" -c 'import json, struct, sys
+b = open(sys.argv[1], "rb").read()
+h = json.loads(b[8:8 + struct.unpack("<Q", b[:8])[0]])
+for l in range(2):
+    for s in ("", "_adam_m", "_adam_v"):
+        assert h["blocks.%d.att.time_state%s" % (l, s)]["shape"] == [2, 64, 64], h' \
+        "$T/ck/step-00000005/tuned.safetensors"
+    expect "stop after 5 + resume to 10 = 10 steps without a stop (bit for bit)" \
+        "$PYTHON3" "$COMPARE" "$T/once.state" "$T/resumed.state"
+else
+    bad "train --tune state with --checkpoint-dir / --resume"
+    tail -n 5 "$T/out" "$T/out2"
+fi
+expect "a state-tuning checkpoint resumed without --tune state is refused" \
+    sh -c '! "$@" >"$0/e.out" 2>&1 && grep -q "resume it with --tune state" "$0/e.out"' "$T" \
+    "$BIN" train --data "$T/pirate.txt" --ctx-len 32 --batch 4 --steps 10 -q --resume "$T/ck"
 
 mkdir -p "$T/sessions"
 cp "$T/pirate.state" "$T/sessions/pirate.state" 2>/dev/null
@@ -90,6 +115,15 @@ if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
         >"$T/out" 2>&1; then
         expect "--pp 2 tunes the states of one process (1e-5)" \
             "$PYTHON3" "$COMPARE" "$T/pirate.state" "$T/pp2.state" --tol 1e-5
+        if timeout 300 "$MPIRUN" -np 2 "$BIN" train "${SHORT[@]}" --pp 2 \
+            --state-out "$T/pp2r.state" --resume "$T/ck/step-00000005" \
+            --checkpoint-dir "$T/ck2" >"$T/out" 2>&1; then
+            expect "--pp 2 resumes the one-process checkpoint (1e-5)" \
+                "$PYTHON3" "$COMPARE" "$T/once.state" "$T/pp2r.state" --tol 1e-5
+        else
+            bad "train --tune state --pp 2 --resume"
+            tail -n 15 "$T/out"
+        fi
     else
         bad "train --tune state --pp 2"
         tail -n 15 "$T/out"

@@ -21,6 +21,7 @@
 #include "cpu/cpu_fake_device.h"
 #include "cpu/cpu_wait.h"
 #include "model/init.h"
+#include "model/lora.h"
 #ifdef RP_HAVE_CUDA
 #include "cuda_backend.h"
 #include "cuda_device.h"
@@ -374,6 +375,16 @@ void cli_grid_create(rp_cli *cli, const rp_config *cfg, int pp, const char *stag
     cli_set_stage(cli, grid->stage);
 }
 
+/* --lora: the adapters added into this part's weights before the backend
+ * is told about them (register_weights). */
+static void merge_lora(const rp_cli *cli, const cli_model_options *opt, rp_model *model) {
+    if (!opt->lora_path) return;
+    rp_error err;
+    cli_info(cli, "merging LoRA adapters %s", opt->lora_path);
+    if (rp_lora_merge_file(model, opt->lora_path, NULL, NULL, &err) != RP_OK)
+        cli_fatal_error(cli, &err);
+}
+
 void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const rp_config *cfg,
                          int begin, int end, rp_backend *be, rp_model *model) {
     rp_error err;
@@ -383,6 +394,7 @@ void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const 
                                     .for_training = opt->for_training};
         if (rp_model_load_as(model, opt->model_path, begin, end, &lo, be, &err) != RP_OK)
             cli_fatal_error(cli, &err);
+        merge_lora(cli, opt, model);
         rp_model_register_weights(model);
         return;
     }
@@ -397,6 +409,7 @@ void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const 
             RP_OK ||
         rp_model_init_official(model, opt->init_seed, &err) != RP_OK)
         cli_fatal_error(cli, &err);
+    merge_lora(cli, opt, model);
     rp_model_register_weights(model);
 }
 

@@ -79,6 +79,7 @@ typedef struct {
                                 * struct that never saw the option: see weights_dtype_set) */
     int weights_dtype_set;     /* 0: the file's own format */
     int for_training;          /* train: refuse int8 files and --weights-dtype */
+    const char *lora_path;     /* serve --lora: adapters merged into the weights at load */
 } cli_model_options;
 
 /* Help lines and the parsing of --device / --gpu-math, shared by every
@@ -145,6 +146,7 @@ int cmd_logits(rp_cli *cli, int argc, char **argv);
 int cmd_info(rp_cli *cli, int argc, char **argv);
 int cmd_init(rp_cli *cli, int argc, char **argv);
 int cmd_quantize(rp_cli *cli, int argc, char **argv);
+int cmd_merge_lora(rp_cli *cli, int argc, char **argv);
 int cmd_tokenize(rp_cli *cli, int argc, char **argv);
 int cmd_train(rp_cli *cli, int argc, char **argv);
 int cmd_eval(rp_cli *cli, int argc, char **argv);

@@ -33,6 +33,8 @@ static void serve_usage(FILE *out) {
             "  --model FILE             safetensors weights (official or HF/fla names)\n"
             "  --model-config NAME      a built-in shape with the official init instead: %s\n"
             "  --init-seed S            seed of that init (default 1)\n"
+            "  --lora FILE              LoRA adapters (train --tune lora --lora-out) merged\n"
+            "                           into the f32 weights at load\n"
             "  --vocab V                'bytes' or a World vocabulary file; default 'bytes'\n"
             "                           for models with at most 256 tokens\n"
             "  --model-id ID            the model's name in the API (default: the file name\n"
@@ -129,11 +131,12 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
         O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_PREFIX_CACHE, O_DEVICE, O_GPU_MATH,
         O_PER_CLIENT, O_CONN_TIMEOUT, O_REQ_TIMEOUT, O_HTTP_THREADS, O_DRAIN,
-        O_SESSION_OVERWRITE, O_MAX_SESSION_FILES, O_WEIGHTS_DTYPE
+        O_SESSION_OVERWRITE, O_MAX_SESSION_FILES, O_WEIGHTS_DTYPE, O_LORA
     };
     static const struct option longopts[] = {
         {"model", required_argument, 0, O_MODEL},
         {"model-config", required_argument, 0, O_CONFIG},
+        {"lora", required_argument, 0, O_LORA},
         {"init-seed", required_argument, 0, O_SEED},
         {"vocab", required_argument, 0, O_VOCAB},
         {"model-id", required_argument, 0, O_ID},
@@ -184,6 +187,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
     while ((c = getopt_long(argc, argv, "hv", longopts, NULL)) != -1) {
         switch (c) {
         case O_MODEL: mo.model_path = optarg; break;
+        case O_LORA: mo.lora_path = optarg; break;
         case O_CONFIG: mo.config_name = optarg; break;
         case O_SEED: mo.init_seed = cli_parse_u64(cli, "--init-seed", optarg); break;
         case O_VOCAB: vocab = optarg; break;

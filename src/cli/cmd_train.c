@@ -15,6 +15,7 @@
 #include "cli/cli.h"
 #include "text/tokenizer.h"
 #include "model/init.h"
+#include "model/lora.h"
 #include "pipe/grid.h"
 #include "train/checkpoint.h"
 #include "train/tokenize.h"
@@ -62,6 +63,16 @@ static void train_usage(FILE *out) {
             "                       needs --state-out\n"
             "  --state-out FILE     where --tune state writes the tuned states\n"
             "                       (blocks.L.att.time_state, loadable as a server session)\n"
+            "  --tune lora          LoRA: W + (alpha/r) B A on the --lora-targets of every\n"
+            "                       layer, base weights frozen (--init-from a model);\n"
+            "                       needs --lora-out; -o writes the merged weights;\n"
+            "                       checkpoints hold the base weights and the adapters\n"
+            "  --lora-rank R        adapter rank (default 8)\n"
+            "  --lora-alpha A       scale numerator: s = A / R (default: 2 R)\n"
+            "  --lora-targets LIST  comma list of att.receptance, att.key, att.value,\n"
+            "                       att.output, ffn.key, ffn.value (default: the four att)\n"
+            "  --lora-out FILE      where --tune lora writes the adapters (safetensors,\n"
+            "                       blocks.L.<target>.lora_A/B; serve --lora, merge-lora)\n"
             "  --mqar-pairs N       key-value pairs per MQAR sample (default: ctx/4)\n"
             "  --loss-on WHAT       synthetic tasks: 'answers' (default) or 'all' tokens\n"
             "  --seed S             data order and synthetic samples (default 1)\n"
@@ -147,6 +158,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"zero", required_argument, 0, 1017},
         {"seq-len", required_argument, 0, 1003},    {"tbptt", no_argument, 0, 1004},
         {"tune", required_argument, 0, 1005},       {"state-out", required_argument, 0, 1006},
+        {"lora-rank", required_argument, 0, 1007},  {"lora-alpha", required_argument, 0, 1008},
+        {"lora-targets", required_argument, 0, 1009}, {"lora-out", required_argument, 0, 1010},
         {"device", required_argument, 0, 1001},     {"gpu-math", required_argument, 0, 1002},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     rp_train_options o;
@@ -206,11 +219,22 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 1003: o.seq_len = (int)cli_parse_int(cli, "--seq-len", optarg, 2, 1 << 30); break;
         case 1004: o.tbptt = 1; break;
         case 1005:
-            if (strcmp(optarg, "state") != 0)
-                cli_fatal(cli, "--tune: '%s' is not 'state' (the only tuning so far)", optarg);
-            o.tune_state = 1;
+            if (strcmp(optarg, "state") == 0) o.tune_state = 1;
+            else if (strcmp(optarg, "lora") == 0) o.tune_lora = 1;
+            else cli_fatal(cli, "--tune: '%s' is not 'state' or 'lora'", optarg);
             break;
         case 1006: o.state_out = optarg; break;
+        case 1007: o.lora_rank = (int)cli_parse_int(cli, "--lora-rank", optarg, 1, 1 << 16); break;
+        case 1008:
+            o.lora_alpha = (float)cli_parse_double(cli, "--lora-alpha", optarg, 1e-6, 1e6);
+            break;
+        case 1009: {
+            rp_error terr;
+            if (rp_lora_parse_targets(optarg, &o.lora_targets, &terr) != RP_OK)
+                cli_fatal(cli, "--lora-targets: %s", terr.msg);
+            break;
+        }
+        case 1010: o.lora_out = optarg; break;
         case 'q': o.progress = NULL; break;
         case 'C': o.ckpt_dir = optarg; break;
         case 'K': o.ckpt_interval = (long)cli_parse_int(cli, "--checkpoint-interval", optarg, 0, 1LL << 40); break;
@@ -252,12 +276,20 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         cli_fatal(cli, "--tune state needs --state-out FILE (where the tuned states go)");
     if (o.state_out && !o.tune_state)
         cli_fatal(cli, "--state-out needs --tune state");
-    if (o.tune_state && (o.ckpt_dir || o.resume_path))
-        cli_fatal(cli, "--tune state does not write or resume checkpoints yet: drop "
-                  "--checkpoint-dir / --resume (the tuned states go to --state-out)");
-    if (o.zero && o.tune_state)
-        cli_fatal(cli, "--zero 1 shards the weights' Adam moments and --tune state trains no "
-                  "weights: drop --zero");
+    if (o.zero && (o.tune_state || o.tune_lora))
+        cli_fatal(cli, "--zero 1 shards the weights' Adam moments and --tune %s trains no "
+                  "weights: drop --zero", o.tune_state ? "state" : "lora");
+    if (o.tune_state && o.tune_lora)
+        cli_fatal(cli, "give one --tune (state or lora)");
+    if (o.tune_lora && !o.lora_out)
+        cli_fatal(cli, "--tune lora needs --lora-out FILE (where the adapters go)");
+    if (!o.tune_lora && (o.lora_out || o.lora_rank || o.lora_alpha > 0 || o.lora_targets))
+        cli_fatal(cli, "--lora-rank / --lora-alpha / --lora-targets / --lora-out need --tune lora");
+    if (o.tune_lora) {
+        if (!o.lora_rank) o.lora_rank = 8;
+        if (!(o.lora_alpha > 0)) o.lora_alpha = 2.0f * o.lora_rank;
+        if (!o.lora_targets) o.lora_targets = RP_LORA_DEFAULT_TARGETS;
+    }
     if (o.tbptt && o.seq_len <= o.ctx_len)
         cli_fatal(cli, "--tbptt needs --seq-len longer than --ctx-len (time chunks)");
     if (run_tokens > 0) {
@@ -301,6 +333,18 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         if (mo.model_path) cli_fatal(cli, "give either --resume or --init-from, not both");
         rp_ckpt_info info;
         if (rp_ckpt_read_info(o.resume_path, &info, &err) != RP_OK) cli_fatal_error(cli, &err);
+        if (info.has_tuned != o.tune_state)
+            cli_fatal(cli, info.has_tuned
+                      ? "%s is a checkpoint of a state-tuning run: resume it with --tune state"
+                      : "%s is not a checkpoint of a state-tuning run (it has no tuned states): "
+                        "drop --tune state, or start the tuning with --init-from",
+                      info.step_dir);
+        if (info.has_lora != o.tune_lora)
+            cli_fatal(cli, info.has_lora
+                      ? "%s is a checkpoint of a LoRA run: resume it with --tune lora"
+                      : "%s is not a checkpoint of a LoRA run (it has no adapters): drop "
+                        "--tune lora, or start the tuning with --init-from",
+                      info.step_dir);
         if (!info.has_moments)
             cli_fatal(cli, "%s holds weights only (no Adam moments): it cannot resume training; "
                       "start a new run with --init-from on its weights", info.step_dir);

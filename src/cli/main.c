@@ -29,6 +29,7 @@ static const subcommand commands[] = {
     {"info", cmd_info, 0, "print a model's config, parameter count and state size"},
     {"init", cmd_init, 0, "create a model with the official RWKV-7 initialisation"},
     {"quantize", cmd_quantize, 0, "write a copy of a weights file in bf16 or int8 (CPU inference)"},
+    {"merge-lora", cmd_merge_lora, 0, "merge LoRA adapters into a copy of their base model"},
     {"tokenize", cmd_tokenize, 0, "text / JSON-lines files -> token shards for training"},
     {"encode", cmd_encode, 0, "text -> token ids"},
     {"decode", cmd_decode, 0, "token ids -> text"},

@@ -2,6 +2,7 @@
  * backend memory; the transport moves host or device memory alike. */
 #include "pipe/pipe_train.h"
 #include "core/clock.h"
+#include "model/lora.h"
 #include "pipe/pipe_zero.h"
 
 #include <math.h>
@@ -635,7 +636,9 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             if (!optim) break;  /* gradients only: the weights stay */
             double t0 = rp_now_seconds();
             double sumsq = 0;
-            if (pt->tune_state)
+            if (pt->lora)
+                sumsq = rp_lora_grads(pt->lora, pt->grads);
+            else if (pt->tune_state)
                 for (size_t k = 0; k < pt->tuned_floats; k++)
                     sumsq += (double)pt->tuned_grad[k] * pt->tuned_grad[k];
             else if (pt->dp == 1)
@@ -675,7 +678,12 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 break;
             }
             t0 = rp_now_seconds();
-            if (pt->tune_state) {
+            if (pt->lora) {
+                /* Only the adapters move; W' is formed again from them. */
+                rp_lora_step(pt->lora, (float)rp_lr_at(optim, step), optim->beta1, optim->beta2,
+                             optim->eps, optim->weight_decay,
+                             rp_clip_scale(grad_norm, optim->grad_clip), step);
+            } else if (pt->tune_state) {
                 /* Only the tuned states move (AdamW, no weight decay). */
                 be->copy_to_device(be, pt->tuned_grad_dev, pt->tuned_grad,
                                    pt->tuned_floats * sizeof(float));

@@ -56,6 +56,10 @@ typedef struct {
     size_t tuned_floats;
     float *tuned, *tuned_m, *tuned_v, *tuned_grad_dev;
     float *tuned_grad, *dstate_host;
+    /* LoRA tuning (model/lora.h; NULL: off): the optimizer steps only this
+     * stage's adapters, from the reduced d(W') of their targets; the step's
+     * grad_norm is the adapters' gradient norm. Set by the caller. */
+    struct rp_lora_s *lora;
     float *recv_act, *recv_grad;    /* backend landing buffers: x then v_first [2][R*C] */
     rp_transfer act_in[2], grad_in[2];
     int act_in_mb, grad_in_mb;      /* micro-batch posted in act_in / grad_in, -1: none */

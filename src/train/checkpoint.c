@@ -27,7 +27,13 @@
 
 typedef Rwkvpipe__CheckpointManifest manifest_t;
 
-static const char *const role_names[RP_CKPT_ROLES] = {"weights", "adam_m", "adam_v"};
+static const char *const role_names[RP_CKPT_ROLES] = {"weights", "adam_m", "adam_v", "tuned",
+                                                      "lora"};
+/* The roles that hold an rp_model (the first three). */
+#define MODEL_ROLES 3
+static const char *const tuned_suffix[3] = {"", "_adam_m", "_adam_v"};
+#define ROLE_TUNED 3
+#define ROLE_LORA 4
 
 /* ------------------------------------------------------------ file helpers */
 
@@ -291,7 +297,8 @@ static rp_status manifest_check_file_entry(const char *path, const manifest_t *m
     for (int r = 0; r < RP_CKPT_ROLES; r++) known |= f->role && strcmp(f->role, role_names[r]) == 0;
     if (!known)
         return rp_error_set(err, RP_ERR_FORMAT,
-                            "%s: file '%s' has role '%.32s', expected weights, adam_m or adam_v",
+                            "%s: file '%s' has role '%.32s', expected weights, adam_m, adam_v, "
+                            "tuned or lora",
                             path, name, f->role ? f->role : "");
     const char *h = f->sha256 ? f->sha256 : "";
     if (strlen(h) != RP_SHA256_HEX_LEN || strspn(h, "0123456789abcdef") != RP_SHA256_HEX_LEN)
@@ -625,6 +632,35 @@ rp_status rp_ckpt_begin(const char *dir, uint64_t step, char *step_dir, size_t s
     return rp_dir_fsync(dir, err);
 }
 
+/* The "tuned" file of a shard: per layer of m, the tuned state and its
+ * moments (tuned[0..2], host, m's layers), F32 [H,N,N]. */
+static rp_status write_tuned(const rp_model *m, const rp_ckpt_contents *c, int role,
+                             const char *path, rp_error *err) {
+    const rp_config *cfg = &m->cfg;
+    const int is_lora = role == ROLE_LORA;
+    const size_t per = is_lora ? c->lora_floats_per_layer
+                               : (size_t)cfg->n_head * cfg->head_size * cfg->head_size;
+    const int64_t shape[3] = {is_lora ? (int64_t)per : cfg->n_head, cfg->head_size,
+                              cfg->head_size};
+    const float *const *src = is_lora ? c->lora : c->tuned;
+    rp_st_writer w;
+    rp_st_writer_init(&w);
+    rp_status st = RP_OK;
+    for (int l = m->layer_begin; l < m->layer_end && st == RP_OK; l++)
+        for (int k = 0; k < 3 && st == RP_OK; k++) {
+            char name[96];
+            snprintf(name, sizeof name, "blocks.%d.%s%s", l, is_lora ? "lora" : "att.time_state",
+                     tuned_suffix[k]);
+            st = rp_st_writer_add(&w, name, RP_DTYPE_F32, RP_DTYPE_F32, is_lora ? 1 : 3, shape,
+                                  src[k] + per * (size_t)(l - m->layer_begin), err);
+        }
+    if (st == RP_OK && is_lora)
+        st = rp_st_writer_add_meta(&w, "lora", c->lora_meta ? c->lora_meta : "", err);
+    if (st == RP_OK) st = rp_st_writer_write(&w, path, err);
+    rp_st_writer_free(&w);
+    return st;
+}
+
 rp_status rp_ckpt_write_shard(const char *step_dir, const rp_ckpt_contents *c, int shard_index,
                               int shard_count, rp_ckpt_file files_out[RP_CKPT_ROLES],
                               int *n_files, rp_error *err) {
@@ -635,7 +671,9 @@ rp_status rp_ckpt_write_shard(const char *step_dir, const rp_ckpt_contents *c, i
     if (shard_count < 1 || shard_count > 99999 || shard_index < 0 || shard_index >= shard_count)
         return rp_error_set(err, RP_ERR_ARG, "checkpoint: shard %d of %d is not a valid shard",
                             shard_index, shard_count);
-    const rp_model *models[RP_CKPT_ROLES] = {c->weights, c->adam_m, c->adam_v};
+    const rp_model *models[RP_CKPT_ROLES] = {c->weights, c->adam_m, c->adam_v,
+                                             c->tuned[0] ? c->weights : NULL,
+                                             c->lora[0] ? c->weights : NULL};
     int n = 0;
     for (int r = 0; r < RP_CKPT_ROLES; r++) {
         const rp_model *m = models[r];
@@ -653,12 +691,14 @@ rp_status rp_ckpt_write_shard(const char *step_dir, const rp_ckpt_contents *c, i
         char path[RP_CKPT_PATH_MAX];
         if ((st = path_join(path, sizeof path, step_dir, f->name, err)) != RP_OK) return st;
         /* F32 always: moments and master weights must round-trip bit for bit. */
-        if ((st = rp_model_save(m, path, RP_DTYPE_F32, err)) != RP_OK) return st;
+        if ((st = r < MODEL_ROLES ? rp_model_save(m, path, RP_DTYPE_F32, err)
+                                  : write_tuned(m, c, r, path, err)) != RP_OK)
+            return st;
         n++;
     }
     /* Checksums of what is on disk now, hashed in parallel. */
     rp_error errs[RP_CKPT_ROLES];
-    rp_status status[RP_CKPT_ROLES] = {RP_OK, RP_OK, RP_OK};
+    rp_status status[RP_CKPT_ROLES] = {RP_OK, RP_OK, RP_OK, RP_OK, RP_OK};
 #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < n; i++) {
         char path[RP_CKPT_PATH_MAX];
@@ -1003,9 +1043,9 @@ rp_status rp_ckpt_load(const char *path, rp_model *weights, rp_model *adam_m, rp
     }
     /* Only the files this load reads are verified (a weights-only load or a
      * pipeline stage skips the rest), but all of them before any is read. */
-    rp_model *models[RP_CKPT_ROLES] = {weights, adam_m, adam_v};
-    int role_begin[RP_CKPT_ROLES + 1];
-    for (int r = 0; r < RP_CKPT_ROLES; r++) {
+    rp_model *models[MODEL_ROLES] = {weights, adam_m, adam_v};
+    int role_begin[MODEL_ROLES + 1];
+    for (int r = 0; r < MODEL_ROLES; r++) {
         role_begin[r] = n_used;
         if (!models[r]) continue;
         int listed = 0;
@@ -1021,7 +1061,7 @@ rp_status rp_ckpt_load(const char *path, rp_model *weights, rp_model *adam_m, rp
             goto done;
         }
     }
-    role_begin[RP_CKPT_ROLES] = n_used;
+    role_begin[MODEL_ROLES] = n_used;
     if ((st = verify_files(step_dir, used, n_used, err)) != RP_OK) goto done;
     for (int i = 0; i < n_used; i++) {
         char file[RP_CKPT_PATH_MAX];
@@ -1029,12 +1069,113 @@ rp_status rp_ckpt_load(const char *path, rp_model *weights, rp_model *adam_m, rp
         if ((st = rp_st_open(&shards[i], file, err)) != RP_OK) goto done;
         n_open++;
     }
-    for (int r = 0; r < RP_CKPT_ROLES && st == RP_OK; r++) {
+    for (int r = 0; r < MODEL_ROLES && st == RP_OK; r++) {
         if (!models[r]) continue;
         st = load_role(step_dir, role_names[r], shards + role_begin[r],
                        role_begin[r + 1] - role_begin[r], models[r], err);
     }
     if (st == RP_OK && progress) progress_from_manifest(man, progress);
+done:
+    for (int i = 0; i < n_open; i++) rp_st_close(&shards[i]);
+    free(shards);
+    free(used);
+    free(all);
+    rwkvpipe__checkpoint_manifest__free_unpacked(man, NULL);
+    return st;
+}
+
+static rp_status load_layer_extra(const char *path, const rp_config *cfg, int role,
+                                  int layer_begin, int layer_end, size_t per, float *out[3],
+                                  const char *want_meta, rp_error *err);
+
+rp_status rp_ckpt_load_tuned(const char *path, const rp_config *cfg, int layer_begin,
+                             int layer_end, float *out[3], rp_error *err) {
+    return load_layer_extra(path, cfg, ROLE_TUNED, layer_begin, layer_end,
+                            (size_t)cfg->n_head * cfg->head_size * cfg->head_size, out, NULL,
+                            err);
+}
+
+rp_status rp_ckpt_load_lora(const char *path, const rp_config *cfg, int layer_begin,
+                            int layer_end, size_t floats_per_layer, float *out[3],
+                            const char *want_meta, rp_error *err) {
+    return load_layer_extra(path, cfg, ROLE_LORA, layer_begin, layer_end, floats_per_layer, out,
+                            want_meta, err);
+}
+
+/* The per-layer tensors of the "tuned" or "lora" files (write_tuned). */
+static rp_status load_layer_extra(const char *path, const rp_config *cfg, int role,
+                                  int layer_begin, int layer_end, size_t per, float *out[3],
+                                  const char *want_meta, rp_error *err) {
+    char step_dir[RP_CKPT_PATH_MAX];
+    rp_status st = rp_ckpt_resolve(path, step_dir, sizeof step_dir, err);
+    if (st != RP_OK) return st;
+    manifest_t *man;
+    rp_config have;
+    if ((st = manifest_read(step_dir, &man, &have, err)) != RP_OK) return st;
+    rp_ckpt_file *all = NULL, *used = NULL;
+    rp_st_file *shards = NULL;
+    int n_used = 0, n_open = 0;
+    if (!config_equal(&have, cfg)) {
+        st = rp_error_set(err, RP_ERR_SHAPE, "%s: the checkpoint's model config does not match "
+                          "the model being tuned", step_dir);
+        goto done;
+    }
+    if ((st = manifest_files(man, &all, err)) != RP_OK) goto done;
+    const int n_all = (int)man->n_files;
+    used = rp_calloc((size_t)n_all + 1, sizeof *used, "checkpoint files", err);
+    shards = rp_calloc((size_t)n_all + 1, sizeof *shards, "checkpoint shards", err);
+    if (!used || !shards) {
+        st = RP_ERR_NOMEM;
+        goto done;
+    }
+    int listed = 0;
+    for (int i = 0; i < n_all; i++) {
+        if (strcmp(all[i].role, role_names[role]) != 0) continue;
+        listed = 1;
+        if (all[i].layer_begin < layer_end && layer_begin < all[i].layer_end) used[n_used++] = all[i];
+    }
+    if (!listed) {
+        st = rp_error_set(err, RP_ERR_FORMAT, "%s has no %s: it is not a checkpoint of a "
+                          "--tune %s run", step_dir, role == ROLE_LORA ? "LoRA adapters" :
+                          "tuned states", role == ROLE_LORA ? "lora" : "state");
+        goto done;
+    }
+    if ((st = verify_files(step_dir, used, n_used, err)) != RP_OK) goto done;
+    for (int i = 0; i < n_used; i++) {
+        char file[RP_CKPT_PATH_MAX];
+        if ((st = path_join(file, sizeof file, step_dir, used[i].name, err)) != RP_OK) goto done;
+        if ((st = rp_st_open(&shards[i], file, err)) != RP_OK) goto done;
+        n_open++;
+    }
+    if (want_meta) {
+        const char *v = n_open ? rp_st_meta(&shards[0], "lora") : NULL;
+        if (!v || strcmp(v, want_meta) != 0) {
+            st = rp_error_set(err, RP_ERR_ARG, "%s holds LoRA adapters of %s; this run asks for "
+                              "%s: resume with the same --lora-rank / --lora-alpha / "
+                              "--lora-targets", step_dir, v ? v : "(unknown)", want_meta);
+            goto done;
+        }
+    }
+    const size_t hnn = per;
+    for (int l = layer_begin; l < layer_end && st == RP_OK; l++)
+        for (int k = 0; k < 3 && st == RP_OK; k++) {
+            char name[96];
+            snprintf(name, sizeof name, "blocks.%d.%s%s", l,
+                     role == ROLE_LORA ? "lora" : "att.time_state", tuned_suffix[k]);
+            const rp_st_file *f = NULL;
+            const rp_st_tensor *t = find_in_shards(shards, n_open, name, &f);
+            if (!t) {
+                st = rp_error_set(err, RP_ERR_FORMAT, "%s: tensor '%s' is in none of the tuned "
+                                  "shards", step_dir, name);
+                break;
+            }
+            if (t->dtype != RP_DTYPE_F32 || t->numel != (int64_t)hnn) {
+                st = rp_error_set(err, RP_ERR_SHAPE, "%s: '%s' is not F32 with %zu elements "
+                                  "(another LoRA rank or target list?)", f->path, name, hnn);
+                break;
+            }
+            st = rp_st_read_f32(f, t, out[k] + hnn * (size_t)(l - layer_begin), (int64_t)hnn, err);
+        }
 done:
     for (int i = 0; i < n_open; i++) rp_st_close(&shards[i]);
     free(shards);
@@ -1078,6 +1219,9 @@ rp_status rp_ckpt_read_info(const char *path, rp_ckpt_info *info, rp_error *err)
         has_v |= strcmp(man->files[i]->role, "adam_v") == 0;
     }
     info->has_moments = has_m && has_v;
+    for (size_t i = 0; i < man->n_files; i++)
+        info->has_tuned |= strcmp(man->files[i]->role, "tuned") == 0,
+        info->has_lora |= strcmp(man->files[i]->role, "lora") == 0;
     snprintf(info->created_by, sizeof info->created_by, "%s",
              man->created_by ? man->created_by : "");
     info->created_unix = man->created_unix;

@@ -25,8 +25,10 @@
 #define RP_CKPT_MAX_STEP (UINT64_C(1) << 40)
 #define RP_CKPT_MAX_BATCH (UINT64_C(1) << 20)
 #define RP_CKPT_MAX_CTX (UINT64_C(1) << 20)
-/* Files per shard: weights, adam_m, adam_v. */
-#define RP_CKPT_ROLES 3
+/* Files per shard: weights, adam_m, adam_v, and with state tuning
+ * "tuned" (the tuned initial WKV states and their AdamW moments), with LoRA
+ * tuning "lora" (the adapters and their moments). */
+#define RP_CKPT_ROLES 5
 
 /* The scalar training state; integers only, so a resume is exact. */
 typedef struct {
@@ -49,6 +51,18 @@ typedef struct {
     const char *const *extra_values;
     int n_extra;
     int keep_last;                    /* keep the newest K complete checkpoints; 0: keep all */
+    /* State tuning (NULL: none): host [weights' layers][H][N][N] each, the
+     * tuned states, their adam_m and adam_v, written as the "tuned" file
+     * (blocks.L.att.time_state, .time_state_adam_m, .time_state_adam_v). */
+    const float *tuned[3];
+    /* LoRA tuning (NULL: none): host [weights' layers][lora_floats_per_layer]
+     * each, the adapters (model/lora.h layout), their adam_m and adam_v,
+     * written as the "lora" file (blocks.L.lora, .lora_adam_m, .lora_adam_v)
+     * with lora_meta (rank, alpha, targets) in its metadata. The weights
+     * are the base weights, not W'. */
+    const float *lora[3];
+    size_t lora_floats_per_layer;
+    const char *lora_meta;
 } rp_ckpt_contents;
 
 /* Saves c under dir (created if missing) as dir/step-NNNNNNNN/, points
@@ -70,6 +84,19 @@ rp_status rp_ckpt_save(const char *dir, const rp_ckpt_contents *c, rp_error *err
 rp_status rp_ckpt_load(const char *path, rp_model *weights, rp_model *adam_m, rp_model *adam_v,
                        rp_train_progress *progress, rp_error *err);
 
+/* The tuned states of layers [layer_begin, layer_end) and their moments
+ * (out[0..2], host [layers][H][N][N]) from a state-tuning checkpoint, any
+ * layout; verified like rp_ckpt_load. RP_ERR_FORMAT when it has none. */
+rp_status rp_ckpt_load_tuned(const char *path, const rp_config *cfg, int layer_begin,
+                             int layer_end, float *out[3], rp_error *err);
+
+/* The LoRA adapters of layers [layer_begin, layer_end) and their moments
+ * (out[0..2], host [layers][floats_per_layer]). RP_ERR_FORMAT when it has
+ * none; RP_ERR_ARG naming both when its lora_meta is not want_meta. */
+rp_status rp_ckpt_load_lora(const char *path, const rp_config *cfg, int layer_begin,
+                            int layer_end, size_t floats_per_layer, float *out[3],
+                            const char *want_meta, rp_error *err);
+
 /* What a checkpoint holds, from its manifest alone (no file is verified):
  * what a caller needs to allocate models before rp_ckpt_load. */
 typedef struct {
@@ -79,6 +106,8 @@ typedef struct {
     int has_optim;                    /* optim is valid */
     rp_optim_config optim;
     int has_moments;                  /* adam_m and adam_v files are listed */
+    int has_tuned;                    /* "tuned" files are listed (a state-tuning run) */
+    int has_lora;                     /* "lora" files are listed (a LoRA run) */
     char created_by[128];
     uint64_t created_unix;
 } rp_ckpt_info;

@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "model/backward.h"
+#include "model/lora.h"
 #include "pipe/pipe_train.h"
 #include "pipe/transport.h"
 #include "train/checkpoint.h"
@@ -618,6 +619,35 @@ static rp_status save_tuned_states(const rp_model *model, const rp_pipe_trainer 
     return st;
 }
 
+/* Writes every stage's adapters (replica 0's) as one adapter file from
+ * rank 0, as save_tuned_states does with the states. */
+static rp_status save_lora(const rp_model *model, const rp_lora *lo, const rp_train_options *o,
+                           rp_transport *tp, rp_error *err) {
+    const rp_grid *g = o->grid;
+    if (g && g->replica != 0) return RP_OK;
+    const rp_config *c = &model->cfg;
+    const size_t per = lo->floats_per_layer;
+    const int stage = g ? g->stage : 0, n_stages = g ? g->pp : 1;
+    float *all = malloc((per * (size_t)c->n_layer + 1) * sizeof(float));
+    float *mine = malloc((lo->floats + 1) * sizeof(float));
+    rp_status st = RP_OK;
+    if (!all || !mine) st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the LoRA adapters");
+    else rp_lora_to_host(lo, mine);
+    for (int s = 1; s < n_stages && st == RP_OK; s++) {
+        const size_t n = per * (size_t)(g->layer_end[s] - g->layer_begin[s]);
+        if (stage == 0 || stage == s)
+            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + per * g->layer_begin[s] : NULL,
+                                           mine, n * sizeof(float), "LoRA adapters", err);
+    }
+    if (st == RP_OK && stage == 0) {
+        memcpy(all, mine, lo->floats * sizeof(float));
+        st = rp_lora_save(c, lo->rank, lo->alpha, lo->targets, all, o->lora_out, err);
+    }
+    free(all);
+    free(mine);
+    return st;
+}
+
 /* ---- training ---- */
 
 static void format_duration(char *out, size_t size, double seconds) {
@@ -663,6 +693,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     memset(&adam_v, 0, sizeof adam_v);
     rp_pipe_trainer pt;
     memset(&pt, 0, sizeof pt);
+    rp_lora lora;
+    memset(&lora, 0, sizeof lora);
+    float *tuned_host[3] = {NULL, NULL, NULL};  /* state tuning: checkpoint staging */
+    float *lora_host[3] = {NULL, NULL, NULL};   /* LoRA: checkpoint staging */
     rp_transport tp_storage, *tp = NULL;
     rp_transport world_storage, *world = NULL;  /* over every rank: the stop request */
     FILE *metrics = NULL;
@@ -694,6 +728,22 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
     if (o->zero && (st = rp_pipe_trainer_use_zero(&pt, &zero, err)) != RP_OK) goto done;
     print_memory(o, model, &grads, o->zero ? &zero : NULL);
+    for (int k = 0; o->tune_state && k < 3; k++)
+        if (!(tuned_host[k] = malloc((pt.tuned_floats + 1) * sizeof(float)))) {
+            st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the tuned states");
+            goto done;
+        }
+    if (o->tune_lora) {
+        if ((st = rp_lora_init(&lora, model, o->lora_rank, o->lora_alpha, o->lora_targets,
+                               o->seed, err)) != RP_OK)
+            goto done;
+        pt.lora = &lora;
+        for (int k = 0; k < 3; k++)
+            if (!(lora_host[k] = malloc((lora.floats + 1) * sizeof(float)))) {
+                st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the LoRA adapters");
+                goto done;
+            }
+    }
     if (is_rank0 && o->metrics_path && !(metrics = fopen(o->metrics_path, "w"))) {
         st = rp_error_set(err, RP_ERR_IO, "cannot open the metrics log %s", o->metrics_path);
         goto done;
@@ -710,6 +760,30 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             rp_zero_take(&zero, &adam_m, &adam_v);
             rp_model_free(&adam_m);
             rp_model_free(&adam_v);
+        }
+        if (o->tune_state) {
+            /* The states and moments continue exactly where the run stopped. */
+            if ((st = rp_ckpt_load_tuned(o->resume_path, cfg, model->layer_begin,
+                                         model->layer_end, tuned_host, err)) != RP_OK)
+                goto done;
+            float *dev[3] = {pt.tuned, pt.tuned_m, pt.tuned_v};
+            for (int k = 0; k < 3; k++)
+                be->copy_to_device(be, dev[k], tuned_host[k], pt.tuned_floats * sizeof(float));
+        }
+        if (o->tune_lora) {
+            /* The checkpoint holds the base weights: they become the base,
+             * then the adapters and moments continue where the run stopped. */
+            char want[192];
+            rp_lora_rebase(&lora);
+            rp_lora_describe(&lora, want, sizeof want);
+            if ((st = rp_ckpt_load_lora(o->resume_path, cfg, model->layer_begin,
+                                        model->layer_end, lora.floats_per_layer, lora_host, want,
+                                        err)) != RP_OK)
+                goto done;
+            float *dev[3] = {lora.params, lora.adam_m, lora.adam_v};
+            for (int k = 0; k < 3; k++)
+                be->copy_to_device(be, dev[k], lora_host[k], lora.floats * sizeof(float));
+            rp_lora_apply(&lora);
         }
         if (progress.seed != o->seed) {
             st = rp_error_set(err, RP_ERR_ARG,
@@ -831,7 +905,30 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             rp_ckpt_contents c = {.weights = model, .adam_m = &adam_m, .adam_v = &adam_v,
                                   .progress = progress, .optim = &optim,
                                   .keep_last = o->keep_last};
-            if ((st = save_checkpoint_zero(o, tp, &c, &zero, err)) != RP_OK) goto done;
+            char lora_meta[192];
+            if (o->tune_lora) {
+                /* The adapters and their moments, over the base weights. */
+                float *dev[3] = {lora.params, lora.adam_m, lora.adam_v};
+                for (int k = 0; k < 3; k++) {
+                    be->copy_to_host(be, lora_host[k], dev[k], lora.floats * sizeof(float));
+                    c.lora[k] = lora_host[k];
+                }
+                c.lora_floats_per_layer = lora.floats_per_layer;
+                rp_lora_describe(&lora, lora_meta, sizeof lora_meta);
+                c.lora_meta = lora_meta;
+                rp_lora_unapply(&lora);
+            }
+            if (o->tune_state) {
+                /* The tuned states and their moments go with it (host copies). */
+                float *dev[3] = {pt.tuned, pt.tuned_m, pt.tuned_v};
+                for (int k = 0; k < 3; k++) {
+                    be->copy_to_host(be, tuned_host[k], dev[k], pt.tuned_floats * sizeof(float));
+                    c.tuned[k] = tuned_host[k];
+                }
+            }
+            st = save_checkpoint_zero(o, tp, &c, &zero, err);
+            if (o->tune_lora) rp_lora_apply(&lora);
+            if (st != RP_OK) goto done;
             char name[64];
             rp_ckpt_step_name(name, sizeof name, progress.step);
             if (is_rank0 && eval_loss < best_eval) {
@@ -862,7 +959,14 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     if (o->save_path && !result->stopped_by_signal) st = save_weights(model, o, tp, err);
     if (st == RP_OK && o->tune_state && o->state_out)
         st = save_tuned_states(model, &pt, o, tp, err);
+    if (st == RP_OK && o->tune_lora && o->lora_out && !result->stopped_by_signal)
+        st = save_lora(model, &lora, o, tp, err);
 done:
+    rp_lora_free(&lora);
+    for (int k = 0; k < 3; k++) {
+        free(tuned_host[k]);
+        free(lora_host[k]);
+    }
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);
     if (tp) rp_transport_free(tp);

@@ -35,6 +35,15 @@ typedef struct {
      * Evaluation starts from the tuned states. */
     int tune_state;
     const char *state_out;
+    /* LoRA tuning (docs/training.md, LoRA; model/lora.h): adapters of rank
+     * lora_rank, scale lora_alpha / lora_rank, on the lora_targets mask of
+     * every layer, base weights frozen; written to lora_out. The model runs
+     * on W + s B A, so -o writes the merged weights. */
+    int tune_lora;
+    int lora_rank;
+    float lora_alpha;
+    unsigned lora_targets;
+    const char *lora_out;
     int batch_size;             /* sequences per optimizer step */
     int micro_batch_size;            /* sequences per forward/backward */
     int loss_on_answers_only;   /* synthetic tasks: loss only where the mask is set */
