@@ -52,28 +52,13 @@ typedef struct {
     rp_state state;
 } fixture;
 
-static unsigned long long launches_now(void) {
+/* The emulator's counters now; counter(launches) reads one of them. */
+static rp_emu_counters counters_now(void) {
     rp_emu_counters c;
     rp_emu_counts(&c);
-    return c.launches;
+    return c;
 }
-static unsigned long long allocs_now(void) {
-    rp_emu_counters c;
-    rp_emu_counts(&c);
-    return c.allocs;
-}
-
-static unsigned long long converts_now(void) {
-    rp_emu_counters c;
-    rp_emu_counts(&c);
-    return c.bf16_converts;
-}
-
-static unsigned long long graph_launches_now(void) {
-    rp_emu_counters c;
-    rp_emu_counts(&c);
-    return c.graph_launches;
-}
+#define counter(field) (counters_now().field)
 
 static int setup(void **s) {
     fixture *f = calloc(1, sizeof *f);
@@ -179,9 +164,9 @@ static unsigned long long layer_launches(fixture *f, int layer, int n_seq) {
     rp_error err;
     assert_int_equal(rp_model_embed(&f->model, &f->ws, tokens, &b, &err), RP_OK);
     for (int l = 0; l < layer; l++) rp_model_block_forward(&f->model, &f->ws, l, &f->state, &b);
-    const unsigned long long before = launches_now();
+    const unsigned long long before = counter(launches);
     rp_model_block_forward(&f->model, &f->ws, layer, &f->state, &b);
-    const unsigned long long n = launches_now() - before;
+    const unsigned long long n = counter(launches) - before;
     f->be->synchronize(f->be);
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
     return n;
@@ -210,9 +195,9 @@ static void test_decode_launch_budget(void **s) {
 static void test_train_convert_budget(void **s) {
     fixture *f = *s;
     train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 0);
-    const unsigned long long before = converts_now();
+    const unsigned long long before = counter(bf16_converts);
     train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 1);
-    const unsigned long long n = converts_now() - before;
+    const unsigned long long n = counter(bf16_converts) - before;
     fprintf(stderr, "bf16 conversion kernels per training step: %llu (L=%d, budget %d)\n", n,
             f->model.cfg.n_layer, TRAIN_CONVERT_BUDGET);
     assert_true(n <= TRAIN_CONVERT_BUDGET);
@@ -274,18 +259,18 @@ static void test_no_allocation_after_warm_up(void **s) {
     assert_non_null(logits);
     decode_step(f, MAX_SEQS, 0, logits);
     train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 0);
-    const unsigned long long before = allocs_now(), graphs = graph_launches_now();
+    const unsigned long long before = counter(allocs), graphs = counter(graph_launches);
     for (int i = 1; i <= 3; i++) {
         decode_step(f, 1 + i % MAX_SEQS, i, logits);
         train_step(f, 1 + i % MAX_SEQS, MAX_ROWS / MAX_SEQS - i, i);
         train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, i);
     }
     decode_step(f, MAX_SEQS, 4, logits); /* a replayed step graph */
-    const unsigned long long n = allocs_now() - before;
+    const unsigned long long n = counter(allocs) - before;
     printf("allocations/frees after warm-up: %llu (%llu decode step graph launches)\n", n,
-           graph_launches_now() - graphs);
+           counter(graph_launches) - graphs);
     assert_int_equal(n, 0);
-    assert_true(graph_launches_now() - graphs >= 2);
+    assert_true(counter(graph_launches) - graphs >= 2);
     f->be->free(f->be, logits);
 }
 
@@ -307,12 +292,12 @@ static void test_reserve_sizes_uploads(void **s) {
     assert_non_null(x);
     assert_non_null(tokens);
     for (int r = 0; r < R; r++) tokens[r] = (int32_t)(r * 7 % V);
-    const unsigned long long before = allocs_now();
+    const unsigned long long before = counter(allocs);
     be->embedding(be, x, demb, tokens, R, C);
     be->embedding_backward(be, demb, dx, tokens, R, C);
     be->synchronize(be);
     assert_int_equal(be->status(be, &err), RP_OK);
-    const unsigned long long n = allocs_now() - before;
+    const unsigned long long n = counter(allocs) - before;
     printf("allocations/frees in embedding + embedding_backward of %d rows: %llu\n", R, n);
     assert_int_equal(n, 0);
     free(tokens);
@@ -502,9 +487,9 @@ static void test_decode_model_twin(void **s) {
     for (int step = 0; step < 6; step++) {
         unsigned long long launched[3];
         for (int i = 0; i < 3; i++) {
-            const unsigned long long before = launches_now();
+            const unsigned long long before = counter(launches);
             side_step(&side[i], n_seq[step], step, logits[i], state[i]);
-            launched[i] = launches_now() - before;
+            launched[i] = counter(launches) - before;
         }
         /* the fused side really ran the fused ops */
         assert_true(launched[1] + 2 * 6 * side[0].model.cfg.n_layer <= launched[2]);
@@ -579,10 +564,10 @@ static void test_decode_graph_replay(void **s) {
     int step = 0;
     for (int bi = 0; bi < 2; bi++)
         for (int k = 0; k < 4; k++, step++) {
-            const unsigned long long l0 = launches_now(), g0 = graph_launches_now();
+            const unsigned long long l0 = counter(launches), g0 = counter(graph_launches);
             graph_step(&side[0], dl[0], batch[bi], step, logits[0], state[0]);
-            const unsigned long long launched = launches_now() - l0,
-                                     graphs = graph_launches_now() - g0;
+            const unsigned long long launched = counter(launches) - l0,
+                                     graphs = counter(graph_launches) - g0;
             graph_step(&side[1], dl[1], batch[bi], step, logits[1], state[1]);
             const int same_logits =
                 !memcmp(logits[0], logits[1], (size_t)batch[bi] * V * sizeof(float));
