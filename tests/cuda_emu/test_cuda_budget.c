@@ -38,8 +38,14 @@
  * 15's bf16 activations (every GEMM converted its activation operands: 14
  * forward and 42 backward per layer, 12 and 36 in layer 0, 4 for the head);
  * 45 once the producers write their GEMM operands in bf16 and GEMMs share
- * conversions (rp_cuda_act16). Lower it with every producer that does. */
-#define TRAIN_CONVERT_BUDGET 45
+ * conversions (rp_cuda_act16); 28 once kernels declare what they write
+ * (RP_CUDA_LAUNCHED_OUT, so a copy outlives the ops between its producer and
+ * its GEMMs) and the layernorm, bias + activation and bonus/gate backward
+ * kernels write their output gradients in bf16 too. Left: saved forward
+ * activations (ffn hidden, kf, og, the four LoRA hiddens), the a/v LoRA
+ * hiddens and their gradients out of GEMMs, dr/dk/dv. Lower it with every
+ * producer that does. */
+#define TRAIN_CONVERT_BUDGET 28
 
 #define MAX_ROWS 24
 #define MAX_SEQS 3
