@@ -539,6 +539,8 @@ static void cuda_destroy(rp_backend *be) {
         rp_cuda_step_destroy(cx);
         for (int i = 0; i < cx->n_weights; i++) cudaFree(cx->weights[i].shadow);
         free(cx->weights);
+        if (cx->dec_part) cudaFree(cx->dec_part);
+        if (cx->dec_count) cudaFree(cx->dec_count);
         for (int a = 0; a < RP_CUDA_SCRATCH_COUNT; a++)
             if (cx->scratch[a]) cudaFree(cx->scratch[a]);
         upload_slot_extra *extra = upload_extra(cx);

@@ -106,6 +106,8 @@ struct rp_cuda_ctx {
     int act16_off;                // rp_cuda_backend_set_act16(be, 0): no sharing
     unsigned long long seq, clock;  // see rp_cuda_act16
     struct rp_cuda_step *step;  // decode step graphs (cuda_graph.cu); NULL until used
+    float *dec_part;            // gemv_group split-K partial sums (cuda_decode.cu)
+    unsigned *dec_count;        // and its tile counters; NULL until used
 };
 
 static inline rp_cuda_ctx *rp_cuda_of(rp_backend *be) { return (rp_cuda_ctx *)be->impl; }

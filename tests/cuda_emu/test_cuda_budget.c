@@ -209,6 +209,60 @@ static void test_train_convert_budget(void **s) {
     assert_true(n <= TRAIN_CONVERT_BUDGET);
 }
 
+/* A LoRA down-projection GEMV (W [K,N], N = 64 columns: 2 blocks of 32
+ * unsplit) runs split-K: at least 4 blocks per column tile, and the slices'
+ * sum is right on every call (the tile counters reset for the next launch
+ * and graph replay). Three calls with new x each, against a double sum. */
+static float *to_device(rp_backend *be, const float *host, size_t n);
+
+static void test_decode_lora_down_split(void **s) {
+    fixture *f = *s;
+    rp_backend *be = f->be;
+    enum { M = 3, N = 64, K = 512 };
+    float *hx = malloc(sizeof(float) * M * K), *hw = malloc(sizeof(float) * K * N);
+    float *hy = malloc(sizeof(float) * M * N);
+    assert_non_null(hx);
+    assert_non_null(hw);
+    assert_non_null(hy);
+    uint32_t h = 777u;
+#define RAND() ((h = h * 1664525u + 1013904223u), (float)(h >> 8) / 16777216.0f * 2.0f - 1.0f)
+    for (int i = 0; i < K * N; i++) hw[i] = RAND() * 0.05f;
+    float *x = be->alloc(be, sizeof(float) * M * K), *w = to_device(be, hw, (size_t)K * N);
+    float *y = be->alloc(be, sizeof(float) * M * N);
+    assert_non_null(x);
+    assert_non_null(y);
+    for (int call = 0; call < 3; call++) {
+        for (int i = 0; i < M * K; i++) hx[i] = RAND();
+        be->copy_to_device(be, x, hx, sizeof(float) * M * K);
+        const rp_gemv_job job = {y, x, w, NULL, N, K, 1, 0.0f, RP_ACT_TANH};
+        const unsigned long long before = counter(gemv_group_blocks);
+        be->gemv_group(be, &job, 1, M);
+        const unsigned long long blocks = counter(gemv_group_blocks) - before;
+        be->copy_to_host(be, hy, y, sizeof(float) * M * N);
+        rp_error err;
+        assert_int_equal(be->status(be, &err), RP_OK);
+        double worst = 0;
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) {
+                double acc = 0;
+                for (int k = 0; k < K; k++) acc += (double)hx[m * K + k] * hw[k * N + n];
+                const double e = fabs(tanh(acc) - hy[m * N + n]);
+                if (e > worst) worst = e;
+            }
+        printf("LoRA down GEMV M=%d N=%d K=%d call %d: %llu blocks, max |error| %.2e\n", M, N, K,
+               call, blocks, worst);
+        assert_true(blocks >= 4 * ((N + 31) / 32));
+        assert_true(worst <= 1e-5);
+    }
+#undef RAND
+    be->free(be, x);
+    be->free(be, w);
+    be->free(be, y);
+    free(hx);
+    free(hw);
+    free(hy);
+}
+
 /* All of a model's gradients, copied to the host: n floats. */
 static float *grads_to_host(fixture *f, size_t *n) {
     const rp_model *g = &f->grads;
@@ -637,6 +691,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_no_allocation_after_warm_up, setup, teardown),
         cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_decode_lora_down_split, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_twin, setup, teardown),
         cmocka_unit_test(test_decode_model_twin),
