@@ -112,8 +112,14 @@ static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R
     double bytes = 0, flops = 0;
     ew(l, "ln_shift_mix (time mix)", 1, R, C, 2 + 1 + 6, 2 + 6, 8 + 3 * 6);
     for (int i = 0; i < 3; i++) gemv_part(l, &bytes, &flops, R, C, C, 0);
-    for (int i = 0; i < loras; i++) gemv_part(l, &bytes, &flops, R, ranks[i], C, 0);
-    add(l, "gemv_group (r, k, v, LoRA downs)", 1, bytes, flops, 0);
+    for (int i = 0; i < loras; i++) {
+        gemv_part(l, &bytes, &flops, R, ranks[i], C, 0);
+        /* split-K over up to 8 blocks per 32 columns (cuda_decode.cu): the
+         * slices' partial sums written and read back once */
+        const double split = C / 64 > 8 ? 8 : C / 64;
+        bytes += split > 1 ? 2 * 4.0 * split * R * ranks[i] : 0;
+    }
+    add(l, "gemv_group (r, k, v, LoRA downs split-K)", 1, bytes, flops, 0);
     bytes = flops = 0;
     for (int i = 0; i < loras; i++) {
         gemv_part(l, &bytes, &flops, R, C, ranks[i], 0);
@@ -202,34 +208,39 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     const double ranks[4] = {c->d_decay, c->d_iclr, c->d_gate, c->d_value};
     const int loras = layer == 0 ? 3 : 4;
     const double state = 4.0 * H * N * N;
-    ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);
+    /* the dx kernels (half of these launches) also write dx in bf16: the dY
+     * of the FFN value and output GEMM backwards */
+    ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4 + BF16_OUT / 2, 4, 12);
     ew(l, "token_shift backward", 2, R, C, 3, 0, 1);
     /* The first of the time mix's and the channel mix's lerps writes dx and
      * dprev with beta 0 (reads dy, x, prev): no read of dx, dprev. */
     ew(l, "lerp backward (+ params)", 6 + (layer > 0) + 1 - 2, R, C, 7, 2, 6);
     ew(l, "lerp backward, first write (beta 0)", 2, R, C, 5, 2, 6);
-    /* output (dy and the saved og converted), value (dv; the value mix is
-     * stale by then), key and receptance (dk, dr; their mix just recomputed) */
-    gemm_backward(l, "GEMM backward C x C", 2, R, C, C, 0, 0);
-    gemm_backward(l, "GEMM backward C x C", 2, R, C, C, 0, 1);
+    /* output: dy in bf16 from layernorm backward, the saved og converted;
+     * value, key, receptance: dv, dk, dr converted, their mix still valid
+     * (the kernels between declare what they write: RP_CUDA_LAUNCHED_OUT) */
+    gemm_backward(l, "GEMM backward C x C", 1, R, C, C, 1, 0);
+    gemm_backward(l, "GEMM backward C x C", 3, R, C, C, 0, 1);
     for (int i = 0; i < loras; i++) {
-        /* up: dy and the saved hidden converted; down: d hidden written in
-         * bf16 by bias_act backward (w, g) or converted (a, v); the mix is
-         * still valid for a (nothing launched since its recompute) */
-        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 0, 0);
-        gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C, i == 0 || i == 2, i == 1);
+        /* up: dy in bf16 from bias_act backward (w, a, v) or bonus_gate
+         * backward (g), the saved hidden converted; down: d hidden written
+         * in bf16 by bias_act backward (w, g) or converted (a, v: a GEMM's
+         * output), the mix still valid */
+        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 1, 0);
+        gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C, i == 0 || i == 2, 1);
         if (i == 0 || i == 2) {
             ew(l, "bias_act backward (LoRA hidden)", 1, R, ranks[i], 3 + BF16_OUT, 0, 4);
         }
     }
-    ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3, 1, 4);
+    /* its row kernels (half of these launches) also write d pre in bf16 */
+    ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3 + BF16_OUT / 2, 1, 4);
     if (layer > 0) ew(l, "value_residual backward", 1, R, C, 7, 0, 6);
     ew(l, "key_prepare backward", 1, R, C, 8, 4, 12);
     add(l, "wkv7_backward", 1,
         14.0 * 4 * R * C + 2 * S * state + R / 16 * state,
         WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM * R * C * N, 0);
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
-    ew(l, "bonus_gate backward", 1, R, C, 11, 2, 12);
+    ew(l, "bonus_gate backward (+ bf16 dg)", 1, R, C, 11 + BF16_OUT, 2, 12);
     /* key: d hidden written in bf16 by the relu^2 backward, the saved kf
      * converted; value: dy and the saved relu^2 hidden converted */
     gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, 0);

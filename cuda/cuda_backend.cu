@@ -184,7 +184,7 @@ void rp_cuda_sum_partials(rp_cuda_ctx *cx, float *out, const float *partials, in
     if (n == 0) return;
     sum_partials_kernel<<<rp_cuda_blocks(n, 256), 256, 0, cx->stream>>>(out, partials, n_parts, n,
                                                                          accumulate);
-    RP_CUDA_LAUNCHED(cx, "sum_partials");
+    RP_CUDA_LAUNCHED_OUT(cx, "sum_partials", {out, n * sizeof(float)});
 }
 
 // ---- bf16 copies ----
@@ -264,6 +264,13 @@ void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes) {
         const char *ab = (const char *)a->p, *ae = ab + a->n * sizeof(float);
         if (ab < e && b < ae) a->p = NULL;
     }
+}
+
+int rp_cuda_launched_out(rp_cuda_ctx *cx, const char *name, const char *file, int line,
+                         std::initializer_list<rp_cuda_out> outs) {
+    for (const rp_cuda_out &o : outs)
+        if (o.p && o.bytes) rp_cuda_act16_forget(cx, o.p, o.bytes);
+    return rp_cuda_record(cx, cudaGetLastError(), name, file, line);
 }
 
 __nv_bfloat16 *rp_cuda_weight_shadow(rp_cuda_ctx *cx, const float *p, size_t n) {
@@ -407,7 +414,7 @@ static void cuda_add(rp_backend *be, float *y, const float *x, size_t n) {
     const unsigned cap = (unsigned)cx->n_sm * 16;
     if (blocks > cap) blocks = cap;
     add_kernel<<<blocks, 256, 0, cx->stream>>>(y, x, n);
-    RP_CUDA_LAUNCHED(cx, "add");
+    RP_CUDA_LAUNCHED_OUT(cx, "add", {y, n * sizeof(float)});
 }
 
 // Sizes every host-array upload slot for `rows` rows and `seqs` sequences up
@@ -532,6 +539,8 @@ static void cuda_destroy(rp_backend *be) {
         rp_cuda_step_destroy(cx);
         for (int i = 0; i < cx->n_weights; i++) cudaFree(cx->weights[i].shadow);
         free(cx->weights);
+        if (cx->dec_part) cudaFree(cx->dec_part);
+        if (cx->dec_count) cudaFree(cx->dec_count);
         for (int a = 0; a < RP_CUDA_SCRATCH_COUNT; a++)
             if (cx->scratch[a]) cudaFree(cx->scratch[a]);
         upload_slot_extra *extra = upload_extra(cx);

@@ -126,7 +126,8 @@ __global__ static void layernorm_backward_dx_kernel(float *__restrict__ dx,
                                                     const float *__restrict__ mean,
                                                     const float *__restrict__ rstd,
                                                     const float *__restrict__ weight, int C,
-                                                    int accumulate) {
+                                                    int accumulate,
+                                                    __nv_bfloat16 *__restrict__ dx16) {
     const int r = blockIdx.x;
     const size_t o = (size_t)r * C;
     const float mu = mean[r], rs = rstd[r];
@@ -152,6 +153,8 @@ __global__ static void layernorm_backward_dx_kernel(float *__restrict__ dx,
         for (int i = 0; i < W; i++)
             dxv.v[i] += rs * (dyv.v[i] * wv.v[i] - mean_d - (xv.v[i] - mu) * rs * mean_dxh);
         store<W>(dx + o + c, dxv);
+        if (dx16)
+            for (int i = 0; i < W; i++) dx16[o + c + i] = __float2bfloat16(dxv.v[i]);
     }
 }
 
@@ -246,7 +249,8 @@ static void norm_backward_params(rp_cuda_ctx *cx, float *dweight, float *dbias, 
     else
         norm_backward_params_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
             part_w, part_b, dy, x, mean, rstd, R, C, G, rows_per_chunk);
-    if (!RP_CUDA_LAUNCHED(cx, "norm_backward_params")) return;
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "norm_backward_params", {scratch, 2 * part * sizeof(float)}))
+        return;
     if (dweight) rp_cuda_sum_partials(cx, dweight, part_w, chunks, (size_t)C, 1);
     if (dbias) rp_cuda_sum_partials(cx, dbias, part_b, chunks, (size_t)C, 1);
 }
@@ -263,14 +267,17 @@ static void cuda_layernorm_backward_beta(rp_backend *be, float *dx, float *dweig
     const int W = vector_width((size_t)C, dx, dy, x, weight);
     int threads = (C / W + 31) / 32 * 32;
     threads = threads > ROW_THREADS_MAX ? ROW_THREADS_MAX : threads;
+    // dx is the output gradient of a block's residual: the next GEMM backward's dY
+    __nv_bfloat16 *dx16 = rp_cuda_act16_for_rows(cx, dx, (size_t)R * C, R);
     if (W == 4)
-        layernorm_backward_dx_kernel<4><<<R, threads, 0, cx->stream>>>(dx, dy, x, mean, rstd,
-                                                                       weight, C, accumulate);
+        layernorm_backward_dx_kernel<4><<<R, threads, 0, cx->stream>>>(
+            dx, dy, x, mean, rstd, weight, C, accumulate, dx16);
     else
-        layernorm_backward_dx_kernel<1><<<R, threads, 0, cx->stream>>>(dx, dy, x, mean, rstd,
-                                                                       weight, C, accumulate);
-    if (!RP_CUDA_LAUNCHED(cx, "layernorm_backward")) return;
+        layernorm_backward_dx_kernel<1><<<R, threads, 0, cx->stream>>>(
+            dx, dy, x, mean, rstd, weight, C, accumulate, dx16);
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "layernorm_backward", {dx, (size_t)R * C * sizeof(float)})) return;
     norm_backward_params(cx, dweight, dbias, dy, x, mean, rstd, R, C, C);
+    if (dx16) rp_cuda_act16_publish(cx, dx16, dx, (size_t)R * C);
 }
 
 static void cuda_layernorm_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
@@ -288,7 +295,7 @@ static void cuda_groupnorm_backward(rp_backend *be, float *dx, float *dweight, f
     const size_t warps = (size_t)R * (C / N);
     groupnorm_backward_dx_kernel<<<rp_cuda_blocks(warps, ROW_WARP_THREADS / 32), ROW_WARP_THREADS,
                                    0, cx->stream>>>(dx, dy, x, mean, rstd, weight, R, C, N);
-    if (!RP_CUDA_LAUNCHED(cx, "groupnorm_backward")) return;
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "groupnorm_backward", {dx, (size_t)R * C * sizeof(float)})) return;
     norm_backward_params(cx, dweight, dbias, dy, x, mean, rstd, R, C, N);
 }
 
@@ -438,7 +445,9 @@ static void cuda_lerp_backward_beta(rp_backend *be, float *dx, float *dprev, flo
     else
         lerp_backward_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
             dx, dprev, part_mu, dy, x, prev, mu, R, C, rows_per_chunk, accumulate);
-    if (!RP_CUDA_LAUNCHED(cx, "lerp_backward")) return;
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "lerp_backward", {dx, (size_t)R * C * sizeof(float)}, {dprev, (size_t)R * C * sizeof(float)},
+                              {part_mu, (size_t)chunks * C * sizeof(float)}))
+        return;
     if (dmu) rp_cuda_sum_partials(cx, dmu, part_mu, chunks, (size_t)C, 1);
 }
 
@@ -485,7 +494,8 @@ template <int W>
 __global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
                                                      float *__restrict__ part_b,
                                                      const float *__restrict__ y, int R, int C,
-                                                     int act, int rows_per_chunk) {
+                                                     int act, int rows_per_chunk,
+                                                     __nv_bfloat16 *__restrict__ dy16) {
     constexpr int TILE = 32 * W;
     __shared__ float sh[ROW_WARPS * TILE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -503,6 +513,8 @@ __global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
                 for (int i = 0; i < W; i++) d.v[i] *= act_derivative(act, yv.v[i]);
                 store<W>(dy + o, d);
             }
+            if (dy16)
+                for (int i = 0; i < W; i++) dy16[o + i] = __float2bfloat16(d.v[i]);
             for (int i = 0; i < W; i++) acc[i] += d.v[i];
         }
     }
@@ -528,7 +540,7 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
         else
             bias_act_backward_kernel<1><<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y, n, act,
                                                                                   dy16);
-        RP_CUDA_LAUNCHED(cx, "bias_act_backward");
+        RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, n * sizeof(float)});
         if (dy16) rp_cuda_act16_publish(cx, dy16, dy, n);
         return;
     }
@@ -538,14 +550,19 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
     if (!part_b) return;
     const int W = vector_width((size_t)C, dy, y);
     const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
+    // d pre is the dY of the LoRA up-projection's backward GEMMs
+    __nv_bfloat16 *dy16 = rp_cuda_act16_for_rows(cx, dy, (size_t)R * C, R);
     if (W == 4)
         bias_act_backward_bias_kernel<4><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y, R, C, (int)act, rows_per_chunk);
+            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16);
     else
         bias_act_backward_bias_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y, R, C, (int)act, rows_per_chunk);
-    if (!RP_CUDA_LAUNCHED(cx, "bias_act_backward")) return;
+            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16);
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, (size_t)R * C * sizeof(float)},
+                              {part_b, (size_t)chunks * C * sizeof(float)}))
+        return;
     rp_cuda_sum_partials(cx, dbias, part_b, chunks, (size_t)C, 1);
+    if (dy16) rp_cuda_act16_publish(cx, dy16, dy, (size_t)R * C);
 }
 
 // ---- value residual ----
@@ -592,7 +609,8 @@ static void cuda_value_residual_backward(rp_backend *be, float *dv, float *dv_fi
     else
         value_residual_backward_kernel<1><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
             dv, dv_first, dnu, v, v_first, nu, n);
-    RP_CUDA_LAUNCHED(cx, "value_residual_backward");
+    RP_CUDA_LAUNCHED_OUT(cx, "value_residual_backward", {dv, n * sizeof(float)},
+                         {dv_first, n * sizeof(float)}, {dnu, n * sizeof(float)});
 }
 
 // ---- key prepare ----
@@ -692,7 +710,9 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
     const dim3 grid(C / KEY_HEAD_SIZE, chunks);
     key_prepare_backward_kernel<<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
         dk, da, part_kk, part_ka, dkk, k, a, k_k, k_a, R, C, rows_per_chunk);
-    if (!RP_CUDA_LAUNCHED(cx, "key_prepare_backward")) return;
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "key_prepare_backward", {dk, (size_t)R * C * sizeof(float)}, {da, (size_t)R * C * sizeof(float)},
+                              {part_kk, part * sizeof(float)}, {part_ka, part * sizeof(float)}))
+        return;
     if (dk_k) rp_cuda_sum_partials(cx, dk_k, part_kk, chunks, (size_t)C, 1);
     if (dk_a) rp_cuda_sum_partials(cx, dk_a, part_ka, chunks, (size_t)C, 1);
 }
@@ -712,7 +732,8 @@ __global__ static void bonus_gate_backward_kernel(
     float *__restrict__ dv, float *__restrict__ part_rk, float *__restrict__ dg,
     const float *__restrict__ dout, const float *__restrict__ o, const float *__restrict__ r,
     const float *__restrict__ k, const float *__restrict__ v, const float *__restrict__ r_k,
-    const float *__restrict__ g, int R, int C, int rows_per_chunk, int accumulate) {
+    const float *__restrict__ g, int R, int C, int rows_per_chunk, int accumulate,
+    __nv_bfloat16 *__restrict__ dg16) {
     constexpr int N = 32 * E;
     __shared__ float sh[ROW_WARPS * N];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -738,7 +759,9 @@ __global__ static void bonus_gate_backward_kernel(
         for (int e = 0; e < E; e++) {
             const size_t i = q + 32 * e;
             const float dout_i = dout[i], dz = dout_i * g[i];
-            dg[i] = dout_i * (o[i] + s * vv[e]);
+            const float dgi = dout_i * (o[i] + s * vv[e]);
+            dg[i] = dgi;
+            if (dg16) dg16[i] = __float2bfloat16(dgi);
             d_o[i] = dz;
             dv[i] = (accumulate ? dv[i] : 0.0f) + dz * s;
             dsum += dz * vv[e];
@@ -780,10 +803,12 @@ static void cuda_bonus_gate_backward_beta(rp_backend *be, float *d_o, float *dr,
         if (!part_rk) return;
     }
     const dim3 grid(C / N, chunks);
+    // dg is the dY of the gate LoRA's backward GEMMs
+    __nv_bfloat16 *dg16 = rp_cuda_act16_for_rows(cx, dg, (size_t)R * C, R);
 #define BONUS_GATE_LAUNCH(E)                                                                    \
     bonus_gate_backward_kernel<E><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(                   \
         d_o, dr, dk, dv, part_rk, dg, dout, o, r, k, v, r_k, g, R, C, rows_per_chunk, \
-        accumulate)
+        accumulate, dg16)
     switch (N / 32) {
     case 1: BONUS_GATE_LAUNCH(1); break;
     case 2: BONUS_GATE_LAUNCH(2); break;
@@ -791,8 +816,12 @@ static void cuda_bonus_gate_backward_beta(rp_backend *be, float *d_o, float *dr,
     default: BONUS_GATE_LAUNCH(4); break;
     }
 #undef BONUS_GATE_LAUNCH
-    if (!RP_CUDA_LAUNCHED(cx, "bonus_gate_backward")) return;
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "bonus_gate_backward", {d_o, (size_t)R * C * sizeof(float)}, {dr, (size_t)R * C * sizeof(float)},
+                              {dk, (size_t)R * C * sizeof(float)}, {dv, (size_t)R * C * sizeof(float)}, {dg, (size_t)R * C * sizeof(float)},
+                              {part_rk, (size_t)chunks * C * sizeof(float)}))
+        return;
     if (dr_k) rp_cuda_sum_partials(cx, dr_k, part_rk, chunks, (size_t)C, 1);
+    if (dg16) rp_cuda_act16_publish(cx, dg16, dg, (size_t)R * C);
 }
 
 static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, float *dk, float *dv,

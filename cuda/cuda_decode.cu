@@ -14,6 +14,17 @@
 #define DEC_MAX_M 8
 // Weight loads each lane has in flight before it accumulates them.
 #define DEC_LOADS 4
+// Split-K of the W [K,N] GEMVs with few columns (LoRA down-projections: N =
+// 32-256, 1-8 blocks of 32 columns, each thread summing K/8 rows): up to
+// DEC_SPLIT_MAX slices of at least DEC_SPLIT_MIN_K rows, one block each; the
+// block that finishes a column tile last adds the slices' partial sums in
+// slice order (deterministic, whichever block comes last).
+#define DEC_SPLIT_MAX 8
+#define DEC_SPLIT_MIN_K 64
+#define DEC_SPLIT_MAX_TILES 8
+// Partial sums of one launch: every job at its largest split.
+#define DEC_PART_FLOATS (RP_GEMV_JOBS_MAX * DEC_SPLIT_MAX * DEC_MAX_M * 32 * DEC_SPLIT_MAX_TILES)
+#define DEC_COUNTERS (RP_GEMV_JOBS_MAX * DEC_SPLIT_MAX_TILES)
 
 // ---- gemv_group ----
 
@@ -30,6 +41,10 @@ struct dec_job {
     int epilogue;        // bias or act set: act(y + bias) after the sum
     float beta;
     int block_begin;     // first block of this job in the grid
+    int tiles;           // in_out: blocks of 32 columns
+    int split, k_slice;  // in_out: K slices (1: none) of k_slice rows
+    float *part;         // split > 1: [split, M, N] partial sums
+    unsigned *count;     // split > 1: [tiles] slices done (0 between launches)
 };
 
 struct dec_jobs {
@@ -130,42 +145,70 @@ static __device__ void dec_out_in(const dec_job &j, int M, int blk) {
 
 // W [K,N]: 32 columns a block, the K sum over 8 thread rows added in row
 // order through shared memory, as the unfused gemv_in_out_kernel; each
-// thread has DEC_LOADS rows of W in flight.
+// thread has DEC_LOADS rows of W in flight. With split > 1 the block sums
+// rows [s k_slice, (s + 1) k_slice) only and the tile's last block adds the
+// slices.
 template <typename WT>
-static __device__ void dec_in_out(const dec_job &j, int M, int blk, float (*part)[DEC_MAX_M][32]) {
-    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, n = blk * 32 + tx;
-    const int K = j.K, N = j.N;
+static __device__ void dec_in_out(const dec_job &j, int M, int blk, float (*part)[DEC_MAX_M][32],
+                                  int *last) {
+    const int tile = blk % j.tiles, slice = blk / j.tiles;
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, n = tile * 32 + tx;
+    const int N = j.N, k_begin = slice * j.k_slice;
+    const int k_end = j.K < k_begin + j.k_slice ? j.K : k_begin + j.k_slice;
     const WT *w = (const WT *)j.w;
     const float *x = j.x;
     float acc[DEC_MAX_M];
 #pragma unroll
     for (int m = 0; m < DEC_MAX_M; m++) acc[m] = 0.0f;
     if (n < N)
-        for (int k0 = ty; k0 < K; k0 += DEC_LOADS * 8) {
+        for (int k0 = k_begin + ty; k0 < k_end; k0 += DEC_LOADS * 8) {
             float wv[DEC_LOADS];
 #pragma unroll
             for (int u = 0; u < DEC_LOADS; u++) {
                 const int k = k0 + u * 8;
-                wv[u] = k < K ? dec_to_float(w[(size_t)k * N + n]) : 0.0f;
+                wv[u] = k < k_end ? dec_to_float(w[(size_t)k * N + n]) : 0.0f;
             }
 #pragma unroll
             for (int u = 0; u < DEC_LOADS; u++) {
                 const int k = k0 + u * 8;
-                if (k >= K) break;
+                if (k >= k_end) break;
 #pragma unroll
                 for (int m = 0; m < DEC_MAX_M; m++)
-                    if (m < M) acc[m] += x[(size_t)m * K + k] * wv[u];
+                    if (m < M) acc[m] += x[(size_t)m * j.K + k] * wv[u];
             }
         }
 #pragma unroll
     for (int m = 0; m < DEC_MAX_M; m++) part[ty][m][tx] = acc[m];
     __syncthreads();
+    if (j.split == 1) {
+        if (ty == 0 && n < N)
+            for (int m = 0; m < M; m++) {
+                float v = 0.0f;
+                for (int r = 0; r < 8; r++) v += part[r][m][tx];
+                dec_store(j, m, n, v);
+            }
+        return;
+    }
     if (ty == 0 && n < N)
         for (int m = 0; m < M; m++) {
             float v = 0.0f;
             for (int r = 0; r < 8; r++) v += part[r][m][tx];
+            j.part[((size_t)slice * M + m) * N + n] = v;
+        }
+    __threadfence();  // the partials are visible before the count says so
+    __syncthreads();
+    if (threadIdx.x == 0) last[0] = atomicAdd(j.count + tile, 1u) == (unsigned)j.split - 1;
+    __syncthreads();
+    if (!last[0]) return;  // the same for the whole block
+    if (ty == 0 && n < N) {
+        const volatile float *pv = j.part;  // other blocks' writes: not through L1
+        for (int m = 0; m < M; m++) {
+            float v = 0.0f;
+            for (int sl = 0; sl < j.split; sl++) v += pv[((size_t)sl * M + m) * N + n];
             dec_store(j, m, n, v);
         }
+    }
+    if (threadIdx.x == 0) j.count[tile] = 0u;  // ready for the next launch (or graph replay)
 }
 
 // One grid over all jobs: block b belongs to the last job whose block_begin
@@ -173,21 +216,44 @@ static __device__ void dec_in_out(const dec_job &j, int M, int blk, float (*part
 // reached by every thread or none).
 static __global__ void __launch_bounds__(DEC_THREADS) gemv_group_kernel(dec_jobs jobs) {
     __shared__ float part[8][DEC_MAX_M][32];
+    __shared__ int last[1];
     int ji = 0;
     while (ji + 1 < jobs.n_jobs && jobs.job[ji + 1].block_begin <= (int)blockIdx.x) ji++;
     const dec_job &j = jobs.job[ji];
     const int blk = (int)blockIdx.x - j.block_begin;
     if (j.in_out) {
         if (j.w_bf16)
-            dec_in_out<__nv_bfloat16>(j, jobs.M, blk, part);
+            dec_in_out<__nv_bfloat16>(j, jobs.M, blk, part, last);
         else
-            dec_in_out<float>(j, jobs.M, blk, part);
+            dec_in_out<float>(j, jobs.M, blk, part, last);
     } else {
         if (j.w_bf16)
             dec_out_in<__nv_bfloat16>(j, jobs.M, blk);
         else
             dec_out_in<float>(j, jobs.M, blk);
     }
+}
+
+// The split-K partials and tile counters: allocated once (the first decode
+// step is eager, so never inside a graph capture), fixed size, counters
+// zeroed once and reset by the kernel. 0 after a failure (recorded).
+static int dec_split_buffers(rp_cuda_ctx *cx) {
+    if (cx->dec_part) return 1;
+    float *part = nullptr;
+    unsigned *count = nullptr;
+    if (!RP_CUDA_OK(cx, cudaMalloc((void **)&part, DEC_PART_FLOATS * sizeof(float)))) return 0;
+    if (!RP_CUDA_OK(cx, cudaMalloc((void **)&count, DEC_COUNTERS * sizeof(unsigned)))) {
+        cudaFree(part);
+        return 0;
+    }
+    if (!RP_CUDA_OK(cx, cudaMemsetAsync(count, 0, DEC_COUNTERS * sizeof(unsigned), cx->stream))) {
+        cudaFree(part);
+        cudaFree(count);
+        return 0;
+    }
+    cx->dec_part = part;
+    cx->dec_count = count;
+    return 1;
 }
 
 static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
@@ -216,6 +282,7 @@ static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs,
     p.n_jobs = n_jobs;
     p.M = M;
     int blocks = 0;
+    size_t part_at = 0;
     for (int i = 0; i < n_jobs; i++) {
         const rp_gemv_job *g = &jobs[i];
         dec_job &d = p.job[i];
@@ -234,7 +301,24 @@ static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs,
         d.epilogue = g->bias || g->act != RP_ACT_NONE;
         d.beta = g->beta;
         d.block_begin = blocks;
-        blocks += g->w_in_out ? (g->N + 31) / 32 : (g->N + DEC_THREADS / 32 - 1) / (DEC_THREADS / 32);
+        d.tiles = (g->N + 31) / 32;
+        d.split = 1;
+        d.k_slice = g->K;
+        d.part = nullptr;
+        d.count = nullptr;
+        if (g->w_in_out && d.tiles <= DEC_SPLIT_MAX_TILES && g->K >= 2 * DEC_SPLIT_MIN_K &&
+            dec_split_buffers(cx)) {
+            int split = g->K / DEC_SPLIT_MIN_K;
+            split = split > DEC_SPLIT_MAX ? DEC_SPLIT_MAX : split;
+            d.k_slice = (g->K + split - 1) / split;
+            d.k_slice = (d.k_slice + 7) / 8 * 8;  // each thread row starts on its own row
+            d.split = (g->K + d.k_slice - 1) / d.k_slice;
+            d.part = cx->dec_part + part_at;
+            d.count = cx->dec_count + i * DEC_SPLIT_MAX_TILES;
+            part_at += (size_t)d.split * M * g->N;
+        }
+        blocks += g->w_in_out ? d.tiles * d.split
+                              : (g->N + DEC_THREADS / 32 - 1) / (DEC_THREADS / 32);
     }
     gemv_group_kernel<<<blocks, DEC_THREADS, 0, cx->stream>>>(p);
     RP_CUDA_LAUNCHED(cx, "gemv_group");

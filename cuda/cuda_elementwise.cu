@@ -168,7 +168,8 @@ static void cuda_layernorm(rp_backend *be, float *y, float *mean, float *rstd, c
     else
         layernorm_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(y, mean, rstd, x, weight, bias,
                                                                    C, eps, y16);
-    RP_CUDA_LAUNCHED(cx, "layernorm");
+    RP_CUDA_LAUNCHED_OUT(cx, "layernorm", {y, (size_t)R * C * sizeof(float)},
+                         {mean, (size_t)R * sizeof(float)}, {rstd, (size_t)R * sizeof(float)});
     if (y16) rp_cuda_act16_publish(cx, y16, y, (size_t)R * C);
 }
 
@@ -207,7 +208,8 @@ static void cuda_groupnorm(rp_backend *be, float *y, float *mean, float *rstd, c
     const size_t groups = (size_t)R * (C / N);
     groupnorm_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(y, mean, rstd, x, weight,
                                                                          bias, R, C, N, eps);
-    RP_CUDA_LAUNCHED(cx, "groupnorm");
+    RP_CUDA_LAUNCHED_OUT(cx, "groupnorm", {y, (size_t)R * C * sizeof(float)},
+                         {mean, groups * sizeof(float)}, {rstd, groups * sizeof(float)});
 }
 
 // ---- token shift ----
@@ -307,7 +309,7 @@ static void cuda_lerp(rp_backend *be, float *y, const float *x, const float *pre
     else
         lerp_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(y, x, prev, mu, n, C,
                                                                           y16);
-    RP_CUDA_LAUNCHED(cx, "lerp");
+    RP_CUDA_LAUNCHED_OUT(cx, "lerp", {y, n * sizeof(float)});
     if (y16) rp_cuda_act16_publish(cx, y16, y, n);
 }
 
@@ -457,7 +459,7 @@ static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, in
     case RP_ACT_SIGMOID: bias_act_launch<RP_ACT_SIGMOID>(cx, y, bias, n, C, y16); break;
     default: bias_act_launch<RP_ACT_RELU_SQUARED>(cx, y, bias, n, C, y16); break;
     }
-    RP_CUDA_LAUNCHED(cx, "bias_act");
+    RP_CUDA_LAUNCHED_OUT(cx, "bias_act", {y, n * sizeof(float)});
     if (y16) rp_cuda_act16_publish(cx, y16, y, n);
 }
 
@@ -491,7 +493,7 @@ static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, 
     else
         value_residual_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(v, v_first,
                                                                                     nu, n);
-    RP_CUDA_LAUNCHED(cx, "value_residual");
+    RP_CUDA_LAUNCHED_OUT(cx, "value_residual", {v, n * sizeof(float)});
 }
 
 // ---- key prepare ----
@@ -542,7 +544,8 @@ static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a
     const size_t groups = (size_t)R * ((C + KEY_HEAD - 1) / KEY_HEAD);
     key_prepare_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(kk, k, a, k_k, k_a, R,
                                                                            C);
-    RP_CUDA_LAUNCHED(cx, "key_prepare");
+    RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, (size_t)R * C * sizeof(float)},
+                         {k, (size_t)R * C * sizeof(float)});
 }
 
 // ---- bonus + gate ----
@@ -581,7 +584,7 @@ static void cuda_bonus_gate(rp_backend *be, float *out, const float *r, const fl
     __nv_bfloat16 *out16 = rp_cuda_act16_for_rows(cx, out, (size_t)R * C, R);
     bonus_gate_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(out, r, k, v, r_k, g, R,
                                                                           C, N, out16);
-    RP_CUDA_LAUNCHED(cx, "bonus_gate");
+    RP_CUDA_LAUNCHED_OUT(cx, "bonus_gate", {out, (size_t)R * C * sizeof(float)});
     if (out16) rp_cuda_act16_publish(cx, out16, out, (size_t)R * C);
 }
 

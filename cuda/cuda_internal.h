@@ -31,6 +31,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -105,6 +106,8 @@ struct rp_cuda_ctx {
     int act16_off;                // rp_cuda_backend_set_act16(be, 0): no sharing
     unsigned long long seq, clock;  // see rp_cuda_act16
     struct rp_cuda_step *step;  // decode step graphs (cuda_graph.cu); NULL until used
+    float *dec_part;            // gemv_group split-K partial sums (cuda_decode.cu)
+    unsigned *dec_count;        // and its tile counters; NULL until used
 };
 
 static inline rp_cuda_ctx *rp_cuda_of(rp_backend *be) { return (rp_cuda_ctx *)be->impl; }
@@ -120,6 +123,22 @@ int rp_cuda_record_cublas(rp_cuda_ctx *cx, cublasStatus_t rc, const char *what, 
 // write any memory, ends the validity of every bf16 activation copy.
 #define RP_CUDA_LAUNCHED(cx, name) \
     (++(cx)->seq, rp_cuda_record((cx), cudaGetLastError(), name, __FILE__, __LINE__))
+
+// A range of device memory that a kernel writes (p NULL: none).
+struct rp_cuda_out {
+    const void *p;
+    size_t bytes;
+};
+// After a kernel launch whose every write lies in the listed ranges: records
+// a launch error and forgets only the activation copies those ranges
+// overlap, as a GEMM does, so the copies of the other activations stay valid
+// across it (a producer's copy then reaches a GEMM several ops later). A
+// kernel that may write anywhere else must use RP_CUDA_LAUNCHED; a missing
+// range would hand a GEMM stale bits, which test_act16_exact catches.
+int rp_cuda_launched_out(rp_cuda_ctx *cx, const char *name, const char *file, int line,
+                         std::initializer_list<rp_cuda_out> outs);
+#define RP_CUDA_LAUNCHED_OUT(cx, name, ...) \
+    rp_cuda_launched_out((cx), (name), __FILE__, __LINE__, {__VA_ARGS__})
 
 // Device scratch of at least `bytes` (256-byte aligned) in area `area`;
 // NULL after an allocation failure (recorded). Growing synchronizes the

@@ -286,6 +286,14 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
                                     0.0f);
     be->bonus_gate_backward_beta(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og,
                                  s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N, 0.0f);
+    /* gate: g = sigmoid(xg g1) g2; its mix is the first write of dxa and dprev.
+     * Right after bonus/gate, which wrote dg: a GPU backend's bf16 copy of dg
+     * (its GEMMs' operand) is still valid here; no op below reads dxa, dprev
+     * or the gate's gradients before the other mixes add to them. */
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_g, R, C);
+    lora_backward(be, tw->dxc, gw->g1, gw->g2, tw->d_lora, tw->dg, tw->xc, s->g_hidden, w->g1,
+                  w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
+    mix_backward(be, tw, s, w->x_g, gw->x_g, R, C, 0.0f);
     be->groupnorm_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->d_gn, s->y,
                            s->gn_mean, s->gn_rstd, w->ln_x_weight, R, C, N);
     be->wkv7_backward(be, tw->tmp_r, tw->dw_raw, tw->tmp_k, tw->tmp_v, tw->dkk, tw->da, dwkv,
@@ -298,11 +306,6 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
     be->key_prepare_backward(be, tw->dk, tw->da, gw->k_k, gw->k_a, tw->dkk, s->k_pre, s->a,
                              w->k_k, w->k_a, R, C, N);
 
-    /* gate: g = sigmoid(xg g1) g2; its mix is the first write of dxa and dprev */
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_g, R, C);
-    lora_backward(be, tw->dxc, gw->g1, gw->g2, tw->d_lora, tw->dg, tw->xc, s->g_hidden, w->g1,
-                  w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
-    mix_backward(be, tw, s, w->x_g, gw->x_g, R, C, 0.0f);
     /* a = sigmoid(a0 + xa a1 a2) */
     be->bias_act_backward(be, tw->da, gw->a0, s->a, R, C, RP_ACT_SIGMOID);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_a, R, C);

@@ -78,6 +78,7 @@ static cudaError_t g_last = cudaSuccess;
 // count as one each), stream copies/memsets, and device or pinned
 // allocations and frees.
 static unsigned long long g_count_bf16_converts;  // launches of to_bf16_kernel (issue 15)
+static unsigned long long g_count_gemv_group_blocks;  // blocks of gemv_group_kernel launches
 static unsigned long long g_count_launches, g_count_copies, g_count_allocs, g_count_graph_launches;
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
 
@@ -736,6 +737,7 @@ void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, std::
     if (cfg.shmem > maxdyn) return bad("dynamic shared memory above the allowed maximum (cudaFuncSetAttribute)");
     g_count_launches++;
     if (!strcmp(kernel, "to_bf16_kernel")) g_count_bf16_converts++;
+    if (!strcmp(kernel, "gemv_group_kernel")) g_count_gemv_group_blocks += (unsigned long long)g.x * g.y * g.z;
     stream_op op;
     op.what = std::string("kernel ") + kernel;
     op.uses.swap(g_launch_uses);
@@ -878,6 +880,7 @@ extern "C" void rp_emu_counts(rp_emu_counters *out) {
     out->allocs = g_count_allocs;
     out->bf16_converts = g_count_bf16_converts;
     out->graph_launches = g_count_graph_launches;
+    out->gemv_group_blocks = g_count_gemv_group_blocks;
 }
 
 // ---- cuda_device.cu replacement ----

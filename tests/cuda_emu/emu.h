@@ -98,6 +98,10 @@ template <class T> static inline T __shfl_xor_sync(unsigned mask, T v, int m, in
     return rp_emu_unpack<T>(all[src]);
 }
 static inline void __syncwarp(unsigned mask = 0xffffffffu) { uint64_t all[32]; rp_emu_warp_exchange(0, mask, all); }
+// Blocks run one after another, so an atomic needs no more than a plain
+// read-modify-write; __threadfence has nothing to order.
+static inline unsigned atomicAdd(unsigned *p, unsigned v) { unsigned o = *p; *p = o + v; return o; }
+static inline void __threadfence(void) {}
 
 // ---- runtime ----
 typedef int cudaError_t;

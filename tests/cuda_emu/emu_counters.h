@@ -13,6 +13,8 @@ typedef struct {
     unsigned long long bf16_converts;
     unsigned long long graph_launches; /* cudaGraphLaunch calls (their kernels are not
                                           counted in launches again) */
+    unsigned long long gemv_group_blocks; /* blocks of gemv_group_kernel launches (the
+                                             decode GEMVs' grid, split-K included) */
 } rp_emu_counters;
 
 void rp_emu_counts(rp_emu_counters *out);
