@@ -503,6 +503,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
         return NULL;
     }
     be->is_host_memory = 0;
+    be->decode_group = 64; /* engine decode groups (backend.h); a GEMM of 64 rows still costs about one pass over W */
     be->alloc = cuda_alloc;
     be->free = cuda_free;
     be->copy_to_device = cuda_copy_to_device;
