@@ -85,7 +85,8 @@ static void serve_usage(FILE *out) {
             "                           stage holds its layers' share; 0 = off)\n"
             "  --comm-timeout S         fail when a stage waits S seconds on a peer (default 300)\n"
             "  --pp P                   pipeline stages (run under mpirun -np P)\n"
-            "  --stage-layers LIST      layers per stage, e.g. 2,2 (default: balanced by cost)\n"
+            "  --stage-layers LIST      layers per stage, e.g. 2,2 (default: balanced by decode\n"
+            "                           cost: the head counts its sampling)\n"
             "  --threads N              CPU threads per rank (default: cores / ranks on the node)\n"
             CLI_DEVICE_HELP
             CLI_WEIGHTS_HELP
@@ -172,7 +173,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"verbose", no_argument, 0, 'v'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
-    cli_model_options mo = {.init_seed = 1};
+    cli_model_options mo = {.init_seed = 1, .for_decode = 1};
     const char *vocab = NULL, *model_id = NULL, *stage_layers = NULL;
     rp_http_config hc;
     rp_http_config_defaults(&hc);
