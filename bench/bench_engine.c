@@ -1,13 +1,16 @@
 /* Serving engine benchmark (issue 5): the engine of `rwkvpipe serve` driven
  * directly (no HTTP), one process or mpirun -np P with the layers over P
  * stages. Two tables:
- *   1. decode throughput against the number of concurrent sequences;
+ *   1. decode throughput against the number of concurrent sequences, next
+ *      to the sgemm ceiling of the shape (one pass of the model's matrices
+ *      at M = 64 through cblas_sgemm on the same threads, as tokens/s);
  *   2. per-token decode latency against the context length already read
  *      (the RNN promise: flat), with the state memory per sequence.
  * usage: [mpirun -np P] bench/bench_engine [--model-config NAME | --model FILE]
  *        [--weights-dtype f32|bf16|int8] [--threads N]
  *        [--contexts 512,2048,8192,32768] [--concurrency 1,4,16,64]
- *        [--decode-tokens N] */
+ *        [--decode-tokens N] [--max-batch N] */
+#include <cblas.h>
 #include <getopt.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -67,6 +70,79 @@ static double run_jobs(rp_engine *e, rp_job **jobs, int n) {
     return rp_now_seconds() - t0;
 }
 
+/* One matrix of the ceiling pass: y [M,N] = x [M,K] . op(W). */
+typedef struct {
+    float *w;
+    int N, K, lora; /* lora: W [K,N], else W [N,K] */
+} ceil_matrix;
+
+/* Tokens per second of one pass of every matrix of cfg (all layers and the
+ * head) over M rows through cblas_sgemm, the columns of each split over the
+ * OpenMP team as the CPU backend splits prefill (single-threaded BLAS per
+ * thread): what a decode step of M sequences would cost at sgemm speed.
+ * The best of several passes, after a warm-up. */
+static double sgemm_ceiling(const rp_config *cfg, int M, int threads) {
+    const int C = cfg->n_embd, F = cfg->dim_ffn;
+    const int lora_n[4] = {cfg->d_decay, cfg->d_iclr, cfg->d_value, cfg->d_gate};
+    const int per_layer = 6 + 8;
+    const int n_mat = cfg->n_layer * per_layer + 1;
+    ceil_matrix *mats = calloc((size_t)n_mat, sizeof *mats);
+    int n = 0, maxk = cfg->vocab_size, maxn = cfg->vocab_size;
+    for (int l = 0; l < cfg->n_layer; l++) {
+        for (int i = 0; i < 4; i++) mats[n++] = (ceil_matrix){NULL, C, C, 0}; /* r k v o */
+        mats[n++] = (ceil_matrix){NULL, F, C, 0};                             /* ffn key */
+        mats[n++] = (ceil_matrix){NULL, C, F, 0};                             /* ffn value */
+        for (int i = 0; i < 4; i++) {
+            mats[n++] = (ceil_matrix){NULL, lora_n[i], C, 1}; /* down: [C, D] */
+            mats[n++] = (ceil_matrix){NULL, C, lora_n[i], 1}; /* up: [D, C] */
+        }
+    }
+    mats[n++] = (ceil_matrix){NULL, cfg->vocab_size, C, 0}; /* head */
+    for (int i = 0; i < n; i++) {
+        const size_t sz = (size_t)mats[i].N * mats[i].K;
+        mats[i].w = malloc(sz * sizeof(float));
+        if (!mats[i].w) die("sgemm ceiling: out of memory", NULL);
+        for (size_t k = 0; k < sz; k++) mats[i].w[k] = (float)((k * 2654435761u) % 1000) * 2e-5f - 0.01f;
+    }
+    if (F > maxk) maxk = F;
+    float *x = malloc(sizeof(float) * (size_t)M * maxk), *y = malloc(sizeof(float) * (size_t)M * maxn);
+    if (!x || !y) die("sgemm ceiling: out of memory", NULL);
+    for (size_t k = 0; k < (size_t)M * maxk; k++) x[k] = (float)(k % 97) * 1e-3f;
+    const int nt = threads > 0 ? threads : omp_get_max_threads();
+    double best = 1e30;
+    const double t_start = rp_now_seconds();
+    for (int pass = 0; pass < 12 && (pass < 3 || rp_now_seconds() - t_start < 2.0); pass++) {
+        const double t0 = rp_now_seconds();
+        for (int i = 0; i < n; i++) {
+            const ceil_matrix *q = &mats[i];
+#pragma omp parallel num_threads(nt)
+            {
+                const int parts = omp_get_num_threads(), part = omp_get_thread_num();
+                int chunk = (q->N + parts - 1) / parts;
+                chunk = (chunk + 15) / 16 * 16;
+                const int b = chunk * part < q->N ? chunk * part : q->N;
+                const int e = b + chunk < q->N ? b + chunk : q->N;
+                if (e > b) {
+                    if (q->lora)
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, e - b, q->K,
+                                    1.0f, x, q->K, q->w + b, q->N, 0.0f, y + b, q->N);
+                    else
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, e - b, q->K,
+                                    1.0f, x, q->K, q->w + (size_t)b * q->K, q->K, 0.0f, y + b,
+                                    q->N);
+                }
+            }
+        }
+        const double t = rp_now_seconds() - t0;
+        if (pass > 0 && t < best) best = t; /* pass 0: warm-up */
+    }
+    for (int i = 0; i < n; i++) free(mats[i].w);
+    free(mats);
+    free(x);
+    free(y);
+    return M / best;
+}
+
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -74,7 +150,7 @@ int main(int argc, char **argv) {
     const char *config_name = "L6-C512-V65536";
     const char *model_path = NULL; /* weights from a file instead of the official init */
     int wtype = -1;                /* --weights-dtype: the file's own format unless given */
-    int threads = 0, decode_tokens = 64;
+    int threads = 0, decode_tokens = 64, max_batch = 0;
     int contexts[16] = {512, 2048, 8192, 32768}, n_contexts = 4;
     int conc[16] = {1, 4, 16, 64}, n_conc = 4;
     static const struct option opts[] = {{"model-config", required_argument, 0, 'c'},
@@ -84,6 +160,7 @@ int main(int argc, char **argv) {
                                          {"contexts", required_argument, 0, 'x'},
                                          {"concurrency", required_argument, 0, 'n'},
                                          {"decode-tokens", required_argument, 0, 'd'},
+                                         {"max-batch", required_argument, 0, 'b'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     int ch;
@@ -101,12 +178,13 @@ int main(int argc, char **argv) {
         case 'x': n_contexts = parse_list(optarg, contexts, 16); break;
         case 'n': n_conc = parse_list(optarg, conc, 16); break;
         case 'd': decode_tokens = atoi(optarg); break;
+        case 'b': max_batch = atoi(optarg); break;
         case 'h':
             if (rank == 0)
                 printf("usage: [mpirun -np P] bench_engine [--model-config NAME | --model FILE]\n"
                        "       [--weights-dtype f32|bf16|int8] [--threads N]\n"
                        "       [--contexts 512,2048,...] [--concurrency 1,4,16,64]\n"
-                       "       [--decode-tokens N]\n");
+                       "       [--decode-tokens N] [--max-batch N]\n");
             MPI_Finalize();
             return 0;
         default: MPI_Finalize(); return 2;
@@ -156,6 +234,7 @@ int main(int argc, char **argv) {
     rp_engine_config_defaults(&ec);
     ec.n_slots = max_conc;
     ec.max_queue = max_conc;
+    ec.max_batch = max_batch;
     rp_engine *e;
     if (rp_engine_create(&e, &m, g, &ec, &err) != RP_OK) die("engine", &err);
     if (rank != 0) {
@@ -176,9 +255,18 @@ int main(int argc, char **argv) {
     gp.sampler.temperature = 0;
     gp.max_tokens = decode_tokens;
 
+    /* The ceiling covers the whole model (every stage's layers) on this
+     * rank's threads. */
+    const int ceil_m = 64;
+    const double ceiling = sgemm_ceiling(&cfg, ceil_m, threads);
+    printf("\nsgemm ceiling: %.1f tok/s (one cblas_sgemm pass of every matrix at M = %d, "
+           "%d thread%s)\ndecode groups: up to %d sequences (--max-batch; backend default %d)\n",
+           ceiling, ceil_m, threads ? threads : omp_get_max_threads(), threads == 1 ? "" : "s",
+           rp_engine_group_size(max_batch, be), rp_engine_group_size(0, be));
     printf("\n### decode throughput vs concurrent sequences (16-token prompts, %d new tokens "
-           "each)\n\n| sequences | seconds | generated tok/s | per sequence tok/s |\n"
-           "|---:|---:|---:|---:|\n", decode_tokens);
+           "each)\n\n| sequences | seconds | generated tok/s | per sequence tok/s | of sgemm "
+           "ceiling |\n|---:|---:|---:|---:|---:|\n", decode_tokens);
+    double rate16 = 0, rate64 = 0;
     for (int c = 0; c < n_conc; c++) {
         rp_job **jobs = calloc((size_t)conc[c], sizeof *jobs);
         for (int i = 0; i < conc[c]; i++) {
@@ -195,9 +283,18 @@ int main(int argc, char **argv) {
             rp_job_release(jobs[i]);
         }
         free(jobs);
-        printf("| %d | %.2f | %.1f | %.1f |\n", conc[c], s, total / s, total / s / conc[c]);
+        printf("| %d | %.2f | %.1f | %.1f | %.0f%% |\n", conc[c], s, total / s,
+               total / s / conc[c], 100.0 * total / s / ceiling);
+        if (conc[c] == 16) rate16 = total / s;
+        if (conc[c] == 64) rate64 = total / s;
         fflush(stdout);
     }
+
+    if (rate64 > 0)
+        printf("\n64 sequences: %.2f of the sgemm ceiling (goal >= 0.5)", rate64 / ceiling);
+    if (rate64 > 0 && rate16 > 0)
+        printf("; %.2fx the 16-sequence rate (goal >= 1.5)", rate64 / rate16);
+    if (rate64 > 0) printf("\n");
 
     const double state_bytes = (double)cfg.n_layer *
                                (2.0 * cfg.n_embd + (double)cfg.n_head * 64 * 64) * 4;

@@ -377,6 +377,19 @@ struct rp_backend {
                       const rp_batch *batch);
     void (*step_end)(rp_backend *be);
     void (*step_reset)(rp_backend *be);
+
+    /* ---- decode rows (optional; NULL: matmuls choose kernels by shape) ----
+     * set_decode_rows(be, 1) until set_decode_rows(be, 0): every row of x in
+     * matmul_linear / matmul_lora is one sequence's decode token, and the
+     * backend gives each row the bits it gives alone, whatever M (the CPU
+     * streams W for any M instead of sgemm, whose bits depend on M). Prefill
+     * stays outside it (sgemm). rp_model_step sets it around a step whose
+     * sequences all have one row. */
+    void (*set_decode_rows)(rp_backend *be, int on);
+    /* Sequences per decode group the engine forms by default (the backend's
+     * measured sweet spot; 0: RP_ENGINE_GROUP_DEFAULT). serve --max-batch
+     * overrides it. */
+    int decode_group;
 };
 
 /* head_cross_entropy: logits floats per row chunk (256 MiB: 1024 rows at

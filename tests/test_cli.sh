@@ -261,6 +261,13 @@ expect_fail "--top-p 2" "--top-p" "${GEN[@]}" --top-p 2
 expect_fail "--stop of 300 bytes" "stop string 0 has 300 bytes: expected 1 to 256" \
     "${GEN[@]}" --stop "$(printf 'a%.0s' $(seq 300))"
 expect_fail "no model" "--model" "$BIN" generate --prompt hi -q
+# serve --max-batch: sequences per decode step, 1..4096 (refused before the model loads)
+expect_fail "serve --max-batch 0" "--max-batch: 0 is out of range [1, 4096]" \
+    "$BIN" serve --model "$WEIGHTS" --port 0 --max-batch 0
+expect_fail "serve --max-batch 5000" "--max-batch: 5000 is out of range [1, 4096]" \
+    "$BIN" serve --model "$WEIGHTS" --port 0 --max-batch 5000
+expect_fail "serve --max-batch x" "--max-batch: 'x' is not an integer" \
+    "$BIN" serve --model "$WEIGHTS" --port 0 --max-batch x
 expect_fail "logits without --model" "--model" "$BIN" logits --tokens 1,2 -o "$T/x.safetensors"
 
 check "--device and --gpu-math: bad values are refused; cuda without CUDA (or a GPU) says how to fix it"

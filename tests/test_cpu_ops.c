@@ -260,6 +260,60 @@ static void test_matmul_linear_few_rows_independent_of_batch(void **state) {
     }
 }
 
+/* Decode rows (set_decode_rows): a group of M = 9..64 rows gives every row
+ * the bits it gets alone on one thread, on any thread count, for both weight
+ * layouts (sgemm, the kernel outside decode rows, does not). */
+static void test_matmul_decode_rows_of_any_count_equal_each_row_alone(void **state) {
+    (void)state;
+    const int shapes[][2] = {{7, 37}, {33, 16}, {130, 300}, {1000, 77}, {64, 768}};
+    const int MAXM = 64;
+    for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
+        const int N = shapes[c][0], K = shapes[c][1], NK = N > K ? N : K;
+        float *x = random_floats((size_t)MAXM * NK, -1, 1);
+        float *w = random_floats((size_t)N * K, -1, 1);
+        float *y0 = random_floats((size_t)MAXM * NK, -1, 1);
+        for (int lora = 0; lora < 2; lora++)
+            for (int beta_i = 0; beta_i < 2; beta_i++) {
+                const float beta = (float)beta_i;
+                /* lora: W read as [K2, N2] = [N, K]: y [M, K] = x [M, N] . W */
+                const int Nout = lora ? K : N, Kin = lora ? N : K;
+                rp_backend *one = backends[0];
+                float *alone = copy_floats(y0, (size_t)MAXM * Nout);
+                for (int m = 0; m < MAXM; m++) {
+                    if (lora)
+                        one->matmul_lora(one, alone + (size_t)m * Nout, x + (size_t)m * Kin, w,
+                                         1, Nout, Kin, beta);
+                    else
+                        one->matmul_linear(one, alone + (size_t)m * Nout, x + (size_t)m * Kin,
+                                           w, 1, Nout, Kin, beta);
+                }
+                for (int b = 0; b < N_BACKENDS; b++) {
+                    rp_backend *be = backends[b];
+                    for (int M = 9; M <= MAXM; M += M < 20 ? 1 : 11) {
+                        float *y = copy_floats(y0, (size_t)MAXM * Nout);
+                        be->set_decode_rows(be, 1);
+                        if (lora)
+                            be->matmul_lora(be, y, x, w, M, Nout, Kin, beta);
+                        else
+                            be->matmul_linear(be, y, x, w, M, Nout, Kin, beta);
+                        be->set_decode_rows(be, 0);
+                        char what[128];
+                        snprintf(what, sizeof what,
+                                 "decode rows: %s M=%d N=%d K=%d beta=%g threads=%d",
+                                 lora ? "matmul_lora" : "matmul_linear", M, Nout, Kin, beta,
+                                 backend_threads[b]);
+                        check_equal_floats(what, y, alone, (size_t)M * Nout);
+                        free(y);
+                    }
+                }
+                free(alone);
+            }
+        free(x);
+        free(w);
+        free(y0);
+    }
+}
+
 static void test_matmul_lora_matches_double_reference(void **state) {
     (void)state;
     run_matmul_cases(0);
@@ -816,6 +870,7 @@ int main(void) {
         cmocka_unit_test(test_alloc_is_zeroed_and_64_byte_aligned),
         cmocka_unit_test(test_matmul_linear_matches_double_reference),
         cmocka_unit_test(test_matmul_linear_few_rows_independent_of_batch),
+        cmocka_unit_test(test_matmul_decode_rows_of_any_count_equal_each_row_alone),
         cmocka_unit_test(test_matmul_lora_matches_double_reference),
         cmocka_unit_test(test_embedding_gathers_token_rows),
         cmocka_unit_test(test_layernorm_matches_double_reference_and_saves_stats),

@@ -206,6 +206,57 @@ static void test_thread_and_row_count_independence(void **state) {
         }
 }
 
+/* Decode rows (rp_cpu_qmatmul_kernel_decode): M = 9..64 rows run the
+ * streaming kernel 8 rows at a time inside tiles of W, so every row has the
+ * bits it gets alone on one thread, on 1, 2 or 3 threads, for every kernel
+ * (the prefill path, widened W + sgemm, does not give them). */
+static void test_decode_rows_of_any_count_equal_each_row_alone(void **state) {
+    (void)state;
+    static const int cases[][2] = {{300, 256}, {1040, 96}}; /* N, K */
+    const int MAXM = 64;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
+            const int N = cases[c][0], K = cases[c][1];
+            const rp_qtype type = (rp_qtype)t;
+            qmat q;
+            qmat_make(&q, type, N, K, 5);
+            float *x = frand_array((size_t)MAXM * K, 17);
+            float *y0 = frand_array((size_t)MAXM * N, 23);
+            float *alone = malloc((size_t)MAXM * N * sizeof(float));
+            float *y = malloc((size_t)MAXM * N * sizeof(float));
+            assert_non_null(alone);
+            assert_non_null(y);
+            for (int k = 0; k < RP_QKERNEL_COUNT; k++) {
+                if (!rp_qkernel_available((rp_qkernel)k, type)) continue;
+                for (int beta_i = 0; beta_i < 2; beta_i++) {
+                    const float beta = (float)beta_i;
+                    memcpy(alone, y0, (size_t)MAXM * N * sizeof(float));
+                    for (int m = 0; m < MAXM; m++)
+                        rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, alone + (size_t)m * N,
+                                              x + (size_t)m * K, 1, beta, 1);
+                    for (int M = 9; M <= MAXM; M += M < 20 ? 1 : 11)
+                        for (int nt = 1; nt <= 3; nt++) {
+                            memcpy(y, y0, (size_t)MAXM * N * sizeof(float));
+                            rp_cpu_qmatmul_kernel_decode((rp_qkernel)k, &q.w, y, x, M, beta,
+                                                         nt);
+                            for (size_t i = 0; i < (size_t)M * N; i++)
+                                if (memcmp(&y[i], &alone[i], sizeof(float)))
+                                    fail_msg("%s kernel %s decode rows M=%d N=%d K=%d beta=%g "
+                                             "threads=%d: y[%zu] = %.9g, alone %.9g",
+                                             rp_qtype_name(type),
+                                             rp_qkernel_name((rp_qkernel)k), M, N, K, beta, nt,
+                                             i, y[i], alone[i]);
+                        }
+                }
+            }
+            free(alone);
+            free(y);
+            free(y0);
+            free(x);
+            qmat_free(&q);
+        }
+}
+
 static void test_isa_env(void **state) {
     (void)state;
     rp_error err = {0};
@@ -278,6 +329,7 @@ int main(void) {
         cmocka_unit_test(test_bf16_kernels_match_reference),
         cmocka_unit_test(test_q8_kernels_match_reference),
         cmocka_unit_test(test_thread_and_row_count_independence),
+        cmocka_unit_test(test_decode_rows_of_any_count_equal_each_row_alone),
         cmocka_unit_test(test_isa_env),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

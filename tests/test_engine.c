@@ -5,6 +5,8 @@
  *   whole model (the single-process reference), whatever the stage count;
  * - 16 jobs of different prompt lengths, started at different times, each
  *   give the tokens they give alone (batch composition changes nothing);
+ * - 14 jobs decoding in one group (more than the old cap of 8) give the
+ *   tokens and logprobs, bit for bit, they give alone (greedy and seeded);
  * - stop tokens, max_tokens (also 0), cancellation and unknown sessions end
  *   a job with the right reason and free its slot;
  * - a session continued over two jobs gives the tokens of reading the whole
@@ -348,12 +350,98 @@ static void prefix_checks(const rp_gen_params *greedy) {
     printf("  ok\n");
 }
 
+/* More sequences than the old cap of 8 decode in one group (the engine's
+ * group size is the backend's, 64 on the CPU): each gives the tokens and the
+ * logprobs, bit for bit, that it gives alone. Decode rows of any count keep
+ * each row's arithmetic (backend.h, set_decode_rows); sgemm over the group
+ * would change the logprobs' last bits. */
+static void big_group_check(const rp_gen_params *greedy) {
+    enum { G = 14, MAXT = 32 }; /* long enough to outlast the 14 prefills */
+    printf("check: %d jobs decoding in one group give their solo tokens and logprobs\n", G);
+    CHECK(engine->group_max > 8 && engine->cfg.n_slots >= G, "group %d, %d slots",
+          engine->group_max, engine->cfg.n_slots);
+    rp_error err;
+    for (int bad = -1; bad <= RP_ENGINE_MAX_BATCH + 1; bad += RP_ENGINE_MAX_BATCH + 2) {
+        rp_engine_config ec = engine->cfg;
+        ec.max_batch = bad;
+        rp_engine *e2 = NULL;
+        CHECK(rp_engine_create(&e2, &whole, NULL, &ec, &err) == RP_ERR_ARG && !e2 &&
+                  strstr(err.msg, "--max-batch"),
+              "max_batch %d: %s", bad, e2 ? "accepted" : err.msg);
+    }
+    int32_t *prompts[G], toks[2][G][MAXT + 1];
+    float lps[2][G][MAXT + 1];
+    int lens[G], n_tok[2][G];
+    rp_gen_params ps[G];
+    for (int i = 0; i < G; i++) {
+        lens[i] = 2 + i % 5;
+        prompts[i] = make_prompt(lens[i], 40 + i);
+        ps[i] = *greedy;
+        ps[i].max_tokens = MAXT;
+        ps[i].logprobs = 1;
+        if (i % 2) { /* seeded sampling */
+            ps[i].sampler.temperature = 1.0f;
+            ps[i].sampler.top_p = 0.95f;
+            ps[i].sampler.seed = (uint64_t)(100 + i);
+        }
+    }
+    /* pass 0: one job at a time; pass 1: all at once */
+    for (int pass = 0; pass < 2; pass++) {
+        rp_job *jobs[G];
+        const int batch = pass == 0 ? 1 : G;
+        for (int first = 0; first < G; first += batch) {
+            for (int i = first; i < first + batch; i++) {
+                jobs[i] = rp_job_create(prompts[i], lens[i], &ps[i], NULL, NULL, &err);
+                CHECK(jobs[i], "job: %s", err.msg);
+                CHECK(rp_engine_submit(engine, jobs[i], &err) == RP_OK, "submit: %s", err.msg);
+                n_tok[pass][i] = 0;
+            }
+            const double deadline = rp_now_seconds() + STEP_DEADLINE_S;
+            for (int finished = 0; finished < batch;) {
+                step(deadline, "a big group");
+                finished = 0;
+                for (int i = first; i < first + batch; i++) {
+                    rp_finish_reason f;
+                    n_tok[pass][i] += rp_job_read(jobs[i], toks[pass][i] + n_tok[pass][i],
+                                                  MAXT + 1 - n_tok[pass][i], 0, &f);
+                    finished += f != RP_FINISH_NONE;
+                }
+            }
+            for (int i = first; i < first + batch; i++) {
+                for (int t = 0; t < n_tok[pass][i]; t++) {
+                    rp_token_logprob lp;
+                    CHECK(rp_job_logprob(jobs[i], t, &lp), "job %d: no logprob %d", i, t);
+                    lps[pass][i][t] = lp.logprob;
+                }
+                rp_job_release(jobs[i]);
+            }
+        }
+        if (pass == 0) engine->largest_group = 0;
+    }
+    /* One stage: every ready slot joins the next unit. (With P stages the
+     * P units in flight may split the slots into smaller groups.) */
+    CHECK(size > 1 || engine->largest_group > 8, "the jobs decoded in groups of at most %d",
+          engine->largest_group);
+    for (int i = 0; i < G; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "big group: job %d (%s)", i, i % 2 ? "seeded" : "greedy");
+        same(toks[0][i], n_tok[0][i], toks[1][i], n_tok[1][i], what);
+        for (int t = 0; t < n_tok[0][i]; t++)
+            CHECK(memcmp(&lps[0][i][t], &lps[1][i][t], sizeof(float)) == 0,
+                  "%s: token %d logprob %.9g alone, %.9g in the group", what, t, lps[0][i][t],
+                  lps[1][i][t]);
+        free(prompts[i]);
+    }
+    printf("  ok (largest decode group %d)\n", engine->largest_group);
+}
+
 static void checks(void) {
     rp_gen_params greedy;
     rp_gen_params_defaults(&greedy);
     greedy.sampler.temperature = 0;
     greedy.max_tokens = 24;
     prefix_checks(&greedy);
+    big_group_check(&greedy);
 
     printf("check: greedy and seeded jobs equal rp_generate on the whole model\n");
     int32_t *prompt = make_prompt(100, 1);

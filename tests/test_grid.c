@@ -1,7 +1,8 @@
 /* The layer partition over pipeline stages (pipe/grid.h): the balanced split
  * gives every stage at least one layer, covers every layer exactly once for
  * any P from 1 to n_layer, and is optimal for its cost model (checked against
- * brute force); an explicit --stage-layers list is refused when it does not
+ * brute force), also with the head weighed by its decode cost (serving);
+ * an explicit --stage-layers list is refused when it does not
  * cover every layer exactly once. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,8 +15,11 @@
 
 #include "pipe/grid.h"
 
+static int decode_costs; /* 1: the head weighs its decode cost (rp_partition_balanced_decode) */
+
 static double stage_cost(const rp_config *c, const int *layers, int P, int s) {
-    return layers[s] * rp_partition_layer_cost(c) + (s == P - 1 ? rp_partition_head_cost(c) : 0);
+    const double head = decode_costs ? rp_partition_head_decode_cost(c) : rp_partition_head_cost(c);
+    return layers[s] * rp_partition_layer_cost(c) + (s == P - 1 ? head : 0);
 }
 
 static double max_cost(const rp_config *c, const int *layers, int P) {
@@ -77,6 +81,44 @@ static void test_large_vocab_head_gets_fewer_layers(void **state) {
         fail_msg("last stage (head) got %d layers, first %d", layers[3], layers[0]);
 }
 
+/* Serving: the decode partition is optimal for the decode cost (head plus
+ * sampling of every vocabulary id) and gives the last stage fewer layers
+ * than the training partition where the choice is free. */
+static void test_decode_partition_weighs_sampling(void **state) {
+    (void)state;
+    const char *shapes[] = {"L12-C768-V65536", "L24-C768-V65536", "L7-C128-V50000", "tiny"};
+    rp_error err;
+    decode_costs = 1;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        rp_config cfg;
+        assert_int_equal(rp_config_builtin(&cfg, shapes[i], 0, &err), RP_OK);
+        for (int P = 1; P <= cfg.n_layer && P <= 6; P++) {
+            int layers[64], scratch[64], total = 0;
+            assert_int_equal(rp_partition_balanced_decode(&cfg, P, layers, &err), RP_OK);
+            for (int s = 0; s < P; s++) {
+                if (layers[s] < 1) fail_msg("%s P=%d: stage %d has no layer", shapes[i], P, s);
+                total += layers[s];
+            }
+            assert_int_equal(total, cfg.n_layer);
+            const double best = brute_force(&cfg, scratch, 0, P, cfg.n_layer);
+            if (max_cost(&cfg, layers, P) > best * (1 + 1e-12))
+                fail_msg("%s P=%d decode: split costs %g, the best split %g", shapes[i], P,
+                         max_cost(&cfg, layers, P), best);
+        }
+    }
+    decode_costs = 0;
+    rp_config cfg;
+    assert_int_equal(rp_config_builtin(&cfg, "L24-C768-V65536", 0, &err), RP_OK);
+    int train[2], decode[2];
+    assert_int_equal(rp_partition_balanced(&cfg, 2, train, &err), RP_OK);
+    assert_int_equal(rp_partition_balanced_decode(&cfg, 2, decode, &err), RP_OK);
+    if (!(decode[1] < train[1]))
+        fail_msg("L24-C768-V65536 on 2 stages: the last stage holds %d layers for decode, "
+                 "%d for training", decode[1], train[1]);
+    assert_true(rp_partition_head_decode_cost(&cfg) >
+                rp_partition_head_cost(&cfg) + 100.0 * cfg.vocab_size);
+}
+
 static void test_explicit_list(void **state) {
     rp_config cfg;
     rp_error err;
@@ -107,6 +149,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_balanced_covers_every_layer_and_is_optimal),
         cmocka_unit_test(test_large_vocab_head_gets_fewer_layers),
+        cmocka_unit_test(test_decode_partition_weighs_sampling),
         cmocka_unit_test(test_explicit_list),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

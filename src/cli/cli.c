@@ -363,11 +363,12 @@ void cli_model_config(const rp_cli *cli, const cli_model_options *opt, rp_config
     }
 }
 
-void cli_grid_create(rp_cli *cli, const rp_config *cfg, int pp, const char *stage_layers,
-                     rp_grid *grid) {
+static void grid_create(rp_cli *cli, const rp_config *cfg, int pp, const char *stage_layers,
+                        int for_decode, rp_grid *grid) {
     rp_error err;
     int *layers = cli_calloc(cli, (size_t)pp, sizeof(int), "the stage layer counts");
-    if ((stage_layers ? rp_partition_parse(stage_layers, cfg, pp, layers, &err)
+    if ((stage_layers  ? rp_partition_parse(stage_layers, cfg, pp, layers, &err)
+         : for_decode ? rp_partition_balanced_decode(cfg, pp, layers, &err)
                       : rp_partition_balanced(cfg, pp, layers, &err)) != RP_OK ||
         rp_grid_create(grid, MPI_COMM_WORLD, pp, layers, &err) != RP_OK)
         cli_fatal_error(cli, &err);
@@ -383,6 +384,11 @@ static void merge_lora(const rp_cli *cli, const cli_model_options *opt, rp_model
     cli_info(cli, "merging LoRA adapters %s", opt->lora_path);
     if (rp_lora_merge_file(model, opt->lora_path, NULL, NULL, &err) != RP_OK)
         cli_fatal_error(cli, &err);
+}
+
+void cli_grid_create(rp_cli *cli, const rp_config *cfg, int pp, const char *stage_layers,
+                     rp_grid *grid) {
+    grid_create(cli, cfg, pp, stage_layers, 0, grid);
 }
 
 void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const rp_config *cfg,
@@ -417,7 +423,7 @@ void cli_load_stage_model(rp_cli *cli, cli_model_options *opt, int pp, const cha
                           rp_grid *grid, rp_backend **be, rp_model *model) {
     rp_config full;
     cli_model_config(cli, opt, &full);
-    cli_grid_create(cli, &full, pp, stage_layers, grid);
+    grid_create(cli, &full, pp, stage_layers, opt->for_decode, grid);
     if (opt->threads == 0) opt->threads = cli_threads_per_rank();
     *be = cli_backend_create(cli, opt);
     cli_load_model_part(cli, opt, &full, grid->layer_begin[grid->stage],

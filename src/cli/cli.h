@@ -80,6 +80,8 @@ typedef struct {
     int weights_dtype_set;     /* 0: the file's own format */
     int for_training;          /* train: refuse int8 files and --weights-dtype */
     const char *lora_path;     /* serve --lora: adapters merged into the weights at load */
+    int for_decode;            /* serve, generate: --pp without --stage-layers weighs the
+                                * head by its decode cost (rp_partition_balanced_decode) */
 } cli_model_options;
 
 /* Help lines and the parsing of --device / --gpu-math, shared by every

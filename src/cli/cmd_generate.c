@@ -49,7 +49,7 @@ static void generate_usage(FILE *out) {
             "  --chunk N             prompt tokens per sequence-mode call (default 256)\n"
             "  --pp P                split the layers over P pipeline stages (run under\n"
             "                        mpirun -np P); the text is the same as one process's\n"
-            "  --stage-layers LIST   layers per stage (default: balanced by cost)\n"
+            "  --stage-layers LIST   layers per stage (default: balanced by decode cost)\n"
             "  -q, --quiet           no progress or speed report on stderr\n"
             "  -h, --help            this text\n",
             rp_config_builtin_names());
@@ -98,7 +98,7 @@ int cmd_generate(rp_cli *cli, int argc, char **argv) {
         {"frequency-penalty", required_argument, 0, 'f'},
         {"penalty-decay", required_argument, 0, 'd'},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
-    cli_model_options mo = {.init_seed = 1};
+    cli_model_options mo = {.init_seed = 1, .for_decode = 1};
     const char *vocab = NULL, *prompt = NULL, *prompt_file = NULL, *stop = NULL;
     rp_gen_params gp;
     rp_gen_params_defaults(&gp);

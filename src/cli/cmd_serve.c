@@ -75,6 +75,8 @@ static void serve_usage(FILE *out) {
             "  --state-budget-mb N      at most N MiB of running generations' state: fewer\n"
             "                           slots if the whole model's state per slot needs it\n"
             "  --max-queue N            requests waiting for a slot; more get 429 (default 64)\n"
+            "  --max-batch N            sequences per decode step, 1-4096 (default: the\n"
+            "                           backend's: CPU 64, CUDA 64); at most --slots run\n"
             "  --prefill-chunk N        prompt tokens per prefill unit (default 256)\n"
             "  --session-budget-mb N    memory for stored session states per stage (default 256)\n"
             "  --prefix-cache-mb N      memory for the prefix state cache: the states after\n"
@@ -85,7 +87,8 @@ static void serve_usage(FILE *out) {
             "                           stage holds its layers' share; 0 = off)\n"
             "  --comm-timeout S         fail when a stage waits S seconds on a peer (default 300)\n"
             "  --pp P                   pipeline stages (run under mpirun -np P)\n"
-            "  --stage-layers LIST      layers per stage, e.g. 2,2 (default: balanced by cost)\n"
+            "  --stage-layers LIST      layers per stage, e.g. 2,2 (default: balanced by decode\n"
+            "                           cost: the head counts its sampling)\n"
             "  --threads N              CPU threads per rank (default: cores / ranks on the node)\n"
             CLI_DEVICE_HELP
             CLI_WEIGHTS_HELP
@@ -131,7 +134,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
         O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_PREFIX_CACHE, O_DEVICE, O_GPU_MATH,
         O_PER_CLIENT, O_CONN_TIMEOUT, O_REQ_TIMEOUT, O_HTTP_THREADS, O_DRAIN,
-        O_SESSION_OVERWRITE, O_MAX_SESSION_FILES, O_WEIGHTS_DTYPE, O_LORA
+        O_SESSION_OVERWRITE, O_MAX_SESSION_FILES, O_WEIGHTS_DTYPE, O_LORA, O_MAX_BATCH
     };
     static const struct option longopts[] = {
         {"model", required_argument, 0, O_MODEL},
@@ -158,6 +161,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"drain-seconds", required_argument, 0, O_DRAIN},
         {"slots", required_argument, 0, O_SLOTS},
         {"max-queue", required_argument, 0, O_QUEUE},
+        {"max-batch", required_argument, 0, O_MAX_BATCH},
         {"prefill-chunk", required_argument, 0, O_CHUNK},
         {"session-budget-mb", required_argument, 0, O_BUDGET},
         {"comm-timeout", required_argument, 0, O_TIMEOUT},
@@ -172,7 +176,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"verbose", no_argument, 0, 'v'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
-    cli_model_options mo = {.init_seed = 1};
+    cli_model_options mo = {.init_seed = 1, .for_decode = 1};
     const char *vocab = NULL, *model_id = NULL, *stage_layers = NULL;
     rp_http_config hc;
     rp_http_config_defaults(&hc);
@@ -231,6 +235,9 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         case O_DRAIN: hc.drain_seconds = cli_parse_double(cli, "--drain-seconds", optarg, 0, 3600); break;
         case O_SLOTS: ec.n_slots = (int)cli_parse_int(cli, "--slots", optarg, 1, 1 << 16); break;
         case O_QUEUE: ec.max_queue = (int)cli_parse_int(cli, "--max-queue", optarg, 0, 1 << 20); break;
+        case O_MAX_BATCH:
+            ec.max_batch = (int)cli_parse_int(cli, "--max-batch", optarg, 1, RP_ENGINE_MAX_BATCH);
+            break;
         case O_CHUNK:
             ec.prefill_chunk = (int)cli_parse_int(cli, "--prefill-chunk", optarg, 1, 1 << 20);
             break;

@@ -20,6 +20,10 @@
 
 #define CPU_ALIGN_BYTES 64
 
+/* Sequences per engine decode group (be->decode_group), measured with
+ * bench_engine on the 0.1B shape (docs/perf/serving.md). */
+#define CPU_DECODE_GROUP 64
+
 /* ---- memory ---- */
 
 static void *cpu_alloc(rp_backend *be, size_t bytes) {
@@ -164,6 +168,10 @@ rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err) {
     be->register_weights = NULL;
     be->destroy = rp_cpu_backend_destroy;
     be->is_host_memory = 1;
+    /* Engine decode groups (backend.h): decode rows stream W once for any
+     * count (cpu_matmul.c), so a bigger group costs little more per step
+     * (bench_engine, docs/perf/serving.md). */
+    be->decode_group = CPU_DECODE_GROUP;
     cpu_matmul_install(be);
     cpu_elementwise_install(be);
     cpu_backward_install(be);

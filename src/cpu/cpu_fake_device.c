@@ -172,6 +172,10 @@ static void fake_matmul_lora(rp_backend *be, float *y, const float *x, const flo
     CPU->matmul_lora(CPU, F(y), F(x), F(w), M, N, K, beta);
 }
 
+static void fake_set_decode_rows(rp_backend *be, int on) {
+    CPU->set_decode_rows(CPU, on);
+}
+
 /* tokens: host memory */
 static void fake_embedding(rp_backend *be, float *x, const float *emb, const int32_t *tokens,
                            int R, int C) {
@@ -456,6 +460,7 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
 
     be->name = "fake-device";
     be->is_host_memory = 0;
+    be->decode_group = CPU->decode_group; /* the CPU backend's arithmetic, its groups */
     be->alloc = fake_alloc;
     be->free = fake_free;
     be->copy_to_device = fake_copy_to_device;
@@ -469,6 +474,7 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     be->register_weights = NULL;
     be->matmul_linear = fake_matmul_linear;
     be->matmul_lora = fake_matmul_lora;
+    be->set_decode_rows = fake_set_decode_rows;
     be->embedding = fake_embedding;
     be->layernorm = fake_layernorm;
     be->token_shift = fake_token_shift;

@@ -29,6 +29,7 @@ typedef struct {
     void *per_thread;
     size_t thread_stride;
     rp_error error; /* the first op failure (sticky), reported by status */
+    int decode_rows; /* set_decode_rows: matmul rows are independent decode tokens */
     /* Low-precision weight matrices (cpu_qweights.c), sorted by key. */
     struct cpu_qweight *qweights;
     int n_qweights, cap_qweights;

@@ -3,7 +3,8 @@
  * (blocks of columns, or of rows when x is the bigger operand) and each
  * thread runs its block alone: sgemm with OpenBLAS kept single-threaded for
  * many rows (prefill, training), a kernel that streams W once for a few rows
- * (decode), where the GEMM is bound by reading the weights from memory.
+ * and for decode rows of any count (set_decode_rows), where the GEMM is
+ * bound by reading the weights and each row must keep its bits alone.
  * Called through the rp_backend vtable. */
 #include "config.h"
 
@@ -46,7 +47,10 @@ typedef enum { CPU_W_OUT_IN, CPU_W_IN_OUT } cpu_weight_layout; /* W [N,K] or W [
  * streaming kernels stop winning (measured, one core, W read from DRAM):
  * W [N,K] up to 8 rows of x; W [K,N] (LoRA) 1 row, or up to 4 when K is
  * large (short K, long N rows lose to sgemm's register blocking). */
-static int cpu_matmul_streams(cpu_weight_layout layout, int M, int K) {
+static int cpu_matmul_streams(cpu_weight_layout layout, int M, int K, int decode_rows) {
+    /* Decode rows (one token of a sequence each): any M streams, so a
+     * sequence's tokens do not depend on the group it decodes in. */
+    if (decode_rows) return 1;
     if (layout == CPU_W_OUT_IN) return M <= 8;
     return M == 1 || (M <= 4 && K >= 256);
 }
@@ -126,25 +130,48 @@ cpu_stream_tile(float *restrict y, const float *restrict x, const float *restric
         for (; n_ < n1; n_++) cpu_stream_tile(ym, xm, w, 1, (rows), n_, N, K, beta);       \
     } while (0)
 
+/* More than 8 rows: W rows [n0, n1) are taken in tiles of about this many
+ * bytes (a multiple of 16 rows, at least 16), and every 8-row block of x
+ * runs over a tile while it sits in L2, so W is still read from memory once
+ * (the x blocks, M * K floats, are re-read from cache per tile). */
+#define CPU_MATMUL_W_TILE_BYTES ((size_t)64 << 10)
+
+/* Columns [n0, n1) of up to 8 rows of x (y and x at the block's first row). */
+static void cpu_stream_block(float *restrict ym, const float *restrict xm,
+                             const float *restrict w, int rows, int n0, int n1, int N, int K,
+                             float beta) {
+    switch (rows) {
+    case 1: CPU_STREAM_ROWS(1, 1); break;
+    case 2: CPU_STREAM_ROWS(2, 4); break;
+    case 3: CPU_STREAM_ROWS(3, 4); break;
+    case 4: CPU_STREAM_ROWS(4, 4); break;
+    case 5: CPU_STREAM_ROWS(5, 2); break;
+    case 6: CPU_STREAM_ROWS(6, 2); break;
+    case 7: CPU_STREAM_ROWS(7, 2); break;
+    default: CPU_STREAM_ROWS(8, 2); break;
+    }
+}
+
 /* y[m, n] = dot(x row m, W row n) (+ beta * y) for n in [n0, n1), W [N,K].
  * W is read once from memory, front to back, a few rows at a time (software
- * prefetch keeps those streams ahead), for up to 8 x rows per pass. */
+ * prefetch keeps those streams ahead), for up to 8 x rows per pass; more
+ * rows loop over 8-row blocks inside each W tile. Each y element keeps the
+ * one accumulation order of cpu_dot_tile, so a row's bits are those it gets
+ * alone. */
 static void cpu_stream_out_in(float *restrict y, const float *restrict x,
                               const float *restrict w, int M, int n0, int n1, int N, int K,
                               float beta) {
-    for (int m = 0; m < M; m += 8) {
-        float *ym = y + (size_t)m * N;
-        const float *xm = x + (size_t)m * K;
-        switch (M - m) {
-        case 1: CPU_STREAM_ROWS(1, 1); break;
-        case 2: CPU_STREAM_ROWS(2, 4); break;
-        case 3: CPU_STREAM_ROWS(3, 4); break;
-        case 4: CPU_STREAM_ROWS(4, 4); break;
-        case 5: CPU_STREAM_ROWS(5, 2); break;
-        case 6: CPU_STREAM_ROWS(6, 2); break;
-        case 7: CPU_STREAM_ROWS(7, 2); break;
-        default: CPU_STREAM_ROWS(8, 2); break;
-        }
+    if (M <= 8) {
+        cpu_stream_block(y, x, w, M, n0, n1, N, K, beta);
+        return;
+    }
+    int tile = (int)(CPU_MATMUL_W_TILE_BYTES / ((size_t)K * sizeof(float))) / 16 * 16;
+    if (tile < 16) tile = 16;
+    for (int t0 = n0; t0 < n1; t0 += tile) {
+        const int t1 = n1 - t0 < tile ? n1 : t0 + tile;
+        for (int m = 0; m < M; m += 8)
+            cpu_stream_block(y + (size_t)m * N, x + (size_t)m * K, w,
+                             M - m < 8 ? M - m : 8, t0, t1, N, K, beta);
     }
 }
 
@@ -248,8 +275,10 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
      * choice depends on the shape only, and a tall product is split into
      * rows or not at all, so its bits do not depend on the team size. */
     const int split_rows = M > N;
-    const int stream = cpu_matmul_streams(layout, M, K);
-    if (split_rows && !cpu_row_slices_are_big(M, N, K, nt)) nt = 1;
+    const int stream =
+        cpu_matmul_streams(layout, M, K, ((const rp_cpu_impl *)be->impl)->decode_rows);
+    /* (Streamed rows are independent of the slicing: only sgemm's need it.) */
+    if (split_rows && !stream && !cpu_row_slices_are_big(M, N, K, nt)) nt = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int parts = omp_get_num_threads(), part = omp_get_thread_num(), b, e;
@@ -348,7 +377,12 @@ static void cpu_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const
     cpu_matmul_lora_backward_beta(be, dx, dw, dy, x, w, M, N, K, 1.0f);
 }
 
+static void cpu_set_decode_rows(rp_backend *be, int on) {
+    ((rp_cpu_impl *)be->impl)->decode_rows = on != 0;
+}
+
 void cpu_matmul_install(rp_backend *be) {
+    be->set_decode_rows = cpu_set_decode_rows;
     be->matmul_linear = cpu_matmul_linear;
     be->matmul_lora = cpu_matmul_lora;
     be->matmul_linear_backward = cpu_matmul_linear_backward;

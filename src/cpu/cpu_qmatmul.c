@@ -1,7 +1,8 @@
 /* The CPU backend's matmul on low-precision weights (cpu_quant.h): picks a
  * kernel once from the CPU's features (cpu_features.c) and RP_CPU_ISA,
  * prepares x for it, and splits the output rows (N) over the OpenMP team.
- * Decode (M <= RP_QMATMUL_DECODE_ROWS) streams W once through a SIMD kernel;
+ * Decode (M <= RP_QMATMUL_DECODE_ROWS, or decode rows of any count through
+ * rp_cpu_qmatmul_decode) streams W once through a SIMD kernel;
  * prefill widens W to f32 (whole, or in fixed tiles when large) for sgemm. */
 #include "config.h"
 
@@ -251,8 +252,14 @@ static int prefill_whole(rp_qkernel k, const rp_qmatrix *w, float *y, const floa
     return 1;
 }
 
-void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
-                           float beta, int n_threads) {
+/* Decode rows above 8: W rows taken in tiles of about this many bytes of
+ * f32-equivalent (a multiple of 16 rows, >= 16), every 8-row block of x run
+ * over a tile while it is in cache: W is read from memory once, and each y
+ * element keeps the kernel's one summation order (cpu_matmul.c does the same). */
+#define QMATMUL_DECODE_TILE_BYTES ((size_t)64 << 10)
+
+static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
+                    float beta, int n_threads, int decode_rows) {
     const int N = w->N, K = w->K;
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
@@ -262,7 +269,7 @@ void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const fl
     if (!rp_qkernel_available(k, w->type)) k = RP_QKERNEL_GENERIC;
     const size_t work = (size_t)M * N * K;
     int nt = work < QMATMUL_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
-    if (M > RP_QMATMUL_DECODE_ROWS) {
+    if (M > RP_QMATMUL_DECODE_ROWS && !decode_rows) {
         if (prefill_whole(k, w, y, x, M, beta, nt)) return;
         const int tr = tile_rows(K);
         const int tiles = (N + tr - 1) / tr;
@@ -290,25 +297,46 @@ void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const fl
         px = (cpu_qx){.x = x};
     }
     const cpu_qdecode_fn decode = decode_fn(k);
+    int tile = (int)(QMATMUL_DECODE_TILE_BYTES / ((size_t)K * sizeof(float))) / 16 * 16;
+    if (tile < 16) tile = 16;
+    if (M <= RP_QMATMUL_DECODE_ROWS) tile = N; /* one pass over W */
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int b, e;
         slice(N, omp_get_thread_num(), omp_get_num_threads(), QMATMUL_SLICE_ALIGN, &b, &e);
-        /* More than 8 rows only when prefill could not allocate its tile. */
-        for (int m = 0; e > b && m < M; m += RP_QMATMUL_DECODE_ROWS) {
-            const int rows = M - m < RP_QMATMUL_DECODE_ROWS ? M - m : RP_QMATMUL_DECODE_ROWS;
-            cpu_qx pm = px;
-            pm.x = px.x + (size_t)m * K;
-            if (pm.xb) pm.xb += (size_t)m * K;
-            if (pm.xu) pm.xu += (size_t)m * K;
-            if (pm.xse) pm.xse += (size_t)m * (K / 4);
-            decode(w, y + (size_t)m * N, &pm, rows, b, e, beta);
+        /* More than 8 rows: decode rows, or prefill that could not allocate its tile. */
+        for (int t0 = b; t0 < e; t0 += tile) {
+            const int t1 = e - t0 < tile ? e : t0 + tile;
+            for (int m = 0; m < M; m += RP_QMATMUL_DECODE_ROWS) {
+                const int rows = M - m < RP_QMATMUL_DECODE_ROWS ? M - m : RP_QMATMUL_DECODE_ROWS;
+                cpu_qx pm = px;
+                pm.x = px.x + (size_t)m * K;
+                if (pm.xb) pm.xb += (size_t)m * K;
+                if (pm.xu) pm.xu += (size_t)m * K;
+                if (pm.xse) pm.xse += (size_t)m * (K / 4);
+                decode(w, y + (size_t)m * N, &pm, rows, t0, t1, beta);
+            }
         }
     }
     free(buf);
 }
 
+void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
+                           float beta, int n_threads) {
+    qmatmul(k, w, y, x, M, beta, n_threads, 0);
+}
+
+void rp_cpu_qmatmul_kernel_decode(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
+                                  int M, float beta, int n_threads) {
+    qmatmul(k, w, y, x, M, beta, n_threads, 1);
+}
+
 void rp_cpu_qmatmul(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
                     int n_threads) {
     rp_cpu_qmatmul_kernel(rp_qkernel_chosen(w->type), w, y, x, M, beta, n_threads);
+}
+
+void rp_cpu_qmatmul_decode(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
+                           int n_threads) {
+    rp_cpu_qmatmul_kernel_decode(rp_qkernel_chosen(w->type), w, y, x, M, beta, n_threads);
 }

@@ -86,6 +86,13 @@ rp_status rp_cpu_qmatmul_check_env(rp_error *err);
 /* rp_cpu_qmatmul with kernel k (which must be available for w->type). */
 void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
                            float beta, int n_threads);
+/* Decode rows (backend.h, set_decode_rows): every M runs the streaming
+ * kernel, 8 rows at a time inside tiles of W, so each row gets the bits it
+ * gets alone (never the prefill sgemm). */
+void rp_cpu_qmatmul_decode(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
+                           int n_threads);
+void rp_cpu_qmatmul_kernel_decode(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
+                                  int M, float beta, int n_threads);
 
 /* How the VNNI kernel rounds x, per row and per block of RP_Q8_BLOCK:
  * scale = max|x| / 127 (f32), q = nearbyint(x / scale) in [-127, 127]

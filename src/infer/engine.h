@@ -5,8 +5,9 @@
  * every stage keeps, per slot, the recurrent state of its own layers. Work
  * travels down the pipeline as units: a unit is either one prefill chunk of
  * one slot (sequence mode, --prefill-chunk tokens) or a decode step of a
- * group of up to RP_ENGINE_GROUP_MAX slots (one token each). The driver keeps
- * up to P units in flight so every stage works on a different unit at once;
+ * group of up to rp_engine_group_size slots (one token each: --max-batch, by
+ * default the backend's decode_group, else RP_ENGINE_GROUP_DEFAULT). The
+ * driver keeps up to P units in flight so every stage works on a different unit at once;
  * only the residual stream and v_first cross stage boundaries; the last stage
  * applies ln_out and the head, samples (fp32), and returns token ids. Control
  * commands (open/free a slot, session stash/restore/export/import, shutdown)
@@ -15,9 +16,9 @@
  * only the main thread of each rank uses it.
  *
  * Numbers do not depend on batch composition: a prefill chunk runs alone, and
- * decode groups stay within the decode kernel whose rows are computed
- * independently, so a sequence gives the same tokens alone or among others,
- * and for any number of stages.
+ * decode groups run as decode rows (backend.h, set_decode_rows), whose rows
+ * are computed independently whatever their count, so a sequence gives the
+ * same tokens alone or among others, and for any number of stages.
  *
  * Threads: rp_engine_step / rp_engine_run run on the main thread of every
  * rank. On rank 0, any thread (HTTP handlers) may submit, read and cancel
@@ -34,7 +35,8 @@
 #include "model/model.h"
 #include "pipe/grid.h"
 
-#define RP_ENGINE_GROUP_MAX 8      /* slots per decode unit */
+#define RP_ENGINE_GROUP_DEFAULT 8  /* slots per decode unit where the backend names none */
+#define RP_ENGINE_MAX_BATCH 4096   /* the largest --max-batch */
 #define RP_ENGINE_MAX_STOP_TOKENS 16
 #define RP_ENGINE_MAX_BANNED 64
 #define RP_ENGINE_SESSION_NAME_MAX 128
@@ -48,6 +50,10 @@ typedef struct {
     size_t session_budget_bytes;   /* in-memory session states per stage (LRU) */
     double comm_timeout;           /* watchdog seconds for stage transfers; 0 = none */
     int threads;                   /* CPU threads of this rank's backend (informational) */
+    /* Most sequences per decode unit (--max-batch), 1..RP_ENGINE_MAX_BATCH;
+     * 0: the backend's decode_group (backend.h), else RP_ENGINE_GROUP_DEFAULT.
+     * Every rank must use the same value. */
+    int max_batch;
     /* Prefix state cache (docs/serving.md): states at the end of finished
      * requests' prompts (less the last token) and of prompt + generated
      * text, keyed by the tokens, LRU under this many bytes of whole-model
@@ -58,6 +64,9 @@ typedef struct {
 } rp_engine_config;
 
 void rp_engine_config_defaults(rp_engine_config *c);  /* 16 slots, chunk 256, queue 64, 256 MiB */
+/* The decode group size an engine on backend `be` uses with max_batch
+ * (0: the backend's default). */
+int rp_engine_group_size(int max_batch, const rp_backend *be);
 
 /* Sampling of one generation: the ChatRWKV order (docs/rwkv7.md, Sampling): banned tokens,
  * repetition penalty (logit[t] -= presence + occ[t] * frequency for every

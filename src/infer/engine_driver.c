@@ -21,6 +21,27 @@ void rp_engine_config_defaults(rp_engine_config *c) {
 
 const rp_config *rp_engine_config_of(const rp_engine *e) { return &e->m->cfg; }
 
+int rp_engine_group_size(int max_batch, const rp_backend *be) {
+    if (max_batch > 0) return max_batch;
+    return be && be->decode_group > 0 ? be->decode_group : RP_ENGINE_GROUP_DEFAULT;
+}
+
+/* The per-unit scratch of group_max entries (engine_internal.h), one block. */
+static int group_buffers(rp_engine *e) {
+    const size_t G = (size_t)e->group_max;
+    char *p = e->g_mem = calloc(G, 10 * sizeof(int32_t) + sizeof(protobuf_c_boolean));
+    if (!p) return 0;
+    int32_t **i32[] = {&e->g_slots, &e->g_lengths, &e->g_tokens, &e->g_s_out,
+                       &e->g_t_out, &e->g_res_slots, &e->g_res_tokens};
+    for (size_t i = 0; i < sizeof i32 / sizeof i32[0]; i++, p += G * sizeof(int32_t))
+        *i32[i] = (int32_t *)p;
+    int **ints[] = {&e->g_seq_len, &e->g_slot, &e->g_row_begin};
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++, p += G * sizeof(int))
+        *ints[i] = (int *)p;
+    e->g_sample = (protobuf_c_boolean *)p;
+    return 1;
+}
+
 /* ---- creation ---- */
 
 rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid *grid,
@@ -29,6 +50,11 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
     if (cfg->n_slots < 1 || cfg->prefill_chunk < 1 || cfg->max_queue < 0)
         return rp_error_set(err, RP_ERR_ARG, "engine: slots %d and prefill chunk %d must be >= 1",
                             cfg->n_slots, cfg->prefill_chunk);
+    if (cfg->max_batch < 0 || cfg->max_batch > RP_ENGINE_MAX_BATCH)
+        return rp_error_set(err, RP_ERR_ARG, "engine: --max-batch %d must be between 1 and %d "
+                            "(sequences per decode step; 0 or absent: the backend's default, %d)",
+                            cfg->max_batch, RP_ENGINE_MAX_BATCH,
+                            rp_engine_group_size(0, model->be));
     if (grid && grid->dp != 1)
         return rp_error_set(err, RP_ERR_ARG, "serving runs one pipeline: use -np equal to --pp "
                             "(got %d ranks for %d stages)", grid->world_size, grid->pp);
@@ -45,8 +71,9 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
     pthread_cond_init(&e->wake, NULL);
     e->owner = pthread_self();
     const rp_config *c = &model->cfg;
-    e->max_rows = (size_t)(cfg->prefill_chunk > RP_ENGINE_GROUP_MAX ? cfg->prefill_chunk
-                                                                     : RP_ENGINE_GROUP_MAX);
+    e->group_max = rp_engine_group_size(cfg->max_batch, e->be);
+    e->max_rows = (size_t)(cfg->prefill_chunk > e->group_max ? cfg->prefill_chunk
+                                                              : e->group_max);
     rp_status st = rp_workspace_alloc(&e->ws, c, (int)e->max_rows, e->be, err);
     if (st != RP_OK) {
         free(e);
@@ -64,8 +91,8 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
     e->busy_frac = calloc((size_t)e->n_stages, sizeof(double));
     e->stage_layer_begin = calloc((size_t)e->n_stages, sizeof(int));
     e->stage_layer_end = calloc((size_t)e->n_stages, sizeof(int));
-    int ok = e->state.data && e->out && e->slot_job && e->slot_tokens && e->busy_total &&
-             e->busy_mark && e->busy_frac && e->stage_layer_begin && e->stage_layer_end;
+    int ok = group_buffers(e) && e->state.data && e->out && e->slot_job && e->slot_tokens &&
+             e->busy_total && e->busy_mark && e->busy_frac && e->stage_layer_begin && e->stage_layer_end;
     for (int s = 0; ok && s < e->n_stages; s++) {
         e->stage_layer_begin[s] = grid ? grid->layer_begin[s] : 0;
         e->stage_layer_end[s] = grid ? grid->layer_end[s] : c->n_layer;
@@ -80,12 +107,12 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
     }
     if (ok && e->is_last) {
         const size_t V = (size_t)c->vocab_size;
-        e->logits_dev = e->be->alloc(e->be, RP_ENGINE_GROUP_MAX * V * sizeof(float));
-        e->logits_host = malloc(RP_ENGINE_GROUP_MAX * V * sizeof(float));
+        e->logits_dev = e->be->alloc(e->be, (size_t)e->group_max * V * sizeof(float));
+        e->logits_host = malloc((size_t)e->group_max * V * sizeof(float));
         e->sampler_scratch = malloc(rp_sampler_scratch_bytes(c->vocab_size));
         e->sampling = calloc((size_t)cfg->n_slots, sizeof *e->sampling);
         e->lp_row = malloc(V * sizeof(float));
-        e->unit_lp = malloc((e->max_rows + RP_ENGINE_GROUP_MAX) * sizeof *e->unit_lp);
+        e->unit_lp = malloc((e->max_rows + (size_t)e->group_max) * sizeof *e->unit_lp);
         ok = e->logits_dev && e->logits_host && e->sampler_scratch && e->sampling && e->lp_row &&
              e->unit_lp;
         for (int i = 0; ok && i < cfg->n_slots; i++)
@@ -152,7 +179,9 @@ void rp_engine_free(rp_engine *e) {
     free(e->busy_frac);
     free(e->stage_layer_begin);
     free(e->stage_layer_end);
+    for (int i = 0; i < e->units.cap; i++) free(e->units.r[i].slots);
     free(e->units.r);
+    free(e->g_mem);
     rp_workspace_free(&e->ws, e->be);
     if (e->has_tp) rp_transport_free(&e->tp);
     pthread_mutex_destroy(&e->mu);
@@ -510,9 +539,8 @@ static rp_status resolve_forks(rp_engine *e, rp_error *err) {
  * was launched. */
 static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_error *err) {
     const int S = e->cfg.n_slots;
-    int32_t slots[RP_ENGINE_GROUP_MAX], lengths[RP_ENGINE_GROUP_MAX];
-    protobuf_c_boolean sample[RP_ENGINE_GROUP_MAX];
-    int32_t tokens_buf[RP_ENGINE_GROUP_MAX];
+    int32_t *slots = e->g_slots, *lengths = e->g_lengths, *tokens_buf = e->g_tokens;
+    protobuf_c_boolean *sample = e->g_sample;
     const int32_t *tokens = NULL;
     int n = 0;
     /* Candidates: decode-ready slots, and a slot still prefilling. */
@@ -529,7 +557,7 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
             if (prefill_slot < 0) prefill_slot = s;
         } else if (j->has_pending && (!j->closing || j->store_session[0] || j->prefix_on) &&
                    !(j->closing && rp_job_cancel_state(j) == RP_JOB_CANCEL_CLIENT)) {
-            if (n < RP_ENGINE_GROUP_MAX) {
+            if (n < e->group_max) {
                 slots[n] = s;
                 lengths[n] = 1;
                 sample[n] = !j->closing;
@@ -570,6 +598,7 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
         pthread_mutex_unlock(&e->mu);
     } else {
         tokens = tokens_buf;
+        if (n > e->largest_group) e->largest_group = n;
     }
     for (int i = 0; i < n; i++) {
         rp_job *j = e->slot_job[slots[i]];
@@ -583,7 +612,7 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
     c.slots = slots;
     c.lengths = lengths;
     c.sample = sample;
-    int32_t s_out[RP_ENGINE_GROUP_MAX], t_out[RP_ENGINE_GROUP_MAX];
+    int32_t *s_out = e->g_s_out, *t_out = e->g_t_out;
     int n_sampled = 0;
     double busy = 0;
     *st = rp_engine_run_unit(e, &c, tokens, s_out, t_out, &n_sampled, &busy, err);
@@ -597,6 +626,10 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
     for (int i = 0; i < n; i++) rows += (size_t)lengths[i];
     c.n_busy_seconds = 1;
     c.busy_seconds = &busy;
+    if (!rec->slots && !(rec->slots = malloc(sizeof(int32_t) * (size_t)e->group_max))) {
+        *st = rp_error_set(err, RP_ERR_NOMEM, "unit table");
+        return 0;
+    }
     rec->id = c.unit_id;
     rec->n = n;
     memcpy(rec->slots, slots, sizeof(int32_t) * (size_t)n);
@@ -648,7 +681,10 @@ rp_status rp_engine_collect(rp_engine *e, int block, rp_error *err) {
         finish_unit(e, t->r[found].slots, t->r[found].n, r->slots, r->tokens, (int)r->n_slots,
                     lps, n_lps);
         free(lps);
+        /* Swapped, not overwritten: each record keeps its own slots buffer. */
+        const rp_unit_record done = t->r[found];
         t->r[found] = t->r[--t->n];
+        t->r[t->n] = done;
         e->units_in_flight--;
         rwkvpipe__engine_result__free_unpacked(r, NULL);
         block = 0;
@@ -807,6 +843,7 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
                 st = rp_error_set(err, RP_ERR_NOMEM, "unit table");
                 goto fail;
             }
+            memset(grown + t->cap, 0, sizeof *grown * (size_t)(cap - t->cap));
             t->r = grown;
             t->cap = cap;
         }

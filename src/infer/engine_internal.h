@@ -153,7 +153,7 @@ typedef struct {
 typedef struct {
     uint64_t id;
     int n;
-    int32_t slots[RP_ENGINE_GROUP_MAX];
+    int32_t *slots;      /* [group_max], allocated with the record's first use */
 } rp_unit_record;
 
 typedef struct {
@@ -196,7 +196,15 @@ struct rp_engine {
     float *logits_dev, *logits_host;
     float *logits_all_dev, *logits_all_host; /* [max_rows, V]: prefill chunks that score */
     float *lp_row;                /* [V]: a row's raw logits, kept while sampling changes it */
-    rp_unit_logprob *unit_lp;     /* [max_rows + GROUP_MAX]: the last unit's logprobs */
+    rp_unit_logprob *unit_lp;     /* [max_rows + group_max]: the last unit's logprobs */
+    int group_max;                /* sequences per decode unit (rp_engine_group_size) */
+    int largest_group;            /* rank 0: the most sequences a decode unit has had (tests) */
+    /* Per-unit scratch, [group_max] each: launch_unit's (slots .. t_out),
+     * rp_engine_run_unit's (seq_len .. row_begin), a stage's results. */
+    int32_t *g_slots, *g_lengths, *g_tokens, *g_s_out, *g_t_out, *g_res_slots, *g_res_tokens;
+    int *g_seq_len, *g_slot, *g_row_begin;
+    protobuf_c_boolean *g_sample;
+    void *g_mem;
     int n_unit_lp;
     void *sampler_scratch;
     rp_slot_sampling *sampling;  /* last stage: [n_slots] */

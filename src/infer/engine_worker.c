@@ -348,9 +348,8 @@ rp_status rp_engine_run_unit(rp_engine *e, const rp_engine_command *c, const int
     const rp_model *m = e->m;
     rp_backend *be = e->be;
     const int n_seq = (int)c->n_slots;
-    int seq_len[RP_ENGINE_GROUP_MAX] = {0}, slot[RP_ENGINE_GROUP_MAX] = {0},
-        row_begin[RP_ENGINE_GROUP_MAX];
-    if (n_seq < 1 || n_seq > RP_ENGINE_GROUP_MAX || c->n_lengths != c->n_slots)
+    int *seq_len = e->g_seq_len, *slot = e->g_slot, *row_begin = e->g_row_begin;
+    if (n_seq < 1 || n_seq > e->group_max || c->n_lengths != c->n_slots)
         return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: unit with %d slots", e->stage, n_seq);
     for (int i = 0; i < n_seq; i++) {
         seq_len[i] = c->lengths[i];
@@ -569,7 +568,7 @@ static rp_status stage_unit(rp_engine *e, rp_engine_command *c, rp_error *err) {
     if (st == RP_OK) st = st0;
     if (st == RP_OK) st = rp_transport_wait(&e->tp, &rx[1], err);
     if (st != RP_OK) return st;
-    int32_t slots[RP_ENGINE_GROUP_MAX], tokens[RP_ENGINE_GROUP_MAX];
+    int32_t *slots = e->g_res_slots, *tokens = e->g_res_tokens;
     int n_sampled = 0;
     double busy = 0;
     if ((st = rp_engine_run_unit(e, c, NULL, slots, tokens, &n_sampled, &busy, err)) != RP_OK)

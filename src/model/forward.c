@@ -368,6 +368,12 @@ rp_status rp_model_step(const rp_model *m, rp_workspace *ws, const int32_t *toke
         tokens = NULL;
     }
     if (!m->has_head) logits = NULL;
+    /* One row per sequence: the rows are decode tokens, each to be computed
+     * as it would be alone (backend.h, set_decode_rows). */
+    int one_row_each = 1;
+    for (int s = 0; one_row_each && s < batch->n_seq; s++) one_row_each = batch->seq_len[s] == 1;
+    const int decode_rows = one_row_each && be->set_decode_rows != NULL;
+    if (decode_rows) be->set_decode_rows(be, 1);
     int replayed = 0;
     if (decode) {
         step_key key;
@@ -387,6 +393,7 @@ rp_status rp_model_step(const rp_model *m, rp_workspace *ws, const int32_t *toke
             rp_status st = rp_model_embed(m, ws, tokens, batch, err);
             if (st != RP_OK) {
                 if (decode) be->step_end(be);
+                if (decode_rows) be->set_decode_rows(be, 0);
                 return st;
             }
         }
@@ -395,5 +402,6 @@ rp_status rp_model_step(const rp_model *m, rp_workspace *ws, const int32_t *toke
         if (logits) rp_model_head(m, ws, batch, RP_LOGITS_LAST, logits);
     }
     if (decode) be->step_end(be);
+    if (decode_rows) be->set_decode_rows(be, 0);
     return RP_OK;
 }

@@ -14,13 +14,19 @@ double rp_partition_layer_cost(const rp_config *c) {
 
 double rp_partition_head_cost(const rp_config *c) { return (double)c->n_embd * c->vocab_size; }
 
-rp_status rp_partition_balanced(const rp_config *cfg, int n_stages, int *layers, rp_error *err) {
+double rp_partition_head_decode_cost(const rp_config *c) {
+    return rp_partition_head_cost(c) + RP_PARTITION_SAMPLE_COST * c->vocab_size;
+}
+
+/* The balanced split with head cost hc on the last stage. */
+static rp_status partition(const rp_config *cfg, int n_stages, double hc, int *layers,
+                           rp_error *err) {
     const int L = cfg->n_layer, P = n_stages;
     if (P < 1 || P > L)
         return rp_error_set(err, RP_ERR_ARG,
                             "%d pipeline stages for a model of %d layers: every stage needs at "
                             "least one layer, so use 1 to %d stages", P, L, L);
-    const double lc = rp_partition_layer_cost(cfg), hc = rp_partition_head_cost(cfg);
+    const double lc = rp_partition_layer_cost(cfg);
     /* best[s][l]: smallest possible maximum stage cost when stages 0..s hold
      * layers 0..l-1; cut[s][l]: where stage s starts in that optimum. */
     double *best = malloc(sizeof(double) * (size_t)P * (L + 1));
@@ -60,6 +66,15 @@ rp_status rp_partition_balanced(const rp_config *cfg, int n_stages, int *layers,
     free(best);
     free(cut);
     return RP_OK;
+}
+
+rp_status rp_partition_balanced(const rp_config *cfg, int n_stages, int *layers, rp_error *err) {
+    return partition(cfg, n_stages, rp_partition_head_cost(cfg), layers, err);
+}
+
+rp_status rp_partition_balanced_decode(const rp_config *cfg, int n_stages, int *layers,
+                                       rp_error *err) {
+    return partition(cfg, n_stages, rp_partition_head_decode_cost(cfg), layers, err);
 }
 
 rp_status rp_partition_parse(const char *text, const rp_config *cfg, int n_stages, int *layers,

@@ -37,6 +37,20 @@ double rp_partition_head_cost(const rp_config *cfg);
  * head counts on the last stage). Deterministic; layers[s] = count. */
 rp_status rp_partition_balanced(const rp_config *cfg, int n_stages, int *layers, rp_error *err);
 
+/* Decode (serving, generation): the last stage also samples every token
+ * (log-softmax, penalties, top-p over the whole vocabulary, per sequence,
+ * while the matrices are shared by a decode group), so the head weighs
+ * C * V + RP_PARTITION_SAMPLE_COST * V. The constant, in multiply-adds per
+ * vocabulary id: measured 22-25 GEMV multiply-adds per id for rp_sample on
+ * a flat distribution (V = 65536, top-p 0.85) next to a head GEMV, ~800 next
+ * to a 64-row GEMM (compute-bound), and ~340 from the serving run of
+ * docs/perf/serving.md (last stage 90% busy, first 26%): 512 between. */
+#define RP_PARTITION_SAMPLE_COST 512.0
+double rp_partition_head_decode_cost(const rp_config *cfg);
+/* rp_partition_balanced with the head weighed by rp_partition_head_decode_cost. */
+rp_status rp_partition_balanced_decode(const rp_config *cfg, int n_stages, int *layers,
+                                       rp_error *err);
+
 /* "4,4,3,1" -> layers[]; refuses a list whose length is not n_stages, a
  * stage with no layer, or counts that do not add up to n_layer (every layer
  * exactly once) with a message naming the difference. */
