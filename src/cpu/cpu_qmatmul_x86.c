@@ -62,12 +62,7 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
     }
 
 /* ================= AVX2 + FMA: widening, 8 lanes ================= */
-#ifdef __clang__ /* clang ignores GCC target pragmas */
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+RP_ISA_BEGIN("avx2,fma,f16c")
 
 static AI __m256 bf16x8_f32(const uint16_t *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -150,19 +145,10 @@ void cpu_qwiden_avx2(const rp_qmatrix *w, int n0, int n1, float *out) {
     }
 }
 
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RP_ISA_END
 
 /* ================= AVX-512: widening, 16 lanes ================= */
-#ifdef __clang__ /* clang ignores GCC target pragmas */
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
-#endif
+RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 
 static AI __m512 bf16x16_f32(const uint16_t *p, __mmask16 mk) {
     const __m256i h = _mm256_maskz_loadu_epi16(mk, p);
@@ -264,19 +250,10 @@ void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out) {
     }
 }
 
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RP_ISA_END
 
 /* ================= AVX512_BF16: vdpbf16ps, x rounded to bf16 ================= */
-#ifdef __clang__ /* clang ignores GCC target pragmas */
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
-#endif
+RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
 /* Each lane sums pairs of bf16 products (32 k per step, the last masked to
  * zeros), then _mm512_reduce_add_ps. */
@@ -312,19 +289,10 @@ void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, 
     QDRIVE(bf16dot_tile)
 }
 
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RP_ISA_END
 
 /* ================= AVX512_VNNI: vpdpbusd on int8 blocks ================= */
-#ifdef __clang__ /* clang ignores GCC target pragmas */
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
-#endif
+RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
 /* 64 k (two blocks) per step: vpdpbusd multiplies unsigned by signed bytes,
  * so x enters as q + 128 and 128 * sum(w) (one more vpdpbusd, shared by the
@@ -387,10 +355,6 @@ void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int
     QDRIVE(vnni_tile)
 }
 
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RP_ISA_END
 
 #endif /* __x86_64__ */
