@@ -32,7 +32,10 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
 
 /* Tiles of NW W rows x R x rows (constants, so the accumulators stay in
  * registers); the tile shape changes which rows share loads, never the
- * order of any one sum. */
+ * order of any one sum. QDRIVE's NW1 is the tile width for a single x row:
+ * vnni takes 4 W rows at a time there (4 independent accumulator chains and
+ * reductions in flight: 2x its one-row rate with W in cache, measured with
+ * thread CPU time on the Zen 5 machine); the others keep 1 (no gain seen). */
 #define QROWS(TILE, R, NW)                                                                  \
     do {                                                                                    \
         int n_ = n0;                                                                        \
@@ -47,10 +50,10 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
         }                                                                                   \
     } while (0)
 
-#define QDRIVE(TILE)                                                                        \
+#define QDRIVE(TILE, NW1)                                                                   \
     for (int m = 0; m < M; m += 8) {                                                        \
         switch (M - m) {                                                                    \
-        case 1: QROWS(TILE, 1, 1); break;                                                   \
+        case 1: QROWS(TILE, 1, NW1); break;                                                 \
         case 2: QROWS(TILE, 2, 4); break;                                                   \
         case 3: QROWS(TILE, 3, 4); break;                                                   \
         case 4: QROWS(TILE, 4, 4); break;                                                   \
@@ -121,7 +124,7 @@ static AI void avx2_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
 
 void cpu_qdecode_avx2(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta) {
-    QDRIVE(avx2_tile)
+    QDRIVE(avx2_tile, 1)
 }
 
 void cpu_qwiden_avx2(const rp_qmatrix *w, int n0, int n1, float *out) {
@@ -224,7 +227,7 @@ static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx
 
 void cpu_qdecode_avx512(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                         float beta) {
-    QDRIVE(avx512_tile)
+    QDRIVE(avx512_tile, 1)
 }
 
 void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out) {
@@ -286,7 +289,7 @@ static AI void bf16dot_tile(float *sums, const rp_qmatrix *w, int n, const cpu_q
 
 void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                          float beta) {
-    QDRIVE(bf16dot_tile)
+    QDRIVE(bf16dot_tile, 1)
 }
 
 RP_ISA_END
@@ -324,10 +327,10 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
         const int full = K - k >= 64;
         const __mmask64 mk = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
         const __mmask16 mf = full ? (__mmask16)0xffff : (__mmask16)0xff;
-        if (rows > 1)
-            for (int j = 0; j < nw; j++)
-                __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES / 2,
-                                   0, QPF_HINT);
+        /* Also for one x row: the tile's 4 rows are one stream of 4 * K bytes. */
+        for (int j = 0; j < nw; j++)
+            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES / 2, 0,
+                               QPF_HINT);
         __m512i wv[4], cw[4];
         __m512 sw[4];
         for (int j = 0; j < nw; j++) {
@@ -352,7 +355,7 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
 
 void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta) {
-    QDRIVE(vnni_tile)
+    QDRIVE(vnni_tile, 4)
 }
 
 RP_ISA_END
