@@ -27,6 +27,19 @@ void cpu_qwiden_generic(const rp_qmatrix *w, int n0, int n1, float *out);
 
 #if defined(__x86_64__)
 #define RP_CPU_QKERN_X86 1
+
+/* RP_ISA_BEGIN("avx2,fma") ... RP_ISA_END: the functions between are
+ * compiled for that ISA whatever -march says. clang ignores GCC's target
+ * pragmas and gcc has no attribute push, so each compiler gets its own. */
+#define RP_ISA_PRAGMA(p) _Pragma(#p)
+#ifdef __clang__
+#define RP_ISA_BEGIN(isa) \
+    RP_ISA_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define RP_ISA_END RP_ISA_PRAGMA(clang attribute pop)
+#else
+#define RP_ISA_BEGIN(isa) RP_ISA_PRAGMA(GCC push_options) RP_ISA_PRAGMA(GCC target(isa))
+#define RP_ISA_END RP_ISA_PRAGMA(GCC pop_options)
+#endif
 void cpu_qdecode_avx2(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta);
 void cpu_qwiden_avx2(const rp_qmatrix *w, int n0, int n1, float *out);

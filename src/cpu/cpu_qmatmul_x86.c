@@ -32,7 +32,10 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
 
 /* Tiles of NW W rows x R x rows (constants, so the accumulators stay in
  * registers); the tile shape changes which rows share loads, never the
- * order of any one sum. */
+ * order of any one sum. QDRIVE's NW1 is the tile width for a single x row:
+ * vnni takes 4 W rows at a time there (4 independent accumulator chains and
+ * reductions in flight: 2x its one-row rate with W in cache, measured with
+ * thread CPU time on the Zen 5 machine); the others keep 1 (no gain seen). */
 #define QROWS(TILE, R, NW)                                                                  \
     do {                                                                                    \
         int n_ = n0;                                                                        \
@@ -47,10 +50,10 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
         }                                                                                   \
     } while (0)
 
-#define QDRIVE(TILE)                                                                        \
+#define QDRIVE(TILE, NW1)                                                                   \
     for (int m = 0; m < M; m += 8) {                                                        \
         switch (M - m) {                                                                    \
-        case 1: QROWS(TILE, 1, 1); break;                                                   \
+        case 1: QROWS(TILE, 1, NW1); break;                                                 \
         case 2: QROWS(TILE, 2, 4); break;                                                   \
         case 3: QROWS(TILE, 3, 4); break;                                                   \
         case 4: QROWS(TILE, 4, 4); break;                                                   \
@@ -62,12 +65,7 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
     }
 
 /* ================= AVX2 + FMA: widening, 8 lanes ================= */
-#ifdef __clang__ /* clang ignores GCC target pragmas */
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+RP_ISA_BEGIN("avx2,fma,f16c")
 
 static AI __m256 bf16x8_f32(const uint16_t *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -126,7 +124,7 @@ static AI void avx2_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
 
 void cpu_qdecode_avx2(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta) {
-    QDRIVE(avx2_tile)
+    QDRIVE(avx2_tile, 1)
 }
 
 void cpu_qwiden_avx2(const rp_qmatrix *w, int n0, int n1, float *out) {
@@ -150,19 +148,10 @@ void cpu_qwiden_avx2(const rp_qmatrix *w, int n0, int n1, float *out) {
     }
 }
 
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RP_ISA_END
 
 /* ================= AVX-512: widening, 16 lanes ================= */
-#ifdef __clang__ /* clang ignores GCC target pragmas */
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
-#endif
+RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 
 static AI __m512 bf16x16_f32(const uint16_t *p, __mmask16 mk) {
     const __m256i h = _mm256_maskz_loadu_epi16(mk, p);
@@ -238,7 +227,7 @@ static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx
 
 void cpu_qdecode_avx512(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                         float beta) {
-    QDRIVE(avx512_tile)
+    QDRIVE(avx512_tile, 1)
 }
 
 void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out) {
@@ -264,19 +253,10 @@ void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out) {
     }
 }
 
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RP_ISA_END
 
 /* ================= AVX512_BF16: vdpbf16ps, x rounded to bf16 ================= */
-#ifdef __clang__ /* clang ignores GCC target pragmas */
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
-#endif
+RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
 /* Each lane sums pairs of bf16 products (32 k per step, the last masked to
  * zeros), then _mm512_reduce_add_ps. */
@@ -309,22 +289,13 @@ static AI void bf16dot_tile(float *sums, const rp_qmatrix *w, int n, const cpu_q
 
 void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                          float beta) {
-    QDRIVE(bf16dot_tile)
+    QDRIVE(bf16dot_tile, 1)
 }
 
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RP_ISA_END
 
 /* ================= AVX512_VNNI: vpdpbusd on int8 blocks ================= */
-#ifdef __clang__ /* clang ignores GCC target pragmas */
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
-#endif
+RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
 /* 64 k (two blocks) per step: vpdpbusd multiplies unsigned by signed bytes,
  * so x enters as q + 128 and 128 * sum(w) (one more vpdpbusd, shared by the
@@ -356,10 +327,10 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
         const int full = K - k >= 64;
         const __mmask64 mk = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
         const __mmask16 mf = full ? (__mmask16)0xffff : (__mmask16)0xff;
-        if (rows > 1)
-            for (int j = 0; j < nw; j++)
-                __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES / 2,
-                                   0, QPF_HINT);
+        /* Also for one x row: the tile's 4 rows are one stream of 4 * K bytes. */
+        for (int j = 0; j < nw; j++)
+            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES / 2, 0,
+                               QPF_HINT);
         __m512i wv[4], cw[4];
         __m512 sw[4];
         for (int j = 0; j < nw; j++) {
@@ -384,13 +355,9 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
 
 void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta) {
-    QDRIVE(vnni_tile)
+    QDRIVE(vnni_tile, 4)
 }
 
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RP_ISA_END
 
 #endif /* __x86_64__ */
