@@ -1,10 +1,11 @@
-/* Pipeline bubble of the executor (src/pipe/pipe_train.c) under MPI: P ranks
- * run P stages (DP = 1); for GPipe and 1F1B at several micro-batch counts M,
- * the step time against the compute every stage did in it (the executor's
- * busy_seconds: FWD, BWD and the weight update), the measured idle share
- * next to the theory (P-1)/(M+P-1), and the difference split into stage
- * imbalance, the update, and the rest (transfers, waits). One markdown table
- * on rank 0; run by hand, results in docs/perf/pipeline.md.
+/* Pipeline bubble and critical-path efficiency of the executor
+ * (src/pipe/pipe_train.c) under MPI: P ranks run P stages (DP = 1); for
+ * each schedule (gpipe, 1f1b, zb-h1) at several micro-batch counts M, the
+ * step time against the compute every stage did (the measured idle share
+ * next to the theory (P-1)/(M+P-1), split into imbalance, update and rest),
+ * and from every step's instruction trace its critical path and the
+ * efficiency critical path / step span. One markdown table on rank 0; run
+ * by hand, results in docs/perf/pipeline.md.
  *   mpirun -np 2 bench/bench_pipeline [options]   (--help) */
 #include "config.h"
 
@@ -55,7 +56,7 @@ static void usage(FILE *out) {
             "  --ctx-len T             tokens per sequence (64)\n"
             "  --micro-batch-seqs S    sequences per micro-batch (4)\n"
             "  --micro-batches LIST    micro-batch counts M (1,2,4,8)\n"
-            "  --schedules LIST        gpipe,1f1b (both)\n"
+            "  --schedules LIST        of gpipe,1f1b,zb-h1 (gpipe,1f1b)\n"
             "  --stage-layers LIST     layers per stage, e.g. 5,3 (balanced partition)\n"
             "  --steps N               timed steps per case (15)\n"
             "  --warmup N              untimed steps per case first (2)\n"
