@@ -1,10 +1,11 @@
-/* Pipeline bubble of the executor (src/pipe/pipe_train.c) under MPI: P ranks
- * run P stages (DP = 1); for GPipe and 1F1B at several micro-batch counts M,
- * the step time against the compute every stage did in it (the executor's
- * busy_seconds: FWD, BWD and the weight update), the measured idle share
- * next to the theory (P-1)/(M+P-1), and the difference split into stage
- * imbalance, the update, and the rest (transfers, waits). One markdown table
- * on rank 0; run by hand, results in docs/perf/pipeline.md.
+/* Pipeline bubble and critical-path efficiency of the executor
+ * (src/pipe/pipe_train.c) under MPI: P ranks run P stages (DP = 1); for
+ * each schedule (gpipe, 1f1b, zb-h1) at several micro-batch counts M, the
+ * step time against the compute every stage did (the measured idle share
+ * next to the theory (P-1)/(M+P-1), split into imbalance, update and rest),
+ * and from every step's instruction trace its critical path and the
+ * efficiency critical path / step span. One markdown table on rank 0; run
+ * by hand, results in docs/perf/pipeline.md.
  *   mpirun -np 2 bench/bench_pipeline [options]   (--help) */
 #include "config.h"
 
@@ -19,6 +20,7 @@
 #include "cpu/cpu_backend.h"
 #include "model/model.h"
 #include "model/backward.h"
+#include "pipe/critical_path.h"
 #include "pipe/grid.h"
 #include "pipe/pipe_train.h"
 #include "pipe/schedule.h"
@@ -54,7 +56,7 @@ static void usage(FILE *out) {
             "  --ctx-len T             tokens per sequence (64)\n"
             "  --micro-batch-seqs S    sequences per micro-batch (4)\n"
             "  --micro-batches LIST    micro-batch counts M (1,2,4,8)\n"
-            "  --schedules LIST        gpipe,1f1b (both)\n"
+            "  --schedules LIST        of gpipe,1f1b,zb-h1 (gpipe,1f1b)\n"
             "  --stage-layers LIST     layers per stage, e.g. 5,3 (balanced partition)\n"
             "  --steps N               timed steps per case (15)\n"
             "  --warmup N              untimed steps per case first (2)\n"
@@ -168,6 +170,49 @@ static void format_per_stage(char *out, size_t size, const double *ms, int P, co
     }
 }
 
+/* Collective: gathers every stage's trace of the step just run to rank 0
+ * and computes there the critical path through it (critical_path.h).
+ * Returns on rank 0 the critical path and, in *span, the traced step's span
+ * (seconds); 0 elsewhere. */
+enum { TRACE_CAP = 1024 };
+static double gather_critical_path(const rp_pipe_trainer *t, int P, double *span) {
+    static double flat[4 * TRACE_CAP];
+    static double *all;
+    static struct rp_pipe_trace_entry *per_stage;
+    if (!all && world_rank == 0) {
+        all = malloc(sizeof(double) * 4 * TRACE_CAP * (size_t)P);
+        per_stage = malloc(sizeof *per_stage * TRACE_CAP * (size_t)P);
+        if (!all || !per_stage) fatal("cannot allocate the traces", NULL);
+    }
+    for (int k = 0; k < TRACE_CAP; k++) {
+        const int used = k < t->trace_len;
+        flat[4 * k] = used ? t->trace[k].op : -1;
+        flat[4 * k + 1] = used ? t->trace[k].micro_batch : -1;
+        flat[4 * k + 2] = used ? t->trace[k].start_s : 0;
+        flat[4 * k + 3] = used ? t->trace[k].end_s : 0;
+    }
+    MPI_Gather(flat, 4 * TRACE_CAP, MPI_DOUBLE, all, 4 * TRACE_CAP, MPI_DOUBLE, 0,
+               MPI_COMM_WORLD);
+    *span = 0;
+    if (world_rank != 0) return 0;
+    const struct rp_pipe_trace_entry *lists[RP_GRID_MAX_STAGES];
+    int len[RP_GRID_MAX_STAGES];
+    for (int s = 0; s < P; s++) {
+        struct rp_pipe_trace_entry *e = per_stage + (size_t)s * TRACE_CAP;
+        const double *f = all + (size_t)s * 4 * TRACE_CAP;
+        len[s] = 0;
+        for (int k = 0; k < TRACE_CAP && f[4 * k] >= 0; k++, len[s]++)
+            e[k] = (struct rp_pipe_trace_entry){(int)f[4 * k], (int)f[4 * k + 1], f[4 * k + 2],
+                                                f[4 * k + 3]};
+        lists[s] = e;
+    }
+    double cp;
+    rp_error err;
+    if (rp_pipe_critical_path(lists, len, P, &cp, span, &err) != RP_OK)
+        fatal("critical path", &err);
+    return cp;
+}
+
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     int P;
@@ -244,6 +289,10 @@ int main(int argc, char **argv) {
     double *update_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
     double *fwd_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
     double *other = malloc(sizeof(double) * (size_t)n_cases);
+    /* per step: the critical path of its trace and its efficiency */
+    double *crit_s = malloc(sizeof(double) * (size_t)n_cases * o.steps);
+    double *eff = malloc(sizeof(double) * (size_t)n_cases * o.steps);
+    if (!crit_s || !eff) fatal("cannot allocate the results", NULL);
     if (!step_s || !busy_s || !update_s || !fwd_s || !other) fatal("cannot allocate the results", NULL);
 
     if (root) {
@@ -288,6 +337,9 @@ int main(int argc, char **argv) {
                                      (rp_schedule_kind)case_kind[c], case_m[c], S, T, &err) !=
                 RP_OK)
                 fatal("pipeline trainer", &err);
+            trainers[c].trace = calloc(TRACE_CAP, sizeof *trainers[c].trace);
+            trainers[c].trace_cap = TRACE_CAP;
+            if (!trainers[c].trace) fatal("cannot allocate the trace", NULL);
         }
     long step = 0;
     for (int round = -o.warmup; round < o.steps; round++) {
@@ -306,7 +358,13 @@ int main(int argc, char **argv) {
             bench_cpu_sample_take(&c1);
             double all[4 * RP_GRID_MAX_STAGES];
             MPI_Gather(mine, 4, MPI_DOUBLE, all, 4, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+            double span;
+            const double cp = gather_critical_path(&trainers[c], P, &span);
             if (round < 0) continue;
+            if (root) {
+                crit_s[(size_t)c * o.steps + round] = cp;
+                eff[(size_t)c * o.steps + round] = span > 0 ? cp / span : 0;
+            }
             if (c0.valid && c1.valid) {
                 ticks[3 * c] += c1.machine_busy - c0.machine_busy;
                 ticks[3 * c + 1] += c1.machine_total - c0.machine_total;
@@ -358,17 +416,26 @@ int main(int argc, char **argv) {
                "variation between micro-batches (in ms of step time in brackets)\n"
                "- **pipeline idle** = 1 - sum_s f_s / (P x (step - max_s update_s)): the idle "
                "share of the pipelined phase alone (FWD/BWD against the step without its "
-               "update), the quantity (P-1)/(M+P-1) describes; **diff** against theory\n\n");
+               "update), the quantity (P-1)/(M+P-1) describes; **diff** against theory\n"
+               "- **critical path** = the longest path through the step's own trace "
+               "(src/pipe/critical_path.h: program order per stage, SEND -> RECV, the "
+               "OPT_STEP all-reduce; each instruction weighted by its measured work, waits "
+               "excluded); **efficiency** = critical path / traced span of the same step, "
+               "median and minimum over the timed steps, goal >= 0.97: what the executor "
+               "loses to transfers, polling and bookkeeping, whatever the machine's speed "
+               "did to the compute in that step\n\n");
         const char *cols[10] = {"M", "step ms", "busy ms per stage", "update ms per stage",
                                 "bubble", "theory", "diff, pts", "imbalance, pts",
                                 "update, pts", "rest, pts (ms)"};
-        const char *cols_all[14];
+        const char *cols_all[16];
         for (int k = 0; k < 10; k++) cols_all[k] = cols[k];
         cols_all[10] = "pipeline idle";
         cols_all[11] = "diff, pts";
         cols_all[12] = "other CPU load";
         cols_all[13] = "FWD ms per stage";
-        bench_table_header(stdout, "schedule", cols_all, 14);
+        cols_all[14] = "critical path ms";
+        cols_all[15] = "efficiency";
+        bench_table_header(stdout, "schedule", cols_all, 16);
         double *stage_s = malloc(sizeof(double) * (size_t)P);
         double *stage_u = malloc(sizeof(double) * (size_t)P);
         double *stage_fwd = malloc(sizeof(double) * (size_t)P);
@@ -406,7 +473,7 @@ int main(int argc, char **argv) {
                 ms[s] = 1e3 * stage_s[s];
                 ums[s] = 1e3 * stage_u[s];
             }
-            char cells[14][96];
+            char cells[16][96];
             snprintf(cells[0], 96, "%d", M);
             snprintf(cells[1], 96, "%.1f", 1e3 * step_median);
             format_per_stage(cells[2], 96, ms, P, "%.1f");
@@ -426,10 +493,20 @@ int main(int argc, char **argv) {
             snprintf(cells[12], 96, other[c] < 0 ? "?" : "%.0f%%%s", 100 * other[c],
                      other[c] > NOISY_OTHER_CPU_FRACTION ? " (noisy: rerun)" : "");
             format_per_stage(cells[13], 96, stage_fwd, P, "%.1f");
-            const char *row[14];
-            for (int k = 0; k < 14; k++) row[k] = cells[k];
+            for (int i = 0; i < o.steps; i++) col[i] = crit_s[(size_t)c * o.steps + i];
+            snprintf(cells[14], 96, "%.1f", 1e3 * bench_median(col, o.steps));
+            double worst = 1;
+            for (int i = 0; i < o.steps; i++) {
+                col[i] = eff[(size_t)c * o.steps + i];
+                worst = col[i] < worst ? col[i] : worst;
+            }
+            const double eff_median = bench_median(col, o.steps);
+            snprintf(cells[15], 96, "%.3f (min %.3f) %s", eff_median, worst,
+                     eff_median >= 0.97 ? "✓" : "✗");
+            const char *row[16];
+            for (int k = 0; k < 16; k++) row[k] = cells[k];
             bench_table_row(stdout, rp_schedule_kind_name((rp_schedule_kind)case_kind[c]),
-                            row, 14);
+                            row, 16);
         }
         free(stage_u);
         free(stage_fwd);
@@ -438,13 +515,10 @@ int main(int argc, char **argv) {
     }
     for (int c = 0; c < n_cases && o.trace_m; c++) {
         if (case_m[c] != o.trace_m) continue;
-        enum { TRACE_CAP = 1024 };
-        struct rp_pipe_trace_entry *tr = calloc(TRACE_CAP, sizeof *tr);
+        struct rp_pipe_trace_entry *tr = trainers[c].trace;
         double *flat = malloc(sizeof(double) * 4 * TRACE_CAP);
         double *all = root ? malloc(sizeof(double) * 4 * TRACE_CAP * (size_t)P) : NULL;
         if (!tr || !flat || (root && !all)) fatal("cannot allocate the trace", NULL);
-        trainers[c].trace = tr;
-        trainers[c].trace_cap = TRACE_CAP;
         const float loss_scale = 1.0f / ((float)case_m[c] * R);
         MPI_Barrier(MPI_COMM_WORLD);
         const double t0 = rp_now_seconds();
@@ -459,12 +533,9 @@ int main(int argc, char **argv) {
             flat[4 * k + 2] = used ? 1e3 * (tr[k].start_s - t0) : 0;
             flat[4 * k + 3] = used ? 1e3 * (tr[k].end_s - t0) : 0;
         }
-        trainers[c].trace = NULL;
         MPI_Gather(flat, 4 * TRACE_CAP, MPI_DOUBLE, all, 4 * TRACE_CAP, MPI_DOUBLE, 0,
                    MPI_COMM_WORLD);
         if (root) {
-            static const char *names[] = {"RECV_ACT", "FWD", "SEND_ACT", "RECV_GRAD", "BWD",
-                                          "SEND_GRAD", "REDUCE_GRADS", "OPT_STEP"};
             printf("\n### timeline of one %s step, M = %d (ms from the barrier; instructions "
                    "that took under 0.05 ms left out)\n\n",
                    rp_schedule_kind_name((rp_schedule_kind)case_kind[c]), case_m[c]);
@@ -476,16 +547,18 @@ int main(int argc, char **argv) {
                     if (e[3] - e[2] < 0.05) continue;
                     const int op = (int)e[0];
                     printf(" %s%s%.0f %.1f-%.1f", k ? "," : "",
-                           op >= 0 && op < 8 ? names[op] : "?", e[1], e[2], e[3]);
+                           rp_pipe_opcode_name((rp_pipe_opcode)op), e[1], e[2], e[3]);
                 }
                 printf("\n");
             }
         }
-        free(tr);
         free(flat);
         free(all);
     }
-    for (int c = 0; c < n_cases; c++) rp_pipe_trainer_free(&trainers[c]);
+    for (int c = 0; c < n_cases; c++) {
+        free(trainers[c].trace);
+        rp_pipe_trainer_free(&trainers[c]);
+    }
     free(trainers);
     free(case_m);
     free(case_kind);
@@ -496,6 +569,8 @@ int main(int argc, char **argv) {
     free(step_s);
     free(busy_s);
     free(other);
+    free(crit_s);
+    free(eff);
     free(inputs);
     free(targets);
     if (tp) rp_transport_free(tp);

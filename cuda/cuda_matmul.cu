@@ -193,8 +193,9 @@ static void cuda_matmul_linear_backward_beta(rp_backend *be, float *dx, float *d
     if (dx)
         gemm(cx, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, w, K, (size_t)N * K, dy, N, (size_t)M * N,
              beta, dx, K);
-    gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, x, K, (size_t)M * K, dy, N, (size_t)M * N, 1.0f,
-         dw, K);
+    if (dw)
+        gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, x, K, (size_t)M * K, dy, N, (size_t)M * N,
+             1.0f, dw, K);
 }
 
 static void cuda_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,

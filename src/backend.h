@@ -216,7 +216,8 @@ struct rp_backend {
      * fixed order (results do not depend on the thread count). Any gradient
      * pointer documented as optional may be NULL. */
 
-    /* y = x W^T, W [N,K]: dx [M,K] += dy . W (dx optional); dw [N,K] += dy^T . x */
+    /* y = x W^T, W [N,K]: dx [M,K] += dy . W (dx optional); dw [N,K] += dy^T . x (dw
+     * optional in matmul_linear_backward_beta: the BWD_B of a zero-bubble schedule) */
     void (*matmul_linear_backward)(rp_backend *be, float *dx, float *dw, const float *dy,
                                    const float *x, const float *w, int M, int N, int K);
     /* y = x W, W [K,N]: dx [M,K] += dy . W^T (dx optional); dw [K,N] += x^T . dy */

@@ -20,7 +20,7 @@ static const int stage_counts[] = {1, 2, 3, 4, 8};
 #define N_STAGE_COUNTS ((int)(sizeof stage_counts / sizeof stage_counts[0]))
 #define MAX_TESTED_MICRO 16
 
-static const rp_sim_costs unit_costs = {1.0, 1.0, 0.0};
+static const rp_sim_costs unit_costs = {1.0, 1.0, 0.0, 0.0};
 
 static void build_or_fail(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro) {
     rp_error err;
@@ -85,7 +85,7 @@ static void test_every_shape_simulates_without_deadlock(void **state) {
 }
 
 static void test_bubble_fraction_is_the_theory_under_unit_costs(void **state) {
-    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+    for (int k = 0; k <= RP_SCHEDULE_1F1B; k++)
         for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
             for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
                 const int p = stage_counts[pi];
@@ -107,10 +107,11 @@ static void test_bubble_fraction_is_the_theory_under_unit_costs(void **state) {
 }
 
 /* With a backward twice as long as a forward (the usual ratio) and free
- * communication, both schedules still lose only (P-1)/(M+P-1). */
+ * communication, both schedules still lose only (P-1)/(M+P-1). (ZB-H1 has
+ * its own tests below: it loses less.) */
 static void test_bubble_fraction_is_the_theory_when_backward_costs_twice(void **state) {
-    const rp_sim_costs costs = {1.0, 2.0, 0.0};
-    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+    const rp_sim_costs costs = {1.0, 2.0, 0.0, 0.0};
+    for (int k = 0; k <= RP_SCHEDULE_1F1B; k++)
         for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
             for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
                 const int p = stage_counts[pi];
@@ -128,8 +129,8 @@ static void test_bubble_fraction_is_the_theory_when_backward_costs_twice(void **
 }
 
 static void test_communication_cost_only_lengthens_the_step(void **state) {
-    const rp_sim_costs slow = {1.0, 1.0, 0.5};
-    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++) {
+    const rp_sim_costs slow = {1.0, 1.0, 0.5, 0.0};
+    for (int k = 0; k <= RP_SCHEDULE_1F1B; k++) {
         rp_schedule s;
         rp_sim_result r;
         build_or_fail(&s, (rp_schedule_kind)k, 4, 8);
@@ -251,7 +252,7 @@ static void check_list_conventions(const rp_schedule *s) {
 }
 
 static void test_lists_keep_the_header_conventions(void **state) {
-    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+    for (int k = 0; k <= RP_SCHEDULE_1F1B; k++)
         for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
             for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
                 rp_schedule s;
@@ -484,7 +485,7 @@ static void test_bad_arguments_are_rejected_with_a_message(void **state) {
     /* the largest schedule allowed builds */
     assert_int_equal(rp_schedule_build(&s, RP_SCHEDULE_1F1B, 2, RP_SCHEDULE_MAX_MICRO, &err), RP_OK);
     rp_sim_result r;
-    const rp_sim_costs zero_fwd = {0.0, 1.0, 0.0};
+    const rp_sim_costs zero_fwd = {0.0, 1.0, 0.0, 0.0};
     assert_int_equal(rp_schedule_simulate(&s, &zero_fwd, &r, &err), RP_ERR_ARG);
     expect_in_message(err.msg, "fwd 0");
     assert_int_equal(rp_schedule_simulate(&s, NULL, &r, &err), RP_OK);  /* NULL: unit costs */
@@ -498,6 +499,7 @@ static void test_names_round_trip(void **state) {
         assert_int_equal(rp_schedule_kind_from_name(rp_schedule_kind_name(k)), k);
     assert_string_equal(rp_schedule_kind_name(RP_SCHEDULE_GPIPE), "gpipe");
     assert_string_equal(rp_schedule_kind_name(RP_SCHEDULE_1F1B), "1f1b");
+    assert_string_equal(rp_schedule_kind_name(RP_SCHEDULE_ZB_H1), "zb-h1");
     assert_int_equal(rp_schedule_kind_from_name("zero-bubble"), -1);
     assert_string_equal(rp_pipe_opcode_name(RP_OP_RECV_ACT), "RECV_ACT");
     assert_string_equal(rp_pipe_opcode_name(RP_OP_OPT_STEP), "OPT_STEP");
@@ -526,6 +528,121 @@ static void test_timeline_shows_every_op_and_the_bubble(void **state) {
     rp_schedule_free(&s);
 }
 
+
+/* ---- ZB-H1 ---- */
+
+/* Idle time of all stages together: P x makespan - sum of busy. */
+static double idle_time(const rp_schedule *s, const rp_sim_result *r) {
+    double idle = s->n_stages * r->makespan;
+    for (int st = 0; st < s->n_stages; st++) idle -= r->busy[st];
+    return idle;
+}
+
+static int max_peak(const rp_schedule *s, const rp_sim_result *r) {
+    int most = 0;
+    for (int st = 0; st < s->n_stages; st++)
+        most = r->peak_stashed[st] > most ? r->peak_stashed[st] : most;
+    return most;
+}
+
+/* Qi et al.: with F = B = W (the backward = B + W twice the forward) 1F1B
+ * idles (P-1)(F+B+W) per stage, ZB-H1 (P-1)(F+B-W): a third, with 1F1B's
+ * peak activation memory (P micro-batches stashed on the worst stage). */
+static void test_zb_h1_bubble_is_a_third_of_1f1b_at_the_same_peak_stash(void **state) {
+    const rp_sim_costs costs = {1.0, 2.0, 0.0, 1.0};
+    static const int ps[] = {2, 3, 4, 8};
+    for (size_t pi = 0; pi < sizeof ps / sizeof ps[0]; pi++)
+        for (int m = ps[pi]; m <= MAX_TESTED_MICRO; m++) {
+            const int p = ps[pi];
+            rp_schedule zb, ob;
+            rp_sim_result rz, ro;
+            build_or_fail(&zb, RP_SCHEDULE_ZB_H1, p, m);
+            build_or_fail(&ob, RP_SCHEDULE_1F1B, p, m);
+            simulate_or_fail(&zb, &costs, &rz);
+            simulate_or_fail(&ob, &costs, &ro);
+            const double iz = idle_time(&zb, &rz), io = idle_time(&ob, &ro);
+            /* 1F1B: every stage idles 3 (P-1) */
+            assert_float_equal(io, 3.0 * p * (p - 1), 1e-9);
+            if (fabs(iz / io - 1.0 / 3.0) > 1e-9)
+                fail_msg("zb-h1 P=%d M=%d: idle %g against 1F1B's %g (ratio %.4f, expected 1/3)",
+                         p, m, iz, io, iz / io);
+            for (int st = 0; st < p; st++) assert_float_equal(rz.busy[st], 3.0 * m, 1e-9);
+            assert_int_equal(max_peak(&zb, &rz), max_peak(&ob, &ro));
+            assert_int_equal(max_peak(&zb, &rz), p);
+            assert_true(rz.bubble_fraction < ro.bubble_fraction);
+            rp_sim_result_free(&rz, p);
+            rp_sim_result_free(&ro, p);
+            rp_schedule_free(&zb);
+            rp_schedule_free(&ob);
+        }
+}
+
+/* ZB-H1 is 1F1B with BWD_B where 1F1B has BWD, and one BWD_W per
+ * micro-batch after its BWD_B, in increasing order, in the same slot. */
+static void test_zb_h1_is_1f1b_with_deferred_weight_gradients(void **state) {
+    for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
+        for (int m_count = 1; m_count <= MAX_TESTED_MICRO; m_count++) {
+            const int p = stage_counts[pi];
+            rp_schedule zb, ob;
+            build_or_fail(&zb, RP_SCHEDULE_ZB_H1, p, m_count);
+            build_or_fail(&ob, RP_SCHEDULE_1F1B, p, m_count);
+            for (int st = 0; st < p; st++) {
+                int j = 0, last_w = -1;
+                for (int i = 0; i < zb.n_instr[st]; i++) {
+                    const rp_pipe_instr *z = &zb.instr[st][i];
+                    if (z->op == RP_OP_BWD_W) {
+                        assert_int_equal(z->micro_batch, last_w + 1);
+                        last_w = z->micro_batch;
+                        int b = find_instr(&zb, st, RP_OP_BWD_B, z->micro_batch);
+                        assert_true(b >= 0 && b < i);
+                        assert_int_equal(z->buffer, zb.instr[st][b].buffer);
+                        continue;
+                    }
+                    const rp_pipe_instr *o = &ob.instr[st][j++];
+                    assert_int_equal(z->op == RP_OP_BWD_B ? RP_OP_BWD : z->op, o->op);
+                    assert_int_equal(z->micro_batch, o->micro_batch);
+                }
+                assert_int_equal(j, ob.n_instr[st]);
+                assert_int_equal(last_w, m_count - 1);
+                assert_int_equal(zb.n_buffers[st], p < m_count ? p : m_count);
+            }
+            rp_schedule_free(&zb);
+            rp_schedule_free(&ob);
+        }
+}
+
+/* The simulator holds a zero-bubble slot until BWD_W and keeps the weight
+ * gradients in order. */
+static void test_zb_h1_broken_lists_are_reported(void **state) {
+    rp_schedule s;
+    rp_error err;
+    /* W before its B: swap the first BWD_W with the BWD_B of the same m */
+    build_or_fail(&s, RP_SCHEDULE_ZB_H1, 1, 2);
+    /* P = 1: F0 B0 W0 F1 B1 W1 */
+    assert_int_equal(s.instr[0][1].op, RP_OP_BWD_B);
+    assert_int_equal(s.instr[0][2].op, RP_OP_BWD_W);
+    s.instr[0][1].op = RP_OP_BWD_W;
+    s.instr[0][2].op = RP_OP_BWD_B;
+    expect_in_message(simulate_expect_error(&s, &err), "runs before BWD_B of micro-batch 0");
+    rp_schedule_free(&s);
+    /* weight gradients out of order */
+    build_or_fail(&s, RP_SCHEDULE_ZB_H1, 2, 4);
+    int w0 = find_instr(&s, 1, RP_OP_BWD_W, 0), w1 = find_instr(&s, 1, RP_OP_BWD_W, 1);
+    assert_true(w0 >= 0 && w1 > w0);
+    rp_pipe_instr t = s.instr[1][w0];
+    s.instr[1][w0] = s.instr[1][w1];
+    s.instr[1][w1] = t;
+    expect_in_message(simulate_expect_error(&s, &err), "increasing micro-batch order");
+    rp_schedule_free(&s);
+    /* one slot fewer on stage 1: a forward overwrites a slot whose BWD_W is due */
+    build_or_fail(&s, RP_SCHEDULE_ZB_H1, 2, 4);
+    for (int i = 0; i < s.n_instr[1]; i++)
+        if (s.instr[1][i].buffer >= 0) s.instr[1][i].buffer = s.instr[1][i].micro_batch % 1;
+    s.n_buffers[1] = 1;
+    expect_in_message(simulate_expect_error(&s, &err), "still holds it");
+    rp_schedule_free(&s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_every_shape_simulates_without_deadlock),
@@ -550,6 +667,9 @@ int main(void) {
         cmocka_unit_test(test_bad_arguments_are_rejected_with_a_message),
         cmocka_unit_test(test_names_round_trip),
         cmocka_unit_test(test_timeline_shows_every_op_and_the_bubble),
+        cmocka_unit_test(test_zb_h1_bubble_is_a_third_of_1f1b_at_the_same_peak_stash),
+        cmocka_unit_test(test_zb_h1_is_1f1b_with_deferred_weight_gradients),
+        cmocka_unit_test(test_zb_h1_broken_lists_are_reported),
     };
     return cmocka_run_group_tests_name("schedule", tests, NULL, NULL);
 }

@@ -13,17 +13,22 @@
 
 static void schedule_usage(FILE *out) {
     fprintf(out,
-            "usage: rwkvpipe schedule --pp P --micro-batches M [--kind gpipe|1f1b]\n"
-            "                         [--fwd-cost X] [--bwd-cost Y] [--comm-cost Z]\n"
+            "usage: rwkvpipe schedule --pp P --micro-batches M [--kind gpipe|1f1b|zb-h1]\n"
+            "                         [--fwd-cost X] [--bwd-cost Y] [--bwd-w-cost W]\n"
+            "                         [--comm-cost Z]\n"
             "Prints the instruction list every stage of a P-stage pipeline runs for one\n"
             "optimizer step of M micro-batches, then the simulated timeline, the bubble\n"
             "fraction against the theory (P-1)/(M+P-1) and each stage's peak stash.\n"
             "  --pp P              pipeline stages (1..%d)\n"
             "  --micro-batches M   micro-batches per optimizer step (1..%d)\n"
             "  --kind K            gpipe (all forwards, then all backwards) or 1f1b\n"
-            "                      (one forward, one backward; default)\n"
+            "                      (one forward, one backward; default) or zb-h1 (zero\n"
+            "                      bubble: 1F1B with each backward split into its input\n"
+            "                      gradient Bi and weight gradients W, W deferred)\n"
             "  --fwd-cost X        time of one forward on one stage (1)\n"
             "  --bwd-cost Y        time of one backward on one stage (1)\n"
+            "  --bwd-w-cost W      the part of a backward that its weight gradients\n"
+            "                      take in zb-h1 (half of --bwd-cost)\n"
             "  --comm-cost Z       time a send takes to arrive (0)\n"
             "  --time-chunks K     the time-chunk schedule: every K micro-batches are\n"
             "                      the chunks of one sequence (train --seq-len)\n"
@@ -32,7 +37,8 @@ static void schedule_usage(FILE *out) {
 }
 
 /* "<A3" receive activations, "F3:1" forward into buffer 1, ">A3" send them;
- * "<G3", "B3:1", ">G3" the same for gradients. */
+ * "<G3", "B3:1", ">G3" the same for gradients; "Bi3:1" input gradient only
+ * (BWD_B), "W3:1" its weight gradients (BWD_W). */
 static void schedule_format_instr(const rp_pipe_instr *in, char *out, size_t size) {
     switch (in->op) {
     case RP_OP_RECV_ACT: snprintf(out, size, "<A%d", in->micro_batch); break;
@@ -43,6 +49,8 @@ static void schedule_format_instr(const rp_pipe_instr *in, char *out, size_t siz
     case RP_OP_SEND_GRAD: snprintf(out, size, ">G%d", in->micro_batch); break;
     case RP_OP_REDUCE_GRADS: snprintf(out, size, "REDUCE_GRADS"); break;
     case RP_OP_OPT_STEP: snprintf(out, size, "OPT_STEP"); break;
+    case RP_OP_BWD_B: snprintf(out, size, "Bi%d:%d", in->micro_batch, in->buffer); break;
+    case RP_OP_BWD_W: snprintf(out, size, "W%d:%d", in->micro_batch, in->buffer); break;
     case RP_OP_COUNT: snprintf(out, size, "?"); break;
     }
 }
@@ -75,12 +83,13 @@ int cmd_schedule(rp_cli *cli, int argc, char **argv) {
                                              {"fwd-cost", required_argument, 0, 'f'},
                                              {"bwd-cost", required_argument, 0, 'b'},
                                              {"comm-cost", required_argument, 0, 'c'},
+                                             {"bwd-w-cost", required_argument, 0, 'w'},
                                              {"time-chunks", required_argument, 0, 't'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
     int n_stages = 0, n_micro = 0, n_chunks = 1;
     rp_schedule_kind kind = RP_SCHEDULE_1F1B;
-    rp_sim_costs costs = {1.0, 1.0, 0.0};
+    rp_sim_costs costs = {1.0, 1.0, 0.0, 0.0};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
@@ -91,7 +100,8 @@ int cmd_schedule(rp_cli *cli, int argc, char **argv) {
             break;
         case 'k': {
             int k = rp_schedule_kind_from_name(optarg);
-            if (k < 0) cli_fatal(cli, "--kind: '%s' is not a schedule: expected gpipe or 1f1b", optarg);
+            if (k < 0) cli_fatal(cli, "--kind: '%s' is not a schedule: expected gpipe, 1f1b or zb-h1",
+                                optarg);
             kind = (rp_schedule_kind)k;
             break;
         }
@@ -99,6 +109,7 @@ int cmd_schedule(rp_cli *cli, int argc, char **argv) {
          * bubble fraction (busy / makespan) needs */
         case 'f': costs.fwd_cost = cli_parse_double(cli, "--fwd-cost", optarg, 1e-6, 1e6); break;
         case 'b': costs.bwd_cost = cli_parse_double(cli, "--bwd-cost", optarg, 1e-6, 1e6); break;
+        case 'w': costs.bwd_w_cost = cli_parse_double(cli, "--bwd-w-cost", optarg, 1e-6, 1e6); break;
         case 'c': costs.comm_cost = cli_parse_double(cli, "--comm-cost", optarg, 0, 1e6); break;
         case 't':
             n_chunks = (int)cli_parse_int(cli, "--time-chunks", optarg, 1, RP_SCHEDULE_MAX_MICRO);

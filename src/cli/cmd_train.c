@@ -114,7 +114,8 @@ static void train_usage(FILE *out) {
             "                       N/P data replicas; --batch = replicas x micro-batches x\n"
             "                       --micro-batch\n"
             "  --stage-layers LIST  layers per stage, e.g. 4,4,3,1 (default: balanced by cost)\n"
-            "  --pp-schedule K      1f1b (default) or gpipe\n"
+            "  --pp-schedule K      1f1b (default), gpipe or zb-h1 (zero bubble: weight\n"
+            "                       gradients deferred into the bubble, same weights)\n"
             "  --zero 1             ZeRO-1: shard the Adam moments over the data replicas\n"
             "                       of each stage (same weights; CPU backend; default 0)\n"
             "  --halt-on-nan        stop at the first NaN/inf loss or gradient (default)\n"
@@ -247,7 +248,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'A': stage_layers = optarg; break;
         case 'B': {
             int k = rp_schedule_kind_from_name(optarg);
-            if (k < 0) cli_fatal(cli, "--pp-schedule: '%s' is not 1f1b or gpipe", optarg);
+            if (k < 0) cli_fatal(cli, "--pp-schedule: '%s' is not 1f1b, gpipe or zb-h1",
+                                optarg);
             o.pipe_schedule = (rp_schedule_kind)k;
             break;
         }

@@ -342,7 +342,8 @@ static void gemm_accumulate_tiled(rp_backend *be, CBLAS_TRANSPOSE trans_a,
 }
 
 /* forward: y [M,N] = x [M,K] . W^T, W [N,K]
- * backward: dx [M,K] = dy . W + beta dx (dx optional); dw [N,K] += dy^T . x.
+ * backward: dx [M,K] = dy . W + beta dx (dx optional); dw [N,K] += dy^T . x (dw
+ * optional: a zero-bubble schedule adds it later with dx NULL).
  * beta 0 gives the bits of beta 1 on a zeroed dx: sgemm scales C by beta
  * before it adds the product, and 0 + p = p. */
 static void cpu_matmul_linear_backward_beta(rp_backend *be, float *dx, float *dw, const float *dy,
@@ -352,7 +353,8 @@ static void cpu_matmul_linear_backward_beta(rp_backend *be, float *dx, float *dw
     if (cpu_qweight_refuse(be, w, "matmul_linear_backward")) return;
     if (dx)
         gemm_accumulate_tiled(be, CblasNoTrans, CblasNoTrans, M, K, N, dy, N, w, K, dx, K, beta);
-    gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, N, K, M, dy, N, x, K, dw, K, 1.0f);
+    if (dw)
+        gemm_accumulate_tiled(be, CblasTrans, CblasNoTrans, N, K, M, dy, N, x, K, dw, K, 1.0f);
 }
 
 static void cpu_matmul_linear_backward(rp_backend *be, float *dx, float *dw, const float *dy,

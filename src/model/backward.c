@@ -253,8 +253,33 @@ static void mix_backward(rp_backend *be, rp_backward_workspace *tw, const rp_lay
                            beta);
 }
 
-void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
-                                int layer, rp_state *dstate, const rp_batch *batch) {
+size_t rp_backward_wsave_floats(const rp_config *c, int rows) {
+    return (size_t)rows * (5 * (size_t)c->n_embd + (size_t)c->dim_ffn);
+}
+
+/* The layout of one layer's saved output gradients for BWD_W. */
+typedef struct {
+    float *dx_out, *d_ffn, *dx_mid, *dv, *dk, *dr;
+} wsave_parts;
+
+static wsave_parts wsave_bind(float *base, const rp_config *c, int R) {
+    const size_t rc = (size_t)R * c->n_embd;
+    wsave_parts p;
+    p.dx_out = base;
+    p.d_ffn = base + rc;
+    p.dx_mid = p.d_ffn + (size_t)R * c->dim_ffn;
+    p.dv = p.dx_mid + rc;
+    p.dk = p.dv + rc;
+    p.dr = p.dk + rc;
+    return p;
+}
+
+/* wsave NULL: the whole backward. Else the input-gradient part (BWD_B):
+ * the six large matrices' GEMMs compute d(input) only (dw NULL) and their
+ * output gradients are copied into wsave for rp_backward_block_backward_w;
+ * every other gradient is accumulated here as in the whole backward. */
+static void block_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                           int layer, rp_state *dstate, const rp_batch *batch, float *wsave) {
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
     const int li = layer - m->layer_begin;
@@ -267,14 +292,18 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
     float *dffn = rp_state_ffn_x_prev(dstate, 0, layer);
     const size_t dstride = dstate->floats_per_slot;
 
+    const size_t rc_bytes = (size_t)R * C * sizeof(float);
+    const wsave_parts ws = wsave ? wsave_bind(wsave, c, R) : (wsave_parts){0};
     /* ---- channel mix: x_out = x_mid + Wv relu(Wk kf)^2; tw->dx = d x_out ---- */
     /* Each first write of a scratch gradient in the step overwrites (beta 0):
      * no fill_zero before it. */
-    be->matmul_linear_backward_beta(be, tw->d_ffn, gw->ffn_value, tw->dx, s->ffn_hidden,
-                                    w->ffn_value, R, C, F, 0.0f);
+    if (wsave) be->copy(be, ws.dx_out, tw->dx, rc_bytes);
+    be->matmul_linear_backward_beta(be, tw->d_ffn, wsave ? NULL : gw->ffn_value, tw->dx,
+                                    s->ffn_hidden, w->ffn_value, R, C, F, 0.0f);
     be->bias_act_backward(be, tw->d_ffn, NULL, s->ffn_hidden, R, F, RP_ACT_RELU_SQUARED);
-    be->matmul_linear_backward_beta(be, tw->dxc, gw->ffn_key, tw->d_ffn, s->kf, w->ffn_key, R, F,
-                                    C, 0.0f);
+    if (wsave) be->copy(be, ws.d_ffn, tw->d_ffn, (size_t)R * F * sizeof(float));
+    be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->ffn_key, tw->d_ffn, s->kf,
+                                    w->ffn_key, R, F, C, 0.0f);
     be->lerp_backward_beta(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf, s->prev_ffn,
                            w->ffn_x_k, R, C, 0.0f);
     be->token_shift_backward(be, tw->dxa, dffn, dstride, tw->dprev, batch, C);
@@ -282,8 +311,9 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
                            s->ln2_mean, s->ln2_rstd, w->ln2_weight, R, C);
 
     /* ---- time mix: x_mid = x_in + Wo og; tw->dx = d x_mid ---- */
-    be->matmul_linear_backward_beta(be, tw->d_og, gw->output, tw->dx, s->og, w->output, R, C, C,
-                                    0.0f);
+    if (wsave) be->copy(be, ws.dx_mid, tw->dx, rc_bytes);
+    be->matmul_linear_backward_beta(be, tw->d_og, wsave ? NULL : gw->output, tw->dx, s->og,
+                                    w->output, R, C, C, 0.0f);
     be->bonus_gate_backward_beta(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og,
                                  s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N, 0.0f);
     /* gate: g = sigmoid(xg g1) g2; its mix is the first write of dxa and dprev.
@@ -332,20 +362,64 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
         mix_backward(be, tw, s, w->x_v, gw->x_v, R, C, 1.0f);
     }
     /* r, k, v projections */
-    be->matmul_linear_backward_beta(be, tw->dxc, gw->value, tw->dv, tw->xc, w->value, R, C, C,
-                                    0.0f);
+    if (wsave) {
+        be->copy(be, ws.dv, tw->dv, rc_bytes);
+        be->copy(be, ws.dk, tw->dk, rc_bytes);
+        be->copy(be, ws.dr, tw->dr, rc_bytes);
+    }
+    be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->value, tw->dv, tw->xc,
+                                    w->value, R, C, C, 0.0f);
     mix_backward(be, tw, s, w->x_v, gw->x_v, R, C, 1.0f);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
-    be->matmul_linear_backward_beta(be, tw->dxc, gw->key, tw->dk, tw->xc, w->key, R, C, C, 0.0f);
+    be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->key, tw->dk, tw->xc, w->key,
+                                    R, C, C, 0.0f);
     mix_backward(be, tw, s, w->x_k, gw->x_k, R, C, 1.0f);
     be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
-    be->matmul_linear_backward_beta(be, tw->dxc, gw->receptance, tw->dr, tw->xc, w->receptance,
-                                    R, C, C, 0.0f);
+    be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->receptance, tw->dr, tw->xc,
+                                    w->receptance, R, C, C, 0.0f);
     mix_backward(be, tw, s, w->x_r, gw->x_r, R, C, 1.0f);
     /* token shift and ln1 */
     be->token_shift_backward(be, tw->dxa, datt, dstride, tw->dprev, batch, C);
     be->layernorm_backward(be, tw->dx, gw->ln1_weight, gw->ln1_bias, tw->dxa, s->x_in,
                            s->ln1_mean, s->ln1_rstd, w->ln1_weight, R, C);
+}
+
+void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                                int layer, rp_state *dstate, const rp_batch *batch) {
+    block_backward(m, grads, tw, layer, dstate, batch, NULL);
+}
+
+void rp_backward_block_backward_b(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                                  int layer, rp_state *dstate, const rp_batch *batch,
+                                  float *wsave) {
+    block_backward(m, grads, tw, layer, dstate, batch, wsave);
+}
+
+/* The same GEMM calls as the whole backward's, with dx NULL: each weight
+ * gradient gets the same bits added in the same order of micro-batches. */
+void rp_backward_block_backward_w(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                                  int layer, const rp_batch *batch, const float *wsave) {
+    rp_backend *be = m->be;
+    const rp_config *c = &m->cfg;
+    const int li = layer - m->layer_begin;
+    const rp_layer_weights *w = &m->layers[li];
+    rp_layer_weights *gw = &grads->layers[li];
+    const rp_layer_activations *s = &tw->layers[li];
+    const int R = batch->n_rows, C = c->n_embd, F = c->dim_ffn;
+    const wsave_parts ws = wsave_bind((float *)wsave, c, R);
+    be->matmul_linear_backward_beta(be, NULL, gw->ffn_value, ws.dx_out, s->ffn_hidden,
+                                    w->ffn_value, R, C, F, 0.0f);
+    be->matmul_linear_backward_beta(be, NULL, gw->ffn_key, ws.d_ffn, s->kf, w->ffn_key, R, F, C,
+                                    0.0f);
+    be->matmul_linear_backward_beta(be, NULL, gw->output, ws.dx_mid, s->og, w->output, R, C, C,
+                                    0.0f);
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_v, R, C);
+    be->matmul_linear_backward_beta(be, NULL, gw->value, ws.dv, tw->xc, w->value, R, C, C, 0.0f);
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
+    be->matmul_linear_backward_beta(be, NULL, gw->key, ws.dk, tw->xc, w->key, R, C, C, 0.0f);
+    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
+    be->matmul_linear_backward_beta(be, NULL, gw->receptance, ws.dr, tw->xc, w->receptance, R, C,
+                                    C, 0.0f);
 }
 
 /* ---- head + loss ---- */

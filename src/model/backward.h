@@ -81,6 +81,22 @@ void rp_backward_block_backward(const rp_model *m, rp_model *grads, rp_backward_
 void rp_backward_embed_backward(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
                                 const int32_t *tokens, const rp_batch *batch);
 
+/* The block backward split for zero-bubble schedules (schedule.h BWD_B /
+ * BWD_W). _b is rp_backward_block_backward except that the six large
+ * matrices (ffn key/value, output, receptance, key, value) get no weight
+ * gradient: their output gradients go to wsave (rp_backward_wsave_floats
+ * for the batch's rows, per layer, kept with the micro-batch's activations
+ * until _w), and _w adds those weight gradients later with the same GEMMs
+ * (tw->xc as scratch). _b then _w on every micro-batch in increasing order
+ * gives grads bit for bit equal to rp_backward_block_backward's: every
+ * gradient is accumulated by the same calls in the same order. */
+size_t rp_backward_wsave_floats(const rp_config *c, int rows);
+void rp_backward_block_backward_b(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                                  int layer, rp_state *dstate, const rp_batch *batch,
+                                  float *wsave);
+void rp_backward_block_backward_w(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
+                                  int layer, const rp_batch *batch, const float *wsave);
+
 /* Whole model: forward from `state` (updated to the final state), then the
  * gradient of loss_scale * (sum of the cross-entropies of rows whose target
  * is >= 0) accumulated into grads (and into dstate when non-NULL: in d final

@@ -117,6 +117,18 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
             rp_pipe_trainer_free(pt);
             return rp_error_prefix(err, "activation stash %d of %d", i + 1, pt->n_stash);
         }
+    if (pt->sched.kind == RP_SCHEDULE_ZB_H1 && n_chunks == 1) {
+        const size_t floats = rp_backward_wsave_floats(&model->cfg, R) *
+                              (size_t)(model->layer_end - model->layer_begin);
+        pt->wsave = calloc((size_t)pt->n_stash, sizeof *pt->wsave);
+        for (int i = 0; pt->wsave && i < pt->n_stash; i++)
+            if (!(pt->wsave[i] = be->alloc(be, (floats ? floats : 1) * sizeof(float)))) break;
+        if (!pt->wsave || !pt->wsave[pt->n_stash - 1]) {
+            rp_pipe_trainer_free(pt);
+            return rp_error_set(err, RP_ERR_NOMEM, "zb-h1: the saved output gradients of %d "
+                                "stash slots (%zu floats each)", pt->n_stash, floats);
+        }
+    }
     rp_state_geometry(&pt->state, &model->cfg, model->layer_begin, model->layer_end,
                       micro_batch_size);
     rp_state_geometry(&pt->dstate, &model->cfg, model->layer_begin, model->layer_end,
@@ -244,6 +256,9 @@ void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
     if (be && pt->dstate.data) be->free(be, pt->dstate.data);
     if (be && pt->chunk_states) be->free(be, pt->chunk_states);
     if (be && pt->chunk_inputs) be->free(be, pt->chunk_inputs);
+    for (int i = 0; pt->wsave && i < pt->n_stash; i++)
+        if (be && pt->wsave[i]) be->free(be, pt->wsave[i]);
+    free(pt->wsave);
     free(pt->stash);
     free(pt->pending);
     free(pt->seq_len);
@@ -323,10 +338,13 @@ static rp_status post_send(rp_pipe_trainer *pt, const rp_pipe_instr *in,
  * b + RECV_ACT m+1 with stage s-1, which the neighbour issues as its own
  * matching pair), else none. */
 static const rp_pipe_instr *exchange_of(const rp_pipe_instr *list, int n, int i) {
-    if (i + 1 >= n) return NULL;
-    const rp_pipe_opcode next = list[i + 1].op;
-    if (list[i].op == RP_OP_SEND_ACT && next == RP_OP_RECV_GRAD) return &list[i + 1];
-    if (list[i].op == RP_OP_SEND_GRAD && next == RP_OP_RECV_ACT) return &list[i + 1];
+    /* ZB-H1's BWD_W between the two does not change 1F1B's pairs. */
+    int j = i + 1;
+    while (j < n && list[j].op == RP_OP_BWD_W) j++;
+    if (j >= n) return NULL;
+    const rp_pipe_opcode next = list[j].op;
+    if (list[i].op == RP_OP_SEND_ACT && next == RP_OP_RECV_GRAD) return &list[j];
+    if (list[i].op == RP_OP_SEND_GRAD && next == RP_OP_RECV_ACT) return &list[j];
     return NULL;
 }
 
@@ -419,6 +437,13 @@ static void zero_grads(rp_pipe_trainer *pt) {
     rp_model_zero(pt->grads);
     be->synchronize(be);
     pt->update_seconds += rp_now_seconds() - t0;
+}
+
+/* Layer l's saved output gradients in stash slot b (zb-h1). */
+static float *wsave_of(const rp_pipe_trainer *pt, int b, int l) {
+    return pt->wsave[b] + rp_backward_wsave_floats(&pt->model->cfg, pt->micro_batch_size *
+                                                                        pt->ctx_len) *
+                              (size_t)(l - pt->model->layer_begin);
 }
 
 /* A time chunk's forward in tw: its input (embedding, or the x and v_first
@@ -596,8 +621,14 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         case RP_OP_SEND_GRAD:
             st = post_send(pt, in, grouped ? exchange_of(list, n, i) : NULL, err);
             break;
-        case RP_OP_BWD: {
+        case RP_OP_BWD:
+        case RP_OP_BWD_B: {
             if ((st = wait_pending(pt, in->buffer, PENDING_ALL, err)) != RP_OK) break;
+            if (in->op == RP_OP_BWD_B && !pt->wsave) {
+                st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: BWD_B without the zb-h1 "
+                                  "buffers", pt->stage);
+                break;
+            }
             const double t0 = rp_now_seconds();
             if (chunked) {
                 /* Recompute the chunk's forward from its kept start state
@@ -613,8 +644,13 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
              * --tbptt truncates it. */
             if (!chunked || pt->tbptt || mb % pt->n_chunks == pt->n_chunks - 1)
                 be->fill_zero(be, pt->dstate.data, state_bytes);
-            for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
-                rp_backward_block_backward(m, pt->grads, tw, l, &pt->dstate, &pt->batch);
+            for (int l = m->layer_end - 1; l >= m->layer_begin; l--) {
+                if (in->op == RP_OP_BWD_B)
+                    rp_backward_block_backward_b(m, pt->grads, tw, l, &pt->dstate, &pt->batch,
+                                                 wsave_of(pt, in->buffer, l));
+                else
+                    rp_backward_block_backward(m, pt->grads, tw, l, &pt->dstate, &pt->batch);
+            }
             if (pt->tune_state && (!chunked || mb % pt->n_chunks == 0))
                 accumulate_tuned_grad(pt);
             if (m->has_embed)
@@ -623,6 +659,23 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             pt->busy_seconds += rp_now_seconds() - t0;
             if ((st = be->status(be, err)) != RP_OK)
                 rp_error_prefix(err, "stage %d: backward of micro-batch %d", pt->stage, mb);
+            break;
+        }
+        case RP_OP_BWD_W: {
+            if (!pt->wsave) {
+                st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: BWD_W without the zb-h1 "
+                                  "buffers", pt->stage);
+                break;
+            }
+            const double t0 = rp_now_seconds();
+            for (int l = m->layer_end - 1; l >= m->layer_begin; l--)
+                rp_backward_block_backward_w(m, pt->grads, tw, l, &pt->batch,
+                                             wsave_of(pt, in->buffer, l));
+            be->synchronize(be);
+            pt->busy_seconds += rp_now_seconds() - t0;
+            if ((st = be->status(be, err)) != RP_OK)
+                rp_error_prefix(err, "stage %d: weight gradients of micro-batch %d", pt->stage,
+                                mb);
             break;
         }
         case RP_OP_REDUCE_GRADS:

@@ -18,6 +18,7 @@
 
 #include "model/model.h"
 #include "model/backward.h"
+#include "pipe/critical_path.h"
 #include "pipe/grid.h"
 #include "pipe/schedule.h"
 #include "pipe/transport.h"
@@ -76,11 +77,12 @@ typedef struct {
     /* Optional timeline of the last step (benchmarks): when trace is set
      * (trace_cap entries, the caller's memory), each instruction's opcode,
      * micro-batch and start/end seconds on this rank's monotonic clock. */
-    struct rp_pipe_trace_entry {
-        int op, micro_batch;
-        double start_s, end_s;
-    } *trace;
+    struct rp_pipe_trace_entry *trace;  /* pipe/critical_path.h */
     int trace_cap, trace_len;
+    /* Zero-bubble schedules (BWD_B / BWD_W): per stash slot, the layers'
+     * output gradients that the slot's BWD_W turns into weight gradients
+     * (rp_backward_wsave_floats per layer); NULL for the other kinds. */
+    float **wsave;
     /* Gradient all-reduce over the data replicas on device memory: NCCL, or
      * MPI through the host buffer (NULL on host memory: MPI in place). */
     rp_nccl_group *data_nccl;

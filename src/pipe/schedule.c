@@ -1,4 +1,4 @@
-/* Schedule generators: GPipe and 1F1B (PipeDream-Flush) as per-stage
+/* Schedule generators: GPipe, 1F1B (PipeDream-Flush) and ZB-H1 as per-stage
  * instruction lists (schedule.h). Pure functions of (kind, P, M); the
  * executor in pipe_train.c and the simulator in simulate.c interpret them.
  * A new schedule is a new sched_build_* function here plus its tests. */
@@ -7,10 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const kind_names[RP_SCHEDULE_KIND_COUNT] = {"gpipe", "1f1b"};
+static const char *const kind_names[RP_SCHEDULE_KIND_COUNT] = {"gpipe", "1f1b", "zb-h1"};
 
 static const char *const opcode_names[RP_OP_COUNT] = {
-    "RECV_ACT", "FWD", "SEND_ACT", "RECV_GRAD", "BWD", "SEND_GRAD", "REDUCE_GRADS", "OPT_STEP"};
+    "RECV_ACT", "FWD", "SEND_ACT", "RECV_GRAD", "BWD", "SEND_GRAD", "REDUCE_GRADS", "OPT_STEP", "BWD_B", "BWD_W"};
 
 const char *rp_schedule_kind_name(rp_schedule_kind k) {
     return (unsigned)k < RP_SCHEDULE_KIND_COUNT ? kind_names[k] : "unknown";
@@ -50,11 +50,17 @@ static void sched_emit_forward(sched_list *list, int stage, int n_stages, int m,
 }
 
 /* [RECV_GRAD m] BWD m [SEND_GRAD m]: the last stage starts from its own loss,
- * the first stage has no one to send d(input) to. */
-static void sched_emit_backward(sched_list *list, int stage, int n_stages, int m, int buffer) {
+ * the first stage has no one to send d(input) to. op: BWD, or BWD_B when
+ * the weight gradients come later (BWD_W). */
+static void sched_emit_backward_op(sched_list *list, int stage, int n_stages, int m, int buffer,
+                                   rp_pipe_opcode op) {
     if (stage < n_stages - 1) sched_emit(list, RP_OP_RECV_GRAD, m, buffer);
-    sched_emit(list, RP_OP_BWD, m, buffer);
+    sched_emit(list, op, m, buffer);
     if (stage > 0) sched_emit(list, RP_OP_SEND_GRAD, m, buffer);
+}
+
+static void sched_emit_backward(sched_list *list, int stage, int n_stages, int m, int buffer) {
+    sched_emit_backward_op(list, stage, n_stages, m, buffer, RP_OP_BWD);
 }
 
 static void sched_emit_step(sched_list *list) {
@@ -64,8 +70,9 @@ static void sched_emit_step(sched_list *list) {
 
 /* Every schedule here runs each micro-batch's forward and backward once per
  * stage, so the list length depends only on the stage's position. */
-static int sched_stage_length(int stage, int n_stages, int n_micro) {
+static int sched_stage_length(rp_schedule_kind kind, int stage, int n_stages, int n_micro) {
     int per_micro = 2 + (stage > 0 ? 2 : 0) + (stage < n_stages - 1 ? 2 : 0);
+    if (kind == RP_SCHEDULE_ZB_H1) per_micro++;  /* the BWD_W */
     return n_micro * per_micro + 2;
 }
 
@@ -105,6 +112,47 @@ static void sched_build_1f1b(sched_list *list, int stage, int n_stages, int n_mi
     *n_buffers = slots;
 }
 
+/* ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"): 1F1B's order
+ * of forwards and input-gradient backwards (BWD_B), each micro-batch's
+ * weight gradients (BWD_W) after its BWD_B, in increasing m, with up to
+ * `stage` of them held back: in 1F1B stage s idles during the drain while
+ * the stages before it finish their backwards, about s backward slots at
+ * the end; the held-back BWD_Ws fill them. A slot is held from FWD to BWD_W:
+ * at most warmup + 1 + stage = P micro-batches, 1F1B's peak (stage 0's).
+ * Under unit costs F = B = W the bubble is (P-1)(F+B-W) against 1F1B's
+ * (P-1)(F+B+W): a third. */
+static void sched_build_zb_h1(sched_list *list, int stage, int n_stages, int n_micro,
+                              int *n_buffers) {
+    int warmup = n_stages - stage - 1;
+    if (warmup > n_micro) warmup = n_micro;
+    const int slots = n_stages < n_micro ? n_stages : n_micro;
+    int next_fwd = 0, next_bwd = 0, next_w = 0;
+    for (int i = 0; i < warmup; i++, next_fwd++)
+        sched_emit_forward(list, stage, n_stages, next_fwd, next_fwd % slots);
+    while (next_fwd < n_micro) {
+        sched_emit_forward(list, stage, n_stages, next_fwd, next_fwd % slots);
+        next_fwd++;
+        sched_emit_backward_op(list, stage, n_stages, next_bwd, next_bwd % slots, RP_OP_BWD_B);
+        next_bwd++;
+        if (next_bwd - next_w > stage) {
+            sched_emit(list, RP_OP_BWD_W, next_w, next_w % slots);
+            next_w++;
+        }
+    }
+    /* Drain: one BWD_W after each BWD_B fills the wait for the next
+     * gradient; the held-back ones end the list. */
+    for (; next_bwd < n_micro; next_bwd++) {
+        sched_emit_backward_op(list, stage, n_stages, next_bwd, next_bwd % slots, RP_OP_BWD_B);
+        if (next_bwd + 1 - next_w > stage) {
+            sched_emit(list, RP_OP_BWD_W, next_w, next_w % slots);
+            next_w++;
+        }
+    }
+    for (; next_w < n_micro; next_w++) sched_emit(list, RP_OP_BWD_W, next_w, next_w % slots);
+    sched_emit_step(list);
+    *n_buffers = slots;
+}
+
 /* Time chunks: per group of n_chunks micro-batches, the forwards forward in
  * time, then the backwards backward in time (schedule.h). */
 static void sched_build_time_chunks(sched_list *list, int stage, int n_stages, int n_micro,
@@ -122,8 +170,8 @@ static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_sta
                                 int n_chunks, rp_error *err) {
     memset(s, 0, sizeof *s);
     if ((unsigned)kind >= RP_SCHEDULE_KIND_COUNT)
-        return rp_error_set(err, RP_ERR_ARG, "schedule kind %d unknown: expected gpipe or 1f1b",
-                            (int)kind);
+        return rp_error_set(err, RP_ERR_ARG, "schedule kind %d unknown: expected gpipe, 1f1b "
+                            "or zb-h1", (int)kind);
     if (n_stages < 1)
         return rp_error_set(err, RP_ERR_ARG, "pipeline of %d stages: need >= 1", n_stages);
     if (n_stages > RP_SCHEDULE_MAX_STAGES)
@@ -152,7 +200,8 @@ static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_sta
 
     for (int stage = 0; stage < n_stages; stage++) {
         sched_list list = {0};
-        list.capacity = sched_stage_length(stage, n_stages, n_micro);
+        list.capacity = sched_stage_length(n_chunks > 1 ? RP_SCHEDULE_GPIPE : kind, stage,
+                                           n_stages, n_micro);
         list.instr = rp_malloc((size_t)list.capacity * sizeof *list.instr, "schedule list", err);
         if (!list.instr) goto fail;
         s->instr[stage] = list.instr;
@@ -165,6 +214,9 @@ static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_sta
             break;
         case RP_SCHEDULE_1F1B:
             sched_build_1f1b(&list, stage, n_stages, n_micro, &s->n_buffers[stage]);
+            break;
+        case RP_SCHEDULE_ZB_H1:
+            sched_build_zb_h1(&list, stage, n_stages, n_micro, &s->n_buffers[stage]);
             break;
         case RP_SCHEDULE_KIND_COUNT: break;
         }

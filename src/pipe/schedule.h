@@ -16,7 +16,12 @@
  * - `buffer` of FWD/BWD/RECV_ACT/SEND_ACT/RECV_GRAD/SEND_GRAD is the stash
  *   slot (0 .. n_buffers[s]-1) holding micro-batch m's activations from its
  *   FWD until its BWD; a slot is never reused before the BWD of its previous
- *   micro-batch. GPipe: n_buffers = M; 1F1B: n_buffers = min(M, P - s).
+ *   micro-batch. GPipe: n_buffers = M; 1F1B: n_buffers = min(M, P - s);
+ *   ZB-H1: n_buffers = min(M, P) (a slot is held until the BWD_W).
+ * - ZB-H1 has BWD_B m (with the RECV_GRAD / SEND_GRAD around it) where 1F1B
+ *   has BWD m, in the same places, and BWD_W m later, in increasing m:
+ *   stage s keeps up to s BWD_W pending, so the last stages fill their
+ *   drain bubble with weight gradients (docs/parallelism.md). 
  * - Every list ends with REDUCE_GRADS then OPT_STEP (micro_batch = -1,
  *   buffer = -1). */
 #ifndef RP_PIPE_SCHEDULE_H
@@ -35,6 +40,12 @@ typedef enum {
     RP_OP_SEND_GRAD,     /* send d(input) to stage s-1 */
     RP_OP_REDUCE_GRADS,  /* all-reduce gradients over the data-parallel replicas */
     RP_OP_OPT_STEP,      /* optimizer step */
+    /* Zero-bubble schedules split BWD in two: BWD_B computes d(input) (and
+     * the small parameters' gradients), which the previous stage waits for;
+     * BWD_W later the large matrices' weight gradients, off the critical
+     * path. A micro-batch's stash slot is free only after its BWD_W. */
+    RP_OP_BWD_B,
+    RP_OP_BWD_W,
     RP_OP_COUNT
 } rp_pipe_opcode;
 
@@ -44,7 +55,12 @@ typedef struct {
     int buffer;       /* stash slot, -1 for REDUCE_GRADS / OPT_STEP */
 } rp_pipe_instr;
 
-typedef enum { RP_SCHEDULE_GPIPE = 0, RP_SCHEDULE_1F1B, RP_SCHEDULE_KIND_COUNT } rp_schedule_kind;
+typedef enum {
+    RP_SCHEDULE_GPIPE = 0,
+    RP_SCHEDULE_1F1B,
+    RP_SCHEDULE_ZB_H1,  /* zero bubble ZB-H1 (Qi et al. 2023), 1F1B's memory */
+    RP_SCHEDULE_KIND_COUNT
+} rp_schedule_kind;
 
 typedef struct {
     rp_schedule_kind kind;
@@ -80,7 +96,7 @@ rp_status rp_schedule_build_time_chunks(rp_schedule *s, int n_stages, int n_micr
                                         rp_error *err);
 void rp_schedule_free(rp_schedule *s);
 
-const char *rp_schedule_kind_name(rp_schedule_kind k);  /* "gpipe", "1f1b" */
+const char *rp_schedule_kind_name(rp_schedule_kind k);  /* "gpipe", "1f1b", "zb-h1" */
 int rp_schedule_kind_from_name(const char *name);       /* -1 if unknown */
 const char *rp_pipe_opcode_name(rp_pipe_opcode op);     /* "RECV_ACT", ... */
 
@@ -93,6 +109,8 @@ const char *rp_pipe_opcode_name(rp_pipe_opcode op);     /* "RECV_ACT", ... */
  * as an error naming each stuck stage and instruction. */
 typedef struct {
     double fwd_cost, bwd_cost, comm_cost;  /* unit costs: 1, 1, 0 */
+    /* The part of bwd_cost that BWD_W takes (BWD_B the rest); 0: half. */
+    double bwd_w_cost;
 } rp_sim_costs;
 
 typedef struct {

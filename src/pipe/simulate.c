@@ -23,6 +23,7 @@ typedef struct {
     int buffer;            /* slot m was stashed in, -1 before RECV_ACT/FWD */
     unsigned char act_received, fwd_done, act_sent;
     unsigned char grad_received, bwd_done, grad_sent;
+    unsigned char split, w_done;  /* BWD_B ran (its BWD_W is due); BWD_W ran */
 } sim_micro;
 
 typedef struct {
@@ -30,6 +31,7 @@ typedef struct {
     double clock;          /* time the stage is free to start it */
     double busy;
     int n_fwd, n_bwd;      /* micro-batches forwarded / backwarded so far */
+    int n_w, w_due;        /* BWD_W run so far; BWD_B without their BWD_W yet */
     int n_stashed, peak_stashed;
     int reduced, stepped;
     int *holder;           /* [n_buffers] micro-batch holding each slot, -1 free */
@@ -109,6 +111,18 @@ static sim_outcome sim_check_buffer(sim_state *st, int stage, int index, const r
 static int sim_next_backward(const rp_schedule *s, int k) {
     const int K = s->n_chunks > 1 ? s->n_chunks : 1;
     return (k / K) * K + (K - 1 - k % K);
+}
+
+/* Time of a compute op under the costs (BWD_B and BWD_W split bwd_cost). */
+static double sim_op_cost(const rp_sim_costs *c, rp_pipe_opcode op) {
+    const double w = c->bwd_w_cost > 0 ? c->bwd_w_cost : 0.5 * c->bwd_cost;
+    switch (op) {
+    case RP_OP_FWD: return c->fwd_cost;
+    case RP_OP_BWD: return c->bwd_cost;
+    case RP_OP_BWD_B: return c->bwd_cost - w;
+    case RP_OP_BWD_W: return w;
+    default: return 0;
+    }
 }
 
 /* Runs instruction pc of a stage if it can run now. SIM_WAITS only for a
@@ -217,6 +231,7 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
         return SIM_RAN;
     }
     case RP_OP_BWD:
+    case RP_OP_BWD_B:
         if (mb->bwd_done)
             return sim_fail(err, stage, index, in, "micro-batch %d backwarded twice", m);
         if (!mb->fwd_done)
@@ -236,10 +251,36 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
                             sim_next_backward(s, sg->n_bwd));
         if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
-        sg->clock += st->costs.bwd_cost;
-        sg->busy += st->costs.bwd_cost;
+        sg->clock += sim_op_cost(&st->costs, in->op);
+        sg->busy += sim_op_cost(&st->costs, in->op);
         mb->bwd_done = 1;
         sg->n_bwd++;
+        if (in->op == RP_OP_BWD_B) {
+            /* The slot keeps what BWD_W needs. */
+            mb->split = 1;
+            sg->w_due++;
+            return SIM_RAN;
+        }
+        sg->n_stashed--;
+        sg->holder[in->buffer] = -1;
+        return SIM_RAN;
+    case RP_OP_BWD_W:
+        if (!mb->split)
+            return sim_fail(err, stage, index, in,
+                            "runs before BWD_B of micro-batch %d (no input gradient yet)", m);
+        if (mb->w_done)
+            return sim_fail(err, stage, index, in, "weight gradients of micro-batch %d twice", m);
+        if (m != sg->n_w)
+            return sim_fail(err, stage, index, in,
+                            "weight gradients must be summed in increasing micro-batch order "
+                            "(the order of one process): expected micro-batch %d next", sg->n_w);
+        if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
+        *start = sg->clock;
+        sg->clock += sim_op_cost(&st->costs, in->op);
+        sg->busy += sim_op_cost(&st->costs, in->op);
+        mb->w_done = 1;
+        sg->n_w++;
+        sg->w_due--;
         sg->n_stashed--;
         sg->holder[in->buffer] = -1;
         return SIM_RAN;
@@ -262,6 +303,9 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
                             "after %d forwards and %d backwards: every one of the %d "
                             "micro-batches needs both first",
                             sg->n_fwd, sg->n_bwd, s->n_micro);
+        if (sg->w_due)
+            return sim_fail(err, stage, index, in,
+                            "%d micro-batches ran BWD_B without their BWD_W", sg->w_due);
         *start = sg->clock;
         sg->reduced = 1;
         return SIM_RAN;
@@ -323,6 +367,10 @@ static rp_status sim_check_schedule(const rp_schedule *s, const rp_sim_costs *c,
             return rp_error_set(err, RP_ERR_ARG, "simulate: stage %d has %d buffers: expected 1..%d",
                                 stage, s->n_buffers[stage], RP_SCHEDULE_MAX_MICRO);
     }
+    if (!(c->bwd_w_cost >= 0) || !(c->bwd_w_cost < c->bwd_cost))
+        return rp_error_set(err, RP_ERR_ARG, "simulate: BWD_W cost %g of a backward of %g: "
+                            "expected 0 (half) or between 0 and the backward's",
+                            c->bwd_w_cost, c->bwd_cost);
     if (!(c->fwd_cost > 0) || !(c->bwd_cost > 0) || !(c->comm_cost >= 0) ||
         !isfinite(c->fwd_cost) || !isfinite(c->bwd_cost) || !isfinite(c->comm_cost))
         return rp_error_set(err, RP_ERR_ARG,
@@ -335,7 +383,7 @@ static rp_status sim_check_schedule(const rp_schedule *s, const rp_sim_costs *c,
 rp_status rp_schedule_simulate(const rp_schedule *s, const rp_sim_costs *costs, rp_sim_result *r,
                                rp_error *err) {
     memset(r, 0, sizeof *r);
-    const rp_sim_costs unit = {1.0, 1.0, 0.0};
+    const rp_sim_costs unit = {1.0, 1.0, 0.0, 0.0};
     if (!costs) costs = &unit;
     rp_status status = sim_check_schedule(s, costs, err);
     if (status != RP_OK) return status;
@@ -448,6 +496,13 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
      * that every FWD and BWD shows. A cell is the compute op running at the
      * column's midpoint. */
     double unit = fmin(1.0, fmin(c->fwd_cost, c->bwd_cost));
+    for (int stage = 0; stage < n_stages; stage++)
+        for (int i = 0; i < s->n_instr[stage]; i++)
+            if (s->instr[stage][i].op == RP_OP_BWD_B || s->instr[stage][i].op == RP_OP_BWD_W) {
+                unit = fmin(unit, fmin(sim_op_cost(c, RP_OP_BWD_B), sim_op_cost(c, RP_OP_BWD_W)));
+                stage = n_stages;
+                break;
+            }
     long n_columns = (long)ceil(r->makespan / unit - 1e-9);
     int cell = 1 + sim_digits(n_micro - 1);
 
@@ -455,8 +510,8 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
         fprintf(out, "timeline: %ld columns, too wide to draw (limit %d)\n", n_columns,
                 SIM_TIMELINE_MAX_COLUMNS);
     } else {
-        fprintf(out, "timeline (one column per %g time unit%s; Fm forward, Bm backward of "
-                     "micro-batch m, . idle):\n", unit, unit == 1.0 ? "" : "s");
+        fprintf(out, "timeline (one column per %g time unit%s; Fm forward, Bm backward (BWD or "
+                     "BWD_B), Wm weight gradients of micro-batch m, . idle):\n", unit, unit == 1.0 ? "" : "s");
         int label = sim_digits(n_stages - 1);
         /* ruler: a time label every `every` columns, where it fits */
         long every = 1;
@@ -478,9 +533,9 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
                 for (long col = 0; col < n_columns; col++) row[col] = -1;
                 for (int i = 0; i < s->n_instr[stage]; i++) {
                     const rp_pipe_instr *in = &s->instr[stage][i];
-                    if (in->op != RP_OP_FWD && in->op != RP_OP_BWD) continue;
+                    if (sim_op_cost(c, in->op) <= 0) continue;
                     double t0 = r->start[stage][i];
-                    double t1 = t0 + (in->op == RP_OP_FWD ? c->fwd_cost : c->bwd_cost);
+                    double t1 = t0 + sim_op_cost(c, in->op);
                     long lo = (long)ceil(t0 / unit - 0.5 - 1e-9);
                     long hi = (long)ceil(t1 / unit - 0.5 - 1e-9) - 1;
                     for (long col = lo < 0 ? 0 : lo; col <= hi && col < n_columns; col++)
@@ -491,7 +546,8 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
                     char text[16] = ".";
                     if (row[col] >= 0) {
                         const rp_pipe_instr *in = &s->instr[stage][row[col]];
-                        snprintf(text, sizeof text, "%c%d", in->op == RP_OP_FWD ? 'F' : 'B',
+                        snprintf(text, sizeof text, "%c%d",
+                                 in->op == RP_OP_FWD ? 'F' : in->op == RP_OP_BWD_W ? 'W' : 'B',
                                  in->micro_batch);
                     }
                     /* no padding after the last cell: rows end without blanks */
