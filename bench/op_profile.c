@@ -216,6 +216,17 @@ static void w_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk,
                                    state_stride, dy, r, w_raw, k, v, kk, a, checkpoints, batch,
                                    C, N));
 }
+static void w_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
+                                 float *dkk, float *da, float *dstate_base, size_t state_stride,
+                                 const float *dy, const float *r, const float *w_raw,
+                                 const float *k, const float *v, const float *kk, const float *a,
+                                 const float *checkpoints, const rp_batch *batch, int C, int N,
+                                 float beta) {
+    TIMED("wkv7_backward",
+          INNER(be)->wkv7_backward_beta(INNER(be), dr, dw_raw, dk, dv, dkk, da, dstate_base,
+                                        state_stride, dy, r, w_raw, k, v, kk, a, checkpoints,
+                                        batch, C, N, beta));
+}
 
 /* ---- loss and optimizer ---- */
 
@@ -291,6 +302,7 @@ void op_profile_wrap(op_profile *p, rp_backend *inner) {
     b->bonus_gate_backward = w_bonus_gate_backward;
     b->wkv7_forward_train = w_wkv7_forward_train;
     b->wkv7_backward = w_wkv7_backward;
+    b->wkv7_backward_beta = inner->wkv7_backward_beta ? w_wkv7_backward_beta : NULL; /* optional */
     b->cross_entropy = w_cross_entropy;
     b->l2wrap = w_l2wrap;
     b->row_max = w_row_max;

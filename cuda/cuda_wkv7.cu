@@ -50,6 +50,11 @@ __device__ __forceinline__ int wkv_col(int jj, int p) {
 #define WKV_TILE_STRIDE (WKV_N + 1)
 #define WKV_TILE (WKV_N * WKV_TILE_STRIDE)
 __device__ __forceinline__ int wkv_tile(int m, int j) { return m * WKV_TILE_STRIDE + j; }
+// wkv_tile(wkv_col(mm, p), i) - wkv_tile(16 * p, i): a compile-time offset
+// for an unrolled mm
+__device__ __forceinline__ int wkv_col_offset(int mm) {
+    return ((mm & 15) + 32 * (mm >> 4)) * WKV_TILE_STRIDE;
+}
 
 __device__ __forceinline__ float4 wkv_ld4(const float *p) {
     return *reinterpret_cast<const float4 *>(p);
@@ -284,7 +289,8 @@ __device__ __forceinline__ void wkv_bwd_stage(const wkv_bwd_in &q, float *V, int
     }
 }
 
-// dr, dw_raw, dk, dv, dkk, da [R,C] (overwrite), dstate slots [H,64,64] (in:
+// dr, dk, dv [R,C] (accumulate != 0: +=, one rounding as add's; else
+// overwrite), dw_raw, dkk, da [R,C] (overwrite), dstate slots [H,64,64] (in:
 // d final state, out: d initial state), dy and the forward's inputs [R,C],
 // checkpoints [blocks,H,64,64] from wkv7_forward_train.
 // grid (n_seq, H), 128 threads, static shared memory (~41 KB).
@@ -310,17 +316,21 @@ __device__ __forceinline__ void wkv_bwd_stage(const wkv_bwd_in &q, float *V, int
 // as the official RWKV-7 training kernel does. The decay is bounded below
 // (d >= e^-e^-0.5 = 0.545), so the division is well conditioned, and the walk
 // restarts from an exact state (kept by the forward pass) every
-// WKV_BACK_STEPS tokens. Thread (i, p) holds column i of
-// the state (Scol), so dr, dd and da are sums over its own registers. Cost:
+// WKV_BACK_STEPS tokens. Thread (i, p) owns half of column i of the state
+// (scol: in the shared tile the chunk's forward pass leaves it in, or in the
+// anchor once the walk restarts from it; no other thread touches it, so it
+// needs no barrier), so dr, dd and da are sums over its own elements. In
+// registers it would take 32 more per thread: 160 with Grow and Gcol, 3
+// blocks per SM instead of 4 (<= 128 registers). Cost:
 // 1x forward recompute (the previous design kept states in shared memory
 // tiles and recomputed each chunk 2.5x).
-__global__ void __launch_bounds__(WKV_THREADS, 3)
+__global__ void __launch_bounds__(WKV_THREADS, 4)
     wkv7_backward_kernel(float *dr, float *dw_raw, float *dk, float *dv, float *dkk, float *da,
                          float *dstate_base, size_t state_stride, const float *dy,
                          const float *r, const float *w_raw, const float *k, const float *v,
                          const float *kk, const float *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
-                         const int32_t *ckpt_block, int C) {
+                         const int32_t *ckpt_block, int C, int accumulate) {
     __shared__ __align__(16) float tile[WKV_TILE];
     __shared__ __align__(16) float anchors[WKV_ANCHORS * WKV_TILE];
     __shared__ __align__(16) float vec[2 * VEC_COUNT * WKV_N];
@@ -336,7 +346,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
     const int n_chunks = (len + RP_WKV_CHUNK - 1) / RP_WKV_CHUNK;
 
     // G = d(final state), row i and column i
-    float Grow[WKV_HALF], Gcol[WKV_HALF], Scol[WKV_HALF];
+    float Grow[WKV_HALF], Gcol[WKV_HALF];
     wkv_tile_load(tile, dS);
     __syncthreads();
 #pragma unroll
@@ -351,16 +361,16 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
         const int t1 = min(t0 + RP_WKV_CHUNK, len);
         {
             // the chunk forward from its checkpoint: sa -> sa_buf, the state
-            // after the chunk -> Scol (column i, through the tile)
+            // after the chunk -> the tile, read down column i as scol
             float st[WKV_HALF];
             wkv_load_rows(st, tile, ckpt + (size_t)c * HNN, i, p);
             wkv_recompute(st, w_raw, k, v, kk, a, base, C, t0, t1, sa_buf, anchors, vec, i, p);
             __syncthreads();
             wkv_put_rows(tile, st, i, p);
             __syncthreads();
-#pragma unroll
-            for (int mm = 0; mm < WKV_HALF; mm++) Scol[mm] = tile[wkv_tile(wkv_col(mm, p), i)];
         }
+        // scol[wkv_col_offset(mm)] = element (wkv_col(mm, p), i) of the tile
+        float *scol = tile + wkv_tile(16 * p, i);
 
         wkv_bwd_in q = {0.0f, 0.0f, 0.0f, 0.0f};
         wkv_bwd_load(q, dy, r, w_raw, k, v, kk, a, base + (size_t)(t1 - 1) * C, p);
@@ -369,7 +379,6 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
             float *V = vec + (u & 1) * VEC_COUNT * WKV_N;
             wkv_bwd_stage(q, V, i, p);
             const float own0 = q.x0, own1 = q.x1;  // p 0: r, w_raw; p 1: kk, iclr
-            if (u > t0) wkv_bwd_load(q, dy, r, w_raw, k, v, kk, a, o - (size_t)C, p);
             __syncthreads();
             const float *R = V + VEC_R * WKV_N, *D = V + VEC_D * WKV_N, *K = V + VEC_K * WKV_N,
                         *A = V + VEC_A * WKV_N, *B = V + VEC_B * WKV_N, *VV = V + VEC_V * WKV_N,
@@ -379,32 +388,21 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
             const float k_i = K[i], b_i = B[i];
 
             // G = dS + dy r^T; then dv_i, dsa_i along row i, dk_i, db_i down
-            // column i; dr_i down column i of St
+            // column i; dr_i down column i of St. Two passes (the row view,
+            // then the column view: independent sums, the same bits as one
+            // loop) so that fewer accumulators and vectors are live at once
+            // beside the 64 registers of Grow and Gcol.
             float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;  // dv
             float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;  // dsa
-            float k0 = 0.0f, k1 = 0.0f, k2 = 0.0f, k3 = 0.0f;  // dk
-            float b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;  // db
-            float e0 = 0.0f, e1 = 0.0f, e2 = 0.0f, e3 = 0.0f;  // dr
 #pragma unroll
             for (int jq = 0; jq < WKV_HALF / 4; jq++) {
-                const int j = wkv_col(4 * jq, p);  // column of Grow, row of Gcol
-                const float4 r4 = wkv_ld4(R + j), dy4 = wkv_ld4(DY + j);
-                float *gr = Grow + 4 * jq, *gc = Gcol + 4 * jq;
-                const float *sc = Scol + 4 * jq;
-                e0 = __fmaf_rn(sc[0], dy4.x, e0);
-                e1 = __fmaf_rn(sc[1], dy4.y, e1);
-                e2 = __fmaf_rn(sc[2], dy4.z, e2);
-                e3 = __fmaf_rn(sc[3], dy4.w, e3);
+                const int j = wkv_col(4 * jq, p);  // column of Grow
+                const float4 r4 = wkv_ld4(R + j), k4 = wkv_ld4(K + j), b4 = wkv_ld4(B + j);
+                float *gr = Grow + 4 * jq;
                 gr[0] = __fmaf_rn(dy_i, r4.x, gr[0]);
                 gr[1] = __fmaf_rn(dy_i, r4.y, gr[1]);
                 gr[2] = __fmaf_rn(dy_i, r4.z, gr[2]);
                 gr[3] = __fmaf_rn(dy_i, r4.w, gr[3]);
-                gc[0] = __fmaf_rn(dy4.x, r_i, gc[0]);
-                gc[1] = __fmaf_rn(dy4.y, r_i, gc[1]);
-                gc[2] = __fmaf_rn(dy4.z, r_i, gc[2]);
-                gc[3] = __fmaf_rn(dy4.w, r_i, gc[3]);
-                const float4 k4 = wkv_ld4(K + j), b4 = wkv_ld4(B + j);
-                const float4 vv4 = wkv_ld4(VV + j), sa4 = wkv_ld4(SA + j);
                 v0 = __fmaf_rn(gr[0], k4.x, v0);
                 v1 = __fmaf_rn(gr[1], k4.y, v1);
                 v2 = __fmaf_rn(gr[2], k4.z, v2);
@@ -413,6 +411,27 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
                 s1 = __fmaf_rn(gr[1], b4.y, s1);
                 s2 = __fmaf_rn(gr[2], b4.z, s2);
                 s3 = __fmaf_rn(gr[3], b4.w, s3);
+            }
+            const float dv_i = wkv_pair_total(v0, v1, v2, v3);
+            const float dsa_i = wkv_pair_total(s0, s1, s2, s3);
+            if (p == 0) dsa_buf[i] = dsa_i;
+            float k0 = 0.0f, k1 = 0.0f, k2 = 0.0f, k3 = 0.0f;  // dk
+            float b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;  // db
+            float e0 = 0.0f, e1 = 0.0f, e2 = 0.0f, e3 = 0.0f;  // dr
+#pragma unroll
+            for (int jq = 0; jq < WKV_HALF / 4; jq++) {
+                const int j = wkv_col(4 * jq, p);  // row of Gcol
+                const float4 dy4 = wkv_ld4(DY + j), vv4 = wkv_ld4(VV + j), sa4 = wkv_ld4(SA + j);
+                float *gc = Gcol + 4 * jq;
+                const float *sc = scol;
+                e0 = __fmaf_rn(sc[wkv_col_offset(4 * jq + 0)], dy4.x, e0);
+                e1 = __fmaf_rn(sc[wkv_col_offset(4 * jq + 1)], dy4.y, e1);
+                e2 = __fmaf_rn(sc[wkv_col_offset(4 * jq + 2)], dy4.z, e2);
+                e3 = __fmaf_rn(sc[wkv_col_offset(4 * jq + 3)], dy4.w, e3);
+                gc[0] = __fmaf_rn(dy4.x, r_i, gc[0]);
+                gc[1] = __fmaf_rn(dy4.y, r_i, gc[1]);
+                gc[2] = __fmaf_rn(dy4.z, r_i, gc[2]);
+                gc[3] = __fmaf_rn(dy4.w, r_i, gc[3]);
                 k0 = __fmaf_rn(gc[0], vv4.x, k0);
                 k1 = __fmaf_rn(gc[1], vv4.y, k1);
                 k2 = __fmaf_rn(gc[2], vv4.z, k2);
@@ -422,24 +441,29 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
                 b2 = __fmaf_rn(gc[2], sa4.z, b2);
                 b3 = __fmaf_rn(gc[3], sa4.w, b3);
             }
-            const float dv_i = wkv_pair_total(v0, v1, v2, v3);
-            const float dsa_i = wkv_pair_total(s0, s1, s2, s3);
             const float dk_i = wkv_pair_total(k0, k1, k2, k3);
             const float db_i = wkv_pair_total(b0, b1, b2, b3);
             const float dr_i = wkv_pair_total(e0, e1, e2, e3);
-            if (p == 0) dsa_buf[i] = dsa_i;
+            // what is final now goes out now (fewer live registers below):
+            // p 0 keeps w_raw for dw_raw, p 1 db iclr for dkk
+            float keep;
+            if (p == 0) {
+                dv[o] = accumulate ? dv[o] + dv_i : dv_i;
+                dk[o] = accumulate ? dk[o] + dk_i : dk_i;
+                keep = own1;
+            } else {
+                dr[o] = accumulate ? dr[o] + dr_i : dr_i;
+                da[o] = db_i * own0;
+                keep = db_i * own1;
+            }
             __syncthreads();
 
             // step column i back to Sp (or take it from an anchor), then dd_i
             // and da_i down it
             const int back = u - t0;
             const bool anchored = back > 0 && back % WKV_BACK_STEPS == 0;
-            if (anchored) {
-                const float *anchor = anchors + (back / WKV_BACK_STEPS - 1) * WKV_TILE;
-#pragma unroll
-                for (int mm = 0; mm < WKV_HALF; mm++)
-                    Scol[mm] = anchor[wkv_tile(wkv_col(mm, p), i)];
-            }
+            if (anchored)  // the walk goes on in the anchor (each is used once)
+                scol = anchors + (back / WKV_BACK_STEPS - 1) * WKV_TILE + wkv_tile(16 * p, i);
             const float inv_d = __fdiv_rn(1.0f, d_i);
             float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;  // dd
             float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // da (kernel a)
@@ -449,12 +473,16 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
                 const float4 dsa4 = wkv_ld4(dsa_buf + m), sa4 = wkv_ld4(SA + m),
                              vv4 = wkv_ld4(VV + m);
                 const float *gc = Gcol + 4 * mq;
-                float *sc = Scol + 4 * mq;
+                float sc[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) sc[e] = scol[wkv_col_offset(4 * mq + e)];
                 if (!anchored) {
                     sc[0] = __fmul_rn(__fsub_rn(sc[0], __fmaf_rn(sa4.x, b_i, __fmul_rn(vv4.x, k_i))), inv_d);
                     sc[1] = __fmul_rn(__fsub_rn(sc[1], __fmaf_rn(sa4.y, b_i, __fmul_rn(vv4.y, k_i))), inv_d);
                     sc[2] = __fmul_rn(__fsub_rn(sc[2], __fmaf_rn(sa4.z, b_i, __fmul_rn(vv4.z, k_i))), inv_d);
                     sc[3] = __fmul_rn(__fsub_rn(sc[3], __fmaf_rn(sa4.w, b_i, __fmul_rn(vv4.w, k_i))), inv_d);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) scol[wkv_col_offset(4 * mq + e)] = sc[e];
                 }
                 d0 = __fmaf_rn(gc[0], sc[0], d0);
                 d1 = __fmaf_rn(gc[1], sc[1], d1);
@@ -467,6 +495,9 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
             }
             const float dd_i = wkv_pair_total(d0, d1, d2, d3);
             const float da_i = wkv_pair_total(a0, a1, a2, a3);
+            // the previous token's loads go out now, not before the passes
+            // above: their registers would not fit beside the sums there
+            if (u > t0) wkv_bwd_load(q, dy, r, w_raw, k, v, kk, a, o - (size_t)C, p);
 
             // d(S before) = G diag(d) + dsa a^T, in both views
 #pragma unroll
@@ -485,14 +516,10 @@ __global__ void __launch_bounds__(WKV_THREADS, 3)
             }
 
             if (p == 0) {
-                const float sig = rp_sigmoidf(own1);
-                dv[o] = dv_i;
-                dk[o] = dk_i;
+                const float sig = rp_sigmoidf(keep);
                 dw_raw[o] = dd_i * d_i * (-WKV_SCALE) * sig * (1.0f - sig);
             } else {
-                dkk[o] = db_i * own1 - da_i;
-                da[o] = db_i * own0;
-                dr[o] = dr_i;
+                dkk[o] = keep - da_i;
             }
         }
         __syncthreads();  // the tile and sa_buf are refilled next
@@ -548,11 +575,12 @@ static void cuda_wkv7_forward_train(rp_backend *be, float *y, const float *r, co
     RP_CUDA_LAUNCHED(cx, "wkv7_forward_train");
 }
 
-static void cuda_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
-                               float *dkk, float *da, float *dstate_base, size_t state_stride,
-                               const float *dy, const float *r, const float *w_raw,
-                               const float *k, const float *v, const float *kk, const float *a,
-                               const float *checkpoints, const rp_batch *batch, int C, int N) {
+static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, float *dk,
+                                    float *dv, float *dkk, float *da, float *dstate_base,
+                                    size_t state_stride, const float *dy, const float *r,
+                                    const float *w_raw, const float *k, const float *v,
+                                    const float *kk, const float *a, const float *checkpoints,
+                                    const rp_batch *batch, int C, int N, float beta) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (!wkv_launchable(cx, "wkv7_backward", batch, C, N)) return;
     rp_cuda_batch b;
@@ -560,12 +588,22 @@ static void cuda_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *
     dim3 grid((unsigned)batch->n_seq, (unsigned)(C / WKV_N));
     wkv7_backward_kernel<<<grid, WKV_THREADS, 0, cx->stream>>>(
         dr, dw_raw, dk, dv, dkk, da, dstate_base, state_stride, dy, r, w_raw, k, v, kk, a,
-        checkpoints, b.seq_len, b.row_begin, b.slot, b.ckpt_block, C);
+        checkpoints, b.seq_len, b.row_begin, b.slot, b.ckpt_block, C, beta != 0.0f);
     RP_CUDA_LAUNCHED(cx, "wkv7_backward");
+}
+
+static void cuda_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
+                               float *dkk, float *da, float *dstate_base, size_t state_stride,
+                               const float *dy, const float *r, const float *w_raw,
+                               const float *k, const float *v, const float *kk, const float *a,
+                               const float *checkpoints, const rp_batch *batch, int C, int N) {
+    cuda_wkv7_backward_beta(be, dr, dw_raw, dk, dv, dkk, da, dstate_base, state_stride, dy, r,
+                            w_raw, k, v, kk, a, checkpoints, batch, C, N, 0.0f);
 }
 
 void rp_cuda_install_wkv7(rp_backend *be) {
     be->wkv7 = cuda_wkv7;
     be->wkv7_forward_train = cuda_wkv7_forward_train;
     be->wkv7_backward = cuda_wkv7_backward;
+    be->wkv7_backward_beta = cuda_wkv7_backward_beta;
 }

@@ -316,6 +316,15 @@ struct rp_backend {
                                      const float *r, const float *k, const float *v,
                                      const float *r_k, const float *g, int R, int C, int N,
                                      float beta);
+    /* dr, dk and dv (optional: NULL = wkv7_backward into temporaries, then
+     * add; dw_raw, dkk and da overwrite as in wkv7_backward). With beta 1
+     * the model adds WKV7's gradients onto bonus_gate's with no add kernel. */
+    void (*wkv7_backward_beta)(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
+                               float *dkk, float *da, float *dstate_base, size_t state_stride,
+                               const float *dy, const float *r, const float *w_raw,
+                               const float *k, const float *v, const float *kk, const float *a,
+                               const float *checkpoints, const rp_batch *batch, int C, int N,
+                               float beta);
 
     /* Fused LM head + cross-entropy + L2Wrap (training), over row chunks of
      * chunk_rows so the [R, V] logits never exist whole. Per chunk, exactly:

@@ -1326,6 +1326,65 @@ static void test_wkv7_and_token_shift_backward_chain_across_calls(void **state) 
     wkv_inputs_free(&in);
 }
 
+/* wkv7_backward_beta 1 replaces wkv7_backward into temporaries + three adds
+ * (backward.c before): dr, dk, dv = start + wkv7_backward's, bit for bit;
+ * dw_raw, dkk, da and the state gradient as wkv7_backward's; beta 0 is
+ * wkv7_backward. Every thread count, N = 64 and a head size of 12. */
+static void check_wkv7_backward_beta(int C, int N) {
+    test_batch tb;
+    make_batch(&tb, RAGGED_SEQ, ragged_len, ragged_slot);
+    wkv_inputs in;
+    wkv_inputs_make(&in, tb.batch.n_rows, C, N, RAGGED_SLOTS);
+    float *u = random_floats(in.n, -1, 1), *U = random_floats(in.n_state, -1, 1);
+    float *start = random_floats(in.n, -1, 1), *sum = malloc(in.n * sizeof(float));
+    const size_t blocks = rp_wkv_checkpoint_offset(&tb.batch, tb.n_seq);
+    for (int b = 0; b < N_BACKENDS; b++) {
+        rp_backend *be = backends[b];
+        wkv_grads ref;
+        wkv_run(be, &in, &tb, u, U, &ref); /* wkv7_backward: overwrites */
+        float *ckpt = nan_floats(blocks * (size_t)C * N), *y = nan_floats(in.n);
+        float *st = copy_floats(in.state0, in.n_state);
+        be->wkv7_forward_train(be, y, in.r, in.w, in.k, in.v, in.kk, in.a, st, in.stride, ckpt,
+                               &tb.batch, C, N);
+        for (int beta = 0; beta <= 1; beta++) {
+            float *d[6], *dstate = copy_floats(U, in.n_state);
+            for (int i = 0; i < 6; i++)
+                d[i] = (beta && (i == 0 || i == 2 || i == 3)) ? copy_floats(start, in.n)
+                                                              : nan_floats(in.n);
+            be->wkv7_backward_beta(be, d[0], d[1], d[2], d[3], d[4], d[5], dstate, in.stride, u,
+                                   in.r, in.w, in.k, in.v, in.kk, in.a, ckpt, &tb.batch, C, N,
+                                   (float)beta);
+            for (int i = 0; i < 6; i++) {
+                const float *want = ref.d[i];
+                if (beta && (i == 0 || i == 2 || i == 3)) {
+                    for (size_t e = 0; e < in.n; e++) sum[e] = start[e] + ref.d[i][e];
+                    want = sum;
+                }
+                check_equal_floats(beta ? "wkv7_backward_beta 1" : "wkv7_backward_beta 0", d[i],
+                                   want, in.n);
+                free(d[i]);
+            }
+            check_equal_floats("wkv7_backward_beta dstate", dstate, ref.dstate, in.n_state);
+            free(dstate);
+        }
+        free(ckpt);
+        free(y);
+        free(st);
+        wkv_grads_free(&ref);
+    }
+    free(u);
+    free(U);
+    free(start);
+    free(sum);
+    wkv_inputs_free(&in);
+}
+
+static void test_wkv7_backward_beta_adds_as_wkv7_backward_then_add(void **state) {
+    (void)state;
+    check_wkv7_backward_beta(128, 64);
+    check_wkv7_backward_beta(36, 12);
+}
+
 /* The _beta ops (backend.h "first gradient writes"): beta 0 on a NaN-filled
  * buffer gives exactly the bits of the accumulating op on a zeroed buffer
  * (what backward.c did before: fill_zero, then +=), parameter gradients
@@ -1519,6 +1578,7 @@ int main(void) {
         cmocka_unit_test(test_wkv7_backward_matches_finite_differences_over_ragged_batch),
         cmocka_unit_test(test_wkv7_backward_matches_finite_differences_for_any_head_size),
         cmocka_unit_test(test_wkv7_and_token_shift_backward_chain_across_calls),
+        cmocka_unit_test(test_wkv7_backward_beta_adds_as_wkv7_backward_then_add),
         cmocka_unit_test(test_beta_zero_overwrites_with_the_bits_of_accumulating_on_zero),
         cmocka_unit_test(test_head_cross_entropy_equals_unfused_ops_in_any_chunking),
     };

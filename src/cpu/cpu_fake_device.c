@@ -364,6 +364,17 @@ static void fake_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *
                        F(checkpoints), batch, C, N);
 }
 
+static void fake_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, float *dk,
+                                    float *dv, float *dkk, float *da, float *dstate_base,
+                                    size_t state_stride, const float *dy, const float *r,
+                                    const float *w_raw, const float *k, const float *v,
+                                    const float *kk, const float *a, const float *checkpoints,
+                                    const rp_batch *batch, int C, int N, float beta) {
+    CPU->wkv7_backward_beta(CPU, F(dr), F(dw_raw), F(dk), F(dv), F(dkk), F(da),
+                            F(dstate_base), state_stride, F(dy), F(r), F(w_raw), F(k), F(v),
+                            F(kk), F(a), F(checkpoints), batch, C, N, beta);
+}
+
 /* targets: host memory */
 static void fake_cross_entropy(rp_backend *be, float *losses, float *dlogits,
                                const float *logits, const int32_t *targets, int R, int V,
@@ -503,6 +514,7 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     be->bonus_gate_backward_beta = fake_bonus_gate_backward_beta;
     be->wkv7_forward_train = fake_wkv7_forward_train;
     be->wkv7_backward = fake_wkv7_backward;
+    be->wkv7_backward_beta = fake_wkv7_backward_beta;
     be->cross_entropy = fake_cross_entropy;
     be->l2wrap = fake_l2wrap;
     be->head_cross_entropy = fake_head_cross_entropy;

@@ -421,7 +421,7 @@ static void wkv_token_backward(wkv_scratch *w, float *restrict dS, const float *
                                const float *restrict kk, const float *restrict iclr,
                                float *restrict dr, float *restrict dw_raw, float *restrict dk,
                                float *restrict dv, float *restrict dkk, float *restrict diclr,
-                               int N) {
+                               int N, int accumulate) {
     float *restrict decay = w->decay, *restrict ka = w->kern_a, *restrict kb = w->kern_b;
     float *restrict sa = w->sa, *restrict dsa = w->dsa;
     float *restrict acc_r = w->acc_r, *restrict acc_k = w->acc_k, *restrict acc_b = w->acc_b,
@@ -447,7 +447,7 @@ static void wkv_token_backward(wkv_scratch *w, float *restrict dS, const float *
         }
         sa[i] = sa_i;
         dsa[i] = dsa_i;
-        dv[i] = dv_i;
+        dv[i] = accumulate ? dv[i] + dv_i : dv_i;
     }
     const int strips = N / 8 * 8;
     for (int j0 = 0; j0 < strips; j0 += 8) {
@@ -490,8 +490,8 @@ static void wkv_token_backward(wkv_scratch *w, float *restrict dS, const float *
 #pragma omp simd
     for (int j = 0; j < N; j++) {
         const float sig = cpu_sigmoidf(w_raw[j]);
-        dr[j] = acc_r[j];
-        dk[j] = acc_k[j];
+        dr[j] = accumulate ? dr[j] + acc_r[j] : acc_r[j];
+        dk[j] = accumulate ? dk[j] + acc_k[j] : acc_k[j];
         /* dd/dw_raw = d (-e^-0.5) sig (1 - sig) */
         dw_raw[j] = acc_d[j] * decay[j] * (-WKV_SCALE) * sig * (1.0f - sig);
         /* a = -kk and b = kk iclr both depend on kk */
@@ -501,12 +501,16 @@ static void wkv_token_backward(wkv_scratch *w, float *restrict dS, const float *
 }
 
 /* Backward of wkv7_forward_train: threads own whole (sequence, head) units,
- * so every result has one summation order whatever the thread count. */
-static void cpu_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
-                              float *dkk, float *da, float *dstate_base, size_t state_stride,
-                              const float *dy, const float *r, const float *w_raw, const float *k,
-                              const float *v, const float *kk, const float *a,
-                              const float *checkpoints, const rp_batch *batch, int C, int N) {
+ * so every result has one summation order whatever the thread count. beta 1
+ * adds dr, dk and dv onto the buffers (one rounding, as add would), 0
+ * overwrites them. */
+static void cpu_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, float *dk,
+                                   float *dv, float *dkk, float *da, float *dstate_base,
+                                   size_t state_stride, const float *dy, const float *r,
+                                   const float *w_raw, const float *k, const float *v,
+                                   const float *kk, const float *a, const float *checkpoints,
+                                   const rp_batch *batch, int C, int N, float beta) {
+    const int accumulate = beta != 0.0f;
     const int H = C / N;
     const size_t NN = (size_t)N * N, HNN = (size_t)H * NN;
     const long units = (long)batch->n_seq * H;
@@ -543,15 +547,25 @@ static void cpu_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *d
                     const float *Sp = w.states + (size_t)(t - t0) * NN;
                     wkv_token_backward(&w, dS, Sp, Sp + NN, dy + o, r + o, w_raw + o, k + o,
                                        v + o, kk + o, a + o, dr + o, dw_raw + o, dk + o, dv + o,
-                                       dkk + o, da + o, N);
+                                       dkk + o, da + o, N, accumulate);
                 }
             }
         }
     }
 }
 
+static void cpu_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
+                              float *dkk, float *da, float *dstate_base, size_t state_stride,
+                              const float *dy, const float *r, const float *w_raw, const float *k,
+                              const float *v, const float *kk, const float *a,
+                              const float *checkpoints, const rp_batch *batch, int C, int N) {
+    cpu_wkv7_backward_beta(be, dr, dw_raw, dk, dv, dkk, da, dstate_base, state_stride, dy, r,
+                           w_raw, k, v, kk, a, checkpoints, batch, C, N, 0.0f);
+}
+
 void cpu_wkv7_install(rp_backend *be) {
     be->wkv7 = cpu_wkv7;
     be->wkv7_forward_train = cpu_wkv7_forward_train;
     be->wkv7_backward = cpu_wkv7_backward;
+    be->wkv7_backward_beta = cpu_wkv7_backward_beta;
 }

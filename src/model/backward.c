@@ -326,12 +326,20 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     mix_backward(be, tw, s, w->x_g, gw->x_g, R, C, 0.0f);
     be->groupnorm_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->d_gn, s->y,
                            s->gn_mean, s->gn_rstd, w->ln_x_weight, R, C, N);
-    be->wkv7_backward(be, tw->tmp_r, tw->dw_raw, tw->tmp_k, tw->tmp_v, tw->dkk, tw->da, dwkv,
-                      dstride, tw->dy, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
-                      s->wkv_checkpoints, batch, C, N);
-    be->add(be, tw->dr, tw->tmp_r, (size_t)R * C);
-    be->add(be, tw->dk, tw->tmp_k, (size_t)R * C);
-    be->add(be, tw->dv, tw->tmp_v, (size_t)R * C);
+    /* WKV7's dr, dk, dv add onto bonus_gate's: in the op (beta 1) when the
+     * backend can, else through temporaries (same bits either way) */
+    if (be->wkv7_backward_beta) {
+        be->wkv7_backward_beta(be, tw->dr, tw->dw_raw, tw->dk, tw->dv, tw->dkk, tw->da, dwkv,
+                               dstride, tw->dy, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
+                               s->wkv_checkpoints, batch, C, N, 1.0f);
+    } else {
+        be->wkv7_backward(be, tw->tmp_r, tw->dw_raw, tw->tmp_k, tw->tmp_v, tw->dkk, tw->da,
+                          dwkv, dstride, tw->dy, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
+                          s->wkv_checkpoints, batch, C, N);
+        be->add(be, tw->dr, tw->tmp_r, (size_t)R * C);
+        be->add(be, tw->dk, tw->tmp_k, (size_t)R * C);
+        be->add(be, tw->dv, tw->tmp_v, (size_t)R * C);
+    }
     /* k_out = k_pre (1 + (a - 1) k_a), kk = normalize(k_pre k_k) */
     be->key_prepare_backward(be, tw->dk, tw->da, gw->k_k, gw->k_a, tw->dkk, s->k_pre, s->a,
                              w->k_k, w->k_a, R, C, N);

@@ -966,13 +966,15 @@ static void check_wkv7_forward_train(twin *t, const shape *sh) {
  * slots hold d(final state) on entry and d(initial state) on return. w_raw
  * in [w_lo, w_hi]: the CUDA backward steps the state back by dividing by the
  * decay, so the strongest decays (w_raw -> +inf, d -> 0.545) are its worst
- * case for rounding error. */
-static void wkv7_backward_case(twin *t, const shape *sh, double w_lo, double w_hi) {
+ * case for rounding error. beta 1 (wkv7_backward_beta): dr, dk and dv start
+ * random on both sides and the op adds onto them. */
+static void wkv7_backward_case(twin *t, const shape *sh, double w_lo, double w_hi, float beta) {
     twin_batch tb;
     const rp_batch *batch = batch_make(&tb, &sh->prefill);
     const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
     const size_t n = (size_t)R * C, stride = state_stride(C), wkv = state_wkv_offset(C);
-    label(t, "R=%d C=%d seqs=%d w_raw %g..%g", R, C, batch->n_seq, w_lo, w_hi);
+    label(t, "R=%d C=%d seqs=%d w_raw %g..%g beta %g", R, C, batch->n_seq, w_lo, w_hi,
+          (double)beta);
     wkv_inputs in;
     wkv_inputs_make_decay(t, &in, R, C, w_lo, w_hi);
     tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_zero(t, n);
@@ -984,20 +986,37 @@ static void wkv7_backward_case(twin *t, const shape *sh, double w_lo, double w_h
     tbuf *dy = buf_input(t, n, -1, 1), *dstate = wkv_state_make(t, sh, 0.5);
     tbuf *grad[WKV_GRADS];
     wkv_grads_make(t, grad, R, C);
-    for (int g = 0; g < 2; g++)
-        side(t, g)->wkv7_backward(side(t, g), at(grad[0], g), at(grad[1], g), at(grad[2], g),
-                                  at(grad[3], g), at(grad[4], g), at(grad[5], g),
-                                  at(dstate, g) + wkv, stride, at(dy, g), at(in.r, g),
-                                  at(in.w_raw, g), at(in.k, g), at(in.v, g), at(in.kk, g),
-                                  at(in.a, g), at(ckpt, g), batch, C, N);
+    if (beta != 0.0f)
+        for (int i = 0; i < WKV_GRADS; i++)
+            if (i == 0 || i == 2 || i == 3) grad[i] = buf_accum(t, n, -1, 1); /* dr dk dv */
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        if (beta != 0.0f)
+            be->wkv7_backward_beta(be, at(grad[0], g), at(grad[1], g), at(grad[2], g),
+                                   at(grad[3], g), at(grad[4], g), at(grad[5], g),
+                                   at(dstate, g) + wkv, stride, at(dy, g), at(in.r, g),
+                                   at(in.w_raw, g), at(in.k, g), at(in.v, g), at(in.kk, g),
+                                   at(in.a, g), at(ckpt, g), batch, C, N, beta);
+        else
+            be->wkv7_backward(be, at(grad[0], g), at(grad[1], g), at(grad[2], g),
+                              at(grad[3], g), at(grad[4], g), at(grad[5], g),
+                              at(dstate, g) + wkv, stride, at(dy, g), at(in.r, g),
+                              at(in.w_raw, g), at(in.k, g), at(in.v, g), at(in.kk, g),
+                              at(in.a, g), at(ckpt, g), batch, C, N);
+    }
     for (int i = 0; i < WKV_GRADS; i++) compare(t, wkv_grad_names[i], grad[i]);
     compare(t, "dstate", dstate);
 }
 
 static void check_wkv7_backward(twin *t, const shape *sh) {
-    wkv7_backward_case(t, sh, -3, 3);
+    wkv7_backward_case(t, sh, -3, 3, 0.0f);
     twin_release(t);
-    wkv7_backward_case(t, sh, 4, 8); /* every decay within 1% of the strongest */
+    wkv7_backward_case(t, sh, 4, 8, 0.0f); /* every decay within 1% of the strongest */
+}
+
+/* dr, dk, dv added onto the model's earlier gradients (bonus_gate's). */
+static void check_wkv7_backward_beta(twin *t, const shape *sh) {
+    wkv7_backward_case(t, sh, -3, 3, 1.0f);
 }
 
 /* Two calls chained as a training step over a sequence cut in two: forward
@@ -1632,6 +1651,7 @@ static const twin_check checks[] = {
     {"wkv7", check_wkv7, MATH_FP32, 0},
     {"wkv7_forward_train", check_wkv7_forward_train, MATH_FP32, 0},
     {"wkv7_backward", check_wkv7_backward, MATH_FP32, 0},
+    {"wkv7_backward_beta", check_wkv7_backward_beta, MATH_FP32, 0},
     {"wkv7 chained", check_wkv7_chain, MATH_FP32, 0},
     {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
     {"l2wrap", check_l2wrap, MATH_FP32, 0},
@@ -1680,8 +1700,9 @@ static int vtable_complete(twin *t) {
         OP(embedding_backward), OP(layernorm_backward), OP(token_shift_backward),
         OP(lerp_backward), OP(bias_act_backward), OP(value_residual_backward),
         OP(key_prepare_backward), OP(groupnorm_backward), OP(bonus_gate_backward),
-        OP(wkv7_forward_train), OP(wkv7_backward), OP(cross_entropy), OP(l2wrap),
-        OP(row_max), OP(sum_squares), OP(adamw), OP(gemv_group), OP(time_mix_heads),
+        OP(wkv7_forward_train), OP(wkv7_backward), OP(wkv7_backward_beta), OP(cross_entropy),
+        OP(l2wrap), OP(row_max), OP(sum_squares), OP(adamw), OP(gemv_group),
+        OP(time_mix_heads),
     };
 #undef OP
     int complete = 1;
