@@ -26,17 +26,7 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/test_lora_tune.XXXXXX") || exit 99
 SERVE_TEST_SECONDS=900
 . "$top_srcdir/tests/serve_test_lib.sh"
 
-"$PYTHON3" - "$T/pirate.txt" <<'PY'
-import random, sys
-r = random.Random(1)
-words = ["cat", "dog", "sun", "map", "sea", "ink", "owl", "fig", "jam", "box", "cup", "hat",
-         "key", "pen", "rug", "toy"]
-out = []
-for _ in range(3000):
-    rec = "\nAhoy! %s %s %s" % (r.choice(words), r.choice(words), r.choice(words))
-    out.append(rec.ljust(32, "."))
-open(sys.argv[1], "w").write("".join(out))
-PY
+"$PYTHON3" "$top_srcdir/tests/make_pirate.py" "$T/pirate.txt" || exit 99
 TUNE=(train --init-from "$TINY" --data "$T/pirate.txt" --ctx-len 32 --batch 16 --steps 60
       --lr 1e-2 --lr-final 2e-3 --warmup 2 --eval-interval 0 --eval-batches 1
       --log-interval 1 --threads 1 --tune lora --lora-rank 4 --lora-alpha 8 -q)

@@ -26,18 +26,8 @@ SERVE_TEST_SECONDS=400
 . "$top_srcdir/tests/serve_test_lib.sh"
 
 # 3000 records of 32 bytes, each a window of --ctx-len 32: "\nAhoy! " and
-# three random words, padded with dots.
-"$PYTHON3" - "$T/pirate.txt" <<'PY'
-import random, sys
-r = random.Random(1)
-words = ["cat", "dog", "sun", "map", "sea", "ink", "owl", "fig", "jam", "box", "cup", "hat",
-         "key", "pen", "rug", "toy"]
-out = []
-for _ in range(3000):
-    rec = "\nAhoy! %s %s %s" % (r.choice(words), r.choice(words), r.choice(words))
-    out.append(rec.ljust(32, "."))
-open(sys.argv[1], "w").write("".join(out))
-PY
+# three random words, padded with dots (tests/make_pirate.py).
+"$PYTHON3" "$top_srcdir/tests/make_pirate.py" "$T/pirate.txt" || exit 99
 TUNE=(train --init-from "$TINY" --data "$T/pirate.txt" --ctx-len 32 --batch 16 --steps 60
       --lr 0.05 --lr-final 0.01 --warmup 2 --eval-interval 0 --eval-batches 1
       --log-interval 1 --threads 1 --tune state -q)

@@ -25,16 +25,7 @@ COMMON=(train --model-config L4-C64-V64 --data mqar --ctx-len 16 --batch 8 --ste
         --warmup 2 --lr 3e-3 --eval-interval 0 --eval-batches 1 --log-interval 1
         --loss-on all --seed 3 --init-seed 5 --threads 1)
 
-# train NAME NP [ARGS...]: weights in $T/NAME.st, metrics in $T/NAME.jsonl
-train() {
-    local name=$1 np=$2
-    shift 2
-    if ! timeout 300 "$MPIRUN" -np "$np" "$BIN" "${COMMON[@]}" --metrics "$T/$name.jsonl" \
-        -o "$T/$name.st" "$@" >"$T/stdout" 2>"$T/stderr"; then
-        cat "$T/stderr"
-        fail "$name: mpirun -np $np rwkvpipe ${COMMON[*]} $* failed"
-    fi
-}
+. "$top_srcdir/tests/train_test_lib.sh"   # train NAME NP [ARGS...]
 
 # same_bits A B: byte-identical weights, identical losses
 same_bits() {
