@@ -574,7 +574,9 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
         }
         fprintf(out, "%*s t", 6 + label, "");
         for (long col = 0; col < n_columns; col += every)
-            fprintf(out, " %-*g", (int)(every * (cell + 1) - 1), col * unit);
+            /* the last label unpadded: no line ends in blanks */
+            fprintf(out, " %-*g", col + every < n_columns ? (int)(every * (cell + 1) - 1) : 0,
+                    col * unit);
         fprintf(out, "\n");
 
         int *row = malloc((size_t)(n_columns > 0 ? n_columns : 1) * sizeof *row);
