@@ -1,5 +1,5 @@
 /* Pipeline schedules (src/pipe/schedule.c) and their simulator
- * (src/pipe/simulate.c): GPipe and 1F1B for P = 1..8 stages and M = 1..16
+ * (src/pipe/simulate.c): GPipe, 1F1B, ZB-H1 and interleaved 1F1B for P = 1..8 stages and M = 1..16
  * micro-batches run without deadlock, reach the theoretical bubble, stash no
  * more than they should and keep schedule.h's conventions; and schedules that
  * break a convention are caught by the simulator. */
@@ -67,8 +67,12 @@ static int find_instr(const rp_schedule *s, int stage, rp_pipe_opcode op, int m)
     return found;
 }
 
+/* The kinds rp_schedule_build builds from (P, M) alone; interleaved needs
+ * its virtual stages and M a multiple of P (its own tests below). */
+#define N_PLAIN_KINDS RP_SCHEDULE_INTERLEAVED
+
 static void test_every_shape_simulates_without_deadlock(void **state) {
-    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++)
+    for (int k = 0; k < N_PLAIN_KINDS; k++)
         for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
             for (int m = 1; m <= MAX_TESTED_MICRO; m++) {
                 rp_schedule s;
@@ -408,7 +412,7 @@ static void test_time_chunks_pipeline_one_sequence(void **state) {
  * increasing order, B0 before F1 on one stage) used as time chunks are
  * reported, since chunk c's backward needs d(state) from chunk c+1's. */
 static void test_time_chunks_in_increasing_backward_order_are_reported(void **state) {
-    for (int k = 0; k < RP_SCHEDULE_KIND_COUNT; k++) {
+    for (int k = 0; k < N_PLAIN_KINDS; k++) {
         rp_schedule s;
         rp_error err;
         build_or_fail(&s, (rp_schedule_kind)k, 2, 4);
@@ -643,6 +647,245 @@ static void test_zb_h1_broken_lists_are_reported(void **state) {
     rp_schedule_free(&s);
 }
 
+
+/* ---- interleaved 1F1B ---- */
+
+static void build_interleaved_or_fail(rp_schedule *s, int n_stages, int n_micro, int n_virtual) {
+    rp_error err;
+    if (rp_schedule_build_interleaved(s, n_stages, n_micro, n_virtual, &err) != RP_OK)
+        fail_msg("interleaved P=%d M=%d v=%d: build failed: %s", n_stages, n_micro, n_virtual,
+                 err.msg);
+}
+
+/* Index of (op, m, chunk) on a stage, -1 if absent; fails if it appears twice. */
+static int find_chunk_instr(const rp_schedule *s, int stage, rp_pipe_opcode op, int m, int chunk) {
+    int found = -1;
+    for (int i = 0; i < s->n_instr[stage]; i++) {
+        const rp_pipe_instr *in = &s->instr[stage][i];
+        if (in->op == op && in->micro_batch == m && in->chunk == chunk) {
+            if (found >= 0)
+                fail_msg("stage %d: %s m=%d chunk %d appears twice (#%d and #%d)", stage,
+                         rp_pipe_opcode_name(op), m, chunk, found, i);
+            found = i;
+        }
+    }
+    return found;
+}
+
+/* Moves instruction `from` of a stage to position `to` (< from). */
+static void move_instr(rp_schedule *s, int stage, int from, int to) {
+    rp_pipe_instr t = s->instr[stage][from];
+    memmove(&s->instr[stage][to + 1], &s->instr[stage][to],
+            (size_t)(from - to) * sizeof(rp_pipe_instr));
+    s->instr[stage][to] = t;
+}
+
+/* Narayanan et al. 2021: v chunks per stage cut the fill and drain by v, so
+ * under unit costs (per chunk) the bubble is (P-1)/(v*M+P-1); each stage
+ * stashes Megatron's warm-up + 1 (micro-batch, chunk) pairs. */
+static void test_interleaved_bubble_is_the_theory_under_unit_costs(void **state) {
+    for (int p = 2; p <= 4; p++)
+        for (int v = 2; v <= 3; v++)
+            for (int m = p; m <= MAX_TESTED_MICRO; m += p) {
+                rp_schedule s;
+                rp_sim_result r;
+                build_interleaved_or_fail(&s, p, m, v);
+                assert_int_equal(s.kind, RP_SCHEDULE_INTERLEAVED);
+                assert_int_equal(s.n_virtual, v);
+                simulate_or_fail(&s, &unit_costs, &r);
+                double theory = (double)(p - 1) / (v * m + p - 1);
+                if (fabs(r.bubble_fraction - theory) > 1e-9)
+                    fail_msg("interleaved P=%d v=%d M=%d: bubble %.12f, theory "
+                             "(P-1)/(v*M+P-1) = %.12f", p, v, m, r.bubble_fraction, theory);
+                assert_float_equal(r.makespan, 2.0 * (v * m + p - 1), 1e-9);
+                for (int st = 0; st < p; st++) {
+                    assert_float_equal(r.busy[st], 2.0 * v * m, 1e-9);
+                    int warmup = m == p ? v * m : 2 * (p - st - 1) + (v - 1) * p;
+                    int bound = warmup + 1 < v * m ? warmup + 1 : v * m;
+                    if (r.peak_stashed[st] != bound || s.n_buffers[st] != bound)
+                        fail_msg("interleaved P=%d v=%d M=%d stage %d: peak stash %d, %d "
+                                 "buffers; expected %d", p, v, m, st, r.peak_stashed[st],
+                                 s.n_buffers[st], bound);
+                }
+                rp_sim_result_free(&r, s.n_stages);
+                rp_schedule_free(&s);
+            }
+}
+
+/* Megatron's layout and order: chunk c of stage s is model chunk c*P + s,
+ * so only stage 0's chunk 0 reads the data and only the last stage's chunk
+ * v-1 computes the loss; the last stage's chunk c sends to stage 0's chunk
+ * c+1; forwards go through the micro-batches in groups of P, chunk by
+ * chunk, and the backwards the same with the chunks reversed. */
+static void test_interleaved_lists_follow_megatron_layout_and_order(void **state) {
+    const int p = 3, v = 2, m_count = 6;
+    rp_schedule s;
+    build_interleaved_or_fail(&s, p, m_count, v);
+    for (int st = 0; st < p; st++) {
+        for (int c = 0; c < v; c++)
+            for (int m = 0; m < m_count; m++) {
+                const int g = c * p + st;
+                assert_true(find_chunk_instr(&s, st, RP_OP_FWD, m, c) >= 0);
+                assert_true(find_chunk_instr(&s, st, RP_OP_BWD, m, c) >= 0);
+                assert_int_equal(find_chunk_instr(&s, st, RP_OP_RECV_ACT, m, c) >= 0, g > 0);
+                assert_int_equal(find_chunk_instr(&s, st, RP_OP_SEND_GRAD, m, c) >= 0, g > 0);
+                assert_int_equal(find_chunk_instr(&s, st, RP_OP_SEND_ACT, m, c) >= 0,
+                                 g < p * v - 1);
+                assert_int_equal(find_chunk_instr(&s, st, RP_OP_RECV_GRAD, m, c) >= 0,
+                                 g < p * v - 1);
+            }
+        /* forward k: micro-batch (k / (P v)) P + k % P on chunk (k / P) % v;
+         * backward k the same on chunk v-1 - (k / P) % v */
+        int k_fwd = 0, k_bwd = 0;
+        for (int i = 0; i < s.n_instr[st]; i++) {
+            const rp_pipe_instr *in = &s.instr[st][i];
+            if (in->op != RP_OP_FWD && in->op != RP_OP_BWD) continue;
+            int *k = in->op == RP_OP_FWD ? &k_fwd : &k_bwd;
+            int m = (*k / (p * v)) * p + *k % p, c = (*k / p) % v;
+            if (in->op == RP_OP_BWD) c = v - 1 - c;
+            if (in->micro_batch != m || in->chunk != c)
+                fail_msg("stage %d: %s #%d is m=%d chunk %d, expected m=%d chunk %d", st,
+                         rp_pipe_opcode_name(in->op), *k, in->micro_batch, in->chunk, m, c);
+            (*k)++;
+        }
+        assert_int_equal(k_fwd, v * m_count);
+        assert_int_equal(k_bwd, v * m_count);
+        /* Megatron's warm-up: 2 (P-s-1) + (v-1) P forwards before the first
+         * backward */
+        int first_bwd = find_chunk_instr(&s, st, RP_OP_BWD, 0, v - 1), fwd_before = 0;
+        for (int i = 0; i < first_bwd; i++) fwd_before += s.instr[st][i].op == RP_OP_FWD;
+        assert_int_equal(fwd_before, 2 * (p - st - 1) + (v - 1) * p + 1);
+    }
+    rp_schedule_free(&s);
+
+    /* the other kinds keep one chunk, numbered 0 */
+    build_or_fail(&s, RP_SCHEDULE_1F1B, 3, 4);
+    assert_int_equal(s.n_virtual, 1);
+    for (int st = 0; st < 3; st++)
+        for (int i = 0; i < s.n_instr[st]; i++) assert_int_equal(s.instr[st][i].chunk, 0);
+    rp_schedule_free(&s);
+}
+
+static void test_interleaved_bad_arguments_are_rejected(void **state) {
+    rp_schedule s;
+    rp_error err;
+    assert_int_equal(rp_schedule_build_interleaved(&s, 4, 6, 2, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "6 micro-batches on 4 stages");
+    expect_in_message(err.msg, "multiple of the stages");
+    expect_in_message(err.msg, "e.g. 8");
+    assert_null(s.instr);
+    assert_int_equal(rp_schedule_build_interleaved(&s, 2, 4, 1, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "1 virtual stages");
+    assert_int_equal(rp_schedule_build_interleaved(&s, 2, 4, RP_SCHEDULE_MAX_VIRTUAL + 1, &err),
+                     RP_ERR_ARG);
+    expect_in_message(err.msg, "virtual stages");
+    assert_int_equal(rp_schedule_build_interleaved(&s, 1, 4, 2, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "need >= 2 stages");
+    assert_int_equal(rp_schedule_build_interleaved(&s, 2, 0, 2, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "0 micro-batches");
+    assert_int_equal(rp_schedule_build_interleaved(&s, 2, RP_SCHEDULE_MAX_MICRO, 2, &err),
+                     RP_ERR_ARG);
+    expect_in_message(err.msg, "at most");
+    /* without its virtual stages, interleaved cannot be built */
+    assert_int_equal(rp_schedule_build(&s, RP_SCHEDULE_INTERLEAVED, 2, 4, &err), RP_ERR_ARG);
+    expect_in_message(err.msg, "rp_schedule_build_interleaved");
+    assert_null(s.instr);
+    rp_schedule_free(&s);
+}
+
+static void test_interleaved_broken_lists_are_reported(void **state) {
+    const int p = 2, v = 2, m_count = 4;
+    rp_schedule s;
+    rp_error err;
+    const char *msg;
+
+    /* stage 0 forwards chunk 1 of micro-batch 0 before chunk 0: it waits for
+     * the last stage's chunk 0, which waits for stage 0's chunk 0 */
+    build_interleaved_or_fail(&s, p, m_count, v);
+    move_instr(&s, 0, find_chunk_instr(&s, 0, RP_OP_RECV_ACT, 0, 1), 0);
+    msg = simulate_expect_error(&s, &err);
+    expect_in_message(msg, "deadlocks");
+    expect_in_message(msg, "stage 0, #0 RECV_ACT m=0 buf=2 chunk=1 waits for stage 1's (chunk 0) "
+                           "SEND_ACT of micro-batch 0");
+    rp_schedule_free(&s);
+
+    /* the last stage waits for chunk 0's gradient before sending chunk 0's
+     * output on: the gradient comes from stage 0's chunk 1, which needs
+     * that output */
+    build_interleaved_or_fail(&s, p, m_count, v);
+    move_instr(&s, 1, find_chunk_instr(&s, 1, RP_OP_RECV_GRAD, 0, 0),
+               find_chunk_instr(&s, 1, RP_OP_SEND_ACT, 0, 0));
+    msg = simulate_expect_error(&s, &err);
+    expect_in_message(msg, "stage 1, #2 RECV_GRAD m=0 buf=0 chunk=0 waits for stage 0's "
+                           "(chunk 1) SEND_GRAD of micro-batch 0");
+    rp_schedule_free(&s);
+
+    /* a chunk that the stage does not have */
+    build_interleaved_or_fail(&s, p, m_count, v);
+    s.instr[1][find_chunk_instr(&s, 1, RP_OP_FWD, 2, 1)].chunk = 2;
+    expect_in_message(simulate_expect_error(&s, &err), "chunk 2 outside 0..1");
+    rp_schedule_free(&s);
+
+    /* stage 0's chunk 1 receives its input from the last stage: relabelled
+     * as chunk 0, it would receive on the first model chunk */
+    build_interleaved_or_fail(&s, p, m_count, v);
+    s.instr[0][find_chunk_instr(&s, 0, RP_OP_RECV_ACT, 1, 1)].chunk = 0;
+    expect_in_message(simulate_expect_error(&s, &err), "stage 0 reads its input from the data");
+    rp_schedule_free(&s);
+
+    /* the last stage's chunk 0 sends on; chunk 1 computes the loss */
+    build_interleaved_or_fail(&s, p, m_count, v);
+    s.instr[1][find_chunk_instr(&s, 1, RP_OP_SEND_ACT, 0, 0)].chunk = 1;
+    expect_in_message(simulate_expect_error(&s, &err), "the last stage computes the loss");
+    rp_schedule_free(&s);
+
+    /* backwards of one chunk out of micro-batch order: the last stage's
+     * chunk 0 backwards micro-batch 3 before 2 (both at the end) */
+    build_interleaved_or_fail(&s, p, m_count, v);
+    int g2 = find_chunk_instr(&s, 1, RP_OP_RECV_GRAD, 2, 0);
+    int g3 = find_chunk_instr(&s, 1, RP_OP_RECV_GRAD, 3, 0);
+    for (int j = 0; j < 3; j++) {
+        rp_pipe_instr t = s.instr[1][g2 + j];
+        s.instr[1][g2 + j] = s.instr[1][g3 + j];
+        s.instr[1][g3 + j] = t;
+    }
+    expect_in_message(simulate_expect_error(&s, &err),
+                      "increasing micro-batch order: expected micro-batch 2 next");
+    rp_schedule_free(&s);
+
+    /* a chunk's last backward missing: REDUCE_GRADS names the chunk */
+    build_interleaved_or_fail(&s, p, m_count, v);
+    int b = find_chunk_instr(&s, 0, RP_OP_BWD, m_count - 1, 0);
+    memmove(&s.instr[0][b], &s.instr[0][b + 1],
+            (size_t)(s.n_instr[0] - b - 1) * sizeof(rp_pipe_instr));
+    s.n_instr[0]--;
+    expect_in_message(simulate_expect_error(&s, &err), "4 forwards and 3 backwards of chunk 0");
+    rp_schedule_free(&s);
+}
+
+static void test_interleaved_timeline_shows_the_chunk_per_cell(void **state) {
+    rp_schedule s;
+    rp_sim_result r;
+    build_interleaved_or_fail(&s, 2, 4, 2);
+    simulate_or_fail(&s, &unit_costs, &r);
+    char *text = NULL;
+    size_t size = 0;
+    FILE *out = open_memstream(&text, &size);
+    assert_non_null(out);
+    rp_schedule_print_timeline(&s, &r, out);
+    fclose(out);
+    expect_in_message(text, "theory (P-1)/(v*M+P-1) = 1/9 = 0.1111");
+    expect_in_message(text, "bubble fraction 0.1111");
+    /* stage 1 starts one unit late, runs chunk 0 then chunk 1 of the first
+     * group, and answers chunk 1's forward with its backward at once */
+    expect_in_message(text, "stage 1 | .    F0.0 F1.0 F0.1 B0.1 F1.1 B1.1");
+    expect_in_message(text, "stage 0 | F0.0 F1.0 F0.1 F1.1 F2.0 B0.1");
+    expect_in_message(text, "stage 0: busy 16 (88.9%), peak stash 5, buffers 5");
+    free(text);
+    rp_sim_result_free(&r, s.n_stages);
+    rp_schedule_free(&s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_every_shape_simulates_without_deadlock),
@@ -670,6 +913,11 @@ int main(void) {
         cmocka_unit_test(test_zb_h1_bubble_is_a_third_of_1f1b_at_the_same_peak_stash),
         cmocka_unit_test(test_zb_h1_is_1f1b_with_deferred_weight_gradients),
         cmocka_unit_test(test_zb_h1_broken_lists_are_reported),
+        cmocka_unit_test(test_interleaved_bubble_is_the_theory_under_unit_costs),
+        cmocka_unit_test(test_interleaved_lists_follow_megatron_layout_and_order),
+        cmocka_unit_test(test_interleaved_bad_arguments_are_rejected),
+        cmocka_unit_test(test_interleaved_broken_lists_are_reported),
+        cmocka_unit_test(test_interleaved_timeline_shows_the_chunk_per_cell),
     };
     return cmocka_run_group_tests_name("schedule", tests, NULL, NULL);
 }

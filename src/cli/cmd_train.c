@@ -250,6 +250,11 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
             int k = rp_schedule_kind_from_name(optarg);
             if (k < 0) cli_fatal(cli, "--pp-schedule: '%s' is not 1f1b, gpipe or zb-h1",
                                 optarg);
+            /* interleaved lists exist (rwkvpipe schedule simulates them), but
+             * the executor runs one chunk of layers per stage */
+            if (k == RP_SCHEDULE_INTERLEAVED)
+                cli_fatal(cli, "--pp-schedule interleaved: the executor does not run "
+                          "interleaved schedules yet: use 1f1b, gpipe or zb-h1");
             o.pipe_schedule = (rp_schedule_kind)k;
             break;
         }

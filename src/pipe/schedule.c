@@ -1,5 +1,6 @@
-/* Schedule generators: GPipe, 1F1B (PipeDream-Flush) and ZB-H1 as per-stage
- * instruction lists (schedule.h). Pure functions of (kind, P, M); the
+/* Schedule generators: GPipe, 1F1B (PipeDream-Flush), ZB-H1 and interleaved
+ * 1F1B as per-stage instruction lists (schedule.h). Pure functions of
+ * (kind, P, M, v); the
  * executor in pipe_train.c and the simulator in simulate.c interpret them.
  * A new schedule is a new sched_build_* function here plus its tests. */
 #include "pipe/schedule.h"
@@ -7,7 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const kind_names[RP_SCHEDULE_KIND_COUNT] = {"gpipe", "1f1b", "zb-h1"};
+static const char *const kind_names[RP_SCHEDULE_KIND_COUNT] = {"gpipe", "1f1b", "zb-h1",
+                                                                 "interleaved"};
 
 static const char *const opcode_names[RP_OP_COUNT] = {
     "RECV_ACT", "FWD", "SEND_ACT", "RECV_GRAD", "BWD", "SEND_GRAD", "REDUCE_GRADS", "OPT_STEP", "BWD_B", "BWD_W"};
@@ -36,9 +38,15 @@ typedef struct {
 
 /* Past the capacity only counts, so that rp_schedule_build reports a
  * generator whose length disagrees with sched_stage_length as a bug. */
-static void sched_emit(sched_list *list, rp_pipe_opcode op, int micro_batch, int buffer) {
-    if (list->n < list->capacity) list->instr[list->n] = (rp_pipe_instr){op, micro_batch, buffer};
+static void sched_emit_chunk(sched_list *list, rp_pipe_opcode op, int micro_batch, int buffer,
+                             int chunk) {
+    if (list->n < list->capacity)
+        list->instr[list->n] = (rp_pipe_instr){op, micro_batch, buffer, chunk};
     list->n++;
+}
+
+static void sched_emit(sched_list *list, rp_pipe_opcode op, int micro_batch, int buffer) {
+    sched_emit_chunk(list, op, micro_batch, buffer, 0);
 }
 
 /* [RECV_ACT m] FWD m [SEND_ACT m]: the first stage reads its input from the
@@ -70,7 +78,19 @@ static void sched_emit_step(sched_list *list) {
 
 /* Every schedule here runs each micro-batch's forward and backward once per
  * stage, so the list length depends only on the stage's position. */
-static int sched_stage_length(rp_schedule_kind kind, int stage, int n_stages, int n_micro) {
+static int sched_stage_length(rp_schedule_kind kind, int stage, int n_stages, int n_micro,
+                              int n_virtual) {
+    if (kind == RP_SCHEDULE_INTERLEAVED) {
+        /* model chunk c*P + s is first only for c = 0, s = 0 and last only
+         * for c = v-1, s = P-1 */
+        const int n_model = n_stages * n_virtual;
+        int per_round = 0;
+        for (int c = 0; c < n_virtual; c++) {
+            const int g = c * n_stages + stage;
+            per_round += 2 + (g > 0 ? 2 : 0) + (g < n_model - 1 ? 2 : 0);
+        }
+        return n_micro * per_round + 2;
+    }
     int per_micro = 2 + (stage > 0 ? 2 : 0) + (stage < n_stages - 1 ? 2 : 0);
     if (kind == RP_SCHEDULE_ZB_H1) per_micro++;  /* the BWD_W */
     return n_micro * per_micro + 2;
@@ -153,6 +173,94 @@ static void sched_build_zb_h1(sched_list *list, int stage, int n_stages, int n_m
     *n_buffers = slots;
 }
 
+/* Interleaved 1F1B (Narayanan et al. 2021; Megatron-LM's
+ * forward_backward_pipelining_with_interleaving). Step k of a stage's
+ * forwards is micro-batch (k / (P*v))*P + k % P of chunk (k / P) % v: the
+ * micro-batches go through in groups of P, each group through every chunk
+ * before the next group starts; backwards run the same order with the
+ * chunks reversed. The warm-up is Megatron's: 2 forwards per later stage
+ * (each chunk's forward and the backward that answers it) plus (v-1)*P so
+ * that the last stage's first backward, of chunk v-1, finds its forward
+ * done; all of them when M = P. Buffers: slots are handed out in list order
+ * from a free list, since a pair's slot is freed by its backward, which
+ * does not come in forward order across chunks. */
+static void sched_interleaved_pair(int k, int n_stages, int n_virtual, int forward, int *m,
+                                   int *chunk) {
+    const int group = n_stages * n_virtual;
+    *m = (k / group) * n_stages + k % n_stages;
+    *chunk = (k % group) / n_stages;
+    if (!forward) *chunk = n_virtual - 1 - *chunk;
+}
+
+typedef struct {
+    int *slot_of;   /* [v*M] slot of (chunk, m), -1 none */
+    int *free_at;   /* [v*M] 1 if the slot is free */
+    int peak;       /* slots used */
+} sched_slots;
+
+static int sched_slot_take(sched_slots *sl, int pair) {
+    int b = 0;
+    while (!sl->free_at[b]) b++;
+    sl->free_at[b] = 0;
+    sl->slot_of[pair] = b;
+    if (b + 1 > sl->peak) sl->peak = b + 1;
+    return b;
+}
+
+static void sched_interleaved_forward(sched_list *list, sched_slots *sl, int k, int stage,
+                                      int n_stages, int n_virtual, int n_micro) {
+    int m, c;
+    sched_interleaved_pair(k, n_stages, n_virtual, 1, &m, &c);
+    const int g = c * n_stages + stage, last = n_stages * n_virtual - 1;
+    const int b = sched_slot_take(sl, c * n_micro + m);
+    if (g > 0) sched_emit_chunk(list, RP_OP_RECV_ACT, m, b, c);
+    sched_emit_chunk(list, RP_OP_FWD, m, b, c);
+    if (g < last) sched_emit_chunk(list, RP_OP_SEND_ACT, m, b, c);
+}
+
+static void sched_interleaved_backward(sched_list *list, sched_slots *sl, int k, int stage,
+                                       int n_stages, int n_virtual, int n_micro) {
+    int m, c;
+    sched_interleaved_pair(k, n_stages, n_virtual, 0, &m, &c);
+    const int g = c * n_stages + stage, last = n_stages * n_virtual - 1;
+    const int b = sl->slot_of[c * n_micro + m];
+    if (g < last) sched_emit_chunk(list, RP_OP_RECV_GRAD, m, b, c);
+    sched_emit_chunk(list, RP_OP_BWD, m, b, c);
+    if (g > 0) sched_emit_chunk(list, RP_OP_SEND_GRAD, m, b, c);
+    sl->free_at[b] = 1;
+}
+
+static rp_status sched_build_interleaved(sched_list *list, int stage, int n_stages, int n_micro,
+                                         int n_virtual, int *n_buffers, rp_error *err) {
+    const int total = n_micro * n_virtual;
+    int warmup = n_micro == n_stages ? total
+                                     : (n_stages - stage - 1) * 2 + (n_virtual - 1) * n_stages;
+    if (warmup > total) warmup = total;
+    sched_slots sl = {0};
+    sl.slot_of = rp_malloc((size_t)total * sizeof *sl.slot_of, "interleaved slots", err);
+    sl.free_at = rp_malloc((size_t)total * sizeof *sl.free_at, "interleaved slots", err);
+    if (!sl.slot_of || !sl.free_at) {
+        free(sl.slot_of);
+        free(sl.free_at);
+        return RP_ERR_NOMEM;
+    }
+    for (int i = 0; i < total; i++) sl.slot_of[i] = -1, sl.free_at[i] = 1;
+    int next_fwd = 0, next_bwd = 0;
+    for (; next_fwd < warmup; next_fwd++)
+        sched_interleaved_forward(list, &sl, next_fwd, stage, n_stages, n_virtual, n_micro);
+    for (; next_fwd < total; next_fwd++, next_bwd++) {
+        sched_interleaved_forward(list, &sl, next_fwd, stage, n_stages, n_virtual, n_micro);
+        sched_interleaved_backward(list, &sl, next_bwd, stage, n_stages, n_virtual, n_micro);
+    }
+    for (; next_bwd < total; next_bwd++)
+        sched_interleaved_backward(list, &sl, next_bwd, stage, n_stages, n_virtual, n_micro);
+    sched_emit_step(list);
+    *n_buffers = sl.peak;
+    free(sl.slot_of);
+    free(sl.free_at);
+    return RP_OK;
+}
+
 /* Time chunks: per group of n_chunks micro-batches, the forwards forward in
  * time, then the backwards backward in time (schedule.h). */
 static void sched_build_time_chunks(sched_list *list, int stage, int n_stages, int n_micro,
@@ -167,11 +275,11 @@ static void sched_build_time_chunks(sched_list *list, int stage, int n_stages, i
 }
 
 static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
-                                int n_chunks, rp_error *err) {
+                                int n_chunks, int n_virtual, rp_error *err) {
     memset(s, 0, sizeof *s);
     if ((unsigned)kind >= RP_SCHEDULE_KIND_COUNT)
-        return rp_error_set(err, RP_ERR_ARG, "schedule kind %d unknown: expected gpipe, 1f1b "
-                            "or zb-h1", (int)kind);
+        return rp_error_set(err, RP_ERR_ARG, "schedule kind %d unknown: expected gpipe, 1f1b, "
+                            "zb-h1 or interleaved", (int)kind);
     if (n_stages < 1)
         return rp_error_set(err, RP_ERR_ARG, "pipeline of %d stages: need >= 1", n_stages);
     if (n_stages > RP_SCHEDULE_MAX_STAGES)
@@ -188,7 +296,29 @@ static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_sta
     if (n_chunks < 1 || n_micro % n_chunks != 0)
         return rp_error_set(err, RP_ERR_ARG, "%d micro-batches are not whole sequences of %d "
                             "time chunks", n_micro, n_chunks);
+    if (kind == RP_SCHEDULE_INTERLEAVED) {
+        if (n_virtual < 2 || n_virtual > RP_SCHEDULE_MAX_VIRTUAL)
+            return rp_error_set(err, RP_ERR_ARG, "interleaved schedule with %d virtual stages: "
+                                "need 2..%d chunks per stage (one chunk is 1f1b)",
+                                n_virtual, RP_SCHEDULE_MAX_VIRTUAL);
+        if (n_stages < 2)
+            return rp_error_set(err, RP_ERR_ARG, "interleaved schedule on %d stage: need >= 2 "
+                                "stages to interleave (use 1f1b)", n_stages);
+        if (n_micro % n_stages != 0)
+            return rp_error_set(err, RP_ERR_ARG, "interleaved schedule with %d micro-batches on "
+                                "%d stages: the micro-batches must be a multiple of the stages "
+                                "(as in Megatron-LM), e.g. %d", n_micro, n_stages,
+                                (n_micro / n_stages + 1) * n_stages);
+        if ((long long)n_micro * n_virtual > RP_SCHEDULE_MAX_MICRO)
+            return rp_error_set(err, RP_ERR_ARG, "interleaved schedule with %d micro-batches x %d "
+                                "virtual stages: at most %d pairs per optimizer step",
+                                n_micro, n_virtual, RP_SCHEDULE_MAX_MICRO);
+    } else if (n_virtual != 1) {
+        return rp_error_set(err, RP_ERR_ARG, "%s schedule with %d virtual stages: only "
+                            "interleaved has more than one", kind_names[kind], n_virtual);
+    }
     s->kind = kind;
+    s->n_virtual = n_virtual;
     s->n_chunks = n_chunks;
     s->n_stages = n_stages;
     s->n_micro = n_micro;
@@ -201,7 +331,7 @@ static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_sta
     for (int stage = 0; stage < n_stages; stage++) {
         sched_list list = {0};
         list.capacity = sched_stage_length(n_chunks > 1 ? RP_SCHEDULE_GPIPE : kind, stage,
-                                           n_stages, n_micro);
+                                           n_stages, n_micro, n_virtual);
         list.instr = rp_malloc((size_t)list.capacity * sizeof *list.instr, "schedule list", err);
         if (!list.instr) goto fail;
         s->instr[stage] = list.instr;
@@ -217,6 +347,12 @@ static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_sta
             break;
         case RP_SCHEDULE_ZB_H1:
             sched_build_zb_h1(&list, stage, n_stages, n_micro, &s->n_buffers[stage]);
+            break;
+        case RP_SCHEDULE_INTERLEAVED:
+            status = sched_build_interleaved(&list, stage, n_stages, n_micro, n_virtual,
+                                             &s->n_buffers[stage], err);
+            if (status != RP_OK) goto fail;
+            status = RP_ERR_NOMEM;
             break;
         case RP_SCHEDULE_KIND_COUNT: break;
         }
@@ -237,12 +373,22 @@ fail:
 
 rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
                             rp_error *err) {
-    return schedule_build(s, kind, n_stages, n_micro, 1, err);
+    if (kind == RP_SCHEDULE_INTERLEAVED) {
+        memset(s, 0, sizeof *s);
+        return rp_error_set(err, RP_ERR_ARG, "interleaved schedule: needs its number of virtual "
+                            "stages (rp_schedule_build_interleaved)");
+    }
+    return schedule_build(s, kind, n_stages, n_micro, 1, 1, err);
+}
+
+rp_status rp_schedule_build_interleaved(rp_schedule *s, int n_stages, int n_micro, int n_virtual,
+                                        rp_error *err) {
+    return schedule_build(s, RP_SCHEDULE_INTERLEAVED, n_stages, n_micro, 1, n_virtual, err);
 }
 
 rp_status rp_schedule_build_time_chunks(rp_schedule *s, int n_stages, int n_micro, int n_chunks,
                                         rp_error *err) {
-    return schedule_build(s, RP_SCHEDULE_GPIPE, n_stages, n_micro, n_chunks, err);
+    return schedule_build(s, RP_SCHEDULE_GPIPE, n_stages, n_micro, n_chunks, 1, err);
 }
 
 void rp_schedule_free(rp_schedule *s) {

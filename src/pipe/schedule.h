@@ -23,7 +23,13 @@
  *   stage s keeps up to s BWD_W pending, so the last stages fill their
  *   drain bubble with weight gradients (docs/parallelism.md). 
  * - Every list ends with REDUCE_GRADS then OPT_STEP (micro_batch = -1,
- *   buffer = -1). */
+ *   buffer = -1).
+ * - Interleaved 1F1B (virtual stages): stage s holds v chunks of layers;
+ *   chunk c of stage s is model chunk c*P + s (Megatron's layout), so the
+ *   conventions above hold per model chunk: chunk c of the last stage sends
+ *   to chunk c+1 of stage 0. `chunk` names it in every instruction (0 for
+ *   the other kinds); the stash slots belong to the stage, shared by its
+ *   chunks. Only the simulator runs these lists (the executor refuses). */
 #ifndef RP_PIPE_SCHEDULE_H
 #define RP_PIPE_SCHEDULE_H
 
@@ -53,12 +59,14 @@ typedef struct {
     rp_pipe_opcode op;
     int micro_batch;  /* -1 for REDUCE_GRADS / OPT_STEP */
     int buffer;       /* stash slot, -1 for REDUCE_GRADS / OPT_STEP */
+    int chunk;        /* interleaved: which of the stage's v chunks; else 0 */
 } rp_pipe_instr;
 
 typedef enum {
     RP_SCHEDULE_GPIPE = 0,
     RP_SCHEDULE_1F1B,
     RP_SCHEDULE_ZB_H1,  /* zero bubble ZB-H1 (Qi et al. 2023), 1F1B's memory */
+    RP_SCHEDULE_INTERLEAVED,  /* interleaved 1F1B (Narayanan et al. 2021), v chunks */
     RP_SCHEDULE_KIND_COUNT
 } rp_schedule_kind;
 
@@ -72,6 +80,9 @@ typedef struct {
      * micro-batches are the consecutive time chunks of one batch of
      * sequences; 1 otherwise. */
     int n_chunks;
+    /* Interleaved: v chunks of layers per stage; 1 for the other kinds (0
+     * is read as 1, for schedules filled in by hand). */
+    int n_virtual;
 } rp_schedule;
 
 /* n_stages >= 1, 1 <= n_micro <= RP_SCHEDULE_MAX_MICRO. */
@@ -79,8 +90,19 @@ typedef struct {
 /* Also n_stages <= RP_SCHEDULE_MAX_STAGES: far beyond any real pipeline, and
  * it bounds the lists' and the simulator's memory (both grow as P x M). */
 #define RP_SCHEDULE_MAX_STAGES 1024
+/* kind RP_SCHEDULE_INTERLEAVED needs rp_schedule_build_interleaved. */
 rp_status rp_schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
                             rp_error *err);
+/* Megatron's interleaved 1F1B: n_stages >= 2, 2 <= n_virtual <=
+ * RP_SCHEDULE_MAX_VIRTUAL, n_micro a multiple of n_stages. Stage s runs
+ * the v*M (micro-batch, chunk) pairs in the order k = 0, 1, ...: micro-batch
+ * (k / (P*v))*P + k % P, chunk (k / P) % v for forwards and v-1 minus that
+ * for backwards; (P-s-1)*2 + (v-1)*P forwards of warm-up (all of them when
+ * M = P), then one forward one backward, then the remaining backwards.
+ * Under unit costs the bubble is (P-1)/(v*M+P-1). */
+#define RP_SCHEDULE_MAX_VIRTUAL 64
+rp_status rp_schedule_build_interleaved(rp_schedule *s, int n_stages, int n_micro, int n_virtual,
+                                        rp_error *err);
 /* Time chunks (docs/training.md, Long sequences): micro-batch m is chunk
  * m % n_chunks of sequence group m / n_chunks (n_micro a multiple of
  * n_chunks). Chunk c starts from the recurrent state chunk c-1 left on the
@@ -96,7 +118,7 @@ rp_status rp_schedule_build_time_chunks(rp_schedule *s, int n_stages, int n_micr
                                         rp_error *err);
 void rp_schedule_free(rp_schedule *s);
 
-const char *rp_schedule_kind_name(rp_schedule_kind k);  /* "gpipe", "1f1b", "zb-h1" */
+const char *rp_schedule_kind_name(rp_schedule_kind k);  /* "gpipe", "1f1b", "zb-h1", "interleaved" */
 int rp_schedule_kind_from_name(const char *name);       /* -1 if unknown */
 const char *rp_pipe_opcode_name(rp_pipe_opcode op);     /* "RECV_ACT", ... */
 
@@ -117,7 +139,8 @@ typedef struct {
     double makespan;            /* time at which the last stage finishes */
     double *busy;               /* [n_stages] compute time of each stage */
     double bubble_fraction;     /* 1 - sum(busy) / (n_stages * makespan) */
-    int *peak_stashed;          /* [n_stages] max micro-batches between FWD and BWD */
+    int *peak_stashed;          /* [n_stages] max micro-batches between FWD and BWD
+                                 * (interleaved: (micro-batch, chunk) pairs) */
     /* Timeline for printing: per stage, the start time of each instruction. */
     double **start;             /* [n_stages][n_instr[s]] */
     rp_sim_costs costs;         /* the costs simulated (durations for the timeline) */
@@ -128,8 +151,9 @@ rp_status rp_schedule_simulate(const rp_schedule *s, const rp_sim_costs *costs,
 void rp_sim_result_free(rp_sim_result *r, int n_stages);
 
 /* Draws the simulated timeline as text, one row per stage, one column per
- * time unit ("F3" / "B3" cells, "." idle), then the bubble fraction next to
- * the theory (P-1)/(M+P-1) and each stage's peak stash. */
+ * time unit ("F3" / "B3" cells, "F3.1" with chunk 1 when interleaved, "."
+ * idle), then the bubble fraction next to the theory (P-1)/(M+P-1), or
+ * (P-1)/(v*M+P-1) when interleaved, and each stage's peak stash. */
 void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FILE *out);
 
 #endif

@@ -2,7 +2,10 @@
  * together without MPI, timing them with abstract costs and checking the
  * conventions an executor relies on (no deadlock, forward before backward,
  * gradients only after the next stage's backward, stash slots never
- * overwritten). Unit tests and `rwkvpipe schedule` call it. */
+ * overwritten). Interleaved schedules run per model chunk c*P + s: what
+ * is sent and received, forwarded and backwarded is tracked per model
+ * chunk, time and stash slots per stage. Unit tests and `rwkvpipe schedule`
+ * call it. */
 #include "pipe/schedule.h"
 
 #include <math.h>
@@ -15,8 +18,9 @@
 /* A deadlock message names at most this many stuck stages. */
 #define SIM_DEADLOCK_MAX_NAMED 8
 
-/* What stage s knows about micro-batch m. The arrival times live on the
- * sender's side: stage s+1's RECV_ACT m reads act_arrival of (s, m). */
+/* What model chunk g (stage g % P, chunk g / P; g = s without
+ * interleaving) knows about micro-batch m. The arrival times live on the
+ * sender's side: g+1's RECV_ACT m reads act_arrival of (g, m). */
 typedef struct {
     double act_arrival;    /* SEND_ACT m done here + comm_cost */
     double grad_arrival;   /* SEND_GRAD m done here + comm_cost */
@@ -26,12 +30,17 @@ typedef struct {
     unsigned char split, w_done;  /* BWD_B ran (its BWD_W is due); BWD_W ran */
 } sim_micro;
 
+/* Per model chunk: its forwards, backwards and weight gradients so far
+ * (each runs in micro-batch order within a chunk). */
+typedef struct {
+    int n_fwd, n_bwd, n_w;
+} sim_model_chunk;
+
 typedef struct {
     int pc;                /* next instruction */
     double clock;          /* time the stage is free to start it */
     double busy;
-    int n_fwd, n_bwd;      /* micro-batches forwarded / backwarded so far */
-    int n_w, w_due;        /* BWD_W run so far; BWD_B without their BWD_W yet */
+    int w_due;             /* BWD_B without their BWD_W yet */
     int n_stashed, peak_stashed;
     int reduced, stepped;
     int *holder;           /* [n_buffers] micro-batch holding each slot, -1 free */
@@ -40,30 +49,37 @@ typedef struct {
 typedef struct {
     const rp_schedule *s;
     rp_sim_costs costs;
+    int n_virtual;         /* v, 1 without interleaving */
     sim_stage *stages;     /* [P] */
-    sim_micro *micro;      /* [P * M] */
+    sim_model_chunk *chunks;  /* [v * P], model chunk g = c * P + s */
+    sim_micro *micro;      /* [v * P * M] */
 } sim_state;
 
 typedef enum { SIM_RAN, SIM_WAITS, SIM_FAILED } sim_outcome;
 
-static sim_micro *sim_at(sim_state *st, int stage, int m) {
-    return &st->micro[(size_t)stage * st->s->n_micro + m];
+/* micro-batch m on model chunk g */
+static sim_micro *sim_at(sim_state *st, int g, int m) {
+    return &st->micro[(size_t)g * st->s->n_micro + m];
 }
 
-/* "stage 2, #7 BWD m=3 buf=1" */
-static void sim_describe(char *out, size_t size, int stage, int index, const rp_pipe_instr *in) {
-    snprintf(out, size, "stage %d, #%d %s m=%d buf=%d", stage, index,
-             rp_pipe_opcode_name(in->op), in->micro_batch, in->buffer);
+/* "stage 2, #7 BWD m=3 buf=1" (", chunk 1" when interleaved) */
+static void sim_describe(char *out, size_t size, int n_virtual, int stage, int index,
+                         const rp_pipe_instr *in) {
+    int len = snprintf(out, size, "stage %d, #%d %s m=%d buf=%d", stage, index,
+                       rp_pipe_opcode_name(in->op), in->micro_batch, in->buffer);
+    if (n_virtual > 1 && len > 0 && (size_t)len < size)
+        snprintf(out + len, size - (size_t)len, " chunk=%d", in->chunk);
 }
 
 /* Sets err to "stage S, #I OP m=.. buf=..: WHY" (rp_schedule_simulate adds
  * the schedule's name in front). */
-static sim_outcome sim_fail(rp_error *err, int stage, int index, const rp_pipe_instr *in,
-                            const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-static sim_outcome sim_fail(rp_error *err, int stage, int index, const rp_pipe_instr *in,
-                            const char *fmt, ...) {
+static sim_outcome sim_fail(const sim_state *st, rp_error *err, int stage, int index,
+                            const rp_pipe_instr *in, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static sim_outcome sim_fail(const sim_state *st, rp_error *err, int stage, int index,
+                            const rp_pipe_instr *in, const char *fmt, ...) {
     char where[128], why[RP_ERROR_MSG_LEN / 2];
-    sim_describe(where, sizeof where, stage, index, in);
+    sim_describe(where, sizeof where, st->n_virtual, stage, index, in);
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(why, sizeof why, fmt, ap);
@@ -72,22 +88,27 @@ static sim_outcome sim_fail(rp_error *err, int stage, int index, const rp_pipe_i
     return SIM_FAILED;
 }
 
+/* The model chunk an instruction of a stage runs on (chunk checked first). */
+static int sim_model(const sim_state *st, int stage, const rp_pipe_instr *in) {
+    return in->chunk * st->s->n_stages + stage;
+}
+
 /* Slot b becomes m's (at its RECV_ACT or FWD, whichever comes first); the
  * slot must be free, or already m's. */
 static sim_outcome sim_claim_buffer(sim_state *st, int stage, int index, const rp_pipe_instr *in,
                                     rp_error *err) {
-    sim_micro *mb = sim_at(st, stage, in->micro_batch);
+    sim_micro *mb = sim_at(st, sim_model(st, stage, in), in->micro_batch);
     sim_stage *sg = &st->stages[stage];
     if (mb->buffer >= 0) {
         if (mb->buffer != in->buffer)
-            return sim_fail(err, stage, index, in,
+            return sim_fail(st, err, stage, index, in,
                             "micro-batch %d was received into buffer %d, not %d",
                             in->micro_batch, mb->buffer, in->buffer);
         return SIM_RAN;
     }
     int other = sg->holder[in->buffer];
     if (other >= 0)
-        return sim_fail(err, stage, index, in,
+        return sim_fail(st, err, stage, index, in,
                         "overwrites buffer %d while micro-batch %d still holds it "
                         "(its BWD has not run yet)",
                         in->buffer, other);
@@ -99,9 +120,9 @@ static sim_outcome sim_claim_buffer(sim_state *st, int stage, int index, const r
 /* Sends, receives and the backward must name the slot the forward used. */
 static sim_outcome sim_check_buffer(sim_state *st, int stage, int index, const rp_pipe_instr *in,
                                     rp_error *err) {
-    const sim_micro *mb = sim_at(st, stage, in->micro_batch);
+    const sim_micro *mb = sim_at(st, sim_model(st, stage, in), in->micro_batch);
     if (mb->buffer != in->buffer)
-        return sim_fail(err, stage, index, in, "micro-batch %d is stashed in buffer %d, not %d",
+        return sim_fail(st, err, stage, index, in, "micro-batch %d is stashed in buffer %d, not %d",
                         in->micro_batch, mb->buffer, in->buffer);
     return SIM_RAN;
 }
@@ -133,43 +154,50 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
     sim_stage *sg = &st->stages[stage];
     const int index = sg->pc;
     const rp_pipe_instr *in = &s->instr[stage][index];
-    const int last = s->n_stages - 1, m = in->micro_batch;
+    const int last = s->n_stages * st->n_virtual - 1, m = in->micro_batch;
 
     if ((unsigned)in->op >= RP_OP_COUNT)
-        return sim_fail(err, stage, index, in, "opcode %d is not one of schedule.h's",
+        return sim_fail(st, err, stage, index, in, "opcode %d is not one of schedule.h's",
                         (int)in->op);
     if (sg->stepped)
-        return sim_fail(err, stage, index, in,
+        return sim_fail(st, err, stage, index, in,
                         "comes after OPT_STEP: every list ends with REDUCE_GRADS, OPT_STEP");
     if (sg->reduced && in->op != RP_OP_OPT_STEP)
-        return sim_fail(err, stage, index, in,
+        return sim_fail(st, err, stage, index, in,
                         "comes after REDUCE_GRADS: only OPT_STEP may follow it");
     if (in->op == RP_OP_REDUCE_GRADS || in->op == RP_OP_OPT_STEP) {
         if (m != -1 || in->buffer != -1)
-            return sim_fail(err, stage, index, in, "expected micro-batch -1 and buffer -1");
+            return sim_fail(st, err, stage, index, in, "expected micro-batch -1 and buffer -1");
     } else {
         if (m < 0 || m >= s->n_micro)
-            return sim_fail(err, stage, index, in, "micro-batch %d outside 0..%d", m,
+            return sim_fail(st, err, stage, index, in, "micro-batch %d outside 0..%d", m,
                             s->n_micro - 1);
+        if (in->chunk < 0 || in->chunk >= st->n_virtual)
+            return sim_fail(st, err, stage, index, in, "chunk %d outside 0..%d (%d per stage)",
+                            in->chunk, st->n_virtual - 1, st->n_virtual);
         if (in->buffer < 0 || in->buffer >= s->n_buffers[stage])
-            return sim_fail(err, stage, index, in,
+            return sim_fail(st, err, stage, index, in,
                             "buffer %d outside 0..%d (the stage has %d buffers)", in->buffer,
                             s->n_buffers[stage] - 1, s->n_buffers[stage]);
     }
-    sim_micro *mb = m >= 0 ? sim_at(st, stage, m) : NULL;
+    /* g: the model chunk; the first and last ends are g = 0 and g = last */
+    const int g = in->op == RP_OP_REDUCE_GRADS || in->op == RP_OP_OPT_STEP
+                      ? stage : sim_model(st, stage, in);
+    sim_micro *mb = m >= 0 ? sim_at(st, g, m) : NULL;
+    sim_model_chunk *ch = &st->chunks[g];
     sim_outcome o;
 
     switch (in->op) {
     case RP_OP_RECV_ACT: {
-        if (stage == 0)
-            return sim_fail(err, stage, index, in,
+        if (g == 0)
+            return sim_fail(st, err, stage, index, in,
                             "stage 0 reads its input from the data, it has no stage to receive from");
         if (mb->act_received)
-            return sim_fail(err, stage, index, in, "activations of micro-batch %d received twice",
+            return sim_fail(st, err, stage, index, in, "activations of micro-batch %d received twice",
                             m);
         if (mb->fwd_done)
-            return sim_fail(err, stage, index, in, "comes after FWD of micro-batch %d", m);
-        const sim_micro *from = sim_at(st, stage - 1, m);
+            return sim_fail(st, err, stage, index, in, "comes after FWD of micro-batch %d", m);
+        const sim_micro *from = sim_at(st, g - 1, m);
         if (!from->act_sent) return SIM_WAITS;
         if ((o = sim_claim_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
@@ -179,31 +207,31 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
     }
     case RP_OP_FWD:
         if (mb->fwd_done)
-            return sim_fail(err, stage, index, in, "micro-batch %d forwarded twice", m);
-        if (stage > 0 && !mb->act_received)
-            return sim_fail(err, stage, index, in,
+            return sim_fail(st, err, stage, index, in, "micro-batch %d forwarded twice", m);
+        if (g > 0 && !mb->act_received)
+            return sim_fail(st, err, stage, index, in,
                             "runs before RECV_ACT of micro-batch %d (no input yet)", m);
-        if (s->n_chunks > 1 && m != sg->n_fwd)
-            return sim_fail(err, stage, index, in,
+        if (s->n_chunks > 1 && m != ch->n_fwd)
+            return sim_fail(st, err, stage, index, in,
                             "time chunks run their forwards in time order (chunk c starts from "
                             "the state chunk c-1 left): expected micro-batch %d next",
-                            sg->n_fwd);
+                            ch->n_fwd);
         if ((o = sim_claim_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
         sg->clock += st->costs.fwd_cost;
         sg->busy += st->costs.fwd_cost;
         mb->fwd_done = 1;
-        sg->n_fwd++;
+        ch->n_fwd++;
         if (++sg->n_stashed > sg->peak_stashed) sg->peak_stashed = sg->n_stashed;
         return SIM_RAN;
     case RP_OP_SEND_ACT:
-        if (stage == last)
-            return sim_fail(err, stage, index, in,
+        if (g == last)
+            return sim_fail(st, err, stage, index, in,
                             "the last stage computes the loss, it has no stage to send to");
         if (!mb->fwd_done)
-            return sim_fail(err, stage, index, in, "runs before FWD of micro-batch %d", m);
+            return sim_fail(st, err, stage, index, in, "runs before FWD of micro-batch %d", m);
         if (mb->act_sent)
-            return sim_fail(err, stage, index, in, "activations of micro-batch %d sent twice", m);
+            return sim_fail(st, err, stage, index, in, "activations of micro-batch %d sent twice", m);
         if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         /* sends are asynchronous: the stage goes on at once, the data lands
          * comm_cost later */
@@ -212,17 +240,17 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
         mb->act_sent = 1;
         return SIM_RAN;
     case RP_OP_RECV_GRAD: {
-        if (stage == last)
-            return sim_fail(err, stage, index, in,
+        if (g == last)
+            return sim_fail(st, err, stage, index, in,
                             "the last stage starts the backward from its own loss, "
                             "it has no stage to receive gradients from");
         if (mb->grad_received)
-            return sim_fail(err, stage, index, in, "gradients of micro-batch %d received twice",
+            return sim_fail(st, err, stage, index, in, "gradients of micro-batch %d received twice",
                             m);
         if (!mb->fwd_done)
-            return sim_fail(err, stage, index, in,
+            return sim_fail(st, err, stage, index, in,
                             "receives gradients of micro-batch %d before its FWD", m);
-        const sim_micro *from = sim_at(st, stage + 1, m);
+        const sim_micro *from = sim_at(st, g + 1, m);
         if (!from->grad_sent) return SIM_WAITS;
         if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
@@ -233,28 +261,28 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
     case RP_OP_BWD:
     case RP_OP_BWD_B:
         if (mb->bwd_done)
-            return sim_fail(err, stage, index, in, "micro-batch %d backwarded twice", m);
+            return sim_fail(st, err, stage, index, in, "micro-batch %d backwarded twice", m);
         if (!mb->fwd_done)
-            return sim_fail(err, stage, index, in, "runs before FWD of micro-batch %d", m);
-        if (stage < last && !mb->grad_received)
-            return sim_fail(err, stage, index, in,
+            return sim_fail(st, err, stage, index, in, "runs before FWD of micro-batch %d", m);
+        if (g < last && !mb->grad_received)
+            return sim_fail(st, err, stage, index, in,
                             "runs before RECV_GRAD of micro-batch %d, i.e. before stage %d's "
                             "BWD of it",
-                            m, stage + 1);
-        if (m != sim_next_backward(s, sg->n_bwd))
-            return sim_fail(err, stage, index, in,
+                            m, (g + 1) % s->n_stages);
+        if (m != sim_next_backward(s, ch->n_bwd))
+            return sim_fail(st, err, stage, index, in,
                             s->n_chunks > 1
                                 ? "time chunks run their backwards last chunk first (chunk c "
                                   "needs d(state) from chunk c+1): expected micro-batch %d next"
                                 : "backwards must run in increasing micro-batch order: expected "
                                   "micro-batch %d next",
-                            sim_next_backward(s, sg->n_bwd));
+                            sim_next_backward(s, ch->n_bwd));
         if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
         sg->clock += sim_op_cost(&st->costs, in->op);
         sg->busy += sim_op_cost(&st->costs, in->op);
         mb->bwd_done = 1;
-        sg->n_bwd++;
+        ch->n_bwd++;
         if (in->op == RP_OP_BWD_B) {
             /* The slot keeps what BWD_W needs. */
             mb->split = 1;
@@ -266,58 +294,66 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
         return SIM_RAN;
     case RP_OP_BWD_W:
         if (!mb->split)
-            return sim_fail(err, stage, index, in,
+            return sim_fail(st, err, stage, index, in,
                             "runs before BWD_B of micro-batch %d (no input gradient yet)", m);
         if (mb->w_done)
-            return sim_fail(err, stage, index, in, "weight gradients of micro-batch %d twice", m);
-        if (m != sg->n_w)
-            return sim_fail(err, stage, index, in,
+            return sim_fail(st, err, stage, index, in, "weight gradients of micro-batch %d twice", m);
+        if (m != ch->n_w)
+            return sim_fail(st, err, stage, index, in,
                             "weight gradients must be summed in increasing micro-batch order "
-                            "(the order of one process): expected micro-batch %d next", sg->n_w);
+                            "(the order of one process): expected micro-batch %d next", ch->n_w);
         if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
         sg->clock += sim_op_cost(&st->costs, in->op);
         sg->busy += sim_op_cost(&st->costs, in->op);
         mb->w_done = 1;
-        sg->n_w++;
+        ch->n_w++;
         sg->w_due--;
         sg->n_stashed--;
         sg->holder[in->buffer] = -1;
         return SIM_RAN;
     case RP_OP_SEND_GRAD:
-        if (stage == 0)
-            return sim_fail(err, stage, index, in,
+        if (g == 0)
+            return sim_fail(st, err, stage, index, in,
                             "stage 0 has no previous stage to send gradients to");
         if (!mb->bwd_done)
-            return sim_fail(err, stage, index, in, "runs before BWD of micro-batch %d", m);
+            return sim_fail(st, err, stage, index, in, "runs before BWD of micro-batch %d", m);
         if (mb->grad_sent)
-            return sim_fail(err, stage, index, in, "gradients of micro-batch %d sent twice", m);
+            return sim_fail(st, err, stage, index, in, "gradients of micro-batch %d sent twice", m);
         if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
         mb->grad_arrival = sg->clock + st->costs.comm_cost;
         mb->grad_sent = 1;
         return SIM_RAN;
     case RP_OP_REDUCE_GRADS:
-        if (sg->n_fwd != s->n_micro || sg->n_bwd != s->n_micro)
-            return sim_fail(err, stage, index, in,
+        for (int c = 0; c < st->n_virtual; c++) {
+            ch = &st->chunks[c * s->n_stages + stage];
+            if (ch->n_fwd == s->n_micro && ch->n_bwd == s->n_micro) continue;
+            if (st->n_virtual > 1)
+                return sim_fail(st, err, stage, index, in,
+                                "after %d forwards and %d backwards of chunk %d: every one of "
+                                "the %d micro-batches needs both on every chunk first",
+                                ch->n_fwd, ch->n_bwd, c, s->n_micro);
+            return sim_fail(st, err, stage, index, in,
                             "after %d forwards and %d backwards: every one of the %d "
                             "micro-batches needs both first",
-                            sg->n_fwd, sg->n_bwd, s->n_micro);
+                            ch->n_fwd, ch->n_bwd, s->n_micro);
+        }
         if (sg->w_due)
-            return sim_fail(err, stage, index, in,
+            return sim_fail(st, err, stage, index, in,
                             "%d micro-batches ran BWD_B without their BWD_W", sg->w_due);
         *start = sg->clock;
         sg->reduced = 1;
         return SIM_RAN;
     case RP_OP_OPT_STEP:
         if (!sg->reduced)
-            return sim_fail(err, stage, index, in, "runs before REDUCE_GRADS");
+            return sim_fail(st, err, stage, index, in, "runs before REDUCE_GRADS");
         *start = sg->clock;
         sg->stepped = 1;
         return SIM_RAN;
     case RP_OP_COUNT: break;
     }
-    return sim_fail(err, stage, index, in, "opcode %d is not one of schedule.h's", (int)in->op);
+    return sim_fail(st, err, stage, index, in, "opcode %d is not one of schedule.h's", (int)in->op);
 }
 
 /* "deadlock: ...; stage 1 waits at #5 RECV_GRAD m=0 buf=0 (stage 2 has not
@@ -336,13 +372,17 @@ static rp_status sim_report_deadlock(sim_state *st, rp_error *err) {
         stuck++;
         if (named >= SIM_DEADLOCK_MAX_NAMED || len >= sizeof msg) continue;
         const rp_pipe_instr *in = &s->instr[stage][sg->pc];
-        int peer = in->op == RP_OP_RECV_ACT ? stage - 1 : stage + 1;
+        /* the peer is the neighbouring model chunk (interleaved: the last
+         * stage's chunk c sends to stage 0's chunk c+1) */
+        const int g = in->chunk * s->n_stages + stage;
+        int peer = in->op == RP_OP_RECV_ACT ? g - 1 : g + 1;
         const char *what = in->op == RP_OP_RECV_ACT ? "SEND_ACT" : "SEND_GRAD";
-        char where[128];
-        sim_describe(where, sizeof where, stage, sg->pc, in);
+        char where[128], chunk[32] = "";
+        sim_describe(where, sizeof where, st->n_virtual, stage, sg->pc, in);
+        if (st->n_virtual > 1) snprintf(chunk, sizeof chunk, " (chunk %d)", peer / s->n_stages);
         len += (size_t)snprintf(msg + len, sizeof msg - len,
-                                "; %s waits for stage %d's %s of micro-batch %d", where, peer,
-                                what, in->micro_batch);
+                                "; %s waits for stage %d's%s %s of micro-batch %d", where,
+                                peer % s->n_stages, chunk, what, in->micro_batch);
         named++;
     }
     if (stuck > named && len < sizeof msg)
@@ -359,6 +399,11 @@ static rp_status sim_check_schedule(const rp_schedule *s, const rp_sim_costs *c,
     if (s->n_micro < 1 || s->n_micro > RP_SCHEDULE_MAX_MICRO)
         return rp_error_set(err, RP_ERR_ARG, "simulate: %d micro-batches: expected 1..%d",
                             s->n_micro, RP_SCHEDULE_MAX_MICRO);
+    if (s->n_virtual < 0 || s->n_virtual > RP_SCHEDULE_MAX_VIRTUAL ||
+        (s->n_virtual > 1 && s->n_chunks > 1))
+        return rp_error_set(err, RP_ERR_ARG, "simulate: %d virtual stages with %d time chunks: "
+                            "expected 1..%d virtual stages, and time chunks only with one",
+                            s->n_virtual, s->n_chunks, RP_SCHEDULE_MAX_VIRTUAL);
     for (int stage = 0; stage < s->n_stages; stage++) {
         if (s->n_instr[stage] < 0 || (s->n_instr[stage] > 0 && !s->instr[stage]))
             return rp_error_set(err, RP_ERR_ARG, "simulate: stage %d has a broken list (%d instructions)",
@@ -389,17 +434,20 @@ rp_status rp_schedule_simulate(const rp_schedule *s, const rp_sim_costs *costs, 
     if (status != RP_OK) return status;
 
     const int n_stages = s->n_stages;
-    sim_state st = {.s = s, .costs = *costs};
+    const int n_virtual = s->n_virtual > 1 ? s->n_virtual : 1;
+    const size_t n_model = (size_t)n_stages * (size_t)n_virtual;
+    sim_state st = {.s = s, .costs = *costs, .n_virtual = n_virtual};
     r->costs = *costs;
     status = RP_ERR_NOMEM;
     st.stages = rp_calloc((size_t)n_stages, sizeof *st.stages, "simulator stages", err);
-    st.micro = rp_calloc((size_t)n_stages * (size_t)s->n_micro, sizeof *st.micro,
+    st.chunks = rp_calloc(n_model, sizeof *st.chunks, "simulator model chunks", err);
+    st.micro = rp_calloc(n_model * (size_t)s->n_micro, sizeof *st.micro,
                          "simulator micro-batch states", err);
     r->busy = rp_calloc((size_t)n_stages, sizeof *r->busy, "simulated busy times", err);
     r->peak_stashed = rp_calloc((size_t)n_stages, sizeof *r->peak_stashed, "simulated peaks", err);
     r->start = rp_calloc((size_t)n_stages, sizeof *r->start, "simulated timeline", err);
-    if (!st.stages || !st.micro || !r->busy || !r->peak_stashed || !r->start) goto done;
-    for (size_t i = 0; i < (size_t)n_stages * (size_t)s->n_micro; i++) st.micro[i].buffer = -1;
+    if (!st.stages || !st.chunks || !st.micro || !r->busy || !r->peak_stashed || !r->start) goto done;
+    for (size_t i = 0; i < n_model * (size_t)s->n_micro; i++) st.micro[i].buffer = -1;
     for (int stage = 0; stage < n_stages; stage++) {
         int nb = s->n_buffers[stage];
         st.stages[stage].holder = rp_malloc((size_t)nb * sizeof(int), "simulator buffers", err);
@@ -459,6 +507,7 @@ done:
     if (st.stages)
         for (int stage = 0; stage < n_stages; stage++) free(st.stages[stage].holder);
     free(st.stages);
+    free(st.chunks);
     free(st.micro);
     if (status != RP_OK) rp_sim_result_free(r, n_stages);
     return status;
@@ -504,14 +553,17 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
                 break;
             }
     long n_columns = (long)ceil(r->makespan / unit - 1e-9);
-    int cell = 1 + sim_digits(n_micro - 1);
+    const int n_virtual = s->n_virtual > 1 ? s->n_virtual : 1;
+    /* "F3", or "F3.1" for micro-batch 3 on chunk 1 when interleaved */
+    int cell = 1 + sim_digits(n_micro - 1) + (n_virtual > 1 ? 1 + sim_digits(n_virtual - 1) : 0);
 
     if (n_columns > SIM_TIMELINE_MAX_COLUMNS) {
         fprintf(out, "timeline: %ld columns, too wide to draw (limit %d)\n", n_columns,
                 SIM_TIMELINE_MAX_COLUMNS);
     } else {
         fprintf(out, "timeline (one column per %g time unit%s; Fm forward, Bm backward (BWD or "
-                     "BWD_B), Wm weight gradients of micro-batch m, . idle):\n", unit, unit == 1.0 ? "" : "s");
+                     "BWD_B), Wm weight gradients of micro-batch m%s, . idle):\n", unit, unit == 1.0 ? "" : "s",
+                n_virtual > 1 ? ", Fm.c on chunk c" : "");
         int label = sim_digits(n_stages - 1);
         /* ruler: a time label every `every` columns, where it fits */
         long every = 1;
@@ -522,7 +574,9 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
         }
         fprintf(out, "%*s t", 6 + label, "");
         for (long col = 0; col < n_columns; col += every)
-            fprintf(out, " %-*g", (int)(every * (cell + 1) - 1), col * unit);
+            /* the last label unpadded: no line ends in blanks */
+            fprintf(out, " %-*g", col + every < n_columns ? (int)(every * (cell + 1) - 1) : 0,
+                    col * unit);
         fprintf(out, "\n");
 
         int *row = malloc((size_t)(n_columns > 0 ? n_columns : 1) * sizeof *row);
@@ -546,9 +600,11 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
                     char text[16] = ".";
                     if (row[col] >= 0) {
                         const rp_pipe_instr *in = &s->instr[stage][row[col]];
-                        snprintf(text, sizeof text, "%c%d",
+                        int n = snprintf(text, sizeof text, "%c%d",
                                  in->op == RP_OP_FWD ? 'F' : in->op == RP_OP_BWD_W ? 'W' : 'B',
                                  in->micro_batch);
+                        if (n_virtual > 1 && n > 0 && (size_t)n < sizeof text)
+                            snprintf(text + n, sizeof text - (size_t)n, ".%d", in->chunk);
                     }
                     /* no padding after the last cell: rows end without blanks */
                     fprintf(out, " %-*s", col + 1 < n_columns ? cell : 0, text);
@@ -559,9 +615,10 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
         }
     }
 
-    int num = n_stages - 1, den = n_micro + n_stages - 1, g = sim_gcd(num, den);
-    fprintf(out, "makespan %g time units; bubble fraction %.4f; theory (P-1)/(M+P-1) = %d/%d = %.4f%s\n",
-            r->makespan, r->bubble_fraction, num / (g ? g : 1), den / (g ? g : 1),
+    int num = n_stages - 1, den = n_virtual * n_micro + n_stages - 1, g = sim_gcd(num, den);
+    fprintf(out, "makespan %g time units; bubble fraction %.4f; theory %s = %d/%d = %.4f%s\n",
+            r->makespan, r->bubble_fraction, n_virtual > 1 ? "(P-1)/(v*M+P-1)" : "(P-1)/(M+P-1)",
+            num / (g ? g : 1), den / (g ? g : 1),
             (double)num / den, c->comm_cost > 0 ? " (for comm cost 0)" : "");
     for (int stage = 0; stage < n_stages; stage++)
         fprintf(out, "stage %d: busy %g (%.1f%%), peak stash %d, buffers %d\n", stage,
