@@ -9,7 +9,21 @@
 # - the reporter: ok, bad, expect DESCRIPTION COMMAND... (passes when the
 #   command succeeds; shows its output when not), serve_test_end;
 # - start NAME COMMAND...: serve_start (tests/serve_start.sh), ending the
-#   test with the server's log when it does not come up.
+#   test with the server's log when it does not come up;
+# - own_rank_pids [N]: the pids of this test's rwkvpipe ranks (rank N only
+#   with N), never those of another test's job (make check -j runs tests
+#   side by side with the same model and options): every process this script
+#   starts carries RP_SERVE_TEST_ID in its environment.
+export RP_SERVE_TEST_ID="$$.$RANDOM.$(date +%s%N)"
+own_rank_pids() {
+    local p env
+    for p in $(pgrep -f "rwkvpipe serve" || true); do
+        env="$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null)"
+        grep -qx "RP_SERVE_TEST_ID=$RP_SERVE_TEST_ID" <<<"$env" || continue
+        [ -z "${1:-}" ] || grep -qx "OMPI_COMM_WORLD_RANK=$1" <<<"$env" || continue
+        echo "$p"
+    done
+}
 PIDS=()
 WATCHDOG=
 serve_test_cleanup() {

@@ -69,7 +69,10 @@ drain_check C 4
 if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
     start D "$MPIRUN" -np 2 "$BIN" serve --model "$TINY" --pp 2 --port 0 --threads 1 \
         --max-tokens-limit 1000000000 --drain-seconds 3
-    ranks=$(pgrep -f "serve --model $TINY --pp 2" | tr '\n' ' ')
+    # mpirun and its 2 ranks: this test's processes whose command has --pp 2
+    ranks=$(for p in $(own_rank_pids); do
+        tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q -- '--pp 2' && echo "$p"
+    done | tr '\n' ' ')
     drain_check D 3
     left=""
     for p in $ranks; do kill -0 "$p" 2>/dev/null && left="$left $p"; done

@@ -49,12 +49,8 @@ scenario() {
         -d '{"path": "s1.state"}')
     expect "$name: session s1 saved before the stop ($code)" test "$code" = 200
     # rank 1 = stage 1: the rank of the job whose environment says so
-    local stage1=
-    for p in $(pgrep -f "$BIN serve --model"); do
-        if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx 'OMPI_COMM_WORLD_RANK=1'; then
-            stage1=$p
-        fi
-    done
+    local stage1
+    stage1=$(own_rank_pids 1 | head -n 1)
     if [ -z "$stage1" ]; then
         bad "$name: stage 1's process not found"
         return
@@ -109,12 +105,7 @@ if [ -n "${URL_STREAM:-}" ]; then
         >"$T/stream.sse" 2>&1 &
     reader=$!
     for _ in $(seq 1 300); do [ "$(grep -c '^data:' "$T/stream.sse")" -ge 5 ] && break; sleep 0.1; done
-    stage1=
-    for p in $(pgrep -f "$BIN serve --model"); do
-        if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx 'OMPI_COMM_WORLD_RANK=1'; then
-            stage1=$p
-        fi
-    done
+    stage1=$(own_rank_pids 1 | head -n 1)
     if [ -n "$stage1" ]; then
         kill -STOP "$stage1"
         STOPPED=$stage1
