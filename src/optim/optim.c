@@ -2,6 +2,7 @@
 #include "optim/optim.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 void rp_optim_defaults(rp_optim_config *c) {
@@ -85,17 +86,30 @@ float rp_clip_scale(double grad_norm, float max_norm) {
     return coef < 1.0 ? (float)coef : 1.0f;
 }
 
-static void step_part(rp_backend *be, float *w, const float *g, float *m, float *v,
-                      const rp_tensor_info *table, int n, int part, const rp_optim_config *c,
-                      float lr, float grad_scale, float bc1, float bc2) {
+void rp_optim_step_range(rp_backend *be, float *w, const float *g, float *m, float *v,
+                         size_t lo, size_t hi, const rp_tensor_info *table, int n, int part,
+                         const rp_optim_config *c, float lr, float grad_scale, float bc1,
+                         float bc2) {
     for (int i = 0; i < n; i++) {
         const rp_tensor_info *t = &table[i];
         if ((int)t->part != part) continue;
-        size_t o = t->flat_offset;
-        be->adamw(be, w + o, g + o, m + o, v + o, (size_t)t->numel, lr * t->lr_scale, c->beta1,
-                  c->beta2, c->eps, t->weight_decay ? c->weight_decay : 0.0f, grad_scale, bc1,
-                  bc2);
+        size_t a = t->flat_offset, e = t->flat_offset + (size_t)t->numel;
+        if (a < lo) a = lo;
+        if (e > hi) e = hi;
+        if (a >= e) continue;
+        /* m and v hold [lo, hi) only: index them from lo. */
+        be->adamw(be, w + a, g + a, m + (a - lo), v + (a - lo), e - a, lr * t->lr_scale,
+                  c->beta1, c->beta2, c->eps, t->weight_decay ? c->weight_decay : 0.0f,
+                  grad_scale, bc1, bc2);
     }
+}
+
+/* A whole buffer: its tensors of this part, moments laid out like it. */
+static void step_part(rp_backend *be, float *w, const float *g, float *m, float *v,
+                      const rp_tensor_info *table, int n, int part, const rp_optim_config *c,
+                      float lr, float grad_scale, float bc1, float bc2) {
+    rp_optim_step_range(be, w, g, m, v, 0, SIZE_MAX, table, n, part, c, lr, grad_scale, bc1,
+                        bc2);
 }
 
 void rp_optim_step(rp_model *weights, const rp_model *grads, rp_model *adam_m, rp_model *adam_v,

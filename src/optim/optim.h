@@ -41,6 +41,14 @@ float rp_clip_scale(double grad_norm, float max_norm);
 /* One AdamW step (step is 0-based; bias corrections use step + 1) for every
  * owned tensor, with its group's learning rate and decay; gradients are
  * multiplied by grad_scale first (clipping). */
+/* AdamW on the elements [lo, hi) of one flat buffer's tensors of `part`
+ * (table: its layout); m and v hold [lo, hi) only (ZeRO-1's shards; a whole
+ * buffer is lo 0, hi SIZE_MAX). */
+void rp_optim_step_range(rp_backend *be, float *w, const float *g, float *m, float *v,
+                         size_t lo, size_t hi, const rp_tensor_info *table, int n, int part,
+                         const rp_optim_config *c, float lr, float grad_scale, float bc1,
+                         float bc2);
+
 void rp_optim_step(rp_model *weights, const rp_model *grads, rp_model *adam_m, rp_model *adam_v,
                    const rp_optim_config *c, long step, float grad_scale);
 

@@ -127,26 +127,6 @@ double rp_zero_partial_sum_squares(const rp_model *grads, int dp, int d) {
     return total;
 }
 
-/* The pieces of buffer i's tensors inside [lo, hi): what rp_optim_step's
- * step_part does to the whole tensors, on this range of their elements. */
-static void step_range(rp_backend *be, float *w, const float *g, float *m, float *v, size_t lo,
-                       size_t hi, const rp_tensor_info *table, int n, int part,
-                       const rp_optim_config *c, float lr, float grad_scale, float bc1,
-                       float bc2) {
-    for (int i = 0; i < n; i++) {
-        const rp_tensor_info *t = &table[i];
-        if ((int)t->part != part) continue;
-        size_t a = t->flat_offset, e = t->flat_offset + (size_t)t->numel;
-        if (a < lo) a = lo;
-        if (e > hi) e = hi;
-        if (a >= e) continue;
-        /* m and v hold the range only: index them from lo. */
-        be->adamw(be, w + a, g + a, m + (a - lo), v + (a - lo), e - a, lr * t->lr_scale,
-                  c->beta1, c->beta2, c->eps, t->weight_decay ? c->weight_decay : 0.0f,
-                  grad_scale, bc1, bc2);
-    }
-}
-
 void rp_zero_optim_step(rp_zero_shard *z, rp_model *weights, const rp_model *grads,
                         const rp_optim_config *c, long step, float grad_scale) {
     rp_backend *be = weights->be;
@@ -165,7 +145,7 @@ void rp_zero_optim_step(rp_zero_shard *z, rp_model *weights, const rp_model *gra
                          : (weights->embed_flat && i == nl) ? RP_PART_EMBED : RP_PART_HEAD;
         const rp_tensor_info *t = i < nl ? table : gtable;
         const int nt = i < nl ? RP_LAYER_N_TENSORS : RP_GLOBAL_N_TENSORS;
-        step_range(be, w, g, z->m[i], z->v[i], z->begin[i], z->begin[i] + z->count[i], t, nt,
-                   part, c, lr, grad_scale, bc1, bc2);
+        rp_optim_step_range(be, w, g, z->m[i], z->v[i], z->begin[i], z->begin[i] + z->count[i],
+                            t, nt, part, c, lr, grad_scale, bc1, bc2);
     }
 }
