@@ -1011,76 +1011,96 @@ static rp_status load_role(const char *step_dir, const char *role, const rp_st_f
     return st;
 }
 
+/* What a load holds open: the manifest, its file list, the files this load
+ * reads (used) and their open shards. Both loaders fill and release it the
+ * same way. */
+typedef struct {
+    char step_dir[RP_CKPT_PATH_MAX];
+    manifest_t *man;
+    rp_config cfg;
+    rp_ckpt_file *all, *used;
+    rp_st_file *shards;
+    int n_all, n_used, n_open;
+} ckpt_reading;
+
+/* Resolves path, reads the manifest and lists its files; on failure
+ * reading_end still releases what was taken. */
+static rp_status reading_begin(ckpt_reading *r, const char *path, rp_error *err) {
+    memset(r, 0, sizeof *r);
+    rp_status st = rp_ckpt_resolve(path, r->step_dir, sizeof r->step_dir, err);
+    if (st != RP_OK) return st;
+    if ((st = manifest_read(r->step_dir, &r->man, &r->cfg, err)) != RP_OK) return st;
+    if ((st = manifest_files(r->man, &r->all, err)) != RP_OK) return st;
+    r->n_all = (int)r->man->n_files;
+    r->used = rp_calloc((size_t)r->n_all + 1, sizeof *r->used, "checkpoint files", err);
+    r->shards = rp_calloc((size_t)r->n_all + 1, sizeof *r->shards, "checkpoint shards", err);
+    return r->used && r->shards ? RP_OK : RP_ERR_NOMEM;
+}
+
+/* Verifies every used file (all before any is read), then opens them. */
+static rp_status reading_open(ckpt_reading *r, rp_error *err) {
+    rp_status st = verify_files(r->step_dir, r->used, r->n_used, err);
+    for (int i = 0; i < r->n_used && st == RP_OK; i++) {
+        char file[RP_CKPT_PATH_MAX];
+        if ((st = path_join(file, sizeof file, r->step_dir, r->used[i].name, err)) != RP_OK) break;
+        if ((st = rp_st_open(&r->shards[i], file, err)) == RP_OK) r->n_open++;
+    }
+    return st;
+}
+
+static void reading_end(ckpt_reading *r) {
+    for (int i = 0; i < r->n_open; i++) rp_st_close(&r->shards[i]);
+    free(r->shards);
+    free(r->used);
+    free(r->all);
+    if (r->man) rwkvpipe__checkpoint_manifest__free_unpacked(r->man, NULL);
+}
+
 rp_status rp_ckpt_load(const char *path, rp_model *weights, rp_model *adam_m, rp_model *adam_v,
                        rp_train_progress *progress, rp_error *err) {
     rp_status st = check_model_layouts(weights, adam_m, adam_v, err);
     if (st != RP_OK) return st;
-    char step_dir[RP_CKPT_PATH_MAX];
-    if ((st = rp_ckpt_resolve(path, step_dir, sizeof step_dir, err)) != RP_OK) return st;
-    manifest_t *man;
-    rp_config cfg;
-    if ((st = manifest_read(step_dir, &man, &cfg, err)) != RP_OK) return st;
-
-    rp_ckpt_file *all = NULL, *used = NULL;
-    rp_st_file *shards = NULL;
-    int n_used = 0, n_open = 0;
-    if (!config_equal(&cfg, &weights->cfg)) {
+    ckpt_reading r;
+    if ((st = reading_begin(&r, path, err)) != RP_OK) goto done;
+    if (!config_equal(&r.cfg, &weights->cfg)) {
         char have[160], want[160];
-        config_describe(have, sizeof have, &cfg);
+        config_describe(have, sizeof have, &r.cfg);
         config_describe(want, sizeof want, &weights->cfg);
         st = rp_error_set(err, RP_ERR_SHAPE,
                           "%s: the checkpoint's model config (%s) does not match the model "
-                          "being loaded (%s)", step_dir, have, want);
-        goto done;
-    }
-    if ((st = manifest_files(man, &all, err)) != RP_OK) goto done;
-    int n_all = (int)man->n_files;
-    used = rp_calloc((size_t)n_all, sizeof *used, "checkpoint files", err);
-    shards = rp_calloc((size_t)n_all, sizeof *shards, "checkpoint shards", err);
-    if (!used || !shards) {
-        st = RP_ERR_NOMEM;
+                          "being loaded (%s)", r.step_dir, have, want);
         goto done;
     }
     /* Only the files this load reads are verified (a weights-only load or a
      * pipeline stage skips the rest), but all of them before any is read. */
     rp_model *models[MODEL_ROLES] = {weights, adam_m, adam_v};
     int role_begin[MODEL_ROLES + 1];
-    for (int r = 0; r < MODEL_ROLES; r++) {
-        role_begin[r] = n_used;
-        if (!models[r]) continue;
+    for (int k = 0; k < MODEL_ROLES; k++) {
+        role_begin[k] = r.n_used;
+        if (!models[k]) continue;
         int listed = 0;
-        for (int i = 0; i < n_all; i++) {
-            if (strcmp(all[i].role, role_names[r]) != 0) continue;
+        for (int i = 0; i < r.n_all; i++) {
+            if (strcmp(r.all[i].role, role_names[k]) != 0) continue;
             listed = 1;
-            if (file_overlaps_model(&all[i], models[r])) used[n_used++] = all[i];
+            if (file_overlaps_model(&r.all[i], models[k])) r.used[r.n_used++] = r.all[i];
         }
         if (!listed) {
             st = rp_error_set(err, RP_ERR_FORMAT,
                               "%s: the checkpoint has no %s files (a weights-only checkpoint "
-                              "cannot resume training)", step_dir, role_names[r]);
+                              "cannot resume training)", r.step_dir, role_names[k]);
             goto done;
         }
     }
-    role_begin[MODEL_ROLES] = n_used;
-    if ((st = verify_files(step_dir, used, n_used, err)) != RP_OK) goto done;
-    for (int i = 0; i < n_used; i++) {
-        char file[RP_CKPT_PATH_MAX];
-        if ((st = path_join(file, sizeof file, step_dir, used[i].name, err)) != RP_OK) goto done;
-        if ((st = rp_st_open(&shards[i], file, err)) != RP_OK) goto done;
-        n_open++;
+    role_begin[MODEL_ROLES] = r.n_used;
+    if ((st = reading_open(&r, err)) != RP_OK) goto done;
+    for (int k = 0; k < MODEL_ROLES && st == RP_OK; k++) {
+        if (!models[k]) continue;
+        st = load_role(r.step_dir, role_names[k], r.shards + role_begin[k],
+                       role_begin[k + 1] - role_begin[k], models[k], err);
     }
-    for (int r = 0; r < MODEL_ROLES && st == RP_OK; r++) {
-        if (!models[r]) continue;
-        st = load_role(step_dir, role_names[r], shards + role_begin[r],
-                       role_begin[r + 1] - role_begin[r], models[r], err);
-    }
-    if (st == RP_OK && progress) progress_from_manifest(man, progress);
+    if (st == RP_OK && progress) progress_from_manifest(r.man, progress);
 done:
-    for (int i = 0; i < n_open; i++) rp_st_close(&shards[i]);
-    free(shards);
-    free(used);
-    free(all);
-    rwkvpipe__checkpoint_manifest__free_unpacked(man, NULL);
+    reading_end(&r);
     return st;
 }
 
@@ -1106,53 +1126,34 @@ rp_status rp_ckpt_load_lora(const char *path, const rp_config *cfg, int layer_be
 static rp_status load_layer_extra(const char *path, const rp_config *cfg, int role,
                                   int layer_begin, int layer_end, size_t per, float *out[3],
                                   const char *want_meta, rp_error *err) {
-    char step_dir[RP_CKPT_PATH_MAX];
-    rp_status st = rp_ckpt_resolve(path, step_dir, sizeof step_dir, err);
-    if (st != RP_OK) return st;
-    manifest_t *man;
-    rp_config have;
-    if ((st = manifest_read(step_dir, &man, &have, err)) != RP_OK) return st;
-    rp_ckpt_file *all = NULL, *used = NULL;
-    rp_st_file *shards = NULL;
-    int n_used = 0, n_open = 0;
-    if (!config_equal(&have, cfg)) {
+    ckpt_reading r;
+    rp_status st = reading_begin(&r, path, err);
+    if (st != RP_OK) goto done;
+    if (!config_equal(&r.cfg, cfg)) {
         st = rp_error_set(err, RP_ERR_SHAPE, "%s: the checkpoint's model config does not match "
-                          "the model being tuned", step_dir);
-        goto done;
-    }
-    if ((st = manifest_files(man, &all, err)) != RP_OK) goto done;
-    const int n_all = (int)man->n_files;
-    used = rp_calloc((size_t)n_all + 1, sizeof *used, "checkpoint files", err);
-    shards = rp_calloc((size_t)n_all + 1, sizeof *shards, "checkpoint shards", err);
-    if (!used || !shards) {
-        st = RP_ERR_NOMEM;
+                          "the model being tuned", r.step_dir);
         goto done;
     }
     int listed = 0;
-    for (int i = 0; i < n_all; i++) {
-        if (strcmp(all[i].role, role_names[role]) != 0) continue;
+    for (int i = 0; i < r.n_all; i++) {
+        if (strcmp(r.all[i].role, role_names[role]) != 0) continue;
         listed = 1;
-        if (all[i].layer_begin < layer_end && layer_begin < all[i].layer_end) used[n_used++] = all[i];
+        if (r.all[i].layer_begin < layer_end && layer_begin < r.all[i].layer_end)
+            r.used[r.n_used++] = r.all[i];
     }
     if (!listed) {
         st = rp_error_set(err, RP_ERR_FORMAT, "%s has no %s: it is not a checkpoint of a "
-                          "--tune %s run", step_dir, role == ROLE_LORA ? "LoRA adapters" :
+                          "--tune %s run", r.step_dir, role == ROLE_LORA ? "LoRA adapters" :
                           "tuned states", role == ROLE_LORA ? "lora" : "state");
         goto done;
     }
-    if ((st = verify_files(step_dir, used, n_used, err)) != RP_OK) goto done;
-    for (int i = 0; i < n_used; i++) {
-        char file[RP_CKPT_PATH_MAX];
-        if ((st = path_join(file, sizeof file, step_dir, used[i].name, err)) != RP_OK) goto done;
-        if ((st = rp_st_open(&shards[i], file, err)) != RP_OK) goto done;
-        n_open++;
-    }
+    if ((st = reading_open(&r, err)) != RP_OK) goto done;
     if (want_meta) {
-        const char *v = n_open ? rp_st_meta(&shards[0], "lora") : NULL;
+        const char *v = r.n_open ? rp_st_meta(&r.shards[0], "lora") : NULL;
         if (!v || strcmp(v, want_meta) != 0) {
             st = rp_error_set(err, RP_ERR_ARG, "%s holds LoRA adapters of %s; this run asks for "
                               "%s: resume with the same --lora-rank / --lora-alpha / "
-                              "--lora-targets", step_dir, v ? v : "(unknown)", want_meta);
+                              "--lora-targets", r.step_dir, v ? v : "(unknown)", want_meta);
             goto done;
         }
     }
@@ -1163,10 +1164,10 @@ static rp_status load_layer_extra(const char *path, const rp_config *cfg, int ro
             snprintf(name, sizeof name, "blocks.%d.%s%s", l,
                      role == ROLE_LORA ? "lora" : "att.time_state", tuned_suffix[k]);
             const rp_st_file *f = NULL;
-            const rp_st_tensor *t = find_in_shards(shards, n_open, name, &f);
+            const rp_st_tensor *t = find_in_shards(r.shards, r.n_open, name, &f);
             if (!t) {
                 st = rp_error_set(err, RP_ERR_FORMAT, "%s: tensor '%s' is in none of the tuned "
-                                  "shards", step_dir, name);
+                                  "shards", r.step_dir, name);
                 break;
             }
             if (t->dtype != RP_DTYPE_F32 || t->numel != (int64_t)hnn) {
@@ -1177,11 +1178,7 @@ static rp_status load_layer_extra(const char *path, const rp_config *cfg, int ro
             st = rp_st_read_f32(f, t, out[k] + hnn * (size_t)(l - layer_begin), (int64_t)hnn, err);
         }
 done:
-    for (int i = 0; i < n_open; i++) rp_st_close(&shards[i]);
-    free(shards);
-    free(used);
-    free(all);
-    rwkvpipe__checkpoint_manifest__free_unpacked(man, NULL);
+    reading_end(&r);
     return st;
 }
 
