@@ -89,6 +89,21 @@ def run(url, turns):
             r = post(url, "/v1/completions", dict(prompt=prompt, max_tokens=10, **params))
             out["completions"].append(r["choices"][0]["text"])
             prompt = prompt + text + " and then"
+    # n > 1 (the prompt read once, its state copied), sent twice: the second
+    # resumes from the cache
+    for _ in range(2):
+        r = post(url, "/v1/completions", dict(prompt=base + " two sisters", max_tokens=8, n=3,
+                                              temperature=0.9, seed=11))
+        out["completions"] += [c["text"] for c in sorted(r["choices"], key=lambda c: c["index"])]
+    # a stored state (session), prompts that start from it (initial_state),
+    # the state overwritten (a new version), the same prompt again
+    for persona in ("You are a pirate.", "You are a poet."):
+        post(url, "/v1/completions", dict(prompt=persona, max_tokens=2, temperature=0,
+                                          session="persona"))
+        for _ in range(2):
+            r = post(url, "/v1/completions", dict(prompt=" Tell me about ships.", max_tokens=8,
+                                                  temperature=0, initial_state="persona"))
+            out["completions"].append(r["choices"][0]["text"])
     print(json.dumps(out, indent=1))
 
 
@@ -100,14 +115,30 @@ def prefix_metrics(url):
 
 
 def cached(url):
-    """usage.prompt_tokens_details.cached_tokens of a prompt sent twice."""
+    """usage.prompt_tokens_details.cached_tokens of prompts sent twice: plain, with
+    n > 1, from a stored state (initial_state; then the state overwritten and the
+    prompt sent once more), and a session continued turn by turn."""
     prompt = "A prompt sent twice, to see the second one resumed from the cache:"
-    out = []
-    for _ in range(2):
-        r = post(url, "/v1/completions", dict(prompt=prompt, max_tokens=4, temperature=0))
+    out = {}
+
+    def send(label, **body):
+        r = post(url, "/v1/completions", dict(dict(max_tokens=4, temperature=0), **body))
         u = r["usage"]
-        out.append({"prompt_tokens": u["prompt_tokens"],
-                    "cached_tokens": u["prompt_tokens_details"]["cached_tokens"]})
+        out.setdefault(label, []).append({
+            "prompt_tokens": u["prompt_tokens"],
+            "cached_tokens": u["prompt_tokens_details"]["cached_tokens"]})
+    for _ in range(2):
+        send("plain", prompt=prompt)
+    for _ in range(2):
+        send("n", prompt="Three choices from one prompt read once:", n=3, seed=3,
+             temperature=0.8)
+    post(url, "/v1/completions", dict(prompt="Remember this.", max_tokens=2, session="st"))
+    for _ in range(2):
+        send("initial_state", prompt=" " + prompt, initial_state="st")
+    post(url, "/v1/completions", dict(prompt=" And this.", max_tokens=2, session="st"))
+    send("initial_state_new_version", prompt=" " + prompt, initial_state="st")
+    for t in range(2):
+        send("session", prompt=" Turn %d of a session that goes on." % t, session="go")
     print(json.dumps(out))
 
 

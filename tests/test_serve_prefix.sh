@@ -4,7 +4,8 @@
 # repeat or extend a prompt give the same text with the cache (1 process,
 # and --pp 2 where each stage keeps its own layers' states) as without it
 # (--prefix-cache-mb 0), greedy and seeded; /metrics shows the hits and the
-# tokens saved. Run by `make check` (env: top_srcdir, top_builddir, MPIRUN,
+# tokens saved; n > 1 and prompts from a stored state (initial_state) resume
+# from it too. Run by `make check` (env: top_srcdir, top_builddir, MPIRUN,
 # PYTHON3, RP_TEST_DATA; KEEP=1 keeps the scratch directory).
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
@@ -38,20 +39,28 @@ assert on["tokens_prefilled_total"] + on["prefix_cache_tokens_saved_total"] == \
     off["tokens_prefilled_total"], (on, off)
 PY
 }
-MIN_HITS=$((TURNS - 1 + 10))
+MIN_HITS=$((TURNS - 1 + 10 + 1 + 2))
 expect "/metrics: hits, tokens saved, bytes; prefilled + saved = prefilled without the cache" \
     check_metrics "$T/ma.json" "$T/mb.json" $MIN_HITS
 # usage.prompt_tokens_details.cached_tokens, as OpenAI reports its own cache:
-# the repeated prompt resumes all but its last token (the cache stores
-# prompts less their last token), and nothing without the cache.
+# a repeated prompt resumes all but its last token (the cache stores
+# prompts less their last token), also with n > 1 and from a stored state,
+# and nothing without the cache.
 check_cached() {
     "$PYTHON3" - "$1" "$2" <<'PY'
 import json, sys
 want_hit = sys.argv[2] == "on"
-first, second = json.load(open(sys.argv[1]))
-assert first["cached_tokens"] == 0, first
-n = second["prompt_tokens"]
-assert second["cached_tokens"] == (n - 1 if want_hit else 0), (second, want_hit)
+out = json.load(open(sys.argv[1]))
+# sent twice: the second resumes all but the last token (plain, n > 1, from
+# a stored state); a stored state written again is another origin (nothing
+# resumed); a session that goes on is its own cache (nothing resumed)
+for label in ("plain", "n", "initial_state"):
+    first, second = out[label]
+    assert first["cached_tokens"] == 0, (label, first)
+    n = second["prompt_tokens"]
+    assert second["cached_tokens"] == (n - 1 if want_hit else 0), (label, second, want_hit)
+assert out["initial_state_new_version"][0]["cached_tokens"] == 0, out
+assert all(r["cached_tokens"] == 0 for r in out["session"]), out
 PY
 }
 "${CLIENT[@]}" cached "$URL_A" >"$T/ca.json" 2>&1

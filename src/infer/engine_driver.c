@@ -291,8 +291,8 @@ static void make_sampling(Rwkvpipe__EngineSampling *s, const rp_gen_params *p) {
 
 /* Frees slot (stashing its state under the job's store_session if asked).
  * Without e->mu: the table functions take it for their changes. */
-static rp_status prefix_keep(rp_engine *e, int slot, const int32_t *toks, int len,
-                             rp_error *err);
+static rp_status prefix_keep(rp_engine *e, int slot, uint64_t origin, const int32_t *toks,
+                             int len, rp_error *err);
 
 static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
     rp_job *j = e->slot_job[slot];
@@ -309,7 +309,7 @@ static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
             memcpy(key + j->n_prompt, j->out, sizeof(int32_t) * (size_t)j->n_out);
         }
         pthread_mutex_unlock(&j->mu);
-        rp_status st = key ? prefix_keep(e, slot, key, len, err) : RP_OK;
+        rp_status st = key ? prefix_keep(e, slot, j->prefix_origin, key, len, err) : RP_OK;
         free(key);
         if (st != RP_OK) return st;
     }
@@ -324,6 +324,7 @@ static rp_status close_slot(rp_engine *e, int slot, int stash, rp_error *err) {
         if (s) {
             s->tokens = e->slot_tokens[slot];
             s->last_used = ++e->clock;
+            s->version = ++e->session_versions;
         }
         pthread_mutex_unlock(&e->mu);
         /* LRU under the byte budget (whole-model bytes per session). */
@@ -437,14 +438,14 @@ static int prefill_end(const rp_job *j) {
 /* Keeps slot's state (it has read toks[0..len)) in the cache: every stage
  * stores its part under the entry's id; entries the LRU evicts are dropped
  * on every stage first. */
-static rp_status prefix_keep(rp_engine *e, int slot, const int32_t *toks, int len,
-                             rp_error *err) {
+static rp_status prefix_keep(rp_engine *e, int slot, uint64_t origin, const int32_t *toks,
+                             int len, rp_error *err) {
     uint64_t *evicted = malloc(sizeof(uint64_t) * ((size_t)e->prefix.n + 1));
     if (!evicted) return rp_error_set(err, RP_ERR_NOMEM, "prefix cache eviction list");
     uint64_t id;
     int is_new, n_evicted;
     pthread_mutex_lock(&e->mu);  /* the metrics read the byte count */
-    rp_status st = rp_prefix_cache_insert(&e->prefix, toks, len, &id, &is_new, evicted,
+    rp_status st = rp_prefix_cache_insert(&e->prefix, origin, toks, len, &id, &is_new, evicted,
                                           e->prefix.n + 1, &n_evicted, err);
     pthread_mutex_unlock(&e->mu);
     for (int i = 0; st == RP_OK && i < n_evicted; i++) {
@@ -472,7 +473,7 @@ static rp_status prefix_points(rp_engine *e, rp_error *err) {
         if (!j || !j->prefix_on || j->prefix_passed || j->in_flight || j->closing ||
             (j->fork_parent && !j->fork_passed) || j->prefilled != j->n_prompt - 1)
             continue;
-        rp_status st = prefix_keep(e, s, j->prompt, j->n_prompt - 1, err);
+        rp_status st = prefix_keep(e, s, j->prefix_origin, j->prompt, j->n_prompt - 1, err);
         if (st != RP_OK) return st;
         j->prefix_passed = 1;
         j->prefilled = j->n_prompt;
@@ -527,6 +528,13 @@ static rp_status resolve_forks(rp_engine *e, rp_error *err) {
         for (int k = 0; k < S; k++)
             waiting |= e->slot_job[k] && e->slot_job[k]->fork_wait && e->slot_job[k]->fork_of == p;
         if (waiting) continue;
+        /* The copies have their state: the prompt's goes into the prefix
+         * cache now (prefix_points waits for this point). */
+        if (p->prefix_on && !p->prefix_passed) {
+            rp_status st = prefix_keep(e, s, p->prefix_origin, p->prompt, p->n_prompt - 1, err);
+            if (st != RP_OK) return st;
+            p->prefix_passed = 1;
+        }
         p->fork_passed = 1;
         p->prefilled = p->n_prompt;
         p->has_pending = 1;
@@ -780,13 +788,19 @@ int rp_engine_step(rp_engine *e, rp_error *err, rp_status *status) {
         rp_engine_session *from =
             j->start_session[0] ? rp_engine_session_find(e, j->start_session) : NULL;
         e->slot_tokens[s] = from ? from->tokens : 0;
-        /* The prefix cache: jobs without sessions or shared prompts; one
-         * that scores its prompt reads all of it. */
-        j->prefix_on = e->prefix.budget > 0 && !j->start_session[0] && !j->store_session[0] &&
-                       !j->fork_of && !j->fork_parent && j->n_prompt >= 2;
+        /* The prefix cache, keyed by the state a prompt starts from (zero,
+         * or a stored session's current version): not for a session that
+         * continues itself (its own state is the cache, and its version
+         * changes every turn). A copy of a shared prompt gets its state from
+         * the first, and a job that scores its prompt reads all of it: they
+         * store their states but resume from none. */
+        j->prefix_on = e->prefix.budget > 0 && j->n_prompt >= 2 &&
+                       !(j->start_session[0] && j->store_session[0]);
+        j->prefix_origin = from ? from->version : 0;
         int hit_len = 0;
-        if (j->prefix_on && !j->params.score_prompt)
-            c.prefix_id = rp_prefix_cache_lookup(&e->prefix, j->prompt, j->n_prompt - 1, &hit_len);
+        if (j->prefix_on && !j->params.score_prompt && !j->fork_of)
+            c.prefix_id = rp_prefix_cache_lookup(&e->prefix, j->prefix_origin, j->prompt,
+                                                 j->n_prompt - 1, &hit_len);
         st = rp_engine_issue(e, &c, err);
         if (st != RP_OK) goto fail;
         if (c.prefix_id) {

@@ -71,6 +71,7 @@ struct rp_job {
     /* the prefix state cache (engine_driver.c, prefix_*) */
     int prefix_on;                 /* stores its prompt's and its end's state */
     int prefix_passed;             /* past the prompt's store point (n_prompt - 1) */
+    uint64_t prefix_origin;        /* the state the prompt is read from (prefix_cache.h) */
 };
 
 /* Job helpers used by the engine (engine_job.c). */
@@ -139,6 +140,8 @@ typedef struct {
     char name[RP_ENGINE_SESSION_NAME_MAX];
     float *data;         /* floats_per_slot of this stage's state */
     uint64_t tokens;     /* rank 0: tokens read */
+    uint64_t version;    /* rank 0: a new one each time the state is written: the
+                          * prefix cache's origin for requests starting here */
     uint64_t last_used;  /* rank 0: LRU clock */
 } rp_engine_session;
 
@@ -213,6 +216,7 @@ struct rp_engine {
     rp_engine_session *sessions;
     int n_sessions, cap_sessions;
     uint64_t clock;
+    uint64_t session_versions;   /* rank 0: the last rp_engine_session.version given */
     rp_prefix_state *prefix_states;
     int n_prefix_states, cap_prefix_states;
     /* driver (rank 0) */

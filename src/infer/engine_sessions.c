@@ -165,6 +165,7 @@ static rp_status import_state(rp_engine *e, rp_control *c, rp_engine_session *s,
     pthread_mutex_lock(&e->mu);
     s->tokens = c->tokens;
     s->last_used = ++e->clock;
+    s->version = ++e->session_versions;
     pthread_mutex_unlock(&e->mu);
     if (e->n_stages == 1) return RP_OK;
     rp_engine_command cmd = RWKVPIPE__ENGINE_COMMAND__INIT;

@@ -42,13 +42,14 @@ static uint64_t hash_of(const rp_prefix_cache *c, const int32_t *toks, int len) 
     return h;
 }
 
-uint64_t rp_prefix_cache_lookup(rp_prefix_cache *c, const int32_t *toks, int max_len,
-                                int *len_out) {
+uint64_t rp_prefix_cache_lookup(rp_prefix_cache *c, uint64_t origin, const int32_t *toks,
+                                int max_len, int *len_out) {
     *len_out = 0;
     if (c->n == 0 || max_len < 1) return 0;
     int longest = 0;
     for (int i = 0; i < c->n; i++)
-        if (c->e[i].len <= max_len && c->e[i].len > longest) longest = c->e[i].len;
+        if (c->e[i].origin == origin && c->e[i].len <= max_len && c->e[i].len > longest)
+            longest = c->e[i].len;
     if (longest == 0) return 0;
     uint64_t *h = malloc(sizeof(uint64_t) * ((size_t)longest + 1));
     if (!h) return 0;  /* a miss: the request reads its whole prompt */
@@ -57,7 +58,9 @@ uint64_t rp_prefix_cache_lookup(rp_prefix_cache *c, const int32_t *toks, int max
     int best = -1;
     for (int i = 0; i < c->n; i++) {
         const rp_prefix_entry *en = &c->e[i];
-        if (en->len > longest || (best >= 0 && en->len <= c->e[best].len)) continue;
+        if (en->origin != origin || en->len > longest ||
+            (best >= 0 && en->len <= c->e[best].len))
+            continue;
         if (en->hash != h[en->len]) continue;
         if (memcmp(en->tokens, toks, sizeof(int32_t) * (size_t)en->len) != 0) continue;
         best = i;
@@ -69,9 +72,9 @@ uint64_t rp_prefix_cache_lookup(rp_prefix_cache *c, const int32_t *toks, int max
     return c->e[best].id;
 }
 
-rp_status rp_prefix_cache_insert(rp_prefix_cache *c, const int32_t *toks, int len, uint64_t *id,
-                                 int *is_new, uint64_t *evicted, int max_evicted, int *n_evicted,
-                                 rp_error *err) {
+rp_status rp_prefix_cache_insert(rp_prefix_cache *c, uint64_t origin, const int32_t *toks,
+                                 int len, uint64_t *id, int *is_new, uint64_t *evicted,
+                                 int max_evicted, int *n_evicted, rp_error *err) {
     *id = 0;
     *is_new = 0;
     *n_evicted = 0;
@@ -80,7 +83,7 @@ rp_status rp_prefix_cache_insert(rp_prefix_cache *c, const int32_t *toks, int le
     if (need > c->budget) return RP_OK;
     const uint64_t h = hash_of(c, toks, len);
     for (int i = 0; i < c->n; i++)
-        if (c->e[i].len == len && c->e[i].hash == h &&
+        if (c->e[i].origin == origin && c->e[i].len == len && c->e[i].hash == h &&
             memcmp(c->e[i].tokens, toks, sizeof(int32_t) * (size_t)len) == 0) {
             c->e[i].last_used = ++c->clock;
             *id = c->e[i].id;
@@ -107,6 +110,7 @@ rp_status rp_prefix_cache_insert(rp_prefix_cache *c, const int32_t *toks, int le
     memcpy(copy, toks, sizeof(int32_t) * (size_t)len);
     rp_prefix_entry *en = &c->e[c->n++];
     en->id = ++c->next_id;
+    en->origin = origin;
     en->hash = h;
     en->last_used = ++c->clock;
     en->tokens = copy;
