@@ -7,6 +7,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -20,6 +21,7 @@
 #include "core/version.h"
 #include "cuda_backend.h"
 #include "cuda_device.h"
+#include "cuda_wkv7.h"
 #include "harness.h"
 #include "gpu_model.h"
 #include "op_profile.h"
@@ -374,6 +376,9 @@ typedef struct {
     size_t state_floats;
     rp_batch batch;
     int C, N;
+    /* bf16 I/O (cuda_wkv7.h): copies of the inputs and dy, bf16 y and gradients */
+    rp_wkv7_bf16 in16;
+    void *dy16, *y16, *g16[6];
 } wkv_ctx;
 
 static int wkv_call(void *p) {
@@ -401,10 +406,90 @@ static int wkv_fwd_call(void *p) {
     return 0;
 }
 
+/* The same pair with bf16 inputs, y and gradients (the official kernel's
+ * dtypes); state, checkpoints and sums fp32. */
+static int wkv16_call(void *p) {
+    wkv_ctx *c = p;
+    rp_backend *be = c->sync.be;
+    const size_t stride = (size_t)c->C * c->N;
+    be->fill_zero(be, c->state, c->state_floats * sizeof(float));
+    be->fill_zero(be, c->dstate, c->state_floats * sizeof(float));
+    rp_cuda_wkv7_forward_train_bf16(be, c->y16, 1, &c->in16, c->state, stride, c->checkpoints,
+                                    &c->batch, c->C, c->N);
+    rp_cuda_wkv7_backward_bf16(be, c->g16, 1, c->dstate, stride, c->dy16, &c->in16,
+                               c->checkpoints, &c->batch, c->C, c->N, 0.0f);
+    return 0;
+}
+
+static int wkv16_fwd_call(void *p) {
+    wkv_ctx *c = p;
+    rp_backend *be = c->sync.be;
+    const size_t stride = (size_t)c->C * c->N;
+    be->fill_zero(be, c->state, c->state_floats * sizeof(float));
+    rp_cuda_wkv7_forward_train_bf16(be, c->y16, 1, &c->in16, c->state, stride, c->checkpoints,
+                                    &c->batch, c->C, c->N);
+    return 0;
+}
+
+/* The forward on the per-token kernel (the chunked one is the default at
+ * this T): which of the two a GPU favours, and from which T. */
+static int wkv_fwd_token_call(void *p) {
+    const int saved = rp_cuda_wkv7_chunked_min_t;
+    rp_cuda_wkv7_chunked_min_t = INT_MAX;
+    wkv_fwd_call(p);
+    rp_cuda_wkv7_chunked_min_t = saved;
+    return 0;
+}
+
+/* bf16 I/O rows: copies of the fp32 inputs, then forward and pair timed. */
+static rp_status measure_wkv7_bf16(wkv_ctx *c, const gpu_timing *t, int B, int T, int C,
+                                   size_t rc, rp_error *err) {
+    rp_backend *be = c->sync.be;
+    void **bufs[] = {(void **)&c->in16.r,  (void **)&c->in16.w_raw, (void **)&c->in16.k,
+                     (void **)&c->in16.v,  (void **)&c->in16.kk,    (void **)&c->in16.a,
+                     &c->dy16,             &c->y16,                 &c->g16[0],
+                     &c->g16[1],           &c->g16[2],              &c->g16[3],
+                     &c->g16[4],           &c->g16[5]};
+    const float *src[] = {c->r, c->w, c->k, c->v, c->kk, c->a, c->dy};
+    const int n_bufs = (int)(sizeof bufs / sizeof bufs[0]), n_src = 7;
+    rp_status st = RP_OK;
+    for (int i = 0; i < n_bufs && st == RP_OK; i++)
+        if (!(*bufs[i] = be->alloc(be, rc * 2)))
+            st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate [%d x %d, %d] bf16 wkv7 buffers",
+                              B, T, C);
+    for (int i = 0; i < n_src && st == RP_OK; i++)
+        if (!rp_cuda_bf16_from_f32(be, *bufs[i], src[i], rc))
+            st = measure_error(&c->sync, "wkv7 bf16 copies", err);
+    gpu_result fwd = {0}, pair = {0};
+    if (st == RP_OK) {
+        progress("wkv7: bf16 I/O forward_train alone...");
+        fwd = gpu_measure(wkv16_fwd_call, backend_sync_call, c, t);
+        if (fwd.seconds <= 0.0) st = measure_error(&c->sync, "wkv7 bf16 forward_train", err);
+    }
+    if (st == RP_OK) {
+        progress("wkv7: bf16 I/O forward_train + backward...");
+        pair = gpu_measure(wkv16_call, backend_sync_call, c, t);
+        if (pair.seconds <= 0.0) st = measure_error(&c->sync, "wkv7 bf16", err);
+    }
+    if (st == RP_OK) {
+        table_row *f = row_add("wkv7 bf16 I/O forward_train, B=%d T=%d C=%d, ms", B, T, C);
+        snprintf(f->measured, sizeof f->measured, "%.2f", fwd.seconds * 1e3);
+        cell_timing(f->ratio, sizeof f->ratio, &fwd);
+        table_row *r = row_add("wkv7 bf16 I/O forward_train + backward (the official "
+                               "kernel's dtype), B=%d T=%d C=%d, ms", B, T, C);
+        snprintf(r->measured, sizeof r->measured, "%.2f", pair.seconds * 1e3);
+        snprintf(r->bound, sizeof r->bound, "official kernel ~7 ms (estimate)");
+        cell_timing(r->ratio, sizeof r->ratio, &pair);
+    }
+    for (int i = 0; i < n_bufs; i++) be->free(be, *bufs[i]);
+    return st;
+}
+
 /* At the official RWKV-7 kernel's benchmark shape (batch 8, T 4096, model
  * width 4096, head 64; that kernel takes bf16 r, w, k, v, a, b and returns
  * bf16 y and gradients), printed so the same card can time it beside these
- * rows; these kernels read and write fp32. */
+ * rows: fp32 I/O (what the model passes without bf16 copies) and bf16 I/O
+ * (the official kernel's own dtypes). */
 static rp_status measure_wkv7(const options *o, const ceilings *bound, const gpu_timing *t,
                               rp_error *err) {
     const int B = o->quick ? 2 : 8, T = o->quick ? 1024 : 4096, C = o->quick ? 1024 : 4096;
@@ -452,6 +537,19 @@ static rp_status measure_wkv7(const options *o, const ceilings *bound, const gpu
         if (fwd.seconds <= 0.0) st = measure_error(&c.sync, "wkv7 forward_train", err);
     }
     if (st == RP_OK) {
+        progress("wkv7: forward_train on the per-token kernel...");
+        gpu_result tok = gpu_measure(wkv_fwd_token_call, backend_sync_call, &c, t);
+        if (tok.seconds <= 0.0) {
+            st = measure_error(&c.sync, "wkv7 forward_train (per token)", err);
+        } else {
+            table_row *f = row_add("wkv7 forward_train per-token kernel, B=%d T=%d C=%d, ms",
+                                   B, T, C);
+            snprintf(f->measured, sizeof f->measured, "%.2f", tok.seconds * 1e3);
+            snprintf(f->bound, sizeof f->bound, "chunked: %.2f ms", fwd.seconds * 1e3);
+            cell_timing(f->ratio, sizeof f->ratio, &tok);
+        }
+    }
+    if (st == RP_OK) {
         progress("wkv7: forward_train + backward...");
         gpu_result res = gpu_measure(wkv_call, backend_sync_call, &c, t);
         if (res.seconds <= 0.0) {
@@ -459,8 +557,9 @@ static rp_status measure_wkv7(const options *o, const ceilings *bound, const gpu
         } else {
             double model_fwd, model_bwd;
             gpu_model_wkv7(B, T, C, &model_fwd, &model_bwd);
-            progress("wkv7: shape B=%d T=%d C=%d H=%d head %d, fp32 I/O (the official kernel's "
-                     "benchmark: the same B, T, C, head, bf16 I/O)", B, T, C, C / N, N);
+            progress("wkv7: shape B=%d T=%d C=%d H=%d head %d, fp32 I/O, then bf16 I/O (the "
+                     "official kernel's benchmark: the same B, T, C, head, bf16 I/O)", B, T, C,
+                     C / N, N);
             table_row *f = row_add("wkv7 forward_train, B=%d T=%d C=%d, ms", B, T, C);
             snprintf(f->measured, sizeof f->measured, "%.2f", fwd.seconds * 1e3);
             snprintf(f->bound, sizeof f->bound, "%.2f ms (wave model)", model_fwd * 1e3);
@@ -489,6 +588,7 @@ static rp_status measure_wkv7(const options *o, const ceilings *bound, const gpu
             }
         }
     }
+    if (st == RP_OK) st = measure_wkv7_bf16(&c, t, B, T, C, rc, err);
     for (int i = 0; i < n_bufs; i++) be->free(be, *bufs[i]);
     be->free(be, c.state);
     be->free(be, c.dstate);

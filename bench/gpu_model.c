@@ -344,9 +344,18 @@ typedef struct {
     double flops_per_elem; /* per state element per token */
     int slots;             /* blocks per SM */
     double latency;        /* cycles per token, the dependent chain */
-    double bytes_units;    /* [R,C] fp32 tensors moved (checkpoints: N/16 = 4) */
+    double io_units;       /* [R,C] tensors read and written (inputs, y, gradients) */
+    double io_bytes;       /* their element size: 4 (fp32 I/O) or 2 (bf16 I/O) */
     double extra_instr;    /* per thread per token beyond the 1.3 factor */
 } wkv_kernel;
+
+/* The checkpoints: fp32 [64,64] per head every 16 tokens = N/16 = 4 [R,C]
+ * fp32 units, written by the forward and read by the backward. */
+#define WKV_CKPT_UNITS 4.0
+
+static double wkv_kernel_bytes(const wkv_kernel *k, double R, double C) {
+    return (k->io_units * k->io_bytes + WKV_CKPT_UNITS * 4.0) * R * C;
+}
 
 static double wkv_kernel_seconds(const wkv_kernel *k, double blocks, double T) {
     const double per_sm = ceil(blocks / SM_COUNT);
@@ -360,20 +369,50 @@ static double wkv_kernel_seconds(const wkv_kernel *k, double blocks, double T) {
     return cycles * T / SM_CLOCK_HZ;
 }
 
-static const wkv_kernel wkv_fwd_kernel = {"wkv7_forward_train (72 regs, 19 KB smem)",
-                                          WKV_FLOPS_PER_ELEM, 7, WKV_LAT_FWD_CYCLES, 6 + 1 + 4,
+static const wkv_kernel wkv_fwd_kernel = {"wkv7_forward_train per token (72 regs, 19 KB smem)",
+                                          WKV_FLOPS_PER_ELEM, 7, WKV_LAT_FWD_CYCLES, 6 + 1, 4,
                                           0};
+/* The chunked forward (fla's form, 16-token chunks, FMA loops; 128 regs,
+ * 45 KB smem, 4 blocks/SM), used from T >= 64. Per chunk a thread issues
+ * ~2900 instructions: S0 at and S0 rt (2 x 512), the state update (1024),
+ * its share of the four L x L products (~300 unmasked), sa/y substitution
+ * (~512), loads and the decay scan; ~180 per token, x 1.3 = as 11.3 FLOPs
+ * per element. Its chain per chunk (5 barriers, one load burst, the
+ * 16-step scan and substitution) is taken as ~250 cycles a token. About
+ * 2000 of the 2900 are the tile products a tensor-core mma would take
+ * over (not done: the model shows what it would gain). */
+#define WKV_CHUNK_FLOPS_PER_ELEM 11.3
+#define WKV_LAT_CHUNK_CYCLES 250.0
+static const wkv_kernel wkv_chunk_kernel = {
+    "wkv7_forward_train chunked, FMA (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 4, 0};
+static const wkv_kernel wkv_chunk_mma_kernel = {
+    "wkv7_forward_train chunked, bf16 I/O, tile products on mma (not built)", 11.3 * 900.0 / 2900.0, 4,
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0};
 /* 128 registers (4 blocks/SM): the state column lives in shared memory,
  * 3 scalar accesses per element per token (32 per thread) more than with
  * it in registers; dr, dk, dv accumulate (beta 1): read and written. */
 static const wkv_kernel wkv_bwd_kernel = {
     "wkv7_backward, step-back, beta 1 (128 regs, 41 KB smem)",
     WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 4, WKV_LAT_BWD_CYCLES,
-    1 + 6 + 4 + 6 + 3, 3 * 32};
+    1 + 6 + 6 + 3, 4, 3 * 32};
+/* bf16 I/O (the official kernel's dtypes, beta 0): the same code on half the
+ * bytes; bf16 gradients need 168 registers (3 blocks/SM, ptxas). */
+static const wkv_kernel wkv_fwd16_kernel = {
+    "wkv7_forward_train chunked, bf16 I/O (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0};
+static const wkv_kernel wkv_bwd16_kernel = {
+    "wkv7_backward, bf16 I/O (168 regs, 41 KB smem)",
+    WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 2, 3 * 32};
+
+/* The forward kernel a call of length T runs (cuda_wkv7.cu's threshold). */
+static const wkv_kernel *wkv_forward_for(double T) {
+    return T >= 64 ? &wkv_chunk_kernel : &wkv_fwd_kernel;
+}
 
 void gpu_model_wkv7(int B, int T, int C, double *fwd_s, double *bwd_s) {
     const double blocks = (double)B * (C / 64);
-    *fwd_s = wkv_kernel_seconds(&wkv_fwd_kernel, blocks, T);
+    *fwd_s = wkv_kernel_seconds(wkv_forward_for(T), blocks, T);
     *bwd_s = wkv_kernel_seconds(&wkv_bwd_kernel, blocks, T);
 }
 
@@ -383,39 +422,42 @@ static void wkv_section(FILE *out) {
     const double B = 8, T = 4096, C = 4096, N = 64, H = C / N, R = B * T;
     const double elems = R * C * N; /* state elements x tokens */
     const wkv_kernel ks[] = {
-        wkv_fwd_kernel,
+        wkv_chunk_kernel,
         wkv_bwd_kernel,
+        wkv_fwd16_kernel,
+        wkv_bwd16_kernel,
+        wkv_fwd_kernel,
+        wkv_chunk_mma_kernel,
         {"wkv7_backward, before: 2.5x recompute (166 regs, 70 KB smem)", 45.0, 3,
-         WKV_LAT_BWD_CYCLES, 1 + 6 + 4 + 6, 0},
-        {"wkv7_backward, before: state column in registers (168 regs, 3 blocks/SM)",
-         WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 4 + 6,
-         0},
+         WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 4, 0},
     };
     fprintf(out, "## WKV7 forward + backward at the official benchmark shape\n\n"
-                 "B=%.0f T=%.0f C=%.0f H=%.0f (head %.0f), fp32 I/O; %.0f blocks on %d SMs at "
+                 "B=%.0f T=%.0f C=%.0f H=%.0f (head %.0f), fp32 I/O unless marked bf16; %.0f blocks on %d SMs at "
                  "%.2f GHz. Wave model (gpu_model.c): per token max(latency, issue) on the "
                  "busiest SM.\n\n"
                  "| kernel | GB moved | GFLOP | blocks/SM | roofline ms | predicted ms |\n"
                  "| --- | ---: | ---: | ---: | ---: | ---: |\n",
             B, T, C, H, N, B * H, SM_COUNT, SM_CLOCK_HZ / 1e9);
-    double t_new = 0.0, t_old = 0.0, t_regs = 0.0;
+    double t_new = 0.0, t_16 = 0.0, t_token = 0.0, t_old = 0.0;
     for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++) {
         const wkv_kernel *k = &ks[i];
-        const double bytes = k->bytes_units * 4.0 * R * C, flops = k->flops_per_elem * elems;
+        const double bytes = wkv_kernel_bytes(k, R, C), flops = k->flops_per_elem * elems;
         const double t_mem = bytes / HBM_BYTES_PER_S, t_math = flops / FP32_FLOPS;
         const double t = wkv_kernel_seconds(k, B * H, T);
         if (i == 0 || i == 1) t_new += t;
-        if (i == 0 || i == 2) t_old += t;
-        if (i == 0 || i == 3) t_regs += t;
+        if (i == 2 || i == 3) t_16 += t;
+        if (i == 4 || i == 1) t_token += t;
+        if (i == 4 || i == 6) t_old += t;
         fprintf(out, "| %s | %.2f | %.0f | %d | %.2f | %.2f |\n", k->name, bytes / 1e9,
                 flops / 1e9, k->slots, (t_mem > t_math ? t_mem : t_math) * 1e3, t * 1e3);
     }
-    fprintf(out, "\nPredicted fwd+bwd: %.1f ms (with the 168-register backward: %.1f ms; "
+    fprintf(out, "\nPredicted fwd+bwd: %.1f ms with fp32 I/O, %.1f ms with bf16 I/O (the "
+                 "official kernel's dtypes; with the per-token forward: %.1f ms; "
                  "before the step-back backward: %.1f ms). "
                  "The official kernel (bf16 I/O) was estimated at ~7 ms on an H100 at this shape "
                  "(issue 15, not measured here); bench_gpu's wkv7 rows time this project's "
                  "kernels at the same shape.\n\n",
-            t_new * 1e3, t_regs * 1e3, t_old * 1e3);
+            t_new * 1e3, t_16 * 1e3, t_token * 1e3, t_old * 1e3);
 }
 
 int gpu_model_print(FILE *out) {

@@ -16,6 +16,7 @@
 #include "cpu/cpu_backend.h"
 #include "cuda_backend.h"
 #include "cuda_device.h"
+#include "cuda_wkv7.h"
 
 #define HEAD_SIZE 64     /* N: every RWKV-7 head (key_prepare assumes it) */
 #define LN_EPS 1e-5f     /* model/forward.c RP_LN_EPS */
@@ -1076,6 +1077,154 @@ static void check_wkv7_chain(twin *t, const shape *sh) {
     compare(t, "dstate", dstate);
 }
 
+/* ---- the chunked WKV7 forward (cuda_wkv7.cu) ------------------------------ */
+
+/* forward_train (and wkv7) with every call on the chunked kernel (min_t 0),
+ * w_raw in [w_lo, w_hi]: 4..8 puts every decay within 1% of the strongest,
+ * where the chunk's cumulative decays reach 0.545^16 and their inverses
+ * 1.6e4. Same tolerance as the per-token kernel (TOL_FP32). */
+static void wkv7_chunked_case(twin *t, const shape *sh, double w_lo, double w_hi, int train) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, &sh->prefill);
+    const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
+    const size_t stride = state_stride(C), wkv = state_wkv_offset(C);
+    label(t, "%s R=%d C=%d seqs=%d w_raw %g..%g", train ? "train" : "seq", R, C, batch->n_seq,
+          w_lo, w_hi);
+    wkv_inputs in;
+    wkv_inputs_make_decay(t, &in, R, C, w_lo, w_hi);
+    tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_output(t, (size_t)R * C);
+    tbuf *ckpt = buf_output(t, checkpoint_floats(batch, C));
+    const int saved = rp_cuda_wkv7_chunked_min_t;
+    rp_cuda_wkv7_chunked_min_t = 0;
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        if (train)
+            be->wkv7_forward_train(be, at(y, g), at(in.r, g), at(in.w_raw, g), at(in.k, g),
+                                   at(in.v, g), at(in.kk, g), at(in.a, g), at(state, g) + wkv,
+                                   stride, at(ckpt, g), batch, C, N);
+        else
+            be->wkv7(be, at(y, g), at(in.r, g), at(in.w_raw, g), at(in.k, g), at(in.v, g),
+                     at(in.kk, g), at(in.a, g), at(state, g) + wkv, stride, batch, C, N);
+    }
+    rp_cuda_wkv7_chunked_min_t = saved;
+    compare(t, "y", y);
+    compare(t, "state", state);
+    if (train) compare(t, "checkpoints", ckpt);
+    twin_release(t);
+}
+
+static void check_wkv7_chunked(twin *t, const shape *sh) {
+    wkv7_chunked_case(t, sh, -3, 3, 1);
+    wkv7_chunked_case(t, sh, 4, 8, 1);
+    wkv7_chunked_case(t, sh, -8, -4, 1); /* weakest decays: d near 1 */
+    wkv7_chunked_case(t, sh, -3, 3, 0);
+}
+
+/* ---- WKV7 with bf16 I/O (cuda_wkv7.h) ------------------------------------ */
+
+/* bf16 outputs: one rounding to nearest even per value (<= 2^-9 relative
+ * each, ~1.3e-3 in relative L2 for these values); fp32 outputs from bf16
+ * inputs are held to TOL_FP32, since both sides read the same rounded
+ * inputs. */
+#define TOL_BF16_IO 4e-3
+
+static float round_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u; /* finite inputs only */
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* Both sides (and `before`) hold the bf16-rounded values of the CPU side. */
+static void buf_round_bf16(twin *t, tbuf *b) {
+    for (size_t i = 0; i < b->n; i++) {
+        b->cpu[i] = round_bf16(b->cpu[i]);
+        if (b->before) b->before[i] = round_bf16(b->before[i]);
+    }
+    buf_share_cpu(t, b);
+}
+
+/* A bf16 device copy of b's GPU side (exact: b holds rounded values). */
+static void *dev_bf16(twin *t, const tbuf *b) {
+    tbuf *h = buf_zero(t, (b->n + 1) / 2);
+    if (!rp_cuda_bf16_from_f32(t->gpu, h->gpu, b->gpu, b->n)) fatal("%s: to bf16 failed", t->op);
+    return h->gpu;
+}
+
+/* b's GPU side <- the bf16 device array src, widened. */
+static void dev_widen(twin *t, tbuf *b, const void *src) {
+    if (!rp_cuda_f32_from_bf16(t->gpu, b->gpu, src, b->n)) fatal("%s: from bf16 failed", t->op);
+}
+
+/* forward_train then backward (beta 0 or 1) on bf16 inputs, outputs bf16
+ * (out16) or fp32; the CPU twin runs fp32 on the same rounded inputs. */
+static void wkv7_bf16_case(twin *t, const shape *sh, int out16, float beta) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, &sh->prefill);
+    const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
+    const size_t n = (size_t)R * C, stride = state_stride(C), wkv = state_wkv_offset(C);
+    const double tol_out = out16 ? TOL_BF16_IO : TOL_FP32;
+    label(t, "R=%d C=%d out %s beta %g", R, C, out16 ? "bf16" : "fp32", (double)beta);
+    wkv_inputs in;
+    wkv_inputs_make(t, &in, R, C);
+    tbuf *x[6] = {in.r, in.w_raw, in.k, in.v, in.kk, in.a};
+    for (int i = 0; i < 6; i++) buf_round_bf16(t, x[i]);
+    const rp_wkv7_bf16 in16 = {dev_bf16(t, in.r),  dev_bf16(t, in.w_raw), dev_bf16(t, in.k),
+                               dev_bf16(t, in.v),  dev_bf16(t, in.kk),    dev_bf16(t, in.a)};
+    tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_output(t, n);
+    tbuf *ckpt = buf_output(t, checkpoint_floats(batch, C));
+    t->cpu->wkv7_forward_train(t->cpu, y->cpu, in.r->cpu, in.w_raw->cpu, in.k->cpu, in.v->cpu,
+                               in.kk->cpu, in.a->cpu, state->cpu + wkv, stride, ckpt->cpu,
+                               batch, C, N);
+    void *y16 = out16 ? buf_zero(t, (n + 1) / 2)->gpu : NULL;
+    rp_cuda_wkv7_forward_train_bf16(t->gpu, out16 ? y16 : (void *)y->gpu, out16, &in16,
+                                    state->gpu + wkv, stride, ckpt->gpu, batch, C, N);
+    if (out16) dev_widen(t, y, y16);
+    float *yh = download(t, y);
+    compare_values(t, "y", yh, y->cpu, NULL, n, tol_out);
+    free(yh);
+    compare(t, "state", state);
+    compare(t, "checkpoints", ckpt);
+
+    /* the backward: each side on its own checkpoints */
+    tbuf *dy = buf_input(t, n, -1, 1), *dstate = wkv_state_make(t, sh, 0.5);
+    buf_round_bf16(t, dy);
+    const void *dy16 = dev_bf16(t, dy);
+    tbuf *grad[WKV_GRADS];
+    wkv_grads_make(t, grad, R, C);
+    if (beta != 0.0f)
+        for (int i = 0; i < WKV_GRADS; i++)
+            if (i == 0 || i == 2 || i == 3) { /* dr dk dv */
+                grad[i] = buf_accum(t, n, -1, 1);
+                if (out16) buf_round_bf16(t, grad[i]);
+            }
+    void *g[WKV_GRADS];
+    for (int i = 0; i < WKV_GRADS; i++)
+        g[i] = out16 ? (beta != 0.0f ? dev_bf16(t, grad[i]) : buf_zero(t, (n + 1) / 2)->gpu)
+                     : (void *)grad[i]->gpu;
+    t->cpu->wkv7_backward_beta(t->cpu, grad[0]->cpu, grad[1]->cpu, grad[2]->cpu, grad[3]->cpu,
+                               grad[4]->cpu, grad[5]->cpu, dstate->cpu + wkv, stride, dy->cpu,
+                               in.r->cpu, in.w_raw->cpu, in.k->cpu, in.v->cpu, in.kk->cpu,
+                               in.a->cpu, ckpt->cpu, batch, C, N, beta);
+    rp_cuda_wkv7_backward_bf16(t->gpu, g, out16, dstate->gpu + wkv, stride, dy16, &in16,
+                               ckpt->gpu, batch, C, N, beta);
+    for (int i = 0; i < WKV_GRADS; i++) {
+        if (out16) dev_widen(t, grad[i], g[i]);
+        float *host = download(t, grad[i]);
+        compare_values(t, wkv_grad_names[i], host, grad[i]->cpu, grad[i]->before, n, tol_out);
+        free(host);
+    }
+    compare(t, "dstate", dstate);
+    twin_release(t);
+}
+
+static void check_wkv7_bf16(twin *t, const shape *sh) {
+    wkv7_bf16_case(t, sh, 0, 0.0f);
+    wkv7_bf16_case(t, sh, 1, 0.0f);
+    wkv7_bf16_case(t, sh, 1, 1.0f);
+}
+
 /* ---- loss ---------------------------------------------------------------- */
 
 /* losses [R] = -log softmax(logits)[target], dlogits [R,V] = (softmax -
@@ -1653,6 +1802,8 @@ static const twin_check checks[] = {
     {"wkv7_backward", check_wkv7_backward, MATH_FP32, 0},
     {"wkv7_backward_beta", check_wkv7_backward_beta, MATH_FP32, 0},
     {"wkv7 chained", check_wkv7_chain, MATH_FP32, 0},
+    {"wkv7 bf16 I/O", check_wkv7_bf16, MATH_FP32, 0},
+    {"wkv7 chunked forward", check_wkv7_chunked, MATH_FP32, 0},
     {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
     {"l2wrap", check_l2wrap, MATH_FP32, 0},
     {"head_cross_entropy", check_head_cross_entropy, MATH_FP32, 0},
