@@ -17,6 +17,8 @@
 
 #include <cmocka.h>
 
+#include "backend.h"
+#include "cpu/cpu_backend.h"
 #include "cpu/cpu_features.h"
 #include "cpu/cpu_quant.h"
 
@@ -323,6 +325,61 @@ static void test_isa_env(void **state) {
     assert_int_equal(rp_cpu_qmatmul_check_env(&err), RP_OK);
 }
 
+/* A bf16/int8 model's LoRA factors (W [K,N], rp_tensor_lora_lowp) are bf16
+ * backend matrices stored transposed ([N,K]): the CPU backend's matmul_lora
+ * runs them through the quantized kernel, the bits of rp_cpu_qmatmul on the
+ * same bf16 rows, for decode (M <= 8) and prefill rows; an f32 W [K,N]
+ * still goes to the f32 op. */
+static void test_matmul_lora_on_bf16_factor(void **state) {
+    (void)state;
+    rp_error err = {0};
+    rp_backend *be = rp_cpu_backend_create(2, &err);
+    assert_non_null(be);
+    const int K = 768, N = 64; /* a decay LoRA's down factor at C = 768 */
+    float *w = frand_array((size_t)K * N, 11), *wt = malloc((size_t)N * K * sizeof(float));
+    assert_non_null(wt);
+    for (int k = 0; k < K; k++)
+        for (int n = 0; n < N; n++) wt[(size_t)n * K + k] = w[(size_t)k * N + n];
+    const float *key = wt; /* any address but w (the f32 W below) */
+    assert_int_equal(be->qweight_create(be, key, RP_WEIGHTS_BF16, N, K, &err), RP_OK);
+    be->qweight_write(be, key, 0, N, wt, 1, NULL);
+    uint16_t *qb = malloc((size_t)N * K * sizeof(uint16_t));
+    assert_non_null(qb);
+    rp_quantize_matrix(RP_QTYPE_BF16, qb, NULL, wt, N, K, 0);
+    const rp_qmatrix qm = {.type = RP_QTYPE_BF16, .N = N, .K = K, .data = qb};
+    const int Ms[] = {1, 8, 40};
+    for (size_t i = 0; i < sizeof Ms / sizeof Ms[0]; i++) {
+        const int M = Ms[i];
+        float *x = frand_array((size_t)M * K, 3 + (unsigned)M);
+        float *y = calloc((size_t)M * N, sizeof(float)), *yq = calloc((size_t)M * N, sizeof(float));
+        assert_non_null(y);
+        assert_non_null(yq);
+        be->matmul_lora(be, y, x, key, M, N, K, 0.0f);
+        assert_int_equal(be->status(be, &err), RP_OK);
+        rp_cpu_qmatmul(&qm, yq, x, M, 0.0f, 2);
+        assert_memory_equal(y, yq, (size_t)M * N * sizeof(float));
+        /* f32 W [K,N] (not registered): the f32 op, near the bf16 result. */
+        be->matmul_lora(be, yq, x, w, 1, N, K, 0.0f);
+        assert_int_equal(be->status(be, &err), RP_OK);
+        /* bf16 W and x: each product within 2^-8 relative, 2^-7 for slack. */
+        for (int n = 0; n < N; n++) {
+            double mag = 0.0;
+            for (int k = 0; k < K; k++) mag += fabs((double)w[(size_t)k * N + n] * x[k]);
+            if (!(fabs((double)yq[n] - y[n]) <= ldexp(mag, -7)))
+                fail_msg("M=%d n=%d: f32 W gives %g, bf16 %g (bound %g)", M, n, yq[n], y[n],
+                         ldexp(mag, -7));
+        }
+        free(x);
+        free(y);
+        free(yq);
+    }
+    be->qweight_destroy(be, key);
+    be->destroy(be);
+    free(qb);
+    free(wt);
+    free(w);
+}
+
 int main(void) {
     openblas_set_num_threads(1); /* as the CPU backend runs it: one BLAS thread per team member */
     const struct CMUnitTest tests[] = {
@@ -331,6 +388,7 @@ int main(void) {
         cmocka_unit_test(test_thread_and_row_count_independence),
         cmocka_unit_test(test_decode_rows_of_any_count_equal_each_row_alone),
         cmocka_unit_test(test_isa_env),
+        cmocka_unit_test(test_matmul_lora_on_bf16_factor),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

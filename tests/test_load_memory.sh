@@ -43,7 +43,8 @@ echo "allowance: tiny model peak $((base / 1024)) MiB + 48 MiB"
 
 # Bytes of the weights in a run-time format: the quantized matrices (att
 # receptance/key/value/output, ffn key/value, head) at 4, 2 or 1 (+2/32 for
-# the int8 scales) bytes, every other tensor f32 (docs/perf/cpu.md).
+# the int8 scales) bytes, the LoRA factors bf16 in bf16/int8 models, every
+# other tensor f32 (docs/perf/cpu.md).
 weights_kib() {
     python3 - "$T/big.safetensors" "$1" <<'PY'
 import json, struct, sys
@@ -60,7 +61,8 @@ for name, t in hdr.items():
     numel = 1
     for d in t['shape']: numel *= d
     quant = name == 'head.weight' or name.endswith(q)
-    total += numel * (per[fmt] if quant else 4.0)
+    lora = fmt != 'f32' and name.split('.')[-1] in ('w1', 'w2', 'a1', 'a2', 'v1', 'v2', 'g1', 'g2')
+    total += numel * (per[fmt] if quant else 2.0 if lora else 4.0)
 print(int(total / 1024))
 PY
 }

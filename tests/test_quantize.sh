@@ -55,13 +55,20 @@ for name in q:
     sc = i8[name + '.scales']
     assert sc['dtype'] == 'F16' and sc['shape'] == [n, k // 32], (name, sc)
     assert b16[name]['dtype'] == 'BF16' and b16[name]['shape'] == [n, k], name
+# LoRA factors: bf16 in both formats, shape unchanged (W [K,N]).
+lora = ['blocks.%d.att.%s%d' % (l, s, i) for l in range(2) for s in 'wavg' for i in (1, 2)]
+lora = [name for name in lora if name in src]
+assert len(lora) >= 14, lora
+for name in lora:
+    for h in (i8, b16):
+        assert h[name]['dtype'] == 'BF16' and h[name]['shape'] == src[name]['shape'], (name, h[name])
 for name, t in src.items():
-    if name == '__metadata__' or name in q: continue
+    if name == '__metadata__' or name in q or name in lora: continue
     assert i8[name]['dtype'] == t['dtype'] and i8[name]['shape'] == t['shape'], name
     assert b16[name]['dtype'] == t['dtype'], name
 assert i8['__metadata__']['quantization'] == 'int8.q8_block32_f16scale.v1', i8['__metadata__']
 assert b16['__metadata__']['quantization'] == 'bf16.v1', b16['__metadata__']
-print('ok: layout: 13 matrices I8 + F16 scales / BF16, other tensors unchanged, metadata')
+print('ok: layout: 13 matrices I8 + F16 scales / BF16, %d LoRA factors BF16, other tensors unchanged, metadata' % len(lora))
 PY
 
 # The quantized file and --weights-dtype on the f32 file: the same bits.

@@ -1,6 +1,7 @@
 /* rwkvpipe quantize: writes a copy of a weights file with the big nn.Linear
  * matrices (rp_tensor_quantizable) in bf16 or int8 (cpu/cpu_quant.h defines
- * the rounding; docs/formats.md the layout), every other tensor as it was.
+ * the rounding; docs/formats.md the layout), the LoRA factors in bf16,
+ * every other tensor as it was.
  * One tensor at a time from the mmapped input; atomic output (temp name,
  * fsync, rename). */
 #include <getopt.h>
@@ -18,7 +19,8 @@ static void quantize_usage(FILE *out) {
             "usage: rwkvpipe quantize IN.safetensors -o OUT.safetensors --type bf16|int8\n"
             "Writes IN with the time mix's receptance/key/value/output, the channel mix's\n"
             "key/value and the head in bf16 or int8 (blocks of 32 along the input axis,\n"
-            "one fp16 scale each); the other tensors are copied unchanged (docs/formats.md).\n"
+            "one fp16 scale each), the LoRA factors (att.w1/w2/a1/a2/v1/v2/g1/g2) in bf16;\n"
+            "the other tensors are copied unchanged (docs/formats.md).\n"
             "generate, serve, eval and logits load the result (CPU backend).\n"
             "  --type T            bf16 or int8\n"
             "  -o, --output FILE   where to write (atomically: temp name, fsync, rename)\n"
@@ -27,8 +29,10 @@ static void quantize_usage(FILE *out) {
 }
 
 /* The official suffix of a file tensor name when it is a quantizable matrix
- * stored as nn.Linear ([N,K], no transpose), else NULL. */
-static const char *quantizable_suffix(const char *name, rp_naming naming) {
+ * stored as nn.Linear ([N,K], no transpose), or (lora set) a LoRA factor
+ * the format keeps in bf16 (rp_tensor_lora_lowp, any layout: its values
+ * are rounded one by one), else NULL. */
+static const char *matrix_suffix(const char *name, rp_naming naming, int lora) {
     const char *layer_prefix = naming == RP_NAMING_HF ? "model.layers." : "blocks.";
     size_t lp = strlen(layer_prefix);
     const char *rest = name;
@@ -40,12 +44,14 @@ static const char *quantizable_suffix(const char *name, rp_naming naming) {
         rest++;
         per_layer = 1;
     }
-    if (naming == RP_NAMING_OFFICIAL) return rp_tensor_quantizable(rest) ? rest : NULL;
+    if (naming == RP_NAMING_OFFICIAL)
+        return (lora ? rp_tensor_lora_lowp(rest) : rp_tensor_quantizable(rest)) ? rest : NULL;
     int n;
     const rp_hf_name *rows = rp_hf_names(&n);
     for (int i = 0; i < n; i++)
-        if (rows[i].per_layer == per_layer && rows[i].kind == RP_HF_SAME &&
-            strcmp(rows[i].hf, rest) == 0 && rp_tensor_quantizable(rows[i].official))
+        if (rows[i].per_layer == per_layer && strcmp(rows[i].hf, rest) == 0 &&
+            (lora ? rp_tensor_lora_lowp(rows[i].official)
+                  : rows[i].kind == RP_HF_SAME && rp_tensor_quantizable(rows[i].official)))
             return rows[i].official;
     return NULL;
 }
@@ -95,7 +101,19 @@ int cmd_quantize(rp_cli *cli, int argc, char **argv) {
     for (int i = 0; i < f.n_tensors; i++) {
         const rp_st_tensor *t = &f.tensors[i];
         bytes_in += t->nbytes;
-        const char *suffix = quantizable_suffix(t->name, naming);
+        const char *suffix = matrix_suffix(t->name, naming, 0);
+        if (!suffix && matrix_suffix(t->name, naming, 1) && t->dtype != RP_DTYPE_BF16) {
+            /* A LoRA factor: bf16 in both formats (docs/perf/cpu.md). */
+            float *wf = cli_calloc(cli, t->numel ? (size_t)t->numel : 1, sizeof(float), t->name);
+            if (rp_st_read_f32_release(&f, t, wf, t->numel, &err) != RP_OK ||
+                rp_st_writer_add(&w, t->name, RP_DTYPE_BF16, RP_DTYPE_F32, t->ndim, t->shape, wf,
+                                 &err) != RP_OK)
+                cli_fatal_error(cli, &err);
+            owned[n_owned++] = wf;
+            bytes_out += (size_t)t->numel * 2;
+            if (!quiet) cli_info(cli, "%s -> bf16 (LoRA factor)", t->name);
+            continue;
+        }
         if (!suffix) {
             if (rp_st_writer_add(&w, t->name, t->dtype, t->dtype, t->ndim, t->shape, t->data,
                                  &err) != RP_OK)

@@ -35,7 +35,11 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
  * order of any one sum. QDRIVE's NW1 is the tile width for a single x row:
  * vnni takes 4 W rows at a time there (4 independent accumulator chains and
  * reductions in flight: 2x its one-row rate with W in cache, measured with
- * thread CPU time on the Zen 5 machine); the others keep 1 (no gain seen). */
+ * thread CPU time on the Zen 5 machine); the others keep 1 (no gain seen).
+ * NW8 is the width for 8 x rows (batch-8 decode): bf16dot takes 3 W rows
+ * (24 accumulators + 3 W + 1 x register: 52.5 -> 41-44 us per 512 x 768
+ * call with W in cache, thread CPU time; 4 spills: 94 us), the others 2
+ * (vnni keeps 3 more registers per W row: 3 rows measured no faster). */
 #define QROWS(TILE, R, NW)                                                                  \
     do {                                                                                    \
         int n_ = n0;                                                                        \
@@ -50,7 +54,7 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
         }                                                                                   \
     } while (0)
 
-#define QDRIVE(TILE, NW1)                                                                   \
+#define QDRIVE(TILE, NW1, NW8)                                                              \
     for (int m = 0; m < M; m += 8) {                                                        \
         switch (M - m) {                                                                    \
         case 1: QROWS(TILE, 1, NW1); break;                                                 \
@@ -60,7 +64,7 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
         case 5: QROWS(TILE, 5, 2); break;                                                   \
         case 6: QROWS(TILE, 6, 2); break;                                                   \
         case 7: QROWS(TILE, 7, 2); break;                                                   \
-        default: QROWS(TILE, 8, 2); break;                                                  \
+        default: QROWS(TILE, 8, NW8); break;                                                \
         }                                                                                   \
     }
 
@@ -124,7 +128,7 @@ static AI void avx2_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
 
 void cpu_qdecode_avx2(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta) {
-    QDRIVE(avx2_tile, 1)
+    QDRIVE(avx2_tile, 1, 2)
 }
 
 void cpu_qwiden_avx2(const rp_qmatrix *w, int n0, int n1, float *out) {
@@ -227,7 +231,7 @@ static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx
 
 void cpu_qdecode_avx512(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                         float beta) {
-    QDRIVE(avx512_tile, 1)
+    QDRIVE(avx512_tile, 1, 2)
 }
 
 void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out) {
@@ -289,7 +293,7 @@ static AI void bf16dot_tile(float *sums, const rp_qmatrix *w, int n, const cpu_q
 
 void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                          float beta) {
-    QDRIVE(bf16dot_tile, 1)
+    QDRIVE(bf16dot_tile, 1, 3)
 }
 
 RP_ISA_END
@@ -299,10 +303,11 @@ RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
 /* 64 k (two blocks) per step: vpdpbusd multiplies unsigned by signed bytes,
  * so x enters as q + 128 and 128 * sum(w) (one more vpdpbusd, shared by the
- * tile's x rows) is taken off: the block dot is exact in int32. Lanes 0-7
- * hold the first block, 8-15 the second; each lane's int32 goes to f32
- * (exact) and is added times (w scale * x scale) into a 16-lane f32
- * accumulator, then _mm512_reduce_add_ps. A last single block is masked. */
+ * tile's x rows) is taken off by starting each sum from its negative: the
+ * block dot is exact in int32. Lanes 0-7 hold the first block, 8-15 the
+ * second; each lane's int32 goes to f32 (exact) and is added times (w scale
+ * * x scale) into a 16-lane f32 accumulator, then _mm512_reduce_add_ps. A
+ * last single block is masked. */
 /* The fp16 scales of blocks b and b + 1 (b only when !both) as f32 in lanes
  * 0-7 and 8-15. */
 static AI __m512 q8_scales2(const uint16_t *s, int both) {
@@ -335,15 +340,17 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
         __m512 sw[4];
         for (int j = 0; j < nw; j++) {
             wv[j] = _mm512_maskz_loadu_epi8(mk, wt + (size_t)j * K + k);
-            cw[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv[j]);
+            /* -128 sum(w): the start of every x row's vpdpbusd (exact in int32,
+             * one subtraction per W row instead of one per x row). */
+            cw[j] = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv[j]));
             sw[j] = q8_scales2(st + (size_t)j * nb + k / RP_Q8_BLOCK, full);
         }
         for (int m = 0; m < rows; m++) {
             const __m512i xv = _mm512_maskz_loadu_epi8(mk, xm + (size_t)m * K + k);
             const __m512 sx = _mm512_maskz_loadu_ps(mf, xs + (size_t)m * (K / 4) + k / 4);
             for (int j = 0; j < nw; j++) {
-                const __m512i d = _mm512_sub_epi32(
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv[j]), cw[j]);
+                const __m512i d = _mm512_dpbusd_epi32(cw[j], xv, wv[j]);
                 acc[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw[j], sx),
                                             acc[j][m]);
             }
@@ -355,7 +362,7 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
 
 void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta) {
-    QDRIVE(vnni_tile, 4)
+    QDRIVE(vnni_tile, 4, 2)
 }
 
 RP_ISA_END

@@ -16,6 +16,7 @@ _Static_assert((int)RP_WEIGHTS_F32 == (int)RP_QTYPE_F32 &&
                "backend.h's rp_weights_type must keep cpu_quant.h's rp_qtype values");
 
 #define QW_ALIGN 64
+#define QW_ZERO_MAX_BYTES ((size_t)1 << 20)
 
 struct cpu_qweight {
     const float *key;
@@ -119,6 +120,10 @@ static rp_status qw_create(rp_backend *be, const float *key, rp_weights_type typ
                             "CPU backend: cannot allocate %zu bytes for a [%d,%d] %s matrix",
                             rp_qmatrix_data_bytes(qt, N, K) + sb, N, K, rp_qtype_name(qt));
     }
+    /* Small ones (LoRA factors) zeroed: layer 0's unused v-LoRA is never
+     * written by the loader. */
+    if (rp_qmatrix_data_bytes(qt, N, K) <= QW_ZERO_MAX_BYTES)
+        memset(q.data, 0, rp_qmatrix_data_bytes(qt, N, K));
     q.m = (rp_qmatrix){.type = qt, .N = N, .K = K, .data = q.data, .scales = q.scales};
     memmove(&impl->qweights[at + 1], &impl->qweights[at],
             (size_t)(impl->n_qweights - at) * sizeof *impl->qweights);
@@ -174,7 +179,25 @@ void cpu_qweights_free_all(rp_backend *be) {
     impl->n_qweights = impl->cap_qweights = 0;
 }
 
+/* matmul_lora on a backend matrix: the LoRA factors of a bf16/int8 model
+ * (rp_tensor_lora_lowp) are bf16 matrices stored transposed, [N,K] for the
+ * op's W [K,N], so the quantized kernel runs them as matmul_linear runs the
+ * big matrices; f32 factors go to the op installed before (cpu_matmul.c).
+ * Every CPU backend installs the same function, so one pointer serves all. */
+typedef void (*lora_fn)(rp_backend *, float *, const float *, const float *, int, int, int, float);
+static lora_fn f32_matmul_lora;
+
+static void qw_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M, int N,
+                           int K, float beta) {
+    if (cpu_qweight_matmul(be, y, x, w, M, N, K, beta)) return;
+    __atomic_load_n(&f32_matmul_lora, __ATOMIC_ACQUIRE)(be, y, x, w, M, N, K, beta);
+}
+
 void cpu_qweights_install(rp_backend *be) {
+    if (be->matmul_lora != qw_matmul_lora) {
+        __atomic_store_n(&f32_matmul_lora, be->matmul_lora, __ATOMIC_RELEASE);
+        be->matmul_lora = qw_matmul_lora;
+    }
     be->qweight_create = qw_create;
     be->qweight_write = qw_write;
     be->qweight_destroy = qw_destroy;

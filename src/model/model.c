@@ -72,6 +72,12 @@ nomem:
                         layer_begin, layer_end, cfg->n_embd, be->name);
 }
 
+/* Whether a bf16/int8 model keeps the tensor in the backend's storage (a
+ * quantized matrix, or a LoRA factor in bf16) rather than in f32. */
+static int backend_matrix(const char *suffix) {
+    return rp_tensor_quantizable(suffix) || rp_tensor_lora_lowp(suffix);
+}
+
 /* Forgets the backend storage of every quantized matrix of the model. */
 static void destroy_qweights(rp_model *m) {
     if (!m->qkeys) return;
@@ -82,11 +88,11 @@ static void destroy_qweights(rp_model *m) {
     for (int i = 0; m->layers && i < n; i++)
         for (int t = 0; t < RP_LAYER_N_TENSORS; t++) {
             float *key = *rp_tensor_field(&m->layers[i], &table[t]);
-            if (key && rp_tensor_quantizable(table[t].suffix)) m->be->qweight_destroy(m->be, key);
+            if (key && backend_matrix(table[t].suffix)) m->be->qweight_destroy(m->be, key);
         }
     for (int t = 0; t < RP_GLOBAL_N_TENSORS; t++) {
         float *key = *rp_tensor_field(&m->global, &gtable[t]);
-        if (key && rp_tensor_quantizable(gtable[t].suffix)) m->be->qweight_destroy(m->be, key);
+        if (key && backend_matrix(gtable[t].suffix)) m->be->qweight_destroy(m->be, key);
     }
     munmap(m->qkeys, m->qkeys_bytes);
 }
@@ -114,7 +120,7 @@ static size_t bind_packed(rp_model *m, void *weights, const rp_tensor_info *tabl
     for (int i = 0; i < n_tensors; i++) {
         const rp_tensor_info *info = &table[i];
         if (info->part != part) continue;
-        if (!rp_tensor_quantizable(info->suffix)) {
+        if (!backend_matrix(info->suffix)) {
             if (flat) *rp_tensor_field(weights, info) = flat + off;
             off += (size_t)info->numel;
             continue;
@@ -122,8 +128,11 @@ static size_t bind_packed(rp_model *m, void *weights, const rp_tensor_info *tabl
         if (!flat || *st != RP_OK) continue;
         float *key = (float *)*keys;
         *keys += (size_t)info->numel * sizeof(float);
-        *st = m->be->qweight_create(m->be, key, m->wtype, (int)info->shape[0],
-                                    (int)info->shape[1], err);
+        /* A LoRA factor W [K,N] is stored transposed, [N,K], in bf16. */
+        const int lora = rp_tensor_lora_lowp(info->suffix);
+        *st = m->be->qweight_create(m->be, key, lora ? RP_WEIGHTS_BF16 : m->wtype,
+                                    (int)info->shape[lora ? 1 : 0], (int)info->shape[lora ? 0 : 1],
+                                    err);
         if (*st == RP_OK) *rp_tensor_field(weights, info) = key;
     }
     return off;
@@ -674,6 +683,28 @@ static rp_status load_quantized(const rp_st_file *f, const rp_st_tensor *t, cons
     return be->status(be, err);
 }
 
+/* A LoRA factor of a bf16/int8 model (rp_tensor_lora_lowp): W [K,N] read
+ * as f32 (the file's bf16 values, or f32 ones), transposed to [N,K] rows
+ * that the backend stores in bf16 (bf16 values unchanged; f32 ones rounded
+ * once, as `quantize` rounds them). Small: [C, r] or [r, C]. */
+static rp_status load_lora_lowp(const rp_st_file *f, const rp_st_tensor *t, const char *file_name,
+                                const rp_tensor_info *info, map_kind kind, float *key,
+                                rp_backend *be, rp_error *err) {
+    const int64_t K = info->shape[0], N = info->shape[1];
+    float *buf = rp_malloc(2 * (size_t)(K * N) * sizeof(float), "a LoRA factor", err);
+    if (!buf) return RP_ERR_NOMEM;
+    rp_status st = read_tensor(f, t, file_name, info, kind, buf, err);
+    if (st == RP_OK) {
+        float *rows = buf + K * N;
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t k = 0; k < K; k++) rows[n * K + k] = buf[k * N + n];
+        be->qweight_write(be, key, 0, (int)N, rows, 1, NULL);
+        st = be->status(be, err);
+    }
+    free(buf);
+    return st;
+}
+
 /* Fills the fields of one part (a layer, the embed part or the head part)
  * from the file: host memory at the field pointers (host_flat NULL), or
  * host_flat + flat_offset (a staging buffer for device memory, f32 only).
@@ -694,7 +725,9 @@ static rp_status load_part(const rp_st_file *f, rp_naming naming, const rp_model
         }
         float *dst = host_flat ? host_flat + info->flat_offset : *rp_tensor_field(weights, info);
         rp_status st;
-        if (m->qkeys && rp_tensor_quantizable(info->suffix))
+        if (m->qkeys && rp_tensor_lora_lowp(info->suffix))
+            st = load_lora_lowp(f, t, name, info, kind, dst, m->be, err);
+        else if (m->qkeys && rp_tensor_quantizable(info->suffix))
             st = load_quantized(f, t, name, info, kind, dst, m->wtype, m->be, err);
         else
             st = read_tensor(f, t, name, info, kind, dst, err);

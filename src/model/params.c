@@ -162,6 +162,14 @@ void rp_tensor_name(char *out, size_t out_size, const rp_tensor_info *info, int 
         snprintf(out, out_size, "%s", info->suffix);
 }
 
+int rp_tensor_lora_lowp(const char *suffix) {
+    static const char *const names[] = {"att.w1", "att.w2", "att.a1", "att.a2",
+                                         "att.v1", "att.v2", "att.g1", "att.g2"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(suffix, names[i]) == 0) return 1;
+    return 0;
+}
+
 int rp_tensor_quantizable(const char *suffix) {
     static const char *const names[] = {"att.receptance.weight", "att.key.weight",
                                          "att.value.weight",      "att.output.weight",
