@@ -92,6 +92,10 @@ for layout in "2 2 2 L4 8 1" "2 2 2 L4 8 2" "4 2 2 L4 8 1" "6 2 2 L4 12 1" \
     train "${name}_1f1b" "$1" --pp "$2" --pp-schedule 1f1b "${SHAPE[@]}"
     train "${name}_inter" "$1" --pp "$2" --pp-schedule interleaved --virtual-stages "$3" \
         "${SHAPE[@]}"
+    if [ "$3" = 3 ]; then
+        grep -q "stage  0  layers 0-0, 2-2, 4-4  +embedding" "$T/stderr" ||
+            fail "the start-up map does not show stage 0 holding layers 0, 2 and 4"
+    fi
     same_bits "${name}_1f1b" "${name}_inter"
 done
 

@@ -48,6 +48,24 @@ static void free_models(rp_model *model, rp_model *chunks, int n_virtual) {
     free(chunks);
 }
 
+/* Interleaved: which layers every stage holds (rank 0 prints it). */
+static void print_chunk_map(FILE *out, const int *chunk_layers, int pp, int n_virtual,
+                            int n_layer) {
+    if (!out) return;
+    fprintf(out, "interleaved: %d stages x %d chunks; model chunk k on stage k %% %d\n", pp,
+            n_virtual, pp);
+    for (int s = 0; s < pp; s++) {
+        fprintf(out, "  stage %2d  layers", s);
+        for (int c = 0; c < n_virtual; c++) {
+            int b, e;
+            rp_interleaved_chunk_layers(chunk_layers, pp, n_virtual, s, c, &b, &e);
+            fprintf(out, "%s %d-%d", c ? "," : "", b, e - 1);
+        }
+        fprintf(out, "%s%s\n", s == 0 ? "  +embedding" : "",
+                s == pp - 1 && n_layer > 0 ? "  +head/loss" : "");
+    }
+}
+
 static void train_usage(FILE *out) {
     fprintf(out,
             "usage: rwkvpipe train [--model-config NAME | --init-from M.safetensors]\n"
@@ -441,9 +459,17 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (cli->mpi_size > 1) {
         cli_grid_create(cli, &mcfg, pp, o.n_virtual ? NULL : stage_layers, &grid);
         cli_set_stage(&quiet, grid.stage);
-        rp_grid_print_map(&grid, o.progress ? stderr : NULL);
         layer_begin = grid.layer_begin[grid.stage];
         layer_end = grid.layer_end[grid.stage];
+        if (o.n_virtual) {
+            /* The grid's P-way split is not what the stages hold. */
+            print_chunk_map(o.progress ? stderr : NULL, chunk_layers, pp, o.n_virtual,
+                            mcfg.n_layer);
+            rp_interleaved_chunk_layers(chunk_layers, pp, o.n_virtual, grid.stage, 0,
+                                        &layer_begin, &layer_end);
+        } else {
+            rp_grid_print_map(&grid, o.progress ? stderr : NULL);
+        }
         o.grid = &grid;
     } else if (stage_layers) {
         int one;
