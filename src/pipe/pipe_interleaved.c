@@ -1,7 +1,8 @@
-/* Interleaved 1F1B executor (pipe_interleaved.h). Receives are posted when
- * the list reaches them and waited for at once; sends are asynchronous and
- * waited for before anything overwrites the stash slot they read, as in
- * pipe_train.c. */
+/* Interleaved 1F1B executor (pipe_interleaved.h). As in pipe_train.c over
+ * MPI: the next receive of each kind (activations, gradients) is posted as
+ * soon as the previous one is in, so a neighbour's send is matched early
+ * and lands while we compute; sends are asynchronous and waited for before
+ * anything overwrites the stash slot they read. */
 #include "pipe/pipe_interleaved.h"
 #include "pipe/pipe_zero.h"
 
@@ -69,9 +70,10 @@ rp_status rp_pipe_interleaved_init(rp_pipe_interleaved *pi, rp_model *models, rp
     pi->seq_len = malloc(sizeof(int) * (size_t)micro_batch_size);
     pi->slot = malloc(sizeof(int) * (size_t)micro_batch_size);
     pi->row_begin = malloc(sizeof(int) * (size_t)micro_batch_size);
-    pi->landing = be->alloc(be, sizeof(float) * 2 * (size_t)R * C);
+    pi->landing[0] = be->alloc(be, sizeof(float) * 2 * (size_t)R * C);
+    pi->landing[1] = be->alloc(be, sizeof(float) * 2 * (size_t)R * C);
     if (!pi->stash || !pi->pending || !pi->state || !pi->dstate || !pi->seq_len || !pi->slot ||
-        !pi->row_begin || !pi->landing) {
+        !pi->row_begin || !pi->landing[0] || !pi->landing[1]) {
         rp_pipe_interleaved_free(pi);
         return rp_error_set(err, RP_ERR_NOMEM, "interleaved pipeline buffers for %d chunks",
                             n_virtual);
@@ -128,7 +130,8 @@ void rp_pipe_interleaved_free(rp_pipe_interleaved *pi) {
         if (pi->state && pi->state[c].data) be->free(be, pi->state[c].data);
         if (pi->dstate && pi->dstate[c].data) be->free(be, pi->dstate[c].data);
     }
-    if (be && pi->landing) be->free(be, pi->landing);
+    for (int i = 0; i < 2; i++)
+        if (be && pi->landing[i]) be->free(be, pi->landing[i]);
     free(pi->stash);
     free(pi->pending);
     free(pi->state);
@@ -155,6 +158,32 @@ static rp_status wait_pending(rp_pipe_interleaved *pi, int ws, int which, rp_err
 /* The message id of micro-batch mb arriving at model chunk k: chunk k's
  * activations and its output gradient differ from every other chunk's. */
 static int msg_id(const rp_pipe_interleaved *pi, int k, int mb) { return k * pi->n_micro + mb; }
+
+/* Posts the receive of the first RECV of kind op after position i into its
+ * landing buffer (none left: nothing). */
+static rp_status post_next_recv(rp_pipe_interleaved *pi, int i, rp_pipe_opcode op,
+                                rp_error *err) {
+    const int is_act = op == RP_OP_RECV_ACT, P = pi->n_stages, s = pi->stage;
+    const rp_pipe_instr *list = pi->sched.instr[s];
+    const int n = pi->sched.n_instr[s];
+    int j = i + 1;
+    while (j < n && list[j].op != op) j++;
+    pi->in_at[!is_act] = -1;
+    if (j >= n) return RP_OK;
+    const size_t rc = (size_t)pi->micro_batch_size * pi->ctx_len * pi->models[0].cfg.n_embd;
+    const int peer = (s + (is_act ? P - 1 : 1)) % P, id = msg_id(pi, list[j].chunk * P + s,
+                                                                 list[j].micro_batch);
+    float *buf = pi->landing[!is_act];
+    rp_transfer *x = pi->in[!is_act];
+    rp_status st = rp_transport_post_recv(pi->tp, buf, rc * sizeof(float), peer,
+                                          is_act ? RP_MSG_ACT : RP_MSG_GRAD, id, &x[0], err);
+    if (st == RP_OK)
+        st = rp_transport_post_recv(pi->tp, buf + rc, rc * sizeof(float), peer,
+                                    is_act ? RP_MSG_ACT_VFIRST : RP_MSG_GRAD_VFIRST, id, &x[1],
+                                    err);
+    if (st == RP_OK) pi->in_at[!is_act] = j;
+    return st;
+}
 
 static rp_status reduce_buffer(rp_pipe_interleaved *pi, float *p, size_t n, rp_error *err) {
     if (!p || !n) return RP_OK;
@@ -201,6 +230,9 @@ rp_status rp_pipe_interleaved_step(rp_pipe_interleaved *pi, const int32_t *input
     int skipped = 0;
     rp_status st = RP_OK;
     for (int c = 0; c < pi->n_virtual; c++) rp_model_zero(&pi->grads[c]);
+    if ((st = post_next_recv(pi, -1, RP_OP_RECV_ACT, err)) != RP_OK ||
+        (st = post_next_recv(pi, -1, RP_OP_RECV_GRAD, err)) != RP_OK)
+        return st;
     for (int i = 0; i < n && st == RP_OK; i++) {
         const rp_pipe_instr *in = &list[i];
         const int c = in->chunk, mb = in->micro_batch, k = c * P + s;
@@ -215,21 +247,21 @@ rp_status rp_pipe_interleaved_step(rp_pipe_interleaved *pi, const int32_t *input
         case RP_OP_RECV_ACT:
         case RP_OP_RECV_GRAD: {
             const int is_act = in->op == RP_OP_RECV_ACT;
-            const int peer = (s + (is_act ? P - 1 : 1)) % P;
-            rp_transfer x[2];
-            memset(x, 0, sizeof x);
-            if ((st = rp_transport_post_recv(pi->tp, pi->landing, rc_bytes, peer,
-                                             is_act ? RP_MSG_ACT : RP_MSG_GRAD,
-                                             msg_id(pi, k, mb), &x[0], err)) != RP_OK ||
-                (st = rp_transport_post_recv(pi->tp, pi->landing + rc, rc_bytes, peer,
-                                             is_act ? RP_MSG_ACT_VFIRST : RP_MSG_GRAD_VFIRST,
-                                             msg_id(pi, k, mb), &x[1], err)) != RP_OK ||
-                (st = rp_transport_wait(pi->tp, &x[0], err)) != RP_OK ||
+            rp_transfer *x = pi->in[!is_act];
+            if (pi->in_at[!is_act] != i) {
+                st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: the receive of micro-batch "
+                                  "%d chunk %d was not posted", s, mb, c);
+                break;
+            }
+            if ((st = rp_transport_wait(pi->tp, &x[0], err)) != RP_OK ||
                 (st = rp_transport_wait(pi->tp, &x[1], err)) != RP_OK ||
                 (st = wait_pending(pi, ws, is_act ? PENDING_ACT : PENDING_GRAD, err)) != RP_OK)
                 break;
-            be->copy(be, is_act ? tw->x : tw->dx, pi->landing, rc_bytes);
-            be->copy(be, is_act ? tw->v_first : tw->dv_first, pi->landing + rc, rc_bytes);
+            const float *buf = pi->landing[!is_act];
+            be->copy(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
+            be->copy(be, is_act ? tw->v_first : tw->dv_first, buf + rc, rc_bytes);
+            /* The next one lands while we compute. */
+            st = post_next_recv(pi, i, in->op, err);
             break;
         }
         case RP_OP_SEND_ACT:

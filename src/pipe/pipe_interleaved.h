@@ -29,7 +29,10 @@ typedef struct {
     rp_backward_workspace *stash;                /* [n_virtual * n_slots] */
     rp_transfer (*pending)[4];                   /* sends reading a slot: x, v_first, dx, dv */
     rp_state *state, *dstate;                    /* [n_virtual] */
-    float *landing;                              /* received x then v_first [2][R*C] */
+    float *landing[2];                           /* activations, gradients: x then
+                                                  * v_first [2][R*C] each */
+    rp_transfer in[2][2];                        /* the receive posted into each */
+    int in_at[2];                                /* its instruction, -1: none */
     float *scratch;                              /* > 2 replicas: replica-order sums */
     int *seq_len, *slot, *row_begin;
     rp_batch batch;
