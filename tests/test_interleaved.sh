@@ -1,9 +1,12 @@
 #!/bin/bash
-# Interleaved 1F1B from the command line (docs/parallelism.md): `rwkvpipe
-# schedule --kind interleaved --virtual-stages v` prints the lists with their
-# chunks and the simulated bubble (P-1)/(v*M+P-1); bad shapes are refused
-# naming the fix; `train --pp-schedule interleaved` is refused, since only the
-# simulator runs it. No MPI. Run by `make check` (env: top_srcdir, top_builddir).
+# Interleaved 1F1B (docs/parallelism.md): `rwkvpipe schedule --kind
+# interleaved --virtual-stages v` prints the lists with their chunks and the
+# simulated bubble (P-1)/(v*M+P-1); bad shapes are refused naming the fix.
+# `train --pp-schedule interleaved` (each stage holding v chunks of layers)
+# trains the same weights as 1F1B and one process byte for byte, with data
+# replicas too, and its checkpoints resume on a plain --pp run and the other
+# way round, continuing the same run byte for byte. Run by `make check` (env:
+# top_srcdir, top_builddir, MPIRUN; the training checks need mpirun).
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
@@ -48,10 +51,104 @@ refused "one virtual stage is refused" "1 virtual stages" \
     schedule --pp 2 --micro-batches 4 --kind interleaved --virtual-stages 1
 refused "--virtual-stages without --kind interleaved is refused" "only --kind interleaved" \
     schedule --pp 2 --micro-batches 4 --kind 1f1b --virtual-stages 2
-refused "train --pp-schedule interleaved is refused" \
-    "the executor does not run interleaved schedules yet: use 1f1b, gpipe or zb-h1" \
-    train --model-config L4-C64-V64 --data mqar --ctx-len 16 --steps 1 --pp-schedule interleaved \
-    -o "$T/never.st"
+TRAIN=(train --model-config L4-C64-V64 --data mqar --ctx-len 16 --steps 1)
+refused "--virtual-stages without --pp-schedule interleaved is refused" \
+    "--virtual-stages is for --pp-schedule interleaved only" \
+    "${TRAIN[@]}" --pp-schedule 1f1b --virtual-stages 2 -o "$T/never.st"
+refused "train --pp-schedule interleaved on one stage is refused" "needs --pp 2 or more" \
+    "${TRAIN[@]}" --pp-schedule interleaved -o "$T/never.st"
+[ -e "$T/never.st" ] && fail "train wrote $T/never.st"
+
+if [ -z "$MPIRUN" ] || ! command -v "$MPIRUN" >/dev/null 2>&1; then
+    echo "skip: the training checks need mpirun"
+    echo "all interleaved checks passed"
+    exit 0
+fi
+
+# 6 steps of 8 (or 12) sequences of 16 tokens; warmup 2 so the LR moves.
+COMMON=(train --data mqar --ctx-len 16 --steps 6 --warmup 2 --lr 3e-3 --eval-interval 0
+        --eval-batches 1 --log-interval 1 --loss-on all --seed 3 --init-seed 5 --threads 1)
+. "$top_srcdir/tests/train_test_lib.sh"   # train NAME NP [ARGS...]
+
+# same_bits A B: byte-identical weights, identical losses and eval losses
+same_bits() {
+    cmp "$T/$1.st" "$T/$2.st" >/dev/null || fail "$2: weights differ from $1's"
+    for key in loss eval_loss; do
+        diff <(grep -o "\"$key\":[^,}]*" "$T/$1.jsonl") <(grep -o "\"$key\":[^,}]*" "$T/$2.jsonl") \
+            >/dev/null || fail "$2: ${key}es differ from $1's"
+    done
+    grep -q '"eval_loss"' "$T/$1.jsonl" || fail "$1: no metrics"
+    ok "$2"
+}
+
+# "NP PP V MODEL BATCH MICRO-BATCH": M = BATCH / (MICRO-BATCH x NP/PP)
+# micro-batches per replica, a multiple of PP.
+for layout in "2 2 2 L4 8 1" "2 2 2 L4 8 2" "4 2 2 L4 8 1" "6 2 2 L4 12 1" \
+              "3 3 2 L6 12 2" "2 2 3 L6 8 1"; do
+    set -- $layout
+    check "-np $1 --pp $2 --virtual-stages $3 ($4, batch $5, micro-batch $6): interleaved equals 1f1b bit for bit"
+    name="np$1_pp$2_v$3_$4_b$5_mb$6"
+    SHAPE=(--model-config "$4-C64-V64" --batch "$5" --micro-batch "$6")
+    train "${name}_1f1b" "$1" --pp "$2" --pp-schedule 1f1b "${SHAPE[@]}"
+    train "${name}_inter" "$1" --pp "$2" --pp-schedule interleaved --virtual-stages "$3" \
+        "${SHAPE[@]}"
+    if [ "$3" = 3 ]; then
+        grep -q "stage  0  layers 0-0, 2-2, 4-4  +embedding" "$T/stderr" ||
+            fail "the start-up map does not show stage 0 holding layers 0, 2 and 4"
+    fi
+    same_bits "${name}_1f1b" "${name}_inter"
+done
+
+check "interleaved equals one process bit for bit"
+train one 1 --model-config L4-C64-V64 --batch 8 --micro-batch 1
+same_bits one np2_pp2_v2_L4_b8_mb1_inter
+
+# Checkpoints hold every layer under its own name whatever the layout: an
+# interleaved run's resumes on plain 1F1B stages and the other way round,
+# continuing the uninterrupted run byte for byte.
+CK=(--model-config L4-C64-V64 --batch 8 --micro-batch 1 --pp 2)
+check "an interleaved checkpoint resumes on a plain --pp run"
+train ck_inter 2 "${CK[@]}" --pp-schedule interleaved --stop-after 3 --checkpoint-dir "$T/ck_inter.ck"
+[ -d "$T/ck_inter.ck/step-00000003" ] || fail "no checkpoint at step 3: $(ls "$T/ck_inter.ck")"
+"$BIN" info "$T/ck_inter.ck" --verify >"$T/stdout" 2>"$T/stderr" ||
+    fail "info --verify: $(cat "$T/stderr")"
+train ck_inter_to_1f1b 2 "${CK[@]}" --pp-schedule 1f1b --resume "$T/ck_inter.ck"
+cmp "$T/np2_pp2_v2_L4_b8_mb1_1f1b.st" "$T/ck_inter_to_1f1b.st" >/dev/null ||
+    fail "resumed on 1f1b: weights are not those of the uninterrupted run"
+ok
+
+check "a plain --pp checkpoint resumes on an interleaved run"
+train ck_plain 2 "${CK[@]}" --pp-schedule 1f1b --stop-after 3 --checkpoint-dir "$T/ck_plain.ck"
+train ck_plain_to_inter 2 "${CK[@]}" --pp-schedule interleaved --resume "$T/ck_plain.ck"
+cmp "$T/np2_pp2_v2_L4_b8_mb1_1f1b.st" "$T/ck_plain_to_inter.st" >/dev/null ||
+    fail "resumed on interleaved: weights are not those of the uninterrupted run"
+ok
+
+# mpirun_refused WHAT EXPECTED NP ARGS...: the job fails and says EXPECTED
+mpirun_refused() {
+    local what=$1 expected=$2 np=$3
+    shift 3
+    check "$what"
+    if timeout 300 "$MPIRUN" -np "$np" "$BIN" "$@" >"$T/stdout" 2>"$T/stderr"; then
+        fail "mpirun -np $np rwkvpipe $* was accepted"
+    fi
+    grep -qF -- "$expected" "$T/stderr" || fail "the message does not say '$expected': $(tail -5 "$T/stderr")"
+    ok
+}
+mpirun_refused "fewer layers than --pp x --virtual-stages chunks is refused" \
+    "--pp 2 x --virtual-stages 3 = 6 model chunks, but the model has 4 layers" 2 \
+    "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --virtual-stages 3 --batch 2 -o "$T/never.st"
+mpirun_refused "micro-batches not a multiple of the stages are refused" \
+    "multiple of the stages" 2 \
+    "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 3 --micro-batch 1 -o "$T/never.st"
+mpirun_refused "interleaved with --seq-len time chunks is refused" \
+    "does not run --seq-len time chunks yet" 2 \
+    "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 2 --seq-len 32 -o "$T/never.st"
+mpirun_refused "interleaved with --zero 1 is refused" "does not run with --zero 1 yet" 4 \
+    "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 4 --micro-batch 1 --zero 1 -o "$T/never.st"
+mpirun_refused "--stage-layers with interleaved takes one count per model chunk" \
+    "one count per model chunk" 2 \
+    "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 2 --stage-layers 2,2 -o "$T/never.st"
 [ -e "$T/never.st" ] && fail "train wrote $T/never.st"
 
 echo "all interleaved checks passed"

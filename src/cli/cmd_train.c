@@ -17,6 +17,7 @@
 #include "model/init.h"
 #include "model/lora.h"
 #include "pipe/grid.h"
+#include "pipe/pipe_interleaved.h"
 #include "train/checkpoint.h"
 #include "train/tokenize.h"
 #include "train/trainer.h"
@@ -34,6 +35,35 @@ static void on_stop_signal(int sig) {
         return;
     }
     if (!stop_signal) stop_signal = sig;
+}
+
+/* The trained model: one, or (interleaved) this stage's chunks, of which
+ * model is a copy of the first. */
+static void free_models(rp_model *model, rp_model *chunks, int n_virtual) {
+    if (!chunks) {
+        rp_model_free(model);
+        return;
+    }
+    for (int c = 0; c < n_virtual; c++) rp_model_free(&chunks[c]);
+    free(chunks);
+}
+
+/* Interleaved: which layers every stage holds (rank 0 prints it). */
+static void print_chunk_map(FILE *out, const int *chunk_layers, int pp, int n_virtual,
+                            int n_layer) {
+    if (!out) return;
+    fprintf(out, "interleaved: %d stages x %d chunks; model chunk k on stage k %% %d\n", pp,
+            n_virtual, pp);
+    for (int s = 0; s < pp; s++) {
+        fprintf(out, "  stage %2d  layers", s);
+        for (int c = 0; c < n_virtual; c++) {
+            int b, e;
+            rp_interleaved_chunk_layers(chunk_layers, pp, n_virtual, s, c, &b, &e);
+            fprintf(out, "%s %d-%d", c ? "," : "", b, e - 1);
+        }
+        fprintf(out, "%s%s\n", s == 0 ? "  +embedding" : "",
+                s == pp - 1 && n_layer > 0 ? "  +head/loss" : "");
+    }
 }
 
 static void train_usage(FILE *out) {
@@ -114,8 +144,13 @@ static void train_usage(FILE *out) {
             "                       N/P data replicas; --batch = replicas x micro-batches x\n"
             "                       --micro-batch\n"
             "  --stage-layers LIST  layers per stage, e.g. 4,4,3,1 (default: balanced by cost)\n"
-            "  --pp-schedule K      1f1b (default), gpipe or zb-h1 (zero bubble: weight\n"
-            "                       gradients deferred into the bubble, same weights)\n"
+            "  --pp-schedule K      1f1b (default), gpipe, zb-h1 (zero bubble: weight\n"
+            "                       gradients deferred into the bubble, same weights) or\n"
+            "                       interleaved (each stage holds v chunks of layers:\n"
+            "                       model chunks s, P+s, 2P+s, ...; same weights; CPU)\n"
+            "  --virtual-stages v   chunks per stage with interleaved (default 2); the\n"
+            "                       micro-batches per step a multiple of P, v*P <= layers;\n"
+            "                       --stage-layers then gives v*P counts, one per chunk\n"
             "  --zero 1             ZeRO-1: shard the Adam moments over the data replicas\n"
             "                       of each stage (same weights; CPU backend; default 0)\n"
             "  --halt-on-nan        stop at the first NaN/inf loss or gradient (default)\n"
@@ -157,6 +192,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         {"halt-on-nan", no_argument, 0, 'H'},       {"no-halt-on-nan", no_argument, 0, 'N'},
         {"log-dir", required_argument, 0, 'g'},
         {"zero", required_argument, 0, 1017},
+        {"virtual-stages", required_argument, 0, 1018},
         {"seq-len", required_argument, 0, 1003},    {"tbptt", no_argument, 0, 1004},
         {"tune", required_argument, 0, 1005},       {"state-out", required_argument, 0, 1006},
         {"lora-rank", required_argument, 0, 1007},  {"lora-alpha", required_argument, 0, 1008},
@@ -173,6 +209,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     long long run_tokens = 0;
     int n_paths = 0, micro_batch_size = 0, pp = 1;
     const char *stage_layers = NULL, *log_dir = NULL;
+    int n_virtual = 0;  /* --virtual-stages (interleaved only) */
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "ho:q", longopts, NULL)) != -1) {
@@ -248,13 +285,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'A': stage_layers = optarg; break;
         case 'B': {
             int k = rp_schedule_kind_from_name(optarg);
-            if (k < 0) cli_fatal(cli, "--pp-schedule: '%s' is not 1f1b, gpipe or zb-h1",
-                                optarg);
-            /* interleaved lists exist (rwkvpipe schedule simulates them), but
-             * the executor runs one chunk of layers per stage */
-            if (k == RP_SCHEDULE_INTERLEAVED)
-                cli_fatal(cli, "--pp-schedule interleaved: the executor does not run "
-                          "interleaved schedules yet: use 1f1b, gpipe or zb-h1");
+            if (k < 0) cli_fatal(cli, "--pp-schedule: '%s' is not 1f1b, gpipe, zb-h1 or "
+                                 "interleaved", optarg);
             o.pipe_schedule = (rp_schedule_kind)k;
             break;
         }
@@ -263,6 +295,10 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         case 'N': o.halt_on_nan = 0; break;
         case 'O': o.comm_timeout = cli_parse_double(cli, "--comm-timeout", optarg, 0, 1e9); break;
         case 1017: o.zero = (int)cli_parse_int(cli, "--zero", optarg, 0, 1); break;
+        case 1018:
+            n_virtual = (int)cli_parse_int(cli, "--virtual-stages", optarg, 2,
+                                           RP_SCHEDULE_MAX_VIRTUAL);
+            break;
         case 'h': train_usage(stdout); free(paths); return 0;
         default: train_usage(stderr); free(paths); return 2;
         }
@@ -272,6 +308,19 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
         cli_fatal(cli, "--pp %d does not divide the %d ranks: run with a multiple of the "
                   "pipeline depth (ranks = stages x data replicas)", pp, cli->mpi_size);
     const int dp = cli->mpi_size / pp;
+    const int interleaved = o.pipe_schedule == RP_SCHEDULE_INTERLEAVED;
+    if (n_virtual && !interleaved)
+        cli_fatal(cli, "--virtual-stages is for --pp-schedule interleaved only");
+    if (interleaved) {
+        if (!n_virtual) n_virtual = 2;
+        if (pp < 2)
+            cli_fatal(cli, "--pp-schedule interleaved needs --pp 2 or more (it interleaves "
+                      "chunks of layers across the stages)");
+        if (o.seq_len > o.ctx_len)
+            cli_fatal(cli, "--pp-schedule interleaved does not run --seq-len time chunks yet: "
+                      "use --pp-schedule 1f1b with --seq-len, or drop --seq-len");
+        o.n_virtual = n_virtual;
+    }
     FILE *rank0_log = log_dir ? cli_open_rank_logs(cli, log_dir) : NULL;
     if (rank0_log && o.progress) o.progress = rank0_log;
     if (cli->mpi_rank != 0) o.progress = NULL;
@@ -390,12 +439,37 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     }
     rp_grid grid;
     int layer_begin = 0, layer_end = mcfg.n_layer;
+    /* Interleaved: the layers go to v*P model chunks, model chunk k on stage
+     * k % P (the grid's own P-way split is unused). */
+    int *chunk_layers = NULL;
+    if (o.n_virtual) {
+        const int n_chunks = o.n_virtual * pp;
+        chunk_layers = malloc(sizeof(int) * (size_t)n_chunks);
+        if (!chunk_layers) cli_fatal(cli, "out of memory");
+        if (!stage_layers && mcfg.n_layer < n_chunks)
+            cli_fatal(cli, "--pp %d x --virtual-stages %d = %d model chunks, but the model has "
+                      "%d layers (a chunk needs one): lower --virtual-stages or --pp", pp,
+                      o.n_virtual, n_chunks, mcfg.n_layer);
+        if ((stage_layers ? rp_partition_parse(stage_layers, &mcfg, n_chunks, chunk_layers, &err)
+                          : rp_partition_balanced(&mcfg, n_chunks, chunk_layers, &err)) != RP_OK)
+            cli_fatal(cli, "%s%s", stage_layers ? "--stage-layers (one count per model chunk, "
+                      "--pp x --virtual-stages of them): " : "", err.msg);
+        o.chunk_layers = chunk_layers;
+    }
     if (cli->mpi_size > 1) {
-        cli_grid_create(cli, &mcfg, pp, stage_layers, &grid);
+        cli_grid_create(cli, &mcfg, pp, o.n_virtual ? NULL : stage_layers, &grid);
         cli_set_stage(&quiet, grid.stage);
-        rp_grid_print_map(&grid, o.progress ? stderr : NULL);
         layer_begin = grid.layer_begin[grid.stage];
         layer_end = grid.layer_end[grid.stage];
+        if (o.n_virtual) {
+            /* The grid's P-way split is not what the stages hold. */
+            print_chunk_map(o.progress ? stderr : NULL, chunk_layers, pp, o.n_virtual,
+                            mcfg.n_layer);
+            rp_interleaved_chunk_layers(chunk_layers, pp, o.n_virtual, grid.stage, 0,
+                                        &layer_begin, &layer_end);
+        } else {
+            rp_grid_print_map(&grid, o.progress ? stderr : NULL);
+        }
         o.grid = &grid;
     } else if (stage_layers) {
         int one;
@@ -406,7 +480,26 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
     if (cli->mpi_size > 1)
         cli_rank_startup(cli, be, grid.stage, grid.replica, layer_begin, layer_end,
                          mo.threads ? mo.threads : omp_get_max_threads());
-    if (o.resume_path) {
+    rp_model *chunks = NULL;
+    if (o.n_virtual) {
+        /* This stage's chunks; `model` is chunk 0 (for the config and logs). */
+        if (!(chunks = calloc((size_t)o.n_virtual, sizeof *chunks)))
+            cli_fatal(cli, "out of memory");
+        for (int ch = 0; ch < o.n_virtual; ch++) {
+            int b, e;
+            rp_interleaved_chunk_layers(chunk_layers, pp, o.n_virtual, grid.stage, ch, &b, &e);
+            if (!o.resume_path) {
+                cli_load_model_part(&quiet, &mo, &mcfg, b, e, be, &chunks[ch]);
+                continue;
+            }
+            if (rp_model_alloc(&chunks[ch], &mcfg, b, e, b == 0, e == mcfg.n_layer, be, &err) !=
+                RP_OK)
+                cli_fatal_error(cli, &err);
+            rp_model_register_weights(&chunks[ch]);
+        }
+        model = chunks[0];
+        o.chunks = chunks;
+    } else if (o.resume_path) {
         /* The weights come from the checkpoint, in rp_train_run. */
         if (rp_model_alloc(&model, &mcfg, layer_begin, layer_end, layer_begin == 0,
                            layer_end == mcfg.n_layer, be, &err) != RP_OK)
@@ -454,7 +547,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
                  res.steps_done, o.ckpt_dir ? "; checkpoint in " : " without a checkpoint (no "
                  "--checkpoint-dir)", o.ckpt_dir ? o.ckpt_dir : "",
                  o.ckpt_dir ? "" : " after adding --checkpoint-dir");
-        rp_model_free(&model);
+        free_models(&model, chunks, o.n_virtual);
+        free(chunk_layers);
         rp_backend_destroy(be);
         if (o.grid) rp_grid_free(&grid);
         free(paths);
@@ -464,7 +558,8 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
              "%.2f%%%s%s", res.steps_done, res.seconds, res.last_loss, res.eval_loss,
              100 * res.eval_accuracy, o.save_path ? "; weights: " : "",
              o.save_path ? o.save_path : "");
-    rp_model_free(&model);
+    free_models(&model, chunks, o.n_virtual);
+    free(chunk_layers);
     rp_backend_destroy(be);
     if (o.grid) rp_grid_free(&grid);
     free(paths);

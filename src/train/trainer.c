@@ -9,6 +9,7 @@
 
 #include "model/backward.h"
 #include "model/lora.h"
+#include "pipe/pipe_interleaved.h"
 #include "pipe/pipe_train.h"
 #include "pipe/transport.h"
 #include "train/checkpoint.h"
@@ -244,7 +245,10 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
     else if ((st = data_open(&d, o, V, err)) != RP_OK) return st;
     rp_workspace ws;
     rp_state state = {0};
-    const int has_head = model->has_head;
+    /* Interleaved: a state per chunk, the head on the last stage's last chunk. */
+    const int n_virtual = o->n_virtual > 1 ? o->n_virtual : 0;
+    rp_state *states = n_virtual ? calloc((size_t)n_virtual, sizeof *states) : NULL;
+    const int has_head = n_virtual ? o->chunks[n_virtual - 1].has_head : model->has_head;
     int32_t *tokens = malloc((size_t)n * (L + 1) * sizeof(int32_t));
     uint8_t *mask = malloc((size_t)n * L);
     int32_t *inputs = malloc((size_t)n * L * sizeof(int32_t));
@@ -258,6 +262,15 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
         rp_state_geometry(&state, &model->cfg, model->layer_begin, model->layer_end, n);
         state.data = be->alloc(be, state.floats_per_slot * (size_t)n * sizeof(float));
     }
+    for (int c = 0; c < n_virtual && st == RP_OK && states; c++) {
+        const rp_model *cm = &o->chunks[c];
+        rp_state_geometry(&states[c], &cm->cfg, cm->layer_begin, cm->layer_end, n);
+        if (!(states[c].data = be->alloc(be, states[c].floats_per_slot * (size_t)n *
+                                                 sizeof(float))))
+            st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate evaluation buffers");
+    }
+    if (st == RP_OK && n_virtual && !states)
+        st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate evaluation buffers");
     if (st == RP_OK && (!state.data || (has_head && (!logits_dev || !logits))))
         st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate evaluation buffers");
     for (int i = 0; i < n; i++) {
@@ -289,6 +302,9 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
             if ((uint64_t)bi * n + i >= n_windows)
                 for (int t = 0; t < L; t++) targets[((size_t)(t / T) * n + i) * T + t % T] = -1;
         be->fill_zero(be, state.data, state.floats_per_slot * (size_t)n * sizeof(float));
+        for (int c = 0; c < n_virtual; c++)
+            be->fill_zero(be, states[c].data,
+                          states[c].floats_per_slot * (size_t)n * sizeof(float));
         const size_t hnn = (size_t)state.n_head * state.head_size * state.head_size;
         for (int b = 0; tuned && b < n; b++)
             for (int l = state.layer_begin; l < state.layer_end; l++)
@@ -296,8 +312,14 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
                          tuned + (size_t)(l - state.layer_begin) * hnn, hnn * sizeof(float));
         for (int c = 0; c < n_chunks && st == RP_OK; c++) {
             const int32_t *chunk_targets = targets + (size_t)c * n * T;
-            st = rp_pipe_forward(model, tp, stage, n_stages, &ws, inputs + (size_t)c * n * T,
-                                 &batch, &state, RP_LOGITS_ALL, logits_dev, err);
+            st = n_virtual ? rp_pipe_forward_interleaved(o->chunks, n_virtual, tp, stage,
+                                                         n_stages, &ws,
+                                                         inputs + (size_t)c * n * T, &batch,
+                                                         states, RP_LOGITS_ALL, logits_dev,
+                                                         err)
+                           : rp_pipe_forward(model, tp, stage, n_stages, &ws,
+                                             inputs + (size_t)c * n * T, &batch, &state,
+                                             RP_LOGITS_ALL, logits_dev, err);
             if (st != RP_OK || !has_head) continue;
             be->copy_to_host(be, logits, logits_dev, (size_t)n * T * V * sizeof(float));
             for (int r = 0; r < n * T; r++) {
@@ -328,6 +350,9 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
         if (n_targets) *n_targets = count;
     }
     if (state.data) be->free(be, state.data);
+    for (int c = 0; states && c < n_virtual; c++)
+        if (states[c].data) be->free(be, states[c].data);
+    free(states);
     if (logits_dev) be->free(be, logits_dev);
     rp_workspace_free(&ws, be);
     free(tokens);
@@ -410,21 +435,38 @@ static rp_status save_checkpoint(const rp_train_options *o, rp_transport *tp,
         return g->stage == 0 ? st
                              : rp_error_set(err, RP_ERR_IO, "stage 0 could not create the "
                                             "checkpoint directory under %s", o->ckpt_dir);
-    rp_ckpt_file mine[RP_CKPT_ROLES];
-    memset(mine, 0, sizeof mine);
+    /* Interleaved: a shard per chunk (model chunk c*P + stage of v*P), the
+     * same per-layer files a plain run writes, so either resumes the other. */
+    const int V = o->n_virtual > 1 ? o->n_virtual : 1;
+    rp_ckpt_file *mine = calloc((size_t)V * RP_CKPT_ROLES, sizeof *mine);
+    if (!mine) return rp_error_set(err, RP_ERR_NOMEM, "checkpoint file list");
     int n_mine = 0;
-    st = rp_ckpt_write_shard(step_dir, c, g->stage, g->pp, mine, &n_mine, err);
+    for (int ch = 0; ch < V && st == RP_OK; ch++) {
+        rp_ckpt_contents cc = *c;
+        if (V > 1) {
+            cc.weights = &o->chunks[ch];
+            cc.adam_m = &c->adam_m[ch];
+            cc.adam_v = &c->adam_v[ch];
+        }
+        int n_one = 0;
+        st = rp_ckpt_write_shard(step_dir, &cc, ch * g->pp + g->stage, V * g->pp,
+                                 mine + (size_t)ch * RP_CKPT_ROLES, &n_one, err);
+        if (n_one != n_mine && ch > 0 && st == RP_OK)
+            st = rp_error_set(err, RP_ERR_INTERNAL, "chunk %d wrote %d files", ch, n_one);
+        n_mine = n_one;
+    }
     crash_point_for_tests("ckpt-shard", g->stage, c->progress.step);
     /* A stage that failed reports zero files; stage 0 then refuses to commit,
-     * so the previous checkpoint stays the latest. */
+     * so the previous checkpoint stays the latest. n_mine: files per chunk. */
     if (st != RP_OK) n_mine = -1;
-    rp_ckpt_file *all = g->stage == 0 ? calloc((size_t)g->pp * RP_CKPT_ROLES, sizeof *all) : NULL;
+    const size_t per_rank = (size_t)V * RP_CKPT_ROLES;
+    rp_ckpt_file *all = g->stage == 0 ? calloc((size_t)g->pp * per_rank, sizeof *all) : NULL;
     int *counts = g->stage == 0 ? calloc((size_t)g->pp, sizeof(int)) : NULL;
     comm = rp_transport_gather(tp, &n_mine, counts, sizeof n_mine, 0,
                                "the checkpoint shard reports", &comm_err);
     if (comm == RP_OK)
-        comm = rp_transport_gather(tp, mine, all, sizeof mine, 0, "the checkpoint shard reports",
-                                   &comm_err);
+        comm = rp_transport_gather(tp, mine, all, per_rank * sizeof *mine, 0,
+                                   "the checkpoint shard reports", &comm_err);
     if (comm != RP_OK && st == RP_OK) {
         st = comm;
         *err = comm_err;
@@ -437,12 +479,22 @@ static rp_status save_checkpoint(const rp_train_options *o, rp_transport *tp,
                                   "shard in %s; the checkpoint was not committed", s, step_dir);
                 break;
             }
-            for (int k = 0; k < counts[s]; k++) all[n_files++] = all[s * RP_CKPT_ROLES + k];
         }
+        /* In shard order (model chunk order when interleaved). */
+        rp_ckpt_file *ordered = st == RP_OK ? calloc((size_t)g->pp * per_rank, sizeof *ordered)
+                                            : NULL;
+        if (st == RP_OK && !ordered) st = rp_error_set(err, RP_ERR_NOMEM, "checkpoint files");
+        for (int k = 0; k < V * g->pp && st == RP_OK; k++)
+            for (int f = 0; f < counts[k % g->pp]; f++)
+                ordered[n_files++] = all[(size_t)(k % g->pp) * per_rank +
+                                         (size_t)(k / g->pp) * RP_CKPT_ROLES + f];
+        free(all);
+        all = ordered;
         if (st == RP_OK) st = rp_ckpt_commit(o->ckpt_dir, c, all, n_files, err);
     }
     free(all);
     free(counts);
+    free(mine);
     return st;
 }
 
@@ -575,6 +627,78 @@ static rp_status save_weights(const rp_model *model, const rp_train_options *o,
     return st;
 }
 
+/* save_weights for interleaved 1F1B: rank 0 takes the model chunks in
+ * model order (chunk k on stage k % P), every other stage of replica 0
+ * sends its chunks' layers in chunk order, then the last stage the head. */
+static rp_status save_weights_interleaved(const rp_train_options *o, rp_transport *tp,
+                                          rp_error *err) {
+    const rp_grid *g = o->grid;
+    if (g->replica != 0) return RP_OK;
+    const int v = o->n_virtual, P = g->pp;
+    const rp_model *m0 = &o->chunks[0];
+    rp_backend *be = m0->be;
+    const size_t layer_bytes = m0->layer_floats * sizeof(float);
+    const size_t head_bytes = m0->head_floats * sizeof(float);
+    float *host = malloc(layer_bytes > head_bytes ? layer_bytes : head_bytes);
+    rp_status st = RP_OK;
+    if (g->stage != 0) {
+        /* Send even after a failed allocation (zeros), so rank 0 does not
+         * wait for the timeout; the error still ends this rank's run. */
+        float *zeros = host ? NULL : calloc(1, layer_bytes > head_bytes ? layer_bytes
+                                                                         : head_bytes);
+        for (int c = 0; c < v && st == RP_OK; c++) {
+            const rp_model *m = &o->chunks[c];
+            for (int i = 0; i < m->layer_end - m->layer_begin && st == RP_OK; i++) {
+                if (host) be->copy_to_host(be, host, m->layer_flat[i], layer_bytes);
+                st = rp_transport_gather_slice(tp, g->stage, NULL, host ? host : zeros,
+                                               layer_bytes, "layer weights", err);
+            }
+            if (m->has_head && st == RP_OK) {
+                if (host) be->copy_to_host(be, host, m->head_flat, head_bytes);
+                st = rp_transport_gather_slice(tp, g->stage, NULL, host ? host : zeros,
+                                               head_bytes, "head weights", err);
+            }
+        }
+        free(zeros);
+        if (st == RP_OK && !host)
+            st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
+        free(host);
+        return st;
+    }
+    rp_model whole;
+    memset(&whole, 0, sizeof whole);
+    st = rp_model_alloc(&whole, &m0->cfg, 0, m0->cfg.n_layer, 1, 1, be, err);
+    if (st == RP_OK && !host)
+        st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
+    /* The layers in model order: chunk c of every stage, then chunk c+1. */
+    int l = 0;
+    for (int k = 0; k < v * P && st == RP_OK; k++) {
+        const int s = k % P, c = k / P;
+        const int n_layers = s == 0 ? o->chunks[c].layer_end - o->chunks[c].layer_begin : -1;
+        if (s == 0) {
+            for (int i = 0; i < n_layers; i++, l++)
+                be->copy(be, whole.layer_flat[l], o->chunks[c].layer_flat[i], layer_bytes);
+            continue;
+        }
+        /* A stage's layer counts are its own: its chunk k ends where chunk
+         * k+1 (or the head) begins, which rank 0 learns from the partition. */
+        for (int i = 0; i < o->chunk_layers[k] && st == RP_OK; i++, l++)
+            if ((st = rp_transport_gather_slice(tp, s, host, NULL, layer_bytes, "layer weights",
+                                                err)) == RP_OK)
+                be->copy_to_device(be, whole.layer_flat[l], host, layer_bytes);
+    }
+    if (st == RP_OK)
+        st = rp_transport_gather_slice(tp, P - 1, host, NULL, head_bytes, "head weights", err);
+    if (st == RP_OK) {
+        be->copy_to_device(be, whole.head_flat, host, head_bytes);
+        be->copy(be, whole.embed_flat, m0->embed_flat, m0->embed_floats * sizeof(float));
+        st = rp_model_save(&whole, o->save_path, RP_DTYPE_F32, err);
+    }
+    if (whole.be) rp_model_free(&whole);
+    free(host);
+    return st;
+}
+
 /* ---- state tuning ---- */
 
 /* Writes the tuned states of every stage (pt->tuned, this stage's layers)
@@ -693,6 +817,11 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     memset(&adam_v, 0, sizeof adam_v);
     rp_pipe_trainer pt;
     memset(&pt, 0, sizeof pt);
+    /* Interleaved 1F1B: gradients and moments per chunk, its own executor. */
+    const int V = o->n_virtual > 1 ? o->n_virtual : 0;
+    rp_model *igrads = NULL, *iadam_m = NULL, *iadam_v = NULL;
+    rp_pipe_interleaved pi;
+    memset(&pi, 0, sizeof pi);
     rp_lora lora;
     memset(&lora, 0, sizeof lora);
     float *tuned_host[3] = {NULL, NULL, NULL};  /* state tuning: checkpoint staging */
@@ -708,8 +837,39 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the batch buffers");
         goto done;
     }
-    if ((st = rp_model_alloc(&grads, cfg, model->layer_begin, model->layer_end, model->has_embed,
-                             model->has_head, be, err)) != RP_OK ||
+    if (V) {
+        /* What interleaving does not run yet is refused before any work. */
+        const char *no = o->tune_state ? "--tune state" : o->tune_lora ? "--tune lora"
+                         : o->zero ? "--zero 1" : K > 1 ? "--seq-len longer than --ctx-len "
+                         "(time chunks)" : NULL;
+        if (no) {
+            st = rp_error_set(err, RP_ERR_ARG, "--pp-schedule interleaved does not run with %s "
+                              "yet: use --pp-schedule 1f1b (or zb-h1) for it", no);
+            goto done;
+        }
+        igrads = calloc((size_t)V, sizeof *igrads);
+        iadam_m = calloc((size_t)V, sizeof *iadam_m);
+        iadam_v = calloc((size_t)V, sizeof *iadam_v);
+        if (!igrads || !iadam_m || !iadam_v) {
+            st = rp_error_set(err, RP_ERR_NOMEM, "the chunks' gradients");
+            goto done;
+        }
+        for (int c = 0; c < V; c++) {
+            const rp_model *cm = &o->chunks[c];
+            rp_model *dst[3] = {&igrads[c], &iadam_m[c], &iadam_v[c]};
+            for (int k = 0; k < 3; k++)
+                if ((st = rp_model_alloc(dst[k], cfg, cm->layer_begin, cm->layer_end,
+                                         cm->has_embed, cm->has_head, be, err)) != RP_OK)
+                    goto done;
+        }
+        if ((st = pipe_transport_open(o, be, &tp_storage, &tp, err)) != RP_OK ||
+            (st = world_transport_open(o, &world_storage, &world, err)) != RP_OK ||
+            (st = rp_pipe_interleaved_init(&pi, o->chunks, igrads, iadam_m, iadam_v, V, o->grid,
+                                           tp, M, MB, T, err)) != RP_OK)
+            goto done;
+        pi.halt_on_nan = o->halt_on_nan;
+    } else if ((st = rp_model_alloc(&grads, cfg, model->layer_begin, model->layer_end,
+                                    model->has_embed, model->has_head, be, err)) != RP_OK ||
         /* --zero 1 keeps only this replica's shard of the moments; whole
          * ones exist only to read a checkpoint into (then freed). */
         (o->zero && (st = rp_zero_shard_init(&zero, &grads, DP, replica, err)) != RP_OK) ||
@@ -724,10 +884,12 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                                                tp, o->pipe_schedule, M, MB, T, K, o->tbptt,
                                                err)) != RP_OK)
         goto done;
-    pt.halt_on_nan = o->halt_on_nan;
+    if (!V) {
+        pt.halt_on_nan = o->halt_on_nan;
+        print_memory(o, model, &grads, o->zero ? &zero : NULL);
+    }
     if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
     if (o->zero && (st = rp_pipe_trainer_use_zero(&pt, &zero, err)) != RP_OK) goto done;
-    print_memory(o, model, &grads, o->zero ? &zero : NULL);
     for (int k = 0; o->tune_state && k < 3; k++)
         if (!(tuned_host[k] = malloc((pt.tuned_floats + 1) * sizeof(float)))) {
             st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the tuned states");
@@ -753,8 +915,12 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     rp_train_progress progress = {.seed = o->seed};
     if (o->resume_path) {
         /* Every stage reads its own layers, whatever layout wrote them. */
-        if ((st = rp_ckpt_load(o->resume_path, model, &adam_m, &adam_v, &progress, err)) != RP_OK)
-            goto done;
+        for (int c = 0; c < V && st == RP_OK; c++)
+            st = rp_ckpt_load(o->resume_path, &o->chunks[c], &iadam_m[c], &iadam_v[c],
+                              &progress, err);
+        if (!V)
+            st = rp_ckpt_load(o->resume_path, model, &adam_m, &adam_v, &progress, err);
+        if (st != RP_OK) goto done;
         if (o->zero) {
             /* The checkpoint holds the whole moments whatever wrote it. */
             rp_zero_take(&zero, &adam_m, &adam_v);
@@ -835,9 +1001,12 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
         const float loss_scale = 1.0f / n_targets_total;
         rp_pipe_step_result sr;
-        if ((st = rp_pipe_trainer_step(&pt, inputs, targets, loss_scale,
-                                       o->l2wrap ? 1e-4f * loss_scale : 0.0f, &optim, step, &sr,
-                                       err)) != RP_OK)
+        if ((st = V ? rp_pipe_interleaved_step(&pi, inputs, targets, loss_scale,
+                                               o->l2wrap ? 1e-4f * loss_scale : 0.0f, &optim,
+                                               step, &sr, err)
+                    : rp_pipe_trainer_step(&pt, inputs, targets, loss_scale,
+                                           o->l2wrap ? 1e-4f * loss_scale : 0.0f, &optim, step,
+                                           &sr, err)) != RP_OK)
             goto done;
         if (sr.skipped) {
             result->skipped_steps++;
@@ -902,7 +1071,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
         if (do_ckpt) {
             data_get_position(&d, &progress);
-            rp_ckpt_contents c = {.weights = model, .adam_m = &adam_m, .adam_v = &adam_v,
+            /* Interleaved: adam_m / adam_v are the chunks' arrays (save_checkpoint). */
+            rp_ckpt_contents c = {.weights = model, .adam_m = V ? iadam_m : &adam_m,
+                                  .adam_v = V ? iadam_v : &adam_v,
                                   .progress = progress, .optim = &optim,
                                   .keep_last = o->keep_last};
             char lora_meta[192];
@@ -956,7 +1127,8 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
     }
     result->seconds = rp_now_seconds() - t_start;
-    if (o->save_path && !result->stopped_by_signal) st = save_weights(model, o, tp, err);
+    if (o->save_path && !result->stopped_by_signal)
+        st = V ? save_weights_interleaved(o, tp, err) : save_weights(model, o, tp, err);
     if (st == RP_OK && o->tune_state && o->state_out)
         st = save_tuned_states(model, &pt, o, tp, err);
     if (st == RP_OK && o->tune_lora && o->lora_out && !result->stopped_by_signal)
@@ -969,6 +1141,15 @@ done:
     }
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);
+    rp_pipe_interleaved_free(&pi);
+    for (int c = 0; c < V; c++) {
+        if (igrads) rp_model_free(&igrads[c]);
+        if (iadam_m) rp_model_free(&iadam_m[c]);
+        if (iadam_v) rp_model_free(&iadam_v[c]);
+    }
+    free(igrads);
+    free(iadam_m);
+    free(iadam_v);
     if (tp) rp_transport_free(tp);
     if (world) rp_transport_free(world);
     rp_model_free(&grads);

@@ -68,6 +68,13 @@ typedef struct {
      * batch_size = replicas x micro-batches x micro_batch_size. */
     const rp_grid *grid;
     rp_schedule_kind pipe_schedule;  /* GPipe or 1F1B (default) */
+    /* Interleaved 1F1B (pipe_schedule RP_SCHEDULE_INTERLEAVED): this stage's
+     * n_virtual chunk models in chunk order (chunk c is model chunk
+     * c * pp + stage, pipe/pipe_interleaved.h); the run trains, evaluates
+     * and saves these instead of the model argument (which is chunks[0]). */
+    rp_model *chunks;
+    int n_virtual;
+    const int *chunk_layers;  /* [n_virtual * pp] layers of each model chunk */
     double comm_timeout;        /* seconds a stage waits on a peer before failing; 0: forever */
     int halt_on_nan;            /* stop at a non-finite gradient (default); 0: skip that step */
     /* ZeRO stage (docs/parallelism.md): 1 shards the Adam moments over the
