@@ -21,13 +21,19 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
                                             n_micro, micro_batch_size, ctx_len, 1, 0, err);
 }
 
+/* Floats of the stage's largest flat buffer. */
+static size_t largest_buffer(const rp_model *g) {
+    size_t most = g->layer_floats;
+    if (g->embed_floats > most) most = g->embed_floats;
+    if (g->head_floats > most) most = g->head_floats;
+    return most;
+}
+
 /* Host landing buffer of the fixed-order reduce-scatter: the largest
  * gradient buffer. */
 static rp_status alloc_zero_scratch(rp_pipe_trainer *pt, rp_error *err) {
     if (pt->zero_scratch) return RP_OK;
-    size_t most = pt->grads->layer_floats;
-    if (pt->grads->embed_floats > most) most = pt->grads->embed_floats;
-    if (pt->grads->head_floats > most) most = pt->grads->head_floats;
+    const size_t most = largest_buffer(pt->grads);
     /* DP pieces of the largest range (n / DP rounded up): up to most + DP. */
     pt->zero_scratch = malloc(sizeof(float) * (most + (size_t)pt->dp + 1));
     if (!pt->zero_scratch)
@@ -44,11 +50,9 @@ rp_status rp_pipe_trainer_use_zero(rp_pipe_trainer *pt, rp_zero_shard *z, rp_err
         return rp_error_set(err, RP_ERR_INTERNAL, "ZeRO shard %d of %d on replica %d of %d",
                             z->rank, z->dp, pt->grid ? pt->grid->replica : 0, pt->dp);
     if (pt->dp > 1) {
-        size_t most = pt->grads->layer_floats;
-        if (pt->grads->embed_floats > most) most = pt->grads->embed_floats;
-        if (pt->grads->head_floats > most) most = pt->grads->head_floats;
         rp_status st = rp_zero_links_create(&pt->zero_links, pt->grid->data_comm, pt->model->be,
-                                            pt->data_nccl, most, pt->timeout_s, err);
+                                            pt->data_nccl, largest_buffer(pt->grads),
+                                            pt->timeout_s, err);
         if (st != RP_OK) return rp_error_prefix(err, "stage %d", pt->stage);
     }
     pt->zero = z;
