@@ -16,6 +16,11 @@
 #   exchanges, one communicator per direction and receives posted early, hung
 #   the same way under the serial mock and passed with RP_NCCL_MOCK=
 #   concurrent: it relied on NCCL progressing two communicators at once.)
+# - train --zero 1 on the mock's device memory: the data replicas' reduce-
+#   scatter and all-gather as grouped ncclSend/ncclRecv on the data group's
+#   communicator (-np 2, -np 3 with uneven ranges, and -np 4 --pp 2 where
+#   the stage links and the data group both carry traffic) finish under the
+#   serial mock and give the CPU run's weights without --zero, byte for byte.
 # Run by `make check` in CPU builds (env: top_srcdir, top_builddir, MPIRUN, PYTHON3).
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
@@ -112,5 +117,33 @@ check "train --pp 3: 1F1B with 4 and 2 micro-batches, GPipe with 4"
 run pp3_1f1b 3 --pp 3 --pp-schedule 1f1b --micro-batch 2 --stage-layers 1,2,1
 run pp3_1f1b_m2 3 --pp 3 --pp-schedule 1f1b --micro-batch 4 --stage-layers 2,1,1
 run pp3_gpipe 3 --pp 3 --pp-schedule gpipe --micro-batch 2 --stage-layers 1,1,2
+ok
+# zero NAME NP ARGS...: --zero 1 over the mock NCCL data group = the plain
+# CPU run (no fake device, no --zero) byte for byte.
+zero() {
+    local name=$1 np=$2
+    shift 2
+    RWKVPIPE_TEST_FAKE_DEVICE=1 RWKVPIPE_NCCL=1 timeout $DEADLINE "$MPIRUN" -np "$np" "$BIN" \
+        "${TRAIN[@]}" "$@" --zero 1 -o "$T/$name.zero.st" >"$T/$name.zero.out" 2>&1 || {
+        cp "$T/$name.zero.out" "$T/stderr"
+        fail "$name --zero 1 over NCCL (exit 124: over the ${DEADLINE} s deadline, a hang): $*"
+    }
+    timeout $DEADLINE "$MPIRUN" -np "$np" "$BIN" "${TRAIN[@]}" "$@" -o "$T/$name.cpu.st" \
+        >"$T/$name.cpu.out" 2>&1 || {
+        cp "$T/$name.cpu.out" "$T/stderr"
+        fail "$name on the CPU: $*"
+    }
+    grep -q "zero: optimizer state sharded over .* data replicas (NCCL)" "$T/$name.zero.out" || {
+        cp "$T/$name.zero.out" "$T/stderr"
+        fail "$name: the --zero 1 run did not use the NCCL data group"
+    }
+    cmp -s "$T/$name.zero.st" "$T/$name.cpu.st" ||
+        fail "$name: the weights after --zero 1 over NCCL differ from the CPU run's"
+}
+
+check "train --zero 1 over the NCCL data group: -np 2, -np 3 (uneven), -np 4 --pp 2"
+zero zero_np2 2 --micro-batch 2 --grad-clip 0.05
+zero zero_np3 3 --batch 6 --micro-batch 1 --grad-clip 0.05
+zero zero_np4pp2 4 --pp 2 --micro-batch 2 --grad-clip 0.05
 ok
 echo "PASS"

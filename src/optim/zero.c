@@ -85,18 +85,10 @@ rp_status rp_zero_shard_init(rp_zero_shard *z, const rp_model *like, int dp, int
     return RP_OK;
 }
 
-/* Backend memory to backend memory: through the host on a device backend. */
+/* Backend memory to backend memory, with the backend's own copy (a device
+ * copy on a GPU: the moments never pass through the host). */
 static void copy_floats(rp_backend *be, float *dst, const float *src, size_t n) {
-    if (n == 0) return;
-    if (be->is_host_memory) {
-        memcpy(dst, src, n * sizeof(float));
-        return;
-    }
-    float *tmp = malloc(n * sizeof(float));
-    if (!tmp) return;  /* the caller checks be->status; a device backend is refused earlier */
-    be->copy_to_host(be, tmp, src, n * sizeof(float));
-    be->copy_to_device(be, dst, tmp, n * sizeof(float));
-    free(tmp);
+    if (n) be->copy(be, dst, src, n * sizeof(float));
 }
 
 void rp_zero_take(rp_zero_shard *z, const rp_model *adam_m, const rp_model *adam_v) {

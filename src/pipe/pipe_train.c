@@ -21,14 +21,21 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
                                             n_micro, micro_batch_size, ctx_len, 1, 0, err);
 }
 
+/* Floats of the stage's largest flat buffer. */
+static size_t largest_buffer(const rp_model *g) {
+    size_t most = g->layer_floats;
+    if (g->embed_floats > most) most = g->embed_floats;
+    if (g->head_floats > most) most = g->head_floats;
+    return most;
+}
+
 /* Host landing buffer of the fixed-order reduce-scatter: the largest
  * gradient buffer. */
 static rp_status alloc_zero_scratch(rp_pipe_trainer *pt, rp_error *err) {
     if (pt->zero_scratch) return RP_OK;
-    size_t most = pt->grads->layer_floats;
-    if (pt->grads->embed_floats > most) most = pt->grads->embed_floats;
-    if (pt->grads->head_floats > most) most = pt->grads->head_floats;
-    pt->zero_scratch = malloc(sizeof(float) * (most + 1));
+    const size_t most = largest_buffer(pt->grads);
+    /* DP pieces of the largest range (n / DP rounded up): up to most + DP. */
+    pt->zero_scratch = malloc(sizeof(float) * (most + (size_t)pt->dp + 1));
     if (!pt->zero_scratch)
         return rp_error_set(err, RP_ERR_NOMEM, "stage %d: the reduce-scatter buffer of %zu "
                             "floats", pt->stage, most);
@@ -36,18 +43,18 @@ static rp_status alloc_zero_scratch(rp_pipe_trainer *pt, rp_error *err) {
 }
 
 rp_status rp_pipe_trainer_use_zero(rp_pipe_trainer *pt, rp_zero_shard *z, rp_error *err) {
-    if (!pt->model->be->is_host_memory)
-        return rp_error_set(err, RP_ERR_ARG, "--zero 1 runs on host memory only (the CPU "
-                            "backend); the %s backend's has no sharded path yet: drop --zero",
-                            pt->model->be->name);
     if (pt->tune_state)
         return rp_error_set(err, RP_ERR_ARG, "--zero 1 shards the weights' moments; --tune "
                             "state trains no weights: drop --zero");
     if (z->dp != pt->dp || (pt->grid && z->rank != pt->grid->replica))
         return rp_error_set(err, RP_ERR_INTERNAL, "ZeRO shard %d of %d on replica %d of %d",
                             z->rank, z->dp, pt->grid ? pt->grid->replica : 0, pt->dp);
-    rp_status st = alloc_zero_scratch(pt, err);
-    if (st != RP_OK) return st;
+    if (pt->dp > 1) {
+        rp_status st = rp_zero_links_create(&pt->zero_links, pt->grid->data_comm, pt->model->be,
+                                            pt->data_nccl, largest_buffer(pt->grads),
+                                            pt->timeout_s, err);
+        if (st != RP_OK) return rp_error_prefix(err, "stage %d", pt->stage);
+    }
     pt->zero = z;
     return RP_OK;
 }
@@ -269,6 +276,7 @@ void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
     rp_nccl_group_free(pt->data_nccl);
     free(pt->reduce_host);
     free(pt->zero_scratch);
+    rp_zero_links_free(pt->zero_links);
     rp_schedule_free(&pt->sched);
     memset(pt, 0, sizeof *pt);
 }
@@ -394,7 +402,10 @@ static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
         size_t n = i < 2 ? sizes[i] : g->layer_floats;
         if (!p) continue;
         rp_status st = RP_OK;
-        if (pt->data_nccl) {
+        if (pt->zero_links) {
+            /* ZeRO-1: sums in replica order (pipe_zero.h), my range only. */
+            st = rp_zero_links_reduce_scatter(pt->zero_links, p, n, err);
+        } else if (pt->data_nccl) {
             st = rp_nccl_group_allreduce_sum(pt->data_nccl, p, n, "the gradient all-reduce over "
                                              "the data replicas", err);
         } else if (pt->reduce_host) {
@@ -426,7 +437,11 @@ static rp_status allgather_weights(rp_pipe_trainer *pt, rp_error *err) {
     float *w;
     rp_status st = RP_OK;
     for (int i = 0; st == RP_OK && (w = rp_zero_buffer(pt->model, i, &n)); i++)
-        st = rp_zero_allgather(pt->grid->data_comm, w, n, pt->timeout_s, err);
+        st = rp_zero_links_allgather(pt->zero_links, w, n, err);
+    /* NCCL wrote the other ranges behind the backend: its bf16 copies of
+     * the weights (CUDA) are made again from the fp32 master weights. */
+    if (st == RP_OK && rp_zero_links_bypass_backend(pt->zero_links))
+        rp_model_register_weights(pt->model);
     return st;
 }
 

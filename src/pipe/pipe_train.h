@@ -95,6 +95,9 @@ typedef struct {
      * ZeRO on more than 2 replicas so both runs add in the same order. */
     rp_zero_shard *zero;
     float *zero_scratch;
+    /* ZeRO-1's reduce-scatter / all-gather of backend buffers, host or
+     * device (pipe_zero.h); NULL with one replica. */
+    struct rp_zero_links *zero_links;
 } rp_pipe_trainer;
 
 rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *grads,
@@ -120,7 +123,8 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
  * they are; the step's grad_norm is the tuned states' gradient norm. */
 rp_status rp_pipe_trainer_tune_state(rp_pipe_trainer *pt, rp_error *err);
 void rp_pipe_trainer_free(rp_pipe_trainer *pt);
-/* Turns on ZeRO-1 (after init): gradients are reduce-scattered, AdamW runs
+/* Turns on ZeRO-1 (after init; host or device memory, NCCL where the
+ * gradients' all-reduce would use it): gradients are reduce-scattered, AdamW runs
  * on z's ranges (z: this replica's shard, rp_zero_shard_init with the grid's
  * dp and replica), the updated ranges are all-gathered. Host memory only
  * (a device backend is refused: no NCCL path yet). The weights equal those

@@ -106,22 +106,54 @@ rp_status rp_zero_sum_partials(MPI_Comm comm, double partial, double *sum, doubl
     return st;
 }
 
+/* One buffer's range of every replica to replica 0, through host buffers:
+ * mine [count] (backend memory) -> full [n] (backend memory on the root). */
+static rp_status gather_staged(MPI_Comm comm, rp_backend *be, const float *mine, size_t count,
+                               float *full, size_t n, const int *counts, const int *displs,
+                               float *host_mine, float *host_full, double timeout_s,
+                               const char *what, rp_error *err) {
+    if (count) be->copy_to_host(be, host_mine, mine, count * sizeof(float));
+    MPI_Request req;
+    rp_status st = started(MPI_Igatherv(host_mine, (int)count, MPI_FLOAT, host_full, counts,
+                                        displs, MPI_FLOAT, 0, comm, &req), what, err);
+    if (st == RP_OK) st = rp_comm_wait(&req, timeout_s, what, err);
+    if (st == RP_OK && full) be->copy_to_device(be, full, host_full, n * sizeof(float));
+    return st;
+}
+
 rp_status rp_zero_gather_moments(MPI_Comm comm, const rp_zero_shard *z, rp_model *adam_m,
                                  rp_model *adam_v, double timeout_s, rp_error *err) {
     static const char what[] = "the Adam moments' gather to replica 0 for the checkpoint "
                                "(--zero 1)";
-    const int dp = z->dp, root = z->rank == 0;
-    if (root) rp_zero_put(z, adam_m, adam_v);
-    if (dp == 1) return RP_OK;
+    const int dp = z->dp, root = z->rank == 0, host = z->be->is_host_memory;
+    if (root && host) rp_zero_put(z, adam_m, adam_v);
+    if (dp == 1) {
+        if (root && !host) rp_zero_put(z, adam_m, adam_v);
+        return RP_OK;
+    }
     int *counts = malloc(sizeof(int) * 2 * (size_t)dp);
-    if (!counts) return rp_error_set(err, RP_ERR_NOMEM, "%s: counts", what);
+    /* Device memory: staged through host buffers of the largest buffer. */
+    size_t most = 1;
+    for (int i = 0; i < z->n_buf; i++)
+        if (z->full[i] > most) most = z->full[i];
+    float *host_mine = host ? NULL : malloc(sizeof(float) * most);
+    float *host_full = host || !root ? NULL : malloc(sizeof(float) * most);
+    /* A replica without its host buffers stops here; the others' gather
+     * then ends with the --comm-timeout watchdog. */
     rp_status st = RP_OK;
+    if (!counts || (!host && (!host_mine || (root && !host_full))))
+        st = rp_error_set(err, RP_ERR_NOMEM, "%s: host buffers of %zu floats", what, most);
     for (int i = 0; i < z->n_buf && st == RP_OK; i++) {
         if ((st = ranges(z->full[i], dp, counts, counts + dp, what, err)) != RP_OK) break;
         for (int which = 0; which < 2 && st == RP_OK; which++) {
             size_t n;
             float *full = root ? rp_zero_buffer(which ? adam_v : adam_m, i, &n) : NULL;
             float *mine = which ? z->v[i] : z->m[i];
+            if (!host) {
+                st = gather_staged(comm, z->be, mine, z->count[i], full, z->full[i], counts,
+                                   counts + dp, host_mine, host_full, timeout_s, what, err);
+                continue;
+            }
             MPI_Request req;
             st = started(MPI_Igatherv(root ? MPI_IN_PLACE : mine, (int)z->count[i], MPI_FLOAT,
                                       full, counts, counts + dp, MPI_FLOAT, 0, comm, &req),
@@ -130,5 +162,139 @@ rp_status rp_zero_gather_moments(MPI_Comm comm, const rp_zero_shard *z, rp_model
         }
     }
     free(counts);
+    free(host_mine);
+    free(host_full);
     return st;
+}
+
+/* ---- backend memory (rp_zero_links) ---- */
+
+struct rp_zero_links {
+    MPI_Comm comm;
+    int dp, me;
+    rp_backend *be;
+    rp_nccl_group *nccl;  /* device memory over NCCL; NULL: MPI */
+    float *host;          /* MPI on device memory: a buffer's host copy [most] */
+    float *scratch;       /* the pieces of my range: host (MPI) or device (NCCL) */
+    size_t *at, *n;       /* [4 dp]: NCCL send/receive offsets and counts */
+    double timeout_s;
+};
+
+rp_status rp_zero_links_create(rp_zero_links **out, MPI_Comm comm, rp_backend *be,
+                               rp_nccl_group *nccl, size_t most, double timeout_s,
+                               rp_error *err) {
+    *out = NULL;
+    rp_zero_links *l = calloc(1, sizeof *l);
+    if (!l) return rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1 links");
+    l->comm = comm;
+    MPI_Comm_size(comm, &l->dp);
+    MPI_Comm_rank(comm, &l->me);
+    l->be = be;
+    l->nccl = be->is_host_memory ? NULL : nccl;
+    l->timeout_s = timeout_s;
+    /* The reduce-scatter lands DP pieces of my range (<= most / DP + 1
+     * floats each): at most most + DP floats. */
+    const size_t scratch_floats = most + (size_t)l->dp + 1;
+    const size_t bytes = sizeof(float) * scratch_floats;
+    int ok = 1;
+    if (l->nccl) {
+        ok = (l->scratch = be->alloc(be, bytes)) != NULL &&
+             (l->at = calloc(4 * (size_t)l->dp, sizeof *l->at)) != NULL;
+        l->n = l->at ? l->at + 2 * l->dp : NULL;
+    } else {
+        ok = (l->scratch = malloc(bytes)) != NULL;
+        if (ok && !be->is_host_memory) ok = (l->host = malloc(sizeof(float) * (most + 1))) != NULL;
+    }
+    if (!ok) {
+        rp_zero_links_free(l);
+        return rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1: the reduce-scatter buffers of %zu floats "
+                            "(%s memory)", scratch_floats, nccl && !be->is_host_memory ? "device"
+                                                                                      : "host");
+    }
+    *out = l;
+    return RP_OK;
+}
+
+void rp_zero_links_free(rp_zero_links *l) {
+    if (!l) return;
+    if (l->nccl) {
+        if (l->scratch) l->be->free(l->be, l->scratch);
+    } else {
+        free(l->scratch);
+    }
+    free(l->host);
+    free(l->at);
+    free(l);
+}
+
+int rp_zero_links_bypass_backend(const rp_zero_links *l) { return l && l->nccl; }
+
+const char *rp_zero_links_describe(const rp_zero_links *l) {
+    if (!l || l->be->is_host_memory) return "MPI";
+    return l->nccl ? "NCCL" : "MPI through host memory";
+}
+
+rp_status rp_zero_links_reduce_scatter(rp_zero_links *l, float *buf, size_t n, rp_error *err) {
+    static const char what[] = "the gradient reduce-scatter over the data replicas (--zero 1, "
+                               "NCCL)";
+    rp_backend *be = l->be;
+    if (l->dp == 1) return RP_OK;
+    if (be->is_host_memory) return rp_zero_reduce_scatter(l->comm, buf, n, l->scratch,
+                                                          l->timeout_s, err);
+    size_t b, mine;
+    rp_zero_range(n, l->dp, l->me, &b, &mine);
+    if (!l->nccl) {
+        /* The whole buffer to the host, the host path, my range back. */
+        be->copy_to_host(be, l->host, buf, n * sizeof(float));
+        rp_status st = rp_zero_reduce_scatter(l->comm, l->host, n, l->scratch, l->timeout_s, err);
+        if (st == RP_OK && mine)
+            be->copy_to_device(be, buf + b, l->host + b, mine * sizeof(float));
+        return st;
+    }
+    /* From every replica k, my range lands at scratch[k * mine]; replica k
+     * gets its range of mine. */
+    size_t *send_at = l->at, *recv_at = l->at + l->dp, *send_n = l->n, *recv_n = l->n + l->dp;
+    for (int k = 0; k < l->dp; k++) {
+        rp_zero_range(n, l->dp, k, &send_at[k], &send_n[k]);
+        recv_at[k] = (size_t)k * mine;
+        recv_n[k] = mine;
+    }
+    send_n[l->me] = recv_n[l->me] = 0;  /* my own piece: a device copy */
+    float *out = buf + b;
+    if (mine) be->copy(be, l->scratch + (size_t)l->me * mine, out, mine * sizeof(float));
+    be->synchronize(be);  /* the backward's gradients and that copy are written */
+    rp_status st = rp_nccl_group_exchange(l->nccl, buf, send_at, send_n, l->scratch, recv_at,
+                                          recv_n, what, err);
+    if (st != RP_OK || !mine) return st;
+    /* g0 + g1 + ... + g(DP-1), as rp_zero_reduce_scatter adds them. */
+    be->copy(be, out, l->scratch, mine * sizeof(float));
+    for (int k = 1; k < l->dp; k++) be->add(be, out, l->scratch + (size_t)k * mine, mine);
+    return be->status(be, err);
+}
+
+rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_error *err) {
+    static const char what[] = "the weight all-gather over the data replicas (--zero 1, NCCL)";
+    rp_backend *be = l->be;
+    if (l->dp == 1) return RP_OK;
+    if (be->is_host_memory) return rp_zero_allgather(l->comm, buf, n, l->timeout_s, err);
+    size_t b, mine;
+    rp_zero_range(n, l->dp, l->me, &b, &mine);
+    if (!l->nccl) {
+        /* My range to the host, the host path, the whole buffer back
+         * (through copy_to_device: the backend refreshes its weight copies). */
+        if (mine) be->copy_to_host(be, l->host + b, buf + b, mine * sizeof(float));
+        rp_status st = rp_zero_allgather(l->comm, l->host, n, l->timeout_s, err);
+        if (st == RP_OK) be->copy_to_device(be, buf, l->host, n * sizeof(float));
+        return st;
+    }
+    /* My range to every replica; replica k's range from it, in place. */
+    size_t *send_at = l->at, *recv_at = l->at + l->dp, *send_n = l->n, *recv_n = l->n + l->dp;
+    for (int k = 0; k < l->dp; k++) {
+        send_at[k] = b;
+        send_n[k] = k == l->me ? 0 : mine;
+        rp_zero_range(n, l->dp, k, &recv_at[k], &recv_n[k]);
+    }
+    recv_n[l->me] = 0;
+    be->synchronize(be);  /* the AdamW step on my range is written */
+    return rp_nccl_group_exchange(l->nccl, buf, send_at, send_n, buf, recv_at, recv_n, what, err);
 }

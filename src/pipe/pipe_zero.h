@@ -3,14 +3,17 @@
  * (0 + 1 + ... + DP-1, the same float operations whatever MPI's algorithm,
  * so the sharded and the unsharded runs agree bit for bit), the all-gather
  * of updated weights, the global gradient norm from the shards' partial
- * sums, and the gather of the moments for a checkpoint. Host memory only;
- * each posted nonblocking and waited with the --comm-timeout watchdog. */
+ * sums, and the gather of the moments for a checkpoint. The rp_zero_*
+ * calls on a buffer take host memory; rp_zero_links moves backend memory
+ * (device buffers over NCCL, or over MPI through host buffers). Each posted
+ * nonblocking and waited with the --comm-timeout watchdog. */
 #ifndef RP_PIPE_PIPE_ZERO_H
 #define RP_PIPE_PIPE_ZERO_H
 
 #include <mpi.h>
 
 #include "optim/zero.h"
+#include "pipe/transport.h"
 
 /* buf [n] on every replica; afterwards replica r's range (rp_zero_range) of
  * buf holds the sum over the replicas in replica order; the rest of buf is
@@ -24,8 +27,33 @@ rp_status rp_zero_allgather(MPI_Comm data_comm, float *buf, size_t n, double tim
 rp_status rp_zero_sum_partials(MPI_Comm data_comm, double partial, double *sum,
                                double timeout_s, rp_error *err);
 /* Replica 0 gets the full moments (adam_m, adam_v: full models there, NULL
- * elsewhere) from every replica's shard. Collective over data_comm. */
+ * elsewhere) from every replica's shard. Collective over data_comm. On a
+ * device backend through host buffers (a checkpoint is rare). */
 rp_status rp_zero_gather_moments(MPI_Comm data_comm, const rp_zero_shard *z, rp_model *adam_m,
                                  rp_model *adam_v, double timeout_s, rp_error *err);
+
+/* The reduce-scatter and all-gather of one stage's backend buffers. Host
+ * memory: MPI in place (the rp_zero_* calls above). Device memory with nccl
+ * (the trainer's data-replica group): grouped ncclSend/ncclRecv of the
+ * ranges, and the owner adds the DP pieces in replica order with the
+ * backend's copy and add, the same float operations as the host path, so
+ * the bits are those of the CPU run. Device memory without NCCL: staged
+ * through host buffers, then the host path. */
+typedef struct rp_zero_links rp_zero_links;
+
+/* most: floats of the stage's largest flat buffer. nccl: NULL for MPI
+ * (borrowed, not freed). Not collective. */
+rp_status rp_zero_links_create(rp_zero_links **out, MPI_Comm data_comm, rp_backend *be,
+                               rp_nccl_group *nccl, size_t most, double timeout_s,
+                               rp_error *err);
+void rp_zero_links_free(rp_zero_links *l);
+/* 1 when the links write device memory behind the backend's back (NCCL):
+ * the caller refreshes what the backend caches of the weights. */
+int rp_zero_links_bypass_backend(const rp_zero_links *l);
+/* "NCCL", "MPI through host memory" or "MPI" (for the start-up line). */
+const char *rp_zero_links_describe(const rp_zero_links *l);
+/* As rp_zero_reduce_scatter / rp_zero_allgather on backend memory buf [n]. */
+rp_status rp_zero_links_reduce_scatter(rp_zero_links *l, float *buf, size_t n, rp_error *err);
+rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_error *err);
 
 #endif

@@ -452,4 +452,11 @@ rp_status rp_nccl_group_sendrecv(rp_nccl_group *g, const void *src, void *dst, s
     (void)g, (void)src, (void)dst, (void)bytes, (void)peer;
     return rp_error_set(err, RP_ERR_ARG, "NCCL send/receive: built without NCCL");
 }
+
+rp_status rp_nccl_group_exchange(rp_nccl_group *g, const float *src, const size_t *send_at,
+                                 const size_t *send_n, float *dst, const size_t *recv_at,
+                                 const size_t *recv_n, const char *what, rp_error *err) {
+    (void)g, (void)src, (void)send_at, (void)send_n, (void)dst, (void)recv_at, (void)recv_n;
+    return rp_error_set(err, RP_ERR_ARG, "%s: built without NCCL", what);
+}
 #endif

@@ -160,6 +160,14 @@ rp_status rp_nccl_group_allreduce_sum(rp_nccl_group *g, float *buf, size_t n, co
  * NCCL's self path), then waits. Device memory. */
 rp_status rp_nccl_group_sendrecv(rp_nccl_group *g, const void *src, void *dst, size_t bytes,
                                  int peer, rp_error *err);
+/* ZeRO-1's reduce-scatter and all-gather (pipe_zero.c): in one NCCL group,
+ * to each rank k send_n[k] floats from src + send_at[k] and from each rank k
+ * recv_n[k] floats into dst + recv_at[k] (zero counts issue nothing: both
+ * ends know them), then waits. Device memory; the caller synchronizes the
+ * stream that wrote src first. */
+rp_status rp_nccl_group_exchange(rp_nccl_group *g, const float *src, const size_t *send_at,
+                                 const size_t *send_n, float *dst, const size_t *recv_at,
+                                 const size_t *recv_n, const char *what, rp_error *err);
 
 /* Nonblocking; buf must stay untouched until rp_transport_wait(x) returns. */
 rp_status rp_transport_post_send(rp_transport *t, const void *buf, size_t bytes, int peer,

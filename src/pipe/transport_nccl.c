@@ -716,3 +716,22 @@ rp_status rp_nccl_group_sendrecv(rp_nccl_group *g, const void *src, void *dst, s
     snprintf(what, sizeof what, "an NCCL send/receive with rank %d", peer);
     return group_finish(g, r, what, err);
 }
+
+rp_status rp_nccl_group_exchange(rp_nccl_group *g, const float *src, const size_t *send_at,
+                                 const size_t *send_n, float *dst, const size_t *recv_at,
+                                 const size_t *recv_n, const char *what, rp_error *err) {
+    if (g->broken)
+        return rp_error_set(err, RP_ERR_MPI, "%s: the NCCL group failed earlier", what);
+    /* One group: NCCL pairs each send with its peer's receive in issue
+     * order, and no peer waits for a transfer the group has not issued. */
+    ncclResult_t r = ncclGroupStart();
+    for (int k = 0; k < g->size && r == ncclSuccess; k++) {
+        if (send_n[k])
+            r = ncclSend(src + send_at[k], send_n[k], ncclFloat32, k, g->comm, g->stream);
+        if (r == ncclSuccess && recv_n[k])
+            r = ncclRecv(dst + recv_at[k], recv_n[k], ncclFloat32, k, g->comm, g->stream);
+    }
+    ncclResult_t end = ncclGroupEnd();
+    if (r == ncclSuccess || r == ncclInProgress) r = end;
+    return group_finish(g, r, what, err);
+}

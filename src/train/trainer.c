@@ -538,7 +538,7 @@ static rp_status save_checkpoint_zero(const rp_train_options *o, rp_transport *t
 /* The start-up line of memory per rank (this rank: rank 0's, which is
  * printed). Optimizer: the two Adam moments, or their shard. */
 static void print_memory(const rp_train_options *o, const rp_model *model, const rp_model *grads,
-                         const rp_zero_shard *z) {
+                         const rp_zero_shard *z, const struct rp_zero_links *links) {
     if (!o->progress) return;
     size_t n, weights = 0, grad_floats = 0;
     for (int i = 0; rp_zero_buffer(model, i, &n); i++) weights += n;
@@ -550,7 +550,8 @@ static void print_memory(const rp_train_options *o, const rp_model *model, const
             grad_floats * 4 / mib, optim * 4 / mib, optim * 4,
             z && z->dp > 1 ? ", 1/DP shard (--zero 1)" : "");
     if (z && z->dp > 1)
-        fprintf(o->progress, "zero: optimizer state sharded over %d data replicas\n", z->dp);
+        fprintf(o->progress, "zero: optimizer state sharded over %d data replicas (%s)\n",
+                z->dp, rp_zero_links_describe(links));
 }
 
 /* -o with several stages: replica 0's stages send their layers to rank 0
@@ -884,12 +885,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                                                tp, o->pipe_schedule, M, MB, T, K, o->tbptt,
                                                err)) != RP_OK)
         goto done;
-    if (!V) {
-        pt.halt_on_nan = o->halt_on_nan;
-        print_memory(o, model, &grads, o->zero ? &zero : NULL);
-    }
+    if (!V) pt.halt_on_nan = o->halt_on_nan;
     if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
     if (o->zero && (st = rp_pipe_trainer_use_zero(&pt, &zero, err)) != RP_OK) goto done;
+    if (!V) print_memory(o, model, &grads, o->zero ? &zero : NULL, pt.zero_links);
     for (int k = 0; o->tune_state && k < 3; k++)
         if (!(tuned_host[k] = malloc((pt.tuned_floats + 1) * sizeof(float)))) {
             st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the tuned states");
