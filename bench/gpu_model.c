@@ -149,6 +149,13 @@ static void gemm(kernel_list *l, const char *name, double count, double R, doubl
     add(l, name, count, 2.0 * R * K + 2.0 * N * K + 4.0 * R * N, 2.0 * R * N * K, 1);
 }
 
+/* A GEMM whose output only GEMMs read (backend.h gemm_only): C written in
+ * bf16 in place, half the bytes, and no conversion for its consumers. */
+static void gemm_c16(kernel_list *l, const char *name, double count, double R, double N,
+                     double K) {
+    add(l, name, count, 2.0 * R * K + 2.0 * N * K + 2.0 * R * N, 2.0 * R * N * K, 1);
+}
+
 /* Backward of that GEMM: dX = dY W and dW += X^T dY, dY converted once for
  * both unless its producer wrote it in bf16 (dy16), X unless it still has a
  * valid bf16 copy (x16: recomputed just before). */
@@ -156,7 +163,9 @@ static void gemm_backward(kernel_list *l, const char *name, double count, double
                           double K, int dy16, int x16) {
     if (!dy16) to_bf16(l, count, R, N);
     if (!x16) to_bf16(l, count, R, K);
-    add(l, name, count, 2.0 * R * N + 2.0 * N * K + 4.0 * R * K, 2.0 * R * N * K, 1);
+    /* x16 == 2: dX is GEMM-only (gemm_only), written in bf16 in place */
+    add(l, name, count, 2.0 * R * N + 2.0 * N * K + (x16 == 2 ? 2.0 : 4.0) * R * K,
+        2.0 * R * N * K, 1);
     add(l, name, count, 2.0 * R * N + 2.0 * R * K + 8.0 * N * K, 2.0 * R * N * K, 1);
 }
 
@@ -179,10 +188,12 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value below */
     gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C, 1);
     for (int i = 0; i < loras; i++) {
-        gemm(l, "GEMM LoRA down (C -> rank)", 1, R, ranks[i], C, 1);
         /* tanh after w1, sigmoid after g1 (bias_act writes the hidden in
-         * bf16 too); a and v have none: their hidden is converted */
-        gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i], i == 0 || i == 2);
+         * bf16 too); a and v have none: their hidden is GEMM-only, the down
+         * GEMM writes it in bf16 in place (backend.h gemm_only) */
+        if (i == 0 || i == 2) gemm(l, "GEMM LoRA down (C -> rank)", 1, R, ranks[i], C, 1);
+        else gemm_c16(l, "GEMM LoRA down (C -> rank), bf16 C", 1, R, ranks[i], C);
+        gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i], 1);
         if (i == 0 || i == 2) {
             ew(l, "bias_act (LoRA hidden)", 1, R, ranks[i], 2 + BF16_OUT, 0, 4);
         }
@@ -223,11 +234,13 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     gemm_backward(l, "GEMM backward C x C", 3, R, C, C, 0, 1);
     for (int i = 0; i < loras; i++) {
         /* up: dy in bf16 from bias_act backward (w, a, v) or bonus_gate
-         * backward (g), the saved hidden converted; down: d hidden written
-         * in bf16 by bias_act backward (w, g) or converted (a, v: a GEMM's
-         * output), the mix still valid */
-        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 1, 0);
-        gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C, i == 0 || i == 2, 1);
+         * backward (g), the saved hidden converted (w, g) or still bf16 in
+         * place (a, v), whose d hidden its dX GEMM writes in bf16 in place;
+         * down: d hidden in bf16 from bias_act backward (w, g) or that GEMM
+         * (a, v), the mix still valid */
+        const int av = i == 1 || i == 3;
+        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 1, av ? 2 : 0);
+        gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C, 1, 1);
         if (i == 0 || i == 2) {
             ew(l, "bias_act backward (LoRA hidden)", 1, R, ranks[i], 3 + BF16_OUT, 0, 4);
         }

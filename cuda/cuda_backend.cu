@@ -258,12 +258,50 @@ const __nv_bfloat16 *rp_cuda_act16_find(rp_cuda_ctx *cx, const float *p, size_t 
 
 void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes) {
     const char *b = (const char *)p, *e = b + bytes;
+    for (int i = 0; i < cx->n_inplace;) {
+        const char *ib = (const char *)cx->inplace[i].p, *ie = ib + cx->inplace[i].n * sizeof(float);
+        if (ib < e && b < ie)
+            cx->inplace[i] = cx->inplace[--cx->n_inplace];
+        else
+            i++;
+    }
     for (int i = 0; i < RP_CUDA_ACT16_SLOTS; i++) {
         rp_cuda_act16 *a = &cx->act16[i];
         if (!a->p) continue;
         const char *ab = (const char *)a->p, *ae = ab + a->n * sizeof(float);
         if (ab < e && b < ae) a->p = NULL;
     }
+}
+
+const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_t n) {
+    for (int i = 0; i < cx->n_inplace; i++) {
+        const rp_cuda_inplace *r = &cx->inplace[i];
+        if (x >= r->p && x + n <= r->p + r->n) return (const __nv_bfloat16 *)r->p + (x - r->p);
+    }
+    return NULL;
+}
+
+void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n) {
+    if (cx->n_inplace == cx->cap_inplace) {
+        const int cap = cx->cap_inplace ? 2 * cx->cap_inplace : 16;
+        rp_cuda_inplace *grown =
+            (rp_cuda_inplace *)realloc(cx->inplace, (size_t)cap * sizeof(rp_cuda_inplace));
+        if (!grown) {  // cannot record it: a sticky error, the step's results are void
+            if (cx->error.code == RP_OK)
+                rp_error_set(&cx->error, RP_ERR_NOMEM,
+                             "cuda: out of host memory recording a bf16 GEMM output");
+            return;
+        }
+        cx->inplace = grown;
+        cx->cap_inplace = cap;
+    }
+    cx->inplace[cx->n_inplace++] = {p, n};
+}
+
+static void cuda_gemm_only(rp_backend *be, const float *p, size_t n) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    cx->gemm_only_p = p;
+    cx->gemm_only_n = n;
 }
 
 int rp_cuda_launched_out(rp_cuda_ctx *cx, const char *name, const char *file, int line,
@@ -341,6 +379,7 @@ static void *cuda_alloc(rp_backend *be, size_t bytes) {
         cudaFree(p);
         return NULL;
     }
+    rp_cuda_act16_forget(cx, p, rounded);  // an old in-place bf16 range at this address
     return p;
 }
 
@@ -369,6 +408,7 @@ static void cuda_copy_to_device(rp_backend *be, void *dst, const void *host_src,
     // caller may reuse host_src right away (the interface promises that).
     cx->seq++;  // the copies of activations it overwrites are stale
     RP_CUDA_OK(cx, cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cx->stream));
+    rp_cuda_act16_forget(cx, dst, bytes);
     refresh_shadows(cx, dst, bytes);
 }
 
@@ -384,6 +424,7 @@ static void cuda_copy(rp_backend *be, void *dst, const void *src, size_t bytes) 
     if (!bytes || dst == src) return;
     cx->seq++;  // the copies of activations it overwrites are stale
     RP_CUDA_OK(cx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cx->stream));
+    rp_cuda_act16_forget(cx, dst, bytes);
     refresh_shadows(cx, dst, bytes);
 }
 
@@ -392,6 +433,7 @@ static void cuda_fill_zero(rp_backend *be, void *dst, size_t bytes) {
     if (!bytes) return;
     cx->seq++;  // the copies of activations it overwrites are stale
     RP_CUDA_OK(cx, cudaMemsetAsync(dst, 0, bytes, cx->stream));
+    rp_cuda_act16_forget(cx, dst, bytes);
     refresh_shadows(cx, dst, bytes);
 }
 
@@ -520,6 +562,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     be->copy_to_host = cuda_copy_to_host;
     be->copy = cuda_copy;
     be->fill_zero = cuda_fill_zero;
+    be->gemm_only = cuda_gemm_only;
     be->synchronize = cuda_synchronize;
     be->add = cuda_add;
     be->status = cuda_status;
@@ -543,6 +586,7 @@ static void cuda_destroy(rp_backend *be) {
         rp_cuda_step_destroy(cx);
         for (int i = 0; i < cx->n_weights; i++) cudaFree(cx->weights[i].shadow);
         free(cx->weights);
+        free(cx->inplace);
         if (cx->dec_part) cudaFree(cx->dec_part);
         if (cx->dec_count) cudaFree(cx->dec_count);
         for (int a = 0; a < RP_CUDA_SCRATCH_COUNT; a++)

@@ -106,6 +106,13 @@ struct rp_cuda_ctx {
     int act16_off;                // rp_cuda_backend_set_act16(be, 0): no sharing
     unsigned long long seq, clock;  // see rp_cuda_act16
     struct rp_cuda_step *step;  // decode step graphs (cuda_graph.cu); NULL until used
+    // GEMM-only outputs (backend.h gemm_only): the pending hint, and the
+    // f32 ranges whose memory holds their bf16 values in place (the first
+    // half of the range) until something writes them again.
+    const float *gemm_only_p;
+    size_t gemm_only_n;
+    struct rp_cuda_inplace *inplace;
+    int n_inplace, cap_inplace;
     float *dec_part;            // gemv_group split-K partial sums (cuda_decode.cu)
     unsigned *dec_count;        // and its tile counters; NULL until used
 };
@@ -208,6 +215,21 @@ void rp_cuda_act16_publish(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const floa
 const __nv_bfloat16 *rp_cuda_act16_find(rp_cuda_ctx *cx, const float *p, size_t n);
 // Forget the copies of activations that overlap [p, p + bytes) (a GEMM wrote it).
 void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes);
+
+// GEMM-only outputs. An in-place range p [n] holds bf16(value) of element
+// i at ((bf16 *)p)[i]; only GEMMs read it (the model promised it through
+// gemm_only), and only an overlapping write ends it: GEMM outputs,
+// RP_CUDA_LAUNCHED_OUT ranges, copies, fills and allocations forget it
+// (rp_cuda_act16_forget). A kernel launched with plain RP_CUDA_LAUNCHED must
+// not write such a range (none does: the model writes them with GEMMs only).
+struct rp_cuda_inplace {
+    const float *p;
+    size_t n;
+};
+// The bf16 values of x [n] when x lies inside an in-place range; NULL otherwise.
+const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_t n);
+// p [n] now holds its bf16 values in place (as of the GEMM just queued).
+void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n);
 
 // dst [n] = bf16(src [n]) on the stream (writes no fp32 memory, so it keeps
 // the activation copies valid).

@@ -20,6 +20,7 @@
 static const __nv_bfloat16 *bf16_operand(rp_cuda_ctx *cx, const float *X, size_t n,
                                          const __nv_bfloat16 *keep) {
     const __nv_bfloat16 *x16 = rp_cuda_weight_shadow(cx, X, n);
+    if (!x16) x16 = rp_cuda_inplace_find(cx, X, n);
     if (!x16) x16 = rp_cuda_act16_find(cx, X, n);
     if (x16) return x16;
     __nv_bfloat16 *t = rp_cuda_act16_claim(cx, X, n, keep);
@@ -29,9 +30,21 @@ static const __nv_bfloat16 *bf16_operand(rp_cuda_ctx *cx, const float *X, size_t
     return t;
 }
 
+// The pending gemm_only hint (backend.h), taken by the matmul op that runs
+// next: 1 when its output C [elems] is read only by GEMMs.
+static int take_gemm_only(rp_cuda_ctx *cx, const float *C, size_t elems) {
+    const int hit = cx->gemm_only_p == C && cx->gemm_only_n == elems;
+    cx->gemm_only_p = NULL;
+    cx->gemm_only_n = 0;
+    return hit;
+}
+
+// C16: C is a GEMM-only output (take_gemm_only): in BF16 math with beta 0 and
+// the activation copies on, the GEMM writes bf16 C in place (cuBLAS rounds
+// its fp32 sum once, the bits the conversion kernel would give) and no f32 C.
 static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                  const float *A, int lda, size_t a_elems, const float *B, int ldb, size_t b_elems,
-                 float beta, float *C, int ldc) {
+                 float beta, float *C, int ldc, int c16 = 0) {
     const float alpha = 1.0f;
     if (cx->math == RP_CUDA_MATH_FP32) {
         RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, B,
@@ -43,6 +56,14 @@ static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, in
     if (!a16) return;
     const __nv_bfloat16 *b16 = bf16_operand(cx, B, b_elems, a16);
     if (!b16) return;
+    if (c16 && beta == 0.0f && ldc == m && !cx->act16_off) {
+        RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, a16, CUDA_R_16BF, lda,
+                                      b16, CUDA_R_16BF, ldb, &beta, C, CUDA_R_16BF, ldc,
+                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        rp_cuda_act16_forget(cx, C, (size_t)m * n * sizeof(float));
+        rp_cuda_inplace_add(cx, C, (size_t)m * n);
+        return;
+    }
     RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, a16, CUDA_R_16BF, lda, b16,
                                   CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
                                   CUBLAS_GEMM_DEFAULT));
@@ -166,19 +187,23 @@ static void gemv(rp_cuda_ctx *cx, int in_out, float *y, const float *x, const fl
 // y [M,N] = x [M,K] W^T + beta y, W [N,K]:  y^T [N,M] = W [N,K] x^T [K,M]
 static void cuda_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,
                                int N, int K, float beta) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int c16 = take_gemm_only(cx, y, (size_t)M * N);
     if (M <= 0 || N <= 0 || K <= 0) return;
-    if (M <= RP_GEMV_MAX_M) return gemv(rp_cuda_of(be), 0, y, x, w, M, N, K, beta);
-    gemm(rp_cuda_of(be), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, w, K, (size_t)N * K, x, K,
-         (size_t)M * K, beta, y, N);
+    if (M <= RP_GEMV_MAX_M) return gemv(cx, 0, y, x, w, M, N, K, beta);
+    gemm(cx, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, w, K, (size_t)N * K, x, K, (size_t)M * K, beta, y,
+         N, c16);
 }
 
 // y [M,N] = x [M,K] W + beta y, W [K,N]:  y^T [N,M] = W^T [N,K] x^T [K,M]
 static void cuda_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
                              int N, int K, float beta) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int c16 = take_gemm_only(cx, y, (size_t)M * N);
     if (M <= 0 || N <= 0 || K <= 0) return;
-    if (M <= RP_GEMV_MAX_M) return gemv(rp_cuda_of(be), 1, y, x, w, M, N, K, beta);
-    gemm(rp_cuda_of(be), CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, w, N, (size_t)K * N, x, K,
-         (size_t)M * K, beta, y, N);
+    if (M <= RP_GEMV_MAX_M) return gemv(cx, 1, y, x, w, M, N, K, beta);
+    gemm(cx, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, w, N, (size_t)K * N, x, K, (size_t)M * K, beta, y,
+         N, c16);
 }
 
 // forward y = x W^T, W [N,K]
@@ -188,11 +213,12 @@ static void cuda_matmul_lora(rp_backend *be, float *y, const float *x, const flo
 static void cuda_matmul_linear_backward_beta(rp_backend *be, float *dx, float *dw,
                                              const float *dy, const float *x, const float *w,
                                              int M, int N, int K, float beta) {
-    if (M <= 0 || N <= 0 || K <= 0) return;
     rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int c16 = take_gemm_only(cx, dx, (size_t)M * K);
+    if (M <= 0 || N <= 0 || K <= 0) return;
     if (dx)
         gemm(cx, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, w, K, (size_t)N * K, dy, N, (size_t)M * N,
-             beta, dx, K);
+             beta, dx, K, c16);
     if (dw)
         gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, x, K, (size_t)M * K, dy, N, (size_t)M * N,
              1.0f, dw, K);
@@ -209,11 +235,12 @@ static void cuda_matmul_linear_backward(rp_backend *be, float *dx, float *dw, co
 static void cuda_matmul_lora_backward_beta(rp_backend *be, float *dx, float *dw, const float *dy,
                                            const float *x, const float *w, int M, int N, int K,
                                            float beta) {
-    if (M <= 0 || N <= 0 || K <= 0) return;
     rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int c16 = take_gemm_only(cx, dx, (size_t)M * K);
+    if (M <= 0 || N <= 0 || K <= 0) return;
     if (dx)
         gemm(cx, CUBLAS_OP_T, CUBLAS_OP_N, K, M, N, w, N, (size_t)K * N, dy, N, (size_t)M * N,
-             beta, dx, K);
+             beta, dx, K, c16);
     gemm(cx, CUBLAS_OP_N, CUBLAS_OP_T, N, K, M, dy, N, (size_t)M * N, x, K, (size_t)M * K, 1.0f,
          dw, N);
 }

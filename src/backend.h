@@ -396,6 +396,14 @@ struct rp_backend {
      * stays outside it (sgemm). rp_model_step sets it around a step whose
      * sequences all have one row. */
     void (*set_decode_rows)(rp_backend *be, int on);
+    /* ---- GEMM-only outputs (optional; NULL: nothing to do; issue 15) ----
+     * gemm_only(be, p, n): the output p [n] that the next matmul op writes
+     * (its y, or its dx) is read only by matmul ops (as x or dy) until
+     * something writes p again; the backend may keep it in its GEMM operand
+     * format instead of f32 (CUDA, bf16 math: bf16 in place, so no
+     * conversion kernel). Any other read of p before then is undefined. The
+     * next matmul op consumes the hint whether it uses it or not. */
+    void (*gemm_only)(rp_backend *be, const float *p, size_t n);
     /* Sequences per decode group the engine forms by default (the backend's
      * measured sweet spot; 0: RP_ENGINE_GROUP_DEFAULT). serve --max-batch
      * overrides it. */

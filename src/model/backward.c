@@ -231,6 +231,7 @@ static void lora_backward(rp_backend *be, float *dx, float *dw1, float *dw2, flo
                           const float *dy, const float *x, const float *hidden,
                           const float *w1, const float *w2, int D, rp_activation inner, int R,
                           int C) {
+    if (inner == RP_ACT_NONE && be->gemm_only) be->gemm_only(be, d_hidden, (size_t)R * D);
     be->matmul_lora_backward_beta(be, d_hidden, dw2, dy, hidden, w2, R, C, D, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act_backward(be, d_hidden, NULL, hidden, R, D, inner);
     be->matmul_lora_backward_beta(be, dx, dw1, d_hidden, x, w1, R, D, C, 0.0f);

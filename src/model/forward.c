@@ -108,6 +108,8 @@ rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tok
 static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x,
                          const float *w1, const float *w2, int D, rp_activation inner, int R,
                          int C) {
+    /* without an activation only the two GEMMs (and the backward's) read hidden */
+    if (inner == RP_ACT_NONE && be->gemm_only) be->gemm_only(be, hidden, (size_t)R * D);
     be->matmul_lora(be, hidden, x, w1, R, D, C, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act(be, hidden, NULL, R, D, inner);
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);

@@ -836,7 +836,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
         fprintf(stderr, "EMU cublasGemmEx: bad leading dimension m%d n%d k%d lda%d ldb%d ldc%d\n", m, n, k, lda, ldb, ldc);
         return CUBLAS_STATUS_INVALID_VALUE;
     }
-    if (ct != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    // bf16 C only with bf16 A and B (cuBLAS's CUDA_R_16BF x3 + COMPUTE_32F combination)
+    if (ct != CUDA_R_32F && !(ct == CUDA_R_16BF && at == CUDA_R_16BF)) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (at != bt) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (at == CUDA_R_32F && !(compute == CUBLAS_COMPUTE_32F || compute == CUBLAS_COMPUTE_32F_PEDANTIC || compute == CUBLAS_COMPUTE_32F_FAST_TF32)) return CUBLAS_STATUS_NOT_SUPPORTED;
     if (at == CUDA_R_16BF && compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_PEDANTIC) return CUBLAS_STATUS_NOT_SUPPORTED;
@@ -846,7 +847,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
         if (!is_device(A, ((size_t)(acols - 1) * lda + arows) * es)) die("cublasGemmEx: A %p (%dx%d, lda %d) outside device memory", A, arows, acols, lda);
         if (!is_device(B, ((size_t)(bcols - 1) * ldb + brows) * es)) die("cublasGemmEx: B %p (%dx%d, ldb %d) outside device memory", B, brows, bcols, ldb);
     }
-    if (!is_device(C_, ((size_t)(n - 1) * ldc + m) * 4)) die("cublasGemmEx: C outside device memory");
+    const size_t ces = ct == CUDA_R_32F ? 4 : 2;
+    if (!is_device(C_, ((size_t)(n - 1) * ldc + m) * ces)) die("cublasGemmEx: C outside device memory");
     // Host pointer mode: alpha and beta are read now; the GEMM runs in stream order.
     const float alpha = *(const float *)alpha_, beta = *(const float *)beta_;
     stream_op op;
@@ -866,7 +868,15 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
             const float *a = &Am[(size_t)i * k], *bb = &Bm[(size_t)j * k];
             double s = 0;
             for (int l = 0; l < k; l++) s += (double)a[l] * bb[l];
-            float &c = C[(size_t)j * ldc + i];
+            const size_t ci = (size_t)j * ldc + i;
+            if (ct == CUDA_R_16BF) {  // the fp32 result rounded once more to bf16 (RNE)
+                __nv_bfloat16 *c16 = (__nv_bfloat16 *)C_;
+                const float f = beta == 0.0f ? (float)(alpha * s)
+                                             : (float)(alpha * s + (double)beta * __bfloat162float(c16[ci]));
+                c16[ci] = __float2bfloat16(f);
+                continue;
+            }
+            float &c = C[ci];
             c = beta == 0.0f ? (float)(alpha * s) : (float)(alpha * s + (double)beta * c);
         }
     };

@@ -1484,6 +1484,42 @@ static void check_matmul_lora_backward(twin *t, const shape *sh) {
     for (int i = 0; i < n; i++) gemm_backward_case(t, 1, &cases[i]);
 }
 
+/* A LoRA without an inner activation with its hidden rows GEMM-only
+ * (backend.h gemm_only; the CPU has no hint): forward hid = x A, y = hid B;
+ * backward dhid = dy B^T (GEMM-only too), dB += hid^T dy, dx = dhid A^T,
+ * dA += x^T dhid. In bf16 math the GPU keeps hid and dhid in bf16 in place
+ * (a GEMM writing bf16 C); decode rows (R = 5) keep the GEMV path. */
+static void gemm_only_case(twin *t, int R, int C, int D) {
+    const double s = 1.0 / sqrt((double)C);
+    label(t, "R=%d C=%d D=%d", R, C, D);
+    tbuf *x = buf_input(t, (size_t)R * C, -1, 1), *a = buf_input(t, (size_t)C * D, -s, s);
+    tbuf *b = buf_input(t, (size_t)D * C, -s, s), *dy = buf_input(t, (size_t)R * C, -1, 1);
+    tbuf *hid = buf_output(t, (size_t)R * D), *dhid = buf_output(t, (size_t)R * D);
+    tbuf *y = buf_output(t, (size_t)R * C), *dx = buf_output(t, (size_t)R * C);
+    tbuf *da = buf_accum(t, (size_t)C * D, -1, 1), *db = buf_accum(t, (size_t)D * C, -1, 1);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        if (be->gemm_only) be->gemm_only(be, at(hid, g), (size_t)R * D);
+        be->matmul_lora(be, at(hid, g), at(x, g), at(a, g), R, D, C, 0.0f);
+        be->matmul_lora(be, at(y, g), at(hid, g), at(b, g), R, C, D, 0.0f);
+        if (be->gemm_only) be->gemm_only(be, at(dhid, g), (size_t)R * D);
+        be->matmul_lora_backward_beta(be, at(dhid, g), at(db, g), at(dy, g), at(hid, g),
+                                      at(b, g), R, C, D, 0.0f);
+        be->matmul_lora_backward_beta(be, at(dx, g), at(da, g), at(dhid, g), at(x, g), at(a, g),
+                                      R, D, C, 0.0f);
+    }
+    compare(t, "y", y);
+    compare(t, "dx", dx);
+    compare(t, "dA", da);
+    compare(t, "dB", db);
+    twin_release(t);
+}
+
+static void check_gemm_only(twin *t, const shape *sh) {
+    gemm_only_case(t, spec_rows(&sh->prefill), sh->C, sh->rank);
+    gemm_only_case(t, 5, sh->C, sh->rank);
+}
+
 /* GEMMs reading weights inside a registered range (register_weights: in
  * bf16 math a bf16 copy) after each kind of write through the backend. */
 typedef struct {
@@ -1814,6 +1850,7 @@ static const twin_check checks[] = {
     {"matmul_lora", check_matmul_lora, MATH_FP32 | MATH_BF16, 0},
     {"matmul_linear_backward", check_matmul_linear_backward, MATH_FP32 | MATH_BF16, 0},
     {"matmul_lora_backward", check_matmul_lora_backward, MATH_FP32 | MATH_BF16, 0},
+    {"gemm_only", check_gemm_only, MATH_FP32 | MATH_BF16, 0},
     {"register_weights", check_registered_weights, MATH_FP32 | MATH_BF16, 0},
     {"gemv_group", check_gemv_group, MATH_FP32 | MATH_BF16, 0},
     {"time_mix_heads", check_time_mix_heads, MATH_FP32, 0},
