@@ -42,12 +42,15 @@ typedef struct {
     /* Time chunks (rp_pipe_trainer_init_time_chunks): every n_chunks
      * consecutive micro-batches are the time chunks of one batch of
      * sequences; 1: each micro-batch is whole sequences. tbptt: no state
-     * gradient between chunks. chunk_states [n_micro] start states;
-     * chunk_inputs [n_micro][2 R C] the received x, v_first (past stage 0):
-     * a chunk's BWD recomputes its forward from them, so one activation
-     * workspace serves every chunk. */
+     * gradient between chunks. chunk_states [n_micro] start states, all
+     * a FWD keeps of a chunk: its RECOMP recomputes the forward from it
+     * (past stage 0 from the previous stage's recomputed output, received
+     * into recv_recomp [2][R*C] through recomp_in), so a stage's memory
+     * does not grow with the sequence beyond the start states. */
     int n_chunks, tbptt;
-    float *chunk_states, *chunk_inputs;
+    float *chunk_states, *recv_recomp;
+    rp_transfer recomp_in[2];
+    int recomp_in_mb;               /* micro-batch posted in recomp_in, -1: none */
     /* State tuning (rp_pipe_trainer_tune_state): this stage's layers' tuned
      * initial WKV states [layers][H][N][N] (backend memory, with its AdamW
      * moments and a device copy of the gradient) start every sequence in
