@@ -110,8 +110,9 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
  * counts chunks (a multiple of n_chunks); the schedule is
  * rp_schedule_build_time_chunks whatever `kind`. The gradients equal those
  * of one pass over the whole sequences (tests/test_time_chunks.sh). Memory:
- * one chunk's activations, plus per chunk its start state and, past stage
- * 0, its input (2 R C floats). */
+ * min(n_chunks, P - stage) chunks' activations plus per chunk its start
+ * state; no chunk's input (the previous stage sends it again, recomputed:
+ * RP_OP_RECV_RECOMP). */
 rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
                                            rp_model *grads, rp_model *adam_m, rp_model *adam_v,
                                            const rp_grid *grid, rp_transport *tp,
