@@ -5,6 +5,7 @@
 # schedule that needs two communicators to progress together hangs:
 # - tests/gpu/test_nccl.c (the GPU machine's NCCL check) on 1 and 2 ranks;
 # - training with --pp 2 and --pp 3, GPipe and 1F1B, several micro-batches,
+#   and time chunks on 2 and 3 stages,
 #   on rwkvpipe_nccl_mock (RWKVPIPE_TEST_FAKE_DEVICE=1: the CPU backend marked
 #   device memory, so activations and gradients go over the NCCL links from
 #   step 2 on) must finish within a generous wall-clock deadline, with the
@@ -112,5 +113,12 @@ check "train --pp 3: 1F1B with 4 and 2 micro-batches, GPipe with 4"
 run pp3_1f1b 3 --pp 3 --pp-schedule 1f1b --micro-batch 2 --stage-layers 1,2,1
 run pp3_1f1b_m2 3 --pp 3 --pp-schedule 1f1b --micro-batch 4 --stage-layers 2,1,1
 run pp3_gpipe 3 --pp 3 --pp-schedule gpipe --micro-batch 2 --stage-layers 1,1,2
+ok
+# Time chunks (docs/parallelism.md): the backward phase's exchanges
+# (SEND_RECOMP with RECV_GRAD, SEND_GRAD with RECV_RECOMP) are grouped like
+# 1F1B's.
+check "train --pp 2 and --pp 3 with time chunks (--seq-len 64 --ctx-len 16)"
+run pp2_chunks 2 --pp 2 --seq-len 64 --micro-batch 2
+run pp3_chunks 3 --pp 3 --seq-len 64 --micro-batch 2 --stage-layers 1,2,1
 ok
 echo "PASS"
