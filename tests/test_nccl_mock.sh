@@ -5,6 +5,7 @@
 # schedule that needs two communicators to progress together hangs:
 # - tests/gpu/test_nccl.c (the GPU machine's NCCL check) on 1 and 2 ranks;
 # - training with --pp 2 and --pp 3, GPipe and 1F1B, several micro-batches,
+#   and time chunks on 2 and 3 stages,
 #   on rwkvpipe_nccl_mock (RWKVPIPE_TEST_FAKE_DEVICE=1: the CPU backend marked
 #   device memory, so activations and gradients go over the NCCL links from
 #   step 2 on) must finish within a generous wall-clock deadline, with the
@@ -145,5 +146,12 @@ check "train --zero 1 over the NCCL data group: -np 2, -np 3 (uneven), -np 4 --p
 zero zero_np2 2 --micro-batch 2 --grad-clip 0.05
 zero zero_np3 3 --batch 6 --micro-batch 1 --grad-clip 0.05
 zero zero_np4pp2 4 --pp 2 --micro-batch 2 --grad-clip 0.05
+
+# Time chunks (docs/parallelism.md): the backward phase's exchanges
+# (SEND_RECOMP with RECV_GRAD, SEND_GRAD with RECV_RECOMP) are grouped like
+# 1F1B's.
+check "train --pp 2 and --pp 3 with time chunks (--seq-len 64 --ctx-len 16)"
+run pp2_chunks 2 --pp 2 --seq-len 64 --micro-batch 2
+run pp3_chunks 3 --pp 3 --seq-len 64 --micro-batch 2 --stage-layers 1,2,1
 ok
 echo "PASS"

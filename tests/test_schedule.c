@@ -373,9 +373,13 @@ static void test_backwards_out_of_order_are_reported(void **state) {
 }
 
 /* Time chunks: every shape runs without deadlock; per stage the chunks of a
- * group forward in time order and backward in reverse; stage s+1 forwards
- * chunk c-1 while stage s forwards chunk c (the pipe fills with one long
- * sequence: makespan 2(K + P - 1) per group under unit costs, not 2 K P). */
+ * group forward in time order and recompute and backward in reverse; stage
+ * s+1 forwards chunk c-1 while stage s forwards chunk c and the backward
+ * phase is 1F1B over the chunks (the pipe fills with one long sequence:
+ * makespan 3K + 2(P-1) per group under unit costs, RECOMP costing a
+ * forward, not 3 K P); the activation slots a stage holds, min(K, P-s),
+ * do not grow with K, and no stage keeps a chunk's input: every stage past
+ * the first receives each chunk twice (RECV_ACT, RECV_RECOMP). */
 static void test_time_chunks_pipeline_one_sequence(void **state) {
     for (int pi = 0; pi < N_STAGE_COUNTS; pi++)
         for (int k = 1; k <= 8; k++)
@@ -396,9 +400,24 @@ static void test_time_chunks_pipeline_one_sequence(void **state) {
                                         find_instr(&s, st, RP_OP_FWD, m + 1));
                             assert_true(find_instr(&s, st, RP_OP_BWD, m + 1) <
                                         find_instr(&s, st, RP_OP_BWD, m));
+                            assert_true(find_instr(&s, st, RP_OP_RECOMP, m + 1) <
+                                        find_instr(&s, st, RP_OP_RECOMP, m));
+                            assert_true(find_instr(&s, st, RP_OP_RECOMP, m) <
+                                        find_instr(&s, st, RP_OP_BWD, m));
+                            assert_int_equal(find_instr(&s, st, RP_OP_RECV_RECOMP, m) >= 0,
+                                             st > 0);
+                            assert_int_equal(find_instr(&s, st, RP_OP_SEND_RECOMP, m) >= 0,
+                                             st < P - 1);
                         }
-                if (groups == 1) assert_true(fabs(r.makespan - 2.0 * (k + P - 1)) < 1e-9);
-                else assert_true(r.makespan < 2.0 * groups * (k + P - 1) + 1e-9);
+                for (int st = 0; st < P && k > 1; st++) {
+                    const int slots = P - st < k ? P - st : k;
+                    assert_int_equal(s.n_buffers[st], slots);
+                    assert_int_equal(r.peak_stashed[st], slots);
+                }
+                /* K = 1 is the plain schedule: F and B per sequence */
+                const double one = k > 1 ? 3.0 * k + 2.0 * (P - 1) : 2.0 * P;
+                if (groups == 1) assert_true(fabs(r.makespan - one) < 1e-9);
+                else assert_true(r.makespan < groups * one + 1e-9);
                 rp_sim_result_free(&r, P);
                 rp_schedule_free(&s);
             }
@@ -406,6 +425,38 @@ static void test_time_chunks_pipeline_one_sequence(void **state) {
     rp_error err;
     assert_int_equal(rp_schedule_build_time_chunks(&s, 2, 6, 4, &err), RP_ERR_ARG);
     expect_in_message(err.msg, "time chunks");
+}
+
+/* The recomputation's conventions are checked: RECOMPs in the backward
+ * order, only in time-chunk schedules, a slot not reused before its BWD,
+ * and a missing SEND_RECOMP is a deadlock that names it. */
+static void test_time_chunks_recompute_errors_are_reported(void **state) {
+    rp_schedule s;
+    rp_error err;
+    if (rp_schedule_build_time_chunks(&s, 2, 4, 4, &err) != RP_OK) fail_msg("%s", err.msg);
+    int r3 = find_instr(&s, 0, RP_OP_RECOMP, 3), r2 = find_instr(&s, 0, RP_OP_RECOMP, 2);
+    s.instr[0][r3].micro_batch = 2;
+    s.instr[0][r2].micro_batch = 3;
+    expect_in_message(simulate_expect_error(&s, &err), "recompute in the backward order");
+    rp_schedule_free(&s);
+
+    if (rp_schedule_build_time_chunks(&s, 2, 4, 4, &err) != RP_OK) fail_msg("%s", err.msg);
+    s.instr[0][find_instr(&s, 0, RP_OP_RECOMP, 2)].buffer = 0;
+    expect_in_message(simulate_expect_error(&s, &err), "overwrites buffer 0");
+    rp_schedule_free(&s);
+
+    build_or_fail(&s, RP_SCHEDULE_GPIPE, 1, 1);
+    s.instr[0][find_instr(&s, 0, RP_OP_BWD, 0)].op = RP_OP_RECOMP;
+    expect_in_message(simulate_expect_error(&s, &err), "belongs to time-chunk schedules");
+    rp_schedule_free(&s);
+
+    if (rp_schedule_build_time_chunks(&s, 2, 4, 4, &err) != RP_OK) fail_msg("%s", err.msg);
+    int send = find_instr(&s, 0, RP_OP_SEND_RECOMP, 3);
+    memmove(&s.instr[0][send], &s.instr[0][send + 1],
+            (size_t)(s.n_instr[0] - send - 1) * sizeof(rp_pipe_instr));
+    s.n_instr[0]--;
+    expect_in_message(simulate_expect_error(&s, &err), "SEND_RECOMP of micro-batch 3");
+    rp_schedule_free(&s);
 }
 
 /* The executor's time-chunk order is needed: 1F1B's lists (backwards in
@@ -904,6 +955,7 @@ int main(void) {
         cmocka_unit_test(test_backwards_out_of_order_are_reported),
         cmocka_unit_test(test_time_chunks_pipeline_one_sequence),
         cmocka_unit_test(test_time_chunks_in_increasing_backward_order_are_reported),
+        cmocka_unit_test(test_time_chunks_recompute_errors_are_reported),
         cmocka_unit_test(test_micro_batch_run_twice_or_never_is_reported),
         cmocka_unit_test(test_list_without_the_optimizer_step_is_reported),
         cmocka_unit_test(test_send_on_the_wrong_end_is_reported),

@@ -3,8 +3,9 @@
 # consecutive chunks that carry the recurrent state, with full BPTT across
 # them, has the gradients of one pass over the whole sequence; --tbptt
 # (no state gradient between chunks) does not; 2 pipeline stages give the
-# chunked gradients of one process; `train --seq-len` runs and its losses
-# equal the one-pass run's.
+# chunked gradients of one process (and 3 stages its weights, bit for bit);
+# `train --seq-len` runs and its losses equal the one-pass run's; a stage
+# past the first does not grow with the sequence.
 # Run by `make check` (env: top_srcdir, top_builddir, MPIRUN, PYTHON3).
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
@@ -93,6 +94,35 @@ if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
 fi
 
 if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
+    # The recomputed activations a stage gets in a chunk's backward phase
+    # (RECV_RECOMP) are the bytes of its first forward's, so the weights
+    # are those of one process bit for bit, on 3 stages too.
+    check "train --pp 3 --seq-len 64 --ctx-len 16 gives one process's weights bit for bit"
+    "$BIN" "${COMMON[@]}" --model-config L3-C64-V64 --ctx-len 16 --seq-len 64 -o "$T/l3.st" \
+        >"$T/stdout" 2>"$T/stderr" || fail "train L3 --seq-len 64"
+    "$MPIRUN" -np 3 "$BIN" "${COMMON[@]}" --model-config L3-C64-V64 --pp 3 --ctx-len 16 \
+        --seq-len 64 -o "$T/l3pp3.st" >"$T/stdout" 2>"$T/stderr" || fail "train --pp 3 --seq-len 64"
+    cmp -s "$T/l3.st" "$T/l3pp3.st" || fail "--pp 3 weights differ from one process's"
+    ok
+
+    # A stage past the first keeps nothing per chunk but its start state
+    # (2 x (2C + H N N) floats a layer: 33 KiB a chunk here), so its peak
+    # memory does not grow with the sequence; keeping each chunk's input
+    # (8 C bytes a token: 16 MiB at 32K tokens) would.
+    if [ -x /usr/bin/time ]; then
+        check "--pp 2: the last stage's peak RSS grows < 6 MiB from 4K to 32K tokens"
+        for L in 4096 32768; do
+            "$MPIRUN" -np 2 sh -c '/usr/bin/time -f %M -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
+                "$T/rss$L" "$BIN" train --model-config L2-C64-V64 --data copy --ctx-len 256 \
+                --seq-len $L --batch 1 --steps 1 --warmup 0 --eval-interval 0 --threads 1 \
+                --pp 2 -q >"$T/stdout" 2>"$T/stderr" || fail "train --pp 2 --seq-len $L"
+        done
+        a=$(tail -1 "$T/rss4096.1") b=$(tail -1 "$T/rss32768.1")
+        echo "  rank 1 peak RSS: $a KiB at 4096 tokens, $b KiB at 32768"
+        [ $((b - a)) -lt $((6 * 1024)) ] || fail "rank 1 grew by $((b - a)) KiB"
+        ok
+    fi
+
     check "--pp 2: 4 time chunks over 2 stages give the chunked gradients of one process, bit for bit"
     "$MPIRUN" -np 2 "$BIN" logits --pp 2 --model "$T/m.st" --tokens "$TOKENS" --grads \
         --time-chunks 4 --threads 1 -o "$T/pp2.st" >"$T/stdout" 2>"$T/stderr" ||

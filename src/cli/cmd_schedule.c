@@ -45,7 +45,8 @@ static void schedule_usage(FILE *out) {
 
 /* "<A3" receive activations, "F3:1" forward into buffer 1, ">A3" send them;
  * "<G3", "B3:1", ">G3" the same for gradients; "Bi3:1" input gradient only
- * (BWD_B), "W3:1" its weight gradients (BWD_W). Interleaved: the micro-batch
+ * (BWD_B), "W3:1" its weight gradients (BWD_W); "<R3", "R3:1", ">R3" a
+ * time chunk's recomputed forward (RECV_RECOMP, RECOMP, SEND_RECOMP). Interleaved: the micro-batch
  * is "3.c" on chunk c ("F3.1:0"). */
 static void schedule_format_instr(const rp_pipe_instr *in, int interleaved, char *out,
                                   size_t size) {
@@ -73,6 +74,9 @@ static void schedule_format_instr(const rp_pipe_instr *in, int interleaved, char
     case RP_OP_OPT_STEP: snprintf(out, size, "OPT_STEP"); break;
     case RP_OP_BWD_B: snprintf(out, size, "Bi%d:%d", in->micro_batch, in->buffer); break;
     case RP_OP_BWD_W: snprintf(out, size, "W%d:%d", in->micro_batch, in->buffer); break;
+    case RP_OP_RECV_RECOMP: snprintf(out, size, "<R%d", in->micro_batch); break;
+    case RP_OP_RECOMP: snprintf(out, size, "R%d:%d", in->micro_batch, in->buffer); break;
+    case RP_OP_SEND_RECOMP: snprintf(out, size, ">R%d", in->micro_batch); break;
     case RP_OP_COUNT: snprintf(out, size, "?"); break;
     }
 }

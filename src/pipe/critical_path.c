@@ -56,10 +56,12 @@ rp_status rp_pipe_critical_path(const struct rp_pipe_trace_entry *const *trace, 
                 const struct rp_pipe_trace_entry *e = &trace[s][i];
                 double ready = i > 0 ? finish[s][i - 1] : 0;
                 double work_from = e->start_s;  /* the weight is end - work_from */
-                if (e->op == RP_OP_RECV_ACT || e->op == RP_OP_RECV_GRAD) {
-                    const int from = e->op == RP_OP_RECV_ACT ? s - 1 : s + 1;
-                    const int send_op = e->op == RP_OP_RECV_ACT ? RP_OP_SEND_ACT
-                                                                : RP_OP_SEND_GRAD;
+                if (e->op == RP_OP_RECV_ACT || e->op == RP_OP_RECV_GRAD ||
+                    e->op == RP_OP_RECV_RECOMP) {
+                    const int from = e->op == RP_OP_RECV_GRAD ? s + 1 : s - 1;
+                    const int send_op = e->op == RP_OP_RECV_ACT      ? RP_OP_SEND_ACT
+                                        : e->op == RP_OP_RECV_RECOMP ? RP_OP_SEND_RECOMP
+                                                                     : RP_OP_SEND_GRAD;
                     const int j = from >= 0 && from < n_stages
                                       ? find_send(trace[from], len[from], send_op, e->micro_batch)
                                       : -1;

@@ -81,7 +81,7 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
     pt->grads = grads;
     pt->adam_m = adam_m;
     pt->adam_v = adam_v;
-    pt->act_in_mb = pt->grad_in_mb = -1;
+    pt->act_in_mb = pt->grad_in_mb = pt->recomp_in_mb = -1;
     pt->timeout_s = tp ? tp->timeout_s : 0;
     pt->halt_on_nan = 1;
     if (pt->n_stages > 1 && !tp)
@@ -96,8 +96,9 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
                                 : rp_schedule_build(&pt->sched, kind, pt->n_stages, n_micro, err);
     if (st != RP_OK) return st;
     const int R = micro_batch_size * ctx_len, C = model->cfg.n_embd;
-    /* Time chunks recompute each chunk's activations in its BWD: one slot. */
-    pt->n_stash = n_chunks > 1 ? 1 : pt->sched.n_buffers[pt->stage];
+    /* Time chunks: a slot per chunk between its RECOMP and its BWD,
+     * min(K, P - s) of them whatever the sequence length. */
+    pt->n_stash = pt->sched.n_buffers[pt->stage];
     pt->stash = calloc((size_t)pt->n_stash, sizeof *pt->stash);
     pt->pending = calloc((size_t)pt->n_stash, sizeof *pt->pending);
     pt->seq_len = malloc(sizeof(int) * (size_t)micro_batch_size);
@@ -146,11 +147,10 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
     pt->dstate.data = be->alloc(be, state_bytes);
     if (n_chunks > 1) {
         pt->chunk_states = be->alloc(be, state_bytes * (size_t)n_micro);
-        if (pt->stage > 0)
-            pt->chunk_inputs = be->alloc(be, landing_bytes * (size_t)n_micro);
+        if (pt->stage > 0) pt->recv_recomp = be->alloc(be, landing_bytes);
     }
     if (!pt->state.data || !pt->dstate.data ||
-        (n_chunks > 1 && (!pt->chunk_states || (pt->stage > 0 && !pt->chunk_inputs)))) {
+        (n_chunks > 1 && (!pt->chunk_states || (pt->stage > 0 && !pt->recv_recomp)))) {
         rp_pipe_trainer_free(pt);
         return rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the recurrent state");
     }
@@ -262,7 +262,7 @@ void rp_pipe_trainer_free(rp_pipe_trainer *pt) {
     if (be && pt->state.data) be->free(be, pt->state.data);
     if (be && pt->dstate.data) be->free(be, pt->dstate.data);
     if (be && pt->chunk_states) be->free(be, pt->chunk_states);
-    if (be && pt->chunk_inputs) be->free(be, pt->chunk_inputs);
+    if (be && pt->recv_recomp) be->free(be, pt->recv_recomp);
     for (int i = 0; pt->wsave && i < pt->n_stash; i++)
         if (be && pt->wsave[i]) be->free(be, pt->wsave[i]);
     free(pt->wsave);
@@ -289,12 +289,16 @@ static int next_op(const rp_pipe_instr *list, int n, int i, rp_pipe_opcode op) {
 }
 
 /* Posts the receive (x and v_first) of the micro-batch a RECV instruction
- * names; inside a transport group when the caller opened one. */
+ * names; inside a transport group when the caller opened one. A time
+ * chunk's recomputed activations (RECV_RECOMP) travel as activations, with
+ * the same tags as its first forward's, after them: a link delivers
+ * same-tag messages in order, and a stage posts the RECV_RECOMP of a chunk
+ * only after its RECV_ACT completed (recv_recomp). */
 static rp_status post_recv(rp_pipe_trainer *pt, const rp_pipe_instr *in, rp_error *err) {
     const size_t rc = (size_t)pt->micro_batch_size * pt->ctx_len * pt->model->cfg.n_embd;
-    const int is_act = in->op == RP_OP_RECV_ACT;
-    float *buf = is_act ? pt->recv_act : pt->recv_grad;
-    rp_transfer *x = is_act ? pt->act_in : pt->grad_in;
+    const int is_act = in->op != RP_OP_RECV_GRAD, recomp = in->op == RP_OP_RECV_RECOMP;
+    float *buf = recomp ? pt->recv_recomp : is_act ? pt->recv_act : pt->recv_grad;
+    rp_transfer *x = recomp ? pt->recomp_in : is_act ? pt->act_in : pt->grad_in;
     const int peer = pt->stage + (is_act ? -1 : 1);
     rp_status st = rp_transport_post_recv(pt->tp, buf, rc * sizeof(float), peer,
                                           is_act ? RP_MSG_ACT : RP_MSG_GRAD, in->micro_batch,
@@ -303,7 +307,8 @@ static rp_status post_recv(rp_pipe_trainer *pt, const rp_pipe_instr *in, rp_erro
         st = rp_transport_post_recv(pt->tp, buf + rc, rc * sizeof(float), peer,
                                     is_act ? RP_MSG_ACT_VFIRST : RP_MSG_GRAD_VFIRST,
                                     in->micro_batch, &x[1], err);
-    if (is_act) pt->act_in_mb = in->micro_batch;
+    if (recomp) pt->recomp_in_mb = in->micro_batch;
+    else if (is_act) pt->act_in_mb = in->micro_batch;
     else pt->grad_in_mb = in->micro_batch;
     return st;
 }
@@ -323,7 +328,7 @@ static rp_status post_send(rp_pipe_trainer *pt, const rp_pipe_instr *in,
                            const rp_pipe_instr *exchange, rp_error *err) {
     const size_t rc_bytes =
         (size_t)pt->micro_batch_size * pt->ctx_len * pt->model->cfg.n_embd * sizeof(float);
-    const int is_act = in->op == RP_OP_SEND_ACT;
+    const int is_act = in->op != RP_OP_SEND_GRAD;  /* SEND_ACT, SEND_RECOMP */
     rp_backward_workspace *tw = &pt->stash[in->buffer];
     rp_transfer *x = &pt->pending[in->buffer][is_act ? 0 : 2];
     const int peer = pt->stage + (is_act ? 1 : -1);
@@ -353,6 +358,9 @@ static const rp_pipe_instr *exchange_of(const rp_pipe_instr *list, int n, int i)
     const rp_pipe_opcode next = list[j].op;
     if (list[i].op == RP_OP_SEND_ACT && next == RP_OP_RECV_GRAD) return &list[j];
     if (list[i].op == RP_OP_SEND_GRAD && next == RP_OP_RECV_ACT) return &list[j];
+    /* time chunks' backward phase: 1F1B with RECOMP for FWD */
+    if (list[i].op == RP_OP_SEND_RECOMP && next == RP_OP_RECV_GRAD) return &list[j];
+    if (list[i].op == RP_OP_SEND_GRAD && next == RP_OP_RECV_RECOMP) return &list[j];
     return NULL;
 }
 
@@ -462,14 +470,14 @@ static float *wsave_of(const rp_pipe_trainer *pt, int b, int l) {
 }
 
 /* A time chunk's forward in tw: its input (embedding, or the x and v_first
- * kept at its RECV_ACT), from its start state. first: the FWD, which takes
- * the state the previous chunk left in pt->state (zero for a group's first
- * chunk) and keeps a copy; else the BWD's recomputation from that copy. */
+ * its RECV_ACT / RECV_RECOMP put in tw), from its start state. first: the
+ * FWD, which takes the state the previous chunk left in pt->state (zero for
+ * a group's first chunk) and keeps a copy; else the RECOMP from that copy. */
 static rp_status chunk_forward(rp_pipe_trainer *pt, rp_backward_workspace *tw,
                                const int32_t *inputs, int mb, int first, rp_error *err) {
     rp_model *m = pt->model;
     rp_backend *be = m->be;
-    const size_t R = (size_t)pt->micro_batch_size * pt->ctx_len, rc = R * m->cfg.n_embd;
+    const size_t R = (size_t)pt->micro_batch_size * pt->ctx_len;
     const size_t state_bytes =
         pt->state.floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float);
     float *kept = pt->chunk_states + (size_t)mb * (state_bytes / sizeof(float));
@@ -482,14 +490,62 @@ static rp_status chunk_forward(rp_pipe_trainer *pt, rp_backward_workspace *tw,
     if (m->has_embed) {
         rp_status st = rp_backward_embed_forward(m, tw, inputs + (size_t)mb * R, &pt->batch, err);
         if (st != RP_OK) return st;
-    } else {
-        const float *in = pt->chunk_inputs + (size_t)mb * 2 * rc;
-        be->copy(be, tw->x, in, rc * sizeof(float));
-        be->copy(be, tw->v_first, in + rc, rc * sizeof(float));
     }
     for (int l = m->layer_begin; l < m->layer_end; l++)
         rp_backward_block_forward(m, tw, l, &pt->state, &pt->batch);
     return RP_OK;
+}
+
+/* RECV_RECOMP at list[i]: a time chunk's recomputed input (x, v_first)
+ * from the previous stage into tw. Posted here unless already posted;
+ * early (while the stage computes) only for the next chunk of the same
+ * group, whose RECV_ACT has completed: its tags are those of that chunk's
+ * first forward, so a receive posted before that RECV_ACT could take the
+ * first forward's message. */
+static rp_status recv_recomp(rp_pipe_trainer *pt, const rp_pipe_instr *list, int n, int i,
+                             int grouped, rp_backward_workspace *tw, rp_error *err) {
+    rp_backend *be = pt->model->be;
+    const rp_pipe_instr *in = &list[i];
+    const size_t rc = (size_t)pt->micro_batch_size * pt->ctx_len * pt->model->cfg.n_embd;
+    rp_status st;
+    if (pt->recomp_in_mb != in->micro_batch &&
+        (st = grouped ? post_recv_group(pt, in, err) : post_recv(pt, in, err)) != RP_OK)
+        return st;
+    if ((st = rp_transport_wait(pt->tp, &pt->recomp_in[0], err)) != RP_OK ||
+        (st = rp_transport_wait(pt->tp, &pt->recomp_in[1], err)) != RP_OK ||
+        (st = wait_pending(pt, in->buffer, PENDING_ACT, err)) != RP_OK)
+        return st;
+    be->copy(be, tw->x, pt->recv_recomp, rc * sizeof(float));
+    be->copy(be, tw->v_first, pt->recv_recomp + rc, rc * sizeof(float));
+    pt->recomp_in_mb = -1;
+    const int j = grouped ? -1 : next_op(list, n, i, RP_OP_RECV_RECOMP);
+    if (j >= 0 && list[j].micro_batch / pt->n_chunks == in->micro_batch / pt->n_chunks)
+        return post_recv(pt, &list[j], err);
+    return RP_OK;
+}
+
+/* RECOMP: time chunk mb's forward again, from its kept start state, into
+ * tw (bit for bit the FWD's: the same ops on the same bytes), the head's
+ * loss and backward with it on the last stage. */
+static rp_status recompute(rp_pipe_trainer *pt, rp_backward_workspace *tw, const int32_t *inputs,
+                           const int32_t *targets, int mb, float loss_scale, float l2wrap_factor,
+                           double *local_loss, rp_error *err) {
+    rp_model *m = pt->model;
+    rp_backend *be = m->be;
+    const size_t R = (size_t)pt->micro_batch_size * pt->ctx_len;
+    rp_status st = wait_pending(pt, (int)(tw - pt->stash), m->has_head ? PENDING_ALL : PENDING_ACT,
+                                err);
+    if (st != RP_OK) return st;
+    const double t0 = rp_now_seconds();
+    if ((st = chunk_forward(pt, tw, inputs, mb, 0, err)) != RP_OK) return st;
+    if (m->has_head)
+        *local_loss += rp_backward_head(m, pt->grads, tw, targets + (size_t)mb * R, &pt->batch,
+                                        loss_scale, l2wrap_factor);
+    be->synchronize(be);
+    pt->busy_seconds += rp_now_seconds() - t0;
+    if ((st = be->status(be, err)) != RP_OK)
+        rp_error_prefix(err, "stage %d: recomputed forward of time chunk %d", pt->stage, mb);
+    return st;
 }
 
 rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
@@ -545,15 +601,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     const int chunked = pt->n_chunks > 1;
     pt->trace_len = 0;
     for (int i = 0; i < n && st == RP_OK; i++) {
-        /* Time chunks: the schedule's buffer m is the chunk's kept state and
-         * input; every chunk computes in stash slot 0. */
-        rp_pipe_instr chunk_in;
         const rp_pipe_instr *in = &list[i];
-        if (chunked && in->buffer >= 0) {
-            chunk_in = *in;
-            chunk_in.buffer = 0;
-            in = &chunk_in;
-        }
         const int mb = in->micro_batch;
         rp_backward_workspace *tw = in->buffer >= 0 ? &pt->stash[in->buffer] : NULL;
         if (pt->trace && pt->trace_len < pt->trace_cap)
@@ -581,13 +629,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                     RP_OK)
                 break;
             const float *buf = is_act ? pt->recv_act : pt->recv_grad;
-            if (chunked && is_act) {
-                /* Kept until the chunk's BWD recomputes its forward. */
-                be->copy(be, pt->chunk_inputs + (size_t)mb * 2 * rc, buf, 2 * rc_bytes);
-            } else {
-                be->copy(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
-                be->copy(be, is_act ? tw->v_first : tw->dv_first, buf + rc, rc_bytes);
-            }
+            be->copy(be, is_act ? tw->x : tw->dx, buf, rc_bytes);
+            be->copy(be, is_act ? tw->v_first : tw->dv_first, buf + rc, rc_bytes);
             if (is_act) pt->act_in_mb = -1;
             else pt->grad_in_mb = -1;
             /* Overlap: the next micro-batch's receive is in flight while we compute. */
@@ -634,7 +677,15 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         }
         case RP_OP_SEND_ACT:
         case RP_OP_SEND_GRAD:
+        case RP_OP_SEND_RECOMP:
             st = post_send(pt, in, grouped ? exchange_of(list, n, i) : NULL, err);
+            break;
+        case RP_OP_RECV_RECOMP:
+            st = recv_recomp(pt, list, n, i, grouped, tw, err);
+            break;
+        case RP_OP_RECOMP:
+            st = recompute(pt, tw, inputs, targets, mb, loss_scale, l2wrap_factor, &local_loss,
+                           err);
             break;
         case RP_OP_BWD:
         case RP_OP_BWD_B: {
@@ -645,15 +696,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 break;
             }
             const double t0 = rp_now_seconds();
-            if (chunked) {
-                /* Recompute the chunk's forward from its kept start state
-                 * (and input), the head's loss and backward with it. */
-                if ((st = chunk_forward(pt, tw, inputs, mb, 0, err)) != RP_OK) break;
-                if (m->has_head)
-                    local_loss += rp_backward_head(m, pt->grads, tw, targets + (size_t)mb * R,
-                                                   &pt->batch, loss_scale, l2wrap_factor);
-            }
-            /* Each sequence ends with the micro-batch: d(final state) = 0.
+            /* Time chunks: the chunk's RECOMP left its activations in tw.
+             * Each sequence ends with the micro-batch: d(final state) = 0.
              * A time chunk other than the last instead keeps the d(start
              * state) the backward of the chunk after it left here, unless
              * --tbptt truncates it. */

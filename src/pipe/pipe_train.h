@@ -42,12 +42,15 @@ typedef struct {
     /* Time chunks (rp_pipe_trainer_init_time_chunks): every n_chunks
      * consecutive micro-batches are the time chunks of one batch of
      * sequences; 1: each micro-batch is whole sequences. tbptt: no state
-     * gradient between chunks. chunk_states [n_micro] start states;
-     * chunk_inputs [n_micro][2 R C] the received x, v_first (past stage 0):
-     * a chunk's BWD recomputes its forward from them, so one activation
-     * workspace serves every chunk. */
+     * gradient between chunks. chunk_states [n_micro] start states, all
+     * a FWD keeps of a chunk: its RECOMP recomputes the forward from it
+     * (past stage 0 from the previous stage's recomputed output, received
+     * into recv_recomp [2][R*C] through recomp_in), so a stage's memory
+     * does not grow with the sequence beyond the start states. */
     int n_chunks, tbptt;
-    float *chunk_states, *chunk_inputs;
+    float *chunk_states, *recv_recomp;
+    rp_transfer recomp_in[2];
+    int recomp_in_mb;               /* micro-batch posted in recomp_in, -1: none */
     /* State tuning (rp_pipe_trainer_tune_state): this stage's layers' tuned
      * initial WKV states [layers][H][N][N] (backend memory, with its AdamW
      * moments and a device copy of the gradient) start every sequence in
@@ -110,8 +113,9 @@ rp_status rp_pipe_trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *g
  * counts chunks (a multiple of n_chunks); the schedule is
  * rp_schedule_build_time_chunks whatever `kind`. The gradients equal those
  * of one pass over the whole sequences (tests/test_time_chunks.sh). Memory:
- * one chunk's activations, plus per chunk its start state and, past stage
- * 0, its input (2 R C floats). */
+ * min(n_chunks, P - stage) chunks' activations plus per chunk its start
+ * state; no chunk's input (the previous stage sends it again, recomputed:
+ * RP_OP_RECV_RECOMP). */
 rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
                                            rp_model *grads, rp_model *adam_m, rp_model *adam_v,
                                            const rp_grid *grid, rp_transport *tp,

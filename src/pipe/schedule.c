@@ -12,7 +12,8 @@ static const char *const kind_names[RP_SCHEDULE_KIND_COUNT] = {"gpipe", "1f1b", 
                                                                  "interleaved"};
 
 static const char *const opcode_names[RP_OP_COUNT] = {
-    "RECV_ACT", "FWD", "SEND_ACT", "RECV_GRAD", "BWD", "SEND_GRAD", "REDUCE_GRADS", "OPT_STEP", "BWD_B", "BWD_W"};
+    "RECV_ACT", "FWD", "SEND_ACT", "RECV_GRAD", "BWD", "SEND_GRAD", "REDUCE_GRADS", "OPT_STEP", "BWD_B", "BWD_W",
+    "RECV_RECOMP", "RECOMP", "SEND_RECOMP"};
 
 const char *rp_schedule_kind_name(rp_schedule_kind k) {
     return (unsigned)k < RP_SCHEDULE_KIND_COUNT ? kind_names[k] : "unknown";
@@ -261,17 +262,42 @@ static rp_status sched_build_interleaved(sched_list *list, int stage, int n_stag
     return RP_OK;
 }
 
-/* Time chunks: per group of n_chunks micro-batches, the forwards forward in
- * time, then the backwards backward in time (schedule.h). */
+/* Time chunks (schedule.h): per group of n_chunks micro-batches, the
+ * forwards forward in time; then the backward phase backward in time, as
+ * 1F1B over the group's chunks with RECOMP in the forward's place: stage s
+ * recomputes P-s-1 chunks ahead, so the recomputed activations flow down
+ * the pipe while the gradients flow up, and a chunk's slot is free again
+ * (its BWD ran) before the RECOMP min(K, P-s) chunks later reuses it. */
+static void sched_emit_recompute(sched_list *list, int stage, int n_stages, int m, int buffer) {
+    if (stage > 0) sched_emit(list, RP_OP_RECV_RECOMP, m, buffer);
+    sched_emit(list, RP_OP_RECOMP, m, buffer);
+    if (stage < n_stages - 1) sched_emit(list, RP_OP_SEND_RECOMP, m, buffer);
+}
+
 static void sched_build_time_chunks(sched_list *list, int stage, int n_stages, int n_micro,
                                     int n_chunks, int *n_buffers) {
+    int warmup = n_stages - stage - 1;
+    if (warmup > n_chunks) warmup = n_chunks;
+    const int slots = n_stages - stage < n_chunks ? n_stages - stage : n_chunks;
     for (int g = 0; g < n_micro; g += n_chunks) {
-        for (int c = 0; c < n_chunks; c++) sched_emit_forward(list, stage, n_stages, g + c, g + c);
-        for (int c = n_chunks - 1; c >= 0; c--)
-            sched_emit_backward(list, stage, n_stages, g + c, g + c);
+        for (int c = 0; c < n_chunks; c++) sched_emit_forward(list, stage, n_stages, g + c, 0);
+        /* k-th of the phase: chunk n_chunks-1-k, slot k % slots */
+        int next_r = 0, next_b = 0;
+        for (; next_r < warmup; next_r++)
+            sched_emit_recompute(list, stage, n_stages, g + n_chunks - 1 - next_r,
+                                 next_r % slots);
+        for (; next_r < n_chunks; next_r++, next_b++) {
+            sched_emit_recompute(list, stage, n_stages, g + n_chunks - 1 - next_r,
+                                 next_r % slots);
+            sched_emit_backward(list, stage, n_stages, g + n_chunks - 1 - next_b,
+                                next_b % slots);
+        }
+        for (; next_b < n_chunks; next_b++)
+            sched_emit_backward(list, stage, n_stages, g + n_chunks - 1 - next_b,
+                                next_b % slots);
     }
     sched_emit_step(list);
-    *n_buffers = n_micro;
+    *n_buffers = slots;
 }
 
 static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_stages, int n_micro,
@@ -330,8 +356,10 @@ static rp_status schedule_build(rp_schedule *s, rp_schedule_kind kind, int n_sta
 
     for (int stage = 0; stage < n_stages; stage++) {
         sched_list list = {0};
-        list.capacity = sched_stage_length(n_chunks > 1 ? RP_SCHEDULE_GPIPE : kind, stage,
-                                           n_stages, n_micro, n_virtual);
+        /* time chunks: FWD, RECOMP and BWD per chunk, each with its RECV/SEND */
+        list.capacity = n_chunks > 1
+                            ? n_micro * (3 + 3 * (stage > 0) + 3 * (stage < n_stages - 1)) + 2
+                            : sched_stage_length(kind, stage, n_stages, n_micro, n_virtual);
         list.instr = rp_malloc((size_t)list.capacity * sizeof *list.instr, "schedule list", err);
         if (!list.instr) goto fail;
         s->instr[stage] = list.instr;

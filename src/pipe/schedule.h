@@ -52,6 +52,17 @@ typedef enum {
      * path. A micro-batch's stash slot is free only after its BWD_W. */
     RP_OP_BWD_B,
     RP_OP_BWD_W,
+    /* Time chunks only: a chunk's backward needs its activations again,
+     * which a stage past the first could rebuild only from its input. So
+     * the previous stage, which recomputes the chunk's forward from its
+     * kept start state anyway, sends the recomputed output once more
+     * (same bytes as the first forward's): RECV_RECOMP m takes it (stage
+     * s > 0), RECOMP m recomputes chunk m's forward into the buffer (the
+     * last stage with the head's loss and backward), SEND_RECOMP m sends it
+     * on. No stage keeps a chunk's input between its FWD and its BWD. */
+    RP_OP_RECV_RECOMP,
+    RP_OP_RECOMP,
+    RP_OP_SEND_RECOMP,
     RP_OP_COUNT
 } rp_pipe_opcode;
 

@@ -28,12 +28,15 @@ typedef struct {
     unsigned char act_received, fwd_done, act_sent;
     unsigned char grad_received, bwd_done, grad_sent;
     unsigned char split, w_done;  /* BWD_B ran (its BWD_W is due); BWD_W ran */
+    /* time chunks: the recomputed forward (RECV_RECOMP, RECOMP, SEND_RECOMP) */
+    double recomp_arrival;
+    unsigned char recomp_received, recomp_done, recomp_sent;
 } sim_micro;
 
 /* Per model chunk: its forwards, backwards and weight gradients so far
  * (each runs in micro-batch order within a chunk). */
 typedef struct {
-    int n_fwd, n_bwd, n_w;
+    int n_fwd, n_bwd, n_w, n_recomp;
 } sim_model_chunk;
 
 typedef struct {
@@ -142,7 +145,94 @@ static double sim_op_cost(const rp_sim_costs *c, rp_pipe_opcode op) {
     case RP_OP_BWD: return c->bwd_cost;
     case RP_OP_BWD_B: return c->bwd_cost - w;
     case RP_OP_BWD_W: return w;
+    case RP_OP_RECOMP: return c->fwd_cost;
     default: return 0;
+    }
+}
+
+/* Time chunks: RECV_ACT, FWD and SEND_ACT compute in a slot without
+ * holding it (the FWD keeps only the chunk's start state), so the slot must
+ * not hold a recomputed chunk waiting for its BWD. */
+static sim_outcome sim_forward_slot(sim_state *st, int stage, int index, const rp_pipe_instr *in,
+                                    rp_error *err) {
+    if (st->s->n_chunks <= 1) return sim_claim_buffer(st, stage, index, in, err);
+    const int other = st->stages[stage].holder[in->buffer];
+    if (other >= 0)
+        return sim_fail(st, err, stage, index, in,
+                        "forwards in buffer %d while time chunk %d's recomputed activations "
+                        "wait there for its BWD", in->buffer, other);
+    return SIM_RAN;
+}
+
+/* RECV_RECOMP / RECOMP / SEND_RECOMP (time chunks only): the recomputed
+ * forward of chunk m, in the backward order, after its FWD (whose start
+ * state it starts from); it holds its slot until the chunk's BWD. */
+static sim_outcome sim_recompute(sim_state *st, int stage, int index, const rp_pipe_instr *in,
+                                 double *start, rp_error *err) {
+    const rp_schedule *s = st->s;
+    sim_stage *sg = &st->stages[stage];
+    const int g = sim_model(st, stage, in), last = s->n_stages * st->n_virtual - 1;
+    const int m = in->micro_batch;
+    sim_micro *mb = sim_at(st, g, m);
+    sim_model_chunk *ch = &st->chunks[g];
+    sim_outcome o;
+    if (s->n_chunks <= 1)
+        return sim_fail(st, err, stage, index, in,
+                        "recomputation belongs to time-chunk schedules (n_chunks %d)",
+                        s->n_chunks);
+    switch (in->op) {
+    case RP_OP_RECV_RECOMP: {
+        if (g == 0)
+            return sim_fail(st, err, stage, index, in,
+                            "stage 0 recomputes from the data, it has no stage to receive from");
+        if (mb->recomp_received)
+            return sim_fail(st, err, stage, index, in,
+                            "recomputed activations of micro-batch %d received twice", m);
+        if (mb->recomp_done)
+            return sim_fail(st, err, stage, index, in, "comes after RECOMP of micro-batch %d", m);
+        const sim_micro *from = sim_at(st, g - 1, m);
+        if (!from->recomp_sent) return SIM_WAITS;
+        if ((o = sim_claim_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
+        *start = sg->clock;
+        sg->clock = fmax(sg->clock, from->recomp_arrival);
+        mb->recomp_received = 1;
+        return SIM_RAN;
+    }
+    case RP_OP_RECOMP:
+        if (mb->recomp_done)
+            return sim_fail(st, err, stage, index, in, "micro-batch %d recomputed twice", m);
+        if (!mb->fwd_done)
+            return sim_fail(st, err, stage, index, in,
+                            "runs before FWD of micro-batch %d (no start state kept yet)", m);
+        if (g > 0 && !mb->recomp_received)
+            return sim_fail(st, err, stage, index, in,
+                            "runs before RECV_RECOMP of micro-batch %d (no input)", m);
+        if (m != sim_next_backward(s, ch->n_recomp))
+            return sim_fail(st, err, stage, index, in,
+                            "time chunks recompute in the backward order (last chunk first): "
+                            "expected micro-batch %d next", sim_next_backward(s, ch->n_recomp));
+        if ((o = sim_claim_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
+        *start = sg->clock;
+        sg->clock += sim_op_cost(&st->costs, in->op);
+        sg->busy += sim_op_cost(&st->costs, in->op);
+        mb->recomp_done = 1;
+        ch->n_recomp++;
+        if (++sg->n_stashed > sg->peak_stashed) sg->peak_stashed = sg->n_stashed;
+        return SIM_RAN;
+    default:  /* RP_OP_SEND_RECOMP */
+        if (g == last)
+            return sim_fail(st, err, stage, index, in,
+                            "the last stage computes the loss, it has no stage to send to");
+        if (!mb->recomp_done)
+            return sim_fail(st, err, stage, index, in, "runs before RECOMP of micro-batch %d", m);
+        if (mb->recomp_sent)
+            return sim_fail(st, err, stage, index, in,
+                            "recomputed activations of micro-batch %d sent twice", m);
+        if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
+        *start = sg->clock;
+        mb->recomp_arrival = sg->clock + st->costs.comm_cost;
+        mb->recomp_sent = 1;
+        return SIM_RAN;
     }
 }
 
@@ -199,7 +289,7 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
             return sim_fail(st, err, stage, index, in, "comes after FWD of micro-batch %d", m);
         const sim_micro *from = sim_at(st, g - 1, m);
         if (!from->act_sent) return SIM_WAITS;
-        if ((o = sim_claim_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
+        if ((o = sim_forward_slot(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
         sg->clock = fmax(sg->clock, from->act_arrival);
         mb->act_received = 1;
@@ -216,13 +306,15 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
                             "time chunks run their forwards in time order (chunk c starts from "
                             "the state chunk c-1 left): expected micro-batch %d next",
                             ch->n_fwd);
-        if ((o = sim_claim_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
+        if ((o = sim_forward_slot(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
         sg->clock += st->costs.fwd_cost;
         sg->busy += st->costs.fwd_cost;
         mb->fwd_done = 1;
         ch->n_fwd++;
-        if (++sg->n_stashed > sg->peak_stashed) sg->peak_stashed = sg->n_stashed;
+        /* time chunks stash at RECOMP: a FWD keeps only the start state */
+        if (s->n_chunks <= 1 && ++sg->n_stashed > sg->peak_stashed)
+            sg->peak_stashed = sg->n_stashed;
         return SIM_RAN;
     case RP_OP_SEND_ACT:
         if (g == last)
@@ -232,7 +324,9 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
             return sim_fail(st, err, stage, index, in, "runs before FWD of micro-batch %d", m);
         if (mb->act_sent)
             return sim_fail(st, err, stage, index, in, "activations of micro-batch %d sent twice", m);
-        if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
+        if ((o = s->n_chunks > 1 ? sim_forward_slot(st, stage, index, in, err)
+                                 : sim_check_buffer(st, stage, index, in, err)) != SIM_RAN)
+            return o;
         /* sends are asynchronous: the stage goes on at once, the data lands
          * comm_cost later */
         *start = sg->clock;
@@ -277,6 +371,10 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
                                 : "backwards must run in increasing micro-batch order: expected "
                                   "micro-batch %d next",
                             sim_next_backward(s, ch->n_bwd));
+        if (s->n_chunks > 1 && !mb->recomp_done)
+            return sim_fail(st, err, stage, index, in,
+                            "runs before RECOMP of time chunk %d (its activations are not "
+                            "there)", m);
         if ((o = sim_check_buffer(st, stage, index, in, err)) != SIM_RAN) return o;
         *start = sg->clock;
         sg->clock += sim_op_cost(&st->costs, in->op);
@@ -312,6 +410,10 @@ static sim_outcome sim_step(sim_state *st, int stage, double *start, rp_error *e
         sg->n_stashed--;
         sg->holder[in->buffer] = -1;
         return SIM_RAN;
+    case RP_OP_RECV_RECOMP:
+    case RP_OP_RECOMP:
+    case RP_OP_SEND_RECOMP:
+        return sim_recompute(st, stage, index, in, start, err);
     case RP_OP_SEND_GRAD:
         if (g == 0)
             return sim_fail(st, err, stage, index, in,
@@ -375,8 +477,11 @@ static rp_status sim_report_deadlock(sim_state *st, rp_error *err) {
         /* the peer is the neighbouring model chunk (interleaved: the last
          * stage's chunk c sends to stage 0's chunk c+1) */
         const int g = in->chunk * s->n_stages + stage;
-        int peer = in->op == RP_OP_RECV_ACT ? g - 1 : g + 1;
-        const char *what = in->op == RP_OP_RECV_ACT ? "SEND_ACT" : "SEND_GRAD";
+        const int down = in->op == RP_OP_RECV_ACT || in->op == RP_OP_RECV_RECOMP;
+        int peer = down ? g - 1 : g + 1;
+        const char *what = in->op == RP_OP_RECV_ACT      ? "SEND_ACT"
+                           : in->op == RP_OP_RECV_RECOMP ? "SEND_RECOMP"
+                                                         : "SEND_GRAD";
         char where[128], chunk[32] = "";
         sim_describe(where, sizeof where, st->n_virtual, stage, sg->pc, in);
         if (st->n_virtual > 1) snprintf(chunk, sizeof chunk, " (chunk %d)", peer / s->n_stages);
@@ -562,8 +667,9 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
                 SIM_TIMELINE_MAX_COLUMNS);
     } else {
         fprintf(out, "timeline (one column per %g time unit%s; Fm forward, Bm backward (BWD or "
-                     "BWD_B), Wm weight gradients of micro-batch m%s, . idle):\n", unit, unit == 1.0 ? "" : "s",
-                n_virtual > 1 ? ", Fm.c on chunk c" : "");
+                     "BWD_B), Wm weight gradients of micro-batch m%s%s, . idle):\n", unit, unit == 1.0 ? "" : "s",
+                n_virtual > 1 ? ", Fm.c on chunk c" : "",
+                s->n_chunks > 1 ? ", Rm recomputed forward of time chunk m" : "");
         int label = sim_digits(n_stages - 1);
         /* ruler: a time label every `every` columns, where it fits */
         long every = 1;
@@ -601,7 +707,10 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
                     if (row[col] >= 0) {
                         const rp_pipe_instr *in = &s->instr[stage][row[col]];
                         int n = snprintf(text, sizeof text, "%c%d",
-                                 in->op == RP_OP_FWD ? 'F' : in->op == RP_OP_BWD_W ? 'W' : 'B',
+                                 in->op == RP_OP_FWD      ? 'F'
+                                 : in->op == RP_OP_RECOMP ? 'R'
+                                 : in->op == RP_OP_BWD_W  ? 'W'
+                                                          : 'B',
                                  in->micro_batch);
                         if (n_virtual > 1 && n > 0 && (size_t)n < sizeof text)
                             snprintf(text + n, sizeof text - (size_t)n, ".%d", in->chunk);
@@ -615,9 +724,18 @@ void rp_schedule_print_timeline(const rp_schedule *s, const rp_sim_result *r, FI
         }
     }
 
-    int num = n_stages - 1, den = n_virtual * n_micro + n_stages - 1, g = sim_gcd(num, den);
+    /* Time chunks: per sequence group F, RECOMP and BWD per chunk and a
+     * fill and drain of P-1 each for the forwards and for the backward
+     * phase (one group; groups overlap a little). */
+    const int chunked = s->n_chunks > 1;
+    int num = chunked ? 2 * (n_stages - 1) : n_stages - 1;
+    int den = chunked ? 3 * s->n_chunks + 2 * (n_stages - 1)
+                      : n_virtual * n_micro + n_stages - 1;
+    const int g = sim_gcd(num, den);
     fprintf(out, "makespan %g time units; bubble fraction %.4f; theory %s = %d/%d = %.4f%s\n",
-            r->makespan, r->bubble_fraction, n_virtual > 1 ? "(P-1)/(v*M+P-1)" : "(P-1)/(M+P-1)",
+            r->makespan, r->bubble_fraction,
+            chunked ? "2(P-1)/(3K+2(P-1)) per sequence of K chunks"
+            : n_virtual > 1 ? "(P-1)/(v*M+P-1)" : "(P-1)/(M+P-1)",
             num / (g ? g : 1), den / (g ? g : 1),
             (double)num / den, c->comm_cost > 0 ? " (for comm cost 0)" : "");
     for (int stage = 0; stage < n_stages; stage++)
