@@ -471,7 +471,7 @@ typedef struct {
     rp_state state;
 } decode_side;
 
-static void side_open(decode_side *d, rp_backend *be) {
+static void side_open_sized(decode_side *d, rp_backend *be, int rows, int slots) {
     rp_error err;
     const char *data = getenv("RP_TEST_DATA");
     char path[4096];
@@ -480,11 +480,13 @@ static void side_open(decode_side *d, rp_backend *be) {
     d->be = be;
     assert_int_equal(rp_model_load(&d->model, path, 0, -1, be, &err), RP_OK);
     rp_model_register_weights(&d->model);
-    assert_int_equal(rp_workspace_alloc(&d->ws, &d->model.cfg, MAX_ROWS, be, &err), RP_OK);
-    rp_state_geometry(&d->state, &d->model.cfg, 0, d->model.cfg.n_layer, MAX_SEQS);
-    d->state.data = be->alloc(be, d->state.floats_per_slot * MAX_SEQS * sizeof(float));
+    assert_int_equal(rp_workspace_alloc(&d->ws, &d->model.cfg, rows, be, &err), RP_OK);
+    rp_state_geometry(&d->state, &d->model.cfg, 0, d->model.cfg.n_layer, slots);
+    d->state.data = be->alloc(be, d->state.floats_per_slot * slots * sizeof(float));
     assert_non_null(d->state.data);
 }
+
+static void side_open(decode_side *d, rp_backend *be) { side_open_sized(d, be, MAX_ROWS, MAX_SEQS); }
 
 static void side_close(decode_side *d) {
     d->be->free(d->be, d->state.data);
@@ -685,6 +687,89 @@ static void test_decode_graph_refuses_sync(void **s) {
     side_close(&d);
 }
 
+/* ---- decode groups: a row's bits do not depend on the group ---- */
+
+#define GROUP_MAX 64
+
+/* Two decode steps of the sequences first..first+n-1 (slot s, tokens of
+ * sequence s) from a zero state, as one group of n; logits [n, V] and the
+ * state to the host. */
+static void group_steps(decode_side *d, float *dl, int first, int n, float *logits,
+                        float *state) {
+    const size_t V = (size_t)d->model.cfg.vocab_size, spf = d->state.floats_per_slot;
+    int seq_len[GROUP_MAX], slot[GROUP_MAX], row_begin[GROUP_MAX];
+    int32_t tokens[GROUP_MAX];
+    d->be->fill_zero(d->be, d->state.data, spf * GROUP_MAX * sizeof(float));
+    rp_error err;
+    for (int step = 0; step < 2; step++) {
+        for (int s = 0; s < n; s++) {
+            seq_len[s] = 1;
+            slot[s] = first + s;
+            tokens[s] = (int32_t)(((first + s) * 37 + step * 101 + 5) % (int)V);
+        }
+        rp_batch b;
+        rp_batch_init(&b, n, seq_len, slot, row_begin);
+        assert_int_equal(rp_model_forward(&d->model, &d->ws, tokens, &b, &d->state,
+                                          RP_LOGITS_LAST, dl, &err), RP_OK);
+    }
+    d->be->copy_to_host(d->be, logits, dl, (size_t)n * V * sizeof(float));
+    d->be->copy_to_host(d->be, state, d->state.data, spf * GROUP_MAX * sizeof(float));
+    if (d->be->status(d->be, &err) != RP_OK) fprintf(stderr, "status: %s\n", err.msg);
+    assert_int_equal(d->be->status(d->be, &err), RP_OK);
+}
+
+/* Sequences 0..63 decoded two steps alone and in groups of 9 and 64 (BF16
+ * math, step graphs on): every sequence's logits and state slot are the same
+ * bits in a group as alone, as the engine promises (decode_group 64). Fails
+ * if any GEMM of a decode row sums in an order that depends on the group's
+ * row count (cuBLAS above 8 rows did: its rows took the bf16 path). */
+static void test_decode_group_rows_alone(void **s) {
+    (void)s;
+    rp_error err;
+    decode_side d;
+    side_open_sized(&d, rp_cuda_backend_create(0, RP_CUDA_MATH_BF16, &err), GROUP_MAX,
+                    GROUP_MAX);
+    assert_true(d.be->decode_group >= GROUP_MAX);
+    const size_t V = (size_t)d.model.cfg.vocab_size, spf = d.state.floats_per_slot;
+    float *dl = d.be->alloc(d.be, GROUP_MAX * V * sizeof(float));
+    float *alone = malloc(GROUP_MAX * V * sizeof(float)), *alone_state = malloc(GROUP_MAX * spf * sizeof(float));
+    float *lg = malloc(GROUP_MAX * V * sizeof(float)), *st = malloc(GROUP_MAX * spf * sizeof(float));
+    float *one_state = malloc(GROUP_MAX * spf * sizeof(float));
+    assert_non_null(dl);
+    assert_non_null(alone);
+    assert_non_null(alone_state);
+    assert_non_null(lg);
+    assert_non_null(st);
+    assert_non_null(one_state);
+    for (int q = 0; q < GROUP_MAX; q++) {
+        group_steps(&d, dl, q, 1, alone + q * V, one_state);
+        memcpy(alone_state + q * spf, one_state + q * spf, spf * sizeof(float));
+    }
+    static const int groups[2] = {9, GROUP_MAX};
+    for (int gi = 0; gi < 2; gi++) {
+        const int n = groups[gi];
+        const unsigned long long l0 = counter(launches);
+        group_steps(&d, dl, 0, n, lg, st);
+        const unsigned long long launched = counter(launches) - l0;
+        int rows_diff = 0, slots_diff = 0;
+        for (int q = 0; q < n; q++) {
+            rows_diff += memcmp(lg + q * V, alone + q * V, V * sizeof(float)) != 0;
+            slots_diff += memcmp(st + q * spf, alone_state + q * spf, spf * sizeof(float)) != 0;
+        }
+        printf("decode group of %d: %llu launches for two steps; rows different from alone: "
+               "%d logits, %d state slots\n", n, launched, rows_diff, slots_diff);
+        assert_int_equal(rows_diff, 0);
+        assert_int_equal(slots_diff, 0);
+    }
+    d.be->free(d.be, dl);
+    free(alone);
+    free(alone_state);
+    free(lg);
+    free(st);
+    free(one_state);
+    side_close(&d);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_decode_launch_budget, setup, teardown),
@@ -697,6 +782,7 @@ int main(void) {
         cmocka_unit_test(test_decode_model_twin),
         cmocka_unit_test(test_decode_graph_replay),
         cmocka_unit_test(test_decode_graph_refuses_sync),
+        cmocka_unit_test(test_decode_group_rows_alone),
     };
     /* RP_TEST_FILTER=test_decode_graph* runs only those (each test is slow). */
     if (getenv("RP_TEST_FILTER")) cmocka_set_test_filter(getenv("RP_TEST_FILTER"));
