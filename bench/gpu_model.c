@@ -294,19 +294,19 @@ static void print_table(FILE *out, const kernel_list *l, double per) {
             sum(l, 4) / per * 1e6, sum(l, 5) / per * 1e6);
 }
 
-/* A decode step of batch 1 (rp_model_step). Besides the kernels it has two
- * copies: the step inputs (tokens, batch arrays: 5 x 8 ints from the fixed
- * pinned buffer, cuda/cuda_graph.cu) and the head's gather of each
- * sequence's last row. Replayed as one CUDA graph, each is a node. */
-static void decode_step(kernel_list *l, const rp_config *c) {
+/* A decode step of G sequences (rp_model_step). Besides the kernels it has
+ * one copy: the step inputs (tokens, batch arrays: 5 x 64 ints from the fixed
+ * pinned buffer, cuda/cuda_graph.cu); the head reads the rows in place (row s
+ * is sequence s: no gather). Replayed as one CUDA graph, each is a node. The
+ * GEMVs read W once per step for all G rows (cuda_decode.cu). */
+static void decode_step(kernel_list *l, const rp_config *c, double G) {
     const double C = c->n_embd, V = c->vocab_size;
     memset(l, 0, sizeof *l);
-    add(l, "step inputs (pinned -> device copy)", 1, 5 * 8 * 4.0, 0, 0);
-    add(l, "embedding", 1, 8.0 * C, 0, 0);
-    ew(l, "layernorm", 2, 1, C, 2, 2, 8); /* ln0, ln_out */
-    for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, 1, 1, 1);
-    add(l, "head row gather (device copy)", 1, 8.0 * C, 0, 0);
-    gemv(l, "GEMV head (C -> V)", 1, 1, V, C, 0);
+    add(l, "step inputs (pinned -> device copy)", 1, 5 * 64 * 4.0, 0, 0);
+    add(l, "embedding", 1, 8.0 * G * C, 0, 0);
+    ew(l, "layernorm", 2, G, C, 2, 2, 8); /* ln0, ln_out */
+    for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, G, G, 1);
+    gemv(l, "GEMV head (C -> V)", 1, G, V, C, 0);
 }
 
 static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
@@ -481,7 +481,7 @@ int gpu_model_print(FILE *out) {
             "fp32; %.0f us per launch without CUDA graphs, %.0f us per node of a replayed "
             "graph. Each launch (or node) costs max(bytes / bandwidth, FLOPs / peak, "
             "launch). Shapes from rp_config_builtin; the op sequence of rp_block_forward, "
-            "one kernel per backend op. A decode step of up to 8 sequences runs as one "
+            "one kernel per backend op. A decode step of up to 64 sequences runs as one "
             "CUDA graph (cuda/cuda_graph.cu: warm-up, capture, then replays): its time is "
             "one cudaGraphLaunch (%.0f us) plus its nodes; the no-graph column is the "
             "same step op by op (larger batches, the first two steps of a batch size).\n\n",
@@ -500,7 +500,7 @@ int gpu_model_print(FILE *out) {
             fprintf(stderr, "gpu_model: %s\n", err.msg);
             return 1;
         }
-        decode_step(&l, &c);
+        decode_step(&l, &c, 1);
         /* The floor: every weight but the embedding read once per token, bf16. */
         const double wbytes =
             2.0 * (double)(rp_config_param_count_non_embedding(&c) +
@@ -513,6 +513,27 @@ int gpu_model_print(FILE *out) {
                 sum(&l, 3) * 1e6);
     }
     fprintf(out, "\nGoal: <= 1.3x the floor.\n\n");
+    fprintf(out, "## Decode groups: aggregate tokens/s against the weight floor (graph)\n\n"
+                 "A group of G sequences is one step (one graph, W read once for all G rows); "
+                 "the floor is G tokens per weight read.\n\n"
+                 "| shape | G | nodes/step | predicted us/step | tokens/s | floor tokens/s | "
+                 "x floor |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    static const int groups[4] = {1, 8, 16, 64};
+    for (int s = 0; s < 3; s++) {
+        rp_config c;
+        rp_error err;
+        if (rp_config_builtin(&c, shapes[s], 0, &err) != RP_OK) return 1;
+        const double floor = 2.0 *
+                             (double)(rp_config_param_count_non_embedding(&c) +
+                                      (long long)c.vocab_size * c.n_embd) / HBM_BYTES_PER_S;
+        for (int g = 0; g < 4; g++) {
+            decode_step(&l, &c, groups[g]);
+            const double t = LAUNCH_S + sum(&l, 5);
+            fprintf(out, "| %s | %d | %.0f | %.1f | %.0f | %.0f | %.2f |\n", shapes[s], groups[g],
+                    sum(&l, 0), t * 1e6, groups[g] / t, groups[g] / floor, t / floor);
+        }
+    }
+    fprintf(out, "\n");
     fprintf(out, "## Training, one micro-batch of %d x T=%d: predicted step and MFU\n\n"
                  "MFU = 6 x (non-embedding parameters + head) x tokens / (time x %.0f TFLOP/s).\n\n"
                  "| shape | launches | GB moved | GFLOP (all kernels) | predicted ms | "
@@ -546,7 +567,7 @@ int gpu_model_print(FILE *out) {
         rp_config c;
         rp_error err;
         if (rp_config_builtin(&c, shapes[s], 0, &err) != RP_OK) return 1;
-        decode_step(&l, &c);
+        decode_step(&l, &c, 1);
         fprintf(out, "## Decode kernels per token, %s (L%d C%d F%d V%d)\n\n", shapes[s],
                 c.n_layer, c.n_embd, c.dim_ffn, c.vocab_size);
         print_table(out, &l, 1);

@@ -552,10 +552,11 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
         return NULL;
     }
     be->is_host_memory = 0;
-    /* Engine decode groups (backend.h): 8, the fused GEMV path, until a GPU run
-     * shows cuBLAS gives a row the same bits in a group of 64 as alone (the
-     * engine promises a sequence the same tokens either way). */
-    be->decode_group = 8;
+    /* Engine decode groups (backend.h): 64, one gemv_group launch and one
+     * step graph per group; decode rows of any count never reach cuBLAS
+     * (cuda_decode.cu), so a row has the bits it has alone, as the engine
+     * promises a sequence the same tokens alone or in a group. */
+    be->decode_group = 64;
     be->alloc = cuda_alloc;
     be->free = cuda_free;
     be->copy_to_device = cuda_copy_to_device;

@@ -10,8 +10,15 @@
 
 #define DEC_FULL_MASK 0xffffffffu
 #define DEC_THREADS 256
-// Rows a fused GEMV handles (the unfused decode GEMVs' RP_GEMV_MAX_M).
+// Rows a lane accumulates at once (the unfused decode GEMVs' RP_GEMV_MAX_M):
+// a launch walks its rows in blocks of DEC_MAX_M, each row's sum in the
+// same order whatever the block or the launch's row count, so a decode row
+// gets the bits it gets alone (backend.h, set_decode_rows).
 #define DEC_MAX_M 8
+// Rows of one gemv_group launch (the engine's CUDA decode group); more rows
+// run as several launches of this many. W is read from DRAM once per launch:
+// the later row blocks of a block find its W rows in L1/L2.
+#define DEC_LAUNCH_ROWS 64
 // Weight loads each lane has in flight before it accumulates them.
 #define DEC_LOADS 4
 // Split-K of the W [K,N] GEMVs with few columns (LoRA down-projections: N =
@@ -23,7 +30,7 @@
 #define DEC_SPLIT_MIN_K 64
 #define DEC_SPLIT_MAX_TILES 8
 // Partial sums of one launch: every job at its largest split.
-#define DEC_PART_FLOATS (RP_GEMV_JOBS_MAX * DEC_SPLIT_MAX * DEC_MAX_M * 32 * DEC_SPLIT_MAX_TILES)
+#define DEC_PART_FLOATS (RP_GEMV_JOBS_MAX * DEC_SPLIT_MAX * DEC_LAUNCH_ROWS * 32 * DEC_SPLIT_MAX_TILES)
 #define DEC_COUNTERS (RP_GEMV_JOBS_MAX * DEC_SPLIT_MAX_TILES)
 
 // ---- gemv_group ----
@@ -79,122 +86,127 @@ static __device__ __forceinline__ void dec_store(const dec_job &j, int m, int n,
 
 // W [N,K]: a warp per output column (8 a block), lanes over K as the
 // unfused gemv_out_in_kernel (same per-lane order and shuffle tree), with
-// DEC_LOADS 16-byte loads issued before any is used.
+// DEC_LOADS 16-byte loads issued before any is used; rows in blocks of
+// DEC_MAX_M, each block summing exactly as a launch of its rows alone.
 template <typename WT>
-static __device__ void dec_out_in(const dec_job &j, int M, int blk) {
+static __device__ void dec_out_in(const dec_job &j, int M_all, int blk) {
     const int lane = threadIdx.x & 31, n = blk * (DEC_THREADS / 32) + (threadIdx.x >> 5);
     if (n >= j.N) return;  // the whole warp leaves together
     const int K = j.K;
     const WT *wn = (const WT *)j.w + (size_t)n * K;
-    const float *x = j.x;
-    float acc[DEC_MAX_M];
+#pragma unroll 1
+    for (int m0 = 0; m0 < M_all; m0 += DEC_MAX_M) {
+        const int M = M_all - m0 < DEC_MAX_M ? M_all - m0 : DEC_MAX_M;
+        const float *x = j.x + (size_t)m0 * K;
+        float acc[DEC_MAX_M];
 #pragma unroll
-    for (int m = 0; m < DEC_MAX_M; m++) acc[m] = 0.0f;
-    if (j.vec) {
-        constexpr int V = 16 / sizeof(WT);
-        union chunk_t {
-            uint4 raw;
-            WT v[V];
-        };
-        for (int k0 = lane * V; k0 < K; k0 += DEC_LOADS * 32 * V) {
-            chunk_t c[DEC_LOADS];
+        for (int m = 0; m < DEC_MAX_M; m++) acc[m] = 0.0f;
+        if (j.vec) {
+            constexpr int V = 16 / sizeof(WT);
+            union chunk_t {
+                uint4 raw;
+                WT v[V];
+            };
+            for (int k0 = lane * V; k0 < K; k0 += DEC_LOADS * 32 * V) {
+                chunk_t c[DEC_LOADS];
 #pragma unroll
-            for (int u = 0; u < DEC_LOADS; u++) {
-                const int k = k0 + u * 32 * V;
-                if (k < K) c[u].raw = *reinterpret_cast<const uint4 *>(wn + k);
+                for (int u = 0; u < DEC_LOADS; u++) {
+                    const int k = k0 + u * 32 * V;
+                    if (k < K) c[u].raw = *reinterpret_cast<const uint4 *>(wn + k);
+                }
+#pragma unroll
+                for (int u = 0; u < DEC_LOADS; u++) {
+                    const int k = k0 + u * 32 * V;
+                    if (k >= K) break;
+#pragma unroll
+                    for (int q = 0; q < V; q++) {
+                        const float wf = dec_to_float(c[u].v[q]);
+#pragma unroll
+                        for (int m = 0; m < DEC_MAX_M; m++)
+                            if (m < M) acc[m] += wf * x[(size_t)m * K + k + q];
+                    }
+                }
             }
+        } else {
+            for (int k0 = lane; k0 < K; k0 += DEC_LOADS * 32) {
+                float wv[DEC_LOADS];
 #pragma unroll
-            for (int u = 0; u < DEC_LOADS; u++) {
-                const int k = k0 + u * 32 * V;
-                if (k >= K) break;
+                for (int u = 0; u < DEC_LOADS; u++) {
+                    const int k = k0 + u * 32;
+                    wv[u] = k < K ? dec_to_float(wn[k]) : 0.0f;
+                }
 #pragma unroll
-                for (int q = 0; q < V; q++) {
-                    const float wf = dec_to_float(c[u].v[q]);
+                for (int u = 0; u < DEC_LOADS; u++) {
+                    const int k = k0 + u * 32;
+                    if (k >= K) break;
 #pragma unroll
                     for (int m = 0; m < DEC_MAX_M; m++)
-                        if (m < M) acc[m] += wf * x[(size_t)m * K + k + q];
+                        if (m < M) acc[m] += wv[u] * x[(size_t)m * K + k];
                 }
             }
         }
-    } else {
-        for (int k0 = lane; k0 < K; k0 += DEC_LOADS * 32) {
-            float wv[DEC_LOADS];
 #pragma unroll
-            for (int u = 0; u < DEC_LOADS; u++) {
-                const int k = k0 + u * 32;
-                wv[u] = k < K ? dec_to_float(wn[k]) : 0.0f;
-            }
-#pragma unroll
-            for (int u = 0; u < DEC_LOADS; u++) {
-                const int k = k0 + u * 32;
-                if (k >= K) break;
-#pragma unroll
-                for (int m = 0; m < DEC_MAX_M; m++)
-                    if (m < M) acc[m] += wv[u] * x[(size_t)m * K + k];
-            }
+        for (int m = 0; m < DEC_MAX_M; m++) {
+            if (m >= M) break;
+            float v = acc[m];
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(DEC_FULL_MASK, v, off);
+            if (lane == 0) dec_store(j, m0 + m, n, v);
         }
-    }
-#pragma unroll
-    for (int m = 0; m < DEC_MAX_M; m++) {
-        if (m >= M) break;
-        float v = acc[m];
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(DEC_FULL_MASK, v, off);
-        if (lane == 0) dec_store(j, m, n, v);
     }
 }
 
 // W [K,N]: 32 columns a block, the K sum over 8 thread rows added in row
 // order through shared memory, as the unfused gemv_in_out_kernel; each
-// thread has DEC_LOADS rows of W in flight. With split > 1 the block sums
-// rows [s k_slice, (s + 1) k_slice) only and the tile's last block adds the
-// slices.
+// thread has DEC_LOADS rows of W in flight; rows in blocks of DEC_MAX_M.
+// With split > 1 the block sums rows [s k_slice, (s + 1) k_slice) only and
+// the tile's last block adds the slices (in slice order, for every row).
 template <typename WT>
-static __device__ void dec_in_out(const dec_job &j, int M, int blk, float (*part)[DEC_MAX_M][32],
-                                  int *last) {
+static __device__ void dec_in_out(const dec_job &j, int M_all, int blk,
+                                  float (*part)[DEC_MAX_M][32], int *last) {
     const int tile = blk % j.tiles, slice = blk / j.tiles;
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, n = tile * 32 + tx;
     const int N = j.N, k_begin = slice * j.k_slice;
     const int k_end = j.K < k_begin + j.k_slice ? j.K : k_begin + j.k_slice;
     const WT *w = (const WT *)j.w;
-    const float *x = j.x;
-    float acc[DEC_MAX_M];
+#pragma unroll 1
+    for (int m0 = 0; m0 < M_all; m0 += DEC_MAX_M) {
+        const int M = M_all - m0 < DEC_MAX_M ? M_all - m0 : DEC_MAX_M;
+        const float *x = j.x + (size_t)m0 * j.K;
+        float acc[DEC_MAX_M];
 #pragma unroll
-    for (int m = 0; m < DEC_MAX_M; m++) acc[m] = 0.0f;
-    if (n < N)
-        for (int k0 = k_begin + ty; k0 < k_end; k0 += DEC_LOADS * 8) {
-            float wv[DEC_LOADS];
+        for (int m = 0; m < DEC_MAX_M; m++) acc[m] = 0.0f;
+        if (n < N)
+            for (int k0 = k_begin + ty; k0 < k_end; k0 += DEC_LOADS * 8) {
+                float wv[DEC_LOADS];
 #pragma unroll
-            for (int u = 0; u < DEC_LOADS; u++) {
-                const int k = k0 + u * 8;
-                wv[u] = k < k_end ? dec_to_float(w[(size_t)k * N + n]) : 0.0f;
+                for (int u = 0; u < DEC_LOADS; u++) {
+                    const int k = k0 + u * 8;
+                    wv[u] = k < k_end ? dec_to_float(w[(size_t)k * N + n]) : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < DEC_LOADS; u++) {
+                    const int k = k0 + u * 8;
+                    if (k >= k_end) break;
+#pragma unroll
+                    for (int m = 0; m < DEC_MAX_M; m++)
+                        if (m < M) acc[m] += x[(size_t)m * j.K + k] * wv[u];
+                }
             }
+        if (m0 > 0) __syncthreads();  // row 0 read the last row block's partials
 #pragma unroll
-            for (int u = 0; u < DEC_LOADS; u++) {
-                const int k = k0 + u * 8;
-                if (k >= k_end) break;
-#pragma unroll
-                for (int m = 0; m < DEC_MAX_M; m++)
-                    if (m < M) acc[m] += x[(size_t)m * j.K + k] * wv[u];
-            }
-        }
-#pragma unroll
-    for (int m = 0; m < DEC_MAX_M; m++) part[ty][m][tx] = acc[m];
-    __syncthreads();
-    if (j.split == 1) {
+        for (int m = 0; m < DEC_MAX_M; m++) part[ty][m][tx] = acc[m];
+        __syncthreads();
         if (ty == 0 && n < N)
             for (int m = 0; m < M; m++) {
                 float v = 0.0f;
                 for (int r = 0; r < 8; r++) v += part[r][m][tx];
-                dec_store(j, m, n, v);
+                if (j.split == 1)
+                    dec_store(j, m0 + m, n, v);
+                else
+                    j.part[((size_t)slice * M_all + m0 + m) * N + n] = v;
             }
-        return;
     }
-    if (ty == 0 && n < N)
-        for (int m = 0; m < M; m++) {
-            float v = 0.0f;
-            for (int r = 0; r < 8; r++) v += part[r][m][tx];
-            j.part[((size_t)slice * M + m) * N + n] = v;
-        }
+    if (j.split == 1) return;
     __threadfence();  // the partials are visible before the count says so
     __syncthreads();
     if (threadIdx.x == 0) last[0] = atomicAdd(j.count + tile, 1u) == (unsigned)j.split - 1;
@@ -202,19 +214,21 @@ static __device__ void dec_in_out(const dec_job &j, int M, int blk, float (*part
     if (!last[0]) return;  // the same for the whole block
     if (ty == 0 && n < N) {
         const volatile float *pv = j.part;  // other blocks' writes: not through L1
-        for (int m = 0; m < M; m++) {
+        for (int m = 0; m < M_all; m++) {
             float v = 0.0f;
-            for (int sl = 0; sl < j.split; sl++) v += pv[((size_t)sl * M + m) * N + n];
+            for (int sl = 0; sl < j.split; sl++) v += pv[((size_t)sl * M_all + m) * N + n];
             dec_store(j, m, n, v);
         }
     }
     if (threadIdx.x == 0) j.count[tile] = 0u;  // ready for the next launch (or graph replay)
 }
 
+// __launch_bounds__(.., 2): with the row-block loop ptxas picked 80 registers
+// and spilled 4 bytes; 2 blocks/SM (128 registers) keep it spill-free.
 // One grid over all jobs: block b belongs to the last job whose block_begin
 // is <= b (the same for the whole block, so the barrier in dec_in_out is
 // reached by every thread or none).
-static __global__ void __launch_bounds__(DEC_THREADS) gemv_group_kernel(dec_jobs jobs) {
+static __global__ void __launch_bounds__(DEC_THREADS, 2) gemv_group_kernel(dec_jobs jobs) {
     __shared__ float part[8][DEC_MAX_M][32];
     __shared__ int last[1];
     int ji = 0;
@@ -256,28 +270,11 @@ static int dec_split_buffers(rp_cuda_ctx *cx) {
     return 1;
 }
 
-static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
-    rp_cuda_ctx *cx = rp_cuda_of(be);
-    if (n_jobs <= 0 || M <= 0) return;
-    if (n_jobs > RP_GEMV_JOBS_MAX) {
-        rp_cuda_record(cx, cudaErrorInvalidValue, "gemv_group (more than RP_GEMV_JOBS_MAX jobs)",
-                       __FILE__, __LINE__);
-        return;
-    }
-    int fused = M <= DEC_MAX_M;
-    for (int i = 0; i < n_jobs; i++)
-        if (jobs[i].N <= 0 || jobs[i].K <= 0) fused = 0;
-    if (!fused) {  // the separate ops, as the CPU twin
-        for (int i = 0; i < n_jobs; i++) {
-            const rp_gemv_job *g = &jobs[i];
-            if (g->w_in_out)
-                be->matmul_lora(be, g->y, g->x, g->w, M, g->N, g->K, g->beta);
-            else
-                be->matmul_linear(be, g->y, g->x, g->w, M, g->N, g->K, g->beta);
-            if (g->bias || g->act != RP_ACT_NONE) be->bias_act(be, g->y, g->bias, M, g->N, g->act);
-        }
-        return;
-    }
+// One gemv_group launch of M <= DEC_LAUNCH_ROWS rows starting at row m0 of
+// every job; split_ok 0: no split-K (the bits of the unfused GEMVs, for
+// matmul_linear / matmul_lora of decode rows).
+static void dec_launch(rp_cuda_ctx *cx, const rp_gemv_job *jobs, int n_jobs, int m0, int M,
+                       int split_ok) {
     dec_jobs p;
     p.n_jobs = n_jobs;
     p.M = M;
@@ -287,8 +284,8 @@ static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs,
         const rp_gemv_job *g = &jobs[i];
         dec_job &d = p.job[i];
         const __nv_bfloat16 *w16 = rp_cuda_weight_shadow(cx, g->w, (size_t)g->N * g->K);
-        d.y = g->y;
-        d.x = g->x;
+        d.y = g->y + (size_t)m0 * g->N;
+        d.x = g->x + (size_t)m0 * g->K;
         d.w = w16 ? (const void *)w16 : (const void *)g->w;
         d.w_bf16 = w16 != nullptr;
         d.bias = g->bias;
@@ -306,8 +303,9 @@ static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs,
         d.k_slice = g->K;
         d.part = nullptr;
         d.count = nullptr;
-        if (g->w_in_out && d.tiles <= DEC_SPLIT_MAX_TILES && g->K >= 2 * DEC_SPLIT_MIN_K &&
-            dec_split_buffers(cx)) {
+        // The split depends on the shape only, never on M: a row's bits too.
+        if (split_ok && g->w_in_out && d.tiles <= DEC_SPLIT_MAX_TILES &&
+            g->K >= 2 * DEC_SPLIT_MIN_K && dec_split_buffers(cx)) {
             int split = g->K / DEC_SPLIT_MIN_K;
             split = split > DEC_SPLIT_MAX ? DEC_SPLIT_MAX : split;
             d.k_slice = (g->K + split - 1) / split;
@@ -323,6 +321,67 @@ static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs,
     gemv_group_kernel<<<blocks, DEC_THREADS, 0, cx->stream>>>(p);
     RP_CUDA_LAUNCHED(cx, "gemv_group");
 }
+
+// Rows above DEC_LAUNCH_ROWS as several launches: each row's bits the same.
+static void dec_run(rp_cuda_ctx *cx, const rp_gemv_job *jobs, int n_jobs, int M, int split_ok) {
+    for (int m0 = 0; m0 < M; m0 += DEC_LAUNCH_ROWS)
+        dec_launch(cx, jobs, n_jobs, m0, M - m0 < DEC_LAUNCH_ROWS ? M - m0 : DEC_LAUNCH_ROWS,
+                   split_ok);
+}
+
+static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (n_jobs <= 0 || M <= 0) return;
+    if (n_jobs > RP_GEMV_JOBS_MAX) {
+        rp_cuda_record(cx, cudaErrorInvalidValue, "gemv_group (more than RP_GEMV_JOBS_MAX jobs)",
+                       __FILE__, __LINE__);
+        return;
+    }
+    int fused = 1;
+    for (int i = 0; i < n_jobs; i++)
+        if (jobs[i].N <= 0 || jobs[i].K <= 0) fused = 0;
+    if (!fused) {  // the separate ops, as the CPU twin
+        for (int i = 0; i < n_jobs; i++) {
+            const rp_gemv_job *g = &jobs[i];
+            if (g->w_in_out)
+                be->matmul_lora(be, g->y, g->x, g->w, M, g->N, g->K, g->beta);
+            else
+                be->matmul_linear(be, g->y, g->x, g->w, M, g->N, g->K, g->beta);
+            if (g->bias || g->act != RP_ACT_NONE) be->bias_act(be, g->y, g->bias, M, g->N, g->act);
+        }
+        return;
+    }
+    dec_run(cx, jobs, n_jobs, M, 1);
+}
+
+// ---- decode rows (backend.h: set_decode_rows) ----
+
+// Decode rows above RP_GEMV_MAX_M go through the GEMV kernel instead of
+// cuBLAS, whose bits for a row may depend on M; up to RP_GEMV_MAX_M rows the
+// unfused GEMVs (cuda_matmul.cu) run, which sum in the same order as
+// gemv_group without split-K. Prefill and training keep cuBLAS.
+static void dec_matmul(rp_backend *be, int in_out, float *y, const float *x, const float *w,
+                       int M, int N, int K, float beta) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (!cx->decode_rows || M <= RP_GEMV_MAX_M || N <= 0 || K <= 0) {
+        (in_out ? cx->dec_base_lora : cx->dec_base_linear)(be, y, x, w, M, N, K, beta);
+        return;
+    }
+    const rp_gemv_job job = {y, x, w, NULL, N, K, in_out, beta, RP_ACT_NONE};
+    dec_run(cx, &job, 1, M, 0);
+}
+
+static void cuda_dec_matmul_linear(rp_backend *be, float *y, const float *x, const float *w,
+                                   int M, int N, int K, float beta) {
+    dec_matmul(be, 0, y, x, w, M, N, K, beta);
+}
+
+static void cuda_dec_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
+                                 int N, int K, float beta) {
+    dec_matmul(be, 1, y, x, w, M, N, K, beta);
+}
+
+static void cuda_set_decode_rows(rp_backend *be, int on) { rp_cuda_of(be)->decode_rows = on; }
 
 // ---- time_mix_heads ----
 
@@ -488,7 +547,14 @@ static void cuda_time_mix_heads(rp_backend *be, const rp_time_mix_heads *a,
     RP_CUDA_LAUNCHED(cx, "time_mix_heads");
 }
 
+// After rp_cuda_install_matmul: wraps its matmul_linear / matmul_lora.
 void rp_cuda_install_decode(rp_backend *be) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    cx->dec_base_linear = be->matmul_linear;
+    cx->dec_base_lora = be->matmul_lora;
+    be->matmul_linear = cuda_dec_matmul_linear;
+    be->matmul_lora = cuda_dec_matmul_lora;
+    be->set_decode_rows = cuda_set_decode_rows;
     be->gemv_group = cuda_gemv_group;
     be->time_mix_heads = cuda_time_mix_heads;
 }

@@ -8,9 +8,10 @@
 
 #include <cstring>
 
-// Sequences a step graph holds: the decode GEMVs' rows (cuda_matmul.cu's
-// RP_GEMV_MAX_M); larger batches would reach cuBLAS, which may allocate.
-#define STEP_MAX_SEQ 8
+// Sequences a step graph holds: the engine's CUDA decode group (a decode
+// step's GEMMs of any row count run the GEMV kernels, cuda_decode.cu, and
+// never cuBLAS, which may allocate); larger batches run op by op.
+#define STEP_MAX_SEQ 64
 #define STEP_GRAPHS 16    // keys kept (batch sizes x stages x buffers); oldest dropped
 #define STEP_KEY_MAX 96
 // Input arrays of a step, STEP_MAX_SEQ ints each, in the fixed buffers.

@@ -115,6 +115,13 @@ struct rp_cuda_ctx {
     int n_inplace, cap_inplace;
     float *dec_part;            // gemv_group split-K partial sums (cuda_decode.cu)
     unsigned *dec_count;        // and its tile counters; NULL until used
+    // Decode rows (backend.h set_decode_rows; cuda_decode.cu): the matmuls
+    // that cuda_decode.cu wraps, and whether the rows now are decode rows.
+    void (*dec_base_linear)(rp_backend *, float *, const float *, const float *, int, int, int,
+                            float);
+    void (*dec_base_lora)(rp_backend *, float *, const float *, const float *, int, int, int,
+                          float);
+    int decode_rows;
 };
 
 static inline rp_cuda_ctx *rp_cuda_of(rp_backend *be) { return (rp_cuda_ctx *)be->impl; }

@@ -296,7 +296,12 @@ void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
     const float *rows = ws->x;
     int n_rows = batch->n_rows;
     if (mode == RP_LOGITS_NONE) return;
-    if (mode == RP_LOGITS_LAST) {
+    /* A decode batch (row s is sequence s's only row) is its own gather: no
+     * copies (one graph node per sequence less). */
+    int gathered = mode == RP_LOGITS_LAST;
+    for (int s = 0; gathered && s < batch->n_seq; s++)
+        gathered = batch->seq_len[s] == 1 && batch->row_begin[s] == s;
+    if (mode == RP_LOGITS_LAST && !gathered) {
         /* Gather each sequence's last row so the V x C head runs once per sequence. */
         for (int s = 0; s < batch->n_seq; s++) {
             int last = batch->row_begin[s] + batch->seq_len[s] - 1;
@@ -304,8 +309,8 @@ void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
                      C * sizeof(float));
         }
         rows = ws->head_rows;
-        n_rows = batch->n_seq;
     }
+    if (mode == RP_LOGITS_LAST) n_rows = batch->n_seq;
     be->layernorm(be, ws->head_in, NULL, NULL, rows, m->global.ln_out_weight,
                   m->global.ln_out_bias, n_rows, C, RP_LN_EPS);
     be->matmul_linear(be, logits, ws->head_in, m->global.head, n_rows, V, C, 0.0f);

@@ -472,7 +472,7 @@ typedef struct {
     rp_state state;
 } decode_side;
 
-static void side_open(decode_side *d, rp_backend *be) {
+static void side_open_sized(decode_side *d, rp_backend *be, int rows, int slots) {
     rp_error err;
     const char *data = getenv("RP_TEST_DATA");
     char path[4096];
@@ -481,11 +481,13 @@ static void side_open(decode_side *d, rp_backend *be) {
     d->be = be;
     assert_int_equal(rp_model_load(&d->model, path, 0, -1, be, &err), RP_OK);
     rp_model_register_weights(&d->model);
-    assert_int_equal(rp_workspace_alloc(&d->ws, &d->model.cfg, MAX_ROWS, be, &err), RP_OK);
-    rp_state_geometry(&d->state, &d->model.cfg, 0, d->model.cfg.n_layer, MAX_SEQS);
-    d->state.data = be->alloc(be, d->state.floats_per_slot * MAX_SEQS * sizeof(float));
+    assert_int_equal(rp_workspace_alloc(&d->ws, &d->model.cfg, rows, be, &err), RP_OK);
+    rp_state_geometry(&d->state, &d->model.cfg, 0, d->model.cfg.n_layer, slots);
+    d->state.data = be->alloc(be, d->state.floats_per_slot * slots * sizeof(float));
     assert_non_null(d->state.data);
 }
+
+static void side_open(decode_side *d, rp_backend *be) { side_open_sized(d, be, MAX_ROWS, MAX_SEQS); }
 
 static void side_close(decode_side *d) {
     d->be->free(d->be, d->state.data);
@@ -686,6 +688,161 @@ static void test_decode_graph_refuses_sync(void **s) {
     side_close(&d);
 }
 
+/* The decode GEMVs alone: 64 rows in one gemv_group call (an [N,K] job and
+ * a split-K [K,N] job with epilogues) and matmul_linear / matmul_lora of 64
+ * decode rows (set_decode_rows) give each row the bits it gets as a call of
+ * that row alone. Fails if a row's sum order depends on M (cuBLAS above 8
+ * rows, or row blocks summed differently). */
+static void test_decode_rows_gemv_alone(void **s) {
+    fixture *f = *s;
+    rp_backend *be = f->be;
+    enum { M = 64, N = 96, K = 512, NL = 64 };
+    uint32_t h = 4242u;
+#define RAND() ((h = h * 1664525u + 1013904223u), (float)(h >> 8) / 16777216.0f * 2.0f - 1.0f)
+    float *hx = malloc(sizeof(float) * M * K), *hw = malloc(sizeof(float) * N * K);
+    float *hl = malloc(sizeof(float) * K * NL), *hb = malloc(sizeof(float) * N);
+    float *all = malloc(sizeof(float) * M * N * 4), *one = malloc(sizeof(float) * M * N * 4);
+    assert_non_null(hx);
+    assert_non_null(all);
+    assert_non_null(one);
+    for (int i = 0; i < M * K; i++) hx[i] = RAND();
+    for (int i = 0; i < N * K; i++) hw[i] = RAND() * 0.05f;
+    for (int i = 0; i < K * NL; i++) hl[i] = RAND() * 0.05f;
+    for (int i = 0; i < N; i++) hb[i] = RAND();
+    float *x = to_device(be, hx, (size_t)M * K), *w = to_device(be, hw, (size_t)N * K);
+    float *wl = to_device(be, hl, (size_t)K * NL), *b = to_device(be, hb, N);
+    float *y = be->alloc(be, sizeof(float) * M * N * 4);
+    assert_non_null(y);
+    /* out 0: gemv_group [N,K] + bias + tanh; 1: gemv_group [K,N] split-K + sigmoid;
+     * 2: matmul_linear; 3: matmul_lora (decode rows) */
+    for (int pass = 0; pass < 2; pass++) {
+        float *dst = pass ? one : all;
+        be->fill_zero(be, y, sizeof(float) * M * N * 4);
+        for (int r0 = 0; r0 < M; r0 += pass ? 1 : M) {
+            const int rows = pass ? 1 : M;
+            const float *xr = x + (size_t)r0 * K;
+            float *y0 = y + (size_t)r0 * N, *y1 = y + (size_t)M * N + (size_t)r0 * NL;
+            float *y2 = y + (size_t)2 * M * N + (size_t)r0 * N;
+            float *y3 = y + (size_t)3 * M * N + (size_t)r0 * NL;
+            const rp_gemv_job jobs[2] = {{y0, xr, w, b, N, K, 0, 0.0f, RP_ACT_TANH},
+                                         {y1, xr, wl, NULL, NL, K, 1, 0.0f, RP_ACT_SIGMOID}};
+            be->gemv_group(be, jobs, 2, rows);
+            be->set_decode_rows(be, 1);
+            be->matmul_linear(be, y2, xr, w, rows, N, K, 0.0f);
+            be->matmul_lora(be, y3, xr, wl, rows, NL, K, 0.0f);
+            be->set_decode_rows(be, 0);
+        }
+        be->copy_to_host(be, dst, y, sizeof(float) * M * N * 4);
+        rp_error err;
+        assert_int_equal(be->status(be, &err), RP_OK);
+    }
+    int diff[4] = {0, 0, 0, 0};
+    for (int o = 0; o < 4; o++) {
+        const int n = o % 2 ? NL : N;
+        for (int r = 0; r < M; r++)
+            diff[o] += memcmp(all + (size_t)o * M * N + (size_t)r * n,
+                              one + (size_t)o * M * N + (size_t)r * n, sizeof(float) * n) != 0;
+    }
+    printf("64 decode rows vs each alone, rows different: gemv_group [N,K] %d, [K,N] split-K %d, "
+           "matmul_linear %d, matmul_lora %d\n", diff[0], diff[1], diff[2], diff[3]);
+    for (int o = 0; o < 4; o++) assert_int_equal(diff[o], 0);
+#undef RAND
+    be->free(be, x);
+    be->free(be, w);
+    be->free(be, wl);
+    be->free(be, b);
+    be->free(be, y);
+    free(hx);
+    free(hw);
+    free(hl);
+    free(hb);
+    free(all);
+    free(one);
+}
+
+/* ---- decode groups: a row's bits do not depend on the group ---- */
+
+#define GROUP_MAX 64
+
+/* One decode step of the sequences first..first+n-1 (slot s, tokens of
+ * sequence s) from a zero state, as one group of n; logits [n, V] and the
+ * state to the host. */
+static void group_steps(decode_side *d, float *dl, int first, int n, float *logits,
+                        float *state) {
+    const size_t V = (size_t)d->model.cfg.vocab_size, spf = d->state.floats_per_slot;
+    int seq_len[GROUP_MAX], slot[GROUP_MAX], row_begin[GROUP_MAX];
+    int32_t tokens[GROUP_MAX];
+    d->be->fill_zero(d->be, d->state.data, spf * GROUP_MAX * sizeof(float));
+    rp_error err;
+    for (int step = 0; step < 1; step++) {
+        for (int s = 0; s < n; s++) {
+            seq_len[s] = 1;
+            slot[s] = first + s;
+            tokens[s] = (int32_t)(((first + s) * 37 + step * 101 + 5) % (int)V);
+        }
+        rp_batch b;
+        rp_batch_init(&b, n, seq_len, slot, row_begin);
+        assert_int_equal(rp_model_forward(&d->model, &d->ws, tokens, &b, &d->state,
+                                          RP_LOGITS_LAST, dl, &err), RP_OK);
+    }
+    d->be->copy_to_host(d->be, logits, dl, (size_t)n * V * sizeof(float));
+    d->be->copy_to_host(d->be, state, d->state.data, spf * GROUP_MAX * sizeof(float));
+    if (d->be->status(d->be, &err) != RP_OK) fprintf(stderr, "status: %s\n", err.msg);
+    assert_int_equal(d->be->status(d->be, &err), RP_OK);
+}
+
+/* Sequences 0..63 decoded one step alone and in groups of 9 and 64 (BF16
+ * math, step graphs on): every sequence's logits and state slot are the same
+ * bits in a group as alone, as the engine promises (decode_group 64). Fails
+ * if any GEMM of a decode row sums in an order that depends on the group's
+ * row count (cuBLAS above 8 rows did: its rows took the bf16 path). */
+static void test_decode_group_rows_alone(void **s) {
+    (void)s;
+    rp_error err;
+    decode_side d;
+    side_open_sized(&d, rp_cuda_backend_create(0, RP_CUDA_MATH_BF16, &err), GROUP_MAX,
+                    GROUP_MAX);
+    assert_true(d.be->decode_group >= GROUP_MAX);
+    const size_t V = (size_t)d.model.cfg.vocab_size, spf = d.state.floats_per_slot;
+    float *dl = d.be->alloc(d.be, GROUP_MAX * V * sizeof(float));
+    float *alone = malloc(GROUP_MAX * V * sizeof(float)), *alone_state = malloc(GROUP_MAX * spf * sizeof(float));
+    float *lg = malloc(GROUP_MAX * V * sizeof(float)), *st = malloc(GROUP_MAX * spf * sizeof(float));
+    float *one_state = malloc(GROUP_MAX * spf * sizeof(float));
+    assert_non_null(dl);
+    assert_non_null(alone);
+    assert_non_null(alone_state);
+    assert_non_null(lg);
+    assert_non_null(st);
+    assert_non_null(one_state);
+    for (int q = 0; q < GROUP_MAX; q++) {
+        group_steps(&d, dl, q, 1, alone + q * V, one_state);
+        memcpy(alone_state + q * spf, one_state + q * spf, spf * sizeof(float));
+    }
+    static const int groups[2] = {9, GROUP_MAX};
+    for (int gi = 0; gi < 2; gi++) {
+        const int n = groups[gi];
+        const unsigned long long l0 = counter(launches);
+        group_steps(&d, dl, 0, n, lg, st);
+        const unsigned long long launched = counter(launches) - l0;
+        int rows_diff = 0, slots_diff = 0;
+        for (int q = 0; q < n; q++) {
+            rows_diff += memcmp(lg + q * V, alone + q * V, V * sizeof(float)) != 0;
+            slots_diff += memcmp(st + q * spf, alone_state + q * spf, spf * sizeof(float)) != 0;
+        }
+        printf("decode group of %d: %llu launches; rows different from alone: "
+               "%d logits, %d state slots\n", n, launched, rows_diff, slots_diff);
+        assert_int_equal(rows_diff, 0);
+        assert_int_equal(slots_diff, 0);
+    }
+    d.be->free(d.be, dl);
+    free(alone);
+    free(alone_state);
+    free(lg);
+    free(st);
+    free(one_state);
+    side_close(&d);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_decode_launch_budget, setup, teardown),
@@ -698,6 +855,8 @@ int main(void) {
         cmocka_unit_test(test_decode_model_twin),
         cmocka_unit_test(test_decode_graph_replay),
         cmocka_unit_test(test_decode_graph_refuses_sync),
+        cmocka_unit_test_setup_teardown(test_decode_rows_gemv_alone, setup, teardown),
+        cmocka_unit_test(test_decode_group_rows_alone),
     };
     /* RP_TEST_FILTER=test_decode_graph* runs only those (each test is slow). */
     if (getenv("RP_TEST_FILTER")) cmocka_set_test_filter(getenv("RP_TEST_FILTER"));
