@@ -260,12 +260,14 @@ static void test_matmul_linear_few_rows_independent_of_batch(void **state) {
     }
 }
 
-/* Decode rows (set_decode_rows): a group of M = 9..64 rows gives every row
- * the bits it gets alone on one thread, on any thread count, for both weight
- * layouts (sgemm, the kernel outside decode rows, does not). */
+/* Decode rows (set_decode_rows): a group of any M = 1..64 rows gives every
+ * row the bits it gets alone on one thread, on any thread count, for both
+ * weight layouts (sgemm, the kernel outside decode rows, does not). The
+ * shapes cover partial 32-output panels (N % 32), K tails (K % 16), the
+ * few-row kernel (M <= 2) and the 12-row blocks with every remainder. */
 static void test_matmul_decode_rows_of_any_count_equal_each_row_alone(void **state) {
     (void)state;
-    const int shapes[][2] = {{7, 37}, {33, 16}, {130, 300}, {1000, 77}, {64, 768}};
+    const int shapes[][2] = {{7, 37}, {33, 16}, {130, 300}, {1000, 77}, {64, 768}, {48, 3}};
     const int MAXM = 64;
     for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
         const int N = shapes[c][0], K = shapes[c][1], NK = N > K ? N : K;
@@ -289,7 +291,7 @@ static void test_matmul_decode_rows_of_any_count_equal_each_row_alone(void **sta
                 }
                 for (int b = 0; b < N_BACKENDS; b++) {
                     rp_backend *be = backends[b];
-                    for (int M = 9; M <= MAXM; M += M < 20 ? 1 : 11) {
+                    for (int M = 1; M <= MAXM; M++) {
                         float *y = copy_floats(y0, (size_t)MAXM * Nout);
                         be->set_decode_rows(be, 1);
                         if (lora)
