@@ -157,8 +157,8 @@ static void test_alloc_is_zeroed_and_64_byte_aligned(void **state) {
 /* ---- dense ---- */
 
 static void run_matmul_cases(int out_in) {
-    /* Few rows take the streaming kernels (linear: M <= 8, tiles of W rows x up to 8 x rows,
-     * K tails; LoRA: M == 1, or M <= 4 with K >= 256), more rows sgemm. The
+    /* Few rows take the backend's kernels (linear: M <= 8, cpu_matmul_decode's
+     * 32-output panels and row blocks, K tails; LoRA: M == 1, or M <= 4 with K >= 256), more rows sgemm. The
      * small cases run on one thread; the bigger ones cross the parallel
      * threshold and split N (decode, prefill) or M (tall). */
     const int cases[][3] = {{1, 5, 7},      {1, 64, 128},   {1, 130, 7},   {3, 5, 128},
@@ -217,7 +217,7 @@ static void test_matmul_linear_matches_double_reference(void **state) {
     run_matmul_cases(1);
 }
 
-/* Few-row matmul_linear (the streaming kernel, M <= 8): every y[m, n] is
+/* Few-row matmul_linear (cpu_matmul_decode, M <= 8): every y[m, n] is
  * bit-identical whatever M is and whatever the other rows hold, so a
  * sequence's decode does not depend on its batch neighbours. Odd N and K
  * reach the single-W-row and K-tail paths of every tile shape. */

@@ -36,7 +36,9 @@ typedef enum { CPU_W_OUT_IN, CPU_W_IN_OUT } cpu_weight_layout; /* W [N,K] or W [
  * reads several rows at a time; both were measured at ~7-14 GB/s from DRAM
  * on one core where one sequential stream reaches ~24 GB/s. Where the
  * streaming kernels stop winning (measured, one core, W read from DRAM):
- * W [N,K] up to 8 rows of x; W [K,N] (LoRA) 1 row, or up to 4 when K is
+ * W [N,K] up to 8 rows of x (cpu_matmul_decode.c, which also beats sgemm
+ * at 16-64 rows: microbenchmark, Zen 5, 768 x 768, 64 rows 176 vs 90
+ * GFLOP/s); W [K,N] (LoRA) 1 row, or up to 4 when K is
  * large (short K, long N rows lose to sgemm's register blocking). */
 static int cpu_matmul_streams(cpu_weight_layout layout, int M, int K, int decode_rows) {
     /* Decode rows (one token of a sequence each): any M streams, so a
