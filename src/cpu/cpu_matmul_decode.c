@@ -208,8 +208,11 @@ static AI void direct_avx512(float *y, const float *x, const float *w, const int
     __m512 acc[2][4];
     for (int g = 0; g < 2; g++)
         for (int r = 0; r < R; r++) acc[g][r] = _mm512_setzero_ps();
-    for (int k = 0; k < K16; k += 16)
-        for (int g = 0; g < 2; g++) {
+    /* One group of 16 W rows at a time: with both groups in flight, 32 rows
+     * whose stride is a multiple of 4 KiB (K = 3072) shared L1 sets and the
+     * prefetched lines were evicted before use (batch 1 +55% time). */
+    for (int g = 0; g < 2; g++)
+        for (int k = 0; k < K16; k += 16) {
             const float *wg = w + (size_t)g * 16 * K;
             __m512 v[16];
             for (int j = 0; j < 16; j++) {
