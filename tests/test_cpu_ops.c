@@ -157,8 +157,8 @@ static void test_alloc_is_zeroed_and_64_byte_aligned(void **state) {
 /* ---- dense ---- */
 
 static void run_matmul_cases(int out_in) {
-    /* Few rows take the streaming kernels (linear: M <= 8, tiles of W rows x up to 8 x rows,
-     * K tails; LoRA: M == 1, or M <= 4 with K >= 256), more rows sgemm. The
+    /* Few rows take the backend's kernels (linear: M <= 8, cpu_matmul_decode's
+     * 32-output panels and row blocks, K tails; LoRA: M == 1, or M <= 4 with K >= 256), more rows sgemm. The
      * small cases run on one thread; the bigger ones cross the parallel
      * threshold and split N (decode, prefill) or M (tall). */
     const int cases[][3] = {{1, 5, 7},      {1, 64, 128},   {1, 130, 7},   {3, 5, 128},
@@ -217,7 +217,7 @@ static void test_matmul_linear_matches_double_reference(void **state) {
     run_matmul_cases(1);
 }
 
-/* Few-row matmul_linear (the streaming kernel, M <= 8): every y[m, n] is
+/* Few-row matmul_linear (cpu_matmul_decode, M <= 8): every y[m, n] is
  * bit-identical whatever M is and whatever the other rows hold, so a
  * sequence's decode does not depend on its batch neighbours. Odd N and K
  * reach the single-W-row and K-tail paths of every tile shape. */
@@ -260,12 +260,14 @@ static void test_matmul_linear_few_rows_independent_of_batch(void **state) {
     }
 }
 
-/* Decode rows (set_decode_rows): a group of M = 9..64 rows gives every row
- * the bits it gets alone on one thread, on any thread count, for both weight
- * layouts (sgemm, the kernel outside decode rows, does not). */
+/* Decode rows (set_decode_rows): a group of any M = 1..64 rows gives every
+ * row the bits it gets alone on one thread, on any thread count, for both
+ * weight layouts (sgemm, the kernel outside decode rows, does not). The
+ * shapes cover partial 32-output panels (N % 32), K tails (K % 16), the
+ * few-row kernel (M <= 2) and the 12-row blocks with every remainder. */
 static void test_matmul_decode_rows_of_any_count_equal_each_row_alone(void **state) {
     (void)state;
-    const int shapes[][2] = {{7, 37}, {33, 16}, {130, 300}, {1000, 77}, {64, 768}};
+    const int shapes[][2] = {{7, 37}, {33, 16}, {130, 300}, {1000, 77}, {64, 768}, {48, 3}};
     const int MAXM = 64;
     for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
         const int N = shapes[c][0], K = shapes[c][1], NK = N > K ? N : K;
@@ -289,7 +291,7 @@ static void test_matmul_decode_rows_of_any_count_equal_each_row_alone(void **sta
                 }
                 for (int b = 0; b < N_BACKENDS; b++) {
                     rp_backend *be = backends[b];
-                    for (int M = 9; M <= MAXM; M += M < 20 ? 1 : 11) {
+                    for (int M = 1; M <= MAXM; M++) {
                         float *y = copy_floats(y0, (size_t)MAXM * Nout);
                         be->set_decode_rows(be, 1);
                         if (lora)

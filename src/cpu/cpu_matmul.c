@@ -2,17 +2,19 @@
  * matmul_lora (W [K,N]). The backend splits the output over its OpenMP threads
  * (blocks of columns, or of rows when x is the bigger operand) and each
  * thread runs its block alone: sgemm with OpenBLAS kept single-threaded for
- * many rows (prefill, training), a kernel that streams W once for a few rows
- * and for decode rows of any count (set_decode_rows), where the GEMM is
- * bound by reading the weights and each row must keep its bits alone.
+ * many rows (prefill, training), and for a few rows and for decode rows of
+ * any count (set_decode_rows) kernels that read W once and give each row
+ * the bits it gets alone (cpu_matmul_decode.c for W [N,K]).
  * Called through the rp_backend vtable. */
 #include "config.h"
 
 #include <cblas.h>
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu/cpu_internal.h"
+#include "cpu/cpu_matmul_decode.h"
 
 /* Slice boundaries are multiples of this, so every slice but the last keeps
  * whole register tiles of the BLAS kernels (16 floats = one AVX-512 vector,
@@ -27,17 +29,6 @@
  * (768 x 768 and up) stays parallel. */
 #define CPU_MATMUL_PARALLEL_MIN_WORK ((size_t)1 << 18)
 
-/* The streaming kernel's software prefetch, for 2 or more x rows: how far
- * ahead in the W block, in floats (16 KiB), and the locality hint (2: into
- * L2). Measured, one core, W from DRAM, 8 rows: without it the W stream
- * reads ~7 GB/s (the core's L1 miss slots and the out-of-order window cover
- * too few lines when each line carries 8 rows of work); into L2 16 KiB
- * ahead ~17 GB/s; hint 3 (into L1) or 2-8 KiB ahead ~10-13 GB/s. One row
- * is bound by the stream alone, which the hardware prefetcher keeps at full
- * bandwidth: no software prefetch there. */
-#define CPU_MATMUL_PREFETCH 4096
-#define CPU_MATMUL_PREFETCH_HINT 2
-
 typedef enum { CPU_W_OUT_IN, CPU_W_IN_OUT } cpu_weight_layout; /* W [N,K] or W [K,N] */
 
 /* Few rows of x: the GEMM is bound by reading W, and the kernels below read
@@ -45,7 +36,9 @@ typedef enum { CPU_W_OUT_IN, CPU_W_IN_OUT } cpu_weight_layout; /* W [N,K] or W [
  * reads several rows at a time; both were measured at ~7-14 GB/s from DRAM
  * on one core where one sequential stream reaches ~24 GB/s. Where the
  * streaming kernels stop winning (measured, one core, W read from DRAM):
- * W [N,K] up to 8 rows of x; W [K,N] (LoRA) 1 row, or up to 4 when K is
+ * W [N,K] up to 8 rows of x (cpu_matmul_decode.c, which also beats sgemm
+ * at 16-64 rows: microbenchmark, Zen 5, 768 x 768, 64 rows 176 vs 90
+ * GFLOP/s); W [K,N] (LoRA) 1 row, or up to 4 when K is
  * large (short K, long N rows lose to sgemm's register blocking). */
 static int cpu_matmul_streams(cpu_weight_layout layout, int M, int K, int decode_rows) {
     /* Decode rows (one token of a sequence each): any M streams, so a
@@ -53,126 +46,6 @@ static int cpu_matmul_streams(cpu_weight_layout layout, int M, int K, int decode
     if (decode_rows) return 1;
     if (layout == CPU_W_OUT_IN) return M <= 8;
     return M == 1 || (M <= 4 && K >= 256);
-}
-
-/* Every y[m, n] has one accumulation order, whatever the tile that computes
- * it (so a row's result does not depend on how many rows share the call):
- * one 16-lane accumulator over k in steps of 16, lanes i and i + 8 added,
- * then cpu_v8_sum's tree, then the K % 16 tail in order. (Lanes 0-7 and
- * 8-15 are the two 8-lane accumulators of the kernel this replaced: same
- * bits.) Unfused: the file is compiled without FP contraction. */
-static inline __attribute__((always_inline)) float cpu_dot_finish(const cpu_v16 *acc,
-                                                                  const float *restrict w,
-                                                                  const float *restrict x,
-                                                                  int k, int K) {
-    cpu_v8 lo, hi;
-    memcpy(&lo, acc, sizeof lo);
-    memcpy(&hi, (const char *)acc + sizeof lo, sizeof hi);
-    const cpu_v8 total = lo + hi;
-    float s = cpu_v8_sum(&total);
-    for (int kt = k; kt < K; kt++) s += w[kt] * x[kt];
-    return s;
-}
-
-/* Register tile: sums[j * rows + m] = dot(W row j, x row m) for j < nw,
- * m < rows; W rows and x rows K apart. nw and rows are constants at every
- * call so the nw * rows accumulators live in registers (at most 16, plus
- * rows + nw loaded vectors: within AVX-512's 32). Each W vector serves
- * `rows` x rows and each x vector `nw` W rows: at 2 x 8 a k step is 10 loads
- * for 16 multiply-adds, compute-bound rather than load-bound. */
-static inline __attribute__((always_inline)) void
-cpu_dot_tile(float *restrict sums, const float *restrict w, const float *restrict x, int nw,
-             int rows, int K) {
-    cpu_v16 acc[4][8];
-    for (int j = 0; j < nw; j++)
-        for (int m = 0; m < rows; m++) acc[j][m] = (cpu_v16){0};
-    int k = 0;
-    for (; k + 16 <= K; k += 16) {
-        cpu_v16 wv[4];
-        /* The tile's nw rows are one contiguous block: prefetch it front
-         * to back, nw lines per step, at the rate it is consumed. */
-        if (rows > 1)
-            for (int j = 0; j < nw; j++)
-                __builtin_prefetch(w + (size_t)nw * k + 16 * j + CPU_MATMUL_PREFETCH, 0,
-                                   CPU_MATMUL_PREFETCH_HINT);
-        for (int j = 0; j < nw; j++) wv[j] = CPU_V16_LOAD(w + (size_t)j * K + k);
-        for (int m = 0; m < rows; m++) {
-            const cpu_v16 xv = CPU_V16_LOAD(x + (size_t)m * K + k);
-            for (int j = 0; j < nw; j++) acc[j][m] += wv[j] * xv;
-        }
-    }
-    for (int j = 0; j < nw; j++)
-        for (int m = 0; m < rows; m++)
-            sums[j * rows + m] = cpu_dot_finish(&acc[j][m], w + (size_t)j * K,
-                                                x + (size_t)m * K, k, K);
-}
-
-/* y[m, n] for m < rows, n in [n, n + nw): one tile, stored with beta. */
-static inline __attribute__((always_inline)) void
-cpu_stream_tile(float *restrict y, const float *restrict x, const float *restrict w, int nw,
-                int rows, int n, int N, int K, float beta) {
-    float sums[4 * 8];
-    cpu_dot_tile(sums, w + (size_t)n * K, x, nw, rows, K);
-    for (int j = 0; j < nw; j++)
-        for (int m = 0; m < rows; m++) {
-            float *yi = y + (size_t)m * N + n + j;
-            *yi = beta == 0.0f ? sums[j * rows + m] : sums[j * rows + m] + beta * *yi;
-        }
-}
-
-/* Columns [n0, n1) for `rows` (constant) x rows: tiles of NW W rows, then
- * single W rows for the remainder. */
-#define CPU_STREAM_ROWS(rows, NW)                                                          \
-    do {                                                                                   \
-        int n_ = n0;                                                                       \
-        for (; n_ + (NW) <= n1; n_ += (NW))                                                \
-            cpu_stream_tile(ym, xm, w, (NW), (rows), n_, N, K, beta);                      \
-        for (; n_ < n1; n_++) cpu_stream_tile(ym, xm, w, 1, (rows), n_, N, K, beta);       \
-    } while (0)
-
-/* More than 8 rows: W rows [n0, n1) are taken in tiles of about this many
- * bytes (a multiple of 16 rows, at least 16), and every 8-row block of x
- * runs over a tile while it sits in L2, so W is still read from memory once
- * (the x blocks, M * K floats, are re-read from cache per tile). */
-#define CPU_MATMUL_W_TILE_BYTES ((size_t)64 << 10)
-
-/* Columns [n0, n1) of up to 8 rows of x (y and x at the block's first row). */
-static void cpu_stream_block(float *restrict ym, const float *restrict xm,
-                             const float *restrict w, int rows, int n0, int n1, int N, int K,
-                             float beta) {
-    switch (rows) {
-    case 1: CPU_STREAM_ROWS(1, 1); break;
-    case 2: CPU_STREAM_ROWS(2, 4); break;
-    case 3: CPU_STREAM_ROWS(3, 4); break;
-    case 4: CPU_STREAM_ROWS(4, 4); break;
-    case 5: CPU_STREAM_ROWS(5, 2); break;
-    case 6: CPU_STREAM_ROWS(6, 2); break;
-    case 7: CPU_STREAM_ROWS(7, 2); break;
-    default: CPU_STREAM_ROWS(8, 2); break;
-    }
-}
-
-/* y[m, n] = dot(x row m, W row n) (+ beta * y) for n in [n0, n1), W [N,K].
- * W is read once from memory, front to back, a few rows at a time (software
- * prefetch keeps those streams ahead), for up to 8 x rows per pass; more
- * rows loop over 8-row blocks inside each W tile. Each y element keeps the
- * one accumulation order of cpu_dot_tile, so a row's bits are those it gets
- * alone. */
-static void cpu_stream_out_in(float *restrict y, const float *restrict x,
-                              const float *restrict w, int M, int n0, int n1, int N, int K,
-                              float beta) {
-    if (M <= 8) {
-        cpu_stream_block(y, x, w, M, n0, n1, N, K, beta);
-        return;
-    }
-    int tile = (int)(CPU_MATMUL_W_TILE_BYTES / ((size_t)K * sizeof(float))) / 16 * 16;
-    if (tile < 16) tile = 16;
-    for (int t0 = n0; t0 < n1; t0 += tile) {
-        const int t1 = n1 - t0 < tile ? n1 : t0 + tile;
-        for (int m = 0; m < M; m += 8)
-            cpu_stream_block(y + (size_t)m * N, x + (size_t)m * K, w,
-                             M - m < 8 ? M - m : 8, t0, t1, N, K, beta);
-    }
 }
 
 /* y[m, n0:n1] = sum_k x[m,k] W[k, n0:n1] (+ beta * y), W [K,N]: W rows are
@@ -205,10 +78,11 @@ static void cpu_stream_in_out(float *restrict y, const float *restrict x,
  * block's: a short last row slice must not switch kernels, or its rows
  * would get other bits than on another team size. */
 static void cpu_matmul_block(float *y, const float *x, const float *w, int m, int n0, int n1,
-                             int N, int K, float beta, cpu_weight_layout layout, int stream) {
+                             int N, int K, float beta, cpu_weight_layout layout, int stream,
+                             float *pack) {
     if (stream) {
         if (layout == CPU_W_OUT_IN)
-            cpu_stream_out_in(y, x, w, m, n0, n1, N, K, beta);
+            cpu_matmul_decode(y, x, w, m, n0, n1, N, K, beta, pack);
         else
             cpu_stream_in_out(y, x, w, m, n0, n1, N, K, beta);
     } else if (layout == CPU_W_OUT_IN) {
@@ -279,19 +153,27 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
         cpu_matmul_streams(layout, M, K, ((const rp_cpu_impl *)be->impl)->decode_rows);
     /* (Streamed rows are independent of the slicing: only sgemm's need it.) */
     if (split_rows && !stream && !cpu_row_slices_are_big(M, N, K, nt)) nt = 1;
+    /* The decode kernel's per-thread panel buffers (NULL if the allocation
+     * fails: the kernel then reads W directly, slower, same bits). */
+    float *packs = NULL;
+    const size_t pack_floats = cpu_matmul_decode_pack_floats(K);
+    if (stream && layout == CPU_W_OUT_IN)
+        packs = aligned_alloc(64, ((size_t)nt * pack_floats * sizeof(float) + 63) / 64 * 64);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int parts = omp_get_num_threads(), part = omp_get_thread_num(), b, e;
+        float *pack = packs ? packs + (size_t)part * pack_floats : NULL;
         if (split_rows) {
             cpu_slice(M, part, parts, CPU_MATMUL_ROW_SLICE_ALIGN, &b, &e);
             if (e > b)
                 cpu_matmul_block(y + (size_t)b * N, x + (size_t)b * K, w, e - b, 0, N, N, K,
-                                 beta, layout, stream);
+                                 beta, layout, stream, pack);
         } else {
             cpu_slice(N, part, parts, CPU_MATMUL_SLICE_ALIGN, &b, &e);
-            if (e > b) cpu_matmul_block(y, x, w, M, b, e, N, K, beta, layout, stream);
+            if (e > b) cpu_matmul_block(y, x, w, M, b, e, N, K, beta, layout, stream, pack);
         }
     }
+    free(packs);
 }
 
 static void cpu_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,

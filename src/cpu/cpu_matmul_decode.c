@@ -1,0 +1,358 @@
+/* The f32 decode kernel: y = x . W^T (W [N,K]) for decode rows, register
+ * blocked like a GEMM micro-kernel and exact per row. W is read once, 32
+ * output rows (a panel) at a time, transposed into a per-thread buffer
+ * (pk[k][j] = W[n + j][k]); then every block of up to 12 x rows runs an
+ * outer product over it: x[m][k] broadcast times the panel's k-th 32
+ * weights, one accumulator vector per (row, 16 outputs), k ascending. Each
+ * y[m, n] is thus one fused multiply-add chain over k = 0..K-1 from zero
+ * whatever the number of rows, the block a row falls in, the panel or the
+ * thread split, so a decode row's bits equal its bits alone. Run-time ISA
+ * choice (cpu_features.c): AVX-512, AVX2 + FMA, portable C; the x86 paths
+ * and a portable build with FMA give the same bits (one fma per step). */
+#include "config.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu/cpu_features.h"
+#include "cpu/cpu_internal.h"
+#include "cpu/cpu_matmul_decode.h"
+
+#define PANEL CPU_DECODE_PANEL
+#define AI inline __attribute__((always_inline))
+
+/* ---- portable C ---- */
+
+/* pk[k * PANEL + j] = W row j, column k for j < nw; zero for the rest (so
+ * the kernels always run whole panels and store only nw columns). */
+static void pack_generic(float *restrict pk, const float *restrict w, int nw, int K) {
+    for (int j = nw; j < PANEL; j++)
+        for (int k = 0; k < K; k++) pk[(size_t)k * PANEL + j] = 0.0f;
+    for (int j = 0; j < nw; j++) {
+        const float *restrict wr = w + (size_t)j * K;
+        for (int k = 0; k < K; k++) pk[(size_t)k * PANEL + j] = wr[k];
+    }
+}
+
+static AI void store_row(float *restrict ym, const float *restrict acc, int nw, float beta) {
+    for (int j = 0; j < nw; j++) ym[j] = beta == 0.0f ? acc[j] : acc[j] + beta * ym[j];
+}
+
+/* y rows [0, M), columns [0, nw) of one panel (y at the panel's column). */
+static void panel_generic(float *y, const float *x, const float *pk, int M, int K, int nw,
+                          int N, float beta) {
+    for (int m = 0; m < M; m++) {
+        float acc[PANEL] = {0};
+        const float *restrict xm = x + (size_t)m * K;
+        for (int k = 0; k < K; k++) {
+            const float xk = xm[k];
+            const float *restrict pr = pk + (size_t)k * PANEL;
+            for (int j = 0; j < PANEL; j++) acc[j] = cpu_fmaf(xk, pr[j], acc[j]);
+        }
+        store_row(y + (size_t)m * N, acc, nw, beta);
+    }
+}
+
+typedef void (*pack_fn)(float *pk, const float *w, int nw, int K);
+typedef void (*panel_fn)(float *y, const float *x, const float *pk, int M, int K, int nw, int N,
+                         float beta);
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include "cpu/cpu_qmatmul_kern.h" /* RP_ISA_BEGIN / RP_ISA_END */
+
+/* How far ahead the kernels prefetch each W row they read, in floats (512
+ * bytes), into L1: a panel's rows are 32 streams, more than the hardware
+ * prefetcher keeps ahead. Measured at batch 1, W from DRAM, one core: none
+ * +25-60% time, 512 B into L1 = the old dot-product kernel, 2 KiB or into
+ * L2 +30-100%. */
+#define DECODE_PF 128
+#define DECODE_PF_HINT 0
+
+/* ================= AVX2 + FMA: 8 lanes, blocks of 6 rows x 16 outputs ===== */
+RP_ISA_BEGIN("avx2,fma")
+
+static AI void rows_avx2(float *y, const float *x, const float *pk, const int R, int K, int nw,
+                         int N, float beta) {
+    for (int h = 0; h < PANEL; h += 16) {
+        __m256 a0[6], a1[6];
+        for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+        for (int k = 0; k < K; k++) {
+            const __m256 w0 = _mm256_loadu_ps(pk + (size_t)k * PANEL + h);
+            const __m256 w1 = _mm256_loadu_ps(pk + (size_t)k * PANEL + h + 8);
+            for (int r = 0; r < R; r++) {
+                const __m256 xb = _mm256_broadcast_ss(x + (size_t)r * K + k);
+                a0[r] = _mm256_fmadd_ps(xb, w0, a0[r]);
+                a1[r] = _mm256_fmadd_ps(xb, w1, a1[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            float acc[16];
+            _mm256_storeu_ps(acc, a0[r]);
+            _mm256_storeu_ps(acc + 8, a1[r]);
+            const int cols = nw - h < 16 ? nw - h : 16;
+            if (cols > 0) store_row(y + (size_t)r * N + h, acc, cols, beta);
+        }
+    }
+}
+
+static void panel_avx2(float *y, const float *x, const float *pk, int M, int K, int nw, int N,
+                       float beta) {
+    for (int m = 0; m < M; m += 6) {
+        float *ym = y + (size_t)m * N;
+        const float *xm = x + (size_t)m * K;
+        switch (M - m) {
+        case 1: rows_avx2(ym, xm, pk, 1, K, nw, N, beta); break;
+        case 2: rows_avx2(ym, xm, pk, 2, K, nw, N, beta); break;
+        case 3: rows_avx2(ym, xm, pk, 3, K, nw, N, beta); break;
+        case 4: rows_avx2(ym, xm, pk, 4, K, nw, N, beta); break;
+        case 5: rows_avx2(ym, xm, pk, 5, K, nw, N, beta); break;
+        default: rows_avx2(ym, xm, pk, 6, K, nw, N, beta); break;
+        }
+    }
+}
+
+static void pack_avx2(float *pk, const float *w, int nw, int K) { pack_generic(pk, w, nw, K); }
+
+RP_ISA_END
+
+/* ================= AVX-512: blocks of 12 rows x 32 outputs ================= */
+RP_ISA_BEGIN("avx2,fma,avx512f")
+
+/* A 16 x 16 block transposed in place: in-lane unpacks of floats, then of
+ * float pairs, then two rounds of 128-bit lane shuffles (64 cheap shuffles;
+ * vpermt2ps rounds were ~3x slower on Zen 5 and made batch 1 pack-bound). */
+static AI void transpose16(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+#define PD(v) _mm512_castps_pd(v)
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(PD(t[4 * i]), PD(t[4 * i + 2])));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(PD(t[4 * i]), PD(t[4 * i + 2])));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(PD(t[4 * i + 1]), PD(t[4 * i + 3])));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(PD(t[4 * i + 1]), PD(t[4 * i + 3])));
+    }
+#undef PD
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+static void pack_avx512(float *restrict pk, const float *restrict w, int nw, int K) {
+    const int K16 = K / 16 * 16;
+    for (int g = 0; g < PANEL; g += 16) {
+        const float *wg = w + (size_t)g * K;
+        for (int k = 0; k < K16; k += 16) {
+            __m512 v[16];
+            for (int j = 0; j < 16; j++) {
+                if (g + j < nw) {
+                    __builtin_prefetch(wg + (size_t)j * K + k + DECODE_PF, 0, DECODE_PF_HINT);
+                    v[j] = _mm512_loadu_ps(wg + (size_t)j * K + k);
+                } else {
+                    v[j] = _mm512_setzero_ps();
+                }
+            }
+            transpose16(v);
+            for (int t = 0; t < 16; t++) _mm512_storeu_ps(pk + (size_t)(k + t) * PANEL + g, v[t]);
+        }
+        for (int k = K16; k < K; k++)
+            for (int j = 0; j < 16; j++)
+                pk[(size_t)k * PANEL + g + j] = g + j < nw ? wg[(size_t)j * K + k] : 0.0f;
+    }
+}
+
+static AI void rows_avx512(float *y, const float *x, const float *pk, const int R, int K,
+                           int nw, int N, float beta) {
+    __m512 a0[12], a1[12];
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m512 w0 = _mm512_loadu_ps(pk + (size_t)k * PANEL);
+        const __m512 w1 = _mm512_loadu_ps(pk + (size_t)k * PANEL + 16);
+        for (int r = 0; r < R; r++) {
+            const __m512 xb = _mm512_set1_ps(x[(size_t)r * K + k]);
+            a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float *yr = y + (size_t)r * N;
+        if (nw == PANEL && beta == 0.0f) {
+            _mm512_storeu_ps(yr, a0[r]);
+            _mm512_storeu_ps(yr + 16, a1[r]);
+        } else {
+            float acc[PANEL];
+            _mm512_storeu_ps(acc, a0[r]);
+            _mm512_storeu_ps(acc + 16, a1[r]);
+            store_row(yr, acc, nw, beta);
+        }
+    }
+}
+
+/* Few rows: the panel's 16 x 16 blocks are transposed in registers and used
+ * at once (no pack buffer to write and read back), for rows [0, R). The
+ * same fma chains as rows_avx512, so the same bits. */
+static AI void direct_avx512(float *y, const float *x, const float *w, const int R, int K,
+                             int nw, int N, float beta) {
+    const int K16 = K / 16 * 16;
+    __m512 acc[2][4];
+    for (int g = 0; g < 2; g++)
+        for (int r = 0; r < R; r++) acc[g][r] = _mm512_setzero_ps();
+    /* One group of 16 W rows at a time: with both groups in flight, 32 rows
+     * whose stride is a multiple of 4 KiB (K = 3072) shared L1 sets and the
+     * prefetched lines were evicted before use (batch 1 +55% time). */
+    for (int g = 0; g < 2; g++)
+        for (int k = 0; k < K16; k += 16) {
+            const float *wg = w + (size_t)g * 16 * K;
+            __m512 v[16];
+            for (int j = 0; j < 16; j++) {
+                __builtin_prefetch(wg + (size_t)j * K + k + DECODE_PF, 0, DECODE_PF_HINT);
+                v[j] = g * 16 + j < nw ? _mm512_loadu_ps(wg + (size_t)j * K + k)
+                                       : _mm512_setzero_ps();
+            }
+            transpose16(v);
+            for (int t = 0; t < 16; t++)
+                for (int r = 0; r < R; r++)
+                    acc[g][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[(size_t)r * K + k + t]), v[t],
+                                                acc[g][r]);
+        }
+    for (int k = K16; k < K; k++)
+        for (int g = 0; g < 2; g++) {
+            float col[16];
+            for (int j = 0; j < 16; j++)
+                col[j] = g * 16 + j < nw ? w[(size_t)(g * 16 + j) * K + k] : 0.0f;
+            const __m512 v = _mm512_loadu_ps(col);
+            for (int r = 0; r < R; r++)
+                acc[g][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[(size_t)r * K + k]), v, acc[g][r]);
+        }
+    for (int r = 0; r < R; r++) {
+        float out[PANEL];
+        _mm512_storeu_ps(out, acc[0][r]);
+        _mm512_storeu_ps(out + 16, acc[1][r]);
+        store_row(y + (size_t)r * N, out, nw, beta);
+    }
+}
+
+static void direct_rows_avx512(float *y, const float *x, const float *w, int M, int K, int nw,
+                               int N, float beta) {
+    for (int m = 0; m < M; m += 4) {
+        float *ym = y + (size_t)m * N;
+        const float *xm = x + (size_t)m * K;
+        switch (M - m) {
+        case 1: direct_avx512(ym, xm, w, 1, K, nw, N, beta); break;
+        case 2: direct_avx512(ym, xm, w, 2, K, nw, N, beta); break;
+        case 3: direct_avx512(ym, xm, w, 3, K, nw, N, beta); break;
+        default: direct_avx512(ym, xm, w, 4, K, nw, N, beta); break;
+        }
+    }
+}
+
+static void panel_avx512(float *y, const float *x, const float *pk, int M, int K, int nw,
+                         int N, float beta) {
+    for (int m = 0; m < M; m += 12) {
+        float *ym = y + (size_t)m * N;
+        const float *xm = x + (size_t)m * K;
+        switch (M - m) {
+        case 1: rows_avx512(ym, xm, pk, 1, K, nw, N, beta); break;
+        case 2: rows_avx512(ym, xm, pk, 2, K, nw, N, beta); break;
+        case 3: rows_avx512(ym, xm, pk, 3, K, nw, N, beta); break;
+        case 4: rows_avx512(ym, xm, pk, 4, K, nw, N, beta); break;
+        case 5: rows_avx512(ym, xm, pk, 5, K, nw, N, beta); break;
+        case 6: rows_avx512(ym, xm, pk, 6, K, nw, N, beta); break;
+        case 7: rows_avx512(ym, xm, pk, 7, K, nw, N, beta); break;
+        case 8: rows_avx512(ym, xm, pk, 8, K, nw, N, beta); break;
+        case 9: rows_avx512(ym, xm, pk, 9, K, nw, N, beta); break;
+        case 10: rows_avx512(ym, xm, pk, 10, K, nw, N, beta); break;
+        case 11: rows_avx512(ym, xm, pk, 11, K, nw, N, beta); break;
+        default: rows_avx512(ym, xm, pk, 12, K, nw, N, beta); break;
+        }
+    }
+}
+
+RP_ISA_END
+#endif /* __x86_64__ */
+
+/* The kernels for the CPU's ISA (capped by RP_CPU_ISA), chosen once;
+ * `direct` (W transposed in registers, no pack buffer) where the ISA has one. */
+typedef struct {
+    pack_fn pack;
+    panel_fn panel, direct;
+} decode_kernels;
+
+/* Up to this many rows the direct kernel runs (when there is one): at batch
+ * 1 writing and re-reading the pack buffer cost ~25% (W from DRAM, one core,
+ * Zen 5); from a few rows the pack is shared and the 12-row blocks win. */
+#ifndef CPU_DECODE_DIRECT_MAX_ROWS
+#define CPU_DECODE_DIRECT_MAX_ROWS 2
+#endif
+
+static decode_kernels chosen;
+static int chosen_set;
+
+static decode_kernels choose(void) {
+    if (__atomic_load_n(&chosen_set, __ATOMIC_ACQUIRE)) return chosen;
+    rp_cpu_isa isa;
+    rp_error err = {0};
+    if (rp_cpu_isa_from_env(&isa, &err) != RP_OK) isa = RP_CPU_ISA_GENERIC;
+    decode_kernels k = {pack_generic, panel_generic, NULL};
+#if defined(__x86_64__)
+    if (isa >= RP_CPU_ISA_AVX512)
+        k = (decode_kernels){pack_avx512, panel_avx512, direct_rows_avx512};
+    else if (isa >= RP_CPU_ISA_AVX2)
+        k = (decode_kernels){pack_avx2, panel_avx2, NULL};
+#endif
+    /* Racing threads compute the same choice: any store wins. */
+    chosen = k;
+    __atomic_store_n(&chosen_set, 1, __ATOMIC_RELEASE);
+    return k;
+}
+
+/* Whether the chosen kernels fuse (then the no-buffer path must too). */
+static int chosen_fuses(const decode_kernels *k) {
+#if defined(__FMA__) || defined(__aarch64__)
+    (void)k;
+    return 1;
+#else
+    return k->panel != panel_generic;
+#endif
+}
+
+void cpu_matmul_decode(float *y, const float *x, const float *w, int M, int n0, int n1, int N,
+                       int K, float beta, float *pack) {
+    const decode_kernels kern = choose();
+    if (kern.direct && (M <= CPU_DECODE_DIRECT_MAX_ROWS || !pack)) {
+        for (int n = n0; n < n1; n += PANEL) {
+            const int nw = n1 - n < PANEL ? n1 - n : PANEL;
+            kern.direct(y + n, x, w + (size_t)n * K, M, K, nw, N, beta);
+        }
+        return;
+    }
+    if (!pack) { /* no buffer: the same chains, read from W directly */
+        const int fused = chosen_fuses(&kern);
+        for (int m = 0; m < M; m++)
+            for (int n = n0; n < n1; n++) {
+                const float *xm = x + (size_t)m * K, *wn = w + (size_t)n * K;
+                float acc = 0.0f;
+                for (int k = 0; k < K; k++)
+                    acc = fused ? fmaf(xm[k], wn[k], acc) : xm[k] * wn[k] + acc;
+                float *yi = y + (size_t)m * N + n;
+                *yi = beta == 0.0f ? acc : acc + beta * *yi;
+            }
+        return;
+    }
+    for (int n = n0; n < n1; n += PANEL) {
+        const int nw = n1 - n < PANEL ? n1 - n : PANEL;
+        kern.pack(pack, w + (size_t)n * K, nw, K);
+        kern.panel(y + n, x, pack, M, K, nw, N, beta);
+    }
+}
