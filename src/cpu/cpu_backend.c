@@ -133,6 +133,19 @@ char *cpu_thread_scratch(rp_backend *be, size_t bytes, const char *op) {
     return NULL;
 }
 
+char *cpu_thread_scratch_at_least(rp_backend *be, size_t bytes) {
+    rp_cpu_impl *impl = be->impl;
+    const size_t stride = (bytes + CPU_ALIGN_BYTES - 1) / CPU_ALIGN_BYTES * CPU_ALIGN_BYTES;
+    const size_t threads = (size_t)impl->n_threads;
+    if (stride > impl->thread_stride) {
+        size_t have = impl->thread_stride * threads;
+        if (stride > SIZE_MAX / threads || !cpu_grow(&impl->per_thread, &have, stride * threads))
+            return NULL;
+        impl->thread_stride = stride;
+    }
+    return impl->per_thread;
+}
+
 /* ---- lifetime ---- */
 
 rp_backend *rp_cpu_backend_create(int n_threads, rp_error *err) {

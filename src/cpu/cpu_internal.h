@@ -81,6 +81,11 @@ static inline size_t cpu_wkv7_backward_thread_scratch(int N) { /* one chunk's st
 void *cpu_scratch(rp_backend *be, size_t bytes, const char *op);
 /* The same for per-thread blocks: thread t owns [t * thread_stride, + bytes). */
 char *cpu_thread_scratch(rp_backend *be, size_t bytes, const char *op);
+/* The per-thread blocks grown to hold `bytes` each if they do not (the
+ * decode matmul's W panels, whose size depends on K, which reserve does not
+ * know: the first call of a shape allocates, later ones reuse); NULL when
+ * that allocation fails (the caller has a slower path needing none). */
+char *cpu_thread_scratch_at_least(rp_backend *be, size_t bytes);
 
 /* ---- vectorisable float math ------------------------------------------------
  * glibc's expf/tanhf are scalar calls that gcc cannot vectorise without

@@ -153,16 +153,21 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
         cpu_matmul_streams(layout, M, K, ((const rp_cpu_impl *)be->impl)->decode_rows);
     /* (Streamed rows are independent of the slicing: only sgemm's need it.) */
     if (split_rows && !stream && !cpu_row_slices_are_big(M, N, K, nt)) nt = 1;
-    /* The decode kernel's per-thread panel buffers (NULL if the allocation
-     * fails: the kernel then reads W directly, slower, same bits). */
-    float *packs = NULL;
-    const size_t pack_floats = cpu_matmul_decode_pack_floats(K);
-    if (stream && layout == CPU_W_OUT_IN)
-        packs = aligned_alloc(64, ((size_t)nt * pack_floats * sizeof(float) + 63) / 64 * 64);
+    /* The decode kernel's per-thread panel buffers, in the backend's
+     * per-thread scratch: an allocation per call (384 KiB a thread at
+     * K = 3072, past malloc's mmap threshold) cost page faults and zeroing
+     * on every matmul. NULL if it cannot grow: the kernel then reads W
+     * directly, slower, same bits. */
+    char *packs = NULL;
+    size_t pack_stride = 0;
+    if (stream && layout == CPU_W_OUT_IN && nt <= ((const rp_cpu_impl *)be->impl)->n_threads) {
+        packs = cpu_thread_scratch_at_least(be, cpu_matmul_decode_pack_floats(K) * sizeof(float));
+        pack_stride = ((const rp_cpu_impl *)be->impl)->thread_stride;
+    }
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int parts = omp_get_num_threads(), part = omp_get_thread_num(), b, e;
-        float *pack = packs ? packs + (size_t)part * pack_floats : NULL;
+        float *pack = packs ? (float *)(packs + (size_t)part * pack_stride) : NULL;
         if (split_rows) {
             cpu_slice(M, part, parts, CPU_MATMUL_ROW_SLICE_ALIGN, &b, &e);
             if (e > b)
@@ -173,7 +178,6 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
             if (e > b) cpu_matmul_block(y, x, w, M, b, e, N, K, beta, layout, stream, pack);
         }
     }
-    free(packs);
 }
 
 static void cpu_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,
