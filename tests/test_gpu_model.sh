@@ -57,8 +57,9 @@ for name, (L, C, V, *ranks) in shapes.items():
 # step-back backward cheaper than the recomputing one it replaced
 wkv = dict((m.group(1), (float(m.group(2)), float(m.group(3)))) for m in re.finditer(
     r"^\| (wkv7_\S+[^|]*?) \| [\d.]+ \| \d+ \| \d \| ([\d.]+) \| ([\d.]+) \|$", text, re.M))
-if len(wkv) != 4:
-    bad.append(f"WKV7 section: {len(wkv)} kernel rows, expected 4")
+if len(wkv) != 7:
+    bad.append(f"WKV7 section: {len(wkv)} kernel rows, expected 7 (forward per token, "
+               "chunked, chunked bf16, chunked on mma; backward, bf16, before)")
 for name, (roof, pred) in wkv.items():
     if pred < roof - 0.005:
         bad.append(f"WKV7 {name}: predicted {pred} ms below its roofline {roof} ms")
