@@ -38,14 +38,18 @@ typedef enum { CPU_W_OUT_IN, CPU_W_IN_OUT } cpu_weight_layout; /* W [N,K] or W [
  * streaming kernels stop winning (measured, one core, W read from DRAM):
  * W [N,K] up to 8 rows of x (cpu_matmul_decode.c, which also beats sgemm
  * at 16-64 rows: microbenchmark, Zen 5, 768 x 768, 64 rows 176 vs 90
- * GFLOP/s); W [K,N] (LoRA) 1 row, or up to 4 when K is
- * large (short K, long N rows lose to sgemm's register blocking). */
-static int cpu_matmul_streams(cpu_weight_layout layout, int M, int K, int decode_rows) {
+ * GFLOP/s); W [K,N] (LoRA) streams up to 8 rows too (below). */
+static int cpu_matmul_streams(int M, int decode_rows) {
     /* Decode rows (one token of a sequence each): any M streams, so a
      * sequence's tokens do not depend on the group it decodes in. */
     if (decode_rows) return 1;
-    if (layout == CPU_W_OUT_IN) return M <= 8;
-    return M == 1 || (M <= 4 && K >= 256);
+    /* Up to 8 rows both layouts stream (each row's sums in a fixed order),
+     * so a few rows in one call also give each row its bits alone; the
+     * [K,N] layout used sgemm from 2 rows when K < 256 (a little faster for
+     * the LoRA up-projections), which put batched rows 1e-6 off their solo
+     * values once the [N,K] kernel's sums became single FMA chains
+     * (test_model_golden: a sequence independent of its batch neighbours). */
+    return M <= 8;
 }
 
 /* y[m, n0:n1] = sum_k x[m,k] W[k, n0:n1] (+ beta * y), W [K,N]: W rows are
@@ -150,7 +154,7 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
      * rows or not at all, so its bits do not depend on the team size. */
     const int split_rows = M > N;
     const int stream =
-        cpu_matmul_streams(layout, M, K, ((const rp_cpu_impl *)be->impl)->decode_rows);
+        cpu_matmul_streams(M, ((const rp_cpu_impl *)be->impl)->decode_rows);
     /* (Streamed rows are independent of the slicing: only sgemm's need it.) */
     if (split_rows && !stream && !cpu_row_slices_are_big(M, N, K, nt)) nt = 1;
     /* The decode kernel's per-thread panel buffers, in the backend's
