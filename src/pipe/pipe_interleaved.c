@@ -6,7 +6,6 @@
 #include "pipe/pipe_interleaved.h"
 #include "pipe/pipe_zero.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -324,25 +323,11 @@ rp_status rp_pipe_interleaved_step(rp_pipe_interleaved *pi, const int32_t *input
                     for (int d = 0; d < pi->dp; d++)
                         sumsq += rp_zero_partial_sum_squares(&pi->grads[ch], pi->dp, d);
             }
-            MPI_Request req;
-            MPI_Iallreduce(MPI_IN_PLACE, &sumsq, 1, MPI_DOUBLE, MPI_SUM, pi->grid->pipe_comm,
-                           &req);
-            if ((st = rp_comm_wait(&req, pi->timeout_s, "the gradient-norm all-reduce over the "
-                                   "stages", err)) != RP_OK)
+            if ((st = rp_pipe_global_grad_norm(pi->grid->pipe_comm, pi->n_stages, sumsq,
+                                               pi->timeout_s, pi->tp, pi->halt_on_nan, step,
+                                               &grad_norm, &skipped, err)) != RP_OK ||
+                skipped)
                 break;
-            grad_norm = sqrt(sumsq);
-            if (!isfinite(grad_norm)) {
-                if (pi->halt_on_nan) {
-                    st = rp_error_set(err, RP_ERR_DIVERGED,
-                                      "step %ld: the gradient norm is %g (NaN or inf loss): "
-                                      "training diverged; lower --lr, or resume from the last "
-                                      "checkpoint (--no-halt-on-nan skips such steps)", step + 1,
-                                      grad_norm);
-                    break;
-                }
-                skipped = 1;
-                break;
-            }
             for (int ch = 0; ch < pi->n_virtual; ch++)
                 rp_optim_step(&pi->models[ch], &pi->grads[ch], &pi->adam_m[ch], &pi->adam_v[ch],
                               optim, step, rp_clip_scale(grad_norm, optim->grad_clip));

@@ -524,6 +524,34 @@ static rp_status recv_recomp(rp_pipe_trainer *pt, const rp_pipe_instr *list, int
     return RP_OK;
 }
 
+/* The global gradient norm from this stage's sum of squares, summed over
+ * the stages (every rank gets the same), and what a NaN or inf norm means:
+ * an error with halt_on_nan, else *skip = 1 (every rank skips the step).
+ * tp only names the other ranks in a timeout's message (may be NULL). */
+rp_status rp_pipe_global_grad_norm(MPI_Comm pipe_comm, int n_stages, double sumsq,
+                                   double timeout_s, const rp_transport *tp, int halt_on_nan,
+                                   long step, double *norm, int *skip, rp_error *err) {
+    *skip = 0;
+    if (n_stages > 1) {
+        MPI_Request req;
+        MPI_Iallreduce(MPI_IN_PLACE, &sumsq, 1, MPI_DOUBLE, MPI_SUM, pipe_comm, &req);
+        char others[192] = "", what[256];
+        snprintf(what, sizeof what, "the gradient-norm all-reduce over the stages%s",
+                 tp ? rp_transport_others_where(tp, others, sizeof others) : "");
+        rp_status st = rp_comm_wait(&req, timeout_s, what, err);
+        if (st != RP_OK) return st;
+    }
+    *norm = sqrt(sumsq);
+    if (isfinite(*norm)) return RP_OK;
+    if (halt_on_nan)
+        return rp_error_set(err, RP_ERR_DIVERGED,
+                            "step %ld: the gradient norm is %g (NaN or inf loss): training "
+                            "diverged; lower --lr, or resume from the last checkpoint "
+                            "(--no-halt-on-nan skips such steps)", step + 1, *norm);
+    *skip = 1;
+    return RP_OK;
+}
+
 /* RECOMP: time chunk mb's forward again, from its kept start state, into
  * tw (bit for bit the FWD's: the same ops on the same bytes), the head's
  * loss and backward with it on the last stage. */
@@ -766,29 +794,12 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                                                        pt->zero->rank),
                                            &sumsq, pt->timeout_s, err)) != RP_OK)
                 break;
-            if (pt->n_stages > 1) {
-                MPI_Request req;
-                MPI_Iallreduce(MPI_IN_PLACE, &sumsq, 1, MPI_DOUBLE, MPI_SUM, pt->grid->pipe_comm,
-                               &req);
-                char others[192], what[256];
-                snprintf(what, sizeof what, "the gradient-norm all-reduce over the stages%s",
-                         rp_transport_others_where(pt->tp, others, sizeof others));
-                if ((st = rp_comm_wait(&req, pt->timeout_s, what, err)) != RP_OK) break;
-            }
-            grad_norm = sqrt(sumsq);
-            if (!isfinite(grad_norm)) {
-                /* Every rank sees the same global norm, so all skip or all stop. */
-                if (pt->halt_on_nan) {
-                    st = rp_error_set(err, RP_ERR_DIVERGED,
-                                      "step %ld: the gradient norm is %g (NaN or inf loss): "
-                                      "training diverged; lower --lr, or resume from the last "
-                                      "checkpoint (--no-halt-on-nan skips such steps)", step + 1,
-                                      grad_norm);
-                    break;
-                }
-                skipped = 1;
+            if ((st = rp_pipe_global_grad_norm(pt->grid ? pt->grid->pipe_comm : MPI_COMM_NULL,
+                                               pt->n_stages, sumsq,
+                                               pt->timeout_s, pt->tp, pt->halt_on_nan, step,
+                                               &grad_norm, &skipped, err)) != RP_OK ||
+                skipped)
                 break;
-            }
             t0 = rp_now_seconds();
             if (pt->lora) {
                 /* Only the adapters move; W' is formed again from them. */

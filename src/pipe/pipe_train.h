@@ -141,6 +141,12 @@ typedef struct {
     int skipped;        /* the gradient was not finite and the update was skipped */
 } rp_pipe_step_result;
 
+/* The global gradient norm from this stage's sum of squares (summed over
+ * the stages on pipe_comm); a NaN or inf norm is an error with halt_on_nan,
+ * else *skip = 1. Shared by the 1F1B family's and the interleaved executor. */
+rp_status rp_pipe_global_grad_norm(MPI_Comm pipe_comm, int n_stages, double sumsq,
+                                   double timeout_s, const rp_transport *tp, int halt_on_nan,
+                                   long step, double *norm, int *skip, rp_error *err);
 /* One optimizer step. inputs / targets: [n_micro][micro_batch_size * ctx_len] of
  * this replica (targets < 0 take no loss); loss_scale = 1 / targets in the
  * global batch. A non-finite gradient norm (NaN or inf loss) leaves the

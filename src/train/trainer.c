@@ -557,98 +557,27 @@ static void print_memory(const rp_train_options *o, const rp_model *model, const
 /* -o with several stages: replica 0's stages send their layers to rank 0
  * (the transport's slice gather), which writes one file with every tensor
  * under its official name. The layers travel through host buffers (backend
- * memory may be a GPU's). */
-static rp_status save_weights(const rp_model *model, const rp_train_options *o,
-                              rp_transport *tp, rp_error *err) {
-    if (!o->grid || o->grid->pp == 1) {
-        if (o->grid && o->grid->replica != 0) return RP_OK;
-        return rp_model_save(model, o->save_path, RP_DTYPE_F32, err);
-    }
+ * memory may be a GPU's). Each stage holds v chunks (1 but for interleaved
+ * 1F1B): rank 0 takes the model chunks in model order (chunk k on stage
+ * k % P, chunk_layers[k] layers), every other stage sends its chunks'
+ * layers in chunk order, then the last stage the head. */
+static rp_status gather_and_save(const rp_model *chunks, int v, const int *chunk_layers,
+                                 const rp_train_options *o, rp_transport *tp, rp_error *err) {
     const rp_grid *g = o->grid;
-    if (g->replica != 0) return RP_OK;
-    stop_point_for_tests("save-weights", g->stage);
-    rp_backend *be = model->be;
-    size_t host_floats = model->layer_floats > model->head_floats ? model->layer_floats
-                                                                   : model->head_floats;
-    float *host = malloc(host_floats * sizeof(float));
-    rp_status st = RP_OK;
-    if (g->stage != 0) {
-        /* Send even after a failed allocation (zeros), so rank 0 does not
-         * wait for the timeout; the error still ends this rank's run. */
-        float *zeros = host ? NULL : calloc(host_floats, sizeof(float));
-        for (int i = 0; i < model->layer_end - model->layer_begin && st == RP_OK; i++) {
-            if (host) be->copy_to_host(be, host, model->layer_flat[i],
-                                       model->layer_floats * sizeof(float));
-            st = rp_transport_gather_slice(tp, g->stage, NULL, host ? host : zeros,
-                                           model->layer_floats * sizeof(float), "layer weights",
-                                           err);
-        }
-        if (model->has_head && st == RP_OK) {
-            if (host) be->copy_to_host(be, host, model->head_flat,
-                                       model->head_floats * sizeof(float));
-            st = rp_transport_gather_slice(tp, g->stage, NULL, host ? host : zeros,
-                                           model->head_floats * sizeof(float), "head weights",
-                                           err);
-        }
-        free(zeros);
-        if (st == RP_OK && !host)
-            st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
-        free(host);
-        return st;
-    }
-    rp_model whole;
-    memset(&whole, 0, sizeof whole);
-    st = rp_model_alloc(&whole, &model->cfg, 0, model->cfg.n_layer, 1, 1, be, err);
-    if (st == RP_OK && !host)
-        st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
-    if (st == RP_OK)
-        for (int s = 0; s < g->pp && st == RP_OK; s++)
-            for (int l = g->layer_begin[s]; l < g->layer_end[s] && st == RP_OK; l++) {
-                if (s == 0) {
-                    be->copy(be, whole.layer_flat[l], model->layer_flat[l],
-                             model->layer_floats * sizeof(float));
-                    continue;
-                }
-                if ((st = rp_transport_gather_slice(tp, s, host, NULL,
-                                                    model->layer_floats * sizeof(float),
-                                                    "layer weights", err)) == RP_OK)
-                    be->copy_to_device(be, whole.layer_flat[l], host,
-                                       model->layer_floats * sizeof(float));
-            }
-    if (st == RP_OK)
-        st = rp_transport_gather_slice(tp, g->pp - 1, host, NULL,
-                                       model->head_floats * sizeof(float), "head weights", err);
-    if (st == RP_OK) {
-        be->copy_to_device(be, whole.head_flat, host, model->head_floats * sizeof(float));
-        be->copy(be, whole.embed_flat, model->embed_flat, model->embed_floats * sizeof(float));
-        st = rp_model_save(&whole, o->save_path, RP_DTYPE_F32, err);
-    }
-    if (whole.be) rp_model_free(&whole);
-    free(host);
-    return st;
-}
-
-/* save_weights for interleaved 1F1B: rank 0 takes the model chunks in
- * model order (chunk k on stage k % P), every other stage of replica 0
- * sends its chunks' layers in chunk order, then the last stage the head. */
-static rp_status save_weights_interleaved(const rp_train_options *o, rp_transport *tp,
-                                          rp_error *err) {
-    const rp_grid *g = o->grid;
-    if (g->replica != 0) return RP_OK;
-    const int v = o->n_virtual, P = g->pp;
-    const rp_model *m0 = &o->chunks[0];
+    const int P = g->pp;
+    const rp_model *m0 = &chunks[0];
     rp_backend *be = m0->be;
     const size_t layer_bytes = m0->layer_floats * sizeof(float);
     const size_t head_bytes = m0->head_floats * sizeof(float);
-    float *host = malloc(layer_bytes > head_bytes ? layer_bytes : head_bytes);
+    const size_t host_bytes = layer_bytes > head_bytes ? layer_bytes : head_bytes;
+    float *host = malloc(host_bytes);
     rp_status st = RP_OK;
     if (g->stage != 0) {
         /* Send even after a failed allocation (zeros), so rank 0 does not
          * wait for the timeout; the error still ends this rank's run. */
-        float *zeros = host ? NULL : calloc(1, layer_bytes > head_bytes ? layer_bytes
-                                                                         : head_bytes);
+        float *zeros = host ? NULL : calloc(1, host_bytes);
         for (int c = 0; c < v && st == RP_OK; c++) {
-            const rp_model *m = &o->chunks[c];
+            const rp_model *m = &chunks[c];
             for (int i = 0; i < m->layer_end - m->layer_begin && st == RP_OK; i++) {
                 if (host) be->copy_to_host(be, host, m->layer_flat[i], layer_bytes);
                 st = rp_transport_gather_slice(tp, g->stage, NULL, host ? host : zeros,
@@ -671,22 +600,18 @@ static rp_status save_weights_interleaved(const rp_train_options *o, rp_transpor
     st = rp_model_alloc(&whole, &m0->cfg, 0, m0->cfg.n_layer, 1, 1, be, err);
     if (st == RP_OK && !host)
         st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the weights' gather");
-    /* The layers in model order: chunk c of every stage, then chunk c+1. */
     int l = 0;
     for (int k = 0; k < v * P && st == RP_OK; k++) {
         const int s = k % P, c = k / P;
-        const int n_layers = s == 0 ? o->chunks[c].layer_end - o->chunks[c].layer_begin : -1;
-        if (s == 0) {
-            for (int i = 0; i < n_layers; i++, l++)
-                be->copy(be, whole.layer_flat[l], o->chunks[c].layer_flat[i], layer_bytes);
-            continue;
-        }
-        /* A stage's layer counts are its own: its chunk k ends where chunk
-         * k+1 (or the head) begins, which rank 0 learns from the partition. */
-        for (int i = 0; i < o->chunk_layers[k] && st == RP_OK; i++, l++)
+        for (int i = 0; i < chunk_layers[k] && st == RP_OK; i++, l++) {
+            if (s == 0) {
+                be->copy(be, whole.layer_flat[l], chunks[c].layer_flat[i], layer_bytes);
+                continue;
+            }
             if ((st = rp_transport_gather_slice(tp, s, host, NULL, layer_bytes, "layer weights",
                                                 err)) == RP_OK)
                 be->copy_to_device(be, whole.layer_flat[l], host, layer_bytes);
+        }
     }
     if (st == RP_OK)
         st = rp_transport_gather_slice(tp, P - 1, host, NULL, head_bytes, "head weights", err);
@@ -698,6 +623,29 @@ static rp_status save_weights_interleaved(const rp_train_options *o, rp_transpor
     if (whole.be) rp_model_free(&whole);
     free(host);
     return st;
+}
+
+static rp_status save_weights(const rp_model *model, const rp_train_options *o,
+                              rp_transport *tp, rp_error *err) {
+    if (!o->grid || o->grid->pp == 1) {
+        if (o->grid && o->grid->replica != 0) return RP_OK;
+        return rp_model_save(model, o->save_path, RP_DTYPE_F32, err);
+    }
+    const rp_grid *g = o->grid;
+    if (g->replica != 0) return RP_OK;
+    stop_point_for_tests("save-weights", g->stage);
+    int *stage_layers = malloc(sizeof(int) * (size_t)g->pp);
+    if (!stage_layers) return rp_error_set(err, RP_ERR_NOMEM, "the weights' gather plan");
+    for (int s = 0; s < g->pp; s++) stage_layers[s] = g->layer_end[s] - g->layer_begin[s];
+    rp_status st = gather_and_save(model, 1, stage_layers, o, tp, err);
+    free(stage_layers);
+    return st;
+}
+
+static rp_status save_weights_interleaved(const rp_train_options *o, rp_transport *tp,
+                                          rp_error *err) {
+    if (o->grid->replica != 0) return RP_OK;
+    return gather_and_save(o->chunks, o->n_virtual, o->chunk_layers, o, tp, err);
 }
 
 /* ---- state tuning ---- */
