@@ -82,6 +82,21 @@ __device__ __forceinline__ float wkv_pair_total(float a0, float a1, float a2, fl
     return part + __shfl_xor_sync(0xffffffffu, part, 1);
 }
 
+// This thread's half of row i of the state times a [64] vector z (S0 z for
+// the chunked forward): four interleaved partial sums, then the pair's total.
+__device__ __forceinline__ float wkv_half_row_dot(const float *st, const float *z, int p) {
+    float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
+#pragma unroll
+    for (int jq = 0; jq < WKV_HALF / 4; jq++) {
+        const float4 z4 = wkv_ld4(z + wkv_col(4 * jq, p));
+        c0 = __fmaf_rn(st[4 * jq + 0], z4.x, c0);
+        c1 = __fmaf_rn(st[4 * jq + 1], z4.y, c1);
+        c2 = __fmaf_rn(st[4 * jq + 2], z4.z, c2);
+        c3 = __fmaf_rn(st[4 * jq + 3], z4.w, c3);
+    }
+    return wkv_pair_total(c0, c1, c2, c3);
+}
+
 // tile <- g [64,64] row-major; coalesced 512-byte rows per block step.
 __device__ __forceinline__ void wkv_tile_load(float *tile, const float *g) {
 #pragma unroll 8
@@ -362,16 +377,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 4)
 #pragma unroll
         for (int t = 0; t < WKV_L; t++) {
             const float *z = A + t * WKV_N;
-            float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
-#pragma unroll
-            for (int jq = 0; jq < WKV_HALF / 4; jq++) {
-                const float4 z4 = wkv_ld4(z + wkv_col(4 * jq, p));
-                c0 = __fmaf_rn(st[4 * jq + 0], z4.x, c0);
-                c1 = __fmaf_rn(st[4 * jq + 1], z4.y, c1);
-                c2 = __fmaf_rn(st[4 * jq + 2], z4.z, c2);
-                c3 = __fmaf_rn(st[4 * jq + 3], z4.w, c3);
-            }
-            float x = wkv_pair_total(c0, c1, c2, c3);
+            float x = wkv_half_row_dot(st, z, p);
             for (int u = 0; u < t; u++) {
                 x = __fmaf_rn(V[u * WKV_N + i], Uak[u * WKV_L + t], x);
                 x = __fmaf_rn(sa[u], Uab[u * WKV_L + t], x);
@@ -381,16 +387,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 4)
 #pragma unroll
         for (int t = 0; t < WKV_L; t++) {
             const float *z = R + t * WKV_N;
-            float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
-#pragma unroll
-            for (int jq = 0; jq < WKV_HALF / 4; jq++) {
-                const float4 z4 = wkv_ld4(z + wkv_col(4 * jq, p));
-                c0 = __fmaf_rn(st[4 * jq + 0], z4.x, c0);
-                c1 = __fmaf_rn(st[4 * jq + 1], z4.y, c1);
-                c2 = __fmaf_rn(st[4 * jq + 2], z4.z, c2);
-                c3 = __fmaf_rn(st[4 * jq + 3], z4.w, c3);
-            }
-            float yt = wkv_pair_total(c0, c1, c2, c3);
+            float yt = wkv_half_row_dot(st, z, p);
             for (int u = 0; u <= t; u++) {
                 yt = __fmaf_rn(V[u * WKV_N + i], Wrk[u * WKV_L + t], yt);
                 yt = __fmaf_rn(sa[u], Wrb[u * WKV_L + t], yt);
