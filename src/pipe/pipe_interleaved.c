@@ -192,16 +192,7 @@ static rp_status reduce_buffer(rp_pipe_interleaved *pi, float *p, size_t n, rp_e
         return st != RP_OK ? st : rp_zero_allgather(pi->grid->data_comm, p, n, pi->timeout_s,
                                                     err);
     }
-    for (size_t at = 0; at < n; at += (size_t)1 << 30) {
-        size_t len = n - at < ((size_t)1 << 30) ? n - at : (size_t)1 << 30;
-        MPI_Request req;
-        MPI_Iallreduce(MPI_IN_PLACE, p + at, (int)len, MPI_FLOAT, MPI_SUM, pi->grid->data_comm,
-                       &req);
-        rp_status st = rp_comm_wait(&req, pi->timeout_s, "the gradient all-reduce over the data "
-                                    "replicas", err);
-        if (st != RP_OK) return st;
-    }
-    return RP_OK;
+    return rp_pipe_allreduce_floats(pi->grid->data_comm, pi->stage, p, n, pi->timeout_s, err);
 }
 
 static rp_status reduce_grads(rp_pipe_interleaved *pi, rp_error *err) {

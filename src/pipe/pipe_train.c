@@ -380,21 +380,29 @@ static rp_status wait_pending(rp_pipe_trainer *pt, int buffer, int which, rp_err
 }
 
 /* p [n] (host memory) = its sum over the data replicas, in place. */
-static rp_status allreduce_host(rp_pipe_trainer *pt, float *p, size_t n, rp_error *err) {
+rp_status rp_pipe_allreduce_floats(MPI_Comm comm, int stage, float *p, size_t n,
+                                   double timeout_s, rp_error *err) {
     /* MPI counts are ints: large tensors go in pieces. */
     for (size_t at = 0; at < n; at += (size_t)1 << 30) {
         size_t len = n - at < ((size_t)1 << 30) ? n - at : (size_t)1 << 30;
         MPI_Request req;
-        if (MPI_Iallreduce(MPI_IN_PLACE, p + at, (int)len, MPI_FLOAT, MPI_SUM,
-                           pt->grid->data_comm, &req) != MPI_SUCCESS)
+        if (MPI_Iallreduce(MPI_IN_PLACE, p + at, (int)len, MPI_FLOAT, MPI_SUM, comm, &req) !=
+            MPI_SUCCESS) {
+            int dp = 0;
+            MPI_Comm_size(comm, &dp);
             return rp_error_set(err, RP_ERR_MPI,
                                 "stage %d: all-reducing gradients over %d replicas failed",
-                                pt->stage, pt->dp);
-        rp_status st = rp_comm_wait(&req, pt->timeout_s, "the gradient all-reduce over the "
+                                stage, dp);
+        }
+        rp_status st = rp_comm_wait(&req, timeout_s, "the gradient all-reduce over the "
                                     "data replicas", err);
         if (st != RP_OK) return st;
     }
     return RP_OK;
+}
+
+static rp_status allreduce_host(rp_pipe_trainer *pt, float *p, size_t n, rp_error *err) {
+    return rp_pipe_allreduce_floats(pt->grid->data_comm, pt->stage, p, n, pt->timeout_s, err);
 }
 
 static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {

@@ -141,6 +141,10 @@ typedef struct {
     int skipped;        /* the gradient was not finite and the update was skipped */
 } rp_pipe_step_result;
 
+/* Sums n floats of host memory over comm (the data replicas) in place, in
+ * pieces MPI's int counts can address; stage names the caller in errors. */
+rp_status rp_pipe_allreduce_floats(MPI_Comm comm, int stage, float *p, size_t n,
+                                   double timeout_s, rp_error *err);
 /* The global gradient norm from this stage's sum of squares (summed over
  * the stages on pipe_comm); a NaN or inf norm is an error with halt_on_nan,
  * else *skip = 1. Shared by the 1F1B family's and the interleaved executor. */
