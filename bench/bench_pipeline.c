@@ -1,8 +1,9 @@
 /* Pipeline bubble and critical-path efficiency of the executor
  * (src/pipe/pipe_train.c) under MPI: P ranks run P stages (DP = 1); for
- * each schedule (gpipe, 1f1b, zb-h1) at several micro-batch counts M, the
- * step time against the compute every stage did (the measured idle share
- * next to the theory (P-1)/(M+P-1), split into imbalance, update and rest),
+ * each schedule (gpipe, 1f1b, zb-h1, interleaved with v chunks per stage)
+ * at several micro-batch counts M, the step time against the compute every
+ * stage did (the measured idle share next to the theory (P-1)/(M+P-1),
+ * interleaved (P-1)/(v*M+P-1), split into imbalance, update and rest),
  * and from every step's instruction trace its critical path and the
  * efficiency critical path / step span. One markdown table on rank 0; run
  * by hand, results in docs/perf/pipeline.md.
@@ -41,6 +42,7 @@ typedef struct {
     int kinds[RP_SCHEDULE_KIND_COUNT], n_kinds;
     unsigned long long seed;
     int trace_m;  /* print the timeline of one step of the cases with this M (0: none) */
+    int n_virtual;  /* chunks per stage of the interleaved cases */
 } options;
 
 static int world_rank = 0, my_stage = -1; /* -1 until the grid is made */
@@ -56,7 +58,10 @@ static void usage(FILE *out) {
             "  --ctx-len T             tokens per sequence (64)\n"
             "  --micro-batch-seqs S    sequences per micro-batch (4)\n"
             "  --micro-batches LIST    micro-batch counts M (1,2,4,8)\n"
-            "  --schedules LIST        of gpipe,1f1b,zb-h1 (gpipe,1f1b)\n"
+            "  --schedules LIST        of gpipe,1f1b,zb-h1,interleaved (gpipe,1f1b);\n"
+            "                          interleaved runs only the M that are multiples of P\n"
+            "  --virtual-stages V      chunks of layers per stage for interleaved (2); the\n"
+            "                          model's layers are split into P x V chunks\n"
             "  --stage-layers LIST     layers per stage, e.g. 5,3 (balanced partition)\n"
             "  --steps N               timed steps per case (15)\n"
             "  --warmup N              untimed steps per case first (2)\n"
@@ -89,7 +94,8 @@ static int parse_int(const char *text, int lo, int hi, int *out) {
 static int parse_options(int argc, char **argv, options *o, char *msg, size_t msg_size) {
     *o = (options){.model_config = "L8-C128-V256", .ctx_len = 64, .micro_batch_size = 4,
                    .steps = 15, .warmup = 2, .threads = 1, .micro = {1, 2, 4, 8}, .n_micro_counts = 4,
-                   .kinds = {RP_SCHEDULE_GPIPE, RP_SCHEDULE_1F1B}, .n_kinds = 2, .seed = 1};
+                   .kinds = {RP_SCHEDULE_GPIPE, RP_SCHEDULE_1F1B}, .n_kinds = 2, .seed = 1,
+                   .n_virtual = 2};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return 1;
@@ -108,6 +114,8 @@ static int parse_options(int argc, char **argv, options *o, char *msg, size_t ms
         else if (strcmp(a, "--warmup") == 0) ok = parse_int(v, 0, MAX_STEPS, &o->warmup);
         else if (strcmp(a, "--threads") == 0) ok = parse_int(v, 1, 1024, &o->threads);
         else if (strcmp(a, "--trace") == 0) ok = parse_int(v, 1, MAX_STEPS, &o->trace_m);
+        else if (strcmp(a, "--virtual-stages") == 0)
+            ok = parse_int(v, 2, RP_SCHEDULE_MAX_VIRTUAL, &o->n_virtual);
         else if (strcmp(a, "--seed") == 0) {
             char *end;
             o->seed = strtoull(v, &end, 10);
@@ -176,22 +184,23 @@ static void format_per_stage(char *out, size_t size, const double *ms, int P, co
  * (seconds); 0 elsewhere. */
 enum { TRACE_CAP = 1024 };
 static double gather_critical_path(const rp_pipe_trainer *t, int P, double *span) {
-    static double flat[4 * TRACE_CAP];
+    static double flat[5 * TRACE_CAP];
     static double *all;
     static struct rp_pipe_trace_entry *per_stage;
     if (!all && world_rank == 0) {
-        all = malloc(sizeof(double) * 4 * TRACE_CAP * (size_t)P);
+        all = malloc(sizeof(double) * 5 * TRACE_CAP * (size_t)P);
         per_stage = malloc(sizeof *per_stage * TRACE_CAP * (size_t)P);
         if (!all || !per_stage) fatal("cannot allocate the traces", NULL);
     }
     for (int k = 0; k < TRACE_CAP; k++) {
         const int used = k < t->trace_len;
-        flat[4 * k] = used ? t->trace[k].op : -1;
-        flat[4 * k + 1] = used ? t->trace[k].micro_batch : -1;
-        flat[4 * k + 2] = used ? t->trace[k].start_s : 0;
-        flat[4 * k + 3] = used ? t->trace[k].end_s : 0;
+        flat[5 * k] = used ? t->trace[k].op : -1;
+        flat[5 * k + 1] = used ? t->trace[k].micro_batch : -1;
+        flat[5 * k + 2] = used ? t->trace[k].start_s : 0;
+        flat[5 * k + 3] = used ? t->trace[k].end_s : 0;
+        flat[5 * k + 4] = used ? t->trace[k].chunk : 0;
     }
-    MPI_Gather(flat, 4 * TRACE_CAP, MPI_DOUBLE, all, 4 * TRACE_CAP, MPI_DOUBLE, 0,
+    MPI_Gather(flat, 5 * TRACE_CAP, MPI_DOUBLE, all, 5 * TRACE_CAP, MPI_DOUBLE, 0,
                MPI_COMM_WORLD);
     *span = 0;
     if (world_rank != 0) return 0;
@@ -199,11 +208,11 @@ static double gather_critical_path(const rp_pipe_trainer *t, int P, double *span
     int len[RP_GRID_MAX_STAGES];
     for (int s = 0; s < P; s++) {
         struct rp_pipe_trace_entry *e = per_stage + (size_t)s * TRACE_CAP;
-        const double *f = all + (size_t)s * 4 * TRACE_CAP;
+        const double *f = all + (size_t)s * 5 * TRACE_CAP;
         len[s] = 0;
-        for (int k = 0; k < TRACE_CAP && f[4 * k] >= 0; k++, len[s]++)
-            e[k] = (struct rp_pipe_trace_entry){(int)f[4 * k], (int)f[4 * k + 1], f[4 * k + 2],
-                                                f[4 * k + 3]};
+        for (int k = 0; k < TRACE_CAP && f[5 * k] >= 0; k++, len[s]++)
+            e[k] = (struct rp_pipe_trace_entry){(int)f[5 * k], (int)f[5 * k + 1], f[5 * k + 2],
+                                                f[5 * k + 3], (int)f[5 * k + 4]};
         lists[s] = e;
     }
     double cp;
@@ -260,6 +269,31 @@ int main(int argc, char **argv) {
         rp_model_alloc(&adam_m, &cfg, lb, le, has_embed, has_head, be, &err) != RP_OK ||
         rp_model_alloc(&adam_v, &cfg, lb, le, has_embed, has_head, be, &err) != RP_OK)
         fatal("model slice", &err);
+    /* The interleaved cases' model: the same layers in P x V chunks, chunk c
+     * of this stage being model chunk c * P + stage (Megatron's layout). */
+    const int V = o.n_virtual;
+    int interleaved = 0;
+    for (int k = 0; k < o.n_kinds; k++) interleaved |= o.kinds[k] == RP_SCHEDULE_INTERLEAVED;
+    rp_model *chunk_models = NULL;  /* [4][V]: weights, gradients, AdamW m and v */
+    if (interleaved) {
+        if (P < 2) fatal("--schedules interleaved needs 2 or more ranks (stages)", NULL);
+        int *chunk_layers = calloc((size_t)P * V, sizeof(int));
+        chunk_models = calloc(4 * (size_t)V, sizeof *chunk_models);
+        if (!chunk_layers || !chunk_models) fatal("cannot allocate the chunks", NULL);
+        if (rp_partition_balanced(&cfg, P * V, chunk_layers, &err) != RP_OK)
+            fatal("--virtual-stages: the layers in P x V chunks", &err);
+        for (int c = 0; c < V; c++) {
+            int b, e;
+            rp_interleaved_chunk_layers(chunk_layers, P, V, grid.stage, c, &b, &e);
+            for (int k = 0; k < 4; k++)
+                if (rp_model_alloc(&chunk_models[k * V + c], &cfg, b, e, b == 0, e == cfg.n_layer,
+                                   be, &err) != RP_OK)
+                    fatal("interleaved chunk", &err);
+            if (rp_model_init_official(&chunk_models[c], o.seed, &err) != RP_OK)
+                fatal("interleaved chunk", &err);
+        }
+        free(chunk_layers);
+    }
     rp_transport tp_storage, *tp = NULL;
     if (P > 1) {
         if (rp_transport_init(&tp_storage, grid.pipe_comm, 300.0, &err) != RP_OK)
@@ -283,7 +317,12 @@ int main(int argc, char **argv) {
     fill_tokens(inputs, targets, max_m * S, T, cfg.vocab_size, o.seed);
 
     /* rank 0's view of every case: per step, the step time and each stage's busy. */
-    const int n_cases = o.n_kinds * o.n_micro_counts;
+    /* Interleaved runs M a multiple of P only. */
+    int n_cases = 0;
+    for (int ki = 0; ki < o.n_kinds; ki++)
+        for (int mi = 0; mi < o.n_micro_counts; mi++)
+            n_cases += o.kinds[ki] != RP_SCHEDULE_INTERLEAVED || o.micro[mi] % P == 0;
+    if (n_cases == 0) fatal("no case to run (interleaved needs M a multiple of P)", NULL);
     double *step_s = malloc(sizeof(double) * (size_t)n_cases * o.steps);
     double *busy_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
     double *update_s = malloc(sizeof(double) * (size_t)n_cases * o.steps * P);
@@ -330,13 +369,21 @@ int main(int argc, char **argv) {
     if (!trainers || !case_m || !case_kind || !ticks)
         fatal("cannot allocate the cases", NULL);
     for (int ki = 0, c = 0; ki < o.n_kinds; ki++)
-        for (int mi = 0; mi < o.n_micro_counts; mi++, c++) {
+        for (int mi = 0; mi < o.n_micro_counts; mi++) {
+            if (o.kinds[ki] == RP_SCHEDULE_INTERLEAVED && o.micro[mi] % P) continue;
             case_m[c] = o.micro[mi];
             case_kind[c] = o.kinds[ki];
-            if (rp_pipe_trainer_init(&trainers[c], &model, &grads, &adam_m, &adam_v, &grid, tp,
-                                     (rp_schedule_kind)case_kind[c], case_m[c], S, T, &err) !=
-                RP_OK)
-                fatal("pipeline trainer", &err);
+            rp_status st =
+                case_kind[c] == RP_SCHEDULE_INTERLEAVED
+                    ? rp_pipe_trainer_init_interleaved(&trainers[c], chunk_models,
+                                                       chunk_models + V, chunk_models + 2 * V,
+                                                       chunk_models + 3 * V, V, &grid, tp,
+                                                       case_m[c], S, T, &err)
+                    : rp_pipe_trainer_init(&trainers[c], &model, &grads, &adam_m, &adam_v, &grid,
+                                           tp, (rp_schedule_kind)case_kind[c], case_m[c], S, T,
+                                           &err);
+            if (st != RP_OK) fatal("pipeline trainer", &err);
+            c++;
             trainers[c].trace = calloc(TRACE_CAP, sizeof *trainers[c].trace);
             trainers[c].trace_cap = TRACE_CAP;
             if (!trainers[c].trace) fatal("cannot allocate the trace", NULL);
@@ -402,7 +449,9 @@ int main(int argc, char **argv) {
                "the timed steps.\n\n"
                "- **bubble** = 1 - sum_s busy_s / (P x step): the share of the stages' time "
                "spent idle, the issue's measure; **theory** = (P-1)/(M+P-1); **diff** = bubble "
-               "- theory, percentage points, goal within 3\n"
+               "- theory, percentage points, goal within 3 (interleaved with v chunks per "
+               "stage: M reads v x M in theory and pipe_f below, each of its micro-batch "
+               "passes being a chunk's)\n"
                "- diff = **imbalance** + **update** + **rest**, from the step a pipeline of "
                "these stages would take: with f_s = busy_s - update_s, pipe_f = sum_s f_s / M + "
                "(M-1) x max_s f_s / M (fill and drain pass every stage once, the steady state "
@@ -442,7 +491,8 @@ int main(int argc, char **argv) {
         double *col = malloc(sizeof(double) * (size_t)o.steps);
         if (!stage_s || !stage_u || !col) fatal("cannot allocate the results", NULL);
         for (int c = 0; c < n_cases; c++) {
-            const int M = case_m[c];
+            const int il = case_kind[c] == RP_SCHEDULE_INTERLEAVED;
+            const int M = case_m[c] * (il ? V : 1);
             double sum = 0, sum_f = 0, max_f = 0, max_u = 0;
             for (int s = 0; s < P; s++) {
                 for (int i = 0; i < o.steps; i++)
@@ -474,7 +524,7 @@ int main(int argc, char **argv) {
                 ums[s] = 1e3 * stage_u[s];
             }
             char cells[16][96];
-            snprintf(cells[0], 96, "%d", M);
+            snprintf(cells[0], 96, "%d", case_m[c]);
             snprintf(cells[1], 96, "%.1f", 1e3 * step_median);
             format_per_stage(cells[2], 96, ms, P, "%.1f");
             format_per_stage(cells[3], 96, ums, P, "%.1f");
@@ -505,8 +555,10 @@ int main(int argc, char **argv) {
                      eff_median >= 0.97 ? "✓" : "✗");
             const char *row[16];
             for (int k = 0; k < 16; k++) row[k] = cells[k];
-            bench_table_row(stdout, rp_schedule_kind_name((rp_schedule_kind)case_kind[c]),
-                            row, 16);
+            char name[64];
+            snprintf(name, sizeof name, il ? "%s v=%d" : "%s",
+                     rp_schedule_kind_name((rp_schedule_kind)case_kind[c]), V);
+            bench_table_row(stdout, name, row, 16);
         }
         free(stage_u);
         free(stage_fwd);
@@ -516,8 +568,8 @@ int main(int argc, char **argv) {
     for (int c = 0; c < n_cases && o.trace_m; c++) {
         if (case_m[c] != o.trace_m) continue;
         struct rp_pipe_trace_entry *tr = trainers[c].trace;
-        double *flat = malloc(sizeof(double) * 4 * TRACE_CAP);
-        double *all = root ? malloc(sizeof(double) * 4 * TRACE_CAP * (size_t)P) : NULL;
+        double *flat = malloc(sizeof(double) * 5 * TRACE_CAP);
+        double *all = root ? malloc(sizeof(double) * 5 * TRACE_CAP * (size_t)P) : NULL;
         if (!tr || !flat || (root && !all)) fatal("cannot allocate the trace", NULL);
         const float loss_scale = 1.0f / ((float)case_m[c] * R);
         MPI_Barrier(MPI_COMM_WORLD);
@@ -528,12 +580,13 @@ int main(int argc, char **argv) {
             fatal("traced step", &err);
         for (int k = 0; k < TRACE_CAP; k++) {
             const int used = k < trainers[c].trace_len;
-            flat[4 * k] = used ? tr[k].op : -1;
-            flat[4 * k + 1] = used ? tr[k].micro_batch : -1;
-            flat[4 * k + 2] = used ? 1e3 * (tr[k].start_s - t0) : 0;
-            flat[4 * k + 3] = used ? 1e3 * (tr[k].end_s - t0) : 0;
+            flat[5 * k] = used ? tr[k].op : -1;
+            flat[5 * k + 1] = used ? tr[k].micro_batch : -1;
+            flat[5 * k + 2] = used ? 1e3 * (tr[k].start_s - t0) : 0;
+            flat[5 * k + 3] = used ? 1e3 * (tr[k].end_s - t0) : 0;
+            flat[5 * k + 4] = used ? tr[k].chunk : 0;
         }
-        MPI_Gather(flat, 4 * TRACE_CAP, MPI_DOUBLE, all, 4 * TRACE_CAP, MPI_DOUBLE, 0,
+        MPI_Gather(flat, 5 * TRACE_CAP, MPI_DOUBLE, all, 5 * TRACE_CAP, MPI_DOUBLE, 0,
                    MPI_COMM_WORLD);
         if (root) {
             printf("\n### timeline of one %s step, M = %d (ms from the barrier; instructions "
@@ -542,12 +595,15 @@ int main(int argc, char **argv) {
             for (int st = 0; st < P; st++) {
                 printf("- stage %d:", st);
                 for (int k = 0; k < TRACE_CAP; k++) {
-                    const double *e = all + (size_t)st * 4 * TRACE_CAP + 4 * k;
+                    const double *e = all + (size_t)st * 5 * TRACE_CAP + 5 * k;
                     if (e[0] < 0) break;
                     if (e[3] - e[2] < 0.05) continue;
                     const int op = (int)e[0];
-                    printf(" %s%s%.0f %.1f-%.1f", k ? "," : "",
-                           rp_pipe_opcode_name((rp_pipe_opcode)op), e[1], e[2], e[3]);
+                    char chunk[16] = "";  /* interleaved: ".c", the stage's chunk */
+                    if (case_kind[c] == RP_SCHEDULE_INTERLEAVED)
+                        snprintf(chunk, sizeof chunk, ".%.0f", e[4]);
+                    printf(" %s%s%.0f%s %.1f-%.1f", k ? "," : "",
+                           rp_pipe_opcode_name((rp_pipe_opcode)op), e[1], chunk, e[2], e[3]);
                 }
                 printf("\n");
             }
@@ -578,6 +634,8 @@ int main(int argc, char **argv) {
     rp_model_free(&grads);
     rp_model_free(&adam_m);
     rp_model_free(&adam_v);
+    for (int k = 0; chunk_models && k < 4 * V; k++) rp_model_free(&chunk_models[k]);
+    free(chunk_models);
     rp_cpu_backend_destroy(be);
     rp_grid_free(&grid);
     free(layers);

@@ -17,7 +17,7 @@
 #include "model/init.h"
 #include "model/lora.h"
 #include "pipe/grid.h"
-#include "pipe/pipe_interleaved.h"
+#include "pipe/pipe_train.h"
 #include "train/checkpoint.h"
 #include "train/tokenize.h"
 #include "train/trainer.h"

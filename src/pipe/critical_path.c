@@ -7,10 +7,20 @@
 #include <stdlib.h>
 
 /* The SEND on the neighbour that a RECV waits for, or -1. */
-static int find_send(const struct rp_pipe_trace_entry *t, int n, int op, int m) {
+static int find_send(const struct rp_pipe_trace_entry *t, int n, int op, int m, int chunk) {
     for (int i = 0; i < n; i++)
-        if (t[i].op == op && t[i].micro_batch == m) return i;
+        if (t[i].op == op && t[i].micro_batch == m && t[i].chunk == chunk) return i;
     return -1;
+}
+
+/* The stage and chunk whose SEND a RECV on (s, chunk) waits for: the
+ * previous model chunk for activations, the next one for gradients; model
+ * chunk c * P + s wraps from the last stage to stage 0 (interleaved), and
+ * past either end of the model there is none (*from = -1). */
+static void sender_of(int op, int s, int chunk, int n_stages, int *from, int *from_chunk) {
+    const int k = chunk * n_stages + s + (op == RP_OP_RECV_GRAD ? 1 : -1);
+    *from = k < 0 ? -1 : k % n_stages;
+    *from_chunk = k < 0 ? -1 : k / n_stages;
 }
 
 static int find_op(const struct rp_pipe_trace_entry *t, int n, int op) {
@@ -58,20 +68,23 @@ rp_status rp_pipe_critical_path(const struct rp_pipe_trace_entry *const *trace, 
                 double work_from = e->start_s;  /* the weight is end - work_from */
                 if (e->op == RP_OP_RECV_ACT || e->op == RP_OP_RECV_GRAD ||
                     e->op == RP_OP_RECV_RECOMP) {
-                    const int from = e->op == RP_OP_RECV_GRAD ? s + 1 : s - 1;
+                    int from, from_chunk;
+                    sender_of(e->op, s, e->chunk, n_stages, &from, &from_chunk);
                     const int send_op = e->op == RP_OP_RECV_ACT      ? RP_OP_SEND_ACT
                                         : e->op == RP_OP_RECV_RECOMP ? RP_OP_SEND_RECOMP
                                                                      : RP_OP_SEND_GRAD;
                     const int j = from >= 0 && from < n_stages
-                                      ? find_send(trace[from], len[from], send_op, e->micro_batch)
+                                      ? find_send(trace[from], len[from], send_op,
+                                                  e->micro_batch, from_chunk)
                                       : -1;
                     if (j < 0) {
                         st = rp_error_set(err, RP_ERR_ARG,
-                                          "trace: stage %d, #%d %s of micro-batch %d has no "
-                                          "matching %s on stage %d", s, i,
+                                          "trace: stage %d, #%d %s of micro-batch %d chunk %d "
+                                          "has no matching %s on stage %d chunk %d", s, i,
                                           rp_pipe_opcode_name((rp_pipe_opcode)e->op),
-                                          e->micro_batch,
-                                          rp_pipe_opcode_name((rp_pipe_opcode)send_op), from);
+                                          e->micro_batch, e->chunk,
+                                          rp_pipe_opcode_name((rp_pipe_opcode)send_op), from,
+                                          from_chunk);
                         goto done;
                     }
                     if (pc[from] <= j) break;  /* the send is not on a path yet */

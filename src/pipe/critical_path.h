@@ -2,7 +2,10 @@
  * step on every stage with its measured start and end; the critical path is
  * the longest path through the schedule's dependency graph (program order on
  * each stage, SEND -> RECV between neighbours, the stages' OPT_STEP
- * all-reduce), each instruction weighted by its measured work. */
+ * all-reduce), each instruction weighted by its measured work. Interleaved
+ * traces: chunk c's RECV_ACT on stage s waits for chunk c's SEND_ACT on
+ * stage s-1, on stage 0 for chunk c-1's on the last stage; RECV_GRAD the
+ * reverse (chunk c's on stage s+1, on the last stage chunk c+1's on stage 0). */
 #ifndef RP_PIPE_CRITICAL_PATH_H
 #define RP_PIPE_CRITICAL_PATH_H
 
@@ -10,10 +13,12 @@
 
 /* One executed instruction: opcode (rp_pipe_opcode), micro-batch (-1 for
  * REDUCE_GRADS / OPT_STEP), start and end in seconds on a clock every stage
- * shares (CLOCK_MONOTONIC of one host). */
+ * shares (CLOCK_MONOTONIC of one host), and the stage's chunk it ran on
+ * (interleaved; 0 for the other schedules). */
 struct rp_pipe_trace_entry {
     int op, micro_batch;
     double start_s, end_s;
+    int chunk;
 };
 
 /* Weights, so that waiting is never counted as work: a RECV weighs only

@@ -33,7 +33,9 @@ static size_t largest_buffer(const rp_model *g) {
  * gradient buffer. */
 static rp_status alloc_zero_scratch(rp_pipe_trainer *pt, rp_error *err) {
     if (pt->zero_scratch) return RP_OK;
-    const size_t most = largest_buffer(pt->grads);
+    size_t most = 0;
+    for (int c = 0; c < pt->n_virtual; c++)
+        if (largest_buffer(&pt->grads[c]) > most) most = largest_buffer(&pt->grads[c]);
     /* DP pieces of the largest range (n / DP rounded up): up to most + DP. */
     pt->zero_scratch = malloc(sizeof(float) * (most + (size_t)pt->dp + 1));
     if (!pt->zero_scratch)
@@ -59,13 +61,88 @@ rp_status rp_pipe_trainer_use_zero(rp_pipe_trainer *pt, rp_zero_shard *z, rp_err
     return RP_OK;
 }
 
+void rp_interleaved_chunk_layers(const int *layers, int n_stages, int n_virtual, int stage,
+                                 int chunk, int *begin, int *end) {
+    const int k = chunk * n_stages + stage;
+    int b = 0;
+    for (int i = 0; i < k && i < n_stages * n_virtual; i++) b += layers[i];
+    *begin = b;
+    *end = b + layers[k];
+}
+
+/* What a stash slot must hold to serve any of the stage's chunks: the most
+ * layers of any chunk (a slot's activations are indexed from the running
+ * chunk's first layer), the embedding's and the head's buffers if a chunk
+ * has them. Only the shape is read (rp_backward_workspace_alloc). */
+static rp_model slot_shape(const rp_model *models, int n_virtual) {
+    rp_model shape = models[0];
+    int most = 0;
+    for (int c = 0; c < n_virtual; c++) {
+        const int n = models[c].layer_end - models[c].layer_begin;
+        if (n > most) most = n;
+        shape.has_embed |= models[c].has_embed;
+        shape.has_head |= models[c].has_head;
+    }
+    if (n_virtual > 1) {
+        shape.layer_begin = 0;
+        shape.layer_end = most;
+    }
+    return shape;
+}
+
+/* The recurrent state's geometry for chunk c (its data, sized for the
+ * largest chunk, stays): a FWD starts it from zero, a BWD its gradient, so
+ * nothing of one chunk's is read by another's. */
+static void use_chunk_state(rp_pipe_trainer *pt, int c) {
+    const rp_model *m = &pt->model[c];
+    if (pt->n_virtual == 1) return;
+    rp_state_geometry(&pt->state, &m->cfg, m->layer_begin, m->layer_end, pt->micro_batch_size);
+    rp_state_geometry(&pt->dstate, &m->cfg, m->layer_begin, m->layer_end, pt->micro_batch_size);
+}
+
+static rp_status trainer_init(rp_pipe_trainer *pt, rp_model *models, rp_model *grads,
+                              rp_model *adam_m, rp_model *adam_v, int n_virtual,
+                              const rp_grid *grid, rp_transport *tp, rp_schedule_kind kind,
+                              int n_micro, int micro_batch_size, int ctx_len, int n_chunks,
+                              int tbptt, rp_error *err);
+
 rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
                                            rp_model *grads, rp_model *adam_m, rp_model *adam_v,
                                            const rp_grid *grid, rp_transport *tp,
                                            rp_schedule_kind kind, int n_micro,
                                            int micro_batch_size, int ctx_len, int n_chunks,
                                            int tbptt, rp_error *err) {
+    return trainer_init(pt, model, grads, adam_m, adam_v, 1, grid, tp, kind, n_micro,
+                        micro_batch_size, ctx_len, n_chunks, tbptt, err);
+}
+
+rp_status rp_pipe_trainer_init_interleaved(rp_pipe_trainer *pt, rp_model *models,
+                                           rp_model *grads, rp_model *adam_m, rp_model *adam_v,
+                                           int n_virtual, const rp_grid *grid, rp_transport *tp,
+                                           int n_micro, int micro_batch_size, int ctx_len,
+                                           rp_error *err) {
     memset(pt, 0, sizeof *pt);
+    if (n_virtual < 2)
+        return rp_error_set(err, RP_ERR_INTERNAL, "interleaved executor with %d chunks",
+                            n_virtual);
+    if (!models[0].be->is_host_memory)
+        return rp_error_set(err, RP_ERR_ARG, "--pp-schedule interleaved runs on host memory "
+                            "only (the CPU backend); the %s backend's is device memory: use "
+                            "1f1b or zb-h1 there", models[0].be->name);
+    if (!grid || grid->pp < 2 || !tp)
+        return rp_error_set(err, RP_ERR_ARG, "--pp-schedule interleaved needs --pp 2 or more "
+                            "(it interleaves chunks across stages)");
+    return trainer_init(pt, models, grads, adam_m, adam_v, n_virtual, grid, tp,
+                        RP_SCHEDULE_INTERLEAVED, n_micro, micro_batch_size, ctx_len, 1, 0, err);
+}
+
+static rp_status trainer_init(rp_pipe_trainer *pt, rp_model *model, rp_model *grads,
+                              rp_model *adam_m, rp_model *adam_v, int n_virtual,
+                              const rp_grid *grid, rp_transport *tp, rp_schedule_kind kind,
+                              int n_micro, int micro_batch_size, int ctx_len, int n_chunks,
+                              int tbptt, rp_error *err) {
+    memset(pt, 0, sizeof *pt);
+    pt->n_virtual = n_virtual;
     pt->n_chunks = n_chunks;
     pt->tbptt = tbptt;
     rp_backend *be = model->be;
@@ -91,13 +168,18 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
         return rp_error_set(err, RP_ERR_INTERNAL, "stage %d: the transport moves host memory but "
                             "the %s backend's buffers are device memory "
                             "(rp_transport_use_backend)", pt->stage, be->name);
-    rp_status st = n_chunks > 1 ? rp_schedule_build_time_chunks(&pt->sched, pt->n_stages,
-                                                                n_micro, n_chunks, err)
-                                : rp_schedule_build(&pt->sched, kind, pt->n_stages, n_micro, err);
+    rp_status st = n_virtual > 1 ? rp_schedule_build_interleaved(&pt->sched, pt->n_stages,
+                                                                 n_micro, n_virtual, err)
+                   : n_chunks > 1 ? rp_schedule_build_time_chunks(&pt->sched, pt->n_stages,
+                                                                  n_micro, n_chunks, err)
+                                  : rp_schedule_build(&pt->sched, kind, pt->n_stages, n_micro,
+                                                      err);
     if (st != RP_OK) return st;
     const int R = micro_batch_size * ctx_len, C = model->cfg.n_embd;
     /* Time chunks: a slot per chunk between its RECOMP and its BWD,
-     * min(K, P - s) of them whatever the sequence length. */
+     * min(K, P - s) of them whatever the sequence length. Interleaved: the
+     * peak of (micro-batch, chunk) pairs between FWD and BWD, one pool for
+     * every chunk (the schedule hands the slots out from one free list). */
     pt->n_stash = pt->sched.n_buffers[pt->stage];
     pt->stash = calloc((size_t)pt->n_stash, sizeof *pt->stash);
     pt->pending = calloc((size_t)pt->n_stash, sizeof *pt->pending);
@@ -105,21 +187,25 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
     pt->slot = malloc(sizeof(int) * (size_t)micro_batch_size);
     pt->row_begin = malloc(sizeof(int) * (size_t)micro_batch_size);
     /* Only where something arrives: activations from a previous stage,
-     * gradients from a next one. */
+     * gradients from a next one (interleaved: on every stage, the pipe
+     * wraps from the last stage to stage 0 between chunks). */
     const size_t landing_bytes = sizeof(float) * 2 * (size_t)R * C;
-    if (pt->stage > 0) pt->recv_act = be->alloc(be, landing_bytes);
-    if (pt->stage < pt->n_stages - 1) pt->recv_grad = be->alloc(be, landing_bytes);
+    const int gets_act = pt->stage > 0 || n_virtual > 1;
+    const int gets_grad = pt->stage < pt->n_stages - 1 || n_virtual > 1;
+    if (gets_act) pt->recv_act = be->alloc(be, landing_bytes);
+    if (gets_grad) pt->recv_grad = be->alloc(be, landing_bytes);
     if (!pt->stash || !pt->pending || !pt->seq_len || !pt->slot || !pt->row_begin ||
-        (pt->stage > 0 && !pt->recv_act) || (pt->stage < pt->n_stages - 1 && !pt->recv_grad)) {
+        (gets_act && !pt->recv_act) || (gets_grad && !pt->recv_grad)) {
         rp_pipe_trainer_free(pt);
         return rp_error_set(err, RP_ERR_NOMEM, "pipeline buffers for %d micro-batches", n_micro);
     }
     /* Slot 0 owns the scratch and head buffers; the others keep only what
      * a micro-batch needs between its forward and its backward. */
+    const rp_model shape = slot_shape(model, n_virtual);
     for (int i = 0; i < pt->n_stash; i++)
-        if ((st = i == 0 ? rp_backward_workspace_alloc(&pt->stash[0], model, R, micro_batch_size,
-                                                       err)
-                         : rp_backward_workspace_alloc_stash(&pt->stash[i], model, R,
+        if ((st = i == 0 ? rp_backward_workspace_alloc(&pt->stash[0], &shape, R,
+                                                       micro_batch_size, err)
+                         : rp_backward_workspace_alloc_stash(&pt->stash[i], &shape, R,
                                                              micro_batch_size,
                                                              &pt->stash[0], err)) != RP_OK) {
             rp_pipe_trainer_free(pt);
@@ -137,12 +223,12 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
                                 "stash slots (%zu floats each)", pt->n_stash, floats);
         }
     }
-    rp_state_geometry(&pt->state, &model->cfg, model->layer_begin, model->layer_end,
+    rp_state_geometry(&pt->state, &shape.cfg, shape.layer_begin, shape.layer_end,
                       micro_batch_size);
-    rp_state_geometry(&pt->dstate, &model->cfg, model->layer_begin, model->layer_end,
+    rp_state_geometry(&pt->dstate, &shape.cfg, shape.layer_begin, shape.layer_end,
                       micro_batch_size);
-    const size_t state_bytes =
-        pt->state.floats_per_slot * (size_t)micro_batch_size * sizeof(float);
+    size_t state_bytes = pt->state.floats_per_slot * (size_t)micro_batch_size * sizeof(float);
+    if (n_virtual > 1 && state_bytes == 0) state_bytes = sizeof(float);  /* chunks of no layers */
     pt->state.data = be->alloc(be, state_bytes);
     pt->dstate.data = be->alloc(be, state_bytes);
     if (n_chunks > 1) {
@@ -288,6 +374,18 @@ static int next_op(const rp_pipe_instr *list, int n, int i, rp_pipe_opcode op) {
     return -1;
 }
 
+/* The message id of micro-batch mb arriving at model chunk k: the
+ * micro-batch itself with one chunk per stage; interleaved, chunk k's
+ * activations and its output gradient differ from every other chunk's. */
+static int msg_id(const rp_pipe_trainer *pt, int k, int mb) {
+    return pt->n_virtual > 1 ? k * pt->n_micro + mb : mb;
+}
+
+/* What a landing buffer holds: (chunk, micro-batch) as one number. */
+static int pair_of(const rp_pipe_trainer *pt, const rp_pipe_instr *in) {
+    return in->chunk * pt->n_micro + in->micro_batch;
+}
+
 /* Posts the receive (x and v_first) of the micro-batch a RECV instruction
  * names; inside a transport group when the caller opened one. A time
  * chunk's recomputed activations (RECV_RECOMP) travel as activations, with
@@ -299,17 +397,17 @@ static rp_status post_recv(rp_pipe_trainer *pt, const rp_pipe_instr *in, rp_erro
     const int is_act = in->op != RP_OP_RECV_GRAD, recomp = in->op == RP_OP_RECV_RECOMP;
     float *buf = recomp ? pt->recv_recomp : is_act ? pt->recv_act : pt->recv_grad;
     rp_transfer *x = recomp ? pt->recomp_in : is_act ? pt->act_in : pt->grad_in;
-    const int peer = pt->stage + (is_act ? -1 : 1);
+    const int P = pt->n_stages, peer = (pt->stage + (is_act ? P - 1 : 1)) % P;
+    const int id = msg_id(pt, in->chunk * P + pt->stage, in->micro_batch);
     rp_status st = rp_transport_post_recv(pt->tp, buf, rc * sizeof(float), peer,
-                                          is_act ? RP_MSG_ACT : RP_MSG_GRAD, in->micro_batch,
-                                          &x[0], err);
+                                          is_act ? RP_MSG_ACT : RP_MSG_GRAD, id, &x[0], err);
     if (st == RP_OK)
         st = rp_transport_post_recv(pt->tp, buf + rc, rc * sizeof(float), peer,
-                                    is_act ? RP_MSG_ACT_VFIRST : RP_MSG_GRAD_VFIRST,
-                                    in->micro_batch, &x[1], err);
+                                    is_act ? RP_MSG_ACT_VFIRST : RP_MSG_GRAD_VFIRST, id, &x[1],
+                                    err);
     if (recomp) pt->recomp_in_mb = in->micro_batch;
-    else if (is_act) pt->act_in_mb = in->micro_batch;
-    else pt->grad_in_mb = in->micro_batch;
+    else if (is_act) pt->act_in_mb = pair_of(pt, in);
+    else pt->grad_in_mb = pair_of(pt, in);
     return st;
 }
 
@@ -331,15 +429,15 @@ static rp_status post_send(rp_pipe_trainer *pt, const rp_pipe_instr *in,
     const int is_act = in->op != RP_OP_SEND_GRAD;  /* SEND_ACT, SEND_RECOMP */
     rp_backward_workspace *tw = &pt->stash[in->buffer];
     rp_transfer *x = &pt->pending[in->buffer][is_act ? 0 : 2];
-    const int peer = pt->stage + (is_act ? 1 : -1);
+    const int P = pt->n_stages, peer = (pt->stage + (is_act ? 1 : P - 1)) % P;
+    const int id = msg_id(pt, in->chunk * P + pt->stage + (is_act ? 1 : -1), in->micro_batch);
     rp_transport_group_begin(pt->tp);
     rp_status st = rp_transport_post_send(pt->tp, is_act ? tw->x : tw->dx, rc_bytes, peer,
-                                          is_act ? RP_MSG_ACT : RP_MSG_GRAD, in->micro_batch,
-                                          &x[0], err);
+                                          is_act ? RP_MSG_ACT : RP_MSG_GRAD, id, &x[0], err);
     if (st == RP_OK)
         st = rp_transport_post_send(pt->tp, is_act ? tw->v_first : tw->dv_first, rc_bytes, peer,
-                                    is_act ? RP_MSG_ACT_VFIRST : RP_MSG_GRAD_VFIRST,
-                                    in->micro_batch, &x[1], err);
+                                    is_act ? RP_MSG_ACT_VFIRST : RP_MSG_GRAD_VFIRST, id, &x[1],
+                                    err);
     if (st == RP_OK && exchange) st = post_recv(pt, exchange, err);
     rp_status end = rp_transport_group_end(pt->tp, st == RP_OK ? err : NULL);
     return st != RP_OK ? st : end;
@@ -405,9 +503,7 @@ static rp_status allreduce_host(rp_pipe_trainer *pt, float *p, size_t n, rp_erro
     return rp_pipe_allreduce_floats(pt->grid->data_comm, pt->stage, p, n, pt->timeout_s, err);
 }
 
-static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
-    if (pt->dp <= 1) return RP_OK;
-    rp_model *g = pt->grads;
+static rp_status reduce_chunk_grads(rp_pipe_trainer *pt, rp_model *g, rp_error *err) {
     rp_backend *be = pt->model->be;
     float *bufs[3] = {g->embed_flat, g->head_flat, NULL};
     size_t sizes[3] = {g->embed_floats, g->head_floats, 0};
@@ -446,6 +542,14 @@ static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
     return be->status(be, err);
 }
 
+/* Every chunk's gradients summed over the data replicas, in chunk order. */
+static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
+    rp_status st = RP_OK;
+    for (int c = 0; c < pt->n_virtual && st == RP_OK && pt->dp > 1; c++)
+        st = reduce_chunk_grads(pt, &pt->grads[c], err);
+    return st;
+}
+
 /* --zero 1: every replica's updated ranges to every replica. */
 static rp_status allgather_weights(rp_pipe_trainer *pt, rp_error *err) {
     if (pt->dp <= 1) return RP_OK;
@@ -465,7 +569,7 @@ static rp_status allgather_weights(rp_pipe_trainer *pt, rp_error *err) {
 static void zero_grads(rp_pipe_trainer *pt) {
     rp_backend *be = pt->model->be;
     const double t0 = rp_now_seconds();
-    rp_model_zero(pt->grads);
+    for (int c = 0; c < pt->n_virtual; c++) rp_model_zero(&pt->grads[c]);
     be->synchronize(be);
     pt->update_seconds += rp_now_seconds() - t0;
 }
@@ -623,7 +727,9 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
      * path of its forwards (the last stage's FWD accumulates the head's, and
      * a lone stage has no receive: they zero now). */
     if (pt->tune_state) memset(pt->tuned_grad, 0, pt->tuned_floats * sizeof(float));
-    int zero_pending = next_op(list, n, -1, RP_OP_RECV_GRAD) >= 0 && !m->has_head;
+    /* (Interleaved: the head's chunk runs before the first receive.) */
+    int zero_pending = next_op(list, n, -1, RP_OP_RECV_GRAD) >= 0 && !m->has_head &&
+                       pt->n_virtual == 1;
     if (!zero_pending) zero_grads(pt);
     /* The first receive of each kind is posted before any compute. */
     int j;
@@ -640,8 +746,11 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         const rp_pipe_instr *in = &list[i];
         const int mb = in->micro_batch;
         rp_backward_workspace *tw = in->buffer >= 0 ? &pt->stash[in->buffer] : NULL;
+        /* The instruction's chunk: its layers, gradients and state. */
+        rp_model *cm = &m[in->chunk], *cg = &pt->grads[in->chunk];
         if (pt->trace && pt->trace_len < pt->trace_cap)
-            pt->trace[pt->trace_len] = (struct rp_pipe_trace_entry){in->op, mb, rp_now_seconds(), 0};
+            pt->trace[pt->trace_len] =
+                (struct rp_pipe_trace_entry){in->op, mb, rp_now_seconds(), 0, in->chunk};
         switch (in->op) {
         case RP_OP_RECV_ACT:
         case RP_OP_RECV_GRAD: {
@@ -651,10 +760,10 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 zero_grads(pt);
                 zero_pending = 0;
             }
-            if ((is_act ? pt->act_in_mb : pt->grad_in_mb) != mb) {
+            if ((is_act ? pt->act_in_mb : pt->grad_in_mb) != pair_of(pt, in)) {
                 if (!grouped) {
                     st = rp_error_set(err, RP_ERR_INTERNAL, "stage %d: receive of micro-batch "
-                                      "%d was not posted", pt->stage, mb);
+                                      "%d chunk %d was not posted", pt->stage, mb, in->chunk);
                     break;
                 }
                 if ((st = post_recv_group(pt, in, err)) != RP_OK) break;
@@ -676,9 +785,10 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
         }
         case RP_OP_FWD: {
             /* The last stage's forward also writes dx (the head's backward). */
-            if ((st = wait_pending(pt, in->buffer, m->has_head ? PENDING_ALL : PENDING_ACT,
+            if ((st = wait_pending(pt, in->buffer, cm->has_head ? PENDING_ALL : PENDING_ACT,
                                    err)) != RP_OK)
                 break;
+            use_chunk_state(pt, in->chunk);
             const double t0 = rp_now_seconds();
             if (chunked) {
                 st = chunk_forward(pt, tw, inputs, mb, 1, err);
@@ -691,16 +801,16 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 break;
             }
             start_state(pt);
-            if (m->has_embed &&
-                (st = rp_backward_embed_forward(m, tw, inputs + (size_t)mb * R, &pt->batch, err)) !=
-                    RP_OK)
+            if (cm->has_embed &&
+                (st = rp_backward_embed_forward(cm, tw, inputs + (size_t)mb * R, &pt->batch,
+                                                err)) != RP_OK)
                 break;
-            for (int l = m->layer_begin; l < m->layer_end; l++)
-                rp_backward_block_forward(m, tw, l, &pt->state, &pt->batch);
-            if (m->has_head) {
+            for (int l = cm->layer_begin; l < cm->layer_end; l++)
+                rp_backward_block_forward(cm, tw, l, &pt->state, &pt->batch);
+            if (cm->has_head) {
                 /* The head's backward right away (one fused op): only d x
                  * is kept until this micro-batch's BWD, never its logits. */
-                local_loss += rp_backward_head(m, pt->grads, tw, targets + (size_t)mb * R,
+                local_loss += rp_backward_head(cm, cg, tw, targets + (size_t)mb * R,
                                                &pt->batch, loss_scale, l2wrap_factor);
             }
             be->synchronize(be);
@@ -708,7 +818,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             pt->busy_seconds += dt;
             pt->fwd_seconds += dt;
             if ((st = be->status(be, err)) != RP_OK)
-                rp_error_prefix(err, "stage %d: forward of micro-batch %d", pt->stage, mb);
+                rp_error_prefix(err, "stage %d chunk %d: forward of micro-batch %d", pt->stage,
+                                in->chunk, mb);
             break;
         }
         case RP_OP_SEND_ACT:
@@ -731,6 +842,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                                   "buffers", pt->stage);
                 break;
             }
+            use_chunk_state(pt, in->chunk);
             const double t0 = rp_now_seconds();
             /* Time chunks: the chunk's RECOMP left its activations in tw.
              * Each sequence ends with the micro-batch: d(final state) = 0.
@@ -739,21 +851,22 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
              * --tbptt truncates it. */
             if (!chunked || pt->tbptt || mb % pt->n_chunks == pt->n_chunks - 1)
                 be->fill_zero(be, pt->dstate.data, state_bytes);
-            for (int l = m->layer_end - 1; l >= m->layer_begin; l--) {
+            for (int l = cm->layer_end - 1; l >= cm->layer_begin; l--) {
                 if (in->op == RP_OP_BWD_B)
-                    rp_backward_block_backward_b(m, pt->grads, tw, l, &pt->dstate, &pt->batch,
+                    rp_backward_block_backward_b(cm, cg, tw, l, &pt->dstate, &pt->batch,
                                                  wsave_of(pt, in->buffer, l));
                 else
-                    rp_backward_block_backward(m, pt->grads, tw, l, &pt->dstate, &pt->batch);
+                    rp_backward_block_backward(cm, cg, tw, l, &pt->dstate, &pt->batch);
             }
             if (pt->tune_state && (!chunked || mb % pt->n_chunks == 0))
                 accumulate_tuned_grad(pt);
-            if (m->has_embed)
-                rp_backward_embed_backward(m, pt->grads, tw, inputs + (size_t)mb * R, &pt->batch);
+            if (cm->has_embed)
+                rp_backward_embed_backward(cm, cg, tw, inputs + (size_t)mb * R, &pt->batch);
             be->synchronize(be);
             pt->busy_seconds += rp_now_seconds() - t0;
             if ((st = be->status(be, err)) != RP_OK)
-                rp_error_prefix(err, "stage %d: backward of micro-batch %d", pt->stage, mb);
+                rp_error_prefix(err, "stage %d chunk %d: backward of micro-batch %d", pt->stage,
+                                in->chunk, mb);
             break;
         }
         case RP_OP_BWD_W: {
@@ -789,12 +902,16 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             else if (pt->tune_state)
                 for (size_t k = 0; k < pt->tuned_floats; k++)
                     sumsq += (double)pt->tuned_grad[k] * pt->tuned_grad[k];
-            else if (pt->dp == 1)
-                sumsq = rp_grad_sum_squares(pt->grads);
-            else if (!pt->zero)
-                /* The replicas' ranges in replica order, as --zero 1 adds them. */
-                for (int d = 0; d < pt->dp; d++)
-                    sumsq += rp_zero_partial_sum_squares(pt->grads, pt->dp, d);
+            else if (pt->dp == 1 || !pt->zero)
+                /* Chunk by chunk; over replicas the replicas' ranges in
+                 * replica order, as --zero 1 adds them. */
+                for (int c = 0; c < pt->n_virtual; c++) {
+                    if (pt->dp == 1)
+                        sumsq += rp_grad_sum_squares(&pt->grads[c]);
+                    else
+                        for (int d = 0; d < pt->dp; d++)
+                            sumsq += rp_zero_partial_sum_squares(&pt->grads[c], pt->dp, d);
+                }
             pt->update_seconds += rp_now_seconds() - t0;
             if (pt->zero && pt->dp > 1 &&
                 (st = rp_zero_sum_partials(pt->grid->data_comm,
@@ -831,8 +948,9 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                 st = allgather_weights(pt, err);
                 t0 = rp_now_seconds();
             } else {
-                rp_optim_step(m, pt->grads, pt->adam_m, pt->adam_v, optim, step,
-                              rp_clip_scale(grad_norm, optim->grad_clip));
+                for (int c = 0; c < pt->n_virtual; c++)
+                    rp_optim_step(&m[c], &pt->grads[c], &pt->adam_m[c], &pt->adam_v[c], optim,
+                                  step, rp_clip_scale(grad_norm, optim->grad_clip));
             }
             be->synchronize(be);
             pt->update_seconds += rp_now_seconds() - t0;
@@ -911,5 +1029,38 @@ rp_status rp_pipe_forward(const rp_model *m, rp_transport *tp, int stage, int n_
         return rp_error_prefix(err, "stage %d: forward", stage);
     if ((st = rp_transport_send(tp, ws->x, bytes, stage + 1, RP_MSG_ACT, 0, err)) == RP_OK)
         st = rp_transport_send(tp, ws->v_first, bytes, stage + 1, RP_MSG_ACT_VFIRST, 0, err);
+    return st;
+}
+
+rp_status rp_pipe_forward_interleaved(const rp_model *models, int n_virtual, rp_transport *tp,
+                                      int stage, int n_stages, rp_workspace *ws,
+                                      const int32_t *tokens, const rp_batch *batch,
+                                      rp_state *states, rp_logits_mode mode, float *logits,
+                                      rp_error *err) {
+    rp_status st = RP_OK;
+    for (int c = 0; c < n_virtual && st == RP_OK; c++) {
+        const rp_model *m = &models[c];
+        const size_t bytes = (size_t)batch->n_rows * m->cfg.n_embd * sizeof(float);
+        const int k = c * n_stages + stage;
+        if (m->has_embed) {
+            st = rp_model_embed(m, ws, tokens, batch, err);
+        } else {
+            const int from = (stage + n_stages - 1) % n_stages;
+            if ((st = rp_transport_recv(tp, ws->x, bytes, from, RP_MSG_ACT, k, err)) == RP_OK)
+                st = rp_transport_recv(tp, ws->v_first, bytes, from, RP_MSG_ACT_VFIRST, k, err);
+        }
+        if (st != RP_OK) break;
+        for (int l = m->layer_begin; l < m->layer_end; l++)
+            rp_model_block_forward(m, ws, l, &states[c], batch);
+        if (m->has_head) {
+            rp_model_head(m, ws, batch, mode, logits);
+            break;
+        }
+        m->be->synchronize(m->be);
+        if ((st = m->be->status(m->be, err)) != RP_OK) break;
+        const int to = (stage + 1) % n_stages;
+        if ((st = rp_transport_send(tp, ws->x, bytes, to, RP_MSG_ACT, k + 1, err)) == RP_OK)
+            st = rp_transport_send(tp, ws->v_first, bytes, to, RP_MSG_ACT_VFIRST, k + 1, err);
+    }
     return st;
 }

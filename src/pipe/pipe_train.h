@@ -1,4 +1,5 @@
-/* The pipeline executor: runs one stage's schedule (schedule.h) for one
+/* The pipeline executor, the only one: runs one stage's schedule
+ * (schedule.h; GPipe, 1F1B, ZB-H1, time chunks, interleaved 1F1B) for one
  * optimizer step, moving activations and their gradients with the transport
  * (transport.h), stashing each micro-batch's activations from its forward
  * until its backward, reducing gradients over the data replicas and taking
@@ -6,6 +7,15 @@
  * P = 1, DP = 1 of the same code (no transfers), which is why any layout
  * gives the numbers of one process: every stage runs exactly the ops one
  * process would, in the same order, on the same micro-batches.
+ *
+ * Interleaved 1F1B: stage s of P holds v chunks of layers, model chunks s,
+ * P+s, 2P+s, ... (Megatron's layout), each an ordinary rp_model with its own
+ * gradients and moments; every instruction runs on the chunk it names.
+ * Activations go from model chunk k to k+1 (the last stage's chunk c to
+ * stage 0's chunk c+1), gradients back. The stash slots are one pool shared
+ * by the chunks, as many as the schedule's peak of (micro-batch, chunk)
+ * pairs in flight on the stage (rp_schedule.n_buffers), each sized for the
+ * stage's largest chunk. Host memory (the CPU backend) only.
  *
  * Also the plain pipelined forward (evaluation, logits) on an inference
  * workspace.
@@ -33,12 +43,16 @@ typedef struct {
     int micro_batch_size, ctx_len;  /* each micro-batch: micro_batch_size sequences x ctx_len
                                      * tokens (micro_batch, as in the schedule, is an index) */
     rp_schedule sched;
+    /* [n_virtual] each, the caller's: chunk c is model chunk c * n_stages +
+     * stage (n_virtual 1: the stage's one model). */
     rp_model *model, *grads, *adam_m, *adam_v;
-    rp_backward_workspace *stash;      /* [n_stash] */
+    int n_virtual;
+    rp_backward_workspace *stash;      /* [n_stash], shared by the chunks */
     int n_stash;
     rp_transfer (*pending)[4];      /* [n_stash] sends still reading a stash slot:
                                      * 0, 1 x and v_first; 2, 3 dx and d v_first */
-    rp_state state, dstate;
+    rp_state state, dstate;         /* sized for the largest chunk; the running
+                                     * instruction's chunk sets their geometry */
     /* Time chunks (rp_pipe_trainer_init_time_chunks): every n_chunks
      * consecutive micro-batches are the time chunks of one batch of
      * sequences; 1: each micro-batch is whole sequences. tbptt: no state
@@ -66,7 +80,8 @@ typedef struct {
     struct rp_lora_s *lora;
     float *recv_act, *recv_grad;    /* backend landing buffers: x then v_first [2][R*C] */
     rp_transfer act_in[2], grad_in[2];
-    int act_in_mb, grad_in_mb;      /* micro-batch posted in act_in / grad_in, -1: none */
+    int act_in_mb, grad_in_mb;      /* pair posted in act_in / grad_in (chunk * n_micro +
+                                     * micro-batch), -1: none */
     int *seq_len, *slot, *row_begin;
     rp_batch batch;
     double timeout_s;               /* watchdog of the collectives (the transport's) */
@@ -79,7 +94,8 @@ typedef struct {
     long steps_done;                /* rp_pipe_trainer_step calls that succeeded */
     /* Optional timeline of the last step (benchmarks): when trace is set
      * (trace_cap entries, the caller's memory), each instruction's opcode,
-     * micro-batch and start/end seconds on this rank's monotonic clock. */
+     * micro-batch, chunk and start/end seconds on this rank's monotonic
+     * clock, for every schedule. */
     struct rp_pipe_trace_entry *trace;  /* pipe/critical_path.h */
     int trace_cap, trace_len;
     /* Zero-bubble schedules (BWD_B / BWD_W): per stash slot, the layers'
@@ -122,6 +138,21 @@ rp_status rp_pipe_trainer_init_time_chunks(rp_pipe_trainer *pt, rp_model *model,
                                            rp_schedule_kind kind, int n_micro,
                                            int micro_batch_size, int ctx_len, int n_chunks,
                                            int tbptt, rp_error *err);
+/* Interleaved 1F1B (rp_schedule_build_interleaved): model/grads/adam_m/
+ * adam_v are this stage's n_virtual >= 2 chunk models in chunk order (model
+ * chunk c * P + stage each); P >= 2 stages, n_micro a multiple of P. The
+ * weights equal those of 1F1B / one process bit for bit
+ * (tests/test_interleaved.sh). No time chunks, state / LoRA tuning or ZeRO
+ * with it (the caller refuses them). */
+rp_status rp_pipe_trainer_init_interleaved(rp_pipe_trainer *pt, rp_model *models,
+                                           rp_model *grads, rp_model *adam_m, rp_model *adam_v,
+                                           int n_virtual, const rp_grid *grid, rp_transport *tp,
+                                           int n_micro, int micro_batch_size, int ctx_len,
+                                           rp_error *err);
+/* Chunk c of stage s is model chunk c * n_stages + s; layers[k] (v * P
+ * counts) partitions the layers over the model chunks. */
+void rp_interleaved_chunk_layers(const int *layers, int n_stages, int n_virtual, int stage,
+                                 int chunk, int *begin, int *end);
 /* Turns on state tuning (after init): the tuned states start at zero (the
  * official init; write pt->tuned to start elsewhere). The weights stay as
  * they are; the step's grad_norm is the tuned states' gradient norm. */
@@ -171,5 +202,14 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
 rp_status rp_pipe_forward(const rp_model *m, rp_transport *tp, int stage, int n_stages,
                           rp_workspace *ws, const int32_t *tokens, const rp_batch *batch,
                           rp_state *state, rp_logits_mode mode, float *logits, rp_error *err);
+
+/* Forward of one batch (evaluation) over interleaved chunks: rp_pipe_forward
+ * over the stage's chunks in model order, states[c] the recurrent state of
+ * chunk c. */
+rp_status rp_pipe_forward_interleaved(const rp_model *models, int n_virtual, rp_transport *tp,
+                                      int stage, int n_stages, rp_workspace *ws,
+                                      const int32_t *tokens, const rp_batch *batch,
+                                      rp_state *states, rp_logits_mode mode, float *logits,
+                                      rp_error *err);
 
 #endif

@@ -29,7 +29,7 @@
  *   conventions above hold per model chunk: chunk c of the last stage sends
  *   to chunk c+1 of stage 0. `chunk` names it in every instruction (0 for
  *   the other kinds); the stash slots belong to the stage, shared by its
- *   chunks. pipe_interleaved.c executes them. */
+ *   chunks. pipe_train.c executes them, one pool of slots for every chunk. */
 #ifndef RP_PIPE_SCHEDULE_H
 #define RP_PIPE_SCHEDULE_H
 

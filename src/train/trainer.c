@@ -9,7 +9,6 @@
 
 #include "model/backward.h"
 #include "model/lora.h"
-#include "pipe/pipe_interleaved.h"
 #include "pipe/pipe_train.h"
 #include "pipe/transport.h"
 #include "train/checkpoint.h"
@@ -766,11 +765,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     memset(&adam_v, 0, sizeof adam_v);
     rp_pipe_trainer pt;
     memset(&pt, 0, sizeof pt);
-    /* Interleaved 1F1B: gradients and moments per chunk, its own executor. */
+    /* Interleaved 1F1B: gradients and moments per chunk, the same executor. */
     const int V = o->n_virtual > 1 ? o->n_virtual : 0;
     rp_model *igrads = NULL, *iadam_m = NULL, *iadam_v = NULL;
-    rp_pipe_interleaved pi;
-    memset(&pi, 0, sizeof pi);
     rp_lora lora;
     memset(&lora, 0, sizeof lora);
     float *tuned_host[3] = {NULL, NULL, NULL};  /* state tuning: checkpoint staging */
@@ -813,10 +810,14 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
         if ((st = pipe_transport_open(o, be, &tp_storage, &tp, err)) != RP_OK ||
             (st = world_transport_open(o, &world_storage, &world, err)) != RP_OK ||
-            (st = rp_pipe_interleaved_init(&pi, o->chunks, igrads, iadam_m, iadam_v, V, o->grid,
-                                           tp, M, MB, T, err)) != RP_OK)
+            (st = rp_pipe_trainer_init_interleaved(&pt, o->chunks, igrads, iadam_m, iadam_v, V,
+                                                   o->grid, tp, M, MB, T, err)) != RP_OK)
             goto done;
-        pi.halt_on_nan = o->halt_on_nan;
+        /* The stash pool: the schedule's peak of (micro-batch, chunk) pairs
+         * in flight (tests/test_interleaved.sh compares it). */
+        if (o->progress && o->grid->replica == 0)
+            fprintf(o->progress, "stage %d: %d activation stash slots shared by %d chunks\n",
+                    o->grid->stage, pt.n_stash, V);
     } else if ((st = rp_model_alloc(&grads, cfg, model->layer_begin, model->layer_end,
                                     model->has_embed, model->has_head, be, err)) != RP_OK ||
         /* --zero 1 keeps only this replica's shard of the moments; whole
@@ -833,7 +834,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                                                tp, o->pipe_schedule, M, MB, T, K, o->tbptt,
                                                err)) != RP_OK)
         goto done;
-    if (!V) pt.halt_on_nan = o->halt_on_nan;
+    pt.halt_on_nan = o->halt_on_nan;
     if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
     if (o->zero && (st = rp_pipe_trainer_use_zero(&pt, &zero, err)) != RP_OK) goto done;
     if (!V) print_memory(o, model, &grads, o->zero ? &zero : NULL, pt.zero_links);
@@ -948,12 +949,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
         const float loss_scale = 1.0f / n_targets_total;
         rp_pipe_step_result sr;
-        if ((st = V ? rp_pipe_interleaved_step(&pi, inputs, targets, loss_scale,
-                                               o->l2wrap ? 1e-4f * loss_scale : 0.0f, &optim,
-                                               step, &sr, err)
-                    : rp_pipe_trainer_step(&pt, inputs, targets, loss_scale,
-                                           o->l2wrap ? 1e-4f * loss_scale : 0.0f, &optim, step,
-                                           &sr, err)) != RP_OK)
+        if ((st = rp_pipe_trainer_step(&pt, inputs, targets, loss_scale,
+                                       o->l2wrap ? 1e-4f * loss_scale : 0.0f, &optim, step, &sr,
+                                       err)) != RP_OK)
             goto done;
         if (sr.skipped) {
             result->skipped_steps++;
@@ -1088,7 +1086,6 @@ done:
     }
     if (metrics) fclose(metrics);
     rp_pipe_trainer_free(&pt);
-    rp_pipe_interleaved_free(&pi);
     for (int c = 0; c < V; c++) {
         if (igrads) rp_model_free(&igrads[c]);
         if (iadam_m) rp_model_free(&iadam_m[c]);

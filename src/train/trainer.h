@@ -70,7 +70,7 @@ typedef struct {
     rp_schedule_kind pipe_schedule;  /* GPipe or 1F1B (default) */
     /* Interleaved 1F1B (pipe_schedule RP_SCHEDULE_INTERLEAVED): this stage's
      * n_virtual chunk models in chunk order (chunk c is model chunk
-     * c * pp + stage, pipe/pipe_interleaved.h); the run trains, evaluates
+     * c * pp + stage, pipe/pipe_train.h); the run trains, evaluates
      * and saves these instead of the model argument (which is chunks[0]). */
     rp_model *chunks;
     int n_virtual;
