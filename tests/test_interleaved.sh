@@ -81,6 +81,24 @@ same_bits() {
     ok "$2"
 }
 
+# stash_is_peak PP V M: after an interleaved run ($T/stderr), every stage
+# holds as many activation stash slots, shared by its chunks, as the
+# schedule's peak of (micro-batch, chunk) pairs between FWD and BWD there
+# (the simulator's count), not V times a chunk's slots.
+stash_is_peak() {
+    local pp=$1 v=$2 m=$3 s want got
+    "$BIN" schedule --pp "$pp" --micro-batches "$m" --kind interleaved --virtual-stages "$v" \
+        >"$T/sched" 2>&1 || fail "rwkvpipe schedule --pp $pp --micro-batches $m failed"
+    for ((s = 0; s < pp; s++)); do
+        want=$(sed -n "s/^stage $s: busy .*, peak stash \([0-9]*\),.*/\1/p" "$T/sched")
+        got=$(sed -n "s/^stage $s: \([0-9]*\) activation stash slots shared by $v chunks$/\1/p" \
+              "$T/stderr")
+        [ -n "$want" ] || fail "no peak stash for stage $s in: $(tail -5 "$T/sched")"
+        [ "$got" = "$want" ] ||
+            fail "stage $s holds '$got' stash slots, the schedule's peak is $want"
+    done
+}
+
 # "NP PP V MODEL BATCH MICRO-BATCH": M = BATCH / (MICRO-BATCH x NP/PP)
 # micro-batches per replica, a multiple of PP.
 for layout in "2 2 2 L4 8 1" "2 2 2 L4 8 2" "4 2 2 L4 8 1" "6 2 2 L4 12 1" \
@@ -92,6 +110,7 @@ for layout in "2 2 2 L4 8 1" "2 2 2 L4 8 2" "4 2 2 L4 8 1" "6 2 2 L4 12 1" \
     train "${name}_1f1b" "$1" --pp "$2" --pp-schedule 1f1b "${SHAPE[@]}"
     train "${name}_inter" "$1" --pp "$2" --pp-schedule interleaved --virtual-stages "$3" \
         "${SHAPE[@]}"
+    stash_is_peak "$2" "$3" $(( $5 / ($6 * ($1 / $2)) ))
     if [ "$3" = 3 ]; then
         grep -q "stage  0  layers 0-0, 2-2, 4-4  +embedding" "$T/stderr" ||
             fail "the start-up map does not show stage 0 holding layers 0, 2 and 4"

@@ -813,11 +813,15 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             (st = rp_pipe_trainer_init_interleaved(&pt, o->chunks, igrads, iadam_m, iadam_v, V,
                                                    o->grid, tp, M, MB, T, err)) != RP_OK)
             goto done;
-        /* The stash pool: the schedule's peak of (micro-batch, chunk) pairs
-         * in flight (tests/test_interleaved.sh compares it). */
-        if (o->progress && o->grid->replica == 0)
-            fprintf(o->progress, "stage %d: %d activation stash slots shared by %d chunks\n",
-                    o->grid->stage, pt.n_stash, V);
+        /* Each stage's stash pool, printed by the first stage (ranked by
+         * stage in pipe_comm): the schedule's peak of (micro-batch, chunk)
+         * pairs in flight (tests/test_interleaved.sh compares it). */
+        int *slots = o->grid->stage == 0 ? calloc((size_t)o->grid->pp, sizeof(int)) : NULL;
+        MPI_Gather(&pt.n_stash, 1, MPI_INT, slots, 1, MPI_INT, 0, o->grid->pipe_comm);
+        for (int s = 0; slots && o->progress && o->grid->replica == 0 && s < o->grid->pp; s++)
+            fprintf(o->progress, "stage %d: %d activation stash slots shared by %d chunks\n", s,
+                    slots[s], V);
+        free(slots);
     } else if ((st = rp_model_alloc(&grads, cfg, model->layer_begin, model->layer_end,
                                     model->has_embed, model->has_head, be, err)) != RP_OK ||
         /* --zero 1 keeps only this replica's shard of the moments; whole
