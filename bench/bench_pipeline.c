@@ -383,10 +383,10 @@ int main(int argc, char **argv) {
                                            tp, (rp_schedule_kind)case_kind[c], case_m[c], S, T,
                                            &err);
             if (st != RP_OK) fatal("pipeline trainer", &err);
-            c++;
             trainers[c].trace = calloc(TRACE_CAP, sizeof *trainers[c].trace);
             trainers[c].trace_cap = TRACE_CAP;
             if (!trainers[c].trace) fatal("cannot allocate the trace", NULL);
+            c++;
         }
     long step = 0;
     for (int round = -o.warmup; round < o.steps; round++) {
