@@ -118,6 +118,15 @@ for layout in "2 2 2 L4 8 1" "2 2 2 L4 8 2" "4 2 2 L4 8 1" "6 2 2 L4 12 1" \
     same_bits "${name}_1f1b" "${name}_inter"
 done
 
+# Chunks of unequal size: the stash slots and the recurrent state are sized
+# for the stage's largest chunk, and each instruction uses its own chunk's
+# part of them (stage 1 holds model chunks of 1 and 2 layers).
+check "--stage-layers 2,1,1,2 (chunks of 2 and 1 layers): interleaved equals 1f1b bit for bit"
+SHAPE=(--model-config L6-C64-V64 --batch 8 --micro-batch 1)
+train uneven_1f1b 2 --pp 2 --pp-schedule 1f1b "${SHAPE[@]}"
+train uneven_inter 2 --pp 2 --pp-schedule interleaved --stage-layers 2,1,1,2 "${SHAPE[@]}"
+same_bits uneven_1f1b uneven_inter
+
 check "interleaved equals one process bit for bit"
 train one 1 --model-config L4-C64-V64 --batch 8 --micro-batch 1
 same_bits one np2_pp2_v2_L4_b8_mb1_inter

@@ -696,8 +696,6 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     rp_backend *be = m->be;
     const int R = pt->micro_batch_size * pt->ctx_len, C = m->cfg.n_embd;
     const size_t rc = (size_t)R * C, rc_bytes = rc * sizeof(float);
-    const size_t state_bytes =
-        pt->state.floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float);
     const rp_pipe_instr *list = pt->sched.instr[pt->stage];
     const int n = pt->sched.n_instr[pt->stage];
     const int last = pt->stage == pt->n_stages - 1;
@@ -850,7 +848,9 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
              * state) the backward of the chunk after it left here, unless
              * --tbptt truncates it. */
             if (!chunked || pt->tbptt || mb % pt->n_chunks == pt->n_chunks - 1)
-                be->fill_zero(be, pt->dstate.data, state_bytes);
+                be->fill_zero(be, pt->dstate.data, pt->dstate.floats_per_slot *
+                                                       (size_t)pt->micro_batch_size *
+                                                       sizeof(float));  /* this chunk's */
             for (int l = cm->layer_end - 1; l >= cm->layer_begin; l--) {
                 if (in->op == RP_OP_BWD_B)
                     rp_backward_block_backward_b(cm, cg, tw, l, &pt->dstate, &pt->batch,

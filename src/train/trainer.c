@@ -816,12 +816,16 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         /* Each stage's stash pool, printed by the first stage (ranked by
          * stage in pipe_comm): the schedule's peak of (micro-batch, chunk)
          * pairs in flight (tests/test_interleaved.sh compares it). */
-        int *slots = o->grid->stage == 0 ? calloc((size_t)o->grid->pp, sizeof(int)) : NULL;
-        MPI_Gather(&pt.n_stash, 1, MPI_INT, slots, 1, MPI_INT, 0, o->grid->pipe_comm);
-        for (int s = 0; slots && o->progress && o->grid->replica == 0 && s < o->grid->pp; s++)
+        int slots[RP_GRID_MAX_STAGES];
+        MPI_Request req;
+        MPI_Igather(&pt.n_stash, 1, MPI_INT, slots, 1, MPI_INT, 0, o->grid->pipe_comm, &req);
+        if ((st = rp_comm_wait(&req, pt.timeout_s, "the stages' stash slot counts", err)) !=
+            RP_OK)
+            goto done;
+        for (int s = 0; o->grid->stage == 0 && o->progress && o->grid->replica == 0 &&
+                        s < o->grid->pp; s++)
             fprintf(o->progress, "stage %d: %d activation stash slots shared by %d chunks\n", s,
                     slots[s], V);
-        free(slots);
     } else if ((st = rp_model_alloc(&grads, cfg, model->layer_begin, model->layer_end,
                                     model->has_embed, model->has_head, be, err)) != RP_OK ||
         /* --zero 1 keeps only this replica's shard of the moments; whole
