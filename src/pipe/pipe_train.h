@@ -178,7 +178,7 @@ rp_status rp_pipe_allreduce_floats(MPI_Comm comm, int stage, float *p, size_t n,
                                    double timeout_s, rp_error *err);
 /* The global gradient norm from this stage's sum of squares (summed over
  * the stages on pipe_comm); a NaN or inf norm is an error with halt_on_nan,
- * else *skip = 1. Shared by the 1F1B family's and the interleaved executor. */
+ * else *skip = 1 (the executor's OPT_STEP). */
 rp_status rp_pipe_global_grad_norm(MPI_Comm pipe_comm, int n_stages, double sumsq,
                                    double timeout_s, const rp_transport *tp, int halt_on_nan,
                                    long step, double *norm, int *skip, rp_error *err);
