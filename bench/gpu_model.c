@@ -487,7 +487,7 @@ void gpu_model_wkv7(int B, int T, int C, double *fwd_s, double *bwd_s) {
 static void wkv_split_section(FILE *out) {
     static const double grids[] = {64, 128, 140, 192, 256, 320, 512, 1024};
     const double T = 4096;
-    fprintf(out, "#### WKV7 per-token forward: rows split over blocks, by grid\n\n"
+    fprintf(out, "## WKV7 per-token forward: rows split over blocks, by grid\n\n"
                  "T=%.0f, %d SMs; predicted ms for each split (wave model) and the split "
                  "wkv_rows_split picks (cuda_wkv7.cu; the model uses the same rule).\n\n"
                  "| (sequence, head) blocks | heads per SM (busiest) | 1 block/head ms | "
