@@ -443,7 +443,8 @@ static const wkv_kernel wkv_fwd16_kernel = {
     WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0, 1, 0};
 static const wkv_kernel wkv_bwd16_kernel = {
     "wkv7_backward, bf16 I/O (168 regs, 41 KB smem)",
-    WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 2, 3 * 32, 1, 0};
+    WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 2, 3 * 32,
+    1, 0};
 
 /* The per-token forward's row split for a grid of `heads` (sequence, head)
  * pairs: cuda_wkv7.cu's wkv_rows_split, the same rule. No split below 2 heads

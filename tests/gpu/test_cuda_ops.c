@@ -1174,7 +1174,8 @@ static void wkv7_rows_case(twin *t, const shape *sh, const seq_spec *spec, const
             for (size_t e = 0; e < out[o]->n; e++)
                 differ += memcmp(got + e, ref[o] + e, sizeof(float)) != 0;
             char note[64] = "";
-            if (differ) snprintf(note, sizeof note, "  (%zu of %zu floats differ)", differ, out[o]->n);
+            if (differ)
+                snprintf(note, sizeof note, "  (%zu of %zu floats differ)", differ, out[o]->n);
             report(t, names[o], 0.0, 0.0, differ == 0, note);
             free(got);
         }
