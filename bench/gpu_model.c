@@ -338,10 +338,11 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
 /* ---- WKV7 alone: a wave model ----
  * The recurrence is serial in T, so a WKV7 kernel's time is T times the time
  * of one token on the busiest SM. One block per (sequence, head) (128
- * threads, 4 warps); an SM holds `slots` blocks at once (registers and
- * shared memory from `ptxas -v`, docs/gpu.md) and runs ceil(blocks / SMs) of
- * them in groups of `slots`. A token of a group of b blocks costs
- * max(latency, b * 4 warps * instructions per thread / 4 schedulers) cycles:
+ * threads, 4 warps), or `split` blocks of 4 / split warps each owning 64 /
+ * split of the head's value rows; an SM holds `slots` blocks at once
+ * (registers and shared memory from `ptxas -v`, docs/gpu.md) and runs
+ * ceil(blocks / SMs) of them in groups of `slots`. A token of a group of b
+ * blocks costs max(latency, b * warps * instructions per thread / 4 schedulers) cycles:
  * the issue rate when enough warps are resident, the dependent chain (syncs,
  * shuffles, shared-memory round trips) when not. Instructions per thread per
  * token = 32 state elements x FLOPs per element / 2 (FMAs) x 1.3 (shared
@@ -360,23 +361,30 @@ typedef struct {
     double io_units;       /* [R,C] tensors read and written (inputs, y, gradients) */
     double io_bytes;       /* their element size: 4 (fp32 I/O) or 2 (bf16 I/O) */
     double extra_instr;    /* per thread per token beyond the 1.3 factor */
+    int split;             /* blocks per (sequence, head); 0 is 1 */
+    double partial_units;  /* fp32 [R,C] partial sums written + read per block of a head */
 } wkv_kernel;
+
+static int wkv_split(const wkv_kernel *k) { return k->split > 0 ? k->split : 1; }
 
 /* The checkpoints: fp32 [64,64] per head every 16 tokens = N/16 = 4 [R,C]
  * fp32 units, written by the forward and read by the backward. */
 #define WKV_CKPT_UNITS 4.0
 
 static double wkv_kernel_bytes(const wkv_kernel *k, double R, double C) {
-    return (k->io_units * k->io_bytes + WKV_CKPT_UNITS * 4.0) * R * C;
+    return (k->io_units * k->io_bytes + WKV_CKPT_UNITS * 4.0 +
+            k->partial_units * wkv_split(k) * 4.0) * R * C;
 }
 
-static double wkv_kernel_seconds(const wkv_kernel *k, double blocks, double T) {
-    const double per_sm = ceil(blocks / SM_COUNT);
+/* heads: (sequence, head) pairs; each runs as split blocks. */
+static double wkv_kernel_seconds(const wkv_kernel *k, double heads, double T) {
+    const double warps = 4.0 / wkv_split(k);
+    const double per_sm = ceil(heads * wkv_split(k) / SM_COUNT);
     const double instr = 32.0 * k->flops_per_elem / 2.0 * 1.3 + k->extra_instr;
     double cycles = 0.0;
     for (double left = per_sm; left > 0; left -= k->slots) {
         const double b = left < k->slots ? left : k->slots;
-        const double issue = b * 4.0 * instr / 4.0;
+        const double issue = b * warps * instr / 4.0;
         cycles += issue > k->latency ? issue : k->latency;
     }
     return cycles * T / SM_CLOCK_HZ;
@@ -384,7 +392,18 @@ static double wkv_kernel_seconds(const wkv_kernel *k, double blocks, double T) {
 
 static const wkv_kernel wkv_fwd_kernel = {"wkv7_forward_train per token (72 regs, 19 KB smem)",
                                           WKV_FLOPS_PER_ELEM, 7, WKV_LAT_FWD_CYCLES, 6 + 1, 4,
-                                          0};
+                                          0, 1, 0};
+/* The same with a head's rows over 2 blocks of 64 threads (67 registers,
+ * 11 KB: 14 blocks an SM) or 4 of 32 (72 registers, 7 KB: 28): the same
+ * work per thread and token, no partial sums (each block owns whole rows);
+ * what grows is the shared vectors' reads (each block reads all 64
+ * channels; L2 serves the repeats: not counted). */
+static const wkv_kernel wkv_fwd2_kernel = {
+    "wkv7_forward_train per token, rows over 2 blocks (67 regs, 11 KB smem)", WKV_FLOPS_PER_ELEM,
+    14, WKV_LAT_FWD_CYCLES, 6 + 1, 4, 0, 2, 0};
+static const wkv_kernel wkv_fwd4_kernel = {
+    "wkv7_forward_train per token, rows over 4 blocks (72 regs, 7 KB smem)", WKV_FLOPS_PER_ELEM,
+    28, WKV_LAT_FWD_CYCLES, 6 + 1, 4, 0, 4, 0};
 /* The chunked forward (fla's form, 16-token chunks, FMA loops; 128 regs,
  * 45 KB smem, 4 blocks/SM), used from T >= 64. Per chunk a thread issues
  * ~2900 instructions: S0 at and S0 rt (2 x 512), the state update (1024),
@@ -398,35 +417,92 @@ static const wkv_kernel wkv_fwd_kernel = {"wkv7_forward_train per token (72 regs
 #define WKV_LAT_CHUNK_CYCLES 250.0
 static const wkv_kernel wkv_chunk_kernel = {
     "wkv7_forward_train chunked, FMA (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
-    WKV_LAT_CHUNK_CYCLES, 6 + 1, 4, 0};
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 4, 0, 1, 0};
 static const wkv_kernel wkv_chunk_mma_kernel = {
     "wkv7_forward_train chunked, bf16 I/O, tile products on mma (not built)", 11.3 * 900.0 / 2900.0, 4,
-    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0};
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0, 1, 0};
 /* 128 registers (4 blocks/SM): the state column lives in shared memory,
  * 3 scalar accesses per element per token (32 per thread) more than with
  * it in registers; dr, dk, dv accumulate (beta 1): read and written. */
 static const wkv_kernel wkv_bwd_kernel = {
     "wkv7_backward, step-back, beta 1 (128 regs, 41 KB smem)",
     WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 4, WKV_LAT_BWD_CYCLES,
-    1 + 6 + 6 + 3, 4, 3 * 32};
+    1 + 6 + 6 + 3, 4, 3 * 32, 1, 0};
+/* Not built: the backward with a head's rows over 2 blocks of 64 threads
+ * (at 128 registers: 8 blocks an SM). The column sums dr, dk, db, dd, da run
+ * over all 64 rows, so each block writes its 5 partial [R,C] sums and a
+ * combining pass reads them back in split order (10 units per block). */
+static const wkv_kernel wkv_bwd2_kernel = {
+    "wkv7_backward, rows over 2 blocks + partial sums through HBM (not built)",
+    WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 8, WKV_LAT_BWD_CYCLES, 1 + 6 + 6 + 3, 4,
+    3 * 32, 2, 10};
 /* bf16 I/O (the official kernel's dtypes, beta 0): the same code on half the
  * bytes; bf16 gradients need 168 registers (3 blocks/SM, ptxas). */
 static const wkv_kernel wkv_fwd16_kernel = {
     "wkv7_forward_train chunked, bf16 I/O (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
-    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0};
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0, 1, 0};
 static const wkv_kernel wkv_bwd16_kernel = {
     "wkv7_backward, bf16 I/O (168 regs, 41 KB smem)",
-    WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 2, 3 * 32};
+    WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 2, 3 * 32,
+    1, 0};
+
+/* The per-token forward's row split for a grid of `heads` (sequence, head)
+ * pairs: cuda_wkv7.cu's wkv_rows_split, the same rule. No split below 2 heads
+ * on the busiest SM (one head's issue, ~208 cycles a token, is about half
+ * the latency); else the split with the least load on the busiest SM,
+ * ties keeping fewer blocks. */
+static int wkv_rows_split(double heads) {
+    const double load1 = ceil(heads / SM_COUNT);
+    if (load1 < 2) return 1;
+    int best = 1;
+    double best_load = load1;
+    for (int split = 2; split <= 4; split *= 2) {
+        const double load = ceil(heads * split / SM_COUNT) / split;
+        if (load < best_load) {
+            best = split;
+            best_load = load;
+        }
+    }
+    return best;
+}
+
+static const wkv_kernel *wkv_token_for(double heads) {
+    const int split = wkv_rows_split(heads);
+    return split == 4 ? &wkv_fwd4_kernel : split == 2 ? &wkv_fwd2_kernel : &wkv_fwd_kernel;
+}
 
 /* The forward kernel a call of length T runs (cuda_wkv7.cu's threshold). */
-static const wkv_kernel *wkv_forward_for(double T) {
-    return T >= 64 ? &wkv_chunk_kernel : &wkv_fwd_kernel;
+static const wkv_kernel *wkv_forward_for(double T, double heads) {
+    return T >= 64 ? &wkv_chunk_kernel : wkv_token_for(heads);
 }
 
 void gpu_model_wkv7(int B, int T, int C, double *fwd_s, double *bwd_s) {
-    const double blocks = (double)B * (C / 64);
-    *fwd_s = wkv_kernel_seconds(wkv_forward_for(T), blocks, T);
-    *bwd_s = wkv_kernel_seconds(&wkv_bwd_kernel, blocks, T);
+    const double heads = (double)B * (C / 64);
+    *fwd_s = wkv_kernel_seconds(wkv_forward_for(T, heads), heads, T);
+    *bwd_s = wkv_kernel_seconds(&wkv_bwd_kernel, heads, T);
+}
+
+/* The per-token forward at T 4096 over grids of B x 64 heads (and two
+ * grids just past one and two heads per SM): each split's predicted time
+ * and the one wkv_rows_split picks. */
+static void wkv_split_section(FILE *out) {
+    static const double grids[] = {64, 128, 140, 192, 256, 320, 512, 1024};
+    const double T = 4096;
+    fprintf(out, "## WKV7 per-token forward: rows split over blocks, by grid\n\n"
+                 "T=%.0f, %d SMs; predicted ms for each split (wave model) and the split "
+                 "wkv_rows_split picks (cuda_wkv7.cu; the model uses the same rule).\n\n"
+                 "| (sequence, head) blocks | heads per SM (busiest) | 1 block/head ms | "
+                 "2 blocks/head ms | 4 blocks/head ms | picked |\n"
+                 "| ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            T, SM_COUNT);
+    for (size_t g = 0; g < sizeof grids / sizeof grids[0]; g++) {
+        const double heads = grids[g];
+        fprintf(out, "| %.0f | %.0f | %.2f | %.2f | %.2f | %d |\n", heads,
+                ceil(heads / SM_COUNT), wkv_kernel_seconds(&wkv_fwd_kernel, heads, T) * 1e3,
+                wkv_kernel_seconds(&wkv_fwd2_kernel, heads, T) * 1e3,
+                wkv_kernel_seconds(&wkv_fwd4_kernel, heads, T) * 1e3, wkv_rows_split(heads));
+    }
+    fprintf(out, "\n");
 }
 
 static void wkv_section(FILE *out) {
@@ -442,7 +518,10 @@ static void wkv_section(FILE *out) {
         wkv_fwd_kernel,
         wkv_chunk_mma_kernel,
         {"wkv7_backward, before: 2.5x recompute (166 regs, 70 KB smem)", 45.0, 3,
-         WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 4, 0},
+         WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 4, 0, 1, 0},
+        wkv_fwd2_kernel,
+        wkv_fwd4_kernel,
+        wkv_bwd2_kernel,
     };
     fprintf(out, "## WKV7 forward + backward at the official benchmark shape\n\n"
                  "B=%.0f T=%.0f C=%.0f H=%.0f (head %.0f), fp32 I/O unless marked bf16; %.0f blocks on %d SMs at "
@@ -565,6 +644,7 @@ int gpu_model_print(FILE *out) {
     }
     fprintf(out, "\nGoal: MFU >= 45%% (0.4b shape).\n\n");
     wkv_section(out);
+    wkv_split_section(out);
     for (int s = 0; s < 3; s++) {
         rp_config c;
         rp_error err;

@@ -260,6 +260,134 @@ __global__ void __launch_bounds__(WKV_THREADS)
     wkv_store_rows(state, tile, st, i, p);
 }
 
+// ---- the per-token forward with a head's rows split over blocks ----
+//
+// Row i of the state evolves alone given the token's shared vectors (r, d, k,
+// a, b) and its own v_i, and y_i is row i's own sum: SPLIT blocks of a
+// (sequence, head) can each own WKV_N / SPLIT rows with nothing to combine
+// across blocks. Each thread runs wkv_forward_step on its half row exactly as
+// in wkv7_forward_kernel, so y, the state and the checkpoints are the same
+// bits for every SPLIT; what a block does more is load the token's five shared
+// vectors for all 64 channels (SPLIT blocks read them, L2 serves the rest).
+// Used when it evens out the SMs' load (wkv_rows_split below).
+template <int SPLIT>
+struct wkv_rows {
+    static constexpr int ROWS = WKV_N / SPLIT;       // value rows per block
+    static constexpr int THREADS = 2 * ROWS;        // two per row, as above
+    static constexpr int CH = WKV_N / THREADS;      // shared channels loaded per thread
+    static_assert(SPLIT == 2 || SPLIT == 4, "1 is wkv7_forward_kernel; warps stay whole");
+};
+
+// One token's inputs for a split block: channels ch(c) = tid + THREADS c of
+// the shared vectors, and v of the thread's row.
+template <int SPLIT>
+struct wkv_rows_in {
+    float r[wkv_rows<SPLIT>::CH], w[wkv_rows<SPLIT>::CH], k[wkv_rows<SPLIT>::CH],
+        kk[wkv_rows<SPLIT>::CH], ic[wkv_rows<SPLIT>::CH], v;
+};
+
+template <int SPLIT, typename TI>
+__device__ __forceinline__ void wkv_rows_load(wkv_rows_in<SPLIT> &q, const TI *r,
+                                              const TI *w_raw, const TI *k, const TI *v,
+                                              const TI *kk, const TI *a, size_t head, int i) {
+#pragma unroll
+    for (int c = 0; c < wkv_rows<SPLIT>::CH; c++) {
+        const size_t o = head + threadIdx.x + wkv_rows<SPLIT>::THREADS * c;
+        q.r[c] = r ? wkv_in(r, o) : 0.0f;
+        q.w[c] = wkv_in(w_raw, o);
+        q.k[c] = wkv_in(k, o);
+        q.kk[c] = wkv_in(kk, o);
+        q.ic[c] = wkv_in(a, o);
+    }
+    q.v = wkv_in(v, head + i);
+}
+
+// V [VEC_FORWARD_COUNT,64] <- r, d, k, a = -kk, b = kk * iclr, as wkv_fwd_stage.
+template <int SPLIT>
+__device__ __forceinline__ void wkv_rows_stage(const wkv_rows_in<SPLIT> &q, float *V) {
+#pragma unroll
+    for (int c = 0; c < wkv_rows<SPLIT>::CH; c++) {
+        const int ch = threadIdx.x + wkv_rows<SPLIT>::THREADS * c;
+        V[VEC_R * WKV_N + ch] = q.r[c];
+        V[VEC_D * WKV_N + ch] = rp_decayf(q.w[c]);
+        V[VEC_K * WKV_N + ch] = q.k[c];
+        V[VEC_A * WKV_N + ch] = -q.kk[c];
+        V[VEC_B * WKV_N + ch] = q.kk[c] * q.ic[c];
+    }
+}
+
+// st = this thread's half of its row (il = local row) of the block's rows
+// g [ROWS,64] (row-major, contiguous), staged through tile for coalescing.
+template <int SPLIT>
+__device__ __forceinline__ void wkv_rows_get(float (&st)[WKV_HALF], float *tile, const float *g,
+                                             int il, int p) {
+#pragma unroll 8
+    for (int n = 0; n < WKV_N * wkv_rows<SPLIT>::ROWS / wkv_rows<SPLIT>::THREADS; n++) {
+        const int f = threadIdx.x + wkv_rows<SPLIT>::THREADS * n;
+        tile[wkv_tile(f >> 6, f & 63)] = g[f];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int jj = 0; jj < WKV_HALF; jj++) st[jj] = tile[wkv_tile(il, wkv_col(jj, p))];
+    __syncthreads();
+}
+
+// g [ROWS,64] <- the block's rows held in registers, staged through tile.
+template <int SPLIT>
+__device__ __forceinline__ void wkv_rows_put(float *g, float *tile, const float (&st)[WKV_HALF],
+                                             int il, int p) {
+    __syncthreads();  // earlier readers of the tile are done
+    wkv_put_rows(tile, st, il, p);
+    __syncthreads();
+#pragma unroll 8
+    for (int n = 0; n < WKV_N * wkv_rows<SPLIT>::ROWS / wkv_rows<SPLIT>::THREADS; n++) {
+        const int f = threadIdx.x + wkv_rows<SPLIT>::THREADS * n;
+        g[f] = tile[wkv_tile(f >> 6, f & 63)];
+    }
+}
+
+// wkv7_forward_kernel's contract; grid (n_seq, H, SPLIT): block z owns the
+// value rows [z ROWS, (z + 1) ROWS) of its head, 2 ROWS threads.
+template <bool TRAIN, int SPLIT, typename TI, typename TO>
+__global__ void __launch_bounds__(wkv_rows<SPLIT>::THREADS)
+    wkv7_forward_rows_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k, const TI *v,
+                             const TI *kk, const TI *a, float *state_base, size_t state_stride,
+                             float *checkpoints, const int32_t *seq_len,
+                             const int32_t *row_begin, const int32_t *slot,
+                             const int32_t *ckpt_block, int C) {
+    constexpr int ROWS = wkv_rows<SPLIT>::ROWS;
+    __shared__ __align__(16) float tile[ROWS * WKV_TILE_STRIDE];
+    __shared__ __align__(16) float vec[2 * VEC_FORWARD_COUNT * WKV_N];
+    const int s = blockIdx.x, h = blockIdx.y, H = gridDim.y;
+    const int i0 = (int)blockIdx.z * ROWS;
+    const int il = threadIdx.x >> 1, p = threadIdx.x & 1, i = i0 + il;
+    const int len = seq_len[s];
+    const size_t rows_off = (size_t)h * WKV_NN + (size_t)i0 * WKV_N;
+    float *state = state_base + (size_t)slot[s] * state_stride + rows_off;
+    const size_t head = (size_t)row_begin[s] * C + (size_t)h * WKV_N;
+
+    wkv_rows_in<SPLIT> q = {};
+    if (len > 0) wkv_rows_load<SPLIT>(q, r, w_raw, k, v, kk, a, head, i);
+    float st[WKV_HALF];
+    wkv_rows_get<SPLIT>(st, tile, state, il, p);
+    for (int t = 0; t < len; t++) {
+        if (TRAIN && t % RP_WKV_CHUNK == 0) {
+            const size_t block = (size_t)ckpt_block[s] + (size_t)(t / RP_WKV_CHUNK);
+            wkv_rows_put<SPLIT>(checkpoints + block * H * WKV_NN + rows_off, tile, st, il, p);
+        }
+        float *V = vec + (t & 1) * VEC_FORWARD_COUNT * WKV_N;
+        wkv_rows_stage<SPLIT>(q, V);
+        const float v_i = q.v;
+        if (t + 1 < len)
+            wkv_rows_load<SPLIT>(q, r, w_raw, k, v, kk, a, head + (size_t)(t + 1) * C, i);
+        __syncthreads();
+        float sa, yi;
+        wkv_forward_step<true>(st, V, v_i, p, sa, yi);
+        if (p == 0) wkv_out(y, head + (size_t)t * C + i, yi);
+    }
+    wkv_rows_put<SPLIT>(state, tile, st, il, p);
+}
+
 // ---- chunked forward (flash-linear-attention's fla/ops/rwkv7 form) ----
 //
 // Per chunk of L = RP_WKV_CHUNK tokens from state S0, with g_t the cumulative
@@ -748,6 +876,55 @@ static bool wkv_find16(rp_cuda_ctx *cx, const float *const *ps, const __nv_bfloa
     return true;
 }
 
+int rp_cuda_wkv7_rows_split = 0;
+
+// The row split of the per-token forward for a grid of `heads` blocks (one
+// per (sequence, head)) on n_sm SMs. The busiest SM runs ceil(heads S / n_sm)
+// blocks of 1/S head each; the wave model (bench/gpu_model.c) charges it
+// max(latency, issue) a token, and one head's issue (~208 cycles) is about
+// half the latency (~400): below 2 heads on the busiest SM a split cannot
+// help. From there the split with the least load on the busiest SM wins,
+// ties keeping fewer blocks (each block loads the token's shared vectors).
+static int wkv_rows_split(long heads, int n_sm) {
+    if (rp_cuda_wkv7_rows_split > 0) return rp_cuda_wkv7_rows_split;
+    if (n_sm <= 0) return 1;
+    const long load1 = (heads + n_sm - 1) / n_sm;
+    if (load1 < 2) return 1;
+    int best = 1;
+    double best_load = (double)load1;
+    for (int split = 2; split <= 4; split *= 2) {
+        const double load = (double)((heads * split + n_sm - 1) / n_sm) / split;
+        if (load < best_load) {
+            best = split;
+            best_load = load;
+        }
+    }
+    return best;
+}
+
+template <bool TRAIN, typename TI, typename TO>
+static void wkv_token_forward_launch(rp_cuda_ctx *cx, dim3 grid, TO *y, const TI *r,
+                                     const TI *w_raw, const TI *k, const TI *v, const TI *kk,
+                                     const TI *a, float *state_base, size_t state_stride,
+                                     float *checkpoints, const rp_cuda_batch *b, int C) {
+    const int split = wkv_rows_split((long)grid.x * grid.y, cx->n_sm);
+    if (split == 2) {
+        dim3 g2(grid.x, grid.y, 2);
+        wkv7_forward_rows_kernel<TRAIN, 2, TI, TO><<<g2, wkv_rows<2>::THREADS, 0, cx->stream>>>(
+            y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b->seq_len,
+            b->row_begin, b->slot, b->ckpt_block, C);
+    } else if (split == 4) {
+        dim3 g4(grid.x, grid.y, 4);
+        wkv7_forward_rows_kernel<TRAIN, 4, TI, TO><<<g4, wkv_rows<4>::THREADS, 0, cx->stream>>>(
+            y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b->seq_len,
+            b->row_begin, b->slot, b->ckpt_block, C);
+    } else {
+        wkv7_forward_kernel<TRAIN, TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
+            y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b->seq_len,
+            b->row_begin, b->slot, b->ckpt_block, C);
+    }
+}
+
 template <bool TRAIN, typename TI, typename TO>
 static void wkv_forward_launch(rp_cuda_ctx *cx, const char *op, TO *y, const TI *r,
                                const TI *w_raw, const TI *k, const TI *v, const TI *kk,
@@ -762,9 +939,8 @@ static void wkv_forward_launch(rp_cuda_ctx *cx, const char *op, TO *y, const TI 
             y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b.seq_len,
             b.row_begin, b.slot, b.ckpt_block, C);
     else
-        wkv7_forward_kernel<TRAIN, TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
-            y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b.seq_len,
-            b.row_begin, b.slot, b.ckpt_block, C);
+        wkv_token_forward_launch<TRAIN>(cx, grid, y, r, w_raw, k, v, kk, a, state_base,
+                                        state_stride, checkpoints, &b, C);
     RP_CUDA_LAUNCHED(cx, op);
 }
 

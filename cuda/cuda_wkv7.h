@@ -30,6 +30,10 @@ int rp_cuda_wkv7_backward_bf16(rp_backend *be, void *const grads[6], int grads_b
 /* Forward calls whose longest sequence has at least this many tokens use the
  * chunked (fla-style) kernel; INT_MAX: never, 0: always (tests, bench_gpu). */
 extern int rp_cuda_wkv7_chunked_min_t;
+/* The per-token forward's blocks per (sequence, head): 0 (default) picks 1, 2
+ * or 4 from the grid and the SM count; 1, 2, 4 force it (tests, bench_gpu).
+ * Every split gives the same bits (each block owns whole value rows). */
+extern int rp_cuda_wkv7_rows_split;
 /* dst [n] bf16 = round(src [n]) / dst [n] = src [n] bf16 widened, on the
  * backend's stream (device pointers). */
 int rp_cuda_bf16_from_f32(rp_backend *be, void *dst, const float *src, size_t n);

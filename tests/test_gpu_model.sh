@@ -56,10 +56,11 @@ for name, (L, C, V, *ranks) in shapes.items():
 # WKV7 alone (the wave model): each kernel at or above its roofline, the
 # step-back backward cheaper than the recomputing one it replaced
 wkv = dict((m.group(1), (float(m.group(2)), float(m.group(3)))) for m in re.finditer(
-    r"^\| (wkv7_\S+[^|]*?) \| [\d.]+ \| \d+ \| \d \| ([\d.]+) \| ([\d.]+) \|$", text, re.M))
-if len(wkv) != 7:
-    bad.append(f"WKV7 section: {len(wkv)} kernel rows, expected 7 (forward per token, "
-               "chunked, chunked bf16, chunked on mma; backward, bf16, before)")
+    r"^\| (wkv7_\S+[^|]*?) \| [\d.]+ \| \d+ \| \d+ \| ([\d.]+) \| ([\d.]+) \|$", text, re.M))
+if len(wkv) != 10:
+    bad.append(f"WKV7 section: {len(wkv)} kernel rows, expected 10 (forward per token, "
+               "rows over 2 and 4 blocks, chunked, chunked bf16, chunked on mma; backward, "
+               "bf16, rows over 2 blocks, before)")
 for name, (roof, pred) in wkv.items():
     if pred < roof - 0.005:
         bad.append(f"WKV7 {name}: predicted {pred} ms below its roofline {roof} ms")
@@ -67,6 +68,24 @@ new_bwd = [p for n, (r, p) in wkv.items() if n.startswith("wkv7_backward, step-b
 old_bwd = [p for n, (r, p) in wkv.items() if n.startswith("wkv7_backward, before")]
 if not new_bwd or not old_bwd or not new_bwd[0] < old_bwd[0]:
     bad.append(f"WKV7: step-back backward {new_bwd} not below the recomputing one {old_bwd}")
+# The per-token forward by grid: the split wkv_rows_split picks is never
+# predicted slower than one block per head, and some grid gains from it
+splits = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([124]) \|$",
+                    text, re.M)
+if len(splits) < 4:
+    bad.append(f"WKV7 rows split table: {len(splits)} rows")
+gained = False
+for heads, load, t1, t2, t4, pick in splits:
+    t = {"1": float(t1), "2": float(t2), "4": float(t4)}
+    if t[pick] > t["1"]:
+        bad.append(f"WKV7 rows split: {heads} blocks pick split {pick} at {t[pick]} ms, "
+                   f"slower than unsplit {t1} ms")
+    gained = gained or t[pick] < t["1"]
+    if min(t.values()) < t[pick]:
+        bad.append(f"WKV7 rows split: {heads} blocks pick split {pick} at {t[pick]} ms, "
+                   f"the model has {min(t.values())} ms")
+if splits and not gained:
+    bad.append("WKV7 rows split: no grid gains from the split")
 for b in bad:
     print("FAIL: " + b)
 sys.exit(1 if bad else 0)

@@ -4,6 +4,7 @@
  * math to 1e-5, the bf16 GEMM paths to 1e-2. A plain C11 program (the GPU
  * machine has no test libraries), run by tests/gpu/run.sh; exit 0 when all
  * pass, 1 on a failure, 77 when there is no CUDA device. See README.md. */
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -1120,6 +1121,78 @@ static void check_wkv7_chunked(twin *t, const shape *sh) {
     wkv7_chunked_case(t, sh, -3, 3, 0);
 }
 
+/* ---- the per-token forward with rows split over blocks (cuda_wkv7.cu) ---- */
+
+/* forward_train (train) or wkv7 on the per-token kernel (chunked_min_t
+ * INT_MAX) with each head's 64 value rows over 1, 2 and 4 blocks
+ * (rp_cuda_wkv7_rows_split): every split within the twin tolerance of the CPU
+ * and the same bits as the unsplit kernel (a block owns whole rows: nothing
+ * is summed across blocks). */
+static void wkv7_rows_case(twin *t, const shape *sh, const seq_spec *spec, const char *mode,
+                           int train) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, spec);
+    const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
+    const size_t stride = state_stride(C), wkv = state_wkv_offset(C);
+    const size_t n_state = sh->n_slots * stride;
+    wkv_inputs in;
+    wkv_inputs_make(t, &in, R, C);
+    float *init = xmalloc(n_state * sizeof *init);
+    fill_uniform(t, init, n_state, -0.5, 0.5);
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t, saved_split = rp_cuda_wkv7_rows_split;
+    rp_cuda_wkv7_chunked_min_t = INT_MAX;
+    static const char *names[3] = {"y bits = split 1", "state bits = split 1",
+                                   "checkpoints bits = split 1"};
+    float *ref[3] = {NULL, NULL, NULL}; /* split 1's outputs as the GPU gave them */
+    const int n_out = train ? 3 : 2;
+    for (int split = 1; split <= 4; split *= 2) {
+        label(t, "%s split %d R=%d C=%d seqs=%d", mode, split, R, C, batch->n_seq);
+        rp_cuda_wkv7_rows_split = split;
+        tbuf *state = buf_from(t, init, n_state), *y = buf_output(t, (size_t)R * C);
+        tbuf *ckpt = buf_output(t, train ? checkpoint_floats(batch, C) : 1);
+        for (int g = 0; g < 2; g++) {
+            rp_backend *be = side(t, g);
+            if (train)
+                be->wkv7_forward_train(be, at(y, g), at(in.r, g), at(in.w_raw, g), at(in.k, g),
+                                       at(in.v, g), at(in.kk, g), at(in.a, g),
+                                       at(state, g) + wkv, stride, at(ckpt, g), batch, C, N);
+            else
+                be->wkv7(be, at(y, g), at(in.r, g), at(in.w_raw, g), at(in.k, g), at(in.v, g),
+                         at(in.kk, g), at(in.a, g), at(state, g) + wkv, stride, batch, C, N);
+        }
+        compare(t, "y", y);
+        compare(t, "state", state);
+        if (train) compare(t, "checkpoints", ckpt);
+        tbuf *out[3] = {y, state, ckpt};
+        for (int o = 0; o < n_out; o++) {
+            float *got = download(t, out[o]);
+            if (split == 1) {
+                ref[o] = got;
+                continue;
+            }
+            size_t differ = 0;
+            for (size_t e = 0; e < out[o]->n; e++)
+                differ += memcmp(got + e, ref[o] + e, sizeof(float)) != 0;
+            char note[64] = "";
+            if (differ)
+                snprintf(note, sizeof note, "  (%zu of %zu floats differ)", differ, out[o]->n);
+            report(t, names[o], 0.0, 0.0, differ == 0, note);
+            free(got);
+        }
+    }
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    rp_cuda_wkv7_rows_split = saved_split;
+    for (int o = 0; o < 3; o++) free(ref[o]);
+    free(init);
+    twin_release(t);
+}
+
+static void check_wkv7_rows(twin *t, const shape *sh) {
+    wkv7_rows_case(t, sh, &sh->prefill, "train", 1);
+    wkv7_rows_case(t, sh, &sh->prefill, "seq", 0);
+    wkv7_rows_case(t, sh, &sh->step, "step", 0);
+}
+
 /* ---- WKV7 with bf16 I/O (cuda_wkv7.h) ------------------------------------ */
 
 /* bf16 outputs: one rounding to nearest even per value (<= 2^-9 relative
@@ -1840,6 +1913,7 @@ static const twin_check checks[] = {
     {"wkv7 chained", check_wkv7_chain, MATH_FP32, 0},
     {"wkv7 bf16 I/O", check_wkv7_bf16, MATH_FP32, 0},
     {"wkv7 chunked forward", check_wkv7_chunked, MATH_FP32, 0},
+    {"wkv7 rows split", check_wkv7_rows, MATH_FP32, 0},
     {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
     {"l2wrap", check_l2wrap, MATH_FP32, 0},
     {"head_cross_entropy", check_head_cross_entropy, MATH_FP32, 0},
