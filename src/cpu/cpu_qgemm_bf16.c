@@ -66,14 +66,54 @@ static void pack_x(uint32_t *a, const float *x, int M, int K, int m0, uint16_t *
     }
 }
 
+/* out[c] = column c of the 16 x 16 words r[0..15] (r[i] word c): two
+ * rounds of in-lane interleaves, then the 4 x 4 transpose of 128-bit lanes. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int k = 0; k < 8; k++) {
+        a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+    /* b[4k + c] lane L: word 4L + c of rows 4k..4k+3 */
+    for (int k = 0; k < 4; k++) {
+        b[4 * k] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+        b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i u0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+        const __m512i u1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+        const __m512i u2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+        const __m512i u3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
+    }
+}
+
 /* Packs W rows [n0, n0 + nv) (nv <= QGEMM_NR; the rest zeros), k pairs
- * [p0, p0 + np), into b [np][QGEMM_NR] words. */
+ * [p0, p0 + np), into b [np][QGEMM_NR] words: 16 x 16 word blocks by
+ * transpose (a scalar copy costs a load and a store per word, a third of
+ * the GEMM's time at M = 64), the edges and odd K's last k word by word. */
 static void pack_w(uint32_t *b, const uint16_t *w, int K, int n0, int nv, int p0, int np) {
     if (nv < QGEMM_NR) memset(b, 0, (size_t)np * QGEMM_NR * sizeof *b);
     const int full = K / 2 - p0 < np ? K / 2 - p0 : np; /* pairs with both halves in W */
+    const int jv = nv / 16 * 16, pv = full / 16 * 16;
+    for (int j0 = 0; j0 < jv; j0 += 16)
+        for (int p = 0; p < pv; p += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = _mm512_loadu_si512(
+                    (const void *)(w + (size_t)(n0 + j0 + i) * K + 2 * (size_t)(p0 + p)));
+            transpose16(r);
+            for (int c = 0; c < 16; c++)
+                _mm512_store_si512((void *)(b + (size_t)(p + c) * QGEMM_NR + j0), r[c]);
+        }
     for (int j = 0; j < nv; j++) {
         const uint16_t *wr = w + (size_t)(n0 + j) * K + 2 * (size_t)p0;
-        for (int p = 0; p < full; p++) {
+        for (int p = j < jv ? pv : 0; p < full; p++) {
             uint32_t word;
             memcpy(&word, wr + 2 * p, sizeof word);
             b[(size_t)p * QGEMM_NR + j] = word;
