@@ -1,5 +1,5 @@
-/* The prefill GEMM on bf16 weights (cpu_qgemm_bf16.h): y = bf16(x) . W^T
- * with vdpbf16ps, which multiplies 32 bf16 pairs into 16 f32 lanes per
+/* The prefill GEMM on bf16 and int8 weights (cpu_qgemm_bf16.h): y =
+ * bf16(x) . W^T with vdpbf16ps, which multiplies 32 bf16 pairs into 16 f32 lanes per
  * instruction (twice the multiply-adds of an f32 FMA). The widening path it
  * replaces for M > RP_QMATMUL_DECODE_ROWS (W to f32, then OpenBLAS sgemm)
  * runs at f32 FMA rate; this one reads W as bf16 and never widens it.
@@ -12,7 +12,8 @@
  * (one vector load): the panel (24 KiB) stays in L1 while every row block
  * of x runs over it, and the x block (M x QGEMM_KC bf16) stays in L2 while
  * the thread's panels run. Threads split N, so each y element's summation
- * order (cpu_qgemm_bf16.h) is independent of the team. */
+ * order (cpu_qgemm_bf16.h) is independent of the team. int8 W is packed the
+ * same way (its q are exact in bf16) with its block scales beside. */
 #include "config.h"
 
 #if defined(__x86_64__)
@@ -23,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/dtype.h"
 #include "cpu/cpu_qgemm_bf16.h"
 #include "cpu/cpu_qmatmul_kern.h"
 
@@ -156,26 +158,121 @@ static void kernel_8x48(const uint32_t *a, const uint32_t *b, int np, float *y, 
     }
 }
 
+/* Q8 (int8 blocks of RP_Q8_BLOCK k, fp16 scale each): q in [-127, 127] is
+ * exact in bf16, so W is packed as pack_w packs bf16, from q, and the
+ * scales apart: sw [np / 16][QGEMM_NR] floats, one per block and output
+ * (zeros past nv). K is a multiple of 32, so np is a multiple of 16 pairs. */
+static void pack_w_q8(uint32_t *b, float *sw, const rp_qmatrix *w, int n0, int nv, int p0,
+                      int np) {
+    const int K = w->K, nb = K / RP_Q8_BLOCK;
+    const int8_t *q = (const int8_t *)w->data;
+    if (nv < QGEMM_NR) {
+        memset(b, 0, (size_t)np * QGEMM_NR * sizeof *b);
+        memset(sw, 0, (size_t)(np / 16) * QGEMM_NR * sizeof *sw);
+    }
+    for (int j = 0; j < nv; j++)
+        for (int bl = 0; bl < np / 16; bl++)
+            sw[bl * QGEMM_NR + j] = _cvtsh_ss(w->scales[(size_t)(n0 + j) * nb + p0 / 16 + bl]);
+    const int jv = nv / 16 * 16;
+    for (int j0 = 0; j0 < jv; j0 += 16)
+        for (int p = 0; p < np; p += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                const int8_t *src = q + (size_t)(n0 + j0 + i) * K + 2 * (size_t)(p0 + p);
+                const __m512 lo = _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+                const __m512 hi = _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 16))));
+                r[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* exact: |q| <= 127 */
+            }
+            transpose16(r);
+            for (int c = 0; c < 16; c++)
+                _mm512_store_si512((void *)(b + (size_t)(p + c) * QGEMM_NR + j0), r[c]);
+        }
+    for (int j = jv; j < nv; j++) {
+        const int8_t *src = q + (size_t)(n0 + j) * K + 2 * (size_t)p0;
+        for (int p = 0; p < np; p++) {
+            const uint32_t lo = rp_f32_to_bf16((float)src[2 * p]);
+            const uint32_t hi = rp_f32_to_bf16((float)src[2 * p + 1]);
+            b[(size_t)p * QGEMM_NR + j] = lo | hi << 16;
+        }
+    }
+}
+
+/* The Q8 tile, 4 rows x 48 (rows i0.. of an 8-row block of a): per block of
+ * 16 k pairs, a dot product from zero, then times the block's scale into
+ * the running sum (one FMA): 12 + 12 accumulators, 3 W vectors, 1 broadcast.
+ * Stored as kernel_8x48 stores. */
+static void kernel_q8_4x48(const uint32_t *a, int i0, const uint32_t *b, const float *sw, int np,
+                           float *y, int ldy, int mv, int nv, int first, float beta) {
+    __m512 c[4][QGEMM_NV];
+    for (int i = 0; i < 4; i++)
+        for (int v = 0; v < QGEMM_NV; v++) c[i][v] = _mm512_setzero_ps();
+    for (int bl = 0; bl < np / 16; bl++) {
+        __m512 d[4][QGEMM_NV];
+        for (int i = 0; i < 4; i++)
+            for (int v = 0; v < QGEMM_NV; v++) d[i][v] = _mm512_setzero_ps();
+        for (int p = 16 * bl; p < 16 * bl + 16; p++) {
+            __m512bh bv[QGEMM_NV];
+            for (int v = 0; v < QGEMM_NV; v++)
+                bv[v] = (__m512bh)_mm512_load_si512(
+                    (const void *)(b + (size_t)p * QGEMM_NR + 16 * v));
+            for (int i = 0; i < 4; i++) {
+                const __m512bh av =
+                    (__m512bh)_mm512_set1_epi32((int)a[(size_t)p * QGEMM_MR + i0 + i]);
+                for (int v = 0; v < QGEMM_NV; v++) d[i][v] = _mm512_dpbf16_ps(d[i][v], av, bv[v]);
+            }
+        }
+        for (int v = 0; v < QGEMM_NV; v++) {
+            const __m512 s = _mm512_load_ps(sw + bl * QGEMM_NR + 16 * v);
+            for (int i = 0; i < 4; i++) c[i][v] = _mm512_fmadd_ps(d[i][v], s, c[i][v]);
+        }
+    }
+    const __m512 betav = _mm512_set1_ps(beta);
+    for (int v = 0; v < QGEMM_NV; v++) {
+        const int left = nv - 16 * v;
+        if (left <= 0) break;
+        const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        for (int i = 0; i < mv; i++) {
+            float *yi = y + (size_t)i * ldy + 16 * v;
+            __m512 r = c[i][v];
+            if (!first)
+                r = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yi), r);
+            else if (beta != 0.0f)
+                r = _mm512_fmadd_ps(betav, _mm512_maskz_loadu_ps(mk, yi), r);
+            _mm512_mask_storeu_ps(yi, mk, r);
+        }
+    }
+}
+
 /* One thread's share: row blocks [rb0, rb1) of x packed into `a`, then
  * (after the team's barrier) W rows [n0, n1) through panels in `bbuf`. */
 static void gemm_part(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
-                      uint32_t *a, uint32_t *bbuf, uint16_t *row, int rb0, int rb1, int n0,
-                      int n1) {
+                      uint32_t *a, uint32_t *bbuf, float *sw, uint16_t *row, int rb0, int rb1,
+                      int n0, int n1) {
     const int N = w->N, K = w->K, K2 = (K + 1) / 2;
     for (int rb = rb0; rb < rb1; rb++)
         pack_x(a + (size_t)rb * K2 * QGEMM_MR, x, M, K, rb * QGEMM_MR, row);
 #pragma omp barrier
-    const uint16_t *wd = (const uint16_t *)w->data;
     const int KC2 = QGEMM_KC / 2;
     for (int p0 = 0; p0 < K2; p0 += KC2) {
         const int np = K2 - p0 < KC2 ? K2 - p0 : KC2;
         for (int n = n0; n < n1; n += QGEMM_NR) {
             const int nv = n1 - n < QGEMM_NR ? n1 - n : QGEMM_NR;
-            pack_w(bbuf, wd, K, n, nv, p0, np);
+            if (w->type == RP_QTYPE_Q8) pack_w_q8(bbuf, sw, w, n, nv, p0, np);
+            else pack_w(bbuf, (const uint16_t *)w->data, K, n, nv, p0, np);
             for (int m = 0; m < M; m += QGEMM_MR) {
                 const uint32_t *ap = a + ((size_t)(m / QGEMM_MR) * K2 + p0) * QGEMM_MR;
-                kernel_8x48(ap, bbuf, np, y + (size_t)m * N + n, N,
-                            M - m < QGEMM_MR ? M - m : QGEMM_MR, nv, p0 == 0, beta);
+                const int mv = M - m < QGEMM_MR ? M - m : QGEMM_MR;
+                float *ym = y + (size_t)m * N + n;
+                if (w->type != RP_QTYPE_Q8) {
+                    kernel_8x48(ap, bbuf, np, ym, N, mv, nv, p0 == 0, beta);
+                    continue;
+                }
+                kernel_q8_4x48(ap, 0, bbuf, sw, np, ym, N, mv < 4 ? mv : 4, nv, p0 == 0, beta);
+                if (mv > 4)
+                    kernel_q8_4x48(ap, 4, bbuf, sw, np, ym + (size_t)4 * N, N, mv - 4, nv,
+                                   p0 == 0, beta);
             }
         }
     }
@@ -201,8 +298,9 @@ int cpu_qgemm_bf16(const rp_qmatrix *w, float *y, const float *x, int M, float b
     const size_t a_bytes = (size_t)blocks * K2 * QGEMM_MR * sizeof(uint32_t);
     const size_t b_bytes = (size_t)(QGEMM_KC / 2) * QGEMM_NR * sizeof(uint32_t);
     const size_t row_bytes = (size_t)round_up(K + 32, 32) * sizeof(uint16_t);
+    const size_t sw_bytes = (size_t)(QGEMM_KC / 32) * QGEMM_NR * sizeof(float);
     uint32_t *a = aligned_alloc(64, (a_bytes + 63) / 64 * 64);
-    char *per_thread = aligned_alloc(64, (size_t)nt * (b_bytes + row_bytes));
+    char *per_thread = aligned_alloc(64, (size_t)nt * (b_bytes + sw_bytes + row_bytes));
     if (!a || !per_thread) {
         free(a);
         free(per_thread);
@@ -211,12 +309,12 @@ int cpu_qgemm_bf16(const rp_qmatrix *w, float *y, const float *x, int M, float b
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int parts = omp_get_num_threads(), part = omp_get_thread_num();
-        char *mine = per_thread + (size_t)part * (b_bytes + row_bytes);
+        char *mine = per_thread + (size_t)part * (b_bytes + sw_bytes + row_bytes);
         int rb0, rb1, n0, n1;
         slice(blocks, part, parts, 1, &rb0, &rb1);
         slice(N, part, parts, QGEMM_NR, &n0, &n1);
-        gemm_part(w, y, x, M, beta, a, (uint32_t *)mine, (uint16_t *)(mine + b_bytes), rb0, rb1,
-                  n0, n1);
+        gemm_part(w, y, x, M, beta, a, (uint32_t *)mine, (float *)(mine + b_bytes),
+                  (uint16_t *)(mine + b_bytes + sw_bytes), rb0, rb1, n0, n1);
     }
     free(a);
     free(per_thread);

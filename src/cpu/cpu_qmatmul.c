@@ -4,7 +4,7 @@
  * Decode (M <= RP_QMATMUL_DECODE_ROWS, or decode rows of any count through
  * rp_cpu_qmatmul_decode) streams W once through a SIMD kernel;
  * prefill widens W to f32 (whole, or in fixed tiles when large) for sgemm,
- * except bf16dot's, a bf16 GEMM (cpu_qgemm_bf16.c). */
+ * except bf16dot's and vnni's, a bf16 GEMM (cpu_qgemm_bf16.c). */
 #include "config.h"
 
 #include <cblas.h>
@@ -273,9 +273,13 @@ static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
     int nt = work < QMATMUL_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
     if (M > RP_QMATMUL_DECODE_ROWS && !decode_rows) {
 #if RP_CPU_QKERN_X86
-        /* bf16dot rounds x to bf16 for prefill too, and runs it at the
-         * vdpbf16ps rate (cpu_qgemm_bf16.c); sgemm below if out of memory. */
-        if (k == RP_QKERNEL_BF16DOT && cpu_qgemm_bf16(w, y, x, M, beta, nt) == 0) return;
+        /* bf16dot's and vnni's prefill: x rounded to bf16, W read at the
+         * vdpbf16ps rate (cpu_qgemm_bf16.c; vnni's needs AVX512_BF16 too,
+         * which a CPU with VNNI need not have); sgemm below otherwise. */
+        if ((k == RP_QKERNEL_BF16DOT ||
+             (k == RP_QKERNEL_VNNI && rp_cpu_isa_supported(RP_CPU_ISA_AVX512BF16))) &&
+            cpu_qgemm_bf16(w, y, x, M, beta, nt) == 0)
+            return;
 #endif
         if (prefill_whole(k, w, y, x, M, beta, nt)) return;
         const int tr = tile_rows(K);
