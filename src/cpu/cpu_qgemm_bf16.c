@@ -1,6 +1,6 @@
 /* The prefill GEMM on bf16 and int8 weights (cpu_qgemm_bf16.h): y =
- * bf16(x) . W^T with vdpbf16ps, which multiplies 32 bf16 pairs into 16 f32 lanes per
- * instruction (twice the multiply-adds of an f32 FMA). The widening path it
+ * bf16(x) . W^T with vdpbf16ps, which multiplies 32 bf16 pairs into 16 f32
+ * lanes per instruction (twice the multiply-adds of an f32 FMA). The widening path it
  * replaces for M > RP_QMATMUL_DECODE_ROWS (W to f32, then OpenBLAS sgemm)
  * runs at f32 FMA rate; this one reads W as bf16 and never widens it.
  *
