@@ -2,10 +2,10 @@
 # Accuracy of the low-precision CPU weights (issue 20, docs/perf/cpu.md): a
 # tiny byte-level model trained on this repository's docs, scored on held-out
 # text it never saw in f32, bf16 and int8. Two paths per format: prefill
-# (`eval` over all held-out windows: many rows per call, the widened-tile
-# GEMM) and decode (`logits --mode step` over the first 2048 held-out bytes:
+# (`eval` over all held-out windows: many rows per call: the vdpbf16ps GEMM
+# with x rounded to bf16, for bf16 and int8 W) and decode (`logits --mode step` over the first 2048 held-out bytes:
 # one row per call, the kernel the CPU picks: bf16dot rounds x to bf16, vnni
-# quantizes x per block of 32), plus decode with the widening kernels only
+# quantizes x per block of 32), plus both with the widening kernels only
 # (RP_CPU_ISA=avx512, x stays f32). Prints loss, perplexity, its change and
 # the next-token agreement with f32. A benchmark, not a test: training takes
 # a few minutes.

@@ -89,9 +89,15 @@ static void check_kernel(rp_qkernel k, rp_qtype type, int N, int K, int M, float
     memcpy(y0, y, (size_t)M * N * sizeof(float));
     memcpy(yref, y, (size_t)M * N * sizeof(float));
     rp_cpu_qmatmul_kernel(k, &q.w, y, x, M, beta, n_threads);
-    /* Prefill (M > 8) widens W for sgemm with x as it is, whatever k. */
-    rp_qmatmul_ref_kernel(M > RP_QMATMUL_DECODE_ROWS ? RP_QKERNEL_GENERIC : k, &q.w, yref, x, M,
-                          beta);
+    /* Prefill (M > 8) widens W for sgemm with x as it is, except bf16dot's
+     * and vnni's bf16 GEMM (x rounded to bf16; tests/test_cpu_qgemm_bf16.c). */
+    rp_qkernel kref = k;
+    if (M > RP_QMATMUL_DECODE_ROWS)
+        kref = k == RP_QKERNEL_BF16DOT ||
+                       (k == RP_QKERNEL_VNNI && rp_cpu_isa_supported(RP_CPU_ISA_AVX512BF16))
+                   ? RP_QKERNEL_BF16DOT
+                   : RP_QKERNEL_GENERIC;
+    rp_qmatmul_ref_kernel(kref, &q.w, yref, x, M, beta);
     double worst = 0.0;
     for (int n = 0; n < N; n++) {
         rp_qmatrix_row_f32(&q.w, n, row);
@@ -186,8 +192,11 @@ static void test_thread_and_row_count_independence(void **state) {
             assert_non_null(y2);
             for (int k = 0; k < RP_QKERNEL_COUNT; k++) {
                 if (!rp_qkernel_available((rp_qkernel)k, type)) continue;
-                /* prefill runs the same sgemm whatever the kernel: two suffice */
-                if (M > RP_QMATMUL_DECODE_ROWS && k > RP_QKERNEL_AVX2) continue;
+                /* prefill runs the same sgemm whatever the kernel (two suffice)
+                 * but bf16dot's and vnni's bf16 GEMM */
+                if (M > RP_QMATMUL_DECODE_ROWS && k > RP_QKERNEL_AVX2 && k != RP_QKERNEL_BF16DOT &&
+                    k != RP_QKERNEL_VNNI)
+                    continue;
                 rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y1, x, M, 0.0f, 1);
                 rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y2, x, M, 0.0f, 2);
                 if (memcmp(y1, y2, (size_t)M * N * sizeof(float)))

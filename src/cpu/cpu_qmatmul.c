@@ -3,7 +3,8 @@
  * prepares x for it, and splits the output rows (N) over the OpenMP team.
  * Decode (M <= RP_QMATMUL_DECODE_ROWS, or decode rows of any count through
  * rp_cpu_qmatmul_decode) streams W once through a SIMD kernel;
- * prefill widens W to f32 (whole, or in fixed tiles when large) for sgemm. */
+ * prefill widens W to f32 (whole, or in fixed tiles when large) for sgemm,
+ * except bf16dot's and vnni's, a bf16 GEMM (cpu_qgemm_bf16.c). */
 #include "config.h"
 
 #include <cblas.h>
@@ -14,6 +15,7 @@
 
 #include "core/dtype.h"
 #include "cpu/cpu_features.h"
+#include "cpu/cpu_qgemm_bf16.h"
 #include "cpu/cpu_qmatmul_kern.h"
 
 /* As cpu_matmul.c: below this many multiply-adds one thread; N slices start
@@ -270,6 +272,15 @@ static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
     const size_t work = (size_t)M * N * K;
     int nt = work < QMATMUL_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
     if (M > RP_QMATMUL_DECODE_ROWS && !decode_rows) {
+#if RP_CPU_QKERN_X86
+        /* bf16dot's and vnni's prefill: x rounded to bf16, W read at the
+         * vdpbf16ps rate (cpu_qgemm_bf16.c; vnni's needs AVX512_BF16 too,
+         * which a CPU with VNNI need not have); sgemm below otherwise. */
+        if ((k == RP_QKERNEL_BF16DOT ||
+             (k == RP_QKERNEL_VNNI && rp_cpu_isa_supported(RP_CPU_ISA_AVX512BF16))) &&
+            cpu_qgemm_bf16(w, y, x, M, beta, nt) == 0)
+            return;
+#endif
         if (prefill_whole(k, w, y, x, M, beta, nt)) return;
         const int tr = tile_rows(K);
         const int tiles = (N + tr - 1) / tr;

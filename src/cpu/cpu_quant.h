@@ -61,7 +61,9 @@ void rp_cpu_qmatmul(const rp_qmatrix *w, float *y, const float *x, int M, float 
 /* ---- kernels by name (cpu_qmatmul.c): tests, benchmarks, RP_CPU_ISA ----
  * Every kernel gives each y element one summation order whatever n_threads
  * and whichever M <= RP_QMATMUL_DECODE_ROWS rows share the call; above that
- * (prefill) all kernels widen blocks of W to f32 and run sgemm on them. */
+ * (prefill) bf16dot and vnni run a bf16 GEMM (x rounded to bf16, vnni's only
+ * where the CPU has AVX512_BF16: cpu_qgemm_bf16.c), the others widen blocks
+ * of W to f32 and run sgemm on them. */
 #define RP_QMATMUL_DECODE_ROWS 8
 
 typedef enum {
