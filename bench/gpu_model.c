@@ -360,6 +360,7 @@ typedef struct {
     double io_units;       /* [R,C] tensors read and written (inputs, y, gradients) */
     double io_bytes;       /* their element size: 4 (fp32 I/O) or 2 (bf16 I/O) */
     double extra_instr;    /* per thread per token beyond the 1.3 factor */
+    double tc_flops_per_elem; /* on tensor cores (bf16 wmma), not in the issue count */
 } wkv_kernel;
 
 /* The checkpoints: fp32 [64,64] per head every 16 tokens = N/16 = 4 [R,C]
@@ -384,39 +385,51 @@ static double wkv_kernel_seconds(const wkv_kernel *k, double blocks, double T) {
 
 static const wkv_kernel wkv_fwd_kernel = {"wkv7_forward_train per token (72 regs, 19 KB smem)",
                                           WKV_FLOPS_PER_ELEM, 7, WKV_LAT_FWD_CYCLES, 6 + 1, 4,
-                                          0};
+                                          0, 0};
 /* The chunked forward (fla's form, 16-token chunks, FMA loops; 128 regs,
- * 45 KB smem, 4 blocks/SM), used from T >= 64. Per chunk a thread issues
- * ~2900 instructions: S0 at and S0 rt (2 x 512), the state update (1024),
- * its share of the four L x L products (~300 unmasked), sa/y substitution
- * (~512), loads and the decay scan; ~180 per token, x 1.3 = as 11.3 FLOPs
- * per element. Its chain per chunk (5 barriers, one load burst, the
- * 16-step scan and substitution) is taken as ~250 cycles a token. About
- * 2000 of the 2900 are the tile products a tensor-core mma would take
- * over (not done: the model shows what it would gain). */
+ * 45 KB smem, 4 blocks/SM), used from T >= 64 in fp32 math. Per chunk a
+ * thread issues ~2900 instructions: S0 at and S0 rt (2 x 512), the state
+ * update (1024), its share of the four L x L products (~300 unmasked), sa/y
+ * substitution (~512), loads and the decay scan; ~180 per token, x 1.3 = as
+ * 11.3 FLOPs per element. Its chain per chunk (5 barriers, one load burst,
+ * the 16-step scan and substitution) is taken as ~250 cycles a token. */
 #define WKV_CHUNK_FLOPS_PER_ELEM 11.3
 #define WKV_LAT_CHUNK_CYCLES 250.0
 static const wkv_kernel wkv_chunk_kernel = {
     "wkv7_forward_train chunked, FMA (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
-    WKV_LAT_CHUNK_CYCLES, 6 + 1, 4, 0};
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 4, 0, 0};
+/* The same chunk form in BF16 math (wkv7_chunk_forward_mma_kernel, built:
+ * 128 regs, 47360 B smem, 4 blocks/SM): its tile products on bf16 wmma
+ * (16x16x16). Per chunk and head, dense on tensor cores: the four L x L
+ * products 4 x 2 x 16 x 16 x 64, S0 at^T and S0 rt^T 2 x 2 x 64 x 16 x 64,
+ * the state update 2 x 2 x 64 x 64 x 16 = 655360 FLOPs = 10 per state element
+ * per token (the masked halves of the L x L products included). Left on
+ * CUDA cores per thread per chunk: the substitution for sa and y's in-chunk
+ * sums (512 FMAs, both threads of a row pair), the decay scan and bf16
+ * staging, S0 to bf16 and back through the state tile, the g_L scaling
+ * (~900 instructions: as 11.3 x 900 / 2900 FLOPs per element on the
+ * FMA-path scale). Same chain as the FMA form (two more barriers a chunk).
+ * I/O: the six inputs' bf16 copies, y fp32 (group norm reads it) = 2 units. */
+#define WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM 10.0
 static const wkv_kernel wkv_chunk_mma_kernel = {
-    "wkv7_forward_train chunked, bf16 I/O, tile products on mma (not built)", 11.3 * 900.0 / 2900.0, 4,
-    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0};
+    "wkv7_forward_train chunked, bf16 math, tile products on bf16 wmma (128 regs, 46 KB smem)",
+    WKV_CHUNK_FLOPS_PER_ELEM * 900.0 / 2900.0, 4, WKV_LAT_CHUNK_CYCLES, 6 + 2, 2, 0,
+    WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM};
 /* 128 registers (4 blocks/SM): the state column lives in shared memory,
  * 3 scalar accesses per element per token (32 per thread) more than with
  * it in registers; dr, dk, dv accumulate (beta 1): read and written. */
 static const wkv_kernel wkv_bwd_kernel = {
     "wkv7_backward, step-back, beta 1 (128 regs, 41 KB smem)",
     WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 4, WKV_LAT_BWD_CYCLES,
-    1 + 6 + 6 + 3, 4, 3 * 32};
+    1 + 6 + 6 + 3, 4, 3 * 32, 0};
 /* bf16 I/O (the official kernel's dtypes, beta 0): the same code on half the
  * bytes; bf16 gradients need 168 registers (3 blocks/SM, ptxas). */
 static const wkv_kernel wkv_fwd16_kernel = {
     "wkv7_forward_train chunked, bf16 I/O (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
-    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0};
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0, 0};
 static const wkv_kernel wkv_bwd16_kernel = {
     "wkv7_backward, bf16 I/O (168 regs, 41 KB smem)",
-    WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 2, 3 * 32};
+    WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 2, 3 * 32, 0};
 
 /* The forward kernel a call of length T runs (cuda_wkv7.cu's threshold). */
 static const wkv_kernel *wkv_forward_for(double T) {
@@ -442,7 +455,7 @@ static void wkv_section(FILE *out) {
         wkv_fwd_kernel,
         wkv_chunk_mma_kernel,
         {"wkv7_backward, before: 2.5x recompute (166 regs, 70 KB smem)", 45.0, 3,
-         WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 4, 0},
+         WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 4, 0, 0},
     };
     fprintf(out, "## WKV7 forward + backward at the official benchmark shape\n\n"
                  "B=%.0f T=%.0f C=%.0f H=%.0f (head %.0f), fp32 I/O unless marked bf16; %.0f blocks on %d SMs at "
@@ -454,8 +467,11 @@ static void wkv_section(FILE *out) {
     double t_new = 0.0, t_16 = 0.0, t_token = 0.0, t_old = 0.0;
     for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++) {
         const wkv_kernel *k = &ks[i];
-        const double bytes = wkv_kernel_bytes(k, R, C), flops = k->flops_per_elem * elems;
-        const double t_mem = bytes / HBM_BYTES_PER_S, t_math = flops / FP32_FLOPS;
+        const double bytes = wkv_kernel_bytes(k, R, C);
+        const double flops = (k->flops_per_elem + k->tc_flops_per_elem) * elems;
+        const double t_mem = bytes / HBM_BYTES_PER_S;
+        const double t_math = k->flops_per_elem * elems / FP32_FLOPS +
+                              k->tc_flops_per_elem * elems / BF16_TENSOR_FLOPS;
         /* No kernel beats its HBM traffic (the mma row's issue time would). */
         double t = wkv_kernel_seconds(k, B * H, T);
         if (t < t_mem) t = t_mem;
