@@ -363,6 +363,7 @@ typedef struct {
     double extra_instr;    /* per thread per token beyond the 1.3 factor */
     int split;             /* blocks per (sequence, head); 0 is 1 */
     double partial_units;  /* fp32 [R,C] partial sums written + read per block of a head */
+    double tc_flops_per_elem; /* on tensor cores (bf16 wmma), not in the issue count */
 } wkv_kernel;
 
 static int wkv_split(const wkv_kernel *k) { return k->split > 0 ? k->split : 1; }
@@ -392,7 +393,7 @@ static double wkv_kernel_seconds(const wkv_kernel *k, double heads, double T) {
 
 static const wkv_kernel wkv_fwd_kernel = {"wkv7_forward_train per token (72 regs, 19 KB smem)",
                                           WKV_FLOPS_PER_ELEM, 7, WKV_LAT_FWD_CYCLES, 6 + 1, 4,
-                                          0, 1, 0};
+                                          0, 1, 0, 0};
 /* The same with a head's rows over 2 blocks of 64 threads (67 registers,
  * 11 KB: 14 blocks an SM) or 4 of 32 (72 registers, 7 KB: 28): the same
  * work per thread and token, no partial sums (each block owns whole rows);
@@ -400,34 +401,46 @@ static const wkv_kernel wkv_fwd_kernel = {"wkv7_forward_train per token (72 regs
  * channels; L2 serves the repeats: not counted). */
 static const wkv_kernel wkv_fwd2_kernel = {
     "wkv7_forward_train per token, rows over 2 blocks (67 regs, 11 KB smem)", WKV_FLOPS_PER_ELEM,
-    14, WKV_LAT_FWD_CYCLES, 6 + 1, 4, 0, 2, 0};
+    14, WKV_LAT_FWD_CYCLES, 6 + 1, 4, 0, 2, 0, 0};
 static const wkv_kernel wkv_fwd4_kernel = {
     "wkv7_forward_train per token, rows over 4 blocks (72 regs, 7 KB smem)", WKV_FLOPS_PER_ELEM,
-    28, WKV_LAT_FWD_CYCLES, 6 + 1, 4, 0, 4, 0};
+    28, WKV_LAT_FWD_CYCLES, 6 + 1, 4, 0, 4, 0, 0};
 /* The chunked forward (fla's form, 16-token chunks, FMA loops; 128 regs,
- * 45 KB smem, 4 blocks/SM), used from T >= 64. Per chunk a thread issues
- * ~2900 instructions: S0 at and S0 rt (2 x 512), the state update (1024),
- * its share of the four L x L products (~300 unmasked), sa/y substitution
- * (~512), loads and the decay scan; ~180 per token, x 1.3 = as 11.3 FLOPs
- * per element. Its chain per chunk (5 barriers, one load burst, the
- * 16-step scan and substitution) is taken as ~250 cycles a token. About
- * 2000 of the 2900 are the tile products a tensor-core mma would take
- * over (not done: the model shows what it would gain). */
+ * 45 KB smem, 4 blocks/SM), used from T >= 64 in fp32 math. Per chunk a
+ * thread issues ~2900 instructions: S0 at and S0 rt (2 x 512), the state
+ * update (1024), its share of the four L x L products (~300 unmasked), sa/y
+ * substitution (~512), loads and the decay scan; ~180 per token, x 1.3 = as
+ * 11.3 FLOPs per element. Its chain per chunk (5 barriers, one load burst,
+ * the 16-step scan and substitution) is taken as ~250 cycles a token. */
 #define WKV_CHUNK_FLOPS_PER_ELEM 11.3
 #define WKV_LAT_CHUNK_CYCLES 250.0
 static const wkv_kernel wkv_chunk_kernel = {
     "wkv7_forward_train chunked, FMA (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
-    WKV_LAT_CHUNK_CYCLES, 6 + 1, 4, 0, 1, 0};
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 4, 0, 1, 0, 0};
+/* The same chunk form in BF16 math (wkv7_chunk_forward_mma_kernel, built:
+ * 128 regs, 47360 B smem, 4 blocks/SM): its tile products on bf16 wmma
+ * (16x16x16). Per chunk and head, dense on tensor cores: the four L x L
+ * products 4 x 2 x 16 x 16 x 64, S0 at^T and S0 rt^T 2 x 2 x 64 x 16 x 64,
+ * the state update 2 x 2 x 64 x 64 x 16 = 655360 FLOPs = 10 per state element
+ * per token (the masked halves of the L x L products included). Left on
+ * CUDA cores per thread per chunk: the substitution for sa and y's in-chunk
+ * sums (512 FMAs, both threads of a row pair), the decay scan and bf16
+ * staging, S0 to bf16 and back through the state tile, the g_L scaling
+ * (~900 instructions: as 11.3 x 900 / 2900 FLOPs per element on the
+ * FMA-path scale). Same chain as the FMA form (two more barriers a chunk).
+ * I/O: the six inputs' bf16 copies, y fp32 (group norm reads it) = 2 units. */
+#define WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM 10.0
 static const wkv_kernel wkv_chunk_mma_kernel = {
-    "wkv7_forward_train chunked, bf16 I/O, tile products on mma (not built)", 11.3 * 900.0 / 2900.0, 4,
-    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0, 1, 0};
+    "wkv7_forward_train chunked, bf16 math, tile products on bf16 wmma (128 regs, 46 KB smem)",
+    WKV_CHUNK_FLOPS_PER_ELEM * 900.0 / 2900.0, 4, WKV_LAT_CHUNK_CYCLES, 6 + 2, 2, 0, 1, 0,
+    WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM};
 /* 128 registers (4 blocks/SM): the state column lives in shared memory,
  * 3 scalar accesses per element per token (32 per thread) more than with
  * it in registers; dr, dk, dv accumulate (beta 1): read and written. */
 static const wkv_kernel wkv_bwd_kernel = {
     "wkv7_backward, step-back, beta 1 (128 regs, 41 KB smem)",
     WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 4, WKV_LAT_BWD_CYCLES,
-    1 + 6 + 6 + 3, 4, 3 * 32, 1, 0};
+    1 + 6 + 6 + 3, 4, 3 * 32, 1, 0, 0};
 /* Not built: the backward with a head's rows over 2 blocks of 64 threads
  * (at 128 registers: 8 blocks an SM). The column sums dr, dk, db, dd, da run
  * over all 64 rows, so each block writes its 5 partial [R,C] sums and a
@@ -435,16 +448,16 @@ static const wkv_kernel wkv_bwd_kernel = {
 static const wkv_kernel wkv_bwd2_kernel = {
     "wkv7_backward, rows over 2 blocks + partial sums through HBM (not built)",
     WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 8, WKV_LAT_BWD_CYCLES, 1 + 6 + 6 + 3, 4,
-    3 * 32, 2, 10};
+    3 * 32, 2, 10, 0};
 /* bf16 I/O (the official kernel's dtypes, beta 0): the same code on half the
  * bytes; bf16 gradients need 168 registers (3 blocks/SM, ptxas). */
 static const wkv_kernel wkv_fwd16_kernel = {
     "wkv7_forward_train chunked, bf16 I/O (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
-    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0, 1, 0};
+    WKV_LAT_CHUNK_CYCLES, 6 + 1, 2, 0, 1, 0, 0};
 static const wkv_kernel wkv_bwd16_kernel = {
     "wkv7_backward, bf16 I/O (168 regs, 41 KB smem)",
     WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 3, WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 2, 3 * 32,
-    1, 0};
+    1, 0, 0};
 
 /* The per-token forward's row split for a grid of `heads` (sequence, head)
  * pairs: cuda_wkv7.cu's wkv_rows_split, the same rule. No split below 2 heads
@@ -518,7 +531,7 @@ static void wkv_section(FILE *out) {
         wkv_fwd_kernel,
         wkv_chunk_mma_kernel,
         {"wkv7_backward, before: 2.5x recompute (166 regs, 70 KB smem)", 45.0, 3,
-         WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 4, 0, 1, 0},
+         WKV_LAT_BWD_CYCLES, 1 + 6 + 6, 4, 0, 1, 0, 0},
         wkv_fwd2_kernel,
         wkv_fwd4_kernel,
         wkv_bwd2_kernel,
@@ -533,8 +546,11 @@ static void wkv_section(FILE *out) {
     double t_new = 0.0, t_16 = 0.0, t_token = 0.0, t_old = 0.0;
     for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++) {
         const wkv_kernel *k = &ks[i];
-        const double bytes = wkv_kernel_bytes(k, R, C), flops = k->flops_per_elem * elems;
-        const double t_mem = bytes / HBM_BYTES_PER_S, t_math = flops / FP32_FLOPS;
+        const double bytes = wkv_kernel_bytes(k, R, C);
+        const double flops = (k->flops_per_elem + k->tc_flops_per_elem) * elems;
+        const double t_mem = bytes / HBM_BYTES_PER_S;
+        const double t_math = k->flops_per_elem * elems / FP32_FLOPS +
+                              k->tc_flops_per_elem * elems / BF16_TENSOR_FLOPS;
         /* No kernel beats its HBM traffic (the mma row's issue time would). */
         double t = wkv_kernel_seconds(k, B * H, T);
         if (t < t_mem) t = t_mem;

@@ -9,6 +9,7 @@
 // kernel's dtype; cuda_wkv7.h); state, decay and sums stay fp32.
 #include "cuda_internal.h"
 #include "cuda_wkv7.h"
+#include <mma.h>
 
 // Layout (the official RWKV-7 kernel's, with two threads per row): one block
 // of 128 threads per (sequence, head); thread (i = tid / 2, p = tid % 2) holds
@@ -539,6 +540,212 @@ __global__ void __launch_bounds__(WKV_THREADS, 4)
     wkv_store_rows(state, tile, st, i, p);
 }
 
+// ---- chunked forward on tensor cores (BF16 math) ----
+//
+// The chunk form above with its tile products on bf16 wmma (16x16x16, fp32
+// accumulate; operands rounded to bf16 once, where they are staged):
+//   the four L x L products Uab Uak Wrb Wrk (warp w: product w, 4 mma),
+//   S0 at^T and S0 rt^T [64,L] (warp w: rows 16w..16w+15, 8 mma),
+//   S_L = S0 + sa^T bh + v^T kh [64,64] (warp w: rows 16w.., 8 mma; S0 is
+//   the fp32 accumulator, exact), then times g_L per column.
+// The substitution for sa (sequential in t) and y's in-chunk sums (2 L^2 a
+// row) stay FMA on the fp32 products. Accuracy: the bf16 operands carry a
+// relative error of 2^-9 each (the twin test measures what it does to y and
+// the state: docs/gpu.md). fp32 math keeps wkv7_chunk_forward_kernel.
+#define WKV_MMA 16            // the wmma tile: 16 x 16 x 16
+#define WKV_MMA_S0_LD 72      // bf16 S0 rows: ldm a multiple of 8, 16-row blocks 32-byte aligned
+#define WKV_MMA_ST_LD 68      // fp32 state rows: ldm a multiple of 4, 16-row blocks 32-byte aligned
+enum { CHM_AT = 0, CHM_RT, CHM_BH, CHM_KH, CHM_V, CHM_SA, CHM_COUNT };
+static_assert(WKV_L == WKV_MMA && WKV_THREADS / 32 * WKV_MMA == WKV_N,
+              "one wmma tile a chunk, one warp per 16 state rows");
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, WKV_MMA, WKV_MMA, WKV_MMA, float>
+    wkv_acc_frag;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, WKV_MMA, WKV_MMA, WKV_MMA, __nv_bfloat16,
+                               nvcuda::wmma::row_major>
+    wkv_a_row_frag;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, WKV_MMA, WKV_MMA, WKV_MMA, __nv_bfloat16,
+                               nvcuda::wmma::col_major>
+    wkv_a_col_frag;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, WKV_MMA, WKV_MMA, WKV_MMA, __nv_bfloat16,
+                               nvcuda::wmma::row_major>
+    wkv_b_row_frag;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, WKV_MMA, WKV_MMA, WKV_MMA, __nv_bfloat16,
+                               nvcuda::wmma::col_major>
+    wkv_b_col_frag;
+
+// The chunk's vectors as bf16 operands [L][64]: thread j < 64 walks channel
+// j down the chunk (the cumulative decay is sequential in u; a warp's loads
+// are 32 consecutive channels) and writes at, rt, bh, kh and g_L; threads
+// 64.. load v (fp32 for the substitution, bf16 for the state update).
+template <typename TI>
+__device__ __forceinline__ void wkv_mma_stage(__nv_bfloat16 *vh, float *vf, float *gl,
+                                              const TI *r, const TI *w_raw, const TI *k,
+                                              const TI *v, const TI *kk, const TI *a,
+                                              size_t head, int C, int t0, int n) {
+    if (threadIdx.x < WKV_N) {
+        const int j = threadIdx.x;
+        float g = 1.0f;
+        for (int u = 0; u < WKV_L; u++) {
+            float rv = 0.0f, dv = 1.0f, kv = 0.0f, av = 0.0f, bv = 0.0f;
+            if (u < n) {
+                const size_t o = head + (size_t)(t0 + u) * C + j;
+                const float kkv = wkv_in(kk, o);
+                rv = wkv_in(r, o);
+                dv = rp_decayf(wkv_in(w_raw, o));
+                kv = wkv_in(k, o);
+                av = -kkv;
+                bv = kkv * wkv_in(a, o);
+            }
+            const int f = u * WKV_N + j;
+            vh[CHM_AT * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fmul_rn(av, g));
+            g = __fmul_rn(g, dv);
+            vh[CHM_RT * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fmul_rn(rv, g));
+            vh[CHM_BH * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fdiv_rn(bv, g));
+            vh[CHM_KH * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fdiv_rn(kv, g));
+        }
+        gl[j] = g;
+    } else {
+        const int j = threadIdx.x - WKV_N;
+        for (int u = 0; u < WKV_L; u++) {
+            const int f = u * WKV_N + j;
+            const float vv = u < n ? wkv_in(v, head + (size_t)(t0 + u) * C + j) : 0.0f;
+            vf[f] = vv;
+            vh[CHM_V * WKV_L * WKV_N + f] = __float2bfloat16_rn(vv);
+        }
+    }
+}
+
+// Warp w: the L x L product w into mm + w L^2 ([s][t] = x_s . z_t; x = bh
+// or kh, z = at or rt), and rows 16w.. of S0 at^T and S0 rt^T into z2
+// ([2][64][L]). Entries the substitution does not read (s >= t, s > t) are
+// computed and ignored.
+__device__ __forceinline__ void wkv_mma_products(float *mm, float *z2, const __nv_bfloat16 *vh,
+                                                 const __nv_bfloat16 *s0h, int w) {
+    namespace wmma = nvcuda::wmma;
+    const __nv_bfloat16 *At = vh + CHM_AT * WKV_L * WKV_N, *Rt = vh + CHM_RT * WKV_L * WKV_N;
+    const __nv_bfloat16 *X = vh + ((w & 1) ? CHM_KH : CHM_BH) * WKV_L * WKV_N;
+    const __nv_bfloat16 *Z = w < 2 ? At : Rt;
+    wkv_acc_frag uu, za, zr;
+    wmma::fill_fragment(uu, 0.0f);
+    wmma::fill_fragment(za, 0.0f);
+    wmma::fill_fragment(zr, 0.0f);
+#pragma unroll
+    for (int kq = 0; kq < WKV_N / WKV_MMA; kq++) {
+        wkv_a_row_frag x, s0;
+        wkv_b_col_frag z, at, rt;
+        wmma::load_matrix_sync(x, X + WKV_MMA * kq, WKV_N);
+        wmma::load_matrix_sync(z, Z + WKV_MMA * kq, WKV_N);
+        wmma::mma_sync(uu, x, z, uu);
+        wmma::load_matrix_sync(s0, s0h + WKV_MMA * w * WKV_MMA_S0_LD + WKV_MMA * kq, WKV_MMA_S0_LD);
+        wmma::load_matrix_sync(at, At + WKV_MMA * kq, WKV_N);
+        wmma::load_matrix_sync(rt, Rt + WKV_MMA * kq, WKV_N);
+        wmma::mma_sync(za, s0, at, za);
+        wmma::mma_sync(zr, s0, rt, zr);
+    }
+    wmma::store_matrix_sync(mm + w * WKV_LL, uu, WKV_L, wmma::mem_row_major);
+    wmma::store_matrix_sync(z2 + WKV_MMA * w * WKV_L, za, WKV_L, wmma::mem_row_major);
+    wmma::store_matrix_sync(z2 + WKV_N * WKV_L + WKV_MMA * w * WKV_L, zr, WKV_L,
+                            wmma::mem_row_major);
+}
+
+// Warp w: rows 16w.. of the state tile (S0, fp32, stride WKV_MMA_ST_LD) +=
+// sa^T bh + v^T kh.
+__device__ __forceinline__ void wkv_mma_state(float *tile, const __nv_bfloat16 *vh, int w) {
+    namespace wmma = nvcuda::wmma;
+    wkv_a_col_frag sa, vv;
+    wmma::load_matrix_sync(sa, vh + CHM_SA * WKV_L * WKV_N + WKV_MMA * w, WKV_N);
+    wmma::load_matrix_sync(vv, vh + CHM_V * WKV_L * WKV_N + WKV_MMA * w, WKV_N);
+#pragma unroll
+    for (int nb = 0; nb < WKV_N / WKV_MMA; nb++) {
+        float *out = tile + WKV_MMA * w * WKV_MMA_ST_LD + WKV_MMA * nb;
+        wkv_acc_frag acc;
+        wkv_b_row_frag bh, kh;
+        wmma::load_matrix_sync(acc, out, WKV_MMA_ST_LD, wmma::mem_row_major);
+        wmma::load_matrix_sync(bh, vh + CHM_BH * WKV_L * WKV_N + WKV_MMA * nb, WKV_N);
+        wmma::load_matrix_sync(kh, vh + CHM_KH * WKV_L * WKV_N + WKV_MMA * nb, WKV_N);
+        wmma::mma_sync(acc, sa, bh, acc);
+        wmma::mma_sync(acc, vv, kh, acc);
+        wmma::store_matrix_sync(out, acc, WKV_MMA_ST_LD, wmma::mem_row_major);
+    }
+}
+
+// Same arguments and results as wkv7_chunk_forward_kernel (to the bf16
+// operands' rounding). 47 KB of static shared memory.
+template <bool TRAIN, typename TI, typename TO>
+__global__ void __launch_bounds__(WKV_THREADS, 4)
+    wkv7_chunk_forward_mma_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k, const TI *v,
+                                  const TI *kk, const TI *a, float *state_base,
+                                  size_t state_stride, float *checkpoints,
+                                  const int32_t *seq_len, const int32_t *row_begin,
+                                  const int32_t *slot, const int32_t *ckpt_block, int C) {
+    // state staging (stride 65 for wkv_load_rows / wkv_store_rows, 68 for
+    // the update's accumulators); between them S0 at^T and S0 rt^T
+    __shared__ __align__(32) float tile[WKV_N * WKV_MMA_ST_LD];
+    __shared__ __align__(32) __nv_bfloat16 s0h[WKV_N * WKV_MMA_S0_LD];    // S0, bf16
+    __shared__ __align__(32) __nv_bfloat16 vh[CHM_COUNT * WKV_L * WKV_N];  // [6][L][64]
+    __shared__ __align__(32) float mm[4 * WKV_LL];                         // Uab Uak Wrb Wrk
+    __shared__ __align__(32) float vf[WKV_L * WKV_N];                      // v, fp32
+    __shared__ __align__(16) float gl[WKV_N];                              // g_L
+    const int s = blockIdx.x, h = blockIdx.y, H = gridDim.y;
+    const int i = threadIdx.x >> 1, p = threadIdx.x & 1, w = threadIdx.x >> 5;
+    const int len = seq_len[s];
+    float *state = state_base + (size_t)slot[s] * state_stride + (size_t)h * WKV_NN;
+    const size_t head = (size_t)row_begin[s] * C + (size_t)h * WKV_N;
+    const float *Uab = mm, *Uak = mm + WKV_LL, *Wrb = mm + 2 * WKV_LL, *Wrk = mm + 3 * WKV_LL;
+    const float *ZA = tile, *ZR = tile + WKV_N * WKV_L;
+
+    float st[WKV_HALF];
+    wkv_load_rows(st, tile, state, i, p);
+    for (int t0 = 0; t0 < len; t0 += WKV_L) {
+        const int n = min(WKV_L, len - t0);
+        if (TRAIN) {
+            const size_t block = (size_t)ckpt_block[s] + (size_t)(t0 / WKV_L);
+            wkv_store_rows(checkpoints + (block * H + h) * WKV_NN, tile, st, i, p);
+        }
+#pragma unroll
+        for (int jj = 0; jj < WKV_HALF; jj++)
+            s0h[i * WKV_MMA_S0_LD + wkv_col(jj, p)] = __float2bfloat16_rn(st[jj]);
+        wkv_mma_stage(vh, vf, gl, r, w_raw, k, v, kk, a, head, C, t0, n);
+        __syncthreads();  // (TRAIN: the checkpoint's reads of the tile are done too)
+        wkv_mma_products(mm, tile, vh, s0h, w);
+        __syncthreads();
+        // row i: sa (S0 at, then the substitution), y
+        float sa[WKV_L];
+#pragma unroll
+        for (int t = 0; t < WKV_L; t++) {
+            float x = ZA[i * WKV_L + t];
+            for (int u = 0; u < t; u++) {
+                x = __fmaf_rn(vf[u * WKV_N + i], Uak[u * WKV_L + t], x);
+                x = __fmaf_rn(sa[u], Uab[u * WKV_L + t], x);
+            }
+            sa[t] = x;
+            if (p == 0) vh[CHM_SA * WKV_L * WKV_N + t * WKV_N + i] = __float2bfloat16_rn(x);
+        }
+#pragma unroll
+        for (int t = 0; t < WKV_L; t++) {
+            float yt = ZR[i * WKV_L + t];
+            for (int u = 0; u <= t; u++) {
+                yt = __fmaf_rn(vf[u * WKV_N + i], Wrk[u * WKV_L + t], yt);
+                yt = __fmaf_rn(sa[u], Wrb[u * WKV_L + t], yt);
+            }
+            if (t < n && (t & 1) == p) wkv_out(y, head + (size_t)(t0 + t) * C + i, yt);
+        }
+        __syncthreads();  // ZA, ZR read: the tile takes S0 for the update
+#pragma unroll
+        for (int jj = 0; jj < WKV_HALF; jj++) tile[i * WKV_MMA_ST_LD + wkv_col(jj, p)] = st[jj];
+        __syncthreads();
+        wkv_mma_state(tile, vh, w);
+        __syncthreads();
+#pragma unroll
+        for (int jj = 0; jj < WKV_HALF; jj++) {
+            const int j = wkv_col(jj, p);
+            st[jj] = __fmul_rn(tile[i * WKV_MMA_ST_LD + j], gl[j]);
+        }
+        __syncthreads();  // the tile and the vectors are refilled next
+    }
+    wkv_store_rows(state, tile, st, i, p);
+}
+
 // Backward: advances st over tokens [from, to) of the sequence (no y), keeps
 // sa_i(u) in sa_buf[u - from][i] and the state before token from + n *
 // WKV_BACK_STEPS (n >= 1) in anchors[n - 1]. Same step code as the forward,
@@ -934,7 +1141,11 @@ static void wkv_forward_launch(rp_cuda_ctx *cx, const char *op, TO *y, const TI 
     rp_cuda_batch b;
     if (!rp_cuda_upload_batch(cx, batch, &b)) return;
     dim3 grid((unsigned)batch->n_seq, (unsigned)(C / WKV_N));
-    if (b.max_seq_len >= rp_cuda_wkv7_chunked_min_t)
+    if (b.max_seq_len >= rp_cuda_wkv7_chunked_min_t && cx->math == RP_CUDA_MATH_BF16)
+        wkv7_chunk_forward_mma_kernel<TRAIN, TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
+            y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b.seq_len,
+            b.row_begin, b.slot, b.ckpt_block, C);
+    else if (b.max_seq_len >= rp_cuda_wkv7_chunked_min_t)
         wkv7_chunk_forward_kernel<TRAIN, TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
             y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b.seq_len,
             b.row_begin, b.slot, b.ckpt_block, C);

@@ -565,6 +565,26 @@ void rp_emu_warp_exchange(uint64_t in, unsigned mask, uint64_t *all) {
     memcpy(all, ws.val[gen & 1], sizeof(uint64_t) * 32);
 }
 
+// A warp matrix function is warp-collective: every lane must call it with
+// the same arguments, or a GPU computes garbage (no error).
+void rp_emu_wmma_agree(const char *f, uint64_t a, uint64_t b) {
+    uint64_t all_a[32], all_b[32];
+    rp_emu_warp_exchange(a, 0xffffffffu, all_a);
+    rp_emu_warp_exchange(b, 0xffffffffu, all_b);
+    for (unsigned l = 1; l < 32; l++)
+        if (all_a[l] != all_a[0] || all_b[l] != all_b[0])
+            die("%s: %s called by the lanes of warp %u with different arguments (lane 0: %#llx %#llx, "
+                "lane %u: %#llx %#llx; block %u,%u): every lane must pass the same ones",
+                g_kernel, f, g_fib[g_cur].lin >> 5, (unsigned long long)all_a[0],
+                (unsigned long long)all_b[0], l, (unsigned long long)all_a[l],
+                (unsigned long long)all_b[l], blockIdx.x, blockIdx.y);
+}
+
+void rp_emu_wmma_fail(const char *f, uint64_t ptr, unsigned ldm) {
+    die("%s: %s with pointer %#llx, ldm %u: the pointer must be 256-bit aligned and ldm a multiple "
+        "of 8 (16-bit elements) or 4 (float)", g_kernel, f, (unsigned long long)ptr, ldm);
+}
+
 // ---- barrier divergence ----
 // All threads of a block that have not exited must wait at the same
 // __syncthreads; threads that exited while others wait at one are reported

@@ -97,6 +97,10 @@ template <class T> static inline T __shfl_xor_sync(unsigned mask, T v, int m, in
     if ((src & ~(unsigned)(width - 1)) != (lane & ~(unsigned)(width - 1))) return v;
     return rp_emu_unpack<T>(all[src]);
 }
+// wmma (mma.h): function f's arguments (a, b) must be the same on all 32
+// lanes of the warp (a warp exchange); a bad pointer or ldm is fatal.
+void rp_emu_wmma_agree(const char *f, uint64_t a, uint64_t b);
+[[noreturn]] void rp_emu_wmma_fail(const char *f, uint64_t ptr, unsigned ldm);
 static inline void __syncwarp(unsigned mask = 0xffffffffu) { uint64_t all[32]; rp_emu_warp_exchange(0, mask, all); }
 // Blocks run one after another, so an atomic needs no more than a plain
 // read-modify-write; __threadfence has nothing to order.

@@ -4,6 +4,7 @@
 // must pass, so the checks cannot pass by rejecting everything. Compiled like
 // cuda/*.cu (pre.py) over the emulated runtime; run by test_emu_catches.sh.
 #include <cuda_runtime.h>
+#include <mma.h>
 #include <cstdio>
 #include <cstring>
 
@@ -33,6 +34,25 @@ __global__ void warp_neighbour(float *out, int fixed) {
     buf[threadIdx.x] = (float)threadIdx.x;
     if (fixed) __syncwarp();
     out[threadIdx.x] = buf[(threadIdx.x + 1) % 32];
+}
+// A warp matrix product whose lanes pass different pointers (a GPU computes
+// garbage, silently). Fixed: ones [16,16] x ones [16,16] = 16 everywhere.
+__global__ void wmma_lanes(float *out, int fixed) {
+    namespace wmma = nvcuda::wmma;
+    __shared__ __align__(32) __nv_bfloat16 ones[2 * 256];
+    __shared__ __align__(32) float prod[256];
+    for (int e = threadIdx.x; e < 2 * 256; e += 32) ones[e] = __float2bfloat16_rn(1.0f);
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    wmma::load_matrix_sync(fa, ones + (fixed || threadIdx.x < 16 ? 0 : 256), 16);
+    wmma::load_matrix_sync(fb, ones, 16);
+    wmma::mma_sync(acc, fa, fb, acc);
+    wmma::store_matrix_sync(prod, acc, 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = threadIdx.x; e < 256; e += 32) out[e] = prod[e];
 }
 // Two warps wait at different barriers.
 __global__ void two_barriers(float *out, int fixed) {
@@ -153,6 +173,19 @@ static int block_case(void (*k)(float *, int), int threads, bool fixed) {
     CK(cudaFree(out));
     return 0;
 }
+static int wmma_case(bool fixed) {
+    float *out, host[256];
+    CK(cudaMalloc(&out, sizeof host));
+    wmma_lanes<<<1, 32>>>(out, fixed ? 1 : 0);
+    CK(cudaMemcpy(host, out, sizeof host, cudaMemcpyDeviceToHost));
+    CK(cudaFree(out));
+    for (int e = 0; e < 256; e++)
+        if (host[e] != 16.0f) {
+            fprintf(stderr, "wmma: element %d of ones x ones is %g, not 16\n", e, host[e]);
+            return 1;
+        }
+    return 0;
+}
 static int smem_race(bool fixed) { return block_case(neighbour, N, fixed); }
 static int warp_race(bool fixed) { return block_case(warp_neighbour, 32, fixed); }
 static int barrier_sites(bool fixed) { return block_case(two_barriers, N, fixed); }
@@ -217,6 +250,7 @@ static const named_case cases[] = {
     {"smem_race", smem_race}, {"warp_race", warp_race}, {"barrier_sites", barrier_sites},
     {"barrier_exit", barrier_exit}, {"oob_after", oob_after}, {"oob_before", oob_before},
     {"graph_malloc", graph_malloc}, {"graph_sync", graph_sync}, {"graph_pageable", graph_pageable},
+    {"wmma_lanes", wmma_case},
 };
 
 int main(int argc, char **argv) {

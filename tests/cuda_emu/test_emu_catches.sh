@@ -41,4 +41,5 @@ else
 fi
 expect barrier_sites 'EMU FATAL: k block .*: barrier divergence: thread .* waits at __syncthreads .*emu_catches.cu:[0-9]+ while thread .* waits at .*emu_catches.cu:[0-9]+'
 expect barrier_exit 'EMU FATAL: k block .*: barrier divergence: 32 threads wait at __syncthreads .* while 32 threads of the block have exited'
+expect wmma_lanes 'EMU FATAL: wmma_lanes: wmma::load_matrix_sync called by the lanes of warp 0 with different arguments'
 exit $fail

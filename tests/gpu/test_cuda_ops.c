@@ -1193,6 +1193,23 @@ static void check_wkv7_rows(twin *t, const shape *sh) {
     wkv7_rows_case(t, sh, &sh->step, "step", 0);
 }
 
+/* BF16 math: the chunked forward's tile products on tensor cores (bf16
+ * wmma operands, fp32 accumulate; wkv7_chunk_forward_mma_kernel) against the
+ * exact CPU op, at the ranges above. Its error is the bf16 operands'
+ * rounding (2^-9 relative a rounding): measured rel 2.0e-3..3.1e-3 (y, the
+ * state, checkpoints) over these cases in the emulator (docs/gpu.md); a
+ * dropped product gives rel 5.5e-3 (Uab, the smallest) to 0.93. */
+#define TOL_WKV_MMA 4e-3
+static void check_wkv7_chunked_mma(twin *t, const shape *sh) {
+    const double saved = t->tol;
+    t->tol = TOL_WKV_MMA;
+    wkv7_chunked_case(t, sh, -3, 3, 1);
+    wkv7_chunked_case(t, sh, 4, 8, 1);
+    wkv7_chunked_case(t, sh, -8, -4, 1);
+    wkv7_chunked_case(t, sh, -3, 3, 0);
+    t->tol = saved;
+}
+
 /* ---- WKV7 with bf16 I/O (cuda_wkv7.h) ------------------------------------ */
 
 /* bf16 outputs: one rounding to nearest even per value (<= 2^-9 relative
@@ -1914,6 +1931,7 @@ static const twin_check checks[] = {
     {"wkv7 bf16 I/O", check_wkv7_bf16, MATH_FP32, 0},
     {"wkv7 chunked forward", check_wkv7_chunked, MATH_FP32, 0},
     {"wkv7 rows split", check_wkv7_rows, MATH_FP32, 0},
+    {"wkv7 chunked mma", check_wkv7_chunked_mma, MATH_BF16, 0},
     {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
     {"l2wrap", check_l2wrap, MATH_FP32, 0},
     {"head_cross_entropy", check_head_cross_entropy, MATH_FP32, 0},
