@@ -227,7 +227,11 @@ void rp_zero_links_free(rp_zero_links *l) {
     free(l);
 }
 
-int rp_zero_links_bypass_backend(const rp_zero_links *l) { return l && l->nccl; }
+/* With a ranged refresh entry the all-gather keeps the backend's weight
+ * copies current itself (rp_zero_links_allgather), so nothing bypasses it. */
+int rp_zero_links_bypass_backend(const rp_zero_links *l) {
+    return l && l->nccl && !l->be->refresh_weights;
+}
 
 const char *rp_zero_links_describe(const rp_zero_links *l) {
     if (!l || l->be->is_host_memory) return "MPI";
@@ -280,11 +284,18 @@ rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_err
     size_t b, mine;
     rp_zero_range(n, l->dp, l->me, &b, &mine);
     if (!l->nccl) {
-        /* My range to the host, the host path, the whole buffer back
-         * (through copy_to_device: the backend refreshes its weight copies). */
+        /* My range to the host, the host path, the other replicas' ranges
+         * back (through copy_to_device: the backend refreshes its weight
+         * copies of those ranges; my range and its copy are current from
+         * the AdamW step). */
         if (mine) be->copy_to_host(be, l->host + b, buf + b, mine * sizeof(float));
         rp_status st = rp_zero_allgather(l->comm, l->host, n, l->timeout_s, err);
-        if (st == RP_OK) be->copy_to_device(be, buf, l->host, n * sizeof(float));
+        for (int k = 0; k < l->dp && st == RP_OK; k++) {
+            size_t kb, kn;
+            rp_zero_range(n, l->dp, k, &kb, &kn);
+            if (k != l->me && kn)
+                be->copy_to_device(be, buf + kb, l->host + kb, kn * sizeof(float));
+        }
         return st;
     }
     /* My range to every replica; replica k's range from it, in place. */
@@ -296,5 +307,15 @@ rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_err
     }
     recv_n[l->me] = 0;
     be->synchronize(be);  /* the AdamW step on my range is written */
-    return rp_nccl_group_exchange(l->nccl, buf, send_at, send_n, buf, recv_at, recv_n, what, err);
+    rp_status st = rp_nccl_group_exchange(l->nccl, buf, send_at, send_n, buf, recv_at, recv_n,
+                                          what, err);
+    /* NCCL wrote the other replicas' ranges behind the backend: their
+     * low-precision weight copies (CUDA, bf16 math) are converted again,
+     * range by range; my range's copy was written by the AdamW step. Without
+     * the entry the caller re-registers the whole stage
+     * (rp_zero_links_bypass_backend). */
+    if (st != RP_OK || !be->refresh_weights) return st;
+    for (int k = 0; k < l->dp; k++)
+        if (recv_n[k]) be->refresh_weights(be, buf + recv_at[k], recv_n[k]);
+    return be->status(be, err);
 }

@@ -47,8 +47,11 @@ rp_status rp_zero_links_create(rp_zero_links **out, MPI_Comm data_comm, rp_backe
                                rp_nccl_group *nccl, size_t most, double timeout_s,
                                rp_error *err);
 void rp_zero_links_free(rp_zero_links *l);
-/* 1 when the links write device memory behind the backend's back (NCCL):
- * the caller refreshes what the backend caches of the weights. */
+/* 1 when the links write device memory behind the backend's back (NCCL on
+ * a backend without refresh_weights): the caller refreshes what the backend
+ * caches of the weights (rp_model_register_weights). 0 when they keep the
+ * backend's weight copies current themselves: the all-gather refreshes the
+ * ranges it received (only what changed is converted). */
 int rp_zero_links_bypass_backend(const rp_zero_links *l);
 /* "NCCL", "MPI through host memory" or "MPI" (for the start-up line). */
 const char *rp_zero_links_describe(const rp_zero_links *l);
