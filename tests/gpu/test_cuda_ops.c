@@ -1608,6 +1608,22 @@ static void check_registered_weights(twin *t, const shape *sh) {
     registered_gemms(t, &rg, "after fill_zero");
     free(host);
 
+    /* refresh_weights after a write behind the copies' back (ZeRO-1's NCCL
+     * all-gather): add stands in for the NCCL receive, since it is for
+     * gradients and leaves the copies alone; a delta of ~1 on weights of
+     * ~0.05 is far beyond bf16 rounding, so a stale copy fails. The range is
+     * odd-sized at an odd offset and runs from W into the LoRA factor. */
+    if (t->gpu->refresh_weights) {
+        const size_t at0 = rg.w_off + (size_t)(C / 2) * C + 1, n = (size_t)(C / 2) * C + 7;
+        tbuf *delta = buf_input(t, n, -1, 1);
+        for (int g = 0; g < 2; g++) {
+            rp_backend *be = side(t, g);
+            be->add(be, at(rg.flat, g) + at0, at(delta, g), n);
+            if (be->refresh_weights) be->refresh_weights(be, at(rg.flat, g) + at0, n);
+        }
+        registered_gemms(t, &rg, "after refresh_weights");
+    }
+
     /* free forgets the range: a buffer allocated in its place (allocators
      * reuse addresses) and written by a kernel is read as written, not
      * through a leftover bf16 copy */
