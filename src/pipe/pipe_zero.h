@@ -59,4 +59,20 @@ const char *rp_zero_links_describe(const rp_zero_links *l);
 rp_status rp_zero_links_reduce_scatter(rp_zero_links *l, float *buf, size_t n, rp_error *err);
 rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_error *err);
 
+/* The bf16 all-gather (NCCL on a backend with weight_copy: CUDA, bf16
+ * math): from now on the all-gather of m's layer and head buffers moves the
+ * GEMM matrices' ranges (rp_tensor_quantizable) as bf16 straight into the
+ * other replicas' bf16 copies, the rest of the buffer as fp32. The other
+ * replicas' fp32 of those matrices is then stale on each replica until
+ * rp_zero_links_gather_master. m: the stage's weights (borrowed). Nothing
+ * to do (RP_OK) elsewhere. Not collective. */
+rp_status rp_zero_links_use_model(rp_zero_links *l, const rp_model *m, rp_error *err);
+/* 1 when the all-gather moves the matrices as bf16 (rp_zero_links_use_model). */
+int rp_zero_links_bf16(const rp_zero_links *l);
+/* The fp32 weights of m whole again on every replica (an fp32 all-gather of
+ * each buffer), after bf16 all-gathers left the other ranges' matrices
+ * stale: before a checkpoint or the final -o file. Collective over the data
+ * replicas; nothing when nothing is stale (the same on every replica). */
+rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m, rp_error *err);
+
 #endif

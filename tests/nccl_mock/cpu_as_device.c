@@ -7,11 +7,13 @@
  * RWKVPIPE_TEST_BF16_WEIGHTS=1 adds the CUDA backend's bf16 weight-copy
  * contract (backend.h register_weights / refresh_weights; cuda_backend.cu,
  * bf16 math): a registered range keeps a bf16-rounded copy; the GEMM ops
- * that read weights (matmul_linear and its backward, head_cross_entropy)
+ * that read weights (matmul_linear, matmul_lora and their backwards,
+ * head_cross_entropy)
  * read that copy instead of the fp32 weights; copies, fills and AdamW
  * through the backend keep it current (as cuda_copy, cuda_fill_zero and the
  * adamw kernel do), while the mock NCCL's writes do not: only
- * refresh_weights (or registering again) makes them current. So a stale
+ * refresh_weights (or registering again) makes them current, or ZeRO-1's
+ * bf16 all-gather receiving into them (weight_copy exposes the bf16). So a stale
  * copy after ZeRO-1's all-gather changes the losses, which the test sees.
  * Only the weight operand is rounded (CUDA also rounds activations): the
  * contract under test is the copies' freshness, not bf16 GEMM bits. At
@@ -31,7 +33,7 @@
 typedef struct {
     const float *base;
     size_t n;
-    float *copy;  /* bf16-rounded values of [base, base + n) */
+    uint16_t *copy;  /* bf16 of [base, base + n), as CUDA's shadow */
 } bf16_range;
 
 static struct {
@@ -40,9 +42,9 @@ static struct {
     bf16_range *r;
     int n, cap;
     unsigned long long by_register, by_refresh, by_write;
+    float *operand;  /* a GEMM's weight operand decoded from its copy */
+    size_t operand_n;
 } bf;
-
-static float round_bf16(float x) { return rp_bf16_to_f32(rp_f32_to_bf16(x)); }
 
 /* Converts the part of [lo, lo + n) inside registered ranges; returns floats. */
 static size_t convert(const float *lo, size_t n) {
@@ -52,18 +54,41 @@ static size_t convert(const float *lo, size_t n) {
         const bf16_range *w = &bf.r[i];
         const float *b = lo > w->base ? lo : w->base;
         const float *e = hi < w->base + w->n ? hi : w->base + w->n;
-        for (const float *p = b; p < e; p++) w->copy[p - w->base] = round_bf16(*p);
+        for (const float *p = b; p < e; p++) w->copy[p - w->base] = rp_f32_to_bf16(*p);
         if (b < e) done += (size_t)(e - b);
     }
     return done;
 }
 
-/* What a GEMM reads for weight operand w [n]: its copy when registered. */
+/* What a GEMM reads for weight operand w [n]: its copy when registered
+ * (decoded into bf.operand; one weight operand per op), else w. */
 static const float *gemm_operand(const float *w, size_t n) {
+    for (int i = 0; i < bf.n; i++)
+        if (w >= bf.r[i].base && w + n <= bf.r[i].base + bf.r[i].n) {
+            if (n > bf.operand_n) {
+                float *grown = realloc(bf.operand, sizeof(float) * n);
+                if (!grown) {
+                    fprintf(stderr, "cpu_as_device.c: no memory for a GEMM operand of %zu "
+                            "floats (RWKVPIPE_TEST_BF16_WEIGHTS=1)\n", n);
+                    abort();
+                }
+                bf.operand = grown;
+                bf.operand_n = n;
+            }
+            const uint16_t *c = bf.r[i].copy + (w - bf.r[i].base);
+            for (size_t k = 0; k < n; k++) bf.operand[k] = rp_bf16_to_f32(c[k]);
+            return bf.operand;
+        }
+    return w;
+}
+
+/* backend.h weight_copy: the bf16 copy of [w, w + n) inside one range. */
+static void *bf_weight_copy(rp_backend *be, const float *w, size_t n) {
+    (void)be;
     for (int i = 0; i < bf.n; i++)
         if (w >= bf.r[i].base && w + n <= bf.r[i].base + bf.r[i].n)
             return bf.r[i].copy + (w - bf.r[i].base);
-    return w;
+    return NULL;
 }
 
 static void bf_register_weights(rp_backend *be, const float *w, size_t n) {
@@ -81,7 +106,7 @@ static void bf_register_weights(rp_backend *be, const float *w, size_t n) {
         bf.r = grown;
         bf.cap = cap;
     }
-    float *copy = malloc(sizeof(float) * n);
+    uint16_t *copy = malloc(sizeof(uint16_t) * n);
     if (!copy) return;
     bf.r[bf.n++] = (bf16_range){w, n, copy};
     bf.by_register += convert(w, n);
@@ -141,6 +166,25 @@ static void bf_matmul_linear_backward_beta(rp_backend *be, float *dx, float *dw,
                                        K, beta);
 }
 
+/* The LoRA factors' GEMMs read their copies too (CUDA's bf16_operand), so
+ * the all-gather's fp32 pieces (LoRA factors, norms) need refresh_weights. */
+static void bf_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
+                           int N, int K, float beta) {
+    bf.cpu.matmul_lora(be, y, x, gemm_operand(w, (size_t)K * N), M, N, K, beta);
+}
+
+static void bf_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const float *dy,
+                                    const float *x, const float *w, int M, int N, int K) {
+    bf.cpu.matmul_lora_backward(be, dx, dw, dy, x, gemm_operand(w, (size_t)K * N), M, N, K);
+}
+
+static void bf_matmul_lora_backward_beta(rp_backend *be, float *dx, float *dw, const float *dy,
+                                         const float *x, const float *w, int M, int N, int K,
+                                         float beta) {
+    bf.cpu.matmul_lora_backward_beta(be, dx, dw, dy, x, gemm_operand(w, (size_t)K * N), M, N,
+                                     K, beta);
+}
+
 static void bf_head_cross_entropy(rp_backend *be, float *losses, float *dx, float *dhead,
                                   float *scratch, const float *x, const float *head,
                                   const int32_t *targets, int R, int C, int V, float scale,
@@ -156,6 +200,9 @@ static void bf_destroy(rp_backend *be) {
             bf.by_refresh, bf.by_write);
     for (int i = 0; i < bf.n; i++) free(bf.r[i].copy);
     free(bf.r);
+    free(bf.operand);
+    bf.operand = NULL;
+    bf.operand_n = 0;
     bf.r = NULL;
     bf.n = bf.cap = 0;
     bf.cpu.destroy(be);
@@ -176,13 +223,18 @@ static rp_status bf16_weights_install(rp_backend *be, rp_error *err) {
     be->fill_zero = bf_fill_zero;
     be->register_weights = bf_register_weights;
     be->refresh_weights = bf_refresh_weights;
+    be->weight_copy = bf_weight_copy;
     be->adamw = bf_adamw;
     be->matmul_linear = bf_matmul_linear;
     be->matmul_linear_backward = bf_matmul_linear_backward;
+    be->matmul_lora = bf_matmul_lora;
+    be->matmul_lora_backward = bf_matmul_lora_backward;
     /* Optional ops stay absent where the CPU backend has none. */
     if (be->matmul_linear_backward_beta)
         be->matmul_linear_backward_beta = bf_matmul_linear_backward_beta;
     if (be->head_cross_entropy) be->head_cross_entropy = bf_head_cross_entropy;
+    if (be->matmul_lora_backward_beta)
+        be->matmul_lora_backward_beta = bf_matmul_lora_backward_beta;
     return RP_OK;
 }
 
