@@ -327,8 +327,20 @@ rp_status rp_zero_links_use_model(rp_zero_links *l, const rp_model *m, rp_error 
     l->cap_xfer = 2 * (2 * most + 1) * l->dp;
     if (!(l->xfer = malloc(sizeof *l->xfer * (size_t)l->cap_xfer)))
         return rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1: the all-gather's transfer list");
-    l->model = m;
-    return RP_OK;
+    /* Every replica must cut the ranges alike: the bf16 all-gather only if
+     * every replica keeps a copy of every layer and head buffer (CUDA keeps
+     * none where the copy found no room). */
+    int have = 1, all = 0;
+    for (int i = 0; i < m->layer_end - m->layer_begin; i++)
+        if (!l->be->weight_copy(l->be, m->layer_flat[i], m->layer_floats)) have = 0;
+    if (m->head_flat && !l->be->weight_copy(l->be, m->head_flat, m->head_floats)) have = 0;
+    static const char what[] = "the data replicas' check of their bf16 weight copies (--zero 1)";
+    MPI_Request req;
+    rp_status st = started(MPI_Iallreduce(&have, &all, 1, MPI_INT, MPI_MIN, l->comm, &req), what,
+                           err);
+    if (st == RP_OK) st = rp_comm_wait(&req, l->timeout_s, what, err);
+    if (st == RP_OK && all) l->model = m;
+    return st;
 }
 
 /* The bf16 copy of flat buffer buf [n] of the model and its matrices'

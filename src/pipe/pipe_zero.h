@@ -64,8 +64,10 @@ rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_err
  * GEMM matrices' ranges (rp_tensor_quantizable) as bf16 straight into the
  * other replicas' bf16 copies, the rest of the buffer as fp32. The other
  * replicas' fp32 of those matrices is then stale on each replica until
- * rp_zero_links_gather_master. m: the stage's weights (borrowed). Nothing
- * to do (RP_OK) elsewhere. Not collective. */
+ * rp_zero_links_gather_master. m: the stage's weights (borrowed), already
+ * registered (rp_model_register_weights). Only when every replica keeps a
+ * bf16 copy of every layer and head buffer; nothing to do (RP_OK) without
+ * NCCL or weight_copy. Collective over the data replicas (with NCCL). */
 rp_status rp_zero_links_use_model(rp_zero_links *l, const rp_model *m, rp_error *err);
 /* 1 when the all-gather moves the matrices as bf16 (rp_zero_links_use_model). */
 int rp_zero_links_bf16(const rp_zero_links *l);
