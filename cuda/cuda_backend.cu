@@ -363,6 +363,21 @@ static void cuda_register_weights(rp_backend *be, const float *w, size_t n) {
     rp_cuda_to_bf16(cx, shadow, w, n);
 }
 
+// [w, w + n) was written outside the backend (ZeRO-1's NCCL all-gather of
+// the other replicas' ranges): convert that range of the bf16 copies only.
+// The copies stay where they are, so no step graph is dropped.
+static void cuda_refresh_weights(rp_backend *be, const float *w, size_t n) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (!w || n == 0) return;
+    refresh_shadows(cx, w, n * sizeof(float));
+}
+
+// The bf16 copy of [w, w + n) (inside one registered weight), for ZeRO-1's
+// bf16 all-gather to receive into and send from; NULL without one.
+static void *cuda_weight_copy(rp_backend *be, const float *w, size_t n) {
+    return rp_cuda_weight_shadow(rp_cuda_of(be), w, n);
+}
+
 // ---- memory ----
 
 static void *cuda_alloc(rp_backend *be, size_t bytes) {
@@ -569,6 +584,8 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     be->status = cuda_status;
     be->reserve = cuda_reserve;
     be->register_weights = cuda_register_weights;
+    be->refresh_weights = cuda_refresh_weights;
+    be->weight_copy = cuda_weight_copy;
     rp_cuda_install_matmul(be);
     rp_cuda_install_elementwise(be);
     rp_cuda_install_backward(be);

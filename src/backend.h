@@ -97,6 +97,22 @@ struct rp_backend {
      * every later write through the backend keeps current). A buffer freed
      * with free() is forgotten. */
     void (*register_weights)(rp_backend *be, const float *w, size_t n);
+    /* Optional (NULL where register_weights keeps nothing): [w, w + n) was
+     * written behind the backend's back (an NCCL receive, as ZeRO-1's weight
+     * all-gather): make the lower-precision copies of that range current,
+     * converting only the part of it that lies in registered weights (any
+     * range, aligned or not; nothing when it lies in none). Ordered after
+     * the ops called before it, like a copy. register_weights on the whole
+     * buffer does the same by converting all of it. */
+    void (*refresh_weights)(rp_backend *be, const float *w, size_t n);
+    /* Optional (NULL where register_weights keeps nothing): the backend
+     * memory of the bf16 copy of [w, w + n) (n bf16 values, element i the
+     * copy of w[i]) when that range lies inside one registered weight, or
+     * NULL (none kept: fp32 math, not registered, no room for the copy).
+     * ZeRO-1's all-gather receives the other replicas' bf16 straight into
+     * it (an NCCL write behind the backend's back, as refresh_weights's;
+     * the fp32 of that range is then stale until an fp32 gather). */
+    void *(*weight_copy)(rp_backend *be, const float *w, size_t n);
     /* Prepares the scratch the ops need for calls of up to `rows` rows in up
      * to `seqs` sequences of C channels in heads of N, so that no op
      * allocates: the training ops (wkv7_forward_train, wkv7_backward,

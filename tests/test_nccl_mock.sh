@@ -22,6 +22,16 @@
 #   communicator (-np 2, -np 3 with uneven ranges, and -np 4 --pp 2 where
 #   the stage links and the data group both carry traffic) finish under the
 #   serial mock and give the CPU run's weights without --zero, byte for byte.
+# - the same with the CUDA backend's bf16 weight copies mocked
+#   (RWKVPIPE_TEST_BF16_WEIGHTS=1, tests/nccl_mock/cpu_as_device.c): the
+#   all-gather refreshes the received ranges' copies (refresh_weights), so
+#   the losses and weights equal the run without --zero, and the converted
+#   floats show a ranged refresh, not a whole-stage re-registration per step;
+#   and the GEMM matrices travel as bf16 straight into the copies (the mock
+#   counts bf16 bytes, RP_NCCL_MOCK_STATS=1), so the fp32 of the other
+#   ranges is stale until the checkpoint's or -o's gather: the step-2
+#   checkpoint equals the run without --zero byte for byte, and resuming it
+#   continues that run byte for byte.
 # Run by `make check` in CPU builds (env: top_srcdir, top_builddir, MPIRUN, PYTHON3).
 
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
@@ -146,6 +156,124 @@ check "train --zero 1 over the NCCL data group: -np 2, -np 3 (uneven), -np 4 --p
 zero zero_np2 2 --micro-batch 2 --grad-clip 0.05
 zero zero_np3 3 --batch 6 --micro-batch 1 --grad-clip 0.05
 zero zero_np4pp2 4 --pp 2 --micro-batch 2 --grad-clip 0.05
+ok
+
+# The CUDA backend's bf16 weight copies (RWKVPIPE_TEST_BF16_WEIGHTS=1:
+# tests/nccl_mock/cpu_as_device.c): the GEMMs read the registered weights'
+# bf16 copies, which the mock NCCL's writes leave stale. ZeRO-1's all-gather
+# must refresh the ranges it received (backend.h refresh_weights), so the
+# losses and the weights equal those of the run without --zero (whose AdamW
+# writes every copy through the backend), and only those ranges are
+# converted: no whole-stage re-registration per step (register_weights
+# converts as much as without --zero), and each rank's refresh converts the
+# other replicas' share per step: less than the 3 steps' whole re-
+# registrations (what the code before refresh_weights converted).
+check "train --zero 1 with bf16 weight copies: ranged refresh = the run without --zero"
+zero_bf16() {
+    local name=$1 np=$2
+    shift 2
+    local mode
+    for mode in zero plain; do
+        # Without --zero the data replicas all-reduce, which the mock NCCL
+        # cannot (one rank only): the plain run takes MPI through host memory.
+        local z=() nccl=0
+        [ "$mode" = zero ] && z=(--zero 1) nccl=1
+        RWKVPIPE_TEST_FAKE_DEVICE=1 RWKVPIPE_TEST_BF16_WEIGHTS=1 RWKVPIPE_NCCL=$nccl \
+            RP_NCCL_MOCK_STATS=1 timeout $DEADLINE "$MPIRUN" -np "$np" "$BIN" "${TRAIN[@]}" "$@" "${z[@]}" \
+            --metrics "$T/$name.$mode.jsonl" -o "$T/$name.$mode.st" \
+            >"$T/$name.$mode.out" 2>&1 || {
+            cp "$T/$name.$mode.out" "$T/stderr"
+            fail "$name ($mode, bf16 weight copies) over NCCL: $*"
+        }
+        [ "$(grep -c "^bf16 weight copies:" "$T/$name.$mode.out")" = "$np" ] || {
+            cp "$T/$name.$mode.out" "$T/stderr"
+            fail "$name ($mode): not every rank ran with bf16 weight copies"
+        }
+    done
+    grep -q "zero: optimizer state sharded over .* data replicas (NCCL; the GEMM matrices' "\
+"weights all-gathered as bf16)" "$T/$name.zero.out" ||
+        fail "$name: the --zero 1 run did not use the NCCL data group with the bf16 all-gather"
+    # The bf16 all-gather: every rank of the data group sent bf16 (the
+    # matrices' ranges into the other replicas' copies); the weights above
+    # equal the plain run's only if the fp32 shards were gathered for -o.
+    "$PYTHON3" - "$T/$name.zero.out" "$np" <<'PY' ||
+import re, sys
+rows = [(int(m.group(1)), int(m.group(2)), int(m.group(3))) for m in re.finditer(
+    r"nccl mock: communicator of (\d+) ranks, rank \d+ sent (\d+) fp32 bytes, (\d+) bf16",
+    open(sys.argv[1]).read())]
+data = [r for r in rows if r[0] == int(sys.argv[2])]
+assert len(data) == int(sys.argv[2]) and all(r[2] > 0 for r in data), rows
+PY
+        fail "$name: the weight all-gather sent no bf16 over the data group"
+    cmp -s "$T/$name.zero.st" "$T/$name.plain.st" ||
+        fail "$name: the weights after --zero 1 differ from those without it (bf16 copies)"
+    "$PYTHON3" - "$T/$name.zero.jsonl" "$T/$name.plain.jsonl" <<'PY' ||
+import json, sys
+def load(p):
+    rows = [json.loads(l) for l in open(p)]
+    for r in rows:
+        for k in ("tokens_per_s", "elapsed_s"):
+            r.pop(k, None)
+    return rows
+a, b = load(sys.argv[1]), load(sys.argv[2])
+assert len(a) == 3 and a == b, (a, b)
+PY
+        fail "$name: the losses with --zero 1 differ from those without it (stale bf16 copies?)"
+    # Converted floats: register_weights the same in both runs (at load
+    # only), refresh_weights only with --zero 1, and per step and stage the
+    # other replicas' ranges: less than a whole re-registration.
+    "$PYTHON3" - "$T/$name.zero.out" "$T/$name.plain.out" <<'PY' ||
+import re, sys
+def counts(p):
+    rows = [tuple(int(x) for x in m.groups()) for m in re.finditer(
+        r"bf16 weight copies: (\d+) floats converted by register_weights, (\d+) by "
+        r"refresh_weights", open(p).read())]
+    return sorted(rows)
+z, p = counts(sys.argv[1]), counts(sys.argv[2])
+assert [r[0] for r in z] == [r[0] for r in p], ("register_weights", z, p)
+assert all(r[1] == 0 for r in p), ("refresh without --zero", p)
+assert all(0 < r[1] < 3 * r[0] for r in z), ("refresh per step not below a whole stage", z)
+PY
+        fail "$name: the bf16 copies were not refreshed by range (see the counts in the logs)"
+}
+zero_bf16 zero_bf16_np2 2 --micro-batch 2 --grad-clip 0.05
+zero_bf16 zero_bf16_np3 3 --batch 6 --micro-batch 1 --grad-clip 0.05
+# The mode is live: bf16 weight copies change the weights of the fp32 run.
+cmp -s "$T/zero_bf16_np2.zero.st" "$T/zero_np2.cpu.st" &&
+    fail "bf16 weight copies left the weights of the fp32 run: the mode did nothing"
+ok
+
+# The bf16 all-gather leaves each replica's fp32 of the other ranges'
+# matrices stale; a checkpoint gathers them first, so it holds the whole
+# fp32 weights of the run without --zero, byte for byte, and resuming it
+# (with --zero 1 again) continues that run byte for byte.
+check "train --zero 1, bf16 all-gather: checkpoint = the run without --zero; resume continues it"
+CK=(train --model-config L4-C64-V256 --data mqar --ctx-len 16 --batch 8 --micro-batch 2
+    --warmup 2 --lr 3e-3 --grad-clip 0.05 --log-interval 1 --loss-on all --seed 3
+    --init-seed 5 --threads 1 --steps 4 --comm-timeout 60)
+ck_run() {
+    local name=$1 nccl=$2
+    shift 2
+    RWKVPIPE_TEST_FAKE_DEVICE=1 RWKVPIPE_TEST_BF16_WEIGHTS=1 RWKVPIPE_NCCL=$nccl \
+        timeout $DEADLINE "$MPIRUN" -np 2 "$BIN" "${CK[@]}" "$@" >"$T/$name.out" 2>&1 || {
+        cp "$T/$name.out" "$T/stderr"
+        fail "$name: mpirun -np 2 ${CK[*]} $*"
+    }
+}
+ck_run ck_zero 1 --zero 1 --stop-after 2 --checkpoint-dir "$T/ck_zero.ck"
+ck_run ck_plain 0 --stop-after 2 --checkpoint-dir "$T/ck_plain.ck"
+n=0
+for f in "$T/ck_plain.ck/step-00000002"/*.safetensors; do
+    cmp -s "$f" "$T/ck_zero.ck/step-00000002/$(basename "$f")" ||
+        fail "step-2 checkpoint file $(basename "$f") with the bf16 all-gather differs from the run without --zero"
+    n=$((n + 1))
+done
+[ "$n" -gt 0 ] || fail "no step-2 checkpoint: $(ls "$T/ck_plain.ck" 2>&1)"
+ck_run ck_resume 1 --zero 1 --resume "$T/ck_zero.ck" -o "$T/ck_resume.st"
+ck_run ck_whole 0 -o "$T/ck_whole.st"
+cmp -s "$T/ck_resume.st" "$T/ck_whole.st" ||
+    fail "resumed --zero 1 run (bf16 all-gather) differs from the uninterrupted run without --zero"
+ok
 
 # Time chunks (docs/parallelism.md): the backward phase's exchanges
 # (SEND_RECOMP with RECV_GRAD, SEND_GRAD with RECV_RECOMP) are grouped like

@@ -483,6 +483,8 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     be->status = fake_status;
     be->reserve = fake_reserve;
     be->register_weights = NULL;
+    be->refresh_weights = NULL;
+    be->weight_copy = NULL;
     be->matmul_linear = fake_matmul_linear;
     be->matmul_lora = fake_matmul_lora;
     be->set_decode_rows = fake_set_decode_rows;

@@ -2,9 +2,11 @@
  * ours, not MPI's: an all-to-all moves each replica's range of the buffer
  * to the replica that owns it, which adds the DP pieces in replica order. */
 #include "pipe/pipe_zero.h"
+#include "model/params.h"
 #include "pipe/transport.h"
 
 #include <limits.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -178,6 +180,15 @@ struct rp_zero_links {
     float *scratch;       /* the pieces of my range: host (MPI) or device (NCCL) */
     size_t *at, *n;       /* [4 dp]: NCCL send/receive offsets and counts */
     double timeout_s;
+    /* The bf16 all-gather (rp_zero_links_use_model): the stage's weights,
+     * the [begin, end) float offsets of the GEMM matrices in a layer's and
+     * in the head's flat buffer, the transfer list, and whether the other
+     * replicas' fp32 of those matrices is stale (received as bf16 only). */
+    const rp_model *model;
+    size_t *layer_iv, *head_iv;  /* pairs, by offset */
+    int n_layer_iv, n_head_iv;
+    rp_nccl_xfer *xfer;
+    int cap_xfer, stale;
 };
 
 rp_status rp_zero_links_create(rp_zero_links **out, MPI_Comm comm, rp_backend *be,
@@ -224,14 +235,22 @@ void rp_zero_links_free(rp_zero_links *l) {
     }
     free(l->host);
     free(l->at);
+    free(l->layer_iv);
+    free(l->head_iv);
+    free(l->xfer);
     free(l);
 }
 
-int rp_zero_links_bypass_backend(const rp_zero_links *l) { return l && l->nccl; }
+/* With a ranged refresh entry the all-gather keeps the backend's weight
+ * copies current itself (rp_zero_links_allgather), so nothing bypasses it. */
+int rp_zero_links_bypass_backend(const rp_zero_links *l) {
+    return l && l->nccl && !l->be->refresh_weights;
+}
 
 const char *rp_zero_links_describe(const rp_zero_links *l) {
     if (!l || l->be->is_host_memory) return "MPI";
-    return l->nccl ? "NCCL" : "MPI through host memory";
+    if (!l->nccl) return "MPI through host memory";
+    return l->model ? "NCCL; the GEMM matrices' weights all-gathered as bf16" : "NCCL";
 }
 
 rp_status rp_zero_links_reduce_scatter(rp_zero_links *l, float *buf, size_t n, rp_error *err) {
@@ -272,21 +291,136 @@ rp_status rp_zero_links_reduce_scatter(rp_zero_links *l, float *buf, size_t n, r
     return be->status(be, err);
 }
 
-rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_error *err) {
-    static const char what[] = "the weight all-gather over the data replicas (--zero 1, NCCL)";
+/* The matrices' [begin, end) float offsets (pairs, sorted) among table's
+ * tensors of part: the nn.Linear weights that the backend's GEMMs read
+ * through their bf16 copies (rp_tensor_quantizable). */
+static int matrix_table(const rp_tensor_info *t, int nt, rp_param_part part, size_t *iv) {
+    int n = 0;
+    for (int i = 0; i < nt; i++) {
+        if (t[i].part != part || !rp_tensor_quantizable(t[i].suffix)) continue;
+        int j = n++;
+        for (; j > 0 && iv[2 * (j - 1)] > t[i].flat_offset; j--) {
+            iv[2 * j] = iv[2 * (j - 1)];
+            iv[2 * j + 1] = iv[2 * (j - 1) + 1];
+        }
+        iv[2 * j] = t[i].flat_offset;
+        iv[2 * j + 1] = t[i].flat_offset + (size_t)t[i].numel;
+    }
+    return n;
+}
+
+rp_status rp_zero_links_use_model(rp_zero_links *l, const rp_model *m, rp_error *err) {
+    if (!l || !l->nccl || !l->be->weight_copy || !l->be->refresh_weights || l->dp == 1)
+        return RP_OK;
+    rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
+    rp_layer_layout(&m->cfg, table);
+    rp_global_layout(&m->cfg, gtable, NULL, NULL);
+    l->layer_iv = malloc(sizeof(size_t) * 2 * RP_LAYER_N_TENSORS);
+    l->head_iv = malloc(sizeof(size_t) * 2 * RP_GLOBAL_N_TENSORS);
+    if (!l->layer_iv || !l->head_iv)
+        return rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1: the matrices' tables");
+    l->n_layer_iv = matrix_table(table, RP_LAYER_N_TENSORS, RP_PART_LAYER, l->layer_iv);
+    l->n_head_iv = matrix_table(gtable, RP_GLOBAL_N_TENSORS, RP_PART_HEAD, l->head_iv);
+    /* Per peer: my range sent and its range received, each cut into at most
+     * 2 * matrices + 1 pieces. */
+    const int most = l->n_layer_iv > l->n_head_iv ? l->n_layer_iv : l->n_head_iv;
+    l->cap_xfer = 2 * (2 * most + 1) * l->dp;
+    if (!(l->xfer = malloc(sizeof *l->xfer * (size_t)l->cap_xfer)))
+        return rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1: the all-gather's transfer list");
+    /* Every replica must cut the ranges alike: the bf16 all-gather only if
+     * every replica keeps a copy of every layer and head buffer (CUDA keeps
+     * none where the copy found no room). */
+    int have = 1, all = 0;
+    for (int i = 0; i < m->layer_end - m->layer_begin; i++)
+        if (!l->be->weight_copy(l->be, m->layer_flat[i], m->layer_floats)) have = 0;
+    if (m->head_flat && !l->be->weight_copy(l->be, m->head_flat, m->head_floats)) have = 0;
+    static const char what[] = "the data replicas' check of their bf16 weight copies (--zero 1)";
+    MPI_Request req;
+    rp_status st = started(MPI_Iallreduce(&have, &all, 1, MPI_INT, MPI_MIN, l->comm, &req), what,
+                           err);
+    if (st == RP_OK) st = rp_comm_wait(&req, l->timeout_s, what, err);
+    if (st == RP_OK && all) l->model = m;
+    return st;
+}
+
+/* The bf16 copy of flat buffer buf [n] of the model and its matrices'
+ * offsets, or NULL (no bf16 all-gather for it: the embedding, fp32 math,
+ * no copy kept). */
+static uint16_t *bf16_copy(const rp_zero_links *l, const float *buf, size_t n,
+                           const size_t **iv, int *niv) {
+    const rp_model *m = l->model;
+    if (!m) return NULL;
+    *iv = NULL;
+    if (m->head_flat && buf == m->head_flat && n == m->head_floats) {
+        *iv = l->head_iv;
+        *niv = l->n_head_iv;
+    }
+    for (int i = 0; !*iv && i < m->layer_end - m->layer_begin; i++)
+        if (buf == m->layer_flat[i] && n == m->layer_floats) {
+            *iv = l->layer_iv;
+            *niv = l->n_layer_iv;
+        }
+    if (!*iv || !*niv) return NULL;
+    return (uint16_t *)l->be->weight_copy(l->be, buf, n);
+}
+
+static void push(rp_zero_links *l, int *nx, int peer, int recv, int bf16, void *p,
+                 size_t count) {
+    l->xfer[(*nx)++] = (rp_nccl_xfer){peer, recv, bf16, p, count};
+}
+
+/* The transfers of [lo, hi) of buf to (recv 0) or from peer: the matrices'
+ * pieces as bf16 from or into copy, the rest as fp32. Both ends cut a range
+ * the same way, so the sends and receives pair up in order. */
+static void add_pieces(rp_zero_links *l, int *nx, int peer, int recv, float *buf, uint16_t *copy,
+                       size_t lo, size_t hi, const size_t *iv, int niv) {
+    size_t at = lo;
+    for (int i = 0; i < niv && at < hi; i++) {
+        const size_t b = iv[2 * i] > at ? iv[2 * i] : at;
+        const size_t e = iv[2 * i + 1] < hi ? iv[2 * i + 1] : hi;
+        if (b >= e) continue;
+        if (b > at) push(l, nx, peer, recv, 0, buf + at, b - at);
+        push(l, nx, peer, recv, 1, copy + b, e - b);
+        at = e;
+    }
+    if (at < hi) push(l, nx, peer, recv, 0, buf + at, hi - at);
+}
+
+/* The all-gather over NCCL with the matrices as bf16 straight into the
+ * other replicas' copies (half their bytes). Their fp32 there goes stale:
+ * the GEMMs read only the copies, AdamW only the own range's fp32, and
+ * rp_zero_links_gather_master makes the fp32 whole before it is read. */
+static rp_status allgather_bf16(rp_zero_links *l, float *buf, size_t n, uint16_t *copy,
+                                const size_t *iv, int niv, const char *what, rp_error *err) {
     rp_backend *be = l->be;
-    if (l->dp == 1) return RP_OK;
-    if (be->is_host_memory) return rp_zero_allgather(l->comm, buf, n, l->timeout_s, err);
     size_t b, mine;
     rp_zero_range(n, l->dp, l->me, &b, &mine);
-    if (!l->nccl) {
-        /* My range to the host, the host path, the whole buffer back
-         * (through copy_to_device: the backend refreshes its weight copies). */
-        if (mine) be->copy_to_host(be, l->host + b, buf + b, mine * sizeof(float));
-        rp_status st = rp_zero_allgather(l->comm, l->host, n, l->timeout_s, err);
-        if (st == RP_OK) be->copy_to_device(be, buf, l->host, n * sizeof(float));
-        return st;
+    int nx = 0;
+    for (int k = 0; k < l->dp; k++) {
+        if (k == l->me) continue;
+        size_t kb, kn;
+        rp_zero_range(n, l->dp, k, &kb, &kn);
+        add_pieces(l, &nx, k, 0, buf, copy, b, b + mine, iv, niv);
+        add_pieces(l, &nx, k, 1, buf, copy, kb, kb + kn, iv, niv);
     }
+    be->synchronize(be);  /* the AdamW step on my range and its copy are written */
+    rp_status st = rp_nccl_group_run(l->nccl, l->xfer, nx, what, err);
+    if (st != RP_OK) return st;
+    l->stale = 1;
+    /* The fp32 pieces received (norms, mixes, LoRA factors) have copies too. */
+    for (int i = 0; i < nx; i++)
+        if (l->xfer[i].recv && !l->xfer[i].bf16)
+            be->refresh_weights(be, l->xfer[i].p, l->xfer[i].count);
+    return be->status(be, err);
+}
+
+/* The fp32 all-gather over NCCL of buf [n], in place; refresh: convert the
+ * received ranges' copies. */
+static rp_status allgather_fp32(rp_zero_links *l, float *buf, size_t n, int refresh,
+                                const char *what, rp_error *err) {
+    rp_backend *be = l->be;
+    size_t b, mine;
+    rp_zero_range(n, l->dp, l->me, &b, &mine);
     /* My range to every replica; replica k's range from it, in place. */
     size_t *send_at = l->at, *recv_at = l->at + l->dp, *send_n = l->n, *recv_n = l->n + l->dp;
     for (int k = 0; k < l->dp; k++) {
@@ -296,5 +430,60 @@ rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_err
     }
     recv_n[l->me] = 0;
     be->synchronize(be);  /* the AdamW step on my range is written */
-    return rp_nccl_group_exchange(l->nccl, buf, send_at, send_n, buf, recv_at, recv_n, what, err);
+    rp_status st = rp_nccl_group_exchange(l->nccl, buf, send_at, send_n, buf, recv_at, recv_n,
+                                          what, err);
+    /* NCCL wrote the other replicas' ranges behind the backend: their
+     * low-precision weight copies (CUDA, bf16 math) are converted again,
+     * range by range; my range's copy was written by the AdamW step. Without
+     * the entry the caller re-registers the whole stage
+     * (rp_zero_links_bypass_backend). */
+    if (st != RP_OK || !refresh || !be->refresh_weights) return st;
+    for (int k = 0; k < l->dp; k++)
+        if (recv_n[k]) be->refresh_weights(be, buf + recv_at[k], recv_n[k]);
+    return be->status(be, err);
+}
+
+rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_error *err) {
+    static const char what[] = "the weight all-gather over the data replicas (--zero 1, NCCL)";
+    rp_backend *be = l->be;
+    if (l->dp == 1) return RP_OK;
+    if (be->is_host_memory) return rp_zero_allgather(l->comm, buf, n, l->timeout_s, err);
+    size_t b, mine;
+    rp_zero_range(n, l->dp, l->me, &b, &mine);
+    if (!l->nccl) {
+        /* My range to the host, the host path, the other replicas' ranges
+         * back (through copy_to_device: the backend refreshes its weight
+         * copies of those ranges; my range and its copy are current from
+         * the AdamW step). */
+        if (mine) be->copy_to_host(be, l->host + b, buf + b, mine * sizeof(float));
+        rp_status st = rp_zero_allgather(l->comm, l->host, n, l->timeout_s, err);
+        for (int k = 0; k < l->dp && st == RP_OK; k++) {
+            size_t kb, kn;
+            rp_zero_range(n, l->dp, k, &kb, &kn);
+            if (k != l->me && kn)
+                be->copy_to_device(be, buf + kb, l->host + kb, kn * sizeof(float));
+        }
+        return st;
+    }
+    const size_t *iv;
+    int niv;
+    uint16_t *copy = bf16_copy(l, buf, n, &iv, &niv);
+    if (copy) return allgather_bf16(l, buf, n, copy, iv, niv, what, err);
+    return allgather_fp32(l, buf, n, 1, what, err);
+}
+
+int rp_zero_links_bf16(const rp_zero_links *l) { return l && l->model; }
+
+rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m, rp_error *err) {
+    static const char what[] = "the fp32 weights' gather over the data replicas (--zero 1, "
+                               "NCCL; for a checkpoint or the -o file)";
+    if (!l || !l->stale) return RP_OK;
+    size_t n;
+    float *w;
+    rp_status st = RP_OK;
+    /* Every range fp32 to every replica; the copies are already current. */
+    for (int i = 0; st == RP_OK && (w = rp_zero_buffer(m, i, &n)); i++)
+        st = allgather_fp32(l, w, n, 0, what, err);
+    if (st == RP_OK) l->stale = 0;
+    return st;
 }

@@ -47,13 +47,34 @@ rp_status rp_zero_links_create(rp_zero_links **out, MPI_Comm data_comm, rp_backe
                                rp_nccl_group *nccl, size_t most, double timeout_s,
                                rp_error *err);
 void rp_zero_links_free(rp_zero_links *l);
-/* 1 when the links write device memory behind the backend's back (NCCL):
- * the caller refreshes what the backend caches of the weights. */
+/* 1 when the links write device memory behind the backend's back (NCCL on
+ * a backend without refresh_weights): the caller refreshes what the backend
+ * caches of the weights (rp_model_register_weights). 0 when they keep the
+ * backend's weight copies current themselves: the all-gather refreshes the
+ * ranges it received (only what changed is converted). */
 int rp_zero_links_bypass_backend(const rp_zero_links *l);
 /* "NCCL", "MPI through host memory" or "MPI" (for the start-up line). */
 const char *rp_zero_links_describe(const rp_zero_links *l);
 /* As rp_zero_reduce_scatter / rp_zero_allgather on backend memory buf [n]. */
 rp_status rp_zero_links_reduce_scatter(rp_zero_links *l, float *buf, size_t n, rp_error *err);
 rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_error *err);
+
+/* The bf16 all-gather (NCCL on a backend with weight_copy: CUDA, bf16
+ * math): from now on the all-gather of m's layer and head buffers moves the
+ * GEMM matrices' ranges (rp_tensor_quantizable) as bf16 straight into the
+ * other replicas' bf16 copies, the rest of the buffer as fp32. The other
+ * replicas' fp32 of those matrices is then stale on each replica until
+ * rp_zero_links_gather_master. m: the stage's weights (borrowed), already
+ * registered (rp_model_register_weights). Only when every replica keeps a
+ * bf16 copy of every layer and head buffer; nothing to do (RP_OK) without
+ * NCCL or weight_copy. Collective over the data replicas (with NCCL). */
+rp_status rp_zero_links_use_model(rp_zero_links *l, const rp_model *m, rp_error *err);
+/* 1 when the all-gather moves the matrices as bf16 (rp_zero_links_use_model). */
+int rp_zero_links_bf16(const rp_zero_links *l);
+/* The fp32 weights of m whole again on every replica (an fp32 all-gather of
+ * each buffer), after bf16 all-gathers left the other ranges' matrices
+ * stale: before a checkpoint or the final -o file. Collective over the data
+ * replicas; nothing when nothing is stale (the same on every replica). */
+rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m, rp_error *err);
 
 #endif

@@ -459,4 +459,10 @@ rp_status rp_nccl_group_exchange(rp_nccl_group *g, const float *src, const size_
     (void)g, (void)src, (void)send_at, (void)send_n, (void)dst, (void)recv_at, (void)recv_n;
     return rp_error_set(err, RP_ERR_ARG, "%s: built without NCCL", what);
 }
+
+rp_status rp_nccl_group_run(rp_nccl_group *g, const rp_nccl_xfer *x, int n, const char *what,
+                            rp_error *err) {
+    (void)g, (void)x, (void)n;
+    return rp_error_set(err, RP_ERR_ARG, "%s: built without NCCL", what);
+}
 #endif

@@ -168,6 +168,19 @@ rp_status rp_nccl_group_sendrecv(rp_nccl_group *g, const void *src, void *dst, s
 rp_status rp_nccl_group_exchange(rp_nccl_group *g, const float *src, const size_t *send_at,
                                  const size_t *send_n, float *dst, const size_t *recv_at,
                                  const size_t *recv_n, const char *what, rp_error *err);
+/* One transfer of rp_nccl_group_run: count elements of fp32 (bf16 = 0) or
+ * bf16 (bf16 = 1, 2 bytes: ZeRO-1's all-gather into the weights' bf16
+ * copies) sent to or received (recv = 1) from peer. */
+typedef struct {
+    int peer, recv, bf16;
+    void *p;
+    size_t count;
+} rp_nccl_xfer;
+/* The transfers x [n] in one NCCL group, in order (each pair of ranks must
+ * list its sends and receives to each other in the same order), then waits.
+ * Device memory; the caller synchronizes the stream that wrote the sends. */
+rp_status rp_nccl_group_run(rp_nccl_group *g, const rp_nccl_xfer *x, int n, const char *what,
+                            rp_error *err);
 
 /* Nonblocking; buf must stay untouched until rp_transport_wait(x) returns. */
 rp_status rp_transport_post_send(rp_transport *t, const void *buf, size_t bytes, int peer,

@@ -735,3 +735,19 @@ rp_status rp_nccl_group_exchange(rp_nccl_group *g, const float *src, const size_
     if (r == ncclSuccess || r == ncclInProgress) r = end;
     return group_finish(g, r, what, err);
 }
+
+rp_status rp_nccl_group_run(rp_nccl_group *g, const rp_nccl_xfer *x, int n, const char *what,
+                            rp_error *err) {
+    if (g->broken)
+        return rp_error_set(err, RP_ERR_MPI, "%s: the NCCL group failed earlier", what);
+    ncclResult_t r = ncclGroupStart();
+    for (int i = 0; i < n && r == ncclSuccess; i++) {
+        if (!x[i].count) continue;
+        const ncclDataType_t type = x[i].bf16 ? ncclBfloat16 : ncclFloat32;
+        r = x[i].recv ? ncclRecv(x[i].p, x[i].count, type, x[i].peer, g->comm, g->stream)
+                      : ncclSend(x[i].p, x[i].count, type, x[i].peer, g->comm, g->stream);
+    }
+    ncclResult_t end = ncclGroupEnd();
+    if (r == ncclSuccess || r == ncclInProgress) r = end;
+    return group_finish(g, r, what, err);
+}

@@ -844,7 +844,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         goto done;
     pt.halt_on_nan = o->halt_on_nan;
     if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
-    if (o->zero && (st = rp_pipe_trainer_use_zero(&pt, &zero, err)) != RP_OK) goto done;
+    if (o->zero && ((st = rp_pipe_trainer_use_zero(&pt, &zero, err)) != RP_OK ||
+                    (st = rp_zero_links_use_model(pt.zero_links, model, err)) != RP_OK))
+        goto done;
     if (!V) print_memory(o, model, &grads, o->zero ? &zero : NULL, pt.zero_links);
     for (int k = 0; o->tune_state && k < 3; k++)
         if (!(tuned_host[k] = malloc((pt.tuned_floats + 1) * sizeof(float)))) {
@@ -1050,6 +1052,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                     c.tuned[k] = tuned_host[k];
                 }
             }
+            /* --zero 1's bf16 all-gather left other ranges' fp32 stale. */
+            if (o->zero && (st = rp_zero_links_gather_master(pt.zero_links, model, err)) != RP_OK)
+                goto done;
             st = save_checkpoint_zero(o, tp, &c, &zero, err);
             if (o->tune_lora) rp_lora_apply(&lora);
             if (st != RP_OK) goto done;
@@ -1080,7 +1085,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
     }
     result->seconds = rp_now_seconds() - t_start;
-    if (o->save_path && !result->stopped_by_signal)
+    /* The weights leave here whole in fp32 (--zero 1's bf16 all-gather). */
+    if (o->zero) st = rp_zero_links_gather_master(pt.zero_links, model, err);
+    if (st == RP_OK && o->save_path && !result->stopped_by_signal)
         st = V ? save_weights_interleaved(o, tp, err) : save_weights(model, o, tp, err);
     if (st == RP_OK && o->tune_state && o->state_out)
         st = save_tuned_states(model, &pt, o, tp, err);

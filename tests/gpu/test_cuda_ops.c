@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "core/dtype.h"
 #include "core/rng.h"
 #include "cpu/cpu_backend.h"
 #include "cuda_backend.h"
@@ -1697,6 +1698,49 @@ static void check_registered_weights(twin *t, const shape *sh) {
                               (size_t)(2 * C + 1) * sizeof(float));
     registered_gemms(t, &rg, "after fill_zero");
     free(host);
+
+    /* refresh_weights after a write behind the copies' back (ZeRO-1's NCCL
+     * all-gather): add stands in for the NCCL receive, since it is for
+     * gradients and leaves the copies alone; a delta of ~1 on weights of
+     * ~0.05 is far beyond bf16 rounding, so a stale copy fails. The range is
+     * odd-sized at an odd offset and runs from W into the LoRA factor. */
+    if (t->gpu->refresh_weights) {
+        const size_t at0 = rg.w_off + (size_t)(C / 2) * C + 1, n = (size_t)(C / 2) * C + 7;
+        tbuf *delta = buf_input(t, n, -1, 1);
+        for (int g = 0; g < 2; g++) {
+            rp_backend *be = side(t, g);
+            be->add(be, at(rg.flat, g) + at0, at(delta, g), n);
+            if (be->refresh_weights) be->refresh_weights(be, at(rg.flat, g) + at0, n);
+        }
+        registered_gemms(t, &rg, "after refresh_weights");
+    }
+
+    /* weight_copy (bf16 math): ZeRO-1's bf16 all-gather receives straight
+     * into the copy and leaves the fp32 stale. bf16 written into the copy of
+     * a stretch of W (odd offset and size); the CPU side gets the same
+     * values in fp32. The GEMMs must read the new values (new ~1 against
+     * stale ~0.05). Then the GPU's fp32 gets them too, so later checks start
+     * from equal weights. */
+    void *copy = t->gpu->weight_copy
+                     ? t->gpu->weight_copy(t->gpu, rg.flat->gpu + rg.w_off + C + 3,
+                                           (size_t)(C / 2) * C + 5)
+                     : NULL;
+    if (copy) {
+        const size_t at0 = rg.w_off + (size_t)C + 3, n = (size_t)(C / 2) * C + 5;
+        float *vals = xmalloc(n * sizeof *vals);
+        uint16_t *bits = xmalloc(n * sizeof *bits);
+        fill_uniform(t, vals, n, -1, 1);
+        for (size_t i = 0; i < n; i++) {
+            bits[i] = rp_f32_to_bf16(vals[i]);
+            vals[i] = rp_bf16_to_f32(bits[i]);
+        }
+        t->gpu->copy_to_device(t->gpu, copy, bits, n * sizeof *bits);
+        t->cpu->copy_to_device(t->cpu, rg.flat->cpu + at0, vals, n * sizeof *vals);
+        registered_gemms(t, &rg, "after a write into weight_copy");
+        t->gpu->copy_to_device(t->gpu, rg.flat->gpu + at0, vals, n * sizeof *vals);
+        free(vals);
+        free(bits);
+    }
 
     /* free forgets the range: a buffer allocated in its place (allocators
      * reuse addresses) and written by a kernel is read as written, not

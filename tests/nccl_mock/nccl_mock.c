@@ -68,6 +68,7 @@ struct mock_comm {
     int *world;  /* [nranks] MPI_COMM_WORLD rank of each */
     ncclResult_t error;
     char last_error[160];
+    unsigned long long sent_fp32, sent_bf16, sent_other;  /* bytes, for RP_NCCL_MOCK_STATS */
 };
 
 static struct mock_stream *all_streams;
@@ -403,6 +404,13 @@ ncclResult_t ncclCommDestroy(ncclComm_t comm) {
     if (!comm) return ncclInvalidArgument;
     comm_drop_kernels(comm);
     progress();
+    /* RP_NCCL_MOCK_STATS=1: what ncclSend moved by type (ZeRO-1's bf16
+     * all-gather shows as bf16 bytes on the data replicas' communicator). */
+    const char *stats = getenv("RP_NCCL_MOCK_STATS");
+    if (stats && strcmp(stats, "1") == 0)
+        fprintf(stderr, "nccl mock: communicator of %d ranks, rank %d sent %llu fp32 bytes, %llu "
+                "bf16 bytes, %llu other bytes\n", comm->nranks, comm->rank, comm->sent_fp32,
+                comm->sent_bf16, comm->sent_other);
     free(comm->world);
     free(comm);
     return ncclSuccess;
@@ -458,7 +466,7 @@ ncclResult_t ncclGroupEnd(void) {
 
 static ncclResult_t enqueue(int is_recv, void *buf, size_t count, ncclDataType_t type, int peer,
                             ncclComm_t comm, cudaStream_t stream) {
-    const size_t size = type == ncclFloat32 ? 4 : 1;
+    const size_t size = type == ncclFloat32 ? 4 : type == ncclBfloat16 ? 2 : 1;
     if (!comm || !stream || peer < 0 || peer >= comm->nranks) return ncclInvalidArgument;
     if (count * size > (size_t)0x7fffffff) {
         snprintf(comm->last_error, sizeof comm->last_error, "mock: over 2 GiB in one transfer");
@@ -470,6 +478,12 @@ static ncclResult_t enqueue(int is_recv, void *buf, size_t count, ncclDataType_t
         if (!p) return ncclSystemError;
         pending = p;
         cap_pending = cap;
+    }
+    if (!is_recv) {
+        unsigned long long *sent = type == ncclFloat32    ? &comm->sent_fp32
+                                   : type == ncclBfloat16 ? &comm->sent_bf16
+                                                          : &comm->sent_other;
+        *sent += count * size;
     }
     pending[n_pending++] = (pending_op){
         .op = {.is_recv = is_recv, .buf = buf, .bytes = count * size, .peer = peer,
