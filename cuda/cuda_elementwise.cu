@@ -498,12 +498,25 @@ static void cuda_shift_mix(rp_backend *be, float *prev, float *const *mix, const
         shift_mix_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(
             prev, mp, n_mix, x, state_base, state_stride, b.seq_len, b.row_begin, b.slot,
             b.n_seq, shift, bf16, C);
-    const size_t n = (size_t)R * C;
-    if (!RP_CUDA_LAUNCHED(cx, "shift_mix")) return;
-    for (int i = 0; i < n_mix; i++) {
-        rp_cuda_act16_forget(cx, mix[i], n * sizeof(float));
-        if (bf16) rp_cuda_inplace_add(cx, mix[i], n);
+    const size_t n = (size_t)R * C, bytes = n * sizeof(float);
+    if (shift) {
+        // it writes the state slots too: every copy ends, as in token_shift
+        if (!RP_CUDA_LAUNCHED(cx, "shift_mix")) return;
+        rp_cuda_act16_forget(cx, prev, bytes);  // RP_CUDA_LAUNCHED keeps bf16 ranges
+        for (int i = 0; i < n_mix; i++) rp_cuda_act16_forget(cx, mix[i], bytes);
+    } else {
+        // only the mixes: the other copies stay valid (the backward's dx for
+        // the output GEMM, the gate's dg)
+        float *o[RP_MIX_MAX] = {};
+        for (int i = 0; i < n_mix; i++) o[i] = mix[i];
+        const size_t b[RP_MIX_MAX] = {o[0] ? bytes : 0, o[1] ? bytes : 0, o[2] ? bytes : 0,
+                                      o[3] ? bytes : 0, o[4] ? bytes : 0, o[5] ? bytes : 0};
+        if (!RP_CUDA_LAUNCHED_OUT(cx, "shift_mix", {o[0], b[0]}, {o[1], b[1]}, {o[2], b[2]},
+                                  {o[3], b[3]}, {o[4], b[4]}, {o[5], b[5]}))
+            return;
     }
+    if (bf16)
+        for (int i = 0; i < n_mix; i++) rp_cuda_inplace_add(cx, mix[i], n);
 }
 
 // ---- bias + activation ----
