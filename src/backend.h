@@ -188,9 +188,10 @@ struct rp_backend {
      * when state_base is non-NULL (else prev is an input, as in the backward's
      * recomputation of the mixes from the saved prev), then for i < n_mix
      * (<= RP_MIX_MAX) lerp(mix[i], x, prev, mu[i]). mix and mu are host
-     * arrays of backend pointers; the mixes must not overlap x or prev. CUDA:
-     * one kernel, which in bf16 math also writes the mixes' bf16 GEMM
-     * operand copies. */
+     * arrays of backend pointers; the mixes must not overlap x or prev.
+     * Only matmul ops may read a mix (as x, or as the x of a backward) until
+     * something writes it again, as for gemm_only: CUDA runs one kernel
+     * which in BF16 math writes the mixes as bf16 in place, no f32. */
     void (*shift_mix)(rp_backend *be, float *prev, float *const *mix, const float *const *mu,
                       int n_mix, const float *x, float *state_base, size_t state_stride,
                       const rp_batch *batch, int C);
