@@ -182,9 +182,11 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
         return;
     }
     ew(l, "layernorm", 2, R, C, 2, 2, 8);
-    ew(l, "token_shift", 2, R, C, 2, 0, 0);
-    /* six time-mix lerps (the nu LoRA reuses the value mix) + the FFN one */
-    ew(l, "lerp", 6 + 1, R, C, 3 + BF16_OUT, 1, 3); /* + the bf16 mix the GEMMs read */
+    /* shift_mix: the token shift and the six time-mix mixes in one kernel
+     * (reads xa, writes prev, the mixes in bf16 in place: only GEMMs read
+     * them), and the channel mix's shift and its one mix */
+    ew(l, "shift_mix (time mix: shift + 6 mixes, bf16)", 1, R, C, 2 + 6 * BF16_OUT, 6, 3 * 6);
+    ew(l, "shift_mix (channel mix: shift + 1 mix, bf16)", 1, R, C, 2 + BF16_OUT, 1, 3);
     /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value below */
     gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C, 1);
     for (int i = 0; i < loras; i++) {
@@ -211,6 +213,20 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     ew(l, "bias_act (relu^2, F)", 1, R, F, 2 + BF16_OUT, 0, 2);
 }
 
+/* shift_mix_backward of `terms` mix gradients [R,C]: the main kernel reads
+ * them, x and prev and writes dx and the dmu partials of its row chunks
+ * (rp_cuda_row_chunks: 64 rows each, at most 256); the finish kernel sums
+ * the partials into the dmu. */
+static void mix_backward(kernel_list *l, double R, double C, int terms) {
+    double chunks = ceil(R / 64);
+    if (chunks > 256) chunks = 256;
+    if (chunks < 1) chunks = 1;
+    add(l, "shift_mix_backward (dx + token shift + dmu partials)", 1,
+        4.0 * C * (R * (terms + 3) + terms + terms * chunks), 6.0 * terms * R * C, 0);
+    add(l, "shift_mix_backward finish (dmu sums, d state)", 1,
+        4.0 * C * (terms * chunks + 2 * terms), terms * chunks * C, 0);
+}
+
 /* Its backward: each GEMM two GEMMs, each elementwise op reading its inputs
  * and the output gradient and accumulating the input gradients (about twice
  * the forward's traffic), parameter gradients reduced over rows. */
@@ -222,14 +238,18 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     /* the dx kernels (half of these launches) also write dx in bf16: the dY
      * of the FFN value and output GEMM backwards */
     ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4 + BF16_OUT / 2, 4, 12);
-    ew(l, "token_shift backward", 2, R, C, 3, 0, 1);
-    /* The first of the time mix's and the channel mix's lerps writes dx and
-     * dprev with beta 0 (reads dy, x, prev): no read of dx, dprev. */
-    ew(l, "lerp backward (+ params)", 6 + (layer > 0) + 1 - 2, R, C, 7, 2, 6);
-    ew(l, "lerp backward, first write (beta 0)", 2, R, C, 5, 2, 6);
+    /* The six time-mix mixes formed again (from the saved xa, prev) in one
+     * shift_mix, bf16 in place, the GEMM backwards' X. */
+    ew(l, "shift_mix (backward: the 6 mixes again, bf16)", 1, R, C, 2 + 6 * BF16_OUT, 6, 3 * 6);
+    /* shift_mix_backward: every mix gradient (the time mix's 6 or 7 uses,
+     * the channel mix's 1), x and prev read once; dx written with the token
+     * shift folded in; per-chunk dmu partials, then one small kernel sums
+     * them in a fixed order and writes the slots' d(state) */
+    mix_backward(l, R, C, 6 + (layer > 0));
+    mix_backward(l, R, C, 1);
     /* output: dy in bf16 from layernorm backward, the saved og converted;
-     * value, key, receptance: dv, dk, dr converted, their mix still valid
-     * (the kernels between declare what they write: RP_CUDA_LAUNCHED_OUT) */
+     * value, key, receptance: dv, dk, dr converted, their mix in bf16 in
+     * place (shift_mix) */
     gemm_backward(l, "GEMM backward C x C", 1, R, C, C, 1, 0);
     gemm_backward(l, "GEMM backward C x C", 3, R, C, C, 0, 1);
     for (int i = 0; i < loras; i++) {
@@ -256,8 +276,9 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
     ew(l, "bonus_gate backward (+ bf16 dg)", 1, R, C, 11 + BF16_OUT, 2, 12);
     /* key: d hidden written in bf16 by the relu^2 backward, the saved kf
-     * converted; value: dy and the saved relu^2 hidden converted */
-    gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, 0);
+     * bf16 in place since shift_mix; value: dy and the saved relu^2 hidden
+     * converted */
+    gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, 1);
     gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 0, 0);
     ew(l, "bias_act backward (relu^2, F)", 1, R, F, 3 + BF16_OUT, 0, 3);
     /* First gradient writes take beta 0 (no fill_zero) and wkv7_backward

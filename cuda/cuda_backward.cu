@@ -457,6 +457,171 @@ static void cuda_lerp_backward(rp_backend *be, float *dx, float *dprev, float *d
     cuda_lerp_backward_beta(be, dx, dprev, dmu, dy, x, prev, mu, R, C, 1.0f);
 }
 
+// ---- fused training mix backward (backend.h shift_mix_backward) ----
+
+// The gradient terms, passed by value: term j is dmix[j] with mu[j], dmu[j].
+struct mix_terms {
+    const float *dmix[RP_MIX_TERMS_MAX];
+    const float *mu[RP_MIX_TERMS_MAX];
+    float *dmu[RP_MIX_TERMS_MAX];
+};
+
+// Row r's own parts at columns c..c+W: dxo = sum_j dmix_j (1 - mu_j) and
+// dp = sum_j dmix_j mu_j, the terms in order from 0 (lerp_backward_beta's
+// sums), and, when acc is non-NULL, acc[j] += dmix_j (prev - x).
+template <int W>
+static __device__ __forceinline__ void mix_row(const mix_terms &t, int n_terms, size_t o,
+                                               int c, const float *x, const float *prev,
+                                               vecf<W> &dxo, vecf<W> &dp,
+                                               float (*acc)[W]) {
+    vecf<W> diff;
+    if (acc) {
+        const vecf<W> xv = load<W>(x + o), pv = load<W>(prev + o);
+        for (int i = 0; i < W; i++) diff.v[i] = pv.v[i] - xv.v[i];
+    }
+    for (int i = 0; i < W; i++) dxo.v[i] = dp.v[i] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < RP_MIX_TERMS_MAX; j++) {
+        if (j >= n_terms) break;
+        const vecf<W> d = load<W>(t.dmix[j] + o), m = load<W>(t.mu[j] + c);
+        for (int i = 0; i < W; i++) {
+            dxo.v[i] += d.v[i] * (1.0f - m.v[i]);
+            dp.v[i] += d.v[i] * m.v[i];
+            if (acc) acc[j][i] += d.v[i] * diff.v[i];
+        }
+    }
+}
+
+// grid (C / (32 W), chunks). Warp w of a chunk takes a contiguous run of its
+// rows, last row first, carrying d(prev) of the row below: dx row r = its
+// own part + d(prev) of row r+1 (the slot's d(state after) for a sequence's
+// last row; recomputed from row r+1's terms for the run's first row). The
+// d(prev) of each sequence's first row goes to dprev for the finish kernel
+// (the slots are read here, written there). part_mu [n_terms, chunks, C].
+template <int W>
+__global__ static void shift_mix_backward_kernel(
+    float *__restrict__ dx, float *__restrict__ dprev, float *__restrict__ part_mu,
+    mix_terms t, int n_terms, const float *__restrict__ x, const float *__restrict__ prev,
+    const float *__restrict__ dstate_base, size_t state_stride,
+    const int32_t *__restrict__ row_begin, const int32_t *__restrict__ seq_len,
+    const int32_t *__restrict__ slot, int n_seq, int R, int C, int rows_per_chunk) {
+    constexpr int TILE = 32 * W;
+    __shared__ float sh[ROW_WARPS * TILE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int col0 = blockIdx.x * TILE, c = col0 + lane * W;
+    int begin, end;
+    chunk_rows(blockIdx.y, rows_per_chunk, R, &begin, &end);
+    const int per = (end - begin + ROW_WARPS - 1) / ROW_WARPS;
+    const int wb = begin + warp * per < end ? begin + warp * per : end;
+    const int we = wb + per < end ? wb + per : end;
+    float acc[RP_MIX_TERMS_MAX][W];
+#pragma unroll
+    for (int j = 0; j < RP_MIX_TERMS_MAX; j++)
+        for (int i = 0; i < W; i++) acc[j][i] = 0.0f;
+    if (c < C && wb < we) {
+        int lo = 0, hi = n_seq - 1;  // the sequence holding row we - 1
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (row_begin[mid] <= we - 1) lo = mid;
+            else hi = mid - 1;
+        }
+        int s = lo;
+        vecf<W> below;  // d(prev) of row r + 1
+        for (int r = we - 1; r >= wb; r--) {
+            while (s > 0 && r < row_begin[s]) s--;
+            const size_t o = (size_t)r * C + c;
+            vecf<W> dxo, dp;
+            mix_row<W>(t, n_terms, o, c, x, prev, dxo, dp, acc);
+            if (r == row_begin[s] + seq_len[s] - 1) {
+                below = load<W>(dstate_base + (size_t)slot[s] * state_stride + c);
+            } else if (r == we - 1) {
+                vecf<W> unused;
+                mix_row<W>(t, n_terms, o + C, c, x, prev, unused, below, nullptr);
+            }
+            for (int i = 0; i < W; i++) dxo.v[i] += below.v[i];
+            store<W>(dx + o, dxo);
+            if (r == row_begin[s]) store<W>(dprev + o, dp);
+            below = dp;
+        }
+    }
+    const int n = C - col0 < TILE ? C - col0 : TILE;
+    for (int j = 0; j < n_terms; j++) {
+        for (int i = 0; i < W; i++) sh[warp * TILE + lane * W + i] = acc[j][i];
+        __syncthreads();
+        store_warp_sums(sh, TILE, part_mu + ((size_t)j * gridDim.y + blockIdx.y) * C + col0, n);
+        __syncthreads();
+    }
+}
+
+// Per column: dmu[j] += the sum of term j's chunk partials (in chunk order,
+// terms in order: a dmu of two terms gets them one after the other), then
+// each sequence's slot = d(prev) of its first row.
+__global__ static void shift_mix_finish_kernel(mix_terms t, int n_terms,
+                                               const float *__restrict__ part_mu, int chunks,
+                                               float *__restrict__ dstate_base,
+                                               size_t state_stride,
+                                               const float *__restrict__ dprev,
+                                               const int32_t *__restrict__ row_begin,
+                                               const int32_t *__restrict__ slot, int n_seq,
+                                               int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int j = 0; j < n_terms; j++) {
+        float sum = 0.0f;
+        for (int p = 0; p < chunks; p++) sum += part_mu[((size_t)j * chunks + p) * C + c];
+        if (t.dmu[j]) t.dmu[j][c] += sum;
+    }
+    for (int s = 0; s < n_seq; s++)
+        dstate_base[(size_t)slot[s] * state_stride + c] = dprev[(size_t)row_begin[s] * C + c];
+}
+
+static void cuda_shift_mix_backward(rp_backend *be, float *dx, float *dprev, float *const *dmu,
+                                    const float *const *dmix, const float *const *mu,
+                                    int n_terms, const float *x, const float *prev,
+                                    float *dstate_base, size_t state_stride,
+                                    const rp_batch *batch, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int R = batch->n_rows;
+    if (R <= 0 || batch->n_seq <= 0 || C <= 0) return;
+    if (n_terms < 1 || n_terms > RP_MIX_TERMS_MAX) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "shift_mix_backward: n_terms outside [1, RP_MIX_TERMS_MAX]", __FILE__,
+                       __LINE__);
+        return;
+    }
+    rp_cuda_batch b;
+    if (!rp_cuda_upload_batch(cx, batch, &b)) return;
+    const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+    const size_t part_floats = (size_t)n_terms * chunks * C;
+    float *part_mu = (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, part_floats * sizeof(float));
+    if (!part_mu) return;
+    mix_terms t = {};
+    int W = state_stride % 4 ? 1 : vector_width((size_t)C, dx, dprev, x, prev, dstate_base);
+    for (int j = 0; j < n_terms; j++) {
+        t.dmix[j] = dmix[j];
+        t.mu[j] = mu[j];
+        t.dmu[j] = dmu[j];
+        if (vector_width((size_t)C, dmix[j], mu[j]) != 4) W = 1;
+    }
+    const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
+    if (W == 4)
+        shift_mix_backward_kernel<4><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dx, dprev, part_mu, t, n_terms, x, prev, dstate_base, state_stride, b.row_begin,
+            b.seq_len, b.slot, b.n_seq, R, C, rows_per_chunk);
+    else
+        shift_mix_backward_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dx, dprev, part_mu, t, n_terms, x, prev, dstate_base, state_stride, b.row_begin,
+            b.seq_len, b.slot, b.n_seq, R, C, rows_per_chunk);
+    const size_t rc = (size_t)R * C * sizeof(float);
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "shift_mix_backward", {dx, rc}, {dprev, rc},
+                              {part_mu, part_floats * sizeof(float)}))
+        return;
+    shift_mix_finish_kernel<<<rp_cuda_blocks((size_t)C, 256), 256, 0, cx->stream>>>(
+        t, n_terms, part_mu, chunks, dstate_base, state_stride, dprev, b.row_begin, b.slot,
+        b.n_seq, C);
+    RP_CUDA_LAUNCHED(cx, "shift_mix_backward finish");
+}
+
 // ---- bias + activation ----
 
 // forward: y [R,C] = act(pre + bias)
@@ -837,6 +1002,7 @@ void rp_cuda_install_backward(rp_backend *be) {
     be->groupnorm_backward = cuda_groupnorm_backward;
     be->token_shift_backward = cuda_token_shift_backward;
     be->lerp_backward = cuda_lerp_backward;
+    be->shift_mix_backward = cuda_shift_mix_backward;
     be->bias_act_backward = cuda_bias_act_backward;
     be->value_residual_backward = cuda_value_residual_backward;
     be->key_prepare_backward = cuda_key_prepare_backward;

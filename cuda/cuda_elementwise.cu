@@ -401,6 +401,124 @@ static void cuda_ln_shift_mix(rp_backend *be, float *xa, float *prev, float *con
     RP_CUDA_LAUNCHED(cx, "ln_shift_mix");
 }
 
+// ---- fused training mix: token shift + lerps (backend.h shift_mix) ----
+
+// One block per row: prev of the row (the row above inside its sequence, the
+// slot's state for a first row, which then takes the sequence's last row, as
+// token_shift_kernel; or read from prev when shift is 0) and the n_mix
+// lerps, x and prev read once for all of them. bf16: the mixes are written
+// as bf16 in place (the first half of each mix's [R,C] floats, the rounding
+// of the conversion kernel), the GEMM operand the matmuls find, and no f32.
+template <int W>
+static __global__ void shift_mix_kernel(float *prev, mix_ptrs mp, int n_mix, const float *x,
+                                        float *state_base, size_t state_stride,
+                                        const int32_t *seq_len, const int32_t *row_begin,
+                                        const int32_t *slot, int n_seq, int shift, int bf16,
+                                        int C) {
+    const int r = blockIdx.x;
+    const size_t o = (size_t)r * C;
+    const float *src = prev + o;  // shift 0: prev is an input
+    float *st = nullptr;
+    const float *last = nullptr;
+    if (shift) {
+        int lo = 0, hi = n_seq - 1;  // the sequence holding row r
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (row_begin[mid] <= r)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        const int begin = row_begin[lo], len = seq_len[lo];
+        if (r < begin || r >= begin + len) return;  // not a row of any sequence
+        if (r > begin) {
+            src = x + o - C;
+        } else {
+            st = state_base + (size_t)slot[lo] * state_stride;
+            src = st;
+            last = x + (size_t)(begin + len - 1) * C;
+        }
+    }
+    const int step = blockDim.x * W;
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float xv[W], pv[W];
+        load_w<W>(xv, x + o + c);
+        load_w<W>(pv, src + c);  // a state element is read before it is overwritten below
+        if (shift) store_w<W>(prev + o + c, pv);
+        if (st) {
+            float fresh[W];
+            load_w<W>(fresh, last + c);
+            store_w<W>(st + c, fresh);
+        }
+#pragma unroll
+        for (int k = 0; k < RP_MIX_MAX; k++) {  // unrolled: mp stays in parameter space
+            if (k >= n_mix) break;
+            float mu[W], out[W];
+            load_w<W>(mu, mp.mu[k] + c);
+#pragma unroll
+            for (int i = 0; i < W; i++) out[i] = xv[i] + (pv[i] - xv[i]) * mu[i];
+            if (bf16)
+                store_bf16<W>(reinterpret_cast<__nv_bfloat16 *>(mp.mix[k]) + o + c, out);
+            else
+                store_w<W>(mp.mix[k] + o + c, out);
+        }
+    }
+}
+
+static void cuda_shift_mix(rp_backend *be, float *prev, float *const *mix, const float *const *mu,
+                           int n_mix, const float *x, float *state_base, size_t state_stride,
+                           const rp_batch *batch, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int R = batch->n_rows;
+    if (R <= 0 || batch->n_seq <= 0 || C <= 0) return;
+    if (n_mix < 0 || n_mix > RP_MIX_MAX) {
+        rp_cuda_record(cx, cudaErrorInvalidValue, "shift_mix: n_mix above RP_MIX_MAX", __FILE__,
+                       __LINE__);
+        return;
+    }
+    rp_cuda_batch b = {};
+    if (state_base && !rp_cuda_upload_batch(cx, batch, &b)) return;
+    mix_ptrs mp = {};
+    bool vec = C % 4 == 0 && state_stride % 4 == 0 && aligned16(prev) && aligned16(x) &&
+               aligned16(state_base);
+    for (int i = 0; i < n_mix; i++) {
+        mp.mix[i] = mix[i];
+        mp.mu[i] = mu[i];
+        vec = vec && aligned16(mix[i]) && aligned16(mu[i]);
+    }
+    // bf16 in place where the matmuls run bf16 GEMMs on these rows (above
+    // the decode GEMVs' rows, which read f32)
+    const int bf16 = cx->math == RP_CUDA_MATH_BF16 && !cx->act16_off && R > RP_GEMV_MAX_M;
+    const int shift = state_base != nullptr;
+    if (vec)
+        shift_mix_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(
+            prev, mp, n_mix, x, state_base, state_stride, b.seq_len, b.row_begin, b.slot,
+            b.n_seq, shift, bf16, C);
+    else
+        shift_mix_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(
+            prev, mp, n_mix, x, state_base, state_stride, b.seq_len, b.row_begin, b.slot,
+            b.n_seq, shift, bf16, C);
+    const size_t n = (size_t)R * C, bytes = n * sizeof(float);
+    if (shift) {
+        // it writes the state slots too: every copy ends, as in token_shift
+        if (!RP_CUDA_LAUNCHED(cx, "shift_mix")) return;
+        rp_cuda_act16_forget(cx, prev, bytes);  // RP_CUDA_LAUNCHED keeps bf16 ranges
+        for (int i = 0; i < n_mix; i++) rp_cuda_act16_forget(cx, mix[i], bytes);
+    } else {
+        // only the mixes: the other copies stay valid (the backward's dx for
+        // the output GEMM, the gate's dg)
+        float *o[RP_MIX_MAX] = {};
+        for (int i = 0; i < n_mix; i++) o[i] = mix[i];
+        const size_t b[RP_MIX_MAX] = {o[0] ? bytes : 0, o[1] ? bytes : 0, o[2] ? bytes : 0,
+                                      o[3] ? bytes : 0, o[4] ? bytes : 0, o[5] ? bytes : 0};
+        if (!RP_CUDA_LAUNCHED_OUT(cx, "shift_mix", {o[0], b[0]}, {o[1], b[1]}, {o[2], b[2]},
+                                  {o[3], b[3]}, {o[4], b[4]}, {o[5], b[5]}))
+            return;
+    }
+    if (bf16)
+        for (int i = 0; i < n_mix; i++) rp_cuda_inplace_add(cx, mix[i], n);
+}
+
 // ---- bias + activation ----
 
 template <int ACT>
@@ -595,6 +713,7 @@ void rp_cuda_install_elementwise(rp_backend *be) {
     be->token_shift = cuda_token_shift;
     be->lerp = cuda_lerp;
     be->ln_shift_mix = cuda_ln_shift_mix;
+    be->shift_mix = cuda_shift_mix;
     be->bias_act = cuda_bias_act;
     be->value_residual = cuda_value_residual;
     be->key_prepare = cuda_key_prepare;

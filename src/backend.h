@@ -64,6 +64,9 @@ typedef enum { RP_WEIGHTS_F32 = 0, RP_WEIGHTS_BF16 = 1, RP_WEIGHTS_INT8 = 2 } rp
 
 /* Most mixes one ln_shift_mix call forms (the six of the time mix). */
 #define RP_MIX_MAX 6
+/* Most gradient terms one shift_mix_backward call takes: the six mixes of
+ * the time mix, xv twice (its value GEMM and the value-residual LoRA). */
+#define RP_MIX_TERMS_MAX 7
 
 struct rp_backend {
     const char *name;
@@ -195,6 +198,32 @@ struct rp_backend {
                          const float *weight, const float *bias, float eps,
                          float *state_base, size_t state_stride, const rp_batch *batch,
                          int C);
+
+    /* Fused training mix (optional: NULL = the model code calls token_shift
+     * and one lerp per mix; issue 15): exactly token_shift(prev, x, state...)
+     * when state_base is non-NULL (else prev is an input, as in the backward's
+     * recomputation of the mixes from the saved prev), then for i < n_mix
+     * (<= RP_MIX_MAX) lerp(mix[i], x, prev, mu[i]). mix and mu are host
+     * arrays of backend pointers; the mixes must not overlap x or prev.
+     * Only matmul ops may read a mix (as x, or as the x of a backward) until
+     * something writes it again, as for gemm_only: CUDA runs one kernel
+     * which in BF16 math writes the mixes as bf16 in place, no f32. */
+    void (*shift_mix)(rp_backend *be, float *prev, float *const *mix, const float *const *mu,
+                      int n_mix, const float *x, float *state_base, size_t state_stride,
+                      const rp_batch *batch, int C);
+    /* Backward of shift_mix (optional: NULL = the ops below one by one), from
+     * the gradients of n_terms (<= RP_MIX_TERMS_MAX) uses of the mixes: term j
+     * is dmix[j] [R,C] with its mu[j] and dmu[j] [C] (a mix read by two
+     * consumers is two terms with the same mu and dmu). Exactly: for j in
+     * order, lerp_backward_beta(dx, dprev, dmu[j], dmix[j], x, prev, mu[j],
+     * R, C, j ? 1 : 0), then token_shift_backward(dx, dstate..., dprev). dx
+     * and dprev [R,C] are overwritten (dprev is scratch: a backend that
+     * fuses may leave it unwritten); each dmu[j] += its fixed-order row sum,
+     * term by term in order. */
+    void (*shift_mix_backward)(rp_backend *be, float *dx, float *dprev, float *const *dmu,
+                               const float *const *dmix, const float *const *mu, int n_terms,
+                               const float *x, const float *prev, float *dstate_base,
+                               size_t state_stride, const rp_batch *batch, int C);
 
     /* ---- fused decode (optional: NULL = the model code calls the ops one by
      * one; the CPU twins call exactly those ops in that order) ---- */

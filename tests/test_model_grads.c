@@ -4,7 +4,8 @@
  * w.r.t. that initial state. Per tensor: ||g - ref|| / ||ref|| <= 1e-4 and
  * max |g - ref| <= 1e-4 max |ref| (+ a 1e-8 floor for tensors that are 0).
  * Also: the step's fill_zero / add round trips stay within their budget, and
- * the head's training workspace holds one logit chunk, not [rows, V]. */
+ * the head's training workspace holds one logit chunk, not [rows, V]; the
+ * fused training mix (shift_mix) gives the bits of the unfused ops. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -270,6 +271,83 @@ static void test_head_workspace_holds_one_logit_chunk_not_rows_by_vocab(void **s
     rp_cpu_backend_destroy(be);
 }
 
+/* One training step of the tiny model on two sequences (slots 1 and 0) from
+ * a non-zero state and d(final state); fused 0 runs with the backend's
+ * shift_mix / shift_mix_backward removed (the unfused ops). Returns the
+ * gradients, d(initial state) and final state, concatenated (malloc'd). */
+static float *fused_mix_step(const paths *p, int fused, size_t *n_out) {
+    rp_error err;
+    rp_backend *be = rp_cpu_backend_create(0, &err);
+    assert_non_null(be);
+    assert_non_null(be->shift_mix);
+    if (!fused) be->shift_mix = NULL, be->shift_mix_backward = NULL;
+    rp_model model, grads;
+    if (rp_model_load(&model, p->weights, 0, -1, be, &err) != RP_OK) fail_msg("%s", err.msg);
+    const rp_config *cfg = &model.cfg;
+    const int L = cfg->n_layer;
+    assert_int_equal(rp_model_alloc(&grads, cfg, 0, L, 1, 1, be, &err), RP_OK);
+    rp_model_zero(&grads);
+    int32_t tokens[40];
+    for (int i = 0; i < 40; i++) tokens[i] = (i * 37 + 11) % cfg->vocab_size;
+    int len[2] = {23, 16}, slot[2] = {1, 0}, row_begin[2];
+    rp_batch batch;
+    rp_batch_init(&batch, 2, len, slot, row_begin);
+    rp_state state, dstate;
+    assert_int_equal(rp_state_alloc_host(&state, cfg, 0, L, 2, &err), RP_OK);
+    assert_int_equal(rp_state_alloc_host(&dstate, cfg, 0, L, 2, &err), RP_OK);
+    const size_t sf = state.floats_per_slot * 2;
+    for (size_t i = 0; i < sf; i++) {
+        state.data[i] = 0.01f * (float)((i * 7919) % 201) - 1.0f;
+        dstate.data[i] = 1e-3f * (float)((i * 104729) % 97) - 0.05f;
+    }
+    rp_backward_workspace tw;
+    assert_int_equal(rp_backward_workspace_alloc(&tw, &model, 39, 2, &err), RP_OK);
+    assert_int_equal(tw.mix[0] != NULL, fused);
+    double loss;
+    if (rp_model_train_step(&model, &grads, &tw, tokens, tokens + 1, &batch, &state, &dstate,
+                            1.0f / 39, 0.0f, &loss, NULL, &err) != RP_OK)
+        fail_msg("%s", err.msg);
+    const size_t n = (size_t)L * grads.layer_floats + grads.embed_floats + grads.head_floats +
+                     2 * sf;
+    float *out = malloc(n * sizeof *out), *q = out;
+    assert_non_null(out);
+    for (int l = 0; l < L; l++, q += grads.layer_floats)
+        memcpy(q, grads.layer_flat[l], grads.layer_floats * sizeof *q);
+    memcpy(q, grads.embed_flat, grads.embed_floats * sizeof *q);
+    q += grads.embed_floats;
+    memcpy(q, grads.head_flat, grads.head_floats * sizeof *q);
+    q += grads.head_floats;
+    memcpy(q, dstate.data, sf * sizeof *q);
+    memcpy(q + sf, state.data, sf * sizeof *q);
+    *n_out = n;
+    rp_backward_workspace_free(&tw, be);
+    rp_state_free_host(&state);
+    rp_state_free_host(&dstate);
+    rp_model_free(&grads);
+    rp_model_free(&model);
+    rp_cpu_backend_destroy(be);
+    return out;
+}
+
+/* The fused training mix (backend.h shift_mix, shift_mix_backward) gives the
+ * bits of the unfused ops: every gradient, d(initial state), final state. */
+static void test_fused_mix_gives_the_unfused_bits(void **s) {
+    (void)s;
+    paths p;
+    find_paths(&p, "tiny_L2_C128_V256_s1", 0);
+    size_t n0, n1;
+    float *plain = fused_mix_step(&p, 0, &n0), *fused = fused_mix_step(&p, 1, &n1);
+    assert_int_equal(n0, n1);
+    size_t diff = 0, first = n0;
+    for (size_t i = 0; i < n0; i++)
+        if (memcmp(&plain[i], &fused[i], sizeof(float)) != 0 && diff++ == 0) first = i;
+    if (diff)
+        fail_msg("fused mix: %zu of %zu floats differ from the unfused ops (first at %zu: %.9g "
+                 "vs %.9g)", diff, n0, first, fused[first], plain[first]);
+    free(plain);
+    free(fused);
+}
+
 static void test_small_gradients_match_reference(void **s) {
     paths p;
     if (!find_paths(&p, "small_L4_C256_V1024_s2", 1)) skip();
@@ -288,6 +366,7 @@ int main(void) {
         cmocka_unit_test(test_tiny_gradients_from_mid_state_match_reference),
         cmocka_unit_test(test_tiny_training_step_has_no_zero_fill_round_trips),
         cmocka_unit_test(test_head_workspace_holds_one_logit_chunk_not_rows_by_vocab),
+        cmocka_unit_test(test_fused_mix_gives_the_unfused_bits),
         cmocka_unit_test(test_small_gradients_match_reference),
         cmocka_unit_test(test_small_gradients_from_mid_state_match_reference),
     };

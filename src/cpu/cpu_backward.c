@@ -193,6 +193,20 @@ static void cpu_lerp_backward_beta(rp_backend *be, float *dx, float *dprev, floa
     COLUMN_SUMS(dmu, R, C, dy[i] * (prev[i] - x[i]))
 }
 
+/* The fused training mix backward is the ops in order (bit-identical
+ * results; the CUDA kernel's twin). */
+static void cpu_shift_mix_backward(rp_backend *be, float *dx, float *dprev, float *const *dmu,
+                                   const float *const *dmix, const float *const *mu,
+                                   int n_terms, const float *x, const float *prev,
+                                   float *dstate_base, size_t state_stride,
+                                   const rp_batch *batch, int C) {
+    const int R = batch->n_rows;
+    for (int j = 0; j < n_terms; j++)
+        cpu_lerp_backward_beta(be, dx, dprev, dmu[j], dmix[j], x, prev, mu[j], R, C,
+                               j ? 1.0f : 0.0f);
+    cpu_token_shift_backward(be, dx, dstate_base, state_stride, dprev, batch, C);
+}
+
 static void cpu_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dmu,
                               const float *dy, const float *x, const float *prev,
                               const float *mu, int R, int C) {
@@ -375,6 +389,7 @@ void cpu_backward_install(rp_backend *be) {
     be->layernorm_backward = cpu_layernorm_backward;
     be->token_shift_backward = cpu_token_shift_backward;
     be->lerp_backward = cpu_lerp_backward;
+    be->shift_mix_backward = cpu_shift_mix_backward;
     be->bias_act_backward = cpu_bias_act_backward;
     be->value_residual_backward = cpu_value_residual_backward;
     be->key_prepare_backward = cpu_key_prepare_backward;

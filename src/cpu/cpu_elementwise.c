@@ -250,7 +250,19 @@ static void cpu_ln_shift_mix(rp_backend *be, float *xa, float *prev, float *cons
     for (int i = 0; i < n_mix; i++) cpu_lerp(be, mix[i], xa, prev, mu[i], R, C);
 }
 
+/* The fused training mix is the ops in order (bit-identical results; the
+ * CUDA kernel's twin). state_base NULL: prev is an input. */
+static void cpu_shift_mix(rp_backend *be, float *prev, float *const *mix,
+                          const float *const *mu, int n_mix, const float *x,
+                          float *state_base, size_t state_stride, const rp_batch *batch,
+                          int C) {
+    const int R = batch->n_rows;
+    if (state_base) cpu_token_shift(be, prev, x, state_base, state_stride, batch, C);
+    for (int i = 0; i < n_mix; i++) cpu_lerp(be, mix[i], x, prev, mu[i], R, C);
+}
+
 void cpu_elementwise_install(rp_backend *be) {
+    be->shift_mix = cpu_shift_mix;
     be->ln_shift_mix = cpu_ln_shift_mix;
     be->add = cpu_add;
     be->embedding = cpu_embedding;

@@ -198,6 +198,19 @@ static void fake_lerp(rp_backend *be, float *y, const float *x, const float *pre
     CPU->lerp(CPU, F(y), F(x), F(prev), F(mu), R, C);
 }
 
+/* mix, mu: host arrays of device pointers; batch: host memory */
+static void fake_shift_mix(rp_backend *be, float *prev, float *const *mix, const float *const *mu,
+                           int n_mix, const float *x, float *state_base, size_t state_stride,
+                           const rp_batch *batch, int C) {
+    float *rmix[RP_MIX_MAX];
+    const float *rmu[RP_MIX_MAX];
+    for (int i = 0; i < n_mix && i < RP_MIX_MAX; i++) {
+        rmix[i] = F(mix[i]);
+        rmu[i] = F(mu[i]);
+    }
+    CPU->shift_mix(CPU, F(prev), rmix, rmu, n_mix, F(x), F(state_base), state_stride, batch, C);
+}
+
 static void fake_bias_act(rp_backend *be, float *y, const float *bias, int R, int C,
                           rp_activation act) {
     CPU->bias_act(CPU, F(y), F(bias), R, C, act);
@@ -263,6 +276,23 @@ static void fake_token_shift_backward(rp_backend *be, float *dx, float *dstate_b
                                       size_t state_stride, const float *dprev,
                                       const rp_batch *batch, int C) {
     CPU->token_shift_backward(CPU, F(dx), F(dstate_base), state_stride, F(dprev), batch, C);
+}
+
+/* dmu, dmix, mu: host arrays of device pointers; batch: host memory */
+static void fake_shift_mix_backward(rp_backend *be, float *dx, float *dprev, float *const *dmu,
+                                    const float *const *dmix, const float *const *mu,
+                                    int n_terms, const float *x, const float *prev,
+                                    float *dstate_base, size_t state_stride,
+                                    const rp_batch *batch, int C) {
+    float *rdmu[RP_MIX_TERMS_MAX];
+    const float *rdmix[RP_MIX_TERMS_MAX], *rmu[RP_MIX_TERMS_MAX];
+    for (int j = 0; j < n_terms && j < RP_MIX_TERMS_MAX; j++) {
+        rdmu[j] = F(dmu[j]);
+        rdmix[j] = F(dmix[j]);
+        rmu[j] = F(mu[j]);
+    }
+    CPU->shift_mix_backward(CPU, F(dx), F(dprev), rdmu, rdmix, rmu, n_terms, F(x), F(prev),
+                            F(dstate_base), state_stride, batch, C);
 }
 
 static void fake_lerp_backward(rp_backend *be, float *dx, float *dprev, float *dmu,
@@ -492,6 +522,7 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     be->layernorm = fake_layernorm;
     be->token_shift = fake_token_shift;
     be->lerp = fake_lerp;
+    be->shift_mix = fake_shift_mix;
     be->bias_act = fake_bias_act;
     be->value_residual = fake_value_residual;
     be->key_prepare = fake_key_prepare;
@@ -504,6 +535,7 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     be->layernorm_backward = fake_layernorm_backward;
     be->token_shift_backward = fake_token_shift_backward;
     be->lerp_backward = fake_lerp_backward;
+    be->shift_mix_backward = fake_shift_mix_backward;
     be->bias_act_backward = fake_bias_act_backward;
     be->value_residual_backward = fake_value_residual_backward;
     be->key_prepare_backward = fake_key_prepare_backward;

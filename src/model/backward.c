@@ -69,6 +69,17 @@ static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m,
     return 1;
 }
 
+/* The fused training mix (backend.h shift_mix) needs both ops. */
+static int fused_mix(const rp_backend *be) {
+    return be->shift_mix != NULL && be->shift_mix_backward != NULL;
+}
+
+/* Every layer forms its time-mix mixes in the workspace's shared buffers. */
+static void bind_train_mixes(rp_backward_workspace *tw) {
+    for (int i = 0; i < tw->layer_end - tw->layer_begin; i++)
+        for (int j = 0; j < RP_MIX_MAX; j++) tw->layers[i].tmix[j] = tw->mix[j];
+}
+
 rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model *m, int max_rows,
                                       int max_seqs, rp_error *err) {
     memset(tw, 0, sizeof *tw);
@@ -86,7 +97,9 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
     tw->layer_end = m->layer_end;
     if (!alloc_layer_activations(tw, m, R, blocks, err)) goto nomem;
     /* Shared buffers: stream, embed/head activations, backward scratch. */
-    size_t n_rc = 2 + 22 + (m->has_embed ? 1 : 0) + (m->has_head ? 2 : 0);
+    /* + the fused mix's six mixes and six more mix gradients (dxc is the seventh) */
+    const int n_fused = fused_mix(be) ? RP_MIX_MAX + RP_MIX_TERMS_MAX - 1 : 0;
+    size_t n_rc = 2 + 22 + (size_t)n_fused + (m->has_embed ? 1 : 0) + (m->has_head ? 2 : 0);
     /* The head's logits one row chunk at a time: for the 0.1B shape (V =
      * 65536) 1024 rows, 256 MiB, instead of R x V floats. */
     const int chunk = rp_head_ce_chunk_rows(max_rows, c->vocab_size);
@@ -101,6 +114,12 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
                     &tw->da,  &tw->dw_raw,  &tw->dg,   &tw->dnu,      &tw->d_og,  &tw->d_gn,
                     &tw->dy,  &tw->tmp_r,   &tw->tmp_k, &tw->tmp_v};
     for (size_t i = 0; i < sizeof rc / sizeof rc[0]; i++) *rc[i] = carve(&p, R * C);
+    if (n_fused) {
+        for (int j = 0; j < RP_MIX_MAX; j++) tw->mix[j] = carve(&p, R * C);
+        tw->dmix[0] = tw->dxc;
+        for (int j = 1; j < RP_MIX_TERMS_MAX; j++) tw->dmix[j] = carve(&p, R * C);
+        bind_train_mixes(tw);
+    }
     tw->d_lora = carve(&p, R * max_lora_rank(c));
     tw->d_ffn = carve(&p, R * c->dim_ffn);
     if (m->has_embed) {
@@ -154,6 +173,7 @@ rp_status rp_backward_workspace_alloc_stash(rp_backward_workspace *tw, const rp_
     size_t blocks = R / RP_WKV_CHUNK + (size_t)max_seqs;
     int n_layers = m->layer_end - m->layer_begin;
     if (!alloc_layer_activations(tw, m, R, blocks, err)) goto nomem;
+    if (tw->mix[0]) bind_train_mixes(tw);  /* the shared mixes of `share` */
     size_t floats = 5 * (R * C + pad) + 2 * (R + pad);
     tw->own_base = be->alloc(be, floats * sizeof(float));
     if (!tw->own_base) goto nomem;
@@ -305,26 +325,61 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     if (wsave) be->copy(be, ws.d_ffn, tw->d_ffn, (size_t)R * F * sizeof(float));
     be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->ffn_key, tw->d_ffn, s->kf,
                                     w->ffn_key, R, F, C, 0.0f);
-    be->lerp_backward_beta(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf, s->prev_ffn,
-                           w->ffn_x_k, R, C, 0.0f);
-    be->token_shift_backward(be, tw->dxa, dffn, dstride, tw->dprev, batch, C);
+    if (be->shift_mix_backward) {
+        float *dmu[1] = {gw->ffn_x_k};
+        const float *dmix[1] = {tw->dxc}, *mu[1] = {w->ffn_x_k};
+        be->shift_mix_backward(be, tw->dxa, tw->dprev, dmu, dmix, mu, 1, s->xf, s->prev_ffn,
+                               dffn, dstride, batch, C);
+    } else {
+        be->lerp_backward_beta(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf,
+                               s->prev_ffn, w->ffn_x_k, R, C, 0.0f);
+        be->token_shift_backward(be, tw->dxa, dffn, dstride, tw->dprev, batch, C);
+    }
     be->layernorm_backward(be, tw->dx, gw->ln2_weight, gw->ln2_bias, tw->dxa, s->x_mid,
                            s->ln2_mean, s->ln2_rstd, w->ln2_weight, R, C);
 
     /* ---- time mix: x_mid = x_in + Wo og; tw->dx = d x_mid ---- */
+    /* With the backend's fused mix (tw->mix set) the six mixes are formed
+     * again in one op, each use's gradient goes to its own dmix[j] and one
+     * op folds them all into dxa, dprev, the dmu and the state gradient at
+     * the end, in the order the unfused path folds them (g a w v(nu) v k r)
+     * - the same bits. Else each mix is formed in xc just before its use and
+     * folded right after it. */
+    const int fused = tw->mix[0] != NULL;
+    const float *mu[RP_MIX_MAX] = {w->x_r, w->x_k, w->x_v, w->x_w, w->x_a, w->x_g};
+    float *gmu[RP_MIX_MAX] = {gw->x_r, gw->x_k, gw->x_v, gw->x_w, gw->x_a, gw->x_g};
+    const float *term_mu[RP_MIX_TERMS_MAX];
+    float *term_dmu[RP_MIX_TERMS_MAX];
+    int n_terms = 0;
+    /* (before bonus/gate's backward: its bf16 copy of dg, below, stays a
+     * GEMM operand) */
+    if (fused)
+        be->shift_mix(be, s->prev_att, tw->mix, mu, RP_MIX_MAX, s->xa, NULL, 0, batch, C);
     if (wsave) be->copy(be, ws.dx_mid, tw->dx, rc_bytes);
     be->matmul_linear_backward_beta(be, tw->d_og, wsave ? NULL : gw->output, tw->dx, s->og,
                                     w->output, R, C, C, 0.0f);
     be->bonus_gate_backward_beta(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og,
                                  s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N, 0.0f);
+    /* The mix of slot i as a GEMM operand, and where its use's gradient goes. */
+#define MIX_X(i) (fused ? tw->mix[i] : (be->lerp(be, tw->xc, s->xa, s->prev_att, mu[i], R, C), tw->xc))
+#define MIX_DX() (fused ? tw->dmix[n_terms] : tw->dxc)
+#define MIX_FOLD(i, beta)                                                                 \
+    do {                                                                                  \
+        if (fused) {                                                                      \
+            term_mu[n_terms] = mu[i];                                                     \
+            term_dmu[n_terms++] = gmu[i];                                                 \
+        } else {                                                                          \
+            mix_backward(be, tw, s, mu[i], gmu[i], R, C, beta);                           \
+        }                                                                                 \
+    } while (0)
     /* gate: g = sigmoid(xg g1) g2; its mix is the first write of dxa and dprev.
      * Right after bonus/gate, which wrote dg: a GPU backend's bf16 copy of dg
      * (its GEMMs' operand) is still valid here; no op below reads dxa, dprev
      * or the gate's gradients before the other mixes add to them. */
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_g, R, C);
-    lora_backward(be, tw->dxc, gw->g1, gw->g2, tw->d_lora, tw->dg, tw->xc, s->g_hidden, w->g1,
+    const float *xm = MIX_X(5);
+    lora_backward(be, MIX_DX(), gw->g1, gw->g2, tw->d_lora, tw->dg, xm, s->g_hidden, w->g1,
                   w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
-    mix_backward(be, tw, s, w->x_g, gw->x_g, R, C, 0.0f);
+    MIX_FOLD(5, 0.0f);
     be->groupnorm_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->d_gn, s->y,
                            s->gn_mean, s->gn_rstd, w->ln_x_weight, R, C, N);
     /* WKV7's dr, dk, dv add onto bonus_gate's: in the op (beta 1) when the
@@ -347,28 +402,28 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
 
     /* a = sigmoid(a0 + xa a1 a2) */
     be->bias_act_backward(be, tw->da, gw->a0, s->a, R, C, RP_ACT_SIGMOID);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_a, R, C);
-    lora_backward(be, tw->dxc, gw->a1, gw->a2, tw->d_lora, tw->da, tw->xc, s->a_hidden, w->a1,
+    xm = MIX_X(4);
+    lora_backward(be, MIX_DX(), gw->a1, gw->a2, tw->d_lora, tw->da, xm, s->a_hidden, w->a1,
                   w->a2, c->d_iclr, RP_ACT_NONE, R, C);
-    mix_backward(be, tw, s, w->x_a, gw->x_a, R, C, 1.0f);
+    MIX_FOLD(4, 1.0f);
     /* w_raw = w0 + tanh(xw w1) w2 */
     be->bias_act_backward(be, tw->dw_raw, gw->w0, s->w_raw, R, C, RP_ACT_NONE);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_w, R, C);
-    lora_backward(be, tw->dxc, gw->w1, gw->w2, tw->d_lora, tw->dw_raw, tw->xc, s->w_hidden,
+    xm = MIX_X(3);
+    lora_backward(be, MIX_DX(), gw->w1, gw->w2, tw->d_lora, tw->dw_raw, xm, s->w_hidden,
                   w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
-    mix_backward(be, tw, s, w->x_w, gw->x_w, R, C, 1.0f);
+    MIX_FOLD(3, 1.0f);
     /* value residual: v = v_pre + (v_first - v_pre) nu (layer > 0); layer 0's
      * v is v_first, which collected gradient from every later layer. */
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_v, R, C);
+    xm = MIX_X(2);
     if (layer == 0) {
         be->add(be, tw->dv, tw->dv_first, (size_t)R * C);
     } else {
         be->value_residual_backward(be, tw->dv, tw->dv_first, tw->dnu, s->v_pre, tw->v_first,
                                     s->nu, R, C);
         be->bias_act_backward(be, tw->dnu, gw->v0, s->nu, R, C, RP_ACT_SIGMOID);
-        lora_backward(be, tw->dxc, gw->v1, gw->v2, tw->d_lora, tw->dnu, tw->xc, s->nu_hidden,
+        lora_backward(be, MIX_DX(), gw->v1, gw->v2, tw->d_lora, tw->dnu, xm, s->nu_hidden,
                       w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
-        mix_backward(be, tw, s, w->x_v, gw->x_v, R, C, 1.0f);
+        MIX_FOLD(2, 1.0f);
     }
     /* r, k, v projections */
     if (wsave) {
@@ -376,19 +431,26 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
         be->copy(be, ws.dk, tw->dk, rc_bytes);
         be->copy(be, ws.dr, tw->dr, rc_bytes);
     }
-    be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->value, tw->dv, tw->xc,
+    be->matmul_linear_backward_beta(be, MIX_DX(), wsave ? NULL : gw->value, tw->dv, xm,
                                     w->value, R, C, C, 0.0f);
-    mix_backward(be, tw, s, w->x_v, gw->x_v, R, C, 1.0f);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
-    be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->key, tw->dk, tw->xc, w->key,
+    MIX_FOLD(2, 1.0f);
+    xm = MIX_X(1);
+    be->matmul_linear_backward_beta(be, MIX_DX(), wsave ? NULL : gw->key, tw->dk, xm, w->key,
                                     R, C, C, 0.0f);
-    mix_backward(be, tw, s, w->x_k, gw->x_k, R, C, 1.0f);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
-    be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->receptance, tw->dr, tw->xc,
+    MIX_FOLD(1, 1.0f);
+    xm = MIX_X(0);
+    be->matmul_linear_backward_beta(be, MIX_DX(), wsave ? NULL : gw->receptance, tw->dr, xm,
                                     w->receptance, R, C, C, 0.0f);
-    mix_backward(be, tw, s, w->x_r, gw->x_r, R, C, 1.0f);
-    /* token shift and ln1 */
-    be->token_shift_backward(be, tw->dxa, datt, dstride, tw->dprev, batch, C);
+    MIX_FOLD(0, 1.0f);
+#undef MIX_X
+#undef MIX_DX
+#undef MIX_FOLD
+    /* token shift (with every mix's fold, when fused) and ln1 */
+    if (fused)
+        be->shift_mix_backward(be, tw->dxa, tw->dprev, term_dmu, (const float *const *)tw->dmix,
+                               term_mu, n_terms, s->xa, s->prev_att, datt, dstride, batch, C);
+    else
+        be->token_shift_backward(be, tw->dxa, datt, dstride, tw->dprev, batch, C);
     be->layernorm_backward(be, tw->dx, gw->ln1_weight, gw->ln1_bias, tw->dxa, s->x_in,
                            s->ln1_mean, s->ln1_rstd, w->ln1_weight, R, C);
 }

@@ -28,6 +28,10 @@ typedef struct {
     /* backward scratch */
     float *dx, *dv_first, *dprev, *dxa, *dxc, *xc, *dr, *dk, *dv, *dkk, *da, *dw_raw,
         *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn;
+    /* With the backend's fused shift_mix/shift_mix_backward (else NULL): the
+     * six time-mix mixes (r k v w a g) and the gradients of their seven uses
+     * (g a w v(nu) v k r; dmix[0] is dxc), [R,C] each, shared by all layers. */
+    float *mix[RP_MIX_MAX], *dmix[RP_MIX_TERMS_MAX];
     float *scratch_base;
     float *own_base;                /* a stash slot's own buffers (scratch is shared) */
     /* Host [max_rows] losses, host_base (NULL in a stash slot, which shares them). */

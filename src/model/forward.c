@@ -115,11 +115,11 @@ static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
 }
 
-/* Mix i of the time mix: formed already by ln_shift_mix (fused), or now
- * into xc. */
+/* Mix i of the time mix: formed already by ln_shift_mix or shift_mix
+ * (mixes non-NULL), or now into xc. */
 static const float *time_mix(rp_backend *be, const rp_layer_activations *s, float *xc,
-                             int fused, int i, const float *mu, int R, int C) {
-    if (fused) return s->mix[i];
+                             float *const *mixes, int i, const float *mu, int R, int C) {
+    if (mixes) return mixes[i];
     be->lerp(be, xc, s->xa, s->prev_att, mu, R, C);
     return xc;
 }
@@ -183,16 +183,24 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     if (s->x_in) be->copy(be, s->x_in, x, rc_bytes);
     /* Inference of few rows: ln1, the token shift and all six mixes in one op. */
     const int fused = be->ln_shift_mix && !s->ln1_mean && !s->x_in && R <= s->mix_rows;
+    /* Training with the backend's fused mix: the shift and all six mixes in
+     * one op, into the workspace's shared mix buffers. */
+    const int train_fused = !fused && be->shift_mix && s->tmix[0];
+    const float *mu[RP_MIX_MAX] = {w->x_r, w->x_k, w->x_v, w->x_w, w->x_a, w->x_g};
     if (fused) {
-        const float *mu[RP_MIX_MAX] = {w->x_r, w->x_k, w->x_v, w->x_w, w->x_a, w->x_g};
         be->ln_shift_mix(be, s->xa, s->prev_att, s->mix, mu, RP_MIX_MAX, x, w->ln1_weight,
                          w->ln1_bias, RP_LN_EPS, rp_state_att_x_prev(state, 0, layer),
                          state->floats_per_slot, batch, C);
     } else {
         be->layernorm(be, s->xa, s->ln1_mean, s->ln1_rstd, x, w->ln1_weight, w->ln1_bias, R,
                       C, RP_LN_EPS);
-        be->token_shift(be, s->prev_att, s->xa, rp_state_att_x_prev(state, 0, layer),
-                        state->floats_per_slot, batch, C);
+        if (train_fused)
+            be->shift_mix(be, s->prev_att, s->tmix, mu, RP_MIX_MAX, s->xa,
+                          rp_state_att_x_prev(state, 0, layer), state->floats_per_slot, batch,
+                          C);
+        else
+            be->token_shift(be, s->prev_att, s->xa, rp_state_att_x_prev(state, 0, layer),
+                            state->floats_per_slot, batch, C);
     }
     if (fused && decode_fusable(be, s)) {
         decode_time_mix(m, s, x, v_first, layer, state, batch);
@@ -201,13 +209,14 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     }
     /* Each mix x_c = xa + (prev - xa) mu_c is formed just before its consumer
      * (one buffer; the backward recomputes them), unless fused. */
+    float *const *mixes = fused ? s->mix : train_fused ? s->tmix : NULL;
     float *k_out = s->k_pre ? s->k_pre : s->k;
     float *v_out = s->v_pre ? s->v_pre : s->v;
-    const float *xm = time_mix(be, s, xc, fused, 0, w->x_r, R, C);
+    const float *xm = time_mix(be, s, xc, mixes, 0, w->x_r, R, C);
     be->matmul_linear(be, s->r, xm, w->receptance, R, C, C, 0.0f);
-    xm = time_mix(be, s, xc, fused, 1, w->x_k, R, C);
+    xm = time_mix(be, s, xc, mixes, 1, w->x_k, R, C);
     be->matmul_linear(be, k_out, xm, w->key, R, C, C, 0.0f);
-    xm = time_mix(be, s, xc, fused, 2, w->x_v, R, C);
+    xm = time_mix(be, s, xc, mixes, 2, w->x_v, R, C);
     be->matmul_linear(be, v_out, xm, w->value, R, C, C, 0.0f);
     /* nu = sigmoid(v0 + xv v1 v2) while xm still holds xv (one lerp less). */
     if (layer != 0) {
@@ -216,15 +225,15 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     }
     /* w_raw = w0 + tanh(xw w1) w2; the decay exp(-e^-0.5 sigmoid(w_raw)) is
      * formed inside wkv7, in fp32, as the official kernels do. */
-    xm = time_mix(be, s, xc, fused, 3, w->x_w, R, C);
+    xm = time_mix(be, s, xc, mixes, 3, w->x_w, R, C);
     lora_forward(be, s->w_raw, s->w_hidden, xm, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
     be->bias_act(be, s->w_raw, w->w0, R, C, RP_ACT_NONE);
     /* a = sigmoid(a0 + xa a1 a2) */
-    xm = time_mix(be, s, xc, fused, 4, w->x_a, R, C);
+    xm = time_mix(be, s, xc, mixes, 4, w->x_a, R, C);
     lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C);
     be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
     /* g = sigmoid(xg g1) g2, no activation after g2 */
-    xm = time_mix(be, s, xc, fused, 5, w->x_g, R, C);
+    xm = time_mix(be, s, xc, mixes, 5, w->x_g, R, C);
     lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
     /* Value residual: layer 0's v is v_first for every later layer. */
     if (s->v_pre) be->copy(be, s->v, s->v_pre, rc_bytes);
@@ -268,9 +277,16 @@ static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, in
     } else {
         be->layernorm(be, s->xf, s->ln2_mean, s->ln2_rstd, x, w->ln2_weight, w->ln2_bias, R,
                       C, RP_LN_EPS);
-        be->token_shift(be, s->prev_ffn, s->xf, rp_state_ffn_x_prev(state, 0, layer),
-                        state->floats_per_slot, batch, C);
-        be->lerp(be, s->kf, s->xf, s->prev_ffn, w->ffn_x_k, R, C);
+        if (be->shift_mix) {
+            const float *mu[1] = {w->ffn_x_k};
+            be->shift_mix(be, s->prev_ffn, &s->kf, mu, 1, s->xf,
+                          rp_state_ffn_x_prev(state, 0, layer), state->floats_per_slot, batch,
+                          C);
+        } else {
+            be->token_shift(be, s->prev_ffn, s->xf, rp_state_ffn_x_prev(state, 0, layer),
+                            state->floats_per_slot, batch, C);
+            be->lerp(be, s->kf, s->xf, s->prev_ffn, w->ffn_x_k, R, C);
+        }
     }
     if (be->gemv_group && R <= s->mix_rows && !s->ln2_mean) {
         /* The same two ops as one job (the CUDA GEMV applies relu^2 in its epilogue). */

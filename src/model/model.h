@@ -134,6 +134,11 @@ typedef struct {
      * mix_rows rows, formed by one ln_shift_mix; 0 rows: one xc at a time. */
     float *mix[RP_MIX_MAX];
     int mix_rows;
+    /* Train, when the backend has shift_mix: the six time-mix mixes (r k v
+     * w a g) formed by one shift_mix, in the backward workspace's shared
+     * scratch (every layer points at the same buffers: they live only
+     * during one block's forward or backward). NULL: one xc at a time. */
+    float *tmix[RP_MIX_MAX];
     /* Inference: the hidden rows of the four LoRAs (w a g nu), mix_rows x D
      * each, apart so that one gemv_group forms them all (NULL: no fusion). */
     float *lora_hidden[4];

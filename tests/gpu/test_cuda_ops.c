@@ -648,6 +648,90 @@ static void check_lerp_backward(twin *t, const shape *sh) {
     compare(t, "dmu", dmu);
 }
 
+/* shift_mix: token shift (shift 1; else prev is an input) and n_mix lerps */
+static void shift_mix_case(twin *t, const shape *sh, const seq_spec *spec, const char *mode,
+                           int n_mix, int shift) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, spec);
+    const int R = batch->n_rows, C = sh->C;
+    const size_t n = (size_t)R * C, stride = state_stride(C);
+    label(t, "%s R=%d C=%d seqs=%d mixes=%d %s", mode, R, C, batch->n_seq, n_mix,
+          shift ? "shift" : "prev given");
+    tbuf *x = buf_input(t, n, -1, 1);
+    tbuf *prev = shift ? buf_output(t, n) : buf_input(t, n, -1, 1);
+    tbuf *state = buf_input(t, sh->n_slots * stride, -1, 1);
+    tbuf *mu[RP_MIX_MAX], *mix[RP_MIX_MAX];
+    for (int i = 0; i < n_mix; i++) {
+        mu[i] = buf_input(t, C, 0, 1);
+        mix[i] = buf_output(t, n);
+    }
+    for (int g = 0; g < 2; g++) {
+        float *m[RP_MIX_MAX];
+        const float *u[RP_MIX_MAX];
+        for (int i = 0; i < n_mix; i++) {
+            m[i] = at(mix[i], g);
+            u[i] = at(mu[i], g);
+        }
+        side(t, g)->shift_mix(side(t, g), at(prev, g), m, u, n_mix, at(x, g),
+                              shift ? at(state, g) + state_att_offset(C) : NULL, stride, batch,
+                              C);
+    }
+    if (shift) compare(t, "prev", prev);
+    compare(t, "state", state);
+    for (int i = 0; i < n_mix; i++) compare(t, "mix", mix[i]);
+}
+
+static void check_shift_mix(twin *t, const shape *sh) {
+    shift_mix_case(t, sh, &sh->prefill, "seq", RP_MIX_MAX, 1);
+    shift_mix_case(t, sh, &sh->prefill, "seq", RP_MIX_MAX, 0);
+    shift_mix_case(t, sh, &sh->prefill, "seq", 1, 1);
+    shift_mix_case(t, sh, &sh->step, "step", RP_MIX_MAX, 1);
+}
+
+/* shift_mix_backward: dx overwrite (with the token shift), dmu [C] += per
+ * term (terms 3 and 4 share one, as the model's two uses of xv), the slot's
+ * d(state after) in, d(state before) out */
+static void shift_mix_backward_case(twin *t, const shape *sh, const seq_spec *spec,
+                                    const char *mode, int n_terms) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, spec);
+    const int R = batch->n_rows, C = sh->C;
+    const size_t n = (size_t)R * C, stride = state_stride(C);
+    label(t, "%s R=%d C=%d seqs=%d terms=%d", mode, R, C, batch->n_seq, n_terms);
+    tbuf *x = buf_input(t, n, -1, 1), *prev = buf_input(t, n, -1, 1);
+    tbuf *dstate = buf_input(t, sh->n_slots * stride, -1, 1);
+    tbuf *dx = buf_output(t, n), *dprev = buf_output(t, n);
+    tbuf *mu[RP_MIX_TERMS_MAX], *dmu[RP_MIX_TERMS_MAX], *dmix[RP_MIX_TERMS_MAX];
+    for (int j = 0; j < n_terms; j++) {
+        const int shared = n_terms == RP_MIX_TERMS_MAX && j == 4;
+        mu[j] = shared ? mu[3] : buf_input(t, C, 0, 1);
+        dmu[j] = shared ? dmu[3] : buf_accum(t, C, -1, 1);
+        dmix[j] = buf_input(t, n, -1, 1);
+    }
+    for (int g = 0; g < 2; g++) {
+        float *d[RP_MIX_TERMS_MAX];
+        const float *m[RP_MIX_TERMS_MAX], *u[RP_MIX_TERMS_MAX];
+        for (int j = 0; j < n_terms; j++) {
+            d[j] = at(dmu[j], g);
+            m[j] = at(dmix[j], g);
+            u[j] = at(mu[j], g);
+        }
+        side(t, g)->shift_mix_backward(side(t, g), at(dx, g), at(dprev, g), d, m, u, n_terms,
+                                       at(x, g), at(prev, g),
+                                       at(dstate, g) + state_ffn_offset(C), stride, batch, C);
+    }
+    compare(t, "dx", dx);
+    compare(t, "dstate", dstate);
+    for (int j = 0; j < n_terms; j++)
+        if (!(n_terms == RP_MIX_TERMS_MAX && j == 4)) compare(t, "dmu", dmu[j]);
+}
+
+static void check_shift_mix_backward(twin *t, const shape *sh) {
+    shift_mix_backward_case(t, sh, &sh->prefill, "seq", RP_MIX_TERMS_MAX);
+    shift_mix_backward_case(t, sh, &sh->prefill, "seq", 1);
+    shift_mix_backward_case(t, sh, &sh->step, "step", RP_MIX_TERMS_MAX);
+}
+
 /* The activations as the model uses them: after a C-wide bias, on a LoRA
  * hidden layer (width = rank, no bias), on the FFN hidden layer (width F). */
 typedef struct {
@@ -1958,6 +2042,8 @@ static const twin_check checks[] = {
     {"token_shift_backward", check_token_shift_backward, MATH_FP32, 0},
     {"lerp", check_lerp, MATH_FP32, 0},
     {"lerp_backward", check_lerp_backward, MATH_FP32, 0},
+    {"shift_mix", check_shift_mix, MATH_FP32, 0},
+    {"shift_mix_backward", check_shift_mix_backward, MATH_FP32, 0},
     {"bias_act", check_bias_act, MATH_FP32, 0},
     {"bias_act_backward", check_bias_act_backward, MATH_FP32, 0},
     {"value_residual", check_value_residual, MATH_FP32, 0},
@@ -2022,7 +2108,7 @@ static int vtable_complete(twin *t) {
         OP(bias_act), OP(value_residual), OP(key_prepare), OP(groupnorm), OP(bonus_gate),
         OP(wkv7), OP(matmul_linear_backward), OP(matmul_lora_backward),
         OP(embedding_backward), OP(layernorm_backward), OP(token_shift_backward),
-        OP(lerp_backward), OP(bias_act_backward), OP(value_residual_backward),
+        OP(lerp_backward), OP(shift_mix), OP(shift_mix_backward), OP(bias_act_backward), OP(value_residual_backward),
         OP(key_prepare_backward), OP(groupnorm_backward), OP(bonus_gate_backward),
         OP(wkv7_forward_train), OP(wkv7_backward), OP(wkv7_backward_beta), OP(cross_entropy),
         OP(l2wrap), OP(row_max), OP(sum_squares), OP(adamw), OP(gemv_group),
