@@ -816,11 +816,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         /* Each stage's stash pool, printed by the first stage (ranked by
          * stage in pipe_comm): the schedule's peak of (micro-batch, chunk)
          * pairs in flight (tests/test_interleaved.sh compares it). */
-        int slots[RP_GRID_MAX_STAGES];
-        MPI_Request req;
-        MPI_Igather(&pt.n_stash, 1, MPI_INT, slots, 1, MPI_INT, 0, o->grid->pipe_comm, &req);
-        if ((st = rp_comm_wait(&req, pt.timeout_s, "the stages' stash slot counts", err)) !=
-            RP_OK)
+        int slots[RP_GRID_MAX_STAGES] = {pt.n_stash};
+        if (tp && (st = rp_transport_gather(tp, &pt.n_stash, slots, sizeof pt.n_stash, 0,
+                                            "the stages' stash slot counts", err)) != RP_OK)
             goto done;
         for (int s = 0; o->grid->stage == 0 && o->progress && o->grid->replica == 0 &&
                         s < o->grid->pp; s++)
