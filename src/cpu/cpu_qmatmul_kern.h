@@ -50,6 +50,9 @@ void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, 
                          float beta);
 void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta);
+/* One row of x as the vnni kernel reads it (cpu_qx's xu and xse), the bytes
+ * rp_q8_quantize_x gives; K a multiple of RP_Q8_BLOCK. */
+void cpu_qprep_vnni(uint8_t *xu, float *xse, const float *x, int K);
 #endif
 
 #endif
