@@ -19,6 +19,7 @@
 
 #include "backend.h"
 #include "cpu/cpu_backend.h"
+#include "core/dtype.h"
 #include "cpu/cpu_features.h"
 #include "cpu/cpu_qmatmul_kern.h"
 #include "cpu/cpu_quant.h"
@@ -293,6 +294,39 @@ static void test_vnni_x_quantization_matches_scalar(void **state) {
 #endif
 }
 
+/* bf16dot's vector rounding of x (cpu_qprep_bf16dot) gives rp_f32_to_bf16's
+ * bits: random values, ties (even and odd kept bit), the largest finite
+ * values (round to inf), infinities, NaNs with small payloads, denormals,
+ * and a tail off the 16 lanes. */
+static void test_bf16dot_x_rounding_matches_scalar(void **state) {
+    (void)state;
+#if RP_CPU_QKERN_X86
+    if (!rp_qkernel_available(RP_QKERNEL_BF16DOT, RP_QTYPE_BF16)) skip();
+    enum { n = 16 * 9 + 5 };
+    static const uint32_t special[] = {0x3F808000u, 0x3F818000u, 0x3F80FFFFu, 0x7F7FFFFFu,
+                                       0xFF7FFFFFu, 0x7F800000u, 0xFF800000u, 0x7F800001u,
+                                       0xFFC00001u, 0x7FBFFFFFu, 0x00000001u, 0x807FFFFFu,
+                                       0x00008000u, 0x00018000u, 0x80000000u, 0x00000000u};
+    float *x = frand_array(n, 43);
+    for (size_t i = 0; i < sizeof special / sizeof special[0]; i++) {
+        memcpy(&x[i], &special[i], sizeof(float));
+        memcpy(&x[n - 1 - i], &special[i], sizeof(float)); /* also in the scalar tail */
+    }
+    uint16_t xb[n];
+    cpu_qprep_bf16dot(xb, x, n);
+    for (int i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], sizeof u);
+        if (xb[i] != rp_f32_to_bf16(x[i]))
+            fail_msg("x[%d] bits 0x%08x: vector 0x%04x, scalar 0x%04x", i, u, xb[i],
+                     rp_f32_to_bf16(x[i]));
+    }
+    free(x);
+#else
+    skip();
+#endif
+}
+
 /* rp_cpu_qmatmul_decode_group (a quantized gemv_group in one parallel
  * region) gives each job the bits of its own rp_cpu_qmatmul_decode call on
  * one thread: mixed formats and shapes (N off the 16-row slices, N smaller
@@ -468,6 +502,7 @@ int main(void) {
         cmocka_unit_test(test_thread_and_row_count_independence),
         cmocka_unit_test(test_decode_rows_of_any_count_equal_each_row_alone),
         cmocka_unit_test(test_vnni_x_quantization_matches_scalar),
+        cmocka_unit_test(test_bf16dot_x_rounding_matches_scalar),
         cmocka_unit_test(test_decode_group_equals_each_job),
         cmocka_unit_test(test_isa_env),
         cmocka_unit_test(test_matmul_lora_on_bf16_factor),

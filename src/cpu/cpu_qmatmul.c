@@ -151,7 +151,11 @@ static int prepare_x(rp_qkernel k, cpu_qx *px, void **buf, const float *x, int M
     if (k == RP_QKERNEL_BF16DOT) {
         uint16_t *xb = malloc((size_t)M * K * sizeof *xb);
         if (!xb) return -1;
+#if RP_CPU_QKERN_X86
+        cpu_qprep_bf16dot(xb, x, (size_t)M * K); /* the kernel's ISA has AVX-512F/BW */
+#else
         for (size_t i = 0; i < (size_t)M * K; i++) xb[i] = rp_f32_to_bf16(x[i]);
+#endif
         px->xb = xb;
         *buf = xb;
 #if RP_CPU_QKERN_X86

@@ -48,6 +48,8 @@ void cpu_qdecode_avx512(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, i
 void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out);
 void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                          float beta);
+/* n values of x rounded as rp_f32_to_bf16 (the same bits), for bf16dot. */
+void cpu_qprep_bf16dot(uint16_t *xb, const float *x, size_t n);
 void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta);
 /* One row of x as the vnni kernel reads it (cpu_qx's xu and xse), the bytes
