@@ -279,15 +279,16 @@ static void test_vnni_x_quantization_matches_scalar(void **state) {
     int8_t xq[K];
     float scales[K / RP_Q8_BLOCK];
     uint8_t xu[K];
-    float xse[K / 4];
+    float xse[K / 4], xs[K / RP_Q8_BLOCK];
     rp_q8_quantize_x(xq, scales, x, K);
-    cpu_qprep_vnni(xu, xse, x, K);
+    cpu_qprep_vnni(xu, xse, xs, x, K);
     for (int i = 0; i < K; i++)
         if (xu[i] != (uint8_t)(xq[i] + 128))
             fail_msg("x[%d] = %.9g: vector q %d, scalar %d", i, x[i], xu[i] - 128, xq[i]);
     for (int i = 0; i < K / 4; i++)
         if (memcmp(&xse[i], &scales[i / 8], sizeof(float)))
             fail_msg("block %d: vector scale %.9g, scalar %.9g", i / 8, xse[i], scales[i / 8]);
+    if (memcmp(xs, scales, sizeof xs)) fail_msg("the per-block scales differ");
     free(x);
 #else
     skip();

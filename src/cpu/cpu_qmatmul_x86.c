@@ -381,9 +381,66 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
         for (int m = 0; m < rows; m++) sums[j * rows + m] = _mm512_reduce_add_ps(acc[j][m]);
 }
 
+/* vnni_tile for one x row, the same sums in the same order: the products
+ * w scale * x scale of 16 blocks are formed with one fp16 conversion and
+ * one multiply (the same f32 products), and each 64-k step takes its two
+ * with one permute, instead of a scalar load, a conversion, a permute, a
+ * load of x's scales and a multiply per W row and step (the M = 1 kernel
+ * was bound by instructions, not by memory). */
+static AI void vnni_tile1(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                          int nw) {
+    const int K = w->K, nb = K / RP_Q8_BLOCK;
+    const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
+    const uint8_t *xm = x->xu + (size_t)m0 * K;
+    const float *xs = x->xs + (size_t)m0 * nb;
+    const uint16_t *st = w->scales + (size_t)n * nb;
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    const __m512i idx0 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i two = _mm512_set1_epi32(2);
+    __m512 acc[4];
+    for (int j = 0; j < nw; j++) acc[j] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        /* products of blocks b0 .. b0 + 15 (masked past the last block) */
+        const __mmask16 mb = nb - b0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nb - b0)) - 1);
+        const __m512 sx = _mm512_maskz_loadu_ps(mb, xs + b0);
+        __m512 p[4];
+        for (int j = 0; j < nw; j++)
+            p[j] = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mb, st + (size_t)j * nb + b0)), sx);
+        __m512i idx = idx0;
+        const int kend = (b0 + 16) * RP_Q8_BLOCK < K ? (b0 + 16) * RP_Q8_BLOCK : K;
+        for (int k = b0 * RP_Q8_BLOCK; k < kend; k += 64) {
+            const int full = K - k >= 64;
+            const __mmask64 mk = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
+            for (int j = 0; j < nw; j++)
+                __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES / 2,
+                                   0, QPF_HINT);
+            const __m512i xv = _mm512_maskz_loadu_epi8(mk, xm + k);
+            for (int j = 0; j < nw; j++) {
+                const __m512i wv = _mm512_maskz_loadu_epi8(mk, wt + (size_t)j * K + k);
+                const __m512i cw = _mm512_sub_epi32(
+                    _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
+                const __m512i d = _mm512_dpbusd_epi32(cw, xv, wv);
+                /* a half step: lanes 8-15 are 0 * (a next block's product or 0) */
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx, p[j]),
+                                         acc[j]);
+            }
+            idx = _mm512_add_epi32(idx, two);
+        }
+    }
+    for (int j = 0; j < nw; j++) sums[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+/* vnni_tile, with vnni_tile1 for one x row (rows is a constant after inlining). */
+static AI void vnni_tile_any(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                             int nw, int rows) {
+    if (rows == 1) vnni_tile1(sums, w, n, x, m0, nw);
+    else vnni_tile(sums, w, n, x, m0, nw, rows);
+}
+
 void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta) {
-    QDRIVE(vnni_tile, 4, 2)
+    QDRIVE(vnni_tile_any, 4, 2)
 }
 
 /* rp_q8_quantize_x on 16 lanes, written as the kernel reads it (q + 128 and
@@ -391,7 +448,7 @@ void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int
  * |x| skipping NaN as the scalar compare does, one f32 division, round to
  * nearest even, clamp), so the same bytes; the scalar loop took ~4 us of a
  * 20-50 us product at K = 768 (and its divisions do not vectorise). */
-void cpu_qprep_vnni(uint8_t *xu, float *xse, const float *x, int K) {
+void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K) {
     const __m512 lim = _mm512_set1_ps(127.0f);
     for (int b = 0; b < K / RP_Q8_BLOCK; b++) {
         const float *xb = x + b * RP_Q8_BLOCK;
@@ -417,6 +474,7 @@ void cpu_qprep_vnni(uint8_t *xu, float *xse, const float *x, int K) {
         _mm_storeu_si128((__m128i *)(xu + b * RP_Q8_BLOCK), q0);
         _mm_storeu_si128((__m128i *)(xu + b * RP_Q8_BLOCK + 16), q1);
         _mm256_storeu_ps(xse + b * 8, _mm256_set1_ps(scale));
+        xs[b] = scale;
     }
 }
 
