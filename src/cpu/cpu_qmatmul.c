@@ -21,6 +21,16 @@
 #define QMATMUL_PARALLEL_MIN_WORK ((size_t)1 << 18)
 #define QMATMUL_SLICE_ALIGN 16
 
+/* Decode products (quantized x rows through the decode kernels) below this
+ * many multiply-adds run on one thread. At decode the team is asleep when a
+ * region starts (GOMP_SPINCOUNT=1000, cpu_wait.h, is shorter than the
+ * position-wise work between two products), and a wake-up costs 10-50 us
+ * (docs/perf/cpu.md, "Fork/join at decode"): more than half of a 768 x 768
+ * int8 or bf16 product at one row (17-25 us on one core). The 0.1B shape's
+ * output matrix at batch 1 (590k) stays on one thread, its r/k/v group
+ * (2M) and FFN matrices (2.4M) are split. The bits do not depend on it. */
+#define QMATMUL_DECODE_PARALLEL_MIN_WORK ((size_t)1 << 20)
+
 /* Prefill of a W too big to widen whole: W rows widened per sgemm call, about this many bytes of f32 (the
  * tile stays in L2 while sgemm reads it), and never fewer than 32 rows.
  * Tiles start at multiples of their height from row 0 whatever the team
@@ -296,8 +306,10 @@ static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
     }
     if (!rp_qkernel_available(k, w->type)) k = RP_QKERNEL_GENERIC;
     const size_t work = (size_t)M * N * K;
-    int nt = work < QMATMUL_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
-    if (M > RP_QMATMUL_DECODE_ROWS && !decode_rows) {
+    const int prefill = M > RP_QMATMUL_DECODE_ROWS && !decode_rows;
+    const size_t min_work = prefill ? QMATMUL_PARALLEL_MIN_WORK : QMATMUL_DECODE_PARALLEL_MIN_WORK;
+    int nt = work < min_work || n_threads < 1 ? 1 : n_threads;
+    if (prefill) {
         if (prefill_whole(k, w, y, x, M, beta, nt)) return;
         const int tr = tile_rows(K);
         const int tiles = (N + tr - 1) / tr;
@@ -385,7 +397,7 @@ void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, i
             rp_cpu_qmatmul_decode(jobs[j].w, jobs[j].y, jobs[j].x, M, jobs[j].beta, n_threads);
         return;
     }
-    const int nt = work < QMATMUL_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
+    const int nt = work < QMATMUL_DECODE_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int part = omp_get_thread_num(), parts = omp_get_num_threads();
