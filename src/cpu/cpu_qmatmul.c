@@ -24,9 +24,10 @@
 /* Decode products (quantized x rows through the decode kernels) below this
  * many multiply-adds run on one thread. At decode the team is asleep when a
  * region starts (GOMP_SPINCOUNT=1000, cpu_wait.h, is shorter than the
- * position-wise work between two products), and a wake-up costs 10-50 us
- * (docs/perf/cpu.md, "Fork/join at decode"): more than half of a 768 x 768
- * int8 or bf16 product at one row (17-25 us on one core). The 0.1B shape's
+ * position-wise work between two products), and a wake-up took a median
+ * 54 us on the loaded 2-CPU VM (docs/perf/cpu.md, "Fork/join at decode";
+ * quiet: to be measured): more than half of a 768 x 768 int8 or bf16
+ * product at one row (17-25 us on one core). The 0.1B shape's
  * output matrix at batch 1 (590k) stays on one thread, its r/k/v group
  * (2M) and FFN matrices (2.4M) are split. The bits do not depend on it. */
 #define QMATMUL_DECODE_PARALLEL_MIN_WORK ((size_t)1 << 20)

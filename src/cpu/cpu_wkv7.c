@@ -282,9 +282,9 @@ static void cpu_wkv7(rp_backend *be, float *y, const float *r, const float *w_ra
     const int vector_path = N % 8 == 0 && N <= CPU_WKV_MAX_N;
     /* ~0.75 us per token and head of 64 (one core). At decode the team is
      * asleep when the region starts (the position-wise ops before it outlast
-     * the bounded spin, cpu_wait.h), and waking it costs 10-50 us
-     * (docs/perf/cpu.md, "Fork/join at decode"): more than one token of the
-     * 0.1B shape (12 heads, ~9 us) takes alone. From 2^18 (5+ tokens of
+     * the bounded spin, cpu_wait.h), and waking it took a median 54 us on
+     * the loaded 2-CPU VM (docs/perf/cpu.md, "Fork/join at decode"): more
+     * than one token of the 0.1B shape (12 heads, ~9 us) takes alone. From 2^18 (5+ tokens of
      * 768 channels, ~40 us) the split pays. Units are independent, so the
      * bits do not depend on it. */
     int nt = (size_t)batch->n_rows * C * N < CPU_WKV_PARALLEL_MIN_WORK || units < 2
