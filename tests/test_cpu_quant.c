@@ -332,13 +332,14 @@ static void test_bf16dot_x_rounding_matches_scalar(void **state) {
  * region) gives each job the bits of its own rp_cpu_qmatmul_decode call on
  * one thread: mixed formats and shapes (N off the 16-row slices, N smaller
  * than a team's slices), beta 0 and 1, M = 1, 3, 8 and 20 decode rows, 1-3
- * threads. */
+ * threads. The first job is large enough (1.07M multiply-adds per row) that
+ * even M = 1 crosses cpu_qmatmul.c's decode threshold (2^20) and is split. */
 static void test_decode_group_equals_each_job(void **state) {
     (void)state;
-    static const int shapes[][3] = {{RP_QTYPE_Q8, 300, 256}, {RP_QTYPE_BF16, 64, 256},
+    static const int shapes[][3] = {{RP_QTYPE_Q8, 1044, 1024}, {RP_QTYPE_BF16, 64, 256},
                                     {RP_QTYPE_BF16, 300, 40}, {RP_QTYPE_Q8, 16, 96},
                                     {RP_QTYPE_BF16, 7, 256}};
-    enum { J = 5, MAXM = 20, MAXN = 300, MAXK = 256 };
+    enum { J = 5, MAXM = 20, MAXN = 1044, MAXK = 1024 };
     qmat q[J];
     rp_qgroup_job jobs[J];
     float *x = frand_array((size_t)MAXM * MAXK, 31);
