@@ -19,7 +19,9 @@
 
 #include "backend.h"
 #include "cpu/cpu_backend.h"
+#include "core/dtype.h"
 #include "cpu/cpu_features.h"
+#include "cpu/cpu_qmatmul_kern.h"
 #include "cpu/cpu_quant.h"
 
 typedef struct {
@@ -268,6 +270,120 @@ static void test_decode_rows_of_any_count_equal_each_row_alone(void **state) {
         }
 }
 
+/* The vnni kernel's vector quantization of x (cpu_qprep_vnni) gives the
+ * bytes and scales of the scalar rp_q8_quantize_x: random rows, a zero
+ * block, ties at .5 (round to even), a denormal block and a lone large
+ * value (everything else rounds to 0). */
+static void test_vnni_x_quantization_matches_scalar(void **state) {
+    (void)state;
+#if RP_CPU_QKERN_X86
+    if (!rp_qkernel_available(RP_QKERNEL_VNNI, RP_QTYPE_Q8)) skip();
+    enum { K = 8 * RP_Q8_BLOCK };
+    float *x = frand_array(K, 29);
+    for (int i = 0; i < 32; i++) x[32 + i] = 0.0f;
+    for (int i = 0; i < 32; i++) x[64 + i] = (float)(i % 2 ? -i : i) + (i < 31 ? 0.5f : 0.0f);
+    x[64 + 31] = -127.0f;                                 /* scale 1: the others are ties */
+    for (int i = 0; i < 32; i++) x[96 + i] = 1e-40f * (float)(i - 16);  /* denormals */
+    x[128] = 1e30f;
+    int8_t xq[K];
+    float scales[K / RP_Q8_BLOCK];
+    uint8_t xu[K];
+    float xse[K / 4], xs[K / RP_Q8_BLOCK];
+    rp_q8_quantize_x(xq, scales, x, K);
+    cpu_qprep_vnni(xu, xse, xs, x, K);
+    for (int i = 0; i < K; i++)
+        if (xu[i] != (uint8_t)(xq[i] + 128))
+            fail_msg("x[%d] = %.9g: vector q %d, scalar %d", i, x[i], xu[i] - 128, xq[i]);
+    for (int i = 0; i < K / 4; i++)
+        if (memcmp(&xse[i], &scales[i / 8], sizeof(float)))
+            fail_msg("block %d: vector scale %.9g, scalar %.9g", i / 8, xse[i], scales[i / 8]);
+    if (memcmp(xs, scales, sizeof xs)) fail_msg("the per-block scales differ");
+    free(x);
+#else
+    skip();
+#endif
+}
+
+/* bf16dot's vector rounding of x (cpu_qprep_bf16dot) gives rp_f32_to_bf16's
+ * bits: random values, ties (even and odd kept bit), the largest finite
+ * values (round to inf), infinities, NaNs with small payloads, denormals,
+ * and a tail off the 16 lanes. */
+static void test_bf16dot_x_rounding_matches_scalar(void **state) {
+    (void)state;
+#if RP_CPU_QKERN_X86
+    if (!rp_qkernel_available(RP_QKERNEL_BF16DOT, RP_QTYPE_BF16)) skip();
+    enum { n = 16 * 9 + 5 };
+    static const uint32_t special[] = {0x3F808000u, 0x3F818000u, 0x3F80FFFFu, 0x7F7FFFFFu,
+                                       0xFF7FFFFFu, 0x7F800000u, 0xFF800000u, 0x7F800001u,
+                                       0xFFC00001u, 0x7FBFFFFFu, 0x00000001u, 0x807FFFFFu,
+                                       0x00008000u, 0x00018000u, 0x80000000u, 0x00000000u};
+    float *x = frand_array(n, 43);
+    for (size_t i = 0; i < sizeof special / sizeof special[0]; i++) {
+        memcpy(&x[i], &special[i], sizeof(float));
+        memcpy(&x[n - 1 - i], &special[i], sizeof(float)); /* also in the scalar tail */
+    }
+    uint16_t xb[n];
+    cpu_qprep_bf16dot(xb, x, n);
+    for (int i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], sizeof u);
+        if (xb[i] != rp_f32_to_bf16(x[i]))
+            fail_msg("x[%d] bits 0x%08x: vector 0x%04x, scalar 0x%04x", i, u, xb[i],
+                     rp_f32_to_bf16(x[i]));
+    }
+    free(x);
+#else
+    skip();
+#endif
+}
+
+/* rp_cpu_qmatmul_decode_group (a quantized gemv_group in one parallel
+ * region) gives each job the bits of its own rp_cpu_qmatmul_decode call on
+ * one thread: mixed formats and shapes (N off the 16-row slices, N smaller
+ * than a team's slices), beta 0 and 1, M = 1, 3, 8 and 20 decode rows, 1-3
+ * threads. The first job is large enough (1.07M multiply-adds per row) that
+ * even M = 1 crosses cpu_qmatmul.c's decode threshold (2^20) and is split. */
+static void test_decode_group_equals_each_job(void **state) {
+    (void)state;
+    static const int shapes[][3] = {{RP_QTYPE_Q8, 1044, 1024}, {RP_QTYPE_BF16, 64, 256},
+                                    {RP_QTYPE_BF16, 300, 40}, {RP_QTYPE_Q8, 16, 96},
+                                    {RP_QTYPE_BF16, 7, 256}};
+    enum { J = 5, MAXM = 20, MAXN = 1044, MAXK = 1024 };
+    qmat q[J];
+    rp_qgroup_job jobs[J];
+    float *x = frand_array((size_t)MAXM * MAXK, 31);
+    float *y0 = frand_array((size_t)J * MAXM * MAXN, 37);
+    float *alone = malloc((size_t)J * MAXM * MAXN * sizeof(float));
+    float *y = malloc((size_t)J * MAXM * MAXN * sizeof(float));
+    assert_non_null(alone);
+    assert_non_null(y);
+    for (int j = 0; j < J; j++)
+        qmat_make(&q[j], (rp_qtype)shapes[j][0], shapes[j][1], shapes[j][2], 41 + j);
+    static const int Ms[] = {1, 3, 8, 20};
+    for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++)
+        for (int nt = 1; nt <= 3; nt++) {
+            const int M = Ms[mi];
+            memcpy(alone, y0, (size_t)J * MAXM * MAXN * sizeof(float));
+            memcpy(y, y0, (size_t)J * MAXM * MAXN * sizeof(float));
+            for (int j = 0; j < J; j++) {
+                const size_t off = (size_t)j * MAXM * MAXN;
+                const float beta = (float)(j % 2);
+                rp_cpu_qmatmul_decode(&q[j].w, alone + off, x, M, beta, 1);
+                jobs[j] = (rp_qgroup_job){&q[j].w, y + off, x, beta};
+            }
+            rp_cpu_qmatmul_decode_group(jobs, J, M, nt);
+            for (size_t i = 0; i < (size_t)J * MAXM * MAXN; i++)
+                if (memcmp(&y[i], &alone[i], sizeof(float)))
+                    fail_msg("group M=%d threads=%d: job %zu y[%zu] = %.9g, alone %.9g", M, nt,
+                             i / (MAXM * MAXN), i % (MAXM * MAXN), y[i], alone[i]);
+        }
+    for (int j = 0; j < J; j++) qmat_free(&q[j]);
+    free(alone);
+    free(y);
+    free(y0);
+    free(x);
+}
+
 static void test_isa_env(void **state) {
     (void)state;
     rp_error err = {0};
@@ -396,6 +512,9 @@ int main(void) {
         cmocka_unit_test(test_q8_kernels_match_reference),
         cmocka_unit_test(test_thread_and_row_count_independence),
         cmocka_unit_test(test_decode_rows_of_any_count_equal_each_row_alone),
+        cmocka_unit_test(test_vnni_x_quantization_matches_scalar),
+        cmocka_unit_test(test_bf16dot_x_rounding_matches_scalar),
+        cmocka_unit_test(test_decode_group_equals_each_job),
         cmocka_unit_test(test_isa_env),
         cmocka_unit_test(test_matmul_lora_on_bf16_factor),
     };

@@ -1,10 +1,35 @@
 /* The CPU twins of the fused decode ops (gemv_group, time_mix_heads): each
- * calls the backend's separate ops in the documented order, so CPU results
- * are bit-identical with and without the fusion; the CUDA kernels
+ * calls the backend's separate ops in the documented order (a quantized
+ * group runs its products in one parallel region, with the same bits), so
+ * CPU results are bit-identical with and without the fusion; the CUDA kernels
  * (cuda/cuda_decode.cu) are held to these by the emulator twin tests. */
 #include "cpu/cpu_internal.h"
+#include "cpu/cpu_quant.h"
+
+/* A group whose every matrix is a low-precision one (cpu_qweights.c) of the
+ * job's shape, run by decode rows: its products go through one OpenMP region
+ * (rp_cpu_qmatmul_decode_group, the same bits as one matmul each), then the
+ * epilogues. 0 (nothing done) for any other group. */
+static int cpu_gemv_group_quantized(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
+    const rp_cpu_impl *impl = be->impl;
+    if (n_jobs < 1 || n_jobs > RP_QGROUP_MAX || (M > RP_QMATMUL_DECODE_ROWS && !impl->decode_rows)) return 0;
+    rp_qgroup_job q[RP_QGROUP_MAX] = {{0}};
+    for (int j = 0; j < n_jobs; j++) {
+        const rp_gemv_job *g = &jobs[j];
+        const rp_qmatrix *w = cpu_qweight_find(be, g->w);
+        if (!w || w->N != g->N || w->K != g->K) return 0;
+        q[j] = (rp_qgroup_job){w, g->y, g->x, g->beta};
+    }
+    rp_cpu_qmatmul_decode_group(q, n_jobs, M, cpu_threads(be));
+    for (int j = 0; j < n_jobs; j++) {
+        const rp_gemv_job *g = &jobs[j];
+        if (g->bias || g->act != RP_ACT_NONE) be->bias_act(be, g->y, g->bias, M, g->N, g->act);
+    }
+    return 1;
+}
 
 static void cpu_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
+    if (cpu_gemv_group_quantized(be, jobs, n_jobs, M)) return;
     for (int j = 0; j < n_jobs; j++) {
         const rp_gemv_job *g = &jobs[j];
         if (g->w_in_out)

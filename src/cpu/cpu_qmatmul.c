@@ -23,6 +23,17 @@
 #define QMATMUL_PARALLEL_MIN_WORK ((size_t)1 << 18)
 #define QMATMUL_SLICE_ALIGN 16
 
+/* Decode products (quantized x rows through the decode kernels) below this
+ * many multiply-adds run on one thread. At decode the team is asleep when a
+ * region starts (GOMP_SPINCOUNT=1000, cpu_wait.h, is shorter than the
+ * position-wise work between two products), and a wake-up took a median
+ * 54 us on the loaded 2-CPU VM (docs/perf/cpu.md, "Fork/join at decode";
+ * quiet: to be measured): more than half of a 768 x 768 int8 or bf16
+ * product at one row (17-25 us on one core). The 0.1B shape's
+ * output matrix at batch 1 (590k) stays on one thread, its r/k/v group
+ * (2M) and FFN matrices (2.4M) are split. The bits do not depend on it. */
+#define QMATMUL_DECODE_PARALLEL_MIN_WORK ((size_t)1 << 20)
+
 /* Prefill of a W too big to widen whole: W rows widened per sgemm call, about this many bytes of f32 (the
  * tile stays in L2 while sgemm reads it), and never fewer than 32 rows.
  * Tiles start at multiples of their height from row 0 whatever the team
@@ -153,27 +164,31 @@ static int prepare_x(rp_qkernel k, cpu_qx *px, void **buf, const float *x, int M
     if (k == RP_QKERNEL_BF16DOT) {
         uint16_t *xb = malloc((size_t)M * K * sizeof *xb);
         if (!xb) return -1;
+#if RP_CPU_QKERN_X86
+        cpu_qprep_bf16dot(xb, x, (size_t)M * K); /* the kernel's ISA has AVX-512F/BW */
+#else
         for (size_t i = 0; i < (size_t)M * K; i++) xb[i] = rp_f32_to_bf16(x[i]);
+#endif
         px->xb = xb;
         *buf = xb;
+#if RP_CPU_QKERN_X86
     } else if (k == RP_QKERNEL_VNNI) {
-        const int nb = K / RP_Q8_BLOCK;
-        /* xse: [M, K/4] floats (M * K bytes), then xu: [M, K] bytes */
-        char *mem = malloc((size_t)M * K * 2);
+        /* xse: [M, K/4] floats (M * K bytes), xu: [M, K] bytes, xs: [M, K/32]
+         * floats; rows quantized as rp_q8_quantize_x (cpu_qprep_vnni: its
+         * vector twin, the same bytes, on the kernel's own ISA) */
+        char *mem = malloc((size_t)M * K * 2 + (size_t)M * (K / RP_Q8_BLOCK) * sizeof(float));
         if (!mem) return -1;
         float *xse = (float *)mem;
         uint8_t *xu = (uint8_t *)(mem + (size_t)M * K);
-        float scales[nb > 0 ? nb : 1];
-        int8_t *xq = (int8_t *)xu;
-        for (int m = 0; m < M; m++) {
-            rp_q8_quantize_x(xq + (size_t)m * K, scales, x + (size_t)m * K, K);
-            for (int i = 0; i < K; i++) xu[(size_t)m * K + i] = (uint8_t)(xq[(size_t)m * K + i] + 128);
-            for (int b = 0; b < nb; b++)
-                for (int l = 0; l < 8; l++) xse[(size_t)m * (K / 4) + b * 8 + l] = scales[b];
-        }
+        float *xs = (float *)(mem + (size_t)M * K * 2);
+        for (int m = 0; m < M; m++)
+            cpu_qprep_vnni(xu + (size_t)m * K, xse + (size_t)m * (K / 4),
+                           xs + (size_t)m * (K / RP_Q8_BLOCK), x + (size_t)m * K, K);
         px->xu = xu;
         px->xse = xse;
+        px->xs = xs;
         *buf = mem;
+#endif
     }
     return 0;
 }
@@ -260,6 +275,30 @@ static int prefill_whole(rp_qkernel k, const rp_qmatrix *w, float *y, const floa
  * element keeps the kernel's one summation order (cpu_matmul.c does the same). */
 #define QMATMUL_DECODE_TILE_BYTES ((size_t)64 << 10)
 
+/* Output rows [b, e) of a decode product with x prepared (px): M <= 8 in
+ * one pass over W; more rows (decode rows, or prefill that could not
+ * allocate its tile) in tiles of W, 8 x rows at a time over each. */
+static void decode_slice(cpu_qdecode_fn decode, const rp_qmatrix *w, float *y, const cpu_qx *px,
+                         int M, float beta, int b, int e) {
+    const int N = w->N, K = w->K;
+    int tile = (int)(QMATMUL_DECODE_TILE_BYTES / ((size_t)K * sizeof(float))) / 16 * 16;
+    if (tile < 16) tile = 16;
+    if (M <= RP_QMATMUL_DECODE_ROWS) tile = N; /* one pass over W */
+    for (int t0 = b; t0 < e; t0 += tile) {
+        const int t1 = e - t0 < tile ? e : t0 + tile;
+        for (int m = 0; m < M; m += RP_QMATMUL_DECODE_ROWS) {
+            const int rows = M - m < RP_QMATMUL_DECODE_ROWS ? M - m : RP_QMATMUL_DECODE_ROWS;
+            cpu_qx pm = *px;
+            pm.x = px->x + (size_t)m * K;
+            if (pm.xb) pm.xb += (size_t)m * K;
+            if (pm.xu) pm.xu += (size_t)m * K;
+            if (pm.xse) pm.xse += (size_t)m * (K / 4);
+            if (pm.xs) pm.xs += (size_t)m * (K / RP_Q8_BLOCK);
+            decode(w, y + (size_t)m * N, &pm, rows, t0, t1, beta);
+        }
+    }
+}
+
 static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
                     float beta, int n_threads, int decode_rows) {
     const int N = w->N, K = w->K;
@@ -270,8 +309,10 @@ static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
     }
     if (!rp_qkernel_available(k, w->type)) k = RP_QKERNEL_GENERIC;
     const size_t work = (size_t)M * N * K;
-    int nt = work < QMATMUL_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
-    if (M > RP_QMATMUL_DECODE_ROWS && !decode_rows) {
+    const int prefill = M > RP_QMATMUL_DECODE_ROWS && !decode_rows;
+    const size_t min_work = prefill ? QMATMUL_PARALLEL_MIN_WORK : QMATMUL_DECODE_PARALLEL_MIN_WORK;
+    int nt = work < min_work || n_threads < 1 ? 1 : n_threads;
+    if (prefill) {
 #if RP_CPU_QKERN_X86
         /* bf16dot's and vnni's prefill: x rounded to bf16, W read at the
          * vdpbf16ps rate (cpu_qgemm_bf16.c; vnni's needs AVX512_BF16 too,
@@ -308,26 +349,11 @@ static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
         px = (cpu_qx){.x = x};
     }
     const cpu_qdecode_fn decode = decode_fn(k);
-    int tile = (int)(QMATMUL_DECODE_TILE_BYTES / ((size_t)K * sizeof(float))) / 16 * 16;
-    if (tile < 16) tile = 16;
-    if (M <= RP_QMATMUL_DECODE_ROWS) tile = N; /* one pass over W */
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int b, e;
         slice(N, omp_get_thread_num(), omp_get_num_threads(), QMATMUL_SLICE_ALIGN, &b, &e);
-        /* More than 8 rows: decode rows, or prefill that could not allocate its tile. */
-        for (int t0 = b; t0 < e; t0 += tile) {
-            const int t1 = e - t0 < tile ? e : t0 + tile;
-            for (int m = 0; m < M; m += RP_QMATMUL_DECODE_ROWS) {
-                const int rows = M - m < RP_QMATMUL_DECODE_ROWS ? M - m : RP_QMATMUL_DECODE_ROWS;
-                cpu_qx pm = px;
-                pm.x = px.x + (size_t)m * K;
-                if (pm.xb) pm.xb += (size_t)m * K;
-                if (pm.xu) pm.xu += (size_t)m * K;
-                if (pm.xse) pm.xse += (size_t)m * (K / 4);
-                decode(w, y + (size_t)m * N, &pm, rows, t0, t1, beta);
-            }
-        }
+        decode_slice(decode, w, y, &px, M, beta, b, e);
     }
     free(buf);
 }
@@ -350,4 +376,48 @@ void rp_cpu_qmatmul(const rp_qmatrix *w, float *y, const float *x, int M, float 
 void rp_cpu_qmatmul_decode(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
                            int n_threads) {
     rp_cpu_qmatmul_kernel_decode(rp_qkernel_chosen(w->type), w, y, x, M, beta, n_threads);
+}
+
+/* One OpenMP region for a group of independent decode products (a quantized
+ * model's gemv_group: r, k, v and the LoRA factors of a layer), instead of
+ * one fork/join per product: at decode every region costs a wake-up of the
+ * team (docs/perf/cpu.md), more than the smaller products take. Each job's
+ * x is prepared once as rp_cpu_qmatmul_decode prepares it, and each thread
+ * runs its 16-row slice of every job with the same kernel, so every y
+ * element has the bits rp_cpu_qmatmul_decode gives it, on any team size. */
+void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, int n_threads) {
+    cpu_qx px[RP_QGROUP_MAX];
+    void *buf[RP_QGROUP_MAX];
+    cpu_qdecode_fn fn[RP_QGROUP_MAX];
+    int ready = 0, simple = n_jobs <= RP_QGROUP_MAX && M > 0;
+    size_t work = 0;
+    for (int j = 0; j < n_jobs && simple; j++)
+        simple = jobs[j].w->N > 0 && jobs[j].w->K > 0;
+    for (; simple && ready < n_jobs; ready++) {
+        const rp_qgroup_job *g = &jobs[ready];
+        rp_qkernel k = rp_qkernel_chosen(g->w->type);
+        if (!rp_qkernel_available(k, g->w->type)) k = RP_QKERNEL_GENERIC;
+        if (prepare_x(k, &px[ready], &buf[ready], g->x, M, g->w->K)) break;
+        fn[ready] = decode_fn(k);
+        work += (size_t)M * g->w->N * g->w->K;
+    }
+    if (!simple || ready < n_jobs) {
+        /* Empty shapes, too many jobs, or no memory for an x: one call each
+         * (the same bits; rp_cpu_qmatmul_decode handles each case). */
+        for (int j = 0; j < ready; j++) free(buf[j]);
+        for (int j = 0; j < n_jobs; j++)
+            rp_cpu_qmatmul_decode(jobs[j].w, jobs[j].y, jobs[j].x, M, jobs[j].beta, n_threads);
+        return;
+    }
+    const int nt = work < QMATMUL_DECODE_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int part = omp_get_thread_num(), parts = omp_get_num_threads();
+        for (int j = 0; j < n_jobs; j++) {
+            int b, e;
+            slice(jobs[j].w->N, part, parts, QMATMUL_SLICE_ALIGN, &b, &e);
+            decode_slice(fn[j], jobs[j].w, jobs[j].y, &px[j], M, jobs[j].beta, b, e);
+        }
+    }
+    for (int j = 0; j < n_jobs; j++) free(buf[j]);
 }

@@ -13,6 +13,7 @@ typedef struct {
     const uint16_t *xb;  /* BF16DOT: x rounded to bf16 [M,K] */
     const uint8_t *xu;   /* VNNI: rp_q8_quantize_x's q + 128 [M,K] */
     const float *xse;    /* VNNI: its scales, each repeated 8 times [M, K/4] */
+    const float *xs;     /* VNNI: its scales, one per block [M, K/32] */
 } cpu_qx;
 
 /* y[m, n] = dot(x row m, W row n) (+ beta y) for m < M <= 8, n in [n0, n1). */
@@ -48,8 +49,13 @@ void cpu_qdecode_avx512(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, i
 void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out);
 void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                          float beta);
+/* n values of x rounded as rp_f32_to_bf16 (the same bits), for bf16dot. */
+void cpu_qprep_bf16dot(uint16_t *xb, const float *x, size_t n);
 void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta);
+/* One row of x as the vnni kernel reads it (cpu_qx's xu, xse and xs), the
+ * bytes and scales rp_q8_quantize_x gives; K a multiple of RP_Q8_BLOCK. */
+void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K);
 #endif
 
 #endif

@@ -296,6 +296,27 @@ void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, 
     QDRIVE(bf16dot_tile, 1, 3)
 }
 
+/* rp_f32_to_bf16 on 16 lanes (the same integer rounding: + 0x7FFF + the
+ * lowest kept bit, NaN to 0x7FC0), so the same bits. Not vcvtneps2bf16,
+ * which flushes denormal inputs to zero. The scalar calls took 1-5% of a
+ * decode step (every bf16dot product rounds its x: LoRA factors, and every
+ * matrix of a bf16 model). */
+void cpu_qprep_bf16dot(uint16_t *xb, const float *x, size_t n) {
+    const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    const __m512i qnan = _mm512_set1_epi32(0x7FC0);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x + i));
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), odd), 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
+        r = _mm512_mask_mov_epi32(r, nan, qnan);
+        _mm256_storeu_si256((__m256i *)(xb + i), _mm512_cvtepi32_epi16(r));
+    }
+    for (; i < n; i++) xb[i] = rp_f32_to_bf16(x[i]);
+}
+
 RP_ISA_END
 
 /* ================= AVX512_VNNI: vpdpbusd on int8 blocks ================= */
@@ -360,9 +381,101 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
         for (int m = 0; m < rows; m++) sums[j * rows + m] = _mm512_reduce_add_ps(acc[j][m]);
 }
 
+/* vnni_tile for one x row, the same sums in the same order: the products
+ * w scale * x scale of 16 blocks are formed with one fp16 conversion and
+ * one multiply (the same f32 products), and each 64-k step takes its two
+ * with one permute, instead of a scalar load, a conversion, a permute, a
+ * load of x's scales and a multiply per W row and step (the M = 1 kernel
+ * was bound by instructions, not by memory). */
+static AI void vnni_tile1(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                          int nw) {
+    const int K = w->K, nb = K / RP_Q8_BLOCK;
+    const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
+    const uint8_t *xm = x->xu + (size_t)m0 * K;
+    const float *xs = x->xs + (size_t)m0 * nb;
+    const uint16_t *st = w->scales + (size_t)n * nb;
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    const __m512i idx0 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i two = _mm512_set1_epi32(2);
+    __m512 acc[4];
+    for (int j = 0; j < nw; j++) acc[j] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        /* products of blocks b0 .. b0 + 15 (masked past the last block) */
+        const __mmask16 mb = nb - b0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nb - b0)) - 1);
+        const __m512 sx = _mm512_maskz_loadu_ps(mb, xs + b0);
+        __m512 p[4];
+        for (int j = 0; j < nw; j++)
+            p[j] = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mb, st + (size_t)j * nb + b0)), sx);
+        __m512i idx = idx0;
+        const int kend = (b0 + 16) * RP_Q8_BLOCK < K ? (b0 + 16) * RP_Q8_BLOCK : K;
+        for (int k = b0 * RP_Q8_BLOCK; k < kend; k += 64) {
+            const int full = K - k >= 64;
+            const __mmask64 mk = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
+            for (int j = 0; j < nw; j++)
+                __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES / 2,
+                                   0, QPF_HINT);
+            const __m512i xv = _mm512_maskz_loadu_epi8(mk, xm + k);
+            for (int j = 0; j < nw; j++) {
+                const __m512i wv = _mm512_maskz_loadu_epi8(mk, wt + (size_t)j * K + k);
+                const __m512i cw = _mm512_sub_epi32(
+                    _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
+                const __m512i d = _mm512_dpbusd_epi32(cw, xv, wv);
+                /* a half step: lanes 8-15 are 0 * (a next block's product or 0) */
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx, p[j]),
+                                         acc[j]);
+            }
+            idx = _mm512_add_epi32(idx, two);
+        }
+    }
+    for (int j = 0; j < nw; j++) sums[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+/* vnni_tile, with vnni_tile1 for one x row (rows is a constant after inlining). */
+static AI void vnni_tile_any(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                             int nw, int rows) {
+    if (rows == 1) vnni_tile1(sums, w, n, x, m0, nw);
+    else vnni_tile(sums, w, n, x, m0, nw, rows);
+}
+
 void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta) {
-    QDRIVE(vnni_tile, 4, 2)
+    QDRIVE(vnni_tile_any, 4, 2)
+}
+
+/* rp_q8_quantize_x on 16 lanes, written as the kernel reads it (q + 128 and
+ * the scales repeated 8 times): the same IEEE operations per element (max of
+ * |x| skipping NaN as the scalar compare does, one f32 division, round to
+ * nearest even, clamp), so the same bytes; the scalar loop took ~4 us of a
+ * 20-50 us product at K = 768 (and its divisions do not vectorise). */
+void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K) {
+    const __m512 lim = _mm512_set1_ps(127.0f);
+    for (int b = 0; b < K / RP_Q8_BLOCK; b++) {
+        const float *xb = x + b * RP_Q8_BLOCK;
+        const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+        /* max_ps returns its second operand when either is NaN */
+        __m512 amax = _mm512_max_ps(_mm512_abs_ps(x0), _mm512_setzero_ps());
+        amax = _mm512_max_ps(_mm512_abs_ps(x1), amax);
+        const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
+        __m128i q0 = _mm_set1_epi8((char)0x80), q1 = q0;
+        if (scale > 0.0f) {
+            const __m512 sv = _mm512_set1_ps(scale);
+            const __m512 r0 = _mm512_roundscale_ps(_mm512_div_ps(x0, sv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512 r1 = _mm512_roundscale_ps(_mm512_div_ps(x1, sv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i c0 = _mm512_cvtps_epi32(
+                _mm512_min_ps(_mm512_max_ps(r0, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim));
+            const __m512i c1 = _mm512_cvtps_epi32(
+                _mm512_min_ps(_mm512_max_ps(r1, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim));
+            q0 = _mm512_cvtepi32_epi8(_mm512_add_epi32(c0, _mm512_set1_epi32(128)));
+            q1 = _mm512_cvtepi32_epi8(_mm512_add_epi32(c1, _mm512_set1_epi32(128)));
+        }
+        _mm_storeu_si128((__m128i *)(xu + b * RP_Q8_BLOCK), q0);
+        _mm_storeu_si128((__m128i *)(xu + b * RP_Q8_BLOCK + 16), q1);
+        _mm256_storeu_ps(xse + b * 8, _mm256_set1_ps(scale));
+        xs[b] = scale;
+    }
 }
 
 RP_ISA_END

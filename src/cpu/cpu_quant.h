@@ -93,6 +93,19 @@ void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const fl
  * gets alone (never the prefill sgemm). */
 void rp_cpu_qmatmul_decode(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
                            int n_threads);
+/* Independent decode products (outputs overlap no input) run as one
+ * OpenMP region: y of each job exactly as rp_cpu_qmatmul_decode(w, y, x, M,
+ * beta, n_threads) gives it, for any n_threads. At most RP_QGROUP_MAX jobs
+ * go in one region (more run one call each). */
+#define RP_QGROUP_MAX 8
+typedef struct {
+    const rp_qmatrix *w;
+    float *y;
+    const float *x;
+    float beta;
+} rp_qgroup_job;
+void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, int n_threads);
+/* rp_cpu_qmatmul_decode with kernel k (which must be available for w->type). */
 void rp_cpu_qmatmul_kernel_decode(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
                                   int M, float beta, int n_threads);
 

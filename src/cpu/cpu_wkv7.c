@@ -269,6 +269,10 @@ static void cpu_wkv7_head_any(float *restrict S, float *restrict y, const float 
     }
 }
 
+/* Rows x C x N below which the inference WKV7 runs on one thread (why: the
+ * comment in cpu_wkv7). */
+#define CPU_WKV_PARALLEL_MIN_WORK ((size_t)1 << 18)
+
 static void cpu_wkv7(rp_backend *be, float *y, const float *r, const float *w_raw,
               const float *k, const float *v, const float *kk, const float *a,
               float *state_base, size_t state_stride, const rp_batch *batch, int C,
@@ -276,9 +280,14 @@ static void cpu_wkv7(rp_backend *be, float *y, const float *r, const float *w_ra
     const int H = C / N;
     const long units = (long)batch->n_seq * H;
     const int vector_path = N % 8 == 0 && N <= CPU_WKV_MAX_N;
-    /* ~0.75 us per token and head of 64 (one core): one decode token of 8
-     * heads or more is already worth forking the team for. */
-    int nt = (size_t)batch->n_rows * C * N < RP_CPU_PARALLEL_MIN_WORK || units < 2
+    /* ~0.75 us per token and head of 64 (one core). At decode the team is
+     * asleep when the region starts (the position-wise ops before it outlast
+     * the bounded spin, cpu_wait.h), and waking it took a median 54 us on
+     * the loaded 2-CPU VM (docs/perf/cpu.md, "Fork/join at decode"): more
+     * than one token of the 0.1B shape (12 heads, ~9 us) takes alone. From 2^18 (5+ tokens of
+     * 768 channels, ~40 us) the split pays. Units are independent, so the
+     * bits do not depend on it. */
+    int nt = (size_t)batch->n_rows * C * N < CPU_WKV_PARALLEL_MIN_WORK || units < 2
                  ? 1
                  : cpu_threads(be);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
