@@ -318,13 +318,7 @@ __global__ static void token_shift_backward_dx_kernel(float *__restrict__ dx,
                                                       const int32_t *__restrict__ slot,
                                                       int n_seq, int C) {
     const int r = blockIdx.x;
-    // the sequence holding row r: the last s with row_begin[s] <= r (row_begin ascends)
-    int lo = 0, hi = n_seq - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (row_begin[mid] <= r) lo = mid;
-        else hi = mid - 1;
-    }
+    const int lo = rp_seq_of_row(row_begin, n_seq, r);
     const bool last = r == row_begin[lo] + seq_len[lo] - 1;
     const float *src = last ? dstate_base + (size_t)slot[lo] * state_stride
                             : dprev + (size_t)(r + 1) * C;
@@ -519,13 +513,7 @@ __global__ static void shift_mix_backward_kernel(
     for (int j = 0; j < RP_MIX_TERMS_MAX; j++)
         for (int i = 0; i < W; i++) acc[j][i] = 0.0f;
     if (c < C && wb < we) {
-        int lo = 0, hi = n_seq - 1;  // the sequence holding row we - 1
-        while (lo < hi) {
-            const int mid = (lo + hi + 1) / 2;
-            if (row_begin[mid] <= we - 1) lo = mid;
-            else hi = mid - 1;
-        }
-        int s = lo;
+        int s = rp_seq_of_row(row_begin, n_seq, we - 1);
         vecf<W> below;  // d(prev) of row r + 1
         for (int r = we - 1; r >= wb; r--) {
             while (s > 0 && r < row_begin[s]) s--;

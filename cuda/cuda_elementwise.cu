@@ -225,15 +225,7 @@ static __global__ void token_shift_kernel(float *prev, const float *x, float *st
                                           const int32_t *row_begin, const int32_t *slot,
                                           int n_seq, int C) {
     const int r = blockIdx.x;
-    // the sequence holding row r: the last s with row_begin[s] <= r
-    int lo = 0, hi = n_seq - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (row_begin[mid] <= r)
-            lo = mid;
-        else
-            hi = mid - 1;
-    }
+    const int lo = rp_seq_of_row(row_begin, n_seq, r);
     const int begin = row_begin[lo], len = seq_len[lo];
     if (r < begin || r >= begin + len) return;  // not a row of any sequence
     float *pr = prev + (size_t)r * C;
@@ -421,14 +413,7 @@ static __global__ void shift_mix_kernel(float *prev, mix_ptrs mp, int n_mix, con
     float *st = nullptr;
     const float *last = nullptr;
     if (shift) {
-        int lo = 0, hi = n_seq - 1;  // the sequence holding row r
-        while (lo < hi) {
-            const int mid = (lo + hi + 1) >> 1;
-            if (row_begin[mid] <= r)
-                lo = mid;
-            else
-                hi = mid - 1;
-        }
+        const int lo = rp_seq_of_row(row_begin, n_seq, r);
         const int begin = row_begin[lo], len = seq_len[lo];
         if (r < begin || r >= begin + len) return;  // not a row of any sequence
         if (r > begin) {

@@ -256,6 +256,21 @@ void rp_cuda_install_loss(rp_backend *be);
 void rp_cuda_install_decode(rp_backend *be);
 void rp_cuda_install_graph(rp_backend *be);
 
+// The sequence holding row r of a batch: the last s with row_begin[s] <= r
+// (row_begin ascends; n_seq >= 1). The caller checks r < row_begin[s] +
+// seq_len[s] where rows may lie between sequences.
+__device__ __forceinline__ int rp_seq_of_row(const int32_t *row_begin, int n_seq, int r) {
+    int lo = 0, hi = n_seq - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (row_begin[mid] <= r)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
 // Device math shared by kernels: the same formulas as src/cpu (accurate
 // expf, not __expf: the twin tests hold fp32 kernels to 1e-5).
 __device__ __forceinline__ float rp_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
