@@ -124,6 +124,29 @@ static void pack_w(uint32_t *b, const uint16_t *w, int K, int n0, int nv, int p0
     }
 }
 
+/* Rows [0, mv) x columns [0, nv) of a tile's accumulators c into y (at the
+ * tile's corner, row stride ldy): y = c (+ beta y) on the first K block,
+ * y += c on the others. Inlined so c stays in registers. */
+static inline __attribute__((always_inline)) void store_tile(float *y, int ldy,
+                                                             __m512 c[][QGEMM_NV], int mv,
+                                                             int nv, int first, float beta) {
+    const __m512 betav = _mm512_set1_ps(beta);
+    for (int v = 0; v < QGEMM_NV; v++) {
+        const int left = nv - 16 * v;
+        if (left <= 0) break;
+        const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        for (int i = 0; i < mv; i++) {
+            float *yi = y + (size_t)i * ldy + 16 * v;
+            __m512 r = c[i][v];
+            if (!first)
+                r = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yi), r);
+            else if (beta != 0.0f)
+                r = _mm512_fmadd_ps(betav, _mm512_maskz_loadu_ps(mk, yi), r);
+            _mm512_mask_storeu_ps(yi, mk, r);
+        }
+    }
+}
+
 /* y rows [0, mv) x columns [0, nv) of the tile (y at its corner, row stride
  * ldy) from np k pairs of packed a and b: y = acc (+ beta y) on the first K
  * block, y += acc on the others. */
@@ -141,21 +164,7 @@ static void kernel_8x48(const uint32_t *a, const uint32_t *b, int np, float *y, 
             for (int v = 0; v < QGEMM_NV; v++) c[i][v] = _mm512_dpbf16_ps(c[i][v], av, bv[v]);
         }
     }
-    const __m512 betav = _mm512_set1_ps(beta);
-    for (int v = 0; v < QGEMM_NV; v++) {
-        const int left = nv - 16 * v;
-        if (left <= 0) break;
-        const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        for (int i = 0; i < mv; i++) {
-            float *yi = y + (size_t)i * ldy + 16 * v;
-            __m512 r = c[i][v];
-            if (!first)
-                r = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yi), r);
-            else if (beta != 0.0f)
-                r = _mm512_fmadd_ps(betav, _mm512_maskz_loadu_ps(mk, yi), r);
-            _mm512_mask_storeu_ps(yi, mk, r);
-        }
-    }
+    store_tile(y, ldy, c, mv, nv, first, beta);
 }
 
 /* Q8 (int8 blocks of RP_Q8_BLOCK k, fp16 scale each): q in [-127, 127] is
@@ -228,21 +237,7 @@ static void kernel_q8_4x48(const uint32_t *a, int i0, const uint32_t *b, const f
             for (int i = 0; i < 4; i++) c[i][v] = _mm512_fmadd_ps(d[i][v], s, c[i][v]);
         }
     }
-    const __m512 betav = _mm512_set1_ps(beta);
-    for (int v = 0; v < QGEMM_NV; v++) {
-        const int left = nv - 16 * v;
-        if (left <= 0) break;
-        const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        for (int i = 0; i < mv; i++) {
-            float *yi = y + (size_t)i * ldy + 16 * v;
-            __m512 r = c[i][v];
-            if (!first)
-                r = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yi), r);
-            else if (beta != 0.0f)
-                r = _mm512_fmadd_ps(betav, _mm512_maskz_loadu_ps(mk, yi), r);
-            _mm512_mask_storeu_ps(yi, mk, r);
-        }
-    }
+    store_tile(y, ldy, c, mv, nv, first, beta);
 }
 
 /* One thread's share: row blocks [rb0, rb1) of x packed into `a`, then
