@@ -66,6 +66,22 @@ __device__ __forceinline__ float wkv_in(const float *p, size_t o) { return p[o];
 __device__ __forceinline__ float wkv_in(const __nv_bfloat16 *p, size_t o) {
     return __bfloat162float(p[o]);
 }
+
+// One token's vectors of a channel as the chunk form uses them (the FMA and
+// the wmma chunked forwards): r, the decay d, k, a = -kk and b = kk * a; a
+// token past the sequence's end is {0, 1, 0, 0, 0} (decay 1: no change).
+struct wkv_chunk_token {
+    float r, d, k, a, b;
+};
+template <typename TI>
+__device__ __forceinline__ wkv_chunk_token wkv_chunk_token_in(const TI *r, const TI *w_raw,
+                                                              const TI *k, const TI *kk,
+                                                              const TI *a, size_t o) {
+    const float kkv = wkv_in(kk, o);
+    return wkv_chunk_token{wkv_in(r, o), rp_decayf(wkv_in(w_raw, o)), wkv_in(k, o), -kkv,
+                           kkv * wkv_in(a, o)};
+}
+
 // Element o of an output <- x (bf16: rounded to nearest even, once).
 __device__ __forceinline__ void wkv_out(float *p, size_t o, float x) { p[o] = x; }
 __device__ __forceinline__ void wkv_out(__nv_bfloat16 *p, size_t o, float x) {
@@ -447,22 +463,18 @@ __global__ void __launch_bounds__(WKV_THREADS, 4)
         // the chunk's vectors, coalesced: element f = token u, channel j
         for (int f = threadIdx.x; f < WKV_L * WKV_N; f += WKV_THREADS) {
             const int u = f / WKV_N, j = f % WKV_N;
-            float rv = 0.0f, dv = 1.0f, kv = 0.0f, av = 0.0f, bv = 0.0f, vv = 0.0f;
+            wkv_chunk_token q{0.0f, 1.0f, 0.0f, 0.0f, 0.0f};
+            float vv = 0.0f;
             if (u < n) {
                 const size_t o = head + (size_t)(t0 + u) * C + j;
-                const float kkv = wkv_in(kk, o);
-                rv = wkv_in(r, o);
-                dv = rp_decayf(wkv_in(w_raw, o));
-                kv = wkv_in(k, o);
-                av = -kkv;
-                bv = kkv * wkv_in(a, o);
+                q = wkv_chunk_token_in(r, w_raw, k, kk, a, o);
                 vv = wkv_in(v, o);
             }
-            R[f] = rv;
-            D[f] = dv;
-            K[f] = kv;
-            A[f] = av;
-            B[f] = bv;
+            R[f] = q.r;
+            D[f] = q.d;
+            K[f] = q.k;
+            A[f] = q.a;
+            B[f] = q.b;
             V[f] = vv;
         }
         __syncthreads();
@@ -586,22 +598,14 @@ __device__ __forceinline__ void wkv_mma_stage(__nv_bfloat16 *vh, float *vf, floa
         const int j = threadIdx.x;
         float g = 1.0f;
         for (int u = 0; u < WKV_L; u++) {
-            float rv = 0.0f, dv = 1.0f, kv = 0.0f, av = 0.0f, bv = 0.0f;
-            if (u < n) {
-                const size_t o = head + (size_t)(t0 + u) * C + j;
-                const float kkv = wkv_in(kk, o);
-                rv = wkv_in(r, o);
-                dv = rp_decayf(wkv_in(w_raw, o));
-                kv = wkv_in(k, o);
-                av = -kkv;
-                bv = kkv * wkv_in(a, o);
-            }
+            wkv_chunk_token q{0.0f, 1.0f, 0.0f, 0.0f, 0.0f};
+            if (u < n) q = wkv_chunk_token_in(r, w_raw, k, kk, a, head + (size_t)(t0 + u) * C + j);
             const int f = u * WKV_N + j;
-            vh[CHM_AT * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fmul_rn(av, g));
-            g = __fmul_rn(g, dv);
-            vh[CHM_RT * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fmul_rn(rv, g));
-            vh[CHM_BH * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fdiv_rn(bv, g));
-            vh[CHM_KH * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fdiv_rn(kv, g));
+            vh[CHM_AT * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fmul_rn(q.a, g));
+            g = __fmul_rn(g, q.d);
+            vh[CHM_RT * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fmul_rn(q.r, g));
+            vh[CHM_BH * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fdiv_rn(q.b, g));
+            vh[CHM_KH * WKV_L * WKV_N + f] = __float2bfloat16_rn(__fdiv_rn(q.k, g));
         }
         gl[j] = g;
     } else {
