@@ -168,9 +168,11 @@ static void test_bf16_kernels_match_reference(void **state) {
 
 static void test_q8_kernels_match_reference(void **state) {
     (void)state;
-    /* Q8 needs K % 32 == 0; 96 and 32 end on a half (masked) VNNI step. */
-    static const int Ks[] = {768, 96, 32};
-    check_all_kernels(RP_QTYPE_Q8, Ks, 3);
+    /* Q8 needs K % 32 == 0; 96, 32, 64 and 544 end on a VNNI group of 3,
+     * 1, 2 and 1 blocks (masked); 544 also has more than 16 blocks (the
+     * one-row tile's second batch of scale products). */
+    static const int Ks[] = {768, 96, 32, 64, 544};
+    check_all_kernels(RP_QTYPE_Q8, Ks, 5);
 }
 
 /* Every kernel gives the same bits per row however many rows share the call
@@ -225,7 +227,9 @@ static void test_thread_and_row_count_independence(void **state) {
  * (the prefill path, widened W + sgemm, does not give them). */
 static void test_decode_rows_of_any_count_equal_each_row_alone(void **state) {
     (void)state;
-    static const int cases[][2] = {{300, 256}, {1040, 96}}; /* N, K */
+    /* K = 576: 18 blocks, a last VNNI group of 2 after the one-row tile's
+     * first 16 scale products */
+    static const int cases[][2] = {{300, 256}, {1040, 96}, {60, 576}}; /* N, K */
     const int MAXM = 64;
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
         for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
@@ -271,14 +275,15 @@ static void test_decode_rows_of_any_count_equal_each_row_alone(void **state) {
 }
 
 /* The vnni kernel's vector quantization of x (cpu_qprep_vnni) gives the
- * bytes and scales of the scalar rp_q8_quantize_x: random rows, a zero
- * block, ties at .5 (round to even), a denormal block and a lone large
- * value (everything else rounds to 0). */
+ * bytes and scales of the scalar rp_q8_quantize_x, in the kernel's order
+ * (cpu_qvnni_pos; 7 blocks: a whole group and a last one of 3): random
+ * rows, a zero block, ties at .5 (round to even), a denormal block and a
+ * lone large value (everything else rounds to 0). */
 static void test_vnni_x_quantization_matches_scalar(void **state) {
     (void)state;
 #if RP_CPU_QKERN_X86
     if (!rp_qkernel_available(RP_QKERNEL_VNNI, RP_QTYPE_Q8)) skip();
-    enum { K = 8 * RP_Q8_BLOCK };
+    enum { K = 7 * RP_Q8_BLOCK };
     float *x = frand_array(K, 29);
     for (int i = 0; i < 32; i++) x[32 + i] = 0.0f;
     for (int i = 0; i < 32; i++) x[64 + i] = (float)(i % 2 ? -i : i) + (i < 31 ? 0.5f : 0.0f);
@@ -288,15 +293,21 @@ static void test_vnni_x_quantization_matches_scalar(void **state) {
     int8_t xq[K];
     float scales[K / RP_Q8_BLOCK];
     uint8_t xu[K];
-    float xse[K / 4], xs[K / RP_Q8_BLOCK];
+    float xse[K / 8], xs[K / RP_Q8_BLOCK];
     rp_q8_quantize_x(xq, scales, x, K);
+    memset(xu, 0, sizeof xu);
     cpu_qprep_vnni(xu, xse, xs, x, K);
-    for (int i = 0; i < K; i++)
-        if (xu[i] != (uint8_t)(xq[i] + 128))
-            fail_msg("x[%d] = %.9g: vector q %d, scalar %d", i, x[i], xu[i] - 128, xq[i]);
-    for (int i = 0; i < K / 4; i++)
-        if (memcmp(&xse[i], &scales[i / 8], sizeof(float)))
-            fail_msg("block %d: vector scale %.9g, scalar %.9g", i / 8, xse[i], scales[i / 8]);
+    unsigned char seen[K] = {0};
+    for (int i = 0; i < K; i++) {
+        const size_t p = cpu_qvnni_pos(K, i);
+        assert_true(p < K && !seen[p]); /* a permutation of [0, K) */
+        seen[p] = 1;
+        if (xu[p] != (uint8_t)(xq[i] + 128))
+            fail_msg("x[%d] = %.9g: vector q %d, scalar %d", i, x[i], xu[p] - 128, xq[i]);
+    }
+    for (int i = 0; i < K / 8; i++)
+        if (memcmp(&xse[i], &scales[i / 4], sizeof(float)))
+            fail_msg("block %d: vector scale %.9g, scalar %.9g", i / 4, xse[i], scales[i / 4]);
     if (memcmp(xs, scales, sizeof xs)) fail_msg("the per-block scales differ");
     free(x);
 #else

@@ -173,16 +173,18 @@ static int prepare_x(rp_qkernel k, cpu_qx *px, void **buf, const float *x, int M
         *buf = xb;
 #if RP_CPU_QKERN_X86
     } else if (k == RP_QKERNEL_VNNI) {
-        /* xse: [M, K/4] floats (M * K bytes), xu: [M, K] bytes, xs: [M, K/32]
-         * floats; rows quantized as rp_q8_quantize_x (cpu_qprep_vnni: its
-         * vector twin, the same bytes, on the kernel's own ISA) */
-        char *mem = malloc((size_t)M * K * 2 + (size_t)M * (K / RP_Q8_BLOCK) * sizeof(float));
+        /* xse: [M, K/8] floats (M * K / 2 bytes), xu: [M, K] bytes, xs:
+         * [M, K/32] floats; rows quantized as rp_q8_quantize_x
+         * (cpu_qprep_vnni: its vector twin, the same bytes in the kernel's
+         * order, on the kernel's own ISA) */
+        char *mem = malloc((size_t)M * K / 2 + (size_t)M * K +
+                           (size_t)M * (K / RP_Q8_BLOCK) * sizeof(float));
         if (!mem) return -1;
         float *xse = (float *)mem;
-        uint8_t *xu = (uint8_t *)(mem + (size_t)M * K);
-        float *xs = (float *)(mem + (size_t)M * K * 2);
+        uint8_t *xu = (uint8_t *)(mem + (size_t)M * K / 2);
+        float *xs = (float *)(mem + (size_t)M * K / 2 + (size_t)M * K);
         for (int m = 0; m < M; m++)
-            cpu_qprep_vnni(xu + (size_t)m * K, xse + (size_t)m * (K / 4),
+            cpu_qprep_vnni(xu + (size_t)m * K, xse + (size_t)m * (K / 8),
                            xs + (size_t)m * (K / RP_Q8_BLOCK), x + (size_t)m * K, K);
         px->xu = xu;
         px->xse = xse;
@@ -292,7 +294,7 @@ static void decode_slice(cpu_qdecode_fn decode, const rp_qmatrix *w, float *y, c
             pm.x = px->x + (size_t)m * K;
             if (pm.xb) pm.xb += (size_t)m * K;
             if (pm.xu) pm.xu += (size_t)m * K;
-            if (pm.xse) pm.xse += (size_t)m * (K / 4);
+            if (pm.xse) pm.xse += (size_t)m * (K / 8);
             if (pm.xs) pm.xs += (size_t)m * (K / RP_Q8_BLOCK);
             decode(w, y + (size_t)m * N, &pm, rows, t0, t1, beta);
         }

@@ -11,8 +11,8 @@
 typedef struct {
     const float *x;      /* [M,K] f32 */
     const uint16_t *xb;  /* BF16DOT: x rounded to bf16 [M,K] */
-    const uint8_t *xu;   /* VNNI: rp_q8_quantize_x's q + 128 [M,K] */
-    const float *xse;    /* VNNI: its scales, each repeated 8 times [M, K/4] */
+    const uint8_t *xu;   /* VNNI: rp_q8_quantize_x's q + 128 [M,K], cpu_qvnni_pos order */
+    const float *xse;    /* VNNI: its scales, each repeated 4 times [M, K/8] */
     const float *xs;     /* VNNI: its scales, one per block [M, K/32] */
 } cpu_qx;
 
@@ -57,5 +57,16 @@ void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int
  * bytes and scales rp_q8_quantize_x gives; K a multiple of RP_Q8_BLOCK. */
 void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K);
 #endif
+
+/* Where x[k] lies in the vnni kernel's xu row: per group of 4 blocks (128 k;
+ * the last group holds r = 1..4 blocks), the first 16 bytes of each of its
+ * blocks, then their last 16, so one 64-byte load gives each of 4 blocks 4
+ * lanes and two vpdpbusd fill a lane with 8 products of one block. */
+static inline size_t cpu_qvnni_pos(int K, int k) {
+    const int g = k / (4 * RP_Q8_BLOCK), b = k % (4 * RP_Q8_BLOCK) / RP_Q8_BLOCK;
+    const int h = k % RP_Q8_BLOCK / 16, i = k % 16, nb = K / RP_Q8_BLOCK;
+    const int r = nb - 4 * g < 4 ? nb - 4 * g : 4;
+    return (size_t)g * 4 * RP_Q8_BLOCK + (size_t)h * 16 * r + (size_t)b * 16 + i;
+}
 
 #endif

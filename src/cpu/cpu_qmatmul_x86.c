@@ -54,13 +54,14 @@ static AI void store_tile(float *y, const float *sums, int m0, int n, int nw, in
         }                                                                                   \
     } while (0)
 
-#define QDRIVE(TILE, NW1, NW8)                                                              \
+#define QDRIVE(TILE, NW1, NW8) QDRIVE_MID(TILE, NW1, 4, NW8)
+#define QDRIVE_MID(TILE, NW1, NW4, NW8)                                                     \
     for (int m = 0; m < M; m += 8) {                                                        \
         switch (M - m) {                                                                    \
         case 1: QROWS(TILE, 1, NW1); break;                                                 \
-        case 2: QROWS(TILE, 2, 4); break;                                                   \
-        case 3: QROWS(TILE, 3, 4); break;                                                   \
-        case 4: QROWS(TILE, 4, 4); break;                                                   \
+        case 2: QROWS(TILE, 2, NW4); break;                                                 \
+        case 3: QROWS(TILE, 3, NW4); break;                                                 \
+        case 4: QROWS(TILE, 4, NW4); break;                                                 \
         case 5: QROWS(TILE, 5, 2); break;                                                   \
         case 6: QROWS(TILE, 6, 2); break;                                                   \
         case 7: QROWS(TILE, 7, 2); break;                                                   \
@@ -322,20 +323,48 @@ RP_ISA_END
 /* ================= AVX512_VNNI: vpdpbusd on int8 blocks ================= */
 RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
-/* 64 k (two blocks) per step: vpdpbusd multiplies unsigned by signed bytes,
- * so x enters as q + 128 and 128 * sum(w) (one more vpdpbusd, shared by the
- * tile's x rows) is taken off by starting each sum from its negative: the
- * block dot is exact in int32. Lanes 0-7 hold the first block, 8-15 the
- * second; each lane's int32 goes to f32 (exact) and is added times (w scale
- * * x scale) into a 16-lane f32 accumulator, then _mm512_reduce_add_ps. A
- * last single block is masked. */
-/* The fp16 scales of blocks b and b + 1 (b only when !both) as f32 in lanes
- * 0-7 and 8-15. */
-static AI __m512 q8_scales2(const uint16_t *s, int both) {
-    const uint32_t v = both ? (uint32_t)s[0] | (uint32_t)s[1] << 16 : (uint32_t)s[0];
-    const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128((int)v));
-    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(f));
+/* 128 k (a group of 4 blocks) per step: x is laid out per group as the 16
+ * first bytes of each block, then their 16 last (cpu_qvnni_pos), and W's
+ * two 64-byte loads are shuffled (128-bit lanes) into the same order, so
+ * lanes 4i..4i+3 hold block i of the group and two vpdpbusd sum 8
+ * products of one block into each lane. vpdpbusd multiplies unsigned by
+ * signed bytes, so x enters as q + 128 and 128 * sum(w) (computed once per
+ * W row and group, shared by the tile's x rows) is taken off by starting
+ * each sum from its negative: the block dots are exact in int32. Each
+ * lane's int32 goes to f32 (exact) and is added times (w scale * x scale)
+ * into a 16-lane f32 accumulator (one FMA per group), then
+ * _mm512_reduce_add_ps. A last group of r < 4 blocks is masked (its
+ * missing lanes add 0 * 0). Per (W row, x row) pair and 128 k: 2 vpdpbusd,
+ * a conversion, a multiply and an FMA (with 64-k steps of 2 blocks x 8
+ * lanes it was 8 instructions). */
+#define VG (4 * RP_Q8_BLOCK)
+
+/* The masks of group g of a row of nb blocks: r blocks in it. */
+typedef struct {
+    int r;
+    __mmask64 w0, w1, half; /* W bytes 0-63 and 64-127; one 16r-byte half of x */
+    __mmask16 lanes;        /* 4r lanes */
+    __mmask8 blocks;        /* r scales */
+} vnni_masks;
+
+static AI vnni_masks vnni_group_masks(int nb, int g) {
+    vnni_masks v;
+    v.r = nb - g < 4 ? nb - g : 4;
+    v.w0 = v.r >= 2 ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
+    v.w1 = v.r == 4 ? ~(__mmask64)0 : v.r == 3 ? (__mmask64)0xffffffffu : 0;
+    v.half = v.r == 4 ? ~(__mmask64)0 : ((__mmask64)1 << (16 * v.r)) - 1;
+    v.lanes = (__mmask16)((1u << (4 * v.r)) - 1);
+    v.blocks = (__mmask8)((1u << v.r) - 1);
+    return v;
+}
+
+/* W row bytes [k, k + 128) of a group as the two halves x has (wa: the
+ * first 16 bytes of each block, wb: the last 16). */
+static AI void vnni_load_w(__m512i *wa, __m512i *wb, const int8_t *p, const vnni_masks *v) {
+    const __m512i w0 = _mm512_maskz_loadu_epi8(v->w0, p);
+    const __m512i w1 = _mm512_maskz_loadu_epi8(v->w1, p + 64);
+    *wa = _mm512_shuffle_i64x2(w0, w1, _MM_SHUFFLE(2, 0, 2, 0));
+    *wb = _mm512_shuffle_i64x2(w0, w1, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
 static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
@@ -343,35 +372,42 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
     const int K = w->K, nb = K / RP_Q8_BLOCK;
     const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
     const uint8_t *xm = x->xu + (size_t)m0 * K;
-    const float *xs = x->xse + (size_t)m0 * (K / 4);
+    const float *xs = x->xse + (size_t)m0 * (K / 8);
     const uint16_t *st = w->scales + (size_t)n * nb;
     const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    const __m512i idx4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc[4][8];
     for (int j = 0; j < nw; j++)
         for (int m = 0; m < rows; m++) acc[j][m] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 64) {
-        const int full = K - k >= 64;
-        const __mmask64 mk = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
-        const __mmask16 mf = full ? (__mmask16)0xffff : (__mmask16)0xff;
-        /* Also for one x row: the tile's 4 rows are one stream of 4 * K bytes. */
-        for (int j = 0; j < nw; j++)
-            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES / 2, 0,
+    for (int g = 0; g < nb; g += 4) {
+        const vnni_masks v = vnni_group_masks(nb, g);
+        const int k = g * RP_Q8_BLOCK;
+        for (int j = 0; j < nw; j++) {
+            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + QPF_BYTES / 2, 0,
                                QPF_HINT);
-        __m512i wv[4], cw[4];
+            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + 64 + QPF_BYTES / 2,
+                               0, QPF_HINT);
+        }
+        __m512i wa[4], wb[4], cw[4];
         __m512 sw[4];
         for (int j = 0; j < nw; j++) {
-            wv[j] = _mm512_maskz_loadu_epi8(mk, wt + (size_t)j * K + k);
-            /* -128 sum(w): the start of every x row's vpdpbusd (exact in int32,
-             * one subtraction per W row instead of one per x row). */
-            cw[j] = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv[j]));
-            sw[j] = q8_scales2(st + (size_t)j * nb + k / RP_Q8_BLOCK, full);
+            vnni_load_w(&wa[j], &wb[j], wt + (size_t)j * K + k, &v);
+            /* -128 sum(w): the start of every x row's vpdpbusd (exact in int32) */
+            cw[j] = _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wa[j]),
+                                    c128, wb[j]));
+            const __m128i h = _mm_maskz_loadu_epi16(v.blocks, st + (size_t)j * nb + g);
+            sw[j] = _mm512_permutexvar_ps(idx4, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
         }
         for (int m = 0; m < rows; m++) {
-            const __m512i xv = _mm512_maskz_loadu_epi8(mk, xm + (size_t)m * K + k);
-            const __m512 sx = _mm512_maskz_loadu_ps(mf, xs + (size_t)m * (K / 4) + k / 4);
+            const uint8_t *xg = xm + (size_t)m * K + k;
+            const __m512i xa = _mm512_maskz_loadu_epi8(v.half, xg);
+            const __m512i xb = _mm512_maskz_loadu_epi8(v.half, xg + 16 * v.r);
+            const __m512 sx = _mm512_maskz_loadu_ps(v.lanes, xs + (size_t)m * (K / 8) + g * 4);
             for (int j = 0; j < nw; j++) {
-                const __m512i d = _mm512_dpbusd_epi32(cw[j], xv, wv[j]);
+                const __m512i d =
+                    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cw[j], xa, wa[j]), xb, wb[j]);
                 acc[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw[j], sx),
                                             acc[j][m]);
             }
@@ -383,10 +419,12 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
 
 /* vnni_tile for one x row, the same sums in the same order: the products
  * w scale * x scale of 16 blocks are formed with one fp16 conversion and
- * one multiply (the same f32 products), and each 64-k step takes its two
- * with one permute, instead of a scalar load, a conversion, a permute, a
- * load of x's scales and a multiply per W row and step (the M = 1 kernel
- * was bound by instructions, not by memory). */
+ * one multiply (the same f32 products) and each group takes its four with
+ * one permute. The correction is taken from x instead of W (the same exact
+ * int32: sum (w + 128) q - 128 sum(q) = sum w q, with W's bytes flipped to
+ * w + 128 and x's back to q), so it is formed once per group for all W
+ * rows of the tile, and each W row costs two xors instead of two vpdpbusd
+ * and a subtraction (the M = 1 kernel was bound by instructions). */
 static AI void vnni_tile1(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
                           int nw) {
     const int K = w->K, nb = K / RP_Q8_BLOCK;
@@ -395,8 +433,8 @@ static AI void vnni_tile1(float *sums, const rp_qmatrix *w, int n, const cpu_qx 
     const float *xs = x->xs + (size_t)m0 * nb;
     const uint16_t *st = w->scales + (size_t)n * nb;
     const __m512i c128 = _mm512_set1_epi8((char)0x80);
-    const __m512i idx0 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i two = _mm512_set1_epi32(2);
+    const __m512i idx4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i four = _mm512_set1_epi32(4);
     __m512 acc[4];
     for (int j = 0; j < nw; j++) acc[j] = _mm512_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += 16) {
@@ -407,25 +445,37 @@ static AI void vnni_tile1(float *sums, const rp_qmatrix *w, int n, const cpu_qx 
         for (int j = 0; j < nw; j++)
             p[j] = _mm512_mul_ps(
                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mb, st + (size_t)j * nb + b0)), sx);
-        __m512i idx = idx0;
-        const int kend = (b0 + 16) * RP_Q8_BLOCK < K ? (b0 + 16) * RP_Q8_BLOCK : K;
-        for (int k = b0 * RP_Q8_BLOCK; k < kend; k += 64) {
-            const int full = K - k >= 64;
-            const __mmask64 mk = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
-            for (int j = 0; j < nw; j++)
-                __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * j + QPF_BYTES / 2,
-                                   0, QPF_HINT);
-            const __m512i xv = _mm512_maskz_loadu_epi8(mk, xm + k);
+        __m512i idx = idx4;
+        const int gend = b0 + 16 < nb ? b0 + 16 : nb;
+        for (int g = b0; g < gend; g += 4) {
+            const vnni_masks v = vnni_group_masks(nb, g);
+            const int k = g * RP_Q8_BLOCK;
             for (int j = 0; j < nw; j++) {
-                const __m512i wv = _mm512_maskz_loadu_epi8(mk, wt + (size_t)j * K + k);
-                const __m512i cw = _mm512_sub_epi32(
-                    _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
-                const __m512i d = _mm512_dpbusd_epi32(cw, xv, wv);
-                /* a half step: lanes 8-15 are 0 * (a next block's product or 0) */
+                __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + QPF_BYTES / 2,
+                                   0, QPF_HINT);
+                __builtin_prefetch(
+                    (const char *)(wt + (size_t)nw * k) + 128 * j + 64 + QPF_BYTES / 2, 0,
+                    QPF_HINT);
+            }
+            /* q (signed) and -128 sum(q) per lane; masked bytes stay 0 */
+            const __m512i xa = _mm512_maskz_xor_epi32(
+                (__mmask16)v.lanes, _mm512_maskz_loadu_epi8(v.half, xm + k), c128);
+            const __m512i xb = _mm512_maskz_xor_epi32(
+                (__mmask16)v.lanes, _mm512_maskz_loadu_epi8(v.half, xm + k + 16 * v.r), c128);
+            const __m512i cx = _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, xa), c128,
+                                    xb));
+            for (int j = 0; j < nw; j++) {
+                __m512i wa, wb;
+                vnni_load_w(&wa, &wb, wt + (size_t)j * K + k, &v);
+                const __m512i d = _mm512_dpbusd_epi32(
+                    _mm512_dpbusd_epi32(cx, _mm512_xor_si512(wa, c128), xa),
+                    _mm512_xor_si512(wb, c128), xb);
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx, p[j]),
                                          acc[j]);
             }
-            idx = _mm512_add_epi32(idx, two);
+            idx = _mm512_add_epi32(idx, four);
         }
     }
     for (int j = 0; j < nw; j++) sums[j] = _mm512_reduce_add_ps(acc[j]);
@@ -438,19 +488,23 @@ static AI void vnni_tile_any(float *sums, const rp_qmatrix *w, int n, const cpu_
     else vnni_tile(sums, w, n, x, m0, nw, rows);
 }
 
+/* 2-4 x rows take 3 W rows (4 W rows' wa, wb, cw and sw and 16
+ * accumulators would not fit the 32 registers). */
 void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                       float beta) {
-    QDRIVE(vnni_tile_any, 4, 2)
+    QDRIVE_MID(vnni_tile_any, 4, 3, 2)
 }
 
 /* rp_q8_quantize_x on 16 lanes, written as the kernel reads it (q + 128 and
- * the scales repeated 8 times): the same IEEE operations per element (max of
+ * the scales repeated 4 times): the same IEEE operations per element (max of
  * |x| skipping NaN as the scalar compare does, one f32 division, round to
- * nearest even, clamp), so the same bytes; the scalar loop took ~4 us of a
- * 20-50 us product at K = 768 (and its divisions do not vectorise). */
+ * nearest even, clamp), so the same bytes (in cpu_qvnni_pos's order); the
+ * scalar loop took ~4 us of a 20-50 us product at K = 768 (and its
+ * divisions do not vectorise). */
 void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K) {
     const __m512 lim = _mm512_set1_ps(127.0f);
-    for (int b = 0; b < K / RP_Q8_BLOCK; b++) {
+    const int nb = K / RP_Q8_BLOCK;
+    for (int b = 0; b < nb; b++) {
         const float *xb = x + b * RP_Q8_BLOCK;
         const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
         /* max_ps returns its second operand when either is NaN */
@@ -471,9 +525,12 @@ void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K) {
             q0 = _mm512_cvtepi32_epi8(_mm512_add_epi32(c0, _mm512_set1_epi32(128)));
             q1 = _mm512_cvtepi32_epi8(_mm512_add_epi32(c1, _mm512_set1_epi32(128)));
         }
-        _mm_storeu_si128((__m128i *)(xu + b * RP_Q8_BLOCK), q0);
-        _mm_storeu_si128((__m128i *)(xu + b * RP_Q8_BLOCK + 16), q1);
-        _mm256_storeu_ps(xse + b * 8, _mm256_set1_ps(scale));
+        /* cpu_qvnni_pos's order: first halves of the group's blocks, then last */
+        const int g = b / 4 * 4, r = nb - g < 4 ? nb - g : 4;
+        uint8_t *xg = xu + (size_t)g * RP_Q8_BLOCK + 16 * (b - g);
+        _mm_storeu_si128((__m128i *)xg, q0);
+        _mm_storeu_si128((__m128i *)(xg + 16 * r), q1);
+        _mm_storeu_ps(xse + b * 4, _mm_set1_ps(scale));
         xs[b] = scale;
     }
 }
