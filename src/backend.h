@@ -233,6 +233,12 @@ struct rp_backend {
      * act is set, bias_act(y, bias, M, N, act). The outputs of a call must
      * not overlap any of its inputs. CUDA: one launch for M <= 8. */
     void (*gemv_group)(rp_backend *be, const struct rp_gemv_job *jobs, int n_jobs, int M);
+    /* Dependent GEMVs (1 <= n_jobs <= RP_GEMV_JOBS_MAX): job j + 1 reads
+     * job j's output after its bias/act (jobs[j + 1].x == jobs[j].y); the
+     * same as gemv_group(be, jobs + j, 1, M) for j = 0, 1, ... in order.
+     * NULL: the model makes those calls. CPU: a quantized pair (the decode
+     * FFN) runs in one OpenMP region instead of two. */
+    void (*gemv_chain)(rp_backend *be, const struct rp_gemv_job *jobs, int n_jobs, int M);
     /* The time mix after its projections, for batches of one row per sequence:
      * value_residual (or v_first = v where nu is NULL: layer 0), key_prepare,
      * wkv7, groupnorm (no mean/rstd) into out, bonus_gate on out, in that

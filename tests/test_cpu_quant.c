@@ -395,6 +395,88 @@ static void test_decode_group_equals_each_job(void **state) {
     free(x);
 }
 
+/* The CPU backend's gemv_chain on two quantized matrices (the decode FFN:
+ * key with relu^2, then value reading it with beta 1, in one parallel
+ * region: rp_cpu_qmatmul_decode_chain) gives both outputs the bits of
+ * gemv_group one job at a time on a 1-thread backend: int8, bf16 and mixed
+ * pairs, M = 1, 3, 8 and 20 decode rows, backends of 1-3 threads. F = 1056
+ * is 8 whole vnni groups of 128 k and one of 1 block (the x of the second
+ * product is prepared by column slices: a slice must start on a group), and
+ * 2 x 541k multiply-adds per row cross the 2^20 threshold, so M = 1 splits. */
+static void chain_keys(rp_backend *be, const float *wk, const float *wv, rp_weights_type tk,
+                       rp_weights_type tv, int C, int F) {
+    rp_error err = {0};
+    assert_int_equal(be->qweight_create(be, wk, tk, F, C, &err), RP_OK);
+    be->qweight_write(be, wk, 0, F, wk, 1, NULL);
+    assert_int_equal(be->qweight_create(be, wv, tv, C, F, &err), RP_OK);
+    be->qweight_write(be, wv, 0, C, wv, 1, NULL);
+}
+
+static void test_decode_chain_equals_each_job(void **state) {
+    (void)state;
+    enum { C = 512, F = 1056, MAXM = 20 };
+    static const rp_weights_type pairs[][2] = {{RP_WEIGHTS_INT8, RP_WEIGHTS_INT8},
+                                               {RP_WEIGHTS_BF16, RP_WEIGHTS_BF16},
+                                               {RP_WEIGHTS_INT8, RP_WEIGHTS_BF16},
+                                               {RP_WEIGHTS_BF16, RP_WEIGHTS_INT8}};
+    static const int Ms[] = {1, 3, 8, 20};
+    rp_error err = {0};
+    float *wk = frand_array((size_t)F * C, 51), *wv = frand_array((size_t)C * F, 53);
+    for (size_t i = 0; i < (size_t)F * C; i++) wk[i] *= 0.1f; /* hidden of a few units */
+    float *x = frand_array((size_t)MAXM * C, 55), *res = frand_array((size_t)MAXM * C, 57);
+    float *h_ref = malloc((size_t)MAXM * F * sizeof(float)), *h = malloc((size_t)MAXM * F * sizeof(float));
+    float *y_ref = malloc((size_t)MAXM * C * sizeof(float)), *y = malloc((size_t)MAXM * C * sizeof(float));
+    assert_true(h_ref && h && y_ref && y);
+    for (size_t p = 0; p < sizeof pairs / sizeof pairs[0]; p++) {
+        rp_backend *one = rp_cpu_backend_create(1, &err);
+        assert_non_null(one);
+        chain_keys(one, wk, wv, pairs[p][0], pairs[p][1], C, F);
+        one->set_decode_rows(one, 1);
+        for (int nt = 1; nt <= 3; nt++) {
+            rp_backend *be = rp_cpu_backend_create(nt, &err);
+            assert_non_null(be);
+            chain_keys(be, wk, wv, pairs[p][0], pairs[p][1], C, F);
+            be->set_decode_rows(be, 1);
+            for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++) {
+                const int M = Ms[mi];
+                rp_gemv_job ref[2] = {{h_ref, x, wk, NULL, F, C, 0, 0.0f, RP_ACT_RELU_SQUARED},
+                                      {y_ref, h_ref, wv, NULL, C, F, 0, 1.0f, RP_ACT_NONE}};
+                rp_gemv_job jobs[2] = {{h, x, wk, NULL, F, C, 0, 0.0f, RP_ACT_RELU_SQUARED},
+                                       {y, h, wv, NULL, C, F, 0, 1.0f, RP_ACT_NONE}};
+                memcpy(y_ref, res, (size_t)M * C * sizeof(float));
+                memcpy(y, res, (size_t)M * C * sizeof(float));
+                one->gemv_group(one, &ref[0], 1, M);
+                one->gemv_group(one, &ref[1], 1, M);
+                assert_non_null(be->gemv_chain);
+                be->gemv_chain(be, jobs, 2, M);
+                assert_int_equal(be->status(be, &err), RP_OK);
+                int zeros = 0;
+                for (size_t i = 0; i < (size_t)M * F; i++) {
+                    zeros += h_ref[i] == 0.0f;
+                    if (memcmp(&h[i], &h_ref[i], sizeof(float)))
+                        fail_msg("pair %zu threads=%d M=%d: hidden[%zu] = %.9g, one by one %.9g",
+                                 p, nt, M, i, h[i], h_ref[i]);
+                }
+                assert_true(zeros > M * F / 4); /* relu^2 did cut the negative half */
+                for (size_t i = 0; i < (size_t)M * C; i++)
+                    if (memcmp(&y[i], &y_ref[i], sizeof(float)))
+                        fail_msg("pair %zu threads=%d M=%d: y[%zu] = %.9g, one by one %.9g", p,
+                                 nt, M, i, y[i], y_ref[i]);
+            }
+            be->destroy(be);
+        }
+        one->destroy(one);
+    }
+    free(wk);
+    free(wv);
+    free(x);
+    free(res);
+    free(h_ref);
+    free(h);
+    free(y_ref);
+    free(y);
+}
+
 static void test_isa_env(void **state) {
     (void)state;
     rp_error err = {0};
@@ -526,6 +608,7 @@ int main(void) {
         cmocka_unit_test(test_vnni_x_quantization_matches_scalar),
         cmocka_unit_test(test_bf16dot_x_rounding_matches_scalar),
         cmocka_unit_test(test_decode_group_equals_each_job),
+        cmocka_unit_test(test_decode_chain_equals_each_job),
         cmocka_unit_test(test_isa_env),
         cmocka_unit_test(test_matmul_lora_on_bf16_factor),
     };

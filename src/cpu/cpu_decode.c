@@ -1,4 +1,4 @@
-/* The CPU twins of the fused decode ops (gemv_group, time_mix_heads): each
+/* The CPU twins of the fused decode ops (gemv_group, gemv_chain, time_mix_heads): each
  * calls the backend's separate ops in the documented order (a quantized
  * group runs its products in one parallel region, with the same bits), so
  * CPU results are bit-identical with and without the fusion; the CUDA kernels
@@ -40,6 +40,32 @@ static void cpu_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, 
     }
 }
 
+/* A chain of two quantized jobs run by decode rows (the FFN: key with
+ * relu^2, then value reading its output) in one OpenMP region
+ * (rp_cpu_qmatmul_decode_chain, the same bits as the jobs one by one);
+ * any other chain, or a pair that does not fit, job by job. */
+static void cpu_gemv_chain(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
+    const rp_cpu_impl *impl = be->impl;
+    if (n_jobs == 2 && (M <= RP_QMATMUL_DECODE_ROWS || impl->decode_rows) && !jobs[0].bias &&
+        (jobs[0].act == RP_ACT_NONE || jobs[0].act == RP_ACT_RELU_SQUARED) &&
+        !jobs[0].w_in_out && !jobs[1].w_in_out) {
+        const rp_qmatrix *w0 = cpu_qweight_find(be, jobs[0].w);
+        const rp_qmatrix *w1 = cpu_qweight_find(be, jobs[1].w);
+        if (w0 && w1 && w0->N == jobs[0].N && w0->K == jobs[0].K && w1->N == jobs[1].N &&
+            w1->K == jobs[1].K) {
+            const rp_qgroup_job q0 = {w0, jobs[0].y, jobs[0].x, jobs[0].beta};
+            const rp_qgroup_job q1 = {w1, jobs[1].y, jobs[1].x, jobs[1].beta};
+            if (rp_cpu_qmatmul_decode_chain(&q0, jobs[0].act == RP_ACT_RELU_SQUARED, &q1, M,
+                                            cpu_threads(be))) {
+                if (jobs[1].bias || jobs[1].act != RP_ACT_NONE)
+                    be->bias_act(be, jobs[1].y, jobs[1].bias, M, jobs[1].N, jobs[1].act);
+                return;
+            }
+        }
+    }
+    for (int j = 0; j < n_jobs; j++) cpu_gemv_group(be, &jobs[j], 1, M);
+}
+
 static void cpu_time_mix_heads(rp_backend *be, const rp_time_mix_heads *a,
                                const rp_batch *batch) {
     const int R = batch->n_rows, C = a->C, N = a->N;
@@ -57,5 +83,6 @@ static void cpu_time_mix_heads(rp_backend *be, const rp_time_mix_heads *a,
 
 void cpu_decode_install(rp_backend *be) {
     be->gemv_group = cpu_gemv_group;
+    be->gemv_chain = cpu_gemv_chain;
     be->time_mix_heads = cpu_time_mix_heads;
 }

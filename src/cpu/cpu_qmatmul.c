@@ -156,42 +156,96 @@ void rp_q8_quantize_x(int8_t *xq, float *scales, const float *x, int K) {
     }
 }
 
-/* x in the form kernel k reads (cpu_qx), in one allocation *buf (freed by
- * the caller); 0 on success, -1 if it cannot be allocated. */
-static int prepare_x(rp_qkernel k, cpu_qx *px, void **buf, const float *x, int M, int K) {
-    *px = (cpu_qx){.x = x};
-    *buf = NULL;
-    if (k == RP_QKERNEL_BF16DOT) {
-        uint16_t *xb = malloc((size_t)M * K * sizeof *xb);
-        if (!xb) return -1;
+/* The bytes of x's prepared form for kernel k (cpu_qx), rounded up to a
+ * cache line so that several fit one after another in a workspace. */
+static size_t prep_bytes(rp_qkernel k, int M, int K) {
+    size_t b = 0;
+    if (k == RP_QKERNEL_BF16DOT) b = (size_t)M * K * sizeof(uint16_t);
 #if RP_CPU_QKERN_X86
-        cpu_qprep_bf16dot(xb, x, (size_t)M * K); /* the kernel's ISA has AVX-512F/BW */
-#else
-        for (size_t i = 0; i < (size_t)M * K; i++) xb[i] = rp_f32_to_bf16(x[i]);
+    else if (k == RP_QKERNEL_VNNI)
+        b = (size_t)M * K / 2 + (size_t)M * K + (size_t)M * (K / RP_Q8_BLOCK) * sizeof(float);
 #endif
-        px->xb = xb;
-        *buf = xb;
+    return (b + 63) / 64 * 64;
+}
+
+/* Points px at x and, for the dot kernels, at its prepared form in mem
+ * (prep_bytes(k, M, K) bytes), still to be filled (prep_fill). */
+static void prep_layout(rp_qkernel k, cpu_qx *px, char *mem, const float *x, int M, int K) {
+    *px = (cpu_qx){.x = x};
+    if (k == RP_QKERNEL_BF16DOT) {
+        px->xb = (const uint16_t *)mem;
 #if RP_CPU_QKERN_X86
     } else if (k == RP_QKERNEL_VNNI) {
         /* xse: [M, K/8] floats (M * K / 2 bytes), xu: [M, K] bytes, xs:
-         * [M, K/32] floats; rows quantized as rp_q8_quantize_x
-         * (cpu_qprep_vnni: its vector twin, the same bytes in the kernel's
-         * order, on the kernel's own ISA) */
-        char *mem = malloc((size_t)M * K / 2 + (size_t)M * K +
-                           (size_t)M * (K / RP_Q8_BLOCK) * sizeof(float));
-        if (!mem) return -1;
-        float *xse = (float *)mem;
-        uint8_t *xu = (uint8_t *)(mem + (size_t)M * K / 2);
-        float *xs = (float *)(mem + (size_t)M * K / 2 + (size_t)M * K);
-        for (int m = 0; m < M; m++)
-            cpu_qprep_vnni(xu + (size_t)m * K, xse + (size_t)m * (K / 8),
-                           xs + (size_t)m * (K / RP_Q8_BLOCK), x + (size_t)m * K, K);
-        px->xu = xu;
-        px->xse = xse;
-        px->xs = xs;
-        *buf = mem;
+         * [M, K/32] floats */
+        px->xse = (const float *)mem;
+        px->xu = (const uint8_t *)(mem + (size_t)M * K / 2);
+        px->xs = (const float *)(mem + (size_t)M * K / 2 + (size_t)M * K);
 #endif
+    } else {
+        (void)mem, (void)M, (void)K;
     }
+}
+
+/* Fills columns [k0, k1) of every row of px's prepared x from px->x: k0 a
+ * multiple of QX_FILL_ALIGN, k1 too or K. vnni's layout is local to groups
+ * of 4 blocks (128 k: cpu_qvnni_pos), so a part from a group boundary has
+ * the bytes the whole row has there; rows quantized as rp_q8_quantize_x
+ * (cpu_qprep_vnni: its vector twin, on the kernel's own ISA). */
+#define QX_FILL_ALIGN (4 * RP_Q8_BLOCK)
+static void prep_fill(rp_qkernel k, const cpu_qx *px, int M, int K, int k0, int k1) {
+    if (k1 <= k0) return;
+    for (int m = 0; m < M; m++) {
+        const float *x = px->x + (size_t)m * K;
+        if (k == RP_QKERNEL_BF16DOT) {
+            uint16_t *xb = (uint16_t *)px->xb + (size_t)m * K;
+#if RP_CPU_QKERN_X86
+            cpu_qprep_bf16dot(xb + k0, x + k0, (size_t)(k1 - k0)); /* the kernel's ISA has AVX-512F/BW */
+#else
+            for (int i = k0; i < k1; i++) xb[i] = rp_f32_to_bf16(x[i]);
+#endif
+#if RP_CPU_QKERN_X86
+        } else if (k == RP_QKERNEL_VNNI) {
+            cpu_qprep_vnni((uint8_t *)px->xu + (size_t)m * K + k0,
+                           (float *)px->xse + (size_t)m * (K / 8) + k0 / 8,
+                           (float *)px->xs + (size_t)m * (K / RP_Q8_BLOCK) + k0 / RP_Q8_BLOCK,
+                           x + k0, k1 - k0);
+#endif
+        }
+    }
+}
+
+/* The prepared x of the decode products, in one buffer per calling thread
+ * that grows to the largest call and is then kept: a decode step makes
+ * ~50 quantized products per token, each with a malloc and free of its x
+ * before. Per thread, so that two threads running models do not share it;
+ * the OpenMP team reads the caller's. Kept until exit (a thread that
+ * exits leaves its buffer: inference runs on the main thread). */
+static _Thread_local struct {
+    char *mem;
+    size_t cap;
+} qx_ws;
+
+/* bytes (a multiple of 64) of the calling thread's workspace, or NULL if
+ * it cannot grow to that; its old contents are not kept. */
+static char *qx_workspace(size_t bytes) {
+    if (bytes <= qx_ws.cap) return qx_ws.mem;
+    char *mem = aligned_alloc(64, bytes);
+    if (!mem) return NULL;
+    free(qx_ws.mem);
+    qx_ws.mem = mem;
+    qx_ws.cap = bytes;
+    return mem;
+}
+
+/* x in the form kernel k reads (cpu_qx), in the calling thread's
+ * workspace: 0 on success, -1 if it cannot be allocated. */
+static int prepare_x(rp_qkernel k, cpu_qx *px, const float *x, int M, int K) {
+    const size_t bytes = prep_bytes(k, M, K);
+    char *mem = bytes ? qx_workspace(bytes) : NULL;
+    if (bytes && !mem) return -1;
+    prep_layout(k, px, mem, x, M, K);
+    prep_fill(k, px, M, K, 0, K);
     return 0;
 }
 
@@ -345,8 +399,7 @@ static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
         k = RP_QKERNEL_GENERIC; /* no memory for a tile: the decode kernel, slow but right */
     }
     cpu_qx px;
-    void *buf;
-    if (prepare_x(k, &px, &buf, x, M, K)) {
+    if (prepare_x(k, &px, x, M, K)) {
         k = RP_QKERNEL_GENERIC; /* widening kernels read x as it is */
         px = (cpu_qx){.x = x};
     }
@@ -357,7 +410,6 @@ static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
         slice(N, omp_get_thread_num(), omp_get_num_threads(), QMATMUL_SLICE_ALIGN, &b, &e);
         decode_slice(decode, w, y, &px, M, beta, b, e);
     }
-    free(buf);
 }
 
 void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
@@ -380,6 +432,12 @@ void rp_cpu_qmatmul_decode(const rp_qmatrix *w, float *y, const float *x, int M,
     rp_cpu_qmatmul_kernel_decode(rp_qkernel_chosen(w->type), w, y, x, M, beta, n_threads);
 }
 
+/* The kernel a job's matrix runs with (rp_qkernel_chosen, or generic). */
+static rp_qkernel job_kernel(const rp_qmatrix *w) {
+    const rp_qkernel k = rp_qkernel_chosen(w->type);
+    return rp_qkernel_available(k, w->type) ? k : RP_QKERNEL_GENERIC;
+}
+
 /* One OpenMP region for a group of independent decode products (a quantized
  * model's gemv_group: r, k, v and the LoRA factors of a layer), instead of
  * one fork/join per product: at decode every region costs a wake-up of the
@@ -388,28 +446,33 @@ void rp_cpu_qmatmul_decode(const rp_qmatrix *w, float *y, const float *x, int M,
  * runs its 16-row slice of every job with the same kernel, so every y
  * element has the bits rp_cpu_qmatmul_decode gives it, on any team size. */
 void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, int n_threads) {
+    if (n_jobs <= 0 || M <= 0) return;
     cpu_qx px[RP_QGROUP_MAX];
-    void *buf[RP_QGROUP_MAX];
+    rp_qkernel kern[RP_QGROUP_MAX];
     cpu_qdecode_fn fn[RP_QGROUP_MAX];
-    int ready = 0, simple = n_jobs <= RP_QGROUP_MAX && M > 0;
-    size_t work = 0;
-    for (int j = 0; j < n_jobs && simple; j++)
+    size_t off[RP_QGROUP_MAX + 1] = {0};
+    int simple = n_jobs <= RP_QGROUP_MAX;
+    for (int j = 0; j < n_jobs && simple; j++) {
         simple = jobs[j].w->N > 0 && jobs[j].w->K > 0;
-    for (; simple && ready < n_jobs; ready++) {
-        const rp_qgroup_job *g = &jobs[ready];
-        rp_qkernel k = rp_qkernel_chosen(g->w->type);
-        if (!rp_qkernel_available(k, g->w->type)) k = RP_QKERNEL_GENERIC;
-        if (prepare_x(k, &px[ready], &buf[ready], g->x, M, g->w->K)) break;
-        fn[ready] = decode_fn(k);
-        work += (size_t)M * g->w->N * g->w->K;
+        if (!simple) break;
+        kern[j] = job_kernel(jobs[j].w);
+        off[j + 1] = off[j] + prep_bytes(kern[j], M, jobs[j].w->K);
     }
-    if (!simple || ready < n_jobs) {
-        /* Empty shapes, too many jobs, or no memory for an x: one call each
-         * (the same bits; rp_cpu_qmatmul_decode handles each case). */
-        for (int j = 0; j < ready; j++) free(buf[j]);
+    char *mem = simple && off[n_jobs] ? qx_workspace(off[n_jobs]) : NULL;
+    if (!simple || (off[n_jobs] && !mem)) {
+        /* Empty shapes, too many jobs, or no memory for the x's: one call
+         * each (the same bits; rp_cpu_qmatmul_decode handles each case). */
         for (int j = 0; j < n_jobs; j++)
             rp_cpu_qmatmul_decode(jobs[j].w, jobs[j].y, jobs[j].x, M, jobs[j].beta, n_threads);
         return;
+    }
+    size_t work = 0;
+    for (int j = 0; j < n_jobs; j++) {
+        const rp_qmatrix *w = jobs[j].w;
+        prep_layout(kern[j], &px[j], mem + off[j], jobs[j].x, M, w->K);
+        prep_fill(kern[j], &px[j], M, w->K, 0, w->K);
+        fn[j] = decode_fn(kern[j]);
+        work += (size_t)M * w->N * w->K;
     }
     const int nt = work < QMATMUL_DECODE_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -421,5 +484,58 @@ void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, i
             decode_slice(fn[j], jobs[j].w, jobs[j].y, &px[j], M, jobs[j].beta, b, e);
         }
     }
-    for (int j = 0; j < n_jobs; j++) free(buf[j]);
+}
+
+/* relu(t)^2 of rows [M] x columns [c0, c1) of y [M, N], with
+ * cpu_bias_act's expression (a NULL bias adds 0.0f) and so its bits. */
+static void relu_squared_cols(float *y, int M, int N, int c0, int c1) {
+    for (int m = 0; m < M; m++) {
+        float *restrict yr = y + (size_t)m * N;
+#pragma omp simd
+        for (int c = c0; c < c1; c++) {
+            const float t = yr[c] + 0.0f;
+            yr[c] = t > 0.0f ? t * t : 0.0f;
+        }
+    }
+}
+
+/* The FFN of a decode step in one OpenMP region: hidden = first (with
+ * relu^2 when relu_squared), then second reading it, with a barrier
+ * between them instead of a second fork/join (each region start wakes a
+ * sleeping team: ~55 us on the 2-CPU VM, docs/perf/cpu.md). Each thread
+ * computes its slice of the first product (128-row slices, whole vnni
+ * groups of the second's K), applies relu^2 to it and prepares the
+ * second's x over those same columns, so after the barrier x is whole.
+ * Every element has the bits of rp_cpu_qmatmul_decode(first), bias_act
+ * relu^2, rp_cpu_qmatmul_decode(second), on any team size. */
+int rp_cpu_qmatmul_decode_chain(const rp_qgroup_job *first, int relu_squared,
+                                const rp_qgroup_job *second, int M, int n_threads) {
+    const rp_qmatrix *w0 = first->w, *w1 = second->w;
+    if (M <= 0 || w0->N <= 0 || w0->K <= 0 || w1->N <= 0 || w1->K != w0->N ||
+        second->x != first->y)
+        return 0;
+    const rp_qkernel k0 = job_kernel(w0), k1 = job_kernel(w1);
+    const size_t off1 = prep_bytes(k0, M, w0->K), bytes = off1 + prep_bytes(k1, M, w1->K);
+    char *mem = bytes ? qx_workspace(bytes) : NULL;
+    if (bytes && !mem) return 0;
+    cpu_qx px0, px1;
+    prep_layout(k0, &px0, mem, first->x, M, w0->K);
+    prep_fill(k0, &px0, M, w0->K, 0, w0->K);
+    prep_layout(k1, &px1, mem + off1, second->x, M, w1->K);
+    const cpu_qdecode_fn fn0 = decode_fn(k0), fn1 = decode_fn(k1);
+    const size_t work = (size_t)M * w0->N * w0->K + (size_t)M * w1->N * w1->K;
+    const int nt = work < QMATMUL_DECODE_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int part = omp_get_thread_num(), parts = omp_get_num_threads();
+        int b, e;
+        slice(w0->N, part, parts, QX_FILL_ALIGN, &b, &e);
+        decode_slice(fn0, w0, first->y, &px0, M, first->beta, b, e);
+        if (relu_squared) relu_squared_cols(first->y, M, w0->N, b, e);
+        prep_fill(k1, &px1, M, w1->K, b, e);
+#pragma omp barrier
+        slice(w1->N, part, parts, QMATMUL_SLICE_ALIGN, &b, &e);
+        decode_slice(fn1, w1, second->y, &px1, M, second->beta, b, e);
+    }
+    return 1;
 }

@@ -105,6 +105,14 @@ typedef struct {
     float beta;
 } rp_qgroup_job;
 void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, int n_threads);
+/* Two dependent decode products in one OpenMP region (a decode FFN):
+ * first, then relu^2 on first->y when relu_squared (cpu_bias_act's bits),
+ * then second, which must read first's output (second->x == first->y,
+ * second K == first N). The same bits as those three calls one by one, for
+ * any n_threads. 1 if done; 0 (nothing done) when the shapes do not chain
+ * or x's workspace cannot be allocated: the caller runs them one by one. */
+int rp_cpu_qmatmul_decode_chain(const rp_qgroup_job *first, int relu_squared,
+                                const rp_qgroup_job *second, int M, int n_threads);
 /* rp_cpu_qmatmul_decode with kernel k (which must be available for w->type). */
 void rp_cpu_qmatmul_kernel_decode(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
                                   int M, float beta, int n_threads);

@@ -288,6 +288,15 @@ static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, in
             be->lerp(be, s->kf, s->xf, s->prev_ffn, w->ffn_x_k, R, C);
         }
     }
+    if (be->gemv_chain && R <= s->mix_rows && !s->ln2_mean) {
+        /* key with relu^2 then value, as below; one parallel region on a
+         * quantized CPU model instead of two (docs/perf/cpu.md) */
+        const rp_gemv_job ffn[2] = {
+            {s->ffn_hidden, s->kf, w->ffn_key, NULL, F, C, 0, 0.0f, RP_ACT_RELU_SQUARED},
+            {x, s->ffn_hidden, w->ffn_value, NULL, C, F, 0, 1.0f, RP_ACT_NONE}};
+        be->gemv_chain(be, ffn, 2, R);
+        return;
+    }
     if (be->gemv_group && R <= s->mix_rows && !s->ln2_mean) {
         /* The same two ops as one job (the CUDA GEMV applies relu^2 in its epilogue). */
         const rp_gemv_job key = {s->ffn_hidden, s->kf, w->ffn_key, NULL, F, C, 0, 0.0f,
