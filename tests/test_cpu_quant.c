@@ -21,8 +21,11 @@
 #include "cpu/cpu_backend.h"
 #include "core/dtype.h"
 #include "cpu/cpu_features.h"
+#include "cpu/cpu_internal.h"
 #include "cpu/cpu_qmatmul_kern.h"
 #include "cpu/cpu_quant.h"
+#include "model/config.h"
+#include "model/model.h"
 
 typedef struct {
     rp_qmatrix w;
@@ -477,6 +480,46 @@ static void test_decode_chain_equals_each_job(void **state) {
     free(y);
 }
 
+/* How a bf16/int8 model stores its LoRA factors (src/model/model.c,
+ * lora_storage): transposed [N,K]; an int8 model in int8 blocks along K
+ * where K is a whole number of them (a decay rank of 48: w1 [C,48] is
+ * stored [48,C], int8; w2 [48,C] is stored [C,48], bf16), a bf16 model in
+ * bf16; the big matrices in the model's format. */
+static rp_qtype stored_type(rp_backend *be, const float *key, int N, int K) {
+    const rp_qmatrix *q = cpu_qweight_find(be, key);
+    assert_non_null(q);
+    assert_int_equal(q->N, N);
+    assert_int_equal(q->K, K);
+    return q->type;
+}
+
+static void test_lora_factor_storage(void **state) {
+    (void)state;
+    rp_error err = {0};
+    rp_config cfg;
+    assert_int_equal(rp_config_builtin(&cfg, "tiny", 0, &err), RP_OK);
+    cfg.d_decay = 48;
+    const int C = cfg.n_embd;
+    rp_backend *be = rp_cpu_backend_create(1, &err);
+    assert_non_null(be);
+    for (int t = RP_WEIGHTS_BF16; t <= RP_WEIGHTS_INT8; t++) {
+        rp_model m;
+        assert_int_equal(rp_model_alloc_weights(&m, &cfg, 0, cfg.n_layer, 1, 1,
+                                                (rp_weights_type)t, be, &err),
+                         RP_OK);
+        const rp_layer_weights *w = &m.layers[1];
+        const rp_qtype big = t == RP_WEIGHTS_INT8 ? RP_QTYPE_Q8 : RP_QTYPE_BF16;
+        assert_int_equal(stored_type(be, w->ffn_key, cfg.dim_ffn, C), big);
+        assert_int_equal(stored_type(be, w->w1, 48, C), big);
+        assert_int_equal(stored_type(be, w->w2, C, 48), RP_QTYPE_BF16);
+        assert_int_equal(stored_type(be, w->a1, cfg.d_iclr, C), big);
+        assert_int_equal(stored_type(be, w->a2, C, cfg.d_iclr), big);
+        assert_int_equal(stored_type(be, w->g2, C, cfg.d_gate), big);
+        rp_model_free(&m);
+    }
+    be->destroy(be);
+}
+
 static void test_isa_env(void **state) {
     (void)state;
     rp_error err = {0};
@@ -609,6 +652,7 @@ int main(void) {
         cmocka_unit_test(test_bf16dot_x_rounding_matches_scalar),
         cmocka_unit_test(test_decode_group_equals_each_job),
         cmocka_unit_test(test_decode_chain_equals_each_job),
+        cmocka_unit_test(test_lora_factor_storage),
         cmocka_unit_test(test_isa_env),
         cmocka_unit_test(test_matmul_lora_on_bf16_factor),
     };

@@ -94,22 +94,26 @@ done
     fail "logits on its quantized copy"
 "$PYTHON3" "$CHECK" "$T/a.st" "$T/b.st" --tol 0 >/dev/null || fail "bf16 file as bf16 differs"
 # An int8 file widened back (--weights-dtype f32) runs, as the int8 run with
-# the portable kernel (weights widened, x kept f32: same values, other sums);
-# the kernel the CPU picks also quantizes x per block of 32 (vnni), which
-# moves this random model's logits by ~1% of their range.
+# the portable kernel (weights widened, x kept f32: the same matrix values,
+# other sums), except the LoRA factors: bf16 in the file, kept so when
+# widened, int8 blocks in an int8 model (src/model/model.c, lora_storage),
+# which moves this random model's logits by 0.0023 of their range (1e-4
+# before); the kernel the CPU picks also quantizes x per block of 32
+# (vnni), which moves them by ~1%.
 "$BIN" logits --model "$T/tiny_int8.safetensors" --weights-dtype f32 --tokens $TOKS -o "$T/a.st" \
     2>/dev/null || fail "logits --weights-dtype f32 on an int8 file"
 RP_CPU_ISA=generic "$BIN" logits --model "$T/tiny_int8.safetensors" --tokens $TOKS -o "$T/b.st" \
     2>/dev/null || fail "logits on the int8 file"
-"$PYTHON3" "$CHECK" "$T/a.st" "$T/b.st" --tol 1e-4 >/dev/null || fail "int8 widened to f32 differs"
+"$PYTHON3" "$CHECK" "$T/a.st" "$T/b.st" --tol 0.004 >/dev/null || fail "int8 widened to f32 differs"
 "$BIN" logits --model "$T/tiny_int8.safetensors" --tokens $TOKS -o "$T/b.st" 2>/dev/null ||
     fail "logits on the int8 file"
 "$PYTHON3" "$CHECK" "$T/a.st" "$T/b.st" --tol 0.03 >/dev/null ||
     fail "int8 with the chosen kernel is more than 3% off the widened weights"
-echo "ok: bf16 file loads as bf16 unchanged; int8 file widens to f32 (same values to 1e-4)"
+echo "ok: bf16 file loads as bf16 unchanged; int8 file widens to f32 (same values but the LoRA factors' int8 rounding)"
 
 # Logits against the official reference (max |out - ref| / max |ref|;
-# measured: tiny bf16 0.0039, int8 0.0092; small bf16 0.0086, int8 0.011;
+# measured: tiny bf16 0.0039, int8 0.0103; small bf16 0.0086, int8 0.0109
+# (int8 0.0092 / 0.0107 before its LoRA factors went int8);
 # bf16 and int8 prefill round x to bf16 since the vdpbf16ps GEMM).
 logits_error() {
     "$PYTHON3" - "$1" "$2" <<'PY'

@@ -19,7 +19,8 @@ static void quantize_usage(FILE *out) {
             "usage: rwkvpipe quantize IN.safetensors -o OUT.safetensors --type bf16|int8\n"
             "Writes IN with the time mix's receptance/key/value/output, the channel mix's\n"
             "key/value and the head in bf16 or int8 (blocks of 32 along the input axis,\n"
-            "one fp16 scale each), the LoRA factors (att.w1/w2/a1/a2/v1/v2/g1/g2) in bf16;\n"
+            "one fp16 scale each), the LoRA factors (att.w1/w2/a1/a2/v1/v2/g1/g2) in bf16\n"
+            "(an int8 model quantizes them to int8 blocks while loading);\n"
             "the other tensors are copied unchanged (docs/formats.md).\n"
             "generate, serve, eval and logits load the result (CPU backend).\n"
             "  --type T            bf16 or int8\n"
@@ -103,7 +104,8 @@ int cmd_quantize(rp_cli *cli, int argc, char **argv) {
         bytes_in += t->nbytes;
         const char *suffix = matrix_suffix(t->name, naming, 0);
         if (!suffix && matrix_suffix(t->name, naming, 1) && t->dtype != RP_DTYPE_BF16) {
-            /* A LoRA factor: bf16 in both formats (docs/perf/cpu.md). */
+            /* A LoRA factor: bf16 in both formats' files; an int8 model
+             * quantizes it from these values at load (docs/perf/cpu.md). */
             float *wf = cli_calloc(cli, t->numel ? (size_t)t->numel : 1, sizeof(float), t->name);
             if (rp_st_read_f32_release(&f, t, wf, t->numel, &err) != RP_OK ||
                 rp_st_writer_add(&w, t->name, RP_DTYPE_BF16, RP_DTYPE_F32, t->ndim, t->shape, wf,

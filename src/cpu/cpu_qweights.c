@@ -180,7 +180,7 @@ void cpu_qweights_free_all(rp_backend *be) {
 }
 
 /* matmul_lora on a backend matrix: the LoRA factors of a bf16/int8 model
- * (rp_tensor_lora_lowp) are bf16 matrices stored transposed, [N,K] for the
+ * (rp_tensor_lora_lowp) are bf16 or int8 matrices stored transposed, [N,K] for the
  * op's W [K,N], so the quantized kernel runs them as matmul_linear runs the
  * big matrices; f32 factors go to the op installed before (cpu_matmul.c).
  * Every CPU backend installs the same function, so one pointer serves all. */

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "core/dtype.h"
 #include "core/version.h"
 #include "model/init.h"
 
@@ -78,6 +79,16 @@ static int backend_matrix(const char *suffix) {
     return rp_tensor_quantizable(suffix) || rp_tensor_lora_lowp(suffix);
 }
 
+/* How a bf16/int8 model stores a LoRA factor (transposed, [N,K], K its
+ * input width): in an int8 model as int8 blocks along K when K is a whole
+ * number of them (every built-in shape: ranks 32-128 and C), else bf16.
+ * The file keeps them in bf16 either way (`quantize`), so files of any
+ * version load the same; docs/perf/cpu.md, "Which tensors are quantized". */
+static rp_weights_type lora_storage(rp_weights_type wtype, int64_t K) {
+    return wtype == RP_WEIGHTS_INT8 && K % RP_Q8_BLOCK_ELEMS == 0 ? RP_WEIGHTS_INT8
+                                                                  : RP_WEIGHTS_BF16;
+}
+
 /* Forgets the backend storage of every quantized matrix of the model. */
 static void destroy_qweights(rp_model *m) {
     if (!m->qkeys) return;
@@ -128,9 +139,9 @@ static size_t bind_packed(rp_model *m, void *weights, const rp_tensor_info *tabl
         if (!flat || *st != RP_OK) continue;
         float *key = (float *)*keys;
         *keys += (size_t)info->numel * sizeof(float);
-        /* A LoRA factor W [K,N] is stored transposed, [N,K], in bf16. */
+        /* A LoRA factor W [K,N] is stored transposed, [N,K] (lora_storage). */
         const int lora = rp_tensor_lora_lowp(info->suffix);
-        *st = m->be->qweight_create(m->be, key, lora ? RP_WEIGHTS_BF16 : m->wtype,
+        *st = m->be->qweight_create(m->be, key, lora ? lora_storage(m->wtype, info->shape[0]) : m->wtype,
                                     (int)info->shape[lora ? 1 : 0], (int)info->shape[lora ? 0 : 1],
                                     err);
         if (*st == RP_OK) *rp_tensor_field(weights, info) = key;
@@ -685,19 +696,25 @@ static rp_status load_quantized(const rp_st_file *f, const rp_st_tensor *t, cons
 
 /* A LoRA factor of a bf16/int8 model (rp_tensor_lora_lowp): W [K,N] read
  * as f32 (the file's bf16 values, or f32 ones), transposed to [N,K] rows
- * that the backend stores in bf16 (bf16 values unchanged; f32 ones rounded
- * once, as `quantize` rounds them). Small: [C, r] or [r, C]. */
+ * that the backend stores as lora_storage says: bf16 (bf16 values
+ * unchanged; f32 ones rounded once, as `quantize` rounds them) or int8
+ * blocks quantized from the bf16 values (f32 ones rounded to bf16 first,
+ * so that --weights-dtype int8 on an f32 file gives the bits of the int8
+ * file, which holds them in bf16). Small: [C, r] or [r, C]. */
 static rp_status load_lora_lowp(const rp_st_file *f, const rp_st_tensor *t, const char *file_name,
                                 const rp_tensor_info *info, map_kind kind, float *key,
-                                rp_backend *be, rp_error *err) {
+                                rp_weights_type wtype, rp_backend *be, rp_error *err) {
     const int64_t K = info->shape[0], N = info->shape[1];
     float *buf = rp_malloc(2 * (size_t)(K * N) * sizeof(float), "a LoRA factor", err);
     if (!buf) return RP_ERR_NOMEM;
     rp_status st = read_tensor(f, t, file_name, info, kind, buf, err);
     if (st == RP_OK) {
+        const int via_bf16 = lora_storage(wtype, K) != RP_WEIGHTS_BF16;
         float *rows = buf + K * N;
         for (int64_t n = 0; n < N; n++)
-            for (int64_t k = 0; k < K; k++) rows[n * K + k] = buf[k * N + n];
+            for (int64_t k = 0; k < K; k++)
+                rows[n * K + k] = via_bf16 ? rp_bf16_to_f32(rp_f32_to_bf16(buf[k * N + n]))
+                                           : buf[k * N + n];
         be->qweight_write(be, key, 0, (int)N, rows, 1, NULL);
         st = be->status(be, err);
     }
@@ -726,7 +743,7 @@ static rp_status load_part(const rp_st_file *f, rp_naming naming, const rp_model
         float *dst = host_flat ? host_flat + info->flat_offset : *rp_tensor_field(weights, info);
         rp_status st;
         if (m->qkeys && rp_tensor_lora_lowp(info->suffix))
-            st = load_lora_lowp(f, t, name, info, kind, dst, m->be, err);
+            st = load_lora_lowp(f, t, name, info, kind, dst, m->wtype, m->be, err);
         else if (m->qkeys && rp_tensor_quantizable(info->suffix))
             st = load_quantized(f, t, name, info, kind, dst, m->wtype, m->be, err);
         else

@@ -85,12 +85,13 @@ float **rp_tensor_field(void *weights, const rp_tensor_info *info);
 /* Whether a tensor is one of the nn.Linear matrices that bf16/int8 models
  * keep in the low-precision format (docs/perf/cpu.md has the table): the
  * time mix's receptance/key/value/output, the channel mix's key/value and the
- * head. The LoRA factors go to bf16 (rp_tensor_lora_lowp); everything else
+ * head. The LoRA factors go to bf16 or int8 (rp_tensor_lora_lowp); everything else
  * (embedding, norms, vectors) stays f32. */
 int rp_tensor_quantizable(const char *suffix);
 /* Whether a tensor is a LoRA factor (W [K,N], the small [C,r] and [r,C]
- * of the decay/a/v/g LoRAs) that bf16 and int8 models keep in bf16
- * (docs/perf/cpu.md, "Which tensors stay fp32"). */
+ * of the decay/a/v/g LoRAs) that bf16 models keep in bf16 and int8 models
+ * in int8 blocks (bf16 in both formats' files; docs/perf/cpu.md, "Which
+ * tensors are quantized"). */
 int rp_tensor_lora_lowp(const char *suffix);
 
 /* "blocks.{layer}.{suffix}" for layer tensors, the suffix itself otherwise. */
