@@ -2,9 +2,10 @@
  * gpu_model.h): the op sequence of rp_block_forward (src/model/forward.c) and
  * its backward, each backend op one kernel launch (the cuda/ kernels; a
  * decode step replayed as one CUDA graph, cuda/cuda_graph.cu), fp32
- * activations between ops, bf16 GEMM operands: written as a second bf16
- * output by the kernel that produces them where it can (issue 15), else
- * converted once per activation and shared by the GEMMs that read it
+ * activations between ops except the GEMM-only ones (backend.h gemm_only:
+ * stored bf16 in place, no f32), bf16 GEMM operands: written as a second
+ * bf16 output by the kernel that produces them where it can (issue 15),
+ * else converted once per activation and shared by the GEMMs that read it
  * (rp_cuda_act16 in cuda/cuda_internal.h). Each launch costs
  * max(bytes / HBM bandwidth, FLOPs / peak, launch overhead); the shapes come
  * from rp_config_builtin, nothing here is a measured or hard-coded result. */
@@ -190,14 +191,13 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value below */
     gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C, 1);
     for (int i = 0; i < loras; i++) {
-        /* tanh after w1, sigmoid after g1 (bias_act writes the hidden in
-         * bf16 too); a and v have none: their hidden is GEMM-only, the down
-         * GEMM writes it in bf16 in place (backend.h gemm_only) */
-        if (i == 0 || i == 2) gemm(l, "GEMM LoRA down (C -> rank)", 1, R, ranks[i], C, 1);
-        else gemm_c16(l, "GEMM LoRA down (C -> rank), bf16 C", 1, R, ranks[i], C);
+        /* every hidden is GEMM-only (backend.h gemm_only): the down GEMM
+         * writes it in bf16 in place; tanh after w1, sigmoid after g1 run
+         * on it in place, bf16 in and out (2 + 2 bytes an element) */
+        gemm_c16(l, "GEMM LoRA down (C -> rank), bf16 C", 1, R, ranks[i], C);
         gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i], 1);
         if (i == 0 || i == 2) {
-            ew(l, "bias_act (LoRA hidden)", 1, R, ranks[i], 2 + BF16_OUT, 0, 4);
+            ew(l, "bias_act (LoRA hidden, bf16 in place)", 1, R, ranks[i], 1, 0, 4);
         }
     }
     ew(l, "bias_act (w0, a0, v0)", loras - 1, R, C, 2, 1, 4);
@@ -207,10 +207,14 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     add(l, "wkv7_forward_train", 1, 7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
         WKV_FLOPS_PER_ELEM * R * C * N, 0);
     ew(l, "groupnorm", 1, R, C, 2, 2, 8);
-    ew(l, "bonus_gate", 1, R, C, 6 + BF16_OUT, 1, 6);
-    gemm(l, "GEMM FFN key (C -> F)", 1, R, F, C, 1);
+    /* bonus_gate_to: o_gn, r, k, v, g read, og written in bf16 only (in
+     * place, gemm_only: the output GEMM and its weight gradient read it) */
+    ew(l, "bonus_gate (og bf16 in place)", 1, R, C, 5 + BF16_OUT, 1, 6);
+    /* the key GEMM writes k in bf16 in place (gemm_only), relu^2 runs on
+     * it in place, bf16 in and out; the value GEMM reads it there */
+    gemm_c16(l, "GEMM FFN key (C -> F), bf16 C", 1, R, F, C);
     gemm(l, "GEMM FFN value (F -> C)", 1, R, C, F, 1);
-    ew(l, "bias_act (relu^2, F)", 1, R, F, 2 + BF16_OUT, 0, 2);
+    ew(l, "bias_act (relu^2, F, bf16 in place)", 1, R, F, 1, 0, 2);
 }
 
 /* shift_mix_backward of `terms` mix gradients [R,C]: the main kernel reads
@@ -247,10 +251,10 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
      * them in a fixed order and writes the slots' d(state) */
     mix_backward(l, R, C, 6 + (layer > 0));
     mix_backward(l, R, C, 1);
-    /* output: dy in bf16 from layernorm backward, the saved og converted;
+    /* output: dy in bf16 from layernorm backward, the saved og bf16 in place;
      * value, key, receptance: dv, dk, dr converted, their mix in bf16 in
      * place (shift_mix) */
-    gemm_backward(l, "GEMM backward C x C", 1, R, C, C, 1, 0);
+    gemm_backward(l, "GEMM backward C x C", 1, R, C, C, 1, 1);
     gemm_backward(l, "GEMM backward C x C", 3, R, C, C, 0, 1);
     for (int i = 0; i < loras; i++) {
         /* up: dy in bf16 from bias_act backward (w, a, v) or bonus_gate
@@ -259,10 +263,12 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
          * down: d hidden in bf16 from bias_act backward (w, g) or that GEMM
          * (a, v), the mix still valid */
         const int av = i == 1 || i == 3;
-        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 1, av ? 2 : 0);
+        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 1, av ? 2 : 1);
         gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C, 1, 1);
         if (i == 0 || i == 2) {
-            ew(l, "bias_act backward (LoRA hidden)", 1, R, ranks[i], 3 + BF16_OUT, 0, 4);
+            /* d hidden read and written f32 (+ bf16 copy), y read in bf16 */
+            ew(l, "bias_act backward (LoRA hidden, bf16 y)", 1, R, ranks[i], 2 + 2 * BF16_OUT,
+               0, 4);
         }
     }
     /* its row kernels (half of these launches) also write d pre in bf16 */
@@ -276,11 +282,12 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
     ew(l, "bonus_gate backward (+ bf16 dg)", 1, R, C, 11 + BF16_OUT, 2, 12);
     /* key: d hidden written in bf16 by the relu^2 backward, the saved kf
-     * bf16 in place since shift_mix; value: dy and the saved relu^2 hidden
-     * converted */
+     * bf16 in place since shift_mix; value: dy converted, the saved relu^2
+     * hidden bf16 in place (gemm_only) */
     gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, 1);
-    gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 0, 0);
-    ew(l, "bias_act backward (relu^2, F)", 1, R, F, 3 + BF16_OUT, 0, 3);
+    gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 0, 1);
+    /* d read and written f32 (+ bf16 copy), y read in bf16 */
+    ew(l, "bias_act backward (relu^2, F, bf16 y)", 1, R, F, 2 + 2 * BF16_OUT, 0, 3);
     /* First gradient writes take beta 0 (no fill_zero) and wkv7_backward
      * adds onto bonus_gate's dr, dk, dv (beta 1); what is left: layer 0's
      * d v_first. */
@@ -334,18 +341,20 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
     const double C = c->n_embd, V = c->vocab_size;
     memset(l, 0, sizeof *l);
     add(l, "embedding (+ backward)", 2, 3 * 4.0 * R * C, 0, 0);
-    ew(l, "layernorm", 2, R, C, 2, 2, 8);
+    ew(l, "layernorm", 1, R, C, 2, 2, 8);
     for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, R, S, 0);
+    /* ln_out: its output is GEMM-only (gemm_only), written in bf16 only */
+    ew(l, "layernorm (head input, bf16 out)", 1, R, C, 1 + BF16_OUT, 2, 8);
     /* The fused head (head_cross_entropy), per row chunk: GEMM into the
      * chunk's fp32 logits, one loss kernel (softmax statistics, arg-max and
      * L2Wrap in one pass, gradient in place), the two backward GEMMs. The
      * logits never exist as [R, V]; each chunk still goes through HBM. */
     const int chunk = rp_head_ce_chunk_rows((int)R, (int)V);
     const double chunks = (double)(((long long)R + chunk - 1) / chunk), Rc = R / chunks;
-    gemm(l, "GEMM head (C -> V, per row chunk)", chunks, Rc, V, C, chunks == 1);
+    gemm(l, "GEMM head (C -> V, per row chunk)", chunks, Rc, V, C, 1);
     add(l, "head_cross_entropy loss kernel (+ l2wrap, in place)", chunks, 8.0 * Rc * V,
         5.0 * Rc * V, 0);
-    gemm_backward(l, "GEMM backward head", chunks, Rc, V, C, 0, 0);
+    gemm_backward(l, "GEMM backward head", chunks, Rc, V, C, 0, 1);
     add(l, "fill_zero (d v_first, once)", 1, 4.0 * R * C, 0, 0);
     for (int layer = c->n_layer - 1; layer >= 0; layer--) layer_backward(l, c, layer, R, S);
     ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);

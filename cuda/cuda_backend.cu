@@ -276,12 +276,12 @@ void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes) {
 const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_t n) {
     for (int i = 0; i < cx->n_inplace; i++) {
         const rp_cuda_inplace *r = &cx->inplace[i];
-        if (x >= r->p && x + n <= r->p + r->n) return (const __nv_bfloat16 *)r->p + (x - r->p);
+        if (!r->f32 && x >= r->p && x + n <= r->p + r->n) return (const __nv_bfloat16 *)r->p + (x - r->p);
     }
     return NULL;
 }
 
-void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n) {
+void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n, int f32) {
     if (cx->n_inplace == cx->cap_inplace) {
         const int cap = cx->cap_inplace ? 2 * cx->cap_inplace : 16;
         rp_cuda_inplace *grown =
@@ -295,7 +295,7 @@ void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n) {
         cx->inplace = grown;
         cx->cap_inplace = cap;
     }
-    cx->inplace[cx->n_inplace++] = {p, n};
+    cx->inplace[cx->n_inplace++] = {p, n, f32};
 }
 
 static void cuda_gemm_only(rp_backend *be, const float *p, size_t n) {

@@ -625,17 +625,22 @@ static __device__ __forceinline__ float act_derivative(int act, float y) {
     }
 }
 
+static __device__ __forceinline__ float y_at(const float *y, size_t i) { return y[i]; }
+static __device__ __forceinline__ float y_at(const __nv_bfloat16 *y, size_t i) {
+    return __bfloat162float(y[i]);
+}
+
 // no bias: dy [n] *= act'(y), grid-stride over vectors of W; dy16 (optional)
-// gets bf16(dy), the operand of the GEMM backward that follows (rp_cuda_act16)
-template <int W>
+// gets bf16(dy), the operand of the GEMM backward that follows (rp_cuda_act16).
+// YT bf16: y is a GEMM-only output stored bf16 in place (rp_cuda_inplace).
+template <int W, typename YT>
 __global__ static void bias_act_backward_kernel(float *__restrict__ dy,
-                                                const float *__restrict__ y, size_t n, int act,
+                                                const YT *__restrict__ y, size_t n, int act,
                                                 __nv_bfloat16 *__restrict__ dy16) {
     const size_t stride = (size_t)gridDim.x * blockDim.x * W;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += stride) {
         vecf<W> d = load<W>(dy + i);
-        const vecf<W> yv = load<W>(y + i);
-        for (int j = 0; j < W; j++) d.v[j] *= act_derivative(act, yv.v[j]);
+        for (int j = 0; j < W; j++) d.v[j] *= act_derivative(act, y_at(y, i + j));
         store<W>(dy + i, d);
         if (dy16)
             for (int j = 0; j < W; j++) dy16[i + j] = __float2bfloat16(d.v[j]);
@@ -687,14 +692,31 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
         const int W = vector_width(n, dy, y);
         const unsigned blocks = flat_blocks(cx, n / W);
         __nv_bfloat16 *dy16 = rp_cuda_act16_for_rows(cx, dy, n, R);
-        if (W == 4)
-            bias_act_backward_kernel<4><<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y, n, act,
-                                                                                  dy16);
+        // y stored bf16 in place (a GEMM-only output): read as bf16, so
+        // act' comes from bf16(y) (docs/gpu.md "Precision")
+        const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
+        if (y16 && W == 4)
+            bias_act_backward_kernel<4, __nv_bfloat16>
+                <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, dy16);
+        else if (y16)
+            bias_act_backward_kernel<1, __nv_bfloat16>
+                <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, dy16);
+        else if (W == 4)
+            bias_act_backward_kernel<4, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
+                dy, y, n, act, dy16);
         else
-            bias_act_backward_kernel<1><<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y, n, act,
-                                                                                  dy16);
+            bias_act_backward_kernel<1, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
+                dy, y, n, act, dy16);
         RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, n * sizeof(float)});
         if (dy16) rp_cuda_act16_publish(cx, dy16, dy, n);
+        return;
+    }
+    if (act != RP_ACT_NONE && rp_cuda_inplace_find(cx, y, (size_t)R * C)) {
+        if (cx->error.code == RP_OK)  // sticky: the first failure stays
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda bias_act_backward: y is a GEMM-only output stored bf16 "
+                         "(gemm_only) but a bias gradient was asked; drop the gemm_only "
+                         "hint for this output");
         return;
     }
     const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;

@@ -146,7 +146,7 @@ static __global__ void layernorm_kernel(float *y, float *mean, float *rstd, cons
         load_w<W>(b, bias + c);
 #pragma unroll
         for (int i = 0; i < W; i++) out[i] = (v[i] - m) * s * w[i] + b[i];
-        store_w<W>(yr + c, out);
+        if (y) store_w<W>(yr + c, out);
         if (y16) store_bf16<W>(y16 + row * C + c, out);
     }
     if (threadIdx.x == 0) {
@@ -161,16 +161,28 @@ static void cuda_layernorm(rp_backend *be, float *y, float *mean, float *rstd, c
     if (R <= 0 || C <= 0) return;
     const bool vec = C % 4 == 0 && aligned16(y) && aligned16(x) && aligned16(weight) &&
                      aligned16(bias);
-    __nv_bfloat16 *y16 = rp_cuda_act16_for_rows(cx, y, (size_t)R * C, R);
+    const size_t n = (size_t)R * C;
+    // A GEMM-only output (backend.h gemm_only: the head input) is written as
+    // bf16 in place and no f32 (x must not overlap it: rows read x while
+    // others write y). With the copies off it stays f32: only GEMMs read it,
+    // and they round it to the same bits.
+    const int only16 = rp_cuda_take_gemm_only(cx, y, n) && cx->math == RP_CUDA_MATH_BF16 &&
+                       R > RP_GEMV_MAX_M && !cx->act16_off && (x + n <= y || y + n <= x);
+    __nv_bfloat16 *y16 =
+        only16 ? (__nv_bfloat16 *)y : rp_cuda_act16_for_rows(cx, y, n, R);
+    float *y32 = only16 ? NULL : y;
     if (vec)
-        layernorm_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(y, mean, rstd, x, weight,
+        layernorm_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(y32, mean, rstd, x, weight,
                                                                        bias, C, eps, y16);
     else
-        layernorm_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(y, mean, rstd, x, weight, bias,
-                                                                   C, eps, y16);
-    RP_CUDA_LAUNCHED_OUT(cx, "layernorm", {y, (size_t)R * C * sizeof(float)},
+        layernorm_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(y32, mean, rstd, x, weight,
+                                                                   bias, C, eps, y16);
+    RP_CUDA_LAUNCHED_OUT(cx, "layernorm", {y, n * sizeof(float)},
                          {mean, (size_t)R * sizeof(float)}, {rstd, (size_t)R * sizeof(float)});
-    if (y16) rp_cuda_act16_publish(cx, y16, y, (size_t)R * C);
+    if (only16)
+        rp_cuda_inplace_add(cx, y, n);
+    else if (y16)
+        rp_cuda_act16_publish(cx, y16, y, n);
 }
 
 // ---- groupnorm ----
@@ -535,6 +547,47 @@ static __global__ void bias_act_kernel(float *y, const float *bias, size_t n, in
     }
 }
 
+// The same on a bf16 in-place y (a GEMM-only output, rp_cuda_inplace): y
+// is read and written as bf16, each element by its own thread (W = 8: one
+// 16-byte access). f32 math inside; the output rounded once.
+template <int ACT, int W>
+static __global__ void bias_act16_kernel(__nv_bfloat16 *y, const float *bias, size_t n, int C) {
+    const size_t step = (size_t)gridDim.x * blockDim.x * W;
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
+        union {
+            uint4 raw;
+            __nv_bfloat16 h[8];
+        } t;
+        if constexpr (W == 8) {
+            t.raw = *reinterpret_cast<const uint4 *>(y + i);
+        } else {
+            t.h[0] = y[i];
+        }
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            const float b = bias ? bias[(i + k) % C] : 0.0f;
+            t.h[k] = __float2bfloat16(activate<ACT>(__bfloat162float(t.h[k]) + b));
+        }
+        if constexpr (W == 8) {
+            *reinterpret_cast<uint4 *>(y + i) = t.raw;
+        } else {
+            y[i] = t.h[0];
+        }
+    }
+}
+
+// y16 == (bf16 *)y: y is a bf16 in-place range (no f32 read or written).
+template <int ACT>
+static void bias_act16_launch(rp_cuda_ctx *cx, __nv_bfloat16 *y, const float *bias, size_t n,
+                              int C) {
+    if (n % 8 == 0 && aligned16(y))
+        bias_act16_kernel<ACT, 8><<<flat_blocks(cx, n / 8), EW_THREADS, 0, cx->stream>>>(
+            y, bias, n, C);
+    else
+        bias_act16_kernel<ACT, 1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(y, bias, n,
+                                                                                     C);
+}
+
 template <int ACT>
 static void bias_act_launch(rp_cuda_ctx *cx, float *y, const float *bias, size_t n, int C,
                             __nv_bfloat16 *y16) {
@@ -555,6 +608,34 @@ static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, in
     if (act != RP_ACT_NONE && act != RP_ACT_TANH && act != RP_ACT_SIGMOID &&
         act != RP_ACT_RELU_SQUARED)
         return;  // no such activation: nothing launched
+    // y a GEMM-only output (gemm_only before the GEMM that wrote it): bf16
+    // in, bf16 out in place; with the copies off, its f32 twin (rounded
+    // values in, the output rounded the same way).
+    const rp_cuda_inplace *ip = rp_cuda_inplace_at(cx, y, n);
+    if (ip && !ip->f32) {
+        __nv_bfloat16 *y16 = (__nv_bfloat16 *)y;
+        switch (act) {
+        case RP_ACT_NONE: bias_act16_launch<RP_ACT_NONE>(cx, y16, bias, n, C); break;
+        case RP_ACT_TANH: bias_act16_launch<RP_ACT_TANH>(cx, y16, bias, n, C); break;
+        case RP_ACT_SIGMOID: bias_act16_launch<RP_ACT_SIGMOID>(cx, y16, bias, n, C); break;
+        default: bias_act16_launch<RP_ACT_RELU_SQUARED>(cx, y16, bias, n, C); break;
+        }
+        // writes only inside its own range, which stays in place
+        RP_CUDA_LAUNCHED_OUT(cx, "bias_act (bf16)", {NULL, 0});
+        return;
+    }
+    if (ip) {
+        switch (act) {
+        case RP_ACT_NONE: bias_act_launch<RP_ACT_NONE>(cx, y, bias, n, C, NULL); break;
+        case RP_ACT_TANH: bias_act_launch<RP_ACT_TANH>(cx, y, bias, n, C, NULL); break;
+        case RP_ACT_SIGMOID: bias_act_launch<RP_ACT_SIGMOID>(cx, y, bias, n, C, NULL); break;
+        default: bias_act_launch<RP_ACT_RELU_SQUARED>(cx, y, bias, n, C, NULL); break;
+        }
+        if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act", {y, n * sizeof(float)})) return;
+        rp_cuda_round_bf16(cx, y, n);
+        rp_cuda_inplace_add(cx, y, n, 1);
+        return;
+    }
     __nv_bfloat16 *y16 = rp_cuda_act16_for_rows(cx, y, n, R);
     switch (act) {
     case RP_ACT_NONE: bias_act_launch<RP_ACT_NONE>(cx, y, bias, n, C, y16); break;
@@ -653,11 +734,13 @@ static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a
 
 // ---- bonus + gate ----
 
-// out [R,C] = (out + (sum_j r_j k_j r_k[h,j]) * v_h) * g per head h of N
-// channels, r_k [H,N]; one warp per (row, head).
-static __global__ void bonus_gate_kernel(float *out, const float *r, const float *k,
-                                         const float *v, const float *r_k, const float *g,
-                                         int R, int C, int N, __nv_bfloat16 *out16) {
+// out [R,C] = (in + (sum_j r_j k_j r_k[h,j]) * v_h) * g per head h of N
+// channels, r_k [H,N]; one warp per (row, head). in may be out; out NULL:
+// only out16 (a bf16 in-place output, which then must not overlap in).
+static __global__ void bonus_gate_kernel(float *out, const float *in, const float *r,
+                                         const float *k, const float *v, const float *r_k,
+                                         const float *g, int R, int C, int N,
+                                         __nv_bfloat16 *out16) {
     const int H = C / N;
     const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -666,14 +749,14 @@ static __global__ void bonus_gate_kernel(float *out, const float *r, const float
     const int h = (int)(group % H);
     const size_t o = row * C + (size_t)h * N;
     const float *rh = r + o, *kh = k + o, *vh = v + o, *gh = g + o, *rkh = r_k + (size_t)h * N;
-    float *oh = out + o;
+    const float *ih = in + o;
 
     float bonus = 0.0f;
     for (int j = lane; j < N; j += 32) bonus += rh[j] * kh[j] * rkh[j];
     bonus = warp_sum_float(bonus);
     for (int j = lane; j < N; j += 32) {
-        const float o_j = (oh[j] + bonus * vh[j]) * gh[j];
-        oh[j] = o_j;
+        const float o_j = (ih[j] + bonus * vh[j]) * gh[j];
+        if (out) out[o + j] = o_j;
         if (out16) out16[o + j] = __float2bfloat16(o_j);
     }
 }
@@ -685,10 +768,32 @@ static void cuda_bonus_gate(rp_backend *be, float *out, const float *r, const fl
     if (R <= 0 || N <= 0 || C < N) return;
     const size_t groups = (size_t)R * (C / N);
     __nv_bfloat16 *out16 = rp_cuda_act16_for_rows(cx, out, (size_t)R * C, R);
-    bonus_gate_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(out, r, k, v, r_k, g, R,
-                                                                          C, N, out16);
+    bonus_gate_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(out, out, r, k, v, r_k,
+                                                                          g, R, C, N, out16);
     RP_CUDA_LAUNCHED_OUT(cx, "bonus_gate", {out, (size_t)R * C * sizeof(float)});
     if (out16) rp_cuda_act16_publish(cx, out16, out, (size_t)R * C);
+}
+
+// out = bonus_gate of o, out of place. A GEMM-only out (gemm_only hint, BF16
+// math, above the GEMV rows, copies on) is written in bf16 in place only:
+// the bits a conversion of the f32 result gives, so nothing changes.
+static void cuda_bonus_gate_to(rp_backend *be, float *out, const float *o, const float *r,
+                               const float *k, const float *v, const float *r_k, const float *g,
+                               int R, int C, int N) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const size_t n = (size_t)R * C;
+    const int only16 = rp_cuda_take_gemm_only(cx, out, n) && cx->math == RP_CUDA_MATH_BF16 &&
+                       R > RP_GEMV_MAX_M && !cx->act16_off;
+    if (R <= 0 || N <= 0 || C < N) return;
+    const size_t groups = (size_t)R * (C / N);
+    __nv_bfloat16 *out16 = only16 ? (__nv_bfloat16 *)out : rp_cuda_act16_for_rows(cx, out, n, R);
+    bonus_gate_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
+        only16 ? NULL : out, o, r, k, v, r_k, g, R, C, N, out16);
+    RP_CUDA_LAUNCHED_OUT(cx, "bonus_gate", {out, n * sizeof(float)});
+    if (only16)
+        rp_cuda_inplace_add(cx, out, n);
+    else if (out16)
+        rp_cuda_act16_publish(cx, out16, out, n);
 }
 
 // ---- install ----
@@ -704,4 +809,5 @@ void rp_cuda_install_elementwise(rp_backend *be) {
     be->key_prepare = cuda_key_prepare;
     be->groupnorm = cuda_groupnorm;
     be->bonus_gate = cuda_bonus_gate;
+    be->bonus_gate_to = cuda_bonus_gate_to;
 }

@@ -229,14 +229,39 @@ void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes);
 // RP_CUDA_LAUNCHED_OUT ranges, copies, fills and allocations forget it
 // (rp_cuda_act16_forget). A kernel launched with plain RP_CUDA_LAUNCHED must
 // not write such a range (none does: the model writes them with GEMMs only).
+//
+// With the copies off (rp_cuda_backend_set_act16(be, 0), the exactness
+// twin) such an output stays f32 but every value is rounded to bf16 (f32 =
+// 1): the ops that read it (bias_act, bias_act_backward) then compute from
+// the same values, so copies on and off give the same bits.
 struct rp_cuda_inplace {
     const float *p;
     size_t n;
+    int f32;  // 1: f32 storage of bf16-rounded values (copies off)
 };
 // The bf16 values of x [n] when x lies inside an in-place range; NULL otherwise.
 const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_t n);
-// p [n] now holds its bf16 values in place (as of the GEMM just queued).
-void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n);
+// p [n] now holds its bf16 values in place (as of the GEMM just queued);
+// f32: it holds them as rounded f32 values instead.
+void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n, int f32 = 0);
+// The in-place range that is exactly p [n], or NULL.
+static inline const rp_cuda_inplace *rp_cuda_inplace_at(const rp_cuda_ctx *cx, const float *p,
+                                                        size_t n) {
+    for (int i = 0; i < cx->n_inplace; i++)
+        if (cx->inplace[i].p == p && cx->inplace[i].n == n) return &cx->inplace[i];
+    return NULL;
+}
+// The pending gemm_only hint (backend.h), taken by the op that writes next
+// (a matmul op, or layernorm): 1 when its output p [n] is that hint's.
+static inline int rp_cuda_take_gemm_only(rp_cuda_ctx *cx, const float *p, size_t n) {
+    const int hit = cx->gemm_only_p == p && cx->gemm_only_n == n;
+    cx->gemm_only_p = NULL;
+    cx->gemm_only_n = 0;
+    return hit;
+}
+// f32 p [n] = bf16(p [n]) as f32, in place (the copies-off twin of a bf16
+// in-place output; declares its write, which forgets p's records).
+void rp_cuda_round_bf16(rp_cuda_ctx *cx, float *p, size_t n);
 
 // dst [n] = bf16(src [n]) on the stream (writes no fp32 memory, so it keeps
 // the activation copies valid).

@@ -30,18 +30,28 @@ static const __nv_bfloat16 *bf16_operand(rp_cuda_ctx *cx, const float *X, size_t
     return t;
 }
 
-// The pending gemm_only hint (backend.h), taken by the matmul op that runs
-// next: 1 when its output C [elems] is read only by GEMMs.
 static int take_gemm_only(rp_cuda_ctx *cx, const float *C, size_t elems) {
-    const int hit = cx->gemm_only_p == C && cx->gemm_only_n == elems;
-    cx->gemm_only_p = NULL;
-    cx->gemm_only_n = 0;
-    return hit;
+    return rp_cuda_take_gemm_only(cx, C, elems);
+}
+
+static __global__ void round_bf16_kernel(float *p, size_t n) {
+    const size_t step = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step)
+        p[i] = __bfloat162float(__float2bfloat16(p[i]));
+}
+
+void rp_cuda_round_bf16(rp_cuda_ctx *cx, float *p, size_t n) {
+    if (n == 0) return;
+    const size_t blocks = rp_cuda_blocks(n, 256);
+    round_bf16_kernel<<<(unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, cx->stream>>>(p, n);
+    RP_CUDA_LAUNCHED_OUT(cx, "round_bf16", {p, n * sizeof(float)});
 }
 
 // C16: C is a GEMM-only output (take_gemm_only): in BF16 math with beta 0 and
 // the activation copies on, the GEMM writes bf16 C in place (cuBLAS rounds
 // its fp32 sum once, the bits the conversion kernel would give) and no f32 C.
+// With the copies off it writes f32 C and rounds it to bf16 values in place
+// (the exactness twin: an activation that reads C sees the same values).
 static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                  const float *A, int lda, size_t a_elems, const float *B, int ldb, size_t b_elems,
                  float beta, float *C, int ldc, int c16 = 0) {
@@ -68,6 +78,10 @@ static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, in
                                   CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
                                   CUBLAS_GEMM_DEFAULT));
     rp_cuda_act16_forget(cx, C, ((size_t)(n - 1) * ldc + m) * sizeof(float));
+    if (c16 && beta == 0.0f && ldc == m) {  // copies off: the f32 twin of bf16 C
+        rp_cuda_round_bf16(cx, C, (size_t)m * n);
+        rp_cuda_inplace_add(cx, C, (size_t)m * n, 1);
+    }
 }
 
 // ---- decode GEMVs ----
@@ -170,6 +184,7 @@ static void gemv(rp_cuda_ctx *cx, int in_out, float *y, const float *x, const fl
         else
             gemv_in_out_kernel<float><<<grid, block, 0, cx->stream>>>(y, x, w, M, N, K, beta);
         RP_CUDA_LAUNCHED(cx, "gemv_in_out");
+        rp_cuda_act16_forget(cx, y, (size_t)M * N * sizeof(float));  // y: f32 again
         return;
     }
     const unsigned grid = (unsigned)((N + 7) / 8);  // 8 warps of 32 per block
@@ -182,6 +197,7 @@ static void gemv(rp_cuda_ctx *cx, int in_out, float *y, const float *x, const fl
         gemv_out_in_kernel<float><<<grid, 256, 0, cx->stream>>>(y, x, w, M, N, K, beta, vec);
     }
     RP_CUDA_LAUNCHED(cx, "gemv_out_in");
+    rp_cuda_act16_forget(cx, y, (size_t)M * N * sizeof(float));  // y: f32 again
 }
 
 // y [M,N] = x [M,K] W^T + beta y, W [N,K]:  y^T [N,M] = W [N,K] x^T [K,M]
@@ -190,7 +206,9 @@ static void cuda_matmul_linear(rp_backend *be, float *y, const float *x, const f
     rp_cuda_ctx *cx = rp_cuda_of(be);
     const int c16 = take_gemm_only(cx, y, (size_t)M * N);
     if (M <= 0 || N <= 0 || K <= 0) return;
-    if (M <= RP_GEMV_MAX_M) return gemv(cx, 0, y, x, w, M, N, K, beta);
+    // (a bf16 in-place x, e.g. the last row chunk of the head input, goes to cuBLAS)
+    if (M <= RP_GEMV_MAX_M && !rp_cuda_inplace_find(cx, x, (size_t)M * K))
+        return gemv(cx, 0, y, x, w, M, N, K, beta);
     gemm(cx, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, w, K, (size_t)N * K, x, K, (size_t)M * K, beta, y,
          N, c16);
 }
@@ -201,7 +219,8 @@ static void cuda_matmul_lora(rp_backend *be, float *y, const float *x, const flo
     rp_cuda_ctx *cx = rp_cuda_of(be);
     const int c16 = take_gemm_only(cx, y, (size_t)M * N);
     if (M <= 0 || N <= 0 || K <= 0) return;
-    if (M <= RP_GEMV_MAX_M) return gemv(cx, 1, y, x, w, M, N, K, beta);
+    if (M <= RP_GEMV_MAX_M && !rp_cuda_inplace_find(cx, x, (size_t)M * K))
+        return gemv(cx, 1, y, x, w, M, N, K, beta);
     gemm(cx, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, w, N, (size_t)K * N, x, K, (size_t)M * K, beta, y,
          N, c16);
 }

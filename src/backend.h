@@ -449,12 +449,26 @@ struct rp_backend {
     void (*set_decode_rows)(rp_backend *be, int on);
     /* ---- GEMM-only outputs (optional; NULL: nothing to do; issue 15) ----
      * gemm_only(be, p, n): the output p [n] that the next matmul op writes
-     * (its y, or its dx) is read only by matmul ops (as x or dy) until
-     * something writes p again; the backend may keep it in its GEMM operand
-     * format instead of f32 (CUDA, bf16 math: bf16 in place, so no
-     * conversion kernel). Any other read of p before then is undefined. The
-     * next matmul op consumes the hint whether it uses it or not. */
+     * (its y, or its dx), the next layernorm (its y) or bonus_gate_to (its
+     * out), is read only by
+     * matmul ops (as x or dy) until something writes p again, except that
+     * bias_act may run on p in place (bias NULL or not) and
+     * bias_act_backward (without dbias) may read p as its y; the backend may
+     * keep p in its GEMM operand format instead of f32 (CUDA, bf16 math: bf16
+     * in place, so no conversion kernel; the activation then reads and
+     * writes bf16). Any other read of p before then is undefined. The next
+     * matmul op, layernorm or bonus_gate_to consumes the hint whether it uses
+     * it or not. */
     void (*gemm_only)(rp_backend *be, const float *p, size_t n);
+    /* ---- bonus + gate into its own buffer (optional; NULL: copy + bonus_gate) ----
+     * bonus_gate_to(be, out, o, r, k, v, r_k, g, R, C, N): out = bonus_gate
+     * applied to a copy of o [R,C] in out, the same bits; out overlaps none
+     * of the inputs. It consumes a pending gemm_only hint for out (CUDA,
+     * bf16 math: out written in bf16 in place, no f32; training's og, read
+     * only by the output GEMM and its weight gradient). */
+    void (*bonus_gate_to)(rp_backend *be, float *out, const float *o, const float *r,
+                          const float *k, const float *v, const float *r_k, const float *g,
+                          int R, int C, int N);
     /* Sequences per decode group the engine forms by default (the backend's
      * measured sweet spot; 0: RP_ENGINE_GROUP_DEFAULT). serve --max-batch
      * overrides it. */

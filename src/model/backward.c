@@ -501,6 +501,8 @@ double rp_backward_head(const rp_model *m, rp_model *grads, rp_backward_workspac
     rp_backend *be = m->be;
     const int R = batch->n_rows, C = m->cfg.n_embd, V = m->cfg.vocab_size;
     be->copy(be, tw->x_final, tw->x, (size_t)R * C * sizeof(float));
+    /* only the head's GEMMs read head_in (its layernorm backward reads x_final) */
+    if (be->gemm_only) be->gemm_only(be, tw->head_in, (size_t)R * C);
     be->layernorm(be, tw->head_in, tw->lnout_mean, tw->lnout_rstd, tw->x,
                   m->global.ln_out_weight, m->global.ln_out_bias, R, C, RP_LN_EPS);
     /* losses, d(head_in) into dxa (overwrite), d head += */

@@ -108,8 +108,9 @@ rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tok
 static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x,
                          const float *w1, const float *w2, int D, rp_activation inner, int R,
                          int C) {
-    /* without an activation only the two GEMMs (and the backward's) read hidden */
-    if (inner == RP_ACT_NONE && be->gemm_only) be->gemm_only(be, hidden, (size_t)R * D);
+    /* only GEMMs read hidden (and the activation, in place, and the backward's
+     * activation backward as its y: backend.h gemm_only allows both) */
+    if (be->gemm_only) be->gemm_only(be, hidden, (size_t)R * D);
     be->matmul_lora(be, hidden, x, w1, R, D, C, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act(be, hidden, NULL, R, D, inner);
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
@@ -255,8 +256,14 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     be->groupnorm(be, s->o_gn, s->gn_mean, s->gn_rstd, s->y, w->ln_x_weight, w->ln_x_bias, R, C,
                   N, RP_GN_EPS);
     float *og = s->og ? s->og : s->o_gn;
-    if (s->og) be->copy(be, og, s->o_gn, rc_bytes);
-    be->bonus_gate(be, og, s->r, s->k, s->v, w->r_k, s->g, R, C, N);
+    if (s->og && be->bonus_gate_to) {
+        /* training: only the output GEMM and its weight gradient read og */
+        if (be->gemm_only) be->gemm_only(be, og, (size_t)R * C);
+        be->bonus_gate_to(be, og, s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N);
+    } else {
+        if (s->og) be->copy(be, og, s->o_gn, rc_bytes);
+        be->bonus_gate(be, og, s->r, s->k, s->v, w->r_k, s->g, R, C, N);
+    }
     be->matmul_linear(be, x, og, w->output, R, C, C, 1.0f);  /* x += og Wo^T */
 
     /* ---- channel mix ---- */
@@ -303,6 +310,8 @@ static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, in
                                  RP_ACT_RELU_SQUARED};
         be->gemv_group(be, &key, 1, R);
     } else {
+        /* relu^2(k) is read by the value GEMMs and the relu^2 backward only */
+        if (be->gemm_only) be->gemm_only(be, s->ffn_hidden, (size_t)R * F);
         be->matmul_linear(be, s->ffn_hidden, s->kf, w->ffn_key, R, F, C, 0.0f);
         be->bias_act(be, s->ffn_hidden, NULL, R, F, RP_ACT_RELU_SQUARED);
     }

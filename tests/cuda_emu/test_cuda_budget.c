@@ -44,10 +44,13 @@
  * kernels write their output gradients in bf16 too; 19 once the a/v LoRA
  * hiddens and their gradients, read only by GEMMs (backend.h gemm_only),
  * are written by GEMMs with bf16 C in place; 17 once shift_mix writes the
- * mixes (kf too) in bf16 in place. Left: saved forward activations (ffn
- * hidden, og, the w/g LoRA hiddens), dr/dk/dv. Lower it with every
- * producer that does. */
-#define TRAIN_CONVERT_BUDGET 17
+ * mixes (kf too) in bf16 in place; 10 once the relu^2 FFN hidden, the w/g
+ * LoRA hiddens (their GEMM writes bf16 C, the activation runs bf16 in
+ * place, its backward reads bf16 y) and the head layernorm's output are
+ * stored bf16 in place (gemm_only); 8 once bonus_gate_to writes og that way
+ * too. Left: dr/dk/dv, the head's dlogits. Lower it with every producer
+ * that does. */
+#define TRAIN_CONVERT_BUDGET 8
 
 /* Kernel launches (GEMMs and conversions included) of that training step.
  * The fused training mix (backend.h shift_mix, shift_mix_backward) took it
@@ -56,8 +59,10 @@
  * recomputations, seven (six in layer 0) + one lerp backwards with their
  * dmu sums and two two-kernel token shift backwards became one shift_mix
  * and two (kernel + finish) shift_mix_backward; kf is a bf16 GEMM operand
- * in place. Lower it with every fusion. */
-#define TRAIN_LAUNCH_BUDGET 203
+ * in place. 194 once the FFN hidden, the w/g LoRA hiddens, the head input
+ * and og are bf16 in place (nine conversions fewer). Lower it with every
+ * fusion. */
+#define TRAIN_LAUNCH_BUDGET 194
 
 #define MAX_ROWS 24
 #define MAX_SEQS 3

@@ -1659,14 +1659,16 @@ static void check_matmul_lora_backward(twin *t, const shape *sh) {
     for (int i = 0; i < n; i++) gemm_backward_case(t, 1, &cases[i]);
 }
 
-/* A LoRA without an inner activation with its hidden rows GEMM-only
- * (backend.h gemm_only; the CPU has no hint): forward hid = x A, y = hid B;
- * backward dhid = dy B^T (GEMM-only too), dB += hid^T dy, dx = dhid A^T,
- * dA += x^T dhid. In bf16 math the GPU keeps hid and dhid in bf16 in place
- * (a GEMM writing bf16 C); decode rows (R = 5) keep the GEMV path. */
-static void gemm_only_case(twin *t, int R, int C, int D) {
+/* A LoRA with its hidden rows GEMM-only (backend.h gemm_only; the CPU has
+ * no hint): forward hid = act(x A), y = hid B; backward dhid = dy B^T
+ * (GEMM-only too without an activation, else times act'(hid)), dB += hid^T
+ * dy, dx = dhid A^T, dA += x^T dhid. In bf16 math the GPU keeps hid (and
+ * dhid without an activation) in bf16 in place (a GEMM writing bf16 C, the
+ * activation bf16 in and out, its backward reading bf16 hid); decode rows
+ * (R = 5) keep the GEMV path. */
+static void gemm_only_case(twin *t, int R, int C, int D, rp_activation act) {
     const double s = 1.0 / sqrt((double)C);
-    label(t, "R=%d C=%d D=%d", R, C, D);
+    label(t, "R=%d C=%d D=%d act=%d", R, C, D, (int)act);
     tbuf *x = buf_input(t, (size_t)R * C, -1, 1), *a = buf_input(t, (size_t)C * D, -s, s);
     tbuf *b = buf_input(t, (size_t)D * C, -s, s), *dy = buf_input(t, (size_t)R * C, -1, 1);
     tbuf *hid = buf_output(t, (size_t)R * D), *dhid = buf_output(t, (size_t)R * D);
@@ -1676,10 +1678,12 @@ static void gemm_only_case(twin *t, int R, int C, int D) {
         rp_backend *be = side(t, g);
         if (be->gemm_only) be->gemm_only(be, at(hid, g), (size_t)R * D);
         be->matmul_lora(be, at(hid, g), at(x, g), at(a, g), R, D, C, 0.0f);
+        if (act != RP_ACT_NONE) be->bias_act(be, at(hid, g), NULL, R, D, act);
         be->matmul_lora(be, at(y, g), at(hid, g), at(b, g), R, C, D, 0.0f);
-        if (be->gemm_only) be->gemm_only(be, at(dhid, g), (size_t)R * D);
+        if (be->gemm_only && act == RP_ACT_NONE) be->gemm_only(be, at(dhid, g), (size_t)R * D);
         be->matmul_lora_backward_beta(be, at(dhid, g), at(db, g), at(dy, g), at(hid, g),
                                       at(b, g), R, C, D, 0.0f);
+        if (act != RP_ACT_NONE) be->bias_act_backward(be, at(dhid, g), NULL, at(hid, g), R, D, act);
         be->matmul_lora_backward_beta(be, at(dx, g), at(da, g), at(dhid, g), at(x, g), at(a, g),
                                       R, D, C, 0.0f);
     }
@@ -1690,9 +1694,52 @@ static void gemm_only_case(twin *t, int R, int C, int D) {
     twin_release(t);
 }
 
+/* The two kernel outputs training marks GEMM-only besides the GEMM ones:
+ * the head layernorm's y and bonus_gate_to's og, each then a GEMM's x (in
+ * bf16 math the GPU writes them in bf16 in place, no f32); the CPU has
+ * neither hint nor bonus_gate_to (copy + bonus_gate). R = 5: f32, GEMVs. */
+static void gemm_only_kernel_case(twin *t, int R, int C, int N) {
+    const size_t n = (size_t)R * C;
+    const double s = 1.0 / sqrt((double)C);
+    label(t, "R=%d C=%d layernorm, bonus_gate_to", R, C);
+    tbuf *x = buf_input(t, n, -1, 1), *lw = buf_input(t, C, 0.5, 1.5);
+    tbuf *lb = buf_input(t, C, -0.5, 0.5), *w = buf_input(t, (size_t)C * C, -s, s);
+    tbuf *o = buf_input(t, n, -1, 1), *r = buf_input(t, n, -1, 1), *k = buf_input(t, n, -1, 1);
+    tbuf *v = buf_input(t, n, -1, 1), *gi = buf_input(t, n, -1, 1), *r_k = buf_input(t, C, -1, 1);
+    tbuf *ln = buf_output(t, n), *og = buf_output(t, n);
+    tbuf *y1 = buf_output(t, n), *y2 = buf_output(t, n);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        if (be->gemm_only) be->gemm_only(be, at(ln, g), n);
+        be->layernorm(be, at(ln, g), NULL, NULL, at(x, g), at(lw, g), at(lb, g), R, C,
+                      LN_EPS);
+        be->matmul_linear(be, at(y1, g), at(ln, g), at(w, g), R, C, C, 0.0f);
+        if (be->bonus_gate_to) {
+            if (be->gemm_only) be->gemm_only(be, at(og, g), n);
+            be->bonus_gate_to(be, at(og, g), at(o, g), at(r, g), at(k, g), at(v, g), at(r_k, g),
+                              at(gi, g), R, C, N);
+        } else {
+            be->copy(be, at(og, g), at(o, g), n * sizeof(float));
+            be->bonus_gate(be, at(og, g), at(r, g), at(k, g), at(v, g), at(r_k, g), at(gi, g), R,
+                           C, N);
+        }
+        be->matmul_linear(be, at(y2, g), at(og, g), at(w, g), R, C, C, 0.0f);
+    }
+    compare(t, "x . layernorm", y1);
+    compare(t, "x . bonus_gate_to", y2);
+    twin_release(t);
+}
+
 static void check_gemm_only(twin *t, const shape *sh) {
-    gemm_only_case(t, spec_rows(&sh->prefill), sh->C, sh->rank);
-    gemm_only_case(t, 5, sh->C, sh->rank);
+    static const rp_activation acts[3] = {RP_ACT_NONE, RP_ACT_TANH, RP_ACT_SIGMOID};
+    for (int i = 0; i < 3; i++) {
+        gemm_only_case(t, spec_rows(&sh->prefill), sh->C, sh->rank, acts[i]);
+        gemm_only_case(t, 5, sh->C, sh->rank, acts[i]);
+    }
+    /* the FFN hidden: relu^2 over F = 4 C */
+    gemm_only_case(t, spec_rows(&sh->prefill), sh->C, 4 * sh->C, RP_ACT_RELU_SQUARED);
+    gemm_only_kernel_case(t, spec_rows(&sh->prefill), sh->C, HEAD_SIZE);
+    gemm_only_kernel_case(t, 5, sh->C, HEAD_SIZE);
 }
 
 /* GEMMs reading weights inside a registered range (register_weights: in
