@@ -219,8 +219,9 @@ static AI __m512 q8x16_f32(const int8_t *p, float scale) {
 }
 
 /* sums[j * rows + m] = dot(W row n + j, x row m0 + m): one 16-lane f32
- * accumulator over k (the last step masked), then _mm512_reduce_add_ps.
- * Q8 weights are widened to q * scale (exactly the format's value). */
+ * accumulator over k (the last step masked), then hsum_many (the order of
+ * _mm512_reduce_add_ps). Q8 weights are widened to q * scale (exactly the
+ * format's value). */
 static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
                            int nw, int rows) {
     const int K = w->K;
@@ -322,7 +323,7 @@ RP_ISA_END
 RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
 /* Each lane sums pairs of bf16 products (32 k per step, the last masked to
- * zeros), then _mm512_reduce_add_ps. */
+ * zeros), then hsum_many (_mm512_reduce_add_ps's order). */
 static AI void bf16dot_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
                             int nw, int rows) {
     const int K = w->K;
@@ -389,9 +390,9 @@ RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
  * W row and group, shared by the tile's x rows) is taken off by starting
  * each sum from its negative: the block dots are exact in int32. Each
  * lane's int32 goes to f32 (exact) and is added times (w scale * x scale)
- * into a 16-lane f32 accumulator (one FMA per group), then
- * _mm512_reduce_add_ps. A last group of r < 4 blocks is masked (its
- * missing lanes add 0 * 0). Per (W row, x row) pair and 128 k: 2 vpdpbusd,
+ * into a 16-lane f32 accumulator (one FMA per group), then hsum_many
+ * (_mm512_reduce_add_ps's order). A last group of r < 4 blocks is masked
+ * (its missing lanes add 0 * 0). Per (W row, x row) pair and 128 k: 2 vpdpbusd,
  * a conversion, a multiply and an FMA (with 64-k steps of 2 blocks x 8
  * lanes it was 8 instructions). */
 #define VG (4 * RP_Q8_BLOCK)
