@@ -183,12 +183,12 @@ static AI void hsum_many(float *sums, const __m512 *v, int n) {
                                               _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)))
                               : z;
         }
-        for (int q = 0; q < 4; q++) /* + 4: one 4-lane chunk per vector */
-            s2[q] = 2 * q < c1
-                        ? _mm512_add_ps(
-                              _mm512_shuffle_f32x4(s1[2 * q], s1[2 * q + 1], _MM_SHUFFLE(3, 1, 3, 1)),
-                              _mm512_shuffle_f32x4(s1[2 * q], s1[2 * q + 1], _MM_SHUFFLE(2, 0, 2, 0)))
-                        : z;
+        for (int q = 0; q < 4; q++) { /* + 4: one 4-lane chunk per vector */
+            const __m512 a = s1[2 * q], b = s1[2 * q + 1];
+            s2[q] = 2 * q < c1 ? _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)),
+                                               _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)))
+                               : z;
+        }
         for (int r = 0; r < 2; r++) { /* + 2: two lanes per vector */
             const __m512d a = _mm512_castps_pd(s2[2 * r]), b = _mm512_castps_pd(s2[2 * r + 1]);
             s3[r] = 2 * r < c2 ? _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
