@@ -318,6 +318,49 @@ static void test_vnni_x_quantization_matches_scalar(void **state) {
 #endif
 }
 
+/* The decode kernels' reduction of their 16-lane accumulators (a
+ * transposing tree over up to 16 at once, cpu_qhsum_avx512) adds in
+ * _mm512_reduce_add_ps's order (GCC's: lane l + lane l + 8, + l + 4,
+ * + l + 2, + l + 1), written out here in scalar f32: the order every
+ * int8 and bf16 decode output has had, so the bits stay those of the
+ * earlier kernels. Values of mixed sign and magnitude (2^-20 to 2^20), so
+ * another order gives other bits; n = 1-40 (the tree's padding and its
+ * blocks of 16). */
+static float reduce16_model(const float *a) {
+    float t3[8], t6[4];
+    for (int i = 0; i < 8; i++) t3[i] = a[i + 8] + a[i];
+    for (int i = 0; i < 4; i++) t6[i] = t3[i + 4] + t3[i];
+    return (t6[0] + t6[2]) + (t6[1] + t6[3]);
+}
+
+static void test_kernel_reduction_order(void **state) {
+    (void)state;
+#if RP_CPU_QKERN_X86
+    if (!rp_qkernel_available(RP_QKERNEL_AVX512, RP_QTYPE_BF16)) skip();
+    enum { NMAX = 40 };
+    float *v = frand_array(16 * NMAX, 51), *mag = frand_array(16 * NMAX, 53);
+    for (int i = 0; i < 16 * NMAX; i++) v[i] = ldexpf(v[i], (int)(mag[i] * 20.0f));
+    int differ = 0; /* how many sums another order (sequential) would change */
+    for (int n = 1; n <= NMAX; n++) {
+        float sums[NMAX];
+        cpu_qhsum_avx512(sums, v, n);
+        for (int i = 0; i < n; i++) {
+            const float want = reduce16_model(v + 16 * i);
+            if (memcmp(&sums[i], &want, sizeof want))
+                fail_msg("n %d, vector %d: tree %.9g, reduce order %.9g", n, i, sums[i], want);
+            float seq = 0.0f;
+            for (int l = 0; l < 16; l++) seq += v[16 * i + l];
+            differ += n == NMAX && seq != want;
+        }
+    }
+    assert_true(differ > NMAX / 4); /* the data can tell orders apart */
+    free(v);
+    free(mag);
+#else
+    skip();
+#endif
+}
+
 /* bf16dot's vector rounding of x (cpu_qprep_bf16dot) gives rp_f32_to_bf16's
  * bits: random values, ties (even and odd kept bit), the largest finite
  * values (round to inf), infinities, NaNs with small payloads, denormals,
@@ -650,6 +693,7 @@ int main(void) {
         cmocka_unit_test(test_decode_rows_of_any_count_equal_each_row_alone),
         cmocka_unit_test(test_vnni_x_quantization_matches_scalar),
         cmocka_unit_test(test_bf16dot_x_rounding_matches_scalar),
+        cmocka_unit_test(test_kernel_reduction_order),
         cmocka_unit_test(test_decode_group_equals_each_job),
         cmocka_unit_test(test_decode_chain_equals_each_job),
         cmocka_unit_test(test_lora_factor_storage),

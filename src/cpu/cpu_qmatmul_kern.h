@@ -47,6 +47,11 @@ void cpu_qwiden_avx2(const rp_qmatrix *w, int n0, int n1, float *out);
 void cpu_qdecode_avx512(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                         float beta);
 void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out);
+/* sums[i] = the 16 floats v[16 i .. 16 i + 15] added in the order every
+ * AVX-512 decode kernel reduces its accumulators (lane l + lane l + 8,
+ * then + l + 4, + l + 2, + l + 1: _mm512_reduce_add_ps's order with GCC),
+ * i < n, through the kernels' transposing reduction; for the tests. */
+void cpu_qhsum_avx512(float *sums, const float *v, int n);
 void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                          float beta);
 /* n values of x rounded as rp_f32_to_bf16 (the same bits), for bf16dot. */

@@ -163,14 +163,65 @@ static AI __m512 bf16x16_f32(const uint16_t *p, __mmask16 mk) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* sums[i] = the sum of v[i]'s 16 lanes, i < n: bit for bit what
+ * _mm512_reduce_add_ps gives with GCC (lane i + lane i + 8, then + i + 4,
+ * + i + 2, + i + 1), as one transposing tree over up to 16 vectors: each
+ * step adds two shuffles of two vectors, so 16 accumulators take 15 steps
+ * (45 instructions) where 16 separate reductions took 16 x 7 with 1-4
+ * lanes of each add used. Written out, the order no longer depends on the
+ * compiler (clang leaves _mm512_reduce_add_ps's order open). n is a
+ * constant after inlining; steps on the vectors past n are not emitted. */
+static AI void hsum_many(float *sums, const __m512 *v, int n) {
+    const __m512 z = _mm512_setzero_ps();
+    for (int i0 = 0; i0 < n; i0 += 16) {
+        const int c = n - i0 < 16 ? n - i0 : 16, c1 = (c + 1) / 2, c2 = (c1 + 1) / 2;
+        __m512 s1[8], s2[4], s3[2];
+        for (int p = 0; p < 8; p++) { /* lanes i + 8: [a 0-3, a 4-7, b 0-3, b 4-7] */
+            const __m512 a = 2 * p < c ? v[i0 + 2 * p] : z;
+            const __m512 b = 2 * p + 1 < c ? v[i0 + 2 * p + 1] : z;
+            s1[p] = 2 * p < c ? _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)),
+                                              _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)))
+                              : z;
+        }
+        for (int q = 0; q < 4; q++) { /* + 4: one 4-lane chunk per vector */
+            const __m512 a = s1[2 * q], b = s1[2 * q + 1];
+            s2[q] = 2 * q < c1 ? _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)),
+                                               _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)))
+                               : z;
+        }
+        for (int r = 0; r < 2; r++) { /* + 2: two lanes per vector */
+            const __m512d a = _mm512_castps_pd(s2[2 * r]), b = _mm512_castps_pd(s2[2 * r + 1]);
+            s3[r] = 2 * r < c2 ? _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                                               _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)))
+                               : z;
+        }
+        /* + 1: lane 4 (i % 4) + i / 4 holds the sum of v[i0 + i] */
+        const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                       _mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(3, 1, 3, 1)));
+        float out[16];
+        _mm512_storeu_ps(out, t);
+        for (int i = 0; i < c; i++) sums[i0 + i] = out[4 * (i % 4) + i / 4];
+    }
+}
+
+/* hsum_many over acc[j][m], j < nw, m < rows, into sums[j * rows + m]. */
+#define HSUM_TILE(sums, acc, nw, rows)                                                      \
+    do {                                                                                    \
+        __m512 v_[32];                                                                      \
+        for (int j_ = 0; j_ < (nw); j_++)                                                   \
+            for (int m_ = 0; m_ < (rows); m_++) v_[j_ * (rows) + m_] = (acc)[j_][m_];        \
+        hsum_many((sums), v_, (nw) * (rows));                                               \
+    } while (0)
+
 static AI __m512 q8x16_f32(const int8_t *p, float scale) {
     const __m128i b = _mm_loadu_si128((const __m128i *)p);
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(scale));
 }
 
 /* sums[j * rows + m] = dot(W row n + j, x row m0 + m): one 16-lane f32
- * accumulator over k (the last step masked), then _mm512_reduce_add_ps.
- * Q8 weights are widened to q * scale (exactly the format's value). */
+ * accumulator over k (the last step masked), then hsum_many (the order of
+ * _mm512_reduce_add_ps). Q8 weights are widened to q * scale (exactly the
+ * format's value). */
 static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
                            int nw, int rows) {
     const int K = w->K;
@@ -226,13 +277,21 @@ static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx
             }
         }
     }
-    for (int j = 0; j < nw; j++)
-        for (int m = 0; m < rows; m++) sums[j * rows + m] = _mm512_reduce_add_ps(acc[j][m]);
+    HSUM_TILE(sums, acc, nw, rows);
 }
 
 void cpu_qdecode_avx512(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                         float beta) {
     QDRIVE(avx512_tile, 1, 2)
+}
+
+void cpu_qhsum_avx512(float *sums, const float *v, int n) {
+    for (int i0 = 0; i0 < n; i0 += 32) {
+        const int c = n - i0 < 32 ? n - i0 : 32;
+        __m512 a[32];
+        for (int i = 0; i < c; i++) a[i] = _mm512_loadu_ps(v + 16 * (size_t)(i0 + i));
+        hsum_many(sums + i0, a, c);
+    }
 }
 
 void cpu_qwiden_avx512(const rp_qmatrix *w, int n0, int n1, float *out) {
@@ -264,7 +323,7 @@ RP_ISA_END
 RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
 /* Each lane sums pairs of bf16 products (32 k per step, the last masked to
- * zeros), then _mm512_reduce_add_ps. */
+ * zeros), then hsum_many (_mm512_reduce_add_ps's order). */
 static AI void bf16dot_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
                             int nw, int rows) {
     const int K = w->K;
@@ -288,8 +347,7 @@ static AI void bf16dot_tile(float *sums, const rp_qmatrix *w, int n, const cpu_q
                 acc[j][m] = _mm512_dpbf16_ps(acc[j][m], (__m512bh)wv[j], (__m512bh)xv);
         }
     }
-    for (int j = 0; j < nw; j++)
-        for (int m = 0; m < rows; m++) sums[j * rows + m] = _mm512_reduce_add_ps(acc[j][m]);
+    HSUM_TILE(sums, acc, nw, rows);
 }
 
 void cpu_qdecode_bf16dot(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
@@ -332,9 +390,9 @@ RP_ISA_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
  * W row and group, shared by the tile's x rows) is taken off by starting
  * each sum from its negative: the block dots are exact in int32. Each
  * lane's int32 goes to f32 (exact) and is added times (w scale * x scale)
- * into a 16-lane f32 accumulator (one FMA per group), then
- * _mm512_reduce_add_ps. A last group of r < 4 blocks is masked (its
- * missing lanes add 0 * 0). Per (W row, x row) pair and 128 k: 2 vpdpbusd,
+ * into a 16-lane f32 accumulator (one FMA per group), then hsum_many
+ * (_mm512_reduce_add_ps's order). A last group of r < 4 blocks is masked
+ * (its missing lanes add 0 * 0). Per (W row, x row) pair and 128 k: 2 vpdpbusd,
  * a conversion, a multiply and an FMA (with 64-k steps of 2 blocks x 8
  * lanes it was 8 instructions). */
 #define VG (4 * RP_Q8_BLOCK)
@@ -413,8 +471,7 @@ static AI void vnni_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
             }
         }
     }
-    for (int j = 0; j < nw; j++)
-        for (int m = 0; m < rows; m++) sums[j * rows + m] = _mm512_reduce_add_ps(acc[j][m]);
+    HSUM_TILE(sums, acc, nw, rows);
 }
 
 /* vnni_tile for one x row, the same sums in the same order: the products
@@ -478,7 +535,7 @@ static AI void vnni_tile1(float *sums, const rp_qmatrix *w, int n, const cpu_qx 
             idx = _mm512_add_epi32(idx, four);
         }
     }
-    for (int j = 0; j < nw; j++) sums[j] = _mm512_reduce_add_ps(acc[j]);
+    hsum_many(sums, acc, nw);
 }
 
 /* vnni_tile, with vnni_tile1 for one x row (rows is a constant after inlining). */
