@@ -9,7 +9,7 @@
  * usage: [mpirun -np P] bench/bench_engine [--model-config NAME | --model FILE]
  *        [--weights-dtype f32|bf16|int8] [--threads N]
  *        [--contexts 512,2048,8192,32768] [--concurrency 1,4,16,64]
- *        [--decode-tokens N] [--max-batch N] */
+ *        [--decode-tokens N] [--max-batch N] [--prefill-turn-rows N] */
 #include <cblas.h>
 #include <getopt.h>
 #include <mpi.h>
@@ -150,7 +150,7 @@ int main(int argc, char **argv) {
     const char *config_name = "L6-C512-V65536";
     const char *model_path = NULL; /* weights from a file instead of the official init */
     int wtype = -1;                /* --weights-dtype: the file's own format unless given */
-    int threads = 0, decode_tokens = 64, max_batch = 0;
+    int threads = 0, decode_tokens = 64, max_batch = 0, turn_rows = 0;
     int contexts[16] = {512, 2048, 8192, 32768}, n_contexts = 4;
     int conc[16] = {1, 4, 16, 64}, n_conc = 4;
     static const struct option opts[] = {{"model-config", required_argument, 0, 'c'},
@@ -161,6 +161,7 @@ int main(int argc, char **argv) {
                                          {"concurrency", required_argument, 0, 'n'},
                                          {"decode-tokens", required_argument, 0, 'd'},
                                          {"max-batch", required_argument, 0, 'b'},
+                                         {"prefill-turn-rows", required_argument, 0, 'p'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     int ch;
@@ -179,12 +180,13 @@ int main(int argc, char **argv) {
         case 'n': n_conc = parse_list(optarg, conc, 16); break;
         case 'd': decode_tokens = atoi(optarg); break;
         case 'b': max_batch = atoi(optarg); break;
+        case 'p': turn_rows = atoi(optarg); break;
         case 'h':
             if (rank == 0)
                 printf("usage: [mpirun -np P] bench_engine [--model-config NAME | --model FILE]\n"
                        "       [--weights-dtype f32|bf16|int8] [--threads N]\n"
                        "       [--contexts 512,2048,...] [--concurrency 1,4,16,64]\n"
-                       "       [--decode-tokens N] [--max-batch N]\n");
+                       "       [--decode-tokens N] [--max-batch N] [--prefill-turn-rows N]\n");
             MPI_Finalize();
             return 0;
         default: MPI_Finalize(); return 2;
@@ -235,6 +237,7 @@ int main(int argc, char **argv) {
     ec.n_slots = max_conc;
     ec.max_queue = max_conc;
     ec.max_batch = max_batch;
+    ec.prefill_turn_rows = turn_rows; /* 1: one prefill unit per decode unit (the old turns) */
     rp_engine *e;
     if (rp_engine_create(&e, &m, g, &ec, &err) != RP_OK) die("engine", &err);
     if (rank != 0) {
@@ -263,9 +266,11 @@ int main(int argc, char **argv) {
            "%d thread%s)\ndecode groups: up to %d sequences (--max-batch; backend default %d)\n",
            ceiling, ceil_m, threads ? threads : omp_get_max_threads(), threads == 1 ? "" : "s",
            rp_engine_group_size(max_batch, be), rp_engine_group_size(0, be));
+    printf("prefill turns: %d rows of prefill between decode units (--prefill-turn-rows; "
+           "1: one prefill unit each)\n", turn_rows > 0 ? turn_rows : ec.prefill_chunk);
     printf("\n### decode throughput vs concurrent sequences (16-token prompts, %d new tokens "
            "each)\n\n| sequences | seconds | generated tok/s | per sequence tok/s | of sgemm "
-           "ceiling |\n|---:|---:|---:|---:|---:|\n", decode_tokens);
+           "ceiling | mean decode group |\n|---:|---:|---:|---:|---:|---:|\n", decode_tokens);
     double rate16 = 0, rate64 = 0;
     for (int c = 0; c < n_conc; c++) {
         rp_job **jobs = calloc((size_t)conc[c], sizeof *jobs);
@@ -274,7 +279,13 @@ int main(int argc, char **argv) {
             for (int k = 0; k < 16; k++) prompt[k] = (int32_t)((i * 31 + k * 7 + 1) % cfg.vocab_size);
             jobs[i] = rp_job_create(prompt, 16, &gp, NULL, NULL, &err);
         }
+        rp_engine_metrics m0, m1;
+        rp_engine_get_metrics(e, &m0);
         double s = run_jobs(e, jobs, conc[c]);
+        rp_engine_get_metrics(e, &m1);
+        /* sequences per decode unit: how far the group grows towards conc[c] */
+        const long units = m1.decode_units - m0.decode_units;
+        const double mean_group = units > 0 ? (double)(m1.decode_rows - m0.decode_rows) / units : 0;
         long total = 0;
         for (int i = 0; i < conc[c]; i++) {
             rp_job_stats st;
@@ -283,8 +294,8 @@ int main(int argc, char **argv) {
             rp_job_release(jobs[i]);
         }
         free(jobs);
-        printf("| %d | %.2f | %.1f | %.1f | %.0f%% |\n", conc[c], s, total / s,
-               total / s / conc[c], 100.0 * total / s / ceiling);
+        printf("| %d | %.2f | %.1f | %.1f | %.0f%% | %.1f |\n", conc[c], s, total / s,
+               total / s / conc[c], 100.0 * total / s / ceiling, mean_group);
         if (conc[c] == 16) rate16 = total / s;
         if (conc[c] == 64) rate64 = total / s;
         fflush(stdout);

@@ -386,9 +386,11 @@ static void big_group_check(const rp_gen_params *greedy) {
         }
     }
     /* pass 0: one job at a time; pass 1: all at once */
+    rp_engine_metrics m0, m1;
     for (int pass = 0; pass < 2; pass++) {
         rp_job *jobs[G];
         const int batch = pass == 0 ? 1 : G;
+        rp_engine_get_metrics(engine, &m0);
         for (int first = 0; first < G; first += batch) {
             for (int i = first; i < first + batch; i++) {
                 jobs[i] = rp_job_create(prompts[i], lens[i], &ps[i], NULL, NULL, &err);
@@ -418,6 +420,15 @@ static void big_group_check(const rp_gen_params *greedy) {
         }
         if (pass == 0) engine->largest_group = 0;
     }
+    rp_engine_get_metrics(engine, &m1);
+    /* The G short prompts (54 rows) fit one prefill turn (a chunk's rows),
+     * so they are all prefilled before the first decode unit and every
+     * decode unit of pass 1 holds all G (one prefill unit per decode unit,
+     * the old turns, ramped the group up and down: mean 9.x). */
+    const double mean_group =
+        (double)(m1.decode_rows - m0.decode_rows) / (double)(m1.decode_units - m0.decode_units);
+    CHECK(size > 1 || mean_group > G - 0.5, "mean decode group %.2f of %d jobs at once",
+          mean_group, G);
     /* One stage: every ready slot joins the next unit. (With P stages the
      * P units in flight may split the slots into smaller groups.) */
     CHECK(size > 1 || engine->largest_group > 8, "the jobs decoded in groups of at most %d",
@@ -432,7 +443,7 @@ static void big_group_check(const rp_gen_params *greedy) {
                   lps[1][i][t]);
         free(prompts[i]);
     }
-    printf("  ok (largest decode group %d)\n", engine->largest_group);
+    printf("  ok (largest decode group %d, mean %.2f)\n", engine->largest_group, mean_group);
 }
 
 static void checks(void) {

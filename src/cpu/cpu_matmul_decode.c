@@ -26,7 +26,8 @@
 
 /* pk[k * PANEL + j] = W row j, column k for j < nw; zero for the rest (so
  * the kernels always run whole panels and store only nw columns). */
-static void pack_generic(float *restrict pk, const float *restrict w, int nw, int K) {
+static void pack_generic(float *restrict pk, const float *restrict w, int nw, int rows, int K) {
+    (void)rows;
     for (int j = nw; j < PANEL; j++)
         for (int k = 0; k < K; k++) pk[(size_t)k * PANEL + j] = 0.0f;
     for (int j = 0; j < nw; j++) {
@@ -55,13 +56,24 @@ static void panel_generic(float *y, const float *x, const float *pk, int M, int 
     }
 }
 
-typedef void (*pack_fn)(float *pk, const float *w, int nw, int K);
-/* wnext: the next panel's W rows (32 x K floats from there, or fewer at the
- * end), which a kernel may prefetch while it computes; NULL for none. */
+/* rows: the W rows from w that may be addressed (nw of them are the panel's,
+ * the rest the kernels' prefetches may reach ahead into). */
+typedef void (*pack_fn)(float *pk, const float *w, int nw, int rows, int K);
+/* wnext: the next panel's W rows (32 x K floats from there: a whole panel;
+ * a short last one is not prefetched), which a kernel may prefetch while
+ * it computes; NULL for none. */
 typedef void (*panel_fn)(float *y, const float *x, const float *pk, int M, int K, int nw, int N,
                          float beta, const float *wnext);
-typedef void (*direct_fn)(float *y, const float *x, const float *w, int M, int K, int nw, int N,
-                          float beta);
+typedef void (*direct_fn)(float *y, const float *x, const float *w, int M, int K, int nw,
+                          int rows, int N, float beta);
+
+/* A prefetch of base[off] with off clamped to the last of len floats: the
+ * kernels prefetch ahead of the rows they read, and for the last panel of
+ * W that address lies past its end, which is out-of-bounds pointer
+ * arithmetic (C11 6.5.6) even if never read. A clamped prefetch asks again
+ * for a line already requested; no output depends on it. */
+#define PREFETCH_IN(base, off, len, hint)                                                  \
+    __builtin_prefetch((base) + ((size_t)(off) < (len) ? (size_t)(off) : (len) - 1), 0, (hint))
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -78,7 +90,7 @@ typedef void (*direct_fn)(float *y, const float *x, const float *w, int M, int K
 
 /* ... and a second prefetch per W row and 16-k block, one 16-row group
  * ahead (the group after this one, the next panel's first after a panel's
- * last; past the matrix's end it is harmless), into L2 (prefetcht1): the
+ * last; clamped to the end of W by PREFETCH_IN), into L2 (prefetcht1): the
  * hardware prefetcher and the 512-byte lead restart at every group of 16
  * short streams (K = 768: 48 lines a row), so the first lines of each group
  * missed to DRAM. Measured on the loaded 2-core Zen 5, thread CPU time,
@@ -134,7 +146,9 @@ static void panel_avx2(float *y, const float *x, const float *pk, int M, int K, 
     }
 }
 
-static void pack_avx2(float *pk, const float *w, int nw, int K) { pack_generic(pk, w, nw, K); }
+static void pack_avx2(float *pk, const float *w, int nw, int rows, int K) {
+    pack_generic(pk, w, nw, rows, K);
+}
 
 RP_ISA_END
 
@@ -169,16 +183,27 @@ static AI void transpose16(__m512 *r) {
     }
 }
 
-static void pack_avx512(float *restrict pk, const float *restrict w, int nw, int K) {
+/* clamp: whether the prefetches may reach past `rows` (the last panels);
+ * the others keep the plain addresses, no compare per prefetch. */
+static AI void pack_avx512_body(float *restrict pk, const float *restrict w, int nw, int rows,
+                                int K, const int clamp) {
     const int K16 = K / 16 * 16;
+    const size_t len = (size_t)rows * K;
     for (int g = 0; g < PANEL; g += 16) {
         const float *wg = w + (size_t)g * K;
         for (int k = 0; k < K16; k += 16) {
             __m512 v[16];
             for (int j = 0; j < 16; j++) {
                 if (g + j < nw) {
-                    __builtin_prefetch(wg + (size_t)j * K + k + DECODE_PF, 0, DECODE_PF_HINT);
-                    __builtin_prefetch(wg + (size_t)(16 + j) * K + k, 0, DECODE_AHEAD_HINT);
+                    const size_t pf = (size_t)(g + j) * K + k + DECODE_PF;
+                    const size_t ahead = (size_t)(g + 16 + j) * K + k;
+                    if (clamp) {
+                        PREFETCH_IN(w, pf, len, DECODE_PF_HINT);
+                        PREFETCH_IN(w, ahead, len, DECODE_AHEAD_HINT);
+                    } else {
+                        __builtin_prefetch(w + pf, 0, DECODE_PF_HINT);
+                        __builtin_prefetch(w + ahead, 0, DECODE_AHEAD_HINT);
+                    }
                     v[j] = _mm512_loadu_ps(wg + (size_t)j * K + k);
                 } else {
                     v[j] = _mm512_setzero_ps();
@@ -191,6 +216,16 @@ static void pack_avx512(float *restrict pk, const float *restrict w, int nw, int
             for (int j = 0; j < 16; j++)
                 pk[(size_t)k * PANEL + g + j] = g + j < nw ? wg[(size_t)j * K + k] : 0.0f;
     }
+}
+
+/* The farthest a panel's prefetches reach: row 47 (16 + 16 + 15) and,
+ * from row 31, DECODE_PF floats past its last 16-k block (< 16 rows of
+ * K >= 8), so with 48 rows from w and K >= 8 none needs the clamp. */
+static void pack_avx512(float *restrict pk, const float *restrict w, int nw, int rows, int K) {
+    if (rows >= 48 && K >= 8)
+        pack_avx512_body(pk, w, nw, rows, K, 0);
+    else
+        pack_avx512_body(pk, w, nw, rows, K, 1);
 }
 
 static AI void rows_avx512(float *y, const float *x, const float *pk, const int R, int K,
@@ -228,8 +263,9 @@ static AI void rows_avx512(float *y, const float *x, const float *pk, const int 
  * at once (no pack buffer to write and read back), for rows [0, R). The
  * same fma chains as rows_avx512, so the same bits. */
 static AI void direct_avx512(float *y, const float *x, const float *w, const int R, int K,
-                             int nw, int N, float beta) {
+                             int nw, int rows, int N, float beta) {
     const int K16 = K / 16 * 16;
+    const size_t len = (size_t)rows * K;
     __m512 acc[2][4];
     for (int g = 0; g < 2; g++)
         for (int r = 0; r < R; r++) acc[g][r] = _mm512_setzero_ps();
@@ -241,8 +277,8 @@ static AI void direct_avx512(float *y, const float *x, const float *w, const int
             const float *wg = w + (size_t)g * 16 * K;
             __m512 v[16];
             for (int j = 0; j < 16; j++) {
-                __builtin_prefetch(wg + (size_t)j * K + k + DECODE_PF, 0, DECODE_PF_HINT);
-                __builtin_prefetch(wg + (size_t)(16 + j) * K + k, 0, DECODE_AHEAD_HINT);
+                PREFETCH_IN(w, (size_t)(g * 16 + j) * K + k + DECODE_PF, len, DECODE_PF_HINT);
+                PREFETCH_IN(w, (size_t)(g * 16 + 16 + j) * K + k, len, DECODE_AHEAD_HINT);
                 v[j] = g * 16 + j < nw ? _mm512_loadu_ps(wg + (size_t)j * K + k)
                                        : _mm512_setzero_ps();
             }
@@ -270,15 +306,15 @@ static AI void direct_avx512(float *y, const float *x, const float *w, const int
 }
 
 static void direct_rows_avx512(float *y, const float *x, const float *w, int M, int K, int nw,
-                               int N, float beta) {
+                               int rows, int N, float beta) {
     for (int m = 0; m < M; m += 4) {
         float *ym = y + (size_t)m * N;
         const float *xm = x + (size_t)m * K;
         switch (M - m) {
-        case 1: direct_avx512(ym, xm, w, 1, K, nw, N, beta); break;
-        case 2: direct_avx512(ym, xm, w, 2, K, nw, N, beta); break;
-        case 3: direct_avx512(ym, xm, w, 3, K, nw, N, beta); break;
-        default: direct_avx512(ym, xm, w, 4, K, nw, N, beta); break;
+        case 1: direct_avx512(ym, xm, w, 1, K, nw, rows, N, beta); break;
+        case 2: direct_avx512(ym, xm, w, 2, K, nw, rows, N, beta); break;
+        case 3: direct_avx512(ym, xm, w, 3, K, nw, rows, N, beta); break;
+        default: direct_avx512(ym, xm, w, 4, K, nw, rows, N, beta); break;
         }
     }
 }
@@ -373,7 +409,7 @@ void cpu_matmul_decode(float *y, const float *x, const float *w, int M, int n0, 
     if (kern.direct && (M <= CPU_DECODE_DIRECT_MAX_ROWS || !pack)) {
         for (int n = n0; n < n1; n += PANEL) {
             const int nw = n1 - n < PANEL ? n1 - n : PANEL;
-            kern.direct(y + n, x, w + (size_t)n * K, M, K, nw, N, beta);
+            kern.direct(y + n, x, w + (size_t)n * K, M, K, nw, n1 - n, N, beta);
         }
         return;
     }
@@ -392,9 +428,13 @@ void cpu_matmul_decode(float *y, const float *x, const float *w, int M, int n0, 
     }
     for (int n = n0; n < n1; n += PANEL) {
         const int nw = n1 - n < PANEL ? n1 - n : PANEL;
-        kern.pack(pack, w + (size_t)n * K, nw, K);
-        const float *wnext =
-            n + PANEL < n1 && K <= DECODE_NEXT_PANEL_MAX_K ? w + (size_t)(n + PANEL) * K : NULL;
+        kern.pack(pack, w + (size_t)n * K, nw, n1 - n, K);
+        /* Only a whole next panel: the kernels prefetch all 32 x K floats,
+         * past W's end for a short one (out-of-bounds pointer arithmetic);
+         * the k loop keeps its one NULL test. */
+        const float *wnext = n + 2 * PANEL <= n1 && K <= DECODE_NEXT_PANEL_MAX_K
+                                 ? w + (size_t)(n + PANEL) * K
+                                 : NULL;
         kern.panel(y + n, x, pack, M, K, nw, N, beta, wnext);
     }
 }

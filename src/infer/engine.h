@@ -46,6 +46,11 @@
 typedef struct {
     int n_slots;                   /* concurrent generations (admission control) */
     int prefill_chunk;             /* tokens per prefill unit (default 256) */
+    /* Prefill rows per turn: after each decode unit, prefill units run
+     * until they have read this many rows (at least one unit), then the
+     * next decode unit goes. 0 (the default): prefill_chunk; 1: one prefill
+     * unit per decode unit. */
+    int prefill_turn_rows;
     int max_queue;                 /* jobs waiting for a slot (none free) before submit refuses (429) */
     size_t session_budget_bytes;   /* in-memory session states per stage (LRU) */
     double comm_timeout;           /* watchdog seconds for stage transfers; 0 = none */
@@ -247,6 +252,8 @@ int rp_engine_session_exists(rp_engine *e, const char *name);
 typedef struct {
     long requests_total, requests_active, requests_queued;
     long tokens_generated, tokens_prefilled;
+    long decode_units, decode_rows; /* decode units launched, their sequences: rows / units is
+                                     * the mean decode group */
     double tokens_per_second;       /* generated, over the last ~10 s */
     int slots_total, slots_active;
     int n_stages;

@@ -50,6 +50,9 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
     if (cfg->n_slots < 1 || cfg->prefill_chunk < 1 || cfg->max_queue < 0)
         return rp_error_set(err, RP_ERR_ARG, "engine: slots %d and prefill chunk %d must be >= 1",
                             cfg->n_slots, cfg->prefill_chunk);
+    if (cfg->prefill_turn_rows < 0)
+        return rp_error_set(err, RP_ERR_ARG, "engine: prefill rows per turn %d must be >= 0 "
+                            "(0: the prefill chunk)", cfg->prefill_turn_rows);
     if (cfg->max_batch < 0 || cfg->max_batch > RP_ENGINE_MAX_BATCH)
         return rp_error_set(err, RP_ERR_ARG, "engine: --max-batch %d must be between 1 and %d "
                             "(sequences per decode step; 0 or absent: the backend's default, %d)",
@@ -574,10 +577,29 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
             }
         }
     }
-    /* Alternate between prefill and decode so neither starves the other. */
-    int do_prefill = prefill_slot >= 0 && (n == 0 || e->prefer_prefill);
+    /* Prefill and decode take turns so neither starves the other: after a
+     * decode unit, prefill units run until they have read
+     * prefill_turn_rows rows (default: one chunk's; at least one unit),
+     * then the next decode unit goes. A short prompt alone is a pass over
+     * every matrix for a few rows, so one prompt per turn (as before) kept
+     * 64 jobs of 16-token prompts and 32 tokens in small decode groups
+     * (bench_engine's mean decode group, docs/perf/serving.md); with the
+     * row budget 16 such prompts go per turn, while a long prompt still
+     * alternates chunk by chunk with decode, so a streaming sequence waits
+     * about one chunk's rows of prefill between its tokens either way. */
+    const int turn_rows =
+        e->cfg.prefill_turn_rows > 0 ? e->cfg.prefill_turn_rows : e->cfg.prefill_chunk;
+    int next_len = 0;
+    if (prefill_slot >= 0) {
+        const rp_job *j = e->slot_job[prefill_slot];
+        next_len = prefill_end(j) - j->prefilled;
+        if (next_len > e->cfg.prefill_chunk) next_len = e->cfg.prefill_chunk;
+    }
+    const int do_prefill =
+        prefill_slot >= 0 && (n == 0 || e->prefill_rows_run == 0 ||
+                              e->prefill_rows_run + next_len <= turn_rows);
     if (!do_prefill && n == 0) return 0;
-    e->prefer_prefill = !do_prefill;
+    e->prefill_rows_run = do_prefill ? e->prefill_rows_run + next_len : 0;
     e->rr_cursor = ((do_prefill ? prefill_slot : slots[n - 1]) + 1) % S;
     rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
     int n_targets = 0;
@@ -607,6 +629,10 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
     } else {
         tokens = tokens_buf;
         if (n > e->largest_group) e->largest_group = n;
+        pthread_mutex_lock(&e->mu);
+        e->decode_units++;
+        e->decode_rows += n;
+        pthread_mutex_unlock(&e->mu);
     }
     for (int i = 0; i < n; i++) {
         rp_job *j = e->slot_job[slots[i]];
@@ -950,6 +976,8 @@ void rp_engine_get_metrics(rp_engine *e, rp_engine_metrics *m) {
     m->requests_queued = e->n_queued;
     m->tokens_generated = e->tokens_generated;
     m->tokens_prefilled = e->tokens_prefilled;
+    m->decode_units = e->decode_units;
+    m->decode_rows = e->decode_rows;
     m->slots_total = e->cfg.n_slots;
     m->n_stages = e->n_stages;
     m->sessions_stored = e->n_sessions;

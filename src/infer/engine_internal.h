@@ -233,7 +233,7 @@ struct rp_engine {
     int launched_any;            /* the last step launched a unit */
     int *stage_layer_begin, *stage_layer_end;
     uint64_t next_unit_id;
-    int prefer_prefill;
+    int prefill_rows_run;        /* prefill rows launched since the last decode unit */
     int rr_cursor;               /* next slot to consider first */
     rp_control *controls;
     int failed;                  /* stopped (error or shutdown): controls are refused (under mu) */
@@ -242,6 +242,7 @@ struct rp_engine {
     int shutdown_started;
     /* metrics (under mu) */
     long requests_total, tokens_generated, tokens_prefilled;
+    long decode_units, decode_rows; /* decode units launched and their sequences (rows) */
     long prefix_hits, prefix_saved;
     double *busy_total, *busy_mark, *busy_frac, t_mark, tokens_rate;
     long tokens_mark;
