@@ -4,7 +4,7 @@
 # simulated bubble (P-1)/(v*M+P-1); bad shapes are refused naming the fix.
 # `train --pp-schedule interleaved` (each stage holding v chunks of layers)
 # trains the same weights as 1F1B and one process byte for byte, with data
-# replicas too, and its checkpoints resume on a plain --pp run and the other
+# replicas too, on the fake device too (backend memory), and its checkpoints resume on a plain --pp run and the other
 # way round, continuing the same run byte for byte. Run by `make check` (env:
 # top_srcdir, top_builddir, MPIRUN; the training checks need mpirun).
 
@@ -130,6 +130,20 @@ same_bits uneven_1f1b uneven_inter
 check "interleaved equals one process bit for bit"
 train one 1 --model-config L4-C64-V64 --batch 8 --micro-batch 1
 same_bits one np2_pp2_v2_L4_b8_mb1_inter
+
+# Device backends: the fake device (RWKVPIPE_TEST_FAKE_DEVICE=1, the CPU
+# arithmetic on memory the host cannot touch) moves every activation,
+# gradient, weight and checkpoint byte through the backend; the same bits as
+# the CPU's 1F1B, with data replicas too (their all-reduce staged through
+# host memory). The NCCL links: tests/test_nccl_mock.sh.
+check "interleaved on the fake device equals 1f1b on the CPU bit for bit (-np 2, -np 4 --pp 2)"
+RWKVPIPE_TEST_FAKE_DEVICE=1 train fake_inter 2 --model-config L4-C64-V64 --batch 8 \
+    --micro-batch 1 --pp 2 --pp-schedule interleaved
+grep -q "device fake-device" "$T/stderr" || fail "the run did not use the fake device"
+same_bits np2_pp2_v2_L4_b8_mb1_1f1b fake_inter
+RWKVPIPE_TEST_FAKE_DEVICE=1 train fake_inter_dp2 4 --model-config L4-C64-V64 --batch 8 \
+    --micro-batch 1 --pp 2 --pp-schedule interleaved
+same_bits np4_pp2_v2_L4_b8_mb1_1f1b fake_inter_dp2
 
 # Checkpoints hold every layer under its own name whatever the layout: an
 # interleaved run's resumes on plain 1F1B stages and the other way round,

@@ -125,10 +125,6 @@ rp_status rp_pipe_trainer_init_interleaved(rp_pipe_trainer *pt, rp_model *models
     if (n_virtual < 2)
         return rp_error_set(err, RP_ERR_INTERNAL, "interleaved executor with %d chunks",
                             n_virtual);
-    if (!models[0].be->is_host_memory)
-        return rp_error_set(err, RP_ERR_ARG, "--pp-schedule interleaved runs on host memory "
-                            "only (the CPU backend); the %s backend's is device memory: use "
-                            "1f1b or zb-h1 there", models[0].be->name);
     if (!grid || grid->pp < 2 || !tp)
         return rp_error_set(err, RP_ERR_ARG, "--pp-schedule interleaved needs --pp 2 or more "
                             "(it interleaves chunks across stages)");
