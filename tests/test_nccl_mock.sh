@@ -20,7 +20,8 @@
 # - train --zero 1 on the mock's device memory: the data replicas' reduce-
 #   scatter and all-gather as grouped ncclSend/ncclRecv on the data group's
 #   communicator (-np 2, -np 3 with uneven ranges, and -np 4 --pp 2 where
-#   the stage links and the data group both carry traffic) finish under the
+#   the stage links and the data group both carry traffic, 1F1B and
+#   interleaved) finish under the
 #   serial mock and give the CPU run's weights without --zero, byte for byte.
 # - the same with the CUDA backend's bf16 weight copies mocked
 #   (RWKVPIPE_TEST_BF16_WEIGHTS=1, tests/nccl_mock/cpu_as_device.c): the
@@ -147,6 +148,7 @@ check "train --zero 1 over the NCCL data group: -np 2, -np 3 (uneven), -np 4 --p
 zero zero_np2 2 --micro-batch 2 --grad-clip 0.05
 zero zero_np3 3 --batch 6 --micro-batch 1 --grad-clip 0.05
 zero zero_np4pp2 4 --pp 2 --micro-batch 2 --grad-clip 0.05
+zero zero_np4pp2_ilv 4 --pp 2 --pp-schedule interleaved --micro-batch 1 --grad-clip 0.05
 ok
 
 # The CUDA backend's bf16 weight copies (RWKVPIPE_TEST_BF16_WEIGHTS=1:

@@ -108,8 +108,8 @@ typedef struct {
     float *reduce_host;
     size_t reduce_host_floats;
     /* ZeRO-1 (rp_pipe_trainer_use_zero; NULL: off): this replica's shard of
-     * the moments (the caller's), which OPT_STEP steps instead of
-     * adam_m / adam_v. zero_scratch (host, the largest buffer's floats):
+     * the moments (the caller's; one per chunk, [n_virtual]), which OPT_STEP
+     * steps instead of adam_m / adam_v. zero_scratch (host, the largest buffer's floats):
      * the fixed-order reduce-scatter's landing buffer, also used without
      * ZeRO on more than 2 replicas so both runs add in the same order. */
     rp_zero_shard *zero;
@@ -161,9 +161,10 @@ void rp_pipe_trainer_free(rp_pipe_trainer *pt);
 /* Turns on ZeRO-1 (after init; host or device memory, NCCL where the
  * gradients' all-reduce would use it): gradients are reduce-scattered, AdamW runs
  * on z's ranges (z: this replica's shard, rp_zero_shard_init with the grid's
- * dp and replica), the updated ranges are all-gathered. Host memory only
- * (a device backend is refused: no NCCL path yet). The weights equal those
- * of the unsharded run bit for bit (tests/test_zero.sh). */
+ * dp and replica; interleaved: n_virtual shards, one per chunk, each made
+ * from that chunk's gradients), the updated ranges are all-gathered. The
+ * weights equal those of the unsharded run bit for bit (tests/test_zero.sh,
+ * tests/test_interleaved.sh). */
 rp_status rp_pipe_trainer_use_zero(rp_pipe_trainer *pt, rp_zero_shard *z, rp_error *err);
 
 typedef struct {
