@@ -5,8 +5,8 @@
 # `train --pp-schedule interleaved` (each stage holding v chunks of layers)
 # trains the same weights as 1F1B and one process byte for byte, with data
 # replicas too, on the fake device too (backend memory), with --zero 1 the
-# bytes of the run without it, with --tune state 1F1B's tuned states, and
-# its checkpoints resume on a plain --pp run and the other
+# bytes of the run without it, with --tune state and --tune lora 1F1B's
+# tuned states and adapters, and its checkpoints resume on a plain --pp run and the other
 # way round, continuing the same run byte for byte. Run by `make check` (env:
 # top_srcdir, top_builddir, MPIRUN; the training checks need mpirun).
 
@@ -256,6 +256,53 @@ cmp "$T/ts_1f1b.state" "$T/ts_to_inter.state" >/dev/null ||
     fail "resumed on interleaved: the tuned states are not those of the uninterrupted run"
 ok
 
+# --tune lora: one set of adapters per chunk (each adapter's start depends
+# on its tensor's name only); the optimizer steps each chunk's. The adapter
+# file, the merged weights (-o), losses and evaluations equal 1F1B's and one
+# process's byte for byte, with replicas and on the fake device; a
+# checkpoint (a "lora" file per model chunk) resumes on 1F1B and the other
+# way round, continuing the run.
+TL=(--model-config L4-C64-V64 --batch 8 --micro-batch 1 --tune lora --lora-rank 4 --lr 3e-2
+    --eval-interval 2)
+# same_lora A B: same adapter file, merged weights, losses and evaluations
+same_lora() {
+    cmp "$T/$1.lora" "$T/$2.lora" >/dev/null || fail "$2: LoRA adapters differ from $1's"
+    cmp "$T/$1.st" "$T/$2.st" >/dev/null || fail "$2: merged weights differ from $1's"
+    for key in loss eval_loss; do
+        diff <(grep -o "\"$key\":[^,}]*" "$T/$1.jsonl") <(grep -o "\"$key\":[^,}]*" "$T/$2.jsonl") \
+            >/dev/null || fail "$2: ${key}es differ from $1's"
+    done
+    ok "$2"
+}
+check "--tune lora with interleaved equals 1f1b and one process bit for bit"
+train tl_one 1 "${TL[@]}" --lora-out "$T/tl_one.lora"
+train tl_1f1b 2 "${TL[@]}" --pp 2 --pp-schedule 1f1b --lora-out "$T/tl_1f1b.lora"
+train tl_inter 2 "${TL[@]}" --pp 2 --pp-schedule interleaved --lora-out "$T/tl_inter.lora"
+same_lora tl_1f1b tl_inter
+same_lora tl_one tl_inter
+RWKVPIPE_TEST_FAKE_DEVICE=1 train tl_fake 2 "${TL[@]}" --pp 2 --pp-schedule interleaved \
+    --lora-out "$T/tl_fake.lora"
+same_lora tl_1f1b tl_fake
+train tl_1f1b_dp2 4 "${TL[@]}" --pp 2 --pp-schedule 1f1b --lora-out "$T/tl_1f1b_dp2.lora"
+train tl_inter_dp2 4 "${TL[@]}" --pp 2 --pp-schedule interleaved --lora-out "$T/tl_inter_dp2.lora"
+same_lora tl_1f1b_dp2 tl_inter_dp2
+check "--tune lora checkpoints move between interleaved and 1f1b"
+train tl_half_inter 2 "${TL[@]}" --pp 2 --pp-schedule interleaved --stop-after 3 \
+    --lora-out "$T/x.lora" --checkpoint-dir "$T/tl_half_inter.ck"
+ls "$T/tl_half_inter.ck/step-00000003" | grep -q "^lora-00003-of-00004" ||
+    fail "no lora file per model chunk: $(ls "$T/tl_half_inter.ck/step-00000003")"
+train tl_to_1f1b 2 "${TL[@]}" --pp 2 --pp-schedule 1f1b --resume "$T/tl_half_inter.ck" \
+    --lora-out "$T/tl_to_1f1b.lora"
+cmp "$T/tl_1f1b.lora" "$T/tl_to_1f1b.lora" >/dev/null && cmp "$T/tl_1f1b.st" "$T/tl_to_1f1b.st" \
+    >/dev/null || fail "resumed on 1f1b: not the adapters and weights of the uninterrupted run"
+train tl_half_1f1b 2 "${TL[@]}" --pp 2 --pp-schedule 1f1b --stop-after 3 \
+    --lora-out "$T/x.lora" --checkpoint-dir "$T/tl_half_1f1b.ck"
+train tl_to_inter 2 "${TL[@]}" --pp 2 --pp-schedule interleaved --resume "$T/tl_half_1f1b.ck" \
+    --lora-out "$T/tl_to_inter.lora"
+cmp "$T/tl_1f1b.lora" "$T/tl_to_inter.lora" >/dev/null && cmp "$T/tl_1f1b.st" "$T/tl_to_inter.st" \
+    >/dev/null || fail "resumed on interleaved: not the adapters and weights of the uninterrupted run"
+ok
+
 # mpirun_refused WHAT EXPECTED NP ARGS...: the job fails and says EXPECTED
 mpirun_refused() {
     local what=$1 expected=$2 np=$3
@@ -276,9 +323,6 @@ mpirun_refused "micro-batches not a multiple of the stages are refused" \
 mpirun_refused "interleaved with --seq-len time chunks is refused" \
     "does not run --seq-len time chunks yet" 2 \
     "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 2 --seq-len 32 -o "$T/never.st"
-mpirun_refused "interleaved with --tune lora is refused" "does not run with --tune lora yet" 2 \
-    "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 2 --tune lora --lora-out "$T/never.lora" \
-    -o "$T/never.st"
 mpirun_refused "--stage-layers with interleaved takes one count per model chunk" \
     "one count per model chunk" 2 \
     "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 2 --stage-layers 2,2 -o "$T/never.st"

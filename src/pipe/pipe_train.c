@@ -951,7 +951,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             double t0 = rp_now_seconds();
             double sumsq = 0;
             if (pt->lora)
-                sumsq = rp_lora_grads(pt->lora, pt->grads);
+                for (int c = 0; c < pt->n_virtual; c++)
+                    sumsq += rp_lora_grads(&pt->lora[c], &pt->grads[c]);
             else if (pt->tune_state)
                 for (size_t k = 0; k < pt->tuned_floats; k++)
                     sumsq += (double)pt->tuned_grad[k] * pt->tuned_grad[k];
@@ -977,9 +978,10 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             t0 = rp_now_seconds();
             if (pt->lora) {
                 /* Only the adapters move; W' is formed again from them. */
-                rp_lora_step(pt->lora, (float)rp_lr_at(optim, step), optim->beta1, optim->beta2,
-                             optim->eps, optim->weight_decay,
-                             rp_clip_scale(grad_norm, optim->grad_clip), step);
+                for (int c = 0; c < pt->n_virtual; c++)
+                    rp_lora_step(&pt->lora[c], (float)rp_lr_at(optim, step), optim->beta1,
+                                 optim->beta2, optim->eps, optim->weight_decay,
+                                 rp_clip_scale(grad_norm, optim->grad_clip), step);
             } else if (pt->tune_state) {
                 /* Only the tuned states move (AdamW, no weight decay). */
                 be->copy_to_device(be, pt->tuned_grad_dev, pt->tuned_grad,

@@ -76,7 +76,8 @@ typedef struct {
     float *tuned_grad, *dstate_host;
     /* LoRA tuning (model/lora.h; NULL: off): the optimizer steps only this
      * stage's adapters, from the reduced d(W') of their targets; the step's
-     * grad_norm is the adapters' gradient norm. Set by the caller. */
+     * grad_norm is the adapters' gradient norm. Set by the caller: one per
+     * chunk ([n_virtual], each over its chunk's model). */
     struct rp_lora_s *lora;
     float *recv_act, *recv_grad;    /* backend landing buffers: x then v_first [2][R*C] */
     rp_transfer act_in[2], grad_in[2];

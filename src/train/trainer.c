@@ -451,7 +451,8 @@ static rp_status save_checkpoint(const rp_train_options *o, rp_transport *tp,
     rp_ckpt_file *mine = calloc((size_t)V * RP_CKPT_ROLES, sizeof *mine);
     if (!mine) return rp_error_set(err, RP_ERR_NOMEM, "checkpoint file list");
     int n_mine = 0;
-    size_t tuned_at = 0;  /* state tuning: the chunks' tuned states one after the other */
+    /* State tuning, LoRA: the chunks' tuned states, adapters one after the other. */
+    size_t tuned_at = 0, lora_at = 0;
     for (int ch = 0; ch < V && st == RP_OK; ch++) {
         rp_ckpt_contents cc = *c;
         if (V > 1) {
@@ -459,10 +460,13 @@ static rp_status save_checkpoint(const rp_train_options *o, rp_transport *tp,
             cc.weights = w;
             cc.adam_m = &c->adam_m[ch];
             cc.adam_v = &c->adam_v[ch];
-            for (int k = 0; k < 3; k++)
+            for (int k = 0; k < 3; k++) {
                 if (c->tuned[k]) cc.tuned[k] = c->tuned[k] + tuned_at;
-            tuned_at += (size_t)(w->layer_end - w->layer_begin) * w->cfg.n_head *
-                        w->cfg.head_size * w->cfg.head_size;
+                if (c->lora[k]) cc.lora[k] = c->lora[k] + lora_at;
+            }
+            const size_t layers = (size_t)(w->layer_end - w->layer_begin);
+            tuned_at += layers * w->cfg.n_head * w->cfg.head_size * w->cfg.head_size;
+            lora_at += layers * c->lora_floats_per_layer;
         }
         int n_one = 0;
         st = rp_ckpt_write_shard(step_dir, &cc, ch * g->pp + g->stage, V * g->pp,
@@ -788,21 +792,34 @@ static rp_status save_lora(const rp_model *model, const rp_lora *lo, const rp_tr
     const rp_config *c = &model->cfg;
     const size_t per = lo->floats_per_layer;
     const int stage = g ? g->stage : 0, n_stages = g ? g->pp : 1;
+    /* lo [V]: interleaved, one per chunk, their adapters one after the other. */
+    const int V = o->n_virtual > 1 ? o->n_virtual : 1;
+    size_t floats = 0;
+    for (int ch = 0; ch < V; ch++) floats += lo[ch].floats;
     float *all = malloc((per * (size_t)c->n_layer + 1) * sizeof(float));
-    float *mine = malloc((lo->floats + 1) * sizeof(float));
+    float *mine = malloc((floats + 1) * sizeof(float));
     rp_status st = RP_OK;
     if (!all || !mine) st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the LoRA adapters");
-    else rp_lora_to_host(lo, mine);
-    for (int s = 1; s < n_stages && st == RP_OK; s++) {
-        const size_t n = per * (size_t)(g->layer_end[s] - g->layer_begin[s]);
-        if (stage == 0 || stage == s)
-            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + per * g->layer_begin[s] : NULL,
-                                           mine, n * sizeof(float), "LoRA adapters", err);
+    for (size_t ch = 0, at = 0; st == RP_OK && ch < (size_t)V; at += lo[ch].floats, ch++)
+        rp_lora_to_host(&lo[ch], mine + at);
+    /* In model order: piece k is stage k % P's (interleaved: its chunk k / P). */
+    size_t at[RP_GRID_MAX_STAGES] = {0};  /* each stage's next piece in its buffer */
+    int begin = 0;
+    for (int k = 0; k < V * n_stages && st == RP_OK; k++) {
+        const int s = k % n_stages;
+        const int layers = V > 1 ? o->chunk_layers[k]
+                           : g ? g->layer_end[s] - g->layer_begin[s] : c->n_layer;
+        const size_t n = per * (size_t)layers;
+        if (s == 0 && stage == 0)
+            memcpy(all + per * (size_t)begin, mine + at[0], n * sizeof(float));
+        else if (stage == 0 || stage == s)
+            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + per * (size_t)begin : NULL,
+                                           mine + at[s], n * sizeof(float), "LoRA adapters", err);
+        at[s] += n;
+        begin += layers;
     }
-    if (st == RP_OK && stage == 0) {
-        memcpy(all, mine, lo->floats * sizeof(float));
+    if (st == RP_OK && stage == 0)
         st = rp_lora_save(c, lo->rank, lo->alpha, lo->targets, all, o->lora_out, err);
-    }
     free(all);
     free(mine);
     return st;
@@ -857,8 +874,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     const int V = o->n_virtual > 1 ? o->n_virtual : 0;
     rp_model *igrads = NULL, *iadam_m = NULL, *iadam_v = NULL;
     rp_zero_shard *izero = NULL;  /* --zero 1: one shard per chunk */
-    rp_lora lora;
-    memset(&lora, 0, sizeof lora);
+    /* LoRA: one per chunk (interleaved) or one; lora_floats: theirs summed. */
+    const int n_lora = V ? V : 1;
+    rp_lora *lora = calloc((size_t)n_lora, sizeof *lora);
+    size_t lora_floats = 0;
     float *tuned_host[3] = {NULL, NULL, NULL};  /* state tuning: checkpoint staging */
     float *lora_host[3] = {NULL, NULL, NULL};   /* LoRA: checkpoint staging */
     rp_transport tp_storage, *tp = NULL;
@@ -868,14 +887,13 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     uint8_t *mask = malloc((size_t)B * L);
     int32_t *inputs = malloc((size_t)M * MB * T * sizeof(int32_t));
     int32_t *targets = malloc((size_t)M * MB * T * sizeof(int32_t));
-    if (!tokens || !mask || !inputs || !targets) {
+    if (!tokens || !mask || !inputs || !targets || !lora) {
         st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the batch buffers");
         goto done;
     }
     if (V) {
         /* What interleaving does not run yet is refused before any work. */
-        const char *no = o->tune_lora ? "--tune lora"
-                         : K > 1 ? "--seq-len longer than --ctx-len (time chunks)" : NULL;
+        const char *no = K > 1 ? "--seq-len longer than --ctx-len (time chunks)" : NULL;
         if (no) {
             st = rp_error_set(err, RP_ERR_ARG, "--pp-schedule interleaved does not run with %s "
                               "yet: use --pp-schedule 1f1b (or zb-h1) for it", no);
@@ -950,12 +968,17 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             goto done;
         }
     if (o->tune_lora) {
-        if ((st = rp_lora_init(&lora, model, o->lora_rank, o->lora_alpha, o->lora_targets,
-                               o->seed, err)) != RP_OK)
-            goto done;
-        pt.lora = &lora;
+        /* Each adapter's initial values depend on its tensor's name only,
+         * so the chunks' adapters are those of 1F1B's stages. */
+        for (int c = 0; c < n_lora; c++) {
+            if ((st = rp_lora_init(&lora[c], V ? &o->chunks[c] : model, o->lora_rank,
+                                   o->lora_alpha, o->lora_targets, o->seed, err)) != RP_OK)
+                goto done;
+            lora_floats += lora[c].floats;
+        }
+        pt.lora = lora;
         for (int k = 0; k < 3; k++)
-            if (!(lora_host[k] = malloc((lora.floats + 1) * sizeof(float)))) {
+            if (!(lora_host[k] = malloc((lora_floats + 1) * sizeof(float)))) {
                 st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the LoRA adapters");
                 goto done;
             }
@@ -1006,16 +1029,20 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             /* The checkpoint holds the base weights: they become the base,
              * then the adapters and moments continue where the run stopped. */
             char want[192];
-            rp_lora_rebase(&lora);
-            rp_lora_describe(&lora, want, sizeof want);
-            if ((st = rp_ckpt_load_lora(o->resume_path, cfg, model->layer_begin,
-                                        model->layer_end, lora.floats_per_layer, lora_host, want,
-                                        err)) != RP_OK)
-                goto done;
-            float *dev[3] = {lora.params, lora.adam_m, lora.adam_v};
-            for (int k = 0; k < 3; k++)
-                be->copy_to_device(be, dev[k], lora_host[k], lora.floats * sizeof(float));
-            rp_lora_apply(&lora);
+            rp_lora_describe(&lora[0], want, sizeof want);
+            for (size_t c = 0, at = 0; c < (size_t)n_lora; at += lora[c].floats, c++) {
+                rp_lora *lo = &lora[c];
+                rp_lora_rebase(lo);
+                float *out[3] = {lora_host[0] + at, lora_host[1] + at, lora_host[2] + at};
+                if ((st = rp_ckpt_load_lora(o->resume_path, cfg, lo->model->layer_begin,
+                                            lo->model->layer_end, lo->floats_per_layer, out,
+                                            want, err)) != RP_OK)
+                    goto done;
+                float *dev[3] = {lo->params, lo->adam_m, lo->adam_v};
+                for (int k = 0; k < 3; k++)
+                    be->copy_to_device(be, dev[k], out[k], lo->floats * sizeof(float));
+                rp_lora_apply(lo);
+            }
         }
         if (progress.seed != o->seed) {
             st = rp_error_set(err, RP_ERR_ARG,
@@ -1142,15 +1169,17 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             char lora_meta[192];
             if (o->tune_lora) {
                 /* The adapters and their moments, over the base weights. */
-                float *dev[3] = {lora.params, lora.adam_m, lora.adam_v};
-                for (int k = 0; k < 3; k++) {
-                    be->copy_to_host(be, lora_host[k], dev[k], lora.floats * sizeof(float));
-                    c.lora[k] = lora_host[k];
+                for (size_t ch = 0, at = 0; ch < (size_t)n_lora; at += lora[ch].floats, ch++) {
+                    float *dev[3] = {lora[ch].params, lora[ch].adam_m, lora[ch].adam_v};
+                    for (int k = 0; k < 3; k++)
+                        be->copy_to_host(be, lora_host[k] + at, dev[k],
+                                         lora[ch].floats * sizeof(float));
+                    rp_lora_unapply(&lora[ch]);
                 }
-                c.lora_floats_per_layer = lora.floats_per_layer;
-                rp_lora_describe(&lora, lora_meta, sizeof lora_meta);
+                for (int k = 0; k < 3; k++) c.lora[k] = lora_host[k];
+                c.lora_floats_per_layer = lora[0].floats_per_layer;
+                rp_lora_describe(&lora[0], lora_meta, sizeof lora_meta);
                 c.lora_meta = lora_meta;
-                rp_lora_unapply(&lora);
             }
             if (o->tune_state) {
                 /* The tuned states and their moments go with it (host copies). */
@@ -1165,7 +1194,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                 goto done;
             st = V && o->zero ? save_checkpoint_zero_chunks(o, tp, &c, izero, err)
                               : save_checkpoint_zero(o, tp, &c, &zero, err);
-            if (o->tune_lora) rp_lora_apply(&lora);
+            for (int ch = 0; o->tune_lora && ch < n_lora; ch++) rp_lora_apply(&lora[ch]);
             if (st != RP_OK) goto done;
             char name[64];
             rp_ckpt_step_name(name, sizeof name, progress.step);
@@ -1201,9 +1230,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     if (st == RP_OK && o->tune_state && o->state_out)
         st = save_tuned_states(model, &pt, o, tp, err);
     if (st == RP_OK && o->tune_lora && o->lora_out && !result->stopped_by_signal)
-        st = save_lora(model, &lora, o, tp, err);
+        st = save_lora(model, lora, o, tp, err);
 done:
-    rp_lora_free(&lora);
+    for (int c = 0; lora && c < n_lora; c++) rp_lora_free(&lora[c]);
+    free(lora);
     for (int k = 0; k < 3; k++) {
         free(tuned_host[k]);
         free(lora_host[k]);
