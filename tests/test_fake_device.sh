@@ -7,7 +7,8 @@
 # host access is a crash here instead of on the GPU machine. Each command runs
 # once on the CPU backend and once on the fake device; the outputs must be
 # identical bit for bit (same thread count): logits (1 process, --pp 2
-# --grads), train (--pp 2 1F1B with M > 1; -np 4 --pp 2 with 2 replicas,
+# --grads), train (--pp 2 1F1B with M > 1; interleaved 1F1B; -np 4 --pp 2
+# with 2 replicas,
 # checkpoints, --resume on 4 and on 1 process; GPipe; a NaN gradient),
 # generate (1 process, --pp 2), eval, and serve (completions and sessions,
 # 1 process and --pp 2). For a wider sweep, the other rwkvpipe scripts
@@ -129,6 +130,14 @@ both pp2 "$MPIRUN" -np 2 "$BIN" "${TRAIN[@]}" --steps 4 --pp 2 --pp-schedule 1f1
 same "$T/pp2.cpu.st" "$T/pp2.fake.st" "train --pp 2 weights"
 same_metrics pp2
 same_checkpoint "$T/ck_pp2.cpu/step-00000004" "$T/ck_pp2.fake/step-00000004"
+ok
+
+check "train: -np 2 --pp 2 --pp-schedule interleaved (2 chunks per stage), checkpoints"
+both ilv "$MPIRUN" -np 2 "$BIN" "${TRAIN[@]}" --steps 4 --pp 2 --pp-schedule interleaved \
+    --micro-batch 1 --metrics "$T/ilv.@.jsonl" -o "$T/ilv.@.st" --checkpoint-dir "$T/ck_ilv.@"
+same "$T/ilv.cpu.st" "$T/ilv.fake.st" "train --pp-schedule interleaved weights"
+same_metrics ilv
+same_checkpoint "$T/ck_ilv.cpu/step-00000004" "$T/ck_ilv.fake/step-00000004"
 ok
 
 check "train: -np 4 --pp 2 (2 data replicas), stopped at step 2, then --resume to step 4"

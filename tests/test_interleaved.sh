@@ -4,7 +4,9 @@
 # simulated bubble (P-1)/(v*M+P-1); bad shapes are refused naming the fix.
 # `train --pp-schedule interleaved` (each stage holding v chunks of layers)
 # trains the same weights as 1F1B and one process byte for byte, with data
-# replicas too, and its checkpoints resume on a plain --pp run and the other
+# replicas too, on the fake device too (backend memory), with --zero 1 the
+# bytes of the run without it, with --tune state and --tune lora 1F1B's
+# tuned states and adapters, and its checkpoints resume on a plain --pp run and the other
 # way round, continuing the same run byte for byte. Run by `make check` (env:
 # top_srcdir, top_builddir, MPIRUN; the training checks need mpirun).
 
@@ -131,6 +133,20 @@ check "interleaved equals one process bit for bit"
 train one 1 --model-config L4-C64-V64 --batch 8 --micro-batch 1
 same_bits one np2_pp2_v2_L4_b8_mb1_inter
 
+# Device backends: the fake device (RWKVPIPE_TEST_FAKE_DEVICE=1, the CPU
+# arithmetic on memory the host cannot touch) moves every activation,
+# gradient, weight and checkpoint byte through the backend; the same bits as
+# the CPU's 1F1B, with data replicas too (their all-reduce staged through
+# host memory). The NCCL links: tests/test_nccl_mock.sh.
+check "interleaved on the fake device equals 1f1b on the CPU bit for bit (-np 2, -np 4 --pp 2)"
+RWKVPIPE_TEST_FAKE_DEVICE=1 train fake_inter 2 --model-config L4-C64-V64 --batch 8 \
+    --micro-batch 1 --pp 2 --pp-schedule interleaved
+grep -q "device fake-device" "$T/stderr" || fail "the run did not use the fake device"
+same_bits np2_pp2_v2_L4_b8_mb1_1f1b fake_inter
+RWKVPIPE_TEST_FAKE_DEVICE=1 train fake_inter_dp2 4 --model-config L4-C64-V64 --batch 8 \
+    --micro-batch 1 --pp 2 --pp-schedule interleaved
+same_bits np4_pp2_v2_L4_b8_mb1_1f1b fake_inter_dp2
+
 # Checkpoints hold every layer under its own name whatever the layout: an
 # interleaved run's resumes on plain 1F1B stages and the other way round,
 # continuing the uninterrupted run byte for byte.
@@ -150,6 +166,141 @@ train ck_plain 2 "${CK[@]}" --pp-schedule 1f1b --stop-after 3 --checkpoint-dir "
 train ck_plain_to_inter 2 "${CK[@]}" --pp-schedule interleaved --resume "$T/ck_plain.ck"
 cmp "$T/np2_pp2_v2_L4_b8_mb1_1f1b.st" "$T/ck_plain_to_inter.st" >/dev/null ||
     fail "resumed on interleaved: weights are not those of the uninterrupted run"
+ok
+
+# --zero 1: each chunk's moments sharded over the data replicas as a
+# stage's are (reduce-scatter, AdamW on the own ranges, all-gather, chunk by
+# chunk); the global norm adds the replicas' per-chunk partials in the
+# unsharded run's order. --grad-clip 0.05 clips every step, so a norm off by
+# a bit changes the weights. Same weights, losses and checkpoint files as
+# without --zero; the checkpoint resumes with --zero and continues the run.
+# same_ck A B STEP: every safetensors file of A's step STEP checkpoint in B's
+same_ck() {
+    local a="$T/$1.ck/step-0000000$3" b="$T/$2.ck/step-0000000$3" n=0 f
+    for f in "$a"/*.safetensors; do
+        [ -e "$f" ] || fail "no checkpoint in $a"
+        cmp -s "$f" "$b/$(basename "$f")" || fail "$2: checkpoint file $(basename "$f") differs"
+        n=$((n + 1))
+    done
+    [ "$n" -ge 12 ] || fail "$1: only $n checkpoint files (weights and moments of 4 chunks)"
+}
+ZSHAPE=(--model-config L4-C64-V64 --micro-batch 1 --pp 2 --pp-schedule interleaved --grad-clip 0.05)
+for layout in "4 8" "6 12"; do
+    set -- $layout
+    check "--zero 1 with interleaved: -np $1 --pp 2 ($(($1 / 2)) replicas) equals the unsharded run"
+    train "zoff_np$1" "$1" "${ZSHAPE[@]}" --batch "$2" --checkpoint-dir "$T/zoff_np$1.ck" \
+        --checkpoint-interval 3
+    train "zon_np$1" "$1" "${ZSHAPE[@]}" --batch "$2" --zero 1 --checkpoint-dir "$T/zon_np$1.ck" \
+        --checkpoint-interval 3
+    grep -q "zero: optimizer state sharded over $(($1 / 2)) data replicas" "$T/stderr" ||
+        fail "no start-up line of the sharded optimizer"
+    same_ck "zoff_np$1" "zon_np$1" 6
+    same_bits "zoff_np$1" "zon_np$1"
+done
+check "--zero 1 with interleaved on the fake device equals the CPU run"
+RWKVPIPE_TEST_FAKE_DEVICE=1 train zon_fake 4 "${ZSHAPE[@]}" --batch 8 --zero 1 \
+    --checkpoint-dir "$T/zon_fake.ck" --checkpoint-interval 3
+same_ck zoff_np4 zon_fake 6
+same_bits zoff_np4 zon_fake
+check "an interleaved --zero 1 checkpoint resumes with --zero 1 and continues the run"
+train zhalf 4 "${ZSHAPE[@]}" --batch 8 --zero 1 --stop-after 3 --checkpoint-dir "$T/zhalf.ck"
+same_ck zoff_np4 zhalf 3
+train zresumed 4 "${ZSHAPE[@]}" --batch 8 --zero 1 --resume "$T/zhalf.ck"
+cmp "$T/zoff_np4.st" "$T/zresumed.st" >/dev/null ||
+    fail "resumed with --zero 1: weights are not those of the uninterrupted run"
+ok
+
+# --tune state: each chunk's tuned WKV states (one buffer per stage, the
+# chunks' layers one after the other); every sequence starts each chunk from
+# its own, its gradient accumulates in micro-batch order per chunk as in
+# 1F1B. The states file, losses and evaluations equal 1F1B's and one
+# process's byte for byte, with data replicas and on the fake device too;
+# a checkpoint (one "tuned" file per model chunk) resumes on 1F1B and the
+# other way round, continuing the run.
+TS=(--model-config L4-C64-V64 --batch 8 --micro-batch 1 --tune state --lr 3e-2 --eval-interval 2)
+# same_state A B: same tuned states file, losses and evaluations
+same_state() {
+    cmp "$T/$1.state" "$T/$2.state" >/dev/null || fail "$2: tuned states differ from $1's"
+    for key in loss eval_loss; do
+        diff <(grep -o "\"$key\":[^,}]*" "$T/$1.jsonl") <(grep -o "\"$key\":[^,}]*" "$T/$2.jsonl") \
+            >/dev/null || fail "$2: ${key}es differ from $1's"
+    done
+    ok "$2"
+}
+check "--tune state with interleaved equals 1f1b and one process bit for bit"
+train ts_one 1 "${TS[@]}" --state-out "$T/ts_one.state"
+train ts_1f1b 2 "${TS[@]}" --pp 2 --pp-schedule 1f1b --state-out "$T/ts_1f1b.state"
+train ts_inter 2 "${TS[@]}" --pp 2 --pp-schedule interleaved --state-out "$T/ts_inter.state"
+same_state ts_1f1b ts_inter
+same_state ts_one ts_inter
+RWKVPIPE_TEST_FAKE_DEVICE=1 train ts_fake 2 "${TS[@]}" --pp 2 --pp-schedule interleaved \
+    --state-out "$T/ts_fake.state"
+same_state ts_1f1b ts_fake
+train ts_1f1b_dp2 4 "${TS[@]}" --pp 2 --pp-schedule 1f1b --state-out "$T/ts_1f1b_dp2.state"
+train ts_inter_dp2 4 "${TS[@]}" --pp 2 --pp-schedule interleaved --state-out "$T/ts_inter_dp2.state"
+same_state ts_1f1b_dp2 ts_inter_dp2
+check "--tune state checkpoints move between interleaved and 1f1b"
+train ts_half_inter 2 "${TS[@]}" --pp 2 --pp-schedule interleaved --stop-after 3 \
+    --state-out "$T/x.state" --checkpoint-dir "$T/ts_half_inter.ck"
+ls "$T/ts_half_inter.ck/step-00000003" | grep -q "^tuned-00003-of-00004" ||
+    fail "no tuned file per model chunk: $(ls "$T/ts_half_inter.ck/step-00000003")"
+train ts_to_1f1b 2 "${TS[@]}" --pp 2 --pp-schedule 1f1b --resume "$T/ts_half_inter.ck" \
+    --state-out "$T/ts_to_1f1b.state"
+cmp "$T/ts_1f1b.state" "$T/ts_to_1f1b.state" >/dev/null ||
+    fail "resumed on 1f1b: the tuned states are not those of the uninterrupted run"
+train ts_half_1f1b 2 "${TS[@]}" --pp 2 --pp-schedule 1f1b --stop-after 3 \
+    --state-out "$T/x.state" --checkpoint-dir "$T/ts_half_1f1b.ck"
+train ts_to_inter 2 "${TS[@]}" --pp 2 --pp-schedule interleaved --resume "$T/ts_half_1f1b.ck" \
+    --state-out "$T/ts_to_inter.state"
+cmp "$T/ts_1f1b.state" "$T/ts_to_inter.state" >/dev/null ||
+    fail "resumed on interleaved: the tuned states are not those of the uninterrupted run"
+ok
+
+# --tune lora: one set of adapters per chunk (each adapter's start depends
+# on its tensor's name only); the optimizer steps each chunk's. The adapter
+# file, the merged weights (-o), losses and evaluations equal 1F1B's and one
+# process's byte for byte, with replicas and on the fake device; a
+# checkpoint (a "lora" file per model chunk) resumes on 1F1B and the other
+# way round, continuing the run.
+TL=(--model-config L4-C64-V64 --batch 8 --micro-batch 1 --tune lora --lora-rank 4 --lr 3e-2
+    --eval-interval 2)
+# same_lora A B: same adapter file, merged weights, losses and evaluations
+same_lora() {
+    cmp "$T/$1.lora" "$T/$2.lora" >/dev/null || fail "$2: LoRA adapters differ from $1's"
+    cmp "$T/$1.st" "$T/$2.st" >/dev/null || fail "$2: merged weights differ from $1's"
+    for key in loss eval_loss; do
+        diff <(grep -o "\"$key\":[^,}]*" "$T/$1.jsonl") <(grep -o "\"$key\":[^,}]*" "$T/$2.jsonl") \
+            >/dev/null || fail "$2: ${key}es differ from $1's"
+    done
+    ok "$2"
+}
+check "--tune lora with interleaved equals 1f1b and one process bit for bit"
+train tl_one 1 "${TL[@]}" --lora-out "$T/tl_one.lora"
+train tl_1f1b 2 "${TL[@]}" --pp 2 --pp-schedule 1f1b --lora-out "$T/tl_1f1b.lora"
+train tl_inter 2 "${TL[@]}" --pp 2 --pp-schedule interleaved --lora-out "$T/tl_inter.lora"
+same_lora tl_1f1b tl_inter
+same_lora tl_one tl_inter
+RWKVPIPE_TEST_FAKE_DEVICE=1 train tl_fake 2 "${TL[@]}" --pp 2 --pp-schedule interleaved \
+    --lora-out "$T/tl_fake.lora"
+same_lora tl_1f1b tl_fake
+train tl_1f1b_dp2 4 "${TL[@]}" --pp 2 --pp-schedule 1f1b --lora-out "$T/tl_1f1b_dp2.lora"
+train tl_inter_dp2 4 "${TL[@]}" --pp 2 --pp-schedule interleaved --lora-out "$T/tl_inter_dp2.lora"
+same_lora tl_1f1b_dp2 tl_inter_dp2
+check "--tune lora checkpoints move between interleaved and 1f1b"
+train tl_half_inter 2 "${TL[@]}" --pp 2 --pp-schedule interleaved --stop-after 3 \
+    --lora-out "$T/x.lora" --checkpoint-dir "$T/tl_half_inter.ck"
+ls "$T/tl_half_inter.ck/step-00000003" | grep -q "^lora-00003-of-00004" ||
+    fail "no lora file per model chunk: $(ls "$T/tl_half_inter.ck/step-00000003")"
+train tl_to_1f1b 2 "${TL[@]}" --pp 2 --pp-schedule 1f1b --resume "$T/tl_half_inter.ck" \
+    --lora-out "$T/tl_to_1f1b.lora"
+cmp "$T/tl_1f1b.lora" "$T/tl_to_1f1b.lora" >/dev/null && cmp "$T/tl_1f1b.st" "$T/tl_to_1f1b.st" \
+    >/dev/null || fail "resumed on 1f1b: not the adapters and weights of the uninterrupted run"
+train tl_half_1f1b 2 "${TL[@]}" --pp 2 --pp-schedule 1f1b --stop-after 3 \
+    --lora-out "$T/x.lora" --checkpoint-dir "$T/tl_half_1f1b.ck"
+train tl_to_inter 2 "${TL[@]}" --pp 2 --pp-schedule interleaved --resume "$T/tl_half_1f1b.ck" \
+    --lora-out "$T/tl_to_inter.lora"
+cmp "$T/tl_1f1b.lora" "$T/tl_to_inter.lora" >/dev/null && cmp "$T/tl_1f1b.st" "$T/tl_to_inter.st" \
+    >/dev/null || fail "resumed on interleaved: not the adapters and weights of the uninterrupted run"
 ok
 
 # mpirun_refused WHAT EXPECTED NP ARGS...: the job fails and says EXPECTED
@@ -172,8 +323,6 @@ mpirun_refused "micro-batches not a multiple of the stages are refused" \
 mpirun_refused "interleaved with --seq-len time chunks is refused" \
     "does not run --seq-len time chunks yet" 2 \
     "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 2 --seq-len 32 -o "$T/never.st"
-mpirun_refused "interleaved with --zero 1 is refused" "does not run with --zero 1 yet" 4 \
-    "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 4 --micro-batch 1 --zero 1 -o "$T/never.st"
 mpirun_refused "--stage-layers with interleaved takes one count per model chunk" \
     "one count per model chunk" 2 \
     "${TRAIN[@]}" --pp 2 --pp-schedule interleaved --batch 2 --stage-layers 2,2 -o "$T/never.st"

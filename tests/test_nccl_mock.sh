@@ -5,7 +5,7 @@
 # schedule that needs two communicators to progress together hangs:
 # - tests/gpu/test_nccl.c (the GPU machine's NCCL check) on 1 and 2 ranks;
 # - training with --pp 2 and --pp 3, GPipe and 1F1B, several micro-batches,
-#   and time chunks on 2 and 3 stages,
+#   time chunks on 2 and 3 stages, and interleaved 1F1B on 2, 3 and 4,
 #   on rwkvpipe_nccl_mock (RWKVPIPE_TEST_FAKE_DEVICE=1: the CPU backend marked
 #   device memory, so activations and gradients go over the NCCL links from
 #   step 2 on) must finish within a generous wall-clock deadline, with the
@@ -20,7 +20,8 @@
 # - train --zero 1 on the mock's device memory: the data replicas' reduce-
 #   scatter and all-gather as grouped ncclSend/ncclRecv on the data group's
 #   communicator (-np 2, -np 3 with uneven ranges, and -np 4 --pp 2 where
-#   the stage links and the data group both carry traffic) finish under the
+#   the stage links and the data group both carry traffic, 1F1B and
+#   interleaved) finish under the
 #   serial mock and give the CPU run's weights without --zero, byte for byte.
 # - the same with the CUDA backend's bf16 weight copies mocked
 #   (RWKVPIPE_TEST_BF16_WEIGHTS=1, tests/nccl_mock/cpu_as_device.c): the
@@ -147,6 +148,7 @@ check "train --zero 1 over the NCCL data group: -np 2, -np 3 (uneven), -np 4 --p
 zero zero_np2 2 --micro-batch 2 --grad-clip 0.05
 zero zero_np3 3 --batch 6 --micro-batch 1 --grad-clip 0.05
 zero zero_np4pp2 4 --pp 2 --micro-batch 2 --grad-clip 0.05
+zero zero_np4pp2_ilv 4 --pp 2 --pp-schedule interleaved --micro-batch 1 --grad-clip 0.05
 ok
 
 # The CUDA backend's bf16 weight copies (RWKVPIPE_TEST_BF16_WEIGHTS=1:
@@ -264,5 +266,18 @@ ok
 check "train --pp 2 and --pp 3 with time chunks (--seq-len 64 --ctx-len 16)"
 run pp2_chunks 2 --pp 2 --seq-len 64 --micro-batch 2
 run pp3_chunks 3 --pp 3 --seq-len 64 --micro-batch 2 --stage-layers 1,2,1
+ok
+
+# Interleaved 1F1B: SEND_ACT with RECV_GRAD and SEND_GRAD with RECV_ACT are
+# grouped as 1F1B's, over the neighbour links; the wrap from stage P-1's
+# chunk c to stage 0's chunk c+1 (and its gradient back) has no link and
+# goes over MPI through host memory.
+check "train --pp-schedule interleaved: --pp 2 (v 2, 3), --pp 3, --pp 4"
+run ilv_pp2 2 --pp 2 --pp-schedule interleaved --micro-batch 1
+run ilv_pp2_v3 2 --pp 2 --pp-schedule interleaved --virtual-stages 3 --micro-batch 1 \
+    --model-config L6-C64-V256
+run ilv_pp3 3 --pp 3 --pp-schedule interleaved --micro-batch 2 --batch 12 \
+    --model-config L6-C64-V256
+run ilv_pp4 4 --pp 4 --pp-schedule interleaved --micro-batch 1 --model-config L8-C64-V256
 ok
 echo "PASS"

@@ -48,13 +48,17 @@ rp_status rp_pipe_trainer_use_zero(rp_pipe_trainer *pt, rp_zero_shard *z, rp_err
     if (pt->tune_state)
         return rp_error_set(err, RP_ERR_ARG, "--zero 1 shards the weights' moments; --tune "
                             "state trains no weights: drop --zero");
-    if (z->dp != pt->dp || (pt->grid && z->rank != pt->grid->replica))
-        return rp_error_set(err, RP_ERR_INTERNAL, "ZeRO shard %d of %d on replica %d of %d",
-                            z->rank, z->dp, pt->grid ? pt->grid->replica : 0, pt->dp);
+    size_t most = 0;
+    for (int c = 0; c < pt->n_virtual; c++) {
+        if (z[c].dp != pt->dp || (pt->grid && z[c].rank != pt->grid->replica))
+            return rp_error_set(err, RP_ERR_INTERNAL, "ZeRO shard %d of %d (chunk %d) on "
+                                "replica %d of %d", z[c].rank, z[c].dp, c,
+                                pt->grid ? pt->grid->replica : 0, pt->dp);
+        if (largest_buffer(&pt->grads[c]) > most) most = largest_buffer(&pt->grads[c]);
+    }
     if (pt->dp > 1) {
         rp_status st = rp_zero_links_create(&pt->zero_links, pt->grid->data_comm, pt->model->be,
-                                            pt->data_nccl, largest_buffer(pt->grads),
-                                            pt->timeout_s, err);
+                                            pt->data_nccl, most, pt->timeout_s, err);
         if (st != RP_OK) return rp_error_prefix(err, "stage %d", pt->stage);
     }
     pt->zero = z;
@@ -125,10 +129,6 @@ rp_status rp_pipe_trainer_init_interleaved(rp_pipe_trainer *pt, rp_model *models
     if (n_virtual < 2)
         return rp_error_set(err, RP_ERR_INTERNAL, "interleaved executor with %d chunks",
                             n_virtual);
-    if (!models[0].be->is_host_memory)
-        return rp_error_set(err, RP_ERR_ARG, "--pp-schedule interleaved runs on host memory "
-                            "only (the CPU backend); the %s backend's is device memory: use "
-                            "1f1b or zb-h1 there", models[0].be->name);
     if (!grid || grid->pp < 2 || !tp)
         return rp_error_set(err, RP_ERR_ARG, "--pp-schedule interleaved needs --pp 2 or more "
                             "(it interleaves chunks across stages)");
@@ -282,7 +282,10 @@ rp_status rp_pipe_trainer_tune_state(rp_pipe_trainer *pt, rp_error *err) {
     rp_backend *be = pt->model->be;
     const rp_config *c = &pt->model->cfg;
     const size_t hnn = (size_t)c->n_head * c->head_size * c->head_size;
-    const size_t n = hnn * (size_t)(pt->model->layer_end - pt->model->layer_begin);
+    /* Interleaved: every chunk's layers, chunk after chunk (tuned_offset). */
+    size_t n = 0;
+    for (int ch = 0; ch < pt->n_virtual; ch++)
+        n += hnn * (size_t)(pt->model[ch].layer_end - pt->model[ch].layer_begin);
     const size_t bytes = (n ? n : 1) * sizeof(float);
     pt->tuned_floats = n;
     pt->tuned = be->alloc(be, bytes);
@@ -303,23 +306,36 @@ rp_status rp_pipe_trainer_tune_state(rp_pipe_trainer *pt, rp_error *err) {
     return RP_OK;
 }
 
+/* Where chunk c's layers start in the tuned states (and their gradient):
+ * the chunks' layers one after the other, [layers][H][N][N]. */
+static size_t tuned_offset(const rp_pipe_trainer *pt, int c) {
+    const rp_config *cfg = &pt->model->cfg;
+    size_t layers = 0;
+    for (int k = 0; k < c; k++)
+        layers += (size_t)(pt->model[k].layer_end - pt->model[k].layer_begin);
+    return layers * (size_t)cfg->n_head * cfg->head_size * cfg->head_size;
+}
+
 /* Every slot's state at the start of a sequence: zero, or with state tuning
- * the tuned WKV states (token shifts zero, as the official state tuning). */
-static void start_state(rp_pipe_trainer *pt) {
+ * the tuned WKV states of chunk c (token shifts zero, as the official state
+ * tuning); pt->state has chunk c's geometry (use_chunk_state). */
+static void start_state(rp_pipe_trainer *pt, int c) {
     rp_backend *be = pt->model->be;
     be->fill_zero(be, pt->state.data,
                   pt->state.floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float));
     if (!pt->tune_state) return;
     const size_t hnn = (size_t)pt->state.n_head * pt->state.head_size * pt->state.head_size;
+    const float *tuned = pt->tuned + tuned_offset(pt, c);
     for (int b = 0; b < pt->micro_batch_size; b++)
         for (int l = pt->state.layer_begin; l < pt->state.layer_end; l++)
             be->copy(be, rp_state_wkv(&pt->state, b, l),
-                     pt->tuned + (size_t)(l - pt->state.layer_begin) * hnn, hnn * sizeof(float));
+                     tuned + (size_t)(l - pt->state.layer_begin) * hnn, hnn * sizeof(float));
 }
 
 /* State tuning: adds d(initial WKV state) of every slot (pt->dstate after a
- * sequence's first backward) to the tuned states' gradient. */
-static void accumulate_tuned_grad(rp_pipe_trainer *pt) {
+ * sequence's first backward, chunk c's geometry) to the tuned states'
+ * gradient. */
+static void accumulate_tuned_grad(rp_pipe_trainer *pt, int c) {
     rp_backend *be = pt->model->be;
     const rp_state *d = &pt->dstate;
     const size_t hnn = (size_t)d->n_head * d->head_size * d->head_size;
@@ -327,10 +343,11 @@ static void accumulate_tuned_grad(rp_pipe_trainer *pt) {
                      d->floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float));
     rp_state host = *d;
     host.data = pt->dstate_host;
+    float *grad = pt->tuned_grad + tuned_offset(pt, c);
     for (int b = 0; b < pt->micro_batch_size; b++)
         for (int l = d->layer_begin; l < d->layer_end; l++) {
             const float *src = rp_state_wkv(&host, b, l);
-            float *dst = pt->tuned_grad + (size_t)(l - d->layer_begin) * hnn;
+            float *dst = grad + (size_t)(l - d->layer_begin) * hnn;
             for (size_t i = 0; i < hnn; i++) dst[i] += src[i];
         }
 }
@@ -550,18 +567,54 @@ static rp_status reduce_grads(rp_pipe_trainer *pt, rp_error *err) {
     return st;
 }
 
-/* --zero 1: every replica's updated ranges to every replica. */
+/* --zero 1: every replica's updated ranges to every replica, chunk by chunk. */
 static rp_status allgather_weights(rp_pipe_trainer *pt, rp_error *err) {
     if (pt->dp <= 1) return RP_OK;
     size_t n;
     float *w;
     rp_status st = RP_OK;
-    for (int i = 0; st == RP_OK && (w = rp_zero_buffer(pt->model, i, &n)); i++)
-        st = rp_zero_links_allgather(pt->zero_links, w, n, err);
-    /* NCCL wrote the other ranges behind the backend: its bf16 copies of
-     * the weights (CUDA) are made again from the fp32 master weights. */
-    if (st == RP_OK && rp_zero_links_bypass_backend(pt->zero_links))
-        rp_model_register_weights(pt->model);
+    for (int c = 0; c < pt->n_virtual && st == RP_OK; c++) {
+        for (int i = 0; st == RP_OK && (w = rp_zero_buffer(&pt->model[c], i, &n)); i++)
+            st = rp_zero_links_allgather(pt->zero_links, w, n, err);
+        /* NCCL wrote the other ranges behind the backend: its bf16 copies
+         * of the weights (CUDA) are made again from the fp32 master weights. */
+        if (st == RP_OK && rp_zero_links_bypass_backend(pt->zero_links))
+            rp_model_register_weights(&pt->model[c]);
+    }
+    return st;
+}
+
+/* --zero 1 over the data replicas: the squared gradient norm from each
+ * replica's ranges. The unsharded run adds, chunk by chunk, the replicas'
+ * range partials in replica order; so does this, from every replica's
+ * per-chunk partials (one all-gather), so both give the same double. */
+static rp_status zero_sum_squares(rp_pipe_trainer *pt, double *sumsq, rp_error *err) {
+    const int V = pt->n_virtual, dp = pt->dp;
+    if (V == 1)
+        return rp_zero_sum_partials(pt->grid->data_comm,
+                                    rp_zero_partial_sum_squares(pt->grads, dp, pt->zero->rank),
+                                    sumsq, pt->timeout_s, err);
+    static const char what[] = "the gradient-norm gather over the data replicas (--zero 1, "
+                               "interleaved)";
+    double *mine = malloc(sizeof(double) * (size_t)V);
+    double *all = malloc(sizeof(double) * (size_t)V * (size_t)dp);
+    rp_status st = RP_OK;
+    if (!mine || !all) st = rp_error_set(err, RP_ERR_NOMEM, "%s: %d x %d partials", what, dp, V);
+    for (int c = 0; st == RP_OK && c < V; c++)
+        mine[c] = rp_zero_partial_sum_squares(&pt->grads[c], dp, pt->zero[c].rank);
+    MPI_Request req;
+    if (st == RP_OK && MPI_Iallgather(mine, V, MPI_DOUBLE, all, V, MPI_DOUBLE,
+                                      pt->grid->data_comm, &req) != MPI_SUCCESS)
+        st = rp_error_set(err, RP_ERR_MPI, "stage %d: %s could not start", pt->stage, what);
+    if (st == RP_OK) st = rp_comm_wait(&req, pt->timeout_s, what, err);
+    if (st == RP_OK) {
+        double s = 0;
+        for (int c = 0; c < V; c++)
+            for (int d = 0; d < dp; d++) s += all[(size_t)d * V + c];
+        *sumsq = s;
+    }
+    free(mine);
+    free(all);
     return st;
 }
 
@@ -594,7 +647,7 @@ static rp_status chunk_forward(rp_pipe_trainer *pt, rp_backward_workspace *tw,
         pt->state.floats_per_slot * (size_t)pt->micro_batch_size * sizeof(float);
     float *kept = pt->chunk_states + (size_t)mb * (state_bytes / sizeof(float));
     if (first) {
-        if (mb % pt->n_chunks == 0) start_state(pt);
+        if (mb % pt->n_chunks == 0) start_state(pt, 0);
         be->copy(be, kept, pt->state.data, state_bytes);
     } else {
         be->copy(be, pt->state.data, kept, state_bytes);
@@ -798,7 +851,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                     rp_error_prefix(err, "stage %d: forward of time chunk %d", pt->stage, mb);
                 break;
             }
-            start_state(pt);
+            start_state(pt, in->chunk);
             if (cm->has_embed &&
                 (st = rp_backward_embed_forward(cm, tw, inputs + (size_t)mb * R, &pt->batch,
                                                 err)) != RP_OK)
@@ -859,7 +912,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                     rp_backward_block_backward(cm, cg, tw, l, &pt->dstate, &pt->batch);
             }
             if (pt->tune_state && (!chunked || mb % pt->n_chunks == 0))
-                accumulate_tuned_grad(pt);
+                accumulate_tuned_grad(pt, in->chunk);
             if (cm->has_embed)
                 rp_backward_embed_backward(cm, cg, tw, inputs + (size_t)mb * R, &pt->batch);
             be->synchronize(be);
@@ -898,7 +951,8 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             double t0 = rp_now_seconds();
             double sumsq = 0;
             if (pt->lora)
-                sumsq = rp_lora_grads(pt->lora, pt->grads);
+                for (int c = 0; c < pt->n_virtual; c++)
+                    sumsq += rp_lora_grads(&pt->lora[c], &pt->grads[c]);
             else if (pt->tune_state)
                 for (size_t k = 0; k < pt->tuned_floats; k++)
                     sumsq += (double)pt->tuned_grad[k] * pt->tuned_grad[k];
@@ -913,11 +967,7 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                             sumsq += rp_zero_partial_sum_squares(&pt->grads[c], pt->dp, d);
                 }
             pt->update_seconds += rp_now_seconds() - t0;
-            if (pt->zero && pt->dp > 1 &&
-                (st = rp_zero_sum_partials(pt->grid->data_comm,
-                                           rp_zero_partial_sum_squares(pt->grads, pt->dp,
-                                                                       pt->zero->rank),
-                                           &sumsq, pt->timeout_s, err)) != RP_OK)
+            if (pt->zero && pt->dp > 1 && (st = zero_sum_squares(pt, &sumsq, err)) != RP_OK)
                 break;
             if ((st = rp_pipe_global_grad_norm(pt->grid ? pt->grid->pipe_comm : MPI_COMM_NULL,
                                                pt->n_stages, sumsq,
@@ -928,9 +978,10 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
             t0 = rp_now_seconds();
             if (pt->lora) {
                 /* Only the adapters move; W' is formed again from them. */
-                rp_lora_step(pt->lora, (float)rp_lr_at(optim, step), optim->beta1, optim->beta2,
-                             optim->eps, optim->weight_decay,
-                             rp_clip_scale(grad_norm, optim->grad_clip), step);
+                for (int c = 0; c < pt->n_virtual; c++)
+                    rp_lora_step(&pt->lora[c], (float)rp_lr_at(optim, step), optim->beta1,
+                                 optim->beta2, optim->eps, optim->weight_decay,
+                                 rp_clip_scale(grad_norm, optim->grad_clip), step);
             } else if (pt->tune_state) {
                 /* Only the tuned states move (AdamW, no weight decay). */
                 be->copy_to_device(be, pt->tuned_grad_dev, pt->tuned_grad,
@@ -942,8 +993,9 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
                           (float)(1.0 - pow(optim->beta1, (double)(step + 1))),
                           (float)(1.0 - pow(optim->beta2, (double)(step + 1))));
             } else if (pt->zero) {
-                rp_zero_optim_step(pt->zero, m, pt->grads, optim, step,
-                                   rp_clip_scale(grad_norm, optim->grad_clip));
+                for (int c = 0; c < pt->n_virtual; c++)
+                    rp_zero_optim_step(&pt->zero[c], &m[c], &pt->grads[c], optim, step,
+                                       rp_clip_scale(grad_norm, optim->grad_clip));
                 pt->update_seconds += rp_now_seconds() - t0;
                 st = allgather_weights(pt, err);
                 t0 = rp_now_seconds();

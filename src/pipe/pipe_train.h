@@ -76,7 +76,8 @@ typedef struct {
     float *tuned_grad, *dstate_host;
     /* LoRA tuning (model/lora.h; NULL: off): the optimizer steps only this
      * stage's adapters, from the reduced d(W') of their targets; the step's
-     * grad_norm is the adapters' gradient norm. Set by the caller. */
+     * grad_norm is the adapters' gradient norm. Set by the caller: one per
+     * chunk ([n_virtual], each over its chunk's model). */
     struct rp_lora_s *lora;
     float *recv_act, *recv_grad;    /* backend landing buffers: x then v_first [2][R*C] */
     rp_transfer act_in[2], grad_in[2];
@@ -108,8 +109,8 @@ typedef struct {
     float *reduce_host;
     size_t reduce_host_floats;
     /* ZeRO-1 (rp_pipe_trainer_use_zero; NULL: off): this replica's shard of
-     * the moments (the caller's), which OPT_STEP steps instead of
-     * adam_m / adam_v. zero_scratch (host, the largest buffer's floats):
+     * the moments (the caller's; one per chunk, [n_virtual]), which OPT_STEP
+     * steps instead of adam_m / adam_v. zero_scratch (host, the largest buffer's floats):
      * the fixed-order reduce-scatter's landing buffer, also used without
      * ZeRO on more than 2 replicas so both runs add in the same order. */
     rp_zero_shard *zero;
@@ -161,9 +162,10 @@ void rp_pipe_trainer_free(rp_pipe_trainer *pt);
 /* Turns on ZeRO-1 (after init; host or device memory, NCCL where the
  * gradients' all-reduce would use it): gradients are reduce-scattered, AdamW runs
  * on z's ranges (z: this replica's shard, rp_zero_shard_init with the grid's
- * dp and replica), the updated ranges are all-gathered. Host memory only
- * (a device backend is refused: no NCCL path yet). The weights equal those
- * of the unsharded run bit for bit (tests/test_zero.sh). */
+ * dp and replica; interleaved: n_virtual shards, one per chunk, each made
+ * from that chunk's gradients), the updated ranges are all-gathered. The
+ * weights equal those of the unsharded run bit for bit (tests/test_zero.sh,
+ * tests/test_interleaved.sh). */
 rp_status rp_pipe_trainer_use_zero(rp_pipe_trainer *pt, rp_zero_shard *z, rp_error *err);
 
 typedef struct {

@@ -305,10 +305,21 @@ static rp_status evaluate(const rp_model *model, const rp_train_options *o, rp_t
             be->fill_zero(be, states[c].data,
                           states[c].floats_per_slot * (size_t)n * sizeof(float));
         const size_t hnn = (size_t)state.n_head * state.head_size * state.head_size;
-        for (int b = 0; tuned && b < n; b++)
+        for (int b = 0; tuned && !n_virtual && b < n; b++)
             for (int l = state.layer_begin; l < state.layer_end; l++)
                 be->copy(be, rp_state_wkv(&state, b, l),
                          tuned + (size_t)(l - state.layer_begin) * hnn, hnn * sizeof(float));
+        /* Interleaved: the chunks' tuned states one after the other. */
+        const float *chunk_tuned = tuned;
+        for (int c = 0; tuned && c < n_virtual; c++) {
+            const rp_state *cs = &states[c];
+            for (int b = 0; b < n; b++)
+                for (int l = cs->layer_begin; l < cs->layer_end; l++)
+                    be->copy(be, rp_state_wkv(cs, b, l),
+                             chunk_tuned + (size_t)(l - cs->layer_begin) * hnn,
+                             hnn * sizeof(float));
+            chunk_tuned += (size_t)(cs->layer_end - cs->layer_begin) * hnn;
+        }
         for (int c = 0; c < n_chunks && st == RP_OK; c++) {
             const int32_t *chunk_targets = targets + (size_t)c * n * T;
             st = n_virtual ? rp_pipe_forward_interleaved(o->chunks, n_virtual, tp, stage,
@@ -440,12 +451,22 @@ static rp_status save_checkpoint(const rp_train_options *o, rp_transport *tp,
     rp_ckpt_file *mine = calloc((size_t)V * RP_CKPT_ROLES, sizeof *mine);
     if (!mine) return rp_error_set(err, RP_ERR_NOMEM, "checkpoint file list");
     int n_mine = 0;
+    /* State tuning, LoRA: the chunks' tuned states, adapters one after the other. */
+    size_t tuned_at = 0, lora_at = 0;
     for (int ch = 0; ch < V && st == RP_OK; ch++) {
         rp_ckpt_contents cc = *c;
         if (V > 1) {
-            cc.weights = &o->chunks[ch];
+            const rp_model *w = &o->chunks[ch];
+            cc.weights = w;
             cc.adam_m = &c->adam_m[ch];
             cc.adam_v = &c->adam_v[ch];
+            for (int k = 0; k < 3; k++) {
+                if (c->tuned[k]) cc.tuned[k] = c->tuned[k] + tuned_at;
+                if (c->lora[k]) cc.lora[k] = c->lora[k] + lora_at;
+            }
+            const size_t layers = (size_t)(w->layer_end - w->layer_begin);
+            tuned_at += layers * w->cfg.n_head * w->cfg.head_size * w->cfg.head_size;
+            lora_at += layers * c->lora_floats_per_layer;
         }
         int n_one = 0;
         st = rp_ckpt_write_shard(step_dir, &cc, ch * g->pp + g->stage, V * g->pp,
@@ -534,6 +555,45 @@ static rp_status save_checkpoint_zero(const rp_train_options *o, rp_transport *t
     return st;
 }
 
+/* save_checkpoint_zero for interleaved stages: each chunk's moments
+ * gathered from its shards (z [v]) to replica 0, then written as the
+ * unsharded interleaved run writes them (one shard per model chunk). */
+static rp_status save_checkpoint_zero_chunks(const rp_train_options *o, rp_transport *tp,
+                                             rp_ckpt_contents *c, const rp_zero_shard *z,
+                                             rp_error *err) {
+    const int V = o->n_virtual, root = z[0].rank == 0;
+    rp_model *m = calloc((size_t)V, sizeof *m), *v = calloc((size_t)V, sizeof *v);
+    rp_status st = m && v ? RP_OK : rp_error_set(err, RP_ERR_NOMEM, "the chunks' moments");
+    for (int ch = 0; ch < V && st == RP_OK && root; ch++) {
+        const rp_model *w = &o->chunks[ch];
+        if ((st = rp_model_alloc(&m[ch], &w->cfg, w->layer_begin, w->layer_end, w->has_embed,
+                                 w->has_head, w->be, err)) == RP_OK)
+            st = rp_model_alloc(&v[ch], &w->cfg, w->layer_begin, w->layer_end, w->has_embed,
+                                w->has_head, w->be, err);
+    }
+    /* The other replicas wait in the gather: a failure ends the job from here. */
+    if (st != RP_OK) rp_error_prefix(err, "the checkpoint's Adam moments (--zero 1)");
+    for (int ch = 0; ch < V && st == RP_OK; ch++) {
+        if (z[ch].dp > 1)
+            st = rp_zero_gather_moments(o->grid->data_comm, &z[ch], root ? &m[ch] : NULL,
+                                        root ? &v[ch] : NULL, o->comm_timeout, err);
+        else
+            rp_zero_put(&z[ch], &m[ch], &v[ch]);
+    }
+    if (st == RP_OK) {
+        c->adam_m = m;
+        c->adam_v = v;
+        st = save_checkpoint(o, tp, c, err);
+    }
+    for (int ch = 0; ch < V; ch++) {
+        if (m) rp_model_free(&m[ch]);
+        if (v) rp_model_free(&v[ch]);
+    }
+    free(m);
+    free(v);
+    return st;
+}
+
 /* The start-up line of memory per rank (this rank: rank 0's, which is
  * printed). Optimizer: the two Adam moments, or their shard. */
 static void print_memory(const rp_train_options *o, const rp_model *model, const rp_model *grads,
@@ -547,6 +607,28 @@ static void print_memory(const rp_train_options *o, const rp_model *model, const
     fprintf(o->progress, "memory per rank (rank 0, stage 0): weights %.2f MiB, gradients %.2f "
             "MiB, optimizer %.2f MiB (%zu bytes: Adam moments%s)\n", weights * 4 / mib,
             grad_floats * 4 / mib, optim * 4 / mib, optim * 4,
+            z && z->dp > 1 ? ", 1/DP shard (--zero 1)" : "");
+    if (z && z->dp > 1)
+        fprintf(o->progress, "zero: optimizer state sharded over %d data replicas (%s)\n",
+                z->dp, rp_zero_links_describe(links));
+}
+
+/* print_memory for interleaved stages: the sums over the v chunks (z:
+ * their shards, NULL without --zero). */
+static void print_memory_chunks(const rp_train_options *o, const rp_model *grads,
+                                const rp_zero_shard *z, const struct rp_zero_links *links) {
+    if (!o->progress) return;
+    size_t n, weights = 0, grad_floats = 0, shard = 0;
+    for (int c = 0; c < o->n_virtual; c++) {
+        for (int i = 0; rp_zero_buffer(&o->chunks[c], i, &n); i++) weights += n;
+        for (int i = 0; rp_zero_buffer(&grads[c], i, &n); i++) grad_floats += n;
+        if (z) shard += z[c].shard_floats;
+    }
+    const size_t optim = 2 * (z ? shard : grad_floats);
+    const double mib = 1024.0 * 1024.0;
+    fprintf(o->progress, "memory per rank (rank 0, stage 0, %d chunks): weights %.2f MiB, "
+            "gradients %.2f MiB, optimizer %.2f MiB (%zu bytes: Adam moments%s)\n",
+            o->n_virtual, weights * 4 / mib, grad_floats * 4 / mib, optim * 4 / mib, optim * 4,
             z && z->dp > 1 ? ", 1/DP shard (--zero 1)" : "");
     if (z && z->dp > 1)
         fprintf(o->progress, "zero: optimizer state sharded over %d data replicas (%s)\n",
@@ -665,15 +747,25 @@ static rp_status save_tuned_states(const rp_model *model, const rp_pipe_trainer 
     rp_status st = RP_OK;
     if (!all || !mine) st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the tuned states");
     else be->copy_to_host(be, mine, pt->tuned, pt->tuned_floats * sizeof(float));
-    if (st == RP_OK && n_stages == 1) memcpy(all, mine, pt->tuned_floats * sizeof(float));
-    for (int s = 1; s < n_stages && st == RP_OK; s++) {
-        const size_t n = hnn * (size_t)(g->layer_end[s] - g->layer_begin[s]);
-        if (stage == 0 || stage == s)
-            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + hnn * g->layer_begin[s] : NULL,
-                                           mine, n * sizeof(float), "tuned states", err);
+    /* In model order: piece k is stage k % P's (interleaved: its chunk
+     * k / P, the chunks' states one after the other in its buffer). */
+    const int V = o->n_virtual > 1 ? o->n_virtual : 1;
+    size_t at[RP_GRID_MAX_STAGES] = {0};  /* each stage's next piece in its buffer */
+    int begin = 0;
+    for (int k = 0; k < V * n_stages && st == RP_OK; k++) {
+        const int s = k % n_stages;
+        const int layers = V > 1 ? o->chunk_layers[k]
+                           : g ? g->layer_end[s] - g->layer_begin[s] : c->n_layer;
+        const size_t n = hnn * (size_t)layers;
+        if (s == 0 && stage == 0)
+            memcpy(all + hnn * (size_t)begin, mine + at[0], n * sizeof(float));
+        else if (stage == 0 || stage == s)
+            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + hnn * (size_t)begin : NULL,
+                                           mine + at[s], n * sizeof(float), "tuned states", err);
+        at[s] += n;
+        begin += layers;
     }
     if (st == RP_OK && stage == 0) {
-        if (n_stages > 1) memcpy(all, mine, pt->tuned_floats * sizeof(float));
         rp_st_writer w;
         rp_st_writer_init(&w);
         const int64_t shape[3] = {c->n_head, c->head_size, c->head_size};
@@ -700,21 +792,34 @@ static rp_status save_lora(const rp_model *model, const rp_lora *lo, const rp_tr
     const rp_config *c = &model->cfg;
     const size_t per = lo->floats_per_layer;
     const int stage = g ? g->stage : 0, n_stages = g ? g->pp : 1;
+    /* lo [V]: interleaved, one per chunk, their adapters one after the other. */
+    const int V = o->n_virtual > 1 ? o->n_virtual : 1;
+    size_t floats = 0;
+    for (int ch = 0; ch < V; ch++) floats += lo[ch].floats;
     float *all = malloc((per * (size_t)c->n_layer + 1) * sizeof(float));
-    float *mine = malloc((lo->floats + 1) * sizeof(float));
+    float *mine = malloc((floats + 1) * sizeof(float));
     rp_status st = RP_OK;
     if (!all || !mine) st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the LoRA adapters");
-    else rp_lora_to_host(lo, mine);
-    for (int s = 1; s < n_stages && st == RP_OK; s++) {
-        const size_t n = per * (size_t)(g->layer_end[s] - g->layer_begin[s]);
-        if (stage == 0 || stage == s)
-            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + per * g->layer_begin[s] : NULL,
-                                           mine, n * sizeof(float), "LoRA adapters", err);
+    for (size_t ch = 0, at = 0; st == RP_OK && ch < (size_t)V; at += lo[ch].floats, ch++)
+        rp_lora_to_host(&lo[ch], mine + at);
+    /* In model order: piece k is stage k % P's (interleaved: its chunk k / P). */
+    size_t at[RP_GRID_MAX_STAGES] = {0};  /* each stage's next piece in its buffer */
+    int begin = 0;
+    for (int k = 0; k < V * n_stages && st == RP_OK; k++) {
+        const int s = k % n_stages;
+        const int layers = V > 1 ? o->chunk_layers[k]
+                           : g ? g->layer_end[s] - g->layer_begin[s] : c->n_layer;
+        const size_t n = per * (size_t)layers;
+        if (s == 0 && stage == 0)
+            memcpy(all + per * (size_t)begin, mine + at[0], n * sizeof(float));
+        else if (stage == 0 || stage == s)
+            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + per * (size_t)begin : NULL,
+                                           mine + at[s], n * sizeof(float), "LoRA adapters", err);
+        at[s] += n;
+        begin += layers;
     }
-    if (st == RP_OK && stage == 0) {
-        memcpy(all, mine, lo->floats * sizeof(float));
+    if (st == RP_OK && stage == 0)
         st = rp_lora_save(c, lo->rank, lo->alpha, lo->targets, all, o->lora_out, err);
-    }
     free(all);
     free(mine);
     return st;
@@ -768,8 +873,11 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     /* Interleaved 1F1B: gradients and moments per chunk, the same executor. */
     const int V = o->n_virtual > 1 ? o->n_virtual : 0;
     rp_model *igrads = NULL, *iadam_m = NULL, *iadam_v = NULL;
-    rp_lora lora;
-    memset(&lora, 0, sizeof lora);
+    rp_zero_shard *izero = NULL;  /* --zero 1: one shard per chunk */
+    /* LoRA: one per chunk (interleaved) or one; lora_floats: theirs summed. */
+    const int n_lora = V ? V : 1;
+    rp_lora *lora = calloc((size_t)n_lora, sizeof *lora);
+    size_t lora_floats = 0;
     float *tuned_host[3] = {NULL, NULL, NULL};  /* state tuning: checkpoint staging */
     float *lora_host[3] = {NULL, NULL, NULL};   /* LoRA: checkpoint staging */
     rp_transport tp_storage, *tp = NULL;
@@ -779,15 +887,13 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     uint8_t *mask = malloc((size_t)B * L);
     int32_t *inputs = malloc((size_t)M * MB * T * sizeof(int32_t));
     int32_t *targets = malloc((size_t)M * MB * T * sizeof(int32_t));
-    if (!tokens || !mask || !inputs || !targets) {
+    if (!tokens || !mask || !inputs || !targets || !lora) {
         st = rp_error_set(err, RP_ERR_NOMEM, "cannot allocate the batch buffers");
         goto done;
     }
     if (V) {
         /* What interleaving does not run yet is refused before any work. */
-        const char *no = o->tune_state ? "--tune state" : o->tune_lora ? "--tune lora"
-                         : o->zero ? "--zero 1" : K > 1 ? "--seq-len longer than --ctx-len "
-                         "(time chunks)" : NULL;
+        const char *no = K > 1 ? "--seq-len longer than --ctx-len (time chunks)" : NULL;
         if (no) {
             st = rp_error_set(err, RP_ERR_ARG, "--pp-schedule interleaved does not run with %s "
                               "yet: use --pp-schedule 1f1b (or zb-h1) for it", no);
@@ -796,17 +902,24 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         igrads = calloc((size_t)V, sizeof *igrads);
         iadam_m = calloc((size_t)V, sizeof *iadam_m);
         iadam_v = calloc((size_t)V, sizeof *iadam_v);
-        if (!igrads || !iadam_m || !iadam_v) {
+        izero = o->zero ? calloc((size_t)V, sizeof *izero) : NULL;
+        if (!igrads || !iadam_m || !iadam_v || (o->zero && !izero)) {
             st = rp_error_set(err, RP_ERR_NOMEM, "the chunks' gradients");
             goto done;
         }
+        /* --zero 1: each chunk's moments sharded as a stage's are; whole
+         * ones only to read a checkpoint into (then freed). */
         for (int c = 0; c < V; c++) {
             const rp_model *cm = &o->chunks[c];
             rp_model *dst[3] = {&igrads[c], &iadam_m[c], &iadam_v[c]};
-            for (int k = 0; k < 3; k++)
+            const int n_alloc = o->zero && !o->resume_path ? 1 : 3;
+            for (int k = 0; k < n_alloc; k++)
                 if ((st = rp_model_alloc(dst[k], cfg, cm->layer_begin, cm->layer_end,
                                          cm->has_embed, cm->has_head, be, err)) != RP_OK)
                     goto done;
+            if (o->zero && (st = rp_zero_shard_init(&izero[c], &igrads[c], DP, replica, err)) !=
+                               RP_OK)
+                goto done;
         }
         if ((st = pipe_transport_open(o, be, &tp_storage, &tp, err)) != RP_OK ||
             (st = world_transport_open(o, &world_storage, &world, err)) != RP_OK ||
@@ -842,22 +955,30 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         goto done;
     pt.halt_on_nan = o->halt_on_nan;
     if (o->tune_state && (st = rp_pipe_trainer_tune_state(&pt, err)) != RP_OK) goto done;
-    if (o->zero && ((st = rp_pipe_trainer_use_zero(&pt, &zero, err)) != RP_OK ||
-                    (st = rp_zero_links_use_model(pt.zero_links, model, err)) != RP_OK))
+    /* (Interleaved: every chunk's weights all-gathered as fp32; the bf16
+     * all-gather follows one model's buffers.) */
+    if (o->zero && ((st = rp_pipe_trainer_use_zero(&pt, V ? izero : &zero, err)) != RP_OK ||
+                    (!V && (st = rp_zero_links_use_model(pt.zero_links, model, err)) != RP_OK)))
         goto done;
     if (!V) print_memory(o, model, &grads, o->zero ? &zero : NULL, pt.zero_links);
+    else print_memory_chunks(o, igrads, izero, pt.zero_links);
     for (int k = 0; o->tune_state && k < 3; k++)
         if (!(tuned_host[k] = malloc((pt.tuned_floats + 1) * sizeof(float)))) {
             st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the tuned states");
             goto done;
         }
     if (o->tune_lora) {
-        if ((st = rp_lora_init(&lora, model, o->lora_rank, o->lora_alpha, o->lora_targets,
-                               o->seed, err)) != RP_OK)
-            goto done;
-        pt.lora = &lora;
+        /* Each adapter's initial values depend on its tensor's name only,
+         * so the chunks' adapters are those of 1F1B's stages. */
+        for (int c = 0; c < n_lora; c++) {
+            if ((st = rp_lora_init(&lora[c], V ? &o->chunks[c] : model, o->lora_rank,
+                                   o->lora_alpha, o->lora_targets, o->seed, err)) != RP_OK)
+                goto done;
+            lora_floats += lora[c].floats;
+        }
+        pt.lora = lora;
         for (int k = 0; k < 3; k++)
-            if (!(lora_host[k] = malloc((lora.floats + 1) * sizeof(float)))) {
+            if (!(lora_host[k] = malloc((lora_floats + 1) * sizeof(float)))) {
                 st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the LoRA adapters");
                 goto done;
             }
@@ -883,11 +1004,23 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             rp_model_free(&adam_m);
             rp_model_free(&adam_v);
         }
+        for (int c = 0; o->zero && c < V; c++) {
+            rp_zero_take(&izero[c], &iadam_m[c], &iadam_v[c]);
+            rp_model_free(&iadam_m[c]);
+            rp_model_free(&iadam_v[c]);
+        }
         if (o->tune_state) {
             /* The states and moments continue exactly where the run stopped. */
-            if ((st = rp_ckpt_load_tuned(o->resume_path, cfg, model->layer_begin,
-                                         model->layer_end, tuned_host, err)) != RP_OK)
-                goto done;
+            size_t at = 0;  /* interleaved: chunk after chunk */
+            for (int c = 0; c < (V ? V : 1) && st == RP_OK; c++) {
+                const rp_model *w = V ? &o->chunks[c] : model;
+                float *out[3] = {tuned_host[0] + at, tuned_host[1] + at, tuned_host[2] + at};
+                st = rp_ckpt_load_tuned(o->resume_path, cfg, w->layer_begin, w->layer_end, out,
+                                        err);
+                at += (size_t)(w->layer_end - w->layer_begin) * cfg->n_head * cfg->head_size *
+                      cfg->head_size;
+            }
+            if (st != RP_OK) goto done;
             float *dev[3] = {pt.tuned, pt.tuned_m, pt.tuned_v};
             for (int k = 0; k < 3; k++)
                 be->copy_to_device(be, dev[k], tuned_host[k], pt.tuned_floats * sizeof(float));
@@ -896,16 +1029,20 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             /* The checkpoint holds the base weights: they become the base,
              * then the adapters and moments continue where the run stopped. */
             char want[192];
-            rp_lora_rebase(&lora);
-            rp_lora_describe(&lora, want, sizeof want);
-            if ((st = rp_ckpt_load_lora(o->resume_path, cfg, model->layer_begin,
-                                        model->layer_end, lora.floats_per_layer, lora_host, want,
-                                        err)) != RP_OK)
-                goto done;
-            float *dev[3] = {lora.params, lora.adam_m, lora.adam_v};
-            for (int k = 0; k < 3; k++)
-                be->copy_to_device(be, dev[k], lora_host[k], lora.floats * sizeof(float));
-            rp_lora_apply(&lora);
+            rp_lora_describe(&lora[0], want, sizeof want);
+            for (size_t c = 0, at = 0; c < (size_t)n_lora; at += lora[c].floats, c++) {
+                rp_lora *lo = &lora[c];
+                rp_lora_rebase(lo);
+                float *out[3] = {lora_host[0] + at, lora_host[1] + at, lora_host[2] + at};
+                if ((st = rp_ckpt_load_lora(o->resume_path, cfg, lo->model->layer_begin,
+                                            lo->model->layer_end, lo->floats_per_layer, out,
+                                            want, err)) != RP_OK)
+                    goto done;
+                float *dev[3] = {lo->params, lo->adam_m, lo->adam_v};
+                for (int k = 0; k < 3; k++)
+                    be->copy_to_device(be, dev[k], out[k], lo->floats * sizeof(float));
+                rp_lora_apply(lo);
+            }
         }
         if (progress.seed != o->seed) {
             st = rp_error_set(err, RP_ERR_ARG,
@@ -1032,15 +1169,17 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             char lora_meta[192];
             if (o->tune_lora) {
                 /* The adapters and their moments, over the base weights. */
-                float *dev[3] = {lora.params, lora.adam_m, lora.adam_v};
-                for (int k = 0; k < 3; k++) {
-                    be->copy_to_host(be, lora_host[k], dev[k], lora.floats * sizeof(float));
-                    c.lora[k] = lora_host[k];
+                for (size_t ch = 0, at = 0; ch < (size_t)n_lora; at += lora[ch].floats, ch++) {
+                    float *dev[3] = {lora[ch].params, lora[ch].adam_m, lora[ch].adam_v};
+                    for (int k = 0; k < 3; k++)
+                        be->copy_to_host(be, lora_host[k] + at, dev[k],
+                                         lora[ch].floats * sizeof(float));
+                    rp_lora_unapply(&lora[ch]);
                 }
-                c.lora_floats_per_layer = lora.floats_per_layer;
-                rp_lora_describe(&lora, lora_meta, sizeof lora_meta);
+                for (int k = 0; k < 3; k++) c.lora[k] = lora_host[k];
+                c.lora_floats_per_layer = lora[0].floats_per_layer;
+                rp_lora_describe(&lora[0], lora_meta, sizeof lora_meta);
                 c.lora_meta = lora_meta;
-                rp_lora_unapply(&lora);
             }
             if (o->tune_state) {
                 /* The tuned states and their moments go with it (host copies). */
@@ -1053,8 +1192,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             /* --zero 1's bf16 all-gather left other ranges' fp32 stale. */
             if (o->zero && (st = rp_zero_links_gather_master(pt.zero_links, model, err)) != RP_OK)
                 goto done;
-            st = save_checkpoint_zero(o, tp, &c, &zero, err);
-            if (o->tune_lora) rp_lora_apply(&lora);
+            st = V && o->zero ? save_checkpoint_zero_chunks(o, tp, &c, izero, err)
+                              : save_checkpoint_zero(o, tp, &c, &zero, err);
+            for (int ch = 0; o->tune_lora && ch < n_lora; ch++) rp_lora_apply(&lora[ch]);
             if (st != RP_OK) goto done;
             char name[64];
             rp_ckpt_step_name(name, sizeof name, progress.step);
@@ -1090,9 +1230,10 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     if (st == RP_OK && o->tune_state && o->state_out)
         st = save_tuned_states(model, &pt, o, tp, err);
     if (st == RP_OK && o->tune_lora && o->lora_out && !result->stopped_by_signal)
-        st = save_lora(model, &lora, o, tp, err);
+        st = save_lora(model, lora, o, tp, err);
 done:
-    rp_lora_free(&lora);
+    for (int c = 0; lora && c < n_lora; c++) rp_lora_free(&lora[c]);
+    free(lora);
     for (int k = 0; k < 3; k++) {
         free(tuned_host[k]);
         free(lora_host[k]);
@@ -1104,6 +1245,8 @@ done:
         if (iadam_m) rp_model_free(&iadam_m[c]);
         if (iadam_v) rp_model_free(&iadam_v[c]);
     }
+    for (int c = 0; izero && c < V; c++) rp_zero_shard_free(&izero[c]);
+    free(izero);
     free(igrads);
     free(iadam_m);
     free(iadam_v);
