@@ -79,6 +79,7 @@ static cudaError_t g_last = cudaSuccess;
 // allocations and frees.
 static unsigned long long g_count_bf16_converts;  // launches of to_bf16_kernel (issue 15)
 static unsigned long long g_count_gemv_group_blocks;  // blocks of gemv_group_kernel launches
+static unsigned long long g_count_pdl_launches;       // launches with the PDL attribute
 static unsigned long long g_count_launches, g_count_copies, g_count_allocs, g_count_graph_launches;
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
 
@@ -870,6 +871,7 @@ void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, std::
     op.what = std::string("kernel ") + kernel;
     op.kernel = true;
     g_pdl_seen = g_pdl_seen || cfg.pdl;
+    g_count_pdl_launches += cfg.pdl;
     op.uses.swap(g_launch_uses);
     op.run = [kernel, cfg, body = std::move(body)] { run_kernel(kernel, cfg, body); };
     enqueue(cfg.stream, std::move(op));
@@ -1024,6 +1026,7 @@ extern "C" void rp_emu_counts(rp_emu_counters *out) {
     out->bf16_converts = g_count_bf16_converts;
     out->graph_launches = g_count_graph_launches;
     out->gemv_group_blocks = g_count_gemv_group_blocks;
+    out->pdl_launches = g_count_pdl_launches;
 }
 
 // ---- cuda_device.cu replacement ----

@@ -15,6 +15,8 @@
 #include <utility>
 #include <algorithm>
 
+// cuda/*.cu compiled over this emulator (device-side PDL calls are emulated).
+#define RP_CUDA_EMU 1
 #define __device__
 #define __host__
 #define __global__
