@@ -84,8 +84,9 @@ static __device__ __forceinline__ float weight_to_float(__nv_bfloat16 v) {
 
 // y [M,N] = x [M,K] W^T + beta y, W [N,K]: a warp per output column n; with
 // vec, each lane loads 16 bytes of W's row at a time (row 16-byte aligned).
+// __launch_bounds__: the launch's block (cudaLaunchKernelEx; ptxas_report.sh reads it).
 template <typename WT>
-__global__ void gemv_out_in_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
+__global__ void __launch_bounds__(256) gemv_out_in_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
                                    float beta, int vec) {
     const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (n >= N) return;  // n is the same for the whole warp: it leaves together
@@ -141,7 +142,7 @@ __global__ void gemv_out_in_kernel(float *y, const float *x, const WT *w, int M,
 // y [M,N] = x [M,K] W + beta y, W [K,N]: 32 columns per block, the K sum
 // split over 8 thread rows and added in row order through shared memory.
 template <typename WT>
-__global__ void gemv_in_out_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
+__global__ void __launch_bounds__(256) gemv_in_out_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
                                    float beta) {
     __shared__ float part[8][RP_GEMV_MAX_M][32];
     const int tx = threadIdx.x, ty = threadIdx.y, n = blockIdx.x * 32 + tx;

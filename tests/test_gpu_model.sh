@@ -6,7 +6,8 @@
 # count (8 per layer with the fused decode ops, layer 0 too, + embedding,
 # ln0, ln_out, head, + the step-input copy; the head reads decode rows in
 # place, no gather), the
-# graph column at least one graph launch plus 1 us per node, and
+# graph column at least one graph launch plus 1 us per node, the graph + PDL
+# column between the bound and the graph and at least 0.5 us per node, and
 # every predicted time must be at or above its bound (the WKV7 section's too).
 # Run by make check.
 

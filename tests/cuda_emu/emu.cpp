@@ -165,8 +165,8 @@ static void run_until(rp_emu_stream *s, unsigned long long seq) {
         if (op.dep) run_until(op.dep, op.dep_seq);
         g_run_stream = s;
         if (op.run) op.run();
-        // A copy, memset, GEMM, wait or event between kernels: the next
-        // kernel starts after it completed, PDL or not.
+        // A copy, memset, wait or event between kernels: the next kernel
+        // starts after it completed, PDL or not (a GEMM is a kernel).
         if (!op.kernel) s->pdl_hazard.clear();
         s->done++;
     }
@@ -725,7 +725,11 @@ static inline void check_access(const void *p, size_t n, bool write) {
 typedef std::vector<std::pair<uintptr_t, uintptr_t>> byte_ranges;
 static const byte_ranges *g_pdl_hazard;  // the running PDL kernel's, else null
 static byte_ranges g_pdl_writes;         // device bytes the running kernel wrote
-static bool g_pdl_triggered_early;       // a thread triggered dependents before its grid sync
+// A block releases the next PDL kernel when a thread of it triggers or when
+// it exits; it does so before the kernel before it completed when a thread
+// triggered before its own grid sync, or when no thread of it waited at all.
+static bool g_blk_triggered_early, g_blk_synced;
+static bool g_pdl_all_early;  // every block so far released early
 static void merge_ranges(byte_ranges &r) {
     std::sort(r.begin(), r.end());
     size_t k = 0;
@@ -761,18 +765,20 @@ static void pdl_kernel_start(bool pdl) {
     rp_emu_stream *s = g_run_stream;
     g_pdl_hazard = pdl && s && !s->pdl_hazard.empty() ? &s->pdl_hazard : nullptr;
     g_pdl_writes.clear();
-    g_pdl_triggered_early = false;
+    g_pdl_all_early = true;
     g_pdl_track = g_pdl_hazard || g_pdl_seen;
 }
+static void pdl_block_start() { g_blk_triggered_early = g_blk_synced = false; }
+static void pdl_block_end() { g_pdl_all_early = g_pdl_all_early && (g_blk_triggered_early || !g_blk_synced); }
 static void pdl_kernel_end(bool pdl) {
     rp_emu_stream *s = g_run_stream;
     g_pdl_track = false;
     g_pdl_hazard = nullptr;
     if (!s) return;
     merge_ranges(g_pdl_writes);
-    // Dependents of a PDL kernel that triggered before its own grid sync may
-    // also overlap the kernel before it: its hazards carry over.
-    if (!(pdl && g_pdl_triggered_early)) s->pdl_hazard.clear();
+    // Dependents of a PDL kernel whose every block released them before the
+    // kernel before it completed may overlap that one too: its hazards carry over.
+    if (!(pdl && g_pdl_all_early)) s->pdl_hazard.clear();
     s->pdl_hazard.insert(s->pdl_hazard.end(), g_pdl_writes.begin(), g_pdl_writes.end());
     merge_ranges(s->pdl_hazard);
     g_pdl_writes.clear();
@@ -780,10 +786,11 @@ static void pdl_kernel_end(bool pdl) {
 void cudaGridDependencySynchronize() {
     if (!g_in_kernel) die("cudaGridDependencySynchronize outside a kernel");
     g_fib[g_cur].dep_synced = true;
+    g_blk_synced = true;
 }
 void cudaTriggerProgrammaticLaunchCompletion() {
     if (!g_in_kernel) die("cudaTriggerProgrammaticLaunchCompletion outside a kernel");
-    if (!g_fib[g_cur].dep_synced) g_pdl_triggered_early = true;
+    if (!g_fib[g_cur].dep_synced) g_blk_triggered_early = true;
 }
 cudaError_t rp_emu_launch_ex_cfg(const char *name, const cudaLaunchConfig_t *c, rp_emu_cfg *out) {
     if (!c || (c->numAttrs && !c->attrs)) die("cudaLaunchKernelEx(%s): no config or attributes", name);
@@ -905,6 +912,7 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
         memset(g_dyn.data(), 0xff, g_dyn.size());
         g_poisoned.clear();
         smem_block_start();
+        pdl_block_start();
         for (size_t t = 0; t < nthreads; t++) {
             fiber &f = g_fib[t];
             f.lin = (unsigned)t;
@@ -942,6 +950,7 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
             for (size_t t = 0; t < nthreads; t++) if (g_fib[t].state == F_BAR) g_fib[t].state = F_RUN;
             g_interval++;  // a new barrier interval for the race log
         }
+        pdl_block_end();
     }
     g_body = nullptr;
     g_in_kernel = false;
@@ -989,7 +998,12 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     stream_op op;
     op.what = "cublasGemmEx";
     op.uses = {base_of(A), base_of(B), base_of(C_)};
+    op.kernel = true;  // a GEMM kernel: a PDL kernel after it may overlap its writes of C
     op.run = [=] {
+    if (g_run_stream) {
+        const uintptr_t c0 = (uintptr_t)C_;
+        g_run_stream->pdl_hazard.assign(1, {c0, c0 + ((size_t)(n - 1) * ldc + m) * ces});
+    }
     float *C = (float *)C_;
     std::vector<float> Am((size_t)m * k), Bm((size_t)n * k);  // Am[i][l] = op(A)(i,l); Bm[j][l] = op(B)(l,j)
     for (int i = 0; i < m; i++)
