@@ -28,6 +28,20 @@
  * replayed CUDA graph: the floor of every small kernel. */
 #define LAUNCH_S 5e-6
 #define GRAPH_LAUNCH_S 1e-6
+/* Programmatic dependent launch (Hopper; cuda/cuda_internal.h, docs/gpu.md
+ * "(issue 15) PDL"): the decode GEMVs and time_mix_heads are launched with
+ * the programmatic stream serialization attribute and trigger their
+ * dependents right after their own grid dependency sync. Assumed: a node
+ * whose predecessor triggers it early launches and prefetches its weights
+ * while that one runs (the CUDA programming guide, "Programmatic Dependent
+ * Launch and Synchronization": the secondary's work that does not depend
+ * on the primary overlaps it), so only the dependency wait and the
+ * x-dependent part stay serial: the node's floor drops from GRAPH_LAUNCH_S
+ * to PDL_NODE_S. 0.5 us is an assumption (half a graph node), not a
+ * measurement; a node after a kernel that does not trigger (ln_shift_mix,
+ * layernorm, embedding, the step-input copy) keeps GRAPH_LAUNCH_S, and no
+ * weight streaming is credited against a predecessor's idle bandwidth. */
+#define PDL_NODE_S 0.5e-6
 /* The training step modelled: one micro-batch of this many sequences. */
 #define TRAIN_SEQS 8
 #define TRAIN_T 4096
@@ -45,13 +59,14 @@
 typedef struct {
     const char *name;
     double launches, bytes, flops;
-    double t_bound, t_plain, t_graph; /* seconds, summed over launches */
+    double t_bound, t_plain, t_graph, t_pdl; /* seconds, summed over launches */
 } kernel;
 
 typedef struct {
     kernel k[64];
     int n;
     double weight_bytes; /* bytes of weights read (decode floor) */
+    int pdl_edge;        /* the next launches follow a kernel that triggers them early (PDL) */
 } kernel_list;
 
 /* count launches of one kernel, each moving bytes and doing flops. */
@@ -75,7 +90,9 @@ static void add(kernel_list *l, const char *name, double count, double bytes, do
     k->flops += count * flops;
     k->t_bound += count * bound;
     k->t_plain += count * (bound > LAUNCH_S ? bound : LAUNCH_S);
-    k->t_graph += count * (bound > GRAPH_LAUNCH_S ? bound : GRAPH_LAUNCH_S);
+    const double node = bound > GRAPH_LAUNCH_S ? bound : GRAPH_LAUNCH_S;
+    k->t_graph += count * node;
+    k->t_pdl += count * (l->pdl_edge ? (bound > PDL_NODE_S ? bound : PDL_NODE_S) : node);
 }
 
 /* An elementwise op over R rows of width W: `io` fp32 vectors read or
@@ -111,6 +128,9 @@ static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R
     const int loras = layer == 0 ? 3 : 4; /* layer 0 has no value LoRA */
     const double state = 4.0 * H * N * N;
     double bytes = 0, flops = 0;
+    /* PDL edges: a GEMV or time_mix_heads after a kernel that triggers
+     * (cuda_decode.cu, cuda_matmul.cu); ln_shift_mix does not trigger. */
+    l->pdl_edge = 0;
     ew(l, "ln_shift_mix (time mix)", 1, R, C, 2 + 1 + 6, 2 + 6, 8 + 3 * 6);
     for (int i = 0; i < 3; i++) gemv_part(l, &bytes, &flops, R, C, C, 0);
     for (int i = 0; i < loras; i++) {
@@ -121,6 +141,7 @@ static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R
         bytes += split > 1 ? 2 * 4.0 * split * R * ranks[i] : 0;
     }
     add(l, "gemv_group (r, k, v, LoRA downs split-K)", 1, bytes, flops, 0);
+    l->pdl_edge = 1;
     bytes = flops = 0;
     for (int i = 0; i < loras; i++) {
         gemv_part(l, &bytes, &flops, R, C, ranks[i], 0);
@@ -132,9 +153,12 @@ static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R
     add(l, "time_mix_heads", 1, 4.0 * C * (13 * R + 5) + 2 * S * state,
         WKV_FLOPS_PER_ELEM * R * C * N + 30 * R * C, 0);
     gemv(l, "GEMV C x C (output)", 1, R, C, C, 1);
+    l->pdl_edge = 0;
     ew(l, "ln_shift_mix (channel mix)", 1, R, C, 2 + 1 + 1, 2 + 1, 8 + 3);
     gemv(l, "gemv_group (FFN key + relu^2)", 1, R, F, C, 0);
+    l->pdl_edge = 1;
     gemv(l, "GEMV FFN value (F -> C)", 1, R, C, F, 1);
+    l->pdl_edge = 0;
 }
 
 /* fp32 -> bf16 conversion kernel of an R x W activation. */
@@ -303,23 +327,30 @@ static double sum(const kernel_list *l, int field) {
              : field == 2 ? k->flops
              : field == 3 ? k->t_bound
              : field == 4 ? k->t_plain
-                          : k->t_graph;
+             : field == 5 ? k->t_graph
+                          : k->t_pdl;
     }
     return s;
 }
 
-static void print_table(FILE *out, const kernel_list *l, double per) {
-    fprintf(out, "| kernel | launches | MB moved | GFLOP | bound us | us (no graph) | us (graph) |\n"
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+/* decode: with the graph + PDL column. */
+static void print_table(FILE *out, const kernel_list *l, double per, int decode) {
+    fprintf(out, "| kernel | launches | MB moved | GFLOP | bound us | us (no graph) | us (graph) |%s\n"
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |%s\n",
+            decode ? " us (graph + PDL) |" : "", decode ? " ---: |" : "");
     for (int i = 0; i < l->n; i++) {
         const kernel *k = &l->k[i];
-        fprintf(out, "| %s | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |\n", k->name,
+        fprintf(out, "| %s | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |", k->name,
                 k->launches / per, k->bytes / per / 1e6, k->flops / per / 1e9,
                 k->t_bound / per * 1e6, k->t_plain / per * 1e6, k->t_graph / per * 1e6);
+        if (decode) fprintf(out, " %.2f |", k->t_pdl / per * 1e6);
+        fprintf(out, "\n");
     }
-    fprintf(out, "| **total** | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |\n\n", sum(l, 0) / per,
+    fprintf(out, "| **total** | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |", sum(l, 0) / per,
             sum(l, 1) / per / 1e6, sum(l, 2) / per / 1e9, sum(l, 3) / per * 1e6,
             sum(l, 4) / per * 1e6, sum(l, 5) / per * 1e6);
+    if (decode) fprintf(out, " %.2f |", sum(l, 6) / per * 1e6);
+    fprintf(out, "\n\n");
 }
 
 /* A decode step of G sequences (rp_model_step). Besides the kernels it has
@@ -611,15 +642,19 @@ int gpu_model_print(FILE *out) {
             "one kernel per backend op. A decode step of up to 64 sequences runs as one "
             "CUDA graph (cuda/cuda_graph.cu: warm-up, capture, then replays): its time is "
             "one cudaGraphLaunch (%.0f us) plus its nodes; the no-graph column is the "
-            "same step op by op (larger batches, the first two steps of a batch size).\n\n",
+            "same step op by op (larger batches, the first two steps of a batch size). "
+            "Graph + PDL: the decode GEMVs and time_mix_heads launched with programmatic "
+            "dependent launch; a node that a triggering kernel precedes costs max(bound, "
+            "%.1f us) (an assumption, bench/gpu_model.c PDL_NODE_S), the others as in the "
+            "graph.\n\n",
             HBM_BYTES_PER_S / 1e12, BF16_TENSOR_FLOPS / 1e12, FP32_FLOPS / 1e12,
-            LAUNCH_S * 1e6, GRAPH_LAUNCH_S * 1e6, LAUNCH_S * 1e6);
+            LAUNCH_S * 1e6, GRAPH_LAUNCH_S * 1e6, LAUNCH_S * 1e6, PDL_NODE_S * 1e6);
     static kernel_list l;
     fprintf(out, "## Decode, batch 1: predicted time per token against the weight floor\n\n"
                  "| shape | kernels + copies/token | weight MB | floor us | predicted us (no "
                  "graph) | x floor | predicted us (graph) | x floor | bound us (no launch cost) "
-                 "|\n"
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+                 "| predicted us (graph + PDL) | x floor |\n"
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for (int s = 0; s < 3; s++) {
         rp_config c;
         rp_error err;
@@ -634,17 +669,21 @@ int gpu_model_print(FILE *out) {
                            (long long)c.vocab_size * c.n_embd);
         const double floor = wbytes / HBM_BYTES_PER_S;
         const double graph = LAUNCH_S + sum(&l, 5); /* one cudaGraphLaunch + its nodes */
-        fprintf(out, "| %s (L%d C%d) | %.0f | %.1f | %.1f | %.1f | %.2f | %.1f | %.2f | %.1f |\n",
+        const double pdl = LAUNCH_S + sum(&l, 6);
+        fprintf(out,
+                "| %s (L%d C%d) | %.0f | %.1f | %.1f | %.1f | %.2f | %.1f | %.2f | %.1f | %.1f | "
+                "%.2f |\n",
                 shapes[s], c.n_layer, c.n_embd, sum(&l, 0), wbytes / 1e6, floor * 1e6,
                 sum(&l, 4) * 1e6, sum(&l, 4) / floor, graph * 1e6, graph / floor,
-                sum(&l, 3) * 1e6);
+                sum(&l, 3) * 1e6, pdl * 1e6, pdl / floor);
     }
     fprintf(out, "\nGoal: <= 1.3x the floor.\n\n");
     fprintf(out, "## Decode groups: aggregate tokens/s against the weight floor (graph)\n\n"
                  "A group of G sequences is one step (one graph, W read once for all G rows); "
                  "the floor is G tokens per weight read.\n\n"
                  "| shape | G | nodes/step | predicted us/step | tokens/s | floor tokens/s | "
-                 "x floor |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+                 "x floor | us/step (PDL) | x floor (PDL) |\n"
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     static const int groups[4] = {1, 8, 16, 64};
     for (int s = 0; s < 3; s++) {
         rp_config c;
@@ -655,9 +694,10 @@ int gpu_model_print(FILE *out) {
                                       (long long)c.vocab_size * c.n_embd) / HBM_BYTES_PER_S;
         for (int g = 0; g < 4; g++) {
             decode_step(&l, &c, groups[g]);
-            const double t = LAUNCH_S + sum(&l, 5);
-            fprintf(out, "| %s | %d | %.0f | %.1f | %.0f | %.0f | %.2f |\n", shapes[s], groups[g],
-                    sum(&l, 0), t * 1e6, groups[g] / t, groups[g] / floor, t / floor);
+            const double t = LAUNCH_S + sum(&l, 5), t_pdl = LAUNCH_S + sum(&l, 6);
+            fprintf(out, "| %s | %d | %.0f | %.1f | %.0f | %.0f | %.2f | %.1f | %.2f |\n",
+                    shapes[s], groups[g], sum(&l, 0), t * 1e6, groups[g] / t, groups[g] / floor,
+                    t / floor, t_pdl * 1e6, t_pdl / floor);
         }
     }
     fprintf(out, "\n");
@@ -698,9 +738,10 @@ int gpu_model_print(FILE *out) {
         decode_step(&l, &c, 1);
         fprintf(out, "## Decode kernels per token, %s (L%d C%d F%d V%d)\n\n", shapes[s],
                 c.n_layer, c.n_embd, c.dim_ffn, c.vocab_size);
-        print_table(out, &l, 1);
+        print_table(out, &l, 1, 1);
         fprintf(out, "Replayed as one CUDA graph, the step adds one cudaGraphLaunch (%.0f us): "
-                     "%.2f us in all.\n\n", LAUNCH_S * 1e6, (LAUNCH_S + sum(&l, 5)) * 1e6);
+                     "%.2f us in all (%.2f us with PDL).\n\n",
+                LAUNCH_S * 1e6, (LAUNCH_S + sum(&l, 5)) * 1e6, (LAUNCH_S + sum(&l, 6)) * 1e6);
     }
     for (int s = 1; s < 3; s++) {
         rp_config c;
@@ -709,7 +750,7 @@ int gpu_model_print(FILE *out) {
         train_step(&l, &c, (double)TRAIN_SEQS * TRAIN_T, TRAIN_SEQS);
         fprintf(out, "## Training kernels per step, %s, %d x T=%d (all layers)\n\n", shapes[s],
                 TRAIN_SEQS, TRAIN_T);
-        print_table(out, &l, 1);
+        print_table(out, &l, 1, 0);
     }
     return 0;
 }

@@ -7,6 +7,8 @@
 #include "cuda_internal.h"
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #define DEC_FULL_MASK 0xffffffffu
 #define DEC_THREADS 256
@@ -223,6 +225,34 @@ static __device__ void dec_in_out(const dec_job &j, int M_all, int blk,
     if (threadIdx.x == 0) j.count[tile] = 0u;  // ready for the next launch (or graph replay)
 }
 
+// The block's slice of W into L2 before the grid dependency sync (PDL):
+// weights do not depend on the kernel before, and a prefetch reads no value,
+// so this overlaps that kernel's tail with this one's weight stream. W [N,K]:
+// each warp's row n, lanes over its 128-byte lines; W [K,N]: each thread
+// row's 32 columns, from the lane at a line start (or lane 0).
+static __device__ void dec_prefetch(const dec_job &j, int blk) {
+    const size_t esize = j.w_bf16 ? 2 : 4;
+    const char *w = (const char *)j.w;
+    if (!j.in_out) {
+        const int lane = threadIdx.x & 31, n = blk * (DEC_THREADS / 32) + (threadIdx.x >> 5);
+        if (n >= j.N) return;
+        const uintptr_t lo = (uintptr_t)(w + (size_t)n * j.K * esize);
+        const uintptr_t hi = lo + (size_t)j.K * esize;
+        for (uintptr_t a = (lo & ~(uintptr_t)127) + (uintptr_t)lane * 128; a < hi; a += 32 * 128)
+            rp_prefetch_l2((const void *)a);
+        return;
+    }
+    const int tile = blk % j.tiles, slice = blk / j.tiles;
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, n = tile * 32 + tx;
+    if (n >= j.N) return;
+    const int k_begin = slice * j.k_slice;
+    const int k_end = j.K < k_begin + j.k_slice ? j.K : k_begin + j.k_slice;
+    for (int k = k_begin + ty; k < k_end; k += 8) {
+        const char *a = w + ((size_t)k * j.N + n) * esize;
+        if (tx == 0 || (uintptr_t)a % 128 == 0) rp_prefetch_l2(a);
+    }
+}
+
 // __launch_bounds__(.., 2): with the row-block loop ptxas picked 80 registers
 // and spilled 4 bytes; 2 blocks/SM (128 registers) keep it spill-free.
 // One grid over all jobs: block b belongs to the last job whose block_begin
@@ -235,6 +265,10 @@ static __global__ void __launch_bounds__(DEC_THREADS, 2) gemv_group_kernel(dec_j
     while (ji + 1 < jobs.n_jobs && jobs.job[ji + 1].block_begin <= (int)blockIdx.x) ji++;
     const dec_job &j = jobs.job[ji];
     const int blk = (int)blockIdx.x - j.block_begin;
+    dec_prefetch(j, blk);
+    // x, y (beta), the split-K partials and counts: the kernels before wrote them.
+    rp_pdl_wait();
+    rp_pdl_trigger();
     if (j.in_out) {
         if (j.w_bf16)
             dec_in_out<__nv_bfloat16>(j, jobs.M, blk, part, last);
@@ -318,7 +352,10 @@ static void dec_launch(rp_cuda_ctx *cx, const rp_gemv_job *jobs, int n_jobs, int
         blocks += g->w_in_out ? d.tiles * d.split
                               : (g->N + DEC_THREADS / 32 - 1) / (DEC_THREADS / 32);
     }
-    gemv_group_kernel<<<blocks, DEC_THREADS, 0, cx->stream>>>(p);
+    cudaLaunchAttribute attr[1];
+    const cudaLaunchConfig_t cfg = rp_cuda_pdl_config(cx, dim3((unsigned)blocks), dim3(DEC_THREADS), attr);
+    // A launch error is also the last error, which RP_CUDA_LAUNCHED records.
+    (void)cudaLaunchKernelEx(&cfg, gemv_group_kernel, p);
     RP_CUDA_LAUNCHED(cx, "gemv_group");
 }
 
@@ -420,6 +457,10 @@ static __global__ void __launch_bounds__(DEC_HEAD_THREADS) time_mix_heads_kernel
     __shared__ __align__(16) float vec[HV_COUNT * DEC_N];
     const rp_time_mix_heads &a = q.a;
     const int s = blockIdx.x, h = blockIdx.y, C = a.C;
+    // Everything it reads but the parameters comes from the kernels before
+    // (PDL: only the launch overlaps their tail).
+    rp_pdl_wait();
+    rp_pdl_trigger();
     const size_t o = (size_t)q.row_begin[s] * C + (size_t)h * DEC_N;
     const int hc = h * DEC_N;  // first channel of the head in [C] vectors
     if (threadIdx.x < 32) {
@@ -543,8 +584,53 @@ static void cuda_time_mix_heads(rp_backend *be, const rp_time_mix_heads *a,
     q.row_begin = b.row_begin;
     q.slot = b.slot;
     const dim3 grid((unsigned)batch->n_seq, (unsigned)(a->C / DEC_N));
-    time_mix_heads_kernel<<<grid, DEC_HEAD_THREADS, 0, cx->stream>>>(q);
+    cudaLaunchAttribute attr[1];
+    const cudaLaunchConfig_t cfg = rp_cuda_pdl_config(cx, grid, dim3(DEC_HEAD_THREADS), attr);
+    (void)cudaLaunchKernelEx(&cfg, time_mix_heads_kernel, q);
     RP_CUDA_LAUNCHED(cx, "time_mix_heads");
+}
+
+// ---- programmatic dependent launch (cuda_internal.h) ----
+
+// On unless RWKVPIPE_CUDA_PDL=0, on an sm_90+ device with CUDA 12.3+ (stream
+// capture keeps programmatic edges in the step graphs) and kernels compiled
+// for sm_90+ (rp_pdl_wait is compiled out below that, and a PDL launch of a
+// kernel without it would race). Decided once per context, at its first
+// decode launch (the eager warm-up step, never inside a capture).
+static int dec_pdl_on(rp_cuda_ctx *cx) {
+    if (cx->pdl) return cx->pdl == 2;
+    const char *env = getenv("RWKVPIPE_CUDA_PDL");
+    int on = !(env && !strcmp(env, "0"));
+    int major = 0, runtime = 0, driver = 0;
+    cudaFuncAttributes fa;
+    memset(&fa, 0, sizeof fa);
+    if (on && (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cx->device) !=
+                   cudaSuccess ||
+               cudaRuntimeGetVersion(&runtime) != cudaSuccess ||
+               cudaDriverGetVersion(&driver) != cudaSuccess ||
+               cudaFuncGetAttributes(&fa, gemv_group_kernel) != cudaSuccess)) {
+        cudaGetLastError();  // a failed query only turns PDL off
+        on = 0;
+    }
+    if (major < 9 || runtime < 12030 || driver < 12030 || fa.ptxVersion < 90) on = 0;
+    cx->pdl = on ? 2 : 1;
+    return on;
+}
+
+cudaLaunchConfig_t rp_cuda_pdl_config(rp_cuda_ctx *cx, dim3 grid, dim3 block,
+                                      cudaLaunchAttribute *attr) {
+    cudaLaunchConfig_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = cx->stream;
+    memset(attr, 0, sizeof *attr);
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = dec_pdl_on(cx) ? 1 : 0;
+    return cfg;
 }
 
 // After rp_cuda_install_matmul: wraps its matmul_linear / matmul_lora.

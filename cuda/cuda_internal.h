@@ -122,9 +122,41 @@ struct rp_cuda_ctx {
     void (*dec_base_lora)(rp_backend *, float *, const float *, const float *, int, int, int,
                           float);
     int decode_rows;
+    int pdl;  // programmatic dependent launch of the decode kernels: 0 undecided, 1 off, 2 on
 };
 
 static inline rp_cuda_ctx *rp_cuda_of(rp_backend *be) { return (rp_cuda_ctx *)be->impl; }
+
+// Programmatic dependent launch (Hopper, docs/gpu.md "(issue 15) PDL"): the
+// decode kernels are launched with cudaLaunchKernelEx and the programmatic
+// stream serialization attribute, so a kernel may start while the one before
+// it on the stream still runs. Such a kernel issues only L2 prefetches of its
+// weights (which nothing before it writes) until rp_pdl_wait, then calls
+// rp_pdl_trigger to let the next one start. Off with RWKVPIPE_CUDA_PDL=0, on
+// devices before sm_90 and for code built for them (cuda_decode.cu).
+cudaLaunchConfig_t rp_cuda_pdl_config(rp_cuda_ctx *cx, dim3 grid, dim3 block,
+                                      cudaLaunchAttribute *attr /* [1] */);
+// Waits for the kernel before (a no-op in a launch without the attribute).
+static __device__ __forceinline__ void rp_pdl_wait(void) {
+#if defined(RP_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+    cudaGridDependencySynchronize();
+#endif
+}
+// The next PDL kernel may start once every block called this or exited.
+static __device__ __forceinline__ void rp_pdl_trigger(void) {
+#if defined(RP_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+    cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+// Brings the 128-byte line holding p into L2: no value is read, so it is
+// safe before rp_pdl_wait whatever the kernel before writes.
+static __device__ __forceinline__ void rp_prefetch_l2(const void *p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
+}
 
 // Records the first failure (call text, file, line, CUDA's message) in
 // cx->error. Returns 1 when rc is cudaSuccess.

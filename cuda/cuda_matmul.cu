@@ -98,12 +98,22 @@ static __device__ __forceinline__ float weight_to_float(__nv_bfloat16 v) {
 
 // y [M,N] = x [M,K] W^T + beta y, W [N,K]: a warp per output column n; with
 // vec, each lane loads 16 bytes of W's row at a time (row 16-byte aligned).
+// __launch_bounds__: the launch's block (cudaLaunchKernelEx; ptxas_report.sh reads it).
 template <typename WT>
-__global__ void gemv_out_in_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
+__global__ void __launch_bounds__(256) gemv_out_in_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
                                    float beta, int vec) {
     const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (n >= N) return;  // n is the same for the whole warp: it leaves together
     const WT *wn = w + (size_t)n * K;
+    // PDL (cuda_internal.h): W's row into L2 while the kernel before ends,
+    // then x and y, which it may write, after the grid dependency sync.
+    {
+        const uintptr_t lo = (uintptr_t)wn, hi = lo + (size_t)K * sizeof(WT);
+        for (uintptr_t a = (lo & ~(uintptr_t)127) + (uintptr_t)lane * 128; a < hi; a += 32 * 128)
+            rp_prefetch_l2((const void *)a);
+    }
+    rp_pdl_wait();
+    rp_pdl_trigger();
     float acc[RP_GEMV_MAX_M];
 #pragma unroll
     for (int m = 0; m < RP_GEMV_MAX_M; m++) acc[m] = 0.0f;
@@ -146,10 +156,17 @@ __global__ void gemv_out_in_kernel(float *y, const float *x, const WT *w, int M,
 // y [M,N] = x [M,K] W + beta y, W [K,N]: 32 columns per block, the K sum
 // split over 8 thread rows and added in row order through shared memory.
 template <typename WT>
-__global__ void gemv_in_out_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
+__global__ void __launch_bounds__(256) gemv_in_out_kernel(float *y, const float *x, const WT *w, int M, int N, int K,
                                    float beta) {
     __shared__ float part[8][RP_GEMV_MAX_M][32];
     const int tx = threadIdx.x, ty = threadIdx.y, n = blockIdx.x * 32 + tx;
+    if (n < N)  // PDL: this thread's W rows into L2 before the grid dependency sync
+        for (int k = ty; k < K; k += 8) {
+            const WT *a = w + (size_t)k * N + n;
+            if (tx == 0 || (uintptr_t)a % 128 == 0) rp_prefetch_l2(a);
+        }
+    rp_pdl_wait();
+    rp_pdl_trigger();
     float acc[RP_GEMV_MAX_M];
 #pragma unroll
     for (int m = 0; m < RP_GEMV_MAX_M; m++) acc[m] = 0.0f;
@@ -176,25 +193,30 @@ __global__ void gemv_in_out_kernel(float *y, const float *x, const WT *w, int M,
 static void gemv(rp_cuda_ctx *cx, int in_out, float *y, const float *x, const float *w, int M,
                  int N, int K, float beta) {
     const __nv_bfloat16 *w16 = rp_cuda_weight_shadow(cx, w, (size_t)N * K);
+    cudaLaunchAttribute attr[1];
+    // A launch error is also the last error, which RP_CUDA_LAUNCHED records.
     if (in_out) {
-        const dim3 block(32, 8), grid((unsigned)((N + 31) / 32));
+        const cudaLaunchConfig_t cfg =
+            rp_cuda_pdl_config(cx, dim3((unsigned)((N + 31) / 32)), dim3(32, 8), attr);
         if (w16)
-            gemv_in_out_kernel<__nv_bfloat16><<<grid, block, 0, cx->stream>>>(y, x, w16, M, N, K,
-                                                                              beta);
+            (void)cudaLaunchKernelEx(&cfg, gemv_in_out_kernel<__nv_bfloat16>, y, x, w16, M, N, K,
+                                     beta);
         else
-            gemv_in_out_kernel<float><<<grid, block, 0, cx->stream>>>(y, x, w, M, N, K, beta);
+            (void)cudaLaunchKernelEx(&cfg, gemv_in_out_kernel<float>, y, x, w, M, N, K, beta);
         RP_CUDA_LAUNCHED(cx, "gemv_in_out");
         rp_cuda_act16_forget(cx, y, (size_t)M * N * sizeof(float));  // y: f32 again
         return;
     }
-    const unsigned grid = (unsigned)((N + 7) / 8);  // 8 warps of 32 per block
+    // 8 warps of 32 per block
+    const cudaLaunchConfig_t cfg =
+        rp_cuda_pdl_config(cx, dim3((unsigned)((N + 7) / 8)), dim3(256), attr);
     if (w16) {
         const int vec = (uintptr_t)w16 % 16 == 0 && (size_t)K * sizeof(__nv_bfloat16) % 16 == 0;
-        gemv_out_in_kernel<__nv_bfloat16><<<grid, 256, 0, cx->stream>>>(y, x, w16, M, N, K, beta,
-                                                                        vec);
+        (void)cudaLaunchKernelEx(&cfg, gemv_out_in_kernel<__nv_bfloat16>, y, x, w16, M, N, K, beta,
+                                 vec);
     } else {
         const int vec = (uintptr_t)w % 16 == 0 && (size_t)K * sizeof(float) % 16 == 0;
-        gemv_out_in_kernel<float><<<grid, 256, 0, cx->stream>>>(y, x, w, M, N, K, beta, vec);
+        (void)cudaLaunchKernelEx(&cfg, gemv_out_in_kernel<float>, y, x, w, M, N, K, beta, vec);
     }
     RP_CUDA_LAUNCHED(cx, "gemv_out_in");
     rp_cuda_act16_forget(cx, y, (size_t)M * N * sizeof(float));  // y: f32 again

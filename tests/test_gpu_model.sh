@@ -6,7 +6,8 @@
 # count (8 per layer with the fused decode ops, layer 0 too, + embedding,
 # ln0, ln_out, head, + the step-input copy; the head reads decode rows in
 # place, no gather), the
-# graph column at least one graph launch plus 1 us per node, and
+# graph column at least one graph launch plus 1 us per node, the graph + PDL
+# column between the bound and the graph and at least 0.5 us per node, and
 # every predicted time must be at or above its bound (the WKV7 section's too).
 # Run by make check.
 
@@ -29,11 +30,11 @@ for name, (L, C, V, *ranks) in shapes.items():
     nonemb = L * (19 * C + 4 * C * C + 2 * C * sum(ranks) + 2 * F * C) + 4 * C
     wbytes = 2 * (nonemb + V * C)
     floor_us = wbytes / 3.35e12 * 1e6
-    m = re.search(r"^\| %s \(L%d C%d\) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$"
+    m = re.search(r"^\| %s \(L%d C%d\) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$"
                   % (re.escape(name), L, C), text, re.M)
     if not m:
         bad.append(f"no decode row for {name}"); continue
-    launches, wmb, floor, plain, xp, graph, xg, bound = m.groups()
+    launches, wmb, floor, plain, xp, graph, xg, bound, pdl, xpdl = m.groups()
     # kernels + copies: 8 per layer + embedding, ln0, ln_out, head + the
     # step-input copy (no head row gather: decode rows are read in place)
     if int(launches) != 8 * L + 5:
@@ -47,6 +48,12 @@ for name, (L, C, V, *ranks) in shapes.items():
     # a graph step: one cudaGraphLaunch (5 us) + at least 1 us per node
     if float(graph) < 5 + int(launches) - 0.5:
         bad.append(f"{name}: graph {graph} us is below one 5 us graph launch + 1 us x {launches} nodes")
+    # PDL (issue 15): never slower than the graph, never under its bound, and
+    # at least one graph launch + 0.5 us (PDL_NODE_S) per node
+    if not float(bound) <= float(pdl) <= float(graph):
+        bad.append(f"{name}: graph + PDL {pdl} us not between the bound {bound} and the graph {graph}")
+    if float(pdl) < 5 + 0.5 * int(launches) - 0.5:
+        bad.append(f"{name}: graph + PDL {pdl} us is below 5 us + 0.5 us x {launches} nodes")
     # every launch costs at least 5 us without graphs
     if float(plain) < 5 * int(launches) - 0.5:
         bad.append(f"{name}: {plain} us is below 5 us x {launches} launches")

@@ -79,6 +79,7 @@ static cudaError_t g_last = cudaSuccess;
 // allocations and frees.
 static unsigned long long g_count_bf16_converts;  // launches of to_bf16_kernel (issue 15)
 static unsigned long long g_count_gemv_group_blocks;  // blocks of gemv_group_kernel launches
+static unsigned long long g_count_pdl_launches;       // launches with the PDL attribute
 static unsigned long long g_count_launches, g_count_copies, g_count_allocs, g_count_graph_launches;
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
 
@@ -96,6 +97,7 @@ struct stream_op {
     unsigned long long dep_seq = 0;
     std::vector<uintptr_t> uses;         // allocations it reads or writes
     std::string what;
+    bool kernel = false;                 // a kernel launch (PDL edges join kernels only)
 };
 struct rp_emu_graph;
 struct rp_emu_stream {
@@ -103,6 +105,11 @@ struct rp_emu_stream {
     unsigned long long queued = 0, done = 0;
     bool blocking = true, legacy = false;
     rp_emu_graph *capture = nullptr;     // between cudaStreamBeginCapture and EndCapture
+    // Device byte ranges [lo, hi) that a PDL kernel run next on this stream
+    // may not touch before cudaGridDependencySynchronize: what the kernel
+    // before it wrote (and, if that one was a PDL launch that triggered its
+    // dependents before its own grid sync, what its predecessor wrote).
+    std::vector<std::pair<uintptr_t, uintptr_t>> pdl_hazard;
 };
 // A captured graph: each node queues its op again on the launch stream.
 struct rp_emu_graph {
@@ -150,12 +157,17 @@ static void enqueue(cudaStream_t st, stream_op op) {
     }
     push_op(s, std::move(op));
 }
+static rp_emu_stream *g_run_stream;  // the stream whose op runs now (a kernel's PDL hazards)
 static void run_until(rp_emu_stream *s, unsigned long long seq) {
     while (s->done < seq) {
         stream_op op = std::move(s->q.front());
         s->q.pop_front();
         if (op.dep) run_until(op.dep, op.dep_seq);
+        g_run_stream = s;
         if (op.run) op.run();
+        // A copy, memset, wait or event between kernels: the next kernel
+        // starts after it completed, PDL or not (a GEMM is a kernel).
+        if (!op.kernel) s->pdl_hazard.clear();
         s->done++;
     }
 }
@@ -367,6 +379,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     p->totalGlobalMem = 80ull << 30; p->multiProcessorCount = 132; return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int) {
     if (a == cudaDevAttrMultiProcessorCount) { *v = getenv("EMU_SMS") ? atoi(getenv("EMU_SMS")) : 132; return cudaSuccess; }
+    if (a == cudaDevAttrComputeCapabilityMajor) { *v = 9; return cudaSuccess; }
     return g_last = cudaErrorInvalidValue; }
 cudaError_t cudaRuntimeGetVersion(int *v) { *v = 13000; return cudaSuccess; }
 cudaError_t cudaDriverGetVersion(int *v) { *v = 13000; return cudaSuccess; }
@@ -494,7 +507,8 @@ cudaError_t rp_emu_func_set_attribute(const void *f, int attr, int v) {
 
 // ---- fibers ----
 enum { F_RUN, F_BAR, F_WARP, F_DONE };
-struct fiber { ucontext_t ctx; char *stack; int state; dim3 tid; unsigned lin; const char *bar_file; int bar_line; };
+struct fiber { ucontext_t ctx; char *stack; int state; dim3 tid; unsigned lin; const char *bar_file; int bar_line;
+               bool dep_synced; /* called cudaGridDependencySynchronize */ };
 static const size_t STACK = 256 * 1024;
 static std::vector<fiber> g_fib;
 static ucontext_t g_sched;
@@ -682,13 +696,115 @@ static void dev_access(uintptr_t a, size_t n, bool write) {
         die("%s block (%u,%u,%u) thread (%u,%u,%u): out-of-bounds %s of %zu bytes at %p: %zu bytes before a %zu-byte device allocation",
             g_kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z, write ? "write" : "read", n, (void *)a, (size_t)(it->first - a), it->second.bytes);
 }
+static void pdl_access(uintptr_t a, size_t n, bool write);
+static bool g_pdl_track;  // the running kernel checks PDL hazards or records its writes
+static bool g_pdl_seen;   // a PDL launch was queued: kernels record the device bytes they write
 static inline void check_access(const void *p, size_t n, bool write) {
     if (!g_in_kernel) return;
     uintptr_t a = (uintptr_t)p;
     for (const smem_region &r : g_smem)
         if (a >= r.lo && a < r.hi) { smem_access(r, a, n, write); return; }
-    if (a >= g_dev_lo && a + n <= g_dev_hi) return;
-    dev_access(a, n, write);
+    if (!(a >= g_dev_lo && a + n <= g_dev_hi)) {
+        dev_access(a, n, write);
+        if (!(a >= g_dev_lo && a + n <= g_dev_hi)) return;  // not device memory (a fiber's stack)
+    }
+    if (g_pdl_track) pdl_access(a, n, write);
+}
+
+// ---- programmatic dependent launch ----
+// A kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization
+// may start while the kernel before it on the stream still runs (once every
+// block of that one called cudaTriggerProgrammaticLaunchCompletion or
+// exited); only cudaGridDependencySynchronize waits for it to complete with
+// its writes visible. Blocks here run one after another, so instead of
+// running the dependent early the emulator keeps, per stream, the device
+// bytes the kernel before wrote (pdl_hazard), and a thread of a PDL kernel
+// that reads or writes one of them before its cudaGridDependencySynchronize
+// is reported: on a GPU it would read stale data (or race), sometimes.
+// Only with the checked accesses (not in the sanitizer build).
+typedef std::vector<std::pair<uintptr_t, uintptr_t>> byte_ranges;
+static const byte_ranges *g_pdl_hazard;  // the running PDL kernel's, else null
+static byte_ranges g_pdl_writes;         // device bytes the running kernel wrote
+// A block releases the next PDL kernel when a thread of it triggers or when
+// it exits; it does so before the kernel before it completed when a thread
+// triggered before its own grid sync, or when no thread of it waited at all.
+static bool g_blk_triggered_early, g_blk_synced;
+static bool g_pdl_all_early;  // every block so far released early
+static void merge_ranges(byte_ranges &r) {
+    std::sort(r.begin(), r.end());
+    size_t k = 0;
+    for (size_t i = 0; i < r.size(); i++) {
+        if (k && r[i].first <= r[k - 1].second) r[k - 1].second = std::max(r[k - 1].second, r[i].second);
+        else r[k++] = r[i];
+    }
+    r.resize(k);
+}
+static bool ranges_hit(const byte_ranges &r, uintptr_t a, size_t n) {
+    auto it = std::upper_bound(r.begin(), r.end(), std::make_pair(a, UINTPTR_MAX));
+    if (it != r.end() && it->first < a + n) return true;       // a range starting inside [a, a+n)
+    return it != r.begin() && std::prev(it)->second > a;        // the range starting at or before a
+}
+static void pdl_access(uintptr_t a, size_t n, bool write) {
+    if (g_pdl_hazard && !g_fib[g_cur].dep_synced && ranges_hit(*g_pdl_hazard, a, n)) {
+        uintptr_t base = 0; const alloc_info *al = find_alloc((void *)a, &base);
+        die("%s block (%u,%u,%u) thread (%u,%u,%u): %s of %zu bytes at %p (byte %zu of a %zu-byte device allocation) "
+            "that a kernel it may overlap writes, before cudaGridDependencySynchronize: in a programmatic dependent launch "
+            "(PDL) it may run alongside the kernel before it on the stream (and earlier ones if that one triggered before "
+            "its own sync); wait with cudaGridDependencySynchronize() first",
+            g_kernel, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z, write ? "write" : "read", n,
+            (void *)a, (size_t)(a - base), al ? al->bytes : (size_t)0);
+    }
+    if (write && g_pdl_seen) {
+        if (!g_pdl_writes.empty() && a >= g_pdl_writes.back().first && a <= g_pdl_writes.back().second)
+            g_pdl_writes.back().second = std::max(g_pdl_writes.back().second, a + n);
+        else
+            g_pdl_writes.push_back({a, a + n});
+    }
+}
+static void pdl_kernel_start(bool pdl) {
+    rp_emu_stream *s = g_run_stream;
+    g_pdl_hazard = pdl && s && !s->pdl_hazard.empty() ? &s->pdl_hazard : nullptr;
+    g_pdl_writes.clear();
+    g_pdl_all_early = true;
+    g_pdl_track = g_pdl_hazard || g_pdl_seen;
+}
+static void pdl_block_start() { g_blk_triggered_early = g_blk_synced = false; }
+static void pdl_block_end() { g_pdl_all_early = g_pdl_all_early && (g_blk_triggered_early || !g_blk_synced); }
+static void pdl_kernel_end(bool pdl) {
+    rp_emu_stream *s = g_run_stream;
+    g_pdl_track = false;
+    g_pdl_hazard = nullptr;
+    if (!s) return;
+    merge_ranges(g_pdl_writes);
+    // Dependents of a PDL kernel whose every block released them before the
+    // kernel before it completed may overlap that one too: its hazards carry over.
+    if (!(pdl && g_pdl_all_early)) s->pdl_hazard.clear();
+    s->pdl_hazard.insert(s->pdl_hazard.end(), g_pdl_writes.begin(), g_pdl_writes.end());
+    merge_ranges(s->pdl_hazard);
+    g_pdl_writes.clear();
+}
+void cudaGridDependencySynchronize() {
+    if (!g_in_kernel) die("cudaGridDependencySynchronize outside a kernel");
+    g_fib[g_cur].dep_synced = true;
+    g_blk_synced = true;
+}
+void cudaTriggerProgrammaticLaunchCompletion() {
+    if (!g_in_kernel) die("cudaTriggerProgrammaticLaunchCompletion outside a kernel");
+    if (!g_fib[g_cur].dep_synced) g_blk_triggered_early = true;
+}
+cudaError_t rp_emu_launch_ex_cfg(const char *name, const cudaLaunchConfig_t *c, rp_emu_cfg *out) {
+    if (!c || (c->numAttrs && !c->attrs)) die("cudaLaunchKernelEx(%s): no config or attributes", name);
+    *out = rp_emu_config(c->gridDim, c->blockDim, c->dynamicSmemBytes, c->stream);
+    for (unsigned i = 0; i < c->numAttrs; i++) {
+        const cudaLaunchAttribute &at = c->attrs[i];
+        if (at.id == cudaLaunchAttributeProgrammaticStreamSerialization)
+            out->pdl = at.val.programmaticStreamSerializationAllowed != 0;
+        else if (at.id != cudaLaunchAttributeIgnore) {
+            fprintf(stderr, "EMU LAUNCH ERROR: cudaLaunchKernelEx(%s): launch attribute %d not emulated\n", name, (int)at.id);
+            return g_last = cudaErrorInvalidValue;
+        }
+    }
+    return cudaSuccess;
 }
 // The instrumentation's entry points (GCC's -fsanitize=thread ABI).
 extern "C" {
@@ -760,6 +876,9 @@ void rp_emu_run(const char *kernel, const void *fn, const rp_emu_cfg &cfg, std::
     if (!strcmp(kernel, "gemv_group_kernel")) g_count_gemv_group_blocks += (unsigned long long)g.x * g.y * g.z;
     stream_op op;
     op.what = std::string("kernel ") + kernel;
+    op.kernel = true;
+    g_pdl_seen = g_pdl_seen || cfg.pdl;
+    g_count_pdl_launches += cfg.pdl;
     op.uses.swap(g_launch_uses);
     op.run = [kernel, cfg, body = std::move(body)] { run_kernel(kernel, cfg, body); };
     enqueue(cfg.stream, std::move(op));
@@ -772,6 +891,7 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
     g_kernel = kernel;
     g_body = &body;
     g_in_kernel = true;
+    pdl_kernel_start(cfg.pdl);
     g_nthreads = (int)nthreads;
     blockDim = b; gridDim = g;
     if (g_fib.size() < nthreads) {
@@ -792,11 +912,13 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
         memset(g_dyn.data(), 0xff, g_dyn.size());
         g_poisoned.clear();
         smem_block_start();
+        pdl_block_start();
         for (size_t t = 0; t < nthreads; t++) {
             fiber &f = g_fib[t];
             f.lin = (unsigned)t;
             f.tid = dim3((unsigned)(t % b.x), (unsigned)(t / b.x % b.y), (unsigned)(t / ((size_t)b.x * b.y)));
             f.state = F_RUN;
+            f.dep_synced = false;
             getcontext(&f.ctx);
             f.ctx.uc_stack.ss_sp = f.stack; f.ctx.uc_stack.ss_size = STACK; f.ctx.uc_link = nullptr;
             makecontext(&f.ctx, fiber_entry, 0);
@@ -828,9 +950,11 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
             for (size_t t = 0; t < nthreads; t++) if (g_fib[t].state == F_BAR) g_fib[t].state = F_RUN;
             g_interval++;  // a new barrier interval for the race log
         }
+        pdl_block_end();
     }
     g_body = nullptr;
     g_in_kernel = false;
+    pdl_kernel_end(cfg.pdl);
 }
 
 // ---- cuBLAS ----
@@ -874,7 +998,12 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     stream_op op;
     op.what = "cublasGemmEx";
     op.uses = {base_of(A), base_of(B), base_of(C_)};
+    op.kernel = true;  // a GEMM kernel: a PDL kernel after it may overlap its writes of C
     op.run = [=] {
+    if (g_run_stream) {
+        const uintptr_t c0 = (uintptr_t)C_;
+        g_run_stream->pdl_hazard.assign(1, {c0, c0 + ((size_t)(n - 1) * ldc + m) * ces});
+    }
     float *C = (float *)C_;
     std::vector<float> Am((size_t)m * k), Bm((size_t)n * k);  // Am[i][l] = op(A)(i,l); Bm[j][l] = op(B)(l,j)
     for (int i = 0; i < m; i++)
@@ -911,6 +1040,7 @@ extern "C" void rp_emu_counts(rp_emu_counters *out) {
     out->bf16_converts = g_count_bf16_converts;
     out->graph_launches = g_count_graph_launches;
     out->gemv_group_blocks = g_count_gemv_group_blocks;
+    out->pdl_launches = g_count_pdl_launches;
 }
 
 // ---- cuda_device.cu replacement ----

@@ -15,6 +15,8 @@
 #include <utility>
 #include <algorithm>
 
+// cuda/*.cu compiled over this emulator (device-side PDL calls are emulated).
+#define RP_CUDA_EMU 1
 #define __device__
 #define __host__
 #define __global__
@@ -117,7 +119,7 @@ typedef struct rp_emu_stream *cudaStream_t;
 typedef struct rp_emu_event *cudaEvent_t;
 enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
                       cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
                          cudaFuncAttributePreferredSharedMemoryCarveout = 9 };
 enum { cudaSharedmemCarveoutMaxShared = 100, cudaSharedmemCarveoutDefault = -1 };
@@ -174,12 +176,32 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
 cudaError_t cudaGraphDestroy(cudaGraph_t g);
 cudaError_t rp_emu_func_set_attribute(const void *f, int attr, int value);
+// The kernels' compiled architecture: the emulator stands for sm_90 code.
+struct cudaFuncAttributes { int ptxVersion, binaryVersion; };
+template <class F> static inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *a, F) {
+    a->ptxVersion = a->binaryVersion = 90; return cudaSuccess; }
+
+// ---- programmatic dependent launch (sm_90) ----
+enum cudaLaunchAttributeID { cudaLaunchAttributeIgnore = 0, cudaLaunchAttributeProgrammaticStreamSerialization = 6 };
+union cudaLaunchAttributeValue { char pad[64]; int programmaticStreamSerializationAllowed; };
+struct cudaLaunchAttribute { cudaLaunchAttributeID id; char pad[4]; cudaLaunchAttributeValue val; };
+struct cudaLaunchConfig_t { dim3 gridDim; dim3 blockDim; size_t dynamicSmemBytes; cudaStream_t stream;
+                            cudaLaunchAttribute *attrs; unsigned int numAttrs; };
+// Device side: the calling thread waits until the preceding kernel of a PDL
+// launch completed, its writes visible (a no-op in other launches); the
+// trigger lets the next PDL kernel start once every block called it or exited.
+void cudaGridDependencySynchronize();
+void cudaTriggerProgrammaticLaunchCompletion();
 template <class F> static inline cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute a, int v) {
     return rp_emu_func_set_attribute((const void *)f, (int)a, v); }
 
 // ---- launch ----
-struct rp_emu_cfg { dim3 grid, block; size_t shmem; cudaStream_t stream; };
-static inline rp_emu_cfg rp_emu_config(dim3 g, dim3 b, size_t sh = 0, cudaStream_t s = 0) { return {g, b, sh, s}; }
+// pdl: launched with cudaLaunchAttributeProgrammaticStreamSerialization (via
+// cudaLaunchKernelEx): the kernel may start before its predecessor on the
+// stream finished, so until a thread calls cudaGridDependencySynchronize it
+// must not touch what that predecessor writes (checked, see emu.cpp).
+struct rp_emu_cfg { dim3 grid, block; size_t shmem; cudaStream_t stream; bool pdl; };
+static inline rp_emu_cfg rp_emu_config(dim3 g, dim3 b, size_t sh = 0, cudaStream_t s = 0) { return {g, b, sh, s, false}; }
 // Checks a pointer argument and notes its allocation as used by the launch
 // being queued (cudaFree of it before the launch ran is an error).
 void rp_emu_check_ptr(const char *kernel, int arg, const void *p);
@@ -196,4 +218,18 @@ static void rp_emu_launch(const char *name, rp_emu_cfg cfg, void (*fn)(P...), A 
     int i = 0;
     std::apply([&](const auto &...v) { (rp_emu_arg(name, i++, v), ...); }, *args);
     rp_emu_run(name, (const void *)fn, cfg, [fn, args] { std::apply(fn, *args); });
+}
+// pre.py rewrites cudaLaunchKernelEx(cfg, kernel, args) into this call, with
+// the kernel's name: the launch checks and counters see it as <<<>>> would.
+cudaError_t rp_emu_launch_ex_cfg(const char *name, const cudaLaunchConfig_t *c, rp_emu_cfg *out);
+template <class... P, class... A>
+static inline cudaError_t rp_emu_launch_ex(const cudaLaunchConfig_t *c, const char *name, void (*fn)(P...), A &&...a) {
+    rp_emu_cfg cfg;
+    if (rp_emu_launch_ex_cfg(name, c, &cfg) != cudaSuccess) return cudaPeekAtLastError();
+    rp_emu_launch(name, cfg, fn, std::forward<A>(a)...);
+    return cudaPeekAtLastError();
+}
+template <class... P, class... A>
+static inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t *c, void (*fn)(P...), A &&...a) {
+    return rp_emu_launch_ex(c, "cudaLaunchKernelEx", fn, std::forward<A>(a)...);
 }

@@ -79,6 +79,28 @@ __global__ void before_start(float *p, int n, int fixed) {
     if (i < n) p[i] = 1.0f;
 }
 
+// Programmatic dependent launch: out = w * x, the weights w loaded before the
+// grid dependency sync (they do not depend on the kernel before), x after it;
+// early: x read before the sync, the mistake PDL invites.
+__global__ void pdl_scale(float *out, const float *x, const float *w, int n, int early) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float wi = i < n ? w[i] : 0.0f, xi = 0.0f;
+    if (early && i < n) xi = x[i];
+    cudaGridDependencySynchronize();
+    if (!early && i < n) xi = x[i];
+    cudaTriggerProgrammaticLaunchCompletion();
+    if (i < n) out[i] = wi * xi;
+}
+// A PDL copy; trigger_first: its dependents may start before it waited for
+// the kernel before it, so they may overlap that one too.
+__global__ void pdl_copy(float *out, const float *in, int n, int trigger_first) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (trigger_first) cudaTriggerProgrammaticLaunchCompletion();
+    cudaGridDependencySynchronize();
+    if (!trigger_first) cudaTriggerProgrammaticLaunchCompletion();
+    if (i < n) out[i] = in[i];
+}
+
 static float read_host(const float *p) { return *(const volatile float *)p; }
 
 // A device-to-host copy into pinned memory is read before the stream was synchronized.
@@ -241,6 +263,41 @@ static int graph_malloc(bool fixed) { return graph_case(0, fixed); }
 static int graph_sync(bool fixed) { return graph_case(1, fixed); }
 static int graph_pageable(bool fixed) { return graph_case(2, fixed); }
 
+// PDL (cudaLaunchKernelEx with programmatic stream serialization).
+// early_read: the dependent reads its predecessor's output before
+// cudaGridDependencySynchronize. chain: a middle kernel triggers its
+// dependents before its own sync, so the last one may overlap the first and
+// must not load the first one's output (as its "weights") before its sync.
+static int pdl_case(int mistake /* 0 early read, 1 trigger chain */, bool fixed) {
+    float *x, *w, *y, *out, host[N];
+    cudaStream_t s;
+    CK(cudaMalloc(&x, N * 4)); CK(cudaMalloc(&w, N * 4));
+    CK(cudaMalloc(&y, N * 4)); CK(cudaMalloc(&out, N * 4));
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(1); cfg.blockDim = dim3(N); cfg.stream = s; cfg.attrs = attr; cfg.numAttrs = 1;
+    fill<<<1, N, 0, s>>>(w, 2.0f, N);
+    fill<<<1, N, 0, s>>>(x, 3.0f, N);
+    float want = 6.0f;
+    if (mistake == 0) {
+        CK(cudaLaunchKernelEx(&cfg, pdl_scale, out, (const float *)x, (const float *)w, N, fixed ? 0 : 1));
+    } else {
+        CK(cudaLaunchKernelEx(&cfg, pdl_copy, out, (const float *)x, N, fixed ? 0 : 1));  // out = x
+        CK(cudaLaunchKernelEx(&cfg, pdl_scale, y, (const float *)out, (const float *)x, N, 0));  // y = x * out
+        want = 9.0f;
+    }
+    CK(cudaMemcpyAsync(host, mistake == 0 ? out : y, sizeof host, cudaMemcpyDeviceToHost, s));
+    CK(cudaStreamSynchronize(s));
+    for (int i = 0; i < N; i++)
+        if (host[i] != want) { fprintf(stderr, "pdl: out[%d] = %g, expected %g\n", i, host[i], want); return 1; }
+    return 0;
+}
+static int pdl_early_read(bool fixed) { return pdl_case(0, fixed); }
+static int pdl_trigger_chain(bool fixed) { return pdl_case(1, fixed); }
+
 struct named_case { const char *name; int (*run)(bool fixed); };
 static int legacy_case(bool fixed) { return legacy_order(fixed ? 1 : 0); }
 static int legacy_event(bool fixed) { return legacy_order(fixed ? 2 : 0); }
@@ -250,7 +307,7 @@ static const named_case cases[] = {
     {"smem_race", smem_race}, {"warp_race", warp_race}, {"barrier_sites", barrier_sites},
     {"barrier_exit", barrier_exit}, {"oob_after", oob_after}, {"oob_before", oob_before},
     {"graph_malloc", graph_malloc}, {"graph_sync", graph_sync}, {"graph_pageable", graph_pageable},
-    {"wmma_lanes", wmma_case},
+    {"wmma_lanes", wmma_case}, {"pdl_early_read", pdl_early_read}, {"pdl_trigger_chain", pdl_trigger_chain},
 };
 
 int main(int argc, char **argv) {

@@ -15,6 +15,8 @@ typedef struct {
                                           counted in launches again) */
     unsigned long long gemv_group_blocks; /* blocks of gemv_group_kernel launches (the
                                              decode GEMVs' grid, split-K included) */
+    unsigned long long pdl_launches; /* launches with programmatic stream serialization
+                                        (cudaLaunchKernelEx; issue 15 PDL) */
 } rp_emu_counters;
 
 void rp_emu_counts(rp_emu_counters *out);

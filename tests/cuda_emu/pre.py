@@ -7,6 +7,12 @@ def rep(m):
     name = m.group(1)
     return 'rp_emu_launch("%s", rp_emu_config(%s), %s, ' % (name.replace('"', ''), m.group(2), name)
 s = launch.sub(rep, s)
+# cudaLaunchKernelEx(&cfg, kernel, args): the emulator's launch, told the kernel's name
+launch_ex = re.compile(r'\bcudaLaunchKernelEx\s*\(\s*([^,;]+?)\s*,\s*([A-Za-z_]\w*(?:<[^<>;()]*>)?)\s*,')
+def rep_ex(m):
+    n[0] += 1
+    return 'rp_emu_launch_ex(%s, "%s", %s,' % (m.group(1), m.group(2), m.group(2))
+s = launch_ex.sub(rep_ex, s)
 s, k = re.subn(r'extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\s*\[\s*\]\s*;',
                r'\1 *\2 = (\1 *)rp_emu_dyn_smem();', s)
 def shdecl(m):

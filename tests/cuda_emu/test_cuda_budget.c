@@ -672,6 +672,70 @@ static void test_decode_graph_replay(void **s) {
     }
 }
 
+/* Programmatic dependent launch (issue 15, docs/gpu.md "(issue 15) PDL"):
+ * decode steps at batch 1 and 3 with the decode kernels launched with PDL
+ * (the default) and with RWKVPIPE_CUDA_PDL=0 (read at a backend's first
+ * decode launch), both as step graphs: logits and state bit for bit, PDL
+ * launches only in the first, and the graphs replay as before. Throughout,
+ * the emulator reports a PDL kernel that touches what a kernel it may
+ * overlap writes before its cudaGridDependencySynchronize. */
+static void test_decode_graph_pdl(void **s) {
+    (void)s;
+    rp_error err;
+    decode_side side[2];
+    unsetenv("RWKVPIPE_CUDA_PDL");
+    side_open(&side[0], rp_cuda_backend_create(0, RP_CUDA_MATH_BF16, &err));
+    side_open(&side[1], rp_cuda_backend_create(0, RP_CUDA_MATH_BF16, &err));
+    const size_t V = (size_t)side[0].model.cfg.vocab_size;
+    const size_t sf = side[0].state.floats_per_slot * MAX_SEQS;
+    float *dl[2], *logits[2], *state[2];
+    for (int i = 0; i < 2; i++) {
+        dl[i] = side[i].be->alloc(side[i].be, MAX_SEQS * V * sizeof(float));
+        logits[i] = malloc(MAX_SEQS * V * sizeof(float));
+        state[i] = malloc(sf * sizeof(float));
+        assert_non_null(dl[i]);
+        assert_non_null(logits[i]);
+        assert_non_null(state[i]);
+    }
+    static const int batch[2] = {1, 3};
+    int step = 0;
+    for (int bi = 0; bi < 2; bi++)
+        for (int k = 0; k < 4; k++, step++) {
+            unsigned long long pdl[2], launched[2], graphs[2];
+            for (int i = 0; i < 2; i++) {
+                if (i == 1 && step == 0) setenv("RWKVPIPE_CUDA_PDL", "0", 1);
+                const unsigned long long p0 = counter(pdl_launches), l0 = counter(launches),
+                                         g0 = counter(graph_launches);
+                graph_step(&side[i], dl[i], batch[bi], step, logits[i], state[i]);
+                pdl[i] = counter(pdl_launches) - p0;
+                launched[i] = counter(launches) - l0;
+                graphs[i] = counter(graph_launches) - g0;
+                unsetenv("RWKVPIPE_CUDA_PDL");
+            }
+            const int same_logits =
+                !memcmp(logits[0], logits[1], (size_t)batch[bi] * V * sizeof(float));
+            const int same_state = !memcmp(state[0], state[1], sf * sizeof(float));
+            printf("decode batch %d step %d: PDL launches %llu (of %llu), with "
+                   "RWKVPIPE_CUDA_PDL=0 %llu (of %llu); logits %s, state %s\n",
+                   batch[bi], k, pdl[0], launched[0], pdl[1], launched[1],
+                   same_logits ? "equal" : "DIFFER", same_state ? "equal" : "DIFFER");
+            assert_true(same_logits);
+            assert_true(same_state);
+            assert_int_equal(pdl[1], 0);
+            if (k < 2) assert_true(pdl[0] > 0);  /* eager and captured steps launch */
+            for (int i = 0; i < 2; i++) {
+                if (k >= 1) assert_int_equal(graphs[i], 1);
+                if (k >= 2) assert_int_equal(launched[i], 0);
+            }
+        }
+    for (int i = 0; i < 2; i++) {
+        side[i].be->free(side[i].be, dl[i]);
+        free(logits[i]);
+        free(state[i]);
+        side_close(&side[i]);
+    }
+}
+
 /* An op that synchronizes the host inside the step: the capture fails and
  * status says so (a regression that would stall every decode step). */
 static void (*real_layernorm)(rp_backend *, float *, float *, float *, const float *,
@@ -879,6 +943,7 @@ int main(void) {
         cmocka_unit_test(test_decode_model_twin),
         cmocka_unit_test(test_decode_graph_replay),
         cmocka_unit_test(test_decode_graph_refuses_sync),
+        cmocka_unit_test(test_decode_graph_pdl),
         cmocka_unit_test_setup_teardown(test_decode_rows_gemv_alone, setup, teardown),
         cmocka_unit_test(test_decode_group_rows_alone),
     };

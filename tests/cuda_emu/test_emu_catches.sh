@@ -36,8 +36,10 @@ if [ "${RP_EMU_CHECKED:-1}" = 1 ]; then
     expect warp_race 'EMU FATAL: k block .*: shared-memory race on buf byte'
     expect oob_after 'EMU FATAL: k block .*: out-of-bounds write of 4 bytes .* byte 256 of a 256-byte device allocation'
     expect oob_before 'EMU FATAL: k block .*: out-of-bounds write of 4 bytes .* 4 bytes before a 256-byte device allocation'
+    expect pdl_early_read 'EMU FATAL: pdl_scale block .*: read of 4 bytes .* that a kernel it may overlap writes, before cudaGridDependencySynchronize'
+    expect pdl_trigger_chain 'EMU FATAL: pdl_scale block .*: read of 4 bytes .* that a kernel it may overlap writes, before cudaGridDependencySynchronize'
 else
-    echo "skip smem_race, warp_race, oob_after, oob_before: no checked accesses in the sanitizer build"
+    echo "skip smem_race, warp_race, oob_after, oob_before, pdl_early_read, pdl_trigger_chain: no checked accesses in the sanitizer build"
 fi
 expect barrier_sites 'EMU FATAL: k block .*: barrier divergence: thread .* waits at __syncthreads .*emu_catches.cu:[0-9]+ while thread .* waits at .*emu_catches.cu:[0-9]+'
 expect barrier_exit 'EMU FATAL: k block .*: barrier divergence: 32 threads wait at __syncthreads .* while 32 threads of the block have exited'
