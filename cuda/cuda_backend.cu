@@ -509,9 +509,9 @@ static rp_status cuda_reserve(rp_backend *be, int rows, int seqs, int C, int N, 
 // page, so one page can be unmapped alone and its memory goes back to the
 // device. The driver entry points come through the runtime
 // (cudaGetDriverEntryPointByVersion, CUDA 12.5), so nothing links -lcuda.
-// The emulator (tests/cuda_emu) and older toolkits leave the entries NULL:
-// ZeRO-1 then keeps the fp32 weights whole.
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 12050
+// The emulator (tests/cuda_emu) emulates these calls over host pages;
+// older toolkits leave the entries NULL: ZeRO-1 then keeps the fp32 whole.
+#if defined(RP_EMU_VMM) || (defined(CUDART_VERSION) && CUDART_VERSION >= 12050)
 #define RP_CUDA_VMM 1
 #include <cuda.h>
 

@@ -324,6 +324,22 @@ PY
 }
 zero_mem mem_np2 2
 zero_mem mem_np3 3
+# Two stages: every rank gives pages back, and -o gathers each stage's host
+# copy to rank 0 (the stages' slice gather) with the plain run's bytes.
+for mode in zero plain; do
+    z=() nccl=0
+    [ "$mode" = zero ] && z=(--zero 1) nccl=1
+    RWKVPIPE_TEST_FAKE_DEVICE=1 RWKVPIPE_TEST_BF16_WEIGHTS=1 RWKVPIPE_NCCL=$nccl timeout $DEADLINE \
+        "$MPIRUN" -np 4 "$BIN" "${MEM[@]}" --pp 2 "${z[@]}" -o "$T/mem_pp2.$mode.st" \
+        >"$T/mem_pp2.$mode.out" 2>&1 || {
+        cp "$T/mem_pp2.$mode.out" "$T/stderr"
+        fail "mem_pp2 ($mode): mpirun -np 4 ${MEM[*]} --pp 2 ${z[*]}"
+    }
+done
+[ "$(grep -c "sparse buffers: [0-9]* bytes given back" "$T/mem_pp2.zero.out")" = 4 ] ||
+    fail "mem_pp2: not every rank of -np 4 --pp 2 --zero 1 gave its fp32 pages back"
+cmp -s "$T/mem_pp2.zero.st" "$T/mem_pp2.plain.st" ||
+    fail "mem_pp2: the weights with the fp32 pages given back differ from the run without --zero"
 # A checkpoint of the run with pages given back equals the run without
 # --zero, and resuming it (pages given back again) continues that run.
 RWKVPIPE_TEST_FAKE_DEVICE=1 RWKVPIPE_TEST_BF16_WEIGHTS=1 RWKVPIPE_NCCL=1 timeout $DEADLINE \

@@ -529,7 +529,7 @@ static rp_status make_sparse(rp_zero_links *l, const rp_model *m, float **buf, s
                              rp_error *err) {
     rp_backend *be = l->be;
     size_t iv[2 * RP_LAYER_N_TENSORS + 2 * RP_GLOBAL_N_TENSORS];
-    size_t runs[2 * (RP_LAYER_N_TENSORS + RP_GLOBAL_N_TENSORS) + 4];
+    size_t runs[4 * (RP_LAYER_N_TENSORS + RP_GLOBAL_N_TENSORS)];  /* 2 runs per matrix */
     const int niv = matrices_of(m, *buf, n, iv);
     size_t b, mine;
     rp_zero_range(n, l->dp, l->me, &b, &mine);
