@@ -2,7 +2,6 @@
  * ours, not MPI's: an all-to-all moves each replica's range of the buffer
  * to the replica that owns it, which adds the DP pieces in replica order. */
 #include "pipe/pipe_zero.h"
-#include "cpu/cpu_backend.h"
 #include "model/params.h"
 #include "pipe/transport.h"
 
@@ -596,6 +595,53 @@ void rp_zero_links_memory(const rp_zero_links *l, const rp_model *m, rp_zero_mem
     out->page = l && l->model && be->release_range ? be->sparse_page : 0;
 }
 
+/* The save's host copy lives on a backend of plain host memory with the
+ * memory entries only: the savers (rp_model_save, the checkpoint shards,
+ * the stages' -o gather) only allocate, copy and free through it. */
+static void *host_alloc(rp_backend *be, size_t bytes) {
+    (void)be;
+    return calloc(1, bytes ? bytes : 1);
+}
+static void host_free(rp_backend *be, void *p) {
+    (void)be;
+    free(p);
+}
+static void host_copy(rp_backend *be, void *dst, const void *src, size_t bytes) {
+    (void)be;
+    if (bytes) memcpy(dst, src, bytes);
+}
+static void host_fill_zero(rp_backend *be, void *dst, size_t bytes) {
+    (void)be;
+    if (bytes) memset(dst, 0, bytes);
+}
+static void host_synchronize(rp_backend *be) { (void)be; }
+static rp_status host_status(rp_backend *be, rp_error *err) {
+    (void)be;
+    (void)err;
+    return RP_OK;
+}
+static void host_destroy(rp_backend *be) { free(be); }
+
+static rp_backend *host_backend(rp_error *err) {
+    rp_backend *be = calloc(1, sizeof *be);
+    if (!be) {
+        rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1: the host copy's backend");
+        return NULL;
+    }
+    be->name = "host memory (ZeRO-1's save copy)";
+    be->is_host_memory = 1;
+    be->destroy = host_destroy;
+    be->alloc = host_alloc;
+    be->free = host_free;
+    be->copy_to_device = host_copy;
+    be->copy_to_host = host_copy;
+    be->copy = host_copy;
+    be->fill_zero = host_fill_zero;
+    be->synchronize = host_synchronize;
+    be->status = host_status;
+    return be;
+}
+
 void rp_zero_links_drop_master(rp_zero_links *l) {
     if (!l || !l->has_master) return;
     rp_model_free(&l->master);
@@ -620,9 +666,8 @@ rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m,
     float *mine_host = NULL;
     int *counts = malloc(sizeof(int) * 2 * (size_t)l->dp);
     if (!counts) st = rp_error_set(err, RP_ERR_NOMEM, "%s: counts", what);
-    if (st == RP_OK && root && !l->host_be &&
-        !(l->host_be = rp_cpu_backend_create(1, err)))
-        st = rp_error_prefix(err, "%s: the host backend of the copy", what);
+    if (st == RP_OK && root && !l->host_be && !(l->host_be = host_backend(err)))
+        st = RP_ERR_NOMEM;
     if (st == RP_OK && root) {
         st = rp_model_alloc(&l->master, &m->cfg, m->layer_begin, m->layer_end, m->has_embed,
                             m->has_head, l->host_be, err);
