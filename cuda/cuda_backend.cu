@@ -398,6 +398,8 @@ static void *cuda_alloc(rp_backend *be, size_t bytes) {
     return p;
 }
 
+static int sparse_free(rp_cuda_ctx *cx, void *ptr);
+
 static void cuda_free(rp_backend *be, void *ptr) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (!ptr) return;
@@ -413,7 +415,7 @@ static void cuda_free(rp_backend *be, void *ptr) {
             cx->weights[i] = cx->weights[--cx->n_weights];
             break;
         }
-    RP_CUDA_OK(cx, cudaFree(ptr));
+    if (!sparse_free(cx, ptr)) RP_CUDA_OK(cx, cudaFree(ptr));
 }
 
 static void cuda_copy_to_device(rp_backend *be, void *dst, const void *host_src, size_t bytes) {
@@ -501,15 +503,209 @@ static rp_status cuda_reserve(rp_backend *be, int rows, int seqs, int C, int N, 
 
 // ---- lifetime ----
 
-// The upload slots' host-side extras live right after the context.
+// ---- sparse buffers (backend.h alloc_sparse / release_range; ZeRO-1) ----
+// The VMM driver API: a buffer is an address range reserved whole with one
+// physical allocation of the granularity (2 MiB on current GPUs) mapped per
+// page, so one page can be unmapped alone and its memory goes back to the
+// device. The driver entry points come through the runtime
+// (cudaGetDriverEntryPointByVersion, CUDA 12.5), so nothing links -lcuda.
+// The emulator (tests/cuda_emu) emulates these calls over host pages;
+// older toolkits leave the entries NULL: ZeRO-1 then keeps the fp32 whole.
+#if defined(RP_EMU_VMM) || (defined(CUDART_VERSION) && CUDART_VERSION >= 12050)
+#define RP_CUDA_VMM 1
+#include <cuda.h>
+
+struct sparse_vmm {
+    decltype(&cuMemGetAllocationGranularity) granularity;
+    decltype(&cuMemAddressReserve) reserve;
+    decltype(&cuMemAddressFree) address_free;
+    decltype(&cuMemCreate) create;
+    decltype(&cuMemRelease) release;
+    decltype(&cuMemMap) map;
+    decltype(&cuMemUnmap) unmap;
+    decltype(&cuMemSetAccess) set_access;
+};
+
+struct sparse_buf {
+    CUdeviceptr base;
+    size_t bytes;            // reserved: a whole number of pages
+    unsigned char *mapped;   // [bytes / page]: 1 while the page is backed
+};
+#endif
+
+// The upload slots' host-side extras and the sparse buffers live right
+// after the context.
 struct rp_cuda_ctx_full {
     rp_cuda_ctx cx;
     upload_slot_extra extra[RP_CUDA_UP_COUNT];
+#ifdef RP_CUDA_VMM
+    sparse_vmm vmm;
+    size_t page;
+    sparse_buf *sparse;
+    int n_sparse, cap_sparse;
+#endif
 };
 
 static upload_slot_extra *upload_extra(rp_cuda_ctx *cx) {
     return ((rp_cuda_ctx_full *)cx)->extra;
 }
+
+#ifdef RP_CUDA_VMM
+static int vmm_ok(rp_cuda_ctx *cx, CUresult r, const char *what, int line) {
+    if (r == CUDA_SUCCESS) return 1;
+    char text[96];
+    snprintf(text, sizeof text, "%s (CUresult %d)", what, (int)r);
+    rp_cuda_record(cx, cudaErrorMemoryAllocation, text, __FILE__, line);
+    return 0;
+}
+
+static CUmemAllocationProp vmm_prop(int device) {
+    CUmemAllocationProp prop;
+    memset(&prop, 0, sizeof prop);
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = device;
+    return prop;
+}
+
+// Unmaps the backed pages of b and frees its address range.
+static void sparse_drop(rp_cuda_ctx_full *f, sparse_buf *b) {
+    for (size_t i = 0; i < b->bytes / f->page; i++)
+        if (b->mapped[i]) vmm_ok(&f->cx, f->vmm.unmap(b->base + i * f->page, f->page),
+                                 "cuMemUnmap", __LINE__);
+    if (b->base) vmm_ok(&f->cx, f->vmm.address_free(b->base, b->bytes), "cuMemAddressFree",
+                        __LINE__);
+    free(b->mapped);
+}
+
+static void *cuda_alloc_sparse(rp_backend *be, size_t bytes) {
+    rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)rp_cuda_of(be);
+    rp_cuda_ctx *cx = &f->cx;
+    const size_t page = f->page, n = (bytes ? bytes + page - 1 : page) / page;
+    if (f->n_sparse == f->cap_sparse) {
+        const int cap = f->cap_sparse ? 2 * f->cap_sparse : 64;
+        sparse_buf *grown = (sparse_buf *)realloc(f->sparse, sizeof *grown * (size_t)cap);
+        if (!grown) return NULL;
+        f->sparse = grown;
+        f->cap_sparse = cap;
+    }
+    sparse_buf b = {0, n * page, (unsigned char *)calloc(n, 1)};
+    if (!b.mapped) return NULL;
+    // Out of memory is the caller's to report (NULL), as cuda_alloc's.
+    const CUmemAllocationProp prop = vmm_prop(cx->device);
+    int ok = f->vmm.reserve(&b.base, b.bytes, page, 0, 0) == CUDA_SUCCESS;
+    for (size_t i = 0; ok && i < n; i++) {
+        CUmemGenericAllocationHandle h;
+        ok = f->vmm.create(&h, page, &prop, 0) == CUDA_SUCCESS;
+        if (!ok) break;
+        ok = f->vmm.map(b.base + i * page, page, 0, h, 0) == CUDA_SUCCESS;
+        f->vmm.release(h);  // the mapping keeps the memory until cuMemUnmap
+        b.mapped[i] = (unsigned char)ok;
+    }
+    CUmemAccessDesc access;
+    memset(&access, 0, sizeof access);
+    access.location = prop.location;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    ok = ok && f->vmm.set_access(b.base, b.bytes, &access, 1) == CUDA_SUCCESS;
+    void *p = (void *)b.base;
+    if (ok) ok = RP_CUDA_OK(cx, cudaMemsetAsync(p, 0, b.bytes, cx->stream));
+    if (!ok) {
+        sparse_drop(f, &b);
+        return NULL;
+    }
+    cx->seq++;  // new memory may sit where a copied activation was
+    rp_cuda_act16_forget(cx, p, b.bytes);
+    f->sparse[f->n_sparse++] = b;
+    return p;
+}
+
+static sparse_buf *sparse_find(rp_cuda_ctx_full *f, const void *p) {
+    const CUdeviceptr a = (CUdeviceptr)p;
+    for (int i = 0; i < f->n_sparse; i++)
+        if (a >= f->sparse[i].base && a < f->sparse[i].base + f->sparse[i].bytes)
+            return &f->sparse[i];
+    return NULL;
+}
+
+static size_t cuda_release_range(rp_backend *be, void *p, size_t bytes) {
+    rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)rp_cuda_of(be);
+    rp_cuda_ctx *cx = &f->cx;
+    sparse_buf *b = sparse_find(f, p);
+    if (!b || (CUdeviceptr)p + bytes > b->base + b->bytes) {
+        rp_cuda_record(cx, cudaErrorInvalidValue, "release_range outside an alloc_sparse buffer",
+                       __FILE__, __LINE__);
+        return 0;
+    }
+    const size_t page = f->page, off = (size_t)((CUdeviceptr)p - b->base);
+    const size_t lo = (off + page - 1) / page, hi = (off + bytes) / page;
+    // Queued kernels may still use the pages; a step graph bakes them in.
+    RP_CUDA_OK(cx, cudaStreamSynchronize(cx->stream));
+    rp_cuda_step_drop(cx);
+    size_t given = 0;
+    for (size_t i = lo; i < hi; i++)
+        if (b->mapped[i] &&
+            vmm_ok(cx, f->vmm.unmap(b->base + i * page, page), "cuMemUnmap", __LINE__)) {
+            b->mapped[i] = 0;
+            given += page;
+        }
+    return given;
+}
+
+static int sparse_free(rp_cuda_ctx *cx, void *ptr) {
+    rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)cx;
+    sparse_buf *b = sparse_find(f, ptr);
+    if (!b) return 0;
+    sparse_drop(f, b);
+    *b = f->sparse[--f->n_sparse];
+    return 1;
+}
+
+// The entry points and the granularity; without them the entries stay NULL.
+static void sparse_install(rp_backend *be) {
+    rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)rp_cuda_of(be);
+    const struct {
+        const char *name;
+        void **fn;
+    } need[] = {
+        {"cuMemGetAllocationGranularity", (void **)&f->vmm.granularity},
+        {"cuMemAddressReserve", (void **)&f->vmm.reserve},
+        {"cuMemAddressFree", (void **)&f->vmm.address_free},
+        {"cuMemCreate", (void **)&f->vmm.create},
+        {"cuMemRelease", (void **)&f->vmm.release},
+        {"cuMemMap", (void **)&f->vmm.map},
+        {"cuMemUnmap", (void **)&f->vmm.unmap},
+        {"cuMemSetAccess", (void **)&f->vmm.set_access},
+    };
+    for (size_t i = 0; i < sizeof need / sizeof need[0]; i++) {
+        cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+        if (cudaGetDriverEntryPointByVersion(need[i].name, need[i].fn, 12000, cudaEnableDefault,
+                                             &found) != cudaSuccess ||
+            found != cudaDriverEntryPointSuccess || !*need[i].fn) {
+            cudaGetLastError();
+            return;
+        }
+    }
+    const CUmemAllocationProp prop = vmm_prop(f->cx.device);
+    size_t page = 0;
+    if (f->vmm.granularity(&page, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS ||
+        page == 0 || (page & (page - 1)) != 0)
+        return;
+    f->page = page;
+    be->sparse_page = page;
+    be->alloc_sparse = cuda_alloc_sparse;
+    be->release_range = cuda_release_range;
+}
+
+static void sparse_destroy(rp_cuda_ctx *cx) {
+    rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)cx;
+    for (int i = 0; i < f->n_sparse; i++) sparse_drop(f, &f->sparse[i]);
+    free(f->sparse);
+}
+#else
+static int sparse_free(rp_cuda_ctx *, void *) { return 0; }
+static void sparse_install(rp_backend *) {}
+static void sparse_destroy(rp_cuda_ctx *) {}
+#endif
 
 static void cuda_destroy(rp_backend *be);
 
@@ -586,6 +782,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     be->register_weights = cuda_register_weights;
     be->refresh_weights = cuda_refresh_weights;
     be->weight_copy = cuda_weight_copy;
+    sparse_install(be);
     rp_cuda_install_matmul(be);
     rp_cuda_install_elementwise(be);
     rp_cuda_install_backward(be);
@@ -604,6 +801,7 @@ static void cuda_destroy(rp_backend *be) {
         rp_cuda_step_destroy(cx);
         for (int i = 0; i < cx->n_weights; i++) cudaFree(cx->weights[i].shadow);
         free(cx->weights);
+        sparse_destroy(cx);
         free(cx->inplace);
         if (cx->dec_part) cudaFree(cx->dec_part);
         if (cx->dec_count) cudaFree(cx->dec_count);

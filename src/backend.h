@@ -473,6 +473,21 @@ struct rp_backend {
      * measured sweet spot; 0: RP_ENGINE_GROUP_DEFAULT). serve --max-batch
      * overrides it. */
     int decode_group;
+
+    /* ---- sparse weight buffers (optional: 0 / NULL = every buffer stays
+     * backed whole; ZeRO-1, src/pipe/pipe_zero.c) ----
+     * sparse_page: the bytes of a page (a power of two) that release_range
+     * gives back (CUDA: the VMM allocation granularity, 2 MiB; the mock
+     * device: the host page). alloc_sparse: like alloc (zeroed, every byte
+     * backed, free() frees it) but page-aligned, and its pages can be given
+     * back one by one. release_range(p, bytes): the whole pages inside
+     * [p, p + bytes) of an alloc_sparse buffer stop being backed by memory
+     * (any later read or write of them is a fault); returns the bytes given
+     * back (0 when no whole page lies inside). It waits for the ops called
+     * before it. The buffer's other pages keep their contents. */
+    size_t sparse_page;
+    void *(*alloc_sparse)(rp_backend *be, size_t bytes);
+    size_t (*release_range)(rp_backend *be, void *p, size_t bytes);
 };
 
 /* head_cross_entropy: logits floats per row chunk (256 MiB: 1024 rows at

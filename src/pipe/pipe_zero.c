@@ -189,6 +189,12 @@ struct rp_zero_links {
     int n_layer_iv, n_head_iv;
     rp_nccl_xfer *xfer;
     int cap_xfer, stale;
+    /* rp_zero_links_release_master: bytes given back; the save's host copy
+     * of the whole fp32 (replica 0) and the host backend it lives on. */
+    size_t released;
+    rp_backend *host_be;
+    rp_model master;
+    int has_master;
 };
 
 rp_status rp_zero_links_create(rp_zero_links **out, MPI_Comm comm, rp_backend *be,
@@ -238,6 +244,8 @@ void rp_zero_links_free(rp_zero_links *l) {
     free(l->layer_iv);
     free(l->head_iv);
     free(l->xfer);
+    rp_zero_links_drop_master(l);
+    rp_backend_destroy(l->host_be);
     free(l);
 }
 
@@ -414,10 +422,10 @@ static rp_status allgather_bf16(rp_zero_links *l, float *buf, size_t n, uint16_t
     return be->status(be, err);
 }
 
-/* The fp32 all-gather over NCCL of buf [n], in place; refresh: convert the
- * received ranges' copies. */
-static rp_status allgather_fp32(rp_zero_links *l, float *buf, size_t n, int refresh,
-                                const char *what, rp_error *err) {
+/* The fp32 all-gather over NCCL of buf [n], in place; the received ranges'
+ * copies are converted again. */
+static rp_status allgather_fp32(rp_zero_links *l, float *buf, size_t n, const char *what,
+                                rp_error *err) {
     rp_backend *be = l->be;
     size_t b, mine;
     rp_zero_range(n, l->dp, l->me, &b, &mine);
@@ -437,7 +445,7 @@ static rp_status allgather_fp32(rp_zero_links *l, float *buf, size_t n, int refr
      * range by range; my range's copy was written by the AdamW step. Without
      * the entry the caller re-registers the whole stage
      * (rp_zero_links_bypass_backend). */
-    if (st != RP_OK || !refresh || !be->refresh_weights) return st;
+    if (st != RP_OK || !be->refresh_weights) return st;
     for (int k = 0; k < l->dp; k++)
         if (recv_n[k]) be->refresh_weights(be, buf + recv_at[k], recv_n[k]);
     return be->status(be, err);
@@ -469,21 +477,227 @@ rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_err
     int niv;
     uint16_t *copy = bf16_copy(l, buf, n, &iv, &niv);
     if (copy) return allgather_bf16(l, buf, n, copy, iv, niv, what, err);
-    return allgather_fp32(l, buf, n, 1, what, err);
+    return allgather_fp32(l, buf, n, what, err);
 }
 
 int rp_zero_links_bf16(const rp_zero_links *l) { return l && l->model; }
 
-rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m, rp_error *err) {
-    static const char what[] = "the fp32 weights' gather over the data replicas (--zero 1, "
-                               "NCCL; for a checkpoint or the -o file)";
-    if (!l || !l->stale) return RP_OK;
-    size_t n;
-    float *w;
+/* ---- the fp32 master weights' memory ---- */
+
+/* The matrices' offsets of buffer buf [n] of m (a layer or the head), or
+ * 0 intervals (the embedding: no matrix read through a copy). */
+static int matrices_of(const rp_model *m, const float *buf, size_t n, size_t *iv) {
+    rp_tensor_info table[RP_LAYER_N_TENSORS], gtable[RP_GLOBAL_N_TENSORS];
+    if (m->head_flat && buf == m->head_flat && n == m->head_floats) {
+        rp_global_layout(&m->cfg, gtable, NULL, NULL);
+        return matrix_table(gtable, RP_GLOBAL_N_TENSORS, RP_PART_HEAD, iv);
+    }
+    if (buf == m->embed_flat) return 0;
+    rp_layer_layout(&m->cfg, table);
+    return matrix_table(table, RP_LAYER_N_TENSORS, RP_PART_LAYER, iv);
+}
+
+/* Byte offsets [lo, hi) of the whole pages of a buffer [n] that hold only
+ * matrix floats outside [own_b, own_e): the pages nothing reads under the
+ * bf16 all-gather. Adjacent matrices merge, so a page across the border of
+ * two stale matrices goes too. Returns the count of runs (<= niv + 1). */
+static int stale_pages(const size_t *iv, int niv, size_t own_b, size_t own_e, size_t page,
+                       size_t *runs) {
+    int nr = 0;
+    for (int i = 0; i < niv;) {
+        size_t b = iv[2 * i], e = iv[2 * i + 1];
+        for (i++; i < niv && iv[2 * i] == e; i++) e = iv[2 * i + 1];
+        /* [b, e) minus the own range: up to two pieces. */
+        const size_t piece[2][2] = {{b, e < own_b ? e : own_b}, {b > own_e ? b : own_e, e}};
+        for (int k = 0; k < 2; k++) {
+            const size_t lo = (piece[k][0] * sizeof(float) + page - 1) / page * page;
+            const size_t hi = piece[k][1] * sizeof(float) / page * page;
+            if (piece[k][0] < piece[k][1] && lo < hi) {
+                runs[2 * nr] = lo;
+                runs[2 * nr + 1] = hi;
+                nr++;
+            }
+        }
+    }
+    return nr;
+}
+
+/* One buffer *buf [n] into a sparse buffer whose stale pages are given
+ * back (when it has any). */
+static rp_status make_sparse(rp_zero_links *l, const rp_model *m, float **buf, size_t n,
+                             rp_error *err) {
+    rp_backend *be = l->be;
+    size_t iv[2 * RP_LAYER_N_TENSORS + 2 * RP_GLOBAL_N_TENSORS];
+    size_t runs[4 * (RP_LAYER_N_TENSORS + RP_GLOBAL_N_TENSORS)];  /* 2 runs per matrix */
+    const int niv = matrices_of(m, *buf, n, iv);
+    size_t b, mine;
+    rp_zero_range(n, l->dp, l->me, &b, &mine);
+    const int nr = stale_pages(iv, niv, b, b + mine, be->sparse_page, runs);
+    if (!nr) return RP_OK;  /* no whole stale page: the buffer stays as it is */
+    float *sparse = be->alloc_sparse(be, n * sizeof(float));
+    if (!sparse)
+        return rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1: a sparse weight buffer of %zu bytes "
+                            "(%s); run without --zero or with fp32 GEMM math", n * sizeof(float),
+                            be->name);
+    be->copy(be, sparse, *buf, n * sizeof(float));
+    be->free(be, *buf);  /* forgets its bf16 copy */
+    *buf = sparse;
+    /* The new buffer's copy, from its fp32 while every page is backed. */
+    if (be->register_weights) be->register_weights(be, sparse, n);
+    /* Without its copy the GEMMs and the all-gather would use the fp32 of
+     * the pages given back. */
+    if (!be->weight_copy(be, sparse, n))
+        return rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1: no room for the bf16 copy of a weight "
+                            "buffer of %zu floats (%s) again after moving it into a sparse "
+                            "buffer; run without --zero", n, be->name);
+    for (int r = 0; r < nr; r++)
+        l->released += be->release_range(be, (char *)sparse + runs[2 * r],
+                                         runs[2 * r + 1] - runs[2 * r]);
+    return be->status(be, err);
+}
+
+rp_status rp_zero_links_release_master(rp_zero_links *l, rp_model *m, rp_error *err) {
+    if (!l || !l->model || l->model != m) return RP_OK;
+    rp_backend *be = l->be;
+    if (!be->sparse_page || !be->alloc_sparse || !be->release_range) return RP_OK;
     rp_status st = RP_OK;
-    /* Every range fp32 to every replica; the copies are already current. */
-    for (int i = 0; st == RP_OK && (w = rp_zero_buffer(m, i, &n)); i++)
-        st = allgather_fp32(l, w, n, 0, what, err);
-    if (st == RP_OK) l->stale = 0;
+    for (int i = 0; st == RP_OK && i < m->layer_end - m->layer_begin; i++) {
+        st = make_sparse(l, m, &m->layer_flat[i], m->layer_floats, err);
+        rp_layer_bind(&m->layers[i], m->layer_flat[i], &m->cfg);
+    }
+    if (st == RP_OK && m->head_flat) {
+        st = make_sparse(l, m, &m->head_flat, m->head_floats, err);
+        rp_global_bind(&m->global, m->embed_flat, m->head_flat, &m->cfg);
+    }
+    /* From now on a save gathers from the owners (rp_zero_links_gather_
+     * master), even before the first bf16 all-gather: the same decision on
+     * every replica (one backend kind), whatever each one gave back. */
+    l->stale = 1;
     return st;
+}
+
+void rp_zero_links_memory(const rp_zero_links *l, const rp_model *m, rp_zero_memory *out) {
+    memset(out, 0, sizeof *out);
+    rp_backend *be = m->be;
+    size_t n, iv[2 * RP_LAYER_N_TENSORS + 2 * RP_GLOBAL_N_TENSORS];
+    float *w;
+    for (int i = 0; (w = rp_zero_buffer(m, i, &n)); i++) {
+        out->fp32_bytes += n * sizeof(float);
+        const int niv = matrices_of(m, w, n, iv);
+        for (int k = 0; k < niv; k++) out->matrix_bytes += (iv[2 * k + 1] - iv[2 * k]) * 4;
+        if (be->weight_copy && w != m->embed_flat && be->weight_copy(be, w, n))
+            out->bf16_bytes += n * sizeof(uint16_t);
+    }
+    /* The pages given back hold matrix floats only (stale_pages). */
+    const size_t released = l ? l->released : 0;
+    out->fp32_backed = out->fp32_bytes - released;
+    out->matrix_backed = out->matrix_bytes - released;
+    out->page = l && l->model && be->release_range ? be->sparse_page : 0;
+}
+
+/* The save's host copy lives on a backend of plain host memory with the
+ * memory entries only: the savers (rp_model_save, the checkpoint shards,
+ * the stages' -o gather) only allocate, copy and free through it. */
+static void *host_alloc(rp_backend *be, size_t bytes) {
+    (void)be;
+    return calloc(1, bytes ? bytes : 1);
+}
+static void host_free(rp_backend *be, void *p) {
+    (void)be;
+    free(p);
+}
+static void host_copy(rp_backend *be, void *dst, const void *src, size_t bytes) {
+    (void)be;
+    if (bytes) memcpy(dst, src, bytes);
+}
+static void host_fill_zero(rp_backend *be, void *dst, size_t bytes) {
+    (void)be;
+    if (bytes) memset(dst, 0, bytes);
+}
+static void host_synchronize(rp_backend *be) { (void)be; }
+static rp_status host_status(rp_backend *be, rp_error *err) {
+    (void)be;
+    (void)err;
+    return RP_OK;
+}
+static void host_destroy(rp_backend *be) { free(be); }
+
+static rp_backend *host_backend(rp_error *err) {
+    rp_backend *be = calloc(1, sizeof *be);
+    if (!be) {
+        rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1: the host copy's backend");
+        return NULL;
+    }
+    be->name = "host memory (ZeRO-1's save copy)";
+    be->is_host_memory = 1;
+    be->destroy = host_destroy;
+    be->alloc = host_alloc;
+    be->free = host_free;
+    be->copy_to_device = host_copy;
+    be->copy_to_host = host_copy;
+    be->copy = host_copy;
+    be->fill_zero = host_fill_zero;
+    be->synchronize = host_synchronize;
+    be->status = host_status;
+    return be;
+}
+
+void rp_zero_links_drop_master(rp_zero_links *l) {
+    if (!l || !l->has_master) return;
+    rp_model_free(&l->master);
+    l->has_master = 0;
+}
+
+rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m,
+                                      const rp_model **whole, rp_error *err) {
+    static const char what[] = "the fp32 weights' gather to data replica 0 (--zero 1; for a "
+                               "checkpoint or the -o file)";
+    *whole = m;
+    if (!l || !l->stale) return RP_OK;
+    rp_zero_links_drop_master(l);
+    const int root = l->me == 0;
+    rp_status st = RP_OK;
+    /* Replica 0: the whole weights in host memory. The others: their range
+     * of a buffer staged through a host buffer. */
+    size_t most = 1, n;
+    float *w;
+    for (int i = 0; (w = rp_zero_buffer(m, i, &n)); i++)
+        if (n > most) most = n;
+    float *mine_host = NULL;
+    int *counts = malloc(sizeof(int) * 2 * (size_t)l->dp);
+    if (!counts) st = rp_error_set(err, RP_ERR_NOMEM, "%s: counts", what);
+    if (st == RP_OK && root && !l->host_be && !(l->host_be = host_backend(err)))
+        st = RP_ERR_NOMEM;
+    if (st == RP_OK && root) {
+        st = rp_model_alloc(&l->master, &m->cfg, m->layer_begin, m->layer_end, m->has_embed,
+                            m->has_head, l->host_be, err);
+        if (st == RP_OK) l->has_master = 1;
+        else st = rp_error_prefix(err, "%s: host memory for the whole fp32 weights", what);
+    }
+    if (st == RP_OK && !root && !(mine_host = malloc(sizeof(float) * (most / l->dp + 1))))
+        st = rp_error_set(err, RP_ERR_NOMEM, "%s: a host buffer of %zu floats", what,
+                          most / l->dp + 1);
+    /* A replica that failed stops here; the others' gather ends with the
+     * --comm-timeout watchdog. */
+    for (int i = 0; st == RP_OK && (w = rp_zero_buffer(m, i, &n)); i++) {
+        if ((st = ranges(n, l->dp, counts, counts + l->dp, what, err)) != RP_OK) break;
+        size_t b, cnt;
+        rp_zero_range(n, l->dp, l->me, &b, &cnt);
+        size_t nn;
+        float *full = root ? rp_zero_buffer(&l->master, i, &nn) : NULL;
+        float *stage = root ? full + b : mine_host;
+        if (cnt) l->be->copy_to_host(l->be, stage, w + b, cnt * sizeof(float));
+        MPI_Request req;
+        st = started(MPI_Igatherv(root ? MPI_IN_PLACE : stage, (int)cnt, MPI_FLOAT, full, counts,
+                                  counts + l->dp, MPI_FLOAT, 0, l->comm, &req), what, err);
+        if (st == RP_OK) st = rp_comm_wait(&req, l->timeout_s, what, err);
+    }
+    free(counts);
+    free(mine_host);
+    if (st != RP_OK) {
+        rp_zero_links_drop_master(l);
+        return st;
+    }
+    *whole = root ? &l->master : NULL;
+    return RP_OK;
 }

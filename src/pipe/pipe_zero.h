@@ -71,10 +71,34 @@ rp_status rp_zero_links_allgather(rp_zero_links *l, float *buf, size_t n, rp_err
 rp_status rp_zero_links_use_model(rp_zero_links *l, const rp_model *m, rp_error *err);
 /* 1 when the all-gather moves the matrices as bf16 (rp_zero_links_use_model). */
 int rp_zero_links_bf16(const rp_zero_links *l);
-/* The fp32 weights of m whole again on every replica (an fp32 all-gather of
- * each buffer), after bf16 all-gathers left the other ranges' matrices
- * stale: before a checkpoint or the final -o file. Collective over the data
- * replicas; nothing when nothing is stale (the same on every replica). */
-rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m, rp_error *err);
+/* After the bf16 all-gather is on (rp_zero_links_use_model) and the weights
+ * are final for the first step (after a resume): nothing reads the other
+ * replicas' fp32 of the matrices any more until a save (the GEMMs read the
+ * bf16 copies, AdamW only the own range), so on a backend with sparse
+ * buffers (backend.h alloc_sparse / release_range) each layer and head
+ * buffer moves into a sparse buffer (copied, registered again) and the
+ * whole pages that hold only those stale matrix floats are given back. m's
+ * buffer pointers and field bindings change. Nothing without the bf16
+ * all-gather or the entries. Not collective. */
+rp_status rp_zero_links_release_master(rp_zero_links *l, rp_model *m, rp_error *err);
+/* The fp32 weights per rank, for the start-up line: bytes of every buffer,
+ * of the GEMM matrices among them, and how many of each are backed by
+ * memory (less after rp_zero_links_release_master); the bf16 copies'
+ * bytes the backend keeps (weight_copy; 0 in fp32 math); the page size of
+ * the release (0: none). l may be NULL (no --zero). */
+typedef struct {
+    size_t fp32_bytes, fp32_backed, matrix_bytes, matrix_backed, bf16_bytes, page;
+} rp_zero_memory;
+void rp_zero_links_memory(const rp_zero_links *l, const rp_model *m, rp_zero_memory *out);
+/* The whole fp32 weights of m, for a checkpoint or the -o file (which only
+ * replica 0 writes). Nothing stale (no bf16 all-gather): *whole = m. Else
+ * replica 0 gets a host copy (an rp_model on a host backend) holding each
+ * replica's range from its owner (an MPI gather; the device's stale or
+ * released pages are never read), and the other replicas NULL; the copy
+ * lives until rp_zero_links_drop_master or rp_zero_links_free. Collective
+ * over the data replicas. */
+rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m,
+                                      const rp_model **whole, rp_error *err);
+void rp_zero_links_drop_master(rp_zero_links *l);
 
 #endif

@@ -530,11 +530,12 @@ static rp_status save_checkpoint_zero(const rp_train_options *o, rp_transport *t
     memset(&m, 0, sizeof m);
     memset(&v, 0, sizeof v);
     rp_status st = RP_OK;
+    /* The moments' backend (w may be a host copy of the weights). */
     if (z->rank == 0 &&
         ((st = rp_model_alloc(&m, &w->cfg, w->layer_begin, w->layer_end, w->has_embed,
-                              w->has_head, w->be, err)) != RP_OK ||
+                              w->has_head, z->be, err)) != RP_OK ||
          (st = rp_model_alloc(&v, &w->cfg, w->layer_begin, w->layer_end, w->has_embed,
-                              w->has_head, w->be, err)) != RP_OK)) {
+                              w->has_head, z->be, err)) != RP_OK)) {
         /* The other replicas wait in the gather: end the job from here. */
         rp_model_free(&m);
         rp_model_free(&v);
@@ -611,6 +612,19 @@ static void print_memory(const rp_train_options *o, const rp_model *model, const
     if (z && z->dp > 1)
         fprintf(o->progress, "zero: optimizer state sharded over %d data replicas (%s)\n",
                 z->dp, rp_zero_links_describe(links));
+    /* The fp32 master weights actually backed by memory (--zero 1 with the
+     * bf16 all-gather gives back the other replicas' matrix pages). */
+    rp_zero_memory mem;
+    rp_zero_links_memory(z && z->dp > 1 ? links : NULL, model, &mem);
+    fprintf(o->progress, "fp32 weights per rank (rank 0, stage 0): %zu of %zu bytes backed, "
+            "GEMM matrices %zu of %zu bytes", mem.fp32_backed, mem.fp32_bytes,
+            mem.matrix_backed, mem.matrix_bytes);
+    if (mem.page)
+        fprintf(o->progress, " (own 1/DP range, %zu-byte pages)", mem.page);
+    if (mem.bf16_bytes)
+        fprintf(o->progress, "; bf16 copies %zu bytes\n", mem.bf16_bytes);
+    else
+        fprintf(o->progress, "; whole (fp32 GEMM math reads them, no bf16 copies)\n");
 }
 
 /* print_memory for interleaved stages: the sums over the v chunks (z:
@@ -960,8 +974,6 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     if (o->zero && ((st = rp_pipe_trainer_use_zero(&pt, V ? izero : &zero, err)) != RP_OK ||
                     (!V && (st = rp_zero_links_use_model(pt.zero_links, model, err)) != RP_OK)))
         goto done;
-    if (!V) print_memory(o, model, &grads, o->zero ? &zero : NULL, pt.zero_links);
-    else print_memory_chunks(o, igrads, izero, pt.zero_links);
     for (int k = 0; o->tune_state && k < 3; k++)
         if (!(tuned_host[k] = malloc((pt.tuned_floats + 1) * sizeof(float)))) {
             st = rp_error_set(err, RP_ERR_NOMEM, "host buffers of the tuned states");
@@ -1065,6 +1077,13 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             fprintf(o->progress, "resumed from %s at step %ld (%llu tokens seen)\n",
                     o->resume_path, first_step, (unsigned long long)progress.tokens_seen);
     }
+    /* --zero 1, bf16 all-gather: the other replicas' fp32 of the matrices
+     * is read by nothing until a save, so its pages go (after the resume
+     * wrote the whole weights). */
+    if (o->zero && !V && (st = rp_zero_links_release_master(pt.zero_links, model, err)) != RP_OK)
+        goto done;
+    if (!V) print_memory(o, model, &grads, o->zero ? &zero : NULL, pt.zero_links);
+    else print_memory_chunks(o, igrads, izero, pt.zero_links);
     double best_eval = INFINITY;
 
     const double t_start = rp_now_seconds();
@@ -1189,11 +1208,16 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
                     c.tuned[k] = tuned_host[k];
                 }
             }
-            /* --zero 1's bf16 all-gather left other ranges' fp32 stale. */
-            if (o->zero && (st = rp_zero_links_gather_master(pt.zero_links, model, err)) != RP_OK)
+            /* --zero 1's bf16 all-gather left other ranges' fp32 stale (or
+             * gave back their pages): replica 0 writes a gathered copy. */
+            const rp_model *whole = model;
+            if (o->zero && (st = rp_zero_links_gather_master(pt.zero_links, model, &whole,
+                                                             err)) != RP_OK)
                 goto done;
+            if (whole != model) c.weights = whole;
             st = V && o->zero ? save_checkpoint_zero_chunks(o, tp, &c, izero, err)
                               : save_checkpoint_zero(o, tp, &c, &zero, err);
+            if (o->zero) rp_zero_links_drop_master(pt.zero_links);
             for (int ch = 0; o->tune_lora && ch < n_lora; ch++) rp_lora_apply(&lora[ch]);
             if (st != RP_OK) goto done;
             char name[64];
@@ -1223,10 +1247,15 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
         }
     }
     result->seconds = rp_now_seconds() - t_start;
-    /* The weights leave here whole in fp32 (--zero 1's bf16 all-gather). */
-    if (o->zero) st = rp_zero_links_gather_master(pt.zero_links, model, err);
+    /* The weights leave here whole in fp32 (--zero 1's bf16 all-gather: a
+     * gathered copy on replica 0). */
+    const rp_model *whole = model;
+    if (o->zero && o->save_path && !result->stopped_by_signal)
+        st = rp_zero_links_gather_master(pt.zero_links, model, &whole, err);
     if (st == RP_OK && o->save_path && !result->stopped_by_signal)
-        st = V ? save_weights_interleaved(o, tp, err) : save_weights(model, o, tp, err);
+        st = V ? save_weights_interleaved(o, tp, err)
+               : save_weights(whole ? whole : model, o, tp, err);
+    if (o->zero) rp_zero_links_drop_master(pt.zero_links);
     if (st == RP_OK && o->tune_state && o->state_out)
         st = save_tuned_states(model, &pt, o, tp, err);
     if (st == RP_OK && o->tune_lora && o->lora_out && !result->stopped_by_signal)

@@ -108,7 +108,10 @@ void rp_train_options_add_data(rp_train_options *o, const char **paths, int *n_p
  * resume_path the weights, moments, step, LR position and data cursor come
  * from that checkpoint (model must be allocated with its config), and the run
  * continues exactly where it stopped: training N steps, saving, resuming and
- * training to 2N gives the same weights bit for bit as 2N steps at once. */
+ * training to 2N gives the same weights bit for bit as 2N steps at once.
+ * With --zero 1's bf16 all-gather the model comes back with only this
+ * replica's range of the GEMM matrices current in fp32 (the rest stale, or
+ * its pages given back: pipe/pipe_zero.h); -o and checkpoints hold it whole. */
 rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_result *result,
                        rp_error *err);
 

@@ -1,6 +1,7 @@
 // The emulated CUDA runtime (tests/cuda_emu/README.md): fibers, memory registry, streams
 // (queued, run at sync points), cuBLAS GEMM.
 #include "cublas_v2.h"
+#include "cuda.h"
 #include <map>
 #include <set>
 #include <string>
@@ -44,6 +45,7 @@ struct alloc_info {
     size_t map_bytes = 0;             // pinned: the mmap'd length
     std::vector<pinned_use> pending;  // pinned: queued copies using it
     bool unguarded = false;           // pinned: a host access outside the pending ranges dropped the guard
+    std::vector<char> vmm;            // cuMemAddressReserve: per 2 MiB page, 0 unmapped, 1 mapped, 2 accessible
 };
 static std::map<uintptr_t, alloc_info> g_allocs;
 static alloc_info *find_alloc(const void *p, uintptr_t *base) {
@@ -247,9 +249,128 @@ cudaError_t cudaFreeHost(void *p) {
     g_allocs.erase(it); return cudaSuccess;
 }
 
+// ---- VMM (cuda.h): a reservation is PROT_NONE host pages registered as one
+// device allocation; a page is readable and writable only while it is
+// mapped (cuMemMap) and made accessible (cuMemSetAccess). cuMemUnmap drops
+// its contents and protects it again, so any later access faults and the
+// SIGSEGV handler names it.
+enum { RP_EMU_VMM_PAGE = 2 << 20 };
+static std::map<unsigned long long, size_t> g_vmm_handles;  // cuMemCreate handles alive: their bytes
+static unsigned long long g_vmm_next = 1;
+static alloc_info *vmm_of(CUdeviceptr p, size_t size, uintptr_t *base, const char *fn) {
+    alloc_info *a = find_alloc((const void *)p, base);
+    if (!a || a->vmm.empty() || (p - *base) % RP_EMU_VMM_PAGE || size % RP_EMU_VMM_PAGE || !size ||
+        p + size > *base + a->bytes)
+        die("%s(%#llx, %zu): not whole %d-byte pages of a cuMemAddressReserve range", fn, p, size,
+            RP_EMU_VMM_PAGE);
+    return a;
+}
+CUresult cuMemGetAllocationGranularity(size_t *g, const CUmemAllocationProp *, CUmemAllocationGranularity_flags) {
+    *g = RP_EMU_VMM_PAGE;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemAddressReserve(CUdeviceptr *p, size_t size, size_t align, CUdeviceptr addr, unsigned long long flags) {
+    if (!size || size % RP_EMU_VMM_PAGE || (align && RP_EMU_VMM_PAGE % align) || addr || flags)
+        return CUDA_ERROR_INVALID_VALUE;
+    // Over-reserve, then trim to a page-aligned range.
+    char *q = (char *)mmap(nullptr, size + RP_EMU_VMM_PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (q == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    char *b = (char *)(((uintptr_t)q + RP_EMU_VMM_PAGE - 1) / RP_EMU_VMM_PAGE * RP_EMU_VMM_PAGE);
+    if (b > q) munmap(q, (size_t)(b - q));
+    if (b + size < q + size + RP_EMU_VMM_PAGE) munmap(b + size, (size_t)(q + size + RP_EMU_VMM_PAGE - (b + size)));
+    alloc_info a; a.bytes = size; a.device = true; a.map_bytes = size;
+    a.vmm.assign(size / RP_EMU_VMM_PAGE, 0);
+    g_allocs[(uintptr_t)b] = a;
+    *p = (CUdeviceptr)(uintptr_t)b;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemAddressFree(CUdeviceptr p, size_t size) {
+    auto it = g_allocs.find((uintptr_t)p);
+    if (it == g_allocs.end() || it->second.vmm.empty() || it->second.bytes != size)
+        die("cuMemAddressFree(%#llx, %zu): not a whole cuMemAddressReserve range", p, size);
+    for (char m : it->second.vmm)
+        if (m) die("cuMemAddressFree(%#llx): a page is still mapped: cuMemUnmap it first", p);
+    munmap((void *)p, size);
+    g_dev_lo = g_dev_hi = 0;
+    g_allocs.erase(it);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemCreate(CUmemGenericAllocationHandle *h, size_t size, const CUmemAllocationProp *prop, unsigned long long flags) {
+    if (!size || size % RP_EMU_VMM_PAGE || flags || !prop || prop->type != CU_MEM_ALLOCATION_TYPE_PINNED ||
+        prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE)
+        return CUDA_ERROR_INVALID_VALUE;
+    g_count_allocs++;
+    *h = g_vmm_next++;
+    g_vmm_handles[*h] = size;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemRelease(CUmemGenericAllocationHandle h) {
+    // The memory stays while a mapping holds it (as CUDA's).
+    return g_vmm_handles.erase(h) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+CUresult cuMemMap(CUdeviceptr p, size_t size, size_t offset, CUmemGenericAllocationHandle h, unsigned long long flags) {
+    uintptr_t base;
+    alloc_info *a = vmm_of(p, size, &base, "cuMemMap");
+    auto it = g_vmm_handles.find(h);
+    if (it == g_vmm_handles.end() || it->second != size || offset || flags) return CUDA_ERROR_INVALID_VALUE;
+    for (size_t i = (p - base) / RP_EMU_VMM_PAGE; i < (p - base + size) / RP_EMU_VMM_PAGE; i++) {
+        if (a->vmm[i]) die("cuMemMap(%#llx): page %zu is already mapped", p, i);
+        a->vmm[i] = 1;
+    }
+    return CUDA_SUCCESS;  // still PROT_NONE: no access before cuMemSetAccess
+}
+CUresult cuMemSetAccess(CUdeviceptr p, size_t size, const CUmemAccessDesc *d, size_t count) {
+    uintptr_t base;
+    alloc_info *a = vmm_of(p, size, &base, "cuMemSetAccess");
+    if (count != 1 || d->flags != CU_MEM_ACCESS_FLAGS_PROT_READWRITE) return CUDA_ERROR_INVALID_VALUE;
+    for (size_t i = (p - base) / RP_EMU_VMM_PAGE; i < (p - base + size) / RP_EMU_VMM_PAGE; i++) {
+        if (!a->vmm[i]) die("cuMemSetAccess(%#llx): page %zu is not mapped", p, i);
+        if (a->vmm[i] == 1) {
+            char *pg = (char *)base + i * RP_EMU_VMM_PAGE;
+            mprotect(pg, RP_EMU_VMM_PAGE, PROT_READ | PROT_WRITE);
+            memset(pg, 0xff, RP_EMU_VMM_PAGE);  // garbage: NaN as float
+            a->vmm[i] = 2;
+        }
+    }
+    return CUDA_SUCCESS;
+}
+CUresult cuMemUnmap(CUdeviceptr p, size_t size) {
+    uintptr_t base;
+    alloc_info *a = vmm_of(p, size, &base, "cuMemUnmap");
+    if (const stream_op *op = queued_user(base))
+        die("cuMemUnmap(%#llx) while queued work still uses the range (%s): synchronize the stream first", p,
+            op->what.c_str());
+    for (size_t i = (p - base) / RP_EMU_VMM_PAGE; i < (p - base + size) / RP_EMU_VMM_PAGE; i++) {
+        if (!a->vmm[i]) die("cuMemUnmap(%#llx): page %zu is not mapped", p, i);
+        a->vmm[i] = 0;
+    }
+    g_count_allocs++;
+    madvise((void *)p, size, MADV_DONTNEED);
+    mprotect((void *)p, size, PROT_NONE);
+    return CUDA_SUCCESS;
+}
+cudaError_t cudaGetDriverEntryPointByVersion(const char *symbol, void **fn, unsigned, unsigned long long,
+                                             cudaDriverEntryPointQueryResult *status) {
+    static const struct { const char *name; void *fn; } known[] = {
+        {"cuMemGetAllocationGranularity", (void *)cuMemGetAllocationGranularity},
+        {"cuMemAddressReserve", (void *)cuMemAddressReserve}, {"cuMemAddressFree", (void *)cuMemAddressFree},
+        {"cuMemCreate", (void *)cuMemCreate}, {"cuMemRelease", (void *)cuMemRelease},
+        {"cuMemMap", (void *)cuMemMap}, {"cuMemUnmap", (void *)cuMemUnmap},
+        {"cuMemSetAccess", (void *)cuMemSetAccess}};
+    *fn = nullptr;
+    for (const auto &k : known)
+        if (strcmp(k.name, symbol) == 0) *fn = k.fn;
+    if (status) *status = *fn ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+    return cudaSuccess;
+}
+
 static struct sigaction g_old_segv;  // e.g. ASan's: faults that are not ours go back to it
 static void fault_handler(int sig, siginfo_t *si, void *uc_) {
     uintptr_t base;
+    if (const alloc_info *v = find_alloc(si->si_addr, &base); v && !v->vmm.empty())
+        die("access to %p (byte %zu of a %zu-byte cuMemAddressReserve range): its page is not mapped "
+            "and accessible (cuMemUnmap gave it back, or cuMemMap/cuMemSetAccess were not called)",
+            si->si_addr, (size_t)((uintptr_t)si->si_addr - base), v->bytes);
     alloc_info *a = pinned_of(si->si_addr, &base);
     if (!a || a->pending.empty() || a->unguarded) { sigaction(sig, &g_old_segv, nullptr); return; }  // not ours: faults again there
     bool write = false;

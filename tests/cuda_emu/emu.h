@@ -126,6 +126,15 @@ enum { cudaSharedmemCarveoutMaxShared = 100, cudaSharedmemCarveoutDefault = -1 }
 #define cudaStreamNonBlocking 0x01
 #define cudaEventDisableTiming 0x02
 struct cudaDeviceProp { char name[256]; int major, minor; size_t totalGlobalMem; int multiProcessorCount; };
+// The driver's VMM calls (cuda.h, emulated): cuda_backend.cu's sparse
+// buffers compile and run here as with a CUDA 12.5+ toolkit.
+#define RP_EMU_VMM 1
+enum cudaDriverEntryPointQueryResult { cudaDriverEntryPointSuccess = 0, cudaDriverEntryPointSymbolNotFound = 1,
+                                       cudaDriverEntryPointVersionNotSufficent = 2 };
+enum { cudaEnableDefault = 0 };
+cudaError_t cudaGetDriverEntryPointByVersion(const char *symbol, void **fn, unsigned cuda_version,
+                                             unsigned long long flags,
+                                             cudaDriverEntryPointQueryResult *status = nullptr);
 
 cudaError_t cudaGetDeviceCount(int *n);
 cudaError_t cudaSetDevice(int d);

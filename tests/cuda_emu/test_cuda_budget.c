@@ -931,6 +931,70 @@ static void test_decode_group_rows_alone(void **s) {
     side_close(&d);
 }
 
+/* Sparse buffers (backend.h alloc_sparse / release_range; ZeRO-1 gives back
+ * the other replicas' fp32 matrix pages with them): zeroed, page-aligned;
+ * release_range gives back exactly the whole pages inside the range; the
+ * other pages keep their contents and work as GEMM weights (the bf16 copy
+ * of a registered buffer); free() frees it (the emulated cuMemAddressFree
+ * dies if a page is still mapped). A read of a page given back faults in
+ * the emulator (cuMemUnmap protects it), not tested here: it ends the run. */
+static void test_sparse_buffers(void **s) {
+    (void)s;
+    rp_error err;
+    rp_backend *be = rp_cuda_backend_create(0, RP_CUDA_MATH_BF16, &err);
+    assert_non_null(be);
+    const size_t page = be->sparse_page;
+    assert_true(page >= 4096 && (page & (page - 1)) == 0);
+    assert_non_null(be->alloc_sparse);
+    assert_non_null(be->release_range);
+    const size_t n = (3 * page + 400) / sizeof(float);  /* 4 pages, the last one partly */
+    float *w = be->alloc_sparse(be, n * sizeof(float));
+    assert_non_null(w);
+    assert_int_equal((uintptr_t)w % page, 0);
+    float *host = malloc(n * sizeof(float));
+    assert_non_null(host);
+    be->copy_to_host(be, host, w, n * sizeof(float));
+    for (size_t i = 0; i < n; i++) assert_true(host[i] == 0.0f);
+    for (size_t i = 0; i < n; i++) host[i] = (float)(i % 64) * 0.25f;
+    be->copy_to_device(be, w, host, n * sizeof(float));
+    be->register_weights(be, w, n);
+    assert_non_null(be->weight_copy(be, w, n));
+    /* [100 bytes, 2 pages + 150 bytes): only page 1 lies inside whole. */
+    assert_int_equal(be->release_range(be, (char *)w + 100, 2 * page + 50), page);
+    assert_int_equal(be->release_range(be, w, page), page);           /* page 0 */
+    assert_int_equal(be->release_range(be, w, page), 0);              /* already given back */
+    assert_int_equal(be->release_range(be, (char *)w + 2 * page, 100), 0);  /* no whole page */
+    /* Pages 2 and 3 kept their contents, and a GEMM reads their copy. */
+    const size_t at = 2 * page / sizeof(float), kept = n - at;
+    float *back = malloc(kept * sizeof(float));
+    assert_non_null(back);
+    be->copy_to_host(be, back, w + at, kept * sizeof(float));
+    assert_memory_equal(back, host + at, kept * sizeof(float));
+    const int K = 64, N = 64;
+    float *x = be->alloc(be, sizeof(float) * K), *y = be->alloc(be, sizeof(float) * N);
+    assert_non_null(x);
+    assert_non_null(y);
+    float ones[64], got[64];
+    for (int i = 0; i < K; i++) ones[i] = 1.0f;
+    be->copy_to_device(be, x, ones, sizeof ones);
+    be->matmul_linear(be, y, x, w + at, 1, N, K, 0.0f);
+    be->copy_to_host(be, got, y, sizeof got);
+    for (int r = 0; r < N; r++) {
+        double sum = 0;  /* the bf16 of each weight: these quarters are exact in bf16 */
+        for (int k = 0; k < K; k++) sum += host[at + (size_t)r * K + k];
+        assert_true(fabs(got[r] - sum) <= 1e-3 * (fabs(sum) + 1));
+    }
+    assert_int_equal(be->status(be, &err), RP_OK);
+    be->free(be, x);
+    be->free(be, y);
+    be->free(be, w);
+    assert_null(be->weight_copy(be, w + at, kept));  /* forgotten with the buffer */
+    assert_int_equal(be->status(be, &err), RP_OK);
+    free(host);
+    free(back);
+    rp_backend_destroy(be);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_decode_launch_budget, setup, teardown),
@@ -946,6 +1010,7 @@ int main(void) {
         cmocka_unit_test(test_decode_graph_pdl),
         cmocka_unit_test_setup_teardown(test_decode_rows_gemv_alone, setup, teardown),
         cmocka_unit_test(test_decode_group_rows_alone),
+        cmocka_unit_test(test_sparse_buffers),
     };
     /* RP_TEST_FILTER=test_decode_graph* runs only those (each test is slow). */
     if (getenv("RP_TEST_FILTER")) cmocka_set_test_filter(getenv("RP_TEST_FILTER"));

@@ -19,12 +19,20 @@
  * contract under test is the copies' freshness, not bf16 GEMM bits. At
  * destroy it prints how many floats each path converted (stderr), so the
  * test can tell a ranged refresh from a whole-stage re-registration. One
- * backend per process in this mode (the test binary trains). */
+ * backend per process in this mode (the test binary trains).
+ *
+ * Sparse buffers (backend.h alloc_sparse / release_range, as CUDA's VMM
+ * mapping): anonymous mmap pages; a page given back is dropped
+ * (MADV_DONTNEED) and made PROT_NONE, so any later read or write of it -
+ * ZeRO-1 reading the stale fp32 it gave back - kills the rank with SIGSEGV.
+ * At destroy each rank prints the bytes it gave back. */
 #include "config.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "core/dtype.h"
 #include "cpu/cpu_backend.h"
@@ -117,13 +125,18 @@ static void bf_refresh_weights(rp_backend *be, const float *w, size_t n) {
     if (w && n) bf.by_refresh += convert(w, n);
 }
 
-static void bf_free(rp_backend *be, void *p) {
+/* Drops the bf16 copy of buffer p (freed), if it has one. */
+static void bf_forget(const void *p) {
     for (int i = 0; p && i < bf.n; i++)
         if (bf.r[i].base == p) {
             free(bf.r[i].copy);
             bf.r[i] = bf.r[--bf.n];
             break;
         }
+}
+
+static void bf_free(rp_backend *be, void *p) {
+    bf_forget(p);
     bf.cpu.free(be, p);
 }
 
@@ -238,6 +251,86 @@ static rp_status bf16_weights_install(rp_backend *be, rp_error *err) {
     return RP_OK;
 }
 
+/* ---- sparse buffers ---- */
+
+typedef struct {
+    char *base;
+    size_t bytes;  /* mapped: a whole number of pages */
+} sparse_buf;
+
+static struct {
+    void (*free)(rp_backend *be, void *p);  /* the wrapped backend's */
+    void (*destroy)(rp_backend *be);
+    sparse_buf *a;
+    int n, cap;
+    unsigned long long given_back;
+} sp;
+
+static void *sp_alloc_sparse(rp_backend *be, size_t bytes) {
+    const size_t page = be->sparse_page;
+    const size_t mapped = (bytes ? bytes + page - 1 : page) / page * page;
+    if (sp.n == sp.cap) {
+        const int cap = sp.cap ? 2 * sp.cap : 64;
+        sparse_buf *grown = realloc(sp.a, sizeof *grown * (size_t)cap);
+        if (!grown) return NULL;
+        sp.a = grown;
+        sp.cap = cap;
+    }
+    void *p = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    sp.a[sp.n++] = (sparse_buf){p, mapped};
+    return p;  /* anonymous pages read as zeros */
+}
+
+static int sp_find(const void *p) {
+    for (int i = 0; i < sp.n; i++)
+        if ((const char *)p >= sp.a[i].base && (const char *)p < sp.a[i].base + sp.a[i].bytes)
+            return i;
+    return -1;
+}
+
+static size_t sp_release_range(rp_backend *be, void *p, size_t bytes) {
+    const size_t page = be->sparse_page;
+    const int i = sp_find(p);
+    if (i < 0 || (char *)p + bytes > sp.a[i].base + sp.a[i].bytes) {
+        fprintf(stderr, "cpu_as_device.c: release_range(%p, %zu bytes) is not inside one "
+                "alloc_sparse buffer\n", p, bytes);
+        abort();
+    }
+    const uintptr_t lo = ((uintptr_t)p + page - 1) / page * page;
+    const uintptr_t hi = ((uintptr_t)p + bytes) / page * page;
+    if (lo >= hi) return 0;
+    if (madvise((void *)lo, hi - lo, MADV_DONTNEED) != 0 ||
+        mprotect((void *)lo, hi - lo, PROT_NONE) != 0) {
+        perror("cpu_as_device.c: release_range (madvise / mprotect)");
+        abort();
+    }
+    sp.given_back += hi - lo;
+    return hi - lo;
+}
+
+static void sp_free(rp_backend *be, void *p) {
+    const int i = p ? sp_find(p) : -1;
+    if (i < 0) {
+        sp.free(be, p);
+        return;
+    }
+    if (bf.on) bf_forget(p);
+    munmap(sp.a[i].base, sp.a[i].bytes);
+    sp.a[i] = sp.a[--sp.n];
+}
+
+static void sp_destroy(rp_backend *be) {
+    if (sp.given_back)
+        fprintf(stderr, "sparse buffers: %llu bytes given back (%zu-byte pages)\n",
+                sp.given_back, be->sparse_page);
+    for (int i = 0; i < sp.n; i++) munmap(sp.a[i].base, sp.a[i].bytes);
+    free(sp.a);
+    void (*destroy)(rp_backend *) = sp.destroy;
+    memset(&sp, 0, sizeof sp);
+    destroy(be);
+}
+
 rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     rp_backend *be = rp_cpu_backend_create(n_threads, err);
     if (!be) return NULL;
@@ -247,6 +340,16 @@ rp_backend *rp_fake_device_backend_create(int n_threads, rp_error *err) {
     if (bf16 && strcmp(bf16, "1") == 0 && bf16_weights_install(be, err) != RP_OK) {
         rp_backend_destroy(be);
         return NULL;
+    }
+    const long page = sysconf(_SC_PAGESIZE);
+    if (page > 0 && !sp.destroy) {
+        sp.free = be->free;
+        sp.destroy = be->destroy;
+        be->sparse_page = (size_t)page;
+        be->alloc_sparse = sp_alloc_sparse;
+        be->release_range = sp_release_range;
+        be->free = sp_free;
+        be->destroy = sp_destroy;
     }
     return be;
 }
