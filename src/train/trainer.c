@@ -595,6 +595,19 @@ static rp_status save_checkpoint_zero_chunks(const rp_train_options *o, rp_trans
     return st;
 }
 
+/* The start-up line of the fp32 weights backed by memory on this rank. */
+static void print_fp32_memory(const rp_train_options *o, const rp_zero_memory *mem) {
+    fprintf(o->progress, "fp32 weights per rank (rank 0, stage 0): %zu of %zu bytes backed, "
+            "GEMM matrices %zu of %zu bytes", mem->fp32_backed, mem->fp32_bytes,
+            mem->matrix_backed, mem->matrix_bytes);
+    if (mem->page)
+        fprintf(o->progress, " (own 1/DP range, %zu-byte pages)", mem->page);
+    if (mem->bf16_bytes)
+        fprintf(o->progress, "; bf16 copies %zu bytes\n", mem->bf16_bytes);
+    else
+        fprintf(o->progress, "; whole (fp32 GEMM math reads them, no bf16 copies)\n");
+}
+
 /* The start-up line of memory per rank (this rank: rank 0's, which is
  * printed). Optimizer: the two Adam moments, or their shard. */
 static void print_memory(const rp_train_options *o, const rp_model *model, const rp_model *grads,
@@ -616,15 +629,7 @@ static void print_memory(const rp_train_options *o, const rp_model *model, const
      * bf16 all-gather gives back the other replicas' matrix pages). */
     rp_zero_memory mem;
     rp_zero_links_memory(z && z->dp > 1 ? links : NULL, model, &mem);
-    fprintf(o->progress, "fp32 weights per rank (rank 0, stage 0): %zu of %zu bytes backed, "
-            "GEMM matrices %zu of %zu bytes", mem.fp32_backed, mem.fp32_bytes,
-            mem.matrix_backed, mem.matrix_bytes);
-    if (mem.page)
-        fprintf(o->progress, " (own 1/DP range, %zu-byte pages)", mem.page);
-    if (mem.bf16_bytes)
-        fprintf(o->progress, "; bf16 copies %zu bytes\n", mem.bf16_bytes);
-    else
-        fprintf(o->progress, "; whole (fp32 GEMM math reads them, no bf16 copies)\n");
+    print_fp32_memory(o, &mem);
 }
 
 /* print_memory for interleaved stages: the sums over the v chunks (z:
@@ -647,6 +652,17 @@ static void print_memory_chunks(const rp_train_options *o, const rp_model *grads
     if (z && z->dp > 1)
         fprintf(o->progress, "zero: optimizer state sharded over %d data replicas (%s)\n",
                 z->dp, rp_zero_links_describe(links));
+    /* Interleaved chunks keep their fp32 whole (their all-gather is fp32). */
+    rp_zero_memory sum = {0}, mem;
+    for (int c = 0; c < o->n_virtual; c++) {
+        rp_zero_links_memory(NULL, &o->chunks[c], &mem);
+        sum.fp32_bytes += mem.fp32_bytes;
+        sum.fp32_backed += mem.fp32_backed;
+        sum.matrix_bytes += mem.matrix_bytes;
+        sum.matrix_backed += mem.matrix_backed;
+        sum.bf16_bytes += mem.bf16_bytes;
+    }
+    print_fp32_memory(o, &sum);
 }
 
 /* -o with several stages: replica 0's stages send their layers to rank 0
