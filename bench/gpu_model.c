@@ -37,6 +37,15 @@
  * cuda/cuda_wkv7.cu. Before the step-back design: 2.5 recomputes, ~4.5x. */
 #define WKV_FLOPS_PER_ELEM 10.0
 #define WKV_BACKWARD_OVER_FORWARD 3.6
+/* The chunked forward (fla's form, 16-token chunks), which every training
+ * call of 64+ tokens runs (rp_cuda_wkv7_chunked_min_t): in fp32 math on FMA
+ * loops, ~11.3 FLOPs per state element on the wave model's scale; in BF16
+ * math (the training step modelled here) on bf16 wmma, 10 FLOPs per element
+ * on tensor cores and ~900 of the FMA form's ~2900 instructions a thread and
+ * chunk left on CUDA cores (the WKV7 wave-model section below). */
+#define WKV_CHUNK_FLOPS_PER_ELEM 11.3
+#define WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM 10.0
+#define WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM (WKV_CHUNK_FLOPS_PER_ELEM * 900.0 / 2900.0)
 /* Per-layer parameter tensors (AdamW launches one kernel per tensor). */
 #define TENSORS_PER_LAYER 33
 #define GLOBAL_TENSORS 6
@@ -169,6 +178,19 @@ static void gemm_backward(kernel_list *l, const char *name, double count, double
     add(l, name, count, 2.0 * R * N + 2.0 * R * K + 8.0 * N * K, 2.0 * R * N * K, 1);
 }
 
+/* One launch of a kernel with both CUDA-core FLOPs (fp32 rate) and tensor-
+ * core FLOPs (bf16 rate), issued side by side: its math time is their sum
+ * (a WKV7 chunk kernel's tile products wait on its scalar phases). */
+static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, double core_flops,
+                              double tc_flops) {
+    /* add() prices FLOPs at one rate: pass the fp32-rate equivalent, then
+     * put the FLOP count itself back */
+    add(l, name, 1, bytes, core_flops + tc_flops * FP32_FLOPS / BF16_TENSOR_FLOPS, 0);
+    for (int i = 0; i < l->n; i++)
+        if (!strcmp(l->k[i].name, name))
+            l->k[i].flops += tc_flops * (1.0 - FP32_FLOPS / BF16_TENSOR_FLOPS);
+}
+
 /* The forward ops of one layer (rp_block_forward), R rows of S sequences;
  * decode: the fused ops (layer_decode), else GEMMs and the checkpointing WKV7. */
 static void layer_forward(kernel_list *l, const rp_config *c, int layer, double R, double S,
@@ -204,8 +226,11 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     if (layer == 0) ew(l, "copy (v_first)", 1, R, C, 2, 0, 0);
     else ew(l, "value_residual", 1, R, C, 4, 0, 3);
     ew(l, "key_prepare", 1, R, C, 4, 2, 6);
-    add(l, "wkv7_forward_train", 1, 7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
-        WKV_FLOPS_PER_ELEM * R * C * N, 0);
+    /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O */
+    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma)",
+                      7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+                      WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
+                      WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     ew(l, "groupnorm", 1, R, C, 2, 2, 8);
     ew(l, "bonus_gate", 1, R, C, 6 + BF16_OUT, 1, 6);
     gemm(l, "GEMM FFN key (C -> F)", 1, R, F, C, 1);
@@ -433,7 +458,6 @@ static const wkv_kernel wkv_fwd4_kernel = {
  * substitution (~512), loads and the decay scan; ~180 per token, x 1.3 = as
  * 11.3 FLOPs per element. Its chain per chunk (5 barriers, one load burst,
  * the 16-step scan and substitution) is taken as ~250 cycles a token. */
-#define WKV_CHUNK_FLOPS_PER_ELEM 11.3
 #define WKV_LAT_CHUNK_CYCLES 250.0
 static const wkv_kernel wkv_chunk_kernel = {
     "wkv7_forward_train chunked, FMA (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
@@ -450,10 +474,16 @@ static const wkv_kernel wkv_chunk_kernel = {
  * (~900 instructions: as 11.3 x 900 / 2900 FLOPs per element on the
  * FMA-path scale). Same chain as the FMA form (two more barriers a chunk).
  * I/O: the six inputs' bf16 copies, y fp32 (group norm reads it) = 2 units. */
-#define WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM 10.0
 static const wkv_kernel wkv_chunk_mma_kernel = {
     "wkv7_forward_train chunked, bf16 math, tile products on bf16 wmma (128 regs, 46 KB smem)",
-    WKV_CHUNK_FLOPS_PER_ELEM * 900.0 / 2900.0, 4, WKV_LAT_CHUNK_CYCLES, 6 + 2, 2, 0, 1, 0,
+    WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM, 4, WKV_LAT_CHUNK_CYCLES, 6 + 2, 2, 0, 1, 0,
+    WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM};
+/* The same kernel on fp32 inputs and y (TI = TO = float): what the model in
+ * BF16 math runs today (the six bf16 input copies never all exist,
+ * docs/gpu.md "bf16 I/O") and bench_gpu's fp32-I/O wkv7 rows time. */
+static const wkv_kernel wkv_chunk_mma32_kernel = {
+    "wkv7_forward_train chunked, bf16 math, fp32 I/O (what BF16 math runs; 128 regs, 46 KB smem)",
+    WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM, 4, WKV_LAT_CHUNK_CYCLES, 6 + 1, 4, 0, 1, 0,
     WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM};
 /* 128 registers (4 blocks/SM): the state column lives in shared memory,
  * 3 scalar accesses per element per token (32 per thread) more than with
@@ -505,9 +535,10 @@ static const wkv_kernel *wkv_token_for(double heads) {
     return split == 4 ? &wkv_fwd4_kernel : split == 2 ? &wkv_fwd2_kernel : &wkv_fwd_kernel;
 }
 
-/* The forward kernel a call of length T runs (cuda_wkv7.cu's threshold). */
+/* The forward kernel a call of length T runs in BF16 math (bench_gpu's
+ * backend; cuda_wkv7.cu's threshold), fp32 I/O. */
 static const wkv_kernel *wkv_forward_for(double T, double heads) {
-    return T >= 64 ? &wkv_chunk_kernel : wkv_token_for(heads);
+    return T >= 64 ? &wkv_chunk_mma32_kernel : wkv_token_for(heads);
 }
 
 void gpu_model_wkv7(int B, int T, int C, double *fwd_s, double *bwd_s) {
@@ -556,6 +587,7 @@ static void wkv_section(FILE *out) {
         wkv_fwd2_kernel,
         wkv_fwd4_kernel,
         wkv_bwd2_kernel,
+        wkv_chunk_mma32_kernel,
     };
     fprintf(out, "## WKV7 forward + backward at the official benchmark shape\n\n"
                  "B=%.0f T=%.0f C=%.0f H=%.0f (head %.0f), fp32 I/O unless marked bf16; %.0f blocks on %d SMs at "
@@ -564,7 +596,7 @@ static void wkv_section(FILE *out) {
                  "| kernel | GB moved | GFLOP | blocks/SM | roofline ms | predicted ms |\n"
                  "| --- | ---: | ---: | ---: | ---: | ---: |\n",
             B, T, C, H, N, B * H, SM_COUNT, SM_CLOCK_HZ / 1e9);
-    double t_new = 0.0, t_16 = 0.0, t_token = 0.0, t_old = 0.0;
+    double t_new = 0.0, t_16 = 0.0, t_token = 0.0, t_old = 0.0, t_mma = 0.0;
     for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++) {
         const wkv_kernel *k = &ks[i];
         const double bytes = wkv_kernel_bytes(k, R, C);
@@ -579,16 +611,18 @@ static void wkv_section(FILE *out) {
         if (i == 2 || i == 3) t_16 += t;
         if (i == 4 || i == 1) t_token += t;
         if (i == 4 || i == 6) t_old += t;
+        if (i == 10 || i == 1) t_mma += t;
         fprintf(out, "| %s | %.2f | %.0f | %d | %.2f | %.2f |\n", k->name, bytes / 1e9,
                 flops / 1e9, k->slots, (t_mem > t_math ? t_mem : t_math) * 1e3, t * 1e3);
     }
     fprintf(out, "\nPredicted fwd+bwd: %.1f ms with fp32 I/O, %.1f ms with bf16 I/O (the "
                  "official kernel's dtypes; with the per-token forward: %.1f ms; "
-                 "before the step-back backward: %.1f ms). "
+                 "before the step-back backward: %.1f ms); in BF16 math (the wmma forward, fp32 "
+                 "I/O): %.1f ms. "
                  "The official kernel (bf16 I/O) was estimated at ~7 ms on an H100 at this shape "
                  "(issue 15, not measured here); bench_gpu's wkv7 rows time this project's "
                  "kernels at the same shape.\n\n",
-            t_new * 1e3, t_16 * 1e3, t_token * 1e3, t_old * 1e3);
+            t_new * 1e3, t_16 * 1e3, t_token * 1e3, t_old * 1e3, t_mma * 1e3);
 }
 
 int gpu_model_print(FILE *out) {
