@@ -46,6 +46,16 @@
 #define WKV_CHUNK_FLOPS_PER_ELEM 11.3
 #define WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM 10.0
 #define WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM (WKV_CHUNK_FLOPS_PER_ELEM * 900.0 / 2900.0)
+/* Its backward in BF16 math (wkv7_chunk_backward_mma_kernel, T >= 64): per
+ * chunk 54 wmma a warp (216 a head: the L x L products and their gradients,
+ * S0 At, dSA, dV, dS0, S0^T dY, S0^T dP, dSLg^T SA, dSLg^T V and the L x L
+ * terms of dRt, dAt, dBh, dKh) = 27 FLOPs per state element on tensor cores;
+ * on CUDA cores ~3300 instructions a thread and chunk (the substitution and
+ * back substitution, dv's dP Uak^T, the staging and bf16 conversions, the
+ * masks, the fragment loads and stores, and the per-channel chain of warps 0
+ * and 1: as 11.3 x 3300 / 2900 FLOPs per element on the FMA form's scale). */
+#define WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM 27.0
+#define WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM (WKV_CHUNK_FLOPS_PER_ELEM * 3300.0 / 2900.0)
 /* Per-layer parameter tensors (AdamW launches one kernel per tensor). */
 #define TENSORS_PER_LAYER 33
 #define GLOBAL_TENSORS 6
@@ -294,10 +304,12 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3 + BF16_OUT / 2, 1, 4);
     if (layer > 0) ew(l, "value_residual backward", 1, R, C, 7, 0, 6);
     ew(l, "key_prepare backward", 1, R, C, 8, 4, 12);
-    /* dr, dk, dv accumulate (beta 1): read and written */
-    add(l, "wkv7_backward", 1,
-        17.0 * 4 * R * C + 2 * S * state + R / 16 * state,
-        WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM * R * C * N, 0);
+    /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
+     * chunked backward on bf16 wmma (BF16 math), fp32 I/O */
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma)",
+                      17.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+                      WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
+                      WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
     ew(l, "bonus_gate backward (+ bf16 dg)", 1, R, C, 11 + BF16_OUT, 2, 12);
     /* key: d hidden written in bf16 by the relu^2 backward, the saved kf
@@ -492,6 +504,17 @@ static const wkv_kernel wkv_bwd_kernel = {
     "wkv7_backward, step-back, beta 1 (128 regs, 41 KB smem)",
     WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 4, WKV_LAT_BWD_CYCLES,
     1 + 6 + 6 + 3, 4, 3 * 32, 1, 0, 0};
+/* The chunked backward in BF16 math (wkv7_chunk_backward_mma_kernel: 202
+ * registers, 97.5 KB of dynamic shared memory, 2 blocks an SM), beta 1, fp32
+ * I/O. Its chain per chunk: the substitution (240 dependent FMAs) and the
+ * back substitution (120), the chain's scan over 16 tokens, 6 barriers and
+ * the mma phases (up to 28 dependent wmma a warp), the staging's global
+ * loads: ~5000 cycles, taken as 320 a token (a guess, as the others). */
+#define WKV_LAT_CHUNK_BWD_CYCLES 320.0
+static const wkv_kernel wkv_bwd_mma_kernel = {
+    "wkv7_backward chunked, bf16 math, tile products on bf16 wmma, beta 1 (202 regs, 98 KB smem)",
+    WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM, 2, WKV_LAT_CHUNK_BWD_CYCLES, 1 + 6 + 6 + 3, 4, 0, 1,
+    0, WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM};
 /* Not built: the backward with a head's rows over 2 blocks of 64 threads
  * (at 128 registers: 8 blocks an SM). The column sums dr, dk, db, dd, da run
  * over all 64 rows, so each block writes its 5 partial [R,C] sums and a
@@ -544,7 +567,7 @@ static const wkv_kernel *wkv_forward_for(double T, double heads) {
 void gpu_model_wkv7(int B, int T, int C, double *fwd_s, double *bwd_s) {
     const double heads = (double)B * (C / 64);
     *fwd_s = wkv_kernel_seconds(wkv_forward_for(T, heads), heads, T);
-    *bwd_s = wkv_kernel_seconds(&wkv_bwd_kernel, heads, T);
+    *bwd_s = wkv_kernel_seconds(T >= 64 ? &wkv_bwd_mma_kernel : &wkv_bwd_kernel, heads, T);
 }
 
 /* The per-token forward at T 4096 over grids of B x 64 heads (and two
@@ -588,6 +611,7 @@ static void wkv_section(FILE *out) {
         wkv_fwd4_kernel,
         wkv_bwd2_kernel,
         wkv_chunk_mma32_kernel,
+        wkv_bwd_mma_kernel,
     };
     fprintf(out, "## WKV7 forward + backward at the official benchmark shape\n\n"
                  "B=%.0f T=%.0f C=%.0f H=%.0f (head %.0f), fp32 I/O unless marked bf16; %.0f blocks on %d SMs at "
@@ -611,14 +635,14 @@ static void wkv_section(FILE *out) {
         if (i == 2 || i == 3) t_16 += t;
         if (i == 4 || i == 1) t_token += t;
         if (i == 4 || i == 6) t_old += t;
-        if (i == 10 || i == 1) t_mma += t;
+        if (i == 10 || i == 11) t_mma += t;
         fprintf(out, "| %s | %.2f | %.0f | %d | %.2f | %.2f |\n", k->name, bytes / 1e9,
                 flops / 1e9, k->slots, (t_mem > t_math ? t_mem : t_math) * 1e3, t * 1e3);
     }
     fprintf(out, "\nPredicted fwd+bwd: %.1f ms with fp32 I/O, %.1f ms with bf16 I/O (the "
                  "official kernel's dtypes; with the per-token forward: %.1f ms; "
-                 "before the step-back backward: %.1f ms); in BF16 math (the wmma forward, fp32 "
-                 "I/O): %.1f ms. "
+                 "before the step-back backward: %.1f ms); in BF16 math (both on bf16 wmma, "
+                 "fp32 I/O): %.1f ms. "
                  "The official kernel (bf16 I/O) was estimated at ~7 ms on an H100 at this shape "
                  "(issue 15, not measured here); bench_gpu's wkv7 rows time this project's "
                  "kernels at the same shape.\n\n",
