@@ -504,7 +504,7 @@ static const wkv_kernel wkv_bwd_kernel = {
     "wkv7_backward, step-back, beta 1 (128 regs, 41 KB smem)",
     WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 4, WKV_LAT_BWD_CYCLES,
     1 + 6 + 6 + 3, 4, 3 * 32, 1, 0, 0};
-/* The chunked backward in BF16 math (wkv7_chunk_backward_mma_kernel: 202
+/* The chunked backward in BF16 math (wkv7_chunk_backward_mma_kernel: 141
  * registers, 97.5 KB of dynamic shared memory, 2 blocks an SM), beta 1, fp32
  * I/O. Its chain per chunk: the substitution (240 dependent FMAs) and the
  * back substitution (120), the chain's scan over 16 tokens, 6 barriers and
@@ -512,7 +512,7 @@ static const wkv_kernel wkv_bwd_kernel = {
  * loads: ~5000 cycles, taken as 320 a token (a guess, as the others). */
 #define WKV_LAT_CHUNK_BWD_CYCLES 320.0
 static const wkv_kernel wkv_bwd_mma_kernel = {
-    "wkv7_backward chunked, bf16 math, tile products on bf16 wmma, beta 1 (202 regs, 98 KB smem)",
+    "wkv7_backward chunked, bf16 math, tile products on bf16 wmma, beta 1 (141 regs, 95 KiB smem)",
     WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM, 2, WKV_LAT_CHUNK_BWD_CYCLES, 1 + 6 + 6 + 3, 4, 0, 1,
     0, WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM};
 /* Not built: the backward with a head's rows over 2 blocks of 64 threads

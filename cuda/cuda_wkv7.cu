@@ -1104,7 +1104,9 @@ enum {
     WKB_M2 = WKB_M1 + WKV_N * WKV_L,               // dSLg^T V
     WKB_FLOATS = WKB_M2 + WKV_N * WKV_L
 };
-#define WKB_BYTES (WKB_FLOATS * sizeof(float))
+// + 32: the kernel rounds the dynamic shared memory's base up to 32 bytes
+// (the emulator's buffer is only 16-byte aligned)
+#define WKB_BYTES (WKB_FLOATS * sizeof(float) + 32)
 
 // Warp w: product X^T Y of two [L][64] arrays over the 64 channels into
 // out ([L][L], row major), then its bf16 copy with the entries the chunk
@@ -1211,7 +1213,11 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
                                    const int32_t *slot, const int32_t *ckpt_block, int C,
                                    int accumulate) {
     namespace wmma = nvcuda::wmma;
-    extern __shared__ __align__(32) float wkv_smem[];
+    extern __shared__ __align__(32) float wkv_smem_raw[];
+    // an offset from the shared array (not a cast-back integer) keeps the
+    // accesses in the shared state space; 0 on a GPU
+    const unsigned misalign = (unsigned)(reinterpret_cast<uintptr_t>(wkv_smem_raw) & 31u);
+    float *wkv_smem = wkv_smem_raw + ((32u - misalign) & 31u) / sizeof(float);
     float *dsf = wkv_smem + WKB_DSF, *vf = wkv_smem + WKB_VF, *gl = wkv_smem + WKB_GL;
     float *U = wkv_smem + WKB_U, *dU = wkv_smem + WKB_DU;
     float *ZA = wkv_smem + WKB_ZA, *dSA = wkv_smem + WKB_DSA, *dVp = wkv_smem + WKB_DV;
