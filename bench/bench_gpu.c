@@ -441,6 +441,16 @@ static int wkv_fwd_token_call(void *p) {
     return 0;
 }
 
+/* The pair on the per-token forward and the step-back backward (CUDA
+ * cores): what fp32 math runs, against the chunked kernels BF16 math runs. */
+static int wkv_token_pair_call(void *p) {
+    const int saved = rp_cuda_wkv7_chunked_min_t;
+    rp_cuda_wkv7_chunked_min_t = INT_MAX;
+    wkv_call(p);
+    rp_cuda_wkv7_chunked_min_t = saved;
+    return 0;
+}
+
 /* bf16 I/O rows: copies of the fp32 inputs, then forward and pair timed. */
 static rp_status measure_wkv7_bf16(wkv_ctx *c, const gpu_timing *t, int B, int T, int C,
                                    size_t rc, rp_error *err) {
@@ -530,7 +540,7 @@ static rp_status measure_wkv7(const options *o, const ceilings *bound, const gpu
     if (st == RP_OK) st = fill_backend(be, c.kk, rc, 1.0f, 0.0f, 1, 25, err);
     if (st == RP_OK) st = fill_backend(be, c.a, rc, 0.5f, 0.5f, 0, 26, err);
     if (st == RP_OK) st = fill_backend(be, c.dy, rc, 1.0f, 0.0f, 0, 27, err);
-    gpu_result fwd = {0};
+    gpu_result fwd = {0}, tok = {0};
     if (st == RP_OK) {
         progress("wkv7: forward_train alone...");
         fwd = gpu_measure(wkv_fwd_call, backend_sync_call, &c, t);
@@ -538,7 +548,7 @@ static rp_status measure_wkv7(const options *o, const ceilings *bound, const gpu
     }
     if (st == RP_OK) {
         progress("wkv7: forward_train on the per-token kernel...");
-        gpu_result tok = gpu_measure(wkv_fwd_token_call, backend_sync_call, &c, t);
+        tok = gpu_measure(wkv_fwd_token_call, backend_sync_call, &c, t);
         if (tok.seconds <= 0.0) {
             st = measure_error(&c.sync, "wkv7 forward_train (per token)", err);
         } else {
@@ -580,6 +590,19 @@ static rp_status measure_wkv7(const options *o, const ceilings *bound, const gpu
                 snprintf(r->bound, sizeof r->bound, "%.2f ms at copy bandwidth",
                          bytes / (bound->copy_gbps * 1e9) * 1e3);
             cell_timing(r->ratio, sizeof r->ratio, &res);
+            progress("wkv7: per-token forward + step-back backward...");
+            gpu_result old = gpu_measure(wkv_token_pair_call, backend_sync_call, &c, t);
+            if (old.seconds <= 0.0) {
+                st = measure_error(&c.sync, "wkv7 (per-token + step-back)", err);
+            } else {
+                table_row *b = row_add("wkv7 backward, step-back kernel (pair - per-token "
+                                       "forward), B=%d T=%d C=%d, ms", B, T, C);
+                snprintf(b->measured, sizeof b->measured, "%.2f",
+                         (old.seconds - tok.seconds) * 1e3);
+                snprintf(b->bound, sizeof b->bound, "chunked mma: %.2f ms",
+                         (res.seconds - fwd.seconds) * 1e3);
+                cell_timing(b->ratio, sizeof b->ratio, &old);
+            }
             r = row_add("wkv7 effective bandwidth (%.0f [R,C] fp32 tensors moved), GB/s", units);
             snprintf(r->measured, sizeof r->measured, "%.0f", gbps);
             if (bound->copy_gbps > 0.0) {

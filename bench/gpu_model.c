@@ -52,6 +52,25 @@
  * cuda/cuda_wkv7.cu. Before the step-back design: 2.5 recomputes, ~4.5x. */
 #define WKV_FLOPS_PER_ELEM 10.0
 #define WKV_BACKWARD_OVER_FORWARD 3.6
+/* The chunked forward (fla's form, 16-token chunks), which every training
+ * call of 64+ tokens runs (rp_cuda_wkv7_chunked_min_t): in fp32 math on FMA
+ * loops, ~11.3 FLOPs per state element on the wave model's scale; in BF16
+ * math (the training step modelled here) on bf16 wmma, 10 FLOPs per element
+ * on tensor cores and ~900 of the FMA form's ~2900 instructions a thread and
+ * chunk left on CUDA cores (the WKV7 wave-model section below). */
+#define WKV_CHUNK_FLOPS_PER_ELEM 11.3
+#define WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM 10.0
+#define WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM (WKV_CHUNK_FLOPS_PER_ELEM * 900.0 / 2900.0)
+/* Its backward in BF16 math (wkv7_chunk_backward_mma_kernel, T >= 64): per
+ * chunk 54 wmma a warp (216 a head: the L x L products and their gradients,
+ * S0 At, dSA, dV, dS0, S0^T dY, S0^T dP, dSLg^T SA, dSLg^T V and the L x L
+ * terms of dRt, dAt, dBh, dKh) = 27 FLOPs per state element on tensor cores;
+ * on CUDA cores ~3300 instructions a thread and chunk (the substitution and
+ * back substitution, dv's dP Uak^T, the staging and bf16 conversions, the
+ * masks, the fragment loads and stores, and the per-channel chain of warps 0
+ * and 1: as 11.3 x 3300 / 2900 FLOPs per element on the FMA form's scale). */
+#define WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM 27.0
+#define WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM (WKV_CHUNK_FLOPS_PER_ELEM * 3300.0 / 2900.0)
 /* Per-layer parameter tensors (AdamW launches one kernel per tensor). */
 #define TENSORS_PER_LAYER 33
 #define GLOBAL_TENSORS 6
@@ -194,6 +213,19 @@ static void gemm_backward(kernel_list *l, const char *name, double count, double
     add(l, name, count, 2.0 * R * N + 2.0 * R * K + 8.0 * N * K, 2.0 * R * N * K, 1);
 }
 
+/* One launch of a kernel with both CUDA-core FLOPs (fp32 rate) and tensor-
+ * core FLOPs (bf16 rate), issued side by side: its math time is their sum
+ * (a WKV7 chunk kernel's tile products wait on its scalar phases). */
+static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, double core_flops,
+                              double tc_flops) {
+    /* add() prices FLOPs at one rate: pass the fp32-rate equivalent, then
+     * put the FLOP count itself back */
+    add(l, name, 1, bytes, core_flops + tc_flops * FP32_FLOPS / BF16_TENSOR_FLOPS, 0);
+    for (int i = 0; i < l->n; i++)
+        if (!strcmp(l->k[i].name, name))
+            l->k[i].flops += tc_flops * (1.0 - FP32_FLOPS / BF16_TENSOR_FLOPS);
+}
+
 /* The forward ops of one layer (rp_block_forward), R rows of S sequences;
  * decode: the fused ops (layer_decode), else GEMMs and the checkpointing WKV7. */
 static void layer_forward(kernel_list *l, const rp_config *c, int layer, double R, double S,
@@ -228,8 +260,11 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     if (layer == 0) ew(l, "copy (v_first)", 1, R, C, 2, 0, 0);
     else ew(l, "value_residual", 1, R, C, 4, 0, 3);
     ew(l, "key_prepare", 1, R, C, 4, 2, 6);
-    add(l, "wkv7_forward_train", 1, 7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
-        WKV_FLOPS_PER_ELEM * R * C * N, 0);
+    /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O */
+    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma)",
+                      7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+                      WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
+                      WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     ew(l, "groupnorm", 1, R, C, 2, 2, 8);
     /* bonus_gate_to: o_gn, r, k, v, g read, og written in bf16 only (in
      * place, gemm_only: the output GEMM and its weight gradient read it) */
@@ -299,10 +334,12 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3 + BF16_OUT / 2, 1, 4);
     if (layer > 0) ew(l, "value_residual backward", 1, R, C, 7, 0, 6);
     ew(l, "key_prepare backward", 1, R, C, 8, 4, 12);
-    /* dr, dk, dv accumulate (beta 1): read and written */
-    add(l, "wkv7_backward", 1,
-        17.0 * 4 * R * C + 2 * S * state + R / 16 * state,
-        WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM * R * C * N, 0);
+    /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
+     * chunked backward on bf16 wmma (BF16 math), fp32 I/O */
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma)",
+                      17.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+                      WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
+                      WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
     ew(l, "bonus_gate backward (+ bf16 dg)", 1, R, C, 11 + BF16_OUT, 2, 12);
     /* key: d hidden written in bf16 by the relu^2 backward, the saved kf
@@ -473,7 +510,6 @@ static const wkv_kernel wkv_fwd4_kernel = {
  * substitution (~512), loads and the decay scan; ~180 per token, x 1.3 = as
  * 11.3 FLOPs per element. Its chain per chunk (5 barriers, one load burst,
  * the 16-step scan and substitution) is taken as ~250 cycles a token. */
-#define WKV_CHUNK_FLOPS_PER_ELEM 11.3
 #define WKV_LAT_CHUNK_CYCLES 250.0
 static const wkv_kernel wkv_chunk_kernel = {
     "wkv7_forward_train chunked, FMA (128 regs, 45 KB smem)", WKV_CHUNK_FLOPS_PER_ELEM, 4,
@@ -490,10 +526,16 @@ static const wkv_kernel wkv_chunk_kernel = {
  * (~900 instructions: as 11.3 x 900 / 2900 FLOPs per element on the
  * FMA-path scale). Same chain as the FMA form (two more barriers a chunk).
  * I/O: the six inputs' bf16 copies, y fp32 (group norm reads it) = 2 units. */
-#define WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM 10.0
 static const wkv_kernel wkv_chunk_mma_kernel = {
     "wkv7_forward_train chunked, bf16 math, tile products on bf16 wmma (128 regs, 46 KB smem)",
-    WKV_CHUNK_FLOPS_PER_ELEM * 900.0 / 2900.0, 4, WKV_LAT_CHUNK_CYCLES, 6 + 2, 2, 0, 1, 0,
+    WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM, 4, WKV_LAT_CHUNK_CYCLES, 6 + 2, 2, 0, 1, 0,
+    WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM};
+/* The same kernel on fp32 inputs and y (TI = TO = float): what the model in
+ * BF16 math runs today (the six bf16 input copies never all exist,
+ * docs/gpu.md "bf16 I/O") and bench_gpu's fp32-I/O wkv7 rows time. */
+static const wkv_kernel wkv_chunk_mma32_kernel = {
+    "wkv7_forward_train chunked, bf16 math, fp32 I/O (what BF16 math runs; 128 regs, 46 KB smem)",
+    WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM, 4, WKV_LAT_CHUNK_CYCLES, 6 + 1, 4, 0, 1, 0,
     WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM};
 /* 128 registers (4 blocks/SM): the state column lives in shared memory,
  * 3 scalar accesses per element per token (32 per thread) more than with
@@ -502,6 +544,17 @@ static const wkv_kernel wkv_bwd_kernel = {
     "wkv7_backward, step-back, beta 1 (128 regs, 41 KB smem)",
     WKV_BACKWARD_OVER_FORWARD * WKV_FLOPS_PER_ELEM, 4, WKV_LAT_BWD_CYCLES,
     1 + 6 + 6 + 3, 4, 3 * 32, 1, 0, 0};
+/* The chunked backward in BF16 math (wkv7_chunk_backward_mma_kernel: 141
+ * registers, 97.5 KB of dynamic shared memory, 2 blocks an SM), beta 1, fp32
+ * I/O. Its chain per chunk: the substitution (240 dependent FMAs) and the
+ * back substitution (120), the chain's scan over 16 tokens, 6 barriers and
+ * the mma phases (up to 28 dependent wmma a warp), the staging's global
+ * loads: ~5000 cycles, taken as 320 a token (a guess, as the others). */
+#define WKV_LAT_CHUNK_BWD_CYCLES 320.0
+static const wkv_kernel wkv_bwd_mma_kernel = {
+    "wkv7_backward chunked, bf16 math, tile products on bf16 wmma, beta 1 (141 regs, 95 KiB smem)",
+    WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM, 2, WKV_LAT_CHUNK_BWD_CYCLES, 1 + 6 + 6 + 3, 4, 0, 1,
+    0, WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM};
 /* Not built: the backward with a head's rows over 2 blocks of 64 threads
  * (at 128 registers: 8 blocks an SM). The column sums dr, dk, db, dd, da run
  * over all 64 rows, so each block writes its 5 partial [R,C] sums and a
@@ -545,15 +598,16 @@ static const wkv_kernel *wkv_token_for(double heads) {
     return split == 4 ? &wkv_fwd4_kernel : split == 2 ? &wkv_fwd2_kernel : &wkv_fwd_kernel;
 }
 
-/* The forward kernel a call of length T runs (cuda_wkv7.cu's threshold). */
+/* The forward kernel a call of length T runs in BF16 math (bench_gpu's
+ * backend; cuda_wkv7.cu's threshold), fp32 I/O. */
 static const wkv_kernel *wkv_forward_for(double T, double heads) {
-    return T >= 64 ? &wkv_chunk_kernel : wkv_token_for(heads);
+    return T >= 64 ? &wkv_chunk_mma32_kernel : wkv_token_for(heads);
 }
 
 void gpu_model_wkv7(int B, int T, int C, double *fwd_s, double *bwd_s) {
     const double heads = (double)B * (C / 64);
     *fwd_s = wkv_kernel_seconds(wkv_forward_for(T, heads), heads, T);
-    *bwd_s = wkv_kernel_seconds(&wkv_bwd_kernel, heads, T);
+    *bwd_s = wkv_kernel_seconds(T >= 64 ? &wkv_bwd_mma_kernel : &wkv_bwd_kernel, heads, T);
 }
 
 /* The per-token forward at T 4096 over grids of B x 64 heads (and two
@@ -596,6 +650,8 @@ static void wkv_section(FILE *out) {
         wkv_fwd2_kernel,
         wkv_fwd4_kernel,
         wkv_bwd2_kernel,
+        wkv_chunk_mma32_kernel,
+        wkv_bwd_mma_kernel,
     };
     fprintf(out, "## WKV7 forward + backward at the official benchmark shape\n\n"
                  "B=%.0f T=%.0f C=%.0f H=%.0f (head %.0f), fp32 I/O unless marked bf16; %.0f blocks on %d SMs at "
@@ -604,7 +660,7 @@ static void wkv_section(FILE *out) {
                  "| kernel | GB moved | GFLOP | blocks/SM | roofline ms | predicted ms |\n"
                  "| --- | ---: | ---: | ---: | ---: | ---: |\n",
             B, T, C, H, N, B * H, SM_COUNT, SM_CLOCK_HZ / 1e9);
-    double t_new = 0.0, t_16 = 0.0, t_token = 0.0, t_old = 0.0;
+    double t_new = 0.0, t_16 = 0.0, t_token = 0.0, t_old = 0.0, t_mma = 0.0;
     for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++) {
         const wkv_kernel *k = &ks[i];
         const double bytes = wkv_kernel_bytes(k, R, C);
@@ -619,16 +675,18 @@ static void wkv_section(FILE *out) {
         if (i == 2 || i == 3) t_16 += t;
         if (i == 4 || i == 1) t_token += t;
         if (i == 4 || i == 6) t_old += t;
+        if (i == 10 || i == 11) t_mma += t;
         fprintf(out, "| %s | %.2f | %.0f | %d | %.2f | %.2f |\n", k->name, bytes / 1e9,
                 flops / 1e9, k->slots, (t_mem > t_math ? t_mem : t_math) * 1e3, t * 1e3);
     }
     fprintf(out, "\nPredicted fwd+bwd: %.1f ms with fp32 I/O, %.1f ms with bf16 I/O (the "
                  "official kernel's dtypes; with the per-token forward: %.1f ms; "
-                 "before the step-back backward: %.1f ms). "
+                 "before the step-back backward: %.1f ms); in BF16 math (both on bf16 wmma, "
+                 "fp32 I/O): %.1f ms. "
                  "The official kernel (bf16 I/O) was estimated at ~7 ms on an H100 at this shape "
                  "(issue 15, not measured here); bench_gpu's wkv7 rows time this project's "
                  "kernels at the same shape.\n\n",
-            t_new * 1e3, t_16 * 1e3, t_token * 1e3, t_old * 1e3);
+            t_new * 1e3, t_16 * 1e3, t_token * 1e3, t_old * 1e3, t_mma * 1e3);
 }
 
 int gpu_model_print(FILE *out) {

@@ -11,6 +11,8 @@
 #include "cuda_wkv7.h"
 #include <mma.h>
 
+#include <type_traits>
+
 // Layout (the official RWKV-7 kernel's, with two threads per row): one block
 // of 128 threads per (sequence, head); thread (i = tid / 2, p = tid % 2) holds
 // half of state row i (value channel i) in 32 registers: the columns (key
@@ -1055,6 +1057,366 @@ __global__ void __launch_bounds__(WKV_THREADS, sizeof(TO) == sizeof(float) ? 4 :
     wkv_store_rows(dS, tile, Grow, i, p);
 }
 
+// ---- chunked backward on tensor cores (BF16 math) ----
+//
+// The chunk form of the forward above, differentiated (fla's rwkv7 chunked
+// backward, checked in fp64 against the per-token backward: docs/gpu.md
+// "Chunked backward"). Per chunk, last first, from its checkpoint S0 and the
+// gradient dSL of the state after it, with the [64,L] views (value rows i or
+// key rows j, token columns) SA, V, dY, At, Rt, Bh, Kh of the forward's
+// notation and dSLg = dSL diag(g_L):
+//   SA  = (S0 At + V Uak) (I - Uab)^-1          (recomputed: substitution)
+//   dSA = dY Wrb^T + dSLg Bh,   dP = dSA (I - Uab)^-T (back substitution)
+//   dV  = dY Wrk^T + dSLg Kh + dP Uak^T
+//   dS0 = dSLg + dY Rt^T + dP At^T              (carried to the chunk before)
+//   dUab = SA^T dP, dUak = V^T dP (s < t), dWrb = SA^T dY, dWrk = V^T dY (s <= t)
+//   dRt = S0^T dY + Bh dWrb + Kh dWrk,   dAt = S0^T dP + Bh dUab + Kh dUak
+//   dBh = At dUab^T + Rt dWrb^T + dSLg^T SA,   dKh = At dUak^T + Rt dWrk^T + dSLg^T V
+// then per channel j and token u (fp32, CUDA cores): dr = dRt g_u, kernel
+// da = dAt g_{u-1}, db = dBh / g_u, dk = dKh / g_u and the decay's
+// gradient through the cumulative decays, dd_u = (sum_{t>=u} dg_t g_t) / d_u with
+// dg_t g_t = dRt rt - dBh bh - dKh kh + dAt_{t+1} at_{t+1} (+ for t = L-1:
+// sum_i dSLg[i,j] S_L[i,j] / g_L = sum_i dSLg S0 + sum_s bh dSLg^T SA + kh dSLg^T V).
+// The tile products run on bf16 wmma (16x16x16, fp32 accumulate; operands
+// rounded once); the substitutions, dP Uak^T and the chain stay fp32 FMA;
+// dS is carried from chunk to chunk in fp32 (the accumulator of dS0). No
+// float atomics: every sum has one owner and a fixed order. 2 blocks an SM
+// (95 KB of dynamic shared memory). fp32 math keeps wkv7_backward_kernel.
+enum { CHB_DY = CHM_COUNT, CHB_DP, CHB_COUNT };
+// Shared memory, in floats (each offset a multiple of 8: wmma's 32 bytes).
+enum {
+    WKB_DSF = 0,                                   // dS, fp32 [64][68]
+    WKB_S0H = WKB_DSF + WKV_N * WKV_MMA_ST_LD,     // S0, bf16 [64][72]
+    WKB_DSH = WKB_S0H + WKV_N * WKV_MMA_S0_LD / 2, // dSLg, bf16 [64][72]
+    WKB_VH = WKB_DSH + WKV_N * WKV_MMA_S0_LD / 2,  // [CHB_COUNT][L][64] bf16
+    WKB_VF = WKB_VH + CHB_COUNT * WKV_L * WKV_N / 2,  // v, fp32 [L][64]
+    WKB_GL = WKB_VF + WKV_L * WKV_N,               // g_L [64]
+    WKB_U = WKB_GL + WKV_N,                        // Uab Uak Wrb Wrk, fp32 [4][L][L]
+    WKB_UB = WKB_U + 4 * WKV_LL,                   // the same, masked, bf16
+    WKB_DU = WKB_UB + 2 * WKV_LL,                  // dUab dUak dWrb dWrk, fp32
+    WKB_DUB = WKB_DU + 4 * WKV_LL,                 // the same, masked, bf16
+    WKB_ZA = WKB_DUB + 2 * WKV_LL,                 // S0 At, then dBh's rest [64][L]
+    WKB_DSA = WKB_ZA + WKV_N * WKV_L,              // dSA, then dKh's rest [64][L]
+    WKB_DV = WKB_DSA + WKV_N * WKV_L,              // dY Wrk^T + dSLg Kh [64][L]
+    WKB_RT = WKB_DV + WKV_N * WKV_L,               // dRt [64 key][L]
+    WKB_AT = WKB_RT + WKV_N * WKV_L,               // dAt
+    WKB_M1 = WKB_AT + WKV_N * WKV_L,               // dSLg^T SA
+    WKB_M2 = WKB_M1 + WKV_N * WKV_L,               // dSLg^T V
+    WKB_FLOATS = WKB_M2 + WKV_N * WKV_L
+};
+// + 32: the kernel rounds the dynamic shared memory's base up to 32 bytes
+// (the emulator's buffer is only 16-byte aligned)
+#define WKB_BYTES (WKB_FLOATS * sizeof(float) + 32)
+
+// Warp w: product X^T Y of two [L][64] arrays over the 64 channels into
+// out ([L][L], row major), then its bf16 copy with the entries the chunk
+// form does not use (s >= t when strict, else s > t) zeroed.
+__device__ __forceinline__ void wkv_mmb_ll(float *out, __nv_bfloat16 *outb,
+                                           const __nv_bfloat16 *X, const __nv_bfloat16 *Y,
+                                           bool strict) {
+    namespace wmma = nvcuda::wmma;
+    wkv_acc_frag acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int kq = 0; kq < WKV_N / WKV_MMA; kq++) {
+        wkv_a_row_frag x;
+        wkv_b_col_frag y;
+        wmma::load_matrix_sync(x, X + WKV_MMA * kq, WKV_N);
+        wmma::load_matrix_sync(y, Y + WKV_MMA * kq, WKV_N);
+        wmma::mma_sync(acc, x, y, acc);
+    }
+    wmma::store_matrix_sync(out, acc, WKV_L, wmma::mem_row_major);
+    __syncwarp();
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int m = 0; m < WKV_LL / 32; m++) {
+        const int e = lane + 32 * m, s = e / WKV_L, t = e % WKV_L;
+        outb[e] = __float2bfloat16_rn((strict ? s < t : s <= t) ? out[e] : 0.0f);
+    }
+}
+
+// Warp w: rows 16w.. of M^T Y into out ([64][L], ld L): M a [64][72] bf16
+// tile (S0 or dSLg, rows i), Y an [L][64] array (rows i as columns).
+__device__ __forceinline__ void wkv_mmb_tn(float *out, const __nv_bfloat16 *M,
+                                           const __nv_bfloat16 *Y, int w) {
+    namespace wmma = nvcuda::wmma;
+    wkv_acc_frag acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int kq = 0; kq < WKV_N / WKV_MMA; kq++) {
+        wkv_a_col_frag m;
+        wkv_b_col_frag y;
+        wmma::load_matrix_sync(m, M + WKV_MMA * w + WKV_MMA * kq * WKV_MMA_S0_LD, WKV_MMA_S0_LD);
+        wmma::load_matrix_sync(y, Y + WKV_MMA * kq, WKV_N);
+        wmma::mma_sync(acc, m, y, acc);
+    }
+    wmma::store_matrix_sync(out + WKV_MMA * w * WKV_L, acc, WKV_L, wmma::mem_row_major);
+}
+
+// Warp w: rows 16w.. of dY W^T + dSLg X into out ([64][L]): W an [L][L]
+// masked bf16 product (Wrb or Wrk), X = Bh or Kh.
+__device__ __forceinline__ void wkv_mmb_dsa(float *out, const __nv_bfloat16 *DY,
+                                            const __nv_bfloat16 *Wb, const __nv_bfloat16 *dsh,
+                                            const __nv_bfloat16 *X, int w) {
+    namespace wmma = nvcuda::wmma;
+    wkv_acc_frag acc;
+    wmma::fill_fragment(acc, 0.0f);
+    wkv_a_col_frag dyf;
+    wkv_b_col_frag wt;
+    wmma::load_matrix_sync(dyf, DY + WKV_MMA * w, WKV_N);
+    wmma::load_matrix_sync(wt, Wb, WKV_L);
+    wmma::mma_sync(acc, dyf, wt, acc);
+#pragma unroll
+    for (int kq = 0; kq < WKV_N / WKV_MMA; kq++) {
+        wkv_a_row_frag d;
+        wkv_b_col_frag x;
+        wmma::load_matrix_sync(d, dsh + WKV_MMA * w * WKV_MMA_S0_LD + WKV_MMA * kq, WKV_MMA_S0_LD);
+        wmma::load_matrix_sync(x, X + WKV_MMA * kq, WKV_N);
+        wmma::mma_sync(acc, d, x, acc);
+    }
+    wmma::store_matrix_sync(out + WKV_MMA * w * WKV_L, acc, WKV_L, wmma::mem_row_major);
+}
+
+// Warp w: rows 16w.. (key channels) of out (+)= X1 Y1 + X2 Y2 ([64][L]):
+// X1, X2 [L][64] arrays as [64 key][L], Y1, Y2 masked [L][L] bf16 products,
+// transposed when TRANS; out starts from its stored value when ACC.
+template <bool ACC, bool TRANS>
+__device__ __forceinline__ void wkv_mmb_kl(float *out, const __nv_bfloat16 *X1,
+                                           const __nv_bfloat16 *Y1, const __nv_bfloat16 *X2,
+                                           const __nv_bfloat16 *Y2, int w) {
+    namespace wmma = nvcuda::wmma;
+    typedef typename std::conditional<TRANS, wkv_b_col_frag, wkv_b_row_frag>::type yfrag;
+    float *o = out + WKV_MMA * w * WKV_L;
+    wkv_acc_frag acc;
+    if (ACC) wmma::load_matrix_sync(acc, o, WKV_L, wmma::mem_row_major);
+    else wmma::fill_fragment(acc, 0.0f);
+    wkv_a_col_frag x;
+    yfrag y;
+    wmma::load_matrix_sync(x, X1 + WKV_MMA * w, WKV_N);
+    wmma::load_matrix_sync(y, Y1, WKV_L);
+    wmma::mma_sync(acc, x, y, acc);
+    wmma::load_matrix_sync(x, X2 + WKV_MMA * w, WKV_N);
+    wmma::load_matrix_sync(y, Y2, WKV_L);
+    wmma::mma_sync(acc, x, y, acc);
+    wmma::store_matrix_sync(o, acc, WKV_L, wmma::mem_row_major);
+}
+
+// Same arguments and results as wkv7_backward_kernel (to the bf16 operands'
+// rounding). grid (n_seq, H), 128 threads, WKB_BYTES of dynamic shared memory.
+template <typename TI, typename TO>
+__global__ void __launch_bounds__(WKV_THREADS, 2)
+    wkv7_chunk_backward_mma_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TO *dkk, TO *da,
+                                   float *dstate_base, size_t state_stride, const TI *dy,
+                                   const TI *r, const TI *w_raw, const TI *k, const TI *v,
+                                   const TI *kk, const TI *a, const float *checkpoints,
+                                   const int32_t *seq_len, const int32_t *row_begin,
+                                   const int32_t *slot, const int32_t *ckpt_block, int C,
+                                   int accumulate) {
+    namespace wmma = nvcuda::wmma;
+    extern __shared__ __align__(32) float wkv_smem_raw[];
+    // an offset from the shared array (not a cast-back integer) keeps the
+    // accesses in the shared state space; 0 on a GPU
+    const unsigned misalign = (unsigned)(reinterpret_cast<uintptr_t>(wkv_smem_raw) & 31u);
+    float *wkv_smem = wkv_smem_raw + ((32u - misalign) & 31u) / sizeof(float);
+    float *dsf = wkv_smem + WKB_DSF, *vf = wkv_smem + WKB_VF, *gl = wkv_smem + WKB_GL;
+    float *U = wkv_smem + WKB_U, *dU = wkv_smem + WKB_DU;
+    float *ZA = wkv_smem + WKB_ZA, *dSA = wkv_smem + WKB_DSA, *dVp = wkv_smem + WKB_DV;
+    float *dRt = wkv_smem + WKB_RT, *dAt = wkv_smem + WKB_AT, *M1 = wkv_smem + WKB_M1,
+          *M2 = wkv_smem + WKB_M2;
+    float *dBr = ZA, *dKr = dSA;  // free again once the substitutions ran
+    __nv_bfloat16 *s0h = reinterpret_cast<__nv_bfloat16 *>(wkv_smem + WKB_S0H);
+    __nv_bfloat16 *dsh = reinterpret_cast<__nv_bfloat16 *>(wkv_smem + WKB_DSH);
+    __nv_bfloat16 *vh = reinterpret_cast<__nv_bfloat16 *>(wkv_smem + WKB_VH);
+    __nv_bfloat16 *Ub = reinterpret_cast<__nv_bfloat16 *>(wkv_smem + WKB_UB);
+    __nv_bfloat16 *dUb = reinterpret_cast<__nv_bfloat16 *>(wkv_smem + WKB_DUB);
+    __nv_bfloat16 *ATh = vh + CHM_AT * WKV_L * WKV_N, *RTh = vh + CHM_RT * WKV_L * WKV_N,
+                  *BHh = vh + CHM_BH * WKV_L * WKV_N, *KHh = vh + CHM_KH * WKV_L * WKV_N,
+                  *Vh = vh + CHM_V * WKV_L * WKV_N, *SAh = vh + CHM_SA * WKV_L * WKV_N,
+                  *DYh = vh + CHB_DY * WKV_L * WKV_N, *DPh = vh + CHB_DP * WKV_L * WKV_N;
+    const float *Uab = U, *Uak = U + WKV_LL;
+    const int s = blockIdx.x, h = blockIdx.y, H = gridDim.y;
+    const int i = threadIdx.x >> 1, p = threadIdx.x & 1, w = threadIdx.x >> 5;
+    const int len = seq_len[s];
+    const size_t HNN = (size_t)H * WKV_NN;
+    const float *ckpt = checkpoints + (size_t)ckpt_block[s] * HNN + (size_t)h * WKV_NN;
+    float *dS = dstate_base + (size_t)slot[s] * state_stride + (size_t)h * WKV_NN;
+    const size_t head = (size_t)row_begin[s] * C + (size_t)h * WKV_N;
+    const int n_chunks = (len + WKV_L - 1) / WKV_L;
+
+    for (int f = threadIdx.x; f < WKV_NN; f += WKV_THREADS)
+        dsf[(f >> 6) * WKV_MMA_ST_LD + (f & 63)] = dS[f];
+    for (int c = n_chunks - 1; c >= 0; c--) {
+        const int t0 = c * WKV_L, n = min(WKV_L, len - t0);
+        const float *S0 = ckpt + (size_t)c * HNN;
+        // the chunk's operands (the forward's staging, plus dy) and S0
+        wkv_mma_stage(vh, vf, gl, r, w_raw, k, v, kk, a, head, C, t0, n);
+        if (threadIdx.x >= WKV_N) {
+            const int j = threadIdx.x - WKV_N;
+            for (int u = 0; u < WKV_L; u++)
+                DYh[u * WKV_N + j] = __float2bfloat16_rn(
+                    u < n ? wkv_in(dy, head + (size_t)(t0 + u) * C + j) : 0.0f);
+        }
+        for (int f = threadIdx.x; f < WKV_NN; f += WKV_THREADS)
+            s0h[(f >> 6) * WKV_MMA_S0_LD + (f & 63)] = __float2bfloat16_rn(S0[f]);
+        __syncthreads();
+        // Uab Uak Wrb Wrk (warp w: product w) and S0 At; dSLg = dSL g_L
+        wkv_mmb_ll(U + w * WKV_LL, Ub + w * WKV_LL, (w & 1) ? KHh : BHh, w < 2 ? ATh : RTh, w < 2);
+        {
+            wkv_acc_frag za;
+            wmma::fill_fragment(za, 0.0f);
+#pragma unroll
+            for (int kq = 0; kq < WKV_N / WKV_MMA; kq++) {
+                wkv_a_row_frag s0;
+                wkv_b_col_frag at;
+                wmma::load_matrix_sync(s0, s0h + WKV_MMA * w * WKV_MMA_S0_LD + WKV_MMA * kq,
+                                       WKV_MMA_S0_LD);
+                wmma::load_matrix_sync(at, ATh + WKV_MMA * kq, WKV_N);
+                wmma::mma_sync(za, s0, at, za);
+            }
+            wmma::store_matrix_sync(ZA + WKV_MMA * w * WKV_L, za, WKV_L, wmma::mem_row_major);
+        }
+        for (int f = threadIdx.x; f < WKV_NN; f += WKV_THREADS) {
+            const int o = (f >> 6) * WKV_MMA_ST_LD + (f & 63);
+            const float x = __fmul_rn(dsf[o], gl[f & 63]);
+            dsf[o] = x;
+            dsh[(f >> 6) * WKV_MMA_S0_LD + (f & 63)] = __float2bfloat16_rn(x);
+        }
+        __syncthreads();
+        // row i (warp w holds rows 16w..): SA by forward substitution (the
+        // forward's bits), dSA and dY Wrk^T + dSLg Kh, then dP by back
+        // substitution and dv
+        {
+            float sa[WKV_L];
+#pragma unroll
+            for (int t = 0; t < WKV_L; t++) {
+                float x = ZA[i * WKV_L + t];
+#pragma unroll
+                for (int u = 0; u < t; u++) {
+                    x = __fmaf_rn(vf[u * WKV_N + i], Uak[u * WKV_L + t], x);
+                    x = __fmaf_rn(sa[u], Uab[u * WKV_L + t], x);
+                }
+                sa[t] = x;
+                if (p == 0) SAh[t * WKV_N + i] = __float2bfloat16_rn(x);
+            }
+        }
+        wkv_mmb_dsa(dSA, DYh, Ub + 2 * WKV_LL, dsh, BHh, w);
+        wkv_mmb_dsa(dVp, DYh, Ub + 3 * WKV_LL, dsh, KHh, w);
+        // sum_i dSLg[i,j] S0[i,j] (channel j: the chain below)
+        float e_s0 = 0.0f;
+        if (threadIdx.x < WKV_N)
+            for (int m = 0; m < WKV_N; m++)
+                e_s0 = __fmaf_rn(dsf[m * WKV_MMA_ST_LD + threadIdx.x], S0[m * WKV_N + threadIdx.x],
+                                 e_s0);
+        __syncwarp();
+        {
+            float dp[WKV_L];
+#pragma unroll
+            for (int t = WKV_L - 1; t >= 0; t--) {
+                float x = dSA[i * WKV_L + t];
+#pragma unroll
+                for (int u = t + 1; u < WKV_L; u++) x = __fmaf_rn(Uab[t * WKV_L + u], dp[u], x);
+                dp[t] = x;
+                if (p == 0) DPh[t * WKV_N + i] = __float2bfloat16_rn(x);
+            }
+#pragma unroll
+            for (int t = 0; t < WKV_L; t++) {
+                if ((t & 1) != p || t >= n) continue;
+                float x = dVp[i * WKV_L + t];
+#pragma unroll
+                for (int u = t + 1; u < WKV_L; u++) x = __fmaf_rn(dp[u], Uak[t * WKV_L + u], x);
+                const size_t o = head + (size_t)(t0 + t) * C + i;
+                wkv_out(dv, o, accumulate ? wkv_in(dv, o) + x : x);
+            }
+        }
+        __syncthreads();
+        // dS0 = dSLg + dY Rt^T + dP At^T (rows 16w, in place); the L x L
+        // gradients (warp w: one); S0^T dY, S0^T dP, dSLg^T SA, dSLg^T V
+        {
+            wkv_a_col_frag dyf, dpf;
+            wmma::load_matrix_sync(dyf, DYh + WKV_MMA * w, WKV_N);
+            wmma::load_matrix_sync(dpf, DPh + WKV_MMA * w, WKV_N);
+#pragma unroll
+            for (int nb = 0; nb < WKV_N / WKV_MMA; nb++) {
+                float *o = dsf + WKV_MMA * w * WKV_MMA_ST_LD + WKV_MMA * nb;
+                wkv_acc_frag acc;
+                wkv_b_row_frag rt, at;
+                wmma::load_matrix_sync(acc, o, WKV_MMA_ST_LD, wmma::mem_row_major);
+                wmma::load_matrix_sync(rt, RTh + WKV_MMA * nb, WKV_N);
+                wmma::load_matrix_sync(at, ATh + WKV_MMA * nb, WKV_N);
+                wmma::mma_sync(acc, dyf, rt, acc);
+                wmma::mma_sync(acc, dpf, at, acc);
+                wmma::store_matrix_sync(o, acc, WKV_MMA_ST_LD, wmma::mem_row_major);
+            }
+        }
+        wkv_mmb_ll(dU + w * WKV_LL, dUb + w * WKV_LL, (w & 1) ? Vh : SAh, w < 2 ? DPh : DYh, w < 2);
+        wkv_mmb_tn(dRt, s0h, DYh, w);
+        wkv_mmb_tn(dAt, s0h, DPh, w);
+        wkv_mmb_tn(M1, dsh, SAh, w);
+        wkv_mmb_tn(M2, dsh, Vh, w);
+        __syncthreads();
+        // dRt, dAt += the L x L terms; dBh, dKh's rest
+        const __nv_bfloat16 *dUab = dUb, *dUak = dUb + WKV_LL, *dWrb = dUb + 2 * WKV_LL,
+                            *dWrk = dUb + 3 * WKV_LL;
+        wkv_mmb_kl<true, false>(dRt, BHh, dWrb, KHh, dWrk, w);
+        wkv_mmb_kl<true, false>(dAt, BHh, dUab, KHh, dUak, w);
+        wkv_mmb_kl<false, true>(dBr, ATh, dUab, RTh, dWrb, w);
+        wkv_mmb_kl<false, true>(dKr, ATh, dUak, RTh, dWrk, w);
+        __syncthreads();
+        // channel j: the gradients of r, k, kernel a and b, and of the decay
+        // through the cumulative decays (fp32, the staging's roundings)
+        if (threadIdx.x < WKV_N) {
+            const int j = threadIdx.x;
+            float g[WKV_L];
+            float e_last = e_s0;  // sum_i dSL[i,j] S_L[i,j]
+            float gg = 1.0f;
+#pragma unroll
+            for (int u = 0; u < WKV_L; u++) {
+                const size_t o = head + (size_t)(t0 + u) * C + j;
+                wkv_chunk_token q{0.0f, 1.0f, 0.0f, 0.0f, 0.0f};
+                if (u < n) q = wkv_chunk_token_in(r, w_raw, k, kk, a, o);
+                gg = __fmul_rn(gg, q.d);
+                g[u] = gg;
+                e_last = __fmaf_rn(__fdiv_rn(q.b, gg), M1[j * WKV_L + u], e_last);
+                e_last = __fmaf_rn(__fdiv_rn(q.k, gg), M2[j * WKV_L + u], e_last);
+            }
+            float scan = 0.0f, carry = 0.0f;  // carry: dAt_{u+1} a_{u+1}
+#pragma unroll
+            for (int u = WKV_L - 1; u >= 0; u--) {
+                const size_t o = head + (size_t)(t0 + u) * C + j;
+                wkv_chunk_token q{0.0f, 1.0f, 0.0f, 0.0f, 0.0f};
+                float wr = 0.0f, kkv = 0.0f, iclr = 0.0f;
+                if (u < n) {
+                    q = wkv_chunk_token_in(r, w_raw, k, kk, a, o);
+                    wr = wkv_in(w_raw, o);
+                    kkv = wkv_in(kk, o);
+                    iclr = wkv_in(a, o);
+                }
+                const float gu = g[u], gp = u > 0 ? g[u - 1] : 1.0f;
+                const float drt = dRt[j * WKV_L + u], dat = dAt[j * WKV_L + u];
+                const float dbh = dBr[j * WKV_L + u] + M1[j * WKV_L + u];
+                const float dkh = dKr[j * WKV_L + u] + M2[j * WKV_L + u];
+                const float bh = __fdiv_rn(q.b, gu), kh = __fdiv_rn(q.k, gu);
+                float dgg = drt * (q.r * gu) - dbh * bh - dkh * kh + carry * gu;
+                if (u == WKV_L - 1) dgg += e_last;
+                scan += dgg;
+                carry = dat * q.a;
+                if (u >= n) continue;
+                const float dd = scan / q.d;
+                const float dr_ = drt * gu, da_k = dat * gp, db_k = dbh / gu, dk_ = dkh / gu;
+                const float sig = rp_sigmoidf(wr);
+                wkv_out(dr, o, accumulate ? wkv_in(dr, o) + dr_ : dr_);
+                wkv_out(dk, o, accumulate ? wkv_in(dk, o) + dk_ : dk_);
+                wkv_out(dw_raw, o, dd * q.d * (-WKV_SCALE) * sig * (1.0f - sig));
+                wkv_out(dkk, o, db_k * iclr - da_k);
+                wkv_out(da, o, db_k * kkv);
+            }
+        }
+        __syncthreads();  // the operands and products are refilled next
+    }
+    for (int f = threadIdx.x; f < WKV_NN; f += WKV_THREADS)
+        dS[f] = dsf[(f >> 6) * WKV_MMA_ST_LD + (f & 63)];
+}
+
 // ---- ops ----
 
 // Batches whose longest sequence has at least this many tokens run the
@@ -1202,10 +1564,23 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
     rp_cuda_batch b;
     if (!rp_cuda_upload_batch(cx, batch, &b)) return;
     dim3 grid((unsigned)batch->n_seq, (unsigned)(C / WKV_N));
-    wkv7_backward_kernel<TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
-        g[0], g[1], g[2], g[3], g[4], g[5], dstate_base, state_stride, dy, in[0], in[1], in[2],
-        in[3], in[4], in[5], checkpoints, b.seq_len, b.row_begin, b.slot, b.ckpt_block, C,
-        beta != 0.0f);
+    // BF16 math from the chunked forward's length on: the chunk products on
+    // tensor cores (95 KB of shared memory: past the 48 KB default)
+    if (b.max_seq_len >= rp_cuda_wkv7_chunked_min_t && cx->math == RP_CUDA_MATH_BF16) {
+        if (!RP_CUDA_OK(cx, cudaFuncSetAttribute(wkv7_chunk_backward_mma_kernel<TI, TO>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 (int)WKB_BYTES)))
+            return;
+        wkv7_chunk_backward_mma_kernel<TI, TO><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
+            g[0], g[1], g[2], g[3], g[4], g[5], dstate_base, state_stride, dy, in[0], in[1],
+            in[2], in[3], in[4], in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
+            b.ckpt_block, C, beta != 0.0f);
+    } else {
+        wkv7_backward_kernel<TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
+            g[0], g[1], g[2], g[3], g[4], g[5], dstate_base, state_stride, dy, in[0], in[1],
+            in[2], in[3], in[4], in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
+            b.ckpt_block, C, beta != 0.0f);
+    }
     RP_CUDA_LAUNCHED(cx, "wkv7_backward");
 }
 

@@ -64,10 +64,10 @@ for name, (L, C, V, *ranks) in shapes.items():
 # step-back backward cheaper than the recomputing one it replaced
 wkv = dict((m.group(1), (float(m.group(2)), float(m.group(3)))) for m in re.finditer(
     r"^\| (wkv7_\S+[^|]*?) \| [\d.]+ \| \d+ \| \d+ \| ([\d.]+) \| ([\d.]+) \|$", text, re.M))
-if len(wkv) != 10:
-    bad.append(f"WKV7 section: {len(wkv)} kernel rows, expected 10 (forward per token, "
-               "rows over 2 and 4 blocks, chunked, chunked bf16, chunked on mma; backward, "
-               "bf16, rows over 2 blocks, before)")
+if len(wkv) != 12:
+    bad.append(f"WKV7 section: {len(wkv)} kernel rows, expected 12 (forward per token, "
+               "rows over 2 and 4 blocks, chunked, chunked bf16, chunked on mma, on mma "
+               "with fp32 I/O; backward, bf16, rows over 2 blocks, before, chunked on mma)")
 for name, (roof, pred) in wkv.items():
     if pred < roof - 0.005:
         bad.append(f"WKV7 {name}: predicted {pred} ms below its roofline {roof} ms")
@@ -75,6 +75,9 @@ new_bwd = [p for n, (r, p) in wkv.items() if n.startswith("wkv7_backward, step-b
 old_bwd = [p for n, (r, p) in wkv.items() if n.startswith("wkv7_backward, before")]
 if not new_bwd or not old_bwd or not new_bwd[0] < old_bwd[0]:
     bad.append(f"WKV7: step-back backward {new_bwd} not below the recomputing one {old_bwd}")
+mma_bwd = [p for n, (r, p) in wkv.items() if n.startswith("wkv7_backward chunked, bf16 math")]
+if not mma_bwd or not new_bwd or not mma_bwd[0] < new_bwd[0]:
+    bad.append(f"WKV7: chunked mma backward {mma_bwd} not below the step-back one {new_bwd}")
 # The per-token forward by grid: the split wkv_rows_split picks is never
 # predicted slower than one block per head, and some grid gains from it
 splits = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([124]) \|$",

@@ -1055,7 +1055,15 @@ static void check_wkv7_forward_train(twin *t, const shape *sh) {
  * decay, so the strongest decays (w_raw -> +inf, d -> 0.545) are its worst
  * case for rounding error. beta 1 (wkv7_backward_beta): dr, dk and dv start
  * random on both sides and the op adds onto them. */
+static void wkv7_backward_case_tol(twin *t, const shape *sh, double w_lo, double w_hi,
+                                   float beta, double tol_dw_raw);
 static void wkv7_backward_case(twin *t, const shape *sh, double w_lo, double w_hi, float beta) {
+    wkv7_backward_case_tol(t, sh, w_lo, w_hi, beta, t->tol);
+}
+
+/* The same with dw_raw held to tol_dw_raw (the others to the twin's tol). */
+static void wkv7_backward_case_tol(twin *t, const shape *sh, double w_lo, double w_hi,
+                                   float beta, double tol_dw_raw) {
     twin_batch tb;
     const rp_batch *batch = batch_make(&tb, &sh->prefill);
     const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
@@ -1091,7 +1099,16 @@ static void wkv7_backward_case(twin *t, const shape *sh, double w_lo, double w_h
                               at(in.w_raw, g), at(in.k, g), at(in.v, g), at(in.kk, g),
                               at(in.a, g), at(ckpt, g), batch, C, N);
     }
-    for (int i = 0; i < WKV_GRADS; i++) compare(t, wkv_grad_names[i], grad[i]);
+    for (int i = 0; i < WKV_GRADS; i++) {
+        if (i == 1) {
+            float *host = download(t, grad[i]);
+            compare_values(t, wkv_grad_names[i], host, grad[i]->cpu, grad[i]->before,
+                           grad[i]->n, tol_dw_raw);
+            free(host);
+        } else {
+            compare(t, wkv_grad_names[i], grad[i]);
+        }
+    }
     compare(t, "dstate", dstate);
 }
 
@@ -1295,6 +1312,33 @@ static void check_wkv7_chunked_mma(twin *t, const shape *sh) {
     t->tol = saved;
 }
 
+/* BF16 math: the chunked backward's tile products on tensor cores
+ * (wkv7_chunk_backward_mma_kernel, every call chunked: min_t 0) against the
+ * exact CPU op, both on the CPU forward's checkpoints, at the decay ranges
+ * above and with beta 1. Its error is the bf16 operands' rounding: over these
+ * cases in the emulator rel 1.8e-3..4.4e-3 (dr, dk, dv, dkk, da, dstate) and
+ * dw_raw 2.8e-3..6.4e-3, 7.7e-3 and 1.05e-2 at the strongest decays (its scan sums
+ * terms of 1/g_t that cancel); a dropped product fails (docs/gpu.md
+ * "Chunked backward on tensor cores"). */
+#define TOL_WKV_MMA_BWD 6e-3
+#define TOL_WKV_MMA_BWD_DW 2e-2
+static void check_wkv7_backward_mma(twin *t, const shape *sh) {
+    const double saved = t->tol;
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    t->tol = TOL_WKV_MMA_BWD;
+    rp_cuda_wkv7_chunked_min_t = 0;
+    wkv7_backward_case_tol(t, sh, -3, 3, 0.0f, TOL_WKV_MMA_BWD_DW);
+    twin_release(t);
+    wkv7_backward_case_tol(t, sh, 4, 8, 0.0f, TOL_WKV_MMA_BWD_DW);
+    twin_release(t);
+    wkv7_backward_case_tol(t, sh, -8, -4, 0.0f, TOL_WKV_MMA_BWD_DW);
+    twin_release(t);
+    wkv7_backward_case_tol(t, sh, -3, 3, 1.0f, TOL_WKV_MMA_BWD_DW);
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    t->tol = saved;
+    twin_release(t);
+}
+
 /* ---- WKV7 with bf16 I/O (cuda_wkv7.h) ------------------------------------ */
 
 /* bf16 outputs: one rounding to nearest even per value (<= 2^-9 relative
@@ -1334,12 +1378,21 @@ static void dev_widen(twin *t, tbuf *b, const void *src) {
 
 /* forward_train then backward (beta 0 or 1) on bf16 inputs, outputs bf16
  * (out16) or fp32; the CPU twin runs fp32 on the same rounded inputs. */
+static void wkv7_bf16_case_tols(twin *t, const shape *sh, int out16, float beta, double tol_out,
+                                double tol_dw_raw);
 static void wkv7_bf16_case(twin *t, const shape *sh, int out16, float beta) {
+    const double tol_out = out16 ? TOL_BF16_IO : TOL_FP32;
+    wkv7_bf16_case_tols(t, sh, out16, beta, tol_out, tol_out);
+}
+
+/* The same with y and the gradients held to tol_out, dw_raw to tol_dw_raw
+ * (state, checkpoints and dstate to the twin's tol). */
+static void wkv7_bf16_case_tols(twin *t, const shape *sh, int out16, float beta, double tol_out,
+                                double tol_dw_raw) {
     twin_batch tb;
     const rp_batch *batch = batch_make(&tb, &sh->prefill);
     const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
     const size_t n = (size_t)R * C, stride = state_stride(C), wkv = state_wkv_offset(C);
-    const double tol_out = out16 ? TOL_BF16_IO : TOL_FP32;
     label(t, "R=%d C=%d out %s beta %g", R, C, out16 ? "bf16" : "fp32", (double)beta);
     wkv_inputs in;
     wkv_inputs_make(t, &in, R, C);
@@ -1387,7 +1440,8 @@ static void wkv7_bf16_case(twin *t, const shape *sh, int out16, float beta) {
     for (int i = 0; i < WKV_GRADS; i++) {
         if (out16) dev_widen(t, grad[i], g[i]);
         float *host = download(t, grad[i]);
-        compare_values(t, wkv_grad_names[i], host, grad[i]->cpu, grad[i]->before, n, tol_out);
+        compare_values(t, wkv_grad_names[i], host, grad[i]->cpu, grad[i]->before, n,
+                       i == 1 ? tol_dw_raw : tol_out);
         free(host);
     }
     compare(t, "dstate", dstate);
@@ -1398,6 +1452,24 @@ static void check_wkv7_bf16(twin *t, const shape *sh) {
     wkv7_bf16_case(t, sh, 0, 0.0f);
     wkv7_bf16_case(t, sh, 1, 0.0f);
     wkv7_bf16_case(t, sh, 1, 1.0f);
+}
+
+/* The same in BF16 math: both chunked kernels on bf16 wmma (every call
+ * chunked), the backward on the GPU forward's own checkpoints, so the two
+ * kernels' errors add, plus the bf16 outputs' rounding: measured in the
+ * emulator rel 1.1e-3..2.9e-3 (y, state, checkpoints), 1.5e-3..4.3e-3 (the
+ * gradients but dw_raw, dstate), dw_raw 5.8e-3..6.4e-3. */
+#define TOL_WKV_MMA_BF16_IO 6e-3
+static void check_wkv7_bf16_mma(twin *t, const shape *sh) {
+    const double saved = t->tol;
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    t->tol = TOL_WKV_MMA;
+    rp_cuda_wkv7_chunked_min_t = 0;
+    wkv7_bf16_case_tols(t, sh, 0, 0.0f, TOL_WKV_MMA_BF16_IO, TOL_WKV_MMA_BWD_DW);
+    wkv7_bf16_case_tols(t, sh, 1, 0.0f, TOL_WKV_MMA_BF16_IO, TOL_WKV_MMA_BWD_DW);
+    wkv7_bf16_case_tols(t, sh, 1, 1.0f, TOL_WKV_MMA_BF16_IO, TOL_WKV_MMA_BWD_DW);
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    t->tol = saved;
 }
 
 /* ---- loss ---------------------------------------------------------------- */
@@ -2109,6 +2181,8 @@ static const twin_check checks[] = {
     {"wkv7 chunked forward", check_wkv7_chunked, MATH_FP32, 0},
     {"wkv7 rows split", check_wkv7_rows, MATH_FP32, 0},
     {"wkv7 chunked mma", check_wkv7_chunked_mma, MATH_BF16, 0},
+    {"wkv7 chunked backward mma", check_wkv7_backward_mma, MATH_BF16, 0},
+    {"wkv7 chunked bf16 I/O mma", check_wkv7_bf16_mma, MATH_BF16, 0},
     {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
     {"l2wrap", check_l2wrap, MATH_FP32, 0},
     {"head_cross_entropy", check_head_cross_entropy, MATH_FP32, 0},
