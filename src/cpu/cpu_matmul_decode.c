@@ -42,8 +42,9 @@ static AI void store_row(float *restrict ym, const float *restrict acc, int nw, 
 
 /* y rows [0, M), columns [0, nw) of one panel (y at the panel's column). */
 static void panel_generic(float *y, const float *x, const float *pk, int M, int K, int nw,
-                          int N, float beta, const float *wnext) {
+                          int N, float beta, const float *wnext, size_t wnext_len) {
     (void)wnext;
+    (void)wnext_len;
     for (int m = 0; m < M; m++) {
         float acc[PANEL] = {0};
         const float *restrict xm = x + (size_t)m * K;
@@ -59,11 +60,10 @@ static void panel_generic(float *y, const float *x, const float *pk, int M, int 
 /* rows: the W rows from w that may be addressed (nw of them are the panel's,
  * the rest the kernels' prefetches may reach ahead into). */
 typedef void (*pack_fn)(float *pk, const float *w, int nw, int rows, int K);
-/* wnext: the next panel's W rows (32 x K floats from there: a whole panel;
- * a short last one is not prefetched), which a kernel may prefetch while
- * it computes; NULL for none. */
+/* wnext: the next panel's W rows (wnext_len floats: 32 x K, or fewer at
+ * the end), which a kernel may prefetch while it computes; NULL for none. */
 typedef void (*panel_fn)(float *y, const float *x, const float *pk, int M, int K, int nw, int N,
-                         float beta, const float *wnext);
+                         float beta, const float *wnext, size_t wnext_len);
 typedef void (*direct_fn)(float *y, const float *x, const float *w, int M, int K, int nw,
                           int rows, int N, float beta);
 
@@ -130,8 +130,9 @@ static AI void rows_avx2(float *y, const float *x, const float *pk, const int R,
 }
 
 static void panel_avx2(float *y, const float *x, const float *pk, int M, int K, int nw, int N,
-                       float beta, const float *wnext) {
+                       float beta, const float *wnext, size_t wnext_len) {
     (void)wnext;
+    (void)wnext_len;
     for (int m = 0; m < M; m += 6) {
         float *ym = y + (size_t)m * N;
         const float *xm = x + (size_t)m * K;
@@ -183,10 +184,7 @@ static AI void transpose16(__m512 *r) {
     }
 }
 
-/* clamp: whether the prefetches may reach past `rows` (the last panels);
- * the others keep the plain addresses, no compare per prefetch. */
-static AI void pack_avx512_body(float *restrict pk, const float *restrict w, int nw, int rows,
-                                int K, const int clamp) {
+static void pack_avx512(float *restrict pk, const float *restrict w, int nw, int rows, int K) {
     const int K16 = K / 16 * 16;
     const size_t len = (size_t)rows * K;
     for (int g = 0; g < PANEL; g += 16) {
@@ -195,15 +193,8 @@ static AI void pack_avx512_body(float *restrict pk, const float *restrict w, int
             __m512 v[16];
             for (int j = 0; j < 16; j++) {
                 if (g + j < nw) {
-                    const size_t pf = (size_t)(g + j) * K + k + DECODE_PF;
-                    const size_t ahead = (size_t)(g + 16 + j) * K + k;
-                    if (clamp) {
-                        PREFETCH_IN(w, pf, len, DECODE_PF_HINT);
-                        PREFETCH_IN(w, ahead, len, DECODE_AHEAD_HINT);
-                    } else {
-                        __builtin_prefetch(w + pf, 0, DECODE_PF_HINT);
-                        __builtin_prefetch(w + ahead, 0, DECODE_AHEAD_HINT);
-                    }
+                    PREFETCH_IN(w, (size_t)(g + j) * K + k + DECODE_PF, len, DECODE_PF_HINT);
+                    PREFETCH_IN(w, (size_t)(g + 16 + j) * K + k, len, DECODE_AHEAD_HINT);
                     v[j] = _mm512_loadu_ps(wg + (size_t)j * K + k);
                 } else {
                     v[j] = _mm512_setzero_ps();
@@ -218,24 +209,14 @@ static AI void pack_avx512_body(float *restrict pk, const float *restrict w, int
     }
 }
 
-/* The farthest a panel's prefetches reach: row 47 (16 + 16 + 15) and,
- * from row 31, DECODE_PF floats past its last 16-k block (< 16 rows of
- * K >= 8), so with 48 rows from w and K >= 8 none needs the clamp. */
-static void pack_avx512(float *restrict pk, const float *restrict w, int nw, int rows, int K) {
-    if (rows >= 48 && K >= 8)
-        pack_avx512_body(pk, w, nw, rows, K, 0);
-    else
-        pack_avx512_body(pk, w, nw, rows, K, 1);
-}
-
 static AI void rows_avx512(float *y, const float *x, const float *pk, const int R, int K,
-                           int nw, int N, float beta, const float *wnext) {
+                           int nw, int N, float beta, const float *wnext, size_t wnext_len) {
     __m512 a0[12], a1[12];
     for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();
     for (int k = 0; k < K; k++) {
         if (wnext) { /* 2 of the next panel's 2K lines per k: all of it */
-            __builtin_prefetch(wnext + (size_t)k * PANEL, 0, DECODE_AHEAD_HINT);
-            __builtin_prefetch(wnext + (size_t)k * PANEL + 16, 0, DECODE_AHEAD_HINT);
+            PREFETCH_IN(wnext, (size_t)k * PANEL, wnext_len, DECODE_AHEAD_HINT);
+            PREFETCH_IN(wnext, (size_t)k * PANEL + 16, wnext_len, DECODE_AHEAD_HINT);
         }
         const __m512 w0 = _mm512_loadu_ps(pk + (size_t)k * PANEL);
         const __m512 w1 = _mm512_loadu_ps(pk + (size_t)k * PANEL + 16);
@@ -324,24 +305,24 @@ static void direct_rows_avx512(float *y, const float *x, const float *w, int M, 
  * instead of stalling on DRAM between panels (a perf profile of 64-row
  * decode had pack_avx512 at 0.56x the time of panel_avx512). */
 static void panel_avx512(float *y, const float *x, const float *pk, int M, int K, int nw,
-                         int N, float beta, const float *wnext) {
+                         int N, float beta, const float *wnext, size_t wnext_len) {
     for (int m = 0; m < M; m += 12) {
         float *ym = y + (size_t)m * N;
         const float *xm = x + (size_t)m * K;
         const float *pf = m == 0 ? wnext : NULL;
         switch (M - m) {
-        case 1: rows_avx512(ym, xm, pk, 1, K, nw, N, beta, pf); break;
-        case 2: rows_avx512(ym, xm, pk, 2, K, nw, N, beta, pf); break;
-        case 3: rows_avx512(ym, xm, pk, 3, K, nw, N, beta, pf); break;
-        case 4: rows_avx512(ym, xm, pk, 4, K, nw, N, beta, pf); break;
-        case 5: rows_avx512(ym, xm, pk, 5, K, nw, N, beta, pf); break;
-        case 6: rows_avx512(ym, xm, pk, 6, K, nw, N, beta, pf); break;
-        case 7: rows_avx512(ym, xm, pk, 7, K, nw, N, beta, pf); break;
-        case 8: rows_avx512(ym, xm, pk, 8, K, nw, N, beta, pf); break;
-        case 9: rows_avx512(ym, xm, pk, 9, K, nw, N, beta, pf); break;
-        case 10: rows_avx512(ym, xm, pk, 10, K, nw, N, beta, pf); break;
-        case 11: rows_avx512(ym, xm, pk, 11, K, nw, N, beta, pf); break;
-        default: rows_avx512(ym, xm, pk, 12, K, nw, N, beta, pf); break;
+        case 1: rows_avx512(ym, xm, pk, 1, K, nw, N, beta, pf, wnext_len); break;
+        case 2: rows_avx512(ym, xm, pk, 2, K, nw, N, beta, pf, wnext_len); break;
+        case 3: rows_avx512(ym, xm, pk, 3, K, nw, N, beta, pf, wnext_len); break;
+        case 4: rows_avx512(ym, xm, pk, 4, K, nw, N, beta, pf, wnext_len); break;
+        case 5: rows_avx512(ym, xm, pk, 5, K, nw, N, beta, pf, wnext_len); break;
+        case 6: rows_avx512(ym, xm, pk, 6, K, nw, N, beta, pf, wnext_len); break;
+        case 7: rows_avx512(ym, xm, pk, 7, K, nw, N, beta, pf, wnext_len); break;
+        case 8: rows_avx512(ym, xm, pk, 8, K, nw, N, beta, pf, wnext_len); break;
+        case 9: rows_avx512(ym, xm, pk, 9, K, nw, N, beta, pf, wnext_len); break;
+        case 10: rows_avx512(ym, xm, pk, 10, K, nw, N, beta, pf, wnext_len); break;
+        case 11: rows_avx512(ym, xm, pk, 11, K, nw, N, beta, pf, wnext_len); break;
+        default: rows_avx512(ym, xm, pk, 12, K, nw, N, beta, pf, wnext_len); break;
         }
     }
 }
@@ -429,12 +410,10 @@ void cpu_matmul_decode(float *y, const float *x, const float *w, int M, int n0, 
     for (int n = n0; n < n1; n += PANEL) {
         const int nw = n1 - n < PANEL ? n1 - n : PANEL;
         kern.pack(pack, w + (size_t)n * K, nw, n1 - n, K);
-        /* Only a whole next panel: the kernels prefetch all 32 x K floats,
-         * past W's end for a short one (out-of-bounds pointer arithmetic);
-         * the k loop keeps its one NULL test. */
-        const float *wnext = n + 2 * PANEL <= n1 && K <= DECODE_NEXT_PANEL_MAX_K
-                                 ? w + (size_t)(n + PANEL) * K
-                                 : NULL;
-        kern.panel(y + n, x, pack, M, K, nw, N, beta, wnext);
+        const float *wnext =
+            n + PANEL < n1 && K <= DECODE_NEXT_PANEL_MAX_K ? w + (size_t)(n + PANEL) * K : NULL;
+        const int next_rows = n1 - (n + PANEL) < PANEL ? n1 - (n + PANEL) : PANEL;
+        kern.panel(y + n, x, pack, M, K, nw, N, beta, wnext,
+                   wnext ? (size_t)next_rows * K : 0);
     }
 }
