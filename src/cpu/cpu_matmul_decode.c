@@ -26,8 +26,7 @@
 
 /* pk[k * PANEL + j] = W row j, column k for j < nw; zero for the rest (so
  * the kernels always run whole panels and store only nw columns). */
-static void pack_generic(float *restrict pk, const float *restrict w, int nw, int rows, int K) {
-    (void)rows;
+static void pack_generic(float *restrict pk, const float *restrict w, int nw, int K) {
     for (int j = nw; j < PANEL; j++)
         for (int k = 0; k < K; k++) pk[(size_t)k * PANEL + j] = 0.0f;
     for (int j = 0; j < nw; j++) {
@@ -42,9 +41,8 @@ static AI void store_row(float *restrict ym, const float *restrict acc, int nw, 
 
 /* y rows [0, M), columns [0, nw) of one panel (y at the panel's column). */
 static void panel_generic(float *y, const float *x, const float *pk, int M, int K, int nw,
-                          int N, float beta, const float *wnext, size_t wnext_len) {
+                          int N, float beta, const float *wnext) {
     (void)wnext;
-    (void)wnext_len;
     for (int m = 0; m < M; m++) {
         float acc[PANEL] = {0};
         const float *restrict xm = x + (size_t)m * K;
@@ -57,23 +55,13 @@ static void panel_generic(float *y, const float *x, const float *pk, int M, int 
     }
 }
 
-/* rows: the W rows from w that may be addressed (nw of them are the panel's,
- * the rest the kernels' prefetches may reach ahead into). */
-typedef void (*pack_fn)(float *pk, const float *w, int nw, int rows, int K);
-/* wnext: the next panel's W rows (wnext_len floats: 32 x K, or fewer at
- * the end), which a kernel may prefetch while it computes; NULL for none. */
+typedef void (*pack_fn)(float *pk, const float *w, int nw, int K);
+/* wnext: the next panel's W rows (32 x K floats from there, or fewer at the
+ * end), which a kernel may prefetch while it computes; NULL for none. */
 typedef void (*panel_fn)(float *y, const float *x, const float *pk, int M, int K, int nw, int N,
-                         float beta, const float *wnext, size_t wnext_len);
-typedef void (*direct_fn)(float *y, const float *x, const float *w, int M, int K, int nw,
-                          int rows, int N, float beta);
-
-/* A prefetch of base[off] with off clamped to the last of len floats: the
- * kernels prefetch ahead of the rows they read, and for the last panel of
- * W that address lies past its end, which is out-of-bounds pointer
- * arithmetic (C11 6.5.6) even if never read. A clamped prefetch asks again
- * for a line already requested; no output depends on it. */
-#define PREFETCH_IN(base, off, len, hint)                                                  \
-    __builtin_prefetch((base) + ((size_t)(off) < (len) ? (size_t)(off) : (len) - 1), 0, (hint))
+                         float beta, const float *wnext);
+typedef void (*direct_fn)(float *y, const float *x, const float *w, int M, int K, int nw, int N,
+                          float beta);
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -90,7 +78,7 @@ typedef void (*direct_fn)(float *y, const float *x, const float *w, int M, int K
 
 /* ... and a second prefetch per W row and 16-k block, one 16-row group
  * ahead (the group after this one, the next panel's first after a panel's
- * last; clamped to the end of W by PREFETCH_IN), into L2 (prefetcht1): the
+ * last; past the matrix's end it is harmless), into L2 (prefetcht1): the
  * hardware prefetcher and the 512-byte lead restart at every group of 16
  * short streams (K = 768: 48 lines a row), so the first lines of each group
  * missed to DRAM. Measured on the loaded 2-core Zen 5, thread CPU time,
@@ -130,9 +118,8 @@ static AI void rows_avx2(float *y, const float *x, const float *pk, const int R,
 }
 
 static void panel_avx2(float *y, const float *x, const float *pk, int M, int K, int nw, int N,
-                       float beta, const float *wnext, size_t wnext_len) {
+                       float beta, const float *wnext) {
     (void)wnext;
-    (void)wnext_len;
     for (int m = 0; m < M; m += 6) {
         float *ym = y + (size_t)m * N;
         const float *xm = x + (size_t)m * K;
@@ -147,9 +134,7 @@ static void panel_avx2(float *y, const float *x, const float *pk, int M, int K, 
     }
 }
 
-static void pack_avx2(float *pk, const float *w, int nw, int rows, int K) {
-    pack_generic(pk, w, nw, rows, K);
-}
+static void pack_avx2(float *pk, const float *w, int nw, int K) { pack_generic(pk, w, nw, K); }
 
 RP_ISA_END
 
@@ -184,17 +169,16 @@ static AI void transpose16(__m512 *r) {
     }
 }
 
-static void pack_avx512(float *restrict pk, const float *restrict w, int nw, int rows, int K) {
+static void pack_avx512(float *restrict pk, const float *restrict w, int nw, int K) {
     const int K16 = K / 16 * 16;
-    const size_t len = (size_t)rows * K;
     for (int g = 0; g < PANEL; g += 16) {
         const float *wg = w + (size_t)g * K;
         for (int k = 0; k < K16; k += 16) {
             __m512 v[16];
             for (int j = 0; j < 16; j++) {
                 if (g + j < nw) {
-                    PREFETCH_IN(w, (size_t)(g + j) * K + k + DECODE_PF, len, DECODE_PF_HINT);
-                    PREFETCH_IN(w, (size_t)(g + 16 + j) * K + k, len, DECODE_AHEAD_HINT);
+                    __builtin_prefetch(wg + (size_t)j * K + k + DECODE_PF, 0, DECODE_PF_HINT);
+                    __builtin_prefetch(wg + (size_t)(16 + j) * K + k, 0, DECODE_AHEAD_HINT);
                     v[j] = _mm512_loadu_ps(wg + (size_t)j * K + k);
                 } else {
                     v[j] = _mm512_setzero_ps();
@@ -210,13 +194,13 @@ static void pack_avx512(float *restrict pk, const float *restrict w, int nw, int
 }
 
 static AI void rows_avx512(float *y, const float *x, const float *pk, const int R, int K,
-                           int nw, int N, float beta, const float *wnext, size_t wnext_len) {
+                           int nw, int N, float beta, const float *wnext) {
     __m512 a0[12], a1[12];
     for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();
     for (int k = 0; k < K; k++) {
         if (wnext) { /* 2 of the next panel's 2K lines per k: all of it */
-            PREFETCH_IN(wnext, (size_t)k * PANEL, wnext_len, DECODE_AHEAD_HINT);
-            PREFETCH_IN(wnext, (size_t)k * PANEL + 16, wnext_len, DECODE_AHEAD_HINT);
+            __builtin_prefetch(wnext + (size_t)k * PANEL, 0, DECODE_AHEAD_HINT);
+            __builtin_prefetch(wnext + (size_t)k * PANEL + 16, 0, DECODE_AHEAD_HINT);
         }
         const __m512 w0 = _mm512_loadu_ps(pk + (size_t)k * PANEL);
         const __m512 w1 = _mm512_loadu_ps(pk + (size_t)k * PANEL + 16);
@@ -244,9 +228,8 @@ static AI void rows_avx512(float *y, const float *x, const float *pk, const int 
  * at once (no pack buffer to write and read back), for rows [0, R). The
  * same fma chains as rows_avx512, so the same bits. */
 static AI void direct_avx512(float *y, const float *x, const float *w, const int R, int K,
-                             int nw, int rows, int N, float beta) {
+                             int nw, int N, float beta) {
     const int K16 = K / 16 * 16;
-    const size_t len = (size_t)rows * K;
     __m512 acc[2][4];
     for (int g = 0; g < 2; g++)
         for (int r = 0; r < R; r++) acc[g][r] = _mm512_setzero_ps();
@@ -258,8 +241,8 @@ static AI void direct_avx512(float *y, const float *x, const float *w, const int
             const float *wg = w + (size_t)g * 16 * K;
             __m512 v[16];
             for (int j = 0; j < 16; j++) {
-                PREFETCH_IN(w, (size_t)(g * 16 + j) * K + k + DECODE_PF, len, DECODE_PF_HINT);
-                PREFETCH_IN(w, (size_t)(g * 16 + 16 + j) * K + k, len, DECODE_AHEAD_HINT);
+                __builtin_prefetch(wg + (size_t)j * K + k + DECODE_PF, 0, DECODE_PF_HINT);
+                __builtin_prefetch(wg + (size_t)(16 + j) * K + k, 0, DECODE_AHEAD_HINT);
                 v[j] = g * 16 + j < nw ? _mm512_loadu_ps(wg + (size_t)j * K + k)
                                        : _mm512_setzero_ps();
             }
@@ -287,15 +270,15 @@ static AI void direct_avx512(float *y, const float *x, const float *w, const int
 }
 
 static void direct_rows_avx512(float *y, const float *x, const float *w, int M, int K, int nw,
-                               int rows, int N, float beta) {
+                               int N, float beta) {
     for (int m = 0; m < M; m += 4) {
         float *ym = y + (size_t)m * N;
         const float *xm = x + (size_t)m * K;
         switch (M - m) {
-        case 1: direct_avx512(ym, xm, w, 1, K, nw, rows, N, beta); break;
-        case 2: direct_avx512(ym, xm, w, 2, K, nw, rows, N, beta); break;
-        case 3: direct_avx512(ym, xm, w, 3, K, nw, rows, N, beta); break;
-        default: direct_avx512(ym, xm, w, 4, K, nw, rows, N, beta); break;
+        case 1: direct_avx512(ym, xm, w, 1, K, nw, N, beta); break;
+        case 2: direct_avx512(ym, xm, w, 2, K, nw, N, beta); break;
+        case 3: direct_avx512(ym, xm, w, 3, K, nw, N, beta); break;
+        default: direct_avx512(ym, xm, w, 4, K, nw, N, beta); break;
         }
     }
 }
@@ -305,24 +288,24 @@ static void direct_rows_avx512(float *y, const float *x, const float *w, int M, 
  * instead of stalling on DRAM between panels (a perf profile of 64-row
  * decode had pack_avx512 at 0.56x the time of panel_avx512). */
 static void panel_avx512(float *y, const float *x, const float *pk, int M, int K, int nw,
-                         int N, float beta, const float *wnext, size_t wnext_len) {
+                         int N, float beta, const float *wnext) {
     for (int m = 0; m < M; m += 12) {
         float *ym = y + (size_t)m * N;
         const float *xm = x + (size_t)m * K;
         const float *pf = m == 0 ? wnext : NULL;
         switch (M - m) {
-        case 1: rows_avx512(ym, xm, pk, 1, K, nw, N, beta, pf, wnext_len); break;
-        case 2: rows_avx512(ym, xm, pk, 2, K, nw, N, beta, pf, wnext_len); break;
-        case 3: rows_avx512(ym, xm, pk, 3, K, nw, N, beta, pf, wnext_len); break;
-        case 4: rows_avx512(ym, xm, pk, 4, K, nw, N, beta, pf, wnext_len); break;
-        case 5: rows_avx512(ym, xm, pk, 5, K, nw, N, beta, pf, wnext_len); break;
-        case 6: rows_avx512(ym, xm, pk, 6, K, nw, N, beta, pf, wnext_len); break;
-        case 7: rows_avx512(ym, xm, pk, 7, K, nw, N, beta, pf, wnext_len); break;
-        case 8: rows_avx512(ym, xm, pk, 8, K, nw, N, beta, pf, wnext_len); break;
-        case 9: rows_avx512(ym, xm, pk, 9, K, nw, N, beta, pf, wnext_len); break;
-        case 10: rows_avx512(ym, xm, pk, 10, K, nw, N, beta, pf, wnext_len); break;
-        case 11: rows_avx512(ym, xm, pk, 11, K, nw, N, beta, pf, wnext_len); break;
-        default: rows_avx512(ym, xm, pk, 12, K, nw, N, beta, pf, wnext_len); break;
+        case 1: rows_avx512(ym, xm, pk, 1, K, nw, N, beta, pf); break;
+        case 2: rows_avx512(ym, xm, pk, 2, K, nw, N, beta, pf); break;
+        case 3: rows_avx512(ym, xm, pk, 3, K, nw, N, beta, pf); break;
+        case 4: rows_avx512(ym, xm, pk, 4, K, nw, N, beta, pf); break;
+        case 5: rows_avx512(ym, xm, pk, 5, K, nw, N, beta, pf); break;
+        case 6: rows_avx512(ym, xm, pk, 6, K, nw, N, beta, pf); break;
+        case 7: rows_avx512(ym, xm, pk, 7, K, nw, N, beta, pf); break;
+        case 8: rows_avx512(ym, xm, pk, 8, K, nw, N, beta, pf); break;
+        case 9: rows_avx512(ym, xm, pk, 9, K, nw, N, beta, pf); break;
+        case 10: rows_avx512(ym, xm, pk, 10, K, nw, N, beta, pf); break;
+        case 11: rows_avx512(ym, xm, pk, 11, K, nw, N, beta, pf); break;
+        default: rows_avx512(ym, xm, pk, 12, K, nw, N, beta, pf); break;
         }
     }
 }
@@ -390,7 +373,7 @@ void cpu_matmul_decode(float *y, const float *x, const float *w, int M, int n0, 
     if (kern.direct && (M <= CPU_DECODE_DIRECT_MAX_ROWS || !pack)) {
         for (int n = n0; n < n1; n += PANEL) {
             const int nw = n1 - n < PANEL ? n1 - n : PANEL;
-            kern.direct(y + n, x, w + (size_t)n * K, M, K, nw, n1 - n, N, beta);
+            kern.direct(y + n, x, w + (size_t)n * K, M, K, nw, N, beta);
         }
         return;
     }
@@ -409,11 +392,9 @@ void cpu_matmul_decode(float *y, const float *x, const float *w, int M, int n0, 
     }
     for (int n = n0; n < n1; n += PANEL) {
         const int nw = n1 - n < PANEL ? n1 - n : PANEL;
-        kern.pack(pack, w + (size_t)n * K, nw, n1 - n, K);
+        kern.pack(pack, w + (size_t)n * K, nw, K);
         const float *wnext =
             n + PANEL < n1 && K <= DECODE_NEXT_PANEL_MAX_K ? w + (size_t)(n + PANEL) * K : NULL;
-        const int next_rows = n1 - (n + PANEL) < PANEL ? n1 - (n + PANEL) : PANEL;
-        kern.panel(y + n, x, pack, M, K, nw, N, beta, wnext,
-                   wnext ? (size_t)next_rows * K : 0);
+        kern.panel(y + n, x, pack, M, K, nw, N, beta, wnext);
     }
 }
