@@ -87,9 +87,42 @@ cpu_stream_block(float *restrict y, const float *restrict x, const float *restri
         memcpy(y + (size_t)(m0 + r) * N + c0, acc[r], (size_t)cols * sizeof(float));
 }
 
+/* The same sums with the y slice in L1 (W rows read in order, whole): the
+ * faster form while M x width floats fit L1 (batch 1 of a LoRA
+ * up-projection: blocks of 32 columns would read W in 128-byte pieces
+ * with an N-float stride, ~7% slower per token, whole model, 1 thread). */
+static void cpu_stream_slice(float *restrict y, const float *restrict x,
+                             const float *restrict w, int M, int n0, int n1, int N, int K,
+                             float beta) {
+    const int width = n1 - n0;
+    for (int m = 0; m < M; m++) {
+        float *restrict ym = y + (size_t)m * N + n0;
+        if (beta == 0.0f)
+            memset(ym, 0, (size_t)width * sizeof *ym);
+        else if (beta != 1.0f)
+            for (int n = 0; n < width; n++) ym[n] *= beta;
+    }
+    for (int k = 0; k < K; k++) {
+        const float *restrict wk = w + (size_t)k * N + n0;
+        for (int m = 0; m < M; m++) {
+            float *restrict ym = y + (size_t)m * N + n0;
+            const float xk = x[(size_t)m * K + k];
+#pragma omp simd
+            for (int n = 0; n < width; n++) ym[n] += xk * wk[n];
+        }
+    }
+}
+
+/* y slices up to this many floats stay in L1 (16 KiB) */
+#define STREAM_SLICE_L1_FLOATS 4096
+
 static void cpu_stream_in_out(float *restrict y, const float *restrict x,
                               const float *restrict w, int M, int n0, int n1, int N, int K,
                               float beta) {
+    if ((size_t)M * (size_t)(n1 - n0) <= STREAM_SLICE_L1_FLOATS) {
+        cpu_stream_slice(y, x, w, M, n0, n1, N, K, beta);
+        return;
+    }
     for (int m0 = 0; m0 < M; m0 += STREAM_ROWS) {
         const int rows = M - m0 < STREAM_ROWS ? M - m0 : STREAM_ROWS;
         for (int c0 = n0; c0 < n1; c0 += STREAM_COLS) {
