@@ -761,6 +761,37 @@ static rp_status save_weights_interleaved(const rp_train_options *o, rp_transpor
 
 /* ---- state tuning ---- */
 
+/* Gathers every stage's per-layer pieces (per_layer floats a layer; this
+ * stage's in `mine`) into `all` [n_layer * per_layer] on stage 0, in model
+ * order: piece k is stage k % P's (interleaved: its chunk k / P, the
+ * chunks' pieces one after the other in its buffer). Collective over the
+ * stages of one replica. */
+static rp_status gather_layer_pieces(const rp_train_options *o, const rp_config *c,
+                                     size_t per_layer, float *all, const float *mine,
+                                     rp_transport *tp, const char *what, rp_error *err) {
+    const rp_grid *g = o->grid;
+    const int stage = g ? g->stage : 0, n_stages = g ? g->pp : 1;
+    const int V = o->n_virtual > 1 ? o->n_virtual : 1;
+    size_t at[RP_GRID_MAX_STAGES] = {0};  /* each stage's next piece in its buffer */
+    int begin = 0;
+    rp_status st = RP_OK;
+    for (int k = 0; k < V * n_stages && st == RP_OK; k++) {
+        const int s = k % n_stages;
+        const int layers = V > 1 ? o->chunk_layers[k]
+                           : g ? g->layer_end[s] - g->layer_begin[s] : c->n_layer;
+        const size_t n = per_layer * (size_t)layers;
+        if (s == 0 && stage == 0)
+            memcpy(all + per_layer * (size_t)begin, mine + at[0], n * sizeof(float));
+        else if (stage == 0 || stage == s)
+            st = rp_transport_gather_slice(tp, s,
+                                           stage == 0 ? all + per_layer * (size_t)begin : NULL,
+                                           mine + at[s], n * sizeof(float), what, err);
+        at[s] += n;
+        begin += layers;
+    }
+    return st;
+}
+
 /* Writes the tuned states of every stage (pt->tuned, this stage's layers)
  * as a state-tuning file, blocks.L.att.time_state [H,N,N] F32, from rank 0;
  * the other stages send theirs there. Replica 0 only (the replicas agree). */
@@ -771,30 +802,13 @@ static rp_status save_tuned_states(const rp_model *model, const rp_pipe_trainer 
     rp_backend *be = model->be;
     const rp_config *c = &model->cfg;
     const size_t hnn = (size_t)c->n_head * c->head_size * c->head_size;
-    const int stage = g ? g->stage : 0, n_stages = g ? g->pp : 1;
+    const int stage = g ? g->stage : 0;
     float *all = malloc(hnn * (size_t)c->n_layer * sizeof(float));
     float *mine = malloc((pt->tuned_floats ? pt->tuned_floats : 1) * sizeof(float));
     rp_status st = RP_OK;
     if (!all || !mine) st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the tuned states");
     else be->copy_to_host(be, mine, pt->tuned, pt->tuned_floats * sizeof(float));
-    /* In model order: piece k is stage k % P's (interleaved: its chunk
-     * k / P, the chunks' states one after the other in its buffer). */
-    const int V = o->n_virtual > 1 ? o->n_virtual : 1;
-    size_t at[RP_GRID_MAX_STAGES] = {0};  /* each stage's next piece in its buffer */
-    int begin = 0;
-    for (int k = 0; k < V * n_stages && st == RP_OK; k++) {
-        const int s = k % n_stages;
-        const int layers = V > 1 ? o->chunk_layers[k]
-                           : g ? g->layer_end[s] - g->layer_begin[s] : c->n_layer;
-        const size_t n = hnn * (size_t)layers;
-        if (s == 0 && stage == 0)
-            memcpy(all + hnn * (size_t)begin, mine + at[0], n * sizeof(float));
-        else if (stage == 0 || stage == s)
-            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + hnn * (size_t)begin : NULL,
-                                           mine + at[s], n * sizeof(float), "tuned states", err);
-        at[s] += n;
-        begin += layers;
-    }
+    if (st == RP_OK) st = gather_layer_pieces(o, c, hnn, all, mine, tp, "tuned states", err);
     if (st == RP_OK && stage == 0) {
         rp_st_writer w;
         rp_st_writer_init(&w);
@@ -821,7 +835,7 @@ static rp_status save_lora(const rp_model *model, const rp_lora *lo, const rp_tr
     if (g && g->replica != 0) return RP_OK;
     const rp_config *c = &model->cfg;
     const size_t per = lo->floats_per_layer;
-    const int stage = g ? g->stage : 0, n_stages = g ? g->pp : 1;
+    const int stage = g ? g->stage : 0;
     /* lo [V]: interleaved, one per chunk, their adapters one after the other. */
     const int V = o->n_virtual > 1 ? o->n_virtual : 1;
     size_t floats = 0;
@@ -832,22 +846,7 @@ static rp_status save_lora(const rp_model *model, const rp_lora *lo, const rp_tr
     if (!all || !mine) st = rp_error_set(err, RP_ERR_NOMEM, "host buffer for the LoRA adapters");
     for (size_t ch = 0, at = 0; st == RP_OK && ch < (size_t)V; at += lo[ch].floats, ch++)
         rp_lora_to_host(&lo[ch], mine + at);
-    /* In model order: piece k is stage k % P's (interleaved: its chunk k / P). */
-    size_t at[RP_GRID_MAX_STAGES] = {0};  /* each stage's next piece in its buffer */
-    int begin = 0;
-    for (int k = 0; k < V * n_stages && st == RP_OK; k++) {
-        const int s = k % n_stages;
-        const int layers = V > 1 ? o->chunk_layers[k]
-                           : g ? g->layer_end[s] - g->layer_begin[s] : c->n_layer;
-        const size_t n = per * (size_t)layers;
-        if (s == 0 && stage == 0)
-            memcpy(all + per * (size_t)begin, mine + at[0], n * sizeof(float));
-        else if (stage == 0 || stage == s)
-            st = rp_transport_gather_slice(tp, s, stage == 0 ? all + per * (size_t)begin : NULL,
-                                           mine + at[s], n * sizeof(float), "LoRA adapters", err);
-        at[s] += n;
-        begin += layers;
-    }
+    if (st == RP_OK) st = gather_layer_pieces(o, c, per, all, mine, tp, "LoRA adapters", err);
     if (st == RP_OK && stage == 0)
         st = rp_lora_save(c, lo->rank, lo->alpha, lo->targets, all, o->lora_out, err);
     free(all);
