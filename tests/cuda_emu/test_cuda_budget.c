@@ -619,6 +619,29 @@ static void graph_step(decode_side *d, float *dl, int n_seq, int step, float *lo
     assert_int_equal(d->be->status(d->be, &err), RP_OK);
 }
 
+/* Each side's device logits [MAX_SEQS, V] and host copies of the logits
+ * and of sf state floats, for the graph tests. */
+static void sides_buffers(decode_side side[2], size_t V, size_t sf, float *dl[2],
+                          float *logits[2], float *state[2]) {
+    for (int i = 0; i < 2; i++) {
+        dl[i] = side[i].be->alloc(side[i].be, MAX_SEQS * V * sizeof(float));
+        logits[i] = malloc(MAX_SEQS * V * sizeof(float));
+        state[i] = malloc(sf * sizeof(float));
+        assert_non_null(dl[i]);
+        assert_non_null(logits[i]);
+        assert_non_null(state[i]);
+    }
+}
+
+static void sides_close(decode_side side[2], float *dl[2], float *logits[2], float *state[2]) {
+    for (int i = 0; i < 2; i++) {
+        side[i].be->free(side[i].be, dl[i]);
+        free(logits[i]);
+        free(state[i]);
+        side_close(&side[i]);
+    }
+}
+
 /* Decode steps of the tiny model at batch 1 and 3, with the slot set and
  * tokens changing every step, on the CUDA backend with step graphs and
  * with them off (step_begin NULL: op by op). Logits and the whole state are
@@ -635,14 +658,7 @@ static void test_decode_graph_replay(void **s) {
     const size_t V = (size_t)side[0].model.cfg.vocab_size;
     const size_t sf = side[0].state.floats_per_slot * MAX_SEQS;
     float *dl[2], *logits[2], *state[2];
-    for (int i = 0; i < 2; i++) {
-        dl[i] = side[i].be->alloc(side[i].be, MAX_SEQS * V * sizeof(float));
-        logits[i] = malloc(MAX_SEQS * V * sizeof(float));
-        state[i] = malloc(sf * sizeof(float));
-        assert_non_null(dl[i]);
-        assert_non_null(logits[i]);
-        assert_non_null(state[i]);
-    }
+    sides_buffers(side, V, sf, dl, logits, state);
     static const int batch[2] = {1, 3};
     int step = 0;
     for (int bi = 0; bi < 2; bi++)
@@ -664,12 +680,7 @@ static void test_decode_graph_replay(void **s) {
             if (k >= 1) assert_int_equal(graphs, 1);     /* captured, then replayed */
             if (k >= 2) assert_int_equal(launched, 0);
         }
-    for (int i = 0; i < 2; i++) {
-        side[i].be->free(side[i].be, dl[i]);
-        free(logits[i]);
-        free(state[i]);
-        side_close(&side[i]);
-    }
+    sides_close(side, dl, logits, state);
 }
 
 /* Programmatic dependent launch (issue 15, docs/gpu.md "(issue 15) PDL"):
@@ -689,14 +700,7 @@ static void test_decode_graph_pdl(void **s) {
     const size_t V = (size_t)side[0].model.cfg.vocab_size;
     const size_t sf = side[0].state.floats_per_slot * MAX_SEQS;
     float *dl[2], *logits[2], *state[2];
-    for (int i = 0; i < 2; i++) {
-        dl[i] = side[i].be->alloc(side[i].be, MAX_SEQS * V * sizeof(float));
-        logits[i] = malloc(MAX_SEQS * V * sizeof(float));
-        state[i] = malloc(sf * sizeof(float));
-        assert_non_null(dl[i]);
-        assert_non_null(logits[i]);
-        assert_non_null(state[i]);
-    }
+    sides_buffers(side, V, sf, dl, logits, state);
     static const int batch[2] = {1, 3};
     int step = 0;
     for (int bi = 0; bi < 2; bi++)
@@ -728,12 +732,7 @@ static void test_decode_graph_pdl(void **s) {
                 if (k >= 2) assert_int_equal(launched[i], 0);
             }
         }
-    for (int i = 0; i < 2; i++) {
-        side[i].be->free(side[i].be, dl[i]);
-        free(logits[i]);
-        free(state[i]);
-        side_close(&side[i]);
-    }
+    sides_close(side, dl, logits, state);
 }
 
 /* An op that synchronizes the host inside the step: the capture fails and
