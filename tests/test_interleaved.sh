@@ -72,13 +72,18 @@ COMMON=(train --data mqar --ctx-len 16 --steps 6 --warmup 2 --lr 3e-3 --eval-int
         --eval-batches 1 --log-interval 1 --loss-on all --seed 3 --init-seed 5 --threads 1)
 . "$top_srcdir/tests/train_test_lib.sh"   # train NAME NP [ARGS...]
 
-# same_bits A B: byte-identical weights, identical losses and eval losses
-same_bits() {
-    cmp "$T/$1.st" "$T/$2.st" >/dev/null || fail "$2: weights differ from $1's"
+# same_losses A B: identical losses and eval losses in the metrics files
+same_losses() {
     for key in loss eval_loss; do
         diff <(grep -o "\"$key\":[^,}]*" "$T/$1.jsonl") <(grep -o "\"$key\":[^,}]*" "$T/$2.jsonl") \
             >/dev/null || fail "$2: ${key}es differ from $1's"
     done
+}
+
+# same_bits A B: byte-identical weights, identical losses and eval losses
+same_bits() {
+    cmp "$T/$1.st" "$T/$2.st" >/dev/null || fail "$2: weights differ from $1's"
+    same_losses "$1" "$2"
     grep -q '"eval_loss"' "$T/$1.jsonl" || fail "$1: no metrics"
     ok "$2"
 }
@@ -221,10 +226,7 @@ TS=(--model-config L4-C64-V64 --batch 8 --micro-batch 1 --tune state --lr 3e-2 -
 # same_state A B: same tuned states file, losses and evaluations
 same_state() {
     cmp "$T/$1.state" "$T/$2.state" >/dev/null || fail "$2: tuned states differ from $1's"
-    for key in loss eval_loss; do
-        diff <(grep -o "\"$key\":[^,}]*" "$T/$1.jsonl") <(grep -o "\"$key\":[^,}]*" "$T/$2.jsonl") \
-            >/dev/null || fail "$2: ${key}es differ from $1's"
-    done
+    same_losses "$1" "$2"
     ok "$2"
 }
 check "--tune state with interleaved equals 1f1b and one process bit for bit"
@@ -268,10 +270,7 @@ TL=(--model-config L4-C64-V64 --batch 8 --micro-batch 1 --tune lora --lora-rank 
 same_lora() {
     cmp "$T/$1.lora" "$T/$2.lora" >/dev/null || fail "$2: LoRA adapters differ from $1's"
     cmp "$T/$1.st" "$T/$2.st" >/dev/null || fail "$2: merged weights differ from $1's"
-    for key in loss eval_loss; do
-        diff <(grep -o "\"$key\":[^,}]*" "$T/$1.jsonl") <(grep -o "\"$key\":[^,}]*" "$T/$2.jsonl") \
-            >/dev/null || fail "$2: ${key}es differ from $1's"
-    done
+    same_losses "$1" "$2"
     ok "$2"
 }
 check "--tune lora with interleaved equals 1f1b and one process bit for bit"
