@@ -115,7 +115,7 @@ static void cpu_bias_act(rp_backend *be, float *y, const float *bias, int R, int
     case RP_ACT_NONE: CPU_BIAS_ACT_LOOP(t) break;
     case RP_ACT_TANH: CPU_BIAS_ACT_LOOP(cpu_tanhf(t)) break;
     case RP_ACT_SIGMOID: CPU_BIAS_ACT_LOOP(cpu_sigmoidf(t)) break;
-    case RP_ACT_RELU_SQUARED: CPU_BIAS_ACT_LOOP(t > 0.0f ? t * t : 0.0f) break;
+    case RP_ACT_RELU_SQUARED: CPU_BIAS_ACT_LOOP(cpu_relu_squaredf(t)) break;
     }
 }
 

@@ -130,6 +130,9 @@ static inline float cpu_expf(float x) {
 }
 
 static inline float cpu_sigmoidf(float x) { return 1.0f / (1.0f + cpu_expf(-x)); }
+/* relu(t)^2: cpu_bias_act's and the quantized decode FFN chain's one
+ * expression (the chain promises the bits of bias_act). */
+static inline float cpu_relu_squaredf(float t) { return t > 0.0f ? t * t : 0.0f; }
 
 /* tanh: an odd polynomial for |x| < 0.625, where 1 - 2/(e^2x + 1) would lose
  * relative precision to cancellation, and the exp form outside. */

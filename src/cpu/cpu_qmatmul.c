@@ -15,6 +15,7 @@
 
 #include "core/dtype.h"
 #include "cpu/cpu_features.h"
+#include "cpu/cpu_internal.h"
 #include "cpu/cpu_qgemm_bf16.h"
 #include "cpu/cpu_qmatmul_kern.h"
 
@@ -494,7 +495,7 @@ static void relu_squared_cols(float *y, int M, int N, int c0, int c1) {
 #pragma omp simd
         for (int c = c0; c < c1; c++) {
             const float t = yr[c] + 0.0f;
-            yr[c] = t > 0.0f ? t * t : 0.0f;
+            yr[c] = cpu_relu_squaredf(t);
         }
     }
 }
