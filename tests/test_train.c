@@ -31,8 +31,9 @@ static void new_model(rp_model *m, rp_backend *be) {
     assert_int_equal(rp_model_init_official(m, 3, &err), RP_OK);
 }
 
-static void small_options(rp_train_options *o, rp_synth_task task) {
+static void small_options(rp_train_options *o, rp_synth_task task, rp_backend *be) {
     rp_train_options_defaults(o);
+    o->host_backend = be;  /* the model's backend is host memory */
     o->synth.task = task;
     o->ctx_len = 16;
     o->batch_size = 4;
@@ -72,7 +73,7 @@ static void test_same_seed_gives_identical_weights(void **state) {
     new_model(&a, be);
     new_model(&b, be);
     rp_train_options o;
-    small_options(&o, RP_SYNTH_COPY);
+    small_options(&o, RP_SYNTH_COPY, be);
     rp_error err;
     assert_int_equal(rp_train_run(&a, &o, NULL, &err), RP_OK);
     assert_int_equal(rp_train_run(&b, &o, NULL, &err), RP_OK);
@@ -98,7 +99,7 @@ static void test_thread_count_does_not_change_weights(void **state) {
         assert_non_null(bes[i]);
         new_model(&runs[i], bes[i]);
         rp_train_options o;
-        small_options(&o, RP_SYNTH_MQAR);
+        small_options(&o, RP_SYNTH_MQAR, bes[i]);
         o.ctx_len = 128;
         o.batch_size = o.micro_batch_size = 8;
         o.steps = 2;
@@ -117,7 +118,7 @@ static void test_micro_batches_equal_one_batch(void **state) {
     new_model(&a, be);
     new_model(&b, be);
     rp_train_options o;
-    small_options(&o, RP_SYNTH_COPY);
+    small_options(&o, RP_SYNTH_COPY, be);
     rp_error err;
     assert_int_equal(rp_train_run(&a, &o, NULL, &err), RP_OK);
     o.micro_batch_size = 2;
@@ -144,7 +145,7 @@ static void test_loss_falls_on_the_copy_task(void **state) {
     rp_model m;
     new_model(&m, be);
     rp_train_options o;
-    small_options(&o, RP_SYNTH_COPY);
+    small_options(&o, RP_SYNTH_COPY, be);
     o.ctx_len = 32;
     o.synth.copy_len = 8;
     o.loss_on_answers_only = 0;
@@ -171,7 +172,7 @@ static void test_resume_from_checkpoint_is_bit_exact(void **state) {
     new_model(&straight, be);
     new_model(&resumed, be);
     rp_train_options o;
-    small_options(&o, RP_SYNTH_MQAR);
+    small_options(&o, RP_SYNTH_MQAR, be);
     o.steps = 8;
     o.optim.warmup_steps = 2;
     rp_error err;
@@ -205,11 +206,31 @@ static void test_batch_must_be_a_multiple_of_micro_batch_size(void **state) {
     rp_model m;
     new_model(&m, be);
     rp_train_options o;
-    small_options(&o, RP_SYNTH_MQAR);
+    small_options(&o, RP_SYNTH_MQAR, be);
     o.micro_batch_size = 3;
     rp_error err;
     assert_int_equal(rp_train_run(&m, &o, NULL, &err), RP_ERR_ARG);
     assert_non_null(strstr(err.msg, "micro-batch"));
+    rp_model_free(&m);
+    rp_cpu_backend_destroy(be);
+}
+
+/* --zero 1's save gathers into host memory that the caller provides: a
+ * run without it is refused before any work, not at its first save. */
+static void test_zero_needs_a_host_backend(void **state) {
+    rp_backend *be = backend();
+    rp_model m;
+    new_model(&m, be);
+    rp_train_options o;
+    small_options(&o, RP_SYNTH_MQAR, be);
+    o.zero = 1;
+    o.host_backend = NULL;
+    rp_error err;
+    assert_int_equal(rp_train_run(&m, &o, NULL, &err), RP_ERR_ARG);
+    assert_non_null(strstr(err.msg, "host_backend"));
+    o.host_backend = be;
+    o.steps = 1;
+    if (rp_train_run(&m, &o, NULL, &err) != RP_OK) fail_msg("%s", err.msg);
     rp_model_free(&m);
     rp_cpu_backend_destroy(be);
 }
@@ -222,6 +243,7 @@ int main(void) {
         cmocka_unit_test(test_loss_falls_on_the_copy_task),
         cmocka_unit_test(test_resume_from_checkpoint_is_bit_exact),
         cmocka_unit_test(test_batch_must_be_a_multiple_of_micro_batch_size),
+        cmocka_unit_test(test_zero_needs_a_host_backend),
     };
     return cmocka_run_group_tests_name("train", tests, NULL, NULL);
 }

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "cpu/cpu_backend.h"
 #include "text/tokenizer.h"
 #include "model/init.h"
 #include "model/lora.h"
@@ -477,6 +478,13 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
             cli_fatal_error(cli, &err);
     }
     be = cli_backend_create(cli, &mo);
+    /* --zero 1's save gathers the whole weights into host memory: the
+     * model's backend when it is host memory, else a CPU backend of its own
+     * (one thread: it only allocates and copies). */
+    rp_backend *host_be = NULL;
+    if (o.zero && !be->is_host_memory && !(host_be = rp_cpu_backend_create(1, &err)))
+        cli_fatal_error(cli, &err);
+    o.host_backend = host_be ? host_be : be;
     if (cli->mpi_size > 1)
         cli_rank_startup(cli, be, grid.stage, grid.replica, layer_begin, layer_end,
                          mo.threads ? mo.threads : omp_get_max_threads());
@@ -549,6 +557,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
                  o.ckpt_dir ? "" : " after adding --checkpoint-dir");
         free_models(&model, chunks, o.n_virtual);
         free(chunk_layers);
+        rp_backend_destroy(host_be);
         rp_backend_destroy(be);
         if (o.grid) rp_grid_free(&grid);
         free(paths);
@@ -560,6 +569,7 @@ int cmd_train(rp_cli *cli, int argc, char **argv) {
              o.save_path ? o.save_path : "");
     free_models(&model, chunks, o.n_virtual);
     free(chunk_layers);
+    rp_backend_destroy(host_be);
     rp_backend_destroy(be);
     if (o.grid) rp_grid_free(&grid);
     free(paths);

@@ -190,9 +190,8 @@ struct rp_zero_links {
     rp_nccl_xfer *xfer;
     int cap_xfer, stale;
     /* rp_zero_links_release_master: bytes given back; the save's host copy
-     * of the whole fp32 (replica 0) and the host backend it lives on. */
+     * of the whole fp32 (replica 0, on the caller's host backend). */
     size_t released;
-    rp_backend *host_be;
     rp_model master;
     int has_master;
 };
@@ -245,7 +244,6 @@ void rp_zero_links_free(rp_zero_links *l) {
     free(l->head_iv);
     free(l->xfer);
     rp_zero_links_drop_master(l);
-    rp_backend_destroy(l->host_be);
     free(l);
 }
 
@@ -595,60 +593,13 @@ void rp_zero_links_memory(const rp_zero_links *l, const rp_model *m, rp_zero_mem
     out->page = l && l->model && be->release_range ? be->sparse_page : 0;
 }
 
-/* The save's host copy lives on a backend of plain host memory with the
- * memory entries only: the savers (rp_model_save, the checkpoint shards,
- * the stages' -o gather) only allocate, copy and free through it. */
-static void *host_alloc(rp_backend *be, size_t bytes) {
-    (void)be;
-    return calloc(1, bytes ? bytes : 1);
-}
-static void host_free(rp_backend *be, void *p) {
-    (void)be;
-    free(p);
-}
-static void host_copy(rp_backend *be, void *dst, const void *src, size_t bytes) {
-    (void)be;
-    if (bytes) memcpy(dst, src, bytes);
-}
-static void host_fill_zero(rp_backend *be, void *dst, size_t bytes) {
-    (void)be;
-    if (bytes) memset(dst, 0, bytes);
-}
-static void host_synchronize(rp_backend *be) { (void)be; }
-static rp_status host_status(rp_backend *be, rp_error *err) {
-    (void)be;
-    (void)err;
-    return RP_OK;
-}
-static void host_destroy(rp_backend *be) { free(be); }
-
-static rp_backend *host_backend(rp_error *err) {
-    rp_backend *be = calloc(1, sizeof *be);
-    if (!be) {
-        rp_error_set(err, RP_ERR_NOMEM, "ZeRO-1: the host copy's backend");
-        return NULL;
-    }
-    be->name = "host memory (ZeRO-1's save copy)";
-    be->is_host_memory = 1;
-    be->destroy = host_destroy;
-    be->alloc = host_alloc;
-    be->free = host_free;
-    be->copy_to_device = host_copy;
-    be->copy_to_host = host_copy;
-    be->copy = host_copy;
-    be->fill_zero = host_fill_zero;
-    be->synchronize = host_synchronize;
-    be->status = host_status;
-    return be;
-}
-
 void rp_zero_links_drop_master(rp_zero_links *l) {
     if (!l || !l->has_master) return;
     rp_model_free(&l->master);
     l->has_master = 0;
 }
 
-rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m,
+rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m, rp_backend *host_be,
                                       const rp_model **whole, rp_error *err) {
     static const char what[] = "the fp32 weights' gather to data replica 0 (--zero 1; for a "
                                "checkpoint or the -o file)";
@@ -656,6 +607,13 @@ rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m,
     if (!l || !l->stale) return RP_OK;
     rp_zero_links_drop_master(l);
     const int root = l->me == 0;
+    /* Every replica checks, so none waits in the gather for one that
+     * refused (the same options on every rank). */
+    if (!host_be || !host_be->is_host_memory)
+        return rp_error_set(err, RP_ERR_ARG, "%s: the host backend for the copy is %s; the "
+                            "caller sets rp_train_options.host_backend to a backend of host "
+                            "memory (the CLI: the CPU backend)", what,
+                            host_be ? host_be->name : "missing");
     rp_status st = RP_OK;
     /* Replica 0: the whole weights in host memory. The others: their range
      * of a buffer staged through a host buffer. */
@@ -666,11 +624,9 @@ rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m,
     float *mine_host = NULL;
     int *counts = malloc(sizeof(int) * 2 * (size_t)l->dp);
     if (!counts) st = rp_error_set(err, RP_ERR_NOMEM, "%s: counts", what);
-    if (st == RP_OK && root && !l->host_be && !(l->host_be = host_backend(err)))
-        st = RP_ERR_NOMEM;
     if (st == RP_OK && root) {
         st = rp_model_alloc(&l->master, &m->cfg, m->layer_begin, m->layer_end, m->has_embed,
-                            m->has_head, l->host_be, err);
+                            m->has_head, host_be, err);
         if (st == RP_OK) l->has_master = 1;
         else st = rp_error_prefix(err, "%s: host memory for the whole fp32 weights", what);
     }

@@ -92,12 +92,13 @@ typedef struct {
 void rp_zero_links_memory(const rp_zero_links *l, const rp_model *m, rp_zero_memory *out);
 /* The whole fp32 weights of m, for a checkpoint or the -o file (which only
  * replica 0 writes). Nothing stale (no bf16 all-gather): *whole = m. Else
- * replica 0 gets a host copy (an rp_model on a host backend) holding each
- * replica's range from its owner (an MPI gather; the device's stale or
- * released pages are never read), and the other replicas NULL; the copy
- * lives until rp_zero_links_drop_master or rp_zero_links_free. Collective
- * over the data replicas. */
-rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m,
+ * replica 0 gets a host copy (an rp_model on host_be, a backend of host
+ * memory: borrowed, it must outlive the copy) holding each replica's range
+ * from its owner (an MPI gather; the device's stale or released pages are
+ * never read), and the other replicas NULL; the copy lives until
+ * rp_zero_links_drop_master or rp_zero_links_free. Collective over the data
+ * replicas. */
+rp_status rp_zero_links_gather_master(rp_zero_links *l, const rp_model *m, rp_backend *host_be,
                                       const rp_model **whole, rp_error *err);
 void rp_zero_links_drop_master(rp_zero_links *l);
 

@@ -881,6 +881,13 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
     if (L % T != 0)
         return rp_error_set(err, RP_ERR_ARG, "--seq-len %d is not a multiple of --ctx-len %d",
                             L, T);
+    /* Checked here, not at the first save after hours of training. */
+    if (o->zero && (!o->host_backend || !o->host_backend->is_host_memory))
+        return rp_error_set(err, RP_ERR_ARG, "--zero 1 needs a backend of host memory for the "
+                            "save's gathered weights, and rp_train_options.host_backend is %s: "
+                            "the caller sets it (the model's backend when that is host memory, "
+                            "else a CPU backend)", o->host_backend ? o->host_backend->name
+                                                                   : "NULL");
     /* Micro-batches per step on each replica: sequence groups x time chunks. */
     const int M = B / (MB * DP) * K;
     if (o->steps < 1) return rp_error_set(err, RP_ERR_ARG, "steps %ld must be >= 1", o->steps);
@@ -1226,8 +1233,9 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
             /* --zero 1's bf16 all-gather left other ranges' fp32 stale (or
              * gave back their pages): replica 0 writes a gathered copy. */
             const rp_model *whole = model;
-            if (o->zero && (st = rp_zero_links_gather_master(pt.zero_links, model, &whole,
-                                                             err)) != RP_OK)
+            if (o->zero && (st = rp_zero_links_gather_master(pt.zero_links, model,
+                                                             o->host_backend, &whole, err)) !=
+                               RP_OK)
                 goto done;
             if (whole != model) c.weights = whole;
             st = V && o->zero ? save_checkpoint_zero_chunks(o, tp, &c, izero, err)
@@ -1266,7 +1274,7 @@ rp_status rp_train_run(rp_model *model, const rp_train_options *o, rp_train_resu
      * gathered copy on replica 0). */
     const rp_model *whole = model;
     if (o->zero && o->save_path && !result->stopped_by_signal)
-        st = rp_zero_links_gather_master(pt.zero_links, model, &whole, err);
+        st = rp_zero_links_gather_master(pt.zero_links, model, o->host_backend, &whole, err);
     if (st == RP_OK && o->save_path && !result->stopped_by_signal)
         st = V ? save_weights_interleaved(o, tp, err)
                : save_weights(whole ? whole : model, o, tp, err);

@@ -81,6 +81,11 @@ typedef struct {
      * data replicas of each stage (optim/zero.h); 0 (default) keeps them
      * whole on every replica. Same weights either way, bit for bit. */
     int zero;
+    /* A backend of host memory (is_host_memory; borrowed) for the run's host
+     * copies: --zero 1's save gathers the whole fp32 weights into it on
+     * replica 0 (pipe/pipe_zero.h). Required with zero; the model's backend
+     * itself when that is host memory. The CLI passes the CPU backend. */
+    rp_backend *host_backend;
     /* Set (to a signal number) by the caller's signal handler: the run stops
      * after the current step, on every rank at the same step, with a
      * checkpoint when ckpt_dir is set. NULL: not watched. */
