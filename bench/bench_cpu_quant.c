@@ -30,6 +30,7 @@ typedef struct {
     float *y;
     const float *x;
     int M, threads;
+    rp_cpu_qx_workspace *ws; /* x's prepared form, kept across calls as the backend keeps it */
 } qcall;
 
 static int qcall_run(void *opaque) {
@@ -38,7 +39,7 @@ static int qcall_run(void *opaque) {
     if (c->fp32)
         c->be->matmul_linear(c->be, c->y, c->x, w->data, c->M, w->N, w->K, 0.0f);
     else
-        rp_cpu_qmatmul_kernel(c->kernel, w, c->y, c->x, c->M, 0.0f, c->threads);
+        rp_cpu_qmatmul_kernel(c->ws, c->kernel, w, c->y, c->x, c->M, 0.0f, c->threads);
     return 0;
 }
 
@@ -150,6 +151,7 @@ int bench_cpu_quant(const int *threads, int n_counts, int quick) {
                     return 1;
                 }
                 double fp32_s = -1.0;
+                rp_cpu_qx_workspace ws = {0};
                 for (int f = 0; f < 3; f++)
                     for (int k = 0; k < RP_QKERNEL_COUNT; k++) {
                         if (f == RP_QTYPE_F32 ? k != 0 : !rp_qkernel_available((rp_qkernel)k, (rp_qtype)f))
@@ -161,7 +163,7 @@ int bench_cpu_quant(const int *threads, int n_counts, int quick) {
                             continue;
                         qcall c = {.be = be, .fp32 = f == RP_QTYPE_F32, .kernel = (rp_qkernel)k,
                                    .copies = sets[f].copies, .n_copies = sets[f].n, .y = y,
-                                   .x = x, .M = M, .threads = threads[ti]};
+                                   .x = x, .M = M, .threads = threads[ti], .ws = &ws};
                         const double s = bench_seconds_per_call(qcall_run, &c, &t);
                         if (f == RP_QTYPE_F32) fp32_s = s;
                         const double bytes = (double)sets[f].bytes;
@@ -181,6 +183,7 @@ int bench_cpu_quant(const int *threads, int n_counts, int quick) {
                                2.0 * M * N * K / s * 1e-9, fp32_s / s, ratio);
                         fflush(stdout);
                     }
+                rp_cpu_qx_workspace_free(&ws);
                 rp_cpu_backend_destroy(be);
             }
         }

@@ -203,7 +203,7 @@ static void check_dispatch(rp_qtype type, rp_qkernel fast) {
     if (rp_cpu_isa_supported(RP_CPU_ISA_AVX512BF16)) {
         set_isa(NULL);
         assert_int_equal(rp_qkernel_chosen(type), fast);
-        rp_cpu_qmatmul(&b.w, y, x, M, 0.0f, 2);
+        rp_cpu_qmatmul(NULL, &b.w, y, x, M, 0.0f, 2);
         assert_int_equal(cpu_qgemm_bf16(&b.w, yk, x, M, 0.0f, 1), 0);
         assert_memory_equal(y, yk, (size_t)M * N * sizeof *y);
     }
@@ -216,8 +216,8 @@ static void check_dispatch(rp_qtype type, rp_qkernel fast) {
         set_isa(lower[i]);
         const rp_qkernel k = rp_qkernel_chosen(type);
         assert_true(k != fast);
-        rp_cpu_qmatmul(&b.w, y, x, M, 0.0f, 2);
-        rp_cpu_qmatmul_kernel(k, &b.w, yk, x, M, 0.0f, 1);
+        rp_cpu_qmatmul(NULL, &b.w, y, x, M, 0.0f, 2);
+        rp_cpu_qmatmul_kernel(NULL, k, &b.w, yk, x, M, 0.0f, 1);
         assert_memory_equal(y, yk, (size_t)M * N * sizeof *y);
         /* x unrounded: the sequential f32 sum's bound around the f32-x reference */
         for (int n = 0; n < N; n++) {

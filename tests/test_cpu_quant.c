@@ -93,7 +93,7 @@ static void check_kernel(rp_qkernel k, rp_qtype type, int N, int K, int M, float
     assert_non_null(row);
     memcpy(y0, y, (size_t)M * N * sizeof(float));
     memcpy(yref, y, (size_t)M * N * sizeof(float));
-    rp_cpu_qmatmul_kernel(k, &q.w, y, x, M, beta, n_threads);
+    rp_cpu_qmatmul_kernel(NULL, k, &q.w, y, x, M, beta, n_threads);
     /* Prefill (M > 8) widens W for sgemm with x as it is, except bf16dot's
      * and vnni's bf16 GEMM (x rounded to bf16; tests/test_cpu_qgemm_bf16.c). */
     rp_qkernel kref = k;
@@ -204,13 +204,13 @@ static void test_thread_and_row_count_independence(void **state) {
                 if (M > RP_QMATMUL_DECODE_ROWS && k > RP_QKERNEL_AVX2 && k != RP_QKERNEL_BF16DOT &&
                     k != RP_QKERNEL_VNNI)
                     continue;
-                rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y1, x, M, 0.0f, 1);
-                rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y2, x, M, 0.0f, 2);
+                rp_cpu_qmatmul_kernel(NULL, (rp_qkernel)k, &q.w, y1, x, M, 0.0f, 1);
+                rp_cpu_qmatmul_kernel(NULL, (rp_qkernel)k, &q.w, y2, x, M, 0.0f, 2);
                 if (memcmp(y1, y2, (size_t)M * N * sizeof(float)))
                     fail_msg("%s kernel %s N=%d K=%d M=%d: 1 and 2 threads differ",
                              rp_qtype_name(type), rp_qkernel_name((rp_qkernel)k), N, K, M);
                 for (int m = 0; M == 8 && m < M; m++) {
-                    rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, y2, x + (size_t)m * K, 1, 0.0f,
+                    rp_cpu_qmatmul_kernel(NULL, (rp_qkernel)k, &q.w, y2, x + (size_t)m * K, 1, 0.0f,
                                           2);
                     if (memcmp(y1 + (size_t)m * N, y2, (size_t)N * sizeof(float)))
                         fail_msg("%s kernel %s: row %d alone differs from row %d of 8",
@@ -252,12 +252,12 @@ static void test_decode_rows_of_any_count_equal_each_row_alone(void **state) {
                     const float beta = (float)beta_i;
                     memcpy(alone, y0, (size_t)MAXM * N * sizeof(float));
                     for (int m = 0; m < MAXM; m++)
-                        rp_cpu_qmatmul_kernel((rp_qkernel)k, &q.w, alone + (size_t)m * N,
+                        rp_cpu_qmatmul_kernel(NULL, (rp_qkernel)k, &q.w, alone + (size_t)m * N,
                                               x + (size_t)m * K, 1, beta, 1);
                     for (int M = 9; M <= MAXM; M += M < 20 ? 1 : 11)
                         for (int nt = 1; nt <= 3; nt++) {
                             memcpy(y, y0, (size_t)MAXM * N * sizeof(float));
-                            rp_cpu_qmatmul_kernel_decode((rp_qkernel)k, &q.w, y, x, M, beta,
+                            rp_cpu_qmatmul_kernel_decode(NULL, (rp_qkernel)k, &q.w, y, x, M, beta,
                                                          nt);
                             for (size_t i = 0; i < (size_t)M * N; i++)
                                 if (memcmp(&y[i], &alone[i], sizeof(float)))
@@ -417,6 +417,9 @@ static void test_decode_group_equals_each_job(void **state) {
     for (int j = 0; j < J; j++)
         qmat_make(&q[j], (rp_qtype)shapes[j][0], shapes[j][1], shapes[j][2], 41 + j);
     static const int Ms[] = {1, 3, 8, 20};
+    /* One workspace for every group call, as the backend keeps one: it
+     * grows with M and is reused (the lone calls prepare x per call). */
+    rp_cpu_qx_workspace ws = {0};
     for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++)
         for (int nt = 1; nt <= 3; nt++) {
             const int M = Ms[mi];
@@ -425,15 +428,16 @@ static void test_decode_group_equals_each_job(void **state) {
             for (int j = 0; j < J; j++) {
                 const size_t off = (size_t)j * MAXM * MAXN;
                 const float beta = (float)(j % 2);
-                rp_cpu_qmatmul_decode(&q[j].w, alone + off, x, M, beta, 1);
+                rp_cpu_qmatmul_decode(NULL, &q[j].w, alone + off, x, M, beta, 1);
                 jobs[j] = (rp_qgroup_job){&q[j].w, y + off, x, beta};
             }
-            rp_cpu_qmatmul_decode_group(jobs, J, M, nt);
+            rp_cpu_qmatmul_decode_group(&ws, jobs, J, M, nt);
             for (size_t i = 0; i < (size_t)J * MAXM * MAXN; i++)
                 if (memcmp(&y[i], &alone[i], sizeof(float)))
                     fail_msg("group M=%d threads=%d: job %zu y[%zu] = %.9g, alone %.9g", M, nt,
                              i / (MAXM * MAXN), i % (MAXM * MAXN), y[i], alone[i]);
         }
+    rp_cpu_qx_workspace_free(&ws);
     for (int j = 0; j < J; j++) qmat_free(&q[j]);
     free(alone);
     free(y);
@@ -617,8 +621,8 @@ static void test_isa_env(void **state) {
         qmat_make(&q, (rp_qtype)t, N, K, 17);
         float *x = frand_array((size_t)M * K, 4);
         float y[M * N], yg[M * N], yr[M * N];
-        rp_cpu_qmatmul(&q.w, y, x, M, 0.0f, 1);
-        rp_cpu_qmatmul_kernel(RP_QKERNEL_GENERIC, &q.w, yg, x, M, 0.0f, 1);
+        rp_cpu_qmatmul(NULL, &q.w, y, x, M, 0.0f, 1);
+        rp_cpu_qmatmul_kernel(NULL, RP_QKERNEL_GENERIC, &q.w, yg, x, M, 0.0f, 1);
         rp_qmatmul_ref(&q.w, yr, x, M, 0.0f);
         assert_memory_equal(y, yg, sizeof y);
         for (int i = 0; i < M * N; i++) assert_true(fabsf(y[i] - yr[i]) <= 1e-4f * (1.0f + fabsf(yr[i])));
@@ -660,7 +664,7 @@ static void test_matmul_lora_on_bf16_factor(void **state) {
         assert_non_null(yq);
         be->matmul_lora(be, y, x, key, M, N, K, 0.0f);
         assert_int_equal(be->status(be, &err), RP_OK);
-        rp_cpu_qmatmul(&qm, yq, x, M, 0.0f, 2);
+        rp_cpu_qmatmul(NULL, &qm, yq, x, M, 0.0f, 2);
         assert_memory_equal(y, yq, (size_t)M * N * sizeof(float));
         /* f32 W [K,N] (not registered): the f32 op, near the bf16 result. */
         be->matmul_lora(be, yq, x, w, 1, N, K, 0.0f);

@@ -199,6 +199,7 @@ void rp_cpu_backend_destroy(rp_backend *be) {
     if (!be) return;
     rp_cpu_impl *impl = be->impl;
     cpu_qweights_free_all(be);
+    rp_cpu_qx_workspace_free(&impl->qx_ws);
     free(impl->shared);
     free(impl->per_thread);
     free(impl);

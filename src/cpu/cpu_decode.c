@@ -11,7 +11,7 @@
  * (rp_cpu_qmatmul_decode_group, the same bits as one matmul each), then the
  * epilogues. 0 (nothing done) for any other group. */
 static int cpu_gemv_group_quantized(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
-    const rp_cpu_impl *impl = be->impl;
+    rp_cpu_impl *impl = be->impl;
     if (n_jobs < 1 || n_jobs > RP_QGROUP_MAX || (M > RP_QMATMUL_DECODE_ROWS && !impl->decode_rows)) return 0;
     rp_qgroup_job q[RP_QGROUP_MAX] = {{0}};
     for (int j = 0; j < n_jobs; j++) {
@@ -20,7 +20,7 @@ static int cpu_gemv_group_quantized(rp_backend *be, const rp_gemv_job *jobs, int
         if (!w || w->N != g->N || w->K != g->K) return 0;
         q[j] = (rp_qgroup_job){w, g->y, g->x, g->beta};
     }
-    rp_cpu_qmatmul_decode_group(q, n_jobs, M, cpu_threads(be));
+    rp_cpu_qmatmul_decode_group(&impl->qx_ws, q, n_jobs, M, cpu_threads(be));
     for (int j = 0; j < n_jobs; j++) {
         const rp_gemv_job *g = &jobs[j];
         if (g->bias || g->act != RP_ACT_NONE) be->bias_act(be, g->y, g->bias, M, g->N, g->act);
@@ -45,7 +45,7 @@ static void cpu_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, 
  * (rp_cpu_qmatmul_decode_chain, the same bits as the jobs one by one);
  * any other chain, or a pair that does not fit, job by job. */
 static void cpu_gemv_chain(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, int M) {
-    const rp_cpu_impl *impl = be->impl;
+    rp_cpu_impl *impl = be->impl;
     if (n_jobs == 2 && (M <= RP_QMATMUL_DECODE_ROWS || impl->decode_rows) && !jobs[0].bias &&
         (jobs[0].act == RP_ACT_NONE || jobs[0].act == RP_ACT_RELU_SQUARED) &&
         !jobs[0].w_in_out && !jobs[1].w_in_out) {
@@ -55,8 +55,8 @@ static void cpu_gemv_chain(rp_backend *be, const rp_gemv_job *jobs, int n_jobs, 
             w1->K == jobs[1].K) {
             const rp_qgroup_job q0 = {w0, jobs[0].y, jobs[0].x, jobs[0].beta};
             const rp_qgroup_job q1 = {w1, jobs[1].y, jobs[1].x, jobs[1].beta};
-            if (rp_cpu_qmatmul_decode_chain(&q0, jobs[0].act == RP_ACT_RELU_SQUARED, &q1, M,
-                                            cpu_threads(be))) {
+            if (rp_cpu_qmatmul_decode_chain(&impl->qx_ws, &q0, jobs[0].act == RP_ACT_RELU_SQUARED,
+                                            &q1, M, cpu_threads(be))) {
                 if (jobs[1].bias || jobs[1].act != RP_ACT_NONE)
                     be->bias_act(be, jobs[1].y, jobs[1].bias, M, jobs[1].N, jobs[1].act);
                 return;

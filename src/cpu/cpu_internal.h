@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "cpu/cpu_quant.h"
 
 typedef struct {
     int n_threads; /* exact OpenMP team size of every parallel op */
@@ -33,6 +34,8 @@ typedef struct {
     /* Low-precision weight matrices (cpu_qweights.c), sorted by key. */
     struct cpu_qweight *qweights;
     int n_qweights, cap_qweights;
+    /* Their products' prepared x (cpu_quant.h), grown on first use. */
+    rp_cpu_qx_workspace qx_ws;
 } rp_cpu_impl;
 
 /* cpu_qweights.c: the low-precision matrix registered under key w, or NULL

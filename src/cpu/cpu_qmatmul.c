@@ -216,34 +216,30 @@ static void prep_fill(rp_qkernel k, const cpu_qx *px, int M, int K, int k0, int 
     }
 }
 
-/* The prepared x of the decode products, in one buffer per calling thread
- * that grows to the largest call and is then kept: a decode step makes
- * ~50 quantized products per token, each with a malloc and free of its x
- * before. Per thread, so that two threads running models do not share it;
- * the OpenMP team reads the caller's. Kept until exit (a thread that
- * exits leaves its buffer: inference runs on the main thread). */
-static _Thread_local struct {
-    char *mem;
-    size_t cap;
-} qx_ws;
+void rp_cpu_qx_workspace_free(rp_cpu_qx_workspace *ws) {
+    if (!ws) return;
+    free(ws->mem);
+    *ws = (rp_cpu_qx_workspace){0};
+}
 
-/* bytes (a multiple of 64) of the calling thread's workspace, or NULL if
- * it cannot grow to that; its old contents are not kept. */
-static char *qx_workspace(size_t bytes) {
-    if (bytes <= qx_ws.cap) return qx_ws.mem;
+/* bytes (a multiple of 64) of the caller's workspace (cpu_quant.h), or
+ * NULL if it cannot grow to that; its old contents are not kept. */
+static char *qx_workspace(rp_cpu_qx_workspace *ws, size_t bytes) {
+    if (bytes <= ws->cap) return ws->mem;
     char *mem = aligned_alloc(64, bytes);
     if (!mem) return NULL;
-    free(qx_ws.mem);
-    qx_ws.mem = mem;
-    qx_ws.cap = bytes;
+    free(ws->mem);
+    ws->mem = mem;
+    ws->cap = bytes;
     return mem;
 }
 
-/* x in the form kernel k reads (cpu_qx), in the calling thread's
- * workspace: 0 on success, -1 if it cannot be allocated. */
-static int prepare_x(rp_qkernel k, cpu_qx *px, const float *x, int M, int K) {
+/* x in the form kernel k reads (cpu_qx), in workspace ws: 0 on success, -1
+ * if it cannot be allocated. */
+static int prepare_x(rp_cpu_qx_workspace *ws, rp_qkernel k, cpu_qx *px, const float *x, int M,
+                     int K) {
     const size_t bytes = prep_bytes(k, M, K);
-    char *mem = bytes ? qx_workspace(bytes) : NULL;
+    char *mem = bytes ? qx_workspace(ws, bytes) : NULL;
     if (bytes && !mem) return -1;
     prep_layout(k, px, mem, x, M, K);
     prep_fill(k, px, M, K, 0, K);
@@ -356,8 +352,8 @@ static void decode_slice(cpu_qdecode_fn decode, const rp_qmatrix *w, float *y, c
     }
 }
 
-static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
-                    float beta, int n_threads, int decode_rows) {
+static void qmatmul(rp_cpu_qx_workspace *ws, rp_qkernel k, const rp_qmatrix *w, float *y,
+                    const float *x, int M, float beta, int n_threads, int decode_rows) {
     const int N = w->N, K = w->K;
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
@@ -400,7 +396,7 @@ static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
         k = RP_QKERNEL_GENERIC; /* no memory for a tile: the decode kernel, slow but right */
     }
     cpu_qx px;
-    if (prepare_x(k, &px, x, M, K)) {
+    if (prepare_x(ws, k, &px, x, M, K)) {
         k = RP_QKERNEL_GENERIC; /* widening kernels read x as it is */
         px = (cpu_qx){.x = x};
     }
@@ -413,24 +409,32 @@ static void qmatmul(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
     }
 }
 
-void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
-                           float beta, int n_threads) {
-    qmatmul(k, w, y, x, M, beta, n_threads, 0);
+/* qmatmul on the caller's workspace, or on one of this call's (ws NULL). */
+static void qmatmul_ws(rp_cpu_qx_workspace *ws, rp_qkernel k, const rp_qmatrix *w, float *y,
+                       const float *x, int M, float beta, int n_threads, int decode_rows) {
+    rp_cpu_qx_workspace own = {0};
+    qmatmul(ws ? ws : &own, k, w, y, x, M, beta, n_threads, decode_rows);
+    rp_cpu_qx_workspace_free(&own);
 }
 
-void rp_cpu_qmatmul_kernel_decode(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
-                                  int M, float beta, int n_threads) {
-    qmatmul(k, w, y, x, M, beta, n_threads, 1);
+void rp_cpu_qmatmul_kernel(rp_cpu_qx_workspace *ws, rp_qkernel k, const rp_qmatrix *w, float *y,
+                           const float *x, int M, float beta, int n_threads) {
+    qmatmul_ws(ws, k, w, y, x, M, beta, n_threads, 0);
 }
 
-void rp_cpu_qmatmul(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
-                    int n_threads) {
-    rp_cpu_qmatmul_kernel(rp_qkernel_chosen(w->type), w, y, x, M, beta, n_threads);
+void rp_cpu_qmatmul_kernel_decode(rp_cpu_qx_workspace *ws, rp_qkernel k, const rp_qmatrix *w,
+                                  float *y, const float *x, int M, float beta, int n_threads) {
+    qmatmul_ws(ws, k, w, y, x, M, beta, n_threads, 1);
 }
 
-void rp_cpu_qmatmul_decode(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
-                           int n_threads) {
-    rp_cpu_qmatmul_kernel_decode(rp_qkernel_chosen(w->type), w, y, x, M, beta, n_threads);
+void rp_cpu_qmatmul(rp_cpu_qx_workspace *ws, const rp_qmatrix *w, float *y, const float *x,
+                    int M, float beta, int n_threads) {
+    rp_cpu_qmatmul_kernel(ws, rp_qkernel_chosen(w->type), w, y, x, M, beta, n_threads);
+}
+
+void rp_cpu_qmatmul_decode(rp_cpu_qx_workspace *ws, const rp_qmatrix *w, float *y,
+                           const float *x, int M, float beta, int n_threads) {
+    rp_cpu_qmatmul_kernel_decode(ws, rp_qkernel_chosen(w->type), w, y, x, M, beta, n_threads);
 }
 
 /* The kernel a job's matrix runs with (rp_qkernel_chosen, or generic). */
@@ -446,8 +450,11 @@ static rp_qkernel job_kernel(const rp_qmatrix *w) {
  * x is prepared once as rp_cpu_qmatmul_decode prepares it, and each thread
  * runs its 16-row slice of every job with the same kernel, so every y
  * element has the bits rp_cpu_qmatmul_decode gives it, on any team size. */
-void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, int n_threads) {
+void rp_cpu_qmatmul_decode_group(rp_cpu_qx_workspace *ws, const rp_qgroup_job *jobs, int n_jobs,
+                                 int M, int n_threads) {
     if (n_jobs <= 0 || M <= 0) return;
+    rp_cpu_qx_workspace own = {0};
+    if (!ws) ws = &own;
     cpu_qx px[RP_QGROUP_MAX];
     rp_qkernel kern[RP_QGROUP_MAX];
     cpu_qdecode_fn fn[RP_QGROUP_MAX];
@@ -459,12 +466,13 @@ void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, i
         kern[j] = job_kernel(jobs[j].w);
         off[j + 1] = off[j] + prep_bytes(kern[j], M, jobs[j].w->K);
     }
-    char *mem = simple && off[n_jobs] ? qx_workspace(off[n_jobs]) : NULL;
+    char *mem = simple && off[n_jobs] ? qx_workspace(ws, off[n_jobs]) : NULL;
     if (!simple || (off[n_jobs] && !mem)) {
         /* Empty shapes, too many jobs, or no memory for the x's: one call
          * each (the same bits; rp_cpu_qmatmul_decode handles each case). */
         for (int j = 0; j < n_jobs; j++)
-            rp_cpu_qmatmul_decode(jobs[j].w, jobs[j].y, jobs[j].x, M, jobs[j].beta, n_threads);
+            rp_cpu_qmatmul_decode(ws, jobs[j].w, jobs[j].y, jobs[j].x, M, jobs[j].beta, n_threads);
+        rp_cpu_qx_workspace_free(&own);
         return;
     }
     size_t work = 0;
@@ -485,6 +493,7 @@ void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, i
             decode_slice(fn[j], jobs[j].w, jobs[j].y, &px[j], M, jobs[j].beta, b, e);
         }
     }
+    rp_cpu_qx_workspace_free(&own);
 }
 
 /* relu(t)^2 of rows [M] x columns [c0, c1) of y [M, N], with
@@ -509,15 +518,17 @@ static void relu_squared_cols(float *y, int M, int N, int c0, int c1) {
  * second's x over those same columns, so after the barrier x is whole.
  * Every element has the bits of rp_cpu_qmatmul_decode(first), bias_act
  * relu^2, rp_cpu_qmatmul_decode(second), on any team size. */
-int rp_cpu_qmatmul_decode_chain(const rp_qgroup_job *first, int relu_squared,
-                                const rp_qgroup_job *second, int M, int n_threads) {
+int rp_cpu_qmatmul_decode_chain(rp_cpu_qx_workspace *ws, const rp_qgroup_job *first,
+                                int relu_squared, const rp_qgroup_job *second, int M,
+                                int n_threads) {
     const rp_qmatrix *w0 = first->w, *w1 = second->w;
     if (M <= 0 || w0->N <= 0 || w0->K <= 0 || w1->N <= 0 || w1->K != w0->N ||
         second->x != first->y)
         return 0;
     const rp_qkernel k0 = job_kernel(w0), k1 = job_kernel(w1);
     const size_t off1 = prep_bytes(k0, M, w0->K), bytes = off1 + prep_bytes(k1, M, w1->K);
-    char *mem = bytes ? qx_workspace(bytes) : NULL;
+    rp_cpu_qx_workspace own = {0};
+    char *mem = bytes ? qx_workspace(ws ? ws : &own, bytes) : NULL;
     if (bytes && !mem) return 0;
     cpu_qx px0, px1;
     prep_layout(k0, &px0, mem, first->x, M, w0->K);
@@ -538,5 +549,6 @@ int rp_cpu_qmatmul_decode_chain(const rp_qgroup_job *first, int relu_squared,
         slice(w1->N, part, parts, QMATMUL_SLICE_ALIGN, &b, &e);
         decode_slice(fn1, w1, second->y, &px1, M, second->beta, b, e);
     }
+    rp_cpu_qx_workspace_free(&own);
     return 1;
 }

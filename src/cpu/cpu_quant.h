@@ -52,11 +52,24 @@ void rp_qmatrix_row_f32(const rp_qmatrix *w, int n, float *out);
  * sums in double, rounded to f32 once. Slow; the tests' ground truth. */
 void rp_qmatmul_ref(const rp_qmatrix *w, float *y, const float *x, int M, float beta);
 
+/* The prepared x of the products below (x rounded to bf16 or quantized
+ * per block, for the dot kernels): one buffer that grows to the largest
+ * call and is kept, so that a decode step (~50 products a token) does not
+ * allocate. The caller owns it: the CPU backend keeps one in its context
+ * (cpu_internal.h), freed with the backend. Zeroed = empty; one call at a
+ * time uses it (the call's OpenMP team reads it). Every product takes one
+ * as ws; NULL: a buffer for that call only. */
+typedef struct {
+    char *mem;
+    size_t cap;
+} rp_cpu_qx_workspace;
+void rp_cpu_qx_workspace_free(rp_cpu_qx_workspace *ws);
+
 /* The backend's kernel (cpu_qmatmul.c): y [M,N] = x [M,K] . W^T + beta * y,
  * beta 0 or 1, on n_threads OpenMP threads. Each y element has one summation
  * order whatever n_threads and M (results are thread-count independent). */
-void rp_cpu_qmatmul(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
-                    int n_threads);
+void rp_cpu_qmatmul(rp_cpu_qx_workspace *ws, const rp_qmatrix *w, float *y, const float *x,
+                    int M, float beta, int n_threads);
 
 /* ---- kernels by name (cpu_qmatmul.c): tests, benchmarks, RP_CPU_ISA ----
  * Every kernel gives each y element one summation order whatever n_threads
@@ -86,13 +99,13 @@ rp_qkernel rp_qkernel_chosen(rp_qtype type);
  * (backend creation): rp_cpu_qmatmul cannot. */
 rp_status rp_cpu_qmatmul_check_env(rp_error *err);
 /* rp_cpu_qmatmul with kernel k (which must be available for w->type). */
-void rp_cpu_qmatmul_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
-                           float beta, int n_threads);
+void rp_cpu_qmatmul_kernel(rp_cpu_qx_workspace *ws, rp_qkernel k, const rp_qmatrix *w, float *y,
+                           const float *x, int M, float beta, int n_threads);
 /* Decode rows (backend.h, set_decode_rows): every M runs the streaming
  * kernel, 8 rows at a time inside tiles of W, so each row gets the bits it
  * gets alone (never the prefill sgemm). */
-void rp_cpu_qmatmul_decode(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
-                           int n_threads);
+void rp_cpu_qmatmul_decode(rp_cpu_qx_workspace *ws, const rp_qmatrix *w, float *y,
+                           const float *x, int M, float beta, int n_threads);
 /* Independent decode products (outputs overlap no input) run as one
  * OpenMP region: y of each job exactly as rp_cpu_qmatmul_decode(w, y, x, M,
  * beta, n_threads) gives it, for any n_threads. At most RP_QGROUP_MAX jobs
@@ -104,18 +117,20 @@ typedef struct {
     const float *x;
     float beta;
 } rp_qgroup_job;
-void rp_cpu_qmatmul_decode_group(const rp_qgroup_job *jobs, int n_jobs, int M, int n_threads);
+void rp_cpu_qmatmul_decode_group(rp_cpu_qx_workspace *ws, const rp_qgroup_job *jobs, int n_jobs,
+                                 int M, int n_threads);
 /* Two dependent decode products in one OpenMP region (a decode FFN):
  * first, then relu^2 on first->y when relu_squared (cpu_bias_act's bits),
  * then second, which must read first's output (second->x == first->y,
  * second K == first N). The same bits as those three calls one by one, for
  * any n_threads. 1 if done; 0 (nothing done) when the shapes do not chain
  * or x's workspace cannot be allocated: the caller runs them one by one. */
-int rp_cpu_qmatmul_decode_chain(const rp_qgroup_job *first, int relu_squared,
-                                const rp_qgroup_job *second, int M, int n_threads);
+int rp_cpu_qmatmul_decode_chain(rp_cpu_qx_workspace *ws, const rp_qgroup_job *first,
+                                int relu_squared, const rp_qgroup_job *second, int M,
+                                int n_threads);
 /* rp_cpu_qmatmul_decode with kernel k (which must be available for w->type). */
-void rp_cpu_qmatmul_kernel_decode(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x,
-                                  int M, float beta, int n_threads);
+void rp_cpu_qmatmul_kernel_decode(rp_cpu_qx_workspace *ws, rp_qkernel k, const rp_qmatrix *w,
+                                  float *y, const float *x, int M, float beta, int n_threads);
 
 /* How the VNNI kernel rounds x, per row and per block of RP_Q8_BLOCK:
  * scale = max|x| / 127 (f32), q = nearbyint(x / scale) in [-127, 127]

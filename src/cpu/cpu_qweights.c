@@ -69,10 +69,11 @@ int cpu_qweight_matmul(rp_backend *be, float *y, const float *x, const float *w,
     }
     size_t work = (size_t)M * N * K;
     const int nt = work < RP_CPU_PARALLEL_MIN_WORK ? 1 : cpu_threads(be);
-    if (((const rp_cpu_impl *)be->impl)->decode_rows)
-        rp_cpu_qmatmul_decode(q, y, x, M, beta, nt);
+    rp_cpu_impl *impl = be->impl;
+    if (impl->decode_rows)
+        rp_cpu_qmatmul_decode(&impl->qx_ws, q, y, x, M, beta, nt);
     else
-        rp_cpu_qmatmul(q, y, x, M, beta, nt);
+        rp_cpu_qmatmul(&impl->qx_ws, q, y, x, M, beta, nt);
     return 1;
 }
 
