@@ -60,7 +60,12 @@ typedef struct rp_time_mix_heads {
 
 /* Run-time formats of the big weight matrices (issue 20; the values of
  * cpu/cpu_quant.h's rp_qtype, which defines them; docs/perf/cpu.md). */
-typedef enum { RP_WEIGHTS_F32 = 0, RP_WEIGHTS_BF16 = 1, RP_WEIGHTS_INT8 = 2 } rp_weights_type;
+typedef enum {
+    RP_WEIGHTS_F32 = 0,
+    RP_WEIGHTS_BF16 = 1,
+    RP_WEIGHTS_INT8 = 2,    /* blocks of 32 along K, fp16 scale each */
+    RP_WEIGHTS_INT8ROW = 3  /* one f32 scale per row */
+} rp_weights_type;
 
 /* Most mixes one ln_shift_mix call forms (the six of the time mix). */
 #define RP_MIX_MAX 6

@@ -85,8 +85,8 @@ static int backend_matrix(const char *suffix) {
  * The file keeps them in bf16 either way (`quantize`), so files of any
  * version load the same; docs/perf/cpu.md, "Which tensors are quantized". */
 static rp_weights_type lora_storage(rp_weights_type wtype, int64_t K) {
-    return wtype == RP_WEIGHTS_INT8 && K % RP_Q8_BLOCK_ELEMS == 0 ? RP_WEIGHTS_INT8
-                                                                  : RP_WEIGHTS_BF16;
+    const int int8 = wtype == RP_WEIGHTS_INT8 || wtype == RP_WEIGHTS_INT8ROW;
+    return int8 && K % RP_Q8_BLOCK_ELEMS == 0 ? wtype : RP_WEIGHTS_BF16;
 }
 
 /* Forgets the backend storage of every quantized matrix of the model. */
@@ -155,8 +155,8 @@ rp_status rp_model_alloc_weights(rp_model *m, const rp_config *cfg, int layer_be
     if (wtype == RP_WEIGHTS_F32)
         return rp_model_alloc(m, cfg, layer_begin, layer_end, has_embed, has_head, be, err);
     memset(m, 0, sizeof *m);
-    if (wtype != RP_WEIGHTS_BF16 && wtype != RP_WEIGHTS_INT8)
-        return rp_error_set(err, RP_ERR_ARG, "weights format %d is not f32, bf16 or int8",
+    if (wtype != RP_WEIGHTS_BF16 && wtype != RP_WEIGHTS_INT8 && wtype != RP_WEIGHTS_INT8ROW)
+        return rp_error_set(err, RP_ERR_ARG, "weights format %d is not f32, bf16, int8 or int8row",
                             (int)wtype);
     if (!be->qweight_create || !be->is_host_memory)
         return rp_error_set(err, RP_ERR_ARG,
@@ -770,10 +770,13 @@ rp_status rp_model_load_as(rp_model *m, const char *path, int layer_begin, int l
     if (st != RP_OK) goto done;
     rp_weights_type file_type = rp_file_weights_type(&f);
     rp_weights_type wtype = opt && opt->wtype >= 0 ? (rp_weights_type)opt->wtype : file_type;
-    if (opt && opt->for_training && (file_type == RP_WEIGHTS_INT8 || wtype != RP_WEIGHTS_F32)) {
+    if (opt && opt->for_training &&
+        (file_type == RP_WEIGHTS_INT8 || file_type == RP_WEIGHTS_INT8ROW || wtype != RP_WEIGHTS_F32)) {
         st = rp_error_set(err, RP_ERR_ARG,
                           "%s: %s weights are for inference: train from an f32/bf16 file",
-                          path, file_type == RP_WEIGHTS_INT8 ? "int8" : "low-precision");
+                          path, file_type == RP_WEIGHTS_F32 || file_type == RP_WEIGHTS_BF16
+                                    ? "low-precision"
+                                    : "int8");
         goto done;
     }
     if (layer_end < 0) layer_end = cfg.n_layer;
@@ -831,7 +834,9 @@ rp_status rp_model_save(const rp_model *m, const char *path, rp_dtype dtype, rp_
         return rp_error_set(err, RP_ERR_ARG,
                             "cannot save %s: the model holds %s weights (saving is for f32 "
                             "models; `rwkvpipe quantize` converts an f32 file)",
-                            path, m->wtype == RP_WEIGHTS_BF16 ? "bf16" : "int8");
+                            path, m->wtype == RP_WEIGHTS_BF16    ? "bf16"
+                                  : m->wtype == RP_WEIGHTS_INT8ROW ? "int8row"
+                                                                   : "int8");
     rp_backend *be = m->be;
     int n = m->layer_end - m->layer_begin;
     /* Host copies of the owned buffers (the writer reads them at write time). */
