@@ -581,13 +581,14 @@ static void test_lora_factor_storage(void **state) {
     const int C = cfg.n_embd;
     rp_backend *be = rp_cpu_backend_create(1, &err);
     assert_non_null(be);
-    for (int t = RP_WEIGHTS_BF16; t <= RP_WEIGHTS_INT8; t++) {
+    for (int t = RP_WEIGHTS_BF16; t <= RP_WEIGHTS_INT8ROW; t++) {
         rp_model m;
         assert_int_equal(rp_model_alloc_weights(&m, &cfg, 0, cfg.n_layer, 1, 1,
                                                 (rp_weights_type)t, be, &err),
                          RP_OK);
         const rp_layer_weights *w = &m.layers[1];
-        const rp_qtype big = t == RP_WEIGHTS_INT8 ? RP_QTYPE_Q8 : RP_QTYPE_BF16;
+        /* an int8/int8row model's factors in its own int8 format */
+        const rp_qtype big = t == RP_WEIGHTS_BF16 ? RP_QTYPE_BF16 : (rp_qtype)t;
         assert_int_equal(stored_type(be, w->ffn_key, cfg.dim_ffn, C), big);
         assert_int_equal(stored_type(be, w->w1, 48, C), big);
         assert_int_equal(stored_type(be, w->w2, C, 48), RP_QTYPE_BF16);
@@ -612,8 +613,10 @@ static void test_isa_env(void **state) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2"))
         assert_true(best >= RP_CPU_ISA_AVX512);
-    if (__builtin_cpu_supports("avx512vnni") && best >= RP_CPU_ISA_AVX512)
+    if (__builtin_cpu_supports("avx512vnni") && best >= RP_CPU_ISA_AVX512) {
         assert_int_equal(rp_qkernel_chosen(RP_QTYPE_Q8), RP_QKERNEL_VNNI);
+        assert_int_equal(rp_qkernel_chosen(RP_QTYPE_Q8ROW), RP_QKERNEL_VNNI);
+    }
     if (rp_cpu_isa_supported(RP_CPU_ISA_AVX512BF16))
         assert_int_equal(rp_qkernel_chosen(RP_QTYPE_BF16), RP_QKERNEL_BF16DOT);
 #endif
