@@ -440,8 +440,9 @@ static void test_decode_group_equals_each_job(void **state) {
     (void)state;
     static const int shapes[][3] = {{RP_QTYPE_Q8, 1044, 1024}, {RP_QTYPE_BF16, 64, 256},
                                     {RP_QTYPE_BF16, 300, 40}, {RP_QTYPE_Q8, 16, 96},
-                                    {RP_QTYPE_BF16, 7, 256}};
-    enum { J = 5, MAXM = 20, MAXN = 1044, MAXK = 1024 };
+                                    {RP_QTYPE_BF16, 7, 256}, {RP_QTYPE_Q8ROW, 200, 544},
+                                    {RP_QTYPE_Q8ROW, 1044, 1024}};
+    enum { J = 7, MAXM = 20, MAXN = 1044, MAXK = 1024 };
     qmat q[J];
     rp_qgroup_job jobs[J];
     float *x = frand_array((size_t)MAXM * MAXK, 31);
@@ -480,9 +481,10 @@ static void test_decode_group_equals_each_job(void **state) {
 /* The CPU backend's gemv_chain on two quantized matrices (the decode FFN:
  * key with relu^2, then value reading it with beta 1, in one parallel
  * region: rp_cpu_qmatmul_decode_chain) gives both outputs the bits of
- * gemv_group one job at a time on a 1-thread backend: int8, bf16 and mixed
- * pairs, M = 1, 3, 8 and 20 decode rows, backends of 1-3 threads. F = 1056
- * is 8 whole vnni groups of 128 k and one of 1 block (the x of the second
+ * gemv_group one job at a time on a 1-thread backend: int8, int8row, bf16
+ * and mixed pairs, M = 1, 3, 8 and 20 decode rows, backends of 1-3 threads. F = 1056
+ * is 8 whole vnni groups of 128 k and one of 1 block (int8row's x: 8 groups
+ * of 128 and one of 32; the x of the second
  * product is prepared by column slices: a slice must start on a group), and
  * 2 x 541k multiply-adds per row cross the 2^20 threshold, so M = 1 splits. */
 static void chain_keys(rp_backend *be, const float *wk, const float *wv, rp_weights_type tk,
@@ -500,7 +502,10 @@ static void test_decode_chain_equals_each_job(void **state) {
     static const rp_weights_type pairs[][2] = {{RP_WEIGHTS_INT8, RP_WEIGHTS_INT8},
                                                {RP_WEIGHTS_BF16, RP_WEIGHTS_BF16},
                                                {RP_WEIGHTS_INT8, RP_WEIGHTS_BF16},
-                                               {RP_WEIGHTS_BF16, RP_WEIGHTS_INT8}};
+                                               {RP_WEIGHTS_BF16, RP_WEIGHTS_INT8},
+                                               {RP_WEIGHTS_INT8ROW, RP_WEIGHTS_INT8ROW},
+                                               {RP_WEIGHTS_INT8ROW, RP_WEIGHTS_INT8},
+                                               {RP_WEIGHTS_BF16, RP_WEIGHTS_INT8ROW}};
     static const int Ms[] = {1, 3, 8, 20};
     rp_error err = {0};
     float *wk = frand_array((size_t)F * C, 51), *wv = frand_array((size_t)C * F, 53);
