@@ -230,5 +230,13 @@ else
         { cat "$T/err"; fail "generate --pp 2 int8"; }
     cmp -s "$T/gen1" "$T/gen2" || fail "int8 greedy text differs between 1 process and --pp 2"
     echo "ok: int8 greedy tokens equal in 1 process and --pp 2 ($(wc -c <"$T/gen1") bytes)"
+    for np in 1 2; do
+        pp=""; [ "$np" = 2 ] && pp="--pp 2"
+        $MPIRUN -np "$np" "$BIN" generate --model "$T/tiny_int8row.safetensors" --prompt hello \
+            --max-tokens 16 --temperature 0 --ban-eot -q $pp >"$T/genr$np" 2>"$T/err" ||
+            { cat "$T/err"; fail "generate int8row on $np rank(s)"; }
+    done
+    cmp -s "$T/genr1" "$T/genr2" || fail "int8row greedy text differs between 1 process and --pp 2"
+    echo "ok: int8row greedy tokens equal in 1 process and --pp 2 ($(wc -c <"$T/genr1") bytes)"
 fi
 echo "ok"
