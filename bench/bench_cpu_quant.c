@@ -47,7 +47,7 @@ typedef struct {
     rp_qtype type;
     rp_qmatrix *copies;
     void *data;
-    uint16_t *scales;
+    void *scales;
     int n;
     size_t bytes; /* of one copy, data + scales */
 } qset;
@@ -64,12 +64,12 @@ static int qset_make(qset *s, rp_qtype type, const float *w, int N, int K) {
     rp_quantize_matrix(type, s->data, s->scales, w, N, K, 0);
     for (int i = 0; i < s->n; i++) {
         char *d = (char *)s->data + db * i;
-        uint16_t *sc = sb ? (uint16_t *)((char *)s->scales + sb * i) : NULL;
+        char *sc = sb ? (char *)s->scales + sb * i : NULL;
         if (i) {
             memcpy(d, s->data, db);
             if (sb) memcpy(sc, s->scales, sb);
         }
-        s->copies[i] = (rp_qmatrix){.type = type, .N = N, .K = K, .data = d, .scales = sc};
+        s->copies[i] = rp_qmatrix_make(type, N, K, d, sc);
     }
     return 0;
 }
@@ -91,13 +91,13 @@ int bench_cpu_quant(const int *threads, int n_counts, int quick) {
     }
     bench_print_machine(stdout, "bench_cpu --quant: quantized GEMV/GEMM (cpu_qmatmul) vs fp32 "
                                 "matmul_linear, 0.1B shapes");
-    printf("- ISA: %s (RP_CPU_ISA caps it); kernels chosen: bf16 %s, int8 %s; W cycled over "
+    printf("- ISA: %s (RP_CPU_ISA caps it); kernels chosen: bf16 %s, int8 and int8row %s; W cycled over "
            "copies of >= %zu MiB per format (from memory, as in decode); medians of %d rounds"
            "%s\n",
            rp_cpu_isa_name(rp_cpu_isa_detect()), rp_qkernel_name(rp_qkernel_chosen(RP_QTYPE_BF16)),
            rp_qkernel_name(rp_qkernel_chosen(RP_QTYPE_Q8)), QBENCH_CYCLE_BYTES >> 20, t.repeats,
            quick ? "; --quick: noisy" : "");
-    printf("- floor: weight bytes (int8: + fp16 scales) / read bandwidth of a %zu MiB buffer "
+    printf("- floor: weight bytes (int8: + fp16 scales; int8row: + f32 row scales) / read bandwidth of a %zu MiB buffer "
            "on the same threads; goal at M = 1: time / floor <= %.2f\n\n",
            QBENCH_BANDWIDTH_BYTES >> 20, QBENCH_GOAL_OVER_FLOOR);
 
@@ -128,7 +128,7 @@ int bench_cpu_quant(const int *threads, int n_counts, int quick) {
         float *wf = malloc((size_t)N * K * sizeof *wf);
         float *x = malloc((size_t)max_M * K * sizeof *x);
         float *y = malloc((size_t)max_M * N * sizeof *y);
-        qset sets[3] = {{0}};
+        qset sets[4] = {{0}}; /* by rp_qtype: f32, bf16, int8, int8row */
         if (!wf || !x || !y) {
             fprintf(stderr, "bench_cpu: cannot allocate %dx%d operands\n", N, K);
             return 1;
@@ -136,7 +136,7 @@ int bench_cpu_quant(const int *threads, int n_counts, int quick) {
         bench_fill_uniform(wf, (size_t)N * K, 0.02f, 7 + si);
         bench_fill_uniform(x, (size_t)max_M * K, 1.0f, 9);
         fprintf(stderr, "bench_cpu: quantized %dx%d...\n", N, K);
-        for (int f = 0; f < 3; f++)
+        for (int f = 0; f < 4; f++)
             if (qset_make(&sets[f], (rp_qtype)f, wf, N, K)) {
                 fprintf(stderr, "bench_cpu: cannot allocate the %dx%d weight copies\n", N, K);
                 return 1;
@@ -152,7 +152,7 @@ int bench_cpu_quant(const int *threads, int n_counts, int quick) {
                 }
                 double fp32_s = -1.0;
                 rp_cpu_qx_workspace ws = {0};
-                for (int f = 0; f < 3; f++)
+                for (int f = 0; f < 4; f++)
                     for (int k = 0; k < RP_QKERNEL_COUNT; k++) {
                         if (f == RP_QTYPE_F32 ? k != 0 : !rp_qkernel_available((rp_qkernel)k, (rp_qtype)f))
                             continue;
@@ -187,7 +187,7 @@ int bench_cpu_quant(const int *threads, int n_counts, int quick) {
                 rp_cpu_backend_destroy(be);
             }
         }
-        for (int f = 0; f < 3; f++) qset_free(&sets[f]);
+        for (int f = 0; f < 4; f++) qset_free(&sets[f]);
         free(wf);
         free(x);
         free(y);

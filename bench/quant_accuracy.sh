@@ -6,7 +6,8 @@
 # with x rounded to bf16, for bf16 and int8 W) and decode (`logits --mode step` over the first 2048 held-out bytes:
 # one row per call, the kernel the CPU picks: bf16dot rounds x to bf16, vnni
 # quantizes x per block of 32), plus both with the widening kernels only
-# (RP_CPU_ISA=avx512, x stays f32). Prints loss, perplexity, its change and
+# (RP_CPU_ISA=avx512, x stays f32); int8row (one scale per W row) the same
+# two ways (its vnni kernel quantizes x per 128-k group). Prints loss, perplexity, its change and
 # the next-token agreement with f32. A benchmark, not a test: training takes
 # a few minutes.
 # usage: bench/quant_accuracy.sh [BUILD_DIR [STEPS]]   (default build/cpu 600)
@@ -39,7 +40,7 @@ run() { # NAME ENV...: prefill eval of the held-out text, step-mode logits of it
         ${W:+--weights-dtype "$W"} -o "$T/$name.st" >/dev/null 2>&1
 }
 W=""; run f32 RP_QA=1
-for W in bf16 int8; do
+for W in bf16 int8 int8row; do
     run "$W" RP_QA=1
     run "$W-widen" RP_CPU_ISA=avx512
 done
@@ -72,7 +73,8 @@ print("| --- | --- | --- | --- | --- | --- |")
 print(f"| f32 | {ref_eval:.6f} / - | - | {ref_step:.6f} / - | - | - |")
 pct = lambda l, r: (math.exp(l - r) - 1) * 100
 for name, kern in [("bf16", "bf16dot (x rounded to bf16)"), ("bf16-widen", "avx512 widening (x f32)"),
-                   ("int8", "vnni (x quantized per block of 32)"), ("int8-widen", "avx512 widening (x f32)")]:
+                   ("int8", "vnni (x quantized per block of 32)"), ("int8-widen", "avx512 widening (x f32)"),
+                   ("int8row", "vnni (x quantized per 128-k group)"), ("int8row-widen", "avx512 widening (x f32)")]:
     le = eval_loss(name); rows = tensor(name, "logits"); ls = step_loss(rows, toks)
     agree = sum(max(range(len(r)), key=r.__getitem__) == max(range(len(q)), key=q.__getitem__)
                 for r, q in zip(rows, ref))

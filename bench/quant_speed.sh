@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Whole-model speed of the low-precision CPU weights (issue 20): the 0.1B
-# shape (official init; speed does not depend on the values) as f32, bf16
-# and int8 files (`rwkvpipe quantize`), each run through bench_engine (the
+# shape (official init; speed does not depend on the values) as f32, bf16,
+# int8 and int8row files (`rwkvpipe quantize`), each run through bench_engine (the
 # serving engine without HTTP) for decode batch 1, decode batch 8 and a
 # 512-token prefill, at 1 and 2 threads. The formats alternate inside each
 # round, so the ratios to f32 are taken within a round; the table has the
@@ -20,14 +20,15 @@ for x in "$bin" "$engine"; do
 done
 T="$(mktemp -d)"
 trap 'rm -rf "$T"' EXIT
-echo "quant_speed: writing the $shape model as f32, bf16 and int8..." >&2
+echo "quant_speed: writing the $shape model as f32, bf16, int8 and int8row..." >&2
 "$bin" init --model-config "$shape" -o "$T/f32.st" >/dev/null 2>&1
 "$bin" quantize "$T/f32.st" -o "$T/bf16.st" --type bf16 -q
 "$bin" quantize "$T/f32.st" -o "$T/int8.st" --type int8 -q
+"$bin" quantize "$T/f32.st" -o "$T/int8row.st" --type int8row -q
 : >"$T/rows"
 for r in $(seq "$rounds"); do
     for t in 1 2; do
-        for w in f32 bf16 int8; do
+        for w in f32 bf16 int8 int8row; do
             echo "quant_speed: round $r, $t thread(s), $w..." >&2
             "$engine" --model "$T/$w.st" --threads "$t" --concurrency 1,8 --contexts 512 \
                 --decode-tokens 64 >"$T/out" 2>&1 || { cat "$T/out" >&2; exit 1; }
@@ -52,7 +53,7 @@ print("| threads | weights | decode b1 tok/s | b1 vs f32 | decode b8 tok/s | b8 
 print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for t in (1, 2):
     base = {r: (b1, pp) for r, b1, b8, pp in data[(t, "f32")]}
-    for w in ("f32", "bf16", "int8"):
+    for w in ("f32", "bf16", "int8", "int8row"):
         v = data[(t, w)]
         b1 = st.median(x[1] for x in v); b8 = st.median(x[2] for x in v)
         pp = st.median(x[3] for x in v)

@@ -60,7 +60,17 @@ typedef struct rp_time_mix_heads {
 
 /* Run-time formats of the big weight matrices (issue 20; the values of
  * cpu/cpu_quant.h's rp_qtype, which defines them; docs/perf/cpu.md). */
-typedef enum { RP_WEIGHTS_F32 = 0, RP_WEIGHTS_BF16 = 1, RP_WEIGHTS_INT8 = 2 } rp_weights_type;
+typedef enum {
+    RP_WEIGHTS_F32 = 0,
+    RP_WEIGHTS_BF16 = 1,
+    RP_WEIGHTS_INT8 = 2,    /* blocks of 32 along K, fp16 scale each */
+    RP_WEIGHTS_INT8ROW = 3  /* one f32 scale per row */
+} rp_weights_type;
+/* The "quantization" metadata of the files `rwkvpipe quantize` writes
+ * (docs/formats.md); an int8row file's starts with the prefix. */
+#define RP_INT8_SCHEME "int8.q8_block32_f16scale.v1"
+#define RP_INT8ROW_SCHEME "int8.q8_row_f32scale.v1"
+#define RP_INT8ROW_SCHEME_PREFIX "int8.q8_row"
 
 /* Most mixes one ln_shift_mix call forms (the six of the time mix). */
 #define RP_MIX_MAX 6
@@ -137,7 +147,8 @@ struct rp_backend {
      * [row0, row0 + n_rows) from f32 rows [n_rows, K] (quantized here: the
      * format's rounding) when scales is NULL and src_is_f32, or copies rows
      * already in the format (data [n_rows, K] of the type, scales [n_rows,
-     * K/32] fp16 for int8); qweight_destroy forgets key and frees its storage. */
+     * K/32] fp16 for int8, [n_rows] f32 for int8row, passed as bytes);
+     * qweight_destroy forgets key and frees its storage. */
     rp_status (*qweight_create)(rp_backend *be, const float *key, rp_weights_type type, int N,
                                 int K, rp_error *err);
     void (*qweight_write)(rp_backend *be, const float *key, int row0, int n_rows,

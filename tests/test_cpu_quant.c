@@ -46,12 +46,11 @@ static void qmat_make(qmat *q, rp_qtype type, int N, int K, unsigned long long s
     for (size_t i = 0; i < (size_t)N * K; i++)
         q->wf[i] = frand(&seed) * (0.05f + (float)((i / 32) % 7));
     q->data = malloc(rp_qmatrix_data_bytes(type, N, K) + 1);
-    q->scales = malloc(rp_qmatrix_scale_bytes(type, N, K) + 2);
+    q->scales = malloc(rp_qmatrix_scale_bytes(type, N, K) + 4);
     assert_non_null(q->data);
     assert_non_null(q->scales);
     rp_quantize_matrix(type, q->data, q->scales, q->wf, N, K, 0);
-    q->w = (rp_qmatrix){.type = type, .N = N, .K = K, .data = q->data,
-                        .scales = type == RP_QTYPE_Q8 ? q->scales : NULL};
+    q->w = rp_qmatrix_make(type, N, K, q->data, q->scales);
 }
 
 static void qmat_free(qmat *q) {
@@ -178,6 +177,14 @@ static void test_q8_kernels_match_reference(void **state) {
     check_all_kernels(RP_QTYPE_Q8, Ks, 5);
 }
 
+static void test_q8row_kernels_match_reference(void **state) {
+    (void)state;
+    /* Q8ROW: K % 32 == 0; 96, 32, 64 and 544 end on an x group of 96, 32,
+     * 64 and 32 k (masked); 3072 is the 0.1B FFN's input. */
+    static const int Ks[] = {768, 96, 32, 64, 544, 3072};
+    check_all_kernels(RP_QTYPE_Q8ROW, Ks, 6);
+}
+
 /* Every kernel gives the same bits per row however many rows share the call
  * (M = 1 vs 8) and on 1 or 2 threads; prefill the same bits on 1 and 2
  * threads, with W widened whole (M = 64: one thread runs the sgemm; M = 512:
@@ -187,7 +194,7 @@ static void test_thread_and_row_count_independence(void **state) {
     static const int cases[][3] = {{4200, 1024, 8}, {4200, 1024, 64}, {4200, 1024, 512},
                                    {16400, 1024, 9}}; /* N, K, M */
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
-        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
+        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8ROW; t++) {
             const int N = cases[c][0], K = cases[c][1], M = cases[c][2];
             const rp_qtype type = (rp_qtype)t;
             qmat q;
@@ -235,7 +242,7 @@ static void test_decode_rows_of_any_count_equal_each_row_alone(void **state) {
     static const int cases[][2] = {{300, 256}, {1040, 96}, {60, 576}}; /* N, K */
     const int MAXM = 64;
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
-        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
+        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8ROW; t++) {
             const int N = cases[c][0], K = cases[c][1];
             const rp_qtype type = (rp_qtype)t;
             qmat q;
@@ -312,6 +319,35 @@ static void test_vnni_x_quantization_matches_scalar(void **state) {
         if (memcmp(&xse[i], &scales[i / 4], sizeof(float)))
             fail_msg("block %d: vector scale %.9g, scalar %.9g", i / 4, xse[i], scales[i / 4]);
     if (memcmp(xs, scales, sizeof xs)) fail_msg("the per-block scales differ");
+    free(x);
+#else
+    skip();
+#endif
+}
+
+/* The same for Q8ROW's x (cpu_qprep_vnnirow against rp_q8_quantize_x_group
+ * with 128-k groups): K = 224, a whole group and a last one of 96, the
+ * same special values (a lone 1e30 zeroes the rest of the second group). */
+static void test_vnnirow_x_quantization_matches_scalar(void **state) {
+    (void)state;
+#if RP_CPU_QKERN_X86
+    if (!rp_qkernel_available(RP_QKERNEL_VNNI, RP_QTYPE_Q8ROW)) skip();
+    enum { K = 7 * RP_Q8_BLOCK, G = 2 };
+    float *x = frand_array(K, 31);
+    for (int i = 0; i < 32; i++) x[32 + i] = 0.0f;
+    for (int i = 0; i < 32; i++) x[64 + i] = (float)(i % 2 ? -i : i) + (i < 31 ? 0.5f : 0.0f);
+    x[64 + 31] = -127.0f;
+    for (int i = 0; i < 32; i++) x[96 + i] = 1e-40f * (float)(i - 16);
+    x[160] = 1e30f;
+    int8_t xq[K];
+    float scales[G], xg[G];
+    uint8_t xu[K];
+    rp_q8_quantize_x_group(xq, scales, x, K, RP_Q8ROW_XGROUP);
+    cpu_qprep_vnnirow(xu, xg, x, K);
+    for (int i = 0; i < K; i++)
+        if (xu[i] != (uint8_t)(xq[i] + 128))
+            fail_msg("x[%d] = %.9g: vector q %d, scalar %d", i, x[i], xu[i] - 128, xq[i]);
+    if (memcmp(xg, scales, sizeof xg)) fail_msg("the per-group scales differ");
     free(x);
 #else
     skip();
@@ -404,8 +440,9 @@ static void test_decode_group_equals_each_job(void **state) {
     (void)state;
     static const int shapes[][3] = {{RP_QTYPE_Q8, 1044, 1024}, {RP_QTYPE_BF16, 64, 256},
                                     {RP_QTYPE_BF16, 300, 40}, {RP_QTYPE_Q8, 16, 96},
-                                    {RP_QTYPE_BF16, 7, 256}};
-    enum { J = 5, MAXM = 20, MAXN = 1044, MAXK = 1024 };
+                                    {RP_QTYPE_BF16, 7, 256}, {RP_QTYPE_Q8ROW, 200, 544},
+                                    {RP_QTYPE_Q8ROW, 1044, 1024}};
+    enum { J = 7, MAXM = 20, MAXN = 1044, MAXK = 1024 };
     qmat q[J];
     rp_qgroup_job jobs[J];
     float *x = frand_array((size_t)MAXM * MAXK, 31);
@@ -448,9 +485,10 @@ static void test_decode_group_equals_each_job(void **state) {
 /* The CPU backend's gemv_chain on two quantized matrices (the decode FFN:
  * key with relu^2, then value reading it with beta 1, in one parallel
  * region: rp_cpu_qmatmul_decode_chain) gives both outputs the bits of
- * gemv_group one job at a time on a 1-thread backend: int8, bf16 and mixed
- * pairs, M = 1, 3, 8 and 20 decode rows, backends of 1-3 threads. F = 1056
- * is 8 whole vnni groups of 128 k and one of 1 block (the x of the second
+ * gemv_group one job at a time on a 1-thread backend: int8, int8row, bf16
+ * and mixed pairs, M = 1, 3, 8 and 20 decode rows, backends of 1-3 threads. F = 1056
+ * is 8 whole vnni groups of 128 k and one of 1 block (int8row's x: 8 groups
+ * of 128 and one of 32; the x of the second
  * product is prepared by column slices: a slice must start on a group), and
  * 2 x 541k multiply-adds per row cross the 2^20 threshold, so M = 1 splits. */
 static void chain_keys(rp_backend *be, const float *wk, const float *wv, rp_weights_type tk,
@@ -468,7 +506,10 @@ static void test_decode_chain_equals_each_job(void **state) {
     static const rp_weights_type pairs[][2] = {{RP_WEIGHTS_INT8, RP_WEIGHTS_INT8},
                                                {RP_WEIGHTS_BF16, RP_WEIGHTS_BF16},
                                                {RP_WEIGHTS_INT8, RP_WEIGHTS_BF16},
-                                               {RP_WEIGHTS_BF16, RP_WEIGHTS_INT8}};
+                                               {RP_WEIGHTS_BF16, RP_WEIGHTS_INT8},
+                                               {RP_WEIGHTS_INT8ROW, RP_WEIGHTS_INT8ROW},
+                                               {RP_WEIGHTS_INT8ROW, RP_WEIGHTS_INT8},
+                                               {RP_WEIGHTS_BF16, RP_WEIGHTS_INT8ROW}};
     static const int Ms[] = {1, 3, 8, 20};
     rp_error err = {0};
     float *wk = frand_array((size_t)F * C, 51), *wv = frand_array((size_t)C * F, 53);
@@ -549,13 +590,14 @@ static void test_lora_factor_storage(void **state) {
     const int C = cfg.n_embd;
     rp_backend *be = rp_cpu_backend_create(1, &err);
     assert_non_null(be);
-    for (int t = RP_WEIGHTS_BF16; t <= RP_WEIGHTS_INT8; t++) {
+    for (int t = RP_WEIGHTS_BF16; t <= RP_WEIGHTS_INT8ROW; t++) {
         rp_model m;
         assert_int_equal(rp_model_alloc_weights(&m, &cfg, 0, cfg.n_layer, 1, 1,
                                                 (rp_weights_type)t, be, &err),
                          RP_OK);
         const rp_layer_weights *w = &m.layers[1];
-        const rp_qtype big = t == RP_WEIGHTS_INT8 ? RP_QTYPE_Q8 : RP_QTYPE_BF16;
+        /* an int8/int8row model's factors in its own int8 format */
+        const rp_qtype big = t == RP_WEIGHTS_BF16 ? RP_QTYPE_BF16 : (rp_qtype)t;
         assert_int_equal(stored_type(be, w->ffn_key, cfg.dim_ffn, C), big);
         assert_int_equal(stored_type(be, w->w1, 48, C), big);
         assert_int_equal(stored_type(be, w->w2, C, 48), RP_QTYPE_BF16);
@@ -580,8 +622,10 @@ static void test_isa_env(void **state) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2"))
         assert_true(best >= RP_CPU_ISA_AVX512);
-    if (__builtin_cpu_supports("avx512vnni") && best >= RP_CPU_ISA_AVX512)
+    if (__builtin_cpu_supports("avx512vnni") && best >= RP_CPU_ISA_AVX512) {
         assert_int_equal(rp_qkernel_chosen(RP_QTYPE_Q8), RP_QKERNEL_VNNI);
+        assert_int_equal(rp_qkernel_chosen(RP_QTYPE_Q8ROW), RP_QKERNEL_VNNI);
+    }
     if (rp_cpu_isa_supported(RP_CPU_ISA_AVX512BF16))
         assert_int_equal(rp_qkernel_chosen(RP_QTYPE_BF16), RP_QKERNEL_BF16DOT);
 #endif
@@ -602,7 +646,7 @@ static void test_isa_env(void **state) {
             continue;
         }
         assert_int_equal(st, RP_OK);
-        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
+        for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8ROW; t++) {
             const rp_qkernel k = rp_qkernel_chosen((rp_qtype)t);
             assert_true(rp_qkernel_available(k, (rp_qtype)t));
             if (i == RP_CPU_ISA_GENERIC) assert_int_equal(k, RP_QKERNEL_GENERIC);
@@ -616,7 +660,7 @@ static void test_isa_env(void **state) {
     setenv("RP_CPU_ISA", "generic", 1);
     assert_int_equal(rp_cpu_qmatmul_check_env(&err), RP_OK);
     const int N = 40, K = 256, M = 3;
-    for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8; t++) {
+    for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8ROW; t++) {
         qmat q;
         qmat_make(&q, (rp_qtype)t, N, K, 17);
         float *x = frand_array((size_t)M * K, 4);
@@ -693,9 +737,11 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bf16_kernels_match_reference),
         cmocka_unit_test(test_q8_kernels_match_reference),
+        cmocka_unit_test(test_q8row_kernels_match_reference),
         cmocka_unit_test(test_thread_and_row_count_independence),
         cmocka_unit_test(test_decode_rows_of_any_count_equal_each_row_alone),
         cmocka_unit_test(test_vnni_x_quantization_matches_scalar),
+        cmocka_unit_test(test_vnnirow_x_quantization_matches_scalar),
         cmocka_unit_test(test_bf16dot_x_rounding_matches_scalar),
         cmocka_unit_test(test_kernel_reduction_order),
         cmocka_unit_test(test_decode_group_equals_each_job),

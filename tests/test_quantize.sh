@@ -1,7 +1,8 @@
 #!/bin/bash
-# bf16/int8 weights (issue 20): `rwkvpipe quantize` writes the documented
-# layout (docs/formats.md: I8 [N,K] + F16 "<name>.scales" [N,K/32], BF16,
-# metadata "quantization"); logits, generate and eval load it and give the
+# bf16/int8/int8row weights (issue 20): `rwkvpipe quantize` writes the
+# documented layout (docs/formats.md: I8 [N,K] + F16 "<name>.scales" [N,K/32],
+# int8row's I8 [N,K] + F32 "<name>.scales" [N,1], BF16, metadata
+# "quantization"); logits, generate and eval load it and give the
 # bits of --weights-dtype on the f32 file; logits stay within the stated
 # tolerance of the official reference on both golden models; broken files
 # (missing scales, wrong scale shape, truncated) and misuse (training from
@@ -29,8 +30,8 @@ expect_fail() {
     echo "ok: $name: $(head -c 300 "$T/err")"
 }
 
-"$BIN" quantize --help | grep -q -- "--type bf16|int8" || fail "quantize --help"
-for ty in bf16 int8; do
+"$BIN" quantize --help | grep -q -- "--type bf16|int8|int8row" || fail "quantize --help"
+for ty in bf16 int8 int8row; do
     "$BIN" quantize "$TINY" -o "$T/tiny_$ty.safetensors" --type "$ty" 2>"$T/err" ||
         { cat "$T/err"; fail "quantize --type $ty"; }
     grep -q "blocks.0.att.key.weight \[128, 128\] -> $ty" "$T/err" || fail "no progress line"
@@ -39,13 +40,13 @@ done
 ls "$T" | grep -q tmp && fail "a temporary file was left beside the output"
 
 # The layout, read back with a stdlib parser.
-"$PYTHON3" - "$T/tiny_int8.safetensors" "$T/tiny_bf16.safetensors" "$TINY" <<'PY' || fail "layout"
+"$PYTHON3" - "$T/tiny_int8.safetensors" "$T/tiny_bf16.safetensors" "$TINY" "$T/tiny_int8row.safetensors" <<'PY' || fail "layout"
 import json, struct, sys
 def header(p):
     with open(p, 'rb') as f:
         n = struct.unpack('<Q', f.read(8))[0]
         return json.loads(f.read(n))
-i8, b16, src = (header(p) for p in sys.argv[1:4])
+i8, b16, src, i8r = (header(p) for p in sys.argv[1:5])
 q = ['blocks.%d.%s' % (l, s) for l in range(2) for s in
      ('att.receptance.weight', 'att.key.weight', 'att.value.weight', 'att.output.weight',
       'ffn.key.weight', 'ffn.value.weight')] + ['head.weight']
@@ -55,12 +56,15 @@ for name in q:
     sc = i8[name + '.scales']
     assert sc['dtype'] == 'F16' and sc['shape'] == [n, k // 32], (name, sc)
     assert b16[name]['dtype'] == 'BF16' and b16[name]['shape'] == [n, k], name
+    assert i8r[name]['dtype'] == 'I8' and i8r[name]['shape'] == [n, k], (name, i8r[name])
+    sc = i8r[name + '.scales']
+    assert sc['dtype'] == 'F32' and sc['shape'] == [n, 1], (name, sc)
 # LoRA factors: bf16 in both formats, shape unchanged (W [K,N]).
 lora = ['blocks.%d.att.%s%d' % (l, s, i) for l in range(2) for s in 'wavg' for i in (1, 2)]
 lora = [name for name in lora if name in src]
 assert len(lora) >= 14, lora
 for name in lora:
-    for h in (i8, b16):
+    for h in (i8, b16, i8r):
         assert h[name]['dtype'] == 'BF16' and h[name]['shape'] == src[name]['shape'], (name, h[name])
 for name, t in src.items():
     if name == '__metadata__' or name in q or name in lora: continue
@@ -68,11 +72,12 @@ for name, t in src.items():
     assert b16[name]['dtype'] == t['dtype'], name
 assert i8['__metadata__']['quantization'] == 'int8.q8_block32_f16scale.v1', i8['__metadata__']
 assert b16['__metadata__']['quantization'] == 'bf16.v1', b16['__metadata__']
-print('ok: layout: 13 matrices I8 + F16 scales / BF16, %d LoRA factors BF16, other tensors unchanged, metadata' % len(lora))
+assert i8r['__metadata__']['quantization'] == 'int8.q8_row_f32scale.v1', i8r['__metadata__']
+print('ok: layout: 13 matrices I8 + F16 scales / I8 + F32 row scales / BF16, %d LoRA factors BF16, other tensors unchanged, metadata' % len(lora))
 PY
 
 # The quantized file and --weights-dtype on the f32 file: the same bits.
-for ty in bf16 int8; do
+for ty in bf16 int8 int8row; do
     "$BIN" logits --model "$T/tiny_$ty.safetensors" --tokens $TOKS -o "$T/a.st" --threads 2 \
         2>"$T/err" || { cat "$T/err"; fail "logits on the $ty file"; }
     "$BIN" logits --model "$TINY" --weights-dtype "$ty" --tokens $TOKS -o "$T/b.st" --threads 1 \
@@ -131,7 +136,7 @@ PY
 for m in tiny_L2_C128_V256_s1 small_L4_C256_V1024_s2; do
     [ -f "$GOLDEN_DIR/$m.golden.safetensors" ] || { echo "skip: $m (no golden file)"; continue; }
     toks=$("$PYTHON3" "$CHECK" --tokens "$GOLDEN_DIR/$m.golden.safetensors")
-    for ty_tol in bf16:0.012 int8:0.025; do
+    for ty_tol in bf16:0.012 int8:0.025 int8row:0.025; do
         ty=${ty_tol%%:*} tol=${ty_tol#*:}
         "$BIN" logits --model "$GOLDEN_DIR/$m.weights.safetensors" --weights-dtype "$ty" \
             --tokens "$toks" -o "$T/g.st" 2>"$T/err" || { cat "$T/err"; fail "$m $ty"; }
@@ -178,9 +183,39 @@ expect_fail "train from int8" "int8 weights are for inference: train from an f32
     "$BIN" train --init-from "$T/tiny_int8.safetensors" --data copy --steps 1
 expect_fail "quantize twice" "already quantized" \
     "$BIN" quantize "$T/tiny_int8.safetensors" -o "$T/x.st" --type int8
-expect_fail "bad --type" "is not bf16 or int8" "$BIN" quantize "$TINY" -o "$T/x.st" --type q4
-expect_fail "bad --weights-dtype" "is not f32, bf16 or int8" \
+expect_fail "bad --type" "is not bf16, int8 or int8row" "$BIN" quantize "$TINY" -o "$T/x.st" --type q4
+expect_fail "bad --weights-dtype" "is not f32, bf16, int8 or int8row" \
     "$BIN" logits --model "$TINY" --weights-dtype fp8 --tokens 1 -o "$T/x.st"
+# An int8row file whose scales are int8's F16 blocks (metadata says rows).
+"$PYTHON3" - "$T/tiny_int8row.safetensors" "$T" <<'PY' || fail "making a broken int8row file"
+import json, struct, sys
+src, d = sys.argv[1], sys.argv[2]
+blob = open(src, 'rb').read()
+n = struct.unpack('<Q', blob[:8])[0]
+h = json.loads(blob[8:8 + n]); data = blob[8 + n:]
+s = dict(h['head.weight.scales']); s['dtype'] = 'F16'; s['shape'] = [s['shape'][0] * 2, 1]
+h['head.weight.scales'] = s
+j = json.dumps(h).encode()
+open(d + '/badrow.safetensors', 'wb').write(struct.pack('<Q', len(j)) + j + data)
+PY
+expect_fail "int8row scales of the wrong form" "expected F32 \[256, 1\] for the int8row tensor" \
+    "$BIN" logits --model "$T/badrow.safetensors" --tokens 1,2 -o "$T/x.st"
+expect_fail "train from int8row" "int8 weights are for inference" \
+    "$BIN" train --init-from "$T/tiny_int8row.safetensors" --data copy --steps 1
+# An old-scheme int8 file loads as int8 (blocks), an int8row file as int8row,
+# and each converts to the other at load (--weights-dtype) and runs.
+for pair in int8:int8row int8row:int8; do
+    from=${pair%%:*} to=${pair#*:}
+    "$BIN" logits --model "$T/tiny_$from.safetensors" --weights-dtype "$to" --tokens $TOKS \
+        -o "$T/a.st" 2>"$T/err" || { cat "$T/err"; fail "$from file as $to"; }
+done
+"$BIN" logits --model "$T/tiny_int8row.safetensors" --tokens $TOKS -o "$T/a.st" 2>/dev/null ||
+    fail "logits on the int8row file"
+"$BIN" logits --model "$T/tiny_int8.safetensors" --tokens $TOKS -o "$T/b.st" 2>/dev/null ||
+    fail "logits on the int8 file"
+"$PYTHON3" "$CHECK" "$T/a.st" "$T/b.st" --tol 0 >/dev/null 2>&1 &&
+    fail "the int8row file ran as int8 blocks (the same bits)"
+echo "ok: int8 and int8row files load as their own scheme and convert to the other"
 RP_CPU_ISA=avx9 expect_fail "bad RP_CPU_ISA" "RP_CPU_ISA='avx9' is not an instruction set" \
     "$BIN" logits --model "$T/tiny_int8.safetensors" --tokens 1 -o "$T/x.st"
 RWKVPIPE_TEST_FAKE_DEVICE=1 expect_fail "backend without low-precision weights" \
@@ -195,5 +230,13 @@ else
         { cat "$T/err"; fail "generate --pp 2 int8"; }
     cmp -s "$T/gen1" "$T/gen2" || fail "int8 greedy text differs between 1 process and --pp 2"
     echo "ok: int8 greedy tokens equal in 1 process and --pp 2 ($(wc -c <"$T/gen1") bytes)"
+    for np in 1 2; do
+        pp=""; [ "$np" = 2 ] && pp="--pp 2"
+        $MPIRUN -np "$np" "$BIN" generate --model "$T/tiny_int8row.safetensors" --prompt hello \
+            --max-tokens 16 --temperature 0 --ban-eot -q $pp >"$T/genr$np" 2>"$T/err" ||
+            { cat "$T/err"; fail "generate int8row on $np rank(s)"; }
+    done
+    cmp -s "$T/genr1" "$T/genr2" || fail "int8row greedy text differs between 1 process and --pp 2"
+    echo "ok: int8row greedy tokens equal in 1 process and --pp 2 ($(wc -c <"$T/genr1") bytes)"
 fi
 echo "ok"

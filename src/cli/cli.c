@@ -149,7 +149,8 @@ void cli_parse_weights_dtype(const rp_cli *cli, cli_model_options *opt, const ch
     if (strcmp(text, "f32") == 0 || strcmp(text, "fp32") == 0) opt->weights_dtype = RP_WEIGHTS_F32;
     else if (strcmp(text, "bf16") == 0) opt->weights_dtype = RP_WEIGHTS_BF16;
     else if (strcmp(text, "int8") == 0) opt->weights_dtype = RP_WEIGHTS_INT8;
-    else cli_fatal(cli, "--weights-dtype: '%s' is not f32, bf16 or int8", text);
+    else if (strcmp(text, "int8row") == 0) opt->weights_dtype = RP_WEIGHTS_INT8ROW;
+    else cli_fatal(cli, "--weights-dtype: '%s' is not f32, bf16, int8 or int8row", text);
     opt->weights_dtype_set = 1;
 }
 
@@ -407,7 +408,9 @@ void cli_load_model_part(const rp_cli *cli, const cli_model_options *opt, const 
     if (opt->weights_dtype_set && opt->weights_dtype != RP_WEIGHTS_F32)
         cli_fatal(cli, "--weights-dtype %s needs --model FILE: the built-in init makes f32 "
                   "weights (quantize a file with `rwkvpipe quantize`)",
-                  opt->weights_dtype == RP_WEIGHTS_BF16 ? "bf16" : "int8");
+                  opt->weights_dtype == RP_WEIGHTS_BF16    ? "bf16"
+                  : opt->weights_dtype == RP_WEIGHTS_INT8ROW ? "int8row"
+                                                             : "int8");
     cli_info(cli, "creating built-in model '%s' with the official RWKV-7 init (seed %llu)",
              opt->config_name, (unsigned long long)opt->init_seed);
     /* Counter-based init: every stage builds exactly its slice of one model. */

@@ -94,7 +94,7 @@ typedef struct {
 void cli_parse_device(const rp_cli *cli, cli_model_options *opt, const char *text);
 /* --weights-dtype, shared by the commands that load weights for inference. */
 #define CLI_WEIGHTS_HELP \
-    "  --weights-dtype T     f32|bf16|int8: hold the big matrices in this format,\n" \
+    "  --weights-dtype T     f32|bf16|int8|int8row: hold the big matrices in this format,\n" \
     "                        converted while loading (CPU only; default: the file's\n" \
     "                        own, docs/perf/cpu.md); `rwkvpipe quantize` writes files\n"
 void cli_parse_weights_dtype(const rp_cli *cli, cli_model_options *opt, const char *text);

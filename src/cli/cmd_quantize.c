@@ -1,5 +1,5 @@
 /* rwkvpipe quantize: writes a copy of a weights file with the big nn.Linear
- * matrices (rp_tensor_quantizable) in bf16 or int8 (cpu/cpu_quant.h defines
+ * matrices (rp_tensor_quantizable) in bf16, int8 or int8row (cpu/cpu_quant.h defines
  * the rounding; docs/formats.md the layout), the LoRA factors in bf16,
  * every other tensor as it was.
  * One tensor at a time from the mmapped input; atomic output (temp name,
@@ -16,14 +16,15 @@
 
 static void quantize_usage(FILE *out) {
     fprintf(out,
-            "usage: rwkvpipe quantize IN.safetensors -o OUT.safetensors --type bf16|int8\n"
+            "usage: rwkvpipe quantize IN.safetensors -o OUT.safetensors --type bf16|int8|int8row\n"
             "Writes IN with the time mix's receptance/key/value/output, the channel mix's\n"
-            "key/value and the head in bf16 or int8 (blocks of 32 along the input axis,\n"
-            "one fp16 scale each), the LoRA factors (att.w1/w2/a1/a2/v1/v2/g1/g2) in bf16\n"
-            "(an int8 model quantizes them to int8 blocks while loading);\n"
+            "key/value and the head in bf16, int8 (blocks of 32 along the input axis,\n"
+            "one fp16 scale each) or int8row (one f32 scale per row), the LoRA factors\n"
+            "(att.w1/w2/a1/a2/v1/v2/g1/g2) in bf16 (an int8/int8row model quantizes them\n"
+            "to its own int8 format while loading);\n"
             "the other tensors are copied unchanged (docs/formats.md).\n"
             "generate, serve, eval and logits load the result (CPU backend).\n"
-            "  --type T            bf16 or int8\n"
+            "  --type T            bf16, int8 or int8row\n"
             "  -o, --output FILE   where to write (atomically: temp name, fsync, rename)\n"
             "  -q, --quiet         no progress on stderr\n"
             "  -h, --help          this text\n");
@@ -78,10 +79,10 @@ int cmd_quantize(rp_cli *cli, int argc, char **argv) {
     if (optind + 1 < argc) cli_fatal(cli, "unexpected argument '%s'", argv[optind + 1]);
     const char *in = argv[optind];
     if (!out) cli_fatal(cli, "-o OUT.safetensors is required");
-    if (!type_name) cli_fatal(cli, "--type bf16|int8 is required");
+    if (!type_name) cli_fatal(cli, "--type bf16|int8|int8row is required");
     rp_qtype qt;
     if (rp_qtype_from_name(type_name, &qt) != 0 || qt == RP_QTYPE_F32)
-        cli_fatal(cli, "--type: '%s' is not bf16 or int8", type_name);
+        cli_fatal(cli, "--type: '%s' is not bf16, int8 or int8row", type_name);
 
     rp_error err;
     rp_st_file f;
@@ -127,25 +128,28 @@ int cmd_quantize(rp_cli *cli, int argc, char **argv) {
             cli_fatal(cli, "%s: tensor '%s' is not a [N,K] matrix", in, t->name);
         const int N = (int)t->shape[0], K = (int)t->shape[1];
         if (!rp_qtype_fits(qt, K))
-            cli_fatal(cli, "%s: tensor '%s' [%d, %d]: int8 needs the input axis (%d) to be a "
-                      "multiple of %d; use --type bf16", in, t->name, N, K, K, RP_Q8_BLOCK);
+            cli_fatal(cli, "%s: tensor '%s' [%d, %d]: %s needs the input axis (%d) to be a "
+                      "multiple of %d; use --type bf16", in, t->name, N, K, rp_qtype_name(qt), K,
+                      RP_Q8_BLOCK);
         float *wf = cli_calloc(cli, (size_t)N * K, sizeof(float), t->name);
         if (rp_st_read_f32_release(&f, t, wf, t->numel, &err) != RP_OK) cli_fatal_error(cli, &err);
         size_t db = rp_qmatrix_data_bytes(qt, N, K), sb = rp_qmatrix_scale_bytes(qt, N, K);
         void *data = cli_calloc(cli, db, 1, t->name);
-        uint16_t *scales = sb ? cli_calloc(cli, sb, 1, t->name) : NULL;
+        void *scales = sb ? cli_calloc(cli, sb, 1, t->name) : NULL;
         rp_quantize_matrix(qt, data, scales, wf, N, K, 0);
         free(wf);
         owned[n_owned++] = data;
         if (scales) owned[n_owned++] = scales;
-        const int64_t shape[2] = {N, K}, sshape[2] = {N, K / RP_Q8_BLOCK};
+        /* scales: int8's F16 [N, K/32], int8row's F32 [N, 1] */
+        const int row = qt == RP_QTYPE_Q8ROW;
+        const int64_t shape[2] = {N, K}, sshape[2] = {N, row ? 1 : K / RP_Q8_BLOCK};
+        const rp_dtype sdt = row ? RP_DTYPE_F32 : RP_DTYPE_F16;
         rp_dtype dt = qt == RP_QTYPE_BF16 ? RP_DTYPE_BF16 : RP_DTYPE_I8;
         if (rp_st_writer_add(&w, t->name, dt, dt, 2, shape, data, &err) != RP_OK)
             cli_fatal_error(cli, &err);
         if (scales) {
             snprintf(name, sizeof name, "%s.scales", t->name);
-            if (rp_st_writer_add(&w, name, RP_DTYPE_F16, RP_DTYPE_F16, 2, sshape, scales, &err) !=
-                RP_OK)
+            if (rp_st_writer_add(&w, name, sdt, sdt, 2, sshape, scales, &err) != RP_OK)
                 cli_fatal_error(cli, &err);
         }
         bytes_out += db + sb;
@@ -156,7 +160,9 @@ int cmd_quantize(rp_cli *cli, int argc, char **argv) {
         if (strcmp(f.meta_keys[i], "quantization") != 0 &&
             rp_st_writer_add_meta(&w, f.meta_keys[i], f.meta_values[i], &err) != RP_OK)
             cli_fatal_error(cli, &err);
-    const char *scheme = qt == RP_QTYPE_BF16 ? "bf16.v1" : "int8.q8_block32_f16scale.v1";
+    const char *scheme = qt == RP_QTYPE_BF16 ? "bf16.v1"
+                         : qt == RP_QTYPE_Q8ROW ? RP_INT8ROW_SCHEME
+                                                : RP_INT8_SCHEME;
     if (rp_st_writer_add_meta(&w, "quantization", scheme, &err) != RP_OK ||
         rp_st_writer_write(&w, out, &err) != RP_OK)
         cli_fatal_error(cli, &err);

@@ -28,7 +28,7 @@ static const subcommand commands[] = {
     {"logits", cmd_logits, 1, "exact logits and final state for a token sequence"},
     {"info", cmd_info, 0, "print a model's config, parameter count and state size"},
     {"init", cmd_init, 0, "create a model with the official RWKV-7 initialisation"},
-    {"quantize", cmd_quantize, 0, "write a copy of a weights file in bf16 or int8 (CPU inference)"},
+    {"quantize", cmd_quantize, 0, "write a copy of a weights file in bf16, int8 or int8row (CPU inference)"},
     {"merge-lora", cmd_merge_lora, 0, "merge LoRA adapters into a copy of their base model"},
     {"tokenize", cmd_tokenize, 0, "text / JSON-lines files -> token shards for training"},
     {"encode", cmd_encode, 0, "text -> token ids"},

@@ -167,7 +167,8 @@ static void kernel_8x48(const uint32_t *a, const uint32_t *b, int np, float *y, 
     store_tile(y, ldy, c, mv, nv, first, beta);
 }
 
-/* Q8 (int8 blocks of RP_Q8_BLOCK k, fp16 scale each): q in [-127, 127] is
+/* Q8 (int8 blocks of RP_Q8_BLOCK k, fp16 scale each; Q8ROW: each block
+ * takes its row's f32 scale, the same tile): q in [-127, 127] is
  * exact in bf16, so W is packed as pack_w packs bf16, from q, and the
  * scales apart: sw [np / 16][QGEMM_NR] floats, one per block and output
  * (zeros past nv). K is a multiple of 32, so np is a multiple of 16 pairs. */
@@ -181,7 +182,9 @@ static void pack_w_q8(uint32_t *b, float *sw, const rp_qmatrix *w, int n0, int n
     }
     for (int j = 0; j < nv; j++)
         for (int bl = 0; bl < np / 16; bl++)
-            sw[bl * QGEMM_NR + j] = _cvtsh_ss(w->scales[(size_t)(n0 + j) * nb + p0 / 16 + bl]);
+            sw[bl * QGEMM_NR + j] =
+                w->type == RP_QTYPE_Q8ROW ? w->row_scales[n0 + j]
+                                          : _cvtsh_ss(w->scales[(size_t)(n0 + j) * nb + p0 / 16 + bl]);
     const int jv = nv / 16 * 16;
     for (int j0 = 0; j0 < jv; j0 += 16)
         for (int p = 0; p < np; p += 16) {
@@ -254,13 +257,14 @@ static void gemm_part(const rp_qmatrix *w, float *y, const float *x, int M, floa
         const int np = K2 - p0 < KC2 ? K2 - p0 : KC2;
         for (int n = n0; n < n1; n += QGEMM_NR) {
             const int nv = n1 - n < QGEMM_NR ? n1 - n : QGEMM_NR;
-            if (w->type == RP_QTYPE_Q8) pack_w_q8(bbuf, sw, w, n, nv, p0, np);
+            const int q8 = w->type == RP_QTYPE_Q8 || w->type == RP_QTYPE_Q8ROW;
+            if (q8) pack_w_q8(bbuf, sw, w, n, nv, p0, np);
             else pack_w(bbuf, (const uint16_t *)w->data, K, n, nv, p0, np);
             for (int m = 0; m < M; m += QGEMM_MR) {
                 const uint32_t *ap = a + ((size_t)(m / QGEMM_MR) * K2 + p0) * QGEMM_MR;
                 const int mv = M - m < QGEMM_MR ? M - m : QGEMM_MR;
                 float *ym = y + (size_t)m * N + n;
-                if (w->type != RP_QTYPE_Q8) {
+                if (!q8) {
                     kernel_8x48(ap, bbuf, np, ym, N, mv, nv, p0 == 0, beta);
                     continue;
                 }

@@ -7,8 +7,8 @@
 
 #if defined(__x86_64__)
 /* y [M,N] = bf16(x) [M,K] . W^T + beta * y for W of type RP_QTYPE_BF16 or
- * RP_QTYPE_Q8 (q is exact in bf16; each block's dot product is multiplied
- * by its scale), on n_threads OpenMP threads splitting N. Each y element is
+ * RP_QTYPE_Q8 / RP_QTYPE_Q8ROW (q is exact in bf16; each 32-k block's dot
+ * product is multiplied by its scale, Q8ROW's the row's), on n_threads OpenMP threads splitting N. Each y element is
  * summed in one order that depends only on K (pairs of k in order inside
  * blocks of 256 k, blocks added to y in order): the same bits whatever M,
  * the row's place in x and n_threads. Call it only where cpu_features.c

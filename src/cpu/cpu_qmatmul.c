@@ -65,7 +65,7 @@ int rp_qkernel_available(rp_qkernel k, rp_qtype type) {
 #if RP_CPU_QKERN_X86
     if (type == RP_QTYPE_F32) return 0;
     if (k == RP_QKERNEL_BF16DOT && type != RP_QTYPE_BF16) return 0;
-    if (k == RP_QKERNEL_VNNI && type != RP_QTYPE_Q8) return 0;
+    if (k == RP_QKERNEL_VNNI && type != RP_QTYPE_Q8 && type != RP_QTYPE_Q8ROW) return 0;
     return rp_cpu_isa_supported(kernel_isa(k));
 #else
     (void)type;
@@ -106,22 +106,22 @@ static rp_cpu_isa allowed_isa(void) {
 }
 
 rp_qkernel rp_qkernel_chosen(rp_qtype type) {
-    const rp_qkernel *order = type == RP_QTYPE_Q8 ? q8_order : bf16_order;
+    const rp_qkernel *order = type == RP_QTYPE_Q8 || type == RP_QTYPE_Q8ROW ? q8_order : bf16_order;
     const rp_cpu_isa cap = allowed_isa();
     for (int i = 0; i < 4; i++)
         if (kernel_isa(order[i]) <= cap && rp_qkernel_available(order[i], type)) return order[i];
     return RP_QKERNEL_GENERIC;
 }
 
-static cpu_qdecode_fn decode_fn(rp_qkernel k) {
+static cpu_qdecode_fn decode_fn(rp_qkernel k, rp_qtype type) {
     switch (k) {
 #if RP_CPU_QKERN_X86
     case RP_QKERNEL_AVX2: return cpu_qdecode_avx2;
     case RP_QKERNEL_AVX512: return cpu_qdecode_avx512;
     case RP_QKERNEL_BF16DOT: return cpu_qdecode_bf16dot;
-    case RP_QKERNEL_VNNI: return cpu_qdecode_vnni;
+    case RP_QKERNEL_VNNI: return type == RP_QTYPE_Q8ROW ? cpu_qdecode_vnnirow : cpu_qdecode_vnni;
 #endif
-    default: return cpu_qdecode_generic;
+    default: (void)type; return cpu_qdecode_generic;
     }
 }
 
@@ -139,43 +139,57 @@ static cpu_qwiden_fn widen_fn(rp_qkernel k) {
     }
 }
 
-void rp_q8_quantize_x(int8_t *xq, float *scales, const float *x, int K) {
-    for (int b = 0; b < K / RP_Q8_BLOCK; b++) {
-        const float *xb = x + b * RP_Q8_BLOCK;
+void rp_q8_quantize_x_group(int8_t *xq, float *scales, const float *x, int K, int G) {
+    for (int b = 0; b * G < K; b++) {
+        const float *xb = x + (size_t)b * G;
+        const int n = K - b * G < G ? K - b * G : G;
         float amax = 0.0f;
-        for (int i = 0; i < RP_Q8_BLOCK; i++) {
+        for (int i = 0; i < n; i++) {
             const float a = xb[i] < 0.0f ? -xb[i] : xb[i];
             if (a > amax) amax = a;
         }
         const float scale = amax / 127.0f;
         scales[b] = scale;
-        for (int i = 0; i < RP_Q8_BLOCK; i++) {
+        for (int i = 0; i < n; i++) {
             float q = scale > 0.0f ? nearbyintf(xb[i] / scale) : 0.0f;
             q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
-            xq[b * RP_Q8_BLOCK + i] = (int8_t)q;
+            xq[(size_t)b * G + i] = (int8_t)q;
         }
     }
 }
 
+void rp_q8_quantize_x(int8_t *xq, float *scales, const float *x, int K) {
+    rp_q8_quantize_x_group(xq, scales, x, K, RP_Q8_BLOCK);
+}
+
 /* The bytes of x's prepared form for kernel k (cpu_qx), rounded up to a
  * cache line so that several fit one after another in a workspace. */
-static size_t prep_bytes(rp_qkernel k, int M, int K) {
+static size_t prep_bytes(rp_qkernel k, rp_qtype type, int M, int K) {
     size_t b = 0;
     if (k == RP_QKERNEL_BF16DOT) b = (size_t)M * K * sizeof(uint16_t);
 #if RP_CPU_QKERN_X86
+    else if (k == RP_QKERNEL_VNNI && type == RP_QTYPE_Q8ROW)
+        b = (size_t)M * K + (size_t)M * cpu_qrow_groups(K) * sizeof(float);
     else if (k == RP_QKERNEL_VNNI)
         b = (size_t)M * K / 2 + (size_t)M * K + (size_t)M * (K / RP_Q8_BLOCK) * sizeof(float);
+#else
+    (void)type;
 #endif
     return (b + 63) / 64 * 64;
 }
 
 /* Points px at x and, for the dot kernels, at its prepared form in mem
- * (prep_bytes(k, M, K) bytes), still to be filled (prep_fill). */
-static void prep_layout(rp_qkernel k, cpu_qx *px, char *mem, const float *x, int M, int K) {
+ * (prep_bytes(k, type, M, K) bytes), still to be filled (prep_fill). */
+static void prep_layout(rp_qkernel k, rp_qtype type, cpu_qx *px, char *mem, const float *x, int M,
+                        int K) {
     *px = (cpu_qx){.x = x};
     if (k == RP_QKERNEL_BF16DOT) {
         px->xb = (const uint16_t *)mem;
 #if RP_CPU_QKERN_X86
+    } else if (k == RP_QKERNEL_VNNI && type == RP_QTYPE_Q8ROW) {
+        /* xu: [M, K] bytes, xg: [M, groups] floats */
+        px->xu = (const uint8_t *)mem;
+        px->xg = (const float *)(mem + (size_t)M * K);
     } else if (k == RP_QKERNEL_VNNI) {
         /* xse: [M, K/8] floats (M * K / 2 bytes), xu: [M, K] bytes, xs:
          * [M, K/32] floats */
@@ -184,7 +198,7 @@ static void prep_layout(rp_qkernel k, cpu_qx *px, char *mem, const float *x, int
         px->xs = (const float *)(mem + (size_t)M * K / 2 + (size_t)M * K);
 #endif
     } else {
-        (void)mem, (void)M, (void)K;
+        (void)mem, (void)M, (void)K, (void)type;
     }
 }
 
@@ -195,6 +209,7 @@ static void prep_layout(rp_qkernel k, cpu_qx *px, char *mem, const float *x, int
  * (cpu_qprep_vnni: its vector twin, on the kernel's own ISA). */
 #define QX_FILL_ALIGN (4 * RP_Q8_BLOCK)
 static void prep_fill(rp_qkernel k, const cpu_qx *px, int M, int K, int k0, int k1) {
+    _Static_assert(QX_FILL_ALIGN % RP_Q8ROW_XGROUP == 0, "a fill part is whole x groups");
     if (k1 <= k0) return;
     for (int m = 0; m < M; m++) {
         const float *x = px->x + (size_t)m * K;
@@ -206,6 +221,11 @@ static void prep_fill(rp_qkernel k, const cpu_qx *px, int M, int K, int k0, int 
             for (int i = k0; i < k1; i++) xb[i] = rp_f32_to_bf16(x[i]);
 #endif
 #if RP_CPU_QKERN_X86
+        } else if (k == RP_QKERNEL_VNNI && px->xg) {
+            cpu_qprep_vnnirow((uint8_t *)px->xu + (size_t)m * K + k0,
+                              (float *)px->xg + (size_t)m * cpu_qrow_groups(K) +
+                                  k0 / RP_Q8ROW_XGROUP,
+                              x + k0, k1 - k0);
         } else if (k == RP_QKERNEL_VNNI) {
             cpu_qprep_vnni((uint8_t *)px->xu + (size_t)m * K + k0,
                            (float *)px->xse + (size_t)m * (K / 8) + k0 / 8,
@@ -236,12 +256,12 @@ static char *qx_workspace(rp_cpu_qx_workspace *ws, size_t bytes) {
 
 /* x in the form kernel k reads (cpu_qx), in workspace ws: 0 on success, -1
  * if it cannot be allocated. */
-static int prepare_x(rp_cpu_qx_workspace *ws, rp_qkernel k, cpu_qx *px, const float *x, int M,
-                     int K) {
-    const size_t bytes = prep_bytes(k, M, K);
+static int prepare_x(rp_cpu_qx_workspace *ws, rp_qkernel k, rp_qtype type, cpu_qx *px,
+                     const float *x, int M, int K) {
+    const size_t bytes = prep_bytes(k, type, M, K);
     char *mem = bytes ? qx_workspace(ws, bytes) : NULL;
     if (bytes && !mem) return -1;
-    prep_layout(k, px, mem, x, M, K);
+    prep_layout(k, type, px, mem, x, M, K);
     prep_fill(k, px, M, K, 0, K);
     return 0;
 }
@@ -347,6 +367,7 @@ static void decode_slice(cpu_qdecode_fn decode, const rp_qmatrix *w, float *y, c
             if (pm.xu) pm.xu += (size_t)m * K;
             if (pm.xse) pm.xse += (size_t)m * (K / 8);
             if (pm.xs) pm.xs += (size_t)m * (K / RP_Q8_BLOCK);
+            if (pm.xg) pm.xg += (size_t)m * cpu_qrow_groups(K);
             decode(w, y + (size_t)m * N, &pm, rows, t0, t1, beta);
         }
     }
@@ -396,11 +417,11 @@ static void qmatmul(rp_cpu_qx_workspace *ws, rp_qkernel k, const rp_qmatrix *w, 
         k = RP_QKERNEL_GENERIC; /* no memory for a tile: the decode kernel, slow but right */
     }
     cpu_qx px;
-    if (prepare_x(ws, k, &px, x, M, K)) {
+    if (prepare_x(ws, k, w->type, &px, x, M, K)) {
         k = RP_QKERNEL_GENERIC; /* widening kernels read x as it is */
         px = (cpu_qx){.x = x};
     }
-    const cpu_qdecode_fn decode = decode_fn(k);
+    const cpu_qdecode_fn decode = decode_fn(k, w->type);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int b, e;
@@ -464,7 +485,7 @@ void rp_cpu_qmatmul_decode_group(rp_cpu_qx_workspace *ws, const rp_qgroup_job *j
         simple = jobs[j].w->N > 0 && jobs[j].w->K > 0;
         if (!simple) break;
         kern[j] = job_kernel(jobs[j].w);
-        off[j + 1] = off[j] + prep_bytes(kern[j], M, jobs[j].w->K);
+        off[j + 1] = off[j] + prep_bytes(kern[j], jobs[j].w->type, M, jobs[j].w->K);
     }
     char *mem = simple && off[n_jobs] ? qx_workspace(ws, off[n_jobs]) : NULL;
     if (!simple || (off[n_jobs] && !mem)) {
@@ -478,9 +499,9 @@ void rp_cpu_qmatmul_decode_group(rp_cpu_qx_workspace *ws, const rp_qgroup_job *j
     size_t work = 0;
     for (int j = 0; j < n_jobs; j++) {
         const rp_qmatrix *w = jobs[j].w;
-        prep_layout(kern[j], &px[j], mem + off[j], jobs[j].x, M, w->K);
+        prep_layout(kern[j], w->type, &px[j], mem + off[j], jobs[j].x, M, w->K);
         prep_fill(kern[j], &px[j], M, w->K, 0, w->K);
-        fn[j] = decode_fn(kern[j]);
+        fn[j] = decode_fn(kern[j], jobs[j].w->type);
         work += (size_t)M * w->N * w->K;
     }
     const int nt = work < QMATMUL_DECODE_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
@@ -526,15 +547,16 @@ int rp_cpu_qmatmul_decode_chain(rp_cpu_qx_workspace *ws, const rp_qgroup_job *fi
         second->x != first->y)
         return 0;
     const rp_qkernel k0 = job_kernel(w0), k1 = job_kernel(w1);
-    const size_t off1 = prep_bytes(k0, M, w0->K), bytes = off1 + prep_bytes(k1, M, w1->K);
+    const size_t off1 = prep_bytes(k0, w0->type, M, w0->K),
+                 bytes = off1 + prep_bytes(k1, w1->type, M, w1->K);
     rp_cpu_qx_workspace own = {0};
     char *mem = bytes ? qx_workspace(ws ? ws : &own, bytes) : NULL;
     if (bytes && !mem) return 0;
     cpu_qx px0, px1;
-    prep_layout(k0, &px0, mem, first->x, M, w0->K);
+    prep_layout(k0, w0->type, &px0, mem, first->x, M, w0->K);
     prep_fill(k0, &px0, M, w0->K, 0, w0->K);
-    prep_layout(k1, &px1, mem + off1, second->x, M, w1->K);
-    const cpu_qdecode_fn fn0 = decode_fn(k0), fn1 = decode_fn(k1);
+    prep_layout(k1, w1->type, &px1, mem + off1, second->x, M, w1->K);
+    const cpu_qdecode_fn fn0 = decode_fn(k0, w0->type), fn1 = decode_fn(k1, w1->type);
     const size_t work = (size_t)M * w0->N * w0->K + (size_t)M * w1->N * w1->K;
     const int nt = work < QMATMUL_DECODE_PARALLEL_MIN_WORK || n_threads < 1 ? 1 : n_threads;
 #pragma omp parallel num_threads(nt) if (nt > 1)

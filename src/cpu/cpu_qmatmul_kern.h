@@ -14,7 +14,13 @@ typedef struct {
     const uint8_t *xu;   /* VNNI: rp_q8_quantize_x's q + 128 [M,K], cpu_qvnni_pos order */
     const float *xse;    /* VNNI: its scales, each repeated 4 times [M, K/8] */
     const float *xs;     /* VNNI: its scales, one per block [M, K/32] */
+    const float *xg;     /* VNNI on Q8ROW: x's scales per group [M, cpu_qrow_groups(K)]
+                          * (xu then holds q + 128 in k order) */
 } cpu_qx;
+
+static inline int cpu_qrow_groups(int K) {
+    return (K + RP_Q8ROW_XGROUP - 1) / RP_Q8ROW_XGROUP;
+}
 
 /* y[m, n] = dot(x row m, W row n) (+ beta y) for m < M <= 8, n in [n0, n1). */
 typedef void (*cpu_qdecode_fn)(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0,
@@ -61,6 +67,13 @@ void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int
 /* One row of x as the vnni kernel reads it (cpu_qx's xu, xse and xs), the
  * bytes and scales rp_q8_quantize_x gives; K a multiple of RP_Q8_BLOCK. */
 void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K);
+/* Q8ROW W against x quantized per RP_Q8ROW_XGROUP k (cpu_qx's xu and xg). */
+void cpu_qdecode_vnnirow(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                         float beta);
+/* One row of x as cpu_qdecode_vnnirow reads it: rp_q8_quantize_x_group(.., 
+ * RP_Q8ROW_XGROUP)'s q + 128 in k order (xu [K]) and scales (xg); K a
+ * multiple of RP_Q8_BLOCK. */
+void cpu_qprep_vnnirow(uint8_t *xu, float *xg, const float *x, int K);
 #endif
 
 /* Where x[k] lies in the vnni kernel's xu row: per group of 4 blocks (128 k;

@@ -90,6 +90,12 @@ static AI float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The scale of W[n, k] in a Q8 or Q8ROW matrix. */
+static AI float q8_scale(const rp_qmatrix *w, int n, int k) {
+    if (w->type == RP_QTYPE_Q8ROW) return w->row_scales[n];
+    return _cvtsh_ss(w->scales[(size_t)n * (w->K / RP_Q8_BLOCK) + k / RP_Q8_BLOCK]);
+}
+
 /* One W row against `rows` x rows; 8 lanes over k, then the K % 8 tail in order. */
 static AI void avx2_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
                          int nw, int rows) {
@@ -106,12 +112,10 @@ static AI void avx2_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
                     acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x->x + (size_t)(m0 + m) * K + k),
                                              acc[m]);
             }
-        } else { /* Q8: K is a multiple of 32 */
+        } else { /* Q8, Q8ROW: K is a multiple of 32 */
             const int8_t *wr = (const int8_t *)w->data + (size_t)(n + j) * K;
-            const uint16_t *sr = w->scales + (size_t)(n + j) * (K / RP_Q8_BLOCK);
             for (; k < K; k += 8) {
-                const __m256 wv = _mm256_mul_ps(q8x8_f32(wr + k),
-                                                _mm256_set1_ps(_cvtsh_ss(sr[k / RP_Q8_BLOCK])));
+                const __m256 wv = _mm256_mul_ps(q8x8_f32(wr + k), _mm256_set1_ps(q8_scale(w, n + j, k)));
                 for (int m = 0; m < rows; m++)
                     acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x->x + (size_t)(m0 + m) * K + k),
                                              acc[m]);
@@ -253,9 +257,8 @@ static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx
                 for (int j = 0; j < nw; j++) acc[j][m] = _mm512_fmadd_ps(wv[j], xv, acc[j][m]);
             }
         }
-    } else { /* Q8: K is a multiple of 32 */
+    } else { /* Q8, Q8ROW: K is a multiple of 32 */
         const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
-        const uint16_t *st = w->scales + (size_t)n * (K / RP_Q8_BLOCK);
         for (int k = 0; k < K; k += RP_Q8_BLOCK) {
             if (rows > 1)
                 for (int j = 0; j < nw; j += 2)
@@ -263,7 +266,7 @@ static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx
                                            QPF_BYTES / 2, 0, QPF_HINT);
             __m512 wv[4][2];
             for (int j = 0; j < nw; j++) {
-                const float s = _cvtsh_ss(st[(size_t)j * (K / RP_Q8_BLOCK) + k / RP_Q8_BLOCK]);
+                const float s = q8_scale(w, n + j, k);
                 wv[j][0] = q8x16_f32(wt + (size_t)j * K + k, s);
                 wv[j][1] = q8x16_f32(wt + (size_t)j * K + k + 16, s);
             }
@@ -589,6 +592,163 @@ void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K) {
         _mm_storeu_si128((__m128i *)(xg + 16 * r), q1);
         _mm_storeu_ps(xse + b * 4, _mm_set1_ps(scale));
         xs[b] = scale;
+    }
+}
+
+/* Q8ROW (one f32 scale per W row) against x quantized per 128-k group:
+ * x's bytes (q + 128) and W's in k order, two vpdpbusd per 128 k fill each
+ * lane with the exact int32 dot of 8 products; that int32 goes to f32 and
+ * is added times the group's x scale into a 16-lane f32 accumulator (one
+ * conversion and one FMA per 128 k, no per-block scale work), then
+ * hsum_many (_mm512_reduce_add_ps's order) and one multiply by the row's
+ * scale. A last group of 32, 64 or 96 k is masked (masked lanes add 0).
+ * The unsigned x is corrected as vnni_tile corrects it: -128 sum(w) per W
+ * row and group, shared by the tile's x rows; one x row takes the
+ * correction from x instead (vnni_tile1's trick: the same exact int32). */
+typedef struct {
+    __mmask64 b0, b1; /* bytes k .. k + 63 and k + 64 .. k + 127 */
+    __mmask16 l0, l1; /* their 4-byte lanes */
+} vrow_masks;
+
+static AI vrow_masks vrow_group_masks(int K, int k) {
+    const int len = K - k < VG ? K - k : VG; /* a multiple of 32 */
+    vrow_masks v;
+    v.b0 = len >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << len) - 1;
+    v.b1 = len == VG ? ~(__mmask64)0 : len > 64 ? ((__mmask64)1 << (len - 64)) - 1 : 0;
+    v.l0 = len >= 64 ? (__mmask16)0xffff : (__mmask16)((1u << (len / 4)) - 1);
+    v.l1 = len == VG ? (__mmask16)0xffff : len > 64 ? (__mmask16)((1u << ((len - 64) / 4)) - 1) : 0;
+    return v;
+}
+
+static AI void vrow_scale(float *sums, const rp_qmatrix *w, int n, int nw, int rows) {
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) sums[j * rows + m] *= w->row_scales[n + j];
+}
+
+static AI void vnnirow_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                            int nw, int rows) {
+    const int K = w->K, ng = cpu_qrow_groups(K);
+    const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
+    const uint8_t *xm = x->xu + (size_t)m0 * K;
+    const float *xg = x->xg + (size_t)m0 * ng;
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4][8];
+    for (int j = 0; j < nw; j++)
+        for (int m = 0; m < rows; m++) acc[j][m] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        const int k = g * VG;
+        const vrow_masks v = vrow_group_masks(K, k);
+        for (int j = 0; j < nw; j++) {
+            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + QPF_BYTES / 2, 0,
+                               QPF_HINT);
+            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + 64 + QPF_BYTES / 2,
+                               0, QPF_HINT);
+        }
+        __m512i wa[4], wb[4], cw[4];
+        for (int j = 0; j < nw; j++) {
+            wa[j] = _mm512_maskz_loadu_epi8(v.b0, wt + (size_t)j * K + k);
+            wb[j] = _mm512_maskz_loadu_epi8(v.b1, wt + (size_t)j * K + k + 64);
+            cw[j] = _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wa[j]),
+                                    c128, wb[j]));
+        }
+        for (int m = 0; m < rows; m++) {
+            const uint8_t *xr = xm + (size_t)m * K + k;
+            const __m512i xa = _mm512_maskz_loadu_epi8(v.b0, xr);
+            const __m512i xb = _mm512_maskz_loadu_epi8(v.b1, xr + 64);
+            const __m512 sx = _mm512_set1_ps(xg[(size_t)m * ng + g]);
+            for (int j = 0; j < nw; j++) {
+                const __m512i d =
+                    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cw[j], xa, wa[j]), xb, wb[j]);
+                acc[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sx, acc[j][m]);
+            }
+        }
+    }
+    HSUM_TILE(sums, acc, nw, rows);
+    vrow_scale(sums, w, n, nw, rows);
+}
+
+/* vnnirow_tile for one x row: the same int32 per lane (correction from x,
+ * W's bytes flipped to w + 128 and x's back to q), the same sums. */
+static AI void vnnirow_tile1(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                             int nw) {
+    const int K = w->K, ng = cpu_qrow_groups(K);
+    const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
+    const uint8_t *xm = x->xu + (size_t)m0 * K;
+    const float *xg = x->xg + (size_t)m0 * ng;
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4];
+    for (int j = 0; j < nw; j++) acc[j] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        const int k = g * VG;
+        const vrow_masks v = vrow_group_masks(K, k);
+        for (int j = 0; j < nw; j++) {
+            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + QPF_BYTES / 2, 0,
+                               QPF_HINT);
+            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + 64 + QPF_BYTES / 2,
+                               0, QPF_HINT);
+        }
+        /* q (signed; 0 past the group) and -128 sum(q) per lane */
+        const __m512i xa =
+            _mm512_maskz_xor_epi32(v.l0, _mm512_maskz_loadu_epi8(v.b0, xm + k), c128);
+        const __m512i xb =
+            _mm512_maskz_xor_epi32(v.l1, _mm512_maskz_loadu_epi8(v.b1, xm + k + 64), c128);
+        const __m512i cx = _mm512_sub_epi32(
+            _mm512_setzero_si512(),
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, xa), c128, xb));
+        const __m512 sx = _mm512_set1_ps(xg[g]);
+        for (int j = 0; j < nw; j++) {
+            const __m512i wa = _mm512_maskz_loadu_epi8(v.b0, wt + (size_t)j * K + k);
+            const __m512i wb = _mm512_maskz_loadu_epi8(v.b1, wt + (size_t)j * K + k + 64);
+            const __m512i d = _mm512_dpbusd_epi32(
+                _mm512_dpbusd_epi32(cx, _mm512_xor_si512(wa, c128), xa),
+                _mm512_xor_si512(wb, c128), xb);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sx, acc[j]);
+        }
+    }
+    hsum_many(sums, acc, nw);
+    vrow_scale(sums, w, n, nw, 1);
+}
+
+static AI void vnnirow_tile_any(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
+                                int nw, int rows) {
+    if (rows == 1) vnnirow_tile1(sums, w, n, x, m0, nw);
+    else vnnirow_tile(sums, w, n, x, m0, nw, rows);
+}
+
+void cpu_qdecode_vnnirow(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
+                         float beta) {
+    QDRIVE_MID(vnnirow_tile_any, 4, 3, 2)
+}
+
+/* rp_q8_quantize_x_group(.., RP_Q8ROW_XGROUP) on 16 lanes: the same IEEE
+ * operations per element as cpu_qprep_vnni (so the same bytes), q + 128 in
+ * k order. */
+void cpu_qprep_vnnirow(uint8_t *xu, float *xg, const float *x, int K) {
+    const __m512 lim = _mm512_set1_ps(127.0f);
+    for (int g = 0; g * VG < K; g++) {
+        const int k0 = g * VG, nv = (K - k0 < VG ? K - k0 : VG) / 16;
+        __m512 xv[VG / 16];
+        __m512 amax = _mm512_setzero_ps();
+        for (int i = 0; i < nv; i++) {
+            xv[i] = _mm512_loadu_ps(x + k0 + 16 * i);
+            amax = _mm512_max_ps(_mm512_abs_ps(xv[i]), amax);
+        }
+        const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
+        xg[g] = scale;
+        const __m512 sv = _mm512_set1_ps(scale);
+        for (int i = 0; i < nv; i++) {
+            __m128i q = _mm_set1_epi8((char)0x80);
+            if (scale > 0.0f) {
+                const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(xv[i], sv),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                const __m512i c = _mm512_cvtps_epi32(
+                    _mm512_min_ps(_mm512_max_ps(r, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim));
+                q = _mm512_cvtepi32_epi8(_mm512_add_epi32(c, _mm512_set1_epi32(128)));
+            }
+            _mm_storeu_si128((__m128i *)(xu + k0 + 16 * i), q);
+        }
     }
 }
 

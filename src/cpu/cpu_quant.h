@@ -9,7 +9,13 @@
  *   Q8:   int8 [N,K] in blocks of RP_Q8_BLOCK along K, each with an fp16
  *         scale (scales fp16 [N, K/RP_Q8_BLOCK]); w = q * scale, q in
  *         [-127, 127], scale = max|w| / 127 of the block (llama.cpp's Q8_0
- *         with the scales kept apart so the int8 rows stay 64-byte aligned).
+ *         with the scales kept apart so the int8 rows stay 64-byte aligned);
+ *   Q8ROW: int8 [N,K] with one f32 scale per row (scales f32 [N]); w = q *
+ *         scale, q in [-127, 127], scale = max|w| / 127 of the row: 1 byte
+ *         per weight instead of 1.125, and a kernel's integer dot of a whole
+ *         row needs one conversion (docs/perf/cpu.md, "Accuracy": what it
+ *         costs against Q8's blocks). K a multiple of RP_Q8_BLOCK too (the
+ *         kernels' 32-k steps; every shape we run).
  * These functions take host memory and never allocate. */
 #ifndef RP_CPU_QUANT_H
 #define RP_CPU_QUANT_H
@@ -19,7 +25,12 @@
 
 #include "core/error.h"
 
-typedef enum { RP_QTYPE_F32 = 0, RP_QTYPE_BF16 = 1, RP_QTYPE_Q8 = 2 } rp_qtype;
+typedef enum {
+    RP_QTYPE_F32 = 0,
+    RP_QTYPE_BF16 = 1,
+    RP_QTYPE_Q8 = 2,
+    RP_QTYPE_Q8ROW = 3
+} rp_qtype;
 
 #define RP_Q8_BLOCK 32
 
@@ -28,23 +39,27 @@ typedef struct {
     int N, K;                /* rows (outputs) and columns (inputs) */
     const void *data;        /* f32 / uint16 (bf16) / int8, [N,K] row-major */
     const uint16_t *scales;  /* Q8: fp16 [N, K / RP_Q8_BLOCK]; NULL otherwise */
+    const float *row_scales; /* Q8ROW: f32 [N]; NULL otherwise */
 } rp_qmatrix;
 
-/* "f32", "bf16", "int8". */
+/* "f32", "bf16", "int8", "int8row". */
 const char *rp_qtype_name(rp_qtype type);
-/* 0 and *out for "f32"/"fp32", "bf16", "int8"/"q8"; -1 otherwise. */
+/* 0 and *out for "f32"/"fp32", "bf16", "int8"/"q8", "int8row"; -1 otherwise. */
 int rp_qtype_from_name(const char *name, rp_qtype *out);
-/* Whether a [N,K] matrix can be stored as `type` (Q8 needs K % RP_Q8_BLOCK == 0). */
+/* Whether a [N,K] matrix can be stored as `type` (Q8, Q8ROW need K % RP_Q8_BLOCK == 0). */
 int rp_qtype_fits(rp_qtype type, int K);
 /* Bytes of data and of scales for a [N,K] matrix of `type`. */
 size_t rp_qmatrix_data_bytes(rp_qtype type, int N, int K);
 size_t rp_qmatrix_scale_bytes(rp_qtype type, int N, int K);
 
 /* Quantizes w [N,K] (w_in_out 0) or w [K,N] (w_in_out 1, transposed on the
- * way) into data/scales sized by the functions above. The rounding here IS
- * the format: the kernels and the tests take it from this function. */
-void rp_quantize_matrix(rp_qtype type, void *data, uint16_t *scales, const float *w, int N,
-                        int K, int w_in_out);
+ * way) into data/scales sized by the functions above (scales: Q8's fp16
+ * [N, K/32] or Q8ROW's f32 [N]). The rounding here IS the format: the
+ * kernels and the tests take it from this function. */
+void rp_quantize_matrix(rp_qtype type, void *data, void *scales, const float *w, int N, int K,
+                        int w_in_out);
+/* The rp_qmatrix of data/scales as rp_quantize_matrix fills them. */
+rp_qmatrix rp_qmatrix_make(rp_qtype type, int N, int K, const void *data, const void *scales);
 /* Row n of W widened to f32 (out [K]): exactly the values the format holds. */
 void rp_qmatrix_row_f32(const rp_qmatrix *w, int n, float *out);
 
@@ -136,8 +151,24 @@ void rp_cpu_qmatmul_kernel_decode(rp_cpu_qx_workspace *ws, rp_qkernel k, const r
  * scale = max|x| / 127 (f32), q = nearbyint(x / scale) in [-127, 127]
  * (0 where the block is all zero). xq [K], scales [K / RP_Q8_BLOCK]. */
 void rp_q8_quantize_x(int8_t *xq, float *scales, const float *x, int K);
+/* The same rounding per group of G k (the last group holds what is left):
+ * scales [ceil(K / G)]. G = RP_Q8_BLOCK is rp_q8_quantize_x. */
+void rp_q8_quantize_x_group(int8_t *xq, float *scales, const float *x, int K, int G);
+/* Reference of a Q8ROW matrix against x quantized per group of G k
+ * (rp_q8_quantize_x_group): y = wscale * sum over groups of xscale_g *
+ * (exact integer dot of the group), in double, rounded to f32 once
+ * (+ beta y in double). */
+void rp_qmatmul_ref_q8row(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
+                          int G);
+/* The vnni kernel on Q8ROW quantizes x per group of RP_Q8ROW_XGROUP k (the
+ * last group holds K % 128 when K is not a multiple): the int32 dot of a
+ * whole group is converted once (docs/perf/cpu.md, "Accuracy": x per 32-k
+ * block, 128-k group and row measured). */
+#define RP_Q8ROW_XGROUP 128
 /* rp_qmatmul_ref with x rounded as kernel k rounds it (bf16 for BF16DOT,
- * rp_q8_quantize_x for VNNI; unrounded otherwise): the kernel's ground truth. */
+ * rp_q8_quantize_x for VNNI on Q8, rp_qmatmul_ref_q8row with
+ * RP_Q8ROW_XGROUP for VNNI on Q8ROW; unrounded otherwise): the kernel's
+ * ground truth. */
 void rp_qmatmul_ref_kernel(rp_qkernel k, const rp_qmatrix *w, float *y, const float *x, int M,
                            float beta);
 

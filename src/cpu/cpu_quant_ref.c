@@ -15,6 +15,7 @@ const char *rp_qtype_name(rp_qtype type) {
     case RP_QTYPE_F32: return "f32";
     case RP_QTYPE_BF16: return "bf16";
     case RP_QTYPE_Q8: return "int8";
+    case RP_QTYPE_Q8ROW: return "int8row";
     }
     return "?";
 }
@@ -23,12 +24,13 @@ int rp_qtype_from_name(const char *name, rp_qtype *out) {
     if (!strcmp(name, "f32") || !strcmp(name, "fp32")) *out = RP_QTYPE_F32;
     else if (!strcmp(name, "bf16")) *out = RP_QTYPE_BF16;
     else if (!strcmp(name, "int8") || !strcmp(name, "q8")) *out = RP_QTYPE_Q8;
+    else if (!strcmp(name, "int8row")) *out = RP_QTYPE_Q8ROW;
     else return -1;
     return 0;
 }
 
 int rp_qtype_fits(rp_qtype type, int K) {
-    return type != RP_QTYPE_Q8 || (K > 0 && K % RP_Q8_BLOCK == 0);
+    return (type != RP_QTYPE_Q8 && type != RP_QTYPE_Q8ROW) || (K > 0 && K % RP_Q8_BLOCK == 0);
 }
 
 size_t rp_qmatrix_data_bytes(rp_qtype type, int N, int K) {
@@ -36,21 +38,38 @@ size_t rp_qmatrix_data_bytes(rp_qtype type, int N, int K) {
     switch (type) {
     case RP_QTYPE_F32: return n * 4;
     case RP_QTYPE_BF16: return n * 2;
-    case RP_QTYPE_Q8: return n;
+    case RP_QTYPE_Q8:
+    case RP_QTYPE_Q8ROW: return n;
     }
     return 0;
 }
 
 size_t rp_qmatrix_scale_bytes(rp_qtype type, int N, int K) {
+    if (type == RP_QTYPE_Q8ROW) return (size_t)N * sizeof(float);
     return type == RP_QTYPE_Q8 ? (size_t)N * (size_t)(K / RP_Q8_BLOCK) * sizeof(uint16_t) : 0;
+}
+
+rp_qmatrix rp_qmatrix_make(rp_qtype type, int N, int K, const void *data, const void *scales) {
+    return (rp_qmatrix){.type = type, .N = N, .K = K, .data = data,
+                        .scales = type == RP_QTYPE_Q8 ? scales : NULL,
+                        .row_scales = type == RP_QTYPE_Q8ROW ? scales : NULL};
 }
 
 static float weight_at(const float *w, int n, int k, int N, int K, int w_in_out) {
     return w_in_out ? w[(size_t)k * N + n] : w[(size_t)n * K + k];
 }
 
-void rp_quantize_matrix(rp_qtype type, void *data, uint16_t *scales, const float *w, int N,
-                        int K, int w_in_out) {
+/* int8 q of v / scale, scale the stored one (so q * scale is the nearest). */
+static int8_t q8_round(float v, float scale) {
+    float q = scale > 0.0f ? nearbyintf(v / scale) : 0.0f;
+    if (q > 127.0f) q = 127.0f;
+    if (q < -127.0f) q = -127.0f;
+    return (int8_t)q;
+}
+
+void rp_quantize_matrix(rp_qtype type, void *data, void *scales_out, const float *w, int N, int K,
+                        int w_in_out) {
+    uint16_t *scales = scales_out;
     for (int n = 0; n < N; n++) {
         if (type == RP_QTYPE_F32) {
             float *row = (float *)data + (size_t)n * K;
@@ -58,6 +77,16 @@ void rp_quantize_matrix(rp_qtype type, void *data, uint16_t *scales, const float
         } else if (type == RP_QTYPE_BF16) {
             uint16_t *row = (uint16_t *)data + (size_t)n * K;
             for (int k = 0; k < K; k++) row[k] = rp_f32_to_bf16(weight_at(w, n, k, N, K, w_in_out));
+        } else if (type == RP_QTYPE_Q8ROW) {
+            int8_t *row = (int8_t *)data + (size_t)n * K;
+            float amax = 0.0f;
+            for (int k = 0; k < K; k++) {
+                float a = fabsf(weight_at(w, n, k, N, K, w_in_out));
+                if (a > amax) amax = a;
+            }
+            const float scale = amax / 127.0f; /* f32: stored as it is */
+            ((float *)scales_out)[n] = scale;
+            for (int k = 0; k < K; k++) row[k] = q8_round(weight_at(w, n, k, N, K, w_in_out), scale);
         } else {
             int8_t *row = (int8_t *)data + (size_t)n * K;
             for (int b = 0; b < K / RP_Q8_BLOCK; b++) {
@@ -71,13 +100,9 @@ void rp_quantize_matrix(rp_qtype type, void *data, uint16_t *scales, const float
                 uint16_t scale_h = rp_f32_to_f16(amax / 127.0f);
                 float scale = rp_f16_to_f32(scale_h);
                 scales[(size_t)n * (K / RP_Q8_BLOCK) + b] = scale_h;
-                for (int i = 0; i < RP_Q8_BLOCK; i++) {
-                    float v = weight_at(w, n, b * RP_Q8_BLOCK + i, N, K, w_in_out);
-                    float q = scale > 0.0f ? nearbyintf(v / scale) : 0.0f;
-                    if (q > 127.0f) q = 127.0f;
-                    if (q < -127.0f) q = -127.0f;
-                    row[b * RP_Q8_BLOCK + i] = (int8_t)q;
-                }
+                for (int i = 0; i < RP_Q8_BLOCK; i++)
+                    row[b * RP_Q8_BLOCK + i] =
+                        q8_round(weight_at(w, n, b * RP_Q8_BLOCK + i, N, K, w_in_out), scale);
             }
         }
     }
@@ -90,6 +115,9 @@ void rp_qmatrix_row_f32(const rp_qmatrix *w, int n, float *out) {
     } else if (w->type == RP_QTYPE_BF16) {
         const uint16_t *row = (const uint16_t *)w->data + (size_t)n * K;
         for (int k = 0; k < K; k++) out[k] = rp_bf16_to_f32(row[k]);
+    } else if (w->type == RP_QTYPE_Q8ROW) {
+        const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
+        for (int k = 0; k < K; k++) out[k] = (float)row[k] * w->row_scales[n];
     } else {
         const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
         const uint16_t *s = w->scales + (size_t)n * (K / RP_Q8_BLOCK);

@@ -12,7 +12,8 @@
 
 _Static_assert((int)RP_WEIGHTS_F32 == (int)RP_QTYPE_F32 &&
                    (int)RP_WEIGHTS_BF16 == (int)RP_QTYPE_BF16 &&
-                   (int)RP_WEIGHTS_INT8 == (int)RP_QTYPE_Q8,
+                   (int)RP_WEIGHTS_INT8 == (int)RP_QTYPE_Q8 &&
+                   (int)RP_WEIGHTS_INT8ROW == (int)RP_QTYPE_Q8ROW,
                "backend.h's rp_weights_type must keep cpu_quant.h's rp_qtype values");
 
 #define QW_ALIGN 64
@@ -93,7 +94,7 @@ static rp_status qw_create(rp_backend *be, const float *key, rp_weights_type typ
                            rp_error *err) {
     rp_cpu_impl *impl = be->impl;
     rp_qtype qt = (rp_qtype)type;
-    if ((qt != RP_QTYPE_BF16 && qt != RP_QTYPE_Q8) || N < 1 || K < 1 || !rp_qtype_fits(qt, K))
+    if ((qt != RP_QTYPE_BF16 && qt != RP_QTYPE_Q8 && qt != RP_QTYPE_Q8ROW) || N < 1 || K < 1 || !rp_qtype_fits(qt, K))
         return rp_error_set(err, RP_ERR_ARG,
                             "CPU backend: cannot store a [%d,%d] matrix as %s (int8 needs K a "
                             "multiple of %d); use --weights-dtype f32 or bf16",
@@ -125,7 +126,7 @@ static rp_status qw_create(rp_backend *be, const float *key, rp_weights_type typ
      * written by the loader. */
     if (rp_qmatrix_data_bytes(qt, N, K) <= QW_ZERO_MAX_BYTES)
         memset(q.data, 0, rp_qmatrix_data_bytes(qt, N, K));
-    q.m = (rp_qmatrix){.type = qt, .N = N, .K = K, .data = q.data, .scales = q.scales};
+    q.m = rp_qmatrix_make(qt, N, K, q.data, q.scales);
     memmove(&impl->qweights[at + 1], &impl->qweights[at],
             (size_t)(impl->n_qweights - at) * sizeof *impl->qweights);
     impl->qweights[at] = q;

@@ -85,8 +85,8 @@ static int backend_matrix(const char *suffix) {
  * The file keeps them in bf16 either way (`quantize`), so files of any
  * version load the same; docs/perf/cpu.md, "Which tensors are quantized". */
 static rp_weights_type lora_storage(rp_weights_type wtype, int64_t K) {
-    return wtype == RP_WEIGHTS_INT8 && K % RP_Q8_BLOCK_ELEMS == 0 ? RP_WEIGHTS_INT8
-                                                                  : RP_WEIGHTS_BF16;
+    const int int8 = wtype == RP_WEIGHTS_INT8 || wtype == RP_WEIGHTS_INT8ROW;
+    return int8 && K % RP_Q8_BLOCK_ELEMS == 0 ? wtype : RP_WEIGHTS_BF16;
 }
 
 /* Forgets the backend storage of every quantized matrix of the model. */
@@ -155,8 +155,8 @@ rp_status rp_model_alloc_weights(rp_model *m, const rp_config *cfg, int layer_be
     if (wtype == RP_WEIGHTS_F32)
         return rp_model_alloc(m, cfg, layer_begin, layer_end, has_embed, has_head, be, err);
     memset(m, 0, sizeof *m);
-    if (wtype != RP_WEIGHTS_BF16 && wtype != RP_WEIGHTS_INT8)
-        return rp_error_set(err, RP_ERR_ARG, "weights format %d is not f32, bf16 or int8",
+    if (wtype != RP_WEIGHTS_BF16 && wtype != RP_WEIGHTS_INT8 && wtype != RP_WEIGHTS_INT8ROW)
+        return rp_error_set(err, RP_ERR_ARG, "weights format %d is not f32, bf16, int8 or int8row",
                             (int)wtype);
     if (!be->qweight_create || !be->is_host_memory)
         return rp_error_set(err, RP_ERR_ARG,
@@ -368,9 +368,18 @@ static int same_dims_ignoring_ones(const int64_t *a, int na, const int64_t *b, i
     }
 }
 
+/* Whether a file's int8 tensors are int8row's (one F32 scale per row):
+ * its metadata names the scheme (`quantize`); files without it, and every
+ * int8 file from before int8row, are blocks of 32 with F16 scales. */
+static int int8row_file(const rp_st_file *f) {
+    const char *q = rp_st_meta(f, "quantization");
+    return q && strncmp(q, RP_INT8ROW_SCHEME_PREFIX, strlen(RP_INT8ROW_SCHEME_PREFIX)) == 0;
+}
+
 /* An int8 tensor (docs/formats.md, quantized files): one of the quantizable
- * matrices, [N,K] with K a multiple of the block, and its F16 scales
- * "<name>.scales" [N, K/32] beside it. */
+ * matrices, [N,K] with K a multiple of the block, and its scales
+ * "<name>.scales" beside it: F16 [N, K/32] (int8), or F32 [N, 1] in an
+ * int8row file. */
 static rp_status check_int8(const rp_st_file *f, const char *file_name, const rp_st_tensor *t,
                             const rp_tensor_info *info, map_kind kind, rp_error *err) {
     if (!rp_tensor_quantizable(info->suffix) || kind != MAP_SAME || t->ndim != 2)
@@ -387,21 +396,26 @@ static rp_status check_int8(const rp_st_file *f, const char *file_name, const rp
                             "%s: int8 tensor '%s' has %lld columns, not a multiple of the "
                             "%d-element block", f->path, file_name, (long long)K,
                             RP_Q8_BLOCK_ELEMS);
+    const int row = int8row_file(f);
+    const rp_dtype sdt = row ? RP_DTYPE_F32 : RP_DTYPE_F16;
+    const int64_t scols = row ? 1 : K / RP_Q8_BLOCK_ELEMS;
     if (!sc)
         return rp_error_set(err, RP_ERR_FORMAT,
-                            "%s: int8 tensor '%s' has no scales tensor '%s' (F16 [%lld, %lld]): "
+                            "%s: int8 tensor '%s' has no scales tensor '%s' (%s [%lld, %lld]): "
                             "the file is truncated or not written by `rwkvpipe quantize`",
-                            f->path, file_name, name, (long long)t->shape[0],
-                            (long long)(K / RP_Q8_BLOCK_ELEMS));
-    if (sc->dtype != RP_DTYPE_F16 || sc->ndim != 2 || sc->shape[0] != t->shape[0] ||
-        sc->shape[1] != K / RP_Q8_BLOCK_ELEMS)
+                            f->path, file_name, name, rp_dtype_name(sdt), (long long)t->shape[0],
+                            (long long)scols);
+    if (sc->dtype != sdt || sc->ndim != 2 || sc->shape[0] != t->shape[0] ||
+        sc->shape[1] != scols)
         return rp_error_set(err, RP_ERR_SHAPE,
                             "%s: scales tensor '%s' is %s with %d dimensions [%lld, %lld]; "
-                            "expected F16 [%lld, %lld] for the int8 tensor [%lld, %lld]",
+                            "expected %s [%lld, %lld] for the %s tensor [%lld, %lld] "
+                            "(metadata quantization '%s')",
                             f->path, name, rp_dtype_name(sc->dtype), sc->ndim,
                             (long long)sc->shape[0], (long long)(sc->ndim > 1 ? sc->shape[1] : 0),
-                            (long long)t->shape[0], (long long)(K / RP_Q8_BLOCK_ELEMS),
-                            (long long)t->shape[0], (long long)K);
+                            rp_dtype_name(sdt), (long long)t->shape[0], (long long)scols,
+                            row ? "int8row" : "int8", (long long)t->shape[0], (long long)K,
+                            rp_st_meta(f, "quantization") ? rp_st_meta(f, "quantization") : "none");
     return RP_OK;
 }
 
@@ -600,17 +614,29 @@ static const rp_st_tensor *scales_of(const rp_st_file *f, const char *file_name)
 
 rp_weights_type rp_file_weights_type(const rp_st_file *f) {
     for (int i = 0; i < f->n_tensors; i++)
-        if (f->tensors[i].dtype == RP_DTYPE_I8) return RP_WEIGHTS_INT8;
+        if (f->tensors[i].dtype == RP_DTYPE_I8)
+            return int8row_file(f) ? RP_WEIGHTS_INT8ROW : RP_WEIGHTS_INT8;
     const char *q = rp_st_meta(f, "quantization");
     if (q && strncmp(q, "bf16", 4) == 0) return RP_WEIGHTS_BF16;
     return RP_WEIGHTS_F32;
 }
 
 /* Rows [r0, r0 + n) of an int8 tensor [N,K] widened to f32: q * scale, the
- * values the format holds (exact in f32: 8-bit q times an 11-bit fp16). */
+ * values the format holds (int8: exact in f32, 8-bit q times an 11-bit
+ * fp16; int8row: q times its row's F32 scale rounded once, as
+ * rp_qmatrix_row_f32 rounds it). */
 static void dequant_rows(float *dst, const rp_st_tensor *t, const rp_st_tensor *scales, int64_t r0,
                          int64_t n) {
     const int64_t K = t->shape[1], B = K / RP_Q8_BLOCK_ELEMS;
+    if (scales->dtype == RP_DTYPE_F32) { /* int8row: [N, 1] */
+        const int8_t *q = (const int8_t *)t->data + r0 * K;
+        for (int64_t r = 0; r < n; r++) {
+            float s;
+            memcpy(&s, (const unsigned char *)scales->data + (size_t)(r0 + r) * 4, 4);
+            for (int64_t k = 0; k < K; k++) dst[r * K + k] = (float)q[r * K + k] * s;
+        }
+        return;
+    }
     const int8_t *q = (const int8_t *)t->data + r0 * K;
     const unsigned char *sc = (const unsigned char *)scales->data + (size_t)(r0 * B) * 2;
     for (int64_t r = 0; r < n; r++)
@@ -666,21 +692,24 @@ static rp_status load_quantized(const rp_st_file *f, const rp_st_tensor *t, cons
     if (st != RP_OK) return st;
     const int64_t N = info->shape[0], K = info->shape[1];
     const rp_st_tensor *sc = t->dtype == RP_DTYPE_I8 ? scales_of(f, file_name) : NULL;
+    const int row_file = int8row_file(f);
     const int raw = (wtype == RP_WEIGHTS_BF16 && t->dtype == RP_DTYPE_BF16) ||
-                    (wtype == RP_WEIGHTS_INT8 && t->dtype == RP_DTYPE_I8);
+                    (wtype == RP_WEIGHTS_INT8 && t->dtype == RP_DTYPE_I8 && !row_file) ||
+                    (wtype == RP_WEIGHTS_INT8ROW && t->dtype == RP_DTYPE_I8 && row_file);
+    /* bytes of scales per row in the file: F16 [N, K/32] or F32 [N, 1] */
+    const size_t scale_row_bytes = row_file ? 4 : (size_t)(K / RP_Q8_BLOCK_ELEMS) * 2;
     const size_t elem = rp_dtype_size(t->dtype);
     int64_t step = (int64_t)(LOAD_CHUNK_BYTES / ((size_t)K * sizeof(float))) + 1;
     float *rows = raw ? NULL : rp_malloc((size_t)step * (size_t)K * sizeof(float),
                                          "conversion rows", err);
     if (!raw && !rows) return RP_ERR_NOMEM;
-    const int64_t B = K / RP_Q8_BLOCK_ELEMS;
     for (int64_t r = 0; r < N; r += step) {
         int64_t n = N - r < step ? N - r : step;
         const unsigned char *src = (const unsigned char *)t->data + (size_t)(r * K) * elem;
         if (raw) {
             be->qweight_write(be, key, (int)r, (int)n, src, 0,
                               sc ? (const uint16_t *)((const unsigned char *)sc->data +
-                                                      (size_t)(r * B) * 2)
+                                                      (size_t)r * scale_row_bytes)
                                  : NULL);
         } else {
             if (sc) dequant_rows(rows, t, sc, r, n);
@@ -770,10 +799,13 @@ rp_status rp_model_load_as(rp_model *m, const char *path, int layer_begin, int l
     if (st != RP_OK) goto done;
     rp_weights_type file_type = rp_file_weights_type(&f);
     rp_weights_type wtype = opt && opt->wtype >= 0 ? (rp_weights_type)opt->wtype : file_type;
-    if (opt && opt->for_training && (file_type == RP_WEIGHTS_INT8 || wtype != RP_WEIGHTS_F32)) {
+    if (opt && opt->for_training &&
+        (file_type == RP_WEIGHTS_INT8 || file_type == RP_WEIGHTS_INT8ROW || wtype != RP_WEIGHTS_F32)) {
         st = rp_error_set(err, RP_ERR_ARG,
                           "%s: %s weights are for inference: train from an f32/bf16 file",
-                          path, file_type == RP_WEIGHTS_INT8 ? "int8" : "low-precision");
+                          path, file_type == RP_WEIGHTS_F32 || file_type == RP_WEIGHTS_BF16
+                                    ? "low-precision"
+                                    : "int8");
         goto done;
     }
     if (layer_end < 0) layer_end = cfg.n_layer;
@@ -831,7 +863,9 @@ rp_status rp_model_save(const rp_model *m, const char *path, rp_dtype dtype, rp_
         return rp_error_set(err, RP_ERR_ARG,
                             "cannot save %s: the model holds %s weights (saving is for f32 "
                             "models; `rwkvpipe quantize` converts an f32 file)",
-                            path, m->wtype == RP_WEIGHTS_BF16 ? "bf16" : "int8");
+                            path, m->wtype == RP_WEIGHTS_BF16    ? "bf16"
+                                  : m->wtype == RP_WEIGHTS_INT8ROW ? "int8row"
+                                                                   : "int8");
     rp_backend *be = m->be;
     int n = m->layer_end - m->layer_begin;
     /* Host copies of the owned buffers (the writer reads them at write time). */

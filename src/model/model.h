@@ -94,7 +94,8 @@ typedef struct {
 
 /* rp_model_load (which is this with wtype -1) converting each tensor as it
  * streams from the file: F32/F16/BF16 tensors and int8 ones (I8 [N,K] +
- * F16 "<name>.scales" [N, K/32], docs/formats.md) into wtype. */
+ * F16 "<name>.scales" [N, K/32], or int8row's F32 [N, 1]; docs/formats.md)
+ * into wtype. */
 rp_status rp_model_load_as(rp_model *m, const char *path, int layer_begin, int layer_end,
                            const rp_load_options *opt, rp_backend *be, rp_error *err);
 
