@@ -2,9 +2,9 @@
  * matmul_lora (W [K,N]). The backend splits the output over its OpenMP threads
  * (blocks of columns, or of rows when x is the bigger operand) and each
  * thread runs its block alone: sgemm with OpenBLAS kept single-threaded for
- * many rows (prefill, training), and for a few rows and for decode rows of
- * any count (set_decode_rows) kernels that read W once and give each row
- * the bits it gets alone (cpu_matmul_decode.c for W [N,K]).
+ * many rows (training), and for a few rows and for decode and inference
+ * prefill rows of any count (set_decode_rows) kernels that read W once and
+ * give each row the bits it gets alone (cpu_matmul_decode.c for W [N,K]).
  * Called through the rp_backend vtable. */
 #include "config.h"
 
