@@ -9,7 +9,8 @@
  * usage: [mpirun -np P] bench/bench_engine [--model-config NAME | --model FILE]
  *        [--weights-dtype f32|bf16|int8] [--threads N]
  *        [--contexts 512,2048,8192,32768] [--concurrency 1,4,16,64]
- *        [--decode-tokens N] [--max-batch N] [--prefill-turn-rows N] */
+ *        [--decode-tokens N] [--max-batch N] [--prefill-turn-rows N]
+ *        [--prefill-prompts N] */
 #include <cblas.h>
 #include <getopt.h>
 #include <mpi.h>
@@ -150,7 +151,7 @@ int main(int argc, char **argv) {
     const char *config_name = "L6-C512-V65536";
     const char *model_path = NULL; /* weights from a file instead of the official init */
     int wtype = -1;                /* --weights-dtype: the file's own format unless given */
-    int threads = 0, decode_tokens = 64, max_batch = 0, turn_rows = 0;
+    int threads = 0, decode_tokens = 64, max_batch = 0, turn_rows = 0, prefill_prompts = 0;
     int contexts[16] = {512, 2048, 8192, 32768}, n_contexts = 4;
     int conc[16] = {1, 4, 16, 64}, n_conc = 4;
     static const struct option opts[] = {{"model-config", required_argument, 0, 'c'},
@@ -162,6 +163,7 @@ int main(int argc, char **argv) {
                                          {"decode-tokens", required_argument, 0, 'd'},
                                          {"max-batch", required_argument, 0, 'b'},
                                          {"prefill-turn-rows", required_argument, 0, 'p'},
+                                         {"prefill-prompts", required_argument, 0, 'q'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     int ch;
@@ -181,12 +183,14 @@ int main(int argc, char **argv) {
         case 'd': decode_tokens = atoi(optarg); break;
         case 'b': max_batch = atoi(optarg); break;
         case 'p': turn_rows = atoi(optarg); break;
+        case 'q': prefill_prompts = atoi(optarg); break;
         case 'h':
             if (rank == 0)
                 printf("usage: [mpirun -np P] bench_engine [--model-config NAME | --model FILE]\n"
                        "       [--weights-dtype f32|bf16|int8] [--threads N]\n"
                        "       [--contexts 512,2048,...] [--concurrency 1,4,16,64]\n"
-                       "       [--decode-tokens N] [--max-batch N] [--prefill-turn-rows N]\n");
+                       "       [--decode-tokens N] [--max-batch N] [--prefill-turn-rows N]\n"
+                       "       [--prefill-prompts N]\n");
             MPI_Finalize();
             return 0;
         default: MPI_Finalize(); return 2;
@@ -238,6 +242,7 @@ int main(int argc, char **argv) {
     ec.max_queue = max_conc;
     ec.max_batch = max_batch;
     ec.prefill_turn_rows = turn_rows; /* 1: one prefill unit per decode unit (the old turns) */
+    ec.prefill_prompts = prefill_prompts; /* 1: one prompt per prefill unit (the old units) */
     rp_engine *e;
     if (rp_engine_create(&e, &m, g, &ec, &err) != RP_OK) die("engine", &err);
     if (rank != 0) {
@@ -268,9 +273,13 @@ int main(int argc, char **argv) {
            rp_engine_group_size(max_batch, be), rp_engine_group_size(0, be));
     printf("prefill turns: %d rows of prefill between decode units (--prefill-turn-rows; "
            "1: one prefill unit each)\n", turn_rows > 0 ? turn_rows : ec.prefill_chunk);
+    printf("prefill units: up to %d prompts each (--prefill-prompts; 0: the decode group; "
+           "1: one each; one where prefill rows are not exact rows)\n",
+           prefill_prompts > 0 ? prefill_prompts : rp_engine_group_size(max_batch, be));
     printf("\n### decode throughput vs concurrent sequences (16-token prompts, %d new tokens "
            "each)\n\n| sequences | seconds | generated tok/s | per sequence tok/s | of sgemm "
-           "ceiling | mean decode group |\n|---:|---:|---:|---:|---:|---:|\n", decode_tokens);
+           "ceiling | mean decode group | prompts per prefill unit |\n"
+           "|---:|---:|---:|---:|---:|---:|---:|\n", decode_tokens);
     double rate16 = 0, rate64 = 0;
     for (int c = 0; c < n_conc; c++) {
         rp_job **jobs = calloc((size_t)conc[c], sizeof *jobs);
@@ -286,6 +295,9 @@ int main(int argc, char **argv) {
         /* sequences per decode unit: how far the group grows towards conc[c] */
         const long units = m1.decode_units - m0.decode_units;
         const double mean_group = units > 0 ? (double)(m1.decode_rows - m0.decode_rows) / units : 0;
+        const long pf_units = m1.prefill_units - m0.prefill_units;
+        const double mean_prompts =
+            pf_units > 0 ? (double)(m1.prefill_seqs - m0.prefill_seqs) / pf_units : 0;
         long total = 0;
         for (int i = 0; i < conc[c]; i++) {
             rp_job_stats st;
@@ -294,8 +306,8 @@ int main(int argc, char **argv) {
             rp_job_release(jobs[i]);
         }
         free(jobs);
-        printf("| %d | %.2f | %.1f | %.1f | %.0f%% | %.1f |\n", conc[c], s, total / s,
-               total / s / conc[c], 100.0 * total / s / ceiling, mean_group);
+        printf("| %d | %.2f | %.1f | %.1f | %.0f%% | %.1f | %.1f |\n", conc[c], s, total / s,
+               total / s / conc[c], 100.0 * total / s / ceiling, mean_group, mean_prompts);
         if (conc[c] == 16) rate16 = total / s;
         if (conc[c] == 64) rate64 = total / s;
         fflush(stdout);

@@ -72,6 +72,9 @@ typedef enum {
 #define RP_INT8ROW_SCHEME "int8.q8_row_f32scale.v1"
 #define RP_INT8ROW_SCHEME_PREFIX "int8.q8_row"
 
+/* set_decode_rows modes (0: off, kernels by shape). */
+enum { RP_ROWS_DECODE = 1, RP_ROWS_PREFILL = 2 };
+
 /* Most mixes one ln_shift_mix call forms (the six of the time mix). */
 #define RP_MIX_MAX 6
 /* Most gradient terms one shift_mix_backward call takes: the six mixes of
@@ -451,12 +454,14 @@ struct rp_backend {
     void (*step_reset)(rp_backend *be);
 
     /* ---- decode rows (optional; NULL: matmuls choose kernels by shape) ----
-     * set_decode_rows(be, 1) until set_decode_rows(be, 0): every row of x in
-     * matmul_linear / matmul_lora is one sequence's decode token, and the
-     * backend gives each row the bits it gives alone, whatever M (the CPU
-     * streams W for any M instead of sgemm, whose bits depend on M). Prefill
-     * stays outside it (sgemm). rp_model_step sets it around a step whose
-     * sequences all have one row. */
+     * set_decode_rows(be, RP_ROWS_DECODE) until set_decode_rows(be, 0):
+     * every row of x in matmul_linear / matmul_lora is one sequence's decode
+     * token, and the backend gives each row the bits it gives alone,
+     * whatever M (the CPU streams W for any M instead of sgemm, whose bits
+     * depend on M). rp_model_step sets it around a step whose sequences all
+     * have one row. RP_ROWS_PREFILL (inference prefill: rp_model_step,
+     * rp_model_forward, rp_model_head): the same promise for the f32
+     * matrices only (low-precision ones keep their prefill kernels). */
     void (*set_decode_rows)(rp_backend *be, int on);
     /* ---- GEMM-only outputs (optional; NULL: nothing to do; issue 15) ----
      * gemm_only(be, p, n): the output p [n] that the next matmul op writes

@@ -354,7 +354,8 @@ static void prefix_checks(const rp_gen_params *greedy) {
  * group size is the backend's, 64 on the CPU): each gives the tokens and the
  * logprobs, bit for bit, that it gives alone. Decode rows of any count keep
  * each row's arithmetic (backend.h, set_decode_rows); sgemm over the group
- * would change the logprobs' last bits. */
+ * would change the logprobs' last bits. All at once, the prompts are also
+ * prefilled several per unit: prefill rows are exact rows too. */
 static void big_group_check(const rp_gen_params *greedy) {
     enum { G = 14, MAXT = 32 }; /* long enough to outlast the 14 prefills */
     printf("check: %d jobs decoding in one group give their solo tokens and logprobs\n", G);
@@ -433,6 +434,15 @@ static void big_group_check(const rp_gen_params *greedy) {
      * P units in flight may split the slots into smaller groups.) */
     CHECK(size > 1 || engine->largest_group > 8, "the jobs decoded in groups of at most %d",
           engine->largest_group);
+    /* Where prefill rows are exact rows the G prompts share prefill units
+     * (engine.h, prefill_prompts), and each still gets its solo bits. (With
+     * the prefix cache on, pass 1 resumes pass 0's stored prompts: no
+     * prefill units.) */
+    const long pf_units = m1.prefill_units - m0.prefill_units;
+    const double mean_prompts =
+        pf_units > 0 ? (double)(m1.prefill_seqs - m0.prefill_seqs) / (double)pf_units : 0.0;
+    CHECK(!rp_model_prefill_rows_exact(&whole) || pf_units == 0 || mean_prompts > 2,
+          "mean prompts per prefill unit %.2f of %d jobs at once", mean_prompts, G);
     for (int i = 0; i < G; i++) {
         char what[64];
         snprintf(what, sizeof what, "big group: job %d (%s)", i, i % 2 ? "seeded" : "greedy");
@@ -443,7 +453,8 @@ static void big_group_check(const rp_gen_params *greedy) {
                   lps[1][i][t]);
         free(prompts[i]);
     }
-    printf("  ok (largest decode group %d, mean %.2f)\n", engine->largest_group, mean_group);
+    printf("  ok (largest decode group %d, mean %.2f; prompts per prefill unit %.2f)\n",
+           engine->largest_group, mean_group, mean_prompts);
 }
 
 static void checks(void) {

@@ -300,6 +300,62 @@ static void test_sequence_independent_of_batch_neighbours(void **s) {
     rp_state_free_host(&batched);
 }
 
+/* Bit for bit (memcmp), with the first differing float in the message. */
+static void assert_same_bits(const float *got, const float *want, size_t n, const char *what) {
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(&got[i], &want[i], sizeof(float)) != 0)
+            fail_msg("%s: float %zu is %.9g, alone in one call %.9g", what, i, got[i], want[i]);
+}
+
+/* Inference prefill rows are exact rows (backend.h, RP_ROWS_PREFILL): a
+ * prompt read in one call, in chunks, beside other prompts (from other
+ * states) or token by token gives every row's logits and the final state
+ * the same bits, which is what lets the engine prefill several prompts in
+ * one pass and `generate`, `serve` and a prefix-cache resume split a prompt
+ * differently. */
+static void test_prefill_rows_independent_of_chunks_and_neighbours(void **s) {
+    fixture *fx = get_fixture(s);
+    const int T = fx->T, V = fx->V;
+    assert_true(T >= 4);
+    rp_state alone = new_state(fx, 1), chunked = new_state(fx, 1), steps = new_state(fx, 1);
+    rp_state batched = new_state(fx, 3);
+    float *ref = malloc((size_t)T * V * sizeof(float));
+    float *got = malloc((size_t)3 * T * V * sizeof(float));
+    int slot0 = 0, one = 1;
+    run_batch(fx, &alone, 1, &T, &slot0, fx->tokens, ref);
+
+    const int chunk[3] = {T / 3, 1, T - T / 3 - 1};
+    for (int c = 0, pos = 0; c < 3; pos += chunk[c++])
+        run_batch(fx, &chunked, 1, &chunk[c], &slot0, fx->tokens + pos, got + (size_t)pos * V);
+    assert_same_bits(got, ref, (size_t)T * V, "chunked prompt logits");
+    assert_same_bits(chunked.data, alone.data, alone.floats_per_slot, "chunked prompt state");
+
+    for (int t = 0; t < T; t++)
+        run_batch(fx, &steps, 1, &one, &slot0, fx->tokens + t, got + (size_t)t * V);
+    assert_same_bits(got, ref, (size_t)T * V, "token-by-token logits");
+    assert_same_bits(steps.data, alone.data, alone.floats_per_slot, "token-by-token state");
+
+    /* The prompt second of three, in slot 1; neighbours from other states. */
+    load_state(fx, &batched, 0, "mid_state");
+    load_state(fx, &batched, 2, "state");
+    int len[3] = {5, T, T / 2}, slot[3] = {2, 1, 0};
+    int32_t *tokens = malloc((size_t)(5 + T + T / 2) * sizeof(int32_t));
+    for (int t = 0; t < 5; t++) tokens[t] = (t * 7 + 3) % V;
+    memcpy(tokens + 5, fx->tokens, (size_t)T * sizeof(int32_t));
+    for (int t = 0; t < T / 2; t++) tokens[5 + T + t] = fx->tokens[T - 1 - t];
+    run_batch(fx, &batched, 3, len, slot, tokens, got);
+    assert_same_bits(got + (size_t)5 * V, ref, (size_t)T * V, "batched prompt logits");
+    assert_same_bits(batched.data + batched.floats_per_slot, alone.data, alone.floats_per_slot,
+                     "batched prompt state");
+    free(tokens);
+    free(ref);
+    free(got);
+    rp_state_free_host(&alone);
+    rp_state_free_host(&chunked);
+    rp_state_free_host(&steps);
+    rp_state_free_host(&batched);
+}
+
 static void test_out_of_range_token_is_rejected(void **s) {
     fixture *fx = get_fixture(s);
     rp_state st = new_state(fx, 1);
@@ -334,6 +390,8 @@ static void test_out_of_range_token_is_rejected(void **s) {
                                              fixture_teardown, NULL),                         \
     cmocka_unit_test_prestate_setup_teardown(test_sequence_independent_of_batch_neighbours,  \
                                              setup, fixture_teardown, NULL),                  \
+    cmocka_unit_test_prestate_setup_teardown(                                                \
+        test_prefill_rows_independent_of_chunks_and_neighbours, setup, fixture_teardown, NULL), \
     cmocka_unit_test_prestate_setup_teardown(test_out_of_range_token_is_rejected, setup,     \
                                              fixture_teardown, NULL)
 

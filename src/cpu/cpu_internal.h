@@ -30,7 +30,8 @@ typedef struct {
     void *per_thread;
     size_t thread_stride;
     rp_error error; /* the first op failure (sticky), reported by status */
-    int decode_rows; /* set_decode_rows: matmul rows are independent decode tokens */
+    int decode_rows; /* set_decode_rows(RP_ROWS_DECODE): rows are independent decode tokens */
+    int prefill_rows; /* set_decode_rows(RP_ROWS_PREFILL): f32 rows exact alone, any M */
     /* Low-precision weight matrices (cpu_qweights.c), sorted by key. */
     struct cpu_qweight *qweights;
     int n_qweights, cap_qweights;

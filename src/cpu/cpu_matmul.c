@@ -2,9 +2,9 @@
  * matmul_lora (W [K,N]). The backend splits the output over its OpenMP threads
  * (blocks of columns, or of rows when x is the bigger operand) and each
  * thread runs its block alone: sgemm with OpenBLAS kept single-threaded for
- * many rows (prefill, training), and for a few rows and for decode rows of
- * any count (set_decode_rows) kernels that read W once and give each row
- * the bits it gets alone (cpu_matmul_decode.c for W [N,K]).
+ * many rows (training), and for a few rows and for decode and inference
+ * prefill rows of any count (set_decode_rows) kernels that read W once and
+ * give each row the bits it gets alone (cpu_matmul_decode.c for W [N,K]).
  * Called through the rp_backend vtable. */
 #include "config.h"
 
@@ -39,10 +39,12 @@ typedef enum { CPU_W_OUT_IN, CPU_W_IN_OUT } cpu_weight_layout; /* W [N,K] or W [
  * W [N,K] up to 8 rows of x (cpu_matmul_decode.c, which also beats sgemm
  * at 16-64 rows: microbenchmark, Zen 5, 768 x 768, 64 rows 176 vs 90
  * GFLOP/s); W [K,N] (LoRA) streams up to 8 rows too (below). */
-static int cpu_matmul_streams(int M, int decode_rows) {
-    /* Decode rows (one token of a sequence each): any M streams, so a
-     * sequence's tokens do not depend on the group it decodes in. */
-    if (decode_rows) return 1;
+static int cpu_matmul_streams(int M, int exact_rows) {
+    /* Decode rows (one token of a sequence each) and inference prefill
+     * rows: any M streams, so a sequence's tokens do not depend on the group
+     * it decodes in, and a prompt's rows not on the chunk or on the prompts
+     * prefilled beside it (RP_ROWS_PREFILL, below). */
+    if (exact_rows) return 1;
     /* Up to 8 rows both layouts stream (each row's sums in a fixed order),
      * so a few rows in one call also give each row its bits alone; the
      * [K,N] layout used sgemm from 2 rows when K < 256 (a little faster for
@@ -133,6 +135,13 @@ static void cpu_stream_in_out(float *restrict y, const float *restrict x,
     }
 }
 
+/* The decode kernel runs at most this many rows per pass over W: a panel
+ * of W is multiplied by every row of the block, so the block's x (256 x K
+ * floats: 768 KiB at K = 768) is re-read once per 32 columns; beyond L2 it
+ * would stream from memory every panel. Pack cost per row is already small
+ * at 256 (measured 768 x 768: 101 GFLOP/s at 256 rows, 104 at 512). */
+#define CPU_STREAM_ROW_BLOCK 256
+
 /* Rows [0, m) and columns [n0, n1) of y = x . op(W) + beta * y, with y and x
  * pointing at the block's first row (row strides N and K). `stream` is the
  * whole product's choice (cpu_matmul_streams of all its rows), not the
@@ -143,7 +152,12 @@ static void cpu_matmul_block(float *y, const float *x, const float *w, int m, in
                              float *pack) {
     if (stream) {
         if (layout == CPU_W_OUT_IN)
-            cpu_matmul_decode(y, x, w, m, n0, n1, N, K, beta, pack);
+            /* Row blocks: each panel re-reads the block's x, which must stay
+             * in L2 (bits are per row, whatever the block). */
+            for (int r = 0; r < m; r += CPU_STREAM_ROW_BLOCK)
+                cpu_matmul_decode(y + (size_t)r * N, x + (size_t)r * K, w,
+                                  m - r < CPU_STREAM_ROW_BLOCK ? m - r : CPU_STREAM_ROW_BLOCK,
+                                  n0, n1, N, K, beta, pack);
         else
             cpu_stream_in_out(y, x, w, m, n0, n1, N, K, beta);
     } else if (layout == CPU_W_OUT_IN) {
@@ -210,8 +224,8 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
      * choice depends on the shape only, and a tall product is split into
      * rows or not at all, so its bits do not depend on the team size. */
     const int split_rows = M > N;
-    const int stream =
-        cpu_matmul_streams(M, ((const rp_cpu_impl *)be->impl)->decode_rows);
+    const rp_cpu_impl *impl = be->impl;
+    const int stream = cpu_matmul_streams(M, impl->decode_rows || impl->prefill_rows);
     /* (Streamed rows are independent of the slicing: only sgemm's need it.) */
     if (split_rows && !stream && !cpu_row_slices_are_big(M, N, K, nt)) nt = 1;
     /* The decode kernel's per-thread panel buffers, in the backend's
@@ -326,8 +340,16 @@ static void cpu_matmul_lora_backward(rp_backend *be, float *dx, float *dw, const
     cpu_matmul_lora_backward_beta(be, dx, dw, dy, x, w, M, N, K, 1.0f);
 }
 
+/* RP_ROWS_DECODE: every matrix, f32 or low-precision, streams (the
+ * low-precision kernels read decode_rows). RP_ROWS_PREFILL: the f32
+ * matrices stream for any M (the decode kernel beats single-threaded sgemm
+ * from 8 to at least 512 rows on the 0.1B shapes: docs/perf/serving.md,
+ * "Prefill rows through the decode kernel"); low-precision matrices keep
+ * their prefill kernels (bf16-rounded x), so their bits are unchanged. */
 static void cpu_set_decode_rows(rp_backend *be, int on) {
-    ((rp_cpu_impl *)be->impl)->decode_rows = on != 0;
+    rp_cpu_impl *impl = be->impl;
+    impl->decode_rows = on == RP_ROWS_DECODE;
+    impl->prefill_rows = on == RP_ROWS_PREFILL;
 }
 
 void cpu_matmul_install(rp_backend *be) {

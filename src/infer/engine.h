@@ -51,6 +51,12 @@ typedef struct {
      * next decode unit goes. 0 (the default): prefill_chunk; 1: one prefill
      * unit per decode unit. */
     int prefill_turn_rows;
+    /* Most prompts (chunks of different slots) per prefill unit, read in
+     * one pass over the weights. 0 (the default): the decode group size; 1:
+     * one slot per unit. Only where prefill rows are exact rows
+     * (rp_model_prefill_rows_exact: the f32 CPU backend), so a prompt's bits
+     * do not depend on the prompts beside it; one per unit elsewhere. */
+    int prefill_prompts;
     int max_queue;                 /* jobs waiting for a slot (none free) before submit refuses (429) */
     size_t session_budget_bytes;   /* in-memory session states per stage (LRU) */
     double comm_timeout;           /* watchdog seconds for stage transfers; 0 = none */
@@ -252,6 +258,7 @@ int rp_engine_session_exists(rp_engine *e, const char *name);
 typedef struct {
     long requests_total, requests_active, requests_queued;
     long tokens_generated, tokens_prefilled;
+    long prefill_units, prefill_seqs; /* prefill units launched and the prompts they read */
     long decode_units, decode_rows; /* decode units launched, their sequences: rows / units is
                                      * the mean decode group */
     double tokens_per_second;       /* generated, over the last ~10 s */

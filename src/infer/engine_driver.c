@@ -53,6 +53,10 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
     if (cfg->prefill_turn_rows < 0)
         return rp_error_set(err, RP_ERR_ARG, "engine: prefill rows per turn %d must be >= 0 "
                             "(0: the prefill chunk)", cfg->prefill_turn_rows);
+    if (cfg->prefill_prompts < 0)
+        return rp_error_set(err, RP_ERR_ARG, "engine: prompts per prefill unit %d must be >= 0 "
+                            "(0: the decode group size, 1: one prompt per unit)",
+                            cfg->prefill_prompts);
     if (cfg->max_batch < 0 || cfg->max_batch > RP_ENGINE_MAX_BATCH)
         return rp_error_set(err, RP_ERR_ARG, "engine: --max-batch %d must be between 1 and %d "
                             "(sequences per decode step; 0 or absent: the backend's default, %d)",
@@ -94,7 +98,16 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
     e->busy_frac = calloc((size_t)e->n_stages, sizeof(double));
     e->stage_layer_begin = calloc((size_t)e->n_stages, sizeof(int));
     e->stage_layer_end = calloc((size_t)e->n_stages, sizeof(int));
-    int ok = group_buffers(e) && e->state.data && e->out && e->slot_job && e->slot_tokens &&
+    /* Several prompts per prefill unit only where their rows are exact
+     * rows (a prompt's bits must not depend on its neighbours), at most a
+     * decode group's worth (the unit's per-sequence buffers). */
+    e->prefill_prompts = !rp_model_prefill_rows_exact(model) ? 1
+                         : cfg->prefill_prompts == 0 || cfg->prefill_prompts > e->group_max
+                             ? e->group_max
+                             : cfg->prefill_prompts;
+    e->prefill_tokens = malloc(e->max_rows * sizeof(int32_t));
+    int ok = group_buffers(e) && e->prefill_tokens && e->state.data && e->out && e->slot_job &&
+             e->slot_tokens &&
              e->busy_total && e->busy_mark && e->busy_frac && e->stage_layer_begin && e->stage_layer_end;
     for (int s = 0; ok && s < e->n_stages; s++) {
         e->stage_layer_begin[s] = grid ? grid->layer_begin[s] : 0;
@@ -185,6 +198,7 @@ void rp_engine_free(rp_engine *e) {
     for (int i = 0; i < e->units.cap; i++) free(e->units.r[i].slots);
     free(e->units.r);
     free(e->g_mem);
+    free(e->prefill_tokens);
     rp_workspace_free(&e->ws, e->be);
     if (e->has_tp) rp_transport_free(&e->tp);
     pthread_mutex_destroy(&e->mu);
@@ -554,8 +568,10 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
     protobuf_c_boolean *sample = e->g_sample;
     const int32_t *tokens = NULL;
     int n = 0;
-    /* Candidates: decode-ready slots, and a slot still prefilling. */
-    int prefill_slot = -1;
+    /* Candidates: decode-ready slots, and slots still prefilling (the
+     * first e->prefill_prompts of them, g_res_slots as scratch). */
+    int prefill_slot = -1, n_pf = 0;
+    int32_t *pf = e->g_res_slots;
     /* Round robin from where the last unit stopped: with more ready slots
      * than fit in a group, the low-numbered ones must not always win. */
     const int start = e->rr_cursor;
@@ -566,6 +582,7 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
         if (j->fork_wait) continue;
         if (j->prefilled < prefill_end(j) && !j->closing) {
             if (prefill_slot < 0) prefill_slot = s;
+            if (n_pf < e->prefill_prompts) pf[n_pf++] = s;
         } else if (j->has_pending && (!j->closing || j->store_session[0] || j->prefix_on) &&
                    !(j->closing && rp_job_cancel_state(j) == RP_JOB_CANCEL_CLIENT)) {
             if (n < e->group_max) {
@@ -599,32 +616,58 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
         prefill_slot >= 0 && (n == 0 || e->prefill_rows_run == 0 ||
                               e->prefill_rows_run + next_len <= turn_rows);
     if (!do_prefill && n == 0) return 0;
-    e->prefill_rows_run = do_prefill ? e->prefill_rows_run + next_len : 0;
-    e->rr_cursor = ((do_prefill ? prefill_slot : slots[n - 1]) + 1) % S;
+    /* A prefill unit reads the first candidate's next chunk and then, in
+     * round-robin order, the next chunks of other prompts while they fit in
+     * the turn's rows and one chunk (the workspace): short prompts share
+     * one pass over the weights. A prompt that scores itself (every row's
+     * logits) goes alone. With no decode waiting the turn does not bind. */
+    const int rows_left = n == 0 ? e->cfg.prefill_chunk : turn_rows - e->prefill_rows_run;
+    const int unit_rows = rows_left < e->cfg.prefill_chunk ? rows_left : e->cfg.prefill_chunk;
+    int rows = 0;
     rp_engine_command c = RWKVPIPE__ENGINE_COMMAND__INIT;
     int n_targets = 0;
     c.kind = RWKVPIPE__ENGINE_COMMAND__KIND__UNIT;
     c.unit_id = ++e->next_unit_id;
     if (do_prefill) {
-        rp_job *j = e->slot_job[prefill_slot];
-        int len = prefill_end(j) - j->prefilled;
-        if (len > e->cfg.prefill_chunk) len = e->cfg.prefill_chunk;
-        slots[0] = prefill_slot;
-        lengths[0] = len;
-        /* The last chunk's last row gives the first token (unless max 0). */
-        sample[0] = j->prefilled + len == j->n_prompt && j->params.max_tokens > 0;
-        tokens = j->prompt + j->prefilled;
-        /* Scoring the prompt: row r predicts the prompt token after it. */
-        if (j->params.score_prompt) {
-            n_targets = j->n_prompt - (j->prefilled + 1);
-            if (n_targets > len) n_targets = len;
-            c.targets = (int32_t *)j->prompt + j->prefilled + 1;
-            c.target_pos = j->prefilled + 1;
+        n = 0;
+        for (int i = 0; i < n_pf; i++) {
+            rp_job *j = e->slot_job[pf[i]];
+            int len = prefill_end(j) - j->prefilled;
+            if (len > e->cfg.prefill_chunk) len = e->cfg.prefill_chunk;
+            if (n > 0 && (j->params.score_prompt || n_targets > 0 || rows + len > unit_rows))
+                continue;
+            slots[n] = pf[i];
+            lengths[n] = len;
+            /* The last chunk's last row gives the first token (unless max 0). */
+            sample[n] = j->prefilled + len == j->n_prompt && j->params.max_tokens > 0;
+            /* Scoring the prompt: row r predicts the prompt token after it. */
+            if (j->params.score_prompt) {
+                n_targets = j->n_prompt - (j->prefilled + 1);
+                if (n_targets > len) n_targets = len;
+                c.targets = (int32_t *)j->prompt + j->prefilled + 1;
+                c.target_pos = j->prefilled + 1;
+                if (n_targets == 0) n_targets = -1;  /* still alone */
+            }
+            n++;
+            rows += len;
+            if (n_targets != 0) break;
         }
-        j->prefilled += len;
-        n = 1;
+        if (n == 1) {
+            const rp_job *j = e->slot_job[slots[0]];
+            tokens = j->prompt + j->prefilled;
+        } else {
+            for (int i = 0, r = 0; i < n; r += lengths[i++]) {
+                const rp_job *j = e->slot_job[slots[i]];
+                memcpy(e->prefill_tokens + r, j->prompt + j->prefilled,
+                       (size_t)lengths[i] * sizeof(int32_t));
+            }
+            tokens = e->prefill_tokens;
+        }
+        for (int i = 0; i < n; i++) e->slot_job[slots[i]]->prefilled += lengths[i];
         pthread_mutex_lock(&e->mu);
-        e->tokens_prefilled += len;
+        e->tokens_prefilled += rows;
+        e->prefill_units++;
+        e->prefill_seqs += n;
         pthread_mutex_unlock(&e->mu);
     } else {
         tokens = tokens_buf;
@@ -634,6 +677,8 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
         e->decode_rows += n;
         pthread_mutex_unlock(&e->mu);
     }
+    e->prefill_rows_run = do_prefill ? e->prefill_rows_run + rows : 0;
+    e->rr_cursor = (slots[n - 1] + 1) % S;
     for (int i = 0; i < n; i++) {
         rp_job *j = e->slot_job[slots[i]];
         j->in_flight = 1;
@@ -656,8 +701,8 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
         finish_unit(e, slots, n, s_out, t_out, n_sampled, e->unit_lp, e->n_unit_lp);
         return 1;
     }
-    size_t rows = 0;
-    for (int i = 0; i < n; i++) rows += (size_t)lengths[i];
+    size_t unit_rows_sent = 0;
+    for (int i = 0; i < n; i++) unit_rows_sent += (size_t)lengths[i];
     c.n_busy_seconds = 1;
     c.busy_seconds = &busy;
     if (!rec->slots && !(rec->slots = malloc(sizeof(int32_t) * (size_t)e->group_max))) {
@@ -667,7 +712,7 @@ static int launch_unit(rp_engine *e, rp_unit_record *rec, rp_status *st, rp_erro
     rec->id = c.unit_id;
     rec->n = n;
     memcpy(rec->slots, slots, sizeof(int32_t) * (size_t)n);
-    *st = rp_engine_forward(e, &c, e->ws.x, e->ws.v_first, rows, err);
+    *st = rp_engine_forward(e, &c, e->ws.x, e->ws.v_first, unit_rows_sent, err);
     if (*st != RP_OK) return 0;
     e->units_in_flight++;
     return 1;
@@ -976,6 +1021,8 @@ void rp_engine_get_metrics(rp_engine *e, rp_engine_metrics *m) {
     m->requests_queued = e->n_queued;
     m->tokens_generated = e->tokens_generated;
     m->tokens_prefilled = e->tokens_prefilled;
+    m->prefill_units = e->prefill_units;
+    m->prefill_seqs = e->prefill_seqs;
     m->decode_units = e->decode_units;
     m->decode_rows = e->decode_rows;
     m->slots_total = e->cfg.n_slots;

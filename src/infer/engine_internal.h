@@ -243,6 +243,9 @@ struct rp_engine {
     /* metrics (under mu) */
     long requests_total, tokens_generated, tokens_prefilled;
     long decode_units, decode_rows; /* decode units launched and their sequences (rows) */
+    long prefill_units, prefill_seqs; /* prefill units launched and their prompts (chunks) */
+    int prefill_prompts;          /* most prompts per prefill unit (engine.h) */
+    int32_t *prefill_tokens;      /* [max_rows]: the tokens of a unit of several prompts */
     long prefix_hits, prefix_saved;
     double *busy_total, *busy_mark, *busy_frac, t_mark, tokens_rate;
     long tokens_mark;

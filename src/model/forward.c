@@ -318,13 +318,48 @@ static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, in
     be->matmul_linear(be, x, s->ffn_hidden, w->ffn_value, R, C, F, 1.0f);
 }
 
-void rp_model_block_forward(const rp_model *m, rp_workspace *ws, int layer, rp_state *state,
-                            const rp_batch *batch) {
-    rp_block_forward(m, &ws->acts, ws->x, ws->v_first, ws->xc, layer, state, batch);
+
+/* Inference rows are exact rows (backend.h, set_decode_rows): every row of
+ * a prefill gets the bits it gets alone through the f32 matrices, whatever
+ * the chunk it is read in or the prompts prefilled beside it, so
+ * `generate`, `serve`, `eval`, pipeline stages and a prefix-cache resume
+ * agree bit for bit however they split a prompt. No threshold on the row
+ * count: the CPU's decode kernel beats single-threaded sgemm from 8 to at
+ * least 512 rows on the 0.1B shapes (docs/perf/serving.md), and it takes
+ * longer inputs in blocks of rows. Training calls the blocks directly and
+ * keeps sgemm. */
+static int rows_begin(const rp_model *m, int mode) {
+    if (!m->be->set_decode_rows) return 0;
+    m->be->set_decode_rows(m->be, mode);
+    return 1;
 }
 
-void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
-                   rp_logits_mode mode, float *logits) {
+static void rows_end(const rp_model *m, int on) {
+    if (on) m->be->set_decode_rows(m->be, 0);
+}
+
+/* Decode rows when every sequence has one row, prefill rows otherwise. */
+static int rows_mode(const rp_batch *batch) {
+    for (int s = 0; s < batch->n_seq; s++)
+        if (batch->seq_len[s] != 1) return RP_ROWS_PREFILL;
+    return RP_ROWS_DECODE;
+}
+
+/* (Inference callers only: training runs rp_block_forward with its saved
+ * activations and keeps sgemm.) */
+void rp_model_block_forward(const rp_model *m, rp_workspace *ws, int layer, rp_state *state,
+                            const rp_batch *batch) {
+    const int on = rows_begin(m, rows_mode(batch));
+    rp_block_forward(m, &ws->acts, ws->x, ws->v_first, ws->xc, layer, state, batch);
+    rows_end(m, on);
+}
+
+int rp_model_prefill_rows_exact(const rp_model *m) {
+    return m->be->set_decode_rows != NULL && m->wtype == RP_WEIGHTS_F32;
+}
+
+static void model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
+                       rp_logits_mode mode, float *logits) {
     rp_backend *be = m->be;
     const int C = m->cfg.n_embd, V = m->cfg.vocab_size;
     const float *rows = ws->x;
@@ -348,6 +383,13 @@ void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
     be->layernorm(be, ws->head_in, NULL, NULL, rows, m->global.ln_out_weight,
                   m->global.ln_out_bias, n_rows, C, RP_LN_EPS);
     be->matmul_linear(be, logits, ws->head_in, m->global.head, n_rows, V, C, 0.0f);
+}
+
+void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
+                   rp_logits_mode mode, float *logits) {
+    const int on = rows_begin(m, rows_mode(batch));
+    model_head(m, ws, batch, mode, logits);
+    rows_end(m, on);
 }
 
 rp_status rp_model_forward(const rp_model *m, rp_workspace *ws, const int32_t *tokens,
@@ -410,11 +452,9 @@ rp_status rp_model_step(const rp_model *m, rp_workspace *ws, const int32_t *toke
     }
     if (!m->has_head) logits = NULL;
     /* One row per sequence: the rows are decode tokens, each to be computed
-     * as it would be alone (backend.h, set_decode_rows). */
-    int one_row_each = 1;
-    for (int s = 0; one_row_each && s < batch->n_seq; s++) one_row_each = batch->seq_len[s] == 1;
-    const int decode_rows = one_row_each && be->set_decode_rows != NULL;
-    if (decode_rows) be->set_decode_rows(be, 1);
+     * as it would be alone (backend.h, set_decode_rows); prefill rows too
+     * (rows_begin). */
+    const int decode_rows = rows_begin(m, rows_mode(batch));
     int replayed = 0;
     if (decode) {
         step_key key;
@@ -434,15 +474,15 @@ rp_status rp_model_step(const rp_model *m, rp_workspace *ws, const int32_t *toke
             rp_status st = rp_model_embed(m, ws, tokens, batch, err);
             if (st != RP_OK) {
                 if (decode) be->step_end(be);
-                if (decode_rows) be->set_decode_rows(be, 0);
+                rows_end(m, decode_rows);
                 return st;
             }
         }
         for (int l = m->layer_begin; l < m->layer_end; l++)
-            rp_model_block_forward(m, ws, l, state, batch);
-        if (logits) rp_model_head(m, ws, batch, RP_LOGITS_LAST, logits);
+            rp_block_forward(m, &ws->acts, ws->x, ws->v_first, ws->xc, l, state, batch);
+        if (logits) model_head(m, ws, batch, RP_LOGITS_LAST, logits);
     }
     if (decode) be->step_end(be);
-    if (decode_rows) be->set_decode_rows(be, 0);
+    rows_end(m, decode_rows);
     return RP_OK;
 }

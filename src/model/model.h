@@ -185,6 +185,11 @@ typedef enum {
     RP_LOGITS_LAST       /* logits [n_seq, V] for the last row of each sequence */
 } rp_logits_mode;
 
+/* Whether a prefill's rows get the bits they get alone whatever the rows
+ * beside them (backend.h, RP_ROWS_PREFILL: every matrix f32 and a backend
+ * with set_decode_rows), so that several prompts can share one forward. */
+int rp_model_prefill_rows_exact(const rp_model *m);
+
 /* logits (backend memory) = head(ln_out(rows of ws->x)). */
 void rp_model_head(const rp_model *m, rp_workspace *ws, const rp_batch *batch,
                    rp_logits_mode mode, float *logits);
