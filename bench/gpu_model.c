@@ -317,17 +317,16 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     gemm_backward(l, "GEMM backward C x C", 3, R, C, C, 0, 1);
     for (int i = 0; i < loras; i++) {
         /* up: dy in bf16 from bias_act backward (w, a, v) or bonus_gate
-         * backward (g), the saved hidden converted (w, g) or still bf16 in
-         * place (a, v), whose d hidden its dX GEMM writes in bf16 in place;
-         * down: d hidden in bf16 from bias_act backward (w, g) or that GEMM
-         * (a, v), the mix still valid */
-        const int av = i == 1 || i == 3;
-        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 1, av ? 2 : 1);
+         * backward (g), the saved hidden bf16 in place; every d hidden is
+         * GEMM-only (gemm_only): its dX GEMM writes it in bf16 in place;
+         * down: d hidden read there (after the activation backward in
+         * place for w, g), the mix still valid */
+        gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 1, 2);
         gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C, 1, 1);
         if (i == 0 || i == 2) {
-            /* d hidden read and written f32 (+ bf16 copy), y read in bf16 */
-            ew(l, "bias_act backward (LoRA hidden, bf16 y)", 1, R, ranks[i], 2 + 2 * BF16_OUT,
-               0, 4);
+            /* d hidden bf16 in and out in place, y read in bf16 */
+            ew(l, "bias_act backward (LoRA hidden, bf16 in place)", 1, R, ranks[i],
+               3 * BF16_OUT, 0, 4);
         }
     }
     /* its row kernels (half of these launches) also write d pre in bf16 */
@@ -342,13 +341,13 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
     ew(l, "bonus_gate backward (+ bf16 dg)", 1, R, C, 11 + BF16_OUT, 2, 12);
-    /* key: d hidden written in bf16 by the relu^2 backward, the saved kf
-     * bf16 in place since shift_mix; value: dy converted, the saved relu^2
-     * hidden bf16 in place (gemm_only) */
+    /* key: d hidden bf16 in place (below), the saved kf bf16 in place
+     * since shift_mix; value: dy converted, the saved relu^2 hidden bf16 in
+     * place (gemm_only), its dX (d hidden, GEMM-only) written bf16 in place */
     gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, 1);
-    gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 0, 1);
-    /* d read and written f32 (+ bf16 copy), y read in bf16 */
-    ew(l, "bias_act backward (relu^2, F, bf16 y)", 1, R, F, 2 + 2 * BF16_OUT, 0, 3);
+    gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 0, 2);
+    /* d hidden bf16 in and out in place, y read in bf16 */
+    ew(l, "bias_act backward (relu^2, F, bf16 in place)", 1, R, F, 3 * BF16_OUT, 0, 3);
     /* First gradient writes take beta 0 (no fill_zero) and wkv7_backward
      * adds onto bonus_gate's dr, dk, dv (beta 1); what is left: layer 0's
      * d v_first. */

@@ -647,6 +647,82 @@ __global__ static void bias_act_backward_kernel(float *__restrict__ dy,
     }
 }
 
+// The same on a bf16 in-place dy (a GEMM-only gradient, rp_cuda_inplace: the
+// GEMM backward before wrote it bf16, the GEMM backward after reads it):
+// dy read and written as bf16 in place, each element by its own thread (W =
+// 8: one 16-byte access); f32 math inside, the product rounded once. No f32
+// dy exists, so no bf16 copy either.
+template <int W, typename YT>
+__global__ static void bias_act_backward16_kernel(__nv_bfloat16 *__restrict__ dy,
+                                                  const YT *__restrict__ y, size_t n, int act) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x * W;
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += stride) {
+        union {
+            uint4 raw;
+            __nv_bfloat16 h[8];
+        } t;
+        if constexpr (W == 8) {
+            t.raw = *reinterpret_cast<const uint4 *>(dy + i);
+        } else {
+            t.h[0] = dy[i];
+        }
+#pragma unroll
+        for (int j = 0; j < W; j++)
+            t.h[j] = __float2bfloat16(__bfloat162float(t.h[j]) *
+                                      act_derivative(act, y_at(y, i + j)));
+        if constexpr (W == 8) {
+            *reinterpret_cast<uint4 *>(dy + i) = t.raw;
+        } else {
+            dy[i] = t.h[0];
+        }
+    }
+}
+
+// dy [n] a GEMM-only gradient in place (ip): bf16 in, bf16 out; with the
+// copies off its f32 twin (rounded values in, d pre rounded to bf16 values
+// the same way), so copies on and off give the same bits.
+static void bias_act_backward_inplace(rp_cuda_ctx *cx, const rp_cuda_inplace *ip, float *dy,
+                                      const float *y, size_t n, int act) {
+    const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
+    if (ip->f32) {
+        const int W = vector_width(n, dy, y);
+        const unsigned blocks = flat_blocks(cx, n / W);
+        if (y16 && W == 4)
+            bias_act_backward_kernel<4, __nv_bfloat16>
+                <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, nullptr);
+        else if (y16)
+            bias_act_backward_kernel<1, __nv_bfloat16>
+                <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, nullptr);
+        else if (W == 4)
+            bias_act_backward_kernel<4, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
+                dy, y, n, act, nullptr);
+        else
+            bias_act_backward_kernel<1, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
+                dy, y, n, act, nullptr);
+        if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, n * sizeof(float)})) return;
+        rp_cuda_round_bf16(cx, dy, n);
+        rp_cuda_inplace_add(cx, dy, n, 1);
+        return;
+    }
+    __nv_bfloat16 *d16 = (__nv_bfloat16 *)dy;
+    const int vec = n % 8 == 0 && aligned16(dy);
+    const unsigned blocks = flat_blocks(cx, vec ? n / 8 : n);
+    if (y16 && vec)
+        bias_act_backward16_kernel<8, __nv_bfloat16>
+            <<<blocks, FLAT_THREADS, 0, cx->stream>>>(d16, y16, n, act);
+    else if (y16)
+        bias_act_backward16_kernel<1, __nv_bfloat16>
+            <<<blocks, FLAT_THREADS, 0, cx->stream>>>(d16, y16, n, act);
+    else if (vec)
+        bias_act_backward16_kernel<8, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(d16, y, n,
+                                                                                       act);
+    else
+        bias_act_backward16_kernel<1, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(d16, y, n,
+                                                                                       act);
+    // writes only inside its own range, which stays in place
+    RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward (bf16)", {NULL, 0});
+}
+
 // with bias: grid (C / (32 W), chunks); dy [R,C] *= act'(y), part_b [chunks, C] = sums of d pre
 template <int W>
 __global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
@@ -689,6 +765,11 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
     if (!dbias) {
         if (act == RP_ACT_NONE) return;  // d pre = dy
         const size_t n = (size_t)R * C;
+        const rp_cuda_inplace *ip = rp_cuda_inplace_at(cx, dy, n);
+        if (ip) {
+            bias_act_backward_inplace(cx, ip, dy, y, n, (int)act);
+            return;
+        }
         const int W = vector_width(n, dy, y);
         const unsigned blocks = flat_blocks(cx, n / W);
         __nv_bfloat16 *dy16 = rp_cuda_act16_for_rows(cx, dy, n, R);
@@ -717,6 +798,14 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
                          "cuda bias_act_backward: y is a GEMM-only output stored bf16 "
                          "(gemm_only) but a bias gradient was asked; drop the gemm_only "
                          "hint for this output");
+        return;
+    }
+    if (rp_cuda_inplace_at(cx, dy, (size_t)R * C)) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda bias_act_backward: dy is a GEMM-only gradient stored bf16 "
+                         "(gemm_only) but a bias gradient was asked; drop the gemm_only "
+                         "hint before the GEMM that writes dy");
         return;
     }
     const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;

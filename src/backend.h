@@ -469,10 +469,11 @@ struct rp_backend {
      * out), is read only by
      * matmul ops (as x or dy) until something writes p again, except that
      * bias_act may run on p in place (bias NULL or not) and
-     * bias_act_backward (without dbias) may read p as its y; the backend may
-     * keep p in its GEMM operand format instead of f32 (CUDA, bf16 math: bf16
-     * in place, so no conversion kernel; the activation then reads and
-     * writes bf16). Any other read of p before then is undefined. The next
+     * bias_act_backward (without dbias) may read p as its y or run on p in
+     * place as its dy (a gradient p: the dx of a matmul backward); the
+     * backend may keep p in its GEMM operand format instead of f32 (CUDA,
+     * bf16 math: bf16 in place, so no conversion kernel; the activation and
+     * its backward then read and write bf16). Any other read of p before then is undefined. The next
      * matmul op, layernorm or bonus_gate_to consumes the hint whether it uses
      * it or not. */
     void (*gemm_only)(rp_backend *be, const float *p, size_t n);

@@ -246,12 +246,14 @@ void rp_backward_embed_backward(const rp_model *m, rp_model *grads, rp_backward_
 
 /* ---- LoRA: y = act(x w1) w2 ---- */
 
-/* dy [R,C] (d of the LoRA output) -> dw1, dw2 += ..., dx [R,C] overwritten. */
+/* dy [R,C] (d of the LoRA output) -> dw1, dw2 += ..., dx [R,C] overwritten.
+ * d_hidden is GEMM-only (backend.h gemm_only): the up GEMM's dX, the
+ * activation's backward in place (no bias gradient), the down GEMM's dY. */
 static void lora_backward(rp_backend *be, float *dx, float *dw1, float *dw2, float *d_hidden,
                           const float *dy, const float *x, const float *hidden,
                           const float *w1, const float *w2, int D, rp_activation inner, int R,
                           int C) {
-    if (inner == RP_ACT_NONE && be->gemm_only) be->gemm_only(be, d_hidden, (size_t)R * D);
+    if (be->gemm_only) be->gemm_only(be, d_hidden, (size_t)R * D);
     be->matmul_lora_backward_beta(be, d_hidden, dw2, dy, hidden, w2, R, C, D, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act_backward(be, d_hidden, NULL, hidden, R, D, inner);
     be->matmul_lora_backward_beta(be, dx, dw1, d_hidden, x, w1, R, D, C, 0.0f);
@@ -319,6 +321,9 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     /* Each first write of a scratch gradient in the step overwrites (beta 0):
      * no fill_zero before it. */
     if (wsave) be->copy(be, ws.dx_out, tw->dx, rc_bytes);
+    /* d_ffn is GEMM-only (the value GEMM's dX, relu^2's backward in place,
+     * the key GEMM's dY), except that BWD_B copies it for BWD_W */
+    if (!wsave && be->gemm_only) be->gemm_only(be, tw->d_ffn, (size_t)R * F);
     be->matmul_linear_backward_beta(be, tw->d_ffn, wsave ? NULL : gw->ffn_value, tw->dx,
                                     s->ffn_hidden, w->ffn_value, R, C, F, 0.0f);
     be->bias_act_backward(be, tw->d_ffn, NULL, s->ffn_hidden, R, F, RP_ACT_RELU_SQUARED);

@@ -1733,11 +1733,12 @@ static void check_matmul_lora_backward(twin *t, const shape *sh) {
 
 /* A LoRA with its hidden rows GEMM-only (backend.h gemm_only; the CPU has
  * no hint): forward hid = act(x A), y = hid B; backward dhid = dy B^T
- * (GEMM-only too without an activation, else times act'(hid)), dB += hid^T
- * dy, dx = dhid A^T, dA += x^T dhid. In bf16 math the GPU keeps hid (and
- * dhid without an activation) in bf16 in place (a GEMM writing bf16 C, the
- * activation bf16 in and out, its backward reading bf16 hid); decode rows
- * (R = 5) keep the GEMV path. */
+ * (GEMM-only too, then times act'(hid) in place), dB += hid^T dy, dx =
+ * dhid A^T, dA += x^T dhid. In bf16 math the GPU keeps hid and dhid in
+ * bf16 in place (a GEMM writing bf16 C, the activation and its backward
+ * bf16 in and out, the backward reading bf16 hid); decode rows (R = 5)
+ * keep the GEMV path forward (f32 hid), the backward GEMMs still write
+ * dhid bf16. */
 static void gemm_only_case(twin *t, int R, int C, int D, rp_activation act) {
     const double s = 1.0 / sqrt((double)C);
     label(t, "R=%d C=%d D=%d act=%d", R, C, D, (int)act);
@@ -1752,7 +1753,7 @@ static void gemm_only_case(twin *t, int R, int C, int D, rp_activation act) {
         be->matmul_lora(be, at(hid, g), at(x, g), at(a, g), R, D, C, 0.0f);
         if (act != RP_ACT_NONE) be->bias_act(be, at(hid, g), NULL, R, D, act);
         be->matmul_lora(be, at(y, g), at(hid, g), at(b, g), R, C, D, 0.0f);
-        if (be->gemm_only && act == RP_ACT_NONE) be->gemm_only(be, at(dhid, g), (size_t)R * D);
+        if (be->gemm_only) be->gemm_only(be, at(dhid, g), (size_t)R * D);
         be->matmul_lora_backward_beta(be, at(dhid, g), at(db, g), at(dy, g), at(hid, g),
                                       at(b, g), R, C, D, 0.0f);
         if (act != RP_ACT_NONE) be->bias_act_backward(be, at(dhid, g), NULL, at(hid, g), R, D, act);
