@@ -42,6 +42,14 @@
  * layernorm, embedding, the step-input copy) keeps GRAPH_LAUNCH_S, and no
  * weight streaming is credited against a predecessor's idle bandwidth. */
 #define PDL_NODE_S 0.5e-6
+/* L2 to SM bandwidth, for what a kernel re-reads from L2 (the decode GEMVs'
+ * LN prologue: every block reads the rows and LN/mix parameters again).
+ * An assumption, about twice HBM (published H100 microbenchmarks measure
+ * 5.5-7 TB/s); such a kernel costs at least (its HBM bytes + its L2
+ * re-reads) / this, the W stream passing through L2 too. */
+#define L2_BYTES_PER_S 5.5e12
+/* SMs of an H100 SXM: the decode GEMVs' LN prologue runs one block per SM. */
+#define H100_SMS 132
 /* The training step modelled: one micro-batch of this many sequences. */
 #define TRAIN_SEQS 8
 #define TRAIN_T 4096
@@ -79,6 +87,7 @@ typedef struct {
     const char *name;
     double launches, bytes, flops;
     double t_bound, t_plain, t_graph, t_pdl; /* seconds, summed over launches */
+    double l2_bytes;                         /* re-read from L2 (not in bytes) */
 } kernel;
 
 typedef struct {
@@ -88,9 +97,10 @@ typedef struct {
     int pdl_edge;        /* the next launches follow a kernel that triggers them early (PDL) */
 } kernel_list;
 
-/* count launches of one kernel, each moving bytes and doing flops. */
-static void add(kernel_list *l, const char *name, double count, double bytes, double flops,
-                int tensor) {
+/* count launches of one kernel, each moving bytes (HBM) and re-reading
+ * l2_bytes from L2, doing flops. */
+static void add_l2(kernel_list *l, const char *name, double count, double bytes,
+                   double l2_bytes, double flops, int tensor) {
     if (count <= 0) return;
     kernel *k = NULL;
     for (int i = 0; i < l->n; i++)
@@ -101,17 +111,24 @@ static void add(kernel_list *l, const char *name, double count, double bytes, do
         memset(k, 0, sizeof *k);
         k->name = name;
     }
-    const double t_mem = bytes / HBM_BYTES_PER_S;
+    const double t_hbm = bytes / HBM_BYTES_PER_S, t_l2 = (bytes + l2_bytes) / L2_BYTES_PER_S;
+    const double t_mem = l2_bytes > 0 && t_l2 > t_hbm ? t_l2 : t_hbm;
     const double t_math = flops / (tensor ? BF16_TENSOR_FLOPS : FP32_FLOPS);
     const double bound = t_mem > t_math ? t_mem : t_math;
     k->launches += count;
     k->bytes += count * bytes;
+    k->l2_bytes += count * l2_bytes;
     k->flops += count * flops;
     k->t_bound += count * bound;
     k->t_plain += count * (bound > LAUNCH_S ? bound : LAUNCH_S);
     const double node = bound > GRAPH_LAUNCH_S ? bound : GRAPH_LAUNCH_S;
     k->t_graph += count * node;
     k->t_pdl += count * (l->pdl_edge ? (bound > PDL_NODE_S ? bound : PDL_NODE_S) : node);
+}
+
+static void add(kernel_list *l, const char *name, double count, double bytes, double flops,
+                int tensor) {
+    add_l2(l, name, count, bytes, 0, flops, tensor);
 }
 
 /* An elementwise op over R rows of width W: `io` fp32 vectors read or
@@ -139,27 +156,62 @@ static void gemv_part(kernel_list *l, double *bytes, double *flops, double R, do
     l->weight_bytes += 2.0 * N * K;
 }
 
-/* One decode layer with the fused ops (rp_block_forward's decode_time_mix):
- * 8 launches, layer 0 included. */
+/* The LN prologue of a decode GEMV group (cuda_decode.cu gemv_group_ln_kernel,
+ * backend.h ln_mix_gemv_group) over R rows of width C with n_mix mixes, for
+ * a group of `blocks` GEMV blocks in n_jobs jobs, run by min(blocks,
+ * H100_SMS) blocks in contiguous runs. HBM: x and the old state read once,
+ * the new state written once (the block that counts last), LN weight, bias
+ * and the mus once. L2 (*l2): every block reads x and the old state of its
+ * rows and the LN weight and bias again (2 R + 2 vectors of C floats; the
+ * moments' second pass hits L1), and the mu of each job in its run (at most
+ * one per block plus one per job boundary). */
+static void ln_prologue(double *bytes, double *l2, double R, double C, double n_mix,
+                        double blocks, double n_jobs) {
+    const double grid = blocks < H100_SMS ? blocks : H100_SMS;
+    *bytes += 4.0 * C * (3 * R + 2 + n_mix);
+    *l2 += grid * 4.0 * C * (2 * R + 3) + n_jobs * 4.0 * C;
+}
+
+/* The rows and width the LN prologue takes (cuda_decode.cu: DEC_MAX_M rows,
+ * DEC_LN_MAX_FLOATS floats of mixes in shared memory); above, the separate
+ * ln_shift_mix kernel runs first. */
+static int ln_fused(double R, double C) { return R <= 8 && R * C <= 8192; }
+
+/* One decode layer with the fused ops (rp_block_forward's decode_time_mix
+ * and channel_mix with ln_mix_gemv_group): 6 launches, layer 0 included
+ * (8 where the rows do not fit the LN prologue: ln_fused). */
 static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R, double S) {
     const double C = c->n_embd, F = c->dim_ffn, N = c->head_size, H = c->n_head;
     const double ranks[4] = {c->d_decay, c->d_iclr, c->d_gate, c->d_value};
     const int loras = layer == 0 ? 3 : 4; /* layer 0 has no value LoRA */
     const double state = 4.0 * H * N * N;
-    double bytes = 0, flops = 0;
+    double bytes = 0, flops = 0, l2 = 0, blocks = 0;
     /* PDL edges: a GEMV or time_mix_heads after a kernel that triggers
-     * (cuda_decode.cu, cuda_matmul.cu); ln_shift_mix does not trigger. */
+     * (cuda_decode.cu, cuda_matmul.cu); layer 0's first group follows ln0
+     * (layernorm), which does not trigger; a later layer's follows the FFN
+     * value GEMV, which does. */
+    const int fused = ln_fused(R, C);
     l->pdl_edge = 0;
-    ew(l, "ln_shift_mix (time mix)", 1, R, C, 2 + 1 + 6, 2 + 6, 8 + 3 * 6);
+    if (!fused) ew(l, "ln_shift_mix (time mix)", 1, R, C, 2 + 1 + 6, 2 + 6, 8 + 3 * 6);
+    l->pdl_edge = fused && layer != 0;
     for (int i = 0; i < 3; i++) gemv_part(l, &bytes, &flops, R, C, C, 0);
+    blocks += 3 * ceil(C / 8); /* a warp per column, 8 a block */
     for (int i = 0; i < loras; i++) {
         gemv_part(l, &bytes, &flops, R, ranks[i], C, 0);
         /* split-K over up to 8 blocks per 32 columns (cuda_decode.cu): the
          * slices' partial sums written and read back once */
         const double split = C / 64 > 8 ? 8 : C / 64;
         bytes += split > 1 ? 2 * 4.0 * split * R * ranks[i] : 0;
+        blocks += ceil(ranks[i] / 32) * (split > 1 ? split : 1);
     }
-    add(l, "gemv_group (r, k, v, LoRA downs split-K)", 1, bytes, flops, 0);
+    if (fused) {
+        ln_prologue(&bytes, &l2, R, C, 6, blocks, 3 + loras);
+        flops += (blocks < H100_SMS ? blocks : H100_SMS) * 8 * R * C + (3 + loras) * 3 * R * C;
+        add_l2(l, "gemv_group (ln1 + mix, r, k, v, LoRA downs split-K)", 1, bytes, l2, flops,
+               0);
+    } else {
+        add(l, "gemv_group (r, k, v, LoRA downs split-K)", 1, bytes, flops, 0);
+    }
     l->pdl_edge = 1;
     bytes = flops = 0;
     for (int i = 0; i < loras; i++) {
@@ -172,10 +224,19 @@ static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R
     add(l, "time_mix_heads", 1, 4.0 * C * (13 * R + 5) + 2 * S * state,
         WKV_FLOPS_PER_ELEM * R * C * N + 30 * R * C, 0);
     gemv(l, "GEMV C x C (output)", 1, R, C, C, 1);
-    l->pdl_edge = 0;
-    ew(l, "ln_shift_mix (channel mix)", 1, R, C, 2 + 1 + 1, 2 + 1, 8 + 3);
-    gemv(l, "gemv_group (FFN key + relu^2)", 1, R, F, C, 0);
-    l->pdl_edge = 1;
+    if (fused) {
+        bytes = flops = l2 = 0;
+        gemv_part(l, &bytes, &flops, R, F, C, 0);
+        blocks = ceil(F / 8);
+        ln_prologue(&bytes, &l2, R, C, 1, blocks, 1);
+        flops += (blocks < H100_SMS ? blocks : H100_SMS) * 11 * R * C;
+        add_l2(l, "gemv_group (ln2 + mix, FFN key + relu^2)", 1, bytes, l2, flops, 0);
+    } else {
+        l->pdl_edge = 0;
+        ew(l, "ln_shift_mix (channel mix)", 1, R, C, 2 + 1 + 1, 2 + 1, 8 + 3);
+        gemv(l, "gemv_group (FFN key + relu^2)", 1, R, F, C, 0);
+        l->pdl_edge = 1;
+    }
     gemv(l, "GEMV FFN value (F -> C)", 1, R, C, F, 1);
     l->pdl_edge = 0;
 }

@@ -34,6 +34,12 @@
 // Partial sums of one launch: every job at its largest split.
 #define DEC_PART_FLOATS (RP_GEMV_JOBS_MAX * DEC_SPLIT_MAX * DEC_LAUNCH_ROWS * 32 * DEC_SPLIT_MAX_TILES)
 #define DEC_COUNTERS (RP_GEMV_JOBS_MAX * DEC_SPLIT_MAX_TILES)
+// The LN prologue's count of blocks done with the old token-shift state:
+// the counter after the split-K ones.
+#define DEC_LN_COUNTER DEC_COUNTERS
+// Most rows times C of the LN prologue: it keeps three such arrays in
+// dynamic shared memory (96 KiB at most; two blocks fit an H100 SM's 227).
+#define DEC_LN_MAX_FLOATS 8192
 
 // ---- gemv_group ----
 
@@ -47,6 +53,7 @@ struct dec_job {
     int w_bf16;
     int vec;             // out_in only: rows of W 16-byte aligned (vector loads)
     int act;             // rp_activation
+    const float *mu;     // gemv_group_ln_kernel: the mu of the mix that x is
     int epilogue;        // bias or act set: act(y + bias) after the sum
     float beta;
     int block_begin;     // first block of this job in the grid
@@ -91,7 +98,7 @@ static __device__ __forceinline__ void dec_store(const dec_job &j, int m, int n,
 // DEC_LOADS 16-byte loads issued before any is used; rows in blocks of
 // DEC_MAX_M, each block summing exactly as a launch of its rows alone.
 template <typename WT>
-static __device__ void dec_out_in(const dec_job &j, int M_all, int blk) {
+static __device__ void dec_out_in(const dec_job &j, const float *x_all, int M_all, int blk) {
     const int lane = threadIdx.x & 31, n = blk * (DEC_THREADS / 32) + (threadIdx.x >> 5);
     if (n >= j.N) return;  // the whole warp leaves together
     const int K = j.K;
@@ -99,7 +106,7 @@ static __device__ void dec_out_in(const dec_job &j, int M_all, int blk) {
 #pragma unroll 1
     for (int m0 = 0; m0 < M_all; m0 += DEC_MAX_M) {
         const int M = M_all - m0 < DEC_MAX_M ? M_all - m0 : DEC_MAX_M;
-        const float *x = j.x + (size_t)m0 * K;
+        const float *x = x_all + (size_t)m0 * K;
         float acc[DEC_MAX_M];
 #pragma unroll
         for (int m = 0; m < DEC_MAX_M; m++) acc[m] = 0.0f;
@@ -163,7 +170,7 @@ static __device__ void dec_out_in(const dec_job &j, int M_all, int blk) {
 // With split > 1 the block sums rows [s k_slice, (s + 1) k_slice) only and
 // the tile's last block adds the slices (in slice order, for every row).
 template <typename WT>
-static __device__ void dec_in_out(const dec_job &j, int M_all, int blk,
+static __device__ void dec_in_out(const dec_job &j, const float *x_all, int M_all, int blk,
                                   float (*part)[DEC_MAX_M][32], int *last) {
     const int tile = blk % j.tiles, slice = blk / j.tiles;
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, n = tile * 32 + tx;
@@ -173,7 +180,7 @@ static __device__ void dec_in_out(const dec_job &j, int M_all, int blk,
 #pragma unroll 1
     for (int m0 = 0; m0 < M_all; m0 += DEC_MAX_M) {
         const int M = M_all - m0 < DEC_MAX_M ? M_all - m0 : DEC_MAX_M;
-        const float *x = j.x + (size_t)m0 * j.K;
+        const float *x = x_all + (size_t)m0 * j.K;
         float acc[DEC_MAX_M];
 #pragma unroll
         for (int m = 0; m < DEC_MAX_M; m++) acc[m] = 0.0f;
@@ -253,32 +260,124 @@ static __device__ void dec_prefetch(const dec_job &j, int blk) {
     }
 }
 
+// The job whose blocks hold (virtual) block vb: the last whose block_begin
+// is <= vb (the same for the whole block, so the barrier in dec_in_out is
+// reached by every thread or none).
+static __device__ int dec_job_at(const dec_jobs &jobs, int vb) {
+    int ji = 0;
+    while (ji + 1 < jobs.n_jobs && jobs.job[ji + 1].block_begin <= vb) ji++;
+    return ji;
+}
+
+// The block's GEMV of job j from x_all [M, K] (global or shared memory).
+static __device__ void dec_gemv(const dec_job &j, const float *x_all, int M, int blk,
+                                float (*part)[DEC_MAX_M][32], int *last) {
+    if (j.in_out) {
+        if (j.w_bf16)
+            dec_in_out<__nv_bfloat16>(j, x_all, M, blk, part, last);
+        else
+            dec_in_out<float>(j, x_all, M, blk, part, last);
+    } else {
+        if (j.w_bf16)
+            dec_out_in<__nv_bfloat16>(j, x_all, M, blk);
+        else
+            dec_out_in<float>(j, x_all, M, blk);
+    }
+}
+
 // __launch_bounds__(.., 2): with the row-block loop ptxas picked 80 registers
 // and spilled 4 bytes; 2 blocks/SM (128 registers) keep it spill-free.
-// One grid over all jobs: block b belongs to the last job whose block_begin
-// is <= b (the same for the whole block, so the barrier in dec_in_out is
-// reached by every thread or none).
+// One grid over all jobs (dec_job_at).
 static __global__ void __launch_bounds__(DEC_THREADS, 2) gemv_group_kernel(dec_jobs jobs) {
     __shared__ float part[8][DEC_MAX_M][32];
     __shared__ int last[1];
-    int ji = 0;
-    while (ji + 1 < jobs.n_jobs && jobs.job[ji + 1].block_begin <= (int)blockIdx.x) ji++;
-    const dec_job &j = jobs.job[ji];
+    const dec_job &j = jobs.job[dec_job_at(jobs, (int)blockIdx.x)];
     const int blk = (int)blockIdx.x - j.block_begin;
     dec_prefetch(j, blk);
     // x, y (beta), the split-K partials and counts: the kernels before wrote them.
     rp_pdl_wait();
     rp_pdl_trigger();
-    if (j.in_out) {
-        if (j.w_bf16)
-            dec_in_out<__nv_bfloat16>(j, jobs.M, blk, part, last);
+    dec_gemv(j, j.x, jobs.M, blk, part, last);
+}
+
+// ---- gemv_group with the LN prologue (ln_mix_gemv_group) ----
+
+// ln_shift_mix's inputs, step mode (row r is sequence r).
+struct dec_ln {
+    const float *x, *weight, *bias;
+    float eps;
+    float *state_base;
+    size_t state_stride;
+    const int32_t *slot;
+    int C;
+    int w4, threads;   // ln_shift_mix_kernel's vector width and block size (its sum order)
+    int total;         // blocks of the jobs (dec_fill); the grid runs them in contiguous runs
+    unsigned *count;   // blocks done reading the old state (0 between launches)
+};
+
+// gemv_group_kernel after ln_shift_mix, in one launch of at most one block
+// per SM (each block runs a contiguous run of the group's blocks, so the LN
+// prologue is paid once per SM, not once per 8 columns). Every block forms
+// the layernorm of the rows (moments summed as ln_shift_mix_kernel sums
+// them: rp_row_moments with its block size, the same bits) and keeps it and
+// the old token-shift state in shared memory; the block that counts last,
+// when every block has read the old state, stores the new one. Each job's
+// mix is formed from those when the run reaches the job. The W prefetch of
+// the whole run still comes before the grid dependency sync. Nothing else
+// reads xa, prev or the mixes, so they are never stored.
+static __global__ void __launch_bounds__(DEC_THREADS, 2)
+    gemv_group_ln_kernel(dec_jobs jobs, dec_ln ln) {
+    __shared__ float part[8][DEC_MAX_M][32];
+    __shared__ int last[1], state_last[1];
+    __shared__ double red[32];
+    extern __shared__ float dyn[];  // [3, M, C]: LN output, old state, the current mix
+    const int C = ln.C, M = jobs.M;
+    const size_t RC = (size_t)M * C;
+    float *ln_out = dyn, *old = dyn + RC, *xs = dyn + 2 * RC;
+    const int vb_begin = (int)((long long)blockIdx.x * ln.total / gridDim.x);
+    const int vb_end = (int)((long long)(blockIdx.x + 1) * ln.total / gridDim.x);
+    for (int vb = vb_begin; vb < vb_end; vb++) {
+        const dec_job &j = jobs.job[dec_job_at(jobs, vb)];
+        dec_prefetch(j, vb - j.block_begin);
+    }
+    // x (the residual stream) and the state: the kernels before wrote them.
+    rp_pdl_wait();
+    rp_pdl_trigger();
+    for (int r = 0; r < M; r++) {
+        const float *xr = ln.x + (size_t)r * C;
+        const float *st = ln.state_base + (size_t)ln.slot[r] * ln.state_stride;
+        float m, s;
+        if (ln.w4)
+            rp_row_moments<4>(xr, C, ln.eps, ln.threads, red, &m, &s);
         else
-            dec_in_out<float>(j, jobs.M, blk, part, last);
-    } else {
-        if (j.w_bf16)
-            dec_out_in<__nv_bfloat16>(j, jobs.M, blk);
-        else
-            dec_out_in<float>(j, jobs.M, blk);
+            rp_row_moments<1>(xr, C, ln.eps, ln.threads, red, &m, &s);
+        for (int c = threadIdx.x; c < C; c += DEC_THREADS) {
+            ln_out[(size_t)r * C + c] = rp_ln_value(xr[c], m, s, ln.weight[c], ln.bias[c]);
+            old[(size_t)r * C + c] = st[c];
+        }
+    }
+    __syncthreads();  // the old state read by the whole block
+    if (threadIdx.x == 0) state_last[0] = atomicAdd(ln.count, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (state_last[0]) {  // the same for the whole block
+        for (int r = 0; r < M; r++) {
+            float *st = ln.state_base + (size_t)ln.slot[r] * ln.state_stride;
+            for (int c = threadIdx.x; c < C; c += DEC_THREADS) st[c] = ln_out[(size_t)r * C + c];
+        }
+        if (threadIdx.x == 0) ln.count[0] = 0u;  // ready for the next launch (or graph replay)
+    }
+    const float *mu = nullptr;
+    for (int vb = vb_begin; vb < vb_end; vb++) {
+        const dec_job &j = jobs.job[dec_job_at(jobs, vb)];
+        // the last run's GEMV is done with xs and part (dec_out_in has no barrier)
+        __syncthreads();
+        if (j.mu != mu) {
+            mu = j.mu;
+            for (size_t e = threadIdx.x; e < RC; e += DEC_THREADS)
+                xs[e] = rp_mix_value(ln_out[e], old[e], mu[e % C]);
+            __syncthreads();
+        }
+        dec_gemv(j, xs, M, vb - j.block_begin, part, last);
     }
 }
 
@@ -290,11 +389,19 @@ static int dec_split_buffers(rp_cuda_ctx *cx) {
     float *part = nullptr;
     unsigned *count = nullptr;
     if (!RP_CUDA_OK(cx, cudaMalloc((void **)&part, DEC_PART_FLOATS * sizeof(float)))) return 0;
-    if (!RP_CUDA_OK(cx, cudaMalloc((void **)&count, DEC_COUNTERS * sizeof(unsigned)))) {
+    if (!RP_CUDA_OK(cx, cudaMalloc((void **)&count, (DEC_COUNTERS + 1) * sizeof(unsigned)))) {
         cudaFree(part);
         return 0;
     }
-    if (!RP_CUDA_OK(cx, cudaMemsetAsync(count, 0, DEC_COUNTERS * sizeof(unsigned), cx->stream))) {
+    if (!RP_CUDA_OK(cx, cudaMemsetAsync(count, 0, (DEC_COUNTERS + 1) * sizeof(unsigned), cx->stream))) {
+        cudaFree(part);
+        cudaFree(count);
+        return 0;
+    }
+    // the LN prologue's shared memory (gemv_group_ln_kernel): past the 48 KiB default
+    if (!RP_CUDA_OK(cx, cudaFuncSetAttribute(gemv_group_ln_kernel,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)(3 * DEC_LN_MAX_FLOATS * sizeof(float))))) {
         cudaFree(part);
         cudaFree(count);
         return 0;
@@ -307,9 +414,9 @@ static int dec_split_buffers(rp_cuda_ctx *cx) {
 // One gemv_group launch of M <= DEC_LAUNCH_ROWS rows starting at row m0 of
 // every job; split_ok 0: no split-K (the bits of the unfused GEMVs, for
 // matmul_linear / matmul_lora of decode rows).
-static void dec_launch(rp_cuda_ctx *cx, const rp_gemv_job *jobs, int n_jobs, int m0, int M,
-                       int split_ok) {
-    dec_jobs p;
+// The kernel arguments of one launch (dec_launch); returns its blocks.
+static int dec_fill(rp_cuda_ctx *cx, const rp_gemv_job *jobs, int n_jobs, int m0, int M,
+                    int split_ok, dec_jobs &p) {
     p.n_jobs = n_jobs;
     p.M = M;
     int blocks = 0;
@@ -329,6 +436,7 @@ static void dec_launch(rp_cuda_ctx *cx, const rp_gemv_job *jobs, int n_jobs, int
         const size_t esize = w16 ? sizeof(__nv_bfloat16) : sizeof(float);
         d.vec = (uintptr_t)d.w % 16 == 0 && (size_t)g->K * esize % 16 == 0;
         d.act = (int)g->act;
+        d.mu = nullptr;
         d.epilogue = g->bias || g->act != RP_ACT_NONE;
         d.beta = g->beta;
         d.block_begin = blocks;
@@ -352,6 +460,13 @@ static void dec_launch(rp_cuda_ctx *cx, const rp_gemv_job *jobs, int n_jobs, int
         blocks += g->w_in_out ? d.tiles * d.split
                               : (g->N + DEC_THREADS / 32 - 1) / (DEC_THREADS / 32);
     }
+    return blocks;
+}
+
+static void dec_launch(rp_cuda_ctx *cx, const rp_gemv_job *jobs, int n_jobs, int m0, int M,
+                       int split_ok) {
+    dec_jobs p;
+    const int blocks = dec_fill(cx, jobs, n_jobs, m0, M, split_ok, p);
     cudaLaunchAttribute attr[1];
     const cudaLaunchConfig_t cfg = rp_cuda_pdl_config(cx, dim3((unsigned)blocks), dim3(DEC_THREADS), attr);
     // A launch error is also the last error, which RP_CUDA_LAUNCHED records.
@@ -389,6 +504,61 @@ static void cuda_gemv_group(rp_backend *be, const rp_gemv_job *jobs, int n_jobs,
         return;
     }
     dec_run(cx, jobs, n_jobs, M, 1);
+}
+
+// pre's mix that job x is, or -1.
+static int dec_mix_of(const rp_ln_mix *pre, const float *x) {
+    for (int i = 0; i < pre->n_mix; i++)
+        if (pre->mix[i] == x) return i;
+    return -1;
+}
+
+// One launch of gemv_group_ln_kernel when every sequence has one row, the
+// rows' mixes fit in shared memory and every job reads a mix of C floats a
+// row; else the two ops.
+static void cuda_ln_mix_gemv_group(rp_backend *be, const rp_ln_mix *pre, const rp_batch *batch,
+                                   const rp_gemv_job *jobs, int n_jobs) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int R = batch->n_rows, C = pre->C;
+    int fused = R > 0 && batch->n_seq == R && R <= DEC_MAX_M && C > 0 &&
+                (size_t)R * C <= DEC_LN_MAX_FLOATS && n_jobs > 0 &&
+                n_jobs <= RP_GEMV_JOBS_MAX && pre->n_mix > 0 && pre->n_mix <= RP_MIX_MAX;
+    for (int i = 0; i < n_jobs && fused; i++)
+        if (jobs[i].N <= 0 || jobs[i].K != C || dec_mix_of(pre, jobs[i].x) < 0) fused = 0;
+    if (!fused || !dec_split_buffers(cx)) {
+        be->ln_shift_mix(be, pre->xa, pre->prev, pre->mix, pre->mu, pre->n_mix, pre->x,
+                         pre->weight, pre->bias, pre->eps, pre->state_base, pre->state_stride,
+                         batch, C);
+        be->gemv_group(be, jobs, n_jobs, R);
+        return;
+    }
+    rp_cuda_batch b;
+    if (!rp_cuda_upload_batch(cx, batch, &b)) return;
+    dec_jobs p;
+    const int blocks = dec_fill(cx, jobs, n_jobs, 0, R, 1, p);
+    for (int i = 0; i < n_jobs; i++) p.job[i].mu = pre->mu[dec_mix_of(pre, jobs[i].x)];
+    dec_ln ln;
+    memset(&ln, 0, sizeof ln);
+    ln.x = pre->x;
+    ln.weight = pre->weight;
+    ln.bias = pre->bias;
+    ln.eps = pre->eps;
+    ln.state_base = pre->state_base;
+    ln.state_stride = pre->state_stride;
+    ln.slot = b.slot;
+    ln.C = C;
+    ln.w4 = rp_cuda_ln_shift_mix_shape(pre->xa, pre->prev, pre->mix, pre->mu, pre->n_mix,
+                                       pre->x, pre->weight, pre->bias, pre->state_base,
+                                       pre->state_stride, C, &ln.threads) == 4;
+    ln.count = cx->dec_count + DEC_LN_COUNTER;
+    ln.total = blocks;
+    const int sms = cx->n_sm > 0 ? cx->n_sm : 1;
+    const int grid = blocks < sms ? blocks : sms;
+    cudaLaunchAttribute attr[1];
+    cudaLaunchConfig_t cfg = rp_cuda_pdl_config(cx, dim3((unsigned)grid), dim3(DEC_THREADS), attr);
+    cfg.dynamicSmemBytes = 3 * (size_t)R * C * sizeof(float);
+    (void)cudaLaunchKernelEx(&cfg, gemv_group_ln_kernel, p, ln);
+    RP_CUDA_LAUNCHED(cx, "gemv_group_ln");
 }
 
 // ---- decode rows (backend.h: set_decode_rows) ----
@@ -642,5 +812,6 @@ void rp_cuda_install_decode(rp_backend *be) {
     be->matmul_lora = cuda_dec_matmul_lora;
     be->set_decode_rows = cuda_set_decode_rows;
     be->gemv_group = cuda_gemv_group;
+    be->ln_mix_gemv_group = cuda_ln_mix_gemv_group;
     be->time_mix_heads = cuda_time_mix_heads;
 }

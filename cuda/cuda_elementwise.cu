@@ -54,16 +54,9 @@ static __device__ __forceinline__ float warp_sum_float(float v) {
     return __shfl_sync(FULL_MASK, v, 0);
 }
 
-// Sum of v over the block (blockDim.x a multiple of 32), the same value in
-// every thread: each warp reduces the per-warp partials in the same order.
-// `shared` [32] may be reused by the next call (the first barrier guards it).
+// Sum of v over the block: rp_block_sum_double (cuda_internal.h).
 static __device__ double block_sum_double(double v, double *shared) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = rp_warp_sum_double(v);
-    __syncthreads();
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    return rp_warp_sum_double(lane < n_warps ? shared[lane] : 0.0);
+    return rp_block_sum_double(v, shared);
 }
 
 static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
@@ -90,37 +83,13 @@ static unsigned warp_blocks(size_t groups) {
 
 // ---- layernorm ----
 
-// The moments of row xr [C] over the block (every thread gets them): as
-// cpu_moments, the mean of the floats summed in double, then the double sum
-// of (x - mean)^2 with x - mean rounded to float first. One copy for
-// layernorm_kernel and ln_shift_mix_kernel, so the two give the same bits.
+// The moments of row xr [C] over the block (every thread gets them):
+// rp_row_moments (cuda_internal.h), shared with ln_shift_mix_kernel and the
+// decode GEMVs' LN prologue, so all give the same bits.
 template <int W>
 static __device__ void row_moments(const float *xr, int C, float eps, double *shared,
                                    float *mean_out, float *rstd_out) {
-    const int step = blockDim.x * W;
-    double sum = 0.0;
-    for (int c = threadIdx.x * W; c < C; c += step) {
-        float v[W];
-        load_w<W>(v, xr + c);
-#pragma unroll
-        for (int i = 0; i < W; i++) sum += (double)v[i];
-    }
-    sum = block_sum_double(sum, shared);
-    const float m = (float)(sum / C);
-
-    double sq = 0.0;
-    for (int c = threadIdx.x * W; c < C; c += step) {
-        float v[W];
-        load_w<W>(v, xr + c);
-#pragma unroll
-        for (int i = 0; i < W; i++) {
-            const double d = (double)(v[i] - m);
-            sq += d * d;
-        }
-    }
-    sq = block_sum_double(sq, shared);
-    *mean_out = m;
-    *rstd_out = (float)(1.0 / sqrt(sq / C + (double)eps));
+    rp_row_moments<W>(xr, C, eps, (int)blockDim.x, shared, mean_out, rstd_out);
 }
 
 // x [R,C] -> y [R,C], mean/rstd [R] (optional); one block per row.
@@ -352,7 +321,7 @@ static __global__ void ln_shift_mix_kernel(float *xa, float *prev, mix_ptrs mp, 
         load_w<W>(w, weight + c);
         load_w<W>(b, bias + c);
 #pragma unroll
-        for (int i = 0; i < W; i++) a[i] = (v[i] - m) * s * w[i] + b[i];
+        for (int i = 0; i < W; i++) a[i] = rp_ln_value(v[i], m, s, w[i], b[i]);
         store_w<W>(xa + o + c, a);
         load_w<W>(old, st + c);
         store_w<W>(prev + o + c, old);
@@ -361,10 +330,24 @@ static __global__ void ln_shift_mix_kernel(float *xa, float *prev, mix_ptrs mp, 
             float mu[W], out[W];
             load_w<W>(mu, mp.mu[k] + c);
 #pragma unroll
-            for (int i = 0; i < W; i++) out[i] = a[i] + (old[i] - a[i]) * mu[i];
+            for (int i = 0; i < W; i++) out[i] = rp_mix_value(a[i], old[i], mu[i]);
             store_w<W>(mp.mix[k] + o + c, out);
         }
     }
+}
+
+// The vector width (4 or 1) and block size (*threads) ln_shift_mix_kernel
+// runs with for these arguments: the LN moments' summation order, which the
+// decode GEMVs' LN prologue (cuda_decode.cu) repeats for the same bits.
+int rp_cuda_ln_shift_mix_shape(const float *xa, const float *prev, const float *const *mix,
+                               const float *const *mu, int n_mix, const float *x,
+                               const float *weight, const float *bias, const float *state_base,
+                               size_t state_stride, int C, int *threads) {
+    bool vec = C % 4 == 0 && state_stride % 4 == 0 && aligned16(xa) && aligned16(prev) &&
+               aligned16(x) && aligned16(weight) && aligned16(bias) && aligned16(state_base);
+    for (int i = 0; i < n_mix; i++) vec = vec && aligned16(mix[i]) && aligned16(mu[i]);
+    *threads = row_threads(vec ? C / 4 : C);
+    return vec ? 4 : 1;
 }
 
 static void cuda_ln_shift_mix(rp_backend *be, float *xa, float *prev, float *const *mix,
@@ -389,18 +372,17 @@ static void cuda_ln_shift_mix(rp_backend *be, float *xa, float *prev, float *con
     rp_cuda_batch b;
     if (!rp_cuda_upload_batch(cx, batch, &b)) return;
     mix_ptrs mp = {};
-    bool vec = C % 4 == 0 && state_stride % 4 == 0 && aligned16(xa) && aligned16(prev) &&
-               aligned16(x) && aligned16(weight) && aligned16(bias) && aligned16(state_base);
     for (int i = 0; i < n_mix; i++) {
         mp.mix[i] = mix[i];
         mp.mu[i] = mu[i];
-        vec = vec && aligned16(mix[i]) && aligned16(mu[i]);
     }
-    if (vec)
-        ln_shift_mix_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(
+    int threads = 0;
+    if (rp_cuda_ln_shift_mix_shape(xa, prev, mix, mu, n_mix, x, weight, bias, state_base,
+                                   state_stride, C, &threads) == 4)
+        ln_shift_mix_kernel<4><<<R, threads, 0, cx->stream>>>(
             xa, prev, mp, n_mix, x, weight, bias, eps, state_base, state_stride, b.slot, C);
     else
-        ln_shift_mix_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(
+        ln_shift_mix_kernel<1><<<R, threads, 0, cx->stream>>>(
             xa, prev, mp, n_mix, x, weight, bias, eps, state_base, state_stride, b.slot, C);
     RP_CUDA_LAUNCHED(cx, "ln_shift_mix");
 }

@@ -127,6 +127,13 @@ struct rp_cuda_ctx {
 
 static inline rp_cuda_ctx *rp_cuda_of(rp_backend *be) { return (rp_cuda_ctx *)be->impl; }
 
+// The vector width (4 or 1) and block size of ln_shift_mix_kernel for these
+// arguments (cuda_elementwise.cu), for the decode GEMVs' LN prologue.
+int rp_cuda_ln_shift_mix_shape(const float *xa, const float *prev, const float *const *mix,
+                               const float *const *mu, int n_mix, const float *x,
+                               const float *weight, const float *bias, const float *state_base,
+                               size_t state_stride, int C, int *threads);
+
 // Programmatic dependent launch (Hopper, docs/gpu.md "(issue 15) PDL"): the
 // decode kernels are launched with cudaLaunchKernelEx and the programmatic
 // stream serialization attribute, so a kernel may start while the one before
@@ -362,6 +369,58 @@ __device__ __forceinline__ void rp_warp_group_moments(const float *x, int n, flo
     sq = rp_warp_sum_double(sq);
     *mean = m;
     *rstd = (float)(1.0 / sqrt(sq / n + (double)eps));
+}
+
+// Sum of v over the block (blockDim.x a multiple of 32), the same value in
+// every thread: each warp reduces the per-warp partials in the same order.
+// `shared` [32] may be reused by the next call (the first barrier guards it).
+__device__ __forceinline__ double rp_block_sum_double(double v, double *shared) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = rp_warp_sum_double(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    return rp_warp_sum_double(lane < n_warps ? shared[lane] : 0.0);
+}
+
+// Layernorm moments of row xr [C] as cpu_moments (the mean of the floats
+// summed in double, then the double sum of (x - mean)^2 with x - mean rounded
+// to float first), summed as a block of `threads` threads would: thread t
+// takes W floats at t W, t W + threads W, ...; threads from `threads` up to
+// blockDim.x add 0 (exact), so a bigger block gets the same bits. Every
+// thread gets them. layernorm_kernel, ln_shift_mix_kernel and the decode
+// GEMVs' LN prologue (cuda_decode.cu) all call it.
+template <int W>
+__device__ __forceinline__ void rp_row_moments(const float *xr, int C, float eps, int threads, double *shared,
+                               float *mean_out, float *rstd_out) {
+    const int step = threads * W;
+    const int c0 = (int)threadIdx.x < threads ? (int)threadIdx.x * W : C;
+    double sum = 0.0;
+    for (int c = c0; c < C; c += step)
+#pragma unroll
+        for (int i = 0; i < W; i++) sum += (double)xr[c + i];
+    sum = rp_block_sum_double(sum, shared);
+    const float m = (float)(sum / C);
+    double sq = 0.0;
+    for (int c = c0; c < C; c += step)
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            const double d = (double)(xr[c + i] - m);
+            sq += d * d;
+        }
+    sq = rp_block_sum_double(sq, shared);
+    *mean_out = m;
+    *rstd_out = (float)(1.0 / sqrt(sq / C + (double)eps));
+}
+
+// The layernorm output of one element, then its lerp with the token-shift
+// value: one expression each for ln_shift_mix_kernel and the fused decode
+// GEMVs, so nvcc contracts them alike (the same bits).
+__device__ __forceinline__ float rp_ln_value(float v, float m, float s, float w, float b) {
+    return (v - m) * s * w + b;
+}
+__device__ __forceinline__ float rp_mix_value(float a, float old, float mu) {
+    return a + (old - a) * mu;
 }
 
 #endif

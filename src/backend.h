@@ -77,6 +77,19 @@ enum { RP_ROWS_DECODE = 1, RP_ROWS_PREFILL = 2 };
 
 /* Most mixes one ln_shift_mix call forms (the six of the time mix). */
 #define RP_MIX_MAX 6
+/* The arguments of one ln_shift_mix call, for rp_backend.ln_mix_gemv_group. */
+typedef struct rp_ln_mix {
+    float *xa, *prev;            /* [R,C] scratch (see ln_mix_gemv_group) */
+    float *mix[RP_MIX_MAX];      /* [R,C] scratch; a job reads mix i as its x */
+    const float *mu[RP_MIX_MAX]; /* [C] */
+    int n_mix;
+    const float *x, *weight, *bias;
+    float eps;
+    float *state_base;           /* token-shift state slots */
+    size_t state_stride;
+    int C;
+} rp_ln_mix;
+
 /* Most gradient terms one shift_mix_backward call takes: the six mixes of
  * the time mix, xv twice (its value GEMM and the value-residual LoRA). */
 #define RP_MIX_TERMS_MAX 7
@@ -247,6 +260,15 @@ struct rp_backend {
      * act is set, bias_act(y, bias, M, N, act). The outputs of a call must
      * not overlap any of its inputs. CUDA: one launch for M <= 8. */
     void (*gemv_group)(rp_backend *be, const struct rp_gemv_job *jobs, int n_jobs, int M);
+    /* ln_shift_mix of pre (batch) then gemv_group(jobs, n_jobs, n_rows), the
+     * jobs reading the mixes (each job's x one of pre->mix): the state and
+     * the jobs' outputs are exactly those of the two calls; pre's xa, prev
+     * and mix hold unspecified values afterwards (scratch that only these
+     * jobs read). Optional (NULL: the model makes the two calls). CUDA: one
+     * launch in step mode for few rows, each block forming the LN and the
+     * mix its job reads, with the same bits (docs/gpu.md, issue 15). */
+    void (*ln_mix_gemv_group)(rp_backend *be, const rp_ln_mix *pre, const rp_batch *batch,
+                              const struct rp_gemv_job *jobs, int n_jobs);
     /* Dependent GEMVs (1 <= n_jobs <= RP_GEMV_JOBS_MAX): job j + 1 reads
      * job j's output after its bias/act (jobs[j + 1].x == jobs[j].y); the
      * same as gemv_group(be, jobs + j, 1, M) for j = 0, 1, ... in order.

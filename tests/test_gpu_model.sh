@@ -3,7 +3,8 @@
 # bench/gpu_model.c) without a GPU: its numbers must follow from the shapes
 # in src/model/config.c. The weight floor is recomputed here from the
 # parameter formula, the launches per decode token from rp_block_forward's op
-# count (8 per layer with the fused decode ops, layer 0 too, + embedding,
+# count (6 per layer with the fused decode ops and the LN prologue in the
+# GEMVs at batch 1, layer 0 too, + embedding,
 # ln0, ln_out, head, + the step-input copy; the head reads decode rows in
 # place, no gather), the
 # graph column at least one graph launch plus 1 us per node, the graph + PDL
@@ -35,10 +36,11 @@ for name, (L, C, V, *ranks) in shapes.items():
     if not m:
         bad.append(f"no decode row for {name}"); continue
     launches, wmb, floor, plain, xp, graph, xg, bound, pdl, xpdl = m.groups()
-    # kernels + copies: 8 per layer + embedding, ln0, ln_out, head + the
-    # step-input copy (no head row gather: decode rows are read in place)
-    if int(launches) != 8 * L + 5:
-        bad.append(f"{name}: {launches} launches per token, expected {8 * L + 5}")
+    # kernels + copies: 6 per layer (ln_shift_mix inside the GEMV groups) +
+    # embedding, ln0, ln_out, head + the step-input copy (no head row
+    # gather: decode rows are read in place)
+    if int(launches) != 6 * L + 5:
+        bad.append(f"{name}: {launches} launches per token, expected {6 * L + 5}")
     if abs(float(wmb) - wbytes / 1e6) > 0.06:
         bad.append(f"{name}: weight MB {wmb}, expected {wbytes / 1e6:.1f}")
     if abs(float(floor) - floor_us) > 0.06:

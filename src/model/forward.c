@@ -134,12 +134,38 @@ static int decode_fusable(const rp_backend *be, const rp_layer_activations *s) {
            !s->v_pre && !s->og && !s->gn_mean && !s->wkv_checkpoints && !s->x_mid;
 }
 
+/* ln_shift_mix's arguments as one struct (ln_mix_gemv_group). */
+static rp_ln_mix ln_mix_args(float *xa, float *prev, float *const *mix, const float *const *mu,
+                             int n_mix, const float *x, const float *weight, const float *bias,
+                             float *state_base, size_t state_stride, int C) {
+    rp_ln_mix p;
+    memset(&p, 0, sizeof p);
+    p.xa = xa;
+    p.prev = prev;
+    for (int i = 0; i < n_mix; i++) {
+        p.mix[i] = mix[i];
+        p.mu[i] = mu[i];
+    }
+    p.n_mix = n_mix;
+    p.x = x;
+    p.weight = weight;
+    p.bias = bias;
+    p.eps = RP_LN_EPS;
+    p.state_base = state_base;
+    p.state_stride = state_stride;
+    p.C = C;
+    return p;
+}
+
 /* The time mix of a decode call from the six mixes: the same ops as the
  * unfused path below, grouped into gemv_group (r, k, v and the four LoRA
  * down-projections; then the four up-projections with their epilogues),
- * time_mix_heads and the output GEMV with its residual add. */
+ * time_mix_heads and the output GEMV with its residual add. pre non-NULL:
+ * ln_shift_mix was not called; it goes with the first group (the backend
+ * forms the mixes inside the GEMVs: ln_mix_gemv_group). */
 static void decode_time_mix(const rp_model *m, rp_layer_activations *s, float *x,
-                            float *v_first, int layer, rp_state *state, const rp_batch *batch) {
+                            float *v_first, int layer, rp_state *state, const rp_batch *batch,
+                            const rp_ln_mix *pre) {
     rp_backend *be = m->be;
     const rp_config *c = &m->cfg;
     const rp_layer_weights *w = &m->layers[layer - m->layer_begin];
@@ -162,7 +188,10 @@ static void decode_time_mix(const rp_model *m, rp_layer_activations *s, float *x
         {s->nu, h[3], w->v2, w->v0, C, c->d_value, 1, 0.0f, RP_ACT_SIGMOID},
     };
     const int has_nu = layer != 0;  /* layer 0's v is v_first: no value residual */
-    be->gemv_group(be, down, has_nu ? 7 : 6, R);
+    if (pre)
+        be->ln_mix_gemv_group(be, pre, batch, down, has_nu ? 7 : 6);
+    else
+        be->gemv_group(be, down, has_nu ? 7 : 6, R);
     be->gemv_group(be, up, has_nu ? 4 : 3, R);
     const rp_time_mix_heads args = {
         s->o_gn, s->y, s->kk, s->k, s->v, v_first, has_nu ? s->nu : NULL, s->r, s->w_raw,
@@ -188,6 +217,15 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
      * one op, into the workspace's shared mix buffers. */
     const int train_fused = !fused && be->shift_mix && s->tmix[0];
     const float *mu[RP_MIX_MAX] = {w->x_r, w->x_k, w->x_v, w->x_w, w->x_a, w->x_g};
+    if (fused && decode_fusable(be, s) && be->ln_mix_gemv_group) {
+        const rp_ln_mix pre = ln_mix_args(s->xa, s->prev_att, s->mix, mu, RP_MIX_MAX, x,
+                                          w->ln1_weight, w->ln1_bias,
+                                          rp_state_att_x_prev(state, 0, layer),
+                                          state->floats_per_slot, C);
+        decode_time_mix(m, s, x, v_first, layer, state, batch, &pre);
+        channel_mix(m, s, x, layer, state, batch);
+        return;
+    }
     if (fused) {
         be->ln_shift_mix(be, s->xa, s->prev_att, s->mix, mu, RP_MIX_MAX, x, w->ln1_weight,
                          w->ln1_bias, RP_LN_EPS, rp_state_att_x_prev(state, 0, layer),
@@ -204,7 +242,7 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
                             state->floats_per_slot, batch, C);
     }
     if (fused && decode_fusable(be, s)) {
-        decode_time_mix(m, s, x, v_first, layer, state, batch);
+        decode_time_mix(m, s, x, v_first, layer, state, batch, NULL);
         channel_mix(m, s, x, layer, state, batch);
         return;
     }
@@ -276,6 +314,19 @@ static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, in
     rp_backend *be = m->be;
     const rp_layer_weights *w = &m->layers[layer - m->layer_begin];
     const int R = batch->n_rows, C = m->cfg.n_embd, F = m->cfg.dim_ffn;
+    if (be->ln_mix_gemv_group && be->ln_shift_mix && !be->gemv_chain && be->gemv_group &&
+        !s->ln2_mean && !s->x_mid && R <= s->mix_rows) {
+        /* ln2, the shift and the key mix inside the key GEMV (one op), then the value */
+        const float *mu[1] = {w->ffn_x_k};
+        const rp_ln_mix pre = ln_mix_args(s->xf, s->prev_ffn, &s->kf, mu, 1, x, w->ln2_weight,
+                                          w->ln2_bias, rp_state_ffn_x_prev(state, 0, layer),
+                                          state->floats_per_slot, C);
+        const rp_gemv_job key = {s->ffn_hidden, s->kf, w->ffn_key, NULL, F, C, 0, 0.0f,
+                                 RP_ACT_RELU_SQUARED};
+        be->ln_mix_gemv_group(be, &pre, batch, &key, 1);
+        be->matmul_linear(be, x, s->ffn_hidden, w->ffn_value, R, C, F, 1.0f);
+        return;
+    }
     if (be->ln_shift_mix && !s->ln2_mean && !s->x_mid) {
         const float *mu[1] = {w->ffn_x_k};
         be->ln_shift_mix(be, s->xf, s->prev_ffn, &s->kf, mu, 1, x, w->ln2_weight, w->ln2_bias,

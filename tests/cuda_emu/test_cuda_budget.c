@@ -28,8 +28,10 @@
  * LoRA; 27 with ln_shift_mix (ln1 + shift + six lerps, ln2 + shift + lerp);
  * 8 with the fused decode ops: ln_shift_mix, gemv_group (r k v + LoRA
  * downs), gemv_group (LoRA ups), time_mix_heads, output GEMV, ln_shift_mix,
- * gemv_group (FFN key + relu^2), FFN value GEMV. Lower it with every fusion. */
-#define LAUNCH_BUDGET_PER_LAYER 8
+ * gemv_group (FFN key + relu^2), FFN value GEMV; 6 with each ln_shift_mix
+ * inside the gemv_group that reads its mixes (ln_mix_gemv_group). Lower it
+ * with every fusion. */
+#define LAUNCH_BUDGET_PER_LAYER 6
 
 /* fp32 -> bf16 conversion kernels (to_bf16_kernel) in one training step
  * (forward + backward, no optimizer) of the tiny 2-layer model in BF16 math,
@@ -593,6 +595,65 @@ static void test_decode_model_twin(void **s) {
     }
 }
 
+/* Decode steps (batches of 3, 1 and 2 sequences) of the tiny model on the
+ * CUDA backend with ln_mix_gemv_group (each ln_shift_mix inside the GEMV
+ * launch that reads its mixes) and without it (ln_shift_mix then
+ * gemv_group), in fp32 and bf16 math, and on a device of 3 SMs (EMU_SMS:
+ * the fused kernel's blocks then run several GEMV blocks of several jobs
+ * each): logits and the whole state equal bit for bit, and the fused side
+ * launches two kernels a layer fewer. */
+static void test_decode_ln_mix_exact(void **s) {
+    (void)s;
+    static const rp_cuda_math maths[3] = {RP_CUDA_MATH_FP32, RP_CUDA_MATH_BF16,
+                                          RP_CUDA_MATH_FP32};
+    static const char *const sms[3] = {NULL, NULL, "3"};
+    for (int mi = 0; mi < 3; mi++) {
+        rp_error err;
+        decode_side side[2];
+        if (sms[mi]) setenv("EMU_SMS", sms[mi], 1);
+        side_open(&side[0], rp_cuda_backend_create(0, maths[mi], &err));
+        side_open(&side[1], rp_cuda_backend_create(0, maths[mi], &err));
+        unsetenv("EMU_SMS");
+        assert_non_null(side[0].be->ln_mix_gemv_group);
+        side[1].be->ln_mix_gemv_group = NULL;
+        const size_t V = (size_t)side[0].model.cfg.vocab_size;
+        const size_t sf = side[0].state.floats_per_slot * MAX_SEQS;
+        float *logits[2], *state[2];
+        for (int i = 0; i < 2; i++) {
+            logits[i] = malloc(MAX_SEQS * V * sizeof(float));
+            state[i] = malloc(sf * sizeof(float));
+            assert_non_null(logits[i]);
+            assert_non_null(state[i]);
+        }
+        static const int n_seq[6] = {3, 3, 1, 2, 3, 1};
+        for (int step = 0; step < 6; step++) {
+            unsigned long long launched[2];
+            for (int i = 0; i < 2; i++) {
+                const unsigned long long before = counter(launches);
+                side_step(&side[i], n_seq[step], step, logits[i], state[i]);
+                launched[i] = counter(launches) - before;
+            }
+            const int same_logits =
+                !memcmp(logits[0], logits[1], (size_t)n_seq[step] * V * sizeof(float));
+            const int same_state = !memcmp(state[0], state[1], sf * sizeof(float));
+            printf("%s math, %s SMs, decode step %d (%d seqs): %llu launches fused, %llu "
+                   "not; logits %s, state %s\n", maths[mi] == RP_CUDA_MATH_BF16 ? "bf16" : "fp32",
+                   sms[mi] ? sms[mi] : "132", step, n_seq[step],
+                   launched[0], launched[1], same_logits ? "equal" : "DIFFER",
+                   same_state ? "equal" : "DIFFER");
+            assert_true(same_logits);
+            assert_true(same_state);
+            assert_true(launched[0] + 2 * (unsigned long long)side[0].model.cfg.n_layer ==
+                        launched[1]);
+        }
+        for (int i = 0; i < 2; i++) {
+            free(logits[i]);
+            free(state[i]);
+            side_close(&side[i]);
+        }
+    }
+}
+
 /* ---- decode step graphs: replay == eager, bit for bit ---- */
 
 /* One decode step of n_seq sequences into the fixed logits buffer dl (a
@@ -1004,6 +1065,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_twin, setup, teardown),
         cmocka_unit_test(test_decode_model_twin),
+        cmocka_unit_test(test_decode_ln_mix_exact),
         cmocka_unit_test(test_decode_graph_replay),
         cmocka_unit_test(test_decode_graph_refuses_sync),
         cmocka_unit_test(test_decode_graph_pdl),
