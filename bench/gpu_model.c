@@ -351,6 +351,31 @@ static void mix_backward(kernel_list *l, double R, double C, int terms) {
         4.0 * C * (terms * chunks + 2 * terms), terms * chunks * C, 0);
 }
 
+/* shift_mix_ln_backward (cuda_backward.cu; C a multiple of 128, at most
+ * 2048): the mix backward of `terms` mix gradients and the backward of the
+ * LayerNorm that made the mixes' x in one kernel per row chunk. It reads the
+ * terms, x and prev, the norm's input, dx (+=, with its bf16 copy: the next
+ * GEMM backward's dY) and writes the chunk partials of the dmu, dweight and
+ * dbias; the d(LN out) [R,C] is never stored. The finish kernel sums the
+ * partials in a fixed order and writes the slots' d(state). */
+static int mix_ln_fused(double C) { return fmod(C, 128) == 0 && C <= 2048; }
+static void mix_ln_backward(kernel_list *l, double R, double C, int terms) {
+    if (!mix_ln_fused(C)) {
+        mix_backward(l, R, C, terms);
+        ew(l, "layernorm backward (dx + params)", 2, R, C, 4 + BF16_OUT / 2, 4, 12);
+        return;
+    }
+    double chunks = ceil(R / 64);
+    if (chunks > 256) chunks = 256;
+    if (chunks < 1) chunks = 1;
+    const double parts = terms + 2;
+    add(l, "shift_mix_ln_backward (mix + shift + LN dx + partials)", 1,
+        4.0 * C * (R * (terms + 5 + BF16_OUT) + terms + 1 + parts * chunks) + 8.0 * R,
+        (6.0 * terms + 12.0) * R * C, 0);
+    add(l, "shift_mix_ln_backward finish (param sums, d state)", 1,
+        4.0 * C * (parts * chunks + 2 * parts), parts * chunks * C, 0);
+}
+
 /* Its backward: each GEMM two GEMMs, each elementwise op reading its inputs
  * and the output gradient and accumulating the input gradients (about twice
  * the forward's traffic), parameter gradients reduced over rows. */
@@ -359,18 +384,17 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     const double ranks[4] = {c->d_decay, c->d_iclr, c->d_gate, c->d_value};
     const int loras = layer == 0 ? 3 : 4;
     const double state = 4.0 * H * N * N;
-    /* the dx kernels (half of these launches) also write dx in bf16: the dY
-     * of the FFN value and output GEMM backwards */
-    ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4 + BF16_OUT / 2, 4, 12);
     /* The six time-mix mixes formed again (from the saved xa, prev) in one
      * shift_mix, bf16 in place, the GEMM backwards' X. */
     ew(l, "shift_mix (backward: the 6 mixes again, bf16)", 1, R, C, 2 + 6 * BF16_OUT, 6, 3 * 6);
-    /* shift_mix_backward: every mix gradient (the time mix's 6 or 7 uses,
-     * the channel mix's 1), x and prev read once; dx written with the token
-     * shift folded in; per-chunk dmu partials, then one small kernel sums
-     * them in a fixed order and writes the slots' d(state) */
-    mix_backward(l, R, C, 6 + (layer > 0));
-    mix_backward(l, R, C, 1);
+    /* each mix backward (the time mix's 6 or 7 uses, the channel mix's 1)
+     * with its LayerNorm's backward (ln1, ln2) in one shift_mix_ln_backward;
+     * unfused (C not a multiple of 128 or above 2048) shift_mix_backward
+     * writes d(LN out) with the token shift folded in and the layernorm
+     * backward's dx kernel (writing dx in bf16 too: the dY of the FFN value
+     * and output GEMM backwards) and params kernel read it */
+    mix_ln_backward(l, R, C, 6 + (layer > 0));
+    mix_ln_backward(l, R, C, 1);
     /* output: dy in bf16 from layernorm backward, the saved og bf16 in place;
      * value, key, receptance: dv, dk, dr converted, their mix in bf16 in
      * place (shift_mix) */

@@ -610,6 +610,196 @@ static void cuda_shift_mix_backward(rp_backend *be, float *dx, float *dprev, flo
     RP_CUDA_LAUNCHED(cx, "shift_mix_backward finish");
 }
 
+// ---- fused mix + LayerNorm backward (backend.h shift_mix_ln_backward) ----
+
+// The LayerNorm input's gradient is the mix backward's dx (dxa), a row-local
+// function of the mix gradients apart from the token shift, so one pass over
+// a block's rows forms dxa row by row and runs the norm's backward on it: the
+// [R,C] dxa is never stored or read back, nor is x read a second time for
+// the norm's parameters. A block of C / 4 threads takes a row chunk, each
+// thread 4 consecutive columns for all its rows (the row sums need every
+// column, the parameter sums stay in the thread's registers). At most 512
+// threads (C <= 2048): the kernel holds ~126 registers a thread, and 512
+// such threads fill an SM's 64K registers.
+#define MIX_LN_COLS 4
+#define MIX_LN_THREADS_MAX 512
+#define MIX_LN_MAX_C (MIX_LN_THREADS_MAX * MIX_LN_COLS)
+
+// block_sum2 for use inside a loop: the same arithmetic (hence bits), the
+// shared warp totals guarded against the previous call's readers.
+static __device__ __forceinline__ void block_sum2_loop(float &a, float &b, float *sh_a,
+                                                       float *sh_b) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    a = warp_sum(a);
+    b = warp_sum(b);
+    __syncthreads();
+    if (lane == 0) {
+        sh_a[warp] = a;
+        sh_b[warp] = b;
+    }
+    __syncthreads();
+    a = warp_sum(lane < n_warps ? sh_a[lane] : 0.0f);
+    b = warp_sum(lane < n_warps ? sh_b[lane] : 0.0f);
+}
+
+// grid chunks, block C / 4. Rows of the chunk last first, carrying d(prev)
+// of the row below as shift_mix_backward_kernel does (same per-element
+// arithmetic); then layernorm_backward_dx_kernel's arithmetic on the row
+// (the same bits for C = 1024, where that kernel also gives each of 256
+// threads one float4). part [(n_terms + 2), chunks, C]: the terms' dmu
+// partials, then dweight's, then dbias's.
+__global__ static void __launch_bounds__(MIX_LN_THREADS_MAX) shift_mix_ln_backward_kernel(
+    float *__restrict__ dx, __nv_bfloat16 *__restrict__ dx16, float *__restrict__ dprev,
+    float *__restrict__ part, mix_terms t, int n_terms, const float *__restrict__ xa,
+    const float *__restrict__ prev, const float *__restrict__ dstate_base, size_t state_stride,
+    const float *__restrict__ x, const float *__restrict__ mean, const float *__restrict__ rstd,
+    const float *__restrict__ weight, const int32_t *__restrict__ row_begin,
+    const int32_t *__restrict__ seq_len, const int32_t *__restrict__ slot, int n_seq, int R,
+    int C, int rows_per_chunk) {
+    constexpr int W = MIX_LN_COLS;
+    __shared__ float sh_a[32], sh_b[32];
+    const int c = threadIdx.x * W;
+    int begin, end;
+    chunk_rows(blockIdx.x, rows_per_chunk, R, &begin, &end);
+    float acc[RP_MIX_TERMS_MAX][W], acc_w[W], acc_b[W];
+#pragma unroll
+    for (int j = 0; j < RP_MIX_TERMS_MAX; j++)
+        for (int i = 0; i < W; i++) acc[j][i] = 0.0f;
+    for (int i = 0; i < W; i++) acc_w[i] = acc_b[i] = 0.0f;
+    const vecf<W> wv = load<W>(weight + c);
+    if (begin < end) {  // uniform over the block: every thread meets the syncs
+        int s = rp_seq_of_row(row_begin, n_seq, end - 1);
+        vecf<W> below;  // d(prev) of row r + 1
+        for (int r = end - 1; r >= begin; r--) {
+            while (s > 0 && r < row_begin[s]) s--;
+            const size_t o = (size_t)r * C + c;
+            vecf<W> dxa, dp;
+            mix_row<W>(t, n_terms, o, c, xa, prev, dxa, dp, acc);
+            if (r == row_begin[s] + seq_len[s] - 1) {
+                below = load<W>(dstate_base + (size_t)slot[s] * state_stride + c);
+            } else if (r == end - 1) {
+                vecf<W> unused;
+                mix_row<W>(t, n_terms, o + C, c, xa, prev, unused, below, nullptr);
+            }
+            for (int i = 0; i < W; i++) dxa.v[i] += below.v[i];
+            if (r == row_begin[s]) store<W>(dprev + o, dp);
+            below = dp;
+            // LayerNorm backward of row r with dy = dxa
+            const float mu = mean[r], rs = rstd[r];
+            const vecf<W> xv = load<W>(x + o);
+            float sum_d = 0.0f, sum_dxh = 0.0f;
+            for (int i = 0; i < W; i++) {
+                const float d = dxa.v[i] * wv.v[i];
+                sum_d += d;
+                sum_dxh += d * ((xv.v[i] - mu) * rs);
+            }
+            block_sum2_loop(sum_d, sum_dxh, sh_a, sh_b);
+            const float mean_d = sum_d / C, mean_dxh = sum_dxh / C;
+            vecf<W> dxv = load<W>(dx + o);
+            for (int i = 0; i < W; i++) {
+                dxv.v[i] += rs * (dxa.v[i] * wv.v[i] - mean_d - (xv.v[i] - mu) * rs * mean_dxh);
+                acc_w[i] += dxa.v[i] * ((xv.v[i] - mu) * rs);
+                acc_b[i] += dxa.v[i];
+            }
+            store<W>(dx + o, dxv);
+            if (dx16)
+                for (int i = 0; i < W; i++) dx16[o + i] = __float2bfloat16(dxv.v[i]);
+        }
+    }
+    const size_t stride = (size_t)gridDim.x * C, row = (size_t)blockIdx.x * C + c;
+    for (int j = 0; j < n_terms; j++) {
+        vecf<W> v;
+        for (int i = 0; i < W; i++) v.v[i] = acc[j][i];
+        store<W>(part + j * stride + row, v);
+    }
+    vecf<W> vw, vb;
+    for (int i = 0; i < W; i++) {
+        vw.v[i] = acc_w[i];
+        vb.v[i] = acc_b[i];
+    }
+    store<W>(part + n_terms * stride + row, vw);
+    store<W>(part + (n_terms + 1) * stride + row, vb);
+}
+
+// Per column: the dmu, then dweight and dbias, += their chunk partials in
+// chunk order; then each sequence's slot = d(prev) of its first row.
+__global__ static void shift_mix_ln_finish_kernel(mix_terms t, int n_terms, float *dweight,
+                                                  float *dbias, const float *__restrict__ part,
+                                                  int chunks, float *__restrict__ dstate_base,
+                                                  size_t state_stride,
+                                                  const float *__restrict__ dprev,
+                                                  const int32_t *__restrict__ row_begin,
+                                                  const int32_t *__restrict__ slot, int n_seq,
+                                                  int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int j = 0; j < n_terms + 2; j++) {
+        float *dst = j < n_terms ? t.dmu[j] : (j == n_terms ? dweight : dbias);
+        float sum = 0.0f;
+        for (int p = 0; p < chunks; p++) sum += part[((size_t)j * chunks + p) * C + c];
+        if (dst) dst[c] += sum;
+    }
+    for (int s = 0; s < n_seq; s++)
+        dstate_base[(size_t)slot[s] * state_stride + c] = dprev[(size_t)row_begin[s] * C + c];
+}
+
+static void cuda_shift_mix_ln_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                       float *dxa, float *dprev, float *const *dmu,
+                                       const float *const *dmix, const float *const *mu,
+                                       int n_terms, const float *xa, const float *prev,
+                                       float *dstate_base, size_t state_stride, const float *x,
+                                       const float *mean, const float *rstd,
+                                       const float *weight, const rp_batch *batch, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int R = batch->n_rows;
+    if (R <= 0 || batch->n_seq <= 0 || C <= 0) return;
+    if (n_terms < 1 || n_terms > RP_MIX_TERMS_MAX) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "shift_mix_ln_backward: n_terms outside [1, RP_MIX_TERMS_MAX]", __FILE__,
+                       __LINE__);
+        return;
+    }
+    // The fused kernel needs whole warps of float4 columns and aligned rows;
+    // any other shape runs the two ops (the same results, by definition).
+    int fits = C % (32 * MIX_LN_COLS) == 0 && C <= MIX_LN_MAX_C && state_stride % 4 == 0 &&
+               vector_width((size_t)C, dx, dprev, xa, prev, dstate_base, x) == 4 &&
+               vector_width((size_t)C, weight) == 4;
+    for (int j = 0; j < n_terms; j++)
+        if (vector_width((size_t)C, dmix[j], mu[j]) != 4) fits = 0;
+    if (!fits) {
+        cuda_shift_mix_backward(be, dxa, dprev, dmu, dmix, mu, n_terms, xa, prev, dstate_base,
+                                state_stride, batch, C);
+        cuda_layernorm_backward(be, dx, dweight, dbias, dxa, x, mean, rstd, weight, R, C);
+        return;
+    }
+    rp_cuda_batch b;
+    if (!rp_cuda_upload_batch(cx, batch, &b)) return;
+    const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+    const size_t part_floats = (size_t)(n_terms + 2) * chunks * C;
+    float *part = (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, part_floats * sizeof(float));
+    if (!part) return;
+    mix_terms t = {};
+    for (int j = 0; j < n_terms; j++) {
+        t.dmix[j] = dmix[j];
+        t.mu[j] = mu[j];
+        t.dmu[j] = dmu[j];
+    }
+    // dx is the output gradient of a block's residual: the next GEMM backward's dY
+    __nv_bfloat16 *dx16 = rp_cuda_act16_for_rows(cx, dx, (size_t)R * C, R);
+    shift_mix_ln_backward_kernel<<<chunks, C / MIX_LN_COLS, 0, cx->stream>>>(
+        dx, dx16, dprev, part, t, n_terms, xa, prev, dstate_base, state_stride, x, mean, rstd,
+        weight, b.row_begin, b.seq_len, b.slot, b.n_seq, R, C, rows_per_chunk);
+    const size_t rc = (size_t)R * C * sizeof(float);
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "shift_mix_ln_backward", {dx, rc}, {dprev, rc},
+                              {part, part_floats * sizeof(float)}))
+        return;
+    shift_mix_ln_finish_kernel<<<rp_cuda_blocks((size_t)C, 256), 256, 0, cx->stream>>>(
+        t, n_terms, dweight, dbias, part, chunks, dstate_base, state_stride, dprev, b.row_begin,
+        b.slot, b.n_seq, C);
+    if (!RP_CUDA_LAUNCHED(cx, "shift_mix_ln_backward finish")) return;
+    if (dx16) rp_cuda_act16_publish(cx, dx16, dx, (size_t)R * C);
+}
+
 // ---- bias + activation ----
 
 // forward: y [R,C] = act(pre + bias)
@@ -1102,6 +1292,7 @@ void rp_cuda_install_backward(rp_backend *be) {
     be->token_shift_backward = cuda_token_shift_backward;
     be->lerp_backward = cuda_lerp_backward;
     be->shift_mix_backward = cuda_shift_mix_backward;
+    be->shift_mix_ln_backward = cuda_shift_mix_ln_backward;
     be->bias_act_backward = cuda_bias_act_backward;
     be->value_residual_backward = cuda_value_residual_backward;
     be->key_prepare_backward = cuda_key_prepare_backward;

@@ -251,6 +251,21 @@ struct rp_backend {
                                const float *const *dmix, const float *const *mu, int n_terms,
                                const float *x, const float *prev, float *dstate_base,
                                size_t state_stride, const rp_batch *batch, int C);
+    /* shift_mix_backward and the backward of the LayerNorm that made its x,
+     * in one op (optional: NULL = the two ops; issue 15). Exactly
+     * shift_mix_backward(dxa, dprev, dmu, dmix, mu, n_terms, xa, prev,
+     * dstate..., batch, C), then layernorm_backward(dx, dweight, dbias, dxa,
+     * x, mean, rstd, weight, R, C): dx [R,C] +=, the norm's input x and its
+     * saved mean/rstd [R]. dxa and dprev [R,C] are scratch (a backend that
+     * fuses may leave them unwritten); the parameter gradients are row sums
+     * in a fixed order, not necessarily the two ops' order. */
+    void (*shift_mix_ln_backward)(rp_backend *be, float *dx, float *dweight, float *dbias,
+                                  float *dxa, float *dprev, float *const *dmu,
+                                  const float *const *dmix, const float *const *mu,
+                                  int n_terms, const float *xa, const float *prev,
+                                  float *dstate_base, size_t state_stride, const float *x,
+                                  const float *mean, const float *rstd, const float *weight,
+                                  const rp_batch *batch, int C);
 
     /* ---- fused decode (optional: NULL = the model code calls the ops one by
      * one; the CPU twins call exactly those ops in that order) ---- */

@@ -330,18 +330,26 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     if (wsave) be->copy(be, ws.d_ffn, tw->d_ffn, (size_t)R * F * sizeof(float));
     be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->ffn_key, tw->d_ffn, s->kf,
                                     w->ffn_key, R, F, C, 0.0f);
-    if (be->shift_mix_backward) {
-        float *dmu[1] = {gw->ffn_x_k};
-        const float *dmix[1] = {tw->dxc}, *mu[1] = {w->ffn_x_k};
-        be->shift_mix_backward(be, tw->dxa, tw->dprev, dmu, dmix, mu, 1, s->xf, s->prev_ffn,
-                               dffn, dstride, batch, C);
+    /* the mix's backward and ln2's: one op when the backend fuses them (the
+     * d(ln2 out) is then never stored) */
+    float *dmu_k[1] = {gw->ffn_x_k};
+    const float *dmix_k[1] = {tw->dxc}, *mu_k[1] = {w->ffn_x_k};
+    if (be->shift_mix_backward && be->shift_mix_ln_backward) {
+        be->shift_mix_ln_backward(be, tw->dx, gw->ln2_weight, gw->ln2_bias, tw->dxa, tw->dprev,
+                                  dmu_k, dmix_k, mu_k, 1, s->xf, s->prev_ffn, dffn, dstride,
+                                  s->x_mid, s->ln2_mean, s->ln2_rstd, w->ln2_weight, batch, C);
     } else {
-        be->lerp_backward_beta(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf,
-                               s->prev_ffn, w->ffn_x_k, R, C, 0.0f);
-        be->token_shift_backward(be, tw->dxa, dffn, dstride, tw->dprev, batch, C);
+        if (be->shift_mix_backward) {
+            be->shift_mix_backward(be, tw->dxa, tw->dprev, dmu_k, dmix_k, mu_k, 1, s->xf,
+                                   s->prev_ffn, dffn, dstride, batch, C);
+        } else {
+            be->lerp_backward_beta(be, tw->dxa, tw->dprev, gw->ffn_x_k, tw->dxc, s->xf,
+                                   s->prev_ffn, w->ffn_x_k, R, C, 0.0f);
+            be->token_shift_backward(be, tw->dxa, dffn, dstride, tw->dprev, batch, C);
+        }
+        be->layernorm_backward(be, tw->dx, gw->ln2_weight, gw->ln2_bias, tw->dxa, s->x_mid,
+                               s->ln2_mean, s->ln2_rstd, w->ln2_weight, R, C);
     }
-    be->layernorm_backward(be, tw->dx, gw->ln2_weight, gw->ln2_bias, tw->dxa, s->x_mid,
-                           s->ln2_mean, s->ln2_rstd, w->ln2_weight, R, C);
 
     /* ---- time mix: x_mid = x_in + Wo og; tw->dx = d x_mid ---- */
     /* With the backend's fused mix (tw->mix set) the six mixes are formed
@@ -450,7 +458,15 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
 #undef MIX_X
 #undef MIX_DX
 #undef MIX_FOLD
-    /* token shift (with every mix's fold, when fused) and ln1 */
+    /* token shift (with every mix's fold, when fused) and ln1, in one op
+     * when the backend fuses the mix's backward with ln1's */
+    if (fused && be->shift_mix_ln_backward) {
+        be->shift_mix_ln_backward(be, tw->dx, gw->ln1_weight, gw->ln1_bias, tw->dxa, tw->dprev,
+                                  term_dmu, (const float *const *)tw->dmix, term_mu, n_terms,
+                                  s->xa, s->prev_att, datt, dstride, s->x_in, s->ln1_mean,
+                                  s->ln1_rstd, w->ln1_weight, batch, C);
+        return;
+    }
     if (fused)
         be->shift_mix_backward(be, tw->dxa, tw->dprev, term_dmu, (const float *const *)tw->dmix,
                                term_mu, n_terms, s->xa, s->prev_att, datt, dstride, batch, C);

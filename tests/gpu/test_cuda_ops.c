@@ -732,6 +732,73 @@ static void check_shift_mix_backward(twin *t, const shape *sh) {
     shift_mix_backward_case(t, sh, &sh->step, "step", RP_MIX_TERMS_MAX);
 }
 
+/* shift_mix_ln_backward (GPU, fused) against the CPU's shift_mix_backward
+ * then layernorm_backward (the ops the model runs without it): dx [R,C] +=,
+ * dweight, dbias, the dmu += and the slots' d(state). mean/rstd from the CPU
+ * forward of the norm's input. */
+static void shift_mix_ln_backward_case(twin *t, const shape *sh, const seq_spec *spec,
+                                       const char *mode, int n_terms) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, spec);
+    const int R = batch->n_rows, C = sh->C;
+    const size_t n = (size_t)R * C, stride = state_stride(C);
+    label(t, "%s R=%d C=%d seqs=%d terms=%d", mode, R, C, batch->n_seq, n_terms);
+    tbuf *xin = buf_input(t, n, -1.5, 2.5), *w = buf_input(t, C, 0.5, 1.5);
+    tbuf *b = buf_input(t, C, -0.5, 0.5);
+    tbuf *xa = buf_zero(t, n), *mean = buf_zero(t, R), *rstd = buf_zero(t, R);
+    t->cpu->layernorm(t->cpu, xa->cpu, mean->cpu, rstd->cpu, xin->cpu, w->cpu, b->cpu, R, C,
+                      LN_EPS);
+    buf_share_cpu(t, xa);
+    buf_share_cpu(t, mean);
+    buf_share_cpu(t, rstd);
+    tbuf *prev = buf_input(t, n, -1, 1);
+    tbuf *dstate = buf_input(t, sh->n_slots * stride, -1, 1);
+    tbuf *dxa = buf_output(t, n), *dprev = buf_output(t, n), *dx = buf_accum(t, n, -1, 1);
+    tbuf *dw = buf_accum(t, C, -1, 1), *db = buf_accum(t, C, -1, 1);
+    tbuf *mu[RP_MIX_TERMS_MAX], *dmu[RP_MIX_TERMS_MAX], *dmix[RP_MIX_TERMS_MAX];
+    for (int j = 0; j < n_terms; j++) {
+        const int shared = n_terms == RP_MIX_TERMS_MAX && j == 4;
+        mu[j] = shared ? mu[3] : buf_input(t, C, 0, 1);
+        dmu[j] = shared ? dmu[3] : buf_accum(t, C, -1, 1);
+        dmix[j] = buf_input(t, n, -1, 1);
+    }
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        float *d[RP_MIX_TERMS_MAX];
+        const float *m[RP_MIX_TERMS_MAX], *u[RP_MIX_TERMS_MAX];
+        for (int j = 0; j < n_terms; j++) {
+            d[j] = at(dmu[j], g);
+            m[j] = at(dmix[j], g);
+            u[j] = at(mu[j], g);
+        }
+        float *ds = at(dstate, g) + state_att_offset(C);
+        if (g) {
+            be->shift_mix_ln_backward(be, at(dx, g), at(dw, g), at(db, g), at(dxa, g),
+                                      at(dprev, g), d, m, u, n_terms, at(xa, g), at(prev, g), ds,
+                                      stride, at(xin, g), at(mean, g), at(rstd, g), at(w, g),
+                                      batch, C);
+        } else {
+            be->shift_mix_backward(be, at(dxa, g), at(dprev, g), d, m, u, n_terms, at(xa, g),
+                                   at(prev, g), ds, stride, batch, C);
+            be->layernorm_backward(be, at(dx, g), at(dw, g), at(db, g), at(dxa, g), at(xin, g),
+                                   at(mean, g), at(rstd, g), at(w, g), R, C);
+        }
+    }
+    compare(t, "dx", dx);
+    compare(t, "dweight", dw);
+    compare(t, "dbias", db);
+    compare(t, "dstate", dstate);
+    for (int j = 0; j < n_terms; j++)
+        if (!(n_terms == RP_MIX_TERMS_MAX && j == 4)) compare(t, "dmu", dmu[j]);
+}
+
+static void check_shift_mix_ln_backward(twin *t, const shape *sh) {
+    shift_mix_ln_backward_case(t, sh, &sh->prefill, "seq", RP_MIX_TERMS_MAX);
+    shift_mix_ln_backward_case(t, sh, &sh->prefill, "seq", 1);
+    shift_mix_ln_backward_case(t, sh, &sh->cont, "cont", 6);
+    shift_mix_ln_backward_case(t, sh, &sh->step, "step", RP_MIX_TERMS_MAX);
+}
+
 /* The activations as the model uses them: after a C-wide bias, on a LoRA
  * hidden layer (width = rank, no bias), on the FFN hidden layer (width F). */
 typedef struct {
@@ -2164,6 +2231,7 @@ static const twin_check checks[] = {
     {"lerp_backward", check_lerp_backward, MATH_FP32, 0},
     {"shift_mix", check_shift_mix, MATH_FP32, 0},
     {"shift_mix_backward", check_shift_mix_backward, MATH_FP32, 0},
+    {"shift_mix_ln_backward", check_shift_mix_ln_backward, MATH_FP32, 0},
     {"bias_act", check_bias_act, MATH_FP32, 0},
     {"bias_act_backward", check_bias_act_backward, MATH_FP32, 0},
     {"value_residual", check_value_residual, MATH_FP32, 0},
@@ -2230,7 +2298,7 @@ static int vtable_complete(twin *t) {
         OP(bias_act), OP(value_residual), OP(key_prepare), OP(groupnorm), OP(bonus_gate),
         OP(wkv7), OP(matmul_linear_backward), OP(matmul_lora_backward),
         OP(embedding_backward), OP(layernorm_backward), OP(token_shift_backward),
-        OP(lerp_backward), OP(shift_mix), OP(shift_mix_backward), OP(bias_act_backward), OP(value_residual_backward),
+        OP(lerp_backward), OP(shift_mix), OP(shift_mix_backward), OP(shift_mix_ln_backward), OP(bias_act_backward), OP(value_residual_backward),
         OP(key_prepare_backward), OP(groupnorm_backward), OP(bonus_gate_backward),
         OP(wkv7_forward_train), OP(wkv7_backward), OP(wkv7_backward_beta), OP(cross_entropy),
         OP(l2wrap), OP(row_max), OP(sum_squares), OP(adamw), OP(gemv_group),
