@@ -686,12 +686,17 @@ static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, 
 // j + 32); the op rejects any other N with a recorded error.
 #define KEY_HEAD 64
 
+__device__ __forceinline__ void key_store(float *p, float x) { *p = x; }
+__device__ __forceinline__ void key_store(__nv_bfloat16 *p, float x) { *p = __float2bfloat16(x); }
+
 // kk [R,C] = k * k_k normalised per 64-channel head (divided by
 // max(||.||, 1e-12), torch F.normalize); then k *= 1 + (a - 1) * k_a in
 // place. One warp per (row, head), lane j owns channels j and j + 32 and
 // reads its k before writing it. A partial last head (C % 64 != 0, never in
-// a real model) gets no kk, only the k update, as on the CPU.
-static __global__ void key_prepare_kernel(float *kk, float *k, const float *a, const float *k_k,
+// a real model) gets no kk, only the k update, as on the CPU. TK: kk's type
+// (bf16: a WKV7-only kk in place, rounded once).
+template <typename TK>
+static __global__ void key_prepare_kernel(TK *kk, float *k, const float *a, const float *k_k,
                                           const float *k_a, int R, int C) {
     const int groups = (C + KEY_HEAD - 1) / KEY_HEAD;
     const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -704,13 +709,13 @@ static __global__ void key_prepare_kernel(float *kk, float *k, const float *a, c
     const float *ar = a + row * C;
 
     if (h < C / KEY_HEAD) {
-        float *kkr = kk + row * C;
+        TK *kkr = kk + row * C;
         const float t0 = kr[c0] * k_k[c0], t1 = kr[c1] * k_k[c1];
         const float sq = warp_sum_float(t0 * t0 + t1 * t1);
         const float norm = sqrtf(sq);
         const float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
-        kkr[c0] = t0 * inv;
-        kkr[c1] = t1 * inv;
+        key_store(kkr + c0, t0 * inv);
+        key_store(kkr + c1, t1 * inv);
     }
     if (c0 < C) kr[c0] *= 1.0f + (ar[c0] - 1.0f) * k_a[c0];
     if (c1 < C) kr[c1] *= 1.0f + (ar[c1] - 1.0f) * k_a[c1];
@@ -725,11 +730,25 @@ static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a
         return;
     }
     if (R <= 0 || C <= 0) return;
-    const size_t groups = (size_t)R * ((C + KEY_HEAD - 1) / KEY_HEAD);
-    key_prepare_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(kk, k, a, k_k, k_a, R,
-                                                                           C);
-    RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, (size_t)R * C * sizeof(float)},
-                         {k, (size_t)R * C * sizeof(float)});
+    const size_t groups = (size_t)R * ((C + KEY_HEAD - 1) / KEY_HEAD), n = (size_t)R * C;
+    // A WKV7-only kk (backend.h wkv_only) is written in bf16 in place, no
+    // f32 (half the bytes; the WKV7 kernels widen it). With the copies off it
+    // stays f32, rounded to bf16 after, so both give the WKV7 kernels the
+    // same values (test_act16_exact).
+    const int only = rp_cuda_take_wkv_only(cx, kk, n) && cx->math == RP_CUDA_MATH_BF16 &&
+                     R > RP_GEMV_MAX_M;
+    const int only16 = only && !cx->act16_off;
+    if (only16)
+        key_prepare_kernel<__nv_bfloat16><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
+            (__nv_bfloat16 *)kk, k, a, k_k, k_a, R, C);
+    else
+        key_prepare_kernel<float><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
+            kk, k, a, k_k, k_a, R, C);
+    RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, n * sizeof(float)}, {k, n * sizeof(float)});
+    if (only16)
+        rp_cuda_inplace_add(cx, kk, n);
+    else if (only)
+        rp_cuda_round_bf16(cx, kk, n);
 }
 
 // ---- bonus + gate ----

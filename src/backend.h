@@ -460,6 +460,15 @@ struct rp_backend {
      * matmul op, layernorm or bonus_gate_to consumes the hint whether it uses
      * it or not. */
     void (*gemm_only)(rp_backend *be, const float *p, size_t n);
+    /* ---- WKV7-only operands (optional; NULL: nothing to do; issue 15) ----
+     * wkv_only(be, p, n): the output p [n] that the next key_prepare writes
+     * as its kk, or the next wkv7_backward(_beta) as its dkk, is read only by
+     * wkv7 ops (as kk) or key_prepare_backward (as dkk) until something
+     * writes p again; the backend may keep p in bf16 in place (CUDA, bf16
+     * math: half the bytes, the readers widen it). Any other read of p before
+     * then is undefined. The next key_prepare or wkv7 backward consumes the
+     * hint whether it uses it or not. */
+    void (*wkv_only)(rp_backend *be, const float *p, size_t n);
     /* ---- bonus + gate into its own buffer (optional; NULL: copy + bonus_gate) ----
      * bonus_gate_to(be, out, o, r, k, v, r_k, g, R, C, N): out = bonus_gate
      * applied to a copy of o [R,C] in out, the same bits; out overlaps none

@@ -245,6 +245,8 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     }
     /* kk is normalised before k is modified by k_a. */
     if (s->k_pre) be->copy(be, s->k, s->k_pre, rc_bytes);
+    /* training: only the WKV7 forward and backward read kk (bf16 on CUDA) */
+    if (s->wkv_checkpoints && be->wkv_only) be->wkv_only(be, s->kk, (size_t)R * C);
     be->key_prepare(be, s->kk, s->k, s->a, w->k_k, w->k_a, R, C, N);
     if (s->wkv_checkpoints)
         be->wkv7_forward_train(be, s->y, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
