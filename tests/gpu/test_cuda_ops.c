@@ -257,6 +257,18 @@ static void compare(twin *t, const char *what, const tbuf *b) {
     free(host);
 }
 
+/* a's GPU side bit for bit equal to b's (a fused op against its parts). */
+static void compare_gpu_exact(twin *t, const char *what, const tbuf *a, const tbuf *b) {
+    float *ha = download(t, a), *hb = download(t, b);
+    size_t differ = 0;
+    for (size_t i = 0; i < a->n && i < b->n; i++) differ += memcmp(ha + i, hb + i, sizeof(float)) != 0;
+    char note[64] = "";
+    if (differ) snprintf(note, sizeof note, "  (%zu of %zu floats differ)", differ, a->n);
+    report(t, what, 0.0, 0.0, differ == 0 && a->n == b->n, note);
+    free(ha);
+    free(hb);
+}
+
 /* The buffer bit for bit (memory ops, untouched buffers). */
 static void compare_exact(twin *t, const char *what, const tbuf *b) {
     float *host = download(t, b);
@@ -805,9 +817,17 @@ static void check_value_residual(twin *t, const shape *sh) {
     label(t, "R=%d C=%d", R, C);
     tbuf *v = buf_input(t, n, -1, 1), *v_first = buf_input(t, n, -1, 1);
     tbuf *nu = buf_input(t, n, 0, 1);
+    tbuf *v_in = buf_from(t, v->cpu, n), *v_out = buf_output(t, n); /* v's values */
     for (int g = 0; g < 2; g++)
         side(t, g)->value_residual(side(t, g), at(v, g), at(v_first, g), at(nu, g), R, C);
     compare(t, "v", v);
+    /* value_residual_from (out of place: training's copy of v_pre folded in)
+     * against the in-place op on the same values, bit for bit */
+    if (t->gpu->value_residual_from) {
+        t->gpu->value_residual_from(t->gpu, v_out->gpu, v_in->gpu, v_first->gpu, nu->gpu, R, C);
+        compare_gpu_exact(t, "v (from v_in) == v (in place)", v_out, v);
+        compare_exact(t, "v_in untouched", v_in);
+    }
 }
 
 /* dv in place, dv_first +=, dnu overwrite */
@@ -837,12 +857,22 @@ static void check_key_prepare(twin *t, const shape *sh) {
     memset(k_host, 0, HEAD_SIZE * sizeof *k_host);
     tbuf *k = buf_from(t, k_host, n), *a = buf_input(t, n, 0, 1);
     tbuf *k_k = buf_input(t, C, 0.5, 1.5), *k_a = buf_input(t, C, 0.5, 1.5);
-    tbuf *kk = buf_output(t, n);
+    tbuf *kk = buf_output(t, n), *k_in = buf_from(t, k_host, n), *k_out = buf_output(t, n);
+    tbuf *kk2 = buf_output(t, n);
     for (int g = 0; g < 2; g++)
         side(t, g)->key_prepare(side(t, g), at(kk, g), at(k, g), at(a, g), at(k_k, g),
                                 at(k_a, g), R, C, HEAD_SIZE);
     compare(t, "kk", kk);
     compare(t, "k", k);
+    /* key_prepare_from (k read from k_in: training's copy of k_pre folded
+     * in) against the in-place op on the same values, bit for bit */
+    if (t->gpu->key_prepare_from) {
+        t->gpu->key_prepare_from(t->gpu, kk2->gpu, k_out->gpu, k_in->gpu, a->gpu, k_k->gpu,
+                                 k_a->gpu, R, C, HEAD_SIZE);
+        compare_gpu_exact(t, "kk (from k_in) == kk (in place)", kk2, kk);
+        compare_gpu_exact(t, "k (from k_in) == k (in place)", k_out, k);
+        compare_exact(t, "k_in untouched", k_in);
+    }
     free(k_host);
 }
 
