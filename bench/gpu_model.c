@@ -320,10 +320,12 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     ew(l, "bias_act (w0, a0, v0)", loras - 1, R, C, 2, 1, 4);
     if (layer == 0) ew(l, "copy (v_first)", 1, R, C, 2, 0, 0);
     else ew(l, "value_residual", 1, R, C, 4, 0, 3);
-    ew(l, "key_prepare", 1, R, C, 4, 2, 6);
-    /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O */
-    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma)",
-                      7.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+    /* kk is WKV7-only (backend.h wkv_only): written in bf16 in place */
+    ew(l, "key_prepare (kk bf16)", 1, R, C, 3 + BF16_OUT, 2, 6);
+    /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O
+     * but kk (bf16 in place) */
+    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, kk bf16)",
+                      6.5 * 4 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     ew(l, "groupnorm", 1, R, C, 2, 2, 8);
@@ -417,11 +419,13 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     /* its row kernels (half of these launches) also write d pre in bf16 */
     ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3 + BF16_OUT / 2, 1, 4);
     if (layer > 0) ew(l, "value_residual backward", 1, R, C, 7, 0, 6);
-    ew(l, "key_prepare backward", 1, R, C, 8, 4, 12);
+    ew(l, "key_prepare backward (dkk bf16)", 1, R, C, 7 + BF16_OUT, 4, 12);
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
-     * chunked backward on bf16 wmma (BF16 math), fp32 I/O */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma)",
-                      17.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+     * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk read and
+     * dkk written in bf16 in place (wkv_only: key_prepare_backward alone
+     * reads dkk) */
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk dkk bf16)",
+                      16.0 * 4 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);

@@ -304,6 +304,12 @@ static void cuda_gemm_only(rp_backend *be, const float *p, size_t n) {
     cx->gemm_only_n = n;
 }
 
+static void cuda_wkv_only(rp_backend *be, const float *p, size_t n) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    cx->wkv_only_p = p;
+    cx->wkv_only_n = n;
+}
+
 int rp_cuda_launched_out(rp_cuda_ctx *cx, const char *name, const char *file, int line,
                          std::initializer_list<rp_cuda_out> outs) {
     for (const rp_cuda_out &o : outs)
@@ -775,6 +781,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     be->copy = cuda_copy;
     be->fill_zero = cuda_fill_zero;
     be->gemm_only = cuda_gemm_only;
+    be->wkv_only = cuda_wkv_only;
     be->synchronize = cuda_synchronize;
     be->add = cuda_add;
     be->status = cuda_status;

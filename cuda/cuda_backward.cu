@@ -1078,11 +1078,15 @@ static void cuda_value_residual_backward(rp_backend *be, float *dv, float *dv_fi
 //   dk_k += sum_r du k,  dk_a += sum_r dk_out k (a - 1).
 
 // grid (H, chunks): one warp per (row, head), lane owns channels lane and lane + 32.
-// dkk, k, a, dk (in: d k_out) [R,C] -> dk (d k), da +=, part_kk, part_ka [chunks, C] (may be NULL)
+// dkk, k, a, dk (in: d k_out) [R,C] -> dk (d k), da +=, part_kk, part_ka [chunks, C] (may be NULL);
+// TK: dkk's type (bf16: the WKV7 backward's dkk in place, backend.h wkv_only).
+__device__ __forceinline__ float key_in(const float *p) { return *p; }
+__device__ __forceinline__ float key_in(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
+template <typename TK>
 __global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float *__restrict__ da,
                                                    float *__restrict__ part_kk,
                                                    float *__restrict__ part_ka,
-                                                   const float *__restrict__ dkk,
+                                                   const TK *__restrict__ dkk,
                                                    const float *__restrict__ k,
                                                    const float *__restrict__ a,
                                                    const float *__restrict__ k_k,
@@ -1105,7 +1109,7 @@ __global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float
         float kv[E], dkkv[E], n2 = 0.0f, dot = 0.0f;
         for (int e = 0; e < E; e++) {
             kv[e] = k[o + 32 * e];
-            dkkv[e] = dkk[o + 32 * e];
+            dkkv[e] = key_in(dkk + o + 32 * e);
             const float u = kv[e] * kkw[e];
             n2 += u * u;
             dot += u * dkkv[e];
@@ -1162,11 +1166,20 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
         part_ka = dk_a ? scratch + part : nullptr;
     }
     const dim3 grid(C / KEY_HEAD_SIZE, chunks);
-    key_prepare_backward_kernel<<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-        dk, da, part_kk, part_ka, dkk, k, a, k_k, k_a, R, C, rows_per_chunk);
+    // dkk in bf16 in place when the WKV7 backward wrote it so (wkv_only)
+    const __nv_bfloat16 *dkk16 = rp_cuda_inplace_find(cx, dkk, (size_t)R * C);
+    if (dkk16)
+        key_prepare_backward_kernel<__nv_bfloat16><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dk, da, part_kk, part_ka, dkk16, k, a, k_k, k_a, R, C, rows_per_chunk);
+    else
+        key_prepare_backward_kernel<float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dk, da, part_kk, part_ka, dkk, k, a, k_k, k_a, R, C, rows_per_chunk);
     if (!RP_CUDA_LAUNCHED_OUT(cx, "key_prepare_backward", {dk, (size_t)R * C * sizeof(float)}, {da, (size_t)R * C * sizeof(float)},
                               {part_kk, part * sizeof(float)}, {part_ka, part * sizeof(float)}))
         return;
+    // dkk's one reader has read it: drop its in-place record, so that no
+    // later reader of that memory takes it for bf16 values
+    if (dkk16) rp_cuda_act16_forget(cx, dkk, (size_t)R * C * sizeof(float));
     if (dk_k) rp_cuda_sum_partials(cx, dk_k, part_kk, chunks, (size_t)C, 1);
     if (dk_a) rp_cuda_sum_partials(cx, dk_a, part_ka, chunks, (size_t)C, 1);
 }

@@ -631,14 +631,15 @@ static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, in
 
 // ---- value residual ----
 
-// v [R,C] = v + (v_first - v) * nu, nu [R,C] (per token, as the CPU reads it).
+// v [R,C] = v_in + (v_first - v_in) * nu, nu [R,C] (per token, as the CPU
+// reads it); v_in == v: in place.
 template <int W>
-static __global__ void value_residual_kernel(float *v, const float *v_first, const float *nu,
-                                             size_t n) {
+static __global__ void value_residual_kernel(float *v, const float *v_in, const float *v_first,
+                                             const float *nu, size_t n) {
     const size_t step = (size_t)gridDim.x * blockDim.x * W;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
         float vv[W], fv[W], nv[W];
-        load_w<W>(vv, v + i);
+        load_w<W>(vv, v_in + i);
         load_w<W>(fv, v_first + i);
         load_w<W>(nv, nu + i);
 #pragma unroll
@@ -647,19 +648,27 @@ static __global__ void value_residual_kernel(float *v, const float *v_first, con
     }
 }
 
-static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, const float *nu,
-                                int R, int C) {
+// v = v_in + (v_first - v_in) nu (backend.h value_residual_from: training's
+// copy of v_pre into v folded in; v_in == v: the in-place op).
+static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in,
+                                     const float *v_first, const float *nu, int R, int C) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (R <= 0 || C <= 0) return;
     const size_t n = (size_t)R * C;
-    const bool vec = n % 4 == 0 && aligned16(v) && aligned16(v_first) && aligned16(nu);
+    const bool vec = n % 4 == 0 && aligned16(v) && aligned16(v_in) && aligned16(v_first) &&
+                     aligned16(nu);
     if (vec)
         value_residual_kernel<4><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
-            v, v_first, nu, n);
+            v, v_in, v_first, nu, n);
     else
-        value_residual_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(v, v_first,
-                                                                                    nu, n);
+        value_residual_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(
+            v, v_in, v_first, nu, n);
     RP_CUDA_LAUNCHED_OUT(cx, "value_residual", {v, n * sizeof(float)});
+}
+
+static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, const float *nu,
+                                int R, int C) {
+    cuda_value_residual_from(be, v, v, v_first, nu, R, C);
 }
 
 // ---- key prepare ----
@@ -668,13 +677,19 @@ static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, 
 // j + 32); the op rejects any other N with a recorded error.
 #define KEY_HEAD 64
 
+__device__ __forceinline__ void key_store(float *p, float x) { *p = x; }
+__device__ __forceinline__ void key_store(__nv_bfloat16 *p, float x) { *p = __float2bfloat16(x); }
+
 // kk [R,C] = k * k_k normalised per 64-channel head (divided by
 // max(||.||, 1e-12), torch F.normalize); then k *= 1 + (a - 1) * k_a in
 // place. One warp per (row, head), lane j owns channels j and j + 32 and
 // reads its k before writing it. A partial last head (C % 64 != 0, never in
-// a real model) gets no kk, only the k update, as on the CPU.
-static __global__ void key_prepare_kernel(float *kk, float *k, const float *a, const float *k_k,
-                                          const float *k_a, int R, int C) {
+// a real model) gets no kk, only the k update, as on the CPU. TK: kk's type
+// (bf16: a WKV7-only kk in place, rounded once).
+// k_in: the k read (k itself in place, or k_pre: key_prepare_from).
+template <typename TK>
+static __global__ void key_prepare_kernel(TK *kk, float *k, const float *k_in, const float *a,
+                                          const float *k_k, const float *k_a, int R, int C) {
     const int groups = (C + KEY_HEAD - 1) / KEY_HEAD;
     const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -683,23 +698,27 @@ static __global__ void key_prepare_kernel(float *kk, float *k, const float *a, c
     const int h = (int)(group % groups);
     const int c0 = h * KEY_HEAD + lane, c1 = c0 + 32;
     float *kr = k + row * C;
+    const float *kir = k_in + row * C;
     const float *ar = a + row * C;
 
     if (h < C / KEY_HEAD) {
-        float *kkr = kk + row * C;
-        const float t0 = kr[c0] * k_k[c0], t1 = kr[c1] * k_k[c1];
+        TK *kkr = kk + row * C;
+        const float t0 = kir[c0] * k_k[c0], t1 = kir[c1] * k_k[c1];
         const float sq = warp_sum_float(t0 * t0 + t1 * t1);
         const float norm = sqrtf(sq);
         const float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
-        kkr[c0] = t0 * inv;
-        kkr[c1] = t1 * inv;
+        key_store(kkr + c0, t0 * inv);
+        key_store(kkr + c1, t1 * inv);
     }
-    if (c0 < C) kr[c0] *= 1.0f + (ar[c0] - 1.0f) * k_a[c0];
-    if (c1 < C) kr[c1] *= 1.0f + (ar[c1] - 1.0f) * k_a[c1];
+    if (c0 < C) kr[c0] = kir[c0] * (1.0f + (ar[c0] - 1.0f) * k_a[c0]);
+    if (c1 < C) kr[c1] = kir[c1] * (1.0f + (ar[c1] - 1.0f) * k_a[c1]);
 }
 
-static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a,
-                             const float *k_k, const float *k_a, int R, int C, int N) {
+// key_prepare reading k_in (backend.h key_prepare_from: training's copy of
+// k_pre into k folded in; k_in == k: the in-place op).
+static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const float *k_in,
+                                  const float *a, const float *k_k, const float *k_a, int R,
+                                  int C, int N) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (N != KEY_HEAD) {
         rp_cuda_record(cx, cudaErrorInvalidValue, "key_prepare (head size not 64)", __FILE__,
@@ -707,11 +726,30 @@ static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a
         return;
     }
     if (R <= 0 || C <= 0) return;
-    const size_t groups = (size_t)R * ((C + KEY_HEAD - 1) / KEY_HEAD);
-    key_prepare_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(kk, k, a, k_k, k_a, R,
-                                                                           C);
-    RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, (size_t)R * C * sizeof(float)},
-                         {k, (size_t)R * C * sizeof(float)});
+    const size_t groups = (size_t)R * ((C + KEY_HEAD - 1) / KEY_HEAD), n = (size_t)R * C;
+    // A WKV7-only kk (backend.h wkv_only) is written in bf16 in place, no
+    // f32 (half the bytes; the WKV7 kernels widen it). With the copies off it
+    // stays f32, rounded to bf16 after, so both give the WKV7 kernels the
+    // same values (test_act16_exact).
+    const int only = rp_cuda_take_wkv_only(cx, kk, n) && cx->math == RP_CUDA_MATH_BF16 &&
+                     R > RP_GEMV_MAX_M;
+    const int only16 = only && !cx->act16_off;
+    if (only16)
+        key_prepare_kernel<__nv_bfloat16><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
+            (__nv_bfloat16 *)kk, k, k_in, a, k_k, k_a, R, C);
+    else
+        key_prepare_kernel<float><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
+            kk, k, k_in, a, k_k, k_a, R, C);
+    RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, n * sizeof(float)}, {k, n * sizeof(float)});
+    if (only16)
+        rp_cuda_inplace_add(cx, kk, n);
+    else if (only)
+        rp_cuda_round_bf16(cx, kk, n);
+}
+
+static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a,
+                             const float *k_k, const float *k_a, int R, int C, int N) {
+    cuda_key_prepare_from(be, kk, k, k, a, k_k, k_a, R, C, N);
 }
 
 // ---- bonus + gate ----
@@ -789,6 +827,8 @@ void rp_cuda_install_elementwise(rp_backend *be) {
     be->bias_act = cuda_bias_act;
     be->value_residual = cuda_value_residual;
     be->key_prepare = cuda_key_prepare;
+    be->value_residual_from = cuda_value_residual_from;
+    be->key_prepare_from = cuda_key_prepare_from;
     be->groupnorm = cuda_groupnorm;
     be->bonus_gate = cuda_bonus_gate;
     be->bonus_gate_to = cuda_bonus_gate_to;

@@ -111,6 +111,10 @@ struct rp_cuda_ctx {
     // half of the range) until something writes them again.
     const float *gemm_only_p;
     size_t gemm_only_n;
+    // WKV7-only outputs (backend.h wkv_only): the pending hint, taken by
+    // key_prepare (kk) or the WKV7 backward (dkk)
+    const float *wkv_only_p;
+    size_t wkv_only_n;
     struct rp_cuda_inplace *inplace;
     int n_inplace, cap_inplace;
     float *dec_part;            // gemv_group split-K partial sums (cuda_decode.cu)
@@ -296,6 +300,14 @@ static inline int rp_cuda_take_gemm_only(rp_cuda_ctx *cx, const float *p, size_t
     const int hit = cx->gemm_only_p == p && cx->gemm_only_n == n;
     cx->gemm_only_p = NULL;
     cx->gemm_only_n = 0;
+    return hit;
+}
+// The pending wkv_only hint (backend.h), taken by key_prepare or the WKV7
+// backward: 1 when its kk / dkk p [n] is that hint's.
+static inline int rp_cuda_take_wkv_only(rp_cuda_ctx *cx, const float *p, size_t n) {
+    const int hit = cx->wkv_only_p == p && cx->wkv_only_n == n;
+    cx->wkv_only_p = NULL;
+    cx->wkv_only_n = 0;
     return hit;
 }
 // f32 p [n] = bf16(p [n]) as f32, in place (the copies-off twin of a bf16

@@ -75,9 +75,9 @@ __device__ __forceinline__ float wkv_in(const __nv_bfloat16 *p, size_t o) {
 struct wkv_chunk_token {
     float r, d, k, a, b;
 };
-template <typename TI>
+template <typename TI, typename TK = TI>
 __device__ __forceinline__ wkv_chunk_token wkv_chunk_token_in(const TI *r, const TI *w_raw,
-                                                              const TI *k, const TI *kk,
+                                                              const TI *k, const TK *kk,
                                                               const TI *a, size_t o) {
     const float kkv = wkv_in(kk, o);
     return wkv_chunk_token{wkv_in(r, o), rp_decayf(wkv_in(w_raw, o)), wkv_in(k, o), -kkv,
@@ -167,9 +167,9 @@ struct wkv_fwd_in {
     float x0, x1, x2, v;
 };
 
-template <typename TI>
+template <typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_fwd_load(wkv_fwd_in &q, const TI *r, const TI *w_raw,
-                                             const TI *k, const TI *v, const TI *kk,
+                                             const TI *k, const TI *v, const TK *kk,
                                              const TI *a, size_t o, int p) {
     if (p == 0) {
         q.x0 = r ? wkv_in(r, o) : 0.0f;
@@ -242,10 +242,10 @@ __device__ __forceinline__ void wkv_forward_step(float (&st)[WKV_HALF], const fl
 // channel) updated in place; checkpoints [blocks,H,64,64] (TRAIN only).
 // grid (n_seq, H), 128 threads. The next token's inputs are loaded while the
 // current one is computed; the vectors are double-buffered, one sync a token.
-template <bool TRAIN, typename TI, typename TO>
+template <bool TRAIN, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(WKV_THREADS)
     wkv7_forward_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k,
-                        const TI *v, const TI *kk, const TI *a, float *state_base,
+                        const TI *v, const TK *kk, const TI *a, float *state_base,
                         size_t state_stride, float *checkpoints, const int32_t *seq_len,
                         const int32_t *row_begin, const int32_t *slot,
                         const int32_t *ckpt_block, int C) {
@@ -305,10 +305,10 @@ struct wkv_rows_in {
         kk[wkv_rows<SPLIT>::CH], ic[wkv_rows<SPLIT>::CH], v;
 };
 
-template <int SPLIT, typename TI>
+template <int SPLIT, typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_rows_load(wkv_rows_in<SPLIT> &q, const TI *r,
                                               const TI *w_raw, const TI *k, const TI *v,
-                                              const TI *kk, const TI *a, size_t head, int i) {
+                                              const TK *kk, const TI *a, size_t head, int i) {
 #pragma unroll
     for (int c = 0; c < wkv_rows<SPLIT>::CH; c++) {
         const size_t o = head + threadIdx.x + wkv_rows<SPLIT>::THREADS * c;
@@ -367,10 +367,10 @@ __device__ __forceinline__ void wkv_rows_put(float *g, float *tile, const float 
 
 // wkv7_forward_kernel's contract; grid (n_seq, H, SPLIT): block z owns the
 // value rows [z ROWS, (z + 1) ROWS) of its head, 2 ROWS threads.
-template <bool TRAIN, int SPLIT, typename TI, typename TO>
+template <bool TRAIN, int SPLIT, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(wkv_rows<SPLIT>::THREADS)
     wkv7_forward_rows_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k, const TI *v,
-                             const TI *kk, const TI *a, float *state_base, size_t state_stride,
+                             const TK *kk, const TI *a, float *state_base, size_t state_stride,
                              float *checkpoints, const int32_t *seq_len,
                              const int32_t *row_begin, const int32_t *slot,
                              const int32_t *ckpt_block, int C) {
@@ -433,10 +433,10 @@ enum { CH_R = 0, CH_D, CH_K, CH_A, CH_B, CH_V, CH_COUNT };
 
 // 4 blocks an SM (<= 128 registers, 45 KB of shared memory each): v stays
 // in shared memory, not in 16 more registers a thread.
-template <bool TRAIN, typename TI, typename TO>
+template <bool TRAIN, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(WKV_THREADS, 4)
     wkv7_chunk_forward_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k, const TI *v,
-                              const TI *kk, const TI *a, float *state_base, size_t state_stride,
+                              const TK *kk, const TI *a, float *state_base, size_t state_stride,
                               float *checkpoints, const int32_t *seq_len,
                               const int32_t *row_begin, const int32_t *slot,
                               const int32_t *ckpt_block, int C) {
@@ -591,10 +591,10 @@ typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, WKV_MMA, WKV_MMA, WKV_MMA
 // j down the chunk (the cumulative decay is sequential in u; a warp's loads
 // are 32 consecutive channels) and writes at, rt, bh, kh and g_L; threads
 // 64.. load v (fp32 for the substitution, bf16 for the state update).
-template <typename TI>
+template <typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_mma_stage(__nv_bfloat16 *vh, float *vf, float *gl,
                                               const TI *r, const TI *w_raw, const TI *k,
-                                              const TI *v, const TI *kk, const TI *a,
+                                              const TI *v, const TK *kk, const TI *a,
                                               size_t head, int C, int t0, int n) {
     if (threadIdx.x < WKV_N) {
         const int j = threadIdx.x;
@@ -677,10 +677,10 @@ __device__ __forceinline__ void wkv_mma_state(float *tile, const __nv_bfloat16 *
 
 // Same arguments and results as wkv7_chunk_forward_kernel (to the bf16
 // operands' rounding). 47 KB of static shared memory.
-template <bool TRAIN, typename TI, typename TO>
+template <bool TRAIN, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(WKV_THREADS, 4)
     wkv7_chunk_forward_mma_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k, const TI *v,
-                                  const TI *kk, const TI *a, float *state_base,
+                                  const TK *kk, const TI *a, float *state_base,
                                   size_t state_stride, float *checkpoints,
                                   const int32_t *seq_len, const int32_t *row_begin,
                                   const int32_t *slot, const int32_t *ckpt_block, int C) {
@@ -756,9 +756,9 @@ __global__ void __launch_bounds__(WKV_THREADS, 4)
 // sa_i(u) in sa_buf[u - from][i] and the state before token from + n *
 // WKV_BACK_STEPS (n >= 1) in anchors[n - 1]. Same step code as the forward,
 // so the states and sa are the forward's bits. Callers sync before and after.
-template <typename TI>
+template <typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_recompute(float (&st)[WKV_HALF], const TI *w_raw,
-                                              const TI *k, const TI *v, const TI *kk,
+                                              const TI *k, const TI *v, const TK *kk,
                                               const TI *a, size_t base, int C, int from,
                                               int to, float *sa_buf, float *anchors, float *vec,
                                               int i, int p) {
@@ -784,10 +784,10 @@ struct wkv_bwd_in {
     float x0, x1, x2, x3;
 };
 
-template <typename TI>
+template <typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_bwd_load(wkv_bwd_in &q, const TI *dy, const TI *r,
                                              const TI *w_raw, const TI *k, const TI *v,
-                                             const TI *kk, const TI *a, size_t o, int p) {
+                                             const TK *kk, const TI *a, size_t o, int p) {
     if (p == 0) {
         q.x0 = wkv_in(r, o);
         q.x1 = wkv_in(w_raw, o);
@@ -849,14 +849,15 @@ __device__ __forceinline__ void wkv_bwd_stage(const wkv_bwd_in &q, float *V, int
 // blocks per SM instead of 4 (<= 128 registers). Cost:
 // 1x forward recompute (the previous design kept states in shared memory
 // tiles and recomputed each chunk 2.5x).
-// bf16 gradients (TO): 3 blocks an SM, the 16-bit stores need a few
+// bf16 gradients (TO, or dkk's TD): 3 blocks an SM, the 16-bit stores need a few
 // registers more than 128 (ptxas spilled 20 bytes at 4).
-template <typename TI, typename TO>
-__global__ void __launch_bounds__(WKV_THREADS, sizeof(TO) == sizeof(float) ? 4 : 3)
-    wkv7_backward_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TO *dkk, TO *da,
+template <typename TI, typename TO, typename TK = TI, typename TD = TO>
+__global__ void __launch_bounds__(WKV_THREADS,
+                                  sizeof(TO) == sizeof(float) && sizeof(TD) == sizeof(float) ? 4 : 3)
+    wkv7_backward_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TD *dkk, TO *da,
                          float *dstate_base, size_t state_stride, const TI *dy,
                          const TI *r, const TI *w_raw, const TI *k, const TI *v,
-                         const TI *kk, const TI *a, const float *checkpoints,
+                         const TK *kk, const TI *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
                          const int32_t *ckpt_block, int C, int accumulate) {
     __shared__ __align__(16) float tile[WKV_TILE];
@@ -1203,12 +1204,12 @@ __device__ __forceinline__ void wkv_mmb_kl(float *out, const __nv_bfloat16 *X1,
 
 // Same arguments and results as wkv7_backward_kernel (to the bf16 operands'
 // rounding). grid (n_seq, H), 128 threads, WKB_BYTES of dynamic shared memory.
-template <typename TI, typename TO>
+template <typename TI, typename TO, typename TK = TI, typename TD = TO>
 __global__ void __launch_bounds__(WKV_THREADS, 2)
-    wkv7_chunk_backward_mma_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TO *dkk, TO *da,
+    wkv7_chunk_backward_mma_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TD *dkk, TO *da,
                                    float *dstate_base, size_t state_stride, const TI *dy,
                                    const TI *r, const TI *w_raw, const TI *k, const TI *v,
-                                   const TI *kk, const TI *a, const float *checkpoints,
+                                   const TK *kk, const TI *a, const float *checkpoints,
                                    const int32_t *seq_len, const int32_t *row_begin,
                                    const int32_t *slot, const int32_t *ckpt_block, int C,
                                    int accumulate) {
@@ -1440,12 +1441,18 @@ static int wkv_launchable(rp_cuda_ctx *cx, const char *op, const rp_batch *batch
 }
 
 // The bf16 copies of the n-float activations ps[0..count) (BF16 math), all
-// or none: the kernels read every input in one type.
+// or none: the kernels read every input but kk in one type. A copy is a
+// producer's (rp_cuda_act16) or the activation itself in place (kk:
+// backend.h wkv_only).
 static bool wkv_find16(rp_cuda_ctx *cx, const float *const *ps, const __nv_bfloat16 **out,
                        int count, size_t n) {
     if (cx->math != RP_CUDA_MATH_BF16) return false;
-    for (int i = 0; i < count; i++)
-        if (!ps[i] || !(out[i] = rp_cuda_act16_find(cx, ps[i], n))) return false;
+    for (int i = 0; i < count; i++) {
+        if (!ps[i]) return false;
+        out[i] = rp_cuda_act16_find(cx, ps[i], n);
+        if (!out[i]) out[i] = rp_cuda_inplace_find(cx, ps[i], n);
+        if (!out[i]) return false;
+    }
     return true;
 }
 
@@ -1475,32 +1482,32 @@ static int wkv_rows_split(long heads, int n_sm) {
     return best;
 }
 
-template <bool TRAIN, typename TI, typename TO>
+template <bool TRAIN, typename TI, typename TO, typename TK>
 static void wkv_token_forward_launch(rp_cuda_ctx *cx, dim3 grid, TO *y, const TI *r,
-                                     const TI *w_raw, const TI *k, const TI *v, const TI *kk,
+                                     const TI *w_raw, const TI *k, const TI *v, const TK *kk,
                                      const TI *a, float *state_base, size_t state_stride,
                                      float *checkpoints, const rp_cuda_batch *b, int C) {
     const int split = wkv_rows_split((long)grid.x * grid.y, cx->n_sm);
     if (split == 2) {
         dim3 g2(grid.x, grid.y, 2);
-        wkv7_forward_rows_kernel<TRAIN, 2, TI, TO><<<g2, wkv_rows<2>::THREADS, 0, cx->stream>>>(
+        wkv7_forward_rows_kernel<TRAIN, 2, TI, TO, TK><<<g2, wkv_rows<2>::THREADS, 0, cx->stream>>>(
             y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b->seq_len,
             b->row_begin, b->slot, b->ckpt_block, C);
     } else if (split == 4) {
         dim3 g4(grid.x, grid.y, 4);
-        wkv7_forward_rows_kernel<TRAIN, 4, TI, TO><<<g4, wkv_rows<4>::THREADS, 0, cx->stream>>>(
+        wkv7_forward_rows_kernel<TRAIN, 4, TI, TO, TK><<<g4, wkv_rows<4>::THREADS, 0, cx->stream>>>(
             y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b->seq_len,
             b->row_begin, b->slot, b->ckpt_block, C);
     } else {
-        wkv7_forward_kernel<TRAIN, TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
+        wkv7_forward_kernel<TRAIN, TI, TO, TK><<<grid, WKV_THREADS, 0, cx->stream>>>(
             y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b->seq_len,
             b->row_begin, b->slot, b->ckpt_block, C);
     }
 }
 
-template <bool TRAIN, typename TI, typename TO>
+template <bool TRAIN, typename TI, typename TO, typename TK>
 static void wkv_forward_launch(rp_cuda_ctx *cx, const char *op, TO *y, const TI *r,
-                               const TI *w_raw, const TI *k, const TI *v, const TI *kk,
+                               const TI *w_raw, const TI *k, const TI *v, const TK *kk,
                                const TI *a, float *state_base, size_t state_stride,
                                float *checkpoints, const rp_batch *batch, int C, int N) {
     if (!wkv_launchable(cx, op, batch, C, N)) return;
@@ -1508,11 +1515,11 @@ static void wkv_forward_launch(rp_cuda_ctx *cx, const char *op, TO *y, const TI 
     if (!rp_cuda_upload_batch(cx, batch, &b)) return;
     dim3 grid((unsigned)batch->n_seq, (unsigned)(C / WKV_N));
     if (b.max_seq_len >= rp_cuda_wkv7_chunked_min_t && cx->math == RP_CUDA_MATH_BF16)
-        wkv7_chunk_forward_mma_kernel<TRAIN, TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
+        wkv7_chunk_forward_mma_kernel<TRAIN, TI, TO, TK><<<grid, WKV_THREADS, 0, cx->stream>>>(
             y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b.seq_len,
             b.row_begin, b.slot, b.ckpt_block, C);
     else if (b.max_seq_len >= rp_cuda_wkv7_chunked_min_t)
-        wkv7_chunk_forward_kernel<TRAIN, TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
+        wkv7_chunk_forward_kernel<TRAIN, TI, TO, TK><<<grid, WKV_THREADS, 0, cx->stream>>>(
             y, r, w_raw, k, v, kk, a, state_base, state_stride, checkpoints, b.seq_len,
             b.row_begin, b.slot, b.ckpt_block, C);
     else
@@ -1531,9 +1538,16 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
     rp_cuda_ctx *cx = rp_cuda_of(be);
     const float *in[6] = {r, w_raw, k, v, kk, a};
     const __nv_bfloat16 *in16[6];
-    if (batch->n_rows > 0 && wkv_find16(cx, in, in16, 6, (size_t)batch->n_rows * C))
+    const size_t n = (size_t)batch->n_rows * C;
+    // kk in bf16 in place (key_prepare took a wkv_only hint) must be read so
+    // even when the other inputs are f32: its f32 memory holds no values
+    const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
+    if (n > 0 && wkv_find16(cx, in, in16, 6, n))
         wkv_forward_launch<TRAIN>(cx, op, y, in16[0], in16[1], in16[2], in16[3], in16[4],
                                   in16[5], state_base, state_stride, checkpoints, batch, C, N);
+    else if (kk16)
+        wkv_forward_launch<TRAIN>(cx, op, y, r, w_raw, k, v, kk16, a, state_base, state_stride,
+                                  checkpoints, batch, C, N);
     else
         wkv_forward_launch<TRAIN>(cx, op, y, r, w_raw, k, v, kk, a, state_base, state_stride,
                                   checkpoints, batch, C, N);
@@ -1555,11 +1569,15 @@ static void cuda_wkv7_forward_train(rp_backend *be, float *y, const float *r, co
                          state_stride, checkpoints, batch, C, N);
 }
 
-template <typename TI, typename TO>
+// g = {dr, dw_raw, dk, dv, dkk, da}: dkk of type TD (g[4] cast), kk (in[4]
+// cast) of type TK, the rest TO and TI.
+template <typename TI, typename TO, typename TK = TI, typename TD = TO>
 static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_base,
                                 size_t state_stride, const TI *dy, const TI *const *in,
                                 const float *checkpoints, const rp_batch *batch, int C, int N,
                                 float beta) {
+    TD *dkk = (TD *)g[4];
+    const TK *kk = (const TK *)in[4];
     if (!wkv_launchable(cx, "wkv7_backward", batch, C, N)) return;
     rp_cuda_batch b;
     if (!rp_cuda_upload_batch(cx, batch, &b)) return;
@@ -1567,18 +1585,18 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
     // BF16 math from the chunked forward's length on: the chunk products on
     // tensor cores (95 KB of shared memory: past the 48 KB default)
     if (b.max_seq_len >= rp_cuda_wkv7_chunked_min_t && cx->math == RP_CUDA_MATH_BF16) {
-        if (!RP_CUDA_OK(cx, cudaFuncSetAttribute(wkv7_chunk_backward_mma_kernel<TI, TO>,
+        if (!RP_CUDA_OK(cx, cudaFuncSetAttribute(wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  (int)WKB_BYTES)))
             return;
-        wkv7_chunk_backward_mma_kernel<TI, TO><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
-            g[0], g[1], g[2], g[3], g[4], g[5], dstate_base, state_stride, dy, in[0], in[1],
-            in[2], in[3], in[4], in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
+        wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
+            g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], in[1],
+            in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
             b.ckpt_block, C, beta != 0.0f);
     } else {
-        wkv7_backward_kernel<TI, TO><<<grid, WKV_THREADS, 0, cx->stream>>>(
-            g[0], g[1], g[2], g[3], g[4], g[5], dstate_base, state_stride, dy, in[0], in[1],
-            in[2], in[3], in[4], in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
+        wkv7_backward_kernel<TI, TO, TK, TD><<<grid, WKV_THREADS, 0, cx->stream>>>(
+            g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], in[1],
+            in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
             b.ckpt_block, C, beta != 0.0f);
     }
     RP_CUDA_LAUNCHED(cx, "wkv7_backward");
@@ -1594,12 +1612,44 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     float *const g[6] = {dr, dw_raw, dk, dv, dkk, da};
     const float *in[7] = {r, w_raw, k, v, kk, a, dy};
     const __nv_bfloat16 *in16[7];
-    if (batch->n_rows > 0 && wkv_find16(cx, in, in16, 7, (size_t)batch->n_rows * C))
-        wkv_backward_launch(cx, g, dstate_base, state_stride, in16[6], in16, checkpoints, batch,
-                            C, N, beta);
-    else
-        wkv_backward_launch(cx, g, dstate_base, state_stride, dy, in, checkpoints, batch, C, N,
-                            beta);
+    const size_t n = (size_t)batch->n_rows * C;
+    // A WKV7-only dkk (backend.h wkv_only: key_prepare_backward alone reads
+    // it) is written in bf16 in place, no f32; with the copies off it stays
+    // f32, rounded to bf16 after, the same values for key_prepare_backward.
+    // kk in bf16 in place (key_prepare's) is read so whatever the rest.
+    const int only = rp_cuda_take_wkv_only(cx, dkk, n) && cx->math == RP_CUDA_MATH_BF16 &&
+                     batch->n_rows > RP_GEMV_MAX_M;
+    const int dkk16 = only && !cx->act16_off;
+    const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
+    if (n > 0 && wkv_find16(cx, in, in16, 7, n)) {
+        if (dkk16)
+            wkv_backward_launch<__nv_bfloat16, float, __nv_bfloat16, __nv_bfloat16>(
+                cx, g, dstate_base, state_stride, in16[6], in16, checkpoints, batch, C, N, beta);
+        else
+            wkv_backward_launch(cx, g, dstate_base, state_stride, in16[6], in16, checkpoints,
+                                batch, C, N, beta);
+    } else {
+        const float *in32[6] = {r, w_raw, k, v, kk16 ? (const float *)kk16 : kk, a};
+        if (kk16 && dkk16)
+            wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16>(
+                cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta);
+        else if (kk16)
+            wkv_backward_launch<float, float, __nv_bfloat16, float>(
+                cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta);
+        else if (dkk16)
+            wkv_backward_launch<float, float, float, __nv_bfloat16>(
+                cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta);
+        else
+            wkv_backward_launch(cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch,
+                                C, N, beta);
+    }
+    // the kernel wrote dkk (plain RP_CUDA_LAUNCHED): no earlier record of it
+    // may stand, in place or copy
+    if (n > 0) rp_cuda_act16_forget(cx, dkk, n * sizeof(float));
+    if (dkk16)
+        rp_cuda_inplace_add(cx, dkk, n);
+    else if (only)
+        rp_cuda_round_bf16(cx, dkk, n);
 }
 
 static void cuda_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,

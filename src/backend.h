@@ -514,6 +514,28 @@ struct rp_backend {
      * matmul op, layernorm or bonus_gate_to consumes the hint whether it uses
      * it or not. */
     void (*gemm_only)(rp_backend *be, const float *p, size_t n);
+    /* ---- WKV7-only operands (optional; NULL: nothing to do; issue 15) ----
+     * wkv_only(be, p, n): the output p [n] that the next key_prepare writes
+     * as its kk, or the next wkv7_backward(_beta) as its dkk, is read only by
+     * wkv7 ops (as kk) or key_prepare_backward (as dkk) until something
+     * writes p again; the backend may keep p in bf16 in place (CUDA, bf16
+     * math: half the bytes, the readers widen it). Any other read of p before
+     * then is undefined. The next key_prepare or wkv7 backward consumes the
+     * hint whether it uses it or not. */
+    void (*wkv_only)(rp_backend *be, const float *p, size_t n);
+    /* ---- out-of-place value residual / key prepare (optional; NULL: copy +
+     * the in-place op; issue 15) ----
+     * value_residual_from(be, v, v_in, v_first, nu, R, C) is copy(v, v_in) +
+     * value_residual(v, v_first, nu), and key_prepare_from(be, kk, k, k_in, a,
+     * k_k, k_a, R, C, N) is copy(k, k_in) + key_prepare(kk, k, a, ...) (a
+     * pending wkv_only hint for kk included), the same bits, without the copy
+     * (training keeps v_in, k_in for the backward). v and k overlap none of
+     * the inputs. */
+    void (*value_residual_from)(rp_backend *be, float *v, const float *v_in,
+                                const float *v_first, const float *nu, int R, int C);
+    void (*key_prepare_from)(rp_backend *be, float *kk, float *k, const float *k_in,
+                             const float *a, const float *k_k, const float *k_a, int R, int C,
+                             int N);
     /* ---- bonus + gate into its own buffer (optional; NULL: copy + bonus_gate) ----
      * bonus_gate_to(be, out, o, r, k, v, r_k, g, R, C, N): out = bonus_gate
      * applied to a copy of o [R,C] in out, the same bits; out overlaps none

@@ -397,6 +397,8 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
                            s->gn_mean, s->gn_rstd, w->ln_x_weight, R, C, N);
     /* WKV7's dr, dk, dv add onto bonus_gate's: in the op (beta 1) when the
      * backend can, else through temporaries (same bits either way) */
+    /* only key_prepare_backward reads dkk (bf16 on CUDA) */
+    if (be->wkv_only) be->wkv_only(be, tw->dkk, (size_t)R * C);
     if (be->wkv7_backward_beta) {
         be->wkv7_backward_beta(be, tw->dr, tw->dw_raw, tw->dk, tw->dv, tw->dkk, tw->da, dwkv,
                                dstride, tw->dy, s->r, s->w_raw, s->k, s->v, s->kk, s->a,

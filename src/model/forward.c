@@ -274,16 +274,27 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     /* g = sigmoid(xg g1) g2, no activation after g2 */
     xm = time_mix(be, s, xc, mixes, 5, w->x_g, R, C);
     lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
-    /* Value residual: layer 0's v is v_first for every later layer. */
-    if (s->v_pre) be->copy(be, s->v, s->v_pre, rc_bytes);
-    if (layer == 0) {
-        be->copy(be, v_first, s->v, rc_bytes);
+    /* Value residual: layer 0's v is v_first for every later layer.
+     * Training keeps v_pre and k_pre for the backward: the ops read them
+     * out of place where the backend can (no copy), else copy first. */
+    if (layer != 0 && s->v_pre && be->value_residual_from) {
+        be->value_residual_from(be, s->v, s->v_pre, v_first, s->nu, R, C);
     } else {
-        be->value_residual(be, s->v, v_first, s->nu, R, C);
+        if (s->v_pre) be->copy(be, s->v, s->v_pre, rc_bytes);
+        if (layer == 0)
+            be->copy(be, v_first, s->v, rc_bytes);
+        else
+            be->value_residual(be, s->v, v_first, s->nu, R, C);
     }
     /* kk is normalised before k is modified by k_a. */
-    if (s->k_pre) be->copy(be, s->k, s->k_pre, rc_bytes);
-    be->key_prepare(be, s->kk, s->k, s->a, w->k_k, w->k_a, R, C, N);
+    const int k_from = s->k_pre && be->key_prepare_from;
+    if (s->k_pre && !k_from) be->copy(be, s->k, s->k_pre, rc_bytes);
+    /* training: only the WKV7 forward and backward read kk (bf16 on CUDA) */
+    if (s->wkv_checkpoints && be->wkv_only) be->wkv_only(be, s->kk, (size_t)R * C);
+    if (k_from)
+        be->key_prepare_from(be, s->kk, s->k, s->k_pre, s->a, w->k_k, w->k_a, R, C, N);
+    else
+        be->key_prepare(be, s->kk, s->k, s->a, w->k_k, w->k_a, R, C, N);
     if (s->wkv_checkpoints)
         be->wkv7_forward_train(be, s->y, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
                                rp_state_wkv(state, 0, layer), state->floats_per_slot,

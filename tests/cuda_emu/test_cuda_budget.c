@@ -17,6 +17,7 @@
 #include "backend.h"
 #include "cpu/cpu_backend.h"
 #include "cuda_backend.h"
+#include "cuda_wkv7.h"
 #include "emu_counters.h"
 #include "model/backward.h"
 #include "model/model.h"
@@ -69,6 +70,14 @@
  * Lower it with every fusion. */
 #define TRAIN_LAUNCH_BUDGET 178
 
+/* Device copies and fills (cudaMemcpy(Async), cudaMemset(Async)) of that
+ * training step. key_prepare_from / value_residual_from (backend.h) read
+ * k_pre / v_pre out of place: the copies of k_pre into k (both layers) and
+ * of v_pre into v (layer 1; layer 0's v has no residual) are gone, 3 fewer
+ * (TRAIN_COPY_BUDGET + 3 with those entries NULL). Lower it with every copy
+ * folded into an op. */
+#define TRAIN_COPY_BUDGET 15
+
 #define MAX_ROWS 24
 #define MAX_SEQS 3
 
@@ -88,10 +97,10 @@ static rp_emu_counters counters_now(void) {
 }
 #define counter(field) (counters_now().field)
 
-static int setup(void **s) {
+static int setup_math(void **s, rp_cuda_math math) {
     fixture *f = calloc(1, sizeof *f);
     rp_error err;
-    f->be = rp_cuda_backend_create(0, RP_CUDA_MATH_BF16, &err);
+    f->be = rp_cuda_backend_create(0, math, &err);
     if (!f->be) {
         fprintf(stderr, "backend: %s\n", err.msg);
         return -1;
@@ -120,6 +129,8 @@ static int setup(void **s) {
     *s = f;
     return 0;
 }
+
+static int setup(void **s) { return setup_math(s, RP_CUDA_MATH_BF16); }
 
 static int teardown(void **s) {
     fixture *f = *s;
@@ -151,8 +162,8 @@ static void decode_step(fixture *f, int n_seq, int salt, float *logits) {
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
 }
 
-/* One training step over n_seq sequences of `len` tokens. */
-static void train_step(fixture *f, int n_seq, int len, int salt) {
+/* One training step over n_seq sequences of `len` tokens; its loss. */
+static double train_step(fixture *f, int n_seq, int len, int salt) {
     int seq_len[MAX_SEQS], slot[MAX_SEQS], row_begin[MAX_SEQS];
     int32_t inputs[MAX_ROWS], targets[MAX_ROWS];
     for (int s = 0; s < n_seq; s++) {
@@ -176,6 +187,7 @@ static void train_step(fixture *f, int n_seq, int len, int salt) {
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
     assert_int_equal(n_targets, n_seq * len);
     assert_true(loss > 0);
+    return loss;
 }
 
 /* Launches of one decode layer, counted around rp_model_block_forward. */
@@ -224,9 +236,14 @@ static void test_train_convert_budget(void **s) {
     fixture *f = *s;
     train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 0);
     const unsigned long long before = counter(bf16_converts), launches = counter(launches);
+    const unsigned long long copies = counter(copies);
     train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 1);
     const unsigned long long n = counter(bf16_converts) - before;
     const unsigned long long n_launches = counter(launches) - launches;
+    const unsigned long long n_copies = counter(copies) - copies;
+    fprintf(stderr, "device copies and fills per training step: %llu (L=%d, budget %d)\n",
+            n_copies, f->model.cfg.n_layer, TRAIN_COPY_BUDGET);
+    assert_true(n_copies <= TRAIN_COPY_BUDGET);
     fprintf(stderr, "bf16 conversion kernels per training step: %llu (L=%d, budget %d)\n", n,
             f->model.cfg.n_layer, TRAIN_CONVERT_BUDGET);
     fprintf(stderr, "kernel launches per training step: %llu (L=%d, budget %d)\n", n_launches,
@@ -335,6 +352,60 @@ static void test_act16_exact(void **s) {
         free(side[1]);
     }
     rp_cuda_backend_set_act16(f->be, 1);
+}
+
+/* ||a - b|| / ||b|| over n values, in double. */
+static double rel_l2(const float *a, const float *b, size_t n) {
+    double d = 0, r = 0;
+    for (size_t i = 0; i < n; i++) {
+        d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        r += (double)b[i] * b[i];
+    }
+    return r > 0 ? sqrt(d / r) : sqrt(d);
+}
+
+/* The precision of kk and dkk in bf16 in place (backend.h wkv_only): a
+ * BF16-math training step's loss and gradients with the hint and without it
+ * (wkv_only NULL: kk and dkk f32), each against the same step in FP32 math,
+ * on the per-token WKV7 kernels and on the chunked ones (min_t 0). The hint
+ * must change the bits (the bf16 path ran) and cost little next to BF16
+ * math's own error (docs/gpu.md Precision). */
+static void test_wkv16_train_precision(void **s) {
+    fixture *f = *s;
+    void *ref_state = NULL;
+    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
+    fixture *ref = ref_state;
+    void (*const hint)(rp_backend *, const float *, size_t) = f->be->wkv_only;
+    assert_non_null(hint);
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    for (int chunked = 0; chunked < 2; chunked++) {
+        rp_cuda_wkv7_chunked_min_t = chunked ? 0 : saved_min_t;
+        float *g[3];
+        double loss[3];
+        size_t n = 0;
+        for (int side = 0; side < 3; side++) { /* hint, no hint, FP32 math */
+            fixture *x = side == 2 ? ref : f;
+            f->be->wkv_only = side == 0 ? hint : NULL;
+            rp_model_zero(&x->grads);
+            loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
+            g[side] = grads_to_host(x, &n);
+        }
+        f->be->wkv_only = hint;
+        const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+        const double cost = rel_l2(g[0], g[1], n);
+        fprintf(stderr,
+                "wkv16 %s: gradients vs FP32 math rel %.3e (kk/dkk bf16) %.3e (f32), "
+                "bf16 vs f32 kk/dkk %.3e; loss %.9g %.9g fp32 %.9g\n",
+                chunked ? "chunked" : "per-token", with, without, cost, loss[0], loss[1],
+                loss[2]);
+        assert_true(cost > 0);
+        assert_true(with <= 3e-2);
+        assert_true(with <= 1.25 * without + 1e-3);
+        assert_true(fabs(loss[0] - loss[2]) <= 1e-2 * loss[2]);
+        for (int side = 0; side < 3; side++) free(g[side]);
+    }
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    teardown(&ref_state);
 }
 
 /* After one decode step and one training step at the largest shapes, more
@@ -1064,6 +1135,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_no_allocation_after_warm_up, setup, teardown),
         cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_decode_lora_down_split, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_twin, setup, teardown),

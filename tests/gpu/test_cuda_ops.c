@@ -257,6 +257,18 @@ static void compare(twin *t, const char *what, const tbuf *b) {
     free(host);
 }
 
+/* a's GPU side bit for bit equal to b's (a fused op against its parts). */
+static void compare_gpu_exact(twin *t, const char *what, const tbuf *a, const tbuf *b) {
+    float *ha = download(t, a), *hb = download(t, b);
+    size_t differ = 0;
+    for (size_t i = 0; i < a->n && i < b->n; i++) differ += memcmp(ha + i, hb + i, sizeof(float)) != 0;
+    char note[64] = "";
+    if (differ) snprintf(note, sizeof note, "  (%zu of %zu floats differ)", differ, a->n);
+    report(t, what, 0.0, 0.0, differ == 0 && a->n == b->n, note);
+    free(ha);
+    free(hb);
+}
+
 /* The buffer bit for bit (memory ops, untouched buffers). */
 static void compare_exact(twin *t, const char *what, const tbuf *b) {
     float *host = download(t, b);
@@ -872,9 +884,17 @@ static void check_value_residual(twin *t, const shape *sh) {
     label(t, "R=%d C=%d", R, C);
     tbuf *v = buf_input(t, n, -1, 1), *v_first = buf_input(t, n, -1, 1);
     tbuf *nu = buf_input(t, n, 0, 1);
+    tbuf *v_in = buf_from(t, v->cpu, n), *v_out = buf_output(t, n); /* v's values */
     for (int g = 0; g < 2; g++)
         side(t, g)->value_residual(side(t, g), at(v, g), at(v_first, g), at(nu, g), R, C);
     compare(t, "v", v);
+    /* value_residual_from (out of place: training's copy of v_pre folded in)
+     * against the in-place op on the same values, bit for bit */
+    if (t->gpu->value_residual_from) {
+        t->gpu->value_residual_from(t->gpu, v_out->gpu, v_in->gpu, v_first->gpu, nu->gpu, R, C);
+        compare_gpu_exact(t, "v (from v_in) == v (in place)", v_out, v);
+        compare_exact(t, "v_in untouched", v_in);
+    }
 }
 
 /* dv in place, dv_first +=, dnu overwrite */
@@ -904,12 +924,22 @@ static void check_key_prepare(twin *t, const shape *sh) {
     memset(k_host, 0, HEAD_SIZE * sizeof *k_host);
     tbuf *k = buf_from(t, k_host, n), *a = buf_input(t, n, 0, 1);
     tbuf *k_k = buf_input(t, C, 0.5, 1.5), *k_a = buf_input(t, C, 0.5, 1.5);
-    tbuf *kk = buf_output(t, n);
+    tbuf *kk = buf_output(t, n), *k_in = buf_from(t, k_host, n), *k_out = buf_output(t, n);
+    tbuf *kk2 = buf_output(t, n);
     for (int g = 0; g < 2; g++)
         side(t, g)->key_prepare(side(t, g), at(kk, g), at(k, g), at(a, g), at(k_k, g),
                                 at(k_a, g), R, C, HEAD_SIZE);
     compare(t, "kk", kk);
     compare(t, "k", k);
+    /* key_prepare_from (k read from k_in: training's copy of k_pre folded
+     * in) against the in-place op on the same values, bit for bit */
+    if (t->gpu->key_prepare_from) {
+        t->gpu->key_prepare_from(t->gpu, kk2->gpu, k_out->gpu, k_in->gpu, a->gpu, k_k->gpu,
+                                 k_a->gpu, R, C, HEAD_SIZE);
+        compare_gpu_exact(t, "kk (from k_in) == kk (in place)", kk2, kk);
+        compare_gpu_exact(t, "k (from k_in) == k (in place)", k_out, k);
+        compare_exact(t, "k_in untouched", k_in);
+    }
     free(k_host);
 }
 
@@ -1535,6 +1565,104 @@ static void check_wkv7_bf16_mma(twin *t, const shape *sh) {
     wkv7_bf16_case_tols(t, sh, 0, 0.0f, TOL_WKV_MMA_BF16_IO, TOL_WKV_MMA_BWD_DW);
     wkv7_bf16_case_tols(t, sh, 1, 0.0f, TOL_WKV_MMA_BF16_IO, TOL_WKV_MMA_BWD_DW);
     wkv7_bf16_case_tols(t, sh, 1, 1.0f, TOL_WKV_MMA_BF16_IO, TOL_WKV_MMA_BWD_DW);
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    t->tol = saved;
+}
+
+/* BF16 math, the training chain with kk and dkk in bf16 in place (backend.h
+ * wkv_only): key_prepare writes kk bf16 only, the chunked forward and
+ * backward read it so, the backward writes dkk bf16 only and
+ * key_prepare_backward reads it so, against the CPU's fp32 chain. kk and dkk
+ * are read back as bf16 from their own memory (a backend that kept them f32
+ * fails there). Each side's backward runs on its own checkpoints, beta 1.
+ * The added error is kk's and dkk's one rounding each (2^-9 relative):
+ * measured in the emulator (--quick) rel 1.7e-3 (kk), 2.2e-3..5.1e-3 (dkk,
+ * with the backward's own error), the rest 0.9e-3..3.5e-3 on the chunked
+ * kernels, 0.7e-4..4e-4 on the per-token ones, but dk_k (sum of du k over
+ * rows, du from the rounded dkk) 2.2e-3..5.3e-3 (docs/gpu.md Precision). */
+#define TOL_WKV_KK16 8e-3
+#define TOL_WKV_KK16_DW 2e-2
+static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, &sh->prefill);
+    const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
+    const size_t n = (size_t)R * C, stride = state_stride(C), wkv = state_wkv_offset(C);
+    label(t, "R=%d C=%d seqs=%d w_raw %g..%g", R, C, batch->n_seq, w_lo, w_hi);
+    if (!t->gpu->wkv_only) fatal("%s: the CUDA backend has no wkv_only", t->op);
+    wkv_inputs in;
+    wkv_inputs_make_decay(t, &in, R, C, w_lo, w_hi);
+    tbuf *k_pre = buf_input(t, n, -1, 1), *k_k = buf_input(t, C, 0.5, 1.5);
+    tbuf *k_a = buf_input(t, C, 0.5, 1.5), *kk = buf_output(t, n);
+    tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_output(t, n);
+    tbuf *ckpt = buf_output(t, checkpoint_floats(batch, C));
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        be->copy(be, at(in.k, g), at(k_pre, g), n * sizeof(float));
+        if (g) be->wkv_only(be, at(kk, g), n);
+        be->key_prepare(be, at(kk, g), at(in.k, g), at(in.a, g), at(k_k, g), at(k_a, g), R, C,
+                        N);
+        be->wkv7_forward_train(be, at(y, g), at(in.r, g), at(in.w_raw, g), at(in.k, g),
+                               at(in.v, g), at(kk, g), at(in.a, g), at(state, g) + wkv, stride,
+                               at(ckpt, g), batch, C, N);
+    }
+    tbuf *wide = buf_zero(t, n);
+    dev_widen(t, wide, kk->gpu);
+    float *host = download(t, wide);
+    compare_values(t, "kk (bf16 in place)", host, kk->cpu, NULL, n, TOL_BF16_IO);
+    free(host);
+    compare(t, "k", in.k);
+    compare(t, "y", y);
+    compare(t, "state", state);
+    compare(t, "checkpoints", ckpt);
+
+    tbuf *dy = buf_input(t, n, -1, 1), *dstate = wkv_state_make(t, sh, 0.5);
+    tbuf *grad[WKV_GRADS];
+    wkv_grads_make(t, grad, R, C);
+    for (int i = 0; i < WKV_GRADS; i++)
+        if (i == 0 || i == 2 || i == 3) grad[i] = buf_accum(t, n, -1, 1); /* dr dk dv */
+    tbuf *dk_k = buf_accum(t, C, -1, 1), *dk_a = buf_accum(t, C, -1, 1);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        if (g) be->wkv_only(be, at(grad[4], g), n);
+        be->wkv7_backward_beta(be, at(grad[0], g), at(grad[1], g), at(grad[2], g),
+                               at(grad[3], g), at(grad[4], g), at(grad[5], g),
+                               at(dstate, g) + wkv, stride, at(dy, g), at(in.r, g),
+                               at(in.w_raw, g), at(in.k, g), at(in.v, g), at(kk, g),
+                               at(in.a, g), at(ckpt, g), batch, C, N, 1.0f);
+        if (g) { /* dkk as the backward left it, before key_prepare_backward */
+            dev_widen(t, wide, grad[4]->gpu);
+            host = download(t, wide);
+            compare_values(t, "dkk (bf16 in place)", host, grad[4]->cpu, NULL, n,
+                           TOL_WKV_KK16);
+            free(host);
+        }
+        be->key_prepare_backward(be, at(grad[2], g), at(grad[5], g), at(dk_k, g), at(dk_a, g),
+                                 at(grad[4], g), at(k_pre, g), at(in.a, g), at(k_k, g),
+                                 at(k_a, g), R, C, N);
+    }
+    for (int i = 0; i < WKV_GRADS; i++) {
+        if (i == 4) continue;
+        host = download(t, grad[i]);
+        compare_values(t, wkv_grad_names[i], host, grad[i]->cpu, grad[i]->before, n,
+                       i == 1 ? TOL_WKV_KK16_DW : TOL_WKV_KK16);
+        free(host);
+    }
+    compare(t, "dk_k", dk_k);
+    compare(t, "dk_a", dk_a);
+    compare(t, "dstate", dstate);
+    twin_release(t);
+}
+
+static void check_wkv7_kk16(twin *t, const shape *sh) {
+    const double saved = t->tol;
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    t->tol = TOL_WKV_KK16;
+    for (int chunked = 1; chunked >= 0; chunked--) {
+        /* the chunked kernels on bf16 wmma, then the per-token ones */
+        rp_cuda_wkv7_chunked_min_t = chunked ? 0 : INT_MAX;
+        wkv7_kk16_case(t, sh, -3, 3);
+        wkv7_kk16_case(t, sh, 4, 8);
+    }
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
     t->tol = saved;
 }
@@ -2252,6 +2380,7 @@ static const twin_check checks[] = {
     {"wkv7 chunked mma", check_wkv7_chunked_mma, MATH_BF16, 0},
     {"wkv7 chunked backward mma", check_wkv7_backward_mma, MATH_BF16, 0},
     {"wkv7 chunked bf16 I/O mma", check_wkv7_bf16_mma, MATH_BF16, 0},
+    {"wkv7 kk16 chain", check_wkv7_kk16, MATH_BF16, 0},
     {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
     {"l2wrap", check_l2wrap, MATH_FP32, 0},
     {"head_cross_entropy", check_head_cross_entropy, MATH_FP32, 0},
