@@ -486,6 +486,34 @@ static __device__ __forceinline__ void mix_row(const mix_terms &t, int n_terms, 
     }
 }
 
+// One row of a bottom-up walk over a run of rows ending at row `last`: row
+// r's d(mix input) with the token shift's d(prev) of the row below added
+// (`below`, carried: the slot's d(state after) for a sequence's last row,
+// recomputed from row r+1's terms for the run's last row); a sequence's
+// first row stores its d(prev) to dprev; leaves row r's d(prev) in `below`.
+// s: the sequence of the row above, moved down as r passes sequence starts.
+template <int W>
+static __device__ __forceinline__ vecf<W> mix_row_carried(
+    const mix_terms &t, int n_terms, int r, int last, int c, int C, const float *x,
+    const float *prev, float (*acc)[W], const float *dstate_base, size_t state_stride,
+    const int32_t *row_begin, const int32_t *seq_len, const int32_t *slot, int &s,
+    float *dprev, vecf<W> &below) {
+    while (s > 0 && r < row_begin[s]) s--;
+    const size_t o = (size_t)r * C + c;
+    vecf<W> dxo, dp;
+    mix_row<W>(t, n_terms, o, c, x, prev, dxo, dp, acc);
+    if (r == row_begin[s] + seq_len[s] - 1) {
+        below = load<W>(dstate_base + (size_t)slot[s] * state_stride + c);
+    } else if (r == last) {
+        vecf<W> unused;
+        mix_row<W>(t, n_terms, o + C, c, x, prev, unused, below, nullptr);
+    }
+    for (int i = 0; i < W; i++) dxo.v[i] += below.v[i];
+    if (r == row_begin[s]) store<W>(dprev + o, dp);
+    below = dp;
+    return dxo;
+}
+
 // grid (C / (32 W), chunks). Warp w of a chunk takes a contiguous run of its
 // rows, last row first, carrying d(prev) of the row below: dx row r = its
 // own part + d(prev) of row r+1 (the slot's d(state after) for a sequence's
@@ -515,22 +543,10 @@ __global__ static void shift_mix_backward_kernel(
     if (c < C && wb < we) {
         int s = rp_seq_of_row(row_begin, n_seq, we - 1);
         vecf<W> below;  // d(prev) of row r + 1
-        for (int r = we - 1; r >= wb; r--) {
-            while (s > 0 && r < row_begin[s]) s--;
-            const size_t o = (size_t)r * C + c;
-            vecf<W> dxo, dp;
-            mix_row<W>(t, n_terms, o, c, x, prev, dxo, dp, acc);
-            if (r == row_begin[s] + seq_len[s] - 1) {
-                below = load<W>(dstate_base + (size_t)slot[s] * state_stride + c);
-            } else if (r == we - 1) {
-                vecf<W> unused;
-                mix_row<W>(t, n_terms, o + C, c, x, prev, unused, below, nullptr);
-            }
-            for (int i = 0; i < W; i++) dxo.v[i] += below.v[i];
-            store<W>(dx + o, dxo);
-            if (r == row_begin[s]) store<W>(dprev + o, dp);
-            below = dp;
-        }
+        for (int r = we - 1; r >= wb; r--)
+            store<W>(dx + (size_t)r * C + c,
+                     mix_row_carried<W>(t, n_terms, r, we - 1, c, C, x, prev, acc, dstate_base,
+                                        state_stride, row_begin, seq_len, slot, s, dprev, below));
     }
     const int n = C - col0 < TILE ? C - col0 : TILE;
     for (int j = 0; j < n_terms; j++) {
@@ -671,19 +687,10 @@ __global__ static void __launch_bounds__(MIX_LN_THREADS_MAX) shift_mix_ln_backwa
         int s = rp_seq_of_row(row_begin, n_seq, end - 1);
         vecf<W> below;  // d(prev) of row r + 1
         for (int r = end - 1; r >= begin; r--) {
-            while (s > 0 && r < row_begin[s]) s--;
             const size_t o = (size_t)r * C + c;
-            vecf<W> dxa, dp;
-            mix_row<W>(t, n_terms, o, c, xa, prev, dxa, dp, acc);
-            if (r == row_begin[s] + seq_len[s] - 1) {
-                below = load<W>(dstate_base + (size_t)slot[s] * state_stride + c);
-            } else if (r == end - 1) {
-                vecf<W> unused;
-                mix_row<W>(t, n_terms, o + C, c, xa, prev, unused, below, nullptr);
-            }
-            for (int i = 0; i < W; i++) dxa.v[i] += below.v[i];
-            if (r == row_begin[s]) store<W>(dprev + o, dp);
-            below = dp;
+            const vecf<W> dxa =
+                mix_row_carried<W>(t, n_terms, r, end - 1, c, C, xa, prev, acc, dstate_base,
+                                   state_stride, row_begin, seq_len, slot, s, dprev, below);
             // LayerNorm backward of row r with dy = dxa
             const float mu = mean[r], rs = rstd[r];
             const vecf<W> xv = load<W>(x + o);
