@@ -875,6 +875,28 @@ __global__ static void bias_act_backward16_kernel(__nv_bfloat16 *__restrict__ dy
     }
 }
 
+// dy [n] *= act'(y) (+ its bf16 copy dy16 when non-NULL) on the flat grid:
+// y read as bf16 where it is stored so in place (y16), else as fp32; float4
+// lanes where dy and y allow.
+static void launch_bias_act_backward(rp_cuda_ctx *cx, float *dy, const float *y,
+                                     const __nv_bfloat16 *y16, size_t n, int act,
+                                     __nv_bfloat16 *dy16) {
+    const int W = vector_width(n, dy, y);
+    const unsigned blocks = flat_blocks(cx, n / W);
+    if (y16 && W == 4)
+        bias_act_backward_kernel<4, __nv_bfloat16>
+            <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, dy16);
+    else if (y16)
+        bias_act_backward_kernel<1, __nv_bfloat16>
+            <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, dy16);
+    else if (W == 4)
+        bias_act_backward_kernel<4, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
+            dy, y, n, act, dy16);
+    else
+        bias_act_backward_kernel<1, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
+            dy, y, n, act, dy16);
+}
+
 // dy [n] a GEMM-only gradient in place (ip): bf16 in, bf16 out; with the
 // copies off its f32 twin (rounded values in, d pre rounded to bf16 values
 // the same way), so copies on and off give the same bits.
@@ -882,20 +904,7 @@ static void bias_act_backward_inplace(rp_cuda_ctx *cx, const rp_cuda_inplace *ip
                                       const float *y, size_t n, int act) {
     const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
     if (ip->f32) {
-        const int W = vector_width(n, dy, y);
-        const unsigned blocks = flat_blocks(cx, n / W);
-        if (y16 && W == 4)
-            bias_act_backward_kernel<4, __nv_bfloat16>
-                <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, nullptr);
-        else if (y16)
-            bias_act_backward_kernel<1, __nv_bfloat16>
-                <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, nullptr);
-        else if (W == 4)
-            bias_act_backward_kernel<4, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
-                dy, y, n, act, nullptr);
-        else
-            bias_act_backward_kernel<1, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
-                dy, y, n, act, nullptr);
+        launch_bias_act_backward(cx, dy, y, y16, n, act, nullptr);
         if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, n * sizeof(float)})) return;
         rp_cuda_round_bf16(cx, dy, n);
         rp_cuda_inplace_add(cx, dy, n, 1);
@@ -967,24 +976,11 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
             bias_act_backward_inplace(cx, ip, dy, y, n, (int)act);
             return;
         }
-        const int W = vector_width(n, dy, y);
-        const unsigned blocks = flat_blocks(cx, n / W);
         __nv_bfloat16 *dy16 = rp_cuda_act16_for_rows(cx, dy, n, R);
         // y stored bf16 in place (a GEMM-only output): read as bf16, so
         // act' comes from bf16(y) (docs/gpu.md "Precision")
         const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
-        if (y16 && W == 4)
-            bias_act_backward_kernel<4, __nv_bfloat16>
-                <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, dy16);
-        else if (y16)
-            bias_act_backward_kernel<1, __nv_bfloat16>
-                <<<blocks, FLAT_THREADS, 0, cx->stream>>>(dy, y16, n, act, dy16);
-        else if (W == 4)
-            bias_act_backward_kernel<4, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
-                dy, y, n, act, dy16);
-        else
-            bias_act_backward_kernel<1, float><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
-                dy, y, n, act, dy16);
+        launch_bias_act_backward(cx, dy, y, y16, n, act, dy16);
         RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, n * sizeof(float)});
         if (dy16) rp_cuda_act16_publish(cx, dy16, dy, n);
         return;
