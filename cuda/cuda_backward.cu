@@ -558,10 +558,13 @@ __global__ static void shift_mix_backward_kernel(
 }
 
 // Per column: dmu[j] += the sum of term j's chunk partials (in chunk order,
-// terms in order: a dmu of two terms gets them one after the other), then
-// each sequence's slot = d(prev) of its first row.
-__global__ static void shift_mix_finish_kernel(mix_terms t, int n_terms,
-                                               const float *__restrict__ part_mu, int chunks,
+// terms in order: a dmu of two terms gets them one after the other), then,
+// when n_parts = n_terms + 2 (shift_mix_ln_backward), dweight and dbias the
+// same way; then each sequence's slot = d(prev) of its first row.
+// part [n_parts, chunks, C].
+__global__ static void shift_mix_finish_kernel(mix_terms t, int n_terms, int n_parts,
+                                               float *dweight, float *dbias,
+                                               const float *__restrict__ part, int chunks,
                                                float *__restrict__ dstate_base,
                                                size_t state_stride,
                                                const float *__restrict__ dprev,
@@ -570,10 +573,11 @@ __global__ static void shift_mix_finish_kernel(mix_terms t, int n_terms,
                                                int C) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    for (int j = 0; j < n_terms; j++) {
+    for (int j = 0; j < n_parts; j++) {
+        float *dst = j < n_terms ? t.dmu[j] : (j == n_terms ? dweight : dbias);
         float sum = 0.0f;
-        for (int p = 0; p < chunks; p++) sum += part_mu[((size_t)j * chunks + p) * C + c];
-        if (t.dmu[j]) t.dmu[j][c] += sum;
+        for (int p = 0; p < chunks; p++) sum += part[((size_t)j * chunks + p) * C + c];
+        if (dst) dst[c] += sum;
     }
     for (int s = 0; s < n_seq; s++)
         dstate_base[(size_t)slot[s] * state_stride + c] = dprev[(size_t)row_begin[s] * C + c];
@@ -621,7 +625,7 @@ static void cuda_shift_mix_backward(rp_backend *be, float *dx, float *dprev, flo
                               {part_mu, part_floats * sizeof(float)}))
         return;
     shift_mix_finish_kernel<<<rp_cuda_blocks((size_t)C, 256), 256, 0, cx->stream>>>(
-        t, n_terms, part_mu, chunks, dstate_base, state_stride, dprev, b.row_begin, b.slot,
+        t, n_terms, n_terms, nullptr, nullptr, part_mu, chunks, dstate_base, state_stride, dprev, b.row_begin, b.slot,
         b.n_seq, C);
     RP_CUDA_LAUNCHED(cx, "shift_mix_backward finish");
 }
@@ -728,28 +732,6 @@ __global__ static void __launch_bounds__(MIX_LN_THREADS_MAX) shift_mix_ln_backwa
     store<W>(part + (n_terms + 1) * stride + row, vb);
 }
 
-// Per column: the dmu, then dweight and dbias, += their chunk partials in
-// chunk order; then each sequence's slot = d(prev) of its first row.
-__global__ static void shift_mix_ln_finish_kernel(mix_terms t, int n_terms, float *dweight,
-                                                  float *dbias, const float *__restrict__ part,
-                                                  int chunks, float *__restrict__ dstate_base,
-                                                  size_t state_stride,
-                                                  const float *__restrict__ dprev,
-                                                  const int32_t *__restrict__ row_begin,
-                                                  const int32_t *__restrict__ slot, int n_seq,
-                                                  int C) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    for (int j = 0; j < n_terms + 2; j++) {
-        float *dst = j < n_terms ? t.dmu[j] : (j == n_terms ? dweight : dbias);
-        float sum = 0.0f;
-        for (int p = 0; p < chunks; p++) sum += part[((size_t)j * chunks + p) * C + c];
-        if (dst) dst[c] += sum;
-    }
-    for (int s = 0; s < n_seq; s++)
-        dstate_base[(size_t)slot[s] * state_stride + c] = dprev[(size_t)row_begin[s] * C + c];
-}
-
 static void cuda_shift_mix_ln_backward(rp_backend *be, float *dx, float *dweight, float *dbias,
                                        float *dxa, float *dprev, float *const *dmu,
                                        const float *const *dmix, const float *const *mu,
@@ -800,8 +782,8 @@ static void cuda_shift_mix_ln_backward(rp_backend *be, float *dx, float *dweight
     if (!RP_CUDA_LAUNCHED_OUT(cx, "shift_mix_ln_backward", {dx, rc}, {dprev, rc},
                               {part, part_floats * sizeof(float)}))
         return;
-    shift_mix_ln_finish_kernel<<<rp_cuda_blocks((size_t)C, 256), 256, 0, cx->stream>>>(
-        t, n_terms, dweight, dbias, part, chunks, dstate_base, state_stride, dprev, b.row_begin,
+    shift_mix_finish_kernel<<<rp_cuda_blocks((size_t)C, 256), 256, 0, cx->stream>>>(
+        t, n_terms, n_terms + 2, dweight, dbias, part, chunks, dstate_base, state_stride, dprev, b.row_begin,
         b.slot, b.n_seq, C);
     if (!RP_CUDA_LAUNCHED(cx, "shift_mix_ln_backward finish")) return;
     if (dx16) rp_cuda_act16_publish(cx, dx16, dx, (size_t)R * C);

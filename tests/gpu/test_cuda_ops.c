@@ -700,6 +700,40 @@ static void check_shift_mix(twin *t, const shape *sh) {
     shift_mix_case(t, sh, &sh->step, "step", RP_MIX_MAX, 1);
 }
 
+/* The mix terms of a shift_mix_backward-style case: mu [C], dmu [C] (+=)
+ * and dmix [R,C] per term; with all six, terms 3 and 4 share mu and dmu (the
+ * model's two uses of xv). */
+typedef struct {
+    int n_terms;
+    tbuf *mu[RP_MIX_TERMS_MAX], *dmu[RP_MIX_TERMS_MAX], *dmix[RP_MIX_TERMS_MAX];
+} mix_term_bufs;
+
+static void mix_terms_make(twin *t, mix_term_bufs *mt, int n_terms, size_t n, int C) {
+    mt->n_terms = n_terms;
+    for (int j = 0; j < n_terms; j++) {
+        const int shared = n_terms == RP_MIX_TERMS_MAX && j == 4;
+        mt->mu[j] = shared ? mt->mu[3] : buf_input(t, C, 0, 1);
+        mt->dmu[j] = shared ? mt->dmu[3] : buf_accum(t, C, -1, 1);
+        mt->dmix[j] = buf_input(t, n, -1, 1);
+    }
+}
+
+/* Side g's pointers, as the op takes them. */
+static void mix_terms_side(const mix_term_bufs *mt, int g, float **d, const float **m,
+                           const float **u) {
+    for (int j = 0; j < mt->n_terms; j++) {
+        d[j] = at(mt->dmu[j], g);
+        m[j] = at(mt->dmix[j], g);
+        u[j] = at(mt->mu[j], g);
+    }
+}
+
+/* Each dmu once (the shared one is compared as term 3). */
+static void mix_terms_compare(twin *t, const mix_term_bufs *mt) {
+    for (int j = 0; j < mt->n_terms; j++)
+        if (!(mt->n_terms == RP_MIX_TERMS_MAX && j == 4)) compare(t, "dmu", mt->dmu[j]);
+}
+
 /* shift_mix_backward: dx overwrite (with the token shift), dmu [C] += per
  * term (terms 3 and 4 share one, as the model's two uses of xv), the slot's
  * d(state after) in, d(state before) out */
@@ -713,29 +747,19 @@ static void shift_mix_backward_case(twin *t, const shape *sh, const seq_spec *sp
     tbuf *x = buf_input(t, n, -1, 1), *prev = buf_input(t, n, -1, 1);
     tbuf *dstate = buf_input(t, sh->n_slots * stride, -1, 1);
     tbuf *dx = buf_output(t, n), *dprev = buf_output(t, n);
-    tbuf *mu[RP_MIX_TERMS_MAX], *dmu[RP_MIX_TERMS_MAX], *dmix[RP_MIX_TERMS_MAX];
-    for (int j = 0; j < n_terms; j++) {
-        const int shared = n_terms == RP_MIX_TERMS_MAX && j == 4;
-        mu[j] = shared ? mu[3] : buf_input(t, C, 0, 1);
-        dmu[j] = shared ? dmu[3] : buf_accum(t, C, -1, 1);
-        dmix[j] = buf_input(t, n, -1, 1);
-    }
+    mix_term_bufs mt;
+    mix_terms_make(t, &mt, n_terms, n, C);
     for (int g = 0; g < 2; g++) {
         float *d[RP_MIX_TERMS_MAX];
         const float *m[RP_MIX_TERMS_MAX], *u[RP_MIX_TERMS_MAX];
-        for (int j = 0; j < n_terms; j++) {
-            d[j] = at(dmu[j], g);
-            m[j] = at(dmix[j], g);
-            u[j] = at(mu[j], g);
-        }
+        mix_terms_side(&mt, g, d, m, u);
         side(t, g)->shift_mix_backward(side(t, g), at(dx, g), at(dprev, g), d, m, u, n_terms,
                                        at(x, g), at(prev, g),
                                        at(dstate, g) + state_ffn_offset(C), stride, batch, C);
     }
     compare(t, "dx", dx);
     compare(t, "dstate", dstate);
-    for (int j = 0; j < n_terms; j++)
-        if (!(n_terms == RP_MIX_TERMS_MAX && j == 4)) compare(t, "dmu", dmu[j]);
+    mix_terms_compare(t, &mt);
 }
 
 static void check_shift_mix_backward(twin *t, const shape *sh) {
@@ -767,22 +791,13 @@ static void shift_mix_ln_backward_case(twin *t, const shape *sh, const seq_spec 
     tbuf *dstate = buf_input(t, sh->n_slots * stride, -1, 1);
     tbuf *dxa = buf_output(t, n), *dprev = buf_output(t, n), *dx = buf_accum(t, n, -1, 1);
     tbuf *dw = buf_accum(t, C, -1, 1), *db = buf_accum(t, C, -1, 1);
-    tbuf *mu[RP_MIX_TERMS_MAX], *dmu[RP_MIX_TERMS_MAX], *dmix[RP_MIX_TERMS_MAX];
-    for (int j = 0; j < n_terms; j++) {
-        const int shared = n_terms == RP_MIX_TERMS_MAX && j == 4;
-        mu[j] = shared ? mu[3] : buf_input(t, C, 0, 1);
-        dmu[j] = shared ? dmu[3] : buf_accum(t, C, -1, 1);
-        dmix[j] = buf_input(t, n, -1, 1);
-    }
+    mix_term_bufs mt;
+    mix_terms_make(t, &mt, n_terms, n, C);
     for (int g = 0; g < 2; g++) {
         rp_backend *be = side(t, g);
         float *d[RP_MIX_TERMS_MAX];
         const float *m[RP_MIX_TERMS_MAX], *u[RP_MIX_TERMS_MAX];
-        for (int j = 0; j < n_terms; j++) {
-            d[j] = at(dmu[j], g);
-            m[j] = at(dmix[j], g);
-            u[j] = at(mu[j], g);
-        }
+        mix_terms_side(&mt, g, d, m, u);
         float *ds = at(dstate, g) + state_att_offset(C);
         if (g) {
             be->shift_mix_ln_backward(be, at(dx, g), at(dw, g), at(db, g), at(dxa, g),
@@ -800,8 +815,7 @@ static void shift_mix_ln_backward_case(twin *t, const shape *sh, const seq_spec 
     compare(t, "dweight", dw);
     compare(t, "dbias", db);
     compare(t, "dstate", dstate);
-    for (int j = 0; j < n_terms; j++)
-        if (!(n_terms == RP_MIX_TERMS_MAX && j == 4)) compare(t, "dmu", dmu[j]);
+    mix_terms_compare(t, &mt);
 }
 
 static void check_shift_mix_ln_backward(twin *t, const shape *sh) {
