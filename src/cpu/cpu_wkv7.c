@@ -48,11 +48,18 @@ cpu_wkv7_token_vectors(float *restrict decay, float *restrict kern_a, float *res
  * (measured ~10% faster than row by row). The inputs point at the head's
  * first channel of the sequence's first row; rows are C floats apart. The
  * summation order depends on N only: a sequence fed in pieces or token by
- * token gives bit-identical results. */
+ * token gives bit-identical results.
+ * next (or NULL): the [N,N] state this thread will most likely run after
+ * this one. At decode the states are cold (the step's streamed weights
+ * evicted them) and the first pass over S waited on each line (~40% of the
+ * kernel's time at batch 8, perf); its rows are prefetched here, one row
+ * per row of the update pass, so the next head's loads overlap this one's
+ * arithmetic. Only loads are moved: the bits are the same. */
 static void cpu_wkv7_head_v8(float *restrict S, float *restrict y, const float *restrict r,
                              const float *restrict w_raw, const float *restrict k,
                              const float *restrict v, const float *restrict kk,
-                             const float *restrict a, int len, int C, int N) {
+                             const float *restrict a, int len, int C, int N,
+                             const float *next) {
     float decay[CPU_WKV_MAX_N], kern_a[CPU_WKV_MAX_N], kern_b[CPU_WKV_MAX_N],
         sa[CPU_WKV_MAX_N];
     for (int t = 0; t < len; t++) {
@@ -74,6 +81,8 @@ static void cpu_wkv7_head_v8(float *restrict S, float *restrict y, const float *
         for (int i = 0; i < N; i++) {
             float *Si = S + (size_t)i * N;
             const float sa_i = sa[i], v_i = vt[i];
+            if (next && t == len - 1)
+                for (int q = 0; q < N; q += 16) __builtin_prefetch(next + (size_t)i * N + q, 1, 3);
             cpu_v8 y0 = {0}, y1 = {0};
             int j = 0;
             for (; j + 16 <= N; j += 16) {
@@ -273,6 +282,15 @@ static void cpu_wkv7_head_any(float *restrict S, float *restrict y, const float 
  * comment in cpu_wkv7). */
 #define CPU_WKV_PARALLEL_MIN_WORK ((size_t)1 << 18)
 
+/* The state of unit u (sequence u / H, head u % H), or NULL past the last:
+ * with dynamic scheduling a thread's next unit is about nt further on. */
+static const float *unit_state(const float *state_base, size_t state_stride,
+                               const rp_batch *batch, int H, int N, long u, long units) {
+    if (u >= units) return NULL;
+    const int s = (int)(u / H), h = (int)(u % H);
+    return state_base + (size_t)batch->slot[s] * state_stride + (size_t)h * N * N;
+}
+
 static void cpu_wkv7(rp_backend *be, float *y, const float *r, const float *w_raw,
               const float *k, const float *v, const float *kk, const float *a,
               float *state_base, size_t state_stride, const rp_batch *batch, int C,
@@ -301,7 +319,8 @@ static void cpu_wkv7(rp_backend *be, float *y, const float *r, const float *w_ra
                                    batch->seq_len[s], C, N);
         else if (vector_path)
             cpu_wkv7_head_v8(S, y + o, r + o, w_raw + o, k + o, v + o, kk + o, a + o,
-                             batch->seq_len[s], C, N);
+                             batch->seq_len[s], C, N, unit_state(state_base, state_stride,
+                                                                 batch, H, N, u + nt, units));
         else
             cpu_wkv7_head_any(S, y + o, r + o, w_raw + o, k + o, v + o, kk + o, a + o,
                               batch->seq_len[s], C, N);
