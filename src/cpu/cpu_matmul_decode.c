@@ -301,15 +301,6 @@ static void direct_rows_avx512(float *y, const float *x, const float *w, int M, 
 /* Outputs per chunk: a chunk's W rows (24 x K) are read from memory once
  * per call; 24 is a multiple of every tile's NC (12, 8, 6). */
 #define LANES_CHUNK 24
-#ifndef LANES_AHEAD
-#define LANES_AHEAD LANES_CHUNK
-#endif
-#ifndef LANES_PF
-#define LANES_PF DECODE_PF
-#endif
-#ifndef LANES_PF_HINT
-#define LANES_PF_HINT DECODE_PF_HINT
-#endif
 
 /* xt[k * mp + m] = x[m][k] for m < M, zero for m in [M, mp) (mp: M rounded up
  * to 16). */
@@ -334,10 +325,10 @@ static void transpose_x_avx512(float *restrict xt, const float *restrict x, int 
 /* Rows [0, 16 RZ) x outputs [0, NC) at w (W's row of the first output),
  * into `tile` (rows LANES_CHUNK floats apart, at the first output's
  * column). Outputs past nw read W's last row of the tile (in bounds) and
- * are dropped later. Each W line
- * is prefetched into L1 DECODE_PF floats ahead, and the line LANES_CHUNK
- * rows further (the next chunk's) into L2, so the next chunk does not
- * start on DRAM misses (past W's end it is harmless). */
+ * are dropped later. Each W line is prefetched into L1 DECODE_PF floats
+ * ahead, and the line LANES_CHUNK rows further (the next chunk's) into L2
+ * (past W's end it is harmless). Loaded-machine A/Bs of other leads (2 or
+ * 4 chunks ahead, 256 B or 1 KiB, prefetcht0) were within the noise. */
 static AI void lanes_avx512(float *tile, const float *xt, const float *w, const int RZ,
                             const int NC, int mp, int nw, int K) {
     __m512 acc[4][12];
@@ -349,8 +340,8 @@ static AI void lanes_avx512(float *tile, const float *xt, const float *w, const 
     for (int k = 0; k < K; k++, xk += mp) {
         if ((k & 15) == 0)
             for (int c = 0; c < NC; c++) {
-                __builtin_prefetch(wr[c] + k + LANES_PF, 0, LANES_PF_HINT);
-                __builtin_prefetch(w + (size_t)(LANES_AHEAD + c) * K + k, 0, DECODE_AHEAD_HINT);
+                __builtin_prefetch(wr[c] + k + DECODE_PF, 0, DECODE_PF_HINT);
+                __builtin_prefetch(w + (size_t)(LANES_CHUNK + c) * K + k, 0, DECODE_AHEAD_HINT);
             }
         __m512 xv[4];
         for (int r = 0; r < RZ; r++) xv[r] = _mm512_loadu_ps(xk + 16 * r);
