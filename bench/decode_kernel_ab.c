@@ -1,5 +1,5 @@
 /* A/B of the f32 decode kernel (issue 14, docs/perf/serving.md "The decode
- * kernel at 32-64+ rows"): cpu_matmul_decode of this tree against an older
+ * kernel at 32-64 rows"): cpu_matmul_decode of this tree against an older
  * copy of cpu_matmul_decode.c built with its entry point renamed, on the
  * 0.1B shapes at 1-256 rows, one thread, W evicted before every call (96 MiB
  * written, as in decode where the layers' weights do not fit the caches)
@@ -8,9 +8,12 @@
  * do not count), the two alternated call by call (which goes first
  * alternates too), min and median of REPS.
  * It also checks that both give the same bits. Not part of the build:
- *   git show c7c85ed:src/cpu/cpu_matmul_decode.c > /tmp/decode_old.c
- *   gcc -std=c11 -O3 -march=native -fno-math-errno -DHAVE_CONFIG_H -Isrc -Ibuild/cpu \
- *       -Dcpu_matmul_decode=cpu_matmul_decode_old -c /tmp/decode_old.c -o /tmp/decode_old.o
+ *   mkdir -p /tmp/decode_old/cpu
+ *   git show c7c85ed:src/cpu/cpu_matmul_decode.c > /tmp/decode_old/decode_old.c
+ *   git show c7c85ed:src/cpu/cpu_matmul_decode.h > /tmp/decode_old/cpu/cpu_matmul_decode.h
+ *   gcc -std=c11 -O3 -march=native -fno-math-errno -DHAVE_CONFIG_H -I/tmp/decode_old \
+ *       -Isrc -Ibuild/cpu -Dcpu_matmul_decode=cpu_matmul_decode_old \
+ *       -c /tmp/decode_old/decode_old.c -o /tmp/decode_old.o
  *   gcc -std=c11 -O2 -march=native -fopenmp -Isrc -Ibuild/cpu bench/decode_kernel_ab.c \
  *       /tmp/decode_old.o build/cpu/librwkvpipe.a -lopenblas -lm -o /tmp/decode_kernel_ab
  *   /tmp/decode_kernel_ab [REPS [evict|warm [N]]]   (default 7, evict; warm: W
