@@ -268,6 +268,13 @@ expect_fail "serve --max-batch 5000" "--max-batch: 5000 is out of range [1, 4096
     "$BIN" serve --model "$WEIGHTS" --port 0 --max-batch 5000
 expect_fail "serve --max-batch x" "--max-batch: 'x' is not an integer" \
     "$BIN" serve --model "$WEIGHTS" --port 0 --max-batch x
+# serve --prefill-prompts: prompts per prefill unit, 0..4096 (0: up to --max-batch)
+expect_fail "serve --prefill-prompts -1" "--prefill-prompts: -1 is out of range [0, 4096]" \
+    "$BIN" serve --model "$WEIGHTS" --port 0 --prefill-prompts -1
+expect_fail "serve --prefill-prompts 5000" "--prefill-prompts: 5000 is out of range [0, 4096]" \
+    "$BIN" serve --model "$WEIGHTS" --port 0 --prefill-prompts 5000
+expect_fail "serve --prefill-prompts x" "--prefill-prompts: 'x' is not an integer" \
+    "$BIN" serve --model "$WEIGHTS" --port 0 --prefill-prompts x
 expect_fail "logits without --model" "--model" "$BIN" logits --tokens 1,2 -o "$T/x.safetensors"
 
 check "--device and --gpu-math: bad values are refused; cuda without CUDA (or a GPU) says how to fix it"

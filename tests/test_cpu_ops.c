@@ -264,7 +264,9 @@ static void test_matmul_linear_few_rows_independent_of_batch(void **state) {
  * row the bits it gets alone on one thread, on any thread count, for both
  * weight layouts (sgemm, the kernel outside decode rows, does not). The
  * shapes cover partial 32-output panels (N % 32), K tails (K % 16), the
- * few-row kernel (M <= 2) and the 12-row blocks with every remainder. */
+ * few-row kernel (M <= 2), the 12-row blocks with every remainder and the
+ * AVX-512 lanes kernel (M = 30-32, 45-48, 60-64: rows in vector lanes, the
+ * padding lanes dropped; seen failing with its fma split into mul + add). */
 static void test_matmul_decode_rows_of_any_count_equal_each_row_alone(void **state) {
     (void)state;
     const int shapes[][2] = {{7, 37}, {33, 16}, {130, 300}, {1000, 77}, {64, 768}, {48, 3}};

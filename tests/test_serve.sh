@@ -231,13 +231,18 @@ assert r["finish_reason"] == "cancelled", r' "$("${CLIENT[@]}" sse "$T/term.sse"
 if [ -n "$MPIRUN" ] && command -v "$MPIRUN" >/dev/null 2>&1; then
     "$BIN" init --model-config L4-C64-V256 --seed 3 -o "$T/l4.st" >/dev/null 2>&1 ||
         { echo "FAIL: init"; exit 1; }
-    start C "$MPIRUN" -np 1 "$BIN" serve --model "$T/l4.st" --port 0 --threads 1
+    # C reads one prompt per prefill unit, D up to a decode group's (the
+    # default): the same texts, and concurrent requests equal to alone on both
+    start C "$MPIRUN" -np 1 "$BIN" serve --model "$T/l4.st" --port 0 --threads 1 \
+        --prefill-prompts 1
     start D "$MPIRUN" -np 2 "$BIN" serve --model "$T/l4.st" --pp 2 --port 0 --threads 1 \
         --session-dir "$T/sessions"
     expect "mpirun -np 1 and -np 2 --pp 2 servers give the same greedy texts" \
         "${CLIENT[@]}" same-server "$URL_C" "$URL_D"
     expect "the --pp 2 server: 8 concurrent requests each equal to alone" \
         "${CLIENT[@]}" concurrent "$URL_D" 8
+    expect "the --prefill-prompts 1 server: 8 concurrent requests each equal to alone" \
+        "${CLIENT[@]}" concurrent "$URL_C" 8
     http "$T/pm.txt" GET "$URL_D/metrics" >/dev/null
     expect "the --pp 2 server reports 2 stages" grep -q '^rwkvpipe_stage_busy_ratio{stage="1"}' "$T/pm.txt"
     expect "the --pp 2 server: sessions continue exactly across stages" "${CLIENT[@]}" sessions "$URL_D"

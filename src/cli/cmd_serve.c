@@ -78,6 +78,10 @@ static void serve_usage(FILE *out) {
             "  --max-batch N            sequences per decode step, 1-4096 (default: the\n"
             "                           backend's: CPU 64, CUDA 64); at most --slots run\n"
             "  --prefill-chunk N        prompt tokens per prefill unit (default 256)\n"
+            "  --prefill-prompts N      most prompts read together in one prefill unit, one\n"
+            "                           pass over the weights, 0-4096 (default 0: up to\n"
+            "                           --max-batch; 1: one prompt per unit; f32 CPU only,\n"
+            "                           one per unit elsewhere)\n"
             "  --session-budget-mb N    memory for stored session states per stage (default 256)\n"
             "  --prefix-cache-mb N      memory for the prefix state cache: the states after\n"
             "                           finished requests' prompts and replies, so a request\n"
@@ -134,7 +138,8 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         O_BODY, O_PROMPT, O_TOKENS, O_DEFAULT_TOKENS, O_CONNECTIONS, O_SLOTS, O_QUEUE, O_CHUNK,
         O_BUDGET, O_TIMEOUT, O_PP, O_STAGE_LAYERS, O_THREADS, O_STATE_BUDGET, O_PREFIX_CACHE, O_DEVICE, O_GPU_MATH,
         O_PER_CLIENT, O_CONN_TIMEOUT, O_REQ_TIMEOUT, O_HTTP_THREADS, O_DRAIN,
-        O_SESSION_OVERWRITE, O_MAX_SESSION_FILES, O_WEIGHTS_DTYPE, O_LORA, O_MAX_BATCH
+        O_SESSION_OVERWRITE, O_MAX_SESSION_FILES, O_WEIGHTS_DTYPE, O_LORA, O_MAX_BATCH,
+        O_PREFILL_PROMPTS
     };
     static const struct option longopts[] = {
         {"model", required_argument, 0, O_MODEL},
@@ -163,6 +168,7 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
         {"max-queue", required_argument, 0, O_QUEUE},
         {"max-batch", required_argument, 0, O_MAX_BATCH},
         {"prefill-chunk", required_argument, 0, O_CHUNK},
+        {"prefill-prompts", required_argument, 0, O_PREFILL_PROMPTS},
         {"session-budget-mb", required_argument, 0, O_BUDGET},
         {"comm-timeout", required_argument, 0, O_TIMEOUT},
         {"pp", required_argument, 0, O_PP},
@@ -240,6 +246,10 @@ int cmd_serve(rp_cli *cli, int argc, char **argv) {
             break;
         case O_CHUNK:
             ec.prefill_chunk = (int)cli_parse_int(cli, "--prefill-chunk", optarg, 1, 1 << 20);
+            break;
+        case O_PREFILL_PROMPTS:
+            ec.prefill_prompts =
+                (int)cli_parse_int(cli, "--prefill-prompts", optarg, 0, RP_ENGINE_MAX_BATCH);
             break;
         case O_BUDGET:
             ec.session_budget_bytes =

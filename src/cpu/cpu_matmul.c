@@ -149,7 +149,7 @@ static void cpu_stream_in_out(float *restrict y, const float *restrict x,
  * would get other bits than on another team size. */
 static void cpu_matmul_block(float *y, const float *x, const float *w, int m, int n0, int n1,
                              int N, int K, float beta, cpu_weight_layout layout, int stream,
-                             float *pack) {
+                             float *pack, size_t pack_floats) {
     if (stream) {
         if (layout == CPU_W_OUT_IN)
             /* Row blocks: each panel re-reads the block's x, which must stay
@@ -157,7 +157,7 @@ static void cpu_matmul_block(float *y, const float *x, const float *w, int m, in
             for (int r = 0; r < m; r += CPU_STREAM_ROW_BLOCK)
                 cpu_matmul_decode(y + (size_t)r * N, x + (size_t)r * K, w,
                                   m - r < CPU_STREAM_ROW_BLOCK ? m - r : CPU_STREAM_ROW_BLOCK,
-                                  n0, n1, N, K, beta, pack);
+                                  n0, n1, N, K, beta, pack, pack_floats);
         else
             cpu_stream_in_out(y, x, w, m, n0, n1, N, K, beta);
     } else if (layout == CPU_W_OUT_IN) {
@@ -234,10 +234,16 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
      * on every matmul. NULL if it cannot grow: the kernel then reads W
      * directly, slower, same bits. */
     char *packs = NULL;
-    size_t pack_stride = 0;
+    size_t pack_stride = 0, pack_floats = 0;
     if (stream && layout == CPU_W_OUT_IN && nt <= ((const rp_cpu_impl *)be->impl)->n_threads) {
-        packs = cpu_thread_scratch_at_least(be, cpu_matmul_decode_pack_floats(K) * sizeof(float));
+        /* Sized for the first row block (a thread's rows where rows split):
+         * a smaller block that needs more falls back to the panel kernel,
+         * the same bits. */
+        pack_floats = cpu_matmul_decode_pack_floats(
+            M < CPU_STREAM_ROW_BLOCK ? M : CPU_STREAM_ROW_BLOCK, K);
+        packs = cpu_thread_scratch_at_least(be, pack_floats * sizeof(float));
         pack_stride = ((const rp_cpu_impl *)be->impl)->thread_stride;
+        if (!packs) pack_floats = 0;
     }
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -247,10 +253,12 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
             cpu_slice(M, part, parts, CPU_MATMUL_ROW_SLICE_ALIGN, &b, &e);
             if (e > b)
                 cpu_matmul_block(y + (size_t)b * N, x + (size_t)b * K, w, e - b, 0, N, N, K,
-                                 beta, layout, stream, pack);
+                                 beta, layout, stream, pack, pack_floats);
         } else {
             cpu_slice(N, part, parts, CPU_MATMUL_SLICE_ALIGN, &b, &e);
-            if (e > b) cpu_matmul_block(y, x, w, M, b, e, N, K, beta, layout, stream, pack);
+            if (e > b)
+                cpu_matmul_block(y, x, w, M, b, e, N, K, beta, layout, stream, pack,
+                                 pack_floats);
         }
     }
 }

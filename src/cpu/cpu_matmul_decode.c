@@ -6,7 +6,9 @@
  * weights, one accumulator vector per (row, 16 outputs), k ascending. Each
  * y[m, n] is thus one fused multiply-add chain over k = 0..K-1 from zero
  * whatever the number of rows, the block a row falls in, the panel or the
- * thread split, so a decode row's bits equal its bits alone. Run-time ISA
+ * thread split, so a decode row's bits equal its bits alone. At 30-64 rows
+ * (AVX-512) the lanes kernel computes the same chains with the rows in the
+ * vector lanes instead (x transposed once, no W pack). Run-time ISA
  * choice (cpu_features.c): AVX-512, AVX2 + FMA, portable C; the x86 paths
  * and a portable build with FMA give the same bits (one fma per step). */
 #include "config.h"
@@ -283,6 +285,106 @@ static void direct_rows_avx512(float *y, const float *x, const float *w, int M, 
     }
 }
 
+/* ---- many rows: the rows in the vector lanes ----
+ * From a few dozen rows the panel kernel's pack (W transposed, per 32
+ * outputs, every call) is a large share of the time (perf of bench_engine:
+ * 20% of the 16-sequence run, 8% of the 64-sequence run). Here x is
+ * transposed instead, once per call (xt[k][m], M x K floats against N x K):
+ * a vector holds 16 rows' x at one k, W[n][k] is broadcast straight from W
+ * (row-major, read in order), and acc(16 rows, n) = fma(x(16 rows, k), W[n][k],
+ * acc): for each y[m, n] the same fused multiply-add chain over k = 0..K-1
+ * from zero as the panel kernel's, so the same bits. Tiles: RZ vectors of
+ * rows (16 RZ rows) x NC outputs, RZ x NC = 24 accumulators, per k RZ loads
+ * and NC broadcasts for 24 FMAs. Rows past M are zero lanes, computed and
+ * dropped. */
+
+/* Outputs per chunk: a chunk's W rows (24 x K) are read from memory once
+ * per call; 24 is a multiple of every tile's NC (12, 8, 6). */
+#define LANES_CHUNK 24
+
+/* xt[k * mp + m] = x[m][k] for m < M, zero for m in [M, mp) (mp: M rounded up
+ * to 16). */
+static void transpose_x_avx512(float *restrict xt, const float *restrict x, int M, int mp,
+                               int K) {
+    const int K16 = K / 16 * 16;
+    for (int m0 = 0; m0 < mp; m0 += 16) {
+        for (int k = 0; k < K16; k += 16) {
+            __m512 v[16];
+            for (int j = 0; j < 16; j++)
+                v[j] = m0 + j < M ? _mm512_loadu_ps(x + (size_t)(m0 + j) * K + k)
+                                  : _mm512_setzero_ps();
+            transpose16(v);
+            for (int t = 0; t < 16; t++) _mm512_storeu_ps(xt + (size_t)(k + t) * mp + m0, v[t]);
+        }
+        for (int k = K16; k < K; k++)
+            for (int j = 0; j < 16; j++)
+                xt[(size_t)k * mp + m0 + j] = m0 + j < M ? x[(size_t)(m0 + j) * K + k] : 0.0f;
+    }
+}
+
+/* Rows [0, 16 RZ) x outputs [0, NC) at w (W's row of the first output),
+ * into `tile` (rows LANES_CHUNK floats apart, at the first output's
+ * column). Outputs past nw read W's last row of the tile (in bounds) and
+ * are dropped later. Each W line is prefetched into L1 DECODE_PF floats
+ * ahead, and the line LANES_CHUNK rows further (the next chunk's) into L2
+ * (past W's end it is harmless). Loaded-machine A/Bs of other leads (2 or
+ * 4 chunks ahead, 256 B or 1 KiB, prefetcht0) were within the noise. */
+static AI void lanes_avx512(float *tile, const float *xt, const float *w, const int RZ,
+                            const int NC, int mp, int nw, int K) {
+    __m512 acc[4][12];
+    const float *wr[12];
+    for (int c = 0; c < NC; c++) wr[c] = w + (size_t)(c < nw ? c : nw - 1) * K;
+    for (int r = 0; r < RZ; r++)
+        for (int c = 0; c < NC; c++) acc[r][c] = _mm512_setzero_ps();
+    const float *xk = xt;
+    for (int k = 0; k < K; k++, xk += mp) {
+        if ((k & 15) == 0)
+            for (int c = 0; c < NC; c++) {
+                __builtin_prefetch(wr[c] + k + DECODE_PF, 0, DECODE_PF_HINT);
+                __builtin_prefetch(w + (size_t)(LANES_CHUNK + c) * K + k, 0, DECODE_AHEAD_HINT);
+            }
+        __m512 xv[4];
+        for (int r = 0; r < RZ; r++) xv[r] = _mm512_loadu_ps(xk + 16 * r);
+        for (int c = 0; c < NC; c++) {
+            const __m512 wb = _mm512_set1_ps(wr[c][k]);
+            for (int r = 0; r < RZ; r++) acc[r][c] = _mm512_fmadd_ps(xv[r], wb, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < RZ; r++)
+        for (int c = 0; c < NC; c++) {
+            float out[16];
+            _mm512_storeu_ps(out, acc[r][c]);
+            for (int l = 0; l < 16; l++) tile[(16 * r + l) * LANES_CHUNK + c] = out[l];
+        }
+}
+
+/* M rows (mp: M rounded up to 16, 32 to 64) x outputs [n0, n1), by chunks
+ * of LANES_CHUNK outputs, each chunk's W read from memory once. */
+static void lanes_rows_avx512(float *y, const float *x, const float *w, int M, int n0, int n1,
+                              int N, int K, float beta, float *xt) {
+    const int mp = (M + 15) / 16 * 16, rz = mp / 16, nc = 24 / rz;
+    transpose_x_avx512(xt, x, M, mp, K);
+    /* The chunk's sums, then copied to y a row at a time: written straight
+     * to y, 16 rows N floats apart (N = 3072, 65536: a multiple of 4 KiB)
+     * fell in one L1 set at every column (3072 x 768 at 64 rows ran at
+     * 0.94x the panel kernel instead of 1.11x). */
+    float tile[64 * LANES_CHUNK] __attribute__((aligned(64)));
+    for (int n = n0; n < n1; n += LANES_CHUNK) {
+        const int cw = n1 - n < LANES_CHUNK ? n1 - n : LANES_CHUNK;
+        for (int c = 0; c < cw; c += nc) {
+            const int nw = cw - c < nc ? cw - c : nc;
+            const float *wc = w + (size_t)(n + c) * K;
+            switch (rz) {
+            case 2: lanes_avx512(tile + c, xt, wc, 2, 12, mp, nw, K); break;
+            case 3: lanes_avx512(tile + c, xt, wc, 3, 8, mp, nw, K); break;
+            default: lanes_avx512(tile + c, xt, wc, 4, 6, mp, nw, K); break;
+            }
+        }
+        for (int m = 0; m < M; m++)
+            store_row(y + (size_t)m * N + n, tile + m * LANES_CHUNK, cw, beta);
+    }
+}
+
 /* The first row block also prefetches the next panel's W (contiguous: 32
  * rows of K) into L2, so its pack reads L2 while this panel computes
  * instead of stalling on DRAM between panels (a perf profile of 64-row
@@ -323,10 +425,13 @@ RP_ISA_END
 
 /* The kernels for the CPU's ISA (capped by RP_CPU_ISA), chosen once;
  * `direct` (W transposed in registers, no pack buffer) where the ISA has one. */
+typedef void (*lanes_fn)(float *y, const float *x, const float *w, int M, int n0, int n1, int N,
+                         int K, float beta, float *xt);
 typedef struct {
     pack_fn pack;
     panel_fn panel;
     direct_fn direct;
+    lanes_fn lanes; /* rows in the vector lanes (NULL: none for this ISA) */
 } decode_kernels;
 
 /* Up to this many rows the direct kernel runs (when there is one): at batch
@@ -344,12 +449,12 @@ static decode_kernels choose(void) {
     rp_cpu_isa isa;
     rp_error err = {0};
     if (rp_cpu_isa_from_env(&isa, &err) != RP_OK) isa = RP_CPU_ISA_GENERIC;
-    decode_kernels k = {pack_generic, panel_generic, NULL};
+    decode_kernels k = {pack_generic, panel_generic, NULL, NULL};
 #if defined(__x86_64__)
     if (isa >= RP_CPU_ISA_AVX512)
-        k = (decode_kernels){pack_avx512, panel_avx512, direct_rows_avx512};
+        k = (decode_kernels){pack_avx512, panel_avx512, direct_rows_avx512, lanes_rows_avx512};
     else if (isa >= RP_CPU_ISA_AVX2)
-        k = (decode_kernels){pack_avx2, panel_avx2, NULL};
+        k = (decode_kernels){pack_avx2, panel_avx2, NULL, NULL};
 #endif
     /* Racing threads compute the same choice: any store wins. */
     chosen = k;
@@ -367,9 +472,37 @@ static int chosen_fuses(const decode_kernels *k) {
 #endif
 }
 
+/* The floats of x transposed if M rows of K take the lanes kernel (where
+ * the ISA has one), else 0. Rows are rounded up to 16 (mp, 32 to 64: one
+ * tile of 2-4 vectors of rows); the padding lanes are computed and
+ * dropped, so only rows that waste at most 1/16 of the lanes take it (one
+ * core, thread CPU time, W from memory, the 0.1B shapes: 64 rows 1.03-1.18x
+ * the panel kernel, 48 rows 1.05-1.26x, 32 rows 1.05-1.20x; 56 and 58 rows
+ * (8 and 6 lanes of 64 idle) 0.91-1.12x, 24 rows 0.85-0.99x; one vector of
+ * rows against 24 W rows (16 rows) 0.25-0.61x; 96-256 rows, by tiles of 64,
+ * 0.95-1.06x: the panel kernel keeps those). x transposed must fit
+ * CPU_DECODE_LANES_MAX_FLOATS: it is re-read for every 24 outputs, from L2. */
+static size_t lanes_floats(int M, int K) {
+    const size_t mp = ((size_t)M + 15) / 16 * 16;
+    if (mp < 32 || mp > 64 || (mp - (size_t)M) * 16 > mp ||
+        mp * (size_t)K > CPU_DECODE_LANES_MAX_FLOATS)
+        return 0;
+    return mp * (size_t)K;
+}
+
+size_t cpu_matmul_decode_pack_floats(int M, int K) {
+    const size_t panel = (size_t)CPU_DECODE_PANEL * (size_t)K, lanes = lanes_floats(M, K);
+    return lanes > panel ? lanes : panel;
+}
+
 void cpu_matmul_decode(float *y, const float *x, const float *w, int M, int n0, int n1, int N,
-                       int K, float beta, float *pack) {
+                       int K, float beta, float *pack, size_t pack_floats) {
     const decode_kernels kern = choose();
+    const size_t lanes = kern.lanes && pack ? lanes_floats(M, K) : 0;
+    if (lanes > 0 && lanes <= pack_floats) {
+        kern.lanes(y, x, w, M, n0, n1, N, K, beta, pack);
+        return;
+    }
     if (kern.direct && (M <= CPU_DECODE_DIRECT_MAX_ROWS || !pack)) {
         for (int n = n0; n < n1; n += PANEL) {
             const int nw = n1 - n < PANEL ? n1 - n : PANEL;

@@ -6,16 +6,25 @@
 
 #include <stddef.h>
 
-/* Outputs per packed panel, and the floats of one thread's pack buffer. */
+/* Outputs per packed panel. */
 #define CPU_DECODE_PANEL 32
-static inline size_t cpu_matmul_decode_pack_floats(int K) {
-    return (size_t)CPU_DECODE_PANEL * (size_t)K;
-}
+
+/* The most floats of x transposed for the lanes kernel (AVX-512, 30-64
+ * rows: x transposed once per call instead of W per panel; the .c file). */
+#ifndef CPU_DECODE_LANES_MAX_FLOATS
+#define CPU_DECODE_LANES_MAX_FLOATS ((size_t)192 * 1024) /* 768 KiB */
+#endif
+
+/* The floats of one thread's buffer for an M-row product of depth K: the
+ * panel buffer, or x transposed where M rows take the lanes kernel. */
+size_t cpu_matmul_decode_pack_floats(int M, int K);
 
 /* y[m, n] = sum_k x[m, k] W[n, k] (+ beta y[m, n]) for m < M, n in [n0, n1);
- * y, x rows N and K apart. `pack` holds cpu_matmul_decode_pack_floats(K)
- * floats (64-byte aligned) or is NULL (a slow path with the same bits). */
+ * y, x rows N and K apart. `pack` holds pack_floats floats (64-byte aligned;
+ * at least cpu_matmul_decode_pack_floats(1, K)) or is NULL (a slow path
+ * with the same bits); with fewer than cpu_matmul_decode_pack_floats(M, K)
+ * the panel kernel runs (the same bits). */
 void cpu_matmul_decode(float *y, const float *x, const float *w, int M, int n0, int n1, int N,
-                       int K, float beta, float *pack);
+                       int K, float beta, float *pack, size_t pack_floats);
 
 #endif
