@@ -680,8 +680,9 @@ static AI void vnnirow_tile(float *sums, const rp_qmatrix *w, int n, const cpu_q
  * row scale: the same sums in the same order as any row of vnnirow_tile. */
 #define VROW1_MAX_GROUPS 128 /* K <= 16384 (a 32 KiB stack table); above: vnnirow_tile */
 #define VROW1_TILE 4         /* W rows per hsum_many */
-/* W bytes ahead of the row being read, into L2: measured 6-16 KiB all
- * within a few %, none 2x slower; 8 KiB best on the tall K = 768 shapes. */
+/* W bytes ahead of the row being read, into L2 (QPF_HINT): without it the
+ * head streamed at half the rate, 2 and 4 KiB ahead 25-40% slower, 6-64
+ * KiB within the noise of each other (docs/perf/cpu.md). */
 #define VROW1_PF_BYTES 8192
 
 typedef struct {
