@@ -188,11 +188,13 @@ static void test_q8row_kernels_match_reference(void **state) {
 /* Every kernel gives the same bits per row however many rows share the call
  * (M = 1 vs 8) and on 1 or 2 threads; prefill the same bits on 1 and 2
  * threads, with W widened whole (M = 64: one thread runs the sgemm; M = 512:
- * rows split) and in tiles (a W over 64 MiB as f32: 16400 x 1024, 9 tiles). */
+ * rows split) and in tiles (a W over 64 MiB as f32: 16400 x 1024, 9 tiles).
+ * K = 16384 and 16512: the last K whose x groups int8row's one-row kernel
+ * keeps in its table, and the first that falls back to the many-row tile. */
 static void test_thread_and_row_count_independence(void **state) {
     (void)state;
     static const int cases[][3] = {{4200, 1024, 8}, {4200, 1024, 64}, {4200, 1024, 512},
-                                   {16400, 1024, 9}}; /* N, K, M */
+                                   {16400, 1024, 9}, {21, 16384, 8}, {21, 16512, 8}}; /* N, K, M */
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
         for (int t = RP_QTYPE_BF16; t <= RP_QTYPE_Q8ROW; t++) {
             const int N = cases[c][0], K = cases[c][1], M = cases[c][2];

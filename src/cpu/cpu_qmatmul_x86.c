@@ -669,57 +669,110 @@ static AI void vnnirow_tile(float *sums, const rp_qmatrix *w, int n, const cpu_q
     vrow_scale(sums, w, n, nw, rows);
 }
 
-/* vnnirow_tile for one x row: the same int32 per lane (correction from x,
- * W's bytes flipped to w + 128 and x's back to q), the same sums. */
-static AI void vnnirow_tile1(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
-                             int nw) {
-    const int K = w->K, ng = cpu_qrow_groups(K);
-    const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
-    const uint8_t *xm = x->xu + (size_t)m0 * K;
-    const float *xg = x->xg + (size_t)m0 * ng;
+/* One x row (decode batch 1) on Q8ROW: W read row after row, each row
+ * start to end. From memory this streams 10-20% faster than vnnirow_tile's
+ * order (W rows of a tile interleaved per 128 k), and x's per-group vectors
+ * (q, the -128 sum(q) correction, the scale) are formed once per call
+ * instead of once per tile: docs/perf/cpu.md, "int8row at one x row". The
+ * int32 per lane is vnnirow_tile's (W's bytes flipped to w + 128, x's back
+ * to q: sum (w + 128) q - 128 sum(q) = sum w q, exact), added group by
+ * group in k order into one accumulator per W row, then hsum_many and the
+ * row scale: the same sums in the same order as any row of vnnirow_tile. */
+#define VROW1_MAX_GROUPS 128 /* K <= 16384 (a 32 KiB stack table); above: vnnirow_tile */
+#define VROW1_TILE 4         /* W rows per hsum_many */
+/* W bytes ahead of the row being read, into L2 (QPF_HINT): without it the
+ * head streamed at half the rate, 2 and 4 KiB ahead 25-40% slower, 6-64
+ * KiB within the noise of each other (docs/perf/cpu.md). */
+#define VROW1_PF_BYTES 8192
+
+typedef struct {
+    __m512i xa, xb; /* q of k .. k + 63 and k + 64 .. k + 127 (signed; 0 past K) */
+    __m512i cx;     /* -128 sum(q) per lane */
+    __m512 sx;      /* the group's x scale */
+} vrow1_xgroup;
+
+static AI void vrow1_prep_x(vrow1_xgroup *xq, const uint8_t *xu, const float *xg, int K) {
     const __m512i c128 = _mm512_set1_epi8((char)0x80);
-    __m512 acc[4];
-    for (int j = 0; j < nw; j++) acc[j] = _mm512_setzero_ps();
-    for (int g = 0; g < ng; g++) {
+    for (int g = 0; g * VG < K; g++) {
         const int k = g * VG;
         const vrow_masks v = vrow_group_masks(K, k);
-        for (int j = 0; j < nw; j++) {
-            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + QPF_BYTES / 2, 0,
-                               QPF_HINT);
-            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + 64 + QPF_BYTES / 2,
-                               0, QPF_HINT);
-        }
-        /* q (signed; 0 past the group) and -128 sum(q) per lane */
-        const __m512i xa =
-            _mm512_maskz_xor_epi32(v.l0, _mm512_maskz_loadu_epi8(v.b0, xm + k), c128);
-        const __m512i xb =
-            _mm512_maskz_xor_epi32(v.l1, _mm512_maskz_loadu_epi8(v.b1, xm + k + 64), c128);
-        const __m512i cx = _mm512_sub_epi32(
+        xq[g].xa = _mm512_maskz_xor_epi32(v.l0, _mm512_maskz_loadu_epi8(v.b0, xu + k), c128);
+        xq[g].xb = _mm512_maskz_xor_epi32(v.l1, _mm512_maskz_loadu_epi8(v.b1, xu + k + 64), c128);
+        xq[g].cx = _mm512_sub_epi32(
             _mm512_setzero_si512(),
-            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, xa), c128, xb));
-        const __m512 sx = _mm512_set1_ps(xg[g]);
-        for (int j = 0; j < nw; j++) {
-            const __m512i wa = _mm512_maskz_loadu_epi8(v.b0, wt + (size_t)j * K + k);
-            const __m512i wb = _mm512_maskz_loadu_epi8(v.b1, wt + (size_t)j * K + k + 64);
-            const __m512i d = _mm512_dpbusd_epi32(
-                _mm512_dpbusd_epi32(cx, _mm512_xor_si512(wa, c128), xa),
-                _mm512_xor_si512(wb, c128), xb);
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sx, acc[j]);
-        }
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, xq[g].xa), c128,
+                                xq[g].xb));
+        xq[g].sx = _mm512_set1_ps(xg[g]);
+    }
+}
+
+/* a + group g of W row wr (its bytes masked by b0, b1) against xq[g]: the
+ * int32 lanes converted and added times x's scale. */
+static AI __m512 vrow1_step(__m512 a, const int8_t *wr, int g, __mmask64 b0, __mmask64 b1,
+                            const vrow1_xgroup *xq) {
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    const int8_t *p = wr + (size_t)g * VG;
+    __builtin_prefetch((const char *)p + VROW1_PF_BYTES, 0, QPF_HINT);
+    __builtin_prefetch((const char *)p + VROW1_PF_BYTES + 64, 0, QPF_HINT);
+    const __m512i wa = _mm512_maskz_loadu_epi8(b0, p);
+    const __m512i wb = _mm512_maskz_loadu_epi8(b1, p + 64);
+    const __m512i d =
+        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(xq[g].cx, _mm512_xor_si512(wa, c128), xq[g].xa),
+                            _mm512_xor_si512(wb, c128), xq[g].xb);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xq[g].sx, a);
+}
+
+/* sums[j] = dot(W row n + j, x) * row scale, j < nw; ng = cpu_qrow_groups(K). */
+static AI void vrow1_tile(float *sums, const rp_qmatrix *w, int n, const vrow1_xgroup *xq,
+                          int ng, int nw) {
+    const int K = w->K;
+    const vrow_masks last = vrow_group_masks(K, (ng - 1) * VG);
+    __m512 acc[VROW1_TILE];
+    for (int j = 0; j < nw; j++) {
+        const int8_t *wr = (const int8_t *)w->data + (size_t)(n + j) * K;
+        __m512 a = _mm512_setzero_ps();
+        for (int g = 0; g < ng - 1; g++) a = vrow1_step(a, wr, g, ~(__mmask64)0, ~(__mmask64)0, xq);
+        acc[j] = vrow1_step(a, wr, ng - 1, last.b0, last.b1, xq);
     }
     hsum_many(sums, acc, nw);
     vrow_scale(sums, w, n, nw, 1);
 }
 
-static AI void vnnirow_tile_any(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
-                                int nw, int rows) {
-    if (rows == 1) vnnirow_tile1(sums, w, n, x, m0, nw);
-    else vnnirow_tile(sums, w, n, x, m0, nw, rows);
+static AI void vrow1_rows(const rp_qmatrix *w, float *y, const vrow1_xgroup *xq, int ng,
+                          int n0, int n1, float beta) {
+    float sums[VROW1_TILE];
+    int n = n0;
+    for (; n + VROW1_TILE <= n1; n += VROW1_TILE) {
+        vrow1_tile(sums, w, n, xq, ng, VROW1_TILE);
+        store_tile(y, sums, 0, n, VROW1_TILE, 1, w->N, beta);
+    }
+    for (; n < n1; n++) {
+        vrow1_tile(sums, w, n, xq, ng, 1);
+        store_tile(y, sums, 0, n, 1, 1, w->N, beta);
+    }
 }
 
+static void vnnirow_decode1(const rp_qmatrix *w, float *y, const cpu_qx *x, int n0, int n1,
+                            float beta) {
+    const int ng = cpu_qrow_groups(w->K);
+    vrow1_xgroup xq[VROW1_MAX_GROUPS];
+    vrow1_prep_x(xq, x->xu, x->xg, w->K);
+    /* K <= 128 (the LoRA factors' second matrices, K = rank): one group,
+     * whose x vectors then stay in registers across all rows (loaded per
+     * row they made these small products ~15% slower than the old tile) */
+    if (ng == 1) vrow1_rows(w, y, xq, 1, n0, n1, beta);
+    else vrow1_rows(w, y, xq, ng, n0, n1, beta);
+}
+
+/* One x row: vnnirow_decode1 (K up to its table; above, vnnirow_tile's one
+ * row, the same bits). */
 void cpu_qdecode_vnnirow(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                          float beta) {
-    QDRIVE_MID(vnnirow_tile_any, 4, 3, 2)
+    if (M == 1 && cpu_qrow_groups(w->K) <= VROW1_MAX_GROUPS) {
+        vnnirow_decode1(w, y, x, n0, n1, beta);
+        return;
+    }
+    QDRIVE_MID(vnnirow_tile, 4, 3, 2)
 }
 
 /* rp_q8_quantize_x_group(.., RP_Q8ROW_XGROUP) on 16 lanes: the same IEEE
