@@ -299,12 +299,17 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
         layer_decode(l, c, layer, R, S);
         return;
     }
-    ew(l, "layernorm", 2, R, C, 2, 2, 8);
-    /* shift_mix: the token shift and the six time-mix mixes in one kernel
-     * (reads xa, writes prev, the mixes in bf16 in place: only GEMMs read
-     * them), and the channel mix's shift and its one mix */
-    ew(l, "shift_mix (time mix: shift + 6 mixes, bf16)", 1, R, C, 2 + 6 * BF16_OUT, 6, 3 * 6);
-    ew(l, "shift_mix (channel mix: shift + 1 mix, bf16)", 1, R, C, 2 + BF16_OUT, 1, 3);
+    /* ln_shift_mix_train: ln1 (ln2) and the shift_mix that reads it in one
+     * kernel (cuda_elementwise.cu): reads x, writes xa, mean/rstd and prev
+     * for the backward and the mixes in bf16 in place (only GEMMs read
+     * them); xa is not read back. The shift's value is the row above's
+     * norm, formed again: its x row (moments' two passes and the values)
+     * comes from L2, where its own block just read it. */
+    add_l2(l, "ln_shift_mix_train (ln1 + shift + 6 mixes, bf16)", 1,
+           4.0 * C * (R * (3 + 6 * BF16_OUT) + 2 + 6), 3 * 4.0 * R * C, (16 + 3 * 6) * R * C,
+           0);
+    add_l2(l, "ln_shift_mix_train (ln2 + shift + 1 mix, bf16)", 1,
+           4.0 * C * (R * (3 + BF16_OUT) + 2 + 1), 3 * 4.0 * R * C, (16 + 3) * R * C, 0);
     /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value below */
     gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C, 1);
     for (int i = 0; i < loras; i++) {
