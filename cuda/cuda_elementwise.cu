@@ -100,6 +100,10 @@ static __global__ void layernorm_kernel(float *y, float *mean, float *rstd, cons
                                         const float *weight, const float *bias, int C,
                                         float eps, __nv_bfloat16 *y16) {
     __shared__ double shared[32];
+    // PDL (decode rows: ln0, ln_out): every access after the kernel before
+    // has ended; then the next kernel may launch and prefetch its weights
+    rp_pdl_wait();
+    rp_pdl_trigger();
     const size_t row = blockIdx.x;
     const float *xr = x + row * C;
     float *yr = y + row * C;
@@ -140,12 +144,23 @@ static void cuda_layernorm(rp_backend *be, float *y, float *mean, float *rstd, c
     __nv_bfloat16 *y16 =
         only16 ? (__nv_bfloat16 *)y : rp_cuda_act16_for_rows(cx, y, n, R);
     float *y32 = only16 ? NULL : y;
-    if (vec)
+    if (R <= RP_GEMV_MAX_M) {  // decode rows: a programmatic dependent launch
+        cudaLaunchAttribute attr[1];
+        const cudaLaunchConfig_t cfg = rp_cuda_pdl_config(
+            cx, dim3((unsigned)R), dim3((unsigned)row_threads(vec ? C / 4 : C)), attr);
+        if (vec)
+            (void)cudaLaunchKernelEx(&cfg, layernorm_kernel<4>, y32, mean, rstd, x, weight, bias,
+                                     C, eps, y16);
+        else
+            (void)cudaLaunchKernelEx(&cfg, layernorm_kernel<1>, y32, mean, rstd, x, weight, bias,
+                                     C, eps, y16);
+    } else if (vec) {
         layernorm_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(y32, mean, rstd, x, weight,
                                                                        bias, C, eps, y16);
-    else
+    } else {
         layernorm_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(y32, mean, rstd, x, weight,
                                                                    bias, C, eps, y16);
+    }
     RP_CUDA_LAUNCHED_OUT(cx, "layernorm", {y, n * sizeof(float)},
                          {mean, (size_t)R * sizeof(float)}, {rstd, (size_t)R * sizeof(float)});
     if (only16)

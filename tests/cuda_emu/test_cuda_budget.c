@@ -902,6 +902,9 @@ static void test_decode_graph_pdl(void **s) {
             assert_true(same_state);
             assert_int_equal(pdl[1], 0);
             if (k < 2) assert_true(pdl[0] > 0);  /* eager and captured steps launch */
+            /* every kernel of the eager step is a PDL launch (the embedding,
+             * ln0 and ln_out too since issue 15) */
+            if (k == 0) assert_int_equal(pdl[0], launched[0]);
             for (int i = 0; i < 2; i++) {
                 if (k >= 1) assert_int_equal(graphs[i], 1);
                 if (k >= 2) assert_int_equal(launched[i], 0);
