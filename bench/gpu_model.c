@@ -39,7 +39,7 @@
  * x-dependent part stay serial: the node's floor drops from GRAPH_LAUNCH_S
  * to PDL_NODE_S. 0.5 us is an assumption (half a graph node), not a
  * measurement; a node after a kernel that does not trigger (ln_shift_mix,
- * layernorm, embedding, the step-input copy) keeps GRAPH_LAUNCH_S, and no
+ * the step-input copy) keeps GRAPH_LAUNCH_S, and no
  * weight streaming is credited against a predecessor's idle bandwidth. */
 #define PDL_NODE_S 0.5e-6
 /* L2 to SM bandwidth, for what a kernel re-reads from L2 (the decode GEMVs'
@@ -188,12 +188,12 @@ static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R
     double bytes = 0, flops = 0, l2 = 0, blocks = 0;
     /* PDL edges: a GEMV or time_mix_heads after a kernel that triggers
      * (cuda_decode.cu, cuda_matmul.cu); layer 0's first group follows ln0
-     * (layernorm), which does not trigger; a later layer's follows the FFN
-     * value GEMV, which does. */
+     * and a later layer's the FFN value GEMV, which both trigger (layernorm
+     * at decode rows since issue 15). */
     const int fused = ln_fused(R, C);
     l->pdl_edge = 0;
     if (!fused) ew(l, "ln_shift_mix (time mix)", 1, R, C, 2 + 1 + 6, 2 + 6, 8 + 3 * 6);
-    l->pdl_edge = fused && layer != 0;
+    l->pdl_edge = fused;
     for (int i = 0; i < 3; i++) gemv_part(l, &bytes, &flops, R, C, C, 0);
     blocks += 3 * ceil(C / 8); /* a warp per column, 8 a block */
     for (int i = 0; i < loras; i++) {
@@ -238,7 +238,7 @@ static void layer_decode(kernel_list *l, const rp_config *c, int layer, double R
         l->pdl_edge = 1;
     }
     gemv(l, "GEMV FFN value (F -> C)", 1, R, C, F, 1);
-    l->pdl_edge = 0;
+    l->pdl_edge = 1; /* ln_out (or the next layer) follows a triggering kernel */
 }
 
 /* fp32 -> bf16 conversion kernel of an R x W activation. */
@@ -299,12 +299,17 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
         layer_decode(l, c, layer, R, S);
         return;
     }
-    ew(l, "layernorm", 2, R, C, 2, 2, 8);
-    /* shift_mix: the token shift and the six time-mix mixes in one kernel
-     * (reads xa, writes prev, the mixes in bf16 in place: only GEMMs read
-     * them), and the channel mix's shift and its one mix */
-    ew(l, "shift_mix (time mix: shift + 6 mixes, bf16)", 1, R, C, 2 + 6 * BF16_OUT, 6, 3 * 6);
-    ew(l, "shift_mix (channel mix: shift + 1 mix, bf16)", 1, R, C, 2 + BF16_OUT, 1, 3);
+    /* ln_shift_mix_train: ln1 (ln2) and the shift_mix that reads it in one
+     * kernel (cuda_elementwise.cu): reads x, writes xa, mean/rstd and prev
+     * for the backward and the mixes in bf16 in place (only GEMMs read
+     * them); xa is not read back. The shift's value is the row above's
+     * norm, formed again: its x row (moments' two passes and the values)
+     * comes from L2, where its own block just read it. */
+    add_l2(l, "ln_shift_mix_train (ln1 + shift + 6 mixes, bf16)", 1,
+           4.0 * C * (R * (3 + 6 * BF16_OUT) + 2 + 6), 3 * 4.0 * R * C, (16 + 3 * 6) * R * C,
+           0);
+    add_l2(l, "ln_shift_mix_train (ln2 + shift + 1 mix, bf16)", 1,
+           4.0 * C * (R * (3 + BF16_OUT) + 2 + 1), 3 * 4.0 * R * C, (16 + 3) * R * C, 0);
     /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value below */
     gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C, 1);
     for (int i = 0; i < loras; i++) {
@@ -487,10 +492,16 @@ static void decode_step(kernel_list *l, const rp_config *c, double G) {
     const double C = c->n_embd, V = c->vocab_size;
     memset(l, 0, sizeof *l);
     add(l, "step inputs (pinned -> device copy)", 1, 5 * 64 * 4.0, 0, 0);
-    add(l, "embedding", 1, 8.0 * G * C, 0, 0);
+    add(l, "embedding", 1, 8.0 * G * C, 0, 0); /* after the copy: no PDL edge */
+    /* ln0 after the embedding and ln_out after the FFN value GEMV, which
+     * trigger; the head GEMV after ln_out, which triggers (PDL at decode
+     * rows since issue 15) */
+    l->pdl_edge = 1;
     ew(l, "layernorm", 2, G, C, 2, 2, 8); /* ln0, ln_out */
     for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, G, G, 1);
+    l->pdl_edge = 1;
     gemv(l, "GEMV head (C -> V)", 1, G, V, C, 0);
+    l->pdl_edge = 0;
 }
 
 static void train_step(kernel_list *l, const rp_config *c, double R, double S) {

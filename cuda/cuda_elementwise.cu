@@ -100,6 +100,10 @@ static __global__ void layernorm_kernel(float *y, float *mean, float *rstd, cons
                                         const float *weight, const float *bias, int C,
                                         float eps, __nv_bfloat16 *y16) {
     __shared__ double shared[32];
+    // PDL (decode rows: ln0, ln_out): every access after the kernel before
+    // has ended; then the next kernel may launch and prefetch its weights
+    rp_pdl_wait();
+    rp_pdl_trigger();
     const size_t row = blockIdx.x;
     const float *xr = x + row * C;
     float *yr = y + row * C;
@@ -140,12 +144,23 @@ static void cuda_layernorm(rp_backend *be, float *y, float *mean, float *rstd, c
     __nv_bfloat16 *y16 =
         only16 ? (__nv_bfloat16 *)y : rp_cuda_act16_for_rows(cx, y, n, R);
     float *y32 = only16 ? NULL : y;
-    if (vec)
+    if (R <= RP_GEMV_MAX_M) {  // decode rows: a programmatic dependent launch
+        cudaLaunchAttribute attr[1];
+        const cudaLaunchConfig_t cfg = rp_cuda_pdl_config(
+            cx, dim3((unsigned)R), dim3((unsigned)row_threads(vec ? C / 4 : C)), attr);
+        if (vec)
+            (void)cudaLaunchKernelEx(&cfg, layernorm_kernel<4>, y32, mean, rstd, x, weight, bias,
+                                     C, eps, y16);
+        else
+            (void)cudaLaunchKernelEx(&cfg, layernorm_kernel<1>, y32, mean, rstd, x, weight, bias,
+                                     C, eps, y16);
+    } else if (vec) {
         layernorm_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(y32, mean, rstd, x, weight,
                                                                        bias, C, eps, y16);
-    else
+    } else {
         layernorm_kernel<1><<<R, row_threads(C), 0, cx->stream>>>(y32, mean, rstd, x, weight,
                                                                    bias, C, eps, y16);
+    }
     RP_CUDA_LAUNCHED_OUT(cx, "layernorm", {y, n * sizeof(float)},
                          {mean, (size_t)R * sizeof(float)}, {rstd, (size_t)R * sizeof(float)});
     if (only16)
@@ -498,6 +513,132 @@ static void cuda_shift_mix(rp_backend *be, float *prev, float *const *mix, const
         for (int i = 0; i < n_mix; i++) rp_cuda_inplace_add(cx, mix[i], n);
 }
 
+// ---- fused training LN + mix: layernorm + shift_mix (backend.h ln_shift_mix_train) ----
+
+// One block per row r: the row's layernorm (xa, mean, rstd) as layernorm_kernel
+// computes it, then shift_mix_kernel's shift and lerps from it, without
+// reading xa back. The shift's value is a layernorm output too, formed here
+// again from x: the row above's inside its sequence, and for a sequence's
+// first row the old state (read before it is overwritten) while the state
+// takes the layernorm of the sequence's last row. Every layernorm value comes
+// from rp_row_moments with layernorm_kernel's W and block size and from
+// rp_ln_value, so all are the bits layernorm_kernel writes. A row outside
+// every sequence gets its layernorm only (as the two kernels leave it).
+template <int W>
+static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *rstd,
+                                                 float *prev, mix_ptrs mp, int n_mix,
+                                                 const float *x, const float *weight,
+                                                 const float *bias, float eps,
+                                                 float *state_base, size_t state_stride,
+                                                 const int32_t *seq_len,
+                                                 const int32_t *row_begin, const int32_t *slot,
+                                                 int n_seq, int bf16, int C) {
+    __shared__ double shared[32];
+    const int r = blockIdx.x;
+    const size_t o = (size_t)r * C;
+    const int lo = rp_seq_of_row(row_begin, n_seq, r);
+    const int begin = row_begin[lo], len = seq_len[lo];
+    const bool in_seq = r >= begin && r < begin + len;  // the same for the whole block
+    const bool first = r == begin;
+    // the other row whose layernorm this block needs: the row above, or the
+    // sequence's last row (the new state) for its first row
+    const size_t o2 = first ? (size_t)(begin + len - 1) * C : o - C;
+    float *st = in_seq && first ? state_base + (size_t)slot[lo] * state_stride : nullptr;
+
+    float m, s, m2 = 0.0f, s2 = 0.0f;
+    row_moments<W>(x + o, C, eps, shared, &m, &s);
+    if (in_seq) row_moments<W>(x + o2, C, eps, shared, &m2, &s2);
+    if (threadIdx.x == 0) {
+        if (mean) mean[r] = m;
+        if (rstd) rstd[r] = s;
+    }
+    const int step = blockDim.x * W;
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float v[W], w[W], b[W], xv[W];
+        load_w<W>(v, x + o + c);
+        load_w<W>(w, weight + c);
+        load_w<W>(b, bias + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) xv[i] = rp_ln_value(v[i], m, s, w[i], b[i]);
+        store_w<W>(xa + o + c, xv);
+        if (!in_seq) continue;
+        float v2[W], ln2[W], pv[W];
+        load_w<W>(v2, x + o2 + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) ln2[i] = rp_ln_value(v2[i], m2, s2, w[i], b[i]);
+        if (st) {
+            load_w<W>(pv, st + c);  // the old state, read before it is overwritten
+            store_w<W>(st + c, ln2);
+        } else {
+#pragma unroll
+            for (int i = 0; i < W; i++) pv[i] = ln2[i];
+        }
+        store_w<W>(prev + o + c, pv);
+#pragma unroll
+        for (int k = 0; k < RP_MIX_MAX; k++) {  // unrolled: mp stays in parameter space
+            if (k >= n_mix) break;
+            float mu[W], out[W];
+            load_w<W>(mu, mp.mu[k] + c);
+#pragma unroll
+            for (int i = 0; i < W; i++) out[i] = xv[i] + (pv[i] - xv[i]) * mu[i];
+            if (bf16)
+                store_bf16<W>(reinterpret_cast<__nv_bfloat16 *>(mp.mix[k]) + o + c, out);
+            else
+                store_w<W>(mp.mix[k] + o + c, out);
+        }
+    }
+}
+
+static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, float *rstd,
+                                    float *prev, float *const *mix, const float *const *mu,
+                                    int n_mix, const float *x, const float *weight,
+                                    const float *bias, float eps, float *state_base,
+                                    size_t state_stride, const rp_batch *batch, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int R = batch->n_rows;
+    if (R <= 0 || batch->n_seq <= 0 || C <= 0) return;
+    if (n_mix < 0 || n_mix > RP_MIX_MAX || !state_base) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "ln_shift_mix_train: n_mix above RP_MIX_MAX or no state_base", __FILE__,
+                       __LINE__);
+        return;
+    }
+    // One kernel only where layernorm_kernel and shift_mix_kernel would both
+    // run float4 (the moments' order is the vector width's), on bf16 GEMM
+    // rows (the decode rows' GEMVs read f32 mixes): else the two ops, which
+    // are the definition.
+    bool vec = C % 4 == 0 && state_stride % 4 == 0 && aligned16(xa) && aligned16(prev) &&
+               aligned16(x) && aligned16(weight) && aligned16(bias) && aligned16(state_base);
+    mix_ptrs mp = {};
+    for (int i = 0; i < n_mix; i++) {
+        mp.mix[i] = mix[i];
+        mp.mu[i] = mu[i];
+        vec = vec && aligned16(mix[i]) && aligned16(mu[i]);
+    }
+    const size_t n = (size_t)R * C, bytes = n * sizeof(float);
+    const bool overlap = !(x + n <= xa || xa + n <= x);
+    if (!vec || overlap || R <= RP_GEMV_MAX_M) {
+        cuda_layernorm(be, xa, mean, rstd, x, weight, bias, R, C, eps);
+        cuda_shift_mix(be, prev, mix, mu, n_mix, xa, state_base, state_stride, batch, C);
+        return;
+    }
+    rp_cuda_batch b;
+    if (!rp_cuda_upload_batch(cx, batch, &b)) return;
+    const int bf16 = cx->math == RP_CUDA_MATH_BF16 && !cx->act16_off;
+    ln_shift_mix_train_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(
+        xa, mean, rstd, prev, mp, n_mix, x, weight, bias, eps, state_base, state_stride,
+        b.seq_len, b.row_begin, b.slot, b.n_seq, bf16, C);
+    // it writes the state slots too: every copy ends, as in shift_mix
+    if (!RP_CUDA_LAUNCHED(cx, "ln_shift_mix_train")) return;
+    rp_cuda_act16_forget(cx, xa, bytes);  // RP_CUDA_LAUNCHED keeps bf16 ranges
+    if (mean) rp_cuda_act16_forget(cx, mean, (size_t)R * sizeof(float));
+    if (rstd) rp_cuda_act16_forget(cx, rstd, (size_t)R * sizeof(float));
+    rp_cuda_act16_forget(cx, prev, bytes);
+    for (int i = 0; i < n_mix; i++) rp_cuda_act16_forget(cx, mix[i], bytes);
+    if (bf16)
+        for (int i = 0; i < n_mix; i++) rp_cuda_inplace_add(cx, mix[i], n);
+}
+
 // ---- bias + activation ----
 
 template <int ACT>
@@ -824,6 +965,7 @@ void rp_cuda_install_elementwise(rp_backend *be) {
     be->lerp = cuda_lerp;
     be->ln_shift_mix = cuda_ln_shift_mix;
     be->shift_mix = cuda_shift_mix;
+    be->ln_shift_mix_train = cuda_ln_shift_mix_train;
     be->bias_act = cuda_bias_act;
     be->value_residual = cuda_value_residual;
     be->key_prepare = cuda_key_prepare;

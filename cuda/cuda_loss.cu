@@ -147,6 +147,10 @@ static __device__ void block_argmax(float &v, int &idx) {
 // (C % 4 == 0 and both buffers 16-byte aligned).
 static __global__ void embedding_kernel(float *x, const float *emb, const int32_t *tokens,
                                         int C, int vec) {
+    // PDL (decode rows): every access after the kernel before has ended;
+    // then the next kernel (ln0) may launch during this one
+    rp_pdl_wait();
+    rp_pdl_trigger();
     const size_t r = blockIdx.x;
     const float *src = emb + (size_t)tokens[r] * C;
     float *dst = x + r * C;
@@ -166,7 +170,14 @@ static void cuda_embedding(rp_backend *be, float *x, const float *emb, const int
     const int32_t *d_tokens = rp_cuda_upload(cx, RP_CUDA_UP_TOKENS, tokens, (size_t)R);
     if (!d_tokens) return;
     const int vec = C % 4 == 0 && aligned16(x) && aligned16(emb);
-    embedding_kernel<<<R, EMB_THREADS, 0, cx->stream>>>(x, emb, d_tokens, C, vec);
+    if (R <= RP_GEMV_MAX_M) {  // decode rows: a programmatic dependent launch
+        cudaLaunchAttribute attr[1];
+        const cudaLaunchConfig_t cfg =
+            rp_cuda_pdl_config(cx, dim3((unsigned)R), dim3(EMB_THREADS), attr);
+        (void)cudaLaunchKernelEx(&cfg, embedding_kernel, x, emb, d_tokens, C, vec);
+    } else {
+        embedding_kernel<<<R, EMB_THREADS, 0, cx->stream>>>(x, emb, d_tokens, C, vec);
+    }
     RP_CUDA_LAUNCHED(cx, "embedding");
 }
 

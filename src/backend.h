@@ -238,6 +238,19 @@ struct rp_backend {
     void (*shift_mix)(rp_backend *be, float *prev, float *const *mix, const float *const *mu,
                       int n_mix, const float *x, float *state_base, size_t state_stride,
                       const rp_batch *batch, int C);
+    /* The training LayerNorm and the fused mix that reads it, in one op
+     * (optional: NULL = the two ops; issue 15): exactly layernorm(xa, mean,
+     * rstd, x, weight, bias, R, C, eps) then shift_mix(prev, mix, mu, n_mix,
+     * xa, state_base, state_stride, batch, C), state_base non-NULL; the
+     * mixes as shift_mix leaves them. xa must not overlap x. CUDA: one
+     * kernel that forms the shift's value (the row above's norm, the
+     * sequence's last row's for the state) from x again instead of reading
+     * xa back, with the same bits. */
+    void (*ln_shift_mix_train)(rp_backend *be, float *xa, float *mean, float *rstd,
+                               float *prev, float *const *mix, const float *const *mu,
+                               int n_mix, const float *x, const float *weight,
+                               const float *bias, float eps, float *state_base,
+                               size_t state_stride, const rp_batch *batch, int C);
     /* Backward of shift_mix (optional: NULL = the ops below one by one), from
      * the gradients of n_terms (<= RP_MIX_TERMS_MAX) uses of the mixes: term j
      * is dmix[j] [R,C] with its mu[j] and dmu[j] [C] (a mix read by two

@@ -230,6 +230,12 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
         be->ln_shift_mix(be, s->xa, s->prev_att, s->mix, mu, RP_MIX_MAX, x, w->ln1_weight,
                          w->ln1_bias, RP_LN_EPS, rp_state_att_x_prev(state, 0, layer),
                          state->floats_per_slot, batch, C);
+    } else if (train_fused && be->ln_shift_mix_train) {
+        /* ln1 and the fused mix in one op (xa is not read back) */
+        be->ln_shift_mix_train(be, s->xa, s->ln1_mean, s->ln1_rstd, s->prev_att, s->tmix, mu,
+                               RP_MIX_MAX, x, w->ln1_weight, w->ln1_bias, RP_LN_EPS,
+                               rp_state_att_x_prev(state, 0, layer), state->floats_per_slot,
+                               batch, C);
     } else {
         be->layernorm(be, s->xa, s->ln1_mean, s->ln1_rstd, x, w->ln1_weight, w->ln1_bias, R,
                       C, RP_LN_EPS);
@@ -343,6 +349,13 @@ static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, in
         be->ln_shift_mix(be, s->xf, s->prev_ffn, &s->kf, mu, 1, x, w->ln2_weight, w->ln2_bias,
                          RP_LN_EPS, rp_state_ffn_x_prev(state, 0, layer),
                          state->floats_per_slot, batch, C);
+    } else if (be->shift_mix && be->ln_shift_mix_train) {
+        /* ln2 and the fused key mix in one op (xf is not read back) */
+        const float *mu[1] = {w->ffn_x_k};
+        be->ln_shift_mix_train(be, s->xf, s->ln2_mean, s->ln2_rstd, s->prev_ffn, &s->kf, mu, 1,
+                               x, w->ln2_weight, w->ln2_bias, RP_LN_EPS,
+                               rp_state_ffn_x_prev(state, 0, layer), state->floats_per_slot,
+                               batch, C);
     } else {
         be->layernorm(be, s->xf, s->ln2_mean, s->ln2_rstd, x, w->ln2_weight, w->ln2_bias, R,
                       C, RP_LN_EPS);

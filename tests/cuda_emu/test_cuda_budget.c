@@ -67,8 +67,10 @@
  * backward and its LayerNorm's backward are one shift_mix_ln_backward
  * (kernel + finish) instead of shift_mix_backward's two and the norm's
  * dx, params and two sum_partials kernels (8 launches fewer a layer).
+ * 174 once each training LayerNorm and the shift_mix that reads it are one
+ * ln_shift_mix_train kernel (2 launches fewer a layer).
  * Lower it with every fusion. */
-#define TRAIN_LAUNCH_BUDGET 178
+#define TRAIN_LAUNCH_BUDGET 174
 
 /* Device copies and fills (cudaMemcpy(Async), cudaMemset(Async)) of that
  * training step. key_prepare_from / value_residual_from (backend.h) read
@@ -352,6 +354,44 @@ static void test_act16_exact(void **s) {
         free(side[1]);
     }
     rp_cuda_backend_set_act16(f->be, 1);
+}
+
+/* ln_shift_mix_train (one kernel for each training LayerNorm and the
+ * shift_mix that reads it) against the two ops (the entry NULL): a BF16-math
+ * training step's loss and every gradient bit for bit, over several
+ * sequences (the state rows) and over one. */
+static void test_ln_shift_mix_train_exact(void **s) {
+    fixture *f = *s;
+    void (*fused)(rp_backend *, float *, float *, float *, float *, float *const *,
+                  const float *const *, int, const float *, const float *, const float *, float,
+                  float *, size_t, const rp_batch *, int) = f->be->ln_shift_mix_train;
+    assert_non_null(fused);
+    const int n_seqs[2] = {MAX_SEQS, 1}, lens[2] = {MAX_ROWS / MAX_SEQS, 13};
+    for (int i = 0; i < 2; i++) {
+        float *side[2];
+        double loss[2];
+        size_t n = 0;
+        for (int on = 0; on < 2; on++) {
+            f->be->ln_shift_mix_train = on ? fused : NULL;
+            rp_model_zero(&f->grads);
+            loss[on] = train_step(f, n_seqs[i], lens[i], 4);
+            side[on] = grads_to_host(f, &n);
+        }
+        f->be->ln_shift_mix_train = fused;
+        size_t diff = 0, nonzero = 0;
+        for (size_t j = 0; j < n; j++) {
+            diff += memcmp(&side[0][j], &side[1][j], sizeof(float)) != 0;
+            nonzero += side[1][j] != 0.0f;
+        }
+        fprintf(stderr, "ln_shift_mix_train exact: %d rows, loss %.9g / %.9g, %zu gradients, "
+                        "%zu nonzero, %zu differ\n",
+                n_seqs[i] * lens[i], loss[0], loss[1], n, nonzero, diff);
+        assert_true(nonzero > 1000);
+        assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0);
+        assert_int_equal(diff, 0);
+        free(side[0]);
+        free(side[1]);
+    }
 }
 
 /* ||a - b|| / ||b|| over n values, in double. */
@@ -862,6 +902,9 @@ static void test_decode_graph_pdl(void **s) {
             assert_true(same_state);
             assert_int_equal(pdl[1], 0);
             if (k < 2) assert_true(pdl[0] > 0);  /* eager and captured steps launch */
+            /* every kernel of the eager step is a PDL launch (the embedding,
+             * ln0 and ln_out too since issue 15) */
+            if (k == 0) assert_int_equal(pdl[0], launched[0]);
             for (int i = 0; i < 2; i++) {
                 if (k >= 1) assert_int_equal(graphs[i], 1);
                 if (k >= 2) assert_int_equal(launched[i], 0);
@@ -1135,6 +1178,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_no_allocation_after_warm_up, setup, teardown),
         cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ln_shift_mix_train_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_decode_lora_down_split, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),

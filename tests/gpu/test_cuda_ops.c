@@ -700,6 +700,60 @@ static void check_shift_mix(twin *t, const shape *sh) {
     shift_mix_case(t, sh, &sh->step, "step", RP_MIX_MAX, 1);
 }
 
+/* ln_shift_mix_train (GPU, one kernel above RP_GEMV_MAX_M rows) against the
+ * CPU's layernorm then shift_mix (the ops the model runs without it): xa,
+ * mean, rstd, prev, the state slots and the mixes. */
+static void ln_shift_mix_train_case(twin *t, const shape *sh, const seq_spec *spec,
+                                    const char *mode, int n_mix) {
+    twin_batch tb;
+    const rp_batch *batch = batch_make(&tb, spec);
+    const int R = batch->n_rows, C = sh->C;
+    const size_t n = (size_t)R * C, stride = state_stride(C);
+    label(t, "%s R=%d C=%d seqs=%d mixes=%d", mode, R, C, batch->n_seq, n_mix);
+    tbuf *x = buf_input(t, n, -1.5, 2.5), *w = buf_input(t, C, 0.5, 1.5);
+    tbuf *b = buf_input(t, C, -0.5, 0.5);
+    tbuf *xa = buf_output(t, n), *mean = buf_output(t, R), *rstd = buf_output(t, R);
+    tbuf *prev = buf_output(t, n);
+    tbuf *state = buf_input(t, sh->n_slots * stride, -1, 1);
+    tbuf *mu[RP_MIX_MAX], *mix[RP_MIX_MAX];
+    for (int i = 0; i < n_mix; i++) {
+        mu[i] = buf_input(t, C, 0, 1);
+        mix[i] = buf_output(t, n);
+    }
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        float *m[RP_MIX_MAX];
+        const float *u[RP_MIX_MAX];
+        for (int i = 0; i < n_mix; i++) {
+            m[i] = at(mix[i], g);
+            u[i] = at(mu[i], g);
+        }
+        float *st = at(state, g) + state_ffn_offset(C);
+        if (g) {
+            be->ln_shift_mix_train(be, at(xa, g), at(mean, g), at(rstd, g), at(prev, g), m, u,
+                                   n_mix, at(x, g), at(w, g), at(b, g), LN_EPS, st, stride,
+                                   batch, C);
+        } else {
+            be->layernorm(be, at(xa, g), at(mean, g), at(rstd, g), at(x, g), at(w, g),
+                          at(b, g), R, C, LN_EPS);
+            be->shift_mix(be, at(prev, g), m, u, n_mix, at(xa, g), st, stride, batch, C);
+        }
+    }
+    compare(t, "xa", xa);
+    compare(t, "mean", mean);
+    compare(t, "rstd", rstd);
+    compare(t, "prev", prev);
+    compare(t, "state", state);
+    for (int i = 0; i < n_mix; i++) compare(t, "mix", mix[i]);
+}
+
+static void check_ln_shift_mix_train(twin *t, const shape *sh) {
+    ln_shift_mix_train_case(t, sh, &sh->prefill, "seq", RP_MIX_MAX);
+    ln_shift_mix_train_case(t, sh, &sh->prefill, "seq", 1);
+    ln_shift_mix_train_case(t, sh, &sh->cont, "cont", RP_MIX_MAX);
+    ln_shift_mix_train_case(t, sh, &sh->step, "step", 1);
+}
+
 /* The mix terms of a shift_mix_backward-style case: mu [C], dmu [C] (+=)
  * and dmix [R,C] per term; with all six, terms 3 and 4 share mu and dmu (the
  * model's two uses of xv). */
@@ -2372,6 +2426,7 @@ static const twin_check checks[] = {
     {"lerp", check_lerp, MATH_FP32, 0},
     {"lerp_backward", check_lerp_backward, MATH_FP32, 0},
     {"shift_mix", check_shift_mix, MATH_FP32, 0},
+    {"ln_shift_mix_train", check_ln_shift_mix_train, MATH_FP32, 0},
     {"shift_mix_backward", check_shift_mix_backward, MATH_FP32, 0},
     {"shift_mix_ln_backward", check_shift_mix_ln_backward, MATH_FP32, 0},
     {"bias_act", check_bias_act, MATH_FP32, 0},
@@ -2441,7 +2496,7 @@ static int vtable_complete(twin *t) {
         OP(bias_act), OP(value_residual), OP(key_prepare), OP(groupnorm), OP(bonus_gate),
         OP(wkv7), OP(matmul_linear_backward), OP(matmul_lora_backward),
         OP(embedding_backward), OP(layernorm_backward), OP(token_shift_backward),
-        OP(lerp_backward), OP(shift_mix), OP(shift_mix_backward), OP(shift_mix_ln_backward), OP(bias_act_backward), OP(value_residual_backward),
+        OP(lerp_backward), OP(shift_mix), OP(ln_shift_mix_train), OP(shift_mix_backward), OP(shift_mix_ln_backward), OP(bias_act_backward), OP(value_residual_backward),
         OP(key_prepare_backward), OP(groupnorm_backward), OP(bonus_gate_backward),
         OP(wkv7_forward_train), OP(wkv7_backward), OP(wkv7_backward_beta), OP(cross_entropy),
         OP(l2wrap), OP(row_max), OP(sum_squares), OP(adamw), OP(gemv_group),
