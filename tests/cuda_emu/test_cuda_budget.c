@@ -51,9 +51,12 @@
  * LoRA hiddens (their GEMM writes bf16 C, the activation runs bf16 in
  * place, its backward reads bf16 y) and the head layernorm's output are
  * stored bf16 in place (gemm_only); 8 once bonus_gate_to writes og that way
- * too. Left: dr/dk/dv, the head's dlogits. Lower it with every producer
- * that does. */
-#define TRAIN_CONVERT_BUDGET 8
+ * too; 5 once key_prepare_backward and value_residual_backward write a bf16
+ * copy of dk / dv (the key and value GEMM backwards' dY) in the same pass,
+ * which outlives the LoRA backwards between them (RP_CUDA_ACT16_SLOTS 5).
+ * Left: dr (both layers), layer 0's dv (an add), the head's dlogits. Lower
+ * it with every producer that does. */
+#define TRAIN_CONVERT_BUDGET 5
 
 /* Kernel launches (GEMMs and conversions included) of that training step.
  * The fused training mix (backend.h shift_mix, shift_mix_backward) took it
@@ -67,8 +70,9 @@
  * backward and its LayerNorm's backward are one shift_mix_ln_backward
  * (kernel + finish) instead of shift_mix_backward's two and the norm's
  * dx, params and two sum_partials kernels (8 launches fewer a layer).
+ * 175 without the conversions of dk and dv (TRAIN_CONVERT_BUDGET).
  * Lower it with every fusion. */
-#define TRAIN_LAUNCH_BUDGET 178
+#define TRAIN_LAUNCH_BUDGET 175
 
 /* Device copies and fills (cudaMemcpy(Async), cudaMemset(Async)) of that
  * training step. key_prepare_from / value_residual_from (backend.h) read
