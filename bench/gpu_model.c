@@ -398,13 +398,13 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     mix_ln_backward(l, R, C, 6 + (layer > 0));
     mix_ln_backward(l, R, C, 1);
     /* output: dy in bf16 from layernorm backward, the saved og bf16 in place;
-     * value (layer > 0), key: dv, dk with the bf16 copy that
-     * value_residual_backward and key_prepare_backward write in the same
-     * pass; layer 0's dv (an add) and dr (the WKV7 backward's) converted;
-     * their mix in bf16 in place (shift_mix) */
-    gemm_backward(l, "GEMM backward C x C", 1, R, C, C, 1, 1);
-    gemm_backward(l, "GEMM backward C x C", 1 + (layer > 0), R, C, C, 1, 1);
-    gemm_backward(l, "GEMM backward C x C", 1 + (layer == 0), R, C, C, 0, 1);
+     * value (layer > 0), key, receptance: dv, dk, dr with the bf16 copy that
+     * value_residual_backward, key_prepare_backward and the WKV7 backward
+     * write in the same pass (the receptance GEMM runs right after the WKV7
+     * backward); layer 0's dv (an add) converted; their mix in bf16 in
+     * place (shift_mix) */
+    gemm_backward(l, "GEMM backward C x C", 3 + (layer > 0), R, C, C, 1, 1);
+    gemm_backward(l, "GEMM backward C x C", layer == 0, R, C, C, 0, 1);
     for (int i = 0; i < loras; i++) {
         /* up: dy in bf16 from bias_act backward (w, a, v) or bonus_gate
          * backward (g), the saved hidden bf16 in place; every d hidden is
@@ -427,9 +427,9 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
      * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk read and
      * dkk written in bf16 in place (wkv_only: key_prepare_backward alone
-     * reads dkk) */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk dkk bf16)",
-                      16.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+     * reads dkk), and a bf16 copy of dr (the receptance GEMM backward's dY) */
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk dkk bf16, + bf16 dr)",
+                      16.0 * 4 * R * C + 2.0 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
