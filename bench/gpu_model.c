@@ -403,10 +403,13 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     mix_ln_backward(l, R, C, 6 + (layer > 0));
     mix_ln_backward(l, R, C, 1);
     /* output: dy in bf16 from layernorm backward, the saved og bf16 in place;
-     * value, key, receptance: dv, dk, dr converted, their mix in bf16 in
+     * value (layer > 0), key, receptance: dv, dk, dr with the bf16 copy that
+     * value_residual_backward, key_prepare_backward and the WKV7 backward
+     * write in the same pass (the receptance GEMM runs right after the WKV7
+     * backward); layer 0's dv (an add) converted; their mix in bf16 in
      * place (shift_mix) */
-    gemm_backward(l, "GEMM backward C x C", 1, R, C, C, 1, 1);
-    gemm_backward(l, "GEMM backward C x C", 3, R, C, C, 0, 1);
+    gemm_backward(l, "GEMM backward C x C", 3 + (layer > 0), R, C, C, 1, 1);
+    gemm_backward(l, "GEMM backward C x C", layer == 0, R, C, C, 0, 1);
     for (int i = 0; i < loras; i++) {
         /* up: dy in bf16 from bias_act backward (w, a, v) or bonus_gate
          * backward (g), the saved hidden bf16 in place; every d hidden is
@@ -423,14 +426,15 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     }
     /* its row kernels (half of these launches) also write d pre in bf16 */
     ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3 + BF16_OUT / 2, 1, 4);
-    if (layer > 0) ew(l, "value_residual backward", 1, R, C, 7, 0, 6);
-    ew(l, "key_prepare backward (dkk bf16)", 1, R, C, 7 + BF16_OUT, 4, 12);
+    /* each writes a bf16 copy of its dv / dk (the GEMM backward's dY) */
+    if (layer > 0) ew(l, "value_residual backward (+ bf16 dv)", 1, R, C, 7 + BF16_OUT, 0, 6);
+    ew(l, "key_prepare backward (dkk bf16, + bf16 dk)", 1, R, C, 7 + 2 * BF16_OUT, 4, 12);
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
      * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk read and
      * dkk written in bf16 in place (wkv_only: key_prepare_backward alone
-     * reads dkk) */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk dkk bf16)",
-                      16.0 * 4 * R * C + 2 * S * state + R / 16 * state,
+     * reads dkk), and a bf16 copy of dr (the receptance GEMM backward's dY) */
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk dkk bf16, + bf16 dr)",
+                      16.0 * 4 * R * C + 2.0 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);

@@ -1010,14 +1010,16 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
 // backward: dv = dv_out (1 - nu) in place, dv_first += dv_out nu,
 // dnu = dv_out (v_first - v) (overwrite)
 
-// [n] element-wise, grid-stride over vectors of W
+// [n] element-wise, grid-stride over vectors of W; dv16 (may be NULL): a
+// bf16 copy of the new dv, the value GEMM backward's dY (rp_cuda_act16)
 template <int W>
 __global__ static void value_residual_backward_kernel(float *__restrict__ dv,
                                                       float *__restrict__ dv_first,
                                                       float *__restrict__ dnu,
                                                       const float *__restrict__ v,
                                                       const float *__restrict__ v_first,
-                                                      const float *__restrict__ nu, size_t n) {
+                                                      const float *__restrict__ nu, size_t n,
+                                                      __nv_bfloat16 *__restrict__ dv16) {
     const size_t stride = (size_t)gridDim.x * blockDim.x * W;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += stride) {
         const vecf<W> d_out = load<W>(dv + i), vv = load<W>(v + i), fv = load<W>(v_first + i),
@@ -1031,6 +1033,8 @@ __global__ static void value_residual_backward_kernel(float *__restrict__ dv,
         store<W>(dv_first + i, df);
         store<W>(dnu + i, dn);
         store<W>(dv + i, d);
+        if (dv16)
+            for (int j = 0; j < W; j++) dv16[i + j] = __float2bfloat16(d.v[j]);
     }
 }
 
@@ -1042,14 +1046,19 @@ static void cuda_value_residual_backward(rp_backend *be, float *dv, float *dv_fi
     const size_t n = (size_t)R * C;
     const int W = vector_width(n, dv, dv_first, dnu, v, v_first, nu);
     const unsigned blocks = flat_blocks(cx, n / W);
+    // d v_pre is the value GEMM backward's dY: its bf16 copy in the same
+    // pass, so that GEMM converts nothing (the conversion's bits)
+    __nv_bfloat16 *dv16 = rp_cuda_act16_for_rows(cx, dv, n, R);
     if (W == 4)
         value_residual_backward_kernel<4><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
-            dv, dv_first, dnu, v, v_first, nu, n);
+            dv, dv_first, dnu, v, v_first, nu, n, dv16);
     else
         value_residual_backward_kernel<1><<<blocks, FLAT_THREADS, 0, cx->stream>>>(
-            dv, dv_first, dnu, v, v_first, nu, n);
-    RP_CUDA_LAUNCHED_OUT(cx, "value_residual_backward", {dv, n * sizeof(float)},
-                         {dv_first, n * sizeof(float)}, {dnu, n * sizeof(float)});
+            dv, dv_first, dnu, v, v_first, nu, n, dv16);
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "value_residual_backward", {dv, n * sizeof(float)},
+                              {dv_first, n * sizeof(float)}, {dnu, n * sizeof(float)}))
+        return;
+    if (dv16) rp_cuda_act16_publish(cx, dv16, dv, n);
 }
 
 // ---- key prepare ----
@@ -1065,6 +1074,7 @@ static void cuda_value_residual_backward(rp_backend *be, float *dv, float *dv_fi
 // grid (H, chunks): one warp per (row, head), lane owns channels lane and lane + 32.
 // dkk, k, a, dk (in: d k_out) [R,C] -> dk (d k), da +=, part_kk, part_ka [chunks, C] (may be NULL);
 // TK: dkk's type (bf16: the WKV7 backward's dkk in place, backend.h wkv_only).
+// dk16 (may be NULL): a bf16 copy of the new dk, the key GEMM backward's dY.
 __device__ __forceinline__ float key_in(const float *p) { return *p; }
 __device__ __forceinline__ float key_in(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
 template <typename TK>
@@ -1076,7 +1086,8 @@ __global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float
                                                    const float *__restrict__ a,
                                                    const float *__restrict__ k_k,
                                                    const float *__restrict__ k_a, int R, int C,
-                                                   int rows_per_chunk) {
+                                                   int rows_per_chunk,
+                                                   __nv_bfloat16 *__restrict__ dk16) {
     constexpr int E = KEY_HEAD_SIZE / 32;
     __shared__ float sh_kk[ROW_WARPS * KEY_HEAD_SIZE], sh_ka[ROW_WARPS * KEY_HEAD_SIZE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1111,7 +1122,9 @@ __global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float
             acc_kk[e] += du * kv[e];
             acc_ka[e] += d_out * kv[e] * (av - 1.0f);
             da[i] += d_out * kv[e] * kaw[e];
-            dk[i] = d_out * (1.0f + (av - 1.0f) * kaw[e]) + du * kkw[e];
+            const float dki = d_out * (1.0f + (av - 1.0f) * kaw[e]) + du * kkw[e];
+            dk[i] = dki;
+            if (dk16) dk16[i] = __float2bfloat16(dki);
         }
     }
     for (int e = 0; e < E; e++) {
@@ -1153,12 +1166,16 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
     const dim3 grid(C / KEY_HEAD_SIZE, chunks);
     // dkk in bf16 in place when the WKV7 backward wrote it so (wkv_only)
     const __nv_bfloat16 *dkk16 = rp_cuda_inplace_find(cx, dkk, (size_t)R * C);
+    // d k_pre is the key GEMM backward's dY: its bf16 copy in the same pass
+    // (rp_cuda_act16; it outlives the LoRA backwards between them, see
+    // RP_CUDA_ACT16_SLOTS)
+    __nv_bfloat16 *dk16 = rp_cuda_act16_for_rows(cx, dk, (size_t)R * C, R);
     if (dkk16)
         key_prepare_backward_kernel<__nv_bfloat16><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dk, da, part_kk, part_ka, dkk16, k, a, k_k, k_a, R, C, rows_per_chunk);
+            dk, da, part_kk, part_ka, dkk16, k, a, k_k, k_a, R, C, rows_per_chunk, dk16);
     else
         key_prepare_backward_kernel<float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dk, da, part_kk, part_ka, dkk, k, a, k_k, k_a, R, C, rows_per_chunk);
+            dk, da, part_kk, part_ka, dkk, k, a, k_k, k_a, R, C, rows_per_chunk, dk16);
     if (!RP_CUDA_LAUNCHED_OUT(cx, "key_prepare_backward", {dk, (size_t)R * C * sizeof(float)}, {da, (size_t)R * C * sizeof(float)},
                               {part_kk, part * sizeof(float)}, {part_ka, part * sizeof(float)}))
         return;
@@ -1167,6 +1184,7 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
     if (dkk16) rp_cuda_act16_forget(cx, dkk, (size_t)R * C * sizeof(float));
     if (dk_k) rp_cuda_sum_partials(cx, dk_k, part_kk, chunks, (size_t)C, 1);
     if (dk_a) rp_cuda_sum_partials(cx, dk_a, part_ka, chunks, (size_t)C, 1);
+    if (dk16) rp_cuda_act16_publish(cx, dk16, dk, (size_t)R * C);
 }
 
 // ---- bonus + gate ----

@@ -65,7 +65,9 @@ enum rp_cuda_upload_slot {
 enum rp_cuda_scratch_area {
     RP_CUDA_SCRATCH_OP = 0,    // kernels: partial sums, temporaries
     RP_CUDA_SCRATCH_ACT16,     // RP_CUDA_ACT16_SLOTS areas: bf16 copies of activations
-    RP_CUDA_SCRATCH_COUNT = RP_CUDA_SCRATCH_ACT16 + 4
+    // 5: key_prepare_backward's dk copy must outlive the da, dw, dv and dnu
+    // copies claimed before the key GEMM backward reads it (LRU slots)
+    RP_CUDA_SCRATCH_COUNT = RP_CUDA_SCRATCH_ACT16 + 5
 };
 #define RP_CUDA_ACT16_SLOTS (RP_CUDA_SCRATCH_COUNT - RP_CUDA_SCRATCH_ACT16)
 

@@ -859,7 +859,8 @@ __global__ void __launch_bounds__(WKV_THREADS,
                          const TI *r, const TI *w_raw, const TI *k, const TI *v,
                          const TK *kk, const TI *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
-                         const int32_t *ckpt_block, int C, int accumulate) {
+                         const int32_t *ckpt_block, int C, int accumulate,
+                         __nv_bfloat16 *dr16) {
     __shared__ __align__(16) float tile[WKV_TILE];
     __shared__ __align__(16) float anchors[WKV_ANCHORS * WKV_TILE];
     __shared__ __align__(16) float vec[2 * VEC_COUNT * WKV_N];
@@ -981,7 +982,9 @@ __global__ void __launch_bounds__(WKV_THREADS,
                 wkv_out(dk, o, accumulate ? wkv_in(dk, o) + dk_i : dk_i);
                 keep = own1;
             } else {
-                wkv_out(dr, o, accumulate ? wkv_in(dr, o) + dr_i : dr_i);
+                const float dr_o = accumulate ? wkv_in(dr, o) + dr_i : dr_i;
+                wkv_out(dr, o, dr_o);
+                if (dr16) dr16[o] = __float2bfloat16(dr_o);
                 wkv_out(da, o, db_i * own0);
                 keep = db_i * own1;
             }
@@ -1212,7 +1215,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
                                    const TK *kk, const TI *a, const float *checkpoints,
                                    const int32_t *seq_len, const int32_t *row_begin,
                                    const int32_t *slot, const int32_t *ckpt_block, int C,
-                                   int accumulate) {
+                                   int accumulate, __nv_bfloat16 *dr16) {
     namespace wmma = nvcuda::wmma;
     extern __shared__ __align__(32) float wkv_smem_raw[];
     // an offset from the shared array (not a cast-back integer) keeps the
@@ -1405,7 +1408,9 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
                 const float dd = scan / q.d;
                 const float dr_ = drt * gu, da_k = dat * gp, db_k = dbh / gu, dk_ = dkh / gu;
                 const float sig = rp_sigmoidf(wr);
-                wkv_out(dr, o, accumulate ? wkv_in(dr, o) + dr_ : dr_);
+                const float dr_o = accumulate ? wkv_in(dr, o) + dr_ : dr_;
+                wkv_out(dr, o, dr_o);
+                if (dr16) dr16[o] = __float2bfloat16(dr_o);
                 wkv_out(dk, o, accumulate ? wkv_in(dk, o) + dk_ : dk_);
                 wkv_out(dw_raw, o, dd * q.d * (-WKV_SCALE) * sig * (1.0f - sig));
                 wkv_out(dkk, o, db_k * iclr - da_k);
@@ -1570,12 +1575,13 @@ static void cuda_wkv7_forward_train(rp_backend *be, float *y, const float *r, co
 }
 
 // g = {dr, dw_raw, dk, dv, dkk, da}: dkk of type TD (g[4] cast), kk (in[4]
-// cast) of type TK, the rest TO and TI.
+// cast) of type TK, the rest TO and TI. dr16 (may be NULL): a bf16 copy of
+// the new dr, the receptance GEMM backward's dY (rp_cuda_act16).
 template <typename TI, typename TO, typename TK = TI, typename TD = TO>
 static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_base,
                                 size_t state_stride, const TI *dy, const TI *const *in,
                                 const float *checkpoints, const rp_batch *batch, int C, int N,
-                                float beta) {
+                                float beta, __nv_bfloat16 *dr16 = nullptr) {
     TD *dkk = (TD *)g[4];
     const TK *kk = (const TK *)in[4];
     if (!wkv_launchable(cx, "wkv7_backward", batch, C, N)) return;
@@ -1592,12 +1598,12 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
         wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], in[1],
             in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
-            b.ckpt_block, C, beta != 0.0f);
+            b.ckpt_block, C, beta != 0.0f, dr16);
     } else {
         wkv7_backward_kernel<TI, TO, TK, TD><<<grid, WKV_THREADS, 0, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], in[1],
             in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
-            b.ckpt_block, C, beta != 0.0f);
+            b.ckpt_block, C, beta != 0.0f, dr16);
     }
     RP_CUDA_LAUNCHED(cx, "wkv7_backward");
 }
@@ -1621,27 +1627,35 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
                      batch->n_rows > RP_GEMV_MAX_M;
     const int dkk16 = only && !cx->act16_off;
     const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
+    // dr (complete once this op added its part) is the receptance GEMM
+    // backward's dY: its bf16 copy in the same pass (the model runs that
+    // GEMM right after this op when it fuses the mixes)
+    __nv_bfloat16 *dr16 = n > 0 ? rp_cuda_act16_for_rows(cx, dr, n, batch->n_rows) : nullptr;
     if (n > 0 && wkv_find16(cx, in, in16, 7, n)) {
         if (dkk16)
             wkv_backward_launch<__nv_bfloat16, float, __nv_bfloat16, __nv_bfloat16>(
-                cx, g, dstate_base, state_stride, in16[6], in16, checkpoints, batch, C, N, beta);
+                cx, g, dstate_base, state_stride, in16[6], in16, checkpoints, batch, C, N, beta,
+                dr16);
         else
             wkv_backward_launch(cx, g, dstate_base, state_stride, in16[6], in16, checkpoints,
-                                batch, C, N, beta);
+                                batch, C, N, beta, dr16);
     } else {
         const float *in32[6] = {r, w_raw, k, v, kk16 ? (const float *)kk16 : kk, a};
         if (kk16 && dkk16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16>(
-                cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta);
+                cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
+                dr16);
         else if (kk16)
             wkv_backward_launch<float, float, __nv_bfloat16, float>(
-                cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta);
+                cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
+                dr16);
         else if (dkk16)
             wkv_backward_launch<float, float, float, __nv_bfloat16>(
-                cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta);
+                cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
+                dr16);
         else
             wkv_backward_launch(cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch,
-                                C, N, beta);
+                                C, N, beta, dr16);
     }
     // the kernel wrote dkk (plain RP_CUDA_LAUNCHED): no earlier record of it
     // may stand, in place or copy
@@ -1650,6 +1664,7 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
         rp_cuda_inplace_add(cx, dkk, n);
     else if (only)
         rp_cuda_round_bf16(cx, dkk, n);
+    if (dr16 && cx->error.code == RP_OK) rp_cuda_act16_publish(cx, dr16, dr, n);
 }
 
 static void cuda_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,

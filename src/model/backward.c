@@ -411,6 +411,16 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
         be->add(be, tw->dk, tw->tmp_k, (size_t)R * C);
         be->add(be, tw->dv, tw->tmp_v, (size_t)R * C);
     }
+    /* With the mixes fused, the receptance GEMM backward runs here, right
+     * after the op that completes dr (a GPU backend's bf16 copy of dr, its
+     * dY, is valid here and not after the LoRA backwards); its d mix goes to
+     * the term slot it has below (g a w [nu] v k r), so the fold and the
+     * bits are those of the late GEMM. BWD_B copies dr below as before. */
+    const int r_early = fused;
+    if (r_early)
+        be->matmul_linear_backward_beta(be, tw->dmix[n_terms + 4 + (layer != 0)],
+                                        wsave ? NULL : gw->receptance, tw->dr, tw->mix[0],
+                                        w->receptance, R, C, C, 0.0f);
     /* k_out = k_pre (1 + (a - 1) k_a), kk = normalize(k_pre k_k) */
     be->key_prepare_backward(be, tw->dk, tw->da, gw->k_k, gw->k_a, tw->dkk, s->k_pre, s->a,
                              w->k_k, w->k_a, R, C, N);
@@ -453,9 +463,11 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     be->matmul_linear_backward_beta(be, MIX_DX(), wsave ? NULL : gw->key, tw->dk, xm, w->key,
                                     R, C, C, 0.0f);
     MIX_FOLD(1, 1.0f);
-    xm = MIX_X(0);
-    be->matmul_linear_backward_beta(be, MIX_DX(), wsave ? NULL : gw->receptance, tw->dr, xm,
-                                    w->receptance, R, C, C, 0.0f);
+    if (!r_early) {
+        xm = MIX_X(0);
+        be->matmul_linear_backward_beta(be, MIX_DX(), wsave ? NULL : gw->receptance, tw->dr, xm,
+                                        w->receptance, R, C, C, 0.0f);
+    }
     MIX_FOLD(0, 1.0f);
 #undef MIX_X
 #undef MIX_DX

@@ -51,9 +51,13 @@
  * LoRA hiddens (their GEMM writes bf16 C, the activation runs bf16 in
  * place, its backward reads bf16 y) and the head layernorm's output are
  * stored bf16 in place (gemm_only); 8 once bonus_gate_to writes og that way
- * too. Left: dr/dk/dv, the head's dlogits. Lower it with every producer
- * that does. */
-#define TRAIN_CONVERT_BUDGET 8
+ * too; 5 once key_prepare_backward and value_residual_backward write a bf16
+ * copy of dk / dv (the key and value GEMM backwards' dY) in the same pass,
+ * which outlives the LoRA backwards between them (RP_CUDA_ACT16_SLOTS 5);
+ * 3 once the WKV7 backward writes a bf16 copy of dr and the model runs the
+ * receptance GEMM backward right after it (fused mixes). Left: layer 0's dv
+ * (an add), the head's dlogits. Lower it with every producer that does. */
+#define TRAIN_CONVERT_BUDGET 3
 
 /* Kernel launches (GEMMs and conversions included) of that training step.
  * The fused training mix (backend.h shift_mix, shift_mix_backward) took it
@@ -68,9 +72,10 @@
  * (kernel + finish) instead of shift_mix_backward's two and the norm's
  * dx, params and two sum_partials kernels (8 launches fewer a layer).
  * 174 once each training LayerNorm and the shift_mix that reads it are one
- * ln_shift_mix_train kernel (2 launches fewer a layer).
+ * ln_shift_mix_train kernel (2 launches fewer a layer); 5 fewer again without
+ * the conversions of dk and dv, and of dr (TRAIN_CONVERT_BUDGET): 169.
  * Lower it with every fusion. */
-#define TRAIN_LAUNCH_BUDGET 174
+#define TRAIN_LAUNCH_BUDGET 169
 
 /* Device copies and fills (cudaMemcpy(Async), cudaMemset(Async)) of that
  * training step. key_prepare_from / value_residual_from (backend.h) read
@@ -327,12 +332,15 @@ static float *grads_to_host(fixture *f, size_t *n) {
 /* The bf16 activation copies (producer kernels' second outputs, conversions
  * shared by GEMMs) hand the GEMMs the very bits that each GEMM's own
  * conversion gave before: a training step's gradients match bit for bit with
- * the copies off. 24 rows (cuBLAS GEMMs) and 5 (GEMVs, no copies). */
+ * the copies off. 24 rows (cuBLAS GEMMs) and 5 (GEMVs, no copies); then 24
+ * rows on the chunked WKV7 kernels (min_t 0: its backward's dr copy). */
 static void test_act16_exact(void **s) {
     fixture *f = *s;
-    const int lens[2] = {MAX_ROWS / MAX_SEQS, 5};
-    for (int i = 0; i < 2; i++) {
-        const int n_seq = i == 0 ? MAX_SEQS : 1;
+    const int lens[3] = {MAX_ROWS / MAX_SEQS, 5, MAX_ROWS / MAX_SEQS};
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    for (int i = 0; i < 3; i++) {
+        const int n_seq = i != 1 ? MAX_SEQS : 1;
+        rp_cuda_wkv7_chunked_min_t = i == 2 ? 0 : saved_min_t;
         float *side[2];
         size_t n = 0;
         for (int on = 0; on < 2; on++) {
@@ -353,6 +361,7 @@ static void test_act16_exact(void **s) {
         free(side[0]);
         free(side[1]);
     }
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
     rp_cuda_backend_set_act16(f->be, 1);
 }
 
