@@ -1020,7 +1020,8 @@ static void check_bonus_gate_backward(twin *t, const shape *sh) {
  * groupnorm_backward on its d_o), the GPU the fused op on y (y16: y in bf16
  * in place, as a bf16 WKV7 output, both sides reading the rounded values)
  * and the unfused ops on f32 y; the fused outputs within the twin's
- * tolerance of the CPU and bit for bit the GPU's unfused ones. dr, dk, dv
+ * tolerance of the CPU and bit for bit the GPU's unfused ones (dy: to 1e-6,
+ * below). dr, dk, dv
  * accumulate (beta 1) or are overwritten (beta 0). */
 static void buf_round_bf16(twin *t, tbuf *b);
 static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float beta) {
@@ -1111,7 +1112,18 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
     for (int i = 0; i < 8; i++) {
         compare(t, names[i], bk[1][i]);
         snprintf(what, sizeof what, "%s = unfused", names[i]);
-        compare_gpu_exact(t, what, bk[1][i], bk[0][i]);
+        if (i) {
+            compare_gpu_exact(t, what, bk[1][i], bk[0][i]);
+            continue;
+        }
+        /* dy: the same expression, but where the compiler contracts a*b+c
+         * (nvcc; the FMA build) the fused kernel's d = dz w, kept for the
+         * sums, is not contracted into rs (d - mean_d - ...) as the
+         * unfused kernel's reloaded product is: the last bits may differ */
+        float *hf = download(t, bk[1][0]), *hu = download(t, bk[0][0]);
+        compare_values(t, "dy ~ unfused", hf, hu, NULL, n, 1e-6);
+        free(hf);
+        free(hu);
     }
     twin_release(t);
 }
