@@ -287,6 +287,11 @@ static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, do
             l->k[i].flops += tc_flops * (1.0 - FP32_FLOPS / BF16_TENSOR_FLOPS);
 }
 
+/* WKV7's output y as the groupnorm reads it: fp32 (one vector a row); 0.5
+ * (BF16_OUT) once the WKV7 forward stores y in bf16 (the fused kernels take
+ * either, cuda_elementwise.cu / cuda_backward.cu). */
+#define GN_Y_IO 1.0
+
 /* The forward ops of one layer (rp_block_forward), R rows of S sequences;
  * decode: the fused ops (layer_decode), else GEMMs and the checkpointing WKV7. */
 static void layer_forward(kernel_list *l, const rp_config *c, int layer, double R, double S,
@@ -333,10 +338,11 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
                       6.5 * 4 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM * R * C * N);
-    ew(l, "groupnorm", 1, R, C, 2, 2, 8);
-    /* bonus_gate_to: o_gn, r, k, v, g read, og written in bf16 only (in
-     * place, gemm_only: the output GEMM and its weight gradient read it) */
-    ew(l, "bonus_gate (og bf16 in place)", 1, R, C, 5 + BF16_OUT, 1, 6);
+    /* groupnorm_bonus_gate: y, r, k, v, g read once, og written in bf16
+     * only (in place, gemm_only: the output GEMM and its weight gradient
+     * read it), mean/rstd [R,H]; the groupnorm output stays in registers */
+    add(l, "groupnorm_bonus_gate (og bf16 in place)", 1,
+        4.0 * C * (R * (GN_Y_IO + 4 + BF16_OUT) + 3) + 8.0 * R * H, 14.0 * R * C, 0);
     /* the key GEMM writes k in bf16 in place (gemm_only), relu^2 runs on
      * it in place, bf16 in and out; the value GEMM reads it there */
     gemm_c16(l, "GEMM FFN key (C -> F), bf16 C", 1, R, F, C);
@@ -381,6 +387,22 @@ static void mix_ln_backward(kernel_list *l, double R, double C, int terms) {
         (6.0 * terms + 12.0) * R * C, 0);
     add(l, "shift_mix_ln_backward finish (param sums, d state)", 1,
         4.0 * C * (parts * chunks + 2 * parts), parts * chunks * C, 0);
+}
+
+/* groupnorm_bonus_gate_backward: one kernel reads d og, y, r, k, v, g and
+ * mean/rstd once and writes dy, dr, dk, dv (first writes, beta 0), dg (+ its
+ * bf16 copy) and the r_k, ln_x weight and bias partials of its row chunks;
+ * the groupnorm output and d(groupnorm out) stay in registers. The finish
+ * kernel sums the three partials. */
+static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H) {
+    double chunks = ceil(R / 64);
+    if (chunks > 256) chunks = 256;
+    if (chunks < 1) chunks = 1;
+    add(l, "groupnorm_bonus_gate backward (+ bf16 dg, partials)", 1,
+        4.0 * C * (R * (GN_Y_IO + 10 + BF16_OUT) + 3 + 3 * chunks) + 8.0 * R * H, 30.0 * R * C,
+        0);
+    add(l, "groupnorm_bonus_gate backward finish (ln_x, r_k sums)", 1,
+        4.0 * C * (3 * chunks + 6), 3 * chunks * C, 0);
 }
 
 /* Its backward: each GEMM two GEMMs, each elementwise op reading its inputs
@@ -437,8 +459,7 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
                       16.0 * 4 * R * C + 2.0 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
-    ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
-    ew(l, "bonus_gate backward (+ bf16 dg)", 1, R, C, 11 + BF16_OUT, 2, 12);
+    gn_bonus_gate_backward(l, R, C, H);
     /* key: d hidden bf16 in place (below), the saved kf bf16 in place
      * since shift_mix; value: dy converted, the saved relu^2 hidden bf16 in
      * place (gemm_only), its dX (d hidden, GEMM-only) written bf16 in place */

@@ -841,3 +841,26 @@ extern "C" rp_cuda_math rp_cuda_backend_math(const rp_backend *be) {
 extern "C" void rp_cuda_backend_set_act16(rp_backend *be, int on) {
     rp_cuda_of(be)->act16_off = !on;
 }
+
+extern "C" int rp_cuda_backend_store_bf16_inplace(rp_backend *be, float *p, size_t n) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (!n) return 1;
+    float *host = (float *)malloc(n * sizeof(float));
+    uint16_t *host16 = (uint16_t *)malloc(n * sizeof(uint16_t));
+    int ok = host && host16;
+    if (ok) {
+        cuda_copy_to_host(be, host, p, n * sizeof(float));
+        for (size_t i = 0; i < n; i++) {  // finite values: round to nearest even
+            uint32_t u;
+            memcpy(&u, &host[i], sizeof u);
+            host16[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        }
+        cuda_copy_to_device(be, p, host16, n * sizeof(uint16_t));
+        rp_cuda_act16_forget(cx, p, n * sizeof(float));
+        rp_cuda_inplace_add(cx, p, n);
+        cuda_synchronize(be);
+    }
+    free(host);
+    free(host16);
+    return ok && cx->error.code == RP_OK;
+}

@@ -36,6 +36,11 @@ rp_cuda_math rp_cuda_backend_math(const rp_backend *be);
 /* Tests: 0 turns off the bf16 activation copies (every GEMM converts its
  * activation operands itself, as before issue 15); 1 (the default) on. */
 void rp_cuda_backend_set_act16(rp_backend *be, int on);
+/* Tests: the f32 device array p [n] becomes its bf16 values (round to
+ * nearest even) in place, recorded as a bf16-writing kernel leaves its
+ * output, so that the ops that read such an input in bf16 (the fused
+ * groupnorm + bonus/gate on WKV7's y) read it so. 0 after a failure. */
+int rp_cuda_backend_store_bf16_inplace(rp_backend *be, float *p, size_t n);
 
 #ifdef __cplusplus
 }

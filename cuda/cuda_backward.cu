@@ -1302,6 +1302,176 @@ static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, floa
                                   N, 1.0f);
 }
 
+// ---- groupnorm + bonus + gate, fused (backend.h groupnorm_bonus_gate_backward) ----
+
+// bonus_gate_backward_kernel then groupnorm_backward_dx_kernel and
+// norm_backward_params_kernel on its d_o, in one pass: the groupnorm output
+// o is recomputed from y, mean, rstd (the forward's formula), and d_o stays
+// in registers. Grid (H, chunks) of ROW_WARPS warps, one warp per (row,
+// head), rows assigned as in both unfused kernels, so every sum runs in the
+// same order: the same bits. y: f32, or bf16 in place (TY) when WKV7 stored
+// it so. part [3, chunks, C]: the dr_k, dln_w, dln_b partial rows (NULL: no
+// parameter gradients).
+template <int E, typename TY>
+__global__ static void groupnorm_bonus_gate_backward_kernel(
+    float *__restrict__ dy, float *__restrict__ dr, float *__restrict__ dk,
+    float *__restrict__ dv, float *__restrict__ part, float *__restrict__ dg,
+    __nv_bfloat16 *__restrict__ dg16, const float *__restrict__ dout, const TY *__restrict__ y,
+    const float *__restrict__ mean, const float *__restrict__ rstd,
+    const float *__restrict__ ln_w, const float *__restrict__ ln_b,
+    const float *__restrict__ r, const float *__restrict__ k, const float *__restrict__ v,
+    const float *__restrict__ r_k, const float *__restrict__ g, int R, int C, int chunks,
+    int rows_per_chunk, int accumulate) {
+    constexpr int N = 32 * E;
+    __shared__ float sh[3][ROW_WARPS * N];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, H = C / N;
+    const int h = blockIdx.x, col0 = h * N;
+    int begin, end;
+    chunk_rows(blockIdx.y, rows_per_chunk, R, &begin, &end);
+    float rkw[E], lw[E], lb[E], acc_rk[E], acc_w[E], acc_b[E];
+    for (int e = 0; e < E; e++) {
+        const int c = col0 + lane + 32 * e;
+        rkw[e] = r_k[c];
+        lw[e] = ln_w[c];
+        lb[e] = ln_b[c];
+        acc_rk[e] = acc_w[e] = acc_b[e] = 0.0f;
+    }
+    for (int row = begin + warp; row < end; row += ROW_WARPS) {
+        const size_t q = (size_t)row * C + col0 + lane, task = (size_t)row * H + h;
+        const float mu = mean[task], rs = rstd[task];
+        float rv[E], kv[E], vv[E], xh[E], dz[E], s = 0.0f;
+        for (int e = 0; e < E; e++) {
+            rv[e] = r[q + 32 * e];
+            kv[e] = k[q + 32 * e];
+            vv[e] = v[q + 32 * e];
+            s += rv[e] * kv[e] * rkw[e];
+        }
+        s = warp_sum(s);
+        float dsum = 0.0f;
+        for (int e = 0; e < E; e++) {
+            const size_t i = q + 32 * e;
+            xh[e] = (rp_ldf(y + i) - mu) * rs;
+            const float o = xh[e] * lw[e] + lb[e];  // the forward's groupnorm output
+            const float dout_i = dout[i];
+            dz[e] = dout_i * g[i];
+            const float dgi = dout_i * (o + s * vv[e]);
+            dg[i] = dgi;
+            if (dg16) dg16[i] = __float2bfloat16(dgi);
+            dv[i] = (accumulate ? dv[i] : 0.0f) + dz[e] * s;
+            dsum += dz[e] * vv[e];
+        }
+        dsum = warp_sum(dsum);
+        float sum_d = 0.0f, sum_dxh = 0.0f;
+        for (int e = 0; e < E; e++) {
+            const size_t i = q + 32 * e;
+            dr[i] = (accumulate ? dr[i] : 0.0f) + dsum * kv[e] * rkw[e];
+            dk[i] = (accumulate ? dk[i] : 0.0f) + dsum * rv[e] * rkw[e];
+            acc_rk[e] += dsum * rv[e] * kv[e];
+            const float d = dz[e] * lw[e];
+            sum_d += d;
+            sum_dxh += d * xh[e];
+            acc_w[e] += dz[e] * xh[e];
+            acc_b[e] += dz[e];
+        }
+        sum_d = warp_sum(sum_d);
+        sum_dxh = warp_sum(sum_dxh);
+        const float mean_d = sum_d / N, mean_dxh = sum_dxh / N;
+        for (int e = 0; e < E; e++)
+            dy[q + 32 * e] = rs * (dz[e] * lw[e] - mean_d - xh[e] * mean_dxh);
+    }
+    if (!part) return;  // uniform over the grid
+    for (int e = 0; e < E; e++) {
+        const int l = warp * N + lane + 32 * e;
+        sh[0][l] = acc_rk[e];
+        sh[1][l] = acc_w[e];
+        sh[2][l] = acc_b[e];
+    }
+    __syncthreads();
+    for (int j = 0; j < 3; j++)
+        store_warp_sums(sh[j], N, part + ((size_t)j * chunks + blockIdx.y) * C + col0, N);
+}
+
+// dr_k, dln_w, dln_b [C] += the sums of their partial rows in chunk order
+// (rp_cuda_sum_partials' arithmetic, hence bits), one launch for the three.
+__global__ static void groupnorm_bonus_gate_finish_kernel(float *dr_k, float *dln_w,
+                                                          float *dln_b,
+                                                          const float *__restrict__ part,
+                                                          int chunks, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float *const dst[3] = {dr_k, dln_w, dln_b};
+    for (int j = 0; j < 3; j++) {
+        if (!dst[j]) continue;
+        float sum = 0.0f;
+        for (int p = 0; p < chunks; p++) sum += part[((size_t)j * chunks + p) * C + c];
+        dst[j][c] = dst[j][c] + sum;
+    }
+}
+
+static void cuda_groupnorm_bonus_gate_backward(
+    rp_backend *be, float *dy, float *dln_w, float *dln_b, float *dr, float *dk, float *dv,
+    float *dr_k, float *dg, const float *dout, const float *y, const float *mean,
+    const float *rstd, const float *ln_w, const float *ln_b, const float *r, const float *k,
+    const float *v, const float *r_k, const float *g, int R, int C, int N, float beta) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int accumulate = beta != 0.0f;
+    if (R <= 0 || C <= 0 || N <= 0) return;
+    // A warp holds a head in registers: N = 32, 64, 96 or 128 (RWKV-7: 64).
+    if (N % 32 || N > 128 || C % N) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "groupnorm_bonus_gate_backward (head size must be 32, 64, 96 or 128 "
+                       "and divide C)",
+                       __FILE__, __LINE__);
+        return;
+    }
+    const size_t n = (size_t)R * C;
+    const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+    const size_t part_floats = (size_t)3 * chunks * C;
+    float *part = nullptr;
+    if (dr_k || dln_w || dln_b) {
+        part = (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, part_floats * sizeof(float));
+        if (!part) return;
+    }
+    const dim3 grid(C / N, chunks);
+    // dg is the dY of the gate LoRA's backward GEMMs
+    __nv_bfloat16 *dg16 = rp_cuda_act16_for_rows(cx, dg, n, R);
+    // y in bf16 in place when the WKV7 forward stored it so
+    const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
+#define GN_BONUS_LAUNCH(E, TY, YP)                                                              \
+    groupnorm_bonus_gate_backward_kernel<E, TY><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(    \
+        dy, dr, dk, dv, part, dg, dg16, dout, YP, mean, rstd, ln_w, ln_b, r, k, v, r_k, g, R, C, \
+        chunks, rows_per_chunk, accumulate)
+#define GN_BONUS_SWITCH(TY, YP)                                                                 \
+    switch (N / 32) {                                                                           \
+    case 1: GN_BONUS_LAUNCH(1, TY, YP); break;                                                  \
+    case 2: GN_BONUS_LAUNCH(2, TY, YP); break;                                                  \
+    case 3: GN_BONUS_LAUNCH(3, TY, YP); break;                                                  \
+    default: GN_BONUS_LAUNCH(4, TY, YP); break;                                                 \
+    }
+    if (y16) {
+        GN_BONUS_SWITCH(__nv_bfloat16, y16)
+    } else {
+        GN_BONUS_SWITCH(float, y)
+    }
+#undef GN_BONUS_SWITCH
+#undef GN_BONUS_LAUNCH
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "groupnorm_bonus_gate_backward", {dy, n * sizeof(float)},
+                              {dr, n * sizeof(float)}, {dk, n * sizeof(float)},
+                              {dv, n * sizeof(float)}, {dg, n * sizeof(float)},
+                              {part, part_floats * sizeof(float)}))
+        return;
+    if (part) {
+        groupnorm_bonus_gate_finish_kernel<<<rp_cuda_blocks((size_t)C, 256), 256, 0,
+                                             cx->stream>>>(dr_k, dln_w, dln_b, part, chunks, C);
+        if (!RP_CUDA_LAUNCHED_OUT(cx, "groupnorm_bonus_gate_backward finish",
+                                  {dr_k, (size_t)C * sizeof(float)},
+                                  {dln_w, (size_t)C * sizeof(float)},
+                                  {dln_b, (size_t)C * sizeof(float)}))
+            return;
+    }
+    if (dg16) rp_cuda_act16_publish(cx, dg16, dg, n);
+}
+
 void rp_cuda_install_backward(rp_backend *be) {
     be->layernorm_backward = cuda_layernorm_backward;
     be->groupnorm_backward = cuda_groupnorm_backward;
@@ -1316,4 +1486,5 @@ void rp_cuda_install_backward(rp_backend *be) {
     be->layernorm_backward_beta = cuda_layernorm_backward_beta;
     be->lerp_backward_beta = cuda_lerp_backward_beta;
     be->bonus_gate_backward_beta = cuda_bonus_gate_backward_beta;
+    be->groupnorm_bonus_gate_backward = cuda_groupnorm_bonus_gate_backward;
 }

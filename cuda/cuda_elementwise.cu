@@ -957,6 +957,82 @@ static void cuda_bonus_gate_to(rp_backend *be, float *out, const float *o, const
         rp_cuda_act16_publish(cx, out16, out, n);
 }
 
+// ---- groupnorm + bonus + gate, fused (backend.h groupnorm_bonus_gate) ----
+
+// out [R,C] = bonus_gate(groupnorm(y)), one warp per (row, head): the
+// groupnorm output stays in registers (never stored, the backward recomputes
+// it from y, mean, rstd). The same formulas in the same order as
+// groupnorm_kernel then bonus_gate_kernel, so the same bits. y is the WKV7
+// output: f32, or bf16 in place (TY) when WKV7 stored it so. out NULL: only
+// out16 (a GEMM-only og in bf16 in place).
+template <typename TY>
+static __global__ void groupnorm_bonus_gate_kernel(float *out, __nv_bfloat16 *out16, float *mean,
+                                                   float *rstd, const TY *y,
+                                                   const float *weight, const float *bias,
+                                                   const float *r, const float *k, const float *v,
+                                                   const float *r_k, const float *g, int R,
+                                                   int C, int N, float eps) {
+    const int H = C / N;
+    const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (group >= (size_t)R * H) return;  // the whole warp leaves together
+    const size_t row = group / H;
+    const int h = (int)(group % H);
+    const size_t o = row * C + (size_t)h * N;
+    const TY *yh = y + o;
+    const float *wh = weight + (size_t)h * N, *bh = bias + (size_t)h * N;
+    const float *rh = r + o, *kh = k + o, *vh = v + o, *gh = g + o, *rkh = r_k + (size_t)h * N;
+
+    float m, s;
+    rp_warp_group_moments(yh, N, eps, lane, &m, &s);
+    float bonus = 0.0f;
+    for (int j = lane; j < N; j += 32) bonus += rh[j] * kh[j] * rkh[j];
+    bonus = warp_sum_float(bonus);
+    for (int j = lane; j < N; j += 32) {
+        const float gn = (rp_ldf(yh + j) - m) * s * wh[j] + bh[j];
+        const float o_j = (gn + bonus * vh[j]) * gh[j];
+        if (out) out[o + j] = o_j;
+        if (out16) out16[o + j] = __float2bfloat16(o_j);
+    }
+    if (lane == 0) {
+        if (mean) mean[group] = m;  // group == row * H + h
+        if (rstd) rstd[group] = s;
+    }
+}
+
+// groupnorm(y) into a temporary + bonus_gate_to(out), in one pass: reads y,
+// r, k, v, g once, writes out (bf16 in place under a gemm_only hint, as
+// bonus_gate_to) and mean/rstd [R,H].
+static void cuda_groupnorm_bonus_gate(rp_backend *be, float *out, float *mean, float *rstd,
+                                      const float *y, const float *weight, const float *bias,
+                                      const float *r, const float *k, const float *v,
+                                      const float *r_k, const float *g, int R, int C, int N,
+                                      float eps) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const size_t n = (size_t)R * C;
+    const int only16 = rp_cuda_take_gemm_only(cx, out, n) && cx->math == RP_CUDA_MATH_BF16 &&
+                       R > RP_GEMV_MAX_M && !cx->act16_off;
+    if (R <= 0 || N <= 0 || C < N) return;
+    const size_t groups = (size_t)R * (C / N);
+    __nv_bfloat16 *out16 = only16 ? (__nv_bfloat16 *)out : rp_cuda_act16_for_rows(cx, out, n, R);
+    float *out32 = only16 ? NULL : out;
+    // y in bf16 in place when the WKV7 forward stored it so
+    const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
+    if (y16)
+        groupnorm_bonus_gate_kernel<__nv_bfloat16><<<warp_blocks(groups), EW_THREADS, 0,
+                                                     cx->stream>>>(
+            out32, out16, mean, rstd, y16, weight, bias, r, k, v, r_k, g, R, C, N, eps);
+    else
+        groupnorm_bonus_gate_kernel<float><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
+            out32, out16, mean, rstd, y, weight, bias, r, k, v, r_k, g, R, C, N, eps);
+    RP_CUDA_LAUNCHED_OUT(cx, "groupnorm_bonus_gate", {out, n * sizeof(float)},
+                         {mean, groups * sizeof(float)}, {rstd, groups * sizeof(float)});
+    if (only16)
+        rp_cuda_inplace_add(cx, out, n);
+    else if (out16)
+        rp_cuda_act16_publish(cx, out16, out, n);
+}
+
 // ---- install ----
 
 void rp_cuda_install_elementwise(rp_backend *be) {
@@ -974,4 +1050,5 @@ void rp_cuda_install_elementwise(rp_backend *be) {
     be->groupnorm = cuda_groupnorm;
     be->bonus_gate = cuda_bonus_gate;
     be->bonus_gate_to = cuda_bonus_gate_to;
+    be->groupnorm_bonus_gate = cuda_groupnorm_bonus_gate;
 }

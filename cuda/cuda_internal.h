@@ -369,15 +369,20 @@ __device__ __forceinline__ double rp_warp_sum_double(double v) {
 // its lane): mean and 1/sqrt(var + eps), sums in double. groupnorm_kernel
 // (training, prefill) and time_mix_heads_kernel (decode) both call it, so
 // both paths normalise a head bit for bit alike.
-__device__ __forceinline__ void rp_warp_group_moments(const float *x, int n, float eps, int lane,
+// x may be bf16 (a WKV7 output stored so): each value widened to float
+// first, then the same sums (float x: the same code as before).
+__device__ __forceinline__ float rp_ldf(const float *p) { return *p; }
+__device__ __forceinline__ float rp_ldf(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
+template <typename T>
+__device__ __forceinline__ void rp_warp_group_moments(const T *x, int n, float eps, int lane,
                                                       float *mean, float *rstd) {
     double sum = 0.0;
-    for (int j = lane; j < n; j += 32) sum += (double)x[j];
+    for (int j = lane; j < n; j += 32) sum += (double)rp_ldf(x + j);
     sum = rp_warp_sum_double(sum);
     const float m = (float)(sum / n);
     double sq = 0.0;
     for (int j = lane; j < n; j += 32) {
-        const double d = (double)(x[j] - m);
+        const double d = (double)(rp_ldf(x + j) - m);
         sq += d * d;
     }
     sq = rp_warp_sum_double(sq);

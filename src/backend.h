@@ -515,8 +515,8 @@ struct rp_backend {
     void (*set_decode_rows)(rp_backend *be, int on);
     /* ---- GEMM-only outputs (optional; NULL: nothing to do; issue 15) ----
      * gemm_only(be, p, n): the output p [n] that the next matmul op writes
-     * (its y, or its dx), the next layernorm (its y) or bonus_gate_to (its
-     * out), is read only by
+     * (its y, or its dx), the next layernorm (its y) or bonus_gate_to or
+     * groupnorm_bonus_gate (its out), is read only by
      * matmul ops (as x or dy) until something writes p again, except that
      * bias_act may run on p in place (bias NULL or not) and
      * bias_act_backward (without dbias) may read p as its y or run on p in
@@ -524,8 +524,8 @@ struct rp_backend {
      * backend may keep p in its GEMM operand format instead of f32 (CUDA,
      * bf16 math: bf16 in place, so no conversion kernel; the activation and
      * its backward then read and write bf16). Any other read of p before then is undefined. The next
-     * matmul op, layernorm or bonus_gate_to consumes the hint whether it uses
-     * it or not. */
+     * matmul op, layernorm, bonus_gate_to or groupnorm_bonus_gate consumes
+     * the hint whether it uses it or not. */
     void (*gemm_only)(rp_backend *be, const float *p, size_t n);
     /* ---- WKV7-only operands (optional; NULL: nothing to do; issue 15) ----
      * wkv_only(be, p, n): the output p [n] that the next key_prepare writes
@@ -558,6 +558,34 @@ struct rp_backend {
     void (*bonus_gate_to)(rp_backend *be, float *out, const float *o, const float *r,
                           const float *k, const float *v, const float *r_k, const float *g,
                           int R, int C, int N);
+    /* ---- groupnorm + bonus/gate in one op each way (optional; NULL: the
+     * ops below; issue 15) ----
+     * groupnorm_bonus_gate(be, out, mean, rstd, y, ln_w, ln_b, r, k, v, r_k,
+     * g, R, C, N, eps) = groupnorm(o, mean, rstd, y, ln_w, ln_b, R, C, N, eps)
+     * then bonus_gate_to(out, o, r, k, v, r_k, g, R, C, N), the same bits,
+     * with no o [R,C] stored (mean/rstd [R,H] are, either may be NULL). It
+     * consumes a pending gemm_only hint for out as bonus_gate_to does; out
+     * overlaps none of the inputs.
+     * groupnorm_bonus_gate_backward(be, dy, dln_w, dln_b, dr, dk, dv, dr_k,
+     * dg, dout, y, mean, rstd, ln_w, ln_b, r, k, v, r_k, g, R, C, N, beta) =
+     * bonus_gate_backward_beta(d_o, dr, dk, dv, dr_k, dg, dout, o, ..., beta)
+     * then groupnorm_backward(dy, dln_w, dln_b, d_o, y, mean, rstd, ln_w,
+     * R, C, N), with o recomputed from y, mean, rstd and d_o never stored:
+     * dy, dg =; dr, dk, dv = (beta 0) or += (beta 1); dln_w, dln_b, dr_k +=
+     * (each may be NULL). A backend sets both or neither: the unfused
+     * backward reads the o that the fused forward does not store. */
+    void (*groupnorm_bonus_gate)(rp_backend *be, float *out, float *mean, float *rstd,
+                                 const float *y, const float *ln_w, const float *ln_b,
+                                 const float *r, const float *k, const float *v,
+                                 const float *r_k, const float *g, int R, int C, int N,
+                                 float eps);
+    void (*groupnorm_bonus_gate_backward)(rp_backend *be, float *dy, float *dln_w, float *dln_b,
+                                          float *dr, float *dk, float *dv, float *dr_k,
+                                          float *dg, const float *dout, const float *y,
+                                          const float *mean, const float *rstd,
+                                          const float *ln_w, const float *ln_b, const float *r,
+                                          const float *k, const float *v, const float *r_k,
+                                          const float *g, int R, int C, int N, float beta);
     /* Sequences per decode group the engine forms by default (the backend's
      * measured sweet spot; 0: RP_ENGINE_GROUP_DEFAULT). serve --max-batch
      * overrides it. */

@@ -371,8 +371,18 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     if (wsave) be->copy(be, ws.dx_mid, tw->dx, rc_bytes);
     be->matmul_linear_backward_beta(be, tw->d_og, wsave ? NULL : gw->output, tw->dx, s->og,
                                     w->output, R, C, C, 0.0f);
-    be->bonus_gate_backward_beta(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og,
-                                 s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N, 0.0f);
+    /* fused: groupnorm's backward too (its input's gradient dy, its
+     * parameters'), from y, gn_mean, gn_rstd: d_gn and o_gn never stored */
+    const int gn_fused = be->groupnorm_bonus_gate_backward != NULL;
+    if (gn_fused)
+        be->groupnorm_bonus_gate_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->dr,
+                                          tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og, s->y,
+                                          s->gn_mean, s->gn_rstd, w->ln_x_weight, w->ln_x_bias,
+                                          s->r, s->k, s->v, w->r_k, s->g, R, C, N, 0.0f);
+    else
+        be->bonus_gate_backward_beta(be, tw->d_gn, tw->dr, tw->dk, tw->dv, gw->r_k, tw->dg,
+                                     tw->d_og, s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N,
+                                     0.0f);
     /* The mix of slot i as a GEMM operand, and where its use's gradient goes. */
 #define MIX_X(i) (fused ? tw->mix[i] : (be->lerp(be, tw->xc, s->xa, s->prev_att, mu[i], R, C), tw->xc))
 #define MIX_DX() (fused ? tw->dmix[n_terms] : tw->dxc)
@@ -393,8 +403,9 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     lora_backward(be, MIX_DX(), gw->g1, gw->g2, tw->d_lora, tw->dg, xm, s->g_hidden, w->g1,
                   w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
     MIX_FOLD(5, 0.0f);
-    be->groupnorm_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->d_gn, s->y,
-                           s->gn_mean, s->gn_rstd, w->ln_x_weight, R, C, N);
+    if (!gn_fused)
+        be->groupnorm_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->d_gn, s->y,
+                               s->gn_mean, s->gn_rstd, w->ln_x_weight, R, C, N);
     /* WKV7's dr, dk, dv add onto bonus_gate's: in the op (beta 1) when the
      * backend can, else through temporaries (same bits either way) */
     /* only key_prepare_backward reads dkk (bf16 on CUDA) */

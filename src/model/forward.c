@@ -308,14 +308,24 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     else
         be->wkv7(be, s->y, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
                  rp_state_wkv(state, 0, layer), state->floats_per_slot, batch, C, N);
-    be->groupnorm(be, s->o_gn, s->gn_mean, s->gn_rstd, s->y, w->ln_x_weight, w->ln_x_bias, R, C,
-                  N, RP_GN_EPS);
     float *og = s->og ? s->og : s->o_gn;
-    if (s->og && be->bonus_gate_to) {
+    if (s->og && be->groupnorm_bonus_gate) {
+        /* training, fused: the groupnorm output is never stored (the backward
+         * recomputes it from y, gn_mean, gn_rstd); only the output GEMM and
+         * its weight gradient read og */
+        if (be->gemm_only) be->gemm_only(be, og, (size_t)R * C);
+        be->groupnorm_bonus_gate(be, og, s->gn_mean, s->gn_rstd, s->y, w->ln_x_weight,
+                                 w->ln_x_bias, s->r, s->k, s->v, w->r_k, s->g, R, C, N,
+                                 RP_GN_EPS);
+    } else if (s->og && be->bonus_gate_to) {
+        be->groupnorm(be, s->o_gn, s->gn_mean, s->gn_rstd, s->y, w->ln_x_weight, w->ln_x_bias,
+                      R, C, N, RP_GN_EPS);
         /* training: only the output GEMM and its weight gradient read og */
         if (be->gemm_only) be->gemm_only(be, og, (size_t)R * C);
         be->bonus_gate_to(be, og, s->o_gn, s->r, s->k, s->v, w->r_k, s->g, R, C, N);
     } else {
+        be->groupnorm(be, s->o_gn, s->gn_mean, s->gn_rstd, s->y, w->ln_x_weight, w->ln_x_bias,
+                      R, C, N, RP_GN_EPS);
         if (s->og) be->copy(be, og, s->o_gn, rc_bytes);
         be->bonus_gate(be, og, s->r, s->k, s->v, w->r_k, s->g, R, C, N);
     }

@@ -1069,6 +1069,125 @@ static void check_bonus_gate_backward(twin *t, const shape *sh) {
     compare(t, "dg", dg);
 }
 
+/* groupnorm_bonus_gate and its backward (backend.h; CUDA only): the CPU runs
+ * the unfused ops (groupnorm, copy + bonus_gate; bonus_gate_backward_beta,
+ * groupnorm_backward on its d_o), the GPU the fused op on y (y16: y in bf16
+ * in place, as a bf16 WKV7 output, both sides reading the rounded values)
+ * and the unfused ops on f32 y; the fused outputs within the twin's
+ * tolerance of the CPU and bit for bit the GPU's unfused ones (dy: to 1e-6,
+ * below). dr, dk, dv
+ * accumulate (beta 1) or are overwritten (beta 0). */
+static void buf_round_bf16(twin *t, tbuf *b);
+static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float beta) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, N = HEAD_SIZE, H = C / N;
+    const size_t n = (size_t)R * C, nh = (size_t)R * H;
+    rp_backend *gpu = t->gpu;
+    label(t, "R=%d C=%d N=%d y %s beta %g", R, C, N, y16 ? "bf16" : "f32", (double)beta);
+    if (!gpu->groupnorm_bonus_gate || !gpu->groupnorm_bonus_gate_backward)
+        fatal("%s: the CUDA backend has no groupnorm_bonus_gate", t->op);
+    tbuf *y = buf_input(t, n, -2, 2);
+    if (y16) buf_round_bf16(t, y);
+    tbuf *y_in = buf_zero(t, n); /* the fused op's y: f32, or bf16 in place */
+    t->cpu->copy(t->cpu, y_in->cpu, y->cpu, n * sizeof(float));
+    gpu->copy(gpu, y_in->gpu, y->gpu, n * sizeof(float));
+    if (y16 && !rp_cuda_backend_store_bf16_inplace(gpu, y_in->gpu, n))
+        fatal("%s: storing y in bf16 failed", t->op);
+    tbuf *lw = buf_input(t, C, 0.5, 1.5), *lb = buf_input(t, C, -0.5, 0.5);
+    tbuf *r = buf_input(t, n, -1, 1), *k = buf_input(t, n, -1, 1), *v = buf_input(t, n, -1, 1);
+    tbuf *gi = buf_input(t, n, -1, 1), *r_k = buf_input(t, C, -1, 1);
+    tbuf *dout = buf_input(t, n, -1, 1);
+    /* forward: o (groupnorm out), og_u = unfused, og = fused on the GPU */
+    tbuf *o = buf_output(t, n), *mean = buf_output(t, nh), *rstd = buf_output(t, nh);
+    tbuf *og_u = buf_output(t, n), *og = buf_output(t, n);
+    tbuf *mean_f = buf_output(t, nh), *rstd_f = buf_output(t, nh);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        be->groupnorm(be, at(o, g), at(mean, g), at(rstd, g), at(y, g), at(lw, g), at(lb, g), R,
+                      C, N, GN_EPS);
+        be->copy(be, at(og_u, g), at(o, g), n * sizeof(float));
+        be->bonus_gate(be, at(og_u, g), at(r, g), at(k, g), at(v, g), at(r_k, g), at(gi, g), R,
+                       C, N);
+        if (g) {
+            be->groupnorm_bonus_gate(be, at(og, g), at(mean_f, g), at(rstd_f, g), at(y_in, g),
+                                     at(lw, g), at(lb, g), at(r, g), at(k, g), at(v, g),
+                                     at(r_k, g), at(gi, g), R, C, N, GN_EPS);
+        } else {
+            be->copy(be, at(og, g), at(og_u, g), n * sizeof(float));
+            be->copy(be, at(mean_f, g), at(mean, g), nh * sizeof(float));
+            be->copy(be, at(rstd_f, g), at(rstd, g), nh * sizeof(float));
+        }
+    }
+    compare(t, "out", og);
+    compare(t, "mean", mean_f);
+    compare(t, "rstd", rstd_f);
+    compare_gpu_exact(t, "out = unfused", og, og_u);
+    compare_gpu_exact(t, "mean = unfused", mean_f, mean);
+    compare_gpu_exact(t, "rstd = unfused", rstd_f, rstd);
+    /* backward, from each side's own mean/rstd (and o: the unfused ops) */
+    tbuf *d_o = buf_output(t, n);
+    tbuf *bk[2][8]; /* [unfused, fused] dy dr dk dv dg dln_w dln_b dr_k */
+    for (int f = 0; f < 2; f++) {
+        for (int i = 0; i < 5; i++)
+            bk[f][i] = beta != 0.0f && i >= 1 && i <= 3 ? buf_accum(t, n, -1, 1) : buf_output(t, n);
+        for (int i = 5; i < 8; i++) bk[f][i] = buf_accum(t, C, -1, 1);
+    }
+    /* the fused buffers start as the unfused ones */
+    for (int i = 0; i < 8; i++) {
+        tbuf *u = bk[0][i], *fb = bk[1][i];
+        t->cpu->copy(t->cpu, fb->cpu, u->cpu, u->n * sizeof(float));
+        if (u->before) memcpy(fb->before, u->before, u->n * sizeof(float));
+        gpu->copy(gpu, fb->gpu, u->gpu, u->n * sizeof(float));
+    }
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        for (int f = 0; f < 1 + g; f++) {
+            float *p[8];
+            for (int i = 0; i < 8; i++) p[i] = at(bk[f][i], g);
+            if (f) {
+                be->groupnorm_bonus_gate_backward(be, p[0], p[5], p[6], p[1], p[2], p[3], p[7],
+                                                  p[4], at(dout, g), at(y_in, g), at(mean, g),
+                                                  at(rstd, g), at(lw, g), at(lb, g), at(r, g),
+                                                  at(k, g), at(v, g), at(r_k, g), at(gi, g), R, C,
+                                                  N, beta);
+                continue;
+            }
+            be->bonus_gate_backward_beta(be, at(d_o, g), p[1], p[2], p[3], p[7], p[4],
+                                         at(dout, g), at(o, g), at(r, g), at(k, g), at(v, g),
+                                         at(r_k, g), at(gi, g), R, C, N, beta);
+            be->groupnorm_backward(be, p[0], p[5], p[6], at(d_o, g), at(y, g), at(mean, g),
+                                   at(rstd, g), at(lw, g), R, C, N);
+        }
+        if (!g) /* the CPU side of the fused buffers: the unfused results */
+            for (int i = 0; i < 8; i++)
+                be->copy(be, bk[1][i]->cpu, bk[0][i]->cpu, bk[0][i]->n * sizeof(float));
+    }
+    static const char *names[8] = {"dy", "dr", "dk", "dv", "dg", "dln_w", "dln_b", "dr_k"};
+    char what[48];
+    for (int i = 0; i < 8; i++) {
+        compare(t, names[i], bk[1][i]);
+        snprintf(what, sizeof what, "%s = unfused", names[i]);
+        if (i) {
+            compare_gpu_exact(t, what, bk[1][i], bk[0][i]);
+            continue;
+        }
+        /* dy: the same expression, but where the compiler contracts a*b+c
+         * (nvcc; the FMA build) the fused kernel's d = dz w, kept for the
+         * sums, is not contracted into rs (d - mean_d - ...) as the
+         * unfused kernel's reloaded product is: the last bits may differ */
+        float *hf = download(t, bk[1][0]), *hu = download(t, bk[0][0]);
+        compare_values(t, "dy ~ unfused", hf, hu, NULL, n, 1e-6);
+        free(hf);
+        free(hu);
+    }
+    twin_release(t);
+}
+
+static void check_groupnorm_bonus_gate(twin *t, const shape *sh) {
+    groupnorm_bonus_gate_case(t, sh, 0, 1.0f);
+    groupnorm_bonus_gate_case(t, sh, 0, 0.0f);
+    groupnorm_bonus_gate_case(t, sh, 1, 0.0f);
+}
+
 /* The _beta ops with beta 0 (backend.h "first gradient writes"): the named
  * activation gradients start as NaN on the GPU (zero on the CPU) and are
  * overwritten; parameter gradients still accumulate. */
@@ -2437,6 +2556,7 @@ static const twin_check checks[] = {
     {"key_prepare_backward", check_key_prepare_backward, MATH_FP32, 0},
     {"bonus_gate", check_bonus_gate, MATH_FP32, 0},
     {"bonus_gate_backward", check_bonus_gate_backward, MATH_FP32, 0},
+    {"groupnorm_bonus_gate", check_groupnorm_bonus_gate, MATH_FP32, 0},
     {"first writes (beta 0)", check_first_writes, MATH_FP32, 0},
     {"wkv7", check_wkv7, MATH_FP32, 0},
     {"wkv7_forward_train", check_wkv7_forward_train, MATH_FP32, 0},
@@ -2500,7 +2620,7 @@ static int vtable_complete(twin *t) {
         OP(key_prepare_backward), OP(groupnorm_backward), OP(bonus_gate_backward),
         OP(wkv7_forward_train), OP(wkv7_backward), OP(wkv7_backward_beta), OP(cross_entropy),
         OP(l2wrap), OP(row_max), OP(sum_squares), OP(adamw), OP(gemv_group),
-        OP(time_mix_heads),
+        OP(time_mix_heads), OP(groupnorm_bonus_gate), OP(groupnorm_bonus_gate_backward),
     };
 #undef OP
     int complete = 1;
