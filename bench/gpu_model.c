@@ -503,14 +503,15 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
     ew(l, "layernorm (head input, bf16 out)", 1, R, C, 1 + BF16_OUT, 2, 8);
     /* The fused head (head_cross_entropy), per row chunk: GEMM into the
      * chunk's fp32 logits, one loss kernel (softmax statistics, arg-max and
-     * L2Wrap in one pass, gradient in place), the two backward GEMMs. The
+     * L2Wrap in one pass, the gradient written in bf16 only: the operand
+     * of the two backward GEMMs, no conversion), the two backward GEMMs. The
      * logits never exist as [R, V]; each chunk still goes through HBM. */
     const int chunk = rp_head_ce_chunk_rows((int)R, (int)V);
     const double chunks = (double)(((long long)R + chunk - 1) / chunk), Rc = R / chunks;
     gemm(l, "GEMM head (C -> V, per row chunk)", chunks, Rc, V, C, 1);
-    add(l, "head_cross_entropy loss kernel (+ l2wrap, in place)", chunks, 8.0 * Rc * V,
+    add(l, "head_cross_entropy loss kernel (+ l2wrap, bf16 dlogits)", chunks, 6.0 * Rc * V,
         5.0 * Rc * V, 0);
-    gemm_backward(l, "GEMM backward head", chunks, Rc, V, C, 0, 1);
+    gemm_backward(l, "GEMM backward head", chunks, Rc, V, C, 1, 1);
     add(l, "fill_zero (d v_first, once)", 1, 4.0 * R * C, 0, 0);
     for (int layer = c->n_layer - 1; layer >= 0; layer--) layer_backward(l, c, layer, R, S);
     ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);
