@@ -431,10 +431,11 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     ew(l, "groupnorm backward (dx + params)", 2, R, C, 4, 4, 12);
     ew(l, "bonus_gate backward (+ bf16 dg)", 1, R, C, 11 + BF16_OUT, 2, 12);
     /* key: d hidden bf16 in place (below), the saved kf bf16 in place
-     * since shift_mix; value: dy converted, the saved relu^2 hidden bf16 in
-     * place (gemm_only), its dX (d hidden, GEMM-only) written bf16 in place */
+     * since shift_mix; value: dy's bf16 copy from the layer above's (or the
+     * head's) LayerNorm backward, the saved relu^2 hidden bf16 in place
+     * (gemm_only), its dX (d hidden, GEMM-only) written bf16 in place */
     gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, 1);
-    gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 0, 2);
+    gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 1, 2);
     /* d hidden bf16 in and out in place, y read in bf16 */
     ew(l, "bias_act backward (relu^2, F, bf16 in place)", 1, R, F, 3 * BF16_OUT, 0, 3);
     /* First gradient writes take beta 0 (no fill_zero) and wkv7_backward

@@ -528,6 +528,10 @@ double rp_backward_head(const rp_model *m, rp_model *grads, rp_backward_workspac
     if (be->gemm_only) be->gemm_only(be, tw->head_in, (size_t)R * C);
     be->layernorm(be, tw->head_in, tw->lnout_mean, tw->lnout_rstd, tw->x,
                   m->global.ln_out_weight, m->global.ln_out_bias, R, C, RP_LN_EPS);
+    /* d v_first's zeros first: on a GPU backend a fill ends the bf16 copies
+     * of activations, and the layernorm backward's copy of dx below is the
+     * top layer's first GEMM operand */
+    be->fill_zero(be, tw->dv_first, (size_t)R * C * sizeof(float));
     /* losses, d(head_in) into dxa (overwrite), d head += */
     be->head_cross_entropy(be, tw->losses, tw->dxa, grads->global.head, tw->head_scratch,
                            tw->head_in, m->global.head, targets, R, C, V, loss_scale,
@@ -535,7 +539,6 @@ double rp_backward_head(const rp_model *m, rp_model *grads, rp_backward_workspac
     be->layernorm_backward_beta(be, tw->dx, grads->global.ln_out_weight,
                                 grads->global.ln_out_bias, tw->dxa, tw->x_final, tw->lnout_mean,
                                 tw->lnout_rstd, m->global.ln_out_weight, R, C, 0.0f);
-    be->fill_zero(be, tw->dv_first, (size_t)R * C * sizeof(float));
     /* Host buffer from the workspace: nothing allocated per micro-batch. */
     float *losses = tw->host_losses;
     be->copy_to_host(be, losses, tw->losses, (size_t)R * sizeof(float));
