@@ -378,6 +378,20 @@ static void mix_ln_backward(kernel_list *l, double R, double C, int terms) {
         4.0 * C * (parts * chunks + 2 * parts), parts * chunks * C, 0);
 }
 
+/* bias_act_backward with a bias gradient (cuda_backward.cu), d pre of an
+ * [R,C] LoRA output: the row kernel reads dy and, with an activation, y,
+ * writes d pre in place (with an activation only) and its bf16 copy (the
+ * LoRA up's dY), and the column partials of its row chunks
+ * (rp_cuda_row_chunks); sum_partials adds them onto the bias gradient. */
+static void bias_backward(kernel_list *l, double R, double C, int act) {
+    double chunks = ceil(R / 64);
+    if (chunks > 256) chunks = 256;
+    if (chunks < 1) chunks = 1;
+    add(l, "bias_act backward (w0, a0, v0: d pre + bias partials)", 1,
+        R * C * (act ? 4 + 4 + 4 + 2 : 4 + 2) + 4.0 * C * chunks, 4.0 * R * C, 0);
+    add(l, "bias_act backward finish (bias sums)", 1, 4.0 * C * (chunks + 2), chunks * C, 0);
+}
+
 /* Its backward: each GEMM two GEMMs, each elementwise op reading its inputs
  * and the output gradient and accumulating the input gradients (about twice
  * the forward's traffic), parameter gradients reduced over rows. */
@@ -416,8 +430,11 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
                3 * BF16_OUT, 0, 4);
         }
     }
-    /* its row kernels (half of these launches) also write d pre in bf16 */
-    ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3 + BF16_OUT / 2, 1, 4);
+    /* w0 (no activation), a0 and v0 (sigmoid): d pre and the bias
+     * gradient */
+    bias_backward(l, R, C, 0);
+    bias_backward(l, R, C, 1);
+    if (layer > 0) bias_backward(l, R, C, 1);
     if (layer > 0) ew(l, "value_residual backward", 1, R, C, 7, 0, 6);
     ew(l, "key_prepare backward (dkk bf16)", 1, R, C, 7 + BF16_OUT, 4, 12);
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
