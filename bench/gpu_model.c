@@ -380,15 +380,15 @@ static void mix_ln_backward(kernel_list *l, double R, double C, int terms) {
 
 /* bias_act_backward with a bias gradient (cuda_backward.cu), d pre of an
  * [R,C] LoRA output: the row kernel reads dy and, with an activation, y,
- * writes d pre in place (with an activation only) and its bf16 copy (the
- * LoRA up's dY), and the column partials of its row chunks
- * (rp_cuda_row_chunks); sum_partials adds them onto the bias gradient. */
+ * writes d pre in bf16 only (GEMM-only: the LoRA up's dY; no f32), and the
+ * column partials of its row chunks (rp_cuda_row_chunks); sum_partials
+ * adds them onto the bias gradient. */
 static void bias_backward(kernel_list *l, double R, double C, int act) {
     double chunks = ceil(R / 64);
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
-    add(l, "bias_act backward (w0, a0, v0: d pre + bias partials)", 1,
-        R * C * (act ? 4 + 4 + 4 + 2 : 4 + 2) + 4.0 * C * chunks, 4.0 * R * C, 0);
+    add(l, "bias_act backward (w0, a0, v0: bf16 d pre + bias partials)", 1,
+        R * C * (act ? 4 + 4 + 2 : 4 + 2) + 4.0 * C * chunks, 4.0 * R * C, 0);
     add(l, "bias_act backward finish (bias sums)", 1, 4.0 * C * (chunks + 2), chunks * C, 0);
 }
 

@@ -310,6 +310,83 @@ static void test_decode_lora_down_split(void **s) {
     free(hy);
 }
 
+/* A d pre that only GEMMs read (gemm_only before bias_act_backward with a
+ * bias gradient) lives only in the bf16 copy its GEMMs take: the GEMMs and
+ * the bias gradient give the bits of the run without the hint, and a GEMM
+ * that finds the copy ended by a plain kernel launch in between refuses to
+ * convert the stale f32 (a sticky error naming the hint) instead of using
+ * it. */
+static void test_gemm_only_d_pre(void **s) {
+    fixture *f = *s;
+    rp_backend *be = f->be;
+    enum { R = 16, C = 64, K = 32 };
+    float *hy = malloc(sizeof(float) * R * C), *hdy = malloc(sizeof(float) * R * C);
+    float *hx = malloc(sizeof(float) * R * K), *hw = malloc(sizeof(float) * C * K);
+    assert_non_null(hy);
+    assert_non_null(hdy);
+    assert_non_null(hx);
+    assert_non_null(hw);
+    uint32_t h = 4242u;
+#define RAND() ((h = h * 1664525u + 1013904223u), (float)(h >> 8) / 16777216.0f * 2.0f - 1.0f)
+    for (int i = 0; i < R * C; i++) hy[i] = 0.5f + 0.45f * RAND(); /* a sigmoid's output */
+    for (int i = 0; i < R * C; i++) hdy[i] = RAND();
+    for (int i = 0; i < R * K; i++) hx[i] = RAND();
+    for (int i = 0; i < C * K; i++) hw[i] = 0.1f * RAND();
+#undef RAND
+    float *y = to_device(be, hy, (size_t)R * C), *x = to_device(be, hx, (size_t)R * K);
+    float *w = to_device(be, hw, (size_t)C * K), *dy = be->alloc(be, sizeof(float) * R * C);
+    float *dbias = be->alloc(be, sizeof(float) * C), *dx = be->alloc(be, sizeof(float) * R * K);
+    float *dw = be->alloc(be, sizeof(float) * C * K);
+    assert_non_null(dy);
+    assert_non_null(dbias);
+    assert_non_null(dx);
+    assert_non_null(dw);
+    float *out[2];
+    const size_t n_out = (size_t)C + R * K + C * K;
+    for (int hint = 0; hint < 2; hint++) {
+        be->copy_to_device(be, dy, hdy, sizeof(float) * R * C);
+        be->fill_zero(be, dbias, sizeof(float) * C);
+        be->fill_zero(be, dw, sizeof(float) * C * K);
+        if (hint) be->gemm_only(be, dy, (size_t)R * C);
+        be->bias_act_backward(be, dy, dbias, y, R, C, RP_ACT_SIGMOID);
+        be->matmul_linear_backward_beta(be, dx, dw, dy, x, w, R, C, K, 0.0f);
+        out[hint] = malloc(sizeof(float) * n_out);
+        assert_non_null(out[hint]);
+        be->copy_to_host(be, out[hint], dbias, sizeof(float) * C);
+        be->copy_to_host(be, out[hint] + C, dx, sizeof(float) * R * K);
+        be->copy_to_host(be, out[hint] + C + R * K, dw, sizeof(float) * C * K);
+        rp_error err;
+        assert_int_equal(be->status(be, &err), RP_OK);
+    }
+    size_t diff = 0, nonzero = 0;
+    for (size_t i = 0; i < n_out; i++) {
+        diff += memcmp(&out[0][i], &out[1][i], sizeof(float)) != 0;
+        nonzero += out[1][i] != 0.0f;
+    }
+    fprintf(stderr, "gemm_only d pre: %zu of %zu outputs differ (%zu nonzero)\n", diff, n_out,
+            nonzero);
+    assert_true(nonzero > n_out / 2);
+    assert_int_equal(diff, 0);
+    /* the copy ended by a plain launch (sum_squares) before its GEMM */
+    be->copy_to_device(be, dy, hdy, sizeof(float) * R * C);
+    be->gemm_only(be, dy, (size_t)R * C);
+    be->bias_act_backward(be, dy, dbias, y, R, C, RP_ACT_SIGMOID);
+    (void)be->sum_squares(be, x, (size_t)R * K);
+    be->matmul_linear_backward_beta(be, dx, dw, dy, x, w, R, C, K, 0.0f);
+    rp_error err;
+    assert_int_equal(be->status(be, &err), RP_ERR_INTERNAL);
+    fprintf(stderr, "stale d pre refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "gemm_only"));
+    free(out[0]);
+    free(out[1]);
+    free(hy);
+    free(hdy);
+    free(hx);
+    free(hw);
+    float *bufs[7] = {y, x, w, dy, dbias, dx, dw};
+    for (int i = 0; i < 7; i++) be->free(be, bufs[i]);
+}
+
 /* All of a model's gradients, copied to the host: n floats. */
 static float *grads_to_host(fixture *f, size_t *n) {
     const rp_model *g = &f->grads;
@@ -1139,6 +1216,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_no_allocation_after_warm_up, setup, teardown),
         cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_gemm_only_d_pre, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_decode_lora_down_split, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
