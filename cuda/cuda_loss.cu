@@ -569,9 +569,10 @@ static __global__ void __launch_bounds__(ROW_THREADS)
 // (rp_cuda_act16) published for the scratch, so its GEMMs convert nothing
 // and no f32 dlogits is written: the scratch's f32 still holds the logits,
 // which nothing reads (the record is dropped after the two GEMMs; the next
-// chunk's logits GEMM overwrites the scratch). The two GEMMs run one at a
-// time so that the copy is seen valid before each (it is the most recently
-// used slot: a conversion of x for the dW GEMM claims another one).
+// chunk's logits GEMM overwrites the scratch). The copy is a sole one
+// (rp_cuda_act16_publish_sole: a conversion of x for the dW GEMM claims
+// another slot), and the two GEMMs run one at a time so that it is seen
+// valid before each.
 static void cuda_head_cross_entropy(rp_backend *be, float *losses, float *dx, float *dhead,
                                     float *scratch, const float *x, const float *head,
                                     const int32_t *targets, int R, int C, int V, float scale,
@@ -600,7 +601,7 @@ static void cuda_head_cross_entropy(rp_backend *be, float *losses, float *dx, fl
         if (!RP_CUDA_LAUNCHED_OUT(cx, "head_cross_entropy (bf16 dlogits)",
                                   {losses + r0, (size_t)rows * sizeof(float)}))
             return;
-        rp_cuda_act16_publish(cx, d16, scratch, n);
+        rp_cuda_act16_publish_sole(cx, d16, scratch, n);
         for (int part = 0; part < 2; part++) {
             if (rp_cuda_act16_find(cx, scratch, n) != d16) {
                 // the GEMM would convert the stale f32 logits: never expected
