@@ -405,6 +405,20 @@ static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H)
         4.0 * C * (3 * chunks + 6), 3 * chunks * C, 0);
 }
 
+/* bias_act_backward with a bias gradient (cuda_backward.cu), d pre of an
+ * [R,C] LoRA output: the row kernel reads dy and, with an activation, y,
+ * writes d pre in bf16 only (GEMM-only: the LoRA up's dY; no f32), and the
+ * column partials of its row chunks (rp_cuda_row_chunks); sum_partials
+ * adds them onto the bias gradient. */
+static void bias_backward(kernel_list *l, double R, double C, int act) {
+    double chunks = ceil(R / 64);
+    if (chunks > 256) chunks = 256;
+    if (chunks < 1) chunks = 1;
+    add(l, "bias_act backward (w0, a0, v0: bf16 d pre + bias partials)", 1,
+        R * C * (act ? 4 + 4 + 2 : 4 + 2) + 4.0 * C * chunks, 4.0 * R * C, 0);
+    add(l, "bias_act backward finish (bias sums)", 1, 4.0 * C * (chunks + 2), chunks * C, 0);
+}
+
 /* Its backward: each GEMM two GEMMs, each elementwise op reading its inputs
  * and the output gradient and accumulating the input gradients (about twice
  * the forward's traffic), parameter gradients reduced over rows. */
@@ -446,8 +460,11 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
                3 * BF16_OUT, 0, 4);
         }
     }
-    /* its row kernels (half of these launches) also write d pre in bf16 */
-    ew(l, "bias_act backward (+ bias grad)", 2 * (loras - 1), R, C, 3 + BF16_OUT / 2, 1, 4);
+    /* w0 (no activation), a0 and v0 (sigmoid): d pre and the bias
+     * gradient */
+    bias_backward(l, R, C, 0);
+    bias_backward(l, R, C, 1);
+    if (layer > 0) bias_backward(l, R, C, 1);
     /* each writes a bf16 copy of its dv / dk (the GEMM backward's dY) */
     if (layer > 0) ew(l, "value_residual backward (+ bf16 dv)", 1, R, C, 7 + BF16_OUT, 0, 6);
     ew(l, "key_prepare backward (dkk bf16, + bf16 dk)", 1, R, C, 7 + 2 * BF16_OUT, 4, 12);
@@ -461,10 +478,11 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     gn_bonus_gate_backward(l, R, C, H);
     /* key: d hidden bf16 in place (below), the saved kf bf16 in place
-     * since shift_mix; value: dy converted, the saved relu^2 hidden bf16 in
-     * place (gemm_only), its dX (d hidden, GEMM-only) written bf16 in place */
+     * since shift_mix; value: dy's bf16 copy from the layer above's (or the
+     * head's) LayerNorm backward, the saved relu^2 hidden bf16 in place
+     * (gemm_only), its dX (d hidden, GEMM-only) written bf16 in place */
     gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, 1);
-    gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 0, 2);
+    gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 1, 2);
     /* d hidden bf16 in and out in place, y read in bf16 */
     ew(l, "bias_act backward (relu^2, F, bf16 in place)", 1, R, F, 3 * BF16_OUT, 0, 3);
     /* First gradient writes take beta 0 (no fill_zero) and wkv7_backward
@@ -539,14 +557,15 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
     ew(l, "layernorm (head input, bf16 out)", 1, R, C, 1 + BF16_OUT, 2, 8);
     /* The fused head (head_cross_entropy), per row chunk: GEMM into the
      * chunk's fp32 logits, one loss kernel (softmax statistics, arg-max and
-     * L2Wrap in one pass, gradient in place), the two backward GEMMs. The
+     * L2Wrap in one pass, the gradient written in bf16 only: the operand
+     * of the two backward GEMMs, no conversion), the two backward GEMMs. The
      * logits never exist as [R, V]; each chunk still goes through HBM. */
     const int chunk = rp_head_ce_chunk_rows((int)R, (int)V);
     const double chunks = (double)(((long long)R + chunk - 1) / chunk), Rc = R / chunks;
     gemm(l, "GEMM head (C -> V, per row chunk)", chunks, Rc, V, C, 1);
-    add(l, "head_cross_entropy loss kernel (+ l2wrap, in place)", chunks, 8.0 * Rc * V,
+    add(l, "head_cross_entropy loss kernel (+ l2wrap, bf16 dlogits)", chunks, 6.0 * Rc * V,
         5.0 * Rc * V, 0);
-    gemm_backward(l, "GEMM backward head", chunks, Rc, V, C, 0, 1);
+    gemm_backward(l, "GEMM backward head", chunks, Rc, V, C, 1, 1);
     add(l, "fill_zero (d v_first, once)", 1, 4.0 * R * C, 0, 0);
     for (int layer = c->n_layer - 1; layer >= 0; layer--) layer_backward(l, c, layer, R, S);
     ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);

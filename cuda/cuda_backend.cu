@@ -214,6 +214,8 @@ __nv_bfloat16 *rp_cuda_act16_claim(rp_cuda_ctx *cx, const float *p, size_t n,
     // Every slot grows to the largest copy yet, so that after a warm-up step
     // at the largest shapes no slot allocates, whichever slot a copy gets.
     if (n > cx->act16_max) cx->act16_max = n;
+    // Least recently used, but a sole copy (publish_sole) only when every
+    // slot holds one: its f32 is stale, the copy is its only value.
     int pick = -1;
     for (int i = 0; i < RP_CUDA_ACT16_SLOTS; i++) {
         const rp_cuda_act16 *a = &cx->act16[i];
@@ -222,12 +224,32 @@ __nv_bfloat16 *rp_cuda_act16_claim(rp_cuda_ctx *cx, const float *p, size_t n,
             pick = i;
             break;
         }
-        if (pick < 0 || a->used < cx->act16[pick].used) pick = i;
+        if (pick < 0) {
+            pick = i;
+            continue;
+        }
+        const rp_cuda_act16 *b = &cx->act16[pick];
+        const int a_sole = a->p && a->sole, b_sole = b->p && b->sole;
+        if (a_sole != b_sole ? b_sole : a->used < b->used) pick = i;
     }
     rp_cuda_act16 *a = &cx->act16[pick];
+    if (a->p && a->sole && a->p != p) {
+        if (a->seq == cx->seq) {  // still valid: its GEMMs may be queued after this
+            if (cx->error.code == RP_OK)
+                rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                             "cuda: every bf16 activation copy slot holds the only copy of a "
+                             "GEMM-only output (%zu floats); drop a gemm_only hint before a "
+                             "bias_act_backward with a bias gradient",
+                             a->n);
+            return NULL;
+        }
+        // ended by a launch: its f32 stays stale, and nothing records that
+        // any more; a GEMM converting it was already refused (rp_cuda_act16_stale)
+    }
     void *buf = rp_cuda_scratch(cx, RP_CUDA_SCRATCH_ACT16 + pick,
                                 cx->act16_max * sizeof(__nv_bfloat16));
     a->p = NULL;
+    a->sole = 0;
     if (!buf) return NULL;
     a->buf = (__nv_bfloat16 *)buf;
     a->used = ++cx->clock;
@@ -241,8 +263,24 @@ void rp_cuda_act16_publish(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const floa
         a->p = p;
         a->n = n;
         a->seq = cx->seq;
+        a->sole = 0;
         return;
     }
+}
+
+void rp_cuda_act16_publish_sole(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const float *p,
+                                size_t n) {
+    rp_cuda_act16_publish(cx, buf, p, n);
+    for (int i = 0; i < RP_CUDA_ACT16_SLOTS; i++)
+        if (cx->act16[i].buf == buf) cx->act16[i].sole = 1;
+}
+
+int rp_cuda_act16_stale(const rp_cuda_ctx *cx, const float *p, size_t n) {
+    for (int i = 0; i < RP_CUDA_ACT16_SLOTS; i++) {
+        const rp_cuda_act16 *a = &cx->act16[i];
+        if (a->p && a->sole && a->p < p + n && p < a->p + a->n) return 1;
+    }
+    return 0;
 }
 
 const __nv_bfloat16 *rp_cuda_act16_find(rp_cuda_ctx *cx, const float *p, size_t n) {

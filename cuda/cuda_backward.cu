@@ -911,13 +911,15 @@ static void bias_act_backward_inplace(rp_cuda_ctx *cx, const rp_cuda_inplace *ip
     RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward (bf16)", {NULL, 0});
 }
 
-// with bias: grid (C / (32 W), chunks); dy [R,C] *= act'(y), part_b [chunks, C] = sums of d pre
+// with bias: grid (C / (32 W), chunks); dy [R,C] *= act'(y), part_b [chunks, C] = sums of d pre;
+// store_f32 0: d pre goes to dy16 only (a GEMM-only d pre), dy is only read
 template <int W>
 __global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
                                                      float *__restrict__ part_b,
                                                      const float *__restrict__ y, int R, int C,
                                                      int act, int rows_per_chunk,
-                                                     __nv_bfloat16 *__restrict__ dy16) {
+                                                     __nv_bfloat16 *__restrict__ dy16,
+                                                     int store_f32) {
     constexpr int TILE = 32 * W;
     __shared__ float sh[ROW_WARPS * TILE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -933,7 +935,7 @@ __global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
             if (act != RP_ACT_NONE) {
                 const vecf<W> yv = load<W>(y + o);
                 for (int i = 0; i < W; i++) d.v[i] *= act_derivative(act, yv.v[i]);
-                store<W>(dy + o, d);
+                if (store_f32) store<W>(dy + o, d);
             }
             if (dy16)
                 for (int i = 0; i < W; i++) dy16[o + i] = __float2bfloat16(d.v[i]);
@@ -983,6 +985,11 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
                          "hint before the GEMM that writes dy");
         return;
     }
+    // d pre GEMM-only (backend.h gemm_only before this op: the LoRA up's
+    // backward GEMMs alone read it): written only as the bf16 copy those
+    // GEMMs take, no f32 (rp_cuda_act16_publish_sole). The bias partials
+    // sum the f32 d pre either way, so the bits do not change.
+    const int gemm_only = rp_cuda_take_gemm_only(cx, dy, (size_t)R * C);
     const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
     float *part_b =
         (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, (size_t)chunks * C * sizeof(float));
@@ -991,17 +998,21 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
     const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
     // d pre is the dY of the LoRA up-projection's backward GEMMs
     __nv_bfloat16 *dy16 = rp_cuda_act16_for_rows(cx, dy, (size_t)R * C, R);
+    const int sole = gemm_only && dy16 && act != RP_ACT_NONE;
     if (W == 4)
         bias_act_backward_bias_kernel<4><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16);
+            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole);
     else
         bias_act_backward_bias_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16);
+            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole);
     if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, (size_t)R * C * sizeof(float)},
                               {part_b, (size_t)chunks * C * sizeof(float)}))
         return;
     rp_cuda_sum_partials(cx, dbias, part_b, chunks, (size_t)C, 1);
-    if (dy16) rp_cuda_act16_publish(cx, dy16, dy, (size_t)R * C);
+    if (sole)
+        rp_cuda_act16_publish_sole(cx, dy16, dy, (size_t)R * C);
+    else if (dy16)
+        rp_cuda_act16_publish(cx, dy16, dy, (size_t)R * C);
 }
 
 // ---- value residual ----

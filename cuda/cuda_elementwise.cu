@@ -759,7 +759,11 @@ static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, in
         rp_cuda_inplace_add(cx, y, n, 1);
         return;
     }
-    __nv_bfloat16 *y16 = rp_cuda_act16_for_rows(cx, y, n, R);
+    // The bf16 copy is for a GEMM that reads y next. An output with a bias
+    // (the w0, a0, v0 LoRA outputs) is read by the WKV7, key_prepare and
+    // value_residual kernels only: no copy (2 bytes an element saved; a
+    // GEMM that did read it would convert it, with the same bits).
+    __nv_bfloat16 *y16 = bias ? NULL : rp_cuda_act16_for_rows(cx, y, n, R);
     switch (act) {
     case RP_ACT_NONE: bias_act_launch<RP_ACT_NONE>(cx, y, bias, n, C, y16); break;
     case RP_ACT_TANH: bias_act_launch<RP_ACT_TANH>(cx, y, bias, n, C, y16); break;

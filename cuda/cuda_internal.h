@@ -87,6 +87,7 @@ struct rp_cuda_act16 {
     size_t n;
     unsigned long long seq, used;
     __nv_bfloat16 *buf;
+    int sole;  // 1: p's f32 memory does not hold the values (rp_cuda_act16_publish_sole)
 };
 
 struct rp_cuda_ctx {
@@ -263,6 +264,17 @@ static inline __nv_bfloat16 *rp_cuda_act16_for_rows(rp_cuda_ctx *cx, const float
 }
 // The claimed buf now holds bf16(p [n]), as of the last launch.
 void rp_cuda_act16_publish(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const float *p, size_t n);
+// The same for a copy that is the only store of p [n]'s values: the
+// producer wrote no f32 (its output is GEMM-only, backend.h gemm_only), so
+// p's f32 memory is stale until something writes p again. Until then a
+// claim takes that slot only when every slot holds such a copy, and never
+// while the copy is still valid (a sticky error: its GEMMs may not have read
+// it yet); a GEMM that would convert p instead (the copy ended by a launch)
+// is a sticky error too, never a GEMM on the stale f32.
+void rp_cuda_act16_publish_sole(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const float *p,
+                                size_t n);
+// 1 when [p, p + n) overlaps the f32 of a sole copy (see above).
+int rp_cuda_act16_stale(const rp_cuda_ctx *cx, const float *p, size_t n);
 // The valid bf16 copy of exactly p [n], or NULL.
 const __nv_bfloat16 *rp_cuda_act16_find(rp_cuda_ctx *cx, const float *p, size_t n);
 // Forget the copies of activations that overlap [p, p + bytes) (a GEMM wrote it).

@@ -519,22 +519,32 @@ static void cuda_adamw(rp_backend *be, float *param, const float *grad, float *m
 
 // ---- fused head + loss (head_cross_entropy) ----
 
-// One row chunk's logits z [rows,V] -> losses [rows] and, in place, d z:
-// cross_entropy_kernel's loss and gradient with L2Wrap folded in. When
-// factor > 0 the row's max and arg-max (first index on ties) come from the
-// same pass as the softmax statistics, and the thread writing d[argmax] adds
-// factor * max there: no row_max kernel, no host round trip, no l2wrap
-// kernel. __fmul_rn / __fsub_rn / __fadd_rn: the CPU's roundings, in the
-// CPU's order (softmax * scale, - scale at the target, + the L2Wrap term).
+// One row chunk's logits z [rows,V] -> losses [rows] and d z:
+// cross_entropy_kernel's loss and gradient with L2Wrap folded in. d z goes
+// in place into z, or with d16 non-NULL only to d16 [rows,V] in bf16 (the
+// operand of the head's backward GEMMs, which read nothing else of it): z
+// is then only read, and each d z is rounded once, as the conversion kernel
+// would round the f32 value. When factor > 0 the row's max and arg-max
+// (first index on ties) come from the same pass as the softmax statistics,
+// and the thread writing d[argmax] adds factor * max there: no row_max
+// kernel, no host round trip, no l2wrap kernel. __fmul_rn / __fsub_rn /
+// __fadd_rn: the CPU's roundings, in the CPU's order (softmax * scale,
+// - scale at the target, + the L2Wrap term).
 static __global__ void __launch_bounds__(ROW_THREADS)
     head_ce_kernel(float *losses, float *logits, const int32_t *targets, int V, float scale,
-                   float factor) {
+                   float factor, __nv_bfloat16 *d16) {
     const size_t r = blockIdx.x;
     float *z = logits + r * V;
+    __nv_bfloat16 *z16 = d16 ? d16 + r * V : nullptr;
     const int t = targets[r];
     if (t < 0) {
         if (threadIdx.x == 0) losses[r] = 0.0f;
-        for (int i = threadIdx.x; i < V; i += blockDim.x) z[i] = 0.0f;
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            if (z16)
+                z16[i] = __float2bfloat16(0.0f);
+            else
+                z[i] = 0.0f;
+        }
         return;
     }
     const float zt = z[t];
@@ -555,13 +565,25 @@ static __global__ void __launch_bounds__(ROW_THREADS)
         float p = __fmul_rn(expf(z[i] - lse), scale);
         if (i == t) p = __fsub_rn(p, scale);
         if (factor > 0 && i == best_i) p = __fadd_rn(p, __fmul_rn(factor, best));
-        z[i] = p;
+        if (z16)
+            z16[i] = __float2bfloat16(p);
+        else
+            z[i] = p;
     }
 }
 
 // Per row chunk: the logits GEMM into the scratch, the fused loss kernel,
 // then dx rows (beta 0) and dhead (+=) from the chunk's gradient: the [R,V]
 // logits never exist, and the targets are uploaded once for all chunks.
+// In BF16 math (copies on, more than RP_GEMV_MAX_M rows) the loss kernel
+// writes the chunk's dlogits as bf16 only, into an activation copy slot
+// (rp_cuda_act16) published for the scratch, so its GEMMs convert nothing
+// and no f32 dlogits is written: the scratch's f32 still holds the logits,
+// which nothing reads (the record is dropped after the two GEMMs; the next
+// chunk's logits GEMM overwrites the scratch). The copy is a sole one
+// (rp_cuda_act16_publish_sole: a conversion of x for the dW GEMM claims
+// another slot), and the two GEMMs run one at a time so that it is seen
+// valid before each.
 static void cuda_head_cross_entropy(rp_backend *be, float *losses, float *dx, float *dhead,
                                     float *scratch, const float *x, const float *head,
                                     const int32_t *targets, int R, int C, int V, float scale,
@@ -572,13 +594,41 @@ static void cuda_head_cross_entropy(rp_backend *be, float *losses, float *dx, fl
     if (!d_targets) return;
     for (int r0 = 0; r0 < R; r0 += chunk_rows) {
         const int rows = R - r0 < chunk_rows ? R - r0 : chunk_rows;
+        const size_t n = (size_t)rows * V;
         const float *xc = x + (size_t)r0 * C;
         be->matmul_linear(be, scratch, xc, head, rows, V, C, 0.0f);
+        __nv_bfloat16 *d16 = rp_cuda_act16_for_rows(cx, scratch, n, rows);
         head_ce_kernel<<<rows, ROW_THREADS, 0, cx->stream>>>(losses + r0, scratch, d_targets + r0,
-                                                            V, scale, l2wrap_factor);
-        if (!RP_CUDA_LAUNCHED(cx, "head_cross_entropy")) return;
-        be->matmul_linear_backward_beta(be, dx + (size_t)r0 * C, dhead, scratch, xc, head, rows,
-                                        V, C, 0.0f);
+                                                            V, scale, l2wrap_factor, d16);
+        if (!d16) {
+            if (!RP_CUDA_LAUNCHED_OUT(cx, "head_cross_entropy",
+                                      {losses + r0, (size_t)rows * sizeof(float)},
+                                      {scratch, n * sizeof(float)}))
+                return;
+            be->matmul_linear_backward_beta(be, dx + (size_t)r0 * C, dhead, scratch, xc, head,
+                                            rows, V, C, 0.0f);
+            continue;
+        }
+        if (!RP_CUDA_LAUNCHED_OUT(cx, "head_cross_entropy (bf16 dlogits)",
+                                  {losses + r0, (size_t)rows * sizeof(float)}))
+            return;
+        rp_cuda_act16_publish_sole(cx, d16, scratch, n);
+        for (int part = 0; part < 2; part++) {
+            if (rp_cuda_act16_find(cx, scratch, n) != d16) {
+                // the GEMM would convert the stale f32 logits: never expected
+                if (cx->error.code == RP_OK)
+                    rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                                 "cuda head_cross_entropy: the bf16 dlogits copy of rows %d..%d "
+                                 "was lost before its GEMM; run with the activation copies off "
+                                 "(rp_cuda_backend_set_act16(be, 0)) and report it",
+                                 r0, r0 + rows - 1);
+                return;
+            }
+            be->matmul_linear_backward_beta(be, part ? NULL : dx + (size_t)r0 * C,
+                                            part ? dhead : NULL, scratch, xc, head, rows, V, C,
+                                            0.0f);
+        }
+        rp_cuda_act16_forget(cx, scratch, n * sizeof(float));
     }
 }
 

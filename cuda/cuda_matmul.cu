@@ -23,6 +23,15 @@ static const __nv_bfloat16 *bf16_operand(rp_cuda_ctx *cx, const float *X, size_t
     if (!x16) x16 = rp_cuda_inplace_find(cx, X, n);
     if (!x16) x16 = rp_cuda_act16_find(cx, X, n);
     if (x16) return x16;
+    if (rp_cuda_act16_stale(cx, X, n)) {  // its only values were in a copy that ended
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda GEMM: operand (%zu floats) is a GEMM-only output whose f32 was "
+                         "never written and whose bf16 copy ended (a kernel ran between its "
+                         "producer and this GEMM); drop its gemm_only hint",
+                         n);
+        return NULL;
+    }
     __nv_bfloat16 *t = rp_cuda_act16_claim(cx, X, n, keep);
     if (!t) return NULL;
     rp_cuda_to_bf16(cx, t, X, n);

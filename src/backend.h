@@ -525,7 +525,10 @@ struct rp_backend {
      * bf16 math: bf16 in place, so no conversion kernel; the activation and
      * its backward then read and write bf16). Any other read of p before then is undefined. The next
      * matmul op, layernorm, bonus_gate_to or groupnorm_bonus_gate consumes
-     * the hint whether it uses it or not. */
+     * the hint whether it uses it or not; so does a bias_act_backward with
+     * dbias, when p is its dy (d pre, read only by matmul ops after it: CUDA
+     * then keeps it only in the bf16 copy its GEMMs read; dbias is summed
+     * from the f32 values). */
     void (*gemm_only)(rp_backend *be, const float *p, size_t n);
     /* ---- WKV7-only operands (optional; NULL: nothing to do; issue 15) ----
      * wkv_only(be, p, n): the output p [n] that the next key_prepare writes

@@ -436,13 +436,16 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     be->key_prepare_backward(be, tw->dk, tw->da, gw->k_k, gw->k_a, tw->dkk, s->k_pre, s->a,
                              w->k_k, w->k_a, R, C, N);
 
-    /* a = sigmoid(a0 + xa a1 a2) */
+    /* a = sigmoid(a0 + xa a1 a2); d pre (da, and dw_raw and dnu below) is
+     * read only by its LoRA's GEMMs from here on */
+    if (be->gemm_only) be->gemm_only(be, tw->da, (size_t)R * C);
     be->bias_act_backward(be, tw->da, gw->a0, s->a, R, C, RP_ACT_SIGMOID);
     xm = MIX_X(4);
     lora_backward(be, MIX_DX(), gw->a1, gw->a2, tw->d_lora, tw->da, xm, s->a_hidden, w->a1,
                   w->a2, c->d_iclr, RP_ACT_NONE, R, C);
     MIX_FOLD(4, 1.0f);
     /* w_raw = w0 + tanh(xw w1) w2 */
+    if (be->gemm_only) be->gemm_only(be, tw->dw_raw, (size_t)R * C);
     be->bias_act_backward(be, tw->dw_raw, gw->w0, s->w_raw, R, C, RP_ACT_NONE);
     xm = MIX_X(3);
     lora_backward(be, MIX_DX(), gw->w1, gw->w2, tw->d_lora, tw->dw_raw, xm, s->w_hidden,
@@ -456,6 +459,7 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     } else {
         be->value_residual_backward(be, tw->dv, tw->dv_first, tw->dnu, s->v_pre, tw->v_first,
                                     s->nu, R, C);
+        if (be->gemm_only) be->gemm_only(be, tw->dnu, (size_t)R * C);
         be->bias_act_backward(be, tw->dnu, gw->v0, s->nu, R, C, RP_ACT_SIGMOID);
         lora_backward(be, MIX_DX(), gw->v1, gw->v2, tw->d_lora, tw->dnu, xm, s->nu_hidden,
                       w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
@@ -551,6 +555,10 @@ double rp_backward_head(const rp_model *m, rp_model *grads, rp_backward_workspac
     if (be->gemm_only) be->gemm_only(be, tw->head_in, (size_t)R * C);
     be->layernorm(be, tw->head_in, tw->lnout_mean, tw->lnout_rstd, tw->x,
                   m->global.ln_out_weight, m->global.ln_out_bias, R, C, RP_LN_EPS);
+    /* d v_first's zeros first: on a GPU backend a fill ends the bf16 copies
+     * of activations, and the layernorm backward's copy of dx below is the
+     * top layer's first GEMM operand */
+    be->fill_zero(be, tw->dv_first, (size_t)R * C * sizeof(float));
     /* losses, d(head_in) into dxa (overwrite), d head += */
     be->head_cross_entropy(be, tw->losses, tw->dxa, grads->global.head, tw->head_scratch,
                            tw->head_in, m->global.head, targets, R, C, V, loss_scale,
@@ -558,7 +566,6 @@ double rp_backward_head(const rp_model *m, rp_model *grads, rp_backward_workspac
     be->layernorm_backward_beta(be, tw->dx, grads->global.ln_out_weight,
                                 grads->global.ln_out_bias, tw->dxa, tw->x_final, tw->lnout_mean,
                                 tw->lnout_rstd, m->global.ln_out_weight, R, C, 0.0f);
-    be->fill_zero(be, tw->dv_first, (size_t)R * C * sizeof(float));
     /* Host buffer from the workspace: nothing allocated per micro-batch. */
     float *losses = tw->host_losses;
     be->copy_to_host(be, losses, tw->losses, (size_t)R * sizeof(float));

@@ -2572,7 +2572,7 @@ static const twin_check checks[] = {
     {"wkv7 kk16 chain", check_wkv7_kk16, MATH_BF16, 0},
     {"cross_entropy", check_cross_entropy, MATH_FP32, 0},
     {"l2wrap", check_l2wrap, MATH_FP32, 0},
-    {"head_cross_entropy", check_head_cross_entropy, MATH_FP32, 0},
+    {"head_cross_entropy", check_head_cross_entropy, MATH_FP32 | MATH_BF16, 0},
     {"row_max", check_row_max, MATH_FP32, 0},
     {"sum_squares", check_sum_squares, MATH_FP32, 0},
     {"adamw", check_adamw, MATH_FP32, 0},
