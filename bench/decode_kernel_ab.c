@@ -24,26 +24,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "ab_util.h"
 #include "cpu/cpu_matmul_decode.h"
 
 void cpu_matmul_decode_old(float *y, const float *x, const float *w, int M, int n0, int n1,
                            int N, int K, float beta, float *pack);
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int cmp(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static float lcg(unsigned long long *r) {
-    *r = *r * 6364136223846793005ULL + 1442695040888963407ULL;
-    return (float)((*r >> 40) & 0xffff) / 65536.0f - 0.5f;
-}
 
 static void *xalloc(size_t bytes) {
     void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);

@@ -16,25 +16,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "ab_util.h"
 #include "cpu/cpu_backend.h"
 
 enum { LAYERS = 12, C = 768, N = 64, H = C / N };
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int cmp(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static float lcg(unsigned long long *r) {
-    *r = *r * 6364136223846793005ULL + 1442695040888963407ULL;
-    return (float)((*r >> 40) & 0xffff) / 65536.0f - 0.5f;
-}
 
 static float *fill(size_t n, unsigned long long *r, float scale) {
     float *p = malloc(n * sizeof *p);

@@ -1205,6 +1205,25 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
 //   d_o = dz, dg = dout (o + s v) (both overwrite), dv += dz s,
 //   dr += ds k r_k, dk += ds r r_k, dr_k [H,N] += sum_rows ds r k.
 
+// One warp's (row, head) of the bonus: the lane's r, k, v at q + 32 e and
+// the head's s = sum_j r_j k_j r_k[h,j] (warp_sum: every lane gets it).
+template <int E>
+static __device__ __forceinline__ float bonus_row(const float *__restrict__ r,
+                                                  const float *__restrict__ k,
+                                                  const float *__restrict__ v, size_t q,
+                                                  const float *rkw, float *rv, float *kv,
+                                                  float *vv) {
+    float s = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        rv[e] = r[q + 32 * e];
+        kv[e] = k[q + 32 * e];
+        vv[e] = v[q + 32 * e];
+        s += rv[e] * kv[e] * rkw[e];
+    }
+    return warp_sum(s);
+}
+
 // grid (H, chunks): one warp per (row, head) of N = 32 E, lane owns channels lane + 32 e.
 // -> d_o, dg =; dr, dk, dv += (accumulate) or =; part_rk [chunks, C] (may be NULL)
 template <int E>
@@ -1228,14 +1247,8 @@ __global__ static void bonus_gate_backward_kernel(
     }
     for (int row = begin + warp; row < end; row += ROW_WARPS) {
         const size_t q = (size_t)row * C + col0 + lane;
-        float rv[E], kv[E], vv[E], s = 0.0f;
-        for (int e = 0; e < E; e++) {
-            rv[e] = r[q + 32 * e];
-            kv[e] = k[q + 32 * e];
-            vv[e] = v[q + 32 * e];
-            s += rv[e] * kv[e] * rkw[e];
-        }
-        s = warp_sum(s);
+        float rv[E], kv[E], vv[E];
+        const float s = bonus_row<E>(r, k, v, q, rkw, rv, kv, vv);
         float dsum = 0.0f;
         for (int e = 0; e < E; e++) {
             const size_t i = q + 32 * e;
@@ -1350,14 +1363,8 @@ __global__ static void groupnorm_bonus_gate_backward_kernel(
     for (int row = begin + warp; row < end; row += ROW_WARPS) {
         const size_t q = (size_t)row * C + col0 + lane, task = (size_t)row * H + h;
         const float mu = mean[task], rs = rstd[task];
-        float rv[E], kv[E], vv[E], xh[E], dz[E], s = 0.0f;
-        for (int e = 0; e < E; e++) {
-            rv[e] = r[q + 32 * e];
-            kv[e] = k[q + 32 * e];
-            vv[e] = v[q + 32 * e];
-            s += rv[e] * kv[e] * rkw[e];
-        }
-        s = warp_sum(s);
+        float rv[E], kv[E], vv[E], xh[E], dz[E];
+        const float s = bonus_row<E>(r, k, v, q, rkw, rv, kv, vv);
         float dsum = 0.0f;
         for (int e = 0; e < E; e++) {
             const size_t i = q + 32 * e;

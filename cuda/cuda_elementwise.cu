@@ -404,6 +404,27 @@ static void cuda_ln_shift_mix(rp_backend *be, float *xa, float *prev, float *con
 
 // ---- fused training mix: token shift + lerps (backend.h shift_mix) ----
 
+// The n_mix lerps x + (prev - x) * mu of one W-wide column group at row
+// offset o, written as bf16 in place (the GEMM operand) or as f32. Inlined
+// with the loop unrolled, so mp stays in parameter space.
+template <int W>
+static __device__ __forceinline__ void store_mixes(const mix_ptrs &mp, int n_mix, const float *xv,
+                                                   const float *pv, size_t o, int c, int bf16) {
+#pragma unroll
+    for (int k = 0; k < RP_MIX_MAX; k++) {
+        if (k >= n_mix) break;
+        float mu[W], out[W];
+        load_w<W>(mu, mp.mu[k] + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) out[i] = xv[i] + (pv[i] - xv[i]) * mu[i];
+        if (bf16)
+            store_bf16<W>(reinterpret_cast<__nv_bfloat16 *>(mp.mix[k]) + o + c, out);
+        else
+            store_w<W>(mp.mix[k] + o + c, out);
+    }
+}
+
+
 // One block per row: prev of the row (the row above inside its sequence, the
 // slot's state for a first row, which then takes the sequence's last row, as
 // token_shift_kernel; or read from prev when shift is 0) and the n_mix
@@ -444,18 +465,7 @@ static __global__ void shift_mix_kernel(float *prev, mix_ptrs mp, int n_mix, con
             load_w<W>(fresh, last + c);
             store_w<W>(st + c, fresh);
         }
-#pragma unroll
-        for (int k = 0; k < RP_MIX_MAX; k++) {  // unrolled: mp stays in parameter space
-            if (k >= n_mix) break;
-            float mu[W], out[W];
-            load_w<W>(mu, mp.mu[k] + c);
-#pragma unroll
-            for (int i = 0; i < W; i++) out[i] = xv[i] + (pv[i] - xv[i]) * mu[i];
-            if (bf16)
-                store_bf16<W>(reinterpret_cast<__nv_bfloat16 *>(mp.mix[k]) + o + c, out);
-            else
-                store_w<W>(mp.mix[k] + o + c, out);
-        }
+        store_mixes<W>(mp, n_mix, xv, pv, o, c, bf16);
     }
 }
 
@@ -574,18 +584,7 @@ static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *
             for (int i = 0; i < W; i++) pv[i] = ln2[i];
         }
         store_w<W>(prev + o + c, pv);
-#pragma unroll
-        for (int k = 0; k < RP_MIX_MAX; k++) {  // unrolled: mp stays in parameter space
-            if (k >= n_mix) break;
-            float mu[W], out[W];
-            load_w<W>(mu, mp.mu[k] + c);
-#pragma unroll
-            for (int i = 0; i < W; i++) out[i] = xv[i] + (pv[i] - xv[i]) * mu[i];
-            if (bf16)
-                store_bf16<W>(reinterpret_cast<__nv_bfloat16 *>(mp.mix[k]) + o + c, out);
-            else
-                store_w<W>(mp.mix[k] + o + c, out);
-        }
+        store_mixes<W>(mp, n_mix, xv, pv, o, c, bf16);
     }
 }
 
