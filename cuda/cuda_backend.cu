@@ -3,6 +3,7 @@
 // uploads shared by the kernel files (the GEMMs are in cuda_matmul.cu).
 // rp_cuda_backend_create fills the vtable; each cuda_*.cu installs its ops.
 #include "cuda_internal.h"
+#include "core/dtype.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -888,11 +889,7 @@ extern "C" int rp_cuda_backend_store_bf16_inplace(rp_backend *be, float *p, size
     int ok = host && host16;
     if (ok) {
         cuda_copy_to_host(be, host, p, n * sizeof(float));
-        for (size_t i = 0; i < n; i++) {  // finite values: round to nearest even
-            uint32_t u;
-            memcpy(&u, &host[i], sizeof u);
-            host16[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-        }
+        rp_convert_from_f32(host16, RP_DTYPE_BF16, host, n);  // round to nearest even
         cuda_copy_to_device(be, p, host16, n * sizeof(uint16_t));
         rp_cuda_act16_forget(cx, p, n * sizeof(float));
         rp_cuda_inplace_add(cx, p, n);

@@ -7,6 +7,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum {
     RP_DTYPE_F32 = 0,
     RP_DTYPE_F16,
@@ -37,5 +41,9 @@ uint16_t rp_f32_to_f16(float f);    /* round to nearest even, overflow -> inf */
 void rp_convert_to_f32(float *dst, const void *src, rp_dtype src_dtype, size_t n);
 /* Converts n f32 values to dst_dtype (F32, F16, BF16 or F64). */
 void rp_convert_from_f32(void *dst, rp_dtype dst_dtype, const float *src, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
