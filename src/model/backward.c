@@ -24,21 +24,35 @@ static float *carve(float **cursor, size_t n) {
     return p;
 }
 
-static size_t layer_activation_floats(const rp_config *c, size_t R, size_t blocks) {
+/* groupnorm + bonus/gate fused both ways (backend.h groupnorm_bonus_gate and
+ * its backward): the groupnorm output o_gn (per layer) and its gradient d_gn
+ * are never stored, so the workspace has neither (3 GiB at 0.4b, 8 x 4096).
+ * The forward takes the fused path on groupnorm_bonus_gate alone and the
+ * backward on its backward alone: with only one of them the buffers stay. */
+static int fused_gn(const rp_backend *be) {
+    return be->groupnorm_bonus_gate != NULL && be->groupnorm_bonus_gate_backward != NULL;
+}
+
+/* WKV7's backward adds onto dr, dk, dv itself (wkv7_backward_beta): no
+ * temporaries tmp_r, tmp_k, tmp_v. */
+static int wkv_beta(const rp_backend *be) { return be->wkv7_backward_beta != NULL; }
+
+static size_t layer_activation_floats(const rp_config *c, size_t R, size_t blocks, int gn_fused) {
     size_t C = c->n_embd, H = c->n_head, pad = 16;
-    return 20 * (R * C + pad) + 4 * (R + pad) + 2 * (R * H + pad) +
+    return (size_t)(20 - gn_fused) * (R * C + pad) + 4 * (R + pad) + 2 * (R * H + pad) +
            R * (size_t)(c->d_decay + c->d_iclr + c->d_gate + c->d_value) + 4 * pad +
            R * (size_t)c->dim_ffn + pad + blocks * H * 64 * 64 + pad;
 }
 
 static void bind_layer_activations(rp_layer_activations *a, float *base, const rp_config *c,
-                                   size_t R, size_t blocks) {
+                                   size_t R, size_t blocks, int gn_fused) {
     size_t C = c->n_embd, H = c->n_head;
     float *p = base;
     float **rc[] = {&a->x_in, &a->xa,   &a->prev_att, &a->r,     &a->k_pre, &a->k,  &a->v_pre,
                     &a->v,    &a->w_raw, &a->a,       &a->g,     &a->nu,    &a->kk, &a->y,
-                    &a->o_gn, &a->og,   &a->x_mid,    &a->xf,    &a->prev_ffn, &a->kf};
+                    &a->og,   &a->x_mid, &a->xf,      &a->prev_ffn, &a->kf};
     for (size_t i = 0; i < sizeof rc / sizeof rc[0]; i++) *rc[i] = carve(&p, R * C);
+    a->o_gn = gn_fused ? NULL : carve(&p, R * C);
     a->ln1_mean = carve(&p, R);
     a->ln1_rstd = carve(&p, R);
     a->ln2_mean = carve(&p, R);
@@ -60,11 +74,12 @@ static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m,
     tw->layers = rp_calloc((size_t)n_layers + 1, sizeof *tw->layers, "activations", err);
     tw->layer_blocks = rp_calloc((size_t)n_layers + 1, sizeof(float *), "activations", err);
     if (!tw->layers || !tw->layer_blocks) return 0;
-    const size_t per_layer = layer_activation_floats(&m->cfg, R, blocks);
+    const int gn_fused = fused_gn(m->be);
+    const size_t per_layer = layer_activation_floats(&m->cfg, R, blocks, gn_fused);
     for (int i = 0; i < n_layers; i++) {
         tw->layer_blocks[i] = m->be->alloc(m->be, per_layer * sizeof(float));
         if (!tw->layer_blocks[i]) return 0;
-        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], &m->cfg, R, blocks);
+        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], &m->cfg, R, blocks, gn_fused);
     }
     return 1;
 }
@@ -95,11 +110,14 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
     tw->max_seqs = max_seqs;
     tw->layer_begin = m->layer_begin;
     tw->layer_end = m->layer_end;
+    tw->gn_fused = fused_gn(be);
+    tw->wkv_beta = wkv_beta(be);
     if (!alloc_layer_activations(tw, m, R, blocks, err)) goto nomem;
     /* Shared buffers: stream, embed/head activations, backward scratch. */
     /* + the fused mix's six mixes and six more mix gradients (dxc is the seventh) */
     const int n_fused = fused_mix(be) ? RP_MIX_MAX + RP_MIX_TERMS_MAX - 1 : 0;
-    size_t n_rc = 2 + 22 + (size_t)n_fused + (m->has_embed ? 1 : 0) + (m->has_head ? 2 : 0);
+    const int n_unfused = (tw->gn_fused ? 0 : 1) + (tw->wkv_beta ? 0 : 3);
+    size_t n_rc = 2 + 18 + (size_t)n_unfused + (size_t)n_fused + (m->has_embed ? 1 : 0) + (m->has_head ? 2 : 0);
     /* The head's logits one row chunk at a time: for the 0.1B shape (V =
      * 65536) 1024 rows, 256 MiB, instead of R x V floats. */
     const int chunk = rp_head_ce_chunk_rows(max_rows, c->vocab_size);
@@ -111,9 +129,14 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
     float *p = tw->scratch_base;
     float **rc[] = {&tw->x,   &tw->v_first, &tw->dx,   &tw->dv_first, &tw->dprev, &tw->dxa,
                     &tw->dxc, &tw->xc,      &tw->dr,   &tw->dk,       &tw->dv,    &tw->dkk,
-                    &tw->da,  &tw->dw_raw,  &tw->dg,   &tw->dnu,      &tw->d_og,  &tw->d_gn,
-                    &tw->dy,  &tw->tmp_r,   &tw->tmp_k, &tw->tmp_v};
+                    &tw->da,  &tw->dw_raw,  &tw->dg,   &tw->dnu,      &tw->d_og,  &tw->dy};
     for (size_t i = 0; i < sizeof rc / sizeof rc[0]; i++) *rc[i] = carve(&p, R * C);
+    if (!tw->gn_fused) tw->d_gn = carve(&p, R * C);
+    if (!tw->wkv_beta) {
+        tw->tmp_r = carve(&p, R * C);
+        tw->tmp_k = carve(&p, R * C);
+        tw->tmp_v = carve(&p, R * C);
+    }
     if (n_fused) {
         for (int j = 0; j < RP_MIX_MAX; j++) tw->mix[j] = carve(&p, R * C);
         tw->dmix[0] = tw->dxc;
@@ -575,6 +598,21 @@ double rp_backward_head(const rp_model *m, rp_model *grads, rp_backward_workspac
     return sum;
 }
 
+rp_status rp_backward_workspace_check(const rp_backward_workspace *tw, const rp_backend *be,
+                                      rp_error *err) {
+    if (tw->gn_fused && !fused_gn(be))
+        return rp_error_set(err, RP_ERR_ARG,
+                            "the training workspace was allocated for fused groupnorm + "
+                            "bonus/gate (no o_gn, d_gn) but the backend now lacks "
+                            "groupnorm_bonus_gate or its backward: reallocate the workspace");
+    if (tw->wkv_beta && !wkv_beta(be))
+        return rp_error_set(err, RP_ERR_ARG,
+                            "the training workspace was allocated for wkv7_backward_beta (no "
+                            "tmp_r, tmp_k, tmp_v) but the backend now lacks it: reallocate "
+                            "the workspace");
+    return RP_OK;
+}
+
 rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_workspace *tw,
                               const int32_t *inputs, const int32_t *targets,
                               const rp_batch *batch, rp_state *state, rp_state *dstate,
@@ -587,6 +625,8 @@ rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_wo
                             "batch of %d rows in %d sequences exceeds the training workspace "
                             "(%d rows, %d sequences)", batch->n_rows, batch->n_seq, tw->max_rows,
                             tw->max_seqs);
+    rp_status fits = rp_backward_workspace_check(tw, m->be, err);
+    if (fits != RP_OK) return fits;
     rp_state local_dstate = {0};
     if (!dstate) {
         /* The sequences end here: d(final state) = 0, d(initial) is dropped. */

@@ -25,6 +25,11 @@ typedef struct {
     int head_chunk_rows;
     /* the residual stream and v_first, as in rp_workspace */
     float *x, *v_first;
+    /* Allocated for a backend with groupnorm + bonus/gate fused both ways
+     * (no o_gn per layer, no d_gn) and with wkv7_backward_beta (no tmp_r,
+     * tmp_k, tmp_v): a step refuses a backend without them (reallocate the
+     * workspace after switching the entries). */
+    int gn_fused, wkv_beta;
     /* backward scratch */
     float *dx, *dv_first, *dprev, *dxa, *dxc, *xc, *dr, *dk, *dv, *dkk, *da, *dw_raw,
         *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn;
@@ -54,6 +59,10 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
 rp_status rp_backward_workspace_alloc_stash(rp_backward_workspace *tw, const rp_model *m,
                                             int max_rows, int max_seqs,
                                             const rp_backward_workspace *share, rp_error *err);
+/* RP_ERR_ARG when tw lacks buffers that be's ops need (its entries switched
+ * since the allocation: see gn_fused, wkv_beta); rp_model_train_step checks. */
+rp_status rp_backward_workspace_check(const rp_backward_workspace *tw, const rp_backend *be,
+                                      rp_error *err);
 void rp_backward_workspace_free(rp_backward_workspace *tw, rp_backend *be);
 
 /* Zeroes every owned gradient buffer of grads (an rp_model used as storage). */

@@ -83,6 +83,7 @@ static unsigned long long g_count_bf16_converts;  // launches of to_bf16_kernel 
 static unsigned long long g_count_gemv_group_blocks;  // blocks of gemv_group_kernel launches
 static unsigned long long g_count_pdl_launches;       // launches with the PDL attribute
 static unsigned long long g_count_launches, g_count_copies, g_count_allocs, g_count_graph_launches;
+static unsigned long long g_device_bytes;  // cudaMalloc bytes alive (rp_emu_counters.device_bytes)
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
 
 // ---- streams: work is queued and runs at sync points ----
@@ -212,6 +213,7 @@ cudaError_t cudaMalloc_(void **p, size_t n) {
     memset(q, 0xff, r + 2 * rz);  // garbage: NaN as float
     alloc_info a; a.bytes = n; a.device = true; a.redzone = rz;
     g_allocs[(uintptr_t)q + rz] = a;
+    g_device_bytes += n;
     *p = (char *)q + rz; return cudaSuccess;
 }
 cudaError_t cudaFree(void *p) {
@@ -223,6 +225,7 @@ cudaError_t cudaFree(void *p) {
         die("cudaFree(%p) while queued work still uses it (%s): synchronize the stream first", p, op->what.c_str());
     g_count_allocs++;
     memset(p, 0xfe, it->second.bytes);
+    g_device_bytes -= it->second.bytes;
     size_t rz = it->second.redzone;
     g_dev_lo = g_dev_hi = 0;  // the checked-access cache may name it
     g_allocs.erase(it); free((char *)p - rz); return cudaSuccess;
@@ -1162,6 +1165,7 @@ extern "C" void rp_emu_counts(rp_emu_counters *out) {
     out->graph_launches = g_count_graph_launches;
     out->gemv_group_blocks = g_count_gemv_group_blocks;
     out->pdl_launches = g_count_pdl_launches;
+    out->device_bytes = g_device_bytes;
 }
 
 // ---- cuda_device.cu replacement ----

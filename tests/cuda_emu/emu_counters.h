@@ -17,6 +17,8 @@ typedef struct {
                                              decode GEMVs' grid, split-K included) */
     unsigned long long pdl_launches; /* launches with programmatic stream serialization
                                         (cudaLaunchKernelEx; issue 15 PDL) */
+    unsigned long long device_bytes; /* bytes of the cudaMalloc allocations alive now (not
+                                        a count since start: read before and after) */
 } rp_emu_counters;
 
 void rp_emu_counts(rp_emu_counters *out);

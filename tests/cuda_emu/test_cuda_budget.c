@@ -487,6 +487,39 @@ static void test_ln_shift_mix_train_exact(void **s) {
     }
 }
 
+/* The training workspace allocated again for the backend's entries as they
+ * are now (it holds o_gn and d_gn only without the fused groupnorm +
+ * bonus/gate); the emulator's device bytes it takes. */
+static unsigned long long gn_mode_workspace(fixture *f) {
+    rp_error err;
+    rp_backward_workspace_free(&f->tw, f->be);
+    const unsigned long long before = counter(device_bytes);
+    assert_int_equal(rp_backward_workspace_alloc(&f->tw, &f->model, MAX_ROWS, MAX_SEQS, &err),
+                     RP_OK);
+    return counter(device_bytes) - before;
+}
+
+/* A workspace allocated with the fused groupnorm + bonus/gate has no o_gn /
+ * d_gn: a step on a backend whose entries were switched off since refuses
+ * (RP_ERR_ARG) instead of running ops on missing buffers. */
+static void test_gn_fused_workspace_refused(void **s) {
+    fixture *f = *s;
+    const rp_backend keep = *f->be;
+    assert_true(f->tw.gn_fused);
+    f->be->groupnorm_bonus_gate_backward = NULL;
+    int seq_len[1] = {4}, slot[1] = {0}, row_begin[1];
+    int32_t inputs[4] = {1, 2, 3, 4}, targets[4] = {2, 3, 4, 5};
+    rp_batch b;
+    rp_batch_init(&b, 1, seq_len, slot, row_begin);
+    rp_error err;
+    assert_int_equal(rp_model_train_step(&f->model, &f->grads, &f->tw, inputs, targets, &b,
+                                         &f->state, NULL, 0.25f, 0.0f, NULL, NULL, &err),
+                     RP_ERR_ARG);
+    fprintf(stderr, "refused: %s\n", err.msg);
+    f->be->groupnorm_bonus_gate_backward = keep.groupnorm_bonus_gate_backward;
+    assert_int_equal(f->be->status(f->be, &err), RP_OK);
+}
+
 /* groupnorm + bonus/gate fused (backend.h groupnorm_bonus_gate and its
  * backward): a training step's gradients bit for bit those of the unfused
  * ops (both entries NULL), with 5 launches fewer a layer (so the fused ops
@@ -501,10 +534,12 @@ static void test_gn_bonus_fused_exact(void **s) {
         float *side[2];
         unsigned long long launches[2];
         size_t n = 0;
+        unsigned long long ws_bytes[2];
         for (int fused = 0; fused < 2; fused++) {
             f->be->groupnorm_bonus_gate = fused ? keep.groupnorm_bonus_gate : NULL;
             f->be->groupnorm_bonus_gate_backward =
                 fused ? keep.groupnorm_bonus_gate_backward : NULL;
+            ws_bytes[fused] = gn_mode_workspace(f);
             rp_model_zero(&f->grads);
             const unsigned long long before = counter(launches);
             train_step(f, n_seq, lens[i], 3);
@@ -523,11 +558,17 @@ static void test_gn_bonus_fused_exact(void **s) {
         assert_true(nonzero > 1000);
         assert_int_equal(diff, 0);
         assert_true(launches[1] + 5ull * f->model.cfg.n_layer == launches[0]);
+        /* fused, the workspace has no o_gn per layer and no d_gn */
+        const unsigned long long rc = (unsigned long long)MAX_ROWS * f->model.cfg.n_embd * 4;
+        fprintf(stderr, "gn+bonus fused: workspace %llu bytes unfused, %llu fused\n",
+                ws_bytes[0], ws_bytes[1]);
+        assert_true(ws_bytes[1] + (f->model.cfg.n_layer + 1ull) * rc <= ws_bytes[0]);
         free(side[0]);
         free(side[1]);
     }
     f->be->groupnorm_bonus_gate = keep.groupnorm_bonus_gate;
     f->be->groupnorm_bonus_gate_backward = keep.groupnorm_bonus_gate_backward;
+    gn_mode_workspace(f);
 }
 
 /* ||a - b|| / ||b|| over n values, in double. */
@@ -1316,6 +1357,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_train_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_gn_fused_workspace_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_d_pre, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_decode_lora_down_split, setup, teardown),
