@@ -244,8 +244,20 @@ __nv_bfloat16 *rp_cuda_act16_claim(rp_cuda_ctx *cx, const float *p, size_t n,
                              a->n);
             return NULL;
         }
-        // ended by a launch: its f32 stays stale, and nothing records that
-        // any more; a GEMM converting it was already refused (rp_cuda_act16_stale)
+        // ended by a launch: its f32 stays stale; keep that mark past the
+        // slot so that a GEMM converting it later is still refused
+        // (rp_cuda_act16_stale)
+        if (cx->n_act16_stale == RP_CUDA_ACT16_STALE_MAX) {
+            if (cx->error.code == RP_OK)
+                rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                             "cuda: %d GEMM-only outputs lost their only (bf16) copy and were "
+                             "not written again; drop a gemm_only hint or raise "
+                             "RP_CUDA_ACT16_STALE_MAX (cuda_internal.h)",
+                             RP_CUDA_ACT16_STALE_MAX);
+            return NULL;
+        }
+        cx->act16_stale[cx->n_act16_stale].p = a->p;
+        cx->act16_stale[cx->n_act16_stale++].n = a->n;
     }
     void *buf = rp_cuda_scratch(cx, RP_CUDA_SCRATCH_ACT16 + pick,
                                 cx->act16_max * sizeof(__nv_bfloat16));
@@ -281,6 +293,10 @@ int rp_cuda_act16_stale(const rp_cuda_ctx *cx, const float *p, size_t n) {
         const rp_cuda_act16 *a = &cx->act16[i];
         if (a->p && a->sole && a->p < p + n && p < a->p + a->n) return 1;
     }
+    for (int i = 0; i < cx->n_act16_stale; i++) {
+        const float *b = cx->act16_stale[i].p;
+        if (b < p + n && p < b + cx->act16_stale[i].n) return 1;
+    }
     return 0;
 }
 
@@ -309,6 +325,14 @@ void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes) {
         if (!a->p) continue;
         const char *ab = (const char *)a->p, *ae = ab + a->n * sizeof(float);
         if (ab < e && b < ae) a->p = NULL;
+    }
+    for (int i = 0; i < cx->n_act16_stale;) {  // written again: its f32 is current
+        const char *sb = (const char *)cx->act16_stale[i].p;
+        const char *se = sb + cx->act16_stale[i].n * sizeof(float);
+        if (sb < e && b < se)
+            cx->act16_stale[i] = cx->act16_stale[--cx->n_act16_stale];
+        else
+            i++;
     }
 }
 

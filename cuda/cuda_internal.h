@@ -70,6 +70,10 @@ enum rp_cuda_scratch_area {
     RP_CUDA_SCRATCH_COUNT = RP_CUDA_SCRATCH_ACT16 + 5
 };
 #define RP_CUDA_ACT16_SLOTS (RP_CUDA_SCRATCH_COUNT - RP_CUDA_SCRATCH_ACT16)
+// Reclaimed sole copies whose f32 is not yet written again (rp_cuda_ctx
+// act16_stale): a few shared scratch buffers in a training step; past this
+// many the claim is a sticky error, never a forgotten stale range.
+#define RP_CUDA_ACT16_STALE_MAX 16
 
 // Decode calls of at most this many rows use the GEMV kernels, which read
 // fp32 activations directly; above it every GEMM is a bf16 cuBLAS call.
@@ -108,6 +112,12 @@ struct rp_cuda_ctx {
     size_t act16_max;             // largest copy asked for: every slot grows to it
     int act16_off;                // rp_cuda_backend_set_act16(be, 0): no sharing
     unsigned long long seq, clock;  // see rp_cuda_act16
+    // The f32 ranges of sole copies (rp_cuda_act16_publish_sole) whose slot
+    // a claim took back: their f32 is still stale until something writes
+    // them (rp_cuda_act16_forget), so rp_cuda_act16_stale keeps refusing a
+    // GEMM that would convert them.
+    struct { const float *p; size_t n; } act16_stale[RP_CUDA_ACT16_STALE_MAX];
+    int n_act16_stale;
     struct rp_cuda_step *step;  // decode step graphs (cuda_graph.cu); NULL until used
     // GEMM-only outputs (backend.h gemm_only): the pending hint, and the
     // f32 ranges whose memory holds their bf16 values in place (the first
@@ -273,7 +283,8 @@ void rp_cuda_act16_publish(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const floa
 // is a sticky error too, never a GEMM on the stale f32.
 void rp_cuda_act16_publish_sole(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const float *p,
                                 size_t n);
-// 1 when [p, p + n) overlaps the f32 of a sole copy (see above).
+// 1 when [p, p + n) overlaps the f32 of a sole copy (see above), whether
+// its slot still holds it or a claim took the slot back.
 int rp_cuda_act16_stale(const rp_cuda_ctx *cx, const float *p, size_t n);
 // The valid bf16 copy of exactly p [n], or NULL.
 const __nv_bfloat16 *rp_cuda_act16_find(rp_cuda_ctx *cx, const float *p, size_t n);

@@ -397,6 +397,45 @@ static void test_gemm_only_d_pre(void **s) {
     for (int i = 0; i < 7; i++) be->free(be, bufs[i]);
 }
 
+/* A sole copy (a GEMM-only d pre) whose slot a later claim takes back keeps
+ * its stale mark: more such d pres than the backend has copy slots (5,
+ * cuda_internal.h RP_CUDA_ACT16_SLOTS; 8 here), each ended by a plain launch
+ * (sum_squares), so the later claims reclaim the first ones' slots; a GEMM reading
+ * the first d pre then stops with the sticky error instead of converting
+ * its f32, which was never written. */
+static void test_gemm_only_reclaimed_refused(void **s) {
+    fixture *f = *s;
+    rp_backend *be = f->be;
+    enum { R = 16, C = 64, K = 32, N_DY = 8 };
+    float *hy = malloc(sizeof(float) * R * C);
+    assert_non_null(hy);
+    for (int i = 0; i < R * C; i++) hy[i] = 0.25f + 0.5f * (float)(i % 7) / 7.0f;
+    float *y = to_device(be, hy, (size_t)R * C), *dy[N_DY];
+    float *dbias = be->alloc(be, sizeof(float) * C), *x = to_device(be, hy, (size_t)R * K);
+    float *w = to_device(be, hy, (size_t)C * K), *dx = be->alloc(be, sizeof(float) * R * K);
+    float *dw = be->alloc(be, sizeof(float) * C * K);
+    assert_non_null(dbias);
+    assert_non_null(dx);
+    assert_non_null(dw);
+    for (int i = 0; i < N_DY; i++) dy[i] = to_device(be, hy, (size_t)R * C);
+    be->fill_zero(be, dbias, sizeof(float) * C);
+    rp_error err;
+    for (int i = 0; i < N_DY; i++) {
+        be->gemm_only(be, dy[i], (size_t)R * C);
+        be->bias_act_backward(be, dy[i], dbias, y, R, C, RP_ACT_SIGMOID);
+        (void)be->sum_squares(be, x, (size_t)R * K); /* a plain launch ends the copy */
+        assert_int_equal(be->status(be, &err), RP_OK);
+    }
+    be->matmul_linear_backward_beta(be, dx, dw, dy[0], x, w, R, C, K, 0.0f);
+    assert_int_equal(be->status(be, &err), RP_ERR_INTERNAL);
+    fprintf(stderr, "reclaimed d pre refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "gemm_only"));
+    free(hy);
+    for (int i = 0; i < N_DY; i++) be->free(be, dy[i]);
+    float *bufs[6] = {y, dbias, x, w, dx, dw};
+    for (int i = 0; i < 6; i++) be->free(be, bufs[i]);
+}
+
 /* All of a model's gradients, copied to the host: n floats. */
 static float *grads_to_host(fixture *f, size_t *n) {
     const rp_model *g = &f->grads;
@@ -1358,6 +1397,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_train_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_fused_workspace_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_gemm_only_reclaimed_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_d_pre, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_decode_lora_down_split, setup, teardown),
