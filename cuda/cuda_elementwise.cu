@@ -341,7 +341,11 @@ static __global__ void ln_shift_mix_kernel(float *xa, float *prev, mix_ptrs mp, 
         load_w<W>(old, st + c);
         store_w<W>(prev + o + c, old);
         store_w<W>(st + c, a);
-        for (int k = 0; k < n_mix; k++) {
+        // unrolled to RP_MIX_MAX so mp stays in parameter space (indexed
+        // by a loop variable it went to a 96-byte stack frame)
+#pragma unroll
+        for (int k = 0; k < RP_MIX_MAX; k++) {
+            if (k >= n_mix) break;
             float mu[W], out[W];
             load_w<W>(mu, mp.mu[k] + c);
 #pragma unroll
