@@ -79,7 +79,8 @@
  * and 1: as 11.3 x 3300 / 2900 FLOPs per element on the FMA form's scale). */
 #define WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM 27.0
 #define WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM (WKV_CHUNK_FLOPS_PER_ELEM * 3300.0 / 2900.0)
-/* Per-layer parameter tensors (AdamW launches one kernel per tensor). */
+/* Per-layer parameter tensors (AdamW launched one kernel per tensor before
+ * adamw_multi). */
 #define TENSORS_PER_LAYER 33
 #define GLOBAL_TENSORS 6
 
@@ -571,9 +572,11 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
     ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);
     const double params = (double)rp_config_param_count(c);
     /* AdamW: w, g, m, v read; w, m, v and the bf16 copy written. */
-    add(l, "adamw", c->n_layer * TENSORS_PER_LAYER + GLOBAL_TENSORS,
-        30.0 * params / (c->n_layer * TENSORS_PER_LAYER + GLOBAL_TENSORS), 12.0 * params /
-        (c->n_layer * TENSORS_PER_LAYER + GLOBAL_TENSORS), 0);
+    /* adamw_multi: one launch per buffer (a layer's TENSORS_PER_LAYER tensors,
+     * the embed part's, the head part's; all within RP_ADAMW_MULTI_MAX) */
+    const double adamw_launches = c->n_layer + 2.0;
+    add(l, "adamw (multi-tensor, a launch per layer / embed / head)", adamw_launches,
+        30.0 * params / adamw_launches, 12.0 * params / adamw_launches, 0);
 }
 
 /* ---- WKV7 alone: a wave model ----

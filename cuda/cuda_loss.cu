@@ -483,12 +483,13 @@ static double cuda_sum_squares(rp_backend *be, const float *x, size_t n) {
 // Every operation rounded on its own (__f*_rn: no fused multiply-adds) in the
 // CPU's order: bitwise equal to cpu_adamw. shadow (may be NULL): the bf16
 // copy of param the GEMMs read, rewritten in the same pass.
-static __global__ void adamw_kernel(float *param, const float *grad, float *m, float *v,
-                                    __nv_bfloat16 *shadow, size_t n, float lr, float beta1,
-                                    float beta2, float eps, float weight_decay, float grad_scale,
-                                    float inv_bc1, float inv_bc2) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
+// Element i (adamw_kernel, adamw_multi_kernel: one body, the same bits).
+static __device__ __forceinline__ void adamw_element(float *param, const float *grad, float *m,
+                                                     float *v, __nv_bfloat16 *shadow, size_t i,
+                                                     float lr, float beta1, float beta2,
+                                                     float eps, float weight_decay,
+                                                     float grad_scale, float inv_bc1,
+                                                     float inv_bc2) {
     const float g = __fmul_rn(grad[i], grad_scale);
     const float mi = __fadd_rn(__fmul_rn(beta1, m[i]), __fmul_rn(1.0f - beta1, g));
     const float vi = __fadd_rn(__fmul_rn(beta2, v[i]), __fmul_rn(__fmul_rn(1.0f - beta2, g), g));
@@ -503,6 +504,44 @@ static __global__ void adamw_kernel(float *param, const float *grad, float *m, f
     if (shadow) shadow[i] = __float2bfloat16_rn(p_new);
 }
 
+static __global__ void adamw_kernel(float *param, const float *grad, float *m, float *v,
+                                    __nv_bfloat16 *shadow, size_t n, float lr, float beta1,
+                                    float beta2, float eps, float weight_decay, float grad_scale,
+                                    float inv_bc1, float inv_bc2) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    adamw_element(param, grad, m, v, shadow, i, lr, beta1, beta2, eps, weight_decay, grad_scale,
+                  inv_bc1, inv_bc2);
+}
+
+// adamw_multi's tensors, passed by value (__grid_constant__: indexed in the
+// parameter space, no copy to a stack frame). Tensor k owns the blocks
+// [block_end[k - 1], block_end[k]), ADAMW_THREADS elements each.
+struct adamw_table {
+    float *param[RP_ADAMW_MULTI_MAX];
+    const float *grad[RP_ADAMW_MULTI_MAX];
+    float *m[RP_ADAMW_MULTI_MAX], *v[RP_ADAMW_MULTI_MAX];
+    __nv_bfloat16 *shadow[RP_ADAMW_MULTI_MAX];
+    size_t n[RP_ADAMW_MULTI_MAX];
+    float lr[RP_ADAMW_MULTI_MAX], weight_decay[RP_ADAMW_MULTI_MAX];
+    unsigned block_end[RP_ADAMW_MULTI_MAX];
+    int count;
+};
+
+// The blocks of all the tensors in one grid: a block finds its tensor, then
+// its element is adamw_kernel's.
+static __global__ void adamw_multi_kernel(const __grid_constant__ adamw_table t, float beta1,
+                                          float beta2, float eps, float grad_scale,
+                                          float inv_bc1, float inv_bc2) {
+    int k = 0;
+    while (k + 1 < t.count && blockIdx.x >= t.block_end[k]) k++;
+    const unsigned first = k ? t.block_end[k - 1] : 0u;
+    const size_t i = (size_t)(blockIdx.x - first) * blockDim.x + threadIdx.x;
+    if (i >= t.n[k]) return;
+    adamw_element(t.param[k], t.grad[k], t.m[k], t.v[k], t.shadow[k], i, t.lr[k], beta1, beta2,
+                  eps, t.weight_decay[k], grad_scale, inv_bc1, inv_bc2);
+}
+
 static void cuda_adamw(rp_backend *be, float *param, const float *grad, float *m, float *v,
                        size_t n, float lr, float beta1, float beta2, float eps,
                        float weight_decay, float grad_scale, float bias_correction1,
@@ -515,6 +554,45 @@ static void cuda_adamw(rp_backend *be, float *param, const float *grad, float *m
         param, grad, m, v, shadow, n, lr, beta1, beta2, eps, weight_decay, grad_scale, inv_bc1,
         inv_bc2);
     RP_CUDA_LAUNCHED(cx, "adamw");
+}
+
+static void cuda_adamw_multi(rp_backend *be, const rp_adamw_tensor *tensors, int n_tensors,
+                             float beta1, float beta2, float eps, float grad_scale,
+                             float bias_correction1, float bias_correction2) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (n_tensors < 1 || n_tensors > RP_ADAMW_MULTI_MAX) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "adamw_multi: tensor count outside 1..RP_ADAMW_MULTI_MAX", __FILE__,
+                       __LINE__);
+        return;
+    }
+    adamw_table t;
+    memset(&t, 0, sizeof t);
+    size_t blocks = 0;
+    for (int k = 0; k < n_tensors; k++) {
+        const rp_adamw_tensor *a = &tensors[k];
+        t.param[k] = a->param;
+        t.grad[k] = a->grad;
+        t.m[k] = a->m;
+        t.v[k] = a->v;
+        t.shadow[k] = rp_cuda_weight_shadow(cx, a->param, a->n);
+        t.n[k] = a->n;
+        t.lr[k] = a->lr;
+        t.weight_decay[k] = a->weight_decay;
+        blocks += rp_cuda_blocks(a->n, ADAMW_THREADS);
+        if (blocks > 0x7fffffffu) {  // the grid's x limit
+            rp_cuda_record(cx, cudaErrorInvalidValue,
+                           "adamw_multi: more than 2^31 - 1 blocks; pass fewer tensors",
+                           __FILE__, __LINE__);
+            return;
+        }
+        t.block_end[k] = (unsigned)blocks;
+    }
+    t.count = n_tensors;
+    if (blocks == 0) return;
+    adamw_multi_kernel<<<(unsigned)blocks, ADAMW_THREADS, 0, cx->stream>>>(
+        t, beta1, beta2, eps, grad_scale, 1.0f / bias_correction1, 1.0f / bias_correction2);
+    RP_CUDA_LAUNCHED(cx, "adamw_multi");
 }
 
 // ---- fused head + loss (head_cross_entropy) ----
@@ -634,4 +712,5 @@ void rp_cuda_install_loss(rp_backend *be) {
     be->head_cross_entropy = cuda_head_cross_entropy;
     be->sum_squares = cuda_sum_squares;
     be->adamw = cuda_adamw;
+    be->adamw_multi = cuda_adamw_multi;
 }

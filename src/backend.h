@@ -94,6 +94,17 @@ typedef struct rp_ln_mix {
  * the time mix, xv twice (its value GEMM and the value-residual LoRA). */
 #define RP_MIX_TERMS_MAX 7
 
+/* One tensor of an adamw_multi call: adamw's per-tensor arguments. */
+typedef struct rp_adamw_tensor {
+    float *param;
+    const float *grad;
+    float *m, *v;
+    size_t n;
+    float lr, weight_decay;
+} rp_adamw_tensor;
+/* Most tensors one adamw_multi call takes (a layer's 33 in one call). */
+#define RP_ADAMW_MULTI_MAX 40
+
 struct rp_backend {
     const char *name;
     void *impl;  /* backend-private context (thread count, handles, streams) */
@@ -483,6 +494,13 @@ struct rp_backend {
     void (*adamw)(rp_backend *be, float *param, const float *grad, float *m, float *v, size_t n,
                   float lr, float beta1, float beta2, float eps, float weight_decay,
                   float grad_scale, float bias_correction1, float bias_correction2);
+    /* Optional (NULL: adamw once per tensor; NULL on the CPU). adamw on
+     * n_tensors (1..RP_ADAMW_MULTI_MAX) tensors in one pass, tensor i with
+     * t[i]'s param, grad, m, v, n, lr and weight_decay: the same bits as
+     * the adamw calls, one launch instead of n_tensors. */
+    void (*adamw_multi)(rp_backend *be, const rp_adamw_tensor *t, int n_tensors, float beta1,
+                        float beta2, float eps, float grad_scale, float bias_correction1,
+                        float bias_correction2);
 
     /* ---- decode step graphs (optional; NULL: every step runs op by op, as
      * on the CPU) ----

@@ -90,6 +90,10 @@ void rp_optim_step_range(rp_backend *be, float *w, const float *g, float *m, flo
                          size_t lo, size_t hi, const rp_tensor_info *table, int n, int part,
                          const rp_optim_config *c, float lr, float grad_scale, float bc1,
                          float bc2) {
+    /* With adamw_multi (a GPU backend), the tensors go in batches of up to
+     * RP_ADAMW_MULTI_MAX: one launch each instead of one per tensor. */
+    rp_adamw_tensor batch[RP_ADAMW_MULTI_MAX];
+    int n_batch = 0;
     for (int i = 0; i < n; i++) {
         const rp_tensor_info *t = &table[i];
         if ((int)t->part != part) continue;
@@ -98,10 +102,20 @@ void rp_optim_step_range(rp_backend *be, float *w, const float *g, float *m, flo
         if (e > hi) e = hi;
         if (a >= e) continue;
         /* m and v hold [lo, hi) only: index them from lo. */
-        be->adamw(be, w + a, g + a, m + (a - lo), v + (a - lo), e - a, lr * t->lr_scale,
-                  c->beta1, c->beta2, c->eps, t->weight_decay ? c->weight_decay : 0.0f,
-                  grad_scale, bc1, bc2);
+        const float tlr = lr * t->lr_scale, wd = t->weight_decay ? c->weight_decay : 0.0f;
+        if (!be->adamw_multi) {
+            be->adamw(be, w + a, g + a, m + (a - lo), v + (a - lo), e - a, tlr, c->beta1,
+                      c->beta2, c->eps, wd, grad_scale, bc1, bc2);
+            continue;
+        }
+        batch[n_batch++] = (rp_adamw_tensor){w + a, g + a, m + (a - lo), v + (a - lo), e - a,
+                                             tlr, wd};
+        if (n_batch == RP_ADAMW_MULTI_MAX) {
+            be->adamw_multi(be, batch, n_batch, c->beta1, c->beta2, c->eps, grad_scale, bc1, bc2);
+            n_batch = 0;
+        }
     }
+    if (n_batch) be->adamw_multi(be, batch, n_batch, c->beta1, c->beta2, c->eps, grad_scale, bc1, bc2);
 }
 
 /* A whole buffer: its tensors of this part, moments laid out like it. */

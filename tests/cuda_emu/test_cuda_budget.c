@@ -22,6 +22,7 @@
 #include "model/backward.h"
 #include "model/model.h"
 #include "model/state.h"
+#include "optim/optim.h"
 
 /* Launches per decode layer (one token per sequence; layer 0 the same: its
  * v_first copy is inside time_mix_heads). Measured 37 before any fusion
@@ -608,6 +609,117 @@ static void test_gn_bonus_fused_exact(void **s) {
     f->be->groupnorm_bonus_gate = keep.groupnorm_bonus_gate;
     f->be->groupnorm_bonus_gate_backward = keep.groupnorm_bonus_gate_backward;
     gn_mode_workspace(f);
+}
+
+/* The flats of model m (layers, embed, head), copied to the host: n floats. */
+static float *flats_to_host(rp_backend *be, const rp_model *g, size_t *n) {
+    const int L = g->layer_end - g->layer_begin;
+    *n = g->embed_floats + g->head_floats + (size_t)L * g->layer_floats;
+    float *h = malloc(*n * sizeof(float)), *p = h;
+    assert_non_null(h);
+    be->copy_to_host(be, p, g->embed_flat, g->embed_floats * sizeof(float));
+    p += g->embed_floats;
+    be->copy_to_host(be, p, g->head_flat, g->head_floats * sizeof(float));
+    p += g->head_floats;
+    for (int l = 0; l < L; l++, p += g->layer_floats)
+        be->copy_to_host(be, p, g->layer_flat[l], g->layer_floats * sizeof(float));
+    return h;
+}
+
+static size_t count_differ(const float *a, const float *b, size_t n) {
+    size_t d = 0;
+    for (size_t i = 0; i < n; i++) d += memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    return d;
+}
+
+/* adamw_multi (one launch per up to RP_ADAMW_MULTI_MAX tensors) against
+ * adamw per tensor (the entry NULL): two models loaded alike take three
+ * optimizer steps on the same gradients, one each way; weights, m and v bit
+ * for bit, then a training step on each (its GEMMs read the bf16 weight
+ * copies adamw rewrites) gives the same loss and gradients. A step's
+ * launches: one per buffer (L layers, embed, head) instead of one per
+ * tensor. */
+static void test_adamw_multi_exact(void **s) {
+    fixture *f = *s;
+    rp_backend *be = f->be;
+    void (*multi)(rp_backend *, const rp_adamw_tensor *, int, float, float, float, float, float,
+                  float) = be->adamw_multi;
+    assert_non_null(multi);
+    const rp_config *cfg = &f->model.cfg;
+    const int L = cfg->n_layer;
+    rp_model w[2], m[2], v[2];
+    rp_error err;
+    char path[4096];
+    const char *data = getenv("RP_TEST_DATA");
+    snprintf(path, sizeof path, "%s/tiny_L2_C128_V256_s1.weights.safetensors",
+             data ? data : "tests/data");
+    rp_model_zero(&f->grads);
+    train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 5);
+    rp_optim_config oc;
+    rp_optim_defaults(&oc);
+    oc.lr_init = oc.lr_final = 1e-2f;
+    oc.weight_decay = 0.1f;
+    oc.warmup_steps = 0;
+    unsigned long long launches[2];
+    float *side_w[2], *side_m[2], *side_v[2], *side_g[2];
+    double loss[2];
+    size_t n = 0;
+    for (int on = 0; on < 2; on++) {
+        assert_int_equal(rp_model_load(&w[on], path, 0, -1, be, &err), RP_OK);
+        rp_model_register_weights(&w[on]);
+        assert_int_equal(rp_model_alloc(&m[on], cfg, 0, L, 1, 1, be, &err), RP_OK);
+        assert_int_equal(rp_model_alloc(&v[on], cfg, 0, L, 1, 1, be, &err), RP_OK);
+        rp_model_zero(&m[on]);
+        rp_model_zero(&v[on]);
+        be->adamw_multi = on ? multi : NULL;
+        const unsigned long long before = counter(launches);
+        for (long step = 0; step < 3; step++)
+            rp_optim_step(&w[on], &f->grads, &m[on], &v[on], &oc, step, 0.5f);
+        launches[on] = counter(launches) - before;
+        assert_int_equal(be->status(be, &err), RP_OK);
+    }
+    be->adamw_multi = multi;
+    for (int on = 0; on < 2; on++) {
+        side_w[on] = flats_to_host(be, &w[on], &n);
+        side_m[on] = flats_to_host(be, &m[on], &n);
+        side_v[on] = flats_to_host(be, &v[on], &n);
+    }
+    const size_t dw = count_differ(side_w[0], side_w[1], n);
+    const size_t dm = count_differ(side_m[0], side_m[1], n);
+    const size_t dv = count_differ(side_v[0], side_v[1], n);
+    float *orig = flats_to_host(be, &f->model, &n);
+    const size_t changed = count_differ(side_w[1], orig, n);
+    free(orig);
+    for (int on = 0; on < 2; on++) {
+        rp_model keep = f->model;
+        f->model = w[on];
+        rp_model_zero(&f->grads);
+        loss[on] = train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 6);
+        f->model = keep;
+        side_g[on] = grads_to_host(f, &n);
+    }
+    const size_t dg = count_differ(side_g[0], side_g[1], n);
+    fprintf(stderr, "adamw_multi: %zu floats, %zu changed by the steps; differ: weights %zu, "
+                    "m %zu, v %zu, later gradients %zu; loss %.9g / %.9g; launches %llu per "
+                    "tensor, %llu multi (3 steps)\n",
+            n, changed, dw, dm, dv, dg, loss[0], loss[1], launches[0], launches[1]);
+    assert_true(changed > n / 2);
+    assert_int_equal(dw, 0);
+    assert_int_equal(dm, 0);
+    assert_int_equal(dv, 0);
+    assert_int_equal(dg, 0);
+    assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0);
+    assert_true(launches[1] == 3ull * (L + 2));
+    assert_true(launches[0] > 10 * launches[1]);
+    for (int on = 0; on < 2; on++) {
+        free(side_w[on]);
+        free(side_m[on]);
+        free(side_v[on]);
+        free(side_g[on]);
+        rp_model_free(&w[on]);
+        rp_model_free(&m[on]);
+        rp_model_free(&v[on]);
+    }
 }
 
 /* ||a - b|| / ||b|| over n values, in double. */
@@ -1398,6 +1510,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_fused_workspace_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_reclaimed_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_adamw_multi_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_d_pre, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_decode_lora_down_split, setup, teardown),
