@@ -755,6 +755,11 @@ rp_status rp_pipe_trainer_step(rp_pipe_trainer *pt, const int32_t *inputs,
     double local_loss = 0, grad_norm = 0;
     int skipped = 0;
     rp_status st = RP_OK;
+    /* The stashes were sized for the backend's fused entries at init; one
+     * switched off since would run on buffers that were never allocated. */
+    for (int i = 0; i < pt->n_stash; i++)
+        if ((st = rp_backward_workspace_check(&pt->stash[i], be, err)) != RP_OK)
+            return rp_error_prefix(err, "activation stash %d of %d", i + 1, pt->n_stash);
     pt->busy_seconds = pt->update_seconds = pt->fwd_seconds = 0;
     /* The first step runs its device transfers over MPI: the CUDA backend
      * sizes its scratch buffers during it, and freeing the old ones
