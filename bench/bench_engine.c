@@ -239,6 +239,7 @@ int main(int argc, char **argv) {
     rp_engine_config ec;
     rp_engine_config_defaults(&ec);
     ec.n_slots = max_conc;
+    ec.threads = threads; /* the sampler's threads too (0: OpenMP's default, as the backend) */
     ec.max_queue = max_conc;
     ec.max_batch = max_batch;
     ec.prefill_turn_rows = turn_rows; /* 1: one prefill unit per decode unit (the old turns) */

@@ -318,6 +318,45 @@ static void test_matmul_decode_rows_of_any_count_equal_each_row_alone(void **sta
     }
 }
 
+/* A decode product wide enough that its columns are dealt to the team in
+ * pieces (cpu_matmul.c, CPU_MATMUL_DEAL_MIN_N: the 0.1B head) gives the bits
+ * of one thread on any thread count: every piece computed once, each element
+ * one chain over k wherever a piece ends. N is no multiple of 16 or 24 (a
+ * short last piece and lanes chunk), K has a tail; the row counts take the
+ * few-row, panel and lanes kernels. */
+static void test_matmul_decode_rows_dealt_columns_equal_one_thread(void **state) {
+    (void)state;
+    const int N = 16384 + 27, K = 40, rows[] = {1, 7, 58, 64}, MAXM = 64;
+    float *x = random_floats((size_t)MAXM * K, -1, 1);
+    float *w = random_floats((size_t)N * K, -1, 1);
+    float *y0 = random_floats((size_t)MAXM * N, -1, 1);
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
+        for (int beta_i = 0; beta_i < 2; beta_i++) {
+            const int M = rows[i];
+            const float beta = (float)beta_i;
+            float *want = copy_floats(y0, (size_t)M * N);
+            backends[0]->set_decode_rows(backends[0], 1);
+            backends[0]->matmul_linear(backends[0], want, x, w, M, N, K, beta);
+            backends[0]->set_decode_rows(backends[0], 0);
+            for (int b = 1; b < N_BACKENDS; b++) {
+                rp_backend *be = backends[b];
+                float *y = copy_floats(y0, (size_t)M * N);
+                be->set_decode_rows(be, 1);
+                be->matmul_linear(be, y, x, w, M, N, K, beta);
+                be->set_decode_rows(be, 0);
+                char what[128];
+                snprintf(what, sizeof what, "dealt columns: M=%d N=%d K=%d beta=%g threads=%d",
+                         M, N, K, beta, backend_threads[b]);
+                check_equal_floats(what, y, want, (size_t)M * N);
+                free(y);
+            }
+            free(want);
+        }
+    free(x);
+    free(w);
+    free(y0);
+}
+
 static void test_matmul_lora_matches_double_reference(void **state) {
     (void)state;
     run_matmul_cases(0);
@@ -875,6 +914,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_linear_matches_double_reference),
         cmocka_unit_test(test_matmul_linear_few_rows_independent_of_batch),
         cmocka_unit_test(test_matmul_decode_rows_of_any_count_equal_each_row_alone),
+        cmocka_unit_test(test_matmul_decode_rows_dealt_columns_equal_one_thread),
         cmocka_unit_test(test_matmul_lora_matches_double_reference),
         cmocka_unit_test(test_embedding_gathers_token_rows),
         cmocka_unit_test(test_layernorm_matches_double_reference_and_saves_stats),

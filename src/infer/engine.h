@@ -60,7 +60,8 @@ typedef struct {
     int max_queue;                 /* jobs waiting for a slot (none free) before submit refuses (429) */
     size_t session_budget_bytes;   /* in-memory session states per stage (LRU) */
     double comm_timeout;           /* watchdog seconds for stage transfers; 0 = none */
-    int threads;                   /* CPU threads of this rank's backend (informational) */
+    int threads;                   /* CPU threads of this rank's backend; the last stage samples a
+                                    * unit's rows on as many (0: omp_get_max_threads) */
     /* Most sequences per decode unit (--max-batch), 1..RP_ENGINE_MAX_BATCH;
      * 0: the backend's decode_group (backend.h), else RP_ENGINE_GROUP_DEFAULT.
      * Every rank must use the same value. */

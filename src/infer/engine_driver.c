@@ -7,6 +7,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <omp.h>
+
 #include "infer/engine_internal.h"
 #include "core/clock.h"
 
@@ -125,11 +127,21 @@ rp_status rp_engine_create(rp_engine **out, const rp_model *model, const rp_grid
         const size_t V = (size_t)c->vocab_size;
         e->logits_dev = e->be->alloc(e->be, (size_t)e->group_max * V * sizeof(float));
         e->logits_host = malloc((size_t)e->group_max * V * sizeof(float));
-        e->sampler_scratch = malloc(rp_sampler_scratch_bytes(c->vocab_size));
+        /* The backend's threads sit idle while the last stage samples (the
+         * head's matmul is done): as many sample a unit's rows at once. */
+        e->sample_threads = cfg->threads > 0 ? cfg->threads : omp_get_max_threads();
+        if (e->sample_threads > RP_ENGINE_SAMPLE_THREADS_MAX)
+            e->sample_threads = RP_ENGINE_SAMPLE_THREADS_MAX;
+        if (e->sample_threads < 1) e->sample_threads = 1;
+        /* a cache line apart, so threads never share one */
+        e->sampler_scratch_stride = (rp_sampler_scratch_bytes(c->vocab_size) + 63) / 64 * 64;
+        e->sampler_scratch = malloc(e->sampler_scratch_stride * (size_t)e->sample_threads);
+        e->g_sampled = malloc((size_t)e->group_max * sizeof(int32_t));
         e->sampling = calloc((size_t)cfg->n_slots, sizeof *e->sampling);
         e->lp_row = malloc(V * sizeof(float));
         e->unit_lp = malloc((e->max_rows + (size_t)e->group_max) * sizeof *e->unit_lp);
-        ok = e->logits_dev && e->logits_host && e->sampler_scratch && e->sampling && e->lp_row &&
+        ok = e->logits_dev && e->logits_host && e->sampler_scratch && e->g_sampled &&
+             e->sampling && e->lp_row &&
              e->unit_lp;
         for (int i = 0; ok && i < cfg->n_slots; i++)
             ok = (e->sampling[i].occ = calloc(V, sizeof(float))) != NULL;
@@ -171,6 +183,7 @@ void rp_engine_free(rp_engine *e) {
     free(e->lp_row);
     free(e->unit_lp);
     free(e->sampler_scratch);
+    free(e->g_sampled);
     for (int i = 0; e->sampling && i < e->cfg.n_slots; i++) {
         rp_slot_sampling_free(&e->sampling[i]);
     }

@@ -209,7 +209,13 @@ struct rp_engine {
     protobuf_c_boolean *g_sample;
     void *g_mem;
     int n_unit_lp;
+#define RP_ENGINE_SAMPLE_THREADS_MAX 64
+    /* [sample_threads] of rp_sampler_scratch_bytes each, sampler_scratch_stride apart:
+     * a decode unit's rows are sampled on that many threads (sample_rows). */
     void *sampler_scratch;
+    size_t sampler_scratch_stride;
+    int sample_threads;
+    int32_t *g_sampled;          /* [group_max]: each row's token, in parallel sampling */
     rp_slot_sampling *sampling;  /* last stage: [n_slots] */
     rp_engine_outgoing *out;     /* ring of n_out */
     int n_out, out_next;

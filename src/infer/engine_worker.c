@@ -5,6 +5,7 @@
  * commands and results as variable-size messages, x / v_first as transfers
  * tagged with the unit, session states as RP_MSG_STATE messages. */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -99,8 +100,8 @@ void rp_engine_set_vocab(rp_engine *e, const struct rp_token_trie *trie) { e->tr
  * response_format (kind, schema text, end tokens): a server answering many requests with one
  * schema computes each state's mask once, not once per request. The engine owns them; a
  * slot holds a reference while its job runs, and unreferenced ones are reused LRU. Sampling
- * runs on the last stage's main thread, one slot after another (it shares e->sampler_scratch
- * too), so the caches need no lock. */
+ * runs on the last stage's main thread, one slot after another, for units with a grammar
+ * (sample_rows), so the caches need no lock. */
 struct rp_grammar_entry {
     int kind;
     char *text;
@@ -287,7 +288,11 @@ static void unit_logprob(rp_engine *e, int slot, int pos, const float *row, int3
     row_logprob(row, e->m->cfg.vocab_size, token, top, &u->lp);
 }
 
-static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
+/* Samples slot's next token from its row of logits (changed in place).
+ * scratch: rp_sampler_scratch_bytes. Touches only the slot's own sampling
+ * state, except with logprobs (e->lp_row, e->unit_lp) or a grammar (its
+ * shared mask cache): sample_rows runs those on one thread. */
+static int32_t sample_slot(rp_engine *e, int slot, float *logits, void *scratch) {
     rp_slot_sampling *s = &e->sampling[slot];
     const int V = e->m->cfg.vocab_size;
     /* logprobs are of the raw logits: kept before penalties and bias change them */
@@ -310,8 +315,7 @@ static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
     if (s->penalized)
         for (int t = 0; t < V; t++)
             if (s->occ[t] > 0) logits[t] -= s->presence + s->occ[t] * s->frequency;
-    int tok = rp_sample(logits, V, &s->sampler, s->step, s->banned, s->n_banned,
-                        e->sampler_scratch);
+    int tok = rp_sample(logits, V, &s->sampler, s->step, s->banned, s->n_banned, scratch);
     s->step++;
     /* An end token ends the job; any other advances the document (the mask allowed it). */
     if (s->grammar && tok >= 0 && rp_json_feed_token(s->grammar, e->trie, &s->gstate, tok) != RP_JSON_OK)
@@ -322,6 +326,41 @@ static int32_t sample_slot(rp_engine *e, int slot, float *logits) {
     }
     if (s->logprobs && tok >= 0) unit_logprob(e, slot, -1, e->lp_row, tok, s->top_logprobs);
     return tok;
+}
+
+/* Samples the unit's rows that ask for it (logits [n_seq, V], changed in
+ * place) into slots_out / tokens_out, in row order. Each row's token depends
+ * on its row and its slot only, so the rows go to e->sample_threads threads
+ * (64 rows of 65 536 logits: ~4 ms on one, while the backend's threads
+ * wait) and the results are the same on any count. Rows with logprobs or a
+ * grammar share engine buffers: a unit with any of them runs on one. */
+static void sample_rows(rp_engine *e, const rp_engine_command *c, int n_seq, float *logits,
+                        int32_t *slots_out, int32_t *tokens_out, int *n_sampled) {
+    const size_t V = (size_t)e->m->cfg.vocab_size;
+    const int *slot = e->g_slot;
+    int rows = 0, shared = 0;
+    for (int i = 0; i < n_seq; i++) {
+        if (!(c->n_sample > (size_t)i && c->sample[i])) continue;
+        const rp_slot_sampling *s = &e->sampling[slot[i]];
+        rows++;
+        shared |= s->logprobs || s->grammar != NULL;
+    }
+    int nt = shared || rows < 2 ? 1 : e->sample_threads;
+    if (nt > rows) nt = rows;
+    int32_t *tok = e->g_sampled;
+    char *scratch = e->sampler_scratch;
+    const size_t stride = e->sampler_scratch_stride;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int i = 0; i < n_seq; i++) {
+        if (!(c->n_sample > (size_t)i && c->sample[i])) continue;
+        tok[i] = sample_slot(e, slot[i], logits + (size_t)i * V,
+                             scratch + (size_t)omp_get_thread_num() * stride);
+    }
+    for (int i = 0; i < n_seq; i++) {
+        if (!(c->n_sample > (size_t)i && c->sample[i])) continue;
+        slots_out[*n_sampled] = slot[i];
+        tokens_out[(*n_sampled)++] = tok[i];
+    }
 }
 
 /* The buffers of a prefill chunk's every-row logits (a slot that scores its
@@ -385,18 +424,22 @@ rp_status rp_engine_run_unit(rp_engine *e, const rp_engine_command *c, const int
         if (c->n_sample > 0 && c->sample[0]) {
             slots_out[0] = slot[0];
             tokens_out[0] = sample_slot(e, slot[0],
-                                        e->logits_all_host + (size_t)(seq_len[0] - 1) * V);
+                                        e->logits_all_host + (size_t)(seq_len[0] - 1) * V,
+                                        e->sampler_scratch);
             *n_sampled = 1;
         }
     } else if (any) {
         const int V = m->cfg.vocab_size;
-        be->copy_to_host(be, e->logits_host, e->logits_dev, sizeof(float) * (size_t)n_seq * V);
-        for (int i = 0; i < n_seq; i++) {
-            if (!(c->n_sample > (size_t)i && c->sample[i])) continue;
-            slots_out[*n_sampled] = slot[i];
-            tokens_out[(*n_sampled)++] =
-                sample_slot(e, slot[i], e->logits_host + (size_t)i * V);
+        /* Host-memory backends (CPU) sample the logits where the head wrote
+         * them: the copy was 16 MiB a step at 64 rows of 65 536. Sampling
+         * changes them in place; the next step's head rewrites them. */
+        float *logits = e->logits_dev;
+        if (!be->is_host_memory) {
+            be->copy_to_host(be, e->logits_host, e->logits_dev,
+                             sizeof(float) * (size_t)n_seq * V);
+            logits = e->logits_host;
         }
+        sample_rows(e, c, n_seq, logits, slots_out, tokens_out, n_sampled);
     }
     be->synchronize(be);
     *busy = rp_now_seconds() - t0;
