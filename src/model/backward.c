@@ -335,9 +335,12 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     float *dmu_k[1] = {gw->ffn_x_k};
     const float *dmix_k[1] = {tw->dxc}, *mu_k[1] = {w->ffn_x_k};
     if (be->shift_mix_backward && be->shift_mix_ln_backward) {
+        /* xf NULL: formed again from x_mid (the forward did not store it) */
+        const float *xf = rp_mix_again(be, batch, C) ? NULL : s->xf;
         be->shift_mix_ln_backward(be, tw->dx, gw->ln2_weight, gw->ln2_bias, tw->dxa, tw->dprev,
-                                  dmu_k, dmix_k, mu_k, 1, s->xf, s->prev_ffn, dffn, dstride,
-                                  s->x_mid, s->ln2_mean, s->ln2_rstd, w->ln2_weight, batch, C);
+                                  dmu_k, dmix_k, mu_k, 1, xf, s->prev_ffn, dffn, dstride,
+                                  s->x_mid, s->ln2_mean, s->ln2_rstd, w->ln2_weight,
+                                  w->ln2_bias, batch, C);
     } else {
         if (be->shift_mix_backward) {
             be->shift_mix_backward(be, tw->dxa, tw->dprev, dmu_k, dmix_k, mu_k, 1, s->xf,
@@ -366,7 +369,11 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     int n_terms = 0;
     /* (before bonus/gate's backward: its bf16 copy of dg, below, stays a
      * GEMM operand) */
-    if (fused)
+    const int again = fused && rp_mix_again(be, batch, C);
+    if (again)
+        be->ln_mix_again(be, tw->mix, mu, RP_MIX_MAX, s->prev_att, s->x_in, s->ln1_mean,
+                         s->ln1_rstd, w->ln1_weight, w->ln1_bias, batch, C);
+    else if (fused)
         be->shift_mix(be, s->prev_att, tw->mix, mu, RP_MIX_MAX, s->xa, NULL, 0, batch, C);
     if (wsave) be->copy(be, ws.dx_mid, tw->dx, rc_bytes);
     be->matmul_linear_backward_beta(be, tw->d_og, wsave ? NULL : gw->output, tw->dx, s->og,
@@ -492,8 +499,9 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     if (fused && be->shift_mix_ln_backward) {
         be->shift_mix_ln_backward(be, tw->dx, gw->ln1_weight, gw->ln1_bias, tw->dxa, tw->dprev,
                                   term_dmu, (const float *const *)tw->dmix, term_mu, n_terms,
-                                  s->xa, s->prev_att, datt, dstride, s->x_in, s->ln1_mean,
-                                  s->ln1_rstd, w->ln1_weight, batch, C);
+                                  again ? NULL : s->xa, s->prev_att, datt, dstride, s->x_in,
+                                  s->ln1_mean, s->ln1_rstd, w->ln1_weight, w->ln1_bias, batch,
+                                  C);
         return;
     }
     if (fused)
@@ -534,12 +542,24 @@ void rp_backward_block_backward_w(const rp_model *m, rp_model *grads, rp_backwar
                                     0.0f);
     be->matmul_linear_backward_beta(be, NULL, gw->output, ws.dx_mid, s->og, w->output, R, C, C,
                                     0.0f);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_v, R, C);
-    be->matmul_linear_backward_beta(be, NULL, gw->value, ws.dv, tw->xc, w->value, R, C, C, 0.0f);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
-    be->matmul_linear_backward_beta(be, NULL, gw->key, ws.dk, tw->xc, w->key, R, C, C, 0.0f);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
-    be->matmul_linear_backward_beta(be, NULL, gw->receptance, ws.dr, tw->xc, w->receptance, R, C,
+    /* v, k, r mixes: lerps of the stored xa, or (xa not stored) formed again
+     * in one op into the workspace's mix buffers, the same bits */
+    const float *xv = tw->xc, *xk = tw->xc, *xr = tw->xc;
+    const int again = tw->mix[0] && rp_mix_again(be, batch, C);
+    if (again) {
+        const float *mu3[3] = {w->x_v, w->x_k, w->x_r};
+        be->ln_mix_again(be, tw->mix, mu3, 3, s->prev_att, s->x_in, s->ln1_mean, s->ln1_rstd,
+                         w->ln1_weight, w->ln1_bias, batch, C);
+        xv = tw->mix[0];
+        xk = tw->mix[1];
+        xr = tw->mix[2];
+    }
+    if (!again) be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_v, R, C);
+    be->matmul_linear_backward_beta(be, NULL, gw->value, ws.dv, xv, w->value, R, C, C, 0.0f);
+    if (!again) be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
+    be->matmul_linear_backward_beta(be, NULL, gw->key, ws.dk, xk, w->key, R, C, C, 0.0f);
+    if (!again) be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
+    be->matmul_linear_backward_beta(be, NULL, gw->receptance, ws.dr, xr, w->receptance, R, C,
                                     C, 0.0f);
 }
 

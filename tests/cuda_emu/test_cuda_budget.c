@@ -487,6 +487,109 @@ static void test_ln_shift_mix_train_exact(void **s) {
     }
 }
 
+/* Every layer's xa, xf, prev_att and prev_ffn [MAX_ROWS, C] set to NaN: a
+ * step that reads any of them where it did not write it first loses its
+ * loss and gradients to NaN. */
+static void poison_ln_outputs(fixture *f) {
+    const int C = f->model.cfg.n_embd;
+    const size_t n = (size_t)MAX_ROWS * C;
+    float *nan_rows = malloc(n * sizeof(float));
+    assert_non_null(nan_rows);
+    for (size_t i = 0; i < n; i++) nan_rows[i] = NAN;
+    for (int l = 0; l < f->model.cfg.n_layer; l++) {
+        rp_layer_activations *a = &f->tw.layers[l];
+        float *bufs[4] = {a->xa, a->xf, a->prev_att, a->prev_ffn};
+        for (int i = 0; i < 4; i++) f->be->copy_to_device(f->be, bufs[i], nan_rows, n * sizeof(float));
+    }
+    free(nan_rows);
+}
+
+/* xa and prev formed again (backend.h ln_mix_again_fits / ln_mix_again;
+ * ln_shift_mix_train and shift_mix_ln_backward with xa NULL) against the
+ * stored path (ln_mix_again_fits NULL): a BF16-math training step's loss and
+ * every gradient bit for bit, with the stored buffers NaN beforehand (so the
+ * new path reads no xa / xf and no prev row but the sequences' first), over
+ * several sequences and one. */
+static void test_mix_again_exact(void **s) {
+    fixture *f = *s;
+    int (*fits)(rp_backend *, const rp_batch *, int) = f->be->ln_mix_again_fits;
+    assert_non_null(fits);
+    assert_non_null(f->be->ln_mix_again);
+    const int n_seqs[2] = {MAX_SEQS, 1}, lens[2] = {MAX_ROWS / MAX_SEQS, 13};
+    for (int i = 0; i < 2; i++) {
+        float *side[2];
+        double loss[2];
+        size_t n = 0;
+        for (int on = 0; on < 2; on++) {
+            f->be->ln_mix_again_fits = on ? fits : NULL;
+            if (on) poison_ln_outputs(f);
+            rp_model_zero(&f->grads);
+            loss[on] = train_step(f, n_seqs[i], lens[i], 4);
+            side[on] = grads_to_host(f, &n);
+        }
+        f->be->ln_mix_again_fits = fits;
+        size_t diff = 0, nonzero = 0;
+        for (size_t j = 0; j < n; j++) {
+            diff += memcmp(&side[0][j], &side[1][j], sizeof(float)) != 0;
+            nonzero += side[1][j] != 0.0f;
+        }
+        fprintf(stderr, "mix again exact: %d rows, loss %.9g / %.9g, %zu gradients, "
+                        "%zu nonzero, %zu differ\n",
+                n_seqs[i] * lens[i], loss[0], loss[1], n, nonzero, diff);
+        assert_true(nonzero > 1000);
+        assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0);
+        assert_int_equal(diff, 0);
+        free(side[0]);
+        free(side[1]);
+    }
+    /* The ZB-H1 W pass (rp_backward_block_backward_w) of every layer after
+     * a step, from one wsave: the stored path's weight gradients against
+     * those of the formed-again path after a step that stored no xa. */
+    const rp_config *cfg = &f->model.cfg;
+    const size_t n_wsave = rp_backward_wsave_floats(cfg, MAX_ROWS);
+    float *host = malloc(n_wsave * sizeof(float));
+    assert_non_null(host);
+    for (size_t j = 0; j < n_wsave; j++) host[j] = (float)((int)(j * 37 % 101) - 50) / 64.0f;
+    float *wsave = f->be->alloc(f->be, n_wsave * sizeof(float));
+    assert_non_null(wsave);
+    f->be->copy_to_device(f->be, wsave, host, n_wsave * sizeof(float));
+    free(host);
+    int seq_len[MAX_SEQS], slot[MAX_SEQS], row_begin[MAX_SEQS];
+    for (int q = 0; q < MAX_SEQS; q++) {
+        seq_len[q] = MAX_ROWS / MAX_SEQS;
+        slot[q] = q;
+    }
+    rp_batch b;
+    rp_batch_init(&b, MAX_SEQS, seq_len, slot, row_begin);
+    float *side[2];
+    size_t n = 0;
+    for (int on = 0; on < 2; on++) {
+        f->be->ln_mix_again_fits = on ? fits : NULL;
+        if (on) poison_ln_outputs(f);
+        train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 4);
+        rp_model_zero(&f->grads);
+        for (int l = 0; l < cfg->n_layer; l++)
+            rp_backward_block_backward_w(&f->model, &f->grads, &f->tw, l, &b, wsave);
+        f->be->synchronize(f->be);
+        rp_error err;
+        assert_int_equal(f->be->status(f->be, &err), RP_OK);
+        side[on] = grads_to_host(f, &n);
+    }
+    f->be->ln_mix_again_fits = fits;
+    size_t diff = 0, nonzero = 0;
+    for (size_t j = 0; j < n; j++) {
+        diff += memcmp(&side[0][j], &side[1][j], sizeof(float)) != 0;
+        nonzero += side[1][j] != 0.0f;
+    }
+    fprintf(stderr, "mix again exact, W pass: %zu gradients, %zu nonzero, %zu differ\n", n,
+            nonzero, diff);
+    assert_true(nonzero > 1000);
+    assert_int_equal(diff, 0);
+    free(side[0]);
+    free(side[1]);
+    f->be->free(f->be, wsave);
+}
+
 /* groupnorm + bonus/gate fused (backend.h groupnorm_bonus_gate and its
  * backward): a training step's gradients bit for bit those of the unfused
  * ops (both entries NULL), with 5 launches fewer a layer (so the fused ops
@@ -1315,6 +1418,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_train_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_mix_again_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_d_pre, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
