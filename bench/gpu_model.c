@@ -390,9 +390,11 @@ static void mix_ln_backward(kernel_list *l, double R, double C, int terms) {
     if (chunks < 1) chunks = 1;
     const double parts = terms + 2;
     /* xa and prev formed from x (mixes formed again): not read; the bias
-     * read; the row above's x comes from L2 (the previous row's load) */
+     * read; the row above's x comes from L2 (the previous row's load). The
+     * terms are their GEMMs' bf16 outputs in place (mix_grads16). */
     add_l2(l, "shift_mix_ln_backward (mix + shift + LN dx + partials)", 1,
-           4.0 * C * (R * (terms + 3 + BF16_OUT) + terms + 2 + parts * chunks) + 8.0 * R,
+           4.0 * C * (R * (terms * BF16_OUT + 3 + BF16_OUT) + terms + 2 + parts * chunks) +
+               8.0 * R,
            4.0 * R * C, (6.0 * terms + 20.0) * R * C, 0);
     add(l, "shift_mix_ln_backward finish (param sums, d state)", 1,
         4.0 * C * (parts * chunks + 2 * parts), parts * chunks * C, 0);

@@ -458,7 +458,27 @@ struct mix_terms {
     const float *dmix[RP_MIX_TERMS_MAX];
     const float *mu[RP_MIX_TERMS_MAX];
     float *dmu[RP_MIX_TERMS_MAX];
+    unsigned bf16;  // bit j: dmix[j] holds bf16 values in place (a gemm_only GEMM output)
 };
+
+// W mix-gradient values at element o of term j, f32 or bf16 in place.
+template <int W>
+static __device__ __forceinline__ vecf<W> load_dmix(const mix_terms &t, int j, size_t o) {
+    if (!(t.bf16 >> j & 1u)) return load<W>(t.dmix[j] + o);
+    const __nv_bfloat16 *p = reinterpret_cast<const __nv_bfloat16 *>(t.dmix[j]) + o;
+    vecf<W> v;
+    if (W == 4) {  // one 8-byte load: o and the range start are multiples of 4
+        union {
+            unsigned long long raw;
+            __nv_bfloat16 h[4];
+        } t;
+        t.raw = *reinterpret_cast<const unsigned long long *>(p);
+        for (int i = 0; i < W; i++) v.v[i] = __bfloat162float(t.h[i]);
+    } else {
+        for (int i = 0; i < W; i++) v.v[i] = __bfloat162float(p[i]);
+    }
+    return v;
+}
 
 // Row r's own parts at columns c..c+W: dxo = sum_j dmix_j (1 - mu_j) and
 // dp = sum_j dmix_j mu_j, the terms in order from 0 (lerp_backward_beta's
@@ -480,7 +500,7 @@ static __device__ __forceinline__ void mix_row(const mix_terms &t, int n_terms, 
 #pragma unroll
     for (int j = 0; j < RP_MIX_TERMS_MAX; j++) {
         if (j >= n_terms) break;
-        const vecf<W> d = load<W>(t.dmix[j] + o), m = load<W>(t.mu[j] + c);
+        const vecf<W> d = load_dmix<W>(t, j, o), m = load<W>(t.mu[j] + c);
         for (int i = 0; i < W; i++) {
             dxo.v[i] += d.v[i] * (1.0f - m.v[i]);
             dp.v[i] += d.v[i] * m.v[i];
@@ -785,6 +805,16 @@ static void cuda_shift_mix_ln_backward(rp_backend *be, float *dx, float *dweight
                        __FILE__, __LINE__);
         return;
     }
+    for (int j = 0; j < n_terms && !fits; j++) {
+        const rp_cuda_inplace *ip = rp_cuda_inplace_at(cx, dmix[j], (size_t)R * C);
+        if (ip && !ip->f32) {
+            rp_cuda_record(cx, cudaErrorInvalidValue,
+                           "shift_mix_ln_backward: a bf16 in-place dmix on a shape the fused "
+                           "kernel does not take (hint dmix only where ln_mix_again_fits)",
+                           __FILE__, __LINE__);
+            return;
+        }
+    }
     if (!fits) {
         cuda_shift_mix_backward(be, dxa, dprev, dmu, dmix, mu, n_terms, xa, prev, dstate_base,
                                 state_stride, batch, C);
@@ -802,6 +832,10 @@ static void cuda_shift_mix_ln_backward(rp_backend *be, float *dx, float *dweight
         t.dmix[j] = dmix[j];
         t.mu[j] = mu[j];
         t.dmu[j] = dmu[j];
+        // a gemm_only GEMM's output (backend.h mix_grads16): its bf16 in
+        // place, or with the copies off its f32 rounded values
+        const rp_cuda_inplace *ip = rp_cuda_inplace_at(cx, dmix[j], (size_t)R * C);
+        if (ip && !ip->f32) t.bf16 |= 1u << j;
     }
     // dx is the output gradient of a block's residual: the next GEMM backward's dY
     __nv_bfloat16 *dx16 = rp_cuda_act16_for_rows(cx, dx, (size_t)R * C, R);

@@ -98,6 +98,10 @@ struct rp_backend {
     const char *name;
     void *impl;  /* backend-private context (thread count, handles, streams) */
     int is_host_memory;  /* 1 when backend pointers are plain host pointers (CPU) */
+    /* 1 (CUDA): shift_mix_ln_backward reads mix gradients that gemm_only
+     * GEMMs stored as bf16 in place; where xa is formed again (ln_mix_again_fits)
+     * the model then hints each dmix's GEMM (issue 15). 0: f32 dmix. */
+    int mix_grads16;
 
     void (*destroy)(rp_backend *be);  /* the backend and its context */
 

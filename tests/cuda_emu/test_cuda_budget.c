@@ -459,6 +459,10 @@ static void test_ln_shift_mix_train_exact(void **s) {
                   const float *const *, int, const float *, const float *, const float *, float,
                   float *, size_t, const rp_batch *, int) = f->be->ln_shift_mix_train;
     assert_non_null(fused);
+    /* f32 dmix on both sides: without the entry the mixes are not formed
+     * again, and the dmix stay f32 (backend.h mix_grads16) */
+    const int grads16 = f->be->mix_grads16;
+    f->be->mix_grads16 = 0;
     const int n_seqs[2] = {MAX_SEQS, 1}, lens[2] = {MAX_ROWS / MAX_SEQS, 13};
     for (int i = 0; i < 2; i++) {
         float *side[2];
@@ -485,6 +489,7 @@ static void test_ln_shift_mix_train_exact(void **s) {
         free(side[0]);
         free(side[1]);
     }
+    f->be->mix_grads16 = grads16;
 }
 
 /* Every layer's xa, xf, prev_att and prev_ffn [MAX_ROWS, C] set to NaN: a
@@ -515,6 +520,9 @@ static void test_mix_again_exact(void **s) {
     int (*fits)(rp_backend *, const rp_batch *, int) = f->be->ln_mix_again_fits;
     assert_non_null(fits);
     assert_non_null(f->be->ln_mix_again);
+    /* f32 dmix on both sides (bf16 dmix: test_mix_grads16_precision) */
+    const int grads16 = f->be->mix_grads16;
+    f->be->mix_grads16 = 0;
     const int n_seqs[2] = {MAX_SEQS, 1}, lens[2] = {MAX_ROWS / MAX_SEQS, 13};
     for (int i = 0; i < 2; i++) {
         float *side[2];
@@ -588,6 +596,43 @@ static void test_mix_again_exact(void **s) {
     free(side[0]);
     free(side[1]);
     f->be->free(f->be, wsave);
+    f->be->mix_grads16 = grads16;
+}
+
+/* The mixes' gradients stored bf16 (backend.h mix_grads16: the dmix GEMMs
+ * write bf16 in place, shift_mix_ln_backward reads it) against f32 dmix and
+ * against FP32 math: the cost of that rounding, which must stay small next
+ * to BF16 math's own. Its bits are test_act16_exact's (copies off: the same
+ * values rounded in f32). */
+static double rel_l2(const float *a, const float *b, size_t n);
+static void test_mix_grads16_precision(void **s) {
+    fixture *f = *s;
+    void *ref_state = NULL;
+    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
+    fixture *ref = ref_state;
+    assert_int_equal(f->be->mix_grads16, 1);
+    float *g[3];
+    double loss[3];
+    size_t n = 0;
+    for (int side = 0; side < 3; side++) { /* bf16 dmix, f32 dmix, FP32 math */
+        fixture *x = side == 2 ? ref : f;
+        f->be->mix_grads16 = side == 0;
+        rp_model_zero(&x->grads);
+        loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
+        g[side] = grads_to_host(x, &n);
+    }
+    f->be->mix_grads16 = 1;
+    const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+    const double cost = rel_l2(g[0], g[1], n);
+    fprintf(stderr,
+            "mix grads16: gradients vs FP32 math rel %.3e (bf16 dmix) %.3e (f32 dmix), "
+            "bf16 vs f32 dmix %.3e; loss %.9g %.9g fp32 %.9g\n",
+            with, without, cost, loss[0], loss[1], loss[2]);
+    assert_true(cost > 0);
+    assert_true(with <= 1.25 * without + 1e-3);
+    assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0); /* the forward is the same */
+    for (int side = 0; side < 3; side++) free(g[side]);
+    teardown(&ref_state);
 }
 
 /* groupnorm + bonus/gate fused (backend.h groupnorm_bonus_gate and its
@@ -1419,6 +1464,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_train_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_again_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_mix_grads16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_d_pre, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
