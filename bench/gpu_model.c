@@ -293,6 +293,8 @@ static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, do
  * either, cuda_elementwise.cu / cuda_backward.cu). */
 #define GN_Y_IO 1.0
 
+static int mix_ln_fused(double C);
+
 /* The forward ops of one layer (rp_block_forward), R rows of S sequences;
  * decode: the fused ops (layer_decode), else GEMMs and the checkpointing WKV7. */
 static void layer_forward(kernel_list *l, const rp_config *c, int layer, double R, double S,
@@ -311,11 +313,16 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
      * them); xa is not read back. The shift's value is the row above's
      * norm, formed again: its x row (moments' two passes and the values)
      * comes from L2, where its own block just read it. */
+    /* (issue 15, mixes formed again) where the fused mix + LN backward
+     * takes C, xa and prev are not written (prev's sequence-first rows only:
+     * S rows) and the backward forms them from x, mean and rstd */
+    const double io = mix_ln_fused(C) ? 1 : 3, first = mix_ln_fused(C) ? S : 0;
     add_l2(l, "ln_shift_mix_train (ln1 + shift + 6 mixes, bf16)", 1,
-           4.0 * C * (R * (3 + 6 * BF16_OUT) + 2 + 6), 3 * 4.0 * R * C, (16 + 3 * 6) * R * C,
-           0);
+           4.0 * C * (R * (io + 6 * BF16_OUT) + first + 2 + 6), 3 * 4.0 * R * C,
+           (16 + 3 * 6) * R * C, 0);
     add_l2(l, "ln_shift_mix_train (ln2 + shift + 1 mix, bf16)", 1,
-           4.0 * C * (R * (3 + BF16_OUT) + 2 + 1), 3 * 4.0 * R * C, (16 + 3) * R * C, 0);
+           4.0 * C * (R * (io + BF16_OUT) + first + 2 + 1), 3 * 4.0 * R * C, (16 + 3) * R * C,
+           0);
     /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value below */
     gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C, 1);
     for (int i = 0; i < loras; i++) {
@@ -383,9 +390,13 @@ static void mix_ln_backward(kernel_list *l, double R, double C, int terms) {
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
     const double parts = terms + 2;
-    add(l, "shift_mix_ln_backward (mix + shift + LN dx + partials)", 1,
-        4.0 * C * (R * (terms + 5 + BF16_OUT) + terms + 1 + parts * chunks) + 8.0 * R,
-        (6.0 * terms + 12.0) * R * C, 0);
+    /* xa and prev formed from x (mixes formed again): not read; the bias
+     * read; the row above's x comes from L2 (the previous row's load). The
+     * terms are their GEMMs' bf16 outputs in place (mix_grads16). */
+    add_l2(l, "shift_mix_ln_backward (mix + shift + LN dx + partials)", 1,
+           4.0 * C * (R * (terms * BF16_OUT + 3 + BF16_OUT) + terms + 2 + parts * chunks) +
+               8.0 * R,
+           4.0 * R * C, (6.0 * terms + 20.0) * R * C, 0);
     add(l, "shift_mix_ln_backward finish (param sums, d state)", 1,
         4.0 * C * (parts * chunks + 2 * parts), parts * chunks * C, 0);
 }
@@ -428,9 +439,17 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     const double ranks[4] = {c->d_decay, c->d_iclr, c->d_gate, c->d_value};
     const int loras = layer == 0 ? 3 : 4;
     const double state = 4.0 * H * N * N;
-    /* The six time-mix mixes formed again (from the saved xa, prev) in one
-     * shift_mix, bf16 in place, the GEMM backwards' X. */
-    ew(l, "shift_mix (backward: the 6 mixes again, bf16)", 1, R, C, 2 + 6 * BF16_OUT, 6, 3 * 6);
+    /* The six time-mix mixes formed again, bf16 in place, the GEMM
+     * backwards' X: from ln1's input x, mean and rstd (ln_mix_again; the
+     * row above's x from L2) where the fused mix + LN backward takes C, else
+     * from the saved xa and prev (shift_mix). */
+    if (mix_ln_fused(C))
+        add_l2(l, "ln_mix_again (backward: the 6 mixes again, bf16)", 1,
+               4.0 * C * (R * (1 + 6 * BF16_OUT) + 2 + 6) + 16.0 * R, 4.0 * R * C,
+               (8 + 3 * 6) * R * C, 0);
+    else
+        ew(l, "shift_mix (backward: the 6 mixes again, bf16)", 1, R, C, 2 + 6 * BF16_OUT, 6,
+           3 * 6);
     /* each mix backward (the time mix's 6 or 7 uses, the channel mix's 1)
      * with its LayerNorm's backward (ln1, ln2) in one shift_mix_ln_backward;
      * unfused (C not a multiple of 128 or above 2048) shift_mix_backward

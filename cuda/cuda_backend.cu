@@ -832,6 +832,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
         return NULL;
     }
     be->is_host_memory = 0;
+    be->mix_grads16 = 1;
     /* Engine decode groups (backend.h): 64, one gemv_group launch and one
      * step graph per group; decode rows of any count never reach cuBLAS
      * (cuda_decode.cu), so a row has the bits it has alone, as the engine

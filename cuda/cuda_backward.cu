@@ -458,7 +458,27 @@ struct mix_terms {
     const float *dmix[RP_MIX_TERMS_MAX];
     const float *mu[RP_MIX_TERMS_MAX];
     float *dmu[RP_MIX_TERMS_MAX];
+    unsigned bf16;  // bit j: dmix[j] holds bf16 values in place (a gemm_only GEMM output)
 };
+
+// W mix-gradient values at element o of term j, f32 or bf16 in place.
+template <int W>
+static __device__ __forceinline__ vecf<W> load_dmix(const mix_terms &t, int j, size_t o) {
+    if (!(t.bf16 >> j & 1u)) return load<W>(t.dmix[j] + o);
+    const __nv_bfloat16 *p = reinterpret_cast<const __nv_bfloat16 *>(t.dmix[j]) + o;
+    vecf<W> v;
+    if (W == 4) {  // one 8-byte load: o and the range start are multiples of 4
+        union {
+            unsigned long long raw;
+            __nv_bfloat16 h[4];
+        } t;
+        t.raw = *reinterpret_cast<const unsigned long long *>(p);
+        for (int i = 0; i < W; i++) v.v[i] = __bfloat162float(t.h[i]);
+    } else {
+        for (int i = 0; i < W; i++) v.v[i] = __bfloat162float(p[i]);
+    }
+    return v;
+}
 
 // Row r's own parts at columns c..c+W: dxo = sum_j dmix_j (1 - mu_j) and
 // dp = sum_j dmix_j mu_j, the terms in order from 0 (lerp_backward_beta's
@@ -467,9 +487,12 @@ template <int W>
 static __device__ __forceinline__ void mix_row(const mix_terms &t, int n_terms, size_t o,
                                                int c, const float *x, const float *prev,
                                                vecf<W> &dxo, vecf<W> &dp,
-                                               float (*acc)[W]) {
+                                               float (*acc)[W], bool use_formed = false,
+                                               vecf<W> formed = {}) {
     vecf<W> diff;
-    if (acc) {
+    if (acc && use_formed) {
+        diff = formed;  // prev - x formed by the caller (x and prev not stored)
+    } else if (acc) {
         const vecf<W> xv = load<W>(x + o), pv = load<W>(prev + o);
         for (int i = 0; i < W; i++) diff.v[i] = pv.v[i] - xv.v[i];
     }
@@ -477,7 +500,7 @@ static __device__ __forceinline__ void mix_row(const mix_terms &t, int n_terms, 
 #pragma unroll
     for (int j = 0; j < RP_MIX_TERMS_MAX; j++) {
         if (j >= n_terms) break;
-        const vecf<W> d = load<W>(t.dmix[j] + o), m = load<W>(t.mu[j] + c);
+        const vecf<W> d = load_dmix<W>(t, j, o), m = load<W>(t.mu[j] + c);
         for (int i = 0; i < W; i++) {
             dxo.v[i] += d.v[i] * (1.0f - m.v[i]);
             dp.v[i] += d.v[i] * m.v[i];
@@ -497,11 +520,11 @@ static __device__ __forceinline__ vecf<W> mix_row_carried(
     const mix_terms &t, int n_terms, int r, int last, int c, int C, const float *x,
     const float *prev, float (*acc)[W], const float *dstate_base, size_t state_stride,
     const int32_t *row_begin, const int32_t *seq_len, const int32_t *slot, int &s,
-    float *dprev, vecf<W> &below) {
+    float *dprev, vecf<W> &below, bool use_formed = false, vecf<W> formed = {}) {
     while (s > 0 && r < row_begin[s]) s--;
     const size_t o = (size_t)r * C + c;
     vecf<W> dxo, dp;
-    mix_row<W>(t, n_terms, o, c, x, prev, dxo, dp, acc);
+    mix_row<W>(t, n_terms, o, c, x, prev, dxo, dp, acc, use_formed, formed);
     if (r == row_begin[s] + seq_len[s] - 1) {
         below = load<W>(dstate_base + (size_t)slot[s] * state_stride + c);
     } else if (r == last) {
@@ -673,9 +696,9 @@ __global__ static void __launch_bounds__(MIX_LN_THREADS_MAX) shift_mix_ln_backwa
     float *__restrict__ part, mix_terms t, int n_terms, const float *__restrict__ xa,
     const float *__restrict__ prev, const float *__restrict__ dstate_base, size_t state_stride,
     const float *__restrict__ x, const float *__restrict__ mean, const float *__restrict__ rstd,
-    const float *__restrict__ weight, const int32_t *__restrict__ row_begin,
-    const int32_t *__restrict__ seq_len, const int32_t *__restrict__ slot, int n_seq, int R,
-    int C, int rows_per_chunk) {
+    const float *__restrict__ weight, const float *__restrict__ bias,
+    const int32_t *__restrict__ row_begin, const int32_t *__restrict__ seq_len,
+    const int32_t *__restrict__ slot, int n_seq, int R, int C, int rows_per_chunk) {
     constexpr int W = MIX_LN_COLS;
     __shared__ float sh_a[32], sh_b[32];
     const int c = threadIdx.x * W;
@@ -692,12 +715,31 @@ __global__ static void __launch_bounds__(MIX_LN_THREADS_MAX) shift_mix_ln_backwa
         vecf<W> below;  // d(prev) of row r + 1
         for (int r = end - 1; r >= begin; r--) {
             const size_t o = (size_t)r * C + c;
-            const vecf<W> dxa =
-                mix_row_carried<W>(t, n_terms, r, end - 1, c, C, xa, prev, acc, dstate_base,
-                                   state_stride, row_begin, seq_len, slot, s, dprev, below);
-            // LayerNorm backward of row r with dy = dxa
             const float mu = mean[r], rs = rstd[r];
             const vecf<W> xv = load<W>(x + o);
+            // xa NULL: the row's norm output and its prev formed again as
+            // ln_shift_mix_train_kernel formed them (rp_ln_value, the same
+            // bits); prev is stored at sequences' first rows only
+            vecf<W> formed = {};
+            if (!xa) {
+                while (s > 0 && r < row_begin[s]) s--;
+                const vecf<W> bv = load<W>(bias + c);
+                vecf<W> pv;
+                if (r == row_begin[s]) {
+                    pv = load<W>(prev + o);
+                } else {
+                    const float mu2 = mean[r - 1], rs2 = rstd[r - 1];
+                    const vecf<W> x2 = load<W>(x + o - C);
+                    for (int i = 0; i < W; i++)
+                        pv.v[i] = rp_ln_value(x2.v[i], mu2, rs2, wv.v[i], bv.v[i]);
+                }
+                for (int i = 0; i < W; i++)
+                    formed.v[i] = pv.v[i] - rp_ln_value(xv.v[i], mu, rs, wv.v[i], bv.v[i]);
+            }
+            const vecf<W> dxa = mix_row_carried<W>(t, n_terms, r, end - 1, c, C, xa, prev, acc,
+                                                   dstate_base, state_stride, row_begin, seq_len,
+                                                   slot, s, dprev, below, !xa, formed);
+            // LayerNorm backward of row r with dy = dxa
             float sum_d = 0.0f, sum_dxh = 0.0f;
             for (int i = 0; i < W; i++) {
                 const float d = dxa.v[i] * wv.v[i];
@@ -738,11 +780,12 @@ static void cuda_shift_mix_ln_backward(rp_backend *be, float *dx, float *dweight
                                        int n_terms, const float *xa, const float *prev,
                                        float *dstate_base, size_t state_stride, const float *x,
                                        const float *mean, const float *rstd,
-                                       const float *weight, const rp_batch *batch, int C) {
+                                       const float *weight, const float *bias,
+                                       const rp_batch *batch, int C) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     const int R = batch->n_rows;
     if (R <= 0 || batch->n_seq <= 0 || C <= 0) return;
-    if (n_terms < 1 || n_terms > RP_MIX_TERMS_MAX) {
+    if (n_terms < 1 || n_terms > RP_MIX_TERMS_MAX || (!xa && !bias)) {
         rp_cuda_record(cx, cudaErrorInvalidValue,
                        "shift_mix_ln_backward: n_terms outside [1, RP_MIX_TERMS_MAX]", __FILE__,
                        __LINE__);
@@ -752,9 +795,26 @@ static void cuda_shift_mix_ln_backward(rp_backend *be, float *dx, float *dweight
     // any other shape runs the two ops (the same results, by definition).
     int fits = C % (32 * MIX_LN_COLS) == 0 && C <= MIX_LN_MAX_C && state_stride % 4 == 0 &&
                vector_width((size_t)C, dx, dprev, xa, prev, dstate_base, x) == 4 &&
-               vector_width((size_t)C, weight) == 4;
+               vector_width((size_t)C, weight, bias) == 4;
     for (int j = 0; j < n_terms; j++)
         if (vector_width((size_t)C, dmix[j], mu[j]) != 4) fits = 0;
+    if (!fits && !xa) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "shift_mix_ln_backward: xa NULL on a shape the fused kernel does not "
+                       "take (ln_mix_again_fits must refuse it; store xa there)",
+                       __FILE__, __LINE__);
+        return;
+    }
+    for (int j = 0; j < n_terms && !fits; j++) {
+        const rp_cuda_inplace *ip = rp_cuda_inplace_at(cx, dmix[j], (size_t)R * C);
+        if (ip && !ip->f32) {
+            rp_cuda_record(cx, cudaErrorInvalidValue,
+                           "shift_mix_ln_backward: a bf16 in-place dmix on a shape the fused "
+                           "kernel does not take (hint dmix only where ln_mix_again_fits)",
+                           __FILE__, __LINE__);
+            return;
+        }
+    }
     if (!fits) {
         cuda_shift_mix_backward(be, dxa, dprev, dmu, dmix, mu, n_terms, xa, prev, dstate_base,
                                 state_stride, batch, C);
@@ -772,12 +832,16 @@ static void cuda_shift_mix_ln_backward(rp_backend *be, float *dx, float *dweight
         t.dmix[j] = dmix[j];
         t.mu[j] = mu[j];
         t.dmu[j] = dmu[j];
+        // a gemm_only GEMM's output (backend.h mix_grads16): its bf16 in
+        // place, or with the copies off its f32 rounded values
+        const rp_cuda_inplace *ip = rp_cuda_inplace_at(cx, dmix[j], (size_t)R * C);
+        if (ip && !ip->f32) t.bf16 |= 1u << j;
     }
     // dx is the output gradient of a block's residual: the next GEMM backward's dY
     __nv_bfloat16 *dx16 = rp_cuda_act16_for_rows(cx, dx, (size_t)R * C, R);
     shift_mix_ln_backward_kernel<<<chunks, C / MIX_LN_COLS, 0, cx->stream>>>(
         dx, dx16, dprev, part, t, n_terms, xa, prev, dstate_base, state_stride, x, mean, rstd,
-        weight, b.row_begin, b.seq_len, b.slot, b.n_seq, R, C, rows_per_chunk);
+        weight, bias, b.row_begin, b.seq_len, b.slot, b.n_seq, R, C, rows_per_chunk);
     const size_t rc = (size_t)R * C * sizeof(float);
     if (!RP_CUDA_LAUNCHED_OUT(cx, "shift_mix_ln_backward", {dx, rc}, {dprev, rc},
                               {part, part_floats * sizeof(float)}))

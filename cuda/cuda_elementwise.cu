@@ -574,7 +574,7 @@ static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *
         load_w<W>(b, bias + c);
 #pragma unroll
         for (int i = 0; i < W; i++) xv[i] = rp_ln_value(v[i], m, s, w[i], b[i]);
-        store_w<W>(xa + o + c, xv);
+        if (xa) store_w<W>(xa + o + c, xv);
         if (!in_seq) continue;
         float v2[W], ln2[W], pv[W];
         load_w<W>(v2, x + o2 + c);
@@ -587,9 +587,94 @@ static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *
 #pragma unroll
             for (int i = 0; i < W; i++) pv[i] = ln2[i];
         }
-        store_w<W>(prev + o + c, pv);
+        if (xa || st) store_w<W>(prev + o + c, pv);  // no xa: the first rows only
         store_mixes<W>(mp, n_mix, xv, pv, o, c, bf16);
     }
+}
+
+// ln_mix_again: one block per row, the mixes of ln_shift_mix_train_kernel
+// formed again from x and the saved mean / rstd (rp_ln_value of the same
+// operands: the same bits), a sequence's first row's prev read from prev.
+template <int W>
+static __global__ void ln_mix_again_kernel(mix_ptrs mp, int n_mix, const float *prev,
+                                           const float *x, const float *mean, const float *rstd,
+                                           const float *weight, const float *bias,
+                                           const int32_t *seq_len, const int32_t *row_begin,
+                                           int n_seq, int bf16, int C) {
+    const int r = blockIdx.x;
+    const size_t o = (size_t)r * C;
+    const int lo = rp_seq_of_row(row_begin, n_seq, r);
+    const int begin = row_begin[lo], len = seq_len[lo];
+    if (r < begin || r >= begin + len) return;  // not a row of any sequence
+    const bool first = r == begin;
+    const float m = mean[r], s = rstd[r];
+    const float m2 = first ? 0.0f : mean[r - 1], s2 = first ? 0.0f : rstd[r - 1];
+    const int step = blockDim.x * W;
+    for (int c = threadIdx.x * W; c < C; c += step) {
+        float v[W], w[W], b[W], xv[W], pv[W];
+        load_w<W>(v, x + o + c);
+        load_w<W>(w, weight + c);
+        load_w<W>(b, bias + c);
+#pragma unroll
+        for (int i = 0; i < W; i++) xv[i] = rp_ln_value(v[i], m, s, w[i], b[i]);
+        if (first) {
+            load_w<W>(pv, prev + o + c);
+        } else {
+            float v2[W];
+            load_w<W>(v2, x + o - C + c);
+#pragma unroll
+            for (int i = 0; i < W; i++) pv[i] = rp_ln_value(v2[i], m2, s2, w[i], b[i]);
+        }
+        store_mixes<W>(mp, n_mix, xv, pv, o, c, bf16);
+    }
+}
+
+// ln_shift_mix_train_kernel's shapes (float4, aligned, above the GEMV rows)
+// and the fused mix + LN backward's (cuda_backward.cu: whole warps of float4
+// columns, C <= 2048): there xa and prev need not be stored.
+static int cuda_ln_mix_again_fits(rp_backend *be, const rp_batch *batch, int C) {
+    (void)be;
+    return batch->n_rows > RP_GEMV_MAX_M && C % 128 == 0 && C <= 2048;
+}
+
+static void cuda_ln_mix_again(rp_backend *be, float *const *mix, const float *const *mu,
+                              int n_mix, const float *prev, const float *x, const float *mean,
+                              const float *rstd, const float *weight, const float *bias,
+                              const rp_batch *batch, int C) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int R = batch->n_rows;
+    if (R <= 0 || batch->n_seq <= 0 || C <= 0) return;
+    bool vec = C % 4 == 0 && aligned16(prev) && aligned16(x) && aligned16(weight) &&
+               aligned16(bias);
+    mix_ptrs mp = {};
+    for (int i = 0; i < n_mix && i < RP_MIX_MAX; i++) {
+        mp.mix[i] = mix[i];
+        mp.mu[i] = mu[i];
+        vec = vec && aligned16(mix[i]) && aligned16(mu[i]);
+    }
+    if (n_mix < 0 || n_mix > RP_MIX_MAX || !vec || !cuda_ln_mix_again_fits(be, batch, C)) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "ln_mix_again: n_mix above RP_MIX_MAX, unaligned, or a shape "
+                       "ln_mix_again_fits refuses (the caller must store xa instead)",
+                       __FILE__, __LINE__);
+        return;
+    }
+    rp_cuda_batch b;
+    if (!rp_cuda_upload_batch(cx, batch, &b)) return;
+    const int bf16 = cx->math == RP_CUDA_MATH_BF16 && !cx->act16_off;
+    ln_mix_again_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(
+        mp, n_mix, prev, x, mean, rstd, weight, bias, b.seq_len, b.row_begin, b.n_seq, bf16, C);
+    // only the mixes: the other copies stay valid (as shift_mix without a state)
+    const size_t n = (size_t)R * C, bytes = n * sizeof(float);
+    float *o[RP_MIX_MAX] = {};
+    for (int i = 0; i < n_mix; i++) o[i] = mix[i];
+    const size_t sz[RP_MIX_MAX] = {o[0] ? bytes : 0, o[1] ? bytes : 0, o[2] ? bytes : 0,
+                                   o[3] ? bytes : 0, o[4] ? bytes : 0, o[5] ? bytes : 0};
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "ln_mix_again", {o[0], sz[0]}, {o[1], sz[1]}, {o[2], sz[2]},
+                              {o[3], sz[3]}, {o[4], sz[4]}, {o[5], sz[5]}))
+        return;
+    if (bf16)
+        for (int i = 0; i < n_mix; i++) rp_cuda_inplace_add(cx, mix[i], n);
 }
 
 static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, float *rstd,
@@ -619,7 +704,14 @@ static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, floa
         vec = vec && aligned16(mix[i]) && aligned16(mu[i]);
     }
     const size_t n = (size_t)R * C, bytes = n * sizeof(float);
-    const bool overlap = !(x + n <= xa || xa + n <= x);
+    const bool overlap = xa && !(x + n <= xa || xa + n <= x);
+    if (!xa && (!vec || !cuda_ln_mix_again_fits(be, batch, C))) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "ln_shift_mix_train: xa NULL on a shape ln_mix_again_fits refuses "
+                       "(store xa there)",
+                       __FILE__, __LINE__);
+        return;
+    }
     if (!vec || overlap || R <= RP_GEMV_MAX_M) {
         cuda_layernorm(be, xa, mean, rstd, x, weight, bias, R, C, eps);
         cuda_shift_mix(be, prev, mix, mu, n_mix, xa, state_base, state_stride, batch, C);
@@ -633,7 +725,7 @@ static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, floa
         b.seq_len, b.row_begin, b.slot, b.n_seq, bf16, C);
     // it writes the state slots too: every copy ends, as in shift_mix
     if (!RP_CUDA_LAUNCHED(cx, "ln_shift_mix_train")) return;
-    rp_cuda_act16_forget(cx, xa, bytes);  // RP_CUDA_LAUNCHED keeps bf16 ranges
+    if (xa) rp_cuda_act16_forget(cx, xa, bytes);  // RP_CUDA_LAUNCHED keeps bf16 ranges
     if (mean) rp_cuda_act16_forget(cx, mean, (size_t)R * sizeof(float));
     if (rstd) rp_cuda_act16_forget(cx, rstd, (size_t)R * sizeof(float));
     rp_cuda_act16_forget(cx, prev, bytes);
@@ -1049,6 +1141,8 @@ void rp_cuda_install_elementwise(rp_backend *be) {
     be->ln_shift_mix = cuda_ln_shift_mix;
     be->shift_mix = cuda_shift_mix;
     be->ln_shift_mix_train = cuda_ln_shift_mix_train;
+    be->ln_mix_again_fits = cuda_ln_mix_again_fits;
+    be->ln_mix_again = cuda_ln_mix_again;
     be->bias_act = cuda_bias_act;
     be->value_residual = cuda_value_residual;
     be->key_prepare = cuda_key_prepare;

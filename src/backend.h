@@ -109,6 +109,10 @@ struct rp_backend {
     const char *name;
     void *impl;  /* backend-private context (thread count, handles, streams) */
     int is_host_memory;  /* 1 when backend pointers are plain host pointers (CPU) */
+    /* 1 (CUDA): shift_mix_ln_backward reads mix gradients that gemm_only
+     * GEMMs stored as bf16 in place; where xa is formed again (ln_mix_again_fits)
+     * the model then hints each dmix's GEMM (issue 15). 0: f32 dmix. */
+    int mix_grads16;
 
     void (*destroy)(rp_backend *be);  /* the backend and its context */
 
@@ -256,12 +260,30 @@ struct rp_backend {
      * mixes as shift_mix leaves them. xa must not overlap x. CUDA: one
      * kernel that forms the shift's value (the row above's norm, the
      * sequence's last row's for the state) from x again instead of reading
-     * xa back, with the same bits. */
+     * xa back, with the same bits. xa may be NULL where ln_mix_again_fits
+     * says so (issue 15, "mixes formed again"): then xa is not written and
+     * prev only at each sequence's first row (the state it started from);
+     * ln_mix_again and shift_mix_ln_backward form the rest from x, mean,
+     * rstd, weight and bias with the same bits. */
     void (*ln_shift_mix_train)(rp_backend *be, float *xa, float *mean, float *rstd,
                                float *prev, float *const *mix, const float *const *mu,
                                int n_mix, const float *x, const float *weight,
                                const float *bias, float eps, float *state_base,
                                size_t state_stride, const rp_batch *batch, int C);
+    /* Nonzero when a training step of this batch shape and C may leave xa
+     * and prev unstored (ln_shift_mix_train with xa NULL) and form them
+     * again (ln_mix_again, shift_mix_ln_backward with xa NULL). Optional:
+     * NULL = never; ln_mix_again is set with it. */
+    int (*ln_mix_again_fits)(rp_backend *be, const rp_batch *batch, int C);
+    /* The mixes again from the LayerNorm's input (optional; issue 15):
+     * exactly shift_mix(prev', mix, mu, n_mix, xa', NULL, ...) with xa' =
+     * layernorm of x by the saved mean/rstd and weight/bias (the bits
+     * ln_shift_mix_train stored before) and prev' the token shift of xa'
+     * whose sequences' first rows are read from prev (only those rows). */
+    void (*ln_mix_again)(rp_backend *be, float *const *mix, const float *const *mu, int n_mix,
+                         const float *prev, const float *x, const float *mean,
+                         const float *rstd, const float *weight, const float *bias,
+                         const rp_batch *batch, int C);
     /* Backward of shift_mix (optional: NULL = the ops below one by one), from
      * the gradients of n_terms (<= RP_MIX_TERMS_MAX) uses of the mixes: term j
      * is dmix[j] [R,C] with its mu[j] and dmu[j] [C] (a mix read by two
@@ -282,14 +304,16 @@ struct rp_backend {
      * x, mean, rstd, weight, R, C): dx [R,C] +=, the norm's input x and its
      * saved mean/rstd [R]. dxa and dprev [R,C] are scratch (a backend that
      * fuses may leave them unwritten); the parameter gradients are row sums
-     * in a fixed order, not necessarily the two ops' order. */
+     * in a fixed order, not necessarily the two ops' order. xa NULL (only
+     * where ln_mix_again_fits): xa and prev are formed from x, mean, rstd,
+     * weight and bias as ln_mix_again forms them (prev: first rows only). */
     void (*shift_mix_ln_backward)(rp_backend *be, float *dx, float *dweight, float *dbias,
                                   float *dxa, float *dprev, float *const *dmu,
                                   const float *const *dmix, const float *const *mu,
                                   int n_terms, const float *xa, const float *prev,
                                   float *dstate_base, size_t state_stride, const float *x,
                                   const float *mean, const float *rstd, const float *weight,
-                                  const rp_batch *batch, int C);
+                                  const float *bias, const rp_batch *batch, int C);
 
     /* ---- fused decode (optional: NULL = the model code calls the ops one by
      * one; the CPU twins call exactly those ops in that order) ---- */

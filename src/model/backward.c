@@ -275,10 +275,12 @@ void rp_backward_embed_backward(const rp_model *m, rp_model *grads, rp_backward_
 static void lora_backward(rp_backend *be, float *dx, float *dw1, float *dw2, float *d_hidden,
                           const float *dy, const float *x, const float *hidden,
                           const float *w1, const float *w2, int D, rp_activation inner, int R,
-                          int C) {
+                          int C, int dx16) {
     if (be->gemm_only) be->gemm_only(be, d_hidden, (size_t)R * D);
     be->matmul_lora_backward_beta(be, d_hidden, dw2, dy, hidden, w2, R, C, D, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act_backward(be, d_hidden, NULL, hidden, R, D, inner);
+    /* dx16: dx is a mix gradient only shift_mix_ln_backward reads (bf16) */
+    if (dx16) be->gemm_only(be, dx, (size_t)R * C);
     be->matmul_lora_backward_beta(be, dx, dw1, d_hidden, x, w1, R, D, C, 0.0f);
 }
 
@@ -351,6 +353,10 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
                                     s->ffn_hidden, w->ffn_value, R, C, F, 0.0f);
     be->bias_act_backward(be, tw->d_ffn, NULL, s->ffn_hidden, R, F, RP_ACT_RELU_SQUARED);
     if (wsave) be->copy(be, ws.d_ffn, tw->d_ffn, (size_t)R * F * sizeof(float));
+    /* the key mix's gradient: bf16 in place where shift_mix_ln_backward
+     * forms xf again and reads bf16 dmix (mixes formed again, issue 15) */
+    if (rp_mix_again(be, batch, C) && be->mix_grads16 && be->gemm_only)
+        be->gemm_only(be, tw->dxc, (size_t)R * C);
     be->matmul_linear_backward_beta(be, tw->dxc, wsave ? NULL : gw->ffn_key, tw->d_ffn, s->kf,
                                     w->ffn_key, R, F, C, 0.0f);
     /* the mix's backward and ln2's: one op when the backend fuses them (the
@@ -358,9 +364,12 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     float *dmu_k[1] = {gw->ffn_x_k};
     const float *dmix_k[1] = {tw->dxc}, *mu_k[1] = {w->ffn_x_k};
     if (be->shift_mix_backward && be->shift_mix_ln_backward) {
+        /* xf NULL: formed again from x_mid (the forward did not store it) */
+        const float *xf = rp_mix_again(be, batch, C) ? NULL : s->xf;
         be->shift_mix_ln_backward(be, tw->dx, gw->ln2_weight, gw->ln2_bias, tw->dxa, tw->dprev,
-                                  dmu_k, dmix_k, mu_k, 1, s->xf, s->prev_ffn, dffn, dstride,
-                                  s->x_mid, s->ln2_mean, s->ln2_rstd, w->ln2_weight, batch, C);
+                                  dmu_k, dmix_k, mu_k, 1, xf, s->prev_ffn, dffn, dstride,
+                                  s->x_mid, s->ln2_mean, s->ln2_rstd, w->ln2_weight,
+                                  w->ln2_bias, batch, C);
     } else {
         if (be->shift_mix_backward) {
             be->shift_mix_backward(be, tw->dxa, tw->dprev, dmu_k, dmix_k, mu_k, 1, s->xf,
@@ -389,7 +398,11 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     int n_terms = 0;
     /* (before bonus/gate's backward: its bf16 copy of dg, below, stays a
      * GEMM operand) */
-    if (fused)
+    const int again = fused && rp_mix_again(be, batch, C);
+    if (again)
+        be->ln_mix_again(be, tw->mix, mu, RP_MIX_MAX, s->prev_att, s->x_in, s->ln1_mean,
+                         s->ln1_rstd, w->ln1_weight, w->ln1_bias, batch, C);
+    else if (fused)
         be->shift_mix(be, s->prev_att, tw->mix, mu, RP_MIX_MAX, s->xa, NULL, 0, batch, C);
     if (wsave) be->copy(be, ws.dx_mid, tw->dx, rc_bytes);
     be->matmul_linear_backward_beta(be, tw->d_og, wsave ? NULL : gw->output, tw->dx, s->og,
@@ -409,6 +422,10 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     /* The mix of slot i as a GEMM operand, and where its use's gradient goes. */
 #define MIX_X(i) (fused ? tw->mix[i] : (be->lerp(be, tw->xc, s->xa, s->prev_att, mu[i], R, C), tw->xc))
 #define MIX_DX() (fused ? tw->dmix[n_terms] : tw->dxc)
+    /* each term's gradient is one GEMM's output (beta 0), read only by
+     * shift_mix_ln_backward: bf16 in place where that op forms xa again */
+    const int d16 = again && be->mix_grads16 && be->gemm_only;
+#define MIX_DX16(slot) (d16 ? be->gemm_only(be, tw->dmix[slot], (size_t)R * C) : (void)0)
 #define MIX_FOLD(i, beta)                                                                 \
     do {                                                                                  \
         if (fused) {                                                                      \
@@ -424,7 +441,7 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
      * or the gate's gradients before the other mixes add to them. */
     const float *xm = MIX_X(5);
     lora_backward(be, MIX_DX(), gw->g1, gw->g2, tw->d_lora, tw->dg, xm, s->g_hidden, w->g1,
-                  w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
+                  w->g2, c->d_gate, RP_ACT_SIGMOID, R, C, d16);
     MIX_FOLD(5, 0.0f);
     if (!gn_fused)
         be->groupnorm_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->d_gn, s->y,
@@ -451,6 +468,7 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
      * the term slot it has below (g a w [nu] v k r), so the fold and the
      * bits are those of the late GEMM. BWD_B copies dr below as before. */
     const int r_early = fused;
+    if (r_early) MIX_DX16(n_terms + 4 + (layer != 0));
     if (r_early)
         be->matmul_linear_backward_beta(be, tw->dmix[n_terms + 4 + (layer != 0)],
                                         wsave ? NULL : gw->receptance, tw->dr, tw->mix[0],
@@ -465,14 +483,14 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     be->bias_act_backward(be, tw->da, gw->a0, s->a, R, C, RP_ACT_SIGMOID);
     xm = MIX_X(4);
     lora_backward(be, MIX_DX(), gw->a1, gw->a2, tw->d_lora, tw->da, xm, s->a_hidden, w->a1,
-                  w->a2, c->d_iclr, RP_ACT_NONE, R, C);
+                  w->a2, c->d_iclr, RP_ACT_NONE, R, C, d16);
     MIX_FOLD(4, 1.0f);
     /* w_raw = w0 + tanh(xw w1) w2 */
     if (be->gemm_only) be->gemm_only(be, tw->dw_raw, (size_t)R * C);
     be->bias_act_backward(be, tw->dw_raw, gw->w0, s->w_raw, R, C, RP_ACT_NONE);
     xm = MIX_X(3);
     lora_backward(be, MIX_DX(), gw->w1, gw->w2, tw->d_lora, tw->dw_raw, xm, s->w_hidden,
-                  w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
+                  w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C, d16);
     MIX_FOLD(3, 1.0f);
     /* value residual: v = v_pre + (v_first - v_pre) nu (layer > 0); layer 0's
      * v is v_first, which collected gradient from every later layer. */
@@ -485,7 +503,7 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
         if (be->gemm_only) be->gemm_only(be, tw->dnu, (size_t)R * C);
         be->bias_act_backward(be, tw->dnu, gw->v0, s->nu, R, C, RP_ACT_SIGMOID);
         lora_backward(be, MIX_DX(), gw->v1, gw->v2, tw->d_lora, tw->dnu, xm, s->nu_hidden,
-                      w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
+                      w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C, d16);
         MIX_FOLD(2, 1.0f);
     }
     /* r, k, v projections */
@@ -494,29 +512,34 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
         be->copy(be, ws.dk, tw->dk, rc_bytes);
         be->copy(be, ws.dr, tw->dr, rc_bytes);
     }
+    MIX_DX16(n_terms);
     be->matmul_linear_backward_beta(be, MIX_DX(), wsave ? NULL : gw->value, tw->dv, xm,
                                     w->value, R, C, C, 0.0f);
     MIX_FOLD(2, 1.0f);
     xm = MIX_X(1);
+    MIX_DX16(n_terms);
     be->matmul_linear_backward_beta(be, MIX_DX(), wsave ? NULL : gw->key, tw->dk, xm, w->key,
                                     R, C, C, 0.0f);
     MIX_FOLD(1, 1.0f);
     if (!r_early) {
         xm = MIX_X(0);
+        MIX_DX16(n_terms);
         be->matmul_linear_backward_beta(be, MIX_DX(), wsave ? NULL : gw->receptance, tw->dr, xm,
                                         w->receptance, R, C, C, 0.0f);
     }
     MIX_FOLD(0, 1.0f);
 #undef MIX_X
 #undef MIX_DX
+#undef MIX_DX16
 #undef MIX_FOLD
     /* token shift (with every mix's fold, when fused) and ln1, in one op
      * when the backend fuses the mix's backward with ln1's */
     if (fused && be->shift_mix_ln_backward) {
         be->shift_mix_ln_backward(be, tw->dx, gw->ln1_weight, gw->ln1_bias, tw->dxa, tw->dprev,
                                   term_dmu, (const float *const *)tw->dmix, term_mu, n_terms,
-                                  s->xa, s->prev_att, datt, dstride, s->x_in, s->ln1_mean,
-                                  s->ln1_rstd, w->ln1_weight, batch, C);
+                                  again ? NULL : s->xa, s->prev_att, datt, dstride, s->x_in,
+                                  s->ln1_mean, s->ln1_rstd, w->ln1_weight, w->ln1_bias, batch,
+                                  C);
         return;
     }
     if (fused)
@@ -557,12 +580,24 @@ void rp_backward_block_backward_w(const rp_model *m, rp_model *grads, rp_backwar
                                     0.0f);
     be->matmul_linear_backward_beta(be, NULL, gw->output, ws.dx_mid, s->og, w->output, R, C, C,
                                     0.0f);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_v, R, C);
-    be->matmul_linear_backward_beta(be, NULL, gw->value, ws.dv, tw->xc, w->value, R, C, C, 0.0f);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
-    be->matmul_linear_backward_beta(be, NULL, gw->key, ws.dk, tw->xc, w->key, R, C, C, 0.0f);
-    be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
-    be->matmul_linear_backward_beta(be, NULL, gw->receptance, ws.dr, tw->xc, w->receptance, R, C,
+    /* v, k, r mixes: lerps of the stored xa, or (xa not stored) formed again
+     * in one op into the workspace's mix buffers, the same bits */
+    const float *xv = tw->xc, *xk = tw->xc, *xr = tw->xc;
+    const int again = tw->mix[0] && rp_mix_again(be, batch, C);
+    if (again) {
+        const float *mu3[3] = {w->x_v, w->x_k, w->x_r};
+        be->ln_mix_again(be, tw->mix, mu3, 3, s->prev_att, s->x_in, s->ln1_mean, s->ln1_rstd,
+                         w->ln1_weight, w->ln1_bias, batch, C);
+        xv = tw->mix[0];
+        xk = tw->mix[1];
+        xr = tw->mix[2];
+    }
+    if (!again) be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_v, R, C);
+    be->matmul_linear_backward_beta(be, NULL, gw->value, ws.dv, xv, w->value, R, C, C, 0.0f);
+    if (!again) be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_k, R, C);
+    be->matmul_linear_backward_beta(be, NULL, gw->key, ws.dk, xk, w->key, R, C, C, 0.0f);
+    if (!again) be->lerp(be, tw->xc, s->xa, s->prev_att, w->x_r, R, C);
+    be->matmul_linear_backward_beta(be, NULL, gw->receptance, ws.dr, xr, w->receptance, R, C,
                                     C, 0.0f);
 }
 

@@ -232,7 +232,8 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
                          state->floats_per_slot, batch, C);
     } else if (train_fused && be->ln_shift_mix_train) {
         /* ln1 and the fused mix in one op (xa is not read back) */
-        be->ln_shift_mix_train(be, s->xa, s->ln1_mean, s->ln1_rstd, s->prev_att, s->tmix, mu,
+        float *xa = rp_mix_again(be, batch, C) ? NULL : s->xa;  /* NULL: formed again */
+        be->ln_shift_mix_train(be, xa, s->ln1_mean, s->ln1_rstd, s->prev_att, s->tmix, mu,
                                RP_MIX_MAX, x, w->ln1_weight, w->ln1_bias, RP_LN_EPS,
                                rp_state_att_x_prev(state, 0, layer), state->floats_per_slot,
                                batch, C);
@@ -362,7 +363,8 @@ static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, in
     } else if (be->shift_mix && be->ln_shift_mix_train) {
         /* ln2 and the fused key mix in one op (xf is not read back) */
         const float *mu[1] = {w->ffn_x_k};
-        be->ln_shift_mix_train(be, s->xf, s->ln2_mean, s->ln2_rstd, s->prev_ffn, &s->kf, mu, 1,
+        float *xf = rp_mix_again(be, batch, C) ? NULL : s->xf;  /* NULL: formed again */
+        be->ln_shift_mix_train(be, xf, s->ln2_mean, s->ln2_rstd, s->prev_ffn, &s->kf, mu, 1,
                                x, w->ln2_weight, w->ln2_bias, RP_LN_EPS,
                                rp_state_ffn_x_prev(state, 0, layer), state->floats_per_slot,
                                batch, C);

@@ -145,6 +145,17 @@ typedef struct {
     float *lora_hidden[4];
 } rp_layer_activations;
 
+/* Training with the backend's fused LN + mix ops on a shape it takes: ln1 /
+ * ln2 leave xa (xf) and prev unstored (only each sequence's first prev row)
+ * and the backward forms them again from the norm's input x and its saved
+ * mean / rstd (issue 15, docs/gpu.md "mixes formed again"). The forward,
+ * the backward and the W pass decide alike from this. */
+static inline int rp_mix_again(rp_backend *be, const rp_batch *batch, int C) {
+    return be->shift_mix && be->ln_shift_mix_train && be->shift_mix_backward &&
+           be->shift_mix_ln_backward && be->ln_mix_again && be->ln_mix_again_fits &&
+           be->ln_mix_again_fits(be, batch, C);
+}
+
 /* Inference buffers for up to max_rows rows (tokens of all sequences in one
  * call). Backend memory, owned by the caller through this struct. */
 typedef struct {

@@ -499,6 +499,10 @@ static void test_ln_shift_mix_train_exact(void **s) {
                   const float *const *, int, const float *, const float *, const float *, float,
                   float *, size_t, const rp_batch *, int) = f->be->ln_shift_mix_train;
     assert_non_null(fused);
+    /* f32 dmix on both sides: without the entry the mixes are not formed
+     * again, and the dmix stay f32 (backend.h mix_grads16) */
+    const int grads16 = f->be->mix_grads16;
+    f->be->mix_grads16 = 0;
     const int n_seqs[2] = {MAX_SEQS, 1}, lens[2] = {MAX_ROWS / MAX_SEQS, 13};
     for (int i = 0; i < 2; i++) {
         float *side[2];
@@ -525,6 +529,150 @@ static void test_ln_shift_mix_train_exact(void **s) {
         free(side[0]);
         free(side[1]);
     }
+    f->be->mix_grads16 = grads16;
+}
+
+/* Every layer's xa, xf, prev_att and prev_ffn [MAX_ROWS, C] set to NaN: a
+ * step that reads any of them where it did not write it first loses its
+ * loss and gradients to NaN. */
+static void poison_ln_outputs(fixture *f) {
+    const int C = f->model.cfg.n_embd;
+    const size_t n = (size_t)MAX_ROWS * C;
+    float *nan_rows = malloc(n * sizeof(float));
+    assert_non_null(nan_rows);
+    for (size_t i = 0; i < n; i++) nan_rows[i] = NAN;
+    for (int l = 0; l < f->model.cfg.n_layer; l++) {
+        rp_layer_activations *a = &f->tw.layers[l];
+        float *bufs[4] = {a->xa, a->xf, a->prev_att, a->prev_ffn};
+        for (int i = 0; i < 4; i++) f->be->copy_to_device(f->be, bufs[i], nan_rows, n * sizeof(float));
+    }
+    free(nan_rows);
+}
+
+/* xa and prev formed again (backend.h ln_mix_again_fits / ln_mix_again;
+ * ln_shift_mix_train and shift_mix_ln_backward with xa NULL) against the
+ * stored path (ln_mix_again_fits NULL): a BF16-math training step's loss and
+ * every gradient bit for bit, with the stored buffers NaN beforehand (so the
+ * new path reads no xa / xf and no prev row but the sequences' first), over
+ * several sequences and one. */
+static void test_mix_again_exact(void **s) {
+    fixture *f = *s;
+    int (*fits)(rp_backend *, const rp_batch *, int) = f->be->ln_mix_again_fits;
+    assert_non_null(fits);
+    assert_non_null(f->be->ln_mix_again);
+    /* f32 dmix on both sides (bf16 dmix: test_mix_grads16_precision) */
+    const int grads16 = f->be->mix_grads16;
+    f->be->mix_grads16 = 0;
+    const int n_seqs[2] = {MAX_SEQS, 1}, lens[2] = {MAX_ROWS / MAX_SEQS, 13};
+    for (int i = 0; i < 2; i++) {
+        float *side[2];
+        double loss[2];
+        size_t n = 0;
+        for (int on = 0; on < 2; on++) {
+            f->be->ln_mix_again_fits = on ? fits : NULL;
+            if (on) poison_ln_outputs(f);
+            rp_model_zero(&f->grads);
+            loss[on] = train_step(f, n_seqs[i], lens[i], 4);
+            side[on] = grads_to_host(f, &n);
+        }
+        f->be->ln_mix_again_fits = fits;
+        size_t diff = 0, nonzero = 0;
+        for (size_t j = 0; j < n; j++) {
+            diff += memcmp(&side[0][j], &side[1][j], sizeof(float)) != 0;
+            nonzero += side[1][j] != 0.0f;
+        }
+        fprintf(stderr, "mix again exact: %d rows, loss %.9g / %.9g, %zu gradients, "
+                        "%zu nonzero, %zu differ\n",
+                n_seqs[i] * lens[i], loss[0], loss[1], n, nonzero, diff);
+        assert_true(nonzero > 1000);
+        assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0);
+        assert_int_equal(diff, 0);
+        free(side[0]);
+        free(side[1]);
+    }
+    /* The ZB-H1 W pass (rp_backward_block_backward_w) of every layer after
+     * a step, from one wsave: the stored path's weight gradients against
+     * those of the formed-again path after a step that stored no xa. */
+    const rp_config *cfg = &f->model.cfg;
+    const size_t n_wsave = rp_backward_wsave_floats(cfg, MAX_ROWS);
+    float *host = malloc(n_wsave * sizeof(float));
+    assert_non_null(host);
+    for (size_t j = 0; j < n_wsave; j++) host[j] = (float)((int)(j * 37 % 101) - 50) / 64.0f;
+    float *wsave = f->be->alloc(f->be, n_wsave * sizeof(float));
+    assert_non_null(wsave);
+    f->be->copy_to_device(f->be, wsave, host, n_wsave * sizeof(float));
+    free(host);
+    int seq_len[MAX_SEQS], slot[MAX_SEQS], row_begin[MAX_SEQS];
+    for (int q = 0; q < MAX_SEQS; q++) {
+        seq_len[q] = MAX_ROWS / MAX_SEQS;
+        slot[q] = q;
+    }
+    rp_batch b;
+    rp_batch_init(&b, MAX_SEQS, seq_len, slot, row_begin);
+    float *side[2];
+    size_t n = 0;
+    for (int on = 0; on < 2; on++) {
+        f->be->ln_mix_again_fits = on ? fits : NULL;
+        if (on) poison_ln_outputs(f);
+        train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 4);
+        rp_model_zero(&f->grads);
+        for (int l = 0; l < cfg->n_layer; l++)
+            rp_backward_block_backward_w(&f->model, &f->grads, &f->tw, l, &b, wsave);
+        f->be->synchronize(f->be);
+        rp_error err;
+        assert_int_equal(f->be->status(f->be, &err), RP_OK);
+        side[on] = grads_to_host(f, &n);
+    }
+    f->be->ln_mix_again_fits = fits;
+    size_t diff = 0, nonzero = 0;
+    for (size_t j = 0; j < n; j++) {
+        diff += memcmp(&side[0][j], &side[1][j], sizeof(float)) != 0;
+        nonzero += side[1][j] != 0.0f;
+    }
+    fprintf(stderr, "mix again exact, W pass: %zu gradients, %zu nonzero, %zu differ\n", n,
+            nonzero, diff);
+    assert_true(nonzero > 1000);
+    assert_int_equal(diff, 0);
+    free(side[0]);
+    free(side[1]);
+    f->be->free(f->be, wsave);
+    f->be->mix_grads16 = grads16;
+}
+
+/* The mixes' gradients stored bf16 (backend.h mix_grads16: the dmix GEMMs
+ * write bf16 in place, shift_mix_ln_backward reads it) against f32 dmix and
+ * against FP32 math: the cost of that rounding, which must stay small next
+ * to BF16 math's own. Its bits are test_act16_exact's (copies off: the same
+ * values rounded in f32). */
+static double rel_l2(const float *a, const float *b, size_t n);
+static void test_mix_grads16_precision(void **s) {
+    fixture *f = *s;
+    void *ref_state = NULL;
+    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
+    fixture *ref = ref_state;
+    assert_int_equal(f->be->mix_grads16, 1);
+    float *g[3];
+    double loss[3];
+    size_t n = 0;
+    for (int side = 0; side < 3; side++) { /* bf16 dmix, f32 dmix, FP32 math */
+        fixture *x = side == 2 ? ref : f;
+        f->be->mix_grads16 = side == 0;
+        rp_model_zero(&x->grads);
+        loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
+        g[side] = grads_to_host(x, &n);
+    }
+    f->be->mix_grads16 = 1;
+    const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+    const double cost = rel_l2(g[0], g[1], n);
+    fprintf(stderr,
+            "mix grads16: gradients vs FP32 math rel %.3e (bf16 dmix) %.3e (f32 dmix), "
+            "bf16 vs f32 dmix %.3e; loss %.9g %.9g fp32 %.9g\n",
+            with, without, cost, loss[0], loss[1], loss[2]);
+    assert_true(cost > 0);
+    assert_true(with <= 1.25 * without + 1e-3);
+    assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0); /* the forward is the same */
+    for (int side = 0; side < 3; side++) free(g[side]);
+    teardown(&ref_state);
 }
 
 /* The training workspace allocated again for the backend's entries as they
@@ -1507,6 +1655,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_train_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_mix_again_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_mix_grads16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_fused_workspace_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_reclaimed_refused, setup, teardown),

@@ -856,7 +856,7 @@ static void shift_mix_ln_backward_case(twin *t, const shape *sh, const seq_spec 
         if (g) {
             be->shift_mix_ln_backward(be, at(dx, g), at(dw, g), at(db, g), at(dxa, g),
                                       at(dprev, g), d, m, u, n_terms, at(xa, g), at(prev, g), ds,
-                                      stride, at(xin, g), at(mean, g), at(rstd, g), at(w, g),
+                                      stride, at(xin, g), at(mean, g), at(rstd, g), at(w, g), NULL,
                                       batch, C);
         } else {
             be->shift_mix_backward(be, at(dxa, g), at(dprev, g), d, m, u, n_terms, at(xa, g),
