@@ -520,8 +520,10 @@ struct rp_backend {
      * matmul ops (as x or dy) until something writes p again, except that
      * bias_act may run on p in place (bias NULL or not) and
      * bias_act_backward (without dbias) may read p as its y or run on p in
-     * place as its dy (a gradient p: the dx of a matmul backward); the
-     * backend may keep p in its GEMM operand format instead of f32 (CUDA,
+     * place as its dy (a gradient p: the dx of a matmul backward), and a
+     * training step's w_raw (its bias_act in place, then read by wkv7 ops as
+     * w_raw, and passed as the y that bias_act_backward with RP_ACT_NONE
+     * does not read) when its kk is wkv_only; the backend may keep p in its GEMM operand format instead of f32 (CUDA,
      * bf16 math: bf16 in place, so no conversion kernel; the activation and
      * its backward then read and write bf16). Any other read of p before then is undefined. The next
      * matmul op, layernorm, bonus_gate_to or groupnorm_bonus_gate consumes
