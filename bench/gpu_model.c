@@ -287,10 +287,10 @@ static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, do
             l->k[i].flops += tc_flops * (1.0 - FP32_FLOPS / BF16_TENSOR_FLOPS);
 }
 
-/* WKV7's output y as the groupnorm reads it: fp32 (one vector a row); 0.5
- * (BF16_OUT) once the WKV7 forward stores y in bf16 (the fused kernels take
- * either, cuda_elementwise.cu / cuda_backward.cu). */
-#define GN_Y_IO 1.0
+/* WKV7's output y as the groupnorm reads it: bf16 in place (BF16_OUT; the
+ * WKV7 forward writes it so under forward.c's wkv_only hint, the fused
+ * kernels take either, cuda_elementwise.cu / cuda_backward.cu). */
+#define GN_Y_IO BF16_OUT
 
 /* The forward ops of one layer (rp_block_forward), R rows of S sequences;
  * decode: the fused ops (layer_decode), else GEMMs and the checkpointing WKV7. */
@@ -337,9 +337,9 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     /* kk is WKV7-only (backend.h wkv_only): written in bf16 in place */
     ew(l, "key_prepare (kk bf16)", 1, R, C, 3 + BF16_OUT, 2, 6);
     /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O
-     * but kk and w_raw (bf16 in place) */
-    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, kk w_raw bf16)",
-                      (6.5 * 4 - 2) * R * C + 2 * S * state + R / 16 * state,
+     * but kk, w_raw and y (bf16 in place) */
+    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, kk w_raw y bf16)",
+                      (6.5 * 4 - 2 - 2) * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     /* groupnorm_bonus_gate: y, r, k, v, g read once, og written in bf16

@@ -1567,17 +1567,40 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
     // place: forward.c's gemm_only hint in training); the two come together
     const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
     const __nv_bfloat16 *w16 = n > 0 ? rp_cuda_inplace_find(cx, w_raw, n) : nullptr;
-    if (n > 0 && wkv_find16(cx, in, in16, 6, n))
+    const bool all16 = n > 0 && wkv_find16(cx, in, in16, 6, n);
+    // A training y that only groupnorm_bonus_gate and its backward read
+    // (backend.h wkv_only) is written in bf16 in place, no f32, when the
+    // inputs come in bf16 (kk with them); else, and with the copies off, f32
+    // rounded to bf16 after: the same values for the fused groupnorm.
+    const int only = TRAIN && rp_cuda_take_wkv_only(cx, y, n) &&
+                     cx->math == RP_CUDA_MATH_BF16 && batch->n_rows > RP_GEMV_MAX_M;
+    const int y16 = only && !cx->act16_off && (all16 || kk16);
+    __nv_bfloat16 *yb = (__nv_bfloat16 *)y;
+    if (all16 && y16)
+        wkv_forward_launch<TRAIN>(cx, op, yb, in16[0], in16[1], in16[2], in16[3], in16[4],
+                                  in16[5], state_base, state_stride, checkpoints, batch, C, N);
+    else if (all16)
         wkv_forward_launch<TRAIN>(cx, op, y, in16[0], in16[1], in16[2], in16[3], in16[4],
                                   in16[5], state_base, state_stride, checkpoints, batch, C, N);
     else if (!wkv_only_pair(cx, op, kk16, w16))
         return;
+    else if (kk16 && y16)
+        wkv_forward_launch<TRAIN>(cx, op, yb, r, w16, k, v, kk16, a, state_base, state_stride,
+                                  checkpoints, batch, C, N);
     else if (kk16)
         wkv_forward_launch<TRAIN>(cx, op, y, r, w16, k, v, kk16, a, state_base, state_stride,
                                   checkpoints, batch, C, N);
     else
         wkv_forward_launch<TRAIN>(cx, op, y, r, w_raw, k, v, kk, a, state_base, state_stride,
                                   checkpoints, batch, C, N);
+    // the kernel wrote y (plain RP_CUDA_LAUNCHED): no earlier record of it
+    // may stand, in place or copy (an earlier step's bf16 y among them)
+    if (n > 0) rp_cuda_act16_forget(cx, y, n * sizeof(float));
+    if (!only) return;
+    if (y16)
+        rp_cuda_inplace_add(cx, y, n);
+    else
+        rp_cuda_round_bf16(cx, y, n);
 }
 
 static void cuda_wkv7(rp_backend *be, float *y, const float *r, const float *w_raw,

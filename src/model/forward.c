@@ -305,6 +305,11 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
         be->key_prepare_from(be, s->kk, s->k, s->k_pre, s->a, w->k_k, w->k_a, R, C, N);
     else
         be->key_prepare(be, s->kk, s->k, s->a, w->k_k, w->k_a, R, C, N);
+    /* training, groupnorm fused both ways: only groupnorm_bonus_gate and its
+     * backward read y (bf16 on CUDA) */
+    if (s->wkv_checkpoints && s->og && be->groupnorm_bonus_gate &&
+        be->groupnorm_bonus_gate_backward && be->wkv_only)
+        be->wkv_only(be, s->y, (size_t)R * C);
     if (s->wkv_checkpoints)
         be->wkv7_forward_train(be, s->y, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
                                rp_state_wkv(state, 0, layer), state->floats_per_slot,
