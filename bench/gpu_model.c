@@ -288,10 +288,10 @@ static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, do
             l->k[i].flops += tc_flops * (1.0 - FP32_FLOPS / BF16_TENSOR_FLOPS);
 }
 
-/* WKV7's output y as the groupnorm reads it: fp32 (one vector a row); 0.5
- * (BF16_OUT) once the WKV7 forward stores y in bf16 (the fused kernels take
- * either, cuda_elementwise.cu / cuda_backward.cu). */
-#define GN_Y_IO 1.0
+/* WKV7's output y as the groupnorm reads it: bf16 in place (BF16_OUT; the
+ * WKV7 forward writes it so under forward.c's wkv_only hint, the fused
+ * kernels take either, cuda_elementwise.cu / cuda_backward.cu). */
+#define GN_Y_IO BF16_OUT
 
 static int mix_ln_fused(double C);
 
@@ -330,20 +330,24 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
          * writes it in bf16 in place; tanh after w1, sigmoid after g1 run
          * on it in place, bf16 in and out (2 + 2 bytes an element) */
         gemm_c16(l, "GEMM LoRA down (C -> rank), bf16 C", 1, R, ranks[i], C);
-        gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i], 1);
+        /* w_raw is WKV7-only (forward.c: gemm_only with kk's wkv_only):
+         * the up GEMM writes it in bf16 in place, bias_act runs on it so */
+        if (i == 0) gemm_c16(l, "GEMM LoRA up (w: rank -> C), bf16 C", 1, R, C, ranks[i]);
+        else gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i], 1);
         if (i == 0 || i == 2) {
             ew(l, "bias_act (LoRA hidden, bf16 in place)", 1, R, ranks[i], 1, 0, 4);
         }
     }
-    ew(l, "bias_act (w0, a0, v0)", loras - 1, R, C, 2, 1, 4);
+    ew(l, "bias_act (w0, bf16 in place)", 1, R, C, 1, 1, 4);
+    ew(l, "bias_act (a0, v0)", loras - 2, R, C, 2, 1, 4);
     if (layer == 0) ew(l, "copy (v_first)", 1, R, C, 2, 0, 0);
     else ew(l, "value_residual", 1, R, C, 4, 0, 3);
     /* kk is WKV7-only (backend.h wkv_only): written in bf16 in place */
     ew(l, "key_prepare (kk bf16)", 1, R, C, 3 + BF16_OUT, 2, 6);
     /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O
-     * but kk (bf16 in place) */
-    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, kk bf16)",
-                      6.5 * 4 * R * C + 2 * S * state + R / 16 * state,
+     * but kk, w_raw and y (bf16 in place) */
+    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, kk w_raw y bf16)",
+                      (6.5 * 4 - 2 - 2) * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     /* groupnorm_bonus_gate: y, r, k, v, g read once, og written in bf16
@@ -489,11 +493,12 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     if (layer > 0) ew(l, "value_residual backward (+ bf16 dv)", 1, R, C, 7 + BF16_OUT, 0, 6);
     ew(l, "key_prepare backward (dkk bf16, + bf16 dk)", 1, R, C, 7 + 2 * BF16_OUT, 4, 12);
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
-     * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk read and
-     * dkk written in bf16 in place (wkv_only: key_prepare_backward alone
-     * reads dkk), and a bf16 copy of dr (the receptance GEMM backward's dY) */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk dkk bf16, + bf16 dr)",
-                      16.0 * 4 * R * C + 2.0 * R * C + 2 * S * state + R / 16 * state,
+     * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk and w_raw
+     * read and dkk written in bf16 in place (wkv_only: key_prepare_backward
+     * alone reads dkk), and a bf16 copy of dr (the receptance GEMM
+     * backward's dY) */
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk w_raw dkk bf16, + bf16 dr)",
+                      (16.0 * 4 - 2) * R * C + 2.0 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     gn_bonus_gate_backward(l, R, C, H);

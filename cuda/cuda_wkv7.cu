@@ -6,7 +6,9 @@
 // the ops in src/cpu/cpu_wkv7.c. Each kernel is a template over its I/O
 // types: fp32, bf16 inputs with fp32 outputs (the model in BF16 math when
 // bf16 copies of all inputs exist), or bf16 throughout (the official
-// kernel's dtype; cuda_wkv7.h); state, decay and sums stay fp32.
+// kernel's dtype; cuda_wkv7.h); state, decay and sums stay fp32. TK is the
+// type of the WKV7-only inputs kk and w_raw (bf16 in place in training:
+// backend.h wkv_only, gemm_only), TI that of r, k, v, a.
 #include "cuda_internal.h"
 #include "cuda_wkv7.h"
 #include <mma.h>
@@ -76,7 +78,7 @@ struct wkv_chunk_token {
     float r, d, k, a, b;
 };
 template <typename TI, typename TK = TI>
-__device__ __forceinline__ wkv_chunk_token wkv_chunk_token_in(const TI *r, const TI *w_raw,
+__device__ __forceinline__ wkv_chunk_token wkv_chunk_token_in(const TI *r, const TK *w_raw,
                                                               const TI *k, const TK *kk,
                                                               const TI *a, size_t o) {
     const float kkv = wkv_in(kk, o);
@@ -168,7 +170,7 @@ struct wkv_fwd_in {
 };
 
 template <typename TI, typename TK = TI>
-__device__ __forceinline__ void wkv_fwd_load(wkv_fwd_in &q, const TI *r, const TI *w_raw,
+__device__ __forceinline__ void wkv_fwd_load(wkv_fwd_in &q, const TI *r, const TK *w_raw,
                                              const TI *k, const TI *v, const TK *kk,
                                              const TI *a, size_t o, int p) {
     if (p == 0) {
@@ -244,7 +246,7 @@ __device__ __forceinline__ void wkv_forward_step(float (&st)[WKV_HALF], const fl
 // current one is computed; the vectors are double-buffered, one sync a token.
 template <bool TRAIN, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(WKV_THREADS)
-    wkv7_forward_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k,
+    wkv7_forward_kernel(TO *y, const TI *r, const TK *w_raw, const TI *k,
                         const TI *v, const TK *kk, const TI *a, float *state_base,
                         size_t state_stride, float *checkpoints, const int32_t *seq_len,
                         const int32_t *row_begin, const int32_t *slot,
@@ -307,7 +309,7 @@ struct wkv_rows_in {
 
 template <int SPLIT, typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_rows_load(wkv_rows_in<SPLIT> &q, const TI *r,
-                                              const TI *w_raw, const TI *k, const TI *v,
+                                              const TK *w_raw, const TI *k, const TI *v,
                                               const TK *kk, const TI *a, size_t head, int i) {
 #pragma unroll
     for (int c = 0; c < wkv_rows<SPLIT>::CH; c++) {
@@ -369,7 +371,7 @@ __device__ __forceinline__ void wkv_rows_put(float *g, float *tile, const float 
 // value rows [z ROWS, (z + 1) ROWS) of its head, 2 ROWS threads.
 template <bool TRAIN, int SPLIT, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(wkv_rows<SPLIT>::THREADS)
-    wkv7_forward_rows_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k, const TI *v,
+    wkv7_forward_rows_kernel(TO *y, const TI *r, const TK *w_raw, const TI *k, const TI *v,
                              const TK *kk, const TI *a, float *state_base, size_t state_stride,
                              float *checkpoints, const int32_t *seq_len,
                              const int32_t *row_begin, const int32_t *slot,
@@ -435,7 +437,7 @@ enum { CH_R = 0, CH_D, CH_K, CH_A, CH_B, CH_V, CH_COUNT };
 // in shared memory, not in 16 more registers a thread.
 template <bool TRAIN, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(WKV_THREADS, 4)
-    wkv7_chunk_forward_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k, const TI *v,
+    wkv7_chunk_forward_kernel(TO *y, const TI *r, const TK *w_raw, const TI *k, const TI *v,
                               const TK *kk, const TI *a, float *state_base, size_t state_stride,
                               float *checkpoints, const int32_t *seq_len,
                               const int32_t *row_begin, const int32_t *slot,
@@ -593,7 +595,7 @@ typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, WKV_MMA, WKV_MMA, WKV_MMA
 // 64.. load v (fp32 for the substitution, bf16 for the state update).
 template <typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_mma_stage(__nv_bfloat16 *vh, float *vf, float *gl,
-                                              const TI *r, const TI *w_raw, const TI *k,
+                                              const TI *r, const TK *w_raw, const TI *k,
                                               const TI *v, const TK *kk, const TI *a,
                                               size_t head, int C, int t0, int n) {
     if (threadIdx.x < WKV_N) {
@@ -679,7 +681,7 @@ __device__ __forceinline__ void wkv_mma_state(float *tile, const __nv_bfloat16 *
 // operands' rounding). 47 KB of static shared memory.
 template <bool TRAIN, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(WKV_THREADS, 4)
-    wkv7_chunk_forward_mma_kernel(TO *y, const TI *r, const TI *w_raw, const TI *k, const TI *v,
+    wkv7_chunk_forward_mma_kernel(TO *y, const TI *r, const TK *w_raw, const TI *k, const TI *v,
                                   const TK *kk, const TI *a, float *state_base,
                                   size_t state_stride, float *checkpoints,
                                   const int32_t *seq_len, const int32_t *row_begin,
@@ -757,7 +759,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 4)
 // WKV_BACK_STEPS (n >= 1) in anchors[n - 1]. Same step code as the forward,
 // so the states and sa are the forward's bits. Callers sync before and after.
 template <typename TI, typename TK = TI>
-__device__ __forceinline__ void wkv_recompute(float (&st)[WKV_HALF], const TI *w_raw,
+__device__ __forceinline__ void wkv_recompute(float (&st)[WKV_HALF], const TK *w_raw,
                                               const TI *k, const TI *v, const TK *kk,
                                               const TI *a, size_t base, int C, int from,
                                               int to, float *sa_buf, float *anchors, float *vec,
@@ -786,7 +788,7 @@ struct wkv_bwd_in {
 
 template <typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_bwd_load(wkv_bwd_in &q, const TI *dy, const TI *r,
-                                             const TI *w_raw, const TI *k, const TI *v,
+                                             const TK *w_raw, const TI *k, const TI *v,
                                              const TK *kk, const TI *a, size_t o, int p) {
     if (p == 0) {
         q.x0 = wkv_in(r, o);
@@ -856,7 +858,7 @@ __global__ void __launch_bounds__(WKV_THREADS,
                                   sizeof(TO) == sizeof(float) && sizeof(TD) == sizeof(float) ? 4 : 3)
     wkv7_backward_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TD *dkk, TO *da,
                          float *dstate_base, size_t state_stride, const TI *dy,
-                         const TI *r, const TI *w_raw, const TI *k, const TI *v,
+                         const TI *r, const TK *w_raw, const TI *k, const TI *v,
                          const TK *kk, const TI *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
                          const int32_t *ckpt_block, int C, int accumulate,
@@ -1211,7 +1213,7 @@ template <typename TI, typename TO, typename TK = TI, typename TD = TO>
 __global__ void __launch_bounds__(WKV_THREADS, 2)
     wkv7_chunk_backward_mma_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TD *dkk, TO *da,
                                    float *dstate_base, size_t state_stride, const TI *dy,
-                                   const TI *r, const TI *w_raw, const TI *k, const TI *v,
+                                   const TI *r, const TK *w_raw, const TI *k, const TI *v,
                                    const TK *kk, const TI *a, const float *checkpoints,
                                    const int32_t *seq_len, const int32_t *row_begin,
                                    const int32_t *slot, const int32_t *ckpt_block, int C,
@@ -1489,7 +1491,7 @@ static int wkv_rows_split(long heads, int n_sm) {
 
 template <bool TRAIN, typename TI, typename TO, typename TK>
 static void wkv_token_forward_launch(rp_cuda_ctx *cx, dim3 grid, TO *y, const TI *r,
-                                     const TI *w_raw, const TI *k, const TI *v, const TK *kk,
+                                     const TK *w_raw, const TI *k, const TI *v, const TK *kk,
                                      const TI *a, float *state_base, size_t state_stride,
                                      float *checkpoints, const rp_cuda_batch *b, int C) {
     const int split = wkv_rows_split((long)grid.x * grid.y, cx->n_sm);
@@ -1512,7 +1514,7 @@ static void wkv_token_forward_launch(rp_cuda_ctx *cx, dim3 grid, TO *y, const TI
 
 template <bool TRAIN, typename TI, typename TO, typename TK>
 static void wkv_forward_launch(rp_cuda_ctx *cx, const char *op, TO *y, const TI *r,
-                               const TI *w_raw, const TI *k, const TI *v, const TK *kk,
+                               const TK *w_raw, const TI *k, const TI *v, const TK *kk,
                                const TI *a, float *state_base, size_t state_stride,
                                float *checkpoints, const rp_batch *batch, int C, int N) {
     if (!wkv_launchable(cx, op, batch, C, N)) return;
@@ -1533,6 +1535,21 @@ static void wkv_forward_launch(rp_cuda_ctx *cx, const char *op, TO *y, const TI 
     RP_CUDA_LAUNCHED(cx, op);
 }
 
+// kk and w_raw are bf16 in place both or neither (one template type TK):
+// training hints both under the same conditions (BF16 math, more rows than
+// a GEMV takes, the copies on). One alone is a caller's error, reported.
+static bool wkv_only_pair(rp_cuda_ctx *cx, const char *op, const __nv_bfloat16 *kk16,
+                          const __nv_bfloat16 *w16) {
+    if (!kk16 == !w16) return true;
+    if (cx->error.code == RP_OK)
+        rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                     "cuda %s: %s is stored bf16 in place but %s is f32; the kernels take "
+                     "kk and w_raw in one type: hint both (wkv_only for kk, gemm_only for "
+                     "w_raw's LoRA up GEMM) or neither",
+                     op, kk16 ? "kk" : "w_raw", kk16 ? "w_raw" : "kk");
+    return false;
+}
+
 // Forward (TRAIN: with checkpoints) from the fp32 activations, or from
 // their bf16 copies when every one exists (y stays fp32: group norm reads it).
 template <bool TRAIN>
@@ -1546,16 +1563,44 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
     const size_t n = (size_t)batch->n_rows * C;
     // kk in bf16 in place (key_prepare took a wkv_only hint) must be read so
     // even when the other inputs are f32: its f32 memory holds no values
+    // w_raw likewise (the w LoRA's up GEMM and bias_act wrote it in bf16 in
+    // place: forward.c's gemm_only hint in training); the two come together
     const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
-    if (n > 0 && wkv_find16(cx, in, in16, 6, n))
+    const __nv_bfloat16 *w16 = n > 0 ? rp_cuda_inplace_find(cx, w_raw, n) : nullptr;
+    const bool all16 = n > 0 && wkv_find16(cx, in, in16, 6, n);
+    // A training y that only groupnorm_bonus_gate and its backward read
+    // (backend.h wkv_only) is written in bf16 in place, no f32, when the
+    // inputs come in bf16 (kk with them); else, and with the copies off, f32
+    // rounded to bf16 after: the same values for the fused groupnorm.
+    const int only = TRAIN && rp_cuda_take_wkv_only(cx, y, n) &&
+                     cx->math == RP_CUDA_MATH_BF16 && batch->n_rows > RP_GEMV_MAX_M;
+    const int y16 = only && !cx->act16_off && (all16 || kk16);
+    __nv_bfloat16 *yb = (__nv_bfloat16 *)y;
+    if (all16 && y16)
+        wkv_forward_launch<TRAIN>(cx, op, yb, in16[0], in16[1], in16[2], in16[3], in16[4],
+                                  in16[5], state_base, state_stride, checkpoints, batch, C, N);
+    else if (all16)
         wkv_forward_launch<TRAIN>(cx, op, y, in16[0], in16[1], in16[2], in16[3], in16[4],
                                   in16[5], state_base, state_stride, checkpoints, batch, C, N);
+    else if (!wkv_only_pair(cx, op, kk16, w16))
+        return;
+    else if (kk16 && y16)
+        wkv_forward_launch<TRAIN>(cx, op, yb, r, w16, k, v, kk16, a, state_base, state_stride,
+                                  checkpoints, batch, C, N);
     else if (kk16)
-        wkv_forward_launch<TRAIN>(cx, op, y, r, w_raw, k, v, kk16, a, state_base, state_stride,
+        wkv_forward_launch<TRAIN>(cx, op, y, r, w16, k, v, kk16, a, state_base, state_stride,
                                   checkpoints, batch, C, N);
     else
         wkv_forward_launch<TRAIN>(cx, op, y, r, w_raw, k, v, kk, a, state_base, state_stride,
                                   checkpoints, batch, C, N);
+    // the kernel wrote y (plain RP_CUDA_LAUNCHED): no earlier record of it
+    // may stand, in place or copy (an earlier step's bf16 y among them)
+    if (n > 0) rp_cuda_act16_forget(cx, y, n * sizeof(float));
+    if (!only) return;
+    if (y16)
+        rp_cuda_inplace_add(cx, y, n);
+    else
+        rp_cuda_round_bf16(cx, y, n);
 }
 
 static void cuda_wkv7(rp_backend *be, float *y, const float *r, const float *w_raw,
@@ -1574,8 +1619,8 @@ static void cuda_wkv7_forward_train(rp_backend *be, float *y, const float *r, co
                          state_stride, checkpoints, batch, C, N);
 }
 
-// g = {dr, dw_raw, dk, dv, dkk, da}: dkk of type TD (g[4] cast), kk (in[4]
-// cast) of type TK, the rest TO and TI. dr16 (may be NULL): a bf16 copy of
+// g = {dr, dw_raw, dk, dv, dkk, da}: dkk of type TD (g[4] cast), kk and
+// w_raw (in[4], in[1] cast) of type TK, the rest TO and TI. dr16 (may be NULL): a bf16 copy of
 // the new dr, the receptance GEMM backward's dY (rp_cuda_act16).
 template <typename TI, typename TO, typename TK = TI, typename TD = TO>
 static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_base,
@@ -1583,7 +1628,7 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
                                 const float *checkpoints, const rp_batch *batch, int C, int N,
                                 float beta, __nv_bfloat16 *dr16 = nullptr) {
     TD *dkk = (TD *)g[4];
-    const TK *kk = (const TK *)in[4];
+    const TK *kk = (const TK *)in[4], *w_raw = (const TK *)in[1];
     if (!wkv_launchable(cx, "wkv7_backward", batch, C, N)) return;
     rp_cuda_batch b;
     if (!rp_cuda_upload_batch(cx, batch, &b)) return;
@@ -1596,12 +1641,12 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
                                                  (int)WKB_BYTES)))
             return;
         wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
-            g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], in[1],
+            g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
             b.ckpt_block, C, beta != 0.0f, dr16);
     } else {
         wkv7_backward_kernel<TI, TO, TK, TD><<<grid, WKV_THREADS, 0, cx->stream>>>(
-            g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], in[1],
+            g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
             b.ckpt_block, C, beta != 0.0f, dr16);
     }
@@ -1627,11 +1672,14 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
                      batch->n_rows > RP_GEMV_MAX_M;
     const int dkk16 = only && !cx->act16_off;
     const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
+    const __nv_bfloat16 *w16 = n > 0 ? rp_cuda_inplace_find(cx, w_raw, n) : nullptr;
+    const bool all16 = n > 0 && wkv_find16(cx, in, in16, 7, n);
+    if (!all16 && !wkv_only_pair(cx, "wkv7_backward", kk16, w16)) return;
     // dr (complete once this op added its part) is the receptance GEMM
     // backward's dY: its bf16 copy in the same pass (the model runs that
     // GEMM right after this op when it fuses the mixes)
     __nv_bfloat16 *dr16 = n > 0 ? rp_cuda_act16_for_rows(cx, dr, n, batch->n_rows) : nullptr;
-    if (n > 0 && wkv_find16(cx, in, in16, 7, n)) {
+    if (all16) {
         if (dkk16)
             wkv_backward_launch<__nv_bfloat16, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, in16[6], in16, checkpoints, batch, C, N, beta,
@@ -1640,7 +1688,8 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
             wkv_backward_launch(cx, g, dstate_base, state_stride, in16[6], in16, checkpoints,
                                 batch, C, N, beta, dr16);
     } else {
-        const float *in32[6] = {r, w_raw, k, v, kk16 ? (const float *)kk16 : kk, a};
+        const float *in32[6] = {r, w16 ? (const float *)w16 : w_raw, k, v,
+                                kk16 ? (const float *)kk16 : kk, a};
         if (kk16 && dkk16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,

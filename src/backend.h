@@ -562,8 +562,10 @@ struct rp_backend {
      * matmul ops (as x or dy) until something writes p again, except that
      * bias_act may run on p in place (bias NULL or not) and
      * bias_act_backward (without dbias) may read p as its y or run on p in
-     * place as its dy (a gradient p: the dx of a matmul backward); the
-     * backend may keep p in its GEMM operand format instead of f32 (CUDA,
+     * place as its dy (a gradient p: the dx of a matmul backward), and a
+     * training step's w_raw (its bias_act in place, then read by wkv7 ops as
+     * w_raw, and passed as the y that bias_act_backward with RP_ACT_NONE
+     * does not read) when its kk is wkv_only; the backend may keep p in its GEMM operand format instead of f32 (CUDA,
      * bf16 math: bf16 in place, so no conversion kernel; the activation and
      * its backward then read and write bf16). Any other read of p before then is undefined. The next
      * matmul op, layernorm, bonus_gate_to or groupnorm_bonus_gate consumes
@@ -574,12 +576,14 @@ struct rp_backend {
     void (*gemm_only)(rp_backend *be, const float *p, size_t n);
     /* ---- WKV7-only operands (optional; NULL: nothing to do; issue 15) ----
      * wkv_only(be, p, n): the output p [n] that the next key_prepare writes
-     * as its kk, or the next wkv7_backward(_beta) as its dkk, is read only by
-     * wkv7 ops (as kk) or key_prepare_backward (as dkk) until something
-     * writes p again; the backend may keep p in bf16 in place (CUDA, bf16
-     * math: half the bytes, the readers widen it). Any other read of p before
-     * then is undefined. The next key_prepare or wkv7 backward consumes the
-     * hint whether it uses it or not. */
+     * as its kk, or the next wkv7_backward(_beta) as its dkk, or the next
+     * wkv7_forward_train as its y, is read only by wkv7 ops (as kk),
+     * key_prepare_backward (as dkk) or groupnorm_bonus_gate and its backward
+     * (as y) until something writes p again; the backend may keep p in
+     * bf16 in place (CUDA, bf16 math: half the bytes, the readers widen it).
+     * Any other read of p before then is undefined. The next key_prepare,
+     * wkv7_forward_train or wkv7 backward consumes the hint whether it uses
+     * it or not. */
     void (*wkv_only)(rp_backend *be, const float *p, size_t n);
     /* ---- out-of-place value residual / key prepare (optional; NULL: copy +
      * the in-place op; issue 15) ----

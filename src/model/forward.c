@@ -107,12 +107,15 @@ rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tok
 /* y [R,C] = act_inner(x . w1) . w2, keeping act_inner(x . w1) in hidden [R,D]. */
 static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x,
                          const float *w1, const float *w2, int D, rp_activation inner, int R,
-                         int C) {
+                         int C, int y_only) {
     /* only GEMMs read hidden (and the activation, in place, and the backward's
      * activation backward as its y: backend.h gemm_only allows both) */
     if (be->gemm_only) be->gemm_only(be, hidden, (size_t)R * D);
     be->matmul_lora(be, hidden, x, w1, R, D, C, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act(be, hidden, NULL, R, D, inner);
+    /* y_only: training's w_raw, read only by its bias_act in place and the
+     * WKV7 ops (as kk is: backend.h gemm_only), so bf16 on CUDA */
+    if (y_only && be->gemm_only) be->gemm_only(be, y, (size_t)R * C);
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
 }
 
@@ -266,21 +269,22 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     be->matmul_linear(be, v_out, xm, w->value, R, C, C, 0.0f);
     /* nu = sigmoid(v0 + xv v1 v2) while xm still holds xv (one lerp less). */
     if (layer != 0) {
-        lora_forward(be, s->nu, s->nu_hidden, xm, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C);
+        lora_forward(be, s->nu, s->nu_hidden, xm, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C, 0);
         be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
     }
     /* w_raw = w0 + tanh(xw w1) w2; the decay exp(-e^-0.5 sigmoid(w_raw)) is
      * formed inside wkv7, in fp32, as the official kernels do. */
     xm = time_mix(be, s, xc, mixes, 3, w->x_w, R, C);
-    lora_forward(be, s->w_raw, s->w_hidden, xm, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C);
+    lora_forward(be, s->w_raw, s->w_hidden, xm, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C,
+                 s->wkv_checkpoints && be->wkv_only);
     be->bias_act(be, s->w_raw, w->w0, R, C, RP_ACT_NONE);
     /* a = sigmoid(a0 + xa a1 a2) */
     xm = time_mix(be, s, xc, mixes, 4, w->x_a, R, C);
-    lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C);
+    lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C, 0);
     be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
     /* g = sigmoid(xg g1) g2, no activation after g2 */
     xm = time_mix(be, s, xc, mixes, 5, w->x_g, R, C);
-    lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C);
+    lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C, 0);
     /* Value residual: layer 0's v is v_first for every later layer.
      * Training keeps v_pre and k_pre for the backward: the ops read them
      * out of place where the backend can (no copy), else copy first. */
@@ -302,6 +306,11 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
         be->key_prepare_from(be, s->kk, s->k, s->k_pre, s->a, w->k_k, w->k_a, R, C, N);
     else
         be->key_prepare(be, s->kk, s->k, s->a, w->k_k, w->k_a, R, C, N);
+    /* training, groupnorm fused both ways: only groupnorm_bonus_gate and its
+     * backward read y (bf16 on CUDA) */
+    if (s->wkv_checkpoints && s->og && be->groupnorm_bonus_gate &&
+        be->groupnorm_bonus_gate_backward && be->wkv_only)
+        be->wkv_only(be, s->y, (size_t)R * C);
     if (s->wkv_checkpoints)
         be->wkv7_forward_train(be, s->y, s->r, s->w_raw, s->k, s->v, s->kk, s->a,
                                rp_state_wkv(state, 0, layer), state->floats_per_slot,

@@ -716,6 +716,9 @@ static void test_gn_fused_workspace_refused(void **s) {
 static void test_gn_bonus_fused_exact(void **s) {
     fixture *f = *s;
     const rp_backend keep = *f->be;
+    /* forward.c stores WKV7's y in bf16 (wkv_only) only for the fused
+     * groupnorm: without the hint both sides read the same f32 y */
+    f->be->wkv_only = NULL;
     const int lens[2] = {MAX_ROWS / MAX_SEQS, 5};
     for (int i = 0; i < 2; i++) {
         const int n_seq = i == 0 ? MAX_SEQS : 1;
@@ -756,6 +759,7 @@ static void test_gn_bonus_fused_exact(void **s) {
     }
     f->be->groupnorm_bonus_gate = keep.groupnorm_bonus_gate;
     f->be->groupnorm_bonus_gate_backward = keep.groupnorm_bonus_gate_backward;
+    f->be->wkv_only = keep.wkv_only;
     gn_mode_workspace(f);
 }
 
@@ -880,9 +884,10 @@ static double rel_l2(const float *a, const float *b, size_t n) {
     return r > 0 ? sqrt(d / r) : sqrt(d);
 }
 
-/* The precision of kk and dkk in bf16 in place (backend.h wkv_only): a
- * BF16-math training step's loss and gradients with the hint and without it
- * (wkv_only NULL: kk and dkk f32), each against the same step in FP32 math,
+/* The precision of kk, dkk, y and w_raw in bf16 in place (backend.h
+ * wkv_only; forward.c hints w_raw gemm_only with it): a BF16-math training
+ * step's loss and gradients with the hint and without it (wkv_only NULL: kk,
+ * dkk, y and w_raw f32), each against the same step in FP32 math,
  * on the per-token WKV7 kernels and on the chunked ones (min_t 0). The hint
  * must change the bits (the bf16 path ran) and cost little next to BF16
  * math's own error (docs/gpu.md Precision). */
@@ -910,8 +915,8 @@ static void test_wkv16_train_precision(void **s) {
         const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
         const double cost = rel_l2(g[0], g[1], n);
         fprintf(stderr,
-                "wkv16 %s: gradients vs FP32 math rel %.3e (kk/dkk bf16) %.3e (f32), "
-                "bf16 vs f32 kk/dkk %.3e; loss %.9g %.9g fp32 %.9g\n",
+                "wkv16 %s: gradients vs FP32 math rel %.3e (kk/dkk/y/w_raw bf16) %.3e (f32), "
+                "bf16 vs f32 kk/dkk/y/w_raw %.3e; loss %.9g %.9g fp32 %.9g\n",
                 chunked ? "chunked" : "per-token", with, without, cost, loss[0], loss[1],
                 loss[2]);
         assert_true(cost > 0);

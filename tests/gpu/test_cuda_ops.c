@@ -1756,8 +1756,8 @@ static void check_wkv7_bf16_mma(twin *t, const shape *sh) {
     t->tol = saved;
 }
 
-/* BF16 math, the training chain with kk and dkk in bf16 in place (backend.h
- * wkv_only): key_prepare writes kk bf16 only, the chunked forward and
+/* BF16 math, the training chain with kk, dkk and y in bf16 in place
+ * (backend.h wkv_only), w_raw too (gemm_only): key_prepare writes kk bf16 only, the chunked forward and
  * backward read it so, the backward writes dkk bf16 only and
  * key_prepare_backward reads it so, against the CPU's fp32 chain. kk and dkk
  * are read back as bf16 from their own memory (a backend that kept them f32
@@ -1778,6 +1778,13 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi) {
     if (!t->gpu->wkv_only) fatal("%s: the CUDA backend has no wkv_only", t->op);
     wkv_inputs in;
     wkv_inputs_make_decay(t, &in, R, C, w_lo, w_hi);
+    /* w_raw bf16 in place too, as training stores it (its LoRA up GEMM
+     * under gemm_only; the kernels take kk and w_raw in one type): both
+     * sides read its rounded values (a kernel reading its memory as f32
+     * fails y and every gradient) */
+    buf_round_bf16(t, in.w_raw);
+    if (!rp_cuda_backend_store_bf16_inplace(t->gpu, in.w_raw->gpu, n))
+        fatal("%s: storing w_raw in bf16 failed", t->op);
     tbuf *k_pre = buf_input(t, n, -1, 1), *k_k = buf_input(t, C, 0.5, 1.5);
     tbuf *k_a = buf_input(t, C, 0.5, 1.5), *kk = buf_output(t, n);
     tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_output(t, n);
@@ -1788,6 +1795,7 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi) {
         if (g) be->wkv_only(be, at(kk, g), n);
         be->key_prepare(be, at(kk, g), at(in.k, g), at(in.a, g), at(k_k, g), at(k_a, g), R, C,
                         N);
+        if (g) be->wkv_only(be, at(y, g), n); /* y bf16 in place: the fused groupnorm's */
         be->wkv7_forward_train(be, at(y, g), at(in.r, g), at(in.w_raw, g), at(in.k, g),
                                at(in.v, g), at(kk, g), at(in.a, g), at(state, g) + wkv, stride,
                                at(ckpt, g), batch, C, N);
@@ -1797,8 +1805,11 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi) {
     float *host = download(t, wide);
     compare_values(t, "kk (bf16 in place)", host, kk->cpu, NULL, n, TOL_BF16_IO);
     free(host);
+    dev_widen(t, wide, y->gpu);
+    host = download(t, wide);
+    compare_values(t, "y (bf16 in place)", host, y->cpu, NULL, n, TOL_WKV_KK16);
+    free(host);
     compare(t, "k", in.k);
-    compare(t, "y", y);
     compare(t, "state", state);
     compare(t, "checkpoints", ckpt);
 
