@@ -333,6 +333,21 @@ static size_t count_differ(const float *a, const float *b, size_t n, size_t *non
     return diff;
 }
 
+/* Two training steps that must agree bit for bit (an entry on / off):
+ * their losses and every one of n gradients; side[] is freed. */
+static void assert_steps_equal(const char *what, int rows, const double loss[2], float *side[2],
+                               size_t n) {
+    size_t nonzero;
+    const size_t diff = count_differ(side[0], side[1], n, &nonzero);
+    fprintf(stderr, "%s: %d rows, loss %.9g / %.9g, %zu gradients, %zu nonzero, %zu differ\n",
+            what, rows, loss[0], loss[1], n, nonzero, diff);
+    assert_true(nonzero > 1000);
+    assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0);
+    assert_int_equal(diff, 0);
+    free(side[0]);
+    free(side[1]);
+}
+
 /* A d pre that only GEMMs read (gemm_only before bias_act_backward with a
  * bias gradient) lives only in the bf16 copy its GEMMs take: the GEMMs and
  * the bias gradient give the bits of the run without the hint, and a GEMM
@@ -521,16 +536,7 @@ static void test_ln_shift_mix_train_exact(void **s) {
             side[on] = grads_to_host(f, &n);
         }
         f->be->ln_shift_mix_train = fused;
-        size_t nonzero;
-        const size_t diff = count_differ(side[0], side[1], n, &nonzero);
-        fprintf(stderr, "ln_shift_mix_train exact: %d rows, loss %.9g / %.9g, %zu gradients, "
-                        "%zu nonzero, %zu differ\n",
-                n_seqs[i] * lens[i], loss[0], loss[1], n, nonzero, diff);
-        assert_true(nonzero > 1000);
-        assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0);
-        assert_int_equal(diff, 0);
-        free(side[0]);
-        free(side[1]);
+        assert_steps_equal("ln_shift_mix_train exact", n_seqs[i] * lens[i], loss, side, n);
     }
     f->be->mix_grads16 = grads16;
 }
@@ -579,16 +585,7 @@ static void test_mix_again_exact(void **s) {
             side[on] = grads_to_host(f, &n);
         }
         f->be->ln_mix_again_fits = fits;
-        size_t nonzero;
-        const size_t diff = count_differ(side[0], side[1], n, &nonzero);
-        fprintf(stderr, "mix again exact: %d rows, loss %.9g / %.9g, %zu gradients, "
-                        "%zu nonzero, %zu differ\n",
-                n_seqs[i] * lens[i], loss[0], loss[1], n, nonzero, diff);
-        assert_true(nonzero > 1000);
-        assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0);
-        assert_int_equal(diff, 0);
-        free(side[0]);
-        free(side[1]);
+        assert_steps_equal("mix again exact", n_seqs[i] * lens[i], loss, side, n);
     }
     /* The ZB-H1 W pass (rp_backward_block_backward_w) of every layer after
      * a step, from one wsave: the stored path's weight gradients against
