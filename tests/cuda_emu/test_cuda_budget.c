@@ -432,9 +432,11 @@ static void test_gemm_only_reclaimed_refused(void **s) {
     fixture *f = *s;
     rp_backend *be = f->be;
     enum { R = 16, C = 64, K = 32, N_DY = 8 };
-    float *hy = malloc(sizeof(float) * R * C);
+    /* one host pattern for y, dy [R,C], x [R,K] and w [C,K]: the largest */
+    enum { N_HOST = C * K > R * C ? C * K : R * C };
+    float *hy = malloc(sizeof(float) * N_HOST);
     assert_non_null(hy);
-    for (int i = 0; i < R * C; i++) hy[i] = 0.25f + 0.5f * (float)(i % 7) / 7.0f;
+    for (int i = 0; i < N_HOST; i++) hy[i] = 0.25f + 0.5f * (float)(i % 7) / 7.0f;
     float *y = to_device(be, hy, (size_t)R * C), *dy[N_DY];
     float *dbias = be->alloc(be, sizeof(float) * C), *x = to_device(be, hy, (size_t)R * K);
     float *w = to_device(be, hy, (size_t)C * K), *dx = be->alloc(be, sizeof(float) * R * K);
