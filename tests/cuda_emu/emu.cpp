@@ -42,6 +42,7 @@ struct pinned_use { size_t off, len; bool device_writes; };
 struct alloc_info {
     size_t bytes; bool device;
     size_t redzone = 0;               // device: unused bytes before and after (outside ASan)
+    size_t lead = 0;                  // device: bytes from the host block's start to the pointer
     size_t map_bytes = 0;             // pinned: the mmap'd length
     std::vector<pinned_use> pending;  // pinned: queued copies using it
     bool unguarded = false;           // pinned: a host access outside the pending ranges dropped the guard
@@ -85,6 +86,16 @@ static unsigned long long g_count_pdl_launches;       // launches with the PDL a
 static unsigned long long g_count_launches, g_count_copies, g_count_allocs, g_count_graph_launches;
 static unsigned long long g_device_bytes;  // cudaMalloc bytes alive (rp_emu_counters.device_bytes)
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
+// EMU_ALLOC_PAD=S (S > 0): every cudaMalloc gets a seeded 0..15 x 256 bytes
+// more in front of it, so the device buffers lie at other addresses and
+// distances from each other, and freed device memory is never handed out
+// again (as under ASan, whose allocator places buffers elsewhere and keeps
+// freed ones in quarantine; glibc gives a freed block back at once, often to
+// the next buffer of the same size). Bookkeeping that keys on addresses must
+// give the same launches and bits for every S; 0 (default): neither.
+static uint64_t g_alloc_pad_rng;
+static void **g_quarantine;  // host blocks of device memory freed while padding (reachable: no leak)
+static size_t g_n_quarantine, g_cap_quarantine;
 
 // ---- streams: work is queued and runs at sync points ----
 // Each stream is a queue of ops; an op may first wait for another stream to
@@ -208,13 +219,18 @@ cudaError_t cudaMalloc_(void **p, size_t n) {
     size_t r = (n + 255) / 256 * 256; if (!r) r = 256;
     size_t rz = RP_EMU_REDZONE;  // unused bytes before and after: checked kernels report accesses there
 #endif
-    void *q = nullptr; if (posix_memalign(&q, 256, r + 2 * rz)) q = nullptr;
+    size_t pad = 0;
+    if (g_alloc_pad_rng) {  // xorshift64: the same seed, the same layout
+        g_alloc_pad_rng ^= g_alloc_pad_rng << 13; g_alloc_pad_rng ^= g_alloc_pad_rng >> 7; g_alloc_pad_rng ^= g_alloc_pad_rng << 17;
+        pad = (size_t)(g_alloc_pad_rng % 16) * 256;
+    }
+    void *q = nullptr; if (posix_memalign(&q, 256, pad + r + 2 * rz)) q = nullptr;
     if (!q) return g_last = cudaErrorMemoryAllocation;
-    memset(q, 0xff, r + 2 * rz);  // garbage: NaN as float
-    alloc_info a; a.bytes = n; a.device = true; a.redzone = rz;
-    g_allocs[(uintptr_t)q + rz] = a;
+    memset(q, 0xff, pad + r + 2 * rz);  // garbage: NaN as float
+    alloc_info a; a.bytes = n; a.device = true; a.redzone = rz; a.lead = pad + rz;
+    g_allocs[(uintptr_t)q + pad + rz] = a;
     g_device_bytes += n;
-    *p = (char *)q + rz; return cudaSuccess;
+    *p = (char *)q + pad + rz; return cudaSuccess;
 }
 cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
@@ -226,9 +242,18 @@ cudaError_t cudaFree(void *p) {
     g_count_allocs++;
     memset(p, 0xfe, it->second.bytes);
     g_device_bytes -= it->second.bytes;
-    size_t rz = it->second.redzone;
+    size_t lead = it->second.lead;
     g_dev_lo = g_dev_hi = 0;  // the checked-access cache may name it
-    g_allocs.erase(it); free((char *)p - rz); return cudaSuccess;
+    g_allocs.erase(it);
+    if (!g_alloc_pad_rng) { free((char *)p - lead); return cudaSuccess; }
+    // EMU_ALLOC_PAD: never handed out again until the padding ends
+    if (g_n_quarantine == g_cap_quarantine) {
+        g_cap_quarantine = g_cap_quarantine ? 2 * g_cap_quarantine : 64;
+        g_quarantine = (void **)realloc(g_quarantine, g_cap_quarantine * sizeof(void *));
+        if (!g_quarantine) die("cudaFree: out of host memory for the EMU_ALLOC_PAD quarantine");
+    }
+    g_quarantine[g_n_quarantine++] = (char *)p - lead;
+    return cudaSuccess;
 }
 cudaError_t cudaMallocHost_(void **p, size_t n) {
     if (g_capturing) { *p = nullptr; return capture_violation("cudaMallocHost"); }
@@ -1157,6 +1182,12 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     return CUBLAS_STATUS_SUCCESS;
 }
 
+extern "C" void rp_emu_set_alloc_pad(int seed) {
+    g_alloc_pad_rng = seed > 0 ? (uint64_t)seed * 0x9e3779b97f4a7c15ull : 0;
+    if (g_alloc_pad_rng) return;
+    for (size_t i = 0; i < g_n_quarantine; i++) free(g_quarantine[i]);
+    g_n_quarantine = 0;
+}
 extern "C" void rp_emu_counts(rp_emu_counters *out) {
     out->launches = g_count_launches;
     out->copies = g_count_copies;
@@ -1184,6 +1215,7 @@ __attribute__((constructor)) static void emu_init() {
     sa.sa_sigaction = fault_handler; sa.sa_flags = SA_SIGINFO;
     sigaction(SIGSEGV, &sa, &g_old_segv);
     if (getenv("EMU_FAIL_MALLOC")) g_fail_malloc_after = atoi(getenv("EMU_FAIL_MALLOC"));
+    if (getenv("EMU_ALLOC_PAD")) rp_emu_set_alloc_pad(atoi(getenv("EMU_ALLOC_PAD")));
 }
 __attribute__((destructor)) static void emu_fini() {
     fprintf(stderr, "EMU: %llu launches, %llu fiber switches\n", g_launches, g_switches);

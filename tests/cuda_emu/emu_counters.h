@@ -23,4 +23,10 @@ typedef struct {
 
 void rp_emu_counts(rp_emu_counters *out);
 
+/* The device memory layout from now on (EMU_ALLOC_PAD in emu.cpp): seed > 0
+ * pads every cudaMalloc by a seeded amount and never hands freed device
+ * memory out again (as ASan's allocator does); 0: the plain layout. A test
+ * runs the same work both ways to show that nothing keys on addresses. */
+void rp_emu_set_alloc_pad(int seed);
+
 #endif
