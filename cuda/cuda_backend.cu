@@ -449,6 +449,9 @@ static void *cuda_weight_copy(rp_backend *be, const float *w, size_t n) {
 
 // ---- memory ----
 
+static int alloc_record(rp_cuda_ctx *cx, void *p, size_t bytes);
+static size_t alloc_forget_record(rp_cuda_ctx *cx, const void *p);
+
 static void *cuda_alloc(rp_backend *be, size_t bytes) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     void *p = NULL;
@@ -464,6 +467,10 @@ static void *cuda_alloc(rp_backend *be, size_t bytes) {
         return NULL;
     }
     rp_cuda_act16_forget(cx, p, rounded);  // an old in-place bf16 range at this address
+    if (!alloc_record(cx, p, rounded)) {  // out of host memory: the caller reports NULL
+        cudaFree(p);
+        return NULL;
+    }
     return p;
 }
 
@@ -484,6 +491,14 @@ static void cuda_free(rp_backend *be, void *ptr) {
             cx->weights[i] = cx->weights[--cx->n_weights];
             break;
         }
+    // The copies, in-place ranges and stale marks of the freed range go
+    // with it. Left behind, a sole copy's dead slot would be taken last by
+    // every claim (one slot fewer) and its stale mark would hold a place,
+    // until a later buffer happened to land on the same address: the slot
+    // choice, and so the conversions a step runs, would depend on where
+    // the allocator puts buffers (test_gn_bonus_fused_exact's padded layout).
+    const size_t bytes = alloc_forget_record(cx, ptr);
+    if (bytes) rp_cuda_act16_forget(cx, ptr, bytes);
     if (!sparse_free(cx, ptr)) RP_CUDA_OK(cx, cudaFree(ptr));
 }
 
@@ -604,9 +619,19 @@ struct sparse_buf {
 
 // The upload slots' host-side extras and the sparse buffers live right
 // after the context.
+// A live cuda_alloc buffer: cuda_free gets only the pointer, and must forget
+// the records (bf16 activation copies, in-place ranges, stale marks) of the
+// whole range it frees.
+struct alloc_rec {
+    void *p;
+    size_t bytes;
+};
+
 struct rp_cuda_ctx_full {
     rp_cuda_ctx cx;
     upload_slot_extra extra[RP_CUDA_UP_COUNT];
+    alloc_rec *allocs;
+    int n_allocs, cap_allocs;
 #ifdef RP_CUDA_VMM
     sparse_vmm vmm;
     size_t page;
@@ -617,6 +642,33 @@ struct rp_cuda_ctx_full {
 
 static upload_slot_extra *upload_extra(rp_cuda_ctx *cx) {
     return ((rp_cuda_ctx_full *)cx)->extra;
+}
+
+// 0 when the host array cannot grow (nothing recorded).
+static int alloc_record(rp_cuda_ctx *cx, void *p, size_t bytes) {
+    rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)cx;
+    if (f->n_allocs == f->cap_allocs) {
+        const int cap = f->cap_allocs ? 2 * f->cap_allocs : 64;
+        alloc_rec *grown = (alloc_rec *)realloc(f->allocs, (size_t)cap * sizeof(alloc_rec));
+        if (!grown) return 0;
+        f->allocs = grown;
+        f->cap_allocs = cap;
+    }
+    f->allocs[f->n_allocs++] = {p, bytes};
+    return 1;
+}
+
+// The bytes of cuda_alloc buffer p, dropped from the record; 0 when p is
+// not one (a sparse buffer, which sparse_free forgets itself).
+static size_t alloc_forget_record(rp_cuda_ctx *cx, const void *p) {
+    rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)cx;
+    for (int i = 0; i < f->n_allocs; i++)
+        if (f->allocs[i].p == p) {
+            const size_t bytes = f->allocs[i].bytes;
+            f->allocs[i] = f->allocs[--f->n_allocs];
+            return bytes;
+        }
+    return 0;
 }
 
 #ifdef RP_CUDA_VMM
@@ -724,6 +776,7 @@ static int sparse_free(rp_cuda_ctx *cx, void *ptr) {
     rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)cx;
     sparse_buf *b = sparse_find(f, ptr);
     if (!b) return 0;
+    rp_cuda_act16_forget(cx, ptr, b->bytes);  // as cuda_free does for a plain buffer
     sparse_drop(f, b);
     *b = f->sparse[--f->n_sparse];
     return 1;
@@ -874,6 +927,7 @@ static void cuda_destroy(rp_backend *be) {
         free(cx->weights);
         sparse_destroy(cx);
         free(cx->inplace);
+        free(((rp_cuda_ctx_full *)cx)->allocs);
         if (cx->dec_part) cudaFree(cx->dec_part);
         if (cx->dec_count) cudaFree(cx->dec_count);
         for (int a = 0; a < RP_CUDA_SCRATCH_COUNT; a++)
