@@ -94,6 +94,7 @@ static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc f
 // the next buffer of the same size). Bookkeeping that keys on addresses must
 // give the same launches and bits for every S; 0 (default): neither.
 static uint64_t g_alloc_pad_rng;
+static int g_alloc_pad_seed;
 static void **g_quarantine;  // host blocks of device memory freed while padding (reachable: no leak)
 static size_t g_n_quarantine, g_cap_quarantine;
 
@@ -1182,11 +1183,14 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     return CUBLAS_STATUS_SUCCESS;
 }
 
-extern "C" void rp_emu_set_alloc_pad(int seed) {
+extern "C" int rp_emu_set_alloc_pad(int seed) {
+    const int was = g_alloc_pad_seed;
+    g_alloc_pad_seed = seed > 0 ? seed : 0;
     g_alloc_pad_rng = seed > 0 ? (uint64_t)seed * 0x9e3779b97f4a7c15ull : 0;
-    if (g_alloc_pad_rng) return;
+    if (g_alloc_pad_rng) return was;
     for (size_t i = 0; i < g_n_quarantine; i++) free(g_quarantine[i]);
     g_n_quarantine = 0;
+    return was;
 }
 extern "C" void rp_emu_counts(rp_emu_counters *out) {
     out->launches = g_count_launches;

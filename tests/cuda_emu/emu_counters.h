@@ -26,7 +26,8 @@ void rp_emu_counts(rp_emu_counters *out);
 /* The device memory layout from now on (EMU_ALLOC_PAD in emu.cpp): seed > 0
  * pads every cudaMalloc by a seeded amount and never hands freed device
  * memory out again (as ASan's allocator does); 0: the plain layout. A test
- * runs the same work both ways to show that nothing keys on addresses. */
-void rp_emu_set_alloc_pad(int seed);
+ * runs the same work both ways to show that nothing keys on addresses.
+ * Returns the seed in force before (EMU_ALLOC_PAD's at start). */
+int rp_emu_set_alloc_pad(int seed);
 
 #endif

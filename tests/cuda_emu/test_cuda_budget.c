@@ -728,6 +728,7 @@ static void test_gn_bonus_fused_exact(void **s) {
     f->be->wkv_only = NULL;
     const int lens[2] = {MAX_ROWS / MAX_SEQS, 5};
     unsigned long long seen[2][2];  /* [case][fused], from the plain layout */
+    const int pad_was = rp_emu_set_alloc_pad(0);
     for (int layout = 0; layout < 2; layout++) {
         rp_emu_set_alloc_pad(layout ? 7 : 0);
         for (int i = 0; i < 2; i++) {
@@ -780,7 +781,7 @@ static void test_gn_bonus_fused_exact(void **s) {
     f->be->groupnorm_bonus_gate_backward = keep.groupnorm_bonus_gate_backward;
     f->be->wkv_only = keep.wkv_only;
     gn_mode_workspace(f);
-    rp_emu_set_alloc_pad(0);
+    rp_emu_set_alloc_pad(pad_was);
 }
 
 /* The flats of model m (layers, embed, head), copied to the host: n floats. */
