@@ -587,7 +587,9 @@ static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *
 #pragma unroll
             for (int i = 0; i < W; i++) pv[i] = ln2[i];
         }
-        if (xa || st) store_w<W>(prev + o + c, pv);  // no xa: the first rows only
+        // no xa: the first rows only, at their sequence's index ([n_seq, C])
+        if (xa) store_w<W>(prev + o + c, pv);
+        else if (st) store_w<W>(prev + (size_t)lo * C + c, pv);
         store_mixes<W>(mp, n_mix, xv, pv, o, c, bf16);
     }
 }
@@ -618,7 +620,7 @@ static __global__ void ln_mix_again_kernel(mix_ptrs mp, int n_mix, const float *
 #pragma unroll
         for (int i = 0; i < W; i++) xv[i] = rp_ln_value(v[i], m, s, w[i], b[i]);
         if (first) {
-            load_w<W>(pv, prev + o + c);
+            load_w<W>(pv, prev + (size_t)lo * C + c);  // [n_seq, C]: the first rows
         } else {
             float v2[W];
             load_w<W>(v2, x + o - C + c);
@@ -728,7 +730,8 @@ static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, floa
     if (xa) rp_cuda_act16_forget(cx, xa, bytes);  // RP_CUDA_LAUNCHED keeps bf16 ranges
     if (mean) rp_cuda_act16_forget(cx, mean, (size_t)R * sizeof(float));
     if (rstd) rp_cuda_act16_forget(cx, rstd, (size_t)R * sizeof(float));
-    rp_cuda_act16_forget(cx, prev, bytes);
+    // without xa prev is [n_seq, C] (the sequences' first rows)
+    rp_cuda_act16_forget(cx, prev, xa ? bytes : (size_t)batch->n_seq * C * sizeof(float));
     for (int i = 0; i < n_mix; i++) rp_cuda_act16_forget(cx, mix[i], bytes);
     if (bf16)
         for (int i = 0; i < n_mix; i++) rp_cuda_inplace_add(cx, mix[i], n);
