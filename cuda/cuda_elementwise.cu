@@ -558,6 +558,9 @@ static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *
     // sequence's last row (the new state) for its first row
     const size_t o2 = first ? (size_t)(begin + len - 1) * C : o - C;
     float *st = in_seq && first ? state_base + (size_t)slot[lo] * state_stride : nullptr;
+    // prev's row: r's with xa; without, the first rows only, at their
+    // sequence's index (prev [n_seq, C])
+    float *prev_row = xa ? prev + o : st ? prev + (size_t)lo * C : nullptr;
 
     float m, s, m2 = 0.0f, s2 = 0.0f;
     row_moments<W>(x + o, C, eps, shared, &m, &s);
@@ -587,9 +590,7 @@ static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *
 #pragma unroll
             for (int i = 0; i < W; i++) pv[i] = ln2[i];
         }
-        // no xa: the first rows only, at their sequence's index ([n_seq, C])
-        if (xa) store_w<W>(prev + o + c, pv);
-        else if (st) store_w<W>(prev + (size_t)lo * C + c, pv);
+        if (prev_row) store_w<W>(prev_row + c, pv);
         store_mixes<W>(mp, n_mix, xv, pv, o, c, bf16);
     }
 }
