@@ -719,14 +719,14 @@ __global__ static void __launch_bounds__(MIX_LN_THREADS_MAX) shift_mix_ln_backwa
             const vecf<W> xv = load<W>(x + o);
             // xa NULL: the row's norm output and its prev formed again as
             // ln_shift_mix_train_kernel formed them (rp_ln_value, the same
-            // bits); prev is stored at sequences' first rows only
+            // bits); prev holds sequences' first rows only, [n_seq, C]
             vecf<W> formed = {};
             if (!xa) {
                 while (s > 0 && r < row_begin[s]) s--;
                 const vecf<W> bv = load<W>(bias + c);
                 vecf<W> pv;
                 if (r == row_begin[s]) {
-                    pv = load<W>(prev + o);
+                    pv = load<W>(prev + (size_t)s * C + c);
                 } else {
                     const float mu2 = mean[r - 1], rs2 = rstd[r - 1];
                     const vecf<W> x2 = load<W>(x + o - C);

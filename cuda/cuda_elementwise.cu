@@ -558,6 +558,9 @@ static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *
     // sequence's last row (the new state) for its first row
     const size_t o2 = first ? (size_t)(begin + len - 1) * C : o - C;
     float *st = in_seq && first ? state_base + (size_t)slot[lo] * state_stride : nullptr;
+    // prev's row: r's with xa; without, the first rows only, at their
+    // sequence's index (prev [n_seq, C])
+    float *prev_row = xa ? prev + o : st ? prev + (size_t)lo * C : nullptr;
 
     float m, s, m2 = 0.0f, s2 = 0.0f;
     row_moments<W>(x + o, C, eps, shared, &m, &s);
@@ -587,7 +590,7 @@ static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *
 #pragma unroll
             for (int i = 0; i < W; i++) pv[i] = ln2[i];
         }
-        if (xa || st) store_w<W>(prev + o + c, pv);  // no xa: the first rows only
+        if (prev_row) store_w<W>(prev_row + c, pv);
         store_mixes<W>(mp, n_mix, xv, pv, o, c, bf16);
     }
 }
@@ -618,7 +621,7 @@ static __global__ void ln_mix_again_kernel(mix_ptrs mp, int n_mix, const float *
 #pragma unroll
         for (int i = 0; i < W; i++) xv[i] = rp_ln_value(v[i], m, s, w[i], b[i]);
         if (first) {
-            load_w<W>(pv, prev + o + c);
+            load_w<W>(pv, prev + (size_t)lo * C + c);  // [n_seq, C]: the first rows
         } else {
             float v2[W];
             load_w<W>(v2, x + o - C + c);
@@ -728,7 +731,8 @@ static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, floa
     if (xa) rp_cuda_act16_forget(cx, xa, bytes);  // RP_CUDA_LAUNCHED keeps bf16 ranges
     if (mean) rp_cuda_act16_forget(cx, mean, (size_t)R * sizeof(float));
     if (rstd) rp_cuda_act16_forget(cx, rstd, (size_t)R * sizeof(float));
-    rp_cuda_act16_forget(cx, prev, bytes);
+    // without xa prev is [n_seq, C] (the sequences' first rows)
+    rp_cuda_act16_forget(cx, prev, xa ? bytes : (size_t)batch->n_seq * C * sizeof(float));
     for (int i = 0; i < n_mix; i++) rp_cuda_act16_forget(cx, mix[i], bytes);
     if (bf16)
         for (int i = 0; i < n_mix; i++) rp_cuda_inplace_add(cx, mix[i], n);

@@ -262,7 +262,8 @@ struct rp_backend {
      * sequence's last row's for the state) from x again instead of reading
      * xa back, with the same bits. xa may be NULL where ln_mix_again_fits
      * says so (issue 15, "mixes formed again"): then xa is not written and
-     * prev only at each sequence's first row (the state it started from);
+     * prev only at each sequence's first row (the state it started from),
+     * stored compact: prev [n_seq, C], row s = sequence s's first row;
      * ln_mix_again and shift_mix_ln_backward form the rest from x, mean,
      * rstd, weight and bias with the same bits. */
     void (*ln_shift_mix_train)(rp_backend *be, float *xa, float *mean, float *rstd,
@@ -279,7 +280,8 @@ struct rp_backend {
      * exactly shift_mix(prev', mix, mu, n_mix, xa', NULL, ...) with xa' =
      * layernorm of x by the saved mean/rstd and weight/bias (the bits
      * ln_shift_mix_train stored before) and prev' the token shift of xa'
-     * whose sequences' first rows are read from prev (only those rows). */
+     * whose sequences' first rows are read from prev ([n_seq, C], row s =
+     * sequence s's first row, as ln_shift_mix_train leaves it without xa). */
     void (*ln_mix_again)(rp_backend *be, float *const *mix, const float *const *mu, int n_mix,
                          const float *prev, const float *x, const float *mean,
                          const float *rstd, const float *weight, const float *bias,
@@ -306,7 +308,8 @@ struct rp_backend {
      * fuses may leave them unwritten); the parameter gradients are row sums
      * in a fixed order, not necessarily the two ops' order. xa NULL (only
      * where ln_mix_again_fits): xa and prev are formed from x, mean, rstd,
-     * weight and bias as ln_mix_again forms them (prev: first rows only). */
+     * weight and bias as ln_mix_again forms them (prev: [n_seq, C], the
+     * sequences' first rows). */
     void (*shift_mix_ln_backward)(rp_backend *be, float *dx, float *dweight, float *dbias,
                                   float *dxa, float *dprev, float *const *dmu,
                                   const float *const *dmix, const float *const *mu,

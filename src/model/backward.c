@@ -37,21 +37,58 @@ static int fused_gn(const rp_backend *be) {
  * temporaries tmp_r, tmp_k, tmp_v. */
 static int wkv_beta(const rp_backend *be) { return be->wkv7_backward_beta != NULL; }
 
-static size_t layer_activation_floats(const rp_config *c, size_t R, size_t blocks, int gn_fused) {
+/* A one-sequence batch of n rows: what ln_mix_again_fits is asked at
+ * allocation (the CUDA backend's answer depends on the row count only; a
+ * batch it answers otherwise is refused by rp_backward_workspace_check_batch). */
+static int mix_again_at(rp_backend *be, int n, int C) {
+    int seq_len[1] = {n}, slot[1] = {0}, row_begin[1];
+    rp_batch b;
+    rp_batch_init(&b, 1, seq_len, slot, row_begin);
+    return rp_mix_again(be, &b, C);
+}
+
+/* Rows of xa, xf, prev_att and prev_ffn a layer keeps (issue 15, "mixes
+ * formed again"). Where the backend forms the mixes again for a batch of
+ * max_rows rows, the workspace is made for that path: xa and xf are stored
+ * only for the batches of 1..k rows it refuses (CUDA: k = RP_GEMV_MAX_M),
+ * and prev holds those k rows or, on the fused path, each sequence's first
+ * row at the sequence's index ([max_seqs, C]). Else every buffer is [R,C]. */
+static void ln_rows_for(rp_backend *be, int C, int max_rows, int max_seqs, int *again,
+                        int *ln_rows, int *prev_rows) {
+    *again = mix_again_at(be, max_rows, C);
+    if (!*again) {
+        *ln_rows = *prev_rows = max_rows;
+        return;
+    }
+    int k = 0;
+    while (k < max_rows && !mix_again_at(be, k + 1, C)) k++;
+    *ln_rows = k;
+    *prev_rows = k > max_seqs ? k : max_seqs;
+}
+
+static size_t layer_activation_floats(const rp_config *c, size_t R, size_t blocks, int gn_fused,
+                                      size_t ln_rows, size_t prev_rows) {
     size_t C = c->n_embd, H = c->n_head, pad = 16;
-    return (size_t)(20 - gn_fused) * (R * C + pad) + 4 * (R + pad) + 2 * (R * H + pad) +
+    return (size_t)(16 - gn_fused) * (R * C + pad) + 2 * (ln_rows * C + pad) +
+           2 * (prev_rows * C + pad) + 4 * (R + pad) + 2 * (R * H + pad) +
            R * (size_t)(c->d_decay + c->d_iclr + c->d_gate + c->d_value) + 4 * pad +
            R * (size_t)c->dim_ffn + pad + blocks * H * 64 * 64 + pad;
 }
 
 static void bind_layer_activations(rp_layer_activations *a, float *base, const rp_config *c,
-                                   size_t R, size_t blocks, int gn_fused) {
+                                   size_t R, size_t blocks, int gn_fused, size_t ln_rows,
+                                   size_t prev_rows) {
     size_t C = c->n_embd, H = c->n_head;
     float *p = base;
     float **rc[] = {&a->x_in, &a->xa,   &a->prev_att, &a->r,     &a->k_pre, &a->k,  &a->v_pre,
                     &a->v,    &a->w_raw, &a->a,       &a->g,     &a->nu,    &a->kk, &a->y,
                     &a->og,   &a->x_mid, &a->xf,      &a->prev_ffn, &a->kf};
-    for (size_t i = 0; i < sizeof rc / sizeof rc[0]; i++) *rc[i] = carve(&p, R * C);
+    for (size_t i = 0; i < sizeof rc / sizeof rc[0]; i++) {
+        size_t rows = R;
+        if (rc[i] == &a->xa || rc[i] == &a->xf) rows = ln_rows;
+        if (rc[i] == &a->prev_att || rc[i] == &a->prev_ffn) rows = prev_rows;
+        *rc[i] = rows ? carve(&p, rows * C) : NULL;
+    }
     a->o_gn = gn_fused ? NULL : carve(&p, R * C);
     a->ln1_mean = carve(&p, R);
     a->ln1_rstd = carve(&p, R);
@@ -69,17 +106,21 @@ static void bind_layer_activations(rp_layer_activations *a, float *base, const r
 
 /* The per-layer saved activations of tw (layer_begin/end set); 0 on failure. */
 static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m, size_t R,
-                                   size_t blocks, rp_error *err) {
+                                   int max_seqs, size_t blocks, rp_error *err) {
     const int n_layers = m->layer_end - m->layer_begin;
     tw->layers = rp_calloc((size_t)n_layers + 1, sizeof *tw->layers, "activations", err);
     tw->layer_blocks = rp_calloc((size_t)n_layers + 1, sizeof(float *), "activations", err);
     if (!tw->layers || !tw->layer_blocks) return 0;
     const int gn_fused = fused_gn(m->be);
-    const size_t per_layer = layer_activation_floats(&m->cfg, R, blocks, gn_fused);
+    ln_rows_for(m->be, m->cfg.n_embd, (int)R, max_seqs, &tw->mix_again, &tw->ln_rows,
+                &tw->prev_rows);
+    const size_t per_layer = layer_activation_floats(&m->cfg, R, blocks, gn_fused,
+                                                     (size_t)tw->ln_rows, (size_t)tw->prev_rows);
     for (int i = 0; i < n_layers; i++) {
         tw->layer_blocks[i] = m->be->alloc(m->be, per_layer * sizeof(float));
         if (!tw->layer_blocks[i]) return 0;
-        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], &m->cfg, R, blocks, gn_fused);
+        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], &m->cfg, R, blocks, gn_fused,
+                               (size_t)tw->ln_rows, (size_t)tw->prev_rows);
     }
     return 1;
 }
@@ -108,11 +149,12 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
     int n_layers = m->layer_end - m->layer_begin;
     tw->max_rows = max_rows;
     tw->max_seqs = max_seqs;
+    tw->n_embd = c->n_embd;
     tw->layer_begin = m->layer_begin;
     tw->layer_end = m->layer_end;
     tw->gn_fused = fused_gn(be);
     tw->wkv_beta = wkv_beta(be);
-    if (!alloc_layer_activations(tw, m, R, blocks, err)) goto nomem;
+    if (!alloc_layer_activations(tw, m, R, max_seqs, blocks, err)) goto nomem;
     /* Shared buffers: stream, embed/head activations, backward scratch. */
     /* + the fused mix's six mixes and six more mix gradients (dxc is the seventh) */
     const int n_fused = fused_mix(be) ? RP_MIX_MAX + RP_MIX_TERMS_MAX - 1 : 0;
@@ -195,7 +237,7 @@ rp_status rp_backward_workspace_alloc_stash(rp_backward_workspace *tw, const rp_
     size_t R = (size_t)max_rows, C = c->n_embd, pad = 16;
     size_t blocks = R / RP_WKV_CHUNK + (size_t)max_seqs;
     int n_layers = m->layer_end - m->layer_begin;
-    if (!alloc_layer_activations(tw, m, R, blocks, err)) goto nomem;
+    if (!alloc_layer_activations(tw, m, R, max_seqs, blocks, err)) goto nomem;
     if (tw->mix[0]) bind_train_mixes(tw);  /* the shared mixes of `share` */
     size_t floats = 5 * (R * C + pad) + 2 * (R + pad);
     tw->own_base = be->alloc(be, floats * sizeof(float));
@@ -645,6 +687,29 @@ rp_status rp_backward_workspace_check(const rp_backward_workspace *tw, const rp_
                             "the training workspace was allocated for wkv7_backward_beta (no "
                             "tmp_r, tmp_k, tmp_v) but the backend now lacks it: reallocate "
                             "the workspace");
+    if (tw->mix_again && !mix_again_at((rp_backend *)be, tw->max_rows, tw->n_embd))
+        return rp_error_set(err, RP_ERR_ARG,
+                            "the training workspace was allocated for the mixes formed again "
+                            "(xa, xf stored for batches of up to %d rows only) but the backend "
+                            "now does not form them for %d rows: reallocate the workspace",
+                            tw->ln_rows, tw->max_rows);
+    return RP_OK;
+}
+
+rp_status rp_backward_workspace_check_batch(const rp_backward_workspace *tw, rp_backend *be,
+                                            const rp_batch *batch, rp_error *err) {
+    if (batch->n_rows > tw->max_rows || batch->n_seq > tw->max_seqs)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "batch of %d rows in %d sequences exceeds the training workspace "
+                            "(%d rows, %d sequences)", batch->n_rows, batch->n_seq, tw->max_rows,
+                            tw->max_seqs);
+    if (!rp_mix_again(be, batch, tw->n_embd) && batch->n_rows > tw->ln_rows)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "batch of %d rows in %d sequences: the backend stores xa / prev "
+                            "for it, but the training workspace keeps them for at most %d rows "
+                            "(allocated for the mixes formed again): reallocate the workspace "
+                            "for this backend or use batches the backend forms again",
+                            batch->n_rows, batch->n_seq, tw->ln_rows);
     return RP_OK;
 }
 
@@ -655,12 +720,8 @@ rp_status rp_model_train_step(const rp_model *m, rp_model *grads, rp_backward_wo
                               int *n_targets, rp_error *err) {
     if (!m->has_embed || !m->has_head || m->layer_begin != 0 || m->layer_end != m->cfg.n_layer)
         return rp_error_set(err, RP_ERR_INTERNAL, "rp_model_train_step needs the whole model");
-    if (batch->n_rows > tw->max_rows || batch->n_seq > tw->max_seqs)
-        return rp_error_set(err, RP_ERR_ARG,
-                            "batch of %d rows in %d sequences exceeds the training workspace "
-                            "(%d rows, %d sequences)", batch->n_rows, batch->n_seq, tw->max_rows,
-                            tw->max_seqs);
     rp_status fits = rp_backward_workspace_check(tw, m->be, err);
+    if (fits == RP_OK) fits = rp_backward_workspace_check_batch(tw, m->be, batch, err);
     if (fits != RP_OK) return fits;
     rp_state local_dstate = {0};
     if (!dstate) {

@@ -30,6 +30,11 @@ typedef struct {
      * tmp_k, tmp_v): a step refuses a backend without them (reallocate the
      * workspace after switching the entries). */
     int gn_fused, wkv_beta;
+    /* Allocated for the mixes formed again (rp_mix_again at max_rows rows):
+     * xa and xf have ln_rows rows (the batches the backend stores them for),
+     * prev_att / prev_ffn prev_rows (those rows, or on the formed-again path
+     * each sequence's first row at its sequence index). Else all max_rows. */
+    int mix_again, ln_rows, prev_rows, n_embd;
     /* backward scratch */
     float *dx, *dv_first, *dprev, *dxa, *dxc, *xc, *dr, *dk, *dv, *dkk, *da, *dw_raw,
         *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn;
@@ -63,6 +68,11 @@ rp_status rp_backward_workspace_alloc_stash(rp_backward_workspace *tw, const rp_
  * since the allocation: see gn_fused, wkv_beta); rp_model_train_step checks. */
 rp_status rp_backward_workspace_check(const rp_backward_workspace *tw, const rp_backend *be,
                                       rp_error *err);
+/* RP_ERR_ARG when batch exceeds tw: more rows or sequences than it holds, or
+ * a batch the backend stores xa / prev for (rp_mix_again false) with more
+ * rows than a workspace made for the mixes formed again keeps (ln_rows). */
+rp_status rp_backward_workspace_check_batch(const rp_backward_workspace *tw, rp_backend *be,
+                                            const rp_batch *batch, rp_error *err);
 void rp_backward_workspace_free(rp_backward_workspace *tw, rp_backend *be);
 
 /* Zeroes every owned gradient buffer of grads (an rp_model used as storage). */

@@ -512,6 +512,8 @@ static void test_act16_exact(void **s) {
     rp_cuda_backend_set_act16(f->be, 1);
 }
 
+static unsigned long long gn_mode_workspace(fixture *f);
+
 /* ln_shift_mix_train (one kernel for each training LayerNorm and the
  * shift_mix that reads it) against the two ops (the entry NULL): a BF16-math
  * training step's loss and every gradient bit for bit, over several
@@ -533,29 +535,35 @@ static void test_ln_shift_mix_train_exact(void **s) {
         size_t n = 0;
         for (int on = 0; on < 2; on++) {
             f->be->ln_shift_mix_train = on ? fused : NULL;
+            gn_mode_workspace(f);  /* without it xa / prev are stored: [R,C] */
             rp_model_zero(&f->grads);
             loss[on] = train_step(f, n_seqs[i], lens[i], 4);
             side[on] = grads_to_host(f, &n);
         }
         f->be->ln_shift_mix_train = fused;
+        gn_mode_workspace(f);
         assert_steps_equal("ln_shift_mix_train exact", n_seqs[i] * lens[i], loss, side, n);
     }
     f->be->mix_grads16 = grads16;
 }
 
-/* Every layer's xa, xf, prev_att and prev_ffn [MAX_ROWS, C] set to NaN: a
- * step that reads any of them where it did not write it first loses its
- * loss and gradients to NaN. */
+/* Every layer's xa, xf, prev_att and prev_ffn set to NaN (the rows the
+ * workspace has of them: ln_rows, prev_rows): a step that reads any of them
+ * where it did not write it first loses its loss and gradients to NaN. */
 static void poison_ln_outputs(fixture *f) {
     const int C = f->model.cfg.n_embd;
     const size_t n = (size_t)MAX_ROWS * C;
     float *nan_rows = malloc(n * sizeof(float));
     assert_non_null(nan_rows);
     for (size_t i = 0; i < n; i++) nan_rows[i] = NAN;
+    const size_t rows[4] = {(size_t)f->tw.ln_rows, (size_t)f->tw.ln_rows,
+                            (size_t)f->tw.prev_rows, (size_t)f->tw.prev_rows};
     for (int l = 0; l < f->model.cfg.n_layer; l++) {
         rp_layer_activations *a = &f->tw.layers[l];
         float *bufs[4] = {a->xa, a->xf, a->prev_att, a->prev_ffn};
-        for (int i = 0; i < 4; i++) f->be->copy_to_device(f->be, bufs[i], nan_rows, n * sizeof(float));
+        for (int i = 0; i < 4; i++)
+            if (rows[i])
+                f->be->copy_to_device(f->be, bufs[i], nan_rows, rows[i] * C * sizeof(float));
     }
     free(nan_rows);
 }
@@ -581,12 +589,14 @@ static void test_mix_again_exact(void **s) {
         size_t n = 0;
         for (int on = 0; on < 2; on++) {
             f->be->ln_mix_again_fits = on ? fits : NULL;
+            gn_mode_workspace(f);  /* on: no xa / xf, prev [S,C] (+ the small batches') */
             if (on) poison_ln_outputs(f);
             rp_model_zero(&f->grads);
             loss[on] = train_step(f, n_seqs[i], lens[i], 4);
             side[on] = grads_to_host(f, &n);
         }
         f->be->ln_mix_again_fits = fits;
+        gn_mode_workspace(f);
         assert_steps_equal("mix again exact", n_seqs[i] * lens[i], loss, side, n);
     }
     /* The ZB-H1 W pass (rp_backward_block_backward_w) of every layer after
@@ -612,6 +622,7 @@ static void test_mix_again_exact(void **s) {
     size_t n = 0;
     for (int on = 0; on < 2; on++) {
         f->be->ln_mix_again_fits = on ? fits : NULL;
+        gn_mode_workspace(f);
         if (on) poison_ln_outputs(f);
         train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 4);
         rp_model_zero(&f->grads);
@@ -623,6 +634,7 @@ static void test_mix_again_exact(void **s) {
         side[on] = grads_to_host(f, &n);
     }
     f->be->ln_mix_again_fits = fits;
+    gn_mode_workspace(f);
     size_t nonzero;
     const size_t diff = count_differ(side[0], side[1], n, &nonzero);
     fprintf(stderr, "mix again exact, W pass: %zu gradients, %zu nonzero, %zu differ\n", n,
@@ -702,6 +714,125 @@ static void test_gn_fused_workspace_refused(void **s) {
     fprintf(stderr, "refused: %s\n", err.msg);
     f->be->groupnorm_bonus_gate_backward = keep.groupnorm_bonus_gate_backward;
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
+}
+
+/* Rows the CUDA backend stores xa / prev for (ln_mix_again_fits refuses a
+ * batch of at most RP_GEMV_MAX_M rows, cuda/cuda_internal.h). */
+#define CUDA_LN_STORED_ROWS 8
+
+/* A workspace made for the mixes formed again (issue 15) keeps xa and xf
+ * only for the batches the backend stores them for (<= 8 rows) and
+ * prev_att / prev_ffn for those rows or the sequences' first rows
+ * ([max(8, S), C]): smaller than the stored path's workspace
+ * (ln_mix_again_fits NULL) by exactly 4 [R - 8, C] buffers a layer. A batch
+ * of 8 rows (stored path) still trains on it; with the entry switched off
+ * since, a step is refused (RP_ERR_ARG). */
+static void test_mix_again_workspace_bytes(void **s) {
+    fixture *f = *s;
+    int (*fits)(rp_backend *, const rp_batch *, int) = f->be->ln_mix_again_fits;
+    assert_non_null(fits);
+    const int L = f->model.cfg.n_layer, C = f->model.cfg.n_embd;
+    f->be->ln_mix_again_fits = NULL;
+    const unsigned long long stored = gn_mode_workspace(f);
+    assert_false(f->tw.mix_again);
+    assert_int_equal(f->tw.ln_rows, MAX_ROWS);
+    f->be->ln_mix_again_fits = fits;
+    const unsigned long long again = gn_mode_workspace(f);
+    assert_true(f->tw.mix_again);
+    assert_int_equal(f->tw.ln_rows, CUDA_LN_STORED_ROWS);
+    assert_int_equal(f->tw.prev_rows, CUDA_LN_STORED_ROWS > MAX_SEQS ? CUDA_LN_STORED_ROWS
+                                                                     : MAX_SEQS);
+    const unsigned long long removed =
+        (unsigned long long)L * 4 * (MAX_ROWS - CUDA_LN_STORED_ROWS) * C * sizeof(float);
+    fprintf(stderr, "mix again workspace: %llu bytes stored path, %llu formed again (%llu "
+            "fewer, expected %llu)\n", stored, again, stored - again, removed);
+    assert_true(again < stored);
+    assert_int_equal(stored - again, removed);
+    train_step(f, 1, CUDA_LN_STORED_ROWS, 2);       /* xa / prev stored, in the small buffers */
+    train_step(f, 2, CUDA_LN_STORED_ROWS / 2, 3);
+    train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 4); /* formed again */
+    f->be->ln_mix_again_fits = NULL;
+    int seq_len[1] = {MAX_ROWS}, slot[1] = {0}, row_begin[1];
+    int32_t inputs[MAX_ROWS] = {0}, targets[MAX_ROWS] = {0};
+    rp_batch b;
+    rp_batch_init(&b, 1, seq_len, slot, row_begin);
+    rp_error err;
+    assert_int_equal(rp_model_train_step(&f->model, &f->grads, &f->tw, inputs, targets, &b,
+                                         &f->state, NULL, 0.25f, 0.0f, NULL, NULL, &err),
+                     RP_ERR_ARG);
+    fprintf(stderr, "refused: %s\n", err.msg);
+    f->be->ln_mix_again_fits = fits;
+    assert_int_equal(f->be->status(f->be, &err), RP_OK);
+}
+
+/* A backend alloc that only adds up sizes (no memory: the pointers are
+ * never dereferenced), for the 0.4b byte count below. */
+static unsigned long long counted_bytes;
+static void *counting_alloc(rp_backend *be, size_t bytes) {
+    (void)be;
+    void *p = (void *)(uintptr_t)(((unsigned long long)1 << 44) + counted_bytes);
+    counted_bytes += (bytes + 255) / 256 * 256;
+    return p;
+}
+static void counting_free(rp_backend *be, void *p) { (void)be, (void)p; }
+static rp_status counting_reserve(rp_backend *be, int rows, int seqs, int C, int N,
+                                  rp_error *err) {
+    (void)be, (void)rows, (void)seqs, (void)C, (void)N, (void)err;
+    return RP_OK;
+}
+
+/* Bytes one training workspace asks of this backend (the CUDA one, its
+ * entries as they are) for the whole 0.4b model at 8 x 4096 rows. */
+static unsigned long long workspace_bytes_04b(rp_backend *be, const rp_config *c) {
+    rp_model m;
+    memset(&m, 0, sizeof m);
+    rp_error err;
+    assert_int_equal(rp_model_alloc(&m, c, 0, c->n_layer, 1, 1, be, &err), RP_OK);
+    counted_bytes = 0;
+    rp_backward_workspace tw;
+    assert_int_equal(rp_backward_workspace_alloc(&tw, &m, 8 * 4096, 8, &err), RP_OK);
+    const unsigned long long bytes = counted_bytes;
+    rp_backward_workspace_free(&tw, be);
+    rp_model_free(&m);
+    return bytes;
+}
+
+/* docs/gpu.md "Device bytes the workspace asks for at 0.4b": the training
+ * workspace of the 0.4b model at 8 x 4096 rows on one process, with the
+ * stored path's xa / xf / prev (ln_mix_again_fits NULL: what every shape got
+ * before) and made for the mixes formed again, and the weights, gradients
+ * and AdamW m, v beside it (4 fp32 copies of every parameter), against an
+ * 80 GB H100. The difference is exactly 4 [R - 8, C] buffers a layer. */
+static void test_workspace_bytes_04b(void **s) {
+    fixture *f = *s;
+    rp_backend keep = *f->be;
+    rp_config c;
+    rp_error err;
+    assert_int_equal(rp_config_builtin(&c, "0.4b", 0, &err), RP_OK);
+    f->be->alloc = counting_alloc;
+    f->be->free = counting_free;
+    f->be->reserve = counting_reserve;
+    rp_model m;
+    counted_bytes = 0;
+    assert_int_equal(rp_model_alloc(&m, &c, 0, c.n_layer, 1, 1, f->be, &err), RP_OK);
+    const unsigned long long params = counted_bytes / sizeof(float);
+    rp_model_free(&m);
+    f->be->ln_mix_again_fits = NULL;
+    const unsigned long long stored = workspace_bytes_04b(f->be, &c);
+    f->be->ln_mix_again_fits = keep.ln_mix_again_fits;
+    const unsigned long long again = workspace_bytes_04b(f->be, &c);
+    *f->be = keep;
+    const unsigned long long R = 8 * 4096, removed =
+        (unsigned long long)c.n_layer * 4 * (R - CUDA_LN_STORED_ROWS) * c.n_embd * sizeof(float);
+    const double gib = 1024.0 * 1024.0 * 1024.0, h100 = 80e9;
+    const unsigned long long state = params * 16;  /* weights, grads, AdamW m and v: fp32 */
+    fprintf(stderr,
+            "0.4b 8 x 4096 workspace: %.2f GiB stored path, %.2f GiB formed again (%.2f GiB "
+            "fewer); %llu params x 16 B = %.2f GiB; total %.2f GiB = %.1f GB of 80 GB "
+            "(%.1f GB left)\n",
+            stored / gib, again / gib, (stored - again) / gib, params, state / gib,
+            (again + state) / gib, (again + state) / 1e9, (h100 - (double)(again + state)) / 1e9);
+    assert_int_equal(stored - again, removed);
 }
 
 /* groupnorm + bonus/gate fused (backend.h groupnorm_bonus_gate and its
@@ -1677,6 +1808,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_train_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_again_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_mix_again_workspace_bytes, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_workspace_bytes_04b, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_grads16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_fused_workspace_refused, setup, teardown),
