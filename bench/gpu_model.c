@@ -293,6 +293,11 @@ static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, do
  * kernels take either, cuda_elementwise.cu / cuda_backward.cu). */
 #define GN_Y_IO BF16_OUT
 
+/* WKV7's input gradient dy as groupnorm_bonus_gate_backward writes it and
+ * the WKV7 backward reads it: bf16 in place (backward.c's wkv_only hint; the
+ * chunked backward rounded it to bf16 for its products anyway). */
+#define GN_DY_IO BF16_OUT
+
 static int mix_ln_fused(double C);
 
 /* The forward ops of one layer (rp_block_forward), R rows of S sequences;
@@ -414,8 +419,9 @@ static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H)
     double chunks = ceil(R / 64);
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
-    add(l, "groupnorm_bonus_gate backward (+ bf16 dg, partials)", 1,
-        4.0 * C * (R * (GN_Y_IO + 10 + BF16_OUT) + 3 + 3 * chunks) + 8.0 * R * H, 30.0 * R * C,
+    add(l, "groupnorm_bonus_gate backward (dy bf16, + bf16 dg, partials)", 1,
+        4.0 * C * (R * (GN_Y_IO + 9 + GN_DY_IO + BF16_OUT) + 3 + 3 * chunks) + 8.0 * R * H,
+        30.0 * R * C,
         0);
     add(l, "groupnorm_bonus_gate backward finish (ln_x, r_k sums)", 1,
         4.0 * C * (3 * chunks + 6), 3 * chunks * C, 0);
@@ -497,8 +503,9 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
      * read and dkk written in bf16 in place (wkv_only: key_prepare_backward
      * alone reads dkk), and a bf16 copy of dr (the receptance GEMM
      * backward's dY) */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk w_raw dkk bf16, + bf16 dr)",
-                      (16.0 * 4 - 2) * R * C + 2.0 * R * C + 2 * S * state + R / 16 * state,
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk w_raw dkk dy bf16, + bf16 dr)",
+                      (16.0 * 4 - 2 - 4 * (1 - GN_DY_IO)) * R * C + 2.0 * R * C +
+                          2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     gn_bonus_gate_backward(l, R, C, H);

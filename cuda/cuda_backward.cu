@@ -1399,10 +1399,16 @@ static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, floa
 // head), rows assigned as in both unfused kernels, so every sum runs in the
 // same order: the same bits. y: f32, or bf16 in place (TY) when WKV7 stored
 // it so. part [3, chunks, C]: the dr_k, dln_w, dln_b partial rows (NULL: no
-// parameter gradients).
-template <int E, typename TY>
+// parameter gradients). dy: f32, or bf16 in place (TDY: the WKV7 backward,
+// its one reader, takes it so; backend.h wkv_only).
+__device__ __forceinline__ void gn_dy_store(float *p, float x) { *p = x; }
+__device__ __forceinline__ void gn_dy_store(__nv_bfloat16 *p, float x) {
+    *p = __float2bfloat16(x);
+}
+
+template <int E, typename TY, typename TDY>
 __global__ static void groupnorm_bonus_gate_backward_kernel(
-    float *__restrict__ dy, float *__restrict__ dr, float *__restrict__ dk,
+    TDY *__restrict__ dy, float *__restrict__ dr, float *__restrict__ dk,
     float *__restrict__ dv, float *__restrict__ part, float *__restrict__ dg,
     __nv_bfloat16 *__restrict__ dg16, const float *__restrict__ dout, const TY *__restrict__ y,
     const float *__restrict__ mean, const float *__restrict__ rstd,
@@ -1459,7 +1465,7 @@ __global__ static void groupnorm_bonus_gate_backward_kernel(
         sum_dxh = warp_sum(sum_dxh);
         const float mean_d = sum_d / N, mean_dxh = sum_dxh / N;
         for (int e = 0; e < E; e++)
-            dy[q + 32 * e] = rs * (dz[e] * lw[e] - mean_d - xh[e] * mean_dxh);
+            gn_dy_store(dy + q + 32 * e, rs * (dz[e] * lw[e] - mean_d - xh[e] * mean_dxh));
     }
     if (!part) return;  // uniform over the grid
     for (int e = 0; e < E; e++) {
@@ -1519,21 +1525,32 @@ static void cuda_groupnorm_bonus_gate_backward(
     __nv_bfloat16 *dg16 = rp_cuda_act16_for_rows(cx, dg, n, R);
     // y in bf16 in place when the WKV7 forward stored it so
     const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
-#define GN_BONUS_LAUNCH(E, TY, YP)                                                              \
-    groupnorm_bonus_gate_backward_kernel<E, TY><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(    \
-        dy, dr, dk, dv, part, dg, dg16, dout, YP, mean, rstd, ln_w, ln_b, r, k, v, r_k, g, R, C, \
-        chunks, rows_per_chunk, accumulate)
-#define GN_BONUS_SWITCH(TY, YP)                                                                 \
+    // A dy that only the WKV7 backward reads (backend.h wkv_only) is written
+    // in bf16 in place, no f32 (BF16 math, above GEMV rows, copies on); with
+    // the copies off f32 rounded to bf16 after: the same values for WKV7.
+    const int only = rp_cuda_take_wkv_only(cx, dy, n) && cx->math == RP_CUDA_MATH_BF16 &&
+                     R > RP_GEMV_MAX_M;
+    const int dy16 = only && !cx->act16_off;
+    __nv_bfloat16 *dyb = (__nv_bfloat16 *)dy;
+#define GN_BONUS_LAUNCH(E, TY, YP, TDY, DYP)                                                    \
+    groupnorm_bonus_gate_backward_kernel<E, TY, TDY><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>( \
+        DYP, dr, dk, dv, part, dg, dg16, dout, YP, mean, rstd, ln_w, ln_b, r, k, v, r_k, g, R, \
+        C, chunks, rows_per_chunk, accumulate)
+#define GN_BONUS_SWITCH(TY, YP, TDY, DYP)                                                       \
     switch (N / 32) {                                                                           \
-    case 1: GN_BONUS_LAUNCH(1, TY, YP); break;                                                  \
-    case 2: GN_BONUS_LAUNCH(2, TY, YP); break;                                                  \
-    case 3: GN_BONUS_LAUNCH(3, TY, YP); break;                                                  \
-    default: GN_BONUS_LAUNCH(4, TY, YP); break;                                                 \
+    case 1: GN_BONUS_LAUNCH(1, TY, YP, TDY, DYP); break;                                        \
+    case 2: GN_BONUS_LAUNCH(2, TY, YP, TDY, DYP); break;                                        \
+    case 3: GN_BONUS_LAUNCH(3, TY, YP, TDY, DYP); break;                                        \
+    default: GN_BONUS_LAUNCH(4, TY, YP, TDY, DYP); break;                                       \
     }
-    if (y16) {
-        GN_BONUS_SWITCH(__nv_bfloat16, y16)
+    if (y16 && dy16) {
+        GN_BONUS_SWITCH(__nv_bfloat16, y16, __nv_bfloat16, dyb)
+    } else if (y16) {
+        GN_BONUS_SWITCH(__nv_bfloat16, y16, float, dy)
+    } else if (dy16) {
+        GN_BONUS_SWITCH(float, y, __nv_bfloat16, dyb)
     } else {
-        GN_BONUS_SWITCH(float, y)
+        GN_BONUS_SWITCH(float, y, float, dy)
     }
 #undef GN_BONUS_SWITCH
 #undef GN_BONUS_LAUNCH
@@ -1551,6 +1568,11 @@ static void cuda_groupnorm_bonus_gate_backward(
                                   {dln_b, (size_t)C * sizeof(float)}))
             return;
     }
+    // after RP_CUDA_LAUNCHED_OUT, which forgot dy's earlier records
+    if (dy16)
+        rp_cuda_inplace_add(cx, dy, n);
+    else if (only)
+        rp_cuda_round_bf16(cx, dy, n);
     if (dg16) rp_cuda_act16_publish(cx, dg16, dg, n);
 }
 

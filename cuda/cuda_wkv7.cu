@@ -786,8 +786,8 @@ struct wkv_bwd_in {
     float x0, x1, x2, x3;
 };
 
-template <typename TI, typename TK = TI>
-__device__ __forceinline__ void wkv_bwd_load(wkv_bwd_in &q, const TI *dy, const TI *r,
+template <typename TI, typename TK = TI, typename TY = TI>
+__device__ __forceinline__ void wkv_bwd_load(wkv_bwd_in &q, const TY *dy, const TI *r,
                                              const TK *w_raw, const TI *k, const TI *v,
                                              const TK *kk, const TI *a, size_t o, int p) {
     if (p == 0) {
@@ -853,11 +853,11 @@ __device__ __forceinline__ void wkv_bwd_stage(const wkv_bwd_in &q, float *V, int
 // tiles and recomputed each chunk 2.5x).
 // bf16 gradients (TO, or dkk's TD): 3 blocks an SM, the 16-bit stores need a few
 // registers more than 128 (ptxas spilled 20 bytes at 4).
-template <typename TI, typename TO, typename TK = TI, typename TD = TO>
+template <typename TI, typename TO, typename TK = TI, typename TD = TO, typename TY = TI>
 __global__ void __launch_bounds__(WKV_THREADS,
                                   sizeof(TO) == sizeof(float) && sizeof(TD) == sizeof(float) ? 4 : 3)
     wkv7_backward_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TD *dkk, TO *da,
-                         float *dstate_base, size_t state_stride, const TI *dy,
+                         float *dstate_base, size_t state_stride, const TY *dy,
                          const TI *r, const TK *w_raw, const TI *k, const TI *v,
                          const TK *kk, const TI *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
@@ -1209,10 +1209,10 @@ __device__ __forceinline__ void wkv_mmb_kl(float *out, const __nv_bfloat16 *X1,
 
 // Same arguments and results as wkv7_backward_kernel (to the bf16 operands'
 // rounding). grid (n_seq, H), 128 threads, WKB_BYTES of dynamic shared memory.
-template <typename TI, typename TO, typename TK = TI, typename TD = TO>
+template <typename TI, typename TO, typename TK = TI, typename TD = TO, typename TY = TI>
 __global__ void __launch_bounds__(WKV_THREADS, 2)
     wkv7_chunk_backward_mma_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TD *dkk, TO *da,
-                                   float *dstate_base, size_t state_stride, const TI *dy,
+                                   float *dstate_base, size_t state_stride, const TY *dy,
                                    const TI *r, const TK *w_raw, const TI *k, const TI *v,
                                    const TK *kk, const TI *a, const float *checkpoints,
                                    const int32_t *seq_len, const int32_t *row_begin,
@@ -1620,11 +1620,11 @@ static void cuda_wkv7_forward_train(rp_backend *be, float *y, const float *r, co
 }
 
 // g = {dr, dw_raw, dk, dv, dkk, da}: dkk of type TD (g[4] cast), kk and
-// w_raw (in[4], in[1] cast) of type TK, the rest TO and TI. dr16 (may be NULL): a bf16 copy of
+// w_raw (in[4], in[1] cast) of type TK, dy TY, the rest TO and TI. dr16 (may be NULL): a bf16 copy of
 // the new dr, the receptance GEMM backward's dY (rp_cuda_act16).
-template <typename TI, typename TO, typename TK = TI, typename TD = TO>
+template <typename TI, typename TO, typename TK = TI, typename TD = TO, typename TY = TI>
 static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_base,
-                                size_t state_stride, const TI *dy, const TI *const *in,
+                                size_t state_stride, const TY *dy, const TI *const *in,
                                 const float *checkpoints, const rp_batch *batch, int C, int N,
                                 float beta, __nv_bfloat16 *dr16 = nullptr) {
     TD *dkk = (TD *)g[4];
@@ -1636,16 +1636,16 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
     // BF16 math from the chunked forward's length on: the chunk products on
     // tensor cores (95 KB of shared memory: past the 48 KB default)
     if (b.max_seq_len >= rp_cuda_wkv7_chunked_min_t && cx->math == RP_CUDA_MATH_BF16) {
-        if (!RP_CUDA_OK(cx, cudaFuncSetAttribute(wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD>,
+        if (!RP_CUDA_OK(cx, cudaFuncSetAttribute(wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD, TY>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  (int)WKB_BYTES)))
             return;
-        wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
+        wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
             b.ckpt_block, C, beta != 0.0f, dr16);
     } else {
-        wkv7_backward_kernel<TI, TO, TK, TD><<<grid, WKV_THREADS, 0, cx->stream>>>(
+        wkv7_backward_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, 0, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
             b.ckpt_block, C, beta != 0.0f, dr16);
@@ -1675,6 +1675,20 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     const __nv_bfloat16 *w16 = n > 0 ? rp_cuda_inplace_find(cx, w_raw, n) : nullptr;
     const bool all16 = n > 0 && wkv_find16(cx, in, in16, 7, n);
     if (!all16 && !wkv_only_pair(cx, "wkv7_backward", kk16, w16)) return;
+    // dy in bf16 in place: groupnorm_bonus_gate_backward wrote it so under
+    // the model's wkv_only hint (this op alone reads it). Training hints kk,
+    // dkk and dy under the same conditions, so only that set gets its own
+    // instantiation; a bf16 dy with kk or dkk f32 is a caller's error.
+    const __nv_bfloat16 *dy16 = n > 0 ? rp_cuda_inplace_find(cx, dy, n) : nullptr;
+    if (!all16 && dy16 && !(kk16 && dkk16)) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda wkv7_backward: dy is stored bf16 in place but %s is f32; hint "
+                         "dy (wkv_only before groupnorm_bonus_gate_backward) only where kk "
+                         "and dkk are wkv_only too",
+                         kk16 ? "dkk" : "kk");
+        return;
+    }
     // dr (complete once this op added its part) is the receptance GEMM
     // backward's dY: its bf16 copy in the same pass (the model runs that
     // GEMM right after this op when it fuses the mixes)
@@ -1690,7 +1704,11 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     } else {
         const float *in32[6] = {r, w16 ? (const float *)w16 : w_raw, k, v,
                                 kk16 ? (const float *)kk16 : kk, a};
-        if (kk16 && dkk16)
+        if (dy16)
+            wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(
+                cx, g, dstate_base, state_stride, dy16, in32, checkpoints, batch, C, N, beta,
+                dr16);
+        else if (kk16 && dkk16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
                 dr16);
@@ -1709,6 +1727,9 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // the kernel wrote dkk (plain RP_CUDA_LAUNCHED): no earlier record of it
     // may stand, in place or copy
     if (n > 0) rp_cuda_act16_forget(cx, dkk, n * sizeof(float));
+    // dy's one reader has read it: drop its in-place record, so that no
+    // later reader of that memory takes it for bf16 values
+    if (dy16) rp_cuda_act16_forget(cx, dy, n * sizeof(float));
     if (dkk16)
         rp_cuda_inplace_add(cx, dkk, n);
     else if (only)

@@ -580,13 +580,14 @@ struct rp_backend {
     /* ---- WKV7-only operands (optional; NULL: nothing to do; issue 15) ----
      * wkv_only(be, p, n): the output p [n] that the next key_prepare writes
      * as its kk, or the next wkv7_backward(_beta) as its dkk, or the next
-     * wkv7_forward_train as its y, is read only by wkv7 ops (as kk),
+     * wkv7_forward_train as its y, or the next groupnorm_bonus_gate_backward
+     * as its dy, is read only by wkv7 ops (as kk, or dy in the backward),
      * key_prepare_backward (as dkk) or groupnorm_bonus_gate and its backward
      * (as y) until something writes p again; the backend may keep p in
      * bf16 in place (CUDA, bf16 math: half the bytes, the readers widen it).
      * Any other read of p before then is undefined. The next key_prepare,
-     * wkv7_forward_train or wkv7 backward consumes the hint whether it uses
-     * it or not. */
+     * wkv7_forward_train, wkv7 backward or groupnorm_bonus_gate_backward
+     * consumes the hint whether it uses it or not. */
     void (*wkv_only)(rp_backend *be, const float *p, size_t n);
     /* ---- out-of-place value residual / key prepare (optional; NULL: copy +
      * the in-place op; issue 15) ----

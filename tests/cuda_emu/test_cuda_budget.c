@@ -514,6 +514,63 @@ static void test_act16_exact(void **s) {
 
 static unsigned long long gn_mode_workspace(fixture *f);
 
+/* groupnorm_bonus_gate_backward with the pending wkv_only hint dropped
+ * first: its dy stays f32 (the switch for test_wkv_dy16_exact). */
+static void (*gn_bwd_saved)(rp_backend *, float *, float *, float *, float *, float *, float *,
+                            float *, float *, const float *, const float *, const float *,
+                            const float *, const float *, const float *, const float *,
+                            const float *, const float *, const float *, const float *, int,
+                            int, int, float);
+static void gn_bwd_dy_f32(rp_backend *be, float *dy, float *dln_w, float *dln_b, float *dr,
+                          float *dk, float *dv, float *dr_k, float *dg, const float *dout,
+                          const float *y, const float *mean, const float *rstd,
+                          const float *ln_w, const float *ln_b, const float *r, const float *k,
+                          const float *v, const float *r_k, const float *g, int R, int C, int N,
+                          float beta) {
+    be->wkv_only(be, NULL, 0);
+    gn_bwd_saved(be, dy, dln_w, dln_b, dr, dk, dv, dr_k, dg, dout, y, mean, rstd, ln_w, ln_b, r,
+                 k, v, r_k, g, R, C, N, beta);
+}
+
+/* WKV7's dy stored bf16 (backward.c's wkv_only hint before
+ * groupnorm_bonus_gate_backward) against f32 dy: the chunked wmma backward
+ * rounds dy to bf16 for its tensor-core products anyway, so a 24-row step on
+ * it (min_t 0) gives the same loss and gradients bit for bit; the step-back
+ * backward (fp32 math) reads dy rounded once more, so there the gradients
+ * must differ (the switch works; the cost: test_wkv16_train_precision). */
+static void test_wkv_dy16_exact(void **s) {
+    fixture *f = *s;
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    gn_bwd_saved = f->be->groupnorm_bonus_gate_backward;
+    assert_non_null(gn_bwd_saved);
+    assert_non_null(f->be->wkv_only);
+    for (int chunked = 1; chunked >= 0; chunked--) {
+        rp_cuda_wkv7_chunked_min_t = chunked ? 0 : 1 << 30;
+        float *side[2];
+        double loss[2];
+        size_t n = 0;
+        for (int on = 0; on < 2; on++) {
+            f->be->groupnorm_bonus_gate_backward = on ? gn_bwd_saved : gn_bwd_dy_f32;
+            rp_model_zero(&f->grads);
+            loss[on] = train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 5);
+            side[on] = grads_to_host(f, &n);
+        }
+        f->be->groupnorm_bonus_gate_backward = gn_bwd_saved;
+        if (chunked) {
+            assert_steps_equal("wkv dy16 exact (chunked)", MAX_ROWS, loss, side, n);
+        } else {
+            size_t nonzero;
+            const size_t diff = count_differ(side[0], side[1], n, &nonzero);
+            fprintf(stderr, "wkv dy16 step-back: %d rows, %zu gradients, %zu differ\n",
+                    MAX_ROWS, n, diff);
+            assert_true(diff > 0);
+            free(side[0]);
+            free(side[1]);
+        }
+    }
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+}
+
 /* ln_shift_mix_train (one kernel for each training LayerNorm and the
  * shift_mix that reads it) against the two ops (the entry NULL): a BF16-math
  * training step's loss and every gradient bit for bit, over several
@@ -1806,6 +1863,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_no_allocation_after_warm_up, setup, teardown),
         cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_wkv_dy16_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_train_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_again_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_again_workspace_bytes, setup, teardown),
