@@ -142,18 +142,6 @@ static void cpu_stream_in_out(float *restrict y, const float *restrict x,
  * at 256 (measured 768 x 768: 101 GFLOP/s at 256 rows, 104 at 512). */
 #define CPU_STREAM_ROW_BLOCK 256
 
-/* A streamed product at least this wide (the 0.1B head: 65 536 outputs)
- * deals its columns to the team in CPU_MATMUL_DEAL_PARTS pieces per thread,
- * first come first served, instead of one equal slice each: a 64-row head
- * is ~70 ms of a ~140 ms step on 2 threads, and a thread descheduled or
- * slowed for a few ms made the other wait that long at the join (perf,
- * 64-sequence bench_engine: each thread idle ~4% of the run inside matmul
- * regions). Each y element is one chain over k whatever the piece, so the
- * bits do not move. Narrower products keep the static slices: a piece costs
- * a call (the lanes kernel transposes x per call, ~10-20 us at 64 rows). */
-#define CPU_MATMUL_DEAL_MIN_N 16384
-#define CPU_MATMUL_DEAL_PARTS 8
-
 /* Rows [0, m) and columns [n0, n1) of y = x . op(W) + beta * y, with y and x
  * pointing at the block's first row (row strides N and K). `stream` is the
  * whole product's choice (cpu_matmul_streams of all its rows), not the
@@ -257,7 +245,6 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
         pack_stride = ((const rp_cpu_impl *)be->impl)->thread_stride;
         if (!packs) pack_floats = 0;
     }
-    const int deal = !split_rows && stream && nt > 1 && N >= CPU_MATMUL_DEAL_MIN_N;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int parts = omp_get_num_threads(), part = omp_get_thread_num(), b, e;
@@ -267,15 +254,6 @@ static void cpu_matmul(rp_backend *be, float *y, const float *x, const float *w,
             if (e > b)
                 cpu_matmul_block(y + (size_t)b * N, x + (size_t)b * K, w, e - b, 0, N, N, K,
                                  beta, layout, stream, pack, pack_floats);
-        } else if (deal) {
-            const int pieces = parts * CPU_MATMUL_DEAL_PARTS;
-#pragma omp for schedule(dynamic, 1)
-            for (int p = 0; p < pieces; p++) {
-                cpu_slice(N, p, pieces, CPU_MATMUL_SLICE_ALIGN, &b, &e);
-                if (e > b)
-                    cpu_matmul_block(y, x, w, M, b, e, N, K, beta, layout, stream, pack,
-                                     pack_floats);
-            }
         } else {
             cpu_slice(N, part, parts, CPU_MATMUL_SLICE_ALIGN, &b, &e);
             if (e > b)
