@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cpu/cpu_backend.h"
 #include "model/model.h"
@@ -185,6 +186,49 @@ static void test_timeout_names_the_transfer(void **state) {
     }
     MPI_Barrier(MPI_COMM_WORLD);
     rp_transport_free(&t);
+}
+
+/* MPI_Test as the transport calls it (this definition wins over the MPI
+ * library's at link time): PMPI_Test, or, once stuck_in_mpi is set, a call
+ * that never returns, as Open MPI's handling of a failed TCP write to a dead
+ * peer did (tests/test_cluster_slurm.sh, the node-death check). */
+static volatile int stuck_in_mpi;
+
+int MPI_Test(MPI_Request *request, int *flag, MPI_Status *status) {
+    while (stuck_in_mpi) {
+        struct timespec ts = {1, 0};
+        nanosleep(&ts, NULL);
+    }
+    return PMPI_Test(request, flag, status);
+}
+
+/* --stuck-mpi (two ranks; test_transport.sh): a wait whose MPI_Test never
+ * returns must still end the process, through the guard, with status 1 and
+ * a message naming the transfer, timeout + RP_COMM_GUARD_GRACE_S after it
+ * began. Returning from here is the failure. */
+static int run_stuck_mpi(void) {
+    rp_transport t;
+    rp_error err;
+    if (rp_transport_init(&t, MPI_COMM_WORLD, 1.0, &err) != RP_OK) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 2;
+    }
+    if (rank == 0) {
+        /* Sends nothing; mpirun ends it when rank 1 exits. */
+        struct timespec ts = {60, 0};
+        nanosleep(&ts, NULL);
+        return 0;
+    }
+    float buf[16];
+    rp_transfer x;
+    if (rp_transport_post_recv(&t, buf, sizeof buf, 0, RP_MSG_GRAD, 3, &x, &err) != RP_OK) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 2;
+    }
+    stuck_in_mpi = 1;
+    rp_transport_wait(&t, &x, &err);
+    fprintf(stderr, "the wait returned from a stuck MPI_Test: %s\n", err.msg);
+    return 2;
 }
 
 static void test_bad_peer_is_refused(void **state) {
@@ -359,6 +403,7 @@ int main(int argc, char **argv) {
     int size;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
+    if (argc > 1 && strcmp(argv[1], "--stuck-mpi") == 0) return run_stuck_mpi();
     if (size != 2) {
         if (rank == 0) fprintf(stderr, "run under mpirun -np 2 (tests/test_transport.sh)\n");
         MPI_Finalize();

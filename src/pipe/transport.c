@@ -7,6 +7,8 @@
 #include "pipe/transport.h"
 
 #include <limits.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -301,6 +303,97 @@ rp_status rp_transport_post_recv(rp_transport *t, void *buf, size_t bytes, int p
     return RP_OK;
 }
 
+/* ---- The guard (transport.h, rp_comm_guard_arm) ----
+ * One armed wait at most; the guard thread looks every GUARD_POLL_NS. Arming
+ * and disarming take an uncontended mutex (~50 ns); the message is formatted
+ * only when the guard fires, from fields that live as long as the wait. */
+#define GUARD_POLL_NS 200000000L
+
+static struct {
+    pthread_mutex_t lock;
+    int armed;
+    double deadline, timeout_s;
+    const rp_transport *t;
+    const char *who, *what;
+    int micro_batch, peer;
+} guard = {.lock = PTHREAD_MUTEX_INITIALIZER};
+static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
+static int guard_running;
+
+static void guard_fire(void) {
+    char where[96] = "", line[512];
+    if (guard.t && guard.peer >= 0)
+        rp_transport_peer_where(guard.t, guard.peer, where, sizeof where);
+    char mb[32] = "";
+    if (guard.micro_batch >= 0) snprintf(mb, sizeof mb, " of micro-batch %d", guard.micro_batch);
+    char from[160] = "";
+    if (guard.peer >= 0) snprintf(from, sizeof from, ", peer stage %d%s", guard.peer, where);
+    const int n = snprintf(line, sizeof line,
+                           "rwkvpipe: error: %s waited %.0f s (--comm-timeout %.0f + %.0f) for "
+                           "%s%s%s, inside an MPI call that did not return (MPI stuck handling a "
+                           "peer that stopped or died); exiting with status 1 without MPI\n",
+                           guard.who, guard.timeout_s + RP_COMM_GUARD_GRACE_S, guard.timeout_s,
+                           RP_COMM_GUARD_GRACE_S, guard.what, mb, from);
+    if (n > 0) {
+        ssize_t w = write(STDERR_FILENO, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+        (void)w;
+    }
+    /* No MPI_Abort: the thread is inside MPI and so may be its runtime.
+     * The launcher (mpirun, srun) sees the exit and ends the other ranks. */
+    _exit(1);
+}
+
+static void *guard_main(void *arg) {
+    (void)arg;
+    for (;;) {
+        struct timespec ts = {0, GUARD_POLL_NS};
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&guard.lock);
+        if (guard.armed && rp_now_seconds() > guard.deadline) guard_fire();
+        pthread_mutex_unlock(&guard.lock);
+    }
+    return NULL;
+}
+
+/* Signals stay with the other threads (SIGUSR1 / SIGTERM stop training via
+ * handlers that expect to interrupt the main thread). */
+static void guard_start(void) {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_t th;
+    if (pthread_create(&th, NULL, guard_main, NULL) == 0) {
+        pthread_detach(th);
+        guard_running = 1;
+    } else {
+        fprintf(stderr, "rwkvpipe: warning: cannot start the --comm-timeout guard thread: a "
+                        "peer's death that blocks inside MPI will hang this rank\n");
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+void rp_comm_guard_arm(double timeout_s, const rp_transport *t, const char *who,
+                       const char *what, int micro_batch, int peer) {
+    if (!(timeout_s > 0)) return;
+    pthread_once(&guard_once, guard_start);
+    pthread_mutex_lock(&guard.lock);
+    guard.armed = guard_running;
+    guard.timeout_s = timeout_s;
+    guard.deadline = rp_now_seconds() + timeout_s + RP_COMM_GUARD_GRACE_S;
+    guard.t = t;
+    guard.who = who ? who : "this rank";
+    guard.what = what ? what : "a peer";
+    guard.micro_batch = micro_batch;
+    guard.peer = peer;
+    pthread_mutex_unlock(&guard.lock);
+}
+
+void rp_comm_guard_disarm(void) {
+    pthread_mutex_lock(&guard.lock);
+    guard.armed = 0;
+    pthread_mutex_unlock(&guard.lock);
+}
+
 /* MPI_Test until the request completes, an MPI error, or timeout_s (> 0)
  * passes (*timed_out = 1, *waited = seconds). Polls with a growing sleep
  * capped at 50 us: a wait on the critical path then ends within 50 us of its
@@ -331,6 +424,10 @@ static rp_status wait_mpi(rp_transport *t, rp_transfer *x, rp_error *err) {
     MPI_Status status;
     int timed_out;
     double waited = 0;
+    /* Armed through the cancel too: MPI_Wait on a receive that had started
+     * to arrive from the dead peer cannot end. */
+    rp_comm_guard_arm(t->timeout_s, t, t->what, rp_msg_kind_name(x->kind), x->micro_batch,
+                      x->peer);
     const int rc = test_until(&x->request, &status, t->timeout_s, &timed_out, &waited);
     if (timed_out) {
         /* A receive left posted could swallow a later message of that tag. */
@@ -338,6 +435,7 @@ static rp_status wait_mpi(rp_transport *t, rp_transfer *x, rp_error *err) {
             MPI_Wait(&x->request, MPI_STATUS_IGNORE);
         else if (!x->is_recv)
             x->staging = -1;  /* MPI may still read it: never hand it out again */
+        rp_comm_guard_disarm();
         char where[96];
         return rp_error_set(err, RP_ERR_MPI,
                             "%s waited %.0f s (--comm-timeout) to %s the %s of micro-batch "
@@ -346,6 +444,7 @@ static rp_status wait_mpi(rp_transport *t, rp_transfer *x, rp_error *err) {
                             x->micro_batch, x->is_recv ? "from" : "to", x->peer,
                             rp_transport_peer_where(t, x->peer, where, sizeof where));
     }
+    rp_comm_guard_disarm();
     if (rc != MPI_SUCCESS) {
         int cls = 0;
         MPI_Error_class(rc == MPI_ERR_IN_STATUS ? status.MPI_ERROR : rc, &cls);
@@ -389,7 +488,9 @@ rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err) {
 rp_status rp_comm_wait(MPI_Request *request, double timeout_s, const char *what, rp_error *err) {
     int timed_out;
     double waited = 0;
+    rp_comm_guard_arm(timeout_s, NULL, "this rank", what, -1, -1);
     const int rc = test_until(request, MPI_STATUS_IGNORE, timeout_s, &timed_out, &waited);
+    rp_comm_guard_disarm();
     if (timed_out)
         return rp_error_set(err, RP_ERR_MPI,
                             "waited %.0f s (--comm-timeout) for %s; a rank is stuck or dead",

@@ -206,6 +206,24 @@ rp_status rp_transport_wait(rp_transport *t, rp_transfer *x, rp_error *err);
  * the operation in the message. */
 rp_status rp_comm_wait(MPI_Request *request, double timeout_s, const char *what, rp_error *err);
 
+/* The watchdog's backstop. The waits poll MPI and give up after timeout_s,
+ * but only between MPI calls: a call that never returns cannot time out.
+ * One does: when a TCP write to a peer that died fails, Open MPI's handling
+ * of it (its fatal-error path, inside the MPI_Test of a wait) can block for
+ * good (tests/test_cluster_slurm.sh: rank 0 silent 60 s after rpnode2 was
+ * killed, no watchdog message). rp_comm_guard_arm starts a deadline of
+ * timeout_s + RP_COMM_GUARD_GRACE_S for the wait the calling thread is in;
+ * if that thread is still inside it then, a guard thread prints what was
+ * awaited (who: "stage 0"; what: "the activation gradients"; micro_batch and
+ * peer: -1 when none; t: names the peer's node, may be NULL) and ends the
+ * process with status 1 without calling MPI. The strings must live until
+ * rp_comm_guard_disarm. timeout_s <= 0: nothing armed. One wait at a time
+ * (the thread that calls MPI). */
+#define RP_COMM_GUARD_GRACE_S 5.0
+void rp_comm_guard_arm(double timeout_s, const rp_transport *t, const char *who,
+                       const char *what, int micro_batch, int peer);
+void rp_comm_guard_disarm(void);
+
 /* Blocking conveniences: post + wait. */
 rp_status rp_transport_send(rp_transport *t, const void *buf, size_t bytes, int peer,
                             rp_msg_kind kind, int micro_batch, rp_error *err);

@@ -39,7 +39,7 @@ static rp_status mpi_error(const rp_transport *t, int rc, const char *call, cons
  * names the one peer that did not answer (else: a collective, any rank may
  * be the one missing). A timed-out receive is cancelled, so it cannot
  * swallow a later message. */
-static rp_status wait_request(rp_transport *t, MPI_Request *req, MPI_Status *status,
+static rp_status poll_request(rp_transport *t, MPI_Request *req, MPI_Status *status,
                               int is_p2p, int is_recv, const char *waiting_for, rp_error *err) {
     const double start = rp_now_seconds();
     long sleep_ns = 1000;
@@ -65,6 +65,16 @@ static rp_status wait_request(rp_transport *t, MPI_Request *req, MPI_Status *sta
         nanosleep(&ts, NULL);
         if (sleep_ns < 50000) sleep_ns *= 2;
     }
+}
+
+/* poll_request under the guard (transport.h): an MPI call in it that never
+ * returns ends the process instead of hanging it. */
+static rp_status wait_request(rp_transport *t, MPI_Request *req, MPI_Status *status,
+                              int is_p2p, int is_recv, const char *waiting_for, rp_error *err) {
+    rp_comm_guard_arm(t->timeout_s, t, t->what, waiting_for, -1, -1);
+    rp_status st = poll_request(t, req, status, is_p2p, is_recv, waiting_for, err);
+    rp_comm_guard_disarm();
+    return st;
 }
 
 static rp_status check_root(const rp_transport *t, int root, const char *what, rp_error *err) {

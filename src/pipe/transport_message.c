@@ -55,9 +55,9 @@ rp_status rp_transport_post_send_message(rp_transport *t, const void *data, size
     return RP_OK;
 }
 
-rp_status rp_transport_recv_message(rp_transport *t, int peer, rp_msg_kind kind, int micro_batch,
-                                    rp_msg_wait wait, void **data, size_t *bytes, int *from,
-                                    rp_error *err) {
+static rp_status recv_message(rp_transport *t, int peer, rp_msg_kind kind, int micro_batch,
+                              rp_msg_wait wait, void **data, size_t *bytes, int *from,
+                              rp_error *err) {
     *data = NULL;
     *bytes = 0;
     rp_status st = check_message(t, peer, 1, kind, micro_batch, err);
@@ -106,4 +106,18 @@ rp_status rp_transport_recv_message(rp_transport *t, int peer, rp_msg_kind kind,
     *bytes = (size_t)count;
     if (from) *from = status.MPI_SOURCE;
     return RP_OK;
+}
+
+/* recv_message under the guard (transport.h) when it waits with the timeout:
+ * an MPI call in it that never returns ends the process. */
+rp_status rp_transport_recv_message(rp_transport *t, int peer, rp_msg_kind kind, int micro_batch,
+                                    rp_msg_wait wait, void **data, size_t *bytes, int *from,
+                                    rp_error *err) {
+    if (wait != RP_MSG_WAIT)
+        return recv_message(t, peer, kind, micro_batch, wait, data, bytes, from, err);
+    rp_comm_guard_arm(t->timeout_s, t, t->what, rp_msg_kind_name(kind), micro_batch,
+                      peer == RP_TRANSPORT_ANY_PEER ? -1 : peer);
+    rp_status st = recv_message(t, peer, kind, micro_batch, wait, data, bytes, from, err);
+    rp_comm_guard_disarm();
+    return st;
 }

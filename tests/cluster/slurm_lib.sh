@@ -79,7 +79,11 @@ SlurmctldPidFile=$SL/slurmctld.pid
 SlurmdPidFile=$SL/slurmd-%n.pid
 SlurmctldLogFile=$SL/slurmctld.log
 SlurmdLogFile=$SL/slurmd-%n.log
-SlurmdTimeout=30
+# A node that stops answering is marked DOWN, and its jobs requeued, no sooner
+# than 2/3 SlurmdTimeout after it died (see the node-death check in
+# tests/test_cluster_slurm.sh): 120 keeps that past the check's 60 s, so the
+# ranks' own exit is what it sees (30 raced it: DOWN 20-50 s after the kill).
+SlurmdTimeout=120
 EOF
         slurm_conf_common "$SL/munge.socket"
         for ((i = 1; i <= n; i++)); do
