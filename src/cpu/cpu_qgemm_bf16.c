@@ -190,11 +190,23 @@ static void pack_w_q8(uint32_t *b, float *sw, const rp_qmatrix *w, int n0, int n
         for (int p = 0; p < np; p += 16) {
             __m512i r[16];
             for (int i = 0; i < 16; i++) {
-                const int8_t *src = q + (size_t)(n0 + j0 + i) * K + 2 * (size_t)(p0 + p);
-                const __m512 lo = _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
-                const __m512 hi = _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 16))));
+                __m128i q0, q1;
+                if (w->packed) {
+                    /* Q8ROW's packed form: the row's 32 k are 8 4-byte lanes, 64 bytes apart */
+                    const int *src = (const int *)(const void *)(
+                        w->packed + rp_q8row_pos(K, n0 + j0 + i, 2 * (p0 + p)));
+                    const __m256i g = _mm256_xor_si256(
+                        _mm256_i32gather_epi32(src, _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112), 4),
+                        _mm256_set1_epi8((char)0x80));
+                    q0 = _mm256_castsi256_si128(g);
+                    q1 = _mm256_extracti128_si256(g, 1);
+                } else {
+                    const int8_t *src = q + (size_t)(n0 + j0 + i) * K + 2 * (size_t)(p0 + p);
+                    q0 = _mm_loadu_si128((const __m128i *)src);
+                    q1 = _mm_loadu_si128((const __m128i *)(src + 16));
+                }
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
                 r[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* exact: |q| <= 127 */
             }
             transpose16(r);
@@ -202,10 +214,14 @@ static void pack_w_q8(uint32_t *b, float *sw, const rp_qmatrix *w, int n0, int n
                 _mm512_store_si512((void *)(b + (size_t)(p + c) * QGEMM_NR + j0), r[c]);
         }
     for (int j = jv; j < nv; j++) {
-        const int8_t *src = q + (size_t)(n0 + j) * K + 2 * (size_t)p0;
+        const int8_t *src = w->packed ? NULL : q + (size_t)(n0 + j) * K + 2 * (size_t)p0;
         for (int p = 0; p < np; p++) {
-            const uint32_t lo = rp_f32_to_bf16((float)src[2 * p]);
-            const uint32_t hi = rp_f32_to_bf16((float)src[2 * p + 1]);
+            const int k = 2 * (p0 + p);
+            const int8_t q_lo = src ? src[2 * p] : (int8_t)(w->packed[rp_q8row_pos(K, n0 + j, k)] ^ 0x80);
+            const int8_t q_hi =
+                src ? src[2 * p + 1] : (int8_t)(w->packed[rp_q8row_pos(K, n0 + j, k + 1)] ^ 0x80);
+            const uint32_t lo = rp_f32_to_bf16((float)q_lo);
+            const uint32_t hi = rp_f32_to_bf16((float)q_hi);
             b[(size_t)p * QGEMM_NR + j] = lo | hi << 16;
         }
     }
