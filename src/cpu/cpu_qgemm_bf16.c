@@ -186,7 +186,28 @@ static void pack_w_q8(uint32_t *b, float *sw, const rp_qmatrix *w, int n0, int n
                 w->type == RP_QTYPE_Q8ROW ? w->row_scales[n0 + j]
                                           : _cvtsh_ss(w->scales[(size_t)(n0 + j) * nb + p0 / 16 + bl]);
     const int jv = nv / 16 * 16;
-    for (int j0 = 0; j0 < jv; j0 += 16)
+    for (int j0 = 0; j0 < jv; j0 += 16) {
+        if (w->packed && (n0 + j0) % RP_Q8ROW_PACK_ROWS == 0) {
+            /* 16 rows of Q8ROW's packed form: a chunk is already 16 rows x 4
+             * k, so each k pair comes out by shifts, no transpose; bf16 of
+             * an integer |q| <= 127 is its f32's high half (exact) */
+            const __m512i flip = _mm512_set1_epi8((char)0x80), hi = _mm512_set1_epi32((int)0xffff0000u);
+            for (int p = 0; p < np; p += 16)
+                for (int u = 0; u < 8; u++) {
+                    const __m512i v = _mm512_xor_si512(
+                        _mm512_loadu_si512(w->packed + rp_q8row_pos(K, n0 + j0, 2 * (p0 + p) + 4 * u)),
+                        flip);
+                    __m512i e[4];
+                    for (int i = 0; i < 4; i++)
+                        e[i] = _mm512_castps_si512(_mm512_cvtepi32_ps(
+                            _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * i), 24)));
+                    for (int h = 0; h < 2; h++)
+                        _mm512_store_si512((void *)(b + (size_t)(p + 2 * u + h) * QGEMM_NR + j0),
+                                           _mm512_or_si512(_mm512_srli_epi32(e[2 * h], 16),
+                                                           _mm512_and_si512(e[2 * h + 1], hi)));
+                }
+            continue;
+        }
         for (int p = 0; p < np; p += 16) {
             __m512i r[16];
             for (int i = 0; i < 16; i++) {
@@ -213,6 +234,7 @@ static void pack_w_q8(uint32_t *b, float *sw, const rp_qmatrix *w, int n0, int n
             for (int c = 0; c < 16; c++)
                 _mm512_store_si512((void *)(b + (size_t)(p + c) * QGEMM_NR + j0), r[c]);
         }
+    }
     for (int j = jv; j < nv; j++) {
         const int8_t *src = w->packed ? NULL : q + (size_t)(n0 + j) * K + 2 * (size_t)p0;
         for (int p = 0; p < np; p++) {
