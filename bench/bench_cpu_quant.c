@@ -53,7 +53,10 @@ typedef struct {
 } qset;
 
 static int qset_make(qset *s, rp_qtype type, const float *w, int N, int K) {
-    const size_t db = rp_qmatrix_data_bytes(type, N, K), sb = rp_qmatrix_scale_bytes(type, N, K);
+    /* Q8ROW: each copy is the kernels' packed form, as the backend holds it */
+    const int packed = type == RP_QTYPE_Q8ROW;
+    const size_t db = packed ? rp_q8row_packed_bytes(N, K) : rp_qmatrix_data_bytes(type, N, K),
+                 sb = rp_qmatrix_scale_bytes(type, N, K);
     s->type = type;
     s->bytes = db + sb;
     s->n = (int)((QBENCH_CYCLE_BYTES + s->bytes - 1) / s->bytes);
@@ -61,7 +64,15 @@ static int qset_make(qset *s, rp_qtype type, const float *w, int N, int K) {
     s->data = malloc(db * s->n);
     s->scales = sb ? malloc(sb * s->n) : NULL;
     if (!s->copies || !s->data || (sb && !s->scales)) return -1;
-    rp_quantize_matrix(type, s->data, s->scales, w, N, K, 0);
+    if (packed) {
+        int8_t *rows = malloc(rp_qmatrix_data_bytes(type, N, K));
+        if (!rows) return -1;
+        rp_quantize_matrix(type, rows, s->scales, w, N, K, 0);
+        rp_q8row_pack_rows(s->data, rows, 0, N, N, K);
+        free(rows);
+    } else {
+        rp_quantize_matrix(type, s->data, s->scales, w, N, K, 0);
+    }
     for (int i = 0; i < s->n; i++) {
         char *d = (char *)s->data + db * i;
         char *sc = sb ? (char *)s->scales + sb * i : NULL;
@@ -69,7 +80,8 @@ static int qset_make(qset *s, rp_qtype type, const float *w, int N, int K) {
             memcpy(d, s->data, db);
             if (sb) memcpy(sc, s->scales, sb);
         }
-        s->copies[i] = rp_qmatrix_make(type, N, K, d, sc);
+        s->copies[i] = rp_qmatrix_make(type, N, K, packed ? NULL : d, sc);
+        if (packed) s->copies[i].packed = (const uint8_t *)d;
     }
     return 0;
 }

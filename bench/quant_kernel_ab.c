@@ -26,7 +26,7 @@ static wset make_set(rp_qtype t, const float *w, int N, int K, int copies) {
     wset s = {calloc((size_t)copies, sizeof(rp_qmatrix)), copies};
     if (!s.c) exit(1);
     for (int i = 0; i < copies; i++) {
-        void *d = aligned_alloc(64, ((size_t)N * K + 63) / 64 * 64);
+        void *d = aligned_alloc(64, (rp_q8row_packed_bytes(N, K) + 63) / 64 * 64);
         void *sc = aligned_alloc(64, (rp_qmatrix_scale_bytes(t, N, K) + 63) / 64 * 64);
         if (!d || !sc) {
             fprintf(stderr, "quant_kernel_ab: out of memory for %d copies of %dx%d\n", copies, N, K);
@@ -34,13 +34,22 @@ static wset make_set(rp_qtype t, const float *w, int N, int K, int copies) {
         }
         rp_quantize_matrix(t, d, sc, w, N, K, 0);
         s.c[i] = rp_qmatrix_make(t, N, K, d, sc);
+        if (t == RP_QTYPE_Q8ROW) { /* the kernels' packed form, as the backend holds it */
+            void *p = aligned_alloc(64, (rp_q8row_packed_bytes(N, K) + 63) / 64 * 64);
+            if (!p) exit(1);
+            rp_q8row_pack_rows(p, d, 0, N, N, K);
+            memcpy(d, p, rp_q8row_packed_bytes(N, K));
+            free(p);
+            s.c[i].data = NULL;
+            s.c[i].packed = d;
+        }
     }
     return s;
 }
 
 static void free_set(wset *s) {
     for (int i = 0; i < s->n; i++) {
-        free((void *)s->c[i].data);
+        free((void *)(s->c[i].data ? s->c[i].data : (const void *)s->c[i].packed));
         free((void *)(s->c[i].scales ? (const void *)s->c[i].scales : (const void *)s->c[i].row_scales));
     }
     free(s->c);

@@ -31,6 +31,7 @@ typedef struct {
     rp_qmatrix w;
     void *data;
     uint16_t *scales;
+    uint8_t *packed; /* Q8ROW: the kernels' packed form of data (w.packed) */
     float *wf; /* the f32 matrix it was quantized from [N,K] */
 } qmat;
 
@@ -51,9 +52,18 @@ static void qmat_make(qmat *q, rp_qtype type, int N, int K, unsigned long long s
     assert_non_null(q->scales);
     rp_quantize_matrix(type, q->data, q->scales, q->wf, N, K, 0);
     q->w = rp_qmatrix_make(type, N, K, q->data, q->scales);
+    q->packed = NULL;
+    if (type == RP_QTYPE_Q8ROW) {
+        /* as the backend holds it: the packed form (every reader takes it first) */
+        q->packed = malloc(rp_q8row_packed_bytes(N, K));
+        assert_non_null(q->packed);
+        rp_q8row_pack_rows(q->packed, q->data, 0, N, N, K);
+        q->w.packed = q->packed;
+    }
 }
 
 static void qmat_free(qmat *q) {
+    free(q->packed);
     free(q->wf);
     free(q->data);
     free(q->scales);
@@ -327,6 +337,63 @@ static void test_vnni_x_quantization_matches_scalar(void **state) {
 #endif
 }
 
+/* vnni on Q8ROW gives each output exactly its documented order (cpu_quant.h,
+ * rp_qmatmul_ref_q8row): acc = fmaf((float)dot_g, xscale_g, acc) over the
+ * 128-k groups in k order, then acc * wscale, + beta y: bit for bit, for 1
+ * to 8 rows (each row-count's tile), N not a multiple of 16 (the packed
+ * form's padding), last groups of 32-96 k, 1 and 2 threads. */
+static void test_vnnirow_exact_order(void **state) {
+    (void)state;
+    if (!rp_qkernel_available(RP_QKERNEL_VNNI, RP_QTYPE_Q8ROW)) skip();
+    static const int cases[][2] = {{37, 768}, {50, 96}, {16, 32}, {33, 544}, {70, 3072}}; /* N, K */
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const int N = cases[c][0], K = cases[c][1], ng = (K + RP_Q8ROW_XGROUP - 1) / RP_Q8ROW_XGROUP;
+        qmat q;
+        qmat_make(&q, RP_QTYPE_Q8ROW, N, K, 41 + (unsigned)c);
+        float *x = frand_array((size_t)8 * K, 43);
+        float *y0 = frand_array((size_t)8 * N, 47);
+        float *y = malloc((size_t)8 * N * sizeof(float));
+        int8_t *xq = malloc((size_t)K);
+        float *xs = malloc((size_t)ng * sizeof(float));
+        assert_non_null(y);
+        assert_non_null(xq);
+        assert_non_null(xs);
+        for (int M = 1; M <= 8; M++)
+            for (int beta_i = 0; beta_i < 2; beta_i++)
+                for (int nt = 1; nt <= 2; nt++) {
+                    memcpy(y, y0, (size_t)8 * N * sizeof(float));
+                    rp_cpu_qmatmul_kernel_decode(NULL, RP_QKERNEL_VNNI, &q.w, y, x, M,
+                                                 (float)beta_i, nt);
+                    for (int m = 0; m < M; m++) {
+                        rp_q8_quantize_x_group(xq, xs, x + (size_t)m * K, K, RP_Q8ROW_XGROUP);
+                        for (int n = 0; n < N; n++) {
+                            const int8_t *wr = (const int8_t *)q.data + (size_t)n * K;
+                            float acc = 0.0f;
+                            for (int g = 0; g < ng; g++) {
+                                int32_t d = 0;
+                                for (int k = g * RP_Q8ROW_XGROUP; k < K && k < (g + 1) * RP_Q8ROW_XGROUP; k++)
+                                    d += (int32_t)wr[k] * xq[k];
+                                acc = fmaf((float)d, xs[g], acc);
+                            }
+                            acc *= q.w.row_scales[n];
+                            const size_t i = (size_t)m * N + n;
+                            if (beta_i) acc = acc + y0[i];
+                            if (memcmp(&acc, &y[i], sizeof acc))
+                                fail_msg("N=%d K=%d M=%d beta=%d threads=%d: y[%d,%d] = %.9g, "
+                                         "the documented order %.9g",
+                                         N, K, M, beta_i, nt, m, n, y[i], acc);
+                        }
+                    }
+                }
+        free(xs);
+        free(xq);
+        free(y);
+        free(y0);
+        free(x);
+        qmat_free(&q);
+    }
+}
+
 /* The same for Q8ROW's x (cpu_qprep_vnnirow against rp_q8_quantize_x_group
  * with 128-k groups): K = 224, a whole group and a last one of 96, the
  * same special values (a lone 1e30 zeroes the rest of the second group). */
@@ -341,15 +408,19 @@ static void test_vnnirow_x_quantization_matches_scalar(void **state) {
     x[64 + 31] = -127.0f;
     for (int i = 0; i < 32; i++) x[96 + i] = 1e-40f * (float)(i - 16);
     x[160] = 1e30f;
-    int8_t xq[K];
+    int8_t xq[K], xv[K];
     float scales[G], xg[G];
-    uint8_t xu[K];
+    int32_t xc[G];
     rp_q8_quantize_x_group(xq, scales, x, K, RP_Q8ROW_XGROUP);
-    cpu_qprep_vnnirow(xu, xg, x, K);
+    cpu_qprep_vnnirow(xv, xc, xg, x, K);
     for (int i = 0; i < K; i++)
-        if (xu[i] != (uint8_t)(xq[i] + 128))
-            fail_msg("x[%d] = %.9g: vector q %d, scalar %d", i, x[i], xu[i] - 128, xq[i]);
+        if (xv[i] != xq[i]) fail_msg("x[%d] = %.9g: vector q %d, scalar %d", i, x[i], xv[i], xq[i]);
     if (memcmp(xg, scales, sizeof xg)) fail_msg("the per-group scales differ");
+    for (int g = 0; g < G; g++) {
+        int32_t sum = 0;
+        for (int i = g * RP_Q8ROW_XGROUP; i < K && i < (g + 1) * RP_Q8ROW_XGROUP; i++) sum += xq[i];
+        if (xc[g] != -128 * sum) fail_msg("group %d: -128 sum(q) %d, scalar %d", g, xc[g], -128 * sum);
+    }
     free(x);
 #else
     skip();
@@ -743,6 +814,7 @@ int main(void) {
         cmocka_unit_test(test_thread_and_row_count_independence),
         cmocka_unit_test(test_decode_rows_of_any_count_equal_each_row_alone),
         cmocka_unit_test(test_vnni_x_quantization_matches_scalar),
+        cmocka_unit_test(test_vnnirow_exact_order),
         cmocka_unit_test(test_vnnirow_x_quantization_matches_scalar),
         cmocka_unit_test(test_bf16dot_x_rounding_matches_scalar),
         cmocka_unit_test(test_kernel_reduction_order),

@@ -186,26 +186,64 @@ static void pack_w_q8(uint32_t *b, float *sw, const rp_qmatrix *w, int n0, int n
                 w->type == RP_QTYPE_Q8ROW ? w->row_scales[n0 + j]
                                           : _cvtsh_ss(w->scales[(size_t)(n0 + j) * nb + p0 / 16 + bl]);
     const int jv = nv / 16 * 16;
-    for (int j0 = 0; j0 < jv; j0 += 16)
+    for (int j0 = 0; j0 < jv; j0 += 16) {
+        if (w->packed && (n0 + j0) % RP_Q8ROW_PACK_ROWS == 0) {
+            /* 16 rows of Q8ROW's packed form: a chunk is already 16 rows x 4
+             * k, so each k pair comes out by shifts, no transpose; bf16 of
+             * an integer |q| <= 127 is its f32's high half (exact) */
+            const __m512i flip = _mm512_set1_epi8((char)0x80), hi = _mm512_set1_epi32((int)0xffff0000u);
+            for (int p = 0; p < np; p += 16)
+                for (int u = 0; u < 8; u++) {
+                    const __m512i v = _mm512_xor_si512(
+                        _mm512_loadu_si512(w->packed + rp_q8row_pos(K, n0 + j0, 2 * (p0 + p) + 4 * u)),
+                        flip);
+                    __m512i e[4];
+                    for (int i = 0; i < 4; i++)
+                        e[i] = _mm512_castps_si512(_mm512_cvtepi32_ps(
+                            _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * i), 24)));
+                    for (int h = 0; h < 2; h++)
+                        _mm512_store_si512((void *)(b + (size_t)(p + 2 * u + h) * QGEMM_NR + j0),
+                                           _mm512_or_si512(_mm512_srli_epi32(e[2 * h], 16),
+                                                           _mm512_and_si512(e[2 * h + 1], hi)));
+                }
+            continue;
+        }
         for (int p = 0; p < np; p += 16) {
             __m512i r[16];
             for (int i = 0; i < 16; i++) {
-                const int8_t *src = q + (size_t)(n0 + j0 + i) * K + 2 * (size_t)(p0 + p);
-                const __m512 lo = _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
-                const __m512 hi = _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 16))));
+                __m128i q0, q1;
+                if (w->packed) {
+                    /* Q8ROW's packed form: the row's 32 k are 8 4-byte lanes, 64 bytes apart */
+                    const int *src = (const int *)(const void *)(
+                        w->packed + rp_q8row_pos(K, n0 + j0 + i, 2 * (p0 + p)));
+                    const __m256i g = _mm256_xor_si256(
+                        _mm256_i32gather_epi32(src, _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112), 4),
+                        _mm256_set1_epi8((char)0x80));
+                    q0 = _mm256_castsi256_si128(g);
+                    q1 = _mm256_extracti128_si256(g, 1);
+                } else {
+                    const int8_t *src = q + (size_t)(n0 + j0 + i) * K + 2 * (size_t)(p0 + p);
+                    q0 = _mm_loadu_si128((const __m128i *)src);
+                    q1 = _mm_loadu_si128((const __m128i *)(src + 16));
+                }
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
                 r[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* exact: |q| <= 127 */
             }
             transpose16(r);
             for (int c = 0; c < 16; c++)
                 _mm512_store_si512((void *)(b + (size_t)(p + c) * QGEMM_NR + j0), r[c]);
         }
+    }
     for (int j = jv; j < nv; j++) {
-        const int8_t *src = q + (size_t)(n0 + j) * K + 2 * (size_t)p0;
+        const int8_t *src = w->packed ? NULL : q + (size_t)(n0 + j) * K + 2 * (size_t)p0;
         for (int p = 0; p < np; p++) {
-            const uint32_t lo = rp_f32_to_bf16((float)src[2 * p]);
-            const uint32_t hi = rp_f32_to_bf16((float)src[2 * p + 1]);
+            const int k = 2 * (p0 + p);
+            const int8_t q_lo = src ? src[2 * p] : (int8_t)(w->packed[rp_q8row_pos(K, n0 + j, k)] ^ 0x80);
+            const int8_t q_hi =
+                src ? src[2 * p + 1] : (int8_t)(w->packed[rp_q8row_pos(K, n0 + j, k + 1)] ^ 0x80);
+            const uint32_t lo = rp_f32_to_bf16((float)q_lo);
+            const uint32_t hi = rp_f32_to_bf16((float)q_hi);
             b[(size_t)p * QGEMM_NR + j] = lo | hi << 16;
         }
     }

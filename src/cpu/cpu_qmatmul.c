@@ -113,6 +113,14 @@ rp_qkernel rp_qkernel_chosen(rp_qtype type) {
     return RP_QKERNEL_GENERIC;
 }
 
+/* k if it can run w: available for w's type, and for VNNI on Q8ROW the
+ * packed form present (its only layout); else generic. */
+static rp_qkernel usable_kernel(rp_qkernel k, const rp_qmatrix *w) {
+    if (!rp_qkernel_available(k, w->type)) return RP_QKERNEL_GENERIC;
+    if (k == RP_QKERNEL_VNNI && w->type == RP_QTYPE_Q8ROW && !w->packed) return RP_QKERNEL_GENERIC;
+    return k;
+}
+
 static cpu_qdecode_fn decode_fn(rp_qkernel k, rp_qtype type) {
     switch (k) {
 #if RP_CPU_QKERN_X86
@@ -169,7 +177,7 @@ static size_t prep_bytes(rp_qkernel k, rp_qtype type, int M, int K) {
     if (k == RP_QKERNEL_BF16DOT) b = (size_t)M * K * sizeof(uint16_t);
 #if RP_CPU_QKERN_X86
     else if (k == RP_QKERNEL_VNNI && type == RP_QTYPE_Q8ROW)
-        b = (size_t)M * K + (size_t)M * cpu_qrow_groups(K) * sizeof(float);
+        b = (size_t)M * K + (size_t)M * cpu_qrow_groups(K) * (sizeof(float) + sizeof(int32_t));
     else if (k == RP_QKERNEL_VNNI)
         b = (size_t)M * K / 2 + (size_t)M * K + (size_t)M * (K / RP_Q8_BLOCK) * sizeof(float);
 #else
@@ -187,9 +195,10 @@ static void prep_layout(rp_qkernel k, rp_qtype type, cpu_qx *px, char *mem, cons
         px->xb = (const uint16_t *)mem;
 #if RP_CPU_QKERN_X86
     } else if (k == RP_QKERNEL_VNNI && type == RP_QTYPE_Q8ROW) {
-        /* xu: [M, K] bytes, xg: [M, groups] floats */
+        /* xu: [M, K] bytes, xg: [M, groups] floats, xc: [M, groups] int32 */
         px->xu = (const uint8_t *)mem;
         px->xg = (const float *)(mem + (size_t)M * K);
+        px->xc = (const int32_t *)(mem + (size_t)M * K + (size_t)M * cpu_qrow_groups(K) * sizeof(float));
     } else if (k == RP_QKERNEL_VNNI) {
         /* xse: [M, K/8] floats (M * K / 2 bytes), xu: [M, K] bytes, xs:
          * [M, K/32] floats */
@@ -222,10 +231,9 @@ static void prep_fill(rp_qkernel k, const cpu_qx *px, int M, int K, int k0, int 
 #endif
 #if RP_CPU_QKERN_X86
         } else if (k == RP_QKERNEL_VNNI && px->xg) {
-            cpu_qprep_vnnirow((uint8_t *)px->xu + (size_t)m * K + k0,
-                              (float *)px->xg + (size_t)m * cpu_qrow_groups(K) +
-                                  k0 / RP_Q8ROW_XGROUP,
-                              x + k0, k1 - k0);
+            const size_t g0 = (size_t)m * cpu_qrow_groups(K) + k0 / RP_Q8ROW_XGROUP;
+            cpu_qprep_vnnirow((int8_t *)px->xu + (size_t)m * K + k0, (int32_t *)px->xc + g0,
+                              (float *)px->xg + g0, x + k0, k1 - k0);
         } else if (k == RP_QKERNEL_VNNI) {
             cpu_qprep_vnni((uint8_t *)px->xu + (size_t)m * K + k0,
                            (float *)px->xse + (size_t)m * (K / 8) + k0 / 8,
@@ -368,6 +376,7 @@ static void decode_slice(cpu_qdecode_fn decode, const rp_qmatrix *w, float *y, c
             if (pm.xse) pm.xse += (size_t)m * (K / 8);
             if (pm.xs) pm.xs += (size_t)m * (K / RP_Q8_BLOCK);
             if (pm.xg) pm.xg += (size_t)m * cpu_qrow_groups(K);
+            if (pm.xc) pm.xc += (size_t)m * cpu_qrow_groups(K);
             decode(w, y + (size_t)m * N, &pm, rows, t0, t1, beta);
         }
     }
@@ -381,7 +390,7 @@ static void qmatmul(rp_cpu_qx_workspace *ws, rp_qkernel k, const rp_qmatrix *w, 
         for (size_t i = 0; i < (size_t)M * N; i++) y[i] = beta == 0.0f ? 0.0f : beta * y[i];
         return;
     }
-    if (!rp_qkernel_available(k, w->type)) k = RP_QKERNEL_GENERIC;
+    k = usable_kernel(k, w);
     const size_t work = (size_t)M * N * K;
     const int prefill = M > RP_QMATMUL_DECODE_ROWS && !decode_rows;
     const size_t min_work = prefill ? QMATMUL_PARALLEL_MIN_WORK : QMATMUL_DECODE_PARALLEL_MIN_WORK;
@@ -460,8 +469,7 @@ void rp_cpu_qmatmul_decode(rp_cpu_qx_workspace *ws, const rp_qmatrix *w, float *
 
 /* The kernel a job's matrix runs with (rp_qkernel_chosen, or generic). */
 static rp_qkernel job_kernel(const rp_qmatrix *w) {
-    const rp_qkernel k = rp_qkernel_chosen(w->type);
-    return rp_qkernel_available(k, w->type) ? k : RP_QKERNEL_GENERIC;
+    return usable_kernel(rp_qkernel_chosen(w->type), w);
 }
 
 /* One OpenMP region for a group of independent decode products (a quantized

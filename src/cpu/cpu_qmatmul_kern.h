@@ -15,7 +15,8 @@ typedef struct {
     const float *xse;    /* VNNI: its scales, each repeated 4 times [M, K/8] */
     const float *xs;     /* VNNI: its scales, one per block [M, K/32] */
     const float *xg;     /* VNNI on Q8ROW: x's scales per group [M, cpu_qrow_groups(K)]
-                          * (xu then holds q + 128 in k order) */
+                          * (xu then holds q, int8, in k order) */
+    const int32_t *xc;   /* VNNI on Q8ROW: -128 sum(q) per group [M, cpu_qrow_groups(K)] */
 } cpu_qx;
 
 static inline int cpu_qrow_groups(int K) {
@@ -67,13 +68,14 @@ void cpu_qdecode_vnni(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int
 /* One row of x as the vnni kernel reads it (cpu_qx's xu, xse and xs), the
  * bytes and scales rp_q8_quantize_x gives; K a multiple of RP_Q8_BLOCK. */
 void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K);
-/* Q8ROW W against x quantized per RP_Q8ROW_XGROUP k (cpu_qx's xu and xg). */
+/* Q8ROW W (its packed form: w->packed must be set) against x quantized per
+ * RP_Q8ROW_XGROUP k (cpu_qx's xu, xc and xg). */
 void cpu_qdecode_vnnirow(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                          float beta);
-/* One row of x as cpu_qdecode_vnnirow reads it: rp_q8_quantize_x_group(.., 
- * RP_Q8ROW_XGROUP)'s q + 128 in k order (xu [K]) and scales (xg); K a
- * multiple of RP_Q8_BLOCK. */
-void cpu_qprep_vnnirow(uint8_t *xu, float *xg, const float *x, int K);
+/* One row of x as cpu_qdecode_vnnirow reads it: rp_q8_quantize_x_group(..,
+ * RP_Q8ROW_XGROUP)'s q in k order (xq [K]), -128 sum(q) per group (xc) and
+ * the scales (xg); K a multiple of RP_Q8_BLOCK. */
+void cpu_qprep_vnnirow(int8_t *xq, int32_t *xc, float *xg, const float *x, int K);
 #endif
 
 /* Where x[k] lies in the vnni kernel's xu row: per group of 4 blocks (128 k;

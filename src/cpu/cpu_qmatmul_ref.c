@@ -11,13 +11,13 @@
 void rp_qmatmul_ref_q8row(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
                           int G) {
     const int N = w->N, K = w->K, ng = (K + G - 1) / G;
-    int8_t *xq = malloc((size_t)K + 1);
+    int8_t *xq = malloc((size_t)K + 1), *wr = malloc((size_t)K + 1);
     float *xs = malloc((size_t)(ng + 1) * sizeof *xs);
-    if (!xq || !xs) abort(); /* test-only path: cannot report */
+    if (!xq || !xs || !wr) abort(); /* test-only path: cannot report */
     for (int m = 0; m < M; m++) {
         rp_q8_quantize_x_group(xq, xs, x + (size_t)m * K, K, G);
         for (int n = 0; n < N; n++) {
-            const int8_t *wr = (const int8_t *)w->data + (size_t)n * K;
+            rp_qmatrix_row_q8(w, n, wr);
             double s = 0.0;
             for (int g = 0; g < ng; g++) {
                 long d = 0;
@@ -30,6 +30,7 @@ void rp_qmatmul_ref_q8row(const rp_qmatrix *w, float *y, const float *x, int M, 
         }
     }
     free(xq);
+    free(wr);
     free(xs);
 }
 

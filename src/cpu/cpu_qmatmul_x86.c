@@ -83,6 +83,16 @@ static AI __m256 q8x8_f32(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v)));
 }
 
+/* q of W[n, k .. k + 7] from Q8ROW's packed form (two 4-byte lanes, 64 bytes apart). */
+static AI __m256 q8row8_f32(const rp_qmatrix *w, int n, int k) {
+    int32_t a, b;
+    const uint8_t *p = w->packed + rp_q8row_pos(w->K, n, k);
+    memcpy(&a, p, 4);
+    memcpy(&b, p + 4 * RP_Q8ROW_PACK_ROWS, 4);
+    const __m128i u = _mm_xor_si128(_mm_setr_epi32(a, b, 0, 0), _mm_set1_epi8((char)0x80));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(u));
+}
+
 static AI float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -115,7 +125,8 @@ static AI void avx2_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *
         } else { /* Q8, Q8ROW: K is a multiple of 32 */
             const int8_t *wr = (const int8_t *)w->data + (size_t)(n + j) * K;
             for (; k < K; k += 8) {
-                const __m256 wv = _mm256_mul_ps(q8x8_f32(wr + k), _mm256_set1_ps(q8_scale(w, n + j, k)));
+                const __m256 wq = w->packed ? q8row8_f32(w, n + j, k) : q8x8_f32(wr + k);
+                const __m256 wv = _mm256_mul_ps(wq, _mm256_set1_ps(q8_scale(w, n + j, k)));
                 for (int m = 0; m < rows; m++)
                     acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x->x + (size_t)(m0 + m) * K + k),
                                              acc[m]);
@@ -222,6 +233,14 @@ static AI __m512 q8x16_f32(const int8_t *p, float scale) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(scale));
 }
 
+/* W[n, k .. k + 15] * scale from Q8ROW's packed form (four 4-byte lanes, 64 bytes apart). */
+static AI __m512 q8row16_f32(const rp_qmatrix *w, int n, int k, float scale) {
+    const int *p = (const int *)(const void *)(w->packed + rp_q8row_pos(w->K, n, k));
+    const __m128i b = _mm_xor_si128(_mm_i32gather_epi32(p, _mm_setr_epi32(0, 16, 32, 48), 4),
+                                    _mm_set1_epi8((char)0x80));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(scale));
+}
+
 /* sums[j * rows + m] = dot(W row n + j, x row m0 + m): one 16-lane f32
  * accumulator over k (the last step masked), then hsum_many (the order of
  * _mm512_reduce_add_ps). Q8 weights are widened to q * scale (exactly the
@@ -258,17 +277,22 @@ static AI void avx512_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx
             }
         }
     } else { /* Q8, Q8ROW: K is a multiple of 32 */
-        const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
+        const int8_t *wt = w->packed ? NULL : (const int8_t *)w->data + (size_t)n * K;
         for (int k = 0; k < K; k += RP_Q8_BLOCK) {
-            if (rows > 1)
+            if (rows > 1 && wt)
                 for (int j = 0; j < nw; j += 2)
                     __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 64 * (j / 2) +
                                            QPF_BYTES / 2, 0, QPF_HINT);
             __m512 wv[4][2];
             for (int j = 0; j < nw; j++) {
                 const float s = q8_scale(w, n + j, k);
-                wv[j][0] = q8x16_f32(wt + (size_t)j * K + k, s);
-                wv[j][1] = q8x16_f32(wt + (size_t)j * K + k + 16, s);
+                if (w->packed) {
+                    wv[j][0] = q8row16_f32(w, n + j, k, s);
+                    wv[j][1] = q8row16_f32(w, n + j, k + 16, s);
+                } else {
+                    wv[j][0] = q8x16_f32(wt + (size_t)j * K + k, s);
+                    wv[j][1] = q8x16_f32(wt + (size_t)j * K + k + 16, s);
+                }
             }
             for (int m = 0; m < rows; m++) {
                 const __m512 x0 = _mm512_loadu_ps(xm + (size_t)m * K + k);
@@ -595,190 +619,111 @@ void cpu_qprep_vnni(uint8_t *xu, float *xse, float *xs, const float *x, int K) {
     }
 }
 
-/* Q8ROW (one f32 scale per W row) against x quantized per 128-k group:
- * x's bytes (q + 128) and W's in k order, two vpdpbusd per 128 k fill each
- * lane with the exact int32 dot of 8 products; that int32 goes to f32 and
- * is added times the group's x scale into a 16-lane f32 accumulator (one
- * conversion and one FMA per 128 k, no per-block scale work), then
- * hsum_many (_mm512_reduce_add_ps's order) and one multiply by the row's
- * scale. A last group of 32, 64 or 96 k is masked (masked lanes add 0).
- * The unsigned x is corrected as vnni_tile corrects it: -128 sum(w) per W
- * row and group, shared by the tile's x rows; one x row takes the
- * correction from x instead (vnni_tile1's trick: the same exact int32). */
-typedef struct {
-    __mmask64 b0, b1; /* bytes k .. k + 63 and k + 64 .. k + 127 */
-    __mmask16 l0, l1; /* their 4-byte lanes */
-} vrow_masks;
+/* Q8ROW (one f32 scale per W row) against x quantized per 128-k group, W
+ * in the packed output-major order (cpu_quant.h, rp_q8row_pos): a block of
+ * 16 W rows is read chunk by chunk (64 bytes: 4 k of 16 rows, as w + 128),
+ * and each chunk goes through one vpdpbusd per x row against that row's 4
+ * bytes of q broadcast (the signed operand), so one instruction adds 64
+ * products into 16 int32 outputs and the W load is shared by the x rows.
+ * Per 128-k group and x row: 32 vpdpbusd from -128 sum(q) of the group (the
+ * w + 128 correction: the int32 is the exact dot_g), one conversion and
+ * one FMA with the group's x scale into 16 f32 outputs; the row scales at
+ * the end, no horizontal sums. Each output is
+ *   acc = fmaf((float)dot_g, xscale_g, acc) for g in k order, then acc * wscale
+ * whatever the tile: the int32 chains (CH per x row, to keep several
+ * vpdpbusd in flight) are exact and summed in int32, so the bits depend
+ * neither on M, the chain count nor the rows a thread takes. Against the
+ * former row-major tile: 8 x rows 0.67-0.78x the time, 1 row the same from
+ * memory (docs/perf/cpu.md, "int8row output-major"). */
+#define VROW_CHUNK 64
+/* W bytes ahead of the chunk being read: one x row streams W at memory
+ * speed and 16 KiB into L1 was the best of 4-32 KiB and L1/L2 in the
+ * microbench; more rows are bound by the dot products (8 KiB into L2). */
+#define VROW1_PF_BYTES 16384
+#define VROW1_PF_HINT 3
+#define VROW_PF_BYTES 8192
 
-static AI vrow_masks vrow_group_masks(int K, int k) {
-    const int len = K - k < VG ? K - k : VG; /* a multiple of 32 */
-    vrow_masks v;
-    v.b0 = len >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << len) - 1;
-    v.b1 = len == VG ? ~(__mmask64)0 : len > 64 ? ((__mmask64)1 << (len - 64)) - 1 : 0;
-    v.l0 = len >= 64 ? (__mmask16)0xffff : (__mmask16)((1u << (len / 4)) - 1);
-    v.l1 = len == VG ? (__mmask16)0xffff : len > 64 ? (__mmask16)((1u << ((len - 64) / 4)) - 1) : 0;
-    return v;
-}
-
-static AI void vrow_scale(float *sums, const rp_qmatrix *w, int n, int nw, int rows) {
-    for (int j = 0; j < nw; j++)
-        for (int m = 0; m < rows; m++) sums[j * rows + m] *= w->row_scales[n + j];
-}
-
-static AI void vnnirow_tile(float *sums, const rp_qmatrix *w, int n, const cpu_qx *x, int m0,
-                            int nw, int rows) {
-    const int K = w->K, ng = cpu_qrow_groups(K);
-    const int8_t *wt = (const int8_t *)w->data + (size_t)n * K;
-    const uint8_t *xm = x->xu + (size_t)m0 * K;
+/* y rows m0 .. m0 + R - 1, the 16 outputs of the block at W row nb (a
+ * multiple of 16) kept where `keep` says (n0 <= n < n1). */
+static AI void vrow_block(const rp_qmatrix *w, float *y, const cpu_qx *x, int m0, int R, int CH,
+                          int nb, __mmask16 keep, float beta) {
+    const int K = w->K, N = w->N, ng = cpu_qrow_groups(K);
+    const uint8_t *wp = w->packed + (size_t)nb * K;
+    const int8_t *xq = (const int8_t *)x->xu + (size_t)m0 * K;
+    const int32_t *xc = x->xc + (size_t)m0 * ng;
     const float *xg = x->xg + (size_t)m0 * ng;
-    const __m512i c128 = _mm512_set1_epi8((char)0x80);
-    __m512 acc[4][8];
-    for (int j = 0; j < nw; j++)
-        for (int m = 0; m < rows; m++) acc[j][m] = _mm512_setzero_ps();
+    __m512 f[8];
+    for (int m = 0; m < R; m++) f[m] = _mm512_setzero_ps();
     for (int g = 0; g < ng; g++) {
-        const int k = g * VG;
-        const vrow_masks v = vrow_group_masks(K, k);
-        for (int j = 0; j < nw; j++) {
-            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + QPF_BYTES / 2, 0,
-                               QPF_HINT);
-            __builtin_prefetch((const char *)(wt + (size_t)nw * k) + 128 * j + 64 + QPF_BYTES / 2,
-                               0, QPF_HINT);
+        const int k0 = g * VG, chunks = (K - k0 < VG ? K - k0 : VG) / 4; /* a multiple of 8 */
+        const uint8_t *p = wp + (size_t)k0 * RP_Q8ROW_PACK_ROWS;
+        __m512i a[8][4];
+        for (int m = 0; m < R; m++) {
+            a[m][0] = _mm512_set1_epi32(xc[(size_t)m * ng + g]);
+            for (int i = 1; i < CH; i++) a[m][i] = _mm512_setzero_si512();
         }
-        __m512i wa[4], wb[4], cw[4];
-        for (int j = 0; j < nw; j++) {
-            wa[j] = _mm512_maskz_loadu_epi8(v.b0, wt + (size_t)j * K + k);
-            wb[j] = _mm512_maskz_loadu_epi8(v.b1, wt + (size_t)j * K + k + 64);
-            cw[j] = _mm512_sub_epi32(
-                _mm512_setzero_si512(),
-                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wa[j]),
-                                    c128, wb[j]));
-        }
-        for (int m = 0; m < rows; m++) {
-            const uint8_t *xr = xm + (size_t)m * K + k;
-            const __m512i xa = _mm512_maskz_loadu_epi8(v.b0, xr);
-            const __m512i xb = _mm512_maskz_loadu_epi8(v.b1, xr + 64);
-            const __m512 sx = _mm512_set1_ps(xg[(size_t)m * ng + g]);
-            for (int j = 0; j < nw; j++) {
-                const __m512i d =
-                    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(cw[j], xa, wa[j]), xb, wb[j]);
-                acc[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sx, acc[j][m]);
+        for (int c = 0; c < chunks; c += CH)
+            for (int i = 0; i < CH; i++) {
+                const uint8_t *pc = p + (size_t)(c + i) * VROW_CHUNK;
+                if (R == 1) __builtin_prefetch(pc + VROW1_PF_BYTES, 0, VROW1_PF_HINT);
+                else __builtin_prefetch(pc + VROW_PF_BYTES, 0, QPF_HINT);
+                const __m512i wv = _mm512_loadu_si512(pc);
+                for (int m = 0; m < R; m++) {
+                    int32_t x4;
+                    memcpy(&x4, xq + (size_t)m * K + k0 + 4 * (c + i), 4);
+                    a[m][i] = _mm512_dpbusd_epi32(a[m][i], wv, _mm512_set1_epi32(x4));
+                }
             }
+        for (int m = 0; m < R; m++) {
+            __m512i d = a[m][0];
+            for (int i = 1; i < CH; i++) d = _mm512_add_epi32(d, a[m][i]);
+            f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xg[(size_t)m * ng + g]),
+                                   f[m]);
         }
     }
-    HSUM_TILE(sums, acc, nw, rows);
-    vrow_scale(sums, w, n, nw, rows);
-}
-
-/* One x row (decode batch 1) on Q8ROW: W read row after row, each row
- * start to end. From memory this streams 10-20% faster than vnnirow_tile's
- * order (W rows of a tile interleaved per 128 k), and x's per-group vectors
- * (q, the -128 sum(q) correction, the scale) are formed once per call
- * instead of once per tile: docs/perf/cpu.md, "int8row at one x row". The
- * int32 per lane is vnnirow_tile's (W's bytes flipped to w + 128, x's back
- * to q: sum (w + 128) q - 128 sum(q) = sum w q, exact), added group by
- * group in k order into one accumulator per W row, then hsum_many and the
- * row scale: the same sums in the same order as any row of vnnirow_tile. */
-#define VROW1_MAX_GROUPS 128 /* K <= 16384 (a 32 KiB stack table); above: vnnirow_tile */
-#define VROW1_TILE 4         /* W rows per hsum_many */
-/* W bytes ahead of the row being read, into L2 (QPF_HINT): without it the
- * head streamed at half the rate, 2 and 4 KiB ahead 25-40% slower, 6-64
- * KiB within the noise of each other (docs/perf/cpu.md). */
-#define VROW1_PF_BYTES 8192
-
-typedef struct {
-    __m512i xa, xb; /* q of k .. k + 63 and k + 64 .. k + 127 (signed; 0 past K) */
-    __m512i cx;     /* -128 sum(q) per lane */
-    __m512 sx;      /* the group's x scale */
-} vrow1_xgroup;
-
-static AI void vrow1_prep_x(vrow1_xgroup *xq, const uint8_t *xu, const float *xg, int K) {
-    const __m512i c128 = _mm512_set1_epi8((char)0x80);
-    for (int g = 0; g * VG < K; g++) {
-        const int k = g * VG;
-        const vrow_masks v = vrow_group_masks(K, k);
-        xq[g].xa = _mm512_maskz_xor_epi32(v.l0, _mm512_maskz_loadu_epi8(v.b0, xu + k), c128);
-        xq[g].xb = _mm512_maskz_xor_epi32(v.l1, _mm512_maskz_loadu_epi8(v.b1, xu + k + 64), c128);
-        xq[g].cx = _mm512_sub_epi32(
-            _mm512_setzero_si512(),
-            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, xq[g].xa), c128,
-                                xq[g].xb));
-        xq[g].sx = _mm512_set1_ps(xg[g]);
+    const __m512 rs = _mm512_maskz_loadu_ps(keep, w->row_scales + nb);
+    for (int m = 0; m < R; m++) {
+        float *yp = y + (size_t)(m0 + m) * N + nb;
+        __m512 v = _mm512_mul_ps(f[m], rs);
+        /* store_tile's y + beta * y_old (beta 0 or 1) */
+        if (beta != 0.0f)
+            v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_maskz_loadu_ps(keep, yp)));
+        _mm512_mask_storeu_ps(yp, keep, v);
     }
 }
 
-/* a + group g of W row wr (its bytes masked by b0, b1) against xq[g]: the
- * int32 lanes converted and added times x's scale. */
-static AI __m512 vrow1_step(__m512 a, const int8_t *wr, int g, __mmask64 b0, __mmask64 b1,
-                            const vrow1_xgroup *xq) {
-    const __m512i c128 = _mm512_set1_epi8((char)0x80);
-    const int8_t *p = wr + (size_t)g * VG;
-    __builtin_prefetch((const char *)p + VROW1_PF_BYTES, 0, QPF_HINT);
-    __builtin_prefetch((const char *)p + VROW1_PF_BYTES + 64, 0, QPF_HINT);
-    const __m512i wa = _mm512_maskz_loadu_epi8(b0, p);
-    const __m512i wb = _mm512_maskz_loadu_epi8(b1, p + 64);
-    const __m512i d =
-        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(xq[g].cx, _mm512_xor_si512(wa, c128), xq[g].xa),
-                            _mm512_xor_si512(wb, c128), xq[g].xb);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xq[g].sx, a);
-}
-
-/* sums[j] = dot(W row n + j, x) * row scale, j < nw; ng = cpu_qrow_groups(K). */
-static AI void vrow1_tile(float *sums, const rp_qmatrix *w, int n, const vrow1_xgroup *xq,
-                          int ng, int nw) {
-    const int K = w->K;
-    const vrow_masks last = vrow_group_masks(K, (ng - 1) * VG);
-    __m512 acc[VROW1_TILE];
-    for (int j = 0; j < nw; j++) {
-        const int8_t *wr = (const int8_t *)w->data + (size_t)(n + j) * K;
-        __m512 a = _mm512_setzero_ps();
-        for (int g = 0; g < ng - 1; g++) a = vrow1_step(a, wr, g, ~(__mmask64)0, ~(__mmask64)0, xq);
-        acc[j] = vrow1_step(a, wr, ng - 1, last.b0, last.b1, xq);
-    }
-    hsum_many(sums, acc, nw);
-    vrow_scale(sums, w, n, nw, 1);
-}
-
-static AI void vrow1_rows(const rp_qmatrix *w, float *y, const vrow1_xgroup *xq, int ng,
-                          int n0, int n1, float beta) {
-    float sums[VROW1_TILE];
-    int n = n0;
-    for (; n + VROW1_TILE <= n1; n += VROW1_TILE) {
-        vrow1_tile(sums, w, n, xq, ng, VROW1_TILE);
-        store_tile(y, sums, 0, n, VROW1_TILE, 1, w->N, beta);
-    }
-    for (; n < n1; n++) {
-        vrow1_tile(sums, w, n, xq, ng, 1);
-        store_tile(y, sums, 0, n, 1, 1, w->N, beta);
+/* Rows m0 .. m0 + R - 1 over outputs [n0, n1). */
+static AI void vrow_rows(const rp_qmatrix *w, float *y, const cpu_qx *x, int m0, int R, int CH,
+                         int n0, int n1, float beta) {
+    for (int nb = n0 / RP_Q8ROW_PACK_ROWS * RP_Q8ROW_PACK_ROWS; nb < n1; nb += RP_Q8ROW_PACK_ROWS) {
+        const int lo = n0 > nb ? n0 - nb : 0, hi = n1 - nb < 16 ? n1 - nb : 16;
+        const __mmask16 keep = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
+        vrow_block(w, y, x, m0, R, CH, nb, keep, beta);
     }
 }
 
-static void vnnirow_decode1(const rp_qmatrix *w, float *y, const cpu_qx *x, int n0, int n1,
-                            float beta) {
-    const int ng = cpu_qrow_groups(w->K);
-    vrow1_xgroup xq[VROW1_MAX_GROUPS];
-    vrow1_prep_x(xq, x->xu, x->xg, w->K);
-    /* K <= 128 (the LoRA factors' second matrices, K = rank): one group,
-     * whose x vectors then stay in registers across all rows (loaded per
-     * row they made these small products ~15% slower than the old tile) */
-    if (ng == 1) vrow1_rows(w, y, xq, 1, n0, n1, beta);
-    else vrow1_rows(w, y, xq, ng, n0, n1, beta);
-}
-
-/* One x row: vnnirow_decode1 (K up to its table; above, vnnirow_tile's one
- * row, the same bits). */
+/* Chains per x row: 1 row 4, 2 rows 4, 3-4 rows 2, more 1 (8+ vpdpbusd in
+ * flight; 8 rows: 8 int32 + 8 f32 accumulators). */
 void cpu_qdecode_vnnirow(const rp_qmatrix *w, float *y, const cpu_qx *x, int M, int n0, int n1,
                          float beta) {
-    if (M == 1 && cpu_qrow_groups(w->K) <= VROW1_MAX_GROUPS) {
-        vnnirow_decode1(w, y, x, n0, n1, beta);
-        return;
+    for (int m = 0; m < M; m += 8) {
+        switch (M - m) {
+        case 1: vrow_rows(w, y, x, m, 1, 4, n0, n1, beta); break;
+        case 2: vrow_rows(w, y, x, m, 2, 4, n0, n1, beta); break;
+        case 3: vrow_rows(w, y, x, m, 3, 2, n0, n1, beta); break;
+        case 4: vrow_rows(w, y, x, m, 4, 2, n0, n1, beta); break;
+        case 5: vrow_rows(w, y, x, m, 5, 1, n0, n1, beta); break;
+        case 6: vrow_rows(w, y, x, m, 6, 1, n0, n1, beta); break;
+        case 7: vrow_rows(w, y, x, m, 7, 1, n0, n1, beta); break;
+        default: vrow_rows(w, y, x, m, 8, 1, n0, n1, beta); break;
+        }
     }
-    QDRIVE_MID(vnnirow_tile, 4, 3, 2)
 }
 
 /* rp_q8_quantize_x_group(.., RP_Q8ROW_XGROUP) on 16 lanes: the same IEEE
- * operations per element as cpu_qprep_vnni (so the same bytes), q + 128 in
- * k order. */
-void cpu_qprep_vnnirow(uint8_t *xu, float *xg, const float *x, int K) {
+ * operations per element as cpu_qprep_vnni (so the same bytes), q in k
+ * order, and -128 sum(q) per group (vrow_block's start). */
+void cpu_qprep_vnnirow(int8_t *xq, int32_t *xc, float *xg, const float *x, int K) {
     const __m512 lim = _mm512_set1_ps(127.0f);
     for (int g = 0; g * VG < K; g++) {
         const int k0 = g * VG, nv = (K - k0 < VG ? K - k0 : VG) / 16;
@@ -791,17 +736,20 @@ void cpu_qprep_vnnirow(uint8_t *xu, float *xg, const float *x, int K) {
         const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
         xg[g] = scale;
         const __m512 sv = _mm512_set1_ps(scale);
+        __m512i sum = _mm512_setzero_si512();
         for (int i = 0; i < nv; i++) {
-            __m128i q = _mm_set1_epi8((char)0x80);
+            __m128i q = _mm_setzero_si128();
             if (scale > 0.0f) {
                 const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(xv[i], sv),
                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 const __m512i c = _mm512_cvtps_epi32(
                     _mm512_min_ps(_mm512_max_ps(r, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim));
-                q = _mm512_cvtepi32_epi8(_mm512_add_epi32(c, _mm512_set1_epi32(128)));
+                sum = _mm512_add_epi32(sum, c);
+                q = _mm512_cvtepi32_epi8(c);
             }
-            _mm_storeu_si128((__m128i *)(xu + k0 + 16 * i), q);
+            _mm_storeu_si128((__m128i *)(xq + k0 + 16 * i), q);
         }
+        xc[g] = -128 * _mm512_reduce_add_epi32(sum);
     }
 }
 

@@ -40,7 +40,33 @@ typedef struct {
     const void *data;        /* f32 / uint16 (bf16) / int8, [N,K] row-major */
     const uint16_t *scales;  /* Q8: fp16 [N, K / RP_Q8_BLOCK]; NULL otherwise */
     const float *row_scales; /* Q8ROW: f32 [N]; NULL otherwise */
+    /* Q8ROW only: W in the vnni kernel's output-major order (rp_q8row_pos),
+     * or NULL. The CPU backend keeps only this form (data NULL); any
+     * function here reads whichever of data / packed is set (packed first). */
+    const uint8_t *packed;
 } rp_qmatrix;
+
+/* Q8ROW's packed (output-major) order: W rows in blocks of 16, each block
+ * K/4 chunks of 64 bytes, chunk c's 4-byte lane j holding W[16b + j][4c ..
+ * 4c + 3] as unsigned w + 128. One vpdpbusd of a chunk against 4 bytes of x
+ * broadcast adds 4 k of 16 outputs, so the kernels need no horizontal sums
+ * (docs/perf/cpu.md, "int8row output-major"). N is padded to a multiple of
+ * 16 with zero rows (byte 128). */
+#define RP_Q8ROW_PACK_ROWS 16
+static inline size_t rp_q8row_pos(int K, int n, int k) {
+    return (size_t)(n / RP_Q8ROW_PACK_ROWS) * RP_Q8ROW_PACK_ROWS * (size_t)K +
+           (size_t)(k / 4) * 4 * RP_Q8ROW_PACK_ROWS + (size_t)(n % RP_Q8ROW_PACK_ROWS) * 4 +
+           (size_t)(k % 4);
+}
+/* Bytes of the packed form of a [N,K] Q8ROW matrix (N rounded up to 16). */
+size_t rp_q8row_packed_bytes(int N, int K);
+/* Rows [row0, row0 + n_rows) of W (q, int8 row-major [n_rows, K]) into the
+ * packed form; with row0 + n_rows == N the padding rows are zeroed too. */
+void rp_q8row_pack_rows(uint8_t *packed, const int8_t *rows, int row0, int n_rows, int N, int K);
+/* The padding rows [N, N rounded up to 16) of a packed form set to zero weight. */
+void rp_q8row_pack_pad(uint8_t *packed, int N, int K);
+/* Row n's q (out [K]) of a Q8 or Q8ROW matrix, from data or packed. */
+void rp_qmatrix_row_q8(const rp_qmatrix *w, int n, int8_t *out);
 
 /* "f32", "bf16", "int8", "int8row". */
 const char *rp_qtype_name(rp_qtype type);
@@ -113,7 +139,8 @@ rp_qkernel rp_qkernel_chosen(rp_qtype type);
  * is unknown or this CPU lacks it. Call it where errors can be reported
  * (backend creation): rp_cpu_qmatmul cannot. */
 rp_status rp_cpu_qmatmul_check_env(rp_error *err);
-/* rp_cpu_qmatmul with kernel k (which must be available for w->type). */
+/* rp_cpu_qmatmul with kernel k (which must be available for w->type; VNNI
+ * on Q8ROW reads only w->packed: without it the call runs generic). */
 void rp_cpu_qmatmul_kernel(rp_cpu_qx_workspace *ws, rp_qkernel k, const rp_qmatrix *w, float *y,
                            const float *x, int M, float beta, int n_threads);
 /* Decode rows (backend.h, set_decode_rows): every M runs the streaming
@@ -157,7 +184,9 @@ void rp_q8_quantize_x_group(int8_t *xq, float *scales, const float *x, int K, in
 /* Reference of a Q8ROW matrix against x quantized per group of G k
  * (rp_q8_quantize_x_group): y = wscale * sum over groups of xscale_g *
  * (exact integer dot of the group), in double, rounded to f32 once
- * (+ beta y in double). */
+ * (+ beta y in double). The vnni kernel's own order (what a test checks
+ * bit for bit): acc = fmaf((float)dot_g, xscale_g, acc) for g in k order
+ * from 0, then acc * wscale (+ beta y). */
 void rp_qmatmul_ref_q8row(const rp_qmatrix *w, float *y, const float *x, int M, float beta,
                           int G);
 /* The vnni kernel on Q8ROW quantizes x per group of RP_Q8ROW_XGROUP k (the

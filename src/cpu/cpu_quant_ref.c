@@ -108,6 +108,41 @@ void rp_quantize_matrix(rp_qtype type, void *data, void *scales_out, const float
     }
 }
 
+size_t rp_q8row_packed_bytes(int N, int K) {
+    const size_t rows = ((size_t)N + RP_Q8ROW_PACK_ROWS - 1) / RP_Q8ROW_PACK_ROWS * RP_Q8ROW_PACK_ROWS;
+    return rows * (size_t)K;
+}
+
+void rp_q8row_pack_pad(uint8_t *packed, int N, int K) {
+    const int padded = (N + RP_Q8ROW_PACK_ROWS - 1) / RP_Q8ROW_PACK_ROWS * RP_Q8ROW_PACK_ROWS;
+    for (int n = N; n < padded; n++)
+        for (int k = 0; k < K; k += 4) memset(packed + rp_q8row_pos(K, n, k), 0x80, 4);
+}
+
+void rp_q8row_pack_rows(uint8_t *packed, const int8_t *rows, int row0, int n_rows, int N, int K) {
+    /* K is a multiple of 32: each row's 4 k of a chunk are one 4-byte lane */
+    for (int r = 0; r < n_rows; r++) {
+        const int8_t *src = rows + (size_t)r * K;
+        for (int k = 0; k < K; k += 4) {
+            uint8_t *d = packed + rp_q8row_pos(K, row0 + r, k);
+            for (int i = 0; i < 4; i++) d[i] = (uint8_t)src[k + i] ^ 0x80;
+        }
+    }
+    if (row0 + n_rows == N) rp_q8row_pack_pad(packed, N, K);
+}
+
+void rp_qmatrix_row_q8(const rp_qmatrix *w, int n, int8_t *out) {
+    const int K = w->K;
+    if (w->type == RP_QTYPE_Q8ROW && w->packed) {
+        for (int k = 0; k < K; k += 4) {
+            const uint8_t *p = w->packed + rp_q8row_pos(K, n, k);
+            for (int i = 0; i < 4; i++) out[k + i] = (int8_t)(p[i] ^ 0x80);
+        }
+    } else {
+        memcpy(out, (const int8_t *)w->data + (size_t)n * K, (size_t)K);
+    }
+}
+
 void rp_qmatrix_row_f32(const rp_qmatrix *w, int n, float *out) {
     const int K = w->K;
     if (w->type == RP_QTYPE_F32) {
@@ -115,6 +150,11 @@ void rp_qmatrix_row_f32(const rp_qmatrix *w, int n, float *out) {
     } else if (w->type == RP_QTYPE_BF16) {
         const uint16_t *row = (const uint16_t *)w->data + (size_t)n * K;
         for (int k = 0; k < K; k++) out[k] = rp_bf16_to_f32(row[k]);
+    } else if (w->type == RP_QTYPE_Q8ROW && w->packed) {
+        for (int k = 0; k < K; k += 4) { /* K % 32 == 0: one 4-byte lane per 4 k */
+            const uint8_t *p = w->packed + rp_q8row_pos(K, n, k);
+            for (int i = 0; i < 4; i++) out[k + i] = (float)(int8_t)(p[i] ^ 0x80) * w->row_scales[n];
+        }
     } else if (w->type == RP_QTYPE_Q8ROW) {
         const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
         for (int k = 0; k < K; k++) out[k] = (float)row[k] * w->row_scales[n];

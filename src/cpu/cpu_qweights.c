@@ -112,7 +112,12 @@ static rp_status qw_create(rp_backend *be, const float *key, rp_weights_type typ
         impl->cap_qweights = cap;
     }
     struct cpu_qweight q = {.key = key};
-    q.data = qw_alloc(rp_qmatrix_data_bytes(qt, N, K));
+    /* Q8ROW keeps only the kernels' packed form (rows padded to 16), written
+     * row by row by qw_write as the loader streams the file's rows: the
+     * same peak memory as the row-major form. */
+    const size_t db = qt == RP_QTYPE_Q8ROW ? rp_q8row_packed_bytes(N, K)
+                                           : rp_qmatrix_data_bytes(qt, N, K);
+    q.data = qw_alloc(db);
     size_t sb = rp_qmatrix_scale_bytes(qt, N, K);
     q.scales = sb ? qw_alloc(sb) : NULL;
     if (!q.data || (sb && !q.scales)) {
@@ -120,13 +125,18 @@ static rp_status qw_create(rp_backend *be, const float *key, rp_weights_type typ
         free(q.scales);
         return rp_error_set(err, RP_ERR_NOMEM,
                             "CPU backend: cannot allocate %zu bytes for a [%d,%d] %s matrix",
-                            rp_qmatrix_data_bytes(qt, N, K) + sb, N, K, rp_qtype_name(qt));
+                            db + sb, N, K, rp_qtype_name(qt));
     }
     /* Small ones (LoRA factors) zeroed: layer 0's unused v-LoRA is never
-     * written by the loader. */
-    if (rp_qmatrix_data_bytes(qt, N, K) <= QW_ZERO_MAX_BYTES)
-        memset(q.data, 0, rp_qmatrix_data_bytes(qt, N, K));
-    q.m = rp_qmatrix_make(qt, N, K, q.data, q.scales);
+     * written by the loader (packed Q8ROW's zero weight is the byte 128;
+     * its scales zeroed too, so such a row gives 0). */
+    if (db <= QW_ZERO_MAX_BYTES) {
+        memset(q.data, qt == RP_QTYPE_Q8ROW ? 0x80 : 0, db);
+        if (qt == RP_QTYPE_Q8ROW) memset(q.scales, 0, sb);
+    }
+    if (qt == RP_QTYPE_Q8ROW) rp_q8row_pack_pad(q.data, N, K);
+    q.m = rp_qmatrix_make(qt, N, K, qt == RP_QTYPE_Q8ROW ? NULL : q.data, q.scales);
+    if (qt == RP_QTYPE_Q8ROW) q.m.packed = q.data;
     memmove(&impl->qweights[at + 1], &impl->qweights[at],
             (size_t)(impl->n_qweights - at) * sizeof *impl->qweights);
     impl->qweights[at] = q;
@@ -151,6 +161,27 @@ static void qw_write(rp_backend *be, const float *key, int row0, int n_rows, con
     const size_t row_scales = rp_qmatrix_scale_bytes(q->m.type, 1, K) / sizeof(uint16_t);
     char *data = (char *)q->data + (size_t)row0 * row_bytes;
     uint16_t *sc = q->scales ? q->scales + (size_t)row0 * row_scales : NULL;
+    if (q->m.type == RP_QTYPE_Q8ROW) {
+        float *rs = (float *)q->scales + row0;
+        if (src_is_f32) { /* one row at a time through a row-major row */
+            int8_t *row = malloc((size_t)K);
+            if (!row) {
+                if (impl->error.code == RP_OK)
+                    rp_error_set(&impl->error, RP_ERR_NOMEM,
+                                 "CPU backend: no memory for a %d-byte row in qweight_write", K);
+                return;
+            }
+            for (int r = 0; r < n_rows; r++) {
+                rp_quantize_matrix(RP_QTYPE_Q8ROW, row, rs + r, (const float *)src + (size_t)r * K, 1, K, 0);
+                rp_q8row_pack_rows(q->data, row, row0 + r, 1, q->m.N, K);
+            }
+            free(row);
+            return;
+        }
+        rp_q8row_pack_rows(q->data, (const int8_t *)src, row0, n_rows, q->m.N, K);
+        if (scales) memcpy(rs, scales, (size_t)n_rows * sizeof(float));
+        return;
+    }
     if (src_is_f32) {
         rp_quantize_matrix(q->m.type, data, sc, src, n_rows, K, 0);
         return;
