@@ -6,7 +6,7 @@
 # in their run-time format plus a fixed allowance for the binary, OpenMP,
 # BLAS and the run's buffers, measured here as the tiny model's peak plus
 # 48 MiB of slack. Before streaming with page release the peak was ~2x.
-# The same for --weights-dtype bf16 and int8 (converted while loading);
+# The same for --weights-dtype bf16, int8 and int8row (converted while loading);
 # WEIGHTS_DTYPES="f32" limits the run to one format.
 # Run by `make check` (env: top_srcdir, top_builddir, MPIRUN).
 set -u
@@ -54,7 +54,7 @@ with open(path, 'rb') as f:
     hdr = json.loads(f.read(n))
 q = ('att.receptance.weight', 'att.key.weight', 'att.value.weight', 'att.output.weight',
      'ffn.key.weight', 'ffn.value.weight')
-per = {'f32': 4.0, 'bf16': 2.0, 'int8': 1.0 + 2.0 / 32}
+per = {'f32': 4.0, 'bf16': 2.0, 'int8': 1.0 + 2.0 / 32, 'int8row': 1.0}
 total = 0.0
 for name, t in hdr.items():
     if name == '__metadata__': continue
@@ -67,7 +67,7 @@ print(int(total / 1024))
 PY
 }
 
-for fmt in ${WEIGHTS_DTYPES:-f32 bf16 int8}; do
+for fmt in ${WEIGHTS_DTYPES:-f32 bf16 int8 int8row}; do
     args=()
     [ "$fmt" != f32 ] && args=(--weights-dtype "$fmt")
     w=$(weights_kib "$fmt")
