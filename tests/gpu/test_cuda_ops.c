@@ -885,11 +885,13 @@ static void check_shift_mix_ln_backward(twin *t, const shape *sh) {
  * from x, mean, rstd, weight, bias and the rest of prev as xa's token shift.
  * The CPU reference is the stored form: the CPU's layernorm gives xa (and the
  * mean/rstd both sides read), prev is xa shifted by one row with the first
- * rows given. The GPU's prev holds NaN outside the first rows, so a kernel
- * that reads one there fails the comparison. */
+ * rows given. The GPU's prev is the compact form training keeps (backend.h:
+ * [n_seq, C], row s = sequence s's first row) with NaN in the rows past
+ * n_seq, so a kernel that reads prev at a row's own index fails the
+ * comparison. */
 typedef struct {
     tbuf *x, *w, *b, *xa, *mean, *rstd;
-    tbuf *prev; /* CPU: the full token shift; GPU: first rows only, NaN elsewhere */
+    tbuf *prev; /* CPU: the full token shift; GPU: [n_seq, C] first rows, NaN after */
 } ln_again_bufs;
 
 static void ln_again_make(twin *t, ln_again_bufs *la, const rp_batch *batch, int C) {
@@ -910,7 +912,7 @@ static void ln_again_make(twin *t, ln_again_bufs *la, const rp_batch *batch, int
     memset(first, 0xFF, n * sizeof *first);
     for (int s = 0; s < batch->n_seq; s++) {
         const size_t r0 = (size_t)batch->row_begin[s];
-        memcpy(first + r0 * C, full + r0 * C, (size_t)C * sizeof *first);
+        memcpy(first + (size_t)s * C, full + r0 * C, (size_t)C * sizeof *first);
         for (size_t r = r0 + 1; r < r0 + (size_t)batch->seq_len[s]; r++)
             memcpy(full + r * C, la->xa->cpu + (r - 1) * C, (size_t)C * sizeof *full);
     }
