@@ -822,26 +822,77 @@ static void check_shift_mix_backward(twin *t, const shape *sh) {
     shift_mix_backward_case(t, sh, &sh->step, "step", RP_MIX_TERMS_MAX);
 }
 
+/* "Mixes formed again" (backend.h ln_mix_again_fits, issue 15): training
+ * stores no xa and a prev with only each sequence's first row (the state it
+ * started from); ln_mix_again and shift_mix_ln_backward with xa NULL form xa
+ * from x, mean, rstd, weight, bias and the rest of prev as xa's token shift.
+ * The CPU reference is the stored form: the CPU's layernorm gives xa (and the
+ * mean/rstd both sides read), prev is xa shifted by one row with the first
+ * rows given. The GPU's prev is the compact form training keeps (backend.h:
+ * [n_seq, C], row s = sequence s's first row) with NaN in the rows past
+ * n_seq, so a kernel that reads prev at a row's own index fails the
+ * comparison. compact 0: the stored form on both sides (xa and the full prev
+ * on the GPU too). */
+typedef struct {
+    tbuf *x, *w, *b, *xa, *mean, *rstd;
+    tbuf *prev; /* CPU: the full token shift; GPU: the same, or compact: [n_seq, C] first
+                 * rows, NaN after */
+} ln_again_bufs;
+
+static void ln_again_make(twin *t, ln_again_bufs *la, const rp_batch *batch, int C,
+                          int compact) {
+    const int R = batch->n_rows;
+    const size_t n = (size_t)R * C;
+    la->x = buf_input(t, n, -1.5, 2.5);
+    la->w = buf_input(t, C, 0.5, 1.5);
+    la->b = buf_input(t, C, -0.5, 0.5);
+    la->xa = buf_zero(t, n);
+    la->mean = buf_zero(t, R);
+    la->rstd = buf_zero(t, R);
+    t->cpu->layernorm(t->cpu, la->xa->cpu, la->mean->cpu, la->rstd->cpu, la->x->cpu, la->w->cpu,
+                      la->b->cpu, R, C, LN_EPS);
+    if (!compact) buf_share_cpu(t, la->xa);
+    buf_share_cpu(t, la->mean);
+    buf_share_cpu(t, la->rstd);
+    float *full = xmalloc(n * sizeof *full), *first = xmalloc(n * sizeof *first);
+    fill_uniform(t, full, n, -1, 1); /* the first rows: the states the sequences start from */
+    memset(first, 0xFF, n * sizeof *first);
+    for (int s = 0; s < batch->n_seq; s++) {
+        const size_t r0 = (size_t)batch->row_begin[s];
+        memcpy(first + (size_t)s * C, full + r0 * C, (size_t)C * sizeof *first);
+        for (size_t r = r0 + 1; r < r0 + (size_t)batch->seq_len[s]; r++)
+            memcpy(full + r * C, la->xa->cpu + (r - 1) * C, (size_t)C * sizeof *full);
+    }
+    la->prev = buf_from(t, full, n);
+    if (compact) t->gpu->copy_to_device(t->gpu, la->prev->gpu, first, n * sizeof *first);
+    free(full);
+    free(first);
+}
+
+/* 0 (and a note) when the GPU backend does not form xa again at this shape:
+ * the model stores xa there, so there is nothing to compare. */
+static int ln_again_fits(twin *t, const rp_batch *batch, int C) {
+    if (t->gpu->ln_mix_again_fits(t->gpu, batch, C)) return 1;
+    printf("      (skipped: ln_mix_again_fits refuses R=%d C=%d)\n", batch->n_rows, C);
+    return 0;
+}
+
 /* shift_mix_ln_backward (GPU, fused) against the CPU's shift_mix_backward
  * then layernorm_backward (the ops the model runs without it): dx [R,C] +=,
  * dweight, dbias, the dmu += and the slots' d(state). mean/rstd from the CPU
- * forward of the norm's input. */
+ * forward of the norm's input. again: xa NULL on the GPU (formed again from
+ * x, mean, rstd, weight, bias) and prev in its compact form. */
 static void shift_mix_ln_backward_case(twin *t, const shape *sh, const seq_spec *spec,
-                                       const char *mode, int n_terms) {
+                                       const char *mode, int n_terms, int again) {
     twin_batch tb;
     const rp_batch *batch = batch_make(&tb, spec);
     const int R = batch->n_rows, C = sh->C;
     const size_t n = (size_t)R * C, stride = state_stride(C);
-    label(t, "%s R=%d C=%d seqs=%d terms=%d", mode, R, C, batch->n_seq, n_terms);
-    tbuf *xin = buf_input(t, n, -1.5, 2.5), *w = buf_input(t, C, 0.5, 1.5);
-    tbuf *b = buf_input(t, C, -0.5, 0.5);
-    tbuf *xa = buf_zero(t, n), *mean = buf_zero(t, R), *rstd = buf_zero(t, R);
-    t->cpu->layernorm(t->cpu, xa->cpu, mean->cpu, rstd->cpu, xin->cpu, w->cpu, b->cpu, R, C,
-                      LN_EPS);
-    buf_share_cpu(t, xa);
-    buf_share_cpu(t, mean);
-    buf_share_cpu(t, rstd);
-    tbuf *prev = buf_input(t, n, -1, 1);
+    label(t, "%s R=%d C=%d seqs=%d terms=%d%s", mode, R, C, batch->n_seq, n_terms,
+          again ? " xa NULL" : "");
+    if (again && !ln_again_fits(t, batch, C)) return;
+    ln_again_bufs la;
+    ln_again_make(t, &la, batch, C, again);
     tbuf *dstate = buf_input(t, sh->n_slots * stride, -1, 1);
     tbuf *dxa = buf_output(t, n), *dprev = buf_output(t, n), *dx = buf_accum(t, n, -1, 1);
     tbuf *dw = buf_accum(t, C, -1, 1), *db = buf_accum(t, C, -1, 1);
@@ -855,14 +906,15 @@ static void shift_mix_ln_backward_case(twin *t, const shape *sh, const seq_spec 
         float *ds = at(dstate, g) + state_att_offset(C);
         if (g) {
             be->shift_mix_ln_backward(be, at(dx, g), at(dw, g), at(db, g), at(dxa, g),
-                                      at(dprev, g), d, m, u, n_terms, at(xa, g), at(prev, g), ds,
-                                      stride, at(xin, g), at(mean, g), at(rstd, g), at(w, g), NULL,
+                                      at(dprev, g), d, m, u, n_terms, again ? NULL : at(la.xa, g),
+                                      at(la.prev, g), ds, stride, at(la.x, g), at(la.mean, g),
+                                      at(la.rstd, g), at(la.w, g), again ? at(la.b, g) : NULL,
                                       batch, C);
         } else {
-            be->shift_mix_backward(be, at(dxa, g), at(dprev, g), d, m, u, n_terms, at(xa, g),
-                                   at(prev, g), ds, stride, batch, C);
-            be->layernorm_backward(be, at(dx, g), at(dw, g), at(db, g), at(dxa, g), at(xin, g),
-                                   at(mean, g), at(rstd, g), at(w, g), R, C);
+            be->shift_mix_backward(be, at(dxa, g), at(dprev, g), d, m, u, n_terms, at(la.xa, g),
+                                   at(la.prev, g), ds, stride, batch, C);
+            be->layernorm_backward(be, at(dx, g), at(dw, g), at(db, g), at(dxa, g), at(la.x, g),
+                                   at(la.mean, g), at(la.rstd, g), at(la.w, g), R, C);
         }
     }
     compare(t, "dx", dx);
@@ -873,61 +925,10 @@ static void shift_mix_ln_backward_case(twin *t, const shape *sh, const seq_spec 
 }
 
 static void check_shift_mix_ln_backward(twin *t, const shape *sh) {
-    shift_mix_ln_backward_case(t, sh, &sh->prefill, "seq", RP_MIX_TERMS_MAX);
-    shift_mix_ln_backward_case(t, sh, &sh->prefill, "seq", 1);
-    shift_mix_ln_backward_case(t, sh, &sh->cont, "cont", 6);
-    shift_mix_ln_backward_case(t, sh, &sh->step, "step", RP_MIX_TERMS_MAX);
-}
-
-/* "Mixes formed again" (backend.h ln_mix_again_fits, issue 15): training
- * stores no xa and a prev with only each sequence's first row (the state it
- * started from); ln_mix_again and shift_mix_ln_backward with xa NULL form xa
- * from x, mean, rstd, weight, bias and the rest of prev as xa's token shift.
- * The CPU reference is the stored form: the CPU's layernorm gives xa (and the
- * mean/rstd both sides read), prev is xa shifted by one row with the first
- * rows given. The GPU's prev is the compact form training keeps (backend.h:
- * [n_seq, C], row s = sequence s's first row) with NaN in the rows past
- * n_seq, so a kernel that reads prev at a row's own index fails the
- * comparison. */
-typedef struct {
-    tbuf *x, *w, *b, *xa, *mean, *rstd;
-    tbuf *prev; /* CPU: the full token shift; GPU: [n_seq, C] first rows, NaN after */
-} ln_again_bufs;
-
-static void ln_again_make(twin *t, ln_again_bufs *la, const rp_batch *batch, int C) {
-    const int R = batch->n_rows;
-    const size_t n = (size_t)R * C;
-    la->x = buf_input(t, n, -1.5, 2.5);
-    la->w = buf_input(t, C, 0.5, 1.5);
-    la->b = buf_input(t, C, -0.5, 0.5);
-    la->xa = buf_zero(t, n);
-    la->mean = buf_zero(t, R);
-    la->rstd = buf_zero(t, R);
-    t->cpu->layernorm(t->cpu, la->xa->cpu, la->mean->cpu, la->rstd->cpu, la->x->cpu, la->w->cpu,
-                      la->b->cpu, R, C, LN_EPS);
-    buf_share_cpu(t, la->mean);
-    buf_share_cpu(t, la->rstd);
-    float *full = xmalloc(n * sizeof *full), *first = xmalloc(n * sizeof *first);
-    fill_uniform(t, full, n, -1, 1); /* the first rows: the states the sequences start from */
-    memset(first, 0xFF, n * sizeof *first);
-    for (int s = 0; s < batch->n_seq; s++) {
-        const size_t r0 = (size_t)batch->row_begin[s];
-        memcpy(first + (size_t)s * C, full + r0 * C, (size_t)C * sizeof *first);
-        for (size_t r = r0 + 1; r < r0 + (size_t)batch->seq_len[s]; r++)
-            memcpy(full + r * C, la->xa->cpu + (r - 1) * C, (size_t)C * sizeof *full);
-    }
-    la->prev = buf_from(t, full, n);
-    t->gpu->copy_to_device(t->gpu, la->prev->gpu, first, n * sizeof *first);
-    free(full);
-    free(first);
-}
-
-/* 0 (and a note) when the GPU backend does not form xa again at this shape:
- * the model stores xa there, so there is nothing to compare. */
-static int ln_again_fits(twin *t, const rp_batch *batch, int C) {
-    if (t->gpu->ln_mix_again_fits(t->gpu, batch, C)) return 1;
-    printf("      (skipped: ln_mix_again_fits refuses R=%d C=%d)\n", batch->n_rows, C);
-    return 0;
+    shift_mix_ln_backward_case(t, sh, &sh->prefill, "seq", RP_MIX_TERMS_MAX, 0);
+    shift_mix_ln_backward_case(t, sh, &sh->prefill, "seq", 1, 0);
+    shift_mix_ln_backward_case(t, sh, &sh->cont, "cont", 6, 0);
+    shift_mix_ln_backward_case(t, sh, &sh->step, "step", RP_MIX_TERMS_MAX, 0);
 }
 
 /* ln_mix_again (GPU) against the CPU's shift_mix of the stored xa and prev. */
@@ -940,7 +941,7 @@ static void ln_mix_again_case(twin *t, const shape *sh, const seq_spec *spec, co
     label(t, "%s R=%d C=%d seqs=%d mixes=%d", mode, R, C, batch->n_seq, n_mix);
     if (!ln_again_fits(t, batch, C)) return;
     ln_again_bufs la;
-    ln_again_make(t, &la, batch, C);
+    ln_again_make(t, &la, batch, C, 1);
     tbuf *mu[RP_MIX_MAX], *mix[RP_MIX_MAX];
     for (int i = 0; i < n_mix; i++) {
         mu[i] = buf_input(t, C, 0, 1);
@@ -972,50 +973,10 @@ static void check_ln_mix_again(twin *t, const shape *sh) {
 
 /* shift_mix_ln_backward with xa NULL (GPU) against the CPU's
  * shift_mix_backward on the stored xa and prev, then layernorm_backward. */
-static void shift_mix_ln_backward_again_case(twin *t, const shape *sh, const seq_spec *spec,
-                                             const char *mode, int n_terms) {
-    twin_batch tb;
-    const rp_batch *batch = batch_make(&tb, spec);
-    const int R = batch->n_rows, C = sh->C;
-    const size_t n = (size_t)R * C, stride = state_stride(C);
-    label(t, "%s R=%d C=%d seqs=%d terms=%d xa NULL", mode, R, C, batch->n_seq, n_terms);
-    if (!ln_again_fits(t, batch, C)) return;
-    ln_again_bufs la;
-    ln_again_make(t, &la, batch, C);
-    tbuf *dstate = buf_input(t, sh->n_slots * stride, -1, 1);
-    tbuf *dxa = buf_output(t, n), *dprev = buf_output(t, n), *dx = buf_accum(t, n, -1, 1);
-    tbuf *dw = buf_accum(t, C, -1, 1), *db = buf_accum(t, C, -1, 1);
-    mix_term_bufs mt;
-    mix_terms_make(t, &mt, n_terms, n, C);
-    for (int g = 0; g < 2; g++) {
-        rp_backend *be = side(t, g);
-        float *d[RP_MIX_TERMS_MAX];
-        const float *m[RP_MIX_TERMS_MAX], *u[RP_MIX_TERMS_MAX];
-        mix_terms_side(&mt, g, d, m, u);
-        float *ds = at(dstate, g) + state_att_offset(C);
-        if (g) {
-            be->shift_mix_ln_backward(be, at(dx, g), at(dw, g), at(db, g), at(dxa, g),
-                                      at(dprev, g), d, m, u, n_terms, NULL, at(la.prev, g), ds,
-                                      stride, at(la.x, g), at(la.mean, g), at(la.rstd, g),
-                                      at(la.w, g), at(la.b, g), batch, C);
-        } else {
-            be->shift_mix_backward(be, at(dxa, g), at(dprev, g), d, m, u, n_terms, at(la.xa, g),
-                                   at(la.prev, g), ds, stride, batch, C);
-            be->layernorm_backward(be, at(dx, g), at(dw, g), at(db, g), at(dxa, g), at(la.x, g),
-                                   at(la.mean, g), at(la.rstd, g), at(la.w, g), R, C);
-        }
-    }
-    compare(t, "dx", dx);
-    compare(t, "dweight", dw);
-    compare(t, "dbias", db);
-    compare(t, "dstate", dstate);
-    mix_terms_compare(t, &mt);
-}
-
 static void check_shift_mix_ln_backward_again(twin *t, const shape *sh) {
-    shift_mix_ln_backward_again_case(t, sh, &sh->prefill, "seq", RP_MIX_TERMS_MAX);
-    shift_mix_ln_backward_again_case(t, sh, &sh->prefill, "seq", 3);
-    shift_mix_ln_backward_again_case(t, sh, &sh->cont, "cont", 6);
+    shift_mix_ln_backward_case(t, sh, &sh->prefill, "seq", RP_MIX_TERMS_MAX, 1);
+    shift_mix_ln_backward_case(t, sh, &sh->prefill, "seq", 3, 1);
+    shift_mix_ln_backward_case(t, sh, &sh->cont, "cont", 6, 1);
 }
 
 /* The activations as the model uses them: after a C-wide bias, on a LoRA
