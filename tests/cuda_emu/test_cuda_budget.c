@@ -752,6 +752,21 @@ static unsigned long long gn_mode_workspace(fixture *f) {
     return counter(device_bytes) - before;
 }
 
+/* A training step of one sequence of `rows` tokens (<= MAX_ROWS) on f's
+ * workspace must be refused with RP_ERR_ARG (a workspace that no longer
+ * matches the backend's entries), before any op runs. */
+static void assert_step_refused(fixture *f, int rows) {
+    int seq_len[1] = {rows}, slot[1] = {0}, row_begin[1];
+    int32_t inputs[MAX_ROWS] = {0}, targets[MAX_ROWS] = {0};
+    rp_batch b;
+    rp_batch_init(&b, 1, seq_len, slot, row_begin);
+    rp_error err;
+    assert_int_equal(rp_model_train_step(&f->model, &f->grads, &f->tw, inputs, targets, &b,
+                                         &f->state, NULL, 0.25f, 0.0f, NULL, NULL, &err),
+                     RP_ERR_ARG);
+    fprintf(stderr, "refused: %s\n", err.msg);
+}
+
 /* A workspace allocated with the fused groupnorm + bonus/gate has no o_gn /
  * d_gn: a step on a backend whose entries were switched off since refuses
  * (RP_ERR_ARG) instead of running ops on missing buffers. */
@@ -760,16 +775,9 @@ static void test_gn_fused_workspace_refused(void **s) {
     const rp_backend keep = *f->be;
     assert_true(f->tw.gn_fused);
     f->be->groupnorm_bonus_gate_backward = NULL;
-    int seq_len[1] = {4}, slot[1] = {0}, row_begin[1];
-    int32_t inputs[4] = {1, 2, 3, 4}, targets[4] = {2, 3, 4, 5};
-    rp_batch b;
-    rp_batch_init(&b, 1, seq_len, slot, row_begin);
-    rp_error err;
-    assert_int_equal(rp_model_train_step(&f->model, &f->grads, &f->tw, inputs, targets, &b,
-                                         &f->state, NULL, 0.25f, 0.0f, NULL, NULL, &err),
-                     RP_ERR_ARG);
-    fprintf(stderr, "refused: %s\n", err.msg);
+    assert_step_refused(f, 4);
     f->be->groupnorm_bonus_gate_backward = keep.groupnorm_bonus_gate_backward;
+    rp_error err;
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
 }
 
@@ -809,16 +817,9 @@ static void test_mix_again_workspace_bytes(void **s) {
     train_step(f, 2, CUDA_LN_STORED_ROWS / 2, 3);
     train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 4); /* formed again */
     f->be->ln_mix_again_fits = NULL;
-    int seq_len[1] = {MAX_ROWS}, slot[1] = {0}, row_begin[1];
-    int32_t inputs[MAX_ROWS] = {0}, targets[MAX_ROWS] = {0};
-    rp_batch b;
-    rp_batch_init(&b, 1, seq_len, slot, row_begin);
-    rp_error err;
-    assert_int_equal(rp_model_train_step(&f->model, &f->grads, &f->tw, inputs, targets, &b,
-                                         &f->state, NULL, 0.25f, 0.0f, NULL, NULL, &err),
-                     RP_ERR_ARG);
-    fprintf(stderr, "refused: %s\n", err.msg);
+    assert_step_refused(f, MAX_ROWS);
     f->be->ln_mix_again_fits = fits;
+    rp_error err;
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
 }
 
