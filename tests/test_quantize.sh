@@ -145,6 +145,17 @@ for m in tiny_L2_C128_V256_s1 small_L4_C256_V1024_s2; do
             fail "$m $ty: logits error $e > $tol of max |logit|"
         echo "ok: $m $ty: logits max-abs error $e of max |logit| (tolerance $tol)"
     done
+    # int8row's packed 16-row blocks read by the portable and AVX2 kernels
+    # (RP_CPU_ISA forces them: the runtime dispatch an older x86-64 gets).
+    for isa in generic avx2; do
+        RP_CPU_ISA=$isa "$BIN" logits --model "$GOLDEN_DIR/$m.weights.safetensors" \
+            --weights-dtype int8row --tokens "$toks" -o "$T/g.st" 2>"$T/err" ||
+            { cat "$T/err"; fail "$m int8row, RP_CPU_ISA=$isa"; }
+        e=$(logits_error "$T/g.st" "$GOLDEN_DIR/$m.golden.safetensors")
+        "$PYTHON3" -c "import sys; sys.exit(0 if $e <= 0.025 else 1)" ||
+            fail "$m int8row RP_CPU_ISA=$isa: logits error $e > 0.025 of max |logit|"
+        echo "ok: $m int8row, RP_CPU_ISA=$isa: logits max-abs error $e of max |logit| (tolerance 0.025)"
+    done
 done
 
 # generate and eval load the int8 file.
