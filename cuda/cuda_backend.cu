@@ -314,7 +314,10 @@ const __nv_bfloat16 *rp_cuda_act16_find(rp_cuda_ctx *cx, const float *p, size_t 
 void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes) {
     const char *b = (const char *)p, *e = b + bytes;
     for (int i = 0; i < cx->n_inplace;) {
-        const char *ib = (const char *)cx->inplace[i].p, *ie = ib + cx->inplace[i].n * sizeof(float);
+        // a bf16 range holds its n values in its first n x 2 bytes (a buffer
+        // sized for bf16-only storage ends there, store16_promise)
+        const size_t esize = cx->inplace[i].f32 ? sizeof(float) : sizeof(__nv_bfloat16);
+        const char *ib = (const char *)cx->inplace[i].p, *ie = ib + cx->inplace[i].n * esize;
         if (ib < e && b < ie)
             cx->inplace[i] = cx->inplace[--cx->n_inplace];
         else
@@ -359,6 +362,63 @@ void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n, int f32) {
         cx->cap_inplace = cap;
     }
     cx->inplace[cx->n_inplace++] = {p, n, f32};
+}
+
+int rp_cuda_store16_fits(rp_cuda_ctx *cx, const float *p, size_t n, const char *op) {
+    for (int i = 0; i < cx->n_store16; i++) {
+        const rp_cuda_store16 *b = &cx->store16[i];
+        // an access that starts inside the buffer's cap floats (past them
+        // lies the next buffer) and ends past them
+        if (p < b->p || p >= b->p + b->cap || p + n <= b->p + b->cap) continue;
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda %s: an f32 access of %zu floats at offset %td of a training "
+                         "activation sized for bf16-only storage (%zu elements in %zu floats, "
+                         "backend.h store16_promise) would run past its buffer; the bf16 "
+                         "storage was switched off (copies off, rp_cuda_backend_set_act16) or "
+                         "the hint was dropped: reallocate the training workspace",
+                         op, n, p - b->p, b->n, b->cap);
+        return 0;
+    }
+    return 1;
+}
+
+void rp_cuda_store16_drop(rp_cuda_ctx *cx, const void *p, size_t bytes) {
+    const char *lo = (const char *)p, *hi = lo + bytes;
+    for (int i = 0; i < cx->n_store16;) {
+        const char *b = (const char *)cx->store16[i].p;
+        if (b >= lo && b < hi)
+            cx->store16[i] = cx->store16[--cx->n_store16];
+        else
+            i++;
+    }
+}
+
+// backend.h store16_fits: every hinted training activation (FFN hidden,
+// w_raw, kk, y, og) is written bf16 in place above RP_GEMV_MAX_M rows in
+// BF16 math with the copies on; at most RP_GEMV_MAX_M rows it is f32, which
+// fits half a buffer of at least 2 x RP_GEMV_MAX_M rows.
+static int cuda_store16_fits(rp_backend *be, int max_rows) {
+    const rp_cuda_ctx *cx = rp_cuda_of(be);
+    return cx->math == RP_CUDA_MATH_BF16 && !cx->act16_off && max_rows >= 2 * RP_GEMV_MAX_M;
+}
+
+static void cuda_store16_promise(rp_backend *be, const float *p, size_t n, size_t cap) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (cx->n_store16 == cx->cap_store16) {
+        const int grow = cx->cap_store16 ? 2 * cx->cap_store16 : 64;
+        rp_cuda_store16 *g =
+            (rp_cuda_store16 *)realloc(cx->store16, (size_t)grow * sizeof(rp_cuda_store16));
+        if (!g) {  // unrecorded, an overrun could go unrefused: the step is void
+            if (cx->error.code == RP_OK)
+                rp_error_set(&cx->error, RP_ERR_NOMEM,
+                             "cuda: out of host memory recording a bf16-only activation");
+            return;
+        }
+        cx->store16 = g;
+        cx->cap_store16 = grow;
+    }
+    cx->store16[cx->n_store16++] = {p, n, cap};
 }
 
 static void cuda_gemm_only(rp_backend *be, const float *p, size_t n) {
@@ -467,6 +527,7 @@ static void *cuda_alloc(rp_backend *be, size_t bytes) {
         return NULL;
     }
     rp_cuda_act16_forget(cx, p, rounded);  // an old in-place bf16 range at this address
+    rp_cuda_store16_drop(cx, p, rounded);  // an old bf16-only buffer at this address
     if (!alloc_record(cx, p, rounded)) {  // out of host memory: the caller reports NULL
         cudaFree(p);
         return NULL;
@@ -498,7 +559,10 @@ static void cuda_free(rp_backend *be, void *ptr) {
     // choice, and so the conversions a step runs, would depend on where
     // the allocator puts buffers (test_gn_bonus_fused_exact's padded layout).
     const size_t bytes = alloc_forget_record(cx, ptr);
-    if (bytes) rp_cuda_act16_forget(cx, ptr, bytes);
+    if (bytes) {
+        rp_cuda_act16_forget(cx, ptr, bytes);
+        rp_cuda_store16_drop(cx, ptr, bytes);
+    }
     if (!sparse_free(cx, ptr)) RP_CUDA_OK(cx, cudaFree(ptr));
 }
 
@@ -899,6 +963,8 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     be->fill_zero = cuda_fill_zero;
     be->gemm_only = cuda_gemm_only;
     be->wkv_only = cuda_wkv_only;
+    be->store16_fits = cuda_store16_fits;
+    be->store16_promise = cuda_store16_promise;
     be->synchronize = cuda_synchronize;
     be->add = cuda_add;
     be->status = cuda_status;
@@ -927,6 +993,7 @@ static void cuda_destroy(rp_backend *be) {
         free(cx->weights);
         sparse_destroy(cx);
         free(cx->inplace);
+        free(cx->store16);
         free(((rp_cuda_ctx_full *)cx)->allocs);
         if (cx->dec_part) cudaFree(cx->dec_part);
         if (cx->dec_count) cudaFree(cx->dec_count);

@@ -949,6 +949,7 @@ static void launch_bias_act_backward(rp_cuda_ctx *cx, float *dy, const float *y,
 static void bias_act_backward_inplace(rp_cuda_ctx *cx, const rp_cuda_inplace *ip, float *dy,
                                       const float *y, size_t n, int act) {
     const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
+    if (!y16 && !rp_cuda_store16_fits(cx, y, n, "bias_act_backward (y)")) return;
     if (ip->f32) {
         launch_bias_act_backward(cx, dy, y, y16, n, act, nullptr);
         if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, n * sizeof(float)})) return;
@@ -1028,6 +1029,9 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
         // y stored bf16 in place (a GEMM-only output): read as bf16, so
         // act' comes from bf16(y) (docs/gpu.md "Precision")
         const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
+        if ((!y16 && !rp_cuda_store16_fits(cx, y, n, "bias_act_backward (y)")) ||
+            !rp_cuda_store16_fits(cx, dy, n, "bias_act_backward (dy)"))
+            return;
         launch_bias_act_backward(cx, dy, y, y16, n, act, dy16);
         RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, n * sizeof(float)});
         if (dy16) rp_cuda_act16_publish(cx, dy16, dy, n);
@@ -1525,6 +1529,7 @@ static void cuda_groupnorm_bonus_gate_backward(
     __nv_bfloat16 *dg16 = rp_cuda_act16_for_rows(cx, dg, n, R);
     // y in bf16 in place when the WKV7 forward stored it so
     const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
+    if (!y16 && !rp_cuda_store16_fits(cx, y, n, "groupnorm_bonus_gate_backward (y)")) return;
     // A dy that only the WKV7 backward reads (backend.h wkv_only) is written
     // in bf16 in place, no f32 (BF16 math, above GEMV rows, copies on); with
     // the copies off f32 rounded to bf16 after: the same values for WKV7.

@@ -846,6 +846,7 @@ static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, in
         RP_CUDA_LAUNCHED_OUT(cx, "bias_act (bf16)", {NULL, 0});
         return;
     }
+    if (!rp_cuda_store16_fits(cx, y, n, "bias_act")) return;
     if (ip) {
         switch (act) {
         case RP_ACT_NONE: bias_act_launch<RP_ACT_NONE>(cx, y, bias, n, C, NULL); break;
@@ -978,13 +979,15 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
     const int only = rp_cuda_take_wkv_only(cx, kk, n) && cx->math == RP_CUDA_MATH_BF16 &&
                      R > RP_GEMV_MAX_M;
     const int only16 = only && !cx->act16_off;
+    if (!only16 && !rp_cuda_store16_fits(cx, kk, n, "key_prepare")) return;
     if (only16)
         key_prepare_kernel<__nv_bfloat16><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
             (__nv_bfloat16 *)kk, k, k_in, a, k_k, k_a, R, C);
     else
         key_prepare_kernel<float><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
             kk, k, k_in, a, k_k, k_a, R, C);
-    RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, n * sizeof(float)}, {k, n * sizeof(float)});
+    RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, n * (only16 ? sizeof(__nv_bfloat16) : sizeof(float))},
+                         {k, n * sizeof(float)});
     if (only16)
         rp_cuda_inplace_add(cx, kk, n);
     else if (only)
@@ -1050,10 +1053,12 @@ static void cuda_bonus_gate_to(rp_backend *be, float *out, const float *o, const
                        R > RP_GEMV_MAX_M && !cx->act16_off;
     if (R <= 0 || N <= 0 || C < N) return;
     const size_t groups = (size_t)R * (C / N);
+    if (!only16 && !rp_cuda_store16_fits(cx, out, n, "bonus_gate_to")) return;
     __nv_bfloat16 *out16 = only16 ? (__nv_bfloat16 *)out : rp_cuda_act16_for_rows(cx, out, n, R);
     bonus_gate_kernel<<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
         only16 ? NULL : out, o, r, k, v, r_k, g, R, C, N, out16);
-    RP_CUDA_LAUNCHED_OUT(cx, "bonus_gate", {out, n * sizeof(float)});
+    RP_CUDA_LAUNCHED_OUT(cx, "bonus_gate",
+                         {out, n * (only16 ? sizeof(__nv_bfloat16) : sizeof(float))});
     if (only16)
         rp_cuda_inplace_add(cx, out, n);
     else if (out16)
@@ -1121,6 +1126,9 @@ static void cuda_groupnorm_bonus_gate(rp_backend *be, float *out, float *mean, f
     float *out32 = only16 ? NULL : out;
     // y in bf16 in place when the WKV7 forward stored it so
     const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
+    if ((!only16 && !rp_cuda_store16_fits(cx, out, n, "groupnorm_bonus_gate")) ||
+        (!y16 && !rp_cuda_store16_fits(cx, y, n, "groupnorm_bonus_gate (y)")))
+        return;
     if (y16)
         groupnorm_bonus_gate_kernel<__nv_bfloat16><<<warp_blocks(groups), EW_THREADS, 0,
                                                      cx->stream>>>(
@@ -1128,7 +1136,8 @@ static void cuda_groupnorm_bonus_gate(rp_backend *be, float *out, float *mean, f
     else
         groupnorm_bonus_gate_kernel<float><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
             out32, out16, mean, rstd, y, weight, bias, r, k, v, r_k, g, R, C, N, eps);
-    RP_CUDA_LAUNCHED_OUT(cx, "groupnorm_bonus_gate", {out, n * sizeof(float)},
+    RP_CUDA_LAUNCHED_OUT(cx, "groupnorm_bonus_gate",
+                         {out, n * (only16 ? sizeof(__nv_bfloat16) : sizeof(float))},
                          {mean, groups * sizeof(float)}, {rstd, groups * sizeof(float)});
     if (only16)
         rp_cuda_inplace_add(cx, out, n);

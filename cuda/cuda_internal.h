@@ -94,6 +94,13 @@ struct rp_cuda_act16 {
     int sole;  // 1: p's f32 memory does not hold the values (rp_cuda_act16_publish_sole)
 };
 
+// A training activation sized for bf16-only storage (backend.h
+// store16_promise): n elements in cap floats.
+struct rp_cuda_store16 {
+    const float *p;
+    size_t n, cap;
+};
+
 struct rp_cuda_ctx {
     int device;
     rp_cuda_math math;
@@ -130,6 +137,11 @@ struct rp_cuda_ctx {
     size_t wkv_only_n;
     struct rp_cuda_inplace *inplace;
     int n_inplace, cap_inplace;
+    // Buffers the training workspace sized for bf16-only storage (backend.h
+    // store16_promise): p [n elements] holds cap floats; an f32 access past
+    // p + cap is refused (rp_cuda_store16_fits).
+    struct rp_cuda_store16 *store16;
+    int n_store16, cap_store16;
     float *dec_part;            // gemv_group split-K partial sums (cuda_decode.cu)
     unsigned *dec_count;        // and its tile counters; NULL until used
     // Decode rows (backend.h set_decode_rows; cuda_decode.cu): the matmuls
@@ -312,6 +324,13 @@ const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_
 // p [n] now holds its bf16 values in place (as of the GEMM just queued);
 // f32: it holds them as rounded f32 values instead.
 void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n, int f32 = 0);
+// 1 unless an f32 access of [p, p + n) starts inside the cap floats of a
+// bf16-only buffer (backend.h store16_promise) and runs past them; else 0 and a
+// sticky error naming op: the caller launches nothing (an f32 write there
+// would overrun the half-sized buffer).
+int rp_cuda_store16_fits(rp_cuda_ctx *cx, const float *p, size_t n, const char *op);
+// Drops the bf16-only records inside [p, p + bytes) (memory freed or new).
+void rp_cuda_store16_drop(rp_cuda_ctx *cx, const void *p, size_t bytes);
 // The in-place range that is exactly p [n], or NULL.
 static inline const rp_cuda_inplace *rp_cuda_inplace_at(const rp_cuda_ctx *cx, const float *p,
                                                         size_t n) {

@@ -32,6 +32,7 @@ static const __nv_bfloat16 *bf16_operand(rp_cuda_ctx *cx, const float *X, size_t
                          n);
         return NULL;
     }
+    if (!rp_cuda_store16_fits(cx, X, n, "GEMM operand")) return NULL;
     __nv_bfloat16 *t = rp_cuda_act16_claim(cx, X, n, keep);
     if (!t) return NULL;
     rp_cuda_to_bf16(cx, t, X, n);
@@ -65,6 +66,12 @@ static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, in
                  const float *A, int lda, size_t a_elems, const float *B, int ldb, size_t b_elems,
                  float beta, float *C, int ldc, int c16 = 0) {
     const float alpha = 1.0f;
+    // f32 C (every path but the bf16 in-place one) may not overrun a
+    // half-sized bf16-only buffer
+    const int c16_inplace = cx->math == RP_CUDA_MATH_BF16 && c16 && beta == 0.0f && ldc == m &&
+                            !cx->act16_off;
+    if (!c16_inplace && !rp_cuda_store16_fits(cx, C, (size_t)(n - 1) * ldc + m, "GEMM output"))
+        return;
     if (cx->math == RP_CUDA_MATH_FP32) {
         RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, B,
                                       CUDA_R_32F, ldb, &beta, C, CUDA_R_32F, ldc,
@@ -79,7 +86,7 @@ static void gemm(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, in
         RP_CUBLAS_OK(cx, cublasGemmEx(cx->cublas, ta, tb, m, n, k, &alpha, a16, CUDA_R_16BF, lda,
                                       b16, CUDA_R_16BF, ldb, &beta, C, CUDA_R_16BF, ldc,
                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        rp_cuda_act16_forget(cx, C, (size_t)m * n * sizeof(float));
+        rp_cuda_act16_forget(cx, C, (size_t)m * n * sizeof(__nv_bfloat16));  // what it wrote
         rp_cuda_inplace_add(cx, C, (size_t)m * n);
         return;
     }
@@ -201,6 +208,9 @@ __global__ void __launch_bounds__(256) gemv_in_out_kernel(float *y, const float 
 // The decode path of the two forward GEMM ops; in_out: W [K,N] (LoRA), else W [N,K].
 static void gemv(rp_cuda_ctx *cx, int in_out, float *y, const float *x, const float *w, int M,
                  int N, int K, float beta) {
+    if (!rp_cuda_store16_fits(cx, y, (size_t)M * N, "GEMV output") ||
+        !rp_cuda_store16_fits(cx, x, (size_t)M * K, "GEMV input"))
+        return;
     const __nv_bfloat16 *w16 = rp_cuda_weight_shadow(cx, w, (size_t)N * K);
     cudaLaunchAttribute attr[1];
     // A launch error is also the last error, which RP_CUDA_LAUNCHED records.

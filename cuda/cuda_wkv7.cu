@@ -1576,6 +1576,11 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
                      cx->math == RP_CUDA_MATH_BF16 && batch->n_rows > RP_GEMV_MAX_M;
     const int y16 = only && !cx->act16_off && (all16 || kk16);
     __nv_bfloat16 *yb = (__nv_bfloat16 *)y;
+    if (!y16 && n > 0 && !rp_cuda_store16_fits(cx, y, n, op)) return;
+    // f32 kk / w_raw are read whole: not past a bf16-only buffer either
+    if (n > 0 && !all16 && ((!kk16 && !rp_cuda_store16_fits(cx, kk, n, op)) ||
+                            (!w16 && !rp_cuda_store16_fits(cx, w_raw, n, op))))
+        return;
     if (all16 && y16)
         wkv_forward_launch<TRAIN>(cx, op, yb, in16[0], in16[1], in16[2], in16[3], in16[4],
                                   in16[5], state_base, state_stride, checkpoints, batch, C, N);
@@ -1595,7 +1600,7 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
                                   checkpoints, batch, C, N);
     // the kernel wrote y (plain RP_CUDA_LAUNCHED): no earlier record of it
     // may stand, in place or copy (an earlier step's bf16 y among them)
-    if (n > 0) rp_cuda_act16_forget(cx, y, n * sizeof(float));
+    if (n > 0) rp_cuda_act16_forget(cx, y, n * (y16 ? sizeof(__nv_bfloat16) : sizeof(float)));
     if (!only) return;
     if (y16)
         rp_cuda_inplace_add(cx, y, n);
@@ -1675,6 +1680,10 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     const __nv_bfloat16 *w16 = n > 0 ? rp_cuda_inplace_find(cx, w_raw, n) : nullptr;
     const bool all16 = n > 0 && wkv_find16(cx, in, in16, 7, n);
     if (!all16 && !wkv_only_pair(cx, "wkv7_backward", kk16, w16)) return;
+    // f32 kk / w_raw are read whole: not past a bf16-only buffer
+    if (n > 0 && !all16 && ((!kk16 && !rp_cuda_store16_fits(cx, kk, n, "wkv7_backward")) ||
+                            (!w16 && !rp_cuda_store16_fits(cx, w_raw, n, "wkv7_backward"))))
+        return;
     // dy in bf16 in place: groupnorm_bonus_gate_backward wrote it so under
     // the model's wkv_only hint (this op alone reads it). Training hints kk,
     // dkk and dy under the same conditions, so only that set gets its own

@@ -589,6 +589,20 @@ struct rp_backend {
      * wkv7_forward_train, wkv7 backward or groupnorm_bonus_gate_backward
      * consumes the hint whether it uses it or not. */
     void (*wkv_only)(rp_backend *be, const float *p, size_t n);
+    /* ---- bf16-only training activations, promised at allocation (optional;
+     * NULL: every saved activation gets an fp32 buffer; issue 15) ----
+     * store16_fits(be, max_rows): 1 when, for every batch of up to max_rows
+     * rows, the backend keeps each saved activation that the model hints
+     * (gemm_only / wkv_only: the FFN hidden, w_raw, kk, WKV7's y, og) in bf16
+     * only whenever the batch has more than max_rows / 2 rows, and writes
+     * the f32 of smaller batches only: so its buffer needs max_rows x cols / 2
+     * floats. store16_promise(be, p, n, cap): p [n elements] got cap floats
+     * (cap >= n / 2) on that promise; the backend refuses (sticky error,
+     * nothing written) any f32 write or read of it past p + cap, e.g. after
+     * its bf16 storage was switched off. The record ends when the memory is
+     * freed. */
+    int (*store16_fits)(rp_backend *be, int max_rows);
+    void (*store16_promise)(rp_backend *be, const float *p, size_t n, size_t cap);
     /* ---- out-of-place value residual / key prepare (optional; NULL: copy +
      * the in-place op; issue 15) ----
      * value_residual_from(be, v, v_in, v_first, nu, R, C) is copy(v, v_in) +

@@ -66,18 +66,62 @@ static void ln_rows_for(rp_backend *be, int C, int max_rows, int max_seqs, int *
     *prev_rows = k > max_seqs ? k : max_seqs;
 }
 
+/* The saved activations a backend may keep in bf16 only (backend.h
+ * store16_fits): exactly those the model hints gemm_only / wkv_only in a
+ * training forward (forward.c) on this backend, so that each is written and
+ * read only as bf16 above max_rows / 2 rows. */
+enum {
+    RP_STORE16_FFN_HIDDEN = 1u << 0, /* gemm_only before the FFN key GEMM */
+    RP_STORE16_W_RAW = 1u << 1,      /* gemm_only before the w LoRA's up GEMM (with kk) */
+    RP_STORE16_KK = 1u << 2,         /* wkv_only before key_prepare */
+    RP_STORE16_Y = 1u << 3,          /* wkv_only before wkv7_forward_train (fused groupnorm) */
+    RP_STORE16_OG = 1u << 4          /* gemm_only before groupnorm_bonus_gate / bonus_gate_to */
+};
+
+static unsigned store16_for(rp_backend *be, int max_rows) {
+    if (!be->store16_fits || !be->store16_promise || !be->store16_fits(be, max_rows)) return 0;
+    unsigned s = 0;
+    if (be->gemm_only) s |= RP_STORE16_FFN_HIDDEN;
+    if (be->gemm_only && be->wkv_only) s |= RP_STORE16_W_RAW;
+    if (be->wkv_only) s |= RP_STORE16_KK;
+    if (fused_gn(be) && be->wkv_only) s |= RP_STORE16_Y;
+    if (be->gemm_only && (be->groupnorm_bonus_gate || be->bonus_gate_to)) s |= RP_STORE16_OG;
+    return s;
+}
+
+/* Floats a buffer of n values gets: n / 2 (rounded up) when stored bf16 only. */
+static size_t store16_floats(size_t n, int half) { return half ? (n + 1) / 2 : n; }
+
+/* The per-layer [R,C] buffers that may be bf16 only, with their bits. */
+static unsigned store16_bit(const rp_layer_activations *a, float **slot) {
+    if (slot == &a->w_raw) return RP_STORE16_W_RAW;
+    if (slot == &a->kk) return RP_STORE16_KK;
+    if (slot == &a->y) return RP_STORE16_Y;
+    if (slot == &a->og) return RP_STORE16_OG;
+    return 0;
+}
+
+static int bit_count(unsigned s) {
+    int n = 0;
+    for (; s; s &= s - 1) n++;
+    return n;
+}
+
 static size_t layer_activation_floats(const rp_config *c, size_t R, size_t blocks, int gn_fused,
-                                      size_t ln_rows, size_t prev_rows) {
+                                      size_t ln_rows, size_t prev_rows, unsigned store16) {
     size_t C = c->n_embd, H = c->n_head, pad = 16;
-    return (size_t)(16 - gn_fused) * (R * C + pad) + 2 * (ln_rows * C + pad) +
+    const int n16 = bit_count(store16 & ~(unsigned)RP_STORE16_FFN_HIDDEN);
+    return (size_t)(16 - gn_fused - n16) * (R * C + pad) +
+           (size_t)n16 * (store16_floats(R * C, 1) + pad) + 2 * (ln_rows * C + pad) +
            2 * (prev_rows * C + pad) + 4 * (R + pad) + 2 * (R * H + pad) +
            R * (size_t)(c->d_decay + c->d_iclr + c->d_gate + c->d_value) + 4 * pad +
-           R * (size_t)c->dim_ffn + pad + blocks * H * 64 * 64 + pad;
+           store16_floats(R * (size_t)c->dim_ffn, (store16 & RP_STORE16_FFN_HIDDEN) != 0) + pad +
+           blocks * H * 64 * 64 + pad;
 }
 
 static void bind_layer_activations(rp_layer_activations *a, float *base, const rp_config *c,
                                    size_t R, size_t blocks, int gn_fused, size_t ln_rows,
-                                   size_t prev_rows) {
+                                   size_t prev_rows, unsigned store16) {
     size_t C = c->n_embd, H = c->n_head;
     float *p = base;
     float **rc[] = {&a->x_in, &a->xa,   &a->prev_att, &a->r,     &a->k_pre, &a->k,  &a->v_pre,
@@ -87,7 +131,8 @@ static void bind_layer_activations(rp_layer_activations *a, float *base, const r
         size_t rows = R;
         if (rc[i] == &a->xa || rc[i] == &a->xf) rows = ln_rows;
         if (rc[i] == &a->prev_att || rc[i] == &a->prev_ffn) rows = prev_rows;
-        *rc[i] = rows ? carve(&p, rows * C) : NULL;
+        *rc[i] = rows ? carve(&p, store16_floats(rows * C, (store16 & store16_bit(a, rc[i])) != 0))
+                      : NULL;
     }
     a->o_gn = gn_fused ? NULL : carve(&p, R * C);
     a->ln1_mean = carve(&p, R);
@@ -100,7 +145,8 @@ static void bind_layer_activations(rp_layer_activations *a, float *base, const r
     a->a_hidden = carve(&p, R * c->d_iclr);
     a->g_hidden = carve(&p, R * c->d_gate);
     a->nu_hidden = carve(&p, R * c->d_value);
-    a->ffn_hidden = carve(&p, R * c->dim_ffn);
+    a->ffn_hidden = carve(&p, store16_floats(R * c->dim_ffn,
+                                             (store16 & RP_STORE16_FFN_HIDDEN) != 0));
     a->wkv_checkpoints = carve(&p, blocks * H * 64 * 64);
 }
 
@@ -114,13 +160,25 @@ static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m,
     const int gn_fused = fused_gn(m->be);
     ln_rows_for(m->be, m->cfg.n_embd, (int)R, max_seqs, &tw->mix_again, &tw->ln_rows,
                 &tw->prev_rows);
-    const size_t per_layer = layer_activation_floats(&m->cfg, R, blocks, gn_fused,
-                                                     (size_t)tw->ln_rows, (size_t)tw->prev_rows);
+    tw->store16 = store16_for(m->be, (int)R);
+    const size_t per_layer =
+        layer_activation_floats(&m->cfg, R, blocks, gn_fused, (size_t)tw->ln_rows,
+                                (size_t)tw->prev_rows, tw->store16);
     for (int i = 0; i < n_layers; i++) {
         tw->layer_blocks[i] = m->be->alloc(m->be, per_layer * sizeof(float));
         if (!tw->layer_blocks[i]) return 0;
-        bind_layer_activations(&tw->layers[i], tw->layer_blocks[i], &m->cfg, R, blocks, gn_fused,
-                               (size_t)tw->ln_rows, (size_t)tw->prev_rows);
+        rp_layer_activations *a = &tw->layers[i];
+        bind_layer_activations(a, tw->layer_blocks[i], &m->cfg, R, blocks, gn_fused,
+                               (size_t)tw->ln_rows, (size_t)tw->prev_rows, tw->store16);
+        /* the backend refuses any f32 access past the half-sized buffers */
+        const size_t RC = R * m->cfg.n_embd, RF = R * m->cfg.dim_ffn;
+        float *const half[4] = {a->w_raw, a->kk, a->y, a->og};
+        const unsigned bit[4] = {RP_STORE16_W_RAW, RP_STORE16_KK, RP_STORE16_Y, RP_STORE16_OG};
+        for (int j = 0; j < 4; j++)
+            if (tw->store16 & bit[j])
+                m->be->store16_promise(m->be, half[j], RC, store16_floats(RC, 1));
+        if (tw->store16 & RP_STORE16_FFN_HIDDEN)
+            m->be->store16_promise(m->be, a->ffn_hidden, RF, store16_floats(RF, 1));
     }
     return 1;
 }
@@ -689,6 +747,13 @@ rp_status rp_backward_workspace_check(const rp_backward_workspace *tw, const rp_
                             "the training workspace was allocated for wkv7_backward_beta (no "
                             "tmp_r, tmp_k, tmp_v) but the backend now lacks it: reallocate "
                             "the workspace");
+    if (tw->store16 && (store16_for((rp_backend *)be, tw->max_rows) & tw->store16) != tw->store16)
+        return rp_error_set(err, RP_ERR_ARG,
+                            "the training workspace was allocated with activations stored in "
+                            "bf16 only (half-sized buffers, backend.h store16_fits) but the "
+                            "backend no longer promises that storage for %d rows (bf16 copies "
+                            "switched off?): reallocate the workspace",
+                            tw->max_rows);
     if (tw->mix_again && !mix_again_at((rp_backend *)be, tw->max_rows, tw->n_embd))
         return rp_error_set(err, RP_ERR_ARG,
                             "the training workspace was allocated for the mixes formed again "

@@ -35,6 +35,10 @@ typedef struct {
      * prev_att / prev_ffn prev_rows (those rows, or on the formed-again path
      * each sequence's first row at its sequence index). Else all max_rows. */
     int mix_again, ln_rows, prev_rows, n_embd;
+    /* RP_STORE16_* bits: the saved activations sized for bf16-only storage
+     * (max_rows x cols / 2 floats) on the backend's promise (backend.h
+     * store16_fits); 0: every buffer fp32. */
+    unsigned store16;
     /* backward scratch */
     float *dx, *dv_first, *dprev, *dxa, *dxc, *xc, *dr, *dk, *dv, *dkk, *da, *dw_raw,
         *dg, *dnu, *d_og, *d_gn, *dy, *tmp_r, *tmp_k, *tmp_v, *d_lora, *d_ffn;

@@ -479,6 +479,8 @@ static float *grads_to_host(fixture *f, size_t *n) {
     return h;
 }
 
+static unsigned long long gn_mode_workspace(fixture *f);
+
 /* The bf16 activation copies (producer kernels' second outputs, conversions
  * shared by GEMMs) hand the GEMMs the very bits that each GEMM's own
  * conversion gave before: a training step's gradients match bit for bit with
@@ -495,6 +497,7 @@ static void test_act16_exact(void **s) {
         size_t n = 0;
         for (int on = 0; on < 2; on++) {
             rp_cuda_backend_set_act16(f->be, on);
+            gn_mode_workspace(f);  /* copies off: fp32 buffers, no bf16-only ones */
             rp_model_zero(&f->grads);
             train_step(f, n_seq, lens[i], 3);
             side[on] = grads_to_host(f, &n);
@@ -510,9 +513,8 @@ static void test_act16_exact(void **s) {
     }
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
     rp_cuda_backend_set_act16(f->be, 1);
+    gn_mode_workspace(f);
 }
-
-static unsigned long long gn_mode_workspace(fixture *f);
 
 /* groupnorm_bonus_gate_backward with the pending wkv_only hint dropped
  * first: its dy stays f32 (the switch for test_wkv_dy16_exact). */
@@ -823,6 +825,72 @@ static void test_mix_again_workspace_bytes(void **s) {
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
 }
 
+/* Floats the workspace takes off a buffer of n values stored bf16 only. */
+static unsigned long long store16_saved(unsigned long long n) { return n - (n + 1) / 2; }
+
+/* backend.h store16_fits / store16_promise: the CUDA backend (BF16 math,
+ * copies on, >= 16 rows) keeps the FFN hidden, w_raw, kk, WKV7's y and og
+ * in bf16 only, so the workspace sizes them at half their fp32 floats:
+ * exactly 4 [R,C] / 2 + [R,F] / 2 floats a layer fewer. Steps of 24 rows
+ * (bf16 storage), 8 and 5 rows (f32 storage in the first half) train on the
+ * smaller workspace with the loss and gradients of the fp32-sized one, bit
+ * for bit. With the copies off (f32 storage) a step is refused by the
+ * workspace check, and the ops run past that check refuse too (sticky
+ * error naming the buffer), writing nothing past the half. */
+static void test_store16_workspace(void **s) {
+    fixture *f = *s;
+    const rp_backend keep = *f->be;
+    const unsigned long long L = (unsigned long long)f->model.cfg.n_layer,
+                             RC = (unsigned long long)MAX_ROWS * f->model.cfg.n_embd,
+                             RF = (unsigned long long)MAX_ROWS * f->model.cfg.dim_ffn;
+    const int shape[3][2] = {{MAX_SEQS, MAX_ROWS / MAX_SEQS}, {1, 8}, {1, 5}};
+    float *g[2][3];
+    double loss[2][3];
+    unsigned long long bytes[2];
+    size_t n = 0;
+    for (int half = 0; half < 2; half++) {
+        f->be->store16_fits = half ? keep.store16_fits : NULL;
+        bytes[half] = gn_mode_workspace(f);
+        assert_int_equal(f->tw.store16, half ? 31u : 0u);
+        for (int i = 0; i < 3; i++) {
+            rp_model_zero(&f->grads);
+            loss[half][i] = train_step(f, shape[i][0], shape[i][1], 11 + i);
+            g[half][i] = grads_to_host(f, &n);
+        }
+    }
+    const unsigned long long removed = L * (4 * store16_saved(RC) + store16_saved(RF)) * 4;
+    fprintf(stderr, "store16 workspace: %llu bytes fp32-sized, %llu bf16-only (%llu fewer, "
+            "expected %llu)\n", bytes[0], bytes[1], bytes[0] - bytes[1], removed);
+    assert_int_equal(bytes[0] - bytes[1], removed);
+    for (int i = 0; i < 3; i++) {
+        size_t nonzero;
+        const size_t diff = count_differ(g[0][i], g[1][i], n, &nonzero);
+        fprintf(stderr, "store16 %d x %d rows: loss %.9g / %.9g, %zu nonzero, %zu differ\n",
+                shape[i][0], shape[i][1], loss[0][i], loss[1][i], nonzero, diff);
+        assert_true(loss[0][i] == loss[1][i]);
+        assert_true(nonzero > 1000);
+        assert_int_equal(diff, 0);
+        free(g[0][i]);
+        free(g[1][i]);
+    }
+    rp_error err;
+    assert_int_equal(f->be->status(f->be, &err), RP_OK);
+    /* copies off: kk, y, og, w_raw and the FFN hidden would be f32 */
+    rp_cuda_backend_set_act16(f->be, 0);
+    assert_step_refused(f, MAX_ROWS);
+    int seq_len[1] = {MAX_ROWS}, slot[1] = {0}, row_begin[1];
+    int32_t inputs[MAX_ROWS] = {0};
+    rp_batch b;
+    rp_batch_init(&b, 1, seq_len, slot, row_begin);
+    assert_int_equal(rp_backward_embed_forward(&f->model, &f->tw, inputs, &b, &err), RP_OK);
+    rp_backward_block_forward(&f->model, &f->tw, 0, &f->state, &b);
+    f->be->synchronize(f->be);
+    assert_int_equal(f->be->status(f->be, &err), RP_ERR_INTERNAL);
+    fprintf(stderr, "ops refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "bf16-only storage"));
+    rp_cuda_backend_set_act16(f->be, 1);
+}
+
 /* A backend alloc that only adds up sizes (no memory: the pointers are
  * never dereferenced), for the 0.4b byte count below. */
 static unsigned long long counted_bytes;
@@ -833,6 +901,9 @@ static void *counting_alloc(rp_backend *be, size_t bytes) {
     return p;
 }
 static void counting_free(rp_backend *be, void *p) { (void)be, (void)p; }
+static void counting_promise(rp_backend *be, const float *p, size_t n, size_t cap) {
+    (void)be, (void)p, (void)n, (void)cap;
+}
 static rp_status counting_reserve(rp_backend *be, int rows, int seqs, int C, int N,
                                   rp_error *err) {
     (void)be, (void)rows, (void)seqs, (void)C, (void)N, (void)err;
@@ -870,15 +941,19 @@ static void test_workspace_bytes_04b(void **s) {
     f->be->alloc = counting_alloc;
     f->be->free = counting_free;
     f->be->reserve = counting_reserve;
+    f->be->store16_promise = counting_promise;  /* the pointers are not device memory */
     rp_model m;
     counted_bytes = 0;
     assert_int_equal(rp_model_alloc(&m, &c, 0, c.n_layer, 1, 1, f->be, &err), RP_OK);
     const unsigned long long params = counted_bytes / sizeof(float);
     rp_model_free(&m);
     f->be->ln_mix_again_fits = NULL;
+    f->be->store16_fits = NULL;
     const unsigned long long stored = workspace_bytes_04b(f->be, &c);
     f->be->ln_mix_again_fits = keep.ln_mix_again_fits;
     const unsigned long long again = workspace_bytes_04b(f->be, &c);
+    f->be->store16_fits = keep.store16_fits;  /* and og, kk, w_raw, y, FFN hidden bf16 only */
+    const unsigned long long half = workspace_bytes_04b(f->be, &c);
     *f->be = keep;
     const unsigned long long R = 8 * 4096, removed =
         (unsigned long long)c.n_layer * 4 * (R - CUDA_LN_STORED_ROWS) * c.n_embd * sizeof(float);
@@ -891,6 +966,16 @@ static void test_workspace_bytes_04b(void **s) {
             stored / gib, again / gib, (stored - again) / gib, params, state / gib,
             (again + state) / gib, (again + state) / 1e9, (h100 - (double)(again + state)) / 1e9);
     assert_int_equal(stored - again, removed);
+    const unsigned long long RC = R * c.n_embd, RF = R * c.dim_ffn,
+                             removed16 = (unsigned long long)c.n_layer *
+                                         (4 * store16_saved(RC) + store16_saved(RF)) * 4;
+    fprintf(stderr,
+            "0.4b 8 x 4096 workspace, activations bf16 only: %.2f GiB -> %.2f GiB (%.2f GiB "
+            "fewer); total %.2f GiB = %.1f GB of 80 GB (%.1f GB left)\n",
+            again / gib, half / gib, (again - half) / gib, (half + state) / gib,
+            (half + state) / 1e9, (h100 - (double)(half + state)) / 1e9);
+    assert_int_equal(again - half, removed16);
+    assert_true(half + state < h100);
 }
 
 /* groupnorm + bonus/gate fused (backend.h groupnorm_bonus_gate and its
@@ -1112,11 +1197,13 @@ static void test_wkv16_train_precision(void **s) {
         for (int side = 0; side < 3; side++) { /* hint, no hint, FP32 math */
             fixture *x = side == 2 ? ref : f;
             f->be->wkv_only = side == 0 ? hint : NULL;
+            if (side < 2) gn_mode_workspace(f);  /* no hint: kk, y, w_raw fp32-sized */
             rp_model_zero(&x->grads);
             loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
             g[side] = grads_to_host(x, &n);
         }
         f->be->wkv_only = hint;
+        gn_mode_workspace(f);
         const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
         const double cost = rel_l2(g[0], g[1], n);
         fprintf(stderr,
@@ -1869,6 +1956,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_mix_again_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_again_workspace_bytes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_workspace_bytes_04b, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_store16_workspace, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_grads16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_fused_workspace_refused, setup, teardown),
