@@ -550,10 +550,17 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned f) {
 }
 // The stream's queued work still completes; the object stays allocated since
 // queued waits of other streams may name it.
+/* A destroyed stream is kept, not deleted: other streams' queued waits
+ * (stream_op::dep) and events (rp_emu_event::s) may still point at it. Kept
+ * in a list that is never destroyed (a static vector's destructor would run
+ * before LeakSanitizer's exit check and orphan them), one per backend the
+ * process made. */
+static std::vector<rp_emu_stream *> *const g_destroyed_streams = new std::vector<rp_emu_stream *>;
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
     if (!s) return g_last = cudaErrorInvalidValue;
     run_until(s, s->queued);
     g_streams.erase(std::remove(g_streams.begin(), g_streams.end(), s), g_streams.end());
+    g_destroyed_streams->push_back(s);
     return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
