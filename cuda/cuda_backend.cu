@@ -347,19 +347,26 @@ const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_
     return NULL;
 }
 
+// Room for one more of the n records in the host array *a of *cap
+// (doubling, from first); 0 when it cannot grow (nothing changed).
+template <typename T>
+static int grow_records(T **a, int *cap, int n, int first) {
+    if (n < *cap) return 1;
+    const int grown_cap = *cap ? 2 * *cap : first;
+    T *grown = (T *)realloc(*a, (size_t)grown_cap * sizeof(T));
+    if (!grown) return 0;
+    *a = grown;
+    *cap = grown_cap;
+    return 1;
+}
+
 void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n, int f32) {
-    if (cx->n_inplace == cx->cap_inplace) {
-        const int cap = cx->cap_inplace ? 2 * cx->cap_inplace : 16;
-        rp_cuda_inplace *grown =
-            (rp_cuda_inplace *)realloc(cx->inplace, (size_t)cap * sizeof(rp_cuda_inplace));
-        if (!grown) {  // cannot record it: a sticky error, the step's results are void
-            if (cx->error.code == RP_OK)
-                rp_error_set(&cx->error, RP_ERR_NOMEM,
-                             "cuda: out of host memory recording a bf16 GEMM output");
-            return;
-        }
-        cx->inplace = grown;
-        cx->cap_inplace = cap;
+    if (!grow_records(&cx->inplace, &cx->cap_inplace, cx->n_inplace, 16)) {
+        // cannot record it: a sticky error, the step's results are void
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_NOMEM,
+                         "cuda: out of host memory recording a bf16 GEMM output");
+        return;
     }
     cx->inplace[cx->n_inplace++] = {p, n, f32};
 }
@@ -394,6 +401,15 @@ void rp_cuda_store16_drop(rp_cuda_ctx *cx, const void *p, size_t bytes) {
     }
 }
 
+// Memory freed, or newly handed out where a freed buffer was: every record
+// of the range goes (bf16 activation copies, in-place ranges, stale marks,
+// bf16-only sizes), whichever allocator (cuda_alloc, the sparse buffers) it
+// came from.
+static void forget_memory(rp_cuda_ctx *cx, const void *p, size_t bytes) {
+    rp_cuda_act16_forget(cx, p, bytes);
+    rp_cuda_store16_drop(cx, p, bytes);
+}
+
 // backend.h store16_fits: every hinted training activation (FFN hidden,
 // w_raw, kk, y, og) is written bf16 in place above RP_GEMV_MAX_M rows in
 // BF16 math with the copies on; at most RP_GEMV_MAX_M rows it is f32, which
@@ -405,18 +421,12 @@ static int cuda_store16_fits(rp_backend *be, int max_rows) {
 
 static void cuda_store16_promise(rp_backend *be, const float *p, size_t n, size_t cap) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
-    if (cx->n_store16 == cx->cap_store16) {
-        const int grow = cx->cap_store16 ? 2 * cx->cap_store16 : 64;
-        rp_cuda_store16 *g =
-            (rp_cuda_store16 *)realloc(cx->store16, (size_t)grow * sizeof(rp_cuda_store16));
-        if (!g) {  // unrecorded, an overrun could go unrefused: the step is void
-            if (cx->error.code == RP_OK)
-                rp_error_set(&cx->error, RP_ERR_NOMEM,
-                             "cuda: out of host memory recording a bf16-only activation");
-            return;
-        }
-        cx->store16 = g;
-        cx->cap_store16 = grow;
+    if (!grow_records(&cx->store16, &cx->cap_store16, cx->n_store16, 64)) {
+        // unrecorded, an overrun could go unrefused: the step is void
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_NOMEM,
+                         "cuda: out of host memory recording a bf16-only activation");
+        return;
     }
     cx->store16[cx->n_store16++] = {p, n, cap};
 }
@@ -470,16 +480,9 @@ static void cuda_register_weights(rp_backend *be, const float *w, size_t n) {
             rp_cuda_to_bf16(cx, cx->weights[i].shadow, w, n);
             return;
         }
-    if (cx->n_weights == cx->cap_weights) {
-        int cap = cx->cap_weights ? 2 * cx->cap_weights : 64;
-        rp_cuda_weights *grown =
-            (rp_cuda_weights *)realloc(cx->weights, sizeof(rp_cuda_weights) * (size_t)cap);
-        if (!grown) {
-            rp_cuda_record(cx, cudaErrorMemoryAllocation, "register_weights", __FILE__, __LINE__);
-            return;
-        }
-        cx->weights = grown;
-        cx->cap_weights = cap;
+    if (!grow_records(&cx->weights, &cx->cap_weights, cx->n_weights, 64)) {
+        rp_cuda_record(cx, cudaErrorMemoryAllocation, "register_weights", __FILE__, __LINE__);
+        return;
     }
     __nv_bfloat16 *shadow = NULL;
     // Without room for the copy the GEMMs convert the weights per call:
@@ -526,8 +529,7 @@ static void *cuda_alloc(rp_backend *be, size_t bytes) {
         cudaFree(p);
         return NULL;
     }
-    rp_cuda_act16_forget(cx, p, rounded);  // an old in-place bf16 range at this address
-    rp_cuda_store16_drop(cx, p, rounded);  // an old bf16-only buffer at this address
+    forget_memory(cx, p, rounded);  // an old buffer's records at this address
     if (!alloc_record(cx, p, rounded)) {  // out of host memory: the caller reports NULL
         cudaFree(p);
         return NULL;
@@ -559,10 +561,7 @@ static void cuda_free(rp_backend *be, void *ptr) {
     // choice, and so the conversions a step runs, would depend on where
     // the allocator puts buffers (test_gn_bonus_fused_exact's padded layout).
     const size_t bytes = alloc_forget_record(cx, ptr);
-    if (bytes) {
-        rp_cuda_act16_forget(cx, ptr, bytes);
-        rp_cuda_store16_drop(cx, ptr, bytes);
-    }
+    if (bytes) forget_memory(cx, ptr, bytes);
     if (!sparse_free(cx, ptr)) RP_CUDA_OK(cx, cudaFree(ptr));
 }
 
@@ -711,13 +710,7 @@ static upload_slot_extra *upload_extra(rp_cuda_ctx *cx) {
 // 0 when the host array cannot grow (nothing recorded).
 static int alloc_record(rp_cuda_ctx *cx, void *p, size_t bytes) {
     rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)cx;
-    if (f->n_allocs == f->cap_allocs) {
-        const int cap = f->cap_allocs ? 2 * f->cap_allocs : 64;
-        alloc_rec *grown = (alloc_rec *)realloc(f->allocs, (size_t)cap * sizeof(alloc_rec));
-        if (!grown) return 0;
-        f->allocs = grown;
-        f->cap_allocs = cap;
-    }
+    if (!grow_records(&f->allocs, &f->cap_allocs, f->n_allocs, 64)) return 0;
     f->allocs[f->n_allocs++] = {p, bytes};
     return 1;
 }
@@ -767,13 +760,7 @@ static void *cuda_alloc_sparse(rp_backend *be, size_t bytes) {
     rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)rp_cuda_of(be);
     rp_cuda_ctx *cx = &f->cx;
     const size_t page = f->page, n = (bytes ? bytes + page - 1 : page) / page;
-    if (f->n_sparse == f->cap_sparse) {
-        const int cap = f->cap_sparse ? 2 * f->cap_sparse : 64;
-        sparse_buf *grown = (sparse_buf *)realloc(f->sparse, sizeof *grown * (size_t)cap);
-        if (!grown) return NULL;
-        f->sparse = grown;
-        f->cap_sparse = cap;
-    }
+    if (!grow_records(&f->sparse, &f->cap_sparse, f->n_sparse, 64)) return NULL;
     sparse_buf b = {0, n * page, (unsigned char *)calloc(n, 1)};
     if (!b.mapped) return NULL;
     // Out of memory is the caller's to report (NULL), as cuda_alloc's.
@@ -799,7 +786,7 @@ static void *cuda_alloc_sparse(rp_backend *be, size_t bytes) {
         return NULL;
     }
     cx->seq++;  // new memory may sit where a copied activation was
-    rp_cuda_act16_forget(cx, p, b.bytes);
+    forget_memory(cx, p, b.bytes);
     f->sparse[f->n_sparse++] = b;
     return p;
 }
@@ -840,7 +827,7 @@ static int sparse_free(rp_cuda_ctx *cx, void *ptr) {
     rp_cuda_ctx_full *f = (rp_cuda_ctx_full *)cx;
     sparse_buf *b = sparse_find(f, ptr);
     if (!b) return 0;
-    rp_cuda_act16_forget(cx, ptr, b->bytes);  // as cuda_free does for a plain buffer
+    forget_memory(cx, ptr, b->bytes);  // as cuda_free does for a plain buffer
     sparse_drop(f, b);
     *b = f->sparse[--f->n_sparse];
     return 1;
