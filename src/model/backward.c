@@ -172,11 +172,10 @@ static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m,
                                (size_t)tw->ln_rows, (size_t)tw->prev_rows, tw->store16);
         /* the backend refuses any f32 access past the half-sized buffers */
         const size_t RC = R * m->cfg.n_embd, RF = R * m->cfg.dim_ffn;
-        float *const half[4] = {a->w_raw, a->kk, a->y, a->og};
-        const unsigned bit[4] = {RP_STORE16_W_RAW, RP_STORE16_KK, RP_STORE16_Y, RP_STORE16_OG};
+        float **const half[4] = {&a->w_raw, &a->kk, &a->y, &a->og};
         for (int j = 0; j < 4; j++)
-            if (tw->store16 & bit[j])
-                m->be->store16_promise(m->be, half[j], RC, store16_floats(RC, 1));
+            if (tw->store16 & store16_bit(a, half[j]))
+                m->be->store16_promise(m->be, *half[j], RC, store16_floats(RC, 1));
         if (tw->store16 & RP_STORE16_FFN_HIDDEN)
             m->be->store16_promise(m->be, a->ffn_hidden, RF, store16_floats(RF, 1));
     }
