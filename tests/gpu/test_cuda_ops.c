@@ -660,6 +660,32 @@ static void check_lerp_backward(twin *t, const shape *sh) {
     compare(t, "dmu", dmu);
 }
 
+/* The n_mix mixes an op writes and their mu vectors (random in [0, 1]). */
+typedef struct {
+    int n_mix;
+    tbuf *mu[RP_MIX_MAX], *mix[RP_MIX_MAX];
+} mix_bufs;
+
+static void mix_bufs_make(twin *t, mix_bufs *mb, int n_mix, size_t n, int C) {
+    mb->n_mix = n_mix;
+    for (int i = 0; i < n_mix; i++) {
+        mb->mu[i] = buf_input(t, C, 0, 1);
+        mb->mix[i] = buf_output(t, n);
+    }
+}
+
+/* Side g's pointers, as the ops take them. */
+static void mix_bufs_side(const mix_bufs *mb, int g, float **m, const float **u) {
+    for (int i = 0; i < mb->n_mix; i++) {
+        m[i] = at(mb->mix[i], g);
+        u[i] = at(mb->mu[i], g);
+    }
+}
+
+static void mix_bufs_compare(twin *t, const mix_bufs *mb) {
+    for (int i = 0; i < mb->n_mix; i++) compare(t, "mix", mb->mix[i]);
+}
+
 /* shift_mix: token shift (shift 1; else prev is an input) and n_mix lerps */
 static void shift_mix_case(twin *t, const shape *sh, const seq_spec *spec, const char *mode,
                            int n_mix, int shift) {
@@ -672,25 +698,19 @@ static void shift_mix_case(twin *t, const shape *sh, const seq_spec *spec, const
     tbuf *x = buf_input(t, n, -1, 1);
     tbuf *prev = shift ? buf_output(t, n) : buf_input(t, n, -1, 1);
     tbuf *state = buf_input(t, sh->n_slots * stride, -1, 1);
-    tbuf *mu[RP_MIX_MAX], *mix[RP_MIX_MAX];
-    for (int i = 0; i < n_mix; i++) {
-        mu[i] = buf_input(t, C, 0, 1);
-        mix[i] = buf_output(t, n);
-    }
+    mix_bufs mb;
+    mix_bufs_make(t, &mb, n_mix, n, C);
     for (int g = 0; g < 2; g++) {
         float *m[RP_MIX_MAX];
         const float *u[RP_MIX_MAX];
-        for (int i = 0; i < n_mix; i++) {
-            m[i] = at(mix[i], g);
-            u[i] = at(mu[i], g);
-        }
+        mix_bufs_side(&mb, g, m, u);
         side(t, g)->shift_mix(side(t, g), at(prev, g), m, u, n_mix, at(x, g),
                               shift ? at(state, g) + state_att_offset(C) : NULL, stride, batch,
                               C);
     }
     if (shift) compare(t, "prev", prev);
     compare(t, "state", state);
-    for (int i = 0; i < n_mix; i++) compare(t, "mix", mix[i]);
+    mix_bufs_compare(t, &mb);
 }
 
 static void check_shift_mix(twin *t, const shape *sh) {
@@ -715,19 +735,13 @@ static void ln_shift_mix_train_case(twin *t, const shape *sh, const seq_spec *sp
     tbuf *xa = buf_output(t, n), *mean = buf_output(t, R), *rstd = buf_output(t, R);
     tbuf *prev = buf_output(t, n);
     tbuf *state = buf_input(t, sh->n_slots * stride, -1, 1);
-    tbuf *mu[RP_MIX_MAX], *mix[RP_MIX_MAX];
-    for (int i = 0; i < n_mix; i++) {
-        mu[i] = buf_input(t, C, 0, 1);
-        mix[i] = buf_output(t, n);
-    }
+    mix_bufs mb;
+    mix_bufs_make(t, &mb, n_mix, n, C);
     for (int g = 0; g < 2; g++) {
         rp_backend *be = side(t, g);
         float *m[RP_MIX_MAX];
         const float *u[RP_MIX_MAX];
-        for (int i = 0; i < n_mix; i++) {
-            m[i] = at(mix[i], g);
-            u[i] = at(mu[i], g);
-        }
+        mix_bufs_side(&mb, g, m, u);
         float *st = at(state, g) + state_ffn_offset(C);
         if (g) {
             be->ln_shift_mix_train(be, at(xa, g), at(mean, g), at(rstd, g), at(prev, g), m, u,
@@ -744,7 +758,7 @@ static void ln_shift_mix_train_case(twin *t, const shape *sh, const seq_spec *sp
     compare(t, "rstd", rstd);
     compare(t, "prev", prev);
     compare(t, "state", state);
-    for (int i = 0; i < n_mix; i++) compare(t, "mix", mix[i]);
+    mix_bufs_compare(t, &mb);
 }
 
 static void check_ln_shift_mix_train(twin *t, const shape *sh) {
@@ -942,19 +956,13 @@ static void ln_mix_again_case(twin *t, const shape *sh, const seq_spec *spec, co
     if (!ln_again_fits(t, batch, C)) return;
     ln_again_bufs la;
     ln_again_make(t, &la, batch, C, 1);
-    tbuf *mu[RP_MIX_MAX], *mix[RP_MIX_MAX];
-    for (int i = 0; i < n_mix; i++) {
-        mu[i] = buf_input(t, C, 0, 1);
-        mix[i] = buf_output(t, n);
-    }
+    mix_bufs mb;
+    mix_bufs_make(t, &mb, n_mix, n, C);
     for (int g = 0; g < 2; g++) {
         rp_backend *be = side(t, g);
         float *m[RP_MIX_MAX];
         const float *u[RP_MIX_MAX];
-        for (int i = 0; i < n_mix; i++) {
-            m[i] = at(mix[i], g);
-            u[i] = at(mu[i], g);
-        }
+        mix_bufs_side(&mb, g, m, u);
         if (g)
             be->ln_mix_again(be, m, u, n_mix, at(la.prev, g), at(la.x, g), at(la.mean, g),
                              at(la.rstd, g), at(la.w, g), at(la.b, g), batch, C);
@@ -962,7 +970,7 @@ static void ln_mix_again_case(twin *t, const shape *sh, const seq_spec *spec, co
             be->shift_mix(be, at(la.prev, g), m, u, n_mix, at(la.xa, g), NULL, state_stride(C),
                           batch, C);
     }
-    for (int i = 0; i < n_mix; i++) compare(t, "mix", mix[i]);
+    mix_bufs_compare(t, &mb);
 }
 
 static void check_ln_mix_again(twin *t, const shape *sh) {
