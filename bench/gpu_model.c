@@ -587,16 +587,21 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
     for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, R, S, 0);
     /* ln_out: its output is GEMM-only (gemm_only), written in bf16 only */
     ew(l, "layernorm (head input, bf16 out)", 1, R, C, 1 + BF16_OUT, 2, 8);
-    /* The fused head (head_cross_entropy), per row chunk: GEMM into the
-     * chunk's fp32 logits, one loss kernel (softmax statistics, arg-max and
-     * L2Wrap in one pass, the gradient written in bf16 only: the operand
-     * of the two backward GEMMs, no conversion), the two backward GEMMs. The
-     * logits never exist as [R, V]; each chunk still goes through HBM. */
-    const int chunk = rp_head_ce_chunk_rows((int)R, (int)V);
+    /* The fused head (head_cross_entropy), per row chunk of the CUDA
+     * backend's budget (RP_HEAD_CE_CHUNK_FLOATS_CUDA: 4096 rows at V =
+     * 65536): the GEMM writes the chunk's logits in bf16 in place (backend.h
+     * head_logits16), one loss kernel (softmax statistics, arg-max and
+     * L2Wrap in one pass over the bf16 logits, a second pass writing the
+     * bf16 gradient over them: the operand of the two backward GEMMs, no
+     * conversion; the second read of a 128 KiB row is taken from L2, as
+     * before), the two backward GEMMs, whose dW += reads and writes the fp32
+     * [V, C] gradient once per chunk. The logits never exist as [R, V]; each
+     * chunk still goes through HBM. */
+    const int chunk = rp_head_ce_chunk_rows_budget((int)R, (int)V, RP_HEAD_CE_CHUNK_FLOATS_CUDA);
     const double chunks = (double)(((long long)R + chunk - 1) / chunk), Rc = R / chunks;
-    gemm(l, "GEMM head (C -> V, per row chunk)", chunks, Rc, V, C, 1);
-    add(l, "head_cross_entropy loss kernel (+ l2wrap, bf16 dlogits)", chunks, 6.0 * Rc * V,
-        5.0 * Rc * V, 0);
+    gemm_c16(l, "GEMM head (C -> V, per row chunk, bf16 logits)", chunks, Rc, V, C);
+    add(l, "head_cross_entropy loss kernel (bf16 logits in, + l2wrap, bf16 dlogits)", chunks,
+        4.0 * Rc * V, 5.0 * Rc * V, 0);
     gemm_backward(l, "GEMM backward head", chunks, Rc, V, C, 1, 1);
     add(l, "fill_zero (d v_first, once)", 1, 4.0 * R * C, 0, 0);
     for (int layer = c->n_layer - 1; layer >= 0; layer--) layer_backward(l, c, layer, R, S);

@@ -937,6 +937,12 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     }
     be->is_host_memory = 0;
     be->mix_grads16 = 1;
+    /* The head's row chunk from a 1 GiB logits scratch (4096 rows at V =
+     * 65536: 8 chunks at 8 x 4096 rows instead of the CPU's 32), so its dW
+     * GEMM reads and writes the fp32 [V, C] gradient 8 times, not 32; in
+     * BF16 math its logits are bf16 (half of that scratch; cuda_loss.cu). */
+    be->head_ce_chunk_floats = RP_HEAD_CE_CHUNK_FLOATS_CUDA;
+    be->head_logits16 = math == RP_CUDA_MATH_BF16;
     /* Engine decode groups (backend.h): 64, one gemv_group launch and one
      * step graph per group; decode rows of any count never reach cuBLAS
      * (cuda_decode.cu), so a row has the bits it has alone, as the engine

@@ -598,21 +598,32 @@ static void cuda_adamw_multi(rp_backend *be, const rp_adamw_tensor *tensors, int
 // ---- fused head + loss (head_cross_entropy) ----
 
 // One row chunk's logits z [rows,V] -> losses [rows] and d z:
-// cross_entropy_kernel's loss and gradient with L2Wrap folded in. d z goes
-// in place into z, or with d16 non-NULL only to d16 [rows,V] in bf16 (the
-// operand of the head's backward GEMMs, which read nothing else of it): z
-// is then only read, and each d z is rounded once, as the conversion kernel
-// would round the f32 value. When factor > 0 the row's max and arg-max
-// (first index on ties) come from the same pass as the softmax statistics,
-// and the thread writing d[argmax] adds factor * max there: no row_max
-// kernel, no host round trip, no l2wrap kernel. __fmul_rn / __fsub_rn /
-// __fadd_rn: the CPU's roundings, in the CPU's order (softmax * scale,
-// - scale at the target, + the L2Wrap term).
-static __global__ void __launch_bounds__(ROW_THREADS)
-    head_ce_kernel(float *losses, float *logits, const int32_t *targets, int V, float scale,
+// cross_entropy_kernel's loss and gradient with L2Wrap folded in. T: the
+// logits' storage, f32 or bf16 (the logits GEMM wrote bf16 in place,
+// backend.h head_logits16); the softmax statistics are fp32 / double either
+// way. d z goes in place into z (rounded once to bf16 when T is bf16), or
+// with f32 z and d16 non-NULL only to d16 [rows,V] in bf16 (the operand of
+// the head's backward GEMMs, which read nothing else of it): z is then only
+// read. Each bf16 d z is the conversion kernel's rounding of the f32 value.
+// When factor > 0 the row's max and arg-max (first index on ties) come from
+// the same pass as the softmax statistics, and the thread writing d[argmax]
+// adds factor * max there: no row_max kernel, no host round trip, no l2wrap
+// kernel. __fmul_rn / __fsub_rn / __fadd_rn: the CPU's roundings, in the
+// CPU's order (softmax * scale, - scale at the target, + the L2Wrap term).
+static __device__ __forceinline__ float logit_to_float(float v) { return v; }
+static __device__ __forceinline__ float logit_to_float(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+static __device__ __forceinline__ void logit_store(float *p, float v) { *p = v; }
+static __device__ __forceinline__ void logit_store(__nv_bfloat16 *p, float v) {
+    *p = __float2bfloat16(v);
+}
+template <typename T>
+__global__ void __launch_bounds__(ROW_THREADS)
+    head_ce_kernel(float *losses, T *logits, const int32_t *targets, int V, float scale,
                    float factor, __nv_bfloat16 *d16) {
     const size_t r = blockIdx.x;
-    float *z = logits + r * V;
+    T *z = logits + r * V;
     __nv_bfloat16 *z16 = d16 ? d16 + r * V : nullptr;
     const int t = targets[r];
     if (t < 0) {
@@ -621,16 +632,16 @@ static __global__ void __launch_bounds__(ROW_THREADS)
             if (z16)
                 z16[i] = __float2bfloat16(0.0f);
             else
-                z[i] = 0.0f;
+                logit_store(z + i, 0.0f);
         }
         return;
     }
-    const float zt = z[t];
+    const float zt = logit_to_float(z[t]);
     float m = -INFINITY, best = -INFINITY;
     double s = 0.0;
     int best_i = INT_MAX;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float q = z[i];
+        const float q = logit_to_float(z[i]);
         softmax_add(q, m, s);
         if (best_i == INT_MAX || q > best) best = q, best_i = i;  // ascending i: first max stays
     }
@@ -640,28 +651,41 @@ static __global__ void __launch_bounds__(ROW_THREADS)
     const float lse = m + (float)log(s);
     if (threadIdx.x == 0) losses[r] = lse - zt;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        float p = __fmul_rn(expf(z[i] - lse), scale);
+        float p = __fmul_rn(expf(logit_to_float(z[i]) - lse), scale);
         if (i == t) p = __fsub_rn(p, scale);
         if (factor > 0 && i == best_i) p = __fadd_rn(p, __fmul_rn(factor, best));
         if (z16)
             z16[i] = __float2bfloat16(p);
         else
-            z[i] = p;
+            logit_store(z + i, p);
     }
 }
 
 // Per row chunk: the logits GEMM into the scratch, the fused loss kernel,
 // then dx rows (beta 0) and dhead (+=) from the chunk's gradient: the [R,V]
 // logits never exist, and the targets are uploaded once for all chunks.
-// In BF16 math (copies on, more than RP_GEMV_MAX_M rows) the loss kernel
-// writes the chunk's dlogits as bf16 only, into an activation copy slot
-// (rp_cuda_act16) published for the scratch, so its GEMMs convert nothing
-// and no f32 dlogits is written: the scratch's f32 still holds the logits,
-// which nothing reads (the record is dropped after the two GEMMs; the next
-// chunk's logits GEMM overwrites the scratch). The copy is a sole one
-// (rp_cuda_act16_publish_sole: a conversion of x for the dW GEMM claims
-// another slot, and a GEMM that would convert the stale f32 is a sticky
-// error); the two GEMMs run one at a time, each finding the copy itself.
+//
+// BF16 math with head_logits16 (the default) and more than RP_GEMV_MAX_M
+// rows: the logits GEMM is hinted GEMM-only (backend.h gemm_only), so
+// cuBLAS writes the chunk's logits in bf16 in place in the scratch (an
+// in-place range, cuda_internal.h), the loss kernel reads them there and
+// writes the bf16 dlogits over them, and the two backward GEMMs read that
+// range as their operand: half the logits bytes written and read, no f32
+// logits, no activation copy slot. The kernel's launch names only the
+// losses as its output, so the in-place record (now the dlogits) stays for
+// the GEMMs. With the copies off (the exactness twin) the GEMM writes the
+// same values rounded in f32 instead, and the f32 path below reads them.
+//
+// Otherwise (f32 logits: FP32 math, head_logits16 0, copies off) with the
+// copies on the loss kernel writes the chunk's dlogits as bf16 only, into an
+// activation copy slot (rp_cuda_act16) published for the scratch, so its
+// GEMMs convert nothing and no f32 dlogits is written: the scratch's f32
+// still holds the logits, which nothing reads (the record is dropped after
+// the two GEMMs; the next chunk's logits GEMM overwrites the scratch). The
+// copy is a sole one (rp_cuda_act16_publish_sole: a conversion of x for the
+// dW GEMM claims another slot, and a GEMM that would convert the stale f32
+// is a sticky error); the two GEMMs run one at a time, each finding the copy
+// itself.
 static void cuda_head_cross_entropy(rp_backend *be, float *losses, float *dx, float *dhead,
                                     float *scratch, const float *x, const float *head,
                                     const int32_t *targets, int R, int C, int V, float scale,
@@ -674,10 +698,29 @@ static void cuda_head_cross_entropy(rp_backend *be, float *losses, float *dx, fl
         const int rows = R - r0 < chunk_rows ? R - r0 : chunk_rows;
         const size_t n = (size_t)rows * V;
         const float *xc = x + (size_t)r0 * C;
+        const int logits16 =
+            cx->math == RP_CUDA_MATH_BF16 && be->head_logits16 && rows > RP_GEMV_MAX_M;
+        if (logits16) {  // backend.h gemm_only, whether the model's tests installed it or not
+            cx->gemm_only_p = scratch;
+            cx->gemm_only_n = n;
+        }
         be->matmul_linear(be, scratch, xc, head, rows, V, C, 0.0f);
+        if (logits16 && !cx->act16_off) {
+            head_ce_kernel<__nv_bfloat16><<<rows, ROW_THREADS, 0, cx->stream>>>(
+                losses + r0, (__nv_bfloat16 *)scratch, d_targets + r0, V, scale, l2wrap_factor,
+                nullptr);
+            if (!RP_CUDA_LAUNCHED_OUT(cx, "head_cross_entropy (bf16 logits)",
+                                      {losses + r0, (size_t)rows * sizeof(float)}))
+                return;
+            be->matmul_linear_backward_beta(be, dx + (size_t)r0 * C, dhead, scratch, xc, head,
+                                            rows, V, C, 0.0f);
+            rp_cuda_act16_forget(cx, scratch, n * sizeof(__nv_bfloat16));
+            if (cx->error.code != RP_OK) return;
+            continue;
+        }
         __nv_bfloat16 *d16 = rp_cuda_act16_for_rows(cx, scratch, n, rows);
-        head_ce_kernel<<<rows, ROW_THREADS, 0, cx->stream>>>(losses + r0, scratch, d_targets + r0,
-                                                            V, scale, l2wrap_factor, d16);
+        head_ce_kernel<float><<<rows, ROW_THREADS, 0, cx->stream>>>(
+            losses + r0, scratch, d_targets + r0, V, scale, l2wrap_factor, d16);
         if (!d16) {
             if (!RP_CUDA_LAUNCHED_OUT(cx, "head_cross_entropy",
                                       {losses + r0, (size_t)rows * sizeof(float)},

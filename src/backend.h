@@ -113,6 +113,17 @@ struct rp_backend {
      * GEMMs stored as bf16 in place; where xa is formed again (ln_mix_again_fits)
      * the model then hints each dmix's GEMM (issue 15). 0: f32 dmix. */
     int mix_grads16;
+    /* head_cross_entropy's row chunk: the logits floats one chunk may hold
+     * (rp_head_ce_chunk_rows_for; 0: RP_HEAD_CE_CHUNK_FLOATS, the CPU's).
+     * A GPU takes a larger budget: fewer chunks, so fewer passes of the
+     * head's dW GEMM over the fp32 [V, C] gradient (issue 15). */
+    size_t head_ce_chunk_floats;
+    /* 1 (CUDA, BF16 math): head_cross_entropy's logits GEMM writes the
+     * logits in bf16 in its scratch and the loss kernel reads them so (its
+     * softmax statistics in fp32) and writes the bf16 dlogits in place:
+     * half the logits bytes, no f32 logits. 0: fp32 logits (docs/gpu.md
+     * "Precision"). Read per call: a workspace serves either. */
+    int head_logits16;
 
     void (*destroy)(rp_backend *be);  /* the backend and its context */
 
@@ -674,16 +685,28 @@ struct rp_backend {
     size_t (*release_range)(rp_backend *be, void *p, size_t bytes);
 };
 
-/* head_cross_entropy: logits floats per row chunk (256 MiB: 1024 rows at
- * V = 65536, each chunk's GEMMs still large), the rows per chunk for a
- * batch (a multiple of 128 rows, the CPU's GEMM tile, when there are
- * several chunks), and the scratch that needs (logits, row max, arg-max). */
+/* head_cross_entropy: logits floats per row chunk on the CPU (256 MiB:
+ * 1024 rows at V = 65536, each chunk's GEMMs still large), the rows per
+ * chunk for a batch under a budget of chunk_floats (a multiple of 128 rows,
+ * the CPU's GEMM tile, when there are several chunks), the rows a backend
+ * takes (its head_ce_chunk_floats, else the CPU's budget), and the scratch
+ * a chunk needs (logits, row max, arg-max). */
 #define RP_HEAD_CE_CHUNK_FLOATS ((size_t)1 << 26)
-static inline int rp_head_ce_chunk_rows(int R, int V) {
-    size_t rows = RP_HEAD_CE_CHUNK_FLOATS / (size_t)(V > 0 ? V : 1);
+/* The CUDA backend's budget (cuda_backend.cu; bench/gpu_model.c models it):
+ * 1 GiB of f32 logits, 4096 rows at V = 65536. */
+#define RP_HEAD_CE_CHUNK_FLOATS_CUDA ((size_t)1 << 28)
+static inline int rp_head_ce_chunk_rows_budget(int R, int V, size_t chunk_floats) {
+    size_t rows = chunk_floats / (size_t)(V > 0 ? V : 1);
     if (rows >= (size_t)R) return R > 0 ? R : 1;
     rows = rows >= 128 ? rows / 128 * 128 : (rows ? rows : 1);
     return (int)rows;
+}
+static inline int rp_head_ce_chunk_rows(int R, int V) {
+    return rp_head_ce_chunk_rows_budget(R, V, RP_HEAD_CE_CHUNK_FLOATS);
+}
+static inline int rp_head_ce_chunk_rows_for(const rp_backend *be, int R, int V) {
+    return rp_head_ce_chunk_rows_budget(
+        R, V, be->head_ce_chunk_floats ? be->head_ce_chunk_floats : RP_HEAD_CE_CHUNK_FLOATS);
 }
 static inline size_t rp_head_ce_scratch_floats(int chunk_rows, int V) {
     return (size_t)chunk_rows * ((size_t)V + 2);

@@ -217,9 +217,10 @@ rp_status rp_backward_workspace_alloc(rp_backward_workspace *tw, const rp_model 
     const int n_fused = fused_mix(be) ? RP_MIX_MAX + RP_MIX_TERMS_MAX - 1 : 0;
     const int n_unfused = (tw->gn_fused ? 0 : 1) + (tw->wkv_beta ? 0 : 3);
     size_t n_rc = 2 + 18 + (size_t)n_unfused + (size_t)n_fused + (m->has_embed ? 1 : 0) + (m->has_head ? 2 : 0);
-    /* The head's logits one row chunk at a time: for the 0.1B shape (V =
-     * 65536) 1024 rows, 256 MiB, instead of R x V floats. */
-    const int chunk = rp_head_ce_chunk_rows(max_rows, c->vocab_size);
+    /* The head's logits one row chunk at a time, sized by the backend's
+     * budget (backend.h head_ce_chunk_floats): at V = 65536 the CPU's 1024
+     * rows (256 MiB), CUDA's 4096 (1 GiB), instead of R x V floats. */
+    const int chunk = rp_head_ce_chunk_rows_for(be, max_rows, c->vocab_size);
     size_t floats = n_rc * (R * C + pad) + 6 * (R + pad) + R * (size_t)max_lora_rank(c) + pad +
                     R * (size_t)c->dim_ffn + pad +
                     (m->has_head ? rp_head_ce_scratch_floats(chunk, c->vocab_size) + pad : 0);

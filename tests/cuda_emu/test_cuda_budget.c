@@ -742,6 +742,71 @@ static void test_mix_grads16_precision(void **s) {
     teardown(&ref_state);
 }
 
+/* The head's logits in bf16 (backend.h head_logits16: the logits GEMM writes
+ * bf16 in place, the loss kernel reads it with fp32 softmax statistics and
+ * writes the bf16 dlogits over it) against the fp32-logits step in BF16 math
+ * and against FP32 math: the per-row losses and every gradient. The switch
+ * must change the bits (the bf16 path ran); the cost, printed, must stay
+ * small next to BF16 math's own (docs/gpu.md Precision). Its bits are
+ * test_act16_exact's (copies off: the same values rounded in f32). */
+static void test_head_logits16_precision(void **s) {
+    fixture *f = *s;
+    void *ref_state = NULL;
+    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
+    fixture *ref = ref_state;
+    assert_int_equal(f->be->head_logits16, 1);
+    assert_int_equal(ref->be->head_logits16, 0);
+    float *g[3], rows[3][MAX_ROWS];
+    double loss[3];
+    size_t n = 0;
+    for (int side = 0; side < 3; side++) { /* bf16 logits, f32 logits, FP32 math */
+        fixture *x = side == 2 ? ref : f;
+        f->be->head_logits16 = side == 0;
+        rp_model_zero(&x->grads);
+        loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 11);
+        x->be->copy_to_host(x->be, rows[side], x->tw.losses, sizeof rows[side]);
+        g[side] = grads_to_host(x, &n);
+    }
+    f->be->head_logits16 = 1;
+    /* per-row losses: the largest relative difference */
+    double loss_rel = 0, loss_rel_ref = 0;
+    for (int r = 0; r < MAX_ROWS; r++) {
+        const double d16 = fabs((double)rows[0][r] - rows[1][r]) / fabs((double)rows[1][r]);
+        const double d32 = fabs((double)rows[1][r] - rows[2][r]) / fabs((double)rows[2][r]);
+        if (d16 > loss_rel) loss_rel = d16;
+        if (d32 > loss_rel_ref) loss_rel_ref = d32;
+    }
+    /* gradients: the largest difference over the largest magnitude, all and
+     * the head block (head weight, ln_out) alone, and the relative L2 error */
+    const rp_model *gm = &f->grads;
+    double max_d = 0, max_b = 0, head_d = 0, head_b = 0;
+    for (size_t i = 0; i < n; i++) {
+        const double d = fabs((double)g[0][i] - g[1][i]), b = fabs((double)g[1][i]);
+        if (d > max_d) max_d = d;
+        if (b > max_b) max_b = b;
+        if (i >= gm->embed_floats && i < gm->embed_floats + gm->head_floats) {
+            if (d > head_d) head_d = d;
+            if (b > head_b) head_b = b;
+        }
+    }
+    const double grad_max_rel = max_d / max_b, head_max_rel = head_d / head_b;
+    const double cost = rel_l2(g[0], g[1], n);
+    const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+    fprintf(stderr,
+            "head logits16: bf16 vs f32 logits: row loss max rel %.3e (f32 logits vs FP32 "
+            "math %.3e), loss %.9g vs %.9g (rel %.3e); gradients max |diff| / max |g| %.3e "
+            "(head block %.3e), rel L2 %.3e; vs FP32 math rel L2 %.3e (bf16 logits) %.3e "
+            "(f32 logits)\n",
+            loss_rel, loss_rel_ref, loss[0], loss[1], fabs(loss[0] - loss[1]) / fabs(loss[1]),
+            grad_max_rel, head_max_rel, cost, with, without);
+    assert_true(cost > 0);                                  /* the bf16 path ran */
+    assert_true(loss_rel <= 4e-3);                          /* docs/gpu.md Precision */
+    assert_true(grad_max_rel <= 2e-2 && head_max_rel <= 2e-2);
+    assert_true(with <= 1.5 * without + 1e-3);              /* small next to BF16 math's own */
+    for (int side = 0; side < 3; side++) free(g[side]);
+    teardown(&ref_state);
+}
+
 /* The training workspace allocated again for the backend's entries as they
  * are now (it holds o_gn and d_gn only without the fused groupnorm +
  * bonus/gate); the emulator's device bytes it takes. */
@@ -921,6 +986,9 @@ static unsigned long long workspace_bytes_04b(rp_backend *be, const rp_config *c
     rp_backward_workspace tw;
     assert_int_equal(rp_backward_workspace_alloc(&tw, &m, 8 * 4096, 8, &err), RP_OK);
     const unsigned long long bytes = counted_bytes;
+    /* the head's row chunk is the CUDA backend's (backend.h
+     * head_ce_chunk_floats): 4096 rows, 8 chunks, not the CPU's 1024 (32) */
+    assert_int_equal(tw.head_chunk_rows, 4096);
     rp_backward_workspace_free(&tw, be);
     rp_model_free(&m);
     return bytes;
@@ -976,6 +1044,11 @@ static void test_workspace_bytes_04b(void **s) {
             (half + state) / 1e9, (h100 - (double)(half + state)) / 1e9);
     assert_int_equal(again - half, removed16);
     assert_true(half + state < h100);
+    /* of which the head's logits scratch: one row chunk (backend.h
+     * rp_head_ce_scratch_floats), f32-sized so that either logits mode runs */
+    const unsigned long long head = rp_head_ce_scratch_floats(4096, c.vocab_size) * sizeof(float);
+    fprintf(stderr, "0.4b 8 x 4096 head logits scratch: %d rows x %d, %.2f GiB\n", 4096,
+            c.vocab_size, head / gib);
 }
 
 /* groupnorm + bonus/gate fused (backend.h groupnorm_bonus_gate and its
@@ -1958,6 +2031,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_workspace_bytes_04b, setup, teardown),
         cmocka_unit_test_setup_teardown(test_store16_workspace, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_grads16_precision, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_head_logits16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_fused_workspace_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_reclaimed_refused, setup, teardown),

@@ -2009,14 +2009,19 @@ static void check_cross_entropy(twin *t, const shape *sh) {
 }
 
 /* The fused head (head_cross_entropy): all rows in one chunk without
- * L2Wrap, then chunks of 7 rows with it: losses, dx (overwrite), dhead (+=).
- * 20 rows and an odd V of at most 1001 keep the emulated run short. */
+ * L2Wrap, then chunks of 7 rows with it (GEMV-sized: f32 logits), then
+ * chunks of 10 with it, the logits bf16 (backend.h head_logits16, BF16
+ * math) and f32: losses, dx (overwrite), dhead (+=). 20 rows and an odd V
+ * of at most 1001 keep the emulated run short. */
 static void check_head_cross_entropy(twin *t, const shape *sh) {
     const int rows = spec_rows(&sh->prefill), R = rows < 20 ? rows : 20, C = sh->C;
     const int V = sh->V_loss > 1001 ? 1001 : sh->V_loss;
-    for (int wrap = 0; wrap < 2; wrap++) {
-        const int chunk = wrap ? 7 : R;
-        label(t, "R=%d C=%d V=%d chunk=%d%s", R, C, V, chunk, wrap ? " l2wrap" : "");
+    const int keep16[2] = {side(t, 0)->head_logits16, side(t, 1)->head_logits16};
+    for (int mode = 0; mode < 4; mode++) {
+        const int wrap = mode > 0, chunk = mode == 0 ? R : mode == 1 ? 7 : 10;
+        const int logits16 = mode != 2;
+        label(t, "R=%d C=%d V=%d chunk=%d%s%s", R, C, V, chunk, wrap ? " l2wrap" : "",
+              logits16 ? "" : " f32 logits");
         const double s = 1.0 / sqrt((double)C);
         tbuf *x = buf_input(t, (size_t)R * C, -1, 1), *head = buf_input(t, (size_t)V * C, -s, s);
         int32_t *targets = xmalloc((size_t)R * sizeof *targets);
@@ -2025,10 +2030,13 @@ static void check_head_cross_entropy(twin *t, const shape *sh) {
         tbuf *dhead = buf_accum(t, (size_t)V * C, -1e-3, 1e-3);
         tbuf *scratch = buf_zero(t, rp_head_ce_scratch_floats(chunk, V));
         const float scale = 1.0f / R, factor = wrap ? 1e-4f / R : 0.0f;
-        for (int g = 0; g < 2; g++)
+        for (int g = 0; g < 2; g++) {
+            side(t, g)->head_logits16 = logits16 && keep16[g];
             side(t, g)->head_cross_entropy(side(t, g), at(loss, g), at(dx, g), at(dhead, g),
                                            at(scratch, g), at(x, g), at(head, g), targets, R, C,
                                            V, scale, factor, chunk);
+            side(t, g)->head_logits16 = keep16[g];
+        }
         compare(t, "losses", loss);
         compare(t, "dx", dx);
         compare(t, "dhead", dhead);
