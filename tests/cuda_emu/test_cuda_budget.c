@@ -516,6 +516,62 @@ static void test_act16_exact(void **s) {
     gn_mode_workspace(f);
 }
 
+/* The backward's elementwise tail after WKV7 in one op (backend.h
+ * attention_tail_backward) against the separate ops (key_prepare_backward,
+ * three bias_act_backward, value_residual_backward; layer 0's add): the
+ * whole training step's loss and every gradient bit for bit, at 24 rows (3
+ * sequences), 5 rows (1), 24 rows on the chunked WKV7 backward (its dkk
+ * bf16 in place) and 24 rows with the activation copies off (f32 d pre);
+ * per layer 8 launches fewer in layer 0 (key prepare + 2 sums, 2 bias ops +
+ * sums, add) and 8 in the others (+ value residual, v0's bias op and sum,
+ * less the add), and layer 0's dv conversion gone (the kernel writes dv's
+ * bf16 copy there too). */
+static void test_attention_tail_exact(void **s) {
+    fixture *f = *s;
+    const rp_backend keep = *f->be;
+    assert_non_null(keep.attention_tail_backward);
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    for (int i = 0; i < 4; i++) {
+        const int n_seq = i != 1 ? MAX_SEQS : 1, len = i != 1 ? MAX_ROWS / MAX_SEQS : 5;
+        rp_cuda_wkv7_chunked_min_t = i == 2 ? 0 : saved_min_t;
+        rp_cuda_backend_set_act16(f->be, i != 3);
+        gn_mode_workspace(f);
+        float *side[2];
+        double loss[2];
+        unsigned long long launches[2], converts[2];
+        size_t n = 0;
+        for (int on = 0; on < 2; on++) {
+            f->be->attention_tail_backward = on ? keep.attention_tail_backward : NULL;
+            rp_model_zero(&f->grads);
+            train_step(f, n_seq, len, 3);  /* warm-up at this shape */
+            rp_model_zero(&f->grads);
+            const unsigned long long l0 = counter(launches), c0 = counter(bf16_converts);
+            loss[on] = train_step(f, n_seq, len, 3);
+            launches[on] = counter(launches) - l0;
+            converts[on] = counter(bf16_converts) - c0;
+            side[on] = grads_to_host(f, &n);
+        }
+        size_t nonzero;
+        const size_t diff = count_differ(side[0], side[1], n, &nonzero);
+        fprintf(stderr,
+                "attention tail fused (case %d): %d rows, %zu gradients, %zu nonzero, %zu "
+                "differ; launches %llu separate, %llu fused; conversions %llu, %llu\n",
+                i, n_seq * len, n, nonzero, diff, launches[0], launches[1], converts[0],
+                converts[1]);
+        assert_true(nonzero > 1000);
+        assert_true(loss[0] == loss[1]);
+        assert_int_equal(diff, 0);
+        const unsigned long long fewer = 8ull * f->model.cfg.n_layer + (i != 3 ? 1 : 0);
+        assert_true(launches[1] + fewer == launches[0]);
+        free(side[0]);
+        free(side[1]);
+    }
+    f->be->attention_tail_backward = keep.attention_tail_backward;
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    rp_cuda_backend_set_act16(f->be, 1);
+    gn_mode_workspace(f);
+}
+
 /* groupnorm_bonus_gate_backward with the pending wkv_only hint dropped
  * first: its dy stays f32 (the switch for test_wkv_dy16_exact). */
 static void (*gn_bwd_saved)(rp_backend *, float *, float *, float *, float *, float *, float *,
@@ -1959,6 +2015,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_store16_workspace, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_grads16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_attention_tail_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_fused_workspace_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_reclaimed_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_adamw_multi_exact, setup, teardown),
