@@ -427,18 +427,28 @@ static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H)
         4.0 * C * (3 * chunks + 6), 3 * chunks * C, 0);
 }
 
-/* bias_act_backward with a bias gradient (cuda_backward.cu), d pre of an
- * [R,C] LoRA output: the row kernel reads dy and, with an activation, y,
- * writes d pre in bf16 only (GEMM-only: the LoRA up's dY; no f32), and the
- * column partials of its row chunks (rp_cuda_row_chunks); sum_partials
- * adds them onto the bias gradient. */
-static void bias_backward(kernel_list *l, double R, double C, int act) {
+/* attention_tail_backward (cuda_backward.cu): the elementwise tail after
+ * the WKV7 backward in one kernel per (head, row chunk). It reads dkk (bf16
+ * in place), k_pre, a, dk, da, dw_raw and, with the value residual (layer >
+ * 0), dv, v_pre, v_first, nu, dv_first; layer 0 reads dv and dv_first (dv
+ * += dv_first). It writes dk and dv (+ their bf16 copies, the key and value
+ * GEMM backwards' dY), dv_first (layer > 0), d pre of a, w and nu in bf16
+ * only (the LoRA ups' dY; gemm_only) and the five parameter partials (k_k,
+ * k_a, a0, w0, v0) of its row chunks; one finish kernel sums them. */
+static void attention_tail_backward(kernel_list *l, double R, double C, int layer) {
     double chunks = ceil(R / 64);
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
-    add(l, "bias_act backward (w0, a0, v0: bf16 d pre + bias partials)", 1,
-        R * C * (act ? 4 + 4 + 2 : 4 + 2) + 4.0 * C * chunks, 4.0 * R * C, 0);
-    add(l, "bias_act backward finish (bias sums)", 1, 4.0 * C * (chunks + 2), chunks * C, 0);
+    const double outs = layer > 0 ? 5 : 4;
+    /* f32 vectors: dkk bf16 + k_pre, a, dk, da, dw_raw (+ dv, v_pre, v_first,
+     * nu, dv_first | dv, dv_first) read; dk, dv (+ dv_first) written, with
+     * the bf16 dk, dv, d pre of a, w (+ nu) */
+    const double io = layer > 0 ? BF16_OUT + 10 + 3 + 5 * BF16_OUT
+                                : BF16_OUT + 7 + 2 + 4 * BF16_OUT;
+    add(l, "attention_tail backward (key prepare + a/w/v0 bias + value residual)", 1,
+        4.0 * C * (R * io + 2 + 5 * chunks), (layer > 0 ? 25.0 : 17.0) * R * C, 0);
+    add(l, "attention_tail backward finish (k_k, k_a, a0, w0, v0 sums)", 1,
+        4.0 * C * (outs * chunks + 2 * outs), outs * chunks * C, 0);
 }
 
 /* Its backward: each GEMM two GEMMs, each elementwise op reading its inputs
@@ -469,13 +479,11 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     mix_ln_backward(l, R, C, 6 + (layer > 0));
     mix_ln_backward(l, R, C, 1);
     /* output: dy in bf16 from layernorm backward, the saved og bf16 in place;
-     * value (layer > 0), key, receptance: dv, dk, dr with the bf16 copy that
-     * value_residual_backward, key_prepare_backward and the WKV7 backward
+     * value, key, receptance: dv, dk, dr with the bf16 copy that
+     * attention_tail_backward (layer 0's dv too) and the WKV7 backward
      * write in the same pass (the receptance GEMM runs right after the WKV7
-     * backward); layer 0's dv (an add) converted; their mix in bf16 in
-     * place (shift_mix) */
-    gemm_backward(l, "GEMM backward C x C", 3 + (layer > 0), R, C, C, 1, 1);
-    gemm_backward(l, "GEMM backward C x C", layer == 0, R, C, C, 0, 1);
+     * backward); their mix in bf16 in place (shift_mix) */
+    gemm_backward(l, "GEMM backward C x C", 4, R, C, C, 1, 1);
     for (int i = 0; i < loras; i++) {
         /* up: dy in bf16 from bias_act backward (w, a, v) or bonus_gate
          * backward (g), the saved hidden bf16 in place; every d hidden is
@@ -490,14 +498,9 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
                3 * BF16_OUT, 0, 4);
         }
     }
-    /* w0 (no activation), a0 and v0 (sigmoid): d pre and the bias
-     * gradient */
-    bias_backward(l, R, C, 0);
-    bias_backward(l, R, C, 1);
-    if (layer > 0) bias_backward(l, R, C, 1);
-    /* each writes a bf16 copy of its dv / dk (the GEMM backward's dY) */
-    if (layer > 0) ew(l, "value_residual backward (+ bf16 dv)", 1, R, C, 7 + BF16_OUT, 0, 6);
-    ew(l, "key_prepare backward (dkk bf16, + bf16 dk)", 1, R, C, 7 + 2 * BF16_OUT, 4, 12);
+    /* key prepare, w0 (no activation), a0 and v0 (sigmoid) d pre and bias
+     * gradients, the value residual (layer 0: dv += dv_first): one pass */
+    attention_tail_backward(l, R, C, layer);
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
      * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk and w_raw
      * read and dkk written in bf16 in place (wkv_only: key_prepare_backward
@@ -518,9 +521,8 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     /* d hidden bf16 in and out in place, y read in bf16 */
     ew(l, "bias_act backward (relu^2, F, bf16 in place)", 1, R, F, 3 * BF16_OUT, 0, 3);
     /* First gradient writes take beta 0 (no fill_zero) and wkv7_backward
-     * adds onto bonus_gate's dr, dk, dv (beta 1); what is left: layer 0's
-     * d v_first. */
-    ew(l, "add (layer 0: d v_first)", layer == 0, R, C, 3, 0, 1);
+     * adds onto bonus_gate's dr, dk, dv (beta 1); layer 0's d v_first is
+     * added in attention_tail_backward. */
 }
 
 static double sum(const kernel_list *l, int field) {

@@ -1266,6 +1266,262 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
     if (dk16) rp_cuda_act16_publish(cx, dk16, dk, (size_t)R * C);
 }
 
+// ---- the attention tail after WKV7 (backend.h attention_tail_backward) ----
+
+// key_prepare_backward, bias_act_backward on d pre of a (sigmoid), w (none)
+// and nu (sigmoid) with their bias sums, and value_residual_backward (layer
+// 0: dv += dv_first) in one pass over [R,C]: each element with the same
+// expressions as those kernels, every partial sum over the same rows in the
+// same (chunk, warp, row) order, so the same bits; [R,C] read and written
+// once instead of by five kernels that re-read what the one before wrote.
+// grid (H, chunks), one warp per (row, head) as key_prepare_backward_kernel.
+// TK dkk, TA the activations k, a, v, v_first, nu, TG da and dw_raw: float,
+// or bf16 stored in place (wkv_only / gemm_only outputs, rp_cuda_inplace).
+// A bf16 da gets d pre in place (its LoRA GEMMs read it there); a float one
+// its copy c16.da (sole: no f32 unless store_da), as a gemm_only d pre.
+struct tail_copies {
+    __nv_bfloat16 *dk, *da, *dw, *dv, *dnu;  // each may be NULL
+};
+#define TAIL_PARTS 5  // k_k, k_a, a0, w0, v0
+__device__ __forceinline__ void tail_store(float *p, float x) { *p = x; }
+__device__ __forceinline__ void tail_store(__nv_bfloat16 *p, float x) {
+    *p = __float2bfloat16(x);
+}
+template <typename TK, typename TA, typename TG>
+__global__ static void attention_tail_backward_kernel(
+    float *__restrict__ dk, TG *__restrict__ da, const TG *__restrict__ dw,
+    float *__restrict__ dv, float *__restrict__ dv_first, float *__restrict__ dnu,
+    float *__restrict__ part, const TK *__restrict__ dkk, const TA *__restrict__ k,
+    const TA *__restrict__ a, const TA *__restrict__ v, const TA *__restrict__ v_first,
+    const TA *__restrict__ nu, const float *__restrict__ k_k, const float *__restrict__ k_a,
+    int R, int C, int rows_per_chunk, tail_copies c16, int store_da, int store_dnu) {
+    constexpr int E = KEY_HEAD_SIZE / 32, T = KEY_HEAD_SIZE;
+    __shared__ float sh[TAIL_PARTS][ROW_WARPS * T];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int col0 = blockIdx.x * T;
+    int begin, end;
+    chunk_rows(blockIdx.y, rows_per_chunk, R, &begin, &end);
+    float kkw[E], kaw[E], acc[TAIL_PARTS][E];
+    for (int e = 0; e < E; e++) {
+        kkw[e] = k_k[col0 + lane + 32 * e];
+        kaw[e] = k_a[col0 + lane + 32 * e];
+        for (int j = 0; j < TAIL_PARTS; j++) acc[j][e] = 0.0f;
+    }
+    for (int r = begin + warp; r < end; r += ROW_WARPS) {
+        const size_t o = (size_t)r * C + col0 + lane;
+        float kv[E], dkkv[E], n2 = 0.0f, dot = 0.0f;
+        for (int e = 0; e < E; e++) {
+            kv[e] = key_in(k + o + 32 * e);
+            dkkv[e] = key_in(dkk + o + 32 * e);
+            const float u = kv[e] * kkw[e];
+            n2 += u * u;
+            dot += u * dkkv[e];
+        }
+        n2 = warp_sum(n2);
+        dot = warp_sum(dot);
+        const float norm = sqrtf(n2);
+        const float iv = 1.0f / (norm > KK_EPS ? norm : KK_EPS);
+        const float pj = norm > KK_EPS ? dot * iv * iv : 0.0f;
+        for (int e = 0; e < E; e++) {
+            const size_t i = o + 32 * e;
+            // key_prepare_backward
+            const float d_out = dk[i], av = key_in(a + i);
+            const float du = (dkkv[e] - kv[e] * kkw[e] * pj) * iv;
+            acc[0][e] += du * kv[e];
+            acc[1][e] += d_out * kv[e] * (av - 1.0f);
+            float dai = key_in(da + i);
+            dai += d_out * kv[e] * kaw[e];
+            const float dki = d_out * (1.0f + (av - 1.0f) * kaw[e]) + du * kkw[e];
+            dk[i] = dki;
+            if (c16.dk) c16.dk[i] = __float2bfloat16(dki);
+            // bias_act_backward of a (sigmoid, act' from the output a)
+            dai *= act_derivative(RP_ACT_SIGMOID, av);
+            acc[2][e] += dai;
+            if (c16.da) c16.da[i] = __float2bfloat16(dai);
+            if (store_da) tail_store(da + i, dai);
+            // bias_act_backward of w (none): d pre = dw_raw
+            const float dwi = key_in(dw + i);
+            acc[3][e] += dwi;
+            if (c16.dw) c16.dw[i] = __float2bfloat16(dwi);
+            float dvi;
+            if (nu) {
+                // value_residual_backward, then bias_act_backward of nu (sigmoid)
+                const float dvo = dv[i], vv = key_in(v + i), fv = key_in(v_first + i),
+                            nv = key_in(nu + i);
+                float df = dv_first[i], dn;
+                df += dvo * nv;
+                dn = dvo * (fv - vv);
+                dvi = dvo * (1.0f - nv);
+                dv_first[i] = df;
+                dn *= act_derivative(RP_ACT_SIGMOID, nv);
+                acc[4][e] += dn;
+                if (c16.dnu) c16.dnu[i] = __float2bfloat16(dn);
+                if (store_dnu) dnu[i] = dn;
+            } else {  // layer 0: v is v_first, add(dv, dv_first)
+                dvi = dv[i];
+                dvi += dv_first[i];
+            }
+            dv[i] = dvi;
+            if (c16.dv) c16.dv[i] = __float2bfloat16(dvi);
+        }
+    }
+    for (int j = 0; j < TAIL_PARTS; j++)
+        for (int e = 0; e < E; e++) sh[j][warp * T + lane + 32 * e] = acc[j][e];
+    __syncthreads();
+    const size_t stride = (size_t)gridDim.y * C, out = (size_t)blockIdx.y * C + col0;
+    for (int j = 0; j < TAIL_PARTS; j++) store_warp_sums(sh[j], T, part + j * stride + out, T);
+}
+
+// out_j [C] += sum over chunks of part [j][chunks, C], chunks ascending, for
+// each non-NULL out_j: rp_cuda_sum_partials' sums (the same bits), one launch.
+struct tail_sums {
+    float *out[TAIL_PARTS];
+};
+__global__ static void attention_tail_finish_kernel(tail_sums t, const float *__restrict__ part,
+                                                    int chunks, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int j = 0; j < TAIL_PARTS; j++) {
+        if (!t.out[j]) continue;
+        const float *pj = part + (size_t)j * chunks * C;
+        float s = 0.0f;
+        for (int p = 0; p < chunks; p++) s += pj[(size_t)p * C + c];
+        t.out[j][c] = t.out[j][c] + s;
+    }
+}
+
+// The separate ops, for what the fused kernel does not take (backend.h
+// attention_tail_backward's definition).
+static void attention_tail_separate(rp_backend *be, float *dk, float *da, float *dw_raw,
+                                    float *dv, float *dv_first, float *dnu, float *dk_k,
+                                    float *dk_a, float *da0, float *dw0, float *dv0,
+                                    const float *dkk, const float *k, const float *a,
+                                    const float *v, const float *v_first, const float *nu,
+                                    const float *k_k, const float *k_a, int R, int C, int N) {
+    const size_t n = (size_t)R * C;
+    cuda_key_prepare_backward(be, dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, N);
+    if (be->gemm_only) be->gemm_only(be, da, n);
+    cuda_bias_act_backward(be, da, da0, a, R, C, RP_ACT_SIGMOID);
+    if (be->gemm_only) be->gemm_only(be, dw_raw, n);
+    cuda_bias_act_backward(be, dw_raw, dw0, NULL, R, C, RP_ACT_NONE);
+    if (!nu) {
+        be->add(be, dv, dv_first, n);
+        return;
+    }
+    cuda_value_residual_backward(be, dv, dv_first, dnu, v, v_first, nu, R, C);
+    if (be->gemm_only) be->gemm_only(be, dnu, n);
+    cuda_bias_act_backward(be, dnu, dv0, nu, R, C, RP_ACT_SIGMOID);
+}
+
+static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, float *dw_raw,
+                                         float *dv, float *dv_first, float *dnu, float *dk_k,
+                                         float *dk_a, float *da0, float *dw0, float *dv0,
+                                         const float *dkk, const float *k, const float *a,
+                                         const float *v, const float *v_first,
+                                         const float *nu, const float *k_k, const float *k_a,
+                                         int R, int C, int N) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    if (N != KEY_HEAD_SIZE || (C > 0 && C % KEY_HEAD_SIZE)) {
+        rp_cuda_record(cx, cudaErrorInvalidValue,
+                       "attention_tail_backward (head size not 64 or C not a multiple of 64)",
+                       __FILE__, __LINE__);
+        return;
+    }
+    if (R <= 0 || C <= 0) return;
+    const size_t n = (size_t)R * C, nb = n * sizeof(float);
+    // each input in the type its producer left it: the activations all f32
+    // or all bf16 in place, da and dw_raw likewise; a mix (or an f32
+    // rounded in-place record, copies off) runs the separate ops
+    const __nv_bfloat16 *dkk16 = rp_cuda_inplace_find(cx, dkk, n);
+    const __nv_bfloat16 *act16[5] = {rp_cuda_inplace_find(cx, k, n),
+                                     rp_cuda_inplace_find(cx, a, n),
+                                     nu ? rp_cuda_inplace_find(cx, v, n) : nullptr,
+                                     nu ? rp_cuda_inplace_find(cx, v_first, n) : nullptr,
+                                     nu ? rp_cuda_inplace_find(cx, nu, n) : nullptr};
+    const int n_act = nu ? 5 : 2;
+    int n_act16 = 0;
+    for (int j = 0; j < n_act; j++) n_act16 += act16[j] != nullptr;
+    const rp_cuda_inplace *ip_da = rp_cuda_inplace_at(cx, da, n);
+    const rp_cuda_inplace *ip_dw = rp_cuda_inplace_at(cx, dw_raw, n);
+    const int grads16 = ip_da && ip_dw;
+    if ((n_act16 != 0 && n_act16 != n_act) || (ip_da != nullptr) != (ip_dw != nullptr) ||
+        (grads16 && (ip_da->f32 || ip_dw->f32)) || (nu && rp_cuda_inplace_at(cx, dnu, n))) {
+        attention_tail_separate(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k, dk_a, da0, dw0, dv0,
+                                dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N);
+        return;
+    }
+    const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+    const size_t part_floats = (size_t)TAIL_PARTS * chunks * C;
+    float *part = (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, part_floats * sizeof(float));
+    if (!part) return;
+    // the bf16 operands of the GEMM backwards that follow, in the same pass:
+    // d k_pre and d v_pre (their C x C GEMMs), d pre of a, w, nu (their
+    // LoRAs'; a and nu's only store, as after a gemm_only hint); five slots
+    // (RP_CUDA_ACT16_SLOTS), each claim the newest, so all distinct
+    tail_copies c16 = {};
+    c16.dk = rp_cuda_act16_for_rows(cx, dk, n, R);
+    if (!grads16) {
+        c16.da = rp_cuda_act16_for_rows(cx, da, n, R);
+        c16.dw = rp_cuda_act16_for_rows(cx, dw_raw, n, R);
+    }
+    c16.dv = rp_cuda_act16_for_rows(cx, dv, n, R);
+    if (nu) c16.dnu = rp_cuda_act16_for_rows(cx, dnu, n, R);
+    if (cx->error.code != RP_OK) return;
+    const int store_da = grads16 || !c16.da, store_dnu = !c16.dnu;
+    const dim3 grid(C / KEY_HEAD_SIZE, chunks);
+#define TAIL_LAUNCH(TK, TA, TG)                                                                 \
+    attention_tail_backward_kernel<TK, TA, TG><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(     \
+        dk, (TG *)da, (const TG *)(grads16 ? (const void *)ip_dw->p : (const void *)dw_raw),   \
+        dv, dv_first, dnu, part, dkk16 ? (const TK *)dkk16 : (const TK *)dkk,                  \
+        n_act16 ? (const TA *)act16[0] : (const TA *)k,                                        \
+        n_act16 ? (const TA *)act16[1] : (const TA *)a,                                        \
+        n_act16 ? (const TA *)act16[2] : (const TA *)v,                                        \
+        n_act16 ? (const TA *)act16[3] : (const TA *)v_first,                                  \
+        n_act16 ? (const TA *)act16[4] : (const TA *)nu, k_k, k_a, R, C, rows_per_chunk, c16,  \
+        store_da, store_dnu)
+#define TAIL_TG(TK, TA)                                 \
+    do {                                                \
+        if (grads16)                                    \
+            TAIL_LAUNCH(TK, TA, __nv_bfloat16);         \
+        else                                            \
+            TAIL_LAUNCH(TK, TA, float);                 \
+    } while (0)
+#define TAIL_TA(TK)                                     \
+    do {                                                \
+        if (n_act16)                                    \
+            TAIL_TG(TK, __nv_bfloat16);                 \
+        else                                            \
+            TAIL_TG(TK, float);                         \
+    } while (0)
+    if (dkk16)
+        TAIL_TA(__nv_bfloat16);
+    else
+        TAIL_TA(float);
+#undef TAIL_TA
+#undef TAIL_TG
+#undef TAIL_LAUNCH
+    // dw_raw is only read (its d pre is itself): its records stay
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "attention_tail_backward", {dk, nb}, {da, nb}, {dv, nb},
+                              {dv_first, nb}, {nu ? dnu : nullptr, nu ? nb : 0},
+                              {part, part_floats * sizeof(float)}))
+        return;
+    // dkk's one reader has read it (as key_prepare_backward)
+    if (dkk16) rp_cuda_act16_forget(cx, dkk, nb);
+    tail_sums t = {{dk_k, dk_a, da0, dw0, nu ? dv0 : nullptr}};
+    attention_tail_finish_kernel<<<rp_cuda_blocks((size_t)C, 256), 256, 0, cx->stream>>>(
+        t, part, chunks, C);
+    const size_t cb = (size_t)C * sizeof(float);
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "attention_tail_backward finish", {dk_k, cb}, {dk_a, cb},
+                              {da0, cb}, {dw0, cb}, {nu ? dv0 : nullptr, nu ? cb : 0}))
+        return;
+    if (grads16) rp_cuda_inplace_add(cx, da, n);  // d pre in place, as da came
+    if (c16.dk) rp_cuda_act16_publish(cx, c16.dk, dk, n);
+    if (c16.da) rp_cuda_act16_publish_sole(cx, c16.da, da, n);
+    if (c16.dw) rp_cuda_act16_publish(cx, c16.dw, dw_raw, n);
+    if (c16.dv) rp_cuda_act16_publish(cx, c16.dv, dv, n);
+    if (c16.dnu) rp_cuda_act16_publish_sole(cx, c16.dnu, dnu, n);
+}
+
 // ---- bonus + gate ----
 
 // forward: out [R,C] = (o + s_h v) g with s_h = sum_j r_j k_j r_k[h,j] per head
@@ -1591,6 +1847,7 @@ void rp_cuda_install_backward(rp_backend *be) {
     be->bias_act_backward = cuda_bias_act_backward;
     be->value_residual_backward = cuda_value_residual_backward;
     be->key_prepare_backward = cuda_key_prepare_backward;
+    be->attention_tail_backward = cuda_attention_tail_backward;
     be->bonus_gate_backward = cuda_bonus_gate_backward;
     be->layernorm_backward_beta = cuda_layernorm_backward_beta;
     be->lerp_backward_beta = cuda_lerp_backward_beta;

@@ -664,6 +664,27 @@ struct rp_backend {
                                           const float *ln_w, const float *ln_b, const float *r,
                                           const float *k, const float *v, const float *r_k,
                                           const float *g, int R, int C, int N, float beta);
+    /* ---- the backward's elementwise tail after WKV7 in one op (optional;
+     * NULL: the ops below; issue 15) ----
+     * attention_tail_backward(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k,
+     * dk_a, da0, dw0, dv0, dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N) =
+     *   key_prepare_backward(dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, N);
+     *   gemm_only(da); bias_act_backward(da, da0, a, R, C, RP_ACT_SIGMOID);
+     *   gemm_only(dw_raw); bias_act_backward(dw_raw, dw0, -, R, C, RP_ACT_NONE);
+     *   nu non-NULL: value_residual_backward(dv, dv_first, dnu, v, v_first,
+     *     nu, R, C); gemm_only(dnu); bias_act_backward(dnu, dv0, nu, R, C,
+     *     RP_ACT_SIGMOID);
+     *   nu NULL (layer 0, v is v_first): add(dv, dv_first) (v, dnu, dv0 unused),
+     * the same bits, in one pass over [R,C]. So d pre of a, w and nu (da,
+     * dw_raw, dnu) are GEMM-only afterwards, as the gemm_only hints above
+     * promise (the caller gives none); dkk is consumed like
+     * key_prepare_backward's. */
+    void (*attention_tail_backward)(rp_backend *be, float *dk, float *da, float *dw_raw,
+                                    float *dv, float *dv_first, float *dnu, float *dk_k,
+                                    float *dk_a, float *da0, float *dw0, float *dv0,
+                                    const float *dkk, const float *k, const float *a,
+                                    const float *v, const float *v_first, const float *nu,
+                                    const float *k_k, const float *k_a, int R, int C, int N);
     /* Sequences per decode group the engine forms by default (the backend's
      * measured sweet spot; 0: RP_ENGINE_GROUP_DEFAULT). serve --max-batch
      * overrides it. */

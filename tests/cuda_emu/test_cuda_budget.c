@@ -59,9 +59,10 @@
  * receptance GEMM backward right after it (fused mixes); 2 once the head's
  * loss kernel writes dlogits in bf16 only (the operand of its backward
  * GEMMs); 1 once d v_first's fill_zero runs before the head (it ended the
- * head layernorm backward's bf16 copy of dx, the top layer's FFN value dY).
- * Left: layer 0's dv (an add). Lower it with every producer that does. */
-#define TRAIN_CONVERT_BUDGET 1
+ * head layernorm backward's bf16 copy of dx, the top layer's FFN value dY);
+ * 0 once attention_tail_backward writes layer 0's dv (the add of d v_first)
+ * with its bf16 copy. Keep it there. */
+#define TRAIN_CONVERT_BUDGET 0
 
 /* Kernel launches (GEMMs and conversions included) of that training step.
  * The fused training mix (backend.h shift_mix, shift_mix_backward) took it
@@ -81,9 +82,12 @@
  * 159 once groupnorm + bonus/gate are one kernel forward (2 before) and one
  * kernel + finish backward (6 before: bonus/gate's kernel and r_k sum, the
  * groupnorm's dx, params and two sums), 5 launches fewer a layer; 157
- * without the head's dlogits conversion and the top layer's FFN dY one.
+ * without the head's dlogits conversion and the top layer's FFN dY one;
+ * 142 once the backward's tail after WKV7 (key prepare, the a/w/v0 bias
+ * backwards and sums, value residual or layer 0's add) is one
+ * attention_tail_backward kernel + finish (test_attention_tail_exact).
  * Lower it with every fusion. */
-#define TRAIN_LAUNCH_BUDGET 157
+#define TRAIN_LAUNCH_BUDGET 142
 
 /* Device copies and fills (cudaMemcpy(Async), cudaMemset(Async)) of that
  * training step. key_prepare_from / value_residual_from (backend.h) read
@@ -511,6 +515,66 @@ static void test_act16_exact(void **s) {
         free(side[0]);
         free(side[1]);
     }
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    rp_cuda_backend_set_act16(f->be, 1);
+    gn_mode_workspace(f);
+}
+
+/* The backward's elementwise tail after WKV7 in one op (backend.h
+ * attention_tail_backward) against the separate ops (key_prepare_backward,
+ * three bias_act_backward, value_residual_backward; layer 0's add): the
+ * whole training step's loss and every gradient bit for bit, at 24 rows (3
+ * sequences), 5 rows (1), 24 rows on the chunked WKV7 backward (its dkk
+ * bf16 in place) and 24 rows with the activation copies off (f32 d pre).
+ * Kernel + finish instead of 10 launches a layer (key prepare + 2 sums, 3
+ * bias ops + sums, value residual) and 8 in layer 0 (2 bias ops, the add),
+ * and layer 0's dv conversion gone (the kernel writes dv's bf16 copy there
+ * too, at more than RP_GEMV_MAX_M rows with the copies on): 157 -> 142
+ * launches for the 2-layer step. */
+static void test_attention_tail_exact(void **s) {
+    fixture *f = *s;
+    const rp_backend keep = *f->be;
+    assert_non_null(keep.attention_tail_backward);
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    for (int i = 0; i < 4; i++) {
+        const int n_seq = i != 1 ? MAX_SEQS : 1, len = i != 1 ? MAX_ROWS / MAX_SEQS : 5;
+        rp_cuda_wkv7_chunked_min_t = i == 2 ? 0 : saved_min_t;
+        rp_cuda_backend_set_act16(f->be, i != 3);
+        gn_mode_workspace(f);
+        float *side[2];
+        double loss[2];
+        unsigned long long launches[2], converts[2];
+        size_t n = 0;
+        for (int on = 0; on < 2; on++) {
+            f->be->attention_tail_backward = on ? keep.attention_tail_backward : NULL;
+            rp_model_zero(&f->grads);
+            train_step(f, n_seq, len, 3);  /* warm-up at this shape */
+            rp_model_zero(&f->grads);
+            const unsigned long long l0 = counter(launches), c0 = counter(bf16_converts);
+            loss[on] = train_step(f, n_seq, len, 3);
+            launches[on] = counter(launches) - l0;
+            converts[on] = counter(bf16_converts) - c0;
+            side[on] = grads_to_host(f, &n);
+        }
+        size_t nonzero;
+        const size_t diff = count_differ(side[0], side[1], n, &nonzero);
+        fprintf(stderr,
+                "attention tail fused (case %d): %d rows, %zu gradients, %zu nonzero, %zu "
+                "differ; launches %llu separate, %llu fused; conversions %llu, %llu\n",
+                i, n_seq * len, n, nonzero, diff, launches[0], launches[1], converts[0],
+                converts[1]);
+        assert_true(nonzero > 1000);
+        assert_true(loss[0] == loss[1]);
+        assert_int_equal(diff, 0);
+        /* layer 0's dv conversion: gone where GEMMs take bf16 copies (above
+         * the GEMV rows, copies on) */
+        assert_true(converts[0] == converts[1] + (i == 0 || i == 2));
+        const unsigned long long fewer = 8ull * f->model.cfg.n_layer - 2;
+        assert_true(launches[1] + fewer + (converts[0] - converts[1]) == launches[0]);
+        free(side[0]);
+        free(side[1]);
+    }
+    f->be->attention_tail_backward = keep.attention_tail_backward;
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
     rp_cuda_backend_set_act16(f->be, 1);
     gn_mode_workspace(f);
@@ -2033,6 +2097,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_mix_grads16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_head_logits16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_bonus_fused_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_attention_tail_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gn_fused_workspace_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_reclaimed_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_adamw_multi_exact, setup, teardown),

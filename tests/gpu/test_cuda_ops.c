@@ -1756,6 +1756,119 @@ static void buf_round_bf16(twin *t, tbuf *b) {
     buf_share_cpu(t, b);
 }
 
+/* attention_tail_backward (backend.h; CUDA only): the CPU runs the separate
+ * ops in sequence (key_prepare_backward, bias_act_backward of a, w and nu
+ * with their bias gradients, value_residual_backward; layer 0: add), the GPU
+ * the fused op and, with f32 inputs, the same separate ops: the fused
+ * outputs within the twin's tolerance of the CPU and bit for bit the GPU's
+ * separate ones. act16: k_pre, a, v_pre, v_first, nu stored bf16 in place
+ * (both sides read the rounded values); grad16: da and dw_raw too, and the
+ * fused d pre of a comes back bf16 in place. */
+static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16, int grad16) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C, bytes = n * sizeof(float);
+    rp_backend *gpu = t->gpu;
+    label(t, "R=%d C=%d %s, activations %s, da dw_raw %s", R, C, layer0 ? "layer 0" : "layer 1",
+          act16 ? "bf16" : "f32", grad16 ? "bf16" : "f32");
+    if (!gpu->attention_tail_backward)
+        fatal("%s: the CUDA backend has no attention_tail_backward", t->op);
+    tbuf *k = buf_input(t, n, -1, 1), *a = buf_input(t, n, 0, 1), *v = buf_input(t, n, -1, 1);
+    tbuf *vf = buf_input(t, n, -1, 1), *nu = buf_input(t, n, 0, 1);
+    tbuf *k_k = buf_input(t, C, 0.5, 1.5), *k_a = buf_input(t, C, 0.5, 1.5);
+    tbuf *dkk = buf_input(t, n, -1, 1), *dk = buf_input(t, n, -1, 1);
+    tbuf *da = buf_input(t, n, -1, 1), *dw = buf_input(t, n, -1, 1), *dv = buf_input(t, n, -1, 1);
+    tbuf *dvf = buf_accum(t, n, -1, 1), *dnu = buf_output(t, n);
+    tbuf *sums[5];
+    for (int i = 0; i < 5; i++) sums[i] = buf_accum(t, C, -1, 1);
+    if (act16) {
+        tbuf *acts[5] = {k, a, v, vf, nu};
+        for (int i = 0; i < 5; i++) buf_round_bf16(t, acts[i]);
+    }
+    if (grad16) {
+        buf_round_bf16(t, da);
+        buf_round_bf16(t, dw);
+    }
+    /* the GPU's separate ops on copies of the in/out buffers */
+    tbuf *io[11] = {dk, da, dw, dv, dvf, dnu, sums[0], sums[1], sums[2], sums[3], sums[4]};
+    tbuf *sep[11];
+    for (int i = 0; i < 11; i++) {
+        sep[i] = buf_zero(t, io[i]->n);
+        gpu->copy(gpu, sep[i]->gpu, io[i]->gpu, io[i]->n * sizeof(float));
+    }
+    for (int g = 0; g < 2 + (!act16 && !grad16); g++) {
+        rp_backend *be = side(t, g > 0);
+        tbuf *const *o = g == 2 ? sep : io;
+        const int s = g > 0;
+        if (g == 1) continue; /* the fused op below */
+        be->key_prepare_backward(be, at(o[0], s), at(o[1], s), at(o[6], s), at(o[7], s),
+                                 at(dkk, s), at(k, s), at(a, s), at(k_k, s), at(k_a, s), R, C,
+                                 HEAD_SIZE);
+        if (be->gemm_only) be->gemm_only(be, at(o[1], s), n);
+        be->bias_act_backward(be, at(o[1], s), at(o[8], s), at(a, s), R, C, RP_ACT_SIGMOID);
+        if (be->gemm_only) be->gemm_only(be, at(o[2], s), n);
+        be->bias_act_backward(be, at(o[2], s), at(o[9], s), at(a, s), R, C, RP_ACT_NONE);
+        if (layer0) {
+            be->add(be, at(o[3], s), at(o[4], s), n);
+            continue;
+        }
+        be->value_residual_backward(be, at(o[3], s), at(o[4], s), at(o[5], s), at(v, s),
+                                    at(vf, s), at(nu, s), R, C);
+        if (be->gemm_only) be->gemm_only(be, at(o[5], s), n);
+        be->bias_act_backward(be, at(o[5], s), at(o[10], s), at(nu, s), R, C, RP_ACT_SIGMOID);
+    }
+    if (act16) {
+        tbuf *acts[5] = {k, a, v, vf, nu};
+        for (int i = 0; i < 5; i++)
+            if (!rp_cuda_backend_store_bf16_inplace(gpu, acts[i]->gpu, n))
+                fatal("%s: storing an activation in bf16 failed", t->op);
+    }
+    if (grad16 && (!rp_cuda_backend_store_bf16_inplace(gpu, da->gpu, n) ||
+                   !rp_cuda_backend_store_bf16_inplace(gpu, dw->gpu, n)))
+        fatal("%s: storing da / dw_raw in bf16 failed", t->op);
+    gpu->attention_tail_backward(gpu, dk->gpu, da->gpu, dw->gpu, dv->gpu, dvf->gpu, dnu->gpu,
+                                 sums[0]->gpu, sums[1]->gpu, sums[2]->gpu, sums[3]->gpu,
+                                 sums[4]->gpu, dkk->gpu, k->gpu, a->gpu, v->gpu, vf->gpu,
+                                 layer0 ? NULL : nu->gpu, k_k->gpu, k_a->gpu, R, C, HEAD_SIZE);
+    static const char *const names[11] = {"dk",   "da",  "dw_raw", "dv",  "dv_first", "dnu",
+                                          "dk_k", "dk_a", "da0",   "dw0", "dv0"};
+    for (int i = 0; i < 11; i++) {
+        if (i == 2 || (layer0 && i == 5)) continue; /* dw_raw read only; layer 0: no dnu */
+        if (i == 1 && grad16) {                    /* d pre of a, bf16 in place */
+            uint16_t *h16 = xmalloc(bytes);
+            gpu->copy_to_host(gpu, h16, da->gpu, bytes);
+            float *wide = xmalloc(bytes);
+            for (size_t j = 0; j < n; j++) {
+                const uint32_t u = (uint32_t)h16[j] << 16;
+                memcpy(wide + j, &u, sizeof u);
+            }
+            compare_values(t, "da (bf16 in place)", wide, da->cpu, NULL, n, TOL_BF16_IO);
+            free(wide);
+            free(h16);
+            continue;
+        }
+        if (layer0 && i == 10) {
+            compare_exact(t, "dv0 untouched (layer 0)", io[i]);
+            continue;
+        }
+        compare(t, names[i], io[i]);
+        if (!act16 && !grad16) {
+            char what[64];
+            snprintf(what, sizeof what, "%s fused == separate", names[i]);
+            compare_gpu_exact(t, what, io[i], sep[i]);
+        }
+    }
+    if (!grad16) compare_exact(t, "dw_raw untouched", dw);
+}
+
+static void check_attention_tail_backward(twin *t, const shape *sh) {
+    attention_tail_case(t, sh, 0, 0, 0);
+    attention_tail_case(t, sh, 1, 0, 0);
+    attention_tail_case(t, sh, 0, 1, 0);
+    attention_tail_case(t, sh, 0, 0, 1);
+    attention_tail_case(t, sh, 0, 1, 1);
+    attention_tail_case(t, sh, 1, 1, 1);
+}
+
 /* A bf16 device copy of b's GPU side (exact: b holds rounded values). */
 static void *dev_bf16(twin *t, const tbuf *b) {
     tbuf *h = buf_zero(t, (b->n + 1) / 2);
@@ -2683,6 +2796,7 @@ static const twin_check checks[] = {
     {"value_residual_backward", check_value_residual_backward, MATH_FP32, 0},
     {"key_prepare", check_key_prepare, MATH_FP32, 0},
     {"key_prepare_backward", check_key_prepare_backward, MATH_FP32, 0},
+    {"attention_tail_backward", check_attention_tail_backward, MATH_FP32, 0},
     {"bonus_gate", check_bonus_gate, MATH_FP32, 0},
     {"bonus_gate_backward", check_bonus_gate_backward, MATH_FP32, 0},
     {"groupnorm_bonus_gate", check_groupnorm_bonus_gate, MATH_FP32, 0},
@@ -2750,7 +2864,7 @@ static int vtable_complete(twin *t) {
         OP(wkv7_forward_train), OP(wkv7_backward), OP(wkv7_backward_beta), OP(cross_entropy),
         OP(l2wrap), OP(row_max), OP(sum_squares), OP(adamw), OP(gemv_group),
         OP(time_mix_heads), OP(groupnorm_bonus_gate), OP(groupnorm_bonus_gate_backward),
-        OP(ln_mix_again_fits), OP(ln_mix_again),
+        OP(ln_mix_again_fits), OP(ln_mix_again), OP(attention_tail_backward),
     };
 #undef OP
     int complete = 1;
