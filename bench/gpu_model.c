@@ -335,24 +335,28 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
          * writes it in bf16 in place; tanh after w1, sigmoid after g1 run
          * on it in place, bf16 in and out (2 + 2 bytes an element) */
         gemm_c16(l, "GEMM LoRA down (C -> rank), bf16 C", 1, R, ranks[i], C);
-        /* w_raw is WKV7-only (forward.c: gemm_only with kk's wkv_only):
-         * the up GEMM writes it in bf16 in place, bias_act runs on it so */
+        /* w_raw and a are stored bf16 in training (forward.c: gemm_only
+         * with kk's wkv_only): the up GEMM writes them in bf16 in place,
+         * bias_act runs on them so */
         if (i == 0) gemm_c16(l, "GEMM LoRA up (w: rank -> C), bf16 C", 1, R, C, ranks[i]);
+        else if (i == 1) gemm_c16(l, "GEMM LoRA up (a: rank -> C), bf16 C", 1, R, C, ranks[i]);
         else gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i], 1);
         if (i == 0 || i == 2) {
             ew(l, "bias_act (LoRA hidden, bf16 in place)", 1, R, ranks[i], 1, 0, 4);
         }
     }
     ew(l, "bias_act (w0, bf16 in place)", 1, R, C, 1, 1, 4);
-    ew(l, "bias_act (a0, v0)", loras - 2, R, C, 2, 1, 4);
+    ew(l, "bias_act (a0, bf16 in place)", 1, R, C, 1, 1, 4);
+    ew(l, "bias_act (v0)", loras - 3, R, C, 2, 1, 4);
     if (layer == 0) ew(l, "copy (v_first)", 1, R, C, 2, 0, 0);
     else ew(l, "value_residual", 1, R, C, 4, 0, 3);
-    /* kk is WKV7-only (backend.h wkv_only): written in bf16 in place */
-    ew(l, "key_prepare (kk bf16)", 1, R, C, 3 + BF16_OUT, 2, 6);
+    /* kk is WKV7-only (backend.h wkv_only): written in bf16 in place; a
+     * read in bf16 (in place) */
+    ew(l, "key_prepare (kk bf16, a bf16)", 1, R, C, 2.5 + BF16_OUT, 2, 6);
     /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O
-     * but kk, w_raw and y (bf16 in place) */
-    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, kk w_raw y bf16)",
-                      (6.5 * 4 - 2 - 2) * R * C + 2 * S * state + R / 16 * state,
+     * but kk, w_raw, a and y (bf16 in place) */
+    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, kk w_raw a y bf16)",
+                      (6.5 * 4 - 2 - 2 - 2) * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     /* groupnorm_bonus_gate: y, r, k, v, g read once, og written in bf16
@@ -502,12 +506,12 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
      * gradients, the value residual (layer 0: dv += dv_first): one pass */
     attention_tail_backward(l, R, C, layer);
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
-     * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk and w_raw
-     * read and dkk written in bf16 in place (wkv_only: key_prepare_backward
+     * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk, w_raw
+     * and a read and dkk written in bf16 in place (wkv_only: key_prepare_backward
      * alone reads dkk), and a bf16 copy of dr (the receptance GEMM
      * backward's dY) */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk w_raw dkk dy bf16, + bf16 dr)",
-                      (16.0 * 4 - 2 - 4 * (1 - GN_DY_IO)) * R * C + 2.0 * R * C +
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk w_raw a dkk dy bf16, + bf16 dr)",
+                      (16.0 * 4 - 2 - 2 - 4 * (1 - GN_DY_IO)) * R * C + 2.0 * R * C +
                           2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);

@@ -977,11 +977,12 @@ static void bias_act_backward_inplace(rp_cuda_ctx *cx, const rp_cuda_inplace *ip
 }
 
 // with bias: grid (C / (32 W), chunks); dy [R,C] *= act'(y), part_b [chunks, C] = sums of d pre;
-// store_f32 0: d pre goes to dy16 only (a GEMM-only d pre), dy is only read
-template <int W>
+// store_f32 0: d pre goes to dy16 only (a GEMM-only d pre), dy is only read;
+// YT bf16: y stored bf16 in place (training's a for the a0 bias, rp_cuda_inplace)
+template <int W, typename YT>
 __global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
                                                      float *__restrict__ part_b,
-                                                     const float *__restrict__ y, int R, int C,
+                                                     const YT *__restrict__ y, int R, int C,
                                                      int act, int rows_per_chunk,
                                                      __nv_bfloat16 *__restrict__ dy16,
                                                      int store_f32) {
@@ -998,8 +999,7 @@ __global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
             const size_t o = (size_t)r * C + c;
             vecf<W> d = load<W>(dy + o);
             if (act != RP_ACT_NONE) {
-                const vecf<W> yv = load<W>(y + o);
-                for (int i = 0; i < W; i++) d.v[i] *= act_derivative(act, yv.v[i]);
+                for (int i = 0; i < W; i++) d.v[i] *= act_derivative(act, y_at(y, o + i));
                 if (store_f32) store<W>(dy + o, d);
             }
             if (dy16)
@@ -1037,14 +1037,13 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
         if (dy16) rp_cuda_act16_publish(cx, dy16, dy, n);
         return;
     }
-    if (act != RP_ACT_NONE && rp_cuda_inplace_find(cx, y, (size_t)R * C)) {
-        if (cx->error.code == RP_OK)  // sticky: the first failure stays
-            rp_error_set(&cx->error, RP_ERR_INTERNAL,
-                         "cuda bias_act_backward: y is a GEMM-only output stored bf16 "
-                         "(gemm_only) but a bias gradient was asked; drop the gemm_only "
-                         "hint for this output");
+    // y stored bf16 in place (training's a, the a0 bias: its LoRA up GEMM
+    // under gemm_only): act' from bf16(y), as without a bias
+    const __nv_bfloat16 *y16 =
+        act != RP_ACT_NONE ? rp_cuda_inplace_find(cx, y, (size_t)R * C) : nullptr;
+    if (act != RP_ACT_NONE && !y16 &&
+        !rp_cuda_store16_fits(cx, y, (size_t)R * C, "bias_act_backward (y)"))
         return;
-    }
     if (rp_cuda_inplace_at(cx, dy, (size_t)R * C)) {
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
@@ -1067,11 +1066,17 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
     // d pre is the dY of the LoRA up-projection's backward GEMMs
     __nv_bfloat16 *dy16 = rp_cuda_act16_for_rows(cx, dy, (size_t)R * C, R);
     const int sole = gemm_only && dy16 && act != RP_ACT_NONE;
-    if (W == 4)
-        bias_act_backward_bias_kernel<4><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+    if (W == 4 && y16)
+        bias_act_backward_bias_kernel<4, __nv_bfloat16><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole);
+    else if (y16)
+        bias_act_backward_bias_kernel<1, __nv_bfloat16><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole);
+    else if (W == 4)
+        bias_act_backward_bias_kernel<4, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
             dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole);
     else
-        bias_act_backward_bias_kernel<1><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+        bias_act_backward_bias_kernel<1, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
             dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole);
     if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, (size_t)R * C * sizeof(float)},
                               {part_b, (size_t)chunks * C * sizeof(float)}))
@@ -1156,13 +1161,14 @@ static void cuda_value_residual_backward(rp_backend *be, float *dv, float *dv_fi
 // dk16 (may be NULL): a bf16 copy of the new dk, the key GEMM backward's dY.
 __device__ __forceinline__ float key_in(const float *p) { return *p; }
 __device__ __forceinline__ float key_in(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
-template <typename TK>
+// TA: a's type (bf16: training's a in place, backend.h gemm_only).
+template <typename TK, typename TA>
 __global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float *__restrict__ da,
                                                    float *__restrict__ part_kk,
                                                    float *__restrict__ part_ka,
                                                    const TK *__restrict__ dkk,
                                                    const float *__restrict__ k,
-                                                   const float *__restrict__ a,
+                                                   const TA *__restrict__ a,
                                                    const float *__restrict__ k_k,
                                                    const float *__restrict__ k_a, int R, int C,
                                                    int rows_per_chunk,
@@ -1196,7 +1202,7 @@ __global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float
         const float pj = norm > KK_EPS ? dot * iv * iv : 0.0f;
         for (int e = 0; e < E; e++) {
             const size_t i = o + 32 * e;
-            const float d_out = dk[i], av = a[i];
+            const float d_out = dk[i], av = key_in(a + i);
             const float du = (dkkv[e] - kv[e] * kkw[e] * pj) * iv;
             acc_kk[e] += du * kv[e];
             acc_ka[e] += d_out * kv[e] * (av - 1.0f);
@@ -1249,12 +1255,25 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
     // (rp_cuda_act16; it outlives the LoRA backwards between them, see
     // RP_CUDA_ACT16_SLOTS)
     __nv_bfloat16 *dk16 = rp_cuda_act16_for_rows(cx, dk, (size_t)R * C, R);
-    if (dkk16)
-        key_prepare_backward_kernel<__nv_bfloat16><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dk, da, part_kk, part_ka, dkk16, k, a, k_k, k_a, R, C, rows_per_chunk, dk16);
+    // a in bf16 in place (training's, key_prepare read it so too)
+    const __nv_bfloat16 *a16 = rp_cuda_inplace_find(cx, a, (size_t)R * C);
+    if (!a16 && !rp_cuda_store16_fits(cx, a, (size_t)R * C, "key_prepare_backward (a)")) return;
+    if (dkk16 && a16)
+        key_prepare_backward_kernel<__nv_bfloat16, __nv_bfloat16>
+            <<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(dk, da, part_kk, part_ka, dkk16, k, a16,
+                                                        k_k, k_a, R, C, rows_per_chunk, dk16);
+    else if (dkk16)
+        key_prepare_backward_kernel<__nv_bfloat16, float>
+            <<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(dk, da, part_kk, part_ka, dkk16, k, a,
+                                                        k_k, k_a, R, C, rows_per_chunk, dk16);
+    else if (a16)
+        key_prepare_backward_kernel<float, __nv_bfloat16>
+            <<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(dk, da, part_kk, part_ka, dkk, k, a16,
+                                                        k_k, k_a, R, C, rows_per_chunk, dk16);
     else
-        key_prepare_backward_kernel<float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dk, da, part_kk, part_ka, dkk, k, a, k_k, k_a, R, C, rows_per_chunk, dk16);
+        key_prepare_backward_kernel<float, float>
+            <<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(dk, da, part_kk, part_ka, dkk, k, a,
+                                                        k_k, k_a, R, C, rows_per_chunk, dk16);
     if (!RP_CUDA_LAUNCHED_OUT(cx, "key_prepare_backward", {dk, (size_t)R * C * sizeof(float)}, {da, (size_t)R * C * sizeof(float)},
                               {part_kk, part * sizeof(float)}, {part_ka, part * sizeof(float)}))
         return;

@@ -930,10 +930,13 @@ __device__ __forceinline__ void key_store(__nv_bfloat16 *p, float x) { *p = __fl
 // place. One warp per (row, head), lane j owns channels j and j + 32 and
 // reads its k before writing it. A partial last head (C % 64 != 0, never in
 // a real model) gets no kk, only the k update, as on the CPU. TK: kk's type
-// (bf16: a WKV7-only kk in place, rounded once).
+// (bf16: a WKV7-only kk in place, rounded once); TA: a's (bf16: training's a
+// in place, its LoRA up GEMM under gemm_only).
 // k_in: the k read (k itself in place, or k_pre: key_prepare_from).
-template <typename TK>
-static __global__ void key_prepare_kernel(TK *kk, float *k, const float *k_in, const float *a,
+__device__ __forceinline__ float key_load(const float *p) { return *p; }
+__device__ __forceinline__ float key_load(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
+template <typename TK, typename TA>
+static __global__ void key_prepare_kernel(TK *kk, float *k, const float *k_in, const TA *a,
                                           const float *k_k, const float *k_a, int R, int C) {
     const int groups = (C + KEY_HEAD - 1) / KEY_HEAD;
     const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -944,7 +947,7 @@ static __global__ void key_prepare_kernel(TK *kk, float *k, const float *k_in, c
     const int c0 = h * KEY_HEAD + lane, c1 = c0 + 32;
     float *kr = k + row * C;
     const float *kir = k_in + row * C;
-    const float *ar = a + row * C;
+    const TA *ar = a + row * C;
 
     if (h < C / KEY_HEAD) {
         TK *kkr = kk + row * C;
@@ -955,8 +958,8 @@ static __global__ void key_prepare_kernel(TK *kk, float *k, const float *k_in, c
         key_store(kkr + c0, t0 * inv);
         key_store(kkr + c1, t1 * inv);
     }
-    if (c0 < C) kr[c0] = kir[c0] * (1.0f + (ar[c0] - 1.0f) * k_a[c0]);
-    if (c1 < C) kr[c1] = kir[c1] * (1.0f + (ar[c1] - 1.0f) * k_a[c1]);
+    if (c0 < C) kr[c0] = kir[c0] * (1.0f + (key_load(ar + c0) - 1.0f) * k_a[c0]);
+    if (c1 < C) kr[c1] = kir[c1] * (1.0f + (key_load(ar + c1) - 1.0f) * k_a[c1]);
 }
 
 // key_prepare reading k_in (backend.h key_prepare_from: training's copy of
@@ -980,12 +983,24 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
                      R > RP_GEMV_MAX_M;
     const int only16 = only && !cx->act16_off;
     if (!only16 && !rp_cuda_store16_fits(cx, kk, n, "key_prepare")) return;
-    if (only16)
-        key_prepare_kernel<__nv_bfloat16><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
-            (__nv_bfloat16 *)kk, k, k_in, a, k_k, k_a, R, C);
+    // a in bf16 in place (training: its LoRA up GEMM under gemm_only, the
+    // a0 sigmoid in place) is read so; its f32 memory holds no values
+    const __nv_bfloat16 *a16 = rp_cuda_inplace_find(cx, a, n);
+    if (!a16 && !rp_cuda_store16_fits(cx, a, n, "key_prepare (a)")) return;
+    const unsigned blocks = warp_blocks(groups);
+    __nv_bfloat16 *const kk16 = (__nv_bfloat16 *)kk;
+    if (only16 && a16)
+        key_prepare_kernel<__nv_bfloat16, __nv_bfloat16>
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, k, k_in, a16, k_k, k_a, R, C);
+    else if (only16)
+        key_prepare_kernel<__nv_bfloat16, float>
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, k, k_in, a, k_k, k_a, R, C);
+    else if (a16)
+        key_prepare_kernel<float, __nv_bfloat16>
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk, k, k_in, a16, k_k, k_a, R, C);
     else
-        key_prepare_kernel<float><<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
-            kk, k, k_in, a, k_k, k_a, R, C);
+        key_prepare_kernel<float, float>
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk, k, k_in, a, k_k, k_a, R, C);
     RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, n * (only16 ? sizeof(__nv_bfloat16) : sizeof(float))},
                          {k, n * sizeof(float)});
     if (only16)

@@ -7,8 +7,8 @@
 // types: fp32, bf16 inputs with fp32 outputs (the model in BF16 math when
 // bf16 copies of all inputs exist), or bf16 throughout (the official
 // kernel's dtype; cuda_wkv7.h); state, decay and sums stay fp32. TK is the
-// type of the WKV7-only inputs kk and w_raw (bf16 in place in training:
-// backend.h wkv_only, gemm_only), TI that of r, k, v, a.
+// type of the inputs training stores bf16 in place, kk, w_raw and a (backend.h
+// wkv_only, gemm_only), TI that of r, k, v.
 #include "cuda_internal.h"
 #include "cuda_wkv7.h"
 #include <mma.h>
@@ -80,7 +80,7 @@ struct wkv_chunk_token {
 template <typename TI, typename TK = TI>
 __device__ __forceinline__ wkv_chunk_token wkv_chunk_token_in(const TI *r, const TK *w_raw,
                                                               const TI *k, const TK *kk,
-                                                              const TI *a, size_t o) {
+                                                              const TK *a, size_t o) {
     const float kkv = wkv_in(kk, o);
     return wkv_chunk_token{wkv_in(r, o), rp_decayf(wkv_in(w_raw, o)), wkv_in(k, o), -kkv,
                            kkv * wkv_in(a, o)};
@@ -172,7 +172,7 @@ struct wkv_fwd_in {
 template <typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_fwd_load(wkv_fwd_in &q, const TI *r, const TK *w_raw,
                                              const TI *k, const TI *v, const TK *kk,
-                                             const TI *a, size_t o, int p) {
+                                             const TK *a, size_t o, int p) {
     if (p == 0) {
         q.x0 = r ? wkv_in(r, o) : 0.0f;
         q.x1 = wkv_in(w_raw, o);
@@ -247,7 +247,7 @@ __device__ __forceinline__ void wkv_forward_step(float (&st)[WKV_HALF], const fl
 template <bool TRAIN, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(WKV_THREADS)
     wkv7_forward_kernel(TO *y, const TI *r, const TK *w_raw, const TI *k,
-                        const TI *v, const TK *kk, const TI *a, float *state_base,
+                        const TI *v, const TK *kk, const TK *a, float *state_base,
                         size_t state_stride, float *checkpoints, const int32_t *seq_len,
                         const int32_t *row_begin, const int32_t *slot,
                         const int32_t *ckpt_block, int C) {
@@ -310,7 +310,7 @@ struct wkv_rows_in {
 template <int SPLIT, typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_rows_load(wkv_rows_in<SPLIT> &q, const TI *r,
                                               const TK *w_raw, const TI *k, const TI *v,
-                                              const TK *kk, const TI *a, size_t head, int i) {
+                                              const TK *kk, const TK *a, size_t head, int i) {
 #pragma unroll
     for (int c = 0; c < wkv_rows<SPLIT>::CH; c++) {
         const size_t o = head + threadIdx.x + wkv_rows<SPLIT>::THREADS * c;
@@ -372,7 +372,7 @@ __device__ __forceinline__ void wkv_rows_put(float *g, float *tile, const float 
 template <bool TRAIN, int SPLIT, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(wkv_rows<SPLIT>::THREADS)
     wkv7_forward_rows_kernel(TO *y, const TI *r, const TK *w_raw, const TI *k, const TI *v,
-                             const TK *kk, const TI *a, float *state_base, size_t state_stride,
+                             const TK *kk, const TK *a, float *state_base, size_t state_stride,
                              float *checkpoints, const int32_t *seq_len,
                              const int32_t *row_begin, const int32_t *slot,
                              const int32_t *ckpt_block, int C) {
@@ -438,7 +438,7 @@ enum { CH_R = 0, CH_D, CH_K, CH_A, CH_B, CH_V, CH_COUNT };
 template <bool TRAIN, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(WKV_THREADS, 4)
     wkv7_chunk_forward_kernel(TO *y, const TI *r, const TK *w_raw, const TI *k, const TI *v,
-                              const TK *kk, const TI *a, float *state_base, size_t state_stride,
+                              const TK *kk, const TK *a, float *state_base, size_t state_stride,
                               float *checkpoints, const int32_t *seq_len,
                               const int32_t *row_begin, const int32_t *slot,
                               const int32_t *ckpt_block, int C) {
@@ -596,7 +596,7 @@ typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, WKV_MMA, WKV_MMA, WKV_MMA
 template <typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_mma_stage(__nv_bfloat16 *vh, float *vf, float *gl,
                                               const TI *r, const TK *w_raw, const TI *k,
-                                              const TI *v, const TK *kk, const TI *a,
+                                              const TI *v, const TK *kk, const TK *a,
                                               size_t head, int C, int t0, int n) {
     if (threadIdx.x < WKV_N) {
         const int j = threadIdx.x;
@@ -682,7 +682,7 @@ __device__ __forceinline__ void wkv_mma_state(float *tile, const __nv_bfloat16 *
 template <bool TRAIN, typename TI, typename TO, typename TK = TI>
 __global__ void __launch_bounds__(WKV_THREADS, 4)
     wkv7_chunk_forward_mma_kernel(TO *y, const TI *r, const TK *w_raw, const TI *k, const TI *v,
-                                  const TK *kk, const TI *a, float *state_base,
+                                  const TK *kk, const TK *a, float *state_base,
                                   size_t state_stride, float *checkpoints,
                                   const int32_t *seq_len, const int32_t *row_begin,
                                   const int32_t *slot, const int32_t *ckpt_block, int C) {
@@ -761,7 +761,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 4)
 template <typename TI, typename TK = TI>
 __device__ __forceinline__ void wkv_recompute(float (&st)[WKV_HALF], const TK *w_raw,
                                               const TI *k, const TI *v, const TK *kk,
-                                              const TI *a, size_t base, int C, int from,
+                                              const TK *a, size_t base, int C, int from,
                                               int to, float *sa_buf, float *anchors, float *vec,
                                               int i, int p) {
     wkv_fwd_in q = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -789,7 +789,7 @@ struct wkv_bwd_in {
 template <typename TI, typename TK = TI, typename TY = TI>
 __device__ __forceinline__ void wkv_bwd_load(wkv_bwd_in &q, const TY *dy, const TI *r,
                                              const TK *w_raw, const TI *k, const TI *v,
-                                             const TK *kk, const TI *a, size_t o, int p) {
+                                             const TK *kk, const TK *a, size_t o, int p) {
     if (p == 0) {
         q.x0 = wkv_in(r, o);
         q.x1 = wkv_in(w_raw, o);
@@ -859,7 +859,7 @@ __global__ void __launch_bounds__(WKV_THREADS,
     wkv7_backward_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TD *dkk, TO *da,
                          float *dstate_base, size_t state_stride, const TY *dy,
                          const TI *r, const TK *w_raw, const TI *k, const TI *v,
-                         const TK *kk, const TI *a, const float *checkpoints,
+                         const TK *kk, const TK *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
                          const int32_t *ckpt_block, int C, int accumulate,
                          __nv_bfloat16 *dr16) {
@@ -1214,7 +1214,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
     wkv7_chunk_backward_mma_kernel(TO *dr, TO *dw_raw, TO *dk, TO *dv, TD *dkk, TO *da,
                                    float *dstate_base, size_t state_stride, const TY *dy,
                                    const TI *r, const TK *w_raw, const TI *k, const TI *v,
-                                   const TK *kk, const TI *a, const float *checkpoints,
+                                   const TK *kk, const TK *a, const float *checkpoints,
                                    const int32_t *seq_len, const int32_t *row_begin,
                                    const int32_t *slot, const int32_t *ckpt_block, int C,
                                    int accumulate, __nv_bfloat16 *dr16) {
@@ -1492,7 +1492,7 @@ static int wkv_rows_split(long heads, int n_sm) {
 template <bool TRAIN, typename TI, typename TO, typename TK>
 static void wkv_token_forward_launch(rp_cuda_ctx *cx, dim3 grid, TO *y, const TI *r,
                                      const TK *w_raw, const TI *k, const TI *v, const TK *kk,
-                                     const TI *a, float *state_base, size_t state_stride,
+                                     const TK *a, float *state_base, size_t state_stride,
                                      float *checkpoints, const rp_cuda_batch *b, int C) {
     const int split = wkv_rows_split((long)grid.x * grid.y, cx->n_sm);
     if (split == 2) {
@@ -1515,7 +1515,7 @@ static void wkv_token_forward_launch(rp_cuda_ctx *cx, dim3 grid, TO *y, const TI
 template <bool TRAIN, typename TI, typename TO, typename TK>
 static void wkv_forward_launch(rp_cuda_ctx *cx, const char *op, TO *y, const TI *r,
                                const TK *w_raw, const TI *k, const TI *v, const TK *kk,
-                               const TI *a, float *state_base, size_t state_stride,
+                               const TK *a, float *state_base, size_t state_stride,
                                float *checkpoints, const rp_batch *batch, int C, int N) {
     if (!wkv_launchable(cx, op, batch, C, N)) return;
     rp_cuda_batch b;
@@ -1535,18 +1535,19 @@ static void wkv_forward_launch(rp_cuda_ctx *cx, const char *op, TO *y, const TI 
     RP_CUDA_LAUNCHED(cx, op);
 }
 
-// kk and w_raw are bf16 in place both or neither (one template type TK):
-// training hints both under the same conditions (BF16 math, more rows than
-// a GEMV takes, the copies on). One alone is a caller's error, reported.
-static bool wkv_only_pair(rp_cuda_ctx *cx, const char *op, const __nv_bfloat16 *kk16,
-                          const __nv_bfloat16 *w16) {
-    if (!kk16 == !w16) return true;
+// kk, w_raw and a are bf16 in place all or none (one template type TK):
+// training hints them under the same conditions (BF16 math, more rows than
+// a GEMV takes, the copies on). A part of them is a caller's error, reported.
+static bool wkv_only_set(rp_cuda_ctx *cx, const char *op, const __nv_bfloat16 *kk16,
+                          const __nv_bfloat16 *w16, const __nv_bfloat16 *a16) {
+    if (!kk16 == !w16 && !kk16 == !a16) return true;
     if (cx->error.code == RP_OK)
         rp_error_set(&cx->error, RP_ERR_INTERNAL,
-                     "cuda %s: %s is stored bf16 in place but %s is f32; the kernels take "
-                     "kk and w_raw in one type: hint both (wkv_only for kk, gemm_only for "
-                     "w_raw's LoRA up GEMM) or neither",
-                     op, kk16 ? "kk" : "w_raw", kk16 ? "w_raw" : "kk");
+                     "cuda %s: kk is stored %s, w_raw %s and a %s; the kernels take kk, "
+                     "w_raw and a in one type: hint all three (wkv_only for kk, gemm_only "
+                     "for the w and a LoRAs' up GEMMs) or none",
+                     op, kk16 ? "bf16 in place" : "f32", w16 ? "bf16 in place" : "f32",
+                     a16 ? "bf16 in place" : "f32");
     return false;
 }
 
@@ -1567,6 +1568,8 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
     // place: forward.c's gemm_only hint in training); the two come together
     const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
     const __nv_bfloat16 *w16 = n > 0 ? rp_cuda_inplace_find(cx, w_raw, n) : nullptr;
+    // a likewise (the a LoRA's up GEMM and the a0 sigmoid in place)
+    const __nv_bfloat16 *a16 = n > 0 ? rp_cuda_inplace_find(cx, a, n) : nullptr;
     const bool all16 = n > 0 && wkv_find16(cx, in, in16, 6, n);
     // A training y that only groupnorm_bonus_gate and its backward read
     // (backend.h wkv_only) is written in bf16 in place, no f32, when the
@@ -1577,9 +1580,10 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
     const int y16 = only && !cx->act16_off && (all16 || kk16);
     __nv_bfloat16 *yb = (__nv_bfloat16 *)y;
     if (!y16 && n > 0 && !rp_cuda_store16_fits(cx, y, n, op)) return;
-    // f32 kk / w_raw are read whole: not past a bf16-only buffer either
+    // f32 kk / w_raw / a are read whole: not past a bf16-only buffer either
     if (n > 0 && !all16 && ((!kk16 && !rp_cuda_store16_fits(cx, kk, n, op)) ||
-                            (!w16 && !rp_cuda_store16_fits(cx, w_raw, n, op))))
+                            (!w16 && !rp_cuda_store16_fits(cx, w_raw, n, op)) ||
+                            (!a16 && !rp_cuda_store16_fits(cx, a, n, op))))
         return;
     if (all16 && y16)
         wkv_forward_launch<TRAIN>(cx, op, yb, in16[0], in16[1], in16[2], in16[3], in16[4],
@@ -1587,13 +1591,13 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
     else if (all16)
         wkv_forward_launch<TRAIN>(cx, op, y, in16[0], in16[1], in16[2], in16[3], in16[4],
                                   in16[5], state_base, state_stride, checkpoints, batch, C, N);
-    else if (!wkv_only_pair(cx, op, kk16, w16))
+    else if (!wkv_only_set(cx, op, kk16, w16, a16))
         return;
     else if (kk16 && y16)
-        wkv_forward_launch<TRAIN>(cx, op, yb, r, w16, k, v, kk16, a, state_base, state_stride,
-                                  checkpoints, batch, C, N);
+        wkv_forward_launch<TRAIN>(cx, op, yb, r, w16, k, v, kk16, a16, state_base,
+                                  state_stride, checkpoints, batch, C, N);
     else if (kk16)
-        wkv_forward_launch<TRAIN>(cx, op, y, r, w16, k, v, kk16, a, state_base, state_stride,
+        wkv_forward_launch<TRAIN>(cx, op, y, r, w16, k, v, kk16, a16, state_base, state_stride,
                                   checkpoints, batch, C, N);
     else
         wkv_forward_launch<TRAIN>(cx, op, y, r, w_raw, k, v, kk, a, state_base, state_stride,
@@ -1624,8 +1628,8 @@ static void cuda_wkv7_forward_train(rp_backend *be, float *y, const float *r, co
                          state_stride, checkpoints, batch, C, N);
 }
 
-// g = {dr, dw_raw, dk, dv, dkk, da}: dkk of type TD (g[4] cast), kk and
-// w_raw (in[4], in[1] cast) of type TK, dy TY, the rest TO and TI. dr16 (may be NULL): a bf16 copy of
+// g = {dr, dw_raw, dk, dv, dkk, da}: dkk of type TD (g[4] cast), kk, w_raw
+// and a (in[4], in[1], in[5] cast) of type TK, dy TY, the rest TO and TI. dr16 (may be NULL): a bf16 copy of
 // the new dr, the receptance GEMM backward's dY (rp_cuda_act16).
 template <typename TI, typename TO, typename TK = TI, typename TD = TO, typename TY = TI>
 static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_base,
@@ -1633,7 +1637,7 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
                                 const float *checkpoints, const rp_batch *batch, int C, int N,
                                 float beta, __nv_bfloat16 *dr16 = nullptr) {
     TD *dkk = (TD *)g[4];
-    const TK *kk = (const TK *)in[4], *w_raw = (const TK *)in[1];
+    const TK *kk = (const TK *)in[4], *w_raw = (const TK *)in[1], *a = (const TK *)in[5];
     if (!wkv_launchable(cx, "wkv7_backward", batch, C, N)) return;
     rp_cuda_batch b;
     if (!rp_cuda_upload_batch(cx, batch, &b)) return;
@@ -1647,12 +1651,12 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
             return;
         wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
-            in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
+            in[2], in[3], kk, a, checkpoints, b.seq_len, b.row_begin, b.slot,
             b.ckpt_block, C, beta != 0.0f, dr16);
     } else {
         wkv7_backward_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, 0, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
-            in[2], in[3], kk, in[5], checkpoints, b.seq_len, b.row_begin, b.slot,
+            in[2], in[3], kk, a, checkpoints, b.seq_len, b.row_begin, b.slot,
             b.ckpt_block, C, beta != 0.0f, dr16);
     }
     RP_CUDA_LAUNCHED(cx, "wkv7_backward");
@@ -1678,11 +1682,13 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     const int dkk16 = only && !cx->act16_off;
     const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
     const __nv_bfloat16 *w16 = n > 0 ? rp_cuda_inplace_find(cx, w_raw, n) : nullptr;
+    const __nv_bfloat16 *a16 = n > 0 ? rp_cuda_inplace_find(cx, a, n) : nullptr;
     const bool all16 = n > 0 && wkv_find16(cx, in, in16, 7, n);
-    if (!all16 && !wkv_only_pair(cx, "wkv7_backward", kk16, w16)) return;
-    // f32 kk / w_raw are read whole: not past a bf16-only buffer
+    if (!all16 && !wkv_only_set(cx, "wkv7_backward", kk16, w16, a16)) return;
+    // f32 kk / w_raw / a are read whole: not past a bf16-only buffer
     if (n > 0 && !all16 && ((!kk16 && !rp_cuda_store16_fits(cx, kk, n, "wkv7_backward")) ||
-                            (!w16 && !rp_cuda_store16_fits(cx, w_raw, n, "wkv7_backward"))))
+                            (!w16 && !rp_cuda_store16_fits(cx, w_raw, n, "wkv7_backward")) ||
+                            (!a16 && !rp_cuda_store16_fits(cx, a, n, "wkv7_backward"))))
         return;
     // dy in bf16 in place: groupnorm_bonus_gate_backward wrote it so under
     // the model's wkv_only hint (this op alone reads it). Training hints kk,
@@ -1712,7 +1718,7 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
                                 batch, C, N, beta, dr16);
     } else {
         const float *in32[6] = {r, w16 ? (const float *)w16 : w_raw, k, v,
-                                kk16 ? (const float *)kk16 : kk, a};
+                                kk16 ? (const float *)kk16 : kk, a16 ? (const float *)a16 : a};
         if (dy16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy16, in32, checkpoints, batch, C, N, beta,

@@ -579,7 +579,10 @@ struct rp_backend {
      * place as its dy (a gradient p: the dx of a matmul backward), and a
      * training step's w_raw (its bias_act in place, then read by wkv7 ops as
      * w_raw, and passed as the y that bias_act_backward with RP_ACT_NONE
-     * does not read) when its kk is wkv_only; the backend may keep p in its GEMM operand format instead of f32 (CUDA,
+     * does not read) when its kk is wkv_only, and a training step's a (its
+     * sigmoid bias_act in place, then read by key_prepare(_from), the wkv7
+     * ops, key_prepare_backward and as y by the a0 bias_act_backward, with
+     * dbias) under the same condition; the backend may keep p in its GEMM operand format instead of f32 (CUDA,
      * bf16 math: bf16 in place, so no conversion kernel; the activation and
      * its backward then read and write bf16). Any other read of p before then is undefined. The next
      * matmul op, layernorm, bonus_gate_to or groupnorm_bonus_gate consumes
@@ -604,7 +607,7 @@ struct rp_backend {
      * NULL: every saved activation gets an fp32 buffer; issue 15) ----
      * store16_fits(be, max_rows): 1 when, for every batch of up to max_rows
      * rows, the backend keeps each saved activation that the model hints
-     * (gemm_only / wkv_only: the FFN hidden, w_raw, kk, WKV7's y, og) in bf16
+     * (gemm_only / wkv_only: the FFN hidden, w_raw, a, kk, WKV7's y, og) in bf16
      * only whenever the batch has more than max_rows / 2 rows, and writes
      * the f32 of smaller batches only: so its buffer needs max_rows x cols / 2
      * floats. store16_promise(be, p, n, cap): p [n elements] got cap floats

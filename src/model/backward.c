@@ -75,14 +75,15 @@ enum {
     RP_STORE16_W_RAW = 1u << 1,      /* gemm_only before the w LoRA's up GEMM (with kk) */
     RP_STORE16_KK = 1u << 2,         /* wkv_only before key_prepare */
     RP_STORE16_Y = 1u << 3,          /* wkv_only before wkv7_forward_train (fused groupnorm) */
-    RP_STORE16_OG = 1u << 4          /* gemm_only before groupnorm_bonus_gate / bonus_gate_to */
+    RP_STORE16_OG = 1u << 4,         /* gemm_only before groupnorm_bonus_gate / bonus_gate_to */
+    RP_STORE16_A = 1u << 5           /* gemm_only before the a LoRA's up GEMM (with kk) */
 };
 
 static unsigned store16_for(rp_backend *be, int max_rows) {
     if (!be->store16_fits || !be->store16_promise || !be->store16_fits(be, max_rows)) return 0;
     unsigned s = 0;
     if (be->gemm_only) s |= RP_STORE16_FFN_HIDDEN;
-    if (be->gemm_only && be->wkv_only) s |= RP_STORE16_W_RAW;
+    if (be->gemm_only && be->wkv_only) s |= RP_STORE16_W_RAW | RP_STORE16_A;
     if (be->wkv_only) s |= RP_STORE16_KK;
     if (fused_gn(be) && be->wkv_only) s |= RP_STORE16_Y;
     if (be->gemm_only && (be->groupnorm_bonus_gate || be->bonus_gate_to)) s |= RP_STORE16_OG;
@@ -98,6 +99,7 @@ static unsigned store16_bit(const rp_layer_activations *a, float **slot) {
     if (slot == &a->kk) return RP_STORE16_KK;
     if (slot == &a->y) return RP_STORE16_Y;
     if (slot == &a->og) return RP_STORE16_OG;
+    if (slot == &a->a) return RP_STORE16_A;
     return 0;
 }
 
@@ -172,8 +174,8 @@ static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m,
                                (size_t)tw->ln_rows, (size_t)tw->prev_rows, tw->store16);
         /* the backend refuses any f32 access past the half-sized buffers */
         const size_t RC = R * m->cfg.n_embd, RF = R * m->cfg.dim_ffn;
-        float **const half[4] = {&a->w_raw, &a->kk, &a->y, &a->og};
-        for (int j = 0; j < 4; j++)
+        float **const half[5] = {&a->w_raw, &a->kk, &a->y, &a->og, &a->a};
+        for (int j = 0; j < 5; j++)
             if (tw->store16 & store16_bit(a, half[j]))
                 m->be->store16_promise(m->be, *half[j], RC, store16_floats(RC, 1));
         if (tw->store16 & RP_STORE16_FFN_HIDDEN)

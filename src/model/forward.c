@@ -113,8 +113,9 @@ static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x
     if (be->gemm_only) be->gemm_only(be, hidden, (size_t)R * D);
     be->matmul_lora(be, hidden, x, w1, R, D, C, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act(be, hidden, NULL, R, D, inner);
-    /* y_only: training's w_raw, read only by its bias_act in place and the
-     * WKV7 ops (as kk is: backend.h gemm_only), so bf16 on CUDA */
+    /* y_only: training's w_raw or a, read only by its bias_act in place, the
+     * WKV7 ops (as kk is) and a's key_prepare (backend.h gemm_only), so bf16
+     * on CUDA */
     if (y_only && be->gemm_only) be->gemm_only(be, y, (size_t)R * C);
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
 }
@@ -278,9 +279,12 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     lora_forward(be, s->w_raw, s->w_hidden, xm, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C,
                  s->wkv_checkpoints && be->wkv_only);
     be->bias_act(be, s->w_raw, w->w0, R, C, RP_ACT_NONE);
-    /* a = sigmoid(a0 + xa a1 a2) */
+    /* a = sigmoid(a0 + xa a1 a2); in training read only by its bias_act in
+     * place, key_prepare, the WKV7 ops, key_prepare_backward and the a0
+     * bias_act_backward as its y (bf16 on CUDA, with kk and w_raw) */
     xm = time_mix(be, s, xc, mixes, 4, w->x_a, R, C);
-    lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C, 0);
+    lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C,
+                 s->wkv_checkpoints && be->wkv_only);
     be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
     /* g = sigmoid(xg g1) g2, no activation after g2 */
     xm = time_mix(be, s, xc, mixes, 5, w->x_g, R, C);

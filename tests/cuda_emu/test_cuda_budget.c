@@ -958,9 +958,9 @@ static void test_mix_again_workspace_bytes(void **s) {
 static unsigned long long store16_saved(unsigned long long n) { return n - (n + 1) / 2; }
 
 /* backend.h store16_fits / store16_promise: the CUDA backend (BF16 math,
- * copies on, >= 16 rows) keeps the FFN hidden, w_raw, kk, WKV7's y and og
- * in bf16 only, so the workspace sizes them at half their fp32 floats:
- * exactly 4 [R,C] / 2 + [R,F] / 2 floats a layer fewer. Steps of 24 rows
+ * copies on, >= 16 rows) keeps the FFN hidden, w_raw, kk, WKV7's y, og and
+ * a in bf16 only, so the workspace sizes them at half their fp32 floats:
+ * exactly 5 [R,C] / 2 + [R,F] / 2 floats a layer fewer. Steps of 24 rows
  * (bf16 storage), 8 and 5 rows (f32 storage in the first half) train on the
  * smaller workspace with the loss and gradients of the fp32-sized one, bit
  * for bit. With the copies off (f32 storage) a step is refused by the
@@ -980,14 +980,14 @@ static void test_store16_workspace(void **s) {
     for (int half = 0; half < 2; half++) {
         f->be->store16_fits = half ? keep.store16_fits : NULL;
         bytes[half] = gn_mode_workspace(f);
-        assert_int_equal(f->tw.store16, half ? 31u : 0u);
+        assert_int_equal(f->tw.store16, half ? 63u : 0u);
         for (int i = 0; i < 3; i++) {
             rp_model_zero(&f->grads);
             loss[half][i] = train_step(f, shape[i][0], shape[i][1], 11 + i);
             g[half][i] = grads_to_host(f, &n);
         }
     }
-    const unsigned long long removed = L * (4 * store16_saved(RC) + store16_saved(RF)) * 4;
+    const unsigned long long removed = L * (5 * store16_saved(RC) + store16_saved(RF)) * 4;
     fprintf(stderr, "store16 workspace: %llu bytes fp32-sized, %llu bf16-only (%llu fewer, "
             "expected %llu)\n", bytes[0], bytes[1], bytes[0] - bytes[1], removed);
     assert_int_equal(bytes[0] - bytes[1], removed);
@@ -1004,7 +1004,7 @@ static void test_store16_workspace(void **s) {
     }
     rp_error err;
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
-    /* copies off: kk, y, og, w_raw and the FFN hidden would be f32 */
+    /* copies off: kk, y, og, w_raw, a and the FFN hidden would be f32 */
     rp_cuda_backend_set_act16(f->be, 0);
     assert_step_refused(f, MAX_ROWS);
     int seq_len[1] = {MAX_ROWS}, slot[1] = {0}, row_begin[1];
@@ -1084,7 +1084,7 @@ static void test_workspace_bytes_04b(void **s) {
     const unsigned long long stored = workspace_bytes_04b(f->be, &c);
     f->be->ln_mix_again_fits = keep.ln_mix_again_fits;
     const unsigned long long again = workspace_bytes_04b(f->be, &c);
-    f->be->store16_fits = keep.store16_fits;  /* and og, kk, w_raw, y, FFN hidden bf16 only */
+    f->be->store16_fits = keep.store16_fits;  /* and og, kk, w_raw, y, a, FFN hidden bf16 only */
     const unsigned long long half = workspace_bytes_04b(f->be, &c);
     *f->be = keep;
     const unsigned long long R = 8 * 4096, removed =
@@ -1100,7 +1100,7 @@ static void test_workspace_bytes_04b(void **s) {
     assert_int_equal(stored - again, removed);
     const unsigned long long RC = R * c.n_embd, RF = R * c.dim_ffn,
                              removed16 = (unsigned long long)c.n_layer *
-                                         (4 * store16_saved(RC) + store16_saved(RF)) * 4;
+                                         (5 * store16_saved(RC) + store16_saved(RF)) * 4;
     fprintf(stderr,
             "0.4b 8 x 4096 workspace, activations bf16 only: %.2f GiB -> %.2f GiB (%.2f GiB "
             "fewer); total %.2f GiB = %.1f GB of 80 GB (%.1f GB left)\n",
@@ -1344,8 +1344,8 @@ static void test_wkv16_train_precision(void **s) {
         const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
         const double cost = rel_l2(g[0], g[1], n);
         fprintf(stderr,
-                "wkv16 %s: gradients vs FP32 math rel %.3e (kk/dkk/y/w_raw bf16) %.3e (f32), "
-                "bf16 vs f32 kk/dkk/y/w_raw %.3e; loss %.9g %.9g fp32 %.9g\n",
+                "wkv16 %s: gradients vs FP32 math rel %.3e (kk/dkk/y/dy/w_raw/a bf16) %.3e "
+                "(f32), bf16 vs f32 kk/dkk/y/dy/w_raw/a %.3e; loss %.9g %.9g fp32 %.9g\n",
                 chunked ? "chunked" : "per-token", with, without, cost, loss[0], loss[1],
                 loss[2]);
         assert_true(cost > 0);

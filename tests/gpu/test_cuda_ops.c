@@ -1978,7 +1978,7 @@ static void check_wkv7_bf16_mma(twin *t, const shape *sh) {
 }
 
 /* BF16 math, the training chain with kk, dkk and y in bf16 in place
- * (backend.h wkv_only), w_raw too (gemm_only): key_prepare writes kk bf16 only, the chunked forward and
+ * (backend.h wkv_only), w_raw and a too (gemm_only): key_prepare writes kk bf16 only, the chunked forward and
  * backward read it so, the backward writes dkk bf16 only and
  * key_prepare_backward reads it so, against the CPU's fp32 chain. kk and dkk
  * are read back as bf16 from their own memory (a backend that kept them f32
@@ -1999,13 +1999,17 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi) {
     if (!t->gpu->wkv_only) fatal("%s: the CUDA backend has no wkv_only", t->op);
     wkv_inputs in;
     wkv_inputs_make_decay(t, &in, R, C, w_lo, w_hi);
-    /* w_raw bf16 in place too, as training stores it (its LoRA up GEMM
-     * under gemm_only; the kernels take kk and w_raw in one type): both
-     * sides read its rounded values (a kernel reading its memory as f32
-     * fails y and every gradient) */
+    /* w_raw and a bf16 in place too, as training stores them (their LoRA up
+     * GEMMs under gemm_only; the kernels take kk, w_raw and a in one type,
+     * key_prepare and its backward read a so): both sides read their
+     * rounded values (a kernel reading their memory as f32 fails y and
+     * every gradient) */
     buf_round_bf16(t, in.w_raw);
     if (!rp_cuda_backend_store_bf16_inplace(t->gpu, in.w_raw->gpu, n))
         fatal("%s: storing w_raw in bf16 failed", t->op);
+    buf_round_bf16(t, in.a);
+    if (!rp_cuda_backend_store_bf16_inplace(t->gpu, in.a->gpu, n))
+        fatal("%s: storing a in bf16 failed", t->op);
     tbuf *k_pre = buf_input(t, n, -1, 1), *k_k = buf_input(t, C, 0.5, 1.5);
     tbuf *k_a = buf_input(t, C, 0.5, 1.5), *kk = buf_output(t, n);
     tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_output(t, n);
@@ -2425,6 +2429,29 @@ static void gemm_only_kernel_case(twin *t, int R, int C, int N) {
     twin_release(t);
 }
 
+/* Training's a (= sigmoid(a0 + hid B)): the up GEMM's output under
+ * gemm_only, the a0 sigmoid in place, then the a0 bias backward reading it
+ * as its y, with a bias gradient. In bf16 math the GPU keeps a in bf16 in
+ * place (act' from the rounded a: 2^-8 relative at most); R = 5: f32, GEMVs. */
+static void gemm_only_bias_case(twin *t, int R, int C, int D) {
+    const double s = 1.0 / sqrt((double)D);
+    const size_t n = (size_t)R * C;
+    label(t, "R=%d C=%d D=%d sigmoid(a0 + .) and its bias backward", R, C, D);
+    tbuf *hid = buf_input(t, (size_t)R * D, -1, 1), *b = buf_input(t, (size_t)D * C, -s, s);
+    tbuf *bias = buf_input(t, C, -1, 1), *y = buf_output(t, n), *dy = buf_input(t, n, -1, 1);
+    tbuf *dbias = buf_accum(t, C, -1, 1);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        if (be->gemm_only) be->gemm_only(be, at(y, g), n);
+        be->matmul_lora(be, at(y, g), at(hid, g), at(b, g), R, C, D, 0.0f);
+        be->bias_act(be, at(y, g), at(bias, g), R, C, RP_ACT_SIGMOID);
+        be->bias_act_backward(be, at(dy, g), at(dbias, g), at(y, g), R, C, RP_ACT_SIGMOID);
+    }
+    compare(t, "d pre", dy);
+    compare(t, "dbias", dbias);
+    twin_release(t);
+}
+
 static void check_gemm_only(twin *t, const shape *sh) {
     static const rp_activation acts[3] = {RP_ACT_NONE, RP_ACT_TANH, RP_ACT_SIGMOID};
     for (int i = 0; i < 3; i++) {
@@ -2435,6 +2462,8 @@ static void check_gemm_only(twin *t, const shape *sh) {
     gemm_only_case(t, spec_rows(&sh->prefill), sh->C, 4 * sh->C, RP_ACT_RELU_SQUARED);
     gemm_only_kernel_case(t, spec_rows(&sh->prefill), sh->C, HEAD_SIZE);
     gemm_only_kernel_case(t, 5, sh->C, HEAD_SIZE);
+    gemm_only_bias_case(t, spec_rows(&sh->prefill), sh->C, sh->rank);
+    gemm_only_bias_case(t, 5, sh->C, sh->rank);
 }
 
 /* GEMMs reading weights inside a registered range (register_weights: in
