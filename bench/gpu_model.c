@@ -444,11 +444,12 @@ static void attention_tail_backward(kernel_list *l, double R, double C, int laye
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
     const double outs = layer > 0 ? 5 : 4;
-    /* f32 vectors: dkk bf16 + k_pre, a, dk, da, dw_raw (+ dv, v_pre, v_first,
-     * nu, dv_first | dv, dv_first) read; dk, dv (+ dv_first) written, with
-     * the bf16 dk, dv, d pre of a, w (+ nu) */
-    const double io = layer > 0 ? BF16_OUT + 10 + 3 + 5 * BF16_OUT
-                                : BF16_OUT + 7 + 2 + 4 * BF16_OUT;
+    /* f32 vectors: dkk and a bf16 (a in place with kk and w_raw) + k_pre,
+     * dk, da, dw_raw (+ dv, v_pre, v_first, nu, dv_first | dv, dv_first)
+     * read; dk, dv (+ dv_first) written, with the bf16 dk, dv, d pre of a,
+     * w (+ nu) */
+    const double io = layer > 0 ? 2 * BF16_OUT + 9 + 3 + 5 * BF16_OUT
+                                : 2 * BF16_OUT + 6 + 2 + 4 * BF16_OUT;
     add(l, "attention_tail backward (key prepare + a/w/v0 bias + value residual)", 1,
         4.0 * C * (R * io + 2 + 5 * chunks), (layer > 0 ? 25.0 : 17.0) * R * C, 0);
     add(l, "attention_tail backward finish (k_k, k_a, a0, w0, v0 sums)", 1,

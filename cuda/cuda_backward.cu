@@ -1294,8 +1294,9 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
 // same (chunk, warp, row) order, so the same bits; [R,C] read and written
 // once instead of by five kernels that re-read what the one before wrote.
 // grid (H, chunks), one warp per (row, head) as key_prepare_backward_kernel.
-// TK dkk, TA the activations k, a, v, v_first, nu, TG da and dw_raw: float,
-// or bf16 stored in place (wkv_only / gemm_only outputs, rp_cuda_inplace).
+// TK dkk, TA the activations k, v, v_first, nu, TB a (bf16 in place with kk
+// and w_raw in training, while k, v still f32), TG da and dw_raw: float, or
+// bf16 stored in place (wkv_only / gemm_only outputs, rp_cuda_inplace).
 // A bf16 da gets d pre in place (its LoRA GEMMs read it there); a float one
 // its copy c16.da (sole: no f32 unless store_da), as a gemm_only d pre.
 struct tail_copies {
@@ -1306,12 +1307,12 @@ __device__ __forceinline__ void tail_store(float *p, float x) { *p = x; }
 __device__ __forceinline__ void tail_store(__nv_bfloat16 *p, float x) {
     *p = __float2bfloat16(x);
 }
-template <typename TK, typename TA, typename TG>
+template <typename TK, typename TA, typename TB, typename TG>
 __global__ static void attention_tail_backward_kernel(
     float *__restrict__ dk, TG *__restrict__ da, const TG *__restrict__ dw,
     float *__restrict__ dv, float *__restrict__ dv_first, float *__restrict__ dnu,
     float *__restrict__ part, const TK *__restrict__ dkk, const TA *__restrict__ k,
-    const TA *__restrict__ a, const TA *__restrict__ v, const TA *__restrict__ v_first,
+    const TB *__restrict__ a, const TA *__restrict__ v, const TA *__restrict__ v_first,
     const TA *__restrict__ nu, const float *__restrict__ k_k, const float *__restrict__ k_a,
     int R, int C, int rows_per_chunk, tail_copies c16, int store_da, int store_dnu) {
     constexpr int E = KEY_HEAD_SIZE / 32, T = KEY_HEAD_SIZE;
@@ -1448,8 +1449,9 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     }
     if (R <= 0 || C <= 0) return;
     const size_t n = (size_t)R * C, nb = n * sizeof(float);
-    // each input in the type its producer left it: the activations all f32
-    // or all bf16 in place, da and dw_raw likewise; a mix (or an f32
+    // each input in the type its producer left it: the activations but a
+    // all f32 or all bf16 in place (a bf16 with them, or alone: training
+    // stores a with kk and w_raw), da and dw_raw likewise; a mix (or an f32
     // rounded in-place record, copies off) runs the separate ops
     const __nv_bfloat16 *dkk16 = rp_cuda_inplace_find(cx, dkk, n);
     const __nv_bfloat16 *act16[5] = {rp_cuda_inplace_find(cx, k, n),
@@ -1457,13 +1459,15 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
                                      nu ? rp_cuda_inplace_find(cx, v, n) : nullptr,
                                      nu ? rp_cuda_inplace_find(cx, v_first, n) : nullptr,
                                      nu ? rp_cuda_inplace_find(cx, nu, n) : nullptr};
-    const int n_act = nu ? 5 : 2;
+    const int n_act = nu ? 4 : 1;  // k, v, v_first, nu: a apart
+    const __nv_bfloat16 *a16 = act16[1];
     int n_act16 = 0;
-    for (int j = 0; j < n_act; j++) n_act16 += act16[j] != nullptr;
+    for (int j = 0; j < 5; j++) n_act16 += j != 1 && act16[j] != nullptr;
     const rp_cuda_inplace *ip_da = rp_cuda_inplace_at(cx, da, n);
     const rp_cuda_inplace *ip_dw = rp_cuda_inplace_at(cx, dw_raw, n);
     const int grads16 = ip_da && ip_dw;
-    if ((n_act16 != 0 && n_act16 != n_act) || (ip_da != nullptr) != (ip_dw != nullptr) ||
+    if ((n_act16 != 0 && n_act16 != n_act) || (n_act16 && !a16) ||
+        (ip_da != nullptr) != (ip_dw != nullptr) ||
         (grads16 && (ip_da->f32 || ip_dw->f32)) || (nu && rp_cuda_inplace_at(cx, dnu, n))) {
         attention_tail_separate(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k, dk_a, da0, dw0, dv0,
                                 dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N);
@@ -1488,29 +1492,31 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     if (cx->error.code != RP_OK) return;
     const int store_da = grads16 || !c16.da, store_dnu = !c16.dnu;
     const dim3 grid(C / KEY_HEAD_SIZE, chunks);
-#define TAIL_LAUNCH(TK, TA, TG)                                                                 \
-    attention_tail_backward_kernel<TK, TA, TG><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(     \
+#define TAIL_LAUNCH(TK, TA, TB, TG)                                                             \
+    attention_tail_backward_kernel<TK, TA, TB, TG><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>( \
         dk, (TG *)da, (const TG *)(grads16 ? (const void *)ip_dw->p : (const void *)dw_raw),   \
         dv, dv_first, dnu, part, dkk16 ? (const TK *)dkk16 : (const TK *)dkk,                  \
         n_act16 ? (const TA *)act16[0] : (const TA *)k,                                        \
-        n_act16 ? (const TA *)act16[1] : (const TA *)a,                                        \
+        a16 ? (const TB *)a16 : (const TB *)a,                                                 \
         n_act16 ? (const TA *)act16[2] : (const TA *)v,                                        \
         n_act16 ? (const TA *)act16[3] : (const TA *)v_first,                                  \
         n_act16 ? (const TA *)act16[4] : (const TA *)nu, k_k, k_a, R, C, rows_per_chunk, c16,  \
         store_da, store_dnu)
-#define TAIL_TG(TK, TA)                                 \
+#define TAIL_TG(TK, TA, TB)                             \
     do {                                                \
         if (grads16)                                    \
-            TAIL_LAUNCH(TK, TA, __nv_bfloat16);         \
+            TAIL_LAUNCH(TK, TA, TB, __nv_bfloat16);     \
         else                                            \
-            TAIL_LAUNCH(TK, TA, float);                 \
+            TAIL_LAUNCH(TK, TA, TB, float);             \
     } while (0)
 #define TAIL_TA(TK)                                     \
     do {                                                \
         if (n_act16)                                    \
-            TAIL_TG(TK, __nv_bfloat16);                 \
+            TAIL_TG(TK, __nv_bfloat16, __nv_bfloat16);  \
+        else if (a16)                                   \
+            TAIL_TG(TK, float, __nv_bfloat16);          \
         else                                            \
-            TAIL_TG(TK, float);                         \
+            TAIL_TG(TK, float, float);                  \
     } while (0)
     if (dkk16)
         TAIL_TA(__nv_bfloat16);
