@@ -33,8 +33,9 @@
 #define ROWS (S_SEQS * T_LEN)
 
 /* The whole step's measured bytes (the groups not excluded) within this
- * fraction of the model's. */
-#define TOTAL_TOLERANCE 0.05
+ * fraction of the model's. Not enough alone: the model before this test's
+ * fixes was within 0.7% here, its errors offsetting; the groups catch them. */
+#define TOTAL_TOLERANCE 0.02
 
 /* One group of kernels: the model rows whose names start with one of
  * `model` and the emulator keys (kernel names, "cublasGemmEx ...",
@@ -58,7 +59,9 @@ static const byte_group GROUPS[] = {
     {"layernorm (ln0, head input)", {"layernorm", "layernorm (head input, bf16 out)"},
      {"layernorm_kernel*"}, 0.02, NULL},
     {"ln_shift_mix_train", {"ln_shift_mix_train*"}, {"ln_shift_mix_train_kernel*"}, 0.03, NULL},
-    {"GEMMs (cuBLAS, forward and backward)", {"GEMM *"}, {"cublasGemmEx *"}, 0.03, NULL},
+    /* 1%: fp32 dX written where it is bf16 and beta-1 C reads left out
+     * offset each other to 2% at this shape */
+    {"GEMMs (cuBLAS, forward and backward)", {"GEMM *"}, {"cublasGemmEx *"}, 0.01, NULL},
     {"to_bf16", {"to_bf16*"}, {"to_bf16_kernel"}, 0.02, NULL},
     {"bias_act (bf16 in place)",
      {"bias_act (LoRA hidden, bf16 in place)", "bias_act (w0, bf16 in place)",
