@@ -262,6 +262,13 @@ static void gemm_c16(kernel_list *l, const char *name, double count, double R, d
     add(l, name, count, 2.0 * R * K + 2.0 * N * K + 2.0 * R * N, 2.0 * R * N * K, 1);
 }
 
+/* A GEMM that adds onto the residual stream (x += y W^T, beta 1: the
+ * output and FFN value projections): C read and written in fp32. */
+static void gemm_accumulate(kernel_list *l, const char *name, double count, double R, double N,
+                            double K) {
+    add(l, name, count, 2.0 * R * K + 2.0 * N * K + 8.0 * R * N, 2.0 * R * N * K, 1);
+}
+
 /* Backward of that GEMM: dX = dY W and dW += X^T dY, dY converted once for
  * both unless its producer wrote it in bf16 (dy16), X unless it still has a
  * valid bf16 copy (x16: recomputed just before). */
@@ -269,7 +276,8 @@ static void gemm_backward(kernel_list *l, const char *name, double count, double
                           double K, int dy16, int x16) {
     if (!dy16) to_bf16(l, count, R, N);
     if (!x16) to_bf16(l, count, R, K);
-    /* x16 == 2: dX is GEMM-only (gemm_only), written in bf16 in place */
+    /* x16 == 2: dX written in bf16 in place (GEMM-only, backend.h gemm_only,
+     * or a mix gradient only shift_mix_ln_backward reads) */
     add(l, name, count, 2.0 * R * N + 2.0 * N * K + (x16 == 2 ? 2.0 : 4.0) * R * K,
         2.0 * R * N * K, 1);
     add(l, name, count, 2.0 * R * N + 2.0 * R * K + 8.0 * N * K, 2.0 * R * N * K, 1);
@@ -321,6 +329,9 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     /* (issue 15, mixes formed again) where the fused mix + LN backward
      * takes C, xa and prev are not written (prev's sequence-first rows only:
      * S rows) and the backward forms them from x, mean and rstd */
+    /* the backward's saved residual stream: the layer's input x_in and
+     * x_mid before the channel mix (forward.c), each a device copy */
+    ew(l, "copy (x_in, x_mid for the backward)", 2, R, C, 2, 0, 0);
     const double io = mix_ln_fused(C) ? 1 : 3, first = mix_ln_fused(C) ? S : 0;
     add_l2(l, "ln_shift_mix_train (ln1 + shift + 6 mixes, bf16)", 1,
            4.0 * C * (R * (io + 6 * BF16_OUT) + first + 2 + 6), 3 * 4.0 * R * C,
@@ -329,7 +340,8 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
            4.0 * C * (R * (io + BF16_OUT) + first + 2 + 1), 3 * 4.0 * R * C, (16 + 3) * R * C,
            0);
     /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value below */
-    gemm(l, "GEMM C x C (r, k, v, output)", 4, R, C, C, 1);
+    gemm(l, "GEMM C x C (r, k, v, output)", 3, R, C, C, 1);
+    gemm_accumulate(l, "GEMM C x C (r, k, v, output)", 1, R, C, C);
     for (int i = 0; i < loras; i++) {
         /* every hidden is GEMM-only (backend.h gemm_only): the down GEMM
          * writes it in bf16 in place; tanh after w1, sigmoid after g1 run
@@ -348,7 +360,8 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     ew(l, "bias_act (w0, bf16 in place)", 1, R, C, 1, 1, 4);
     ew(l, "bias_act (a0, bf16 in place)", 1, R, C, 1, 1, 4);
     ew(l, "bias_act (v0)", loras - 3, R, C, 2, 1, 4);
-    if (layer == 0) ew(l, "copy (v_first)", 1, R, C, 2, 0, 0);
+    /* layer 0: v from v_pre (no value_residual_from there), then v_first */
+    if (layer == 0) ew(l, "copy (v_first)", 2, R, C, 2, 0, 0);
     else ew(l, "value_residual", 1, R, C, 4, 0, 3);
     /* kk is WKV7-only (backend.h wkv_only): written in bf16 in place; a
      * read in bf16 (in place) */
@@ -367,7 +380,7 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     /* the key GEMM writes k in bf16 in place (gemm_only), relu^2 runs on
      * it in place, bf16 in and out; the value GEMM reads it there */
     gemm_c16(l, "GEMM FFN key (C -> F), bf16 C", 1, R, F, C);
-    gemm(l, "GEMM FFN value (F -> C)", 1, R, C, F, 1);
+    gemm_accumulate(l, "GEMM FFN value (F -> C)", 1, R, C, F);
     ew(l, "bias_act (relu^2, F, bf16 in place)", 1, R, F, 1, 0, 2);
 }
 
@@ -488,7 +501,14 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
      * attention_tail_backward (layer 0's dv too) and the WKV7 backward
      * write in the same pass (the receptance GEMM runs right after the WKV7
      * backward); their mix in bf16 in place (shift_mix) */
-    gemm_backward(l, "GEMM backward C x C", 4, R, C, C, 1, 1);
+    /* The d mixes of receptance, key and value (and of the LoRA downs
+     * below) are each one shift_mix_ln_backward term only, written by their
+     * dX GEMM in bf16 in place (backward.c MIX_DX16, lora_backward's dx16)
+     * where that op forms the mixes again; the output GEMM's dX (d og) is
+     * fp32 (measured, tests/cuda_emu/test_model_bytes.c) */
+    const int mix_dx16 = mix_ln_fused(C) ? 2 : 1;
+    gemm_backward(l, "GEMM backward C x C", 1, R, C, C, 1, 1);
+    gemm_backward(l, "GEMM backward C x C", 3, R, C, C, 1, mix_dx16);
     for (int i = 0; i < loras; i++) {
         /* up: dy in bf16 from bias_act backward (w, a, v) or bonus_gate
          * backward (g), the saved hidden bf16 in place; every d hidden is
@@ -496,7 +516,7 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
          * down: d hidden read there (after the activation backward in
          * place for w, g), the mix still valid */
         gemm_backward(l, "GEMM backward LoRA", 1, R, C, ranks[i], 1, 2);
-        gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C, 1, 1);
+        gemm_backward(l, "GEMM backward LoRA", 1, R, ranks[i], C, 1, mix_dx16);
         if (i == 0 || i == 2) {
             /* d hidden bf16 in and out in place, y read in bf16 */
             ew(l, "bias_act backward (LoRA hidden, bf16 in place)", 1, R, ranks[i],
@@ -508,11 +528,11 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     attention_tail_backward(l, R, C, layer);
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
      * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk, w_raw
-     * and a read and dkk written in bf16 in place (wkv_only: key_prepare_backward
-     * alone reads dkk), and a bf16 copy of dr (the receptance GEMM
-     * backward's dY) */
+     * and a read and dkk written in bf16 in place (wkv_only: the tail alone
+     * reads dkk): four tensors 2 bytes an element, and a bf16 copy of dr
+     * (the receptance GEMM backward's dY) */
     add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk w_raw a dkk dy bf16, + bf16 dr)",
-                      (16.0 * 4 - 2 - 2 - 4 * (1 - GN_DY_IO)) * R * C + 2.0 * R * C +
+                      (16.0 * 4 - 3 * 2 - 2 - 4 * (1 - GN_DY_IO)) * R * C + 2.0 * R * C +
                           2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
@@ -520,8 +540,10 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     /* key: d hidden bf16 in place (below), the saved kf bf16 in place
      * since shift_mix; value: dy's bf16 copy from the layer above's (or the
      * head's) LayerNorm backward, the saved relu^2 hidden bf16 in place
-     * (gemm_only), its dX (d hidden, GEMM-only) written bf16 in place */
-    gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, 1);
+     * (gemm_only), its dX (d hidden, GEMM-only) written bf16 in place;
+     * the key's dX (the channel mix's d mix) bf16 in place as the time
+     * mix's (mix_dx16) */
+    gemm_backward(l, "GEMM backward FFN", 1, R, F, C, 1, mix_dx16);
     gemm_backward(l, "GEMM backward FFN", 1, R, C, F, 1, 2);
     /* d hidden bf16 in and out in place, y read in bf16 */
     ew(l, "bias_act backward (relu^2, F, bf16 in place)", 1, R, F, 3 * BF16_OUT, 0, 3);
@@ -589,8 +611,13 @@ static void decode_step(kernel_list *l, const rp_config *c, double G) {
 static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
     const double C = c->n_embd, V = c->vocab_size;
     memset(l, 0, sizeof *l);
-    add(l, "embedding (+ backward)", 2, 3 * 4.0 * R * C, 0, 0);
-    ew(l, "layernorm", 1, R, C, 2, 2, 8);
+    /* forward: the table's rows read, x written; backward: dx read, the
+     * table gradient's rows read and written (emulator-measured,
+     * tests/cuda_emu/test_model_bytes.c) */
+    add(l, "embedding (+ backward)", 1, 2 * 4.0 * R * C, 0, 0);
+    add(l, "embedding (+ backward)", 1, 3 * 4.0 * R * C, 0, 0);
+    /* ln0: x read, y written with its bf16 copy (rp_cuda_act16_for_rows) */
+    ew(l, "layernorm", 1, R, C, 2 + BF16_OUT, 2, 8);
     for (int layer = 0; layer < c->n_layer; layer++) layer_forward(l, c, layer, R, S, 0);
     /* ln_out: its output is GEMM-only (gemm_only), written in bf16 only */
     ew(l, "layernorm (head input, bf16 out)", 1, R, C, 1 + BF16_OUT, 2, 8);
@@ -610,9 +637,24 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
     add(l, "head_cross_entropy loss kernel (bf16 logits in, + l2wrap, bf16 dlogits)", chunks,
         4.0 * Rc * V, 5.0 * Rc * V, 0);
     gemm_backward(l, "GEMM backward head", chunks, Rc, V, C, 1, 1);
+    /* rp_backward_head: x_final, the head layernorm backward's input */
+    ew(l, "copy (x_final for the head)", 1, R, C, 2, 0, 0);
     add(l, "fill_zero (d v_first, once)", 1, 4.0 * R * C, 0, 0);
+    /* the state gradient of every sequence (model/backward.c dstate) */
+    add(l, "fill_zero (d state, once)", 1,
+        S * c->n_layer * (4.0 * c->n_head * c->head_size * c->head_size + 2 * 4.0 * C), 0, 0);
     for (int layer = c->n_layer - 1; layer >= 0; layer--) layer_backward(l, c, layer, R, S);
-    ew(l, "layernorm backward (dx + params)", 2 * 2, R, C, 4, 4, 12);
+    /* ln_out and ln0: the dx kernel reads dy, x, mean/rstd and writes dx
+     * with its bf16 copy; the params kernel reads dy, x, mean/rstd and
+     * writes its row chunks' partials; sum_partials adds them onto the
+     * weight and bias gradients (measured, test_model_bytes.c) */
+    const double ln_chunks = fmin(fmax(ceil(R / 64), 1), 256);
+    add(l, "layernorm backward (dx + params)", 2, 4.0 * C * (R * (3 + BF16_OUT) + 1) + 8.0 * R,
+        8.0 * R * C, 0);
+    add(l, "layernorm backward (dx + params)", 2, 4.0 * C * (2 * R + 2 * ln_chunks) + 8.0 * R,
+        4.0 * R * C, 0);
+    add(l, "layernorm backward finish (param sums)", 2 * 2, 4.0 * C * (ln_chunks + 2),
+        ln_chunks * C, 0);
     const double params = (double)rp_config_param_count(c);
     /* AdamW: w, g, m, v read; w, m, v and the bf16 copy written. */
     /* adamw_multi: one launch per buffer (a layer's TENSORS_PER_LAYER tensors,
@@ -620,6 +662,17 @@ static void train_step(kernel_list *l, const rp_config *c, double R, double S) {
     const double adamw_launches = c->n_layer + 2.0;
     add(l, "adamw (multi-tensor, a launch per layer / embed / head)", adamw_launches,
         30.0 * params / adamw_launches, 12.0 * params / adamw_launches, 0);
+}
+
+int gpu_model_train_rows(const rp_config *c, int R, int S, gpu_model_row *rows, int max_rows) {
+    kernel_list l;
+    train_step(&l, c, R, S);
+    for (int i = 0; i < l.n && i < max_rows; i++) {
+        rows[i].name = l.k[i].name;
+        rows[i].launches = l.k[i].launches;
+        rows[i].bytes = l.k[i].bytes;
+    }
+    return l.n;
 }
 
 /* ---- WKV7 alone: a wave model ----

@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <cstdarg>
 #include <deque>
+#include <unordered_set>
 #include <memory>
 #include <csignal>
 #include <unistd.h>
@@ -85,6 +86,10 @@ static unsigned long long g_count_gemv_group_blocks;  // blocks of gemv_group_ke
 static unsigned long long g_count_pdl_launches;       // launches with the PDL attribute
 static unsigned long long g_count_launches, g_count_copies, g_count_allocs, g_count_graph_launches;
 static unsigned long long g_device_bytes;  // cudaMalloc bytes alive (rp_emu_counters.device_bytes)
+// Device bytes per launch (rp_emu_bytes_*, below): a copy or fill counts too.
+static bool g_bytes_on;
+static void bytes_note(uintptr_t a, size_t n, bool write);
+static void bytes_launch_end(const std::string &key);
 static int g_fail_malloc_after = -1;  // EMU_FAIL_MALLOC=N: the Nth cudaMalloc from now fails
 // EMU_ALLOC_PAD=S (S > 0): every cudaMalloc gets a seeded 0..15 x 256 bytes
 // more in front of it, so the device buffers lie at other addresses and
@@ -481,6 +486,13 @@ static void queue_copy(void *d, const void *s, size_t n, copy_dir dir, cudaStrea
         if (dir == C_D2H) memset(d, 0xff, n);  // undefined until the copy ran: NaN if read early
         op.run = [d, s, n] { memcpy(d, s, n); };
     }
+    op.run = [run = std::move(op.run), d, s, n, dir] {
+        run();
+        if (!g_bytes_on) return;
+        if (dir != C_H2D) bytes_note((uintptr_t)s, n, false);
+        if (dir != C_D2H) bytes_note((uintptr_t)d, n, true);
+        bytes_launch_end(dir == C_H2D ? "cudaMemcpy H2D" : dir == C_D2H ? "cudaMemcpy D2H" : "cudaMemcpy D2D");
+    };
     enqueue(st, std::move(op));
 }
 cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
@@ -514,7 +526,10 @@ cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st) {
     g_count_copies++;
     if (!is_device(d, n)) die("cudaMemsetAsync(%p, %zu): not inside a device allocation", d, n);
     stream_op op;
-    op.run = [d, v, n] { memset(d, v, n); };
+    op.run = [d, v, n] {
+        memset(d, v, n);
+        if (g_bytes_on) { bytes_note((uintptr_t)d, n, true); bytes_launch_end("cudaMemset"); }
+    };
     op.uses.push_back(base_of(d));
     op.what = "cudaMemsetAsync";
     enqueue(st, std::move(op));
@@ -856,6 +871,73 @@ static void dev_access(uintptr_t a, size_t n, bool write) {
 static void pdl_access(uintptr_t a, size_t n, bool write);
 static bool g_pdl_track;  // the running kernel checks PDL hazards or records its writes
 static bool g_pdl_seen;   // a PDL launch was queued: kernels record the device bytes they write
+// ---- device bytes per kernel (emu_counters.h rp_emu_bytes_*) ----
+// Off by default. When a test switches it on, every launch (kernel, cuBLAS
+// GEMM, device copy or fill) notes the distinct 32-byte sectors of device
+// memory it reads and writes, as DRAM moves them: a sector read twice by a
+// launch counts once (the second read is an L2 hit, which the analytic model
+// prices apart or not at all), a sector read and written counts in both.
+// The sets are per launch; the sums are kept per key (the kernel's name as
+// pre.py passed it, a GEMM's shape and types, the copy's kind) in the order
+// first seen. Needs the checked accesses: not in the sanitizer build.
+enum { RP_EMU_SECTOR = 32 };
+struct bytes_row { std::string key; unsigned long long launches = 0, read = 0, written = 0; };
+static std::vector<bytes_row> g_bytes_rows;
+static std::map<std::string, size_t> g_bytes_index;
+static std::unordered_set<uintptr_t> g_sectors_read, g_sectors_written;
+static uintptr_t g_last_read_sector = UINTPTR_MAX, g_last_written_sector = UINTPTR_MAX;
+static void bytes_note(uintptr_t a, size_t n, bool write) {
+    const uintptr_t s0 = a / RP_EMU_SECTOR, s1 = (a + n - 1) / RP_EMU_SECTOR;
+    uintptr_t &last = write ? g_last_written_sector : g_last_read_sector;
+    if (s0 == s1 && s0 == last) return;  // the common case: the same sector again
+    std::unordered_set<uintptr_t> &set = write ? g_sectors_written : g_sectors_read;
+    for (uintptr_t s = s0; s <= s1; s++) set.insert(s);
+    last = s1;
+}
+static void bytes_launch_end(const std::string &key) {
+    auto it = g_bytes_index.find(key);
+    if (it == g_bytes_index.end()) {
+        it = g_bytes_index.emplace(key, g_bytes_rows.size()).first;
+        g_bytes_rows.push_back(bytes_row());
+        g_bytes_rows.back().key = key;
+    }
+    bytes_row &r = g_bytes_rows[it->second];
+    r.launches++;
+    r.read += (unsigned long long)g_sectors_read.size() * RP_EMU_SECTOR;
+    r.written += (unsigned long long)g_sectors_written.size() * RP_EMU_SECTOR;
+    g_sectors_read.clear();
+    g_sectors_written.clear();
+    g_last_read_sector = g_last_written_sector = UINTPTR_MAX;
+}
+// A column-major matrix of rows x cols elements of es bytes, leading dimension ld.
+static void bytes_note_matrix(const void *p, int rows, int cols, int ld, size_t es, bool write) {
+    for (int j = 0; j < cols; j++) bytes_note((uintptr_t)p + (size_t)j * ld * es, (size_t)rows * es, write);
+}
+extern "C" int rp_emu_bytes_enable(int on) {
+#ifdef __SANITIZE_ADDRESS__
+    (void)on;
+    return 0;  // the sanitizer build has no checked accesses to count
+#else
+    g_bytes_on = on != 0;
+    g_bytes_rows.clear();
+    g_bytes_index.clear();
+    g_sectors_read.clear();
+    g_sectors_written.clear();
+    g_last_read_sector = g_last_written_sector = UINTPTR_MAX;
+    return 1;
+#endif
+}
+extern "C" int rp_emu_bytes_rows(void) { return (int)g_bytes_rows.size(); }
+extern "C" int rp_emu_bytes_row(int i, rp_emu_bytes *out) {
+    if (i < 0 || (size_t)i >= g_bytes_rows.size()) return 0;
+    const bytes_row &r = g_bytes_rows[(size_t)i];
+    out->key = r.key.c_str();
+    out->launches = r.launches;
+    out->bytes_read = r.read;
+    out->bytes_written = r.written;
+    return 1;
+}
+
 static inline void check_access(const void *p, size_t n, bool write) {
     if (!g_in_kernel) return;
     uintptr_t a = (uintptr_t)p;
@@ -865,6 +947,7 @@ static inline void check_access(const void *p, size_t n, bool write) {
         dev_access(a, n, write);
         if (!(a >= g_dev_lo && a + n <= g_dev_hi)) return;  // not device memory (a fiber's stack)
     }
+    if (g_bytes_on) bytes_note(a, n, write);
     if (g_pdl_track) pdl_access(a, n, write);
 }
 
@@ -1112,6 +1195,7 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
     g_body = nullptr;
     g_in_kernel = false;
     pdl_kernel_end(cfg.pdl);
+    if (g_bytes_on) bytes_launch_end(kernel);
 }
 
 // ---- cuBLAS ----
@@ -1160,6 +1244,17 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     if (g_run_stream) {
         const uintptr_t c0 = (uintptr_t)C_;
         g_run_stream->pdl_hazard.assign(1, {c0, c0 + ((size_t)(n - 1) * ldc + m) * ces});
+    }
+    if (g_bytes_on) {
+        bytes_note_matrix(A, arows, acols, lda, es, false);
+        bytes_note_matrix(B, brows, bcols, ldb, es, false);
+        if (beta != 0.0f) bytes_note_matrix(C_, m, n, ldc, ces, false);
+        bytes_note_matrix(C_, m, n, ldc, ces, true);
+        char key[160];
+        snprintf(key, sizeof key, "cublasGemmEx %c%c m%d n%d k%d %s%s->%s%s", ta == CUBLAS_OP_N ? 'N' : 'T',
+                 tb == CUBLAS_OP_N ? 'N' : 'T', m, n, k, at == CUDA_R_32F ? "f32" : "bf16",
+                 bt == CUDA_R_32F ? "f32" : "bf16", ct == CUDA_R_32F ? "f32" : "bf16", beta != 0.0f ? " +C" : "");
+        bytes_launch_end(key);
     }
     float *C = (float *)C_;
     std::vector<float> Am((size_t)m * k), Bm((size_t)n * k);  // Am[i][l] = op(A)(i,l); Bm[j][l] = op(B)(l,j)

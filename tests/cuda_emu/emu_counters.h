@@ -23,6 +23,26 @@ typedef struct {
 
 void rp_emu_counts(rp_emu_counters *out);
 
+/* Device bytes per kernel (issue 15: the analytic model's bytes checked):
+ * rp_emu_bytes_enable(1) empties the table and from then on every launch
+ * that runs notes the distinct 32-byte sectors of device memory it reads and
+ * writes (a sector read twice by one launch counts once: what DRAM would
+ * move with a perfect L2 inside the launch), summed per key in the order
+ * first seen. Keys: a kernel's name as launched (template arguments
+ * included), "cublasGemmEx <opA><opB> m n k <A><B>-><C>[ +C]" (A and B read,
+ * C written, and read when beta != 0), "cudaMemcpy H2D|D2H|D2D" and
+ * "cudaMemset". Off by default (0 switches it off): it slows the checked
+ * accesses. Returns 0 where it cannot count (the sanitizer build has no
+ * checked accesses), else 1. The key strings live until the next enable. */
+typedef struct {
+    const char *key;
+    unsigned long long launches, bytes_read, bytes_written;
+} rp_emu_bytes;
+int rp_emu_bytes_enable(int on);
+int rp_emu_bytes_rows(void);
+/* Row i (0 .. rp_emu_bytes_rows() - 1) into *out; 0 when there is none. */
+int rp_emu_bytes_row(int i, rp_emu_bytes *out);
+
 /* The device memory layout from now on (EMU_ALLOC_PAD in emu.cpp): seed > 0
  * pads every cudaMalloc by a seeded amount and never hands freed device
  * memory out again (as ASan's allocator does); 0: the plain layout. A test
