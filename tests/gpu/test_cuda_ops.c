@@ -1762,14 +1762,15 @@ static void buf_round_bf16(twin *t, tbuf *b) {
  * the fused op and, with f32 inputs, the same separate ops: the fused
  * outputs within the twin's tolerance of the CPU and bit for bit the GPU's
  * separate ones. act16: k_pre, a, v_pre, v_first, nu stored bf16 in place
- * (both sides read the rounded values); grad16: da and dw_raw too, and the
+ * (both sides read the rounded values), 2: a alone (training's layout: a in
+ * place with kk and w_raw); grad16: da and dw_raw too, and the
  * fused d pre of a comes back bf16 in place. */
 static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16, int grad16) {
     const int R = spec_rows(&sh->prefill), C = sh->C;
     const size_t n = (size_t)R * C, bytes = n * sizeof(float);
     rp_backend *gpu = t->gpu;
     label(t, "R=%d C=%d %s, activations %s, da dw_raw %s", R, C, layer0 ? "layer 0" : "layer 1",
-          act16 ? "bf16" : "f32", grad16 ? "bf16" : "f32");
+          act16 == 2 ? "f32 but a bf16" : act16 ? "bf16" : "f32", grad16 ? "bf16" : "f32");
     if (!gpu->attention_tail_backward)
         fatal("%s: the CUDA backend has no attention_tail_backward", t->op);
     tbuf *k = buf_input(t, n, -1, 1), *a = buf_input(t, n, 0, 1), *v = buf_input(t, n, -1, 1);
@@ -1782,7 +1783,8 @@ static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16,
     for (int i = 0; i < 5; i++) sums[i] = buf_accum(t, C, -1, 1);
     if (act16) {
         tbuf *acts[5] = {k, a, v, vf, nu};
-        for (int i = 0; i < 5; i++) buf_round_bf16(t, acts[i]);
+        for (int i = 0; i < 5; i++)
+            if (act16 == 1 || i == 1) buf_round_bf16(t, acts[i]);
     }
     if (grad16) {
         buf_round_bf16(t, da);
@@ -1819,7 +1821,8 @@ static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16,
     if (act16) {
         tbuf *acts[5] = {k, a, v, vf, nu};
         for (int i = 0; i < 5; i++)
-            if (!rp_cuda_backend_store_bf16_inplace(gpu, acts[i]->gpu, n))
+            if ((act16 == 1 || i == 1) &&
+                !rp_cuda_backend_store_bf16_inplace(gpu, acts[i]->gpu, n))
                 fatal("%s: storing an activation in bf16 failed", t->op);
     }
     if (grad16 && (!rp_cuda_backend_store_bf16_inplace(gpu, da->gpu, n) ||
@@ -1864,6 +1867,8 @@ static void check_attention_tail_backward(twin *t, const shape *sh) {
     attention_tail_case(t, sh, 0, 0, 0);
     attention_tail_case(t, sh, 1, 0, 0);
     attention_tail_case(t, sh, 0, 1, 0);
+    attention_tail_case(t, sh, 0, 2, 0);
+    attention_tail_case(t, sh, 1, 2, 0);
     attention_tail_case(t, sh, 0, 0, 1);
     attention_tail_case(t, sh, 0, 1, 1);
     attention_tail_case(t, sh, 1, 1, 1);
