@@ -1161,6 +1161,30 @@ static void cuda_value_residual_backward(rp_backend *be, float *dv, float *dv_fi
 // dk16 (may be NULL): a bf16 copy of the new dk, the key GEMM backward's dY.
 __device__ __forceinline__ float key_in(const float *p) { return *p; }
 __device__ __forceinline__ float key_in(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
+
+// key_prepare_backward's per-(row, head) normalization terms, shared by it
+// and attention_tail_backward (the same expressions, so the same bits): the
+// lane's k and dkk values, 1 / max(|k k_k|, eps) and the projection
+// (dkk . u) iv^2 of dkk on u = k k_k (0 below eps, as torch F.normalize).
+template <int E, typename TA, typename TK>
+__device__ __forceinline__ void key_norm_backward_row(const TA *k, const TK *dkk, size_t o,
+                                                      const float *kkw, float *kv, float *dkkv,
+                                                      float *iv, float *pj) {
+    float n2 = 0.0f, dot = 0.0f;
+    for (int e = 0; e < E; e++) {
+        kv[e] = key_in(k + o + 32 * e);
+        dkkv[e] = key_in(dkk + o + 32 * e);
+        const float u = kv[e] * kkw[e];
+        n2 += u * u;
+        dot += u * dkkv[e];
+    }
+    n2 = warp_sum(n2);
+    dot = warp_sum(dot);
+    const float norm = sqrtf(n2);
+    *iv = 1.0f / (norm > KK_EPS ? norm : KK_EPS);
+    *pj = norm > KK_EPS ? dot * *iv * *iv : 0.0f;
+}
+
 // TA: a's type (bf16: training's a in place, backend.h gemm_only).
 template <typename TK, typename TA>
 __global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float *__restrict__ da,
@@ -1187,19 +1211,8 @@ __global__ static void key_prepare_backward_kernel(float *__restrict__ dk, float
     }
     for (int r = begin + warp; r < end; r += ROW_WARPS) {
         const size_t o = (size_t)r * C + col0 + lane;
-        float kv[E], dkkv[E], n2 = 0.0f, dot = 0.0f;
-        for (int e = 0; e < E; e++) {
-            kv[e] = k[o + 32 * e];
-            dkkv[e] = key_in(dkk + o + 32 * e);
-            const float u = kv[e] * kkw[e];
-            n2 += u * u;
-            dot += u * dkkv[e];
-        }
-        n2 = warp_sum(n2);
-        dot = warp_sum(dot);
-        const float norm = sqrtf(n2);
-        const float iv = 1.0f / (norm > KK_EPS ? norm : KK_EPS);
-        const float pj = norm > KK_EPS ? dot * iv * iv : 0.0f;
+        float kv[E], dkkv[E], iv, pj;
+        key_norm_backward_row<E>(k, dkk, o, kkw, kv, dkkv, &iv, &pj);
         for (int e = 0; e < E; e++) {
             const size_t i = o + 32 * e;
             const float d_out = dk[i], av = key_in(a + i);
@@ -1329,19 +1342,8 @@ __global__ static void attention_tail_backward_kernel(
     }
     for (int r = begin + warp; r < end; r += ROW_WARPS) {
         const size_t o = (size_t)r * C + col0 + lane;
-        float kv[E], dkkv[E], n2 = 0.0f, dot = 0.0f;
-        for (int e = 0; e < E; e++) {
-            kv[e] = key_in(k + o + 32 * e);
-            dkkv[e] = key_in(dkk + o + 32 * e);
-            const float u = kv[e] * kkw[e];
-            n2 += u * u;
-            dot += u * dkkv[e];
-        }
-        n2 = warp_sum(n2);
-        dot = warp_sum(dot);
-        const float norm = sqrtf(n2);
-        const float iv = 1.0f / (norm > KK_EPS ? norm : KK_EPS);
-        const float pj = norm > KK_EPS ? dot * iv * iv : 0.0f;
+        float kv[E], dkkv[E], iv, pj;
+        key_norm_backward_row<E>(k, dkk, o, kkw, kv, dkkv, &iv, &pj);
         for (int e = 0; e < E; e++) {
             const size_t i = o + 32 * e;
             // key_prepare_backward
