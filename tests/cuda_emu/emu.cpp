@@ -35,6 +35,37 @@ static void warn_once(const std::string &key, const std::string &msg) {
 // ---- memory registry ----
 enum { RP_EMU_REDZONE = 256 };
 static uintptr_t g_dev_lo, g_dev_hi;  // the device allocation a checked kernel access last hit
+// The allocations hit before it (a kernel reads and writes several in turn):
+// a hit here saves the registry lookup.
+enum { RP_EMU_DEV_CACHE = 8 };
+static uintptr_t g_dev_cache_lo[RP_EMU_DEV_CACHE], g_dev_cache_hi[RP_EMU_DEV_CACHE];
+static unsigned g_dev_cache_next;
+static void dev_cache_clear() {
+    g_dev_lo = g_dev_hi = 0;
+    for (int i = 0; i < RP_EMU_DEV_CACHE; i++) g_dev_cache_lo[i] = g_dev_cache_hi[i] = 0;
+}
+// Makes [lo, hi) the last hit, keeping the one before in the cache.
+static void dev_cache_use(uintptr_t lo, uintptr_t hi) {
+    if (g_dev_hi) {
+        const unsigned i = g_dev_cache_next++ % RP_EMU_DEV_CACHE;
+        g_dev_cache_lo[i] = g_dev_lo;
+        g_dev_cache_hi[i] = g_dev_hi;
+    }
+    g_dev_lo = lo;
+    g_dev_hi = hi;
+}
+static bool dev_cache_hit(uintptr_t a, size_t n) {
+    for (int i = 0; i < RP_EMU_DEV_CACHE; i++)
+        if (a >= g_dev_cache_lo[i] && a + n <= g_dev_cache_hi[i]) {
+            const uintptr_t lo = g_dev_cache_lo[i], hi = g_dev_cache_hi[i];
+            g_dev_cache_lo[i] = g_dev_lo;
+            g_dev_cache_hi[i] = g_dev_hi;
+            g_dev_lo = lo;
+            g_dev_hi = hi;
+            return true;
+        }
+    return false;
+}
 // Pinned (cudaMallocHost) buffers are whole pages of their own, so that while a
 // queued copy uses one it can be protected: a host read of a buffer a queued
 // device-to-host copy writes, or a host write to one a queued host-to-device
@@ -249,7 +280,7 @@ cudaError_t cudaFree(void *p) {
     memset(p, 0xfe, it->second.bytes);
     g_device_bytes -= it->second.bytes;
     size_t lead = it->second.lead;
-    g_dev_lo = g_dev_hi = 0;  // the checked-access cache may name it
+    dev_cache_clear();  // the checked-access cache may name it
     g_allocs.erase(it);
     if (!g_alloc_pad_rng) { free((char *)p - lead); return cudaSuccess; }
     // EMU_ALLOC_PAD: never handed out again until the padding ends
@@ -325,7 +356,7 @@ CUresult cuMemAddressFree(CUdeviceptr p, size_t size) {
     for (char m : it->second.vmm)
         if (m) die("cuMemAddressFree(%#llx): a page is still mapped: cuMemUnmap it first", p);
     munmap((void *)p, size);
-    g_dev_lo = g_dev_hi = 0;
+    dev_cache_clear();
     g_allocs.erase(it);
     return CUDA_SUCCESS;
 }
@@ -679,11 +710,58 @@ cudaError_t rp_emu_func_set_attribute(const void *f, int attr, int v) {
 
 // ---- fibers ----
 enum { F_RUN, F_BAR, F_WARP, F_DONE };
-struct fiber { ucontext_t ctx; char *stack; int state; dim3 tid; unsigned lin; const char *bar_file; int bar_line;
-               bool dep_synced; /* called cudaGridDependencySynchronize */ };
+// A context switch is what the emulator does most (every __syncthreads and
+// warp op of every thread: ~450 million in the full twin test). glibc's
+// swapcontext makes a sigprocmask system call each time, which was 60% of the
+// emulator's time; on x86-64 the fibers switch with the few instructions
+// below instead (callee-saved registers, MXCSR and x87 control word, stack
+// pointer), and elsewhere with swapcontext.
+#if defined(__x86_64__) && !defined(RP_EMU_UCONTEXT)
+#define RP_EMU_FAST_SWITCH 1
+extern "C" void rp_emu_ctx_switch(void **save_sp, void *load_sp);
+extern "C" void rp_emu_fiber_start();
+asm(".text\n"
+    ".globl rp_emu_ctx_switch\n"
+    ".type rp_emu_ctx_switch, @function\n"
+    "rp_emu_ctx_switch:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size rp_emu_ctx_switch, .-rp_emu_ctx_switch\n");
+#endif
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+struct fiber {
+#ifdef RP_EMU_FAST_SWITCH
+    void *sp;
+#else
+    ucontext_t ctx;
+#endif
+    char *stack; int state; dim3 tid; unsigned lin; const char *bar_file; int bar_line;
+    bool dep_synced; /* called cudaGridDependencySynchronize */
+    void *asan_fake_stack;
+};
 static const size_t STACK = 256 * 1024;
+// Every fiber's stack lies in one reserved range, so that a checked access
+// can tell a thread's locals from device memory with one comparison.
+enum { RP_EMU_MAX_FIBERS = 1024 };  // CUDA's threads per block
+static char *g_stacks;
 static std::vector<fiber> g_fib;
+#ifdef RP_EMU_FAST_SWITCH
+static void *g_sched_sp;
+#else
 static ucontext_t g_sched;
+#endif
+#ifdef __SANITIZE_ADDRESS__
+static const void *g_sched_stack_bottom;
+static size_t g_sched_stack_size;
+#endif
 static int g_cur;
 static int g_nthreads;
 static const std::function<void()> *g_body;
@@ -704,12 +782,75 @@ void rp_emu_poison(void *p, size_t n, const char *name) {
 }
 void *rp_emu_dyn_smem() { return g_dyn_bytes ? g_dyn.data() : nullptr; }
 
+// ASan is told of every stack switch (its fake stacks and the bounds of the
+// stack it checks); the scheduler runs on the thread's own stack.
+static void fiber_to_sched(bool exiting) {
+    fiber &f = g_fib[g_cur];
+#ifdef __SANITIZE_ADDRESS__
+    __sanitizer_start_switch_fiber(exiting ? nullptr : &f.asan_fake_stack, g_sched_stack_bottom,
+                                   g_sched_stack_size);
+#endif
+    (void)exiting;
+#ifdef RP_EMU_FAST_SWITCH
+    rp_emu_ctx_switch(&f.sp, g_sched_sp);
+#else
+    swapcontext(&f.ctx, &g_sched);
+#endif
+#ifdef __SANITIZE_ADDRESS__
+    __sanitizer_finish_switch_fiber(g_fib[g_cur].asan_fake_stack, nullptr, nullptr);
+#endif
+}
+static void sched_to_fiber(int t) {
+    fiber &f = g_fib[t];
+#ifdef __SANITIZE_ADDRESS__
+    void *fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, f.stack, STACK);
+#endif
+#ifdef RP_EMU_FAST_SWITCH
+    rp_emu_ctx_switch(&g_sched_sp, f.sp);
+#else
+    swapcontext(&g_sched, &f.ctx);
+#endif
+#ifdef __SANITIZE_ADDRESS__
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
 static void fiber_entry() {
+#ifdef __SANITIZE_ADDRESS__
+    __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack_bottom, &g_sched_stack_size);
+#endif
     (*g_body)();
     g_fib[g_cur].state = F_DONE;
-    swapcontext(&g_fib[g_cur].ctx, &g_sched);
+    fiber_to_sched(true);
+    die("a finished fiber was resumed");
 }
-static void yield_to_sched() { swapcontext(&g_fib[g_cur].ctx, &g_sched); }
+#ifdef RP_EMU_FAST_SWITCH
+extern "C" void rp_emu_fiber_start() { fiber_entry(); }
+// A new fiber's stack as rp_emu_ctx_switch leaves one: MXCSR and x87 control
+// word, six callee-saved registers, then the address it returns to, placed so
+// that rp_emu_fiber_start begins as if called (%rsp + 8 aligned to 16).
+static void fiber_prepare(fiber &f) {
+    uint64_t *top = (uint64_t *)(((uintptr_t)(f.stack + STACK)) & ~(uintptr_t)15);
+    uint64_t *sp = top - 1;
+    *sp = 0;  /* rp_emu_fiber_start's own return address: none */
+    *--sp = (uint64_t)(uintptr_t)rp_emu_fiber_start;  /* at top - 16 */
+    for (int r = 0; r < 6; r++) *--sp = 0;
+    uint32_t csr[2];
+    __asm__ volatile("stmxcsr %0" : "=m"(csr[0]));
+    __asm__ volatile("fnstcw %0" : "=m"(*(uint16_t *)&csr[1]));
+    *(uint16_t *)((char *)&csr[1] + 2) = 0;
+    --sp;
+    memcpy(sp, csr, 8);
+    f.sp = sp;
+}
+#else
+static void fiber_prepare(fiber &f) {
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack; f.ctx.uc_stack.ss_size = STACK; f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
+}
+#endif
+static void yield_to_sched() { fiber_to_sched(false); }
 
 void rp_emu_syncthreads(const char *file, int line) {
     g_fib[g_cur].bar_file = file; g_fib[g_cur].bar_line = line;
@@ -855,7 +996,7 @@ static void dev_access(uintptr_t a, size_t n, bool write) {
     if (it != g_allocs.begin()) {
         auto p = std::prev(it);
         uintptr_t lo = p->first, hi = lo + p->second.bytes;
-        if (a >= lo && a + n <= hi && p->second.device) { g_dev_lo = lo; g_dev_hi = hi; return; }
+        if (a >= lo && a + n <= hi && p->second.device) { dev_cache_use(lo, hi); return; }
         if (a >= lo && a < hi + REDZONE) {
             if (!p->second.device)
                 die("%s block (%u,%u,%u) thread (%u,%u,%u): %s pinned host memory %p (byte %zu of a cudaMallocHost buffer): not device memory",
@@ -941,9 +1082,10 @@ extern "C" int rp_emu_bytes_row(int i, rp_emu_bytes *out) {
 static inline void check_access(const void *p, size_t n, bool write) {
     if (!g_in_kernel) return;
     uintptr_t a = (uintptr_t)p;
+    if (a - (uintptr_t)g_stacks < RP_EMU_MAX_FIBERS * STACK) return;  // a thread's locals
     for (const smem_region &r : g_smem)
         if (a >= r.lo && a < r.hi) { smem_access(r, a, n, write); return; }
-    if (!(a >= g_dev_lo && a + n <= g_dev_hi)) {
+    if (!(a >= g_dev_lo && a + n <= g_dev_hi) && !dev_cache_hit(a, n)) {
         dev_access(a, n, write);
         if (!(a >= g_dev_lo && a + n <= g_dev_hi)) return;  // not device memory (a fiber's stack)
     }
@@ -1137,8 +1279,14 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
     if (g_fib.size() < nthreads) {
         size_t old = g_fib.size();
         g_fib.resize(nthreads);
-        for (size_t t = old; t < nthreads; t++)
-            g_fib[t].stack = (char *)mmap(nullptr, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (nthreads > RP_EMU_MAX_FIBERS) die("%s: %zu threads per block (at most %d)", kernel, nthreads, (int)RP_EMU_MAX_FIBERS);
+        if (!g_stacks) {
+            void *m = mmap(nullptr, RP_EMU_MAX_FIBERS * STACK, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) die("mmap of %zu bytes of fiber stacks: %s", RP_EMU_MAX_FIBERS * STACK, strerror(errno));
+            g_stacks = (char *)m;
+        }
+        for (size_t t = old; t < nthreads; t++) g_fib[t].stack = g_stacks + t * STACK;
         g_fib_gen.resize(nthreads);
     }
     g_warps.assign((nthreads + 31) / 32, warp_state{});
@@ -1159,9 +1307,8 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
             f.tid = dim3((unsigned)(t % b.x), (unsigned)(t / b.x % b.y), (unsigned)(t / ((size_t)b.x * b.y)));
             f.state = F_RUN;
             f.dep_synced = false;
-            getcontext(&f.ctx);
-            f.ctx.uc_stack.ss_sp = f.stack; f.ctx.uc_stack.ss_size = STACK; f.ctx.uc_link = nullptr;
-            makecontext(&f.ctx, fiber_entry, 0);
+            f.asan_fake_stack = nullptr;
+            fiber_prepare(f);
             order[t] = (int)t;
         }
         for (;;) {
@@ -1175,7 +1322,7 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
                     if (g_fib[t].state != F_RUN) continue;
                     g_cur = t; threadIdx = g_fib[t].tid;
                     g_switches++;
-                    swapcontext(&g_sched, &g_fib[t].ctx);
+                    sched_to_fiber(t);
                     ran = true;
                 }
             }
