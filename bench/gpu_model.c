@@ -449,20 +449,22 @@ static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H)
  * in place), k_pre, a, dk, da, dw_raw and, with the value residual (layer >
  * 0), dv, v_pre, v_first, nu, dv_first; layer 0 reads dv and dv_first (dv
  * += dv_first). It writes dk and dv (+ their bf16 copies, the key and value
- * GEMM backwards' dY), dv_first (layer > 0), d pre of a, w and nu in bf16
+ * GEMM backwards' dY), dv_first (layer > 0), d pre of a and nu in bf16
  * only (the LoRA ups' dY; gemm_only) and the five parameter partials (k_k,
- * k_a, a0, w0, v0) of its row chunks; one finish kernel sums them. */
+ * k_a, a0, w0, v0) of its row chunks; one finish kernel sums them. d pre
+ * of w is dw_raw itself, which the WKV7 backward wrote in bf16 in place
+ * (gemm_only): read as 2 bytes, not written. */
 static void attention_tail_backward(kernel_list *l, double R, double C, int layer) {
     double chunks = ceil(R / 64);
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
     const double outs = layer > 0 ? 5 : 4;
-    /* f32 vectors: dkk and a bf16 (a in place with kk and w_raw) + k_pre,
-     * dk, da, dw_raw (+ dv, v_pre, v_first, nu, dv_first | dv, dv_first)
-     * read; dk, dv (+ dv_first) written, with the bf16 dk, dv, d pre of a,
-     * w (+ nu) */
-    const double io = layer > 0 ? 2 * BF16_OUT + 9 + 3 + 5 * BF16_OUT
-                                : 2 * BF16_OUT + 6 + 2 + 4 * BF16_OUT;
+    /* f32 vectors: dkk, a and dw_raw bf16 (a in place with kk and w_raw)
+     * + k_pre, dk, da (+ dv, v_pre, v_first, nu, dv_first | dv, dv_first)
+     * read; dk, dv (+ dv_first) written, with the bf16 dk, dv, d pre of a
+     * (+ nu) */
+    const double io = layer > 0 ? 3 * BF16_OUT + 8 + 3 + 4 * BF16_OUT
+                                : 3 * BF16_OUT + 5 + 2 + 3 * BF16_OUT;
     add(l, "attention_tail backward (key prepare + a/w/v0 bias + value residual)", 1,
         4.0 * C * (R * io + 2 + 5 * chunks), (layer > 0 ? 25.0 : 17.0) * R * C, 0);
     add(l, "attention_tail backward finish (k_k, k_a, a0, w0, v0 sums)", 1,
@@ -528,11 +530,12 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     attention_tail_backward(l, R, C, layer);
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
      * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk, w_raw
-     * and a read and dkk written in bf16 in place (wkv_only: the tail alone
-     * reads dkk): four tensors 2 bytes an element, and a bf16 copy of dr
-     * (the receptance GEMM backward's dY) */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk w_raw a dkk dy bf16, + bf16 dr)",
-                      (16.0 * 4 - 3 * 2 - 2 - 4 * (1 - GN_DY_IO)) * R * C + 2.0 * R * C +
+     * and a read and dkk and dw_raw written in bf16 in place (wkv_only: the
+     * tail alone reads dkk; gemm_only: the tail's w0 bias sums and the w
+     * LoRA's GEMMs alone read dw_raw): five tensors 2 bytes an element, and
+     * a bf16 copy of dr (the receptance GEMM backward's dY) */
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk w_raw a dkk dw_raw dy bf16, + bf16 dr)",
+                      (16.0 * 4 - 3 * 2 - 2 - 2 - 4 * (1 - GN_DY_IO)) * R * C + 2.0 * R * C +
                           2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);

@@ -978,14 +978,18 @@ static void bias_act_backward_inplace(rp_cuda_ctx *cx, const rp_cuda_inplace *ip
 
 // with bias: grid (C / (32 W), chunks); dy [R,C] *= act'(y), part_b [chunks, C] = sums of d pre;
 // store_f32 0: d pre goes to dy16 only (a GEMM-only d pre), dy is only read;
-// YT bf16: y stored bf16 in place (training's a for the a0 bias, rp_cuda_inplace)
+// YT bf16: y stored bf16 in place (training's a for the a0 bias, rp_cuda_inplace);
+// dy_in16 (RP_ACT_NONE only, dy16 NULL): dy is read as these bf16 values
+// instead (dy stored bf16 in place), in the same order, so the bias sums
+// are those of the f32 path over the same rounded values
 template <int W, typename YT>
 __global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
                                                      float *__restrict__ part_b,
                                                      const YT *__restrict__ y, int R, int C,
                                                      int act, int rows_per_chunk,
                                                      __nv_bfloat16 *__restrict__ dy16,
-                                                     int store_f32) {
+                                                     int store_f32,
+                                                     const __nv_bfloat16 *__restrict__ dy_in16) {
     constexpr int TILE = 32 * W;
     __shared__ float sh[ROW_WARPS * TILE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -997,7 +1001,11 @@ __global__ static void bias_act_backward_bias_kernel(float *__restrict__ dy,
     if (c < C) {
         for (int r = begin + warp; r < end; r += ROW_WARPS) {
             const size_t o = (size_t)r * C + c;
-            vecf<W> d = load<W>(dy + o);
+            vecf<W> d;
+            if (dy_in16)
+                for (int i = 0; i < W; i++) d.v[i] = __bfloat162float(dy_in16[o + i]);
+            else
+                d = load<W>(dy + o);
             if (act != RP_ACT_NONE) {
                 for (int i = 0; i < W; i++) d.v[i] *= act_derivative(act, y_at(y, o + i));
                 if (store_f32) store<W>(dy + o, d);
@@ -1044,7 +1052,32 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
     if (act != RP_ACT_NONE && !y16 &&
         !rp_cuda_store16_fits(cx, y, (size_t)R * C, "bias_act_backward (y)"))
         return;
-    if (rp_cuda_inplace_at(cx, dy, (size_t)R * C)) {
+    // d pre = dy stored bf16 in place (RP_ACT_NONE: the WKV7 backward wrote
+    // dw_raw so under a gemm_only hint): the bias sums read the bf16 values;
+    // nothing is written, the GEMMs read dy in place
+    const rp_cuda_inplace *dy_ip = rp_cuda_inplace_at(cx, dy, (size_t)R * C);
+    if (dy_ip && !dy_ip->f32 && act == RP_ACT_NONE) {
+        rp_cuda_take_gemm_only(cx, dy, (size_t)R * C);  // consumed: dy stays as it is
+        const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
+        float *part_b = (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP,
+                                                 (size_t)chunks * C * sizeof(float));
+        if (!part_b) return;
+        const __nv_bfloat16 *d16 = reinterpret_cast<const __nv_bfloat16 *>(dy);
+        const int W = C % 4 == 0 ? 4 : 1;  // bf16 x 4: 8-byte rows, element loads
+        const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
+        if (W == 4)
+            bias_act_backward_bias_kernel<4, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+                dy, part_b, y, R, C, (int)act, rows_per_chunk, nullptr, 0, d16);
+        else
+            bias_act_backward_bias_kernel<1, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
+                dy, part_b, y, R, C, (int)act, rows_per_chunk, nullptr, 0, d16);
+        if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward",
+                                  {part_b, (size_t)chunks * C * sizeof(float)}))
+            return;
+        rp_cuda_sum_partials(cx, dbias, part_b, chunks, (size_t)C, 1);
+        return;
+    }
+    if (dy_ip) {
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
                          "cuda bias_act_backward: dy is a GEMM-only gradient stored bf16 "
@@ -1068,16 +1101,16 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
     const int sole = gemm_only && dy16 && act != RP_ACT_NONE;
     if (W == 4 && y16)
         bias_act_backward_bias_kernel<4, __nv_bfloat16><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole);
+            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole, nullptr);
     else if (y16)
         bias_act_backward_bias_kernel<1, __nv_bfloat16><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole);
+            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole, nullptr);
     else if (W == 4)
         bias_act_backward_bias_kernel<4, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole);
+            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole, nullptr);
     else
         bias_act_backward_bias_kernel<1, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole);
+            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole, nullptr);
     if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, (size_t)R * C * sizeof(float)},
                               {part_b, (size_t)chunks * C * sizeof(float)}))
         return;
@@ -1308,10 +1341,12 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
 // once instead of by five kernels that re-read what the one before wrote.
 // grid (H, chunks), one warp per (row, head) as key_prepare_backward_kernel.
 // TK dkk, TA the activations k, v, v_first, nu, TB a (bf16 in place with kk
-// and w_raw in training, while k, v still f32), TG da and dw_raw: float, or
-// bf16 stored in place (wkv_only / gemm_only outputs, rp_cuda_inplace).
-// A bf16 da gets d pre in place (its LoRA GEMMs read it there); a float one
-// its copy c16.da (sole: no f32 unless store_da), as a gemm_only d pre.
+// and w_raw in training, while k, v still f32), TG da, TW dw_raw: float, or
+// bf16 stored in place (wkv_only / gemm_only outputs, rp_cuda_inplace;
+// training's dw_raw alone, as the WKV7 backward writes it). A bf16 da gets
+// d pre in place (its LoRA GEMMs read it there); a float one its copy
+// c16.da (sole: no f32 unless store_da), as a gemm_only d pre. dw_raw is
+// its own d pre: a bf16 one is left where it is for its GEMMs.
 struct tail_copies {
     __nv_bfloat16 *dk, *da, *dw, *dv, *dnu;  // each may be NULL
 };
@@ -1320,9 +1355,9 @@ __device__ __forceinline__ void tail_store(float *p, float x) { *p = x; }
 __device__ __forceinline__ void tail_store(__nv_bfloat16 *p, float x) {
     *p = __float2bfloat16(x);
 }
-template <typename TK, typename TA, typename TB, typename TG>
+template <typename TK, typename TA, typename TB, typename TG, typename TW>
 __global__ static void attention_tail_backward_kernel(
-    float *__restrict__ dk, TG *__restrict__ da, const TG *__restrict__ dw,
+    float *__restrict__ dk, TG *__restrict__ da, const TW *__restrict__ dw,
     float *__restrict__ dv, float *__restrict__ dv_first, float *__restrict__ dnu,
     float *__restrict__ part, const TK *__restrict__ dkk, const TA *__restrict__ k,
     const TB *__restrict__ a, const TA *__restrict__ v, const TA *__restrict__ v_first,
@@ -1465,12 +1500,14 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     const __nv_bfloat16 *a16 = act16[1];
     int n_act16 = 0;
     for (int j = 0; j < 5; j++) n_act16 += j != 1 && act16[j] != nullptr;
+    // da and dw_raw: both f32, both bf16 in place, or dw_raw alone bf16 (the
+    // WKV7 backward wrote it so under the training step's gemm_only hint)
     const rp_cuda_inplace *ip_da = rp_cuda_inplace_at(cx, da, n);
     const rp_cuda_inplace *ip_dw = rp_cuda_inplace_at(cx, dw_raw, n);
-    const int grads16 = ip_da && ip_dw;
-    if ((n_act16 != 0 && n_act16 != n_act) || (n_act16 && !a16) ||
-        (ip_da != nullptr) != (ip_dw != nullptr) ||
-        (grads16 && (ip_da->f32 || ip_dw->f32)) || (nu && rp_cuda_inplace_at(cx, dnu, n))) {
+    const int grads16 = ip_da && ip_dw, dw16 = ip_dw != nullptr;
+    if ((n_act16 != 0 && n_act16 != n_act) || (n_act16 && !a16) || (ip_da && !ip_dw) ||
+        (ip_da && ip_da->f32) || (ip_dw && ip_dw->f32) ||
+        (nu && rp_cuda_inplace_at(cx, dnu, n))) {
         attention_tail_separate(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k, dk_a, da0, dw0, dv0,
                                 dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N);
         return;
@@ -1485,31 +1522,32 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     // (RP_CUDA_ACT16_SLOTS), each claim the newest, so all distinct
     tail_copies c16 = {};
     c16.dk = rp_cuda_act16_for_rows(cx, dk, n, R);
-    if (!grads16) {
-        c16.da = rp_cuda_act16_for_rows(cx, da, n, R);
-        c16.dw = rp_cuda_act16_for_rows(cx, dw_raw, n, R);
-    }
+    if (!grads16) c16.da = rp_cuda_act16_for_rows(cx, da, n, R);
+    if (!dw16) c16.dw = rp_cuda_act16_for_rows(cx, dw_raw, n, R);
     c16.dv = rp_cuda_act16_for_rows(cx, dv, n, R);
     if (nu) c16.dnu = rp_cuda_act16_for_rows(cx, dnu, n, R);
     if (cx->error.code != RP_OK) return;
     const int store_da = grads16 || !c16.da, store_dnu = !c16.dnu;
     const dim3 grid(C / KEY_HEAD_SIZE, chunks);
-#define TAIL_LAUNCH(TK, TA, TB, TG)                                                             \
-    attention_tail_backward_kernel<TK, TA, TB, TG><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>( \
-        dk, (TG *)da, (const TG *)(grads16 ? (const void *)ip_dw->p : (const void *)dw_raw),   \
-        dv, dv_first, dnu, part, dkk16 ? (const TK *)dkk16 : (const TK *)dkk,                  \
-        n_act16 ? (const TA *)act16[0] : (const TA *)k,                                        \
-        a16 ? (const TB *)a16 : (const TB *)a,                                                 \
-        n_act16 ? (const TA *)act16[2] : (const TA *)v,                                        \
-        n_act16 ? (const TA *)act16[3] : (const TA *)v_first,                                  \
-        n_act16 ? (const TA *)act16[4] : (const TA *)nu, k_k, k_a, R, C, rows_per_chunk, c16,  \
-        store_da, store_dnu)
-#define TAIL_TG(TK, TA, TB)                             \
-    do {                                                \
-        if (grads16)                                    \
-            TAIL_LAUNCH(TK, TA, TB, __nv_bfloat16);     \
-        else                                            \
-            TAIL_LAUNCH(TK, TA, TB, float);             \
+#define TAIL_LAUNCH(TK, TA, TB, TG, TW)                                                     \
+    attention_tail_backward_kernel<TK, TA, TB, TG, TW><<<grid, ROW_WARP_THREADS, 0,       \
+                                                        cx->stream>>>(                      \
+            dk, (TG *)da, (const TW *)(dw16 ? (const void *)ip_dw->p : (const void *)dw_raw), \
+            dv, dv_first, dnu, part, dkk16 ? (const TK *)dkk16 : (const TK *)dkk,             \
+            n_act16 ? (const TA *)act16[0] : (const TA *)k,                                   \
+            a16 ? (const TB *)a16 : (const TB *)a,                                            \
+            n_act16 ? (const TA *)act16[2] : (const TA *)v,                                   \
+            n_act16 ? (const TA *)act16[3] : (const TA *)v_first,                             \
+            n_act16 ? (const TA *)act16[4] : (const TA *)nu, k_k, k_a, R, C, rows_per_chunk,  \
+            c16, store_da, store_dnu)
+#define TAIL_TG(TK, TA, TB)                                        \
+    do {                                                           \
+        if (grads16)                                               \
+            TAIL_LAUNCH(TK, TA, TB, __nv_bfloat16, __nv_bfloat16); \
+        else if (dw16)                                             \
+            TAIL_LAUNCH(TK, TA, TB, float, __nv_bfloat16);         \
+        else                                                       \
+            TAIL_LAUNCH(TK, TA, TB, float, float);                 \
     } while (0)
 #define TAIL_TA(TK)                                     \
     do {                                                \

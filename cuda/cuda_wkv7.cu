@@ -862,7 +862,7 @@ __global__ void __launch_bounds__(WKV_THREADS,
                          const TK *kk, const TK *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
                          const int32_t *ckpt_block, int C, int accumulate,
-                         __nv_bfloat16 *dr16) {
+                         __nv_bfloat16 *dr16, __nv_bfloat16 *dw16) {
     __shared__ __align__(16) float tile[WKV_TILE];
     __shared__ __align__(16) float anchors[WKV_ANCHORS * WKV_TILE];
     __shared__ __align__(16) float vec[2 * VEC_COUNT * WKV_N];
@@ -1051,7 +1051,11 @@ __global__ void __launch_bounds__(WKV_THREADS,
 
             if (p == 0) {
                 const float sig = rp_sigmoidf(keep);
-                wkv_out(dw_raw, o, dd_i * d_i * (-WKV_SCALE) * sig * (1.0f - sig));
+                const float dw_o = dd_i * d_i * (-WKV_SCALE) * sig * (1.0f - sig);
+                if (dw16)
+                    dw16[o] = __float2bfloat16(dw_o);
+                else
+                    wkv_out(dw_raw, o, dw_o);
             } else {
                 wkv_out(dkk, o, keep - da_i);
             }
@@ -1217,7 +1221,8 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
                                    const TK *kk, const TK *a, const float *checkpoints,
                                    const int32_t *seq_len, const int32_t *row_begin,
                                    const int32_t *slot, const int32_t *ckpt_block, int C,
-                                   int accumulate, __nv_bfloat16 *dr16) {
+                                   int accumulate, __nv_bfloat16 *dr16,
+                                   __nv_bfloat16 *dw16) {
     namespace wmma = nvcuda::wmma;
     extern __shared__ __align__(32) float wkv_smem_raw[];
     // an offset from the shared array (not a cast-back integer) keeps the
@@ -1414,7 +1419,11 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
                 wkv_out(dr, o, dr_o);
                 if (dr16) dr16[o] = __float2bfloat16(dr_o);
                 wkv_out(dk, o, accumulate ? wkv_in(dk, o) + dk_ : dk_);
-                wkv_out(dw_raw, o, dd * q.d * (-WKV_SCALE) * sig * (1.0f - sig));
+                const float dw_o = dd * q.d * (-WKV_SCALE) * sig * (1.0f - sig);
+                if (dw16)
+                    dw16[o] = __float2bfloat16(dw_o);
+                else
+                    wkv_out(dw_raw, o, dw_o);
                 wkv_out(dkk, o, db_k * iclr - da_k);
                 wkv_out(da, o, db_k * kkv);
             }
@@ -1630,12 +1639,16 @@ static void cuda_wkv7_forward_train(rp_backend *be, float *y, const float *r, co
 
 // g = {dr, dw_raw, dk, dv, dkk, da}: dkk of type TD (g[4] cast), kk, w_raw
 // and a (in[4], in[1], in[5] cast) of type TK, dy TY, the rest TO and TI. dr16 (may be NULL): a bf16 copy of
-// the new dr, the receptance GEMM backward's dY (rp_cuda_act16).
+// the new dr, the receptance GEMM backward's dY (rp_cuda_act16). dw16 (may
+// be NULL): dw_raw written as bf16 there instead of TO (in place: a
+// GEMM-only dw_raw, backend.h gemm_only), a runtime choice so that it costs
+// no instantiation.
 template <typename TI, typename TO, typename TK = TI, typename TD = TO, typename TY = TI>
 static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_base,
                                 size_t state_stride, const TY *dy, const TI *const *in,
                                 const float *checkpoints, const rp_batch *batch, int C, int N,
-                                float beta, __nv_bfloat16 *dr16 = nullptr) {
+                                float beta, __nv_bfloat16 *dr16 = nullptr,
+                                __nv_bfloat16 *dw16 = nullptr) {
     TD *dkk = (TD *)g[4];
     const TK *kk = (const TK *)in[4], *w_raw = (const TK *)in[1], *a = (const TK *)in[5];
     if (!wkv_launchable(cx, "wkv7_backward", batch, C, N)) return;
@@ -1652,12 +1665,12 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
         wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, a, checkpoints, b.seq_len, b.row_begin, b.slot,
-            b.ckpt_block, C, beta != 0.0f, dr16);
+            b.ckpt_block, C, beta != 0.0f, dr16, dw16);
     } else {
         wkv7_backward_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, 0, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, a, checkpoints, b.seq_len, b.row_begin, b.slot,
-            b.ckpt_block, C, beta != 0.0f, dr16);
+            b.ckpt_block, C, beta != 0.0f, dr16, dw16);
     }
     RP_CUDA_LAUNCHED(cx, "wkv7_backward");
 }
@@ -1680,6 +1693,15 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     const int only = rp_cuda_take_wkv_only(cx, dkk, n) && cx->math == RP_CUDA_MATH_BF16 &&
                      batch->n_rows > RP_GEMV_MAX_M;
     const int dkk16 = only && !cx->act16_off;
+    // A GEMM-only dw_raw (backend.h gemm_only before this op: w0's
+    // bias_act_backward sums its bias gradient from it, then the w LoRA's
+    // GEMMs read it as dY) likewise: bf16 in place, no f32 write (and no f32
+    // read and bf16 copy in bias_act_backward); copies off: f32 rounded to
+    // bf16 after, the same values for both readers.
+    const int dw_only = rp_cuda_take_gemm_only(cx, dw_raw, n) &&
+                        cx->math == RP_CUDA_MATH_BF16 && batch->n_rows > RP_GEMV_MAX_M;
+    __nv_bfloat16 *dw16 =
+        dw_only && !cx->act16_off ? reinterpret_cast<__nv_bfloat16 *>(dw_raw) : nullptr;
     const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
     const __nv_bfloat16 *w16 = n > 0 ? rp_cuda_inplace_find(cx, w_raw, n) : nullptr;
     const __nv_bfloat16 *a16 = n > 0 ? rp_cuda_inplace_find(cx, a, n) : nullptr;
@@ -1712,36 +1734,41 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
         if (dkk16)
             wkv_backward_launch<__nv_bfloat16, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, in16[6], in16, checkpoints, batch, C, N, beta,
-                dr16);
+                dr16, dw16);
         else
             wkv_backward_launch(cx, g, dstate_base, state_stride, in16[6], in16, checkpoints,
-                                batch, C, N, beta, dr16);
+                                batch, C, N, beta, dr16, dw16);
     } else {
         const float *in32[6] = {r, w16 ? (const float *)w16 : w_raw, k, v,
                                 kk16 ? (const float *)kk16 : kk, a16 ? (const float *)a16 : a};
         if (dy16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy16, in32, checkpoints, batch, C, N, beta,
-                dr16);
+                dr16, dw16);
         else if (kk16 && dkk16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
-                dr16);
+                dr16, dw16);
         else if (kk16)
             wkv_backward_launch<float, float, __nv_bfloat16, float>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
-                dr16);
+                dr16, dw16);
         else if (dkk16)
             wkv_backward_launch<float, float, float, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
-                dr16);
+                dr16, dw16);
         else
             wkv_backward_launch(cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch,
-                                C, N, beta, dr16);
+                                C, N, beta, dr16, dw16);
     }
     // the kernel wrote dkk (plain RP_CUDA_LAUNCHED): no earlier record of it
     // may stand, in place or copy
     if (n > 0) rp_cuda_act16_forget(cx, dkk, n * sizeof(float));
+    if (n > 0) rp_cuda_act16_forget(cx, dw_raw, n * sizeof(float));
+    if (dw16)
+        rp_cuda_inplace_add(cx, dw_raw, n);
+    else if (dw_only)
+        rp_cuda_round_bf16(cx, dw_raw, n);
     // dy's one reader has read it: drop its in-place record, so that no
     // later reader of that memory takes it for bf16 values
     if (dy16) rp_cuda_act16_forget(cx, dy, n * sizeof(float));

@@ -554,6 +554,11 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
      * backend can, else through temporaries (same bits either way) */
     /* only key_prepare_backward reads dkk (bf16 on CUDA) */
     if (be->wkv_only) be->wkv_only(be, tw->dkk, (size_t)R * C);
+    /* dw_raw: w0's bias_act_backward (RP_ACT_NONE: it only sums the bias
+     * gradient) and the w LoRA's GEMMs alone read it, so the WKV7 backward
+     * may write it as their operand (bf16 on CUDA); the hint before the
+     * bias_act_backward below stays (that op consumes it either way) */
+    if (be->gemm_only) be->gemm_only(be, tw->dw_raw, (size_t)R * C);
     if (be->wkv7_backward_beta) {
         be->wkv7_backward_beta(be, tw->dr, tw->dw_raw, tw->dk, tw->dv, tw->dkk, tw->da, dwkv,
                                dstride, tw->dy, s->r, s->w_raw, s->k, s->v, s->kk, s->a,

@@ -1358,6 +1358,95 @@ static void test_wkv16_train_precision(void **s) {
     teardown(&ref_state);
 }
 
+/* wkv7_backward_beta with the pending gemm_only hint (backward.c's, for
+ * dw_raw) dropped first: dw_raw written f32 and rounded to bf16 only by
+ * w0's bias_act_backward for the GEMMs, as before the WKV7 backward took the
+ * hint (the switch for test_wkv_dw16_precision). */
+static void (*wkv_bwd_saved)(rp_backend *, float *, float *, float *, float *, float *, float *,
+                             float *, size_t, const float *, const float *, const float *,
+                             const float *, const float *, const float *, const float *,
+                             const float *, const rp_batch *, int, int, float);
+static void wkv_bwd_dw_f32(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
+                           float *dkk, float *da, float *dstate_base, size_t state_stride,
+                           const float *dy, const float *r, const float *w_raw, const float *k,
+                           const float *v, const float *kk, const float *a,
+                           const float *checkpoints, const rp_batch *batch, int C, int N,
+                           float beta) {
+    be->gemm_only(be, NULL, 0);
+    wkv_bwd_saved(be, dr, dw_raw, dk, dv, dkk, da, dstate_base, state_stride, dy, r, w_raw, k,
+                  v, kk, a, checkpoints, batch, C, N, beta);
+}
+
+/* dw_raw stored bf16 in place by the WKV7 backward (backward.c's gemm_only
+ * hint before it) against f32 dw_raw: the w LoRA's GEMMs read bf16(dw_raw)
+ * either way, so a BF16-math step keeps its loss and every gradient bit for
+ * bit except w0's, which bias_act_backward now sums from the bf16 values:
+ * that one must change (the bf16 path ran) by a small relative error, and
+ * the whole step against FP32 math must stay as good. Per-token and chunked
+ * WKV7 kernels (min_t 0). */
+static void test_wkv_dw16_precision(void **s) {
+    fixture *f = *s;
+    void *ref_state = NULL;
+    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
+    fixture *ref = ref_state;
+    assert_non_null(f->be->gemm_only);
+    wkv_bwd_saved = f->be->wkv7_backward_beta;
+    assert_non_null(wkv_bwd_saved);
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    const rp_model *gm = &f->grads;
+    const int L = gm->layer_end - gm->layer_begin, C = f->model.cfg.n_embd;
+    for (int chunked = 0; chunked < 2; chunked++) {
+        rp_cuda_wkv7_chunked_min_t = chunked ? 0 : saved_min_t;
+        float *g[3];
+        double loss[3];
+        size_t n = 0;
+        for (int side = 0; side < 3; side++) { /* bf16 dw_raw, f32 dw_raw, FP32 math */
+            fixture *x = side == 2 ? ref : f;
+            f->be->wkv7_backward_beta = side == 1 ? wkv_bwd_dw_f32 : wkv_bwd_saved;
+            rp_model_zero(&x->grads);
+            loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
+            g[side] = grads_to_host(x, &n);
+        }
+        f->be->wkv7_backward_beta = wkv_bwd_saved;
+        /* w0's entries: C floats in each layer's block */
+        unsigned char *is_w0 = calloc(n, 1);
+        assert_non_null(is_w0);
+        for (int l = 0; l < L; l++) {
+            const size_t at = gm->embed_floats + gm->head_floats + (size_t)l * gm->layer_floats +
+                              (size_t)(gm->layers[l].w0 - gm->layer_flat[l]);
+            memset(is_w0 + at, 1, (size_t)C);
+        }
+        size_t other_differ = 0, w0_differ = 0;
+        double d2 = 0, r2 = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (!is_w0[i]) {
+                other_differ += memcmp(&g[0][i], &g[1][i], sizeof(float)) != 0;
+                continue;
+            }
+            w0_differ += g[0][i] != g[1][i];
+            d2 += ((double)g[0][i] - g[1][i]) * ((double)g[0][i] - g[1][i]);
+            r2 += (double)g[1][i] * g[1][i];
+        }
+        const double w0_rel = r2 > 0 ? sqrt(d2 / r2) : sqrt(d2);
+        const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+        fprintf(stderr,
+                "wkv dw16 %s: w0 gradient bf16 vs f32 dw_raw rel %.3e (%zu of %d differ), "
+                "other gradients differing %zu of %zu; all vs FP32 math rel %.3e (bf16 "
+                "dw_raw) %.3e (f32); loss %.9g %.9g\n",
+                chunked ? "chunked" : "per-token", w0_rel, w0_differ, L * C, other_differ,
+                n - (size_t)L * C, with, without, loss[0], loss[1]);
+        assert_true(loss[0] == loss[1]);
+        assert_int_equal(other_differ, 0);
+        assert_true(w0_differ > 0);
+        assert_true(w0_rel <= 1e-2);
+        assert_true(with <= 1.01 * without + 1e-4);
+        free(is_w0);
+        for (int side = 0; side < 3; side++) free(g[side]);
+    }
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    teardown(&ref_state);
+}
+
 /* After one decode step and one training step at the largest shapes, more
  * steps of those shapes or smaller allocate and free nothing. */
 static void test_no_allocation_after_warm_up(void **s) {
@@ -2103,6 +2192,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_adamw_multi_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gemm_only_d_pre, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_wkv_dw16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_decode_lora_down_split, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_twin, setup, teardown),
