@@ -306,6 +306,12 @@ static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, do
  * chunked backward rounded it to bf16 for its products anyway). */
 #define GN_DY_IO BF16_OUT
 
+/* r, k, v as WKV7 and the fused groupnorm read them: bf16 in place past
+ * layer 0 (forward.c's rkv_only hints, model.h rp_rkv_only_layer: the
+ * receptance GEMM, key_prepare_from and value_residual_from write them so);
+ * layer 0 keeps f32 (its v becomes v_first). In fp32 vectors per element. */
+static double rkv_io(int layer) { return layer > 0 ? BF16_OUT : 1.0; }
+
 static int mix_ln_fused(double C);
 
 /* The forward ops of one layer (rp_block_forward), R rows of S sequences;
@@ -339,8 +345,14 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     add_l2(l, "ln_shift_mix_train (ln2 + shift + 1 mix, bf16)", 1,
            4.0 * C * (R * (io + BF16_OUT) + first + 2 + 1), 3 * 4.0 * R * C, (16 + 3) * R * C,
            0);
-    /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value below */
-    gemm(l, "GEMM C x C (r, k, v, output)", 3, R, C, C, 1);
+    /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value
+     * below. Past layer 0 r is rkv_only: its GEMM writes it bf16 in place. */
+    if (layer > 0) {
+        gemm_c16(l, "GEMM C x C (r, k, v, output)", 1, R, C, C);
+        gemm(l, "GEMM C x C (r, k, v, output)", 2, R, C, C, 1);
+    } else {
+        gemm(l, "GEMM C x C (r, k, v, output)", 3, R, C, C, 1);
+    }
     gemm_accumulate(l, "GEMM C x C (r, k, v, output)", 1, R, C, C);
     for (int i = 0; i < loras; i++) {
         /* every hidden is GEMM-only (backend.h gemm_only): the down GEMM
@@ -361,22 +373,26 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     ew(l, "bias_act (a0, bf16 in place)", 1, R, C, 1, 1, 4);
     ew(l, "bias_act (v0)", loras - 3, R, C, 2, 1, 4);
     /* layer 0: v from v_pre (no value_residual_from there), then v_first */
+    /* (past layer 0 v written bf16 in place: rkv_only) */
     if (layer == 0) ew(l, "copy (v_first)", 2, R, C, 2, 0, 0);
-    else ew(l, "value_residual", 1, R, C, 4, 0, 3);
+    else ew(l, "value_residual (v bf16)", 1, R, C, 3 + rkv_io(layer), 0, 3);
     /* kk is WKV7-only (backend.h wkv_only): written in bf16 in place; a
-     * read in bf16 (in place) */
-    ew(l, "key_prepare (kk bf16, a bf16)", 1, R, C, 2.5 + BF16_OUT, 2, 6);
+     * read in bf16 (in place); k_pre read, k written (bf16 past layer 0) */
+    ew(l, "key_prepare (kk bf16, a bf16, k bf16)", 1, R, C,
+       1 + rkv_io(layer) + BF16_OUT + BF16_OUT, 2, 6);
     /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O
-     * but kk, w_raw, a and y (bf16 in place) */
-    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, kk w_raw a y bf16)",
-                      (6.5 * 4 - 2 - 2 - 2) * R * C + 2 * S * state + R / 16 * state,
+     * but kk, w_raw, a and y (bf16 in place), and r, k, v past layer 0 */
+    add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, r k v kk w_raw a y bf16)",
+                      (6.5 * 4 - 2 - 2 - 2 - 3 * 4 * (1 - rkv_io(layer))) * R * C +
+                          2 * S * state + R / 16 * state,
                       WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM * R * C * N);
     /* groupnorm_bonus_gate: y, r, k, v, g read once, og written in bf16
      * only (in place, gemm_only: the output GEMM and its weight gradient
      * read it), mean/rstd [R,H]; the groupnorm output stays in registers */
     add(l, "groupnorm_bonus_gate (og bf16 in place)", 1,
-        4.0 * C * (R * (GN_Y_IO + 4 + BF16_OUT) + 3) + 8.0 * R * H, 14.0 * R * C, 0);
+        4.0 * C * (R * (GN_Y_IO + 3 * rkv_io(layer) + 1 + BF16_OUT) + 3) + 8.0 * R * H,
+        14.0 * R * C, 0);
     /* the key GEMM writes k in bf16 in place (gemm_only), relu^2 runs on
      * it in place, bf16 in and out; the value GEMM reads it there */
     gemm_c16(l, "GEMM FFN key (C -> F), bf16 C", 1, R, F, C);
@@ -432,12 +448,15 @@ static void mix_ln_backward(kernel_list *l, double R, double C, int terms) {
  * bf16 copy) and the r_k, ln_x weight and bias partials of its row chunks;
  * the groupnorm output and d(groupnorm out) stay in registers. The finish
  * kernel sums the three partials. */
-static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H) {
+static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H, int layer) {
     double chunks = ceil(R / 64);
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
+    /* d og, g, dr, dk, dv, dg f32; r, k, v f32 or bf16 (rkv_io) */
     add(l, "groupnorm_bonus_gate backward (dy bf16, + bf16 dg, partials)", 1,
-        4.0 * C * (R * (GN_Y_IO + 9 + GN_DY_IO + BF16_OUT) + 3 + 3 * chunks) + 8.0 * R * H,
+        4.0 * C * (R * (GN_Y_IO + 6 + 3 * rkv_io(layer) + GN_DY_IO + BF16_OUT) + 3 +
+                   3 * chunks) +
+            8.0 * R * H,
         30.0 * R * C,
         0);
     add(l, "groupnorm_bonus_gate backward finish (ln_x, r_k sums)", 1,
@@ -534,12 +553,13 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
      * tail alone reads dkk; gemm_only: the tail's w0 bias sums and the w
      * LoRA's GEMMs alone read dw_raw): five tensors 2 bytes an element, and
      * a bf16 copy of dr (the receptance GEMM backward's dY) */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, kk w_raw a dkk dw_raw dy bf16, + bf16 dr)",
-                      (16.0 * 4 - 3 * 2 - 2 - 2 - 4 * (1 - GN_DY_IO)) * R * C + 2.0 * R * C +
-                          2 * S * state + R / 16 * state,
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, r k v kk w_raw a dkk dw_raw dy bf16, + bf16 dr)",
+                      (16.0 * 4 - 3 * 2 - 2 - 2 - 4 * (1 - GN_DY_IO) -
+                       3 * 4 * (1 - rkv_io(layer))) * R * C +
+                          2.0 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);
-    gn_bonus_gate_backward(l, R, C, H);
+    gn_bonus_gate_backward(l, R, C, H, layer);
     /* key: d hidden bf16 in place (below), the saved kf bf16 in place
      * since shift_mix; value: dy's bf16 copy from the layer above's (or the
      * head's) LayerNorm backward, the saved relu^2 hidden bf16 in place

@@ -347,6 +347,30 @@ const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_
     return NULL;
 }
 
+int rp_cuda_rkv16(rp_cuda_ctx *cx, const char *op, const float *r, const float *k,
+                  const float *v, size_t n, const __nv_bfloat16 **rkv16) {
+    const float *const in[3] = {r, k, v};
+    int found = 0;
+    for (int i = 0; i < 3; i++) {
+        rkv16[i] = n > 0 ? rp_cuda_inplace_find(cx, in[i], n) : NULL;
+        found += rkv16[i] != NULL;
+    }
+    if (found == 3) return 1;
+    if (found) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda %s: r is stored %s, k %s and v %s; the kernels take r, k and v "
+                         "in one type: hint all three rkv_only or none",
+                         op, rkv16[0] ? "bf16 in place" : "f32", rkv16[1] ? "bf16 in place" : "f32",
+                         rkv16[2] ? "bf16 in place" : "f32");
+        return -1;
+    }
+    // f32 r, k, v are read whole: not past a bf16-only buffer
+    for (int i = 0; i < 3; i++)
+        if (n > 0 && !rp_cuda_store16_fits(cx, in[i], n, op)) return -1;
+    return 0;
+}
+
 // Room for one more of the n records in the host array *a of *cap
 // (doubling, from first); 0 when it cannot grow (nothing changed).
 template <typename T>
@@ -411,7 +435,7 @@ static void forget_memory(rp_cuda_ctx *cx, const void *p, size_t bytes) {
 }
 
 // backend.h store16_fits: every hinted training activation (FFN hidden,
-// w_raw, kk, y, og) is written bf16 in place above RP_GEMV_MAX_M rows in
+// w_raw, kk, y, og, r, k, v) is written bf16 in place above RP_GEMV_MAX_M rows in
 // BF16 math with the copies on; at most RP_GEMV_MAX_M rows it is f32, which
 // fits half a buffer of at least 2 x RP_GEMV_MAX_M rows.
 static int cuda_store16_fits(rp_backend *be, int max_rows) {
@@ -441,6 +465,12 @@ static void cuda_wkv_only(rp_backend *be, const float *p, size_t n) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     cx->wkv_only_p = p;
     cx->wkv_only_n = n;
+}
+
+static void cuda_rkv_only(rp_backend *be, const float *p, size_t n) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    cx->rkv_only_p = p;
+    cx->rkv_only_n = n;
 }
 
 int rp_cuda_launched_out(rp_cuda_ctx *cx, const char *name, const char *file, int line,
@@ -956,6 +986,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     be->fill_zero = cuda_fill_zero;
     be->gemm_only = cuda_gemm_only;
     be->wkv_only = cuda_wkv_only;
+    be->rkv_only = cuda_rkv_only;
     be->store16_fits = cuda_store16_fits;
     be->store16_promise = cuda_store16_promise;
     be->synchronize = cuda_synchronize;

@@ -1596,18 +1596,19 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
 
 // One warp's (row, head) of the bonus: the lane's r, k, v at q + 32 e and
 // the head's s = sum_j r_j k_j r_k[h,j] (warp_sum: every lane gets it).
-template <int E>
-static __device__ __forceinline__ float bonus_row(const float *__restrict__ r,
-                                                  const float *__restrict__ k,
-                                                  const float *__restrict__ v, size_t q,
+// r, k, v: f32, or bf16 in place (TR: training's rkv_only r, k, v).
+template <int E, typename TR>
+static __device__ __forceinline__ float bonus_row(const TR *__restrict__ r,
+                                                  const TR *__restrict__ k,
+                                                  const TR *__restrict__ v, size_t q,
                                                   const float *rkw, float *rv, float *kv,
                                                   float *vv) {
     float s = 0.0f;
 #pragma unroll
     for (int e = 0; e < E; e++) {
-        rv[e] = r[q + 32 * e];
-        kv[e] = k[q + 32 * e];
-        vv[e] = v[q + 32 * e];
+        rv[e] = rp_ldf(r + q + 32 * e);
+        kv[e] = rp_ldf(k + q + 32 * e);
+        vv[e] = rp_ldf(v + q + 32 * e);
         s += rv[e] * kv[e] * rkw[e];
     }
     return warp_sum(s);
@@ -1637,7 +1638,7 @@ __global__ static void bonus_gate_backward_kernel(
     for (int row = begin + warp; row < end; row += ROW_WARPS) {
         const size_t q = (size_t)row * C + col0 + lane;
         float rv[E], kv[E], vv[E];
-        const float s = bonus_row<E>(r, k, v, q, rkw, rv, kv, vv);
+        const float s = bonus_row<E, float>(r, k, v, q, rkw, rv, kv, vv);
         float dsum = 0.0f;
         for (int e = 0; e < E; e++) {
             const size_t i = q + 32 * e;
@@ -1725,20 +1726,21 @@ static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, floa
 // same order: the same bits. y: f32, or bf16 in place (TY) when WKV7 stored
 // it so. part [3, chunks, C]: the dr_k, dln_w, dln_b partial rows (NULL: no
 // parameter gradients). dy: f32, or bf16 in place (TDY: the WKV7 backward,
-// its one reader, takes it so; backend.h wkv_only).
+// its one reader, takes it so; backend.h wkv_only). r, k, v: f32, or bf16 in
+// place (TR: backend.h rkv_only).
 __device__ __forceinline__ void gn_dy_store(float *p, float x) { *p = x; }
 __device__ __forceinline__ void gn_dy_store(__nv_bfloat16 *p, float x) {
     *p = __float2bfloat16(x);
 }
 
-template <int E, typename TY, typename TDY>
+template <int E, typename TY, typename TDY, typename TR = float>
 __global__ static void groupnorm_bonus_gate_backward_kernel(
     TDY *__restrict__ dy, float *__restrict__ dr, float *__restrict__ dk,
     float *__restrict__ dv, float *__restrict__ part, float *__restrict__ dg,
     __nv_bfloat16 *__restrict__ dg16, const float *__restrict__ dout, const TY *__restrict__ y,
     const float *__restrict__ mean, const float *__restrict__ rstd,
     const float *__restrict__ ln_w, const float *__restrict__ ln_b,
-    const float *__restrict__ r, const float *__restrict__ k, const float *__restrict__ v,
+    const TR *__restrict__ r, const TR *__restrict__ k, const TR *__restrict__ v,
     const float *__restrict__ r_k, const float *__restrict__ g, int R, int C, int chunks,
     int rows_per_chunk, int accumulate) {
     constexpr int N = 32 * E;
@@ -1759,7 +1761,7 @@ __global__ static void groupnorm_bonus_gate_backward_kernel(
         const size_t q = (size_t)row * C + col0 + lane, task = (size_t)row * H + h;
         const float mu = mean[task], rs = rstd[task];
         float rv[E], kv[E], vv[E], xh[E], dz[E];
-        const float s = bonus_row<E>(r, k, v, q, rkw, rv, kv, vv);
+        const float s = bonus_row<E, TR>(r, k, v, q, rkw, rv, kv, vv);
         float dsum = 0.0f;
         for (int e = 0; e < E; e++) {
             const size_t i = q + 32 * e;
@@ -1858,25 +1860,42 @@ static void cuda_groupnorm_bonus_gate_backward(
                      R > RP_GEMV_MAX_M;
     const int dy16 = only && !cx->act16_off;
     __nv_bfloat16 *dyb = (__nv_bfloat16 *)dy;
-#define GN_BONUS_LAUNCH(E, TY, YP, TDY, DYP)                                                    \
-    groupnorm_bonus_gate_backward_kernel<E, TY, TDY><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>( \
-        DYP, dr, dk, dv, part, dg, dg16, dout, YP, mean, rstd, ln_w, ln_b, r, k, v, r_k, g, R, \
-        C, chunks, rows_per_chunk, accumulate)
-#define GN_BONUS_SWITCH(TY, YP, TDY, DYP)                                                       \
-    switch (N / 32) {                                                                           \
-    case 1: GN_BONUS_LAUNCH(1, TY, YP, TDY, DYP); break;                                        \
-    case 2: GN_BONUS_LAUNCH(2, TY, YP, TDY, DYP); break;                                        \
-    case 3: GN_BONUS_LAUNCH(3, TY, YP, TDY, DYP); break;                                        \
-    default: GN_BONUS_LAUNCH(4, TY, YP, TDY, DYP); break;                                       \
+    // r, k, v in bf16 in place (rkv_only) only with y and dy so: training
+    // hints the five together, one instantiation; anything else is an error
+    const __nv_bfloat16 *rkv16[3];
+    const int n_rkv16 = rp_cuda_rkv16(cx, "groupnorm_bonus_gate_backward", r, k, v, n, rkv16);
+    if (n_rkv16 < 0) return;
+    if (n_rkv16 && !(y16 && dy16)) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda groupnorm_bonus_gate_backward: r, k, v are bf16 in place but "
+                         "%s is f32; hint r, k, v rkv_only only where y and dy are wkv_only",
+                         y16 ? "dy" : "y");
+        return;
     }
-    if (y16 && dy16) {
-        GN_BONUS_SWITCH(__nv_bfloat16, y16, __nv_bfloat16, dyb)
+#define GN_BONUS_LAUNCH(E, TY, YP, TDY, DYP, TR, R3)                                            \
+    groupnorm_bonus_gate_backward_kernel<E, TY, TDY, TR><<<grid, ROW_WARP_THREADS, 0,            \
+                                                           cx->stream>>>(                       \
+        DYP, dr, dk, dv, part, dg, dg16, dout, YP, mean, rstd, ln_w, ln_b, R3[0], R3[1], R3[2], \
+        r_k, g, R, C, chunks, rows_per_chunk, accumulate)
+#define GN_BONUS_SWITCH(TY, YP, TDY, DYP, TR, R3)                                               \
+    switch (N / 32) {                                                                           \
+    case 1: GN_BONUS_LAUNCH(1, TY, YP, TDY, DYP, TR, R3); break;                                \
+    case 2: GN_BONUS_LAUNCH(2, TY, YP, TDY, DYP, TR, R3); break;                                \
+    case 3: GN_BONUS_LAUNCH(3, TY, YP, TDY, DYP, TR, R3); break;                                \
+    default: GN_BONUS_LAUNCH(4, TY, YP, TDY, DYP, TR, R3); break;                               \
+    }
+    const float *rkv[3] = {r, k, v};
+    if (n_rkv16) {
+        GN_BONUS_SWITCH(__nv_bfloat16, y16, __nv_bfloat16, dyb, __nv_bfloat16, rkv16)
+    } else if (y16 && dy16) {
+        GN_BONUS_SWITCH(__nv_bfloat16, y16, __nv_bfloat16, dyb, float, rkv)
     } else if (y16) {
-        GN_BONUS_SWITCH(__nv_bfloat16, y16, float, dy)
+        GN_BONUS_SWITCH(__nv_bfloat16, y16, float, dy, float, rkv)
     } else if (dy16) {
-        GN_BONUS_SWITCH(float, y, __nv_bfloat16, dyb)
+        GN_BONUS_SWITCH(float, y, __nv_bfloat16, dyb, float, rkv)
     } else {
-        GN_BONUS_SWITCH(float, y, float, dy)
+        GN_BONUS_SWITCH(float, y, float, dy, float, rkv)
     }
 #undef GN_BONUS_SWITCH
 #undef GN_BONUS_LAUNCH

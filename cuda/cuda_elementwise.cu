@@ -877,9 +877,14 @@ static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, in
 // ---- value residual ----
 
 // v [R,C] = v_in + (v_first - v_in) * nu, nu [R,C] (per token, as the CPU
-// reads it); v_in == v: in place.
+// reads it); v_in == v: in place. TV: v's type (bf16: training's v, read by
+// WKV7 and the fused groupnorm only, out of v_pre; backend.h rkv_only).
 template <int W>
-static __global__ void value_residual_kernel(float *v, const float *v_in, const float *v_first,
+static __device__ __forceinline__ void store_w(__nv_bfloat16 *p, const float (&v)[W]) {
+    store_bf16<W>(p, v);
+}
+template <int W, typename TV = float>
+static __global__ void value_residual_kernel(TV *v, const float *v_in, const float *v_first,
                                              const float *nu, size_t n) {
     const size_t step = (size_t)gridDim.x * blockDim.x * W;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
@@ -898,17 +903,36 @@ static __global__ void value_residual_kernel(float *v, const float *v_in, const 
 static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in,
                                      const float *v_first, const float *nu, int R, int C) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
-    if (R <= 0 || C <= 0) return;
-    const size_t n = (size_t)R * C;
+    const size_t n = (size_t)(R > 0 ? R : 0) * (C > 0 ? C : 0);
+    // An rkv_only v (WKV7 and the fused groupnorm its only readers) out of
+    // v_pre: bf16 in place; with the copies off f32 rounded after. In place
+    // (v_in == v) a bf16 v would overwrite v_in's unread floats.
+    const int only = rp_cuda_take_rkv_only(cx, v, n) && cx->math == RP_CUDA_MATH_BF16 &&
+                     R > RP_GEMV_MAX_M && v != v_in;
+    const int v16 = only && !cx->act16_off;
+    if (n == 0) return;
+    if (!v16 && !rp_cuda_store16_fits(cx, v, n, "value_residual")) return;
     const bool vec = n % 4 == 0 && aligned16(v) && aligned16(v_in) && aligned16(v_first) &&
                      aligned16(nu);
-    if (vec)
+    __nv_bfloat16 *const vb = (__nv_bfloat16 *)v;
+    if (vec && v16)
+        value_residual_kernel<4, __nv_bfloat16><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
+            vb, v_in, v_first, nu, n);
+    else if (vec)
         value_residual_kernel<4><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
             v, v_in, v_first, nu, n);
+    else if (v16)
+        value_residual_kernel<1, __nv_bfloat16><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(
+            vb, v_in, v_first, nu, n);
     else
         value_residual_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(
             v, v_in, v_first, nu, n);
-    RP_CUDA_LAUNCHED_OUT(cx, "value_residual", {v, n * sizeof(float)});
+    RP_CUDA_LAUNCHED_OUT(cx, "value_residual",
+                         {v, n * (v16 ? sizeof(__nv_bfloat16) : sizeof(float))});
+    if (v16)
+        rp_cuda_inplace_add(cx, v, n);
+    else if (only)
+        rp_cuda_round_bf16(cx, v, n);
 }
 
 static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, const float *nu,
@@ -932,11 +956,13 @@ __device__ __forceinline__ void key_store(__nv_bfloat16 *p, float x) { *p = __fl
 // a real model) gets no kk, only the k update, as on the CPU. TK: kk's type
 // (bf16: a WKV7-only kk in place, rounded once); TA: a's (bf16: training's a
 // in place, its LoRA up GEMM under gemm_only).
-// k_in: the k read (k itself in place, or k_pre: key_prepare_from).
+// k_in: the k read (k itself in place, or k_pre: key_prepare_from). TKO:
+// k's type (bf16: training's k, read by WKV7 and the fused groupnorm only,
+// in place out of k_pre; backend.h rkv_only).
 __device__ __forceinline__ float key_load(const float *p) { return *p; }
 __device__ __forceinline__ float key_load(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
-template <typename TK, typename TA>
-static __global__ void key_prepare_kernel(TK *kk, float *k, const float *k_in, const TA *a,
+template <typename TK, typename TA, typename TKO = float>
+static __global__ void key_prepare_kernel(TK *kk, TKO *k, const float *k_in, const TA *a,
                                           const float *k_k, const float *k_a, int R, int C) {
     const int groups = (C + KEY_HEAD - 1) / KEY_HEAD;
     const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -945,7 +971,7 @@ static __global__ void key_prepare_kernel(TK *kk, float *k, const float *k_in, c
     const size_t row = group / groups;
     const int h = (int)(group % groups);
     const int c0 = h * KEY_HEAD + lane, c1 = c0 + 32;
-    float *kr = k + row * C;
+    TKO *kr = k + row * C;
     const float *kir = k_in + row * C;
     const TA *ar = a + row * C;
 
@@ -958,8 +984,8 @@ static __global__ void key_prepare_kernel(TK *kk, float *k, const float *k_in, c
         key_store(kkr + c0, t0 * inv);
         key_store(kkr + c1, t1 * inv);
     }
-    if (c0 < C) kr[c0] = kir[c0] * (1.0f + (key_load(ar + c0) - 1.0f) * k_a[c0]);
-    if (c1 < C) kr[c1] = kir[c1] * (1.0f + (key_load(ar + c1) - 1.0f) * k_a[c1]);
+    if (c0 < C) key_store(kr + c0, kir[c0] * (1.0f + (key_load(ar + c0) - 1.0f) * k_a[c0]));
+    if (c1 < C) key_store(kr + c1, kir[c1] * (1.0f + (key_load(ar + c1) - 1.0f) * k_a[c1]));
 }
 
 // key_prepare reading k_in (backend.h key_prepare_from: training's copy of
@@ -987,9 +1013,29 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
     // a0 sigmoid in place) is read so; its f32 memory holds no values
     const __nv_bfloat16 *a16 = rp_cuda_inplace_find(cx, a, n);
     if (!a16 && !rp_cuda_store16_fits(cx, a, n, "key_prepare (a)")) return;
+    // An rkv_only k (WKV7 and the fused groupnorm its only readers) out of
+    // k_pre: bf16 in place, with kk and a so (training hints the three
+    // together: one instantiation); with the copies off f32 rounded after.
+    // In place (k_in == k) a bf16 k would overwrite k_in's unread floats.
+    const int k_only = rp_cuda_take_rkv_only(cx, k, n) && cx->math == RP_CUDA_MATH_BF16 &&
+                       R > RP_GEMV_MAX_M && k != k_in;
+    const int k16 = k_only && !cx->act16_off;
+    if (k16 && !(only16 && a16)) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda key_prepare: k is rkv_only but %s is f32; hint k (rkv_only) "
+                         "only with kk wkv_only and a in bf16",
+                         only16 ? "a" : "kk");
+        return;
+    }
+    if (!k16 && !rp_cuda_store16_fits(cx, k, n, "key_prepare (k)")) return;
     const unsigned blocks = warp_blocks(groups);
     __nv_bfloat16 *const kk16 = (__nv_bfloat16 *)kk;
-    if (only16 && a16)
+    if (k16)
+        key_prepare_kernel<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, (__nv_bfloat16 *)k, k_in, a16, k_k,
+                                                   k_a, R, C);
+    else if (only16 && a16)
         key_prepare_kernel<__nv_bfloat16, __nv_bfloat16>
             <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, k, k_in, a16, k_k, k_a, R, C);
     else if (only16)
@@ -1002,11 +1048,15 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
         key_prepare_kernel<float, float>
             <<<blocks, EW_THREADS, 0, cx->stream>>>(kk, k, k_in, a, k_k, k_a, R, C);
     RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, n * (only16 ? sizeof(__nv_bfloat16) : sizeof(float))},
-                         {k, n * sizeof(float)});
+                         {k, n * (k16 ? sizeof(__nv_bfloat16) : sizeof(float))});
     if (only16)
         rp_cuda_inplace_add(cx, kk, n);
     else if (only)
         rp_cuda_round_bf16(cx, kk, n);
+    if (k16)
+        rp_cuda_inplace_add(cx, k, n);
+    else if (k_only)
+        rp_cuda_round_bf16(cx, k, n);
 }
 
 static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a,
@@ -1086,13 +1136,14 @@ static void cuda_bonus_gate_to(rp_backend *be, float *out, const float *o, const
 // groupnorm output stays in registers (never stored, the backward recomputes
 // it from y, mean, rstd). The same formulas in the same order as
 // groupnorm_kernel then bonus_gate_kernel, so the same bits. y is the WKV7
-// output: f32, or bf16 in place (TY) when WKV7 stored it so. out NULL: only
-// out16 (a GEMM-only og in bf16 in place).
-template <typename TY>
+// output: f32, or bf16 in place (TY) when WKV7 stored it so; r, k, v
+// likewise (TR: backend.h rkv_only). out NULL: only out16 (a GEMM-only og in
+// bf16 in place).
+template <typename TY, typename TR = float>
 static __global__ void groupnorm_bonus_gate_kernel(float *out, __nv_bfloat16 *out16, float *mean,
                                                    float *rstd, const TY *y,
                                                    const float *weight, const float *bias,
-                                                   const float *r, const float *k, const float *v,
+                                                   const TR *r, const TR *k, const TR *v,
                                                    const float *r_k, const float *g, int R,
                                                    int C, int N, float eps) {
     const int H = C / N;
@@ -1104,16 +1155,17 @@ static __global__ void groupnorm_bonus_gate_kernel(float *out, __nv_bfloat16 *ou
     const size_t o = row * C + (size_t)h * N;
     const TY *yh = y + o;
     const float *wh = weight + (size_t)h * N, *bh = bias + (size_t)h * N;
-    const float *rh = r + o, *kh = k + o, *vh = v + o, *gh = g + o, *rkh = r_k + (size_t)h * N;
+    const TR *rh = r + o, *kh = k + o, *vh = v + o;
+    const float *gh = g + o, *rkh = r_k + (size_t)h * N;
 
     float m, s;
     rp_warp_group_moments(yh, N, eps, lane, &m, &s);
     float bonus = 0.0f;
-    for (int j = lane; j < N; j += 32) bonus += rh[j] * kh[j] * rkh[j];
+    for (int j = lane; j < N; j += 32) bonus += rp_ldf(rh + j) * rp_ldf(kh + j) * rkh[j];
     bonus = warp_sum_float(bonus);
     for (int j = lane; j < N; j += 32) {
         const float gn = (rp_ldf(yh + j) - m) * s * wh[j] + bh[j];
-        const float o_j = (gn + bonus * vh[j]) * gh[j];
+        const float o_j = (gn + bonus * rp_ldf(vh + j)) * gh[j];
         if (out) out[o + j] = o_j;
         if (out16) out16[o + j] = __float2bfloat16(o_j);
     }
@@ -1144,7 +1196,24 @@ static void cuda_groupnorm_bonus_gate(rp_backend *be, float *out, float *mean, f
     if ((!only16 && !rp_cuda_store16_fits(cx, out, n, "groupnorm_bonus_gate")) ||
         (!y16 && !rp_cuda_store16_fits(cx, y, n, "groupnorm_bonus_gate (y)")))
         return;
-    if (y16)
+    // r, k, v in bf16 in place (rkv_only) only with y so: training hints the
+    // four together, one instantiation; anything else is an error
+    const __nv_bfloat16 *rkv16[3];
+    const int n_rkv16 = rp_cuda_rkv16(cx, "groupnorm_bonus_gate", r, k, v, n, rkv16);
+    if (n_rkv16 < 0) return;
+    if (n_rkv16 && !y16) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda groupnorm_bonus_gate: r, k, v are bf16 in place but y is f32; "
+                         "hint r, k, v rkv_only only where y is wkv_only");
+        return;
+    }
+    if (n_rkv16)
+        groupnorm_bonus_gate_kernel<__nv_bfloat16, __nv_bfloat16>
+            <<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
+                out32, out16, mean, rstd, y16, weight, bias, rkv16[0], rkv16[1], rkv16[2], r_k,
+                g, R, C, N, eps);
+    else if (y16)
         groupnorm_bonus_gate_kernel<__nv_bfloat16><<<warp_blocks(groups), EW_THREADS, 0,
                                                      cx->stream>>>(
             out32, out16, mean, rstd, y16, weight, bias, r, k, v, r_k, g, R, C, N, eps);

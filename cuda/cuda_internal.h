@@ -135,6 +135,11 @@ struct rp_cuda_ctx {
     // key_prepare (kk) or the WKV7 backward (dkk)
     const float *wkv_only_p;
     size_t wkv_only_n;
+    // r, k, v read only by WKV7 and the fused groupnorm (backend.h
+    // rkv_only): the pending hint, taken by a matmul op (r),
+    // key_prepare_from (k) or value_residual_from (v)
+    const float *rkv_only_p;
+    size_t rkv_only_n;
     struct rp_cuda_inplace *inplace;
     int n_inplace, cap_inplace;
     // Buffers the training workspace sized for bf16-only storage (backend.h
@@ -321,6 +326,11 @@ struct rp_cuda_inplace {
 };
 // The bf16 values of x [n] when x lies inside an in-place range; NULL otherwise.
 const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_t n);
+// r, k, v [n] as the fused groupnorm reads them: 1 with rkv16 their bf16
+// values in place (all three rkv_only), 0 when all three are f32 (checked
+// against bf16-only buffers), -1 with an error recorded for a mix.
+int rp_cuda_rkv16(rp_cuda_ctx *cx, const char *op, const float *r, const float *k,
+                  const float *v, size_t n, const __nv_bfloat16 **rkv16);
 // p [n] now holds its bf16 values in place (as of the GEMM just queued);
 // f32: it holds them as rounded f32 values instead.
 void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n, int f32 = 0);
@@ -352,6 +362,16 @@ static inline int rp_cuda_take_wkv_only(rp_cuda_ctx *cx, const float *p, size_t 
     const int hit = cx->wkv_only_p == p && cx->wkv_only_n == n;
     cx->wkv_only_p = NULL;
     cx->wkv_only_n = 0;
+    return hit;
+}
+// The pending rkv_only hint (backend.h), taken by matmul_linear,
+// key_prepare_from or value_residual_from: 1 when its output p [n] is that
+// hint's (the op then writes p in bf16 in place in BF16 math above
+// RP_GEMV_MAX_M rows; with the copies off, f32 rounded to bf16 after).
+static inline int rp_cuda_take_rkv_only(rp_cuda_ctx *cx, const float *p, size_t n) {
+    const int hit = cx->rkv_only_p == p && cx->rkv_only_n == n;
+    cx->rkv_only_p = NULL;
+    cx->rkv_only_n = 0;
     return hit;
 }
 // f32 p [n] = bf16(p [n]) as f32, in place (the copies-off twin of a bf16

@@ -245,7 +245,10 @@ static void gemv(rp_cuda_ctx *cx, int in_out, float *y, const float *x, const fl
 static void cuda_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,
                                int N, int K, float beta) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
-    const int c16 = take_gemm_only(cx, y, (size_t)M * N);
+    // both hints are consumed; an rkv_only y (training's r, read by WKV7 and
+    // the fused groupnorm only) is stored as a GEMM-only one is
+    const int gemm_only = take_gemm_only(cx, y, (size_t)M * N);
+    const int c16 = rp_cuda_take_rkv_only(cx, y, (size_t)M * N) || gemm_only;
     if (M <= 0 || N <= 0 || K <= 0) return;
     // (a bf16 in-place x, e.g. the last row chunk of the head input, goes to cuBLAS)
     if (M <= RP_GEMV_MAX_M && !rp_cuda_inplace_find(cx, x, (size_t)M * K))

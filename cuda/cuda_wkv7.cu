@@ -1560,6 +1560,21 @@ static bool wkv_only_set(rp_cuda_ctx *cx, const char *op, const __nv_bfloat16 *k
     return false;
 }
 
+// Without all six (seven) inputs in bf16, r, k and v must be f32: the
+// mixed paths take them in one type with f32 r, k, v (an rkv_only set
+// without kk, w_raw, a (and dy) in bf16 is a caller's error, reported).
+static bool wkv_rkv_f32(rp_cuda_ctx *cx, const char *op, const float *r, const float *k,
+                        const float *v, size_t n) {
+    const __nv_bfloat16 *rkv16[3];
+    const int got = rp_cuda_rkv16(cx, op, r, k, v, n, rkv16);
+    if (got == 1 && cx->error.code == RP_OK)
+        rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                     "cuda %s: r, k, v are bf16 in place (rkv_only) but kk, w_raw, a or dy "
+                     "are not: hint r, k, v only with the other WKV7 inputs in bf16",
+                     op);
+    return got == 0;
+}
+
 // Forward (TRAIN: with checkpoints) from the fp32 activations, or from
 // their bf16 copies when every one exists (y stays fp32: group norm reads it).
 template <bool TRAIN>
@@ -1592,7 +1607,8 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
     // f32 kk / w_raw / a are read whole: not past a bf16-only buffer either
     if (n > 0 && !all16 && ((!kk16 && !rp_cuda_store16_fits(cx, kk, n, op)) ||
                             (!w16 && !rp_cuda_store16_fits(cx, w_raw, n, op)) ||
-                            (!a16 && !rp_cuda_store16_fits(cx, a, n, op))))
+                            (!a16 && !rp_cuda_store16_fits(cx, a, n, op)) ||
+                            !wkv_rkv_f32(cx, op, r, k, v, n)))
         return;
     if (all16 && y16)
         wkv_forward_launch<TRAIN>(cx, op, yb, in16[0], in16[1], in16[2], in16[3], in16[4],
@@ -1710,7 +1726,8 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // f32 kk / w_raw / a are read whole: not past a bf16-only buffer
     if (n > 0 && !all16 && ((!kk16 && !rp_cuda_store16_fits(cx, kk, n, "wkv7_backward")) ||
                             (!w16 && !rp_cuda_store16_fits(cx, w_raw, n, "wkv7_backward")) ||
-                            (!a16 && !rp_cuda_store16_fits(cx, a, n, "wkv7_backward"))))
+                            (!a16 && !rp_cuda_store16_fits(cx, a, n, "wkv7_backward")) ||
+                            !wkv_rkv_f32(cx, "wkv7_backward", r, k, v, n)))
         return;
     // dy in bf16 in place: groupnorm_bonus_gate_backward wrote it so under
     // the model's wkv_only hint (this op alone reads it). Training hints kk,

@@ -603,11 +603,26 @@ struct rp_backend {
      * wkv7_forward_train, wkv7 backward or groupnorm_bonus_gate_backward
      * consumes the hint whether it uses it or not. */
     void (*wkv_only)(rp_backend *be, const float *p, size_t n);
+    /* ---- r, k, v read only by WKV7 and the fused groupnorm (optional;
+     * NULL: nothing to do; issue 15) ----
+     * rkv_only(be, p, n): the output p [n] that the next matmul_linear
+     * writes as its y (training's r), the next key_prepare_from as its k, or the next
+     * value_residual_from as its v, is read only by the wkv7 ops (as r, k,
+     * v) and groupnorm_bonus_gate and its backward (as r, k, v) until
+     * something writes p again; the backend may keep p in bf16 in place
+     * (CUDA, bf16 math: half the bytes, the readers widen it, as the
+     * official training kernel takes r, k, v in bf16). Any other read of p
+     * before then is undefined. The next matmul_linear, key_prepare_from or
+     * value_residual_from consumes the hint whether it uses it or not.
+     * key_prepare_from honours it only with its kk wkv_only and its a in
+     * bf16 (training hints them together). */
+    void (*rkv_only)(rp_backend *be, const float *p, size_t n);
     /* ---- bf16-only training activations, promised at allocation (optional;
      * NULL: every saved activation gets an fp32 buffer; issue 15) ----
      * store16_fits(be, max_rows): 1 when, for every batch of up to max_rows
      * rows, the backend keeps each saved activation that the model hints
-     * (gemm_only / wkv_only: the FFN hidden, w_raw, a, kk, WKV7's y, og) in bf16
+     * (gemm_only / wkv_only / rkv_only: the FFN hidden, w_raw, a, kk, WKV7's y, og,
+     * r, k, v) in bf16
      * only whenever the batch has more than max_rows / 2 rows, and writes
      * the f32 of smaller batches only: so its buffer needs max_rows x cols / 2
      * floats. store16_promise(be, p, n, cap): p [n elements] got cap floats

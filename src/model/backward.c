@@ -76,8 +76,12 @@ enum {
     RP_STORE16_KK = 1u << 2,         /* wkv_only before key_prepare */
     RP_STORE16_Y = 1u << 3,          /* wkv_only before wkv7_forward_train (fused groupnorm) */
     RP_STORE16_OG = 1u << 4,         /* gemm_only before groupnorm_bonus_gate / bonus_gate_to */
-    RP_STORE16_A = 1u << 5           /* gemm_only before the a LoRA's up GEMM (with kk) */
+    RP_STORE16_A = 1u << 5,          /* gemm_only before the a LoRA's up GEMM (with kk) */
+    RP_STORE16_R = 1u << 6,          /* rkv_only before the receptance GEMM */
+    RP_STORE16_K = 1u << 7,          /* rkv_only before key_prepare_from */
+    RP_STORE16_V = 1u << 8           /* rkv_only before value_residual_from */
 };
+#define RP_STORE16_RKV (RP_STORE16_R | RP_STORE16_K | RP_STORE16_V)
 
 static unsigned store16_for(rp_backend *be, int max_rows) {
     if (!be->store16_fits || !be->store16_promise || !be->store16_fits(be, max_rows)) return 0;
@@ -87,7 +91,13 @@ static unsigned store16_for(rp_backend *be, int max_rows) {
     if (be->wkv_only) s |= RP_STORE16_KK;
     if (fused_gn(be) && be->wkv_only) s |= RP_STORE16_Y;
     if (be->gemm_only && (be->groupnorm_bonus_gate || be->bonus_gate_to)) s |= RP_STORE16_OG;
+    if (rp_rkv_only_layer(be, 1)) s |= RP_STORE16_RKV;  /* every layer but 0 */
     return s;
+}
+
+/* The bits of one layer: layer 0's r, k, v stay f32 (rp_rkv_only_layer). */
+static unsigned store16_layer(const rp_backend *be, unsigned store16, int layer) {
+    return rp_rkv_only_layer(be, layer) ? store16 : store16 & ~(unsigned)RP_STORE16_RKV;
 }
 
 /* Floats a buffer of n values gets: n / 2 (rounded up) when stored bf16 only. */
@@ -100,6 +110,9 @@ static unsigned store16_bit(const rp_layer_activations *a, float **slot) {
     if (slot == &a->y) return RP_STORE16_Y;
     if (slot == &a->og) return RP_STORE16_OG;
     if (slot == &a->a) return RP_STORE16_A;
+    if (slot == &a->r) return RP_STORE16_R;
+    if (slot == &a->k) return RP_STORE16_K;
+    if (slot == &a->v) return RP_STORE16_V;
     return 0;
 }
 
@@ -163,22 +176,23 @@ static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m,
     ln_rows_for(m->be, m->cfg.n_embd, (int)R, max_seqs, &tw->mix_again, &tw->ln_rows,
                 &tw->prev_rows);
     tw->store16 = store16_for(m->be, (int)R);
-    const size_t per_layer =
-        layer_activation_floats(&m->cfg, R, blocks, gn_fused, (size_t)tw->ln_rows,
-                                (size_t)tw->prev_rows, tw->store16);
     for (int i = 0; i < n_layers; i++) {
+        const unsigned store16 = store16_layer(m->be, tw->store16, m->layer_begin + i);
+        const size_t per_layer =
+            layer_activation_floats(&m->cfg, R, blocks, gn_fused, (size_t)tw->ln_rows,
+                                    (size_t)tw->prev_rows, store16);
         tw->layer_blocks[i] = m->be->alloc(m->be, per_layer * sizeof(float));
         if (!tw->layer_blocks[i]) return 0;
         rp_layer_activations *a = &tw->layers[i];
         bind_layer_activations(a, tw->layer_blocks[i], &m->cfg, R, blocks, gn_fused,
-                               (size_t)tw->ln_rows, (size_t)tw->prev_rows, tw->store16);
+                               (size_t)tw->ln_rows, (size_t)tw->prev_rows, store16);
         /* the backend refuses any f32 access past the half-sized buffers */
         const size_t RC = R * m->cfg.n_embd, RF = R * m->cfg.dim_ffn;
-        float **const half[5] = {&a->w_raw, &a->kk, &a->y, &a->og, &a->a};
-        for (int j = 0; j < 5; j++)
-            if (tw->store16 & store16_bit(a, half[j]))
+        float **const half[8] = {&a->w_raw, &a->kk, &a->y, &a->og, &a->a, &a->r, &a->k, &a->v};
+        for (int j = 0; j < 8; j++)
+            if (store16 & store16_bit(a, half[j]))
                 m->be->store16_promise(m->be, *half[j], RC, store16_floats(RC, 1));
-        if (tw->store16 & RP_STORE16_FFN_HIDDEN)
+        if (store16 & RP_STORE16_FFN_HIDDEN)
             m->be->store16_promise(m->be, a->ffn_hidden, RF, store16_floats(RF, 1));
     }
     return 1;

@@ -262,7 +262,12 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     float *const *mixes = fused ? s->mix : train_fused ? s->tmix : NULL;
     float *k_out = s->k_pre ? s->k_pre : s->k;
     float *v_out = s->v_pre ? s->v_pre : s->v;
+    /* training: r, k, v read only by the WKV7 ops and the fused groupnorm
+     * (bf16 on CUDA, as kk, w_raw, a and y; k, v written out of k_pre, v_pre) */
+    const int rkv_only = s->wkv_checkpoints && s->og && s->k_pre && s->v_pre &&
+                         rp_rkv_only_layer(be, layer);
     const float *xm = time_mix(be, s, xc, mixes, 0, w->x_r, R, C);
+    if (rkv_only) be->rkv_only(be, s->r, (size_t)R * C);
     be->matmul_linear(be, s->r, xm, w->receptance, R, C, C, 0.0f);
     xm = time_mix(be, s, xc, mixes, 1, w->x_k, R, C);
     be->matmul_linear(be, k_out, xm, w->key, R, C, C, 0.0f);
@@ -293,6 +298,7 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
      * Training keeps v_pre and k_pre for the backward: the ops read them
      * out of place where the backend can (no copy), else copy first. */
     if (layer != 0 && s->v_pre && be->value_residual_from) {
+        if (rkv_only) be->rkv_only(be, s->v, (size_t)R * C);
         be->value_residual_from(be, s->v, s->v_pre, v_first, s->nu, R, C);
     } else {
         if (s->v_pre) be->copy(be, s->v, s->v_pre, rc_bytes);
@@ -306,6 +312,7 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     if (s->k_pre && !k_from) be->copy(be, s->k, s->k_pre, rc_bytes);
     /* training: only the WKV7 forward and backward read kk (bf16 on CUDA) */
     if (s->wkv_checkpoints && be->wkv_only) be->wkv_only(be, s->kk, (size_t)R * C);
+    if (rkv_only) be->rkv_only(be, s->k, (size_t)R * C);
     if (k_from)
         be->key_prepare_from(be, s->kk, s->k, s->k_pre, s->a, w->k_k, w->k_a, R, C, N);
     else

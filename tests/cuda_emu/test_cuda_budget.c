@@ -610,6 +610,11 @@ static void test_wkv_dy16_exact(void **s) {
     gn_bwd_saved = f->be->groupnorm_bonus_gate_backward;
     assert_non_null(gn_bwd_saved);
     assert_non_null(f->be->wkv_only);
+    /* r, k, v in bf16 (rkv_only) come only with a bf16 dy: f32 r, k, v
+     * here, on a workspace sized for them */
+    void (*const rkv_only)(rp_backend *, const float *, size_t) = f->be->rkv_only;
+    f->be->rkv_only = NULL;
+    gn_mode_workspace(f);
     for (int chunked = 1; chunked >= 0; chunked--) {
         rp_cuda_wkv7_chunked_min_t = chunked ? 0 : 1 << 30;
         float *side[2];
@@ -635,6 +640,8 @@ static void test_wkv_dy16_exact(void **s) {
         }
     }
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    f->be->rkv_only = rkv_only;
+    gn_mode_workspace(f);
 }
 
 /* ln_shift_mix_train (one kernel for each training LayerNorm and the
@@ -959,8 +966,9 @@ static unsigned long long store16_saved(unsigned long long n) { return n - (n + 
 
 /* backend.h store16_fits / store16_promise: the CUDA backend (BF16 math,
  * copies on, >= 16 rows) keeps the FFN hidden, w_raw, kk, WKV7's y, og and
- * a in bf16 only, so the workspace sizes them at half their fp32 floats:
- * exactly 5 [R,C] / 2 + [R,F] / 2 floats a layer fewer. Steps of 24 rows
+ * a in bf16 only, and r, k, v in every layer but 0 (rp_rkv_only_layer), so
+ * the workspace sizes them at half their fp32 floats: exactly 5 [R,C] / 2 +
+ * [R,F] / 2 floats a layer fewer, and 3 [R,C] / 2 more in layers 1 on. Steps of 24 rows
  * (bf16 storage), 8 and 5 rows (f32 storage in the first half) train on the
  * smaller workspace with the loss and gradients of the fp32-sized one, bit
  * for bit. With the copies off (f32 storage) a step is refused by the
@@ -980,14 +988,15 @@ static void test_store16_workspace(void **s) {
     for (int half = 0; half < 2; half++) {
         f->be->store16_fits = half ? keep.store16_fits : NULL;
         bytes[half] = gn_mode_workspace(f);
-        assert_int_equal(f->tw.store16, half ? 63u : 0u);
+        assert_int_equal(f->tw.store16, half ? 511u : 0u);
         for (int i = 0; i < 3; i++) {
             rp_model_zero(&f->grads);
             loss[half][i] = train_step(f, shape[i][0], shape[i][1], 11 + i);
             g[half][i] = grads_to_host(f, &n);
         }
     }
-    const unsigned long long removed = L * (5 * store16_saved(RC) + store16_saved(RF)) * 4;
+    const unsigned long long removed =
+        (L * (5 * store16_saved(RC) + store16_saved(RF)) + (L - 1) * 3 * store16_saved(RC)) * 4;
     fprintf(stderr, "store16 workspace: %llu bytes fp32-sized, %llu bf16-only (%llu fewer, "
             "expected %llu)\n", bytes[0], bytes[1], bytes[0] - bytes[1], removed);
     assert_int_equal(bytes[0] - bytes[1], removed);
@@ -1004,7 +1013,7 @@ static void test_store16_workspace(void **s) {
     }
     rp_error err;
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
-    /* copies off: kk, y, og, w_raw, a and the FFN hidden would be f32 */
+    /* copies off: kk, y, og, w_raw, a, r, k, v and the FFN hidden would be f32 */
     rp_cuda_backend_set_act16(f->be, 0);
     assert_step_refused(f, MAX_ROWS);
     int seq_len[1] = {MAX_ROWS}, slot[1] = {0}, row_begin[1];
@@ -1084,7 +1093,8 @@ static void test_workspace_bytes_04b(void **s) {
     const unsigned long long stored = workspace_bytes_04b(f->be, &c);
     f->be->ln_mix_again_fits = keep.ln_mix_again_fits;
     const unsigned long long again = workspace_bytes_04b(f->be, &c);
-    f->be->store16_fits = keep.store16_fits;  /* and og, kk, w_raw, y, a, FFN hidden bf16 only */
+    /* and og, kk, w_raw, y, a, FFN hidden bf16 only, r, k, v past layer 0 */
+    f->be->store16_fits = keep.store16_fits;
     const unsigned long long half = workspace_bytes_04b(f->be, &c);
     *f->be = keep;
     const unsigned long long R = 8 * 4096, removed =
@@ -1099,8 +1109,9 @@ static void test_workspace_bytes_04b(void **s) {
             (again + state) / gib, (again + state) / 1e9, (h100 - (double)(again + state)) / 1e9);
     assert_int_equal(stored - again, removed);
     const unsigned long long RC = R * c.n_embd, RF = R * c.dim_ffn,
-                             removed16 = (unsigned long long)c.n_layer *
-                                         (5 * store16_saved(RC) + store16_saved(RF)) * 4;
+                             removed16 = ((unsigned long long)c.n_layer *
+                                              (5 * store16_saved(RC) + store16_saved(RF)) +
+                                          (c.n_layer - 1ull) * 3 * store16_saved(RC)) * 4;
     fprintf(stderr,
             "0.4b 8 x 4096 workspace, activations bf16 only: %.2f GiB -> %.2f GiB (%.2f GiB "
             "fewer); total %.2f GiB = %.1f GB of 80 GB (%.1f GB left)\n",
@@ -1444,6 +1455,54 @@ static void test_wkv_dw16_precision(void **s) {
         for (int side = 0; side < 3; side++) free(g[side]);
     }
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    teardown(&ref_state);
+}
+
+/* r, k, v stored bf16 in place (forward.c's rkv_only hints, every layer but
+ * 0) against f32 r, k, v: WKV7 and the fused groupnorm, their only readers,
+ * then read bf16(r), bf16(k), bf16(v). A BF16-math step must change (the
+ * bf16 path ran: the loss and gradients differ), by a small relative error,
+ * and against FP32 math stay about as good as with f32 r, k, v; the
+ * official training kernel takes r, k, v in bf16 too. Per-token and
+ * chunked WKV7 kernels (min_t 0). */
+static void test_rkv16_precision(void **s) {
+    fixture *f = *s;
+    void *ref_state = NULL;
+    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
+    fixture *ref = ref_state;
+    void (*const rkv_only)(rp_backend *, const float *, size_t) = f->be->rkv_only;
+    assert_non_null(rkv_only);
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    for (int chunked = 0; chunked < 2; chunked++) {
+        rp_cuda_wkv7_chunked_min_t = chunked ? 0 : saved_min_t;
+        float *g[3];
+        double loss[3];
+        size_t n = 0;
+        for (int side = 0; side < 3; side++) { /* bf16 r k v, f32 r k v, FP32 math */
+            fixture *x = side == 2 ? ref : f;
+            f->be->rkv_only = side == 1 ? NULL : rkv_only;
+            if (side < 2) gn_mode_workspace(f);  /* r, k, v sized for their storage */
+            rp_model_zero(&x->grads);
+            loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
+            g[side] = grads_to_host(x, &n);
+        }
+        f->be->rkv_only = rkv_only;
+        size_t nonzero;
+        const size_t differ = count_differ(g[0], g[1], n, &nonzero);
+        const double rel = rel_l2(g[0], g[1], n);
+        const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+        fprintf(stderr,
+                "rkv16 %s: gradients bf16 vs f32 r, k, v rel %.3e (%zu of %zu differ); all vs "
+                "FP32 math rel %.3e (bf16 r, k, v) %.3e (f32); loss %.9g %.9g (FP32 %.9g)\n",
+                chunked ? "chunked" : "per-token", rel, differ, n, with, without, loss[0],
+                loss[1], loss[2]);
+        assert_true(differ > 0);
+        assert_true(rel <= 1e-2);
+        assert_true(with <= 1.10 * without + 1e-4);
+        for (int side = 0; side < 3; side++) free(g[side]);
+    }
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    gn_mode_workspace(f);
     teardown(&ref_state);
 }
 
@@ -2178,6 +2237,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_train_convert_budget, setup, teardown),
         cmocka_unit_test_setup_teardown(test_act16_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv_dy16_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_rkv16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_train_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_again_exact, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mix_again_workspace_bytes, setup, teardown),

@@ -25,6 +25,11 @@
 #define GN_EPS 64e-5f    /* model/forward.c RP_GN_EPS (ln_x) */
 #define TOL_FP32 1e-5
 #define TOL_BF16 1e-2
+/* bf16 outputs: one rounding to nearest even per value (<= 2^-9 relative
+ * each, ~1.3e-3 in relative L2 for these values); fp32 outputs from bf16
+ * inputs are held to TOL_FP32, since both sides read the same rounded
+ * inputs. */
+#define TOL_BF16_IO 4e-3
 #define MAX_SEQ 8
 
 enum { MATH_FP32 = 1, MATH_BF16 = 2 };
@@ -1186,13 +1191,22 @@ static void check_bonus_gate_backward(twin *t, const shape *sh) {
  * below). dr, dk, dv
  * accumulate (beta 1) or are overwritten (beta 0). */
 static void buf_round_bf16(twin *t, tbuf *b);
-static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float beta) {
+static void dev_widen(twin *t, tbuf *b, const void *src);
+/* rkv16 (BF16 math, with y16): r, k, v bf16 in place too for the fused ops
+ * (training's rkv_only layout; both sides read the rounded values), and the
+ * fused backward's dy written bf16 in place under a wkv_only hint, as
+ * training has it (the kernels take r, k, v bf16 only with y and dy so):
+ * read back widened, within one bf16 rounding of the unfused dy. */
+static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float beta, int rkv16) {
     const int R = spec_rows(&sh->prefill), C = sh->C, N = HEAD_SIZE, H = C / N;
     const size_t n = (size_t)R * C, nh = (size_t)R * H;
     rp_backend *gpu = t->gpu;
-    label(t, "R=%d C=%d N=%d y %s beta %g", R, C, N, y16 ? "bf16" : "f32", (double)beta);
+    label(t, "R=%d C=%d N=%d y %s%s beta %g", R, C, N, y16 ? "bf16" : "f32",
+          rkv16 ? ", r k v and dy bf16" : "", (double)beta);
     if (!gpu->groupnorm_bonus_gate || !gpu->groupnorm_bonus_gate_backward)
         fatal("%s: the CUDA backend has no groupnorm_bonus_gate", t->op);
+    if (rkv16 && (!y16 || !gpu->wkv_only))
+        fatal("%s: r, k, v bf16 need y bf16 and wkv_only", t->op);
     tbuf *y = buf_input(t, n, -2, 2);
     if (y16) buf_round_bf16(t, y);
     tbuf *y_in = buf_zero(t, n); /* the fused op's y: f32, or bf16 in place */
@@ -1204,6 +1218,16 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
     tbuf *r = buf_input(t, n, -1, 1), *k = buf_input(t, n, -1, 1), *v = buf_input(t, n, -1, 1);
     tbuf *gi = buf_input(t, n, -1, 1), *r_k = buf_input(t, C, -1, 1);
     tbuf *dout = buf_input(t, n, -1, 1);
+    /* the fused ops' r, k, v: the same, or their bf16 values in place */
+    tbuf *rkv[3] = {r, k, v}, *rkv_in[3] = {r, k, v};
+    for (int i = 0; rkv16 && i < 3; i++) {
+        buf_round_bf16(t, rkv[i]);
+        rkv_in[i] = buf_zero(t, n);
+        t->cpu->copy(t->cpu, rkv_in[i]->cpu, rkv[i]->cpu, n * sizeof(float));
+        gpu->copy(gpu, rkv_in[i]->gpu, rkv[i]->gpu, n * sizeof(float));
+        if (!rp_cuda_backend_store_bf16_inplace(gpu, rkv_in[i]->gpu, n))
+            fatal("%s: storing r, k, v in bf16 failed", t->op);
+    }
     /* forward: o (groupnorm out), og_u = unfused, og = fused on the GPU */
     tbuf *o = buf_output(t, n), *mean = buf_output(t, nh), *rstd = buf_output(t, nh);
     tbuf *og_u = buf_output(t, n), *og = buf_output(t, n);
@@ -1217,8 +1241,8 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
                        C, N);
         if (g) {
             be->groupnorm_bonus_gate(be, at(og, g), at(mean_f, g), at(rstd_f, g), at(y_in, g),
-                                     at(lw, g), at(lb, g), at(r, g), at(k, g), at(v, g),
-                                     at(r_k, g), at(gi, g), R, C, N, GN_EPS);
+                                     at(lw, g), at(lb, g), at(rkv_in[0], g), at(rkv_in[1], g),
+                                     at(rkv_in[2], g), at(r_k, g), at(gi, g), R, C, N, GN_EPS);
         } else {
             be->copy(be, at(og, g), at(og_u, g), n * sizeof(float));
             be->copy(be, at(mean_f, g), at(mean, g), nh * sizeof(float));
@@ -1252,10 +1276,12 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
             float *p[8];
             for (int i = 0; i < 8; i++) p[i] = at(bk[f][i], g);
             if (f) {
+                if (rkv16) be->wkv_only(be, p[0], n);
                 be->groupnorm_bonus_gate_backward(be, p[0], p[5], p[6], p[1], p[2], p[3], p[7],
                                                   p[4], at(dout, g), at(y_in, g), at(mean, g),
-                                                  at(rstd, g), at(lw, g), at(lb, g), at(r, g),
-                                                  at(k, g), at(v, g), at(r_k, g), at(gi, g), R, C,
+                                                  at(rstd, g), at(lw, g), at(lb, g),
+                                                  at(rkv_in[0], g), at(rkv_in[1], g),
+                                                  at(rkv_in[2], g), at(r_k, g), at(gi, g), R, C,
                                                   N, beta);
                 continue;
             }
@@ -1271,7 +1297,17 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
     }
     static const char *names[8] = {"dy", "dr", "dk", "dv", "dg", "dln_w", "dln_b", "dr_k"};
     char what[48];
+    if (rkv16) { /* dy bf16 in place: its widened values, one rounding off */
+        tbuf *wide = buf_zero(t, n);
+        dev_widen(t, wide, bk[1][0]->gpu);
+        float *hw = download(t, wide), *hu = download(t, bk[0][0]);
+        compare_values(t, "dy (bf16 in place)", hw, bk[0][0]->cpu, NULL, n, TOL_BF16_IO);
+        compare_values(t, "dy (bf16 in place) ~ unfused", hw, hu, NULL, n, TOL_BF16_IO);
+        free(hw);
+        free(hu);
+    }
     for (int i = 0; i < 8; i++) {
+        if (rkv16 && i == 0) continue; /* compared above */
         compare(t, names[i], bk[1][i]);
         snprintf(what, sizeof what, "%s = unfused", names[i]);
         if (i) {
@@ -1291,9 +1327,15 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
 }
 
 static void check_groupnorm_bonus_gate(twin *t, const shape *sh) {
-    groupnorm_bonus_gate_case(t, sh, 0, 1.0f);
-    groupnorm_bonus_gate_case(t, sh, 0, 0.0f);
-    groupnorm_bonus_gate_case(t, sh, 1, 0.0f);
+    groupnorm_bonus_gate_case(t, sh, 0, 1.0f, 0);
+    groupnorm_bonus_gate_case(t, sh, 0, 0.0f, 0);
+    groupnorm_bonus_gate_case(t, sh, 1, 0.0f, 0);
+}
+
+/* BF16 math, training's layout: y, r, k, v bf16 in place, dy written so */
+static void check_groupnorm_bonus_gate_rkv16(twin *t, const shape *sh) {
+    groupnorm_bonus_gate_case(t, sh, 1, 0.0f, 1);
+    groupnorm_bonus_gate_case(t, sh, 1, 1.0f, 1);
 }
 
 /* The _beta ops with beta 0 (backend.h "first gradient writes"): the named
@@ -1733,11 +1775,6 @@ static void check_wkv7_backward_mma(twin *t, const shape *sh) {
 
 /* ---- WKV7 with bf16 I/O (cuda_wkv7.h) ------------------------------------ */
 
-/* bf16 outputs: one rounding to nearest even per value (<= 2^-9 relative
- * each, ~1.3e-3 in relative L2 for these values); fp32 outputs from bf16
- * inputs are held to TOL_FP32, since both sides read the same rounded
- * inputs. */
-#define TOL_BF16_IO 4e-3
 
 static float round_bf16(float x) {
     uint32_t u;
@@ -2005,13 +2042,24 @@ static void check_wkv7_bf16_mma(twin *t, const shape *sh) {
  * emulator 1.1e-3..1.5e-3 on the per-token kernels (dw_raw's rounding), up
  * to 2.1e-2 on the chunked ones, whose dw_raw carries 1.1e-2 of its own */
 #define TOL_WKV_KK16_DW0 3e-2
-static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi) {
+/* rkv16: r, k, v and dy bf16 in place too (training's rkv_only layout past
+ * layer 0): key_prepare_from writes k bf16 out of k_pre and
+ * value_residual_from v out of v_pre under rkv_only hints (read back
+ * widened: one rounding of the CPU's k and v), r and dy as the receptance
+ * GEMM and the fused groupnorm's backward leave them; the CPU then reads
+ * the rounded r, k, v, dy. The WKV7 kernels take all seven inputs bf16. */
+static void host_round_bf16(float *p, size_t n);
+static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, int rkv16) {
     twin_batch tb;
     const rp_batch *batch = batch_make(&tb, &sh->prefill);
     const int R = batch->n_rows, C = sh->C, N = HEAD_SIZE;
     const size_t n = (size_t)R * C, stride = state_stride(C), wkv = state_wkv_offset(C);
-    label(t, "R=%d C=%d seqs=%d w_raw %g..%g", R, C, batch->n_seq, w_lo, w_hi);
+    label(t, "R=%d C=%d seqs=%d w_raw %g..%g%s", R, C, batch->n_seq, w_lo, w_hi,
+          rkv16 ? " r k v dy bf16" : "");
     if (!t->gpu->wkv_only) fatal("%s: the CUDA backend has no wkv_only", t->op);
+    if (rkv16 && (!t->gpu->rkv_only || !t->gpu->key_prepare_from ||
+                  !t->gpu->value_residual_from))
+        fatal("%s: the CUDA backend has no rkv_only", t->op);
     wkv_inputs in;
     wkv_inputs_make_decay(t, &in, R, C, w_lo, w_hi);
     /* w_raw and a bf16 in place too, as training stores them (their LoRA up
@@ -2029,12 +2077,54 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi) {
     tbuf *k_a = buf_input(t, C, 0.5, 1.5), *kk = buf_output(t, n);
     tbuf *state = wkv_state_make(t, sh, 0.5), *y = buf_output(t, n);
     tbuf *ckpt = buf_output(t, checkpoint_floats(batch, C));
+    tbuf *v_pre = buf_input(t, n, -1, 1), *v_first = buf_input(t, n, -1, 1);
+    tbuf *nu = buf_input(t, n, 0, 1);
+    if (rkv16) {
+        buf_round_bf16(t, in.r);
+        if (!rp_cuda_backend_store_bf16_inplace(t->gpu, in.r->gpu, n))
+            fatal("%s: storing r in bf16 failed", t->op);
+        for (int g = 0; g < 2; g++) { /* v = v_pre + (v_first - v_pre) nu */
+            rp_backend *be = side(t, g);
+            if (g) {
+                be->rkv_only(be, at(in.v, g), n);
+                be->value_residual_from(be, at(in.v, g), at(v_pre, g), at(v_first, g),
+                                        at(nu, g), R, C);
+                continue;
+            }
+            be->copy(be, at(in.v, g), at(v_pre, g), n * sizeof(float));
+            be->value_residual(be, at(in.v, g), at(v_first, g), at(nu, g), R, C);
+        }
+    }
     for (int g = 0; g < 2; g++) {
         rp_backend *be = side(t, g);
-        be->copy(be, at(in.k, g), at(k_pre, g), n * sizeof(float));
         if (g) be->wkv_only(be, at(kk, g), n);
-        be->key_prepare(be, at(kk, g), at(in.k, g), at(in.a, g), at(k_k, g), at(k_a, g), R, C,
-                        N);
+        if (g && rkv16) {
+            be->rkv_only(be, at(in.k, g), n);
+            be->key_prepare_from(be, at(kk, g), at(in.k, g), at(k_pre, g), at(in.a, g),
+                                 at(k_k, g), at(k_a, g), R, C, N);
+        } else {
+            be->copy(be, at(in.k, g), at(k_pre, g), n * sizeof(float));
+            be->key_prepare(be, at(kk, g), at(in.k, g), at(in.a, g), at(k_k, g), at(k_a, g), R,
+                            C, N);
+        }
+    }
+    if (rkv16) {
+        /* k and v as the GPU stores them: bf16 in place, checked here; the
+         * CPU's are then rounded so for its WKV7 */
+        tbuf *wide = buf_zero(t, n);
+        tbuf *const kv[2] = {in.k, in.v};
+        static const char *const kv_names[2] = {"k (bf16 in place)", "v (bf16 in place)"};
+        t->cpu->synchronize(t->cpu);
+        for (int i = 0; i < 2; i++) {
+            dev_widen(t, wide, kv[i]->gpu);
+            float *host = download(t, wide);
+            compare_values(t, kv_names[i], host, kv[i]->cpu, NULL, n, TOL_BF16_IO);
+            free(host);
+            host_round_bf16(kv[i]->cpu, n);
+        }
+    }
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
         if (g) be->wkv_only(be, at(y, g), n); /* y bf16 in place: the fused groupnorm's */
         be->wkv7_forward_train(be, at(y, g), at(in.r, g), at(in.w_raw, g), at(in.k, g),
                                at(in.v, g), at(kk, g), at(in.a, g), at(state, g) + wkv, stride,
@@ -2049,11 +2139,16 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi) {
     host = download(t, wide);
     compare_values(t, "y (bf16 in place)", host, y->cpu, NULL, n, TOL_WKV_KK16);
     free(host);
-    compare(t, "k", in.k);
+    if (!rkv16) compare(t, "k", in.k); /* else bf16 in place: compared above */
     compare(t, "state", state);
     compare(t, "checkpoints", ckpt);
 
     tbuf *dy = buf_input(t, n, -1, 1), *dstate = wkv_state_make(t, sh, 0.5);
+    if (rkv16) { /* as the fused groupnorm's backward writes it (wkv_only) */
+        buf_round_bf16(t, dy);
+        if (!rp_cuda_backend_store_bf16_inplace(t->gpu, dy->gpu, n))
+            fatal("%s: storing dy in bf16 failed", t->op);
+    }
     tbuf *grad[WKV_GRADS];
     wkv_grads_make(t, grad, R, C);
     for (int i = 0; i < WKV_GRADS; i++)
@@ -2107,6 +2202,10 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi) {
     twin_release(t);
 }
 
+static void host_round_bf16(float *p, size_t n) {
+    for (size_t i = 0; i < n; i++) p[i] = round_bf16(p[i]);
+}
+
 static void check_wkv7_kk16(twin *t, const shape *sh) {
     const double saved = t->tol;
     const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
@@ -2114,8 +2213,9 @@ static void check_wkv7_kk16(twin *t, const shape *sh) {
     for (int chunked = 1; chunked >= 0; chunked--) {
         /* the chunked kernels on bf16 wmma, then the per-token ones */
         rp_cuda_wkv7_chunked_min_t = chunked ? 0 : INT_MAX;
-        wkv7_kk16_case(t, sh, -3, 3);
-        wkv7_kk16_case(t, sh, 4, 8);
+        wkv7_kk16_case(t, sh, -3, 3, 0);
+        wkv7_kk16_case(t, sh, 4, 8, 0);
+        wkv7_kk16_case(t, sh, -3, 3, 1);
     }
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
     t->tol = saved;
@@ -2860,6 +2960,7 @@ static const twin_check checks[] = {
     {"bonus_gate", check_bonus_gate, MATH_FP32, 0},
     {"bonus_gate_backward", check_bonus_gate_backward, MATH_FP32, 0},
     {"groupnorm_bonus_gate", check_groupnorm_bonus_gate, MATH_FP32, 0},
+    {"groupnorm_bonus_gate rkv16", check_groupnorm_bonus_gate_rkv16, MATH_BF16, 0},
     {"first writes (beta 0)", check_first_writes, MATH_FP32, 0},
     {"wkv7", check_wkv7, MATH_FP32, 0},
     {"wkv7_forward_train", check_wkv7_forward_train, MATH_FP32, 0},
