@@ -306,10 +306,12 @@ static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, do
  * chunked backward rounded it to bf16 for its products anyway). */
 #define GN_DY_IO BF16_OUT
 
-/* r, k, v as WKV7 and the fused groupnorm read them: bf16 in place past
- * layer 0 (forward.c's rkv_only hints, model.h rp_rkv_only_layer: the
- * receptance GEMM, key_prepare_from and value_residual_from write them so);
- * layer 0 keeps f32 (its v becomes v_first). In fp32 vectors per element. */
+/* r, k, v as WKV7 and the fused groupnorm read them, and k_pre, v_pre, nu
+ * as key_prepare_from, value_residual_from and the tail read them: bf16 in
+ * place past layer 0 (forward.c's rkv_only hints, model.h
+ * rp_rkv_only_layer: their GEMMs, key_prepare_from and value_residual_from
+ * write them so); layer 0 keeps f32 (its v becomes v_first, which stays f32:
+ * it crosses pipeline stages). In fp32 vectors per element. */
 static double rkv_io(int layer) { return layer > 0 ? BF16_OUT : 1.0; }
 
 static int mix_ln_fused(double C);
@@ -335,21 +337,22 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     /* (issue 15, mixes formed again) where the fused mix + LN backward
      * takes C, xa and prev are not written (prev's sequence-first rows only:
      * S rows) and the backward forms them from x, mean and rstd */
-    /* the backward's saved residual stream: the layer's input x_in and
-     * x_mid before the channel mix (forward.c), each a device copy */
-    ew(l, "copy (x_in, x_mid for the backward)", 2, R, C, 2, 0, 0);
-    const double io = mix_ln_fused(C) ? 1 : 3, first = mix_ln_fused(C) ? S : 0;
-    add_l2(l, "ln_shift_mix_train (ln1 + shift + 6 mixes, bf16)", 1,
-           4.0 * C * (R * (io + 6 * BF16_OUT) + first + 2 + 6), 3 * 4.0 * R * C,
+    /* the backward's saved residual stream, the layer's input x_in and
+     * x_mid before the channel mix (forward.c): each ln_shift_mix_train
+     * writes its x in the same pass that reads it (one f32 vector more, no
+     * device copy) */
+    const double io = mix_ln_fused(C) ? 1 : 3, first = mix_ln_fused(C) ? S : 0, save = 1;
+    add_l2(l, "ln_shift_mix_train (x_in + ln1 + shift + 6 mixes, bf16)", 1,
+           4.0 * C * (R * (io + save + 6 * BF16_OUT) + first + 2 + 6), 3 * 4.0 * R * C,
            (16 + 3 * 6) * R * C, 0);
-    add_l2(l, "ln_shift_mix_train (ln2 + shift + 1 mix, bf16)", 1,
-           4.0 * C * (R * (io + BF16_OUT) + first + 2 + 1), 3 * 4.0 * R * C, (16 + 3) * R * C,
-           0);
+    add_l2(l, "ln_shift_mix_train (x_mid + ln2 + shift + 1 mix, bf16)", 1,
+           4.0 * C * (R * (io + save + BF16_OUT) + first + 2 + 1), 3 * 4.0 * R * C,
+           (16 + 3) * R * C, 0);
     /* r, k, v, output (bonus_gate writes og in bf16); FFN key and value
-     * below. Past layer 0 r is rkv_only: its GEMM writes it bf16 in place. */
+     * below. Past layer 0 r, k_pre and v_pre are rkv_only: their GEMMs write
+     * them bf16 in place. */
     if (layer > 0) {
-        gemm_c16(l, "GEMM C x C (r, k, v, output)", 1, R, C, C);
-        gemm(l, "GEMM C x C (r, k, v, output)", 2, R, C, C, 1);
+        gemm_c16(l, "GEMM C x C (r, k, v, output)", 3, R, C, C);
     } else {
         gemm(l, "GEMM C x C (r, k, v, output)", 3, R, C, C, 1);
     }
@@ -362,8 +365,10 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
         /* w_raw and a are stored bf16 in training (forward.c: gemm_only
          * with kk's wkv_only): the up GEMM writes them in bf16 in place,
          * bias_act runs on them so */
+        /* nu likewise (rkv_only, past layer 0), its sigmoid in place */
         if (i == 0) gemm_c16(l, "GEMM LoRA up (w: rank -> C), bf16 C", 1, R, C, ranks[i]);
         else if (i == 1) gemm_c16(l, "GEMM LoRA up (a: rank -> C), bf16 C", 1, R, C, ranks[i]);
+        else if (i == 3) gemm_c16(l, "GEMM LoRA up (v: rank -> C), bf16 C", 1, R, C, ranks[i]);
         else gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i], 1);
         if (i == 0 || i == 2) {
             ew(l, "bias_act (LoRA hidden, bf16 in place)", 1, R, ranks[i], 1, 0, 4);
@@ -371,15 +376,15 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
     }
     ew(l, "bias_act (w0, bf16 in place)", 1, R, C, 1, 1, 4);
     ew(l, "bias_act (a0, bf16 in place)", 1, R, C, 1, 1, 4);
-    ew(l, "bias_act (v0)", loras - 3, R, C, 2, 1, 4);
+    ew(l, "bias_act (v0, bf16 in place)", loras - 3, R, C, 1, 1, 4);
     /* layer 0: v from v_pre (no value_residual_from there), then v_first */
     /* (past layer 0 v written bf16 in place: rkv_only) */
     if (layer == 0) ew(l, "copy (v_first)", 2, R, C, 2, 0, 0);
-    else ew(l, "value_residual (v bf16)", 1, R, C, 3 + rkv_io(layer), 0, 3);
+    else ew(l, "value_residual (v_pre nu v bf16)", 1, R, C, 1 + 3 * rkv_io(layer), 0, 3);
     /* kk is WKV7-only (backend.h wkv_only): written in bf16 in place; a
      * read in bf16 (in place); k_pre read, k written (bf16 past layer 0) */
-    ew(l, "key_prepare (kk bf16, a bf16, k bf16)", 1, R, C,
-       1 + rkv_io(layer) + BF16_OUT + BF16_OUT, 2, 6);
+    ew(l, "key_prepare (kk bf16, a bf16, k_pre k bf16)", 1, R, C,
+       2 * rkv_io(layer) + BF16_OUT + BF16_OUT, 2, 6);
     /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O
      * but kk, w_raw, a and y (bf16 in place), and r, k, v past layer 0 */
     add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, r k v kk w_raw a y bf16)",
@@ -482,7 +487,8 @@ static void attention_tail_backward(kernel_list *l, double R, double C, int laye
      * + k_pre, dk, da (+ dv, v_pre, v_first, nu, dv_first | dv, dv_first)
      * read; dk, dv (+ dv_first) written, with the bf16 dk, dv, d pre of a
      * (+ nu) */
-    const double io = layer > 0 ? 3 * BF16_OUT + 8 + 3 + 4 * BF16_OUT
+    /* past layer 0 k_pre, v_pre and nu bf16 in place (rkv_only) */
+    const double io = layer > 0 ? 3 * BF16_OUT + 5 + 3 * rkv_io(layer) + 3 + 4 * BF16_OUT
                                 : 3 * BF16_OUT + 5 + 2 + 3 * BF16_OUT;
     add(l, "attention_tail backward (key prepare + a/w/v0 bias + value residual)", 1,
         4.0 * C * (R * io + 2 + 5 * chunks), (layer > 0 ? 25.0 : 17.0) * R * C, 0);

@@ -342,7 +342,8 @@ void rp_cuda_act16_forget(rp_cuda_ctx *cx, const void *p, size_t bytes) {
 const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_t n) {
     for (int i = 0; i < cx->n_inplace; i++) {
         const rp_cuda_inplace *r = &cx->inplace[i];
-        if (!r->f32 && x >= r->p && x + n <= r->p + r->n) return (const __nv_bfloat16 *)r->p + (x - r->p);
+        if (!r->f32 && x >= r->p && x < r->end && x + n <= r->p + r->n)
+            return (const __nv_bfloat16 *)r->p + (x - r->p);
     }
     return NULL;
 }
@@ -392,7 +393,12 @@ void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n, int f32) {
                          "cuda: out of host memory recording a bf16 GEMM output");
         return;
     }
-    cx->inplace[cx->n_inplace++] = {p, n, f32};
+    const float *end = p + n;
+    for (int i = 0; i < cx->n_store16; i++) {
+        const rp_cuda_store16 *b = &cx->store16[i];
+        if (p >= b->p && p < b->p + b->cap && b->p + b->cap < end) end = b->p + b->cap;
+    }
+    cx->inplace[cx->n_inplace++] = {p, n, f32, end};
 }
 
 int rp_cuda_store16_fits(rp_cuda_ctx *cx, const float *p, size_t n, const char *op) {

@@ -1341,7 +1341,9 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
 // once instead of by five kernels that re-read what the one before wrote.
 // grid (H, chunks), one warp per (row, head) as key_prepare_backward_kernel.
 // TK dkk, TA the activations k, v, v_first, nu, TB a (bf16 in place with kk
-// and w_raw in training, while k, v still f32), TG da, TW dw_raw: float, or
+// and w_raw in training, while k, v still f32), TF v_first when it is f32
+// beside bf16 k, v, nu (training: k_pre, v_pre, nu rkv_only / gemm_only,
+// v_first f32: it crosses stages), TG da, TW dw_raw: float, or
 // bf16 stored in place (wkv_only / gemm_only outputs, rp_cuda_inplace;
 // training's dw_raw alone, as the WKV7 backward writes it). A bf16 da gets
 // d pre in place (its LoRA GEMMs read it there); a float one its copy
@@ -1355,12 +1357,12 @@ __device__ __forceinline__ void tail_store(float *p, float x) { *p = x; }
 __device__ __forceinline__ void tail_store(__nv_bfloat16 *p, float x) {
     *p = __float2bfloat16(x);
 }
-template <typename TK, typename TA, typename TB, typename TG, typename TW>
+template <typename TK, typename TA, typename TB, typename TG, typename TW, typename TF = TA>
 __global__ static void attention_tail_backward_kernel(
     float *__restrict__ dk, TG *__restrict__ da, const TW *__restrict__ dw,
     float *__restrict__ dv, float *__restrict__ dv_first, float *__restrict__ dnu,
     float *__restrict__ part, const TK *__restrict__ dkk, const TA *__restrict__ k,
-    const TB *__restrict__ a, const TA *__restrict__ v, const TA *__restrict__ v_first,
+    const TB *__restrict__ a, const TA *__restrict__ v, const TF *__restrict__ v_first,
     const TA *__restrict__ nu, const float *__restrict__ k_k, const float *__restrict__ k_a,
     int R, int C, int rows_per_chunk, tail_copies c16, int store_da, int store_dnu) {
     constexpr int E = KEY_HEAD_SIZE / 32, T = KEY_HEAD_SIZE;
@@ -1500,14 +1502,30 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     const __nv_bfloat16 *a16 = act16[1];
     int n_act16 = 0;
     for (int j = 0; j < 5; j++) n_act16 += j != 1 && act16[j] != nullptr;
+    // training's layout past layer 0: k, v, nu bf16 in place, v_first f32
+    // (it crosses pipeline stages as f32); its own instantiation, with
+    // dkk and dw_raw bf16 and da f32 as training has them
+    const bool f32_first = nu && n_act16 == 3 && !act16[3];
     // da and dw_raw: both f32, both bf16 in place, or dw_raw alone bf16 (the
     // WKV7 backward wrote it so under the training step's gemm_only hint)
     const rp_cuda_inplace *ip_da = rp_cuda_inplace_at(cx, da, n);
     const rp_cuda_inplace *ip_dw = rp_cuda_inplace_at(cx, dw_raw, n);
     const int grads16 = ip_da && ip_dw, dw16 = ip_dw != nullptr;
-    if ((n_act16 != 0 && n_act16 != n_act) || (n_act16 && !a16) || (ip_da && !ip_dw) ||
+    if ((n_act16 != 0 && n_act16 != n_act && !f32_first) || (n_act16 && !a16) ||
+        (f32_first && !(dkk16 && dw16 && !grads16)) || (ip_da && !ip_dw) ||
         (ip_da && ip_da->f32) || (ip_dw && ip_dw->f32) ||
         (nu && rp_cuda_inplace_at(cx, dnu, n))) {
+        // the separate ops read k, v, v_first, nu as f32 only
+        if (n_act16) {
+            if (cx->error.code == RP_OK)
+                rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                             "cuda attention_tail_backward: %d of k, v, v_first, nu are bf16 in "
+                             "place in a layout the fused kernel does not take (dkk %s, a %s, "
+                             "da %s, dw_raw %s); hint them as training does, or not at all",
+                             n_act16, dkk16 ? "bf16" : "f32", a16 ? "bf16" : "f32",
+                             ip_da ? "bf16" : "f32", ip_dw ? "bf16" : "f32");
+            return;
+        }
         attention_tail_separate(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k, dk_a, da0, dw0, dv0,
                                 dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N);
         return;
@@ -1529,17 +1547,18 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     if (cx->error.code != RP_OK) return;
     const int store_da = grads16 || !c16.da, store_dnu = !c16.dnu;
     const dim3 grid(C / KEY_HEAD_SIZE, chunks);
-#define TAIL_LAUNCH(TK, TA, TB, TG, TW)                                                     \
-    attention_tail_backward_kernel<TK, TA, TB, TG, TW><<<grid, ROW_WARP_THREADS, 0,       \
-                                                        cx->stream>>>(                      \
+#define TAIL_LAUNCH_F(TK, TA, TB, TG, TW, TF)                                               \
+    attention_tail_backward_kernel<TK, TA, TB, TG, TW, TF><<<grid, ROW_WARP_THREADS, 0,   \
+                                                            cx->stream>>>(                  \
             dk, (TG *)da, (const TW *)(dw16 ? (const void *)ip_dw->p : (const void *)dw_raw), \
             dv, dv_first, dnu, part, dkk16 ? (const TK *)dkk16 : (const TK *)dkk,             \
             n_act16 ? (const TA *)act16[0] : (const TA *)k,                                   \
             a16 ? (const TB *)a16 : (const TB *)a,                                            \
             n_act16 ? (const TA *)act16[2] : (const TA *)v,                                   \
-            n_act16 ? (const TA *)act16[3] : (const TA *)v_first,                             \
+            act16[3] ? (const TF *)act16[3] : (const TF *)v_first,                            \
             n_act16 ? (const TA *)act16[4] : (const TA *)nu, k_k, k_a, R, C, rows_per_chunk,  \
             c16, store_da, store_dnu)
+#define TAIL_LAUNCH(TK, TA, TB, TG, TW) TAIL_LAUNCH_F(TK, TA, TB, TG, TW, TA)
 #define TAIL_TG(TK, TA, TB)                                        \
     do {                                                           \
         if (grads16)                                               \
@@ -1558,13 +1577,16 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
         else                                            \
             TAIL_TG(TK, float, float);                  \
     } while (0)
-    if (dkk16)
+    if (f32_first)
+        TAIL_LAUNCH_F(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, float, __nv_bfloat16, float);
+    else if (dkk16)
         TAIL_TA(__nv_bfloat16);
     else
         TAIL_TA(float);
 #undef TAIL_TA
 #undef TAIL_TG
 #undef TAIL_LAUNCH
+#undef TAIL_LAUNCH_F
     // dw_raw is only read (its d pre is itself): its records stay
     if (!RP_CUDA_LAUNCHED_OUT(cx, "attention_tail_backward", {dk, nb}, {da, nb}, {dv, nb},
                               {dv_first, nb}, {nu ? dnu : nullptr, nu ? nb : 0},

@@ -529,7 +529,8 @@ static void cuda_shift_mix(rp_backend *be, float *prev, float *const *mix, const
 
 // ---- fused training LN + mix: layernorm + shift_mix (backend.h ln_shift_mix_train) ----
 
-// One block per row r: the row's layernorm (xa, mean, rstd) as layernorm_kernel
+// One block per row r: x_save = x (the backward's x_in / x_mid, NULL: none),
+// the row's layernorm (xa, mean, rstd) as layernorm_kernel
 // computes it, then shift_mix_kernel's shift and lerps from it, without
 // reading xa back. The shift's value is a layernorm output too, formed here
 // again from x: the row above's inside its sequence, and for a sequence's
@@ -539,7 +540,7 @@ static void cuda_shift_mix(rp_backend *be, float *prev, float *const *mix, const
 // rp_ln_value, so all are the bits layernorm_kernel writes. A row outside
 // every sequence gets its layernorm only (as the two kernels leave it).
 template <int W>
-static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *rstd,
+static __global__ void ln_shift_mix_train_kernel(float *x_save, float *xa, float *mean, float *rstd,
                                                  float *prev, mix_ptrs mp, int n_mix,
                                                  const float *x, const float *weight,
                                                  const float *bias, float eps,
@@ -575,6 +576,7 @@ static __global__ void ln_shift_mix_train_kernel(float *xa, float *mean, float *
         load_w<W>(v, x + o + c);
         load_w<W>(w, weight + c);
         load_w<W>(b, bias + c);
+        if (x_save) store_w<W>(x_save + o + c, v);
 #pragma unroll
         for (int i = 0; i < W; i++) xv[i] = rp_ln_value(v[i], m, s, w[i], b[i]);
         if (xa) store_w<W>(xa + o + c, xv);
@@ -680,11 +682,12 @@ static void cuda_ln_mix_again(rp_backend *be, float *const *mix, const float *co
         for (int i = 0; i < n_mix; i++) rp_cuda_inplace_add(cx, mix[i], n);
 }
 
-static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, float *rstd,
-                                    float *prev, float *const *mix, const float *const *mu,
-                                    int n_mix, const float *x, const float *weight,
-                                    const float *bias, float eps, float *state_base,
-                                    size_t state_stride, const rp_batch *batch, int C) {
+static void cuda_ln_shift_mix_train(rp_backend *be, float *x_save, float *xa, float *mean,
+                                    float *rstd, float *prev, float *const *mix,
+                                    const float *const *mu, int n_mix, const float *x,
+                                    const float *weight, const float *bias, float eps,
+                                    float *state_base, size_t state_stride,
+                                    const rp_batch *batch, int C) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     const int R = batch->n_rows;
     if (R <= 0 || batch->n_seq <= 0 || C <= 0) return;
@@ -699,7 +702,8 @@ static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, floa
     // rows (the decode rows' GEMVs read f32 mixes): else the two ops, which
     // are the definition.
     bool vec = C % 4 == 0 && state_stride % 4 == 0 && aligned16(xa) && aligned16(prev) &&
-               aligned16(x) && aligned16(weight) && aligned16(bias) && aligned16(state_base);
+               aligned16(x) && aligned16(weight) && aligned16(bias) &&
+               aligned16(state_base) && aligned16(x_save);
     mix_ptrs mp = {};
     for (int i = 0; i < n_mix; i++) {
         mp.mix[i] = mix[i];
@@ -707,7 +711,8 @@ static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, floa
         vec = vec && aligned16(mix[i]) && aligned16(mu[i]);
     }
     const size_t n = (size_t)R * C, bytes = n * sizeof(float);
-    const bool overlap = xa && !(x + n <= xa || xa + n <= x);
+    const bool overlap = (xa && !(x + n <= xa || xa + n <= x)) ||
+                         (x_save && !(x + n <= x_save || x_save + n <= x));
     if (!xa && (!vec || !cuda_ln_mix_again_fits(be, batch, C))) {
         rp_cuda_record(cx, cudaErrorInvalidValue,
                        "ln_shift_mix_train: xa NULL on a shape ln_mix_again_fits refuses "
@@ -716,6 +721,7 @@ static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, floa
         return;
     }
     if (!vec || overlap || R <= RP_GEMV_MAX_M) {
+        if (x_save) be->copy(be, x_save, x, bytes);
         cuda_layernorm(be, xa, mean, rstd, x, weight, bias, R, C, eps);
         cuda_shift_mix(be, prev, mix, mu, n_mix, xa, state_base, state_stride, batch, C);
         return;
@@ -724,11 +730,13 @@ static void cuda_ln_shift_mix_train(rp_backend *be, float *xa, float *mean, floa
     if (!rp_cuda_upload_batch(cx, batch, &b)) return;
     const int bf16 = cx->math == RP_CUDA_MATH_BF16 && !cx->act16_off;
     ln_shift_mix_train_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(
-        xa, mean, rstd, prev, mp, n_mix, x, weight, bias, eps, state_base, state_stride,
-        b.seq_len, b.row_begin, b.slot, b.n_seq, bf16, C);
+        x_save, xa, mean, rstd, prev, mp, n_mix, x, weight, bias, eps, state_base,
+        state_stride, b.seq_len, b.row_begin, b.slot, b.n_seq, bf16, C);
     // it writes the state slots too: every copy ends, as in shift_mix
     if (!RP_CUDA_LAUNCHED(cx, "ln_shift_mix_train")) return;
     if (xa) rp_cuda_act16_forget(cx, xa, bytes);  // RP_CUDA_LAUNCHED keeps bf16 ranges
+    // x_save as copy leaves it (an activation: no weight shadow to refresh)
+    if (x_save) rp_cuda_act16_forget(cx, x_save, bytes);
     if (mean) rp_cuda_act16_forget(cx, mean, (size_t)R * sizeof(float));
     if (rstd) rp_cuda_act16_forget(cx, rstd, (size_t)R * sizeof(float));
     // without xa prev is [n_seq, C] (the sequences' first rows)
@@ -878,14 +886,21 @@ static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, in
 
 // v [R,C] = v_in + (v_first - v_in) * nu, nu [R,C] (per token, as the CPU
 // reads it); v_in == v: in place. TV: v's type (bf16: training's v, read by
-// WKV7 and the fused groupnorm only, out of v_pre; backend.h rkv_only).
+// WKV7 and the fused groupnorm only, out of v_pre; backend.h rkv_only); TI:
+// v_in's and nu's (bf16: training's v_pre and nu in place, their GEMMs
+// under rkv_only / gemm_only); v_first f32.
 template <int W>
 static __device__ __forceinline__ void store_w(__nv_bfloat16 *p, const float (&v)[W]) {
     store_bf16<W>(p, v);
 }
-template <int W, typename TV = float>
-static __global__ void value_residual_kernel(TV *v, const float *v_in, const float *v_first,
-                                             const float *nu, size_t n) {
+template <int W>
+static __device__ __forceinline__ void load_w(float (&v)[W], const __nv_bfloat16 *p) {
+#pragma unroll
+    for (int i = 0; i < W; i++) v[i] = __bfloat162float(p[i]);
+}
+template <int W, typename TV = float, typename TI = float>
+static __global__ void value_residual_kernel(TV *v, const TI *v_in, const float *v_first,
+                                             const TI *nu, size_t n) {
     const size_t step = (size_t)gridDim.x * blockDim.x * W;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
         float vv[W], fv[W], nv[W];
@@ -911,11 +926,36 @@ static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in
                      R > RP_GEMV_MAX_M && v != v_in;
     const int v16 = only && !cx->act16_off;
     if (n == 0) return;
+    // v_in (v_pre) and nu in bf16 in place (their GEMMs under rkv_only /
+    // gemm_only): read so together, and only for a bf16 v (training hints
+    // the three together); a mix is a caller's error
+    const __nv_bfloat16 *v_in16 = v != v_in ? rp_cuda_inplace_find(cx, v_in, n) : NULL;
+    const __nv_bfloat16 *nu16 = rp_cuda_inplace_find(cx, nu, n);
+    if (!v_in16 != !nu16 || (v_in16 && !v16)) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda value_residual: v_in is stored %s, nu %s, v %s; the kernel "
+                         "takes v_in and nu bf16 together, and only for a bf16 v (hint v_pre "
+                         "and v rkv_only, nu gemm_only, together)",
+                         v_in16 ? "bf16 in place" : "f32", nu16 ? "bf16 in place" : "f32",
+                         v16 ? "rkv_only" : "f32");
+        return;
+    }
     if (!v16 && !rp_cuda_store16_fits(cx, v, n, "value_residual")) return;
+    if (!v_in16 && (!rp_cuda_store16_fits(cx, v_in, n, "value_residual (v_in)") ||
+                    !rp_cuda_store16_fits(cx, nu, n, "value_residual (nu)")))
+        return;
     const bool vec = n % 4 == 0 && aligned16(v) && aligned16(v_in) && aligned16(v_first) &&
                      aligned16(nu);
     __nv_bfloat16 *const vb = (__nv_bfloat16 *)v;
-    if (vec && v16)
+    if (vec && v_in16)
+        value_residual_kernel<4, __nv_bfloat16, __nv_bfloat16>
+            <<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(vb, v_in16, v_first, nu16,
+                                                                    n);
+    else if (v_in16)
+        value_residual_kernel<1, __nv_bfloat16, __nv_bfloat16>
+            <<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(vb, v_in16, v_first, nu16, n);
+    else if (vec && v16)
         value_residual_kernel<4, __nv_bfloat16><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
             vb, v_in, v_first, nu, n);
     else if (vec)
@@ -958,11 +998,12 @@ __device__ __forceinline__ void key_store(__nv_bfloat16 *p, float x) { *p = __fl
 // in place, its LoRA up GEMM under gemm_only).
 // k_in: the k read (k itself in place, or k_pre: key_prepare_from). TKO:
 // k's type (bf16: training's k, read by WKV7 and the fused groupnorm only,
-// in place out of k_pre; backend.h rkv_only).
+// in place out of k_pre; backend.h rkv_only), TKI k_in's (bf16: training's
+// k_pre, its GEMM's output in place under rkv_only).
 __device__ __forceinline__ float key_load(const float *p) { return *p; }
 __device__ __forceinline__ float key_load(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
-template <typename TK, typename TA, typename TKO = float>
-static __global__ void key_prepare_kernel(TK *kk, TKO *k, const float *k_in, const TA *a,
+template <typename TK, typename TA, typename TKO = float, typename TKI = float>
+static __global__ void key_prepare_kernel(TK *kk, TKO *k, const TKI *k_in, const TA *a,
                                           const float *k_k, const float *k_a, int R, int C) {
     const int groups = (C + KEY_HEAD - 1) / KEY_HEAD;
     const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -972,20 +1013,22 @@ static __global__ void key_prepare_kernel(TK *kk, TKO *k, const float *k_in, con
     const int h = (int)(group % groups);
     const int c0 = h * KEY_HEAD + lane, c1 = c0 + 32;
     TKO *kr = k + row * C;
-    const float *kir = k_in + row * C;
+    const TKI *kir = k_in + row * C;
     const TA *ar = a + row * C;
 
     if (h < C / KEY_HEAD) {
         TK *kkr = kk + row * C;
-        const float t0 = kir[c0] * k_k[c0], t1 = kir[c1] * k_k[c1];
+        const float t0 = key_load(kir + c0) * k_k[c0], t1 = key_load(kir + c1) * k_k[c1];
         const float sq = warp_sum_float(t0 * t0 + t1 * t1);
         const float norm = sqrtf(sq);
         const float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
         key_store(kkr + c0, t0 * inv);
         key_store(kkr + c1, t1 * inv);
     }
-    if (c0 < C) key_store(kr + c0, kir[c0] * (1.0f + (key_load(ar + c0) - 1.0f) * k_a[c0]));
-    if (c1 < C) key_store(kr + c1, kir[c1] * (1.0f + (key_load(ar + c1) - 1.0f) * k_a[c1]));
+    if (c0 < C)
+        key_store(kr + c0, key_load(kir + c0) * (1.0f + (key_load(ar + c0) - 1.0f) * k_a[c0]));
+    if (c1 < C)
+        key_store(kr + c1, key_load(kir + c1) * (1.0f + (key_load(ar + c1) - 1.0f) * k_a[c1]));
 }
 
 // key_prepare reading k_in (backend.h key_prepare_from: training's copy of
@@ -1020,18 +1063,28 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
     const int k_only = rp_cuda_take_rkv_only(cx, k, n) && cx->math == RP_CUDA_MATH_BF16 &&
                        R > RP_GEMV_MAX_M && k != k_in;
     const int k16 = k_only && !cx->act16_off;
-    if (k16 && !(only16 && a16)) {
+    // k_in (k_pre) in bf16 in place: its GEMM took an rkv_only hint; read
+    // so only with k, kk and a bf16 (training hints them together)
+    const __nv_bfloat16 *k_in16 = k != k_in ? rp_cuda_inplace_find(cx, k_in, n) : NULL;
+    if ((k16 && !(only16 && a16)) || (k_in16 && !k16)) {
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
-                         "cuda key_prepare: k is rkv_only but %s is f32; hint k (rkv_only) "
-                         "only with kk wkv_only and a in bf16",
-                         only16 ? "a" : "kk");
+                         "cuda key_prepare: k_in is stored %s, k is %s, kk %s, a %s; the "
+                         "kernels take a bf16 k only with kk wkv_only and a in bf16, a bf16 "
+                         "k_in only with a bf16 k (hint k_pre and k rkv_only together)",
+                         k_in16 ? "bf16 in place" : "f32", k16 ? "rkv_only" : "f32",
+                         only16 ? "wkv_only" : "f32", a16 ? "bf16 in place" : "f32");
         return;
     }
     if (!k16 && !rp_cuda_store16_fits(cx, k, n, "key_prepare (k)")) return;
+    if (!k_in16 && !rp_cuda_store16_fits(cx, k_in, n, "key_prepare (k_in)")) return;
     const unsigned blocks = warp_blocks(groups);
     __nv_bfloat16 *const kk16 = (__nv_bfloat16 *)kk;
-    if (k16)
+    if (k_in16)
+        key_prepare_kernel<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, (__nv_bfloat16 *)k, k_in16, a16, k_k,
+                                                   k_a, R, C);
+    else if (k16)
         key_prepare_kernel<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>
             <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, (__nv_bfloat16 *)k, k_in, a16, k_k,
                                                    k_a, R, C);

@@ -323,6 +323,10 @@ struct rp_cuda_inplace {
     const float *p;
     size_t n;
     int f32;  // 1: f32 storage of bf16-rounded values (copies off)
+    // No lookup starts at or past end: p + n, or the end of p's buffer when
+    // the workspace sized it for bf16 only (store16: cap floats), since the
+    // next buffer starts there and a lookup of it is not one of p's rows.
+    const float *end;
 };
 // The bf16 values of x [n] when x lies inside an in-place range; NULL otherwise.
 const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_t n);

@@ -44,6 +44,18 @@ static int take_gemm_only(rp_cuda_ctx *cx, const float *C, size_t elems) {
     return rp_cuda_take_gemm_only(cx, C, elems);
 }
 
+// A forward GEMM's y [M,N] written bf16 in place (C16 below): a GEMM-only
+// one, or an rkv_only one (training's r, k_pre, v_pre, nu) above
+// RP_GEMV_MAX_M rows, where its readers (key_prepare_from,
+// value_residual_from, WKV7, the fused groupnorm, the tail) all take it so;
+// at fewer rows all of them stay f32 alike. Both hints are consumed.
+static int take_c16(rp_cuda_ctx *cx, const float *y, int M, int N) {
+    const size_t n = (size_t)(M > 0 ? M : 0) * (N > 0 ? N : 0);
+    const int gemm_only = take_gemm_only(cx, y, n);
+    const int rkv_only = rp_cuda_take_rkv_only(cx, y, n) && M > RP_GEMV_MAX_M;
+    return gemm_only || rkv_only;
+}
+
 static __global__ void round_bf16_kernel(float *p, size_t n) {
     const size_t step = (size_t)gridDim.x * blockDim.x;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step)
@@ -245,10 +257,7 @@ static void gemv(rp_cuda_ctx *cx, int in_out, float *y, const float *x, const fl
 static void cuda_matmul_linear(rp_backend *be, float *y, const float *x, const float *w, int M,
                                int N, int K, float beta) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
-    // both hints are consumed; an rkv_only y (training's r, read by WKV7 and
-    // the fused groupnorm only) is stored as a GEMM-only one is
-    const int gemm_only = take_gemm_only(cx, y, (size_t)M * N);
-    const int c16 = rp_cuda_take_rkv_only(cx, y, (size_t)M * N) || gemm_only;
+    const int c16 = take_c16(cx, y, M, N);
     if (M <= 0 || N <= 0 || K <= 0) return;
     // (a bf16 in-place x, e.g. the last row chunk of the head input, goes to cuBLAS)
     if (M <= RP_GEMV_MAX_M && !rp_cuda_inplace_find(cx, x, (size_t)M * K))
@@ -261,7 +270,7 @@ static void cuda_matmul_linear(rp_backend *be, float *y, const float *x, const f
 static void cuda_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
                              int N, int K, float beta) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
-    const int c16 = take_gemm_only(cx, y, (size_t)M * N);
+    const int c16 = take_c16(cx, y, M, N);
     if (M <= 0 || N <= 0 || K <= 0) return;
     if (M <= RP_GEMV_MAX_M && !rp_cuda_inplace_find(cx, x, (size_t)M * K))
         return gemv(cx, 1, y, x, w, M, N, K, beta);

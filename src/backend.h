@@ -276,12 +276,15 @@ struct rp_backend {
      * prev only at each sequence's first row (the state it started from),
      * stored compact: prev [n_seq, C], row s = sequence s's first row;
      * ln_mix_again and shift_mix_ln_backward form the rest from x, mean,
-     * rstd, weight and bias with the same bits. */
-    void (*ln_shift_mix_train)(rp_backend *be, float *xa, float *mean, float *rstd,
-                               float *prev, float *const *mix, const float *const *mu,
-                               int n_mix, const float *x, const float *weight,
-                               const float *bias, float eps, float *state_base,
-                               size_t state_stride, const rp_batch *batch, int C);
+     * rstd, weight and bias with the same bits. x_save (may be NULL; must
+     * not overlap x): copy(x_save, x) first, as the backward's saved x_in /
+     * x_mid (CUDA: written in the same pass that reads x, no copy). */
+    void (*ln_shift_mix_train)(rp_backend *be, float *x_save, float *xa, float *mean,
+                               float *rstd, float *prev, float *const *mix,
+                               const float *const *mu, int n_mix, const float *x,
+                               const float *weight, const float *bias, float eps,
+                               float *state_base, size_t state_stride, const rp_batch *batch,
+                               int C);
     /* Nonzero when a training step of this batch shape and C may leave xa
      * and prev unstored (ln_shift_mix_train with xa NULL) and form them
      * again (ln_mix_again, shift_mix_ln_backward with xa NULL). Optional:
@@ -605,17 +608,21 @@ struct rp_backend {
     void (*wkv_only)(rp_backend *be, const float *p, size_t n);
     /* ---- r, k, v read only by WKV7 and the fused groupnorm (optional;
      * NULL: nothing to do; issue 15) ----
-     * rkv_only(be, p, n): the output p [n] that the next matmul_linear
-     * writes as its y (training's r), the next key_prepare_from as its k, or the next
-     * value_residual_from as its v, is read only by the wkv7 ops (as r, k,
-     * v) and groupnorm_bonus_gate and its backward (as r, k, v) until
-     * something writes p again; the backend may keep p in bf16 in place
+     * rkv_only(be, p, n): the output p [n] that the next matmul_linear or
+     * matmul_lora writes as its y (training's r, k_pre, v_pre, nu), the next
+     * key_prepare_from as its k, or the next value_residual_from as its v, is
+     * read only by the wkv7 ops (as r, k, v), groupnorm_bonus_gate and its
+     * backward (as r, k, v), key_prepare_from (as k_in), value_residual_from
+     * (as v_in, nu), attention_tail_backward (as k, v, nu) and, for nu, its
+     * sigmoid bias_act in place, until something writes p again; the backend may keep p in bf16 in place
      * (CUDA, bf16 math: half the bytes, the readers widen it, as the
      * official training kernel takes r, k, v in bf16). Any other read of p
-     * before then is undefined. The next matmul_linear, key_prepare_from or
+     * before then is undefined. The next matmul_linear or matmul_lora,
+     * key_prepare_from or
      * value_residual_from consumes the hint whether it uses it or not.
      * key_prepare_from honours it only with its kk wkv_only and its a in
-     * bf16 (training hints them together). */
+     * bf16 (training hints them together); it reads a bf16 k_in only for
+     * a bf16 k, value_residual_from bf16 v_in and nu only for a bf16 v. */
     void (*rkv_only)(rp_backend *be, const float *p, size_t n);
     /* ---- bf16-only training activations, promised at allocation (optional;
      * NULL: every saved activation gets an fp32 buffer; issue 15) ----

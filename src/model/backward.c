@@ -79,9 +79,14 @@ enum {
     RP_STORE16_A = 1u << 5,          /* gemm_only before the a LoRA's up GEMM (with kk) */
     RP_STORE16_R = 1u << 6,          /* rkv_only before the receptance GEMM */
     RP_STORE16_K = 1u << 7,          /* rkv_only before key_prepare_from */
-    RP_STORE16_V = 1u << 8           /* rkv_only before value_residual_from */
+    RP_STORE16_V = 1u << 8,          /* rkv_only before value_residual_from */
+    RP_STORE16_K_PRE = 1u << 9,      /* rkv_only before the key GEMM */
+    RP_STORE16_V_PRE = 1u << 10,     /* rkv_only before the value GEMM */
+    RP_STORE16_NU = 1u << 11         /* rkv_only before the v LoRA's up GEMM */
 };
-#define RP_STORE16_RKV (RP_STORE16_R | RP_STORE16_K | RP_STORE16_V)
+#define RP_STORE16_RKV                                                                 \
+    (RP_STORE16_R | RP_STORE16_K | RP_STORE16_V | RP_STORE16_K_PRE | RP_STORE16_V_PRE | \
+     RP_STORE16_NU)
 
 static unsigned store16_for(rp_backend *be, int max_rows) {
     if (!be->store16_fits || !be->store16_promise || !be->store16_fits(be, max_rows)) return 0;
@@ -113,6 +118,9 @@ static unsigned store16_bit(const rp_layer_activations *a, float **slot) {
     if (slot == &a->r) return RP_STORE16_R;
     if (slot == &a->k) return RP_STORE16_K;
     if (slot == &a->v) return RP_STORE16_V;
+    if (slot == &a->k_pre) return RP_STORE16_K_PRE;
+    if (slot == &a->v_pre) return RP_STORE16_V_PRE;
+    if (slot == &a->nu) return RP_STORE16_NU;
     return 0;
 }
 
@@ -188,8 +196,9 @@ static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m,
                                (size_t)tw->ln_rows, (size_t)tw->prev_rows, store16);
         /* the backend refuses any f32 access past the half-sized buffers */
         const size_t RC = R * m->cfg.n_embd, RF = R * m->cfg.dim_ffn;
-        float **const half[8] = {&a->w_raw, &a->kk, &a->y, &a->og, &a->a, &a->r, &a->k, &a->v};
-        for (int j = 0; j < 8; j++)
+        float **const half[11] = {&a->w_raw, &a->kk, &a->y,     &a->og,    &a->a, &a->r,
+                                  &a->k,     &a->v,  &a->k_pre, &a->v_pre, &a->nu};
+        for (int j = 0; j < 11; j++)
             if (store16 & store16_bit(a, half[j]))
                 m->be->store16_promise(m->be, *half[j], RC, store16_floats(RC, 1));
         if (store16 & RP_STORE16_FFN_HIDDEN)

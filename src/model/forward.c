@@ -105,18 +105,23 @@ rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tok
 }
 
 /* y [R,C] = act_inner(x . w1) . w2, keeping act_inner(x . w1) in hidden [R,D]. */
+/* The hint for a LoRA's output y before its up GEMM (backend.h). */
+enum { LORA_Y_F32, LORA_Y_GEMM_ONLY, LORA_Y_RKV_ONLY };
+
 static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x,
                          const float *w1, const float *w2, int D, rp_activation inner, int R,
-                         int C, int y_only) {
+                         int C, int y_hint) {
     /* only GEMMs read hidden (and the activation, in place, and the backward's
      * activation backward as its y: backend.h gemm_only allows both) */
     if (be->gemm_only) be->gemm_only(be, hidden, (size_t)R * D);
     be->matmul_lora(be, hidden, x, w1, R, D, C, 0.0f);
     if (inner != RP_ACT_NONE) be->bias_act(be, hidden, NULL, R, D, inner);
-    /* y_only: training's w_raw or a, read only by its bias_act in place, the
-     * WKV7 ops (as kk is) and a's key_prepare (backend.h gemm_only), so bf16
-     * on CUDA */
-    if (y_only && be->gemm_only) be->gemm_only(be, y, (size_t)R * C);
+    /* training's w_raw or a, read only by its bias_act in place, the WKV7
+     * ops (as kk is) and a's key_prepare (backend.h gemm_only); nu, read by
+     * its bias_act in place, value_residual_from and the tail (rkv_only):
+     * bf16 on CUDA */
+    if (y_hint == LORA_Y_GEMM_ONLY && be->gemm_only) be->gemm_only(be, y, (size_t)R * C);
+    if (y_hint == LORA_Y_RKV_ONLY && be->rkv_only) be->rkv_only(be, y, (size_t)R * C);
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
 }
 
@@ -214,12 +219,14 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     const size_t rc_bytes = (size_t)R * C * sizeof(float);
 
     /* ---- time mix ---- */
-    if (s->x_in) be->copy(be, s->x_in, x, rc_bytes);
     /* Inference of few rows: ln1, the token shift and all six mixes in one op. */
     const int fused = be->ln_shift_mix && !s->ln1_mean && !s->x_in && R <= s->mix_rows;
     /* Training with the backend's fused mix: the shift and all six mixes in
      * one op, into the workspace's shared mix buffers. */
     const int train_fused = !fused && be->shift_mix && s->tmix[0];
+    /* the backward's saved x_in: written by ln_shift_mix_train in its pass
+     * over x where it runs, else copied */
+    if (s->x_in && !(train_fused && be->ln_shift_mix_train)) be->copy(be, s->x_in, x, rc_bytes);
     const float *mu[RP_MIX_MAX] = {w->x_r, w->x_k, w->x_v, w->x_w, w->x_a, w->x_g};
     if (fused && decode_fusable(be, s) && be->ln_mix_gemv_group) {
         const rp_ln_mix pre = ln_mix_args(s->xa, s->prev_att, s->mix, mu, RP_MIX_MAX, x,
@@ -237,8 +244,8 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     } else if (train_fused && be->ln_shift_mix_train) {
         /* ln1 and the fused mix in one op (xa is not read back) */
         float *xa = rp_mix_again(be, batch, C) ? NULL : s->xa;  /* NULL: formed again */
-        be->ln_shift_mix_train(be, xa, s->ln1_mean, s->ln1_rstd, s->prev_att, s->tmix, mu,
-                               RP_MIX_MAX, x, w->ln1_weight, w->ln1_bias, RP_LN_EPS,
+        be->ln_shift_mix_train(be, s->x_in, xa, s->ln1_mean, s->ln1_rstd, s->prev_att, s->tmix,
+                               mu, RP_MIX_MAX, x, w->ln1_weight, w->ln1_bias, RP_LN_EPS,
                                rp_state_att_x_prev(state, 0, layer), state->floats_per_slot,
                                batch, C);
     } else {
@@ -263,37 +270,44 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     float *k_out = s->k_pre ? s->k_pre : s->k;
     float *v_out = s->v_pre ? s->v_pre : s->v;
     /* training: r, k, v read only by the WKV7 ops and the fused groupnorm
-     * (bf16 on CUDA, as kk, w_raw, a and y; k, v written out of k_pre, v_pre) */
+     * (bf16 on CUDA, as kk, w_raw, a and y; k, v written out of k_pre, v_pre),
+     * k_pre and v_pre only by key_prepare_from, value_residual_from and the
+     * backward's attention_tail_backward (rkv_only too), nu likewise (its
+     * LoRA's up GEMM gemm_only, the sigmoid in place) */
     const int rkv_only = s->wkv_checkpoints && s->og && s->k_pre && s->v_pre &&
                          rp_rkv_only_layer(be, layer);
     const float *xm = time_mix(be, s, xc, mixes, 0, w->x_r, R, C);
     if (rkv_only) be->rkv_only(be, s->r, (size_t)R * C);
     be->matmul_linear(be, s->r, xm, w->receptance, R, C, C, 0.0f);
     xm = time_mix(be, s, xc, mixes, 1, w->x_k, R, C);
+    if (rkv_only) be->rkv_only(be, k_out, (size_t)R * C);
     be->matmul_linear(be, k_out, xm, w->key, R, C, C, 0.0f);
     xm = time_mix(be, s, xc, mixes, 2, w->x_v, R, C);
+    if (rkv_only) be->rkv_only(be, v_out, (size_t)R * C);
     be->matmul_linear(be, v_out, xm, w->value, R, C, C, 0.0f);
     /* nu = sigmoid(v0 + xv v1 v2) while xm still holds xv (one lerp less). */
     if (layer != 0) {
-        lora_forward(be, s->nu, s->nu_hidden, xm, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C, 0);
+        lora_forward(be, s->nu, s->nu_hidden, xm, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C,
+                     rkv_only ? LORA_Y_RKV_ONLY : LORA_Y_F32);
         be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
     }
     /* w_raw = w0 + tanh(xw w1) w2; the decay exp(-e^-0.5 sigmoid(w_raw)) is
      * formed inside wkv7, in fp32, as the official kernels do. */
     xm = time_mix(be, s, xc, mixes, 3, w->x_w, R, C);
     lora_forward(be, s->w_raw, s->w_hidden, xm, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C,
-                 s->wkv_checkpoints && be->wkv_only);
+                 s->wkv_checkpoints && be->wkv_only ? LORA_Y_GEMM_ONLY : LORA_Y_F32);
     be->bias_act(be, s->w_raw, w->w0, R, C, RP_ACT_NONE);
     /* a = sigmoid(a0 + xa a1 a2); in training read only by its bias_act in
      * place, key_prepare, the WKV7 ops, key_prepare_backward and the a0
      * bias_act_backward as its y (bf16 on CUDA, with kk and w_raw) */
     xm = time_mix(be, s, xc, mixes, 4, w->x_a, R, C);
     lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C,
-                 s->wkv_checkpoints && be->wkv_only);
+                 s->wkv_checkpoints && be->wkv_only ? LORA_Y_GEMM_ONLY : LORA_Y_F32);
     be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
     /* g = sigmoid(xg g1) g2, no activation after g2 */
     xm = time_mix(be, s, xc, mixes, 5, w->x_g, R, C);
-    lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C, 0);
+    lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C,
+                 LORA_Y_F32);
     /* Value residual: layer 0's v is v_first for every later layer.
      * Training keeps v_pre and k_pre for the backward: the ops read them
      * out of place where the backend can (no copy), else copy first. */
@@ -353,7 +367,6 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     be->matmul_linear(be, x, og, w->output, R, C, C, 1.0f);  /* x += og Wo^T */
 
     /* ---- channel mix ---- */
-    if (s->x_mid) be->copy(be, s->x_mid, x, rc_bytes);
     channel_mix(m, s, x, layer, state, batch);
 }
 
@@ -381,14 +394,16 @@ static void channel_mix(const rp_model *m, rp_layer_activations *s, float *x, in
                          RP_LN_EPS, rp_state_ffn_x_prev(state, 0, layer),
                          state->floats_per_slot, batch, C);
     } else if (be->shift_mix && be->ln_shift_mix_train) {
-        /* ln2 and the fused key mix in one op (xf is not read back) */
+        /* x_mid saved, ln2 and the fused key mix in one op (xf is not read back) */
         const float *mu[1] = {w->ffn_x_k};
         float *xf = rp_mix_again(be, batch, C) ? NULL : s->xf;  /* NULL: formed again */
-        be->ln_shift_mix_train(be, xf, s->ln2_mean, s->ln2_rstd, s->prev_ffn, &s->kf, mu, 1,
-                               x, w->ln2_weight, w->ln2_bias, RP_LN_EPS,
+        be->ln_shift_mix_train(be, s->x_mid, xf, s->ln2_mean, s->ln2_rstd, s->prev_ffn, &s->kf,
+                               mu, 1, x, w->ln2_weight, w->ln2_bias, RP_LN_EPS,
                                rp_state_ffn_x_prev(state, 0, layer), state->floats_per_slot,
                                batch, C);
     } else {
+        /* the backward's saved x_mid (ln_shift_mix_train above writes it) */
+        if (s->x_mid) be->copy(be, s->x_mid, x, (size_t)R * C * sizeof(float));
         be->layernorm(be, s->xf, s->ln2_mean, s->ln2_rstd, x, w->ln2_weight, w->ln2_bias, R,
                       C, RP_LN_EPS);
         if (be->shift_mix) {

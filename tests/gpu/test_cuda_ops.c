@@ -726,7 +726,8 @@ static void check_shift_mix(twin *t, const shape *sh) {
 }
 
 /* ln_shift_mix_train (GPU, one kernel above RP_GEMV_MAX_M rows) against the
- * CPU's layernorm then shift_mix (the ops the model runs without it): xa,
+ * CPU's copy, layernorm then shift_mix (the ops the model runs without it):
+ * x_save (the backward's x_in, written in the same pass: x bit for bit), xa,
  * mean, rstd, prev, the state slots and the mixes. */
 static void ln_shift_mix_train_case(twin *t, const shape *sh, const seq_spec *spec,
                                     const char *mode, int n_mix) {
@@ -738,7 +739,7 @@ static void ln_shift_mix_train_case(twin *t, const shape *sh, const seq_spec *sp
     tbuf *x = buf_input(t, n, -1.5, 2.5), *w = buf_input(t, C, 0.5, 1.5);
     tbuf *b = buf_input(t, C, -0.5, 0.5);
     tbuf *xa = buf_output(t, n), *mean = buf_output(t, R), *rstd = buf_output(t, R);
-    tbuf *prev = buf_output(t, n);
+    tbuf *prev = buf_output(t, n), *x_save = buf_output(t, n);
     tbuf *state = buf_input(t, sh->n_slots * stride, -1, 1);
     mix_bufs mb;
     mix_bufs_make(t, &mb, n_mix, n, C);
@@ -749,15 +750,17 @@ static void ln_shift_mix_train_case(twin *t, const shape *sh, const seq_spec *sp
         mix_bufs_side(&mb, g, m, u);
         float *st = at(state, g) + state_ffn_offset(C);
         if (g) {
-            be->ln_shift_mix_train(be, at(xa, g), at(mean, g), at(rstd, g), at(prev, g), m, u,
-                                   n_mix, at(x, g), at(w, g), at(b, g), LN_EPS, st, stride,
-                                   batch, C);
+            be->ln_shift_mix_train(be, at(x_save, g), at(xa, g), at(mean, g), at(rstd, g),
+                                   at(prev, g), m, u, n_mix, at(x, g), at(w, g), at(b, g),
+                                   LN_EPS, st, stride, batch, C);
         } else {
+            be->copy(be, at(x_save, g), at(x, g), n * sizeof(float));
             be->layernorm(be, at(xa, g), at(mean, g), at(rstd, g), at(x, g), at(w, g),
                           at(b, g), R, C, LN_EPS);
             be->shift_mix(be, at(prev, g), m, u, n_mix, at(xa, g), st, stride, batch, C);
         }
     }
+    compare_exact(t, "x_save", x_save);
     compare(t, "xa", xa);
     compare(t, "mean", mean);
     compare(t, "rstd", rstd);
@@ -1809,7 +1812,10 @@ static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16,
     const size_t n = (size_t)R * C, bytes = n * sizeof(float);
     rp_backend *gpu = t->gpu;
     label(t, "R=%d C=%d %s, activations %s, da dw_raw %s", R, C, layer0 ? "layer 0" : "layer 1",
-          act16 == 2 ? "f32 but a bf16" : act16 ? "bf16" : "f32",
+          act16 == 3   ? "bf16 but v_first f32, dkk bf16"
+          : act16 == 2 ? "f32 but a bf16"
+          : act16      ? "bf16"
+                       : "f32",
           grad16 == 2 ? "f32 / bf16" : grad16 ? "bf16" : "f32");
     if (!gpu->attention_tail_backward)
         fatal("%s: the CUDA backend has no attention_tail_backward", t->op);
@@ -1821,10 +1827,15 @@ static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16,
     tbuf *dvf = buf_accum(t, n, -1, 1), *dnu = buf_output(t, n);
     tbuf *sums[5];
     for (int i = 0; i < 5; i++) sums[i] = buf_accum(t, C, -1, 1);
+    /* act16 3: training's layout past layer 0 (k_pre, v_pre, nu rkv_only,
+     * a with kk, dkk wkv_only; v_first f32: it crosses pipeline stages) */
+    const int act16_of[4][5] = {{0, 0, 0, 0, 0}, {1, 1, 1, 1, 1}, {0, 1, 0, 0, 0},
+                                {1, 1, 1, 0, 1}};
     if (act16) {
         tbuf *acts[5] = {k, a, v, vf, nu};
         for (int i = 0; i < 5; i++)
-            if (act16 == 1 || i == 1) buf_round_bf16(t, acts[i]);
+            if (act16_of[act16][i]) buf_round_bf16(t, acts[i]);
+        if (act16 == 3) buf_round_bf16(t, dkk);
     }
     if (grad16 == 1) buf_round_bf16(t, da);
     if (grad16) buf_round_bf16(t, dw);
@@ -1860,9 +1871,10 @@ static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16,
     if (act16) {
         tbuf *acts[5] = {k, a, v, vf, nu};
         for (int i = 0; i < 5; i++)
-            if ((act16 == 1 || i == 1) &&
-                !rp_cuda_backend_store_bf16_inplace(gpu, acts[i]->gpu, n))
+            if (act16_of[act16][i] && !rp_cuda_backend_store_bf16_inplace(gpu, acts[i]->gpu, n))
                 fatal("%s: storing an activation in bf16 failed", t->op);
+        if (act16 == 3 && !rp_cuda_backend_store_bf16_inplace(gpu, dkk->gpu, n))
+            fatal("%s: storing dkk in bf16 failed", t->op);
     }
     if ((grad16 == 1 && !rp_cuda_backend_store_bf16_inplace(gpu, da->gpu, n)) ||
         (grad16 && !rp_cuda_backend_store_bf16_inplace(gpu, dw->gpu, n)))
@@ -1914,6 +1926,8 @@ static void check_attention_tail_backward(twin *t, const shape *sh) {
     attention_tail_case(t, sh, 0, 0, 2);
     attention_tail_case(t, sh, 0, 2, 2);
     attention_tail_case(t, sh, 1, 2, 2);
+    attention_tail_case(t, sh, 0, 3, 2);
+    attention_tail_case(t, sh, 1, 3, 2);
 }
 
 /* A bf16 device copy of b's GPU side (exact: b holds rounded values). */
@@ -2043,11 +2057,12 @@ static void check_wkv7_bf16_mma(twin *t, const shape *sh) {
  * to 2.1e-2 on the chunked ones, whose dw_raw carries 1.1e-2 of its own */
 #define TOL_WKV_KK16_DW0 3e-2
 /* rkv16: r, k, v and dy bf16 in place too (training's rkv_only layout past
- * layer 0): key_prepare_from writes k bf16 out of k_pre and
- * value_residual_from v out of v_pre under rkv_only hints (read back
- * widened: one rounding of the CPU's k and v), r and dy as the receptance
- * GEMM and the fused groupnorm's backward leave them; the CPU then reads
- * the rounded r, k, v, dy. The WKV7 kernels take all seven inputs bf16. */
+ * layer 0): key_prepare_from writes k bf16 out of a bf16 k_pre and
+ * value_residual_from v out of bf16 v_pre and nu (and f32 v_first) under
+ * rkv_only hints (read back widened: one rounding of the CPU's k and v), r
+ * and dy as the receptance GEMM and the fused groupnorm's backward leave
+ * them; the CPU reads the rounded k_pre, v_pre, nu, r, k, v, dy. The WKV7
+ * kernels take all seven inputs bf16. */
 static void host_round_bf16(float *p, size_t n);
 static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, int rkv16) {
     twin_batch tb;
@@ -2079,10 +2094,19 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
     tbuf *ckpt = buf_output(t, checkpoint_floats(batch, C));
     tbuf *v_pre = buf_input(t, n, -1, 1), *v_first = buf_input(t, n, -1, 1);
     tbuf *nu = buf_input(t, n, 0, 1);
+    tbuf *k_pre_in = k_pre; /* key_prepare_from's: bf16 in place with rkv16 */
     if (rkv16) {
-        buf_round_bf16(t, in.r);
-        if (!rp_cuda_backend_store_bf16_inplace(t->gpu, in.r->gpu, n))
-            fatal("%s: storing r in bf16 failed", t->op);
+        /* as their GEMMs leave them (key_prepare_backward reads k_pre f32:
+         * the forward reads a bf16 copy) */
+        buf_round_bf16(t, k_pre);
+        k_pre_in = buf_zero(t, n);
+        t->gpu->copy(t->gpu, k_pre_in->gpu, k_pre->gpu, n * sizeof(float));
+        tbuf *const pre[4] = {in.r, k_pre_in, v_pre, nu};
+        for (int i = 0; i < 4; i++) {
+            if (i != 1) buf_round_bf16(t, pre[i]);
+            if (!rp_cuda_backend_store_bf16_inplace(t->gpu, pre[i]->gpu, n))
+                fatal("%s: storing r, k_pre, v_pre, nu in bf16 failed", t->op);
+        }
         for (int g = 0; g < 2; g++) { /* v = v_pre + (v_first - v_pre) nu */
             rp_backend *be = side(t, g);
             if (g) {
@@ -2100,7 +2124,7 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
         if (g) be->wkv_only(be, at(kk, g), n);
         if (g && rkv16) {
             be->rkv_only(be, at(in.k, g), n);
-            be->key_prepare_from(be, at(kk, g), at(in.k, g), at(k_pre, g), at(in.a, g),
+            be->key_prepare_from(be, at(kk, g), at(in.k, g), at(k_pre_in, g), at(in.a, g),
                                  at(k_k, g), at(k_a, g), R, C, N);
         } else {
             be->copy(be, at(in.k, g), at(k_pre, g), n * sizeof(float));
