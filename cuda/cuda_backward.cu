@@ -1435,29 +1435,6 @@ __global__ static void attention_tail_finish_kernel(tail_sums t, const float *__
     }
 }
 
-// The separate ops, for what the fused kernel does not take (backend.h
-// attention_tail_backward's definition).
-static void attention_tail_separate(rp_backend *be, float *dk, float *da, float *dw_raw,
-                                    float *dv, float *dv_first, float *dnu, float *dk_k,
-                                    float *dk_a, float *da0, float *dw0, float *dv0,
-                                    const float *dkk, const float *k, const float *a,
-                                    const float *v, const float *v_first, const float *nu,
-                                    const float *k_k, const float *k_a, int R, int C, int N) {
-    const size_t n = (size_t)R * C;
-    cuda_key_prepare_backward(be, dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, N);
-    if (be->gemm_only) be->gemm_only(be, da, n);
-    cuda_bias_act_backward(be, da, da0, a, R, C, RP_ACT_SIGMOID);
-    if (be->gemm_only) be->gemm_only(be, dw_raw, n);
-    cuda_bias_act_backward(be, dw_raw, dw0, NULL, R, C, RP_ACT_NONE);
-    if (!nu) {
-        be->add(be, dv, dv_first, n);
-        return;
-    }
-    cuda_value_residual_backward(be, dv, dv_first, dnu, v, v_first, nu, R, C);
-    if (be->gemm_only) be->gemm_only(be, dnu, n);
-    cuda_bias_act_backward(be, dnu, dv0, nu, R, C, RP_ACT_SIGMOID);
-}
-
 static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, float *dw_raw,
                                          float *dv, float *dv_first, float *dnu, float *dk_k,
                                          float *dk_a, float *da0, float *dw0, float *dv0,
@@ -1496,8 +1473,9 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     if ((n_act16 != 0 && n_act16 != n_act) || (n_act16 && !a16) || (ip_da && !ip_dw) ||
         (ip_da && ip_da->f32) || (ip_dw && ip_dw->f32) ||
         (nu && rp_cuda_inplace_at(cx, dnu, n))) {
-        attention_tail_separate(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k, dk_a, da0, dw0, dv0,
-                                dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N);
+        rp_attention_tail_backward_separate(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k, dk_a,
+                                            da0, dw0, dv0, dkk, k, a, v, v_first, nu, k_k, k_a,
+                                            R, C, N);
         return;
     }
     const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
