@@ -1056,28 +1056,10 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
     // dw_raw so under a gemm_only hint): the bias sums read the bf16 values;
     // nothing is written, the GEMMs read dy in place
     const rp_cuda_inplace *dy_ip = rp_cuda_inplace_at(cx, dy, (size_t)R * C);
-    if (dy_ip && !dy_ip->f32 && act == RP_ACT_NONE) {
-        rp_cuda_take_gemm_only(cx, dy, (size_t)R * C);  // consumed: dy stays as it is
-        const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
-        float *part_b = (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP,
-                                                 (size_t)chunks * C * sizeof(float));
-        if (!part_b) return;
-        const __nv_bfloat16 *d16 = reinterpret_cast<const __nv_bfloat16 *>(dy);
-        const int W = C % 4 == 0 ? 4 : 1;  // bf16 x 4: 8-byte rows, element loads
-        const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
-        if (W == 4)
-            bias_act_backward_bias_kernel<4, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-                dy, part_b, y, R, C, (int)act, rows_per_chunk, nullptr, 0, d16);
-        else
-            bias_act_backward_bias_kernel<1, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-                dy, part_b, y, R, C, (int)act, rows_per_chunk, nullptr, 0, d16);
-        if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward",
-                                  {part_b, (size_t)chunks * C * sizeof(float)}))
-            return;
-        rp_cuda_sum_partials(cx, dbias, part_b, chunks, (size_t)C, 1);
-        return;
-    }
-    if (dy_ip) {
+    const __nv_bfloat16 *dy_in16 = dy_ip && !dy_ip->f32 && act == RP_ACT_NONE
+                                       ? reinterpret_cast<const __nv_bfloat16 *>(dy)
+                                       : nullptr;
+    if (dy_ip && !dy_in16) {
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
                          "cuda bias_act_backward: dy is a GEMM-only gradient stored bf16 "
@@ -1088,30 +1070,36 @@ static void cuda_bias_act_backward(rp_backend *be, float *dy, float *dbias, cons
     // d pre GEMM-only (backend.h gemm_only before this op: the LoRA up's
     // backward GEMMs alone read it): written only as the bf16 copy those
     // GEMMs take, no f32 (rp_cuda_act16_publish_sole). The bias partials
-    // sum the f32 d pre either way, so the bits do not change.
+    // sum the f32 d pre either way, so the bits do not change. A bf16
+    // in-place dy consumes the hint and stays as it is.
     const int gemm_only = rp_cuda_take_gemm_only(cx, dy, (size_t)R * C);
     const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
     float *part_b =
         (float *)rp_cuda_scratch(cx, RP_CUDA_SCRATCH_OP, (size_t)chunks * C * sizeof(float));
     if (!part_b) return;
-    const int W = vector_width((size_t)C, dy, y);
+    // dy_in16 is read element by element, so 4 columns a lane need no
+    // alignment (bf16 x 4: 8-byte rows)
+    const int W = dy_in16 ? (C % 4 == 0 ? 4 : 1) : vector_width((size_t)C, dy, y);
     const dim3 grid(rp_cuda_blocks((size_t)C, 32 * W), chunks);
-    // d pre is the dY of the LoRA up-projection's backward GEMMs
-    __nv_bfloat16 *dy16 = rp_cuda_act16_for_rows(cx, dy, (size_t)R * C, R);
+    // d pre is the dY of the LoRA up-projection's backward GEMMs (already
+    // bf16 when dy_in16: no copy)
+    __nv_bfloat16 *dy16 = dy_in16 ? nullptr : rp_cuda_act16_for_rows(cx, dy, (size_t)R * C, R);
     const int sole = gemm_only && dy16 && act != RP_ACT_NONE;
     if (W == 4 && y16)
         bias_act_backward_bias_kernel<4, __nv_bfloat16><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole, nullptr);
+            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole, dy_in16);
     else if (y16)
         bias_act_backward_bias_kernel<1, __nv_bfloat16><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole, nullptr);
+            dy, part_b, y16, R, C, (int)act, rows_per_chunk, dy16, !sole, dy_in16);
     else if (W == 4)
         bias_act_backward_bias_kernel<4, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole, nullptr);
+            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole, dy_in16);
     else
         bias_act_backward_bias_kernel<1, float><<<grid, ROW_WARP_THREADS, 0, cx->stream>>>(
-            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole, nullptr);
-    if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, (size_t)R * C * sizeof(float)},
+            dy, part_b, y, R, C, (int)act, rows_per_chunk, dy16, !sole, dy_in16);
+    // a bf16 in-place dy is only read (0 bytes: no range)
+    const size_t dy_bytes = dy_in16 ? 0 : (size_t)R * C * sizeof(float);
+    if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_act_backward", {dy, dy_bytes},
                               {part_b, (size_t)chunks * C * sizeof(float)}))
         return;
     rp_cuda_sum_partials(cx, dbias, part_b, chunks, (size_t)C, 1);
@@ -1449,29 +1437,6 @@ __global__ static void attention_tail_finish_kernel(tail_sums t, const float *__
     }
 }
 
-// The separate ops, for what the fused kernel does not take (backend.h
-// attention_tail_backward's definition).
-static void attention_tail_separate(rp_backend *be, float *dk, float *da, float *dw_raw,
-                                    float *dv, float *dv_first, float *dnu, float *dk_k,
-                                    float *dk_a, float *da0, float *dw0, float *dv0,
-                                    const float *dkk, const float *k, const float *a,
-                                    const float *v, const float *v_first, const float *nu,
-                                    const float *k_k, const float *k_a, int R, int C, int N) {
-    const size_t n = (size_t)R * C;
-    cuda_key_prepare_backward(be, dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, N);
-    if (be->gemm_only) be->gemm_only(be, da, n);
-    cuda_bias_act_backward(be, da, da0, a, R, C, RP_ACT_SIGMOID);
-    if (be->gemm_only) be->gemm_only(be, dw_raw, n);
-    cuda_bias_act_backward(be, dw_raw, dw0, NULL, R, C, RP_ACT_NONE);
-    if (!nu) {
-        be->add(be, dv, dv_first, n);
-        return;
-    }
-    cuda_value_residual_backward(be, dv, dv_first, dnu, v, v_first, nu, R, C);
-    if (be->gemm_only) be->gemm_only(be, dnu, n);
-    cuda_bias_act_backward(be, dnu, dv0, nu, R, C, RP_ACT_SIGMOID);
-}
-
 static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, float *dw_raw,
                                          float *dv, float *dv_first, float *dnu, float *dk_k,
                                          float *dk_a, float *da0, float *dw0, float *dv0,
@@ -1526,8 +1491,9 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
                              ip_da ? "bf16" : "f32", ip_dw ? "bf16" : "f32");
             return;
         }
-        attention_tail_separate(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k, dk_a, da0, dw0, dv0,
-                                dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N);
+        rp_attention_tail_backward_separate(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k, dk_a,
+                                            da0, dw0, dv0, dkk, k, a, v, v_first, nu, k_k, k_a,
+                                            R, C, N);
         return;
     }
     const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;

@@ -105,6 +105,16 @@ typedef struct rp_adamw_tensor {
 /* Most tensors one adamw_multi call takes (a layer's 33 in one call). */
 #define RP_ADAMW_MULTI_MAX 40
 
+/* The type of rp_backend.attention_tail_backward, which
+ * rp_attention_tail_backward_separate (below) shares. */
+typedef void rp_attention_tail_backward_fn(rp_backend *be, float *dk, float *da, float *dw_raw,
+                                           float *dv, float *dv_first, float *dnu, float *dk_k,
+                                           float *dk_a, float *da0, float *dw0, float *dv0,
+                                           const float *dkk, const float *k, const float *a,
+                                           const float *v, const float *v_first,
+                                           const float *nu, const float *k_k, const float *k_a,
+                                           int R, int C, int N);
+
 struct rp_backend {
     const char *name;
     void *impl;  /* backend-private context (thread count, handles, streams) */
@@ -690,7 +700,7 @@ struct rp_backend {
                                           const float *k, const float *v, const float *r_k,
                                           const float *g, int R, int C, int N, float beta);
     /* ---- the backward's elementwise tail after WKV7 in one op (optional;
-     * NULL: the ops below; issue 15) ----
+     * NULL: the ops below, rp_attention_tail_backward_separate; issue 15) ----
      * attention_tail_backward(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k,
      * dk_a, da0, dw0, dv0, dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N) =
      *   key_prepare_backward(dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, N);
@@ -704,12 +714,7 @@ struct rp_backend {
      * dw_raw, dnu) are GEMM-only afterwards, as the gemm_only hints above
      * promise (the caller gives none); dkk is consumed like
      * key_prepare_backward's. */
-    void (*attention_tail_backward)(rp_backend *be, float *dk, float *da, float *dw_raw,
-                                    float *dv, float *dv_first, float *dnu, float *dk_k,
-                                    float *dk_a, float *da0, float *dw0, float *dv0,
-                                    const float *dkk, const float *k, const float *a,
-                                    const float *v, const float *v_first, const float *nu,
-                                    const float *k_k, const float *k_a, int R, int C, int N);
+    rp_attention_tail_backward_fn *attention_tail_backward;
     /* Sequences per decode group the engine forms by default (the backend's
      * measured sweet spot; 0: RP_ENGINE_GROUP_DEFAULT). serve --max-batch
      * overrides it. */
@@ -774,6 +779,32 @@ static inline size_t rp_wkv_checkpoint_offset(const rp_batch *batch, int s) {
  * without caring which). NULL is a no-op. */
 static inline void rp_backend_destroy(rp_backend *be) {
     if (be) be->destroy(be);
+}
+
+/* attention_tail_backward's definition as the separate ops, in one place:
+ * what the model's backward runs where a backend has no fused op, and what a
+ * backend's fused op falls back to for inputs its kernel does not take
+ * (cuda/cuda_backward.cu). The gemm_only hints make each d pre GEMM-only, as
+ * the fused op leaves them. */
+static inline void rp_attention_tail_backward_separate(
+    rp_backend *be, float *dk, float *da, float *dw_raw, float *dv, float *dv_first, float *dnu,
+    float *dk_k, float *dk_a, float *da0, float *dw0, float *dv0, const float *dkk,
+    const float *k, const float *a, const float *v, const float *v_first, const float *nu,
+    const float *k_k, const float *k_a, int R, int C, int N) {
+    const size_t n = (size_t)R * C;
+    be->key_prepare_backward(be, dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, N);
+    if (be->gemm_only) be->gemm_only(be, da, n);
+    be->bias_act_backward(be, da, da0, a, R, C, RP_ACT_SIGMOID);
+    /* RP_ACT_NONE: d pre = dw_raw, only its bias sum; no y */
+    if (be->gemm_only) be->gemm_only(be, dw_raw, n);
+    be->bias_act_backward(be, dw_raw, dw0, NULL, R, C, RP_ACT_NONE);
+    if (!nu) { /* layer 0: v is v_first */
+        be->add(be, dv, dv_first, n);
+        return;
+    }
+    be->value_residual_backward(be, dv, dv_first, dnu, v, v_first, nu, R, C);
+    if (be->gemm_only) be->gemm_only(be, dnu, n);
+    be->bias_act_backward(be, dnu, dv0, nu, R, C, RP_ACT_SIGMOID);
 }
 
 #ifdef __cplusplus

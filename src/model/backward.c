@@ -606,30 +606,22 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
                                         wsave ? NULL : gw->receptance, tw->dr, tw->mix[0],
                                         w->receptance, R, C, C, 0.0f);
     /* the elementwise tail (key prepare, the three biases' activations, the
-     * value residual) in one pass when the backend fuses it: the same bits,
-     * its d pre outputs GEMM-only as the hints below promise */
-    const int tail = be->attention_tail_backward != NULL;
-    if (tail)
-        be->attention_tail_backward(be, tw->dk, tw->da, tw->dw_raw, tw->dv, tw->dv_first,
-                                    tw->dnu, gw->k_k, gw->k_a, gw->a0, gw->w0, gw->v0, tw->dkk,
-                                    s->k_pre, s->a, s->v_pre, tw->v_first,
-                                    layer == 0 ? NULL : s->nu, w->k_k, w->k_a, R, C, N);
-    /* k_out = k_pre (1 + (a - 1) k_a), kk = normalize(k_pre k_k) */
-    if (!tail)
-        be->key_prepare_backward(be, tw->dk, tw->da, gw->k_k, gw->k_a, tw->dkk, s->k_pre, s->a,
-                                 w->k_k, w->k_a, R, C, N);
-
-    /* a = sigmoid(a0 + xa a1 a2); d pre (da, and dw_raw and dnu below) is
-     * read only by its LoRA's GEMMs from here on */
-    if (!tail && be->gemm_only) be->gemm_only(be, tw->da, (size_t)R * C);
-    if (!tail) be->bias_act_backward(be, tw->da, gw->a0, s->a, R, C, RP_ACT_SIGMOID);
+     * value residual) in one pass when the backend fuses it, else as its
+     * separate ops: the same bits. Here, before the a, w and v LoRAs'
+     * backwards, which read its d pre (da, dw_raw, dnu: GEMM-only from here
+     * on) and write nothing it reads or writes. */
+    rp_attention_tail_backward_fn *tail = be->attention_tail_backward
+                                              ? be->attention_tail_backward
+                                              : rp_attention_tail_backward_separate;
+    tail(be, tw->dk, tw->da, tw->dw_raw, tw->dv, tw->dv_first, tw->dnu, gw->k_k, gw->k_a,
+         gw->a0, gw->w0, gw->v0, tw->dkk, s->k_pre, s->a, s->v_pre, tw->v_first,
+         layer == 0 ? NULL : s->nu, w->k_k, w->k_a, R, C, N);
+    /* a = sigmoid(a0 + xa a1 a2) */
     xm = MIX_X(4);
     lora_backward(be, MIX_DX(), gw->a1, gw->a2, tw->d_lora, tw->da, xm, s->a_hidden, w->a1,
                   w->a2, c->d_iclr, RP_ACT_NONE, R, C, d16);
     MIX_FOLD(4, 1.0f);
     /* w_raw = w0 + tanh(xw w1) w2 */
-    if (!tail && be->gemm_only) be->gemm_only(be, tw->dw_raw, (size_t)R * C);
-    if (!tail) be->bias_act_backward(be, tw->dw_raw, gw->w0, s->w_raw, R, C, RP_ACT_NONE);
     xm = MIX_X(3);
     lora_backward(be, MIX_DX(), gw->w1, gw->w2, tw->d_lora, tw->dw_raw, xm, s->w_hidden,
                   w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C, d16);
@@ -637,15 +629,7 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     /* value residual: v = v_pre + (v_first - v_pre) nu (layer > 0); layer 0's
      * v is v_first, which collected gradient from every later layer. */
     xm = MIX_X(2);
-    if (layer == 0) {
-        if (!tail) be->add(be, tw->dv, tw->dv_first, (size_t)R * C);
-    } else {
-        if (!tail) {
-            be->value_residual_backward(be, tw->dv, tw->dv_first, tw->dnu, s->v_pre,
-                                        tw->v_first, s->nu, R, C);
-            if (be->gemm_only) be->gemm_only(be, tw->dnu, (size_t)R * C);
-            be->bias_act_backward(be, tw->dnu, gw->v0, s->nu, R, C, RP_ACT_SIGMOID);
-        }
+    if (layer != 0) {
         lora_backward(be, MIX_DX(), gw->v1, gw->v2, tw->d_lora, tw->dnu, xm, s->nu_hidden,
                       w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C, d16);
         MIX_FOLD(2, 1.0f);

@@ -19,6 +19,7 @@
 #include "cuda_backend.h"
 #include "cuda_wkv7.h"
 #include "emu_counters.h"
+#include "tiny_fixture.h"
 #include "model/backward.h"
 #include "model/model.h"
 #include "model/state.h"
@@ -102,13 +103,6 @@
 #define MAX_ROWS 24
 #define MAX_SEQS 3
 
-typedef struct {
-    rp_backend *be;
-    rp_model model, grads;
-    rp_workspace ws;
-    rp_backward_workspace tw;
-    rp_state state;
-} fixture;
 
 /* The emulator's counters now; counter(launches) reads one of them. */
 static rp_emu_counters counters_now(void) {
@@ -119,54 +113,19 @@ static rp_emu_counters counters_now(void) {
 #define counter(field) (counters_now().field)
 
 static int setup_math(void **s, rp_cuda_math math) {
-    fixture *f = calloc(1, sizeof *f);
-    rp_error err;
-    f->be = rp_cuda_backend_create(0, math, &err);
-    if (!f->be) {
-        fprintf(stderr, "backend: %s\n", err.msg);
-        return -1;
-    }
-    const char *data = getenv("RP_TEST_DATA");
-    char path[4096];
-    snprintf(path, sizeof path, "%s/tiny_L2_C128_V256_s1.weights.safetensors",
-             data ? data : "tests/data");
-    if (rp_model_load(&f->model, path, 0, -1, f->be, &err) != RP_OK) {
-        fprintf(stderr, "%s: %s\n", path, err.msg);
-        return -1;
-    }
-    rp_model_register_weights(&f->model);
-    const rp_config *cfg = &f->model.cfg;
-    const int L = cfg->n_layer;
-    if (rp_model_alloc(&f->grads, cfg, 0, L, 1, 1, f->be, &err) != RP_OK ||
-        rp_workspace_alloc(&f->ws, cfg, MAX_ROWS, f->be, &err) != RP_OK ||
-        rp_backward_workspace_alloc(&f->tw, &f->model, MAX_ROWS, MAX_SEQS, &err) != RP_OK) {
-        fprintf(stderr, "alloc: %s\n", err.msg);
-        return -1;
-    }
-    rp_model_zero(&f->grads);
-    rp_state_geometry(&f->state, cfg, 0, L, MAX_SEQS);
-    f->state.data = f->be->alloc(f->be, f->state.floats_per_slot * MAX_SEQS * sizeof(float));
-    if (!f->state.data) return -1;
-    *s = f;
-    return 0;
+    *s = tiny_fixture_create(math, MAX_ROWS, MAX_SEQS, MAX_ROWS);
+    return *s ? 0 : -1;
 }
 
 static int setup(void **s) { return setup_math(s, RP_CUDA_MATH_BF16); }
 
 static int teardown(void **s) {
-    fixture *f = *s;
-    f->be->free(f->be, f->state.data);
-    rp_backward_workspace_free(&f->tw, f->be);
-    rp_workspace_free(&f->ws, f->be);
-    rp_model_free(&f->grads);
-    rp_model_free(&f->model);
-    f->be->destroy(f->be);
-    free(f);
+    tiny_fixture_destroy(*s);
     return 0;
 }
 
 /* One decode step: n_seq sequences of one token each. */
-static void decode_step(fixture *f, int n_seq, int salt, float *logits) {
+static void decode_step(tiny_fixture *f, int n_seq, int salt, float *logits) {
     int seq_len[MAX_SEQS], slot[MAX_SEQS], row_begin[MAX_SEQS];
     int32_t tokens[MAX_SEQS];
     for (int s = 0; s < n_seq; s++) {
@@ -183,38 +142,14 @@ static void decode_step(fixture *f, int n_seq, int salt, float *logits) {
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
 }
 
-/* One training step over n_seq sequences of `len` tokens; its loss. */
-static double train_step(fixture *f, int n_seq, int len, int salt) {
-    int seq_len[MAX_SEQS], slot[MAX_SEQS], row_begin[MAX_SEQS];
-    int32_t inputs[MAX_ROWS], targets[MAX_ROWS];
-    for (int s = 0; s < n_seq; s++) {
-        seq_len[s] = len;
-        slot[s] = s;
-    }
-    for (int r = 0; r < n_seq * len; r++) {
-        inputs[r] = (int32_t)((salt * 31 + r * 17) % f->model.cfg.vocab_size);
-        targets[r] = (int32_t)((salt * 5 + r * 3 + 1) % f->model.cfg.vocab_size);
-    }
-    rp_batch b;
-    rp_batch_init(&b, n_seq, seq_len, slot, row_begin);
-    f->be->fill_zero(f->be, f->state.data, f->state.floats_per_slot * MAX_SEQS * sizeof(float));
-    double loss = 0;
-    int n_targets = 0;
-    rp_error err;
-    assert_int_equal(rp_model_train_step(&f->model, &f->grads, &f->tw, inputs, targets, &b,
-                                         &f->state, NULL, 1.0f / (float)(n_seq * len), 0.0f,
-                                         &loss, &n_targets, &err), RP_OK);
-    f->be->synchronize(f->be);
-    const rp_status st = f->be->status(f->be, &err);
-    if (st != RP_OK) fprintf(stderr, "train step of %d x %d rows: %s\n", n_seq, len, err.msg);
-    assert_int_equal(st, RP_OK);
-    assert_int_equal(n_targets, n_seq * len);
-    assert_true(loss > 0);
-    return loss;
+/* One training step over n_seq sequences of `len` tokens from a zero state; its loss. */
+static double train_step(tiny_fixture *f, int n_seq, int len, int salt) {
+    tiny_fixture_zero_state(f);
+    return tiny_fixture_train_step(f, n_seq, len, salt);
 }
 
 /* Launches of one decode layer, counted around rp_model_block_forward. */
-static unsigned long long layer_launches(fixture *f, int layer, int n_seq) {
+static unsigned long long layer_launches(tiny_fixture *f, int layer, int n_seq) {
     int seq_len[MAX_SEQS], slot[MAX_SEQS], row_begin[MAX_SEQS];
     int32_t tokens[MAX_SEQS];
     for (int s = 0; s < n_seq; s++) {
@@ -236,7 +171,7 @@ static unsigned long long layer_launches(fixture *f, int layer, int n_seq) {
 }
 
 static void test_decode_launch_budget(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     float *logits = f->be->alloc(f->be, (size_t)MAX_SEQS * f->model.cfg.vocab_size * sizeof(float));
     assert_non_null(logits);
     decode_step(f, 1, 0, logits); /* warm-up */
@@ -256,7 +191,7 @@ static void test_decode_launch_budget(void **s) {
 
 /* The conversion and launch budgets of a training step, after a warm-up step. */
 static void test_train_convert_budget(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     train_step(f, MAX_SEQS, MAX_ROWS / MAX_SEQS, 0);
     const unsigned long long before = counter(bf16_converts), launches = counter(launches);
     const unsigned long long copies = counter(copies);
@@ -282,7 +217,7 @@ static void test_train_convert_budget(void **s) {
 static float *to_device(rp_backend *be, const float *host, size_t n);
 
 static void test_decode_lora_down_split(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     rp_backend *be = f->be;
     enum { M = 3, N = 64, K = 512 };
     float *hx = malloc(sizeof(float) * M * K), *hw = malloc(sizeof(float) * K * N);
@@ -363,7 +298,7 @@ static void assert_steps_equal(const char *what, int rows, const double loss[2],
  * convert the stale f32 (a sticky error naming the hint) instead of using
  * it. */
 static void test_gemm_only_d_pre(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     rp_backend *be = f->be;
     enum { R = 16, C = 64, K = 32 };
     float *hy = malloc(sizeof(float) * R * C), *hdy = malloc(sizeof(float) * R * C);
@@ -437,7 +372,7 @@ static void test_gemm_only_d_pre(void **s) {
  * the first d pre then stops with the sticky error instead of converting
  * its f32, which was never written. */
 static void test_gemm_only_reclaimed_refused(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     rp_backend *be = f->be;
     enum { R = 16, C = 64, K = 32, N_DY = 8 };
     /* one host pattern for y, dy [R,C], x [R,K] and w [C,K]: the largest */
@@ -472,7 +407,7 @@ static void test_gemm_only_reclaimed_refused(void **s) {
 }
 
 /* All of a model's gradients, copied to the host: n floats. */
-static float *grads_to_host(fixture *f, size_t *n) {
+static float *grads_to_host(tiny_fixture *f, size_t *n) {
     const rp_model *g = &f->grads;
     const int L = g->layer_end - g->layer_begin;
     *n = g->embed_floats + g->head_floats + (size_t)L * g->layer_floats;
@@ -487,7 +422,7 @@ static float *grads_to_host(fixture *f, size_t *n) {
     return h;
 }
 
-static unsigned long long gn_mode_workspace(fixture *f);
+static unsigned long long gn_mode_workspace(tiny_fixture *f);
 
 /* The bf16 activation copies (producer kernels' second outputs, conversions
  * shared by GEMMs) hand the GEMMs the very bits that each GEMM's own
@@ -495,7 +430,7 @@ static unsigned long long gn_mode_workspace(fixture *f);
  * the copies off. 24 rows (cuBLAS GEMMs) and 5 (GEMVs, no copies); then 24
  * rows on the chunked WKV7 kernels (min_t 0: its backward's dr copy). */
 static void test_act16_exact(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     const int lens[3] = {MAX_ROWS / MAX_SEQS, 5, MAX_ROWS / MAX_SEQS};
     const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
     for (int i = 0; i < 3; i++) {
@@ -536,7 +471,7 @@ static void test_act16_exact(void **s) {
  * too, at more than RP_GEMV_MAX_M rows with the copies on): 157 -> 142
  * launches for the 2-layer step. */
 static void test_attention_tail_exact(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     const rp_backend keep = *f->be;
     assert_non_null(keep.attention_tail_backward);
     /* the separate ops read f32 activations: no rkv_only on either side
@@ -613,7 +548,7 @@ static void gn_bwd_dy_f32(rp_backend *be, float *dy, float *dln_w, float *dln_b,
  * backward (fp32 math) reads dy rounded once more, so there the gradients
  * must differ (the switch works; the cost: test_wkv16_train_precision). */
 static void test_wkv_dy16_exact(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
     gn_bwd_saved = f->be->groupnorm_bonus_gate_backward;
     assert_non_null(gn_bwd_saved);
@@ -657,7 +592,7 @@ static void test_wkv_dy16_exact(void **s) {
  * training step's loss and every gradient bit for bit, over several
  * sequences (the state rows) and over one. */
 static void test_ln_shift_mix_train_exact(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     void (*fused)(rp_backend *, float *, float *, float *, float *, float *, float *const *,
                   const float *const *, int, const float *, const float *, const float *, float,
                   float *, size_t, const rp_batch *, int) = f->be->ln_shift_mix_train;
@@ -688,7 +623,7 @@ static void test_ln_shift_mix_train_exact(void **s) {
 /* Every layer's xa, xf, prev_att and prev_ffn set to NaN (the rows the
  * workspace has of them: ln_rows, prev_rows): a step that reads any of them
  * where it did not write it first loses its loss and gradients to NaN. */
-static void poison_ln_outputs(fixture *f) {
+static void poison_ln_outputs(tiny_fixture *f) {
     const int C = f->model.cfg.n_embd;
     const size_t n = (size_t)MAX_ROWS * C;
     float *nan_rows = malloc(n * sizeof(float));
@@ -713,7 +648,7 @@ static void poison_ln_outputs(fixture *f) {
  * new path reads no xa / xf and no prev row but the sequences' first), over
  * several sequences and one. */
 static void test_mix_again_exact(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     int (*fits)(rp_backend *, const rp_batch *, int) = f->be->ln_mix_again_fits;
     assert_non_null(fits);
     assert_non_null(f->be->ln_mix_again);
@@ -792,16 +727,16 @@ static void test_mix_again_exact(void **s) {
  * values rounded in f32). */
 static double rel_l2(const float *a, const float *b, size_t n);
 static void test_mix_grads16_precision(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     void *ref_state = NULL;
     assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    fixture *ref = ref_state;
+    tiny_fixture *ref = ref_state;
     assert_int_equal(f->be->mix_grads16, 1);
     float *g[3];
     double loss[3];
     size_t n = 0;
     for (int side = 0; side < 3; side++) { /* bf16 dmix, f32 dmix, FP32 math */
-        fixture *x = side == 2 ? ref : f;
+        tiny_fixture *x = side == 2 ? ref : f;
         f->be->mix_grads16 = side == 0;
         rp_model_zero(&x->grads);
         loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
@@ -829,17 +764,17 @@ static void test_mix_grads16_precision(void **s) {
  * small next to BF16 math's own (docs/gpu.md Precision). Its bits are
  * test_act16_exact's (copies off: the same values rounded in f32). */
 static void test_head_logits16_precision(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     void *ref_state = NULL;
     assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    fixture *ref = ref_state;
+    tiny_fixture *ref = ref_state;
     assert_int_equal(f->be->head_logits16, 1);
     assert_int_equal(ref->be->head_logits16, 0);
     float *g[3], rows[3][MAX_ROWS];
     double loss[3];
     size_t n = 0;
     for (int side = 0; side < 3; side++) { /* bf16 logits, f32 logits, FP32 math */
-        fixture *x = side == 2 ? ref : f;
+        tiny_fixture *x = side == 2 ? ref : f;
         f->be->head_logits16 = side == 0;
         rp_model_zero(&x->grads);
         loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 11);
@@ -889,7 +824,7 @@ static void test_head_logits16_precision(void **s) {
 /* The training workspace allocated again for the backend's entries as they
  * are now (it holds o_gn and d_gn only without the fused groupnorm +
  * bonus/gate); the emulator's device bytes it takes. */
-static unsigned long long gn_mode_workspace(fixture *f) {
+static unsigned long long gn_mode_workspace(tiny_fixture *f) {
     rp_error err;
     rp_backward_workspace_free(&f->tw, f->be);
     const unsigned long long before = counter(device_bytes);
@@ -901,7 +836,7 @@ static unsigned long long gn_mode_workspace(fixture *f) {
 /* A training step of one sequence of `rows` tokens (<= MAX_ROWS) on f's
  * workspace must be refused with RP_ERR_ARG (a workspace that no longer
  * matches the backend's entries), before any op runs. */
-static void assert_step_refused(fixture *f, int rows) {
+static void assert_step_refused(tiny_fixture *f, int rows) {
     int seq_len[1] = {rows}, slot[1] = {0}, row_begin[1];
     int32_t inputs[MAX_ROWS] = {0}, targets[MAX_ROWS] = {0};
     rp_batch b;
@@ -917,7 +852,7 @@ static void assert_step_refused(fixture *f, int rows) {
  * d_gn: a step on a backend whose entries were switched off since refuses
  * (RP_ERR_ARG) instead of running ops on missing buffers. */
 static void test_gn_fused_workspace_refused(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     const rp_backend keep = *f->be;
     assert_true(f->tw.gn_fused);
     f->be->groupnorm_bonus_gate_backward = NULL;
@@ -939,7 +874,7 @@ static void test_gn_fused_workspace_refused(void **s) {
  * of 8 rows (stored path) still trains on it; with the entry switched off
  * since, a step is refused (RP_ERR_ARG). */
 static void test_mix_again_workspace_bytes(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     int (*fits)(rp_backend *, const rp_batch *, int) = f->be->ln_mix_again_fits;
     assert_non_null(fits);
     const int L = f->model.cfg.n_layer, C = f->model.cfg.n_embd;
@@ -984,7 +919,7 @@ static unsigned long long store16_saved(unsigned long long n) { return n - (n + 
  * workspace check, and the ops run past that check refuse too (sticky
  * error naming the buffer), writing nothing past the half. */
 static void test_store16_workspace(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     const rp_backend keep = *f->be;
     const unsigned long long L = (unsigned long long)f->model.cfg.n_layer,
                              RC = (unsigned long long)MAX_ROWS * f->model.cfg.n_embd,
@@ -1084,7 +1019,7 @@ static unsigned long long workspace_bytes_04b(rp_backend *be, const rp_config *c
  * and AdamW m, v beside it (4 fp32 copies of every parameter), against an
  * 80 GB H100. The difference is exactly 4 [R - 8, C] buffers a layer. */
 static void test_workspace_bytes_04b(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     rp_backend keep = *f->be;
     rp_config c;
     rp_error err;
@@ -1154,7 +1089,7 @@ static void test_workspace_bytes_04b(void **s) {
  * a claim takes last, so the fused step converted 2 GEMM operands more
  * (159 launches vs 157; 215 vs 214 unfused at 5 rows). */
 static void test_gn_bonus_fused_exact(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     const rp_backend keep = *f->be;
     /* forward.c stores WKV7's y in bf16 (wkv_only) only for the fused
      * groupnorm: without the hint both sides read the same f32 y */
@@ -1240,7 +1175,7 @@ static float *flats_to_host(rp_backend *be, const rp_model *g, size_t *n) {
  * launches: one per buffer (L layers, embed, head) instead of one per
  * tensor. */
 static void test_adamw_multi_exact(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     rp_backend *be = f->be;
     void (*multi)(rp_backend *, const rp_adamw_tensor *, int, float, float, float, float, float,
                   float) = be->adamw_multi;
@@ -1341,10 +1276,10 @@ static double rel_l2(const float *a, const float *b, size_t n) {
  * must change the bits (the bf16 path ran) and cost little next to BF16
  * math's own error (docs/gpu.md Precision). */
 static void test_wkv16_train_precision(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     void *ref_state = NULL;
     assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    fixture *ref = ref_state;
+    tiny_fixture *ref = ref_state;
     void (*const hint)(rp_backend *, const float *, size_t) = f->be->wkv_only;
     assert_non_null(hint);
     const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
@@ -1354,7 +1289,7 @@ static void test_wkv16_train_precision(void **s) {
         double loss[3];
         size_t n = 0;
         for (int side = 0; side < 3; side++) { /* hint, no hint, FP32 math */
-            fixture *x = side == 2 ? ref : f;
+            tiny_fixture *x = side == 2 ? ref : f;
             f->be->wkv_only = side == 0 ? hint : NULL;
             if (side < 2) gn_mode_workspace(f);  /* no hint: kk, y, w_raw fp32-sized */
             rp_model_zero(&x->grads);
@@ -1407,10 +1342,10 @@ static void wkv_bwd_dw_f32(rp_backend *be, float *dr, float *dw_raw, float *dk, 
  * the whole step against FP32 math must stay as good. Per-token and chunked
  * WKV7 kernels (min_t 0). */
 static void test_wkv_dw16_precision(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     void *ref_state = NULL;
     assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    fixture *ref = ref_state;
+    tiny_fixture *ref = ref_state;
     assert_non_null(f->be->gemm_only);
     wkv_bwd_saved = f->be->wkv7_backward_beta;
     assert_non_null(wkv_bwd_saved);
@@ -1428,7 +1363,7 @@ static void test_wkv_dw16_precision(void **s) {
         double loss[3];
         size_t n = 0;
         for (int side = 0; side < 3; side++) { /* bf16 dw_raw, f32 dw_raw, FP32 math */
-            fixture *x = side == 2 ? ref : f;
+            tiny_fixture *x = side == 2 ? ref : f;
             f->be->wkv7_backward_beta = side == 1 ? wkv_bwd_dw_f32 : wkv_bwd_saved;
             rp_model_zero(&x->grads);
             loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
@@ -1484,10 +1419,10 @@ static void test_wkv_dw16_precision(void **s) {
  * official training kernel takes r, k, v in bf16 too. Per-token and
  * chunked WKV7 kernels (min_t 0). */
 static void test_rkv16_precision(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     void *ref_state = NULL;
     assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    fixture *ref = ref_state;
+    tiny_fixture *ref = ref_state;
     void (*const rkv_only)(rp_backend *, const float *, size_t) = f->be->rkv_only;
     assert_non_null(rkv_only);
     const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
@@ -1497,7 +1432,7 @@ static void test_rkv16_precision(void **s) {
         double loss[3];
         size_t n = 0;
         for (int side = 0; side < 3; side++) { /* bf16 r k v, f32 r k v, FP32 math */
-            fixture *x = side == 2 ? ref : f;
+            tiny_fixture *x = side == 2 ? ref : f;
             f->be->rkv_only = side == 1 ? NULL : rkv_only;
             if (side < 2) gn_mode_workspace(f);  /* r, k, v sized for their storage */
             rp_model_zero(&x->grads);
@@ -1527,7 +1462,7 @@ static void test_rkv16_precision(void **s) {
 /* After one decode step and one training step at the largest shapes, more
  * steps of those shapes or smaller allocate and free nothing. */
 static void test_no_allocation_after_warm_up(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     float *logits = f->be->alloc(f->be, (size_t)MAX_SEQS * f->model.cfg.vocab_size * sizeof(float));
     assert_non_null(logits);
     decode_step(f, MAX_SEQS, 0, logits);
@@ -1551,7 +1486,7 @@ static void test_no_allocation_after_warm_up(void **s) {
  * call with more rows than any before (embedding_backward's permutation,
  * mid-step, with a pipelined receive posted) does not regrow a buffer. */
 static void test_reserve_sizes_uploads(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     rp_backend *be = f->be;
     enum { R = 3000, C = 8, V = 16 };
     rp_error err;
@@ -1664,7 +1599,7 @@ static void mix_case(rp_backend *gpu, rp_backend *cpu, int n_seq, const int *seq
 }
 
 static void test_ln_shift_mix_twin(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     rp_error err;
     rp_backend *cpu = rp_cpu_backend_create(1, &err);
     assert_non_null(cpu);
@@ -2031,7 +1966,7 @@ static void test_decode_graph_refuses_sync(void **s) {
  * that row alone. Fails if a row's sum order depends on M (cuBLAS above 8
  * rows, or row blocks summed differently). */
 static void test_decode_rows_gemv_alone(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     rp_backend *be = f->be;
     enum { M = 64, N = 96, K = 512, NL = 64 };
     uint32_t h = 4242u;

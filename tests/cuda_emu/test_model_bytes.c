@@ -17,12 +17,10 @@
 #include <math.h>
 
 #include "backend.h"
-#include "cuda_backend.h"
 #include "emu_counters.h"
 #include "gpu_model.h"
-#include "model/backward.h"
 #include "model/model.h"
-#include "model/state.h"
+#include "tiny_fixture.h"
 
 /* The shape: C = 128 (the fused mix + LN backward's multiple), T = 64 (the
  * chunked WKV7 forward and backward, rp_cuda_wkv7_chunked_min_t), several
@@ -129,91 +127,31 @@ static int group_of(const char *name, int model_side) {
     return g;
 }
 
-typedef struct {
-    rp_backend *be;
-    rp_model model, grads;
-    rp_backward_workspace tw;
-    rp_state state;
-} fixture;
-
 static int setup(void **s) {
-    fixture *f = calloc(1, sizeof *f);
-    rp_error err;
-    f->be = rp_cuda_backend_create(0, RP_CUDA_MATH_BF16, &err);
-    if (!f->be) {
-        fprintf(stderr, "backend: %s\n", err.msg);
-        return -1;
-    }
-    const char *data = getenv("RP_TEST_DATA");
-    char path[4096];
-    snprintf(path, sizeof path, "%s/tiny_L2_C128_V256_s1.weights.safetensors",
-             data ? data : "tests/data");
-    if (rp_model_load(&f->model, path, 0, -1, f->be, &err) != RP_OK) {
-        fprintf(stderr, "%s: %s\n", path, err.msg);
-        return -1;
-    }
-    rp_model_register_weights(&f->model);
-    const rp_config *cfg = &f->model.cfg;
-    const int L = cfg->n_layer;
-    if (rp_model_alloc(&f->grads, cfg, 0, L, 1, 1, f->be, &err) != RP_OK ||
-        rp_backward_workspace_alloc(&f->tw, &f->model, ROWS, S_SEQS, &err) != RP_OK) {
-        fprintf(stderr, "alloc: %s\n", err.msg);
-        return -1;
-    }
-    rp_model_zero(&f->grads);
-    rp_state_geometry(&f->state, cfg, 0, L, S_SEQS);
-    f->state.data = f->be->alloc(f->be, f->state.floats_per_slot * S_SEQS * sizeof(float));
-    if (!f->state.data) return -1;
-    *s = f;
-    return 0;
+    *s = tiny_fixture_create(RP_CUDA_MATH_BF16, ROWS, S_SEQS, 0);
+    return *s ? 0 : -1;
 }
 
 static int teardown(void **s) {
-    fixture *f = *s;
-    f->be->free(f->be, f->state.data);
-    rp_backward_workspace_free(&f->tw, f->be);
-    rp_model_free(&f->grads);
-    rp_model_free(&f->model);
-    f->be->destroy(f->be);
-    free(f);
+    tiny_fixture_destroy(*s);
     return 0;
 }
 
 /* One training step; count: the device bytes of the step itself are counted
  * (after the test's own state fill). Returns 0 where the emulator cannot
  * count them (the sanitizer build). */
-static int train_step(fixture *f, int salt, int count) {
-    int seq_len[S_SEQS], slot[S_SEQS], row_begin[S_SEQS];
-    int32_t inputs[ROWS], targets[ROWS];
-    for (int s = 0; s < S_SEQS; s++) {
-        seq_len[s] = T_LEN;
-        slot[s] = s;
-    }
-    for (int r = 0; r < ROWS; r++) {
-        inputs[r] = (int32_t)((salt * 31 + r * 17) % f->model.cfg.vocab_size);
-        targets[r] = (int32_t)((salt * 5 + r * 3 + 1) % f->model.cfg.vocab_size);
-    }
-    rp_batch b;
-    rp_batch_init(&b, S_SEQS, seq_len, slot, row_begin);
-    f->be->fill_zero(f->be, f->state.data, f->state.floats_per_slot * S_SEQS * sizeof(float));
+static int train_step(tiny_fixture *f, int salt, int count) {
+    tiny_fixture_zero_state(f);
     f->be->synchronize(f->be);
     if (count && !rp_emu_bytes_enable(1)) return 0;
-    double loss = 0;
-    int n_targets = 0;
-    rp_error err;
-    assert_int_equal(rp_model_train_step(&f->model, &f->grads, &f->tw, inputs, targets, &b,
-                                         &f->state, NULL, 1.0f / (float)ROWS, 0.0f, &loss,
-                                         &n_targets, &err), RP_OK);
-    f->be->synchronize(f->be);
-    assert_int_equal(f->be->status(f->be, &err), RP_OK);
-    assert_true(loss > 0);
+    tiny_fixture_train_step(f, S_SEQS, T_LEN, salt);
     return 1;
 }
 
 #define MAX_ROWS_MODEL 128
 
 static void test_training_step_bytes_match_model(void **s) {
-    fixture *f = *s;
+    tiny_fixture *f = *s;
     train_step(f, 1, 0); /* warm-up: weight copies, workspaces */
     if (!train_step(f, 2, 1)) skip();
 
