@@ -119,6 +119,13 @@ static int setup_math(void **s, rp_cuda_math math) {
 
 static int setup(void **s) { return setup_math(s, RP_CUDA_MATH_BF16); }
 
+/* The precision tests' reference: the same tiny model in FP32 math. */
+static tiny_fixture *fp32_reference(void) {
+    tiny_fixture *ref = tiny_fixture_create(RP_CUDA_MATH_FP32, MAX_ROWS, MAX_SEQS, MAX_ROWS);
+    assert_non_null(ref);
+    return ref;
+}
+
 static int teardown(void **s) {
     tiny_fixture_destroy(*s);
     return 0;
@@ -728,9 +735,7 @@ static void test_mix_again_exact(void **s) {
 static double rel_l2(const float *a, const float *b, size_t n);
 static void test_mix_grads16_precision(void **s) {
     tiny_fixture *f = *s;
-    void *ref_state = NULL;
-    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    tiny_fixture *ref = ref_state;
+    tiny_fixture *ref = fp32_reference();
     assert_int_equal(f->be->mix_grads16, 1);
     float *g[3];
     double loss[3];
@@ -753,7 +758,7 @@ static void test_mix_grads16_precision(void **s) {
     assert_true(with <= 1.25 * without + 1e-3);
     assert_true(memcmp(&loss[0], &loss[1], sizeof loss[0]) == 0); /* the forward is the same */
     for (int side = 0; side < 3; side++) free(g[side]);
-    teardown(&ref_state);
+    tiny_fixture_destroy(ref);
 }
 
 /* The head's logits in bf16 (backend.h head_logits16: the logits GEMM writes
@@ -765,9 +770,7 @@ static void test_mix_grads16_precision(void **s) {
  * test_act16_exact's (copies off: the same values rounded in f32). */
 static void test_head_logits16_precision(void **s) {
     tiny_fixture *f = *s;
-    void *ref_state = NULL;
-    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    tiny_fixture *ref = ref_state;
+    tiny_fixture *ref = fp32_reference();
     assert_int_equal(f->be->head_logits16, 1);
     assert_int_equal(ref->be->head_logits16, 0);
     float *g[3], rows[3][MAX_ROWS];
@@ -818,7 +821,7 @@ static void test_head_logits16_precision(void **s) {
     assert_true(grad_max_rel <= 2e-2 && head_max_rel <= 2e-2);
     assert_true(with <= 1.5 * without + 1e-3);              /* small next to BF16 math's own */
     for (int side = 0; side < 3; side++) free(g[side]);
-    teardown(&ref_state);
+    tiny_fixture_destroy(ref);
 }
 
 /* The training workspace allocated again for the backend's entries as they
@@ -1275,29 +1278,38 @@ static double rel_l2(const float *a, const float *b, size_t n) {
  * on the per-token WKV7 kernels and on the chunked ones (min_t 0). The hint
  * must change the bits (the bf16 path ran) and cost little next to BF16
  * math's own error (docs/gpu.md Precision). */
+/* A storage hint's three sides of one 24-row training step: the BF16-math
+ * step with the backend's hint entry *hook (side 0), without it (1: NULL,
+ * the workspace reallocated for f32 storage) and the same step in FP32
+ * math on ref (2); each side's loss and gradients (n floats, caller frees). */
+typedef void storage_hint_fn(rp_backend *, const float *, size_t);
+static void hint_sides(tiny_fixture *f, tiny_fixture *ref, storage_hint_fn **hook,
+                       float *g[3], double loss[3], size_t *n) {
+    storage_hint_fn *const hint = *hook;
+    for (int side = 0; side < 3; side++) {
+        tiny_fixture *x = side == 2 ? ref : f;
+        *hook = side == 1 ? NULL : hint;
+        if (side < 2) gn_mode_workspace(f);  /* buffers sized for that storage */
+        rp_model_zero(&x->grads);
+        loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
+        g[side] = grads_to_host(x, n);
+    }
+    *hook = hint;
+    gn_mode_workspace(f);
+}
+
 static void test_wkv16_train_precision(void **s) {
     tiny_fixture *f = *s;
-    void *ref_state = NULL;
-    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    tiny_fixture *ref = ref_state;
-    void (*const hint)(rp_backend *, const float *, size_t) = f->be->wkv_only;
-    assert_non_null(hint);
+    tiny_fixture *ref = fp32_reference();
+    assert_non_null(f->be->wkv_only);
     const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
     for (int chunked = 0; chunked < 2; chunked++) {
         rp_cuda_wkv7_chunked_min_t = chunked ? 0 : saved_min_t;
         float *g[3];
         double loss[3];
         size_t n = 0;
-        for (int side = 0; side < 3; side++) { /* hint, no hint, FP32 math */
-            tiny_fixture *x = side == 2 ? ref : f;
-            f->be->wkv_only = side == 0 ? hint : NULL;
-            if (side < 2) gn_mode_workspace(f);  /* no hint: kk, y, w_raw fp32-sized */
-            rp_model_zero(&x->grads);
-            loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
-            g[side] = grads_to_host(x, &n);
-        }
-        f->be->wkv_only = hint;
-        gn_mode_workspace(f);
+        /* no hint: kk, y, w_raw (and r, k, v: rp_rkv_only_layer) f32 */
+        hint_sides(f, ref, &f->be->wkv_only, g, loss, &n);
         const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
         const double cost = rel_l2(g[0], g[1], n);
         fprintf(stderr,
@@ -1312,7 +1324,7 @@ static void test_wkv16_train_precision(void **s) {
         for (int side = 0; side < 3; side++) free(g[side]);
     }
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
-    teardown(&ref_state);
+    tiny_fixture_destroy(ref);
 }
 
 /* wkv7_backward_beta with the pending gemm_only hint (backward.c's, for
@@ -1343,9 +1355,7 @@ static void wkv_bwd_dw_f32(rp_backend *be, float *dr, float *dw_raw, float *dk, 
  * WKV7 kernels (min_t 0). */
 static void test_wkv_dw16_precision(void **s) {
     tiny_fixture *f = *s;
-    void *ref_state = NULL;
-    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    tiny_fixture *ref = ref_state;
+    tiny_fixture *ref = fp32_reference();
     assert_non_null(f->be->gemm_only);
     wkv_bwd_saved = f->be->wkv7_backward_beta;
     assert_non_null(wkv_bwd_saved);
@@ -1408,7 +1418,7 @@ static void test_wkv_dw16_precision(void **s) {
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
     f->be->rkv_only = rkv_only;
     gn_mode_workspace(f);
-    teardown(&ref_state);
+    tiny_fixture_destroy(ref);
 }
 
 /* r, k, v stored bf16 in place (forward.c's rkv_only hints, every layer but
@@ -1420,26 +1430,15 @@ static void test_wkv_dw16_precision(void **s) {
  * chunked WKV7 kernels (min_t 0). */
 static void test_rkv16_precision(void **s) {
     tiny_fixture *f = *s;
-    void *ref_state = NULL;
-    assert_int_equal(setup_math(&ref_state, RP_CUDA_MATH_FP32), 0);
-    tiny_fixture *ref = ref_state;
-    void (*const rkv_only)(rp_backend *, const float *, size_t) = f->be->rkv_only;
-    assert_non_null(rkv_only);
+    tiny_fixture *ref = fp32_reference();
+    assert_non_null(f->be->rkv_only);
     const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
     for (int chunked = 0; chunked < 2; chunked++) {
         rp_cuda_wkv7_chunked_min_t = chunked ? 0 : saved_min_t;
         float *g[3];
         double loss[3];
         size_t n = 0;
-        for (int side = 0; side < 3; side++) { /* bf16 r k v, f32 r k v, FP32 math */
-            tiny_fixture *x = side == 2 ? ref : f;
-            f->be->rkv_only = side == 1 ? NULL : rkv_only;
-            if (side < 2) gn_mode_workspace(f);  /* r, k, v sized for their storage */
-            rp_model_zero(&x->grads);
-            loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
-            g[side] = grads_to_host(x, &n);
-        }
-        f->be->rkv_only = rkv_only;
+        hint_sides(f, ref, &f->be->rkv_only, g, loss, &n); /* bf16 r k v, f32, FP32 math */
         size_t nonzero;
         const size_t differ = count_differ(g[0], g[1], n, &nonzero);
         const double rel = rel_l2(g[0], g[1], n);
@@ -1455,8 +1454,7 @@ static void test_rkv16_precision(void **s) {
         for (int side = 0; side < 3; side++) free(g[side]);
     }
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
-    gn_mode_workspace(f);
-    teardown(&ref_state);
+    tiny_fixture_destroy(ref);
 }
 
 /* After one decode step and one training step at the largest shapes, more
