@@ -441,9 +441,9 @@ static void forget_memory(rp_cuda_ctx *cx, const void *p, size_t bytes) {
 }
 
 // backend.h store16_fits: every hinted training activation (FFN hidden,
-// w_raw, kk, y, og, r, k, v) is written bf16 in place above RP_GEMV_MAX_M rows in
-// BF16 math with the copies on; at most RP_GEMV_MAX_M rows it is f32, which
-// fits half a buffer of at least 2 x RP_GEMV_MAX_M rows.
+// w_raw, kk, y, og, a, r, k, v, k_pre, v_pre, nu) is written bf16 in place
+// where rp_cuda_store16_rows says, with the copies on; at most RP_GEMV_MAX_M
+// rows it is f32, which fits half a buffer of at least 2 x RP_GEMV_MAX_M rows.
 static int cuda_store16_fits(rp_backend *be, int max_rows) {
     const rp_cuda_ctx *cx = rp_cuda_of(be);
     return cx->math == RP_CUDA_MATH_BF16 && !cx->act16_off && max_rows >= 2 * RP_GEMV_MAX_M;

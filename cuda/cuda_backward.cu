@@ -1844,8 +1844,7 @@ static void cuda_groupnorm_bonus_gate_backward(
     // A dy that only the WKV7 backward reads (backend.h wkv_only) is written
     // in bf16 in place, no f32 (BF16 math, above GEMV rows, copies on); with
     // the copies off f32 rounded to bf16 after: the same values for WKV7.
-    const int only = rp_cuda_take_wkv_only(cx, dy, n) && cx->math == RP_CUDA_MATH_BF16 &&
-                     R > RP_GEMV_MAX_M;
+    const int only = rp_cuda_take_wkv_only(cx, dy, n) && rp_cuda_store16_rows(cx, R);
     const int dy16 = only && !cx->act16_off;
     __nv_bfloat16 *dyb = (__nv_bfloat16 *)dy;
     // r, k, v in bf16 in place (rkv_only) only with y and dy so: training
@@ -1902,10 +1901,7 @@ static void cuda_groupnorm_bonus_gate_backward(
             return;
     }
     // after RP_CUDA_LAUNCHED_OUT, which forgot dy's earlier records
-    if (dy16)
-        rp_cuda_inplace_add(cx, dy, n);
-    else if (only)
-        rp_cuda_round_bf16(cx, dy, n);
+    rp_cuda_store16_done(cx, dy, n, only, dy16);
     if (dg16) rp_cuda_act16_publish(cx, dg16, dg, n);
 }
 

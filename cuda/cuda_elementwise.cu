@@ -139,8 +139,8 @@ static void cuda_layernorm(rp_backend *be, float *y, float *mean, float *rstd, c
     // bf16 in place and no f32 (x must not overlap it: rows read x while
     // others write y). With the copies off it stays f32: only GEMMs read it,
     // and they round it to the same bits.
-    const int only16 = rp_cuda_take_gemm_only(cx, y, n) && cx->math == RP_CUDA_MATH_BF16 &&
-                       R > RP_GEMV_MAX_M && !cx->act16_off && (x + n <= y || y + n <= x);
+    const int only16 = rp_cuda_take_gemm_only(cx, y, n) && rp_cuda_store16_rows(cx, R) &&
+                       !cx->act16_off && (x + n <= y || y + n <= x);
     __nv_bfloat16 *y16 =
         only16 ? (__nv_bfloat16 *)y : rp_cuda_act16_for_rows(cx, y, n, R);
     float *y32 = only16 ? NULL : y;
@@ -496,7 +496,7 @@ static void cuda_shift_mix(rp_backend *be, float *prev, float *const *mix, const
     }
     // bf16 in place where the matmuls run bf16 GEMMs on these rows (above
     // the decode GEMVs' rows, which read f32)
-    const int bf16 = cx->math == RP_CUDA_MATH_BF16 && !cx->act16_off && R > RP_GEMV_MAX_M;
+    const int bf16 = rp_cuda_store16_rows(cx, R) && !cx->act16_off;
     const int shift = state_base != nullptr;
     if (vec)
         shift_mix_kernel<4><<<R, row_threads(C / 4), 0, cx->stream>>>(
@@ -913,6 +913,19 @@ static __global__ void value_residual_kernel(TV *v, const TI *v_in, const float 
     }
 }
 
+// value_residual_kernel float4-wide where every pointer allows (vec), else
+// one element a thread.
+template <typename TV, typename TI>
+static void value_residual_launch(rp_cuda_ctx *cx, bool vec, TV *v, const TI *v_in,
+                                  const float *v_first, const TI *nu, size_t n) {
+    if (vec)
+        value_residual_kernel<4, TV, TI><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
+            v, v_in, v_first, nu, n);
+    else
+        value_residual_kernel<1, TV, TI><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(
+            v, v_in, v_first, nu, n);
+}
+
 // v = v_in + (v_first - v_in) nu (backend.h value_residual_from: training's
 // copy of v_pre into v folded in; v_in == v: the in-place op).
 static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in,
@@ -922,12 +935,11 @@ static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in
     // An rkv_only v (WKV7 and the fused groupnorm its only readers) out of
     // v_pre: bf16 in place; with the copies off f32 rounded after. In place
     // (v_in == v) a bf16 v would overwrite v_in's unread floats.
-    const int only = rp_cuda_take_rkv_only(cx, v, n) && cx->math == RP_CUDA_MATH_BF16 &&
-                     R > RP_GEMV_MAX_M && v != v_in;
+    const int only = rp_cuda_take_rkv_only(cx, v, n) && rp_cuda_store16_rows(cx, R) && v != v_in;
     const int v16 = only && !cx->act16_off;
     if (n == 0) return;
-    // v_in (v_pre) and nu in bf16 in place (their GEMMs under rkv_only /
-    // gemm_only): read so together, and only for a bf16 v (training hints
+    // v_in (v_pre) and nu in bf16 in place (their GEMMs under rkv_only):
+    // read so together, and only for a bf16 v (training hints
     // the three together); a mix is a caller's error
     const __nv_bfloat16 *v_in16 = v != v_in ? rp_cuda_inplace_find(cx, v_in, n) : NULL;
     const __nv_bfloat16 *nu16 = rp_cuda_inplace_find(cx, nu, n);
@@ -935,8 +947,8 @@ static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
                          "cuda value_residual: v_in is stored %s, nu %s, v %s; the kernel "
-                         "takes v_in and nu bf16 together, and only for a bf16 v (hint v_pre "
-                         "and v rkv_only, nu gemm_only, together)",
+                         "takes v_in and nu bf16 together, and only for a bf16 v (hint v_pre, "
+                         "nu and v rkv_only together)",
                          v_in16 ? "bf16 in place" : "f32", nu16 ? "bf16 in place" : "f32",
                          v16 ? "rkv_only" : "f32");
         return;
@@ -948,31 +960,15 @@ static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in
     const bool vec = n % 4 == 0 && aligned16(v) && aligned16(v_in) && aligned16(v_first) &&
                      aligned16(nu);
     __nv_bfloat16 *const vb = (__nv_bfloat16 *)v;
-    if (vec && v_in16)
-        value_residual_kernel<4, __nv_bfloat16, __nv_bfloat16>
-            <<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(vb, v_in16, v_first, nu16,
-                                                                    n);
-    else if (v_in16)
-        value_residual_kernel<1, __nv_bfloat16, __nv_bfloat16>
-            <<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(vb, v_in16, v_first, nu16, n);
-    else if (vec && v16)
-        value_residual_kernel<4, __nv_bfloat16><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
-            vb, v_in, v_first, nu, n);
-    else if (vec)
-        value_residual_kernel<4><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
-            v, v_in, v_first, nu, n);
+    if (v_in16)
+        value_residual_launch(cx, vec, vb, v_in16, v_first, nu16, n);
     else if (v16)
-        value_residual_kernel<1, __nv_bfloat16><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(
-            vb, v_in, v_first, nu, n);
+        value_residual_launch(cx, vec, vb, v_in, v_first, nu, n);
     else
-        value_residual_kernel<1><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(
-            v, v_in, v_first, nu, n);
+        value_residual_launch(cx, vec, v, v_in, v_first, nu, n);
     RP_CUDA_LAUNCHED_OUT(cx, "value_residual",
                          {v, n * (v16 ? sizeof(__nv_bfloat16) : sizeof(float))});
-    if (v16)
-        rp_cuda_inplace_add(cx, v, n);
-    else if (only)
-        rp_cuda_round_bf16(cx, v, n);
+    rp_cuda_store16_done(cx, v, n, only, v16);
 }
 
 static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, const float *nu,
@@ -1048,8 +1044,7 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
     // f32 (half the bytes; the WKV7 kernels widen it). With the copies off it
     // stays f32, rounded to bf16 after, so both give the WKV7 kernels the
     // same values (test_act16_exact).
-    const int only = rp_cuda_take_wkv_only(cx, kk, n) && cx->math == RP_CUDA_MATH_BF16 &&
-                     R > RP_GEMV_MAX_M;
+    const int only = rp_cuda_take_wkv_only(cx, kk, n) && rp_cuda_store16_rows(cx, R);
     const int only16 = only && !cx->act16_off;
     if (!only16 && !rp_cuda_store16_fits(cx, kk, n, "key_prepare")) return;
     // a in bf16 in place (training: its LoRA up GEMM under gemm_only, the
@@ -1060,8 +1055,7 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
     // k_pre: bf16 in place, with kk and a so (training hints the three
     // together: one instantiation); with the copies off f32 rounded after.
     // In place (k_in == k) a bf16 k would overwrite k_in's unread floats.
-    const int k_only = rp_cuda_take_rkv_only(cx, k, n) && cx->math == RP_CUDA_MATH_BF16 &&
-                       R > RP_GEMV_MAX_M && k != k_in;
+    const int k_only = rp_cuda_take_rkv_only(cx, k, n) && rp_cuda_store16_rows(cx, R) && k != k_in;
     const int k16 = k_only && !cx->act16_off;
     // k_in (k_pre) in bf16 in place: its GEMM took an rkv_only hint; read
     // so only with k, kk and a bf16 (training hints them together)
@@ -1102,14 +1096,8 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
             <<<blocks, EW_THREADS, 0, cx->stream>>>(kk, k, k_in, a, k_k, k_a, R, C);
     RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, n * (only16 ? sizeof(__nv_bfloat16) : sizeof(float))},
                          {k, n * (k16 ? sizeof(__nv_bfloat16) : sizeof(float))});
-    if (only16)
-        rp_cuda_inplace_add(cx, kk, n);
-    else if (only)
-        rp_cuda_round_bf16(cx, kk, n);
-    if (k16)
-        rp_cuda_inplace_add(cx, k, n);
-    else if (k_only)
-        rp_cuda_round_bf16(cx, k, n);
+    rp_cuda_store16_done(cx, kk, n, only, only16);
+    rp_cuda_store16_done(cx, k, n, k_only, k16);
 }
 
 static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a,
@@ -1167,8 +1155,8 @@ static void cuda_bonus_gate_to(rp_backend *be, float *out, const float *o, const
                                int R, int C, int N) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     const size_t n = (size_t)R * C;
-    const int only16 = rp_cuda_take_gemm_only(cx, out, n) && cx->math == RP_CUDA_MATH_BF16 &&
-                       R > RP_GEMV_MAX_M && !cx->act16_off;
+    const int only16 = rp_cuda_take_gemm_only(cx, out, n) && rp_cuda_store16_rows(cx, R) &&
+                       !cx->act16_off;
     if (R <= 0 || N <= 0 || C < N) return;
     const size_t groups = (size_t)R * (C / N);
     if (!only16 && !rp_cuda_store16_fits(cx, out, n, "bonus_gate_to")) return;
@@ -1238,8 +1226,8 @@ static void cuda_groupnorm_bonus_gate(rp_backend *be, float *out, float *mean, f
                                       float eps) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     const size_t n = (size_t)R * C;
-    const int only16 = rp_cuda_take_gemm_only(cx, out, n) && cx->math == RP_CUDA_MATH_BF16 &&
-                       R > RP_GEMV_MAX_M && !cx->act16_off;
+    const int only16 = rp_cuda_take_gemm_only(cx, out, n) && rp_cuda_store16_rows(cx, R) &&
+                       !cx->act16_off;
     if (R <= 0 || N <= 0 || C < N) return;
     const size_t groups = (size_t)R * (C / N);
     __nv_bfloat16 *out16 = only16 ? (__nv_bfloat16 *)out : rp_cuda_act16_for_rows(cx, out, n, R);

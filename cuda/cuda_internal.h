@@ -135,8 +135,8 @@ struct rp_cuda_ctx {
     // key_prepare (kk) or the WKV7 backward (dkk)
     const float *wkv_only_p;
     size_t wkv_only_n;
-    // r, k, v read only by WKV7 and the fused groupnorm (backend.h
-    // rkv_only): the pending hint, taken by a matmul op (r),
+    // r, k, v, k_pre, v_pre, nu (backend.h rkv_only): the pending hint,
+    // taken by matmul_linear / matmul_lora (r, k_pre, v_pre, nu),
     // key_prepare_from (k) or value_residual_from (v)
     const float *rkv_only_p;
     size_t rkv_only_n;
@@ -369,9 +369,8 @@ static inline int rp_cuda_take_wkv_only(rp_cuda_ctx *cx, const float *p, size_t 
     return hit;
 }
 // The pending rkv_only hint (backend.h), taken by matmul_linear,
-// key_prepare_from or value_residual_from: 1 when its output p [n] is that
-// hint's (the op then writes p in bf16 in place in BF16 math above
-// RP_GEMV_MAX_M rows; with the copies off, f32 rounded to bf16 after).
+// matmul_lora, key_prepare_from or value_residual_from: 1 when its output
+// p [n] is that hint's (stored as rp_cuda_store16_rows says).
 static inline int rp_cuda_take_rkv_only(rp_cuda_ctx *cx, const float *p, size_t n) {
     const int hit = cx->rkv_only_p == p && cx->rkv_only_n == n;
     cx->rkv_only_p = NULL;
@@ -381,6 +380,24 @@ static inline int rp_cuda_take_rkv_only(rp_cuda_ctx *cx, const float *p, size_t 
 // f32 p [n] = bf16(p [n]) as f32, in place (the copies-off twin of a bf16
 // in-place output; declares its write, which forgets p's records).
 void rp_cuda_round_bf16(rp_cuda_ctx *cx, float *p, size_t n);
+// Where a hinted training output (backend.h gemm_only, wkv_only, rkv_only)
+// is stored bf16 only: BF16 math above RP_GEMV_MAX_M rows (fewer rows stay
+// f32, which fits half of a buffer sized for bf16 only: cuda_store16_fits);
+// with the copies off it is f32 rounded to bf16 instead (below).
+static inline int rp_cuda_store16_rows(const rp_cuda_ctx *cx, long rows) {
+    return cx->math == RP_CUDA_MATH_BF16 && rows > RP_GEMV_MAX_M;
+}
+// After the launch that wrote a hinted output p [n] (hinted: the hint taken
+// and rp_cuda_store16_rows): in_place, p holds its bf16 values in place;
+// else, hinted (the copies off), its f32 values are rounded to bf16, the
+// same values for its readers; unhinted, nothing to do.
+static inline void rp_cuda_store16_done(rp_cuda_ctx *cx, float *p, size_t n, int hinted,
+                                        int in_place) {
+    if (in_place)
+        rp_cuda_inplace_add(cx, p, n);
+    else if (hinted)
+        rp_cuda_round_bf16(cx, p, n);
+}
 
 // dst [n] = bf16(src [n]) on the stream (writes no fp32 memory, so it keeps
 // the activation copies valid).

@@ -52,7 +52,7 @@ static int take_gemm_only(rp_cuda_ctx *cx, const float *C, size_t elems) {
 static int take_c16(rp_cuda_ctx *cx, const float *y, int M, int N) {
     const size_t n = (size_t)(M > 0 ? M : 0) * (N > 0 ? N : 0);
     const int gemm_only = take_gemm_only(cx, y, n);
-    const int rkv_only = rp_cuda_take_rkv_only(cx, y, n) && M > RP_GEMV_MAX_M;
+    const int rkv_only = rp_cuda_take_rkv_only(cx, y, n) && rp_cuda_store16_rows(cx, M);
     return gemm_only || rkv_only;
 }
 

@@ -1600,7 +1600,7 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
     // inputs come in bf16 (kk with them); else, and with the copies off, f32
     // rounded to bf16 after: the same values for the fused groupnorm.
     const int only = TRAIN && rp_cuda_take_wkv_only(cx, y, n) &&
-                     cx->math == RP_CUDA_MATH_BF16 && batch->n_rows > RP_GEMV_MAX_M;
+                     rp_cuda_store16_rows(cx, batch->n_rows);
     const int y16 = only && !cx->act16_off && (all16 || kk16);
     __nv_bfloat16 *yb = (__nv_bfloat16 *)y;
     if (!y16 && n > 0 && !rp_cuda_store16_fits(cx, y, n, op)) return;
@@ -1630,11 +1630,7 @@ static void wkv_forward_op(rp_backend *be, const char *op, float *y, const float
     // the kernel wrote y (plain RP_CUDA_LAUNCHED): no earlier record of it
     // may stand, in place or copy (an earlier step's bf16 y among them)
     if (n > 0) rp_cuda_act16_forget(cx, y, n * (y16 ? sizeof(__nv_bfloat16) : sizeof(float)));
-    if (!only) return;
-    if (y16)
-        rp_cuda_inplace_add(cx, y, n);
-    else
-        rp_cuda_round_bf16(cx, y, n);
+    rp_cuda_store16_done(cx, y, n, only, y16);
 }
 
 static void cuda_wkv7(rp_backend *be, float *y, const float *r, const float *w_raw,
@@ -1706,16 +1702,15 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // it) is written in bf16 in place, no f32; with the copies off it stays
     // f32, rounded to bf16 after, the same values for key_prepare_backward.
     // kk in bf16 in place (key_prepare's) is read so whatever the rest.
-    const int only = rp_cuda_take_wkv_only(cx, dkk, n) && cx->math == RP_CUDA_MATH_BF16 &&
-                     batch->n_rows > RP_GEMV_MAX_M;
+    const int only = rp_cuda_take_wkv_only(cx, dkk, n) && rp_cuda_store16_rows(cx, batch->n_rows);
     const int dkk16 = only && !cx->act16_off;
     // A GEMM-only dw_raw (backend.h gemm_only before this op: w0's
     // bias_act_backward sums its bias gradient from it, then the w LoRA's
     // GEMMs read it as dY) likewise: bf16 in place, no f32 write (and no f32
     // read and bf16 copy in bias_act_backward); copies off: f32 rounded to
     // bf16 after, the same values for both readers.
-    const int dw_only = rp_cuda_take_gemm_only(cx, dw_raw, n) &&
-                        cx->math == RP_CUDA_MATH_BF16 && batch->n_rows > RP_GEMV_MAX_M;
+    const int dw_only =
+        rp_cuda_take_gemm_only(cx, dw_raw, n) && rp_cuda_store16_rows(cx, batch->n_rows);
     __nv_bfloat16 *dw16 =
         dw_only && !cx->act16_off ? reinterpret_cast<__nv_bfloat16 *>(dw_raw) : nullptr;
     const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
@@ -1782,17 +1777,11 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // may stand, in place or copy
     if (n > 0) rp_cuda_act16_forget(cx, dkk, n * sizeof(float));
     if (n > 0) rp_cuda_act16_forget(cx, dw_raw, n * sizeof(float));
-    if (dw16)
-        rp_cuda_inplace_add(cx, dw_raw, n);
-    else if (dw_only)
-        rp_cuda_round_bf16(cx, dw_raw, n);
+    rp_cuda_store16_done(cx, dw_raw, n, dw_only, dw16 != nullptr);
     // dy's one reader has read it: drop its in-place record, so that no
     // later reader of that memory takes it for bf16 values
     if (dy16) rp_cuda_act16_forget(cx, dy, n * sizeof(float));
-    if (dkk16)
-        rp_cuda_inplace_add(cx, dkk, n);
-    else if (only)
-        rp_cuda_round_bf16(cx, dkk, n);
+    rp_cuda_store16_done(cx, dkk, n, only, dkk16);
     if (dr16 && cx->error.code == RP_OK) rp_cuda_act16_publish(cx, dr16, dr, n);
 }
 

@@ -639,7 +639,7 @@ struct rp_backend {
      * store16_fits(be, max_rows): 1 when, for every batch of up to max_rows
      * rows, the backend keeps each saved activation that the model hints
      * (gemm_only / wkv_only / rkv_only: the FFN hidden, w_raw, a, kk, WKV7's y, og,
-     * r, k, v) in bf16
+     * r, k, v, k_pre, v_pre, nu) in bf16
      * only whenever the batch has more than max_rows / 2 rows, and writes
      * the f32 of smaller batches only: so its buffer needs max_rows x cols / 2
      * floats. store16_promise(be, p, n, cap): p [n elements] got cap floats

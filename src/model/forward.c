@@ -104,10 +104,10 @@ rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tok
     return RP_OK;
 }
 
-/* y [R,C] = act_inner(x . w1) . w2, keeping act_inner(x . w1) in hidden [R,D]. */
 /* The hint for a LoRA's output y before its up GEMM (backend.h). */
 enum { LORA_Y_F32, LORA_Y_GEMM_ONLY, LORA_Y_RKV_ONLY };
 
+/* y [R,C] = act_inner(x . w1) . w2, keeping act_inner(x . w1) in hidden [R,D]. */
 static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x,
                          const float *w1, const float *w2, int D, rp_activation inner, int R,
                          int C, int y_hint) {
@@ -273,7 +273,7 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
      * (bf16 on CUDA, as kk, w_raw, a and y; k, v written out of k_pre, v_pre),
      * k_pre and v_pre only by key_prepare_from, value_residual_from and the
      * backward's attention_tail_backward (rkv_only too), nu likewise (its
-     * LoRA's up GEMM gemm_only, the sigmoid in place) */
+     * LoRA's up GEMM under rkv_only, the sigmoid in place) */
     const int rkv_only = s->wkv_checkpoints && s->og && s->k_pre && s->v_pre &&
                          rp_rkv_only_layer(be, layer);
     const float *xm = time_mix(be, s, xc, mixes, 0, w->x_r, R, C);
