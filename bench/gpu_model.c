@@ -306,9 +306,9 @@ static void add_wkv_chunk_mma(kernel_list *l, const char *name, double bytes, do
  * chunked backward rounded it to bf16 for its products anyway). */
 #define GN_DY_IO BF16_OUT
 
-/* r, k, v as WKV7 and the fused groupnorm read them, and k_pre, v_pre, nu
- * as key_prepare_from, value_residual_from and the tail read them: bf16 in
- * place past layer 0 (forward.c's rkv_only hints, model.h
+/* r, k, v and g as WKV7 and the fused groupnorm read them, and k_pre,
+ * v_pre, nu as key_prepare_from, value_residual_from and the tail read
+ * them: bf16 in place past layer 0 (forward.c's rkv_only hints, model.h
  * rp_rkv_only_layer: their GEMMs, key_prepare_from and value_residual_from
  * write them so); layer 0 keeps f32 (its v becomes v_first, which stays f32:
  * it crosses pipeline stages). In fp32 vectors per element. */
@@ -365,10 +365,13 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
         /* w_raw and a are stored bf16 in training (forward.c: gemm_only
          * with kk's wkv_only): the up GEMM writes them in bf16 in place,
          * bias_act runs on them so */
-        /* nu likewise (rkv_only, past layer 0), its sigmoid in place */
+        /* nu likewise (rkv_only, past layer 0), its sigmoid in place; g
+         * too (rkv_only, past layer 0: the fused groupnorm and its backward
+         * its only readers) */
         if (i == 0) gemm_c16(l, "GEMM LoRA up (w: rank -> C), bf16 C", 1, R, C, ranks[i]);
         else if (i == 1) gemm_c16(l, "GEMM LoRA up (a: rank -> C), bf16 C", 1, R, C, ranks[i]);
         else if (i == 3) gemm_c16(l, "GEMM LoRA up (v: rank -> C), bf16 C", 1, R, C, ranks[i]);
+        else if (layer > 0) gemm_c16(l, "GEMM LoRA up (g: rank -> C), bf16 C", 1, R, C, ranks[i]);
         else gemm(l, "GEMM LoRA up (rank -> C)", 1, R, C, ranks[i], 1);
         if (i == 0 || i == 2) {
             ew(l, "bias_act (LoRA hidden, bf16 in place)", 1, R, ranks[i], 1, 0, 4);
@@ -392,11 +395,12 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
                           2 * S * state + R / 16 * state,
                       WKV_CHUNK_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_MMA_TC_FLOPS_PER_ELEM * R * C * N);
-    /* groupnorm_bonus_gate: y, r, k, v, g read once, og written in bf16
-     * only (in place, gemm_only: the output GEMM and its weight gradient
-     * read it), mean/rstd [R,H]; the groupnorm output stays in registers */
+    /* groupnorm_bonus_gate: y, r, k, v, g read once (r, k, v, g bf16 past
+     * layer 0), og written in bf16 only (in place, gemm_only: the output
+     * GEMM and its weight gradient read it), mean/rstd [R,H]; the groupnorm
+     * output stays in registers */
     add(l, "groupnorm_bonus_gate (og bf16 in place)", 1,
-        4.0 * C * (R * (GN_Y_IO + 3 * rkv_io(layer) + 1 + BF16_OUT) + 3) + 8.0 * R * H,
+        4.0 * C * (R * (GN_Y_IO + 4 * rkv_io(layer) + BF16_OUT) + 3) + 8.0 * R * H,
         14.0 * R * C, 0);
     /* the key GEMM writes k in bf16 in place (gemm_only), relu^2 runs on
      * it in place, bf16 in and out; the value GEMM reads it there */
@@ -457,9 +461,9 @@ static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H,
     double chunks = ceil(R / 64);
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
-    /* d og, g, dr, dk, dv, dg f32; r, k, v f32 or bf16 (rkv_io) */
+    /* d og, dr, dk, dv, dg f32; r, k, v, g f32 or bf16 (rkv_io) */
     add(l, "groupnorm_bonus_gate backward (dy bf16, + bf16 dg, partials)", 1,
-        4.0 * C * (R * (GN_Y_IO + 6 + 3 * rkv_io(layer) + GN_DY_IO + BF16_OUT) + 3 +
+        4.0 * C * (R * (GN_Y_IO + 5 + 4 * rkv_io(layer) + GN_DY_IO + BF16_OUT) + 3 +
                    3 * chunks) +
             8.0 * R * H,
         30.0 * R * C,
@@ -469,12 +473,12 @@ static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H,
 }
 
 /* attention_tail_backward (cuda_backward.cu): the elementwise tail after
- * the WKV7 backward in one kernel per (head, row chunk). It reads dkk (bf16
- * in place), k_pre, a, dk, da, dw_raw and, with the value residual (layer >
- * 0), dv, v_pre, v_first, nu, dv_first; layer 0 reads dv and dv_first (dv
- * += dv_first). It writes dk and dv (+ their bf16 copies, the key and value
- * GEMM backwards' dY), dv_first (layer > 0), d pre of a and nu in bf16
- * only (the LoRA ups' dY; gemm_only) and the five parameter partials (k_k,
+ * the WKV7 backward in one kernel per (head, row chunk). It reads dkk and
+ * da (bf16 in place), k_pre, a, dk, dw_raw and, with the value residual
+ * (layer > 0), dv, v_pre, v_first, nu, dv_first; layer 0 reads dv and
+ * dv_first (dv += dv_first). It writes dk and dv (+ their bf16 copies, the
+ * key and value GEMM backwards' dY), dv_first (layer > 0), d pre of a (over
+ * da) and nu in bf16 only (the LoRA ups' dY; gemm_only) and the five parameter partials (k_k,
  * k_a, a0, w0, v0) of its row chunks; one finish kernel sums them. d pre
  * of w is dw_raw itself, which the WKV7 backward wrote in bf16 in place
  * (gemm_only): read as 2 bytes, not written. */
@@ -483,13 +487,13 @@ static void attention_tail_backward(kernel_list *l, double R, double C, int laye
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
     const double outs = layer > 0 ? 5 : 4;
-    /* f32 vectors: dkk, a and dw_raw bf16 (a in place with kk and w_raw)
-     * + k_pre, dk, da (+ dv, v_pre, v_first, nu, dv_first | dv, dv_first)
-     * read; dk, dv (+ dv_first) written, with the bf16 dk, dv, d pre of a
-     * (+ nu) */
+    /* f32 vectors: dkk, a, dw_raw and da bf16 (a in place with kk and
+     * w_raw; da as the WKV7 backward wrote it, rkv_only) + k_pre, dk (+ dv,
+     * v_pre, v_first, nu, dv_first | dv, dv_first) read; dk, dv (+
+     * dv_first) written, with the bf16 dk, dv, d pre of a (over da) (+ nu) */
     /* past layer 0 k_pre, v_pre and nu bf16 in place (rkv_only) */
-    const double io = layer > 0 ? 3 * BF16_OUT + 5 + 3 * rkv_io(layer) + 3 + 4 * BF16_OUT
-                                : 3 * BF16_OUT + 5 + 2 + 3 * BF16_OUT;
+    const double io = layer > 0 ? 4 * BF16_OUT + 4 + 3 * rkv_io(layer) + 3 + 4 * BF16_OUT
+                                : 4 * BF16_OUT + 4 + 2 + 3 * BF16_OUT;
     add(l, "attention_tail backward (key prepare + a/w/v0 bias + value residual)", 1,
         4.0 * C * (R * io + 2 + 5 * chunks), (layer > 0 ? 25.0 : 17.0) * R * C, 0);
     add(l, "attention_tail backward finish (k_k, k_a, a0, w0, v0 sums)", 1,
@@ -555,12 +559,13 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
     attention_tail_backward(l, R, C, layer);
     /* dr, dk, dv accumulate (beta 1): read and written; from T 64 on the
      * chunked backward on bf16 wmma (BF16 math), fp32 I/O but kk, w_raw
-     * and a read and dkk and dw_raw written in bf16 in place (wkv_only: the
-     * tail alone reads dkk; gemm_only: the tail's w0 bias sums and the w
-     * LoRA's GEMMs alone read dw_raw): five tensors 2 bytes an element, and
-     * a bf16 copy of dr (the receptance GEMM backward's dY) */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, r k v kk w_raw a dkk dw_raw dy bf16, + bf16 dr)",
-                      (16.0 * 4 - 3 * 2 - 2 - 2 - 4 * (1 - GN_DY_IO) -
+     * and a read and dkk, dw_raw and da written in bf16 in place (wkv_only:
+     * the tail alone reads dkk; gemm_only: the tail's w0 bias sums and the w
+     * LoRA's GEMMs alone read dw_raw; rkv_only: the tail alone reads da):
+     * six tensors 2 bytes an element, and a bf16 copy of dr (the receptance
+     * GEMM backward's dY) */
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, r k v kk w_raw a dkk dw_raw da dy bf16, + bf16 dr)",
+                      (16.0 * 4 - 3 * 2 - 2 - 2 - 2 - 4 * (1 - GN_DY_IO) -
                        3 * 4 * (1 - rkv_io(layer))) * R * C +
                           2.0 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,

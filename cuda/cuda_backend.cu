@@ -349,25 +349,29 @@ const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_
 }
 
 int rp_cuda_rkv16(rp_cuda_ctx *cx, const char *op, const float *r, const float *k,
-                  const float *v, size_t n, const __nv_bfloat16 **rkv16) {
-    const float *const in[3] = {r, k, v};
+                  const float *v, const float *g, size_t n, const __nv_bfloat16 **rkv16) {
+    const float *const in[4] = {r, k, v, g};
+    const int count = g ? 4 : 3;
     int found = 0;
-    for (int i = 0; i < 3; i++) {
+    rkv16[3] = NULL;
+    for (int i = 0; i < count; i++) {
         rkv16[i] = n > 0 ? rp_cuda_inplace_find(cx, in[i], n) : NULL;
         found += rkv16[i] != NULL;
     }
-    if (found == 3) return 1;
+    if (found == count) return 1;
     if (found) {
+        const char *const bf16 = "bf16 in place", *const f32 = "f32";
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
-                         "cuda %s: r is stored %s, k %s and v %s; the kernels take r, k and v "
-                         "in one type: hint all three rkv_only or none",
-                         op, rkv16[0] ? "bf16 in place" : "f32", rkv16[1] ? "bf16 in place" : "f32",
-                         rkv16[2] ? "bf16 in place" : "f32");
+                         "cuda %s: r is stored %s, k %s, v %s%s%s; the kernels take them in "
+                         "one type: hint all of them rkv_only or none",
+                         op, rkv16[0] ? bf16 : f32, rkv16[1] ? bf16 : f32,
+                         rkv16[2] ? bf16 : f32, g ? " and g " : "",
+                         g ? (rkv16[3] ? bf16 : f32) : "");
         return -1;
     }
-    // f32 r, k, v are read whole: not past a bf16-only buffer
-    for (int i = 0; i < 3; i++)
+    // f32 inputs are read whole: not past a bf16-only buffer
+    for (int i = 0; i < count; i++)
         if (n > 0 && !rp_cuda_store16_fits(cx, in[i], n, op)) return -1;
     return 0;
 }

@@ -1332,8 +1332,8 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
 // and w_raw in training, while k, v still f32), TF v_first when it is f32
 // beside bf16 k, v, nu (training: k_pre, v_pre, nu rkv_only / gemm_only,
 // v_first f32: it crosses stages), TG da, TW dw_raw: float, or
-// bf16 stored in place (wkv_only / gemm_only outputs, rp_cuda_inplace;
-// training's dw_raw alone, as the WKV7 backward writes it). A bf16 da gets
+// bf16 stored in place (rkv_only / gemm_only outputs, rp_cuda_inplace; in
+// training both, as the WKV7 backward writes them). A bf16 da gets
 // d pre in place (its LoRA GEMMs read it there); a float one its copy
 // c16.da (sole: no f32 unless store_da), as a gemm_only d pre. dw_raw is
 // its own d pre: a bf16 one is left where it is for its GEMMs.
@@ -1469,15 +1469,16 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     for (int j = 0; j < 5; j++) n_act16 += j != 1 && act16[j] != nullptr;
     // training's layout past layer 0: k, v, nu bf16 in place, v_first f32
     // (it crosses pipeline stages as f32); its own instantiation, with
-    // dkk and dw_raw bf16 and da f32 as training has them
+    // dkk, da and dw_raw bf16 as training has them
     const bool f32_first = nu && n_act16 == 3 && !act16[3];
-    // da and dw_raw: both f32, both bf16 in place, or dw_raw alone bf16 (the
-    // WKV7 backward wrote it so under the training step's gemm_only hint)
+    // da and dw_raw: both f32, both bf16 in place (the WKV7 backward wrote
+    // them so under the training step's rkv_only and gemm_only hints), or
+    // dw_raw alone bf16
     const rp_cuda_inplace *ip_da = rp_cuda_inplace_at(cx, da, n);
     const rp_cuda_inplace *ip_dw = rp_cuda_inplace_at(cx, dw_raw, n);
     const int grads16 = ip_da && ip_dw, dw16 = ip_dw != nullptr;
     if ((n_act16 != 0 && n_act16 != n_act && !f32_first) || (n_act16 && !a16) ||
-        (f32_first && !(dkk16 && dw16 && !grads16)) || (ip_da && !ip_dw) ||
+        (f32_first && !(dkk16 && grads16)) || (ip_da && !ip_dw) ||
         (ip_da && ip_da->f32) || (ip_dw && ip_dw->f32) ||
         (nu && rp_cuda_inplace_at(cx, dnu, n))) {
         // the separate ops read k, v, v_first, nu as f32 only
@@ -1544,7 +1545,8 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
             TAIL_TG(TK, float, float);                  \
     } while (0)
     if (f32_first)
-        TAIL_LAUNCH_F(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, float, __nv_bfloat16, float);
+        TAIL_LAUNCH_F(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16,
+                      float);
     else if (dkk16)
         TAIL_TA(__nv_bfloat16);
     else
@@ -1714,8 +1716,8 @@ static void cuda_bonus_gate_backward(rp_backend *be, float *d_o, float *dr, floa
 // same order: the same bits. y: f32, or bf16 in place (TY) when WKV7 stored
 // it so. part [3, chunks, C]: the dr_k, dln_w, dln_b partial rows (NULL: no
 // parameter gradients). dy: f32, or bf16 in place (TDY: the WKV7 backward,
-// its one reader, takes it so; backend.h wkv_only). r, k, v: f32, or bf16 in
-// place (TR: backend.h rkv_only).
+// its one reader, takes it so; backend.h wkv_only). r, k, v and the gate g:
+// f32, or bf16 in place (TR: backend.h rkv_only).
 __device__ __forceinline__ void gn_dy_store(float *p, float x) { *p = x; }
 __device__ __forceinline__ void gn_dy_store(__nv_bfloat16 *p, float x) {
     *p = __float2bfloat16(x);
@@ -1729,7 +1731,7 @@ __global__ static void groupnorm_bonus_gate_backward_kernel(
     const float *__restrict__ mean, const float *__restrict__ rstd,
     const float *__restrict__ ln_w, const float *__restrict__ ln_b,
     const TR *__restrict__ r, const TR *__restrict__ k, const TR *__restrict__ v,
-    const float *__restrict__ r_k, const float *__restrict__ g, int R, int C, int chunks,
+    const float *__restrict__ r_k, const TR *__restrict__ g, int R, int C, int chunks,
     int rows_per_chunk, int accumulate) {
     constexpr int N = 32 * E;
     __shared__ float sh[3][ROW_WARPS * N];
@@ -1756,7 +1758,7 @@ __global__ static void groupnorm_bonus_gate_backward_kernel(
             xh[e] = (rp_ldf(y + i) - mu) * rs;
             const float o = xh[e] * lw[e] + lb[e];  // the forward's groupnorm output
             const float dout_i = dout[i];
-            dz[e] = dout_i * g[i];
+            dz[e] = dout_i * rp_ldf(g + i);
             const float dgi = dout_i * (o + s * vv[e]);
             dg[i] = dgi;
             if (dg16) dg16[i] = __float2bfloat16(dgi);
@@ -1847,32 +1849,34 @@ static void cuda_groupnorm_bonus_gate_backward(
     const int only = rp_cuda_take_wkv_only(cx, dy, n) && rp_cuda_store16_rows(cx, R);
     const int dy16 = only && !cx->act16_off;
     __nv_bfloat16 *dyb = (__nv_bfloat16 *)dy;
-    // r, k, v in bf16 in place (rkv_only) only with y and dy so: training
-    // hints the five together, one instantiation; anything else is an error
-    const __nv_bfloat16 *rkv16[3];
-    const int n_rkv16 = rp_cuda_rkv16(cx, "groupnorm_bonus_gate_backward", r, k, v, n, rkv16);
+    // r, k, v and g in bf16 in place (rkv_only) only with y and dy so:
+    // training hints the six together, one instantiation; anything else is
+    // an error
+    const __nv_bfloat16 *rkv16[4];
+    const int n_rkv16 =
+        rp_cuda_rkv16(cx, "groupnorm_bonus_gate_backward", r, k, v, g, n, rkv16);
     if (n_rkv16 < 0) return;
     if (n_rkv16 && !(y16 && dy16)) {
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
-                         "cuda groupnorm_bonus_gate_backward: r, k, v are bf16 in place but "
-                         "%s is f32; hint r, k, v rkv_only only where y and dy are wkv_only",
+                         "cuda groupnorm_bonus_gate_backward: r, k, v and g are bf16 in place "
+                         "but %s is f32; hint them rkv_only only where y and dy are wkv_only",
                          y16 ? "dy" : "y");
         return;
     }
-#define GN_BONUS_LAUNCH(E, TY, YP, TDY, DYP, TR, R3)                                            \
+#define GN_BONUS_LAUNCH(E, TY, YP, TDY, DYP, TR, R4)                                            \
     groupnorm_bonus_gate_backward_kernel<E, TY, TDY, TR><<<grid, ROW_WARP_THREADS, 0,            \
                                                            cx->stream>>>(                       \
-        DYP, dr, dk, dv, part, dg, dg16, dout, YP, mean, rstd, ln_w, ln_b, R3[0], R3[1], R3[2], \
-        r_k, g, R, C, chunks, rows_per_chunk, accumulate)
-#define GN_BONUS_SWITCH(TY, YP, TDY, DYP, TR, R3)                                               \
+        DYP, dr, dk, dv, part, dg, dg16, dout, YP, mean, rstd, ln_w, ln_b, R4[0], R4[1], R4[2], \
+        r_k, R4[3], R, C, chunks, rows_per_chunk, accumulate)
+#define GN_BONUS_SWITCH(TY, YP, TDY, DYP, TR, R4)                                               \
     switch (N / 32) {                                                                           \
-    case 1: GN_BONUS_LAUNCH(1, TY, YP, TDY, DYP, TR, R3); break;                                \
-    case 2: GN_BONUS_LAUNCH(2, TY, YP, TDY, DYP, TR, R3); break;                                \
-    case 3: GN_BONUS_LAUNCH(3, TY, YP, TDY, DYP, TR, R3); break;                                \
-    default: GN_BONUS_LAUNCH(4, TY, YP, TDY, DYP, TR, R3); break;                               \
+    case 1: GN_BONUS_LAUNCH(1, TY, YP, TDY, DYP, TR, R4); break;                                \
+    case 2: GN_BONUS_LAUNCH(2, TY, YP, TDY, DYP, TR, R4); break;                                \
+    case 3: GN_BONUS_LAUNCH(3, TY, YP, TDY, DYP, TR, R4); break;                                \
+    default: GN_BONUS_LAUNCH(4, TY, YP, TDY, DYP, TR, R4); break;                               \
     }
-    const float *rkv[3] = {r, k, v};
+    const float *rkv[4] = {r, k, v, g};
     if (n_rkv16) {
         GN_BONUS_SWITCH(__nv_bfloat16, y16, __nv_bfloat16, dyb, __nv_bfloat16, rkv16)
     } else if (y16 && dy16) {

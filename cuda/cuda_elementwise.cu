@@ -1177,15 +1177,15 @@ static void cuda_bonus_gate_to(rp_backend *be, float *out, const float *o, const
 // groupnorm output stays in registers (never stored, the backward recomputes
 // it from y, mean, rstd). The same formulas in the same order as
 // groupnorm_kernel then bonus_gate_kernel, so the same bits. y is the WKV7
-// output: f32, or bf16 in place (TY) when WKV7 stored it so; r, k, v
-// likewise (TR: backend.h rkv_only). out NULL: only out16 (a GEMM-only og in
-// bf16 in place).
+// output: f32, or bf16 in place (TY) when WKV7 stored it so; r, k, v and
+// the gate g likewise (TR: backend.h rkv_only). out NULL: only out16 (a
+// GEMM-only og in bf16 in place).
 template <typename TY, typename TR = float>
 static __global__ void groupnorm_bonus_gate_kernel(float *out, __nv_bfloat16 *out16, float *mean,
                                                    float *rstd, const TY *y,
                                                    const float *weight, const float *bias,
                                                    const TR *r, const TR *k, const TR *v,
-                                                   const float *r_k, const float *g, int R,
+                                                   const float *r_k, const TR *g, int R,
                                                    int C, int N, float eps) {
     const int H = C / N;
     const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -1196,8 +1196,8 @@ static __global__ void groupnorm_bonus_gate_kernel(float *out, __nv_bfloat16 *ou
     const size_t o = row * C + (size_t)h * N;
     const TY *yh = y + o;
     const float *wh = weight + (size_t)h * N, *bh = bias + (size_t)h * N;
-    const TR *rh = r + o, *kh = k + o, *vh = v + o;
-    const float *gh = g + o, *rkh = r_k + (size_t)h * N;
+    const TR *rh = r + o, *kh = k + o, *vh = v + o, *gh = g + o;
+    const float *rkh = r_k + (size_t)h * N;
 
     float m, s;
     rp_warp_group_moments(yh, N, eps, lane, &m, &s);
@@ -1206,7 +1206,7 @@ static __global__ void groupnorm_bonus_gate_kernel(float *out, __nv_bfloat16 *ou
     bonus = warp_sum_float(bonus);
     for (int j = lane; j < N; j += 32) {
         const float gn = (rp_ldf(yh + j) - m) * s * wh[j] + bh[j];
-        const float o_j = (gn + bonus * rp_ldf(vh + j)) * gh[j];
+        const float o_j = (gn + bonus * rp_ldf(vh + j)) * rp_ldf(gh + j);
         if (out) out[o + j] = o_j;
         if (out16) out16[o + j] = __float2bfloat16(o_j);
     }
@@ -1237,23 +1237,23 @@ static void cuda_groupnorm_bonus_gate(rp_backend *be, float *out, float *mean, f
     if ((!only16 && !rp_cuda_store16_fits(cx, out, n, "groupnorm_bonus_gate")) ||
         (!y16 && !rp_cuda_store16_fits(cx, y, n, "groupnorm_bonus_gate (y)")))
         return;
-    // r, k, v in bf16 in place (rkv_only) only with y so: training hints the
-    // four together, one instantiation; anything else is an error
-    const __nv_bfloat16 *rkv16[3];
-    const int n_rkv16 = rp_cuda_rkv16(cx, "groupnorm_bonus_gate", r, k, v, n, rkv16);
+    // r, k, v and g in bf16 in place (rkv_only) only with y so: training
+    // hints the five together, one instantiation; anything else is an error
+    const __nv_bfloat16 *rkv16[4];
+    const int n_rkv16 = rp_cuda_rkv16(cx, "groupnorm_bonus_gate", r, k, v, g, n, rkv16);
     if (n_rkv16 < 0) return;
     if (n_rkv16 && !y16) {
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
-                         "cuda groupnorm_bonus_gate: r, k, v are bf16 in place but y is f32; "
-                         "hint r, k, v rkv_only only where y is wkv_only");
+                         "cuda groupnorm_bonus_gate: r, k, v and g are bf16 in place but y is "
+                         "f32; hint them rkv_only only where y is wkv_only");
         return;
     }
     if (n_rkv16)
         groupnorm_bonus_gate_kernel<__nv_bfloat16, __nv_bfloat16>
             <<<warp_blocks(groups), EW_THREADS, 0, cx->stream>>>(
                 out32, out16, mean, rstd, y16, weight, bias, rkv16[0], rkv16[1], rkv16[2], r_k,
-                g, R, C, N, eps);
+                rkv16[3], R, C, N, eps);
     else if (y16)
         groupnorm_bonus_gate_kernel<__nv_bfloat16><<<warp_blocks(groups), EW_THREADS, 0,
                                                      cx->stream>>>(

@@ -330,11 +330,12 @@ struct rp_cuda_inplace {
 };
 // The bf16 values of x [n] when x lies inside an in-place range; NULL otherwise.
 const __nv_bfloat16 *rp_cuda_inplace_find(rp_cuda_ctx *cx, const float *x, size_t n);
-// r, k, v [n] as the fused groupnorm reads them: 1 with rkv16 their bf16
-// values in place (all three rkv_only), 0 when all three are f32 (checked
-// against bf16-only buffers), -1 with an error recorded for a mix.
+// r, k, v [n] (and the gate g, where not NULL: the fused groupnorm's) as
+// their readers take them: 1 with rkv16 [4] their bf16 values in place (all
+// rkv_only), 0 when all are f32 (checked against bf16-only buffers), -1
+// with an error recorded for a mix.
 int rp_cuda_rkv16(rp_cuda_ctx *cx, const char *op, const float *r, const float *k,
-                  const float *v, size_t n, const __nv_bfloat16 **rkv16);
+                  const float *v, const float *g, size_t n, const __nv_bfloat16 **rkv16);
 // p [n] now holds its bf16 values in place (as of the GEMM just queued);
 // f32: it holds them as rounded f32 values instead.
 void rp_cuda_inplace_add(rp_cuda_ctx *cx, const float *p, size_t n, int f32 = 0);

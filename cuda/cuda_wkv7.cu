@@ -862,7 +862,7 @@ __global__ void __launch_bounds__(WKV_THREADS,
                          const TK *kk, const TK *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
                          const int32_t *ckpt_block, int C, int accumulate,
-                         __nv_bfloat16 *dr16, __nv_bfloat16 *dw16) {
+                         __nv_bfloat16 *dr16, __nv_bfloat16 *dw16, __nv_bfloat16 *da16) {
     __shared__ __align__(16) float tile[WKV_TILE];
     __shared__ __align__(16) float anchors[WKV_ANCHORS * WKV_TILE];
     __shared__ __align__(16) float vec[2 * VEC_COUNT * WKV_N];
@@ -987,7 +987,10 @@ __global__ void __launch_bounds__(WKV_THREADS,
                 const float dr_o = accumulate ? wkv_in(dr, o) + dr_i : dr_i;
                 wkv_out(dr, o, dr_o);
                 if (dr16) dr16[o] = __float2bfloat16(dr_o);
-                wkv_out(da, o, db_i * own0);
+                if (da16)
+                    da16[o] = __float2bfloat16(db_i * own0);
+                else
+                    wkv_out(da, o, db_i * own0);
                 keep = db_i * own1;
             }
             __syncthreads();
@@ -1222,7 +1225,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
                                    const int32_t *seq_len, const int32_t *row_begin,
                                    const int32_t *slot, const int32_t *ckpt_block, int C,
                                    int accumulate, __nv_bfloat16 *dr16,
-                                   __nv_bfloat16 *dw16) {
+                                   __nv_bfloat16 *dw16, __nv_bfloat16 *da16) {
     namespace wmma = nvcuda::wmma;
     extern __shared__ __align__(32) float wkv_smem_raw[];
     // an offset from the shared array (not a cast-back integer) keeps the
@@ -1425,7 +1428,10 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
                 else
                     wkv_out(dw_raw, o, dw_o);
                 wkv_out(dkk, o, db_k * iclr - da_k);
-                wkv_out(da, o, db_k * kkv);
+                if (da16)
+                    da16[o] = __float2bfloat16(db_k * kkv);
+                else
+                    wkv_out(da, o, db_k * kkv);
             }
         }
         __syncthreads();  // the operands and products are refilled next
@@ -1565,8 +1571,8 @@ static bool wkv_only_set(rp_cuda_ctx *cx, const char *op, const __nv_bfloat16 *k
 // without kk, w_raw, a (and dy) in bf16 is a caller's error, reported).
 static bool wkv_rkv_f32(rp_cuda_ctx *cx, const char *op, const float *r, const float *k,
                         const float *v, size_t n) {
-    const __nv_bfloat16 *rkv16[3];
-    const int got = rp_cuda_rkv16(cx, op, r, k, v, n, rkv16);
+    const __nv_bfloat16 *rkv16[4];
+    const int got = rp_cuda_rkv16(cx, op, r, k, v, NULL, n, rkv16);
     if (got == 1 && cx->error.code == RP_OK)
         rp_error_set(&cx->error, RP_ERR_INTERNAL,
                      "cuda %s: r, k, v are bf16 in place (rkv_only) but kk, w_raw, a or dy "
@@ -1650,17 +1656,18 @@ static void cuda_wkv7_forward_train(rp_backend *be, float *y, const float *r, co
 }
 
 // g = {dr, dw_raw, dk, dv, dkk, da}: dkk of type TD (g[4] cast), kk, w_raw
-// and a (in[4], in[1], in[5] cast) of type TK, dy TY, the rest TO and TI. dr16 (may be NULL): a bf16 copy of
-// the new dr, the receptance GEMM backward's dY (rp_cuda_act16). dw16 (may
-// be NULL): dw_raw written as bf16 there instead of TO (in place: a
-// GEMM-only dw_raw, backend.h gemm_only), a runtime choice so that it costs
-// no instantiation.
+// and a (in[4], in[1], in[5] cast) of type TK, dy TY, the rest TO and TI.
+// dr16 (may be NULL): a bf16 copy of the new dr, the receptance GEMM
+// backward's dY (rp_cuda_act16). dw16 (may be NULL): dw_raw written as bf16
+// there instead of TO (in place: a GEMM-only dw_raw, backend.h gemm_only),
+// da16 likewise for da (in place: an rkv_only da, the fused tail's alone);
+// runtime choices, so that they cost no instantiation.
 template <typename TI, typename TO, typename TK = TI, typename TD = TO, typename TY = TI>
 static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_base,
                                 size_t state_stride, const TY *dy, const TI *const *in,
                                 const float *checkpoints, const rp_batch *batch, int C, int N,
                                 float beta, __nv_bfloat16 *dr16 = nullptr,
-                                __nv_bfloat16 *dw16 = nullptr) {
+                                __nv_bfloat16 *dw16 = nullptr, __nv_bfloat16 *da16 = nullptr) {
     TD *dkk = (TD *)g[4];
     const TK *kk = (const TK *)in[4], *w_raw = (const TK *)in[1], *a = (const TK *)in[5];
     if (!wkv_launchable(cx, "wkv7_backward", batch, C, N)) return;
@@ -1677,12 +1684,12 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
         wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, a, checkpoints, b.seq_len, b.row_begin, b.slot,
-            b.ckpt_block, C, beta != 0.0f, dr16, dw16);
+            b.ckpt_block, C, beta != 0.0f, dr16, dw16, da16);
     } else {
         wkv7_backward_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, 0, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, a, checkpoints, b.seq_len, b.row_begin, b.slot,
-            b.ckpt_block, C, beta != 0.0f, dr16, dw16);
+            b.ckpt_block, C, beta != 0.0f, dr16, dw16, da16);
     }
     RP_CUDA_LAUNCHED(cx, "wkv7_backward");
 }
@@ -1713,6 +1720,13 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
         rp_cuda_take_gemm_only(cx, dw_raw, n) && rp_cuda_store16_rows(cx, batch->n_rows);
     __nv_bfloat16 *dw16 =
         dw_only && !cx->act16_off ? reinterpret_cast<__nv_bfloat16 *>(dw_raw) : nullptr;
+    // An rkv_only da (backend.h: the fused attention_tail_backward alone
+    // reads it, and writes the d pre of a over it in place) likewise: bf16
+    // in place, no f32 write and read; copies off: f32 rounded to bf16.
+    const int da_only =
+        rp_cuda_take_rkv_only(cx, da, n) && rp_cuda_store16_rows(cx, batch->n_rows);
+    __nv_bfloat16 *da16 =
+        da_only && !cx->act16_off ? reinterpret_cast<__nv_bfloat16 *>(da) : nullptr;
     const __nv_bfloat16 *kk16 = n > 0 ? rp_cuda_inplace_find(cx, kk, n) : nullptr;
     const __nv_bfloat16 *w16 = n > 0 ? rp_cuda_inplace_find(cx, w_raw, n) : nullptr;
     const __nv_bfloat16 *a16 = n > 0 ? rp_cuda_inplace_find(cx, a, n) : nullptr;
@@ -1746,38 +1760,40 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
         if (dkk16)
             wkv_backward_launch<__nv_bfloat16, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, in16[6], in16, checkpoints, batch, C, N, beta,
-                dr16, dw16);
+                dr16, dw16, da16);
         else
             wkv_backward_launch(cx, g, dstate_base, state_stride, in16[6], in16, checkpoints,
-                                batch, C, N, beta, dr16, dw16);
+                                batch, C, N, beta, dr16, dw16, da16);
     } else {
         const float *in32[6] = {r, w16 ? (const float *)w16 : w_raw, k, v,
                                 kk16 ? (const float *)kk16 : kk, a16 ? (const float *)a16 : a};
         if (dy16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy16, in32, checkpoints, batch, C, N, beta,
-                dr16, dw16);
+                dr16, dw16, da16);
         else if (kk16 && dkk16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
-                dr16, dw16);
+                dr16, dw16, da16);
         else if (kk16)
             wkv_backward_launch<float, float, __nv_bfloat16, float>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
-                dr16, dw16);
+                dr16, dw16, da16);
         else if (dkk16)
             wkv_backward_launch<float, float, float, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
-                dr16, dw16);
+                dr16, dw16, da16);
         else
             wkv_backward_launch(cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch,
-                                C, N, beta, dr16, dw16);
+                                C, N, beta, dr16, dw16, da16);
     }
     // the kernel wrote dkk (plain RP_CUDA_LAUNCHED): no earlier record of it
     // may stand, in place or copy
     if (n > 0) rp_cuda_act16_forget(cx, dkk, n * sizeof(float));
     if (n > 0) rp_cuda_act16_forget(cx, dw_raw, n * sizeof(float));
     rp_cuda_store16_done(cx, dw_raw, n, dw_only, dw16 != nullptr);
+    if (n > 0) rp_cuda_act16_forget(cx, da, n * sizeof(float));
+    rp_cuda_store16_done(cx, da, n, da_only, da16 != nullptr);
     // dy's one reader has read it: drop its in-place record, so that no
     // later reader of that memory takes it for bf16 values
     if (dy16) rp_cuda_act16_forget(cx, dy, n * sizeof(float));

@@ -619,10 +619,10 @@ struct rp_backend {
     /* ---- r, k, v read only by WKV7 and the fused groupnorm (optional;
      * NULL: nothing to do; issue 15) ----
      * rkv_only(be, p, n): the output p [n] that the next matmul_linear or
-     * matmul_lora writes as its y (training's r, k_pre, v_pre, nu), the next
-     * key_prepare_from as its k, or the next value_residual_from as its v, is
-     * read only by the wkv7 ops (as r, k, v), groupnorm_bonus_gate and its
-     * backward (as r, k, v), key_prepare_from (as k_in), value_residual_from
+     * matmul_lora writes as its y (training's r, k_pre, v_pre, nu, g), the
+     * next key_prepare_from as its k, or the next value_residual_from as its
+     * v, is read only by the wkv7 ops (as r, k, v), groupnorm_bonus_gate and
+     * its backward (as r, k, v, g), key_prepare_from (as k_in), value_residual_from
      * (as v_in, nu), attention_tail_backward (as k, v, nu) and, for nu, its
      * sigmoid bias_act in place, until something writes p again; the backend may keep p in bf16 in place
      * (CUDA, bf16 math: half the bytes, the readers widen it, as the
@@ -632,14 +632,18 @@ struct rp_backend {
      * value_residual_from consumes the hint whether it uses it or not.
      * key_prepare_from honours it only with its kk wkv_only and its a in
      * bf16 (training hints them together); it reads a bf16 k_in only for
-     * a bf16 k, value_residual_from bf16 v_in and nu only for a bf16 v. */
+     * a bf16 k, value_residual_from bf16 v_in and nu only for a bf16 v.
+     * Before wkv7_backward_beta, p is its da: read only by the next
+     * attention_tail_backward, which writes a's d pre over it in place
+     * (GEMM-only from there, as after a gemm_only hint); that wkv7 op
+     * consumes this hint too. */
     void (*rkv_only)(rp_backend *be, const float *p, size_t n);
     /* ---- bf16-only training activations, promised at allocation (optional;
      * NULL: every saved activation gets an fp32 buffer; issue 15) ----
      * store16_fits(be, max_rows): 1 when, for every batch of up to max_rows
      * rows, the backend keeps each saved activation that the model hints
      * (gemm_only / wkv_only / rkv_only: the FFN hidden, w_raw, a, kk, WKV7's y, og,
-     * r, k, v, k_pre, v_pre, nu) in bf16
+     * r, k, v, k_pre, v_pre, nu, g) in bf16
      * only whenever the batch has more than max_rows / 2 rows, and writes
      * the f32 of smaller batches only: so its buffer needs max_rows x cols / 2
      * floats. store16_promise(be, p, n, cap): p [n elements] got cap floats

@@ -82,11 +82,12 @@ enum {
     RP_STORE16_V = 1u << 8,          /* rkv_only before value_residual_from */
     RP_STORE16_K_PRE = 1u << 9,      /* rkv_only before the key GEMM */
     RP_STORE16_V_PRE = 1u << 10,     /* rkv_only before the value GEMM */
-    RP_STORE16_NU = 1u << 11         /* rkv_only before the v LoRA's up GEMM */
+    RP_STORE16_NU = 1u << 11,        /* rkv_only before the v LoRA's up GEMM */
+    RP_STORE16_G = 1u << 12          /* rkv_only before the g LoRA's up GEMM */
 };
 #define RP_STORE16_RKV                                                                 \
     (RP_STORE16_R | RP_STORE16_K | RP_STORE16_V | RP_STORE16_K_PRE | RP_STORE16_V_PRE | \
-     RP_STORE16_NU)
+     RP_STORE16_NU | RP_STORE16_G)
 
 static unsigned store16_for(rp_backend *be, int max_rows) {
     if (!be->store16_fits || !be->store16_promise || !be->store16_fits(be, max_rows)) return 0;
@@ -121,6 +122,7 @@ static unsigned store16_bit(const rp_layer_activations *a, float **slot) {
     if (slot == &a->k_pre) return RP_STORE16_K_PRE;
     if (slot == &a->v_pre) return RP_STORE16_V_PRE;
     if (slot == &a->nu) return RP_STORE16_NU;
+    if (slot == &a->g) return RP_STORE16_G;
     return 0;
 }
 
@@ -196,9 +198,9 @@ static int alloc_layer_activations(rp_backward_workspace *tw, const rp_model *m,
                                (size_t)tw->ln_rows, (size_t)tw->prev_rows, store16);
         /* the backend refuses any f32 access past the half-sized buffers */
         const size_t RC = R * m->cfg.n_embd, RF = R * m->cfg.dim_ffn;
-        float **const half[11] = {&a->w_raw, &a->kk, &a->y,     &a->og,    &a->a, &a->r,
-                                  &a->k,     &a->v,  &a->k_pre, &a->v_pre, &a->nu};
-        for (int j = 0; j < 11; j++)
+        float **const half[12] = {&a->w_raw, &a->kk, &a->y,     &a->og,    &a->a,  &a->r,
+                                  &a->k,     &a->v,  &a->k_pre, &a->v_pre, &a->nu, &a->g};
+        for (int j = 0; j < 12; j++)
             if (store16 & store16_bit(a, half[j]))
                 m->be->store16_promise(m->be, *half[j], RC, store16_floats(RC, 1));
         if (store16 & RP_STORE16_FFN_HIDDEN)
@@ -582,6 +584,10 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
      * may write it as their operand (bf16 on CUDA); the hint before the
      * bias_act_backward below stays (that op consumes it either way) */
     if (be->gemm_only) be->gemm_only(be, tw->dw_raw, (size_t)R * C);
+    /* da: the fused tail alone reads it, and writes a's d pre over it in
+     * place (bf16 on CUDA, as dw_raw) */
+    if (be->attention_tail_backward && be->rkv_only && be->wkv7_backward_beta)
+        be->rkv_only(be, tw->da, (size_t)R * C);
     if (be->wkv7_backward_beta) {
         be->wkv7_backward_beta(be, tw->dr, tw->dw_raw, tw->dk, tw->dv, tw->dkk, tw->da, dwkv,
                                dstride, tw->dy, s->r, s->w_raw, s->k, s->v, s->kk, s->a,

@@ -118,8 +118,8 @@ static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x
     if (inner != RP_ACT_NONE) be->bias_act(be, hidden, NULL, R, D, inner);
     /* training's w_raw or a, read only by its bias_act in place, the WKV7
      * ops (as kk is) and a's key_prepare (backend.h gemm_only); nu, read by
-     * its bias_act in place, value_residual_from and the tail (rkv_only):
-     * bf16 on CUDA */
+     * its bias_act in place, value_residual_from and the tail, and g, read
+     * by the fused groupnorm and its backward (rkv_only): bf16 on CUDA */
     if (y_hint == LORA_Y_GEMM_ONLY && be->gemm_only) be->gemm_only(be, y, (size_t)R * C);
     if (y_hint == LORA_Y_RKV_ONLY && be->rkv_only) be->rkv_only(be, y, (size_t)R * C);
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
@@ -304,10 +304,11 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C,
                  s->wkv_checkpoints && be->wkv_only ? LORA_Y_GEMM_ONLY : LORA_Y_F32);
     be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
-    /* g = sigmoid(xg g1) g2, no activation after g2 */
+    /* g = sigmoid(xg g1) g2, no activation after g2; in training read only by
+     * the fused groupnorm and its backward (rkv_only, with r, k, v) */
     xm = time_mix(be, s, xc, mixes, 5, w->x_g, R, C);
     lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C,
-                 LORA_Y_F32);
+                 rkv_only ? LORA_Y_RKV_ONLY : LORA_Y_F32);
     /* Value residual: layer 0's v is v_first for every later layer.
      * Training keeps v_pre and k_pre for the backward: the ops read them
      * out of place where the backend can (no copy), else copy first. */

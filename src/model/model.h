@@ -156,13 +156,14 @@ static inline int rp_mix_again(rp_backend *be, const rp_batch *batch, int C) {
            be->ln_mix_again_fits(be, batch, C);
 }
 
-/* Training: a layer's r, k, v, k_pre, v_pre and nu are hinted rkv_only
+/* Training: a layer's r, k, v, k_pre, v_pre, nu and g are hinted rkv_only
  * (backend.h; bf16 on CUDA) where the backend has every op that reads them
  * in bf16 (the tail after WKV7 among them: the separate ops read f32) and
  * every hint that puts WKV7's other inputs and the groupnorm's y and dy in
  * bf16 beside them. Layer 0 keeps f32: its v is copied into v_first, which
- * every later layer reads. The forward hints, and the training workspace
- * sizes r, k, v at half, alike from this (issue 15). */
+ * every later layer reads (its g stays f32 too: the kernels take r, k, v
+ * and g in one type). The forward hints, and the training workspace sizes
+ * them at half, alike from this (issue 15). */
 static inline int rp_rkv_only_layer(const rp_backend *be, int layer) {
     return layer != 0 && be->rkv_only && be->wkv_only && be->gemm_only &&
            be->key_prepare_from && be->value_residual_from && be->groupnorm_bonus_gate &&

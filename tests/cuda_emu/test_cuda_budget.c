@@ -912,9 +912,9 @@ static unsigned long long store16_saved(unsigned long long n) { return n - (n + 
 
 /* backend.h store16_fits / store16_promise: the CUDA backend (BF16 math,
  * copies on, >= 16 rows) keeps the FFN hidden, w_raw, kk, WKV7's y, og and
- * a in bf16 only, and r, k, v, k_pre, v_pre, nu in every layer but 0
+ * a in bf16 only, and r, k, v, k_pre, v_pre, nu, g in every layer but 0
  * (rp_rkv_only_layer), so the workspace sizes them at half their fp32
- * floats: exactly 5 [R,C] / 2 + [R,F] / 2 floats a layer fewer, and 6 [R,C]
+ * floats: exactly 5 [R,C] / 2 + [R,F] / 2 floats a layer fewer, and 7 [R,C]
  * / 2 more in layers 1 on. Steps of 24 rows
  * (bf16 storage), 8 and 5 rows (f32 storage in the first half) train on the
  * smaller workspace with the loss and gradients of the fp32-sized one, bit
@@ -935,7 +935,7 @@ static void test_store16_workspace(void **s) {
     for (int half = 0; half < 2; half++) {
         f->be->store16_fits = half ? keep.store16_fits : NULL;
         bytes[half] = gn_mode_workspace(f);
-        assert_int_equal(f->tw.store16, half ? 4095u : 0u);
+        assert_int_equal(f->tw.store16, half ? 8191u : 0u);
         for (int i = 0; i < 3; i++) {
             rp_model_zero(&f->grads);
             loss[half][i] = train_step(f, shape[i][0], shape[i][1], 11 + i);
@@ -943,7 +943,7 @@ static void test_store16_workspace(void **s) {
         }
     }
     const unsigned long long removed =
-        (L * (5 * store16_saved(RC) + store16_saved(RF)) + (L - 1) * 6 * store16_saved(RC)) * 4;
+        (L * (5 * store16_saved(RC) + store16_saved(RF)) + (L - 1) * 7 * store16_saved(RC)) * 4;
     fprintf(stderr, "store16 workspace: %llu bytes fp32-sized, %llu bf16-only (%llu fewer, "
             "expected %llu)\n", bytes[0], bytes[1], bytes[0] - bytes[1], removed);
     assert_int_equal(bytes[0] - bytes[1], removed);
@@ -960,7 +960,7 @@ static void test_store16_workspace(void **s) {
     }
     rp_error err;
     assert_int_equal(f->be->status(f->be, &err), RP_OK);
-    /* copies off: kk, y, og, w_raw, a, r, k, v, k_pre, v_pre, nu and the FFN
+    /* copies off: kk, y, og, w_raw, a, r, k, v, k_pre, v_pre, nu, g and the FFN
      * hidden would be f32 */
     rp_cuda_backend_set_act16(f->be, 0);
     assert_step_refused(f, MAX_ROWS);
@@ -1041,8 +1041,8 @@ static void test_workspace_bytes_04b(void **s) {
     const unsigned long long stored = workspace_bytes_04b(f->be, &c);
     f->be->ln_mix_again_fits = keep.ln_mix_again_fits;
     const unsigned long long again = workspace_bytes_04b(f->be, &c);
-    /* and og, kk, w_raw, y, a, FFN hidden bf16 only, r, k, v, k_pre, v_pre, nu
-     * past layer 0 */
+    /* and og, kk, w_raw, y, a, FFN hidden bf16 only, r, k, v, k_pre, v_pre,
+     * nu, g past layer 0 */
     f->be->store16_fits = keep.store16_fits;
     const unsigned long long half = workspace_bytes_04b(f->be, &c);
     *f->be = keep;
@@ -1060,7 +1060,7 @@ static void test_workspace_bytes_04b(void **s) {
     const unsigned long long RC = R * c.n_embd, RF = R * c.dim_ffn,
                              removed16 = ((unsigned long long)c.n_layer *
                                               (5 * store16_saved(RC) + store16_saved(RF)) +
-                                          (c.n_layer - 1ull) * 6 * store16_saved(RC)) * 4;
+                                          (c.n_layer - 1ull) * 7 * store16_saved(RC)) * 4;
     fprintf(stderr,
             "0.4b 8 x 4096 workspace, activations bf16 only: %.2f GiB -> %.2f GiB (%.2f GiB "
             "fewer); total %.2f GiB = %.1f GB of 80 GB (%.1f GB left)\n",
@@ -1421,13 +1421,14 @@ static void test_wkv_dw16_precision(void **s) {
     tiny_fixture_destroy(ref);
 }
 
-/* r, k, v stored bf16 in place (forward.c's rkv_only hints, every layer but
- * 0) against f32 r, k, v: WKV7 and the fused groupnorm, their only readers,
- * then read bf16(r), bf16(k), bf16(v). A BF16-math step must change (the
- * bf16 path ran: the loss and gradients differ), by a small relative error,
- * and against FP32 math stay about as good as with f32 r, k, v; the
- * official training kernel takes r, k, v in bf16 too. Per-token and
- * chunked WKV7 kernels (min_t 0). */
+/* r, k, v (k_pre, v_pre, nu) and g stored bf16 in place (forward.c's
+ * rkv_only hints, every layer but 0), and WKV7's da (backward.c's, every
+ * layer), against all of them f32: WKV7, the fused groupnorm and the tail,
+ * their only readers, then read the rounded values. A BF16-math step must
+ * change (the bf16 path ran: the loss and gradients differ), by a small
+ * relative error, and against FP32 math stay about as good as with them
+ * f32; the official training kernel takes r, k, v in bf16 too. Per-token
+ * and chunked WKV7 kernels (min_t 0). */
 static void test_rkv16_precision(void **s) {
     tiny_fixture *f = *s;
     tiny_fixture *ref = fp32_reference();
@@ -1444,8 +1445,8 @@ static void test_rkv16_precision(void **s) {
         const double rel = rel_l2(g[0], g[1], n);
         const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
         fprintf(stderr,
-                "rkv16 %s: gradients bf16 vs f32 r, k, v rel %.3e (%zu of %zu differ); all vs "
-                "FP32 math rel %.3e (bf16 r, k, v) %.3e (f32); loss %.9g %.9g (FP32 %.9g)\n",
+                "rkv16 %s: gradients bf16 vs f32 r, k, v, g, da rel %.3e (%zu of %zu differ); "
+                "all vs FP32 math rel %.3e (bf16) %.3e (f32); loss %.9g %.9g (FP32 %.9g)\n",
                 chunked ? "chunked" : "per-token", rel, differ, n, with, without, loss[0],
                 loss[1], loss[2]);
         assert_true(differ > 0);

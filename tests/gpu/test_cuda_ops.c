@@ -1195,8 +1195,8 @@ static void check_bonus_gate_backward(twin *t, const shape *sh) {
  * accumulate (beta 1) or are overwritten (beta 0). */
 static void buf_round_bf16(twin *t, tbuf *b);
 static void dev_widen(twin *t, tbuf *b, const void *src);
-/* rkv16 (BF16 math, with y16): r, k, v bf16 in place too for the fused ops
- * (training's rkv_only layout; both sides read the rounded values), and the
+/* rkv16 (BF16 math, with y16): r, k, v and g bf16 in place too for the fused
+ * ops (training's rkv_only layout; both sides read the rounded values), and the
  * fused backward's dy written bf16 in place under a wkv_only hint, as
  * training has it (the kernels take r, k, v bf16 only with y and dy so):
  * read back widened, within one bf16 rounding of the unfused dy. */
@@ -1205,11 +1205,11 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
     const size_t n = (size_t)R * C, nh = (size_t)R * H;
     rp_backend *gpu = t->gpu;
     label(t, "R=%d C=%d N=%d y %s%s beta %g", R, C, N, y16 ? "bf16" : "f32",
-          rkv16 ? ", r k v and dy bf16" : "", (double)beta);
+          rkv16 ? ", r k v g and dy bf16" : "", (double)beta);
     if (!gpu->groupnorm_bonus_gate || !gpu->groupnorm_bonus_gate_backward)
         fatal("%s: the CUDA backend has no groupnorm_bonus_gate", t->op);
     if (rkv16 && (!y16 || !gpu->wkv_only))
-        fatal("%s: r, k, v bf16 need y bf16 and wkv_only", t->op);
+        fatal("%s: r, k, v, g bf16 need y bf16 and wkv_only", t->op);
     tbuf *y = buf_input(t, n, -2, 2);
     if (y16) buf_round_bf16(t, y);
     tbuf *y_in = buf_zero(t, n); /* the fused op's y: f32, or bf16 in place */
@@ -1221,15 +1221,15 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
     tbuf *r = buf_input(t, n, -1, 1), *k = buf_input(t, n, -1, 1), *v = buf_input(t, n, -1, 1);
     tbuf *gi = buf_input(t, n, -1, 1), *r_k = buf_input(t, C, -1, 1);
     tbuf *dout = buf_input(t, n, -1, 1);
-    /* the fused ops' r, k, v: the same, or their bf16 values in place */
-    tbuf *rkv[3] = {r, k, v}, *rkv_in[3] = {r, k, v};
-    for (int i = 0; rkv16 && i < 3; i++) {
+    /* the fused ops' r, k, v, g: the same, or their bf16 values in place */
+    tbuf *rkv[4] = {r, k, v, gi}, *rkv_in[4] = {r, k, v, gi};
+    for (int i = 0; rkv16 && i < 4; i++) {
         buf_round_bf16(t, rkv[i]);
         rkv_in[i] = buf_zero(t, n);
         t->cpu->copy(t->cpu, rkv_in[i]->cpu, rkv[i]->cpu, n * sizeof(float));
         gpu->copy(gpu, rkv_in[i]->gpu, rkv[i]->gpu, n * sizeof(float));
         if (!rp_cuda_backend_store_bf16_inplace(gpu, rkv_in[i]->gpu, n))
-            fatal("%s: storing r, k, v in bf16 failed", t->op);
+            fatal("%s: storing r, k, v, g in bf16 failed", t->op);
     }
     /* forward: o (groupnorm out), og_u = unfused, og = fused on the GPU */
     tbuf *o = buf_output(t, n), *mean = buf_output(t, nh), *rstd = buf_output(t, nh);
@@ -1245,7 +1245,8 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
         if (g) {
             be->groupnorm_bonus_gate(be, at(og, g), at(mean_f, g), at(rstd_f, g), at(y_in, g),
                                      at(lw, g), at(lb, g), at(rkv_in[0], g), at(rkv_in[1], g),
-                                     at(rkv_in[2], g), at(r_k, g), at(gi, g), R, C, N, GN_EPS);
+                                     at(rkv_in[2], g), at(r_k, g), at(rkv_in[3], g), R, C, N,
+                                     GN_EPS);
         } else {
             be->copy(be, at(og, g), at(og_u, g), n * sizeof(float));
             be->copy(be, at(mean_f, g), at(mean, g), nh * sizeof(float));
@@ -1284,8 +1285,8 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
                                                   p[4], at(dout, g), at(y_in, g), at(mean, g),
                                                   at(rstd, g), at(lw, g), at(lb, g),
                                                   at(rkv_in[0], g), at(rkv_in[1], g),
-                                                  at(rkv_in[2], g), at(r_k, g), at(gi, g), R, C,
-                                                  N, beta);
+                                                  at(rkv_in[2], g), at(r_k, g),
+                                                  at(rkv_in[3], g), R, C, N, beta);
                 continue;
             }
             be->bonus_gate_backward_beta(be, at(d_o, g), p[1], p[2], p[3], p[7], p[4],
@@ -1335,7 +1336,7 @@ static void check_groupnorm_bonus_gate(twin *t, const shape *sh) {
     groupnorm_bonus_gate_case(t, sh, 1, 0.0f, 0);
 }
 
-/* BF16 math, training's layout: y, r, k, v bf16 in place, dy written so */
+/* BF16 math, training's layout: y, r, k, v, g bf16 in place, dy written so */
 static void check_groupnorm_bonus_gate_rkv16(twin *t, const shape *sh) {
     groupnorm_bonus_gate_case(t, sh, 1, 0.0f, 1);
     groupnorm_bonus_gate_case(t, sh, 1, 1.0f, 1);
@@ -1803,10 +1804,11 @@ static void buf_round_bf16(twin *t, tbuf *b) {
  * outputs within the twin's tolerance of the CPU and bit for bit the GPU's
  * separate ones. act16: k_pre, a, v_pre, v_first, nu stored bf16 in place
  * (both sides read the rounded values), 2: a alone (training's layout: a in
- * place with kk and w_raw); grad16: da and dw_raw too, and the
- * fused d pre of a comes back bf16 in place; 2: dw_raw alone (training's
- * layout: the WKV7 backward writes it bf16 in place, da stays f32), the
- * GPU's separate ops on the same rounded values, bit for bit. */
+ * place with kk and w_raw); 3: training's layout past layer 0 (below).
+ * grad16: da and dw_raw too (training's layout: the WKV7 backward writes
+ * both bf16 in place), and the fused d pre of a comes back bf16 in place;
+ * 2: dw_raw alone, the GPU's separate ops on the same rounded values, bit
+ * for bit. */
 static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16, int grad16) {
     const int R = spec_rows(&sh->prefill), C = sh->C;
     const size_t n = (size_t)R * C, bytes = n * sizeof(float);
@@ -1926,8 +1928,9 @@ static void check_attention_tail_backward(twin *t, const shape *sh) {
     attention_tail_case(t, sh, 0, 0, 2);
     attention_tail_case(t, sh, 0, 2, 2);
     attention_tail_case(t, sh, 1, 2, 2);
-    attention_tail_case(t, sh, 0, 3, 2);
+    attention_tail_case(t, sh, 0, 3, 1);
     attention_tail_case(t, sh, 1, 3, 2);
+    attention_tail_case(t, sh, 1, 2, 1);
 }
 
 /* A bf16 device copy of b's GPU side (exact: b holds rounded values). */
@@ -2062,7 +2065,8 @@ static void check_wkv7_bf16_mma(twin *t, const shape *sh) {
  * rkv_only hints (read back widened: one rounding of the CPU's k and v), r
  * and dy as the receptance GEMM and the fused groupnorm's backward leave
  * them; the CPU reads the rounded k_pre, v_pre, nu, r, k, v, dy. The WKV7
- * kernels take all seven inputs bf16. */
+ * kernels take all seven inputs bf16, and the backward writes da bf16 in
+ * place under an rkv_only hint, as training has it. */
 static void host_round_bf16(float *p, size_t n);
 static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, int rkv16) {
     twin_batch tb;
@@ -2179,12 +2183,16 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
         if (i == 0 || i == 2 || i == 3) grad[i] = buf_accum(t, n, -1, 1); /* dr dk dv */
     tbuf *dk_k = buf_accum(t, C, -1, 1), *dk_a = buf_accum(t, C, -1, 1);
     tbuf *dw0 = buf_accum(t, C, -1, 1);
+    float *cpu_da = xmalloc(n * sizeof(float)); /* the CPU's da after WKV7 (rkv16) */
     for (int g = 0; g < 2; g++) {
         rp_backend *be = side(t, g);
         if (g) be->wkv_only(be, at(grad[4], g), n);
         /* dw_raw GEMM-only as training hints it: the backward writes it bf16
          * in place, w0's bias_act_backward sums its bias gradient from those */
         if (g && be->gemm_only) be->gemm_only(be, at(grad[1], g), n);
+        /* rkv16: da rkv_only as training hints it (the fused tail alone
+         * reads it): written bf16 in place */
+        if (g && rkv16) be->rkv_only(be, at(grad[5], g), n);
         be->wkv7_backward_beta(be, at(grad[0], g), at(grad[1], g), at(grad[2], g),
                                at(grad[3], g), at(grad[4], g), at(grad[5], g),
                                at(dstate, g) + wkv, stride, at(dy, g), at(in.r, g),
@@ -2201,6 +2209,19 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
             compare_values(t, "dw_raw (bf16 in place)", host, grad[1]->cpu, NULL, n,
                            TOL_WKV_KK16_DW);
             free(host);
+            if (rkv16) {
+                dev_widen(t, wide, grad[5]->gpu);
+                host = download(t, wide);
+                compare_values(t, "da (bf16 in place)", host, cpu_da, NULL, n, TOL_WKV_KK16);
+                free(host);
+                /* widened back for key_prepare_backward, which reads f32
+                 * (the fused tail reads it bf16: attention_tail_backward's
+                 * rows); the copy drops its in-place record */
+                be->copy(be, at(grad[5], g), wide->gpu, n * sizeof(float));
+            }
+        } else if (rkv16) { /* the CPU's da rounded as the GPU stores it */
+            host_round_bf16(grad[5]->cpu, n);
+            memcpy(cpu_da, grad[5]->cpu, n * sizeof(float)); /* before key_prepare's part */
         }
         if (g && be->gemm_only) be->gemm_only(be, at(grad[1], g), n);
         be->bias_act_backward(be, at(grad[1], g), at(dw0, g), at(in.w_raw, g), R, C,
@@ -2223,6 +2244,7 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
     compare(t, "dk_k", dk_k);
     compare(t, "dk_a", dk_a);
     compare(t, "dstate", dstate);
+    free(cpu_da);
     twin_release(t);
 }
 
