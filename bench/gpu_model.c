@@ -476,7 +476,7 @@ static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H,
  * the WKV7 backward in one kernel per (head, row chunk). It reads dkk and
  * da (bf16 in place), k_pre, a, dk, dw_raw and, with the value residual
  * (layer > 0), dv, v_pre, v_first, nu, dv_first; layer 0 reads dv and
- * dv_first (dv += dv_first). It writes dk and dv (+ their bf16 copies, the
+ * dv_first (dv += dv_first). It writes dk and dv as bf16 copies only (the
  * key and value GEMM backwards' dY), dv_first (layer > 0), d pre of a (over
  * da) and nu in bf16 only (the LoRA ups' dY; gemm_only) and the five parameter partials (k_k,
  * k_a, a0, w0, v0) of its row chunks; one finish kernel sums them. d pre
@@ -489,11 +489,13 @@ static void attention_tail_backward(kernel_list *l, double R, double C, int laye
     const double outs = layer > 0 ? 5 : 4;
     /* f32 vectors: dkk, a, dw_raw and da bf16 (a in place with kk and
      * w_raw; da as the WKV7 backward wrote it, rkv_only) + k_pre, dk (+ dv,
-     * v_pre, v_first, nu, dv_first | dv, dv_first) read; dk, dv (+
-     * dv_first) written, with the bf16 dk, dv, d pre of a (over da) (+ nu) */
+     * v_pre, v_first, nu, dv_first | dv, dv_first) read; dv_first written
+     * (layer > 0), with the bf16 dk, dv (GEMM-only: the step without the W
+     * pass writes no f32 of them, backward.c dkv_gemm_only), d pre of a
+     * (over da) (+ nu) */
     /* past layer 0 k_pre, v_pre and nu bf16 in place (rkv_only) */
-    const double io = layer > 0 ? 4 * BF16_OUT + 4 + 3 * rkv_io(layer) + 3 + 4 * BF16_OUT
-                                : 4 * BF16_OUT + 4 + 2 + 3 * BF16_OUT;
+    const double io = layer > 0 ? 4 * BF16_OUT + 4 + 3 * rkv_io(layer) + 1 + 4 * BF16_OUT
+                                : 4 * BF16_OUT + 4 + 3 * BF16_OUT;
     add(l, "attention_tail backward (key prepare + a/w/v0 bias + value residual)", 1,
         4.0 * C * (R * io + 2 + 5 * chunks), (layer > 0 ? 25.0 : 17.0) * R * C, 0);
     add(l, "attention_tail backward finish (k_k, k_a, a0, w0, v0 sums)", 1,

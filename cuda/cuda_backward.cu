@@ -1352,7 +1352,8 @@ __global__ static void attention_tail_backward_kernel(
     float *__restrict__ part, const TK *__restrict__ dkk, const TA *__restrict__ k,
     const TB *__restrict__ a, const TA *__restrict__ v, const TF *__restrict__ v_first,
     const TA *__restrict__ nu, const float *__restrict__ k_k, const float *__restrict__ k_a,
-    int R, int C, int rows_per_chunk, tail_copies c16, int store_da, int store_dnu) {
+    int R, int C, int rows_per_chunk, tail_copies c16, int store_da, int store_dnu,
+    int store_dkv) {
     constexpr int E = KEY_HEAD_SIZE / 32, T = KEY_HEAD_SIZE;
     __shared__ float sh[TAIL_PARTS][ROW_WARPS * T];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1379,7 +1380,7 @@ __global__ static void attention_tail_backward_kernel(
             float dai = key_in(da + i);
             dai += d_out * kv[e] * kaw[e];
             const float dki = d_out * (1.0f + (av - 1.0f) * kaw[e]) + du * kkw[e];
-            dk[i] = dki;
+            if (store_dkv) dk[i] = dki;
             if (c16.dk) c16.dk[i] = __float2bfloat16(dki);
             // bias_act_backward of a (sigmoid, act' from the output a)
             dai *= act_derivative(RP_ACT_SIGMOID, av);
@@ -1408,7 +1409,7 @@ __global__ static void attention_tail_backward_kernel(
                 dvi = dv[i];
                 dvi += dv_first[i];
             }
-            dv[i] = dvi;
+            if (store_dkv) dv[i] = dvi;
             if (c16.dv) c16.dv[i] = __float2bfloat16(dvi);
         }
     }
@@ -1443,7 +1444,7 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
                                          const float *dkk, const float *k, const float *a,
                                          const float *v, const float *v_first,
                                          const float *nu, const float *k_k, const float *k_a,
-                                         int R, int C, int N) {
+                                         int R, int C, int N, int dkv_gemm_only) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (N != KEY_HEAD_SIZE || (C > 0 && C % KEY_HEAD_SIZE)) {
         rp_cuda_record(cx, cudaErrorInvalidValue,
@@ -1494,7 +1495,7 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
         }
         rp_attention_tail_backward_separate(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k, dk_a,
                                             da0, dw0, dv0, dkk, k, a, v, v_first, nu, k_k, k_a,
-                                            R, C, N);
+                                            R, C, N, dkv_gemm_only);
         return;
     }
     const int chunks = rp_cuda_row_chunks(R), rows_per_chunk = (R + chunks - 1) / chunks;
@@ -1513,6 +1514,9 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     if (nu) c16.dnu = rp_cuda_act16_for_rows(cx, dnu, n, R);
     if (cx->error.code != RP_OK) return;
     const int store_da = grads16 || !c16.da, store_dnu = !c16.dnu;
+    // GEMM-only dk and dv (the caller's dkv_gemm_only): their bf16 copies
+    // alone, no f32 (sole copies: an f32 reader would be refused)
+    const int store_dkv = !(dkv_gemm_only && c16.dk && c16.dv);
     const dim3 grid(C / KEY_HEAD_SIZE, chunks);
 #define TAIL_LAUNCH_F(TK, TA, TB, TG, TW, TF)                                               \
     attention_tail_backward_kernel<TK, TA, TB, TG, TW, TF><<<grid, ROW_WARP_THREADS, 0,   \
@@ -1524,7 +1528,7 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
             n_act16 ? (const TA *)act16[2] : (const TA *)v,                                   \
             act16[3] ? (const TF *)act16[3] : (const TF *)v_first,                            \
             n_act16 ? (const TA *)act16[4] : (const TA *)nu, k_k, k_a, R, C, rows_per_chunk,  \
-            c16, store_da, store_dnu)
+            c16, store_da, store_dnu, store_dkv)
 #define TAIL_LAUNCH(TK, TA, TB, TG, TW) TAIL_LAUNCH_F(TK, TA, TB, TG, TW, TA)
 #define TAIL_TG(TK, TA, TB)                                        \
     do {                                                           \
@@ -1570,10 +1574,12 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
                               {da0, cb}, {dw0, cb}, {nu ? dv0 : nullptr, nu ? cb : 0}))
         return;
     if (grads16) rp_cuda_inplace_add(cx, da, n);  // d pre in place, as da came
-    if (c16.dk) rp_cuda_act16_publish(cx, c16.dk, dk, n);
+    if (c16.dk && store_dkv) rp_cuda_act16_publish(cx, c16.dk, dk, n);
+    if (c16.dk && !store_dkv) rp_cuda_act16_publish_sole(cx, c16.dk, dk, n);
     if (c16.da) rp_cuda_act16_publish_sole(cx, c16.da, da, n);
     if (c16.dw) rp_cuda_act16_publish(cx, c16.dw, dw_raw, n);
-    if (c16.dv) rp_cuda_act16_publish(cx, c16.dv, dv, n);
+    if (c16.dv && store_dkv) rp_cuda_act16_publish(cx, c16.dv, dv, n);
+    if (c16.dv && !store_dkv) rp_cuda_act16_publish_sole(cx, c16.dv, dv, n);
     if (c16.dnu) rp_cuda_act16_publish_sole(cx, c16.dnu, dnu, n);
 }
 

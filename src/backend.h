@@ -113,7 +113,7 @@ typedef void rp_attention_tail_backward_fn(rp_backend *be, float *dk, float *da,
                                            const float *dkk, const float *k, const float *a,
                                            const float *v, const float *v_first,
                                            const float *nu, const float *k_k, const float *k_a,
-                                           int R, int C, int N);
+                                           int R, int C, int N, int dkv_gemm_only);
 
 struct rp_backend {
     const char *name;
@@ -706,7 +706,8 @@ struct rp_backend {
     /* ---- the backward's elementwise tail after WKV7 in one op (optional;
      * NULL: the ops below, rp_attention_tail_backward_separate; issue 15) ----
      * attention_tail_backward(be, dk, da, dw_raw, dv, dv_first, dnu, dk_k,
-     * dk_a, da0, dw0, dv0, dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N) =
+     * dk_a, da0, dw0, dv0, dkk, k, a, v, v_first, nu, k_k, k_a, R, C, N,
+     * dkv_gemm_only) =
      *   key_prepare_backward(dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, N);
      *   gemm_only(da); bias_act_backward(da, da0, a, R, C, RP_ACT_SIGMOID);
      *   gemm_only(dw_raw); bias_act_backward(dw_raw, dw0, -, R, C, RP_ACT_NONE);
@@ -717,7 +718,11 @@ struct rp_backend {
      * the same bits, in one pass over [R,C]. So d pre of a, w and nu (da,
      * dw_raw, dnu) are GEMM-only afterwards, as the gemm_only hints above
      * promise (the caller gives none); dkk is consumed like
-     * key_prepare_backward's. */
+     * key_prepare_backward's. dkv_gemm_only 1: the new dk and dv are read
+     * afterwards only by the key and value GEMM backwards, as their dY (no
+     * f32 reader: backward.c's, unless the W pass copies them), so the
+     * backend may keep them in bf16 only (CUDA, BF16 math: no f32 write,
+     * the GEMMs' bf16 operands only); 0: f32 as always. */
     rp_attention_tail_backward_fn *attention_tail_backward;
     /* Sequences per decode group the engine forms by default (the backend's
      * measured sweet spot; 0: RP_ENGINE_GROUP_DEFAULT). serve --max-batch
@@ -794,8 +799,9 @@ static inline void rp_attention_tail_backward_separate(
     rp_backend *be, float *dk, float *da, float *dw_raw, float *dv, float *dv_first, float *dnu,
     float *dk_k, float *dk_a, float *da0, float *dw0, float *dv0, const float *dkk,
     const float *k, const float *a, const float *v, const float *v_first, const float *nu,
-    const float *k_k, const float *k_a, int R, int C, int N) {
+    const float *k_k, const float *k_a, int R, int C, int N, int dkv_gemm_only) {
     const size_t n = (size_t)R * C;
+    (void)dkv_gemm_only; /* f32 dk and dv serve GEMM-only readers too */
     be->key_prepare_backward(be, dk, da, dk_k, dk_a, dkk, k, a, k_k, k_a, R, C, N);
     if (be->gemm_only) be->gemm_only(be, da, n);
     be->bias_act_backward(be, da, da0, a, R, C, RP_ACT_SIGMOID);

@@ -615,13 +615,14 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
      * value residual) in one pass when the backend fuses it, else as its
      * separate ops: the same bits. Here, before the a, w and v LoRAs'
      * backwards, which read its d pre (da, dw_raw, dnu: GEMM-only from here
-     * on) and write nothing it reads or writes. */
+     * on) and write nothing it reads or writes. dk and dv are GEMM-only too
+     * (their GEMM backwards' dY) unless the W pass copies them below. */
     rp_attention_tail_backward_fn *tail = be->attention_tail_backward
                                               ? be->attention_tail_backward
                                               : rp_attention_tail_backward_separate;
     tail(be, tw->dk, tw->da, tw->dw_raw, tw->dv, tw->dv_first, tw->dnu, gw->k_k, gw->k_a,
          gw->a0, gw->w0, gw->v0, tw->dkk, s->k_pre, s->a, s->v_pre, tw->v_first,
-         layer == 0 ? NULL : s->nu, w->k_k, w->k_a, R, C, N);
+         layer == 0 ? NULL : s->nu, w->k_k, w->k_a, R, C, N, wsave == NULL);
     /* a = sigmoid(a0 + xa a1 a2) */
     xm = MIX_X(4);
     lora_backward(be, MIX_DX(), gw->a1, gw->a2, tw->d_lora, tw->da, xm, s->a_hidden, w->a1,

@@ -1884,7 +1884,8 @@ static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16,
     gpu->attention_tail_backward(gpu, dk->gpu, da->gpu, dw->gpu, dv->gpu, dvf->gpu, dnu->gpu,
                                  sums[0]->gpu, sums[1]->gpu, sums[2]->gpu, sums[3]->gpu,
                                  sums[4]->gpu, dkk->gpu, k->gpu, a->gpu, v->gpu, vf->gpu,
-                                 layer0 ? NULL : nu->gpu, k_k->gpu, k_a->gpu, R, C, HEAD_SIZE);
+                                 layer0 ? NULL : nu->gpu, k_k->gpu, k_a->gpu, R, C, HEAD_SIZE,
+                                 0);
     static const char *const names[11] = {"dk",   "da",  "dw_raw", "dv",  "dv_first", "dnu",
                                           "dk_k", "dk_a", "da0",   "dw0", "dv0"};
     for (int i = 0; i < 11; i++) {
@@ -1931,6 +1932,63 @@ static void check_attention_tail_backward(twin *t, const shape *sh) {
     attention_tail_case(t, sh, 0, 3, 1);
     attention_tail_case(t, sh, 1, 3, 2);
     attention_tail_case(t, sh, 1, 2, 1);
+}
+
+/* dkv_gemm_only (BF16 math, training's step without the W pass): the fused
+ * tail writes dk and dv as their GEMM backwards' bf16 operands alone, no
+ * f32. The key and value GEMM backwards that follow (dX and dW) match the
+ * CPU's separate ops and f32 GEMMs within the twin's tolerance, and the
+ * GPU's f32 dk and dv still hold what they held before the tail (a tail
+ * that wrote them, or GEMMs that read that f32, fail). */
+static void check_attention_tail_dkv16(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C;
+    const size_t n = (size_t)R * C, cc = (size_t)C * C;
+    rp_backend *gpu = t->gpu;
+    label(t, "R=%d C=%d layer 1, dk dv GEMM-only", R, C);
+    if (!gpu->attention_tail_backward)
+        fatal("%s: the CUDA backend has no attention_tail_backward", t->op);
+    tbuf *k = buf_input(t, n, -1, 1), *a = buf_input(t, n, 0, 1), *v = buf_input(t, n, -1, 1);
+    tbuf *vf = buf_input(t, n, -1, 1), *nu = buf_input(t, n, 0, 1);
+    tbuf *k_k = buf_input(t, C, 0.5, 1.5), *k_a = buf_input(t, C, 0.5, 1.5);
+    tbuf *dkk = buf_input(t, n, -1, 1), *dk = buf_input(t, n, -1, 1);
+    tbuf *da = buf_input(t, n, -1, 1), *dw = buf_input(t, n, -1, 1), *dv = buf_input(t, n, -1, 1);
+    tbuf *dvf = buf_accum(t, n, -1, 1), *dnu = buf_output(t, n);
+    tbuf *sums[5];
+    for (int i = 0; i < 5; i++) sums[i] = buf_accum(t, C, -1, 1);
+    tbuf *x[2] = {buf_input(t, n, -1, 1), buf_input(t, n, -1, 1)};
+    tbuf *w[2] = {buf_input(t, cc, -0.1, 0.1), buf_input(t, cc, -0.1, 0.1)};
+    tbuf *dx[2] = {buf_output(t, n), buf_output(t, n)};
+    tbuf *dwt[2] = {buf_accum(t, cc, -1, 1), buf_accum(t, cc, -1, 1)};
+    float *dk_before = download(t, dk), *dv_before = download(t, dv);
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        rp_attention_tail_backward_fn *tail =
+            g ? be->attention_tail_backward : rp_attention_tail_backward_separate;
+        tail(be, at(dk, g), at(da, g), at(dw, g), at(dv, g), at(dvf, g), at(dnu, g),
+             at(sums[0], g), at(sums[1], g), at(sums[2], g), at(sums[3], g), at(sums[4], g),
+             at(dkk, g), at(k, g), at(a, g), at(v, g), at(vf, g), at(nu, g), at(k_k, g),
+             at(k_a, g), R, C, HEAD_SIZE, g);
+        tbuf *const dy[2] = {dk, dv};
+        for (int j = 0; j < 2; j++)
+            be->matmul_linear_backward_beta(be, at(dx[j], g), at(dwt[j], g), at(dy[j], g),
+                                            at(x[j], g), at(w[j], g), R, C, C, 0.0f);
+    }
+    static const char *const names[2][2] = {{"dX (key GEMM, bf16 dk)", "dW (key GEMM)"},
+                                            {"dX (value GEMM, bf16 dv)", "dW (value GEMM)"}};
+    for (int j = 0; j < 2; j++) {
+        compare(t, names[j][0], dx[j]);
+        compare(t, names[j][1], dwt[j]);
+    }
+    compare(t, "dv_first", dvf);
+    float *dk_after = download(t, dk), *dv_after = download(t, dv);
+    const int untouched = !memcmp(dk_before, dk_after, n * sizeof(float)) &&
+                          !memcmp(dv_before, dv_after, n * sizeof(float));
+    report(t, "dk, dv f32 not written", 0.0, 0.0, untouched, untouched ? "" : "  (written)");
+    free(dk_before);
+    free(dv_before);
+    free(dk_after);
+    free(dv_after);
+    twin_release(t);
 }
 
 /* A bf16 device copy of b's GPU side (exact: b holds rounded values). */
@@ -3003,6 +3061,7 @@ static const twin_check checks[] = {
     {"key_prepare", check_key_prepare, MATH_FP32, 0},
     {"key_prepare_backward", check_key_prepare_backward, MATH_FP32, 0},
     {"attention_tail_backward", check_attention_tail_backward, MATH_FP32, 0},
+    {"attention_tail_backward dkv16", check_attention_tail_dkv16, MATH_BF16, 0},
     {"bonus_gate", check_bonus_gate, MATH_FP32, 0},
     {"bonus_gate_backward", check_bonus_gate_backward, MATH_FP32, 0},
     {"groupnorm_bonus_gate", check_groupnorm_bonus_gate, MATH_FP32, 0},
