@@ -1797,6 +1797,26 @@ static void buf_round_bf16(twin *t, tbuf *b) {
     buf_share_cpu(t, b);
 }
 
+/* attention_tail_backward's operands, drawn for its twin rows: the
+ * activations, dkk and the incoming gradients, dv_first and the five
+ * parameter sums accumulated into, dnu written. */
+typedef struct {
+    tbuf *k, *a, *v, *vf, *nu, *k_k, *k_a, *dkk, *dk, *da, *dw, *dv, *dvf, *dnu, *sums[5];
+} tail_bufs;
+static tail_bufs tail_bufs_make(twin *t, size_t n, int C) {
+    if (!t->gpu->attention_tail_backward)
+        fatal("%s: the CUDA backend has no attention_tail_backward", t->op);
+    tail_bufs b;
+    b.k = buf_input(t, n, -1, 1), b.a = buf_input(t, n, 0, 1), b.v = buf_input(t, n, -1, 1);
+    b.vf = buf_input(t, n, -1, 1), b.nu = buf_input(t, n, 0, 1);
+    b.k_k = buf_input(t, C, 0.5, 1.5), b.k_a = buf_input(t, C, 0.5, 1.5);
+    b.dkk = buf_input(t, n, -1, 1), b.dk = buf_input(t, n, -1, 1);
+    b.da = buf_input(t, n, -1, 1), b.dw = buf_input(t, n, -1, 1), b.dv = buf_input(t, n, -1, 1);
+    b.dvf = buf_accum(t, n, -1, 1), b.dnu = buf_output(t, n);
+    for (int i = 0; i < 5; i++) b.sums[i] = buf_accum(t, C, -1, 1);
+    return b;
+}
+
 /* attention_tail_backward (backend.h; CUDA only): the CPU runs the separate
  * ops in sequence (key_prepare_backward, bias_act_backward of a, w and nu
  * with their bias gradients, value_residual_backward; layer 0: add), the GPU
@@ -1819,16 +1839,10 @@ static void attention_tail_case(twin *t, const shape *sh, int layer0, int act16,
           : act16      ? "bf16"
                        : "f32",
           grad16 == 2 ? "f32 / bf16" : grad16 ? "bf16" : "f32");
-    if (!gpu->attention_tail_backward)
-        fatal("%s: the CUDA backend has no attention_tail_backward", t->op);
-    tbuf *k = buf_input(t, n, -1, 1), *a = buf_input(t, n, 0, 1), *v = buf_input(t, n, -1, 1);
-    tbuf *vf = buf_input(t, n, -1, 1), *nu = buf_input(t, n, 0, 1);
-    tbuf *k_k = buf_input(t, C, 0.5, 1.5), *k_a = buf_input(t, C, 0.5, 1.5);
-    tbuf *dkk = buf_input(t, n, -1, 1), *dk = buf_input(t, n, -1, 1);
-    tbuf *da = buf_input(t, n, -1, 1), *dw = buf_input(t, n, -1, 1), *dv = buf_input(t, n, -1, 1);
-    tbuf *dvf = buf_accum(t, n, -1, 1), *dnu = buf_output(t, n);
-    tbuf *sums[5];
-    for (int i = 0; i < 5; i++) sums[i] = buf_accum(t, C, -1, 1);
+    const tail_bufs b = tail_bufs_make(t, n, C);
+    tbuf *k = b.k, *a = b.a, *v = b.v, *vf = b.vf, *nu = b.nu, *k_k = b.k_k, *k_a = b.k_a;
+    tbuf *dkk = b.dkk, *dk = b.dk, *da = b.da, *dw = b.dw, *dv = b.dv, *dvf = b.dvf;
+    tbuf *dnu = b.dnu, *const *sums = b.sums;
     /* act16 3: training's layout past layer 0 (k_pre, v_pre, nu rkv_only,
      * a with kk, dkk wkv_only; v_first f32: it crosses pipeline stages) */
     const int act16_of[4][5] = {{0, 0, 0, 0, 0}, {1, 1, 1, 1, 1}, {0, 1, 0, 0, 0},
@@ -1943,32 +1957,23 @@ static void check_attention_tail_backward(twin *t, const shape *sh) {
 static void check_attention_tail_dkv16(twin *t, const shape *sh) {
     const int R = spec_rows(&sh->prefill), C = sh->C;
     const size_t n = (size_t)R * C, cc = (size_t)C * C;
-    rp_backend *gpu = t->gpu;
     label(t, "R=%d C=%d layer 1, dk dv GEMM-only", R, C);
-    if (!gpu->attention_tail_backward)
-        fatal("%s: the CUDA backend has no attention_tail_backward", t->op);
-    tbuf *k = buf_input(t, n, -1, 1), *a = buf_input(t, n, 0, 1), *v = buf_input(t, n, -1, 1);
-    tbuf *vf = buf_input(t, n, -1, 1), *nu = buf_input(t, n, 0, 1);
-    tbuf *k_k = buf_input(t, C, 0.5, 1.5), *k_a = buf_input(t, C, 0.5, 1.5);
-    tbuf *dkk = buf_input(t, n, -1, 1), *dk = buf_input(t, n, -1, 1);
-    tbuf *da = buf_input(t, n, -1, 1), *dw = buf_input(t, n, -1, 1), *dv = buf_input(t, n, -1, 1);
-    tbuf *dvf = buf_accum(t, n, -1, 1), *dnu = buf_output(t, n);
-    tbuf *sums[5];
-    for (int i = 0; i < 5; i++) sums[i] = buf_accum(t, C, -1, 1);
+    const tail_bufs b = tail_bufs_make(t, n, C);
     tbuf *x[2] = {buf_input(t, n, -1, 1), buf_input(t, n, -1, 1)};
     tbuf *w[2] = {buf_input(t, cc, -0.1, 0.1), buf_input(t, cc, -0.1, 0.1)};
     tbuf *dx[2] = {buf_output(t, n), buf_output(t, n)};
     tbuf *dwt[2] = {buf_accum(t, cc, -1, 1), buf_accum(t, cc, -1, 1)};
-    float *dk_before = download(t, dk), *dv_before = download(t, dv);
+    float *dk_before = download(t, b.dk), *dv_before = download(t, b.dv);
     for (int g = 0; g < 2; g++) {
         rp_backend *be = side(t, g);
         rp_attention_tail_backward_fn *tail =
             g ? be->attention_tail_backward : rp_attention_tail_backward_separate;
-        tail(be, at(dk, g), at(da, g), at(dw, g), at(dv, g), at(dvf, g), at(dnu, g),
-             at(sums[0], g), at(sums[1], g), at(sums[2], g), at(sums[3], g), at(sums[4], g),
-             at(dkk, g), at(k, g), at(a, g), at(v, g), at(vf, g), at(nu, g), at(k_k, g),
-             at(k_a, g), R, C, HEAD_SIZE, g);
-        tbuf *const dy[2] = {dk, dv};
+        tail(be, at(b.dk, g), at(b.da, g), at(b.dw, g), at(b.dv, g), at(b.dvf, g),
+             at(b.dnu, g), at(b.sums[0], g), at(b.sums[1], g), at(b.sums[2], g),
+             at(b.sums[3], g), at(b.sums[4], g), at(b.dkk, g), at(b.k, g), at(b.a, g),
+             at(b.v, g), at(b.vf, g), at(b.nu, g), at(b.k_k, g), at(b.k_a, g), R, C,
+             HEAD_SIZE, g);
+        tbuf *const dy[2] = {b.dk, b.dv};
         for (int j = 0; j < 2; j++)
             be->matmul_linear_backward_beta(be, at(dx[j], g), at(dwt[j], g), at(dy[j], g),
                                             at(x[j], g), at(w[j], g), R, C, C, 0.0f);
@@ -1979,8 +1984,8 @@ static void check_attention_tail_dkv16(twin *t, const shape *sh) {
         compare(t, names[j][0], dx[j]);
         compare(t, names[j][1], dwt[j]);
     }
-    compare(t, "dv_first", dvf);
-    float *dk_after = download(t, dk), *dv_after = download(t, dv);
+    compare(t, "dv_first", b.dvf);
+    float *dk_after = download(t, b.dk), *dv_after = download(t, b.dv);
     const int untouched = !memcmp(dk_before, dk_after, n * sizeof(float)) &&
                           !memcmp(dv_before, dv_after, n * sizeof(float));
     report(t, "dk, dv f32 not written", 0.0, 0.0, untouched, untouched ? "" : "  (written)");
