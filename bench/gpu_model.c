@@ -564,10 +564,11 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
      * and a read and dkk, dw_raw and da written in bf16 in place (wkv_only:
      * the tail alone reads dkk; gemm_only: the tail's w0 bias sums and the w
      * LoRA's GEMMs alone read dw_raw; rkv_only: the tail alone reads da):
-     * six tensors 2 bytes an element, and a bf16 copy of dr (the receptance
-     * GEMM backward's dY) */
-    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, r k v kk w_raw a dkk dw_raw da dy bf16, + bf16 dr)",
-                      (16.0 * 4 - 3 * 2 - 2 - 2 - 2 - 4 * (1 - GN_DY_IO) -
+     * six tensors 2 bytes an element; dr (gemm_only: the receptance GEMM
+     * backward right after is its one reader) read as f32 but written as
+     * its bf16 copy alone, the GEMM's dY */
+    add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, r k v kk w_raw a dkk dw_raw da dy bf16, dr bf16 out)",
+                      (16.0 * 4 - 3 * 2 - 2 - 2 - 2 - 4 - 4 * (1 - GN_DY_IO) -
                        3 * 4 * (1 - rkv_io(layer))) * R * C +
                           2.0 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,

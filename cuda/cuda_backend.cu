@@ -466,9 +466,7 @@ static void cuda_store16_promise(rp_backend *be, const float *p, size_t n, size_
 }
 
 static void cuda_gemm_only(rp_backend *be, const float *p, size_t n) {
-    rp_cuda_ctx *cx = rp_cuda_of(be);
-    cx->gemm_only_p = p;
-    cx->gemm_only_n = n;
+    rp_cuda_hint_gemm_only(rp_cuda_of(be), p, n);
 }
 
 static void cuda_wkv_only(rp_backend *be, const float *p, size_t n) {

@@ -65,9 +65,12 @@ enum rp_cuda_upload_slot {
 enum rp_cuda_scratch_area {
     RP_CUDA_SCRATCH_OP = 0,    // kernels: partial sums, temporaries
     RP_CUDA_SCRATCH_ACT16,     // RP_CUDA_ACT16_SLOTS areas: bf16 copies of activations
-    // 5: key_prepare_backward's dk copy must outlive the da, dw, dv and dnu
-    // copies claimed before the key GEMM backward reads it (LRU slots)
-    RP_CUDA_SCRATCH_COUNT = RP_CUDA_SCRATCH_ACT16 + 5
+    // 6: key_prepare_backward's dk copy must outlive the da, dw, dv and dnu
+    // copies claimed before the key GEMM backward reads it (LRU slots), and
+    // a current sole copy is never taken back: the WKV7 backward's (a
+    // GEMM-only dr) is current when the tail's separate ops claim theirs
+    // (dk, da, dv, dnu: 5 slots ran out with rkv_only off)
+    RP_CUDA_SCRATCH_COUNT = RP_CUDA_SCRATCH_ACT16 + 6
 };
 #define RP_CUDA_ACT16_SLOTS (RP_CUDA_SCRATCH_COUNT - RP_CUDA_SCRATCH_ACT16)
 // Reclaimed sole copies whose f32 is not yet written again (rp_cuda_ctx
@@ -126,11 +129,12 @@ struct rp_cuda_ctx {
     struct { const float *p; size_t n; } act16_stale[RP_CUDA_ACT16_STALE_MAX];
     int n_act16_stale;
     struct rp_cuda_step *step;  // decode step graphs (cuda_graph.cu); NULL until used
-    // GEMM-only outputs (backend.h gemm_only): the pending hint, and the
-    // f32 ranges whose memory holds their bf16 values in place (the first
-    // half of the range) until something writes them again.
-    const float *gemm_only_p;
-    size_t gemm_only_n;
+    // GEMM-only outputs (backend.h gemm_only): the pending hints, the
+    // newest first (two: the WKV7 backward takes dw_raw's and dr's), and
+    // the f32 ranges whose memory holds their bf16 values in place (the
+    // first half of the range) until something writes them again.
+    const float *gemm_only_p[2];
+    size_t gemm_only_n[2];
     // WKV7-only outputs (backend.h wkv_only): the pending hint, taken by
     // key_prepare (kk) or the WKV7 backward (dkk)
     const float *wkv_only_p;
@@ -356,10 +360,32 @@ static inline const rp_cuda_inplace *rp_cuda_inplace_at(const rp_cuda_ctx *cx, c
 // The pending gemm_only hint (backend.h), taken by the op that writes next
 // (a matmul op, or layernorm): 1 when its output p [n] is that hint's.
 static inline int rp_cuda_take_gemm_only(rp_cuda_ctx *cx, const float *p, size_t n) {
-    const int hit = cx->gemm_only_p == p && cx->gemm_only_n == n;
-    cx->gemm_only_p = NULL;
-    cx->gemm_only_n = 0;
+    int hit = 0;
+    for (int i = 0; i < 2; i++) {
+        hit |= cx->gemm_only_p[i] == p && cx->gemm_only_n[i] == n;
+        cx->gemm_only_p[i] = NULL;
+        cx->gemm_only_n[i] = 0;
+    }
     return hit;
+}
+// The same for an op with two hinted outputs (the WKV7 backward's dw_raw and
+// dr): *hit_a and *hit_b, every pending hint consumed.
+static inline void rp_cuda_take_gemm_only2(rp_cuda_ctx *cx, const float *a, const float *b,
+                                           size_t n, int *hit_a, int *hit_b) {
+    *hit_a = *hit_b = 0;
+    for (int i = 0; i < 2; i++) {
+        *hit_a |= cx->gemm_only_p[i] == a && cx->gemm_only_n[i] == n;
+        *hit_b |= cx->gemm_only_p[i] == b && cx->gemm_only_n[i] == n;
+        cx->gemm_only_p[i] = NULL;
+        cx->gemm_only_n[i] = 0;
+    }
+}
+// A gemm_only hint (backend.h) for p [n]: the two newest stay pending.
+static inline void rp_cuda_hint_gemm_only(rp_cuda_ctx *cx, const float *p, size_t n) {
+    cx->gemm_only_p[1] = cx->gemm_only_p[0];
+    cx->gemm_only_n[1] = cx->gemm_only_n[0];
+    cx->gemm_only_p[0] = p;
+    cx->gemm_only_n[0] = n;
 }
 // The pending wkv_only hint (backend.h), taken by key_prepare or the WKV7
 // backward: 1 when its kk / dkk p [n] is that hint's.

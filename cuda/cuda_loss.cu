@@ -701,8 +701,7 @@ static void cuda_head_cross_entropy(rp_backend *be, float *losses, float *dx, fl
         const int logits16 =
             cx->math == RP_CUDA_MATH_BF16 && be->head_logits16 && rows > RP_GEMV_MAX_M;
         if (logits16) {  // backend.h gemm_only, whether the model's tests installed it or not
-            cx->gemm_only_p = scratch;
-            cx->gemm_only_n = n;
+            rp_cuda_hint_gemm_only(cx, scratch, n);
         }
         be->matmul_linear(be, scratch, xc, head, rows, V, C, 0.0f);
         if (logits16 && !cx->act16_off) {

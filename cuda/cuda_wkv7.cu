@@ -862,7 +862,8 @@ __global__ void __launch_bounds__(WKV_THREADS,
                          const TK *kk, const TK *a, const float *checkpoints,
                          const int32_t *seq_len, const int32_t *row_begin, const int32_t *slot,
                          const int32_t *ckpt_block, int C, int accumulate,
-                         __nv_bfloat16 *dr16, __nv_bfloat16 *dw16, __nv_bfloat16 *da16) {
+                         __nv_bfloat16 *dr16, __nv_bfloat16 *dw16, __nv_bfloat16 *da16,
+                         int store_dr) {
     __shared__ __align__(16) float tile[WKV_TILE];
     __shared__ __align__(16) float anchors[WKV_ANCHORS * WKV_TILE];
     __shared__ __align__(16) float vec[2 * VEC_COUNT * WKV_N];
@@ -985,7 +986,7 @@ __global__ void __launch_bounds__(WKV_THREADS,
                 keep = own1;
             } else {
                 const float dr_o = accumulate ? wkv_in(dr, o) + dr_i : dr_i;
-                wkv_out(dr, o, dr_o);
+                if (store_dr) wkv_out(dr, o, dr_o);
                 if (dr16) dr16[o] = __float2bfloat16(dr_o);
                 if (da16)
                     da16[o] = __float2bfloat16(db_i * own0);
@@ -1225,7 +1226,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
                                    const int32_t *seq_len, const int32_t *row_begin,
                                    const int32_t *slot, const int32_t *ckpt_block, int C,
                                    int accumulate, __nv_bfloat16 *dr16,
-                                   __nv_bfloat16 *dw16, __nv_bfloat16 *da16) {
+                                   __nv_bfloat16 *dw16, __nv_bfloat16 *da16, int store_dr) {
     namespace wmma = nvcuda::wmma;
     extern __shared__ __align__(32) float wkv_smem_raw[];
     // an offset from the shared array (not a cast-back integer) keeps the
@@ -1419,7 +1420,7 @@ __global__ void __launch_bounds__(WKV_THREADS, 2)
                 const float dr_ = drt * gu, da_k = dat * gp, db_k = dbh / gu, dk_ = dkh / gu;
                 const float sig = rp_sigmoidf(wr);
                 const float dr_o = accumulate ? wkv_in(dr, o) + dr_ : dr_;
-                wkv_out(dr, o, dr_o);
+                if (store_dr) wkv_out(dr, o, dr_o);
                 if (dr16) dr16[o] = __float2bfloat16(dr_o);
                 wkv_out(dk, o, accumulate ? wkv_in(dk, o) + dk_ : dk_);
                 const float dw_o = dd * q.d * (-WKV_SCALE) * sig * (1.0f - sig);
@@ -1661,13 +1662,15 @@ static void cuda_wkv7_forward_train(rp_backend *be, float *y, const float *r, co
 // backward's dY (rp_cuda_act16). dw16 (may be NULL): dw_raw written as bf16
 // there instead of TO (in place: a GEMM-only dw_raw, backend.h gemm_only),
 // da16 likewise for da (in place: an rkv_only da, the fused tail's alone);
-// runtime choices, so that they cost no instantiation.
+// store_dr 0: no f32 dr, its copy dr16 alone (a GEMM-only dr); runtime
+// choices, so that they cost no instantiation.
 template <typename TI, typename TO, typename TK = TI, typename TD = TO, typename TY = TI>
 static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_base,
                                 size_t state_stride, const TY *dy, const TI *const *in,
                                 const float *checkpoints, const rp_batch *batch, int C, int N,
                                 float beta, __nv_bfloat16 *dr16 = nullptr,
-                                __nv_bfloat16 *dw16 = nullptr, __nv_bfloat16 *da16 = nullptr) {
+                                __nv_bfloat16 *dw16 = nullptr, __nv_bfloat16 *da16 = nullptr,
+                                int store_dr = 1) {
     TD *dkk = (TD *)g[4];
     const TK *kk = (const TK *)in[4], *w_raw = (const TK *)in[1], *a = (const TK *)in[5];
     if (!wkv_launchable(cx, "wkv7_backward", batch, C, N)) return;
@@ -1684,12 +1687,12 @@ static void wkv_backward_launch(rp_cuda_ctx *cx, TO *const *g, float *dstate_bas
         wkv7_chunk_backward_mma_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, WKB_BYTES, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, a, checkpoints, b.seq_len, b.row_begin, b.slot,
-            b.ckpt_block, C, beta != 0.0f, dr16, dw16, da16);
+            b.ckpt_block, C, beta != 0.0f, dr16, dw16, da16, store_dr);
     } else {
         wkv7_backward_kernel<TI, TO, TK, TD, TY><<<grid, WKV_THREADS, 0, cx->stream>>>(
             g[0], g[1], g[2], g[3], dkk, g[5], dstate_base, state_stride, dy, in[0], w_raw,
             in[2], in[3], kk, a, checkpoints, b.seq_len, b.row_begin, b.slot,
-            b.ckpt_block, C, beta != 0.0f, dr16, dw16, da16);
+            b.ckpt_block, C, beta != 0.0f, dr16, dw16, da16, store_dr);
     }
     RP_CUDA_LAUNCHED(cx, "wkv7_backward");
 }
@@ -1716,8 +1719,11 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // GEMMs read it as dY) likewise: bf16 in place, no f32 write (and no f32
     // read and bf16 copy in bias_act_backward); copies off: f32 rounded to
     // bf16 after, the same values for both readers.
-    const int dw_only =
-        rp_cuda_take_gemm_only(cx, dw_raw, n) && rp_cuda_store16_rows(cx, batch->n_rows);
+    // dr GEMM-only too (gemm_only: the receptance GEMM backward right after
+    // this op reads it as its dY, nothing else): its bf16 copy alone, below
+    int dw_hint, dr_hint;
+    rp_cuda_take_gemm_only2(cx, dw_raw, dr, n, &dw_hint, &dr_hint);
+    const int dw_only = dw_hint && rp_cuda_store16_rows(cx, batch->n_rows);
     __nv_bfloat16 *dw16 =
         dw_only && !cx->act16_off ? reinterpret_cast<__nv_bfloat16 *>(dw_raw) : nullptr;
     // An rkv_only da (backend.h: the fused attention_tail_backward alone
@@ -1756,36 +1762,38 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // backward's dY: its bf16 copy in the same pass (the model runs that
     // GEMM right after this op when it fuses the mixes)
     __nv_bfloat16 *dr16 = n > 0 ? rp_cuda_act16_for_rows(cx, dr, n, batch->n_rows) : nullptr;
+    // a GEMM-only dr: that copy alone (sole: an f32 reader is refused)
+    const int store_dr = !(dr_hint && dr16);
     if (all16) {
         if (dkk16)
             wkv_backward_launch<__nv_bfloat16, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, in16[6], in16, checkpoints, batch, C, N, beta,
-                dr16, dw16, da16);
+                dr16, dw16, da16, store_dr);
         else
             wkv_backward_launch(cx, g, dstate_base, state_stride, in16[6], in16, checkpoints,
-                                batch, C, N, beta, dr16, dw16, da16);
+                                batch, C, N, beta, dr16, dw16, da16, store_dr);
     } else {
         const float *in32[6] = {r, w16 ? (const float *)w16 : w_raw, k, v,
                                 kk16 ? (const float *)kk16 : kk, a16 ? (const float *)a16 : a};
         if (dy16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy16, in32, checkpoints, batch, C, N, beta,
-                dr16, dw16, da16);
+                dr16, dw16, da16, store_dr);
         else if (kk16 && dkk16)
             wkv_backward_launch<float, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
-                dr16, dw16, da16);
+                dr16, dw16, da16, store_dr);
         else if (kk16)
             wkv_backward_launch<float, float, __nv_bfloat16, float>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
-                dr16, dw16, da16);
+                dr16, dw16, da16, store_dr);
         else if (dkk16)
             wkv_backward_launch<float, float, float, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch, C, N, beta,
-                dr16, dw16, da16);
+                dr16, dw16, da16, store_dr);
         else
             wkv_backward_launch(cx, g, dstate_base, state_stride, dy, in32, checkpoints, batch,
-                                C, N, beta, dr16, dw16, da16);
+                                C, N, beta, dr16, dw16, da16, store_dr);
     }
     // the kernel wrote dkk (plain RP_CUDA_LAUNCHED): no earlier record of it
     // may stand, in place or copy
@@ -1798,7 +1806,12 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // later reader of that memory takes it for bf16 values
     if (dy16) rp_cuda_act16_forget(cx, dy, n * sizeof(float));
     rp_cuda_store16_done(cx, dkk, n, only, dkk16);
-    if (dr16 && cx->error.code == RP_OK) rp_cuda_act16_publish(cx, dr16, dr, n);
+    if (dr16 && cx->error.code == RP_OK) {
+        if (store_dr)
+            rp_cuda_act16_publish(cx, dr16, dr, n);
+        else
+            rp_cuda_act16_publish_sole(cx, dr16, dr, n);
+    }
 }
 
 static void cuda_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,

@@ -602,7 +602,10 @@ struct rp_backend {
      * the hint whether it uses it or not; so does a bias_act_backward with
      * dbias, when p is its dy (d pre, read only by matmul ops after it: CUDA
      * then keeps it only in the bf16 copy its GEMMs read; dbias is summed
-     * from the f32 values). */
+     * from the f32 values), and wkv7_backward_beta, which takes two: its
+     * dw_raw (read afterwards by the w0 bias_act_backward with RP_ACT_NONE
+     * and matmul ops) and its dr. Hints given before a consumer stay pending
+     * together (the two newest); the consumer drops them all. */
     void (*gemm_only)(rp_backend *be, const float *p, size_t n);
     /* ---- WKV7-only operands (optional; NULL: nothing to do; issue 15) ----
      * wkv_only(be, p, n): the output p [n] that the next key_prepare writes

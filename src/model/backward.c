@@ -584,6 +584,11 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
      * may write it as their operand (bf16 on CUDA); the hint before the
      * bias_act_backward below stays (that op consumes it either way) */
     if (be->gemm_only) be->gemm_only(be, tw->dw_raw, (size_t)R * C);
+    /* dr, complete after this op, is read only by the receptance GEMM
+     * backward right after it where the mixes are fused (below), unless the
+     * W pass copies it: GEMM-only too (the op takes both hints) */
+    if (fused && !wsave && be->gemm_only && be->wkv7_backward_beta)
+        be->gemm_only(be, tw->dr, (size_t)R * C);
     /* da: the fused tail alone reads it, and writes a's d pre over it in
      * place (bf16 on CUDA, as dw_raw) */
     if (be->attention_tail_backward && be->rkv_only && be->wkv7_backward_beta)

@@ -2247,6 +2247,12 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
     tbuf *dk_k = buf_accum(t, C, -1, 1), *dk_a = buf_accum(t, C, -1, 1);
     tbuf *dw0 = buf_accum(t, C, -1, 1);
     float *cpu_da = xmalloc(n * sizeof(float)); /* the CPU's da after WKV7 (rkv16) */
+    /* rkv16: dr GEMM-only as training hints it (the receptance GEMM
+     * backward right after WKV7 its only reader): that GEMM's dX and dW
+     * against the CPU's, and the GPU's f32 dr not written */
+    tbuf *xr = buf_input(t, n, -1, 1), *wr = buf_input(t, (size_t)C * C, -0.1, 0.1);
+    tbuf *dxr = buf_output(t, n), *dwr = buf_accum(t, (size_t)C * C, -1, 1);
+    float *dr_before = download(t, grad[0]);
     for (int g = 0; g < 2; g++) {
         rp_backend *be = side(t, g);
         if (g) be->wkv_only(be, at(grad[4], g), n);
@@ -2256,11 +2262,15 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
         /* rkv16: da rkv_only as training hints it (the fused tail alone
          * reads it): written bf16 in place */
         if (g && rkv16) be->rkv_only(be, at(grad[5], g), n);
+        if (g && rkv16) be->gemm_only(be, at(grad[0], g), n);
         be->wkv7_backward_beta(be, at(grad[0], g), at(grad[1], g), at(grad[2], g),
                                at(grad[3], g), at(grad[4], g), at(grad[5], g),
                                at(dstate, g) + wkv, stride, at(dy, g), at(in.r, g),
                                at(in.w_raw, g), at(in.k, g), at(in.v, g), at(kk, g),
                                at(in.a, g), at(ckpt, g), batch, C, N, 1.0f);
+        if (rkv16)
+            be->matmul_linear_backward_beta(be, at(dxr, g), at(dwr, g), at(grad[0], g),
+                                            at(xr, g), at(wr, g), R, C, C, 0.0f);
         if (g) { /* dkk as the backward left it, before key_prepare_backward */
             dev_widen(t, wide, grad[4]->gpu);
             host = download(t, wide);
@@ -2293,8 +2303,18 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
                                  at(grad[4], g), at(k_pre, g), at(in.a, g), at(k_k, g),
                                  at(k_a, g), R, C, N);
     }
+    if (rkv16) {
+        compare(t, "dX (receptance GEMM, bf16 dr)", dxr);
+        compare(t, "dW (receptance GEMM)", dwr);
+        float *dr_after = download(t, grad[0]);
+        const int untouched = !memcmp(dr_before, dr_after, n * sizeof(float));
+        report(t, "dr f32 not written", 0.0, 0.0, untouched, untouched ? "" : "  (written)");
+        free(dr_after);
+    }
+    free(dr_before);
     for (int i = 0; i < WKV_GRADS; i++) {
         if (i == 1 || i == 4) continue; /* bf16 in place: compared above */
+        if (i == 0 && rkv16) continue;  /* GEMM-only: checked through its GEMM */
         host = download(t, grad[i]);
         compare_values(t, wkv_grad_names[i], host, grad[i]->cpu, grad[i]->before, n,
                        TOL_WKV_KK16);
