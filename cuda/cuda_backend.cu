@@ -216,11 +216,14 @@ __nv_bfloat16 *rp_cuda_act16_claim(rp_cuda_ctx *cx, const float *p, size_t n,
     // at the largest shapes no slot allocates, whichever slot a copy gets.
     if (n > cx->act16_max) cx->act16_max = n;
     // Least recently used, but a sole copy (publish_sole) only when every
-    // slot holds one: its f32 is stale, the copy is its only value.
+    // slot holds one: its f32 is stale, the copy is its only value. Never a
+    // slot this op already claimed (its kernel has not run: no launch since),
+    // which would hand one buffer out for two copies.
     int pick = -1;
     for (int i = 0; i < RP_CUDA_ACT16_SLOTS; i++) {
         const rp_cuda_act16 *a = &cx->act16[i];
         if (a->buf && a->buf == keep) continue;
+        if (a->buf && !a->p && a->claim_seq == cx->seq && a->used) continue;
         if (a->p == p) {  // a new copy of the same activation replaces the old one
             pick = i;
             break;
@@ -232,6 +235,14 @@ __nv_bfloat16 *rp_cuda_act16_claim(rp_cuda_ctx *cx, const float *p, size_t n,
         const rp_cuda_act16 *b = &cx->act16[pick];
         const int a_sole = a->p && a->sole, b_sole = b->p && b->sole;
         if (a_sole != b_sole ? b_sole : a->used < b->used) pick = i;
+    }
+    if (pick < 0) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda: one op asked for more bf16 activation copies than the %d "
+                         "slots (RP_CUDA_ACT16_SLOTS, cuda_internal.h)",
+                         RP_CUDA_ACT16_SLOTS);
+        return NULL;
     }
     rp_cuda_act16 *a = &cx->act16[pick];
     if (a->p && a->sole && a->p != p) {
@@ -266,6 +277,7 @@ __nv_bfloat16 *rp_cuda_act16_claim(rp_cuda_ctx *cx, const float *p, size_t n,
     if (!buf) return NULL;
     a->buf = (__nv_bfloat16 *)buf;
     a->used = ++cx->clock;
+    a->claim_seq = cx->seq;
     return a->buf;
 }
 

@@ -95,6 +95,9 @@ struct rp_cuda_act16 {
     unsigned long long seq, used;
     __nv_bfloat16 *buf;
     int sole;  // 1: p's f32 memory does not hold the values (rp_cuda_act16_publish_sole)
+    // seq at the last claim: with p NULL and seq unmoved since, the op being
+    // set up holds this slot (its kernel will write it): never claimed twice
+    unsigned long long claim_seq;
 };
 
 // A training activation sized for bf16-only storage (backend.h

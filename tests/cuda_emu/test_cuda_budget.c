@@ -1327,10 +1327,13 @@ static void test_wkv16_train_precision(void **s) {
     tiny_fixture_destroy(ref);
 }
 
-/* wkv7_backward_beta with the pending gemm_only hint (backward.c's, for
- * dw_raw) dropped first: dw_raw written f32 and rounded to bf16 only by
- * w0's bias_act_backward for the GEMMs, as before the WKV7 backward took the
- * hint (the switch for test_wkv_dw16_precision). */
+/* wkv7_backward_beta with backward.c's gemm_only hint for dw_raw dropped
+ * first and the one for dr kept: dw_raw written f32 and rounded to bf16
+ * only by w0's bias_act_backward for the GEMMs, as before the WKV7 backward
+ * took the hint (the switch for test_wkv_dw16_precision). dr's copy stays
+ * sole, so the tail's five copies (rkv_only off: dk, da, dw_raw, dv, dnu)
+ * take every slot but dr's: a claim that handed one slot out twice in one
+ * op (before rp_cuda_act16::claim_seq) corrupted dk here. */
 static void (*wkv_bwd_saved)(rp_backend *, float *, float *, float *, float *, float *, float *,
                              float *, size_t, const float *, const float *, const float *,
                              const float *, const float *, const float *, const float *,
@@ -1341,7 +1344,12 @@ static void wkv_bwd_dw_f32(rp_backend *be, float *dr, float *dw_raw, float *dk, 
                            const float *v, const float *kk, const float *a,
                            const float *checkpoints, const rp_batch *batch, int C, int N,
                            float beta) {
+    /* the pending hints: dw_raw's, and dr's beside it (backward.c); the
+     * backend keeps the two newest, so two empty ones drop both */
     be->gemm_only(be, NULL, 0);
+    be->gemm_only(be, NULL, 0); /* the backend keeps the two newest: both dropped */
+    be->gemm_only(be, NULL, 0);
+    be->gemm_only(be, dr, (size_t)batch->n_rows * C);
     wkv_bwd_saved(be, dr, dw_raw, dk, dv, dkk, da, dstate_base, state_stride, dy, r, w_raw, k,
                   v, kk, a, checkpoints, batch, C, N, beta);
 }
