@@ -453,17 +453,18 @@ static void mix_ln_backward(kernel_list *l, double R, double C, int terms) {
 }
 
 /* groupnorm_bonus_gate_backward: one kernel reads d og, y, r, k, v, g and
- * mean/rstd once and writes dy, dr, dk, dv (first writes, beta 0), dg (+ its
- * bf16 copy) and the r_k, ln_x weight and bias partials of its row chunks;
- * the groupnorm output and d(groupnorm out) stay in registers. The finish
- * kernel sums the three partials. */
+ * mean/rstd once and writes dy, dr, dk, dv (first writes, beta 0), dg (its
+ * bf16 copy alone: gemm_only, the gate LoRA's GEMMs its only readers) and
+ * the r_k, ln_x weight and bias partials of its row chunks; the groupnorm
+ * output and d(groupnorm out) stay in registers. The finish kernel sums the
+ * three partials. */
 static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H, int layer) {
     double chunks = ceil(R / 64);
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
-    /* d og, dr, dk, dv, dg f32; r, k, v, g f32 or bf16 (rkv_io) */
-    add(l, "groupnorm_bonus_gate backward (dy bf16, + bf16 dg, partials)", 1,
-        4.0 * C * (R * (GN_Y_IO + 5 + 4 * rkv_io(layer) + GN_DY_IO + BF16_OUT) + 3 +
+    /* d og, dr, dk, dv f32; r, k, v, g f32 or bf16 (rkv_io) */
+    add(l, "groupnorm_bonus_gate backward (dy bf16, dg bf16 only, partials)", 1,
+        4.0 * C * (R * (GN_Y_IO + 4 + 4 * rkv_io(layer) + GN_DY_IO + BF16_OUT) + 3 +
                    3 * chunks) +
             8.0 * R * H,
         30.0 * R * C,

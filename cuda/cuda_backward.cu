@@ -1766,7 +1766,7 @@ __global__ static void groupnorm_bonus_gate_backward_kernel(
             const float dout_i = dout[i];
             dz[e] = dout_i * rp_ldf(g + i);
             const float dgi = dout_i * (o + s * vv[e]);
-            dg[i] = dgi;
+            if (dg) dg[i] = dgi;  // NULL: a GEMM-only dg, its copy alone
             if (dg16) dg16[i] = __float2bfloat16(dgi);
             dv[i] = (accumulate ? dv[i] : 0.0f) + dz[e] * s;
             dsum += dz[e] * vv[e];
@@ -1844,8 +1844,12 @@ static void cuda_groupnorm_bonus_gate_backward(
         if (!part) return;
     }
     const dim3 grid(C / N, chunks);
-    // dg is the dY of the gate LoRA's backward GEMMs
+    // dg is the dY of the gate LoRA's backward GEMMs; GEMM-only (a
+    // gemm_only hint: nothing else reads it) it is written as that copy
+    // alone, a sole copy, no f32
+    const int dg_hint = rp_cuda_take_gemm_only(cx, dg, n);
     __nv_bfloat16 *dg16 = rp_cuda_act16_for_rows(cx, dg, n, R);
+    float *dg32 = dg_hint && dg16 ? nullptr : dg;
     // y in bf16 in place when the WKV7 forward stored it so
     const __nv_bfloat16 *y16 = rp_cuda_inplace_find(cx, y, n);
     if (!y16 && !rp_cuda_store16_fits(cx, y, n, "groupnorm_bonus_gate_backward (y)")) return;
@@ -1873,7 +1877,7 @@ static void cuda_groupnorm_bonus_gate_backward(
 #define GN_BONUS_LAUNCH(E, TY, YP, TDY, DYP, TR, R4)                                            \
     groupnorm_bonus_gate_backward_kernel<E, TY, TDY, TR><<<grid, ROW_WARP_THREADS, 0,            \
                                                            cx->stream>>>(                       \
-        DYP, dr, dk, dv, part, dg, dg16, dout, YP, mean, rstd, ln_w, ln_b, R4[0], R4[1], R4[2], \
+        DYP, dr, dk, dv, part, dg32, dg16, dout, YP, mean, rstd, ln_w, ln_b, R4[0], R4[1], R4[2], \
         r_k, R4[3], R, C, chunks, rows_per_chunk, accumulate)
 #define GN_BONUS_SWITCH(TY, YP, TDY, DYP, TR, R4)                                               \
     switch (N / 32) {                                                                           \
@@ -1912,7 +1916,8 @@ static void cuda_groupnorm_bonus_gate_backward(
     }
     // after RP_CUDA_LAUNCHED_OUT, which forgot dy's earlier records
     rp_cuda_store16_done(cx, dy, n, only, dy16);
-    if (dg16) rp_cuda_act16_publish(cx, dg16, dg, n);
+    if (dg16 && dg32) rp_cuda_act16_publish(cx, dg16, dg, n);
+    if (dg16 && !dg32) rp_cuda_act16_publish_sole(cx, dg16, dg, n);
 }
 
 void rp_cuda_install_backward(rp_backend *be) {

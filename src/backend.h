@@ -692,8 +692,11 @@ struct rp_backend {
      * then groupnorm_backward(dy, dln_w, dln_b, d_o, y, mean, rstd, ln_w,
      * R, C, N), with o recomputed from y, mean, rstd and d_o never stored:
      * dy, dg =; dr, dk, dv = (beta 0) or += (beta 1); dln_w, dln_b, dr_k +=
-     * (each may be NULL). A backend sets both or neither: the unfused
-     * backward reads the o that the fused forward does not store. */
+     * (each may be NULL). It consumes a pending gemm_only hint for dg
+     * (training's: the gate LoRA's backward GEMMs alone read it; CUDA then
+     * keeps it only in the bf16 copy they read). A backend sets both or
+     * neither: the unfused backward reads the o that the fused forward does
+     * not store. */
     void (*groupnorm_bonus_gate)(rp_backend *be, float *out, float *mean, float *rstd,
                                  const float *y, const float *ln_w, const float *ln_b,
                                  const float *r, const float *k, const float *v,

@@ -537,8 +537,10 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     /* fused: groupnorm's backward too (its input's gradient dy, its
      * parameters'), from y, gn_mean, gn_rstd: d_gn and o_gn never stored */
     const int gn_fused = be->groupnorm_bonus_gate_backward != NULL;
-    /* its dy is read by the WKV7 backward alone (bf16 on CUDA) */
+    /* its dy is read by the WKV7 backward alone (bf16 on CUDA), its dg by
+     * the gate LoRA's backward GEMMs alone (below) */
     if (gn_fused && be->wkv_only) be->wkv_only(be, tw->dy, (size_t)R * C);
+    if (gn_fused && be->gemm_only) be->gemm_only(be, tw->dg, (size_t)R * C);
     if (gn_fused)
         be->groupnorm_bonus_gate_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->dr,
                                           tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og, s->y,

@@ -1199,7 +1199,8 @@ static void dev_widen(twin *t, tbuf *b, const void *src);
  * ops (training's rkv_only layout; both sides read the rounded values), and the
  * fused backward's dy written bf16 in place under a wkv_only hint, as
  * training has it (the kernels take r, k, v bf16 only with y and dy so):
- * read back widened, within one bf16 rounding of the unfused dy. */
+ * read back widened, within one bf16 rounding of the unfused dy; its dg
+ * GEMM-only (its bf16 copy alone), checked through the GEMM that reads it. */
 static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float beta, int rkv16) {
     const int R = spec_rows(&sh->prefill), C = sh->C, N = HEAD_SIZE, H = C / N;
     const size_t n = (size_t)R * C, nh = (size_t)R * H;
@@ -1274,6 +1275,13 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
         if (u->before) memcpy(fb->before, u->before, u->n * sizeof(float));
         gpu->copy(gpu, fb->gpu, u->gpu, u->n * sizeof(float));
     }
+    /* rkv16: dg GEMM-only as training hints it (the gate LoRA's backward
+     * GEMMs alone read it): the up GEMM's backward from it (dX, dW) against
+     * the CPU's, and the fused op's f32 dg not written */
+    const int D = 64;
+    tbuf *lx = buf_input(t, (size_t)R * D, -1, 1), *lw2 = buf_input(t, (size_t)C * D, -0.1, 0.1);
+    tbuf *ldx = buf_output(t, (size_t)R * D), *ldw = buf_accum(t, (size_t)C * D, -1, 1);
+    float *dg_before = download(t, bk[1][4]);
     for (int g = 0; g < 2; g++) {
         rp_backend *be = side(t, g);
         for (int f = 0; f < 1 + g; f++) {
@@ -1281,6 +1289,7 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
             for (int i = 0; i < 8; i++) p[i] = at(bk[f][i], g);
             if (f) {
                 if (rkv16) be->wkv_only(be, p[0], n);
+                if (rkv16) be->gemm_only(be, p[4], n);
                 be->groupnorm_bonus_gate_backward(be, p[0], p[5], p[6], p[1], p[2], p[3], p[7],
                                                   p[4], at(dout, g), at(y_in, g), at(mean, g),
                                                   at(rstd, g), at(lw, g), at(lb, g),
@@ -1298,7 +1307,19 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
         if (!g) /* the CPU side of the fused buffers: the unfused results */
             for (int i = 0; i < 8; i++)
                 be->copy(be, bk[1][i]->cpu, bk[0][i]->cpu, bk[0][i]->n * sizeof(float));
+        if (rkv16)
+            be->matmul_lora_backward_beta(be, at(ldx, g), at(ldw, g), at(bk[1][4], g),
+                                          at(lx, g), at(lw2, g), R, C, D, 0.0f);
     }
+    if (rkv16) {
+        compare(t, "dX (gate LoRA up GEMM, bf16 dg)", ldx);
+        compare(t, "dW (gate LoRA up GEMM)", ldw);
+        float *dg_after = download(t, bk[1][4]);
+        const int untouched = !memcmp(dg_before, dg_after, n * sizeof(float));
+        report(t, "dg f32 not written", 0.0, 0.0, untouched, untouched ? "" : "  (written)");
+        free(dg_after);
+    }
+    free(dg_before);
     static const char *names[8] = {"dy", "dr", "dk", "dv", "dg", "dln_w", "dln_b", "dr_k"};
     char what[48];
     if (rkv16) { /* dy bf16 in place: its widened values, one rounding off */
@@ -1311,7 +1332,7 @@ static void groupnorm_bonus_gate_case(twin *t, const shape *sh, int y16, float b
         free(hu);
     }
     for (int i = 0; i < 8; i++) {
-        if (rkv16 && i == 0) continue; /* compared above */
+        if (rkv16 && (i == 0 || i == 4)) continue; /* compared above */
         compare(t, names[i], bk[1][i]);
         snprintf(what, sizeof what, "%s = unfused", names[i]);
         if (i) {
