@@ -1574,12 +1574,10 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
                               {da0, cb}, {dw0, cb}, {nu ? dv0 : nullptr, nu ? cb : 0}))
         return;
     if (grads16) rp_cuda_inplace_add(cx, da, n);  // d pre in place, as da came
-    if (c16.dk && store_dkv) rp_cuda_act16_publish(cx, c16.dk, dk, n);
-    if (c16.dk && !store_dkv) rp_cuda_act16_publish_sole(cx, c16.dk, dk, n);
+    if (c16.dk) rp_cuda_act16_publish_as(cx, c16.dk, dk, n, store_dkv);
     if (c16.da) rp_cuda_act16_publish_sole(cx, c16.da, da, n);
     if (c16.dw) rp_cuda_act16_publish(cx, c16.dw, dw_raw, n);
-    if (c16.dv && store_dkv) rp_cuda_act16_publish(cx, c16.dv, dv, n);
-    if (c16.dv && !store_dkv) rp_cuda_act16_publish_sole(cx, c16.dv, dv, n);
+    if (c16.dv) rp_cuda_act16_publish_as(cx, c16.dv, dv, n, store_dkv);
     if (c16.dnu) rp_cuda_act16_publish_sole(cx, c16.dnu, dnu, n);
 }
 
@@ -1916,8 +1914,7 @@ static void cuda_groupnorm_bonus_gate_backward(
     }
     // after RP_CUDA_LAUNCHED_OUT, which forgot dy's earlier records
     rp_cuda_store16_done(cx, dy, n, only, dy16);
-    if (dg16 && dg32) rp_cuda_act16_publish(cx, dg16, dg, n);
-    if (dg16 && !dg32) rp_cuda_act16_publish_sole(cx, dg16, dg, n);
+    if (dg16) rp_cuda_act16_publish_as(cx, dg16, dg, n, dg32 != nullptr);
 }
 
 void rp_cuda_install_backward(rp_backend *be) {

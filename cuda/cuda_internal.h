@@ -307,6 +307,15 @@ void rp_cuda_act16_publish(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const floa
 // is a sticky error too, never a GEMM on the stale f32.
 void rp_cuda_act16_publish_sole(rp_cuda_ctx *cx, const __nv_bfloat16 *buf, const float *p,
                                 size_t n);
+// rp_cuda_act16_publish, or _sole when the op did not write p's f32
+// (f32_written 0: a GEMM-only output kept in its copy alone).
+static inline void rp_cuda_act16_publish_as(rp_cuda_ctx *cx, const __nv_bfloat16 *buf,
+                                            const float *p, size_t n, int f32_written) {
+    if (f32_written)
+        rp_cuda_act16_publish(cx, buf, p, n);
+    else
+        rp_cuda_act16_publish_sole(cx, buf, p, n);
+}
 // 1 when [p, p + n) overlaps the f32 of a sole copy (see above), whether
 // its slot still holds it or a claim took the slot back.
 int rp_cuda_act16_stale(const rp_cuda_ctx *cx, const float *p, size_t n);

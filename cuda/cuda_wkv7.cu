@@ -1806,12 +1806,7 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // later reader of that memory takes it for bf16 values
     if (dy16) rp_cuda_act16_forget(cx, dy, n * sizeof(float));
     rp_cuda_store16_done(cx, dkk, n, only, dkk16);
-    if (dr16 && cx->error.code == RP_OK) {
-        if (store_dr)
-            rp_cuda_act16_publish(cx, dr16, dr, n);
-        else
-            rp_cuda_act16_publish_sole(cx, dr16, dr, n);
-    }
+    if (dr16 && cx->error.code == RP_OK) rp_cuda_act16_publish_as(cx, dr16, dr, n, store_dr);
 }
 
 static void cuda_wkv7_backward(rp_backend *be, float *dr, float *dw_raw, float *dk, float *dv,
