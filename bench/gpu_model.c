@@ -462,9 +462,12 @@ static void gn_bonus_gate_backward(kernel_list *l, double R, double C, double H,
     double chunks = ceil(R / 64);
     if (chunks > 256) chunks = 256;
     if (chunks < 1) chunks = 1;
-    /* d og, dr, dk, dv f32; r, k, v, g f32 or bf16 (rkv_io) */
-    add(l, "groupnorm_bonus_gate backward (dy bf16, dg bf16 only, partials)", 1,
-        4.0 * C * (R * (GN_Y_IO + 4 + 4 * rkv_io(layer) + GN_DY_IO + BF16_OUT) + 3 +
+    /* d og bf16 in place (the output GEMM's dX, gemm_only); dr, dk, dv and
+     * r, k, v, g f32 or bf16 (rkv_io: past layer 0 dr, dk, dv are written
+     * bf16 in place, backend.h drkv_only) */
+    add(l, "groupnorm_bonus_gate backward (d og dy bf16, dg bf16 only, partials)", 1,
+        4.0 * C * (R * (GN_Y_IO + BF16_OUT + 3 * rkv_io(layer) + 4 * rkv_io(layer) + GN_DY_IO +
+                        BF16_OUT) + 3 +
                    3 * chunks) +
             8.0 * R * H,
         30.0 * R * C,
@@ -494,8 +497,10 @@ static void attention_tail_backward(kernel_list *l, double R, double C, int laye
      * (layer > 0), with the bf16 dk, dv (GEMM-only: the step without the W
      * pass writes no f32 of them, backward.c dkv_gemm_only), d pre of a
      * (over da) (+ nu) */
-    /* past layer 0 k_pre, v_pre and nu bf16 in place (rkv_only) */
-    const double io = layer > 0 ? 4 * BF16_OUT + 4 + 3 * rkv_io(layer) + 1 + 4 * BF16_OUT
+    /* past layer 0 k_pre, v_pre and nu bf16 in place (rkv_only), dk and dv
+     * read and written bf16 in place (drkv_only) */
+    const double io = layer > 0 ? 4 * BF16_OUT + 2 + 2 * rkv_io(layer) + 3 * rkv_io(layer) + 1 +
+                                      4 * BF16_OUT
                                 : 4 * BF16_OUT + 4 + 3 * BF16_OUT;
     add(l, "attention_tail backward (key prepare + a/w/v0 bias + value residual)", 1,
         4.0 * C * (R * io + 2 + 5 * chunks), (layer > 0 ? 25.0 : 17.0) * R * C, 0);
@@ -539,9 +544,10 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
      * below) are each one shift_mix_ln_backward term only, written by their
      * dX GEMM in bf16 in place (backward.c MIX_DX16, lora_backward's dx16)
      * where that op forms the mixes again; the output GEMM's dX (d og) is
-     * fp32 (measured, tests/cuda_emu/test_model_bytes.c) */
+     * bf16 in place too (gemm_only: the fused groupnorm backward alone reads
+     * it) */
     const int mix_dx16 = mix_ln_fused(C) ? 2 : 1;
-    gemm_backward(l, "GEMM backward C x C", 1, R, C, C, 1, 1);
+    gemm_backward(l, "GEMM backward C x C", 1, R, C, C, 1, 2);
     gemm_backward(l, "GEMM backward C x C", 3, R, C, C, 1, mix_dx16);
     for (int i = 0; i < loras; i++) {
         /* up: dy in bf16 from bias_act backward (w, a, v) or bonus_gate
@@ -567,10 +573,12 @@ static void layer_backward(kernel_list *l, const rp_config *c, int layer, double
      * LoRA's GEMMs alone read dw_raw; rkv_only: the tail alone reads da):
      * six tensors 2 bytes an element; dr (gemm_only: the receptance GEMM
      * backward right after is its one reader) read as f32 but written as
-     * its bf16 copy alone, the GEMM's dY */
+     * its bf16 copy alone, the GEMM's dY; past layer 0 dr, dk, dv read and
+     * written bf16 in place (drkv_only: the groupnorm backward wrote them
+     * so, the tail and the GEMMs read them so) */
     add_wkv_chunk_mma(l, "wkv7_backward (chunked, bf16 wmma, r k v kk w_raw a dkk dw_raw da dy bf16, dr bf16 out)",
                       (16.0 * 4 - 3 * 2 - 2 - 2 - 2 - 4 - 4 * (1 - GN_DY_IO) -
-                       3 * 4 * (1 - rkv_io(layer))) * R * C +
+                       3 * 4 * (1 - rkv_io(layer)) - 5 * 4 * (1 - rkv_io(layer))) * R * C +
                           2.0 * R * C + 2 * S * state + R / 16 * state,
                       WKV_CHUNK_BWD_MMA_CORE_FLOPS_PER_ELEM * R * C * N,
                       WKV_CHUNK_BWD_MMA_TC_FLOPS_PER_ELEM * R * C * N);

@@ -493,6 +493,15 @@ static void cuda_rkv_only(rp_backend *be, const float *p, size_t n) {
     cx->rkv_only_n = n;
 }
 
+static void cuda_drkv_only(rp_backend *be, const float *dr, const float *dk, const float *dv,
+                           size_t n) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    cx->drkv_only_p[0] = dr;
+    cx->drkv_only_p[1] = dk;
+    cx->drkv_only_p[2] = dv;
+    cx->drkv_only_n = n;
+}
+
 int rp_cuda_launched_out(rp_cuda_ctx *cx, const char *name, const char *file, int line,
                          std::initializer_list<rp_cuda_out> outs) {
     for (const rp_cuda_out &o : outs)
@@ -1007,6 +1016,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
     be->gemm_only = cuda_gemm_only;
     be->wkv_only = cuda_wkv_only;
     be->rkv_only = cuda_rkv_only;
+    be->drkv_only = cuda_drkv_only;
     be->store16_fits = cuda_store16_fits;
     be->store16_promise = cuda_store16_promise;
     be->synchronize = cuda_synchronize;

@@ -1337,6 +1337,17 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
 // d pre in place (its LoRA GEMMs read it there); a float one its copy
 // c16.da (sole: no f32 unless store_da), as a gemm_only d pre. dw_raw is
 // its own d pre: a bf16 one is left where it is for its GEMMs.
+// Element i of a gradient that is f32, or bf16 in place when as16 (a
+// runtime choice: backend.h drkv_only's dr, dk, dv; no instantiation).
+__device__ __forceinline__ float grad_get(const float *p, size_t i, int as16) {
+    return as16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(p)[i]) : p[i];
+}
+__device__ __forceinline__ void grad_put(float *p, size_t i, float x, int as16) {
+    if (as16)
+        reinterpret_cast<__nv_bfloat16 *>(p)[i] = __float2bfloat16(x);
+    else
+        p[i] = x;
+}
 struct tail_copies {
     __nv_bfloat16 *dk, *da, *dw, *dv, *dnu;  // each may be NULL
 };
@@ -1353,7 +1364,7 @@ __global__ static void attention_tail_backward_kernel(
     const TB *__restrict__ a, const TA *__restrict__ v, const TF *__restrict__ v_first,
     const TA *__restrict__ nu, const float *__restrict__ k_k, const float *__restrict__ k_a,
     int R, int C, int rows_per_chunk, tail_copies c16, int store_da, int store_dnu,
-    int store_dkv) {
+    int store_dkv, int dkv16) {
     constexpr int E = KEY_HEAD_SIZE / 32, T = KEY_HEAD_SIZE;
     __shared__ float sh[TAIL_PARTS][ROW_WARPS * T];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1373,14 +1384,14 @@ __global__ static void attention_tail_backward_kernel(
         for (int e = 0; e < E; e++) {
             const size_t i = o + 32 * e;
             // key_prepare_backward
-            const float d_out = dk[i], av = key_in(a + i);
+            const float d_out = grad_get(dk, i, dkv16), av = key_in(a + i);
             const float du = (dkkv[e] - kv[e] * kkw[e] * pj) * iv;
             acc[0][e] += du * kv[e];
             acc[1][e] += d_out * kv[e] * (av - 1.0f);
             float dai = key_in(da + i);
             dai += d_out * kv[e] * kaw[e];
             const float dki = d_out * (1.0f + (av - 1.0f) * kaw[e]) + du * kkw[e];
-            if (store_dkv) dk[i] = dki;
+            if (store_dkv || dkv16) grad_put(dk, i, dki, dkv16);
             if (c16.dk) c16.dk[i] = __float2bfloat16(dki);
             // bias_act_backward of a (sigmoid, act' from the output a)
             dai *= act_derivative(RP_ACT_SIGMOID, av);
@@ -1394,7 +1405,8 @@ __global__ static void attention_tail_backward_kernel(
             float dvi;
             if (nu) {
                 // value_residual_backward, then bias_act_backward of nu (sigmoid)
-                const float dvo = dv[i], vv = key_in(v + i), fv = key_in(v_first + i),
+                const float dvo = grad_get(dv, i, dkv16), vv = key_in(v + i),
+                            fv = key_in(v_first + i),
                             nv = key_in(nu + i);
                 float df = dv_first[i], dn;
                 df += dvo * nv;
@@ -1406,10 +1418,10 @@ __global__ static void attention_tail_backward_kernel(
                 if (c16.dnu) c16.dnu[i] = __float2bfloat16(dn);
                 if (store_dnu) dnu[i] = dn;
             } else {  // layer 0: v is v_first, add(dv, dv_first)
-                dvi = dv[i];
+                dvi = grad_get(dv, i, dkv16);
                 dvi += dv_first[i];
             }
-            if (store_dkv) dv[i] = dvi;
+            if (store_dkv || dkv16) grad_put(dv, i, dvi, dkv16);
             if (c16.dv) c16.dv[i] = __float2bfloat16(dvi);
         }
     }
@@ -1478,6 +1490,33 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     const rp_cuda_inplace *ip_da = rp_cuda_inplace_at(cx, da, n);
     const rp_cuda_inplace *ip_dw = rp_cuda_inplace_at(cx, dw_raw, n);
     const int grads16 = ip_da && ip_dw, dw16 = ip_dw != nullptr;
+    // dk and dv bf16 in place (the WKV7 backward left them so under the
+    // model's drkv_only hint): read and written in place, each element by
+    // its one thread, for the key and value GEMMs alone (dkv_gemm_only);
+    // only in training's layout past layer 0 (f32_first). With the copies
+    // off they are f32 records (rounded values): the separate ops below.
+    const rp_cuda_inplace *ip_dk = rp_cuda_inplace_at(cx, dk, n);
+    const rp_cuda_inplace *ip_dv = rp_cuda_inplace_at(cx, dv, n);
+    const int dkv16 = ip_dk && ip_dv && !ip_dk->f32 && !ip_dv->f32;
+    if ((ip_dk || ip_dv) && !dkv16 &&
+        !(ip_dk && ip_dv && ip_dk->f32 && ip_dv->f32)) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda attention_tail_backward: dk is %s, dv %s; the tail takes them "
+                         "in one storage (hint drkv_only for all of dr, dk, dv or none)",
+                         ip_dk ? (ip_dk->f32 ? "f32 rounded" : "bf16 in place") : "f32",
+                         ip_dv ? (ip_dv->f32 ? "f32 rounded" : "bf16 in place") : "f32");
+        return;
+    }
+    if (dkv16 && !(f32_first && dkv_gemm_only && dkk16 && grads16)) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda attention_tail_backward: dk and dv are bf16 in place, which "
+                         "only training's layout past layer 0 takes (k, v, nu, dkk, da, dw_raw "
+                         "bf16, v_first f32) with dkv_gemm_only %d; hint drkv_only only there",
+                         dkv_gemm_only);
+        return;
+    }
     if ((n_act16 != 0 && n_act16 != n_act && !f32_first) || (n_act16 && !a16) ||
         (f32_first && !(dkk16 && grads16)) || (ip_da && !ip_dw) ||
         (ip_da && ip_da->f32) || (ip_dw && ip_dw->f32) ||
@@ -1507,10 +1546,10 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     // LoRAs'; a and nu's only store, as after a gemm_only hint); five slots
     // (RP_CUDA_ACT16_SLOTS), each claim the newest, so all distinct
     tail_copies c16 = {};
-    c16.dk = rp_cuda_act16_for_rows(cx, dk, n, R);
+    if (!dkv16) c16.dk = rp_cuda_act16_for_rows(cx, dk, n, R);
     if (!grads16) c16.da = rp_cuda_act16_for_rows(cx, da, n, R);
     if (!dw16) c16.dw = rp_cuda_act16_for_rows(cx, dw_raw, n, R);
-    c16.dv = rp_cuda_act16_for_rows(cx, dv, n, R);
+    if (!dkv16) c16.dv = rp_cuda_act16_for_rows(cx, dv, n, R);
     if (nu) c16.dnu = rp_cuda_act16_for_rows(cx, dnu, n, R);
     if (cx->error.code != RP_OK) return;
     const int store_da = grads16 || !c16.da, store_dnu = !c16.dnu;
@@ -1528,7 +1567,7 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
             n_act16 ? (const TA *)act16[2] : (const TA *)v,                                   \
             act16[3] ? (const TF *)act16[3] : (const TF *)v_first,                            \
             n_act16 ? (const TA *)act16[4] : (const TA *)nu, k_k, k_a, R, C, rows_per_chunk,  \
-            c16, store_da, store_dnu, store_dkv)
+            c16, store_da, store_dnu, store_dkv, dkv16)
 #define TAIL_LAUNCH(TK, TA, TB, TG, TW) TAIL_LAUNCH_F(TK, TA, TB, TG, TW, TA)
 #define TAIL_TG(TK, TA, TB)                                        \
     do {                                                           \
@@ -1574,6 +1613,8 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
                               {da0, cb}, {dw0, cb}, {nu ? dv0 : nullptr, nu ? cb : 0}))
         return;
     if (grads16) rp_cuda_inplace_add(cx, da, n);  // d pre in place, as da came
+    if (dkv16) rp_cuda_inplace_add(cx, dk, n);    // the GEMMs' dY in place, as they came
+    if (dkv16) rp_cuda_inplace_add(cx, dv, n);
     if (c16.dk) rp_cuda_act16_publish_as(cx, c16.dk, dk, n, store_dkv);
     if (c16.da) rp_cuda_act16_publish_sole(cx, c16.da, da, n);
     if (c16.dw) rp_cuda_act16_publish(cx, c16.dw, dw_raw, n);
@@ -1736,7 +1777,7 @@ __global__ static void groupnorm_bonus_gate_backward_kernel(
     const float *__restrict__ ln_w, const float *__restrict__ ln_b,
     const TR *__restrict__ r, const TR *__restrict__ k, const TR *__restrict__ v,
     const float *__restrict__ r_k, const TR *__restrict__ g, int R, int C, int chunks,
-    int rows_per_chunk, int accumulate) {
+    int rows_per_chunk, int accumulate, int drkv16, int dout16) {
     constexpr int N = 32 * E;
     __shared__ float sh[3][ROW_WARPS * N];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, H = C / N;
@@ -1761,20 +1802,21 @@ __global__ static void groupnorm_bonus_gate_backward_kernel(
             const size_t i = q + 32 * e;
             xh[e] = (rp_ldf(y + i) - mu) * rs;
             const float o = xh[e] * lw[e] + lb[e];  // the forward's groupnorm output
-            const float dout_i = dout[i];
+            const float dout_i = grad_get(dout, i, dout16);
             dz[e] = dout_i * rp_ldf(g + i);
             const float dgi = dout_i * (o + s * vv[e]);
             if (dg) dg[i] = dgi;  // NULL: a GEMM-only dg, its copy alone
             if (dg16) dg16[i] = __float2bfloat16(dgi);
-            dv[i] = (accumulate ? dv[i] : 0.0f) + dz[e] * s;
+            // drkv16: first writes (beta 0), bf16 in place
+            grad_put(dv, i, (accumulate ? dv[i] : 0.0f) + dz[e] * s, drkv16);
             dsum += dz[e] * vv[e];
         }
         dsum = warp_sum(dsum);
         float sum_d = 0.0f, sum_dxh = 0.0f;
         for (int e = 0; e < E; e++) {
             const size_t i = q + 32 * e;
-            dr[i] = (accumulate ? dr[i] : 0.0f) + dsum * kv[e] * rkw[e];
-            dk[i] = (accumulate ? dk[i] : 0.0f) + dsum * rv[e] * rkw[e];
+            grad_put(dr, i, (accumulate ? dr[i] : 0.0f) + dsum * kv[e] * rkw[e], drkv16);
+            grad_put(dk, i, (accumulate ? dk[i] : 0.0f) + dsum * rv[e] * rkw[e], drkv16);
             acc_rk[e] += dsum * rv[e] * kv[e];
             const float d = dz[e] * lw[e];
             sum_d += d;
@@ -1872,11 +1914,30 @@ static void cuda_groupnorm_bonus_gate_backward(
                          y16 ? "dy" : "y");
         return;
     }
+    // dr, dk, dv that only the WKV7 backward adds onto, then only their
+    // GEMMs and the fused tail read (backend.h drkv_only): first written in
+    // bf16 in place, no f32 (BF16 math, above GEMV rows, copies on; the WKV7
+    // backward takes them so only with r, k, v bf16, as training hints
+    // them); with the copies off f32 rounded to bf16 after, the same values
+    const int drkv_only = rp_cuda_take_drkv_only(cx, dr, dk, dv, n) && !accumulate &&
+                          rp_cuda_store16_rows(cx, R);
+    const int drkv16 = drkv_only && !cx->act16_off;
+    // dout (d og) bf16 in place: the output GEMM's dx under the model's
+    // gemm_only hint (this op its one reader); read so at no instantiation
+    const __nv_bfloat16 *dout16 = rp_cuda_inplace_find(cx, dout, n);
+    if (drkv16 && !n_rkv16) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda groupnorm_bonus_gate_backward: dr, dk, dv hinted drkv_only but "
+                         "r, k, v are f32; hint them drkv_only only where r, k, v are "
+                         "rkv_only");
+        return;
+    }
 #define GN_BONUS_LAUNCH(E, TY, YP, TDY, DYP, TR, R4)                                            \
     groupnorm_bonus_gate_backward_kernel<E, TY, TDY, TR><<<grid, ROW_WARP_THREADS, 0,            \
                                                            cx->stream>>>(                       \
         DYP, dr, dk, dv, part, dg32, dg16, dout, YP, mean, rstd, ln_w, ln_b, R4[0], R4[1], R4[2], \
-        r_k, R4[3], R, C, chunks, rows_per_chunk, accumulate)
+        r_k, R4[3], R, C, chunks, rows_per_chunk, accumulate, drkv16, dout16 != nullptr)
 #define GN_BONUS_SWITCH(TY, YP, TDY, DYP, TR, R4)                                               \
     switch (N / 32) {                                                                           \
     case 1: GN_BONUS_LAUNCH(1, TY, YP, TDY, DYP, TR, R4); break;                                \
@@ -1912,8 +1973,18 @@ static void cuda_groupnorm_bonus_gate_backward(
                                   {dln_b, (size_t)C * sizeof(float)}))
             return;
     }
+    // dout's one reader has read it: drop its in-place record, so that no
+    // later reader of that memory takes it for bf16 values
+    if (dout16) rp_cuda_act16_forget(cx, dout, n * sizeof(float));
     // after RP_CUDA_LAUNCHED_OUT, which forgot dy's earlier records
     rp_cuda_store16_done(cx, dy, n, only, dy16);
+    // copies off: the rounded f32 of the three is recorded (f32 in place),
+    // so that the WKV7 backward rounds its sums as it would store bf16
+    float *const drkv[3] = {dr, dk, dv};
+    for (int j = 0; drkv_only && j < 3; j++) {
+        rp_cuda_store16_done(cx, drkv[j], n, 1, drkv16);
+        if (!drkv16) rp_cuda_inplace_add(cx, drkv[j], n, 1);
+    }
     if (dg16) rp_cuda_act16_publish_as(cx, dg16, dg, n, dg32 != nullptr);
 }
 

@@ -147,6 +147,10 @@ struct rp_cuda_ctx {
     // key_prepare_from (k) or value_residual_from (v)
     const float *rkv_only_p;
     size_t rkv_only_n;
+    // dr, dk, dv (backend.h drkv_only): the pending hint, taken by
+    // groupnorm_bonus_gate_backward
+    const float *drkv_only_p[3];
+    size_t drkv_only_n;
     struct rp_cuda_inplace *inplace;
     int n_inplace, cap_inplace;
     // Buffers the training workspace sized for bf16-only storage (backend.h
@@ -414,6 +418,16 @@ static inline int rp_cuda_take_rkv_only(rp_cuda_ctx *cx, const float *p, size_t 
     const int hit = cx->rkv_only_p == p && cx->rkv_only_n == n;
     cx->rkv_only_p = NULL;
     cx->rkv_only_n = 0;
+    return hit;
+}
+// The pending drkv_only hint (backend.h), taken by
+// groupnorm_bonus_gate_backward: 1 when its dr, dk, dv [n] are that hint's.
+static inline int rp_cuda_take_drkv_only(rp_cuda_ctx *cx, const float *dr, const float *dk,
+                                         const float *dv, size_t n) {
+    const int hit = cx->drkv_only_p[0] == dr && cx->drkv_only_p[1] == dk &&
+                    cx->drkv_only_p[2] == dv && cx->drkv_only_n == n && n > 0;
+    cx->drkv_only_p[0] = cx->drkv_only_p[1] = cx->drkv_only_p[2] = NULL;
+    cx->drkv_only_n = 0;
     return hit;
 }
 // f32 p [n] = bf16(p [n]) as f32, in place (the copies-off twin of a bf16

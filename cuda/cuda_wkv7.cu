@@ -1758,13 +1758,44 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
                          kk16 ? "dkk" : "kk");
         return;
     }
+    // dr, dk, dv bf16 in place: groupnorm_bonus_gate_backward wrote them so
+    // under the model's drkv_only hint; this op adds onto them in place
+    // (each element read and written by one thread) and leaves them so for
+    // their GEMMs (dr) and the fused tail (dk, dv). Only training's full
+    // set takes that instantiation (all bf16: it is bench_gpu's bf16 I/O
+    // one); with the copies off they are f32 rounded to bf16, rounded again
+    // after this op, the same values.
+    const rp_cuda_inplace *ip_g[3] = {n > 0 ? rp_cuda_inplace_at(cx, dr, n) : nullptr,
+                                      n > 0 ? rp_cuda_inplace_at(cx, dk, n) : nullptr,
+                                      n > 0 ? rp_cuda_inplace_at(cx, dv, n) : nullptr};
+    const int n_chain = (ip_g[0] != nullptr) + (ip_g[1] != nullptr) + (ip_g[2] != nullptr);
+    const int chain16 = n_chain == 3 && !ip_g[0]->f32 && !ip_g[1]->f32 && !ip_g[2]->f32;
+    if ((n_chain && !chain16 && !(n_chain == 3 && ip_g[0]->f32 && ip_g[1]->f32 && ip_g[2]->f32)) ||
+        (chain16 && !(all16 && dkk16 && dw16 && da16 && beta != 0.0f))) {
+        if (cx->error.code == RP_OK)
+            rp_error_set(&cx->error, RP_ERR_INTERNAL,
+                         "cuda wkv7_backward: dr, dk, dv are %d of 3 in place (bf16 %d), but "
+                         "this op adds onto bf16 ones only all three, with beta 1, r k v kk "
+                         "w_raw a dy bf16 and dkk, dw_raw, da hinted as training hints them "
+                         "(r k v %s, dkk %s, dw_raw %s, da %s, beta %g); hint drkv_only "
+                         "only there",
+                         n_chain, chain16, all16 ? "bf16" : "f32", dkk16 ? "bf16" : "f32",
+                         dw16 ? "bf16" : "f32", da16 ? "bf16" : "f32", (double)beta);
+        return;
+    }
     // dr (complete once this op added its part) is the receptance GEMM
     // backward's dY: its bf16 copy in the same pass (the model runs that
-    // GEMM right after this op when it fuses the mixes)
-    __nv_bfloat16 *dr16 = n > 0 ? rp_cuda_act16_for_rows(cx, dr, n, batch->n_rows) : nullptr;
+    // GEMM right after this op when it fuses the mixes), unless in place
+    __nv_bfloat16 *dr16 =
+        n > 0 && !n_chain ? rp_cuda_act16_for_rows(cx, dr, n, batch->n_rows) : nullptr;
     // a GEMM-only dr: that copy alone (sole: an f32 reader is refused)
     const int store_dr = !(dr_hint && dr16);
-    if (all16) {
+    if (chain16) {
+        __nv_bfloat16 *g16[6];
+        for (int j = 0; j < 6; j++) g16[j] = reinterpret_cast<__nv_bfloat16 *>(g[j]);
+        wkv_backward_launch(cx, g16, dstate_base, state_stride, in16[6], in16, checkpoints,
+                            batch, C, N, beta);
+    } else if (all16) {
         if (dkk16)
             wkv_backward_launch<__nv_bfloat16, float, __nv_bfloat16, __nv_bfloat16>(
                 cx, g, dstate_base, state_stride, in16[6], in16, checkpoints, batch, C, N, beta,
@@ -1806,6 +1837,12 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // later reader of that memory takes it for bf16 values
     if (dy16) rp_cuda_act16_forget(cx, dy, n * sizeof(float));
     rp_cuda_store16_done(cx, dkk, n, only, dkk16);
+    for (int j = 0; n_chain && j < 3; j++) {
+        float *const p = j == 0 ? dr : j == 1 ? dk : dv;
+        rp_cuda_act16_forget(cx, p, n * sizeof(float));
+        rp_cuda_store16_done(cx, p, n, 1, chain16);
+        if (!chain16) rp_cuda_inplace_add(cx, p, n, 1);  // copies off: rounded f32
+    }
     if (dr16 && cx->error.code == RP_OK) rp_cuda_act16_publish_as(cx, dr16, dr, n, store_dr);
 }
 

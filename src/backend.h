@@ -589,7 +589,9 @@ struct rp_backend {
      * matmul ops (as x or dy) until something writes p again, except that
      * bias_act may run on p in place (bias NULL or not) and
      * bias_act_backward (without dbias) may read p as its y or run on p in
-     * place as its dy (a gradient p: the dx of a matmul backward), and a
+     * place as its dy (a gradient p: the dx of a matmul backward), the next
+     * groupnorm_bonus_gate_backward may read p as its dout (the output
+     * GEMM's dx, d og), and a
      * training step's w_raw (its bias_act in place, then read by wkv7 ops as
      * w_raw, and passed as the y that bias_act_backward with RP_ACT_NONE
      * does not read) when its kk is wkv_only, and a training step's a (its
@@ -641,6 +643,22 @@ struct rp_backend {
      * (GEMM-only from there, as after a gemm_only hint); that wkv7 op
      * consumes this hint too. */
     void (*rkv_only)(rp_backend *be, const float *p, size_t n);
+    /* ---- dr, dk, dv through the attention backward in bf16 (optional;
+     * NULL: nothing to do; issue 15) ----
+     * drkv_only(be, dr, dk, dv, n): the dr, dk, dv [n] that the next
+     * groupnorm_bonus_gate_backward writes (beta 0; its r, k, v rkv_only) are
+     * read next only by wkv7_backward_beta (beta 1: it adds onto them, with
+     * its r, k, v rkv_only and its dkk, dw_raw and da hinted as training
+     * hints them); from there dr is read only by matmul ops (as dy), dk and
+     * dv only by the next attention_tail_backward (dkv_gemm_only 1), whose
+     * new dk and dv matmul ops alone read, until something writes them
+     * again. The backend may keep the three in bf16 in place along that
+     * chain (CUDA, bf16 math: half the bytes at each of the four ops, as the
+     * official training kernel keeps them bf16). Any other read before then
+     * is undefined. The next groupnorm_bonus_gate_backward consumes the hint
+     * whether it uses it or not. */
+    void (*drkv_only)(rp_backend *be, const float *dr, const float *dk, const float *dv,
+                      size_t n);
     /* ---- bf16-only training activations, promised at allocation (optional;
      * NULL: every saved activation gets an fp32 buffer; issue 15) ----
      * store16_fits(be, max_rows): 1 when, for every batch of up to max_rows

@@ -532,15 +532,25 @@ static void block_backward(const rp_model *m, rp_model *grads, rp_backward_works
     else if (fused)
         be->shift_mix(be, s->prev_att, tw->mix, mu, RP_MIX_MAX, s->xa, NULL, 0, batch, C);
     if (wsave) be->copy(be, ws.dx_mid, tw->dx, rc_bytes);
-    be->matmul_linear_backward_beta(be, tw->d_og, wsave ? NULL : gw->output, tw->dx, s->og,
-                                    w->output, R, C, C, 0.0f);
     /* fused: groupnorm's backward too (its input's gradient dy, its
      * parameters'), from y, gn_mean, gn_rstd: d_gn and o_gn never stored */
     const int gn_fused = be->groupnorm_bonus_gate_backward != NULL;
+    /* d og: the fused groupnorm backward alone reads it (backend.h
+     * gemm_only; bf16 in place on CUDA) */
+    if (gn_fused && be->gemm_only) be->gemm_only(be, tw->d_og, (size_t)R * C);
+    be->matmul_linear_backward_beta(be, tw->d_og, wsave ? NULL : gw->output, tw->dx, s->og,
+                                    w->output, R, C, C, 0.0f);
     /* its dy is read by the WKV7 backward alone (bf16 on CUDA), its dg by
      * the gate LoRA's backward GEMMs alone (below) */
     if (gn_fused && be->wkv_only) be->wkv_only(be, tw->dy, (size_t)R * C);
     if (gn_fused && be->gemm_only) be->gemm_only(be, tw->dg, (size_t)R * C);
+    /* its dr, dk, dv: the WKV7 backward adds onto them, then only dr's GEMM
+     * and the fused tail (dk, dv; its new dk, dv their GEMMs alone) read
+     * them, unless the W pass copies them (bf16 in place on CUDA, where r,
+     * k, v are: past layer 0) */
+    if (gn_fused && !wsave && be->drkv_only && wkv_beta(be) && be->attention_tail_backward &&
+        rp_rkv_only_layer(be, layer))
+        be->drkv_only(be, tw->dr, tw->dk, tw->dv, (size_t)R * C);
     if (gn_fused)
         be->groupnorm_bonus_gate_backward(be, tw->dy, gw->ln_x_weight, gw->ln_x_bias, tw->dr,
                                           tw->dk, tw->dv, gw->r_k, tw->dg, tw->d_og, s->y,

@@ -1466,6 +1466,119 @@ static void test_rkv16_precision(void **s) {
     tiny_fixture_destroy(ref);
 }
 
+/* dr, dk, dv in bf16 in place from the groupnorm backward through WKV7 and
+ * the fused tail (backward.c's drkv_only hint) against f32 (the hook NULL):
+ * the 24-row training step's gradients differ (the chain runs: two more
+ * roundings of dk and dv, one of dr) and stay as close to FP32 math as
+ * without it, on the step-back and the chunked WKV7 backward. */
+static void test_drkv16_precision(void **s) {
+    tiny_fixture *f = *s;
+    tiny_fixture *ref = fp32_reference();
+    void (*const hint)(rp_backend *, const float *, const float *, const float *, size_t) =
+        f->be->drkv_only;
+    assert_non_null(hint);
+    const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
+    for (int chunked = 0; chunked < 2; chunked++) {
+        rp_cuda_wkv7_chunked_min_t = chunked ? 0 : 1 << 30;
+        float *g[3];
+        double loss[3];
+        size_t n = 0;
+        for (int side = 0; side < 3; side++) {
+            tiny_fixture *x = side == 2 ? ref : f;
+            f->be->drkv_only = side == 1 ? NULL : hint;
+            rp_model_zero(&x->grads);
+            loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
+            g[side] = grads_to_host(x, &n);
+        }
+        f->be->drkv_only = hint;
+        size_t nonzero;
+        const size_t differ = count_differ(g[0], g[1], n, &nonzero);
+        const double rel = rel_l2(g[0], g[1], n);
+        const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+        fprintf(stderr,
+                "drkv16 %s: gradients bf16 vs f32 dr, dk, dv rel %.3e (%zu of %zu differ); "
+                "all vs FP32 math rel %.3e (bf16) %.3e (f32); loss %.9g %.9g (FP32 %.9g)\n",
+                chunked ? "chunked" : "step-back", rel, differ, n, with, without, loss[0],
+                loss[1], loss[2]);
+        assert_true(differ > 0);
+        assert_true(rel <= 1e-2);
+        assert_true(with <= 1.10 * without + 1e-4);
+        for (int side = 0; side < 3; side++) free(g[side]);
+    }
+    rp_cuda_wkv7_chunked_min_t = saved_min_t;
+    tiny_fixture_destroy(ref);
+}
+
+/* d og (the output GEMM's dX) bf16 in place for the fused groupnorm
+ * backward, its one reader (backward.c's gemm_only hint), against f32 (that
+ * hint alone dropped): the gradients differ and stay as close to FP32 math. */
+static tiny_fixture *dog_fixture;
+static void (*gemm_only_saved)(rp_backend *, const float *, size_t);
+static void gemm_only_but_dog(rp_backend *be, const float *p, size_t n) {
+    if (p != dog_fixture->tw.d_og) gemm_only_saved(be, p, n);
+}
+static void test_dog16_precision(void **s) {
+    tiny_fixture *f = *s;
+    tiny_fixture *ref = fp32_reference();
+    dog_fixture = f;
+    gemm_only_saved = f->be->gemm_only;
+    assert_non_null(gemm_only_saved);
+    float *g[3];
+    double loss[3];
+    size_t n = 0;
+    for (int side = 0; side < 3; side++) {
+        tiny_fixture *x = side == 2 ? ref : f;
+        f->be->gemm_only = side == 1 ? gemm_only_but_dog : gemm_only_saved;
+        rp_model_zero(&x->grads);
+        loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
+        g[side] = grads_to_host(x, &n);
+    }
+    f->be->gemm_only = gemm_only_saved;
+    size_t nonzero;
+    const size_t differ = count_differ(g[0], g[1], n, &nonzero);
+    const double rel = rel_l2(g[0], g[1], n);
+    const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+    fprintf(stderr,
+            "dog16: gradients bf16 vs f32 d og rel %.3e (%zu of %zu differ); all vs FP32 math "
+            "rel %.3e (bf16) %.3e (f32); loss %.9g %.9g (FP32 %.9g)\n",
+            rel, differ, n, with, without, loss[0], loss[1], loss[2]);
+    assert_true(differ > 0);
+    assert_true(rel <= 1e-2);
+    assert_true(with <= 1.10 * without + 1e-4);
+    for (int side = 0; side < 3; side++) free(g[side]);
+    tiny_fixture_destroy(ref);
+}
+
+/* The drkv_only hint where r, k, v are f32 (not rkv_only): the groupnorm
+ * backward refuses it with a sticky error naming the hint, writes nothing
+ * bf16, and the step reports the failure. */
+static void test_drkv16_needs_rkv16(void **s) {
+    tiny_fixture *f = *s;
+    rp_backend *be = f->be;
+    const int R = MAX_ROWS, C = f->model.cfg.n_embd, N = f->model.cfg.head_size;
+    const size_t n = (size_t)R * C;
+    float *buf = be->alloc(be, 16 * n * sizeof(float));
+    assert_non_null(buf);
+    be->fill_zero(be, buf, 16 * n * sizeof(float));
+    float *stat = be->alloc(be, 2 * (size_t)R * (C / N) * sizeof(float) + 4 * C * sizeof(float));
+    assert_non_null(stat);
+    be->fill_zero(be, stat, 2 * (size_t)R * (C / N) * sizeof(float) + 4 * C * sizeof(float));
+    float *dr = buf, *dk = buf + n, *dv = buf + 2 * n;
+    float *mean = stat, *rstd = stat + (size_t)R * (C / N), *w = rstd + (size_t)R * (C / N);
+    be->drkv_only(be, dr, dk, dv, n);
+    be->groupnorm_bonus_gate_backward(be, buf + 3 * n, NULL, NULL, dr, dk, dv, NULL, buf + 4 * n,
+                                      buf + 5 * n, buf + 6 * n, mean, rstd, w, w + C,
+                                      buf + 7 * n, buf + 8 * n, buf + 9 * n, w + 2 * C,
+                                      buf + 10 * n, R, C, N, 0.0f);
+    be->synchronize(be);
+    rp_error err;
+    assert_int_not_equal(be->status(be, &err), RP_OK);
+    fprintf(stderr, "drkv16 without rkv16: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "drkv_only"));
+    be->free(be, buf);
+    be->free(be, stat);
+}
+
 /* After one decode step and one training step at the largest shapes, more
  * steps of those shapes or smaller allocate and free nothing. */
 static void test_no_allocation_after_warm_up(void **s) {
@@ -2213,6 +2326,9 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_gemm_only_d_pre, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv16_train_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wkv_dw16_precision, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_drkv16_precision, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_drkv16_needs_rkv16, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_dog16_precision, setup, teardown),
         cmocka_unit_test_setup_teardown(test_decode_lora_down_split, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_sizes_uploads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ln_shift_mix_twin, setup, teardown),
