@@ -378,16 +378,18 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
         }
     }
     ew(l, "bias_act (w0, bf16 in place)", 1, R, C, 1, 1, 4);
-    ew(l, "bias_act (a0, bf16 in place)", 1, R, C, 1, 1, 4);
-    ew(l, "bias_act (v0, bf16 in place)", loras - 3, R, C, 1, 1, 4);
     /* layer 0: v from v_pre (no value_residual_from there), then v_first */
-    /* (past layer 0 v written bf16 in place: rkv_only) */
+    /* (past layer 0 v written bf16 in place: rkv_only); nu's sigmoid (v0)
+     * in the same pass, nu read as its pre-activation and written back
+     * (bf16 in place): no bias_act pass over it */
     if (layer == 0) ew(l, "copy (v_first)", 2, R, C, 2, 0, 0);
-    else ew(l, "value_residual (v_pre nu v bf16)", 1, R, C, 1 + 3 * rkv_io(layer), 0, 3);
+    else ew(l, "value_residual (v_pre nu v bf16, + nu's v0 sigmoid)", 1, R, C,
+            1 + 4 * rkv_io(layer), 1, 7);
     /* kk is WKV7-only (backend.h wkv_only): written in bf16 in place; a
-     * read in bf16 (in place); k_pre read, k written (bf16 past layer 0) */
-    ew(l, "key_prepare (kk bf16, a bf16, k_pre k bf16)", 1, R, C,
-       2 * rkv_io(layer) + BF16_OUT + BF16_OUT, 2, 6);
+     * read as its pre-activation and written back after its sigmoid (a0),
+     * bf16 in place; k_pre read, k written (bf16 past layer 0) */
+    ew(l, "key_prepare (kk bf16, a bf16 + a0 sigmoid, k_pre k bf16)", 1, R, C,
+       2 * rkv_io(layer) + BF16_OUT + BF16_OUT + BF16_OUT, 3, 10);
     /* From T 64 on the chunked forward on bf16 wmma (BF16 math), fp32 I/O
      * but kk, w_raw, a and y (bf16 in place), and r, k, v past layer 0 */
     add_wkv_chunk_mma(l, "wkv7_forward_train (chunked, bf16 wmma, r k v kk w_raw a y bf16)",

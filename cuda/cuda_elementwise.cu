@@ -898,15 +898,30 @@ static __device__ __forceinline__ void load_w(float (&v)[W], const __nv_bfloat16
 #pragma unroll
     for (int i = 0; i < W; i++) v[i] = __bfloat162float(p[i]);
 }
+// v0 [C] (NULL: none): nu holds the pre-activation in bf16 in place; each
+// thread first makes its elements sigmoid(nu + v0) rounded to bf16 and
+// writes them back (bias_act16_kernel's expression: the same bits), then
+// uses the rounded values.
 template <int W, typename TV = float, typename TI = float>
 static __global__ void value_residual_kernel(TV *v, const TI *v_in, const float *v_first,
-                                             const TI *nu, size_t n) {
+                                             TI *nu, size_t n, const float *v0, int C) {
     const size_t step = (size_t)gridDim.x * blockDim.x * W;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += step) {
         float vv[W], fv[W], nv[W];
         load_w<W>(vv, v_in + i);
         load_w<W>(fv, v_first + i);
         load_w<W>(nv, nu + i);
+        if constexpr (sizeof(TI) == sizeof(__nv_bfloat16)) {
+            if (v0) {
+#pragma unroll
+                for (int k = 0; k < W; k++) {
+                    const __nv_bfloat16 h =
+                        __float2bfloat16(activate<RP_ACT_SIGMOID>(nv[k] + v0[(i + k) % C]));
+                    nu[i + k] = h;
+                    nv[k] = __bfloat162float(h);
+                }
+            }
+        }
 #pragma unroll
         for (int k = 0; k < W; k++) vv[k] = vv[k] + (fv[k] - vv[k]) * nv[k];
         store_w<W>(v + i, vv);
@@ -917,21 +932,32 @@ static __global__ void value_residual_kernel(TV *v, const TI *v_in, const float 
 // one element a thread.
 template <typename TV, typename TI>
 static void value_residual_launch(rp_cuda_ctx *cx, bool vec, TV *v, const TI *v_in,
-                                  const float *v_first, const TI *nu, size_t n) {
+                                  const float *v_first, TI *nu, size_t n,
+                                  const float *v0 = nullptr, int C = 1) {
     if (vec)
         value_residual_kernel<4, TV, TI><<<flat_blocks(cx, n / 4), EW_THREADS, 0, cx->stream>>>(
-            v, v_in, v_first, nu, n);
+            v, v_in, v_first, nu, n, v0, C);
     else
         value_residual_kernel<1, TV, TI><<<flat_blocks(cx, n), EW_THREADS, 0, cx->stream>>>(
-            v, v_in, v_first, nu, n);
+            v, v_in, v_first, nu, n, v0, C);
 }
 
 // v = v_in + (v_first - v_in) nu (backend.h value_residual_from: training's
 // copy of v_pre into v folded in; v_in == v: the in-place op).
+static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, int C,
+                          rp_activation act);
+
 static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in,
-                                     const float *v_first, const float *nu, int R, int C) {
+                                     const float *v_first, float *nu, const float *v0, int R,
+                                     int C) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     const size_t n = (size_t)(R > 0 ? R : 0) * (C > 0 ? C : 0);
+    // nu's sigmoid (v0): in this kernel's pass where nu is bf16 in place
+    // (training), else bias_act first; the same bits either way
+    if (v0 && n > 0 && !rp_cuda_inplace_find(cx, nu, n)) {
+        cuda_bias_act(be, nu, v0, R, C, RP_ACT_SIGMOID);
+        v0 = nullptr;
+    }
     // An rkv_only v (WKV7 and the fused groupnorm its only readers) out of
     // v_pre: bf16 in place; with the copies off f32 rounded after. In place
     // (v_in == v) a bf16 v would overwrite v_in's unread floats.
@@ -960,12 +986,18 @@ static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in
     const bool vec = n % 4 == 0 && aligned16(v) && aligned16(v_in) && aligned16(v_first) &&
                      aligned16(nu);
     __nv_bfloat16 *const vb = (__nv_bfloat16 *)v;
+    if (v0 && !v_in16) {  // a bf16 nu comes only with a bf16 v_in (above)
+        rp_cuda_record(cx, cudaErrorInvalidValue, "value_residual (v0 with an f32 v_in)",
+                       __FILE__, __LINE__);
+        return;
+    }
     if (v_in16)
-        value_residual_launch(cx, vec, vb, v_in16, v_first, nu16, n);
+        value_residual_launch(cx, vec, vb, v_in16, v_first, (__nv_bfloat16 *)nu16, n, v0, C);
     else if (v16)
         value_residual_launch(cx, vec, vb, v_in, v_first, nu, n);
     else
         value_residual_launch(cx, vec, v, v_in, v_first, nu, n);
+    // nu (v0) is written only inside its own in-place range, which stays
     RP_CUDA_LAUNCHED_OUT(cx, "value_residual",
                          {v, n * (v16 ? sizeof(__nv_bfloat16) : sizeof(float))});
     rp_cuda_store16_done(cx, v, n, only, v16);
@@ -973,7 +1005,7 @@ static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in
 
 static void cuda_value_residual(rp_backend *be, float *v, const float *v_first, const float *nu,
                                 int R, int C) {
-    cuda_value_residual_from(be, v, v, v_first, nu, R, C);
+    cuda_value_residual_from(be, v, v, v_first, (float *)nu, NULL, R, C);
 }
 
 // ---- key prepare ----
@@ -998,9 +1030,25 @@ __device__ __forceinline__ void key_store(__nv_bfloat16 *p, float x) { *p = __fl
 // k_pre, its GEMM's output in place under rkv_only).
 __device__ __forceinline__ float key_load(const float *p) { return *p; }
 __device__ __forceinline__ float key_load(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
+// a0 [C] (NULL: none): a holds the pre-activation in bf16 in place (TA);
+// lane j first makes its elements sigmoid(a + a0) rounded to bf16 and
+// writes them back (bias_act16_kernel's expression: the same bits).
+template <typename TA>
+__device__ __forceinline__ float key_a(TA *p, const float *a0, int c) {
+    if constexpr (sizeof(TA) == sizeof(__nv_bfloat16)) {
+        if (a0) {
+            const __nv_bfloat16 h =
+                __float2bfloat16(activate<RP_ACT_SIGMOID>(__bfloat162float(*p) + a0[c]));
+            *p = h;
+            return __bfloat162float(h);
+        }
+    }
+    return key_load(p);
+}
 template <typename TK, typename TA, typename TKO = float, typename TKI = float>
-static __global__ void key_prepare_kernel(TK *kk, TKO *k, const TKI *k_in, const TA *a,
-                                          const float *k_k, const float *k_a, int R, int C) {
+static __global__ void key_prepare_kernel(TK *kk, TKO *k, const TKI *k_in, TA *a,
+                                          const float *k_k, const float *k_a, int R, int C,
+                                          const float *a0) {
     const int groups = (C + KEY_HEAD - 1) / KEY_HEAD;
     const size_t group = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -1010,7 +1058,7 @@ static __global__ void key_prepare_kernel(TK *kk, TKO *k, const TKI *k_in, const
     const int c0 = h * KEY_HEAD + lane, c1 = c0 + 32;
     TKO *kr = k + row * C;
     const TKI *kir = k_in + row * C;
-    const TA *ar = a + row * C;
+    TA *ar = a + row * C;
 
     if (h < C / KEY_HEAD) {
         TK *kkr = kk + row * C;
@@ -1022,16 +1070,16 @@ static __global__ void key_prepare_kernel(TK *kk, TKO *k, const TKI *k_in, const
         key_store(kkr + c1, t1 * inv);
     }
     if (c0 < C)
-        key_store(kr + c0, key_load(kir + c0) * (1.0f + (key_load(ar + c0) - 1.0f) * k_a[c0]));
+        key_store(kr + c0, key_load(kir + c0) * (1.0f + (key_a(ar + c0, a0, c0) - 1.0f) * k_a[c0]));
     if (c1 < C)
-        key_store(kr + c1, key_load(kir + c1) * (1.0f + (key_load(ar + c1) - 1.0f) * k_a[c1]));
+        key_store(kr + c1, key_load(kir + c1) * (1.0f + (key_a(ar + c1, a0, c1) - 1.0f) * k_a[c1]));
 }
 
 // key_prepare reading k_in (backend.h key_prepare_from: training's copy of
 // k_pre into k folded in; k_in == k: the in-place op).
 static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const float *k_in,
-                                  const float *a, const float *k_k, const float *k_a, int R,
-                                  int C, int N) {
+                                  float *a, const float *a0, const float *k_k, const float *k_a,
+                                  int R, int C, int N) {
     rp_cuda_ctx *cx = rp_cuda_of(be);
     if (N != KEY_HEAD) {
         rp_cuda_record(cx, cudaErrorInvalidValue, "key_prepare (head size not 64)", __FILE__,
@@ -1040,6 +1088,12 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
     }
     if (R <= 0 || C <= 0) return;
     const size_t groups = (size_t)R * ((C + KEY_HEAD - 1) / KEY_HEAD), n = (size_t)R * C;
+    // a's sigmoid (a0): in this kernel's pass where a is bf16 in place
+    // (training), else bias_act first; the same bits either way
+    if (a0 && !rp_cuda_inplace_find(cx, a, n)) {
+        cuda_bias_act(be, a, a0, R, C, RP_ACT_SIGMOID);
+        a0 = nullptr;
+    }
     // A WKV7-only kk (backend.h wkv_only) is written in bf16 in place, no
     // f32 (half the bytes; the WKV7 kernels widen it). With the copies off it
     // stays f32, rounded to bf16 after, so both give the WKV7 kernels the
@@ -1049,7 +1103,7 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
     if (!only16 && !rp_cuda_store16_fits(cx, kk, n, "key_prepare")) return;
     // a in bf16 in place (training: its LoRA up GEMM under gemm_only, the
     // a0 sigmoid in place) is read so; its f32 memory holds no values
-    const __nv_bfloat16 *a16 = rp_cuda_inplace_find(cx, a, n);
+    __nv_bfloat16 *a16 = (__nv_bfloat16 *)rp_cuda_inplace_find(cx, a, n);
     if (!a16 && !rp_cuda_store16_fits(cx, a, n, "key_prepare (a)")) return;
     // An rkv_only k (WKV7 and the fused groupnorm its only readers) out of
     // k_pre: bf16 in place, with kk and a so (training hints the three
@@ -1077,23 +1131,23 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
     if (k_in16)
         key_prepare_kernel<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>
             <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, (__nv_bfloat16 *)k, k_in16, a16, k_k,
-                                                   k_a, R, C);
+                                                   k_a, R, C, a0);
     else if (k16)
         key_prepare_kernel<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>
             <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, (__nv_bfloat16 *)k, k_in, a16, k_k,
-                                                   k_a, R, C);
+                                                   k_a, R, C, a0);
     else if (only16 && a16)
         key_prepare_kernel<__nv_bfloat16, __nv_bfloat16>
-            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, k, k_in, a16, k_k, k_a, R, C);
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, k, k_in, a16, k_k, k_a, R, C, a0);
     else if (only16)
         key_prepare_kernel<__nv_bfloat16, float>
-            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, k, k_in, a, k_k, k_a, R, C);
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk16, k, k_in, a, k_k, k_a, R, C, nullptr);
     else if (a16)
         key_prepare_kernel<float, __nv_bfloat16>
-            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk, k, k_in, a16, k_k, k_a, R, C);
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk, k, k_in, a16, k_k, k_a, R, C, a0);
     else
         key_prepare_kernel<float, float>
-            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk, k, k_in, a, k_k, k_a, R, C);
+            <<<blocks, EW_THREADS, 0, cx->stream>>>(kk, k, k_in, a, k_k, k_a, R, C, nullptr);
     RP_CUDA_LAUNCHED_OUT(cx, "key_prepare", {kk, n * (only16 ? sizeof(__nv_bfloat16) : sizeof(float))},
                          {k, n * (k16 ? sizeof(__nv_bfloat16) : sizeof(float))});
     rp_cuda_store16_done(cx, kk, n, only, only16);
@@ -1102,7 +1156,7 @@ static void cuda_key_prepare_from(rp_backend *be, float *kk, float *k, const flo
 
 static void cuda_key_prepare(rp_backend *be, float *kk, float *k, const float *a,
                              const float *k_k, const float *k_a, int R, int C, int N) {
-    cuda_key_prepare_from(be, kk, k, k, a, k_k, k_a, R, C, N);
+    cuda_key_prepare_from(be, kk, k, k, (float *)a, NULL, k_k, k_a, R, C, N);
 }
 
 // ---- bonus + gate ----

@@ -676,16 +676,20 @@ struct rp_backend {
     void (*store16_promise)(rp_backend *be, const float *p, size_t n, size_t cap);
     /* ---- out-of-place value residual / key prepare (optional; NULL: copy +
      * the in-place op; issue 15) ----
-     * value_residual_from(be, v, v_in, v_first, nu, R, C) is copy(v, v_in) +
-     * value_residual(v, v_first, nu), and key_prepare_from(be, kk, k, k_in, a,
-     * k_k, k_a, R, C, N) is copy(k, k_in) + key_prepare(kk, k, a, ...) (a
-     * pending wkv_only hint for kk included), the same bits, without the copy
-     * (training keeps v_in, k_in for the backward). v and k overlap none of
-     * the inputs. */
+     * value_residual_from(be, v, v_in, v_first, nu, v0, R, C) is copy(v,
+     * v_in) + value_residual(v, v_first, nu), and key_prepare_from(be, kk, k,
+     * k_in, a, a0, k_k, k_a, R, C, N) is copy(k, k_in) + key_prepare(kk, k,
+     * a, ...) (a pending wkv_only hint for kk included), the same bits,
+     * without the copy (training keeps v_in, k_in for the backward). v and k
+     * overlap none of the inputs. v0 [C] (may be NULL): nu holds the
+     * pre-activation, and the op first runs bias_act(nu, v0, R, C,
+     * RP_ACT_SIGMOID) on it in place, the same bits (CUDA: in the same pass
+     * where nu is bf16 in place, so nu is read once, not three times); a0
+     * likewise for a. */
     void (*value_residual_from)(rp_backend *be, float *v, const float *v_in,
-                                const float *v_first, const float *nu, int R, int C);
-    void (*key_prepare_from)(rp_backend *be, float *kk, float *k, const float *k_in,
-                             const float *a, const float *k_k, const float *k_a, int R, int C,
+                                const float *v_first, float *nu, const float *v0, int R, int C);
+    void (*key_prepare_from)(rp_backend *be, float *kk, float *k, const float *k_in, float *a,
+                             const float *a0, const float *k_k, const float *k_a, int R, int C,
                              int N);
     /* ---- bonus + gate into its own buffer (optional; NULL: copy + bonus_gate) ----
      * bonus_gate_to(be, out, o, r, k, v, r_k, g, R, C, N): out = bonus_gate

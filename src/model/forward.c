@@ -285,11 +285,14 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     xm = time_mix(be, s, xc, mixes, 2, w->x_v, R, C);
     if (rkv_only) be->rkv_only(be, v_out, (size_t)R * C);
     be->matmul_linear(be, v_out, xm, w->value, R, C, C, 0.0f);
-    /* nu = sigmoid(v0 + xv v1 v2) while xm still holds xv (one lerp less). */
+    /* nu = sigmoid(v0 + xv v1 v2) while xm still holds xv (one lerp less);
+     * value_residual_from applies the sigmoid itself where it runs (nu read
+     * once, not three times) */
+    const int v_from = layer != 0 && s->v_pre && be->value_residual_from;
     if (layer != 0) {
         lora_forward(be, s->nu, s->nu_hidden, xm, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C,
                      rkv_only ? LORA_Y_RKV_ONLY : LORA_Y_F32);
-        be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
+        if (!v_from) be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
     }
     /* w_raw = w0 + tanh(xw w1) w2; the decay exp(-e^-0.5 sigmoid(w_raw)) is
      * formed inside wkv7, in fp32, as the official kernels do. */
@@ -297,13 +300,15 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     lora_forward(be, s->w_raw, s->w_hidden, xm, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C,
                  s->wkv_checkpoints && be->wkv_only ? LORA_Y_GEMM_ONLY : LORA_Y_F32);
     be->bias_act(be, s->w_raw, w->w0, R, C, RP_ACT_NONE);
-    /* a = sigmoid(a0 + xa a1 a2); in training read only by its bias_act in
-     * place, key_prepare, the WKV7 ops, key_prepare_backward and the a0
-     * bias_act_backward as its y (bf16 on CUDA, with kk and w_raw) */
+    /* a = sigmoid(a0 + xa a1 a2); in training read only by its sigmoid in
+     * place (key_prepare_from's, where it runs), key_prepare, the WKV7 ops,
+     * key_prepare_backward and the a0 bias_act_backward as its y (bf16 on
+     * CUDA, with kk and w_raw) */
+    const int k_from = s->k_pre && be->key_prepare_from;
     xm = time_mix(be, s, xc, mixes, 4, w->x_a, R, C);
     lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C,
                  s->wkv_checkpoints && be->wkv_only ? LORA_Y_GEMM_ONLY : LORA_Y_F32);
-    be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
+    if (!k_from) be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
     /* g = sigmoid(xg g1) g2, no activation after g2; in training read only by
      * the fused groupnorm and its backward (rkv_only, with r, k, v) */
     xm = time_mix(be, s, xc, mixes, 5, w->x_g, R, C);
@@ -312,9 +317,9 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
     /* Value residual: layer 0's v is v_first for every later layer.
      * Training keeps v_pre and k_pre for the backward: the ops read them
      * out of place where the backend can (no copy), else copy first. */
-    if (layer != 0 && s->v_pre && be->value_residual_from) {
+    if (v_from) {
         if (rkv_only) be->rkv_only(be, s->v, (size_t)R * C);
-        be->value_residual_from(be, s->v, s->v_pre, v_first, s->nu, R, C);
+        be->value_residual_from(be, s->v, s->v_pre, v_first, s->nu, w->v0, R, C);
     } else {
         if (s->v_pre) be->copy(be, s->v, s->v_pre, rc_bytes);
         if (layer == 0)
@@ -323,13 +328,12 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
             be->value_residual(be, s->v, v_first, s->nu, R, C);
     }
     /* kk is normalised before k is modified by k_a. */
-    const int k_from = s->k_pre && be->key_prepare_from;
     if (s->k_pre && !k_from) be->copy(be, s->k, s->k_pre, rc_bytes);
     /* training: only the WKV7 forward and backward read kk (bf16 on CUDA) */
     if (s->wkv_checkpoints && be->wkv_only) be->wkv_only(be, s->kk, (size_t)R * C);
     if (rkv_only) be->rkv_only(be, s->k, (size_t)R * C);
     if (k_from)
-        be->key_prepare_from(be, s->kk, s->k, s->k_pre, s->a, w->k_k, w->k_a, R, C, N);
+        be->key_prepare_from(be, s->kk, s->k, s->k_pre, s->a, w->a0, w->k_k, w->k_a, R, C, N);
     else
         be->key_prepare(be, s->kk, s->k, s->a, w->k_k, w->k_a, R, C, N);
     /* training, groupnorm fused both ways: only groupnorm_bonus_gate and its

@@ -431,6 +431,14 @@ static float *grads_to_host(tiny_fixture *f, size_t *n) {
 
 static unsigned long long gn_mode_workspace(tiny_fixture *f);
 
+/* be->gemm_only without its hint for d og (the output GEMM's dX, which the
+ * fused groupnorm backward then reads f32, as the unfused ops do) */
+static tiny_fixture *dog_fixture;
+static void (*gemm_only_saved)(rp_backend *, const float *, size_t);
+static void gemm_only_but_dog(rp_backend *be, const float *p, size_t n) {
+    if (p != dog_fixture->tw.d_og) gemm_only_saved(be, p, n);
+}
+
 /* The bf16 activation copies (producer kernels' second outputs, conversions
  * shared by GEMMs) hand the GEMMs the very bits that each GEMM's own
  * conversion gave before: a training step's gradients match bit for bit with
@@ -1095,8 +1103,12 @@ static void test_gn_bonus_fused_exact(void **s) {
     tiny_fixture *f = *s;
     const rp_backend keep = *f->be;
     /* forward.c stores WKV7's y in bf16 (wkv_only) only for the fused
-     * groupnorm: without the hint both sides read the same f32 y */
+     * groupnorm: without the hint both sides read the same f32 y; likewise
+     * d og (gemm_only: bf16 for the fused backward alone) */
     f->be->wkv_only = NULL;
+    dog_fixture = f;
+    gemm_only_saved = keep.gemm_only;
+    f->be->gemm_only = gemm_only_but_dog;
     const int lens[2] = {MAX_ROWS / MAX_SEQS, 5};
     unsigned long long seen[2][2];  /* [case][fused], from the plain layout */
     const int pad_was = rp_emu_set_alloc_pad(0);
@@ -1151,6 +1163,7 @@ static void test_gn_bonus_fused_exact(void **s) {
     f->be->groupnorm_bonus_gate = keep.groupnorm_bonus_gate;
     f->be->groupnorm_bonus_gate_backward = keep.groupnorm_bonus_gate_backward;
     f->be->wkv_only = keep.wkv_only;
+    f->be->gemm_only = keep.gemm_only;
     gn_mode_workspace(f);
     rp_emu_set_alloc_pad(pad_was);
 }
@@ -1512,11 +1525,6 @@ static void test_drkv16_precision(void **s) {
 /* d og (the output GEMM's dX) bf16 in place for the fused groupnorm
  * backward, its one reader (backward.c's gemm_only hint), against f32 (that
  * hint alone dropped): the gradients differ and stay as close to FP32 math. */
-static tiny_fixture *dog_fixture;
-static void (*gemm_only_saved)(rp_backend *, const float *, size_t);
-static void gemm_only_but_dog(rp_backend *be, const float *p, size_t n) {
-    if (p != dog_fixture->tw.d_og) gemm_only_saved(be, p, n);
-}
 static void test_dog16_precision(void **s) {
     tiny_fixture *f = *s;
     tiny_fixture *ref = fp32_reference();

@@ -63,7 +63,6 @@ static const byte_group GROUPS[] = {
     {"to_bf16", {"to_bf16*"}, {"to_bf16_kernel"}, 0.02, NULL},
     {"bias_act (bf16 in place)",
      {"bias_act (LoRA hidden, bf16 in place)", "bias_act (w0, bf16 in place)",
-      "bias_act (a0, bf16 in place)", "bias_act (v0, bf16 in place)",
       "bias_act (relu^2, F, bf16 in place)"},
      {"bias_act16_kernel*"}, 0.02, NULL},
     {"bias_act (v0)", {"bias_act (v0)"}, {"bias_act_kernel*"}, 0.02, NULL},

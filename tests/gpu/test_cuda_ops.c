@@ -1075,7 +1075,8 @@ static void check_value_residual(twin *t, const shape *sh) {
     /* value_residual_from (out of place: training's copy of v_pre folded in)
      * against the in-place op on the same values, bit for bit */
     if (t->gpu->value_residual_from) {
-        t->gpu->value_residual_from(t->gpu, v_out->gpu, v_in->gpu, v_first->gpu, nu->gpu, R, C);
+        t->gpu->value_residual_from(t->gpu, v_out->gpu, v_in->gpu, v_first->gpu, nu->gpu, NULL,
+                                    R, C);
         compare_gpu_exact(t, "v (from v_in) == v (in place)", v_out, v);
         compare_exact(t, "v_in untouched", v_in);
     }
@@ -1118,7 +1119,7 @@ static void check_key_prepare(twin *t, const shape *sh) {
     /* key_prepare_from (k read from k_in: training's copy of k_pre folded
      * in) against the in-place op on the same values, bit for bit */
     if (t->gpu->key_prepare_from) {
-        t->gpu->key_prepare_from(t->gpu, kk2->gpu, k_out->gpu, k_in->gpu, a->gpu, k_k->gpu,
+        t->gpu->key_prepare_from(t->gpu, kk2->gpu, k_out->gpu, k_in->gpu, a->gpu, NULL, k_k->gpu,
                                  k_a->gpu, R, C, HEAD_SIZE);
         compare_gpu_exact(t, "kk (from k_in) == kk (in place)", kk2, kk);
         compare_gpu_exact(t, "k (from k_in) == k (in place)", k_out, k);
@@ -2029,6 +2030,83 @@ static void dev_widen(twin *t, tbuf *b, const void *src) {
     if (!rp_cuda_f32_from_bf16(t->gpu, b->gpu, src, b->n)) fatal("%s: from bf16 failed", t->op);
 }
 
+/* The sigmoid of nu (v0) and a (a0) inside value_residual_from and
+ * key_prepare_from, training's layout (BF16 math: v_pre, nu, k_pre, a bf16
+ * in place; v, k, kk written bf16 under their hints): against the CPU's
+ * bias_act then the in-place op (nu, a, v, k, kk within one bf16 rounding),
+ * and on the GPU bit for bit against bias_act in place then the op without
+ * the bias (the forward before the fusion). */
+static void check_bias_in_from16(twin *t, const shape *sh) {
+    const int R = spec_rows(&sh->prefill), C = sh->C, N = HEAD_SIZE;
+    const size_t n = (size_t)R * C;
+    rp_backend *gpu = t->gpu;
+    label(t, "R=%d C=%d", R, C);
+    if (!gpu->value_residual_from || !gpu->key_prepare_from || !gpu->rkv_only || !gpu->wkv_only)
+        fatal("%s: the CUDA backend has no value_residual_from / key_prepare_from hints", t->op);
+    tbuf *v_pre = buf_input(t, n, -1, 1), *v_first = buf_input(t, n, -1, 1);
+    tbuf *k_pre = buf_input(t, n, -1, 1), *k_k = buf_input(t, C, 0.5, 1.5);
+    tbuf *k_a = buf_input(t, C, 0.5, 1.5), *v0 = buf_input(t, C, -1, 1), *a0 = buf_input(t, C, -1, 1);
+    tbuf *pre[2] = {buf_input(t, n, -3, 3), buf_input(t, n, -3, 3)}; /* nu, a before sigmoid */
+    tbuf *v_pre2 = buf_zero(t, n), *k_pre2 = buf_zero(t, n);
+    tbuf *pre2[2] = {buf_zero(t, n), buf_zero(t, n)};
+    tbuf *out[2][3]; /* [fused, separate] x {v, k, kk} on the GPU */
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < 3; i++) out[j][i] = buf_zero(t, n);
+    tbuf *const in16[4] = {v_pre, k_pre, pre[0], pre[1]};
+    tbuf *const in16b[4] = {v_pre2, k_pre2, pre2[0], pre2[1]};
+    for (int i = 0; i < 4; i++) {
+        buf_round_bf16(t, in16[i]);
+        gpu->copy(gpu, in16b[i]->gpu, in16[i]->gpu, n * sizeof(float));
+        if (!rp_cuda_backend_store_bf16_inplace(gpu, in16[i]->gpu, n) ||
+            !rp_cuda_backend_store_bf16_inplace(gpu, in16b[i]->gpu, n))
+            fatal("%s: storing the inputs in bf16 failed", t->op);
+    }
+    /* GPU, fused: the sigmoid in the ops' pass */
+    gpu->rkv_only(gpu, out[0][0]->gpu, n);
+    gpu->value_residual_from(gpu, out[0][0]->gpu, v_pre->gpu, v_first->gpu, pre[0]->gpu,
+                             v0->gpu, R, C);
+    gpu->wkv_only(gpu, out[0][2]->gpu, n);
+    gpu->rkv_only(gpu, out[0][1]->gpu, n);
+    gpu->key_prepare_from(gpu, out[0][2]->gpu, out[0][1]->gpu, k_pre->gpu, pre[1]->gpu,
+                          a0->gpu, k_k->gpu, k_a->gpu, R, C, N);
+    /* GPU, separate: bias_act in place, then the ops without a bias */
+    gpu->bias_act(gpu, pre2[0]->gpu, v0->gpu, R, C, RP_ACT_SIGMOID);
+    gpu->rkv_only(gpu, out[1][0]->gpu, n);
+    gpu->value_residual_from(gpu, out[1][0]->gpu, v_pre2->gpu, v_first->gpu, pre2[0]->gpu, NULL,
+                             R, C);
+    gpu->bias_act(gpu, pre2[1]->gpu, a0->gpu, R, C, RP_ACT_SIGMOID);
+    gpu->wkv_only(gpu, out[1][2]->gpu, n);
+    gpu->rkv_only(gpu, out[1][1]->gpu, n);
+    gpu->key_prepare_from(gpu, out[1][2]->gpu, out[1][1]->gpu, k_pre2->gpu, pre2[1]->gpu, NULL,
+                          k_k->gpu, k_a->gpu, R, C, N);
+    /* CPU: bias_act, then the in-place ops on copies */
+    rp_backend *cpu = t->cpu;
+    for (int i = 0; i < 2; i++)
+        cpu->bias_act(cpu, pre[i]->cpu, i ? a0->cpu : v0->cpu, R, C, RP_ACT_SIGMOID);
+    memcpy(out[0][0]->cpu, v_pre->cpu, n * sizeof(float));
+    cpu->value_residual(cpu, out[0][0]->cpu, v_first->cpu, pre[0]->cpu, R, C);
+    memcpy(out[0][1]->cpu, k_pre->cpu, n * sizeof(float));
+    cpu->key_prepare(cpu, out[0][2]->cpu, out[0][1]->cpu, pre[1]->cpu, k_k->cpu, k_a->cpu, R, C,
+                     N);
+    cpu->synchronize(cpu);
+    static const char *const names[5] = {"nu (bf16 in place)", "a (bf16 in place)",
+                                         "v (bf16 in place)", "k (bf16 in place)",
+                                         "kk (bf16 in place)"};
+    tbuf *const fused[5] = {pre[0], pre[1], out[0][0], out[0][1], out[0][2]};
+    tbuf *const sep[5] = {pre2[0], pre2[1], out[1][0], out[1][1], out[1][2]};
+    tbuf *wide = buf_zero(t, n), *wide2 = buf_zero(t, n);
+    for (int i = 0; i < 5; i++) {
+        dev_widen(t, wide, fused[i]->gpu);
+        float *host = download(t, wide);
+        compare_values(t, names[i], host, fused[i]->cpu, NULL, n, TOL_BF16_IO);
+        free(host);
+        dev_widen(t, wide2, sep[i]->gpu);
+        char what[64];
+        snprintf(what, sizeof what, "%.2s fused == separate", names[i]);
+        compare_gpu_exact(t, what, wide, wide2);
+    }
+}
+
 /* forward_train then backward (beta 0 or 1) on bf16 inputs, outputs bf16
  * (out16) or fp32; the CPU twin runs fp32 on the same rounded inputs. */
 static void wkv7_bf16_case_tols(twin *t, const shape *sh, int out16, float beta, double tol_out,
@@ -2200,7 +2278,7 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
             if (g) {
                 be->rkv_only(be, at(in.v, g), n);
                 be->value_residual_from(be, at(in.v, g), at(v_pre, g), at(v_first, g),
-                                        at(nu, g), R, C);
+                                        at(nu, g), NULL, R, C);
                 continue;
             }
             be->copy(be, at(in.v, g), at(v_pre, g), n * sizeof(float));
@@ -2212,7 +2290,7 @@ static void wkv7_kk16_case(twin *t, const shape *sh, double w_lo, double w_hi, i
         if (g) be->wkv_only(be, at(kk, g), n);
         if (g && rkv16) {
             be->rkv_only(be, at(in.k, g), n);
-            be->key_prepare_from(be, at(kk, g), at(in.k, g), at(k_pre_in, g), at(in.a, g),
+            be->key_prepare_from(be, at(kk, g), at(in.k, g), at(k_pre_in, g), at(in.a, g), NULL,
                                  at(k_k, g), at(k_a, g), R, C, N);
         } else {
             be->copy(be, at(in.k, g), at(k_pre, g), n * sizeof(float));
@@ -3106,6 +3184,7 @@ static const twin_check checks[] = {
     {"value_residual_backward", check_value_residual_backward, MATH_FP32, 0},
     {"key_prepare", check_key_prepare, MATH_FP32, 0},
     {"key_prepare_backward", check_key_prepare_backward, MATH_FP32, 0},
+    {"bias in value_residual/key_prepare", check_bias_in_from16, MATH_BF16, 0},
     {"attention_tail_backward", check_attention_tail_backward, MATH_FP32, 0},
     {"attention_tail_backward dkv16", check_attention_tail_dkv16, MATH_BF16, 0},
     {"bonus_gate", check_bonus_gate, MATH_FP32, 0},
