@@ -368,7 +368,12 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
         /* nu likewise (rkv_only, past layer 0), its sigmoid in place; g
          * too (rkv_only, past layer 0: the fused groupnorm and its backward
          * its only readers) */
-        if (i == 0) gemm_c16(l, "GEMM LoRA up (w: rank -> C), bf16 C", 1, R, C, ranks[i]);
+        /* w: w0 added in the GEMM's epilogue (cuBLASLt, the bias read once
+         * in bf16: 2 C bytes), no bias_act pass over w_raw */
+        if (i == 0)
+            add(l, "GEMM LoRA up (w: rank -> C, + w0 epilogue), bf16 C", 1,
+                2.0 * R * ranks[i] + 2.0 * C * ranks[i] + 2.0 * R * C + 2.0 * C,
+                2.0 * R * C * ranks[i], 1);
         else if (i == 1) gemm_c16(l, "GEMM LoRA up (a: rank -> C), bf16 C", 1, R, C, ranks[i]);
         else if (i == 3) gemm_c16(l, "GEMM LoRA up (v: rank -> C), bf16 C", 1, R, C, ranks[i]);
         else if (layer > 0) gemm_c16(l, "GEMM LoRA up (g: rank -> C), bf16 C", 1, R, C, ranks[i]);
@@ -377,7 +382,6 @@ static void layer_forward(kernel_list *l, const rp_config *c, int layer, double 
             ew(l, "bias_act (LoRA hidden, bf16 in place)", 1, R, ranks[i], 1, 0, 4);
         }
     }
-    ew(l, "bias_act (w0, bf16 in place)", 1, R, C, 1, 1, 4);
     /* layer 0: v from v_pre (no value_residual_from there), then v_first */
     /* (past layer 0 v written bf16 in place: rkv_only); nu's sigmoid (v0)
      * in the same pass, nu read as its pre-activation and written back

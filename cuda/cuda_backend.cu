@@ -994,6 +994,7 @@ extern "C" rp_backend *rp_cuda_backend_create(int device, rp_cuda_math math, rp_
         cuda_destroy(be);
         return NULL;
     }
+    if (cublasLtCreate(&cx->lt) != CUBLAS_STATUS_SUCCESS) cx->lt = NULL;  // cuBLAS + bias_act
     be->is_host_memory = 0;
     be->mix_grads16 = 1;
     /* The head's row chunk from a 1 GiB logits scratch (4096 rows at V =
@@ -1060,6 +1061,7 @@ static void cuda_destroy(rp_backend *be) {
             if (extra[s].done) cudaEventDestroy(extra[s].done);
             free(extra[s].last);
         }
+        if (cx->lt) cublasLtDestroy(cx->lt);
         if (cx->cublas) cublasDestroy(cx->cublas);
         if (cx->stream) cudaStreamDestroy(cx->stream);
         free(cx);  // the rp_cuda_ctx_full starts with cx

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -113,6 +114,9 @@ struct rp_cuda_ctx {
     int n_sm;
     cudaStream_t stream;
     cublasHandle_t cublas;
+    // cuBLASLt, for the GEMMs with a bias epilogue (cuda_matmul.cu); NULL
+    // when its set-up failed: those GEMMs then run as cuBLAS + bias_act
+    cublasLtHandle_t lt;
     // First error (sticky): code != RP_OK once anything failed.
     rp_error error;
     void *scratch[RP_CUDA_SCRATCH_COUNT];

@@ -267,15 +267,125 @@ static void cuda_matmul_linear(rp_backend *be, float *y, const float *x, const f
 }
 
 // y [M,N] = x [M,K] W + beta y, W [K,N]:  y^T [N,M] = W^T [N,K] x^T [K,M]
-static void cuda_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
-                             int N, int K, float beta) {
-    rp_cuda_ctx *cx = rp_cuda_of(be);
-    const int c16 = take_c16(cx, y, M, N);
+// (c16: y's hint, taken by the op)
+static void lora_gemm(rp_cuda_ctx *cx, float *y, const float *x, const float *w, int M, int N,
+                      int K, float beta, int c16) {
     if (M <= 0 || N <= 0 || K <= 0) return;
     if (M <= RP_GEMV_MAX_M && !rp_cuda_inplace_find(cx, x, (size_t)M * K))
         return gemv(cx, 1, y, x, w, M, N, K, beta);
     gemm(cx, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, w, N, (size_t)K * N, x, K, (size_t)M * K, beta, y,
          N, c16);
+}
+
+static void cuda_matmul_lora(rp_backend *be, float *y, const float *x, const float *w, int M,
+                             int N, int K, float beta) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    lora_gemm(cx, y, x, w, M, N, K, beta, take_c16(cx, y, M, N));
+}
+
+// ---- a GEMM with a bias epilogue (cuBLASLt; issue 15) ----
+
+// D [m,n] (bf16, column-major, ld ldd) = op(A) op(B) + bias16 [m] on every
+// column: bf16 A and B, fp32 compute, the bias added to the fp32 sum before
+// the one rounding to bf16; no workspace (nothing to allocate mid-step).
+// 0 when cuBLASLt is not set up, has no such algorithm or refuses the call
+// (nothing queued): the caller runs its fallback.
+static int lt_gemm_bias16(rp_cuda_ctx *cx, cublasOperation_t ta, cublasOperation_t tb, int m,
+                          int n, int k, const __nv_bfloat16 *a16, int lda,
+                          const __nv_bfloat16 *b16, int ldb, __nv_bfloat16 *d16, int ldd,
+                          const __nv_bfloat16 *bias16) {
+    if (!cx->lt) return 0;
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+    cublasLtMatmulPreference_t pref = nullptr;
+    const int32_t op_a = ta, op_b = tb, bias_type = CUDA_R_16BF;
+    const uint32_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    const uint64_t workspace = 0;
+    const cublasStatus_t ok = CUBLAS_STATUS_SUCCESS;
+    bool good =
+        cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == ok &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a) == ok &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b) == ok &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                       sizeof epilogue) == ok &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias16,
+                                       sizeof bias16) == ok &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                       sizeof bias_type) == ok &&
+        cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, ta == CUBLAS_OP_N ? m : k,
+                                   ta == CUBLAS_OP_N ? k : m, lda) == ok &&
+        cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, tb == CUBLAS_OP_N ? k : n,
+                                   tb == CUBLAS_OP_N ? n : k, ldb) == ok &&
+        cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, m, n, ldd) == ok &&
+        cublasLtMatmulPreferenceCreate(&pref) == ok &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                             &workspace, sizeof workspace) == ok;
+    cublasLtMatmulHeuristicResult_t found;
+    int n_found = 0;
+    good = good &&
+           cublasLtMatmulAlgoGetHeuristic(cx->lt, op, la, lb, ld, ld, pref, 1, &found,
+                                          &n_found) == ok &&
+           n_found > 0;
+    const float alpha = 1.0f, beta = 0.0f;
+    good = good && cublasLtMatmul(cx->lt, op, &alpha, a16, la, b16, lb, &beta, d16, ld, d16, ld,
+                                  &found.algo, nullptr, 0, cx->stream) == ok;
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (ld) cublasLtMatrixLayoutDestroy(ld);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (op) cublasLtMatmulDescDestroy(op);
+    return good;
+}
+
+// y [n] (f32, row-major [.., N]) = bf16(y + bias16 [i % N]) as f32: the
+// copies-off twin of the bias epilogue (the same fp32 add, the same one
+// rounding).
+static __global__ void bias_round_kernel(float *y, const __nv_bfloat16 *bias16, size_t n,
+                                         int N) {
+    const size_t step = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step)
+        y[i] = __bfloat162float(__float2bfloat16(y[i] + __bfloat162float(bias16[i % N])));
+}
+
+// y [M,N] = x [M,K] W + bias [N] (backend.h matmul_lora_bias). A bf16 y
+// (gemm_only, BF16 math, above GEMV rows) with a registered bias gets the
+// bias in cuBLASLt's epilogue (the bias's bf16 copy: one rounding of y);
+// with the copies off the same values in f32 (bias_round_kernel). Anything
+// else, or cuBLASLt without an algorithm: matmul_lora then bias_act, their
+// bits.
+static void cuda_matmul_lora_bias(rp_backend *be, float *y, const float *x, const float *w,
+                                  const float *bias, int M, int N, int K) {
+    rp_cuda_ctx *cx = rp_cuda_of(be);
+    const int c16 = take_c16(cx, y, M, N);
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    const size_t n = (size_t)M * N;
+    const __nv_bfloat16 *bias16 =
+        c16 && M > RP_GEMV_MAX_M && cx->math == RP_CUDA_MATH_BF16
+            ? rp_cuda_weight_shadow(cx, bias, (size_t)N)
+            : nullptr;
+    if (bias16 && !cx->act16_off) {
+        const __nv_bfloat16 *w16 = bf16_operand(cx, w, (size_t)K * N, NULL);
+        const __nv_bfloat16 *x16 = w16 ? bf16_operand(cx, x, (size_t)M * K, w16) : nullptr;
+        if (!x16) return;  // a sticky error is recorded
+        if (lt_gemm_bias16(cx, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, w16, N, x16, K,
+                           reinterpret_cast<__nv_bfloat16 *>(y), N, bias16)) {
+            rp_cuda_act16_forget(cx, y, n * sizeof(__nv_bfloat16));  // what it wrote
+            rp_cuda_inplace_add(cx, y, n);
+            return;
+        }
+    } else if (bias16) {
+        gemm(cx, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, w, N, (size_t)K * N, x, K, (size_t)M * K, 0.0f,
+             y, N, 0);
+        if (cx->error.code != RP_OK) return;
+        const size_t blocks = rp_cuda_blocks(n, 256);
+        bias_round_kernel<<<(unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, cx->stream>>>(
+            y, bias16, n, N);
+        if (!RP_CUDA_LAUNCHED_OUT(cx, "bias_round", {y, n * sizeof(float)})) return;
+        rp_cuda_inplace_add(cx, y, n, 1);
+        return;
+    }
+    lora_gemm(cx, y, x, w, M, N, K, 0.0f, c16);
+    be->bias_act(be, y, bias, M, N, RP_ACT_NONE);
 }
 
 // forward y = x W^T, W [N,K]
@@ -325,6 +435,7 @@ static void cuda_matmul_lora_backward(rp_backend *be, float *dx, float *dw, cons
 void rp_cuda_install_matmul(rp_backend *be) {
     be->matmul_linear = cuda_matmul_linear;
     be->matmul_lora = cuda_matmul_lora;
+    be->matmul_lora_bias = cuda_matmul_lora_bias;
     be->matmul_linear_backward = cuda_matmul_linear_backward;
     be->matmul_lora_backward = cuda_matmul_lora_backward;
     be->matmul_linear_backward_beta = cuda_matmul_linear_backward_beta;

@@ -215,6 +215,16 @@ struct rp_backend {
     /* y [M,N] = x [M,K] . W + beta * y, W [K,N] (LoRA factor, row-major). */
     void (*matmul_lora)(rp_backend *be, float *y, const float *x, const float *w,
                         int M, int N, int K, float beta);
+    /* y [M,N] = x [M,K] . W + bias [N] (optional; NULL: matmul_lora then
+     * bias_act(y, bias, M, N, RP_ACT_NONE); issue 15): matmul_lora with beta
+     * 0, its pending hints for y consumed alike, then the bias added. Where
+     * y is stored bf16 (a gemm_only y, BF16 math) the backend may add the
+     * bias inside the GEMM before the output's one rounding (CUDA: a cuBLASLt
+     * bias epilogue, which takes the bias rounded to bf16, as the weight's
+     * bf16 copy holds it): within one bf16 rounding of the two ops, not
+     * their bits; elsewhere the two ops' bits. */
+    void (*matmul_lora_bias)(rp_backend *be, float *y, const float *x, const float *w,
+                             const float *bias, int M, int N, int K);
 
     /* ---- position-wise ---- */
     /* x [R,C] = emb[tokens[r]] ; tokens are host memory, range-checked by the caller. */
@@ -592,10 +602,12 @@ struct rp_backend {
      * place as its dy (a gradient p: the dx of a matmul backward), the next
      * groupnorm_bonus_gate_backward may read p as its dout (the output
      * GEMM's dx, d og), and a
-     * training step's w_raw (its bias_act in place, then read by wkv7 ops as
+     * training step's w_raw (its bias_act in place, or matmul_lora_bias's
+     * bias in the GEMM that writes it, then read by wkv7 ops as
      * w_raw, and passed as the y that bias_act_backward with RP_ACT_NONE
      * does not read) when its kk is wkv_only, and a training step's a (its
-     * sigmoid bias_act in place, then read by key_prepare(_from), the wkv7
+     * sigmoid bias_act in place, or key_prepare_from's with a0, then read by
+     * key_prepare(_from), the wkv7
      * ops, key_prepare_backward and as y by the a0 bias_act_backward, with
      * dbias) under the same condition; the backend may keep p in its GEMM operand format instead of f32 (CUDA,
      * bf16 math: bf16 in place, so no conversion kernel; the activation and
@@ -628,8 +640,9 @@ struct rp_backend {
      * next key_prepare_from as its k, or the next value_residual_from as its
      * v, is read only by the wkv7 ops (as r, k, v), groupnorm_bonus_gate and
      * its backward (as r, k, v, g), key_prepare_from (as k_in), value_residual_from
-     * (as v_in, nu), attention_tail_backward (as k, v, nu) and, for nu, its
-     * sigmoid bias_act in place, until something writes p again; the backend may keep p in bf16 in place
+     * (as v_in, nu; with v0 its sigmoid in place), attention_tail_backward
+     * (as k, v, nu) and, for nu, its sigmoid bias_act in place, until
+     * something writes p again; the backend may keep p in bf16 in place
      * (CUDA, bf16 math: half the bytes, the readers widen it, as the
      * official training kernel takes r, k, v in bf16). Any other read of p
      * before then is undefined. The next matmul_linear or matmul_lora,

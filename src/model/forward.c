@@ -107,10 +107,11 @@ rp_status rp_model_embed(const rp_model *m, rp_workspace *ws, const int32_t *tok
 /* The hint for a LoRA's output y before its up GEMM (backend.h). */
 enum { LORA_Y_F32, LORA_Y_GEMM_ONLY, LORA_Y_RKV_ONLY };
 
-/* y [R,C] = act_inner(x . w1) . w2, keeping act_inner(x . w1) in hidden [R,D]. */
+/* y [R,C] = act_inner(x . w1) . w2 (+ bias [C], may be NULL), keeping
+ * act_inner(x . w1) in hidden [R,D]. */
 static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x,
-                         const float *w1, const float *w2, int D, rp_activation inner, int R,
-                         int C, int y_hint) {
+                         const float *w1, const float *w2, const float *bias, int D,
+                         rp_activation inner, int R, int C, int y_hint) {
     /* only GEMMs read hidden (and the activation, in place, and the backward's
      * activation backward as its y: backend.h gemm_only allows both) */
     if (be->gemm_only) be->gemm_only(be, hidden, (size_t)R * D);
@@ -122,7 +123,13 @@ static void lora_forward(rp_backend *be, float *y, float *hidden, const float *x
      * by the fused groupnorm and its backward (rkv_only): bf16 on CUDA */
     if (y_hint == LORA_Y_GEMM_ONLY && be->gemm_only) be->gemm_only(be, y, (size_t)R * C);
     if (y_hint == LORA_Y_RKV_ONLY && be->rkv_only) be->rkv_only(be, y, (size_t)R * C);
+    /* the bias in the GEMM where the backend can (CUDA: its epilogue) */
+    if (bias && be->matmul_lora_bias) {
+        be->matmul_lora_bias(be, y, hidden, w2, bias, R, C, D);
+        return;
+    }
     be->matmul_lora(be, y, hidden, w2, R, C, D, 0.0f);
+    if (bias) be->bias_act(be, y, bias, R, C, RP_ACT_NONE);
 }
 
 /* Mix i of the time mix: formed already by ln_shift_mix or shift_mix
@@ -290,29 +297,29 @@ void rp_block_forward(const rp_model *m, rp_layer_activations *s, float *x, floa
      * once, not three times) */
     const int v_from = layer != 0 && s->v_pre && be->value_residual_from;
     if (layer != 0) {
-        lora_forward(be, s->nu, s->nu_hidden, xm, w->v1, w->v2, c->d_value, RP_ACT_NONE, R, C,
-                     rkv_only ? LORA_Y_RKV_ONLY : LORA_Y_F32);
+        lora_forward(be, s->nu, s->nu_hidden, xm, w->v1, w->v2, NULL, c->d_value, RP_ACT_NONE, R,
+                     C, rkv_only ? LORA_Y_RKV_ONLY : LORA_Y_F32);
         if (!v_from) be->bias_act(be, s->nu, w->v0, R, C, RP_ACT_SIGMOID);
     }
-    /* w_raw = w0 + tanh(xw w1) w2; the decay exp(-e^-0.5 sigmoid(w_raw)) is
-     * formed inside wkv7, in fp32, as the official kernels do. */
+    /* w_raw = w0 + tanh(xw w1) w2 (w0 in the up GEMM's epilogue where the
+     * backend has one); the decay exp(-e^-0.5 sigmoid(w_raw)) is formed
+     * inside wkv7, in fp32, as the official kernels do. */
     xm = time_mix(be, s, xc, mixes, 3, w->x_w, R, C);
-    lora_forward(be, s->w_raw, s->w_hidden, xm, w->w1, w->w2, c->d_decay, RP_ACT_TANH, R, C,
-                 s->wkv_checkpoints && be->wkv_only ? LORA_Y_GEMM_ONLY : LORA_Y_F32);
-    be->bias_act(be, s->w_raw, w->w0, R, C, RP_ACT_NONE);
+    lora_forward(be, s->w_raw, s->w_hidden, xm, w->w1, w->w2, w->w0, c->d_decay, RP_ACT_TANH, R,
+                 C, s->wkv_checkpoints && be->wkv_only ? LORA_Y_GEMM_ONLY : LORA_Y_F32);
     /* a = sigmoid(a0 + xa a1 a2); in training read only by its sigmoid in
      * place (key_prepare_from's, where it runs), key_prepare, the WKV7 ops,
      * key_prepare_backward and the a0 bias_act_backward as its y (bf16 on
      * CUDA, with kk and w_raw) */
     const int k_from = s->k_pre && be->key_prepare_from;
     xm = time_mix(be, s, xc, mixes, 4, w->x_a, R, C);
-    lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, c->d_iclr, RP_ACT_NONE, R, C,
+    lora_forward(be, s->a, s->a_hidden, xm, w->a1, w->a2, NULL, c->d_iclr, RP_ACT_NONE, R, C,
                  s->wkv_checkpoints && be->wkv_only ? LORA_Y_GEMM_ONLY : LORA_Y_F32);
     if (!k_from) be->bias_act(be, s->a, w->a0, R, C, RP_ACT_SIGMOID);
     /* g = sigmoid(xg g1) g2, no activation after g2; in training read only by
      * the fused groupnorm and its backward (rkv_only, with r, k, v) */
     xm = time_mix(be, s, xc, mixes, 5, w->x_g, R, C);
-    lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, c->d_gate, RP_ACT_SIGMOID, R, C,
+    lora_forward(be, s->g, s->g_hidden, xm, w->g1, w->g2, NULL, c->d_gate, RP_ACT_SIGMOID, R, C,
                  rkv_only ? LORA_Y_RKV_ONLY : LORA_Y_F32);
     /* Value residual: layer 0's v is v_first for every later layer.
      * Training keeps v_pre and k_pre for the backward: the ops read them

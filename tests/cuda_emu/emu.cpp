@@ -1,6 +1,7 @@
 // The emulated CUDA runtime (tests/cuda_emu/README.md): fibers, memory registry, streams
 // (queued, run at sync points), cuBLAS GEMM.
 #include "cublas_v2.h"
+#include "cublasLt.h"
 #include "cuda.h"
 #include <map>
 #include <set>
@@ -1347,6 +1348,7 @@ static void run_kernel(const char *kernel, const rp_emu_cfg &cfg, const std::fun
 
 // ---- cuBLAS ----
 struct rp_emu_cublas { cudaStream_t stream = nullptr; };
+
 cublasStatus_t cublasCreate(cublasHandle_t *h) { *h = new rp_emu_cublas(); return CUBLAS_STATUS_SUCCESS; }
 cublasStatus_t cublasDestroy(cublasHandle_t h) { delete h; return CUBLAS_STATUS_SUCCESS; }
 cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) { if (!h) return CUBLAS_STATUS_NOT_INITIALIZED; h->stream = s; return CUBLAS_STATUS_SUCCESS; }
@@ -1354,18 +1356,23 @@ cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) { if (!h) retur
 static float load_el(const void *p, cudaDataType t, size_t i) {
     return t == CUDA_R_32F ? ((const float *)p)[i] : __bfloat162float(((const __nv_bfloat16 *)p)[i]);
 }
-cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                            const void *alpha_, const void *A, cudaDataType at, int lda, const void *B,
-                            cudaDataType bt, int ldb, const void *beta_, void *C_, cudaDataType ct, int ldc,
-                            cublasComputeType_t compute, cublasGemmAlgo_t) {
-    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+// One GEMM in stream order (cublasGemmEx, cublasLtMatmul): column-major C
+// [m,n] = alpha op(A) op(B) + beta C, the sums in double, rounded to fp32;
+// bias16 (cuBLASLt's bias epilogue, bf16 C only): + bias16[row] in fp32
+// before the rounding to bf16.
+static cublasStatus_t emu_gemm(const char *what, cudaStream_t stream, cublasOperation_t ta,
+                               cublasOperation_t tb, int m, int n, int k, const void *alpha_,
+                               const void *A, cudaDataType at, int lda, const void *B,
+                               cudaDataType bt, int ldb, const void *beta_, void *C_,
+                               cudaDataType ct, int ldc, cublasComputeType_t compute,
+                               const __nv_bfloat16 *bias16) {
     g_count_launches++;
     if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
     if (ta == CUBLAS_OP_C || tb == CUBLAS_OP_C) return CUBLAS_STATUS_INVALID_VALUE;
     int arows = ta == CUBLAS_OP_N ? m : k, acols = ta == CUBLAS_OP_N ? k : m;
     int brows = tb == CUBLAS_OP_N ? k : n, bcols = tb == CUBLAS_OP_N ? n : k;
     if (lda < std::max(1, arows) || ldb < std::max(1, brows) || ldc < std::max(1, m)) {
-        fprintf(stderr, "EMU cublasGemmEx: bad leading dimension m%d n%d k%d lda%d ldb%d ldc%d\n", m, n, k, lda, ldb, ldc);
+        fprintf(stderr, "EMU %s: bad leading dimension m%d n%d k%d lda%d ldb%d ldc%d\n", what, m, n, k, lda, ldb, ldc);
         return CUBLAS_STATUS_INVALID_VALUE;
     }
     // bf16 C only with bf16 A and B (cuBLAS's CUDA_R_16BF x3 + COMPUTE_32F combination)
@@ -1376,16 +1383,19 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
     size_t es = at == CUDA_R_32F ? 4 : 2;
     if (k > 0) {
-        if (!is_device(A, ((size_t)(acols - 1) * lda + arows) * es)) die("cublasGemmEx: A %p (%dx%d, lda %d) outside device memory", A, arows, acols, lda);
-        if (!is_device(B, ((size_t)(bcols - 1) * ldb + brows) * es)) die("cublasGemmEx: B %p (%dx%d, ldb %d) outside device memory", B, brows, bcols, ldb);
+        if (!is_device(A, ((size_t)(acols - 1) * lda + arows) * es)) die("%s: A %p (%dx%d, lda %d) outside device memory", what, A, arows, acols, lda);
+        if (!is_device(B, ((size_t)(bcols - 1) * ldb + brows) * es)) die("%s: B %p (%dx%d, ldb %d) outside device memory", what, B, brows, bcols, ldb);
     }
     const size_t ces = ct == CUDA_R_32F ? 4 : 2;
-    if (!is_device(C_, ((size_t)(n - 1) * ldc + m) * ces)) die("cublasGemmEx: C outside device memory");
+    if (!is_device(C_, ((size_t)(n - 1) * ldc + m) * ces)) die("%s: C outside device memory", what);
+    if (bias16 && (ct != CUDA_R_16BF || !is_device(bias16, (size_t)m * 2)))
+        die("%s: bias %p (%d bf16) outside device memory or C not bf16", what, (const void *)bias16, m);
     // Host pointer mode: alpha and beta are read now; the GEMM runs in stream order.
     const float alpha = *(const float *)alpha_, beta = *(const float *)beta_;
     stream_op op;
-    op.what = "cublasGemmEx";
+    op.what = what;
     op.uses = {base_of(A), base_of(B), base_of(C_)};
+    if (bias16) op.uses.push_back(base_of(bias16));
     op.kernel = true;  // a GEMM kernel: a PDL kernel after it may overlap its writes of C
     op.run = [=] {
     if (g_run_stream) {
@@ -1396,11 +1406,13 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
         bytes_note_matrix(A, arows, acols, lda, es, false);
         bytes_note_matrix(B, brows, bcols, ldb, es, false);
         if (beta != 0.0f) bytes_note_matrix(C_, m, n, ldc, ces, false);
+        if (bias16) bytes_note_matrix(bias16, m, 1, m, 2, false);
         bytes_note_matrix(C_, m, n, ldc, ces, true);
         char key[160];
-        snprintf(key, sizeof key, "cublasGemmEx %c%c m%d n%d k%d %s%s->%s%s", ta == CUBLAS_OP_N ? 'N' : 'T',
+        snprintf(key, sizeof key, "%s %c%c m%d n%d k%d %s%s->%s%s%s", what, ta == CUBLAS_OP_N ? 'N' : 'T',
                  tb == CUBLAS_OP_N ? 'N' : 'T', m, n, k, at == CUDA_R_32F ? "f32" : "bf16",
-                 bt == CUDA_R_32F ? "f32" : "bf16", ct == CUDA_R_32F ? "f32" : "bf16", beta != 0.0f ? " +C" : "");
+                 bt == CUDA_R_32F ? "f32" : "bf16", ct == CUDA_R_32F ? "f32" : "bf16", beta != 0.0f ? " +C" : "",
+                 bias16 ? " +bias" : "");
         bytes_launch_end(key);
     }
     float *C = (float *)C_;
@@ -1419,8 +1431,9 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
             const size_t ci = (size_t)j * ldc + i;
             if (ct == CUDA_R_16BF) {  // the fp32 result rounded once more to bf16 (RNE)
                 __nv_bfloat16 *c16 = (__nv_bfloat16 *)C_;
-                const float f = beta == 0.0f ? (float)(alpha * s)
-                                             : (float)(alpha * s + (double)beta * __bfloat162float(c16[ci]));
+                float f = beta == 0.0f ? (float)(alpha * s)
+                                       : (float)(alpha * s + (double)beta * __bfloat162float(c16[ci]));
+                if (bias16) f = f + __bfloat162float(bias16[i]);  // fp32, as the epilogue adds it
                 c16[ci] = __float2bfloat16(f);
                 continue;
             }
@@ -1428,8 +1441,107 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
             c = beta == 0.0f ? (float)(alpha * s) : (float)(alpha * s + (double)beta * c);
         }
     };
-    enqueue(h->stream, std::move(op));
+    enqueue(stream, std::move(op));
     return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                            const void *alpha, const void *A, cudaDataType at, int lda, const void *B,
+                            cudaDataType bt, int ldb, const void *beta, void *C, cudaDataType ct, int ldc,
+                            cublasComputeType_t compute, cublasGemmAlgo_t) {
+    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+    return emu_gemm("cublasGemmEx", h->stream, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc,
+                    compute, nullptr);
+}
+
+// ---- cuBLASLt (tests/cuda_emu/cublasLt.h): one GEMM, DEFAULT or BIAS epilogue ----
+struct rp_emu_lt { int unused; };
+struct rp_emu_lt_desc {
+    cublasComputeType_t compute;
+    cudaDataType scale;
+    int32_t ta = CUBLAS_OP_N, tb = CUBLAS_OP_N;
+    uint32_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    const void *bias = nullptr;
+    int32_t bias_type = -1;  // -1: D's type
+};
+struct rp_emu_lt_layout { cudaDataType type; uint64_t rows, cols; int64_t ld; };
+struct rp_emu_lt_pref { uint64_t workspace = 0; };
+cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) { *h = new rp_emu_lt(); return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) { delete h; return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t compute, cudaDataType_t scale) {
+    *d = new rp_emu_lt_desc();
+    (*d)->compute = compute;
+    (*d)->scale = scale;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) { delete d; return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr,
+                                              const void *buf, size_t bytes) {
+    if (!d || !buf) return CUBLAS_STATUS_INVALID_VALUE;
+    switch (attr) {
+    case CUBLASLT_MATMUL_DESC_TRANSA: if (bytes != 4) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->ta, buf, 4); break;
+    case CUBLASLT_MATMUL_DESC_TRANSB: if (bytes != 4) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->tb, buf, 4); break;
+    case CUBLASLT_MATMUL_DESC_EPILOGUE: if (bytes != 4) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->epilogue, buf, 4); break;
+    case CUBLASLT_MATMUL_DESC_BIAS_POINTER: if (bytes != sizeof(void *)) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->bias, buf, bytes); break;
+    case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE: if (bytes != 4) return CUBLAS_STATUS_INVALID_VALUE; memcpy(&d->bias_type, buf, 4); break;
+    default: return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType type, uint64_t rows, uint64_t cols,
+                                          int64_t ld) {
+    *l = new rp_emu_lt_layout{type, rows, cols, ld};
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) { delete l; return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) { *p = new rp_emu_lt_pref(); return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) { delete p; return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t attr,
+                                                    const void *buf, size_t bytes) {
+    if (!p || !buf || attr != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES || bytes != 8) return CUBLAS_STATUS_INVALID_VALUE;
+    memcpy(&p->workspace, buf, 8);
+    return CUBLAS_STATUS_SUCCESS;
+}
+// What the emulator runs: bf16 A, B and C = D (in place), fp32 compute and
+// scale, DEFAULT or BIAS (bf16 bias, 2-byte aligned) epilogue; anything else
+// has no algorithm (0 results), as a real heuristic can answer.
+static bool lt_supported(const rp_emu_lt_desc *op, const rp_emu_lt_layout *a, const rp_emu_lt_layout *b,
+                         const rp_emu_lt_layout *c, const rp_emu_lt_layout *d) {
+    if (!op || !a || !b || !c || !d) return false;
+    if (op->compute != CUBLAS_COMPUTE_32F || op->scale != CUDA_R_32F) return false;
+    if (a->type != CUDA_R_16BF || b->type != CUDA_R_16BF || c->type != CUDA_R_16BF || d->type != CUDA_R_16BF) return false;
+    if (c->rows != d->rows || c->cols != d->cols || c->ld != d->ld) return false;
+    if (op->epilogue == CUBLASLT_EPILOGUE_BIAS)
+        return op->bias && (op->bias_type == -1 || op->bias_type == CUDA_R_16BF) && (uintptr_t)op->bias % 2 == 0;
+    return op->epilogue == CUBLASLT_EPILOGUE_DEFAULT;
+}
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
+                                              cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
+                                              cublasLtMatrixLayout_t d, cublasLtMatmulPreference_t pref,
+                                              int requested, cublasLtMatmulHeuristicResult_t results[], int *returned) {
+    if (!h || !pref || requested < 1 || !results || !returned) return CUBLAS_STATUS_INVALID_VALUE;
+    *returned = 0;
+    if (!lt_supported(op, a, b, c, d)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    memset(&results[0], 0, sizeof results[0]);
+    results[0].state = CUBLAS_STATUS_SUCCESS;
+    results[0].wavesCount = 1.0f;
+    *returned = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const void *alpha, const void *A,
+                              cublasLtMatrixLayout_t a, const void *B, cublasLtMatrixLayout_t b, const void *beta,
+                              const void *C, cublasLtMatrixLayout_t c, void *D, cublasLtMatrixLayout_t d,
+                              const cublasLtMatmulAlgo_t *algo, void *, size_t, cudaStream_t stream) {
+    if (!h || !algo) return CUBLAS_STATUS_INVALID_VALUE;
+    if (!lt_supported(op, a, b, c, d) || C != D) return CUBLAS_STATUS_NOT_SUPPORTED;
+    const int m = (int)d->rows, n = (int)d->cols;
+    const int k = (int)(op->ta == CUBLAS_OP_N ? a->cols : a->rows);
+    if ((int)(op->tb == CUBLAS_OP_N ? b->rows : b->cols) != k ||
+        (int)(op->ta == CUBLAS_OP_N ? a->rows : a->cols) != m || (int)(op->tb == CUBLAS_OP_N ? b->cols : b->rows) != n)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    return emu_gemm("cublasLtMatmul", stream, (cublasOperation_t)op->ta, (cublasOperation_t)op->tb, m, n, k, alpha,
+                    A, CUDA_R_16BF, (int)a->ld, B, CUDA_R_16BF, (int)b->ld, beta, D, CUDA_R_16BF, (int)d->ld,
+                    op->compute, op->epilogue == CUBLASLT_EPILOGUE_BIAS ? (const __nv_bfloat16 *)op->bias : nullptr);
 }
 
 extern "C" int rp_emu_set_alloc_pad(int seed) {

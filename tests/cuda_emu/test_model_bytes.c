@@ -59,11 +59,11 @@ static const byte_group GROUPS[] = {
     {"ln_shift_mix_train", {"ln_shift_mix_train*"}, {"ln_shift_mix_train_kernel*"}, 0.03, NULL},
     /* 1%: fp32 dX written where it is bf16 and beta-1 C reads left out
      * offset each other to 2% at this shape */
-    {"GEMMs (cuBLAS, forward and backward)", {"GEMM *"}, {"cublasGemmEx *"}, 0.01, NULL},
+    {"GEMMs (cuBLAS, forward and backward)", {"GEMM *"}, {"cublasGemmEx *", "cublasLtMatmul *"},
+     0.01, NULL},
     {"to_bf16", {"to_bf16*"}, {"to_bf16_kernel"}, 0.02, NULL},
     {"bias_act (bf16 in place)",
-     {"bias_act (LoRA hidden, bf16 in place)", "bias_act (w0, bf16 in place)",
-      "bias_act (relu^2, F, bf16 in place)"},
+     {"bias_act (LoRA hidden, bf16 in place)", "bias_act (relu^2, F, bf16 in place)"},
      {"bias_act16_kernel*"}, 0.02, NULL},
     {"bias_act (v0)", {"bias_act (v0)"}, {"bias_act_kernel*"}, 0.02, NULL},
     {"value_residual", {"value_residual*"}, {"value_residual_kernel*"}, 0.02, NULL},

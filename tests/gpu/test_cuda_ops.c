@@ -2811,6 +2811,72 @@ static void gemm_only_bias_case(twin *t, int R, int C, int D) {
     twin_release(t);
 }
 
+/* y = hid W + bias (matmul_lora_bias; training's w_raw = w0 + ... W2), W
+ * and bias registered weights: in BF16 math a GEMM-only y gets the bias in
+ * the GEMM's epilogue (cuBLASLt; the bias's bf16 copy), read back widened
+ * against the CPU's matmul_lora + bias_act, and against the GPU's f32
+ * twin of the same values (the copies off: the GEMM in f32, then one
+ * rounding of y + bf16(bias)) bit for bit; unhinted, or at decode rows, y
+ * is f32 with the bits of matmul_lora + bias_act on the GPU. */
+static void matmul_lora_bias_case(twin *t, int R, int C, int D) {
+    const double s = 1.0 / sqrt((double)D);
+    const size_t n = (size_t)R * C;
+    rp_backend *gpu = t->gpu;
+    label(t, "R=%d C=%d D=%d", R, C, D);
+    if (!gpu->matmul_lora_bias) fatal("%s: the CUDA backend has no matmul_lora_bias", t->op);
+    tbuf *flat = buf_input(t, (size_t)C + (size_t)D * C, -s, s); /* bias [C], W [D,C] */
+    tbuf *hid = buf_input(t, (size_t)R * D, -1, 1);
+    tbuf *y = buf_output(t, n), *y_off = buf_zero(t, n), *y_plain = buf_output(t, n);
+    tbuf *y_two = buf_zero(t, n);
+    if (gpu->register_weights) gpu->register_weights(gpu, flat->gpu, flat->n);
+    const float *bias_g = flat->gpu, *w_g = flat->gpu + C;
+    for (int g = 0; g < 2; g++) {
+        rp_backend *be = side(t, g);
+        const float *bias = at(flat, g), *w = at(flat, g) + C;
+        if (g) {
+            be->gemm_only(be, at(y, g), n);
+            be->matmul_lora_bias(be, at(y, g), at(hid, g), w, bias, R, C, D);
+        } else {
+            be->matmul_lora(be, at(y, g), at(hid, g), w, R, C, D, 0.0f);
+            be->bias_act(be, at(y, g), bias, R, C, RP_ACT_NONE);
+        }
+        /* unhinted: f32 y */
+        if (g) {
+            be->matmul_lora_bias(be, at(y_plain, g), at(hid, g), w, bias, R, C, D);
+        } else {
+            be->matmul_lora(be, at(y_plain, g), at(hid, g), w, R, C, D, 0.0f);
+            be->bias_act(be, at(y_plain, g), bias, R, C, RP_ACT_NONE);
+        }
+    }
+    compare(t, "y (f32, unhinted)", y_plain);
+    gpu->matmul_lora(gpu, y_two->gpu, hid->gpu, w_g, R, C, D, 0.0f);
+    gpu->bias_act(gpu, y_two->gpu, bias_g, R, C, RP_ACT_NONE);
+    compare_gpu_exact(t, "y unhinted == matmul_lora + bias_act", y_plain, y_two);
+    if (R <= 8) { /* decode rows: GEMV, f32 y whatever the hint */
+        compare(t, "y (decode rows)", y);
+        twin_release(t);
+        return;
+    }
+    tbuf *wide = buf_zero(t, n);
+    dev_widen(t, wide, y->gpu);
+    float *host = download(t, wide);
+    compare_values(t, "y (bf16 in place, + bias epilogue)", host, y->cpu, NULL, n,
+                   t->tol > TOL_BF16_IO ? t->tol : TOL_BF16_IO);
+    free(host);
+    /* the copies off: the same values in f32 */
+    rp_cuda_backend_set_act16(gpu, 0);
+    gpu->gemm_only(gpu, y_off->gpu, n);
+    gpu->matmul_lora_bias(gpu, y_off->gpu, hid->gpu, w_g, bias_g, R, C, D);
+    rp_cuda_backend_set_act16(gpu, 1);
+    compare_gpu_exact(t, "y bf16 == its copies-off twin", wide, y_off);
+    twin_release(t);
+}
+
+static void check_matmul_lora_bias(twin *t, const shape *sh) {
+    matmul_lora_bias_case(t, spec_rows(&sh->prefill), sh->C, sh->rank);
+    matmul_lora_bias_case(t, 5, sh->C, sh->rank);
+}
+
 static void check_gemm_only(twin *t, const shape *sh) {
     static const rp_activation acts[3] = {RP_ACT_NONE, RP_ACT_TANH, RP_ACT_SIGMOID};
     for (int i = 0; i < 3; i++) {
@@ -3215,6 +3281,7 @@ static const twin_check checks[] = {
     {"matmul_linear_backward", check_matmul_linear_backward, MATH_FP32 | MATH_BF16, 0},
     {"matmul_lora_backward", check_matmul_lora_backward, MATH_FP32 | MATH_BF16, 0},
     {"gemm_only", check_gemm_only, MATH_FP32 | MATH_BF16, 0},
+    {"matmul_lora_bias", check_matmul_lora_bias, MATH_BF16, 0},
     {"register_weights", check_registered_weights, MATH_FP32 | MATH_BF16, 0},
     {"gemv_group", check_gemv_group, MATH_FP32 | MATH_BF16, 0},
     {"time_mix_heads", check_time_mix_heads, MATH_FP32, 0},
