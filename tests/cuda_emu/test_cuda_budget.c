@@ -1481,118 +1481,89 @@ static void test_rkv16_precision(void **s) {
     tiny_fixture_destroy(ref);
 }
 
+/* A switch's three sides of the 24-row training step: the backend with it
+ * on (side 0), off (1), and FP32 math on ref (2). The gradients must differ
+ * (the switch works), stay within rel 1e-2 of each other, and be no further
+ * from FP32 math with it than without (1.10x + 1e-4); the loss within 1% of
+ * FP32's. */
+typedef void switch_fn(rp_backend *be, int on);
+static void switch_precision(tiny_fixture *f, tiny_fixture *ref, switch_fn *set, const char *what) {
+    float *g[3];
+    double loss[3];
+    size_t n = 0;
+    for (int side = 0; side < 3; side++) {
+        tiny_fixture *x = side == 2 ? ref : f;
+        set(f->be, side != 1);
+        rp_model_zero(&x->grads);
+        loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
+        g[side] = grads_to_host(x, &n);
+    }
+    set(f->be, 1);
+    size_t nonzero;
+    const size_t differ = count_differ(g[0], g[1], n, &nonzero);
+    const double rel = rel_l2(g[0], g[1], n);
+    const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+    fprintf(stderr,
+            "%s: gradients on vs off rel %.3e (%zu of %zu differ); all vs FP32 math rel %.3e "
+            "(on) %.3e (off); loss %.9g %.9g (FP32 %.9g)\n",
+            what, rel, differ, n, with, without, loss[0], loss[1], loss[2]);
+    assert_true(differ > 0);
+    assert_true(rel <= 1e-2);
+    assert_true(with <= 1.10 * without + 1e-4);
+    assert_true(fabs(loss[0] - loss[2]) <= 1e-2 * loss[2]);
+    for (int side = 0; side < 3; side++) free(g[side]);
+}
+
 /* dr, dk, dv in bf16 in place from the groupnorm backward through WKV7 and
  * the fused tail (backward.c's drkv_only hint) against f32 (the hook NULL):
- * the 24-row training step's gradients differ (the chain runs: two more
- * roundings of dk and dv, one of dr) and stay as close to FP32 math as
- * without it, on the step-back and the chunked WKV7 backward. */
+ * two more roundings of dk and dv, one of dr, on the step-back and the
+ * chunked WKV7 backward. */
+static void (*drkv_hook)(rp_backend *, const float *, const float *, const float *, size_t);
+static void drkv_switch(rp_backend *be, int on) { be->drkv_only = on ? drkv_hook : NULL; }
 static void test_drkv16_precision(void **s) {
     tiny_fixture *f = *s;
     tiny_fixture *ref = fp32_reference();
-    void (*const hint)(rp_backend *, const float *, const float *, const float *, size_t) =
-        f->be->drkv_only;
-    assert_non_null(hint);
+    drkv_hook = f->be->drkv_only;
+    assert_non_null(drkv_hook);
     const int saved_min_t = rp_cuda_wkv7_chunked_min_t;
-    for (int chunked = 0; chunked < 2; chunked++) {
-        rp_cuda_wkv7_chunked_min_t = chunked ? 0 : 1 << 30;
-        float *g[3];
-        double loss[3];
-        size_t n = 0;
-        for (int side = 0; side < 3; side++) {
-            tiny_fixture *x = side == 2 ? ref : f;
-            f->be->drkv_only = side == 1 ? NULL : hint;
-            rp_model_zero(&x->grads);
-            loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
-            g[side] = grads_to_host(x, &n);
-        }
-        f->be->drkv_only = hint;
-        size_t nonzero;
-        const size_t differ = count_differ(g[0], g[1], n, &nonzero);
-        const double rel = rel_l2(g[0], g[1], n);
-        const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
-        fprintf(stderr,
-                "drkv16 %s: gradients bf16 vs f32 dr, dk, dv rel %.3e (%zu of %zu differ); "
-                "all vs FP32 math rel %.3e (bf16) %.3e (f32); loss %.9g %.9g (FP32 %.9g)\n",
-                chunked ? "chunked" : "step-back", rel, differ, n, with, without, loss[0],
-                loss[1], loss[2]);
-        assert_true(differ > 0);
-        assert_true(rel <= 1e-2);
-        assert_true(with <= 1.10 * without + 1e-4);
-        for (int side = 0; side < 3; side++) free(g[side]);
-    }
+    rp_cuda_wkv7_chunked_min_t = 1 << 30;
+    switch_precision(f, ref, drkv_switch, "drkv16 step-back");
+    rp_cuda_wkv7_chunked_min_t = 0;
+    switch_precision(f, ref, drkv_switch, "drkv16 chunked");
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
     tiny_fixture_destroy(ref);
 }
 
 /* d og (the output GEMM's dX) bf16 in place for the fused groupnorm
  * backward, its one reader (backward.c's gemm_only hint), against f32 (that
- * hint alone dropped): the gradients differ and stay as close to FP32 math. */
+ * hint alone dropped). */
+static void dog_switch(rp_backend *be, int on) {
+    be->gemm_only = on ? gemm_only_saved : gemm_only_but_dog;
+}
 static void test_dog16_precision(void **s) {
     tiny_fixture *f = *s;
     tiny_fixture *ref = fp32_reference();
     dog_fixture = f;
     gemm_only_saved = f->be->gemm_only;
     assert_non_null(gemm_only_saved);
-    float *g[3];
-    double loss[3];
-    size_t n = 0;
-    for (int side = 0; side < 3; side++) {
-        tiny_fixture *x = side == 2 ? ref : f;
-        f->be->gemm_only = side == 1 ? gemm_only_but_dog : gemm_only_saved;
-        rp_model_zero(&x->grads);
-        loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
-        g[side] = grads_to_host(x, &n);
-    }
-    f->be->gemm_only = gemm_only_saved;
-    size_t nonzero;
-    const size_t differ = count_differ(g[0], g[1], n, &nonzero);
-    const double rel = rel_l2(g[0], g[1], n);
-    const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
-    fprintf(stderr,
-            "dog16: gradients bf16 vs f32 d og rel %.3e (%zu of %zu differ); all vs FP32 math "
-            "rel %.3e (bf16) %.3e (f32); loss %.9g %.9g (FP32 %.9g)\n",
-            rel, differ, n, with, without, loss[0], loss[1], loss[2]);
-    assert_true(differ > 0);
-    assert_true(rel <= 1e-2);
-    assert_true(with <= 1.10 * without + 1e-4);
-    for (int side = 0; side < 3; side++) free(g[side]);
+    switch_precision(f, ref, dog_switch, "dog16");
     tiny_fixture_destroy(ref);
 }
 
 /* w0 in the w LoRA's up GEMM epilogue (matmul_lora_bias: cuBLASLt, the
  * bias's bf16 copy, one rounding of w_raw) against the GEMM then bias_act
- * (the entry NULL: two roundings, w0 in f32): the gradients differ and stay
- * as close to FP32 math as without it. */
+ * (the entry NULL: two roundings, w0 in f32). */
+static void (*lora_bias_hook)(rp_backend *, float *, const float *, const float *,
+                              const float *, int, int, int);
+static void w0_switch(rp_backend *be, int on) {
+    be->matmul_lora_bias = on ? lora_bias_hook : NULL;
+}
 static void test_w0_epilogue_precision(void **s) {
     tiny_fixture *f = *s;
     tiny_fixture *ref = fp32_reference();
-    void (*const hook)(rp_backend *, float *, const float *, const float *, const float *, int,
-                       int, int) = f->be->matmul_lora_bias;
-    assert_non_null(hook);
-    float *g[3];
-    double loss[3];
-    size_t n = 0;
-    for (int side = 0; side < 3; side++) {
-        tiny_fixture *x = side == 2 ? ref : f;
-        f->be->matmul_lora_bias = side == 1 ? NULL : hook;
-        rp_model_zero(&x->grads);
-        loss[side] = train_step(x, MAX_SEQS, MAX_ROWS / MAX_SEQS, 7);
-        g[side] = grads_to_host(x, &n);
-    }
-    f->be->matmul_lora_bias = hook;
-    size_t nonzero;
-    const size_t differ = count_differ(g[0], g[1], n, &nonzero);
-    const double rel = rel_l2(g[0], g[1], n);
-    const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
-    fprintf(stderr,
-            "w0 epilogue: gradients epilogue vs bias_act rel %.3e (%zu of %zu differ); all vs "
-            "FP32 math rel %.3e (epilogue) %.3e (bias_act); loss %.9g %.9g (FP32 %.9g)\n",
-            rel, differ, n, with, without, loss[0], loss[1], loss[2]);
-    assert_true(differ > 0);
-    assert_true(rel <= 1e-2);
-    assert_true(with <= 1.10 * without + 1e-4);
-    assert_true(fabs(loss[0] - loss[2]) <= 1e-2 * loss[2]);
-    for (int side = 0; side < 3; side++) free(g[side]);
+    lora_bias_hook = f->be->matmul_lora_bias;
+    assert_non_null(lora_bias_hook);
+    switch_precision(f, ref, w0_switch, "w0 epilogue");
     tiny_fixture_destroy(ref);
 }
 
