@@ -1452,6 +1452,27 @@ static void test_wkv_dw16_precision(void **s) {
  * relative error, and against FP32 math stay about as good as with them
  * f32; the official training kernel takes r, k, v in bf16 too. Per-token
  * and chunked WKV7 kernels (min_t 0). */
+/* The checks of a switch's three sides (on, off, FP32 math: g, loss, n
+ * gradients each; frees g): the gradients differ (the switch works), stay
+ * within rel 1e-2 of each other, and are no further from FP32 math on than
+ * off (1.10x + 1e-4); with check_loss the loss within 1% of FP32's. */
+static void check_sides(const char *what, float *g[3], const double loss[3], size_t n,
+                        int check_loss) {
+    size_t nonzero;
+    const size_t differ = count_differ(g[0], g[1], n, &nonzero);
+    const double rel = rel_l2(g[0], g[1], n);
+    const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
+    fprintf(stderr,
+            "%s: gradients on vs off rel %.3e (%zu of %zu differ); all vs FP32 math rel %.3e "
+            "(on) %.3e (off); loss %.9g %.9g (FP32 %.9g)\n",
+            what, rel, differ, n, with, without, loss[0], loss[1], loss[2]);
+    assert_true(differ > 0);
+    assert_true(rel <= 1e-2);
+    assert_true(with <= 1.10 * without + 1e-4);
+    if (check_loss) assert_true(fabs(loss[0] - loss[2]) <= 1e-2 * loss[2]);
+    for (int side = 0; side < 3; side++) free(g[side]);
+}
+
 static void test_rkv16_precision(void **s) {
     tiny_fixture *f = *s;
     tiny_fixture *ref = fp32_reference();
@@ -1463,29 +1484,17 @@ static void test_rkv16_precision(void **s) {
         double loss[3];
         size_t n = 0;
         hint_sides(f, ref, &f->be->rkv_only, g, loss, &n); /* bf16 r k v, f32, FP32 math */
-        size_t nonzero;
-        const size_t differ = count_differ(g[0], g[1], n, &nonzero);
-        const double rel = rel_l2(g[0], g[1], n);
-        const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
-        fprintf(stderr,
-                "rkv16 %s: gradients bf16 vs f32 r, k, v, g, da rel %.3e (%zu of %zu differ); "
-                "all vs FP32 math rel %.3e (bf16) %.3e (f32); loss %.9g %.9g (FP32 %.9g)\n",
-                chunked ? "chunked" : "per-token", rel, differ, n, with, without, loss[0],
-                loss[1], loss[2]);
-        assert_true(differ > 0);
-        assert_true(rel <= 1e-2);
-        assert_true(with <= 1.10 * without + 1e-4);
-        for (int side = 0; side < 3; side++) free(g[side]);
+        check_sides(chunked ? "rkv16 (r, k, v, g, da bf16) chunked"
+                            : "rkv16 (r, k, v, g, da bf16) per-token",
+                    g, loss, n, 0);
     }
     rp_cuda_wkv7_chunked_min_t = saved_min_t;
     tiny_fixture_destroy(ref);
 }
 
 /* A switch's three sides of the 24-row training step: the backend with it
- * on (side 0), off (1), and FP32 math on ref (2). The gradients must differ
- * (the switch works), stay within rel 1e-2 of each other, and be no further
- * from FP32 math with it than without (1.10x + 1e-4); the loss within 1% of
- * FP32's. */
+ * on (side 0), off (1), and FP32 math on ref (2); check_sides, the loss
+ * too. */
 typedef void switch_fn(rp_backend *be, int on);
 static void switch_precision(tiny_fixture *f, tiny_fixture *ref, switch_fn *set, const char *what) {
     float *g[3];
@@ -1499,19 +1508,7 @@ static void switch_precision(tiny_fixture *f, tiny_fixture *ref, switch_fn *set,
         g[side] = grads_to_host(x, &n);
     }
     set(f->be, 1);
-    size_t nonzero;
-    const size_t differ = count_differ(g[0], g[1], n, &nonzero);
-    const double rel = rel_l2(g[0], g[1], n);
-    const double with = rel_l2(g[0], g[2], n), without = rel_l2(g[1], g[2], n);
-    fprintf(stderr,
-            "%s: gradients on vs off rel %.3e (%zu of %zu differ); all vs FP32 math rel %.3e "
-            "(on) %.3e (off); loss %.9g %.9g (FP32 %.9g)\n",
-            what, rel, differ, n, with, without, loss[0], loss[1], loss[2]);
-    assert_true(differ > 0);
-    assert_true(rel <= 1e-2);
-    assert_true(with <= 1.10 * without + 1e-4);
-    assert_true(fabs(loss[0] - loss[2]) <= 1e-2 * loss[2]);
-    for (int side = 0; side < 3; side++) free(g[side]);
+    check_sides(what, g, loss, n, 1);
 }
 
 /* dr, dk, dv in bf16 in place from the groupnorm backward through WKV7 and
