@@ -1321,6 +1321,18 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
 
 // ---- the attention tail after WKV7 (backend.h attention_tail_backward) ----
 
+// Element i of a gradient that is f32, or bf16 in place when as16 (a
+// runtime choice: backend.h drkv_only's dr, dk, dv; no instantiation).
+__device__ __forceinline__ float grad_get(const float *p, size_t i, int as16) {
+    return as16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(p)[i]) : p[i];
+}
+__device__ __forceinline__ void grad_put(float *p, size_t i, float x, int as16) {
+    if (as16)
+        reinterpret_cast<__nv_bfloat16 *>(p)[i] = __float2bfloat16(x);
+    else
+        p[i] = x;
+}
+
 // key_prepare_backward, bias_act_backward on d pre of a (sigmoid), w (none)
 // and nu (sigmoid) with their bias sums, and value_residual_backward (layer
 // 0: dv += dv_first) in one pass over [R,C]: each element with the same
@@ -1337,17 +1349,6 @@ static void cuda_key_prepare_backward(rp_backend *be, float *dk, float *da, floa
 // d pre in place (its LoRA GEMMs read it there); a float one its copy
 // c16.da (sole: no f32 unless store_da), as a gemm_only d pre. dw_raw is
 // its own d pre: a bf16 one is left where it is for its GEMMs.
-// Element i of a gradient that is f32, or bf16 in place when as16 (a
-// runtime choice: backend.h drkv_only's dr, dk, dv; no instantiation).
-__device__ __forceinline__ float grad_get(const float *p, size_t i, int as16) {
-    return as16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(p)[i]) : p[i];
-}
-__device__ __forceinline__ void grad_put(float *p, size_t i, float x, int as16) {
-    if (as16)
-        reinterpret_cast<__nv_bfloat16 *>(p)[i] = __float2bfloat16(x);
-    else
-        p[i] = x;
-}
 struct tail_copies {
     __nv_bfloat16 *dk, *da, *dw, *dv, *dnu;  // each may be NULL
 };
@@ -1495,17 +1496,14 @@ static void cuda_attention_tail_backward(rp_backend *be, float *dk, float *da, f
     // its one thread, for the key and value GEMMs alone (dkv_gemm_only);
     // only in training's layout past layer 0 (f32_first). With the copies
     // off they are f32 records (rounded values): the separate ops below.
-    const rp_cuda_inplace *ip_dk = rp_cuda_inplace_at(cx, dk, n);
-    const rp_cuda_inplace *ip_dv = rp_cuda_inplace_at(cx, dv, n);
-    const int dkv16 = ip_dk && ip_dv && !ip_dk->f32 && !ip_dv->f32;
-    if ((ip_dk || ip_dv) && !dkv16 &&
-        !(ip_dk && ip_dv && ip_dk->f32 && ip_dv->f32)) {
+    const float *const dkv[2] = {dk, dv};
+    const int dkv_set = rp_cuda_inplace_set(cx, dkv, 2, n), dkv16 = dkv_set == RP_INPLACE_BF16;
+    if (dkv_set == RP_INPLACE_MIXED) {
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
-                         "cuda attention_tail_backward: dk is %s, dv %s; the tail takes them "
-                         "in one storage (hint drkv_only for all of dr, dk, dv or none)",
-                         ip_dk ? (ip_dk->f32 ? "f32 rounded" : "bf16 in place") : "f32",
-                         ip_dv ? (ip_dv->f32 ? "f32 rounded" : "bf16 in place") : "f32");
+                         "cuda attention_tail_backward: dk and dv are in place in mixed "
+                         "storage; the tail takes them in one (hint drkv_only for all of dr, "
+                         "dk, dv or none)");
         return;
     }
     if (dkv16 && !(f32_first && dkv_gemm_only && dkk16 && grads16)) {

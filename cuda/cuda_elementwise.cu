@@ -944,9 +944,6 @@ static void value_residual_launch(rp_cuda_ctx *cx, bool vec, TV *v, const TI *v_
 
 // v = v_in + (v_first - v_in) nu (backend.h value_residual_from: training's
 // copy of v_pre into v folded in; v_in == v: the in-place op).
-static void cuda_bias_act(rp_backend *be, float *y, const float *bias, int R, int C,
-                          rp_activation act);
-
 static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in,
                                      const float *v_first, float *nu, const float *v0, int R,
                                      int C) {
@@ -986,11 +983,6 @@ static void cuda_value_residual_from(rp_backend *be, float *v, const float *v_in
     const bool vec = n % 4 == 0 && aligned16(v) && aligned16(v_in) && aligned16(v_first) &&
                      aligned16(nu);
     __nv_bfloat16 *const vb = (__nv_bfloat16 *)v;
-    if (v0 && !v_in16) {  // a bf16 nu comes only with a bf16 v_in (above)
-        rp_cuda_record(cx, cudaErrorInvalidValue, "value_residual (v0 with an f32 v_in)",
-                       __FILE__, __LINE__);
-        return;
-    }
     if (v_in16)
         value_residual_launch(cx, vec, vb, v_in16, v_first, (__nv_bfloat16 *)nu16, n, v0, C);
     else if (v16)

@@ -377,6 +377,24 @@ static inline const rp_cuda_inplace *rp_cuda_inplace_at(const rp_cuda_ctx *cx, c
         if (cx->inplace[i].p == p && cx->inplace[i].n == n) return &cx->inplace[i];
     return NULL;
 }
+// How the outputs p[0 .. count) [n each] are stored as one set (the
+// gradients an op reads and writes in one storage, backend.h drkv_only):
+// RP_INPLACE_NONE none has an in-place record, _BF16 all hold bf16 in
+// place, _F32 all hold rounded f32 (the copies off), _MIXED anything else.
+enum { RP_INPLACE_NONE, RP_INPLACE_BF16, RP_INPLACE_F32, RP_INPLACE_MIXED };
+static inline int rp_cuda_inplace_set(const rp_cuda_ctx *cx, const float *const *p, int count,
+                                      size_t n) {
+    int bf16 = 0, f32 = 0;
+    for (int i = 0; i < count; i++) {
+        const rp_cuda_inplace *ip = n > 0 ? rp_cuda_inplace_at(cx, p[i], n) : NULL;
+        bf16 += ip && !ip->f32;
+        f32 += ip && ip->f32;
+    }
+    return bf16 == count ? RP_INPLACE_BF16
+           : f32 == count ? RP_INPLACE_F32
+           : bf16 + f32 == 0 ? RP_INPLACE_NONE
+                             : RP_INPLACE_MIXED;
+}
 // The pending gemm_only hint (backend.h), taken by the op that writes next
 // (a matmul op, or layernorm): 1 when its output p [n] is that hint's.
 static inline int rp_cuda_take_gemm_only(rp_cuda_ctx *cx, const float *p, size_t n) {

@@ -1765,21 +1765,19 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     // set takes that instantiation (all bf16: it is bench_gpu's bf16 I/O
     // one); with the copies off they are f32 rounded to bf16, rounded again
     // after this op, the same values.
-    const rp_cuda_inplace *ip_g[3] = {n > 0 ? rp_cuda_inplace_at(cx, dr, n) : nullptr,
-                                      n > 0 ? rp_cuda_inplace_at(cx, dk, n) : nullptr,
-                                      n > 0 ? rp_cuda_inplace_at(cx, dv, n) : nullptr};
-    const int n_chain = (ip_g[0] != nullptr) + (ip_g[1] != nullptr) + (ip_g[2] != nullptr);
-    const int chain16 = n_chain == 3 && !ip_g[0]->f32 && !ip_g[1]->f32 && !ip_g[2]->f32;
-    if ((n_chain && !chain16 && !(n_chain == 3 && ip_g[0]->f32 && ip_g[1]->f32 && ip_g[2]->f32)) ||
+    float *const chain[3] = {dr, dk, dv};
+    const int chain_set = rp_cuda_inplace_set(cx, chain, 3, n);
+    const int n_chain = chain_set != RP_INPLACE_NONE, chain16 = chain_set == RP_INPLACE_BF16;
+    if (chain_set == RP_INPLACE_MIXED ||
         (chain16 && !(all16 && dkk16 && dw16 && da16 && beta != 0.0f))) {
         if (cx->error.code == RP_OK)
             rp_error_set(&cx->error, RP_ERR_INTERNAL,
-                         "cuda wkv7_backward: dr, dk, dv are %d of 3 in place (bf16 %d), but "
-                         "this op adds onto bf16 ones only all three, with beta 1, r k v kk "
-                         "w_raw a dy bf16 and dkk, dw_raw, da hinted as training hints them "
-                         "(r k v %s, dkk %s, dw_raw %s, da %s, beta %g); hint drkv_only "
-                         "only there",
-                         n_chain, chain16, all16 ? "bf16" : "f32", dkk16 ? "bf16" : "f32",
+                         "cuda wkv7_backward: dr, dk, dv are %s, but this op adds onto bf16 "
+                         "ones only all three, with beta 1, r k v kk w_raw a dy bf16 and dkk, "
+                         "dw_raw, da hinted as training hints them (r k v %s, dkk %s, dw_raw "
+                         "%s, da %s, beta %g); hint drkv_only only there",
+                         chain16 ? "bf16 in place" : "in place in mixed storage",
+                         all16 ? "bf16" : "f32", dkk16 ? "bf16" : "f32",
                          dw16 ? "bf16" : "f32", da16 ? "bf16" : "f32", (double)beta);
         return;
     }
@@ -1838,7 +1836,7 @@ static void cuda_wkv7_backward_beta(rp_backend *be, float *dr, float *dw_raw, fl
     if (dy16) rp_cuda_act16_forget(cx, dy, n * sizeof(float));
     rp_cuda_store16_done(cx, dkk, n, only, dkk16);
     for (int j = 0; n_chain && j < 3; j++) {
-        float *const p = j == 0 ? dr : j == 1 ? dk : dv;
+        float *const p = chain[j];
         rp_cuda_act16_forget(cx, p, n * sizeof(float));
         rp_cuda_store16_done(cx, p, n, 1, chain16);
         if (!chain16) rp_cuda_inplace_add(cx, p, n, 1);  // copies off: rounded f32
